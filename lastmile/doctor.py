@@ -281,7 +281,8 @@ class Doctor:
 
         for name, check, network in self.checks():
             if network and self.offline:
-                findings.append(Finding(name, Level.SKIP, "skipped (--offline)"))
+                # the console says why, and where the link's state is instead (advice "offline")
+                findings.append(Finding(name, Level.SKIP, "skipped (--offline)", advice_key="offline"))
                 continue
             try:
                 findings += check()
@@ -877,6 +878,8 @@ class Doctor:
                     Level.WARN,
                     text + f"; {worst.name or worst.address}: {worst.last_error}",
                     "`lastmile devices` lists each device's state",
+                    advice_key="device-failing",  # the console's advice names them (subject)
+                    subject=", ".join(r.name or r.address for r in errors),
                 )
             ]
         return [Finding("devices", Level.OK, text)]

@@ -35,6 +35,7 @@ from tests.console_harness import (
 
 CUFF = "AA:BB:CC:DD:EE:01"  # bp_reading's device
 WRONG_CHECK_DIGIT = "110105194912310021"  # VALID_ID's check character is X
+OTHER_ID = "320122198001010038"  # 李四: another valid resident ID
 PHONE = (390, 844)
 
 
@@ -452,3 +453,32 @@ def test_a_scale_whose_users_weigh_is_offered_the_users_form_in_a_scales_words(
             row = row.split("</li>")[0]
             assert ("用户（设备上的用户键）" if language == "zh-CN" else "User (its button on the device)") in row
             assert "61.5 kg" in row and not re.search(r"血压|袖带|cuff", row, re.IGNORECASE), row
+
+
+def test_a_mapped_users_reading_for_another_patient_says_on_today_whose_it_became(
+    browser: object, tmp_path: Path
+) -> None:
+    """张三 checked in, then 李四: the doctor says user 2 is 张三's ID (no name typed). The line
+    under user 2's older held reading names 张三 (the gateway knows the name from today's
+    check-in), and a new reading of user 2, stored for 张三 by that mapping, is not lost from
+    sight: Today's readings panel says "刚才 <cuff> 用户 2 的读数已记给 张三 (ID)" - the last few
+    only (zh-CN screenshot: today-mapped-reading-elsewhere)."""
+    config = console_config(tmp_path / "data")
+    hold_readings(config, user_reading(2, "cuff:u2:1"))
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        assert client.post("/today/check-in", {"patient_id": OTHER_ID, "name": "李四"}).status == 303
+        assert client.post("/today/map-user", map_form(client, 2, VALID_ID)).status == 303
+        stored = record_readings(config, *(user_reading(2, f"cuff:u2:{n}") for n in range(2, 7)))
+        assert {(r.outcome, r.patient_id) for r in stored} == {("stored", VALID_ID)}
+
+        log_in(browser, server)
+        browser.get(server.url + "/today")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-held [data-mapped-user='2']", "张三")
+        text_in(browser, "#panel-readings", "用户 2 的读数已记给 张三")
+        elsewhere = browser.find_elements(by("css"), "#panel-readings [data-stored-elsewhere]")  # type: ignore[attr-defined]
+        assert len(elsewhere) == 3, [e.text for e in elsewhere]  # the last few, not every one
+        assert VALID_ID in elsewhere[0].text and "李四" not in elsewhere[0].text, elsewhere[0].text
+        save_screenshot(browser, "today-mapped-reading-elsewhere")

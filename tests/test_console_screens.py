@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -232,6 +233,44 @@ def test_every_check_on_the_system_page_is_on_screen_skipped_ones_too(browser: o
         assert skipped, checks  # the test's console has checks to skip
         for check in checks:
             assert check["left"] >= 0 and check["right"] <= check["width"], f"off the screen: {check}"
+
+
+def test_the_system_page_says_what_waits_why_the_links_are_skipped_and_which_device(
+    browser: object, tmp_path: Path
+) -> None:
+    """With the county platform and the reading center set up, one ECG waiting and a cuff that
+    lost its link: "等待发送" says 1 份心电图, not a bare 1; the two network checks the console
+    skips say that this page does not test the network and which row has the link's state; the
+    devices warning names the cuff and links to the Devices page (zh-CN screenshot:
+    system-links-and-devices)."""
+    from tests.metering_setup import queue_items
+
+    config = console_config(tmp_path / "data")
+    config.fhir.base_url = "https://county-platform.example/fhir"
+    queue_items(config.data_dir, 1, at=time.time())
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        registry.allow("AA:BB:CC:DD:EE:01", name="血压计 1号诊室", now=now)
+        registry.update_status("AA:BB:CC:DD:EE:01", now=now, connected=False, error="link lost")
+    finally:
+        registry.close()
+    with running_console(config) as server:
+        log_in(browser, server, ADMIN)
+        browser.get(server.url + "/system")  # type: ignore[attr-defined]
+        text_in(browser, "#h-checks", "检查项目")
+        save_screenshot(browser, "system-links-and-devices")
+        facts = browser.find_element(by("css"), "#h-state + dl").text  # type: ignore[attr-defined]
+        assert "等待发送\n1 份心电图" in facts, facts
+        rows = {
+            li.find_element(by("css"), "strong").text: li.text
+            for li in browser.find_elements(by("css"), "li.finding")  # type: ignore[attr-defined]
+        }
+        assert "本页不测试网络" in rows["诊断中心"] and "与诊断中心的连接" in rows["诊断中心"], rows
+        assert "本页不测试网络" in rows["县健康平台"] and "与县健康平台的连接" in rows["县健康平台"], rows
+        assert "血压计 1号诊室" in rows["设备"], rows
+        devices = browser.find_elements(by("css"), "li.finding a[href='/devices']")  # type: ignore[attr-defined]
+        assert devices, rows
 
 
 def test_who_did_what_on_the_system_page_reads_chinese(browser: object, tmp_path: Path) -> None:

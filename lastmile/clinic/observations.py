@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 OBSERVATION_KIND = "observation"
 TOUCH_EVERY = dt.timedelta(seconds=5)
 SCHEMA = "lastmile.observation/1"
+# an outbox item's meta key: the multi-user device's user whose mapping gave the reading its patient
+MAPPED_USER = "mapped_user"
 
 
 def observation_to_json(obs: Observation) -> dict[str, Any]:
@@ -200,6 +202,7 @@ class ObservationStore:
             )
         patient_id, name = obs.patient_id, ""
         current = None
+        mapped_user = None  # the device user whose mapping named the patient (Today says where it went)
         if patient_id is None and obs.device_user is not None:
             # One user's reading on a multi-user device: the checked-in patient may be another user.
             mapping = self.device_users.whose(obs.device.address, obs.device_user)
@@ -209,6 +212,7 @@ class ObservationStore:
                 # A cuff's memory synced after a remap: this reading was the user's before it.
                 return self._hold(obs, now, f"measured before device user {obs.device_user} was mapped")
             patient_id, name = mapping.patient_id, mapping.patient_name
+            mapped_user = obs.device_user if patient_id is not None else None
         if patient_id is None and STORED_TIME_UNKNOWN in obs.flags:
             # Taken earlier, we cannot tell when: the current patient is a guess.
             return self._hold(obs, now, "a stored record whose time is unknown")
@@ -221,20 +225,24 @@ class ObservationStore:
                 patient_id, name = current.patient_id, current.name
         if patient_id is None:
             return self._hold(obs, now, "no current patient" if current is None else "measured before the session")
-        result = self._enqueue(replace(obs, patient_id=patient_id), name, now)
+        result = self._enqueue(replace(obs, patient_id=patient_id), name, now, mapped_user=mapped_user)
         # A reading is activity in the session; one write per TOUCH_EVERY is enough for that.
         if current is not None and now - current.last_activity >= TOUCH_EVERY:
             self.context.touch(now=now)
         return StoreResult("stored" if result.created else "duplicate", patient_id, result.item.id)
 
-    def _enqueue(self, obs: Observation, patient_name: str, now: dt.datetime) -> AddResult:
-        meta = {
+    def _enqueue(
+        self, obs: Observation, patient_name: str, now: dt.datetime, *, mapped_user: int | None = None
+    ) -> AddResult:
+        meta: dict[str, object] = {
             "kind": obs.kind,
             "device": obs.device.label(),
             "measured_at": obs.measured_at.isoformat(),
             "time_source": obs.time_source.value,
             "flags": list(obs.flags),
         }
+        if mapped_user is not None:
+            meta[MAPPED_USER] = mapped_user
         return self.outbox.add(
             OBSERVATION_KIND,
             obs.record_key,

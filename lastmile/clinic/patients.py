@@ -26,6 +26,8 @@ from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 log = logging.getLogger(__name__)
 
 _ROW = 1
+# how long a check-in's name names its ID for a mapping or an assignment made after the session moved on
+NAME_KEPT = dt.timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class PatientContext:
                     reason.strip() or None,
                 ),
             )
-            self._log(conn, now, "patient-set", patient_id, doctor)
+            # the name as checked in, so a later mapping or assignment of this ID can name it
+            self._log(conn, now, "patient-set", patient_id, doctor, name.strip())
         log.debug("current patient set")
         current = self.current(now)
         assert current is not None
@@ -197,8 +200,19 @@ class PatientContext:
             return patient
         current = self.current(now)
         if current is None or current.patient_id != patient.patient_id:
-            return patient
+            return replace(patient, name=self.checked_in_name(patient.patient_id, now))
         return replace(patient, name=current.name)
+
+    def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
+        """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
+        this morning, 李四 now: user 2 mapped to 张三's ID is named 张三); "" if none. Only a
+        name typed for this very ID: never the current patient's for another one."""
+        row = self.db.conn.execute(
+            "SELECT detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
+            "AND detail != '' ORDER BY id DESC LIMIT 1",
+            (patient_id, iso(now - NAME_KEPT)),
+        ).fetchone()
+        return str(row["detail"]) if row else ""
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()

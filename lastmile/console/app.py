@@ -357,6 +357,10 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     },
     "reading-center": {
         "FAIL": N_("The reading center cannot be reached: ECGs are kept here and sent when the link is back."),
+        # the console runs the checks offline (its unit reaches only the LAN): the link's own row says
+        "offline": N_(
+            "This page does not test the network: the row “Link to the reading center” below says how the link is."
+        ),
     },
     "commitment": {
         "WARN": N_("The reading center cannot confirm receipt yet: ECGs stay here until it does."),
@@ -369,9 +373,18 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "The county health platform is busy right now (it answers): visits and readings are kept here and "
             "sent again by themselves."
         ),
+        "offline": N_(
+            "This page does not test the network: the row “Link to the county health platform” below says how the "
+            "link is."
+        ),
     },
     "devices": {
         "WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing."),
+        # the finding's own: which devices (subject), each on the Devices page
+        "device-failing": N_(
+            "Not connected or reporting a problem: %(subject)s. Check its cable, power or pairing; the Devices "
+            "page shows each device."
+        ),
         "ecg-clock": N_("The ECG cart's clock is wrong, so its ECGs have no true time: set the cart's date and time."),
         "FAIL": N_(
             "Readings are waiting for storage space: they are kept and saved once there is room. Call the county IT."
@@ -511,6 +524,8 @@ def advice_text(finding: Finding, localizer: Localizer) -> str:
     values = {
         k: localizer.when(dt.datetime.fromtimestamp(t, dt.timezone.utc)) for k, t in times.items() if t is not None
     }
+    if finding.subject:  # which one it is about (the devices' names), for an advice that names it
+        values["subject"] = finding.subject
     return localizer.gettext(advice, **values)
 
 

@@ -37,6 +37,7 @@ from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.device_users import DeviceUser, UserMapping
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
+    MAPPED_USER,
     OBSERVATION_KIND,
     ObservationStore,
     measured_since,
@@ -128,6 +129,22 @@ class ReadingView:
     # held: measured during the current patient's check-in (its Assign box offers that patient);
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MappedReadingView:
+    """A reading a device user's mapping stored for another patient than the one checked in."""
+
+    device: str
+    device_user: int
+    patient_id: str
+    patient_name: str
+    stored_at: dt.datetime
+
+
+# Today says where the last few readings a user mapping gave another patient went, this long
+MAPPED_SHOWN_FOR = dt.timedelta(minutes=30)
+MAPPED_SHOWN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +397,16 @@ def _reading_during(obs: Observation, session: SessionView | None) -> bool:
     return measured_since(obs, session.since) and obs.measured_at <= session.expires_at
 
 
+def _mapped_reading(created_at: float, meta: dict[str, Any], patient: dict[str, Any]) -> MappedReadingView:
+    return MappedReadingView(
+        str(meta.get("device") or ""),
+        int(meta[MAPPED_USER]),
+        str(patient.get("patient_id") or ""),
+        str(patient.get("name") or ""),
+        _utc(created_at),
+    )
+
+
 def _mapping_of(obs: Observation, mapped: dict[tuple[str, int], UserMapping]) -> UserMapping | None:
     """Whose the device user `obs` is of is now, if the doctor said so (`mapped`: by address, user)."""
     if obs.device_user is None:
@@ -535,6 +562,26 @@ class ClinicData:
                 views[item_id, digest] = self._reading_from(item_id, payloads[item_id])
         self._shown_readings = views
         return [view for view in views.values() if view is not None]
+
+    def mapped_elsewhere(self, session: SessionView | None, now: dt.datetime) -> list[MappedReadingView]:
+        """The last MAPPED_SHOWN readings stored in the last MAPPED_SHOWN_FOR for a patient other
+        than the one checked in because the doctor mapped their device user to that patient
+        (user 2 is 张三 while 李四 is checked in), newest first: stored by design, said so on Today."""
+        rows = self.outbox.db.conn.execute(
+            "SELECT created_at, meta, patient FROM items WHERE kind = ? AND created_at >= ? "
+            "AND json_extract(meta, ?) IS NOT NULL AND json_extract(patient, '$.patient_id') IS NOT ? "
+            "ORDER BY id DESC LIMIT ?",
+            (
+                OBSERVATION_KIND,
+                (now - MAPPED_SHOWN_FOR).timestamp(),
+                f"$.{MAPPED_USER}",
+                session.patient_id if session else None,
+                MAPPED_SHOWN,
+            ),
+        ).fetchall()
+        return [
+            _mapped_reading(created_at, json.loads(meta), json.loads(patient)) for created_at, meta, patient in rows
+        ]
 
     @staticmethod
     def _reading_from(item_id: int, payload: bytes) -> ReadingView | None:
