@@ -348,7 +348,7 @@ def test_check_in_puts_stat_and_reason_on_the_session(tmp_path: Path, capsys: py
     config = make_config(tmp_path, "cn-resident-id")
     data = ClinicData(config)
     try:
-        view = data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
+        view = data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now()).session
     finally:
         data.close()
     assert view.stat and view.reason == "胸痛 chest pain"

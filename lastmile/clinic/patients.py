@@ -76,23 +76,24 @@ class PatientContext:
         name: str = "",
         *,
         now: dt.datetime,
-        stat: bool = False,
+        stat: bool | None = None,
         reason: str = "",
-        from_card: bool = False,
     ) -> CurrentPatient:
-        """Make `patient_id` current (setting the same patient again keeps their session's start);
-        `stat`/`reason`: the triage of this examination (replaced each time the patient is set).
-        `from_card`: a scanned card, which names no name and no triage: for the patient already
-        current the session's name, STAT and reason stay (a STAT check-in stays STAT when the
-        card is scanned at the cart); another patient starts without them."""
+        """Make `patient_id` current (setting the same patient again keeps their session's start).
+        For the patient already current, what is not given stays as the session has it: an empty
+        `name` or `reason`, `stat` None (a scanned card names none of them; a check-in typed again
+        with the box unticked must not make a STAT patient routine). Another patient starts with
+        only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             doctor = row["doctor_id"] if row else None
-            if from_card and row and row["patient_id"] == patient_id:
-                name, stat, reason = row["patient_name"] or "", bool(row["stat"]), row["reason"] or ""
+            if row and row["patient_id"] == patient_id:
+                name = name or row["patient_name"] or ""
+                reason = reason.strip() or row["reason"] or ""
+                stat = bool(row["stat"]) if stat is None else stat
             if row and row["patient_id"] and row["patient_id"] != patient_id:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
             conn.execute(
@@ -111,7 +112,7 @@ class PatientContext:
                     doctor,
                     row["doctor_since"] if row else None,
                     iso(now),
-                    int(stat),
+                    int(bool(stat)),
                     reason.strip() or None,
                 ),
             )

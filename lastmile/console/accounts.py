@@ -53,9 +53,12 @@ class AccountError(ValueError):
 class LoginRefused(Exception):
     """Wrong name or password, a disabled account, or a locked one (`locked_until` set)."""
 
-    def __init__(self, message: str, locked_until: dt.datetime | None = None) -> None:
+    def __init__(
+        self, message: str, locked_until: dt.datetime | None = None, *, attempts_left: int | None = None
+    ) -> None:
         super().__init__(message)
         self.locked_until = locked_until
+        self.attempts_left = attempts_left  # before the account locks (a known account's wrong password)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +222,7 @@ class Accounts:
             if locked_until is not None:
                 log.warning("console account locked after %d failed logins", failures)
                 raise LoginRefused("account locked", locked_until)
-            raise LoginRefused("wrong name or password")
+            raise LoginRefused("wrong name or password", attempts_left=self.max_failures - failures)
         if HASHER.check_needs_rehash(row["password_hash"]):
             self._rehash(user.name, password)
         with transaction(self.db) as conn:

@@ -120,6 +120,9 @@ class ConsoleState:
     fingerprint: str = ""
     login_failures: dict[str, collections.deque[float]] = field(default_factory=dict)
     doctor_runs: views.DoctorRuns = field(default_factory=views.DoctorRuns)  # the System page's checks
+    # what the last form action of each login did, for the page it redirects to to say (whose
+    # check-in ended, to whom a reading went): kept here, not in the address (names, IDs)
+    notices: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     shutting_down: asyncio.Event | None = None
 
     async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -659,7 +662,30 @@ async def login_page(request: Request) -> Response:
     return login_response(request, ctx, status=200, error="")
 
 
-def login_response(request: Request, ctx: Context, *, status: int, error: str, name: str = "") -> Response:
+def refusal(ctx: Context, exc: LoginRefused) -> str:
+    """Why the login was refused, for a doctor: whom to ask when locked (the command to unlock is
+    for the technician, under their details), and how many tries are left before it locks."""
+    _ = ctx.localizer.gettext
+    if exc.locked_until is not None:
+        return _(
+            "This account is locked until %(time)s after too many wrong passwords. "
+            "Ask the administrator (the county IT office) to unlock it.",
+            time=ctx.localizer.when(exc.locked_until),
+        )
+    if exc.attempts_left:
+        return _("Wrong name or password. Tries left before this account locks: %(left)s.", left=exc.attempts_left)
+    return _("Wrong name or password.")
+
+
+def login_response(
+    request: Request,
+    ctx: Context,
+    *,
+    status: int,
+    error: str,
+    name: str = "",
+    locked: dt.datetime | None = None,
+) -> Response:
     token = ctx.csrf or secrets.token_urlsafe(24)
     ctx = Context(None, ctx.localizer, token)
     response = render(
@@ -669,6 +695,7 @@ def login_response(request: Request, ctx: Context, *, status: int, error: str, n
         status=status,
         error=error,
         name=name,
+        locked=locked is not None,
         next=local_path(request.query_params.get("next")),
     )
     response.set_cookie(PRE_LOGIN_COOKIE, token, **cookie_flags(state_of(request)))
@@ -694,15 +721,7 @@ async def login_submit(request: Request) -> Response:
         await state.run_db(
             lambda: state.data.audit.record(name[:64] or "?", "login-failed", now=now, detail={"from": address})
         )
-        if exc.locked_until is not None:
-            error = _(
-                "This account is locked until %(time)s after too many wrong passwords. "
-                "An administrator can unlock it: lastmile user unlock NAME",
-                time=ctx.localizer.when(exc.locked_until),
-            )
-        else:
-            error = _("Wrong name or password.")
-        return login_response(request, ctx, status=401, error=error, name=name)
+        return login_response(request, ctx, status=401, error=refusal(ctx, exc), name=name, locked=exc.locked_until)
     token = await state.run_db(lambda: state.data.accounts.start_login(user, now=now))
     await state.run_db(lambda: state.data.audit.record(user.name, "login", now=now, detail={"from": address}))
     response = RedirectResponse(local_path(fields.get("next")), status_code=303)
@@ -712,9 +731,24 @@ async def login_submit(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
+    """Log out; with a patient checked in, first ask whether their check-in ends too (it would
+    go on taking readings, whoever logs in next, until its idle timeout)."""
     state = state_of(request)
     ctx = await context_for(request)
-    await read_form(request, ctx)
+    fields = await read_form(request, ctx)
+    now = now_utc()
+    session = await state.run_db(state.data.session, now)
+    choice = fields.get("check_in", "")
+    if session is not None and choice not in ("end", "keep"):
+        return render(request, ctx, "logout.html", session=session, error="", alerts=[])
+    if session is not None and choice == "end":
+        shown = fields.get("patient_id", "")
+        try:
+            await state.run_db(lambda: state.data.end_session(ctx.user, now=now, shown_patient_id=shown))
+        except ConsoleInputError as exc:  # another patient checked in since: ask again about that one
+            error = ctx.localizer.gettext(exc.message, **exc.values)
+            return render(request, ctx, "logout.html", status=400, session=session, error=error, alerts=[])
+        state.broker.publish()
     token = request.cookies.get(SESSION_COOKIE, "")
     await state.run_db(lambda: state.data.accounts.end_login(token))
     await state.run_db(lambda: state.data.audit.record(ctx.user, "logout", now=now_utc()))
@@ -765,12 +799,36 @@ async def today(request: Request) -> Response:
     model = await today_model(request, ctx)
     live = live_panels(request, ctx, model)
     done = request.query_params.get("done", "")
-    return render(request, ctx, "today.html", done=done, error="", form={}, live=live, **model)
+    notice = take_notice(request, done)
+    return render(request, ctx, "today.html", done=done, notice=notice, error="", form={}, live=live, **model)
+
+
+Done = str | tuple[str, dict[str, Any]] | None  # what a form action did, and the details to say about it
+
+
+def keep_notice(request: Request, done: Done) -> str:
+    """The action's `done` code; its details kept for the next page this login shows."""
+    state = state_of(request)
+    token = request.cookies.get(SESSION_COOKIE, "")
+    if not isinstance(done, tuple):
+        state.notices.pop(token, None)
+        return done or ""
+    code, details = done
+    state.notices[token] = (code, details)
+    if len(state.notices) > 1000:  # bounded: logins that never come back for theirs
+        state.notices.pop(next(iter(state.notices)))
+    return code
+
+
+def take_notice(request: Request, done: str) -> dict[str, Any]:
+    """The details of what this login's last action did, if the page is its answer (`done`)."""
+    kept = state_of(request).notices.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+    return kept[1] if kept is not None and kept[0] == done else {}
 
 
 async def form_action(
     request: Request,
-    action: Callable[[Context, dict[str, str], dt.datetime], str | None],
+    action: Callable[[Context, dict[str, str], dt.datetime], Done],
     page: str,
     model_of: Callable[[Context], Awaitable[dict[str, Any]]],
 ) -> Response:
@@ -784,14 +842,12 @@ async def form_action(
     except ConsoleInputError as exc:
         error = ctx.localizer.gettext(exc.message, **exc.values)
         model = await model_of(ctx)
-        return render(request, ctx, f"{page}.html", status=400, done="", error=error, form=fields, **model)
+        return render(request, ctx, f"{page}.html", status=400, done="", notice={}, error=error, form=fields, **model)
     state.broker.publish()
-    return RedirectResponse(f"/{page}?done={quote(done or '')}", status_code=303)
+    return RedirectResponse(f"/{page}?done={quote(keep_notice(request, done))}", status_code=303)
 
 
-async def today_action(
-    request: Request, action: Callable[[Context, dict[str, str], dt.datetime], str | None]
-) -> Response:
+async def today_action(request: Request, action: Callable[[Context, dict[str, str], dt.datetime], Done]) -> Response:
     async def model_of(ctx: Context) -> dict[str, Any]:
         model = await today_model(request, ctx)
         return {**model, "live": live_panels(request, ctx, model)}
@@ -799,19 +855,26 @@ async def today_action(
     return await form_action(request, action, "today", model_of)
 
 
+STAT_FIELD = {"on": True, "off": False}  # the box ticked, the "not urgent" button; absent: as it is
+
+
 async def check_in(request: Request) -> Response:
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
-        data = state_of(request).data
-        data.check_in(
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+        done = state_of(request).data.check_in(
             ctx.user,
             f.get("patient_id", ""),
             f.get("name", ""),
             f.get("doctor", ""),
-            f.get("stat") == "on",
+            STAT_FIELD.get(f.get("stat", "")),
             f.get("reason", ""),
             now=now,
+            shown_patient_id=f.get("shown_patient_id", ""),
         )
-        return "check-in"
+        session = done.session
+        who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
+        if done.again:
+            return "check-in-again", who | {"changed": done.changed, "session": session}
+        return "check-in", who
 
     return await today_action(request, action)
 
@@ -845,9 +908,10 @@ def path_number(request: Request, name: str) -> int:
 
 
 async def assign_reading(request: Request) -> Response:
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
-        state_of(request).data.assign_reading(ctx.user, _int(f.get("held_id", "")), f.get("patient_id", ""), now=now)
-        return "assigned"
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+        data = state_of(request).data
+        patient = data.assign_reading(ctx.user, _int(f.get("held_id", "")), f.get("patient_id", ""), now=now)
+        return "assigned", {"patient_id": patient.patient_id, "name": patient.name}
 
     return await today_action(request, action)
 

@@ -45,7 +45,7 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patient_ids import clinic_patient
-from lastmile.clinic.patients import PatientContext
+from lastmile.clinic.patients import CurrentPatient, PatientContext
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
@@ -110,6 +110,38 @@ class SessionView:
     doctor: str
     stat: bool = False
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckIn:
+    """What a check-in did, for Today to say so: the patient whose check-in it ended (their name,
+    else ID), or, for the patient checked in already (`again`), what it changed."""
+
+    session: SessionView
+    ended: str = ""
+    again: bool = False
+    changed: tuple[str, ...] = ()  # of "name", "stat-on", "stat-off", "reason"
+
+
+def _changes(before: CurrentPatient, after: SessionView) -> tuple[str, ...]:
+    """What checking the same patient in again changed in their session."""
+    changed = []
+    if after.patient_name != before.name:
+        changed.append("name")
+    if after.stat != before.stat:
+        changed.append("stat-on" if after.stat else "stat-off")
+    if after.reason != before.reason:
+        changed.append("reason")
+    return tuple(changed)
+
+
+def _still_shown(current: CurrentPatient | None, shown_patient_id: str) -> None:
+    """Refuse acting on the patient a page showed when another has been checked in since."""
+    if current is not None and current.patient_id != shown_patient_id.strip():
+        raise ConsoleInputError(
+            N_("%(patient)s has been checked in since this page was shown: that session goes on."),
+            patient=current.patient_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,25 +511,46 @@ class ClinicData:
         return self.context.current_doctor(now) or ""
 
     def check_in(
-        self, user: str, patient_text: str, name: str, doctor: str, stat: bool, reason: str, *, now: dt.datetime
-    ) -> SessionView:
+        self,
+        user: str,
+        patient_text: str,
+        name: str,
+        doctor: str,
+        stat: bool | None,
+        reason: str,
+        *,
+        now: dt.datetime,
+        shown_patient_id: str = "",
+    ) -> CheckIn:
+        """Check the patient in; for the patient checked in already, what is left empty (the
+        name, the reason, `stat` None) stays as it was. `shown_patient_id`: the patient a page
+        showed (its "not urgent" button), refused if another has been checked in since."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
+        before = self.context.current(now)
+        if shown_patient_id:
+            if before is None:
+                raise ConsoleInputError(N_("That check-in has ended already."))
+            _still_shown(before, shown_patient_id)
         if doctor:
             self.context.set_doctor(doctor, now=now)
         # as `lastmile patient set --stat --reason`: the next ECG recorded is STAT, with its reason
         self.context.set_patient(patient.patient_id, patient.name, now=now, stat=stat, reason=reason)
+        view = self.session(now)
+        assert view is not None
+        again = before is not None and before.patient_id == view.patient_id
+        changed = _changes(before, view) if before is not None and again else ()
         self.audit.record(
             user,
             "check-in",
             now=now,
             target=patient.patient_id,
-            detail={"name": patient.name, "doctor": doctor, "stat": stat, "reason": reason},
+            detail={"name": view.patient_name, "doctor": doctor, "stat": view.stat, "reason": view.reason}
+            | ({"changed": list(changed)} if again else {}),
         )
-        view = self.session(now)
-        assert view is not None
-        return view
+        ended = before.name or before.patient_id if before is not None and not again else ""
+        return CheckIn(view, ended=ended, again=again, changed=changed)
 
     def end_session(self, user: str, *, now: dt.datetime, shown_patient_id: str = "") -> bool:
         """End the session of the patient the page showed (`shown_patient_id`; "" from a page of
@@ -506,11 +559,8 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return False
-        if shown_patient_id and current.patient_id != shown_patient_id.strip():
-            raise ConsoleInputError(
-                N_("%(patient)s has been checked in since this page was shown: that session goes on."),
-                patient=current.patient_id,
-            )
+        if shown_patient_id:
+            _still_shown(current, shown_patient_id)
         # clear() ends only this patient's session (atomically): the audit names the one ended
         ended = self.context.clear(now=now, reason="ended-by-doctor", patient_id=current.patient_id)
         if ended:
@@ -623,7 +673,9 @@ class ClinicData:
             for h in self.store.held()
         ]
 
-    def assign_reading(self, user: str, held_id: int, patient_text: str, *, now: dt.datetime) -> str:
+    def assign_reading(self, user: str, held_id: int, patient_text: str, *, now: dt.datetime) -> Patient:
+        """Give the held reading to the patient typed (named as check-in named them, if it is the
+        patient checked in); the patient it went to, for the page to say whose it now is."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
         patient_id = patient.patient_id
         held = self.store.get_held(held_id)
@@ -637,7 +689,7 @@ class ClinicData:
             target=patient_id,
             detail={"held_id": held_id, "kind": held.observation.kind, "outbox_item": result.item_id},
         )
-        return patient_id
+        return patient
 
     # -- a multi-user device's users ----------------------------------------------------------------
     def device_users(self) -> list[DeviceUser]:

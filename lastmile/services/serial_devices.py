@@ -687,7 +687,7 @@ class ScannerHandler:
         for ev in self.decoder.feed(data):
             now = self.ctx.now()
             if isinstance(ev, PatientScanned):
-                self.ctx.patients.set_patient(ev.patient_id, now=now, from_card=True)
+                self.ctx.patients.set_patient(ev.patient_id, now=now)
                 self.ctx.status(self.spec, reading="patient card", reading_at=now)
             elif isinstance(ev, DoctorScanned):
                 self.ctx.patients.set_doctor(ev.doctor_id, now=now)

@@ -1,0 +1,188 @@
+"""Check-in, check-out, assigning and logging in, in a real Chromium, in Chinese: the page never
+drops what the doctor said (STAT, reason, name) and says what became of each patient.
+
+Each test has its own data directory and console (real HTTP on loopback); the module shares one
+browser (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lastmile.clinic.db import open_clinic_db
+from lastmile.clinic.patients import CurrentPatient, PatientContext
+from lastmile.config import Config
+from lastmile.console.audit import AuditLog
+from lastmile.console.service import ConsoleServer
+from tests.console_browser import by, log_in, on_page, text_in, wait_for
+from tests.console_harness import DOCTOR, VALID_ID, bp_reading, console_config, hold_readings, running_console
+
+pytestmark = pytest.mark.timeout(600)
+
+OTHER_ID = "110105198001010016"  # 李四
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[ConsoleServer]:
+    with running_console(console_config(tmp_path / "data")) as server:
+        yield server
+
+
+def checked_in(config: Config) -> CurrentPatient | None:
+    """The clinic session's patient, as the acquire service sees it (clinic.db)."""
+    db = open_clinic_db(config.data_dir)
+    try:
+        return PatientContext(db, config.patient.idle_timeout_s).current(dt.datetime.now(dt.timezone.utc))
+    finally:
+        db.conn.close()
+
+
+def submitted(driver: object, act: Callable[[Any], object]) -> None:
+    """`act(driver)` submits a form: wait until the browser shows the page that answered it."""
+    driver.execute_script("window.__beforeSubmit = true")  # type: ignore[attr-defined]
+    act(driver)
+    wait_for(
+        driver,
+        lambda d: d.execute_script("return document.readyState === 'complete' && !window.__beforeSubmit"),
+    )
+
+
+def click(css: str) -> Callable[[Any], object]:
+    return lambda d: d.find_element(by("css"), css).click()
+
+
+def check_in(driver: object, patient_id: str, *, name: str = "", reason: str = "", stat: bool = False) -> None:
+    """Fill Today's check-in form as a doctor does (it is empty on every visit) and submit it."""
+    for field, text in (("patient_name", name), ("reason", reason)):
+        if text:
+            driver.find_element(by("id"), field).send_keys(text)  # type: ignore[attr-defined]
+    if stat:
+        driver.find_element(by("css"), "input[name=stat]").click()  # type: ignore[attr-defined]
+    submitted(driver, lambda d: d.find_element(by("id"), "patient_id").send_keys(patient_id + "\n"))
+
+
+def done_text(driver: object) -> str:
+    return str(driver.find_element(by("css"), "p.done").text)  # type: ignore[attr-defined]
+
+
+def session_text(driver: object) -> str:
+    return str(driver.find_element(by("id"), "panel-session").text)  # type: ignore[attr-defined]
+
+
+def test_checking_the_same_patient_in_again_keeps_stat_reason_and_name(browser: object, console: ConsoleServer) -> None:
+    """李四 is checked in as 急 with 胸痛. The ID is scanned again into the (empty) form: the page
+    said 患者已登记, the badge and reason were gone and the next ECG went to the county ROUTINE.
+    Now STAT, reason and name stay, the page says nothing changed; turning STAT off is a button
+    of its own, and the page says so."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="李四", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    check_in(browser, OTHER_ID)
+    current = checked_in(console.config)
+    assert current is not None and current.stat and current.reason == "胸痛" and "李^四" in current.name, current
+    session = session_text(browser)
+    assert "急" in session and "胸痛" in session and "李四" in session, session
+    assert "没有改动" in done_text(browser), done_text(browser)
+    # a new reason typed replaces the old one, and the page says what changed
+    check_in(browser, OTHER_ID, reason="心悸")
+    current = checked_in(console.config)
+    assert current is not None and current.stat and current.reason == "心悸", current
+    assert "原因改为：心悸" in done_text(browser), done_text(browser)
+    # the doctor turns STAT off on purpose
+    submitted(browser, click("#not-stat button"))
+    assert "已取消加急" in done_text(browser), done_text(browser)
+    current = checked_in(console.config)
+    assert current is not None and not current.stat and current.reason == "心悸", current
+    db = open_clinic_db(console.config.data_dir)
+    try:
+        entry = AuditLog(db).latest("check-in", OTHER_ID)
+    finally:
+        db.conn.close()
+    assert entry is not None and entry.detail.get("changed") == ["stat-off"], entry
+
+
+def test_checking_in_another_patient_says_whose_check_in_ended(browser: object, console: ConsoleServer) -> None:
+    """张三 is checked in; the doctor checks in 李四. 张三's check-in ended without a word on the
+    page (only the session log knew): the page now says 张三 的检查已结束."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="张三")
+    assert "张三 的检查已结束" not in done_text(browser)
+    check_in(browser, OTHER_ID, name="李四")
+    text_in(browser, "#panel-session", OTHER_ID)
+    assert "张三 的检查已结束" in done_text(browser), done_text(browser)
+
+
+def test_logging_out_with_a_patient_checked_in_offers_to_end_the_check_in(
+    browser: object, console: ConsoleServer
+) -> None:
+    """Logging out left 张三 checked in: readings kept going to her, whoever logged in next. Now
+    logging out says she is still checked in and offers to end it."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="张三")
+    submitted(browser, click("form[action='/logout'] button"))
+    assert "/logout" in browser.current_url, "logged out at once, 张三 left checked in"  # type: ignore[attr-defined]
+    said = browser.find_element(by("id"), "logout-check-in").text  # type: ignore[attr-defined]
+    assert "张三" in said and "仍在检查中" in said, said
+    assert checked_in(console.config) is not None
+    submitted(browser, click("button[value=end]"))
+    wait_for(browser, on_page("/login"))
+    assert checked_in(console.config) is None, "张三 is still checked in after logging out"
+    # logged out: Today asks for the login again
+    browser.get(console.url + "/today")  # type: ignore[attr-defined]
+    wait_for(browser, on_page("/login"))
+
+
+def test_logging_out_may_keep_the_check_in(browser: object, console: ConsoleServer) -> None:
+    """The other choice: the check-in goes on (another tablet may be examining her)."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="张三")
+    submitted(browser, click("form[action='/logout'] button"))
+    submitted(browser, click("button[value=keep]"))
+    wait_for(browser, on_page("/login"))
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == VALID_ID
+
+
+def test_a_held_reading_assigned_to_a_typed_number_says_whose_it_now_is(
+    browser: object, console: ConsoleServer
+) -> None:
+    """A held reading assigned to a mistyped "12345" (taken as a clinic number) was accepted with
+    "已指定" and vanished: the page now says it went to 12345 with no name."""
+    hold_readings(console.config, bp_reading(dt.datetime.now(dt.timezone.utc), "held-1"))
+    log_in(browser, console)
+    box = "#panel-held form.assign input[name=patient_id]"
+    wait_for(browser, lambda d: d.find_elements(by("css"), box))
+    browser.find_element(by("css"), box).send_keys("12345")  # type: ignore[attr-defined]
+    submitted(browser, click("#panel-held form.assign button"))
+    assert "已指定给 12345（未填姓名）" in done_text(browser), done_text(browser)
+
+
+def wrong_password(driver: object) -> None:
+    name = driver.find_element(by("id"), "name")  # type: ignore[attr-defined]
+    name.clear()
+    name.send_keys(DOCTOR[0])
+    submitted(driver, lambda d: d.find_element(by("id"), "password").send_keys("not the password\n"))
+
+
+def test_a_locked_account_tells_the_doctor_whom_to_ask_and_warns_before(
+    browser: object, console: ConsoleServer
+) -> None:
+    """Four wrong passwords said nothing of the lock to come; the fifth showed a doctor a command
+    line. Now each says how many tries are left; the lock says to ask the county IT office, the
+    command only under the technician's details."""
+    browser.delete_all_cookies()  # type: ignore[attr-defined]
+    browser.get(console.url + "/login")  # type: ignore[attr-defined]
+    for left in (4, 3, 2, 1):
+        wrong_password(browser)
+        error = browser.find_element(by("id"), "login-error").text  # type: ignore[attr-defined]
+        assert f"再输错 {left} 次" in error, error
+    wrong_password(browser)
+    error = browser.find_element(by("id"), "login-error").text  # type: ignore[attr-defined]
+    assert "已锁定" in error and "县信息科" in error and "lastmile" not in error, error
+    unlock = browser.find_element(by("id"), "unlock-command")  # type: ignore[attr-defined]
+    assert unlock.get_attribute("textContent") == f"lastmile user unlock {DOCTOR[0]}"
