@@ -489,8 +489,8 @@ def test_a_form_from_a_page_older_than_the_login_says_so_and_leads_back_to_today
 
 @pytest.mark.parametrize(
     ("path", "said"),
-    [("/reports/999999", "没有这份报告"), ("/no-such-page", "找不到"), ("/today/check-in", "这个地址没有页面")],
-    ids=["gone-report", "unknown-address", "form-address"],
+    [("/reports/999999", "没有这份报告"), ("/no-such-page", "找不到"), ("/ecg/99999/preview.svg", "没有这份心电图")],
+    ids=["gone-report", "unknown-address", "gone-ecg"],
 )
 def test_an_address_that_is_not_there_says_so_in_chinese_and_leads_back_to_today(
     browser: object, tmp_path: Path, path: str, said: str
@@ -508,6 +508,16 @@ def test_an_address_that_is_not_there_says_so_in_chinese_and_leads_back_to_today
         assert "Not Found" not in page and "not found" not in page and "Not Allowed" not in page, page
         assert len(browser.find_elements(by("css"), "nav .nav a")) == 6, page  # type: ignore[attr-defined]
         browser.find_element(by("css"), "main a[href='/today']").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"), WAIT_S)
+        assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
+
+
+def test_the_check_in_address_opened_again_leads_to_today(browser: object, tmp_path: Path) -> None:
+    """A refused check-in leaves /today/check-in in the address bar: opened again (a reload, a
+    bookmark) it said 找不到这个页面; it is Today, where the check-in is."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        log_in(browser, server)
+        browser.get(server.url + "/today/check-in")  # type: ignore[attr-defined]
         wait_for(browser, on_page("/today"), WAIT_S)
         assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
 
