@@ -143,6 +143,28 @@ def test_visit_flags_read_as_plain_chinese_and_fit_a_phone_and_a_tablet(browser:
             assert "time" not in body and "radius" not in body, body
 
 
+def test_a_visit_names_its_patient_as_the_gateway_knows_them_and_says_no_doctor_name_is_stored(
+    browser: object, tmp_path: Path
+) -> None:
+    """Each visit card said 医生 DR-1 (a bare practitioner code) and the patient's ID alone, though
+    the gateway had sent an ECG of 张三 under that ID. It names the patient where the gateway holds
+    a name for that ID, says when it holds none, and says the doctor's name is not recorded."""
+    from tests.console_harness import store_returned_reports
+
+    data = tmp_path / "data"
+    field_day(data, tmp_path / "households.csv")
+    config = console_config(data)
+    store_returned_reports(config)  # an ECG of 张三 (FAR's ID) sent to the county
+    with running_console(config) as server:
+        log_in(browser, server)
+        browser.get(server.url + "/visits")  # type: ignore[attr-defined]
+        far, lost = card_of(browser, FAR).text, card_of(browser, LOST).text  # type: ignore[attr-defined]
+    assert "张三" in far and FAR in far, far
+    assert "姓名未登记" in lost and LOST in lost, lost
+    for card in (far, lost):
+        assert "医生 DR-1" not in card and "医生姓名未登记（编号 DR-1）" in card, card
+
+
 # -- the storage-full refusal ----------------------------------------------------------------------
 
 # Runs inside `unshare -m` with a 16 MB tmpfs on argv[1]: the console on it, told by stdin when to fill.

@@ -862,6 +862,32 @@ class ClinicData:
             for r in rows
         ]
 
+    def known_names(self, patient_ids: list[str], now: dt.datetime) -> dict[str, str]:
+        """The name the gateway holds for each of `patient_ids` where it holds one, as a page
+        shows it (`person_name`): the checked-in patient's, else the newest an outbox item (an ECG
+        or a reading, until purged) carries, else a sent study's. The gateway keeps no register of
+        names: a patient it never saw named has none."""
+        wanted = sorted({p for p in patient_ids if p})
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        studies = self.db.conn.execute(
+            f"SELECT patient_id, patient_name FROM sent_studies WHERE patient_id IN ({marks}) "
+            "AND patient_name != '' ORDER BY sent_at",
+            wanted,
+        ).fetchall()
+        items = self.outbox.db.conn.execute(
+            "SELECT json_extract(patient, '$.patient_id'), json_extract(patient, '$.name') FROM items "
+            f"WHERE json_extract(patient, '$.patient_id') IN ({marks}) "
+            "AND json_extract(patient, '$.name') != '' ORDER BY id",
+            wanted,
+        ).fetchall()
+        found = {str(pid): person_name(str(name)) for pid, name in [*studies, *items]}  # the newest last: it wins
+        session = self.session(now)
+        if session is not None and session.patient_id in wanted and session.patient_name:
+            found[session.patient_id] = person_name(session.patient_name)
+        return {pid: name for pid, name in found.items() if name}
+
     # -- change detection ---------------------------------------------------------------------------
     def watched_files(self) -> list[Path]:
         from uploader.outbox import DB_NAME as OUTBOX_DB

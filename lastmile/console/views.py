@@ -112,7 +112,8 @@ def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 def visits(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     found = data.visits()
-    return {"visits": found, "flagged": [v for v in found if v.flags], "now": now}
+    names = data.known_names([v.patient_id for v in found], now)
+    return {"visits": found, "flagged": [v for v in found if v.flags], "names": names, "now": now}
 
 
 def versions() -> dict[str, str]:
