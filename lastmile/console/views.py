@@ -71,7 +71,12 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     metered = data.metered_hold(now)  # once for both: the page is rendered every few seconds
-    return {"journeys": data.journeys(metered, now=now), "link": data.link_status(now, metered), "now": now}
+    return {
+        "journeys": data.journeys(metered, now=now),
+        "readings": data.sent_readings(),
+        "link": data.link_status(now, metered),
+        "now": now,
+    }
 
 
 def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
