@@ -144,6 +144,28 @@ def test_visit_flags_read_as_plain_chinese_and_fit_a_phone_and_a_tablet(browser:
             assert "time" not in body and "radius" not in body, body
 
 
+def test_a_visit_names_its_patient_as_the_gateway_knows_them_and_says_no_doctor_name_is_stored(
+    browser: object, tmp_path: Path
+) -> None:
+    """Each visit card said 医生 DR-1 (a bare practitioner code) and the patient's ID alone, though
+    the gateway had sent an ECG of 张三 under that ID. It names the patient where the gateway holds
+    a name for that ID, says when it holds none, and says the doctor's name is not recorded."""
+    from tests.console_harness import store_returned_reports
+
+    data = tmp_path / "data"
+    field_day(data, tmp_path / "households.csv")
+    config = console_config(data)
+    store_returned_reports(config)  # an ECG of 张三 (FAR's ID) sent to the county
+    with running_console(config) as server:
+        log_in(browser, server)
+        browser.get(server.url + "/visits")  # type: ignore[attr-defined]
+        far, lost = card_of(browser, FAR).text, card_of(browser, LOST).text  # type: ignore[attr-defined]
+    assert "张三" in far and FAR in far, far
+    assert "姓名未登记" in lost and LOST in lost, lost
+    for card in (far, lost):
+        assert "医生 DR-1" not in card and "医生姓名未登记（编号 DR-1）" in card, card
+
+
 # -- the storage-full refusal ----------------------------------------------------------------------
 
 # Runs inside `unshare -m` with a 16 MB tmpfs on argv[1]: the console on it, told by stdin when to fill.
@@ -528,8 +550,8 @@ def test_a_form_from_a_page_older_than_the_login_says_so_and_leads_back_to_today
 
 @pytest.mark.parametrize(
     ("path", "said"),
-    [("/reports/999999", "没有这份报告"), ("/no-such-page", "找不到"), ("/today/check-in", "这个地址没有页面")],
-    ids=["gone-report", "unknown-address", "form-address"],
+    [("/reports/999999", "没有这份报告"), ("/no-such-page", "找不到"), ("/ecg/99999/preview.svg", "没有这份心电图")],
+    ids=["gone-report", "unknown-address", "gone-ecg"],
 )
 def test_an_address_that_is_not_there_says_so_in_chinese_and_leads_back_to_today(
     browser: object, tmp_path: Path, path: str, said: str
@@ -547,6 +569,16 @@ def test_an_address_that_is_not_there_says_so_in_chinese_and_leads_back_to_today
         assert "Not Found" not in page and "not found" not in page and "Not Allowed" not in page, page
         assert len(browser.find_elements(by("css"), "nav .nav a")) == 6, page  # type: ignore[attr-defined]
         browser.find_element(by("css"), "main a[href='/today']").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"), WAIT_S)
+        assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
+
+
+def test_the_check_in_address_opened_again_leads_to_today(browser: object, tmp_path: Path) -> None:
+    """A refused check-in leaves /today/check-in in the address bar: opened again (a reload, a
+    bookmark) it said 找不到这个页面; it is Today, where the check-in is."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        log_in(browser, server)
+        browser.get(server.url + "/today/check-in")  # type: ignore[attr-defined]
         wait_for(browser, on_page("/today"), WAIT_S)
         assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
 
@@ -698,6 +730,19 @@ def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Pa
     assert shown_readings(pages["en"]) == ["Blood pressure 128/84 mmHg, pulse 71 /min"], shown_readings(pages["en"])
 
 
+def zhang_san_with_readings(server: object, config: Config, *keys: str) -> Client:
+    """张三 (VALID_ID) checked in by the doctor (her client), and a cuff's BP reading stored on
+    him for each of `keys`."""
+    from tests.console_harness import record_receipt_timed_bp
+
+    client = Client(server.url)  # type: ignore[attr-defined]
+    client.login(DOCTOR)
+    assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    for key in keys:
+        record_receipt_timed_bp(config, key)
+    return client
+
+
 def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_the_county(tmp_path: Path) -> None:
     """A BP reading queued for the health platform, no ECG at all: the Sent page said 1 份检查等待发送
     above an empty list of ECG studies (the demo: 3 waiting, one ECG listed); and, under 0 份, since
@@ -705,15 +750,11 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
     from devices.identity import Patient
     from lastmile.data_dir import open_outbox
     from lastmile.ecg.intake import enqueue_recording
-    from tests.console_harness import record_receipt_timed_bp
     from tests.ecg_factories import make_recording
 
     config = console_config(tmp_path / "data")
     with running_console(config) as server:
-        client = Client(server.url)
-        client.login(DOCTOR)
-        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
-        record_receipt_timed_bp(config, "bp-1")
+        client = zhang_san_with_readings(server, config, "bp-1")
         page = client.get("/sent").body
         with open_outbox(config) as outbox:  # then an ECG: the oldest ECG waiting is its
             enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "")), config, key="ecg-6")
@@ -722,6 +763,38 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
     assert "0 份检查等待发送" in link and "最早的一份" not in link, link
     link = with_ecg.split('id="h-link"', 1)[1].split("</section>", 1)[0]
     assert "1 份检查等待发送" in link and "最早的一份自" in link, link
+
+
+def test_the_sent_page_lists_the_readings_for_the_county_whose_what_when_and_where(
+    browser: object, tmp_path: Path
+) -> None:
+    """A cuff user's reading is stored for the patient that user is mapped to, whoever is checked
+    in: the Sent page listed ECGs only, so the doctor could not see where a reading went. It lists
+    the readings too: whose (name and ID), what (with its unit), when, and sent or waiting."""
+    import time
+
+    from lastmile.clinic.observations import OBSERVATION_KIND
+    from lastmile.data_dir import open_outbox
+
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        zhang_san_with_readings(server, config, "bp-1", "bp-2")
+        with open_outbox(config) as outbox:  # the first one sent: the county platform took it
+            at = time.time()
+            (claimed,) = outbox.claim(OBSERVATION_KIND, 1, at)
+            outbox.mark_sent([claimed.id], at)
+            outbox.mark_committed([claimed.id], at)
+        log_in(browser, server)
+        browser.get(server.url + "/sent")  # type: ignore[attr-defined]
+        save_screenshot(browser, "sent-readings")
+        section = browser.find_element(by("css"), "section[aria-labelledby='h-readings']").text  # type: ignore[attr-defined]
+        rows = [r.text for r in browser.find_elements(by("css"), "section[aria-labelledby='h-readings'] li.card")]  # type: ignore[attr-defined]
+    assert "读数" in section and len(rows) == 2, section
+    for row in rows:
+        assert "张三" in row and VALID_ID in row and "血压 131/84 mmHg" in row, row
+    waiting, sent = rows  # newest first
+    assert "等待发送" in waiting and "已发送" not in waiting, waiting
+    assert "已发送" in sent and "等待" not in sent, sent
 
 
 def assign_box(page: str, held_id: int | str) -> str:

@@ -57,7 +57,7 @@ from lastmile.console.sources import ClinicData, ConsoleInputError, person_name,
 from lastmile.reports.printing import lp_command, print_behind_note
 from lastmile.reports.report_text import shown_critical, shown_text, unassigned_note
 from uploader.errors import OutboxFullError
-from uploader.outbox import is_storage_full
+from uploader.outbox import ItemState, is_storage_full
 
 if TYPE_CHECKING:
     from lastmile.doctor import Finding
@@ -536,6 +536,7 @@ def advice_text(finding: Finding, localizer: Localizer) -> str:
 NO_SUCH_REPORT = N_("This report is not here (any more).")
 NO_REPORT_PDF = N_("The reading center sent no PDF for this report.")
 NO_PREVIEW = N_("The ECG picture is not ready (yet).")
+NO_SUCH_ECG = N_("This ECG is not here (any more).")
 NO_SUCH_PAGE = N_("There is no page at this address: the link may be old or mistyped.")
 
 
@@ -970,7 +971,9 @@ async def ecg_preview(request: Request) -> Response:
     ecg = await state.run_db(state.data.ecg, item_id)
     analysis = state.analyses.result(ecg.sha256) if ecg is not None and state.analyses else None
     if analysis is None or analysis.svg_gzip is None:
-        return not_found(request, ctx, NO_PREVIEW)
+        # an ECG not here (none by that number, or purged) is not "not ready yet": it never will be
+        gone = ecg is None or ecg.state == ItemState.PURGED.value
+        return not_found(request, ctx, NO_SUCH_ECG if gone else NO_PREVIEW)
     headers = {
         "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'",
         "cache-control": "private, no-store",
@@ -1267,6 +1270,8 @@ def routes() -> list[Route | Mount]:
         Route("/language", set_language, methods=["POST"]),
         Route("/today", today),
         Route("/today/check-in", check_in, methods=["POST"]),
+        # a refused check-in leaves its address in the bar: opened again, it is Today
+        Route("/today/check-in", home, methods=["GET"]),
         Route("/today/end-session", end_session, methods=["POST"]),
         Route("/today/assign-reading", assign_reading, methods=["POST"]),
         Route("/today/assign-ecg", assign_ecg, methods=["POST"]),

@@ -214,6 +214,24 @@ class StudyJourney:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadingJourney:
+    """A reading for the county health platform, where it is: whose it was stored for (a cuff
+    user's goes to the patient that user is mapped to, whoever is checked in) and what it is."""
+
+    item_id: int
+    patient_id: str
+    patient_name: str
+    reading: ReadingView | None  # None: its payload cannot be read now (the page says what it can)
+    kind: str
+    measured_at: dt.datetime | None
+    state: str
+    sent_at: dt.datetime | None
+    attempts: int
+    last_error: str
+    quarantine_reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class LinkStatus:
     fault: str  # the reading center refuses this gateway (configuration): call the county IT
     fault_since: dt.datetime | None
@@ -576,11 +594,12 @@ class ClinicData:
         count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
         return int(count), None if oldest is None else _utc(oldest)
 
-    def _recent_item_ids(self, kind: str, *, limit: int) -> list[int]:
+    def _recent_item_ids(self, kind: str, *, limit: int, purged: bool = True) -> list[int]:
         # The last `limit` items of `kind` whenever they came (the Sent page has no time window):
-        # only their ids, read newest first along the items' primary key.
+        # only their ids, read newest first along the items' primary key; `purged`: purged ones too.
         rows = self.outbox.db.conn.execute(
-            "SELECT id FROM items WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, int(limit))
+            "SELECT id FROM items WHERE kind = ? AND (? OR state != ?) ORDER BY id DESC LIMIT ?",
+            (kind, purged, ItemState.PURGED.value, int(limit)),
         ).fetchall()
         return [int(r[0]) for r in rows]
 
@@ -872,6 +891,35 @@ class ClinicData:
             )
         return out
 
+    def sent_readings(self, limit: int = 50) -> list[ReadingJourney]:
+        """The latest readings for the county health platform, newest first, each with whose it
+        is and where it is. A purged one is left out: its patient and payload are erased."""
+        item_ids = self._recent_item_ids(OBSERVATION_KIND, limit=limit, purged=False)
+        payloads = self.outbox.read_payloads(item_ids)
+        out = []
+        for item_id in item_ids:
+            item = self.outbox.get(item_id)
+            if item is None or item.state == ItemState.PURGED:
+                continue
+            patient = item.patient or {}
+            payload = payloads.get(item_id)
+            out.append(
+                ReadingJourney(
+                    item_id=item.id,
+                    patient_id=str(patient.get("patient_id") or ""),
+                    patient_name=str(patient.get("name") or ""),
+                    reading=None if payload is None else self._reading_from(item_id, payload),
+                    kind=str(item.meta.get("kind") or ""),
+                    measured_at=from_iso(item.meta.get("measured_at")),
+                    state=item.state.value,
+                    sent_at=_t(item.sent_at),
+                    attempts=item.attempts,
+                    last_error=item.last_error or "",
+                    quarantine_reason=item.quarantine_reason or "",
+                )
+            )
+        return out
+
     def link_status(self, now: dt.datetime, metered: MeteredWait | None) -> LinkStatus:
         """The reading center's link; `metered`: what its metered link holds now (`metered_hold`)."""
         status = self.outbox.status(READING_CENTER_STATUS) or {}
@@ -971,6 +1019,32 @@ class ClinicData:
             )
             for r in rows
         ]
+
+    def known_names(self, patient_ids: list[str], now: dt.datetime) -> dict[str, str]:
+        """The name the gateway holds for each of `patient_ids` where it holds one, as a page
+        shows it (`person_name`): the checked-in patient's, else the newest an outbox item (an ECG
+        or a reading, until purged) carries, else a sent study's. The gateway keeps no register of
+        names: a patient it never saw named has none."""
+        wanted = sorted({p for p in patient_ids if p})
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        studies = self.db.conn.execute(
+            f"SELECT patient_id, patient_name FROM sent_studies WHERE patient_id IN ({marks}) "
+            "AND patient_name != '' ORDER BY sent_at",
+            wanted,
+        ).fetchall()
+        items = self.outbox.db.conn.execute(
+            "SELECT json_extract(patient, '$.patient_id'), json_extract(patient, '$.name') FROM items "
+            f"WHERE json_extract(patient, '$.patient_id') IN ({marks}) "
+            "AND json_extract(patient, '$.name') != '' ORDER BY id",
+            wanted,
+        ).fetchall()
+        found = {str(pid): person_name(str(name)) for pid, name in [*studies, *items]}  # the newest last: it wins
+        session = self.session(now)
+        if session is not None and session.patient_id in wanted and session.patient_name:
+            found[session.patient_id] = person_name(session.patient_name)
+        return {pid: name for pid, name in found.items() if name}
 
     # -- change detection ---------------------------------------------------------------------------
     def watched_files(self) -> list[Path]:

@@ -73,7 +73,12 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     metered = data.metered_hold(now)  # once for both: the page is rendered every few seconds
-    return {"journeys": data.journeys(metered, now=now), "link": data.link_status(now, metered), "now": now}
+    return {
+        "journeys": data.journeys(metered, now=now),
+        "readings": data.sent_readings(),
+        "link": data.link_status(now, metered),
+        "now": now,
+    }
 
 
 def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
@@ -155,7 +160,8 @@ def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 def visits(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     found = data.visits()
-    return {"visits": found, "flagged": [v for v in found if v.flags], "now": now}
+    names = data.known_names([v.patient_id for v in found], now)
+    return {"visits": found, "flagged": [v for v in found if v.flags], "names": names, "now": now}
 
 
 def versions() -> dict[str, str]:
