@@ -287,6 +287,10 @@ def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: Cons
     )
     assert width > 500
     set_viewport(browser, PHONE)
+    # on a phone the page is a third of its size: only the printed page is at 25 mm/s, 10 mm/mV
+    shown = live_read(browser, lambda d: d.find_element(by("css"), "#panel-ecg figure.preview img").rect["width"])
+    caption = text_of(browser, "#panel-ecg figure.preview figcaption")
+    assert shown < 400 and "实际比例" in caption and "查看" not in caption and "打印出来" in caption, (shown, caption)
     save_screenshot(browser, "today-ecg-re-record-phone")
     set_viewport(browser, TABLET)
     save_screenshot(browser, "today-ecg-re-record-tablet")
