@@ -294,9 +294,24 @@ def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: Cons
     save_screenshot(browser, "today-ecg-re-record-phone")
     set_viewport(browser, TABLET)
     save_screenshot(browser, "today-ecg-re-record-tablet")
-    click_live(browser, "xpath", "//button[normalize-space()='重做']")
+    click_live(browser, "xpath", "//div[@id='panel-ecg']//button[normalize-space()='重做，不发送这份']")
     text_in(browser, "p.done", "请重新做心电图")
     text_in(browser, "#panel-ecg", "新的记录会显示在这里")
+
+
+def test_a_held_ecg_row_names_its_patient_and_its_re_record_button_is_the_panels(
+    browser: object, console: ConsoleServer
+) -> None:
+    """The held row said 心电图 E4 19:26 · Mortara, not whose ECG it is, and called the one action
+    "Recorded again: do not send this one" where the ECG panel said "Re-record" (the verdict "Record again")."""
+    log_in(browser, console)
+    no_panel_swapped_on_connect(browser)
+    enqueue_ecg(console.config, lead_off=True)
+    text_in(browser, "#panel-held [data-held-ecg]", "仍然发送")
+    row = text_of(browser, "#panel-held [data-held-ecg]")
+    assert VALID_ID in row and "Zhang San" in row, row
+    text_in(browser, "#panel-ecg", "需要重做")
+    assert "重做，不发送这份" in row and "重做，不发送这份" in text_of(browser, "#panel-ecg"), row
 
 
 REPORTS = StaticReports(

@@ -267,6 +267,9 @@ class HeldEcg:
     hold_until: dt.datetime
     patient_hint: str = ""  # what the file says, if anything
     device: str = ""
+    # whose ECG it is now (the outbox item's patient): the row says it, "" for none
+    patient_id: str = ""
+    patient_name: str = ""
     quality_verdict: str = ""
     # unassigned and recorded during the current check-in: its Assign box offers that patient
     during_check_in: bool = False
