@@ -314,6 +314,33 @@ def test_a_held_ecg_row_names_its_patient_and_its_re_record_button_is_the_panels
     assert "重做，不发送这份" in row and "重做，不发送这份" in text_of(browser, "#panel-ecg"), row
 
 
+def test_a_re_record_ecg_sent_anyway_is_not_offered_to_re_record(browser: object, console: ConsoleServer) -> None:
+    """重做 after 仍然发送: the panel said the ECG goes as it is, the notice said the new recording
+    would be a new study, and the county got both. Once sent no re-record is offered, and a stale
+    page's re-record says the ECG went as it is."""
+    log_in(browser, console)
+    no_panel_swapped_on_connect(browser)
+    enqueue_ecg(console.config, lead_off=True)
+    text_in(browser, "#panel-ecg", "仍然发送")
+    csrf = browser.find_element(by("css"), "#panel-ecg input[name='csrf']").get_attribute("value")  # type: ignore[attr-defined]
+    action = browser.find_element(by("css"), "#panel-ecg form[action$='/re-record']").get_attribute("action")  # type: ignore[attr-defined]
+    click_live(browser, "xpath", "//div[@id='panel-ecg']//button[normalize-space()='仍然发送']")
+    text_in(browser, "p.done", "按原样发送")
+    text_in(browser, "#panel-ecg", "这份心电图会按原样发送到县里")
+    panel = live_read(browser, lambda d: d.find_element(by("css"), "#panel-ecg").get_attribute("innerHTML"))
+    assert "/re-record" not in panel, panel  # no re-record offered for an ECG on its way
+    # a page left open from before: its re-record form is sent after the ECG was released
+    browser.execute_script(  # type: ignore[attr-defined]
+        "const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
+        "const i = document.createElement('input'); i.name = 'csrf'; i.value = arguments[1];"
+        "f.appendChild(i); document.body.appendChild(f); f.submit();",
+        action,
+        csrf,
+    )
+    text_in(browser, "p.done", "已经不再暂扣")
+    assert "新的记录会作为一份新检查" not in text_of(browser, "p.done")
+
+
 REPORTS = StaticReports(
     [
         ReportView(

@@ -721,7 +721,9 @@ class ClinicData:
         return done
 
     def re_record_noted(self, item_id: int) -> bool:
-        return self.audit.latest("re-record", str(item_id)) is not None
+        """The doctor's re-record kept this ECG back (one already released goes as it is)."""
+        noted = self.audit.latest("re-record", str(item_id))
+        return noted is not None and noted.detail.get("discarded") is True
 
     # -- the journey of each study ------------------------------------------------------------------
     def journeys(
