@@ -342,12 +342,58 @@ def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: Cons
     )
     assert width > 500
     set_viewport(browser, PHONE)
+    # on a phone the page is a third of its size: only the printed page is at 25 mm/s, 10 mm/mV
+    shown = live_read(browser, lambda d: d.find_element(by("css"), "#panel-ecg figure.preview img").rect["width"])
+    caption = text_of(browser, "#panel-ecg figure.preview figcaption")
+    assert shown < 400 and "实际比例" in caption and "查看" not in caption and "打印出来" in caption, (shown, caption)
     save_screenshot(browser, "today-ecg-re-record-phone")
     set_viewport(browser, TABLET)
     save_screenshot(browser, "today-ecg-re-record-tablet")
-    click_live(browser, "xpath", "//button[normalize-space()='重做']")
+    click_live(browser, "xpath", "//div[@id='panel-ecg']//button[normalize-space()='重做，不发送这份']")
     text_in(browser, "p.done", "请重新做心电图")
     text_in(browser, "#panel-ecg", "新的记录会显示在这里")
+
+
+def test_a_held_ecg_row_names_its_patient_and_its_re_record_button_is_the_panels(
+    browser: object, console: ConsoleServer
+) -> None:
+    """The held row said 心电图 E4 19:26 · Mortara, not whose ECG it is, and called the one action
+    "Recorded again: do not send this one" where the ECG panel said "Re-record" (the verdict "Record again")."""
+    log_in(browser, console)
+    no_panel_swapped_on_connect(browser)
+    enqueue_ecg(console.config, lead_off=True)
+    text_in(browser, "#panel-held [data-held-ecg]", "仍然发送")
+    row = text_of(browser, "#panel-held [data-held-ecg]")
+    assert VALID_ID in row and "Zhang San" in row, row
+    text_in(browser, "#panel-ecg", "需要重做")
+    assert "重做，不发送这份" in row and "重做，不发送这份" in text_of(browser, "#panel-ecg"), row
+
+
+def test_a_re_record_ecg_sent_anyway_is_not_offered_to_re_record(browser: object, console: ConsoleServer) -> None:
+    """重做 after 仍然发送: the panel said the ECG goes as it is, the notice said the new recording
+    would be a new study, and the county got both. Once sent no re-record is offered, and a stale
+    page's re-record says the ECG went as it is."""
+    log_in(browser, console)
+    no_panel_swapped_on_connect(browser)
+    enqueue_ecg(console.config, lead_off=True)
+    text_in(browser, "#panel-ecg", "仍然发送")
+    csrf = browser.find_element(by("css"), "#panel-ecg input[name='csrf']").get_attribute("value")  # type: ignore[attr-defined]
+    action = browser.find_element(by("css"), "#panel-ecg form[action$='/re-record']").get_attribute("action")  # type: ignore[attr-defined]
+    click_live(browser, "xpath", "//div[@id='panel-ecg']//button[normalize-space()='仍然发送']")
+    text_in(browser, "p.done", "按原样发送")
+    text_in(browser, "#panel-ecg", "这份心电图会按原样发送到县里")
+    panel = live_read(browser, lambda d: d.find_element(by("css"), "#panel-ecg").get_attribute("innerHTML"))
+    assert "/re-record" not in panel, panel  # no re-record offered for an ECG on its way
+    # a page left open from before: its re-record form is sent after the ECG was released
+    browser.execute_script(  # type: ignore[attr-defined]
+        "const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
+        "const i = document.createElement('input'); i.name = 'csrf'; i.value = arguments[1];"
+        "f.appendChild(i); document.body.appendChild(f); f.submit();",
+        action,
+        csrf,
+    )
+    text_in(browser, "p.done", "已经不再暂扣")
+    assert "新的记录会作为一份新检查" not in text_of(browser, "p.done")
 
 
 REPORTS = StaticReports(

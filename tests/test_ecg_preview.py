@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from devices.identity import Patient, TimeSource
 from lastmile.ecg import preview
 from lastmile.ecg.preview import display_name, plan_layout, render_preview_svg
 from tests import ecg_faults as faults
-from tests.conftest import require_tool
+from tests.conftest import missing, require_tool
 from tests.ecg_factories import make_recording
 from tests.real_ecgs import recording
 
@@ -395,3 +396,78 @@ def test_an_svg_renderer_draws_the_page(tmp_path: Path, mortara_svg: str) -> Non
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", head[16:24])
     assert (width, height) == (round(297 / 25.4 * 96), round(210 / 25.4 * 96))
+
+
+# ----------------------------------------------------------------------------- on paper
+
+MM_PER_PT = 25.4 / 72.0
+MINOR_GRID_RGB = b".9569 .7765 .7765 RG"  # #f4c6c6, the 1 mm lines, as Chromium writes the colour
+
+
+def chromium_print(svg: str, folder: Path) -> bytes:
+    """The page printed by Debian's Chromium with its default print settings (what Ctrl+P gives)."""
+    from tests.console_browser import CHROMIUM, CHROMIUM_FLAGS
+
+    if not Path(CHROMIUM).exists():
+        missing(f"{CHROMIUM} is not installed (scripts/setup.sh --test installs chromium)")
+    src, pdf = folder / "ecg.svg", folder / "ecg.pdf"
+    src.write_text(svg, encoding="utf-8")
+    subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={folder / 'profile'}", f"--print-to-pdf={pdf}", src.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    return pdf.read_bytes()
+
+
+def page_size_mm(pdf: bytes) -> tuple[float, float]:
+    (box,) = set(re.findall(rb"/MediaBox\s*\[([^\]]*)\]", pdf))
+    x0, y0, x1, y1 = (float(v) for v in box.split())
+    return (x1 - x0) * MM_PER_PT, (y1 - y0) * MM_PER_PT
+
+
+def minor_grid_on_paper(pdf: bytes) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The 1 mm grid lines as printed: each line's two ends in millimetres on the sheet, found by
+    following the content stream's transformations (q, Q, cm) from SVG units to PDF points."""
+    streams = [zlib.decompress(s) for s in re.findall(rb"stream\r?\n(.*?)endstream", pdf, re.S) if s[:1] == b"x"]
+    (content,) = [c for c in streams if MINOR_GRID_RGB in c]
+    content = re.sub(rb"<[0-9A-Fa-f\s]*>|\((?:\\.|[^\\)])*\)", b" ", content)  # text: no geometry in it
+    ctm, saved, operands = np.eye(3), [], []
+    colour, start = b"", np.zeros(3)
+    lines = []
+    for token in re.findall(rb"-?(?:\d+\.?\d*|\.\d+)|[A-Za-z*'\"]+", content):
+        if token[0] not in b"-.0123456789":
+            if token == b"q":
+                saved.append(ctm)
+            elif token == b"Q":
+                ctm = saved.pop()
+            elif token == b"cm":
+                a, b, c, d, e, f = operands
+                ctm = np.array([[a, b, 0], [c, d, 0], [e, f, 1]]) @ ctm
+            elif token == b"RG":
+                colour = b" ".join(b"%g" % v for v in operands)
+            elif token in (b"m", b"l") and colour == b"0.9569 0.7765 0.7765":
+                point = np.array([*operands, 1.0]) @ ctm * MM_PER_PT
+                if token == b"l":
+                    lines.append(((start[0], start[1]), (point[0], point[1])))
+                start = point
+            operands = []
+        else:
+            operands.append(float(token))
+    return lines
+
+
+def test_printed_page_is_a4_landscape_at_25_mm_per_s_and_10_mm_per_mv(tmp_path: Path, mortara_svg: str) -> None:
+    """The console says the page prints at true scale: measured on the PDF Chromium prints, the
+    sheet is A4 landscape and the 1 mm grid is 1 mm apart on paper (25 mm = 1 s, 10 mm = 1 mV)."""
+    pdf = chromium_print(mortara_svg, tmp_path)
+    assert page_size_mm(pdf) == pytest.approx((297.0, 210.0), abs=0.2)
+    lines = minor_grid_on_paper(pdf)
+    columns = sorted({round(a[0], 2) for a, b in lines if abs(a[0] - b[0]) < 0.01})
+    rows = sorted({round(a[1], 2) for a, b in lines if abs(a[1] - b[1]) < 0.01})
+    assert len(columns) == 220 and len(rows) == 128  # 275 x 160 mm less the 5 mm lines
+    assert min(np.diff(columns)) == pytest.approx(1.0, abs=0.02)
+    assert min(np.diff(rows)) == pytest.approx(1.0, abs=0.02)
+    assert columns[-1] - columns[0] == pytest.approx(273.0, rel=1e-3)  # 1 mm to 274 mm: 10.92 s
+    assert rows[-1] - rows[0] == pytest.approx(158.0, rel=1e-3)  # 15.8 mV

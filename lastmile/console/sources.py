@@ -335,6 +335,9 @@ class HeldEcg:
     hold_until: dt.datetime
     patient_hint: str = ""  # what the file says, if anything
     device: str = ""
+    # whose ECG it is now (the outbox item's patient): the row says it, "" for none
+    patient_id: str = ""
+    patient_name: str = ""
     quality_verdict: str = ""
     # unassigned and recorded during the current check-in: its Assign box offers that patient
     during_check_in: bool = False
@@ -847,7 +850,9 @@ class ClinicData:
         return done
 
     def re_record_noted(self, item_id: int) -> bool:
-        return self.audit.latest("re-record", str(item_id)) is not None
+        """The doctor's re-record kept this ECG back (one already released goes as it is)."""
+        noted = self.audit.latest("re-record", str(item_id))
+        return noted is not None and noted.detail.get("discarded") is True
 
     # -- the journey of each study ------------------------------------------------------------------
     def journeys(

@@ -99,6 +99,9 @@ _TAG = {
     LIMB_LEAD_REVERSAL: "接反 swapped",
 }
 _STYLE = (
+    # the sheet is the page: without it a browser prints the 297 mm page shrunk onto its default
+    # paper (Letter or A4 portrait, about 2/3 scale), and 25 mm/s would measure 16.7 mm/s
+    "@page{size:297mm 210mm;margin:0}"
     "text{font-family:'Noto Sans CJK SC','Source Han Sans SC','WenQuanYi Micro Hei','Microsoft YaHei',"
     "'PingFang SC',sans-serif;font-size:3px;fill:#000}"
     ".n{fill:none;stroke:#f4c6c6;stroke-width:.1}"
