@@ -943,7 +943,8 @@ class Doctor:
                 " (all held by metered links)" if stuck is None else f" ({_age(stuck)} of what no metered link holds)"
             )
         out = []
-        if stuck is not None and stuck > WAITING_FAIL_S:
+        # a record the peer refuses alone, however long: the others go out, so not "nothing has"
+        if stuck is not None and stuck > WAITING_FAIL_S and refused is None:
             out.append(
                 Finding(
                     "queue",

@@ -32,6 +32,9 @@ from tests.peers import stop_process
 NPM_DIR = Path(__file__).resolve().parent / "npm"
 MEDPLUM_PACKAGE = "@medplum/fhir-router"
 START_TIMEOUT_S = 120.0  # node indexes the R4 definitions at start: seconds on a loaded Pi-class box
+# a merged transaction took ~50 s on a box at load 30 (its searches scan the store): the front must
+# outwait it, or it drops the client's request while node still applies it
+UPSTREAM_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0  # SIGTERM ends node at once (no handler); then SIGKILL: its memory holds nothing to keep
 
 
@@ -95,7 +98,7 @@ class MedplumFhirServer(FhirTestServer):
     def apply_transaction(self, bundle: dict) -> dict:
         """Medplum applies the transaction; a refusal answers 400 through the front (ValueError)."""
         with self._forward_lock:
-            answer = self._http.post(self.upstream, json=bundle, timeout=60)
+            answer = self._http.post(self.upstream, json=bundle, timeout=UPSTREAM_TIMEOUT_S)
         result: dict = answer.json()
         if answer.status_code != 200 or result.get("type") != "transaction-response":
             raise ValueError(f"Medplum refused the transaction ({answer.status_code}): {answer.text[:300]}")

@@ -105,24 +105,27 @@ def test_a_county_platform_taking_records_adds_nothing(tmp_path: Path) -> None:
     assert [(f.level, f.topic) for f in findings] == [(Level.OK, "")], render_text(findings)
 
 
-def test_a_visit_record_refused_alone_is_said_so_when_the_last_round_tried_it_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("days", [2, 8], ids=["two-days", "over-a-week"])
+def test_a_visit_record_refused_alone_is_said_so_when_the_last_round_tried_it_alone(tmp_path: Path, days: int) -> None:
     """The platform stores every visit record but one, which it answers "500" at every try. Once a
     round tried only that one again, the doctor's queue check (the System page shows it too) said
     "is the link down?" - while the metrics said the link up and the System page's county row
     "refused one record, the others go on": the meter's rule read the round's counts (nothing
-    sent, one failed: failing), the others what the forwarder judged (`Said.REFUSED_ONE`)."""
-    t0 = time.time() - 2 * DAY
-    d = doctor(tmp_path, now=lambda: t0 + 2 * DAY)
+    sent, one failed: failing), the others what the forwarder judged (`Said.REFUSED_ONE`).
+    Refused so for over a week, it said the FAIL "nothing has gone out for a week" - the others had."""
+    t0 = time.time() - days * DAY
+    d = doctor(tmp_path, now=lambda: t0 + days * DAY)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         refused, *_ = queue_visits(outbox, range(3), patient_of=lambda n: f"P-{n}", at=t0)
     with RefusesVisits(refused) as server, forwarding(d.config, server.base_url) as (outbox, sender):
         assert forward_fhir_once(outbox, sender, t0 + 60).sent == 2
         assert forward_fhir_once(outbox, sender, t0 + 3600).transient == 1  # tried again, alone
         platform = fhir_platform(outbox.status(FHIR_STATUS))
-    assert platform.said is Said.REFUSED_ONE and not platform.down(t0 + 2 * DAY)  # metrics, System page
+    assert platform.said is Said.REFUSED_ONE and not platform.down(t0 + days * DAY)  # metrics, System page
     [queue] = [f for f in d.check_queue() if f.topic == "link"]
     text = render_text([queue])
     assert queue.advice_key == "refused-alone" and "refuses this one visit record" in queue.hint, text
+    assert queue.level is Level.WARN, text  # the link works: not the FAIL of a link down for a week
 
 
 def test_the_alert_says_what_the_doctor_says() -> None:
