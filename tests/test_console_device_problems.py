@@ -107,3 +107,29 @@ def test_a_removed_device_is_not_connected_and_what_it_holds_or_lost_is_said(bro
         assert "on" not in card.find_element(by("css"), ".dot").get_attribute("class").split(), card.text
         assert "等待存储空间：3 条测量结果" in card.text, card.text
         assert "网关停机时丢失：2 条测量结果" in card.text, card.text
+
+
+def test_a_running_serial_device_is_titled_by_its_settings_name_its_port_only_for_the_technician(
+    browser: object, tmp_path: Path
+) -> None:
+    """A monitor read on its port was titled "monitor (example-vitals-monitor) on /tmp/.../usb-monitor"
+    (the row's name, as `lastmile devices` says it for the technician): a device path shown to the
+    doctor. Now its card is titled by its name in the settings; the port is under the technician's details."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        wait_for(
+            lambda: (row := r.registry.get("serial:monitor")) is not None and row.connected and bool(row.name),
+            what="the monitor's row says it is connected, on its port",
+        )
+        shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+        with running_console(shown) as console:
+            log_in(browser, console)
+            browser.get(console.url + "/devices")
+            card = card_of(browser, "monitor")
+            assert card.find_element(by("css"), "strong").text == "monitor", card.text
+            assert str(tmp_path) not in card.text, card.text  # folded under the details
+            card.find_element(by("css"), "details summary").click()
+            assert str(monitor.link_path) in card.find_element(by("css"), "details").text, card.text
+    finally:
+        r.close()
