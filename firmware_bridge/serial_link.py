@@ -40,6 +40,8 @@ from typing import Protocol
 
 import serial
 
+from devices.device_errors import DEVICE_GONE
+
 log = logging.getLogger(__name__)
 
 BY_ID_DIR = Path("/dev/serial/by-id")
@@ -483,7 +485,7 @@ class SerialLinkManager:
         try:
             data = link.read()
         except OSError as exc:
-            self._disconnect(slot, f"device gone: {exc.strerror or exc}")
+            self._disconnect(slot, f"{DEVICE_GONE}: {exc.strerror or exc}")
             return
         if not data:
             return

@@ -7,9 +7,11 @@ import asyncio
 import datetime as dt
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.ble.emulated_peripherals import BloodPressureCuff
 from firmware_bridge.ble.emulation import EmulatedRadio
 from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, utc_now
 from lastmile.clinic.devices import DeviceRegistry
@@ -101,3 +103,20 @@ class Gateway:
                 await p.stop()
             await self.radio.close()
         return manager
+
+
+@dataclass
+class CapturedCuff(BloodPressureCuff):
+    """A cuff indicating captured measurement bytes as they were, then hanging up."""
+
+    captured: tuple[bytes, ...] = ()
+
+    def on_subscribed(self, connection: Any, characteristic: Any) -> None:
+        if characteristic is self.measurement:
+            self.spawn(self.indicate_captured())
+
+    async def indicate_captured(self) -> None:
+        for data in self.captured:
+            if not await self.send(self.measurement, data, indicate=True):
+                return
+        await self.hang_up()

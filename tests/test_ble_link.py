@@ -11,7 +11,7 @@ import asyncio
 import datetime as dt
 import importlib.util
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from firmware_bridge.ble.emulated_peripherals import (
 from firmware_bridge.ble.emulation import EmulatedBleakClient
 from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices
 from lastmile.clinic.devices import DeviceRegistry
-from tests.ble_gateway import Gateway
+from tests.ble_gateway import CapturedCuff, Gateway
 
 UTC = dt.timezone.utc
 CUFF, THERMO, OXI, GLUCO, STRANGER = (
@@ -433,23 +433,6 @@ def test_scan_lists_health_devices(gw: Gateway) -> None:
 # 08:00:00, then 151/97 (MAP 115) pulse 80 of user 2 at 08:05:00.
 BP_USER_1 = bytes.fromhex("1e800054006300ea070c060800004800010000")
 BP_USER_2 = bytes.fromhex("1e970061007300ea070c060805005000020000")
-
-
-@dataclass
-class CapturedCuff(BloodPressureCuff):
-    """A cuff indicating captured measurement bytes as they were, then hanging up."""
-
-    captured: tuple[bytes, ...] = ()
-
-    def on_subscribed(self, connection: Any, characteristic: Any) -> None:
-        if characteristic is self.measurement:
-            self.spawn(self.indicate_captured())
-
-    async def indicate_captured(self) -> None:
-        for data in self.captured:
-            if not await self.send(self.measurement, data, indicate=True):
-                return
-        await self.hang_up()
 
 
 def _record_captured(gw: Gateway, captured: tuple[bytes, ...], received: dt.datetime) -> None:

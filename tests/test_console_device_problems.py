@@ -5,6 +5,7 @@ is still said."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lastmile.clinic.devices import DeviceRegistry, HeldReadings
+from devices import device_errors
+from lastmile.clinic.devices import DeviceProblem, DeviceRegistry, HeldReadings, problem_kind
 from tests.console_browser import by, log_in
 from tests.console_harness import console_config, running_console
 from tests.serial_gateway import Running
@@ -20,6 +22,7 @@ from tests.serial_pty import PtyDevice
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(600)
+CUFF = "C0:00:00:00:00:01"
 
 
 def card_of(browser: object, title: str) -> object:
@@ -30,15 +33,30 @@ def card_of(browser: object, title: str) -> object:
     return card
 
 
+def a_cuff_sends_a_malformed_value(data_dir: Path, name: str) -> None:
+    """A cuff named `name` (paired and advertised so) indicating a blood pressure value too short
+    to read, through the real BLE link (bumble) and the clinic's port into `data_dir`'s device row."""
+    from tests.ble_gateway import CapturedCuff, Gateway
+
+    gw = Gateway(data_dir)
+    try:
+        gw.registry.allow(CUFF, now=dt.datetime.now(dt.timezone.utc), name=name)
+
+        async def main() -> None:
+            cuff = CapturedCuff(gw.new_radio(), CUFF, name, current_time_service=False, captured=(b"\x00\x01",))
+            await gw.run([cuff], until=lambda: bool((row := gw.registry.get(CUFF)) and row.last_error))
+
+        asyncio.run(main())
+    finally:
+        gw.close()
+
+
 def test_an_unplugged_serial_device_and_a_malformed_ble_value_are_said_in_chinese(
     browser: object, tmp_path: Path
 ) -> None:
     """A monitor's cable pulled out: the page said "最近的问题 19:06: device gone" (serial_link's
     words), and a cuff's bad value "malformed 2A35 value: too short": the doctor was not told to
     plug it back. Now it says so in Chinese; the raw text is under the technician's details."""
-    from firmware_bridge.ble.link import DeviceStatus
-    from lastmile.services.ble_devices import ClinicBlePort
-
     monitor = PtyDevice(tmp_path / "usb-monitor")
     r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
     try:
@@ -48,12 +66,9 @@ def test_an_unplugged_serial_device_and_a_malformed_ble_value_are_said_in_chines
             lambda: (row := r.registry.get("serial:monitor")) is not None and row.last_error.startswith("device gone"),
             what="the row says it is gone",
         )
-        now = dt.datetime.now(dt.timezone.utc)
-        port = ClinicBlePort(None, r.registry, clock=lambda: now)  # type: ignore[arg-type]  # status only
-        r.registry.allow("AA:BB:CC:DD:EE:01", now=now, name="血压计")
-        port.report(DeviceStatus("AA:BB:CC:DD:EE:01", connected=True, error="malformed 2A35 value: too short"))
     finally:
         r.close()
+    a_cuff_sends_a_malformed_value(Path(r.config.data_dir), "血压计")
     shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
     with running_console(shown) as console:
         log_in(browser, console)
@@ -107,3 +122,38 @@ def test_a_removed_device_is_not_connected_and_what_it_holds_or_lost_is_said(bro
         assert "on" not in card.find_element(by("css"), ".dot").get_attribute("class").split(), card.text
         assert "等待存储空间：3 条测量结果" in card.text, card.text
         assert "网关停机时丢失：2 条测量结果" in card.text, card.text
+
+
+def test_a_running_serial_device_is_titled_by_its_settings_name_its_port_only_for_the_technician(
+    browser: object, tmp_path: Path
+) -> None:
+    """A monitor read on its port was titled "monitor (example-vitals-monitor) on /tmp/.../usb-monitor"
+    (the row's name, as `lastmile devices` says it for the technician): a device path shown to the
+    doctor. Now its card is titled by its name in the settings; the port is under the technician's details."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        wait_for(
+            lambda: (row := r.registry.get("serial:monitor")) is not None and row.connected and bool(row.name),
+            what="the monitor's row says it is connected, on its port",
+        )
+        shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+        with running_console(shown) as console:
+            log_in(browser, console)
+            browser.get(console.url + "/devices")
+            card = card_of(browser, "monitor")
+            assert card.find_element(by("css"), "strong").text == "monitor", card.text
+            assert str(tmp_path) not in card.text, card.text  # folded under the details
+            card.find_element(by("css"), "details summary").click()
+            assert str(monitor.link_path) in card.find_element(by("css"), "details").text, card.text
+    finally:
+        r.close()
+
+
+def test_every_word_a_link_begins_a_device_error_with_is_told_to_the_doctor() -> None:
+    """A writer's new error words (devices.device_errors) without a kind would be said only as
+    "it reported a problem": each of them has its own advice."""
+    words = {name: value for name, value in vars(device_errors).items() if name.isupper()}
+    assert len(words) == 9, words
+    told = {name: problem_kind(value if name != "NOT_A_RESULT" else f"pulse{value}x") for name, value in words.items()}
+    assert DeviceProblem.OTHER not in told.values(), told

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 
 import sqlite_utils
 
+from devices import device_errors
 from devices.identity import DeviceIdentity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.config import Config
@@ -49,26 +50,24 @@ class DeviceProblem(enum.StrEnum):
     OTHER = "other"
 
 
-# How the links begin the errors they write to a row, by kind: the words are ours (never the
-# device's), set where they are written (firmware_bridge.serial_link's "device gone: ...",
-# firmware_bridge.ble.link's "malformed 2A35 value: ...", lastmile.services.serial_devices'
-# others); classifying them here also covers rows written before there was a kind.
+# What each of the words our links begin a row's error with (devices.device_errors: the writers
+# use them too) means for the doctor; classifying by them also covers rows written before there
+# was a kind.
 PROBLEM_PREFIXES: tuple[tuple[str, DeviceProblem], ...] = (
-    ("device gone", DeviceProblem.UNPLUGGED),
-    ("malformed ", DeviceProblem.UNREADABLE),
-    ("report rejected:", DeviceProblem.UNREADABLE),
-    ("code not recognised:", DeviceProblem.CODE_NOT_RECOGNISED),
-    ("cannot store ", DeviceProblem.NOT_SAVED),
-    ("ECG refused:", DeviceProblem.ECG_REFUSED),
-    ("not started: ", DeviceProblem.SETTINGS),
-    ("forwarded device lines not read:", DeviceProblem.SETTINGS),
+    (device_errors.DEVICE_GONE, DeviceProblem.UNPLUGGED),
+    (device_errors.MALFORMED, DeviceProblem.UNREADABLE),
+    (device_errors.REPORT_REJECTED, DeviceProblem.UNREADABLE),
+    (device_errors.CODE_NOT_RECOGNISED, DeviceProblem.CODE_NOT_RECOGNISED),
+    (device_errors.CANNOT_STORE, DeviceProblem.NOT_SAVED),
+    (device_errors.ECG_REFUSED, DeviceProblem.ECG_REFUSED),
+    (device_errors.NOT_STARTED, DeviceProblem.SETTINGS),
+    (device_errors.FORWARD_NOT_READ, DeviceProblem.SETTINGS),
 )
-NOT_A_RESULT_WORDS = " readings not stored: device reports "  # "<kind> readings not stored: ..." (BLE link)
 
 
 def problem_kind(error: str) -> DeviceProblem:
     """The kind of the device row's error `error` (OTHER for one no doctor can act on alone)."""
-    if NOT_A_RESULT_WORDS in error:
+    if device_errors.NOT_A_RESULT in error:
         return DeviceProblem.NOT_A_RESULT
     return next((kind for prefix, kind in PROBLEM_PREFIXES if error.startswith(prefix)), DeviceProblem.OTHER)
 

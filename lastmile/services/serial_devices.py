@@ -46,6 +46,14 @@ from devices.bridge.session import (
     SessionEvent,
     SessionProblem,
 )
+from devices.device_errors import (
+    CANNOT_STORE,
+    CODE_NOT_RECOGNISED,
+    ECG_REFUSED,
+    FORWARD_NOT_READ,
+    NOT_STARTED,
+    REPORT_REJECTED,
+)
 from devices.ecg.recording import EcgRecording
 from devices.errors import DeviceError
 from devices.identity import Patient
@@ -113,9 +121,6 @@ def utc_now() -> dt.datetime:
 
 
 # -- configuration -------------------------------------------------------------------------------
-
-
-NOT_STARTED = "not started: "  # how a device's refusal begins (`refused_devices`)
 
 
 def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
@@ -251,7 +256,7 @@ class SerialContext:
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             if not held:
-                self.error(spec, f"cannot store reading: {exc}")
+                self.error(spec, f"{CANNOT_STORE}reading: {exc}")
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
@@ -423,7 +428,7 @@ class SerialContext:
             )
         except (InvalidObjectError, DeviceError) as exc:
             log.error("%s: ECG recording refused, it cannot become a DICOM ECG: %s", spec.name, exc)
-            self.status(spec, error=f"ECG refused: {exc}"[:200])  # once per recording: not rate-limited
+            self.status(spec, error=f"{ECG_REFUSED} {exc}"[:200])  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
@@ -577,7 +582,7 @@ class BridgeHandler:
                         "%s: the bridge forwards device lines but no forward_profile is configured", self.spec.name
                     )
                     self._warned_unreadable = True
-                self.ctx.error(self.spec, "forwarded device lines not read: set forward_profile for this bridge")
+                self.ctx.error(self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge")
             reason = "forward_profile refused" if refused else "no forward_profile configured"
             self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, reason))
             return
@@ -597,7 +602,7 @@ class BridgeHandler:
                     stored_all &= self.ctx.store_observation(self.spec, obs)
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
-                self.ctx.error(self.spec, f"report rejected: {ev.reason}")
+                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}")
         parser = self._parsers[channel]
         if parser.idle and stored_all:
             # Every line received so far is part of a stored report or of nothing: all durable.
@@ -657,7 +662,7 @@ class AsciiReportHandler:
                         self.ctx.hold_observation(self.spec, obs)  # the device cannot resend
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
-                self.ctx.error(self.spec, f"report rejected: {ev.reason}")
+                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}")
 
     def connection_lost(self, reason: str | None) -> None:
         self._events(self.parser.flush(self.ctx.now()))  # a half report is rejected, never half-stored
@@ -695,7 +700,7 @@ class ScannerHandler:
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
                 log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name, ev.reason, ev.length)
-                self.ctx.error(self.spec, f"code not recognised: {ev.reason}")
+                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}")
 
     def connection_lost(self, reason: str | None) -> None:
         self.ctx.status(self.spec, connected=False, error=reason)
