@@ -425,7 +425,9 @@ class _DicomReader:
                 self.coded_critical(
                     label, meaning or code, scheme, code, f"{label}: {meaning or code} ({scheme} {code})", concept
                 )
-            return ReportLine(LineKind.ITEM, value=meaning or f"{scheme} {code}")
+            return ReportLine(
+                LineKind.ITEM, value=meaning or f"{scheme} {code}", value_concept=concept_key(scheme, code)
+            )
         if value_type == "NUM":
             measured = _first(item, "MeasuredValueSequence")
             if measured is None:

@@ -18,6 +18,8 @@ HEADINGS = {
     "LN 28010-7": N_("ECG report"),
     "LN 8867-4": N_("Heart rate"),
     "DCM 121005": N_("Observer Type"),
+    "DCM 121006": N_("Person"),  # an Observer Type's values
+    "DCM 121007": N_("Device"),
     "DCM 121008": N_("Person Observer Name"),
     "DCM 121009": N_("Person Observer's Organization Name"),
     "DCM 121010": N_("Person Observer's Role in the Organization"),
