@@ -82,6 +82,8 @@ def shown_name(line: ReportLine, speaker: Speaker = ENGLISH) -> str:
     concept the gateway knows by its code in the reader's language (Findings → 所见)."""
     if line.kind == LineKind.READ_BY:
         return display_name(line.name)
+    if line.kind == LineKind.CRITICAL_CODE and not line.value:  # a coded concept: known by its critical code
+        return concept_name(line.name, split_concept(line.code), speaker)
     return concept_name(line.name, line.concept, speaker) if line.name else ""
 
 
@@ -144,7 +146,7 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
     assert "PDF 文件，" in report_text(reports["pdf"], ZH) and "PDF document, " in report_text(reports["pdf"], EN)
     fhir_zh = report_text(reports["fhir"], ZH)
     assert "已更正：这是本报告的更正版本" in fhir_zh and "诊断意见：窦性心律。Critical Result: 室性心动过速" in fhir_zh
-    assert "编码诊断：STEMI" in fhir_zh and "ST 段：抬高" in fhir_zh and "全文：窦性心律" in fhir_zh
+    assert "编码诊断：急性ST段抬高型心肌梗死" in fhir_zh and "ST 段：抬高" in fhir_zh and "全文：窦性心律" in fhir_zh
     assert "ST 段 标记为 Critical abnormal" in fhir_zh and "诊断医生：陈静，2026-12-01 10:15:00 +08:00" in fhir_zh
     check = report_text(reports["mismatch"], ZH).splitlines()[-1]
     assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"

@@ -35,8 +35,8 @@ class LineKind(StrEnum):
     REFERENCE = "reference"  # value: the kind of object referred to (DICOM's SOP class name; "": unknown)
     COORDINATES = "coordinates"  # a spatial or temporal coordinates item (not drawn)
     CONCLUSION = "conclusion"  # value: a FHIR report's conclusion
-    CODED = "coded"  # value: one coded conclusion's display
-    RESULT = "result"  # name: a result's name; value: its value
+    CODED = "coded"  # value: one coded conclusion's display; value_concept: its code
+    RESULT = "result"  # name: a result's name; value: its value (concept, value_concept: their codes)
     PRESENTED = "presented"  # value: a text form of the report as sent
     # the footer
     DOCUMENT = "document"  # value: its MIME type; number: its size in bytes

@@ -120,7 +120,8 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
         )
         return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=where))
     if line.kind == LineKind.CRITICAL_INTERPRETED:
-        return CriticalReason(_("%(result)s marked %(flag)s", result=line.name or _("a result"), flag=line.value))
+        result = concept_name(line.name, line.concept, speaker) or _("a result")
+        return CriticalReason(_("%(result)s marked %(flag)s", result=result, flag=line.value))
     # a coded value (name: its concept, value: the county's words) or a coded concept (name: the county's words)
     county = line.value or line.name
     finding = concept_name(county, split_concept(line.code), speaker)
@@ -208,7 +209,7 @@ def body_line(line: ReportLine, speaker: Speaker) -> str:
         case LineKind.CONCLUSION:
             indent, label, value = "", _("Conclusion"), line.value
         case LineKind.CODED:
-            indent, label, value = "", _("Coded conclusion"), line.value
+            indent, label, value = "", _("Coded conclusion"), concept_name(line.value, line.value_concept, speaker)
         case LineKind.PRESENTED:
             return line.value
         case LineKind.ITEM if line.code == PERSON_NAME:  # a person's name: 陈静, not 陈 静
