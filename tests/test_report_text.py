@@ -34,7 +34,7 @@ from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import printable, render_list, render_report, speaker_for, study_lines
 from tests.report_peers import critical_observation
 from tests.report_samples import RULES, STUDY, everything_sr
-from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
+from uploader.report_lines import PERSON_NAME, LineKind, ReportLine, split_concept
 from uploader.report_reading import ReportContent, read_dicom_report, read_fhir_report
 from uploader.sqlite_store import open_database
 
@@ -82,18 +82,24 @@ def shown_name(line: ReportLine, speaker: Speaker = ENGLISH) -> str:
     concept the gateway knows by its code in the reader's language (Findings → 所见)."""
     if line.kind == LineKind.READ_BY:
         return display_name(line.name)
+    if line.kind == LineKind.CRITICAL_CODE and not line.value:  # a coded concept: known by its critical code
+        return concept_name(line.name, split_concept(line.code), speaker)
     return concept_name(line.name, line.concept, speaker) if line.name else ""
 
 
 def shown_value(line: ReportLine, speaker: Speaker = ENGLISH) -> str:
     """A line's value as the text shows it: the report's time only spaced for reading, a person's
-    name (a PNAME item) as people write it, a title the gateway knows by its code in the reader's
-    language."""
+    name (a PNAME item) as people write it, a title or a coded value the gateway knows by its
+    code in the reader's language (a critical finding: by its critical code)."""
     if line.kind == LineKind.READ_BY:
         return readable_time(line.value)
     if line.kind == LineKind.TITLE:
         return concept_name(line.value, line.concept, speaker)
-    return display_name(line.value) if line.code == PERSON_NAME else line.value
+    if line.kind == LineKind.CRITICAL_CODE and line.value:  # a coded value (a coded concept: its name)
+        return concept_name(line.value, split_concept(line.code), speaker)
+    return (
+        display_name(line.value) if line.code == PERSON_NAME else concept_name(line.value, line.value_concept, speaker)
+    )
 
 
 def county_words(lines: tuple[ReportLine, ...]) -> list[str]:
@@ -140,7 +146,7 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
     assert "PDF 文件，" in report_text(reports["pdf"], ZH) and "PDF document, " in report_text(reports["pdf"], EN)
     fhir_zh = report_text(reports["fhir"], ZH)
     assert "已更正：这是本报告的更正版本" in fhir_zh and "诊断意见：窦性心律。Critical Result: 室性心动过速" in fhir_zh
-    assert "编码诊断：STEMI" in fhir_zh and "ST 段：抬高" in fhir_zh and "全文：窦性心律" in fhir_zh
+    assert "编码诊断：急性ST段抬高型心肌梗死" in fhir_zh and "ST 段：抬高" in fhir_zh and "全文：窦性心律" in fhir_zh
     assert "ST 段 标记为 Critical abnormal" in fhir_zh and "诊断医生：陈静，2026-12-01 10:15:00 +08:00" in fhir_zh
     check = report_text(reports["mismatch"], ZH).splitlines()[-1]
     assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"
@@ -411,11 +417,27 @@ def test_the_srs_well_known_headings_read_in_chinese_unknown_ones_as_written() -
     ECG Report - DICOM's concept names in English - on a page read in Chinese."""
     zh = report_text(stemi_report(), ZH).splitlines()
     assert zh[0] == "心电图报告"
-    assert "观察者类型：Person" in zh and any(line.startswith("观察者姓名：") for line in zh)
+    assert "观察者类型：人员" in zh and any(line.startswith("观察者姓名：") for line in zh)
     assert "所见" in zh and "  所见：窦性心律" in zh and "诊断意见" in zh
     en = report_text(stemi_report(), EN).splitlines()
     assert en[0] == "ECG Report" and "Findings" in en and "Observer Type: Person" in en  # English: DICOM's words
     assert "Image Region：（坐标，此处不显示）" in report_text(the_reports()["sr"], ZH)  # unknown: as written
+
+
+def test_a_coded_value_the_gateway_knows_reads_in_chinese_unknown_ones_as_written() -> None:
+    """Issue s37-R2 (found in s37-R1): a coded value stayed as the county wrote it in English -
+    "观察者类型 Person", and the coded STEMI finding in the body "所见 Acute ST segment ..." while its
+    critical reason above read 急性ST段抬高型心肌梗死. Known by the value's code, never its words."""
+    zh = report_text(stemi_report(), ZH).splitlines()
+    assert "观察者类型：人员" in zh and "  所见：急性ST段抬高型心肌梗死" in zh, zh
+    assert "  所见：窦性心律" in zh  # a text value: the county's words
+    en = report_text(stemi_report(), EN).splitlines()
+    assert "Observer Type: Person" in en and "  Finding: Acute ST segment elevation myocardial infarction" in en
+    # the county's Chinese words for a known code are kept; an unknown code's words as written
+    assert "  所见：急性下壁 ST 段抬高型心肌梗死" in report_text(stemi_report("急性下壁 ST 段抬高型心肌梗死"), ZH)
+    unknown = (ReportLine(LineKind.ITEM, name="Finding", value="Left axis deviation", value_concept="SCT 49101008"),)
+    assert "Finding：Left axis deviation" in report_text(unknown, ZH)
+    assert ReportLine.from_json(unknown[0].to_json()) == unknown[0]  # stored and read back with its code
 
 
 def test_a_report_time_without_a_zone_is_shown_in_the_clinics_zone() -> None:

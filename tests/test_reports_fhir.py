@@ -299,3 +299,47 @@ def test_a_free_text_reading_doctor_is_shown_as_the_platform_wrote_it_everywhere
         for path in ("/reports", f"/reports/{kept.id}"):
             page = client.get(path).body
             assert typed in page, f"{path}: {page}"
+
+
+def coded_observation(obs_id: str, code: tuple[str, str, str], **value) -> dict:
+    """A contained Observation coded as a county platform codes it (LOINC), with its value."""
+    system, number, display = code
+    return {
+        "resourceType": "Observation",
+        "id": obs_id,
+        "status": "final",
+        "code": {"coding": [{"system": system, "code": number, "display": display}]},
+        **value,
+    }
+
+
+def test_a_fhir_reports_known_codes_read_in_chinese_as_an_srs_do(platform) -> None:
+    """Issue s37-R2: over FHIR the report's title, its results' names and coded values and its
+    coded conclusion stayed as the platform's English displays (EKG study, Heart rate, Sinus
+    rhythm, STEMI) on a Chinese printout, where the same concepts in an SR read in Chinese."""
+    server, store, poller, ours, _other = platform
+    rate = coded_observation(
+        "hr", ("http://loinc.org", "8867-4", "Heart rate"), valueQuantity={"value": 72, "unit": "/min"}
+    )
+    rhythm = coded_observation(
+        "rhythm",
+        ("http://loinc.org", "8884-9", "Heart rate rhythm"),
+        valueCodeableConcept={
+            "coding": [{"system": "http://snomed.info/sct", "code": "426783006", "display": "Sinus rhythm"}]
+        },
+    )
+    server.put_resource(
+        report_for(
+            ours,
+            contained=[rate, rhythm],
+            result=[{"reference": "#hr"}, {"reference": "#rhythm"}],
+            conclusionCode=STEMI_CONCLUSION,
+        )
+    )
+    poller.run_round(force=True)
+    (kept,) = store.reports()
+    zh = printable(store, kept, speaker_for("zh-CN"))[0].decode().splitlines()
+    assert "心电图报告" in zh and "心率：72 /min" in zh, zh
+    assert "Heart rate rhythm：窦性心律" in zh and "编码诊断：急性ST段抬高型心肌梗死" in zh, zh  # unknown: as written
+    en = printable(store, kept, speaker_for("en"))[0].decode().splitlines()
+    assert "EKG study" in en and "Heart rate: 72 /min" in en and "Coded conclusion: STEMI" in en, en

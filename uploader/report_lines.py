@@ -30,13 +30,13 @@ class LineKind(StrEnum):
     # the body: one content item each (SR), at `depth`; `code` holds the ValueType when the
     # item has no concept name (the gateway then names the kind of item)
     CONTAINER = "container"  # name: the section's heading
-    ITEM = "item"  # name: the concept; value: its value as written
+    ITEM = "item"  # name: the concept; value: its value as written (value_concept: its code, if coded)
     NO_VALUE = "no-value"  # a NUM item without a measured value
     REFERENCE = "reference"  # value: the kind of object referred to (DICOM's SOP class name; "": unknown)
     COORDINATES = "coordinates"  # a spatial or temporal coordinates item (not drawn)
     CONCLUSION = "conclusion"  # value: a FHIR report's conclusion
-    CODED = "coded"  # value: one coded conclusion's display
-    RESULT = "result"  # name: a result's name; value: its value
+    CODED = "coded"  # value: one coded conclusion's display; value_concept: its code
+    RESULT = "result"  # name: a result's name; value: its value (concept, value_concept: their codes)
     PRESENTED = "presented"  # value: a text form of the report as sent
     # the footer
     DOCUMENT = "document"  # value: its MIME type; number: its size in bytes
@@ -91,6 +91,9 @@ class ReportLine:
     # the concept name's code, "SCHEME CODE" (DCM 121070), where the county coded it: the name
     # (TITLE: the value) is then worded in the reader's language if the gateway knows the concept
     concept: str = ""
+    # a coded value's code, "SCHEME CODE" (DCM 121006, SCT 401303003): the value is then worded
+    # in the reader's language if the gateway knows the code (the county's words otherwise)
+    value_concept: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Only what differs from the defaults: a report of 200 lines stays small in clinic.db."""
@@ -114,6 +117,7 @@ class ReportLine:
             depth=int(value.get("depth", 0)),
             number=int(value.get("number", 0)),
             concept=str(value.get("concept", "")),
+            value_concept=str(value.get("value_concept", "")),
         )
 
 

@@ -425,7 +425,9 @@ class _DicomReader:
                 self.coded_critical(
                     label, meaning or code, scheme, code, f"{label}: {meaning or code} ({scheme} {code})", concept
                 )
-            return ReportLine(LineKind.ITEM, value=meaning or f"{scheme} {code}")
+            return ReportLine(
+                LineKind.ITEM, value=meaning or f"{scheme} {code}", value_concept=concept_key(scheme, code)
+            )
         if value_type == "NUM":
             measured = _first(item, "MeasuredValueSequence")
             if measured is None:
@@ -546,6 +548,12 @@ def _codings(concept: object) -> Iterator[tuple[str, str, str]]:
             yield str(coding.get("system", "")), str(coding.get("code", "")), str(coding.get("display", ""))
 
 
+def _concept_code(concept: object) -> str:
+    """A CodeableConcept's first coding as a report line keeps a code ("LN 8867-4"; "": none), so
+    that the concept is worded in the reader's language where the gateway knows it."""
+    return next((key for system, code, _d in _codings(concept) if (key := concept_key(system, code))), "")
+
+
 def _concept_text(concept: object) -> str:
     if not isinstance(concept, Mapping):
         return ""
@@ -637,7 +645,8 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
     withdrawn = status in FHIR_WITHDRAWN  # its content stands for nothing: not final, not critical
     title = _concept_text(resource.get("code"))
     conclusion = str(resource.get("conclusion") or "").strip()
-    coded = [d or c for _s, c, d in (x for cc in resource.get("conclusionCode") or [] for x in _codings(cc))]
+    coded_codings = [x for cc in resource.get("conclusionCode") or [] for x in _codings(cc)]
+    coded = [d or c for _s, c, d in coded_codings]
     for cc in resource.get("conclusionCode") or []:
         for system, code, display in _codings(cc):
             if rules.code_matches(system, code):
@@ -652,18 +661,23 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
         obs = contained.get(str(ref.get("reference", ""))) if isinstance(ref, Mapping) else None
         if obs is None:
             continue
-        name = _concept_text(obs.get("code"))
+        name, concept = _concept_text(obs.get("code")), _concept_code(obs.get("code"))
         value = obs.get("valueString") or _concept_text(obs.get("valueCodeableConcept"))
+        value_concept = "" if obs.get("valueString") else _concept_code(obs.get("valueCodeableConcept"))
         quantity = obs.get("valueQuantity")
         if isinstance(quantity, Mapping):
             value = f"{quantity.get('value', '?')} {quantity.get('unit', '')}".strip()
         result_lines.append(f"{name}: {value}")
-        results.append(ReportLine(LineKind.RESULT, name=name, value=str(value or "")))
+        results.append(
+            ReportLine(LineKind.RESULT, name=name, value=str(value or ""), concept=concept, value_concept=value_concept)
+        )
         for interp in obs.get("interpretation") or []:
             for _system, code, display in _codings(interp):
                 if code in FHIR_CRITICAL_INTERPRETATIONS:
                     critical.append(f"{name or 'result'} interpreted {display or code}")
-                    reasons.append(ReportLine(LineKind.CRITICAL_INTERPRETED, name=name, value=display or code))
+                    reasons.append(
+                        ReportLine(LineKind.CRITICAL_INTERPRETED, name=name, value=display or code, concept=concept)
+                    )
     document: bytes | None = None
     document_type = ""
     presented_text = []
@@ -691,11 +705,11 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
             reasons.append(ReportLine(LineKind.CRITICAL_KEYWORD, name=keyword, value=text.strip()[:120]))
     amends = (f"DiagnosticReport/{rid}",) if status in FHIR_AMENDED else ()
     lines = [
-        ReportLine(LineKind.TITLE, value=title),
+        ReportLine(LineKind.TITLE, value=title, concept=_concept_code(resource.get("code"))),
         *([ReportLine(LineKind.AMENDED)] if amends else []),  # a corrected version of itself
         *([ReportLine(LineKind.WITHDRAWN, value=status)] if withdrawn else dict.fromkeys(reasons)),
         *([ReportLine(LineKind.CONCLUSION, value=conclusion)] if conclusion else []),
-        *(ReportLine(LineKind.CODED, value=c) for c in coded),
+        *(ReportLine(LineKind.CODED, value=d or c, value_concept=concept_key(s, c)) for s, c, d in coded_codings),
         *results,
         *(ReportLine(LineKind.PRESENTED, value=t) for t in presented_text),
         *([ReportLine(LineKind.DOCUMENT, value=document_type, number=len(document))] if document is not None else []),

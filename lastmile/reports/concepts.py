@@ -16,8 +16,11 @@ from lastmile.console.i18n import N_
 # "SCHEME CODE" (as `uploader.report_reading.concept_key` keeps it) -> the concept in English
 HEADINGS = {
     "LN 28010-7": N_("ECG report"),
+    "LN 11524-6": N_("ECG report"),  # EKG study: a FHIR DiagnosticReport's code
     "LN 8867-4": N_("Heart rate"),
     "DCM 121005": N_("Observer Type"),
+    "DCM 121006": N_("Person"),  # an Observer Type's values
+    "DCM 121007": N_("Device"),
     "DCM 121008": N_("Person Observer Name"),
     "DCM 121009": N_("Person Observer's Organization Name"),
     "DCM 121010": N_("Person Observer's Role in the Organization"),

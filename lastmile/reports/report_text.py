@@ -100,10 +100,11 @@ class CriticalReason(NamedTuple):
 
 
 def concept_name(name: str, concept: str, speaker: Speaker) -> str:
-    """A concept's name in the reader's language when the gateway knows its code; the county's
-    words as written otherwise (and where the reader's language is the catalog's English)."""
+    """A concept's name (or a coded value) in the reader's language when the gateway knows its
+    code; the county's words as written otherwise, where the county wrote Chinese already, and
+    where the reader's language is the catalog's English."""
     msgid = known_concept(concept)
-    if msgid is None:
+    if msgid is None or is_cjk(name):
         return name
     shown = speaker.gettext(msgid)
     return name if name and shown == msgid else shown
@@ -119,10 +120,11 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
         )
         return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=where))
     if line.kind == LineKind.CRITICAL_INTERPRETED:
-        return CriticalReason(_("%(result)s marked %(flag)s", result=line.name or _("a result"), flag=line.value))
+        result = concept_name(line.name, line.concept, speaker) or _("a result")
+        return CriticalReason(_("%(result)s marked %(flag)s", result=result, flag=line.value))
     # a coded value (name: its concept, value: the county's words) or a coded concept (name: the county's words)
     county = line.value or line.name
-    finding = county if is_cjk(county) else concept_name(county, split_concept(line.code), speaker)
+    finding = concept_name(county, split_concept(line.code), speaker)
     text = labelled(concept_name(line.name, line.concept, speaker), finding, speaker) if line.value else finding
     return CriticalReason(text, " · ".join([line.code, *([county] if county not in text else [])]))
 
@@ -207,13 +209,13 @@ def body_line(line: ReportLine, speaker: Speaker) -> str:
         case LineKind.CONCLUSION:
             indent, label, value = "", _("Conclusion"), line.value
         case LineKind.CODED:
-            indent, label, value = "", _("Coded conclusion"), line.value
+            indent, label, value = "", _("Coded conclusion"), concept_name(line.value, line.value_concept, speaker)
         case LineKind.PRESENTED:
             return line.value
         case LineKind.ITEM if line.code == PERSON_NAME:  # a person's name: 陈静, not 陈 静
             value = display_name(line.value)
-        case _:  # ITEM, RESULT: the county's name and value
-            value = line.value
+        case _:  # ITEM, RESULT: the county's name and value (a coded value the gateway knows: its term)
+            value = concept_name(line.value, line.value_concept, speaker)
     return indent + labelled(label, value, speaker)
 
 
