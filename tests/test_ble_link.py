@@ -587,3 +587,24 @@ def test_a_stop_during_set_up_ends_the_session_of_a_device_that_never_hangs_up(g
 
     oxi = asyncio.run(main())
     assert oxi.connection is None and not gw.registry.get(OXI).connected
+
+
+@pytest.mark.parametrize(
+    "paired_as,shown_as",
+    [("血压计 1号诊室", "血压计 1号诊室"), ("", "BP cuff")],
+    ids=["named at pairing", "unnamed pairing"],
+)
+def test_the_name_given_at_pairing_wins_over_the_one_the_device_advertises(
+    gw: Gateway, paired_as: str, shown_as: str
+) -> None:
+    gw.registry.allow(CUFF, name=paired_as, now=dt.datetime.now(UTC))  # as `lastmile ble pair --name` and the console
+
+    async def main() -> None:
+        cuff = BloodPressureCuff(gw.new_radio(), CUFF, "BP cuff", memory=[BpRecord(121, 81, 94, 70, local_now())])
+        await gw.run([cuff], until=lambda: len(gw.events) == 1 and not gw.registry.get(CUFF).connected)
+
+    asyncio.run(main())
+    record = gw.registry.get(CUFF)
+    # the doctor tells which room's cuff it is by the name given; the technician still sees what it advertises
+    assert record.name == shown_as
+    assert record.advertised_name == "BP cuff"

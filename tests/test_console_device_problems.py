@@ -33,9 +33,10 @@ def card_of(browser: object, title: str) -> object:
     return card
 
 
-def a_cuff_sends_a_malformed_value(data_dir: Path, name: str) -> None:
-    """A cuff named `name` (paired and advertised so) indicating a blood pressure value too short
-    to read, through the real BLE link (bumble) and the clinic's port into `data_dir`'s device row."""
+def a_cuff_sends_a_malformed_value(data_dir: Path, name: str, advertised: str = "") -> None:
+    """A cuff named `name` (paired so, and advertised so unless `advertised` is given) indicating a
+    blood pressure value too short to read, through the real BLE link (bumble) and the clinic's
+    port into `data_dir`'s device row."""
     from tests.ble_gateway import CapturedCuff, Gateway
 
     gw = Gateway(data_dir)
@@ -43,7 +44,9 @@ def a_cuff_sends_a_malformed_value(data_dir: Path, name: str) -> None:
         gw.registry.allow(CUFF, now=dt.datetime.now(dt.timezone.utc), name=name)
 
         async def main() -> None:
-            cuff = CapturedCuff(gw.new_radio(), CUFF, name, current_time_service=False, captured=(b"\x00\x01",))
+            cuff = CapturedCuff(
+                gw.new_radio(), CUFF, advertised or name, current_time_service=False, captured=(b"\x00\x01",)
+            )
             await gw.run([cuff], until=lambda: bool((row := gw.registry.get(CUFF)) and row.last_error))
 
         asyncio.run(main())
@@ -148,6 +151,23 @@ def test_a_running_serial_device_is_titled_by_its_settings_name_its_port_only_fo
             assert str(monitor.link_path) in card.find_element(by("css"), "details").text, card.text
     finally:
         r.close()
+
+
+def test_a_cuff_is_titled_by_the_name_given_at_pairing_its_advertised_name_only_for_the_technician(
+    browser: object, tmp_path: Path
+) -> None:
+    """A cuff paired as "血压计 1号诊室" was titled "BP cuff" (what it advertises) once the link saw
+    it: the doctor could not tell which room's cuff it was. Now the name given at pairing stays its
+    title; what it advertises is under the technician's details."""
+    data = tmp_path / "data"
+    a_cuff_sends_a_malformed_value(data, "血压计 1号诊室", advertised="BP cuff")
+    with running_console(console_config(data)) as console:
+        log_in(browser, console)
+        browser.get(console.url + "/devices")
+        card = card_of(browser, "血压计 1号诊室")
+        assert "BP cuff" not in card.text, card.text  # folded under the details
+        card.find_element(by("css"), "details summary").click()
+        assert "蓝牙名称：BP cuff" in card.find_element(by("css"), "details").text, card.text
 
 
 def test_every_word_a_link_begins_a_device_error_with_is_told_to_the_doctor() -> None:

@@ -408,3 +408,32 @@ def test_a_row_an_older_version_wrote_its_waiting_words_as_the_error_says_them_o
     out = capsys.readouterr().out
     assert out.count("3 reading(s) waiting for space") == 2, out  # once for each device
     assert out.count("last error") == 1 and "device gone" in out, out
+
+
+def test_lastmile_devices_names_a_ble_device_by_the_name_given_at_pairing_and_says_what_it_advertises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two cuffs of one model, paired as "血压计 1号诊室" and "血压计 2号诊室": once each had
+    connected, `lastmile devices` printed only their manufacturer, model and serial number, and
+    the technician could not tell which room's cuff was which. Now the name given at pairing comes
+    first, and what the cuff advertises is said beside it."""
+    from devices.identity import DeviceIdentity
+
+    data = tmp_path / "data"
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n')
+    now = dt.datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
+    registry = DeviceRegistry.open(data)
+    try:  # as the console's pairing and the BLE link write the row
+        registry.allow("C0:00:00:00:00:01", name="血压计 1号诊室", now=now)
+        identity = DeviceIdentity(address="C0:00:00:00:00:01", manufacturer="Acme", model="BP-1", serial="S1")
+        registry.update_status(
+            "C0:00:00:00:00:01", now=now, seen=True, advertised_name="BP cuff", identity=identity, connected=False
+        )
+    finally:
+        registry.close()
+    assert main(["-c", str(config), "devices"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("ble")]
+    assert "血压计 1号诊室  Acme BP-1 S1" in line, out
+    assert "advertised as BP cuff" in out, out

@@ -97,7 +97,7 @@ class DeviceStatus:
     seen: bool = False
     error: str | None = None
     identity: DeviceIdentity | None = None
-    name: str | None = None
+    name: str | None = None  # the name it advertises (the gateway keeps the one it was paired by)
     # 16-bit SIG UUIDs of the services it advertised (seen) or offers (connected): a cuff called
     # by its model number is still known by its Blood Pressure service before its first reading
     services: frozenset[int] = frozenset()

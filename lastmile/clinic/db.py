@@ -270,6 +270,10 @@ MIGRATIONS = (
     # whether a device sent a reading naming its user (Bluetooth "User ID"): a multi-user device,
     # whatever it measures, whose users the doctor must be able to map (lastmile.clinic.device_users)
     Migration.sql("0021_device_sends_users", "ALTER TABLE devices ADD COLUMN sends_users INTEGER NOT NULL DEFAULT 0;"),
+    # the name a BLE device advertises, for the technician: `name` is the one given at pairing
+    # ("血压计 1号诊室"), which the doctor tells the clinic's cuffs apart by; an unnamed pairing is
+    # shown by this one. NULL: not seen since (a row seen before holds the advertised name as its name)
+    Migration.sql("0022_device_advertised_name", "ALTER TABLE devices ADD COLUMN advertised_name TEXT;"),
 )
 
 

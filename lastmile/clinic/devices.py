@@ -117,6 +117,7 @@ class DeviceRecord:
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
+    advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
 
     @property
     def waits_for_space(self) -> bool:
@@ -270,7 +271,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
     return DeviceRecord(
         address=row["address"],
         transport=transport,
-        name=row["name"] or "",
+        name=row["name"] or row["advertised_name"] or "",  # the name given at pairing wins
         allowed=allowed,
         pair_required=bool(row["pair_required"]),
         added_at=from_iso(row["added_at"]),
@@ -293,6 +294,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         lost_at=from_iso(row["lost_at"]),
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
+        advertised_name=row["advertised_name"] or "",
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
@@ -369,6 +371,7 @@ class DeviceRegistry:
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
         name: str | None = None,
+        advertised_name: str | None = None,
         services: Iterable[int] = (),
         sends_users: bool = False,
     ) -> None:
@@ -376,7 +379,8 @@ class DeviceRegistry:
         the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
-        names fewer than the connection found; `sends_users`: a reading named its user, for good)."""
+        names fewer than the connection found; `sends_users`: a reading named its user, for good;
+        `advertised_name`: what a BLE device calls itself, never over the name given at pairing)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -401,6 +405,8 @@ class DeviceRegistry:
             sets["last_reading_at"] = iso(reading_at or now)
         if name:
             sets["name"] = name
+        if advertised_name:
+            sets["advertised_name"] = advertised_name
         if sends_users:
             sets["sends_users"] = 1
         with transaction(self.db) as conn:

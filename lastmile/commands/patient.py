@@ -367,11 +367,13 @@ def _devices(args: argparse.Namespace) -> int:
         state = "removed" if r.removed else "connected" if r.connected else "not connected"
         why = "" if not r.removed else " (not paired)" if r.transport == "ble" else " (not configured)"
         ident = " ".join(x for x in (r.manufacturer, r.model, r.serial) if x)
-        if r.transport == "serial" and r.name:
-            # "<name> (<profile>) on <port>": where a technician finds it
+        if r.name:
+            # a serial device's "<name> (<profile>) on <port>": where a technician finds it; a BLE
+            # device's name given at pairing: which room's cuff it is, two of one model alike
             ident = f"{r.name}  {ident}".rstrip()
-        ident = ident or r.name or "-"
-        print(f"{r.transport:6s} {r.address:17s}  {state:13s}{why}  {ident}")
+        print(f"{r.transport:6s} {r.address:17s}  {state:13s}{why}  {ident or '-'}")
+        if r.advertised_name and r.advertised_name != r.name:
+            print(f"       advertised as {r.advertised_name}")
         if r.last_reading:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
         if r.waiting:  # until stored, whatever its later errors (unplugged ...) say

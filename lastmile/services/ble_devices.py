@@ -74,7 +74,7 @@ class ClinicBlePort:
             seen=status.seen,
             error=status.error,
             identity=status.identity,
-            name=status.name,
+            advertised_name=status.name,  # the name given at pairing stays the one shown
             services=status.services,
         )
 
