@@ -33,29 +33,28 @@ DB_NAME = "visits.db"  # lastmile.visits.book.DB_NAME (a test keeps the two the 
 
 
 VISITS_BUSY_TIMEOUT_S = 15.0  # how long a read waits for a writer of visits.db (a stop, a GPS fix) to finish
-# SQLite's words for another connection holding visits.db: passes, unlike a table not there yet
-_BUSY_ERRORS = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+# SQLite's words for a visits.db no visit was ever started in (not migrated yet): no visits in it
+_NOT_MIGRATED = ("no such table", "no such column")
 
 
 def _read_visits(db_path: Path, sql: str, params: Sequence[str | int] = ()) -> list[tuple]:
     """Rows of a read-only query of visits.db; none when there is no visits.db or it is not
-    migrated yet (no visit was ever started). sqlite3.OperationalError "visits.db is busy" when
-    another connection still holds it after the busy timeout: no rows would say "no such visit"
-    or "no such reading" of one that is there (a retried reading quarantined as missing)."""
+    migrated yet (no visit was ever started). Any other sqlite3.Error (busy past the timeout,
+    locked, damaged, an I/O error) is raised, naming visits.db: no rows would say "no such visit"
+    or "no such reading" of one that may be there (a retried reading quarantined as missing, a
+    reading linked to a visit sent on its own too)."""
     if not db_path.exists():
         return []
     try:
         conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=VISITS_BUSY_TIMEOUT_S)
-    except sqlite3.Error:
-        return []
-    try:
-        return conn.execute(sql, params).fetchall()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
     except sqlite3.Error as exc:
-        if getattr(exc, "sqlite_errorname", "") in _BUSY_ERRORS:
-            raise sqlite3.OperationalError(f"{db_path.name} is busy, try again: {exc}") from exc
-        return []  # not migrated yet: no visit was ever started
-    finally:
-        conn.close()
+        if str(exc).startswith(_NOT_MIGRATED):
+            return []
+        raise type(exc)(f"{db_path.name} cannot be read now, try again: {exc}") from exc
 
 
 def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
