@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -1175,7 +1176,12 @@ class Doctor:
         data = self.config.data_dir
         if not (data / DB_NAME).exists():
             return [Finding("visits", Level.OK, "no home visits recorded")]
-        read = _visits_read(data, self.visits_cache)
+        try:
+            read = _visits_read(data, self.visits_cache)
+        except sqlite3.Error as exc:
+            if not _is_damage(exc):
+                raise
+            return [_visits_db_damaged(data, exc)]
         total, queued, kept_aside, set_aside = read.total, read.queued, read.kept_aside, read.set_aside
         first_aside, unqueued = read.first_aside, read.unqueued_ended
         out = []
@@ -1569,6 +1575,52 @@ def _read_visits(data: Path) -> VisitsRead:
         tuple(r[0] for r in unqueued),
         open_damaged,
     )
+
+
+# SQLite's words for a visits.db that reads again by itself: another connection holds it, or no
+# visit was ever started in it (not migrated: the relay reads it as no visits, holding nothing back)
+_PASSING = ("SQLITE_BUSY", "SQLITE_LOCKED")
+_NOT_MIGRATED = ("no such table", "no such column")
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """Whether visits.db failing so is damage (not a database, cannot be opened, an I/O error):
+    it stays until the county IT restores the file."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return not name.startswith(_PASSING) and not str(exc).startswith(_NOT_MIGRATED)
+
+
+def _visits_db_damaged(data: Path, exc: sqlite3.Error) -> Finding:
+    """visits.db cannot be read: the relay cannot tell whether a reading belongs to an open visit,
+    so it puts every reading back each round (a duplicate at the county is worse than waiting)."""
+    from lastmile.visits.relay_link import DB_NAME
+
+    waiting = _readings_waiting(data)
+    held = "readings held back" if waiting is None else f"{waiting} reading{'s' if waiting != 1 else ''} held back"
+    return Finding(
+        "visits",
+        Level.FAIL,
+        f"{DB_NAME} is damaged: readings and home visits wait ({held}): {exc}",
+        f"restore {DB_NAME} from its backup (county IT); the readings and visits go once it is repaired",
+        advice_key="visits-db-damaged",
+    )
+
+
+def _readings_waiting(data: Path) -> int | None:
+    """How many readings wait in the outbox to be relayed; None when it cannot be read."""
+    from lastmile.clinic.observations import OBSERVATION_KIND
+    from lastmile.data_dir import OUTBOX_DB, read_only
+
+    if not (data / OUTBOX_DB).exists():
+        return 0
+    try:
+        with as_owner_of(data), read_only(data / OUTBOX_DB) as conn:
+            (n,) = conn.execute(
+                "SELECT COUNT(*) FROM items WHERE kind = ? AND state IN ('queued', 'sending')", [OBSERVATION_KIND]
+            ).fetchone()
+    except sqlite3.Error:
+        return None
+    return int(n)
 
 
 def _open_visit_damage(conn: Any) -> Finding | None:

@@ -4,6 +4,7 @@ on loopback, with the system-wide bits (mount table, clock, tools) injected."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import http.server
 import json
 import os
@@ -12,15 +13,17 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lastmile.cli import main
+from lastmile.clinic.observations import OBSERVATION_KIND, observation_payload
 from lastmile.config import Config
 from lastmile.demo.loopback import free_port
 from lastmile.doctor import Finding, Level, exit_code, find_mount, parse_mountinfo, render_json, render_text
+from tests.fhir_samples import blood_pressure
 from tests.service_harness import doctor, levels
 
 MOUNTINFO = """\
@@ -534,6 +537,51 @@ def test_a_damaged_open_visit_fails_the_doctor_with_what_to_do(tmp_path: Path) -
     assert "visit stop" in advice and "start the visit again" in advice, advice
     zh = gettext.translation("console", Path("lastmile/console/locale"), ["zh_CN"]).gettext(advice)
     assert zh != advice and "lastmile visit stop" in zh and "重新开始" in zh, zh
+
+
+def _damage_first_page(db: Path) -> None:
+    db.write_bytes(b"\xa5" * 512 + db.read_bytes()[512:])  # SQLite: "file is not a database"
+
+
+def _make_unopenable(db: Path) -> None:
+    db.unlink()
+    db.mkdir()  # SQLite: "unable to open database file"
+
+
+@pytest.mark.parametrize("damage", [_damage_first_page, _make_unopenable], ids=["not-a-database", "cannot-open"])
+def test_a_damaged_visits_db_fails_the_doctor_saying_the_readings_it_holds_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Callable[[Path], None]
+) -> None:
+    """While visits.db cannot be read, the relay puts every reading of the clinic back each round
+    (it cannot tell whether one belongs to an open visit). `lastmile doctor` said only "check
+    failed: DatabaseError: file is not a database", "report this to the Lastmile maintainers",
+    and the System page the signing key's advice: nothing the doctor could act on."""
+    import gettext
+
+    from lastmile.console.app import advice_for
+    from lastmile.visits.book import VisitBook
+    from uploader.outbox import Outbox
+
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
+        book.start("P-1", doctor_id="DR-1")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        for n in range(3):
+            obs = blood_pressure(dt.datetime.now(dt.timezone.utc), "P-1", f"bp-{n}")
+            outbox.add(OBSERVATION_KIND, obs.record_key, observation_payload(obs), now=time.time())
+    damage(tmp_path / "visits.db")
+    config = tmp_path / "lastmile.toml"
+    config.write_text('[gateway]\nid = "gw-1"\n')
+    main(["-c", str(config), "doctor", "--offline", "--json", "--data-dir", str(tmp_path)])
+    [visits] = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["check"] == "visits"]
+    assert visits["level"] == "FAIL", visits
+    assert visits["message"].startswith("visits.db is damaged: readings and home visits wait (3 readings held back)"), (
+        visits
+    )
+    assert "restore visits.db from its backup" in visits["hint"], visits
+    advice = advice_for("visits", "FAIL", visits["advice"])
+    assert "restore" in advice and "signing key" not in advice, advice
+    zh = gettext.translation("console", Path("lastmile/console/locale"), ["zh_CN"]).gettext(advice)
+    assert zh != advice and "visits.db" in zh, zh
 
 
 def test_the_home_visits_check_looks_into_visits_db_only_after_it_changed(

@@ -495,6 +495,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "The open home visit's record is damaged on the SD card: it cannot be sent. Stop it "
             "(lastmile visit stop: it is kept aside), then start the visit again. Tell the county IT."
         ),
+        # the finding's own: visits.db unreadable, every reading waits (the relay cannot tell a visit's)
+        "visits-db-damaged": N_(
+            "The home visits file (visits.db) is damaged on the SD card: measurements and home visits are kept "
+            "here but not sent. Call the county IT to restore visits.db from its backup."
+        ),
     },
 }
 UNSURE_ADVICE = N_("Please tell the county IT.")
