@@ -1352,13 +1352,15 @@ def visits_db_held(data: Path) -> Iterator[None]:
         conn.close()
 
 
-def test_a_retried_visit_reading_read_while_visits_db_is_locked_waits_and_is_sent_once_the_lock_is_gone(
-    tmp_path: Path, platform: FhirTestServer, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("unreadable", ["locked", "damaged"])
+def test_a_retried_visit_reading_read_while_visits_db_cannot_be_read_is_put_back_and_sent_once_it_can(
+    tmp_path: Path, platform: FhirTestServer, monkeypatch: pytest.MonkeyPatch, unreadable: str
 ) -> None:
     """A visit's damaged reading, restored in visits.db and retried (`lastmile retry`), was read by
-    the relay while another process still held visits.db past the busy timeout: the read found no
-    rows and the reading was quarantined again as "visits.db holds no reading #N" - a lock passes,
-    the reading was there. It is put back for a later round, and goes once the lock is gone."""
+    the relay while visits.db could not be read - another process held it past the busy timeout,
+    or its first page was damaged: the read found no rows and the reading was quarantined again as
+    "visits.db holds no reading #N" - the reading was there, the file was what failed. It is put
+    back saying why, and goes once visits.db can be read again."""
     import time
 
     from lastmile.services import observation_relay
@@ -1369,11 +1371,12 @@ def test_a_retried_visit_reading_read_while_visits_db_is_locked_waits_and_is_sen
     config = forward_config(tmp_path, platform.base_url)
     data = config.data_dir
     service = ForwardService(config)
+    unreadable_while = visits_db_held if unreadable == "locked" else visits_db_damaged
     try:
         visit = restore_and_retry_a_damaged_visit_reading(tmp_path, service, platform, data)
-        with visits_db_held(data), Outbox.open(data, min_free_bytes=0) as outbox:
+        with unreadable_while(data), Outbox.open(data, min_free_bytes=0) as outbox:
             relayed = observation_relay.relay_observations(outbox, NAMING, time.time())
-        held = visit_reading_item(data, visit.id)
+            held = visit_reading_item(data, visit.id)
         assert relayed == 0 and held.state is not ItemState.QUARANTINED, held.quarantine_reason
         assert held.last_error is not None and "visits.db cannot be read now" in held.last_error, held.last_error
         step_until(service, lambda: len(platform.resources("Observation")) >= 1)
@@ -1492,34 +1495,6 @@ def visits_db_damaged(data: Path) -> Iterator[None]:
         yield
     finally:
         path.write_bytes(sound)
-
-
-def test_a_retried_visit_reading_read_from_a_damaged_visits_db_is_put_back_not_quarantined_as_missing(
-    tmp_path: Path, platform: FhirTestServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A visit's damaged reading, restored in visits.db and retried (`lastmile retry`), was read by
-    the relay while visits.db itself could not be read (its first page damaged): the read found
-    no rows and the reading was quarantined as "visits.db holds no reading #N" - the reading was
-    there, the file was what failed. It is put back saying why, and goes once visits.db is repaired."""
-    import time
-
-    from lastmile.services import observation_relay
-
-    monkeypatch.setattr(observation_relay, "RELAY_RETRY_S", 0.0)  # the next round tries it again
-    config = forward_config(tmp_path, platform.base_url)
-    data = config.data_dir
-    service = ForwardService(config)
-    try:
-        visit = restore_and_retry_a_damaged_visit_reading(tmp_path, service, platform, data)
-        with visits_db_damaged(data), Outbox.open(data, min_free_bytes=0) as outbox:
-            relayed = observation_relay.relay_observations(outbox, NAMING, time.time())
-            held = visit_reading_item(data, visit.id)
-        assert relayed == 0 and held.state is not ItemState.QUARANTINED, held.quarantine_reason
-        assert held.last_error is not None and "visits.db" in held.last_error, held.last_error
-        step_until(service, lambda: len(platform.resources("Observation")) >= 1)
-    finally:
-        service.close()
-    assert "encounter" not in one_panel_never_twice(platform)
 
 
 def test_a_reading_linked_to_a_closed_visit_is_not_sent_alone_while_visits_db_is_damaged(
