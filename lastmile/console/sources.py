@@ -25,6 +25,7 @@ import json
 import logging
 import sqlite3
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,6 +66,10 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 64
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver raise OverflowError
+_NOT_PURGED = tuple(
+    s.value for s in ItemState if s != ItemState.PURGED
+)  # the states of items that still carry a patient
+RECENT_READINGS = 500  # at most this many readings of the last MAPPED_SHOWN_FOR looked through for mapped ones
 RECENT_ECG_ITEMS = 500  # at most this many recent ECGs looked through for a patient's (a clinic records tens a day)
 
 
@@ -450,6 +455,11 @@ def _reading_during(obs: Observation, session: SessionView | None) -> bool:
     return measured_since(obs, session.since) and obs.measured_at <= session.expires_at
 
 
+def _marks(values: Sequence[object]) -> str:
+    """One SQL parameter mark per value, for an IN (...)."""
+    return ",".join("?" * len(values))
+
+
 def _mapped_reading(created_at: float, meta: dict[str, Any], patient: dict[str, Any]) -> MappedReadingView:
     return MappedReadingView(
         str(meta.get("device") or ""),
@@ -599,12 +609,14 @@ class ClinicData:
 
     def _recent_item_ids(self, kind: str, *, limit: int, purged: bool = True) -> list[int]:
         # The last `limit` items of `kind` whenever they came (the Sent page has no time window):
-        # only their ids, read newest first along the items' primary key; `purged`: purged ones too.
-        rows = self.outbox.db.conn.execute(
-            "SELECT id FROM items WHERE kind = ? AND (? OR state != ?) ORDER BY id DESC LIMIT ?",
-            (kind, purged, ItemState.PURGED.value, int(limit)),
-        ).fetchall()
-        return [int(r[0]) for r in rows]
+        # only their ids, newest first; `purged`: purged ones too. Without them, the states left
+        # are named so that the items_claim index finds them, not a scan of every purged row.
+        if purged:
+            sql, params = "SELECT id FROM items WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, int(limit))
+        else:
+            sql = f"SELECT id FROM items WHERE state IN ({_marks(_NOT_PURGED)}) AND kind = ? ORDER BY id DESC LIMIT ?"
+            params = (*_NOT_PURGED, kind, int(limit))
+        return [int(r[0]) for r in self.outbox.db.conn.execute(sql, params).fetchall()]
 
     def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
         """The readings stored on `patient_id` since `since` (their session's start), newest first.
@@ -639,21 +651,16 @@ class ClinicData:
         """The last MAPPED_SHOWN readings stored in the last MAPPED_SHOWN_FOR for a patient other
         than the one checked in because the doctor mapped their device user to that patient
         (user 2 is 张三 while 李四 is checked in), newest first: stored by design, said so on Today."""
-        rows = self.outbox.db.conn.execute(
-            "SELECT created_at, meta, patient FROM items WHERE kind = ? AND created_at >= ? "
-            "AND json_extract(meta, ?) IS NOT NULL AND json_extract(patient, '$.patient_id') IS NOT ? "
-            "ORDER BY id DESC LIMIT ?",
-            (
-                OBSERVATION_KIND,
-                (now - MAPPED_SHOWN_FOR).timestamp(),
-                f"$.{MAPPED_USER}",
-                session.patient_id if session else None,
-                MAPPED_SHOWN,
-            ),
-        ).fetchall()
-        return [
-            _mapped_reading(created_at, json.loads(meta), json.loads(patient)) for created_at, meta, patient in rows
+        # the recent readings by index (items_claim), filtered here: a SQL filter on their JSON
+        # scanned every row ever queued, on every wake of every tablet's Today
+        shown_id = session.patient_id if session else None
+        recent = self.outbox.newest(OBSERVATION_KIND, since=(now - MAPPED_SHOWN_FOR).timestamp(), limit=RECENT_READINGS)
+        mapped = [
+            item
+            for item in recent
+            if item.meta.get(MAPPED_USER) is not None and (item.patient or {}).get("patient_id") not in (None, shown_id)
         ]
+        return [_mapped_reading(item.created_at, item.meta, item.patient or {}) for item in mapped[:MAPPED_SHOWN]]
 
     @staticmethod
     def _reading_from(item_id: int, payload: bytes) -> ReadingView | None:
@@ -1033,17 +1040,20 @@ class ClinicData:
         wanted = sorted({p for p in patient_ids if p})
         if not wanted:
             return {}
-        marks = ",".join("?" * len(wanted))
+        marks = _marks(wanted)
         studies = self.db.conn.execute(
             f"SELECT patient_id, patient_name FROM sent_studies WHERE patient_id IN ({marks}) "
             "AND patient_name != '' ORDER BY sent_at",
             wanted,
         ).fetchall()
+        # states and kinds named: the items_claim index finds the named ones (an ECG or a reading;
+        # a purged one carries no patient), not a scan of every row ever queued on each Visits view
         items = self.outbox.db.conn.execute(
             "SELECT json_extract(patient, '$.patient_id'), json_extract(patient, '$.name') FROM items "
-            f"WHERE json_extract(patient, '$.patient_id') IN ({marks}) "
+            f"WHERE state IN ({_marks(_NOT_PURGED)}) AND kind IN (?, ?) "
+            f"AND json_extract(patient, '$.patient_id') IN ({marks}) "
             "AND json_extract(patient, '$.name') != '' ORDER BY id",
-            wanted,
+            (*_NOT_PURGED, Kind.DICOM, OBSERVATION_KIND, *wanted),
         ).fetchall()
         found = {str(pid): person_name(str(name)) for pid, name in [*studies, *items]}  # the newest last: it wins
         session = self.session(now)
