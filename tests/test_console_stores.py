@@ -302,7 +302,7 @@ def test_held_ecgs_are_the_outbox_holds_and_the_decisions_are_the_cli_s(
         data.check_in("王医生", VALID_ID, "张三", "", False, "", now=now())
         assert data.assign_ecg("王医生", unassigned.id, VALID_ID.lower(), now=now())
         assert data.send_anyway("王医生", to_release.id, now=now())
-        assert data.re_record("王医生", to_discard.id, now=now())
+        assert data.re_record("王医生", to_discard.id, now=now()) == "re-record"
         assert not data.send_anyway("王医生", to_discard.id, now=now())  # decided already: nothing happens
         # the assigned ECG keeps only its quality hold (a 2 s synthetic ECG: "re-record"), for the doctor
         assert [(h.item_id, h.reason) for h in data.held_ecgs(now())] == [(unassigned.id, "re-record")]

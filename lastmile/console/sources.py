@@ -52,6 +52,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
+from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
@@ -823,12 +824,22 @@ class ClinicData:
         self.audit.record(user, "send-anyway", now=now, target=str(item_id), detail={"done": done})
         return done
 
-    def re_record(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
+    def re_record(self, user: str, item_id: int, *, now: dt.datetime) -> str:
         """The doctor will record again (the new ECG comes as a new study): a held one is never
-        sent (`lastmile ecg discard`); one already on its way is only noted. True if discarded."""
+        sent (`lastmile ecg discard`); one already on its way is only noted. What the page says:
+        "re-record" (kept back now), "re-record-already" (kept back by an earlier re-record: a
+        second click, another tablet), "re-record-gone" (no such ECG here, or purged) or
+        "re-record-too-late" (on its way: it goes as it is)."""
         discarded = self.held_ecg_source.discard(item_id, now=now, by=user)
         self.audit.record(user, "re-record", now=now, target=str(item_id), detail={"discarded": discarded})
-        return discarded
+        return "re-record" if discarded else self._not_re_recorded(item_id)
+
+    def _not_re_recorded(self, item_id: int) -> str:
+        """Why a re-record kept nothing back now, from the ECG as it is."""
+        item = self.outbox.get(item_id)
+        if item is None or item.kind != Kind.DICOM or item.state == ItemState.PURGED:
+            return "re-record-gone"
+        return "re-record-already" if re_recorded(item) else "re-record-too-late"
 
     def acknowledge_report(self, user: str, report_id: str, *, now: dt.datetime) -> ReportView | None:
         """The doctor has read this report: the store's acknowledgement (`lastmile report ack`).
@@ -857,9 +868,10 @@ class ClinicData:
         return done
 
     def re_record_noted(self, item_id: int) -> bool:
-        """The doctor's re-record kept this ECG back (one already released goes as it is)."""
-        noted = self.audit.latest("re-record", str(item_id))
-        return noted is not None and noted.detail.get("discarded") is True
+        """The doctor's re-record kept this ECG back (one already released goes as it is): the
+        ECG's own state says so, whatever was clicked after."""
+        item = self.outbox.get(item_id)
+        return item is not None and re_recorded(item)
 
     # -- the journey of each study ------------------------------------------------------------------
     def journeys(
