@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -369,22 +370,20 @@ def test_a_held_ecg_row_names_its_patient_and_its_re_record_button_is_the_panels
     assert "重做，不发送这份" in row and "重做，不发送这份" in text_of(browser, "#panel-ecg"), row
 
 
-def test_a_re_record_ecg_sent_anyway_is_not_offered_to_re_record(browser: object, console: ConsoleServer) -> None:
-    """重做 after 仍然发送: the panel said the ECG goes as it is, the notice said the new recording
-    would be a new study, and the county got both. Once sent no re-record is offered, and a stale
-    page's re-record says the ECG went as it is."""
+def re_record_form_of_a_held_ecg(browser: object, console: ConsoleServer) -> tuple[str, str]:
+    """Logged in, an ECG to record again arrives: its panel's re-record form (action, csrf), as a
+    page left open keeps it."""
     log_in(browser, console)
     no_panel_swapped_on_connect(browser)
     enqueue_ecg(console.config, lead_off=True)
-    text_in(browser, "#panel-ecg", "仍然发送")
+    text_in(browser, "#panel-ecg", "重做，不发送这份")
     csrf = browser.find_element(by("css"), "#panel-ecg input[name='csrf']").get_attribute("value")  # type: ignore[attr-defined]
     action = browser.find_element(by("css"), "#panel-ecg form[action$='/re-record']").get_attribute("action")  # type: ignore[attr-defined]
-    click_live(browser, "xpath", "//div[@id='panel-ecg']//button[normalize-space()='仍然发送']")
-    text_in(browser, "p.done", "按原样发送")
-    text_in(browser, "#panel-ecg", "这份心电图会按原样发送到县里")
-    panel = live_read(browser, lambda d: d.find_element(by("css"), "#panel-ecg").get_attribute("innerHTML"))
-    assert "/re-record" not in panel, panel  # no re-record offered for an ECG on its way
-    # a page left open from before: its re-record form is sent after the ECG was released
+    return action, csrf
+
+
+def post_stale_form(browser: object, action: str, csrf: str) -> None:
+    """A page left open from before sends its form (`action`) now."""
     browser.execute_script(  # type: ignore[attr-defined]
         "const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
         "const i = document.createElement('input'); i.name = 'csrf'; i.value = arguments[1];"
@@ -392,8 +391,41 @@ def test_a_re_record_ecg_sent_anyway_is_not_offered_to_re_record(browser: object
         action,
         csrf,
     )
+
+
+def test_a_re_record_ecg_sent_anyway_is_not_offered_to_re_record(browser: object, console: ConsoleServer) -> None:
+    """重做 after 仍然发送: the panel said the ECG goes as it is, the notice said the new recording
+    would be a new study, and the county got both. Once sent no re-record is offered, and a stale
+    page's re-record says the ECG went as it is."""
+    action, csrf = re_record_form_of_a_held_ecg(browser, console)
+    click_live(browser, "xpath", "//div[@id='panel-ecg']//button[normalize-space()='仍然发送']")
+    text_in(browser, "p.done", "按原样发送")
+    text_in(browser, "#panel-ecg", "这份心电图会按原样发送到县里")
+    panel = live_read(browser, lambda d: d.find_element(by("css"), "#panel-ecg").get_attribute("innerHTML"))
+    assert "/re-record" not in panel, panel  # no re-record offered for an ECG on its way
+    # a page left open from before: its re-record form is sent after the ECG was released
+    post_stale_form(browser, action, csrf)
     text_in(browser, "p.done", "已经不再暂扣")
     assert "新的记录会作为一份新检查" not in text_of(browser, "p.done")
+
+
+def test_a_second_re_record_click_says_the_ecg_is_kept_back_and_an_unknown_one_is_not_here(
+    browser: object, console: ConsoleServer
+) -> None:
+    """重做 sent twice (a double click, or a second tablet's page): the second said the ECG was no
+    longer held and went to the county as it was - it was kept back, never sent - and the panel lost
+    its "record again" note. An ECG number not here said the same. Now: noted already, kept back;
+    and not here."""
+    action, csrf = re_record_form_of_a_held_ecg(browser, console)
+    click_live(browser, "xpath", "//div[@id='panel-ecg']//button[normalize-space()='重做，不发送这份']")
+    text_in(browser, "p.done", "请重新做心电图")
+    post_stale_form(browser, action, csrf)  # the second click
+    text_in(browser, "p.done", "不会发送")
+    assert "不再暂扣" not in text_of(browser, "p.done"), text_of(browser, "p.done")
+    text_in(browser, "#panel-ecg", "新的记录会显示在这里")
+    post_stale_form(browser, re.sub(r"/\d+/re-record$", "/999999/re-record", action), csrf)
+    text_in(browser, "p.done", "没有这份心电图")
+    assert "不再暂扣" not in text_of(browser, "p.done"), text_of(browser, "p.done")
 
 
 REPORTS = StaticReports(

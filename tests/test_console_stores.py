@@ -302,7 +302,7 @@ def test_held_ecgs_are_the_outbox_holds_and_the_decisions_are_the_cli_s(
         data.check_in("王医生", VALID_ID, "张三", "", False, "", now=now())
         assert data.assign_ecg("王医生", unassigned.id, VALID_ID.lower(), now=now())
         assert data.send_anyway("王医生", to_release.id, now=now())
-        assert data.re_record("王医生", to_discard.id, now=now())
+        assert data.re_record("王医生", to_discard.id, now=now()) == "re-record"
         assert not data.send_anyway("王医生", to_discard.id, now=now())  # decided already: nothing happens
         # the assigned ECG keeps only its quality hold (a 2 s synthetic ECG: "re-record"), for the doctor
         assert [(h.item_id, h.reason) for h in data.held_ecgs(now())] == [(unassigned.id, "re-record")]
@@ -430,3 +430,37 @@ def test_the_console_process_does_not_load_pydicom_for_held_ecgs_and_reports(tmp
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_scan(tmp_path: Path) -> None:
+    """Today (on every SSE wake and heartbeat, for every tablet), Visits and Sent each read the
+    outbox with a scan of every row ever queued (purged rows stay): ~50 ms a run at 300k rows,
+    several times that on a Pi. Each is an index search (items_claim) now."""
+    from lastmile.clinic.observations import MAPPED_USER, OBSERVATION_KIND
+
+    config = make_config(tmp_path)
+    at = now()
+    with open_outbox(config) as outbox:
+        patient = {"patient_id": VALID_ID, "name": "Zhang^San=张^三"}
+        outbox.add(OBSERVATION_KIND, "bp-1", b"{}", meta={MAPPED_USER: 2, "device": "cuff"}, patient=patient)
+        enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "张三")), config, key="ecg-6")
+    data = ClinicData(config)
+    try:
+        conn = data.outbox.db.conn
+        for name, page_view in (
+            ("mapped_elsewhere", lambda: data.mapped_elsewhere(None, at)),
+            ("known_names", lambda: data.known_names([VALID_ID], at)),
+            ("sent_readings", lambda: data.sent_readings()),
+        ):
+            traced: list[str] = []
+            conn.set_trace_callback(traced.append)
+            try:
+                assert page_view(), name  # each finds the rows it looks for
+            finally:
+                conn.set_trace_callback(None)
+            queries = [sql for sql in traced if sql.lstrip().upper().startswith("SELECT")]
+            plans = {sql: [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)] for sql in queries}
+            scans = {sql: plan for sql, plan in plans.items() if any(s.startswith("SCAN items") for s in plan)}
+            assert not scans, (name, scans)
+    finally:
+        data.close()

@@ -955,8 +955,8 @@ async def map_device_user(request: Request) -> Response:
 async def re_record(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
         item_id = path_number(request, "item_id")  # after the login and CSRF checks
-        # not held any more (sent anyway, or its hold ran out): it goes as it is, and the page says so
-        return "re-record" if state_of(request).data.re_record(ctx.user, item_id, now=now) else "re-record-too-late"
+        # kept back now, already, not here, or on its way: the page says which
+        return state_of(request).data.re_record(ctx.user, item_id, now=now)
 
     return await today_action(request, action)
 

@@ -25,6 +25,7 @@ import json
 import logging
 import sqlite3
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +52,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
+from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
@@ -65,6 +67,10 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 64
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver raise OverflowError
+_NOT_PURGED = tuple(
+    s.value for s in ItemState if s != ItemState.PURGED
+)  # the states of items that still carry a patient
+RECENT_READINGS = 500  # at most this many readings of the last MAPPED_SHOWN_FOR looked through for mapped ones
 RECENT_ECG_ITEMS = 500  # at most this many recent ECGs looked through for a patient's (a clinic records tens a day)
 
 
@@ -450,6 +456,11 @@ def _reading_during(obs: Observation, session: SessionView | None) -> bool:
     return measured_since(obs, session.since) and obs.measured_at <= session.expires_at
 
 
+def _marks(values: Sequence[object]) -> str:
+    """One SQL parameter mark per value, for an IN (...)."""
+    return ",".join("?" * len(values))
+
+
 def _mapped_reading(created_at: float, meta: dict[str, Any], patient: dict[str, Any]) -> MappedReadingView:
     return MappedReadingView(
         str(meta.get("device") or ""),
@@ -599,12 +610,14 @@ class ClinicData:
 
     def _recent_item_ids(self, kind: str, *, limit: int, purged: bool = True) -> list[int]:
         # The last `limit` items of `kind` whenever they came (the Sent page has no time window):
-        # only their ids, read newest first along the items' primary key; `purged`: purged ones too.
-        rows = self.outbox.db.conn.execute(
-            "SELECT id FROM items WHERE kind = ? AND (? OR state != ?) ORDER BY id DESC LIMIT ?",
-            (kind, purged, ItemState.PURGED.value, int(limit)),
-        ).fetchall()
-        return [int(r[0]) for r in rows]
+        # only their ids, newest first; `purged`: purged ones too. Without them, the states left
+        # are named so that the items_claim index finds them, not a scan of every purged row.
+        if purged:
+            sql, params = "SELECT id FROM items WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, int(limit))
+        else:
+            sql = f"SELECT id FROM items WHERE state IN ({_marks(_NOT_PURGED)}) AND kind = ? ORDER BY id DESC LIMIT ?"
+            params = (*_NOT_PURGED, kind, int(limit))
+        return [int(r[0]) for r in self.outbox.db.conn.execute(sql, params).fetchall()]
 
     def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
         """The readings stored on `patient_id` since `since` (their session's start), newest first.
@@ -639,21 +652,16 @@ class ClinicData:
         """The last MAPPED_SHOWN readings stored in the last MAPPED_SHOWN_FOR for a patient other
         than the one checked in because the doctor mapped their device user to that patient
         (user 2 is 张三 while 李四 is checked in), newest first: stored by design, said so on Today."""
-        rows = self.outbox.db.conn.execute(
-            "SELECT created_at, meta, patient FROM items WHERE kind = ? AND created_at >= ? "
-            "AND json_extract(meta, ?) IS NOT NULL AND json_extract(patient, '$.patient_id') IS NOT ? "
-            "ORDER BY id DESC LIMIT ?",
-            (
-                OBSERVATION_KIND,
-                (now - MAPPED_SHOWN_FOR).timestamp(),
-                f"$.{MAPPED_USER}",
-                session.patient_id if session else None,
-                MAPPED_SHOWN,
-            ),
-        ).fetchall()
-        return [
-            _mapped_reading(created_at, json.loads(meta), json.loads(patient)) for created_at, meta, patient in rows
+        # the recent readings by index (items_claim), filtered here: a SQL filter on their JSON
+        # scanned every row ever queued, on every wake of every tablet's Today
+        shown_id = session.patient_id if session else None
+        recent = self.outbox.newest(OBSERVATION_KIND, since=(now - MAPPED_SHOWN_FOR).timestamp(), limit=RECENT_READINGS)
+        mapped = [
+            item
+            for item in recent
+            if item.meta.get(MAPPED_USER) is not None and (item.patient or {}).get("patient_id") not in (None, shown_id)
         ]
+        return [_mapped_reading(item.created_at, item.meta, item.patient or {}) for item in mapped[:MAPPED_SHOWN]]
 
     @staticmethod
     def _reading_from(item_id: int, payload: bytes) -> ReadingView | None:
@@ -816,12 +824,22 @@ class ClinicData:
         self.audit.record(user, "send-anyway", now=now, target=str(item_id), detail={"done": done})
         return done
 
-    def re_record(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
+    def re_record(self, user: str, item_id: int, *, now: dt.datetime) -> str:
         """The doctor will record again (the new ECG comes as a new study): a held one is never
-        sent (`lastmile ecg discard`); one already on its way is only noted. True if discarded."""
+        sent (`lastmile ecg discard`); one already on its way is only noted. What the page says:
+        "re-record" (kept back now), "re-record-already" (kept back by an earlier re-record: a
+        second click, another tablet), "re-record-gone" (no such ECG here, or purged) or
+        "re-record-too-late" (on its way: it goes as it is)."""
         discarded = self.held_ecg_source.discard(item_id, now=now, by=user)
         self.audit.record(user, "re-record", now=now, target=str(item_id), detail={"discarded": discarded})
-        return discarded
+        return "re-record" if discarded else self._not_re_recorded(item_id)
+
+    def _not_re_recorded(self, item_id: int) -> str:
+        """Why a re-record kept nothing back now, from the ECG as it is."""
+        item = self.outbox.get(item_id)
+        if item is None or item.kind != Kind.DICOM or item.state == ItemState.PURGED:
+            return "re-record-gone"
+        return "re-record-already" if re_recorded(item) else "re-record-too-late"
 
     def acknowledge_report(self, user: str, report_id: str, *, now: dt.datetime) -> ReportView | None:
         """The doctor has read this report: the store's acknowledgement (`lastmile report ack`).
@@ -850,9 +868,10 @@ class ClinicData:
         return done
 
     def re_record_noted(self, item_id: int) -> bool:
-        """The doctor's re-record kept this ECG back (one already released goes as it is)."""
-        noted = self.audit.latest("re-record", str(item_id))
-        return noted is not None and noted.detail.get("discarded") is True
+        """The doctor's re-record kept this ECG back (one already released goes as it is): the
+        ECG's own state says so, whatever was clicked after."""
+        item = self.outbox.get(item_id)
+        return item is not None and re_recorded(item)
 
     # -- the journey of each study ------------------------------------------------------------------
     def journeys(
@@ -1033,17 +1052,20 @@ class ClinicData:
         wanted = sorted({p for p in patient_ids if p})
         if not wanted:
             return {}
-        marks = ",".join("?" * len(wanted))
+        marks = _marks(wanted)
         studies = self.db.conn.execute(
             f"SELECT patient_id, patient_name FROM sent_studies WHERE patient_id IN ({marks}) "
             "AND patient_name != '' ORDER BY sent_at",
             wanted,
         ).fetchall()
+        # states and kinds named: the items_claim index finds the named ones (an ECG or a reading;
+        # a purged one carries no patient), not a scan of every row ever queued on each Visits view
         items = self.outbox.db.conn.execute(
             "SELECT json_extract(patient, '$.patient_id'), json_extract(patient, '$.name') FROM items "
-            f"WHERE json_extract(patient, '$.patient_id') IN ({marks}) "
+            f"WHERE state IN ({_marks(_NOT_PURGED)}) AND kind IN (?, ?) "
+            f"AND json_extract(patient, '$.patient_id') IN ({marks}) "
             "AND json_extract(patient, '$.name') != '' ORDER BY id",
-            wanted,
+            (*_NOT_PURGED, Kind.DICOM, OBSERVATION_KIND, *wanted),
         ).fetchall()
         found = {str(pid): person_name(str(name)) for pid, name in [*studies, *items]}  # the newest last: it wins
         session = self.session(now)

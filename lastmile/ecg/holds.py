@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from uploader.outbox import Kind, Outbox, OutboxItem
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ UNASSIGNED_HOLD = "unassigned"
 QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
 DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
 LAN_SOURCE_FORMAT = "dicom-lan"
+RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
 
 
 class HeldEcgError(LookupError):
@@ -39,6 +40,11 @@ def held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
     return item
 
 
+def re_recorded(item: OutboxItem) -> bool:
+    """The doctor's "recorded again" kept `item` back (`discard_held_ecg`): it is not sent."""
+    return item.state == ItemState.QUARANTINED and (item.quarantine_reason or "").startswith(RE_RECORDED)
+
+
 def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
     """The doctor's "send anyway": a held ECG goes now, as it is (its problems marked in it).
     A patient still to settle stays: an ECG with no patient goes under a placeholder only when
@@ -56,7 +62,7 @@ def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") 
     """The doctor recorded again: this one is never sent. It is kept, quarantined with the reason
     (`lastmile retry E<n>` would still send it), never deleted: it is patient data."""
     item = held_ecg(outbox, item_id, now)
-    reason = "recorded again at the gateway: the doctor kept this ECG from being sent" + (f" ({by})" if by else "")
+    reason = RE_RECORDED + (f" ({by})" if by else "")
     outbox.quarantine(item_id, reason, now)
     log.info("held ECG E%d (%s) discarded: recorded again", item_id, item.hold_reason)
     discarded = outbox.get(item_id)
