@@ -404,10 +404,11 @@ def lastmile_devices_lists(config: Config, tmp_path: Path, capsys: pytest.Captur
     return capsys.readouterr().out
 
 
-def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> Running:
+def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> tuple[Running, PtyDevice, BridgeCore, list[int]]:
     """Two ECGs streamed to a gateway on a full disk, the ECG spill file holding one (ONE_ECG_SPILL_BYTES);
     its power fails, and it restarts with room: the spilled ECG is stored, the bridge's resent
-    ECG_END of the other (held in memory only, lost) answered. Returns the restarted gateway."""
+    ECG_END of the other (held in memory only, lost) answered. Returns the restarted gateway and
+    the bridge (its pty, core and clock)."""
     from lastmile.services.serial_spill import ECG_SPILL_NAME
 
     bridge = PtyDevice(tmp_path / "usb-ecg")
@@ -422,7 +423,7 @@ def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> Running:
     core.gateway_seen = False
     talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:1"]  # the spilled one
-    return r
+    return r, bridge, core, clock
 
 
 def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
@@ -439,7 +440,7 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     from lastmile.console.i18n import Localizer
     from lastmile.doctor import Doctor, Level
 
-    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    r, *_ = an_ecg_lost_at_a_power_cut(tmp_path, running)
     findings = [f for f in Doctor(r.config).check_devices() if f.level is Level.FAIL]
     said = [f.message for f in findings]
     assert any("1 ECG(s)" in m and "lost when the gateway stopped" in m for m in said), said
@@ -975,8 +976,25 @@ def test_the_resent_ecg_end_of_an_ecg_lost_at_a_power_cut_is_not_said_again_as_a
     time in words a village doctor cannot read. Now the lost FAIL says it once."""
     from lastmile.doctor import Doctor, Level
 
-    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    r, *_ = an_ecg_lost_at_a_power_cut(tmp_path, running)
     found = [(f.level, f.message) for f in Doctor(r.config).check_devices()]
     assert [level for level, text in found if "lost when the gateway stopped" in text] == [Level.FAIL], found
     assert not [text for level, text in found if level is Level.WARN], found
     assert "unknown recording" not in r.registry.get("serial:ecg").last_error
+
+
+def test_an_unknown_ecg_end_after_a_later_restart_is_still_the_device_error(tmp_path: Path, running) -> None:
+    """A restart lost a streamed ECG and the bridge's resent ECG_END was NACKed quietly (the lost
+    FAIL says it). Every later start (for the week the row says the loss) took as many unknown
+    ECG_ENDs again for that resend: an ECG streamed while the gateway was down, whose ECG_END is
+    all that arrives, was gone with a journal line only. Only the start that finds the loss expects
+    its resend: after a later restart an unknown ECG_END is the row's error again."""
+    r, bridge, core, clock = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    r.close()  # an ordinary restart: nothing held, nothing lost at this stop
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    core.gateway_seen = False
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge.write(core.send(codec.EcgEnd(7, 40 * 25), clock[0]))  # its blocks went to no gateway
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
+    answered_up_to_here(bridge, core, clock[0])
+    assert "unknown recording" in (r.registry.get("serial:ecg").last_error or "")
