@@ -998,3 +998,29 @@ def test_an_unknown_ecg_end_after_a_later_restart_is_still_the_device_error(tmp_
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     answered_up_to_here(bridge, core, clock[0])
     assert "unknown recording" in (r.registry.get("serial:ecg").last_error or "")
+
+
+def test_a_reading_held_because_the_outbox_is_locked_says_why_on_its_row(tmp_path: Path) -> None:
+    """The outbox database locked (another process holding its write lock past the busy timeout):
+    the monitor's reading was held and the row said only "waiting for space on the data partition",
+    so `lastmile doctor` FAILed with advice to free space while the real cause was in the journal
+    alone. Now a store that fails for another reason than space is the row's error too."""
+    import sqlite3
+
+    from uploader.outbox import DB_NAME
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    locker = sqlite3.connect(Path(r.config.data_dir) / DB_NAME, isolation_level=None)
+    try:
+        wait_for(lambda: all(s.connected for s in r.service.statuses()))
+        r.patients.set_patient("P-9", now=r.now() - dt.timedelta(minutes=1))
+        locker.execute("BEGIN EXCLUSIVE")  # held past the service's busy timeout
+        printed = (r.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+        wait_for(lambda: "waiting for space" in r.device_waiting("serial:monitor"), timeout=60)
+        locker.execute("ROLLBACK")
+        assert "database is locked" in (r.registry.get("serial:monitor").last_error or "")
+    finally:
+        locker.close()
+        r.close()

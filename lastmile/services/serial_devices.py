@@ -99,7 +99,7 @@ from lastmile.services.serial_spill import (
     kept_in,
 )
 from uploader.errors import InvalidObjectError, UploadError
-from uploader.outbox import Outbox
+from uploader.outbox import Outbox, is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +250,14 @@ class SerialContext:
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
-        caller holds it then, and the row's held status says so (not its error too)."""
+        caller holds it then, and the row's held status says it waits for space (not its error
+        too, unless another cause than space refused it)."""
         now = self.now()
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
-            if not held:
+            if not held or not is_storage_full(exc):
                 self.error(spec, f"{CANNOT_STORE}reading: {exc}")
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
@@ -431,6 +432,8 @@ class SerialContext:
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
+            if not is_storage_full(exc):  # held: the row's held status says it waits for space
+                self.error(spec, f"{CANNOT_STORE}ECG: {exc}")
             return False
         if patient is not None:
             self.patients.touch(now=now)
