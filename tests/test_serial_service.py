@@ -404,11 +404,13 @@ def lastmile_devices_lists(config: Config, tmp_path: Path, capsys: pytest.Captur
     return capsys.readouterr().out
 
 
-def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> tuple[Running, PtyDevice, BridgeCore, list[int]]:
+def an_ecg_lost_at_a_power_cut(
+    tmp_path: Path, running, *, bridge_rebooted: bool = False
+) -> tuple[Running, PtyDevice, BridgeCore, list[int]]:
     """Two ECGs streamed to a gateway on a full disk, the ECG spill file holding one (ONE_ECG_SPILL_BYTES);
     its power fails, and it restarts with room: the spilled ECG is stored, the bridge's resent
-    ECG_END of the other (held in memory only, lost) answered. Returns the restarted gateway and
-    the bridge (its pty, core and clock)."""
+    ECG_END of the other (held in memory only, lost) answered - none resent if the power cut
+    `bridge_rebooted` too. Returns the restarted gateway and the bridge (its pty, core and clock)."""
     from lastmile.services.serial_spill import ECG_SPILL_NAME
 
     bridge = PtyDevice(tmp_path / "usb-ecg")
@@ -419,10 +421,13 @@ def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> tuple[Running, PtyDev
     with gateway_on_a_full_disk(tmp_path, bridge, core, clock):
         row = bridge_streams_two_ecgs_one_past_the_spill_file(bridge, core, clock, data_dir)
     assert "2 ECG(s)" in row and "held in memory only" in row, row
+    if bridge_rebooted:  # what it had not sent yet is gone with its RAM
+        core = BridgeCore("BR-ECG", boot_id=10, capabilities=("ecg",))
     r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])  # room again
     core.gateway_seen = False
     talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
-    assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:1"]  # the spilled one
+    spilled = ["bridge-ecg:BR-ECG:9:1"]  # stored at its resent ECG_END, or at its first retry
+    wait_for(lambda: [i.key for i in r.outbox.items(kind="dicom")] == spilled, what="the spilled ECG stored")
     return r, bridge, core, clock
 
 
@@ -983,6 +988,17 @@ def test_the_resent_ecg_end_of_an_ecg_lost_at_a_power_cut_is_not_said_again_as_a
     assert "unknown recording" not in r.registry.get("serial:ecg").last_error
 
 
+def the_row_error_after_an_unknown_ecg_end(r: Running, bridge: PtyDevice, core: BridgeCore, clock: list[int]) -> str:
+    """The bridge greets the gateway again and sends the ECG_END of an ECG whose blocks never
+    reached it (streamed while it was down): the row's error once that is answered."""
+    core.gateway_seen = False
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge.write(core.send(codec.EcgEnd(7, 40 * 25), clock[0]))
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
+    answered_up_to_here(bridge, core, clock[0])
+    return r.registry.get("serial:ecg").last_error or ""
+
+
 def test_an_unknown_ecg_end_after_a_later_restart_is_still_the_device_error(tmp_path: Path, running) -> None:
     """A restart lost a streamed ECG and the bridge's resent ECG_END was NACKed quietly (the lost
     FAIL says it). Every later start (for the week the row says the loss) took as many unknown
@@ -992,12 +1008,7 @@ def test_an_unknown_ecg_end_after_a_later_restart_is_still_the_device_error(tmp_
     r, bridge, core, clock = an_ecg_lost_at_a_power_cut(tmp_path, running)
     r.close()  # an ordinary restart: nothing held, nothing lost at this stop
     r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
-    core.gateway_seen = False
-    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
-    bridge.write(core.send(codec.EcgEnd(7, 40 * 25), clock[0]))  # its blocks went to no gateway
-    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
-    answered_up_to_here(bridge, core, clock[0])
-    assert "unknown recording" in (r.registry.get("serial:ecg").last_error or "")
+    assert "unknown recording" in the_row_error_after_an_unknown_ecg_end(r, bridge, core, clock)
 
 
 def test_a_reading_held_because_the_outbox_is_locked_says_why_on_its_row(tmp_path: Path) -> None:
@@ -1024,3 +1035,16 @@ def test_a_reading_held_because_the_outbox_is_locked_says_why_on_its_row(tmp_pat
     finally:
         locker.close()
         r.close()
+
+
+def test_an_unknown_ecg_end_after_the_bridge_reconnects_is_still_the_device_error(tmp_path: Path, running) -> None:
+    """The power cut that lost a streamed ECG rebooted the bridge too: it resent no ECG_END. The
+    restarted gateway kept expecting that resend for as long as it ran, so the next genuine unknown
+    ECG_END (an ECG whose stream never arrived) was NACKed with a journal line only. The resend
+    comes on the bridge's first connection: after it ends, an unknown ECG_END is the row's error."""
+    r, bridge, core, clock = an_ecg_lost_at_a_power_cut(tmp_path, running, bridge_rebooted=True)
+    bridge.unplug()
+    wait_for(lambda: not r.registry.get("serial:ecg").connected)
+    bridge = PtyDevice(bridge.link_path)
+    wait_for(lambda: r.service.statuses()[0].connected)
+    assert "unknown recording" in the_row_error_after_an_unknown_ecg_end(r, bridge, core, clock)
