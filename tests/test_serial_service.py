@@ -404,10 +404,13 @@ def lastmile_devices_lists(config: Config, tmp_path: Path, capsys: pytest.Captur
     return capsys.readouterr().out
 
 
-def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> Running:
+def an_ecg_lost_at_a_power_cut(
+    tmp_path: Path, running, *, bridge_rebooted: bool = False
+) -> tuple[Running, PtyDevice, BridgeCore, list[int]]:
     """Two ECGs streamed to a gateway on a full disk, the ECG spill file holding one (ONE_ECG_SPILL_BYTES);
     its power fails, and it restarts with room: the spilled ECG is stored, the bridge's resent
-    ECG_END of the other (held in memory only, lost) answered. Returns the restarted gateway."""
+    ECG_END of the other (held in memory only, lost) answered - none resent if the power cut
+    `bridge_rebooted` too. Returns the restarted gateway and the bridge (its pty, core and clock)."""
     from lastmile.services.serial_spill import ECG_SPILL_NAME
 
     bridge = PtyDevice(tmp_path / "usb-ecg")
@@ -418,11 +421,14 @@ def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> Running:
     with gateway_on_a_full_disk(tmp_path, bridge, core, clock):
         row = bridge_streams_two_ecgs_one_past_the_spill_file(bridge, core, clock, data_dir)
     assert "2 ECG(s)" in row and "held in memory only" in row, row
+    if bridge_rebooted:  # what it had not sent yet is gone with its RAM
+        core = BridgeCore("BR-ECG", boot_id=10, capabilities=("ecg",))
     r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])  # room again
     core.gateway_seen = False
     talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
-    assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:1"]  # the spilled one
-    return r
+    spilled = ["bridge-ecg:BR-ECG:9:1"]  # stored at its resent ECG_END, or at its first retry
+    wait_for(lambda: [i.key for i in r.outbox.items(kind="dicom")] == spilled, what="the spilled ECG stored")
+    return r, bridge, core, clock
 
 
 def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
@@ -439,7 +445,7 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     from lastmile.console.i18n import Localizer
     from lastmile.doctor import Doctor, Level
 
-    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    r, *_ = an_ecg_lost_at_a_power_cut(tmp_path, running)
     findings = [f for f in Doctor(r.config).check_devices() if f.level is Level.FAIL]
     said = [f.message for f in findings]
     assert any("1 ECG(s)" in m and "lost when the gateway stopped" in m for m in said), said
@@ -975,8 +981,70 @@ def test_the_resent_ecg_end_of_an_ecg_lost_at_a_power_cut_is_not_said_again_as_a
     time in words a village doctor cannot read. Now the lost FAIL says it once."""
     from lastmile.doctor import Doctor, Level
 
-    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    r, *_ = an_ecg_lost_at_a_power_cut(tmp_path, running)
     found = [(f.level, f.message) for f in Doctor(r.config).check_devices()]
     assert [level for level, text in found if "lost when the gateway stopped" in text] == [Level.FAIL], found
     assert not [text for level, text in found if level is Level.WARN], found
     assert "unknown recording" not in r.registry.get("serial:ecg").last_error
+
+
+def the_row_error_after_an_unknown_ecg_end(r: Running, bridge: PtyDevice, core: BridgeCore, clock: list[int]) -> str:
+    """The bridge greets the gateway again and sends the ECG_END of an ECG whose blocks never
+    reached it (streamed while it was down): the row's error once that is answered."""
+    core.gateway_seen = False
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge.write(core.send(codec.EcgEnd(7, 40 * 25), clock[0]))
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
+    answered_up_to_here(bridge, core, clock[0])
+    return r.registry.get("serial:ecg").last_error or ""
+
+
+def test_an_unknown_ecg_end_after_a_later_restart_is_still_the_device_error(tmp_path: Path, running) -> None:
+    """A restart lost a streamed ECG and the bridge's resent ECG_END was NACKed quietly (the lost
+    FAIL says it). Every later start (for the week the row says the loss) took as many unknown
+    ECG_ENDs again for that resend: an ECG streamed while the gateway was down, whose ECG_END is
+    all that arrives, was gone with a journal line only. Only the start that finds the loss expects
+    its resend: after a later restart an unknown ECG_END is the row's error again."""
+    r, bridge, core, clock = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    r.close()  # an ordinary restart: nothing held, nothing lost at this stop
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    assert "unknown recording" in the_row_error_after_an_unknown_ecg_end(r, bridge, core, clock)
+
+
+def test_a_reading_held_because_the_outbox_is_locked_says_why_on_its_row(tmp_path: Path) -> None:
+    """The outbox database locked (another process holding its write lock past the busy timeout):
+    the monitor's reading was held and the row said only "waiting for space on the data partition",
+    so `lastmile doctor` FAILed with advice to free space while the real cause was in the journal
+    alone. Now a store that fails for another reason than space is the row's error too."""
+    import sqlite3
+
+    from uploader.outbox import DB_NAME
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    locker = sqlite3.connect(Path(r.config.data_dir) / DB_NAME, isolation_level=None)
+    try:
+        wait_for(lambda: all(s.connected for s in r.service.statuses()))
+        r.patients.set_patient("P-9", now=r.now() - dt.timedelta(minutes=1))
+        locker.execute("BEGIN EXCLUSIVE")  # held past the service's busy timeout
+        printed = (r.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+        wait_for(lambda: "waiting for space" in r.device_waiting("serial:monitor"), timeout=60)
+        locker.execute("ROLLBACK")
+        assert "database is locked" in (r.registry.get("serial:monitor").last_error or "")
+    finally:
+        locker.close()
+        r.close()
+
+
+def test_an_unknown_ecg_end_after_the_bridge_reconnects_is_still_the_device_error(tmp_path: Path, running) -> None:
+    """The power cut that lost a streamed ECG rebooted the bridge too: it resent no ECG_END. The
+    restarted gateway kept expecting that resend for as long as it ran, so the next genuine unknown
+    ECG_END (an ECG whose stream never arrived) was NACKed with a journal line only. The resend
+    comes on the bridge's first connection: after it ends, an unknown ECG_END is the row's error."""
+    r, bridge, core, clock = an_ecg_lost_at_a_power_cut(tmp_path, running, bridge_rebooted=True)
+    bridge.unplug()
+    wait_for(lambda: not r.registry.get("serial:ecg").connected)
+    bridge = PtyDevice(bridge.link_path)
+    wait_for(lambda: r.service.statuses()[0].connected)
+    assert "unknown recording" in the_row_error_after_an_unknown_ecg_end(r, bridge, core, clock)

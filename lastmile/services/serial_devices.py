@@ -99,7 +99,7 @@ from lastmile.services.serial_spill import (
     kept_in,
 )
 from uploader.errors import InvalidObjectError, UploadError
-from uploader.outbox import Outbox
+from uploader.outbox import Outbox, is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,9 @@ class SerialContext:
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
-    # by device row address: how many ECG_ENDs a bridge may resend of the ECGs its row says a stop
-    # lost (the lost FAIL says them: their NACK is not the row's error too)
+    # by device row address: how many ECG_ENDs a bridge may resend of the ECGs this start found a
+    # stop lost (the lost FAIL says them: their NACK is not the row's error too), until its first
+    # connection ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
@@ -249,13 +250,14 @@ class SerialContext:
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
-        caller holds it then, and the row's held status says so (not its error too)."""
+        caller holds it then, and the row's held status says it waits for space (not its error
+        too, unless another cause than space refused it)."""
         now = self.now()
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
-            if not held:
+            if not held or not is_storage_full(exc):
                 self.error(spec, f"{CANNOT_STORE}reading: {exc}")
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
@@ -300,14 +302,6 @@ class SerialContext:
                 )
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
-        self._expect_lost_ecg_ends()
-
-    def _expect_lost_ecg_ends(self) -> None:
-        """The bridges whose rows still say ECGs a stop lost will resend those ECGs' ECG_ENDs."""
-        now = self.now()
-        for record in self.registry.all():
-            if record.transport == "serial" and record.lost_ecg_count and record.lost_said_until(now):
-                self.lost_ecg_ends[record.address] = record.lost_ecg_count
 
     def counted_lost(self, spec: LinkSpec) -> bool:
         """An unknown ECG_END from `spec`'s bridge is (taken as) one of an ECG its row says a stop lost."""
@@ -316,6 +310,10 @@ class SerialContext:
         if left:
             self.lost_ecg_ends[address] = left - 1
         return bool(left)
+
+    def resend_window_closed(self, spec: LinkSpec) -> None:
+        """`spec`'s bridge connection ended: what it resent of the ECGs a stop lost has come."""
+        self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
         """What `record` said was held before the stop (some in memory only) and the spill files
@@ -328,6 +326,8 @@ class SerialContext:
         if any(lost):
             log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost)))
             self.registry.record_lost(record, lost, now=self.now())
+        if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
+            self.lost_ecg_ends[record.address] = lost[1]
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
@@ -432,6 +432,8 @@ class SerialContext:
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
+            if not is_storage_full(exc):  # held: the row's held status says it waits for space
+                self.error(spec, f"{CANNOT_STORE}ECG: {exc}")
             return False
         if patient is not None:
             self.patients.touch(now=now)
@@ -619,6 +621,7 @@ class BridgeHandler:
         # This connection's seqs mean nothing to the next one: the bridge resends its ECG_END
         # after the re-plug and that one is acknowledged.
         self._awaiting.clear()
+        self.ctx.resend_window_closed(self.spec)
         self.ctx.retry_unstored(self.spec, force=True)
         self.ctx.status(self.spec, connected=False, error=reason)
 
