@@ -146,6 +146,7 @@ class PatientContext:
             )
             # the name as checked in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, name.strip())
+            _forget_names(conn, now - NAME_KEPT)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
         return CheckedIn(before, after)
@@ -299,6 +300,15 @@ class PatientContext:
             "INSERT INTO session_log (at, event, patient_id, doctor_id, detail) VALUES (?, ?, ?, ?, ?)",
             (iso(now), event, patient_id, doctor_id, detail),
         )
+
+
+def _forget_names(conn: sqlite3.Connection, before: dt.datetime) -> None:
+    """Blank the names check-ins logged before `before`: used for NAME_KEPT only, they must not
+    outlive the outbox's purge of the patient's data (the log itself is kept: who, when)."""
+    conn.execute(
+        "UPDATE session_log SET detail = '' WHERE event = 'patient-set' AND at < ? AND detail != ''",
+        (iso(before),),
+    )
 
 
 def _t(value: str) -> dt.datetime:
