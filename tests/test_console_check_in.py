@@ -106,6 +106,22 @@ def test_checking_the_same_patient_in_again_keeps_stat_reason_and_name(browser: 
     assert entry is not None and entry.detail.get("changed") == ["stat-off"], entry
 
 
+def test_reloading_the_answer_to_not_urgent_says_nothing_it_did_not_do(browser: object, console: ConsoleServer) -> None:
+    """After "not urgent" the page said 已取消加急; reloading it (the address still says what was
+    done) said 已在检查中 ... 没有改动 without a name, right after STAT was turned off. A reload
+    now says nothing about an action."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="李四", reason="胸痛", stat=True)
+    submitted(browser, click("#not-stat button"))
+    assert "已取消加急" in done_text(browser), done_text(browser)
+    assert "done=check-in-again" in browser.current_url  # type: ignore[attr-defined]
+    browser.refresh()  # type: ignore[attr-defined]
+    wait_for(browser, lambda d: d.execute_script("return document.readyState === 'complete'"))
+    text_in(browser, "#panel-session", OTHER_ID)
+    said = [e.text for e in browser.find_elements(by("css"), "p.done")]  # type: ignore[attr-defined]
+    assert said == [], said
+
+
 def test_checking_in_another_patient_says_whose_check_in_ended(browser: object, console: ConsoleServer) -> None:
     """张三 is checked in; the doctor checks in 李四. 张三's check-in ended without a word on the
     page (only the session log knew): the page now says 张三 的检查已结束."""

@@ -363,6 +363,38 @@ def test_check_in_puts_stat_and_reason_on_the_session(tmp_path: Path, capsys: py
     assert shown["current_patient"]["stat"] is True  # type: ignore[index]
 
 
+def test_not_urgent_refuses_once_a_card_checked_another_patient_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page shows 张三 as STAT; the doctor presses "not urgent" just as the acquire service takes
+    李四's card (its own connection): 李四 stays checked in, and the button says so."""
+    from lastmile.clinic import patients
+
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    acquire = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    real_transaction = patients.transaction
+    scans = ["P-LISI"]
+
+    def card_scanned_first(db):  # the card reaches clinic.db the moment the button's write starts
+        if scans and db is data.db:
+            acquire.set_patient(scans.pop(), now=now())
+        return real_transaction(db)
+
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "", True, "胸痛", now=now())
+        monkeypatch.setattr(patients, "transaction", card_scanned_first)
+        with pytest.raises(ConsoleInputError) as refused:
+            data.check_in("王医生", VALID_ID, "", "", False, "", now=now(), shown_patient_id=VALID_ID)
+    finally:
+        acquire.close()
+        data.close()
+    assert not scans  # the card was scanned during the button's check-in
+    assert refused.value.values == {"patient": "P-LISI"}
+    shown = cli_json(["patient", "show", "--json", "--data-dir", str(config.data_dir)], capsys)
+    assert shown["current_patient"]["patient_id"] == "P-LISI"  # type: ignore[index]
+
+
 def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
     """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
     sent first, never held, the reason in the DICOM request."""

@@ -103,6 +103,29 @@ def test_clear_replace_and_doctor(context: PatientContext) -> None:
         context.set_patient("  ", now=T0)
 
 
+def test_a_check_in_name_is_kept_in_the_session_log_only_as_long_as_it_is_used(tmp_path: Path) -> None:
+    # 张三 checked in yesterday morning, 李四 a day and an hour later: 张三's name is used for
+    # NAME_KEPT (24 h) and then must not stay in clinic.db forever (the outbox purges patient data).
+    import sqlite3
+
+    from lastmile.clinic.patients import NAME_KEPT
+
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+        later = T0 + NAME_KEPT + 60 * MIN
+        context.set_patient("P-2", "Li^Si=李^四", now=later)
+        assert context.checked_in_name("P-2", later) == "Li^Si=李^四"  # still used
+    finally:
+        context.close()
+    conn = sqlite3.connect(tmp_path / "clinic.db")
+    try:
+        logged = [row for row in conn.execute("SELECT * FROM session_log") if "张" in " ".join(map(str, row))]
+    finally:
+        conn.close()
+    assert logged == []
+
+
 def test_observation_json_round_trip() -> None:
     obs = bp(T0)
     assert observation_from_json(json.loads(json.dumps(observation_to_json(obs)))) == obs

@@ -118,3 +118,38 @@ def test_lastmile_import_of_the_stat_patients_ecg_sends_it_first(tmp_path: Path)
     with open_outbox(config) as outbox:
         [item] = outbox.items()
     assert (item.priority, item.meta["stat"]) == (Priority.STAT, True)
+
+
+def test_lastmile_patient_set_again_without_stat_keeps_the_stat_check_in(tmp_path: Path, capsys) -> None:
+    # The doctor checks 李四 in as STAT for chest pain; a technician then fixes the name with the
+    # same command without --stat: the patient is still STAT, and their ECG still goes first.
+    # Only --no-stat takes STAT back.
+    import json
+
+    from lastmile.cli import main as cli
+
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n[ecg]\nre_record_hold_s = 0\n'
+    )
+    run = ["-c", str(config_file)]
+
+    def shown() -> tuple[bool, str, str]:
+        capsys.readouterr()
+        assert cli([*run, "patient", "show", "--json"]) == 0
+        current = json.loads(capsys.readouterr().out)["current_patient"]
+        return current["stat"], current["reason"], current["name"]
+
+    assert cli([*run, "patient", "set", "P00001", "--name", "李四", "--stat", "--reason", "胸痛"]) == 0
+    assert cli([*run, "patient", "set", "P00001", "--name", "李思"]) == 0
+    assert shown() == (True, "胸痛", "Li^Si=李^思")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    now = dt.datetime.now(dt.timezone.utc)
+    (stick / "now.npz").write_bytes(write_npz(dataclasses.replace(make_recording(1), acquired_at=now)))
+    assert cli([*run, "import", "-q", str(stick)]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        [item] = outbox.items()
+    assert (item.priority, item.meta["stat"]) == (Priority.STAT, True)
+    assert cli([*run, "patient", "set", "P00001", "--no-stat"]) == 0
+    assert shown() == (False, "胸痛", "Li^Si=李^思")

@@ -17,6 +17,7 @@ import logging
 import os
 import sqlite3
 from dataclasses import dataclass, replace
+from typing import Any
 
 import sqlite_utils
 
@@ -55,6 +56,22 @@ class CurrentPatient:
     reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedIn:
+    """What a check-in changed: the patient current before it (None: nobody) and after."""
+
+    before: CurrentPatient | None
+    after: CurrentPatient
+
+
+class PatientChanged(Exception):
+    """The patient the caller expected (a page showed) is no longer the current one."""
+
+    def __init__(self, current_patient_id: str) -> None:
+        super().__init__(f"the current patient is {current_patient_id or 'nobody'} now")
+        self.current_patient_id = current_patient_id  # "": nobody is checked in
+
+
 class PatientContext:
     def __init__(self, db: sqlite_utils.Database, idle_timeout_s: float) -> None:
         if idle_timeout_s <= 0:
@@ -70,7 +87,11 @@ class PatientContext:
         self.db.conn.close()
 
     # -- changing the session ---------------------------------------------------------------
-    def set_patient(
+    def set_patient(self, patient_id: str, name: str = "", **how: Any) -> CurrentPatient:
+        """`check_in` (`how`: its keywords): the patient current after it."""
+        return self.check_in(patient_id, name, **how).after
+
+    def check_in(
         self,
         patient_id: str,
         name: str = "",
@@ -78,17 +99,24 @@ class PatientContext:
         now: dt.datetime,
         stat: bool | None = None,
         reason: str = "",
-    ) -> CurrentPatient:
+        expected_patient_id: str = "",
+    ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
         `name` or `reason`, `stat` None (a scanned card names none of them; a check-in typed again
         with the box unticked must not make a STAT patient routine). Another patient starts with
-        only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose."""
+        only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose.
+        `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
+        nobody, is current - checked in the same transaction, so a card the acquire service reads
+        meanwhile is never replaced."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
+            before = self._current_of(row) if row is not None and row["patient_id"] else None
+            if expected_patient_id and (before is None or before.patient_id != expected_patient_id.strip()):
+                raise PatientChanged(before.patient_id if before is not None else "")
             doctor = row["doctor_id"] if row else None
             if row and row["patient_id"] == patient_id:
                 name = name or row["patient_name"] or ""
@@ -118,10 +146,10 @@ class PatientContext:
             )
             # the name as checked in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, name.strip())
+            _forget_names(conn, now - NAME_KEPT)
+            after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
-        current = self.current(now)
-        assert current is not None
-        return current
+        return CheckedIn(before, after)
 
     def set_doctor(self, doctor_id: str, *, now: dt.datetime) -> None:
         doctor_id = doctor_id.strip()
@@ -175,6 +203,10 @@ class PatientContext:
             return None
         if not row["patient_id"]:
             return None
+        return self._current_of(row)
+
+    def _current_of(self, row: sqlite3.Row) -> CurrentPatient:
+        """The live session row with a patient, as the callers read it."""
         last = _t(row["last_activity"])
         return CurrentPatient(
             patient_id=row["patient_id"],
@@ -268,6 +300,15 @@ class PatientContext:
             "INSERT INTO session_log (at, event, patient_id, doctor_id, detail) VALUES (?, ?, ?, ?, ?)",
             (iso(now), event, patient_id, doctor_id, detail),
         )
+
+
+def _forget_names(conn: sqlite3.Connection, before: dt.datetime) -> None:
+    """Blank the names check-ins logged before `before`: used for NAME_KEPT only, they must not
+    outlive the outbox's purge of the patient's data (the log itself is kept: who, when)."""
+    conn.execute(
+        "UPDATE session_log SET detail = '' WHERE event = 'patient-set' AND at < ? AND detail != ''",
+        (iso(before),),
+    )
 
 
 def _t(value: str) -> dt.datetime:

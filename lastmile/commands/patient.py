@@ -21,7 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("patient_id", help="the patient's ID (a resident ID is checked when [patient] id_kind says so)")
     p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
     p.add_argument("--doctor", default="", help="the doctor on duty (name or id): Referring Physician of the ECGs")
-    p.add_argument("--stat", action="store_true", help="urgent: this patient's ECGs are read first, never held")
+    # default None: setting the checked-in patient again (a name fixed) keeps their STAT as it is
+    p.add_argument(
+        "--stat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="urgent: this patient's ECGs are read first, never held (--no-stat: routine again; "
+        "neither: as the check-in has it)",
+    )
     p.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     p.set_defaults(func=_set)
 

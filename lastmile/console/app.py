@@ -806,7 +806,13 @@ async def today(request: Request) -> Response:
     live = live_panels(request, ctx, model)
     done = request.query_params.get("done", "")
     notice = take_notice(request, done)
+    if done in TOLD_WITH_NOTICE and not notice:
+        done = ""  # a reload: its notice was said once; without it the sentence would say the wrong thing
     return render(request, ctx, "today.html", done=done, notice=notice, error="", form={}, live=live, **model)
+
+
+# what Today says only with the check-in's own details (whose, what changed)
+TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again"})
 
 
 Done = str | tuple[str, dict[str, Any]] | None  # what a form action did, and the details to say about it

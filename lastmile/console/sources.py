@@ -46,7 +46,7 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patient_ids import clinic_patient
-from lastmile.clinic.patients import CurrentPatient, PatientContext
+from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
@@ -141,13 +141,29 @@ def _changes(before: CurrentPatient, after: SessionView) -> tuple[str, ...]:
     return tuple(changed)
 
 
+def _session_view(current: CurrentPatient) -> SessionView:
+    return SessionView(
+        current.patient_id,
+        current.name,
+        current.since,
+        current.expires_at,
+        current.doctor_id,
+        current.stat,
+        current.reason,
+    )
+
+
+def _not_shown(current_patient_id: str) -> ConsoleInputError:
+    return ConsoleInputError(
+        N_("%(patient)s has been checked in since this page was shown: that session goes on."),
+        patient=current_patient_id,
+    )
+
+
 def _still_shown(current: CurrentPatient | None, shown_patient_id: str) -> None:
     """Refuse acting on the patient a page showed when another has been checked in since."""
     if current is not None and current.patient_id != shown_patient_id.strip():
-        raise ConsoleInputError(
-            N_("%(patient)s has been checked in since this page was shown: that session goes on."),
-            patient=current.patient_id,
-        )
+        raise _not_shown(current.patient_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,17 +543,7 @@ class ClinicData:
     # -- the session ------------------------------------------------------------------------------
     def session(self, now: dt.datetime) -> SessionView | None:
         current = self.context.current(now)
-        if current is None:
-            return None
-        return SessionView(
-            current.patient_id,
-            current.name,
-            current.since,
-            current.expires_at,
-            current.doctor_id,
-            current.stat,
-            current.reason,
-        )
+        return None if current is None else _session_view(current)
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""
@@ -560,17 +566,23 @@ class ClinicData:
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
-        before = self.context.current(now)
-        if shown_patient_id:
-            if before is None:
-                raise ConsoleInputError(N_("That check-in has ended already."))
-            _still_shown(before, shown_patient_id)
         if doctor:
             self.context.set_doctor(doctor, now=now)
         # as `lastmile patient set --stat --reason`: the next ECG recorded is STAT, with its reason
-        self.context.set_patient(patient.patient_id, patient.name, now=now, stat=stat, reason=reason)
-        view = self.session(now)
-        assert view is not None
+        try:
+            checked = self.context.check_in(
+                patient.patient_id,
+                patient.name,
+                now=now,
+                stat=stat,
+                reason=reason,
+                expected_patient_id=shown_patient_id,
+            )
+        except PatientChanged as exc:
+            if not exc.current_patient_id:
+                raise ConsoleInputError(N_("That check-in has ended already.")) from None
+            raise _not_shown(exc.current_patient_id) from None
+        before, view = checked.before, _session_view(checked.after)
         again = before is not None and before.patient_id == view.patient_id
         changed = _changes(before, view) if before is not None and again else ()
         self.audit.record(
