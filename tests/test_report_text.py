@@ -455,3 +455,13 @@ def test_a_report_time_with_the_objects_own_offset_keeps_it() -> None:
     pdf.TimezoneOffsetFromUTC = "+0800"
     lines = read_dicom_report(part10(pdf), RULES).lines
     assert "诊断医生：（未署名），2026-12-06 19:10:35 +08:00" in report_text(lines, ZH)
+
+
+def test_a_pdfs_own_title_is_shown_as_the_county_wrote_it() -> None:
+    """A PDF titled "Holter 24h report - REVISED" was shown as our generic 心电图报告 because its
+    concept code is known: the county's title (what the report is, that it was revised) was lost.
+    Only a title taken from the code is the gateway's term."""
+    titled = read_dicom_report(part10(report_pdf(STUDY, ["x"], title="Holter 24h report - REVISED")), RULES)
+    assert report_text(titled.lines, ZH).splitlines()[0] == "Holter 24h report - REVISED"
+    untitled = report_pdf(STUDY, ["x"], title="")
+    assert report_text(read_dicom_report(part10(untitled), RULES).lines, ZH).splitlines()[0] == "心电图报告"

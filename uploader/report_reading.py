@@ -510,7 +510,8 @@ class _DicomReader:
         title, concept = self.get("DocumentTitle"), ""
         try:
             scheme, code, name = _code(_first(self.ds, "ConceptNameCodeSequence"))
-            title, concept = title or name, concept_key(scheme, code)
+            if not title:  # the county's own title stays its words: only the code's name is our term
+                title, concept = name, concept_key(scheme, code)
         except Exception as exc:  # noqa: BLE001 — only a problem when it was the title
             if not title:
                 self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")
