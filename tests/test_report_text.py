@@ -151,7 +151,8 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
     check = report_text(reports["mismatch"], ZH).splitlines()[-1]
     assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"
     assert report_text(reports["unreadable"], ZH).splitlines()[:2] == ["无法读取的报告", "=" * 14]  # wide characters
-    assert shown_reasons(reports["fhir"], ("english reason",), ZH)[0] == "急性ST段抬高型心肌梗死"  # its code's term
+    # its code's term, then the county's own words for it
+    assert shown_reasons(reports["fhir"], ("english reason",), ZH)[0] == "急性ST段抬高型心肌梗死（STEMI）"
     assert shown_critical(reports["fhir"], (), ZH)[0].detail == "http://snomed.info/sct 401303003 · STEMI"
 
 
@@ -465,3 +466,28 @@ def test_a_pdfs_own_title_is_shown_as_the_county_wrote_it() -> None:
     assert report_text(titled.lines, ZH).splitlines()[0] == "Holter 24h report - REVISED"
     untitled = report_pdf(STUDY, ["x"], title="")
     assert report_text(read_dicom_report(part10(untitled), RULES).lines, ZH).splitlines()[0] == "心电图报告"
+
+
+@pytest.mark.parametrize(
+    ("meaning", "printed"),
+    [
+        (
+            "Acute STEMI, anterior wall - call 120",
+            "危急值：所见：急性ST段抬高型心肌梗死（Acute STEMI, anterior wall - call 120）",
+        ),
+        ("急性前壁ST段抬高型心梗", "危急值：所见：急性前壁ST段抬高型心梗"),  # the county's words already: once
+    ],
+)
+def test_the_printed_critical_line_keeps_the_countys_words_for_a_coded_finding(
+    tmp_path: Path, meaning: str, printed: str
+) -> None:
+    """The printout and `lastmile report show` said only our term for the coded STEMI: the
+    county's "Acute STEMI, anterior wall - call 120" (where, what to do) was on no paper."""
+    now = dt.datetime(2026, 12, 1, 2, 5, tzinfo=dt.timezone.utc)
+    stemi = (STEMI[0], STEMI[1], meaning)
+    sr = ecg_report_sr(STUDY, findings=["窦性心律"], impression="请立即转诊", coded_findings=[stemi])
+    with ReportStore.open(tmp_path / "data") as store:
+        store.record_sent(SentStudy(STUDY.study_uid, now, patient_id="P0077", patient_name=STUDY.patient_name))
+        report = store.add_report(read_dicom_report(part10(sr), RULES), part10(sr), "dicom", now).report
+        paper = printable(store, report, ZH)[0].decode().splitlines()
+    assert paper.count(printed) == 2, paper  # the page's facts and the report's own critical line

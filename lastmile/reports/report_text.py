@@ -93,10 +93,12 @@ class English:
 class CriticalReason(NamedTuple):
     """Why a report is critical: `text` for the village doctor; `detail` for a county
     technician (the code, and the county's own words where `text` does not show them), shown
-    apart (muted on a page, left off the one line of a printout)."""
+    apart (muted on a page). `words`: the county's own words for a coded finding where `text`
+    does not show them (where, what to do): paper, which has no detail, prints them after it."""
 
     text: str
     detail: str = ""
+    words: str = ""
 
 
 def concept_name(name: str, concept: str, speaker: Speaker) -> str:
@@ -126,11 +128,26 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
     county = line.value or line.name
     finding = concept_name(county, split_concept(line.code), speaker)
     text = labelled(concept_name(line.name, line.concept, speaker), finding, speaker) if line.value else finding
-    return CriticalReason(text, " · ".join([line.code, *([county] if county not in text else [])]))
+    unshown = [county] if county not in text else []
+    words = "" if not unshown or _standard_words(county, line.code) else county
+    return CriticalReason(text, " · ".join([line.code, *unshown]), words)
+
+
+def _standard_words(county: str, code: str) -> bool:
+    """Whether the county's words for a code are only the code's own meaning (our term in English):
+    nothing of the county's to add to our term."""
+    return county.casefold() == (known_concept(split_concept(code)) or "").casefold()
 
 
 def critical_reason(line: ReportLine, speaker: Speaker) -> str:
-    return critical(line, speaker).text
+    return printed(critical(line, speaker), speaker)
+
+
+def printed(reason: CriticalReason, speaker: Speaker) -> str:
+    """A reason as paper and the command line say it: its text, then the county's own words."""
+    if not reason.words:
+        return reason.text
+    return speaker.gettext("%(reason)s (%(words)s)", reason=reason.text, words=reason.words)
 
 
 def labelled(label: str, value: str, speaker: Speaker) -> str:
@@ -285,7 +302,7 @@ def shown_text(lines: Sequence[ReportLine] | None, stored_text: str, speaker: Sp
 
 def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[str]:
     """Why it is critical, in `speaker`'s language (an old report: its English reasons)."""
-    return [reason.text for reason in shown_critical(lines, stored, speaker)]
+    return [printed(reason, speaker) for reason in shown_critical(lines, stored, speaker)]
 
 
 def replaced_note(current: str, speaker: Speaker) -> str:
