@@ -66,7 +66,11 @@ def is_cjk(text: str) -> bool:
 
 
 class Speaker(Protocol):
-    """What wording needs of a language (`lastmile.console.i18n.Localizer` is one)."""
+    """What wording needs of a language and the clinic's zone (`lastmile.console.i18n.Localizer`
+    is one): a report time the county wrote without its offset is read in that zone."""
+
+    @property
+    def zone(self) -> dt.tzinfo: ...
 
     def gettext(self, message: str, /, **values: object) -> str: ...
 
@@ -74,7 +78,7 @@ class Speaker(Protocol):
 
 
 class Reader(Speaker, Protocol):
-    """A language and the clinic's zone, for a printout's dates (a `Localizer` is one)."""
+    """A speaker that writes a printout's dates too (a `Localizer` is one)."""
 
     def full(self, value: dt.datetime | None) -> str: ...
 
@@ -82,6 +86,10 @@ class Reader(Speaker, Protocol):
 class English:
     """The source strings as they are: the English text the store keeps beside the lines (for
     `lastmile report list --json`, logs and older readers) without loading a catalog."""
+
+    @property
+    def zone(self) -> dt.tzinfo:
+        return local_zone()
 
     def gettext(self, message: str, /, **values: object) -> str:
         return message % values if values else message
@@ -161,21 +169,21 @@ def underline(title: str) -> str:
     return "=" * min(width, UNDERLINE_MAX)
 
 
-def readable_time(text: str) -> str:
+def readable_time(text: str, zone: dt.tzinfo) -> str:
     """The report's time as it gives it, spaced for reading: 2026-12-01T10:15:00+08:00 →
     2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is). A time the
     county wrote without its offset (a DICOM ContentTime) is its local time, the clinic's zone's:
-    it gets that zone's offset, as every time on the console has one."""
+    it gets that zone's offset (`zone`: the one the reader's other times are shown in)."""
     m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}(?::\d{2})?)(?:\.\d+)?([+-]\d{2}:\d{2}|Z)?", text)
     if m is None:
         return text
     day, clock, offset = m.groups()
-    return f"{day} {clock} {offset or clinic_offset(dt.datetime.fromisoformat(f'{day}T{clock}'))}"
+    return f"{day} {clock} {offset or clinic_offset(dt.datetime.fromisoformat(f'{day}T{clock}'), zone)}"
 
 
-def clinic_offset(wall: dt.datetime) -> str:
+def clinic_offset(wall: dt.datetime, zone: dt.tzinfo) -> str:
     """The clinic zone's UTC offset at a wall-clock time, as +08:00."""
-    z = wall.replace(tzinfo=local_zone()).strftime("%z")
+    z = wall.replace(tzinfo=zone).strftime("%z")
     return f"{z[:3]}:{z[3:]}"
 
 
@@ -247,7 +255,7 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
         case LineKind.READ_BY:
             who = (display_name(line.name) if line.code == PERSON_NAME else line.name) or _("(not named)")
             if line.value:
-                return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value))
+                return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value, speaker.zone))
             return _("Read by %(doctor)s", doctor=who)
         case LineKind.CHECK_PATIENT:
             return _(
