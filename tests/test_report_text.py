@@ -92,7 +92,7 @@ def shown_value(line: ReportLine, speaker: Speaker = ENGLISH) -> str:
     name (a PNAME item) as people write it, a title or a coded value the gateway knows by its
     code in the reader's language (a critical finding: by its critical code)."""
     if line.kind == LineKind.READ_BY:
-        return readable_time(line.value)
+        return readable_time(line.value, speaker.zone)
     if line.kind == LineKind.TITLE:
         return concept_name(line.value, line.concept, speaker)
     if line.kind == LineKind.CRITICAL_CODE and line.value:  # a coded value (a coded concept: its name)
@@ -151,14 +151,16 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
     check = report_text(reports["mismatch"], ZH).splitlines()[-1]
     assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"
     assert report_text(reports["unreadable"], ZH).splitlines()[:2] == ["无法读取的报告", "=" * 14]  # wide characters
-    assert shown_reasons(reports["fhir"], ("english reason",), ZH)[0] == "急性ST段抬高型心肌梗死"  # its code's term
+    # its code's term, then the county's own words for it
+    assert shown_reasons(reports["fhir"], ("english reason",), ZH)[0] == "急性ST段抬高型心肌梗死（STEMI）"
     assert shown_critical(reports["fhir"], (), ZH)[0].detail == "http://snomed.info/sct 401303003 · STEMI"
 
 
 def test_english_without_a_catalog_is_the_localizers_english() -> None:
     plain: Speaker = English()
+    en_here = Localizer("en", local_zone())  # English() reads a time without its offset in the gateway's zone
     for lines in the_reports().values():
-        assert report_text(lines, plain) == report_text(lines, EN) == report_text(lines, speaker_for("en"))
+        assert report_text(lines, plain) == report_text(lines, en_here) == report_text(lines, speaker_for("en"))
     assert "已更正" in report_text(the_reports()["sr"], speaker_for("zh-CN"))
 
 
@@ -203,7 +205,7 @@ def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: 
     ],
 )
 def test_the_reports_time_is_spaced_for_reading_not_changed(given: str, shown: str) -> None:
-    assert readable_time(given) == shown
+    assert readable_time(given, local_zone()) == shown
 
 
 def test_lines_survive_the_store_as_json() -> None:
@@ -440,13 +442,14 @@ def test_a_coded_value_the_gateway_knows_reads_in_chinese_unknown_ones_as_writte
     assert ReportLine.from_json(unknown[0].to_json()) == unknown[0]  # stored and read back with its code
 
 
-def test_a_report_time_without_a_zone_is_shown_in_the_clinics_zone() -> None:
+def test_a_report_time_without_a_zone_is_shown_in_the_clinics_zone(monkeypatch) -> None:
     """Issue s37-R2: a PDF's read time "2026-12-06 19:10:35" said no zone, every other time on the
-    console does; the county writes its local time, the clinic's zone."""
+    console does; the county writes its local time, the clinic's zone: the one the console speaks
+    in (a gateway whose system clock is on UTC labelled a Beijing-time report "+00:00")."""
+    monkeypatch.setenv("TZ", "UTC")
     pdf = report_pdf(STUDY, ["ECG report"], when=dt.datetime(2026, 12, 6, 19, 10, 35))
     lines = read_dicom_report(part10(pdf), RULES).lines
-    offset = dt.datetime(2026, 12, 6, 19, 10, 35, tzinfo=local_zone()).strftime("%z")
-    assert f"诊断医生：（未署名），2026-12-06 19:10:35 {offset[:3]}:{offset[3:]}" in report_text(lines, ZH)
+    assert "诊断医生：（未署名），2026-12-06 19:10:35 +08:00" in report_text(lines, ZH)  # ZH: Asia/Shanghai
 
 
 def test_a_report_time_with_the_objects_own_offset_keeps_it() -> None:
@@ -455,3 +458,38 @@ def test_a_report_time_with_the_objects_own_offset_keeps_it() -> None:
     pdf.TimezoneOffsetFromUTC = "+0800"
     lines = read_dicom_report(part10(pdf), RULES).lines
     assert "诊断医生：（未署名），2026-12-06 19:10:35 +08:00" in report_text(lines, ZH)
+
+
+def test_a_pdfs_own_title_is_shown_as_the_county_wrote_it() -> None:
+    """A PDF titled "Holter 24h report - REVISED" was shown as our generic 心电图报告 because its
+    concept code is known: the county's title (what the report is, that it was revised) was lost.
+    Only a title taken from the code is the gateway's term."""
+    titled = read_dicom_report(part10(report_pdf(STUDY, ["x"], title="Holter 24h report - REVISED")), RULES)
+    assert report_text(titled.lines, ZH).splitlines()[0] == "Holter 24h report - REVISED"
+    untitled = report_pdf(STUDY, ["x"], title="")
+    assert report_text(read_dicom_report(part10(untitled), RULES).lines, ZH).splitlines()[0] == "心电图报告"
+
+
+@pytest.mark.parametrize(
+    ("meaning", "printed"),
+    [
+        (
+            "Acute STEMI, anterior wall - call 120",
+            "危急值：所见：急性ST段抬高型心肌梗死（Acute STEMI, anterior wall - call 120）",
+        ),
+        ("急性前壁ST段抬高型心梗", "危急值：所见：急性前壁ST段抬高型心梗"),  # the county's words already: once
+    ],
+)
+def test_the_printed_critical_line_keeps_the_countys_words_for_a_coded_finding(
+    tmp_path: Path, meaning: str, printed: str
+) -> None:
+    """The printout and `lastmile report show` said only our term for the coded STEMI: the
+    county's "Acute STEMI, anterior wall - call 120" (where, what to do) was on no paper."""
+    now = dt.datetime(2026, 12, 1, 2, 5, tzinfo=dt.timezone.utc)
+    stemi = (STEMI[0], STEMI[1], meaning)
+    sr = ecg_report_sr(STUDY, findings=["窦性心律"], impression="请立即转诊", coded_findings=[stemi])
+    with ReportStore.open(tmp_path / "data") as store:
+        store.record_sent(SentStudy(STUDY.study_uid, now, patient_id="P0077", patient_name=STUDY.patient_name))
+        report = store.add_report(read_dicom_report(part10(sr), RULES), part10(sr), "dicom", now).report
+        paper = printable(store, report, ZH)[0].decode().splitlines()
+    assert paper.count(printed) == 2, paper  # the page's facts and the report's own critical line

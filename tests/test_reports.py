@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from lastmile.cli import main as cli
@@ -478,6 +479,45 @@ def test_an_earlier_sr_draft_arriving_after_the_final_stays_history(store) -> No
     ).report
     assert store.get(draft.id).superseded_by == final.report.id
     assert [r.id for r in store.reports(current_only=True)] == [final.report.id]
+
+
+def county_sr(study: StudyToRead, hour: int, offset: str, **kw) -> Dataset:
+    """An SR as a county PACS writes it: wall-clock times (no offset of their own), the zone (if
+    any) in TimezoneOffsetFromUTC for every time in the object."""
+    ds = ecg_report_sr(study, when=dt.datetime(2026, 11, 2, hour), **kw)
+    if offset:
+        ds.TimezoneOffsetFromUTC = offset
+    return ds
+
+
+def final_and_draft(store: ReportStore, final_offset: str, draft_hour: int = 12):
+    """A final verified at 10:00 (`final_offset`: its PACS's zone, "" for one stored without),
+    then a second reader's unverified draft with the PACS's "+0800"."""
+    study = sent(store, patient="P7")
+    final = add(store, county_sr(study, 10, final_offset, findings=["Sinus rhythm"], impression="Normal ECG"))
+    draft = county_sr(study, draft_hour, "+0800", findings=["LBBB"], impression="LBBB?", complete=False, verified=False)
+    return final.report, add(store, draft).report
+
+
+def test_a_second_readers_draft_after_a_final_with_the_pacs_zone_is_current(store) -> None:
+    """Final verified 10:00, a second reader's unverified draft 12:00, both "+0800" in
+    TimezoneOffsetFromUTC only: the final's VerificationDateTime was read without the zone, the
+    draft's ContentTime with it, no order between them: the draft was filed behind the final."""
+    final, draft = final_and_draft(store, "+0800")
+    assert store.get(draft.id).superseded_by is None, "second reading's draft filed behind the final"
+    assert final.report_time == "2026-11-02T10:00:00+08:00"
+    assert {r.id for r in store.reports(current_only=True)} == {final.id, draft.id}
+
+
+@pytest.mark.parametrize(("draft_hour", "history"), [(12, False), (9, True)])
+def test_a_draft_after_a_final_stored_without_its_zone_is_current(store, monkeypatch, draft_hour, history) -> None:
+    """After an upgrade: the final stored with its wall-clock time only (the county's local time,
+    the clinic's zone), the new draft with the PACS's offset: still the new reading (one written
+    before the final is still history)."""
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    final, draft = final_and_draft(store, "", draft_hour)
+    assert (final.report_time, draft.report_time[-6:]) == ("2026-11-02T10:00:00", "+08:00")
+    assert (store.get(draft.id).superseded_by == final.id) is history, "the new reading filed behind an upgraded final"
 
 
 def test_a_critical_draft_its_final_corrected_leaves_nothing_to_read_now(store, tmp_path) -> None:

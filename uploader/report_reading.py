@@ -283,7 +283,7 @@ class _DicomReader:
             if item is None:
                 return "", ""
             name = str(item.get("VerifyingObserverName", "") or "").strip()  # a PN as sent
-            return name, dicom_datetime_iso(item.get("VerificationDateTime"))
+            return name, self.zoned(dicom_datetime_iso(item.get("VerificationDateTime")))
         except Exception as exc:  # noqa: BLE001
             self.problems.append(f"VerifyingObserverSequence unreadable ({type(exc).__name__})")
             return "", ""
@@ -291,9 +291,14 @@ class _DicomReader:
     def content_time(self) -> str:
         """Content Date/Time as ISO text, with the object's Timezone Offset From UTC when it
         gives one (without: the county's local time, shown in the clinic's zone)."""
-        when = _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
+        return self.zoned(_dicom_time(self.get("ContentDate"), self.get("ContentTime")))
+
+    def zoned(self, when: str) -> str:
+        """An ISO time of this object without an offset of its own, with the object's Timezone
+        Offset From UTC (it applies to every time in the object), when it gives one."""
         offset = re.fullmatch(r"([+-]\d{2})(\d{2})", self.get("TimezoneOffsetFromUTC"))
-        return f"{when}{offset[1]}:{offset[2]}" if offset and "T" in when else when
+        own = re.search(r"(?:[+-]\d{2}:\d{2}|Z)$", when)
+        return f"{when}{offset[1]}:{offset[2]}" if offset and "T" in when and own is None else when
 
     def amends(self) -> tuple[str, ...]:
         """SOP Instance UIDs in the Predecessor Documents Sequence (study → series → SOP)."""
@@ -505,7 +510,8 @@ class _DicomReader:
         title, concept = self.get("DocumentTitle"), ""
         try:
             scheme, code, name = _code(_first(self.ds, "ConceptNameCodeSequence"))
-            title, concept = title or name, concept_key(scheme, code)
+            if not title:  # the county's own title stays its words: only the code's name is our term
+                title, concept = name, concept_key(scheme, code)
         except Exception as exc:  # noqa: BLE001 — only a problem when it was the title
             if not title:
                 self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")

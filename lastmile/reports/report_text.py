@@ -66,7 +66,11 @@ def is_cjk(text: str) -> bool:
 
 
 class Speaker(Protocol):
-    """What wording needs of a language (`lastmile.console.i18n.Localizer` is one)."""
+    """What wording needs of a language and the clinic's zone (`lastmile.console.i18n.Localizer`
+    is one): a report time the county wrote without its offset is read in that zone."""
+
+    @property
+    def zone(self) -> dt.tzinfo: ...
 
     def gettext(self, message: str, /, **values: object) -> str: ...
 
@@ -74,7 +78,7 @@ class Speaker(Protocol):
 
 
 class Reader(Speaker, Protocol):
-    """A language and the clinic's zone, for a printout's dates (a `Localizer` is one)."""
+    """A speaker that writes a printout's dates too (a `Localizer` is one)."""
 
     def full(self, value: dt.datetime | None) -> str: ...
 
@@ -82,6 +86,10 @@ class Reader(Speaker, Protocol):
 class English:
     """The source strings as they are: the English text the store keeps beside the lines (for
     `lastmile report list --json`, logs and older readers) without loading a catalog."""
+
+    @property
+    def zone(self) -> dt.tzinfo:
+        return local_zone()
 
     def gettext(self, message: str, /, **values: object) -> str:
         return message % values if values else message
@@ -93,10 +101,12 @@ class English:
 class CriticalReason(NamedTuple):
     """Why a report is critical: `text` for the village doctor; `detail` for a county
     technician (the code, and the county's own words where `text` does not show them), shown
-    apart (muted on a page, left off the one line of a printout)."""
+    apart (muted on a page). `words`: the county's own words for a coded finding where `text`
+    does not show them (where, what to do): paper, which has no detail, prints them after it."""
 
     text: str
     detail: str = ""
+    words: str = ""
 
 
 def concept_name(name: str, concept: str, speaker: Speaker) -> str:
@@ -126,11 +136,26 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
     county = line.value or line.name
     finding = concept_name(county, split_concept(line.code), speaker)
     text = labelled(concept_name(line.name, line.concept, speaker), finding, speaker) if line.value else finding
-    return CriticalReason(text, " · ".join([line.code, *([county] if county not in text else [])]))
+    unshown = [county] if county not in text else []
+    words = "" if not unshown or _standard_words(county, line.code) else county
+    return CriticalReason(text, " · ".join([line.code, *unshown]), words)
+
+
+def _standard_words(county: str, code: str) -> bool:
+    """Whether the county's words for a code are only the code's own meaning (our term in English):
+    nothing of the county's to add to our term."""
+    return county.casefold() == (known_concept(split_concept(code)) or "").casefold()
 
 
 def critical_reason(line: ReportLine, speaker: Speaker) -> str:
-    return critical(line, speaker).text
+    return printed(critical(line, speaker), speaker)
+
+
+def printed(reason: CriticalReason, speaker: Speaker) -> str:
+    """A reason as paper and the command line say it: its text, then the county's own words."""
+    if not reason.words:
+        return reason.text
+    return speaker.gettext("%(reason)s (%(words)s)", reason=reason.text, words=reason.words)
 
 
 def labelled(label: str, value: str, speaker: Speaker) -> str:
@@ -144,21 +169,21 @@ def underline(title: str) -> str:
     return "=" * min(width, UNDERLINE_MAX)
 
 
-def readable_time(text: str) -> str:
+def readable_time(text: str, zone: dt.tzinfo) -> str:
     """The report's time as it gives it, spaced for reading: 2026-12-01T10:15:00+08:00 →
     2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is). A time the
     county wrote without its offset (a DICOM ContentTime) is its local time, the clinic's zone's:
-    it gets that zone's offset, as every time on the console has one."""
+    it gets that zone's offset (`zone`: the one the reader's other times are shown in)."""
     m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}(?::\d{2})?)(?:\.\d+)?([+-]\d{2}:\d{2}|Z)?", text)
     if m is None:
         return text
     day, clock, offset = m.groups()
-    return f"{day} {clock} {offset or clinic_offset(dt.datetime.fromisoformat(f'{day}T{clock}'))}"
+    return f"{day} {clock} {offset or clinic_offset(dt.datetime.fromisoformat(f'{day}T{clock}'), zone)}"
 
 
-def clinic_offset(wall: dt.datetime) -> str:
+def clinic_offset(wall: dt.datetime, zone: dt.tzinfo) -> str:
     """The clinic zone's UTC offset at a wall-clock time, as +08:00."""
-    z = wall.replace(tzinfo=local_zone()).strftime("%z")
+    z = wall.replace(tzinfo=zone).strftime("%z")
     return f"{z[:3]}:{z[3:]}"
 
 
@@ -230,7 +255,7 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
         case LineKind.READ_BY:
             who = (display_name(line.name) if line.code == PERSON_NAME else line.name) or _("(not named)")
             if line.value:
-                return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value))
+                return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value, speaker.zone))
             return _("Read by %(doctor)s", doctor=who)
         case LineKind.CHECK_PATIENT:
             return _(
@@ -285,7 +310,7 @@ def shown_text(lines: Sequence[ReportLine] | None, stored_text: str, speaker: Sp
 
 def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[str]:
     """Why it is critical, in `speaker`'s language (an old report: its English reasons)."""
-    return [reason.text for reason in shown_critical(lines, stored, speaker)]
+    return [printed(reason, speaker) for reason in shown_critical(lines, stored, speaker)]
 
 
 def replaced_note(current: str, speaker: Speaker) -> str:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clock import local_zone
 from lastmile.reports.report_text import English, display_name, is_cjk, report_text
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
@@ -262,14 +263,17 @@ def _json_list(values: Sequence[str]) -> str | None:
 
 def _comparable_times(report_time: str, other_time: str) -> tuple[dt.datetime, dt.datetime] | None:
     """Two report times (ISO text, as the reports give them), or None when either is unknown or
-    unparsed, or one has a zone and the other not (no true order)."""
+    unparsed. A time without its offset is the county's local time, the clinic's zone's (as
+    `readable_time` shows it): so one stored before the offset was kept orders with a new one."""
     try:
         this, other = dt.datetime.fromisoformat(report_time), dt.datetime.fromisoformat(other_time)
     except ValueError:
         return None
-    if (this.tzinfo is None) != (other.tzinfo is None):
-        return None
-    return this, other
+    return _in_clinic_zone(this), _in_clinic_zone(other)
+
+
+def _in_clinic_zone(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=local_zone())
 
 
 def _written_after(report_time: str, other_time: str) -> bool:
