@@ -60,7 +60,7 @@ from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fh
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT
-from uploader.outbox import ItemState, Kind, OutboxItem
+from uploader.outbox import ItemState, Kind, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver rai
 _NOT_PURGED = tuple(
     s.value for s in ItemState if s != ItemState.PURGED
 )  # the states of items that still carry a patient
+# a quarantined reading is not shown on Today (it is never sent): the states of those that are
+_SHOWN_READING_STATES = tuple(s for s in _NOT_PURGED if s != ItemState.QUARANTINED.value)
+_PRIORITIES = tuple(int(p) for p in Priority)  # all named, so that the index reaches created_at
 RECENT_READINGS = 500  # at most this many readings of the last MAPPED_SHOWN_FOR looked through for mapped ones
 RECENT_ECG_ITEMS = 500  # at most this many recent ECGs looked through for a patient's (a clinic records tens a day)
 
@@ -624,14 +627,17 @@ class ClinicData:
         One statement however many there are (Today is redrawn every few seconds): which are there
         now; only a reading not shown at the previous call has its payload read (checked by the
         outbox) and parsed, once."""
+        # states and priorities named: the items_claim index (state, kind, priority, created_at)
+        # finds the session's readings, not a scan of every row ever queued on every SSE wake
         rows = self.outbox.db.conn.execute(
-            "SELECT id, sha256 FROM items WHERE kind = ? AND created_at >= ? AND state NOT IN (?, ?) "
+            f"SELECT id, sha256 FROM items WHERE state IN ({_marks(_SHOWN_READING_STATES)}) AND kind = ? "
+            f"AND priority IN ({_marks(_PRIORITIES)}) AND created_at >= ? "
             "AND json_extract(patient, '$.patient_id') = ? ORDER BY id DESC LIMIT ?",
             (
+                *_SHOWN_READING_STATES,
                 OBSERVATION_KIND,
+                *_PRIORITIES,
                 since.timestamp(),
-                ItemState.PURGED.value,
-                ItemState.QUARANTINED.value,
                 patient_id,
                 int(limit),
             ),
