@@ -835,7 +835,8 @@ class ClinicData:
         sent (`lastmile ecg discard`); one already on its way is only noted. What the page says:
         "re-record" (kept back now), "re-record-already" (kept back by an earlier re-record: a
         second click, another tablet), "re-record-gone" (no such ECG here, or purged) or
-        "re-record-too-late" (on its way: it goes as it is)."""
+        "re-record-set-aside" (quarantined for another reason, e.g. its file damaged: never sent)
+        or "re-record-too-late" (on its way: it goes as it is)."""
         discarded = self.held_ecg_source.discard(item_id, now=now, by=user)
         self.audit.record(user, "re-record", now=now, target=str(item_id), detail={"discarded": discarded})
         return "re-record" if discarded else self._not_re_recorded(item_id)
@@ -845,7 +846,10 @@ class ClinicData:
         item = self.outbox.get(item_id)
         if item is None or item.kind != Kind.DICOM or item.state == ItemState.PURGED:
             return "re-record-gone"
-        return "re-record-already" if re_recorded(item) else "re-record-too-late"
+        if re_recorded(item):
+            return "re-record-already"
+        # set aside by the outbox (a damaged file, refused by the PACS): not on its way either
+        return "re-record-set-aside" if item.state == ItemState.QUARANTINED else "re-record-too-late"
 
     def acknowledge_report(self, user: str, report_id: str, *, now: dt.datetime) -> ReportView | None:
         """The doctor has read this report: the store's acknowledgement (`lastmile report ack`).
