@@ -465,16 +465,19 @@ def test_the_console_process_does_not_load_pydicom_for_held_ecgs_and_reports(tmp
 
 
 def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_scan(tmp_path: Path) -> None:
-    """Today (on every SSE wake and heartbeat, for every tablet), Visits and Sent each read the
+    """Today (its readings and mapped ones, on every SSE wake and heartbeat, for every tablet),
+    Visits and Sent each read the
     outbox with a scan of every row ever queued (purged rows stay): ~50 ms a run at 300k rows,
     several times that on a Pi. Each is an index search (items_claim) now."""
-    from lastmile.clinic.observations import MAPPED_USER, OBSERVATION_KIND
+    from lastmile.clinic.observations import MAPPED_USER, OBSERVATION_KIND, observation_to_json
+    from tests.console_harness import bp_reading
 
     config = make_config(tmp_path)
     at = now()
     with open_outbox(config) as outbox:
         patient = {"patient_id": VALID_ID, "name": "Zhang^San=张^三"}
-        outbox.add(OBSERVATION_KIND, "bp-1", b"{}", meta={MAPPED_USER: 2, "device": "cuff"}, patient=patient)
+        reading = json.dumps(observation_to_json(bp_reading(at, "bp-1"))).encode()
+        outbox.add(OBSERVATION_KIND, "bp-1", reading, meta={MAPPED_USER: 2, "device": "cuff"}, patient=patient)
         enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "张三")), config, key="ecg-6")
     data = ClinicData(config)
     try:
@@ -483,6 +486,7 @@ def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_s
             ("mapped_elsewhere", lambda: data.mapped_elsewhere(None, at)),
             ("known_names", lambda: data.known_names([VALID_ID], at)),
             ("sent_readings", lambda: data.sent_readings()),
+            ("patient_readings", lambda: data.patient_readings(VALID_ID, at - dt.timedelta(minutes=5))),
         ):
             traced: list[str] = []
             conn.set_trace_callback(traced.append)

@@ -60,7 +60,7 @@ from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fh
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT
-from uploader.outbox import ItemState, Kind, OutboxItem
+from uploader.outbox import ItemState, Kind, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver rai
 _NOT_PURGED = tuple(
     s.value for s in ItemState if s != ItemState.PURGED
 )  # the states of items that still carry a patient
+# a quarantined reading is not shown on Today (it is never sent): the states of those that are
+_SHOWN_READING_STATES = tuple(s for s in _NOT_PURGED if s != ItemState.QUARANTINED.value)
+_PRIORITIES = tuple(int(p) for p in Priority)  # all named, so that the index reaches created_at
 RECENT_READINGS = 500  # at most this many readings of the last MAPPED_SHOWN_FOR looked through for mapped ones
 RECENT_ECG_ITEMS = 500  # at most this many recent ECGs looked through for a patient's (a clinic records tens a day)
 
@@ -636,14 +639,17 @@ class ClinicData:
         One statement however many there are (Today is redrawn every few seconds): which are there
         now; only a reading not shown at the previous call has its payload read (checked by the
         outbox) and parsed, once."""
+        # states and priorities named: the items_claim index (state, kind, priority, created_at)
+        # finds the session's readings, not a scan of every row ever queued on every SSE wake
         rows = self.outbox.db.conn.execute(
-            "SELECT id, sha256 FROM items WHERE kind = ? AND created_at >= ? AND state NOT IN (?, ?) "
+            f"SELECT id, sha256 FROM items WHERE state IN ({_marks(_SHOWN_READING_STATES)}) AND kind = ? "
+            f"AND priority IN ({_marks(_PRIORITIES)}) AND created_at >= ? "
             "AND json_extract(patient, '$.patient_id') = ? ORDER BY id DESC LIMIT ?",
             (
+                *_SHOWN_READING_STATES,
                 OBSERVATION_KIND,
+                *_PRIORITIES,
                 since.timestamp(),
-                ItemState.PURGED.value,
-                ItemState.QUARANTINED.value,
                 patient_id,
                 int(limit),
             ),
@@ -841,7 +847,8 @@ class ClinicData:
         sent (`lastmile ecg discard`); one already on its way is only noted. What the page says:
         "re-record" (kept back now), "re-record-already" (kept back by an earlier re-record: a
         second click, another tablet), "re-record-gone" (no such ECG here, or purged) or
-        "re-record-too-late" (on its way: it goes as it is)."""
+        "re-record-set-aside" (quarantined for another reason, e.g. its file damaged: never sent)
+        or "re-record-too-late" (on its way: it goes as it is)."""
         discarded = self.held_ecg_source.discard(item_id, now=now, by=user)
         self.audit.record(user, "re-record", now=now, target=str(item_id), detail={"discarded": discarded})
         return "re-record" if discarded else self._not_re_recorded(item_id)
@@ -851,7 +858,10 @@ class ClinicData:
         item = self.outbox.get(item_id)
         if item is None or item.kind != Kind.DICOM or item.state == ItemState.PURGED:
             return "re-record-gone"
-        return "re-record-already" if re_recorded(item) else "re-record-too-late"
+        if re_recorded(item):
+            return "re-record-already"
+        # set aside by the outbox (a damaged file, refused by the PACS): not on its way either
+        return "re-record-set-aside" if item.state == ItemState.QUARANTINED else "re-record-too-late"
 
     def acknowledge_report(self, user: str, report_id: str, *, now: dt.datetime) -> ReportView | None:
         """The doctor has read this report: the store's acknowledgement (`lastmile report ack`).
