@@ -493,3 +493,51 @@ def test_the_printed_critical_line_keeps_the_countys_words_for_a_coded_finding(
         report = store.add_report(read_dicom_report(part10(sr), RULES), part10(sr), "dicom", now).report
         paper = printable(store, report, ZH)[0].decode().splitlines()
     assert paper.count(printed) == 2, paper  # the page's facts and the report's own critical line
+
+
+def test_a_known_code_does_not_replace_the_countys_own_fhir_words() -> None:
+    """A FHIR report titled "Holter 24h report - REVISED" whose rhythm reads "Sinus rhythm with
+    first-degree AV block" printed in Chinese as 心电图报告 / 窦性心律: because each was coded
+    (LN 11524-6, SCT 426783006), our term replaced the county's words and the AV block was lost.
+    Our term stands in only for words that are just the code's standard name."""
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "holter",
+        "status": "final",
+        "code": {
+            "text": "Holter 24h report - REVISED",
+            "coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}],
+        },
+        "contained": [
+            {
+                "resourceType": "Observation",
+                "id": "rhythm",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8884-9", "display": "Heart rate rhythm"}]},
+                "valueCodeableConcept": {
+                    "text": "Sinus rhythm with first-degree AV block",
+                    "coding": [{"system": "http://snomed.info/sct", "code": "426783006", "display": "Sinus rhythm"}],
+                },
+            }
+        ],
+        "result": [{"reference": "#rhythm"}],
+    }
+    zh = report_text(read_fhir_report(report, RULES).lines, ZH).splitlines()
+    assert zh[0] == "Holter 24h report - REVISED", zh
+    assert "Heart rate rhythm：Sinus rhythm with first-degree AV block" in zh, zh
+
+
+def test_a_known_code_does_not_replace_the_countys_own_dicom_words() -> None:
+    """An SR's CODE item coded SCT 426783006 whose CodeMeaning says more than the code's name
+    ("Sinus rhythm with first-degree AV block") printed as 窦性心律: the AV block was lost. A
+    CodeMeaning that is only the code's name ("SINUS RHYTHM") still reads as our term."""
+    detailed = ecg_report_sr(
+        STUDY,
+        findings=["x"],
+        impression="y",
+        coded_findings=[("426783006", "SCT", "Sinus rhythm with first-degree AV block")],
+    )
+    zh = report_text(read_dicom_report(part10(detailed), RULES).lines, ZH)
+    assert "Sinus rhythm with first-degree AV block" in zh and "窦性心律" not in zh, zh
+    plain = ecg_report_sr(STUDY, findings=["x"], impression="y", coded_findings=[("426783006", "SCT", "SINUS RHYTHM")])
+    assert "窦性心律" in report_text(read_dicom_report(part10(plain), RULES).lines, ZH)

@@ -560,6 +560,13 @@ def _concept_code(concept: object) -> str:
     return next((key for system, code, _d in _codings(concept) if (key := concept_key(system, code))), "")
 
 
+def _display_concept(concept: object) -> str:
+    """The code of a title: only when its words are the coding's (no text), as for a DICOM
+    DocumentTitle: the county's own title ("Holter 24h report - REVISED") stays its words."""
+    own = isinstance(concept, Mapping) and isinstance(concept.get("text"), str) and concept["text"].strip()
+    return "" if own else _concept_code(concept)
+
+
 def _concept_text(concept: object) -> str:
     if not isinstance(concept, Mapping):
         return ""
@@ -711,7 +718,7 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
             reasons.append(ReportLine(LineKind.CRITICAL_KEYWORD, name=keyword, value=text.strip()[:120]))
     amends = (f"DiagnosticReport/{rid}",) if status in FHIR_AMENDED else ()
     lines = [
-        ReportLine(LineKind.TITLE, value=title, concept=_concept_code(resource.get("code"))),
+        ReportLine(LineKind.TITLE, value=title, concept=_display_concept(resource.get("code"))),
         *([ReportLine(LineKind.AMENDED)] if amends else []),  # a corrected version of itself
         *([ReportLine(LineKind.WITHDRAWN, value=status)] if withdrawn else dict.fromkeys(reasons)),
         *([ReportLine(LineKind.CONCLUSION, value=conclusion)] if conclusion else []),

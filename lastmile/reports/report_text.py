@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from lastmile.clock import local_zone
-from lastmile.reports.concepts import known_concept
+from lastmile.reports.concepts import known_concept, standard_words
 from uploader.report_lines import (
     CRITICAL,
     FOOTER,
@@ -111,8 +111,18 @@ class CriticalReason(NamedTuple):
 
 def concept_name(name: str, concept: str, speaker: Speaker) -> str:
     """A concept's name (or a coded value) in the reader's language when the gateway knows its
-    code; the county's words as written otherwise, where the county wrote Chinese already, and
-    where the reader's language is the catalog's English."""
+    code and the county's words are only its standard name (or none); the county's words as
+    written otherwise (they say more: "Sinus rhythm with first-degree AV block"), and where the
+    reader's language is the catalog's English."""
+    if name and not standard_words(name, concept):
+        return name
+    return term(name, concept, speaker)
+
+
+def term(name: str, concept: str, speaker: Speaker) -> str:
+    """Our term for a known concept in the reader's language, whatever the county's words (a
+    critical finding's reason, which prints the county's words after it); the county's words as
+    written where the gateway does not know the code or the county wrote Chinese already."""
     msgid = known_concept(concept)
     if msgid is None or is_cjk(name):
         return name
@@ -134,7 +144,7 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
         return CriticalReason(_("%(result)s marked %(flag)s", result=result, flag=line.value))
     # a coded value (name: its concept, value: the county's words) or a coded concept (name: the county's words)
     county = line.value or line.name
-    finding = concept_name(county, split_concept(line.code), speaker)
+    finding = term(county, split_concept(line.code), speaker)
     text = labelled(concept_name(line.name, line.concept, speaker), finding, speaker) if line.value else finding
     unshown = [county] if county not in text else []
     words = "" if not unshown or _standard_words(county, line.code) else county
