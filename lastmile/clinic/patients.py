@@ -100,6 +100,7 @@ class PatientContext:
         stat: bool | None = None,
         reason: str = "",
         expected_patient_id: str = "",
+        doctor_id: str = "",
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -108,7 +109,8 @@ class PatientContext:
         only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose.
         `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
         nobody, is current - checked in the same transaction, so a card the acquire service reads
-        meanwhile is never replaced."""
+        meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
+        `set_doctor`), set only if the check-in is - never on a patient the page did not show."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -118,6 +120,10 @@ class PatientContext:
             if expected_patient_id and (before is None or before.patient_id != expected_patient_id.strip()):
                 raise PatientChanged(before.patient_id if before is not None else "")
             doctor = row["doctor_id"] if row else None
+            doctor_since = row["doctor_since"] if row else None
+            if doctor_id.strip():
+                doctor, doctor_since = doctor_id.strip(), iso(now)
+                self._log(conn, now, "doctor-set", None, doctor)
             if row and row["patient_id"] == patient_id:
                 name = name or row["patient_name"] or ""
                 reason = reason.strip() or row["reason"] or ""
@@ -131,6 +137,7 @@ class PatientContext:
                 "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
                 "THEN session.patient_since ELSE excluded.patient_since END, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
+                "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
                 "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
                 (
                     _ROW,
@@ -138,7 +145,7 @@ class PatientContext:
                     name,
                     iso(now),
                     doctor,
-                    row["doctor_since"] if row else None,
+                    doctor_since,
                     iso(now),
                     int(bool(stat)),
                     reason.strip() or None,
