@@ -126,6 +126,30 @@ def test_a_check_in_name_is_kept_in_the_session_log_only_as_long_as_it_is_used(t
     assert logged == []
 
 
+def test_a_check_in_name_is_forgotten_with_no_later_check_in(tmp_path: Path) -> None:
+    """张三 checked in and the check-in ended; nobody was checked in after. His name stayed in
+    clinic.db's session log for ever: only a later check-in forgot names past NAME_KEPT. Now the
+    session's end (the doctor's end of check-in, the idle expiry a page's read makes) does too."""
+    import sqlite3
+
+    from lastmile.clinic.patients import NAME_KEPT
+
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+        assert context.clear(now=T0 + 10 * MIN)
+        assert context.checked_in_name("P-1", T0 + 10 * MIN) == "Zhang^San=张^三"  # still used
+        assert context.current(T0 + NAME_KEPT + 60 * MIN) is None  # a page read, a day later
+    finally:
+        context.close()
+    conn = sqlite3.connect(tmp_path / "clinic.db")
+    try:
+        logged = [row for row in conn.execute("SELECT * FROM session_log") if "张" in " ".join(map(str, row))]
+    finally:
+        conn.close()
+    assert logged == []
+
+
 def test_observation_json_round_trip() -> None:
     obs = bp(T0)
     assert observation_from_json(json.loads(json.dumps(observation_to_json(obs)))) == obs

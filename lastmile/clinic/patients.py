@@ -153,7 +153,6 @@ class PatientContext:
             )
             # the name as checked in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, name.strip())
-            _forget_names(conn, now - NAME_KEPT)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
         return CheckedIn(before, after)
@@ -275,7 +274,10 @@ class PatientContext:
         return last is None or now - last > self.idle_timeout
 
     def _expire_locked(self, conn: sqlite3.Connection, now: dt.datetime) -> sqlite3.Row | None:
-        """Inside a transaction: end an idle session; return the live row or None."""
+        """Inside a transaction: end an idle session; return the live row or None. Every change of
+        the session (a check-in, its end, its idle expiry, a doctor, a reading) forgets the names
+        past NAME_KEPT: a gateway with no later check-in must not keep them either."""
+        _forget_names(conn, now - NAME_KEPT)
         row = conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone()
         if row is None:
             return None
