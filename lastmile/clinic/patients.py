@@ -17,7 +17,6 @@ import logging
 import os
 import sqlite3
 from dataclasses import dataclass, replace
-from typing import Any
 
 import sqlite_utils
 
@@ -87,9 +86,11 @@ class PatientContext:
         self.db.conn.close()
 
     # -- changing the session ---------------------------------------------------------------
-    def set_patient(self, patient_id: str, name: str = "", **how: Any) -> CurrentPatient:
-        """`check_in` (`how`: its keywords): the patient current after it."""
-        return self.check_in(patient_id, name, **how).after
+    def set_patient(
+        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool | None = None, reason: str = ""
+    ) -> CurrentPatient:
+        """`check_in` (see it for `stat` and `reason`): the patient current after it."""
+        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason).after
 
     def check_in(
         self,
