@@ -956,17 +956,6 @@ class Doctor:
                     topic="link",
                 )
             )
-        elif quarantined:
-            out.append(
-                Finding(
-                    "queue",
-                    Level.WARN,
-                    text,
-                    "`lastmile queue` shows why items are quarantined; `lastmile retry` "
-                    "requeues them once the cause is fixed",
-                    topic="set-aside",
-                )
-            )
         elif stuck is not None and stuck > WAITING_WARN_S and refused is not None:
             out.append(Finding("queue", Level.WARN, text, _refused_alone_hint(refused), "refused-alone", topic="link"))
         elif stuck is not None and stuck > WAITING_WARN_S:
@@ -982,6 +971,18 @@ class Doctor:
             )
         else:
             out.append(Finding("queue", Level.OK, text, topic="link"))
+        # its own row: set aside items never hide what the link's finding says of the others
+        if quarantined:
+            out.append(
+                Finding(
+                    "queue",
+                    Level.WARN,
+                    f"{len(quarantined)} quarantined",
+                    "`lastmile queue` shows why items are quarantined; `lastmile retry` "
+                    "requeues them once the cause is fixed",
+                    topic="set-aside",
+                )
+            )
         out += [self._metered_finding(w, now) for w in held]
         for name, fault in faults:
             out.append(

@@ -395,6 +395,27 @@ def test_not_urgent_refuses_once_a_card_checked_another_patient_in(
     assert shown["current_patient"]["patient_id"] == "P-LISI"  # type: ignore[index]
 
 
+def test_a_stale_check_in_with_a_doctor_leaves_the_other_patients_doctor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page showed 张三, checked in by 王医生; a card checked 李四 in since. The stale form,
+    sent with 李医生 as doctor, was refused - after it had made 李医生 the doctor of 李四's session."""
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    acquire = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "王医生", True, "胸痛", now=now())
+        acquire.set_patient("P-LISI", now=now())
+        with pytest.raises(ConsoleInputError):
+            data.check_in("李医生", VALID_ID, "", "李医生", False, "", now=now(), shown_patient_id=VALID_ID)
+    finally:
+        acquire.close()
+        data.close()
+    shown = cli_json(["patient", "show", "--json", "--data-dir", str(config.data_dir)], capsys)
+    assert shown["current_patient"]["patient_id"] == "P-LISI"  # type: ignore[index]
+    assert shown["doctor_id"] == "王医生"
+
+
 def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
     """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
     sent first, never held, the reason in the DICOM request."""

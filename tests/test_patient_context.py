@@ -103,11 +103,20 @@ def test_clear_replace_and_doctor(context: PatientContext) -> None:
         context.set_patient("  ", now=T0)
 
 
+def logged_naming(data_dir: Path, text: str) -> list[tuple]:
+    """The rows of clinic.db's session log holding `text` (a name), read as a file."""
+    import sqlite3
+
+    conn = sqlite3.connect(data_dir / "clinic.db")
+    try:
+        return [row for row in conn.execute("SELECT * FROM session_log") if text in " ".join(map(str, row))]
+    finally:
+        conn.close()
+
+
 def test_a_check_in_name_is_kept_in_the_session_log_only_as_long_as_it_is_used(tmp_path: Path) -> None:
     # 张三 checked in yesterday morning, 李四 a day and an hour later: 张三's name is used for
     # NAME_KEPT (24 h) and then must not stay in clinic.db forever (the outbox purges patient data).
-    import sqlite3
-
     from lastmile.clinic.patients import NAME_KEPT
 
     context = PatientContext.open(tmp_path, idle_timeout_s=900)
@@ -118,12 +127,24 @@ def test_a_check_in_name_is_kept_in_the_session_log_only_as_long_as_it_is_used(t
         assert context.checked_in_name("P-2", later) == "Li^Si=李^四"  # still used
     finally:
         context.close()
-    conn = sqlite3.connect(tmp_path / "clinic.db")
+    assert logged_naming(tmp_path, "张") == []
+
+
+def test_a_check_in_name_is_forgotten_with_no_later_check_in(tmp_path: Path) -> None:
+    """张三 checked in and the check-in ended; nobody was checked in after. His name stayed in
+    clinic.db's session log for ever: only a later check-in forgot names past NAME_KEPT. Now the
+    session's end (the doctor's end of check-in, the idle expiry a page's read makes) does too."""
+    from lastmile.clinic.patients import NAME_KEPT
+
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
     try:
-        logged = [row for row in conn.execute("SELECT * FROM session_log") if "张" in " ".join(map(str, row))]
+        context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+        assert context.clear(now=T0 + 10 * MIN)
+        assert context.checked_in_name("P-1", T0 + 10 * MIN) == "Zhang^San=张^三"  # still used
+        assert context.current(T0 + NAME_KEPT + 60 * MIN) is None  # a page read, a day later
     finally:
-        conn.close()
-    assert logged == []
+        context.close()
+    assert logged_naming(tmp_path, "张") == []
 
 
 def test_observation_json_round_trip() -> None:

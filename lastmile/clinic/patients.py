@@ -17,7 +17,6 @@ import logging
 import os
 import sqlite3
 from dataclasses import dataclass, replace
-from typing import Any
 
 import sqlite_utils
 
@@ -87,9 +86,11 @@ class PatientContext:
         self.db.conn.close()
 
     # -- changing the session ---------------------------------------------------------------
-    def set_patient(self, patient_id: str, name: str = "", **how: Any) -> CurrentPatient:
-        """`check_in` (`how`: its keywords): the patient current after it."""
-        return self.check_in(patient_id, name, **how).after
+    def set_patient(
+        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool | None = None, reason: str = ""
+    ) -> CurrentPatient:
+        """`check_in` (see it for `stat` and `reason`): the patient current after it."""
+        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason).after
 
     def check_in(
         self,
@@ -100,6 +101,7 @@ class PatientContext:
         stat: bool | None = None,
         reason: str = "",
         expected_patient_id: str = "",
+        doctor_id: str = "",
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -108,7 +110,8 @@ class PatientContext:
         only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose.
         `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
         nobody, is current - checked in the same transaction, so a card the acquire service reads
-        meanwhile is never replaced."""
+        meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
+        `set_doctor`), set only if the check-in is - never on a patient the page did not show."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -118,6 +121,10 @@ class PatientContext:
             if expected_patient_id and (before is None or before.patient_id != expected_patient_id.strip()):
                 raise PatientChanged(before.patient_id if before is not None else "")
             doctor = row["doctor_id"] if row else None
+            doctor_since = row["doctor_since"] if row else None
+            if doctor_id.strip():
+                doctor, doctor_since = doctor_id.strip(), iso(now)
+                self._log(conn, now, "doctor-set", None, doctor)
             if row and row["patient_id"] == patient_id:
                 name = name or row["patient_name"] or ""
                 reason = reason.strip() or row["reason"] or ""
@@ -131,6 +138,7 @@ class PatientContext:
                 "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
                 "THEN session.patient_since ELSE excluded.patient_since END, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
+                "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
                 "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
                 (
                     _ROW,
@@ -138,7 +146,7 @@ class PatientContext:
                     name,
                     iso(now),
                     doctor,
-                    row["doctor_since"] if row else None,
+                    doctor_since,
                     iso(now),
                     int(bool(stat)),
                     reason.strip() or None,
@@ -146,7 +154,6 @@ class PatientContext:
             )
             # the name as checked in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, name.strip())
-            _forget_names(conn, now - NAME_KEPT)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
         return CheckedIn(before, after)
@@ -268,7 +275,10 @@ class PatientContext:
         return last is None or now - last > self.idle_timeout
 
     def _expire_locked(self, conn: sqlite3.Connection, now: dt.datetime) -> sqlite3.Row | None:
-        """Inside a transaction: end an idle session; return the live row or None."""
+        """Inside a transaction: end an idle session; return the live row or None. Every change of
+        the session (a check-in, its end, its idle expiry, a doctor, a reading) forgets the names
+        past NAME_KEPT: a gateway with no later check-in must not keep them either."""
+        _forget_names(conn, now - NAME_KEPT)
         row = conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone()
         if row is None:
             return None

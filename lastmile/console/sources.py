@@ -569,8 +569,6 @@ class ClinicData:
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
-        if doctor:
-            self.context.set_doctor(doctor, now=now)
         # as `lastmile patient set --stat --reason`: the next ECG recorded is STAT, with its reason
         try:
             checked = self.context.check_in(
@@ -580,6 +578,7 @@ class ClinicData:
                 stat=stat,
                 reason=reason,
                 expected_patient_id=shown_patient_id,
+                doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
