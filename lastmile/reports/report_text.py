@@ -157,10 +157,6 @@ def _standard_words(county: str, code: str) -> bool:
     return county.casefold() == (known_concept(split_concept(code)) or "").casefold()
 
 
-def critical_reason(line: ReportLine, speaker: Speaker) -> str:
-    return printed(critical(line, speaker), speaker)
-
-
 def printed(reason: CriticalReason, speaker: Speaker) -> str:
     """A reason as paper and the command line say it: its text, then the county's own words."""
     if not reason.words:
@@ -195,10 +191,6 @@ def clinic_offset(wall: dt.datetime, zone: dt.tzinfo) -> str:
     """The clinic zone's UTC offset at a wall-clock time, as +08:00."""
     z = wall.replace(tzinfo=zone).strftime("%z")
     return f"{z[:3]}:{z[3:]}"
-
-
-def critical_reasons(lines: Sequence[ReportLine], speaker: Speaker) -> list[str]:
-    return [critical_reason(line, speaker) for line in critical_lines(lines)]
 
 
 def shown_critical(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[CriticalReason]:
@@ -299,7 +291,7 @@ def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
                 out.append(_("AMENDED: this is a corrected version of the report"))
         elif line.kind == LineKind.WITHDRAWN:
             out.append(_("WITHDRAWN by the reading center (%(status)s): do not act on this report", status=line.value))
-    reasons = critical_reasons(lines, speaker)
+    reasons = shown_reasons(lines, (), speaker)
     if reasons:
         out.append(_("CRITICAL RESULT: %(reasons)s", reasons="; ".join(reasons)))
     out += [body_line(line, speaker) for line in lines if line.kind not in HEADER | CRITICAL | FOOTER]
