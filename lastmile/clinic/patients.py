@@ -276,9 +276,9 @@ class PatientContext:
 
     def _expire_locked(self, conn: sqlite3.Connection, now: dt.datetime) -> sqlite3.Row | None:
         """Inside a transaction: end an idle session; return the live row or None. Every change of
-        the session (a check-in, its end, its idle expiry, a doctor, a reading) forgets the names
-        past NAME_KEPT: a gateway with no later check-in must not keep them either."""
-        _forget_names(conn, now - NAME_KEPT)
+        the session (a check-in, its end, its idle expiry, a doctor, a reading) prunes the log past
+        NAME_KEPT: a gateway with no later check-in must not keep its names either."""
+        _prune_log(conn, now - NAME_KEPT)
         row = conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone()
         if row is None:
             return None
@@ -312,13 +312,11 @@ class PatientContext:
         )
 
 
-def _forget_names(conn: sqlite3.Connection, before: dt.datetime) -> None:
-    """Blank the names check-ins logged before `before`: used for NAME_KEPT only, they must not
-    outlive the outbox's purge of the patient's data (the log itself is kept: who, when)."""
-    conn.execute(
-        "UPDATE session_log SET detail = '' WHERE event = 'patient-set' AND at < ? AND detail != ''",
-        (iso(before),),
-    )
+def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:
+    """Delete the session log before `before`: only NAME_KEPT of it is read (`checked_in_name`; the
+    console's audit trail is its own table), its names must not outlive the outbox's purge of the
+    patient's data, and the log must not grow on the SD card for ever. A seek on its `at` index."""
+    conn.execute("DELETE FROM session_log WHERE at < ?", (iso(before),))
 
 
 def _t(value: str) -> dt.datetime:
