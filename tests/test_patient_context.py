@@ -186,6 +186,27 @@ def test_a_month_of_check_ins_keeps_only_the_session_log_that_is_read(tmp_path: 
         context.close()
 
 
+def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> None:
+    """The doctor checks 张三 in under P-12, a typo, and corrects it to his P-21. Later the true
+    P-12 (李四) checks in without a name, and then her reading is assigned to P-12 after the session
+    moved on: it went to the county as 张三. A corrected ID's name is not its own, and the latest
+    check-in of an ID names it (none: no name)."""
+    from devices.identity import Patient
+
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient("P-12", "Zhang^San=张^三", now=T0)
+        context.set_patient("P-21", "Zhang^San=张^三", now=T0 + MIN)  # the same patient, ID corrected
+        later = T0 + 30 * MIN
+        assert context.named(Patient("P-12"), later).name == "", "a mistyped ID keeps the name typed with it"
+        assert context.named(Patient("P-21"), later).name == "Zhang^San=张^三"
+        context.set_patient("P-12", now=T0 + 60 * MIN)  # the true owner of P-12, no name given
+        context.set_patient("P-30", "Wang^Wu=王^五", now=T0 + 70 * MIN)
+        assert context.named(Patient("P-12"), T0 + 80 * MIN).name == ""
+    finally:
+        context.close()
+
+
 def test_observation_json_round_trip() -> None:
     obs = bp(T0)
     assert observation_from_json(json.loads(json.dumps(observation_to_json(obs)))) == obs

@@ -246,13 +246,17 @@ class PatientContext:
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
         this morning, 李四 now: user 2 mapped to 张三's ID is named 张三); "" if none. Only a
-        name typed for this very ID: never the current patient's for another one."""
-        row = self.db.conn.execute(
-            "SELECT detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
-            "AND detail != '' ORDER BY id DESC LIMIT 1",
+        name typed for this very ID: never the current patient's for another one. The latest
+        check-in of the ID names it (one with no name: none), unless it was corrected."""
+        conn = self.db.conn
+        latest = conn.execute(
+            "SELECT id, detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
+            "ORDER BY id DESC LIMIT 1",
             (patient_id, iso(now - NAME_KEPT)),
         ).fetchone()
-        return str(row["detail"]) if row else ""
+        if latest is None or not latest["detail"] or _corrected(conn, latest["id"], latest["detail"]):
+            return ""
+        return str(latest["detail"])
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
@@ -310,6 +314,15 @@ class PatientContext:
             "INSERT INTO session_log (at, event, patient_id, doctor_id, detail) VALUES (?, ?, ?, ?, ?)",
             (iso(now), event, patient_id, doctor_id, detail),
         )
+
+
+def _corrected(conn: sqlite3.Connection, log_id: int, name: str) -> bool:
+    """Whether the check-in logged as `log_id` typed its ID wrong: the next check-in is the same
+    name under another ID (张三 checked in as P-12, then as P-21). Its name is not P-12's owner's."""
+    following = conn.execute(
+        "SELECT detail FROM session_log WHERE event = 'patient-set' AND id > ? ORDER BY id LIMIT 1", (log_id,)
+    ).fetchone()
+    return following is not None and following["detail"] == name
 
 
 def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:
