@@ -147,6 +147,66 @@ def test_a_check_in_name_is_forgotten_with_no_later_check_in(tmp_path: Path) -> 
     assert logged_naming(tmp_path, "张") == []
 
 
+def session_log_statements(context: PatientContext, do) -> list[str]:
+    """The statements on clinic.db's session log that `do()` ran (their values bound)."""
+    seen: list[str] = []
+    context.db.conn.set_trace_callback(seen.append)
+    try:
+        do()
+    finally:
+        context.db.conn.set_trace_callback(None)
+    return [sql for sql in seen if "session_log" in sql]
+
+
+def test_a_month_of_check_ins_keeps_only_the_session_log_that_is_read(tmp_path: Path) -> None:
+    """A gateway checks a patient in every 3 hours for a month: its session log (on the Pi's SD
+    card) grew for ever, and every check-in scanned all of it. Now it keeps only the NAME_KEPT that
+    named() reads, and no statement of a check-in reads the whole table."""
+    from lastmile.clinic.patients import NAME_KEPT
+
+    step, count = dt.timedelta(hours=3), 30 * 8
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        for n in range(count):
+            context.set_patient(f"P-{n}", f"Name^{n}", now=T0 + n * step)
+        now = T0 + count * step
+        statements = session_log_statements(context, lambda: context.set_patient("P-NOW", "Wang^Wu", now=now))
+        assert context.checked_in_name(f"P-{count - 1}", now) == f"Name^{count - 1}"  # still used
+        kept = [dt.datetime.fromisoformat(row["at"]) for row in context.db.conn.execute("SELECT at FROM session_log")]
+        assert min(kept) >= now - NAME_KEPT, f"the session log keeps {len(kept)} rows back to {min(kept)}"
+        # each check-in in NAME_KEPT: its own row and its predecessor's idle end
+        assert len(kept) == 2 * (NAME_KEPT // step + 1)
+        plans = {
+            sql: " / ".join(row[3] for row in context.db.conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            for sql in statements
+            if not sql.startswith("INSERT")
+        }
+        assert plans and all("USING INDEX session_log_at" in plan for plan in plans.values()), plans
+    finally:
+        context.close()
+
+
+def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> None:
+    """The doctor checks 张三 in under P-12, a typo, and corrects it to his P-21. Later the true
+    P-12 (李四) checks in without a name, and then her reading is assigned to P-12 after the session
+    moved on: it went to the county as 张三. A corrected ID's name is not its own, and the latest
+    check-in of an ID names it (none: no name)."""
+    from devices.identity import Patient
+
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient("P-12", "Zhang^San=张^三", now=T0)
+        context.set_patient("P-21", "Zhang^San=张^三", now=T0 + MIN)  # the same patient, ID corrected
+        later = T0 + 30 * MIN
+        assert context.named(Patient("P-12"), later).name == "", "a mistyped ID keeps the name typed with it"
+        assert context.named(Patient("P-21"), later).name == "Zhang^San=张^三"
+        context.set_patient("P-12", now=T0 + 60 * MIN)  # the true owner of P-12, no name given
+        context.set_patient("P-30", "Wang^Wu=王^五", now=T0 + 70 * MIN)
+        assert context.named(Patient("P-12"), T0 + 80 * MIN).name == ""
+    finally:
+        context.close()
+
+
 def test_observation_json_round_trip() -> None:
     obs = bp(T0)
     assert observation_from_json(json.loads(json.dumps(observation_to_json(obs)))) == obs

@@ -246,13 +246,17 @@ class PatientContext:
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
         this morning, 李四 now: user 2 mapped to 张三's ID is named 张三); "" if none. Only a
-        name typed for this very ID: never the current patient's for another one."""
-        row = self.db.conn.execute(
-            "SELECT detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
-            "AND detail != '' ORDER BY id DESC LIMIT 1",
+        name typed for this very ID: never the current patient's for another one. The latest
+        check-in of the ID names it (one with no name: none), unless it was corrected."""
+        conn = self.db.conn
+        latest = conn.execute(
+            "SELECT id, detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
+            "ORDER BY id DESC LIMIT 1",
             (patient_id, iso(now - NAME_KEPT)),
         ).fetchone()
-        return str(row["detail"]) if row else ""
+        if latest is None or not latest["detail"] or _corrected(conn, latest["id"], latest["detail"]):
+            return ""
+        return str(latest["detail"])
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
@@ -276,9 +280,9 @@ class PatientContext:
 
     def _expire_locked(self, conn: sqlite3.Connection, now: dt.datetime) -> sqlite3.Row | None:
         """Inside a transaction: end an idle session; return the live row or None. Every change of
-        the session (a check-in, its end, its idle expiry, a doctor, a reading) forgets the names
-        past NAME_KEPT: a gateway with no later check-in must not keep them either."""
-        _forget_names(conn, now - NAME_KEPT)
+        the session (a check-in, its end, its idle expiry, a doctor, a reading) prunes the log past
+        NAME_KEPT: a gateway with no later check-in must not keep its names either."""
+        _prune_log(conn, now - NAME_KEPT)
         row = conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone()
         if row is None:
             return None
@@ -312,13 +316,20 @@ class PatientContext:
         )
 
 
-def _forget_names(conn: sqlite3.Connection, before: dt.datetime) -> None:
-    """Blank the names check-ins logged before `before`: used for NAME_KEPT only, they must not
-    outlive the outbox's purge of the patient's data (the log itself is kept: who, when)."""
-    conn.execute(
-        "UPDATE session_log SET detail = '' WHERE event = 'patient-set' AND at < ? AND detail != ''",
-        (iso(before),),
-    )
+def _corrected(conn: sqlite3.Connection, log_id: int, name: str) -> bool:
+    """Whether the check-in logged as `log_id` typed its ID wrong: the next check-in is the same
+    name under another ID (张三 checked in as P-12, then as P-21). Its name is not P-12's owner's."""
+    following = conn.execute(
+        "SELECT detail FROM session_log WHERE event = 'patient-set' AND id > ? ORDER BY id LIMIT 1", (log_id,)
+    ).fetchone()
+    return following is not None and following["detail"] == name
+
+
+def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:
+    """Delete the session log before `before`: only NAME_KEPT of it is read (`checked_in_name`; the
+    console's audit trail is its own table), its names must not outlive the outbox's purge of the
+    patient's data, and the log must not grow on the SD card for ever. A seek on its `at` index."""
+    conn.execute("DELETE FROM session_log WHERE at < ?", (iso(before),))
 
 
 def _t(value: str) -> dt.datetime:
