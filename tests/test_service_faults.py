@@ -254,6 +254,24 @@ def test_a_monitor_row_says_no_store_error_once_its_held_readings_are_stored(
         assert m.device().last_error == "", m.device().last_error
 
 
+def test_the_doctor_advises_by_the_cause_of_held_readings_not_free_space(tmp_path: Path) -> None:
+    """lastmile/doctor.py _readings_waiting_for_space: readings held because the outbox was locked
+    (not full) got the FAIL "free space on the data partition" (the System page: "waiting for
+    storage space ... free space"), beside the WARN that says the real cause: freeing space does
+    nothing for them. Now the FAIL names the cause and says to call the county IT."""
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor
+
+    with monitor_on_the_acquire_part(tmp_path) as m, outbox_locked(m):
+        readings_held_by_a_locked_outbox(m)
+        findings = Doctor(m.config).check_devices()
+    (held,) = [f for f in findings if f.level is Level.FAIL]
+    assert "free space" not in held.hint and "database is locked" in held.message, (held.message, held.hint)
+    zh = advice_text(held, Localizer("zh-CN", dt.timezone.utc))
+    assert "存储空间" not in zh and "信息" in zh, zh  # not "waiting for storage space": call the county IT
+
+
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
