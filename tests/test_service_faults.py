@@ -139,6 +139,7 @@ class MonitorOnPart:
     part: Part
     registry: DeviceRegistry
     report: bytes  # what the monitor prints: three readings
+    config: Config
 
     def device(self) -> DeviceRecord:
         record = self.registry.get("serial:monitor")
@@ -172,6 +173,7 @@ def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
         part,
         registry,
         VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed),
+        config,
     )
     try:
         part.check(time.monotonic())
@@ -208,6 +210,66 @@ def test_acquire_stores_what_an_unplugged_monitor_left_once_there_is_room(
         m.outbox.min_free_bytes = 0  # the forwarder sent and purged: room again
         wait_for(lambda: len(m.outbox.items(kind="observation")) >= 3, timeout=30)
         assert len(m.outbox.items(kind="observation")) == 3  # once each
+
+
+@contextlib.contextmanager
+def outbox_locked(m: MonitorOnPart) -> Iterator[None]:
+    """Another process holds the outbox's write lock (a cause that is not space): the monitor's
+    readings are refused with "database is locked" after 50 ms rather than the 15 s busy wait."""
+    import sqlite3
+
+    with m.outbox._lock:
+        m.outbox._conn.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.rollback()
+        other.close()
+
+
+def readings_held_by_a_locked_outbox(m: MonitorOnPart) -> None:
+    """The monitor prints its report while the outbox is locked: held (spill file), the row's
+    error says why."""
+    m.monitor.write(m.report)
+    wait_for(lambda: m.device().waits_for_space and "database is locked" in m.device().last_error, timeout=30)
+
+
+def test_a_monitor_row_says_no_store_error_once_its_held_readings_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/serial_devices.py retry_unstored: readings the outbox refused for another
+    cause than space (locked by another process) were held and the row said "cannot store
+    reading: database is locked"; once they were stored, the row still said it (the Devices page's
+    "could not be saved: please measure again", `lastmile devices`) for a monitor that was fine."""
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):
+            readings_held_by_a_locked_outbox(m)
+        wait_for(lambda: not m.device().waits_for_space, timeout=30)
+        assert len(m.outbox.items(kind="observation")) == 3
+        assert m.device().last_error == "", m.device().last_error
+
+
+def test_the_doctor_advises_by_the_cause_of_held_readings_not_free_space(tmp_path: Path) -> None:
+    """lastmile/doctor.py _readings_waiting_for_space: readings held because the outbox was locked
+    (not full) got the FAIL "free space on the data partition" (the System page: "waiting for
+    storage space ... free space"), beside the WARN that says the real cause: freeing space does
+    nothing for them. Now the FAIL names the cause and says to call the county IT."""
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor
+
+    with monitor_on_the_acquire_part(tmp_path) as m, outbox_locked(m):
+        readings_held_by_a_locked_outbox(m)
+        findings = Doctor(m.config).check_devices()
+    (held,) = [f for f in findings if f.level is Level.FAIL]
+    assert "free space" not in held.hint and "database is locked" in held.message, (held.message, held.hint)
+    zh = advice_text(held, Localizer("zh-CN", dt.timezone.utc))
+    assert "存储空间" not in zh and "信息" in zh, zh  # not "waiting for storage space": call the county IT
 
 
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(

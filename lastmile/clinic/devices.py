@@ -416,6 +416,17 @@ class DeviceRegistry:
             assignments = ", ".join(f"{k} = ?" for k in sets)
             conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
 
+    def clear_error(self, address: str, problem: DeviceProblem, *, now: dt.datetime) -> None:
+        """Clear the row's error if it is still one of kind `problem` (a later one, unplugged ...,
+        stays): what it said is over."""
+        prefixes = [prefix for prefix, kind in PROBLEM_PREFIXES if kind is problem]
+        matches = " OR ".join("substr(last_error, 1, ?) = ?" for _ in prefixes)
+        with transaction(self.db) as conn:
+            conn.execute(
+                f"UPDATE devices SET last_error = '', last_error_at = ?, updated_at = ? WHERE address = ? AND ({matches})",
+                (iso(now), iso(now), normalise_address(address), *(v for p in prefixes for v in (len(p), p))),
+            )
+
     @staticmethod
     def _services(conn: sqlite3.Connection, address: str) -> tuple[int, ...]:
         row = conn.execute("SELECT services FROM devices WHERE address = ?", (address,)).fetchone()

@@ -404,6 +404,23 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs are waiting for storage space and are not saved yet: do not switch the gateway off, they "
             "would be lost. Call the county IT now to free space."
         ),
+        # held for another cause than space (doctor.NOT_STORED): freeing space would not help
+        "readings-kept-not-stored": N_(
+            "Readings are waiting to be saved: the gateway cannot write its data just now (not for want of "
+            "space). They are kept and saved once it can. If this lasts, call the county IT."
+        ),
+        "ecgs-kept-not-stored": N_(
+            "ECGs are waiting to be saved: the gateway cannot write its data just now (not for want of "
+            "space). They are kept and saved once it can. If this lasts, call the county IT."
+        ),
+        "memory-only-not-stored": N_(
+            "Readings are waiting to be saved and are not saved yet: the gateway cannot write its data just now "
+            "(not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
+        ),
+        "memory-only-ecgs-not-stored": N_(
+            "ECGs are waiting to be saved and are not saved yet: the gateway cannot write its data just now "
+            "(not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
+        ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
         "lost-readings": N_(

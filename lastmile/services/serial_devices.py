@@ -71,6 +71,7 @@ from firmware_bridge.serial_link import (
 )
 from lastmile import __version__
 from lastmile.clinic.devices import (
+    DeviceProblem,
     DeviceRecord,
     DeviceRegistry,
     HeldReadings,
@@ -347,6 +348,7 @@ class SerialContext:
         held = self.unstored.get(spec.name) or Unstored()
         if not held:
             self.status(spec, held=HeldReadings.NONE)
+            self._store_error_over(spec)
             return
         counts = (len(held.observations), len(held.recordings))
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
@@ -360,6 +362,14 @@ class SerialContext:
         message = waiting_message(held_words(*counts), where, held_words(*memory))
         log.error("%s: %s", spec.name, message)
         self.status(spec, held=where, held_counts=counts, memory_counts=memory)
+
+    def _store_error_over(self, spec: LinkSpec) -> None:
+        """Nothing of `spec`'s device waits any more: a "cannot store" error written while it was
+        held is no longer its state (a later error, unplugged ..., stays)."""
+        try:
+            self.registry.clear_error(serial_address(spec.name), DeviceProblem.NOT_SAVED, now=self.now())
+        except Exception:  # status is best effort, as in status()
+            log.exception("%s: cannot record device status", spec.name)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
