@@ -225,8 +225,8 @@ class SerialContext:
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
     # by device row address: how many ECG_ENDs a bridge may resend of the ECGs this start found a
-    # stop lost (the lost FAIL says them: their NACK is not the row's error too), until its first
-    # connection ends: a later unknown ECG_END is a new loss, the row's error
+    # stop lost (the lost FAIL says them: their NACK is not the row's error too), until the first
+    # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
@@ -313,7 +313,7 @@ class SerialContext:
         return bool(left)
 
     def resend_window_closed(self, spec: LinkSpec) -> None:
-        """`spec`'s bridge connection ended: what it resent of the ECGs a stop lost has come."""
+        """A connection `spec`'s bridge spoke on ended: what it resent of the ECGs a stop lost has come."""
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
@@ -631,7 +631,10 @@ class BridgeHandler:
         # This connection's seqs mean nothing to the next one: the bridge resends its ECG_END
         # after the re-plug and that one is acknowledged.
         self._awaiting.clear()
-        self.ctx.resend_window_closed(self.spec)
+        # A USB bridge often enumerates, goes away and comes back at boot before it says a word:
+        # its resends are due on the first connection it greets the gateway on, not on that one.
+        if self.session.hello is not None:
+            self.ctx.resend_window_closed(self.spec)
         self.ctx.retry_unstored(self.spec, force=True)
         self.ctx.status(self.spec, connected=False, error=reason)
 
