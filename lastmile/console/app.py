@@ -45,6 +45,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from devices.identity import Patient
 from lastmile import __version__
 from lastmile.clinic.observations import SUMMARY_SEPARATOR
 from lastmile.config import Config
@@ -923,15 +924,21 @@ async def assign_reading(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
         patient = data.assign_reading(ctx.user, _int(f.get("held_id", "")), f.get("patient_id", ""), now=now)
-        return "assigned", {"patient_id": patient.patient_id, "name": patient.name}
+        return assigned_to(patient)
 
     return await today_action(request, action)
 
 
+def assigned_to(patient: Patient) -> Done:
+    """What Today says after a held reading or ECG is assigned: whose it now is (ID, and name if known)."""
+    return "assigned", {"patient_id": patient.patient_id, "name": patient.name}
+
+
 async def assign_ecg(request: Request) -> Response:
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
-        done = state_of(request).data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
-        return "assigned" if done else "too-late"
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+        data = state_of(request).data
+        patient = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        return "too-late" if patient is None else assigned_to(patient)
 
     return await today_action(request, action)
 
