@@ -116,8 +116,10 @@ def test_posts_without_the_csrf_token_are_refused(console: ConsoleServer) -> Non
     reply = client.post("/today/end-session", headers={"Origin": "http://evil.example"})
     assert reply.status == 403
     assert PATIENT_ID in client.get("/today").body
-    # a GET never changes anything
-    assert client.get("/today/end-session").status == 405
+    # a GET never changes anything: the form's address opened as a page is the page of the form
+    reply = client.get("/today/end-session")
+    assert (reply.status, reply.location) == (303, "/today")
+    assert PATIENT_ID in client.get("/today").body
 
 
 def test_the_login_form_has_its_own_csrf_token(console: ConsoleServer) -> None:

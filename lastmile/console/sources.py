@@ -828,13 +828,16 @@ class ClinicData:
             for h in self.held_ecg_source.held_ecgs(now)
         ]
 
-    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> bool:
+    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> Patient | None:
+        """Give the held ECG to the patient typed (named as check-in named them, if it is the
+        patient checked in); the patient it went to, for the page to say whose it now is, or None
+        if it was no longer held (sent already)."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
         done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
             user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
         )
-        return done
+        return patient if done else None
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
