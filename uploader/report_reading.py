@@ -43,7 +43,14 @@ from pydicom.uid import (
 
 from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
-from uploader.report_lines import PERSON_NAME, LineKind, ReportLine, concept_key, normal_scheme
+from uploader.report_lines import (
+    PERSON_NAME,
+    LineKind,
+    ReportLine,
+    concept_key,
+    interpretation_concept,
+    normal_scheme,
+)
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
     BasicTextSRStorage,
@@ -689,7 +696,13 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
                 if code in FHIR_CRITICAL_INTERPRETATIONS:
                     critical.append(f"{name or 'result'} interpreted {display or code}")
                     reasons.append(
-                        ReportLine(LineKind.CRITICAL_INTERPRETED, name=name, value=display or code, concept=concept)
+                        ReportLine(
+                            LineKind.CRITICAL_INTERPRETED,
+                            name=name,
+                            value=display or code,
+                            concept=concept,
+                            value_concept=interpretation_concept(code),
+                        )
                     )
     document: bytes | None = None
     document_type = ""

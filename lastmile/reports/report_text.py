@@ -27,6 +27,7 @@ from uploader.report_lines import (
     LineKind,
     ReportLine,
     critical_lines,
+    interpretation_concept,
     split_concept,
 )
 
@@ -141,7 +142,9 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
         return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=where))
     if line.kind == LineKind.CRITICAL_INTERPRETED:
         result = concept_name(line.name, line.concept, speaker) or _("a result")
-        return CriticalReason(_("%(result)s marked %(flag)s", result=result, flag=line.value))
+        flag, code = interpretation(line, speaker)
+        detail = " · ".join(dict.fromkeys(w for w in (code, line.value) if w != flag))
+        return CriticalReason(_("%(result)s marked %(flag)s", result=result, flag=flag), detail)
     # a coded value (name: its concept, value: the county's words) or a coded concept (name: the county's words)
     county = line.value or line.name
     finding = term(county, split_concept(line.code), speaker)
@@ -149,6 +152,17 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
     unshown = [county] if county not in text else []
     words = "" if not unshown or _standard_words(county, line.code) else county
     return CriticalReason(text, " · ".join([line.code, *unshown]), words)
+
+
+def interpretation(line: ReportLine, speaker: Speaker) -> tuple[str, str]:
+    """A result's interpretation flag in the reader's words (HH: 危急偏高), and its code for a
+    technician: the county's display where it says more than the flag's standard name, the code
+    as written where the gateway does not know it. A line stored before the flag's code was kept
+    has it as its value when the county sent no display."""
+    concept = line.value_concept or interpretation_concept(line.value)
+    code = concept.partition(" ")[2]
+    county = "" if line.value == code else line.value
+    return concept_name(county, concept, speaker) or line.value, code
 
 
 def _standard_words(county: str, code: str) -> bool:
