@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -416,9 +417,9 @@ def test_a_stale_check_in_with_a_doctor_leaves_the_other_patients_doctor(
     assert shown["doctor_id"] == "王医生"
 
 
-def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
-    """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
-    sent first, never held, the reason in the DICOM request."""
+def next_cart_ecg(config: Config) -> tuple[Any, Any]:
+    """The ECG the cart sends now (the serial bridge's path, with the clinic session's patient,
+    STAT and reason): its outbox item and its DICOM."""
     import io
     from dataclasses import replace
 
@@ -426,14 +427,7 @@ def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
 
     from firmware_bridge.serial_link import LinkSpec, PortMatch
     from lastmile.services.serial_devices import SerialService
-    from uploader.outbox import Priority
 
-    config = make_config(tmp_path)
-    data = ClinicData(config)
-    try:
-        data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
-    finally:
-        data.close()
     with open_outbox(config) as outbox:
         service = SerialService.open(config, outbox=outbox)
         try:
@@ -444,11 +438,63 @@ def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
             service.close()
         item = outbox.find("cart-ecg")
         assert item is not None
-        ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+        return item, pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+
+
+def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
+    """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
+    sent first, never held, the reason in the DICOM request."""
+    from uploader.outbox import Priority
+
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
+    finally:
+        data.close()
+    item, ds = next_cart_ecg(config)
     assert item.priority == Priority.STAT and item.meta["stat"] and item.hold_until is None  # STAT: never held
     assert item.patient is not None and item.patient["patient_id"] == VALID_ID
     assert ds.StudyDescription.startswith("STAT ") and "胸痛 chest pain" in ds.StudyDescription
     assert ds.RequestAttributesSequence[0].ReasonForTheRequestedProcedure == "胸痛 chest pain"
+
+
+def test_a_cleared_name_and_reason_leave_the_next_ecg_without_them(tmp_path: Path) -> None:
+    """张三 was checked in as 王五 with a wrong reason; the doctor clears both (the page showed
+    张三): the ECG the cart sends next names no one and asks for no reason."""
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    try:
+        data.check_in("王医生", VALID_ID, "王五", "Dr Li", True, "胸痛 chest pain", now=now())
+        clear = {"clear_name": True, "clear_reason": True}
+        done = data.check_in("王医生", VALID_ID, "", "", None, "", now=now(), shown_patient_id=VALID_ID, **clear)
+    finally:
+        data.close()
+    assert done.changed == ("name", "reason") and done.session.stat
+    item, ds = next_cart_ecg(config)
+    assert item.patient is not None and item.patient["patient_id"] == VALID_ID
+    assert item.patient["name"] == "" and str(ds.PatientName) == "", (item.patient, ds.PatientName)
+    assert "胸痛" not in str(ds.get("StudyDescription", ""))
+    assert "RequestAttributesSequence" not in ds or not ds.RequestAttributesSequence[0].get(
+        "ReasonForTheRequestedProcedure"
+    )
+
+
+def test_clearing_a_name_on_a_stale_page_clears_nobody_elses(tmp_path: Path) -> None:
+    """The page showed 张三; a card checked 李四 in since: its 清除姓名 is refused, 李四 keeps her name."""
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    acquire = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "", None, "", now=now())
+        acquire.set_patient("P-LISI", "李四", now=now())
+        with pytest.raises(ConsoleInputError):
+            data.check_in("王医生", VALID_ID, "", "", None, "", now=now(), shown_patient_id=VALID_ID, clear_name=True)
+        current = acquire.current(now())
+    finally:
+        acquire.close()
+        data.close()
+    assert current is not None and current.patient_id == "P-LISI" and current.name == "李四", current
 
 
 @pytest.mark.parametrize(

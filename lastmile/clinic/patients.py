@@ -102,12 +102,15 @@ class PatientContext:
         reason: str = "",
         expected_patient_id: str = "",
         doctor_id: str = "",
+        clear_name: bool = False,
+        clear_reason: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
         `name` or `reason`, `stat` None (a scanned card names none of them; a check-in typed again
         with the box unticked must not make a STAT patient routine). Another patient starts with
-        only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose.
+        only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose, as
+        `clear_name` / `clear_reason` clear a wrong name or reason (unless one is given instead).
         `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
         nobody, is current - checked in the same transaction, so a card the acquire service reads
         meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
@@ -126,8 +129,8 @@ class PatientContext:
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
             if row and row["patient_id"] == patient_id:
-                name = name or row["patient_name"] or ""
-                reason = reason.strip() or row["reason"] or ""
+                name = name or ("" if clear_name else row["patient_name"] or "")
+                reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
                 stat = bool(row["stat"]) if stat is None else stat
             if row and row["patient_id"] and row["patient_id"] != patient_id:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)

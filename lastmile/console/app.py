@@ -899,6 +899,9 @@ async def check_in(request: Request) -> Response:
             f.get("reason", ""),
             now=now,
             shown_patient_id=f.get("shown_patient_id", ""),
+            # the session's 清除 buttons; the check-in form has no "clear": its empty fields keep
+            clear_name=f.get("clear") == "name",
+            clear_reason=f.get("clear") == "reason",
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}

@@ -562,10 +562,13 @@ class ClinicData:
         *,
         now: dt.datetime,
         shown_patient_id: str = "",
+        clear_name: bool = False,
+        clear_reason: bool = False,
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
-        name, the reason, `stat` None) stays as it was. `shown_patient_id`: the patient a page
-        showed (its "not urgent" button), refused if another has been checked in since."""
+        name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
+        `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
+        "not urgent" and clear buttons), refused if another has been checked in since."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
@@ -578,6 +581,8 @@ class ClinicData:
                 stat=stat,
                 reason=reason,
                 expected_patient_id=shown_patient_id,
+                clear_name=clear_name,
+                clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
             )
         except PatientChanged as exc:
