@@ -1070,10 +1070,18 @@ class ClinicData:
 
     def known_names(self, patient_ids: list[str], now: dt.datetime) -> dict[str, str]:
         """The name the gateway holds for each of `patient_ids` where it holds one, as a page
-        shows it (`person_name`): the checked-in patient's, else the newest an outbox item (an ECG
-        or a reading, until purged) carries, else a sent study's. The gateway keeps no register of
-        names: a patient it never saw named has none."""
+        shows it (`person_name`), in one order: what the session knows
+        (`PatientContext.known_name`, the owner: the checked-in patient's, or the latest
+        check-in's within NAME_KEPT), else what only the data carries - the newest an outbox item
+        (an ECG or a reading, until purged) carries, else a sent study's. The gateway keeps no
+        register of names: a patient it never saw named has none."""
         wanted = sorted({p for p in patient_ids if p})
+        session = {pid: name for pid in wanted if (name := self.context.known_name(pid, now))}
+        found = {**self._names_in_data([p for p in wanted if p not in session]), **session}
+        return {pid: shown for pid, name in found.items() if (shown := person_name(name))}
+
+    def _names_in_data(self, wanted: list[str]) -> dict[str, str]:
+        """The newest name an outbox item carries for each of `wanted`, else a sent study's."""
         if not wanted:
             return {}
         marks = _marks(wanted)
@@ -1091,11 +1099,7 @@ class ClinicData:
             "AND json_extract(patient, '$.name') != '' ORDER BY id",
             (*_NOT_PURGED, Kind.DICOM, OBSERVATION_KIND, *wanted),
         ).fetchall()
-        found = {str(pid): person_name(str(name)) for pid, name in [*studies, *items]}  # the newest last: it wins
-        session = self.session(now)
-        if session is not None and session.patient_id in wanted and session.patient_name:
-            found[session.patient_id] = person_name(session.patient_name)
-        return {pid: name for pid, name in found.items() if name}
+        return {str(pid): str(name) for pid, name in [*studies, *items]}  # the newest last: it wins
 
     # -- change detection ---------------------------------------------------------------------------
     def watched_files(self) -> list[Path]:
