@@ -35,7 +35,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.device_users import DeviceUser, UserMapping
+from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_name
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     MAPPED_USER,
@@ -697,11 +697,11 @@ class ClinicData:
             obs.flags,
         )
 
-    def held_readings(self, session: SessionView | None = None) -> list[ReadingView]:
+    def held_readings(self, now: dt.datetime, session: SessionView | None = None) -> list[ReadingView]:
         """The held readings, each saying whether it was measured during `session` (the current
         check-in): only such a one is offered to that patient, never one from before it. A device
         user's says whose that user is now, if the doctor has said so (saying it again overwrites)."""
-        mapped = {(u.address, u.user_id): u.mapping for u in self.device_users()}
+        mapped = {(u.address, u.user_id): u.mapping for u in self.device_users(now)}
         return [
             ReadingView(
                 h.observation.record_key,
@@ -739,8 +739,12 @@ class ClinicData:
         return patient
 
     # -- a multi-user device's users ----------------------------------------------------------------
-    def device_users(self) -> list[DeviceUser]:
-        return self.store.device_users.mappings()
+    def device_users(self, now: dt.datetime) -> list[DeviceUser]:
+        """Every mapping the doctor made, each named as its user's next reading will be (`mapped_name`)."""
+        return [
+            replace(u, mapping=replace(u.mapping, patient_name=mapped_name(u.mapping, self.context, now)))
+            for u in self.store.device_users.mappings()
+        ]
 
     def map_device_user(
         self, user: str, address: str, user_text: str, patient_text: str, *, checked_in: bool, now: dt.datetime
