@@ -567,3 +567,42 @@ def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_s
             assert not scans, (name, scans)
     finally:
         data.close()
+
+
+def clinic_with_a_reading_named(tmp_path: Path, name: str, at: dt.datetime) -> ClinicData:
+    """The console's data of a clinic whose outbox holds one reading of VALID_ID named `name`."""
+    from lastmile.clinic.observations import OBSERVATION_KIND, observation_to_json
+    from tests.console_harness import bp_reading
+
+    config = make_config(tmp_path)
+    with open_outbox(config) as outbox:
+        reading = json.dumps(observation_to_json(bp_reading(at, "bp-1"))).encode()
+        outbox.add(OBSERVATION_KIND, "bp-1", reading, patient={"patient_id": VALID_ID, "name": name})
+    return ClinicData(config)
+
+
+def test_visits_name_a_patient_as_the_latest_check_in_does_not_an_older_reading(tmp_path: Path) -> None:
+    """张三 is checked in with a typo in his name, a reading is stored under it, the doctor checks
+    him in again with the name corrected (张三丰), then the next patient. Visits named him by the
+    reading's old name while an assignment or a cuff user mapped to his ID takes the corrected one
+    (`PatientContext.named`): one gateway, two names for one ID. The session's name comes first."""
+    at = now()
+    data = clinic_with_a_reading_named(tmp_path, "Zhang^San=张^三", at)
+    try:
+        data.context.set_patient(VALID_ID, "Zhang^Sanfeng=张^三丰", now=at - dt.timedelta(minutes=10))
+        data.context.set_patient("P-NEXT", "Li^Si=李^四", now=at - dt.timedelta(minutes=5))
+        assert data.context.named(Patient(VALID_ID), at).name == "Zhang^Sanfeng=张^三丰"
+        assert data.known_names([VALID_ID, "P-NEXT"], at) == {VALID_ID: "张三丰", "P-NEXT": "李四"}
+    finally:
+        data.close()
+
+
+def test_visits_name_a_patient_the_session_never_named_by_the_newest_outbox_item(tmp_path: Path) -> None:
+    """What only the outbox knows (a patient checked in more than a day ago, or named by a
+    card's ECG) still names the ID; an ID nothing named has no name."""
+    at = now()
+    data = clinic_with_a_reading_named(tmp_path, "Zhang^San=张^三", at)
+    try:
+        assert data.known_names([VALID_ID, "P-NOBODY"], at) == {VALID_ID: "张三"}
+    finally:
+        data.close()

@@ -478,3 +478,24 @@ def test_a_reading_measured_before_a_remap_is_held_not_given_to_the_new_patient(
     assert store.record(unknown_time, now=T0 + 11 * MIN).outcome == "held"
     assert store.record(reading(2, 12), now=T0 + 12 * MIN).patient_id == "P-B"
     assert [i.patient and i.patient["patient_id"] for i in store.outbox.items(kind=OBSERVATION_KIND)] == ["P-B"]
+
+
+def test_a_mapped_users_reading_takes_the_name_of_the_latest_check_in_of_its_patient(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """User 2 of the cuff is mapped to P-1 while P-1 is checked in as Zhang^San (a typo); the
+    doctor checks P-1 in again with the name corrected, then the next patient. User 2's reading
+    went to the county under the name stored with the mapping, while Visits and an assignment name
+    P-1 as corrected: the session's name comes first, the mapping's only where it knows none."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", at=T0 + MIN) == 0
+    store.context.set_patient("P-1", "Zhang^Sanfeng=张^三丰", now=T0 + 2 * MIN)
+    store.context.set_patient("P-2", "Li^Si=李^四", now=T0 + 3 * MIN)
+    item = store.outbox.get(store.record(reading(2, 4), now=T0 + 4 * MIN).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Zhang^Sanfeng=张^三丰"}
+    # a day on, the session has forgotten P-1's name: the mapping's is all the gateway knows
+    day_on = T0 + dt.timedelta(days=1, minutes=10)
+    store.context.set_patient("P-3", now=day_on - MIN)
+    late = replace(reading(2, 0), measured_at=day_on, received_at=day_on, record_key="test:user2:day-on")
+    item = store.outbox.get(store.record(late, now=day_on).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Zhang^San=张^三"}

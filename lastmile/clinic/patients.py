@@ -235,16 +235,23 @@ class PatientContext:
         return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
-        """`patient`, given without a name, with the checked-in patient's name when it is that
-        patient (as check-in named it); another ID keeps none. A name taken from the session for
-        another ID would send one patient's ID under another's name: the gateway keeps no names
-        by ID (the session holds only the current one)."""
+        """`patient`, given without a name, with the name the gateway knows for its ID
+        (`known_name`); another ID keeps none. A name taken from the session for another ID
+        would send one patient's ID under another's name: the gateway keeps no names by ID
+        (the session holds only the current one, its log NAME_KEPT of check-ins)."""
         if patient.name:
             return patient
+        return replace(patient, name=self.known_name(patient.patient_id, now))
+
+    def known_name(self, patient_id: str, now: dt.datetime) -> str:
+        """The one answer to "what name does the gateway know for `patient_id`" from the session:
+        the checked-in patient's name when it is that patient, else `checked_in_name`; "" if
+        none. Everything else that names an ID (the console's `known_names`, a device user's
+        mapping) asks this first and adds only what the session cannot know."""
         current = self.current(now)
-        if current is None or current.patient_id != patient.patient_id:
-            return replace(patient, name=self.checked_in_name(patient.patient_id, now))
-        return replace(patient, name=current.name)
+        if current is not None and current.patient_id == patient_id:
+            return current.name
+        return self.checked_in_name(patient_id, now)
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in

@@ -35,7 +35,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.device_users import DeviceUser, UserMapping
+from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_name
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     MAPPED_USER,
@@ -702,11 +702,11 @@ class ClinicData:
             obs.flags,
         )
 
-    def held_readings(self, session: SessionView | None = None) -> list[ReadingView]:
+    def held_readings(self, now: dt.datetime, session: SessionView | None = None) -> list[ReadingView]:
         """The held readings, each saying whether it was measured during `session` (the current
         check-in): only such a one is offered to that patient, never one from before it. A device
         user's says whose that user is now, if the doctor has said so (saying it again overwrites)."""
-        mapped = {(u.address, u.user_id): u.mapping for u in self.device_users()}
+        mapped = {(u.address, u.user_id): u.mapping for u in self.device_users(now)}
         return [
             ReadingView(
                 h.observation.record_key,
@@ -744,8 +744,12 @@ class ClinicData:
         return patient
 
     # -- a multi-user device's users ----------------------------------------------------------------
-    def device_users(self) -> list[DeviceUser]:
-        return self.store.device_users.mappings()
+    def device_users(self, now: dt.datetime) -> list[DeviceUser]:
+        """Every mapping the doctor made, each named as its user's next reading will be (`mapped_name`)."""
+        return [
+            replace(u, mapping=replace(u.mapping, patient_name=mapped_name(u.mapping, self.context, now)))
+            for u in self.store.device_users.mappings()
+        ]
 
     def map_device_user(
         self, user: str, address: str, user_text: str, patient_text: str, *, checked_in: bool, now: dt.datetime
@@ -1075,10 +1079,18 @@ class ClinicData:
 
     def known_names(self, patient_ids: list[str], now: dt.datetime) -> dict[str, str]:
         """The name the gateway holds for each of `patient_ids` where it holds one, as a page
-        shows it (`person_name`): the checked-in patient's, else the newest an outbox item (an ECG
-        or a reading, until purged) carries, else a sent study's. The gateway keeps no register of
-        names: a patient it never saw named has none."""
+        shows it (`person_name`), in one order: what the session knows
+        (`PatientContext.known_name`, the owner: the checked-in patient's, or the latest
+        check-in's within NAME_KEPT), else what only the data carries - the newest an outbox item
+        (an ECG or a reading, until purged) carries, else a sent study's. The gateway keeps no
+        register of names: a patient it never saw named has none."""
         wanted = sorted({p for p in patient_ids if p})
+        session = {pid: name for pid in wanted if (name := self.context.known_name(pid, now))}
+        found = {**self._names_in_data([p for p in wanted if p not in session]), **session}
+        return {pid: shown for pid, name in found.items() if (shown := person_name(name))}
+
+    def _names_in_data(self, wanted: list[str]) -> dict[str, str]:
+        """The newest name an outbox item carries for each of `wanted`, else a sent study's."""
         if not wanted:
             return {}
         marks = _marks(wanted)
@@ -1096,11 +1108,7 @@ class ClinicData:
             "AND json_extract(patient, '$.name') != '' ORDER BY id",
             (*_NOT_PURGED, Kind.DICOM, OBSERVATION_KIND, *wanted),
         ).fetchall()
-        found = {str(pid): person_name(str(name)) for pid, name in [*studies, *items]}  # the newest last: it wins
-        session = self.session(now)
-        if session is not None and session.patient_id in wanted and session.patient_name:
-            found[session.patient_id] = person_name(session.patient_name)
-        return {pid: name for pid, name in found.items() if name}
+        return {str(pid): str(name) for pid, name in [*studies, *items]}  # the newest last: it wins
 
     # -- change detection ---------------------------------------------------------------------------
     def watched_files(self) -> list[Path]:
