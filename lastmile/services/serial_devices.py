@@ -348,9 +348,9 @@ class SerialContext:
         """Say on the device's row what waits for space (never silent: also when only memory holds it),
         as its held status: never as its error, which a later problem (unplugged ...) writes."""
         held = self.unstored.get(spec.name) or Unstored()
-        if not held:
-            self.status(spec, held=HeldReadings.NONE)
+        if not held:  # its error first: the row never says nothing waits beside the over "cannot store"
             self._store_error_over(spec)
+            self.status(spec, held=HeldReadings.NONE)
             return
         counts = (len(held.observations), len(held.recordings))
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
