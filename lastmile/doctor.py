@@ -153,14 +153,6 @@ NOT_STORED_HINT = (
 )
 
 
-def not_stored_cause(r: DeviceRecord) -> str:
-    """Why `r`'s held readings are not stored, when it is not space: its "cannot store" error (a
-    space failure never writes one: the held status says it), else ""."""
-    from lastmile.clinic.devices import DeviceProblem
-
-    return r.last_error if r.problem is DeviceProblem.NOT_SAVED else ""
-
-
 @dataclass(frozen=True, slots=True)
 class OutboxReads:
     """What a doctor run read from the outbox, in its one open (see `Doctor.outbox_reads`)."""
@@ -837,7 +829,7 @@ class Doctor:
         records = [r for r in self.device_records() or [] if not r.removed]
         held = [r for r in records if r.waits_for_space]
         # every row that holds some says another cause than space: the spill files wait for that
-        cause = not_stored_cause(held[0]) if held and all(map(not_stored_cause, held)) else ""
+        cause = held[0].held_cause if held and all(r.held_cause for r in held) else ""
         found = []
         # the System page's advice names what waits too: a village doctor does not take an ECG for a reading
         for what, name, advice in (("reading(s)", SPILL_NAME, ""), ("streamed ECG(s)", ECG_SPILL_NAME, "ecgs-kept")):
@@ -869,7 +861,7 @@ class Doctor:
         for r in (r for r in held if r.held_in_memory_only):
             advice = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
             off = "; do not switch the gateway off before they are stored"
-            if row_cause := not_stored_cause(r):
+            if row_cause := r.held_cause:
                 words = f"wait to be stored ({MEMORY_ONLY}): {row_cause}"
                 hint, advice = NOT_STORED_HINT + off, advice + NOT_STORED
             else:

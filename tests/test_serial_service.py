@@ -1056,7 +1056,8 @@ def test_a_reading_held_because_the_outbox_is_locked_says_why_on_its_row(tmp_pat
         locker.execute("BEGIN EXCLUSIVE")  # held past the service's busy timeout
         printed = (r.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
         monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-        wait_for(lambda: "waiting for space" in r.device_waiting("serial:monitor"), timeout=60)
+        # held for the lock, and said so: not "waiting for space"
+        wait_for(lambda: "waiting to be stored" in r.device_waiting("serial:monitor"), timeout=60)
         locker.execute("ROLLBACK")
         assert "database is locked" in (r.registry.get("serial:monitor").last_error or "")
     finally:

@@ -230,10 +230,10 @@ def outbox_locked(m: MonitorOnPart) -> Iterator[None]:
 
 
 def readings_held_by_a_locked_outbox(m: MonitorOnPart) -> None:
-    """The monitor prints its report while the outbox is locked: held (spill file), the row's
-    error says why."""
+    """The monitor prints its report while the outbox is locked: all three held (spill file), the
+    row's error says why."""
     m.monitor.write(m.report)
-    wait_for(lambda: m.device().waits_for_space and "database is locked" in m.device().last_error, timeout=30)
+    wait_for(lambda: m.device().held_reading_count == 3 and "database is locked" in m.device().last_error, timeout=30)
 
 
 def test_a_monitor_row_says_no_store_error_once_its_held_readings_are_stored(
@@ -270,6 +270,81 @@ def test_the_doctor_advises_by_the_cause_of_held_readings_not_free_space(tmp_pat
     assert "free space" not in held.hint and "database is locked" in held.message, (held.message, held.hint)
     zh = advice_text(held, Localizer("zh-CN", dt.timezone.utc))
     assert "存储空间" not in zh and "信息" in zh, zh  # not "waiting for storage space": call the county IT
+
+
+def devices_command_says(m: MonitorOnPart, capsys: pytest.CaptureFixture[str]) -> str:
+    """What `lastmile devices` prints of the monitor's data directory."""
+    from lastmile.cli import main
+
+    toml = m.config.data_dir.parent / "lastmile.toml"
+    (entry,) = m.config.serial.devices
+    toml.write_text(
+        f'[gateway]\ndata_dir = "{m.config.data_dir}"\n[[serial.devices]]\n'
+        + "".join(f'{k} = "{v}"\n' for k, v in entry.items())
+    )
+    capsys.readouterr()
+    assert main(["-c", str(toml), "devices"]) == 0
+    return capsys.readouterr().out
+
+
+def devices_page_card(m: MonitorOnPart, browser: object) -> str:
+    """The monitor's card on the Devices page (zh-CN), in a real Chromium."""
+    from tests.console_browser import by, log_in
+    from tests.console_harness import console_config, running_console
+
+    config = console_config(m.config.data_dir)
+    config.serial.devices = m.config.serial.devices
+    with running_console(config) as console:
+        log_in(browser, console)
+        browser.get(console.url + "/devices")  # type: ignore[attr-defined]
+        return browser.find_element(by("css"), "ul.device-list li.card").text  # type: ignore[attr-defined]
+
+
+def test_a_row_held_by_a_locked_outbox_says_its_cause_not_waiting_for_space(
+    tmp_path: Path, browser: object, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/clinic/devices.py waiting_message and the Devices page: readings held because the
+    outbox was locked (not full) were said "3 reading(s) waiting for space on the data partition"
+    by `lastmile devices` and "等待存储空间" (waiting for storage space) on the Devices page, which
+    also told the doctor to measure again (they are kept): the doctor frees space for nothing.
+    Now both say they wait to be saved, for another cause than space, and name it."""
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 3600)  # still held when the pages are read
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):  # released first: the console's stop waits on a locked outbox
+            readings_held_by_a_locked_outbox(m)
+        said = devices_command_says(m, capsys)
+        card = devices_page_card(m, browser)
+    assert "waiting for space" not in said and "3 reading(s) waiting to be stored" in said, said
+    assert "database is locked" in said, said
+    assert "等待存储空间" not in card and "等待保存" in card and "并非空间不足" in card, card
+    assert "请重新测量" not in card, card  # they are kept: nothing to measure again
+
+
+def test_held_readings_refused_for_space_after_a_lock_are_said_waiting_for_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lastmile/services/serial_devices.py store_observation: readings held by a locked outbox kept
+    the row's "cannot store reading: database is locked" when the lock went and the data partition
+    was full instead (a space failure writes no error), so the row and `lastmile doctor` kept the
+    lock's advice (call the county IT) rather than "free space". Now a held store refused for space
+    clears that error, and only that kind (a write to clinic.db when it changes, not per retry)."""
+    import lastmile.services.serial_devices as serial_devices
+    from lastmile.doctor import Doctor
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):
+            readings_held_by_a_locked_outbox(m)
+            m.outbox.min_free_bytes = 1 << 60  # the lock goes; the data partition is full now
+        wait_for(lambda: m.device().last_error == "", timeout=30)
+        assert m.device().waits_for_space
+        said = devices_command_says(m, capsys)
+        findings = Doctor(m.config).check_devices()
+    assert "3 reading(s) waiting for space" in said and "database is locked" not in said, said
+    (held,) = [f for f in findings if f.level is Level.FAIL]
+    assert "free space" in held.hint, (held.message, held.hint)
 
 
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(

@@ -260,6 +260,8 @@ class SerialContext:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             if not held or not is_storage_full(exc):
                 self.error(spec, f"{CANNOT_STORE}reading: {exc}")
+            else:
+                self._store_error_over(spec)  # space is the cause now: the held status says it
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
@@ -346,9 +348,9 @@ class SerialContext:
         """Say on the device's row what waits for space (never silent: also when only memory holds it),
         as its held status: never as its error, which a later problem (unplugged ...) writes."""
         held = self.unstored.get(spec.name) or Unstored()
-        if not held:
-            self.status(spec, held=HeldReadings.NONE)
+        if not held:  # its error first: the row never says nothing waits beside the over "cannot store"
             self._store_error_over(spec)
+            self.status(spec, held=HeldReadings.NONE)
             return
         counts = (len(held.observations), len(held.recordings))
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
@@ -364,10 +366,16 @@ class SerialContext:
         self.status(spec, held=where, held_counts=counts, memory_counts=memory)
 
     def _store_error_over(self, spec: LinkSpec) -> None:
-        """Nothing of `spec`'s device waits any more: a "cannot store" error written while it was
-        held is no longer its state (a later error, unplugged ..., stays)."""
+        """Nothing of `spec`'s device waits any more, or what waits is refused for space now: a
+        "cannot store" error (locked, damaged) written while it was held is no longer its state
+        (a later error, unplugged ..., stays). Cleared only when the row says one: no clinic.db
+        write per retry when nothing changes."""
+        address = serial_address(spec.name)
         try:
-            self.registry.clear_error(serial_address(spec.name), DeviceProblem.NOT_SAVED, now=self.now())
+            record = self.registry.get(address)
+            if record is not None and record.problem is DeviceProblem.NOT_SAVED:
+                self.registry.clear_error(address, DeviceProblem.NOT_SAVED, now=self.now())
+                self._last_error_write.pop(spec.name, None)  # that cause back again is said at once
         except Exception:  # status is best effort, as in status()
             log.exception("%s: cannot record device status", spec.name)
 
@@ -444,6 +452,8 @@ class SerialContext:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             if not is_storage_full(exc):  # held: the row's held status says it waits for space
                 self.error(spec, f"{CANNOT_STORE}ECG: {exc}")
+            else:
+                self._store_error_over(spec)
             return False
         if patient is not None:
             self.patients.touch(now=now)
