@@ -218,8 +218,7 @@ def outbox_locked(m: MonitorOnPart) -> Iterator[None]:
     readings are refused with "database is locked" after 50 ms rather than the 15 s busy wait."""
     import sqlite3
 
-    with m.outbox._lock:
-        m.outbox._conn.execute("PRAGMA busy_timeout=50")
+    m.outbox.db.conn.execute("PRAGMA busy_timeout=50")  # the outbox's own connection (SQLite serialises the call)
     other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
     try:
