@@ -19,6 +19,7 @@ import atexit
 import collections
 import contextlib
 import datetime as dt
+import errno
 import io
 import json
 import os
@@ -1126,31 +1127,50 @@ def county_platform_class() -> type[Any]:
             self.running = False
             self.applied_unanswered = threading.Event()  # a transaction applied, its answer not yet sent
             self._httpd.server_close()  # bound to an ephemeral port: listen on ours instead
-            self._listen()
+            self._httpd = self._listen()
 
         @property
         def base_url(self) -> str:
             return f"http://127.0.0.1:{self.port}/fhir"
 
-        def _listen(self) -> None:
-            self._httpd = QuietHttpServer(("127.0.0.1", self.port), self._handler())
-            self._thread = threading.Thread(target=self._httpd.serve_forever, name="county-platform", daemon=True)
+        def _listen(self, patience_s: float = 30.0) -> QuietHttpServer:
+            """Listen on our port. A soak rehearsal once found it taken at the instant the link
+            came back (Errno 98; what held it was not recorded): wait for it, and say who holds it."""
+            deadline = time.monotonic() + patience_s
+            while True:
+                try:
+                    return QuietHttpServer(("127.0.0.1", self.port), self._handler())
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                        holders = subprocess.run(
+                            ["ss", "-tanp", f"( sport = :{self.port} or dport = :{self.port} )"],
+                            capture_output=True,
+                            text=True,
+                            check=False,
+                        ).stdout
+                        raise OSError(
+                            exc.errno, f"county platform port {self.port}: {exc}; held by:\n{holders}"
+                        ) from exc
+                    time.sleep(0.2)
 
         def start(self) -> None:
             if not self.running:
-                self._thread.start()
+                if self._httpd is None:  # stopped: the port was given back
+                    self._httpd = self._listen()
+                server = self._httpd
+                threading.Thread(target=server.serve_forever, name="county-platform", daemon=True).start()
                 self.running = True
 
         def stop(self) -> None:
             if self.running:
                 self._httpd.shutdown()
-                self._httpd.server_close()
                 self.running = False
-                self._listen()
+            if self._httpd is not None:
+                self._httpd.server_close()
+                self._httpd = None
 
         def close(self) -> None:
             self.stop()
-            self._httpd.server_close()
 
         def apply_transaction(self, bundle: dict) -> dict:
             result = super().apply_transaction(bundle)

@@ -144,6 +144,15 @@ def failing_since_seen(r: DeviceRecord) -> bool:
     return bool(r.last_error and r.last_error_at and (seen is None or r.last_error_at >= seen))
 
 
+# Held readings whose device row says another cause than space (NOT_STORED: the advice key's
+# suffix, the System page's words for it)
+NOT_STORED = "-not-stored"
+NOT_STORED_HINT = (
+    "the data store cannot be written (see the device's error), not for want of space: the acquire "
+    "service retries every 30 s; if it lasts, check the outbox (lastmile queue) and call the county IT"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxReads:
     """What a doctor run read from the outbox, in its one open (see `Doctor.outbox_reads`)."""
@@ -809,17 +818,34 @@ class Doctor:
         return found
 
     def _readings_waiting_for_space(self) -> list[Finding]:
-        """Readings a serial monitor printed that the full outbox refused: kept in the spill file
-        until there is room, and a FAIL until then (the monitor cannot print them again)."""
+        """Readings a serial monitor printed that the outbox refused: kept in the spill file until
+        they can be stored, and a FAIL until then (the monitor cannot print them again). Its advice
+        is the cause's: free space, or - the held rows' error says another cause (locked,
+        damaged) - the county IT's, since freeing space does nothing for those."""
         from lastmile.clinic.devices import MEMORY_ONLY
         from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME, waiting_readings
 
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
+        records = [r for r in self.device_records() or [] if not r.removed]
+        held = [r for r in records if r.waits_for_space]
+        # every row that holds some says another cause than space: the spill files wait for that
+        cause = held[0].held_cause if held and all(r.held_cause for r in held) else ""
         found = []
         # the System page's advice names what waits too: a village doctor does not take an ECG for a reading
         for what, name, advice in (("reading(s)", SPILL_NAME, ""), ("streamed ECG(s)", ECG_SPILL_NAME, "ecgs-kept")):
             waiting = waiting_readings(self.config.data_dir, name)
-            if waiting:
+            if waiting and cause:
+                found.append(
+                    Finding(
+                        "devices",
+                        Level.FAIL,
+                        f"{waiting} {what} from serial devices wait to be stored (kept in {name}): "
+                        f"{held[0].name or held[0].address}: {cause}",
+                        NOT_STORED_HINT,
+                        advice_key=(advice or "readings-kept") + NOT_STORED,
+                    )
+                )
+            elif waiting:
                 found.append(
                     Finding(
                         "devices",
@@ -832,17 +858,19 @@ class Doctor:
                 )
         # no spill file could be set aside (the partition was full at start), or they do not fit in
         # it: the row's own status says so until they are stored (seen again or not since)
-        in_memory = [r for r in self.device_records() or [] if not r.removed and r.held_in_memory_only]
-        found += [
-            Finding(
-                "devices",
-                Level.FAIL,
-                f"{r.name or r.address}: {r.memory_words} wait for space on the data partition ({MEMORY_ONLY})",
-                free_space + "; do not switch the gateway off before they are stored",
-                advice_key="memory-only-ecgs" if r.in_memory_only[1] else "memory-only",
+        for r in (r for r in held if r.held_in_memory_only):
+            advice = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
+            off = "; do not switch the gateway off before they are stored"
+            if row_cause := r.held_cause:
+                words = f"wait to be stored ({MEMORY_ONLY}): {row_cause}"
+                hint, advice = NOT_STORED_HINT + off, advice + NOT_STORED
+            else:
+                words, hint = f"wait for space on the data partition ({MEMORY_ONLY})", free_space + off
+            found.append(
+                Finding(
+                    "devices", Level.FAIL, f"{r.name or r.address}: {r.memory_words} {words}", hint, advice_key=advice
+                )
             )
-            for r in in_memory
-        ]
         return found
 
     def _registry_findings(self) -> list[Finding]:
@@ -956,17 +984,6 @@ class Doctor:
                     topic="link",
                 )
             )
-        elif quarantined:
-            out.append(
-                Finding(
-                    "queue",
-                    Level.WARN,
-                    text,
-                    "`lastmile queue` shows why items are quarantined; `lastmile retry` "
-                    "requeues them once the cause is fixed",
-                    topic="set-aside",
-                )
-            )
         elif stuck is not None and stuck > WAITING_WARN_S and refused is not None:
             out.append(Finding("queue", Level.WARN, text, _refused_alone_hint(refused), "refused-alone", topic="link"))
         elif stuck is not None and stuck > WAITING_WARN_S:
@@ -982,6 +999,18 @@ class Doctor:
             )
         else:
             out.append(Finding("queue", Level.OK, text, topic="link"))
+        # its own row: set aside items never hide what the link's finding says of the others
+        if quarantined:
+            out.append(
+                Finding(
+                    "queue",
+                    Level.WARN,
+                    f"{len(quarantined)} quarantined",
+                    "`lastmile queue` shows why items are quarantined; `lastmile retry` "
+                    "requeues them once the cause is fixed",
+                    topic="set-aside",
+                )
+            )
         out += [self._metered_finding(w, now) for w in held]
         for name, fault in faults:
             out.append(

@@ -22,6 +22,7 @@ from devices.identity import Patient
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView
+from lastmile.data_dir import open_outbox
 from tests.conftest import require_module
 from tests.console_browser import (
     PHONE,
@@ -49,6 +50,7 @@ from tests.console_harness import (
     stand_in_lp,
     store_returned_reports,
 )
+from uploader.errors import CorruptPayloadError
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -426,6 +428,29 @@ def test_a_second_re_record_click_says_the_ecg_is_kept_back_and_an_unknown_one_i
     post_stale_form(browser, re.sub(r"/\d+/re-record$", "/999999/re-record", action), csrf)
     text_in(browser, "p.done", "没有这份心电图")
     assert "不再暂扣" not in text_of(browser, "p.done"), text_of(browser, "p.done")
+
+
+def test_re_record_of_an_ecg_set_aside_as_corrupt_says_it_is_not_sent_and_to_tell_the_county_it(
+    browser: object, console: ConsoleServer
+) -> None:
+    """重做 on an ECG the outbox set aside since (its stored file found damaged) said it was no longer
+    held and went to the county as it was: it is never sent. Now: not sent, see the queue, tell the
+    county IT."""
+    action, csrf = re_record_form_of_a_held_ecg(browser, console)
+    match = re.search(r"/(\d+)/re-record$", action)
+    assert match, action
+    with open_outbox(console.config) as outbox:
+        item = outbox.get(int(match.group(1)))
+        assert item is not None
+        path = outbox.payload_path(item)
+        assert path is not None
+        path.write_bytes(b"not the ECG that was stored")  # the SD card damaged it
+        with pytest.raises(CorruptPayloadError):
+            outbox.read_payload(item)  # the outbox checks it: set aside (quarantined), never sent
+    post_stale_form(browser, action, csrf)
+    text_in(browser, "p.done", "信息科")
+    assert "不再暂扣" not in text_of(browser, "p.done"), text_of(browser, "p.done")
+    assert "不会发送" in text_of(browser, "p.done"), text_of(browser, "p.done")
 
 
 REPORTS = StaticReports(

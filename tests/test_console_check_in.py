@@ -106,6 +106,26 @@ def test_checking_the_same_patient_in_again_keeps_stat_reason_and_name(browser: 
     assert entry is not None and entry.detail.get("changed") == ["stat-off"], entry
 
 
+def test_a_wrong_name_or_reason_checked_in_can_be_cleared(browser: object, console: ConsoleServer) -> None:
+    """李四 was checked in under a wrong name, with a wrong STAT reason. Checking her in again with
+    the fields emptied kept both (empty means "as it was"), and they went to the county with the
+    ECG. Now 清除姓名 / 清除原因 beside them clear each: the session (the next ECG's patient) has
+    no name, then no reason, STAT stays, and the page says what was cleared."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "王五")
+    submitted(browser, click("#clear-name button"))
+    assert "已清除姓名" in done_text(browser), done_text(browser)
+    current = checked_in(console.config)
+    assert current is not None and current.name == "" and current.reason == "胸痛" and current.stat, current
+    assert "王五" not in session_text(browser) and "未填姓名" in session_text(browser), session_text(browser)
+    submitted(browser, click("#clear-reason button"))
+    assert "已清除原因" in done_text(browser), done_text(browser)
+    current = checked_in(console.config)
+    assert current is not None and current.name == "" and current.reason == "" and current.stat, current
+    assert not browser.find_elements(by("css"), "#clear-name, #clear-reason")  # type: ignore[attr-defined]
+
+
 def test_reloading_the_answer_to_not_urgent_says_nothing_it_did_not_do(browser: object, console: ConsoleServer) -> None:
     """After "not urgent" the page said 已取消加急; reloading it (the address still says what was
     done) said 已在检查中 ... 没有改动 without a name, right after STAT was turned off. A reload

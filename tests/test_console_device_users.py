@@ -482,3 +482,27 @@ def test_a_mapped_users_reading_for_another_patient_says_on_today_whose_it_becam
         assert len(elsewhere) == 3, [e.text for e in elsewhere]  # the last few, not every one
         assert VALID_ID in elsewhere[0].text and "李四" not in elsewhere[0].text, elsewhere[0].text
         save_screenshot(browser, "today-mapped-reading-elsewhere")
+
+
+def test_devices_name_a_mapped_user_as_its_next_reading_goes_after_the_name_is_corrected(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """User 2 is mapped on Devices while 110... is checked in as 张三 (a typo); the doctor checks
+    him in again as 张三丰, then 李四. Devices still said "user 2 is 110... (张三)" while user 2's
+    readings go out as 张三丰: the page names the mapping as its readings are named."""
+    from lastmile.clinic.patients import PatientContext
+
+    config, _server = clinic
+    context = PatientContext.open(config.data_dir, idle_timeout_s=900)
+    try:
+        context.set_patient(VALID_ID, "Zhang^San=张^三", now=dt.datetime.now(dt.timezone.utc))
+        assert doctor.post("/devices/pair", {"address": CUFF, "name": "血压计"}).status == 303
+        assert doctor.post("/devices/map-user", device_map_form(doctor, VALID_ID, "2")).status == 303
+        context.set_patient(VALID_ID, "Zhang^Sanfeng=张^三丰", now=dt.datetime.now(dt.timezone.utc))
+        context.set_patient(OTHER_ID, "Li^Si=李^四", now=dt.datetime.now(dt.timezone.utc))
+    finally:
+        context.close()
+    listed = doctor.get("/devices").body.split('id="h-device-users"', 1)[1].split("</section>", 1)[0]
+    assert f"{VALID_ID} (张三丰)" in listed, listed
+    [stored] = record_readings(config, user_reading(2, "cuff:u2:1"))
+    assert stored.patient_id == VALID_ID

@@ -186,6 +186,33 @@ def test_a_held_ecg_assigned_to_another_patient_does_not_carry_the_current_patie
         pytest.fail(f"ECG for {OTHER_ID} rebuilt under the checked-in patient's name: {item.patient}")
 
 
+@pytest.mark.parametrize(
+    ("typed", "said"),
+    [(VALID_ID, f"已指定给 张三（{VALID_ID}）"), (OTHER_ID, f"已指定给 {OTHER_ID}（未填姓名）")],
+    ids=["checked-in-patient", "typed-number"],
+)
+def test_a_held_ecg_assigned_says_whose_it_now_is(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, typed: str, said: str
+) -> None:
+    """A held ECG (no patient) assigned on Today said only "已指定" and to the county: the
+    doctor could not see whether it went to the right person. A held reading's answer names them;
+    the ECG's now does too (the name check-in gave, or the number alone)."""
+    config = clinic[0]
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    with open_outbox(config) as outbox:
+        rec = make_recording(8, patient=None)
+        item_id = enqueue_recording(outbox, rec, config, key=f"faults:whose-ecg-{typed}", now=time.time()).item.id
+    page = doctor.get("/today")
+    form = re.search(rf'<input type="hidden" name="item_id" value="{item_id}">.*?</form>', page.body, flags=re.S)
+    assert form, f"the held ECG's Assign form (E{item_id}) is on Today"
+    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0))) | {"patient_id": typed}
+    reply = doctor.post("/today/assign-ecg", fields)
+    assert reply.status == 303, (reply.status, reply.body[:300])
+    answer = re.search(r'<p class="done".*?</p>', html.unescape(doctor.get(reply.location).body), flags=re.S)
+    assert answer, "Today says what the Assign did"
+    assert said in " ".join(re.sub(r"<[^>]+>", " ", answer.group(0)).split())
+
+
 # -- the critical report's acknowledgement: one doctor in the audit trail --------------------------
 
 

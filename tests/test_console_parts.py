@@ -209,6 +209,37 @@ class FakeHeldEcgs:
         return self.items.pop(item_id, None) is not None
 
 
+def test_the_ecg_panel_dates_the_ecg_by_its_recording_not_by_its_files_date(tmp_path: Path) -> None:
+    """The Today panel's time of an ECG is when the cart recorded it, not the date of the file
+    the gateway keeps it in (a file restored from a backup or copied later has another mtime)."""
+    import os
+    import re
+    from dataclasses import replace
+
+    from lastmile.data_dir import open_outbox
+    from lastmile.demo.runner import source_ecg
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.console_harness import DOCTOR, VALID_ID, Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    recorded = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=40)).replace(microsecond=0)
+    file_date = (recorded - dt.timedelta(days=3)).timestamp()
+    with running_console(config) as server:
+        rec = replace(source_ecg(), patient=Patient(VALID_ID, "Zhang^San"), acquired_at=recorded)
+        with open_outbox(config) as outbox:
+            enqueue_recording(outbox, rec, config, key="ecg-with-an-old-file")
+            item = outbox.find("ecg-with-an-old-file")
+            assert item is not None
+            payload = outbox.payload_path(item)
+            assert payload is not None  # a DICOM ECG is kept in a file
+            os.utime(payload, (file_date, file_date))
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = client.get("/today").body
+    shown = {dt.datetime.fromisoformat(t) for t in re.findall(r'<time datetime="([^"]+)"', page)}
+    assert recorded in shown and dt.datetime.fromtimestamp(file_date, dt.timezone.utc) not in shown
+
+
 def test_held_ecgs_through_the_seam(tmp_path: Path) -> None:
     """The Today page lists held ECGs, assigns them and sends a re-record one anyway through
     HeldEcgSource; each decision lands in the audit trail with who made it."""

@@ -41,6 +41,7 @@ from tests.console_harness import (
     console_config,
     hold_readings,
     running_console,
+    store_returned_reports,
     store_unassigned_ecg_report,
 )
 from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset
@@ -573,14 +574,69 @@ def test_an_address_that_is_not_there_says_so_in_chinese_and_leads_back_to_today
         assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
 
 
-def test_the_check_in_address_opened_again_leads_to_today(browser: object, tmp_path: Path) -> None:
-    """A refused check-in leaves /today/check-in in the address bar: opened again (a reload, a
-    bookmark) it said 找不到这个页面; it is Today, where the check-in is."""
-    with running_console(console_config(tmp_path / "data")) as server:
+def test_a_form_address_opened_again_is_the_page_of_the_form(browser: object, tmp_path: Path) -> None:
+    """A form's address left in the address bar (a refused check-in), bookmarked, or reached by the
+    back button: opened again it said 找不到这个页面; it is the page the form is on."""
+    config = console_config(tmp_path / "data")
+    critical, _routine = store_returned_reports(config)
+    with running_console(config) as server:
         log_in(browser, server)
-        browser.get(server.url + "/today/check-in")  # type: ignore[attr-defined]
-        wait_for(browser, on_page("/today"), WAIT_S)
-        assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
+        for address, page, heading in (
+            ("/today/check-in", "/today", "今天"),
+            ("/today/assign-ecg", "/today", "今天"),
+            ("/devices/pair", "/devices", "设备"),
+            (f"/reports/{critical}/acknowledge", f"/reports/{critical}", ""),
+        ):
+            browser.get(server.url + address)  # type: ignore[attr-defined]
+            wait_for(browser, on_page(page), WAIT_S)
+            shown = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
+            assert "找不到" not in shown and heading in shown, (address, shown)
+
+
+# Every form's address (POST), and the page its form is on: where opening the address goes.
+FORM_PAGES = {
+    "/logout": "/today",
+    "/language": "/today",
+    "/today/check-in": "/today",
+    "/today/end-session": "/today",
+    "/today/assign-reading": "/today",
+    "/today/assign-ecg": "/today",
+    "/today/map-user": "/today",
+    "/today/ecg/{item_id}/re-record": "/today",
+    "/today/ecg/{item_id}/send-anyway": "/today",
+    "/reports/{report_id}/acknowledge": "/reports/{report_id}",
+    "/reports/{report_id}/print": "/reports/{report_id}",
+    "/devices/pair": "/devices",
+    "/devices/unpair": "/devices",
+    "/devices/map-user": "/devices",
+    "/devices/unmap-user": "/devices",
+}
+
+
+def test_every_form_address_opened_as_a_page_leads_to_the_page_of_its_form(tmp_path: Path) -> None:
+    """A doctor's refresh after a form, a bookmark or the back button opens a form's address with
+    GET: only the check-in's led anywhere, every other one said 找不到这个页面 (404). Each now
+    leads to the page its form is on - and never does the action again (the login stays, the
+    critical report stays unseen)."""
+    from starlette.routing import Route
+
+    from lastmile.console.app import routes
+
+    forms = {r.path.replace(":int}", "}") for r in routes() if isinstance(r, Route) and "POST" in (r.methods or ())}
+    assert forms - {"/login"} == set(FORM_PAGES), "a form's address without the page it leads back to"
+    config = console_config(tmp_path / "data")
+    critical, _routine = store_returned_reports(config)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        for form, page in FORM_PAGES.items():
+            address, back_to = (p.format(item_id=7, report_id=critical) for p in (form, page))
+            reply = client.get(address)
+            assert (reply.status, reply.location) == (303, back_to), (address, reply.status, reply.location)
+            shown = client.get(back_to)
+            assert shown.status == 200 and "找不到" not in shown.body, (address, shown.status)
+        report = client.get(f"/reports/{critical}").body
+    assert f'action="/reports/{critical}/acknowledge"' in report, "a GET on acknowledge acknowledged the report"
 
 
 def test_the_refusal_and_not_found_pages_read_english_in_english(tmp_path: Path) -> None:

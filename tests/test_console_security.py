@@ -20,7 +20,7 @@ from lastmile.console.listen import parse_listen
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView
 from lastmile.console.tls import existing_certificate, fingerprint_of
-from tests.console_harness import DOCTOR, Client, StaticReports, console_config, running_console
+from tests.console_harness import DOCTOR, Client, Reply, StaticReports, console_config, running_console
 
 PATIENT_ID = "11010519491231002X"
 PATIENT_NAME = "张三"
@@ -116,8 +116,10 @@ def test_posts_without_the_csrf_token_are_refused(console: ConsoleServer) -> Non
     reply = client.post("/today/end-session", headers={"Origin": "http://evil.example"})
     assert reply.status == 403
     assert PATIENT_ID in client.get("/today").body
-    # a GET never changes anything
-    assert client.get("/today/end-session").status == 405
+    # a GET never changes anything: the form's address opened as a page is the page of the form
+    reply = client.get("/today/end-session")
+    assert (reply.status, reply.location) == (303, "/today")
+    assert PATIENT_ID in client.get("/today").body
 
 
 def test_the_login_form_has_its_own_csrf_token(console: ConsoleServer) -> None:
@@ -280,6 +282,33 @@ def test_lockout_after_repeated_failures(tmp_path: Path) -> None:
         finally:
             db.conn.close()
         assert actions.count("login-failed") == 4 and actions[0] == "login" and "user-unlock" in actions
+
+
+def _as_seen_from_outside(reply: Reply, name: str) -> tuple[int, str]:
+    """The status and page of a refused login, without what differs by design: the name typed
+    (echoed back into the form) and the form's own random CSRF token."""
+    page = re.sub(r'name="csrf" value="[^"]*"', 'name="csrf" value="-"', reply.body)
+    return reply.status, page.replace(name, "NAME")
+
+
+def test_a_wrong_password_does_not_tell_whether_the_name_exists(tmp_path: Path) -> None:
+    """Typing names at the login page must not tell which accounts exist: a real name and an
+    unknown one get the same page and status, try after try, up to and through the lockout."""
+    config = console_config(tmp_path / "data")
+    config.console.max_login_failures = 3
+    with running_console(config) as server:
+        real, unknown = Client(server.url), Client(server.url)
+        for _ in range(4):
+            seen = []
+            for client, name in ((real, DOCTOR[0]), (unknown, "李医生")):
+                client.get("/login")
+                reply = client.post("/login", {"name": name, "password": "guess 1234"})
+                seen.append(_as_seen_from_outside(reply, name))
+            assert seen[0] == seen[1]
+        assert seen[0][0] == 401 and "锁定" in seen[0][1]  # the real account did lock
+        real.get("/login")
+        reply = real.post("/login", {"name": DOCTOR[0], "password": DOCTOR[1]})  # right, but locked
+        assert reply.status == 401 and "锁定" in reply.body
 
 
 def test_plain_http_only_on_loopback(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -395,9 +396,30 @@ def test_not_urgent_refuses_once_a_card_checked_another_patient_in(
     assert shown["current_patient"]["patient_id"] == "P-LISI"  # type: ignore[index]
 
 
-def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
-    """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
-    sent first, never held, the reason in the DICOM request."""
+def test_a_stale_check_in_with_a_doctor_leaves_the_other_patients_doctor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page showed 张三, checked in by 王医生; a card checked 李四 in since. The stale form,
+    sent with 李医生 as doctor, was refused - after it had made 李医生 the doctor of 李四's session."""
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    acquire = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "王医生", True, "胸痛", now=now())
+        acquire.set_patient("P-LISI", now=now())
+        with pytest.raises(ConsoleInputError):
+            data.check_in("李医生", VALID_ID, "", "李医生", False, "", now=now(), shown_patient_id=VALID_ID)
+    finally:
+        acquire.close()
+        data.close()
+    shown = cli_json(["patient", "show", "--json", "--data-dir", str(config.data_dir)], capsys)
+    assert shown["current_patient"]["patient_id"] == "P-LISI"  # type: ignore[index]
+    assert shown["doctor_id"] == "王医生"
+
+
+def next_cart_ecg(config: Config) -> tuple[Any, Any]:
+    """The ECG the cart sends now (the serial bridge's path, with the clinic session's patient,
+    STAT and reason): its outbox item and its DICOM."""
     import io
     from dataclasses import replace
 
@@ -405,14 +427,7 @@ def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
 
     from firmware_bridge.serial_link import LinkSpec, PortMatch
     from lastmile.services.serial_devices import SerialService
-    from uploader.outbox import Priority
 
-    config = make_config(tmp_path)
-    data = ClinicData(config)
-    try:
-        data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
-    finally:
-        data.close()
     with open_outbox(config) as outbox:
         service = SerialService.open(config, outbox=outbox)
         try:
@@ -423,11 +438,63 @@ def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
             service.close()
         item = outbox.find("cart-ecg")
         assert item is not None
-        ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+        return item, pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+
+
+def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
+    """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
+    sent first, never held, the reason in the DICOM request."""
+    from uploader.outbox import Priority
+
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
+    finally:
+        data.close()
+    item, ds = next_cart_ecg(config)
     assert item.priority == Priority.STAT and item.meta["stat"] and item.hold_until is None  # STAT: never held
     assert item.patient is not None and item.patient["patient_id"] == VALID_ID
     assert ds.StudyDescription.startswith("STAT ") and "胸痛 chest pain" in ds.StudyDescription
     assert ds.RequestAttributesSequence[0].ReasonForTheRequestedProcedure == "胸痛 chest pain"
+
+
+def test_a_cleared_name_and_reason_leave_the_next_ecg_without_them(tmp_path: Path) -> None:
+    """张三 was checked in as 王五 with a wrong reason; the doctor clears both (the page showed
+    张三): the ECG the cart sends next names no one and asks for no reason."""
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    try:
+        data.check_in("王医生", VALID_ID, "王五", "Dr Li", True, "胸痛 chest pain", now=now())
+        clear = {"clear_name": True, "clear_reason": True}
+        done = data.check_in("王医生", VALID_ID, "", "", None, "", now=now(), shown_patient_id=VALID_ID, **clear)
+    finally:
+        data.close()
+    assert done.changed == ("name", "reason") and done.session.stat
+    item, ds = next_cart_ecg(config)
+    assert item.patient is not None and item.patient["patient_id"] == VALID_ID
+    assert item.patient["name"] == "" and str(ds.PatientName) == "", (item.patient, ds.PatientName)
+    assert "胸痛" not in str(ds.get("StudyDescription", ""))
+    assert "RequestAttributesSequence" not in ds or not ds.RequestAttributesSequence[0].get(
+        "ReasonForTheRequestedProcedure"
+    )
+
+
+def test_clearing_a_name_on_a_stale_page_clears_nobody_elses(tmp_path: Path) -> None:
+    """The page showed 张三; a card checked 李四 in since: its 清除姓名 is refused, 李四 keeps her name."""
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    acquire = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "", None, "", now=now())
+        acquire.set_patient("P-LISI", "李四", now=now())
+        with pytest.raises(ConsoleInputError):
+            data.check_in("王医生", VALID_ID, "", "", None, "", now=now(), shown_patient_id=VALID_ID, clear_name=True)
+        current = acquire.current(now())
+    finally:
+        acquire.close()
+        data.close()
+    assert current is not None and current.patient_id == "P-LISI" and current.name == "李四", current
 
 
 @pytest.mark.parametrize(
@@ -465,16 +532,19 @@ def test_the_console_process_does_not_load_pydicom_for_held_ecgs_and_reports(tmp
 
 
 def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_scan(tmp_path: Path) -> None:
-    """Today (on every SSE wake and heartbeat, for every tablet), Visits and Sent each read the
+    """Today (its readings and mapped ones, on every SSE wake and heartbeat, for every tablet),
+    Visits and Sent each read the
     outbox with a scan of every row ever queued (purged rows stay): ~50 ms a run at 300k rows,
     several times that on a Pi. Each is an index search (items_claim) now."""
-    from lastmile.clinic.observations import MAPPED_USER, OBSERVATION_KIND
+    from lastmile.clinic.observations import MAPPED_USER, OBSERVATION_KIND, observation_to_json
+    from tests.console_harness import bp_reading
 
     config = make_config(tmp_path)
     at = now()
     with open_outbox(config) as outbox:
         patient = {"patient_id": VALID_ID, "name": "Zhang^San=张^三"}
-        outbox.add(OBSERVATION_KIND, "bp-1", b"{}", meta={MAPPED_USER: 2, "device": "cuff"}, patient=patient)
+        reading = json.dumps(observation_to_json(bp_reading(at, "bp-1"))).encode()
+        outbox.add(OBSERVATION_KIND, "bp-1", reading, meta={MAPPED_USER: 2, "device": "cuff"}, patient=patient)
         enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "张三")), config, key="ecg-6")
     data = ClinicData(config)
     try:
@@ -483,6 +553,7 @@ def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_s
             ("mapped_elsewhere", lambda: data.mapped_elsewhere(None, at)),
             ("known_names", lambda: data.known_names([VALID_ID], at)),
             ("sent_readings", lambda: data.sent_readings()),
+            ("patient_readings", lambda: data.patient_readings(VALID_ID, at - dt.timedelta(minutes=5))),
         ):
             traced: list[str] = []
             conn.set_trace_callback(traced.append)
@@ -494,5 +565,44 @@ def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_s
             plans = {sql: [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)] for sql in queries}
             scans = {sql: plan for sql, plan in plans.items() if any(s.startswith("SCAN items") for s in plan)}
             assert not scans, (name, scans)
+    finally:
+        data.close()
+
+
+def clinic_with_a_reading_named(tmp_path: Path, name: str, at: dt.datetime) -> ClinicData:
+    """The console's data of a clinic whose outbox holds one reading of VALID_ID named `name`."""
+    from lastmile.clinic.observations import OBSERVATION_KIND, observation_to_json
+    from tests.console_harness import bp_reading
+
+    config = make_config(tmp_path)
+    with open_outbox(config) as outbox:
+        reading = json.dumps(observation_to_json(bp_reading(at, "bp-1"))).encode()
+        outbox.add(OBSERVATION_KIND, "bp-1", reading, patient={"patient_id": VALID_ID, "name": name})
+    return ClinicData(config)
+
+
+def test_visits_name_a_patient_as_the_latest_check_in_does_not_an_older_reading(tmp_path: Path) -> None:
+    """张三 is checked in with a typo in his name, a reading is stored under it, the doctor checks
+    him in again with the name corrected (张三丰), then the next patient. Visits named him by the
+    reading's old name while an assignment or a cuff user mapped to his ID takes the corrected one
+    (`PatientContext.named`): one gateway, two names for one ID. The session's name comes first."""
+    at = now()
+    data = clinic_with_a_reading_named(tmp_path, "Zhang^San=张^三", at)
+    try:
+        data.context.set_patient(VALID_ID, "Zhang^Sanfeng=张^三丰", now=at - dt.timedelta(minutes=10))
+        data.context.set_patient("P-NEXT", "Li^Si=李^四", now=at - dt.timedelta(minutes=5))
+        assert data.context.named(Patient(VALID_ID), at).name == "Zhang^Sanfeng=张^三丰"
+        assert data.known_names([VALID_ID, "P-NEXT"], at) == {VALID_ID: "张三丰", "P-NEXT": "李四"}
+    finally:
+        data.close()
+
+
+def test_visits_name_a_patient_the_session_never_named_by_the_newest_outbox_item(tmp_path: Path) -> None:
+    """What only the outbox knows (a patient checked in more than a day ago, or named by a
+    card's ECG) still names the ID; an ID nothing named has no name."""
+    at = now()
+    data = clinic_with_a_reading_named(tmp_path, "Zhang^San=张^三", at)
+    try:
+        assert data.known_names([VALID_ID, "P-NOBODY"], at) == {VALID_ID: "张三"}
     finally:
         data.close()

@@ -316,8 +316,13 @@ def test_queue_health(tmp_path: Path) -> None:
         outbox.quarantine(bad.item.id, "not a DICOM object", now=t0 + 61)
         outbox.record_status("reading_center", {"fault": "A-ASSOCIATE-RJ: called AE not recognised"}, t0 + 62)
     found = doctor(tmp_path, now=lambda: t0 + 120).check_queue()
-    assert [f.level for f in found] == [Level.WARN, Level.FAIL]
-    assert "1 quarantined" in found[0].message and "called AE" in found[1].message
+    # the link's row (the other item waits a minute: OK), the set-aside one's, the refusal
+    assert [(f.level, f.topic) for f in found] == [
+        (Level.OK, "link"),
+        (Level.WARN, "set-aside"),
+        (Level.FAIL, "refused-reading_center"),
+    ]
+    assert "1 quarantined" in found[1].message and "called AE" in found[2].message
 
 
 def test_an_empty_data_dir_has_no_queue_yet(tmp_path: Path) -> None:

@@ -112,11 +112,16 @@ def test_a_visit_record_refused_alone_is_said_so_when_the_last_round_tried_it_al
     "is the link down?" - while the metrics said the link up and the System page's county row
     "refused one record, the others go on": the meter's rule read the round's counts (nothing
     sent, one failed: failing), the others what the forwarder judged (`Said.REFUSED_ONE`).
-    Refused so for over a week, it said the FAIL "nothing has gone out for a week" - the others had."""
+    Refused so for over a week, it said the FAIL "nothing has gone out for a week" - the others had.
+    With anything set aside (quarantined) besides, it said only "items are quarantined": the refused
+    record's advice was gone."""
     t0 = time.time() - days * DAY
     d = doctor(tmp_path, now=lambda: t0 + days * DAY)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
-        refused, *_ = queue_visits(outbox, range(3), patient_of=lambda n: f"P-{n}", at=t0)
+        refused, *_, damaged = queue_visits(outbox, range(4), patient_of=lambda n: f"P-{n}", at=t0)
+        set_aside = outbox.find(f"fhir:visit:{damaged}")
+        assert set_aside is not None
+        outbox.quarantine(set_aside.id, "a damaged record", t0 + 10)
     with RefusesVisits(refused) as server, forwarding(d.config, server.base_url) as (outbox, sender):
         assert forward_fhir_once(outbox, sender, t0 + 60).sent == 2
         assert forward_fhir_once(outbox, sender, t0 + 3600).transient == 1  # tried again, alone
@@ -126,6 +131,8 @@ def test_a_visit_record_refused_alone_is_said_so_when_the_last_round_tried_it_al
     text = render_text([queue])
     assert queue.advice_key == "refused-alone" and "refuses this one visit record" in queue.hint, text
     assert queue.level is Level.WARN, text  # the link works: not the FAIL of a link down for a week
+    [aside] = [f for f in d.check_queue() if f.topic == "set-aside"]  # said too, on its own row
+    assert aside.level is Level.WARN and "quarantined" in aside.hint, render_text([aside])
 
 
 def test_the_alert_says_what_the_doctor_says() -> None:

@@ -22,7 +22,7 @@ from lastmile.config import Config
 from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import held_since, meters
-from tests.metering_setup import DAY, queue_items, shut_window
+from tests.metering_setup import DAY, queue_items, shut_window, shut_window_open_after_midnight
 from tests.service_harness import doctor
 from uploader.metering import KEEP_DAYS, Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
@@ -736,7 +736,7 @@ def test_the_sent_pages_banner_names_a_spent_budget_as_well_as_the_send_window_i
 
     config = console_config(tmp_path / "data")
     now = time.time()
-    config.reading_center.metered.windows = [shut_window(now)]
+    config.reading_center.metered.windows = [shut_window_open_after_midnight(now)]
     config.reading_center.metered.daily_budget_mb = 1.0
     config.data_dir.mkdir(parents=True, exist_ok=True)
     queue_items(config.data_dir, 1, at=now - 60)

@@ -103,11 +103,20 @@ def test_clear_replace_and_doctor(context: PatientContext) -> None:
         context.set_patient("  ", now=T0)
 
 
+def logged_naming(data_dir: Path, text: str) -> list[tuple]:
+    """The rows of clinic.db's session log holding `text` (a name), read as a file."""
+    import sqlite3
+
+    conn = sqlite3.connect(data_dir / "clinic.db")
+    try:
+        return [row for row in conn.execute("SELECT * FROM session_log") if text in " ".join(map(str, row))]
+    finally:
+        conn.close()
+
+
 def test_a_check_in_name_is_kept_in_the_session_log_only_as_long_as_it_is_used(tmp_path: Path) -> None:
     # 张三 checked in yesterday morning, 李四 a day and an hour later: 张三's name is used for
     # NAME_KEPT (24 h) and then must not stay in clinic.db forever (the outbox purges patient data).
-    import sqlite3
-
     from lastmile.clinic.patients import NAME_KEPT
 
     context = PatientContext.open(tmp_path, idle_timeout_s=900)
@@ -118,12 +127,84 @@ def test_a_check_in_name_is_kept_in_the_session_log_only_as_long_as_it_is_used(t
         assert context.checked_in_name("P-2", later) == "Li^Si=李^四"  # still used
     finally:
         context.close()
-    conn = sqlite3.connect(tmp_path / "clinic.db")
+    assert logged_naming(tmp_path, "张") == []
+
+
+def test_a_check_in_name_is_forgotten_with_no_later_check_in(tmp_path: Path) -> None:
+    """张三 checked in and the check-in ended; nobody was checked in after. His name stayed in
+    clinic.db's session log for ever: only a later check-in forgot names past NAME_KEPT. Now the
+    session's end (the doctor's end of check-in, the idle expiry a page's read makes) does too."""
+    from lastmile.clinic.patients import NAME_KEPT
+
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
     try:
-        logged = [row for row in conn.execute("SELECT * FROM session_log") if "张" in " ".join(map(str, row))]
+        context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+        assert context.clear(now=T0 + 10 * MIN)
+        assert context.checked_in_name("P-1", T0 + 10 * MIN) == "Zhang^San=张^三"  # still used
+        assert context.current(T0 + NAME_KEPT + 60 * MIN) is None  # a page read, a day later
     finally:
-        conn.close()
-    assert logged == []
+        context.close()
+    assert logged_naming(tmp_path, "张") == []
+
+
+def session_log_statements(context: PatientContext, do) -> list[str]:
+    """The statements on clinic.db's session log that `do()` ran (their values bound)."""
+    seen: list[str] = []
+    context.db.conn.set_trace_callback(seen.append)
+    try:
+        do()
+    finally:
+        context.db.conn.set_trace_callback(None)
+    return [sql for sql in seen if "session_log" in sql]
+
+
+def test_a_month_of_check_ins_keeps_only_the_session_log_that_is_read(tmp_path: Path) -> None:
+    """A gateway checks a patient in every 3 hours for a month: its session log (on the Pi's SD
+    card) grew for ever, and every check-in scanned all of it. Now it keeps only the NAME_KEPT that
+    named() reads, and no statement of a check-in reads the whole table."""
+    from lastmile.clinic.patients import NAME_KEPT
+
+    step, count = dt.timedelta(hours=3), 30 * 8
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        for n in range(count):
+            context.set_patient(f"P-{n}", f"Name^{n}", now=T0 + n * step)
+        now = T0 + count * step
+        statements = session_log_statements(context, lambda: context.set_patient("P-NOW", "Wang^Wu", now=now))
+        assert context.checked_in_name(f"P-{count - 1}", now) == f"Name^{count - 1}"  # still used
+        kept = [dt.datetime.fromisoformat(row["at"]) for row in context.db.conn.execute("SELECT at FROM session_log")]
+        assert min(kept) >= now - NAME_KEPT, f"the session log keeps {len(kept)} rows back to {min(kept)}"
+        # each check-in in NAME_KEPT: its own row and its predecessor's idle end
+        assert len(kept) == 2 * (NAME_KEPT // step + 1)
+        plans = {
+            sql: " / ".join(row[3] for row in context.db.conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            for sql in statements
+            if not sql.startswith("INSERT")
+        }
+        assert plans and all("USING INDEX session_log_at" in plan for plan in plans.values()), plans
+    finally:
+        context.close()
+
+
+def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> None:
+    """The doctor checks 张三 in under P-12, a typo, and corrects it to his P-21. Later the true
+    P-12 (李四) checks in without a name, and then her reading is assigned to P-12 after the session
+    moved on: it went to the county as 张三. A corrected ID's name is not its own, and the latest
+    check-in of an ID names it (none: no name)."""
+    from devices.identity import Patient
+
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient("P-12", "Zhang^San=张^三", now=T0)
+        context.set_patient("P-21", "Zhang^San=张^三", now=T0 + MIN)  # the same patient, ID corrected
+        later = T0 + 30 * MIN
+        assert context.named(Patient("P-12"), later).name == "", "a mistyped ID keeps the name typed with it"
+        assert context.named(Patient("P-21"), later).name == "Zhang^San=张^三"
+        context.set_patient("P-12", now=T0 + 60 * MIN)  # the true owner of P-12, no name given
+        context.set_patient("P-30", "Wang^Wu=王^五", now=T0 + 70 * MIN)
+        assert context.named(Patient("P-12"), T0 + 80 * MIN).name == ""
+    finally:
+        context.close()
 
 
 def test_observation_json_round_trip() -> None:
@@ -397,3 +478,24 @@ def test_a_reading_measured_before_a_remap_is_held_not_given_to_the_new_patient(
     assert store.record(unknown_time, now=T0 + 11 * MIN).outcome == "held"
     assert store.record(reading(2, 12), now=T0 + 12 * MIN).patient_id == "P-B"
     assert [i.patient and i.patient["patient_id"] for i in store.outbox.items(kind=OBSERVATION_KIND)] == ["P-B"]
+
+
+def test_a_mapped_users_reading_takes_the_name_of_the_latest_check_in_of_its_patient(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """User 2 of the cuff is mapped to P-1 while P-1 is checked in as Zhang^San (a typo); the
+    doctor checks P-1 in again with the name corrected, then the next patient. User 2's reading
+    went to the county under the name stored with the mapping, while Visits and an assignment name
+    P-1 as corrected: the session's name comes first, the mapping's only where it knows none."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", at=T0 + MIN) == 0
+    store.context.set_patient("P-1", "Zhang^Sanfeng=张^三丰", now=T0 + 2 * MIN)
+    store.context.set_patient("P-2", "Li^Si=李^四", now=T0 + 3 * MIN)
+    item = store.outbox.get(store.record(reading(2, 4), now=T0 + 4 * MIN).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Zhang^Sanfeng=张^三丰"}
+    # a day on, the session has forgotten P-1's name: the mapping's is all the gateway knows
+    day_on = T0 + dt.timedelta(days=1, minutes=10)
+    store.context.set_patient("P-3", now=day_on - MIN)
+    late = replace(reading(2, 0), measured_at=day_on, received_at=day_on, record_key="test:user2:day-on")
+    item = store.outbox.get(store.record(late, now=day_on).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Zhang^San=张^三"}

@@ -147,7 +147,7 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
     fhir_zh = report_text(reports["fhir"], ZH)
     assert "已更正：这是本报告的更正版本" in fhir_zh and "诊断意见：窦性心律。Critical Result: 室性心动过速" in fhir_zh
     assert "编码诊断：急性ST段抬高型心肌梗死" in fhir_zh and "ST 段：抬高" in fhir_zh and "全文：窦性心律" in fhir_zh
-    assert "ST 段 标记为 Critical abnormal" in fhir_zh and "诊断医生：陈静，2026-12-01 10:15:00 +08:00" in fhir_zh
+    assert "ST 段 标记为 危急异常" in fhir_zh and "诊断医生：陈静，2026-12-01 10:15:00 +08:00" in fhir_zh
     check = report_text(reports["mismatch"], ZH).splitlines()[-1]
     assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"
     assert report_text(reports["unreadable"], ZH).splitlines()[:2] == ["无法读取的报告", "=" * 14]  # wide characters
@@ -493,3 +493,81 @@ def test_the_printed_critical_line_keeps_the_countys_words_for_a_coded_finding(
         report = store.add_report(read_dicom_report(part10(sr), RULES), part10(sr), "dicom", now).report
         paper = printable(store, report, ZH)[0].decode().splitlines()
     assert paper.count(printed) == 2, paper  # the page's facts and the report's own critical line
+
+
+def test_a_known_code_does_not_replace_the_countys_own_fhir_words() -> None:
+    """A FHIR report titled "Holter 24h report - REVISED" whose rhythm reads "Sinus rhythm with
+    first-degree AV block" printed in Chinese as 心电图报告 / 窦性心律: because each was coded
+    (LN 11524-6, SCT 426783006), our term replaced the county's words and the AV block was lost.
+    Our term stands in only for words that are just the code's standard name."""
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "holter",
+        "status": "final",
+        "code": {
+            "text": "Holter 24h report - REVISED",
+            "coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}],
+        },
+        "contained": [
+            {
+                "resourceType": "Observation",
+                "id": "rhythm",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8884-9", "display": "Heart rate rhythm"}]},
+                "valueCodeableConcept": {
+                    "text": "Sinus rhythm with first-degree AV block",
+                    "coding": [{"system": "http://snomed.info/sct", "code": "426783006", "display": "Sinus rhythm"}],
+                },
+            }
+        ],
+        "result": [{"reference": "#rhythm"}],
+    }
+    zh = report_text(read_fhir_report(report, RULES).lines, ZH).splitlines()
+    assert zh[0] == "Holter 24h report - REVISED", zh
+    assert "Heart rate rhythm：Sinus rhythm with first-degree AV block" in zh, zh
+
+
+def test_a_known_code_does_not_replace_the_countys_own_dicom_words() -> None:
+    """An SR's CODE item coded SCT 426783006 whose CodeMeaning says more than the code's name
+    ("Sinus rhythm with first-degree AV block") printed as 窦性心律: the AV block was lost. A
+    CodeMeaning that is only the code's name ("SINUS RHYTHM") still reads as our term."""
+    detailed = ecg_report_sr(
+        STUDY,
+        findings=["x"],
+        impression="y",
+        coded_findings=[("426783006", "SCT", "Sinus rhythm with first-degree AV block")],
+    )
+    zh = report_text(read_dicom_report(part10(detailed), RULES).lines, ZH)
+    assert "Sinus rhythm with first-degree AV block" in zh and "窦性心律" not in zh, zh
+    plain = ecg_report_sr(STUDY, findings=["x"], impression="y", coded_findings=[("426783006", "SCT", "SINUS RHYTHM")])
+    assert "窦性心律" in report_text(read_dicom_report(part10(plain), RULES).lines, ZH)
+
+
+def flagged_report(code: str, display: str = "") -> tuple[ReportLine, ...]:
+    """A FHIR report whose one result the county flagged with an HL7 interpretation `code`."""
+    obs = critical_observation("o1", "ST 段", "抬高")
+    coding = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": code}
+    obs["interpretation"] = [{"coding": [{**coding, **({"display": display} if display else {})}]}]
+    report = {"resourceType": "DiagnosticReport", "id": "r2", "status": "final", "code": {"text": "心电图报告"}}
+    return read_fhir_report({**report, "contained": [obs], "result": [{"reference": "#o1"}]}, RULES).lines
+
+
+def test_an_interpretation_flag_reads_in_the_doctors_words_its_code_kept_apart() -> None:
+    """Issue s38-H: a result the county flagged critical read "ST 段 标记为 HH" - a village doctor
+    cannot read HL7's "HH". Its meaning in the reader's language; the code for the technician."""
+    lines = flagged_report("HH")
+    zh = report_text(lines, ZH)
+    assert "危急值：ST 段 标记为 危急偏高" in zh.splitlines(), zh
+    assert not re.search(r"\bHH\b", zh), zh
+    (reason,) = shown_critical(lines, (), ZH)
+    assert (reason.text, reason.detail) == ("ST 段 标记为 危急偏高", "HH")
+    assert shown_reasons(lines, (), EN) == ["ST 段 marked Critical high"]  # HL7's display name
+    # the county's display: its standard name, so the doctor's term; kept for the technician
+    (shown,) = shown_critical(flagged_report("LL", "Critical low"), (), ZH)
+    assert (shown.text, shown.detail) == ("ST 段 标记为 危急偏低", "LL · Critical low")
+    assert shown_reasons(flagged_report("AA", "Critical abnormal"), (), EN) == ["ST 段 marked Critical abnormal"]
+    # a report stored before the code was kept: its bare code is still read; an unknown flag stays as written
+    old = ReportLine(LineKind.CRITICAL_INTERPRETED, name="ST 段", value="AA")
+    assert shown_reasons([old], (), ZH) == ["ST 段 标记为 危急异常"]
+    unknown = ReportLine(LineKind.CRITICAL_INTERPRETED, name="ST 段", value="Panic value", value_concept="V3-OBSINT PV")
+    assert shown_reasons([unknown], (), ZH) == ["ST 段 标记为 Panic value"]

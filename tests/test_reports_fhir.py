@@ -343,3 +343,28 @@ def test_a_fhir_reports_known_codes_read_in_chinese_as_an_srs_do(platform) -> No
     assert "Heart rate rhythm：窦性心律" in zh and "编码诊断：急性ST段抬高型心肌梗死" in zh, zh  # unknown: as written
     en = printable(store, kept, speaker_for("en"))[0].decode().splitlines()
     assert "EKG study" in en and "Heart rate: 72 /min" in en and "Coded conclusion: STEMI" in en, en
+
+
+def test_a_fhir_reports_own_words_are_printed_though_coded(platform) -> None:
+    """A Holter report titled "Holter 24h report - REVISED" whose rhythm reads "Sinus rhythm with
+    first-degree AV block" printed as 心电图报告 / 窦性心律 because both were coded: the revision
+    and the AV block were not on the paper. The county's words are printed as written."""
+    server, store, poller, ours, _other = platform
+    rhythm = coded_observation(
+        "rhythm",
+        ("http://loinc.org", "8884-9", "Heart rate rhythm"),
+        valueCodeableConcept={
+            "text": "Sinus rhythm with first-degree AV block",
+            "coding": [{"system": "http://snomed.info/sct", "code": "426783006", "display": "Sinus rhythm"}],
+        },
+    )
+    holter = {
+        "text": "Holter 24h report - REVISED",
+        "coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}],
+    }
+    server.put_resource(report_for(ours, code=holter, contained=[rhythm], result=[{"reference": "#rhythm"}]))
+    poller.run_round(force=True)
+    (kept,) = store.reports()
+    zh = printable(store, kept, speaker_for("zh-CN"))[0].decode().splitlines()
+    assert "Holter 24h report - REVISED" in zh and "心电图报告" not in zh, zh
+    assert "Heart rate rhythm：Sinus rhythm with first-degree AV block" in zh, zh

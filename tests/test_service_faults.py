@@ -139,6 +139,7 @@ class MonitorOnPart:
     part: Part
     registry: DeviceRegistry
     report: bytes  # what the monitor prints: three readings
+    config: Config
 
     def device(self) -> DeviceRecord:
         record = self.registry.get("serial:monitor")
@@ -172,6 +173,7 @@ def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
         part,
         registry,
         VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed),
+        config,
     )
     try:
         part.check(time.monotonic())
@@ -208,6 +210,140 @@ def test_acquire_stores_what_an_unplugged_monitor_left_once_there_is_room(
         m.outbox.min_free_bytes = 0  # the forwarder sent and purged: room again
         wait_for(lambda: len(m.outbox.items(kind="observation")) >= 3, timeout=30)
         assert len(m.outbox.items(kind="observation")) == 3  # once each
+
+
+@contextlib.contextmanager
+def outbox_locked(m: MonitorOnPart) -> Iterator[None]:
+    """Another process holds the outbox's write lock (a cause that is not space): the monitor's
+    readings are refused with "database is locked" after 50 ms rather than the 15 s busy wait."""
+    import sqlite3
+
+    m.outbox.db.conn.execute("PRAGMA busy_timeout=50")  # the outbox's own connection (SQLite serialises the call)
+    other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.rollback()
+        other.close()
+
+
+def readings_held_by_a_locked_outbox(m: MonitorOnPart) -> None:
+    """The monitor prints its report while the outbox is locked: all three held (spill file), the
+    row's error says why."""
+    m.monitor.write(m.report)
+    wait_for(lambda: m.device().held_reading_count == 3 and "database is locked" in m.device().last_error, timeout=30)
+
+
+def test_a_monitor_row_says_no_store_error_once_its_held_readings_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/serial_devices.py retry_unstored: readings the outbox refused for another
+    cause than space (locked by another process) were held and the row said "cannot store
+    reading: database is locked"; once they were stored, the row still said it (the Devices page's
+    "could not be saved: please measure again", `lastmile devices`) for a monitor that was fine."""
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):
+            readings_held_by_a_locked_outbox(m)
+        wait_for(lambda: not m.device().waits_for_space, timeout=30)
+        assert len(m.outbox.items(kind="observation")) == 3
+        assert m.device().last_error == "", m.device().last_error
+
+
+def test_the_doctor_advises_by_the_cause_of_held_readings_not_free_space(tmp_path: Path) -> None:
+    """lastmile/doctor.py _readings_waiting_for_space: readings held because the outbox was locked
+    (not full) got the FAIL "free space on the data partition" (the System page: "waiting for
+    storage space ... free space"), beside the WARN that says the real cause: freeing space does
+    nothing for them. Now the FAIL names the cause and says to call the county IT."""
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor
+
+    with monitor_on_the_acquire_part(tmp_path) as m, outbox_locked(m):
+        readings_held_by_a_locked_outbox(m)
+        findings = Doctor(m.config).check_devices()
+    (held,) = [f for f in findings if f.level is Level.FAIL]
+    assert "free space" not in held.hint and "database is locked" in held.message, (held.message, held.hint)
+    zh = advice_text(held, Localizer("zh-CN", dt.timezone.utc))
+    assert "存储空间" not in zh and "信息" in zh, zh  # not "waiting for storage space": call the county IT
+
+
+def devices_command_says(m: MonitorOnPart, capsys: pytest.CaptureFixture[str]) -> str:
+    """What `lastmile devices` prints of the monitor's data directory."""
+    from lastmile.cli import main
+
+    toml = m.config.data_dir.parent / "lastmile.toml"
+    (entry,) = m.config.serial.devices
+    toml.write_text(
+        f'[gateway]\ndata_dir = "{m.config.data_dir}"\n[[serial.devices]]\n'
+        + "".join(f'{k} = "{v}"\n' for k, v in entry.items())
+    )
+    capsys.readouterr()
+    assert main(["-c", str(toml), "devices"]) == 0
+    return capsys.readouterr().out
+
+
+def devices_page_card(m: MonitorOnPart, browser: object) -> str:
+    """The monitor's card on the Devices page (zh-CN), in a real Chromium."""
+    from tests.console_browser import by, log_in
+    from tests.console_harness import console_config, running_console
+
+    config = console_config(m.config.data_dir)
+    config.serial.devices = m.config.serial.devices
+    with running_console(config) as console:
+        log_in(browser, console)
+        browser.get(console.url + "/devices")  # type: ignore[attr-defined]
+        return browser.find_element(by("css"), "ul.device-list li.card").text  # type: ignore[attr-defined]
+
+
+def test_a_row_held_by_a_locked_outbox_says_its_cause_not_waiting_for_space(
+    tmp_path: Path, browser: object, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/clinic/devices.py waiting_message and the Devices page: readings held because the
+    outbox was locked (not full) were said "3 reading(s) waiting for space on the data partition"
+    by `lastmile devices` and "等待存储空间" (waiting for storage space) on the Devices page, which
+    also told the doctor to measure again (they are kept): the doctor frees space for nothing.
+    Now both say they wait to be saved, for another cause than space, and name it."""
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 3600)  # still held when the pages are read
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):  # released first: the console's stop waits on a locked outbox
+            readings_held_by_a_locked_outbox(m)
+        said = devices_command_says(m, capsys)
+        card = devices_page_card(m, browser)
+    assert "waiting for space" not in said and "3 reading(s) waiting to be stored" in said, said
+    assert "database is locked" in said, said
+    assert "等待存储空间" not in card and "等待保存" in card and "并非空间不足" in card, card
+    assert "请重新测量" not in card, card  # they are kept: nothing to measure again
+
+
+def test_held_readings_refused_for_space_after_a_lock_are_said_waiting_for_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lastmile/services/serial_devices.py store_observation: readings held by a locked outbox kept
+    the row's "cannot store reading: database is locked" when the lock went and the data partition
+    was full instead (a space failure writes no error), so the row and `lastmile doctor` kept the
+    lock's advice (call the county IT) rather than "free space". Now a held store refused for space
+    clears that error, and only that kind (a write to clinic.db when it changes, not per retry)."""
+    import lastmile.services.serial_devices as serial_devices
+    from lastmile.doctor import Doctor
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):
+            readings_held_by_a_locked_outbox(m)
+            m.outbox.min_free_bytes = 1 << 60  # the lock goes; the data partition is full now
+        wait_for(lambda: m.device().last_error == "", timeout=30)
+        assert m.device().waits_for_space
+        said = devices_command_says(m, capsys)
+        findings = Doctor(m.config).check_devices()
+    assert "3 reading(s) waiting for space" in said and "database is locked" not in said, said
+    (held,) = [f for f in findings if f.level is Level.FAIL]
+    assert "free space" in held.hint, (held.message, held.hint)
 
 
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(

@@ -153,3 +153,27 @@ def test_lastmile_patient_set_again_without_stat_keeps_the_stat_check_in(tmp_pat
     assert (item.priority, item.meta["stat"]) == (Priority.STAT, True)
     assert cli([*run, "patient", "set", "P00001", "--no-stat"]) == 0
     assert shown() == (False, "胸痛", "Li^Si=李^思")
+
+
+def test_lastmile_patient_set_clear_name_and_reason_clears_them(tmp_path: Path, capsys) -> None:
+    # 李四 checked in under a wrong name with a wrong reason: `--name ""` keeps them (empty is "as
+    # it was"); --clear-name and --clear-reason clear them, STAT stays.
+    import json
+
+    from lastmile.cli import main as cli
+
+    run = ["--data-dir", str(tmp_path / "data")]
+
+    def shown() -> tuple[bool, str, str]:
+        capsys.readouterr()
+        assert cli(["patient", "show", "--json", *run]) == 0
+        current = json.loads(capsys.readouterr().out)["current_patient"]
+        return current["stat"], current["reason"], current["name"]
+
+    assert cli(["patient", "set", "P00001", "--name", "王五", "--stat", "--reason", "胸痛", *run]) == 0
+    assert cli(["patient", "set", "P00001", "--name", "", "--reason", "", *run]) == 0
+    assert shown() == (True, "胸痛", "Wang^Wu=王^五")
+    assert cli(["patient", "set", "P00001", "--clear-name", *run]) == 0
+    assert shown() == (True, "胸痛", "")
+    assert cli(["patient", "set", "P00001", "--clear-reason", *run]) == 0
+    assert shown() == (True, "", "")

@@ -26,7 +26,9 @@ class LineKind(StrEnum):
     # name: the configured keyword; value: the text it is in; code, concept: the name (as written)
     # and its code of the SR item whose value it is in (older reports: value "name: value")
     CRITICAL_KEYWORD = "critical-keyword"
-    CRITICAL_INTERPRETED = "critical-interpreted"  # name: the result; value: its interpretation (FHIR)
+    # name: the result; value: its interpretation (FHIR: its display, else its code); concept: the
+    # result's code; value_concept: the interpretation's, "V3-OBSINT HH" (older lines: none)
+    CRITICAL_INTERPRETED = "critical-interpreted"
     # the body: one content item each (SR), at `depth`; `code` holds the ValueType when the
     # item has no concept name (the gateway then names the kind of item)
     CONTAINER = "container"  # name: the section's heading
@@ -67,6 +69,15 @@ _SCHEME_ALIASES = {
 def normal_scheme(scheme: str) -> str:
     s = scheme.strip().upper()
     return _SCHEME_ALIASES.get(s, s)
+
+
+OBSERVATION_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+def interpretation_concept(code: str) -> str:
+    """A FHIR result's interpretation flag ("HH") as a line keeps its code: "V3-OBSINT HH" (the
+    reader takes the flag by its code, whatever system the county named)."""
+    return concept_key(OBSERVATION_INTERPRETATION, code)
 
 
 def concept_key(scheme: str, code: str) -> str:

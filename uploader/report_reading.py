@@ -43,7 +43,14 @@ from pydicom.uid import (
 
 from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
-from uploader.report_lines import PERSON_NAME, LineKind, ReportLine, concept_key, normal_scheme
+from uploader.report_lines import (
+    PERSON_NAME,
+    LineKind,
+    ReportLine,
+    concept_key,
+    interpretation_concept,
+    normal_scheme,
+)
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
     BasicTextSRStorage,
@@ -560,6 +567,13 @@ def _concept_code(concept: object) -> str:
     return next((key for system, code, _d in _codings(concept) if (key := concept_key(system, code))), "")
 
 
+def _display_concept(concept: object) -> str:
+    """The code of a title: only when its words are the coding's (no text), as for a DICOM
+    DocumentTitle: the county's own title ("Holter 24h report - REVISED") stays its words."""
+    own = isinstance(concept, Mapping) and isinstance(concept.get("text"), str) and concept["text"].strip()
+    return "" if own else _concept_code(concept)
+
+
 def _concept_text(concept: object) -> str:
     if not isinstance(concept, Mapping):
         return ""
@@ -682,7 +696,13 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
                 if code in FHIR_CRITICAL_INTERPRETATIONS:
                     critical.append(f"{name or 'result'} interpreted {display or code}")
                     reasons.append(
-                        ReportLine(LineKind.CRITICAL_INTERPRETED, name=name, value=display or code, concept=concept)
+                        ReportLine(
+                            LineKind.CRITICAL_INTERPRETED,
+                            name=name,
+                            value=display or code,
+                            concept=concept,
+                            value_concept=interpretation_concept(code),
+                        )
                     )
     document: bytes | None = None
     document_type = ""
@@ -711,7 +731,7 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
             reasons.append(ReportLine(LineKind.CRITICAL_KEYWORD, name=keyword, value=text.strip()[:120]))
     amends = (f"DiagnosticReport/{rid}",) if status in FHIR_AMENDED else ()
     lines = [
-        ReportLine(LineKind.TITLE, value=title, concept=_concept_code(resource.get("code"))),
+        ReportLine(LineKind.TITLE, value=title, concept=_display_concept(resource.get("code"))),
         *([ReportLine(LineKind.AMENDED)] if amends else []),  # a corrected version of itself
         *([ReportLine(LineKind.WITHDRAWN, value=status)] if withdrawn else dict.fromkeys(reasons)),
         *([ReportLine(LineKind.CONCLUSION, value=conclusion)] if conclusion else []),

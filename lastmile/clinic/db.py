@@ -274,6 +274,9 @@ MIGRATIONS = (
     # ("血压计 1号诊室"), which the doctor tells the clinic's cuffs apart by; an unnamed pairing is
     # shown by this one. NULL: not seen since (a row seen before holds the advertised name as its name)
     Migration.sql("0022_device_advertised_name", "ALTER TABLE devices ADD COLUMN advertised_name TEXT;"),
+    # the session log by time: every change of the session prunes it to what is read (names of the
+    # last day, lastmile.clinic.patients.NAME_KEPT) without reading the whole table on the SD card
+    Migration.sql("0023_session_log_at", "CREATE INDEX session_log_at ON session_log (at);"),
 )
 
 

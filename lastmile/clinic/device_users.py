@@ -53,6 +53,15 @@ class UserMapping:
 CHECKED_IN = UserMapping(None)
 
 
+def mapped_name(mapping: UserMapping, context: PatientContext, now: dt.datetime) -> str:
+    """The name a mapped user's reading goes under: what the session knows for the ID
+    (`PatientContext.known_name`, the owner), else the name stored with the mapping (a check-in
+    older than NAME_KEPT, or one typed with `map-user --name` for a patient never checked in)."""
+    if mapping.patient_id is None:
+        return ""
+    return context.known_name(mapping.patient_id, now) or mapping.patient_name
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceUser:
     """One mapping the doctor made: user `user_id` of the device at `address` is `mapping`'s."""

@@ -153,11 +153,17 @@ class DeviceRecord:
         return held_words(*self.in_memory_only) or "readings"
 
     @property
+    def held_cause(self) -> str:
+        """Why what waits is not stored, when it is not space: the row's "cannot store" error (a
+        space failure never writes one: the held status says it), else "" (space, or nothing waits)."""
+        return self.last_error if self.waits_for_space and self.problem is DeviceProblem.NOT_SAVED else ""
+
+    @property
     def waiting(self) -> str:
-        """What waits for space and where, in the words of its status ("" when nothing waits)."""
+        """What waits and where, in the words of its status and cause ("" when nothing waits)."""
         if not self.waits_for_space:
             return ""
-        return waiting_message(self.held_words, self.held_readings, self.memory_words)
+        return waiting_message(self.held_words, self.held_readings, self.memory_words, self.held_cause)
 
     @property
     def problem(self) -> DeviceProblem:
@@ -191,15 +197,18 @@ def held_words(readings: int, ecgs: int) -> str:
     return ", ".join(words + ([f"{ecgs} ECG(s)"] if ecgs else []))
 
 
-def waiting_message(words: str, held: HeldReadings, in_memory: str = "") -> str:
-    """What a device row says of `words` (`held_words`) waiting for space `held` there; with
-    `held` MEMORY, `in_memory` words the part of them held in memory only ("" or `words`: all)."""
+def waiting_message(words: str, held: HeldReadings, in_memory: str = "", cause: str = "") -> str:
+    """What a device row says of `words` (`held_words`) waiting `held` there, for space or, with a
+    `cause` (`DeviceRecord.held_cause`), for that; with `held` MEMORY, `in_memory` words the part
+    of them held in memory only ("" or `words`: all)."""
     if held is not HeldReadings.MEMORY:
         where = KEPT_ON_DISK
     elif in_memory and in_memory != words:
         where = f"{in_memory} of them {MEMORY_ONLY}; the rest {KEPT_ON_DISK}"
     else:
         where = MEMORY_ONLY
+    if cause:
+        return f"{words} waiting to be stored ({where}): {cause}"
     return f"{words} waiting for space on the data partition ({where})"
 
 
@@ -415,6 +424,17 @@ class DeviceRegistry:
                 sets["services"] = services_text({*services, *self._services(conn, address)})
             assignments = ", ".join(f"{k} = ?" for k in sets)
             conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
+
+    def clear_error(self, address: str, problem: DeviceProblem, *, now: dt.datetime) -> None:
+        """Clear the row's error if it is still one of kind `problem` (a later one, unplugged ...,
+        stays): what it said is over."""
+        prefixes = [prefix for prefix, kind in PROBLEM_PREFIXES if kind is problem]
+        matches = " OR ".join("substr(last_error, 1, ?) = ?" for _ in prefixes)
+        with transaction(self.db) as conn:
+            conn.execute(
+                f"UPDATE devices SET last_error = '', last_error_at = ?, updated_at = ? WHERE address = ? AND ({matches})",
+                (iso(now), iso(now), normalise_address(address), *(v for p in prefixes for v in (len(p), p))),
+            )
 
     @staticmethod
     def _services(conn: sqlite3.Connection, address: str) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ import sqlite_utils
 from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
-from lastmile.clinic.device_users import DeviceUsers, UserMapping
+from lastmile.clinic.device_users import DeviceUsers, UserMapping, mapped_name
 from lastmile.clinic.patients import PatientContext
 from uploader.outbox import AddResult, Outbox, Priority
 
@@ -211,7 +211,7 @@ class ObservationStore:
             if not _after_mapping(obs, mapping):
                 # A cuff's memory synced after a remap: this reading was the user's before it.
                 return self._hold(obs, now, f"measured before device user {obs.device_user} was mapped")
-            patient_id, name = mapping.patient_id, mapping.patient_name
+            patient_id, name = mapping.patient_id, mapped_name(mapping, self.context, now)
             mapped_user = obs.device_user if patient_id is not None else None
         if patient_id is None and STORED_TIME_UNKNOWN in obs.flags:
             # Taken earlier, we cannot tell when: the current patient is a guess.

@@ -17,7 +17,6 @@ import logging
 import os
 import sqlite3
 from dataclasses import dataclass, replace
-from typing import Any
 
 import sqlite_utils
 
@@ -87,9 +86,11 @@ class PatientContext:
         self.db.conn.close()
 
     # -- changing the session ---------------------------------------------------------------
-    def set_patient(self, patient_id: str, name: str = "", **how: Any) -> CurrentPatient:
-        """`check_in` (`how`: its keywords): the patient current after it."""
-        return self.check_in(patient_id, name, **how).after
+    def set_patient(
+        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool | None = None, reason: str = ""
+    ) -> CurrentPatient:
+        """`check_in` (see it for `stat` and `reason`): the patient current after it."""
+        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason).after
 
     def check_in(
         self,
@@ -100,15 +101,20 @@ class PatientContext:
         stat: bool | None = None,
         reason: str = "",
         expected_patient_id: str = "",
+        doctor_id: str = "",
+        clear_name: bool = False,
+        clear_reason: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
         `name` or `reason`, `stat` None (a scanned card names none of them; a check-in typed again
         with the box unticked must not make a STAT patient routine). Another patient starts with
-        only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose.
+        only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose, as
+        `clear_name` / `clear_reason` clear a wrong name or reason (unless one is given instead).
         `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
         nobody, is current - checked in the same transaction, so a card the acquire service reads
-        meanwhile is never replaced."""
+        meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
+        `set_doctor`), set only if the check-in is - never on a patient the page did not show."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -118,9 +124,13 @@ class PatientContext:
             if expected_patient_id and (before is None or before.patient_id != expected_patient_id.strip()):
                 raise PatientChanged(before.patient_id if before is not None else "")
             doctor = row["doctor_id"] if row else None
+            doctor_since = row["doctor_since"] if row else None
+            if doctor_id.strip():
+                doctor, doctor_since = doctor_id.strip(), iso(now)
+                self._log(conn, now, "doctor-set", None, doctor)
             if row and row["patient_id"] == patient_id:
-                name = name or row["patient_name"] or ""
-                reason = reason.strip() or row["reason"] or ""
+                name = name or ("" if clear_name else row["patient_name"] or "")
+                reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
                 stat = bool(row["stat"]) if stat is None else stat
             if row and row["patient_id"] and row["patient_id"] != patient_id:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
@@ -131,6 +141,7 @@ class PatientContext:
                 "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
                 "THEN session.patient_since ELSE excluded.patient_since END, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
+                "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
                 "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
                 (
                     _ROW,
@@ -138,7 +149,7 @@ class PatientContext:
                     name,
                     iso(now),
                     doctor,
-                    row["doctor_since"] if row else None,
+                    doctor_since,
                     iso(now),
                     int(bool(stat)),
                     reason.strip() or None,
@@ -146,7 +157,6 @@ class PatientContext:
             )
             # the name as checked in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, name.strip())
-            _forget_names(conn, now - NAME_KEPT)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
         return CheckedIn(before, after)
@@ -225,27 +235,38 @@ class PatientContext:
         return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
-        """`patient`, given without a name, with the checked-in patient's name when it is that
-        patient (as check-in named it); another ID keeps none. A name taken from the session for
-        another ID would send one patient's ID under another's name: the gateway keeps no names
-        by ID (the session holds only the current one)."""
+        """`patient`, given without a name, with the name the gateway knows for its ID
+        (`known_name`); another ID keeps none. A name taken from the session for another ID
+        would send one patient's ID under another's name: the gateway keeps no names by ID
+        (the session holds only the current one, its log NAME_KEPT of check-ins)."""
         if patient.name:
             return patient
+        return replace(patient, name=self.known_name(patient.patient_id, now))
+
+    def known_name(self, patient_id: str, now: dt.datetime) -> str:
+        """The one answer to "what name does the gateway know for `patient_id`" from the session:
+        the checked-in patient's name when it is that patient, else `checked_in_name`; "" if
+        none. Everything else that names an ID (the console's `known_names`, a device user's
+        mapping) asks this first and adds only what the session cannot know."""
         current = self.current(now)
-        if current is None or current.patient_id != patient.patient_id:
-            return replace(patient, name=self.checked_in_name(patient.patient_id, now))
-        return replace(patient, name=current.name)
+        if current is not None and current.patient_id == patient_id:
+            return current.name
+        return self.checked_in_name(patient_id, now)
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
         this morning, 李四 now: user 2 mapped to 张三's ID is named 张三); "" if none. Only a
-        name typed for this very ID: never the current patient's for another one."""
-        row = self.db.conn.execute(
-            "SELECT detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
-            "AND detail != '' ORDER BY id DESC LIMIT 1",
+        name typed for this very ID: never the current patient's for another one. The latest
+        check-in of the ID names it (one with no name: none), unless it was corrected."""
+        conn = self.db.conn
+        latest = conn.execute(
+            "SELECT id, detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
+            "ORDER BY id DESC LIMIT 1",
             (patient_id, iso(now - NAME_KEPT)),
         ).fetchone()
-        return str(row["detail"]) if row else ""
+        if latest is None or not latest["detail"] or _corrected(conn, latest["id"], latest["detail"]):
+            return ""
+        return str(latest["detail"])
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
@@ -268,7 +289,10 @@ class PatientContext:
         return last is None or now - last > self.idle_timeout
 
     def _expire_locked(self, conn: sqlite3.Connection, now: dt.datetime) -> sqlite3.Row | None:
-        """Inside a transaction: end an idle session; return the live row or None."""
+        """Inside a transaction: end an idle session; return the live row or None. Every change of
+        the session (a check-in, its end, its idle expiry, a doctor, a reading) prunes the log past
+        NAME_KEPT: a gateway with no later check-in must not keep its names either."""
+        _prune_log(conn, now - NAME_KEPT)
         row = conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone()
         if row is None:
             return None
@@ -302,13 +326,20 @@ class PatientContext:
         )
 
 
-def _forget_names(conn: sqlite3.Connection, before: dt.datetime) -> None:
-    """Blank the names check-ins logged before `before`: used for NAME_KEPT only, they must not
-    outlive the outbox's purge of the patient's data (the log itself is kept: who, when)."""
-    conn.execute(
-        "UPDATE session_log SET detail = '' WHERE event = 'patient-set' AND at < ? AND detail != ''",
-        (iso(before),),
-    )
+def _corrected(conn: sqlite3.Connection, log_id: int, name: str) -> bool:
+    """Whether the check-in logged as `log_id` typed its ID wrong: the next check-in is the same
+    name under another ID (张三 checked in as P-12, then as P-21). Its name is not P-12's owner's."""
+    following = conn.execute(
+        "SELECT detail FROM session_log WHERE event = 'patient-set' AND id > ? ORDER BY id LIMIT 1", (log_id,)
+    ).fetchone()
+    return following is not None and following["detail"] == name
+
+
+def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:
+    """Delete the session log before `before`: only NAME_KEPT of it is read (`checked_in_name`; the
+    console's audit trail is its own table), its names must not outlive the outbox's purge of the
+    patient's data, and the log must not grow on the SD card for ever. A seek on its `at` index."""
+    conn.execute("DELETE FROM session_log WHERE at < ?", (iso(before),))
 
 
 def _t(value: str) -> dt.datetime:

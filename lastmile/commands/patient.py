@@ -19,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "set", help="make ID the current patient (readings from now on land on them)", parents=[DATA_DIR]
     )
     p.add_argument("patient_id", help="the patient's ID (a resident ID is checked when [patient] id_kind says so)")
-    p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
+    name = p.add_mutually_exclusive_group()
+    name.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
+    # an empty --name keeps the checked-in patient's name (a scanned card names none): clearing is on purpose
+    name.add_argument("--clear-name", action="store_true", help="the checked-in patient's name was wrong: no name")
     p.add_argument("--doctor", default="", help="the doctor on duty (name or id): Referring Physician of the ECGs")
     # default None: setting the checked-in patient again (a name fixed) keeps their STAT as it is
     p.add_argument(
@@ -29,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="urgent: this patient's ECGs are read first, never held (--no-stat: routine again; "
         "neither: as the check-in has it)",
     )
-    p.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
+    reason = p.add_mutually_exclusive_group()
+    reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
+    reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
     p.set_defaults(func=_set)
 
     p = psub.add_parser("clear", help="end the current patient's session (next readings are held)", parents=[DATA_DIR])
@@ -111,7 +116,15 @@ def _set(args: argparse.Namespace) -> int:
     try:
         if args.doctor:
             context.set_doctor(args.doctor, now=_now())
-        current = context.set_patient(patient.patient_id, patient.name, now=_now(), stat=args.stat, reason=args.reason)
+        current = context.check_in(
+            patient.patient_id,
+            patient.name,
+            now=_now(),
+            stat=args.stat,
+            reason=args.reason,
+            clear_name=args.clear_name,
+            clear_reason=args.clear_reason,
+        ).after
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ hand out sessions. Each login has its own CSRF token, required on every form the
 
 Lockout: `max_failures` wrong passwords in a row lock the account for `lockout_s`; while locked,
 even the right password is refused (and says so), so guessing from the clinic LAN is slow. An
-unknown name costs the same hash as a known one: the timing does not tell which names exist.
+unknown name gets the same answers (tries left, then locked; counted in memory) and costs the same
+hash as a known one: neither the page nor the timing tells which names exist.
 
 Argon2id parameters: OWASP's m=12 MiB, t=3, p=1 profile. The library's default (64 MiB, p=4)
 would double the console's memory on every login on a 512 MB Pi; 12 MiB is freed right after.
@@ -22,6 +23,7 @@ import secrets
 import sqlite3
 import unicodedata
 from dataclasses import dataclass
+from typing import NoReturn
 
 import sqlite_utils
 from argon2 import PasswordHasher
@@ -36,6 +38,7 @@ LANGUAGES = ("zh-CN", "en")
 PASSWORD_MIN_LENGTH = 8
 NAME_MAX_LENGTH = 64
 TOUCH_EVERY = dt.timedelta(seconds=60)  # last_seen_at is written at most this often (SD card)
+UNKNOWN_NAMES_KEPT = 4096  # failure counts of unknown names held in memory (~1 MB at most)
 HASHER = PasswordHasher(time_cost=3, memory_cost=12 * 1024, parallelism=1)
 
 
@@ -58,7 +61,7 @@ class LoginRefused(Exception):
     ) -> None:
         super().__init__(message)
         self.locked_until = locked_until
-        self.attempts_left = attempts_left  # before the account locks (a known account's wrong password)
+        self.attempts_left = attempts_left  # before the account locks (a wrong password)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,8 @@ class Accounts:
         self.max_failures = max_failures
         self.lockout = dt.timedelta(seconds=lockout_s)
         self.idle = dt.timedelta(seconds=idle_s)
+        # names no account has -> (failed logins, locked until): the same count a real account keeps
+        self._unknown_failures: dict[str, tuple[int, dt.datetime | None]] = {}
 
     # -- accounts ---------------------------------------------------------------------------------
     def add_user(self, name: str, role: str, password: str, *, now: dt.datetime) -> User:
@@ -203,26 +208,23 @@ class Accounts:
         try:
             name = check_name(name)
         except AccountError:
-            name = ""
+            pass  # no account has such a name: refused like any unknown one
         row = self.db.conn.execute("SELECT * FROM console_users WHERE name = ?", (name,)).fetchone()
         if row is None:
-            _verify(_dummy_hash(), password)
-            raise LoginRefused("wrong name or password")
+            self._refuse_unknown(name, password, now)
         user = _user(row)
         if user.locked(now):
             raise LoginRefused("account locked", user.locked_until)
         if not _verify(row["password_hash"], password) or user.disabled:
-            failures = user.failed_logins + 1
-            locked_until = now + self.lockout if failures >= self.max_failures else None
+            failures, locked_until = self._one_more_failure(user.failed_logins, now)
             with transaction(self.db) as conn:
                 conn.execute(
                     "UPDATE console_users SET failed_logins = ?, locked_until = ? WHERE name = ?",
-                    (0 if locked_until else failures, iso(locked_until) if locked_until else None, user.name),
+                    (failures, iso(locked_until) if locked_until else None, user.name),
                 )
             if locked_until is not None:
-                log.warning("console account locked after %d failed logins", failures)
-                raise LoginRefused("account locked", locked_until)
-            raise LoginRefused("wrong name or password", attempts_left=self.max_failures - failures)
+                log.warning("console account locked after %d failed logins", self.max_failures)
+            raise self._refusal(failures, locked_until)
         if HASHER.check_needs_rehash(row["password_hash"]):
             self._rehash(user.name, password)
         with transaction(self.db) as conn:
@@ -233,6 +235,33 @@ class Accounts:
         fresh = self.get(user.name)
         assert fresh is not None
         return fresh
+
+    def _one_more_failure(self, failed_logins: int, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+        """The failure count and lock after one more wrong password (the count restarts at a lock)."""
+        failures = failed_logins + 1
+        if failures >= self.max_failures:
+            return 0, now + self.lockout
+        return failures, None
+
+    def _refusal(self, failures: int, locked_until: dt.datetime | None) -> LoginRefused:
+        if locked_until is not None:
+            return LoginRefused("account locked", locked_until)
+        return LoginRefused("wrong name or password", attempts_left=self.max_failures - failures)
+
+    def _refuse_unknown(self, name: str, password: str, now: dt.datetime) -> NoReturn:
+        """Refuse a name no account has exactly as a real account's wrong password is refused
+        (same hash cost, tries left, then locked), so typing names does not tell which exist."""
+        failures, locked_until = self._unknown_failures.pop(name, (0, None))
+        if locked_until is None or locked_until <= now:
+            _verify(_dummy_hash(), password)
+            failures, locked_until = self._one_more_failure(failures, now)
+            refusal = self._refusal(failures, locked_until)
+        else:
+            refusal = LoginRefused("account locked", locked_until)
+        self._unknown_failures[name] = (failures, locked_until)  # last used goes last
+        if len(self._unknown_failures) > UNKNOWN_NAMES_KEPT:
+            del self._unknown_failures[next(iter(self._unknown_failures))]
+        raise refusal
 
     def _rehash(self, name: str, password: str) -> None:
         with transaction(self.db) as conn:

@@ -45,6 +45,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from devices.identity import Patient
 from lastmile import __version__
 from lastmile.clinic.observations import SUMMARY_SEPARATOR
 from lastmile.config import Config
@@ -403,6 +404,23 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "memory-only-ecgs": N_(
             "ECGs are waiting for storage space and are not saved yet: do not switch the gateway off, they "
             "would be lost. Call the county IT now to free space."
+        ),
+        # held for another cause than space (doctor.NOT_STORED): freeing space would not help
+        "readings-kept-not-stored": N_(
+            "Readings are waiting to be saved: the gateway cannot write its data just now (not for want of "
+            "space). They are kept and saved once it can. If this lasts, call the county IT."
+        ),
+        "ecgs-kept-not-stored": N_(
+            "ECGs are waiting to be saved: the gateway cannot write its data just now (not for want of "
+            "space). They are kept and saved once it can. If this lasts, call the county IT."
+        ),
+        "memory-only-not-stored": N_(
+            "Readings are waiting to be saved and are not saved yet: the gateway cannot write its data just now "
+            "(not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
+        ),
+        "memory-only-ecgs-not-stored": N_(
+            "ECGs are waiting to be saved and are not saved yet: the gateway cannot write its data just now "
+            "(not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
         ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
@@ -881,6 +899,9 @@ async def check_in(request: Request) -> Response:
             f.get("reason", ""),
             now=now,
             shown_patient_id=f.get("shown_patient_id", ""),
+            # the session's 清除 buttons; the check-in form has no "clear": its empty fields keep
+            clear_name=f.get("clear") == "name",
+            clear_reason=f.get("clear") == "reason",
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
@@ -923,15 +944,21 @@ async def assign_reading(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
         patient = data.assign_reading(ctx.user, _int(f.get("held_id", "")), f.get("patient_id", ""), now=now)
-        return "assigned", {"patient_id": patient.patient_id, "name": patient.name}
+        return assigned_to(patient)
 
     return await today_action(request, action)
 
 
+def assigned_to(patient: Patient) -> Done:
+    """What Today says after a held reading or ECG is assigned: whose it now is (ID, and name if known)."""
+    return "assigned", {"patient_id": patient.patient_id, "name": patient.name}
+
+
 async def assign_ecg(request: Request) -> Response:
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
-        done = state_of(request).data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
-        return "assigned" if done else "too-late"
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+        data = state_of(request).data
+        patient = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        return "too-late" if patient is None else assigned_to(patient)
 
     return await today_action(request, action)
 
@@ -1232,8 +1259,9 @@ async def no_such_page(request: Request, *, status: int = 404) -> Response:
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's own: an address no route has (an old bookmark), or a form's address opened as a
-    page (405): the not-found page; anything else as Starlette says it."""
+    """Starlette's own: an address no route has (an old bookmark), or one asked in a way it does not
+    answer (405: a form's address is POST, or GET leading to its page): the not-found page;
+    anything else as Starlette says it."""
     assert isinstance(exc, HTTPException)
     if exc.status_code in (404, 405):
         response = await no_such_page(request, status=exc.status_code)
@@ -1272,36 +1300,52 @@ async def on_storage_fault(request: Request, exc: Exception) -> Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def form(path: str, action: Handler, page: str) -> list[Route]:
+    """A form's address: its action on POST; opened as a page (a refresh after the POST, a bookmark,
+    the back button) it leads to `page`, the page the form is on - never the action again."""
+    return [Route(path, action, methods=["POST"]), Route(path, back_to(page), methods=["GET"])]
+
+
+def back_to(page: str) -> Handler:
+    """A redirect to `page`, its {path parameters} those of the address opened; after the login
+    check, as for every page (no login: the login page, then here again)."""
+
+    async def redirect(request: Request) -> Response:
+        await context_for(request)
+        params = {name: quote(str(value), safe="") for name, value in request.path_params.items()}
+        return RedirectResponse(page.format(**params), status_code=303)
+
+    return redirect
+
+
 def routes() -> list[Route | Mount]:
     return [
         Route("/", home),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
-        Route("/logout", logout, methods=["POST"]),
-        Route("/language", set_language, methods=["POST"]),
+        *form("/logout", logout, "/today"),
+        *form("/language", set_language, "/today"),
         Route("/today", today),
-        Route("/today/check-in", check_in, methods=["POST"]),
-        # a refused check-in leaves its address in the bar: opened again, it is Today
-        Route("/today/check-in", home, methods=["GET"]),
-        Route("/today/end-session", end_session, methods=["POST"]),
-        Route("/today/assign-reading", assign_reading, methods=["POST"]),
-        Route("/today/assign-ecg", assign_ecg, methods=["POST"]),
-        Route("/today/map-user", map_device_user, methods=["POST"]),
-        Route("/today/ecg/{item_id:int}/re-record", re_record, methods=["POST"]),
-        Route("/today/ecg/{item_id:int}/send-anyway", send_anyway, methods=["POST"]),
+        *form("/today/check-in", check_in, "/today"),
+        *form("/today/end-session", end_session, "/today"),
+        *form("/today/assign-reading", assign_reading, "/today"),
+        *form("/today/assign-ecg", assign_ecg, "/today"),
+        *form("/today/map-user", map_device_user, "/today"),
+        *form("/today/ecg/{item_id:int}/re-record", re_record, "/today"),
+        *form("/today/ecg/{item_id:int}/send-anyway", send_anyway, "/today"),
         Route("/ecg/{item_id:int}/preview.svg", ecg_preview),
         Route("/events", events),
         Route("/sent", sent_page),
         Route("/reports", reports_page),
         Route("/reports/{report_id}", report_page),
         Route("/reports/{report_id}/pdf", report_pdf),
-        Route("/reports/{report_id}/acknowledge", acknowledge_report, methods=["POST"]),
-        Route("/reports/{report_id}/print", print_report, methods=["POST"]),
+        *form("/reports/{report_id}/acknowledge", acknowledge_report, "/reports/{report_id}"),
+        *form("/reports/{report_id}/print", print_report, "/reports/{report_id}"),
         Route("/devices", devices_page),
-        Route("/devices/pair", pair_device, methods=["POST"]),
-        Route("/devices/unpair", unpair_device, methods=["POST"]),
-        Route("/devices/map-user", map_device_user_on_devices, methods=["POST"]),
-        Route("/devices/unmap-user", unmap_device_user, methods=["POST"]),
+        *form("/devices/pair", pair_device, "/devices"),
+        *form("/devices/unpair", unpair_device, "/devices"),
+        *form("/devices/map-user", map_device_user_on_devices, "/devices"),
+        *form("/devices/unmap-user", unmap_device_user, "/devices"),
         Route("/visits", visits_page),
         Route("/system", system_page),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),

@@ -35,7 +35,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.device_users import DeviceUser, UserMapping
+from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_name
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     MAPPED_USER,
@@ -60,7 +60,7 @@ from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fh
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT
-from uploader.outbox import ItemState, Kind, OutboxItem
+from uploader.outbox import ItemState, Kind, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver rai
 _NOT_PURGED = tuple(
     s.value for s in ItemState if s != ItemState.PURGED
 )  # the states of items that still carry a patient
+# a quarantined reading is not shown on Today (it is never sent): the states of those that are
+_SHOWN_READING_STATES = tuple(s for s in _NOT_PURGED if s != ItemState.QUARANTINED.value)
+_PRIORITIES = tuple(int(p) for p in Priority)  # all named, so that the index reaches created_at
 RECENT_READINGS = 500  # at most this many readings of the last MAPPED_SHOWN_FOR looked through for mapped ones
 RECENT_ECG_ITEMS = 500  # at most this many recent ECGs looked through for a patient's (a clinic records tens a day)
 
@@ -559,15 +562,16 @@ class ClinicData:
         *,
         now: dt.datetime,
         shown_patient_id: str = "",
+        clear_name: bool = False,
+        clear_reason: bool = False,
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
-        name, the reason, `stat` None) stays as it was. `shown_patient_id`: the patient a page
-        showed (its "not urgent" button), refused if another has been checked in since."""
+        name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
+        `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
+        "not urgent" and clear buttons), refused if another has been checked in since."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
-        if doctor:
-            self.context.set_doctor(doctor, now=now)
         # as `lastmile patient set --stat --reason`: the next ECG recorded is STAT, with its reason
         try:
             checked = self.context.check_in(
@@ -577,6 +581,9 @@ class ClinicData:
                 stat=stat,
                 reason=reason,
                 expected_patient_id=shown_patient_id,
+                clear_name=clear_name,
+                clear_reason=clear_reason,
+                doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
@@ -636,14 +643,17 @@ class ClinicData:
         One statement however many there are (Today is redrawn every few seconds): which are there
         now; only a reading not shown at the previous call has its payload read (checked by the
         outbox) and parsed, once."""
+        # states and priorities named: the items_claim index (state, kind, priority, created_at)
+        # finds the session's readings, not a scan of every row ever queued on every SSE wake
         rows = self.outbox.db.conn.execute(
-            "SELECT id, sha256 FROM items WHERE kind = ? AND created_at >= ? AND state NOT IN (?, ?) "
+            f"SELECT id, sha256 FROM items WHERE state IN ({_marks(_SHOWN_READING_STATES)}) AND kind = ? "
+            f"AND priority IN ({_marks(_PRIORITIES)}) AND created_at >= ? "
             "AND json_extract(patient, '$.patient_id') = ? ORDER BY id DESC LIMIT ?",
             (
+                *_SHOWN_READING_STATES,
                 OBSERVATION_KIND,
+                *_PRIORITIES,
                 since.timestamp(),
-                ItemState.PURGED.value,
-                ItemState.QUARANTINED.value,
                 patient_id,
                 int(limit),
             ),
@@ -692,11 +702,11 @@ class ClinicData:
             obs.flags,
         )
 
-    def held_readings(self, session: SessionView | None = None) -> list[ReadingView]:
+    def held_readings(self, now: dt.datetime, session: SessionView | None = None) -> list[ReadingView]:
         """The held readings, each saying whether it was measured during `session` (the current
         check-in): only such a one is offered to that patient, never one from before it. A device
         user's says whose that user is now, if the doctor has said so (saying it again overwrites)."""
-        mapped = {(u.address, u.user_id): u.mapping for u in self.device_users()}
+        mapped = {(u.address, u.user_id): u.mapping for u in self.device_users(now)}
         return [
             ReadingView(
                 h.observation.record_key,
@@ -734,8 +744,12 @@ class ClinicData:
         return patient
 
     # -- a multi-user device's users ----------------------------------------------------------------
-    def device_users(self) -> list[DeviceUser]:
-        return self.store.device_users.mappings()
+    def device_users(self, now: dt.datetime) -> list[DeviceUser]:
+        """Every mapping the doctor made, each named as its user's next reading will be (`mapped_name`)."""
+        return [
+            replace(u, mapping=replace(u.mapping, patient_name=mapped_name(u.mapping, self.context, now)))
+            for u in self.store.device_users.mappings()
+        ]
 
     def map_device_user(
         self, user: str, address: str, user_text: str, patient_text: str, *, checked_in: bool, now: dt.datetime
@@ -823,13 +837,16 @@ class ClinicData:
             for h in self.held_ecg_source.held_ecgs(now)
         ]
 
-    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> bool:
+    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> Patient | None:
+        """Give the held ECG to the patient typed (named as check-in named them, if it is the
+        patient checked in); the patient it went to, for the page to say whose it now is, or None
+        if it was no longer held (sent already)."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
         done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
             user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
         )
-        return done
+        return patient if done else None
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
@@ -841,7 +858,8 @@ class ClinicData:
         sent (`lastmile ecg discard`); one already on its way is only noted. What the page says:
         "re-record" (kept back now), "re-record-already" (kept back by an earlier re-record: a
         second click, another tablet), "re-record-gone" (no such ECG here, or purged) or
-        "re-record-too-late" (on its way: it goes as it is)."""
+        "re-record-set-aside" (quarantined for another reason, e.g. its file damaged: never sent)
+        or "re-record-too-late" (on its way: it goes as it is)."""
         discarded = self.held_ecg_source.discard(item_id, now=now, by=user)
         self.audit.record(user, "re-record", now=now, target=str(item_id), detail={"discarded": discarded})
         return "re-record" if discarded else self._not_re_recorded(item_id)
@@ -851,7 +869,10 @@ class ClinicData:
         item = self.outbox.get(item_id)
         if item is None or item.kind != Kind.DICOM or item.state == ItemState.PURGED:
             return "re-record-gone"
-        return "re-record-already" if re_recorded(item) else "re-record-too-late"
+        if re_recorded(item):
+            return "re-record-already"
+        # set aside by the outbox (a damaged file, refused by the PACS): not on its way either
+        return "re-record-set-aside" if item.state == ItemState.QUARANTINED else "re-record-too-late"
 
     def acknowledge_report(self, user: str, report_id: str, *, now: dt.datetime) -> ReportView | None:
         """The doctor has read this report: the store's acknowledgement (`lastmile report ack`).
@@ -1058,10 +1079,18 @@ class ClinicData:
 
     def known_names(self, patient_ids: list[str], now: dt.datetime) -> dict[str, str]:
         """The name the gateway holds for each of `patient_ids` where it holds one, as a page
-        shows it (`person_name`): the checked-in patient's, else the newest an outbox item (an ECG
-        or a reading, until purged) carries, else a sent study's. The gateway keeps no register of
-        names: a patient it never saw named has none."""
+        shows it (`person_name`), in one order: what the session knows
+        (`PatientContext.known_name`, the owner: the checked-in patient's, or the latest
+        check-in's within NAME_KEPT), else what only the data carries - the newest an outbox item
+        (an ECG or a reading, until purged) carries, else a sent study's. The gateway keeps no
+        register of names: a patient it never saw named has none."""
         wanted = sorted({p for p in patient_ids if p})
+        session = {pid: name for pid in wanted if (name := self.context.known_name(pid, now))}
+        found = {**self._names_in_data([p for p in wanted if p not in session]), **session}
+        return {pid: shown for pid, name in found.items() if (shown := person_name(name))}
+
+    def _names_in_data(self, wanted: list[str]) -> dict[str, str]:
+        """The newest name an outbox item carries for each of `wanted`, else a sent study's."""
         if not wanted:
             return {}
         marks = _marks(wanted)
@@ -1079,11 +1108,7 @@ class ClinicData:
             "AND json_extract(patient, '$.name') != '' ORDER BY id",
             (*_NOT_PURGED, Kind.DICOM, OBSERVATION_KIND, *wanted),
         ).fetchall()
-        found = {str(pid): person_name(str(name)) for pid, name in [*studies, *items]}  # the newest last: it wins
-        session = self.session(now)
-        if session is not None and session.patient_id in wanted and session.patient_name:
-            found[session.patient_id] = person_name(session.patient_name)
-        return {pid: name for pid, name in found.items() if name}
+        return {str(pid): str(name) for pid, name in [*studies, *items]}  # the newest last: it wins
 
     # -- change detection ---------------------------------------------------------------------------
     def watched_files(self) -> list[Path]:

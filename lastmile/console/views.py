@@ -62,7 +62,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
         "readings": data.patient_readings(session.patient_id, session.since) if session else [],
         "mapped_elsewhere": data.mapped_elsewhere(session, now),
-        "held": data.held_readings(session),
+        "held": data.held_readings(now, session),
         "held_ecgs": held_ecgs,
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
@@ -144,7 +144,7 @@ def serial_names(config: Config) -> dict[str, tuple[str, bool]]:
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    found, device_users = data.devices(), data.device_users()
+    found, device_users = data.devices(), data.device_users(now)
     mapped = {u.address for u in device_users}
     return {
         "devices": found,

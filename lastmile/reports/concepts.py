@@ -38,9 +38,29 @@ FINDINGS = {
     "SCT 27885002": N_("Complete atrioventricular block"),
     "SCT 426783006": N_("Sinus rhythm"),
 }
-KNOWN = {**HEADINGS, **FINDINGS}
+# a FHIR result's HL7 interpretation flags: AA, HH, LL (which make a report critical) and their
+# milder kin, by HL7's display names (what Chinese lab reports print beside a value in zh_CN)
+INTERPRETATIONS = {
+    "V3-OBSINT AA": N_("Critical abnormal"),
+    "V3-OBSINT HH": N_("Critical high"),
+    "V3-OBSINT LL": N_("Critical low"),
+    "V3-OBSINT A": N_("Abnormal"),
+    "V3-OBSINT H": N_("High"),
+    "V3-OBSINT L": N_("Low"),
+}
+KNOWN = {**HEADINGS, **FINDINGS, **INTERPRETATIONS}
+# other words that are only a known concept's standard name (its code system's display, the usual
+# abbreviation): our term may stand in for them, as for the concept's English above
+SYNONYMS = {"LN 11524-6": ("EKG study",), "SCT 401303003": ("STEMI",)}
 
 
 def known_concept(concept: str) -> str | None:
     """The English msgid of a coded concept the gateway knows ("" or unknown: None)."""
     return KNOWN.get(concept) if concept else None
+
+
+def standard_words(words: str, concept: str) -> bool:
+    """Whether a county's words for a known concept are only its standard name (any case), nothing
+    of the county's own (a detail, a revision) that our term would lose."""
+    names = (KNOWN.get(concept, ""), *SYNONYMS.get(concept, ()))
+    return bool(concept) and words.casefold() in {n.casefold() for n in names if n}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from lastmile.clock import local_zone
-from lastmile.reports.concepts import known_concept
+from lastmile.reports.concepts import known_concept, standard_words
 from uploader.report_lines import (
     CRITICAL,
     FOOTER,
@@ -27,6 +27,7 @@ from uploader.report_lines import (
     LineKind,
     ReportLine,
     critical_lines,
+    interpretation_concept,
     split_concept,
 )
 
@@ -111,8 +112,18 @@ class CriticalReason(NamedTuple):
 
 def concept_name(name: str, concept: str, speaker: Speaker) -> str:
     """A concept's name (or a coded value) in the reader's language when the gateway knows its
-    code; the county's words as written otherwise, where the county wrote Chinese already, and
-    where the reader's language is the catalog's English."""
+    code and the county's words are only its standard name (or none); the county's words as
+    written otherwise (they say more: "Sinus rhythm with first-degree AV block"), and where the
+    reader's language is the catalog's English."""
+    if name and not standard_words(name, concept):
+        return name
+    return term(name, concept, speaker)
+
+
+def term(name: str, concept: str, speaker: Speaker) -> str:
+    """Our term for a known concept in the reader's language, whatever the county's words (a
+    critical finding's reason, which prints the county's words after it); the county's words as
+    written where the gateway does not know the code or the county wrote Chinese already."""
     msgid = known_concept(concept)
     if msgid is None or is_cjk(name):
         return name
@@ -131,24 +142,33 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
         return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=where))
     if line.kind == LineKind.CRITICAL_INTERPRETED:
         result = concept_name(line.name, line.concept, speaker) or _("a result")
-        return CriticalReason(_("%(result)s marked %(flag)s", result=result, flag=line.value))
+        flag, code = interpretation(line, speaker)
+        detail = " · ".join(dict.fromkeys(w for w in (code, line.value) if w != flag))
+        return CriticalReason(_("%(result)s marked %(flag)s", result=result, flag=flag), detail)
     # a coded value (name: its concept, value: the county's words) or a coded concept (name: the county's words)
     county = line.value or line.name
-    finding = concept_name(county, split_concept(line.code), speaker)
+    finding = term(county, split_concept(line.code), speaker)
     text = labelled(concept_name(line.name, line.concept, speaker), finding, speaker) if line.value else finding
     unshown = [county] if county not in text else []
     words = "" if not unshown or _standard_words(county, line.code) else county
     return CriticalReason(text, " · ".join([line.code, *unshown]), words)
 
 
+def interpretation(line: ReportLine, speaker: Speaker) -> tuple[str, str]:
+    """A result's interpretation flag in the reader's words (HH: 危急偏高), and its code for a
+    technician: the county's display where it says more than the flag's standard name, the code
+    as written where the gateway does not know it. A line stored before the flag's code was kept
+    has it as its value when the county sent no display."""
+    concept = line.value_concept or interpretation_concept(line.value)
+    code = concept.partition(" ")[2]
+    county = "" if line.value == code else line.value
+    return concept_name(county, concept, speaker) or line.value, code
+
+
 def _standard_words(county: str, code: str) -> bool:
     """Whether the county's words for a code are only the code's own meaning (our term in English):
     nothing of the county's to add to our term."""
     return county.casefold() == (known_concept(split_concept(code)) or "").casefold()
-
-
-def critical_reason(line: ReportLine, speaker: Speaker) -> str:
-    return printed(critical(line, speaker), speaker)
 
 
 def printed(reason: CriticalReason, speaker: Speaker) -> str:
@@ -185,10 +205,6 @@ def clinic_offset(wall: dt.datetime, zone: dt.tzinfo) -> str:
     """The clinic zone's UTC offset at a wall-clock time, as +08:00."""
     z = wall.replace(tzinfo=zone).strftime("%z")
     return f"{z[:3]}:{z[3:]}"
-
-
-def critical_reasons(lines: Sequence[ReportLine], speaker: Speaker) -> list[str]:
-    return [critical_reason(line, speaker) for line in critical_lines(lines)]
 
 
 def shown_critical(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[CriticalReason]:
@@ -289,7 +305,7 @@ def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
                 out.append(_("AMENDED: this is a corrected version of the report"))
         elif line.kind == LineKind.WITHDRAWN:
             out.append(_("WITHDRAWN by the reading center (%(status)s): do not act on this report", status=line.value))
-    reasons = critical_reasons(lines, speaker)
+    reasons = shown_reasons(lines, (), speaker)
     if reasons:
         out.append(_("CRITICAL RESULT: %(reasons)s", reasons="; ".join(reasons)))
     out += [body_line(line, speaker) for line in lines if line.kind not in HEADER | CRITICAL | FOOTER]

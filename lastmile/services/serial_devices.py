@@ -71,6 +71,7 @@ from firmware_bridge.serial_link import (
 )
 from lastmile import __version__
 from lastmile.clinic.devices import (
+    DeviceProblem,
     DeviceRecord,
     DeviceRegistry,
     HeldReadings,
@@ -224,8 +225,8 @@ class SerialContext:
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
     # by device row address: how many ECG_ENDs a bridge may resend of the ECGs this start found a
-    # stop lost (the lost FAIL says them: their NACK is not the row's error too), until its first
-    # connection ends: a later unknown ECG_END is a new loss, the row's error
+    # stop lost (the lost FAIL says them: their NACK is not the row's error too), until the first
+    # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
@@ -259,6 +260,8 @@ class SerialContext:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             if not held or not is_storage_full(exc):
                 self.error(spec, f"{CANNOT_STORE}reading: {exc}")
+            else:
+                self._store_error_over(spec)  # space is the cause now: the held status says it
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
@@ -312,7 +315,7 @@ class SerialContext:
         return bool(left)
 
     def resend_window_closed(self, spec: LinkSpec) -> None:
-        """`spec`'s bridge connection ended: what it resent of the ECGs a stop lost has come."""
+        """A connection `spec`'s bridge spoke on ended: what it resent of the ECGs a stop lost has come."""
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
@@ -345,7 +348,8 @@ class SerialContext:
         """Say on the device's row what waits for space (never silent: also when only memory holds it),
         as its held status: never as its error, which a later problem (unplugged ...) writes."""
         held = self.unstored.get(spec.name) or Unstored()
-        if not held:
+        if not held:  # its error first: the row never says nothing waits beside the over "cannot store"
+            self._store_error_over(spec)
             self.status(spec, held=HeldReadings.NONE)
             return
         counts = (len(held.observations), len(held.recordings))
@@ -360,6 +364,20 @@ class SerialContext:
         message = waiting_message(held_words(*counts), where, held_words(*memory))
         log.error("%s: %s", spec.name, message)
         self.status(spec, held=where, held_counts=counts, memory_counts=memory)
+
+    def _store_error_over(self, spec: LinkSpec) -> None:
+        """Nothing of `spec`'s device waits any more, or what waits is refused for space now: a
+        "cannot store" error (locked, damaged) written while it was held is no longer its state
+        (a later error, unplugged ..., stays). Cleared only when the row says one: no clinic.db
+        write per retry when nothing changes."""
+        address = serial_address(spec.name)
+        try:
+            record = self.registry.get(address)
+            if record is not None and record.problem is DeviceProblem.NOT_SAVED:
+                self.registry.clear_error(address, DeviceProblem.NOT_SAVED, now=self.now())
+                self._last_error_write.pop(spec.name, None)  # that cause back again is said at once
+        except Exception:  # status is best effort, as in status()
+            log.exception("%s: cannot record device status", spec.name)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -434,6 +452,8 @@ class SerialContext:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             if not is_storage_full(exc):  # held: the row's held status says it waits for space
                 self.error(spec, f"{CANNOT_STORE}ECG: {exc}")
+            else:
+                self._store_error_over(spec)
             return False
         if patient is not None:
             self.patients.touch(now=now)
@@ -621,7 +641,10 @@ class BridgeHandler:
         # This connection's seqs mean nothing to the next one: the bridge resends its ECG_END
         # after the re-plug and that one is acknowledged.
         self._awaiting.clear()
-        self.ctx.resend_window_closed(self.spec)
+        # A USB bridge often enumerates, goes away and comes back at boot before it says a word:
+        # its resends are due on the first connection it greets the gateway on, not on that one.
+        if self.session.hello is not None:
+            self.ctx.resend_window_closed(self.spec)
         self.ctx.retry_unstored(self.spec, force=True)
         self.ctx.status(self.spec, connected=False, error=reason)
 
