@@ -56,10 +56,16 @@ from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
-from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fhir_platform, reading_center_down
+from lastmile.services.link_status import (
+    FHIR_STATUS,
+    READING_CENTER_STATUS,
+    FhirPlatform,
+    fhir_platform,
+    reading_center_down,
+)
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
-from uploader.fhir_link import LAST_ERROR_AT
+from uploader.fhir_link import LAST_ERROR_AT, Said
 from uploader.outbox import ItemState, Kind, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
@@ -277,11 +283,19 @@ class CountyLink:
     """The county health platform (FHIR) as its forwarder judged it in its last rounds: read from
     its status row, never asked over the network (the page is viewed on a Pi)."""
 
-    said: str  # uploader.fhir_link.Said: "busy", "refused one", "down" ...; "" before the first round
-    down_since: dt.datetime | None  # not answering since then
-    last_sent: dt.datetime | None
-    down: bool = False  # nothing reaches it, as lastmile_link_state says (`FhirPlatform.down`)
-    taking_nothing_since: dt.datetime | None = None  # `FhirPlatform.taking_nothing_since`
+    said: Said | None  # `FhirPlatform.said`: None before the first round that judged it
+    when: dt.datetime | None  # the time its row names (`county_row_time`); None: words without one
+
+
+def county_row_time(platform: FhirPlatform, now: float) -> float | None:
+    """The time the System page's county row names: since when the platform takes nothing (not
+    answering, refusing all, busy once it counts as down: `FhirPlatform.down`, as
+    lastmile_link_state says), the last bundle it took while it answers; None: no time named."""
+    if platform.down(now) or platform.said is Said.REFUSES_ALL:
+        return platform.taking_nothing_since
+    if platform.said in (None, Said.NOTHING, Said.ANSWERED):
+        return platform.last_sent_at
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1003,13 +1017,7 @@ class ClinicData:
         if not self.config.fhir.base_url:
             return None
         platform = fhir_platform(self.outbox.status(FHIR_STATUS))
-        return CountyLink(
-            platform.said or "",
-            _t(platform.down_since),
-            _t(platform.last_sent_at),
-            down=platform.down(now.timestamp()),
-            taking_nothing_since=_t(platform.taking_nothing_since),
-        )
+        return CountyLink(platform.said, _t(county_row_time(platform, now.timestamp())))
 
     def metered_hold(self, now: dt.datetime) -> MeteredWait | None:
         """Why routine ECGs wait on the metered link now and since when, if any do
