@@ -24,6 +24,7 @@ from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import held_since, meters
 from tests.metering_setup import DAY, queue_items, shut_window, shut_window_open_after_midnight
 from tests.service_harness import doctor
+from uploader.fhir_forwarder import FhirRoundResult
 from uploader.metering import KEEP_DAYS, Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
 
@@ -521,7 +522,13 @@ def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_
         outbox.release([other.id], "metered link: budget", now - 3 * DAY + 120, 0.0)
         worked = FhirRoundResult(claimed=5, sent=3, deferred=2)  # then the budget was spent
         # the reset was the link's (no answer): the round that failed recorded when, later rounds keep it
-        status = {"last_round": dataclasses.asdict(worked), "at": now - 3600, "last_error_at": now - 3 * DAY + 120}
+        status = {
+            "last_round": dataclasses.asdict(worked),
+            "at": now - 3600,
+            "last_error_at": now - 3 * DAY + 120,
+            "said": "answered",
+            "last_sent_at": now - 3600,
+        }
         outbox.record_status(STATUS_NAME, status, now - 3600)
     found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
     text = render_text(found)
@@ -646,7 +653,8 @@ def test_a_fhir_budget_spent_by_failing_sends_is_not_said_to_be_too_tight(tmp_pa
         outbox.mark_transient_failure(first.id, "read timed out", now - 590)
         outbox.release([i.id for i in rest], "FHIR server unavailable; sent in a later round", now - 590, 0.0)
         failed = FhirRoundResult(claimed=4, sent=0, transient=1)
-        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(failed), "at": now - 590}, now - 590)
+        status = {"last_round": dataclasses.asdict(failed), "at": now - 590, "said": "down", "down_since": now - 590}
+        outbox.record_status(STATUS_NAME, status, now - 590)
     text = render_text(queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue()))
     assert "link works" not in text and "too tight" not in text, text
     assert "link down" in text, text
@@ -1010,3 +1018,27 @@ def test_a_visit_record_answered_429_before_a_clean_round_is_not_said_refused_al
             assert not refused_alone(busy, outbox)
     text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: t0 + DAY).check_queue()))
     assert "refuses this one" not in text, text
+
+
+@pytest.mark.parametrize(
+    "last_round",
+    [
+        dataclasses.asdict(FhirRoundResult(claimed=1, sent=1)),  # as the sender before 2b828d8 recorded a round
+        dataclasses.asdict(FhirRoundResult(claimed=1, transient=1)),
+        "damaged",
+    ],
+    ids=["took-one", "failed-one", "damaged"],
+)
+def test_a_status_recorded_before_the_sender_judged_the_platform_reads_unknown(
+    tmp_path: Path, last_round: object
+) -> None:
+    """A status the FHIR sender wrote before it recorded what the platform said (`Said`, 2b828d8;
+    every round that claims anything rewrites it): neither working nor failing, never a crash."""
+    from lastmile.services.link_status import fhir_link_failing, fhir_link_worked
+    from uploader.fhir_forwarder import STATUS_NAME
+
+    now = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.record_status(STATUS_NAME, {"last_round": last_round, "at": now - 3600}, now - 3600)
+        status = outbox.status(STATUS_NAME)
+    assert (fhir_link_worked(status), fhir_link_failing(status)) == (False, False), status
