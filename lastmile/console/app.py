@@ -372,8 +372,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     },
     "fhir": {
         "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
-        # no "busy" (doctor._platform_busy, _county_platform_finding): the page runs the checks
-        # offline, the fhir check is network-only - the county row says busy
+        # it answers 429: busy, not down (doctor._platform_busy)
+        "busy": N_(
+            "The county health platform is busy right now (it answers): visits and readings are kept here and "
+            "sent again by themselves."
+        ),
         "offline": N_(
             "This page does not test the network: the row “Link to the county health platform” below says how the "
             "link is."
