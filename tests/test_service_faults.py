@@ -311,7 +311,7 @@ def test_a_row_held_by_a_locked_outbox_says_its_cause_not_waiting_for_space(
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 3600)  # still held when the pages are read
     with monitor_on_the_acquire_part(tmp_path) as m:
-        with outbox_locked(m):  # released first: the console's stop waits on a locked outbox
+        with outbox_locked(m):  # the row keeps the cause once the lock is gone
             readings_held_by_a_locked_outbox(m)
         said = devices_command_says(m, capsys)
         card = devices_page_card(m, browser)
