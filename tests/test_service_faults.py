@@ -311,7 +311,7 @@ def test_a_row_held_by_a_locked_outbox_says_its_cause_not_waiting_for_space(
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 3600)  # still held when the pages are read
     with monitor_on_the_acquire_part(tmp_path) as m:
-        with outbox_locked(m):  # released first: the console's stop waits on a locked outbox
+        with outbox_locked(m):  # the row keeps the cause once the lock is gone
             readings_held_by_a_locked_outbox(m)
         said = devices_command_says(m, capsys)
         card = devices_page_card(m, browser)
@@ -344,6 +344,30 @@ def test_held_readings_refused_for_space_after_a_lock_are_said_waiting_for_space
     assert "3 reading(s) waiting for space" in said and "database is locked" not in said, said
     (held,) = [f for f in findings if f.level is Level.FAIL]
     assert "free space" in held.hint, (held.message, held.hint)
+
+
+def test_the_journal_says_the_cause_of_readings_held_by_a_locked_outbox_not_space(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/serial_devices.py _say_waiting: readings held because the outbox was
+    locked (not full) were journalled "3 reading(s) waiting for space on the data partition",
+    while the row (DeviceRecord.held_cause) said the real cause: the county technician reading
+    the journal freed disk space that was not the problem. Now the journal says what the row says."""
+    import logging
+
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 3600)  # the lines of the holding, not of retries
+    with (
+        caplog.at_level(logging.INFO, logger="lastmile.services.serial_devices"),
+        monitor_on_the_acquire_part(tmp_path) as m,
+        outbox_locked(m),
+    ):
+        readings_held_by_a_locked_outbox(m)
+        said = [r.getMessage() for r in caplog.records if r.name == serial_devices.__name__]
+    assert not [line for line in said if "space" in line], said
+    waiting = [line for line in said if "waiting to be stored" in line]
+    assert waiting and all("database is locked" in line for line in waiting), said
 
 
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(

@@ -439,6 +439,9 @@ class Outbox:
         self._locks_dir.mkdir(mode=0o700, exist_ok=True)
         self.owner = f"{current_boot()}-{uuid.uuid4().hex}"
         self._owner_lock: OwnerLock | None = OwnerLock(self._locks_dir, self.owner)
+        # only an Outbox that claimed (the forwarder's) has claims to release at close: the others'
+        # close then writes nothing, and does not wait out the busy timeout on a locked database
+        self._has_claimed = False
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
@@ -501,7 +504,8 @@ class Outbox:
             if self._owner_lock is None:
                 return
             try:
-                self.release_claims(time.time())
+                if self._has_claimed:
+                    self.release_claims(time.time())
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
                 log.warning("could not release claims at close: %s", exc)
             self._conn.close()
@@ -961,6 +965,7 @@ class Outbox:
             ).fetchall()
             return rows, [(r[0], r[1]) for r in doomed]
 
+        self._has_claimed = True  # before the commit: a claim it may have made is released at close
         # not fsynced: a claim a power cut undoes leaves the items queued, as before it
         rows, doomed = self._commit(body, durable=False)
         for item_id, times in doomed:

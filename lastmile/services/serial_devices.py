@@ -278,11 +278,11 @@ class SerialContext:
         """What a previous run kept in the spill files waits again, retried at once."""
         loaded = self.spill.load() if self.spill is not None else {}
         for name, observations in loaded.items():
-            log.warning("%s: %d reading(s) kept from before the restart wait for space", name, len(observations))
+            log.warning("%s: %d reading(s) kept from before the restart wait to be stored", name, len(observations))
             self.unstored.setdefault(name, Unstored()).observations.extend(observations)
         recordings = self.ecg_spill.load_recordings() if self.ecg_spill is not None else {}
         for name, by_key in recordings.items():
-            log.warning("%s: %d streamed ECG(s) kept from before the restart wait for space", name, len(by_key))
+            log.warning("%s: %d streamed ECG(s) kept from before the restart wait to be stored", name, len(by_key))
             self.unstored.setdefault(name, Unstored()).recordings.update(by_key)
 
     def settle_held_at_start(self) -> None:
@@ -361,9 +361,22 @@ class SerialContext:
                 counts[0] - on_disk(counts[0], self.spill, spec.name),
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
-        message = waiting_message(held_words(*counts), where, held_words(*memory))
-        log.error("%s: %s", spec.name, message)
         self.status(spec, held=where, held_counts=counts, memory_counts=memory)
+        log.error(
+            "%s: %s",
+            spec.name,
+            self._row_waiting(spec) or waiting_message(held_words(*counts), where, held_words(*memory)),
+        )
+
+    def _row_waiting(self, spec: LinkSpec) -> str:
+        """What `spec`'s device row says waits and why (`DeviceRecord.waiting`: its cause when it is
+        not space, locked ...), for the journal to say the same; "" if the row cannot be read."""
+        try:
+            record = self.registry.get(serial_address(spec.name))
+        except Exception:  # status is best effort, as in status()
+            log.exception("%s: cannot read device status", spec.name)
+            return ""
+        return record.waiting if record is not None else ""
 
     def _store_error_over(self, spec: LinkSpec) -> None:
         """Nothing of `spec`'s device waits any more, or what waits is refused for space now: a
