@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 _ROW = 1
 # how long a check-in's name names its ID for a mapping or an assignment made after the session moved on
 NAME_KEPT = dt.timedelta(hours=24)
+# the session log's event of a patient ID corrected while checked in (`_replaced_event`)
+CORRECTED = "patient-id-corrected"
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class PatientContext:
                 reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
                 stat = bool(row["stat"]) if stat is None else stat
             if row and row["patient_id"] and row["patient_id"] != patient_id:
-                self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
+                self._log(conn, now, _replaced_event(row, name), row["patient_id"], doctor)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
                 "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -264,7 +266,7 @@ class PatientContext:
             "ORDER BY id DESC LIMIT 1",
             (patient_id, iso(now - NAME_KEPT)),
         ).fetchone()
-        if latest is None or not latest["detail"] or _corrected(conn, latest["id"], latest["detail"]):
+        if latest is None or not latest["detail"] or _corrected(conn, latest["id"], patient_id):
             return ""
         return str(latest["detail"])
 
@@ -326,13 +328,24 @@ class PatientContext:
         )
 
 
-def _corrected(conn: sqlite3.Connection, log_id: int, name: str) -> bool:
-    """Whether the check-in logged as `log_id` typed its ID wrong: the next check-in is the same
-    name under another ID (张三 checked in as P-12, then as P-21). Its name is not P-12's owner's."""
-    following = conn.execute(
-        "SELECT detail FROM session_log WHERE event = 'patient-set' AND id > ? ORDER BY id LIMIT 1", (log_id,)
+def _replaced_event(row: sqlite3.Row, name: str) -> str:
+    """The log event of the session's patient (`row`) replaced by another ID checked in as `name`:
+    the same name while he is checked in is his ID corrected (张三 checked in as P-12, then as
+    P-21), so P-12's check-in names nobody; another name is the next patient."""
+    same = bool(name.strip()) and name.strip() == (row["patient_name"] or "").strip()
+    return CORRECTED if same else "patient-replaced"
+
+
+def _corrected(conn: sqlite3.Connection, log_id: int, patient_id: str) -> bool:
+    """Whether the check-in logged as `log_id` (of `patient_id`) typed its ID wrong: its session
+    was replaced by the corrected ID (`_replaced_event`). Its name is not `patient_id`'s owner's.
+    Asked of the event recorded when the doctor corrected it, never guessed from a later check-in:
+    the same patient checked in again under his other ID (ID card, then clinic number) is not one."""
+    corrected = conn.execute(
+        "SELECT 1 FROM session_log WHERE event = ? AND patient_id = ? AND id > ? LIMIT 1",
+        (CORRECTED, patient_id, log_id),
     ).fetchone()
-    return following is not None and following["detail"] == name
+    return corrected is not None
 
 
 def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:
