@@ -31,6 +31,7 @@ from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import render_report
 from tests.console_harness import store_unassigned_ecg_report
 from tests.ecg_factories import make_recording
+from tests.statement_trace import traced
 from uploader.outbox import ItemState, Kind
 from uploader.report_reading import CriticalRules, read_dicom_report
 
@@ -593,6 +594,33 @@ def test_visits_name_a_patient_as_the_latest_check_in_does_not_an_older_reading(
         data.context.set_patient("P-NEXT", "Li^Si=李^四", now=at - dt.timedelta(minutes=5))
         assert data.context.named(Patient(VALID_ID), at).name == "Zhang^Sanfeng=张^三丰"
         assert data.known_names([VALID_ID, "P-NEXT"], at) == {VALID_ID: "张三丰", "P-NEXT": "李四"}
+    finally:
+        data.close()
+
+
+def test_naming_the_mapped_users_and_visits_reads_the_session_once_not_once_per_patient(tmp_path: Path) -> None:
+    """Today (its held readings' mapped users, on every render and SSE wake) and Visits name each
+    patient ID as the session does: one read of the session and one or two of its log per ID.
+    The statements are as many for 12 mapped users or visits as for one (behaviour kept)."""
+    at = now()
+    data = ClinicData(make_config(tmp_path))
+    try:
+        ids = [f"P-{n}" for n in range(12)]
+        for n, patient_id in enumerate(ids):
+            data.context.set_patient(patient_id, f"Name^{n}", now=at - dt.timedelta(minutes=30 - n))
+        data.context.current(at)  # the last check-in's idle end, once
+        counted = {}
+        for count in (1, len(ids)):
+            for n, patient_id in enumerate(ids[:count]):
+                data.store.device_users.map_user(f"AA:BB:CC:DD:EE:{n:02X}", 2, patient_id, now=at)
+            with traced(data.db.conn) as today:
+                data.device_users(at)
+            with traced(data.db.conn) as visits:
+                data.known_names(ids[:count], at)
+            counted[count] = (len(today), len(visits))
+        assert counted[1] == counted[len(ids)], counted
+        assert [u.mapping.patient_name for u in data.device_users(at)] == [f"Name^{n}" for n in range(12)]
+        assert data.known_names(ids, at) == {p: f"Name {n}" for n, p in enumerate(ids)}
     finally:
         data.close()
 

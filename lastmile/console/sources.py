@@ -35,7 +35,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_name
+from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_names
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     MAPPED_USER,
@@ -759,11 +759,10 @@ class ClinicData:
 
     # -- a multi-user device's users ----------------------------------------------------------------
     def device_users(self, now: dt.datetime) -> list[DeviceUser]:
-        """Every mapping the doctor made, each named as its user's next reading will be (`mapped_name`)."""
-        return [
-            replace(u, mapping=replace(u.mapping, patient_name=mapped_name(u.mapping, self.context, now)))
-            for u in self.store.device_users.mappings()
-        ]
+        """Every mapping the doctor made, each named as its user's next reading will be (`mapped_names`)."""
+        users = self.store.device_users.mappings()
+        names = mapped_names([u.mapping for u in users], self.context, now)
+        return [replace(u, mapping=replace(u.mapping, patient_name=name)) for u, name in zip(users, names, strict=True)]
 
     def map_device_user(
         self, user: str, address: str, user_text: str, patient_text: str, *, checked_in: bool, now: dt.datetime
@@ -1088,12 +1087,12 @@ class ClinicData:
     def known_names(self, patient_ids: list[str], now: dt.datetime) -> dict[str, str]:
         """The name the gateway holds for each of `patient_ids` where it holds one, as a page
         shows it (`person_name`), in one order: what the session knows
-        (`PatientContext.known_name`, the owner: the checked-in patient's, or the latest
+        (`PatientContext.known_names`, the owner: the checked-in patient's, or the latest
         check-in's within NAME_KEPT), else what only the data carries - the newest an outbox item
         (an ECG or a reading, until purged) carries, else a sent study's. The gateway keeps no
         register of names: a patient it never saw named has none."""
         wanted = sorted({p for p in patient_ids if p})
-        session = {pid: name for pid in wanted if (name := self.context.known_name(pid, now))}
+        session = self.context.known_names(wanted, now)
         found = {**self._names_in_data([p for p in wanted if p not in session]), **session}
         return {pid: shown for pid, name in found.items() if (shown := person_name(name))}
 
