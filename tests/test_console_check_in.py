@@ -19,7 +19,7 @@ from lastmile.clinic.patients import CurrentPatient, PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
-from tests.console_browser import by, log_in, on_page, text_in, wait_for
+from tests.console_browser import PHONE, TABLET, by, log_in, on_page, set_viewport, text_in, wait_for
 from tests.console_harness import DOCTOR, VALID_ID, bp_reading, console_config, hold_readings, running_console
 
 pytestmark = pytest.mark.timeout(600)
@@ -124,6 +124,42 @@ def test_a_wrong_name_or_reason_checked_in_can_be_cleared(browser: object, conso
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "" and current.stat, current
     assert not browser.find_elements(by("css"), "#clear-name, #clear-reason")  # type: ignore[attr-defined]
+
+
+def gaps_between(driver: object, css: str) -> list[float]:
+    """The space between each two of the elements `css` matches, in CSS pixels: the larger of
+    their horizontal and vertical distance (negative where they overlap)."""
+    boxes = driver.execute_script(  # type: ignore[attr-defined]
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.getBoundingClientRect())"
+        ".map(b => ({left: b.left, right: b.right, top: b.top, bottom: b.bottom}));",
+        css,
+    )
+    assert len(boxes) >= 2, boxes
+    return [
+        max(b["left"] - a["right"], a["left"] - b["right"], b["top"] - a["bottom"], a["top"] - b["bottom"])
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+    ]
+
+
+def test_the_checked_in_patients_buttons_are_apart_on_a_phone_and_a_tablet(
+    browser: object, console: ConsoleServer
+) -> None:
+    """On a 360 px phone the checked-in patient's 不急了 / 清除姓名 / 清除原因 / 结束检查 stacked
+    touching each other: a tap meant for one could land on the next. Now they are apart by the
+    console's button-row rule (as the ECG's 重新记录 / 仍然发送), on a phone and on a tablet."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "王五")
+    buttons = "#panel-session button"
+    assert len(browser.find_elements(by("css"), buttons)) == 4  # type: ignore[attr-defined]
+    for size in (PHONE, TABLET):
+        set_viewport(browser, size)
+        try:
+            gaps = gaps_between(browser, buttons)
+            assert min(gaps) >= 8, (size, gaps)
+        finally:
+            set_viewport(browser, TABLET)
 
 
 def test_reloading_the_answer_to_not_urgent_says_nothing_it_did_not_do(browser: object, console: ConsoleServer) -> None:
