@@ -106,24 +106,51 @@ def test_checking_the_same_patient_in_again_keeps_stat_reason_and_name(browser: 
     assert entry is not None and entry.detail.get("changed") == ["stat-off"], entry
 
 
+def confirm_clear(driver: object, which: str) -> None:
+    """Press the session's 清除姓名 / 清除原因 (`which`: name, reason), then 确认 on the page that asks."""
+    submitted(driver, click(f"#clear-{which} button"))
+    submitted(driver, click("#confirm-clear button[name=confirmed]"))
+
+
 def test_a_wrong_name_or_reason_checked_in_can_be_cleared(browser: object, console: ConsoleServer) -> None:
     """李四 was checked in under a wrong name, with a wrong STAT reason. Checking her in again with
     the fields emptied kept both (empty means "as it was"), and they went to the county with the
-    ECG. Now 清除姓名 / 清除原因 beside them clear each: the session (the next ECG's patient) has
-    no name, then no reason, STAT stays, and the page says what was cleared."""
+    ECG. Now 清除姓名 / 清除原因 beside them clear each, once confirmed: the session (the next ECG's
+    patient) has no name, then no reason, STAT stays, and the page says what was cleared - not
+    "已在检查中" (the words for checking her in again), which is not what the doctor did."""
     log_in(browser, console)
     check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
     text_in(browser, "#panel-session", "王五")
-    submitted(browser, click("#clear-name button"))
+    confirm_clear(browser, "name")
     assert "已清除姓名" in done_text(browser), done_text(browser)
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "胸痛" and current.stat, current
     assert "王五" not in session_text(browser) and "未填姓名" in session_text(browser), session_text(browser)
-    submitted(browser, click("#clear-reason button"))
+    confirm_clear(browser, "reason")
     assert "已清除原因" in done_text(browser), done_text(browser)
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "" and current.stat, current
     assert not browser.find_elements(by("css"), "#clear-name, #clear-reason")  # type: ignore[attr-defined]
+
+
+def test_a_clear_not_confirmed_changes_nothing(browser: object, console: ConsoleServer) -> None:
+    """清除姓名 cleared 王五's name at one tap: a slip of the thumb beside 不急了 took the name off
+    the next ECG with the patient in front of the doctor. Now the tap asks first, naming what goes;
+    going back to Today instead keeps the name and the reason."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "王五")
+    for which in ("name", "reason"):
+        submitted(browser, click(f"#clear-{which} button"))
+        current = checked_in(console.config)
+        assert current is not None and "王^五" in current.name and current.reason == "胸痛", current
+        asked = browser.find_element(by("id"), "confirm-clear").text  # type: ignore[attr-defined]
+        assert ("王五" if which == "name" else "胸痛") in asked and OTHER_ID in asked, asked
+        submitted(browser, click("#confirm-clear a[href='/today']"))
+        wait_for(browser, on_page("/today"))
+        current = checked_in(console.config)
+        assert current is not None and "王^五" in current.name and current.reason == "胸痛", current
+        assert not browser.find_elements(by("css"), "p.done"), "a notice for a clear that did not happen"  # type: ignore[attr-defined]
 
 
 def gaps_between(driver: object, css: str) -> list[float]:
