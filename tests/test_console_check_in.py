@@ -122,12 +122,13 @@ def test_a_wrong_name_or_reason_checked_in_can_be_cleared(browser: object, conso
     check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
     text_in(browser, "#panel-session", "王五")
     confirm_clear(browser, "name")
-    assert "已清除姓名" in done_text(browser), done_text(browser)
+    assert done_text(browser).startswith("已清除姓名"), done_text(browser)
+    assert "已在检查中" not in done_text(browser), done_text(browser)
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "胸痛" and current.stat, current
     assert "王五" not in session_text(browser) and "未填姓名" in session_text(browser), session_text(browser)
     confirm_clear(browser, "reason")
-    assert "已清除原因" in done_text(browser), done_text(browser)
+    assert done_text(browser).startswith("已清除原因"), done_text(browser)
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "" and current.stat, current
     assert not browser.find_elements(by("css"), "#clear-name, #clear-reason")  # type: ignore[attr-defined]

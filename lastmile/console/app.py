@@ -913,6 +913,8 @@ async def check_in(request: Request) -> Response:
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
+        if done.again and f.get("clear") in CLEARABLE:
+            return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
         return "check-in", who
