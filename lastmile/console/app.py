@@ -862,6 +862,7 @@ TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again"})
 
 
 Done = str | tuple[str, dict[str, Any]] | None  # what a form action did, and the details to say about it
+Asker = Callable[[Context, dict[str, str]], Awaitable[Response | None]]  # a confirmation page, or None: go on
 
 
 def keep_notice(request: Request, done: Done) -> str:
@@ -889,12 +890,17 @@ async def form_action(
     action: Callable[[Context, dict[str, str], dt.datetime], Done],
     page: str,
     model_of: Callable[[Context], Awaitable[dict[str, Any]]],
+    ask_first: Asker | None = None,
 ) -> Response:
     """Run a form's action; success redirects back to `page` (saying what was done) and tells the
-    live pages, a refused input shows `page` again with the message and what was typed."""
+    live pages, a refused input shows `page` again with the message and what was typed.
+    `ask_first`: a page asking the doctor to confirm the action, if it answers one (else it runs)."""
     state = state_of(request)
     ctx = await context_for(request)
     fields = await read_form(request, ctx)
+    question = None if ask_first is None else await ask_first(ctx, fields)
+    if question is not None:
+        return question
     try:
         done = await state.run_db(action, ctx, fields, now_utc())
     except ConsoleInputError as exc:
@@ -905,12 +911,14 @@ async def form_action(
     return RedirectResponse(f"/{page}?done={quote(keep_notice(request, done))}", status_code=303)
 
 
-async def today_action(request: Request, action: Callable[[Context, dict[str, str], dt.datetime], Done]) -> Response:
+async def today_action(
+    request: Request, action: Callable[[Context, dict[str, str], dt.datetime], Done], ask_first: Asker | None = None
+) -> Response:
     async def model_of(ctx: Context) -> dict[str, Any]:
         model = await today_model(request, ctx)
         return {**model, "live": live_panels(request, ctx, model)}
 
-    return await form_action(request, action, "today", model_of)
+    return await form_action(request, action, "today", model_of, ask_first)
 
 
 STAT_FIELD = {"on": True, "off": False}  # the box ticked, the "not urgent" button; absent: as it is
@@ -933,11 +941,36 @@ async def check_in(request: Request) -> Response:
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
+        if done.again and f.get("clear") in CLEARABLE:
+            return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
         return "check-in", who
 
-    return await today_action(request, action)
+    return await today_action(request, action, ask_before_clearing(request))
+
+
+CLEARABLE = ("name", "reason")  # the session's 清除姓名 / 清除原因 buttons (field "clear")
+
+
+def ask_before_clearing(request: Request) -> Asker:
+    """A clear asks first, as logging out with a patient checked in does: on a phone the button is
+    a thumb's slip from 不急了. Only when the page's patient still has that name or reason: else
+    the check-in refuses it, or there is nothing to lose."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        which = fields.get("clear", "")
+        if which not in CLEARABLE or fields.get("confirmed") == "yes":
+            return None
+        state = state_of(request)
+        session = await state.run_db(state.data.session, now_utc())
+        if session is None or session.patient_id != fields.get("shown_patient_id"):
+            return None
+        if not (session.patient_name if which == "name" else session.reason):
+            return None
+        return render(request, ctx, "confirm_clear.html", session=session, clear=which, alerts=[])
+
+    return ask
 
 
 async def end_session(request: Request) -> Response:
