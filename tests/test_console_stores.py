@@ -634,3 +634,36 @@ def test_visits_name_a_patient_the_session_never_named_by_the_newest_outbox_item
         assert data.known_names([VALID_ID, "P-NOBODY"], at) == {VALID_ID: "张三"}
     finally:
         data.close()
+
+
+def held_ecg_row(page: str, item_id: int) -> str:
+    """The text of the Today page's row of held ECG `item_id` (its markup stripped)."""
+    import re
+
+    row = re.search(rf'<li data-held-ecg="{item_id}">(.*?)</li>', page, re.S)
+    assert row is not None, page
+    return " ".join(re.sub(r"<[^>]+>", " ", row.group(1)).split())
+
+
+def test_a_held_ecg_names_the_files_patient_until_the_doctor_assigns_another(tmp_path: Path) -> None:
+    """An ECG whose file names SBJ-123 while P-77 is checked in: its row says the file names
+    SBJ-123 (sent as that patient's unless the doctor decides); assigned to P-77 and still held for
+    its quality, the row is P-77's and says nothing of SBJ-123's."""
+    from lastmile.ecg.intake import with_patient_check
+    from tests.console_harness import Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    t = time.time()
+    with open_outbox(config) as outbox:
+        recording = with_patient_check(make_recording(1, patient=Patient("SBJ-123")), "P-77")
+        item = enqueue_recording(outbox, recording, config, key="m", now=t).item
+    assert item.hold_reason == "patient-mismatch"
+    with running_console(config) as server:
+        client = Client(server.url, language="en")
+        client.login()
+        row = held_ecg_row(client.get("/today").body, item.id)
+        assert "SBJ-123" in row and "The ECG names patient SBJ-123, not the current one" in row, row
+        with open_outbox(config) as outbox:
+            assert OutboxHeldEcgs(outbox, config).assign(item.id, Patient("P-77", "Li^Si"), now=now())
+        row = held_ecg_row(client.get("/today").body, item.id)
+    assert "P-77" in row and "SBJ-123" not in row, row

@@ -795,7 +795,7 @@ NIGHT_WINDOW = '[reading_center.metered]\nwindows = ["22:00-06:00"]\ndaily_budge
 
 def night_meter(store: Outbox) -> Meter:
     """Window 22:00-06:00 and a 1 MB budget, as NIGHT_WINDOW configures them."""
-    return Meter("dicom", MeterPolicy(2**20, (SendWindow.parse("22:00-06:00"),), local_zone()), store)
+    return Meter("dicom", MeterPolicy(2**20, (SendWindow.parse("22:00-06:00"),), local_zone()), store, round_s=0.0)
 
 
 @pytest.mark.parametrize(

@@ -375,7 +375,7 @@ def test_reports_moved_to_us_count_against_the_report_polling_budget(move_only_c
     pdf = report_pdf(to_read(study), [base64.b64encode(os.urandom(60)).decode() for _ in range(300)])
     center.add_report(pdf)
     with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
-        meter = Meter("reports", MeterPolicy(daily_budget_bytes=2**30, zone=dt.timezone.utc), outbox)
+        meter = Meter.charging("reports", MeterPolicy(daily_budget_bytes=2**30, zone=dt.timezone.utc), outbox)
         poller = make_poller(config, store, peer_settings(config.reading_center), meter)
         try:
             result = poller.run_round(force=True)

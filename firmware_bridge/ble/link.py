@@ -49,6 +49,7 @@ from bleak.exc import BleakDBusError, BleakError, BleakGATTProtocolError
 from bleak_retry_connector import establish_connection
 
 from devices.ble import registry, uuids
+from devices.ble.battery import decode_battery_level
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
 from devices.ble.current_time import CurrentTime, encode_current_time
 from devices.ble.device_information import STRING_CHARACTERISTICS, device_identity
@@ -101,6 +102,7 @@ class DeviceStatus:
     # 16-bit SIG UUIDs of the services it advertised (seen) or offers (connected): a cuff called
     # by its model number is still known by its Blood Pressure service before its first reading
     services: frozenset[int] = frozenset()
+    battery_level: int | None = None  # percent, as its Battery Level said when read at connect
 
 
 class GatewayPort(Protocol):
@@ -194,6 +196,7 @@ class DeviceSession:
             try:
                 self.identity = await self._read_identity()
                 self.port.report(DeviceStatus(self.address, identity=self.identity))
+                await self._report_battery()
                 await self._set_clock()
                 await self._subscribe_all()
                 if self._char(uuids.RECORD_ACCESS_CONTROL_POINT) is not None:
@@ -249,6 +252,18 @@ class DeviceSession:
             except (ProtocolError, BleakGATTProtocolError) as exc:
                 log.warning("%s: %s unreadable: %s", self.address, what, exc)
         return device_identity(self.address, strings)
+
+    async def _report_battery(self) -> None:
+        """Its charge, when it offers a readable Battery Level: the Devices page says it, and a
+        cuff's flat battery is seen before it dies mid-clinic. A value that makes no sense is logged."""
+        try:
+            raw = await self._read(uuids.BATTERY_LEVEL)
+            level = decode_battery_level(raw) if raw is not None else None
+        except (ProtocolError, BleakGATTProtocolError) as exc:
+            log.warning("%s: Battery Level unreadable: %s", self.address, exc)
+            return
+        if level is not None:
+            self.port.report(DeviceStatus(self.address, battery_level=level))
 
     async def _set_clock(self) -> None:
         """Measure the device clock's error, then set it (Current Time Service, when offered)."""

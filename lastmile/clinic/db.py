@@ -277,6 +277,12 @@ MIGRATIONS = (
     # the session log by time: every change of the session prunes it to what is read (names of the
     # last day, lastmile.clinic.patients.NAME_KEPT) without reading the whole table on the SD card
     Migration.sql("0023_session_log_at", "CREATE INDEX session_log_at ON session_log (at);"),
+    # the charge a BLE device last reported (Battery Level, percent, read at connect) and when: the
+    # Devices page said "Battery: not reported" of every BLE device, as nothing read it. NULL: never
+    Migration.sql(
+        "0024_device_battery",
+        "ALTER TABLE devices ADD COLUMN battery_level INTEGER;\nALTER TABLE devices ADD COLUMN battery_at TEXT;",
+    ),
 )
 
 

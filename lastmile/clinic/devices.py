@@ -118,6 +118,8 @@ class DeviceRecord:
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
+    battery_level: int | None = None  # percent, the last a BLE device reported (None: never read)
+    battery_at: dt.datetime | None = None  # when it was read
 
     @property
     def waits_for_space(self) -> bool:
@@ -304,6 +306,8 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
+        battery_level=row["battery_level"],
+        battery_at=from_iso(row["battery_at"]),
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
@@ -383,13 +387,15 @@ class DeviceRegistry:
         advertised_name: str | None = None,
         services: Iterable[int] = (),
         sends_users: bool = False,
+        battery_level: int | None = None,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`held`: where
         the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
         names fewer than the connection found; `sends_users`: a reading named its user, for good;
-        `advertised_name`: what a BLE device calls itself, never over the name given at pairing)."""
+        `advertised_name`: what a BLE device calls itself, never over the name given at pairing;
+        `battery_level`: the percentage it reported now)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -418,6 +424,8 @@ class DeviceRegistry:
             sets["advertised_name"] = advertised_name
         if sends_users:
             sets["sends_users"] = 1
+        if battery_level is not None:
+            sets["battery_level"], sets["battery_at"] = battery_level, iso(now)
         with transaction(self.db) as conn:
             self._ensure(conn, address, transport, now)
             if services:

@@ -372,9 +372,9 @@ class HeldEcg:
     recorded_at: dt.datetime
     reason: str  # "unassigned", "re-record", "mismatch"
     hold_until: dt.datetime
-    patient_hint: str = ""  # what the file says, if anything
     device: str = ""
-    # whose ECG it is now (the outbox item's patient): the row says it, "" for none
+    # whose ECG it is now (the outbox item's patient): the row says it, "" for none; held for
+    # "patient-mismatch", the patient its file names (a doctor's assignment ends that hold)
     patient_id: str = ""
     patient_name: str = ""
     quality_verdict: str = ""

@@ -76,6 +76,7 @@ class ClinicBlePort:
             identity=status.identity,
             advertised_name=status.name,  # the name given at pairing stays the one shown
             services=status.services,
+            battery_level=status.battery_level,
         )
 
     def last_sequence(self, address: str) -> int | None:
