@@ -26,6 +26,7 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.doctor import Doctor, Level
 from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.policy import DAY, HOUR, PollPolicy, StudyClock
+from lastmile.reports.sent_readings import SentReading
 from lastmile.reports.store import ReportStore, SentStudy
 from tests.console_harness import printed_jobs, stand_in_lp
 from tests.ecg_factories import make_recording
@@ -180,6 +181,35 @@ def test_retention_deletes_old_studies_securely_but_keeps_unacknowledged_critica
     store.acknowledge(crit.id, "dr-li", utc())
     assert store.purge_expired(utc(), retention_days=30, window_days=14) == 1
     assert store.get(crit.id) is None
+
+
+def sent_bp(item_id: int, name: str, at: float) -> SentReading:
+    return SentReading(
+        item_id,
+        f"bp-{item_id}",
+        "P1",
+        name,
+        "blood-pressure",
+        "131/84 mm[Hg]",
+        "Acme BP-1",
+        utc(at),
+        "device-clock",
+        utc(at),
+        "https://county.example/fhir",
+    )
+
+
+def test_retention_deletes_the_sent_readings_of_as_long_ago_securely(store, tmp_path) -> None:
+    """The sent-reading records (the Sent page's, past the outbox's purge) go as the sent studies
+    do: after the retention, their patient zeroed in clinic.db and its WAL."""
+    assert (
+        store.record_sent_readings([sent_bp(1, "MARKER-OLD-READING", NOW - 40 * DAY), sent_bp(2, "Li^Lei", NOW)]) == 2
+    )
+    assert store.record_sent_readings([sent_bp(2, "Li^Lei", NOW)]) == 0  # a relay cut short and done again
+    store.purge_expired(utc(), retention_days=30, window_days=14)
+    assert [r.outbox_item_id for r in store.recent_sent_readings(10)] == [2]
+    files = [p for p in (tmp_path / "data").iterdir() if p.name.startswith("clinic.db")]
+    assert not any(b"MARKER-OLD-READING" in p.read_bytes() for p in files)
 
 
 # -- critical alerts -----------------------------------------------------------------------------------

@@ -283,6 +283,17 @@ MIGRATIONS = (
         "0024_device_battery",
         "ALTER TABLE devices ADD COLUMN battery_level INTEGER;\nALTER TABLE devices ADD COLUMN battery_at TEXT;",
     ),
+    # the readings relayed to the county platform, kept past the outbox's purge of their items (as
+    # sent_studies keeps the ECGs): the Sent page still answers "did the BP go?" (lastmile.reports.
+    # sent_readings). One small row per reading, keyed by its outbox item (the page's order), no
+    # secondary index: recording a round's readings touches one B-tree page
+    Migration.sql(
+        "0025_sent_readings",
+        "CREATE TABLE sent_readings (outbox_item_id INTEGER PRIMARY KEY, record_key TEXT NOT NULL, "
+        "patient_id TEXT NOT NULL, patient_name TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL, "
+        "summary TEXT NOT NULL, device TEXT NOT NULL DEFAULT '', measured_at TEXT NOT NULL, "
+        "time_source TEXT NOT NULL, sent_at TEXT NOT NULL, destination TEXT NOT NULL DEFAULT '');",
+    ),
 )
 
 

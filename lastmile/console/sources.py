@@ -54,6 +54,7 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
+from lastmile.reports.sent_readings import SentReading
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import (
@@ -511,6 +512,26 @@ def _mapping_of(obs: Observation, mapped: dict[tuple[str, int], UserMapping]) ->
     return mapped.get((normalise_address(obs.device.address or ""), obs.device_user))
 
 
+def _sent_reading_journey(item: OutboxItem, record: SentReading) -> ReadingJourney:
+    """A purged reading as its sent record keeps it."""
+    reading = ReadingView(
+        record.record_key, record.kind, record.summary, record.device, record.measured_at, record.time_source
+    )
+    return ReadingJourney(
+        item_id=item.id,
+        patient_id=record.patient_id,
+        patient_name=record.patient_name,
+        reading=reading,
+        kind=record.kind,
+        measured_at=record.measured_at,
+        state=item.state.value,
+        sent_at=record.sent_at,
+        attempts=item.attempts,
+        last_error="",
+        quarantine_reason="",
+    )
+
+
 def _device_user_number(text: str) -> int:
     """A device's user as a form gives it: 0-254 (255 is Bluetooth's "unknown user")."""
     text = text.strip()
@@ -963,13 +984,22 @@ class ClinicData:
 
     def sent_readings(self, limit: int = 50) -> list[ReadingJourney]:
         """The latest readings for the county health platform, newest first, each with whose it
-        is and where it is. A purged one is left out: its patient and payload are erased."""
-        item_ids = self._recent_item_ids(OBSERVATION_KIND, limit=limit, purged=False)
+        is and where it is. A purged one (its patient and payload erased) is shown as its sent
+        record keeps it (`sent_readings` in clinic.db), else left out."""
+        # the outbox's by index (named states), the purged ones' from their records: no scan of
+        # every purged row
+        records = {r.outbox_item_id: r for r in self.report_store.recent_sent_readings(limit)}
+        waiting = self._recent_item_ids(OBSERVATION_KIND, limit=limit, purged=False)
+        item_ids = sorted({*waiting, *records}, reverse=True)[:limit]
         payloads = self.outbox.read_payloads(item_ids)
         out = []
         for item_id in item_ids:
             item = self.outbox.get(item_id)
-            if item is None or item.state == ItemState.PURGED:
+            if item is None:
+                continue
+            if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
+                if item_id in records:
+                    out.append(_sent_reading_journey(item, records[item_id]))
                 continue
             patient = item.patient or {}
             payload = payloads.get(item_id)

@@ -35,6 +35,7 @@ import sqlite_utils
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.clock import local_zone
 from lastmile.reports.report_text import English, display_name, is_cjk, report_text
+from lastmile.reports.sent_readings import SentReading, insert_sent_readings, sent_reading
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
@@ -432,6 +433,20 @@ class ReportStore:
         )
         return {int(r["outbox_item_id"]): _study(r) for r in rows}
 
+    # -- sent readings (lastmile.reports.sent_readings) ----------------------------------------
+    def record_sent_readings(self, readings: Sequence[SentReading]) -> int:
+        """Remember readings relayed to the county platform, in one transaction (one fsync);
+        returns how many were new."""
+        if not readings:
+            return 0
+        with self._lock, transaction(self.db) as conn:
+            return insert_sent_readings(conn, list(readings))
+
+    def recent_sent_readings(self, limit: int) -> list[SentReading]:
+        """The last `limit` readings recorded, newest (by outbox item) first."""
+        rows = self._rows("SELECT * FROM sent_readings ORDER BY outbox_item_id DESC LIMIT ?", (int(limit),))
+        return [sent_reading(r) for r in rows]
+
     def studies(self, *, since: dt.datetime | None = None) -> list[SentStudy]:
         """Sent studies, newest first (those sent at or after `since`)."""
         if since is None:
@@ -696,8 +711,8 @@ class ReportStore:
     # -- retention ---------------------------------------------------------------------------------
     def purge_expired(self, now: dt.datetime, retention_days: float, window_days: float) -> int:
         """Delete studies sent more than `retention_days` ago (and longer ago than the polling
-        window) with their reports, except where a critical report awaits acknowledgement.
-        secure_delete zeroes the rows; the WAL is truncated so no copy stays there."""
+        window) with their reports, except where a critical report awaits acknowledgement, and the
+        readings sent as long ago (`sent_readings`). secure_delete zeroes the rows; the WAL is truncated so no copy stays there."""
         keep_s = max(retention_days, window_days) * 86400.0
         cutoff = iso(now - dt.timedelta(seconds=keep_s))
         with self._lock, transaction(self.db) as conn:
@@ -714,7 +729,9 @@ class ReportStore:
                 chunk = uids[start : start + 500]
                 conn.execute(f"DELETE FROM reports WHERE study_uid IN ({_placeholders(chunk)})", chunk)
                 conn.execute(f"DELETE FROM sent_studies WHERE study_uid IN ({_placeholders(chunk)})", chunk)
-        if uids:
+            # the readings sent then go with them (no report comes back for a reading)
+            readings = conn.execute("DELETE FROM sent_readings WHERE sent_at < ?", (cutoff,)).rowcount
+        if uids or readings:
             with self._lock:
                 self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return len(uids)

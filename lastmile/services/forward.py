@@ -30,9 +30,10 @@ from lastmile.visits.relay_link import VisitNotices
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
-from uploader.outbox import is_disk_full
+from uploader.outbox import OutboxItem, is_disk_full
 
 if TYPE_CHECKING:
+    from devices.observation import Observation
     from lastmile.reports.service import ReportService
     from lastmile.visits.relay_link import VisitQueue
     from uploader.fhir_sender import FhirSender
@@ -234,7 +235,9 @@ class ForwardService:
             from uploader.fhir_forwarder import forward_fhir_once
 
             link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices)
-            relay_observations(self.outbox, fhir_naming(self.config), time.time(), visit_link=link)
+            relay_observations(
+                self.outbox, fhir_naming(self.config), time.time(), visit_link=link, record=self._record_relayed
+            )
             self._queue_visits()
 
             fhir = forward_fhir_once(
@@ -255,6 +258,14 @@ class ForwardService:
         if result.did_work:
             log.info("forward round: %s", self._last)
         return min(waits)
+
+    def _record_relayed(self, relayed: list[tuple[OutboxItem, Observation]], now: float) -> None:
+        """The relayed readings' records (clinic.db, one transaction): the Sent page lists them
+        after the outbox has purged them."""
+        from lastmile.reports.sent_readings import sent_reading_of
+
+        destination = self.config.fhir.base_url
+        self.reports.store.record_sent_readings([sent_reading_of(item, obs, now, destination) for item, obs in relayed])
 
     def _queue_visits(self) -> None:
         """Closed home visits not queued yet (signed after their stop, or a stop cut short) go
