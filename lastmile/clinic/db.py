@@ -181,6 +181,26 @@ def _reports(db: sqlite_utils.Database) -> None:
     db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
 
 
+# The words each kind of device error began with until 0024 (then devices.device_errors's, as
+# written here: the migration stays what it was when those constants change).
+_ERROR_WORDS_BEFORE_0024 = (
+    ("device gone", "unplugged"),
+    ("malformed ", "unreadable"),
+    ("report rejected:", "unreadable"),
+    ("code not recognised:", "code-not-recognised"),
+    ("cannot store ", "not-saved"),
+    ("ECG refused:", "ecg-refused"),
+    ("not started: ", "settings"),
+    ("forwarded device lines not read:", "settings"),
+)
+_ERROR_KINDS_BEFORE = (
+    "UPDATE devices SET last_error_kind = CASE"
+    " WHEN instr(last_error, ' readings not stored: device reports ') > 0 THEN 'not-a-result'"
+    + "".join(f" WHEN substr(last_error, 1, {len(w)}) = '{w}' THEN '{kind}'" for w, kind in _ERROR_WORDS_BEFORE_0024)
+    + " ELSE 'other' END WHERE COALESCE(last_error, '') != '';"
+)
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -277,6 +297,12 @@ MIGRATIONS = (
     # the session log by time: every change of the session prunes it to what is read (names of the
     # last day, lastmile.clinic.patients.NAME_KEPT) without reading the whole table on the SD card
     Migration.sql("0023_session_log_at", "CREATE INDEX session_log_at ON session_log (at);"),
+    # the kind of a device row's error (devices.device_errors.DeviceProblem), written with it: what
+    # the doctor is told no longer hangs on the error's opening words (reworded, translated). The
+    # rows written before get theirs once, from the words they were written with then
+    Migration.sql(
+        "0024_device_error_kind", "ALTER TABLE devices ADD COLUMN last_error_kind TEXT;\n" + _ERROR_KINDS_BEFORE
+    ),
 )
 
 
