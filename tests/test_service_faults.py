@@ -370,6 +370,30 @@ def test_the_journal_says_the_cause_of_readings_held_by_a_locked_outbox_not_spac
     assert waiting and all("database is locked" in line for line in waiting), said
 
 
+def test_a_store_error_worded_otherwise_keeps_its_advice_and_is_cleared_by_its_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/clinic/devices.py problem_kind: a device row's error was told to the doctor by its
+    opening words, so the serial service's "cannot store" error worded otherwise (here translated,
+    "无法保存") was "it reported a problem": `lastmile doctor` told to free space for readings a
+    locked outbox held, and the error stayed once they were stored. Now the writer records the
+    error's kind with it: the words are the technician's alone."""
+    import lastmile.services.serial_devices as serial_devices
+    from lastmile.doctor import Doctor
+
+    monkeypatch.setattr(serial_devices, "CANNOT_STORE", "无法保存：")
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.5)
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):
+            readings_held_by_a_locked_outbox(m)
+            assert m.device().last_error.startswith("无法保存："), m.device().last_error
+            findings = Doctor(m.config).check_devices()
+            (held,) = [f for f in findings if f.level is Level.FAIL]
+            assert "free space" not in held.hint and "database is locked" in held.message, (held.message, held.hint)
+        wait_for(lambda: not m.device().waits_for_space, timeout=30)
+        assert m.device().last_error == "", m.device().last_error  # cleared by its kind, whatever its words
+
+
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

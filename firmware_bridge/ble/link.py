@@ -58,7 +58,7 @@ from devices.ble.measurement import Measurement, record_key, to_observation
 from devices.ble.pulse_oximeter import UNUSABLE
 from devices.ble.racp import RacpClient, RacpResult
 from devices.ble.uuids import full_uuid, short_uuid
-from devices.device_errors import MALFORMED, NOT_A_RESULT
+from devices.device_errors import MALFORMED, NOT_A_RESULT, DeviceProblem
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 from devices.observation import Observation
@@ -97,6 +97,7 @@ class DeviceStatus:
     connected: bool | None = None
     seen: bool = False
     error: str | None = None
+    problem: DeviceProblem = DeviceProblem.OTHER  # the kind of `error`, what the doctor is told
     identity: DeviceIdentity | None = None
     name: str | None = None  # the name it advertises (the gateway keeps the one it was paired by)
     # 16-bit SIG UUIDs of the services it advertised (seen) or offers (connected): a cuff called
@@ -360,7 +361,11 @@ class DeviceSession:
                 self._on_measurement(decoded, received_at)
         except ProtocolError as exc:
             log.warning("%s: malformed %04X value %s: %s", self.address, uuid16, bytes(data).hex(), exc)
-            self.port.report(DeviceStatus(self.address, error=f"{MALFORMED}{uuid16:04X} value: {exc}"))
+            self.port.report(
+                DeviceStatus(
+                    self.address, error=f"{MALFORMED}{uuid16:04X} value: {exc}", problem=DeviceProblem.UNREADABLE
+                )
+            )
         except Exception as exc:
             log.exception("%s: could not handle a %04X value", self.address, uuid16)
             self.port.report(DeviceStatus(self.address, error=f"{type(exc).__name__}: {exc}"))
@@ -411,7 +416,9 @@ class DeviceSession:
             log.debug("%s: %s reading not stored (%s)", self.address, m.kind, why)
             return
         log.warning("%s: %s reading not stored: the device marks it %s", self.address, m.kind, why)
-        self.port.report(DeviceStatus(self.address, error=f"{m.kind}{NOT_A_RESULT}{why}"))
+        self.port.report(
+            DeviceStatus(self.address, error=f"{m.kind}{NOT_A_RESULT}{why}", problem=DeviceProblem.NOT_A_RESULT)
+        )
 
     def _unpaired(self, m: Measurement) -> None:
         """Unpaired while connected (`lastmile ble unpair`): the doctor took it off this clinic's

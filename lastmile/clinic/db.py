@@ -181,6 +181,26 @@ def _reports(db: sqlite_utils.Database) -> None:
     db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
 
 
+# The words each kind of device error began with until 0024 (then devices.device_errors's, as
+# written here: the migration stays what it was when those constants change).
+_ERROR_WORDS_BEFORE_0024 = (
+    ("device gone", "unplugged"),
+    ("malformed ", "unreadable"),
+    ("report rejected:", "unreadable"),
+    ("code not recognised:", "code-not-recognised"),
+    ("cannot store ", "not-saved"),
+    ("ECG refused:", "ecg-refused"),
+    ("not started: ", "settings"),
+    ("forwarded device lines not read:", "settings"),
+)
+_ERROR_KINDS_BEFORE = (
+    "UPDATE devices SET last_error_kind = CASE"
+    " WHEN instr(last_error, ' readings not stored: device reports ') > 0 THEN 'not-a-result'"
+    + "".join(f" WHEN substr(last_error, 1, {len(w)}) = '{w}' THEN '{kind}'" for w, kind in _ERROR_WORDS_BEFORE_0024)
+    + " ELSE 'other' END WHERE COALESCE(last_error, '') != '';"
+)
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -293,6 +313,12 @@ MIGRATIONS = (
         "patient_id TEXT NOT NULL, patient_name TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL, "
         "summary TEXT NOT NULL, device TEXT NOT NULL DEFAULT '', measured_at TEXT NOT NULL, "
         "time_source TEXT NOT NULL, sent_at TEXT NOT NULL, destination TEXT NOT NULL DEFAULT '');",
+    ),
+    # the kind of a device row's error (devices.device_errors.DeviceProblem), written with it: what
+    # the doctor is told no longer hangs on the error's opening words (reworded, translated). The
+    # rows written before get theirs once, from the words they were written with then
+    Migration.sql(
+        "0026_device_error_kind", "ALTER TABLE devices ADD COLUMN last_error_kind TEXT;\n" + _ERROR_KINDS_BEFORE
     ),
 )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import sqlite_utils
 
-from devices import device_errors
+from devices.device_errors import DeviceProblem
 from devices.identity import DeviceIdentity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.config import Config
@@ -34,42 +34,6 @@ class HeldReadings(enum.StrEnum):
     NONE = ""
     DISK = "disk"  # in the spill file (lastmile.services.serial_spill)
     MEMORY = "memory"  # lost if the power fails: `lastmile doctor` FAILs
-
-
-class DeviceProblem(enum.StrEnum):
-    """What kind of problem a device row's error is, for what the doctor is told to do (the
-    console's words per kind; the error's own text stays for the technician)."""
-
-    UNPLUGGED = "unplugged"  # its port went away: the cable is out (or the device switched off)
-    UNREADABLE = "unreadable"  # it sent a measurement that cannot be read: measure again
-    NOT_A_RESULT = "not-a-result"  # it marks its readings demo/test/calibration: not stored
-    CODE_NOT_RECOGNISED = "code-not-recognised"  # a scanned card or code matched no pattern
-    NOT_SAVED = "not-saved"  # the gateway could not store what it sent
-    ECG_REFUSED = "ecg-refused"  # a recording that cannot become a DICOM ECG
-    SETTINGS = "settings"  # its settings keep it from working: the county IT's to fix
-    OTHER = "other"
-
-
-# What each of the words our links begin a row's error with (devices.device_errors: the writers
-# use them too) means for the doctor; classifying by them also covers rows written before there
-# was a kind.
-PROBLEM_PREFIXES: tuple[tuple[str, DeviceProblem], ...] = (
-    (device_errors.DEVICE_GONE, DeviceProblem.UNPLUGGED),
-    (device_errors.MALFORMED, DeviceProblem.UNREADABLE),
-    (device_errors.REPORT_REJECTED, DeviceProblem.UNREADABLE),
-    (device_errors.CODE_NOT_RECOGNISED, DeviceProblem.CODE_NOT_RECOGNISED),
-    (device_errors.CANNOT_STORE, DeviceProblem.NOT_SAVED),
-    (device_errors.ECG_REFUSED, DeviceProblem.ECG_REFUSED),
-    (device_errors.NOT_STARTED, DeviceProblem.SETTINGS),
-    (device_errors.FORWARD_NOT_READ, DeviceProblem.SETTINGS),
-)
-
-
-def problem_kind(error: str) -> DeviceProblem:
-    """The kind of the device row's error `error` (OTHER for one no doctor can act on alone)."""
-    if device_errors.NOT_A_RESULT in error:
-        return DeviceProblem.NOT_A_RESULT
-    return next((kind for prefix, kind in PROBLEM_PREFIXES if error.startswith(prefix)), DeviceProblem.OTHER)
 
 
 # How a device row's waiting words (DeviceRecord.waiting) say where its waiting readings are, for
@@ -120,6 +84,9 @@ class DeviceRecord:
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
     battery_level: int | None = None  # percent, the last a BLE device reported (None: never read)
     battery_at: dt.datetime | None = None  # when it was read
+    # the kind of its `last_error`, as its writer said (never read from the error's words), for
+    # what to tell the doctor; OTHER when there is none
+    problem: DeviceProblem = DeviceProblem.OTHER
 
     @property
     def waits_for_space(self) -> bool:
@@ -166,11 +133,6 @@ class DeviceRecord:
         if not self.waits_for_space:
             return ""
         return waiting_message(self.held_words, self.held_readings, self.memory_words, self.held_cause)
-
-    @property
-    def problem(self) -> DeviceProblem:
-        """The kind of its `last_error`, for what to tell the doctor (OTHER when there is none)."""
-        return problem_kind(self.last_error)
 
     @property
     def lost_words(self) -> str:
@@ -308,9 +270,19 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         advertised_name=row["advertised_name"] or "",
         battery_level=row["battery_level"],
         battery_at=from_iso(row["battery_at"]),
+        problem=_problem(row["last_error_kind"]),
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
+
+
+def _problem(kind: str | None) -> DeviceProblem:
+    """A row's error kind read back: none (no error) or one this version does not know (a newer
+    one wrote it) is OTHER, never a crash."""
+    try:
+        return DeviceProblem(kind or DeviceProblem.OTHER)
+    except ValueError:
+        return DeviceProblem.OTHER
 
 
 class DeviceRegistry:
@@ -377,6 +349,7 @@ class DeviceRegistry:
         connected: bool | None = None,
         seen: bool = False,
         error: str | None = None,
+        problem: DeviceProblem = DeviceProblem.OTHER,
         held: HeldReadings | None = None,
         held_counts: tuple[int, int] = (0, 0),
         memory_counts: tuple[int, int] = (0, 0),
@@ -389,7 +362,8 @@ class DeviceRegistry:
         sends_users: bool = False,
         battery_level: int | None = None,
     ) -> None:
-        """Record what just happened to a device; only the given facts change (`held`: where
+        """Record what just happened to a device; only the given facts change (`error` with its
+        kind `problem`, what the doctor is told: "" clears both; `held`: where
         the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
@@ -405,7 +379,7 @@ class DeviceRegistry:
         if seen:
             sets["last_seen_at"] = iso(now)
         if error is not None:
-            sets["last_error"] = error
+            sets["last_error"], sets["last_error_kind"] = error, problem.value if error else ""
             sets["last_error_at"] = iso(now)
         if held is not None:
             sets["held_readings"], sets["held_at"] = held.value, iso(now)
@@ -436,12 +410,11 @@ class DeviceRegistry:
     def clear_error(self, address: str, problem: DeviceProblem, *, now: dt.datetime) -> None:
         """Clear the row's error if it is still one of kind `problem` (a later one, unplugged ...,
         stays): what it said is over."""
-        prefixes = [prefix for prefix, kind in PROBLEM_PREFIXES if kind is problem]
-        matches = " OR ".join("substr(last_error, 1, ?) = ?" for _ in prefixes)
         with transaction(self.db) as conn:
             conn.execute(
-                f"UPDATE devices SET last_error = '', last_error_at = ?, updated_at = ? WHERE address = ? AND ({matches})",
-                (iso(now), iso(now), normalise_address(address), *(v for p in prefixes for v in (len(p), p))),
+                "UPDATE devices SET last_error = '', last_error_kind = '', last_error_at = ?, updated_at = ? "
+                "WHERE address = ? AND last_error_kind = ?",
+                (iso(now), iso(now), normalise_address(address), problem.value),
             )
 
     @staticmethod

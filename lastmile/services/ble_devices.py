@@ -73,6 +73,7 @@ class ClinicBlePort:
             connected=status.connected,
             seen=status.seen,
             error=status.error,
+            problem=status.problem,
             identity=status.identity,
             advertised_name=status.name,  # the name given at pairing stays the one shown
             services=status.services,

@@ -243,11 +243,11 @@ class SerialContext:
         except Exception:  # status is best effort; readings are not
             log.exception("%s: cannot record device status", spec.name)
 
-    def error(self, spec: LinkSpec, message: str) -> None:
+    def error(self, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
         last = self._last_error_write.get(spec.name, 0.0)
         if time.monotonic() - last >= ERROR_STATUS_EVERY_S:
             self._last_error_write[spec.name] = time.monotonic()
-            self.status(spec, error=message[:200])
+            self.status(spec, error=message[:200], problem=problem)
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
@@ -259,7 +259,7 @@ class SerialContext:
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             if not held or not is_storage_full(exc):
-                self.error(spec, f"{CANNOT_STORE}reading: {exc}")
+                self.error(spec, f"{CANNOT_STORE}reading: {exc}", DeviceProblem.NOT_SAVED)
             else:
                 self._store_error_over(spec)  # space is the cause now: the held status says it
             return False
@@ -459,12 +459,14 @@ class SerialContext:
             )
         except (InvalidObjectError, DeviceError) as exc:
             log.error("%s: ECG recording refused, it cannot become a DICOM ECG: %s", spec.name, exc)
-            self.status(spec, error=f"{ECG_REFUSED} {exc}"[:200])  # once per recording: not rate-limited
+            self.status(
+                spec, error=f"{ECG_REFUSED} {exc}"[:200], problem=DeviceProblem.ECG_REFUSED
+            )  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             if not is_storage_full(exc):  # held: the row's held status says it waits for space
-                self.error(spec, f"{CANNOT_STORE}ECG: {exc}")
+                self.error(spec, f"{CANNOT_STORE}ECG: {exc}", DeviceProblem.NOT_SAVED)
             else:
                 self._store_error_over(spec)
             return False
@@ -564,7 +566,7 @@ class BridgeHandler:
                 if self.ctx.counted_lost(self.spec):  # the row's lost FAIL says it: not its error too
                     log.warning("%s: ECG_END of an ECG lost when the gateway stopped: NACKed", self.spec.name)
                 else:
-                    self.ctx.error(self.spec, "ECG_END for an unknown recording")
+                    self.ctx.error(self.spec, "ECG_END for an unknown recording", DeviceProblem.OTHER)
         elif isinstance(event, SerialDataReceived):
             self._serial_data(event)
         elif isinstance(event, DeviceHello):
@@ -582,7 +584,7 @@ class BridgeHandler:
             )
         elif isinstance(event, SessionProblem):
             log.debug("%s: %s", self.spec.name, event.reason)
-            self.ctx.error(self.spec, event.reason)
+            self.ctx.error(self.spec, event.reason, DeviceProblem.OTHER)
 
     def _recording(self, event: RecordingReady) -> None:
         try:
@@ -617,7 +619,9 @@ class BridgeHandler:
                         "%s: the bridge forwards device lines but no forward_profile is configured", self.spec.name
                     )
                     self._warned_unreadable = True
-                self.ctx.error(self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge")
+                self.ctx.error(
+                    self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge", DeviceProblem.SETTINGS
+                )
             reason = "forward_profile refused" if refused else "no forward_profile configured"
             self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, reason))
             return
@@ -637,7 +641,7 @@ class BridgeHandler:
                     stored_all &= self.ctx.store_observation(self.spec, obs)
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
-                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}")
+                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}", DeviceProblem.UNREADABLE)
         parser = self._parsers[channel]
         if parser.idle and stored_all:
             # Every line received so far is part of a stored report or of nothing: all durable.
@@ -647,7 +651,7 @@ class BridgeHandler:
             for seq in self._unsettled.pop(channel, []):
                 self.link.write(self.session.reject(seq, codec.NACK_REFUSED, "not stored"))
 
-    def connection_lost(self, reason: str | None) -> None:
+    def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
         for event in self.session.connection_lost(self.ctx.now()):
             if isinstance(event, RecordingReady):
                 self._recording(event)  # kept, flagged truncated
@@ -659,7 +663,7 @@ class BridgeHandler:
         if self.session.hello is not None:
             self.ctx.resend_window_closed(self.spec)
         self.ctx.retry_unstored(self.spec, force=True)
-        self.ctx.status(self.spec, connected=False, error=reason)
+        self.ctx.status(self.spec, connected=False, error=reason, problem=problem)
 
     def tick(self) -> float | None:
         now = time.monotonic()
@@ -701,11 +705,11 @@ class AsciiReportHandler:
                         self.ctx.hold_observation(self.spec, obs)  # the device cannot resend
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
-                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}")
+                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}", DeviceProblem.UNREADABLE)
 
-    def connection_lost(self, reason: str | None) -> None:
+    def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
         self._events(self.parser.flush(self.ctx.now()))  # a half report is rejected, never half-stored
-        self.ctx.status(self.spec, connected=False, error=reason)
+        self.ctx.status(self.spec, connected=False, error=reason, problem=problem)
 
     def tick(self) -> float | None:
         now = time.monotonic()
@@ -739,10 +743,10 @@ class ScannerHandler:
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
                 log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name, ev.reason, ev.length)
-                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}")
+                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}", DeviceProblem.CODE_NOT_RECOGNISED)
 
-    def connection_lost(self, reason: str | None) -> None:
-        self.ctx.status(self.spec, connected=False, error=reason)
+    def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
+        self.ctx.status(self.spec, connected=False, error=reason, problem=problem)
 
     def tick(self) -> float | None:
         return None
@@ -819,7 +823,12 @@ class SerialService:
         for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
             registry.update_status(
-                serial_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
+                serial_address(name),
+                now=ctx.now(),
+                transport="serial",
+                connected=False,
+                error=reason,
+                problem=DeviceProblem.SETTINGS,
             )
         clear_refusals_fixed_since(registry, specs, now=ctx.now())
         return service
