@@ -19,7 +19,7 @@ import pytest
 from lastmile.clinic.db import DB_NAME, MIGRATIONS
 from lastmile.clock import local_zone
 from lastmile.console.i18n import Localizer
-from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
+from lastmile.demo.cardiologist import STEMI, DemoCardiologist, StudyToRead, ecg_report_sr, part10, report_pdf
 from lastmile.reports.report_text import (
     English,
     Speaker,
@@ -489,6 +489,22 @@ def test_a_pdfs_own_title_is_shown_as_the_county_wrote_it() -> None:
     assert report_text(titled.lines, ZH).splitlines()[0] == "Holter 24h report - REVISED"
     untitled = report_pdf(STUDY, ["x"], title="")
     assert report_text(read_dicom_report(part10(untitled), RULES).lines, ZH).splitlines()[0] == "心电图报告"
+
+
+def test_the_demo_reading_centers_pdf_is_titled_in_chinese() -> None:
+    """Issue s39-G: the demo's PDF report (every third ECG) was titled "ECG report": its own title,
+    kept as the county wrote it, so the demo's village doctor read English (the list's title, the
+    English page). The demo's reading center is ours: it titles its PDF as a Chinese county does."""
+    study = StudyToRead(STUDY.study_uid, patient_id="P0077", patient_name="张^三", description="Routine ECG")
+    _sr, pdf = DemoCardiologist(pdf_every=1)(study)
+    content = read_dicom_report(part10(pdf), RULES)
+    assert content.title == "心电图报告", content.title
+    assert (
+        report_text(content.lines, ZH).splitlines()[0] == report_text(content.lines, EN).splitlines()[0] == "心电图报告"
+    )
+    assert (
+        pdf.EncapsulatedDocument.startswith(b"%PDF-") and b"(ECG Report) Tj" in pdf.EncapsulatedDocument
+    )  # Helvetica: ASCII
 
 
 @pytest.mark.parametrize(
