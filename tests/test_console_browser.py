@@ -616,6 +616,9 @@ def test_a_report_stored_before_the_codes_were_kept_reads_in_chinese(browser: ob
         assert "观察者类型：人员" in text and "  所见：急性ST段抬高型心肌梗死" in text and "诊断意见" in text, text
         for english in ("ECG Report", "Findings", "Observer Type", "Person", "Impression", "Acute ST"):
             assert english not in text, text
+        # the page's list of findings above it (kept as words, never with codes): the same rule
+        findings = text_of(browser, "section[aria-labelledby=h-findings]")
+        assert "急性ST段抬高型心肌梗死" in findings and "Acute ST" not in findings, findings
 
 
 def _cli_json(args: list[str]) -> object:
