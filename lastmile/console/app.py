@@ -56,7 +56,7 @@ from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, CountyLink, person_name, row_number
 from lastmile.reports.printing import lp_command, print_behind_note
-from lastmile.reports.report_text import shown_critical, shown_text, unassigned_note
+from lastmile.reports.report_text import concept_name, shown_critical, shown_text, unassigned_note
 from uploader.errors import OutboxFullError
 from uploader.outbox import ItemState, is_storage_full
 
@@ -650,6 +650,9 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "reading_text": lambda text, kind="": reading_text(text, loc, kind),
         "report_text": lambda report: shown_text(report.lines, report.text, loc),
         "critical_reasons": lambda report: shown_critical(report.lines, report.critical_reasons, loc),
+        # a report's conclusion and findings lists are its words without their codes: a known
+        # concept's standard name ("Acute ST segment elevation ...") in the reader's language
+        "county_words": lambda words: [concept_name(w, "", loc) for w in words],
         # report_text's words (the printouts'), a line each: why no patient, whom the county named
         "unassigned_note": lambda report: unassigned_note(report.county_patient, loc).splitlines(),
         "fmt": loc,
