@@ -173,7 +173,7 @@ def test_a_cuff_is_titled_by_the_name_given_at_pairing_its_advertised_name_only_
 def test_every_word_a_link_began_a_device_error_with_keeps_its_advice_after_the_kind_is_recorded(
     tmp_path: Path,
 ) -> None:
-    """Rows written before an error's kind was recorded with it (migration 0024): each of the words
+    """Rows written before an error's kind was recorded with it (migration 0026): each of the words
     our links began an error with (devices.device_errors) gets its kind once, from those words, so
     a gateway updated with a device fault keeps telling the doctor what to do, not "it reported a
     problem"; an error in no such words is OTHER."""

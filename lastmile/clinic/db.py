@@ -181,9 +181,9 @@ def _reports(db: sqlite_utils.Database) -> None:
     db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
 
 
-# The words each kind of device error began with until 0024 (then devices.device_errors's, as
+# The words each kind of device error began with until 0026 (then devices.device_errors's, as
 # written here: the migration stays what it was when those constants change).
-_ERROR_WORDS_BEFORE_0024 = (
+_ERROR_WORDS_BEFORE_0026 = (
     ("device gone", "unplugged"),
     ("malformed ", "unreadable"),
     ("report rejected:", "unreadable"),
@@ -196,7 +196,7 @@ _ERROR_WORDS_BEFORE_0024 = (
 _ERROR_KINDS_BEFORE = (
     "UPDATE devices SET last_error_kind = CASE"
     " WHEN instr(last_error, ' readings not stored: device reports ') > 0 THEN 'not-a-result'"
-    + "".join(f" WHEN substr(last_error, 1, {len(w)}) = '{w}' THEN '{kind}'" for w, kind in _ERROR_WORDS_BEFORE_0024)
+    + "".join(f" WHEN substr(last_error, 1, {len(w)}) = '{w}' THEN '{kind}'" for w, kind in _ERROR_WORDS_BEFORE_0026)
     + " ELSE 'other' END WHERE COALESCE(last_error, '') != '';"
 )
 
