@@ -1704,7 +1704,7 @@ def _platform_busy(url: str, retry_after: str | None) -> Finding:
         f"{url}: HTTP 429: the platform is busy" + (f", asks to retry after {wait:.0f} s" if wait is not None else ""),
         "nothing to fix here: visits and readings wait in the queue and are sent again by themselves; "
         "if it stays busy for hours, tell the county platform",
-        advice_key="busy",
+        advice_key="busy",  # for `lastmile doctor --json`: the System page never runs this check (offline)
     )
 
 
@@ -1737,7 +1737,7 @@ def _county_platform_finding(platform: FhirPlatform, now: float) -> Finding | No
         Level.WARN,
         f"the county platform is busy (429): {taken}",
         f"nothing to fix yet: it is sent again by itself; busy {BUSY_DOWN_AFTER_S // 60} minutes, it counts as down",
-        advice_key="busy",
+        advice_key="busy",  # for `lastmile doctor --json` (the System page's county row says busy itself)
         topic="link",
     )
 

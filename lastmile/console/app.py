@@ -372,11 +372,6 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     },
     "fhir": {
         "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
-        # it answers 429: busy, not down (doctor._platform_busy)
-        "busy": N_(
-            "The county health platform is busy right now (it answers): visits and readings are kept here and "
-            "sent again by themselves."
-        ),
         "offline": N_(
             "This page does not test the network: the row “Link to the county health platform” below says how the "
             "link is."
