@@ -212,6 +212,31 @@ def test_retention_deletes_the_sent_readings_of_as_long_ago_securely(store, tmp_
     assert not any(b"MARKER-OLD-READING" in p.read_bytes() for p in files)
 
 
+def test_with_reports_off_the_forward_service_prunes_old_sent_records(tmp_path) -> None:
+    """A county with no report return (reports.source "off") runs no report poller: the sent
+    studies and readings were pruned only by it, so clinic.db kept one row per ECG and per reading
+    forever on the SD card. The forward service's own housekeeping prunes them on the retention."""
+    from lastmile.services.forward import ForwardService
+
+    config = gateway_config(tmp_path, free_port(), "PACS")
+    config.reports.source = "off"
+    config.reading_center.storage_commitment = False  # no ECG to send: nothing listens
+    now = time.time()
+    old = now - (max(config.reports.retention_days, config.reports.window_days) + 1) * DAY
+    with ReportStore.open(config.data_dir) as store:
+        sent(store, at=old)
+        recent_study = sent(store, at=now)
+        store.record_sent_readings([sent_bp(1, "MARKER-OLD-READING", old), sent_bp(2, "Li^Lei", now)])
+    service = ForwardService(config)
+    try:
+        service.step(threading.Event())
+    finally:
+        service.close()
+    with ReportStore.open(config.data_dir) as store:
+        assert [s.study_uid for s in store.studies()] == [recent_study.study_uid]
+        assert [r.outbox_item_id for r in store.recent_sent_readings(10)] == [2]
+
+
 # -- critical alerts -----------------------------------------------------------------------------------
 
 

@@ -54,7 +54,7 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.sent_readings import SentReading
+from lastmile.reports.sent_readings import SentReading, is_record_of
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import (
@@ -998,8 +998,9 @@ class ClinicData:
             if item is None:
                 continue
             if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
-                if item_id in records:
-                    out.append(_sent_reading_journey(item, records[item_id]))
+                record = records.get(item_id)
+                if record is not None and is_record_of(record, item):
+                    out.append(_sent_reading_journey(item, record))
                 continue
             patient = item.patient or {}
             payload = payloads.get(item_id)

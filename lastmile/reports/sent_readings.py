@@ -6,6 +6,10 @@ show, and a doctor asking "did the BP go?" measured and sent it again. The forwa
 relay (lastmile.services.observation_relay) writes one small row per reading here, before it
 marks the readings sent, in one transaction per round; the Sent page shows a purged reading from
 it; `ReportStore.purge_expired` prunes it with the sent studies.
+
+A record belongs to its item only if their keys agree (`is_record_of`: the record keeps its
+item's key): outbox.sqlite made anew numbers its items from 1 again, and an
+earlier outbox's record of item 1 put another patient's reading on the new item 1.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from uploader.outbox import OutboxItem
 @dataclass(frozen=True)
 class SentReading:
     outbox_item_id: int  # the reading's outbox item (kind "observation")
-    record_key: str
+    record_key: str  # its outbox item's key: the reading's record_key (a visit's reading set free: that item's)
     patient_id: str
     patient_name: str  # as the item carried it (the page shows it as a person's name)
     kind: str  # "blood-pressure", ...
@@ -39,7 +43,7 @@ def sent_reading_of(item: OutboxItem, obs: Observation, sent_at: float, destinat
     """The record of reading `obs` (outbox item `item`) relayed at `sent_at` toward `destination`."""
     return SentReading(
         outbox_item_id=item.id,
-        record_key=obs.record_key,
+        record_key=item.key,  # what ties the record to this item, not to a reused item id (is_record_of)
         patient_id=str((item.patient or {}).get("patient_id") or obs.patient_id or ""),
         patient_name=str((item.patient or {}).get("name") or ""),
         kind=obs.kind,
@@ -54,14 +58,22 @@ def sent_reading_of(item: OutboxItem, obs: Observation, sent_at: float, destinat
 
 def insert_sent_readings(conn: sqlite3.Connection, readings: list[SentReading]) -> int:
     """Write the records (in the caller's transaction); one already written (a relay cut short
-    and done again) stays as it was. How many were new."""
+    and done again) stays as it was. A record of another reading under the same item id is an
+    earlier outbox's (damaged and set aside: the new one numbers its items from 1 again) and is
+    replaced. How many were written."""
     names = [f.name for f in fields(SentReading)]
+    updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "outbox_item_id")
     sql = (
         f"INSERT INTO sent_readings ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)}) "
-        "ON CONFLICT(outbox_item_id) DO NOTHING"
+        f"ON CONFLICT(outbox_item_id) DO UPDATE SET {updates} WHERE record_key != excluded.record_key"
     )
     rows = [{**asdict(r), "measured_at": iso(r.measured_at), "sent_at": iso(r.sent_at)} for r in readings]
     return sum(conn.execute(sql, row).rowcount for row in rows)
+
+
+def is_record_of(record: SentReading, item: OutboxItem) -> bool:
+    """Whether `record` is this item's, not one an earlier outbox's item of the same id left."""
+    return record.record_key == item.key
 
 
 def sent_reading(row: sqlite3.Row) -> SentReading:

@@ -227,6 +227,7 @@ class ForwardService:
     def _step(self, stop: threading.Event) -> float:
         self._settle()
         self.reports.check()
+        self.reports.prune(time.time())
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
