@@ -320,6 +320,18 @@ MIGRATIONS = (
     Migration.sql(
         "0026_device_error_kind", "ALTER TABLE devices ADD COLUMN last_error_kind TEXT;\n" + _ERROR_KINDS_BEFORE
     ),
+    # wrong passwords in a row by the name typed, whether an account has it or not (bounded,
+    # lastmile.console.accounts): a real name and an unknown one are counted, kept and written
+    # alike, so neither a restart nor a write's time tells which names exist. console_users'
+    # failed_logins and locked_until are no longer read (their counts move here)
+    Migration.sql(
+        "0027_console_login_failures",
+        "CREATE TABLE console_login_failures (name TEXT PRIMARY KEY, failures INTEGER NOT NULL, "
+        "locked_until TEXT, failed_at TEXT NOT NULL);\n"
+        "INSERT INTO console_login_failures (name, failures, locked_until, failed_at) "
+        "SELECT name, COALESCE(failed_logins, 0), locked_until, created_at FROM console_users "
+        "WHERE failed_logins > 0 OR locked_until IS NOT NULL;",
+    ),
 )
 
 
