@@ -320,6 +320,24 @@ MIGRATIONS = (
     Migration.sql(
         "0026_device_error_kind", "ALTER TABLE devices ADD COLUMN last_error_kind TEXT;\n" + _ERROR_KINDS_BEFORE
     ),
+    # a reading's record said "sent" from its relay into a bundle the county platform may never
+    # take (down, refusing): sent_at is now when the platform took the bundle that carries it (NULL
+    # until then), relayed_at the relay's time (what retention counts from), bundle_key and
+    # visit_id which bundle carries it. Rows from before keep their time as both (not knowable now)
+    Migration.sql(
+        "0027_sent_readings_taken",
+        "CREATE TABLE sent_readings_taken (outbox_item_id INTEGER PRIMARY KEY, record_key TEXT NOT NULL, "
+        "patient_id TEXT NOT NULL, patient_name TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL, "
+        "summary TEXT NOT NULL, device TEXT NOT NULL DEFAULT '', measured_at TEXT NOT NULL, "
+        "time_source TEXT NOT NULL, relayed_at TEXT NOT NULL, sent_at TEXT, "
+        "bundle_key TEXT NOT NULL DEFAULT '', visit_id TEXT, destination TEXT NOT NULL DEFAULT '');\n"
+        "INSERT INTO sent_readings_taken (outbox_item_id, record_key, patient_id, patient_name, kind, summary, "
+        "device, measured_at, time_source, relayed_at, sent_at, destination) SELECT outbox_item_id, record_key, "
+        "patient_id, patient_name, kind, summary, device, measured_at, time_source, sent_at, sent_at, destination "
+        "FROM sent_readings;\n"
+        "DROP TABLE sent_readings;\n"
+        "ALTER TABLE sent_readings_taken RENAME TO sent_readings;",
+    ),
 )
 
 
