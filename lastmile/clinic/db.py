@@ -306,13 +306,16 @@ MIGRATIONS = (
     # the readings relayed to the county platform, kept past the outbox's purge of their items (as
     # sent_studies keeps the ECGs): the Sent page still answers "did the BP go?" (lastmile.reports.
     # sent_readings). One small row per reading, keyed by its outbox item (the page's order), no
-    # secondary index: recording a round's readings touches one B-tree page
+    # secondary index: recording a round's readings touches one B-tree page. Relayed is not sent:
+    # sent_at is when the platform took the bundle that carries it (bundle_key, or its home visit's
+    # visit_id), NULL until then; relayed_at (the relay's time) is what retention counts from
     Migration.sql(
         "0025_sent_readings",
         "CREATE TABLE sent_readings (outbox_item_id INTEGER PRIMARY KEY, record_key TEXT NOT NULL, "
         "patient_id TEXT NOT NULL, patient_name TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL, "
         "summary TEXT NOT NULL, device TEXT NOT NULL DEFAULT '', measured_at TEXT NOT NULL, "
-        "time_source TEXT NOT NULL, sent_at TEXT NOT NULL, destination TEXT NOT NULL DEFAULT '');",
+        "time_source TEXT NOT NULL, relayed_at TEXT NOT NULL, sent_at TEXT, "
+        "bundle_key TEXT NOT NULL DEFAULT '', visit_id TEXT, destination TEXT NOT NULL DEFAULT '');",
     ),
     # the kind of a device row's error (devices.device_errors.DeviceProblem), written with it: what
     # the doctor is told no longer hangs on the error's opening words (reworded, translated). The

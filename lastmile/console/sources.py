@@ -54,7 +54,7 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.sent_readings import SentReading, is_record_of
+from lastmile.reports.sent_readings import SentReading, carrying_bundle, is_record_of, taken_at
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import (
@@ -67,7 +67,7 @@ from lastmile.services.link_status import (
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT, Said
-from uploader.outbox import ItemState, Kind, OutboxItem, Priority
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ class ReadingJourney:
     attempts: int
     last_error: str
     quarantine_reason: str
+    with_visit: bool = False  # it goes in its home visit's bundle (state and time are that bundle's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,10 +526,30 @@ def _sent_reading_journey(item: OutboxItem, record: SentReading) -> ReadingJourn
         kind=record.kind,
         measured_at=record.measured_at,
         state=item.state.value,
-        sent_at=record.sent_at,
+        sent_at=record.sent_at,  # `_carried` says where it is
         attempts=item.attempts,
         last_error="",
         quarantine_reason="",
+    )
+
+
+def _carried(journey: ReadingJourney, record: SentReading, outbox: Outbox) -> ReadingJourney:
+    """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
+    county platform took that bundle, else waiting for it, or refused with the bundle's reason.
+    The bundle is looked up only while the record knows no sent time."""
+    bundle = None if record.sent_at is not None else carrying_bundle(outbox, record)
+    with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
+    sent_at = record.sent_at or taken_at(bundle)
+    if sent_at is not None:
+        return replace(journey, state=ItemState.SENT.value, sent_at=sent_at, with_visit=with_visit)
+    return replace(
+        journey,
+        state=ItemState.QUEUED.value if bundle is None else bundle.state.value,
+        sent_at=None,
+        attempts=0 if bundle is None else bundle.attempts,
+        last_error="" if bundle is None else bundle.last_error or "",
+        quarantine_reason="" if bundle is None else bundle.quarantine_reason or "",
+        with_visit=with_visit,
     )
 
 
@@ -985,7 +1006,8 @@ class ClinicData:
     def sent_readings(self, limit: int = 50) -> list[ReadingJourney]:
         """The latest readings for the county health platform, newest first, each with whose it
         is and where it is. A purged one (its patient and payload erased) is shown as its sent
-        record keeps it (`sent_readings` in clinic.db), else left out."""
+        record keeps it (`sent_readings` in clinic.db), else left out. A relayed one is where the
+        bundle carrying it is (`_carried`): sent only once the platform took it."""
         # the outbox's by index (named states), the purged ones' from their records: no scan of
         # every purged row
         records = {r.outbox_item_id: r for r in self.report_store.recent_sent_readings(limit)}
@@ -997,28 +1019,31 @@ class ClinicData:
             item = self.outbox.get(item_id)
             if item is None:
                 continue
+            record = records.get(item_id)
+            if record is not None and not is_record_of(record, item):
+                record = None  # an earlier outbox's item of the same id
             if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
-                record = records.get(item_id)
-                if record is not None and is_record_of(record, item):
-                    out.append(_sent_reading_journey(item, record))
+                if record is not None:
+                    out.append(_carried(_sent_reading_journey(item, record), record, self.outbox))
                 continue
             patient = item.patient or {}
             payload = payloads.get(item_id)
-            out.append(
-                ReadingJourney(
-                    item_id=item.id,
-                    patient_id=str(patient.get("patient_id") or ""),
-                    patient_name=str(patient.get("name") or ""),
-                    reading=None if payload is None else self._reading_from(item_id, payload),
-                    kind=str(item.meta.get("kind") or ""),
-                    measured_at=from_iso(item.meta.get("measured_at")),
-                    state=item.state.value,
-                    sent_at=_t(item.sent_at),
-                    attempts=item.attempts,
-                    last_error=item.last_error or "",
-                    quarantine_reason=item.quarantine_reason or "",
-                )
+            journey = ReadingJourney(
+                item_id=item.id,
+                patient_id=str(patient.get("patient_id") or ""),
+                patient_name=str(patient.get("name") or ""),
+                reading=None if payload is None else self._reading_from(item_id, payload),
+                kind=str(item.meta.get("kind") or ""),
+                measured_at=from_iso(item.meta.get("measured_at")),
+                state=item.state.value,
+                sent_at=_t(item.sent_at),
+                attempts=item.attempts,
+                last_error=item.last_error or "",
+                quarantine_reason=item.quarantine_reason or "",
             )
+            if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
+                journey = _carried(journey, record, self.outbox)
+            out.append(journey)
         return out
 
     def link_status(self, now: dt.datetime, metered: MeteredWait | None) -> LinkStatus:

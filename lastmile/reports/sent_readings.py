@@ -4,12 +4,17 @@ The outbox purges a reading's item once it is relayed to the county platform (re
 default: at the next round), erasing its patient and payload. The Sent page then had nothing to
 show, and a doctor asking "did the BP go?" measured and sent it again. The forward service's
 relay (lastmile.services.observation_relay) writes one small row per reading here, before it
-marks the readings sent, in one transaction per round; the Sent page shows a purged reading from
+marks the readings relayed, in one transaction per round; the Sent page shows a purged reading from
 it; `ReportStore.purge_expired` prunes it with the sent studies.
 
 A record belongs to its item only if their keys agree (`is_record_of`: the record keeps its
 item's key): outbox.sqlite made anew numbers its items from 1 again, and an
 earlier outbox's record of item 1 put another patient's reading on the new item 1.
+
+Relayed is not sent: the bundle carrying the reading (its own, or its home visit's) may wait for
+a platform that is down, or be refused. `sent_at` is set when the platform took that bundle (the
+forward service, after a FHIR round that sent something: `taken_at`); until then the Sent page
+reads the bundle's state (`carrying_bundle`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import asdict, dataclass, fields
 from devices.observation import Observation
 from lastmile.clinic.db import iso
 from lastmile.clinic.observations import summary
-from uploader.outbox import OutboxItem
+from uploader.fhir_forwarder import visit_bundle_key
+from uploader.outbox import ItemState, Outbox, OutboxItem
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,18 @@ class SentReading:
     device: str  # its label
     measured_at: dt.datetime
     time_source: str
-    sent_at: dt.datetime
+    relayed_at: dt.datetime  # put in its bundle or linked to its home visit: retention counts from here
     destination: str  # the county platform's base URL
+    sent_at: dt.datetime | None = None  # when the platform took the bundle carrying it; None: not yet
+    bundle_key: str = ""  # the outbox key of its own bundle (queued at the relay, or when its visit released it)
+    visit_id: str | None = None  # the home visit whose bundle carries it (linked to it at the relay)
 
 
-def sent_reading_of(item: OutboxItem, obs: Observation, sent_at: float, destination: str) -> SentReading:
-    """The record of reading `obs` (outbox item `item`) relayed at `sent_at` toward `destination`."""
+def sent_reading_of(
+    item: OutboxItem, obs: Observation, relayed_at: float, destination: str, bundle_key: str, visit_id: str | None
+) -> SentReading:
+    """The record of reading `obs` (outbox item `item`) relayed at `relayed_at` toward
+    `destination`, in bundle `bundle_key` or with home visit `visit_id`."""
     return SentReading(
         outbox_item_id=item.id,
         record_key=item.key,  # what ties the record to this item, not to a reused item id (is_record_of)
@@ -51,8 +63,10 @@ def sent_reading_of(item: OutboxItem, obs: Observation, sent_at: float, destinat
         device=obs.device.label(),
         measured_at=obs.measured_at,
         time_source=obs.time_source.value,
-        sent_at=dt.datetime.fromtimestamp(sent_at, dt.timezone.utc),
+        relayed_at=dt.datetime.fromtimestamp(relayed_at, dt.timezone.utc),
         destination=destination,
+        bundle_key=bundle_key,
+        visit_id=visit_id,
     )
 
 
@@ -67,7 +81,7 @@ def insert_sent_readings(conn: sqlite3.Connection, readings: list[SentReading]) 
         f"INSERT INTO sent_readings ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)}) "
         f"ON CONFLICT(outbox_item_id) DO UPDATE SET {updates} WHERE record_key != excluded.record_key"
     )
-    rows = [{**asdict(r), "measured_at": iso(r.measured_at), "sent_at": iso(r.sent_at)} for r in readings]
+    rows = [{**asdict(r), **{name: _iso_or_none(getattr(r, name)) for name in _TIMES}} for r in readings]
     return sum(conn.execute(sql, row).rowcount for row in rows)
 
 
@@ -76,7 +90,35 @@ def is_record_of(record: SentReading, item: OutboxItem) -> bool:
     return record.record_key == item.key
 
 
+_TIMES = ("measured_at", "relayed_at", "sent_at")
+
+
+def _iso_or_none(value: dt.datetime | None) -> str | None:
+    return None if value is None else iso(value)
+
+
 def sent_reading(row: sqlite3.Row) -> SentReading:
     kept = dict(row)
-    times = {name: dt.datetime.fromisoformat(kept[name]) for name in ("measured_at", "sent_at")}
+    times = {name: None if kept[name] is None else dt.datetime.fromisoformat(kept[name]) for name in _TIMES}
     return SentReading(**{**kept, **times})
+
+
+def carrying_bundle(outbox: Outbox, record: SentReading) -> OutboxItem | None:
+    """The bundle carrying the reading to the county platform: its own, else its home visit's;
+    None while there is none (the visit still open, not queued yet)."""
+    keys = (record.bundle_key, visit_bundle_key(record.visit_id) if record.visit_id else "")
+    for key in keys:
+        bundle = outbox.find(key) if key else None
+        if bundle is not None:
+            return bundle
+    return None
+
+
+def taken_at(bundle: OutboxItem | None) -> dt.datetime | None:
+    """When the county platform took `bundle` (FHIR: sent is committed at once); None: not taken."""
+    if bundle is None or bundle.sent_at is None or bundle.state not in _TAKEN:
+        return None
+    return dt.datetime.fromtimestamp(bundle.sent_at, dt.timezone.utc)
+
+
+_TAKEN = (ItemState.SENT, ItemState.COMMITTED, ItemState.PURGED)

@@ -442,6 +442,18 @@ class ReportStore:
         with self._lock, transaction(self.db) as conn:
             return insert_sent_readings(conn, list(readings))
 
+    def untaken_sent_readings(self) -> list[SentReading]:
+        """The readings relayed whose bundle the county platform has not taken yet (as far as known)."""
+        return [sent_reading(r) for r in self._rows("SELECT * FROM sent_readings WHERE sent_at IS NULL", ())]
+
+    def record_readings_taken(self, taken: dict[int, dt.datetime]) -> int:
+        """When the platform took the readings (outbox item -> time), in one transaction."""
+        if not taken:
+            return 0
+        sql = "UPDATE sent_readings SET sent_at = ? WHERE outbox_item_id = ? AND sent_at IS NULL"
+        with self._lock, transaction(self.db) as conn:
+            return sum(conn.execute(sql, (iso(at), item_id)).rowcount for item_id, at in taken.items())
+
     def recent_sent_readings(self, limit: int) -> list[SentReading]:
         """The last `limit` readings recorded, newest (by outbox item) first."""
         rows = self._rows("SELECT * FROM sent_readings ORDER BY outbox_item_id DESC LIMIT ?", (int(limit),))
@@ -730,7 +742,7 @@ class ReportStore:
                 conn.execute(f"DELETE FROM reports WHERE study_uid IN ({_placeholders(chunk)})", chunk)
                 conn.execute(f"DELETE FROM sent_studies WHERE study_uid IN ({_placeholders(chunk)})", chunk)
             # the readings sent then go with them (no report comes back for a reading)
-            readings = conn.execute("DELETE FROM sent_readings WHERE sent_at < ?", (cutoff,)).rowcount
+            readings = conn.execute("DELETE FROM sent_readings WHERE relayed_at < ?", (cutoff,)).rowcount
         if uids or readings:
             with self._lock:
                 self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -30,11 +30,11 @@ from lastmile.visits.relay_link import VisitNotices
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
-from uploader.outbox import OutboxItem, is_disk_full
+from uploader.outbox import is_disk_full
 
 if TYPE_CHECKING:
-    from devices.observation import Observation
     from lastmile.reports.service import ReportService
+    from lastmile.services.observation_relay import Relayed
     from lastmile.visits.relay_link import VisitQueue
     from uploader.fhir_sender import FhirSender
 
@@ -123,6 +123,7 @@ class ForwardService:
         self._visits: VisitQueue | None = None  # made at the first FHIR round
         # what the relay and the visit queue said once (a damaged key, a damaged open visit)
         self._visit_notices = VisitNotices()
+        self._taken_unrecorded = False  # readings taken by the platform whose records clinic.db refused
 
     def _make_ecg(self, config: Config) -> EcgForwarder:
         # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
@@ -251,6 +252,8 @@ class ForwardService:
             )
             if fhir.sent or fhir.quarantined:
                 log.info("FHIR round: sent %d, quarantined %d", fhir.sent, fhir.quarantined)
+            if fhir.sent or self._taken_unrecorded:
+                self._record_taken()
             waits.append(0.0 if fhir.claimed and not fhir.fault else self.ecg.next_due_in())
         self._last = (
             f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
@@ -260,13 +263,34 @@ class ForwardService:
             log.info("forward round: %s", self._last)
         return min(waits)
 
-    def _record_relayed(self, relayed: list[tuple[OutboxItem, Observation]], now: float) -> None:
+    def _record_relayed(self, relayed: list[Relayed], now: float) -> None:
         """The relayed readings' records (clinic.db, one transaction): the Sent page lists them
         after the outbox has purged them."""
         from lastmile.reports.sent_readings import sent_reading_of
+        from uploader.fhir_forwarder import observation_key
 
-        destination = self.config.fhir.base_url
-        self.reports.store.record_sent_readings([sent_reading_of(item, obs, now, destination) for item, obs in relayed])
+        destination, naming = self.config.fhir.base_url, fhir_naming(self.config)
+        self.reports.store.record_sent_readings(
+            [
+                sent_reading_of(item, obs, now, destination, observation_key(obs, naming), visit)
+                for item, obs, visit in relayed
+            ]
+        )
+
+    def _record_taken(self) -> None:
+        """After a FHIR round that sent something: the readings whose bundles the platform took get
+        their records' sent time (one transaction; no write in a round that sent nothing). One
+        clinic.db refuses now is recorded after the next round."""
+        from lastmile.reports.sent_readings import carrying_bundle, taken_at
+
+        try:
+            store = self.reports.store
+            taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox, r)) for r in store.untaken_sent_readings()}
+            store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
+            self._taken_unrecorded = False
+        except Exception:  # the Sent page reads the bundles meanwhile: never stop the round for this
+            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
+            self._taken_unrecorded = True
 
     def _queue_visits(self) -> None:
         """Closed home visits not queued yet (signed after their stop, or a stop cut short) go

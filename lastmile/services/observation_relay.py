@@ -45,8 +45,10 @@ PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, TransientError, 
 
 
 VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
+# a reading relayed: its item, the reading, the home visit whose bundle carries it (None: its own bundle)
+Relayed = tuple[OutboxItem, Observation, "str | None"]
 # (the readings relayed, when) -> their sent-reading records written (lastmile.reports.sent_readings)
-RecordRelayed = Callable[[list[tuple[OutboxItem, Observation]], float], None]
+RecordRelayed = Callable[[list[Relayed], float], None]
 
 
 def relay_observations(
@@ -65,7 +67,7 @@ def relay_observations(
     if not outbox.items(kind=OBSERVATION_KIND, state=ItemState.QUEUED, limit=1):
         return 0
     claimed = outbox.claim(OBSERVATION_KIND, limit, now)
-    done: list[tuple[OutboxItem, Observation]] = []
+    done: list[Relayed] = []
     for n, item in enumerate(claimed):
         obs: Observation | None = None
         released: tuple[int, str] | None = None
@@ -76,7 +78,7 @@ def relay_observations(
             visit_id = visit_link(obs, item.key) if visit_link is not None and released is None else None
             if visit_id is not None:
                 log.info("reading #%d goes with home visit %s", item.id, visit_id)
-                done.append((item, obs))
+                done.append((item, obs, visit_id))
                 continue
             enqueue_observation(outbox, obs, naming, meta={"reading_item": item.id}, now=now)
         except CorruptPayloadError as exc:  # the outbox quarantined it already
@@ -97,18 +99,18 @@ def relay_observations(
             log.exception("reading #%d: unexpected error relaying it to the county platform", item.id)
             outbox.quarantine(item.id, f"unexpected error making it a FHIR bundle: {type(exc).__name__}: {exc}", now)
             continue
-        done.append((item, obs))
+        done.append((item, obs, None))
     if done:
         if record is not None:
             _record(record, done, now)
-        ids = [item.id for item, _obs in done]
+        ids = [item.id for item, _obs, _visit in done]
         outbox.mark_sent(ids, now)
         outbox.mark_committed(ids, now)  # durable: the bundle carries the reading from here
         log.info("%d reading(s) queued for the county platform", len(done))
     return len(done)
 
 
-def _record(record: RecordRelayed, done: list[tuple[OutboxItem, Observation]], now: float) -> None:
+def _record(record: RecordRelayed, done: list[Relayed], now: float) -> None:
     """Written before the readings are marked sent: a relay cut short between the two records
     them again (absorbed), never marks them sent unrecorded. A record clinic.db refuses does not
     hold the readings back: they go, and the Sent page shows them until the outbox purges them."""
