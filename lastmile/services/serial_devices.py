@@ -220,7 +220,8 @@ class SerialContext:
     profiles: dict[str, ReportProfile]
     rules: ScanRules
     now: Callable[[], dt.datetime] = utc_now
-    _last_error_write: dict[str, float] = field(default_factory=dict)
+    # by device name: when its last error was written, and its kind (see `error`)
+    _last_error_write: dict[str, tuple[float, DeviceProblem]] = field(default_factory=dict)
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
@@ -244,9 +245,12 @@ class SerialContext:
             log.exception("%s: cannot record device status", spec.name)
 
     def error(self, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
-        last = self._last_error_write.get(spec.name, 0.0)
-        if time.monotonic() - last >= ERROR_STATUS_EVERY_S:
-            self._last_error_write[spec.name] = time.monotonic()
+        """Write `spec`'s row error: the same kind at most every ERROR_STATUS_EVERY_S (a port spewing
+        garbage is no database write per frame), another kind at once (a store error just after a
+        rejected report is the row's cause, not dropped)."""
+        last, kind = self._last_error_write.get(spec.name, (0.0, None))
+        if problem is not kind or time.monotonic() - last >= ERROR_STATUS_EVERY_S:
+            self._last_error_write[spec.name] = (time.monotonic(), problem)
             self.status(spec, error=message[:200], problem=problem)
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
