@@ -320,6 +320,13 @@ MIGRATIONS = (
     Migration.sql(
         "0026_device_error_kind", "ALTER TABLE devices ADD COLUMN last_error_kind TEXT;\n" + _ERROR_KINDS_BEFORE
     ),
+    # a bridge's forwarded lines that no forward_profile reads are a kind of their own (not a
+    # refusal, which a start with the profile fixed clears): the rows 0026 gave "settings" for it
+    Migration.sql(
+        "0027_device_forward_not_read_kind",
+        "UPDATE devices SET last_error_kind = 'forward-not-read' WHERE last_error_kind = 'settings' "
+        "AND substr(last_error, 1, 32) = 'forwarded device lines not read:';",
+    ),
 )
 
 

@@ -181,7 +181,7 @@ def clear_refusals_fixed_since(registry: DeviceRegistry, specs: Sequence[LinkSpe
     for spec in specs:
         own = serial_address(spec.name)
         record = registry.get(own)
-        if record is not None and record.last_error.startswith(NOT_STARTED):
+        if record is not None and record.problem is DeviceProblem.SETTINGS:  # its refusal, whatever its words
             registry.update_status(own, now=now, transport="serial", error="")
         if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
             forwarded = serial_address(forwarded_name(spec.name))
@@ -624,7 +624,7 @@ class BridgeHandler:
                     )
                     self._warned_unreadable = True
                 self.ctx.error(
-                    self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge", DeviceProblem.SETTINGS
+                    self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge", DeviceProblem.FORWARD_NOT_READ
                 )
             reason = "forward_profile refused" if refused else "no forward_profile configured"
             self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, reason))
