@@ -327,6 +327,9 @@ MIGRATIONS = (
         "UPDATE devices SET last_error_kind = 'forward-not-read' WHERE last_error_kind = 'settings' "
         "AND substr(last_error, 1, 32) = 'forwarded device lines not read:';",
     ),
+    # why what a stop lost from memory waited, when not space (locked, damaged: the row's "cannot
+    # store" error then): the doctor's FAIL on the loss says it, not "waiting for space". NULL: space
+    Migration.sql("0028_device_lost_cause", "ALTER TABLE devices ADD COLUMN lost_cause TEXT;"),
 )
 
 

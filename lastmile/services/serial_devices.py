@@ -303,7 +303,7 @@ class SerialContext:
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
-                error = lost_message(record.held_words) if uncounted else None
+                error = lost_message(record.held_words, record.held_cause) if uncounted else None
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
@@ -331,7 +331,7 @@ class SerialContext:
             max(0, record.held_ecg_count - len(loaded.recordings)),
         )
         if any(lost):
-            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost)))
+            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), record.held_cause))
             self.registry.record_lost(record, lost, now=self.now())
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
