@@ -23,6 +23,9 @@ class DeviceProblem(enum.StrEnum):
     NOT_SAVED = "not-saved"  # the gateway could not store what it sent
     ECG_REFUSED = "ecg-refused"  # a recording that cannot become a DICOM ECG
     SETTINGS = "settings"  # its settings keep it from working: the county IT's to fix
+    # a bridge forwards a device's lines and none of its settings reads them (no forward_profile):
+    # kept on the bridge; not a refusal a start finds fixed (SETTINGS), so a restart keeps it
+    FORWARD_NOT_READ = "forward-not-read"
     OTHER = "other"
 
 

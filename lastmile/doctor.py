@@ -151,6 +151,7 @@ NOT_STORED_HINT = (
     "the data store cannot be written (see the device's error), not for want of space: the acquire "
     "service retries every 30 s; if it lasts, check the outbox (lastmile queue) and call the county IT"
 )
+LOST_NOT_STORED_HINT = "the data store could not be written, not for want of space: call the county IT"
 FREE_SPACE_HINT = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
 # what waits in the spill file of readings, whose advice for space is the devices check's own (no key)
 READINGS_KEPT = "readings-kept"
@@ -815,15 +816,22 @@ class Doctor:
             if r.removed or until is None or r.lost_at is None:  # lost_said_until: never without lost_at
                 continue
             after = f"after {_stamp(r.lost_after)}, " if r.lost_after is not None else ""
+            # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
+            keep = (
+                LOST_NOT_STORED_HINT
+                if r.lost_cause
+                else "keep the gateway powered while readings wait for space (see the data line)"
+            )
             found.append(
                 Finding(
                     "devices",
                     Level.FAIL,
-                    f"{r.name or r.address}: {lost_message(r.lost_words)} "
+                    f"{r.name or r.address}: {lost_message(r.lost_words, r.lost_cause)} "
                     f"({after}found at its restart at {_stamp(r.lost_at)})",
-                    "they cannot be recovered: record them again if the patients are still here; keep the gateway "
-                    f"powered while readings wait for space (see the data line); said until {_stamp(until)}",
-                    advice_key="lost-ecgs" if r.lost_ecg_count else "lost-readings",
+                    "they cannot be recovered: record them again if the patients are still here; "
+                    f"{keep}; said until {_stamp(until)}",
+                    advice_key=("lost-ecgs" if r.lost_ecg_count else "lost-readings")
+                    + (NOT_STORED if r.lost_cause else ""),
                     until=until.timestamp(),
                     since=r.lost_at.timestamp(),
                 )

@@ -199,3 +199,5 @@ def test_every_word_a_link_began_a_device_error_with_keeps_its_advice_after_the_
     assert told.pop("FOREIGN") is DeviceProblem.OTHER
     assert DeviceProblem.OTHER not in told.values(), told
     assert told["DEVICE_GONE"] is DeviceProblem.UNPLUGGED and told["CANNOT_STORE"] is DeviceProblem.NOT_SAVED, told
+    # not a refusal a start with the profile fixed clears (0026): a restart keeps it
+    assert told["FORWARD_NOT_READ"] is DeviceProblem.FORWARD_NOT_READ and told["NOT_STARTED"] is DeviceProblem.SETTINGS

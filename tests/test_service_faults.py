@@ -464,3 +464,22 @@ def test_doctor_says_ok_for_the_commitment_port_held_by_lastmile_forward(tmp_pat
     finally:
         stop_child(forward)
     assert ours[0].level is Level.OK and f"port {port}" in ours[0].message, ours
+
+
+def test_a_store_error_just_after_a_rejected_report_is_said_not_space(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py SerialContext.error: a row's error was written at most
+    once every ERROR_STATUS_EVERY_S, whatever its kind. A monitor switched off mid-print (its cut
+    report rejected), then its next report refused by a locked outbox: the "cannot store" error
+    came within the 5 s and was dropped, so the row said the readings wait for space and
+    `lastmile doctor` told to free space, which does nothing for a lock. A new kind of error is
+    written at once now (the same kind still at most every 5 s: a port spewing garbage)."""
+    from lastmile.doctor import Doctor
+
+    with monitor_on_the_acquire_part(tmp_path) as m, outbox_locked(m):
+        m.monitor.write(m.report[: m.report.index(b"PULSE")] + m.report)  # cut short, then printed again
+        wait_for(lambda: m.device().held_reading_count == 3, timeout=30)
+        row = m.device()
+        findings = Doctor(m.config).check_devices()
+    assert "database is locked" in row.waiting and "space" not in row.waiting, (row.last_error, row.waiting)
+    (held,) = [f for f in findings if f.level is Level.FAIL]
+    assert "free space" not in held.hint, (held.message, held.hint)

@@ -191,7 +191,7 @@ _ERROR_WORDS_BEFORE_0026 = (
     ("cannot store ", "not-saved"),
     ("ECG refused:", "ecg-refused"),
     ("not started: ", "settings"),
-    ("forwarded device lines not read:", "settings"),
+    ("forwarded device lines not read:", "forward-not-read"),
 )
 _ERROR_KINDS_BEFORE = (
     "UPDATE devices SET last_error_kind = CASE"
@@ -335,6 +335,9 @@ MIGRATIONS = (
         "SELECT name, COALESCE(failed_logins, 0), locked_until, created_at FROM console_users "
         "WHERE failed_logins > 0 OR locked_until IS NOT NULL;",
     ),
+    # why what a stop lost from memory waited, when not space (locked, damaged: the row's "cannot
+    # store" error then): the doctor's FAIL on the loss says it, not "waiting for space". NULL: space
+    Migration.sql("0028_device_lost_cause", "ALTER TABLE devices ADD COLUMN lost_cause TEXT;"),
 )
 
 

@@ -79,6 +79,7 @@ class DeviceRecord:
     held_at: dt.datetime | None = None  # when its held status was last written
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
+    lost_cause: str = ""  # why they waited, when not space: the row's `held_cause` then ("": space)
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -176,10 +177,11 @@ def waiting_message(words: str, held: HeldReadings, in_memory: str = "", cause: 
     return f"{words} waiting for space on the data partition ({where})"
 
 
-def lost_message(words: str) -> str:
+def lost_message(words: str, cause: str = "") -> str:
     """What a stop lost of `words` (`held_words`) held in memory only, for people (the journal,
-    `lastmile doctor`)."""
-    return f"{words} held in memory only (waiting for space) were lost when the gateway stopped"
+    `lastmile doctor`): waiting for space or, with a `cause` (`DeviceRecord.held_cause`), for that."""
+    waiting = f"waiting to be stored: {cause}" if cause else "waiting for space"
+    return f"{words} held in memory only ({waiting}) were lost when the gateway stopped"
 
 
 def services_text(services: Iterable[int]) -> str:
@@ -265,6 +267,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         held_at=from_iso(row["held_at"]),
         lost_after=from_iso(row["lost_after"]),
         lost_at=from_iso(row["lost_at"]),
+        lost_cause=row["lost_cause"] or "",
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
@@ -425,7 +428,8 @@ class DeviceRegistry:
     def record_lost(self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime) -> None:
         """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
         the restart found) held after its last word on them, found gone at `now`: said for
-        LOST_SAID_FOR from now, with a loss still said before added in."""
+        LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
+        said they waited for then (`held_cause`)."""
         readings, ecgs = counts
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
         if record.lost_said_until(now) is not None:
@@ -434,8 +438,8 @@ class DeviceRegistry:
         with transaction(self.db) as conn:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
-                "updated_at = ? WHERE address = ?",
-                (readings, ecgs, after and iso(after), iso(now), iso(now), record.address),
+                "lost_cause = ?, updated_at = ? WHERE address = ?",
+                (readings, ecgs, after and iso(after), iso(now), record.held_cause, iso(now), record.address),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

@@ -429,6 +429,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "again, %(since)s): they were waiting for storage space and not saved yet. Record the ECG again if "
             "the patient is still here, and tell the county IT. This shows until %(time)s."
         ),
+        # the same, lost while they waited for another cause than space (the data store locked, damaged)
+        "lost-readings-not-stored": N_(
+            "Some readings were lost when the gateway was switched off or lost its power (found when it started "
+            "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
+            "the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-ecgs-not-stored": N_(
+            "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
+            "again, %(since)s): the gateway could not save its data then (not for want of space). Record the ECG "
+            "again if the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
     },
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),

@@ -181,7 +181,7 @@ def clear_refusals_fixed_since(registry: DeviceRegistry, specs: Sequence[LinkSpe
     for spec in specs:
         own = serial_address(spec.name)
         record = registry.get(own)
-        if record is not None and record.last_error.startswith(NOT_STARTED):
+        if record is not None and record.problem is DeviceProblem.SETTINGS:  # its refusal, whatever its words
             registry.update_status(own, now=now, transport="serial", error="")
         if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
             forwarded = serial_address(forwarded_name(spec.name))
@@ -220,7 +220,8 @@ class SerialContext:
     profiles: dict[str, ReportProfile]
     rules: ScanRules
     now: Callable[[], dt.datetime] = utc_now
-    _last_error_write: dict[str, float] = field(default_factory=dict)
+    # by device name: when its last error was written, and its kind (see `error`)
+    _last_error_write: dict[str, tuple[float, DeviceProblem]] = field(default_factory=dict)
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
@@ -244,9 +245,12 @@ class SerialContext:
             log.exception("%s: cannot record device status", spec.name)
 
     def error(self, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
-        last = self._last_error_write.get(spec.name, 0.0)
-        if time.monotonic() - last >= ERROR_STATUS_EVERY_S:
-            self._last_error_write[spec.name] = time.monotonic()
+        """Write `spec`'s row error: the same kind at most every ERROR_STATUS_EVERY_S (a port spewing
+        garbage is no database write per frame), another kind at once (a store error just after a
+        rejected report is the row's cause, not dropped)."""
+        last, kind = self._last_error_write.get(spec.name, (0.0, None))
+        if problem is not kind or time.monotonic() - last >= ERROR_STATUS_EVERY_S:
+            self._last_error_write[spec.name] = (time.monotonic(), problem)
             self.status(spec, error=message[:200], problem=problem)
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
@@ -299,7 +303,7 @@ class SerialContext:
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
-                error = lost_message(record.held_words) if uncounted else None
+                error = lost_message(record.held_words, record.held_cause) if uncounted else None
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
@@ -327,7 +331,7 @@ class SerialContext:
             max(0, record.held_ecg_count - len(loaded.recordings)),
         )
         if any(lost):
-            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost)))
+            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), record.held_cause))
             self.registry.record_lost(record, lost, now=self.now())
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
@@ -620,7 +624,7 @@ class BridgeHandler:
                     )
                     self._warned_unreadable = True
                 self.ctx.error(
-                    self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge", DeviceProblem.SETTINGS
+                    self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge", DeviceProblem.FORWARD_NOT_READ
                 )
             reason = "forward_profile refused" if refused else "no forward_profile configured"
             self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, reason))
