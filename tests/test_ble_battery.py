@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from firmware_bridge.ble.emulated_peripherals import (
     TemperatureRecord,
     Thermometer,
 )
+from lastmile.cli import main
 from lastmile.clinic.devices import DeviceRecord
 from tests.ble_gateway import Gateway
 from tests.console_harness import DOCTOR, Client, console_config, running_console
@@ -75,6 +77,26 @@ def test_the_devices_page_says_the_battery_a_cuff_reported_when_it_connected(tmp
     assert row.battery_level == 23 and row.battery_at is not None
     card = devices_card(data, CUFF)
     assert "电量：23%" in card and "未报告" not in card, card
+
+
+def printed_for(out: str, address: str) -> str:
+    """What `lastmile devices` printed for `address`: its row and the indented lines under it."""
+    (block,) = [b for b in re.split(r"\n(?=\S)", out.rstrip("\n")) if address in b.splitlines()[0]]
+    return block
+
+
+def test_lastmile_devices_says_the_battery_a_cuff_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lastmile devices` printed no battery line for a cuff that reported 23% when it connected
+    (the Devices page and --json said it): a technician at the terminal could not see it going
+    flat. Now it says the level and when it was read, as it says the last reading."""
+    data = tmp_path / "data"
+    memory = [BpRecord(121, 81, 94, 70, local_now())]
+    connected_once(data, BloodPressureCuff, CUFF, battery_level=23, memory=memory)
+    connected_once(data, Thermometer, THERMO, memory=[TemperatureRecord(37.2, local_now())])
+    assert main(["devices", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+battery\s+\S.*: 23%$", printed_for(out, CUFF), re.M), out
+    assert "battery" not in printed_for(out, THERMO), out  # it never reported one
 
 
 def test_a_ble_device_that_never_reported_its_battery_has_no_battery_line(tmp_path: Path) -> None:
