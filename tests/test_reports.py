@@ -403,6 +403,23 @@ def test_recorder_keeps_what_the_doctor_needs_after_the_outbox_purged_it(move_on
         assert study.committed_at == dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)
 
 
+def test_a_study_recorded_before_item_keys_were_kept_takes_its_own_item_s_key_at_start(move_only_center) -> None:
+    """A sent study recorded before clinic.db kept its item's key (0027) matches no item; the
+    recorder's start gives it the key of its item while the outbox still holds that item (the
+    same study UID): purged later, it still shows its patient."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.reports.sent import SentStudyRecorder
+
+    _center, config = move_only_center
+    (study,) = send_ecgs(config, [make_recording(11)])
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0027
+        item = outbox.get(1)
+        assert item is not None and store.studies_of_items([item]) == {}
+        SentStudyRecorder(outbox, store).backfill()
+        assert store.studies_of_items([item])[1].study_uid == study.study_uid
+
+
 def test_c_move_when_the_pacs_offers_no_c_get(move_only_center) -> None:
     center, config = move_only_center
     (study,) = send_ecgs(config, [make_recording(6)])

@@ -320,6 +320,10 @@ MIGRATIONS = (
     Migration.sql(
         "0026_device_error_kind", "ALTER TABLE devices ADD COLUMN last_error_kind TEXT;\n" + _ERROR_KINDS_BEFORE
     ),
+    # the outbox item's key with its id: outbox.sqlite made anew numbers its items from 1 again, and
+    # an earlier outbox's record of item 1 put another patient (and his report) on the new item 1.
+    # A row written before has none: it matches no item (lastmile.reports.store.is_record_of)
+    Migration.sql("0027_sent_study_item_key", "ALTER TABLE sent_studies ADD COLUMN item_key TEXT;"),
 )
 
 

@@ -85,6 +85,7 @@ def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime)
         description=facts.get("description", ""),
         sop_instance_uid=str(item.meta.get("sop_instance_uid") or ""),
         outbox_item_id=item.id,
+        item_key=item.key,  # what ties the record to this item, not to a reused item id (is_record_of)
         committed_at=(
             dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc) if item.committed_at is not None else None
         ),
@@ -386,13 +387,16 @@ class SentStudyRecorder:
             self.store.set_committed(done)
 
     def backfill(self) -> int:
-        """Record sent or committed ECG items of the outbox that have no record yet."""
+        """Record sent or committed ECG items of the outbox that have no record yet, and give a
+        record of one written before its item's key was kept (0027) that key (its item still
+        holds the study UID: the record is surely its)."""
         new = 0
         for state in (ItemState.SENT, ItemState.COMMITTED):
             for item in self.outbox.items(state=state, kind=Kind.DICOM):
                 sent_at = dt.datetime.fromtimestamp(item.sent_at or item.updated_at, dt.timezone.utc)
                 uid = str(item.meta.get("study_uid") or "")
-                if uid and self.store.study(uid) is None:
+                study = self.store.study(uid) if uid else None
+                if uid and (study is None or study.item_key is None):
                     new += self.record_item(item.id, sent_at)
         if new:
             log.info("%d sent stud(ies) recorded from the outbox at start", new)
