@@ -32,7 +32,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from lastmile.clinic.db import utc_now
-from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy
+from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_record_of
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_reading import dicom_datetime_iso
@@ -375,13 +375,14 @@ class SentStudyRecorder:
         return sent_study_of(item, ecg_facts(payload) if payload else {}, sent_at)
 
     def note_commitments(self) -> None:
-        """Copy commitment times from the outbox (they stay there after the purge)."""
+        """Copy commitment times from the outbox (they stay there after the purge), each from the
+        study's own item: not from a new outbox's item of the same id (`is_record_of`)."""
         done = []
         for study in self.store.uncommitted():
             if study.outbox_item_id is None:
                 continue
             item = self.outbox.get(study.outbox_item_id)
-            if item is not None and item.committed_at is not None:
+            if item is not None and is_record_of(study.item_key, item) and item.committed_at is not None:
                 done.append((study.study_uid, dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)))
         if done:
             self.store.set_committed(done)
