@@ -15,10 +15,18 @@ from pathlib import Path
 
 from lastmile.clinic.observations import OBSERVATION_KIND
 from lastmile.config import Config
-from lastmile.data_dir import OUTBOX_DB, open_outbox
+from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
 from lastmile.services.forward import ForwardService
-from tests.console_harness import DOCTOR, VALID_ID, Client, console_config, record_receipt_timed_bp, running_console
+from tests.console_harness import (
+    DOCTOR,
+    VALID_ID,
+    Client,
+    console_config,
+    record_receipt_timed_bp,
+    running_console,
+    set_aside_outbox,
+)
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
 from tests.waiting import wait_for
@@ -82,20 +90,6 @@ def test_a_reading_sent_to_the_county_is_still_listed_after_the_outbox_purged_it
     assert "张三" in section and VALID_ID in section, section
     assert "血压" in section and "131/84 mmHg" in section, section
     assert "已发送" in section, section
-
-
-def set_aside_outbox(config: Config) -> None:
-    """outbox.sqlite damaged and moved aside (the county IT; e2fsck's repair at boot): the next
-    start makes a new, empty outbox whose item ids start at 1 again. clinic.db stays."""
-    for entry in config.data_dir.iterdir():
-        if entry.name.startswith(OUTBOX_DB) or entry.name == "payloads":
-            entry.rename(tmp_aside(config, entry.name))
-
-
-def tmp_aside(config: Config, name: str) -> Path:
-    aside = config.data_dir.parent / "aside"
-    aside.mkdir(exist_ok=True)
-    return aside / name
 
 
 def test_after_the_outbox_is_made_anew_a_sent_reading_shows_its_own_patient(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.policy import DAY, HOUR, PollPolicy, StudyClock
 from lastmile.reports.sent_readings import SentReading
 from lastmile.reports.store import ReportStore, SentStudy
-from tests.console_harness import printed_jobs, stand_in_lp
+from tests.console_harness import printed_jobs, set_aside_outbox, stand_in_lp
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import (
@@ -401,6 +401,45 @@ def test_recorder_keeps_what_the_doctor_needs_after_the_outbox_purged_it(move_on
         item = outbox.get(1)
         assert item.patient is None and not item.meta  # purged: the record is all that is left
         assert study.committed_at == dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)
+
+
+def test_a_new_outbox_s_commitment_is_not_copied_to_an_earlier_outbox_s_study(move_only_center) -> None:
+    """An ECG sent but not yet confirmed when its outbox was lost (set aside, made anew: item ids
+    from 1 again): the recorder copied the new outbox's item 1's commitment time to it - the
+    county "confirmed" an ECG it may never have kept."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.reports.sent import SentStudyRecorder
+
+    _center, config = move_only_center
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        item = enqueue_recording(outbox, make_recording(9), config, key="lost").item
+        at = time.time()
+        outbox.release_hold(item.id, at)  # a synthetic trace may be held to re-record
+        (claimed,) = outbox.claim("dicom", 1, at)
+        outbox.mark_sent([claimed.id], at)
+        assert SentStudyRecorder(outbox, store).record_item(item.id, utc(at)) == 1
+    set_aside_outbox(config)
+    lost, study = send_ecgs(config, [make_recording(10)])
+    assert study.outbox_item_id == lost.outbox_item_id == 1 and study.committed_at is not None
+    assert lost.committed_at is None, lost
+
+
+def test_a_study_recorded_before_item_keys_were_kept_takes_its_own_item_s_key_at_start(move_only_center) -> None:
+    """A sent study recorded before clinic.db kept its item's key (0027) matches no item; the
+    recorder's start gives it the key of its item while the outbox still holds that item (the
+    same study UID): purged later, it still shows its patient."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.reports.sent import SentStudyRecorder
+
+    _center, config = move_only_center
+    (study,) = send_ecgs(config, [make_recording(11)])
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0027
+        item = outbox.get(1)
+        assert item is not None and store.studies_of_items([item]) == {}
+        SentStudyRecorder(outbox, store).backfill()
+        assert store.studies_of_items([item])[1].study_uid == study.study_uid
 
 
 def test_c_move_when_the_pacs_offers_no_c_get(move_only_center) -> None:

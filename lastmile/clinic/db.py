@@ -338,6 +338,10 @@ MIGRATIONS = (
     # why what a stop lost from memory waited, when not space (locked, damaged: the row's "cannot
     # store" error then): the doctor's FAIL on the loss says it, not "waiting for space". NULL: space
     Migration.sql("0028_device_lost_cause", "ALTER TABLE devices ADD COLUMN lost_cause TEXT;"),
+    # the outbox item's key with its id: outbox.sqlite made anew numbers its items from 1 again, and
+    # an earlier outbox's record of item 1 put another patient (and his report) on the new item 1.
+    # A row written before has none: it matches no item (lastmile.reports.store.is_record_of)
+    Migration.sql("0029_sent_study_item_key", "ALTER TABLE sent_studies ADD COLUMN item_key TEXT;"),
 )
 
 

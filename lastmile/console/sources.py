@@ -54,8 +54,8 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.sent_readings import SentReading, carrying_bundle, is_record_of, taken_at
-from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.sent_readings import SentReading, carrying_bundle, taken_at
+from lastmile.reports.store import ReportStore, SentStudy, is_record_of
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import (
     FHIR_STATUS,
@@ -971,14 +971,11 @@ class ClinicData:
         at = (now or utc_now()).timestamp()
         hold = None if metered is None else metered.hold
         out = []
-        item_ids = self._recent_item_ids(Kind.DICOM, limit=limit)
+        items = [i for i in map(self.outbox.get, self._recent_item_ids(Kind.DICOM, limit=limit)) if i is not None]
         # a purged item's patient and study UID are erased with its payload: what was sent is
         # remembered in sent_studies (as the Reports page shows it)
-        sent = self.report_store.studies_of_items(item_ids)
-        for item_id in item_ids:
-            item = self.outbox.get(item_id)
-            if item is None:
-                continue
+        sent = self.report_store.studies_of_items(items)
+        for item in items:
             study = sent.get(item.id)
             patient = item.patient or {}
             report = by_study.get(str(item.meta.get("study_uid") or (study.study_uid if study else "")))
@@ -1020,7 +1017,7 @@ class ClinicData:
             if item is None:
                 continue
             record = records.get(item_id)
-            if record is not None and not is_record_of(record, item):
+            if record is not None and not is_record_of(record.record_key, item):
                 record = None  # an earlier outbox's item of the same id
             if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
                 if record is not None:

@@ -7,8 +7,8 @@ relay (lastmile.services.observation_relay) writes one small row per reading her
 marks the readings relayed, in one transaction per round; the Sent page shows a purged reading from
 it; `ReportStore.purge_expired` prunes it with the sent studies.
 
-A record belongs to its item only if their keys agree (`is_record_of`: the record keeps its
-item's key): outbox.sqlite made anew numbers its items from 1 again, and an
+A record belongs to its item only if their keys agree (`lastmile.reports.store.is_record_of`,
+the sent studies' rule too: the record keeps its item's key): outbox.sqlite made anew numbers its items from 1 again, and an
 earlier outbox's record of item 1 put another patient's reading on the new item 1.
 
 Relayed is not sent: the bundle carrying the reading (its own, or its home visit's) may wait for
@@ -55,7 +55,7 @@ def sent_reading_of(
     `destination`, in bundle `bundle_key` or with home visit `visit_id`."""
     return SentReading(
         outbox_item_id=item.id,
-        record_key=item.key,  # what ties the record to this item, not to a reused item id (is_record_of)
+        record_key=item.key,  # what ties the record to this item, not to a reused item id (store.is_record_of)
         patient_id=str((item.patient or {}).get("patient_id") or obs.patient_id or ""),
         patient_name=str((item.patient or {}).get("name") or ""),
         kind=obs.kind,
@@ -83,11 +83,6 @@ def insert_sent_readings(conn: sqlite3.Connection, readings: list[SentReading]) 
     )
     rows = [{**asdict(r), **{name: _iso_or_none(getattr(r, name)) for name in _TIMES}} for r in readings]
     return sum(conn.execute(sql, row).rowcount for row in rows)
-
-
-def is_record_of(record: SentReading, item: OutboxItem) -> bool:
-    """Whether `record` is this item's, not one an earlier outbox's item of the same id left."""
-    return record.record_key == item.key
 
 
 _TIMES = ("measured_at", "relayed_at", "sent_at")
