@@ -426,7 +426,7 @@ def test_a_new_outbox_s_commitment_is_not_copied_to_an_earlier_outbox_s_study(mo
 
 
 def test_a_study_recorded_before_item_keys_were_kept_takes_its_own_item_s_key_at_start(move_only_center) -> None:
-    """A sent study recorded before clinic.db kept its item's key (0027) matches no item; the
+    """A sent study recorded before clinic.db kept its item's key (0029) matches no item; the
     recorder's start gives it the key of its item while the outbox still holds that item (the
     same study UID): purged later, it still shows its patient."""
     from lastmile.data_dir import open_outbox
@@ -435,7 +435,7 @@ def test_a_study_recorded_before_item_keys_were_kept_takes_its_own_item_s_key_at
     _center, config = move_only_center
     (study,) = send_ecgs(config, [make_recording(11)])
     with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
-        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0027
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0029
         item = outbox.get(1)
         assert item is not None and store.studies_of_items([item]) == {}
         SentStudyRecorder(outbox, store).backfill()

@@ -389,7 +389,7 @@ class SentStudyRecorder:
 
     def backfill(self) -> int:
         """Record sent or committed ECG items of the outbox that have no record yet, and give a
-        record of one written before its item's key was kept (0027) that key (its item still
+        record of one written before its item's key was kept (0029) that key (its item still
         holds the study UID: the record is surely its)."""
         new = 0
         for state in (ItemState.SENT, ItemState.COMMITTED):

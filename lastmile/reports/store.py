@@ -161,7 +161,7 @@ def is_record_of(record_key: str | None, item: OutboxItem) -> bool:
     """Whether a record (a sent study, a sent reading) keeping `record_key` is this outbox item's,
     not one an earlier outbox's item of the same id left: outbox.sqlite made anew (damaged and set
     aside, lost to fsck) numbers its items from 1 again. The record keeps its item's key; a sent
-    study recorded before clinic.db kept it (0027) has none and is nobody's: which outbox wrote it
+    study recorded before clinic.db kept it (0029) has none and is nobody's: which outbox wrote it
     cannot be known, and a patient left out is better than another patient shown."""
     return record_key is not None and record_key == item.key
 
@@ -369,7 +369,7 @@ class ReportStore:
     def record_sent(self, study: SentStudy) -> bool:
         """Remember a sent study; True if it is new. Sent again (a re-send after a failed
         commitment, a second series): the first record stays, STAT and a known patient win; a
-        record without its item's key (written before 0027) takes it from its own item (the same
+        record without its item's key (written before 0029) takes it from its own item (the same
         study UID and item id: `SentStudyRecorder.backfill` of the items still in the outbox)."""
         return self.record_sent_many([study]) == 1
 
