@@ -70,12 +70,14 @@ def send_and_purge(config: Config, platform: FhirTestServer) -> None:
         service.close()
 
 
-def checked_in(config: Config, url: str, platform: FhirTestServer) -> Client:
+def checked_in(
+    config: Config, url: str, platform: FhirTestServer, patient_id: str = VALID_ID, name: str = "张三"
+) -> Client:
     """The doctor logged in, the patient checked in, readings going to `platform`."""
     config.fhir.base_url = platform.base_url
     client = Client(url)
     client.login(DOCTOR)
-    assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    assert client.post("/today/check-in", {"patient_id": patient_id, "name": name}).status == 303
     return client
 
 
@@ -98,19 +100,14 @@ def test_after_the_outbox_is_made_anew_a_sent_reading_shows_its_own_patient(tmp_
     the OLD record of item 1 - another patient's blood pressure on the Sent page."""
     config = forward_config(tmp_path)
     with FhirTestServer() as platform:
-        config.fhir.base_url = platform.base_url
         with running_console(config) as server:
-            client = Client(server.url)
-            client.login(DOCTOR)
-            assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+            client = checked_in(config, server.url, platform)
             record_receipt_timed_bp(config, "bp-old")
             send_and_purge(config, platform)
             assert client.post("/today/end-session", {}).status == 303
         set_aside_outbox(config)
         with running_console(config) as server:
-            client = Client(server.url)
-            client.login(DOCTOR)
-            assert client.post("/today/check-in", {"patient_id": OTHER_ID, "name": "李伟"}).status == 303
+            client = checked_in(config, server.url, platform, OTHER_ID, "李伟")
             record_receipt_timed_bp(config, "bp-new")
             send_and_purge(config, platform)
             section = readings_section(client.get("/sent").body)
