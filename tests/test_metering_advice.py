@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import html
+import json
 import math
 import threading
 import time
@@ -25,6 +26,7 @@ from lastmile.services.metered import held_since, meters
 from tests.metering_setup import DAY, queue_items, shut_window, shut_window_open_after_midnight
 from tests.service_harness import doctor
 from uploader.fhir_forwarder import FhirRoundResult
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
 from uploader.metering import KEEP_DAYS, Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
 
@@ -912,31 +914,56 @@ def test_an_ecg_tried_and_refused_alone_seconds_before_a_window_closed_is_stuck(
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == now - queued, snapshot
 
 
+class TooBigForTheLink(FhirSender):
+    """A real sender whose link carries every bundle within its (generous) timeout but the ones
+    carrying one of `visits`, which it gives up on after `timeout_s`: which send times out is the
+    test's choice, not the machine's speed (a loaded machine made an ordinary transaction outlast
+    a 1 s timeout, and the round stopped before the bundle meant to time out)."""
+
+    def __init__(self, settings: FhirSenderSettings, *visits: str, timeout_s: float) -> None:
+        super().__init__(settings)
+        self.visits, self.short = set(visits), dataclasses.replace(settings, timeout_s=timeout_s)
+
+    def post_transaction(self, body: bytes) -> dict:
+        from tests.fhir_server import encounter_identifiers
+
+        if not self.visits.intersection(encounter_identifiers(json.loads(body))):
+            return super().post_transaction(body)
+        patient, self.settings = self.settings, self.short
+        try:
+            return super().post_transaction(body)
+        finally:
+            self.settings = patient
+
+
 def test_a_visit_record_whose_send_timed_out_after_another_went_is_not_said_refused_alone(tmp_path: Path) -> None:
     """A flaky 2G link: the first visit record goes, the second is too big for the link and times
     out in the same round. Once a clean round ran, it was said refused alone: "the county platform
     refuses this one visit record (last answer: ReadTimeout)". No answer is the link's."""
     from lastmile.services.metered import refused_alone
+    from tests.fhir_samples import visit
     from tests.fhir_server import FhirTestServer
     from tests.waiting import wait_for
     from uploader.fhir_forwarder import forward_fhir_once
-    from uploader.fhir_sender import FhirSender, FhirSenderSettings
 
     t0 = time.time()
-    settings = FhirSenderSettings(base_url="", timeout_s=1.0)
-    with FhirTestServer() as server, FhirSender(dataclasses.replace(settings, base_url=server.base_url)) as sender:
-        server.timeout_delay_s = 3.0
-        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
-            for n in range(3):
-                queue_visit(outbox, n, t0)
+    with FhirTestServer() as server:
+        settings = FhirSenderSettings(base_url=server.base_url)
+        with TooBigForTheLink(settings, visit(1).visit_id, timeout_s=1.0) as sender:
+            server.timeout_delay_s = 3.0  # the platform answers it, after the sender gave up
             server.faults.extend(["", "timeout"])
-            assert forward_fhir_once(outbox, sender, t0, batch_size=1).transient == 1
-            wait_for(lambda: server.stats.transactions == 2, timeout=30)  # it answers again, late
-            queue_visit(outbox, 9, t0 + 1)
-            assert forward_fhir_once(outbox, sender, t0 + 1).sent == 2  # a clean round
-            [timed_out] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
-            assert "Timeout" in (timed_out.last_error or "")
-            assert not refused_alone(timed_out, outbox)
+            with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+                for n in range(3):
+                    queue_visit(outbox, n, t0)
+                first = forward_fhir_once(outbox, sender, t0, batch_size=1)
+                assert (first.sent, first.transient) == (1, 1), first  # visit 0 went, visit 1 timed out
+                assert server.stats.faults_served == ["timeout"], server.stats
+                wait_for(lambda: server.stats.transactions == 2, what="the late answer's transaction applied")
+                queue_visit(outbox, 9, t0 + 1)
+                assert forward_fhir_once(outbox, sender, t0 + 1).sent == 2  # a clean round
+                [timed_out] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
+                assert "Timeout" in (timed_out.last_error or "")
+                assert not refused_alone(timed_out, outbox)
     text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: t0 + DAY).check_queue()))
     assert "refuses this one" not in text, text
 
