@@ -69,7 +69,7 @@ def child(mode: str, path: str, expected_bytes: int) -> None:
                     done.set()
             self.link.write(self.session.data_to_send())
 
-        def connection_lost(self, reason: str | None) -> None:
+        def connection_lost(self, reason: str | None, problem: object = None) -> None:
             done.set()
 
         def tick(self) -> float | None:

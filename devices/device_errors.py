@@ -1,11 +1,33 @@
-"""How our links begin the errors they write to a device's status (its row's `last_error`).
+"""The errors our links write to a device's status (its row's `last_error`): their kind, and
+the words they begin with.
 
 The words are ours, never a device's: the writers (firmware_bridge's serial and BLE links,
-lastmile's serial service) begin their errors with these, and lastmile.clinic.devices.problem_kind
-reads them back to tell the doctor what to do. Here, where every writer may import them.
+lastmile's serial service) begin their errors with these, for the technician, and write the
+error's kind (DeviceProblem) with it, which tells the doctor what to do: reworded or translated
+words never change what a row's error is. Here, where every writer may import them.
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class DeviceProblem(enum.StrEnum):
+    """What kind of problem a device row's error is, for what the doctor is told to do (the
+    console's words per kind; the error's own text stays for the technician)."""
+
+    UNPLUGGED = "unplugged"  # its port went away: the cable is out (or the device switched off)
+    UNREADABLE = "unreadable"  # it sent a measurement that cannot be read: measure again
+    NOT_A_RESULT = "not-a-result"  # it marks its readings demo/test/calibration: not stored
+    CODE_NOT_RECOGNISED = "code-not-recognised"  # a scanned card or code matched no pattern
+    NOT_SAVED = "not-saved"  # the gateway could not store what it sent
+    ECG_REFUSED = "ecg-refused"  # a recording that cannot become a DICOM ECG
+    SETTINGS = "settings"  # its settings keep it from working: the county IT's to fix
+    # a bridge forwards a device's lines and none of its settings reads them (no forward_profile):
+    # kept on the bridge; not a refusal a start finds fixed (SETTINGS), so a restart keeps it
+    FORWARD_NOT_READ = "forward-not-read"
+    OTHER = "other"
+
 
 DEVICE_GONE = "device gone"  # "device gone: <why>": its port went away (serial link)
 MALFORMED = "malformed "  # "malformed 2A35 value: <why>": a value that cannot be decoded (BLE link)

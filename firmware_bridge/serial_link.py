@@ -40,7 +40,7 @@ from typing import Protocol
 
 import serial
 
-from devices.device_errors import DEVICE_GONE
+from devices.device_errors import DEVICE_GONE, DeviceProblem
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,9 @@ class LinkHandler(Protocol):
 
     def data_received(self, data: bytes) -> None: ...
 
-    def connection_lost(self, reason: str | None) -> None: ...
+    def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
+        """The link is closed; `reason` (None: closed by us) is of kind `problem`."""
+        ...
 
     def tick(self) -> float | None:
         """Periodic work (timeouts, flushing); seconds until it wants to run again, or None."""
@@ -485,7 +487,7 @@ class SerialLinkManager:
         try:
             data = link.read()
         except OSError as exc:
-            self._disconnect(slot, f"{DEVICE_GONE}: {exc.strerror or exc}")
+            self._disconnect(slot, f"{DEVICE_GONE}: {exc.strerror or exc}", DeviceProblem.UNPLUGGED)
             return
         if not data:
             return
@@ -519,7 +521,7 @@ class SerialLinkManager:
             return
         slot.next_tick = None if wait is None else now + max(wait, 0.01)
 
-    def _disconnect(self, slot: _Slot, reason: str | None) -> None:
+    def _disconnect(self, slot: _Slot, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
         link, handler = slot.link, slot.handler
         if link is None:
             return
@@ -548,7 +550,7 @@ class SerialLinkManager:
             log.warning("%s: disconnected (%s)", slot.spec.name, reason)
         if handler is not None:
             try:
-                handler.connection_lost(reason)
+                handler.connection_lost(reason, problem)
             except Exception:
                 log.exception("%s: handler failed on connection loss", slot.spec.name)
         self._next_rescan = min(self._next_rescan, slot.next_attempt)

@@ -151,6 +151,20 @@ NOT_STORED_HINT = (
     "the data store cannot be written (see the device's error), not for want of space: the acquire "
     "service retries every 30 s; if it lasts, check the outbox (lastmile queue) and call the county IT"
 )
+LOST_NOT_STORED_HINT = "the data store could not be written, not for want of space: call the county IT"
+FREE_SPACE_HINT = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
+# what waits in the spill file of readings, whose advice for space is the devices check's own (no key)
+READINGS_KEPT = "readings-kept"
+
+
+def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
+    """What readings held `where` wait for, what to do, and the System page's advice key, by their
+    held rows' `cause` ("": space): another cause (locked, damaged) is the county IT's, since
+    freeing space does nothing for it. `kind` names what waits there (READINGS_KEPT, "ecgs-kept",
+    "memory-only", "memory-only-ecgs"): its key for space, its NOT_STORED one for another cause."""
+    if cause:
+        return f"wait to be stored ({where}): {cause}", NOT_STORED_HINT, kind + NOT_STORED
+    return f"wait for space on the data partition ({where})", FREE_SPACE_HINT, "" if kind == READINGS_KEPT else kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -802,15 +816,22 @@ class Doctor:
             if r.removed or until is None or r.lost_at is None:  # lost_said_until: never without lost_at
                 continue
             after = f"after {_stamp(r.lost_after)}, " if r.lost_after is not None else ""
+            # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
+            keep = (
+                LOST_NOT_STORED_HINT
+                if r.lost_cause
+                else "keep the gateway powered while readings wait for space (see the data line)"
+            )
             found.append(
                 Finding(
                     "devices",
                     Level.FAIL,
-                    f"{r.name or r.address}: {lost_message(r.lost_words)} "
+                    f"{r.name or r.address}: {lost_message(r.lost_words, r.lost_cause)} "
                     f"({after}found at its restart at {_stamp(r.lost_at)})",
-                    "they cannot be recovered: record them again if the patients are still here; keep the gateway "
-                    f"powered while readings wait for space (see the data line); said until {_stamp(until)}",
-                    advice_key="lost-ecgs" if r.lost_ecg_count else "lost-readings",
+                    "they cannot be recovered: record them again if the patients are still here; "
+                    f"{keep}; said until {_stamp(until)}",
+                    advice_key=("lost-ecgs" if r.lost_ecg_count else "lost-readings")
+                    + (NOT_STORED if r.lost_cause else ""),
                     until=until.timestamp(),
                     since=r.lost_at.timestamp(),
                 )
@@ -825,47 +846,38 @@ class Doctor:
         from lastmile.clinic.devices import MEMORY_ONLY
         from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME, waiting_readings
 
-        free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
         records = [r for r in self.device_records() or [] if not r.removed]
         held = [r for r in records if r.waits_for_space]
         # every row that holds some says another cause than space: the spill files wait for that
         cause = held[0].held_cause if held and all(r.held_cause for r in held) else ""
         found = []
         # the System page's advice names what waits too: a village doctor does not take an ECG for a reading
-        for what, name, advice in (("reading(s)", SPILL_NAME, ""), ("streamed ECG(s)", ECG_SPILL_NAME, "ecgs-kept")):
+        for what, name, kind in (
+            ("reading(s)", SPILL_NAME, READINGS_KEPT),
+            ("streamed ECG(s)", ECG_SPILL_NAME, "ecgs-kept"),
+        ):
             waiting = waiting_readings(self.config.data_dir, name)
-            if waiting and cause:
-                found.append(
-                    Finding(
-                        "devices",
-                        Level.FAIL,
-                        f"{waiting} {what} from serial devices wait to be stored (kept in {name}): "
-                        f"{held[0].name or held[0].address}: {cause}",
-                        NOT_STORED_HINT,
-                        advice_key=(advice or "readings-kept") + NOT_STORED,
-                    )
+            if not waiting:
+                continue
+            words, hint, advice = held_advice(
+                cause and f"{held[0].name or held[0].address}: {cause}", f"kept in {name}", kind
+            )
+            room = "" if cause else "; they are stored once there is room"
+            found.append(
+                Finding(
+                    "devices",
+                    Level.FAIL,
+                    f"{waiting} {what} from serial devices {words}{room}",
+                    hint,
+                    advice_key=advice,
                 )
-            elif waiting:
-                found.append(
-                    Finding(
-                        "devices",
-                        Level.FAIL,
-                        f"{waiting} {what} from serial devices wait for space on the data partition "
-                        f"(kept in {name}); they are stored once there is room",
-                        free_space,
-                        advice_key=advice,
-                    )
-                )
+            )
         # no spill file could be set aside (the partition was full at start), or they do not fit in
         # it: the row's own status says so until they are stored (seen again or not since)
         for r in (r for r in held if r.held_in_memory_only):
-            advice = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
-            off = "; do not switch the gateway off before they are stored"
-            if row_cause := r.held_cause:
-                words = f"wait to be stored ({MEMORY_ONLY}): {row_cause}"
-                hint, advice = NOT_STORED_HINT + off, advice + NOT_STORED
-            else:
-                words, hint = f"wait for space on the data partition ({MEMORY_ONLY})", free_space + off
+            kind = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
+            words, hint, advice = held_advice(r.held_cause, MEMORY_ONLY, kind)
+            hint += "; do not switch the gateway off before they are stored"
             found.append(
                 Finding(
                     "devices", Level.FAIL, f"{r.name or r.address}: {r.memory_words} {words}", hint, advice_key=advice
@@ -1700,7 +1712,7 @@ def _platform_busy(url: str, retry_after: str | None) -> Finding:
         f"{url}: HTTP 429: the platform is busy" + (f", asks to retry after {wait:.0f} s" if wait is not None else ""),
         "nothing to fix here: visits and readings wait in the queue and are sent again by themselves; "
         "if it stays busy for hours, tell the county platform",
-        advice_key="busy",
+        advice_key="busy",  # for `lastmile doctor --json`: the System page never runs this check (offline)
     )
 
 
@@ -1733,7 +1745,7 @@ def _county_platform_finding(platform: FhirPlatform, now: float) -> Finding | No
         Level.WARN,
         f"the county platform is busy (429): {taken}",
         f"nothing to fix yet: it is sent again by itself; busy {BUSY_DOWN_AFTER_S // 60} minutes, it counts as down",
-        advice_key="busy",
+        advice_key="busy",  # for `lastmile doctor --json` (the System page's county row says busy itself)
         topic="link",
     )
 

@@ -26,6 +26,7 @@ from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import HeldEcgSource, ReportsSource, ReportView
+from lastmile.data_dir import OUTBOX_DB
 from lastmile.demo.loopback import free_port
 from lastmile.reports.report_text import Reader
 
@@ -58,6 +59,16 @@ def add_users(config: Config) -> None:
             accounts.add_user(ADMIN[0], "admin", ADMIN[1], now=now)
     finally:
         db.conn.close()
+
+
+def set_aside_outbox(config: Config) -> None:
+    """outbox.sqlite damaged and moved aside (the county IT; e2fsck's repair at boot): the next
+    start makes a new, empty outbox whose item ids start at 1 again. clinic.db stays."""
+    aside = config.data_dir.parent / "aside"
+    aside.mkdir(exist_ok=True)
+    for entry in config.data_dir.iterdir():
+        if entry.name.startswith(OUTBOX_DB) or entry.name == "payloads":
+            entry.rename(aside / entry.name)
 
 
 @contextmanager

@@ -60,12 +60,13 @@ class Running:
 
 
 def monitor_prints_a_report_the_full_outbox_refuses(
-    r: Running, monitor: PtyDevice, row_says: str, *, patient_id: str = "P-9"
+    r: Running, monitor: PtyDevice, row_says: str, *, patient_id: str = "P-9", full: bool = True
 ) -> None:
-    """The monitor prints a report for `patient_id`, checked in, on a full outbox; waits until its
-    device row says `row_says` of what waits for space."""
+    """The monitor prints a report for `patient_id`, checked in, on a full outbox (not `full`: the
+    caller made it refuse otherwise); waits until its device row says `row_says` of what waits."""
     wait_for(lambda: all(s.connected for s in r.service.statuses()))
-    r.outbox.min_free_bytes = 1 << 60  # storage full
+    if full:
+        r.outbox.min_free_bytes = 1 << 60  # storage full
     now = r.now()
     r.patients.set_patient(patient_id, now=now - dt.timedelta(minutes=1))
     printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()

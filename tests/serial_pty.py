@@ -112,7 +112,7 @@ class SessionHandler:
                 ):
                     self.link.write(self.session.acknowledge(ev.seq))
 
-    def connection_lost(self, reason: str | None) -> None:
+    def connection_lost(self, reason: str | None, problem: object = None) -> None:
         with self.lock:
             self.lost.append(reason)
         if self.session is not None:

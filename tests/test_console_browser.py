@@ -587,6 +587,40 @@ def test_the_whole_report_in_chinese_on_a_phone(browser: object, tmp_path: Path)
             set_viewport(browser, TABLET)
 
 
+def test_a_report_stored_before_the_codes_were_kept_reads_in_chinese(browser: object, tmp_path: Path) -> None:
+    """Issue s39-G: a report stored before the gateway kept the county's concept codes (its lines
+    as the older gateway wrote them to clinic.db: no codes) showed DICOM's English on a Chinese
+    page - "Findings", "Observer Type: Person", the coded STEMI in the body."""
+    from dataclasses import replace
+
+    from lastmile.demo.cardiologist import STEMI, ecg_report_sr, part10
+    from lastmile.reports.store import ReportStore, SentStudy
+    from tests.report_samples import RULES, STUDY
+    from uploader.report_reading import read_dicom_report
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    sr = ecg_report_sr(STUDY, findings=["窦性心律"], impression="急性前壁心肌梗死，请立即转诊", coded_findings=[STEMI])
+    content = read_dicom_report(part10(sr), RULES)
+    uncoded = tuple(replace(line, concept="", value_concept="") for line in content.lines)
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(SentStudy(STUDY.study_uid, now, patient_id=STUDY.patient_id, patient_name=STUDY.patient_name))
+        report = store.add_report(replace(content, lines=uncoded), part10(sr), "dicom", now).report
+        stored = store.db.conn.execute("SELECT lines FROM reports WHERE id = ?", (report.id,)).fetchone()[0]
+    assert "concept" not in stored  # the row as the older gateway wrote it
+    with running_console(config) as server:
+        log_in(browser, server)
+        browser.get(f"{server.url}/reports/{report.id}")
+        text = text_of(browser, "pre.report-text")
+        assert text.startswith("心电图报告") and "  所见：窦性心律" in text, text
+        assert "观察者类型：人员" in text and "  所见：急性ST段抬高型心肌梗死" in text and "诊断意见" in text, text
+        for english in ("ECG Report", "Findings", "Observer Type", "Person", "Impression", "Acute ST"):
+            assert english not in text, text
+        # the page's list of findings above it (kept as words, never with codes): the same rule
+        findings = text_of(browser, "section[aria-labelledby=h-findings]")
+        assert "急性ST段抬高型心肌梗死" in findings and "Acute ST" not in findings, findings
+
+
 def _cli_json(args: list[str]) -> object:
     """A `lastmile` command's --json answer, from its own process (the CLI's view of the state)."""
     import json

@@ -19,7 +19,7 @@ from lastmile.clinic.patients import CurrentPatient, PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
-from tests.console_browser import by, log_in, on_page, text_in, wait_for
+from tests.console_browser import PHONE, TABLET, by, log_in, on_page, set_viewport, text_in, wait_for
 from tests.console_harness import DOCTOR, VALID_ID, bp_reading, console_config, hold_readings, running_console
 
 pytestmark = pytest.mark.timeout(600)
@@ -106,24 +106,88 @@ def test_checking_the_same_patient_in_again_keeps_stat_reason_and_name(browser: 
     assert entry is not None and entry.detail.get("changed") == ["stat-off"], entry
 
 
+def confirm_clear(driver: object, which: str) -> None:
+    """Press the session's 清除姓名 / 清除原因 (`which`: name, reason), then 确认 on the page that asks."""
+    submitted(driver, click(f"#clear-{which} button"))
+    submitted(driver, click("#confirm-clear button[name=confirmed]"))
+
+
 def test_a_wrong_name_or_reason_checked_in_can_be_cleared(browser: object, console: ConsoleServer) -> None:
     """李四 was checked in under a wrong name, with a wrong STAT reason. Checking her in again with
     the fields emptied kept both (empty means "as it was"), and they went to the county with the
-    ECG. Now 清除姓名 / 清除原因 beside them clear each: the session (the next ECG's patient) has
-    no name, then no reason, STAT stays, and the page says what was cleared."""
+    ECG. Now 清除姓名 / 清除原因 beside them clear each, once confirmed: the session (the next ECG's
+    patient) has no name, then no reason, STAT stays, and the page says what was cleared - not
+    "已在检查中" (the words for checking her in again), which is not what the doctor did."""
     log_in(browser, console)
     check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
     text_in(browser, "#panel-session", "王五")
-    submitted(browser, click("#clear-name button"))
-    assert "已清除姓名" in done_text(browser), done_text(browser)
+    confirm_clear(browser, "name")
+    assert done_text(browser).startswith("已清除姓名"), done_text(browser)
+    assert "已在检查中" not in done_text(browser), done_text(browser)
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "胸痛" and current.stat, current
     assert "王五" not in session_text(browser) and "未填姓名" in session_text(browser), session_text(browser)
-    submitted(browser, click("#clear-reason button"))
-    assert "已清除原因" in done_text(browser), done_text(browser)
+    confirm_clear(browser, "reason")
+    assert done_text(browser).startswith("已清除原因"), done_text(browser)
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "" and current.stat, current
     assert not browser.find_elements(by("css"), "#clear-name, #clear-reason")  # type: ignore[attr-defined]
+
+
+def test_a_clear_not_confirmed_changes_nothing(browser: object, console: ConsoleServer) -> None:
+    """清除姓名 cleared 王五's name at one tap: a slip of the thumb beside 不急了 took the name off
+    the next ECG with the patient in front of the doctor. Now the tap asks first, naming what goes;
+    going back to Today instead keeps the name and the reason."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "王五")
+    for which in ("name", "reason"):
+        submitted(browser, click(f"#clear-{which} button"))
+        current = checked_in(console.config)
+        assert current is not None and "王^五" in current.name and current.reason == "胸痛", current
+        asked = browser.find_element(by("id"), "confirm-clear").text  # type: ignore[attr-defined]
+        assert ("王五" if which == "name" else "胸痛") in asked and OTHER_ID in asked, asked
+        submitted(browser, click("#confirm-clear a[href='/today']"))
+        wait_for(browser, on_page("/today"))
+        current = checked_in(console.config)
+        assert current is not None and "王^五" in current.name and current.reason == "胸痛", current
+        assert not browser.find_elements(by("css"), "p.done"), "a notice for a clear that did not happen"  # type: ignore[attr-defined]
+
+
+def gaps_between(driver: object, css: str) -> list[float]:
+    """The space between each two of the elements `css` matches, in CSS pixels: the larger of
+    their horizontal and vertical distance (negative where they overlap)."""
+    boxes = driver.execute_script(  # type: ignore[attr-defined]
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.getBoundingClientRect())"
+        ".map(b => ({left: b.left, right: b.right, top: b.top, bottom: b.bottom}));",
+        css,
+    )
+    assert len(boxes) >= 2, boxes
+    return [
+        max(b["left"] - a["right"], a["left"] - b["right"], b["top"] - a["bottom"], a["top"] - b["bottom"])
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+    ]
+
+
+def test_the_checked_in_patients_buttons_are_apart_on_a_phone_and_a_tablet(
+    browser: object, console: ConsoleServer
+) -> None:
+    """On a 360 px phone the checked-in patient's 不急了 / 清除姓名 / 清除原因 / 结束检查 stacked
+    touching each other: a tap meant for one could land on the next. Now they are apart by the
+    console's button-row rule (as the ECG's 重新记录 / 仍然发送), on a phone and on a tablet."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "王五")
+    buttons = "#panel-session button"
+    assert len(browser.find_elements(by("css"), buttons)) == 4  # type: ignore[attr-defined]
+    for size in (PHONE, TABLET):
+        set_viewport(browser, size)
+        try:
+            gaps = gaps_between(browser, buttons)
+            assert min(gaps) >= 8, (size, gaps)
+        finally:
+            set_viewport(browser, TABLET)
 
 
 def test_reloading_the_answer_to_not_urgent_says_nothing_it_did_not_do(browser: object, console: ConsoleServer) -> None:

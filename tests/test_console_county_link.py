@@ -192,3 +192,21 @@ def test_the_row_on_a_390_px_phone_in_chinese(browser: object, tmp_path: Path) -
         save_screenshot(browser, "system-county-link-390")
     assert "拒收了一条记录" in dd.text, dd.text
     assert box["left"] >= 0 and box["right"] <= box["width"], f"off the screen: {box}"
+
+
+def test_every_judgement_of_the_forwarder_has_words_on_the_page() -> None:
+    """The row branched on Said's raw strings: a judgement renamed or added read "nothing sent yet"."""
+    from lastmile.console.app import COUNTY_ROW
+    from uploader.fhir_link import Said
+
+    assert set(COUNTY_ROW) == {None, *(said.name for said in Said)}
+
+
+def test_a_refused_gateway_says_to_call_the_county_it(tmp_path: Path) -> None:
+    """The platform refuses the gateway's token (401): the row says so, not "working"."""
+    config = console_config(tmp_path / "data")
+    with FhirTestServer(token="county-token") as server, sender_to(server, config) as sender:
+        with open_outbox(config) as outbox:
+            queue_visits(outbox, range(1))
+            assert forward_fhir_once(outbox, sender, time.time()).fault
+    assert county_row(config) == "被拒绝：请联系县里的信息科", county_row(config)

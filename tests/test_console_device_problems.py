@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from devices import device_errors
-from lastmile.clinic.devices import DeviceProblem, DeviceRegistry, HeldReadings, problem_kind
+from lastmile.clinic.devices import DeviceProblem, DeviceRegistry, HeldReadings
 from tests.console_browser import by, log_in
 from tests.console_harness import console_config, running_console
 from tests.serial_gateway import Running
@@ -170,10 +170,34 @@ def test_a_cuff_is_titled_by_the_name_given_at_pairing_its_advertised_name_only_
         assert "蓝牙名称：BP cuff" in card.find_element(by("css"), "details").text, card.text
 
 
-def test_every_word_a_link_begins_a_device_error_with_is_told_to_the_doctor() -> None:
-    """A writer's new error words (devices.device_errors) without a kind would be said only as
-    "it reported a problem": each of them has its own advice."""
+def test_every_word_a_link_began_a_device_error_with_keeps_its_advice_after_the_kind_is_recorded(
+    tmp_path: Path,
+) -> None:
+    """Rows written before an error's kind was recorded with it (migration 0026): each of the words
+    our links began an error with (devices.device_errors) gets its kind once, from those words, so
+    a gateway updated with a device fault keeps telling the doctor what to do, not "it reported a
+    problem"; an error in no such words is OTHER."""
+    from lastmile.clinic.db import DB_NAME, MIGRATIONS
+    from uploader.sqlite_store import open_database
+
     words = {name: value for name, value in vars(device_errors).items() if name.isupper()}
     assert len(words) == 9, words
-    told = {name: problem_kind(value if name != "NOT_A_RESULT" else f"pulse{value}x") for name, value in words.items()}
+    errors = {name: f"pulse{value}x" if name == "NOT_A_RESULT" else f"{value} why" for name, value in words.items()}
+    errors["FOREIGN"] = "RuntimeError: boom"
+    db = open_database(tmp_path / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0026_device_error_kind"))
+    for name, error in errors.items():
+        db.conn.execute(
+            "INSERT INTO devices (address, transport, updated_at, last_error) VALUES (?, 'serial', ?, ?)",
+            (name, "2026-12-06T08:00:00+00:00", error),
+        )
+    db.conn.close()
+    registry = DeviceRegistry.open(tmp_path)
+    try:
+        told = {name: registry.get(name).problem for name in errors}  # type: ignore[union-attr]
+    finally:
+        registry.close()
+    assert told.pop("FOREIGN") is DeviceProblem.OTHER
     assert DeviceProblem.OTHER not in told.values(), told
+    assert told["DEVICE_GONE"] is DeviceProblem.UNPLUGGED and told["CANNOT_STORE"] is DeviceProblem.NOT_SAVED, told
+    # not a refusal a start with the profile fixed clears (0026): a restart keeps it
+    assert told["FORWARD_NOT_READ"] is DeviceProblem.FORWARD_NOT_READ and told["NOT_STARTED"] is DeviceProblem.SETTINGS

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from devices.identity import Patient
-from lastmile.clinic.db import open_clinic_db
+from lastmile.clinic.db import iso, open_clinic_db
 from lastmile.config import Config
+from lastmile.console import accounts as accounts_module
 from lastmile.console.accounts import AccountError, Accounts, LoginRefused
 from lastmile.console.live import Broker, ChangeWatcher
 from lastmile.console.sources import ConsoleInputError, patient_identifier, person_name
@@ -55,6 +56,53 @@ def test_lockout_and_its_end(accounts: Accounts) -> None:
     with pytest.raises(LoginRefused, match="locked"):
         accounts.authenticate("a", "long enough", now=T0 + dt.timedelta(seconds=5))
     assert accounts.authenticate("a", "long enough", now=T0 + dt.timedelta(seconds=700)).failed_logins == 0
+
+
+def test_a_wrong_password_writes_the_same_for_a_real_name_and_an_unknown_one(accounts: Accounts) -> None:
+    """A real name's failure must not cost a write (an fsync on the SD card) that an unknown
+    name's does not: the time the refusal takes would tell which names exist."""
+    accounts.add_user("a", "doctor", "long enough", now=T0)
+    conn = accounts.db.conn
+    written = []
+    for name in ("a", "nobody"):
+        before = conn.total_changes
+        with pytest.raises(LoginRefused):
+            accounts.authenticate(name, "wrong", now=T0)
+        written.append(conn.total_changes - before)
+    assert written[0] == written[1]
+
+
+def test_failure_counts_are_bounded_whatever_names_are_tried(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names typed at random cannot fill the SD card: the counts kept are bounded."""
+    monkeypatch.setattr(accounts_module, "FAILURE_COUNTS_KEPT", 5)  # 4096 argon2 checks take minutes
+    for i in range(8):
+        with pytest.raises(LoginRefused):
+            accounts.authenticate(f"name {i}", "wrong", now=T0)
+    assert accounts.db.conn.execute("SELECT COUNT(*) FROM console_login_failures").fetchone()[0] == 5
+
+
+def test_an_account_locked_before_the_update_stays_locked_and_keeps_its_count(tmp_path: Path) -> None:
+    """Counts written in console_users before migration 0027 move to the table every name's count
+    is kept in: an update neither unlocks a locked account nor gives one more tries."""
+    from lastmile.clinic.db import DB_NAME, MIGRATIONS
+    from uploader.sqlite_store import open_database
+
+    db = open_database(tmp_path / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0027_console_login_failures"))
+    encoded = accounts_module.HASHER.hash("long enough")
+    db.conn.executemany(
+        "INSERT INTO console_users (name, role, password_hash, created_at, failed_logins, locked_until) "
+        "VALUES (?, 'doctor', ?, ?, ?, ?)",
+        [("a", encoded, iso(T0), 0, iso(T0 + dt.timedelta(hours=1))), ("b", encoded, iso(T0), 1, None)],
+    )
+    db.conn.close()
+    accounts = Accounts(open_clinic_db(tmp_path), max_failures=3)
+    with pytest.raises(LoginRefused, match="locked"):
+        accounts.authenticate("a", "long enough", now=T0)
+    with pytest.raises(LoginRefused) as refused:
+        accounts.authenticate("b", "wrong", now=T0)
+    assert refused.value.attempts_left == 1
 
 
 def test_logins_end_when_idle_disabled_or_the_password_changes(accounts: Accounts) -> None:

@@ -311,6 +311,31 @@ def test_a_wrong_password_does_not_tell_whether_the_name_exists(tmp_path: Path) 
         assert reply.status == 401 and "锁定" in reply.body
 
 
+def test_a_restart_does_not_tell_whether_the_name_exists(tmp_path: Path) -> None:
+    """The count of wrong passwords is kept alike for a real name and an unknown one: after a
+    console restart on the same data, "tries left" is the same for both (else the names that
+    kept their count are the real accounts)."""
+    config = console_config(tmp_path / "data")
+    config.console.max_login_failures = 4
+    names = (DOCTOR[0], "李医生")
+
+    def fail_each() -> list[tuple[int, str]]:
+        seen = []
+        for name in names:
+            client = Client(server.url)
+            client.get("/login")
+            seen.append(_as_seen_from_outside(client.post("/login", {"name": name, "password": "guess 1234"}), name))
+        return seen
+
+    with running_console(config) as server:
+        fail_each()
+        fail_each()
+    with running_console(config) as server:
+        real, unknown = fail_each()
+    assert real == unknown
+    assert real[0] == 401 and "再输错 1 次" in real[1]  # 3 of 4 counted, across the restart
+
+
 def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
     config = console_config(tmp_path / "data")
     config.console.listen = "0.0.0.0:8443"

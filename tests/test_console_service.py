@@ -3,13 +3,16 @@ HTTPS, the watchdog fed, SIGTERM ends it cleanly; the demo prints a URL and a lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +22,21 @@ from tests.conftest import require_module
 from tests.console_harness import DOCTOR, Client, add_users, console_config
 
 WAIT_S = 120.0
+STOP_WITHIN_S = 8.0  # a stop takes under 1 s; systemd's own limit is TimeoutStopSec
 
 
-def test_lastmile_console_runs_under_systemds_protocol(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def console_process(tmp_path: Path, *, https: bool) -> Iterator[tuple[subprocess.Popen[str], socket.socket, int]]:
+    """`lastmile console` as systemd starts it (notify socket, watchdog), with a doctor's account;
+    yields it once it said READY=1, with the stand-in for systemd's socket (the messages after
+    READY left on it) and its port; killed at the end if it is still up."""
     port = free_port()
-    config = console_config(tmp_path / "data", https=True, port=port)
+    config = console_config(tmp_path / "data", https=https, port=port)
     add_users(config)
     config_file = tmp_path / "lastmile.toml"
     config_file.write_text(
         f'[gateway]\ndata_dir = "{config.data_dir}"\n[gps]\nsource = "none"\n[outbox]\nmin_free_mb = 1\n'
-        f'[console]\nlisten = "127.0.0.1:{port}"\n'
+        f'[console]\nlisten = "127.0.0.1:{port}"\nhttps = {"true" if https else "false"}\n'
     )
     notify = tmp_path / "notify.sock"
     manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -43,25 +51,51 @@ def test_lastmile_console_runs_under_systemds_protocol(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        messages: list[str] = []
-        while not any(m.startswith("READY=1") or "\nREADY=1" in m for m in messages):
-            messages.append(manager.recv(4096).decode())
-        client = Client(f"https://127.0.0.1:{port}")  # READY means it serves, certificate made
-        client.login(DOCTOR)
-        assert client.get("/today").status == 200
-        deadline = time.monotonic() + WAIT_S
-        while not any("WATCHDOG=1" in m for m in messages[1:]) and time.monotonic() < deadline:
-            messages.append(manager.recv(4096).decode())
-        assert any("WATCHDOG=1" in m for m in messages)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=WAIT_S)
+        while not (said := manager.recv(4096).decode()).startswith("READY=1") and "\nREADY=1" not in said:
+            pass
+        yield proc, manager, port
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         manager.close()
+
+
+def test_lastmile_console_runs_under_systemds_protocol(tmp_path: Path) -> None:
+    with console_process(tmp_path, https=True) as (proc, manager, port):
+        client = Client(f"https://127.0.0.1:{port}")  # READY means it serves, certificate made
+        client.login(DOCTOR)
+        assert client.get("/today").status == 200
+        messages: list[str] = []
+        deadline = time.monotonic() + WAIT_S
+        while not any("WATCHDOG=1" in m for m in messages) and time.monotonic() < deadline:
+            messages.append(manager.recv(4096).decode())
+        assert any("WATCHDOG=1" in m for m in messages)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, out
     assert "certificate made; SHA-256 fingerprint" in out
+
+
+def test_the_console_stops_promptly_while_another_process_holds_the_outbox(tmp_path: Path) -> None:
+    """lastmile/console/service.py ConsoleServer.stop: with the outbox write-locked by another
+    process (the acquire service in a long write; a damaged database) SIGTERM took over 15 s and
+    ended in a TimeoutError traceback: closing the console's outbox waited out the busy timeout to
+    release send claims the console never takes. systemd (TimeoutStopSec) SIGKILLs a stop that
+    hangs, mid-write on a Pi. Now it stops in a moment, cleanly."""
+    with console_process(tmp_path, https=False) as (proc, _manager, _port):
+        other = sqlite3.connect(tmp_path / "data" / "outbox.sqlite", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = proc.communicate(timeout=WAIT_S)
+            took = time.monotonic() - began
+        finally:
+            other.rollback()
+            other.close()
+    assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out, out
 
 
 @pytest.mark.timeout(600)

@@ -31,6 +31,7 @@ from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import render_report
 from tests.console_harness import store_unassigned_ecg_report
 from tests.ecg_factories import make_recording
+from tests.statement_trace import traced
 from uploader.outbox import ItemState, Kind
 from uploader.report_reading import CriticalRules, read_dicom_report
 
@@ -597,6 +598,33 @@ def test_visits_name_a_patient_as_the_latest_check_in_does_not_an_older_reading(
         data.close()
 
 
+def test_naming_the_mapped_users_and_visits_reads_the_session_once_not_once_per_patient(tmp_path: Path) -> None:
+    """Today (its held readings' mapped users, on every render and SSE wake) and Visits name each
+    patient ID as the session does: one read of the session and one or two of its log per ID.
+    The statements are as many for 12 mapped users or visits as for one (behaviour kept)."""
+    at = now()
+    data = ClinicData(make_config(tmp_path))
+    try:
+        ids = [f"P-{n}" for n in range(12)]
+        for n, patient_id in enumerate(ids):
+            data.context.set_patient(patient_id, f"Name^{n}", now=at - dt.timedelta(minutes=30 - n))
+        data.context.current(at)  # the last check-in's idle end, once
+        counted = {}
+        for count in (1, len(ids)):
+            for n, patient_id in enumerate(ids[:count]):
+                data.store.device_users.map_user(f"AA:BB:CC:DD:EE:{n:02X}", 2, patient_id, now=at)
+            with traced(data.db.conn) as today:
+                data.device_users(at)
+            with traced(data.db.conn) as visits:
+                data.known_names(ids[:count], at)
+            counted[count] = (len(today), len(visits))
+        assert counted[1] == counted[len(ids)], counted
+        assert [u.mapping.patient_name for u in data.device_users(at)] == [f"Name^{n}" for n in range(12)]
+        assert data.known_names(ids, at) == {p: f"Name {n}" for n, p in enumerate(ids)}
+    finally:
+        data.close()
+
+
 def test_visits_name_a_patient_the_session_never_named_by_the_newest_outbox_item(tmp_path: Path) -> None:
     """What only the outbox knows (a patient checked in more than a day ago, or named by a
     card's ECG) still names the ID; an ID nothing named has no name."""
@@ -606,3 +634,36 @@ def test_visits_name_a_patient_the_session_never_named_by_the_newest_outbox_item
         assert data.known_names([VALID_ID, "P-NOBODY"], at) == {VALID_ID: "张三"}
     finally:
         data.close()
+
+
+def held_ecg_row(page: str, item_id: int) -> str:
+    """The text of the Today page's row of held ECG `item_id` (its markup stripped)."""
+    import re
+
+    row = re.search(rf'<li data-held-ecg="{item_id}">(.*?)</li>', page, re.S)
+    assert row is not None, page
+    return " ".join(re.sub(r"<[^>]+>", " ", row.group(1)).split())
+
+
+def test_a_held_ecg_names_the_files_patient_until_the_doctor_assigns_another(tmp_path: Path) -> None:
+    """An ECG whose file names SBJ-123 while P-77 is checked in: its row says the file names
+    SBJ-123 (sent as that patient's unless the doctor decides); assigned to P-77 and still held for
+    its quality, the row is P-77's and says nothing of SBJ-123's."""
+    from lastmile.ecg.intake import with_patient_check
+    from tests.console_harness import Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    t = time.time()
+    with open_outbox(config) as outbox:
+        recording = with_patient_check(make_recording(1, patient=Patient("SBJ-123")), "P-77")
+        item = enqueue_recording(outbox, recording, config, key="m", now=t).item
+    assert item.hold_reason == "patient-mismatch"
+    with running_console(config) as server:
+        client = Client(server.url, language="en")
+        client.login()
+        row = held_ecg_row(client.get("/today").body, item.id)
+        assert "SBJ-123" in row and "The ECG names patient SBJ-123, not the current one" in row, row
+        with open_outbox(config) as outbox:
+            assert OutboxHeldEcgs(outbox, config).assign(item.id, Patient("P-77", "Li^Si"), now=now())
+        row = held_ecg_row(client.get("/today").body, item.id)
+    assert "P-77" in row and "SBJ-123" not in row, row

@@ -181,6 +181,58 @@ def test_a_device_refused_before_is_not_said_refused_once_its_profile_is_fixed(t
         running.close()
 
 
+def test_a_refusal_worded_otherwise_is_not_said_once_its_profile_is_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/serial_devices.py clear_refusals_fixed_since: a refusal was known by its
+    opening words ("not started: "), so one written in other words (a version that reworded or
+    translated them) was kept once the profile was fixed: the doctor warned of a fixed file until
+    the monitor was next plugged in. Now by its recorded kind, whatever its words."""
+    import lastmile.services.serial_devices as serial_devices
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    ward_profile_with_bad_baudrate(profiles)
+    ward = {"name": "ward", "match": "0403:6001:WARD01", "profile": "ward-monitor"}
+    serial_toml = f'[serial]\nprofiles_dir = "{profiles}"\n\n' + device_entry(**ward)
+    with monkeypatch.context() as reworded:
+        reworded.setattr(serial_devices, "NOT_STARTED", "未启动：")
+        Running(tmp_path, [ward], profiles_dir=str(profiles)).close()
+    assert any("未启动：" in w for w in warnings(tmp_path / "data", serial_toml))
+    fixed = (profiles / "ward-monitor.toml").read_text().replace("baudrate = 0", "baudrate = 9600")
+    (profiles / "ward-monitor.toml").write_text(fixed)
+    Running(tmp_path, [ward], profiles_dir=str(profiles)).close()
+    assert warnings(tmp_path / "data", serial_toml) == []
+
+
+def test_a_bridge_whose_forwarded_lines_are_not_read_still_says_so_after_a_restart(tmp_path: Path) -> None:
+    """A bridge forwards a device's lines but has no forward_profile: its own row says they are
+    not read (kept on the bridge). A restart is no fix for that: the row keeps it, whereas a
+    refusal fixed since (a profile file corrected) is cleared at start."""
+    from devices.device_errors import FORWARD_NOT_READ, DeviceProblem
+
+    bridge = {"name": "ecg", "match": "2e8a:000a", "profile": "bridge"}
+    registry = DeviceRegistry.open(tmp_path / "data")
+    try:
+        registry.update_status(
+            "serial:ecg",
+            now=dt.datetime.now(dt.timezone.utc),
+            transport="serial",
+            error=f"{FORWARD_NOT_READ} set forward_profile for this bridge",
+            problem=DeviceProblem.FORWARD_NOT_READ,
+        )
+    finally:
+        registry.close()
+    Running(tmp_path, [bridge]).close()
+    registry = DeviceRegistry.open(tmp_path / "data")
+    try:
+        row = registry.get("serial:ecg")
+    finally:
+        registry.close()
+    assert row is not None and row.last_error.startswith(FORWARD_NOT_READ), row
+    assert row.problem is DeviceProblem.FORWARD_NOT_READ, row
+
+
 def test_the_console_judges_the_devices_by_the_configuration_it_reloaded(tmp_path: Path) -> None:
     """The technician took the ward monitor out of the configuration and reloaded the services
     (`systemctl reload`): the acquire service rebuilt its links without it, but the console kept

@@ -140,3 +140,27 @@ def test_the_alert_says_what_the_doctor_says() -> None:
     rules = " ".join(RULES.read_text().split())
     for phrase in (NO_ANSWER, REFUSES_ALL, BUSY_LONG, "`lastmile doctor` on the gateway says which", "fhir/link"):
         assert phrase in rules, phrase
+
+
+def test_a_failed_send_no_round_recorded_reads_unknown_to_the_metrics_as_to_the_doctor(tmp_path: Path) -> None:
+    """A new gateway: a visit record's send failed once (the power went before the forwarder
+    recorded its round), nothing judged the platform yet. The doctor said nothing of the link and
+    the System page "nothing sent yet", while lastmile_link_state{destination="fhir"} said "down"
+    from the queued record's failure - and the county's LastmileHealthPlatformDown alert sent its
+    IT to the doctor, which had nothing to say. Nothing is known yet: "unknown", all three."""
+    from lastmile.services.metrics import render_once
+    from tests.metrics_harness import parse_exposition, value
+    from uploader.outbox import Kind
+
+    now = time.time()
+    with platform_doctor(tmp_path) as d:
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            queue_visits(outbox, range(1), at=now - 120)
+            [claimed] = outbox.claim(Kind.FHIR_BUNDLE, 1, now - 60)
+            outbox.mark_transient_failure(claimed.id, "read timed out", now - 50)
+            assert outbox.status(FHIR_STATUS) is None  # no round recorded what the platform said
+        findings = d.check_fhir()
+    samples = parse_exposition(render_once(d.config))
+    states = {s: value(samples, "lastmile_link_state", destination="fhir", state=s) for s in ("up", "down", "unknown")}
+    assert [f for f in findings if f.topic == "link"] == [], render_text(findings)  # the doctor: nothing known
+    assert states == {"up": 0, "down": 0, "unknown": 1}, states

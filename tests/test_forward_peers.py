@@ -6,8 +6,11 @@ Orthanc runs inside the private network namespace scripts/test.sh creates.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,7 +30,8 @@ from tests.forward_setup import make_config, send_report
 from tests.peers import free_port, gateway_modality
 from tests.waiting import wait_for
 from uploader.ecg_forwarder import EcgForwarder
-from uploader.outbox import DB_NAME, ItemState
+from uploader.outbox import DB_NAME, LOCKS_DIR, ItemState
+from uploader.payload_files import OwnerLock
 
 
 def write_toml(config: Config, path: Path, outbox_extra: str = "") -> Path:
@@ -505,3 +509,93 @@ def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(
         item = outbox.find("bomb")
         assert item.state == ItemState.QUARANTINED and "inflates to more than" in item.quarantine_reason
     assert len(scp.received_files()) == 2
+
+
+# -- stopped while another process holds the outbox's write lock -----------------------------------
+
+
+STOP_WITHIN_S = 8.0  # a stop takes about a second; systemd's own limit is TimeoutStopSec
+
+
+def live_owner(data_dir: Path) -> str:
+    """The claim owner token of the one Outbox open in another process (its flock is held)."""
+    locks = data_dir / LOCKS_DIR
+    tokens = [t for p in locks.glob("owner-*.lock") if (t := OwnerLock.token_of(p)) and OwnerLock.is_alive(locks, t)]
+    assert len(tokens) == 1, tokens
+    return tokens[0]
+
+
+def step_ended(notify: socket.socket) -> None:
+    """Until the service sends its next STATUS=: it sends one right after a step (at most one a
+    second), then waits idle_poll_s (2 s) before the next. What it sent before is dropped."""
+    notify.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while notify.recv(4096):
+            pass
+    notify.settimeout(120)
+    while "STATUS=" not in notify.recv(4096).decode():
+        pass
+
+
+def test_the_forwarder_stops_promptly_while_another_process_holds_the_outbox(tmp_path, storescp_factory) -> None:
+    """lastmile/services/forward.py ForwardService.close: with the outbox write-locked by another
+    process (the acquire service in a long write; a damaged database) SIGTERM to `lastmile forward`
+    took over 15 s: closing its outbox waited out the busy timeout to release its send claims.
+    systemd (TimeoutStopSec) SIGKILLs a stop that hangs, and a power cut does not wait. Now the
+    release at close waits a moment, then leaves the claim to the next open's recovery: the next
+    start sends the item once, nothing lost."""
+    scp = storescp_factory()
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False)
+    uids = enqueue(config, 2)
+    db = Path(config.gateway.data_dir) / DB_NAME
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("UPDATE items SET hold_until = 9e18 WHERE key = 'k1'")  # not this run's to send
+    cfg_file = write_toml(config, tmp_path / "lastmile.toml")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(120)
+    command = [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"]
+    proc = subprocess.Popen(
+        command,
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_counts(config, "k0 sent by the forwarder (it has claimed)", sent=1)
+        # k1 claimed by the running forwarder, as a round a database fault cut short leaves it
+        # (ForwardService._unsettled): its close has a claim of its own to release
+        other.execute(
+            "UPDATE items SET state = 'sending', claimed_by = ?, hold_until = NULL WHERE key = 'k1'",
+            (live_owner(Path(config.gateway.data_dir)),),
+        )
+        step_ended(notify)  # the next step, which waits for the lock too, is 2 s away
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = proc.communicate(timeout=120)
+            took = time.monotonic() - began
+        finally:
+            other.rollback()
+    finally:
+        other.close()
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out, out
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:  # the claim is left
+        assert conn.execute("SELECT state FROM items WHERE key = 'k1'").fetchone() == ("sending",)
+    # the next start recovers the claim left behind (its owner is gone) and sends k1, once
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_counts(config, "k1 sent by the next start", sent=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert scp.c_stores() == {uids["k0"]: 1, uids["k1"]: 1}
+    with open_outbox(config) as outbox:
+        assert outbox.find("k1").attempts == 1  # a claim, not a send cut short: nothing charged

@@ -74,7 +74,7 @@ def test_malformed_windows_are_refused(text) -> None:
 
 
 def test_shut_window_says_when_it_opens() -> None:
-    meter = Meter("dicom", MeterPolicy(windows=(SendWindow.parse("22:00-06:00"),), zone=UTC), MemoryStatus())
+    meter = Meter.charging("dicom", MeterPolicy(windows=(SendWindow.parse("22:00-06:00"),), zone=UTC), MemoryStatus())
     blocked = meter.blocked(T_NOON)
     assert blocked is not None and blocked.reason == "window"
     assert blocked.until == dt.datetime(2026, 12, 1, 22, 0, tzinfo=UTC).timestamp()
@@ -88,11 +88,11 @@ def test_budget_is_per_local_day_and_survives_a_new_meter() -> None:
     store = MemoryStatus()
     cst = dt.timezone(dt.timedelta(hours=8))
     policy = MeterPolicy(daily_budget_bytes=1000, zone=cst)
-    meter = Meter("fhir", policy, store)
+    meter = Meter.charging("fhir", policy, store)
     meter.spend(600, T_NOON)
     assert meter.blocked(T_NOON) is None
     meter.spend(400, T_NOON)
-    blocked = Meter("fhir", policy, store).blocked(T_NOON + 60)  # a restart: same spend
+    blocked = Meter.charging("fhir", policy, store).blocked(T_NOON + 60)  # a restart: same spend
     assert blocked is not None and blocked.reason == "budget" and "used today" in blocked.detail
     # 12:00 UTC is 20:00 in China: the day (and the budget) turns at 16:00 UTC
     assert blocked.until == dt.datetime(2026, 12, 2, 0, 0, tzinfo=cst).timestamp()
@@ -102,7 +102,7 @@ def test_budget_is_per_local_day_and_survives_a_new_meter() -> None:
 def test_a_window_starting_at_24_00_opens_at_midnight() -> None:
     """ "24:00-06:00" is midnight to six; read as a window from minute 1440 it never opened, and
     `lastmile queue` promised every night that it would at 00:00."""
-    meter = Meter("dicom", MeterPolicy(windows=(SendWindow.parse("24:00-06:00"),), zone=UTC), MemoryStatus())
+    meter = Meter.charging("dicom", MeterPolicy(windows=(SendWindow.parse("24:00-06:00"),), zone=UTC), MemoryStatus())
     midnight = dt.datetime(2026, 12, 2, 0, 0, tzinfo=UTC).timestamp()
     assert meter.blocked(midnight + 3600) is None  # 01:00
     blocked = meter.blocked(T_NOON)
@@ -118,8 +118,8 @@ def test_a_clock_set_back_across_midnight_does_not_forget_the_days_spending() ->
     cst = dt.timezone(dt.timedelta(hours=8))
     store = MemoryStatus()
     policy = MeterPolicy(daily_budget_bytes=1000, zone=cst)
-    Meter("dicom", policy, store).spend(1000, dt.datetime(2026, 12, 2, 0, 30, tzinfo=cst).timestamp())
-    rebooted = Meter("dicom", policy, store)
+    Meter.charging("dicom", policy, store).spend(1000, dt.datetime(2026, 12, 2, 0, 30, tzinfo=cst).timestamp())
+    rebooted = Meter.charging("dicom", policy, store)
     rebooted.spend(200, dt.datetime(2026, 12, 1, 23, 17, tzinfo=cst).timestamp())  # the stale clock
     corrected = dt.datetime(2026, 12, 2, 0, 50, tzinfo=cst).timestamp()  # chrony stepped it
     assert rebooted.spent_today(corrected) == 1000
@@ -143,7 +143,7 @@ def test_shut_by_window_and_budget_says_when_both_allow(window, spent_at, asked_
         return dt.datetime(2026, 12, day_hour[0], day_hour[1], tzinfo=UTC).timestamp()
 
     policy = MeterPolicy(daily_budget_bytes=1000, windows=(SendWindow.parse(window),), zone=UTC)
-    meter = Meter("dicom", policy, MemoryStatus())
+    meter = Meter.charging("dicom", policy, MemoryStatus())
     meter.spend(1000, at(spent_at))
     blocked = meter.blocked(at(asked_at))
     assert blocked is not None
@@ -296,8 +296,8 @@ def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Pa
 
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
     sizes = visit_bundles(outbox, 6)
-    budget = Meter("fhir", MeterPolicy(daily_budget_bytes=int(2.5 * max(sizes)), zone=UTC), outbox)
-    shut = Meter("fhir", MeterPolicy(windows=(SendWindow.parse("00:00-00:01"),), zone=UTC), MemoryStatus())
+    budget = Meter.charging("fhir", MeterPolicy(daily_budget_bytes=int(2.5 * max(sizes)), zone=UTC), outbox)
+    shut = Meter.charging("fhir", MeterPolicy(windows=(SendWindow.parse("00:00-00:01"),), zone=UTC), MemoryStatus())
     with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url, gzip="never")) as sender:
         assert forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=shut).claimed == 0
         counts = forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=budget)
@@ -319,7 +319,7 @@ def test_fhir_requests_that_never_left_the_gateway_are_not_counted(tmp_path: Pat
 
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
     visit_bundles(outbox, 2)
-    meter = Meter("fhir", MeterPolicy(daily_budget_bytes=2**20, zone=UTC), outbox)
+    meter = Meter.charging("fhir", MeterPolicy(daily_budget_bytes=2**20, zone=UTC), outbox)
     nobody = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens: the connection is refused
     with FhirSender(FhirSenderSettings(base_url=nobody, gzip="never")) as sender:
         for attempt in range(3):
@@ -349,7 +349,7 @@ def test_report_polling_asks_only_about_stat_studies_while_shut(tmp_path: Path) 
         never_now = (dt.datetime.fromtimestamp(later, UTC).hour * 60 + 12 * 60) % 1440  # a minute 12 h away
         window = SendWindow(never_now, never_now + 1)
         with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
-            meter = Meter("reports", MeterPolicy(windows=(window,), zone=UTC), outbox)
+            meter = Meter.charging("reports", MeterPolicy(windows=(window,), zone=UTC), outbox)
             poller = make_poller(config, store, peer_settings(config.reading_center), meter)
             poller.clock = lambda: later
             shut = poller.run_round()
@@ -431,7 +431,7 @@ def test_fhir_spending_is_what_crossed_the_link_like_dicom(tmp_path: Path) -> No
 
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
     visit_bundles(outbox, 4)
-    meter = Meter("fhir", MeterPolicy(daily_budget_bytes=2**30, zone=UTC), outbox)
+    meter = Meter.charging("fhir", MeterPolicy(daily_budget_bytes=2**30, zone=UTC), outbox)
     with FhirTestServer() as server, LinkRelay(PROFILES["lan"], "127.0.0.1", origin(server.base_url)[2]) as relay:
         settings = FhirSenderSettings(base_url=f"http://127.0.0.1:{relay.port}/fhir", gzip="never")
         with FhirSender(settings) as sender:

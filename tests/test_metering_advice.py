@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import html
+import json
 import math
 import threading
 import time
@@ -24,6 +25,8 @@ from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import held_since, meters
 from tests.metering_setup import DAY, queue_items, shut_window, shut_window_open_after_midnight
 from tests.service_harness import doctor
+from uploader.fhir_forwarder import FhirRoundResult
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
 from uploader.metering import KEEP_DAYS, Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
 
@@ -521,7 +524,13 @@ def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_
         outbox.release([other.id], "metered link: budget", now - 3 * DAY + 120, 0.0)
         worked = FhirRoundResult(claimed=5, sent=3, deferred=2)  # then the budget was spent
         # the reset was the link's (no answer): the round that failed recorded when, later rounds keep it
-        status = {"last_round": dataclasses.asdict(worked), "at": now - 3600, "last_error_at": now - 3 * DAY + 120}
+        status = {
+            "last_round": dataclasses.asdict(worked),
+            "at": now - 3600,
+            "last_error_at": now - 3 * DAY + 120,
+            "said": "answered",
+            "last_sent_at": now - 3600,
+        }
         outbox.record_status(STATUS_NAME, status, now - 3600)
     found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
     text = render_text(found)
@@ -646,7 +655,8 @@ def test_a_fhir_budget_spent_by_failing_sends_is_not_said_to_be_too_tight(tmp_pa
         outbox.mark_transient_failure(first.id, "read timed out", now - 590)
         outbox.release([i.id for i in rest], "FHIR server unavailable; sent in a later round", now - 590, 0.0)
         failed = FhirRoundResult(claimed=4, sent=0, transient=1)
-        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(failed), "at": now - 590}, now - 590)
+        status = {"last_round": dataclasses.asdict(failed), "at": now - 590, "said": "down", "down_since": now - 590}
+        outbox.record_status(STATUS_NAME, status, now - 590)
     text = render_text(queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue()))
     assert "link works" not in text and "too tight" not in text, text
     assert "link down" in text, text
@@ -787,7 +797,7 @@ NIGHT_WINDOW = '[reading_center.metered]\nwindows = ["22:00-06:00"]\ndaily_budge
 
 def night_meter(store: Outbox) -> Meter:
     """Window 22:00-06:00 and a 1 MB budget, as NIGHT_WINDOW configures them."""
-    return Meter("dicom", MeterPolicy(2**20, (SendWindow.parse("22:00-06:00"),), local_zone()), store)
+    return Meter("dicom", MeterPolicy(2**20, (SendWindow.parse("22:00-06:00"),), local_zone()), store, round_s=0.0)
 
 
 @pytest.mark.parametrize(
@@ -904,31 +914,56 @@ def test_an_ecg_tried_and_refused_alone_seconds_before_a_window_closed_is_stuck(
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == now - queued, snapshot
 
 
+class TooBigForTheLink(FhirSender):
+    """A real sender whose link carries every bundle within its (generous) timeout but the ones
+    carrying one of `visits`, which it gives up on after `timeout_s`: which send times out is the
+    test's choice, not the machine's speed (a loaded machine made an ordinary transaction outlast
+    a 1 s timeout, and the round stopped before the bundle meant to time out)."""
+
+    def __init__(self, settings: FhirSenderSettings, *visits: str, timeout_s: float) -> None:
+        super().__init__(settings)
+        self.visits, self.short = set(visits), dataclasses.replace(settings, timeout_s=timeout_s)
+
+    def post_transaction(self, body: bytes) -> dict:
+        from tests.fhir_server import encounter_identifiers
+
+        if not self.visits.intersection(encounter_identifiers(json.loads(body))):
+            return super().post_transaction(body)
+        patient, self.settings = self.settings, self.short
+        try:
+            return super().post_transaction(body)
+        finally:
+            self.settings = patient
+
+
 def test_a_visit_record_whose_send_timed_out_after_another_went_is_not_said_refused_alone(tmp_path: Path) -> None:
     """A flaky 2G link: the first visit record goes, the second is too big for the link and times
     out in the same round. Once a clean round ran, it was said refused alone: "the county platform
     refuses this one visit record (last answer: ReadTimeout)". No answer is the link's."""
     from lastmile.services.metered import refused_alone
+    from tests.fhir_samples import visit
     from tests.fhir_server import FhirTestServer
     from tests.waiting import wait_for
     from uploader.fhir_forwarder import forward_fhir_once
-    from uploader.fhir_sender import FhirSender, FhirSenderSettings
 
     t0 = time.time()
-    settings = FhirSenderSettings(base_url="", timeout_s=1.0)
-    with FhirTestServer() as server, FhirSender(dataclasses.replace(settings, base_url=server.base_url)) as sender:
-        server.timeout_delay_s = 3.0
-        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
-            for n in range(3):
-                queue_visit(outbox, n, t0)
+    with FhirTestServer() as server:
+        settings = FhirSenderSettings(base_url=server.base_url)
+        with TooBigForTheLink(settings, visit(1).visit_id, timeout_s=1.0) as sender:
+            server.timeout_delay_s = 3.0  # the platform answers it, after the sender gave up
             server.faults.extend(["", "timeout"])
-            assert forward_fhir_once(outbox, sender, t0, batch_size=1).transient == 1
-            wait_for(lambda: server.stats.transactions == 2, timeout=30)  # it answers again, late
-            queue_visit(outbox, 9, t0 + 1)
-            assert forward_fhir_once(outbox, sender, t0 + 1).sent == 2  # a clean round
-            [timed_out] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
-            assert "Timeout" in (timed_out.last_error or "")
-            assert not refused_alone(timed_out, outbox)
+            with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+                for n in range(3):
+                    queue_visit(outbox, n, t0)
+                first = forward_fhir_once(outbox, sender, t0, batch_size=1)
+                assert (first.sent, first.transient) == (1, 1), first  # visit 0 went, visit 1 timed out
+                assert server.stats.faults_served == ["timeout"], server.stats
+                wait_for(lambda: server.stats.transactions == 2, what="the late answer's transaction applied")
+                queue_visit(outbox, 9, t0 + 1)
+                assert forward_fhir_once(outbox, sender, t0 + 1).sent == 2  # a clean round
+                [timed_out] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
+                assert "Timeout" in (timed_out.last_error or "")
+                assert not refused_alone(timed_out, outbox)
     text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: t0 + DAY).check_queue()))
     assert "refuses this one" not in text, text
 
@@ -1010,3 +1045,27 @@ def test_a_visit_record_answered_429_before_a_clean_round_is_not_said_refused_al
             assert not refused_alone(busy, outbox)
     text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: t0 + DAY).check_queue()))
     assert "refuses this one" not in text, text
+
+
+@pytest.mark.parametrize(
+    "last_round",
+    [
+        dataclasses.asdict(FhirRoundResult(claimed=1, sent=1)),  # as the sender before 2b828d8 recorded a round
+        dataclasses.asdict(FhirRoundResult(claimed=1, transient=1)),
+        "damaged",
+    ],
+    ids=["took-one", "failed-one", "damaged"],
+)
+def test_a_status_recorded_before_the_sender_judged_the_platform_reads_unknown(
+    tmp_path: Path, last_round: object
+) -> None:
+    """A status the FHIR sender wrote before it recorded what the platform said (`Said`, 2b828d8;
+    every round that claims anything rewrites it): neither working nor failing, never a crash."""
+    from lastmile.services.link_status import fhir_link_failing, fhir_link_worked
+    from uploader.fhir_forwarder import STATUS_NAME
+
+    now = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.record_status(STATUS_NAME, {"last_round": last_round, "at": now - 3600}, now - 3600)
+        status = outbox.status(STATUS_NAME)
+    assert (fhir_link_worked(status), fhir_link_failing(status)) == (False, False), status

@@ -104,7 +104,8 @@ def test_outbox_counts_ages_holds_and_links_as_the_outbox_api_left_them(outbox: 
     assert snap.quality == {"warn": 1, "acceptable": 1, "re-record": 1, "unchecked": 3}
     assert snap.last_committed_at == {"dicom": NOW - 100}
     assert snap.links["dicom"].state == "up" and snap.links["dicom"].last_success_at == NOW - 150
-    assert snap.links["fhir"].state == "down" and snap.links["fhir"].last_failure_at == NOW - 50
+    # f1's failure is not a judgement of the platform: no FHIR round recorded one (the doctor's word too)
+    assert snap.links["fhir"].state == "unknown" and snap.links["fhir"].last_failure_at is None
 
     # the forwarder's configuration fault, as uploader.ecg_forwarder records it
     outbox.record_status("reading_center", {"fault": "association rejected: calling AE not recognised"}, NOW)
@@ -127,15 +128,6 @@ def test_reading_takes_no_write_lock_and_cannot_write(outbox: Outbox, tmp_path: 
         # the snapshot is the one the transaction began with
         assert conn.execute("SELECT COUNT(*) FROM items").fetchone() == (1,)
     assert sources.read_outbox(tmp_path, NOW).counts[("dicom", "queued")] == 2  # type: ignore[union-attr]
-
-
-def test_fhir_refused_is_read_from_the_items_the_round_released(outbox: Outbox, tmp_path: Path) -> None:
-    """FHIR rounds overwrite their status every 2 s; the refusal stays on the released items."""
-    outbox.add(Kind.FHIR_BUNDLE, "f", b"{}", now=NOW)
-    outbox.claim(Kind.FHIR_BUNDLE, 1, NOW)
-    outbox.release([1], "configuration fault: HTTP 401 token refused", NOW, 300.0)
-    outbox.record_status("fhir", {"last_round": {"claimed": 0, "fault": None}, "at": NOW + 2}, NOW + 2)
-    assert sources.read_outbox(tmp_path, NOW).links["fhir"].state == "refused"  # type: ignore[union-attr]
 
 
 # -- returned reports ----------------------------------------------------------------
@@ -516,3 +508,19 @@ def test_a_county_platform_that_does_not_answer_is_down(tmp_path: Path) -> None:
     config = config_at(write_config(tmp_path))
     not_answering_after_taking_one(config, time.time() - 60)
     assert fhir_link_state(config) == {"up": 0, "down": 1, "refused": 0}
+
+
+def test_a_county_platform_taking_records_again_after_refusing_the_token_is_up(tmp_path: Path) -> None:
+    """The platform refused the gateway's token (401); the county IT fixed it and the next visit
+    record went: the county's link_state still said "refused" (read from the bundles the refused
+    round held back 5 minutes) while the platform took records."""
+    config = config_at(write_config(tmp_path))
+    t0 = time.time() - 60
+    with FhirTestServer(token="county-token") as server, forwarding(config, server.base_url) as (outbox, sender):
+        queue_visits(outbox, range(2))
+        assert forward_fhir_once(outbox, sender, t0).fault
+        assert fhir_link_state(config) == {"up": 0, "down": 0, "refused": 1}
+        server.token = None  # the county IT fixed it
+        queue_visits(outbox, range(2, 3))
+        assert forward_fhir_once(outbox, sender, t0 + 30).sent == 1
+    assert fhir_link_state(config) == {"up": 1, "down": 0, "refused": 0}

@@ -81,6 +81,23 @@ def test_readings_reach_the_platform_once_on_their_patients(tmp_path: Path) -> N
     outbox.close()
 
 
+def test_readings_go_on_when_their_sent_record_is_refused(tmp_path: Path) -> None:
+    """The Sent page's record of the readings (clinic.db) refused - busy past its timeout - holds
+    nothing back: they are relayed and marked done as without it."""
+    import sqlite3
+
+    def refused(relayed: list, now: float) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    outbox, store = record_three(tmp_path)
+    now = (T0 + 10 * MIN).timestamp()
+    assert relay_observations(outbox, NAMING, now, record=refused) == 3
+    assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
+    assert len(outbox.items(kind=Kind.FHIR_BUNDLE)) == 3
+    store.close()
+    outbox.close()
+
+
 def test_a_relay_cut_short_queues_nothing_twice(tmp_path: Path) -> None:
     outbox, store = record_three(tmp_path)
     now = (T0 + 10 * MIN).timestamp()

@@ -207,6 +207,25 @@ def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> 
         context.close()
 
 
+def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:
+    """The check-in form takes a resident ID card number or a clinic number. 张三 is checked in
+    by his ID card number, his check-in ends, and later he is checked in by his clinic number:
+    the gateway took that for a typo corrected (the next check-in, the same name under another
+    ID) and forgot his name on his ID card number. A correction is the current patient replaced
+    by another ID under the same name while he is checked in; an ended check-in is not corrected."""
+    id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Zhang^San=张^三"
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient(id_card, name, now=T0)
+        assert context.clear(now=T0 + 10 * MIN, reason="ended-by-doctor")
+        context.set_patient(clinic_number, name, now=T0 + 60 * MIN)
+        later = T0 + 70 * MIN
+        assert context.known_name(id_card, later) == name
+        assert context.known_name(clinic_number, later) == name
+    finally:
+        context.close()
+
+
 def test_observation_json_round_trip() -> None:
     obs = bp(T0)
     assert observation_from_json(json.loads(json.dumps(observation_to_json(obs)))) == obs

@@ -26,8 +26,9 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.doctor import Doctor, Level
 from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.policy import DAY, HOUR, PollPolicy, StudyClock
+from lastmile.reports.sent_readings import SentReading
 from lastmile.reports.store import ReportStore, SentStudy
-from tests.console_harness import printed_jobs, stand_in_lp
+from tests.console_harness import printed_jobs, set_aside_outbox, stand_in_lp
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import (
@@ -180,6 +181,60 @@ def test_retention_deletes_old_studies_securely_but_keeps_unacknowledged_critica
     store.acknowledge(crit.id, "dr-li", utc())
     assert store.purge_expired(utc(), retention_days=30, window_days=14) == 1
     assert store.get(crit.id) is None
+
+
+def sent_bp(item_id: int, name: str, at: float) -> SentReading:
+    return SentReading(
+        item_id,
+        f"bp-{item_id}",
+        "P1",
+        name,
+        "blood-pressure",
+        "131/84 mm[Hg]",
+        "Acme BP-1",
+        utc(at),
+        "device-clock",
+        utc(at),
+        "https://county.example/fhir",
+    )
+
+
+def test_retention_deletes_the_sent_readings_of_as_long_ago_securely(store, tmp_path) -> None:
+    """The sent-reading records (the Sent page's, past the outbox's purge) go as the sent studies
+    do: after the retention, their patient zeroed in clinic.db and its WAL."""
+    assert (
+        store.record_sent_readings([sent_bp(1, "MARKER-OLD-READING", NOW - 40 * DAY), sent_bp(2, "Li^Lei", NOW)]) == 2
+    )
+    assert store.record_sent_readings([sent_bp(2, "Li^Lei", NOW)]) == 0  # a relay cut short and done again
+    store.purge_expired(utc(), retention_days=30, window_days=14)
+    assert [r.outbox_item_id for r in store.recent_sent_readings(10)] == [2]
+    files = [p for p in (tmp_path / "data").iterdir() if p.name.startswith("clinic.db")]
+    assert not any(b"MARKER-OLD-READING" in p.read_bytes() for p in files)
+
+
+def test_with_reports_off_the_forward_service_prunes_old_sent_records(tmp_path) -> None:
+    """A county with no report return (reports.source "off") runs no report poller: the sent
+    studies and readings were pruned only by it, so clinic.db kept one row per ECG and per reading
+    forever on the SD card. The forward service's own housekeeping prunes them on the retention."""
+    from lastmile.services.forward import ForwardService
+
+    config = gateway_config(tmp_path, free_port(), "PACS")
+    config.reports.source = "off"
+    config.reading_center.storage_commitment = False  # no ECG to send: nothing listens
+    now = time.time()
+    old = now - (max(config.reports.retention_days, config.reports.window_days) + 1) * DAY
+    with ReportStore.open(config.data_dir) as store:
+        sent(store, at=old)
+        recent_study = sent(store, at=now)
+        store.record_sent_readings([sent_bp(1, "MARKER-OLD-READING", old), sent_bp(2, "Li^Lei", now)])
+    service = ForwardService(config)
+    try:
+        service.step(threading.Event())
+    finally:
+        service.close()
+    with ReportStore.open(config.data_dir) as store:
+        assert [s.study_uid for s in store.studies()] == [recent_study.study_uid]
+        assert [r.outbox_item_id for r in store.recent_sent_readings(10)] == [2]
 
 
 # -- critical alerts -----------------------------------------------------------------------------------
@@ -348,6 +403,45 @@ def test_recorder_keeps_what_the_doctor_needs_after_the_outbox_purged_it(move_on
         assert study.committed_at == dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)
 
 
+def test_a_new_outbox_s_commitment_is_not_copied_to_an_earlier_outbox_s_study(move_only_center) -> None:
+    """An ECG sent but not yet confirmed when its outbox was lost (set aside, made anew: item ids
+    from 1 again): the recorder copied the new outbox's item 1's commitment time to it - the
+    county "confirmed" an ECG it may never have kept."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.reports.sent import SentStudyRecorder
+
+    _center, config = move_only_center
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        item = enqueue_recording(outbox, make_recording(9), config, key="lost").item
+        at = time.time()
+        outbox.release_hold(item.id, at)  # a synthetic trace may be held to re-record
+        (claimed,) = outbox.claim("dicom", 1, at)
+        outbox.mark_sent([claimed.id], at)
+        assert SentStudyRecorder(outbox, store).record_item(item.id, utc(at)) == 1
+    set_aside_outbox(config)
+    lost, study = send_ecgs(config, [make_recording(10)])
+    assert study.outbox_item_id == lost.outbox_item_id == 1 and study.committed_at is not None
+    assert lost.committed_at is None, lost
+
+
+def test_a_study_recorded_before_item_keys_were_kept_takes_its_own_item_s_key_at_start(move_only_center) -> None:
+    """A sent study recorded before clinic.db kept its item's key (0029) matches no item; the
+    recorder's start gives it the key of its item while the outbox still holds that item (the
+    same study UID): purged later, it still shows its patient."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.reports.sent import SentStudyRecorder
+
+    _center, config = move_only_center
+    (study,) = send_ecgs(config, [make_recording(11)])
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0029
+        item = outbox.get(1)
+        assert item is not None and store.studies_of_items([item]) == {}
+        SentStudyRecorder(outbox, store).backfill()
+        assert store.studies_of_items([item])[1].study_uid == study.study_uid
+
+
 def test_c_move_when_the_pacs_offers_no_c_get(move_only_center) -> None:
     center, config = move_only_center
     (study,) = send_ecgs(config, [make_recording(6)])
@@ -375,7 +469,7 @@ def test_reports_moved_to_us_count_against_the_report_polling_budget(move_only_c
     pdf = report_pdf(to_read(study), [base64.b64encode(os.urandom(60)).decode() for _ in range(300)])
     center.add_report(pdf)
     with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
-        meter = Meter("reports", MeterPolicy(daily_budget_bytes=2**30, zone=dt.timezone.utc), outbox)
+        meter = Meter.charging("reports", MeterPolicy(daily_budget_bytes=2**30, zone=dt.timezone.utc), outbox)
         poller = make_poller(config, store, peer_settings(config.reading_center), meter)
         try:
             result = poller.run_round(force=True)

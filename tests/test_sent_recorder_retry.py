@@ -45,6 +45,7 @@ def send(recorder: SentStudyRecorder, outbox: SentItems, uid: str, item_id: int 
     """The forwarder's "sent" event for an ECG item of study `uid` (the observer's own way in)."""
     outbox.items[item_id] = SimpleNamespace(
         id=item_id,
+        key=f"dicom:{uid}",  # the record keeps its item's key (lastmile.reports.store.is_record_of)
         kind=Kind.DICOM,
         meta={"study_uid": uid, "acquired_at": "2027-01-01T08:00:00+08:00"},
         patient={"patient_id": "P1"},

@@ -859,6 +859,50 @@ def test_readings_all_held_in_memory_only_and_lost_at_a_stop_are_said_once(
     assert "网关停机时丢失：3 条测量结果（当时仅在内存中）" in page, page  # not on the doctor's and CLI's word only
 
 
+def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_lost_for_that_cause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/clinic/devices.py lost_message: a monitor's readings, refused by a locked outbox
+    (another process writing) and held in memory only, were lost when the gateway stopped; the
+    restarted gateway's journal and `lastmile doctor` said they were "held in memory only (waiting
+    for space)", so the county technician freed disk space that was not the problem. Now the loss
+    says the cause its row said (DeviceRecord.held_cause), and its advice is the county IT's."""
+    import logging
+    import sqlite3
+
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor, Level
+    from lastmile.services import serial_devices
+
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    r.outbox.db.conn.execute("PRAGMA busy_timeout=50")  # refused at once, not after the 15 s busy wait
+    other = sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the outbox's write lock
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "database is locked", full=False)
+        assert r.registry.get("serial:monitor").held_in_memory_only
+    finally:
+        r.close()  # the readings are lost with the gateway's memory
+        monitor.unplug()
+        other.rollback()
+        other.close()
+    with caplog.at_level(logging.ERROR, logger=serial_devices.__name__):
+        r = Running(tmp_path, r.config.serial.devices)
+    try:
+        found = [f for f in Doctor(r.config).check_devices() if "lost when" in f.message]
+    finally:
+        r.close()
+    journal = [m for m in caplog.messages if "lost when the gateway stopped" in m]
+    assert journal and all("database is locked" in m and "space" not in m for m in journal), journal
+    (lost,) = found
+    assert lost.level is Level.FAIL and "database is locked" in lost.message, lost.message
+    assert "for space" not in lost.message + lost.hint, (lost.message, lost.hint)
+    zh = advice_text(lost, Localizer("zh-CN", local_zone()))  # the System page's advice
+    assert "丢失" in zh and "存储空间不足" in zh and "等待存储空间" not in zh, zh
+
+
 def test_readings_a_row_from_before_the_counts_held_in_memory_only_are_not_lost_silently(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

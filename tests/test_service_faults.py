@@ -311,7 +311,7 @@ def test_a_row_held_by_a_locked_outbox_says_its_cause_not_waiting_for_space(
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 3600)  # still held when the pages are read
     with monitor_on_the_acquire_part(tmp_path) as m:
-        with outbox_locked(m):  # released first: the console's stop waits on a locked outbox
+        with outbox_locked(m):  # the row keeps the cause once the lock is gone
             readings_held_by_a_locked_outbox(m)
         said = devices_command_says(m, capsys)
         card = devices_page_card(m, browser)
@@ -344,6 +344,54 @@ def test_held_readings_refused_for_space_after_a_lock_are_said_waiting_for_space
     assert "3 reading(s) waiting for space" in said and "database is locked" not in said, said
     (held,) = [f for f in findings if f.level is Level.FAIL]
     assert "free space" in held.hint, (held.message, held.hint)
+
+
+def test_the_journal_says_the_cause_of_readings_held_by_a_locked_outbox_not_space(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/serial_devices.py _say_waiting: readings held because the outbox was
+    locked (not full) were journalled "3 reading(s) waiting for space on the data partition",
+    while the row (DeviceRecord.held_cause) said the real cause: the county technician reading
+    the journal freed disk space that was not the problem. Now the journal says what the row says."""
+    import logging
+
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 3600)  # the lines of the holding, not of retries
+    with (
+        caplog.at_level(logging.INFO, logger="lastmile.services.serial_devices"),
+        monitor_on_the_acquire_part(tmp_path) as m,
+        outbox_locked(m),
+    ):
+        readings_held_by_a_locked_outbox(m)
+        said = [r.getMessage() for r in caplog.records if r.name == serial_devices.__name__]
+    assert not [line for line in said if "space" in line], said
+    waiting = [line for line in said if "waiting to be stored" in line]
+    assert waiting and all("database is locked" in line for line in waiting), said
+
+
+def test_a_store_error_worded_otherwise_keeps_its_advice_and_is_cleared_by_its_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/clinic/devices.py problem_kind: a device row's error was told to the doctor by its
+    opening words, so the serial service's "cannot store" error worded otherwise (here translated,
+    "无法保存") was "it reported a problem": `lastmile doctor` told to free space for readings a
+    locked outbox held, and the error stayed once they were stored. Now the writer records the
+    error's kind with it: the words are the technician's alone."""
+    import lastmile.services.serial_devices as serial_devices
+    from lastmile.doctor import Doctor
+
+    monkeypatch.setattr(serial_devices, "CANNOT_STORE", "无法保存：")
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.5)
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        with outbox_locked(m):
+            readings_held_by_a_locked_outbox(m)
+            assert m.device().last_error.startswith("无法保存："), m.device().last_error
+            findings = Doctor(m.config).check_devices()
+            (held,) = [f for f in findings if f.level is Level.FAIL]
+            assert "free space" not in held.hint and "database is locked" in held.message, (held.message, held.hint)
+        wait_for(lambda: not m.device().waits_for_space, timeout=30)
+        assert m.device().last_error == "", m.device().last_error  # cleared by its kind, whatever its words
 
 
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
@@ -416,3 +464,22 @@ def test_doctor_says_ok_for_the_commitment_port_held_by_lastmile_forward(tmp_pat
     finally:
         stop_child(forward)
     assert ours[0].level is Level.OK and f"port {port}" in ours[0].message, ours
+
+
+def test_a_store_error_just_after_a_rejected_report_is_said_not_space(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py SerialContext.error: a row's error was written at most
+    once every ERROR_STATUS_EVERY_S, whatever its kind. A monitor switched off mid-print (its cut
+    report rejected), then its next report refused by a locked outbox: the "cannot store" error
+    came within the 5 s and was dropped, so the row said the readings wait for space and
+    `lastmile doctor` told to free space, which does nothing for a lock. A new kind of error is
+    written at once now (the same kind still at most every 5 s: a port spewing garbage)."""
+    from lastmile.doctor import Doctor
+
+    with monitor_on_the_acquire_part(tmp_path) as m, outbox_locked(m):
+        m.monitor.write(m.report[: m.report.index(b"PULSE")] + m.report)  # cut short, then printed again
+        wait_for(lambda: m.device().held_reading_count == 3, timeout=30)
+        row = m.device()
+        findings = Doctor(m.config).check_devices()
+    assert "database is locked" in row.waiting and "space" not in row.waiting, (row.last_error, row.waiting)
+    (held,) = [f for f in findings if f.level is Level.FAIL]
+    assert "free space" not in held.hint, (held.message, held.hint)

@@ -333,7 +333,7 @@ class EcgForwarder:
         self._open: set[StoreAssociation] = set()  # associations sending now (they share the link's rate)
         self._object_bytes: float | None = None  # a routine object's wire bytes (smoothed)
         self._lanes_lock = threading.Lock()
-        self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
+        self.meter = Meter.charging("dicom", settings.meter, outbox) if settings.meter is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

@@ -90,9 +90,11 @@ class Blocked:
 class Meter:
     """One destination's budget and windows. Thread-safe within a process. `round_s`: how long its
     sender's round takes to try a routine item queued while the link is open (what the meter holds
-    is judged with it: lastmile.services.metered.held_since, sender_round_s)."""
+    is judged with it: lastmile.services.metered.held_since, sender_round_s). Required: a meter made
+    without it judged an item held as soon as it was queued; one that only charges and admits is
+    `Meter.charging`."""
 
-    def __init__(self, name: str, policy: MeterPolicy, store: StatusStore, round_s: float = 0.0) -> None:
+    def __init__(self, name: str, policy: MeterPolicy, store: StatusStore, round_s: float) -> None:
         self.name = name
         self.policy = policy
         self.store = store
@@ -102,6 +104,12 @@ class Meter:
         # associations each checking only what was charged all went while the others' objects
         # were on the wire, and spent the budget several times over
         self._in_flight: dict[object, int] = {}
+
+    @classmethod
+    def charging(cls, name: str, policy: MeterPolicy, store: StatusStore) -> Meter:
+        """A sender's meter that only charges and admits what it sends, never asked what it holds
+        (`held_since`): no sender round to judge with."""
+        return cls(name, policy, store, round_s=0.0)
 
     @property
     def status_name(self) -> str:

@@ -119,6 +119,10 @@ WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: fewer checkpoints, fewer pa
 # outbox's lock meanwhile, and a console page reading for 15 s must not stall sending each round.
 # A checkpoint a reader puts off is owed and done by the next purge.
 CHECKPOINT_WAIT_MS = 500
+# Releasing claims at close waits this long for another process's write lock, not the whole busy
+# timeout: a stop must be prompt (systemd's TimeoutStopSec, a power cut coming). Claims are not
+# durable: one left behind is put back in the queue, uncharged, by the next open's recovery.
+RELEASE_AT_CLOSE_WAIT_MS = 1000
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 DEFAULT_MAX_INTERRUPTED_SENDS = 5  # sends cut short in a row (process killed) before quarantine
 PURGE_CHUNK = 16  # items purged per transaction
@@ -439,6 +443,9 @@ class Outbox:
         self._locks_dir.mkdir(mode=0o700, exist_ok=True)
         self.owner = f"{current_boot()}-{uuid.uuid4().hex}"
         self._owner_lock: OwnerLock | None = OwnerLock(self._locks_dir, self.owner)
+        # only an Outbox that claimed (the forwarder's) has claims to release at close: the others'
+        # close then writes nothing, and does not wait out the busy timeout on a locked database
+        self._has_claimed = False
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
@@ -501,9 +508,11 @@ class Outbox:
             if self._owner_lock is None:
                 return
             try:
-                self.release_claims(time.time())
+                if self._has_claimed:
+                    with self._busy_timeout(RELEASE_AT_CLOSE_WAIT_MS):
+                        self.release_claims(time.time())
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
-                log.warning("could not release claims at close: %s", exc)
+                log.warning("could not release claims at close (the next open puts them back in the queue): %s", exc)
             self._conn.close()
             self._owner_lock.release()
             self._owner_lock = None
@@ -547,6 +556,17 @@ class Outbox:
             finally:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
+
+    @contextlib.contextmanager
+    def _busy_timeout(self, ms: int) -> Iterator[None]:
+        """Meanwhile this connection waits at most `ms` for another's lock ("database is locked"
+        after), not the whole busy timeout."""
+        with self._lock:
+            self._conn.execute(f"PRAGMA busy_timeout={ms}")
+            try:
+                yield
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _commit(
         self, body: Callable[[sqlite3.Connection], _T], *, use_reserve: bool = True, durable: bool = True
@@ -961,6 +981,7 @@ class Outbox:
             ).fetchall()
             return rows, [(r[0], r[1]) for r in doomed]
 
+        self._has_claimed = True  # before the commit: a claim it may have made is released at close
         # not fsynced: a claim a power cut undoes leaves the items queued, as before it
         rows, doomed = self._commit(body, durable=False)
         for item_id, times in doomed:
@@ -1382,12 +1403,8 @@ class Outbox:
         """Copy the WAL into the database and truncate it; False if readers kept it busy (or
         the disk is too full for it now: the next purge tries again)."""
         try:
-            with self._lock:
-                self._conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
-                try:
-                    busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                finally:
-                    self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            with self._busy_timeout(CHECKPOINT_WAIT_MS):
+                busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.OperationalError as exc:
             if not is_disk_full(exc):
                 raise

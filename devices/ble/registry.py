@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices.ble import uuids
+from devices.ble.battery import decode_battery_level
 from devices.ble.blood_pressure import (
     decode_blood_pressure_feature,
     decode_blood_pressure_measurement,
@@ -63,6 +64,7 @@ _SPECS = [
     CharacteristicSpec(uuids.DATE_TIME, "Date Time", lambda data: decode_date_time(bytes(data))),
     CharacteristicSpec(uuids.SYSTEM_ID, "System ID", decode_system_id),
     CharacteristicSpec(uuids.PNP_ID, "PnP ID", decode_pnp_id),
+    CharacteristicSpec(uuids.BATTERY_LEVEL, "Battery Level", decode_battery_level),
     *(CharacteristicSpec(u, name, _string_decoder(name)) for u, name in STRING_CHARACTERISTICS.items()),
 ]
 DECODERS: dict[int, CharacteristicSpec] = {s.uuid16: s for s in _SPECS}

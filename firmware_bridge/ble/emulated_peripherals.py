@@ -32,6 +32,7 @@ from bumble.gatt import (
 )
 
 from devices.ble import racp, uuids
+from devices.ble.battery import encode_battery_level
 from devices.ble.current_time import decode_current_time, encode_current_time
 from devices.ble.payload import encode_date_time
 from devices.ble.sfloat import encode_float, encode_sfloat
@@ -86,6 +87,7 @@ class EmulatedPeripheral:
     drop_after: int | None = None  # drop the link after this many records, the first time only
     readvertise: bool = False  # advertise again after every disconnection (always after a drop)
     advertising_interval_ms: float = 100.0
+    battery_level: int | None = None  # percent: a Battery Service serves it (None: no such service)
 
     device: Device = field(init=False)
     clock: DeviceClock = field(init=False)
@@ -126,6 +128,11 @@ class EmulatedPeripheral:
             ],
         )
         services = [dis, Service(f"{self.SERVICE:04X}", self.health_characteristics())]
+        if self.battery_level is not None:
+            level = Characteristic(
+                f"{uuids.BATTERY_LEVEL:04X}", P.READ, READABLE, encode_battery_level(self.battery_level)
+            )
+            services.append(Service(f"{uuids.BATTERY_SERVICE:04X}", [level]))
         if self.current_time_service:
             value = CharacteristicValue(
                 read=lambda _c: encode_current_time(self.clock.now().replace(microsecond=0)),

@@ -49,6 +49,7 @@ from bleak.exc import BleakDBusError, BleakError, BleakGATTProtocolError
 from bleak_retry_connector import establish_connection
 
 from devices.ble import registry, uuids
+from devices.ble.battery import decode_battery_level
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
 from devices.ble.current_time import CurrentTime, encode_current_time
 from devices.ble.device_information import STRING_CHARACTERISTICS, device_identity
@@ -57,7 +58,7 @@ from devices.ble.measurement import Measurement, record_key, to_observation
 from devices.ble.pulse_oximeter import UNUSABLE
 from devices.ble.racp import RacpClient, RacpResult
 from devices.ble.uuids import full_uuid, short_uuid
-from devices.device_errors import MALFORMED, NOT_A_RESULT
+from devices.device_errors import MALFORMED, NOT_A_RESULT, DeviceProblem
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 from devices.observation import Observation
@@ -96,11 +97,13 @@ class DeviceStatus:
     connected: bool | None = None
     seen: bool = False
     error: str | None = None
+    problem: DeviceProblem = DeviceProblem.OTHER  # the kind of `error`, what the doctor is told
     identity: DeviceIdentity | None = None
     name: str | None = None  # the name it advertises (the gateway keeps the one it was paired by)
     # 16-bit SIG UUIDs of the services it advertised (seen) or offers (connected): a cuff called
     # by its model number is still known by its Blood Pressure service before its first reading
     services: frozenset[int] = frozenset()
+    battery_level: int | None = None  # percent, as its Battery Level said when read at connect
 
 
 class GatewayPort(Protocol):
@@ -194,6 +197,7 @@ class DeviceSession:
             try:
                 self.identity = await self._read_identity()
                 self.port.report(DeviceStatus(self.address, identity=self.identity))
+                await self._report_battery()
                 await self._set_clock()
                 await self._subscribe_all()
                 if self._char(uuids.RECORD_ACCESS_CONTROL_POINT) is not None:
@@ -249,6 +253,18 @@ class DeviceSession:
             except (ProtocolError, BleakGATTProtocolError) as exc:
                 log.warning("%s: %s unreadable: %s", self.address, what, exc)
         return device_identity(self.address, strings)
+
+    async def _report_battery(self) -> None:
+        """Its charge, when it offers a readable Battery Level: the Devices page says it, and a
+        cuff's flat battery is seen before it dies mid-clinic. A value that makes no sense is logged."""
+        try:
+            raw = await self._read(uuids.BATTERY_LEVEL)
+            level = decode_battery_level(raw) if raw is not None else None
+        except (ProtocolError, BleakGATTProtocolError) as exc:
+            log.warning("%s: Battery Level unreadable: %s", self.address, exc)
+            return
+        if level is not None:
+            self.port.report(DeviceStatus(self.address, battery_level=level))
 
     async def _set_clock(self) -> None:
         """Measure the device clock's error, then set it (Current Time Service, when offered)."""
@@ -345,7 +361,11 @@ class DeviceSession:
                 self._on_measurement(decoded, received_at)
         except ProtocolError as exc:
             log.warning("%s: malformed %04X value %s: %s", self.address, uuid16, bytes(data).hex(), exc)
-            self.port.report(DeviceStatus(self.address, error=f"{MALFORMED}{uuid16:04X} value: {exc}"))
+            self.port.report(
+                DeviceStatus(
+                    self.address, error=f"{MALFORMED}{uuid16:04X} value: {exc}", problem=DeviceProblem.UNREADABLE
+                )
+            )
         except Exception as exc:
             log.exception("%s: could not handle a %04X value", self.address, uuid16)
             self.port.report(DeviceStatus(self.address, error=f"{type(exc).__name__}: {exc}"))
@@ -396,7 +416,9 @@ class DeviceSession:
             log.debug("%s: %s reading not stored (%s)", self.address, m.kind, why)
             return
         log.warning("%s: %s reading not stored: the device marks it %s", self.address, m.kind, why)
-        self.port.report(DeviceStatus(self.address, error=f"{m.kind}{NOT_A_RESULT}{why}"))
+        self.port.report(
+            DeviceStatus(self.address, error=f"{m.kind}{NOT_A_RESULT}{why}", problem=DeviceProblem.NOT_A_RESULT)
+        )
 
     def _unpaired(self, m: Measurement) -> None:
         """Unpaired while connected (`lastmile ble unpair`): the doctor took it off this clinic's

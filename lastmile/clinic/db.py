@@ -181,6 +181,26 @@ def _reports(db: sqlite_utils.Database) -> None:
     db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
 
 
+# The words each kind of device error began with until 0026 (then devices.device_errors's, as
+# written here: the migration stays what it was when those constants change).
+_ERROR_WORDS_BEFORE_0026 = (
+    ("device gone", "unplugged"),
+    ("malformed ", "unreadable"),
+    ("report rejected:", "unreadable"),
+    ("code not recognised:", "code-not-recognised"),
+    ("cannot store ", "not-saved"),
+    ("ECG refused:", "ecg-refused"),
+    ("not started: ", "settings"),
+    ("forwarded device lines not read:", "forward-not-read"),
+)
+_ERROR_KINDS_BEFORE = (
+    "UPDATE devices SET last_error_kind = CASE"
+    " WHEN instr(last_error, ' readings not stored: device reports ') > 0 THEN 'not-a-result'"
+    + "".join(f" WHEN substr(last_error, 1, {len(w)}) = '{w}' THEN '{kind}'" for w, kind in _ERROR_WORDS_BEFORE_0026)
+    + " ELSE 'other' END WHERE COALESCE(last_error, '') != '';"
+)
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -277,6 +297,51 @@ MIGRATIONS = (
     # the session log by time: every change of the session prunes it to what is read (names of the
     # last day, lastmile.clinic.patients.NAME_KEPT) without reading the whole table on the SD card
     Migration.sql("0023_session_log_at", "CREATE INDEX session_log_at ON session_log (at);"),
+    # the charge a BLE device last reported (Battery Level, percent, read at connect) and when: the
+    # Devices page said "Battery: not reported" of every BLE device, as nothing read it. NULL: never
+    Migration.sql(
+        "0024_device_battery",
+        "ALTER TABLE devices ADD COLUMN battery_level INTEGER;\nALTER TABLE devices ADD COLUMN battery_at TEXT;",
+    ),
+    # the readings relayed to the county platform, kept past the outbox's purge of their items (as
+    # sent_studies keeps the ECGs): the Sent page still answers "did the BP go?" (lastmile.reports.
+    # sent_readings). One small row per reading, keyed by its outbox item (the page's order), no
+    # secondary index: recording a round's readings touches one B-tree page. Relayed is not sent:
+    # sent_at is when the platform took the bundle that carries it (bundle_key, or its home visit's
+    # visit_id), NULL until then; relayed_at (the relay's time) is what retention counts from
+    Migration.sql(
+        "0025_sent_readings",
+        "CREATE TABLE sent_readings (outbox_item_id INTEGER PRIMARY KEY, record_key TEXT NOT NULL, "
+        "patient_id TEXT NOT NULL, patient_name TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL, "
+        "summary TEXT NOT NULL, device TEXT NOT NULL DEFAULT '', measured_at TEXT NOT NULL, "
+        "time_source TEXT NOT NULL, relayed_at TEXT NOT NULL, sent_at TEXT, "
+        "bundle_key TEXT NOT NULL DEFAULT '', visit_id TEXT, destination TEXT NOT NULL DEFAULT '');",
+    ),
+    # the kind of a device row's error (devices.device_errors.DeviceProblem), written with it: what
+    # the doctor is told no longer hangs on the error's opening words (reworded, translated). The
+    # rows written before get theirs once, from the words they were written with then
+    Migration.sql(
+        "0026_device_error_kind", "ALTER TABLE devices ADD COLUMN last_error_kind TEXT;\n" + _ERROR_KINDS_BEFORE
+    ),
+    # wrong passwords in a row by the name typed, whether an account has it or not (bounded,
+    # lastmile.console.accounts): a real name and an unknown one are counted, kept and written
+    # alike, so neither a restart nor a write's time tells which names exist. console_users'
+    # failed_logins and locked_until are no longer read (their counts move here)
+    Migration.sql(
+        "0027_console_login_failures",
+        "CREATE TABLE console_login_failures (name TEXT PRIMARY KEY, failures INTEGER NOT NULL, "
+        "locked_until TEXT, failed_at TEXT NOT NULL);\n"
+        "INSERT INTO console_login_failures (name, failures, locked_until, failed_at) "
+        "SELECT name, COALESCE(failed_logins, 0), locked_until, created_at FROM console_users "
+        "WHERE failed_logins > 0 OR locked_until IS NOT NULL;",
+    ),
+    # why what a stop lost from memory waited, when not space (locked, damaged: the row's "cannot
+    # store" error then): the doctor's FAIL on the loss says it, not "waiting for space". NULL: space
+    Migration.sql("0028_device_lost_cause", "ALTER TABLE devices ADD COLUMN lost_cause TEXT;"),
+    # the outbox item's key with its id: outbox.sqlite made anew numbers its items from 1 again, and
+    # an earlier outbox's record of item 1 put another patient (and his report) on the new item 1.
+    # A row written before has none: it matches no item (lastmile.reports.store.is_record_of)
+    Migration.sql("0029_sent_study_item_key", "ALTER TABLE sent_studies ADD COLUMN item_key TEXT;"),
 )
 
 

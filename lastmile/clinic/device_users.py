@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import sqlite_utils
@@ -54,12 +54,17 @@ CHECKED_IN = UserMapping(None)
 
 
 def mapped_name(mapping: UserMapping, context: PatientContext, now: dt.datetime) -> str:
-    """The name a mapped user's reading goes under: what the session knows for the ID
-    (`PatientContext.known_name`, the owner), else the name stored with the mapping (a check-in
-    older than NAME_KEPT, or one typed with `map-user --name` for a patient never checked in)."""
-    if mapping.patient_id is None:
-        return ""
-    return context.known_name(mapping.patient_id, now) or mapping.patient_name
+    """`mapped_names` of one mapping."""
+    return mapped_names([mapping], context, now)[0]
+
+
+def mapped_names(mappings: Sequence[UserMapping], context: PatientContext, now: dt.datetime) -> list[str]:
+    """The name each mapped user's reading goes under: what the session knows for the ID
+    (`PatientContext.known_names`, the owner), else the name stored with the mapping (a check-in
+    older than NAME_KEPT, or one typed with `map-user --name` for a patient never checked in);
+    "" for whoever is checked in. One question to the session for all of them."""
+    known = context.known_names([m.patient_id for m in mappings if m.patient_id is not None], now)
+    return ["" if m.patient_id is None else known.get(m.patient_id) or m.patient_name for m in mappings]
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import sqlite_utils
 
-from devices import device_errors
+from devices.device_errors import DeviceProblem
 from devices.identity import DeviceIdentity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.config import Config
@@ -34,42 +34,6 @@ class HeldReadings(enum.StrEnum):
     NONE = ""
     DISK = "disk"  # in the spill file (lastmile.services.serial_spill)
     MEMORY = "memory"  # lost if the power fails: `lastmile doctor` FAILs
-
-
-class DeviceProblem(enum.StrEnum):
-    """What kind of problem a device row's error is, for what the doctor is told to do (the
-    console's words per kind; the error's own text stays for the technician)."""
-
-    UNPLUGGED = "unplugged"  # its port went away: the cable is out (or the device switched off)
-    UNREADABLE = "unreadable"  # it sent a measurement that cannot be read: measure again
-    NOT_A_RESULT = "not-a-result"  # it marks its readings demo/test/calibration: not stored
-    CODE_NOT_RECOGNISED = "code-not-recognised"  # a scanned card or code matched no pattern
-    NOT_SAVED = "not-saved"  # the gateway could not store what it sent
-    ECG_REFUSED = "ecg-refused"  # a recording that cannot become a DICOM ECG
-    SETTINGS = "settings"  # its settings keep it from working: the county IT's to fix
-    OTHER = "other"
-
-
-# What each of the words our links begin a row's error with (devices.device_errors: the writers
-# use them too) means for the doctor; classifying by them also covers rows written before there
-# was a kind.
-PROBLEM_PREFIXES: tuple[tuple[str, DeviceProblem], ...] = (
-    (device_errors.DEVICE_GONE, DeviceProblem.UNPLUGGED),
-    (device_errors.MALFORMED, DeviceProblem.UNREADABLE),
-    (device_errors.REPORT_REJECTED, DeviceProblem.UNREADABLE),
-    (device_errors.CODE_NOT_RECOGNISED, DeviceProblem.CODE_NOT_RECOGNISED),
-    (device_errors.CANNOT_STORE, DeviceProblem.NOT_SAVED),
-    (device_errors.ECG_REFUSED, DeviceProblem.ECG_REFUSED),
-    (device_errors.NOT_STARTED, DeviceProblem.SETTINGS),
-    (device_errors.FORWARD_NOT_READ, DeviceProblem.SETTINGS),
-)
-
-
-def problem_kind(error: str) -> DeviceProblem:
-    """The kind of the device row's error `error` (OTHER for one no doctor can act on alone)."""
-    if device_errors.NOT_A_RESULT in error:
-        return DeviceProblem.NOT_A_RESULT
-    return next((kind for prefix, kind in PROBLEM_PREFIXES if error.startswith(prefix)), DeviceProblem.OTHER)
 
 
 # How a device row's waiting words (DeviceRecord.waiting) say where its waiting readings are, for
@@ -115,9 +79,15 @@ class DeviceRecord:
     held_at: dt.datetime | None = None  # when its held status was last written
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
+    lost_cause: str = ""  # why they waited, when not space: the row's `held_cause` then ("": space)
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
+    battery_level: int | None = None  # percent, the last a BLE device reported (None: never read)
+    battery_at: dt.datetime | None = None  # when it was read
+    # the kind of its `last_error`, as its writer said (never read from the error's words), for
+    # what to tell the doctor; OTHER when there is none
+    problem: DeviceProblem = DeviceProblem.OTHER
 
     @property
     def waits_for_space(self) -> bool:
@@ -166,11 +136,6 @@ class DeviceRecord:
         return waiting_message(self.held_words, self.held_readings, self.memory_words, self.held_cause)
 
     @property
-    def problem(self) -> DeviceProblem:
-        """The kind of its `last_error`, for what to tell the doctor (OTHER when there is none)."""
-        return problem_kind(self.last_error)
-
-    @property
     def lost_words(self) -> str:
         """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
         return held_words(self.lost_reading_count, self.lost_ecg_count)
@@ -212,10 +177,11 @@ def waiting_message(words: str, held: HeldReadings, in_memory: str = "", cause: 
     return f"{words} waiting for space on the data partition ({where})"
 
 
-def lost_message(words: str) -> str:
+def lost_message(words: str, cause: str = "") -> str:
     """What a stop lost of `words` (`held_words`) held in memory only, for people (the journal,
-    `lastmile doctor`)."""
-    return f"{words} held in memory only (waiting for space) were lost when the gateway stopped"
+    `lastmile doctor`): waiting for space or, with a `cause` (`DeviceRecord.held_cause`), for that."""
+    waiting = f"waiting to be stored: {cause}" if cause else "waiting for space"
+    return f"{words} held in memory only ({waiting}) were lost when the gateway stopped"
 
 
 def services_text(services: Iterable[int]) -> str:
@@ -301,12 +267,25 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         held_at=from_iso(row["held_at"]),
         lost_after=from_iso(row["lost_after"]),
         lost_at=from_iso(row["lost_at"]),
+        lost_cause=row["lost_cause"] or "",
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
+        battery_level=row["battery_level"],
+        battery_at=from_iso(row["battery_at"]),
+        problem=_problem(row["last_error_kind"]),
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
+
+
+def _problem(kind: str | None) -> DeviceProblem:
+    """A row's error kind read back: none (no error) or one this version does not know (a newer
+    one wrote it) is OTHER, never a crash."""
+    try:
+        return DeviceProblem(kind or DeviceProblem.OTHER)
+    except ValueError:
+        return DeviceProblem.OTHER
 
 
 class DeviceRegistry:
@@ -373,6 +352,7 @@ class DeviceRegistry:
         connected: bool | None = None,
         seen: bool = False,
         error: str | None = None,
+        problem: DeviceProblem = DeviceProblem.OTHER,
         held: HeldReadings | None = None,
         held_counts: tuple[int, int] = (0, 0),
         memory_counts: tuple[int, int] = (0, 0),
@@ -383,13 +363,16 @@ class DeviceRegistry:
         advertised_name: str | None = None,
         services: Iterable[int] = (),
         sends_users: bool = False,
+        battery_level: int | None = None,
     ) -> None:
-        """Record what just happened to a device; only the given facts change (`held`: where
+        """Record what just happened to a device; only the given facts change (`error` with its
+        kind `problem`, what the doctor is told: "" clears both; `held`: where
         the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
         names fewer than the connection found; `sends_users`: a reading named its user, for good;
-        `advertised_name`: what a BLE device calls itself, never over the name given at pairing)."""
+        `advertised_name`: what a BLE device calls itself, never over the name given at pairing;
+        `battery_level`: the percentage it reported now)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -399,7 +382,7 @@ class DeviceRegistry:
         if seen:
             sets["last_seen_at"] = iso(now)
         if error is not None:
-            sets["last_error"] = error
+            sets["last_error"], sets["last_error_kind"] = error, problem.value if error else ""
             sets["last_error_at"] = iso(now)
         if held is not None:
             sets["held_readings"], sets["held_at"] = held.value, iso(now)
@@ -418,6 +401,8 @@ class DeviceRegistry:
             sets["advertised_name"] = advertised_name
         if sends_users:
             sets["sends_users"] = 1
+        if battery_level is not None:
+            sets["battery_level"], sets["battery_at"] = battery_level, iso(now)
         with transaction(self.db) as conn:
             self._ensure(conn, address, transport, now)
             if services:
@@ -428,12 +413,11 @@ class DeviceRegistry:
     def clear_error(self, address: str, problem: DeviceProblem, *, now: dt.datetime) -> None:
         """Clear the row's error if it is still one of kind `problem` (a later one, unplugged ...,
         stays): what it said is over."""
-        prefixes = [prefix for prefix, kind in PROBLEM_PREFIXES if kind is problem]
-        matches = " OR ".join("substr(last_error, 1, ?) = ?" for _ in prefixes)
         with transaction(self.db) as conn:
             conn.execute(
-                f"UPDATE devices SET last_error = '', last_error_at = ?, updated_at = ? WHERE address = ? AND ({matches})",
-                (iso(now), iso(now), normalise_address(address), *(v for p in prefixes for v in (len(p), p))),
+                "UPDATE devices SET last_error = '', last_error_kind = '', last_error_at = ?, updated_at = ? "
+                "WHERE address = ? AND last_error_kind = ?",
+                (iso(now), iso(now), normalise_address(address), problem.value),
             )
 
     @staticmethod
@@ -444,7 +428,8 @@ class DeviceRegistry:
     def record_lost(self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime) -> None:
         """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
         the restart found) held after its last word on them, found gone at `now`: said for
-        LOST_SAID_FOR from now, with a loss still said before added in."""
+        LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
+        said they waited for then (`held_cause`)."""
         readings, ecgs = counts
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
         if record.lost_said_until(now) is not None:
@@ -453,8 +438,8 @@ class DeviceRegistry:
         with transaction(self.db) as conn:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
-                "updated_at = ? WHERE address = ?",
-                (readings, ecgs, after and iso(after), iso(now), iso(now), record.address),
+                "lost_cause = ?, updated_at = ? WHERE address = ?",
+                (readings, ecgs, after and iso(after), iso(now), record.held_cause, iso(now), record.address),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

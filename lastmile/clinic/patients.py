@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import os
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import sqlite_utils
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 _ROW = 1
 # how long a check-in's name names its ID for a mapping or an assignment made after the session moved on
 NAME_KEPT = dt.timedelta(hours=24)
+# the session log's event of a patient ID corrected while checked in (`_replaced_event`)
+CORRECTED = "patient-id-corrected"
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class PatientContext:
                 reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
                 stat = bool(row["stat"]) if stat is None else stat
             if row and row["patient_id"] and row["patient_id"] != patient_id:
-                self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
+                self._log(conn, now, _replaced_event(row, name), row["patient_id"], doctor)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
                 "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -244,29 +247,44 @@ class PatientContext:
         return replace(patient, name=self.known_name(patient.patient_id, now))
 
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
-        """The one answer to "what name does the gateway know for `patient_id`" from the session:
-        the checked-in patient's name when it is that patient, else `checked_in_name`; "" if
-        none. Everything else that names an ID (the console's `known_names`, a device user's
-        mapping) asks this first and adds only what the session cannot know."""
+        """`known_names` of one ID: its name, or "" if the session knows none."""
+        return self.known_names([patient_id], now).get(patient_id, "")
+
+    def known_names(self, patient_ids: Iterable[str], now: dt.datetime) -> dict[str, str]:
+        """The one answer to "what name does the gateway know for each of `patient_ids`" from the
+        session, for those it knows one of: the checked-in patient's name when it is that patient
+        (none, if checked in with none), else `checked_in_name`. Everything else that names an ID
+        (the console's `known_names`, a device user's mapping) asks this first and adds only what
+        the session cannot know. One read of the session and one of its log, however many IDs:
+        Today names every mapped user on each render."""
+        wanted = set(patient_ids)
+        if not wanted:
+            return {}
         current = self.current(now)
-        if current is not None and current.patient_id == patient_id:
-            return current.name
-        return self.checked_in_name(patient_id, now)
+        names = self._checked_in_names(now)
+        if current is not None:
+            names[current.patient_id] = current.name
+        return {pid: names[pid] for pid in wanted if names.get(pid)}
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
         this morning, 李四 now: user 2 mapped to 张三's ID is named 张三); "" if none. Only a
-        name typed for this very ID: never the current patient's for another one. The latest
-        check-in of the ID names it (one with no name: none), unless it was corrected."""
-        conn = self.db.conn
-        latest = conn.execute(
-            "SELECT id, detail FROM session_log WHERE event = 'patient-set' AND patient_id = ? AND at >= ? "
-            "ORDER BY id DESC LIMIT 1",
-            (patient_id, iso(now - NAME_KEPT)),
-        ).fetchone()
-        if latest is None or not latest["detail"] or _corrected(conn, latest["id"], latest["detail"]):
-            return ""
-        return str(latest["detail"])
+        name typed for this very ID: never the current patient's for another one."""
+        return self._checked_in_names(now).get(patient_id, "")
+
+    def _checked_in_names(self, now: dt.datetime) -> dict[str, str]:
+        """Each ID checked in within NAME_KEPT before `now`, named as its latest check-in named it
+        ("": none), unless that check-in's ID was corrected since (`_replaced_event`: the
+        correction recorded when the doctor made it). One seek on the log's `at` index."""
+        rows = self.db.conn.execute(
+            "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?) "
+            "ORDER BY id",
+            (iso(now - NAME_KEPT), CORRECTED),
+        ).fetchall()
+        names: dict[str, str] = {}
+        for row in rows:  # oldest first: the latest check-in, or its correction, names the ID
+            names[row["patient_id"]] = (row["detail"] or "") if row["event"] == "patient-set" else ""
+        return names
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
@@ -326,13 +344,14 @@ class PatientContext:
         )
 
 
-def _corrected(conn: sqlite3.Connection, log_id: int, name: str) -> bool:
-    """Whether the check-in logged as `log_id` typed its ID wrong: the next check-in is the same
-    name under another ID (张三 checked in as P-12, then as P-21). Its name is not P-12's owner's."""
-    following = conn.execute(
-        "SELECT detail FROM session_log WHERE event = 'patient-set' AND id > ? ORDER BY id LIMIT 1", (log_id,)
-    ).fetchone()
-    return following is not None and following["detail"] == name
+def _replaced_event(row: sqlite3.Row, name: str) -> str:
+    """The log event of the session's patient (`row`) replaced by another ID checked in as `name`:
+    the same name while he is checked in is his ID corrected (张三 checked in as P-12, then as
+    P-21), so P-12's check-in names nobody (`_checked_in_names`), never guessed from a later
+    check-in: the same patient checked in again under his other ID (ID card, then clinic number)
+    is not a correction. Another name is the next patient."""
+    same = bool(name.strip()) and name.strip() == (row["patient_name"] or "").strip()
+    return CORRECTED if same else "patient-replaced"
 
 
 def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:

@@ -6,8 +6,10 @@ hand out sessions. Each login has its own CSRF token, required on every form the
 
 Lockout: `max_failures` wrong passwords in a row lock the account for `lockout_s`; while locked,
 even the right password is refused (and says so), so guessing from the clinic LAN is slow. An
-unknown name gets the same answers (tries left, then locked; counted in memory) and costs the same
-hash as a known one: neither the page nor the timing tells which names exist.
+unknown name gets the same answers (tries left, then locked) and costs the same hash as a known
+one. Its count is kept where a real name's is, the same way (`console_login_failures`, one row a
+name tried, the last FAILURE_COUNTS_KEPT only): neither the page, a restart, nor the time a write
+takes tells which names exist.
 
 Argon2id parameters: OWASP's m=12 MiB, t=3, p=1 profile. The library's default (64 MiB, p=4)
 would double the console's memory on every login on a 512 MB Pi; 12 MiB is freed right after.
@@ -38,7 +40,10 @@ LANGUAGES = ("zh-CN", "en")
 PASSWORD_MIN_LENGTH = 8
 NAME_MAX_LENGTH = 64
 TOUCH_EVERY = dt.timedelta(seconds=60)  # last_seen_at is written at most this often (SD card)
-UNKNOWN_NAMES_KEPT = 4096  # failure counts of unknown names held in memory (~1 MB at most)
+# Failure counts kept (real and unknown names alike): names typed at random cannot fill the SD card
+# (~1 MB at most). Persisted, not in memory, so a lock outlives a restart and `lastmile user unlock`
+# (another process) can end it; the write it costs is one a real name's failure always made.
+FAILURE_COUNTS_KEPT = 4096
 HASHER = PasswordHasher(time_cost=3, memory_cost=12 * 1024, parallelism=1)
 
 
@@ -111,6 +116,14 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# A user with their failure count (kept by name in console_login_failures, not in console_users).
+_USER_COLUMNS = (
+    "u.name, u.role, u.password_hash, u.language, u.created_at, u.last_login_at, u.disabled, "
+    "COALESCE(f.failures, 0) AS failed_logins, f.locked_until"
+)
+_USERS = f"SELECT {_USER_COLUMNS} FROM console_users u LEFT JOIN console_login_failures f ON f.name = u.name"
+
+
 def _user(row: sqlite3.Row) -> User:
     created = from_iso(row["created_at"])
     assert created is not None
@@ -141,8 +154,6 @@ class Accounts:
         self.max_failures = max_failures
         self.lockout = dt.timedelta(seconds=lockout_s)
         self.idle = dt.timedelta(seconds=idle_s)
-        # names no account has -> (failed logins, locked until): the same count a real account keeps
-        self._unknown_failures: dict[str, tuple[int, dt.datetime | None]] = {}
 
     # -- accounts ---------------------------------------------------------------------------------
     def add_user(self, name: str, role: str, password: str, *, now: dt.datetime) -> User:
@@ -166,27 +177,25 @@ class Accounts:
         """A new password; unlocks the account and ends its logins."""
         encoded = HASHER.hash(check_password(password))
         with transaction(self.db) as conn:
-            cur = conn.execute(
-                "UPDATE console_users SET password_hash = ?, failed_logins = 0, locked_until = NULL WHERE name = ?",
-                (encoded, name),
-            )
+            cur = conn.execute("UPDATE console_users SET password_hash = ? WHERE name = ?", (encoded, name))
             if cur.rowcount == 0:
                 raise AccountError(f"no user {name!r}")
+            conn.execute("DELETE FROM console_login_failures WHERE name = ?", (name,))
             conn.execute("DELETE FROM console_logins WHERE user_name = ?", (name,))
 
     def get(self, name: str) -> User | None:
-        row = self.db.conn.execute("SELECT * FROM console_users WHERE name = ?", (name,)).fetchone()
+        row = self.db.conn.execute(f"{_USERS} WHERE u.name = ?", (name,)).fetchone()
         return _user(row) if row else None
 
     def users(self) -> list[User]:
-        return [_user(r) for r in self.db.conn.execute("SELECT * FROM console_users ORDER BY name")]
+        return [_user(r) for r in self.db.conn.execute(f"{_USERS} ORDER BY u.name")]
 
     def unlock(self, name: str) -> bool:
+        if self.get(name) is None:
+            return False
         with transaction(self.db) as conn:
-            cur = conn.execute(
-                "UPDATE console_users SET failed_logins = 0, locked_until = NULL WHERE name = ?", (name,)
-            )
-        return cur.rowcount == 1
+            conn.execute("DELETE FROM console_login_failures WHERE name = ?", (name,))
+        return True
 
     def set_disabled(self, name: str, disabled: bool) -> bool:
         """Disable (or re-enable) an account; disabling ends its logins."""
@@ -204,37 +213,56 @@ class Accounts:
 
     # -- logging in -------------------------------------------------------------------------------
     def authenticate(self, name: str, password: str, *, now: dt.datetime) -> User:
-        """The user, if the password is right and the account usable; LoginRefused otherwise."""
+        """The user, if the password is right and the account usable; LoginRefused otherwise.
+        A name no account has is refused exactly as a real account's wrong password is (same hash
+        cost, same count and writes, tries left, then locked), so typing names tells nothing."""
         try:
             name = check_name(name)
         except AccountError:
-            pass  # no account has such a name: refused like any unknown one
+            name = name[: NAME_MAX_LENGTH + 1]  # no account has such a name; its count's row stays small
         row = self.db.conn.execute("SELECT * FROM console_users WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            self._refuse_unknown(name, password, now)
-        user = _user(row)
-        if user.locked(now):
-            raise LoginRefused("account locked", user.locked_until)
-        if not _verify(row["password_hash"], password) or user.disabled:
-            failures, locked_until = self._one_more_failure(user.failed_logins, now)
-            with transaction(self.db) as conn:
-                conn.execute(
-                    "UPDATE console_users SET failed_logins = ?, locked_until = ? WHERE name = ?",
-                    (failures, iso(locked_until) if locked_until else None, user.name),
-                )
-            if locked_until is not None:
-                log.warning("console account locked after %d failed logins", self.max_failures)
-            raise self._refusal(failures, locked_until)
+        failures, locked_until = self._failures_of(name)
+        if locked_until is not None and locked_until > now:
+            raise LoginRefused("account locked", locked_until)
+        right = _verify(row["password_hash"] if row else _dummy_hash(), password)
+        if row is None or not right or row["disabled"]:
+            self._count_failure(name, failures, now)
         if HASHER.check_needs_rehash(row["password_hash"]):
-            self._rehash(user.name, password)
+            self._rehash(name, password)
         with transaction(self.db) as conn:
-            conn.execute(
-                "UPDATE console_users SET failed_logins = 0, locked_until = NULL, last_login_at = ? WHERE name = ?",
-                (iso(now), user.name),
-            )
-        fresh = self.get(user.name)
+            conn.execute("DELETE FROM console_login_failures WHERE name = ?", (name,))
+            conn.execute("UPDATE console_users SET last_login_at = ? WHERE name = ?", (iso(now), name))
+        fresh = self.get(name)
         assert fresh is not None
         return fresh
+
+    def _failures_of(self, name: str) -> tuple[int, dt.datetime | None]:
+        """Wrong passwords in a row for `name` (any name typed) and until when it is locked."""
+        row = self.db.conn.execute(
+            "SELECT failures, locked_until FROM console_login_failures WHERE name = ?", (name,)
+        ).fetchone()
+        return (int(row["failures"]), from_iso(row["locked_until"])) if row else (0, None)
+
+    def _count_failure(self, name: str, failed_logins: int, now: dt.datetime) -> NoReturn:
+        """Count one more wrong password for `name` (the same write whether an account has it or
+        not; the oldest counts go past FAILURE_COUNTS_KEPT) and refuse."""
+        failures, locked_until = self._one_more_failure(failed_logins, now)
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT INTO console_login_failures (name, failures, locked_until, failed_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET failures = excluded.failures, "
+                "locked_until = excluded.locked_until, failed_at = excluded.failed_at",
+                (name, failures, iso(locked_until) if locked_until else None, iso(now)),
+            )
+            conn.execute(
+                "DELETE FROM console_login_failures WHERE name IN (SELECT name FROM console_login_failures "
+                "ORDER BY failed_at DESC LIMIT -1 OFFSET ?)",
+                (FAILURE_COUNTS_KEPT,),
+            )
+        if locked_until is not None:
+            log.warning("console login locked after %d failed logins", self.max_failures)
+            raise LoginRefused("account locked", locked_until)
+        raise LoginRefused("wrong name or password", attempts_left=self.max_failures - failures)
 
     def _one_more_failure(self, failed_logins: int, now: dt.datetime) -> tuple[int, dt.datetime | None]:
         """The failure count and lock after one more wrong password (the count restarts at a lock)."""
@@ -242,26 +270,6 @@ class Accounts:
         if failures >= self.max_failures:
             return 0, now + self.lockout
         return failures, None
-
-    def _refusal(self, failures: int, locked_until: dt.datetime | None) -> LoginRefused:
-        if locked_until is not None:
-            return LoginRefused("account locked", locked_until)
-        return LoginRefused("wrong name or password", attempts_left=self.max_failures - failures)
-
-    def _refuse_unknown(self, name: str, password: str, now: dt.datetime) -> NoReturn:
-        """Refuse a name no account has exactly as a real account's wrong password is refused
-        (same hash cost, tries left, then locked), so typing names does not tell which exist."""
-        failures, locked_until = self._unknown_failures.pop(name, (0, None))
-        if locked_until is None or locked_until <= now:
-            _verify(_dummy_hash(), password)
-            failures, locked_until = self._one_more_failure(failures, now)
-            refusal = self._refusal(failures, locked_until)
-        else:
-            refusal = LoginRefused("account locked", locked_until)
-        self._unknown_failures[name] = (failures, locked_until)  # last used goes last
-        if len(self._unknown_failures) > UNKNOWN_NAMES_KEPT:
-            del self._unknown_failures[next(iter(self._unknown_failures))]
-        raise refusal
 
     def _rehash(self, name: str, password: str) -> None:
         with transaction(self.db) as conn:
@@ -286,15 +294,16 @@ class Accounts:
         if not token or len(token) > 128:
             return None
         row = self.db.conn.execute(
-            "SELECT l.token_hash, l.csrf_token, l.created_at, l.last_seen_at, u.* FROM console_logins l "
-            "JOIN console_users u ON u.name = l.user_name WHERE l.token_hash = ?",
+            f"SELECT l.token_hash, l.csrf_token, l.created_at AS login_created_at, l.last_seen_at, {_USER_COLUMNS} "
+            "FROM console_logins l JOIN console_users u ON u.name = l.user_name "
+            "LEFT JOIN console_login_failures f ON f.name = u.name WHERE l.token_hash = ?",
             (_token_hash(token),),
         ).fetchone()
         if row is None:
             return None
         user = _user(row)
         last_seen = from_iso(row["last_seen_at"])
-        created = from_iso(row["created_at"])
+        created = from_iso(row["login_created_at"])
         assert last_seen is not None and created is not None
         if user.disabled or user.locked(now) or now - last_seen > self.idle:
             self.end_login(token)

@@ -54,9 +54,9 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError, person_name, row_number
+from lastmile.console.sources import ClinicData, ConsoleInputError, CountyLink, person_name, row_number
 from lastmile.reports.printing import lp_command, print_behind_note
-from lastmile.reports.report_text import shown_critical, shown_text, unassigned_note
+from lastmile.reports.report_text import concept_name, shown_critical, shown_text, unassigned_note
 from uploader.errors import OutboxFullError
 from uploader.outbox import ItemState, is_storage_full
 
@@ -372,11 +372,6 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     },
     "fhir": {
         "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
-        # it answers 429: busy, not down (doctor._platform_busy)
-        "busy": N_(
-            "The county health platform is busy right now (it answers): visits and readings are kept here and "
-            "sent again by themselves."
-        ),
         "offline": N_(
             "This page does not test the network: the row “Link to the county health platform” below says how the "
             "link is."
@@ -433,6 +428,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
             "again, %(since)s): they were waiting for storage space and not saved yet. Record the ECG again if "
             "the patient is still here, and tell the county IT. This shows until %(time)s."
+        ),
+        # the same, lost while they waited for another cause than space (the data store locked, damaged)
+        "lost-readings-not-stored": N_(
+            "Some readings were lost when the gateway was switched off or lost its power (found when it started "
+            "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
+            "the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-ecgs-not-stored": N_(
+            "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
+            "again, %(since)s): the gateway could not save its data then (not for want of space). Record the ECG "
+            "again if the patient is still here, and call the county IT. This shows until %(time)s."
         ),
     },
     "queue": {
@@ -521,6 +527,34 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     },
 }
 UNSURE_ADVICE = N_("Please tell the county IT.")
+
+# The System page's county row (lastmile.console.sources.CountyLink), by what the FHIR forwarder
+# judged (uploader.fhir_link.Said's names; None: nothing judged yet): its words without a time,
+# and with the time the row names (`county_row_time`). One judgement added without words here
+# fails tests/test_console_county_link.py.
+NOTHING_SENT_YET = N_("nothing sent yet")
+WORKING = N_("working, last sent %(time)s")
+COUNTY_ROW: dict[str | None, tuple[str, str]] = {
+    None: (NOTHING_SENT_YET, WORKING),
+    "NOTHING": (NOTHING_SENT_YET, WORKING),
+    "ANSWERED": (NOTHING_SENT_YET, WORKING),
+    "REFUSED_ONE": (N_("refused one record, the others go on; if this lasts, tell the county IT"),) * 2,
+    "REFUSES_ALL": (
+        N_("refusing every record, nothing taken yet; tell the county IT"),
+        N_("refusing every record, nothing taken since %(time)s; tell the county IT"),
+    ),
+    "BUSY": (N_("busy, will retry by itself"), N_("busy, nothing taken since %(time)s; tell the county IT")),
+    "DOWN": (N_("not answering since %(time)s"),) * 2,
+    "FAULT": (N_("refused: call the county IT"),) * 2,
+}
+
+
+def county_row_text(county: CountyLink, localizer: Localizer) -> str:
+    """The county row's words in the page's language (`COUNTY_ROW`)."""
+    without, with_time = COUNTY_ROW[county.said.name if county.said else None]
+    if county.when is None:
+        return localizer.gettext(without, time="")
+    return localizer.gettext(with_time, time=localizer.when(county.when))
 
 
 def advice_for(check: str, level: str, key: str = "") -> str:
@@ -622,6 +656,9 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "reading_text": lambda text, kind="": reading_text(text, loc, kind),
         "report_text": lambda report: shown_text(report.lines, report.text, loc),
         "critical_reasons": lambda report: shown_critical(report.lines, report.critical_reasons, loc),
+        # a report's conclusion and findings lists are its words without their codes: a known
+        # concept's standard name ("Acute ST segment elevation ...") in the reader's language
+        "county_words": lambda words: [concept_name(w, "", loc) for w in words],
         # report_text's words (the printouts'), a line each: why no patient, whom the county named
         "unassigned_note": lambda report: unassigned_note(report.county_patient, loc).splitlines(),
         "fmt": loc,
@@ -834,6 +871,7 @@ TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again"})
 
 
 Done = str | tuple[str, dict[str, Any]] | None  # what a form action did, and the details to say about it
+Asker = Callable[[Context, dict[str, str]], Awaitable[Response | None]]  # a confirmation page, or None: go on
 
 
 def keep_notice(request: Request, done: Done) -> str:
@@ -861,12 +899,17 @@ async def form_action(
     action: Callable[[Context, dict[str, str], dt.datetime], Done],
     page: str,
     model_of: Callable[[Context], Awaitable[dict[str, Any]]],
+    ask_first: Asker | None = None,
 ) -> Response:
     """Run a form's action; success redirects back to `page` (saying what was done) and tells the
-    live pages, a refused input shows `page` again with the message and what was typed."""
+    live pages, a refused input shows `page` again with the message and what was typed.
+    `ask_first`: a page asking the doctor to confirm the action, if it answers one (else it runs)."""
     state = state_of(request)
     ctx = await context_for(request)
     fields = await read_form(request, ctx)
+    question = None if ask_first is None else await ask_first(ctx, fields)
+    if question is not None:
+        return question
     try:
         done = await state.run_db(action, ctx, fields, now_utc())
     except ConsoleInputError as exc:
@@ -877,12 +920,14 @@ async def form_action(
     return RedirectResponse(f"/{page}?done={quote(keep_notice(request, done))}", status_code=303)
 
 
-async def today_action(request: Request, action: Callable[[Context, dict[str, str], dt.datetime], Done]) -> Response:
+async def today_action(
+    request: Request, action: Callable[[Context, dict[str, str], dt.datetime], Done], ask_first: Asker | None = None
+) -> Response:
     async def model_of(ctx: Context) -> dict[str, Any]:
         model = await today_model(request, ctx)
         return {**model, "live": live_panels(request, ctx, model)}
 
-    return await form_action(request, action, "today", model_of)
+    return await form_action(request, action, "today", model_of, ask_first)
 
 
 STAT_FIELD = {"on": True, "off": False}  # the box ticked, the "not urgent" button; absent: as it is
@@ -905,11 +950,36 @@ async def check_in(request: Request) -> Response:
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
+        if done.again and f.get("clear") in CLEARABLE:
+            return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
         return "check-in", who
 
-    return await today_action(request, action)
+    return await today_action(request, action, ask_before_clearing(request))
+
+
+CLEARABLE = ("name", "reason")  # the session's 清除姓名 / 清除原因 buttons (field "clear")
+
+
+def ask_before_clearing(request: Request) -> Asker:
+    """A clear asks first, as logging out with a patient checked in does: on a phone the button is
+    a thumb's slip from 不急了. Only when the page's patient still has that name or reason: else
+    the check-in refuses it, or there is nothing to lose."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        which = fields.get("clear", "")
+        if which not in CLEARABLE or fields.get("confirmed") == "yes":
+            return None
+        state = state_of(request)
+        session = await state.run_db(state.data.session, now_utc())
+        if session is None or session.patient_id != fields.get("shown_patient_id"):
+            return None
+        if not (session.patient_name if which == "name" else session.reason):
+            return None
+        return render(request, ctx, "confirm_clear.html", session=session, clear=which, alerts=[])
+
+    return ask
 
 
 async def end_session(request: Request) -> Response:
@@ -1209,6 +1279,7 @@ async def system_page(request: Request) -> Response:
     model["findings"] = await state.doctor_runs.findings(state.config)
     model["finding_label"] = lambda finding: finding_label(finding, ctx.localizer)
     model["advice_text"] = lambda finding: advice_text(finding, ctx.localizer)
+    model["county_row_text"] = lambda county: county_row_text(county, ctx.localizer)
     model["fingerprint"] = state.fingerprint
     return render(request, ctx, "system.html", **model)
 

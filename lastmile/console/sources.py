@@ -35,7 +35,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_name
+from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_names
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     MAPPED_USER,
@@ -54,13 +54,20 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.sent_readings import SentReading, carrying_bundle, taken_at
+from lastmile.reports.store import ReportStore, SentStudy, is_record_of
 from lastmile.reports.views import ecg_time
-from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fhir_platform, reading_center_down
+from lastmile.services.link_status import (
+    FHIR_STATUS,
+    READING_CENTER_STATUS,
+    FhirPlatform,
+    fhir_platform,
+    reading_center_down,
+)
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
-from uploader.fhir_link import LAST_ERROR_AT
-from uploader.outbox import ItemState, Kind, OutboxItem, Priority
+from uploader.fhir_link import LAST_ERROR_AT, Said
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -254,6 +261,7 @@ class ReadingJourney:
     attempts: int
     last_error: str
     quarantine_reason: str
+    with_visit: bool = False  # it goes in its home visit's bundle (state and time are that bundle's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,11 +285,19 @@ class CountyLink:
     """The county health platform (FHIR) as its forwarder judged it in its last rounds: read from
     its status row, never asked over the network (the page is viewed on a Pi)."""
 
-    said: str  # uploader.fhir_link.Said: "busy", "refused one", "down" ...; "" before the first round
-    down_since: dt.datetime | None  # not answering since then
-    last_sent: dt.datetime | None
-    down: bool = False  # nothing reaches it, as lastmile_link_state says (`FhirPlatform.down`)
-    taking_nothing_since: dt.datetime | None = None  # `FhirPlatform.taking_nothing_since`
+    said: Said | None  # `FhirPlatform.said`: None before the first round that judged it
+    when: dt.datetime | None  # the time its row names (`county_row_time`); None: words without one
+
+
+def county_row_time(platform: FhirPlatform, now: float) -> float | None:
+    """The time the System page's county row names: since when the platform takes nothing (not
+    answering, refusing all, busy once it counts as down: `FhirPlatform.down`, as
+    lastmile_link_state says), the last bundle it took while it answers; None: no time named."""
+    if platform.down(now) or platform.said is Said.REFUSES_ALL:
+        return platform.taking_nothing_since
+    if platform.said in (None, Said.NOTHING, Said.ANSWERED):
+        return platform.last_sent_at
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,9 +374,9 @@ class HeldEcg:
     recorded_at: dt.datetime
     reason: str  # "unassigned", "re-record", "mismatch"
     hold_until: dt.datetime
-    patient_hint: str = ""  # what the file says, if anything
     device: str = ""
-    # whose ECG it is now (the outbox item's patient): the row says it, "" for none
+    # whose ECG it is now (the outbox item's patient): the row says it, "" for none; held for
+    # "patient-mismatch", the patient its file names (a doctor's assignment ends that hold)
     patient_id: str = ""
     patient_name: str = ""
     quality_verdict: str = ""
@@ -495,6 +511,46 @@ def _mapping_of(obs: Observation, mapped: dict[tuple[str, int], UserMapping]) ->
     if obs.device_user is None:
         return None
     return mapped.get((normalise_address(obs.device.address or ""), obs.device_user))
+
+
+def _sent_reading_journey(item: OutboxItem, record: SentReading) -> ReadingJourney:
+    """A purged reading as its sent record keeps it."""
+    reading = ReadingView(
+        record.record_key, record.kind, record.summary, record.device, record.measured_at, record.time_source
+    )
+    return ReadingJourney(
+        item_id=item.id,
+        patient_id=record.patient_id,
+        patient_name=record.patient_name,
+        reading=reading,
+        kind=record.kind,
+        measured_at=record.measured_at,
+        state=item.state.value,
+        sent_at=record.sent_at,  # `_carried` says where it is
+        attempts=item.attempts,
+        last_error="",
+        quarantine_reason="",
+    )
+
+
+def _carried(journey: ReadingJourney, record: SentReading, outbox: Outbox) -> ReadingJourney:
+    """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
+    county platform took that bundle, else waiting for it, or refused with the bundle's reason.
+    The bundle is looked up only while the record knows no sent time."""
+    bundle = None if record.sent_at is not None else carrying_bundle(outbox, record)
+    with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
+    sent_at = record.sent_at or taken_at(bundle)
+    if sent_at is not None:
+        return replace(journey, state=ItemState.SENT.value, sent_at=sent_at, with_visit=with_visit)
+    return replace(
+        journey,
+        state=ItemState.QUEUED.value if bundle is None else bundle.state.value,
+        sent_at=None,
+        attempts=0 if bundle is None else bundle.attempts,
+        last_error="" if bundle is None else bundle.last_error or "",
+        quarantine_reason="" if bundle is None else bundle.quarantine_reason or "",
+        with_visit=with_visit,
+    )
 
 
 def _device_user_number(text: str) -> int:
@@ -745,11 +801,10 @@ class ClinicData:
 
     # -- a multi-user device's users ----------------------------------------------------------------
     def device_users(self, now: dt.datetime) -> list[DeviceUser]:
-        """Every mapping the doctor made, each named as its user's next reading will be (`mapped_name`)."""
-        return [
-            replace(u, mapping=replace(u.mapping, patient_name=mapped_name(u.mapping, self.context, now)))
-            for u in self.store.device_users.mappings()
-        ]
+        """Every mapping the doctor made, each named as its user's next reading will be (`mapped_names`)."""
+        users = self.store.device_users.mappings()
+        names = mapped_names([u.mapping for u in users], self.context, now)
+        return [replace(u, mapping=replace(u.mapping, patient_name=name)) for u, name in zip(users, names, strict=True)]
 
     def map_device_user(
         self, user: str, address: str, user_text: str, patient_text: str, *, checked_in: bool, now: dt.datetime
@@ -916,14 +971,11 @@ class ClinicData:
         at = (now or utc_now()).timestamp()
         hold = None if metered is None else metered.hold
         out = []
-        item_ids = self._recent_item_ids(Kind.DICOM, limit=limit)
+        items = [i for i in map(self.outbox.get, self._recent_item_ids(Kind.DICOM, limit=limit)) if i is not None]
         # a purged item's patient and study UID are erased with its payload: what was sent is
         # remembered in sent_studies (as the Reports page shows it)
-        sent = self.report_store.studies_of_items(item_ids)
-        for item_id in item_ids:
-            item = self.outbox.get(item_id)
-            if item is None:
-                continue
+        sent = self.report_store.studies_of_items(items)
+        for item in items:
             study = sent.get(item.id)
             patient = item.patient or {}
             report = by_study.get(str(item.meta.get("study_uid") or (study.study_uid if study else "")))
@@ -950,31 +1002,45 @@ class ClinicData:
 
     def sent_readings(self, limit: int = 50) -> list[ReadingJourney]:
         """The latest readings for the county health platform, newest first, each with whose it
-        is and where it is. A purged one is left out: its patient and payload are erased."""
-        item_ids = self._recent_item_ids(OBSERVATION_KIND, limit=limit, purged=False)
+        is and where it is. A purged one (its patient and payload erased) is shown as its sent
+        record keeps it (`sent_readings` in clinic.db), else left out. A relayed one is where the
+        bundle carrying it is (`_carried`): sent only once the platform took it."""
+        # the outbox's by index (named states), the purged ones' from their records: no scan of
+        # every purged row
+        records = {r.outbox_item_id: r for r in self.report_store.recent_sent_readings(limit)}
+        waiting = self._recent_item_ids(OBSERVATION_KIND, limit=limit, purged=False)
+        item_ids = sorted({*waiting, *records}, reverse=True)[:limit]
         payloads = self.outbox.read_payloads(item_ids)
         out = []
         for item_id in item_ids:
             item = self.outbox.get(item_id)
-            if item is None or item.state == ItemState.PURGED:
+            if item is None:
+                continue
+            record = records.get(item_id)
+            if record is not None and not is_record_of(record.record_key, item):
+                record = None  # an earlier outbox's item of the same id
+            if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
+                if record is not None:
+                    out.append(_carried(_sent_reading_journey(item, record), record, self.outbox))
                 continue
             patient = item.patient or {}
             payload = payloads.get(item_id)
-            out.append(
-                ReadingJourney(
-                    item_id=item.id,
-                    patient_id=str(patient.get("patient_id") or ""),
-                    patient_name=str(patient.get("name") or ""),
-                    reading=None if payload is None else self._reading_from(item_id, payload),
-                    kind=str(item.meta.get("kind") or ""),
-                    measured_at=from_iso(item.meta.get("measured_at")),
-                    state=item.state.value,
-                    sent_at=_t(item.sent_at),
-                    attempts=item.attempts,
-                    last_error=item.last_error or "",
-                    quarantine_reason=item.quarantine_reason or "",
-                )
+            journey = ReadingJourney(
+                item_id=item.id,
+                patient_id=str(patient.get("patient_id") or ""),
+                patient_name=str(patient.get("name") or ""),
+                reading=None if payload is None else self._reading_from(item_id, payload),
+                kind=str(item.meta.get("kind") or ""),
+                measured_at=from_iso(item.meta.get("measured_at")),
+                state=item.state.value,
+                sent_at=_t(item.sent_at),
+                attempts=item.attempts,
+                last_error=item.last_error or "",
+                quarantine_reason=item.quarantine_reason or "",
             )
+            if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
+                journey = _carried(journey, record, self.outbox)
+            out.append(journey)
         return out
 
     def link_status(self, now: dt.datetime, metered: MeteredWait | None) -> LinkStatus:
@@ -1003,13 +1069,7 @@ class ClinicData:
         if not self.config.fhir.base_url:
             return None
         platform = fhir_platform(self.outbox.status(FHIR_STATUS))
-        return CountyLink(
-            platform.said or "",
-            _t(platform.down_since),
-            _t(platform.last_sent_at),
-            down=platform.down(now.timestamp()),
-            taking_nothing_since=_t(platform.taking_nothing_since),
-        )
+        return CountyLink(platform.said, _t(county_row_time(platform, now.timestamp())))
 
     def metered_hold(self, now: dt.datetime) -> MeteredWait | None:
         """Why routine ECGs wait on the metered link now and since when, if any do
@@ -1080,12 +1140,12 @@ class ClinicData:
     def known_names(self, patient_ids: list[str], now: dt.datetime) -> dict[str, str]:
         """The name the gateway holds for each of `patient_ids` where it holds one, as a page
         shows it (`person_name`), in one order: what the session knows
-        (`PatientContext.known_name`, the owner: the checked-in patient's, or the latest
+        (`PatientContext.known_names`, the owner: the checked-in patient's, or the latest
         check-in's within NAME_KEPT), else what only the data carries - the newest an outbox item
         (an ECG or a reading, until purged) carries, else a sent study's. The gateway keeps no
         register of names: a patient it never saw named has none."""
         wanted = sorted({p for p in patient_ids if p})
-        session = {pid: name for pid in wanted if (name := self.context.known_name(pid, now))}
+        session = self.context.known_names(wanted, now)
         found = {**self._names_in_data([p for p in wanted if p not in session]), **session}
         return {pid: shown for pid, name in found.items() if (shown := person_name(name))}
 

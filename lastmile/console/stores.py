@@ -166,7 +166,6 @@ def held_view(item: OutboxItem) -> HeldEcg:
         recorded_at=recorded_at(item),
         reason=item.hold_reason or "",
         hold_until=dt.datetime.fromtimestamp(item.hold_until or item.created_at, dt.timezone.utc),
-        patient_hint=str(item.meta.get("file_patient_id") or patient.get("patient_id") or ""),
         device=str(item.meta.get("device") or ""),
         quality_verdict=str(quality.get("verdict") or "") if isinstance(quality, dict) else "",
         patient_id=str(patient.get("patient_id") or ""),

@@ -128,6 +128,10 @@ DEVICE_PROBLEM_ADVICE: dict[DeviceProblem, str] = {
         "An ECG from it could not be used: please record it again. If this keeps happening, tell the county IT."
     ),
     DeviceProblem.SETTINGS: N_("Its settings have a mistake, so it is not read: please call the county IT."),
+    DeviceProblem.FORWARD_NOT_READ: N_(
+        "It passes on another device's measurements, which the gateway is not set to read: they wait on it. "
+        "Please call the county IT."
+    ),
     DeviceProblem.OTHER: N_("It reported a problem: if it keeps happening, tell the county IT."),
 }
 

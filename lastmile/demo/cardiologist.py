@@ -31,6 +31,9 @@ STEMI = ("401303003", "SCT", "Acute ST segment elevation myocardial infarction")
 SINUS_RHYTHM = ("426783006", "SCT", "Sinus rhythm")
 READING_DOCTOR = "Chen^Jing"
 READING_CENTER = "County Hospital ECG Reading Center"
+# the demo's PDF report title, as a Chinese county's reading center writes it (a county's own
+# title is shown as written: the demo's, ours, is Chinese first like the rest of its report)
+PDF_TITLE = "心电图报告"
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def report_pdf(
     ds.ConceptNameCodeSequence = [code(ECG_REPORT)]
     ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S")
     ds.VerificationFlag = "VERIFIED"
-    document = minimal_pdf([title, "", *lines, "", f"Read by {reader.replace('^', ' ')}, {when:%Y-%m-%d %H:%M}"])
+    heading = title if title.isascii() else ECG_REPORT[2]  # the page's Helvetica has no Chinese
+    document = minimal_pdf([heading, "", *lines, "", f"Read by {reader.replace('^', ' ')}, {when:%Y-%m-%d %H:%M}"])
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(document)
     ds.EncapsulatedDocument = document + (b"\x00" if len(document) % 2 else b"")
@@ -265,7 +269,8 @@ class DemoCardiologist:
             )
         out = [sr]
         if self.pdf_every and number % self.pdf_every == 0:
-            out.append(report_pdf(study, ["Sinus rhythm, 72 bpm", "Normal axis and intervals", "Normal ECG"]))
+            lines = ["Sinus rhythm, 72 bpm", "Normal axis and intervals", "Normal ECG"]
+            out.append(report_pdf(study, lines, title=PDF_TITLE))
         return out
 
 

@@ -59,8 +59,23 @@ def known_concept(concept: str) -> str | None:
     return KNOWN.get(concept) if concept else None
 
 
+def standard_names(concept: str) -> tuple[str, ...]:
+    """A known concept's standard names: its English above and its synonyms (() when unknown)."""
+    return tuple(n for n in (KNOWN.get(concept, ""), *SYNONYMS.get(concept, ())) if n)
+
+
 def standard_words(words: str, concept: str) -> bool:
     """Whether a county's words for a known concept are only its standard name (any case), nothing
     of the county's own (a detail, a revision) that our term would lose."""
-    names = (KNOWN.get(concept, ""), *SYNONYMS.get(concept, ()))
-    return bool(concept) and words.casefold() in {n.casefold() for n in names if n}
+    return bool(concept) and words.casefold() in {n.casefold() for n in standard_names(concept)}
+
+
+# every known concept by its standard names, the first code of a shared name ("ECG report") kept
+_BY_NAME = {name.casefold(): concept for concept in reversed(KNOWN) for name in standard_names(concept)}
+
+
+def named_concept(words: str) -> str:
+    """The known concept whose standard name `words` are ("" if none): a line stored before the
+    gateway kept the county's codes ("Findings", "Person" without DCM 121070, DCM 121006) is known
+    by its words, by the same rule as `standard_words` - no rescan of the stored reports."""
+    return _BY_NAME.get(words.casefold(), "")

@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 STATUS_NAME = POLLER_STATUS
 GET_REFUSED_RETRY_S = DAY  # after a PACS refused C-GET, use C-MOVE this long before trying C-GET again
 FHIR_SINCE_MARGIN_S = 600.0  # clocks differ: look back this much further than the last look
-PURGE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,6 @@ class PollerSettings:
     backoff_base_s: float = 30.0
     backoff_max_s: float = 600.0
     config_fault_retry_s: float = 300.0
-    retention_days: float = 30.0
 
     @property
     def dicom(self) -> bool:
@@ -151,7 +149,6 @@ class ReportPoller:
         self._failures = 0
         self._retry_at = 0.0
         self._get_refused_until = 0.0
-        self._last_purge = 0.0
         self.bytes_total = 0
         self.rounds = 0
         self.queries = (
@@ -219,11 +216,6 @@ class ReportPoller:
             result.study_uids = list(uids)
             self._ask(uids, studies, result, now, keep=not force)
         self.alerter.alert_pending()
-        if now - self._last_purge >= PURGE_EVERY_S:
-            self._last_purge = now
-            purged = self.store.purge_expired(self._utc(now), self.settings.retention_days, policy.window_s / 86400.0)
-            if purged:
-                log.info("%d old stud(ies) and their reports deleted (retention)", purged)
         return result
 
     def _ask(

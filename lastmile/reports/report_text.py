@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from lastmile.clock import local_zone
-from lastmile.reports.concepts import known_concept, standard_words
+from lastmile.reports.concepts import known_concept, named_concept, standard_words
 from uploader.report_lines import (
     CRITICAL,
     FOOTER,
@@ -114,7 +114,9 @@ def concept_name(name: str, concept: str, speaker: Speaker) -> str:
     """A concept's name (or a coded value) in the reader's language when the gateway knows its
     code and the county's words are only its standard name (or none); the county's words as
     written otherwise (they say more: "Sinus rhythm with first-degree AV block"), and where the
-    reader's language is the catalog's English."""
+    reader's language is the catalog's English. A line stored without its code (an old report) is
+    known by its words when they are a known concept's standard name."""
+    concept = concept or named_concept(name)
     if name and not standard_words(name, concept):
         return name
     return term(name, concept, speaker)
@@ -150,7 +152,7 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
     finding = term(county, split_concept(line.code), speaker)
     text = labelled(concept_name(line.name, line.concept, speaker), finding, speaker) if line.value else finding
     unshown = [county] if county not in text else []
-    words = "" if not unshown or _standard_words(county, line.code) else county
+    words = "" if not unshown or standard_words(county, split_concept(line.code)) else county
     return CriticalReason(text, " · ".join([line.code, *unshown]), words)
 
 
@@ -163,12 +165,6 @@ def interpretation(line: ReportLine, speaker: Speaker) -> tuple[str, str]:
     code = concept.partition(" ")[2]
     county = "" if line.value == code else line.value
     return concept_name(county, concept, speaker) or line.value, code
-
-
-def _standard_words(county: str, code: str) -> bool:
-    """Whether the county's words for a code are only the code's own meaning (our term in English):
-    nothing of the county's to add to our term."""
-    return county.casefold() == (known_concept(split_concept(code)) or "").casefold()
 
 
 def printed(reason: CriticalReason, speaker: Speaker) -> str:

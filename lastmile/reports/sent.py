@@ -32,7 +32,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from lastmile.clinic.db import utc_now
-from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy
+from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_record_of
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_reading import dicom_datetime_iso
@@ -85,6 +85,7 @@ def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime)
         description=facts.get("description", ""),
         sop_instance_uid=str(item.meta.get("sop_instance_uid") or ""),
         outbox_item_id=item.id,
+        item_key=item.key,  # what ties the record to this item, not to a reused item id (is_record_of)
         committed_at=(
             dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc) if item.committed_at is not None else None
         ),
@@ -374,25 +375,29 @@ class SentStudyRecorder:
         return sent_study_of(item, ecg_facts(payload) if payload else {}, sent_at)
 
     def note_commitments(self) -> None:
-        """Copy commitment times from the outbox (they stay there after the purge)."""
+        """Copy commitment times from the outbox (they stay there after the purge), each from the
+        study's own item: not from a new outbox's item of the same id (`is_record_of`)."""
         done = []
         for study in self.store.uncommitted():
             if study.outbox_item_id is None:
                 continue
             item = self.outbox.get(study.outbox_item_id)
-            if item is not None and item.committed_at is not None:
+            if item is not None and is_record_of(study.item_key, item) and item.committed_at is not None:
                 done.append((study.study_uid, dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)))
         if done:
             self.store.set_committed(done)
 
     def backfill(self) -> int:
-        """Record sent or committed ECG items of the outbox that have no record yet."""
+        """Record sent or committed ECG items of the outbox that have no record yet, and give a
+        record of one written before its item's key was kept (0029) that key (its item still
+        holds the study UID: the record is surely its)."""
         new = 0
         for state in (ItemState.SENT, ItemState.COMMITTED):
             for item in self.outbox.items(state=state, kind=Kind.DICOM):
                 sent_at = dt.datetime.fromtimestamp(item.sent_at or item.updated_at, dt.timezone.utc)
                 uid = str(item.meta.get("study_uid") or "")
-                if uid and self.store.study(uid) is None:
+                study = self.store.study(uid) if uid else None
+                if uid and (study is None or study.item_key is None):
                     new += self.record_item(item.id, sent_at)
         if new:
             log.info("%d sent stud(ies) recorded from the outbox at start", new)

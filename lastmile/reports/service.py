@@ -7,6 +7,7 @@ service's step only checks that the thread is alive: polling never holds up a C-
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from uploader.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 3600.0  # the sent records' retention is in days: an hour late costs nothing
 
 
 def move_destination(config: Config) -> tuple[str, int, bool]:
@@ -62,7 +65,6 @@ def poller_settings(config: Config) -> PollerSettings:
         backoff_base_s=r.backoff_base_s,
         backoff_max_s=r.backoff_max_s,
         config_fault_retry_s=config.outbox.config_fault_retry_s,
-        retention_days=r.retention_days,
     )
 
 
@@ -110,6 +112,9 @@ def make_poller(
 class ReportService:
     def __init__(self, config: Config, outbox: Outbox, peer: PeerSettings) -> None:
         self.enabled = config.reports.source != "off"
+        self._retention_days = config.reports.retention_days
+        self._window_days = config.reports.window_days
+        self._pruned_at: float | None = None
         self.store = ReportStore.open(config.data_dir)
         # reports C-MOVEd to the gateway's own AE arrive at the storage-commitment listener (the
         # port the PACS knows for that AE): the forwarder's listener takes them (`move_storage`)
@@ -141,6 +146,19 @@ class ReportService:
         """Raise if the poller thread died (the service then exits and systemd restarts it)."""
         if self.thread is not None and not self.thread.alive:
             raise RuntimeError(f"the report poller stopped: {self.thread.error!r}")
+
+    def prune(self, now: float) -> None:
+        """Sent studies (with their reports) and sent readings past reports.retention_days
+        deleted, at most once an hour. The forward service's housekeeping, not the poller's:
+        with reports.source "off" no poller runs, and clinic.db kept a row per ECG and per
+        reading forever on the SD card."""
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        purged = self.store.purge_expired(at, self._retention_days, self._window_days)
+        if purged:
+            log.info("%d old stud(ies) and their reports deleted (retention)", purged)
 
     def close(self) -> None:
         if self.thread is not None:

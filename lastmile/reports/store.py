@@ -35,7 +35,9 @@ import sqlite_utils
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.clock import local_zone
 from lastmile.reports.report_text import English, display_name, is_cjk, report_text
+from lastmile.reports.sent_readings import SentReading, insert_sent_readings, sent_reading
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
+from uploader.outbox import OutboxItem
 from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class SentStudy:
     quality_verdict: str = ""  # the quality gate's verdict on the ECG sent ("" if not checked)
     awaiting: tuple[str, ...] = ()  # report objects listed at the reading center, not arrived yet
     device: str = ""  # the device that recorded it, as its label ("" if recorded before this was kept)
+    item_key: str | None = None  # its outbox item's key (is_record_of); None: recorded before it was kept
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,15 @@ _REPORT_COLUMNS = (
 )
 
 
+def is_record_of(record_key: str | None, item: OutboxItem) -> bool:
+    """Whether a record (a sent study, a sent reading) keeping `record_key` is this outbox item's,
+    not one an earlier outbox's item of the same id left: outbox.sqlite made anew (damaged and set
+    aside, lost to fsck) numbers its items from 1 again. The record keeps its item's key; a sent
+    study recorded before clinic.db kept it (0029) has none and is nobody's: which outbox wrote it
+    cannot be known, and a patient left out is better than another patient shown."""
+    return record_key is not None and record_key == item.key
+
+
 def _study(row: sqlite3.Row) -> SentStudy:
     return SentStudy(
         study_uid=row["study_uid"],
@@ -173,6 +185,7 @@ def _study(row: sqlite3.Row) -> SentStudy:
         quality_verdict=row["quality_verdict"] or "",
         awaiting=tuple(json.loads(row["awaiting"])) if row["awaiting"] else (),
         device=row["device"] or "",
+        item_key=row["item_key"],
     )
 
 
@@ -355,7 +368,9 @@ class ReportStore:
     # -- sent studies --------------------------------------------------------------------------
     def record_sent(self, study: SentStudy) -> bool:
         """Remember a sent study; True if it is new. Sent again (a re-send after a failed
-        commitment, a second series): the first record stays, STAT and a known patient win."""
+        commitment, a second series): the first record stays, STAT and a known patient win; a
+        record without its item's key (written before 0029) takes it from its own item (the same
+        study UID and item id: `SentStudyRecorder.backfill` of the items still in the outbox)."""
         return self.record_sent_many([study]) == 1
 
     def record_sent_many(self, studies: Sequence[SentStudy]) -> int:
@@ -374,24 +389,28 @@ class ReportStore:
                 "patient_id = COALESCE(NULLIF(patient_id, ''), ?), "
                 "patient_name = COALESCE(NULLIF(patient_name, ''), ?), "
                 "quality_verdict = COALESCE(NULLIF(quality_verdict, ''), ?), "
-                "device = COALESCE(NULLIF(device, ''), ?) WHERE study_uid = ?",
+                "device = COALESCE(NULLIF(device, ''), ?), "
+                "item_key = COALESCE(item_key, CASE WHEN outbox_item_id = ? THEN ? END) WHERE study_uid = ?",
                 (
                     int(study.stat),
                     study.patient_id,
                     study.patient_name,
                     study.quality_verdict,
                     study.device,
+                    study.outbox_item_id,
+                    study.item_key,
                     study.study_uid,
                 ),
             )
             return 0
         conn.execute(
-            "INSERT INTO sent_studies (study_uid, outbox_item_id, sop_instance_uid, accession, patient_id, "
-            "patient_name, ecg_time, description, stat, sent_at, committed_at, quality_verdict, device, polls) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            "INSERT INTO sent_studies (study_uid, outbox_item_id, item_key, sop_instance_uid, accession, "
+            "patient_id, patient_name, ecg_time, description, stat, sent_at, committed_at, quality_verdict, "
+            "device, polls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
             (
                 study.study_uid,
                 study.outbox_item_id,
+                study.item_key,
                 study.sop_instance_uid,
                 study.accession,
                 study.patient_id,
@@ -422,15 +441,42 @@ class ReportStore:
         rows = self._rows("SELECT * FROM sent_studies WHERE study_uid = ?", (study_uid,))
         return _study(rows[0]) if rows else None
 
-    def studies_of_items(self, item_ids: Sequence[int]) -> dict[int, SentStudy]:
+    def studies_of_items(self, items: Sequence[OutboxItem]) -> dict[int, SentStudy]:
         """The sent studies of these outbox items, by item id: what a purged item no longer holds
-        (its patient and study UID are erased with its payload)."""
-        if not item_ids:
+        (its patient and study UID are erased with its payload). Only an item's own (`is_record_of`):
+        an earlier outbox's item of the same id left its record too."""
+        if not items:
             return {}
-        rows = self._rows(
-            f"SELECT * FROM sent_studies WHERE outbox_item_id IN ({_placeholders(item_ids)})", tuple(item_ids)
-        )
-        return {int(r["outbox_item_id"]): _study(r) for r in rows}
+        by_id = {item.id: item for item in items}
+        ids = list(by_id)
+        rows = self._rows(f"SELECT * FROM sent_studies WHERE outbox_item_id IN ({_placeholders(ids)})", ids)
+        return {r["outbox_item_id"]: _study(r) for r in rows if is_record_of(r["item_key"], by_id[r["outbox_item_id"]])}
+
+    # -- sent readings (lastmile.reports.sent_readings) ----------------------------------------
+    def record_sent_readings(self, readings: Sequence[SentReading]) -> int:
+        """Remember readings relayed to the county platform, in one transaction (one fsync);
+        returns how many were new."""
+        if not readings:
+            return 0
+        with self._lock, transaction(self.db) as conn:
+            return insert_sent_readings(conn, list(readings))
+
+    def untaken_sent_readings(self) -> list[SentReading]:
+        """The readings relayed whose bundle the county platform has not taken yet (as far as known)."""
+        return [sent_reading(r) for r in self._rows("SELECT * FROM sent_readings WHERE sent_at IS NULL", ())]
+
+    def record_readings_taken(self, taken: dict[int, dt.datetime]) -> int:
+        """When the platform took the readings (outbox item -> time), in one transaction."""
+        if not taken:
+            return 0
+        sql = "UPDATE sent_readings SET sent_at = ? WHERE outbox_item_id = ? AND sent_at IS NULL"
+        with self._lock, transaction(self.db) as conn:
+            return sum(conn.execute(sql, (iso(at), item_id)).rowcount for item_id, at in taken.items())
+
+    def recent_sent_readings(self, limit: int) -> list[SentReading]:
+        """The last `limit` readings recorded, newest (by outbox item) first."""
+        rows = self._rows("SELECT * FROM sent_readings ORDER BY outbox_item_id DESC LIMIT ?", (int(limit),))
+        return [sent_reading(r) for r in rows]
 
     def studies(self, *, since: dt.datetime | None = None) -> list[SentStudy]:
         """Sent studies, newest first (those sent at or after `since`)."""
@@ -696,8 +742,8 @@ class ReportStore:
     # -- retention ---------------------------------------------------------------------------------
     def purge_expired(self, now: dt.datetime, retention_days: float, window_days: float) -> int:
         """Delete studies sent more than `retention_days` ago (and longer ago than the polling
-        window) with their reports, except where a critical report awaits acknowledgement.
-        secure_delete zeroes the rows; the WAL is truncated so no copy stays there."""
+        window) with their reports, except where a critical report awaits acknowledgement, and the
+        readings sent as long ago (`sent_readings`). secure_delete zeroes the rows; the WAL is truncated so no copy stays there."""
         keep_s = max(retention_days, window_days) * 86400.0
         cutoff = iso(now - dt.timedelta(seconds=keep_s))
         with self._lock, transaction(self.db) as conn:
@@ -714,7 +760,9 @@ class ReportStore:
                 chunk = uids[start : start + 500]
                 conn.execute(f"DELETE FROM reports WHERE study_uid IN ({_placeholders(chunk)})", chunk)
                 conn.execute(f"DELETE FROM sent_studies WHERE study_uid IN ({_placeholders(chunk)})", chunk)
-        if uids:
+            # the readings sent then go with them (no report comes back for a reading)
+            readings = conn.execute("DELETE FROM sent_readings WHERE relayed_at < ?", (cutoff,)).rowcount
+        if uids or readings:
             with self._lock:
                 self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return len(uids)

@@ -73,9 +73,11 @@ class ClinicBlePort:
             connected=status.connected,
             seen=status.seen,
             error=status.error,
+            problem=status.problem,
             identity=status.identity,
             advertised_name=status.name,  # the name given at pairing stays the one shown
             services=status.services,
+            battery_level=status.battery_level,
         )
 
     def last_sequence(self, address: str) -> int | None:

@@ -34,6 +34,7 @@ from uploader.outbox import is_disk_full
 
 if TYPE_CHECKING:
     from lastmile.reports.service import ReportService
+    from lastmile.services.observation_relay import Relayed
     from lastmile.visits.relay_link import VisitQueue
     from uploader.fhir_sender import FhirSender
 
@@ -122,6 +123,7 @@ class ForwardService:
         self._visits: VisitQueue | None = None  # made at the first FHIR round
         # what the relay and the visit queue said once (a damaged key, a damaged open visit)
         self._visit_notices = VisitNotices()
+        self._taken_unrecorded = False  # readings taken by the platform whose records clinic.db refused
 
     def _make_ecg(self, config: Config) -> EcgForwarder:
         # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
@@ -226,6 +228,7 @@ class ForwardService:
     def _step(self, stop: threading.Event) -> float:
         self._settle()
         self.reports.check()
+        self.reports.prune(time.time())
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
@@ -234,7 +237,9 @@ class ForwardService:
             from uploader.fhir_forwarder import forward_fhir_once
 
             link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices)
-            relay_observations(self.outbox, fhir_naming(self.config), time.time(), visit_link=link)
+            relay_observations(
+                self.outbox, fhir_naming(self.config), time.time(), visit_link=link, record=self._record_relayed
+            )
             self._queue_visits()
 
             fhir = forward_fhir_once(
@@ -247,6 +252,8 @@ class ForwardService:
             )
             if fhir.sent or fhir.quarantined:
                 log.info("FHIR round: sent %d, quarantined %d", fhir.sent, fhir.quarantined)
+            if fhir.sent or self._taken_unrecorded:
+                self._record_taken()
             waits.append(0.0 if fhir.claimed and not fhir.fault else self.ecg.next_due_in())
         self._last = (
             f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
@@ -255,6 +262,35 @@ class ForwardService:
         if result.did_work:
             log.info("forward round: %s", self._last)
         return min(waits)
+
+    def _record_relayed(self, relayed: list[Relayed], now: float) -> None:
+        """The relayed readings' records (clinic.db, one transaction): the Sent page lists them
+        after the outbox has purged them."""
+        from lastmile.reports.sent_readings import sent_reading_of
+        from uploader.fhir_forwarder import observation_key
+
+        destination, naming = self.config.fhir.base_url, fhir_naming(self.config)
+        self.reports.store.record_sent_readings(
+            [
+                sent_reading_of(item, obs, now, destination, observation_key(obs, naming), visit)
+                for item, obs, visit in relayed
+            ]
+        )
+
+    def _record_taken(self) -> None:
+        """After a FHIR round that sent something: the readings whose bundles the platform took get
+        their records' sent time (one transaction; no write in a round that sent nothing). One
+        clinic.db refuses now is recorded after the next round."""
+        from lastmile.reports.sent_readings import carrying_bundle, taken_at
+
+        try:
+            store = self.reports.store
+            taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox, r)) for r in store.untaken_sent_readings()}
+            store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
+            self._taken_unrecorded = False
+        except Exception:  # the Sent page reads the bundles meanwhile: never stop the round for this
+            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
+            self._taken_unrecorded = True
 
     def _queue_visits(self) -> None:
         """Closed home visits not queued yet (signed after their stop, or a stop cut short) go

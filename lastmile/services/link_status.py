@@ -35,40 +35,15 @@ def fhir_link_worked(status: dict[str, Any] | None) -> bool:
     """Whether the county platform's link worked since it last failed, as the FHIR sender recorded
     it (`FHIR_STATUS`): its rounds are all its attempts, so every failure recorded before the last
     one that heard it answer is older than a success. Judged as the metrics and the System page
-    judge it (`FhirPlatform`): one bundle refused alone, it answers."""
-    platform = fhir_platform(status)
-    if platform.said is None:  # a sender before the upgrade: its last round's counts
-        return _old_round_worked(status)
-    return platform.said in (Said.ANSWERED, Said.REFUSED_ONE)
+    judge it (`FhirPlatform`): one bundle refused alone, it answers. Nothing judged yet: unknown."""
+    return fhir_platform(status).said in (Said.ANSWERED, Said.REFUSED_ONE)
 
 
 def fhir_link_failing(status: dict[str, Any] | None) -> bool:
     """Whether the county platform took nothing in the FHIR sender's last rounds that heard it, or
-    missed it (`FHIR_STATUS`): not answering, busy, or refusing every bundle - not one refused alone."""
-    platform = fhir_platform(status)
-    if platform.said is None:  # a sender before the upgrade: its last round's counts
-        return _old_round_failed(status)
-    return platform.said in (Said.DOWN, Said.BUSY, Said.REFUSES_ALL)
-
-
-def _old_round_worked(status: dict[str, Any] | None) -> bool:
-    """A sender that recorded no judgement (`SAID`): its last round that claimed anything took
-    bundles and none failed."""
-    last_round = _old_round(status)
-    sent, transient = number(last_round.get("sent")), number(last_round.get("transient"))
-    return bool(sent) and not transient and not last_round.get("fault")
-
-
-def _old_round_failed(status: dict[str, Any] | None) -> bool:
-    """A sender that recorded no judgement (`SAID`): its last round that claimed anything took
-    nothing and a send failed (a timeout releases the rest of the round, attempts back to 0)."""
-    last_round = _old_round(status)
-    return not number(last_round.get("sent")) and bool(number(last_round.get("transient")))
-
-
-def _old_round(status: dict[str, Any] | None) -> dict[str, Any]:
-    last_round = (status or {}).get("last_round")
-    return last_round if isinstance(last_round, dict) else {}
+    missed it (`FHIR_STATUS`): not answering, busy, or refusing every bundle - not one refused alone.
+    Nothing judged yet: unknown."""
+    return fhir_platform(status).said in (Said.DOWN, Said.BUSY, Said.REFUSES_ALL)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
     for name, section in sections(config).items():
         policy = meter_policy(section)
         if policy is not None:
-            found[name] = Meter(name, policy, store, sender_round_s(config, name))
+            found[name] = Meter(name, policy, store, round_s=sender_round_s(config, name))
     return found
 
 
@@ -144,7 +144,7 @@ def read_once(meter: Meter) -> Meter:
         return meter
     names = (meter.status_name, *([LINK_STATUS[meter.name]] if meter.name in LINK_STATUS else []))
     values = {name: value for name in names if (value := meter.store.status(name)) is not None}
-    return Meter(meter.name, meter.policy, StatusSnapshot(values), meter.round_s)
+    return Meter(meter.name, meter.policy, StatusSnapshot(values), round_s=meter.round_s)
 
 
 def link_failing(meter: Meter) -> bool:

@@ -48,7 +48,7 @@ from lastmile.services.link_status import (
     link_down,
     number,
 )
-from uploader.fhir_link import LAST_ERROR_AT
+from uploader.fhir_link import LAST_ERROR_AT, Said
 
 if TYPE_CHECKING:
     from lastmile.config import Config
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT_POLLER_STATUS = "poller"  # lastmile.reports.poller.STATUS_NAME (issue 14)
-CONFIG_FAULT_PREFIX = "configuration fault:"  # how uploader.fhir_forwarder releases items it could not send
 WAITING_STATES = ("queued", "sending")  # not yet accepted by the peer
 UNCOMMITTED_STATES = ("queued", "sending", "sent")
 KEPT_STATES = ("queued", "sending", "sent", "committed", "quarantined")  # all but purged (meta kept)
@@ -166,12 +165,6 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
             )
         }
         statuses = {name: _json_object(value) for name, value in conn.execute("SELECT name, value FROM status")}
-        fhir_failed, fhir_refused = conn.execute(
-            "SELECT MAX(CASE WHEN attempts > 0 AND last_error NOT LIKE ? THEN updated_at END), "
-            "COUNT(CASE WHEN last_error LIKE ? THEN 1 END) "
-            "FROM items WHERE kind = 'fhir-bundle' AND state = 'queued'",
-            (CONFIG_FAULT_PREFIX + "%", CONFIG_FAULT_PREFIX + "%"),
-        ).fetchone()
         oldest_stuck = dict(oldest_created)
         meter_held = {} if config is None else _held_since(config, StatusSnapshot(statuses), now)
         if meter_held:  # the routine items those meters hold (not STAT, not held for the doctor) left out
@@ -185,9 +178,7 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
     dicom_success = _latest(number(rc.get("last_success")), last_sent.get("dicom"))
     links = {
         "dicom": LinkSnapshot(dicom_success, number(rc.get(LAST_ERROR_AT)), refused=bool(rc.get("fault"))),
-        "fhir": _fhir_link(
-            statuses.get(FHIR_STATUS), last_sent.get("fhir-bundle"), fhir_failed, bool(fhir_refused), now
-        ),
+        "fhir": _fhir_link(statuses.get(FHIR_STATUS), last_sent.get("fhir-bundle"), now),
     }
     return OutboxSnapshot(
         counts=counts,
@@ -201,16 +192,17 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
     )
 
 
-def _fhir_link(
-    status: dict[str, Any] | None, last_sent: float | None, failed: float | None, refused: bool, now: float
-) -> LinkSnapshot:
+def _fhir_link(status: dict[str, Any] | None, last_sent: float | None, now: float) -> LinkSnapshot:
     """The county platform's link as the FHIR sender judged it (`FhirPlatform.down`: refusing one
-    bundle, or busy a while, it answers: up); the refusal stays on the items the round released
-    (rounds overwrite their status). Until a round since the upgrade judged it, from the queued
-    items' last failure (`failed`)."""
+    bundle, or busy a while, it answers: up; refused: it refuses this gateway, `Said.FAULT` - kept
+    by the rounds that send nothing, given up by the first the platform answers, whatever the items
+    the refused round held back still say). Until a round judged it, never down, as the doctor and
+    the System page say it: unknown, or up once a bundle went - never guessed from a queued item's
+    failure (a round cut before it recorded what the platform said)."""
     platform = fhir_platform(status)
     if platform.said is None:
-        return LinkSnapshot(last_sent, failed, refused=refused)
+        return LinkSnapshot(last_sent)
+    refused = platform.said is Said.FAULT
     return LinkSnapshot(last_sent, platform.down_since, refused=refused, judged_down=platform.down(now))
 
 

@@ -45,6 +45,10 @@ PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, TransientError, 
 
 
 VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
+# a reading relayed: its item, the reading, the home visit whose bundle carries it (None: its own bundle)
+Relayed = tuple[OutboxItem, Observation, "str | None"]
+# (the readings relayed, when) -> their sent-reading records written (lastmile.reports.sent_readings)
+RecordRelayed = Callable[[list[Relayed], float], None]
 
 
 def relay_observations(
@@ -54,14 +58,16 @@ def relay_observations(
     *,
     limit: int = RELAY_BATCH,
     visit_link: VisitLink | None = None,
+    record: RecordRelayed | None = None,
 ) -> int:
     """Queue a FHIR bundle for each waiting reading (up to `limit`), or link it to the open visit
-    it was taken during; returns how many were relayed either way."""
+    it was taken during; returns how many were relayed either way. `record` writes what the Sent
+    page shows of them once the outbox has purged them, before they are marked sent."""
     # Every forward round calls this: a read first, so an idle round takes no write lock.
     if not outbox.items(kind=OBSERVATION_KIND, state=ItemState.QUEUED, limit=1):
         return 0
     claimed = outbox.claim(OBSERVATION_KIND, limit, now)
-    done: list[int] = []
+    done: list[Relayed] = []
     for n, item in enumerate(claimed):
         obs: Observation | None = None
         released: tuple[int, str] | None = None
@@ -72,7 +78,7 @@ def relay_observations(
             visit_id = visit_link(obs, item.key) if visit_link is not None and released is None else None
             if visit_id is not None:
                 log.info("reading #%d goes with home visit %s", item.id, visit_id)
-                done.append(item.id)
+                done.append((item, obs, visit_id))
                 continue
             enqueue_observation(outbox, obs, naming, meta={"reading_item": item.id}, now=now)
         except CorruptPayloadError as exc:  # the outbox quarantined it already
@@ -93,12 +99,27 @@ def relay_observations(
             log.exception("reading #%d: unexpected error relaying it to the county platform", item.id)
             outbox.quarantine(item.id, f"unexpected error making it a FHIR bundle: {type(exc).__name__}: {exc}", now)
             continue
-        done.append(item.id)
+        done.append((item, obs, None))
     if done:
-        outbox.mark_sent(done, now)
-        outbox.mark_committed(done, now)  # durable: the bundle carries the reading from here
+        if record is not None:
+            _record(record, done, now)
+        ids = [item.id for item, _obs, _visit in done]
+        outbox.mark_sent(ids, now)
+        outbox.mark_committed(ids, now)  # durable: the bundle carries the reading from here
         log.info("%d reading(s) queued for the county platform", len(done))
     return len(done)
+
+
+def _record(record: RecordRelayed, done: list[Relayed], now: float) -> None:
+    """Written before the readings are marked sent: a relay cut short between the two records
+    them again (absorbed), never marks them sent unrecorded. A record clinic.db refuses does not
+    hold the readings back: they go, and the Sent page shows them until the outbox purges them."""
+    try:
+        record(done, now)
+    except Exception:  # a record (clinic.db busy or full, a bug) must never stop the readings
+        log.exception(
+            "%d reading(s) relayed without their sent record (the Sent page lists them until purged)", len(done)
+        )
 
 
 def _released_by_visit(item: OutboxItem) -> tuple[int, str] | None:

@@ -181,7 +181,7 @@ def clear_refusals_fixed_since(registry: DeviceRegistry, specs: Sequence[LinkSpe
     for spec in specs:
         own = serial_address(spec.name)
         record = registry.get(own)
-        if record is not None and record.last_error.startswith(NOT_STARTED):
+        if record is not None and record.problem is DeviceProblem.SETTINGS:  # its refusal, whatever its words
             registry.update_status(own, now=now, transport="serial", error="")
         if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
             forwarded = serial_address(forwarded_name(spec.name))
@@ -220,7 +220,8 @@ class SerialContext:
     profiles: dict[str, ReportProfile]
     rules: ScanRules
     now: Callable[[], dt.datetime] = utc_now
-    _last_error_write: dict[str, float] = field(default_factory=dict)
+    # by device name: when its last error was written, and its kind (see `error`)
+    _last_error_write: dict[str, tuple[float, DeviceProblem]] = field(default_factory=dict)
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
@@ -243,11 +244,14 @@ class SerialContext:
         except Exception:  # status is best effort; readings are not
             log.exception("%s: cannot record device status", spec.name)
 
-    def error(self, spec: LinkSpec, message: str) -> None:
-        last = self._last_error_write.get(spec.name, 0.0)
-        if time.monotonic() - last >= ERROR_STATUS_EVERY_S:
-            self._last_error_write[spec.name] = time.monotonic()
-            self.status(spec, error=message[:200])
+    def error(self, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
+        """Write `spec`'s row error: the same kind at most every ERROR_STATUS_EVERY_S (a port spewing
+        garbage is no database write per frame), another kind at once (a store error just after a
+        rejected report is the row's cause, not dropped)."""
+        last, kind = self._last_error_write.get(spec.name, (0.0, None))
+        if problem is not kind or time.monotonic() - last >= ERROR_STATUS_EVERY_S:
+            self._last_error_write[spec.name] = (time.monotonic(), problem)
+            self.status(spec, error=message[:200], problem=problem)
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
@@ -259,7 +263,7 @@ class SerialContext:
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             if not held or not is_storage_full(exc):
-                self.error(spec, f"{CANNOT_STORE}reading: {exc}")
+                self.error(spec, f"{CANNOT_STORE}reading: {exc}", DeviceProblem.NOT_SAVED)
             else:
                 self._store_error_over(spec)  # space is the cause now: the held status says it
             return False
@@ -278,11 +282,11 @@ class SerialContext:
         """What a previous run kept in the spill files waits again, retried at once."""
         loaded = self.spill.load() if self.spill is not None else {}
         for name, observations in loaded.items():
-            log.warning("%s: %d reading(s) kept from before the restart wait for space", name, len(observations))
+            log.warning("%s: %d reading(s) kept from before the restart wait to be stored", name, len(observations))
             self.unstored.setdefault(name, Unstored()).observations.extend(observations)
         recordings = self.ecg_spill.load_recordings() if self.ecg_spill is not None else {}
         for name, by_key in recordings.items():
-            log.warning("%s: %d streamed ECG(s) kept from before the restart wait for space", name, len(by_key))
+            log.warning("%s: %d streamed ECG(s) kept from before the restart wait to be stored", name, len(by_key))
             self.unstored.setdefault(name, Unstored()).recordings.update(by_key)
 
     def settle_held_at_start(self) -> None:
@@ -299,7 +303,7 @@ class SerialContext:
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
-                error = lost_message(record.held_words) if uncounted else None
+                error = lost_message(record.held_words, record.held_cause) if uncounted else None
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
@@ -327,7 +331,7 @@ class SerialContext:
             max(0, record.held_ecg_count - len(loaded.recordings)),
         )
         if any(lost):
-            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost)))
+            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), record.held_cause))
             self.registry.record_lost(record, lost, now=self.now())
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
@@ -361,9 +365,22 @@ class SerialContext:
                 counts[0] - on_disk(counts[0], self.spill, spec.name),
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
-        message = waiting_message(held_words(*counts), where, held_words(*memory))
-        log.error("%s: %s", spec.name, message)
         self.status(spec, held=where, held_counts=counts, memory_counts=memory)
+        log.error(
+            "%s: %s",
+            spec.name,
+            self._row_waiting(spec) or waiting_message(held_words(*counts), where, held_words(*memory)),
+        )
+
+    def _row_waiting(self, spec: LinkSpec) -> str:
+        """What `spec`'s device row says waits and why (`DeviceRecord.waiting`: its cause when it is
+        not space, locked ...), for the journal to say the same; "" if the row cannot be read."""
+        try:
+            record = self.registry.get(serial_address(spec.name))
+        except Exception:  # status is best effort, as in status()
+            log.exception("%s: cannot read device status", spec.name)
+            return ""
+        return record.waiting if record is not None else ""
 
     def _store_error_over(self, spec: LinkSpec) -> None:
         """Nothing of `spec`'s device waits any more, or what waits is refused for space now: a
@@ -446,12 +463,14 @@ class SerialContext:
             )
         except (InvalidObjectError, DeviceError) as exc:
             log.error("%s: ECG recording refused, it cannot become a DICOM ECG: %s", spec.name, exc)
-            self.status(spec, error=f"{ECG_REFUSED} {exc}"[:200])  # once per recording: not rate-limited
+            self.status(
+                spec, error=f"{ECG_REFUSED} {exc}"[:200], problem=DeviceProblem.ECG_REFUSED
+            )  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             if not is_storage_full(exc):  # held: the row's held status says it waits for space
-                self.error(spec, f"{CANNOT_STORE}ECG: {exc}")
+                self.error(spec, f"{CANNOT_STORE}ECG: {exc}", DeviceProblem.NOT_SAVED)
             else:
                 self._store_error_over(spec)
             return False
@@ -551,7 +570,7 @@ class BridgeHandler:
                 if self.ctx.counted_lost(self.spec):  # the row's lost FAIL says it: not its error too
                     log.warning("%s: ECG_END of an ECG lost when the gateway stopped: NACKed", self.spec.name)
                 else:
-                    self.ctx.error(self.spec, "ECG_END for an unknown recording")
+                    self.ctx.error(self.spec, "ECG_END for an unknown recording", DeviceProblem.OTHER)
         elif isinstance(event, SerialDataReceived):
             self._serial_data(event)
         elif isinstance(event, DeviceHello):
@@ -569,7 +588,7 @@ class BridgeHandler:
             )
         elif isinstance(event, SessionProblem):
             log.debug("%s: %s", self.spec.name, event.reason)
-            self.ctx.error(self.spec, event.reason)
+            self.ctx.error(self.spec, event.reason, DeviceProblem.OTHER)
 
     def _recording(self, event: RecordingReady) -> None:
         try:
@@ -604,7 +623,9 @@ class BridgeHandler:
                         "%s: the bridge forwards device lines but no forward_profile is configured", self.spec.name
                     )
                     self._warned_unreadable = True
-                self.ctx.error(self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge")
+                self.ctx.error(
+                    self.spec, f"{FORWARD_NOT_READ} set forward_profile for this bridge", DeviceProblem.FORWARD_NOT_READ
+                )
             reason = "forward_profile refused" if refused else "no forward_profile configured"
             self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, reason))
             return
@@ -624,7 +645,7 @@ class BridgeHandler:
                     stored_all &= self.ctx.store_observation(self.spec, obs)
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
-                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}")
+                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}", DeviceProblem.UNREADABLE)
         parser = self._parsers[channel]
         if parser.idle and stored_all:
             # Every line received so far is part of a stored report or of nothing: all durable.
@@ -634,7 +655,7 @@ class BridgeHandler:
             for seq in self._unsettled.pop(channel, []):
                 self.link.write(self.session.reject(seq, codec.NACK_REFUSED, "not stored"))
 
-    def connection_lost(self, reason: str | None) -> None:
+    def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
         for event in self.session.connection_lost(self.ctx.now()):
             if isinstance(event, RecordingReady):
                 self._recording(event)  # kept, flagged truncated
@@ -646,7 +667,7 @@ class BridgeHandler:
         if self.session.hello is not None:
             self.ctx.resend_window_closed(self.spec)
         self.ctx.retry_unstored(self.spec, force=True)
-        self.ctx.status(self.spec, connected=False, error=reason)
+        self.ctx.status(self.spec, connected=False, error=reason, problem=problem)
 
     def tick(self) -> float | None:
         now = time.monotonic()
@@ -688,11 +709,11 @@ class AsciiReportHandler:
                         self.ctx.hold_observation(self.spec, obs)  # the device cannot resend
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
-                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}")
+                self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}", DeviceProblem.UNREADABLE)
 
-    def connection_lost(self, reason: str | None) -> None:
+    def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
         self._events(self.parser.flush(self.ctx.now()))  # a half report is rejected, never half-stored
-        self.ctx.status(self.spec, connected=False, error=reason)
+        self.ctx.status(self.spec, connected=False, error=reason, problem=problem)
 
     def tick(self) -> float | None:
         now = time.monotonic()
@@ -726,10 +747,10 @@ class ScannerHandler:
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
                 log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name, ev.reason, ev.length)
-                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}")
+                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}", DeviceProblem.CODE_NOT_RECOGNISED)
 
-    def connection_lost(self, reason: str | None) -> None:
-        self.ctx.status(self.spec, connected=False, error=reason)
+    def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
+        self.ctx.status(self.spec, connected=False, error=reason, problem=problem)
 
     def tick(self) -> float | None:
         return None
@@ -806,7 +827,12 @@ class SerialService:
         for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
             registry.update_status(
-                serial_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
+                serial_address(name),
+                now=ctx.now(),
+                transport="serial",
+                connected=False,
+                error=reason,
+                problem=DeviceProblem.SETTINGS,
             )
         clear_refusals_fixed_since(registry, specs, now=ctx.now())
         return service

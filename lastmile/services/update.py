@@ -642,7 +642,7 @@ class Updater:
         if policy is None:
             self._download(offer, part, have)
             return
-        meter, now = Meter("update", policy, state), self.clock()
+        meter, now = Meter.charging("update", policy, state), self.clock()
         blocked = meter.blocked(now)
         if blocked is not None:
             until = dt.datetime.fromtimestamp(blocked.until, local_zone()).strftime("%Y-%m-%d %H:%M")

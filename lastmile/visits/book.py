@@ -1304,7 +1304,7 @@ class VisitBook:
         return queued
 
     def _queue_signed(self, outbox: Outbox, naming: FhirNaming, now: float | None) -> int:
-        from uploader.fhir_forwarder import enqueue_bundle
+        from uploader.fhir_forwarder import enqueue_bundle, visit_bundle_key
 
         queued = 0
         # Only once signed, and so with its times settled: the platform keeps the first version it
@@ -1339,7 +1339,7 @@ class VisitBook:
             enqueue_bundle(
                 outbox,
                 bundle,
-                f"fhir:visit:{row['id']}",
+                visit_bundle_key(row["id"]),
                 patient_id=row["patient_id"],
                 meta={"visit_id": row["id"], "type": "visit"},
                 now=now,

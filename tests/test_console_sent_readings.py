@@ -1,0 +1,204 @@
+"""The Sent page still lists the readings that went to the county after the outbox purged them.
+
+An ECG sent survives the purge in `sent_studies`; a reading (BP, temperature, SpO2 ...) did not:
+with the default retention (0 days) the outbox purges it at the next round, and the Sent page no
+longer listed it. The doctor asked "did the BP go?", saw nothing, and measured and sent it again
+(a duplicate at the county)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from lastmile.clinic.observations import OBSERVATION_KIND
+from lastmile.config import Config
+from lastmile.data_dir import open_outbox
+from lastmile.reports.store import ReportStore
+from lastmile.services.forward import ForwardService
+from tests.console_harness import (
+    DOCTOR,
+    VALID_ID,
+    Client,
+    console_config,
+    record_receipt_timed_bp,
+    running_console,
+    set_aside_outbox,
+)
+from tests.fhir_server import FhirTestServer
+from tests.peers import free_port
+from tests.waiting import wait_for
+from uploader.outbox import ItemState, Kind, OutboxItem
+
+OTHER_ID = "DEMO-0002"  # a clinic-issued ID (no resident card)
+
+
+def readings_section(page: str) -> str:
+    return page.split('id="h-readings"', 1)[1].split("</section>", 1)[0]
+
+
+def reading_purged(config: object) -> bool:
+    with open_outbox(config) as outbox:  # type: ignore[arg-type]
+        return [i.state for i in outbox.items(kind=OBSERVATION_KIND)] == [ItemState.PURGED]
+
+
+def forward_config(tmp_path: Path) -> Config:
+    """The console's clinic, forwarding readings only (no reading center listens: no ECGs here)."""
+    config = console_config(tmp_path / "data")
+    config.gateway.id = "gw-1"
+    config.outbox.retention_days = 0  # the default: a full SD card's settings purge at once
+    config.reading_center.storage_commitment = False
+    config.reading_center.listen_port = free_port()
+    config.reading_center.host = "127.0.0.1"
+    config.reading_center.port = free_port()
+    return config
+
+
+def send_and_purge(config: Config, platform: FhirTestServer) -> None:
+    """The real forward path (relay, FHIR round, purge) until the outbox's reading is purged."""
+    service = ForwardService(config)
+    try:
+        stop = threading.Event()
+        wait_for(
+            lambda: (service.step(stop), reading_purged(config))[1],
+            timeout=60.0,
+            what="the reading sent to the platform and purged from the outbox",
+        )
+    finally:
+        service.close()
+
+
+def checked_in(
+    config: Config, url: str, platform: FhirTestServer, patient_id: str = VALID_ID, name: str = "张三"
+) -> Client:
+    """The doctor logged in, the patient checked in, readings going to `platform`."""
+    config.fhir.base_url = platform.base_url
+    client = Client(url)
+    client.login(DOCTOR)
+    assert client.post("/today/check-in", {"patient_id": patient_id, "name": name}).status == 303
+    return client
+
+
+def test_a_reading_sent_to_the_county_is_still_listed_after_the_outbox_purged_it(tmp_path: Path) -> None:
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        record_receipt_timed_bp(config, "bp-1")
+        send_and_purge(config, platform)
+        section = readings_section(client.get("/sent").body)
+    assert len(platform.resources("Observation")) == 1
+    assert "张三" in section and VALID_ID in section, section
+    assert "血压" in section and "131/84 mmHg" in section, section
+    assert "已发送" in section, section
+
+
+def test_after_the_outbox_is_made_anew_a_sent_reading_shows_its_own_patient(tmp_path: Path) -> None:
+    """The sent-reading records are kept by outbox item id. A new outbox (the old one damaged and
+    set aside) numbers its items from 1 again: the new patient's reading, purged, was shown with
+    the OLD record of item 1 - another patient's blood pressure on the Sent page."""
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform:
+        with running_console(config) as server:
+            client = checked_in(config, server.url, platform)
+            record_receipt_timed_bp(config, "bp-old")
+            send_and_purge(config, platform)
+            assert client.post("/today/end-session", {}).status == 303
+        set_aside_outbox(config)
+        with running_console(config) as server:
+            client = checked_in(config, server.url, platform, OTHER_ID, "李伟")
+            record_receipt_timed_bp(config, "bp-new")
+            send_and_purge(config, platform)
+            section = readings_section(client.get("/sent").body)
+    assert len(platform.resources("Observation")) == 2
+    assert "李伟" in section and OTHER_ID in section, section
+    assert "张三" not in section and VALID_ID not in section, section
+
+
+def fhir_bundles(config: object) -> list[OutboxItem]:
+    with open_outbox(config) as outbox:  # type: ignore[arg-type]
+        return outbox.items(kind=Kind.FHIR_BUNDLE)
+
+
+def step_until(service: ForwardService, done: Callable[[], object], what: str) -> None:
+    stop = threading.Event()
+    wait_for(lambda: (service.step(stop), done())[1], timeout=60.0, what=what)
+
+
+def test_a_reading_whose_bundle_the_county_platform_has_not_taken_is_not_shown_as_sent(tmp_path: Path) -> None:
+    """The reading's own item is done once relayed into its bundle; the page said 已发送 then,
+    while the platform was down, and the doctor was told the BP went when it had not."""
+    config = forward_config(tmp_path)
+    config.outbox.backoff_base_s = 0.2  # the platform back: its bundle tried again soon
+    config.outbox.backoff_max_s = 0.5
+    with FhirTestServer() as platform, running_console(config) as server:
+        platform.retry_after_s = 0
+        client = checked_in(config, server.url, platform)
+        record_receipt_timed_bp(config, "bp-1")
+        platform.gateway_down = 503  # the county platform is down
+        service = ForwardService(config)  # the real forward path: relay, FHIR round, purge
+        try:
+            step_until(
+                service,
+                lambda: reading_purged(config) and [b.attempts for b in fhir_bundles(config)] >= [1],
+                "the reading relayed and purged, its bundle tried and refused by the down platform",
+            )
+            waiting = readings_section(client.get("/sent").body)
+            platform.gateway_down = None  # back
+            step_until(service, lambda: platform.resources("Observation"), "the bundle taken by the platform")
+            taken = readings_section(client.get("/sent").body)
+            taken_at = fhir_bundles(config)[0].sent_at
+            # a second reading, which the platform refuses
+            record_receipt_timed_bp(config, "bp-2")
+            platform.faults.append("400")
+            step_until(
+                service,
+                lambda: [b.state for b in fhir_bundles(config)][-1:] == [ItemState.QUARANTINED],
+                "the second reading's bundle refused",
+            )
+            refused = readings_section(client.get("/sent").body)
+        finally:
+            service.close()
+    assert "血压" in waiting and "131/84 mmHg" in waiting, waiting
+    assert "已发送" not in waiting, waiting
+    assert "等待发送" in waiting or "重试" in waiting, waiting
+    assert "已发送" in taken, taken
+    assert taken_at is not None
+    shown = re.search(r'已发送\s*<time datetime="([^"]+)"', taken)
+    assert shown is not None, taken
+    assert abs(dt.datetime.fromisoformat(shown[1]).timestamp() - taken_at) < 1.0, (shown[1], taken_at)
+    with ReportStore.open(config.data_dir) as store:
+        first, second = sorted(store.recent_sent_readings(10), key=lambda r: r.outbox_item_id)
+    assert first.sent_at is not None and abs(first.sent_at.timestamp() - taken_at) < 1.0, first
+    assert second.sent_at is None, second  # refused: never taken
+    card = refused.split("<li", 2)[1]  # the newest first: the refused one
+    assert "未发送：县健康平台无法接收" in card and "已发送" not in card, card
+    assert "400" in card, card
+
+
+def test_a_reading_taken_during_a_home_visit_is_sent_when_the_visits_bundle_is_taken(tmp_path: Path) -> None:
+    """A reading taken during an open home visit goes in the visit's bundle, once the visit is
+    stopped: the page said 已发送 from the link on, while the visit was still open."""
+    from lastmile.visits.book import VisitBook
+
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+            book.start(VALID_ID, doctor_id="DR-1")
+        record_receipt_timed_bp(config, "bp-1")
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: reading_purged(config), "the reading linked to the open visit and purged")
+            open_visit = readings_section(client.get("/sent").body)
+            with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+                book.stop()
+            step_until(service, lambda: platform.resources("Encounter"), "the visit's bundle taken by the platform")
+            taken = readings_section(client.get("/sent").body)
+        finally:
+            service.close()
+    assert len(platform.resources("Encounter")) == 1
+    assert "131/84 mmHg" in open_visit and "已发送" not in open_visit, open_visit
+    assert "随家访记录一起发往县里" in open_visit, open_visit
+    assert "已发送" in taken and "随家访记录一起发往县里" in taken, taken
