@@ -8,7 +8,9 @@ import base64
 import datetime as dt
 import itertools
 import json
+import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -235,6 +237,31 @@ def test_with_reports_off_the_forward_service_prunes_old_sent_records(tmp_path) 
     with ReportStore.open(config.data_dir) as store:
         assert [s.study_uid for s in store.studies()] == [recent_study.study_uid]
         assert [r.outbox_item_id for r in store.recent_sent_readings(10)] == [2]
+
+
+def test_a_prune_clinic_db_refuses_does_not_stop_the_forward_round(tmp_path, monkeypatch, caplog) -> None:
+    """The sent records' prune runs in the forward service's step: a clinic.db that refuses it
+    (full, locked past the busy timeout) faulted the whole step - the full-disk wait, or the
+    runtime's restart - and no ECG went that round. It is housekeeping: logged, tried again later."""
+    from lastmile.services.forward import ForwardService
+
+    config = gateway_config(tmp_path, free_port(), "PACS")
+    config.reports.source = "off"
+    config.reading_center.storage_commitment = False
+
+    def refused(*_args: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(ReportStore, "purge_expired", refused)
+    service = ForwardService(config)
+    try:
+        with caplog.at_level(logging.WARNING):
+            service.step(threading.Event())
+    finally:
+        service.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert not [line for line in said if "data partition full" in line], said  # not waiting for space
+    assert any("old sent records not deleted now" in line for line in said), said
 
 
 # -- critical alerts -----------------------------------------------------------------------------------
