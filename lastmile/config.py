@@ -518,6 +518,16 @@ def host_port(text: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def metrics_listen(config: Config) -> Listen:
+    """`metrics.listen` as host and port (the configuration already refused a malformed one). Here,
+    not in lastmile.services.metrics: `lastmile doctor` and the console's System page say where
+    the endpoint is without importing prometheus_client (~5 MB of the console's RSS)."""
+    parsed = host_port(config.metrics.listen)
+    if parsed is None:
+        raise ConfigError(f'{config.source}: metrics.listen = {config.metrics.listen!r}: write it as "HOST:PORT"')
+    return Listen(*parsed)
+
+
 def ae_title_problem(value: str) -> str | None:
     """Why `value` is not a DICOM AE title (PS3.5 6.2: ≤ 16 characters of the default
     repertoire, no backslash or control characters, not only spaces), or None."""

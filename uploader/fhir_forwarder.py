@@ -81,11 +81,6 @@ def observation_key(obs: Observation, naming: FhirNaming) -> str:
     return f"fhir:obs:{observation_identifier(obs, naming)}"
 
 
-def visit_bundle_key(visit_id: str) -> str:
-    """The outbox key of a home visit's bundle (it carries the readings taken during the visit)."""
-    return f"fhir:visit:{visit_id}"
-
-
 def enqueue_observation(
     outbox: Outbox,
     obs: Observation,

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from devices.observation import Observation
 from lastmile.clinic.db import iso
 from lastmile.clinic.observations import summary
-from uploader.fhir_forwarder import visit_bundle_key
+from uploader.fhir_bundle import visit_bundle_key
 from uploader.outbox import ItemState, Outbox, OutboxItem
 
 
