@@ -54,7 +54,7 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError, CountyLink, person_name, row_number
+from lastmile.console.sources import ClinicData, ConsoleInputError, CountyLink, county_row, person_name, row_number
 from lastmile.reports.printing import lp_command, print_behind_note
 from lastmile.reports.report_text import concept_name, shown_critical, shown_text, unassigned_note
 from uploader.errors import OutboxFullError
@@ -528,33 +528,13 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
 }
 UNSURE_ADVICE = N_("Please tell the county IT.")
 
-# The System page's county row (lastmile.console.sources.CountyLink), by what the FHIR forwarder
-# judged (uploader.fhir_link.Said's names; None: nothing judged yet): its words without a time,
-# and with the time the row names (`county_row_time`). One judgement added without words here
-# fails tests/test_console_county_link.py.
-NOTHING_SENT_YET = N_("nothing sent yet")
-WORKING = N_("working, last sent %(time)s")
-COUNTY_ROW: dict[str | None, tuple[str, str]] = {
-    None: (NOTHING_SENT_YET, WORKING),
-    "NOTHING": (NOTHING_SENT_YET, WORKING),
-    "ANSWERED": (NOTHING_SENT_YET, WORKING),
-    "REFUSED_ONE": (N_("refused one record, the others go on; if this lasts, tell the county IT"),) * 2,
-    "REFUSES_ALL": (
-        N_("refusing every record, nothing taken yet; tell the county IT"),
-        N_("refusing every record, nothing taken since %(time)s; tell the county IT"),
-    ),
-    "BUSY": (N_("busy, will retry by itself"), N_("busy, nothing taken since %(time)s; tell the county IT")),
-    "DOWN": (N_("not answering since %(time)s"),) * 2,
-    "FAULT": (N_("refused: call the county IT"),) * 2,
-}
-
 
 def county_row_text(county: CountyLink, localizer: Localizer) -> str:
-    """The county row's words in the page's language (`COUNTY_ROW`)."""
-    without, with_time = COUNTY_ROW[county.said.name if county.said else None]
+    """The county row's words in the page's language (lastmile.console.sources.COUNTY_ROW)."""
+    row = county_row(county.said)
     if county.when is None:
-        return localizer.gettext(without, time="")
-    return localizer.gettext(with_time, time=localizer.when(county.when))
+        return localizer.gettext(row.without_time, time="")
+    return localizer.gettext(row.with_time, time=localizer.when(county.when))
 
 
 def advice_for(check: str, level: str, key: str = "") -> str:

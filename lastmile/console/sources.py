@@ -25,10 +25,10 @@ import json
 import logging
 import sqlite3
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user" (0xFF): nobody's
 from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
@@ -289,15 +289,62 @@ class CountyLink:
     when: dt.datetime | None  # the time its row names (`county_row_time`); None: words without one
 
 
+def _last_sent(platform: FhirPlatform, now: float) -> float | None:
+    """The last bundle it took, while it answers."""
+    return platform.last_sent_at
+
+
+def _taking_nothing_since(platform: FhirPlatform, now: float) -> float | None:
+    """Since when it takes nothing, once it counts as down (not answering, refusing all, busy past
+    a while: `FhirPlatform.down`, as lastmile_link_state says); busy a short while names none."""
+    return platform.taking_nothing_since if platform.down(now) else None
+
+
+class CountyRow(NamedTuple):
+    """The System page's county row for one judgement of the FHIR forwarder: its words (msgids,
+    worded in the page's language by lastmile.console.app) without a time and with the time it
+    names, and which time that is (None: it names none)."""
+
+    without_time: str
+    with_time: str
+    time: Callable[[FhirPlatform, float], float | None] | None
+
+
+NOTHING_SENT_YET = N_("nothing sent yet")
+WORKING = N_("working, last sent %(time)s")
+# By uploader.fhir_link.Said's names (None: nothing judged yet). One judgement added without a row
+# here fails tests/test_console_county_link.py.
+COUNTY_ROW: dict[str | None, CountyRow] = {
+    None: CountyRow(NOTHING_SENT_YET, WORKING, _last_sent),
+    "NOTHING": CountyRow(NOTHING_SENT_YET, WORKING, _last_sent),
+    "ANSWERED": CountyRow(NOTHING_SENT_YET, WORKING, _last_sent),
+    "REFUSED_ONE": CountyRow(
+        *(N_("refused one record, the others go on; if this lasts, tell the county IT"),) * 2, None
+    ),
+    "REFUSES_ALL": CountyRow(
+        N_("refusing every record, nothing taken yet; tell the county IT"),
+        N_("refusing every record, nothing taken since %(time)s; tell the county IT"),
+        _taking_nothing_since,
+    ),
+    "BUSY": CountyRow(
+        N_("busy, will retry by itself"),
+        N_("busy, nothing taken since %(time)s; tell the county IT"),
+        _taking_nothing_since,
+    ),
+    "DOWN": CountyRow(*(N_("not answering since %(time)s"),) * 2, _taking_nothing_since),
+    "FAULT": CountyRow(*(N_("refused: call the county IT"),) * 2, None),
+}
+
+
+def county_row(said: Said | None) -> CountyRow:
+    """The county row for what the forwarder judged (`COUNTY_ROW`)."""
+    return COUNTY_ROW[said.name if said else None]
+
+
 def county_row_time(platform: FhirPlatform, now: float) -> float | None:
-    """The time the System page's county row names: since when the platform takes nothing (not
-    answering, refusing all, busy once it counts as down: `FhirPlatform.down`, as
-    lastmile_link_state says), the last bundle it took while it answers; None: no time named."""
-    if platform.down(now) or platform.said is Said.REFUSES_ALL:
-        return platform.taking_nothing_since
-    if platform.said in (None, Said.NOTHING, Said.ANSWERED):
-        return platform.last_sent_at
-    return None
+    """The time the System page's county row names (`COUNTY_ROW`); None: no time named."""
+    which = county_row(platform.said).time
+    return which(platform, now) if which else None
 
 
 @dataclass(frozen=True, slots=True)
