@@ -358,6 +358,10 @@ def iso(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).isoformat()
 
 
+def iso_or_none(value: dt.datetime | None) -> str | None:
+    return None if value is None else iso(value)
+
+
 def from_iso(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value) if value else None
 

@@ -31,7 +31,7 @@ import sqlite_utils
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from lastmile.clinic.db import from_iso, iso, transaction
+from lastmile.clinic.db import from_iso, iso, iso_or_none, transaction
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class Accounts:
                 "INSERT INTO console_login_failures (name, failures, locked_until, failed_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET failures = excluded.failures, "
                 "locked_until = excluded.locked_until, failed_at = excluded.failed_at",
-                (name, failures, iso(locked_until) if locked_until else None, iso(now)),
+                (name, failures, iso_or_none(locked_until), iso(now)),
             )
             conn.execute(
                 "DELETE FROM console_login_failures WHERE name IN (SELECT name FROM console_login_failures "

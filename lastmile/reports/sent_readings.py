@@ -24,7 +24,7 @@ import sqlite3
 from dataclasses import asdict, dataclass, fields
 
 from devices.observation import Observation
-from lastmile.clinic.db import iso
+from lastmile.clinic.db import iso_or_none
 from lastmile.clinic.observations import summary
 from uploader.fhir_bundle import visit_bundle_key
 from uploader.outbox import ItemState, Outbox, OutboxItem
@@ -81,15 +81,11 @@ def insert_sent_readings(conn: sqlite3.Connection, readings: list[SentReading]) 
         f"INSERT INTO sent_readings ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)}) "
         f"ON CONFLICT(outbox_item_id) DO UPDATE SET {updates} WHERE record_key != excluded.record_key"
     )
-    rows = [{**asdict(r), **{name: _iso_or_none(getattr(r, name)) for name in _TIMES}} for r in readings]
+    rows = [{**asdict(r), **{name: iso_or_none(getattr(r, name)) for name in _TIMES}} for r in readings]
     return sum(conn.execute(sql, row).rowcount for row in rows)
 
 
 _TIMES = ("measured_at", "relayed_at", "sent_at")
-
-
-def _iso_or_none(value: dt.datetime | None) -> str | None:
-    return None if value is None else iso(value)
 
 
 def sent_reading(row: sqlite3.Row) -> SentReading:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
-from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.db import from_iso, iso, iso_or_none, open_clinic_db, transaction
 from lastmile.clock import local_zone
 from lastmile.reports.report_text import English, display_name, is_cjk, report_text
 from lastmile.reports.sent_readings import SentReading, insert_sent_readings, sent_reading
@@ -419,7 +419,7 @@ class ReportStore:
                 study.description,
                 int(study.stat),
                 iso(study.sent_at),
-                iso(study.committed_at) if study.committed_at else None,
+                iso_or_none(study.committed_at),
                 study.quality_verdict or None,
                 study.device or None,
             ),
