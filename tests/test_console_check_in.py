@@ -286,3 +286,35 @@ def test_a_locked_account_tells_the_doctor_whom_to_ask_and_warns_before(
     assert "已锁定" in error and "县信息科" in error and "lastmile" not in error, error
     unlock = browser.find_element(by("id"), "unlock-command")  # type: ignore[attr-defined]
     assert unlock.get_attribute("textContent") == f"lastmile user unlock {DOCTOR[0]}"
+
+
+def space_above_id_label(driver: object) -> float:
+    """CSS pixels between what the patient panel shows last (the session's buttons, or the words
+    that nobody is checked in) and the check-in form's first label, 身份证号或门诊号."""
+    return float(
+        driver.execute_script(  # type: ignore[attr-defined]
+            "const last = [...document.querySelectorAll('#panel-session button, #panel-session .empty')]"
+            ".map(e => e.getBoundingClientRect().bottom);"
+            "return document.querySelector('label[for=patient_id]').getBoundingClientRect().top - Math.max(...last);"
+        )
+    )
+
+
+def test_the_id_label_is_set_apart_from_the_session_buttons_on_a_phone(browser: object, console: ConsoleServer) -> None:
+    """At 360 px the label 身份证号或门诊号 sat 0.5 rem under 结束该患者的检查, as close as the
+    session's buttons are to each other: it read as one more line of the session, not the start of
+    the form for the next patient. Now it keeps the space it has when nobody is checked in."""
+    from tests.console_browser import save_screenshot  # the page as the doctor sees it, for a look
+
+    log_in(browser, console)
+    set_viewport(browser, (360, 800))
+    try:
+        nobody = space_above_id_label(browser)
+        check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
+        text_in(browser, "#panel-session", "王五")
+        button_gap = min(gaps_between(browser, "#panel-session button"))
+        above = space_above_id_label(browser)
+        save_screenshot(browser, "today-session-phone-360x800")
+        assert above >= nobody and above > button_gap, (above, nobody, button_gap)
+    finally:
+        set_viewport(browser, TABLET)

@@ -359,9 +359,9 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "WARN": N_("A background service keeps restarting: tell the county IT."),
         "FAIL": N_("A background service has stopped: restart the gateway; if that does not help, call the county IT."),
     },
+    # network checks: the System page runs the doctor offline (its unit reaches only the LAN), so they
+    # are only ever skipped there; the link's own row says how it is
     "reading-center": {
-        "FAIL": N_("The reading center cannot be reached: ECGs are kept here and sent when the link is back."),
-        # the console runs the checks offline (its unit reaches only the LAN): the link's own row says
         "offline": N_(
             "This page does not test the network: the row “Link to the reading center” below says how the link is."
         ),
@@ -371,7 +371,6 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "FAIL": N_("The reading center cannot confirm receipt: ECGs stay here. Tell the county IT."),
     },
     "fhir": {
-        "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
         "offline": N_(
             "This page does not test the network: the row “Link to the county health platform” below says how the "
             "link is."
