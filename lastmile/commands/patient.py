@@ -396,7 +396,7 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       advertised as {r.advertised_name}")
         if r.last_reading:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
-        if r.battery_level is not None:  # a BLE device's, read when it connected
+        if r.battery_level is not None:  # a BLE device's: read at connect, then kept current while connected
             print(f"       battery      {_local(r.battery_at)}: {r.battery_level}%")
         if r.waiting:  # until stored, whatever its later errors (unplugged ...) say
             print(f"       waiting      {r.waiting}")

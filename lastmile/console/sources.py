@@ -419,7 +419,9 @@ class HeldEcg:
 
     item_id: int
     recorded_at: dt.datetime
-    reason: str  # "unassigned", "re-record", "mismatch"
+    # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS:
+    # "unassigned", "patient-mismatch" (its file names another patient) or "re-record" (quality)
+    reason: str
     hold_until: dt.datetime
     device: str = ""
     # whose ECG it is now (the outbox item's patient): the row says it, "" for none; held for
