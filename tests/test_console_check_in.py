@@ -19,8 +19,17 @@ from lastmile.clinic.patients import CurrentPatient, PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
-from tests.console_browser import PHONE, TABLET, by, log_in, on_page, set_viewport, text_in, wait_for
-from tests.console_harness import DOCTOR, VALID_ID, bp_reading, console_config, hold_readings, running_console
+from lastmile.data_dir import open_outbox
+from tests.console_browser import PHONE, TABLET, by, log_in, on_page, save_screenshot, set_viewport, text_in, wait_for
+from tests.console_harness import (
+    DOCTOR,
+    VALID_ID,
+    bp_reading,
+    console_config,
+    hold_readings,
+    record_readings,
+    running_console,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -152,6 +161,88 @@ def test_a_clear_not_confirmed_changes_nothing(browser: object, console: Console
         current = checked_in(console.config)
         assert current is not None and "王^五" in current.name and current.reason == "胸痛", current
         assert not browser.find_elements(by("css"), "p.done"), "a notice for a clear that did not happen"  # type: ignore[attr-defined]
+
+
+CLINIC_NUMBER = "MZ-0042"  # 王五's clinic number; VALID_ID is his ID card number
+
+
+def name_known_for(config: Config, patient_id: str) -> str:
+    """The name the gateway gives `patient_id` (a mapping or an assignment to it is sent so)."""
+    db = open_clinic_db(config.data_dir)
+    try:
+        return PatientContext(db, config.patient.idle_timeout_s).known_name(
+            patient_id, dt.datetime.now(dt.timezone.utc)
+        )
+    finally:
+        db.conn.close()
+
+
+def reading_goes_to(config: Config, key: str) -> dict[str, Any]:
+    """A BP reading arriving now, as the acquire service records it: the outbox row's patient."""
+    [result] = record_readings(config, bp_reading(dt.datetime.now(dt.timezone.utc), key))
+    assert result.outcome == "stored" and result.item_id is not None, result
+    with open_outbox(config) as outbox:
+        item = outbox.get(result.item_id)
+    assert item is not None and item.patient is not None, item
+    return item.patient
+
+
+def checked_in_under_his_other_number(driver: object, console: ConsoleServer) -> None:
+    """王五 is checked in by his ID card number, then, still checked in, by his clinic number: the
+    page asks which it is, in Chinese, and nothing changes before the doctor answers."""
+    log_in(driver, console)
+    check_in(driver, VALID_ID, name="王五")
+    text_in(driver, "#panel-session", VALID_ID)
+    check_in(driver, CLINIC_NUMBER, name="王五")
+    asked = driver.find_element(by("id"), "confirm-other-id").text  # type: ignore[attr-defined]
+    assert f"王五 已用 {VALID_ID} 检查中。{CLINIC_NUMBER} 是：" in asked, asked
+    assert f"更正输错的号码（替换 {VALID_ID}）" in asked and "同一人的另一个号码（两个都保留）" in asked, asked
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == VALID_ID, current
+
+
+def test_a_patients_other_number_checked_in_keeps_both_numbers_and_names(
+    browser: object, console: ConsoleServer
+) -> None:
+    """王五 was checked in by his ID card number and, still checked in, by his clinic number under
+    the same name: the gateway took it for a mistyped number corrected, and his ID card number
+    lost his name (a guess from words; both numbers are his). Now the page asks; "the same
+    person's other number" keeps both numbers named 王五, and the next reading goes to the clinic
+    number, named."""
+    checked_in_under_his_other_number(browser, console)
+    set_viewport(browser, (360, 800))
+    save_screenshot(browser, "confirm-other-id-360x800")
+    set_viewport(browser, TABLET)
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    said = browser.find_element(by("id"), "id-answer").text  # type: ignore[attr-defined]
+    assert CLINIC_NUMBER in said and VALID_ID in said and "王五" in said, said
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER and "王^五" in current.name, current
+    assert "王^五" in name_known_for(console.config, VALID_ID)
+    assert "王^五" in name_known_for(console.config, CLINIC_NUMBER)
+    patient = reading_goes_to(console.config, "bp-after-other-id")
+    assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
+
+
+def test_a_mistyped_number_corrected_replaces_it(browser: object, console: ConsoleServer) -> None:
+    """The same question answered "a mistyped number corrected": as before, the first number is
+    replaced and names nobody, the next reading goes to the corrected number; going back first
+    changes nothing."""
+    checked_in_under_his_other_number(browser, console)
+    submitted(browser, click("#confirm-other-id a[href='/today']"))
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == VALID_ID, current
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=corrected]"))
+    wait_for(browser, on_page("/today"))
+    said = browser.find_element(by("id"), "id-answer").text  # type: ignore[attr-defined]
+    assert VALID_ID in said and CLINIC_NUMBER in said, said
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER and "王^五" in current.name, current
+    assert name_known_for(console.config, VALID_ID) == ""
+    patient = reading_goes_to(console.config, "bp-after-correction")
+    assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
 
 
 def gaps_between(driver: object, css: str) -> list[float]:

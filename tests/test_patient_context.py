@@ -207,6 +207,27 @@ def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> 
         context.close()
 
 
+def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_path: Path) -> None:
+    """王五 is checked in by his ID card number and, still checked in, by his clinic number: the
+    doctor says it is his other ID (`other_id`), not a typo corrected. Both IDs keep his name; the
+    session goes on under the clinic number. Unasked, the same name stays a correction (no name
+    on an ID from a guess)."""
+    id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient(id_card, name, now=T0)
+        assert context.same_name_replaced(clinic_number, name, T0 + MIN) is not None
+        assert context.same_name_replaced(clinic_number, "Li^Si=李^四", T0 + MIN) is None
+        assert context.same_name_replaced(id_card, name, T0 + MIN) is None
+        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        later = T0 + 10 * MIN
+        assert context.known_names([id_card, clinic_number], later) == {id_card: name, clinic_number: name}
+        current = context.current(later)
+        assert current is not None and current.patient_id == clinic_number
+    finally:
+        context.close()
+
+
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:
     """The check-in form takes a resident ID card number or a clinic number. 张三 is checked in
     by his ID card number, his check-in ends, and later he is checked in by his clinic number:

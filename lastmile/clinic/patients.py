@@ -31,6 +31,8 @@ _ROW = 1
 NAME_KEPT = dt.timedelta(hours=24)
 # the session log's event of a patient ID corrected while checked in (`_replaced_event`)
 CORRECTED = "patient-id-corrected"
+# the session log's event of the checked-in patient checked in again under his other ID, same name
+OTHER_ID = "patient-other-id"
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class PatientContext:
         doctor_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
+        other_id: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -117,7 +120,9 @@ class PatientContext:
         `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
         nobody, is current - checked in the same transaction, so a card the acquire service reads
         meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
-        `set_doctor`), set only if the check-in is - never on a patient the page did not show."""
+        `set_doctor`), set only if the check-in is - never on a patient the page did not show.
+        `other_id`: the doctor said `patient_id`, checked in under the current patient's name, is
+        his other ID (both kept, both named); else it corrects a mistyped one (`_replaced_event`)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -136,7 +141,7 @@ class PatientContext:
                 reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
                 stat = bool(row["stat"]) if stat is None else stat
             if row and row["patient_id"] and row["patient_id"] != patient_id:
-                self._log(conn, now, _replaced_event(row, name), row["patient_id"], doctor)
+                self._log(conn, now, _replaced_event(row, name, other_id), row["patient_id"], doctor)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
                 "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -163,6 +168,14 @@ class PatientContext:
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
         return CheckedIn(before, after)
+
+    def same_name_replaced(self, patient_id: str, name: str, now: dt.datetime) -> CurrentPatient | None:
+        """The current patient, if checking `patient_id` in as `name` would replace him under his
+        own name: a mistyped ID corrected, or his other ID - only the doctor knows which."""
+        current = self.current(now)
+        if current is None or current.patient_id == patient_id.strip() or not _same_name(current.name, name):
+            return None
+        return current
 
     def set_doctor(self, doctor_id: str, *, now: dt.datetime) -> None:
         doctor_id = doctor_id.strip()
@@ -344,14 +357,21 @@ class PatientContext:
         )
 
 
-def _replaced_event(row: sqlite3.Row, name: str) -> str:
+def _replaced_event(row: sqlite3.Row, name: str, other_id: bool) -> str:
     """The log event of the session's patient (`row`) replaced by another ID checked in as `name`:
-    the same name while he is checked in is his ID corrected (张三 checked in as P-12, then as
-    P-21), so P-12's check-in names nobody (`_checked_in_names`), never guessed from a later
-    check-in: the same patient checked in again under his other ID (ID card, then clinic number)
-    is not a correction. Another name is the next patient."""
-    same = bool(name.strip()) and name.strip() == (row["patient_name"] or "").strip()
-    return CORRECTED if same else "patient-replaced"
+    the same name while he is checked in is either his ID corrected (张三 checked in as P-12, then
+    as P-21: P-12's check-in names nobody, `_checked_in_names`) or, as the doctor says
+    (`other_id`), his other ID (ID card, then clinic number: both keep his name). The console asks
+    (`same_name_replaced`); a caller that did not ask names no ID from a guess. Another name is
+    the next patient."""
+    if not _same_name(row["patient_name"] or "", name):
+        return "patient-replaced"
+    return OTHER_ID if other_id else CORRECTED
+
+
+def _same_name(checked_in: str, name: str) -> bool:
+    """A name typed again for the checked-in patient's name (none is nobody's)."""
+    return bool(name.strip()) and name.strip() == checked_in.strip()
 
 
 def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:

@@ -54,7 +54,15 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError, CountyLink, county_row, person_name, row_number
+from lastmile.console.sources import (
+    SAME_NAME_ANSWERS,
+    ClinicData,
+    ConsoleInputError,
+    CountyLink,
+    county_row,
+    person_name,
+    row_number,
+)
 from lastmile.reports.printing import lp_command, print_behind_note
 from lastmile.reports.report_text import concept_name, shown_critical, shown_text, unassigned_note
 from uploader.errors import OutboxFullError
@@ -846,7 +854,7 @@ async def today(request: Request) -> Response:
 
 
 # what Today says only with the check-in's own details (whose, what changed)
-TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again"})
+TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again", "check-in-corrected", "check-in-other-id"})
 
 
 Done = str | tuple[str, dict[str, Any]] | None  # what a form action did, and the details to say about it
@@ -926,6 +934,7 @@ async def check_in(request: Request) -> Response:
             # the session's 清除 buttons; the check-in form has no "clear": its empty fields keep
             clear_name=f.get("clear") == "name",
             clear_reason=f.get("clear") == "reason",
+            same_name=same_name_answer(f),
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
@@ -933,9 +942,52 @@ async def check_in(request: Request) -> Response:
             return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
+        if same_name_answer(f):  # the same patient goes on: no check-in of his ended
+            ids = {"replaced": f.get("shown_patient_id", ""), "id": session.patient_id}
+            return f"check-in-{same_name_answer(f)}", {"patient": who["patient"]} | ids
         return "check-in", who
 
-    return await today_action(request, action, ask_before_clearing(request))
+    return await today_action(request, action, asking(ask_before_clearing(request), ask_whose_id(request)))
+
+
+def same_name_answer(fields: dict[str, str]) -> str:
+    """The doctor's answer on the page `ask_whose_id` shows ("" if none, or not one of them)."""
+    answer = fields.get("same_name", "")
+    return answer if answer in SAME_NAME_ANSWERS else ""
+
+
+def asking(*askers: Asker) -> Asker:
+    """The first of `askers` that has a question for this form, else none."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        for asker in askers:
+            question = await asker(ctx, fields)
+            if question is not None:
+                return question
+        return None
+
+    return ask
+
+
+def ask_whose_id(request: Request) -> Asker:
+    """A check-in of another ID under the checked-in patient's own name asks the doctor whether it
+    corrects a mistyped ID or is the same patient's other ID (ID card and clinic number are both
+    valid): never guessed from the words. The answer comes back with the form's fields and the
+    patient the page showed (`shown_patient_id`: refused if another was checked in since)."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        if same_name_answer(fields):
+            return None
+        state = state_of(request)
+        now = now_utc()
+        session = await state.run_db(
+            lambda: state.data.same_name_replaced(fields.get("patient_id", ""), fields.get("name", ""), now)
+        )
+        if session is None:
+            return None
+        return render(request, ctx, "confirm_other_id.html", session=session, form=fields, alerts=[])
+
+    return ask
 
 
 CLEARABLE = ("name", "reason")  # the session's 清除姓名 / 清除原因 buttons (field "clear")

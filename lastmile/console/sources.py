@@ -128,6 +128,10 @@ class SessionView:
     reason: str = ""
 
 
+# the doctor's answers to `same_name_replaced`: a mistyped ID corrected, or the patient's other ID
+SAME_NAME_ANSWERS = ("corrected", "other-id")
+
+
 @dataclass(frozen=True, slots=True)
 class CheckIn:
     """What a check-in did, for Today to say so: the patient whose check-in it ended (their name,
@@ -669,11 +673,13 @@ class ClinicData:
         shown_patient_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
+        same_name: str = "",
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
         name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
         `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
-        "not urgent" and clear buttons), refused if another has been checked in since."""
+        "not urgent" and clear buttons), refused if another has been checked in since.
+        `same_name`: the doctor's answer to `same_name_replaced`, SAME_NAME_ANSWERS ("" unasked)."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
@@ -689,6 +695,7 @@ class ClinicData:
                 clear_name=clear_name,
                 clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
+                other_id=same_name == "other-id",
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
@@ -703,10 +710,22 @@ class ClinicData:
             now=now,
             target=patient.patient_id,
             detail={"name": view.patient_name, "doctor": doctor, "stat": view.stat, "reason": view.reason}
-            | ({"changed": list(changed)} if again else {}),
+            | ({"changed": list(changed)} if again else {})
+            | ({"same_name": same_name, "replaced": before.patient_id} if same_name and before is not None else {}),
         )
         ended = before.name or before.patient_id if before is not None and not again else ""
         return CheckIn(view, ended=ended, again=again, changed=changed)
+
+    def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> SessionView | None:
+        """The checked-in patient, if the check-in typed (`patient_text`, `name`) would replace him
+        by another ID under his own name: the doctor says whether it corrects a mistyped ID or is
+        his other ID. None for a check-in the form refuses (it says why)."""
+        try:
+            patient = checked_patient(patient_text, name, self.config)
+        except ConsoleInputError:
+            return None
+        current = self.context.same_name_replaced(patient.patient_id, patient.name, now)
+        return None if current is None else _session_view(current)
 
     def end_session(self, user: str, *, now: dt.datetime, shown_patient_id: str = "") -> bool:
         """End the session of the patient the page showed (`shown_patient_id`; "" from a page of
