@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -240,3 +241,41 @@ def test_a_reading_the_metered_link_holds_says_when_it_goes_as_a_held_ecg_does(
     assert [b.state for b in fhir_bundles(config)] == [ItemState.QUEUED]
     assert "131/84 mmHg" in section and "已发送" not in section, section
     assert words in section, section
+
+
+def refuse_sent_records(config: Config, refuse: bool) -> None:
+    """clinic.db refuses (or takes again) the Sent page's records of relayed readings, as a
+    database it cannot write does: a trigger aborting their insert."""
+    with sqlite3.connect(config.data_dir / "clinic.db") as db:
+        if refuse:
+            db.execute(
+                "CREATE TRIGGER refuse_sent BEFORE INSERT ON sent_readings BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
+            )
+        else:
+            db.execute("DROP TRIGGER refuse_sent")
+
+
+def test_a_reading_whose_sent_record_clinic_db_refused_is_still_listed_after_the_purge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay wrote no record (clinic.db refused it) and marked the reading sent anyway: the
+    page said 已发送 from the item's state, then, the outbox having purged it, listed it no more -
+    the doctor measured the BP again. Its record is written at a later round."""
+    from lastmile.services import observation_relay
+
+    monkeypatch.setattr(observation_relay, "RELAY_RETRY_S", 0.5)  # the later round soon
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        record_receipt_timed_bp(config, "bp-1")
+        refuse_sent_records(config, True)
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: platform.resources("Observation"), "the reading's bundle taken, unrecorded")
+            refuse_sent_records(config, False)
+            step_until(service, lambda: reading_purged(config), "the reading recorded, then purged")
+            section = readings_section(client.get("/sent").body)
+        finally:
+            service.close()
+    assert len(platform.resources("Observation")) == 1
+    assert "131/84 mmHg" in section and "已发送" in section, section
