@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from lastmile.clinic.observations import OBSERVATION_KIND
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
 from lastmile.services.forward import ForwardService
+from lastmile.services.metered import meters
 from tests.console_harness import (
     DOCTOR,
     VALID_ID,
@@ -28,6 +33,7 @@ from tests.console_harness import (
     set_aside_outbox,
 )
 from tests.fhir_server import FhirTestServer
+from tests.metering_setup import shut_window
 from tests.peers import free_port
 from tests.waiting import wait_for
 from uploader.outbox import ItemState, Kind, OutboxItem
@@ -202,3 +208,74 @@ def test_a_reading_taken_during_a_home_visit_is_sent_when_the_visits_bundle_is_t
     assert "131/84 mmHg" in open_visit and "已发送" not in open_visit, open_visit
     assert "随家访记录一起发往县里" in open_visit, open_visit
     assert "已发送" in taken and "随家访记录一起发往县里" in taken, taken
+
+
+@pytest.mark.parametrize(
+    ("held_by", "words"), [("window", "等待发送时段：将于"), ("budget", "今天的流量额度已用完：将于")]
+)
+def test_a_reading_the_metered_link_holds_says_when_it_goes_as_a_held_ecg_does(
+    tmp_path: Path, held_by: str, words: str
+) -> None:
+    """The county platform's link is metered (fhir.metered): its send window shut, or today's
+    allowance spent, the reading's bundle waits for it. An ECG held so says what it waits for and
+    when it goes; the reading said plain 等待发送, as if the link were simply slow."""
+    config = forward_config(tmp_path)
+    now = time.time()
+    if held_by == "window":
+        config.fhir.metered.windows = [shut_window(now)]
+    else:
+        config.fhir.metered.daily_budget_mb = 1.0
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        if held_by == "budget":
+            with open_outbox(config) as outbox:
+                meters(config, outbox)["fhir"].spend(2**20, now)
+        record_receipt_timed_bp(config, "bp-1")
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: reading_purged(config) and fhir_bundles(config), "the reading relayed, held")
+            section = readings_section(client.get("/sent").body)
+        finally:
+            service.close()
+    assert not platform.resources("Observation")  # held: not sent
+    assert [b.state for b in fhir_bundles(config)] == [ItemState.QUEUED]
+    assert "131/84 mmHg" in section and "已发送" not in section, section
+    assert words in section, section
+
+
+def refuse_sent_records(config: Config, refuse: bool) -> None:
+    """clinic.db refuses (or takes again) the Sent page's records of relayed readings, as a
+    database it cannot write does: a trigger aborting their insert."""
+    with sqlite3.connect(config.data_dir / "clinic.db") as db:
+        if refuse:
+            db.execute(
+                "CREATE TRIGGER refuse_sent BEFORE INSERT ON sent_readings BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
+            )
+        else:
+            db.execute("DROP TRIGGER refuse_sent")
+
+
+def test_a_reading_whose_sent_record_clinic_db_refused_is_still_listed_after_the_purge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay wrote no record (clinic.db refused it) and marked the reading sent anyway: the
+    page said 已发送 from the item's state, then, the outbox having purged it, listed it no more -
+    the doctor measured the BP again. Its record is written at a later round."""
+    from lastmile.services import observation_relay
+
+    monkeypatch.setattr(observation_relay, "RELAY_RETRY_S", 0.5)  # the later round soon
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        record_receipt_timed_bp(config, "bp-1")
+        refuse_sent_records(config, True)
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: platform.resources("Observation"), "the reading's bundle taken, unrecorded")
+            refuse_sent_records(config, False)
+            step_until(service, lambda: reading_purged(config), "the reading recorded, then purged")
+            section = readings_section(client.get("/sent").body)
+        finally:
+            service.close()
+    assert len(platform.resources("Observation")) == 1
+    assert "131/84 mmHg" in section and "已发送" in section, section

@@ -67,7 +67,7 @@ from lastmile.services.link_status import (
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT, Said
-from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.outbox import ItemState, Kind, MeterHold, Outbox, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ class ReadingJourney:
     last_error: str
     quarantine_reason: str
     with_visit: bool = False  # it goes in its home visit's bundle (state and time are that bundle's)
+    metered_held: bool = False  # the metered county link (fhir.metered) holds the bundle carrying it now
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,20 @@ class LinkStatus:
     metered_wait: str = ""
     metered_until: dt.datetime | None = None
     metered_budget_spent: bool = False  # today's budget is used up (whatever it waits for last)
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredNote:
+    """What a metered link holds routine items back for now, and when they go: the Sent page says
+    it in the same words on a held ECG and a held reading (sent.html's `metered_note`)."""
+
+    reason: str  # "window" or "budget" (uploader.metering.Blocked.reason)
+    until: dt.datetime
+
+
+def metered_note(metered: MeteredWait | None) -> MeteredNote | None:
+    blocked = None if metered is None else metered.blocked
+    return None if blocked is None else MeteredNote(blocked.reason, _utc(blocked.until))
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,10 +601,13 @@ def _sent_reading_journey(item: OutboxItem, record: SentReading) -> ReadingJourn
     )
 
 
-def _carried(journey: ReadingJourney, record: SentReading, outbox: Outbox) -> ReadingJourney:
+def _carried(
+    journey: ReadingJourney, record: SentReading, outbox: Outbox, hold: MeterHold | None, at: float
+) -> ReadingJourney:
     """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
-    county platform took that bundle, else waiting for it, or refused with the bundle's reason.
-    The bundle is looked up only while the record knows no sent time."""
+    county platform took that bundle, else waiting for it - for the metered link if `hold` (what
+    it holds at `at`) takes the bundle - or refused with the bundle's reason. The bundle is looked
+    up only while the record knows no sent time."""
     bundle = None if record.sent_at is not None else carrying_bundle(outbox, record)
     with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
     sent_at = record.sent_at or taken_at(bundle)
@@ -603,6 +621,7 @@ def _carried(journey: ReadingJourney, record: SentReading, outbox: Outbox) -> Re
         last_error="" if bundle is None else bundle.last_error or "",
         quarantine_reason="" if bundle is None else bundle.quarantine_reason or "",
         with_visit=with_visit,
+        metered_held=bundle is not None and hold is not None and hold.holds(bundle, at),
     )
 
 
@@ -1068,11 +1087,16 @@ class ClinicData:
             )
         return out
 
-    def sent_readings(self, limit: int = 50) -> list[ReadingJourney]:
+    def sent_readings(
+        self, metered: MeteredWait | None = None, limit: int = 50, *, now: dt.datetime | None = None
+    ) -> list[ReadingJourney]:
         """The latest readings for the county health platform, newest first, each with whose it
         is and where it is. A purged one (its patient and payload erased) is shown as its sent
         record keeps it (`sent_readings` in clinic.db), else left out. A relayed one is where the
-        bundle carrying it is (`_carried`): sent only once the platform took it."""
+        bundle carrying it is (`_carried`): sent only once the platform took it, held if the
+        metered county link holds that bundle (`metered`: `metered_hold(now, "fhir")`)."""
+        at = (now or utc_now()).timestamp()
+        hold = None if metered is None else metered.hold
         # the outbox's by index (named states), the purged ones' from their records: no scan of
         # every purged row
         records = {r.outbox_item_id: r for r in self.report_store.recent_sent_readings(limit)}
@@ -1089,7 +1113,7 @@ class ClinicData:
                 record = None  # an earlier outbox's item of the same id
             if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
                 if record is not None:
-                    out.append(_carried(_sent_reading_journey(item, record), record, self.outbox))
+                    out.append(_carried(_sent_reading_journey(item, record), record, self.outbox, hold, at))
                 continue
             patient = item.patient or {}
             payload = payloads.get(item_id)
@@ -1107,7 +1131,7 @@ class ClinicData:
                 quarantine_reason=item.quarantine_reason or "",
             )
             if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
-                journey = _carried(journey, record, self.outbox)
+                journey = _carried(journey, record, self.outbox, hold, at)
             out.append(journey)
         return out
 
@@ -1139,11 +1163,11 @@ class ClinicData:
         platform = fhir_platform(self.outbox.status(FHIR_STATUS))
         return CountyLink(platform.said, _t(county_row_time(platform, now.timestamp())))
 
-    def metered_hold(self, now: dt.datetime) -> MeteredWait | None:
-        """Why routine ECGs wait on the metered link now and since when, if any do
-        (lastmile.services.metered: the forwarder's own `Meter`, as `lastmile queue` and the
-        doctor say it)."""
-        meter = meters(self.config, self.outbox).get("dicom")
+    def metered_hold(self, now: dt.datetime, destination: str = "dicom") -> MeteredWait | None:
+        """Why routine items wait on `destination`'s metered link now (ECGs: "dicom"; readings'
+        and visits' bundles: "fhir") and since when, if any do (lastmile.services.metered: the
+        sender's own `Meter`, as `lastmile queue` and the doctor say it)."""
+        meter = meters(self.config, self.outbox).get(destination)
         if meter is None:
             return None
         wait = metered_wait(meter, self.outbox, now.timestamp(), count=False)
