@@ -537,8 +537,19 @@ class Outbox:
     def release_claims(self, now: float) -> int:
         """This Outbox's claims back to queued, uncharged (at close, or after a write failed
         mid-round, e.g. on a full disk, and left items claimed); returns how many."""
-        with self._write() as conn:
-            return _give_back_claims(conn, self.owner, now)
+        with self._lock:
+            # None: nothing to write, so no wait for another process's write lock (a round that
+            # failed on it claimed nothing, and its settle and the stop's close waited 15 s + 1 s
+            # more). Only this Outbox claims for its owner, under this lock: nothing comes meanwhile.
+            if not self._claims_of(self.owner):
+                return 0
+            with self._write() as conn:
+                return _give_back_claims(conn, self.owner, now)
+
+    def _claims_of(self, owner: str) -> bool:
+        """Whether `owner` has claims (a read: never waits for a writer)."""
+        rows = self._read("SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, owner))
+        return bool(rows)
 
     def __enter__(self) -> Outbox:
         return self
@@ -1496,9 +1507,7 @@ class Outbox:
                 OwnerLock.is_alive(self._locks_dir, token)  # removes the file when nobody holds it
         for token in OwnerLock.tokens_that_left_claims(self._locks_dir):
             # a mark whose claims are gone (recovered, and this process died before removing it)
-            if not OwnerLock.is_alive(self._locks_dir, token) and not self._read(
-                "SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, token)
-            ):
+            if not OwnerLock.is_alive(self._locks_dir, token) and not self._claims_of(token):
                 OwnerLock.forget_left_claims(self._locks_dir, token)
 
     def _quarantine_lost_payloads(self, now: float) -> None:
