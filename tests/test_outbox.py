@@ -625,6 +625,16 @@ def test_a_send_left_claimed_at_a_stop_is_never_charged(data_dir: Path) -> None:
     assert list((data_dir / "locks").iterdir()) == []  # what the stops left is gone with them
 
 
+def test_a_left_claims_mark_whose_claims_are_gone_is_removed_at_open(data_dir: Path) -> None:
+    """A mark whose claims were recovered by a process that died before removing it does not
+    pile up in locks/ (one per stop)."""
+    with open_outbox(data_dir) as ob:
+        add(ob, "a")
+    (data_dir / "locks" / "left-claims-0123abcd").touch()
+    with open_outbox(data_dir) as ob:
+        assert [p.name for p in (data_dir / "locks").iterdir()] == [f"owner-{ob.owner}.lock"]
+
+
 def test_with_nothing_claimed_releasing_claims_does_not_wait_for_the_write_lock(data_dir: Path) -> None:
     """A forward round that failed on a write-locked outbox (its claim waited out the busy timeout)
     settles its claims (ForwardService._settle), and a stop closes the outbox: each waited for the
