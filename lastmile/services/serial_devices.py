@@ -219,9 +219,10 @@ class RowError:
     pending: tuple[LinkSpec, str, DeviceProblem] | None = None  # the latest it held back
 
     def written(self, problem: object, error: str) -> None:
-        """The row's error is `error` of kind `problem` now ("": none): what waited is older."""
+        """The row's error is `error` of kind `problem` now ("": none), whoever wrote it: what
+        waited is older, and any other kind is news again (an unplug between two store errors)."""
         self.kind = (problem if isinstance(problem, DeviceProblem) else DeviceProblem.OTHER) if error else None
-        self.pending = None
+        self.pending, self.said = None, set()
 
 
 @dataclass
@@ -287,8 +288,9 @@ class SerialContext:
                 self._write_error(spec, row, message, problem)
 
     def _write_error(self, spec: LinkSpec, row: RowError, message: str, problem: DeviceProblem) -> None:
+        said = row.said | {problem}  # the kinds `error` wrote stay said (status() forgets them)
         self.status(spec, error=message[:200], problem=problem)
-        row.said.add(problem)
+        row.said = said
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
