@@ -5,13 +5,14 @@ monitor on a pty pair. Each test failed on the code before its fix."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from devices.device_errors import DeviceProblem
-from tests.serial_gateway import Running, monitor_prints_a_report_the_full_outbox_refuses
+from tests.serial_gateway import Running, monitor_prints_a_report_the_full_outbox_refuses, serial_config
 from tests.serial_pty import PtyDevice
 from tests.waiting import wait_for
 
@@ -56,3 +57,44 @@ def test_a_store_error_after_an_unplug_and_replug_says_its_cause_again_at_once(
         monitor.unplug()
     assert "database is locked" in row.waiting and "space" not in row.waiting, (row.last_error, row.waiting)
     assert "free space" not in held.hint, (held.message, held.hint)
+
+
+def a_stop_lost_what_the_row_held_in_memory(tmp_path: Path, readings: int, cause: str) -> None:
+    """The monitor's row as a stop left it - `readings` held in memory only, refused for `cause`
+    ("": space, as a space failure writes no error) - found by the next start (which records the
+    loss on the row) and stopped again."""
+    from lastmile.clinic.devices import DeviceRegistry, HeldReadings
+
+    data = tmp_path / "data"
+    registry = DeviceRegistry.open(data)
+    try:
+        registry.update_status(
+            "serial:monitor",
+            now=dt.datetime.now(dt.timezone.utc),
+            transport="serial",
+            error=cause and f"cannot store reading: {cause}",
+            problem=DeviceProblem.NOT_SAVED,
+            held=HeldReadings.MEMORY,
+            held_counts=(readings, 0),
+        )
+    finally:
+        registry.close()
+    Running(tmp_path, monitor_devices(tmp_path)).close()
+
+
+def test_a_second_stop_s_loss_keeps_the_cause_of_the_first_still_said(tmp_path: Path) -> None:
+    """lastmile/clinic/devices.py record_lost: a monitor's 3 readings held in memory only because
+    the outbox was locked were lost at a power cut (the doctor: "... waiting to be stored: database
+    is locked", call the county IT); a day later 2 more, held for space, were lost at another. The
+    second loss wrote its cause ("" for space) over the first: the doctor said all 5 were lost
+    waiting for space - the lock, which still needs the county IT, was gone from every page. Now a
+    cause other than space is kept while its loss is said (the counts add up, as before)."""
+    from lastmile.doctor import Doctor, Level
+
+    a_stop_lost_what_the_row_held_in_memory(tmp_path, 3, "database is locked")
+    a_stop_lost_what_the_row_held_in_memory(tmp_path, 2, "")
+    config = serial_config(tmp_path, monitor_devices(tmp_path))
+    (lost,) = [f for f in Doctor(config).check_devices() if "lost when" in f.message]
+    assert lost.level is Level.FAIL and "5 reading(s)" in lost.message, lost.message
+    assert "database is locked" in lost.message, lost.message
+    assert lost.advice_key.endswith("-not-stored"), lost.advice_key  # the county IT's advice
