@@ -1168,3 +1168,23 @@ def test_a_port_alternating_two_kinds_of_garbage_writes_the_row_a_few_times_not_
         written = error_writes(db)
     assert written <= 3 * windows, (written, windows)  # each kind once, then the latest: not per frame
     wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.FORWARD_NOT_READ, timeout=30)
+
+
+def test_line_noise_held_back_by_the_throttle_is_not_written_after_a_good_reading(tmp_path: Path, running) -> None:
+    """SerialContext.error holds back a repeated error to the end of ERROR_STATUS_EVERY_S: written
+    then, it was stamped after a reading the bridge sent well meanwhile, and the doctor took the
+    bridge for failing since it was last seen. A reading heard well drops what was held back."""
+    from lastmile.doctor import failing_since_seen
+
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    r.patients.set_patient("P-1", now=r.now() - dt.timedelta(minutes=1))
+    bridge.write(NOISE + NOISE)  # the first said at once, the second held back
+    bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="7"))
+    (seq,) = core.pending_seqs()
+    wait_for_answers(bridge, {seq}, core, clock[0])  # stored and ACKed: heard well
+    over = time.monotonic() + 6  # ERROR_STATUS_EVERY_S over, and a turn of the service after it
+    wait_for(lambda: time.monotonic() > over, timeout=30)
+    answered_up_to_here(bridge, core, clock[0])
+    answered_up_to_here(bridge, core, clock[0])
+    row = r.registry.get("serial:ecg")
+    assert "COBS" in row.last_error and not failing_since_seen(row), row

@@ -263,6 +263,8 @@ class SerialContext:
         error = facts.get("error")
         if isinstance(error, str):  # whoever wrote it (an unplug ...): what the row holds now
             self._row_errors.setdefault(spec.name, RowError()).written(facts.get("problem"), error)
+        elif facts.get("seen") and spec.name in self._row_errors:  # heard well since: what waited is over
+            self._row_errors[spec.name].pending = None
 
     def error(self, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
         """Write `spec`'s row error, at most a few times every ERROR_STATUS_EVERY_S (a port spewing
