@@ -79,7 +79,9 @@ class DeviceRecord:
     held_at: dt.datetime | None = None  # when its held status was last written
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
-    lost_cause: str = ""  # why they waited, when not space: the row's `held_cause` then ("": space)
+    # why they waited, when not space: the row's `held_cause` then ("": space); of two stops' losses
+    # said at once, the first one's other than space
+    lost_cause: str = ""
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -429,17 +431,19 @@ class DeviceRegistry:
         """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
         the restart found) held after its last word on them, found gone at `now`: said for
         LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
-        said they waited for then (`held_cause`)."""
+        said they waited for then (`held_cause`), unless the loss said before had another than space:
+        that one stays (its readings are still lost, and its advice is the county IT's)."""
         readings, ecgs = counts
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
+        cause = record.held_cause
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
-            after = record.lost_after
+            after, cause = record.lost_after, record.lost_cause or cause
         with transaction(self.db) as conn:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
                 "lost_cause = ?, updated_at = ? WHERE address = ?",
-                (readings, ecgs, after and iso(after), iso(now), record.held_cause, iso(now), record.address),
+                (readings, ecgs, after and iso(after), iso(now), cause, iso(now), record.address),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:
