@@ -456,7 +456,8 @@ class ReportStore:
     # -- sent readings (lastmile.reports.sent_readings) ----------------------------------------
     def record_sent_readings(self, readings: Sequence[SentReading]) -> int:
         """Remember readings relayed to the county platform, in one transaction (one fsync);
-        returns how many were new."""
+        returns how many were written: new ones, and those replacing an earlier outbox's record
+        under the same item id (`insert_sent_readings`)."""
         if not readings:
             return 0
         with self._lock, transaction(self.db) as conn:
