@@ -432,3 +432,7 @@ def test_a_reading_whose_sent_record_clinic_db_refused_is_still_listed_after_the
             service.close()
     assert len(platform.resources("Observation")) == 1
     assert "131/84 mmHg" in section and "已发送" in section, section
+    # written after the platform took its bundle: its sent time too (the outbox made anew, it still says 已发送)
+    with ReportStore.open(config.data_dir) as store:
+        [record] = store.recent_sent_readings(1)
+    assert record.sent_at is not None and abs(record.sent_at.timestamp() - taken_time(config)) < 1e-3, record

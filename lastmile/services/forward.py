@@ -34,6 +34,7 @@ from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
 from uploader.outbox import is_disk_full
 
 if TYPE_CHECKING:
+    from lastmile.reports.sent_readings import SentReading
     from lastmile.reports.service import ReportService
     from lastmile.services.observation_relay import Relayed
     from lastmile.visits.relay_link import VisitQueue
@@ -275,12 +276,18 @@ class ForwardService:
         from uploader.fhir_forwarder import observation_key
 
         destination, naming = self.config.fhir.base_url, fhir_naming(self.config)
-        self.reports.store.record_sent_readings(
-            [
-                sent_reading_of(item, obs, now, destination, observation_key(obs, naming), visit)
-                for item, obs, visit in relayed
-            ]
-        )
+        records = [
+            sent_reading_of(item, obs, now, destination, observation_key(obs, naming), visit)
+            for item, obs, visit in relayed
+        ]
+        self.reports.store.record_sent_readings(records)
+        # a record clinic.db refused at the relay is written rounds later (observation_relay), maybe
+        # after the platform took its bundle: no round's keys would name it again
+        try:
+            self._record_taken_of(records)
+        except Exception:  # written; the Sent page reads the bundles meanwhile
+            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
+            self._records_behind = True
 
     def _record_taken(self, taken: list[str], at: float) -> None:
         """The readings whose bundles the platform took this round (`taken`, at `at`) get their
@@ -303,11 +310,15 @@ class ForwardService:
         """Every record with no sent time whose bundle the outbox says was taken gets that time (one
         transaction): at the first round of a process, after clinic.db refused a round's update or
         a fault cut a round short. Reads each such record's bundle: then, never each round."""
+        self._record_taken_of(self.reports.store.untaken_sent_readings())
+
+    def _record_taken_of(self, records: list[SentReading]) -> None:
+        """`records` whose bundle the outbox says the platform took get that time (one transaction,
+        none if no bundle was): one or two outbox reads per record."""
         from lastmile.reports.sent_readings import carrying_bundle, taken_at
 
-        store = self.reports.store
-        taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox, r)) for r in store.untaken_sent_readings()}
-        store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
+        taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox, r)) for r in records}
+        self.reports.store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
 
     def _queue_visits(self) -> None:
         """Closed home visits not queued yet (signed after their stop, or a stop cut short) go
