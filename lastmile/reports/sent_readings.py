@@ -13,8 +13,9 @@ earlier outbox's record of item 1 put another patient's reading on the new item 
 
 Relayed is not sent: the bundle carrying the reading (its own, or its home visit's) may wait for
 a platform that is down, or be refused. `sent_at` is set when the platform took that bundle (the
-forward service, after a FHIR round that sent something: `taken_at`); until then the Sent page
-reads the bundle's state (`carrying_bundle`).
+forward service, by the keys a FHIR round had taken: `ReportStore.record_bundles_taken`; records
+that lag are caught up from the outbox by `taken_at`); until then the Sent page reads the
+bundle's state (`carrying_bundle`).
 """
 
 from __future__ import annotations

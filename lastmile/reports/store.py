@@ -37,6 +37,7 @@ from lastmile.clock import local_zone
 from lastmile.reports.report_text import English, display_name, is_cjk, report_text
 from lastmile.reports.sent_readings import SentReading, insert_sent_readings, sent_reading
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
+from uploader.fhir_bundle import visit_of_bundle_key
 from uploader.outbox import OutboxItem
 from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
@@ -455,7 +456,8 @@ class ReportStore:
     # -- sent readings (lastmile.reports.sent_readings) ----------------------------------------
     def record_sent_readings(self, readings: Sequence[SentReading]) -> int:
         """Remember readings relayed to the county platform, in one transaction (one fsync);
-        returns how many were new."""
+        returns how many were written: new ones, and those replacing an earlier outbox's record
+        under the same item id (`insert_sent_readings`)."""
         if not readings:
             return 0
         with self._lock, transaction(self.db) as conn:
@@ -472,6 +474,20 @@ class ReportStore:
         sql = "UPDATE sent_readings SET sent_at = ? WHERE outbox_item_id = ? AND sent_at IS NULL"
         with self._lock, transaction(self.db) as conn:
             return sum(conn.execute(sql, (iso(at), item_id)).rowcount for item_id, at in taken.items())
+
+    def record_bundles_taken(self, keys: Sequence[str], at: dt.datetime) -> int:
+        """The platform took the bundles with outbox keys `keys` at `at`: the readings they carry
+        (their own bundle, or their home visit's) are sent then. One statement, no read: never the
+        refused records kept to retention. How many records."""
+        if not keys:
+            return 0
+        visits = [v for v in map(visit_of_bundle_key, keys) if v is not None]
+        sql = (
+            f"UPDATE sent_readings SET sent_at = ? WHERE sent_at IS NULL AND (bundle_key IN ({_placeholders(keys)}) "
+            f"OR visit_id IN ({_placeholders(visits)}))"
+        )
+        with self._lock, transaction(self.db) as conn:
+            return conn.execute(sql, [iso(at), *keys, *visits]).rowcount
 
     def recent_sent_readings(self, limit: int) -> list[SentReading]:
         """The last `limit` readings recorded, newest (by outbox item) first."""
