@@ -158,3 +158,23 @@ def test_sent_ecgs_recorded_before_item_keys_were_kept_show_their_patient_where_
     assert "张三" not in wang_fang and VALID_ID not in wang_fang, wang_fang
     assert "无患者" in liu and "刘洋" not in liu, liu  # its item holds nothing to prove it is its own
     assert "李伟" in li and OTHER_ID in li, li
+
+
+def test_a_purged_lan_ecg_that_two_old_records_name_gives_its_key_to_neither(
+    tmp_path: Path, center: EmbeddedReadingCenter
+) -> None:
+    """A cart that sent the same instance again under another study UID left two records of one
+    purged item, both naming its SOP instance: which is its cannot be known, neither is given it."""
+    config = clinic_config(tmp_path, center)
+    receive_from_cart(config, 9, Patient("DEMO-0003", "Wang^Fang=王^芳"))
+    (study,) = send_ecgs(config, [])
+    purge(config)
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0029
+        store.db.conn.execute(
+            "INSERT INTO sent_studies (study_uid, outbox_item_id, sop_instance_uid, patient_id, patient_name, "
+            "sent_at, stat, polls) VALUES ('2.25.9', ?, ?, 'DEMO-0005', 'Zhao^Liu=赵^六', ?, 0, 0)",
+            (study.outbox_item_id, study.sop_instance_uid, study.sent_at.isoformat()),
+        )
+        assert SentStudyRecorder(outbox, store).give_keys_to_old_records() == 0
+        assert store.studies_of_items([outbox.get(1)]) == {}
