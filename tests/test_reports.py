@@ -469,6 +469,29 @@ def test_a_study_recorded_before_item_keys_were_kept_takes_its_own_item_s_key_at
         assert store.studies_of_items([item])[1].study_uid == study.study_uid
 
 
+def test_a_study_recorded_before_item_keys_were_kept_is_not_given_a_new_outbox_s_item_of_its_id(
+    move_only_center,
+) -> None:
+    """Giving old records their item keys (the forward service's start): an earlier outbox's
+    record of item 1 is not given the key of a new outbox's item 1 (another study), the new
+    one's record is; a second start has nothing left to give."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.reports.sent import SentStudyRecorder
+
+    _center, config = move_only_center
+    (lost,) = send_ecgs(config, [make_recording(12)])
+    set_aside_outbox(config)
+    new = next(s for s in send_ecgs(config, [make_recording(13)]) if s.study_uid != lost.study_uid)
+    assert lost.outbox_item_id == new.outbox_item_id == 1
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0029
+        recorder = SentStudyRecorder(outbox, store)
+        assert recorder.give_keys_to_old_records() == 1
+        assert recorder.give_keys_to_old_records() == 0
+        assert store.study(lost.study_uid).item_key is None
+        assert store.studies_of_items([outbox.get(1)])[1].study_uid == new.study_uid
+
+
 def test_c_move_when_the_pacs_offers_no_c_get(move_only_center) -> None:
     center, config = move_only_center
     (study,) = send_ecgs(config, [make_recording(6)])

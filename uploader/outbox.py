@@ -236,6 +236,12 @@ class OutboxItem:
         return self.state == ItemState.QUEUED and self.hold_until is not None and self.hold_until > now
 
 
+def instance_key(sop_instance_uid: str) -> str:
+    """The key of an item that is one DICOM instance stored as received (the clinic-LAN path): its
+    SOP Instance UID, the object's own identity. Kept after the purge, unlike the item's meta."""
+    return "dicom-sop:" + sop_instance_uid
+
+
 @dataclass(frozen=True)
 class Hold:
     """Keep an item out of the forwarder's reach until `until` (epoch seconds), for `reason`."""

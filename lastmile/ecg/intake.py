@@ -67,7 +67,7 @@ from uploader.dicom_ecg import (
     mint_uids,
     reassign_patient,
 )
-from uploader.outbox import AddResult, Hold, ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.outbox import AddResult, Hold, ItemState, Kind, Outbox, OutboxItem, Priority, instance_key
 
 if TYPE_CHECKING:
     from firmware_bridge.dicom_receiver import DicomReceiver, ReceivedObject
@@ -509,7 +509,7 @@ def lan_object_store(
     newest = NewestFromCart(outbox)
 
     def store(obj: ReceivedObject) -> None:
-        key = "dicom-sop:" + obj.sop_instance_uid
+        key = instance_key(obj.sop_instance_uid)
         received_sha256 = hashlib.sha256(obj.data).hexdigest()
         kept = outbox.find(key)
         if kept is not None and received_sha256 in (kept.sha256, kept.meta.get("received_sha256")):

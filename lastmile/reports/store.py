@@ -38,7 +38,7 @@ from lastmile.reports.report_text import English, display_name, is_cjk, report_t
 from lastmile.reports.sent_readings import SentReading, insert_sent_readings, sent_reading
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from uploader.fhir_bundle import visit_of_bundle_key
-from uploader.outbox import OutboxItem
+from uploader.outbox import OutboxItem, instance_key
 from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
 if TYPE_CHECKING:
@@ -162,9 +162,21 @@ def is_record_of(record_key: str | None, item: OutboxItem) -> bool:
     """Whether a record (a sent study, a sent reading) keeping `record_key` is this outbox item's,
     not one an earlier outbox's item of the same id left: outbox.sqlite made anew (damaged and set
     aside, lost to fsck) numbers its items from 1 again. The record keeps its item's key; a sent
-    study recorded before clinic.db kept it (0029) has none and is nobody's: which outbox wrote it
-    cannot be known, and a patient left out is better than another patient shown."""
+    study recorded before clinic.db kept it (0029) has none and is nobody's, unless its own item was
+    still there to give it (`is_surely_item_of`): a patient left out is better than another shown."""
     return record_key is not None and record_key == item.key
+
+
+def is_surely_item_of(study: SentStudy, item: OutboxItem) -> bool:
+    """Whether `item` is certainly the one a sent study recorded before its key was kept (0029) was
+    written for, not an item of the same id in an outbox made anew: the same id and the same study
+    (the study UID its meta holds until the purge), or, purged, the same instance by its key (an
+    object received on the clinic LAN is keyed by its SOP Instance UID, which the record keeps)."""
+    if item.id != study.outbox_item_id:
+        return False
+    if item.meta.get("study_uid"):
+        return str(item.meta["study_uid"]) == study.study_uid
+    return bool(study.sop_instance_uid) and item.key == instance_key(study.sop_instance_uid)
 
 
 def _study(row: sqlite3.Row) -> SentStudy:
@@ -371,7 +383,7 @@ class ReportStore:
         """Remember a sent study; True if it is new. Sent again (a re-send after a failed
         commitment, a second series): the first record stays, STAT and a known patient win; a
         record without its item's key (written before 0029) takes it from its own item (the same
-        study UID and item id: `SentStudyRecorder.backfill` of the items still in the outbox)."""
+        study UID and item id; `SentStudyRecorder.give_keys_to_old_records` gives the others theirs)."""
         return self.record_sent_many([study]) == 1
 
     def record_sent_many(self, studies: Sequence[SentStudy]) -> int:
@@ -426,6 +438,20 @@ class ReportStore:
             ),
         )
         return 1
+
+    def keyless_studies(self) -> list[SentStudy]:
+        """The sent studies recorded before their item's key was kept (0029), by the partial index
+        sent_studies_keyless: nothing read when there are none."""
+        return [_study(r) for r in self._rows("SELECT * FROM sent_studies WHERE item_key IS NULL")]
+
+    def give_item_keys(self, keys: Mapping[str, str]) -> int:
+        """Give records without an item key (study UID -> key) theirs, in one transaction; returns
+        how many took it (a record given one meanwhile keeps its own)."""
+        if not keys:
+            return 0
+        sql = "UPDATE sent_studies SET item_key = ? WHERE study_uid = ? AND item_key IS NULL"
+        with self._lock, transaction(self.db) as conn:
+            return sum(conn.execute(sql, (key, uid)).rowcount for uid, key in keys.items())
 
     def set_committed(self, committed: Iterable[tuple[str, dt.datetime]]) -> None:
         with self._lock, transaction(self.db) as conn:
