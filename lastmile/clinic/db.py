@@ -342,6 +342,16 @@ MIGRATIONS = (
     # an earlier outbox's record of item 1 put another patient (and his report) on the new item 1.
     # A row written before has none: it matches no item (lastmile.reports.store.is_record_of)
     Migration.sql("0029_sent_study_item_key", "ALTER TABLE sent_studies ADD COLUMN item_key TEXT;"),
+    # why what waits (held_readings) was not stored at its last try, when not space (locked,
+    # damaged: the "cannot store" error then), written with the held status: a later error
+    # (unplugged ...) no longer turns it into "waiting for space". NULL or '': space. The rows held
+    # before get theirs from their error, if it is still that one
+    Migration.sql(
+        "0030_device_held_cause",
+        "ALTER TABLE devices ADD COLUMN held_cause TEXT;\n"
+        "UPDATE devices SET held_cause = last_error "
+        "WHERE COALESCE(held_readings, '') != '' AND last_error_kind = 'not-saved';",
+    ),
 )
 
 
