@@ -163,3 +163,19 @@ def test_a_row_held_for_a_lock_before_the_held_cause_was_kept_still_says_the_loc
         registry.close()
     assert locked is not None and "database is locked" in locked.waiting, locked
     assert full is not None and "waiting for space" in full.waiting, full
+
+
+def test_two_stops_losses_for_two_causes_other_than_space_say_both(tmp_path: Path) -> None:
+    """lastmile/clinic/devices.py record_lost: a monitor's readings held by a locked outbox were
+    lost at a power cut, then more held for a damaged one ("disk I/O error") at another: the
+    doctor named the lock alone for all 5, and the county IT looked for the other process only.
+    Now each cause (other than space) the losses still said waited for is named, once."""
+    from lastmile.doctor import Doctor
+
+    for readings, cause in ((3, "database is locked"), (2, "disk I/O error"), (1, "database is locked")):
+        a_stop_lost_what_the_row_held_in_memory(tmp_path, readings, cause)
+    config = serial_config(tmp_path, monitor_devices(tmp_path))
+    (lost,) = [f for f in Doctor(config).check_devices() if "lost when" in f.message]
+    assert "6 reading(s)" in lost.message, lost.message
+    assert "database is locked" in lost.message and "disk I/O error" in lost.message, lost.message
+    assert lost.message.count("database is locked") == 1, lost.message

@@ -82,8 +82,8 @@ class DeviceRecord:
     # why what waits was not stored at its last try, when not space (its "cannot store" error then:
     # locked, damaged ...), kept whatever later errors say; "" (space, or nothing waits)
     held_cause: str = ""
-    # why they waited, when not space: the row's `held_cause` then ("": space); of two stops' losses
-    # said at once, the first one's other than space
+    # why they waited, when not space: the row's `held_cause` then ("": space); of stops' losses
+    # said at once, each cause other than space, once (`lost_causes`)
     lost_cause: str = ""
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
@@ -181,6 +181,18 @@ def lost_message(words: str, cause: str = "") -> str:
     `lastmile doctor`): waiting for space or, with a `cause` (`DeviceRecord.held_cause`), for that."""
     waiting = f"waiting to be stored: {cause}" if cause else "waiting for space"
     return f"{words} held in memory only ({waiting}) were lost when the gateway stopped"
+
+
+# how long the causes of losses said at once may grow (a cause is at most 200 characters: two of them)
+LOST_CAUSES_CHARS = 402
+
+
+def lost_causes(said: str, cause: str) -> str:
+    """The causes losses said at once waited for: `said` (the row's, "" for space) with `cause`
+    added unless it is space or said already, bounded (LOST_CAUSES_CHARS)."""
+    if not cause or cause in said:
+        return said
+    return f"{said}; {cause}"[:LOST_CAUSES_CHARS] if said else cause
 
 
 def services_text(services: Iterable[int]) -> str:
@@ -433,13 +445,14 @@ class DeviceRegistry:
         the restart found) held after its last word on them, found gone at `now`: said for
         LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
         said they waited for then (`held_cause`), unless the loss said before had another than space:
-        that one stays (its readings are still lost, and its advice is the county IT's)."""
+        that one stays (its readings are still lost, and its advice is the county IT's), and another
+        one is said beside it."""
         readings, ecgs = counts
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
         cause = record.held_cause
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
-            after, cause = record.lost_after, record.lost_cause or cause
+            after, cause = record.lost_after, lost_causes(record.lost_cause, cause)
         with transaction(self.db) as conn:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
