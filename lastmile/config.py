@@ -138,6 +138,8 @@ class BleSection:
     scan_interval_s: float = 10.0  # scan pass length; the allow-list is re-read after each pass
     connect_attempts: int = 4  # tries per connection before waiting for the next scan
     continuous_store_interval_s: float = 10.0  # continuous SpO2 streams: one observation per interval
+    battery_poll_s: float = 600.0  # a connected device whose Battery Level cannot notify: re-read this often
+    battery_refresh_s: float = 1800.0  # an unchanged battery level is written again at most this often (SD card)
 
 
 @dataclass
@@ -452,6 +454,8 @@ _RANGES: dict[str, _Range] = {
     "ble.scan_interval_s": _Range(0, _HOUR, "a number of seconds", low_open=True),
     "ble.connect_attempts": _Range(1, 100, "a count of attempts"),
     "ble.continuous_store_interval_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "ble.battery_poll_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "ble.battery_refresh_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
     "gps.nmea_baud": _Range(300, 4_000_000, "a baud rate"),
     "visits.radius_m": _Range(0, 100_000, "a number of metres", low_open=True),
     "visits.track_max_points": _Range(1, 1_000_000, "a count of points"),

@@ -12,6 +12,7 @@ import datetime as dt
 import importlib.util
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ from firmware_bridge.ble.emulated_peripherals import (
 from firmware_bridge.ble.link import BatteryWatch, LinkSettings
 from lastmile.cli import main
 from lastmile.clinic.devices import DeviceRecord
+from lastmile.config import parse_config
+from lastmile.services.ble_devices import link_settings
 from tests.ble_gateway import Gateway
 from tests.console_harness import DOCTOR, Client, console_config, running_console
 
@@ -162,6 +165,18 @@ def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_c
     assert (row.battery_level, row.battery_at) == (40, dropped_at)  # not the minute after, read 3 times more
     assert cuff.measurement in cuff.subscribed and cuff.battery not in cuff.subscribed
     assert battery_on_card(devices_card(data, CUFF)) == ("电量：40%", dropped_at)
+
+
+def test_the_battery_poll_and_refresh_of_the_config_reach_the_link(tmp_path: Path) -> None:
+    """`[ble] battery_poll_s` / `battery_refresh_s` were no settings: the link always re-read a
+    Battery Level that cannot notify every 600 s and wrote an unchanged one every 1800 s, whatever
+    the clinic needed. Now the configuration's reach the link (here a poll short enough to see the
+    cuff's drop while it stays connected)."""
+    config = parse_config("[ble]\nscan_interval_s = 0.5\nbattery_poll_s = 0.2\nbattery_refresh_s = 7200\n")
+    settings = replace(link_settings(config), reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC)
+    assert settings.battery_refresh_s == 7200, settings
+    row, dropped_at, _ = stays_connected(tmp_path / "data", 40, notify=False, settings=settings)
+    assert (row.battery_level, row.battery_at) == (40, dropped_at)
 
 
 def printed_for(out: str, address: str) -> str:

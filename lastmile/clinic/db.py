@@ -349,6 +349,16 @@ MIGRATIONS = (
         "0030_sent_studies_keyless",
         "CREATE INDEX sent_studies_keyless ON sent_studies (outbox_item_id) WHERE item_key IS NULL;",
     ),
+    # why what waits (held_readings) was not stored at its last try, when not space (locked,
+    # damaged: the "cannot store" error then), written with the held status: a later error
+    # (unplugged ...) no longer turns it into "waiting for space". NULL or '': space. The rows held
+    # before get theirs from their error, if it is still that one
+    Migration.sql(
+        "0031_device_held_cause",
+        "ALTER TABLE devices ADD COLUMN held_cause TEXT;\n"
+        "UPDATE devices SET held_cause = last_error "
+        "WHERE COALESCE(held_readings, '') != '' AND last_error_kind = 'not-saved';",
+    ),
 )
 
 

@@ -204,6 +204,7 @@ class Unstored:
     observations: list[Observation] = field(default_factory=list)
     recordings: dict[str, EcgRecording] = field(default_factory=dict)  # by outbox key
     next_retry: float = 0.0  # time.monotonic()
+    cause: str = ""  # why its last try to store failed, when not space: the row's held cause
 
     def __bool__(self) -> bool:
         return bool(self.observations or self.recordings)
@@ -303,10 +304,13 @@ class SerialContext:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
-            if not held or not is_storage_full(exc):
-                self.error(spec, f"{CANNOT_STORE}reading: {exc}", DeviceProblem.NOT_SAVED)
+            message, space = f"{CANNOT_STORE}reading: {exc}", is_storage_full(exc)
+            if not held or not space:
+                self.error(spec, message, DeviceProblem.NOT_SAVED)
             else:
                 self._store_error_over(spec)  # space is the cause now: the held status says it
+            if held:
+                self._held_cause(spec, "" if space else message)
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
@@ -339,6 +343,8 @@ class SerialContext:
         for record in self.registry.all():
             if record.transport != "serial" or not record.waits_for_space:
                 continue
+            if record.address in loaded:  # waits again for what it waited for (until its next try)
+                loaded[record.address].cause = record.held_cause
             if record.held_in_memory_only:
                 self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
             # a row an older version wrote has no counts to keep the loss by: its words say it
@@ -406,12 +412,22 @@ class SerialContext:
                 counts[0] - on_disk(counts[0], self.spill, spec.name),
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
-        self.status(spec, held=where, held_counts=counts, memory_counts=memory)
+        self.status(spec, held=where, held_cause=held.cause, held_counts=counts, memory_counts=memory)
         log.error(
             "%s: %s",
             spec.name,
             self._row_waiting(spec) or waiting_message(held_words(*counts), where, held_words(*memory)),
         )
+
+    def _held_cause(self, spec: LinkSpec, cause: str) -> None:
+        """`spec`'s device is held (or about to be) because a store failed for `cause` ("": space):
+        the row's held cause, written with its held status, at once if it changed on what waits
+        already (once per change, not per retry); a later error (unplugged ...) leaves it."""
+        held, cause = self.unstored.setdefault(spec.name, Unstored()), cause[:200]
+        if held.cause != cause:
+            held.cause = cause
+            if held:
+                self._say_waiting(spec)
 
     def _row_waiting(self, spec: LinkSpec) -> str:
         """What `spec`'s device row says waits and why (`DeviceRecord.waiting`: its cause when it is
@@ -510,10 +526,12 @@ class SerialContext:
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
-            if not is_storage_full(exc):  # held: the row's held status says it waits for space
-                self.error(spec, f"{CANNOT_STORE}ECG: {exc}", DeviceProblem.NOT_SAVED)
-            else:
+            cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
+            if cause:
+                self.error(spec, cause, DeviceProblem.NOT_SAVED)
+            else:  # held: the row's held status says it waits for space
                 self._store_error_over(spec)
+            self._held_cause(spec, cause)
             return False
         if patient is not None:
             self.patients.touch(now=now)
