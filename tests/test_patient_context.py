@@ -228,6 +228,31 @@ def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_pat
         context.close()
 
 
+def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_session(tmp_path: Path) -> None:
+    """`patient_ids`: the current patient's ID and the IDs the doctor said are his (other ID, each
+    time asked) while he was checked in - never an ID corrected, another patient's, or one of a
+    session that has ended."""
+    id_card, clinic_number, insurance, name = "11010519491231002X", "MZ-0042", "YB-7", "Wang^Wu=王^五"
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        assert context.patient_ids(T0) == frozenset()
+        context.set_patient(id_card, name, now=T0)
+        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.set_patient(clinic_number, now=T0 + 2 * MIN)  # the same patient again (a card): still his
+        context.check_in(insurance, name, now=T0 + 3 * MIN, other_id=True)
+        assert context.patient_ids(T0 + 4 * MIN) == {id_card, clinic_number, insurance}
+        context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: a typo corrected, his IDs no more
+        assert context.patient_ids(T0 + 6 * MIN) == {"MZ-0043"}
+        context.set_patient("P-9", "Li^Si=李^四", now=T0 + 7 * MIN)
+        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, other_id=True)
+        assert context.patient_ids(T0 + 9 * MIN) == {"P-9", clinic_number}
+        assert context.clear(now=T0 + 10 * MIN)
+        context.set_patient(clinic_number, "Li^Si=李^四", now=T0 + 11 * MIN)  # a new session: no links
+        assert context.patient_ids(T0 + 12 * MIN) == {clinic_number}
+    finally:
+        context.close()
+
+
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:
     """The check-in form takes a resident ID card number or a clinic number. 张三 is checked in
     by his ID card number, his check-in ends, and later he is checked in by his clinic number:
