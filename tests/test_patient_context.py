@@ -253,6 +253,41 @@ def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_sessi
         context.close()
 
 
+def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """王五 is checked in by his ID card number; a technician runs `lastmile patient set MZ-0042
+    --name 王五`. The command took it, unasked, for a typo corrected: his ID card number lost his
+    name. The console asks the doctor; the command cannot, so it refuses, naming both IDs and the
+    two answers (`--corrected`, `--other-id`), and changes nothing until told."""
+    id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
+    data = tmp_path / "data"
+    run = ["--data-dir", str(data)]
+    assert main(["patient", "set", id_card, "--name", "王五", *run]) == 0
+    capsys.readouterr()
+    assert main(["patient", "set", clinic_number, "--name", "王五", *run]) == 2
+    said = capsys.readouterr().err
+    assert all(word in said for word in (id_card, clinic_number, "--corrected", "--other-id")), said
+    context = PatientContext.open(data, idle_timeout_s=900)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        current = context.current(now)
+        assert current is not None and (current.patient_id, current.name) == (id_card, name)
+        assert main(["patient", "set", clinic_number, "--name", "王五", "--other-id", *run]) == 0
+        now = dt.datetime.now(dt.timezone.utc)
+        assert context.known_names([id_card, clinic_number], now) == {id_card: name, clinic_number: name}
+        assert context.patient_ids(now) == {id_card, clinic_number}
+        assert main(["patient", "set", "MZ-0043", "--name", "王五", "--corrected", *run]) == 0  # MZ-0042 a typo
+        assert context.known_name(clinic_number, dt.datetime.now(dt.timezone.utc)) == ""
+    finally:
+        context.close()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["patient", "set", "--help"])
+    usage = capsys.readouterr().out
+    assert "--corrected" in usage and "--other-id" in usage
+
+
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:
     """The check-in form takes a resident ID card number or a clinic number. 张三 is checked in
     by his ID card number, his check-in ends, and later he is checked in by his clinic number:
