@@ -257,18 +257,21 @@ class PatientContext:
     def _linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
         """The IDs `OTHER_ID` linked to `patient_id` in his session: the log read newest first, back
         to the check-in that began it (any other event - another patient, an ID corrected, a
-        session ended - is before it). A check-in racing this read stops the walk at once: fewer
-        links, never another patient's. One seek on the log's `at` index."""
+        session ended - is before it), so a few rows however long the log. A check-in racing this
+        read stops the walk at once: fewer links, never another patient's."""
         rows = self.db.conn.execute(
             "SELECT event, patient_id FROM session_log WHERE at >= ? AND event != 'doctor-set' ORDER BY id DESC",
             (iso(now - NAME_KEPT),),
-        ).fetchall()
+        )
         linked = {patient_id}
-        for row in rows:
-            if row["event"] == OTHER_ID:
-                linked.add(row["patient_id"])
-            elif row["event"] != "patient-set" or row["patient_id"] not in linked:
-                break
+        try:
+            for row in rows:
+                if row["event"] == OTHER_ID:
+                    linked.add(row["patient_id"])
+                elif row["event"] != "patient-set" or row["patient_id"] not in linked:
+                    break
+        finally:
+            rows.close()  # not left open on the connection the acquire service's threads share
         linked.discard(patient_id)
         return linked
 
