@@ -662,7 +662,7 @@ def test_a_held_ecg_names_the_files_patient_until_the_doctor_assigns_another(tmp
     config = console_config(tmp_path / "data")
     t = time.time()
     with open_outbox(config) as outbox:
-        recording = with_patient_check(make_recording(1, patient=Patient("SBJ-123")), "P-77")
+        recording = with_patient_check(make_recording(1, patient=Patient("SBJ-123")), frozenset({"P-77"}))
         item = enqueue_recording(outbox, recording, config, key="m", now=t).item
     assert item.hold_reason == "patient-mismatch"
     with running_console(config) as server:

@@ -86,7 +86,7 @@ def test_unassigned_routine_ecg_is_held_stat_never(tmp_path: Path) -> None:
 def test_a_file_naming_another_patient_is_held_as_a_mismatch(tmp_path: Path) -> None:
     config = _config(tmp_path)
     other = "11010519491231001" + "9"  # any ID: the file's patient is only compared
-    recording = with_patient_check(make_recording(4, patient=Patient(SAMPLE)), other)
+    recording = with_patient_check(make_recording(4, patient=Patient(SAMPLE)), frozenset({other}))
     with open_outbox(config) as outbox:
         item = enqueue_recording(outbox, recording, config, key="m", now=T0).item
         assert item.hold_reason == PATIENT_MISMATCH and item.meta["file_patient_id"] == SAMPLE

@@ -625,6 +625,25 @@ def test_a_card_scanned_for_the_checked_in_patient_keeps_their_name_and_stat(tmp
     assert (current.name, current.stat, current.reason) == ("", False, "")
 
 
+def test_a_card_scanned_while_the_patient_is_checked_in_never_corrects_his_id(tmp_path: Path, running) -> None:
+    """张三 is checked in under one card's ID, with his name; a card with another ID is scanned (his
+    other card, or the next patient's). A card read by a reader is not a typo: the first ID keeps
+    his name (no patient-id-corrected). The card names no one, so the scanned ID has no name and
+    is linked to nobody: an ECG under the first ID is another patient's until the doctor says so."""
+    from lastmile.clinic.patients import CORRECTED
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    r = running([{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    wait_for(lambda: all(s.connected for s in r.service.statuses()), timeout=30)
+    first, scanned, name = PATIENT_CARD_SCAN.strip().decode(), "80276001234567890999", "Zhang^San=张^三"
+    r.patients.set_patient(first, name, now=r.now())
+    scanner.write(scanned.encode() + b"\r\n")
+    wait_for(lambda: getattr(r.patients.current(r.now()), "patient_id", None) == scanned, timeout=30)
+    assert CORRECTED not in [e["event"] for e in r.patients.history()]
+    assert r.patients.known_names([first, scanned], r.now()) == {first: name}
+    assert r.patients.patient_ids(r.now()) == {scanned}
+
+
 # The start of the scripts below (run inside `unshare -m` with a small tmpfs on argv[1]): a monitor
 # on a pty, the gateway's serial part on the tmpfs, and the monitor printing a report it refuses.
 TMPFS_GATEWAY = r"""

@@ -83,7 +83,7 @@ def test_lan_objects_of_the_stat_patient_go_first(tmp_path: Path) -> None:
 
     try:
         with open_outbox(config) as outbox:
-            store = lan_object_store(outbox, lambda: "P00001", stat_session)
+            store = lan_object_store(outbox, lambda: frozenset({"P00001"}), stat_session)
             store(_received("P00001", "1.2.3.1"))
             store(_received("P00002", "1.2.3.2"))
             context.set_patient("P00001", "Test^One", now=now, stat=False)  # the doctor took STAT back

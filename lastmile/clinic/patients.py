@@ -245,6 +245,36 @@ class PatientContext:
             reason=row["reason"] or "",
         )
 
+    def patient_ids(self, now: dt.datetime) -> frozenset[str]:
+        """The IDs that are the current patient in this session: his own and those the doctor said
+        are his other IDs (`OTHER_ID`) while he was checked in; empty if nobody is current. A
+        device file naming one of them is his - never a guess: a name alone links nothing."""
+        current = self.current(now)
+        if current is None:
+            return frozenset()
+        return frozenset({current.patient_id, *self._linked_ids(current.patient_id, now)})
+
+    def _linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
+        """The IDs `OTHER_ID` linked to `patient_id` in his session: the log read newest first, back
+        to the check-in that began it (any other event - another patient, an ID corrected, a
+        session ended - is before it), so a few rows however long the log. A check-in racing this
+        read stops the walk at once: fewer links, never another patient's."""
+        rows = self.db.conn.execute(
+            "SELECT event, patient_id FROM session_log WHERE at >= ? AND event != 'doctor-set' ORDER BY id DESC",
+            (iso(now - NAME_KEPT),),
+        )
+        linked = {patient_id}
+        try:
+            for row in rows:
+                if row["event"] == OTHER_ID:
+                    linked.add(row["patient_id"])
+                elif row["event"] != "patient-set" or row["patient_id"] not in linked:
+                    break
+        finally:
+            rows.close()  # not left open on the connection the acquire service's threads share
+        linked.discard(patient_id)
+        return linked
+
     def stat_session(self, now: dt.datetime) -> StatSession | None:
         """The current patient's session if the doctor checked them in as STAT."""
         current = self.current(now)

@@ -35,6 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     reason = p.add_mutually_exclusive_group()
     reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
+    # another ID under the checked-in patient's own name: only the doctor knows which it is (as Today asks)
+    whose = p.add_mutually_exclusive_group()
+    whose.add_argument(
+        "--corrected",
+        action="store_true",
+        help="ID corrects the checked-in patient's mistyped ID (same name): the old ID loses the name",
+    )
+    whose.add_argument(
+        "--other-id",
+        action="store_true",
+        help="ID is the checked-in patient's other ID (same name; ID card and clinic number): both keep the name",
+    )
     p.set_defaults(func=_set)
 
     p = psub.add_parser("clear", help="end the current patient's session (next readings are held)", parents=[DATA_DIR])
@@ -114,6 +126,10 @@ def _set(args: argparse.Namespace) -> int:
         return 2
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
+        replaced = context.same_name_replaced(patient.patient_id, patient.name, _now())
+        if replaced is not None and not (args.corrected or args.other_id):
+            print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
+            return 2
         if args.doctor:
             context.set_doctor(args.doctor, now=_now())
         current = context.check_in(
@@ -124,6 +140,7 @@ def _set(args: argparse.Namespace) -> int:
             reason=args.reason,
             clear_name=args.clear_name,
             clear_reason=args.clear_reason,
+            other_id=args.other_id,
         ).after
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
@@ -137,6 +154,15 @@ def _set(args: argparse.Namespace) -> int:
         f"(until {_local(current.expires_at)} without activity)"
     )
     return 0
+
+
+def _whose_id(checked_in: str, patient_id: str) -> str:
+    """The question Today asks the doctor, for a command that cannot ask."""
+    return (
+        f"lastmile patient set: {checked_in} is checked in under the same name: is {patient_id} that ID "
+        f"corrected ({checked_in} was a typo: it loses the name) or the same patient's other ID (both keep "
+        "the name)? Ask the doctor, then run the command again with --corrected or --other-id"
+    )
 
 
 def _clear(args: argparse.Namespace) -> int:
