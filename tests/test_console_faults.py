@@ -22,6 +22,7 @@ from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
+from lastmile.console.sources import person_name
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import enqueue_recording, with_patient_check
 from tests.console_harness import (
@@ -197,8 +198,9 @@ FILE_PATIENT = Patient(FILE_ID, "Wang^Wu=王^五")
         (None, VALID_ID, f"已指定给 张三（{VALID_ID}）"),
         (None, OTHER_ID, f"已指定给 {OTHER_ID}（未填姓名）"),
         (FILE_PATIENT, VALID_ID, f"已指定给 张三（{VALID_ID}）"),
+        (FILE_PATIENT, FILE_ID, f"已指定给 王五（{FILE_ID}）"),
     ],
-    ids=["unassigned-to-checked-in", "unassigned-to-typed-number", "mismatch-to-checked-in"],
+    ids=["unassigned-to-checked-in", "unassigned-to-typed-number", "mismatch-to-checked-in", "mismatch-to-its-own"],
 )
 def test_a_held_ecg_assigned_says_whose_it_now_is(
     clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, on_file: Patient | None, typed: str, said: str
@@ -220,6 +222,10 @@ def test_a_held_ecg_assigned_says_whose_it_now_is(
     reply = doctor.post("/today/assign-ecg", fields)
     assert reply.status == 303, (reply.status, reply.body[:300])
     assert said in done_said(doctor.get(reply.location).body)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+    assert item is not None and item.patient is not None
+    assert person_name(str(item.patient.get("name") or "")) in said, "the answer names whom the ECG now goes as"
     again = done_said(doctor.get(reply.location).body)  # the doctor reloads the answer
     assert "已指定" not in again or said in again
 
