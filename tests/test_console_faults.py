@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from devices.identity import Patient
 from lastmile.clinic.db import open_clinic_db
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
+from lastmile.console.sources import person_name
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.intake import enqueue_recording
+from lastmile.ecg.intake import enqueue_recording, with_patient_check
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
@@ -186,31 +188,52 @@ def test_a_held_ecg_assigned_to_another_patient_does_not_carry_the_current_patie
         pytest.fail(f"ECG for {OTHER_ID} rebuilt under the checked-in patient's name: {item.patient}")
 
 
+FILE_ID = "320122198001010038"  # a valid resident ID an ECG file names, checked in nowhere here
+FILE_PATIENT = Patient(FILE_ID, "Wang^Wu=王^五")
+
+
 @pytest.mark.parametrize(
-    ("typed", "said"),
-    [(VALID_ID, f"已指定给 张三（{VALID_ID}）"), (OTHER_ID, f"已指定给 {OTHER_ID}（未填姓名）")],
-    ids=["checked-in-patient", "typed-number"],
+    ("on_file", "typed", "said"),
+    [
+        (None, VALID_ID, f"已指定给 张三（{VALID_ID}）"),
+        (None, OTHER_ID, f"已指定给 {OTHER_ID}（未填姓名）"),
+        (FILE_PATIENT, VALID_ID, f"已指定给 张三（{VALID_ID}）"),
+        (FILE_PATIENT, FILE_ID, f"已指定给 王五（{FILE_ID}）"),
+    ],
+    ids=["unassigned-to-checked-in", "unassigned-to-typed-number", "mismatch-to-checked-in", "mismatch-to-its-own"],
 )
 def test_a_held_ecg_assigned_says_whose_it_now_is(
-    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, typed: str, said: str
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, on_file: Patient | None, typed: str, said: str
 ) -> None:
-    """A held ECG (no patient) assigned on Today said only "已指定" and to the county: the
-    doctor could not see whether it went to the right person. A held reading's answer names them;
-    the ECG's now does too (the name check-in gave, or the number alone)."""
+    """A held ECG (no patient, or another patient than the one checked in) assigned on Today said
+    only "已指定" and to the county: the doctor could not see whether it went to the right person.
+    It names them - the name the page shows for that ID (check-in's, or the one the ECG file gave
+    with it), or the number alone - and a reload of that answer never says a bare "已指定"."""
     config = clinic[0]
     assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
     with open_outbox(config) as outbox:
-        rec = make_recording(8, patient=None)
-        item_id = enqueue_recording(outbox, rec, config, key=f"faults:whose-ecg-{typed}", now=time.time()).item.id
+        rec = with_patient_check(make_recording(8, patient=on_file), VALID_ID)
+        key = f"faults:whose-ecg-{on_file is not None}-{typed}"
+        item_id = enqueue_recording(outbox, rec, config, key=key, now=time.time()).item.id
     page = doctor.get("/today")
     form = re.search(rf'<input type="hidden" name="item_id" value="{item_id}">.*?</form>', page.body, flags=re.S)
     assert form, f"the held ECG's Assign form (E{item_id}) is on Today"
     fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0))) | {"patient_id": typed}
     reply = doctor.post("/today/assign-ecg", fields)
     assert reply.status == 303, (reply.status, reply.body[:300])
-    answer = re.search(r'<p class="done".*?</p>', html.unescape(doctor.get(reply.location).body), flags=re.S)
-    assert answer, "Today says what the Assign did"
-    assert said in " ".join(re.sub(r"<[^>]+>", " ", answer.group(0)).split())
+    assert said in done_said(doctor.get(reply.location).body)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+    assert item is not None and item.patient is not None
+    assert person_name(str(item.patient.get("name") or "")) in said, "the answer names whom the ECG now goes as"
+    again = done_said(doctor.get(reply.location).body)  # the doctor reloads the answer
+    assert "已指定" not in again or said in again
+
+
+def done_said(page: str) -> str:
+    """What Today's answer to the last action says, as text ("" if it says nothing)."""
+    answer = re.search(r'<p class="done".*?</p>', html.unescape(page), flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", " ", answer.group(0)).split()) if answer else ""
 
 
 # -- the critical report's acknowledgement: one doctor in the audit trail --------------------------

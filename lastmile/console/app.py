@@ -853,8 +853,8 @@ async def today(request: Request) -> Response:
     return render(request, ctx, "today.html", done=done, notice=notice, error="", form={}, live=live, **model)
 
 
-# what Today says only with the check-in's own details (whose, what changed)
-TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again", "check-in-corrected", "check-in-other-id"})
+# what Today says only with the action's own details (whose, what changed): a reload says nothing
+TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again", "check-in-corrected", "check-in-other-id", "assigned"})
 
 
 Done = str | tuple[str, dict[str, Any]] | None  # what a form action did, and the details to say about it

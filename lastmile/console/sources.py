@@ -981,14 +981,24 @@ class ClinicData:
 
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> Patient | None:
         """Give the held ECG to the patient typed (named as check-in named them, if it is the
-        patient checked in); the patient it went to, for the page to say whose it now is, or None
-        if it was no longer held (sent already)."""
+        patient checked in, else as its own file names them, if it is that patient); the patient
+        it went to, for the page to say whose it now is, or None if it was no longer held (sent
+        already)."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
+        if not patient.name:
+            patient = replace(patient, name=self._name_on_file(item_id, patient.patient_id, now))
         done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
             user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
         )
         return patient if done else None
+
+    def _name_on_file(self, item_id: int, patient_id: str, now: dt.datetime) -> str:
+        """The name held ECG `item_id` carries for `patient_id` ("" if it names another or none):
+        a patient-mismatch ECG assigned to the patient its own file names keeps the name the file
+        gives with that ID (the held row showed them together), not sent and said without one."""
+        held = self.held_ecg_source.held_ecgs(now)
+        return next((h.patient_name for h in held if h.item_id == item_id and h.patient_id == patient_id), "")
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
