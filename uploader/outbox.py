@@ -393,7 +393,11 @@ def _item(row: sqlite3.Row) -> OutboxItem:
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
-    unique = list(dict.fromkeys(int(i) for i in ids))
+    return _chunks_of([int(i) for i in ids])
+
+
+def _chunks_of(values: Sequence[_T]) -> Iterator[list[_T]]:
+    unique = list(dict.fromkeys(values))
     for start in range(0, len(unique), _CHUNK):
         yield unique[start : start + _CHUNK]
 
@@ -846,6 +850,31 @@ class Outbox:
     def find(self, key: str) -> OutboxItem | None:
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE key = ?", (key,))
         return _item(rows[0]) if rows else None
+
+    def get_many(self, item_ids: Sequence[int]) -> dict[int, OutboxItem]:
+        """The items of `item_ids` there are, by id: one statement per _CHUNK ids (a page
+        listing 50 items, not 50 statements)."""
+        return {item.id: item for item in self._many("id", _chunks(item_ids))}
+
+    def find_many(self, keys: Sequence[str]) -> dict[str, OutboxItem]:
+        """The items with the keys `keys` there are, by key, as `get_many`."""
+        return {item.key: item for item in self._many("key", _chunks_of(keys))}
+
+    def _many(self, column: str, chunks: Iterator[Sequence[Any]]) -> list[OutboxItem]:
+        out = []
+        for chunk in chunks:
+            marks = ",".join("?" * len(chunk))
+            out += [
+                _item(r) for r in self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE {column} IN ({marks})", chunk)
+            ]
+        return out
+
+    def latest_ecgs(self, limit: int) -> list[OutboxItem]:
+        """The last `limit` ECGs queued, purged ones too, newest first: one search of the
+        items_ecgs index, however many other rows the outbox keeps."""
+        # the kind as a literal: the partial index items_ecgs serves only a query naming it so
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = '{Kind.DICOM.value}' ORDER BY id DESC LIMIT ?"
+        return [_item(r) for r in self._read(sql, (int(limit),))]
 
     def items(
         self, *, state: ItemState | None = None, kind: str | None = None, limit: int | None = None

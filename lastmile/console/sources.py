@@ -25,7 +25,7 @@ import json
 import logging
 import sqlite3
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -54,7 +54,7 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import re_recorded
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.sent_readings import SentReading, carrying_bundle, taken_at
+from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import (
@@ -67,7 +67,7 @@ from lastmile.services.link_status import (
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT, Said
-from uploader.outbox import ItemState, Kind, MeterHold, Outbox, OutboxItem, Priority
+from uploader.outbox import ItemState, Kind, MeterHold, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -602,13 +602,18 @@ def _sent_reading_journey(item: OutboxItem, record: SentReading) -> ReadingJourn
 
 
 def _carried(
-    journey: ReadingJourney, record: SentReading, outbox: Outbox, hold: MeterHold | None, at: float
+    journey: ReadingJourney,
+    record: SentReading,
+    bundles: Mapping[str, OutboxItem],
+    hold: MeterHold | None,
+    at: float,
 ) -> ReadingJourney:
     """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
     county platform took that bundle, else waiting for it - for the metered link if `hold` (what
-    it holds at `at`) takes the bundle - or refused with the bundle's reason. The bundle is looked
-    up only while the record knows no sent time."""
-    bundle = None if record.sent_at is not None else carrying_bundle(outbox, record)
+    it holds at `at`) takes the bundle - or refused with the bundle's reason. The bundle (among
+    `bundles`, by key: those of the records knowing no sent time) is looked up only while the
+    record knows no sent time."""
+    bundle = None if record.sent_at is not None else carrying_bundle(bundles.get, record)
     with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
     sent_at = record.sent_at or taken_at(bundle)
     if sent_at is not None:
@@ -770,15 +775,12 @@ class ClinicData:
         count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
         return int(count), None if oldest is None else _utc(oldest)
 
-    def _recent_item_ids(self, kind: str, *, limit: int, purged: bool = True) -> list[int]:
-        # The last `limit` items of `kind` whenever they came (the Sent page has no time window):
-        # only their ids, newest first; `purged`: purged ones too. Without them, the states left
-        # are named so that the items_claim index finds them, not a scan of every purged row.
-        if purged:
-            sql, params = "SELECT id FROM items WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, int(limit))
-        else:
-            sql = f"SELECT id FROM items WHERE state IN ({_marks(_NOT_PURGED)}) AND kind = ? ORDER BY id DESC LIMIT ?"
-            params = (*_NOT_PURGED, kind, int(limit))
+    def _unpurged_item_ids(self, kind: str, *, limit: int) -> list[int]:
+        # The last `limit` items of `kind` not purged, whenever they came (the Sent page has no
+        # time window), newest first: the states left are named so that the items_claim index
+        # finds them, not a scan of every purged row.
+        sql = f"SELECT id FROM items WHERE state IN ({_marks(_NOT_PURGED)}) AND kind = ? ORDER BY id DESC LIMIT ?"
+        params = (*_NOT_PURGED, kind, int(limit))
         return [int(r[0]) for r in self.outbox.db.conn.execute(sql, params).fetchall()]
 
     def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
@@ -1068,7 +1070,7 @@ class ClinicData:
         at = (now or utc_now()).timestamp()
         hold = None if metered is None else metered.hold
         out = []
-        items = [i for i in map(self.outbox.get, self._recent_item_ids(Kind.DICOM, limit=limit)) if i is not None]
+        items = self.outbox.latest_ecgs(limit)  # one index search, the items with it
         # a purged item's patient and study UID are erased with its payload: what was sent is
         # remembered in sent_studies (as the Reports page shows it)
         sent = self.report_store.studies_of_items(items)
@@ -1110,12 +1112,15 @@ class ClinicData:
         # the outbox's by index (named states), the purged ones' from their records: no scan of
         # every purged row
         records = {r.outbox_item_id: r for r in self.report_store.recent_sent_readings(limit)}
-        waiting = self._recent_item_ids(OBSERVATION_KIND, limit=limit, purged=False)
+        waiting = self._unpurged_item_ids(OBSERVATION_KIND, limit=limit)
         item_ids = sorted({*waiting, *records}, reverse=True)[:limit]
         payloads = self.outbox.read_payloads(item_ids)
+        items = self.outbox.get_many(item_ids)  # one statement for the page, not one per reading
+        untaken = [r for i, r in records.items() if i in items and r.sent_at is None]
+        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)])
         out = []
         for item_id in item_ids:
-            item = self.outbox.get(item_id)
+            item = items.get(item_id)
             if item is None:
                 continue
             record = records.get(item_id)
@@ -1123,7 +1128,7 @@ class ClinicData:
                 record = None  # an earlier outbox's item of the same id
             if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
                 if record is not None:
-                    out.append(_carried(_sent_reading_journey(item, record), record, self.outbox, hold, at))
+                    out.append(_carried(_sent_reading_journey(item, record), record, bundles, hold, at))
                 continue
             patient = item.patient or {}
             payload = payloads.get(item_id)
@@ -1141,7 +1146,7 @@ class ClinicData:
                 quarantine_reason=item.quarantine_reason or "",
             )
             if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
-                journey = _carried(journey, record, self.outbox, hold, at)
+                journey = _carried(journey, record, bundles, hold, at)
             out.append(journey)
         return out
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from devices.observation import Observation
 from lastmile.clinic.db import iso_or_none
 from lastmile.clinic.observations import summary
 from uploader.fhir_bundle import visit_bundle_key
-from uploader.outbox import ItemState, Outbox, OutboxItem
+from uploader.outbox import ItemState, OutboxItem
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,16 @@ def sent_reading(row: sqlite3.Row) -> SentReading:
     return SentReading(**{**kept, **times})
 
 
-def carrying_bundle(outbox: Outbox, record: SentReading) -> OutboxItem | None:
+def carrying_keys(record: SentReading) -> list[str]:
+    """The outbox keys of the bundles that may carry the reading, in `carrying_bundle`'s order."""
+    return [k for k in (record.bundle_key, visit_bundle_key(record.visit_id) if record.visit_id else "") if k]
+
+
+def carrying_bundle(find: Callable[[str], OutboxItem | None], record: SentReading) -> OutboxItem | None:
     """The bundle carrying the reading to the county platform: its own, else its home visit's;
-    None while there is none (the visit still open, not queued yet)."""
-    keys = (record.bundle_key, visit_bundle_key(record.visit_id) if record.visit_id else "")
-    for key in keys:
-        bundle = outbox.find(key) if key else None
-        if bundle is not None:
-            return bundle
-    return None
+    None while there is none (the visit still open, not queued yet). `find`: an item by key
+    (`Outbox.find`, or `.get` of what `Outbox.find_many` found for many records)."""
+    return next((b for b in map(find, carrying_keys(record)) if b is not None), None)
 
 
 def taken_at(bundle: OutboxItem | None) -> dt.datetime | None:

@@ -317,7 +317,7 @@ class ForwardService:
         none if no bundle was): one or two outbox reads per record."""
         from lastmile.reports.sent_readings import carrying_bundle, taken_at
 
-        taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox, r)) for r in records}
+        taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox.find, r)) for r in records}
         self.reports.store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
 
     def _queue_visits(self) -> None:
