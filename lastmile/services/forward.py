@@ -314,10 +314,11 @@ class ForwardService:
 
     def _record_taken_of(self, records: list[SentReading]) -> None:
         """`records` whose bundle the outbox says the platform took get that time (one transaction,
-        none if no bundle was): one or two outbox reads per record."""
-        from lastmile.reports.sent_readings import carrying_bundle, taken_at
+        none if no bundle was): their bundles read in one statement per 500 keys."""
+        from lastmile.reports.sent_readings import carrying_bundle, carrying_keys, taken_at
 
-        taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox.find, r)) for r in records}
+        bundles = self.outbox.find_many([key for r in records for key in carrying_keys(r)])
+        taken = {r.outbox_item_id: taken_at(carrying_bundle(bundles.get, r)) for r in records}
         self.reports.store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
 
     def _queue_visits(self) -> None:
