@@ -6,6 +6,7 @@ browser; each test states the doctor's scenario and what must hold for them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
 import io
@@ -27,7 +28,8 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import person_name
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.intake import enqueue_recording, with_patient_check
+from lastmile.ecg.intake import QUALITY_HOLD, enqueue_recording, read_ecg_file, with_patient_check
+from tests.conftest import shared_file
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
@@ -278,6 +280,29 @@ def test_a_mismatch_ecg_assigned_to_another_patient_does_not_carry_its_files_bir
     assert ds.PatientID == "MZ-30001" and "Wang" not in str(ds.PatientName)
     assert (ds.PatientBirthDate, ds.PatientSex) == ("", ""), "another patient's birth date and sex sent"
     assert "PatientAge" not in ds
+
+
+@pytest.mark.parametrize(
+    ("quality_held", "said"),
+    [
+        (True, f"已指定给 张三（{VALID_ID}）；此心电图质量待定，请选择“需要重做”或“仍然发送”。"),
+        (False, f"已指定给 张三（{VALID_ID}），将以该患者的名义发送到县里。"),
+    ],
+    ids=["re-record-verdict", "good-recording"],
+)
+def test_an_ecg_held_for_its_quality_and_assigned_says_it_still_waits_for_the_doctor(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, quality_held: bool, said: str
+) -> None:
+    """An ECG with no patient and a 're-record' quality verdict: the doctor assigns it to 张三. The
+    answer said it goes to the county as 张三's - but it stays held under the quality verdict until
+    the doctor records again or sends it anyway (or the hold ends). The answer must say so."""
+    good = read_ecg_file(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"))
+    recording = make_recording(10, patient=None) if quality_held else dataclasses.replace(good, patient=None)
+    item_id, reply = assign_held_ecg_on_today(clinic[0], doctor, recording, f"faults:quality-{quality_held}", VALID_ID)
+    with open_outbox(clinic[0]) as outbox:
+        item = outbox.get(item_id)
+    assert item is not None and (item.hold_reason == QUALITY_HOLD and item.held(time.time())) == quality_held
+    assert done_said(doctor.get(reply.location).body) == said
 
 
 def done_said(page: str) -> str:
