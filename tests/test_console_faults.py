@@ -6,15 +6,19 @@ browser; each test states the doctor's scenario and what must hold for them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
+import io
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from devices.ecg.recording import EcgRecording
 from devices.identity import Patient
 from lastmile.clinic.db import open_clinic_db
 from lastmile.clinic.observations import ObservationStore
@@ -24,12 +28,14 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import person_name
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.intake import enqueue_recording, with_patient_check
+from lastmile.ecg.intake import QUALITY_HOLD, enqueue_recording, read_ecg_file, with_patient_check
+from tests.conftest import shared_file
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
     VALID_ID,
     Client,
+    Reply,
     bp_reading,
     console_config,
     record_receipt_timed_bp,
@@ -210,17 +216,8 @@ def test_a_held_ecg_assigned_says_whose_it_now_is(
     It names them - the name the page shows for that ID (check-in's, or the one the ECG file gave
     with it), or the number alone - and a reload of that answer never says a bare "已指定"."""
     config = clinic[0]
-    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
-    with open_outbox(config) as outbox:
-        rec = with_patient_check(make_recording(8, patient=on_file), VALID_ID)
-        key = f"faults:whose-ecg-{on_file is not None}-{typed}"
-        item_id = enqueue_recording(outbox, rec, config, key=key, now=time.time()).item.id
-    page = doctor.get("/today")
-    form = re.search(rf'<input type="hidden" name="item_id" value="{item_id}">.*?</form>', page.body, flags=re.S)
-    assert form, f"the held ECG's Assign form (E{item_id}) is on Today"
-    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0))) | {"patient_id": typed}
-    reply = doctor.post("/today/assign-ecg", fields)
-    assert reply.status == 303, (reply.status, reply.body[:300])
+    key = f"faults:whose-ecg-{on_file is not None}-{typed}"
+    item_id, reply = assign_held_ecg_on_today(config, doctor, make_recording(8, patient=on_file), key, typed)
     assert said in done_said(doctor.get(reply.location).body)
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
@@ -228,6 +225,84 @@ def test_a_held_ecg_assigned_says_whose_it_now_is(
     assert person_name(str(item.patient.get("name") or "")) in said, "the answer names whom the ECG now goes as"
     again = done_said(doctor.get(reply.location).body)  # the doctor reloads the answer
     assert "已指定" not in again or said in again
+
+
+# an ECG file's patient by clinic number: no birth date or sex in the number
+CLINIC_FILE_PATIENT = Patient("MZ-20418", "Wang^Wu=王^五", dt.date(1950, 3, 2), "M")
+
+
+def assign_held_ecg_on_today(
+    config: Config, doctor: Client, recording: EcgRecording, key: str, typed: str
+) -> tuple[int, Reply]:
+    """张三 is checked in; `recording` arrives (held: no patient, another one, or its quality); the
+    doctor types `typed` into its Assign form on Today and presses Assign. The outbox item, the reply."""
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    with open_outbox(config) as outbox:
+        rec = with_patient_check(recording, frozenset({VALID_ID}))
+        item_id = enqueue_recording(outbox, rec, config, key=key, now=time.time()).item.id
+    page = doctor.get("/today")
+    form = re.search(rf'<input type="hidden" name="item_id" value="{item_id}">.*?</form>', page.body, flags=re.S)
+    assert form, f"the held ECG's Assign form (E{item_id}) is on Today"
+    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0))) | {"patient_id": typed}
+    reply = doctor.post("/today/assign-ecg", fields)
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    return item_id, reply
+
+
+def _assigned_object(config: Config, doctor: Client, key: str, typed: str) -> pydicom.Dataset:
+    """An ECG whose file names CLINIC_FILE_PATIENT (born 1950, male), held as a mismatch (张三 is
+    checked in), assigned on Today to `typed`: the DICOM object the county will be sent."""
+    item_id, _ = assign_held_ecg_on_today(config, doctor, make_recording(9, patient=CLINIC_FILE_PATIENT), key, typed)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None
+        return pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+
+
+def test_a_mismatch_ecg_assigned_to_its_own_patient_keeps_the_birth_date_and_sex_its_file_gave(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """The cart recorded 王五 (clinic number MZ-20418, born 1950-03-02, male) while 张三 was checked
+    in: held as a mismatch. The doctor assigns it to MZ-20418, the patient its own file names. The
+    county's cardiologist reads an ECG by age and sex: they must still be in the object sent."""
+    ds = _assigned_object(clinic[0], doctor, "faults:own-patient-birth", CLINIC_FILE_PATIENT.patient_id)
+    assert (ds.PatientID, str(ds.PatientName)) == ("MZ-20418", "Wang^Wu=王^五")
+    assert (ds.PatientBirthDate, ds.PatientSex) == ("19500302", "M"), "the file's birth date and sex were lost"
+    assert ds.PatientAge.endswith("Y")  # an age again, from the birth date
+
+
+def test_a_mismatch_ecg_assigned_to_another_patient_does_not_carry_its_files_birth_date_and_sex(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """The same ECG, assigned instead to another clinic number (the cart's entry was wrong): the
+    check-in knows no birth date or sex for MZ-30001, so none is sent - never 王五's."""
+    ds = _assigned_object(clinic[0], doctor, "faults:other-patient-birth", "MZ-30001")
+    assert ds.PatientID == "MZ-30001" and "Wang" not in str(ds.PatientName)
+    assert (ds.PatientBirthDate, ds.PatientSex) == ("", ""), "another patient's birth date and sex sent"
+    assert "PatientAge" not in ds
+
+
+@pytest.mark.parametrize(
+    ("quality_held", "said"),
+    [
+        (True, f"已指定给 张三（{VALID_ID}）；此心电图质量待定，请选择“需要重做”或“仍然发送”。"),
+        (False, f"已指定给 张三（{VALID_ID}），将以该患者的名义发送到县里。"),
+    ],
+    ids=["re-record-verdict", "good-recording"],
+)
+def test_an_ecg_held_for_its_quality_and_assigned_says_it_still_waits_for_the_doctor(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, quality_held: bool, said: str
+) -> None:
+    """An ECG with no patient and a 're-record' quality verdict: the doctor assigns it to 张三. The
+    answer said it goes to the county as 张三's - but it stays held under the quality verdict until
+    the doctor records again or sends it anyway (or the hold ends). The answer must say so."""
+    good = read_ecg_file(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"))
+    recording = make_recording(10, patient=None) if quality_held else dataclasses.replace(good, patient=None)
+    item_id, reply = assign_held_ecg_on_today(clinic[0], doctor, recording, f"faults:quality-{quality_held}", VALID_ID)
+    with open_outbox(clinic[0]) as outbox:
+        item = outbox.get(item_id)
+    assert item is not None and (item.hold_reason == QUALITY_HOLD and item.held(time.time())) == quality_held
+    assert done_said(doctor.get(reply.location).body) == said
 
 
 def done_said(page: str) -> str:

@@ -257,10 +257,15 @@ def _assign_ecg(config, item_id: int, patient) -> int:  # (Config, int, Patient)
         except HeldEcgError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
-    print(
-        f"ECG E{item_id} assigned to {patient.patient_id} {patient.name} and released for sending".rstrip()
-        + f" (accession {item.meta.get('accession_number', '-')})"
+    now_on = item.patient or {}
+    whose = f"{now_on.get('patient_id', patient.patient_id)} {now_on.get('name') or ''}".rstrip()
+    what = (
+        f"still held: its quality is in doubt ('lastmile ecg release E{item_id}' to send it anyway, "
+        f"'lastmile ecg discard E{item_id}' if recorded again)"
+        if item.hold_until is not None
+        else "released for sending"
     )
+    print(f"ECG E{item_id} assigned to {whose}, {what} (accession {item.meta.get('accession_number', '-')})")
     return 0
 
 

@@ -1050,16 +1050,20 @@ async def assign_reading(request: Request) -> Response:
     return await today_action(request, action)
 
 
-def assigned_to(patient: Patient) -> Done:
-    """What Today says after a held reading or ECG is assigned: whose it now is (ID, and name if known)."""
-    return "assigned", {"patient_id": patient.patient_id, "name": patient.name}
+def assigned_to(patient: Patient, *, waits_for_quality: bool = False) -> Done:
+    """What Today says after a held reading or ECG is assigned: whose it now is (ID, and name if
+    known), and whether it still waits for the doctor's decision on its quality (not sent yet)."""
+    return "assigned", {"patient_id": patient.patient_id, "name": patient.name, "re_record": waits_for_quality}
 
 
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
-        patient = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
-        return "too-late" if patient is None else assigned_to(patient)
+        item_id = _int(f.get("item_id", ""))
+        patient = data.assign_ecg(ctx.user, item_id, f.get("patient_id", ""), now=now)
+        if patient is None:
+            return "too-late"
+        return assigned_to(patient, waits_for_quality=data.ecg_waits_for_quality(item_id, now))
 
     return await today_action(request, action)
 

@@ -52,7 +52,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import re_recorded
+from lastmile.ecg.holds import QUALITY_HOLD, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -1001,6 +1001,12 @@ class ClinicData:
         gives with that ID (the held row showed them together), not sent and said without one."""
         held = self.held_ecg_source.held_ecgs(now)
         return next((h.patient_name for h in held if h.item_id == item_id and h.patient_id == patient_id), "")
+
+    def ecg_waits_for_quality(self, item_id: int, now: dt.datetime) -> bool:
+        """ECG `item_id` is held under a 're-record' verdict: assigned or not, it goes only when the
+        doctor sends it anyway (or the hold ends) - an answer must not say it goes now."""
+        item = self.outbox.get(item_id)
+        return item is not None and item.hold_reason == QUALITY_HOLD and item.held(now.timestamp())
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)

@@ -341,6 +341,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     ):
         # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
         raise HeldEcgError(f"ECG E{item_id} is not held for a patient: it is patient {settled_on}'s")
+    patient = as_on_file(item, patient)
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
@@ -375,6 +376,24 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     updated = outbox.get(item_id)
     assert updated is not None
     return updated
+
+
+def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
+    """`patient` with what the held ECG already says of that same ID (its file's patient, or an
+    earlier assignment): a number typed alone must not blank the birth date and sex the reading
+    center reads the ECG by. The file's birth date and sex stand, as at intake (`vetted_patient`);
+    a name or issuer given stands. Another ID gets nothing of the file's: it is another person."""
+    kept = item.patient or {}
+    if kept.get("patient_id") != patient.patient_id:
+        return patient
+    born = kept.get("birth_date")
+    return dataclasses.replace(
+        patient,
+        name=patient.name or str(kept.get("name") or ""),
+        issuer=patient.issuer or str(kept.get("issuer") or ""),
+        birth_date=dt.date.fromisoformat(born) if born else patient.birth_date,
+        sex=str(kept.get("sex") or "") or patient.sex,
+    )
 
 
 def with_patient_check(recording: EcgRecording, current_patient_ids: frozenset[str]) -> EcgRecording:
