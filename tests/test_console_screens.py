@@ -837,6 +837,7 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
     from tests.ecg_factories import make_recording
 
     config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0  # the synthetic ECG waits for the link, not for a re-record decision
     with running_console(config) as server:
         client = zhang_san_with_readings(server, config, "bp-1")
         page = client.get("/sent").body

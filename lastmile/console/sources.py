@@ -52,7 +52,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import QUALITY_HOLD, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, QUALITY_HOLD, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -245,8 +245,11 @@ class StudyJourney:
     attempts: int
     last_error: str
     quarantine_reason: str
-    held: bool = False  # held for the doctor (a patient to settle, a re-record verdict): not the link's wait
     metered_held: bool = False  # a routine study the metered link holds now (window shut, budget spent)
+    # held for the doctor now, one of lastmile.ecg.holds.DOCTOR_HOLDS (a patient to settle, a
+    # re-record verdict), and when it goes as it is unless they decide: not the link's wait
+    hold_reason: str = ""
+    hold_until: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,13 +279,14 @@ class LinkStatus:
     down_since: dt.datetime | None  # transient failures since the last success
     last_error: str
     last_success: dt.datetime | None
-    waiting: int
+    waiting: int  # ECGs waiting for the link only: not those held for the doctor
     oldest_waiting: dt.datetime | None
     # routine studies held by the metered link (reading_center.metered): "window" or "budget",
     # and when they go; "" / None when none waits on it (STAT ECGs never do)
     metered_wait: str = ""
     metered_until: dt.datetime | None = None
     metered_budget_spent: bool = False  # today's budget is used up (whatever it waits for last)
+    held_for_doctor: int = 0  # ECGs held for the doctor's decision on Today (not counted in `waiting`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +563,14 @@ def _reading_during(obs: Observation, session: SessionView | None) -> bool:
     return measured_since(obs, session.since) and obs.measured_at <= session.expires_at
 
 
+def _doctor_hold(item: OutboxItem, at: float) -> dict[str, Any]:
+    """A study's hold for the doctor now (StudyJourney's `hold_reason`, `hold_until`): none when it
+    is not held, or held for another reason than the doctor's."""
+    if not item.held(at) or item.hold_reason not in DOCTOR_HOLDS:
+        return {}
+    return {"hold_reason": item.hold_reason, "hold_until": _t(item.hold_until)}
+
+
 def _marks(values: Sequence[object]) -> str:
     """One SQL parameter mark per value, for an IN (...)."""
     return ",".join("?" * len(values))
@@ -767,13 +779,20 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
-    def _ecgs_waiting(self) -> tuple[int, dt.datetime | None]:
-        """How many ECGs wait to be sent, and since when the oldest of them has. The outbox's
-        counts and oldest item are of every kind: the readings waiting for the health platform
-        are not studies waiting for the reading center."""
-        sql = "SELECT COUNT(*), MIN(created_at) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
-        count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
-        return int(count), None if oldest is None else _utc(oldest)
+    def _ecgs_waiting(self, now: dt.datetime) -> tuple[int, dt.datetime | None, int]:
+        """How many ECGs wait to be sent, and since when the oldest of them has; and how many are
+        held for the doctor instead (they wait for a decision on Today, not for the link). The
+        outbox's counts and oldest item are of every kind: the readings waiting for the health
+        platform are not studies waiting for the reading center."""
+        # held: 1 or 0, never NULL (an item with no hold has hold_until NULL)
+        held = f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({_marks(DOCTOR_HOLDS)}), 0)"
+        sql = (
+            "SELECT COUNT(*) FILTER (WHERE NOT held), MIN(created_at) FILTER (WHERE NOT held), SUM(held) "
+            f"FROM (SELECT created_at, {held} AS held FROM items WHERE kind = ? AND state IN ('queued', 'sending'))"
+        )
+        params = (now.timestamp(), *DOCTOR_HOLDS, Kind.DICOM)
+        count, oldest, held_count = self.outbox.db.conn.execute(sql, params).fetchone()
+        return int(count), None if oldest is None else _utc(oldest), int(held_count or 0)
 
     def _unpurged_item_ids(self, kind: str, *, limit: int) -> list[int]:
         # The last `limit` items of `kind` not purged, whenever they came (the Sent page has no
@@ -1099,8 +1118,8 @@ class ClinicData:
                     attempts=item.attempts,
                     last_error=item.last_error or "",
                     quarantine_reason=item.quarantine_reason or "",
-                    held=item.held(at),
                     metered_held=hold is not None and hold.holds(item, at),
+                    **_doctor_hold(item, at),
                 )
             )
         return out
@@ -1162,7 +1181,7 @@ class ClinicData:
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get(LAST_ERROR_AT))
         down_since = last_error_at if reading_center_down(status) else None
-        waiting, oldest = self._ecgs_waiting()
+        waiting, oldest, held = self._ecgs_waiting(now)
         blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
@@ -1175,6 +1194,7 @@ class ClinicData:
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
+            held_for_doctor=held,
         )
 
     def county_link(self, now: dt.datetime) -> CountyLink | None:
