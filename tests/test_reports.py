@@ -253,10 +253,10 @@ def test_a_prune_clinic_db_refuses_does_not_stop_the_forward_round(tmp_path, mon
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(ReportStore, "purge_expired", refused)
+    caplog.set_level(logging.WARNING)
     service = ForwardService(config)
     try:
-        with caplog.at_level(logging.WARNING):
-            service.step(threading.Event())
+        service.step(threading.Event())
     finally:
         service.close()
     said = [r.getMessage() for r in caplog.records]
