@@ -245,6 +245,27 @@ def test_a_mistyped_number_corrected_replaces_it(browser: object, console: Conso
     assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
 
 
+def test_his_other_number_keeps_the_stat_check_in(browser: object, console: ConsoleServer) -> None:
+    """王五 is checked in as 急 for 胸痛 by his ID card number; the nurse then types his clinic number
+    under the same name (the form's 急 box empty, as on every visit) and the doctor answers "his
+    other number". The badge and the reason were gone from Today and his next ECG went ROUTINE: the
+    other number was taken for a new patient. Now he is still 急 for 胸痛, checked in since the
+    first check-in (his ECG recorded since then is STAT, whichever of his numbers it names)."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    first = checked_in(console.config)
+    assert first is not None
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    session = session_text(browser)
+    assert "急" in session and "胸痛" in session and CLINIC_NUMBER in session, session
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER, current
+    assert (current.stat, current.reason, current.since) == (True, "胸痛", first.since), current
+
+
 def gaps_between(driver: object, css: str) -> list[float]:
     """The space between each two of the elements `css` matches, in CSS pixels: the larger of
     their horizontal and vertical distance (negative where they overlap)."""

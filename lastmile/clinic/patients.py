@@ -136,18 +136,22 @@ class PatientContext:
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
-            if row and row["patient_id"] == patient_id:
-                name = name or ("" if clear_name else row["patient_name"] or "")
-                reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
-                stat = bool(row["stat"]) if stat is None else stat
-            if row and row["patient_id"] and row["patient_id"] != patient_id:
-                self._log(conn, now, _replaced_event(row, name, other_id), row["patient_id"], doctor)
+            replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
+            event = _replaced_event(row, name, other_id) if row and replaced else ""
+            # the same patient goes on (checked in again, or under his other ID): his session
+            # keeps its start, its STAT and its reason - the doctor's triage of the man, not of a number
+            going_on = row if row is not None and row["patient_id"] and (not replaced or event == OTHER_ID) else None
+            if going_on is not None:
+                name = name or ("" if clear_name else going_on["patient_name"] or "")
+                reason = reason.strip() or ("" if clear_reason else going_on["reason"] or "")
+                stat = bool(going_on["stat"]) if stat is None else stat
+            if event:
+                self._log(conn, now, event, replaced, doctor)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
                 "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE "
-                "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
-                "THEN session.patient_since ELSE excluded.patient_since END, "
+                "SET patient_since = excluded.patient_since, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
                 "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
                 "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
@@ -155,7 +159,7 @@ class PatientContext:
                     _ROW,
                     patient_id,
                     name,
-                    iso(now),
+                    going_on["patient_since"] if going_on is not None else iso(now),
                     doctor,
                     doctor_since,
                     iso(now),
