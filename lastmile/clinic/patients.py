@@ -37,15 +37,24 @@ OTHER_ID = "patient-other-id"
 
 @dataclass(frozen=True)
 class StatSession:
-    """The clinic session's patient, checked in as STAT by the doctor, and since when."""
+    """The clinic session's patient, checked in as STAT by the doctor, and since when; `linked`:
+    the IDs the doctor said are his other IDs in this session (`OTHER_ID`)."""
 
     patient_id: str
     since: dt.datetime
+    linked: frozenset[str] = frozenset()
+
+    @property
+    def patient_ids(self) -> frozenset[str]:
+        """All his IDs: `PatientContext.patient_ids` at the moment this session was read."""
+        return self.linked | {self.patient_id}
 
     def covers(self, patient_id: str | None, acquired_at: dt.datetime | None) -> bool:
-        """An ECG of this patient recorded during this session (never an older one of theirs that a
-        stick still holds: that one keeps its own priority)."""
-        return bool(patient_id) and patient_id == self.patient_id and (acquired_at is None or acquired_at >= self.since)
+        """An ECG of this patient, under any of his IDs, recorded during this session (never an
+        older one of theirs that a stick still holds: that one keeps its own priority)."""
+        return (
+            bool(patient_id) and patient_id in self.patient_ids and (acquired_at is None or acquired_at >= self.since)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +289,12 @@ class PatientContext:
         return linked
 
     def stat_session(self, now: dt.datetime) -> StatSession | None:
-        """The current patient's session if the doctor checked them in as STAT."""
+        """The current patient's session if the doctor checked them in as STAT, with the IDs he
+        linked to it (one read of the log, as `patient_ids`)."""
         current = self.current(now)
-        return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
+        if current is None or not current.stat:
+            return None
+        return StatSession(current.patient_id, current.since, frozenset(self._linked_ids(current.patient_id, now)))
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
         """`patient`, given without a name, with the name the gateway knows for its ID
