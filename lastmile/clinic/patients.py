@@ -265,9 +265,9 @@ class PatientContext:
         current = self.current(now)
         if current is None:
             return frozenset()
-        return frozenset({current.patient_id, *self._linked_ids(current.patient_id, now)})
+        return frozenset({current.patient_id, *self.linked_ids(current.patient_id, now)})
 
-    def _linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
+    def linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
         """The IDs `OTHER_ID` linked to `patient_id` in his session: the log read newest first, back
         to the check-in that began it (any other event - another patient, an ID corrected, a
         session ended - is before it), so a few rows however long the log. A check-in racing this
@@ -294,7 +294,7 @@ class PatientContext:
         current = self.current(now)
         if current is None or not current.stat:
             return None
-        return StatSession(current.patient_id, current.since, frozenset(self._linked_ids(current.patient_id, now)))
+        return StatSession(current.patient_id, current.since, frozenset(self.linked_ids(current.patient_id, now)))
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
         """`patient`, given without a name, with the name the gateway knows for its ID
