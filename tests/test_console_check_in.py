@@ -245,6 +245,74 @@ def test_a_mistyped_number_corrected_replaces_it(browser: object, console: Conso
     assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
 
 
+def test_his_other_number_keeps_the_stat_check_in(browser: object, console: ConsoleServer) -> None:
+    """王五 is checked in as 急 for 胸痛 by his ID card number; the nurse then types his clinic number
+    under the same name (the form's 急 box empty, as on every visit) and the doctor answers "his
+    other number". The badge and the reason were gone from Today and his next ECG went ROUTINE: the
+    other number was taken for a new patient. Now he is still 急 for 胸痛, checked in since the
+    first check-in (his ECG recorded since then is STAT, whichever of his numbers it names)."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    first = checked_in(console.config)
+    assert first is not None
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    session = session_text(browser)
+    assert "急" in session and "胸痛" in session and CLINIC_NUMBER in session, session
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER, current
+    assert (current.stat, current.reason, current.since) == (True, "胸痛", first.since), current
+
+
+def test_his_stat_ecg_under_his_first_number_shows_on_today(
+    browser: object, console: ConsoleServer, tmp_path: Path
+) -> None:
+    """王五, 急 for 胸痛, is checked in under his other number; the cart (still programmed with his ID
+    card number) sends his ECG, STAT. Today's ECG panel showed none - it looked for the clinic
+    number only - and the doctor of a chest-pain patient saw no ECG. Now it shows his, 急, under
+    the number the ECG carries."""
+    import dataclasses
+
+    from devices.ecg.npz import write_npz
+    from devices.identity import Patient
+    from lastmile.ecg.intake import import_files
+    from tests.ecg_factories import make_recording
+
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    recording = make_recording(1, patient=Patient(VALID_ID, "", dt.date(1949, 12, 31), "M"))
+    recorded = dt.datetime.now(dt.timezone.utc)
+    (stick / "ecg.npz").write_bytes(write_npz(dataclasses.replace(recording, acquired_at=recorded)))
+    config = console.config
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+
+    def now() -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    try:
+        with open_outbox(config) as outbox:  # as the acquire service's watched USB folder
+            import_files(
+                outbox,
+                config,
+                [stick],
+                current_patient_ids=lambda: context.patient_ids(now()),
+                stat_session=lambda: context.stat_session(now()),
+            )
+    finally:
+        context.close()
+    browser.get(console.url + "/today")  # type: ignore[attr-defined]
+    text_in(browser, "#panel-ecg", VALID_ID)
+    panel = str(browser.find_element(by("id"), "panel-ecg").text)  # type: ignore[attr-defined]
+    assert "急" in panel, panel
+
+
 def gaps_between(driver: object, css: str) -> list[float]:
     """The space between each two of the elements `css` matches, in CSS pixels: the larger of
     their horizontal and vertical distance (negative where they overlap)."""

@@ -37,15 +37,24 @@ OTHER_ID = "patient-other-id"
 
 @dataclass(frozen=True)
 class StatSession:
-    """The clinic session's patient, checked in as STAT by the doctor, and since when."""
+    """The clinic session's patient, checked in as STAT by the doctor, and since when; `linked`:
+    the IDs the doctor said are his other IDs in this session (`OTHER_ID`)."""
 
     patient_id: str
     since: dt.datetime
+    linked: frozenset[str] = frozenset()
+
+    @property
+    def patient_ids(self) -> frozenset[str]:
+        """All his IDs: `PatientContext.patient_ids` at the moment this session was read."""
+        return self.linked | {self.patient_id}
 
     def covers(self, patient_id: str | None, acquired_at: dt.datetime | None) -> bool:
-        """An ECG of this patient recorded during this session (never an older one of theirs that a
-        stick still holds: that one keeps its own priority)."""
-        return bool(patient_id) and patient_id == self.patient_id and (acquired_at is None or acquired_at >= self.since)
+        """An ECG of this patient, under any of his IDs, recorded during this session (never an
+        older one of theirs that a stick still holds: that one keeps its own priority)."""
+        return (
+            bool(patient_id) and patient_id in self.patient_ids and (acquired_at is None or acquired_at >= self.since)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,18 +145,22 @@ class PatientContext:
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
-            if row and row["patient_id"] == patient_id:
-                name = name or ("" if clear_name else row["patient_name"] or "")
-                reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
-                stat = bool(row["stat"]) if stat is None else stat
-            if row and row["patient_id"] and row["patient_id"] != patient_id:
-                self._log(conn, now, _replaced_event(row, name, other_id), row["patient_id"], doctor)
+            replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
+            event = _replaced_event(row, name, other_id) if row and replaced else ""
+            # the same patient goes on (checked in again, or under his other ID): his session
+            # keeps its start, its STAT and its reason - the doctor's triage of the man, not of a number
+            going_on = row if row is not None and row["patient_id"] and (not replaced or event == OTHER_ID) else None
+            if going_on is not None:
+                name = name or ("" if clear_name else going_on["patient_name"] or "")
+                reason = reason.strip() or ("" if clear_reason else going_on["reason"] or "")
+                stat = bool(going_on["stat"]) if stat is None else stat
+            if event:
+                self._log(conn, now, event, replaced, doctor)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
                 "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE "
-                "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
-                "THEN session.patient_since ELSE excluded.patient_since END, "
+                "SET patient_since = excluded.patient_since, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
                 "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
                 "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
@@ -155,7 +168,7 @@ class PatientContext:
                     _ROW,
                     patient_id,
                     name,
-                    iso(now),
+                    going_on["patient_since"] if going_on is not None else iso(now),
                     doctor,
                     doctor_since,
                     iso(now),
@@ -252,9 +265,9 @@ class PatientContext:
         current = self.current(now)
         if current is None:
             return frozenset()
-        return frozenset({current.patient_id, *self._linked_ids(current.patient_id, now)})
+        return frozenset({current.patient_id, *self.linked_ids(current.patient_id, now)})
 
-    def _linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
+    def linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
         """The IDs `OTHER_ID` linked to `patient_id` in his session: the log read newest first, back
         to the check-in that began it (any other event - another patient, an ID corrected, a
         session ended - is before it), so a few rows however long the log. A check-in racing this
@@ -276,9 +289,12 @@ class PatientContext:
         return linked
 
     def stat_session(self, now: dt.datetime) -> StatSession | None:
-        """The current patient's session if the doctor checked them in as STAT."""
+        """The current patient's session if the doctor checked them in as STAT, with the IDs he
+        linked to it (one read of the log, as `patient_ids`)."""
         current = self.current(now)
-        return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
+        if current is None or not current.stat:
+            return None
+        return StatSession(current.patient_id, current.since, frozenset(self.linked_ids(current.patient_id, now)))
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
         """`patient`, given without a name, with the name the gateway knows for its ID

@@ -126,6 +126,12 @@ class SessionView:
     doctor: str
     stat: bool = False
     reason: str = ""
+    other_ids: frozenset[str] = frozenset()  # those the doctor said are his other IDs (`patient_ids`)
+
+    @property
+    def patient_ids(self) -> frozenset[str]:
+        """Every ID of the patient in this session: an ECG under any of them is his."""
+        return self.other_ids | {self.patient_id}
 
 
 # the doctor's answers to `same_name_replaced`: a mistyped ID corrected, or the patient's other ID
@@ -691,7 +697,10 @@ class ClinicData:
     # -- the session ------------------------------------------------------------------------------
     def session(self, now: dt.datetime) -> SessionView | None:
         current = self.context.current(now)
-        return None if current is None else _session_view(current)
+        if current is None:
+            return None
+        # his other IDs the doctor linked (the walk is anchored at him: never another patient's)
+        return replace(_session_view(current), other_ids=frozenset(self.context.linked_ids(current.patient_id, now)))
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""
@@ -958,7 +967,7 @@ class ClinicData:
             newest = self.outbox.newest(Kind.DICOM, since=since, limit=1)
             return self._ecg_of(newest[0]) if newest else None
         for item in self.outbox.newest(Kind.DICOM, since=since, limit=RECENT_ECG_ITEMS):
-            if (item.patient or {}).get("patient_id") == session.patient_id:
+            if (item.patient or {}).get("patient_id") in session.patient_ids:
                 return self._ecg_of(item)
         return None
 

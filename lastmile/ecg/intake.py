@@ -93,6 +93,15 @@ def _no_stat_session() -> StatSession | None:
     return None
 
 
+def session_now(
+    current_patient_ids: CurrentPatient, stat_session: StatLookup
+) -> tuple[frozenset[str], StatSession | None]:
+    """The current patient's IDs and his STAT session (None: not STAT), for one recording: one read
+    of the session log, as a STAT session carries his IDs (the linked ones too)."""
+    session = stat_session()
+    return (session.patient_ids if session is not None else current_patient_ids()), session
+
+
 def station_of(config: Config) -> StationInfo:
     """StationName is the configured short name (checked to fit 16 bytes by the configuration,
     never cut); the full gateway id goes with it as the converting equipment's serial number."""
@@ -439,8 +448,8 @@ def file_enqueuer(
     default_stat = stat
 
     def enqueue(recording: EcgRecording, key: str) -> bool:
-        recording = with_patient_check(vetted_patient(recording, config), current_patient_ids())
-        session = stat_session()
+        current, session = session_now(current_patient_ids, stat_session)
+        recording = with_patient_check(vetted_patient(recording, config), current)
         patient_id = recording.patient.patient_id if recording.patient else None
         if session is not None and session.covers(patient_id, recording.acquired_at):
             stat = True
@@ -534,8 +543,7 @@ def lan_object_store(
         kept = outbox.find(key)
         if kept is not None and received_sha256 in (kept.sha256, kept.meta.get("received_sha256")):
             return  # sent again as it was (a cart's retry): the item kept answers it, nothing parsed
-        current = current_patient_ids()
-        session = stat_session()
+        current, session = session_now(current_patient_ids, stat_session)
         patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
         forwarded = as_forwarded(obj, patient_id, now(), newest_from=lambda device: newest.time(obj.calling_ae, device))
         rewritten = (
