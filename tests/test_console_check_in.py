@@ -245,6 +245,47 @@ def test_a_mistyped_number_corrected_replaces_it(browser: object, console: Conso
     assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
 
 
+def test_another_patient_of_the_same_name_ends_the_first_ones_check_in(browser: object, console: ConsoleServer) -> None:
+    """王五 (急, 胸痛) is checked in; the next patient is another 王五 and the doctor forgot to end
+    the first's check-in. The page offered only "a mistyped number" or "his other number": either
+    put the first man's triage or name on the wrong patient. A third answer says so: the first
+    王五's check-in ends (he keeps his name), the second starts routine, the next reading is his."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    asked = browser.find_element(by("id"), "confirm-other-id").text  # type: ignore[attr-defined]
+    assert f"另一位同名的患者（结束 {VALID_ID} 的检查）" in asked, asked
+    submitted(browser, click("#confirm-other-id button[value=another-person]"))
+    wait_for(browser, on_page("/today"))
+    text_in(browser, "#panel-session", CLINIC_NUMBER)
+    session = session_text(browser)
+    assert "急" not in session and "胸痛" not in session, session
+    current = checked_in(console.config)
+    assert current is not None and (current.patient_id, current.stat, current.reason) == (CLINIC_NUMBER, False, "")
+    assert "王^五" in name_known_for(console.config, VALID_ID)
+    patient = reading_goes_to(console.config, "bp-another-wang-wu")
+    assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
+
+
+def test_a_mistyped_number_corrected_keeps_the_stat_check_in(browser: object, console: ConsoleServer) -> None:
+    """王五 is checked in as 急 for 胸痛 under a mistyped number; the nurse types the right one and
+    the doctor answers "a mistyped number corrected": the badge and the reason were gone (a new,
+    routine session: his next ECG went ROUTINE). Now he is still 急 for 胸痛."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    first = checked_in(console.config)
+    assert first is not None
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=corrected]"))
+    wait_for(browser, on_page("/today"))
+    session = session_text(browser)
+    assert "急" in session and "胸痛" in session and CLINIC_NUMBER in session, session
+    current = checked_in(console.config)
+    assert current is not None and (current.stat, current.reason, current.since) == (True, "胸痛", first.since)
+
+
 def test_his_other_number_keeps_the_stat_check_in(browser: object, console: ConsoleServer) -> None:
     """王五 is checked in as 急 for 胸痛 by his ID card number; the nurse then types his clinic number
     under the same name (the form's 急 box empty, as on every visit) and the doctor answers "his

@@ -253,6 +253,38 @@ def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_sessi
         context.close()
 
 
+def test_a_corrected_id_keeps_the_stat_check_in_and_another_patient_of_the_name_starts_anew(
+    tmp_path: Path,
+) -> None:
+    """王五 is checked in as STAT for 胸痛 and his ID is then corrected (a typo): the correction
+    started a new, routine session - the chest-pain patient's next ECG went ROUTINE. Now a
+    correction goes on with his session (start, STAT, reason), as his other ID does. Another
+    patient who has the same name (the doctor says so: common names are common) starts anew:
+    not STAT, no reason, and the first keeps his name."""
+    typo, corrected, other_man, name = "MZ-0024", "MZ-0042", "MZ-0777", "Wang^Wu=王^五"
+    context = PatientContext.open(tmp_path, idle_timeout_s=3600)
+    try:
+        context.check_in(typo, name, now=T0, stat=True, reason="胸痛")
+        context.check_in(corrected, name, now=T0 + MIN)  # unasked: a correction
+        current = context.current(T0 + 2 * MIN)
+        assert current is not None, current
+        assert (current.patient_id, current.stat, current.reason, current.since) == (corrected, True, "胸痛", T0)
+        assert context.known_name(typo, T0 + 2 * MIN) == ""  # a typo names nobody
+        context.check_in(other_man, name, now=T0 + 3 * MIN, another_person=True)
+        current = context.current(T0 + 4 * MIN)
+        assert current is not None, current
+        assert (current.patient_id, current.stat, current.reason, current.since) == (
+            other_man,
+            False,
+            "",
+            T0 + 3 * MIN,
+        )
+        assert context.known_names([corrected, other_man], T0 + 4 * MIN) == {corrected: name, other_man: name}
+        assert context.patient_ids(T0 + 4 * MIN) == {other_man}  # not linked to the first 王五
+    finally:
+        context.close()
+
+
 def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -267,7 +299,7 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     capsys.readouterr()
     assert main(["patient", "set", clinic_number, "--name", "王五", *run]) == 2
     said = capsys.readouterr().err
-    assert all(word in said for word in (id_card, clinic_number, "--corrected", "--other-id")), said
+    assert all(word in said for word in (id_card, clinic_number, "--corrected", "--other-id", "--another-person")), said
     context = PatientContext.open(data, idle_timeout_s=900)
     try:
         now = dt.datetime.now(dt.timezone.utc)
@@ -279,13 +311,16 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
         assert context.patient_ids(now) == {id_card, clinic_number}
         assert main(["patient", "set", "MZ-0043", "--name", "王五", "--corrected", *run]) == 0  # MZ-0042 a typo
         assert context.known_name(clinic_number, dt.datetime.now(dt.timezone.utc)) == ""
+        assert main(["patient", "set", "MZ-0077", "--name", "王五", "--another-person", *run]) == 0
+        now = dt.datetime.now(dt.timezone.utc)
+        assert context.known_names(["MZ-0043", "MZ-0077"], now) == {"MZ-0043": name, "MZ-0077": name}
     finally:
         context.close()
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["patient", "set", "--help"])
     usage = capsys.readouterr().out
-    assert "--corrected" in usage and "--other-id" in usage
+    assert "--corrected" in usage and "--other-id" in usage and "--another-person" in usage
 
 
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:

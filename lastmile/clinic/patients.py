@@ -119,6 +119,7 @@ class PatientContext:
         clear_name: bool = False,
         clear_reason: bool = False,
         other_id: bool = False,
+        another_person: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -131,7 +132,9 @@ class PatientContext:
         meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
         `set_doctor`), set only if the check-in is - never on a patient the page did not show.
         `other_id`: the doctor said `patient_id`, checked in under the current patient's name, is
-        his other ID (both kept, both named); else it corrects a mistyped one (`_replaced_event`)."""
+        his other ID (both kept, both named); `another_person`: another patient of the same name
+        (the first keeps his name, nothing of his session goes on); else it corrects a mistyped one
+        (`_replaced_event`)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -146,10 +149,12 @@ class PatientContext:
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
             replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
-            event = _replaced_event(row, name, other_id) if row and replaced else ""
-            # the same patient goes on (checked in again, or under his other ID): his session
-            # keeps its start, its STAT and its reason - the doctor's triage of the man, not of a number
-            going_on = row if row is not None and row["patient_id"] and (not replaced or event == OTHER_ID) else None
+            event = _replaced_event(row, name, other_id, another_person) if row and replaced else ""
+            # the same patient goes on (checked in again, his mistyped ID corrected, or under his
+            # other ID): his session keeps its start, its STAT and its reason - the doctor's triage
+            # of the man, not of a number (a chest-pain patient's typo corrected stays STAT)
+            same_man = not replaced or event in (OTHER_ID, CORRECTED)
+            going_on = row if row is not None and row["patient_id"] and same_man else None
             if going_on is not None:
                 name = name or ("" if clear_name else going_on["patient_name"] or "")
                 reason = reason.strip() or ("" if clear_reason else going_on["reason"] or "")
@@ -403,14 +408,14 @@ class PatientContext:
         )
 
 
-def _replaced_event(row: sqlite3.Row, name: str, other_id: bool) -> str:
+def _replaced_event(row: sqlite3.Row, name: str, other_id: bool, another_person: bool = False) -> str:
     """The log event of the session's patient (`row`) replaced by another ID checked in as `name`:
     the same name while he is checked in is either his ID corrected (张三 checked in as P-12, then
     as P-21: P-12's check-in names nobody, `_checked_in_names`) or, as the doctor says
     (`other_id`), his other ID (ID card, then clinic number: both keep his name). The console asks
-    (`same_name_replaced`); a caller that did not ask names no ID from a guess. Another name is
-    the next patient."""
-    if not _same_name(row["patient_name"] or "", name):
+    (`same_name_replaced`); a caller that did not ask names no ID from a guess. Another name, or
+    the doctor's "another patient of the same name" (`another_person`), is the next patient."""
+    if another_person or not _same_name(row["patient_name"] or "", name):
         return "patient-replaced"
     return OTHER_ID if other_id else CORRECTED
 

@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="ID is the checked-in patient's other ID (same name; ID card and clinic number): both keep the name",
     )
+    whose.add_argument(
+        "--another-person",
+        action="store_true",
+        help="ID is another patient who has the checked-in patient's name: his check-in ends, he keeps his name",
+    )
     p.set_defaults(func=_set)
 
     p = psub.add_parser("clear", help="end the current patient's session (next readings are held)", parents=[DATA_DIR])
@@ -127,7 +132,7 @@ def _set(args: argparse.Namespace) -> int:
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
         replaced = context.same_name_replaced(patient.patient_id, patient.name, _now())
-        if replaced is not None and not (args.corrected or args.other_id):
+        if replaced is not None and not (args.corrected or args.other_id or args.another_person):
             print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
             return 2
         if args.doctor:
@@ -141,6 +146,7 @@ def _set(args: argparse.Namespace) -> int:
             clear_name=args.clear_name,
             clear_reason=args.clear_reason,
             other_id=args.other_id,
+            another_person=args.another_person,
         ).after
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
@@ -160,8 +166,9 @@ def _whose_id(checked_in: str, patient_id: str) -> str:
     """The question Today asks the doctor, for a command that cannot ask."""
     return (
         f"lastmile patient set: {checked_in} is checked in under the same name: is {patient_id} that ID "
-        f"corrected ({checked_in} was a typo: it loses the name) or the same patient's other ID (both keep "
-        "the name)? Ask the doctor, then run the command again with --corrected or --other-id"
+        f"corrected ({checked_in} was a typo: it loses the name), the same patient's other ID (both keep "
+        "the name) or another patient of the same name? Ask the doctor, then run the command again with "
+        "--corrected, --other-id or --another-person"
     )
 
 

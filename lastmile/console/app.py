@@ -942,7 +942,7 @@ async def check_in(request: Request) -> Response:
             return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
-        if same_name_answer(f):  # the same patient goes on: no check-in of his ended
+        if same_name_answer(f) in ("corrected", "other-id"):  # the same patient goes on: none ended
             ids = {"replaced": f.get("shown_patient_id", ""), "id": session.patient_id}
             return f"check-in-{same_name_answer(f)}", {"patient": who["patient"]} | ids
         return "check-in", who

@@ -134,8 +134,9 @@ class SessionView:
         return self.other_ids | {self.patient_id}
 
 
-# the doctor's answers to `same_name_replaced`: a mistyped ID corrected, or the patient's other ID
-SAME_NAME_ANSWERS = ("corrected", "other-id")
+# the doctor's answers to `same_name_replaced`: a mistyped ID corrected, the patient's other ID,
+# or another patient who has the same name (common names are common: 王伟, 张伟 ...)
+SAME_NAME_ANSWERS = ("corrected", "other-id", "another-person")
 
 
 @dataclass(frozen=True, slots=True)
@@ -741,6 +742,7 @@ class ClinicData:
                 clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
                 other_id=same_name == "other-id",
+                another_person=same_name == "another-person",
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
