@@ -138,6 +138,8 @@ class BleSection:
     scan_interval_s: float = 10.0  # scan pass length; the allow-list is re-read after each pass
     connect_attempts: int = 4  # tries per connection before waiting for the next scan
     continuous_store_interval_s: float = 10.0  # continuous SpO2 streams: one observation per interval
+    battery_poll_s: float = 600.0  # a connected device whose Battery Level cannot notify: re-read this often
+    battery_refresh_s: float = 1800.0  # an unchanged battery level is written again at most this often (SD card)
 
 
 @dataclass
@@ -452,6 +454,8 @@ _RANGES: dict[str, _Range] = {
     "ble.scan_interval_s": _Range(0, _HOUR, "a number of seconds", low_open=True),
     "ble.connect_attempts": _Range(1, 100, "a count of attempts"),
     "ble.continuous_store_interval_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "ble.battery_poll_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "ble.battery_refresh_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
     "gps.nmea_baud": _Range(300, 4_000_000, "a baud rate"),
     "visits.radius_m": _Range(0, 100_000, "a number of metres", low_open=True),
     "visits.track_max_points": _Range(1, 1_000_000, "a count of points"),
@@ -516,6 +520,16 @@ def host_port(text: str) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
         return None
     return host, int(port)
+
+
+def metrics_listen(config: Config) -> Listen:
+    """`metrics.listen` as host and port (the configuration already refused a malformed one). Here,
+    not in lastmile.services.metrics: `lastmile doctor` and the console's System page say where
+    the endpoint is without importing prometheus_client (~5 MB of the console's RSS)."""
+    parsed = host_port(config.metrics.listen)
+    if parsed is None:
+        raise ConfigError(f'{config.source}: metrics.listen = {config.metrics.listen!r}: write it as "HOST:PORT"')
+    return Listen(*parsed)
 
 
 def ae_title_problem(value: str) -> str | None:

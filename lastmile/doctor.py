@@ -1321,9 +1321,9 @@ class Doctor:
         import urllib.error
         import urllib.request
 
-        from lastmile.services.metrics import parse_listen
+        from lastmile.config import metrics_listen
 
-        listen = parse_listen(self.config)
+        listen = metrics_listen(self.config)
         url = listen.url("/metrics")
         try:
             with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:

@@ -1,7 +1,9 @@
 """A BLE device's battery on the Devices page: every BLE card said its battery was "not
 reported" (设备未报告), as nothing ever read a level, so a cuff about to go flat looked like one that cannot say.
 Now the link reads Battery Level (0x2A19) when it connects and the page says it; a device that
-never reported one has no battery line."""
+never reported one has no battery line. A device that stays connected for days keeps it current:
+notified when its Battery Level notifies, else re-read while connected; the row is written when
+the level changes (an unchanged one at most every `battery_refresh_s`: the SD card)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import asyncio
 import datetime as dt
 import importlib.util
 import re
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,8 +31,11 @@ from firmware_bridge.ble.emulated_peripherals import (
     TemperatureRecord,
     Thermometer,
 )
+from firmware_bridge.ble.link import BatteryWatch, LinkSettings
 from lastmile.cli import main
 from lastmile.clinic.devices import DeviceRecord
+from lastmile.config import parse_config
+from lastmile.services.ble_devices import link_settings
 from tests.ble_gateway import Gateway
 from tests.console_harness import DOCTOR, Client, console_config, running_console
 
@@ -79,6 +86,99 @@ def test_the_devices_page_says_the_battery_a_cuff_reported_when_it_connected(tmp
     assert "电量：23%" in card and "未报告" not in card, card
 
 
+def battery_on_card(card: str) -> tuple[str, dt.datetime]:
+    """The battery line of a Devices card: what it says and the time it gives."""
+    line = card.split("data-battery>", 1)[1].split("</p>", 1)[0]
+    when = re.search(r'datetime="([^"]+)"', line)
+    assert when is not None, line
+    return line.split(" <time", 1)[0], dt.datetime.fromisoformat(when[1])
+
+
+def stays_connected(
+    data: Path,
+    change_to: int,
+    *,
+    notify: bool,
+    settings: LinkSettings | None = None,
+    after_change: int = 0,
+) -> tuple[DeviceRecord, dt.datetime, BloodPressureCuff]:
+    """A cuff at 80% connects and stays connected; once the link has set it up, a day later by the
+    gateway's clock, its charge drops to `change_to` (notified if `notify`). Runs until the row
+    says so (or 10 s pass), then `after_change` more Battery Level reads a minute later still.
+    Its row then, the time of the drop and the cuff."""
+    gw = Gateway(data)
+    later = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(days=1)
+    try:
+        gw.allow(CUFF)
+
+        async def run() -> BloodPressureCuff:
+            cuff = BloodPressureCuff(
+                gw.new_radio(), CUFF, "cuff", battery_level=80, battery_notify=notify, hang_up_after_memory=False
+            )
+            changed: list[float] = []  # when (monotonic) the charge dropped
+            reads: list[int] = []  # reads served when the row said the new level
+
+            async def during() -> None:
+                row = gw.registry.get(CUFF)
+                if not changed and row is not None and row.battery_level == 80 and cuff.measurement in cuff.subscribed:
+                    gw.clock = lambda: later
+                    await cuff.drain_battery(change_to)
+                    changed.append(time.monotonic())
+                elif changed and not reads and row is not None and row.battery_level == change_to:
+                    reads.append(cuff.battery_reads)
+                    gw.clock = lambda: later + dt.timedelta(minutes=1)
+
+            def done() -> bool:
+                if changed and time.monotonic() - changed[0] > 10:
+                    return True  # the row never said it: asserted below
+                return bool(reads) and cuff.battery_reads >= reads[0] + after_change
+
+            await gw.run([cuff], until=done, during=during, timeout=60, settings=settings)
+            return cuff
+
+        cuff = asyncio.run(run())
+        row = gw.registry.get(CUFF)
+    finally:
+        gw.close()
+    assert row is not None
+    return row, later, cuff
+
+
+def test_a_cuff_left_connected_tells_the_doctor_its_battery_went_low(tmp_path: Path) -> None:
+    """A BP monitor connected for days showed the level it had when it connected (80%, with that
+    time): its Battery Level notified 15% and nobody listened. Now the link subscribes to it: the
+    row and the Devices page say 15% and when it was said."""
+    data = tmp_path / "data"
+    row, dropped_at, _ = stays_connected(data, 15, notify=True)
+    assert (row.battery_level, row.battery_at) == (15, dropped_at)
+    assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
+
+
+def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_changed(tmp_path: Path) -> None:
+    """A device whose Battery Level cannot notify is re-read while connected (every
+    `battery_poll_s`); an unchanged level does not rewrite the row at every read."""
+    data = tmp_path / "data"
+    settings = LinkSettings(
+        scan_pass_s=0.5, reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC, battery_poll_s=0.2
+    )
+    row, dropped_at, cuff = stays_connected(data, 40, notify=False, settings=settings, after_change=3)
+    assert (row.battery_level, row.battery_at) == (40, dropped_at)  # not the minute after, read 3 times more
+    assert cuff.measurement in cuff.subscribed and cuff.battery not in cuff.subscribed
+    assert battery_on_card(devices_card(data, CUFF)) == ("电量：40%", dropped_at)
+
+
+def test_the_battery_poll_and_refresh_of_the_config_reach_the_link(tmp_path: Path) -> None:
+    """`[ble] battery_poll_s` / `battery_refresh_s` were no settings: the link always re-read a
+    Battery Level that cannot notify every 600 s and wrote an unchanged one every 1800 s, whatever
+    the clinic needed. Now the configuration's reach the link (here a poll short enough to see the
+    cuff's drop while it stays connected)."""
+    config = parse_config("[ble]\nscan_interval_s = 0.5\nbattery_poll_s = 0.2\nbattery_refresh_s = 7200\n")
+    settings = replace(link_settings(config), reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC)
+    assert settings.battery_refresh_s == 7200, settings
+    row, dropped_at, _ = stays_connected(tmp_path / "data", 40, notify=False, settings=settings)
+    assert (row.battery_level, row.battery_at) == (40, dropped_at)
+
+
 def printed_for(out: str, address: str) -> str:
     """What `lastmile devices` printed for `address`: its row and the indented lines under it."""
     (block,) = [b for b in re.split(r"\n(?=\S)", out.rstrip("\n")) if address in b.splitlines()[0]]
@@ -114,3 +214,14 @@ def test_a_ble_device_that_never_reported_its_battery_has_no_battery_line(tmp_pa
 def test_a_battery_level_that_is_no_percentage_is_refused(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_battery_level(data)
+
+
+def test_an_unchanged_battery_level_is_written_again_only_after_the_refresh_interval() -> None:
+    """The time beside the level stays recent on a device that notifies the same level all day,
+    without a clinic.db write per notification."""
+    watch = BatteryWatch(refresh_s=1800)
+    assert watch.is_news(50, now=0.0)
+    assert not watch.is_news(50, now=1799.0)
+    assert watch.is_news(49, now=1799.5)  # a change: at once
+    assert not watch.is_news(49, now=3000.0)
+    assert watch.is_news(49, now=3599.5)

@@ -29,6 +29,8 @@ MISTAKES = [
     ),
     ("[fhir]\nbatch_size = 0\n", 2, "'fhir.batch_size' must be a count"),
     ("[ble]\nconnect_attempts = 0\n", 2, "'ble.connect_attempts' must be a count"),
+    # 0 would re-read a connected device's battery without pause
+    ("[ble]\nbattery_poll_s = 0\n", 2, "'ble.battery_poll_s' must be a number of seconds above 0"),
     ("[visits]\ntrack_max_points = 0\n", 2, "'visits.track_max_points' must be a count"),
     (
         "[reading_center]\nport = 104\ntimeout_s = inf\n",

@@ -19,8 +19,17 @@ from lastmile.clinic.patients import CurrentPatient, PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
-from tests.console_browser import PHONE, TABLET, by, log_in, on_page, set_viewport, text_in, wait_for
-from tests.console_harness import DOCTOR, VALID_ID, bp_reading, console_config, hold_readings, running_console
+from lastmile.data_dir import open_outbox
+from tests.console_browser import PHONE, TABLET, by, log_in, on_page, save_screenshot, set_viewport, text_in, wait_for
+from tests.console_harness import (
+    DOCTOR,
+    VALID_ID,
+    bp_reading,
+    console_config,
+    hold_readings,
+    record_readings,
+    running_console,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -152,6 +161,197 @@ def test_a_clear_not_confirmed_changes_nothing(browser: object, console: Console
         current = checked_in(console.config)
         assert current is not None and "王^五" in current.name and current.reason == "胸痛", current
         assert not browser.find_elements(by("css"), "p.done"), "a notice for a clear that did not happen"  # type: ignore[attr-defined]
+
+
+CLINIC_NUMBER = "MZ-0042"  # 王五's clinic number; VALID_ID is his ID card number
+
+
+def name_known_for(config: Config, patient_id: str) -> str:
+    """The name the gateway gives `patient_id` (a mapping or an assignment to it is sent so)."""
+    db = open_clinic_db(config.data_dir)
+    try:
+        return PatientContext(db, config.patient.idle_timeout_s).known_name(
+            patient_id, dt.datetime.now(dt.timezone.utc)
+        )
+    finally:
+        db.conn.close()
+
+
+def reading_goes_to(config: Config, key: str) -> dict[str, Any]:
+    """A BP reading arriving now, as the acquire service records it: the outbox row's patient."""
+    [result] = record_readings(config, bp_reading(dt.datetime.now(dt.timezone.utc), key))
+    assert result.outcome == "stored" and result.item_id is not None, result
+    with open_outbox(config) as outbox:
+        item = outbox.get(result.item_id)
+    assert item is not None and item.patient is not None, item
+    return item.patient
+
+
+def checked_in_under_his_other_number(driver: object, console: ConsoleServer) -> None:
+    """王五 is checked in by his ID card number, then, still checked in, by his clinic number: the
+    page asks which it is, in Chinese, and nothing changes before the doctor answers."""
+    log_in(driver, console)
+    check_in(driver, VALID_ID, name="王五")
+    text_in(driver, "#panel-session", VALID_ID)
+    check_in(driver, CLINIC_NUMBER, name="王五")
+    asked = driver.find_element(by("id"), "confirm-other-id").text  # type: ignore[attr-defined]
+    assert f"王五 已用 {VALID_ID} 检查中。{CLINIC_NUMBER} 是：" in asked, asked
+    assert f"更正输错的号码（替换 {VALID_ID}）" in asked and "同一人的另一个号码（两个都保留）" in asked, asked
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == VALID_ID, current
+
+
+def test_a_patients_other_number_checked_in_keeps_both_numbers_and_names(
+    browser: object, console: ConsoleServer
+) -> None:
+    """王五 was checked in by his ID card number and, still checked in, by his clinic number under
+    the same name: the gateway took it for a mistyped number corrected, and his ID card number
+    lost his name (a guess from words; both numbers are his). Now the page asks; "the same
+    person's other number" keeps both numbers named 王五, and the next reading goes to the clinic
+    number, named."""
+    checked_in_under_his_other_number(browser, console)
+    set_viewport(browser, (360, 800))
+    save_screenshot(browser, "confirm-other-id-360x800")
+    set_viewport(browser, TABLET)
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    said = browser.find_element(by("id"), "id-answer").text  # type: ignore[attr-defined]
+    assert CLINIC_NUMBER in said and VALID_ID in said and "王五" in said, said
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER and "王^五" in current.name, current
+    assert "王^五" in name_known_for(console.config, VALID_ID)
+    assert "王^五" in name_known_for(console.config, CLINIC_NUMBER)
+    patient = reading_goes_to(console.config, "bp-after-other-id")
+    assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
+
+
+def test_a_mistyped_number_corrected_replaces_it(browser: object, console: ConsoleServer) -> None:
+    """The same question answered "a mistyped number corrected": as before, the first number is
+    replaced and names nobody, the next reading goes to the corrected number; going back first
+    changes nothing."""
+    checked_in_under_his_other_number(browser, console)
+    submitted(browser, click("#confirm-other-id a[href='/today']"))
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == VALID_ID, current
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=corrected]"))
+    wait_for(browser, on_page("/today"))
+    said = browser.find_element(by("id"), "id-answer").text  # type: ignore[attr-defined]
+    assert VALID_ID in said and CLINIC_NUMBER in said, said
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER and "王^五" in current.name, current
+    assert name_known_for(console.config, VALID_ID) == ""
+    patient = reading_goes_to(console.config, "bp-after-correction")
+    assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
+
+
+def test_another_patient_of_the_same_name_ends_the_first_ones_check_in(browser: object, console: ConsoleServer) -> None:
+    """王五 (急, 胸痛) is checked in; the next patient is another 王五 and the doctor forgot to end
+    the first's check-in. The page offered only "a mistyped number" or "his other number": either
+    put the first man's triage or name on the wrong patient. A third answer says so: the first
+    王五's check-in ends (he keeps his name), the second starts routine, the next reading is his."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    asked = browser.find_element(by("id"), "confirm-other-id").text  # type: ignore[attr-defined]
+    assert f"另一位同名的患者（结束 {VALID_ID} 的检查）" in asked, asked
+    submitted(browser, click("#confirm-other-id button[value=another-person]"))
+    wait_for(browser, on_page("/today"))
+    text_in(browser, "#panel-session", CLINIC_NUMBER)
+    session = session_text(browser)
+    assert "急" not in session and "胸痛" not in session, session
+    current = checked_in(console.config)
+    assert current is not None and (current.patient_id, current.stat, current.reason) == (CLINIC_NUMBER, False, "")
+    assert "王^五" in name_known_for(console.config, VALID_ID)
+    patient = reading_goes_to(console.config, "bp-another-wang-wu")
+    assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
+
+
+def test_a_mistyped_number_corrected_keeps_the_stat_check_in(browser: object, console: ConsoleServer) -> None:
+    """王五 is checked in as 急 for 胸痛 under a mistyped number; the nurse types the right one and
+    the doctor answers "a mistyped number corrected": the badge and the reason were gone (a new,
+    routine session: his next ECG went ROUTINE). Now he is still 急 for 胸痛."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    first = checked_in(console.config)
+    assert first is not None
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=corrected]"))
+    wait_for(browser, on_page("/today"))
+    session = session_text(browser)
+    assert "急" in session and "胸痛" in session and CLINIC_NUMBER in session, session
+    current = checked_in(console.config)
+    assert current is not None and (current.stat, current.reason, current.since) == (True, "胸痛", first.since)
+
+
+def test_his_other_number_keeps_the_stat_check_in(browser: object, console: ConsoleServer) -> None:
+    """王五 is checked in as 急 for 胸痛 by his ID card number; the nurse then types his clinic number
+    under the same name (the form's 急 box empty, as on every visit) and the doctor answers "his
+    other number". The badge and the reason were gone from Today and his next ECG went ROUTINE: the
+    other number was taken for a new patient. Now he is still 急 for 胸痛, checked in since the
+    first check-in (his ECG recorded since then is STAT, whichever of his numbers it names)."""
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    text_in(browser, "#panel-session", "急")
+    first = checked_in(console.config)
+    assert first is not None
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    session = session_text(browser)
+    assert "急" in session and "胸痛" in session and CLINIC_NUMBER in session, session
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER, current
+    assert (current.stat, current.reason, current.since) == (True, "胸痛", first.since), current
+
+
+def test_his_stat_ecg_under_his_first_number_shows_on_today(
+    browser: object, console: ConsoleServer, tmp_path: Path
+) -> None:
+    """王五, 急 for 胸痛, is checked in under his other number; the cart (still programmed with his ID
+    card number) sends his ECG, STAT. Today's ECG panel showed none - it looked for the clinic
+    number only - and the doctor of a chest-pain patient saw no ECG. Now it shows his, 急, under
+    the number the ECG carries."""
+    import dataclasses
+
+    from devices.ecg.npz import write_npz
+    from devices.identity import Patient
+    from lastmile.ecg.intake import import_files
+    from tests.ecg_factories import make_recording
+
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="王五", reason="胸痛", stat=True)
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    recording = make_recording(1, patient=Patient(VALID_ID, "", dt.date(1949, 12, 31), "M"))
+    recorded = dt.datetime.now(dt.timezone.utc)
+    (stick / "ecg.npz").write_bytes(write_npz(dataclasses.replace(recording, acquired_at=recorded)))
+    config = console.config
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+
+    def now() -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    try:
+        with open_outbox(config) as outbox:  # as the acquire service's watched USB folder
+            import_files(
+                outbox,
+                config,
+                [stick],
+                current_patient_ids=lambda: context.patient_ids(now()),
+                stat_session=lambda: context.stat_session(now()),
+            )
+    finally:
+        context.close()
+    browser.get(console.url + "/today")  # type: ignore[attr-defined]
+    text_in(browser, "#panel-ecg", VALID_ID)
+    panel = str(browser.find_element(by("id"), "panel-ecg").text)  # type: ignore[attr-defined]
+    assert "急" in panel, panel
 
 
 def gaps_between(driver: object, css: str) -> list[float]:
@@ -286,3 +486,35 @@ def test_a_locked_account_tells_the_doctor_whom_to_ask_and_warns_before(
     assert "已锁定" in error and "县信息科" in error and "lastmile" not in error, error
     unlock = browser.find_element(by("id"), "unlock-command")  # type: ignore[attr-defined]
     assert unlock.get_attribute("textContent") == f"lastmile user unlock {DOCTOR[0]}"
+
+
+def space_above_id_label(driver: object) -> float:
+    """CSS pixels between what the patient panel shows last (the session's buttons, or the words
+    that nobody is checked in) and the check-in form's first label, 身份证号或门诊号."""
+    return float(
+        driver.execute_script(  # type: ignore[attr-defined]
+            "const last = [...document.querySelectorAll('#panel-session button, #panel-session .empty')]"
+            ".map(e => e.getBoundingClientRect().bottom);"
+            "return document.querySelector('label[for=patient_id]').getBoundingClientRect().top - Math.max(...last);"
+        )
+    )
+
+
+def test_the_id_label_is_set_apart_from_the_session_buttons_on_a_phone(browser: object, console: ConsoleServer) -> None:
+    """At 360 px the label 身份证号或门诊号 sat 0.5 rem under 结束该患者的检查, as close as the
+    session's buttons are to each other: it read as one more line of the session, not the start of
+    the form for the next patient. Now it keeps the space it has when nobody is checked in."""
+    from tests.console_browser import save_screenshot  # the page as the doctor sees it, for a look
+
+    log_in(browser, console)
+    set_viewport(browser, (360, 800))
+    try:
+        nobody = space_above_id_label(browser)
+        check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
+        text_in(browser, "#panel-session", "王五")
+        button_gap = min(gaps_between(browser, "#panel-session button"))
+        above = space_above_id_label(browser)
+        save_screenshot(browser, "today-session-phone-360x800")
+        assert above >= nobody and above > button_gap, (above, nobody, button_gap)
+    finally:
+        set_viewport(browser, TABLET)

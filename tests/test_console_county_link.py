@@ -196,7 +196,7 @@ def test_the_row_on_a_390_px_phone_in_chinese(browser: object, tmp_path: Path) -
 
 def test_every_judgement_of_the_forwarder_has_words_on_the_page() -> None:
     """The row branched on Said's raw strings: a judgement renamed or added read "nothing sent yet"."""
-    from lastmile.console.app import COUNTY_ROW
+    from lastmile.console.sources import COUNTY_ROW
     from uploader.fhir_link import Said
 
     assert set(COUNTY_ROW) == {None, *(said.name for said in Said)}

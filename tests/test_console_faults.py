@@ -6,28 +6,36 @@ browser; each test states the doctor's scenario and what must hold for them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
+import io
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from devices.ecg.recording import EcgRecording
+from devices.identity import Patient
 from lastmile.clinic.db import open_clinic_db
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
+from lastmile.console.sources import person_name
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.intake import enqueue_recording
+from lastmile.ecg.intake import QUALITY_HOLD, enqueue_recording, read_ecg_file, with_patient_check
+from tests.conftest import shared_file
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
     VALID_ID,
     Client,
+    Reply,
     bp_reading,
     console_config,
     record_receipt_timed_bp,
@@ -186,31 +194,121 @@ def test_a_held_ecg_assigned_to_another_patient_does_not_carry_the_current_patie
         pytest.fail(f"ECG for {OTHER_ID} rebuilt under the checked-in patient's name: {item.patient}")
 
 
+FILE_ID = "320122198001010038"  # a valid resident ID an ECG file names, checked in nowhere here
+FILE_PATIENT = Patient(FILE_ID, "Wang^Wu=王^五")
+
+
 @pytest.mark.parametrize(
-    ("typed", "said"),
-    [(VALID_ID, f"已指定给 张三（{VALID_ID}）"), (OTHER_ID, f"已指定给 {OTHER_ID}（未填姓名）")],
-    ids=["checked-in-patient", "typed-number"],
+    ("on_file", "typed", "said"),
+    [
+        (None, VALID_ID, f"已指定给 张三（{VALID_ID}）"),
+        (None, OTHER_ID, f"已指定给 {OTHER_ID}（未填姓名）"),
+        (FILE_PATIENT, VALID_ID, f"已指定给 张三（{VALID_ID}）"),
+        (FILE_PATIENT, FILE_ID, f"已指定给 王五（{FILE_ID}）"),
+    ],
+    ids=["unassigned-to-checked-in", "unassigned-to-typed-number", "mismatch-to-checked-in", "mismatch-to-its-own"],
 )
 def test_a_held_ecg_assigned_says_whose_it_now_is(
-    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, typed: str, said: str
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, on_file: Patient | None, typed: str, said: str
 ) -> None:
-    """A held ECG (no patient) assigned on Today said only "已指定" and to the county: the
-    doctor could not see whether it went to the right person. A held reading's answer names them;
-    the ECG's now does too (the name check-in gave, or the number alone)."""
+    """A held ECG (no patient, or another patient than the one checked in) assigned on Today said
+    only "已指定" and to the county: the doctor could not see whether it went to the right person.
+    It names them - the name the page shows for that ID (check-in's, or the one the ECG file gave
+    with it), or the number alone - and a reload of that answer never says a bare "已指定"."""
     config = clinic[0]
+    key = f"faults:whose-ecg-{on_file is not None}-{typed}"
+    item_id, reply = assign_held_ecg_on_today(config, doctor, make_recording(8, patient=on_file), key, typed)
+    assert said in done_said(doctor.get(reply.location).body)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+    assert item is not None and item.patient is not None
+    assert person_name(str(item.patient.get("name") or "")) in said, "the answer names whom the ECG now goes as"
+    again = done_said(doctor.get(reply.location).body)  # the doctor reloads the answer
+    assert "已指定" not in again or said in again
+
+
+# an ECG file's patient by clinic number: no birth date or sex in the number
+CLINIC_FILE_PATIENT = Patient("MZ-20418", "Wang^Wu=王^五", dt.date(1950, 3, 2), "M")
+
+
+def assign_held_ecg_on_today(
+    config: Config, doctor: Client, recording: EcgRecording, key: str, typed: str
+) -> tuple[int, Reply]:
+    """张三 is checked in; `recording` arrives (held: no patient, another one, or its quality); the
+    doctor types `typed` into its Assign form on Today and presses Assign. The outbox item, the reply."""
     assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
     with open_outbox(config) as outbox:
-        rec = make_recording(8, patient=None)
-        item_id = enqueue_recording(outbox, rec, config, key=f"faults:whose-ecg-{typed}", now=time.time()).item.id
+        rec = with_patient_check(recording, frozenset({VALID_ID}))
+        item_id = enqueue_recording(outbox, rec, config, key=key, now=time.time()).item.id
     page = doctor.get("/today")
     form = re.search(rf'<input type="hidden" name="item_id" value="{item_id}">.*?</form>', page.body, flags=re.S)
     assert form, f"the held ECG's Assign form (E{item_id}) is on Today"
     fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0))) | {"patient_id": typed}
     reply = doctor.post("/today/assign-ecg", fields)
-    assert reply.status == 303, (reply.status, reply.body[:300])
-    answer = re.search(r'<p class="done".*?</p>', html.unescape(doctor.get(reply.location).body), flags=re.S)
-    assert answer, "Today says what the Assign did"
-    assert said in " ".join(re.sub(r"<[^>]+>", " ", answer.group(0)).split())
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    return item_id, reply
+
+
+def _assigned_object(config: Config, doctor: Client, key: str, typed: str) -> pydicom.Dataset:
+    """An ECG whose file names CLINIC_FILE_PATIENT (born 1950, male), held as a mismatch (张三 is
+    checked in), assigned on Today to `typed`: the DICOM object the county will be sent."""
+    item_id, _ = assign_held_ecg_on_today(config, doctor, make_recording(9, patient=CLINIC_FILE_PATIENT), key, typed)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None
+        return pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+
+
+def test_a_mismatch_ecg_assigned_to_its_own_patient_keeps_the_birth_date_and_sex_its_file_gave(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """The cart recorded 王五 (clinic number MZ-20418, born 1950-03-02, male) while 张三 was checked
+    in: held as a mismatch. The doctor assigns it to MZ-20418, the patient its own file names. The
+    county's cardiologist reads an ECG by age and sex: they must still be in the object sent."""
+    ds = _assigned_object(clinic[0], doctor, "faults:own-patient-birth", CLINIC_FILE_PATIENT.patient_id)
+    assert (ds.PatientID, str(ds.PatientName)) == ("MZ-20418", "Wang^Wu=王^五")
+    assert (ds.PatientBirthDate, ds.PatientSex) == ("19500302", "M"), "the file's birth date and sex were lost"
+    assert ds.PatientAge.endswith("Y")  # an age again, from the birth date
+
+
+def test_a_mismatch_ecg_assigned_to_another_patient_does_not_carry_its_files_birth_date_and_sex(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """The same ECG, assigned instead to another clinic number (the cart's entry was wrong): the
+    check-in knows no birth date or sex for MZ-30001, so none is sent - never 王五's."""
+    ds = _assigned_object(clinic[0], doctor, "faults:other-patient-birth", "MZ-30001")
+    assert ds.PatientID == "MZ-30001" and "Wang" not in str(ds.PatientName)
+    assert (ds.PatientBirthDate, ds.PatientSex) == ("", ""), "another patient's birth date and sex sent"
+    assert "PatientAge" not in ds
+
+
+@pytest.mark.parametrize(
+    ("quality_held", "said"),
+    [
+        (True, f"已指定给 张三（{VALID_ID}）；此心电图质量待定，请选择“需要重做”或“仍然发送”。"),
+        (False, f"已指定给 张三（{VALID_ID}），将以该患者的名义发送到县里。"),
+    ],
+    ids=["re-record-verdict", "good-recording"],
+)
+def test_an_ecg_held_for_its_quality_and_assigned_says_it_still_waits_for_the_doctor(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client, quality_held: bool, said: str
+) -> None:
+    """An ECG with no patient and a 're-record' quality verdict: the doctor assigns it to 张三. The
+    answer said it goes to the county as 张三's - but it stays held under the quality verdict until
+    the doctor records again or sends it anyway (or the hold ends). The answer must say so."""
+    good = read_ecg_file(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"))
+    recording = make_recording(10, patient=None) if quality_held else dataclasses.replace(good, patient=None)
+    item_id, reply = assign_held_ecg_on_today(clinic[0], doctor, recording, f"faults:quality-{quality_held}", VALID_ID)
+    with open_outbox(clinic[0]) as outbox:
+        item = outbox.get(item_id)
+    assert item is not None and (item.hold_reason == QUALITY_HOLD and item.held(time.time())) == quality_held
+    assert done_said(doctor.get(reply.location).body) == said
+
+
+def done_said(page: str) -> str:
+    """What Today's answer to the last action says, as text ("" if it says nothing)."""
+    answer = re.search(r'<p class="done".*?</p>', html.unescape(page), flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", " ", answer.group(0)).split()) if answer else ""
 
 
 # -- the critical report's acknowledgement: one doctor in the audit trail --------------------------

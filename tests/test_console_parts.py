@@ -83,6 +83,31 @@ def test_failure_counts_are_bounded_whatever_names_are_tried(
     assert accounts.db.conn.execute("SELECT COUNT(*) FROM console_login_failures").fetchone()[0] == 5
 
 
+def test_unknown_names_tried_do_not_push_out_a_real_accounts_lock(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many unknown names typed from one address must not trim a real account's count: its lock
+    (and the wrong passwords counted towards one) outlive the flood; unknown names go first."""
+    monkeypatch.setattr(accounts_module, "FAILURE_COUNTS_KEPT", 5)  # 4096 argon2 checks take minutes
+    accounts.add_user("a", "doctor", "long enough", now=T0)
+    accounts.add_user("b", "doctor", "long enough", now=T0)
+    for _ in range(3):
+        with pytest.raises(LoginRefused):
+            accounts.authenticate("a", "wrong", now=T0)
+    with pytest.raises(LoginRefused):
+        accounts.authenticate("b", "wrong", now=T0)
+    for i in range(8):
+        with pytest.raises(LoginRefused):
+            accounts.authenticate(f"name {i}", "wrong", now=T0 + dt.timedelta(seconds=1 + i))
+    later = T0 + dt.timedelta(seconds=30)
+    with pytest.raises(LoginRefused, match="locked"):
+        accounts.authenticate("a", "long enough", now=later)
+    with pytest.raises(LoginRefused) as refused:
+        accounts.authenticate("b", "wrong", now=later)
+    assert refused.value.attempts_left == 1
+    assert accounts.db.conn.execute("SELECT COUNT(*) FROM console_login_failures").fetchone()[0] == 5
+
+
 def test_an_account_locked_before_the_update_stays_locked_and_keeps_its_count(tmp_path: Path) -> None:
     """Counts written in console_users before migration 0027 move to the table every name's count
     is kept in: an update neither unlocks a locked account nor gives one more tries."""

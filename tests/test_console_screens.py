@@ -39,6 +39,7 @@ from tests.console_harness import (
     VALID_ID,
     Client,
     console_config,
+    enqueue_ecg,
     hold_readings,
     running_console,
     store_returned_reports,
@@ -371,6 +372,33 @@ def test_the_page_menu_sits_in_the_header_row_on_a_tablet_or_pc(browser: object,
             )
             assert abs(nav - brand) <= 2, f"{language} at {width} px: the menu's middle {nav}, the name's {brand}"
             assert len(menu_rows(browser)) == 1, f"{language} at {width} px: the menu on two rows"
+
+
+# each card on the page: the space from its border to its first and to its last line of content
+CARD_MARGINS = """return Array.from(document.querySelectorAll('main .card')).map(c => {
+  const box = c.getBoundingClientRect(), first = c.firstElementChild.getBoundingClientRect(),
+        last = c.lastElementChild.getBoundingClientRect();
+  return [c.className, Math.round(first.top - box.top), Math.round(box.bottom - last.bottom)];});"""
+
+
+def test_a_cards_content_sits_as_far_from_its_top_as_from_its_bottom(browser: object, tmp_path: Path) -> None:
+    """Sent's ECG cards opened with a blank line above the patient's name (29 px to the first line,
+    17 to the border below), Reports' cards ended with one (13 above, 29 below): the first and last
+    paragraph's own margins added to the card's padding. Every card now holds its content at the
+    padding alone, top and bottom, on a phone and a PC."""
+    config = console_config(tmp_path / "data")
+    store_returned_reports(config)
+    enqueue_ecg(config, lead_off=False)
+    with running_console(config) as server:
+        log_in(browser, server)
+        for width in (360, 1280):
+            set_viewport(browser, (width, 800))
+            for page in ("/sent", "/reports"):
+                browser.get(server.url + page)  # type: ignore[attr-defined]
+                cards = browser.execute_script(CARD_MARGINS)  # type: ignore[attr-defined]
+                assert len(cards) >= 2, (page, cards)
+                uneven = [card for card in cards if abs(card[1] - card[2]) > 2]
+                assert uneven == [], f"{page} at {width} px: (card, top, bottom) {uneven}"
 
 
 def test_a_wait_outlives_the_page_it_began_on(browser: object, tmp_path: Path) -> None:
@@ -809,6 +837,7 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
     from tests.ecg_factories import make_recording
 
     config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0  # the synthetic ECG waits for the link, not for a re-record decision
     with running_console(config) as server:
         client = zhang_san_with_readings(server, config, "bp-1")
         page = client.get("/sent").body

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from lastmile.clinic.observations import OBSERVATION_KIND
+from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
+from lastmile.reports.sent_readings import SentReading
 from lastmile.reports.store import ReportStore
 from lastmile.services.forward import ForwardService
+from lastmile.services.metered import meters
 from tests.console_harness import (
     DOCTOR,
     VALID_ID,
@@ -28,7 +35,9 @@ from tests.console_harness import (
     set_aside_outbox,
 )
 from tests.fhir_server import FhirTestServer
+from tests.metering_setup import shut_window
 from tests.peers import free_port
+from tests.statement_trace import traced
 from tests.waiting import wait_for
 from uploader.outbox import ItemState, Kind, OutboxItem
 
@@ -202,3 +211,228 @@ def test_a_reading_taken_during_a_home_visit_is_sent_when_the_visits_bundle_is_t
     assert "131/84 mmHg" in open_visit and "已发送" not in open_visit, open_visit
     assert "随家访记录一起发往县里" in open_visit, open_visit
     assert "已发送" in taken and "随家访记录一起发往县里" in taken, taken
+    with ReportStore.open(config.data_dir) as store:
+        [record] = store.recent_sent_readings(1)
+    assert record.sent_at is not None, record  # by the visit bundle's key, in the round that took it
+
+
+# The taken record without a rescan. After a FHIR round the forward service read every record with
+# no sent time - the readings whose bundles were refused, kept to retention, among them - and looked
+# up each one's bundle in the outbox: a clinic with 500 refused readings paid ~500 more queries per
+# round on the Pi's SD card, more with each refusal. The round knows the keys the platform took.
+
+FEW_REFUSED, MANY_REFUSED = 2, 500
+
+
+def clinic(tmp_path: Path, platform: FhirTestServer) -> Config:
+    """A clinic forwarding readings to `platform`, its patient checked in."""
+    config = forward_config(tmp_path)
+    config.fhir.base_url = platform.base_url
+    config.outbox.backoff_base_s = 0.05  # a bundle refused for now is tried again soon
+    config.outbox.backoff_max_s = 0.1
+    now = dt.datetime.now(dt.timezone.utc)
+    context = PatientContext.open(config.data_dir, idle_timeout_s=900)
+    try:
+        context.set_patient(VALID_ID, "张三", now=now)
+    finally:
+        context.close()
+    return config
+
+
+def refused_readings(config: Config, count: int) -> None:
+    """`count` readings relayed earlier whose bundles the platform refused for good: quarantined
+    bundles, their records kept (to retention) with no sent time."""
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    records = []
+    with open_outbox(config) as outbox:
+        for n in range(count):
+            key = f"fhir:obs:refused-{n}"
+            bundle = outbox.add(Kind.FHIR_BUNDLE, key, b"{}", patient={"patient_id": VALID_ID}, now=at.timestamp())
+            outbox.quarantine(bundle.item.id, "HTTP 400: Observation.code invalid", at.timestamp())
+            records.append(
+                SentReading(
+                    outbox_item_id=1_000_000 + n,
+                    record_key=f"bp-refused-{n}",
+                    patient_id=VALID_ID,
+                    patient_name="张三",
+                    kind="blood-pressure",
+                    summary="131/84 mmHg",
+                    device="Acme BP-1",
+                    measured_at=at,
+                    time_source="device-clock",
+                    relayed_at=at,
+                    destination=config.fhir.base_url,
+                    bundle_key=key,
+                )
+            )
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent_readings(records)
+
+
+def the_new_reading(config: Config) -> SentReading:
+    """The record of the reading the test measured (not one of the refused ones)."""
+    with ReportStore.open(config.data_dir) as store:
+        [record] = [
+            r for r in store.recent_sent_readings(MANY_REFUSED + 10) if not r.record_key.startswith("bp-refused-")
+        ]
+    return record
+
+
+def taken_time(config: Config) -> float:
+    """When the platform took the new reading's bundle, as the outbox has it."""
+    [taken] = [b for b in fhir_bundles(config) if b.state in (ItemState.COMMITTED, ItemState.PURGED)]
+    assert taken.sent_at is not None
+    return taken.sent_at
+
+
+def statements_of_the_round_that_sends(tmp_path: Path, refused: int) -> int:
+    """The SQL statements (outbox and clinic.db) of the forward round in which the platform takes
+    a new reading's bundle, with `refused` refused readings on record."""
+    with FhirTestServer() as platform:
+        config = clinic(tmp_path, platform)
+        service = ForwardService(config)
+        try:
+            stop = threading.Event()
+            service.step(stop)  # the process's first round: records caught up from the outbox, once
+            refused_readings(config, refused)
+            record_receipt_timed_bp(config, "bp-1")
+            with traced(service.outbox.db.conn, service.reports.store.db.conn) as statements:
+                service.step(stop)
+        finally:
+            service.close()
+        assert len(platform.resources("Observation")) == 1
+    record = the_new_reading(config)
+    assert record.sent_at is not None and abs(record.sent_at.timestamp() - taken_time(config)) < 1e-3, record
+    return len(statements)
+
+
+def test_the_round_records_what_the_platform_took_in_as_many_statements_whatever_was_refused(
+    tmp_path: Path,
+) -> None:
+    few = statements_of_the_round_that_sends(tmp_path / "few", FEW_REFUSED)
+    many = statements_of_the_round_that_sends(tmp_path / "many", MANY_REFUSED)
+    assert many == few, (few, many)
+
+
+def test_a_taken_reading_clinic_db_refused_to_record_is_recorded_by_the_next_round(tmp_path: Path) -> None:
+    """clinic.db refuses the round's update (a read-only moment, a full disk): the next round,
+    sending nothing, records it - with the time the platform took the bundle."""
+    with FhirTestServer() as platform:
+        config = clinic(tmp_path, platform)
+        refused_readings(config, FEW_REFUSED)
+        service = ForwardService(config)
+        try:
+            refused_then_taken(service, config, platform)
+            service.reports.store.db.conn.execute("PRAGMA query_only = 0")  # clinic.db writable again
+            service.step(threading.Event())
+        finally:
+            service.close()
+    record = the_new_reading(config)
+    assert record.sent_at is not None and abs(record.sent_at.timestamp() - taken_time(config)) < 1e-3, record
+
+
+def test_a_taken_reading_clinic_db_refused_to_record_is_recorded_after_a_restart(tmp_path: Path) -> None:
+    """The service restarted (systemd, a power cut) before it could record it: the new process's
+    first round records it, though it sends nothing."""
+    with FhirTestServer() as platform:
+        config = clinic(tmp_path, platform)
+        service = ForwardService(config)
+        try:
+            refused_then_taken(service, config, platform)
+        finally:
+            service.close()
+        service = ForwardService(config)
+        try:
+            service.step(threading.Event())
+        finally:
+            service.close()
+    record = the_new_reading(config)
+    assert record.sent_at is not None and abs(record.sent_at.timestamp() - taken_time(config)) < 1e-3, record
+
+
+def refused_then_taken(service: ForwardService, config: Config, platform: FhirTestServer) -> None:
+    """A reading relayed (its record written) while the platform is down; then clinic.db refuses
+    writes while the platform takes its bundle: the record has no sent time."""
+    platform.retry_after_s = 0
+    platform.gateway_down = 503
+    record_receipt_timed_bp(config, "bp-1")
+    step_until(service, lambda: [b.attempts for b in fhir_bundles(config)][-1:] >= [1], "the bundle refused for now")
+    service.reports.store.db.conn.execute("PRAGMA query_only = 1")  # clinic.db refuses writes
+    platform.gateway_down = None
+    step_until(service, lambda: platform.resources("Observation"), "the bundle taken by the platform")
+    assert the_new_reading(config).sent_at is None
+
+
+@pytest.mark.parametrize(
+    ("held_by", "words"), [("window", "等待发送时段：将于"), ("budget", "今天的流量额度已用完：将于")]
+)
+def test_a_reading_the_metered_link_holds_says_when_it_goes_as_a_held_ecg_does(
+    tmp_path: Path, held_by: str, words: str
+) -> None:
+    """The county platform's link is metered (fhir.metered): its send window shut, or today's
+    allowance spent, the reading's bundle waits for it. An ECG held so says what it waits for and
+    when it goes; the reading said plain 等待发送, as if the link were simply slow."""
+    config = forward_config(tmp_path)
+    now = time.time()
+    if held_by == "window":
+        config.fhir.metered.windows = [shut_window(now)]
+    else:
+        config.fhir.metered.daily_budget_mb = 1.0
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        if held_by == "budget":
+            with open_outbox(config) as outbox:
+                meters(config, outbox)["fhir"].spend(2**20, now)
+        record_receipt_timed_bp(config, "bp-1")
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: reading_purged(config) and fhir_bundles(config), "the reading relayed, held")
+            section = readings_section(client.get("/sent").body)
+        finally:
+            service.close()
+    assert not platform.resources("Observation")  # held: not sent
+    assert [b.state for b in fhir_bundles(config)] == [ItemState.QUEUED]
+    assert "131/84 mmHg" in section and "已发送" not in section, section
+    assert words in section, section
+
+
+def refuse_sent_records(config: Config, refuse: bool) -> None:
+    """clinic.db refuses (or takes again) the Sent page's records of relayed readings, as a
+    database it cannot write does: a trigger aborting their insert."""
+    with sqlite3.connect(config.data_dir / "clinic.db") as db:
+        if refuse:
+            db.execute(
+                "CREATE TRIGGER refuse_sent BEFORE INSERT ON sent_readings BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
+            )
+        else:
+            db.execute("DROP TRIGGER refuse_sent")
+
+
+def test_a_reading_whose_sent_record_clinic_db_refused_is_still_listed_after_the_purge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay wrote no record (clinic.db refused it) and marked the reading sent anyway: the
+    page said 已发送 from the item's state, then, the outbox having purged it, listed it no more -
+    the doctor measured the BP again. Its record is written at a later round."""
+    from lastmile.services import observation_relay
+
+    monkeypatch.setattr(observation_relay, "RELAY_RETRY_S", 0.5)  # the later round soon
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        record_receipt_timed_bp(config, "bp-1")
+        refuse_sent_records(config, True)
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: platform.resources("Observation"), "the reading's bundle taken, unrecorded")
+            refuse_sent_records(config, False)
+            step_until(service, lambda: reading_purged(config), "the reading recorded, then purged")
+            section = readings_section(client.get("/sent").body)
+        finally:
+            service.close()
+    assert len(platform.resources("Observation")) == 1
+    assert "131/84 mmHg" in section and "已发送" in section, section
+    # written after the platform took its bundle: its sent time too (the outbox made anew, it still says 已发送)
+    with ReportStore.open(config.data_dir) as store:
+        [record] = store.recent_sent_readings(1)
+    assert record.sent_at is not None and abs(record.sent_at.timestamp() - taken_time(config)) < 1e-3, record

@@ -10,17 +10,27 @@ from pathlib import Path
 import pytest
 
 from devices.identity import Patient
+from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
+from lastmile.clinic.db import DB_NAME, MIGRATIONS
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.demo.cardiologist import ecg_report_sr
 from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.ecg.intake import lan_object_store
+from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
 from tests.console_harness import DOCTOR, VALID_ID, Client, running_console, set_aside_outbox
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import gateway_config, poller_for, send_ecgs, to_read
+from uploader.dicom_association import PeerSettings
+from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
+from uploader.dicom_store import StoreAssociation
+from uploader.sqlite_store import open_database
 
 OTHER_ID = "DEMO-0002"  # a clinic-issued ID (no resident card)
+CART = "CART1"
+BEFORE_ITEM_KEYS = "0029_sent_study_item_key"
 
 
 @pytest.fixture
@@ -77,3 +87,94 @@ def test_after_the_outbox_is_made_anew_a_sent_ecg_shows_its_own_patient(
     assert "李伟" in journey and OTHER_ID in journey, journey
     assert "张三" not in journey and VALID_ID not in journey, journey
     assert f'href="/reports/{report.id}"' not in journey, journey
+
+
+def receive_from_cart(config: Config, number: int, patient: Patient) -> None:
+    """An ECG the cart sends over the clinic LAN, stored by the real receiver (keyed by its SOP
+    Instance UID)."""
+    ecg = recording_to_dicom_bytes(make_recording(number, patient=patient), mint_uids(), StationInfo("cart-1"))
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with open_outbox(config) as outbox, DicomReceiver(settings, lan_object_store(outbox)) as receiver:
+        with StoreAssociation(PeerSettings("127.0.0.1", receiver.port, "LASTMILE", CART, timeout_s=60.0)) as cart:
+            assert cart.store(ecg).status == 0x0000
+
+
+def purge(config: Config) -> None:
+    with open_outbox(config) as outbox:
+        assert outbox.purge_due(time.time() + 1, 0.0) >= 1
+
+
+def as_written_before_item_keys(config: Config) -> None:
+    """clinic.db as a gateway before 0029 left it: a database made by the migrations before it,
+    holding the sent studies and reports as they were recorded but for the item key it did not
+    keep. The next open migrates it, as the upgrade does."""
+    path = config.data_dir / DB_NAME
+    recorded = path.rename(config.data_dir.parent / "recorded.db")
+    db = open_database(path, tuple(m for m in MIGRATIONS if m.name < BEFORE_ITEM_KEYS))
+    try:
+        db.conn.execute("ATTACH DATABASE ? AS recorded", (str(recorded),))
+        for table in ("sent_studies", "reports"):
+            columns = ", ".join(r["name"] for r in db.conn.execute(f"PRAGMA table_info({table})"))
+            db.conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM recorded.{table}")
+        assert db.conn.execute("SELECT COUNT(*) FROM sent_studies").fetchone()[0] == 4
+    finally:
+        db.conn.close()
+
+
+def test_sent_ecgs_recorded_before_item_keys_were_kept_show_their_patient_where_their_item_is_certain(
+    tmp_path: Path, center: EmbeddedReadingCenter
+) -> None:
+    """A sent study recorded before clinic.db kept its item's key (0029) matched no item: the ECG
+    showed 无患者 and no report link on the Sent page until retention dropped the record. Now the
+    forward service's start gives such a record its item's key when the item is surely its own
+    (the same study UID while the outbox holds it; purged, the same SOP instance for an object
+    received on the LAN); the others stay without a patient, and an earlier outbox's record of a
+    reused item id never lends its patient."""
+    config = clinic_config(tmp_path, center)
+    send_and_purge(config, 5, Patient(VALID_ID, "Zhang^San=张^三"))  # the earlier outbox's item 1
+    set_aside_outbox(config)
+    receive_from_cart(config, 6, Patient("DEMO-0003", "Wang^Fang=王^芳"))  # the new outbox's item 1
+    send_ecgs(config, [])
+    purge(config)
+    send_ecgs(config, [make_recording(7, patient=Patient("DEMO-0004", "Liu^Yang=刘^洋"))])  # item 2
+    purge(config)
+    send_ecgs(config, [make_recording(8, patient=Patient(OTHER_ID, "Li^Wei=李^伟"))])  # item 3: not purged yet
+    with ReportStore.open(config.data_dir) as store:
+        wang = next(s for s in store.studies() if s.patient_id == "DEMO-0003")
+        center.add_report(ecg_report_sr(to_read(wang), findings=[], impression="窦性心律"))
+        assert poller_for(config, store).run_round(force=True).stored == 1
+        (report,) = store.reports()
+    as_written_before_item_keys(config)
+
+    # the upgraded forward service starts
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        SentStudyRecorder(outbox, store).backfill()
+    purge(config)  # 李伟's ECG purged after the upgrade
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        li, liu, wang_fang = journeys(client.get("/sent").body)
+    assert "王芳" in wang_fang and f'href="/reports/{report.id}"' in wang_fang, wang_fang
+    assert "张三" not in wang_fang and VALID_ID not in wang_fang, wang_fang
+    assert "无患者" in liu and "刘洋" not in liu, liu  # its item holds nothing to prove it is its own
+    assert "李伟" in li and OTHER_ID in li, li
+
+
+def test_a_purged_lan_ecg_that_two_old_records_name_gives_its_key_to_neither(
+    tmp_path: Path, center: EmbeddedReadingCenter
+) -> None:
+    """A cart that sent the same instance again under another study UID left two records of one
+    purged item, both naming its SOP instance: which is its cannot be known, neither is given it."""
+    config = clinic_config(tmp_path, center)
+    receive_from_cart(config, 9, Patient("DEMO-0003", "Wang^Fang=王^芳"))
+    (study,) = send_ecgs(config, [])
+    purge(config)
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0029
+        store.db.conn.execute(
+            "INSERT INTO sent_studies (study_uid, outbox_item_id, sop_instance_uid, patient_id, patient_name, "
+            "sent_at, stat, polls) VALUES ('2.25.9', ?, ?, 'DEMO-0005', 'Zhao^Liu=赵^六', ?, 0, 0)",
+            (study.outbox_item_id, study.sop_instance_uid, study.sent_at.isoformat()),
+        )
+        assert SentStudyRecorder(outbox, store).give_keys_to_old_records() == 0
+        assert store.studies_of_items([outbox.get(1)]) == {}

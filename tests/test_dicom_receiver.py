@@ -339,7 +339,7 @@ def test_cart_to_orthanc_unchanged(tmp_path: Path) -> None:
 
 def test_other_current_patient_is_flagged_in_meta(outbox: Outbox) -> None:
     settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10)
-    with DicomReceiver(settings, lan_object_store(outbox, lambda: "P-OTHER")) as r:
+    with DicomReceiver(settings, lan_object_store(outbox, lambda: frozenset({"P-OTHER"}))) as r:
         assert _storescu(r.port, _files()[1]).returncode == 0
     (item,) = outbox.items()
     # pydicom's sample is dated 2013: sent live, its cart's clock is wrong (device-clock-reset)
@@ -579,7 +579,7 @@ def test_resident_id_written_loosely_on_the_cart_is_the_checked_in_stat_patient(
     ecg.save_as(sent)
     session = StatSession(checked_in, dt.datetime.now(dt.timezone.utc))
     settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
-    store = lan_object_store(outbox, lambda: checked_in, lambda: session)
+    store = lan_object_store(outbox, lambda: frozenset({checked_in}), lambda: session)
     with DicomReceiver(settings, store) as r, StoreAssociation(_cart(r.port)) as cart:
         assert cart.store(sent.getvalue()).status == 0x0000
     (item,) = outbox.items()
@@ -806,3 +806,28 @@ def test_a_cart_on_the_lan_with_its_clock_set_ahead_keeps_its_uids_and_is_dated_
     uids = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
     assert [forwarded[k].value for k in uids] == [as_sent[k].value for k in uids]
     assert (item.meta["study_uid"], item.meta["sop_instance_uid"]) == ("2.25.811", "2.25.813")
+
+
+def test_an_ecg_under_the_id_the_doctor_said_is_his_other_id_is_his_on_the_lan(tmp_path: Path, outbox: Outbox) -> None:
+    """The doctor checked the patient in by his ID card number, then by his clinic number and
+    answered "his other ID": the cart on the LAN, still programmed with the first, sends his ECG.
+    It is his (the session's IDs, read once per object): not flagged, its patient the cart's; after
+    a check-in of someone else, the same ID is another patient's again."""
+    from lastmile.clinic.patients import PatientContext
+
+    context = PatientContext.open(tmp_path / "clinic", idle_timeout_s=900)
+    sent = _dataset(_files()[1].read_bytes()).PatientID  # the cart's patient: "642341"
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        context.check_in(sent, "Wang^Wu=王^五", now=now)
+        context.check_in("MZ-0042", "Wang^Wu=王^五", now=now, other_id=True)
+        store = lan_object_store(outbox, lambda: context.patient_ids(dt.datetime.now(dt.timezone.utc)))
+        settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10)
+        with DicomReceiver(settings, store) as r:
+            assert _storescu(r.port, _files()[1]).returncode == 0
+        (his,) = outbox.items()
+        assert "patient-mismatch" not in his.meta["flags"] and his.patient["patient_id"] == sent
+        context.check_in("MZ-0099", "Li^Si=李^四", now=dt.datetime.now(dt.timezone.utc))
+        assert context.patient_ids(dt.datetime.now(dt.timezone.utc)) == {"MZ-0099"}
+    finally:
+        context.close()

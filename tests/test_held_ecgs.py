@@ -86,7 +86,7 @@ def test_unassigned_routine_ecg_is_held_stat_never(tmp_path: Path) -> None:
 def test_a_file_naming_another_patient_is_held_as_a_mismatch(tmp_path: Path) -> None:
     config = _config(tmp_path)
     other = "11010519491231001" + "9"  # any ID: the file's patient is only compared
-    recording = with_patient_check(make_recording(4, patient=Patient(SAMPLE)), other)
+    recording = with_patient_check(make_recording(4, patient=Patient(SAMPLE)), frozenset({other}))
     with open_outbox(config) as outbox:
         item = enqueue_recording(outbox, recording, config, key="m", now=T0).item
         assert item.hold_reason == PATIENT_MISMATCH and item.meta["file_patient_id"] == SAMPLE
@@ -162,6 +162,39 @@ def test_cli_lists_and_assigns_a_held_contec_ecg(tmp_path: Path, capsys) -> None
     assert "assigned to 11010519491231002X Zhang^San=张^三" in capsys.readouterr().out
     assert cli([*run, "patient", "show", "--json"]) == 0
     assert '"held_ecgs": []' in capsys.readouterr().out
+
+
+def test_cli_assigning_a_mismatch_ecg_to_its_own_patient_keeps_what_the_file_said(tmp_path: Path, capsys) -> None:
+    """`patient assign E<n> <its file's ID>`: the ECG named 王五 (clinic number, born 1950, male)
+    while 张三 was checked in. Assigned to 王五 as the file says, it keeps his name, birth date and
+    sex (the reading center reads an ECG by age and sex); assigned to another number, none of them."""
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n')
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.outbox.min_free_mb = 1
+    config.ecg.re_record_hold_s = 0
+    wang = Patient("MZ-20418", "Wang^Wu=王^五", dt.date(1950, 3, 2), "M")
+    with open_outbox(config) as outbox:
+        held = [
+            enqueue_recording(
+                outbox,
+                with_patient_check(make_recording(n, patient=wang), frozenset({SAMPLE})),
+                config,
+                key=k,
+                now=time.time(),
+            ).item.id
+            for n, k in ((11, "own"), (12, "other"))
+        ]
+    run = ["-c", str(config_file)]
+    assert cli([*run, "patient", "assign", f"E{held[0]}", "MZ-20418"]) == 0
+    assert cli([*run, "patient", "assign", f"E{held[1]}", "MZ-30001"]) == 0
+    with open_outbox(config) as outbox:
+        own, other = (_dataset(outbox, outbox.get(i)) for i in held)
+    assert (str(own.PatientName), own.PatientBirthDate, own.PatientSex) == ("Wang^Wu=王^五", "19500302", "M")
+    assert own.PatientAge.endswith("Y") and dciodvfy_problems(_explicit(own)) == []
+    assert (str(other.PatientName), other.PatientBirthDate, other.PatientSex) == ("", "", "")
+    assert "PatientAge" not in other
 
 
 @pytest.mark.orthanc

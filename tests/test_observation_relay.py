@@ -81,19 +81,38 @@ def test_readings_reach_the_platform_once_on_their_patients(tmp_path: Path) -> N
     outbox.close()
 
 
-def test_readings_go_on_when_their_sent_record_is_refused(tmp_path: Path) -> None:
+def test_readings_go_on_when_their_sent_record_is_refused_and_are_recorded_later(tmp_path: Path) -> None:
     """The Sent page's record of the readings (clinic.db) refused - busy past its timeout - holds
-    nothing back: they are relayed and marked done as without it."""
+    nothing back: their bundles are queued. But the readings were marked done without it: the Sent
+    page said 已发送 before the platform took them, and once the outbox purged them it listed them
+    no more. They wait, unmarked, for a later round that writes their record."""
     import sqlite3
 
-    def refused(relayed: list, now: float) -> None:
+    from lastmile.reports.sent_readings import sent_reading_of
+    from lastmile.reports.store import ReportStore
+    from lastmile.services.observation_relay import RELAY_RETRY_S, Relayed
+    from uploader.fhir_forwarder import observation_key
+
+    def refused(relayed: list[Relayed], now: float) -> None:
         raise sqlite3.OperationalError("database is locked")
 
     outbox, store = record_three(tmp_path)
+    reports = ReportStore.open(tmp_path)
+
+    def written(relayed: list[Relayed], now: float) -> None:  # as the forward service writes them
+        reports.record_sent_readings(
+            [sent_reading_of(i, o, now, "https://county", observation_key(o, NAMING), v) for i, o, v in relayed]
+        )
+
     now = (T0 + 10 * MIN).timestamp()
     assert relay_observations(outbox, NAMING, now, record=refused) == 3
+    assert len(outbox.items(kind=Kind.FHIR_BUNDLE)) == 3  # they go
+    assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.QUEUED}  # not marked sent unrecorded
+    assert relay_observations(outbox, NAMING, now + RELAY_RETRY_S, record=written) == 3
+    assert len(reports.recent_sent_readings(10)) == 3
     assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
-    assert len(outbox.items(kind=Kind.FHIR_BUNDLE)) == 3
+    assert len(outbox.items(kind=Kind.FHIR_BUNDLE)) == 3  # queued once
+    reports.close()
     store.close()
     outbox.close()
 

@@ -3,6 +3,7 @@ crashes (SIGKILL) and secure purge. Real SQLite files and real processes, no moc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -588,6 +589,87 @@ def test_a_send_cut_by_the_gateway_going_down_is_never_charged(
             assert "power cut or reboot" in item.last_error
     with open_outbox(data_dir) as ob:
         assert {i.key for i in ob.claim("dicom", 10, 2e9)} == {"a", "b"}  # nothing quarantined
+
+
+def stop_with_the_outbox_write_locked(data_dir: Path, item_id: int) -> None:
+    """The forwarder's stop (lastmile/services/forward.py) while another process holds the outbox's
+    write lock: its send of `item_id` had begun and its outcome could not be recorded; closing
+    cannot release the claim (RELEASE_AT_CLOSE_WAIT_MS) and leaves it to the next open."""
+    locker = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+    try:
+        with open_outbox(data_dir) as forwarder:
+            assert [i.id for i in forwarder.claim("dicom", 10, 2e9)] == [item_id]
+            assert forwarder.begin_send(item_id, 2e9)
+            locker.execute("BEGIN IMMEDIATE")  # e.g. the acquire service in a long write
+        locker.rollback()
+        with contextlib.closing(sqlite3.connect(f"file:{data_dir / DB_NAME}?mode=ro", uri=True)) as conn:
+            assert conn.execute("SELECT state FROM items WHERE id = ?", (item_id,)).fetchone() == ("sending",)
+    finally:
+        locker.close()
+
+
+def test_a_send_left_claimed_at_a_stop_is_never_charged(data_dir: Path) -> None:
+    """Stopping the forwarder (an update, a reboot the doctor asked for) while the outbox is
+    write-locked left its send's claim for the next open, whose recovery charged it as a send
+    killed mid-way: after max_interrupted_sends such stops the study was quarantined ("killed
+    during send 5 times") though it never crashed anything. The stopped process said so: the
+    next open gives the attempt back, and the study is still sent (under the same UIDs)."""
+    with open_outbox(data_dir) as ob:
+        item = add(ob, "a")
+    for _stop in range(DEFAULT_MAX_INTERRUPTED_SENDS + 1):
+        stop_with_the_outbox_write_locked(data_dir, item.id)
+    with open_outbox(data_dir) as ob:  # recovery at open
+        after = ob.get(item.id)
+        assert (after.state, after.attempts, after.interrupted_sends) == (S.QUEUED, 0, 0)
+        assert [i.id for i in ob.claim("dicom", 10, 2e9)] == [item.id]  # not quarantined
+    assert list((data_dir / "locks").iterdir()) == []  # what the stops left is gone with them
+
+
+def test_a_left_claims_mark_whose_claims_are_gone_is_removed_at_open(data_dir: Path) -> None:
+    """A mark whose claims were recovered by a process that died before removing it does not
+    pile up in locks/ (one per stop)."""
+    with open_outbox(data_dir) as ob:
+        add(ob, "a")
+    (data_dir / "locks" / "left-claims-0123abcd").touch()
+    with open_outbox(data_dir) as ob:
+        assert [p.name for p in (data_dir / "locks").iterdir()] == [f"owner-{ob.owner}.lock"]
+
+
+def test_with_nothing_claimed_releasing_claims_does_not_wait_for_the_write_lock(data_dir: Path) -> None:
+    """A forward round that failed on a write-locked outbox (its claim waited out the busy timeout)
+    settles its claims (ForwardService._settle), and a stop closes the outbox: each waited for the
+    write lock though the round had claimed nothing - a stop took 31 s (15 s claim, 15 s settle,
+    1 s close), near systemd's TimeoutStopSec. With nothing of its own claimed there is nothing to
+    write: at once, and no mark is left for the next open."""
+    with open_outbox(data_dir) as ob:
+        item = add(ob, "a")
+    locker = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+    with contextlib.closing(locker), open_outbox(data_dir) as forwarder:
+        assert [i.id for i in forwarder.claim("dicom", 10, 2e9)] == [item.id]
+        forwarder.release([item.id], "its round ended", 2e9, 0.0)
+        locker.execute("BEGIN IMMEDIATE")  # held until the outbox is closed
+        assert forwarder.release_claims(2e9) == 0
+    assert list((data_dir / "locks").iterdir()) == []
+
+
+def test_a_process_killed_mid_send_again_and_again_still_ends_in_quarantine(data_dir: Path) -> None:
+    """The other side of the stop above: a send whose process dies (an object that exhausts its
+    memory) is charged and counted at every death, and the object is quarantined, not retried for ever."""
+    with open_outbox(data_dir) as ob:
+        add(ob, "a"), add(ob, "b")
+    for _death in range(DEFAULT_MAX_INTERRUPTED_SENDS):
+        sender = python(SENDER_SCRIPT, data_dir)
+        try:
+            in_flight = int(sender.stdout.readline())
+            sender.send_signal(signal.SIGKILL)
+        finally:
+            sender.kill()
+            sender.communicate(timeout=30)
+    with open_outbox(data_dir) as ob:
+        assert [i.key for i in ob.claim("dicom", 10, 2e9)] == ["b"]
+        poison = ob.get(in_flight)
+        assert (poison.state, poison.attempts) == (S.QUARANTINED, DEFAULT_MAX_INTERRUPTED_SENDS)
+        assert "killed during send 5 times" in poison.quarantine_reason
 
 
 def test_owner_tokens_name_their_boot() -> None:

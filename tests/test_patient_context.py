@@ -207,6 +207,122 @@ def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> 
         context.close()
 
 
+def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_path: Path) -> None:
+    """王五 is checked in by his ID card number and, still checked in, by his clinic number: the
+    doctor says it is his other ID (`other_id`), not a typo corrected. Both IDs keep his name; the
+    session goes on under the clinic number. Unasked, the same name stays a correction (no name
+    on an ID from a guess)."""
+    id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        context.set_patient(id_card, name, now=T0)
+        assert context.same_name_replaced(clinic_number, name, T0 + MIN) is not None
+        assert context.same_name_replaced(clinic_number, "Li^Si=李^四", T0 + MIN) is None
+        assert context.same_name_replaced(id_card, name, T0 + MIN) is None
+        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        later = T0 + 10 * MIN
+        assert context.known_names([id_card, clinic_number], later) == {id_card: name, clinic_number: name}
+        current = context.current(later)
+        assert current is not None and current.patient_id == clinic_number
+    finally:
+        context.close()
+
+
+def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_session(tmp_path: Path) -> None:
+    """`patient_ids`: the current patient's ID and the IDs the doctor said are his (other ID, each
+    time asked) while he was checked in - never an ID corrected, another patient's, or one of a
+    session that has ended."""
+    id_card, clinic_number, insurance, name = "11010519491231002X", "MZ-0042", "YB-7", "Wang^Wu=王^五"
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        assert context.patient_ids(T0) == frozenset()
+        context.set_patient(id_card, name, now=T0)
+        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.set_patient(clinic_number, now=T0 + 2 * MIN)  # the same patient again (a card): still his
+        context.check_in(insurance, name, now=T0 + 3 * MIN, other_id=True)
+        assert context.patient_ids(T0 + 4 * MIN) == {id_card, clinic_number, insurance}
+        context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: a typo corrected, his IDs no more
+        assert context.patient_ids(T0 + 6 * MIN) == {"MZ-0043"}
+        context.set_patient("P-9", "Li^Si=李^四", now=T0 + 7 * MIN)
+        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, other_id=True)
+        assert context.patient_ids(T0 + 9 * MIN) == {"P-9", clinic_number}
+        assert context.clear(now=T0 + 10 * MIN)
+        context.set_patient(clinic_number, "Li^Si=李^四", now=T0 + 11 * MIN)  # a new session: no links
+        assert context.patient_ids(T0 + 12 * MIN) == {clinic_number}
+    finally:
+        context.close()
+
+
+def test_a_corrected_id_keeps_the_stat_check_in_and_another_patient_of_the_name_starts_anew(
+    tmp_path: Path,
+) -> None:
+    """王五 is checked in as STAT for 胸痛 and his ID is then corrected (a typo): the correction
+    started a new, routine session - the chest-pain patient's next ECG went ROUTINE. Now a
+    correction goes on with his session (start, STAT, reason), as his other ID does. Another
+    patient who has the same name (the doctor says so: common names are common) starts anew:
+    not STAT, no reason, and the first keeps his name."""
+    typo, corrected, other_man, name = "MZ-0024", "MZ-0042", "MZ-0777", "Wang^Wu=王^五"
+    context = PatientContext.open(tmp_path, idle_timeout_s=3600)
+    try:
+        context.check_in(typo, name, now=T0, stat=True, reason="胸痛")
+        context.check_in(corrected, name, now=T0 + MIN)  # unasked: a correction
+        current = context.current(T0 + 2 * MIN)
+        assert current is not None, current
+        assert (current.patient_id, current.stat, current.reason, current.since) == (corrected, True, "胸痛", T0)
+        assert context.known_name(typo, T0 + 2 * MIN) == ""  # a typo names nobody
+        context.check_in(other_man, name, now=T0 + 3 * MIN, another_person=True)
+        current = context.current(T0 + 4 * MIN)
+        assert current is not None, current
+        assert (current.patient_id, current.stat, current.reason, current.since) == (
+            other_man,
+            False,
+            "",
+            T0 + 3 * MIN,
+        )
+        assert context.known_names([corrected, other_man], T0 + 4 * MIN) == {corrected: name, other_man: name}
+        assert context.patient_ids(T0 + 4 * MIN) == {other_man}  # not linked to the first 王五
+    finally:
+        context.close()
+
+
+def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """王五 is checked in by his ID card number; a technician runs `lastmile patient set MZ-0042
+    --name 王五`. The command took it, unasked, for a typo corrected: his ID card number lost his
+    name. The console asks the doctor; the command cannot, so it refuses, naming both IDs and the
+    two answers (`--corrected`, `--other-id`), and changes nothing until told."""
+    id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
+    data = tmp_path / "data"
+    run = ["--data-dir", str(data)]
+    assert main(["patient", "set", id_card, "--name", "王五", *run]) == 0
+    capsys.readouterr()
+    assert main(["patient", "set", clinic_number, "--name", "王五", *run]) == 2
+    said = capsys.readouterr().err
+    assert all(word in said for word in (id_card, clinic_number, "--corrected", "--other-id", "--another-person")), said
+    context = PatientContext.open(data, idle_timeout_s=900)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        current = context.current(now)
+        assert current is not None and (current.patient_id, current.name) == (id_card, name)
+        assert main(["patient", "set", clinic_number, "--name", "王五", "--other-id", *run]) == 0
+        now = dt.datetime.now(dt.timezone.utc)
+        assert context.known_names([id_card, clinic_number], now) == {id_card: name, clinic_number: name}
+        assert context.patient_ids(now) == {id_card, clinic_number}
+        assert main(["patient", "set", "MZ-0043", "--name", "王五", "--corrected", *run]) == 0  # MZ-0042 a typo
+        assert context.known_name(clinic_number, dt.datetime.now(dt.timezone.utc)) == ""
+        assert main(["patient", "set", "MZ-0077", "--name", "王五", "--another-person", *run]) == 0
+        now = dt.datetime.now(dt.timezone.utc)
+        assert context.known_names(["MZ-0043", "MZ-0077"], now) == {"MZ-0043": name, "MZ-0077": name}
+    finally:
+        context.close()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["patient", "set", "--help"])
+    usage = capsys.readouterr().out
+    assert "--corrected" in usage and "--other-id" in usage and "--another-person" in usage
+
+
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:
     """The check-in form takes a resident ID card number or a clinic number. 张三 is checked in
     by his ID card number, his check-in ends, and later he is checked in by his clinic number:

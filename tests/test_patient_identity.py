@@ -202,7 +202,7 @@ def test_with_any_kind_of_id_a_resident_id_is_one_patient_on_every_path(tmp_path
     assert isinstance(rules.classify("SFZ110105194912310020"), CodeUnrecognised)
     from_cart = vetted_patient(make_recording(1, patient=Patient(SAMPLE.lower())), config)
     assert from_cart.patient is not None and from_cart.patient.patient_id == SAMPLE
-    assert PATIENT_MISMATCH not in with_patient_check(from_cart, SAMPLE).flags
+    assert PATIENT_MISMATCH not in with_patient_check(from_cart, frozenset({SAMPLE})).flags
     assert StatSession(SAMPLE, from_cart.acquired_at).covers(from_cart.patient.patient_id, from_cart.acquired_at)
     misread = vetted_patient(make_recording(1, patient=Patient("110105194912310020")), config)
     assert misread.patient is None and PATIENT_ID_REFUSED in misread.flags

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import time
 from pathlib import Path
 
 import pydicom
@@ -14,7 +15,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from lastmile.cli import main as cli
-from lastmile.config import Config
+from lastmile.config import Config, load_config
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import (
     QUALITY_HOLD,
@@ -167,3 +168,21 @@ def test_cli_shows_the_verdict_and_takes_the_doctor_s_decision(
     assert cli([*args, "ecg", "release", "E1"]) == 1  # once released it is no longer held
     assert cli([*args, "ecg", "discard", "E9"]) == 1
     assert "no ECG E9 is held" in capsys.readouterr().err
+
+
+def test_cli_assigning_an_ecg_held_for_its_quality_says_it_is_still_held(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`patient assign E1 ...` of an ECG with no patient and a 're-record' verdict said "released
+    for sending": it stays held until the doctor releases or discards it (or the hold ends)."""
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n')
+    args = ["-c", str(config_file)]
+    assert cli([*args, "import", "-q", str(shared_file("ecg", "contec", "0000037.ECG"))]) == 0
+    capsys.readouterr()
+    assert cli([*args, "patient", "assign", "E1", "P-77", "--name", "Wang^Wu"]) == 0
+    out = capsys.readouterr().out
+    assert "assigned to P-77 Wang^Wu, still held: its quality is in doubt" in out and "released" not in out, out
+    with open_outbox(load_config(config_file)) as outbox:
+        (held,) = held_ecgs(outbox, time.time())
+    assert held.hold_reason == QUALITY_HOLD and held.patient is not None and held.patient["patient_id"] == "P-77"

@@ -8,7 +8,9 @@ import base64
 import datetime as dt
 import itertools
 import json
+import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -237,6 +239,31 @@ def test_with_reports_off_the_forward_service_prunes_old_sent_records(tmp_path) 
         assert [r.outbox_item_id for r in store.recent_sent_readings(10)] == [2]
 
 
+def test_a_prune_clinic_db_refuses_does_not_stop_the_forward_round(tmp_path, monkeypatch, caplog) -> None:
+    """The sent records' prune runs in the forward service's step: a clinic.db that refuses it
+    (full, locked past the busy timeout) faulted the whole step - the full-disk wait, or the
+    runtime's restart - and no ECG went that round. It is housekeeping: logged, tried again later."""
+    from lastmile.services.forward import ForwardService
+
+    config = gateway_config(tmp_path, free_port(), "PACS")
+    config.reports.source = "off"
+    config.reading_center.storage_commitment = False
+
+    def refused(*_args: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(ReportStore, "purge_expired", refused)
+    caplog.set_level(logging.WARNING)
+    service = ForwardService(config)
+    try:
+        service.step(threading.Event())
+    finally:
+        service.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert not [line for line in said if "data partition full" in line], said  # not waiting for space
+    assert any("old sent records not deleted now" in line for line in said), said
+
+
 # -- critical alerts -----------------------------------------------------------------------------------
 
 
@@ -440,6 +467,29 @@ def test_a_study_recorded_before_item_keys_were_kept_takes_its_own_item_s_key_at
         assert item is not None and store.studies_of_items([item]) == {}
         SentStudyRecorder(outbox, store).backfill()
         assert store.studies_of_items([item])[1].study_uid == study.study_uid
+
+
+def test_a_study_recorded_before_item_keys_were_kept_is_not_given_a_new_outbox_s_item_of_its_id(
+    move_only_center,
+) -> None:
+    """Giving old records their item keys (the forward service's start): an earlier outbox's
+    record of item 1 is not given the key of a new outbox's item 1 (another study), the new
+    one's record is; a second start has nothing left to give."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.reports.sent import SentStudyRecorder
+
+    _center, config = move_only_center
+    (lost,) = send_ecgs(config, [make_recording(12)])
+    set_aside_outbox(config)
+    new = next(s for s in send_ecgs(config, [make_recording(13)]) if s.study_uid != lost.study_uid)
+    assert lost.outbox_item_id == new.outbox_item_id == 1
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        store.db.conn.execute("UPDATE sent_studies SET item_key = NULL")  # as written before 0029
+        recorder = SentStudyRecorder(outbox, store)
+        assert recorder.give_keys_to_old_records() == 1
+        assert recorder.give_keys_to_old_records() == 0
+        assert store.study(lost.study_uid).item_key is None
+        assert store.studies_of_items([outbox.get(1)])[1].study_uid == new.study_uid
 
 
 def test_c_move_when_the_pacs_offers_no_c_get(move_only_center) -> None:

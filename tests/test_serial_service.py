@@ -9,8 +9,10 @@ import datetime as dt
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 
 from devices.bridge import codec
+from devices.device_errors import DeviceProblem
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRegistry
@@ -622,6 +625,25 @@ def test_a_card_scanned_for_the_checked_in_patient_keeps_their_name_and_stat(tmp
     assert (current.name, current.stat, current.reason) == ("", False, "")
 
 
+def test_a_card_scanned_while_the_patient_is_checked_in_never_corrects_his_id(tmp_path: Path, running) -> None:
+    """张三 is checked in under one card's ID, with his name; a card with another ID is scanned (his
+    other card, or the next patient's). A card read by a reader is not a typo: the first ID keeps
+    his name (no patient-id-corrected). The card names no one, so the scanned ID has no name and
+    is linked to nobody: an ECG under the first ID is another patient's until the doctor says so."""
+    from lastmile.clinic.patients import CORRECTED
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    r = running([{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    wait_for(lambda: all(s.connected for s in r.service.statuses()), timeout=30)
+    first, scanned, name = PATIENT_CARD_SCAN.strip().decode(), "80276001234567890999", "Zhang^San=张^三"
+    r.patients.set_patient(first, name, now=r.now())
+    scanner.write(scanned.encode() + b"\r\n")
+    wait_for(lambda: getattr(r.patients.current(r.now()), "patient_id", None) == scanned, timeout=30)
+    assert CORRECTED not in [e["event"] for e in r.patients.history()]
+    assert r.patients.known_names([first, scanned], r.now()) == {first: name}
+    assert r.patients.patient_ids(r.now()) == {scanned}
+
+
 # The start of the scripts below (run inside `unshare -m` with a small tmpfs on argv[1]): a monitor
 # on a pty, the gateway's serial part on the tmpfs, and the monitor printing a report it refuses.
 TMPFS_GATEWAY = r"""
@@ -1123,3 +1145,65 @@ def test_an_unknown_ecg_end_after_the_bridge_reconnects_is_still_the_device_erro
     )
     bridge = replugged(r, bridge)
     assert "unknown recording" in the_row_error_after_an_unknown_ecg_end(r, bridge, core, clock)
+
+
+NOISE = b"line noise\x00"  # a frame the bridge protocol cannot read: the session's problem (OTHER)
+
+
+def count_error_writes(r: Running, address: str) -> sqlite3.Connection:
+    """A trigger in clinic.db counting each write of `address`'s row error (its `last_error_at`
+    changes with every one), whoever writes it."""
+    db = sqlite3.connect(r.config.data_dir / "clinic.db", isolation_level=None)
+    db.executescript(
+        "CREATE TABLE error_writes (n INTEGER);"
+        "CREATE TRIGGER count_error_writes AFTER UPDATE OF last_error_at ON devices "
+        f"WHEN NEW.address = '{address}' BEGIN INSERT INTO error_writes VALUES (1); END;"
+    )
+    return db
+
+
+def error_writes(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT count(*) FROM error_writes").fetchone()[0]
+
+
+def test_a_port_alternating_two_kinds_of_garbage_writes_the_row_a_few_times_not_per_frame(
+    tmp_path: Path,
+    running,
+) -> None:
+    """lastmile/services/serial_devices.py SerialContext.error: the same kind at most every 5 s, but
+    a kind other than the last written one at once - so a bridge whose garbage alternates two
+    kinds (forwarded lines it has no profile for, line noise) wrote its clinic.db row on every
+    frame: an SD card write per frame. Now a kind is written at once the first time in the 5 s,
+    then the latest waits to the end of them; the row still ends saying the last cause."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    with contextlib.closing(count_error_writes(r, "SERIAL:ECG")) as db:
+        frames = 20
+        started = time.monotonic()
+        for _ in range(frames):
+            bridge.write(core.uart_bytes(b"PULSE 71\n", clock[0]) + NOISE)  # forwarded, not read; then noise
+        bridge.write(core.uart_bytes(b"PULSE 72\n", clock[0]))  # the last word: forwarded lines not read
+        answered_up_to_here(bridge, core, clock[0])
+        windows = (time.monotonic() - started) // 5 + 1  # ERROR_STATUS_EVERY_S: a loaded machine takes longer
+        written = error_writes(db)
+    assert written <= 3 * windows, (written, windows)  # each kind once, then the latest: not per frame
+    wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.FORWARD_NOT_READ, timeout=30)
+
+
+def test_line_noise_held_back_by_the_throttle_is_not_written_after_a_good_reading(tmp_path: Path, running) -> None:
+    """SerialContext.error holds back a repeated error to the end of ERROR_STATUS_EVERY_S: written
+    then, it was stamped after a reading the bridge sent well meanwhile, and the doctor took the
+    bridge for failing since it was last seen. A reading heard well drops what was held back."""
+    from lastmile.doctor import failing_since_seen
+
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    r.patients.set_patient("P-1", now=r.now() - dt.timedelta(minutes=1))
+    bridge.write(NOISE + NOISE)  # the first said at once, the second held back
+    bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="7"))
+    (seq,) = core.pending_seqs()
+    wait_for_answers(bridge, {seq}, core, clock[0])  # stored and ACKed: heard well
+    over = time.monotonic() + 6  # ERROR_STATUS_EVERY_S over, and a turn of the service after it
+    wait_for(lambda: time.monotonic() > over, timeout=30)
+    answered_up_to_here(bridge, core, clock[0])
+    answered_up_to_here(bridge, core, clock[0])
+    row = r.registry.get("serial:ecg")
+    assert "COBS" in row.last_error and not failing_since_seen(row), row

@@ -9,6 +9,7 @@ import datetime as dt
 from pathlib import Path
 
 from devices.ecg.npz import write_npz
+from devices.identity import Patient
 from firmware_bridge.dicom_receiver import ReceivedObject
 from lastmile.clinic.patients import PatientContext, StatSession
 from lastmile.config import Config
@@ -33,6 +34,8 @@ def test_a_stat_session_covers_its_patient_from_check_in_on() -> None:
     assert not session.covers("P00002", T0 + dt.timedelta(minutes=5))
     assert not session.covers(None, T0) and not session.covers("", T0)
     assert session.covers("P00001", None)  # no time known (LAN object): the patient decides
+    linked = StatSession("P00001", T0, frozenset({"MZ-0042"}))  # the doctor said it is his other ID
+    assert linked.covers("MZ-0042", T0) and not linked.covers("MZ-0077", T0)
 
 
 def test_stick_files_of_the_stat_patient_since_check_in_go_first(tmp_path: Path) -> None:
@@ -83,7 +86,7 @@ def test_lan_objects_of_the_stat_patient_go_first(tmp_path: Path) -> None:
 
     try:
         with open_outbox(config) as outbox:
-            store = lan_object_store(outbox, lambda: "P00001", stat_session)
+            store = lan_object_store(outbox, lambda: frozenset({"P00001"}), stat_session)
             store(_received("P00001", "1.2.3.1"))
             store(_received("P00002", "1.2.3.2"))
             context.set_patient("P00001", "Test^One", now=now, stat=False)  # the doctor took STAT back
@@ -118,6 +121,93 @@ def test_lastmile_import_of_the_stat_patients_ecg_sends_it_first(tmp_path: Path)
     with open_outbox(config) as outbox:
         [item] = outbox.items()
     assert (item.priority, item.meta["stat"]) == (Priority.STAT, True)
+
+
+ID_CARD, CLINIC_NUMBER, STRANGER = "11010519491231002X", "MZ-0042", "MZ-0077"  # 王五's two IDs; another patient's
+
+
+def _cli_run(tmp_path: Path) -> list[str]:
+    """The `lastmile` arguments naming a configuration as `_config`'s (written to `tmp_path`)."""
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n[ecg]\nre_record_hold_s = 0\n'
+    )
+    return ["-c", str(config_file)]
+
+
+def _checked_in_under_his_other_id(run: list[str]) -> None:
+    """王五 checked in as STAT for chest pain by his ID card number, then by his clinic number: the
+    doctor says it is his other ID (the STAT box not ticked again)."""
+    from lastmile.cli import main as cli
+
+    assert cli([*run, "patient", "set", ID_CARD, "--name", "王五", "--stat", "--reason", "胸痛"]) == 0
+    assert cli([*run, "patient", "set", CLINIC_NUMBER, "--name", "王五", "--other-id"]) == 0
+
+
+def test_the_stat_patients_ecg_under_his_other_id_goes_first(tmp_path: Path) -> None:
+    """The cart on the desk was still programmed with 王五's ID card number after the doctor linked
+    his clinic number: the stick's ECG of him went ROUTINE, behind the backlog - the one ECG the
+    chest-pain pathway is about. Now it is STAT and the next one sent; another patient's ID (linked
+    to nobody) stays routine and held for the doctor."""
+    from lastmile.cli import main as cli
+    from lastmile.ecg.holds import PATIENT_MISMATCH
+    from uploader.outbox import Kind
+
+    config = _config(tmp_path)
+    run = _cli_run(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def stick_of(name: str, ecgs: dict[str, str]) -> Path:
+        stick = tmp_path / name
+        stick.mkdir()
+        for seed, (file, patient_id) in enumerate(ecgs.items()):
+            recording = make_recording(seed, patient=Patient(patient_id, "", dt.date(1960, 1, 1), "M"))
+            recorded = dt.datetime.now(dt.timezone.utc)  # after the check-ins, for the cart's stick
+            (stick / file).write_bytes(write_npz(dataclasses.replace(recording, acquired_at=recorded)))
+        return stick
+
+    backlog = stick_of("backlog", {"a.npz": "MZ-0001", "b.npz": "MZ-0002"})  # this morning's, nobody checked in
+    assert cli([*run, "import", "-q", str(backlog)]) == 0
+    _checked_in_under_his_other_id(run)
+    assert cli([*run, "import", "-q", str(stick_of("cart", {"his.npz": ID_CARD, "other.npz": STRANGER}))]) == 0
+    with open_outbox(config) as outbox:
+        items = {item.patient["patient_id"]: item for item in outbox.items() if item.patient}
+        his, stranger = items[ID_CARD], items[STRANGER]
+        assert (his.priority, his.meta["stat"], his.hold_reason) == (Priority.STAT, True, None), his
+        assert (stranger.priority, stranger.meta["stat"]) == (Priority.ROUTINE, False), stranger
+        assert PATIENT_MISMATCH in stranger.meta["flags"] and stranger.hold_reason == PATIENT_MISMATCH
+        [first] = outbox.claim(Kind.DICOM, 1, now.timestamp() + 60)
+    assert first.id == his.id
+
+
+def test_lan_objects_under_the_stat_patients_other_id_go_first(tmp_path: Path) -> None:
+    """As from the stick, a cart on the LAN still sending 王五's ID card number after the doctor
+    linked his clinic number: his ECG is STAT, another patient's is routine and flagged."""
+    from lastmile.ecg.holds import PATIENT_MISMATCH
+
+    config = _config(tmp_path)
+    _checked_in_under_his_other_id(_cli_run(tmp_path))
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+
+    def now() -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    try:
+        with open_outbox(config) as outbox:
+            store = lan_object_store(outbox, lambda: context.patient_ids(now()), lambda: context.stat_session(now()))
+            store(_received(ID_CARD, "1.2.3.1"))
+            store(_received(STRANGER, "1.2.3.2"))
+            got = {
+                item.meta["sop_instance_uid"]: (
+                    item.priority,
+                    item.meta["stat"],
+                    PATIENT_MISMATCH in item.meta["flags"],
+                )
+                for item in outbox.items()
+            }
+    finally:
+        context.close()
+    assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}
 
 
 def test_lastmile_patient_set_again_without_stat_keeps_the_stat_check_in(tmp_path: Path, capsys) -> None:

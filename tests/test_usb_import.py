@@ -205,7 +205,7 @@ def test_other_current_patient_flags_never_reassigns(stick: Path, outbox: Outbox
     summary = import_paths(
         [stick],
         is_known=lambda key: outbox.find(key) is not None,
-        enqueue=file_enqueuer(outbox, config, lambda: "P-OTHER"),
+        enqueue=file_enqueuer(outbox, config, lambda: frozenset({"P-OTHER"})),
         local_tz=UTC,
         now=lambda: NOW,
     )
@@ -243,9 +243,55 @@ def test_a_loosely_typed_id_on_the_cart_is_the_checked_in_patient_and_one_id_at_
     stick.mkdir()
     ds.save_as(stick / "ECG0001.dcm")
 
-    summary = import_files(outbox, config, [stick], current_patient_id=lambda: checked_in)
+    summary = import_files(outbox, config, [stick], current_patient_ids=lambda: frozenset({checked_in}))
     assert summary.imported == 1
     (item,) = outbox.items()
     assert item.patient is not None and item.patient["patient_id"] == checked_in
     assert "patient-mismatch" not in item.meta["flags"] and item.hold_until is None
     assert pydicom.dcmread(io.BytesIO(outbox.read_payload(item))).PatientID == checked_in
+
+
+def test_an_ecg_under_the_id_the_doctor_said_is_his_other_id_is_not_another_patients(tmp_path: Path) -> None:
+    """王五 is checked in by his ID card number, then again by his clinic number: the doctor
+    answered "his other ID" (both are his). The cart was still programmed with his ID card number:
+    `lastmile import` of its stick held his ECG as another patient's, for the doctor to settle what
+    he had already said. It is his now - kept under the ID the file names (never re-assigned), not
+    flagged, not held; an ID the doctor linked to nobody is still another patient."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.ecg.holds import PATIENT_MISMATCH
+
+    id_card, clinic_number, stranger, name = "11010519491231002X", "MZ-0042", "MZ-0077", "Wang^Wu=王^五"
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(f'[gateway]\nid = "clinic-test"\ndata_dir = "{tmp_path / "gw"}"\n')
+    config = parse_config(config_file.read_text())
+    stick = tmp_path / "cart-stick"
+    stick.mkdir()
+    for number, patient_id in enumerate((id_card, stranger)):
+        ds = pydicom.dcmread(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"))
+        ds.PatientID, ds.SOPInstanceUID = patient_id, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(stick / f"ECG000{number}.dcm")
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        now = dt.datetime.now(UTC)
+        context.check_in(id_card, name, now=now)
+        context.check_in(clinic_number, name, now=now, other_id=True)
+    finally:
+        context.close()
+
+    assert main(["-c", str(config_file), "import", "-q", str(stick)]) == 0
+    outbox = Outbox.open(config.data_dir, min_free_bytes=0)
+    try:
+        items = {item.patient["patient_id"]: item for item in outbox.items() if item.patient}
+        assert set(items) == {id_card, stranger}
+        his = items[id_card]
+        assert pydicom.dcmread(io.BytesIO(outbox.read_payload(his))).PatientID == id_card  # the file's patient
+        assert PATIENT_MISMATCH not in his.meta["flags"] and his.hold_reason is None
+        assert PATIENT_MISMATCH in items[stranger].meta["flags"] and items[stranger].hold_reason == PATIENT_MISMATCH
+    finally:
+        outbox.close()

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+CHANGES_SHOWN = 5  # a timeout lists the last changes seen: what happened, in a CI log line
+VALUE_CHARS = 200  # each value's repr cut to this: a page's whole text must not flood the log
 
 
 def wait_for(
@@ -19,9 +23,10 @@ def wait_for(
     tolerate: tuple[type[Exception], ...] = (),
 ) -> T:
     """Poll `condition()` until it is truthy and return that value; AssertionError after `timeout`
-    seconds, naming `what` and the last value. Exceptions of the `tolerate` types count as "not
-    yet" (a server still starting)."""
-    deadline = time.monotonic() + timeout
+    seconds, naming `what` and the last CHANGES_SHOWN distinct values seen, each with when it was
+    first seen. Exceptions of the `tolerate` types count as "not yet" (a server still starting)."""
+    start = time.monotonic()
+    seen = _Changes()
     while True:
         last: object
         try:
@@ -31,6 +36,34 @@ def wait_for(
         else:
             if value:
                 return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s; last: {last!r}")
+        now = time.monotonic()
+        seen.note(last, now - start)
+        if now - start > timeout:
+            raise AssertionError(f"{what} not met within {timeout} s; {seen}")
         time.sleep(interval)
+
+
+class _Changes:
+    """The values a wait saw, kept only when one differs from the one before (by repr), the last
+    CHANGES_SHOWN of them with the seconds since the wait began."""
+
+    def __init__(self) -> None:
+        self.kept: deque[tuple[float, str]] = deque(maxlen=CHANGES_SHOWN)
+        self.count = 0
+
+    def note(self, value: object, at: float) -> None:
+        shown = _cut(repr(value))
+        if self.kept and self.kept[-1][1] == shown:
+            return
+        self.kept.append((at, shown))
+        self.count += 1
+
+    def __str__(self) -> str:
+        changes = ", ".join(f"+{at:.2f} s: {shown}" for at, shown in self.kept)
+        earlier = self.count - len(self.kept)
+        before = f" ({earlier} earlier changes not shown)" if earlier else ""
+        return f"seen{before}: {changes}; last: {self.kept[-1][1]}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS] + "…"

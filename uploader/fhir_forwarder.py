@@ -81,11 +81,6 @@ def observation_key(obs: Observation, naming: FhirNaming) -> str:
     return f"fhir:obs:{observation_identifier(obs, naming)}"
 
 
-def visit_bundle_key(visit_id: str) -> str:
-    """The outbox key of a home visit's bundle (it carries the readings taken during the visit)."""
-    return f"fhir:visit:{visit_id}"
-
-
 def enqueue_observation(
     outbox: Outbox,
     obs: Observation,
@@ -119,6 +114,13 @@ class FhirRoundResult:
     refused_everything: bool = False  # stopped by a second bundle refused for now: the next round does not split
     fault: str | None = None  # the platform refuses this gateway (token, TLS): nothing sent
     errors: list[str] = field(default_factory=list)
+    # the keys of the bundles the platform took (the Sent page's records say so by key, no rescan);
+    # not in the status row: up to a round's 200 keys rewritten each round on the SD card
+    taken: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """What the status row keeps of the round (`lastmile queue`, the next round's `unsplit`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "taken"}
 
 
 @dataclass
@@ -180,6 +182,7 @@ class _Round:
         self.outbox.mark_sent(ids, self.now)
         self.outbox.mark_committed(ids, self.now)
         self.counts.sent += len(batch)
+        self.counts.taken.extend(item.key for item, _ in batch)
         return []
 
     def _heard(self) -> None:
@@ -301,7 +304,7 @@ def forward_fhir_once(
     if rnd.counts.claimed:
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
-        status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
+        status: dict[str, Any] = {"last_round": rnd.counts.summary(), "at": now}
         # when a round last found the platform unavailable: uploader.fhir_link
         status[LAST_ERROR_AT] = recorded_failure(previous, now, unavailable=rnd.said.unavailable)
         # what it judged of the platform: the metrics exporter's link state, the console's System page

@@ -29,7 +29,10 @@ Design (see also `outbox_migrations.py` and `payload_files.py`):
 - Claims name their owner (a token whose flock is held while this Outbox is open). On open,
   `recover_interrupted` puts items whose owner is dead (SIGKILL, power cut) back to `queued`
   without charging an attempt; items a live process is sending are left alone, so
-  `lastmile queue` never disturbs a running forwarder. `close()` releases its own claims.
+  `lastmile queue` never disturbs a running forwarder. `close()` releases its own claims; when
+  another process holds the write lock it leaves a mark beside its lock instead
+  (`OwnerLock.leave_claims`), and recovery gives those claims back as close would have: a stop
+  is never charged as a send killed mid-way.
 - Payload storage, chosen by measurement (bench/outbox_write.py on this machine: ext4 on virtio,
   300 adds per run, medians of 3; "process" = /proc/self/io write_bytes of the adding process
   including the final WAL checkpoint; "device" = the block device's own counter after sync,
@@ -124,6 +127,8 @@ CHECKPOINT_WAIT_MS = 500
 # durable: one left behind is put back in the queue, uncharged, by the next open's recovery.
 RELEASE_AT_CLOSE_WAIT_MS = 1000
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
+# what recovery says of a claim its owner left at a stop, the database write-locked by another process
+STOPPED_UNRELEASED = "the forwarder stopped before it could put this back in the queue; queued again"
 DEFAULT_MAX_INTERRUPTED_SENDS = 5  # sends cut short in a row (process killed) before quarantine
 PURGE_CHUNK = 16  # items purged per transaction
 COMMITMENT_HISTORY = 4  # commitment transactions remembered per item (a late report still counts)
@@ -231,6 +236,12 @@ class OutboxItem:
         return self.state == ItemState.QUEUED and self.hold_until is not None and self.hold_until > now
 
 
+def instance_key(sop_instance_uid: str) -> str:
+    """The key of an item that is one DICOM instance stored as received (the clinic-LAN path): its
+    SOP Instance UID, the object's own identity. Kept after the purge, unlike the item's meta."""
+    return "dicom-sop:" + sop_instance_uid
+
+
 @dataclass(frozen=True)
 class Hold:
     """Keep an item out of the forwarder's reach until `until` (epoch seconds), for `reason`."""
@@ -324,6 +335,16 @@ def _move(
     return moved
 
 
+def _give_back_claims(conn: sqlite3.Connection, owner: str, now: float, error: str | None = None) -> int:
+    """(In a write transaction.) `owner`'s claims back to queued, uncharged: its sends whose
+    outcome it could not record are given their attempt back. Returns how many."""
+    return conn.execute(
+        "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, last_error = COALESCE(?, last_error), "
+        "attempts = attempts - in_flight, in_flight = 0 WHERE state = ? AND claimed_by = ?",
+        (S.QUEUED.value, now, error, S.SENDING.value, owner),
+    ).rowcount
+
+
 def _quarantined(reason: str, now: float) -> dict[str, Any]:
     """What a quarantined item records besides its state: why, when, and no send in hand."""
     return {
@@ -372,7 +393,11 @@ def _item(row: sqlite3.Row) -> OutboxItem:
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
-    unique = list(dict.fromkeys(int(i) for i in ids))
+    return _chunks_of([int(i) for i in ids])
+
+
+def _chunks_of(values: Sequence[_T]) -> Iterator[list[_T]]:
+    unique = list(dict.fromkeys(values))
     for start in range(0, len(unique), _CHUNK):
         yield unique[start : start + _CHUNK]
 
@@ -513,6 +538,8 @@ class Outbox:
                         self.release_claims(time.time())
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
                 log.warning("could not release claims at close (the next open puts them back in the queue): %s", exc)
+                # before the flock goes: a recovery that finds this owner gone finds the mark too
+                self._owner_lock.leave_claims()
             self._conn.close()
             self._owner_lock.release()
             self._owner_lock = None
@@ -520,13 +547,19 @@ class Outbox:
     def release_claims(self, now: float) -> int:
         """This Outbox's claims back to queued, uncharged (at close, or after a write failed
         mid-round, e.g. on a full disk, and left items claimed); returns how many."""
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
-                "attempts = attempts - in_flight, in_flight = 0 WHERE state = ? AND claimed_by = ?",
-                (S.QUEUED.value, now, S.SENDING.value, self.owner),
-            )
-            return cur.rowcount
+        with self._lock:
+            # None: nothing to write, so no wait for another process's write lock (a round that
+            # failed on it claimed nothing, and its settle and the stop's close waited 15 s + 1 s
+            # more). Only this Outbox claims for its owner, under this lock: nothing comes meanwhile.
+            if not self._claims_of(self.owner):
+                return 0
+            with self._write() as conn:
+                return _give_back_claims(conn, self.owner, now)
+
+    def _claims_of(self, owner: str) -> bool:
+        """Whether `owner` has claims (a read: never waits for a writer)."""
+        rows = self._read("SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, owner))
+        return bool(rows)
 
     def __enter__(self) -> Outbox:
         return self
@@ -817,6 +850,31 @@ class Outbox:
     def find(self, key: str) -> OutboxItem | None:
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE key = ?", (key,))
         return _item(rows[0]) if rows else None
+
+    def get_many(self, item_ids: Sequence[int]) -> dict[int, OutboxItem]:
+        """The items of `item_ids` there are, by id: one statement per _CHUNK ids (a page
+        listing 50 items, not 50 statements)."""
+        return {item.id: item for item in self._many("id", _chunks(item_ids))}
+
+    def find_many(self, keys: Sequence[str]) -> dict[str, OutboxItem]:
+        """The items with the keys `keys` there are, by key, as `get_many`."""
+        return {item.key: item for item in self._many("key", _chunks_of(keys))}
+
+    def _many(self, column: str, chunks: Iterator[Sequence[Any]]) -> list[OutboxItem]:
+        out = []
+        for chunk in chunks:
+            marks = ",".join("?" * len(chunk))
+            out += [
+                _item(r) for r in self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE {column} IN ({marks})", chunk)
+            ]
+        return out
+
+    def latest_ecgs(self, limit: int) -> list[OutboxItem]:
+        """The last `limit` ECGs queued, purged ones too, newest first: one search of the
+        items_ecgs index, however many other rows the outbox keeps."""
+        # the kind as a literal: the partial index items_ecgs serves only a query naming it so
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = '{Kind.DICOM.value}' ORDER BY id DESC LIMIT ?"
+        return [_item(r) for r in self._read(sql, (int(limit),))]
 
     def items(
         self, *, state: ItemState | None = None, kind: str | None = None, limit: int | None = None
@@ -1421,7 +1479,9 @@ class Outbox:
         """Items left in `sending` by an owner that is gone (killed, crashed, closed) go back to
         queued. A claim whose bytes had not started to go out is not charged; a send cut short is
         charged and counted as interrupted, unless its owner died with an earlier boot (a power
-        cut or reboot: the attempt is given back). Claims of a live process are left alone."""
+        cut or reboot: the attempt is given back) or closed leaving a mark that it could not give
+        its claims back (a stop: its sends had ended, none killed it; given back as `close`
+        would have). Claims of a live process are left alone."""
         now = time.time() if now is None else now
         owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?", (S.SENDING.value,))}
         dead = [o for o in owners if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
@@ -1463,7 +1523,15 @@ class Outbox:
             return int(cut + waiting)
 
         for owner in dead:
-            recovered += self._commit(functools.partial(body, owner=owner))
+            if owner is not None and OwnerLock.left_claims(self._locks_dir, owner):
+                # it closed (stopped), its sends ended: what it could not give back is given back
+                # now, as it would have - not charged as a process that died mid-send
+                recovered += self._commit(
+                    functools.partial(_give_back_claims, owner=owner, now=now, error=STOPPED_UNRELEASED)
+                )
+                OwnerLock.forget_left_claims(self._locks_dir, owner)
+            else:
+                recovered += self._commit(functools.partial(body, owner=owner))
         self._remove_stale_owner_locks()
         return recovered
 
@@ -1472,6 +1540,10 @@ class Outbox:
             token = OwnerLock.token_of(path)
             if token and token != self.owner:
                 OwnerLock.is_alive(self._locks_dir, token)  # removes the file when nobody holds it
+        for token in OwnerLock.tokens_that_left_claims(self._locks_dir):
+            # a mark whose claims are gone (recovered, and this process died before removing it)
+            if not OwnerLock.is_alive(self._locks_dir, token) and not self._claims_of(token):
+                OwnerLock.forget_left_claims(self._locks_dir, token)
 
     def _quarantine_lost_payloads(self, now: float) -> None:
         """A queued item whose payload is gone can never be sent: say so now, not at send time."""

@@ -143,6 +143,10 @@ class PayloadFiles:
             os.close(fd)
 
 
+_LEFT_PREFIX = "left-claims-"  # + owner token: it closed leaving claims (OwnerLock.leave_claims)
+_LEFT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+
+
 class OwnerLock:
     """Liveness of an outbox owner: held (flock) for as long as that Outbox is open.
 
@@ -151,9 +155,35 @@ class OwnerLock:
     """
 
     def __init__(self, locks_dir: Path, token: str) -> None:
+        self.token = token
         self.path = locks_dir / f"owner-{token}.lock"
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def leave_claims(self) -> None:
+        """Closing with claims the owner could not give back (another process held the database's
+        write lock): a mark beside its lock says so, for the next open to give them back as this
+        owner would have - a process that died mid-send leaves none. Not fsynced: a power cut
+        that loses it is a new boot, whose recovery gives the attempt back anyway."""
+        if self._fd is not None:
+            os.close(os.open(self._left_path(self.path.parent, self.token), _LEFT_FLAGS, 0o600))
+
+    @staticmethod
+    def left_claims(locks_dir: Path, token: str) -> bool:
+        """Whether the owner closed leaving claims it could not give back (`leave_claims`)."""
+        return OwnerLock._left_path(locks_dir, token).exists()
+
+    @staticmethod
+    def forget_left_claims(locks_dir: Path, token: str) -> None:
+        OwnerLock._left_path(locks_dir, token).unlink(missing_ok=True)
+
+    @staticmethod
+    def tokens_that_left_claims(locks_dir: Path) -> list[str]:
+        return [p.name[len(_LEFT_PREFIX) :] for p in locks_dir.glob(f"{_LEFT_PREFIX}*")]
+
+    @staticmethod
+    def _left_path(locks_dir: Path, token: str) -> Path:
+        return locks_dir / f"{_LEFT_PREFIX}{token}"
 
     def release(self) -> None:
         if self._fd is None:

@@ -157,6 +157,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     # when an item's last send failed: with the link (then a metered link holds it again once the
     # link works) or alone, the peer refusing it while it took others (then it is stuck, not held)
     Migration.sql("0007_failed_at", "ALTER TABLE items ADD COLUMN failed_at REAL;"),
+    # the latest ECGs, purged ones too (the Sent page): without it a backward walk of every row
+    # since the 50th newest ECG (purged readings stay: hundreds of thousands). Partial: only ECG
+    # rows, ~12 bytes each on the SD card (items (kind, id) would be 4.5 MB at 200k rows, written
+    # on every reading, and taken by the readings' own queries); used by a query naming the kind
+    # as this literal, not as a parameter (Outbox.latest_ecgs)
+    Migration.sql("0008_ecgs_index", "CREATE INDEX items_ecgs ON items (id) WHERE kind = 'dicom';"),
 )
 
 

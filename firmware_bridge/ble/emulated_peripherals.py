@@ -88,12 +88,15 @@ class EmulatedPeripheral:
     readvertise: bool = False  # advertise again after every disconnection (always after a drop)
     advertising_interval_ms: float = 100.0
     battery_level: int | None = None  # percent: a Battery Service serves it (None: no such service)
+    battery_notify: bool = False  # its Battery Level notifies a change (else it can only be read)
 
     device: Device = field(init=False)
     clock: DeviceClock = field(init=False)
     connection: Connection | None = field(init=False, default=None)
     connections: int = field(init=False, default=0)
     sent: int = field(init=False, default=0)  # records/values sent over the air
+    battery_reads: int = field(init=False, default=0)  # Battery Level reads served
+    subscribed: list[Characteristic] = field(init=False, default_factory=list)  # by the central, in order
     send_times: list[float] = field(init=False, default_factory=list)  # perf_counter() before each send
     _tasks: set[asyncio.Task] = field(init=False, default_factory=set)
     _dropped: bool = field(init=False, default=False)
@@ -129,10 +132,13 @@ class EmulatedPeripheral:
         )
         services = [dis, Service(f"{self.SERVICE:04X}", self.health_characteristics())]
         if self.battery_level is not None:
-            level = Characteristic(
-                f"{uuids.BATTERY_LEVEL:04X}", P.READ, READABLE, encode_battery_level(self.battery_level)
+            self.battery: Characteristic[bytes] = Characteristic(
+                f"{uuids.BATTERY_LEVEL:04X}",
+                P.READ | (P.NOTIFY if self.battery_notify else P(0)),
+                READABLE,
+                CharacteristicValue(read=self._read_battery_level),
             )
-            services.append(Service(f"{uuids.BATTERY_SERVICE:04X}", [level]))
+            services.append(Service(f"{uuids.BATTERY_SERVICE:04X}", [self.battery]))
         if self.current_time_service:
             value = CharacteristicValue(
                 read=lambda _c: encode_current_time(self.clock.now().replace(microsecond=0)),
@@ -149,6 +155,17 @@ class EmulatedPeripheral:
                 )
             )
         return services
+
+    def _read_battery_level(self, _conn: Connection) -> bytes:
+        assert self.battery_level is not None
+        self.battery_reads += 1
+        return encode_battery_level(self.battery_level)
+
+    async def drain_battery(self, level: int) -> None:
+        """Its charge is now `level`: read so from now on, and notified if it offers that and is subscribed."""
+        self.battery_level = level
+        if self.battery_notify and self.connection is not None:
+            await self.device.notify_subscribers(self.battery, encode_battery_level(level))
 
     def _write_current_time(self, _conn: Connection, value: bytes) -> None:
         try:
@@ -211,6 +228,7 @@ class EmulatedPeripheral:
         self, connection: Connection, characteristic: Characteristic, notify: bool, indicate: bool
     ) -> None:
         if notify or indicate:
+            self.subscribed.append(characteristic)
             self.on_subscribed(connection, characteristic)
 
     def on_subscribed(self, connection: Connection, characteristic: Characteristic) -> None:

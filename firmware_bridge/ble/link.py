@@ -14,7 +14,8 @@ Per connection (`DeviceSession`):
 5. glucose meters: RACP "report records with sequence >= last stored + 1"; the last stored
    sequence is kept by the gateway per device and only advanced once a record is stored;
    BP cuffs and thermometers indicate their memory by themselves once subscribed;
-6. stay connected until the device hangs up (or we stop, or it is unpaired: nothing more is stored).
+6. stay connected until the device hangs up (or we stop, or it is unpaired: nothing more is stored),
+   keeping its Battery Level current meanwhile (`BatteryWatch`).
 
 Each value is decoded (`devices.ble.registry`), its time resolved (`devices.ble.clock`: device
 clock if plausible, corrected when we measured its error, else our receipt time), keyed
@@ -103,7 +104,7 @@ class DeviceStatus:
     # 16-bit SIG UUIDs of the services it advertised (seen) or offers (connected): a cuff called
     # by its model number is still known by its Blood Pressure service before its first reading
     services: frozenset[int] = frozenset()
-    battery_level: int | None = None  # percent, as its Battery Level said when read at connect
+    battery_level: int | None = None  # percent, as its Battery Level said (at connect, then as it changes)
 
 
 class GatewayPort(Protocol):
@@ -138,6 +139,11 @@ class LinkSettings:
     radio_retry_max_s: float = 60.0  # a radio that cannot scan is tried again after scan_pass_s, doubling up to this
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
     clock_tolerance_s: float = 300.0  # how far ahead of its receipt an unmeasured device clock's stamp is believed
+    # A device connected for days: its Battery Level is re-read this often when it cannot notify;
+    # an unchanged level is written to clinic.db at most every battery_refresh_s (the SD card),
+    # a changed one at once.
+    battery_poll_s: float = 600.0
+    battery_refresh_s: float = 1800.0
     # The zone device clocks are set to: an IANA zone, so each stamp is read with the UTC offset
     # of its own date (a fixed offset taken at start would be an hour off across a DST change).
     device_tz: dt.tzinfo = field(default_factory=system_zone)
@@ -173,6 +179,8 @@ class DeviceSession:
         self.stored = 0
         self.duplicates = 0
         self.unusable: Counter[str] = Counter()  # readings not stored, by the status that made them so
+        self.battery = BatteryWatch(self.s.battery_refresh_s)
+        self._battery_poll: asyncio.Task[None] | None = None
 
     # -- the session ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -197,7 +205,8 @@ class DeviceSession:
             try:
                 self.identity = await self._read_identity()
                 self.port.report(DeviceStatus(self.address, identity=self.identity))
-                await self._report_battery()
+                await self._read_battery()
+                await self._watch_battery()
                 await self._set_clock()
                 await self._subscribe_all()
                 if self._char(uuids.RECORD_ACCESS_CONTROL_POINT) is not None:
@@ -218,6 +227,8 @@ class DeviceSession:
                 "".join(f"; {n} {why}" for why, n in self.unusable.items()),
             )
         finally:
+            if self._battery_poll is not None:
+                self._battery_poll.cancel()
             try:
                 self._flush_glucose()  # records whose context never came are still records
             except Exception:
@@ -254,17 +265,59 @@ class DeviceSession:
                 log.warning("%s: %s unreadable: %s", self.address, what, exc)
         return device_identity(self.address, strings)
 
-    async def _report_battery(self) -> None:
+    async def _read_battery(self) -> None:
         """Its charge, when it offers a readable Battery Level: the Devices page says it, and a
         cuff's flat battery is seen before it dies mid-clinic. A value that makes no sense is logged."""
         try:
             raw = await self._read(uuids.BATTERY_LEVEL)
-            level = decode_battery_level(raw) if raw is not None else None
-        except (ProtocolError, BleakGATTProtocolError) as exc:
+        except BleakGATTProtocolError as exc:
             log.warning("%s: Battery Level unreadable: %s", self.address, exc)
             return
-        if level is not None:
+        if raw is not None:
+            self._on_battery(raw)
+
+    def _on_battery(self, raw: bytes | bytearray) -> None:
+        """A Battery Level read or notified: reported when `BatteryWatch` says it is news."""
+        try:
+            level = decode_battery_level(bytes(raw))
+        except ProtocolError as exc:
+            log.warning("%s: Battery Level unreadable: %s", self.address, exc)
+            return
+        if self.battery.is_news(level, time.monotonic()):
             self.port.report(DeviceStatus(self.address, battery_level=level))
+
+    def _on_battery_notified(self, data: bytearray) -> None:
+        try:
+            self._on_battery(data)
+        except Exception:
+            log.exception("%s: could not record its Battery Level", self.address)
+
+    async def _watch_battery(self) -> None:
+        """Keep its charge current while connected (a BP monitor stays connected for days): its
+        notifications when Battery Level offers them (Battery Service), else a re-read every
+        `battery_poll_s`. A device that refuses the subscription is re-read instead."""
+        char = self._char(uuids.BATTERY_LEVEL)
+        if char is None:
+            return
+        assert self.client is not None
+        if "notify" in char.properties:
+            try:
+                await self.client.start_notify(char, lambda _sender, data: self._on_battery_notified(data))
+                return
+            except (BleakGATTProtocolError, BleakDBusError) as exc:
+                log.info("%s: Battery Level notifications refused (%s); re-reading it instead", self.address, exc)
+        if "read" in char.properties:
+            self._battery_poll = asyncio.get_running_loop().create_task(self._poll_battery())
+
+    async def _poll_battery(self) -> None:
+        while not self._gone.is_set():
+            await asyncio.sleep(self.s.battery_poll_s)
+            try:
+                await self._read_battery()
+            except BleakError as exc:  # the link going: the session ends on its own
+                log.debug("%s: Battery Level re-read failed: %s", self.address, exc)
+            except Exception:
+                log.exception("%s: could not record its Battery Level", self.address)
 
     async def _set_clock(self) -> None:
         """Measure the device clock's error, then set it (Current Time Service, when offered)."""
@@ -477,6 +530,24 @@ class DeviceSession:
         if m.sequence is not None and not self._sequence_broken:
             self.port.set_last_sequence(self.address, m.sequence)
         self.m.on_observation(self.address, obs, created)
+
+
+class BatteryWatch:
+    """Which Battery Levels are worth a clinic.db write: a changed level at once, an unchanged one
+    at most every `refresh_s` seconds (so the time shown stays recent without a write per
+    notification or read on the SD card)."""
+
+    def __init__(self, refresh_s: float) -> None:
+        self.refresh_s = refresh_s
+        self.level: int | None = None  # the last reported
+        self.at = 0.0  # when (monotonic seconds)
+
+    def is_news(self, level: int, now: float) -> bool:
+        """Whether to report `level`, seen at `now`; if so it becomes the last reported."""
+        if level == self.level and now - self.at < self.refresh_s:
+            return False
+        self.level, self.at = level, now
+        return True
 
 
 def _end_if_cancelled() -> None:

@@ -79,7 +79,12 @@ class DeviceRecord:
     held_at: dt.datetime | None = None  # when its held status was last written
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
-    lost_cause: str = ""  # why they waited, when not space: the row's `held_cause` then ("": space)
+    # why what waits was not stored at its last try, when not space (its "cannot store" error then:
+    # locked, damaged ...), kept whatever later errors say; "" (space, or nothing waits)
+    held_cause: str = ""
+    # why they waited, when not space: the row's `held_cause` then ("": space); of stops' losses
+    # said at once, each cause other than space, once (`lost_causes`)
+    lost_cause: str = ""
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -121,12 +126,6 @@ class DeviceRecord:
     def memory_words(self) -> str:
         """What is held in memory only, for people (as `held_words`)."""
         return held_words(*self.in_memory_only) or "readings"
-
-    @property
-    def held_cause(self) -> str:
-        """Why what waits is not stored, when it is not space: the row's "cannot store" error (a
-        space failure never writes one: the held status says it), else "" (space, or nothing waits)."""
-        return self.last_error if self.waits_for_space and self.problem is DeviceProblem.NOT_SAVED else ""
 
     @property
     def waiting(self) -> str:
@@ -182,6 +181,18 @@ def lost_message(words: str, cause: str = "") -> str:
     `lastmile doctor`): waiting for space or, with a `cause` (`DeviceRecord.held_cause`), for that."""
     waiting = f"waiting to be stored: {cause}" if cause else "waiting for space"
     return f"{words} held in memory only ({waiting}) were lost when the gateway stopped"
+
+
+# how long the causes of losses said at once may grow (a cause is at most 200 characters: two of them)
+LOST_CAUSES_CHARS = 402
+
+
+def lost_causes(said: str, cause: str) -> str:
+    """The causes losses said at once waited for: `said` (the row's, "" for space) with `cause`
+    added unless it is space or said already, bounded (LOST_CAUSES_CHARS)."""
+    if not cause or cause in said:
+        return said
+    return f"{said}; {cause}"[:LOST_CAUSES_CHARS] if said else cause
 
 
 def services_text(services: Iterable[int]) -> str:
@@ -267,6 +278,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         held_at=from_iso(row["held_at"]),
         lost_after=from_iso(row["lost_after"]),
         lost_at=from_iso(row["lost_at"]),
+        held_cause=(row["held_cause"] or "") if row["held_readings"] else "",
         lost_cause=row["lost_cause"] or "",
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
@@ -354,6 +366,7 @@ class DeviceRegistry:
         error: str | None = None,
         problem: DeviceProblem = DeviceProblem.OTHER,
         held: HeldReadings | None = None,
+        held_cause: str = "",
         held_counts: tuple[int, int] = (0, 0),
         memory_counts: tuple[int, int] = (0, 0),
         identity: DeviceIdentity | None = None,
@@ -367,7 +380,8 @@ class DeviceRegistry:
     ) -> None:
         """Record what just happened to a device; only the given facts change (`error` with its
         kind `problem`, what the doctor is told: "" clears both; `held`: where
-        the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
+        the readings waiting for space are, `held_cause` why they are not stored when not for space,
+        `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
         names fewer than the connection found; `sends_users`: a reading named its user, for good;
@@ -386,6 +400,7 @@ class DeviceRegistry:
             sets["last_error_at"] = iso(now)
         if held is not None:
             sets["held_readings"], sets["held_at"] = held.value, iso(now)
+            sets["held_cause"] = held_cause if held is not HeldReadings.NONE else ""
             sets["held_reading_count"], sets["held_ecg_count"] = held_counts
             sets["memory_reading_count"], sets["memory_ecg_count"] = memory_counts
         if identity is not None:
@@ -429,17 +444,20 @@ class DeviceRegistry:
         """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
         the restart found) held after its last word on them, found gone at `now`: said for
         LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
-        said they waited for then (`held_cause`)."""
+        said they waited for then (`held_cause`), unless the loss said before had another than space:
+        that one stays (its readings are still lost, and its advice is the county IT's), and another
+        one is said beside it."""
         readings, ecgs = counts
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
+        cause = record.held_cause
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
-            after = record.lost_after
+            after, cause = record.lost_after, lost_causes(record.lost_cause, cause)
         with transaction(self.db) as conn:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
                 "lost_cause = ?, updated_at = ? WHERE address = ?",
-                (readings, ecgs, after and iso(after), iso(now), record.held_cause, iso(now), record.address),
+                (readings, ecgs, after and iso(after), iso(now), cause, iso(now), record.address),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

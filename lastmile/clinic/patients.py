@@ -31,19 +31,30 @@ _ROW = 1
 NAME_KEPT = dt.timedelta(hours=24)
 # the session log's event of a patient ID corrected while checked in (`_replaced_event`)
 CORRECTED = "patient-id-corrected"
+# the session log's event of the checked-in patient checked in again under his other ID, same name
+OTHER_ID = "patient-other-id"
 
 
 @dataclass(frozen=True)
 class StatSession:
-    """The clinic session's patient, checked in as STAT by the doctor, and since when."""
+    """The clinic session's patient, checked in as STAT by the doctor, and since when; `linked`:
+    the IDs the doctor said are his other IDs in this session (`OTHER_ID`)."""
 
     patient_id: str
     since: dt.datetime
+    linked: frozenset[str] = frozenset()
+
+    @property
+    def patient_ids(self) -> frozenset[str]:
+        """All his IDs: `PatientContext.patient_ids` at the moment this session was read."""
+        return self.linked | {self.patient_id}
 
     def covers(self, patient_id: str | None, acquired_at: dt.datetime | None) -> bool:
-        """An ECG of this patient recorded during this session (never an older one of theirs that a
-        stick still holds: that one keeps its own priority)."""
-        return bool(patient_id) and patient_id == self.patient_id and (acquired_at is None or acquired_at >= self.since)
+        """An ECG of this patient, under any of his IDs, recorded during this session (never an
+        older one of theirs that a stick still holds: that one keeps its own priority)."""
+        return (
+            bool(patient_id) and patient_id in self.patient_ids and (acquired_at is None or acquired_at >= self.since)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,8 @@ class PatientContext:
         doctor_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
+        other_id: bool = False,
+        another_person: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -117,7 +130,11 @@ class PatientContext:
         `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
         nobody, is current - checked in the same transaction, so a card the acquire service reads
         meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
-        `set_doctor`), set only if the check-in is - never on a patient the page did not show."""
+        `set_doctor`), set only if the check-in is - never on a patient the page did not show.
+        `other_id`: the doctor said `patient_id`, checked in under the current patient's name, is
+        his other ID (both kept, both named); `another_person`: another patient of the same name
+        (the first keeps his name, nothing of his session goes on); else it corrects a mistyped one
+        (`_replaced_event`)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -131,18 +148,24 @@ class PatientContext:
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
-            if row and row["patient_id"] == patient_id:
-                name = name or ("" if clear_name else row["patient_name"] or "")
-                reason = reason.strip() or ("" if clear_reason else row["reason"] or "")
-                stat = bool(row["stat"]) if stat is None else stat
-            if row and row["patient_id"] and row["patient_id"] != patient_id:
-                self._log(conn, now, _replaced_event(row, name), row["patient_id"], doctor)
+            replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
+            event = _replaced_event(row, name, other_id, another_person) if row and replaced else ""
+            # the same patient goes on (checked in again, his mistyped ID corrected, or under his
+            # other ID): his session keeps its start, its STAT and its reason - the doctor's triage
+            # of the man, not of a number (a chest-pain patient's typo corrected stays STAT)
+            same_man = not replaced or event in (OTHER_ID, CORRECTED)
+            going_on = row if row is not None and row["patient_id"] and same_man else None
+            if going_on is not None:
+                name = name or ("" if clear_name else going_on["patient_name"] or "")
+                reason = reason.strip() or ("" if clear_reason else going_on["reason"] or "")
+                stat = bool(going_on["stat"]) if stat is None else stat
+            if event:
+                self._log(conn, now, event, replaced, doctor)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
                 "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE "
-                "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
-                "THEN session.patient_since ELSE excluded.patient_since END, "
+                "SET patient_since = excluded.patient_since, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
                 "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
                 "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
@@ -150,7 +173,7 @@ class PatientContext:
                     _ROW,
                     patient_id,
                     name,
-                    iso(now),
+                    going_on["patient_since"] if going_on is not None else iso(now),
                     doctor,
                     doctor_since,
                     iso(now),
@@ -163,6 +186,14 @@ class PatientContext:
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
         return CheckedIn(before, after)
+
+    def same_name_replaced(self, patient_id: str, name: str, now: dt.datetime) -> CurrentPatient | None:
+        """The current patient, if checking `patient_id` in as `name` would replace him under his
+        own name: a mistyped ID corrected, or his other ID - only the doctor knows which."""
+        current = self.current(now)
+        if current is None or current.patient_id == patient_id.strip() or not _same_name(current.name, name):
+            return None
+        return current
 
     def set_doctor(self, doctor_id: str, *, now: dt.datetime) -> None:
         doctor_id = doctor_id.strip()
@@ -232,10 +263,43 @@ class PatientContext:
             reason=row["reason"] or "",
         )
 
-    def stat_session(self, now: dt.datetime) -> StatSession | None:
-        """The current patient's session if the doctor checked them in as STAT."""
+    def patient_ids(self, now: dt.datetime) -> frozenset[str]:
+        """The IDs that are the current patient in this session: his own and those the doctor said
+        are his other IDs (`OTHER_ID`) while he was checked in; empty if nobody is current. A
+        device file naming one of them is his - never a guess: a name alone links nothing."""
         current = self.current(now)
-        return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
+        if current is None:
+            return frozenset()
+        return frozenset({current.patient_id, *self.linked_ids(current.patient_id, now)})
+
+    def linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
+        """The IDs `OTHER_ID` linked to `patient_id` in his session: the log read newest first, back
+        to the check-in that began it (any other event - another patient, an ID corrected, a
+        session ended - is before it), so a few rows however long the log. A check-in racing this
+        read stops the walk at once: fewer links, never another patient's."""
+        rows = self.db.conn.execute(
+            "SELECT event, patient_id FROM session_log WHERE at >= ? AND event != 'doctor-set' ORDER BY id DESC",
+            (iso(now - NAME_KEPT),),
+        )
+        linked = {patient_id}
+        try:
+            for row in rows:
+                if row["event"] == OTHER_ID:
+                    linked.add(row["patient_id"])
+                elif row["event"] != "patient-set" or row["patient_id"] not in linked:
+                    break
+        finally:
+            rows.close()  # not left open on the connection the acquire service's threads share
+        linked.discard(patient_id)
+        return linked
+
+    def stat_session(self, now: dt.datetime) -> StatSession | None:
+        """The current patient's session if the doctor checked them in as STAT, with the IDs he
+        linked to it (one read of the log, as `patient_ids`)."""
+        current = self.current(now)
+        if current is None or not current.stat:
+            return None
+        return StatSession(current.patient_id, current.since, frozenset(self.linked_ids(current.patient_id, now)))
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
         """`patient`, given without a name, with the name the gateway knows for its ID
@@ -344,14 +408,21 @@ class PatientContext:
         )
 
 
-def _replaced_event(row: sqlite3.Row, name: str) -> str:
+def _replaced_event(row: sqlite3.Row, name: str, other_id: bool, another_person: bool = False) -> str:
     """The log event of the session's patient (`row`) replaced by another ID checked in as `name`:
-    the same name while he is checked in is his ID corrected (张三 checked in as P-12, then as
-    P-21), so P-12's check-in names nobody (`_checked_in_names`), never guessed from a later
-    check-in: the same patient checked in again under his other ID (ID card, then clinic number)
-    is not a correction. Another name is the next patient."""
-    same = bool(name.strip()) and name.strip() == (row["patient_name"] or "").strip()
-    return CORRECTED if same else "patient-replaced"
+    the same name while he is checked in is either his ID corrected (张三 checked in as P-12, then
+    as P-21: P-12's check-in names nobody, `_checked_in_names`) or, as the doctor says
+    (`other_id`), his other ID (ID card, then clinic number: both keep his name). The console asks
+    (`same_name_replaced`); a caller that did not ask names no ID from a guess. Another name, or
+    the doctor's "another patient of the same name" (`another_person`), is the next patient."""
+    if another_person or not _same_name(row["patient_name"] or "", name):
+        return "patient-replaced"
+    return OTHER_ID if other_id else CORRECTED
+
+
+def _same_name(checked_in: str, name: str) -> bool:
+    """A name typed again for the checked-in patient's name (none is nobody's)."""
+    return bool(name.strip()) and name.strip() == checked_in.strip()
 
 
 def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:

@@ -383,9 +383,8 @@ def _import(args: argparse.Namespace) -> int:
     outbox = open_outbox(config)
     patients = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
 
-    def current_patient_id() -> str | None:
-        current = patients.current(dt.datetime.now(dt.timezone.utc))
-        return current.patient_id if current else None
+    def current_patient_ids() -> frozenset[str]:
+        return patients.patient_ids(dt.datetime.now(dt.timezone.utc))
 
     def request() -> StudyRequest:
         now = dt.datetime.now(dt.timezone.utc)
@@ -398,7 +397,7 @@ def _import(args: argparse.Namespace) -> int:
             outbox,
             config,
             args.paths,
-            current_patient_id=current_patient_id,
+            current_patient_ids=current_patient_ids,
             progress=None if args.quiet else ProgressBar(),
             request=request,
             stat=args.stat,

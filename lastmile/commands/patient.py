@@ -35,6 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     reason = p.add_mutually_exclusive_group()
     reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
+    # another ID under the checked-in patient's own name: only the doctor knows which it is (as Today asks)
+    whose = p.add_mutually_exclusive_group()
+    whose.add_argument(
+        "--corrected",
+        action="store_true",
+        help="ID corrects the checked-in patient's mistyped ID (same name): the old ID loses the name",
+    )
+    whose.add_argument(
+        "--other-id",
+        action="store_true",
+        help="ID is the checked-in patient's other ID (same name; ID card and clinic number): both keep the name",
+    )
+    whose.add_argument(
+        "--another-person",
+        action="store_true",
+        help="ID is another patient who has the checked-in patient's name: his check-in ends, he keeps his name",
+    )
     p.set_defaults(func=_set)
 
     p = psub.add_parser("clear", help="end the current patient's session (next readings are held)", parents=[DATA_DIR])
@@ -114,6 +131,10 @@ def _set(args: argparse.Namespace) -> int:
         return 2
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
+        replaced = context.same_name_replaced(patient.patient_id, patient.name, _now())
+        if replaced is not None and not (args.corrected or args.other_id or args.another_person):
+            print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
+            return 2
         if args.doctor:
             context.set_doctor(args.doctor, now=_now())
         current = context.check_in(
@@ -124,6 +145,8 @@ def _set(args: argparse.Namespace) -> int:
             reason=args.reason,
             clear_name=args.clear_name,
             clear_reason=args.clear_reason,
+            other_id=args.other_id,
+            another_person=args.another_person,
         ).after
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
@@ -137,6 +160,16 @@ def _set(args: argparse.Namespace) -> int:
         f"(until {_local(current.expires_at)} without activity)"
     )
     return 0
+
+
+def _whose_id(checked_in: str, patient_id: str) -> str:
+    """The question Today asks the doctor, for a command that cannot ask."""
+    return (
+        f"lastmile patient set: {checked_in} is checked in under the same name: is {patient_id} that ID "
+        f"corrected ({checked_in} was a typo: it loses the name), the same patient's other ID (both keep "
+        "the name) or another patient of the same name? Ask the doctor, then run the command again with "
+        "--corrected, --other-id or --another-person"
+    )
 
 
 def _clear(args: argparse.Namespace) -> int:
@@ -231,10 +264,15 @@ def _assign_ecg(config, item_id: int, patient) -> int:  # (Config, int, Patient)
         except HeldEcgError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
-    print(
-        f"ECG E{item_id} assigned to {patient.patient_id} {patient.name} and released for sending".rstrip()
-        + f" (accession {item.meta.get('accession_number', '-')})"
+    now_on = item.patient or {}
+    whose = f"{now_on.get('patient_id', patient.patient_id)} {now_on.get('name') or ''}".rstrip()
+    what = (
+        f"still held: its quality is in doubt ('lastmile ecg release E{item_id}' to send it anyway, "
+        f"'lastmile ecg discard E{item_id}' if recorded again)"
+        if item.hold_until is not None
+        else "released for sending"
     )
+    print(f"ECG E{item_id} assigned to {whose}, {what} (accession {item.meta.get('accession_number', '-')})")
     return 0
 
 
@@ -396,7 +434,7 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       advertised as {r.advertised_name}")
         if r.last_reading:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
-        if r.battery_level is not None:  # a BLE device's, read when it connected
+        if r.battery_level is not None:  # a BLE device's: read at connect, then kept current while connected
             print(f"       battery      {_local(r.battery_at)}: {r.battery_level}%")
         if r.waiting:  # until stored, whatever its later errors (unplugged ...) say
             print(f"       waiting      {r.waiting}")

@@ -8,8 +8,9 @@ Lockout: `max_failures` wrong passwords in a row lock the account for `lockout_s
 even the right password is refused (and says so), so guessing from the clinic LAN is slow. An
 unknown name gets the same answers (tries left, then locked) and costs the same hash as a known
 one. Its count is kept where a real name's is, the same way (`console_login_failures`, one row a
-name tried, the last FAILURE_COUNTS_KEPT only): neither the page, a restart, nor the time a write
-takes tells which names exist.
+name tried, the last FAILURE_COUNTS_KEPT only, unknown names trimmed first so a flood of them cannot
+end a real account's lock): neither the page, a restart, nor the time a write takes tells which
+names exist.
 
 Argon2id parameters: OWASP's m=12 MiB, t=3, p=1 profile. The library's default (64 MiB, p=4)
 would double the console's memory on every login on a 512 MB Pi; 12 MiB is freed right after.
@@ -31,7 +32,7 @@ import sqlite_utils
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from lastmile.clinic.db import from_iso, iso, transaction
+from lastmile.clinic.db import from_iso, iso, iso_or_none, transaction
 
 log = logging.getLogger(__name__)
 
@@ -245,18 +246,20 @@ class Accounts:
 
     def _count_failure(self, name: str, failed_logins: int, now: dt.datetime) -> NoReturn:
         """Count one more wrong password for `name` (the same write whether an account has it or
-        not; the oldest counts go past FAILURE_COUNTS_KEPT) and refuse."""
+        not; past FAILURE_COUNTS_KEPT the oldest unknown names' counts go first) and refuse."""
         failures, locked_until = self._one_more_failure(failed_logins, now)
         with transaction(self.db) as conn:
             conn.execute(
                 "INSERT INTO console_login_failures (name, failures, locked_until, failed_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET failures = excluded.failures, "
                 "locked_until = excluded.locked_until, failed_at = excluded.failed_at",
-                (name, failures, iso(locked_until) if locked_until else None, iso(now)),
+                (name, failures, iso_or_none(locked_until), iso(now)),
             )
+            # real accounts' counts sort first, so the trim takes the oldest unknown names: names
+            # typed at random cannot push out (and so end) a real account's lock
             conn.execute(
                 "DELETE FROM console_login_failures WHERE name IN (SELECT name FROM console_login_failures "
-                "ORDER BY failed_at DESC LIMIT -1 OFFSET ?)",
+                "ORDER BY name IN (SELECT name FROM console_users) DESC, failed_at DESC LIMIT -1 OFFSET ?)",
                 (FAILURE_COUNTS_KEPT,),
             )
         if locked_until is not None:

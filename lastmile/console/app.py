@@ -54,7 +54,15 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError, CountyLink, person_name, row_number
+from lastmile.console.sources import (
+    SAME_NAME_ANSWERS,
+    ClinicData,
+    ConsoleInputError,
+    CountyLink,
+    county_row,
+    person_name,
+    row_number,
+)
 from lastmile.reports.printing import lp_command, print_behind_note
 from lastmile.reports.report_text import concept_name, shown_critical, shown_text, unassigned_note
 from uploader.errors import OutboxFullError
@@ -359,9 +367,9 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "WARN": N_("A background service keeps restarting: tell the county IT."),
         "FAIL": N_("A background service has stopped: restart the gateway; if that does not help, call the county IT."),
     },
+    # network checks: the System page runs the doctor offline (its unit reaches only the LAN), so they
+    # are only ever skipped there; the link's own row says how it is
     "reading-center": {
-        "FAIL": N_("The reading center cannot be reached: ECGs are kept here and sent when the link is back."),
-        # the console runs the checks offline (its unit reaches only the LAN): the link's own row says
         "offline": N_(
             "This page does not test the network: the row “Link to the reading center” below says how the link is."
         ),
@@ -371,7 +379,6 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "FAIL": N_("The reading center cannot confirm receipt: ECGs stay here. Tell the county IT."),
     },
     "fhir": {
-        "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
         "offline": N_(
             "This page does not test the network: the row “Link to the county health platform” below says how the "
             "link is."
@@ -528,33 +535,13 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
 }
 UNSURE_ADVICE = N_("Please tell the county IT.")
 
-# The System page's county row (lastmile.console.sources.CountyLink), by what the FHIR forwarder
-# judged (uploader.fhir_link.Said's names; None: nothing judged yet): its words without a time,
-# and with the time the row names (`county_row_time`). One judgement added without words here
-# fails tests/test_console_county_link.py.
-NOTHING_SENT_YET = N_("nothing sent yet")
-WORKING = N_("working, last sent %(time)s")
-COUNTY_ROW: dict[str | None, tuple[str, str]] = {
-    None: (NOTHING_SENT_YET, WORKING),
-    "NOTHING": (NOTHING_SENT_YET, WORKING),
-    "ANSWERED": (NOTHING_SENT_YET, WORKING),
-    "REFUSED_ONE": (N_("refused one record, the others go on; if this lasts, tell the county IT"),) * 2,
-    "REFUSES_ALL": (
-        N_("refusing every record, nothing taken yet; tell the county IT"),
-        N_("refusing every record, nothing taken since %(time)s; tell the county IT"),
-    ),
-    "BUSY": (N_("busy, will retry by itself"), N_("busy, nothing taken since %(time)s; tell the county IT")),
-    "DOWN": (N_("not answering since %(time)s"),) * 2,
-    "FAULT": (N_("refused: call the county IT"),) * 2,
-}
-
 
 def county_row_text(county: CountyLink, localizer: Localizer) -> str:
-    """The county row's words in the page's language (`COUNTY_ROW`)."""
-    without, with_time = COUNTY_ROW[county.said.name if county.said else None]
+    """The county row's words in the page's language (lastmile.console.sources.COUNTY_ROW)."""
+    row = county_row(county.said)
     if county.when is None:
-        return localizer.gettext(without, time="")
-    return localizer.gettext(with_time, time=localizer.when(county.when))
+        return localizer.gettext(row.without_time, time="")
+    return localizer.gettext(row.with_time, time=localizer.when(county.when))
 
 
 def advice_for(check: str, level: str, key: str = "") -> str:
@@ -866,8 +853,8 @@ async def today(request: Request) -> Response:
     return render(request, ctx, "today.html", done=done, notice=notice, error="", form={}, live=live, **model)
 
 
-# what Today says only with the check-in's own details (whose, what changed)
-TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again"})
+# what Today says only with the action's own details (whose, what changed): a reload says nothing
+TOLD_WITH_NOTICE = frozenset({"check-in", "check-in-again", "check-in-corrected", "check-in-other-id", "assigned"})
 
 
 Done = str | tuple[str, dict[str, Any]] | None  # what a form action did, and the details to say about it
@@ -947,6 +934,7 @@ async def check_in(request: Request) -> Response:
             # the session's 清除 buttons; the check-in form has no "clear": its empty fields keep
             clear_name=f.get("clear") == "name",
             clear_reason=f.get("clear") == "reason",
+            same_name=same_name_answer(f),
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
@@ -954,9 +942,52 @@ async def check_in(request: Request) -> Response:
             return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
+        if same_name_answer(f) in ("corrected", "other-id"):  # the same patient goes on: none ended
+            ids = {"replaced": f.get("shown_patient_id", ""), "id": session.patient_id}
+            return f"check-in-{same_name_answer(f)}", {"patient": who["patient"]} | ids
         return "check-in", who
 
-    return await today_action(request, action, ask_before_clearing(request))
+    return await today_action(request, action, asking(ask_before_clearing(request), ask_whose_id(request)))
+
+
+def same_name_answer(fields: dict[str, str]) -> str:
+    """The doctor's answer on the page `ask_whose_id` shows ("" if none, or not one of them)."""
+    answer = fields.get("same_name", "")
+    return answer if answer in SAME_NAME_ANSWERS else ""
+
+
+def asking(*askers: Asker) -> Asker:
+    """The first of `askers` that has a question for this form, else none."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        for asker in askers:
+            question = await asker(ctx, fields)
+            if question is not None:
+                return question
+        return None
+
+    return ask
+
+
+def ask_whose_id(request: Request) -> Asker:
+    """A check-in of another ID under the checked-in patient's own name asks the doctor whether it
+    corrects a mistyped ID or is the same patient's other ID (ID card and clinic number are both
+    valid): never guessed from the words. The answer comes back with the form's fields and the
+    patient the page showed (`shown_patient_id`: refused if another was checked in since)."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        if same_name_answer(fields):
+            return None
+        state = state_of(request)
+        now = now_utc()
+        session = await state.run_db(
+            lambda: state.data.same_name_replaced(fields.get("patient_id", ""), fields.get("name", ""), now)
+        )
+        if session is None:
+            return None
+        return render(request, ctx, "confirm_other_id.html", session=session, form=fields, alerts=[])
+
+    return ask
 
 
 CLEARABLE = ("name", "reason")  # the session's 清除姓名 / 清除原因 buttons (field "clear")
@@ -1019,16 +1050,20 @@ async def assign_reading(request: Request) -> Response:
     return await today_action(request, action)
 
 
-def assigned_to(patient: Patient) -> Done:
-    """What Today says after a held reading or ECG is assigned: whose it now is (ID, and name if known)."""
-    return "assigned", {"patient_id": patient.patient_id, "name": patient.name}
+def assigned_to(patient: Patient, *, waits_for_quality: bool = False) -> Done:
+    """What Today says after a held reading or ECG is assigned: whose it now is (ID, and name if
+    known), and whether it still waits for the doctor's decision on its quality (not sent yet)."""
+    return "assigned", {"patient_id": patient.patient_id, "name": patient.name, "re_record": waits_for_quality}
 
 
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
-        patient = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
-        return "too-late" if patient is None else assigned_to(patient)
+        item_id = _int(f.get("item_id", ""))
+        patient = data.assign_ecg(ctx.user, item_id, f.get("patient_id", ""), now=now)
+        if patient is None:
+            return "too-late"
+        return assigned_to(patient, waits_for_quality=data.ecg_waits_for_quality(item_id, now))
 
     return await today_action(request, action)
 

@@ -25,10 +25,10 @@ import json
 import logging
 import sqlite3
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user" (0xFF): nobody's
 from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
@@ -52,9 +52,9 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, QUALITY_HOLD, re_recorded
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.sent_readings import SentReading, carrying_bundle, taken_at
+from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import (
@@ -67,7 +67,7 @@ from lastmile.services.link_status import (
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT, Said
-from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.outbox import ItemState, Kind, MeterHold, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,17 @@ class SessionView:
     doctor: str
     stat: bool = False
     reason: str = ""
+    other_ids: frozenset[str] = frozenset()  # those the doctor said are his other IDs (`patient_ids`)
+
+    @property
+    def patient_ids(self) -> frozenset[str]:
+        """Every ID of the patient in this session: an ECG under any of them is his."""
+        return self.other_ids | {self.patient_id}
+
+
+# the doctor's answers to `same_name_replaced`: a mistyped ID corrected, the patient's other ID,
+# or another patient who has the same name (common names are common: 王伟, 张伟 ...)
+SAME_NAME_ANSWERS = ("corrected", "other-id", "another-person")
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +252,11 @@ class StudyJourney:
     attempts: int
     last_error: str
     quarantine_reason: str
-    held: bool = False  # held for the doctor (a patient to settle, a re-record verdict): not the link's wait
     metered_held: bool = False  # a routine study the metered link holds now (window shut, budget spent)
+    # held for the doctor now, one of lastmile.ecg.holds.DOCTOR_HOLDS (a patient to settle, a
+    # re-record verdict), and when it goes as it is unless they decide: not the link's wait
+    hold_reason: str = ""
+    hold_until: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +276,7 @@ class ReadingJourney:
     last_error: str
     quarantine_reason: str
     with_visit: bool = False  # it goes in its home visit's bundle (state and time are that bundle's)
+    metered_held: bool = False  # the metered county link (fhir.metered) holds the bundle carrying it now
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,13 +286,28 @@ class LinkStatus:
     down_since: dt.datetime | None  # transient failures since the last success
     last_error: str
     last_success: dt.datetime | None
-    waiting: int
+    waiting: int  # ECGs waiting for the link only: not those held for the doctor
     oldest_waiting: dt.datetime | None
     # routine studies held by the metered link (reading_center.metered): "window" or "budget",
     # and when they go; "" / None when none waits on it (STAT ECGs never do)
     metered_wait: str = ""
     metered_until: dt.datetime | None = None
     metered_budget_spent: bool = False  # today's budget is used up (whatever it waits for last)
+    held_for_doctor: int = 0  # ECGs held for the doctor's decision on Today (not counted in `waiting`)
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredNote:
+    """What a metered link holds routine items back for now, and when they go: the Sent page says
+    it in the same words on a held ECG and a held reading (sent.html's `metered_note`)."""
+
+    reason: str  # "window" or "budget" (uploader.metering.Blocked.reason)
+    until: dt.datetime
+
+
+def metered_note(metered: MeteredWait | None) -> MeteredNote | None:
+    blocked = None if metered is None else metered.blocked
+    return None if blocked is None else MeteredNote(blocked.reason, _utc(blocked.until))
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,15 +319,62 @@ class CountyLink:
     when: dt.datetime | None  # the time its row names (`county_row_time`); None: words without one
 
 
+def _last_sent(platform: FhirPlatform, now: float) -> float | None:
+    """The last bundle it took, while it answers."""
+    return platform.last_sent_at
+
+
+def _taking_nothing_since(platform: FhirPlatform, now: float) -> float | None:
+    """Since when it takes nothing, once it counts as down (not answering, refusing all, busy past
+    a while: `FhirPlatform.down`, as lastmile_link_state says); busy a short while names none."""
+    return platform.taking_nothing_since if platform.down(now) else None
+
+
+class CountyRow(NamedTuple):
+    """The System page's county row for one judgement of the FHIR forwarder: its words (msgids,
+    worded in the page's language by lastmile.console.app) without a time and with the time it
+    names, and which time that is (None: it names none)."""
+
+    without_time: str
+    with_time: str
+    time: Callable[[FhirPlatform, float], float | None] | None
+
+
+NOTHING_SENT_YET = N_("nothing sent yet")
+WORKING = N_("working, last sent %(time)s")
+# By uploader.fhir_link.Said's names (None: nothing judged yet). One judgement added without a row
+# here fails tests/test_console_county_link.py.
+COUNTY_ROW: dict[str | None, CountyRow] = {
+    None: CountyRow(NOTHING_SENT_YET, WORKING, _last_sent),
+    "NOTHING": CountyRow(NOTHING_SENT_YET, WORKING, _last_sent),
+    "ANSWERED": CountyRow(NOTHING_SENT_YET, WORKING, _last_sent),
+    "REFUSED_ONE": CountyRow(
+        *(N_("refused one record, the others go on; if this lasts, tell the county IT"),) * 2, None
+    ),
+    "REFUSES_ALL": CountyRow(
+        N_("refusing every record, nothing taken yet; tell the county IT"),
+        N_("refusing every record, nothing taken since %(time)s; tell the county IT"),
+        _taking_nothing_since,
+    ),
+    "BUSY": CountyRow(
+        N_("busy, will retry by itself"),
+        N_("busy, nothing taken since %(time)s; tell the county IT"),
+        _taking_nothing_since,
+    ),
+    "DOWN": CountyRow(*(N_("not answering since %(time)s"),) * 2, _taking_nothing_since),
+    "FAULT": CountyRow(*(N_("refused: call the county IT"),) * 2, None),
+}
+
+
+def county_row(said: Said | None) -> CountyRow:
+    """The county row for what the forwarder judged (`COUNTY_ROW`)."""
+    return COUNTY_ROW[said.name if said else None]
+
+
 def county_row_time(platform: FhirPlatform, now: float) -> float | None:
-    """The time the System page's county row names: since when the platform takes nothing (not
-    answering, refusing all, busy once it counts as down: `FhirPlatform.down`, as
-    lastmile_link_state says), the last bundle it took while it answers; None: no time named."""
-    if platform.down(now) or platform.said is Said.REFUSES_ALL:
-        return platform.taking_nothing_since
-    if platform.said in (None, Said.NOTHING, Said.ANSWERED):
-        return platform.last_sent_at
-    return None
+    """The time the System page's county row names (`COUNTY_ROW`); None: no time named."""
+    which = county_row(platform.said).time
+    return which(platform, now) if which else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,7 +449,9 @@ class HeldEcg:
 
     item_id: int
     recorded_at: dt.datetime
-    reason: str  # "unassigned", "re-record", "mismatch"
+    # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS:
+    # "unassigned", "patient-mismatch" (its file names another patient) or "re-record" (quality)
+    reason: str
     hold_until: dt.datetime
     device: str = ""
     # whose ECG it is now (the outbox item's patient): the row says it, "" for none; held for
@@ -491,6 +570,14 @@ def _reading_during(obs: Observation, session: SessionView | None) -> bool:
     return measured_since(obs, session.since) and obs.measured_at <= session.expires_at
 
 
+def _doctor_hold(item: OutboxItem, at: float) -> dict[str, Any]:
+    """A study's hold for the doctor now (StudyJourney's `hold_reason`, `hold_until`): none when it
+    is not held, or held for another reason than the doctor's."""
+    if not item.held(at) or item.hold_reason not in DOCTOR_HOLDS:
+        return {}
+    return {"hold_reason": item.hold_reason, "hold_until": _t(item.hold_until)}
+
+
 def _marks(values: Sequence[object]) -> str:
     """One SQL parameter mark per value, for an IN (...)."""
     return ",".join("?" * len(values))
@@ -533,11 +620,19 @@ def _sent_reading_journey(item: OutboxItem, record: SentReading) -> ReadingJourn
     )
 
 
-def _carried(journey: ReadingJourney, record: SentReading, outbox: Outbox) -> ReadingJourney:
+def _carried(
+    journey: ReadingJourney,
+    record: SentReading,
+    bundles: Mapping[str, OutboxItem],
+    hold: MeterHold | None,
+    at: float,
+) -> ReadingJourney:
     """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
-    county platform took that bundle, else waiting for it, or refused with the bundle's reason.
-    The bundle is looked up only while the record knows no sent time."""
-    bundle = None if record.sent_at is not None else carrying_bundle(outbox, record)
+    county platform took that bundle, else waiting for it - for the metered link if `hold` (what
+    it holds at `at`) takes the bundle - or refused with the bundle's reason. The bundle (among
+    `bundles`, by key: those of the records knowing no sent time) is looked up only while the
+    record knows no sent time."""
+    bundle = None if record.sent_at is not None else carrying_bundle(bundles.get, record)
     with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
     sent_at = record.sent_at or taken_at(bundle)
     if sent_at is not None:
@@ -550,6 +645,7 @@ def _carried(journey: ReadingJourney, record: SentReading, outbox: Outbox) -> Re
         last_error="" if bundle is None else bundle.last_error or "",
         quarantine_reason="" if bundle is None else bundle.quarantine_reason or "",
         with_visit=with_visit,
+        metered_held=bundle is not None and hold is not None and hold.holds(bundle, at),
     )
 
 
@@ -602,7 +698,10 @@ class ClinicData:
     # -- the session ------------------------------------------------------------------------------
     def session(self, now: dt.datetime) -> SessionView | None:
         current = self.context.current(now)
-        return None if current is None else _session_view(current)
+        if current is None:
+            return None
+        # his other IDs the doctor linked (the walk is anchored at him: never another patient's)
+        return replace(_session_view(current), other_ids=frozenset(self.context.linked_ids(current.patient_id, now)))
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""
@@ -620,11 +719,13 @@ class ClinicData:
         shown_patient_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
+        same_name: str = "",
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
         name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
         `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
-        "not urgent" and clear buttons), refused if another has been checked in since."""
+        "not urgent" and clear buttons), refused if another has been checked in since.
+        `same_name`: the doctor's answer to `same_name_replaced`, SAME_NAME_ANSWERS ("" unasked)."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
@@ -640,6 +741,8 @@ class ClinicData:
                 clear_name=clear_name,
                 clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
+                other_id=same_name == "other-id",
+                another_person=same_name == "another-person",
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
@@ -654,10 +757,22 @@ class ClinicData:
             now=now,
             target=patient.patient_id,
             detail={"name": view.patient_name, "doctor": doctor, "stat": view.stat, "reason": view.reason}
-            | ({"changed": list(changed)} if again else {}),
+            | ({"changed": list(changed)} if again else {})
+            | ({"same_name": same_name, "replaced": before.patient_id} if same_name and before is not None else {}),
         )
         ended = before.name or before.patient_id if before is not None and not again else ""
         return CheckIn(view, ended=ended, again=again, changed=changed)
+
+    def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> SessionView | None:
+        """The checked-in patient, if the check-in typed (`patient_text`, `name`) would replace him
+        by another ID under his own name: the doctor says whether it corrects a mistyped ID or is
+        his other ID. None for a check-in the form refuses (it says why)."""
+        try:
+            patient = checked_patient(patient_text, name, self.config)
+        except ConsoleInputError:
+            return None
+        current = self.context.same_name_replaced(patient.patient_id, patient.name, now)
+        return None if current is None else _session_view(current)
 
     def end_session(self, user: str, *, now: dt.datetime, shown_patient_id: str = "") -> bool:
         """End the session of the patient the page showed (`shown_patient_id`; "" from a page of
@@ -675,23 +790,27 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
-    def _ecgs_waiting(self) -> tuple[int, dt.datetime | None]:
-        """How many ECGs wait to be sent, and since when the oldest of them has. The outbox's
-        counts and oldest item are of every kind: the readings waiting for the health platform
-        are not studies waiting for the reading center."""
-        sql = "SELECT COUNT(*), MIN(created_at) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
-        count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
-        return int(count), None if oldest is None else _utc(oldest)
+    def _ecgs_waiting(self, now: dt.datetime) -> tuple[int, dt.datetime | None, int]:
+        """How many ECGs wait to be sent, and since when the oldest of them has; and how many are
+        held for the doctor instead (they wait for a decision on Today, not for the link). The
+        outbox's counts and oldest item are of every kind: the readings waiting for the health
+        platform are not studies waiting for the reading center."""
+        # held: 1 or 0, never NULL (an item with no hold has hold_until NULL)
+        held = f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({_marks(DOCTOR_HOLDS)}), 0)"
+        sql = (
+            "SELECT COUNT(*) FILTER (WHERE NOT held), MIN(created_at) FILTER (WHERE NOT held), SUM(held) "
+            f"FROM (SELECT created_at, {held} AS held FROM items WHERE kind = ? AND state IN ('queued', 'sending'))"
+        )
+        params = (now.timestamp(), *DOCTOR_HOLDS, Kind.DICOM)
+        count, oldest, held_count = self.outbox.db.conn.execute(sql, params).fetchone()
+        return int(count), None if oldest is None else _utc(oldest), int(held_count or 0)
 
-    def _recent_item_ids(self, kind: str, *, limit: int, purged: bool = True) -> list[int]:
-        # The last `limit` items of `kind` whenever they came (the Sent page has no time window):
-        # only their ids, newest first; `purged`: purged ones too. Without them, the states left
-        # are named so that the items_claim index finds them, not a scan of every purged row.
-        if purged:
-            sql, params = "SELECT id FROM items WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, int(limit))
-        else:
-            sql = f"SELECT id FROM items WHERE state IN ({_marks(_NOT_PURGED)}) AND kind = ? ORDER BY id DESC LIMIT ?"
-            params = (*_NOT_PURGED, kind, int(limit))
+    def _unpurged_item_ids(self, kind: str, *, limit: int) -> list[int]:
+        # The last `limit` items of `kind` not purged, whenever they came (the Sent page has no
+        # time window), newest first: the states left are named so that the items_claim index
+        # finds them, not a scan of every purged row.
+        sql = f"SELECT id FROM items WHERE state IN ({_marks(_NOT_PURGED)}) AND kind = ? ORDER BY id DESC LIMIT ?"
+        params = (*_NOT_PURGED, kind, int(limit))
         return [int(r[0]) for r in self.outbox.db.conn.execute(sql, params).fetchall()]
 
     def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
@@ -850,7 +969,7 @@ class ClinicData:
             newest = self.outbox.newest(Kind.DICOM, since=since, limit=1)
             return self._ecg_of(newest[0]) if newest else None
         for item in self.outbox.newest(Kind.DICOM, since=since, limit=RECENT_ECG_ITEMS):
-            if (item.patient or {}).get("patient_id") == session.patient_id:
+            if (item.patient or {}).get("patient_id") in session.patient_ids:
                 return self._ecg_of(item)
         return None
 
@@ -894,14 +1013,30 @@ class ClinicData:
 
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> Patient | None:
         """Give the held ECG to the patient typed (named as check-in named them, if it is the
-        patient checked in); the patient it went to, for the page to say whose it now is, or None
-        if it was no longer held (sent already)."""
+        patient checked in, else as its own file names them, if it is that patient); the patient
+        it went to, for the page to say whose it now is, or None if it was no longer held (sent
+        already)."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
+        if not patient.name:
+            patient = replace(patient, name=self._name_on_file(item_id, patient.patient_id, now))
         done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
             user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
         )
         return patient if done else None
+
+    def _name_on_file(self, item_id: int, patient_id: str, now: dt.datetime) -> str:
+        """The name held ECG `item_id` carries for `patient_id` ("" if it names another or none):
+        a patient-mismatch ECG assigned to the patient its own file names keeps the name the file
+        gives with that ID (the held row showed them together), not sent and said without one."""
+        held = self.held_ecg_source.held_ecgs(now)
+        return next((h.patient_name for h in held if h.item_id == item_id and h.patient_id == patient_id), "")
+
+    def ecg_waits_for_quality(self, item_id: int, now: dt.datetime) -> bool:
+        """ECG `item_id` is held under a 're-record' verdict: assigned or not, it goes only when the
+        doctor sends it anyway (or the hold ends) - an answer must not say it goes now."""
+        item = self.outbox.get(item_id)
+        return item is not None and item.hold_reason == QUALITY_HOLD and item.held(now.timestamp())
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
@@ -971,7 +1106,7 @@ class ClinicData:
         at = (now or utc_now()).timestamp()
         hold = None if metered is None else metered.hold
         out = []
-        items = [i for i in map(self.outbox.get, self._recent_item_ids(Kind.DICOM, limit=limit)) if i is not None]
+        items = self.outbox.latest_ecgs(limit)  # one index search, the items with it
         # a purged item's patient and study UID are erased with its payload: what was sent is
         # remembered in sent_studies (as the Reports page shows it)
         sent = self.report_store.studies_of_items(items)
@@ -994,26 +1129,34 @@ class ClinicData:
                     attempts=item.attempts,
                     last_error=item.last_error or "",
                     quarantine_reason=item.quarantine_reason or "",
-                    held=item.held(at),
                     metered_held=hold is not None and hold.holds(item, at),
+                    **_doctor_hold(item, at),
                 )
             )
         return out
 
-    def sent_readings(self, limit: int = 50) -> list[ReadingJourney]:
+    def sent_readings(
+        self, metered: MeteredWait | None = None, limit: int = 50, *, now: dt.datetime | None = None
+    ) -> list[ReadingJourney]:
         """The latest readings for the county health platform, newest first, each with whose it
         is and where it is. A purged one (its patient and payload erased) is shown as its sent
         record keeps it (`sent_readings` in clinic.db), else left out. A relayed one is where the
-        bundle carrying it is (`_carried`): sent only once the platform took it."""
+        bundle carrying it is (`_carried`): sent only once the platform took it, held if the
+        metered county link holds that bundle (`metered`: `metered_hold(now, "fhir")`)."""
+        at = (now or utc_now()).timestamp()
+        hold = None if metered is None else metered.hold
         # the outbox's by index (named states), the purged ones' from their records: no scan of
         # every purged row
         records = {r.outbox_item_id: r for r in self.report_store.recent_sent_readings(limit)}
-        waiting = self._recent_item_ids(OBSERVATION_KIND, limit=limit, purged=False)
+        waiting = self._unpurged_item_ids(OBSERVATION_KIND, limit=limit)
         item_ids = sorted({*waiting, *records}, reverse=True)[:limit]
         payloads = self.outbox.read_payloads(item_ids)
+        items = self.outbox.get_many(item_ids)  # one statement for the page, not one per reading
+        untaken = [r for i, r in records.items() if i in items and r.sent_at is None]
+        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)])
         out = []
         for item_id in item_ids:
-            item = self.outbox.get(item_id)
+            item = items.get(item_id)
             if item is None:
                 continue
             record = records.get(item_id)
@@ -1021,7 +1164,7 @@ class ClinicData:
                 record = None  # an earlier outbox's item of the same id
             if item.state == ItemState.PURGED:  # also one purged since `waiting` was read
                 if record is not None:
-                    out.append(_carried(_sent_reading_journey(item, record), record, self.outbox))
+                    out.append(_carried(_sent_reading_journey(item, record), record, bundles, hold, at))
                 continue
             patient = item.patient or {}
             payload = payloads.get(item_id)
@@ -1039,7 +1182,7 @@ class ClinicData:
                 quarantine_reason=item.quarantine_reason or "",
             )
             if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
-                journey = _carried(journey, record, self.outbox)
+                journey = _carried(journey, record, bundles, hold, at)
             out.append(journey)
         return out
 
@@ -1049,7 +1192,7 @@ class ClinicData:
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get(LAST_ERROR_AT))
         down_since = last_error_at if reading_center_down(status) else None
-        waiting, oldest = self._ecgs_waiting()
+        waiting, oldest, held = self._ecgs_waiting(now)
         blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
@@ -1062,6 +1205,7 @@ class ClinicData:
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
+            held_for_doctor=held,
         )
 
     def county_link(self, now: dt.datetime) -> CountyLink | None:
@@ -1071,11 +1215,11 @@ class ClinicData:
         platform = fhir_platform(self.outbox.status(FHIR_STATUS))
         return CountyLink(platform.said, _t(county_row_time(platform, now.timestamp())))
 
-    def metered_hold(self, now: dt.datetime) -> MeteredWait | None:
-        """Why routine ECGs wait on the metered link now and since when, if any do
-        (lastmile.services.metered: the forwarder's own `Meter`, as `lastmile queue` and the
-        doctor say it)."""
-        meter = meters(self.config, self.outbox).get("dicom")
+    def metered_hold(self, now: dt.datetime, destination: str = "dicom") -> MeteredWait | None:
+        """Why routine items wait on `destination`'s metered link now (ECGs: "dicom"; readings'
+        and visits' bundles: "fhir") and since when, if any do (lastmile.services.metered: the
+        sender's own `Meter`, as `lastmile queue` and the doctor say it)."""
+        meter = meters(self.config, self.outbox).get(destination)
         if meter is None:
             return None
         wait = metered_wait(meter, self.outbox, now.timestamp(), count=False)

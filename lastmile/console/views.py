@@ -20,7 +20,7 @@ from lastmile.clinic.devices import DeviceProblem, forwarded_name, normalise_add
 from lastmile.config import Config
 from lastmile.console.audit import ACTIONS
 from lastmile.console.i18n import N_
-from lastmile.console.sources import ClinicData, ReportView
+from lastmile.console.sources import ClinicData, ReportView, metered_note
 
 if TYPE_CHECKING:
     from lastmile.doctor import VisitsReadCache
@@ -73,9 +73,11 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     metered = data.metered_hold(now)  # once for both: the page is rendered every few seconds
+    county_metered = data.metered_hold(now, "fhir")  # the readings' bundles
     return {
         "journeys": data.journeys(metered, now=now),
-        "readings": data.sent_readings(),
+        "readings": data.sent_readings(county_metered, now=now),
+        "county_metered": metered_note(county_metered),
         "link": data.link_status(now, metered),
         "now": now,
     }

@@ -67,7 +67,7 @@ from uploader.dicom_ecg import (
     mint_uids,
     reassign_patient,
 )
-from uploader.outbox import AddResult, Hold, ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.outbox import AddResult, Hold, ItemState, Kind, Outbox, OutboxItem, Priority, instance_key
 
 if TYPE_CHECKING:
     from firmware_bridge.dicom_receiver import DicomReceiver, ReceivedObject
@@ -78,11 +78,12 @@ log = logging.getLogger(__name__)
 PATIENT_ID_REFUSED = "patient-id-refused"
 ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"
 
-CurrentPatient = Callable[[], "str | None"]
+# the IDs that are the clinic session's current patient (`PatientContext.patient_ids`): empty, nobody
+CurrentPatient = Callable[[], "frozenset[str]"]
 
 
-def _no_current_patient() -> str | None:
-    return None
+def _no_current_patient() -> frozenset[str]:
+    return frozenset()
 
 
 StatLookup = Callable[[], "StatSession | None"]
@@ -90,6 +91,15 @@ StatLookup = Callable[[], "StatSession | None"]
 
 def _no_stat_session() -> StatSession | None:
     return None
+
+
+def session_now(
+    current_patient_ids: CurrentPatient, stat_session: StatLookup
+) -> tuple[frozenset[str], StatSession | None]:
+    """The current patient's IDs and his STAT session (None: not STAT), for one recording: one read
+    of the session log, as a STAT session carries his IDs (the linked ones too)."""
+    session = stat_session()
+    return (session.patient_ids if session is not None else current_patient_ids()), session
 
 
 def station_of(config: Config) -> StationInfo:
@@ -340,6 +350,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     ):
         # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
         raise HeldEcgError(f"ECG E{item_id} is not held for a patient: it is patient {settled_on}'s")
+    patient = as_on_file(item, patient)
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
@@ -376,14 +387,32 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     return updated
 
 
-def with_patient_check(recording: EcgRecording, current_patient_id: str | None) -> EcgRecording:
-    """The file's patient is kept; if the gateway's current patient is another one, the
-    recording is flagged for the doctor (never re-assigned). A file without a patient stays
-    unassigned: a stick may hold ECGs of many patients."""
+def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
+    """`patient` with what the held ECG already says of that same ID (its file's patient, or an
+    earlier assignment): a number typed alone must not blank the birth date and sex the reading
+    center reads the ECG by. The file's birth date and sex stand, as at intake (`vetted_patient`);
+    a name or issuer given stands. Another ID gets nothing of the file's: it is another person."""
+    kept = item.patient or {}
+    if kept.get("patient_id") != patient.patient_id:
+        return patient
+    born = kept.get("birth_date")
+    return dataclasses.replace(
+        patient,
+        name=patient.name or str(kept.get("name") or ""),
+        issuer=patient.issuer or str(kept.get("issuer") or ""),
+        birth_date=dt.date.fromisoformat(born) if born else patient.birth_date,
+        sex=str(kept.get("sex") or "") or patient.sex,
+    )
+
+
+def with_patient_check(recording: EcgRecording, current_patient_ids: frozenset[str]) -> EcgRecording:
+    """The file's patient is kept; if the gateway's current patient is another one (none of his
+    IDs, `PatientContext.patient_ids`), the recording is flagged for the doctor (never
+    re-assigned). A file without a patient stays unassigned: a stick may hold ECGs of many patients."""
     if (
-        current_patient_id
+        current_patient_ids
         and recording.patient is not None
-        and recording.patient.patient_id != current_patient_id
+        and recording.patient.patient_id not in current_patient_ids
         and PATIENT_MISMATCH not in recording.flags
     ):
         return dataclasses.replace(recording, flags=recording.flags + (PATIENT_MISMATCH,))
@@ -404,7 +433,7 @@ def read_ecg_file(path: str | Path) -> EcgRecording:
 def file_enqueuer(
     outbox: Outbox,
     config: Config,
-    current_patient_id: CurrentPatient = _no_current_patient,
+    current_patient_ids: CurrentPatient = _no_current_patient,
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
     stat_session: StatLookup = _no_stat_session,
@@ -419,8 +448,8 @@ def file_enqueuer(
     default_stat = stat
 
     def enqueue(recording: EcgRecording, key: str) -> bool:
-        recording = with_patient_check(vetted_patient(recording, config), current_patient_id())
-        session = stat_session()
+        current, session = session_now(current_patient_ids, stat_session)
+        recording = with_patient_check(vetted_patient(recording, config), current)
         patient_id = recording.patient.patient_id if recording.patient else None
         if session is not None and session.covers(patient_id, recording.acquired_at):
             stat = True
@@ -441,7 +470,7 @@ def import_files(
     config: Config,
     roots: Iterable[str | Path],
     *,
-    current_patient_id: CurrentPatient = _no_current_patient,
+    current_patient_ids: CurrentPatient = _no_current_patient,
     progress: Callable | None = None,
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
@@ -453,7 +482,7 @@ def import_files(
     return import_paths(
         roots,
         is_known=lambda key: outbox.find(key) is not None,
-        enqueue=file_enqueuer(outbox, config, current_patient_id, request, stat, stat_session),
+        enqueue=file_enqueuer(outbox, config, current_patient_ids, request, stat, stat_session),
         local_tz=local_zone(),
         now=lambda: dt.datetime.now(dt.timezone.utc),
         progress=progress,
@@ -463,7 +492,7 @@ def import_files(
 def usb_import_watcher(
     config: Config,
     outbox: Outbox,
-    current_patient_id: CurrentPatient = _no_current_patient,
+    current_patient_ids: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
 ) -> FolderWatcher:
     """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
@@ -475,7 +504,7 @@ def usb_import_watcher(
             outbox,
             config,
             roots,
-            current_patient_id=current_patient_id,
+            current_patient_ids=current_patient_ids,
             request=lambda: clinic_request(config),
             stat_session=stat_session,
         )
@@ -488,7 +517,7 @@ def usb_import_watcher(
 
 def lan_object_store(
     outbox: Outbox,
-    current_patient_id: CurrentPatient = _no_current_patient,
+    current_patient_ids: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
     id_kind: str = "",
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
@@ -509,13 +538,12 @@ def lan_object_store(
     newest = NewestFromCart(outbox)
 
     def store(obj: ReceivedObject) -> None:
-        key = "dicom-sop:" + obj.sop_instance_uid
+        key = instance_key(obj.sop_instance_uid)
         received_sha256 = hashlib.sha256(obj.data).hexdigest()
         kept = outbox.find(key)
         if kept is not None and received_sha256 in (kept.sha256, kept.meta.get("received_sha256")):
             return  # sent again as it was (a cart's retry): the item kept answers it, nothing parsed
-        current = current_patient_id()
-        session = stat_session()
+        current, session = session_now(current_patient_ids, stat_session)
         patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
         forwarded = as_forwarded(obj, patient_id, now(), newest_from=lambda device: newest.time(obj.calling_ae, device))
         rewritten = (
@@ -524,7 +552,7 @@ def lan_object_store(
         obj = forwarded.obj
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
         stat = session is not None and session.covers(patient_id, None)
-        mismatch = bool(current and patient_id is not None and patient_id != current)
+        mismatch = bool(current and patient_id is not None and patient_id not in current)
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
@@ -716,7 +744,7 @@ def replace_lan_object(outbox: Outbox, existing: OutboxItem, obj: ReceivedObject
 def lan_receiver(
     config: Config,
     outbox: Outbox,
-    current_patient_id: CurrentPatient = _no_current_patient,
+    current_patient_ids: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
 ) -> DicomReceiver | None:
     """The clinic-LAN storage SCP from `lan_receiver.*`, checked (LinkConfigError) but not yet
@@ -736,5 +764,5 @@ def lan_receiver(
             timeout_s=config.reading_center.timeout_s,
             max_object_bytes=max(1, section.max_object_mb) * 2**20,
         ),
-        lan_object_store(outbox, current_patient_id, stat_session, config.patient.id_kind),
+        lan_object_store(outbox, current_patient_ids, stat_session, config.patient.id_kind),
     )

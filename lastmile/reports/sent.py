@@ -32,7 +32,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from lastmile.clinic.db import utc_now
-from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_record_of
+from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_record_of, is_surely_item_of
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_reading import dicom_datetime_iso
@@ -387,17 +387,34 @@ class SentStudyRecorder:
         if done:
             self.store.set_committed(done)
 
+    def give_keys_to_old_records(self) -> int:
+        """Give each record written before its item's key was kept (0029) that key where its own
+        item is surely still in the outbox (`is_surely_item_of`): purged later, or the Sent page
+        looked up by its item, it shows its patient again. The others keep none (nobody's). At the
+        forward service's start, which has both databases open; nothing to do costs one index
+        lookup, and one transaction writes what there is. An item two records could be of (one
+        LAN object sent again with another study UID) gives neither its key."""
+        claims: dict[str, list[str]] = {}  # item key -> the study UIDs of the records surely its
+        for study in self.store.keyless_studies():
+            item = self.outbox.get(study.outbox_item_id) if study.outbox_item_id is not None else None
+            if item is not None and item.kind == Kind.DICOM and is_surely_item_of(study, item):
+                claims.setdefault(item.key, []).append(study.study_uid)
+        keys = {uids[0]: key for key, uids in claims.items() if len(uids) == 1}
+        given = self.store.give_item_keys(keys)
+        if given:
+            log.info("%d sent stud(ies) recorded before item keys were kept found their outbox item", given)
+        return given
+
     def backfill(self) -> int:
-        """Record sent or committed ECG items of the outbox that have no record yet, and give a
-        record of one written before its item's key was kept (0029) that key (its item still
-        holds the study UID: the record is surely its)."""
+        """Give old records their item keys (`give_keys_to_old_records`), then record sent or
+        committed ECG items of the outbox that have no record yet."""
+        self.give_keys_to_old_records()
         new = 0
         for state in (ItemState.SENT, ItemState.COMMITTED):
             for item in self.outbox.items(state=state, kind=Kind.DICOM):
                 sent_at = dt.datetime.fromtimestamp(item.sent_at or item.updated_at, dt.timezone.utc)
                 uid = str(item.meta.get("study_uid") or "")
-                study = self.store.study(uid) if uid else None
-                if uid and (study is None or study.item_key is None):
+                if uid and self.store.study(uid) is None:
                     new += self.record_item(item.id, sent_at)
         if new:
             log.info("%d sent stud(ies) recorded from the outbox at start", new)

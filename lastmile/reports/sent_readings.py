@@ -13,21 +13,23 @@ earlier outbox's record of item 1 put another patient's reading on the new item 
 
 Relayed is not sent: the bundle carrying the reading (its own, or its home visit's) may wait for
 a platform that is down, or be refused. `sent_at` is set when the platform took that bundle (the
-forward service, after a FHIR round that sent something: `taken_at`); until then the Sent page
-reads the bundle's state (`carrying_bundle`).
+forward service, by the keys a FHIR round had taken: `ReportStore.record_bundles_taken`; records
+that lag are caught up from the outbox by `taken_at`); until then the Sent page reads the
+bundle's state (`carrying_bundle`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from devices.observation import Observation
-from lastmile.clinic.db import iso
+from lastmile.clinic.db import iso_or_none
 from lastmile.clinic.observations import summary
-from uploader.fhir_forwarder import visit_bundle_key
-from uploader.outbox import ItemState, Outbox, OutboxItem
+from uploader.fhir_bundle import visit_bundle_key
+from uploader.outbox import ItemState, OutboxItem
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,11 @@ def insert_sent_readings(conn: sqlite3.Connection, readings: list[SentReading]) 
         f"INSERT INTO sent_readings ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)}) "
         f"ON CONFLICT(outbox_item_id) DO UPDATE SET {updates} WHERE record_key != excluded.record_key"
     )
-    rows = [{**asdict(r), **{name: _iso_or_none(getattr(r, name)) for name in _TIMES}} for r in readings]
+    rows = [{**asdict(r), **{name: iso_or_none(getattr(r, name)) for name in _TIMES}} for r in readings]
     return sum(conn.execute(sql, row).rowcount for row in rows)
 
 
 _TIMES = ("measured_at", "relayed_at", "sent_at")
-
-
-def _iso_or_none(value: dt.datetime | None) -> str | None:
-    return None if value is None else iso(value)
 
 
 def sent_reading(row: sqlite3.Row) -> SentReading:
@@ -98,15 +96,16 @@ def sent_reading(row: sqlite3.Row) -> SentReading:
     return SentReading(**{**kept, **times})
 
 
-def carrying_bundle(outbox: Outbox, record: SentReading) -> OutboxItem | None:
+def carrying_keys(record: SentReading) -> list[str]:
+    """The outbox keys of the bundles that may carry the reading, in `carrying_bundle`'s order."""
+    return [k for k in (record.bundle_key, visit_bundle_key(record.visit_id) if record.visit_id else "") if k]
+
+
+def carrying_bundle(find: Callable[[str], OutboxItem | None], record: SentReading) -> OutboxItem | None:
     """The bundle carrying the reading to the county platform: its own, else its home visit's;
-    None while there is none (the visit still open, not queued yet)."""
-    keys = (record.bundle_key, visit_bundle_key(record.visit_id) if record.visit_id else "")
-    for key in keys:
-        bundle = outbox.find(key) if key else None
-        if bundle is not None:
-            return bundle
-    return None
+    None while there is none (the visit still open, not queued yet). `find`: an item by key
+    (`Outbox.find`, or `.get` of what `Outbox.find_many` found for many records)."""
+    return next((b for b in map(find, carrying_keys(record)) if b is not None), None)
 
 
 def taken_at(bundle: OutboxItem | None) -> dt.datetime | None:

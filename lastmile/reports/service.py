@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 from typing import TYPE_CHECKING
 
 from lastmile.config import Config
@@ -156,7 +157,11 @@ class ReportService:
             return
         self._pruned_at = now
         at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-        purged = self.store.purge_expired(at, self._retention_days, self._window_days)
+        try:
+            purged = self.store.purge_expired(at, self._retention_days, self._window_days)
+        except (sqlite3.Error, OSError) as exc:  # housekeeping: sending goes on, tried again later
+            log.warning("old sent records not deleted now (tried again in %g min): %s", PRUNE_EVERY_S / 60, exc)
+            return
         if purged:
             log.info("%d old stud(ies) and their reports deleted (retention)", purged)
 

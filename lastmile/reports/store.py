@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
-from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.db import from_iso, iso, iso_or_none, open_clinic_db, transaction
 from lastmile.clock import local_zone
 from lastmile.reports.report_text import English, display_name, is_cjk, report_text
 from lastmile.reports.sent_readings import SentReading, insert_sent_readings, sent_reading
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
-from uploader.outbox import OutboxItem
+from uploader.fhir_bundle import visit_of_bundle_key
+from uploader.outbox import OutboxItem, instance_key
 from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
 if TYPE_CHECKING:
@@ -161,9 +162,21 @@ def is_record_of(record_key: str | None, item: OutboxItem) -> bool:
     """Whether a record (a sent study, a sent reading) keeping `record_key` is this outbox item's,
     not one an earlier outbox's item of the same id left: outbox.sqlite made anew (damaged and set
     aside, lost to fsck) numbers its items from 1 again. The record keeps its item's key; a sent
-    study recorded before clinic.db kept it (0029) has none and is nobody's: which outbox wrote it
-    cannot be known, and a patient left out is better than another patient shown."""
+    study recorded before clinic.db kept it (0029) has none and is nobody's, unless its own item was
+    still there to give it (`is_surely_item_of`): a patient left out is better than another shown."""
     return record_key is not None and record_key == item.key
+
+
+def is_surely_item_of(study: SentStudy, item: OutboxItem) -> bool:
+    """Whether `item` is certainly the one a sent study recorded before its key was kept (0029) was
+    written for, not an item of the same id in an outbox made anew: the same id and the same study
+    (the study UID its meta holds until the purge), or, purged, the same instance by its key (an
+    object received on the clinic LAN is keyed by its SOP Instance UID, which the record keeps)."""
+    if item.id != study.outbox_item_id:
+        return False
+    if item.meta.get("study_uid"):
+        return str(item.meta["study_uid"]) == study.study_uid
+    return bool(study.sop_instance_uid) and item.key == instance_key(study.sop_instance_uid)
 
 
 def _study(row: sqlite3.Row) -> SentStudy:
@@ -370,7 +383,7 @@ class ReportStore:
         """Remember a sent study; True if it is new. Sent again (a re-send after a failed
         commitment, a second series): the first record stays, STAT and a known patient win; a
         record without its item's key (written before 0029) takes it from its own item (the same
-        study UID and item id: `SentStudyRecorder.backfill` of the items still in the outbox)."""
+        study UID and item id; `SentStudyRecorder.give_keys_to_old_records` gives the others theirs)."""
         return self.record_sent_many([study]) == 1
 
     def record_sent_many(self, studies: Sequence[SentStudy]) -> int:
@@ -419,12 +432,26 @@ class ReportStore:
                 study.description,
                 int(study.stat),
                 iso(study.sent_at),
-                iso(study.committed_at) if study.committed_at else None,
+                iso_or_none(study.committed_at),
                 study.quality_verdict or None,
                 study.device or None,
             ),
         )
         return 1
+
+    def keyless_studies(self) -> list[SentStudy]:
+        """The sent studies recorded before their item's key was kept (0029), by the partial index
+        sent_studies_keyless: nothing read when there are none."""
+        return [_study(r) for r in self._rows("SELECT * FROM sent_studies WHERE item_key IS NULL")]
+
+    def give_item_keys(self, keys: Mapping[str, str]) -> int:
+        """Give records without an item key (study UID -> key) theirs, in one transaction; returns
+        how many took it (a record given one meanwhile keeps its own)."""
+        if not keys:
+            return 0
+        sql = "UPDATE sent_studies SET item_key = ? WHERE study_uid = ? AND item_key IS NULL"
+        with self._lock, transaction(self.db) as conn:
+            return sum(conn.execute(sql, (key, uid)).rowcount for uid, key in keys.items())
 
     def set_committed(self, committed: Iterable[tuple[str, dt.datetime]]) -> None:
         with self._lock, transaction(self.db) as conn:
@@ -455,7 +482,8 @@ class ReportStore:
     # -- sent readings (lastmile.reports.sent_readings) ----------------------------------------
     def record_sent_readings(self, readings: Sequence[SentReading]) -> int:
         """Remember readings relayed to the county platform, in one transaction (one fsync);
-        returns how many were new."""
+        returns how many were written: new ones, and those replacing an earlier outbox's record
+        under the same item id (`insert_sent_readings`)."""
         if not readings:
             return 0
         with self._lock, transaction(self.db) as conn:
@@ -472,6 +500,20 @@ class ReportStore:
         sql = "UPDATE sent_readings SET sent_at = ? WHERE outbox_item_id = ? AND sent_at IS NULL"
         with self._lock, transaction(self.db) as conn:
             return sum(conn.execute(sql, (iso(at), item_id)).rowcount for item_id, at in taken.items())
+
+    def record_bundles_taken(self, keys: Sequence[str], at: dt.datetime) -> int:
+        """The platform took the bundles with outbox keys `keys` at `at`: the readings they carry
+        (their own bundle, or their home visit's) are sent then. One statement, no read: never the
+        refused records kept to retention. How many records."""
+        if not keys:
+            return 0
+        visits = [v for v in map(visit_of_bundle_key, keys) if v is not None]
+        sql = (
+            f"UPDATE sent_readings SET sent_at = ? WHERE sent_at IS NULL AND (bundle_key IN ({_placeholders(keys)}) "
+            f"OR visit_id IN ({_placeholders(visits)}))"
+        )
+        with self._lock, transaction(self.db) as conn:
+            return conn.execute(sql, [iso(at), *keys, *visits]).rowcount
 
     def recent_sent_readings(self, limit: int) -> list[SentReading]:
         """The last `limit` readings recorded, newest (by outbox item) first."""

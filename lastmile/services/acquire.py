@@ -69,13 +69,14 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
 @dataclass(frozen=True)
 class SessionLookup:
     """What the clinic session says at this moment, for ECGs that arrive on their own (LAN, stick):
-    the current patient's id, and that patient when the doctor checked them in as STAT."""
+    the current patient's IDs (his own and those the doctor linked to it), and that patient when
+    the doctor checked them in as STAT."""
 
-    patient_id: Callable[[], str | None]
+    patient_ids: Callable[[], frozenset[str]]
     stat_session: Callable[[], StatSession | None]
 
 
-NO_SESSION = SessionLookup(lambda: None, lambda: None)
+NO_SESSION = SessionLookup(frozenset, lambda: None)
 
 
 def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) -> Part | None:
@@ -86,7 +87,7 @@ def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) ->
     from lastmile.ecg.intake import lan_receiver
 
     try:
-        receiver = lan_receiver(config, outbox, session.patient_id, session.stat_session)
+        receiver = lan_receiver(config, outbox, session.patient_ids, session.stat_session)
     except LinkConfigError as exc:  # empty allow-list and the like: refused before READY
         raise ConfigError(f"{config.source}: lan_receiver: {exc}") from None
     # listening starts at the part's first check, and is retried there: a port it cannot have
@@ -99,7 +100,7 @@ def usb_import_part(config: Config, outbox: Outbox, session: SessionLookup) -> P
         return None
     from lastmile.ecg.intake import usb_import_watcher
 
-    watcher = usb_import_watcher(config, outbox, session.patient_id, session.stat_session)
+    watcher = usb_import_watcher(config, outbox, session.patient_ids, session.stat_session)
 
     def work(stop: threading.Event, beat: Beat) -> None:
         while not stop.is_set():
@@ -208,16 +209,15 @@ class AcquireService:
         closers.append(context.close)
         lock = threading.Lock()
 
-        def current_patient_id() -> str | None:
+        def current_patient_ids() -> frozenset[str]:
             with lock:
-                current = context.current(dt.datetime.now(dt.timezone.utc))
-            return current.patient_id if current else None
+                return context.patient_ids(dt.datetime.now(dt.timezone.utc))
 
         def stat_session() -> StatSession | None:
             with lock:
                 return context.stat_session(dt.datetime.now(dt.timezone.utc))
 
-        return SessionLookup(current_patient_id, stat_session)
+        return SessionLookup(current_patient_ids, stat_session)
 
     def check_parts(self) -> None:
         now = time.monotonic()

@@ -96,6 +96,8 @@ def link_settings(config: Config) -> LinkSettings:
         scan_pass_s=ble.scan_interval_s,
         connect_attempts=ble.connect_attempts,
         continuous_store_interval_s=ble.continuous_store_interval_s,
+        battery_poll_s=ble.battery_poll_s,
+        battery_refresh_s=ble.battery_refresh_s,
     )
 
 

@@ -12,6 +12,7 @@ appears (a log rotated, the county IT freeing space) it sends and purges, which 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import sqlite3
@@ -33,6 +34,7 @@ from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
 from uploader.outbox import is_disk_full
 
 if TYPE_CHECKING:
+    from lastmile.reports.sent_readings import SentReading
     from lastmile.reports.service import ReportService
     from lastmile.services.observation_relay import Relayed
     from lastmile.visits.relay_link import VisitQueue
@@ -123,7 +125,10 @@ class ForwardService:
         self._visits: VisitQueue | None = None  # made at the first FHIR round
         # what the relay and the visit queue said once (a damaged key, a damaged open visit)
         self._visit_notices = VisitNotices()
-        self._taken_unrecorded = False  # readings taken by the platform whose records clinic.db refused
+        # the sent-reading records may lag the outbox's bundles: a new process (the last one's
+        # write may have been refused), clinic.db refused this one's, a round cut short by a fault
+        # after the platform took bundles: caught up by one scan (`_catch_up_taken`)
+        self._records_behind = True
 
     def _make_ecg(self, config: Config) -> EcgForwarder:
         # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
@@ -217,6 +222,7 @@ class ForwardService:
         its commitment asked), then what it left claimed goes back to the queue."""
         if not self._unsettled:
             return
+        self._records_behind = True  # what the platform took before the fault: its readings' records
         recorded = self.ecg.record_unrecorded_sends()
         if recorded:
             log.info("%d item(s) stored at the reading center during a database fault recorded as sent", recorded)
@@ -242,18 +248,18 @@ class ForwardService:
             )
             self._queue_visits()
 
+            now = time.time()  # the taken bundles' sent time (Outbox.mark_sent)
             fhir = forward_fhir_once(
                 self.outbox,
                 self._fhir,
-                time.time(),
+                now,
                 batch_size=self.config.fhir.batch_size,
                 config_fault_retry_s=self.config.outbox.config_fault_retry_s,
                 meter=self._fhir_meter,
             )
             if fhir.sent or fhir.quarantined:
                 log.info("FHIR round: sent %d, quarantined %d", fhir.sent, fhir.quarantined)
-            if fhir.sent or self._taken_unrecorded:
-                self._record_taken()
+            self._record_taken(fhir.taken, now)
             waits.append(0.0 if fhir.claimed and not fhir.fault else self.ecg.next_due_in())
         self._last = (
             f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
@@ -270,27 +276,50 @@ class ForwardService:
         from uploader.fhir_forwarder import observation_key
 
         destination, naming = self.config.fhir.base_url, fhir_naming(self.config)
-        self.reports.store.record_sent_readings(
-            [
-                sent_reading_of(item, obs, now, destination, observation_key(obs, naming), visit)
-                for item, obs, visit in relayed
-            ]
-        )
-
-    def _record_taken(self) -> None:
-        """After a FHIR round that sent something: the readings whose bundles the platform took get
-        their records' sent time (one transaction; no write in a round that sent nothing). One
-        clinic.db refuses now is recorded after the next round."""
-        from lastmile.reports.sent_readings import carrying_bundle, taken_at
-
+        records = [
+            sent_reading_of(item, obs, now, destination, observation_key(obs, naming), visit)
+            for item, obs, visit in relayed
+        ]
+        self.reports.store.record_sent_readings(records)
+        # a record clinic.db refused at the relay is written rounds later (observation_relay), maybe
+        # after the platform took its bundle: no round's keys would name it again
         try:
-            store = self.reports.store
-            taken = {r.outbox_item_id: taken_at(carrying_bundle(self.outbox, r)) for r in store.untaken_sent_readings()}
-            store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
-            self._taken_unrecorded = False
+            self._record_taken_of(records)
+        except Exception:  # written; the Sent page reads the bundles meanwhile
+            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
+            self._records_behind = True
+
+    def _record_taken(self, taken: list[str], at: float) -> None:
+        """The readings whose bundles the platform took this round (`taken`, at `at`) get their
+        records' sent time: one update by bundle key, no read (the records of refused bundles, kept
+        to retention, are never read again); nothing in a round that took nothing. Records that may
+        lag are caught up from the outbox first (`_catch_up_taken`)."""
+        if not taken and not self._records_behind:
+            return
+        try:
+            if self._records_behind:
+                self._catch_up_taken()  # this round's taken too: the outbox has them committed
+                self._records_behind = False
+            else:
+                self.reports.store.record_bundles_taken(taken, dt.datetime.fromtimestamp(at, dt.timezone.utc))
         except Exception:  # the Sent page reads the bundles meanwhile: never stop the round for this
             log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
-            self._taken_unrecorded = True
+            self._records_behind = True
+
+    def _catch_up_taken(self) -> None:
+        """Every record with no sent time whose bundle the outbox says was taken gets that time (one
+        transaction): at the first round of a process, after clinic.db refused a round's update or
+        a fault cut a round short. Reads each such record's bundle: then, never each round."""
+        self._record_taken_of(self.reports.store.untaken_sent_readings())
+
+    def _record_taken_of(self, records: list[SentReading]) -> None:
+        """`records` whose bundle the outbox says the platform took get that time (one transaction,
+        none if no bundle was): their bundles read in one statement per 500 keys."""
+        from lastmile.reports.sent_readings import carrying_bundle, carrying_keys, taken_at
+
+        bundles = self.outbox.find_many([key for r in records for key in carrying_keys(r)])
+        taken = {r.outbox_item_id: taken_at(carrying_bundle(bundles.get, r)) for r in records}
+        self.reports.store.record_readings_taken({item_id: at for item_id, at in taken.items() if at is not None})
 
     def _queue_visits(self) -> None:
         """Closed home visits not queued yet (signed after their stop, or a stop cut short) go

@@ -62,7 +62,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from lastmile import __version__
-from lastmile.config import Config, ConfigError, Listen, host_port
+from lastmile.config import Config, Listen, metrics_listen
 from lastmile.services import metrics_sources as sources
 from lastmile.services.link_status import BUSY_DOWN_AFTER_S
 from lastmile.services.update import RECORDED_OUTCOMES, UpdateState, reboot_pending, rolled_back
@@ -88,14 +88,6 @@ REQUEST_TIMEOUT_S = 10.0  # a client that connects and sends nothing does not ke
 SELF_CHECK_S = 5.0  # how often the service checks its server thread (the watchdog sees the loop)
 
 T = TypeVar("T")
-
-
-def parse_listen(config: Config) -> Listen:
-    """`metrics.listen` as host and port (the configuration already refused a malformed one)."""
-    parsed = host_port(config.metrics.listen)
-    if parsed is None:
-        raise ConfigError(f'{config.source}: metrics.listen = {config.metrics.listen!r}: write it as "HOST:PORT"')
-    return Listen(*parsed)
 
 
 class GatewayCollector:
@@ -496,7 +488,7 @@ class MetricsService:
     def __init__(self, config: Config, *, cgroup_root: Path | None = None) -> None:
         self.config = config
         self.collector = GatewayCollector(config, services=service_probe(cgroup_root))
-        self.server = MetricsServer(parse_listen(config), make_registry(self.collector))
+        self.server = MetricsServer(metrics_listen(config), make_registry(self.collector))
         try:
             self.server.start()
         except OSError as exc:

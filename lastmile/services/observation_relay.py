@@ -101,25 +101,32 @@ def relay_observations(
             continue
         done.append((item, obs, None))
     if done:
-        if record is not None:
-            _record(record, done, now)
         ids = [item.id for item, _obs, _visit in done]
+        if record is not None and not _record(record, done, now):
+            outbox.release(ids, "relayed; its Sent page record not written yet (clinic.db)", now, RELAY_RETRY_S)
+            return len(done)
         outbox.mark_sent(ids, now)
         outbox.mark_committed(ids, now)  # durable: the bundle carries the reading from here
         log.info("%d reading(s) queued for the county platform", len(done))
     return len(done)
 
 
-def _record(record: RecordRelayed, done: list[Relayed], now: float) -> None:
+def _record(record: RecordRelayed, done: list[Relayed], now: float) -> bool:
     """Written before the readings are marked sent: a relay cut short between the two records
     them again (absorbed), never marks them sent unrecorded. A record clinic.db refuses does not
-    hold the readings back: they go, and the Sent page shows them until the outbox purges them."""
+    hold the readings back - their bundles are queued (or their visit's carries them) and go - but
+    their items are put back, unmarked, as a relay cut short: marked sent unrecorded, the Sent page
+    said 已发送 before the platform took them, and lost them at the purge. False: not written."""
     try:
         record(done, now)
+        return True
     except Exception:  # a record (clinic.db busy or full, a bug) must never stop the readings
         log.exception(
-            "%d reading(s) relayed without their sent record (the Sent page lists them until purged)", len(done)
+            "%d reading(s) relayed without their sent record: written at a later round (in %g s)",
+            len(done),
+            RELAY_RETRY_S,
         )
+        return False
 
 
 def _released_by_visit(item: OutboxItem) -> tuple[int, str] | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -203,9 +204,26 @@ class Unstored:
     observations: list[Observation] = field(default_factory=list)
     recordings: dict[str, EcgRecording] = field(default_factory=dict)  # by outbox key
     next_retry: float = 0.0  # time.monotonic()
+    cause: str = ""  # why its last try to store failed, when not space: the row's held cause
 
     def __bool__(self) -> bool:
         return bool(self.observations or self.recordings)
+
+
+@dataclass
+class RowError:
+    """One device row's error as this service wrote it, for `SerialContext.error`'s throttle."""
+
+    kind: DeviceProblem | None = None  # the kind the row holds now (None: no error)
+    since: float = -math.inf  # time.monotonic(): when these ERROR_STATUS_EVERY_S began
+    said: set[DeviceProblem] = field(default_factory=set)  # the kinds `error` wrote in them
+    pending: tuple[LinkSpec, str, DeviceProblem] | None = None  # the latest it held back
+
+    def written(self, problem: object, error: str) -> None:
+        """The row's error is `error` of kind `problem` now ("": none), whoever wrote it: what
+        waited is older, and any other kind is news again (an unplug between two store errors)."""
+        self.kind = (problem if isinstance(problem, DeviceProblem) else DeviceProblem.OTHER) if error else None
+        self.pending, self.said = None, set()
 
 
 @dataclass
@@ -220,8 +238,7 @@ class SerialContext:
     profiles: dict[str, ReportProfile]
     rules: ScanRules
     now: Callable[[], dt.datetime] = utc_now
-    # by device name: when its last error was written, and its kind (see `error`)
-    _last_error_write: dict[str, tuple[float, DeviceProblem]] = field(default_factory=dict)
+    _row_errors: dict[str, RowError] = field(default_factory=dict)  # by device name (see `error`)
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
@@ -243,15 +260,40 @@ class SerialContext:
             )
         except Exception:  # status is best effort; readings are not
             log.exception("%s: cannot record device status", spec.name)
+            return
+        error = facts.get("error")
+        if isinstance(error, str):  # whoever wrote it (an unplug ...): what the row holds now
+            self._row_errors.setdefault(spec.name, RowError()).written(facts.get("problem"), error)
+        elif facts.get("seen") and spec.name in self._row_errors:  # heard well since: what waited is over
+            self._row_errors[spec.name].pending = None
 
     def error(self, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
-        """Write `spec`'s row error: the same kind at most every ERROR_STATUS_EVERY_S (a port spewing
-        garbage is no database write per frame), another kind at once (a store error just after a
-        rejected report is the row's cause, not dropped)."""
-        last, kind = self._last_error_write.get(spec.name, (0.0, None))
-        if problem is not kind or time.monotonic() - last >= ERROR_STATUS_EVERY_S:
-            self._last_error_write[spec.name] = (time.monotonic(), problem)
-            self.status(spec, error=message[:200], problem=problem)
+        """Write `spec`'s row error, at most a few times every ERROR_STATUS_EVERY_S (a port spewing
+        garbage, of one kind or of several in turn, is no database write per frame): a kind the
+        row does not hold, the first time in those seconds, at once (a store error just after a
+        rejected report is the row's cause, not dropped); any other waits, the latest, to their
+        end (`write_pending_errors`), so the row ends saying the last cause."""
+        row = self._row_errors.setdefault(spec.name, RowError())
+        if time.monotonic() - row.since >= ERROR_STATUS_EVERY_S:
+            row.since, row.said = time.monotonic(), set()
+        elif problem is row.kind or problem in row.said:
+            row.pending = (spec, message, problem)
+            return
+        self._write_error(spec, row, message, problem)
+
+    def write_pending_errors(self, *, now: bool = False) -> None:
+        """Write the latest error each row's throttle held back, once its ERROR_STATUS_EVERY_S are
+        over (`now`: at once, at a stop). Runs in the link manager's thread, as the handlers do."""
+        for row in self._row_errors.values():
+            if row.pending is not None and (now or time.monotonic() - row.since >= ERROR_STATUS_EVERY_S):
+                spec, message, problem = row.pending
+                row.since, row.said = time.monotonic(), set()
+                self._write_error(spec, row, message, problem)
+
+    def _write_error(self, spec: LinkSpec, row: RowError, message: str, problem: DeviceProblem) -> None:
+        said = row.said | {problem}  # the kinds `error` wrote stay said (status() forgets them)
+        self.status(spec, error=message[:200], problem=problem)
+        row.said = said
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
@@ -262,10 +304,13 @@ class SerialContext:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
-            if not held or not is_storage_full(exc):
-                self.error(spec, f"{CANNOT_STORE}reading: {exc}", DeviceProblem.NOT_SAVED)
+            message, space = f"{CANNOT_STORE}reading: {exc}", is_storage_full(exc)
+            if not held or not space:
+                self.error(spec, message, DeviceProblem.NOT_SAVED)
             else:
                 self._store_error_over(spec)  # space is the cause now: the held status says it
+            if held:
+                self._held_cause(spec, "" if space else message)
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
@@ -298,6 +343,8 @@ class SerialContext:
         for record in self.registry.all():
             if record.transport != "serial" or not record.waits_for_space:
                 continue
+            if record.address in loaded:  # waits again for what it waited for (until its next try)
+                loaded[record.address].cause = record.held_cause
             if record.held_in_memory_only:
                 self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
             # a row an older version wrote has no counts to keep the loss by: its words say it
@@ -365,12 +412,22 @@ class SerialContext:
                 counts[0] - on_disk(counts[0], self.spill, spec.name),
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
-        self.status(spec, held=where, held_counts=counts, memory_counts=memory)
+        self.status(spec, held=where, held_cause=held.cause, held_counts=counts, memory_counts=memory)
         log.error(
             "%s: %s",
             spec.name,
             self._row_waiting(spec) or waiting_message(held_words(*counts), where, held_words(*memory)),
         )
+
+    def _held_cause(self, spec: LinkSpec, cause: str) -> None:
+        """`spec`'s device is held (or about to be) because a store failed for `cause` ("": space):
+        the row's held cause, written with its held status, at once if it changed on what waits
+        already (once per change, not per retry); a later error (unplugged ...) leaves it."""
+        held, cause = self.unstored.setdefault(spec.name, Unstored()), cause[:200]
+        if held.cause != cause:
+            held.cause = cause
+            if held:
+                self._say_waiting(spec)
 
     def _row_waiting(self, spec: LinkSpec) -> str:
         """What `spec`'s device row says waits and why (`DeviceRecord.waiting`: its cause when it is
@@ -392,7 +449,7 @@ class SerialContext:
             record = self.registry.get(address)
             if record is not None and record.problem is DeviceProblem.NOT_SAVED:
                 self.registry.clear_error(address, DeviceProblem.NOT_SAVED, now=self.now())
-                self._last_error_write.pop(spec.name, None)  # that cause back again is said at once
+                self._row_errors.pop(spec.name, None)  # that cause back again is said at once
         except Exception:  # status is best effort, as in status()
             log.exception("%s: cannot record device status", spec.name)
 
@@ -469,10 +526,12 @@ class SerialContext:
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
-            if not is_storage_full(exc):  # held: the row's held status says it waits for space
-                self.error(spec, f"{CANNOT_STORE}ECG: {exc}", DeviceProblem.NOT_SAVED)
-            else:
+            cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
+            if cause:
+                self.error(spec, cause, DeviceProblem.NOT_SAVED)
+            else:  # held: the row's held status says it waits for space
                 self._store_error_over(spec)
+            self._held_cause(spec, cause)
             return False
         if patient is not None:
             self.patients.touch(now=now)
@@ -854,6 +913,7 @@ class SerialService:
         the acquire service's part) goes round through here, so none of them leaves that behind."""
         self.manager.poll(max_wait_s)
         self.retry_unstored()
+        self.ctx.write_pending_errors()
 
     def step(self, stop: threading.Event) -> float:
         """One `ServiceRuntime` step, for running without a thread."""
@@ -895,6 +955,7 @@ class SerialService:
         self.manager.close()
         for spec in self.unstored_specs():
             self.ctx.retry_unstored(spec, force=True)
+        self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
         for name, held in self.ctx.unstored.items():
             said = (
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),

@@ -1304,7 +1304,8 @@ class VisitBook:
         return queued
 
     def _queue_signed(self, outbox: Outbox, naming: FhirNaming, now: float | None) -> int:
-        from uploader.fhir_forwarder import enqueue_bundle, visit_bundle_key
+        from uploader.fhir_bundle import visit_bundle_key
+        from uploader.fhir_forwarder import enqueue_bundle
 
         queued = 0
         # Only once signed, and so with its times settled: the platform keeps the first version it
