@@ -1059,11 +1059,10 @@ def assigned_to(patient: Patient, *, waits_for_quality: bool = False) -> Done:
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
-        item_id = _int(f.get("item_id", ""))
-        patient = data.assign_ecg(ctx.user, item_id, f.get("patient_id", ""), now=now)
-        if patient is None:
+        assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        if assigned is None:
             return "too-late"
-        return assigned_to(patient, waits_for_quality=data.ecg_waits_for_quality(item_id, now))
+        return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
 
     return await today_action(request, action)
 

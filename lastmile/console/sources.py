@@ -52,7 +52,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, QUALITY_HOLD, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -463,6 +463,16 @@ class HeldEcg:
     during_check_in: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class EcgAssigned:
+    """What assigning a held ECG did, for the page's answer: the patient the ECG now carries (the
+    one given, with what its file says of that same ID: `lastmile.ecg.intake.as_on_file`), and
+    whether it still waits for the doctor's decision on its quality (held 're-record')."""
+
+    patient: Patient
+    waits_for_quality: bool = False
+
+
 # -- sources -----------------------------------------------------------------------------------------
 
 
@@ -488,7 +498,9 @@ class HeldEcgSource(Protocol):
 
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]: ...
 
-    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> bool: ...
+    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> EcgAssigned | None:
+        """What the assign did; None when the ECG was no longer held (sent already)."""
+        ...
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool: ...
 
@@ -1011,32 +1023,20 @@ class ClinicData:
             for h in self.held_ecg_source.held_ecgs(now)
         ]
 
-    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> Patient | None:
+    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> EcgAssigned | None:
         """Give the held ECG to the patient typed (named as check-in named them, if it is the
-        patient checked in, else as its own file names them, if it is that patient); the patient
-        it went to, for the page to say whose it now is, or None if it was no longer held (sent
-        already)."""
+        patient checked in; the assign keeps what its own file gives with that ID): what it did,
+        for the page to say whose it now is, or None if it was no longer held (sent already)."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
-        if not patient.name:
-            patient = replace(patient, name=self._name_on_file(item_id, patient.patient_id, now))
-        done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
-            user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
+            user,
+            "assign-ecg",
+            now=now,
+            target=patient.patient_id,
+            detail={"item": item_id, "done": assigned is not None},
         )
-        return patient if done else None
-
-    def _name_on_file(self, item_id: int, patient_id: str, now: dt.datetime) -> str:
-        """The name held ECG `item_id` carries for `patient_id` ("" if it names another or none):
-        a patient-mismatch ECG assigned to the patient its own file names keeps the name the file
-        gives with that ID (the held row showed them together), not sent and said without one."""
-        held = self.held_ecg_source.held_ecgs(now)
-        return next((h.patient_name for h in held if h.item_id == item_id and h.patient_id == patient_id), "")
-
-    def ecg_waits_for_quality(self, item_id: int, now: dt.datetime) -> bool:
-        """ECG `item_id` is held under a 're-record' verdict: assigned or not, it goes only when the
-        doctor sends it anyway (or the hold ends) - an answer must not say it goes now."""
-        item = self.outbox.get(item_id)
-        return item is not None and item.hold_reason == QUALITY_HOLD and item.held(now.timestamp())
+        return assigned
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
