@@ -22,7 +22,7 @@ from lastmile.clinic.observations import (
     observation_to_json,
     summary,
 )
-from lastmile.clinic.patients import PatientContext
+from lastmile.clinic.patients import PatientContext, SameName
 from tests.conftest import run_python
 from uploader.outbox import Outbox
 
@@ -219,7 +219,7 @@ def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_pat
         assert context.same_name_replaced(clinic_number, name, T0 + MIN) is not None
         assert context.same_name_replaced(clinic_number, "Li^Si=李^四", T0 + MIN) is None
         assert context.same_name_replaced(id_card, name, T0 + MIN) is None
-        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.check_in(clinic_number, name, now=T0 + MIN, same_name=SameName.OTHER_ID)
         later = T0 + 10 * MIN
         assert context.known_names([id_card, clinic_number], later) == {id_card: name, clinic_number: name}
         current = context.current(later)
@@ -237,14 +237,14 @@ def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_sessi
     try:
         assert context.patient_ids(T0) == frozenset()
         context.set_patient(id_card, name, now=T0)
-        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.check_in(clinic_number, name, now=T0 + MIN, same_name=SameName.OTHER_ID)
         context.set_patient(clinic_number, now=T0 + 2 * MIN)  # the same patient again (a card): still his
-        context.check_in(insurance, name, now=T0 + 3 * MIN, other_id=True)
+        context.check_in(insurance, name, now=T0 + 3 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 4 * MIN) == {id_card, clinic_number, insurance}
         context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: a typo corrected, his IDs no more
         assert context.patient_ids(T0 + 6 * MIN) == {"MZ-0043"}
         context.set_patient("P-9", "Li^Si=李^四", now=T0 + 7 * MIN)
-        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, other_id=True)
+        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 9 * MIN) == {"P-9", clinic_number}
         assert context.clear(now=T0 + 10 * MIN)
         context.set_patient(clinic_number, "Li^Si=李^四", now=T0 + 11 * MIN)  # a new session: no links
@@ -270,7 +270,7 @@ def test_a_corrected_id_keeps_the_stat_check_in_and_another_patient_of_the_name_
         assert current is not None, current
         assert (current.patient_id, current.stat, current.reason, current.since) == (corrected, True, "胸痛", T0)
         assert context.known_name(typo, T0 + 2 * MIN) == ""  # a typo names nobody
-        context.check_in(other_man, name, now=T0 + 3 * MIN, another_person=True)
+        context.check_in(other_man, name, now=T0 + 3 * MIN, same_name=SameName.ANOTHER_PERSON)
         current = context.current(T0 + 4 * MIN)
         assert current is not None, current
         assert (current.patient_id, current.stat, current.reason, current.since) == (

@@ -35,21 +35,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     reason = p.add_mutually_exclusive_group()
     reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
-    # another ID under the checked-in patient's own name: only the doctor knows which it is (as Today asks)
+    # another ID under the checked-in patient's own name: only the doctor knows which (as Today asks);
+    # each flag stores its `SameName` value in `same_name`, read by `_same_name_answer`
     whose = p.add_mutually_exclusive_group()
     whose.add_argument(
         "--corrected",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="corrected",
         help="ID corrects the checked-in patient's mistyped ID (same name): the old ID loses the name",
     )
     whose.add_argument(
         "--other-id",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="other-id",
         help="ID is the checked-in patient's other ID (same name; ID card and clinic number): both keep the name",
     )
     whose.add_argument(
         "--another-person",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="another-person",
         help="ID is another patient who has the checked-in patient's name: his check-in ends, he keeps his name",
     )
     p.set_defaults(func=_set)
@@ -131,8 +138,9 @@ def _set(args: argparse.Namespace) -> int:
         return 2
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
+        answer = _same_name_answer(args)
         replaced = context.same_name_replaced(patient.patient_id, patient.name, _now())
-        if replaced is not None and not (args.corrected or args.other_id or args.another_person):
+        if replaced is not None and answer is None:
             print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
             return 2
         if args.doctor:
@@ -145,8 +153,7 @@ def _set(args: argparse.Namespace) -> int:
             reason=args.reason,
             clear_name=args.clear_name,
             clear_reason=args.clear_reason,
-            other_id=args.other_id,
-            another_person=args.another_person,
+            same_name=answer,
         ).after
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
@@ -160,6 +167,13 @@ def _set(args: argparse.Namespace) -> int:
         f"(until {_local(current.expires_at)} without activity)"
     )
     return 0
+
+
+def _same_name_answer(args: argparse.Namespace):  # -> SameName | None (imported lazily)
+    """The doctor's answer the flags gave (--corrected, --other-id, --another-person), or None."""
+    from lastmile.clinic.patients import SameName
+
+    return None if args.same_name is None else SameName(args.same_name)
 
 
 def _whose_id(checked_in: str, patient_id: str) -> str:
