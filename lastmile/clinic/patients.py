@@ -125,7 +125,7 @@ class PatientContext:
         now: dt.datetime,
         stat: bool | None = None,
         reason: str = "",
-        expected_patient_id: str = "",
+        expected_patient_id: str | None = None,
         doctor_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
@@ -137,10 +137,12 @@ class PatientContext:
         with the box unticked must not make a STAT patient routine). Another patient starts with
         only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose, as
         `clear_name` / `clear_reason` clear a wrong name or reason (unless one is given instead).
-        `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
-        nobody, is current - checked in the same transaction, so a card the acquire service reads
-        meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
-        `set_doctor`), set only if the check-in is - never on a patient the page did not show.
+        `expected_patient_id` (the patient a page showed, or a command asked about; "": nobody;
+        None: whoever is current): PatientChanged if another patient, or nobody, is current -
+        checked in the same transaction, so a card the acquire service reads meanwhile is never
+        replaced, nor taken for the patient the doctor's answer (`same_name`) is about.
+        `doctor_id`: the doctor of the session from now (as `set_doctor`), set only if the
+        check-in is - never on a patient the page did not show.
         `same_name`: the doctor's answer when `patient_id` is checked in under the current
         patient's name (None: not asked; `_replaced_event`)."""
         patient_id = patient_id.strip()
@@ -149,8 +151,9 @@ class PatientContext:
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             before = self._current_of(row) if row is not None and row["patient_id"] else None
-            if expected_patient_id and (before is None or before.patient_id != expected_patient_id.strip()):
-                raise PatientChanged(before.patient_id if before is not None else "")
+            current_id = before.patient_id if before is not None else ""
+            if expected_patient_id is not None and current_id != expected_patient_id.strip():
+                raise PatientChanged(current_id)
             doctor = row["doctor_id"] if row else None
             doctor_since = row["doctor_since"] if row else None
             if doctor_id.strip():

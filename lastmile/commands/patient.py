@@ -127,7 +127,7 @@ def _local(t: dt.datetime | None) -> str:
 
 def _set(args: argparse.Namespace) -> int:
     from lastmile.clinic.patient_ids import clinic_patient
-    from lastmile.clinic.patients import PatientContext
+    from lastmile.clinic.patients import PatientChanged, PatientContext
     from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
@@ -137,24 +137,37 @@ def _set(args: argparse.Namespace) -> int:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    expected = ""  # the patient the question was about, else whoever was checked in when asked
     try:
         answer = _same_name_answer(args)
-        replaced = context.same_name_replaced(patient.patient_id, patient.name, _now())
+        now = _now()
+        seen = context.current(now)
+        replaced = context.same_name_replaced(patient.patient_id, patient.name, now)
         if replaced is not None and answer is None:
             print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
             return 2
-        if args.doctor:
-            context.set_doctor(args.doctor, now=_now())
+        if answer is not None and replaced is None and (seen is None or seen.patient_id != patient.patient_id):
+            print(_no_question(f"--{answer.value}", seen, patient.patient_id), file=sys.stderr)
+            return 2
+        about = replaced if replaced is not None else seen
+        expected = about.patient_id if about is not None else ""
+        # checked in the check-in's transaction: a card read since the question is refused, never
+        # taken for the patient asked about (nor, unasked, for a typo corrected)
         current = context.check_in(
             patient.patient_id,
             patient.name,
             now=_now(),
             stat=args.stat,
             reason=args.reason,
+            expected_patient_id=expected,
+            doctor_id=args.doctor,  # in its transaction: a refused check-in changes no doctor
             clear_name=args.clear_name,
             clear_reason=args.clear_reason,
             same_name=answer,
         ).after
+    except PatientChanged as exc:
+        print(_changed_meanwhile(expected, exc.current_patient_id, patient.patient_id), file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
@@ -183,6 +196,33 @@ def _whose_id(checked_in: str, patient_id: str) -> str:
         f"corrected ({checked_in} was a typo: it loses the name), the same patient's other ID (both keep "
         "the name) or another patient of the same name? Ask the doctor, then run the command again with "
         "--corrected, --other-id or --another-person"
+    )
+
+
+def _no_question(flag: str, seen, patient_id: str) -> str:  # seen: CurrentPatient | None
+    """An answer (`flag`) given when no patient of that name is checked in: it must not apply to
+    whoever is by the time of the check-in."""
+    if seen is None:
+        zh, en = "当前没有病人签到", "nobody is checked in"
+    else:
+        zh = f"当前病人 {seen.patient_id} 的姓名不同"
+        en = f"{seen.patient_id} {seen.name or '(no name)'} is checked in under another name"
+    return (
+        f"lastmile patient set: {flag} 无需回答：{zh}；{patient_id} 未签到，请去掉 {flag} 后重新运行\n"
+        f"lastmile patient set: {flag} answers no question: {en}; {patient_id} was not checked in: "
+        f"run the command again without {flag}"
+    )
+
+
+def _changed_meanwhile(expected: str, now_current: str, patient_id: str) -> str:
+    """The current patient changed between the question and the check-in (a card read at the
+    acquire service, a check-in on Today): what was asked, or not asked, was about another."""
+    return (
+        f"lastmile patient set: 在此期间当前病人已变更（现在是 {now_current or '无人'}，"
+        f"不是 {expected or '无人'}）；{patient_id} 未签到，请重新运行此命令\n"
+        f"lastmile patient set: the current patient changed meanwhile: {now_current or 'nobody'} is checked "
+        f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: run the command again "
+        "(it asks again if it must)"
     )
 
 

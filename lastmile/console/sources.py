@@ -732,7 +732,7 @@ class ClinicData:
                 now=now,
                 stat=stat,
                 reason=reason,
-                expected_patient_id=shown_patient_id,
+                expected_patient_id=shown_patient_id or None,  # "": a page of before it said: whoever
                 clear_name=clear_name,
                 clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
