@@ -22,7 +22,7 @@ from lastmile.clinic.observations import (
     observation_to_json,
     summary,
 )
-from lastmile.clinic.patients import PatientContext
+from lastmile.clinic.patients import CurrentPatient, PatientContext, SameName
 from tests.conftest import run_python
 from uploader.outbox import Outbox
 
@@ -209,7 +209,7 @@ def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> 
 
 def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_path: Path) -> None:
     """王五 is checked in by his ID card number and, still checked in, by his clinic number: the
-    doctor says it is his other ID (`other_id`), not a typo corrected. Both IDs keep his name; the
+    doctor says it is his other ID (`SameName.OTHER_ID`), not a typo corrected. Both IDs keep his name; the
     session goes on under the clinic number. Unasked, the same name stays a correction (no name
     on an ID from a guess)."""
     id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
@@ -219,7 +219,7 @@ def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_pat
         assert context.same_name_replaced(clinic_number, name, T0 + MIN) is not None
         assert context.same_name_replaced(clinic_number, "Li^Si=李^四", T0 + MIN) is None
         assert context.same_name_replaced(id_card, name, T0 + MIN) is None
-        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.check_in(clinic_number, name, now=T0 + MIN, same_name=SameName.OTHER_ID)
         later = T0 + 10 * MIN
         assert context.known_names([id_card, clinic_number], later) == {id_card: name, clinic_number: name}
         current = context.current(later)
@@ -237,14 +237,14 @@ def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_sessi
     try:
         assert context.patient_ids(T0) == frozenset()
         context.set_patient(id_card, name, now=T0)
-        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.check_in(clinic_number, name, now=T0 + MIN, same_name=SameName.OTHER_ID)
         context.set_patient(clinic_number, now=T0 + 2 * MIN)  # the same patient again (a card): still his
-        context.check_in(insurance, name, now=T0 + 3 * MIN, other_id=True)
+        context.check_in(insurance, name, now=T0 + 3 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 4 * MIN) == {id_card, clinic_number, insurance}
         context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: a typo corrected, his IDs no more
         assert context.patient_ids(T0 + 6 * MIN) == {"MZ-0043"}
         context.set_patient("P-9", "Li^Si=李^四", now=T0 + 7 * MIN)
-        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, other_id=True)
+        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 9 * MIN) == {"P-9", clinic_number}
         assert context.clear(now=T0 + 10 * MIN)
         context.set_patient(clinic_number, "Li^Si=李^四", now=T0 + 11 * MIN)  # a new session: no links
@@ -270,7 +270,7 @@ def test_a_corrected_id_keeps_the_stat_check_in_and_another_patient_of_the_name_
         assert current is not None, current
         assert (current.patient_id, current.stat, current.reason, current.since) == (corrected, True, "胸痛", T0)
         assert context.known_name(typo, T0 + 2 * MIN) == ""  # a typo names nobody
-        context.check_in(other_man, name, now=T0 + 3 * MIN, another_person=True)
+        context.check_in(other_man, name, now=T0 + 3 * MIN, same_name=SameName.ANOTHER_PERSON)
         current = context.current(T0 + 4 * MIN)
         assert current is not None, current
         assert (current.patient_id, current.stat, current.reason, current.since) == (
@@ -321,6 +321,65 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
         main(["patient", "set", "--help"])
     usage = capsys.readouterr().out
     assert "--corrected" in usage and "--other-id" in usage and "--another-person" in usage
+
+
+@pytest.mark.parametrize(
+    ("checked_in", "answer", "said"),
+    [
+        ((), (), "changed meanwhile"),  # nobody checked in: nothing to ask
+        (("P-9", "李四"), (), "changed meanwhile"),  # another name: nothing to ask
+        (("P-9", "李四"), ("--other-id",), "answers no question"),  # an answer to a question not asked
+        ((), ("--corrected",), "answers no question"),
+        (("YB-7", "王五"), ("--other-id",), "changed meanwhile"),  # asked about YB-7, a card meanwhile
+    ],
+)
+def test_a_card_checked_in_while_lastmile_patient_set_asks_is_never_taken_for_what_was_asked(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    checked_in: tuple[str, ...],
+    answer: tuple[str, ...],
+    said: str,
+) -> None:
+    """`lastmile patient set MZ-0042 --name 王五` asks whether it replaces the checked-in patient
+    under his own name, then checks in. 王五's ID card was read at the acquire service between
+    the two: the check-in took it, unasked, for a typo corrected (his ID card number lost his
+    name), or applied an answer about YB-7, or about nobody, to him (MZ-0042 linked as his).
+    Now the command refuses and says the current patient changed meanwhile, or that its
+    answer answers no question; the card's patient stays checked in, named, linked to nothing."""
+    card, name = "11010519491231002X", "Wang^Wu=王^五"
+    data = tmp_path / "data"
+    run = ["--data-dir", str(data)]
+    if checked_in:
+        assert main(["patient", "set", checked_in[0], "--name", checked_in[1], *run]) == 0
+    capsys.readouterr()
+    asked = PatientContext.same_name_replaced
+
+    def card_read_meanwhile(
+        self: PatientContext, patient_id: str, typed: str, now: dt.datetime
+    ) -> CurrentPatient | None:
+        question = asked(self, patient_id, typed, now)
+        scanner = PatientContext.open(data, idle_timeout_s=900)  # the acquire service's, on the same clinic.db
+        try:
+            scanner.set_patient(card, name, now=dt.datetime.now(dt.timezone.utc))
+        finally:
+            scanner.close()
+        return question
+
+    monkeypatch.setattr(PatientContext, "same_name_replaced", card_read_meanwhile)
+    code = main(["patient", "set", "MZ-0042", "--name", "王五", *answer, *run])
+    monkeypatch.undo()
+    context = PatientContext.open(data, idle_timeout_s=900)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        current = context.current(now)
+        assert current is not None and (current.patient_id, current.name) == (card, name)
+        assert context.patient_ids(now) == {card}
+        assert context.known_names([card, "MZ-0042"], now) == {card: name}
+    finally:
+        context.close()
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and "MZ-0042" in err, err
 
 
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ Every method takes `now` (an aware datetime): the caller's clock, testable.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import os
 import sqlite3
@@ -33,6 +34,16 @@ NAME_KEPT = dt.timedelta(hours=24)
 CORRECTED = "patient-id-corrected"
 # the session log's event of the checked-in patient checked in again under his other ID, same name
 OTHER_ID = "patient-other-id"
+
+
+class SameName(enum.Enum):
+    """The doctor's answer when another ID is checked in under the checked-in patient's own name
+    (`same_name_replaced`): only he knows which it is. The values are the console form's and the
+    command's words for them."""
+
+    CORRECTED = "corrected"  # a mistyped ID corrected: the old ID loses the name
+    OTHER_ID = "other-id"  # the same patient's other ID (ID card and clinic number): both keep it
+    ANOTHER_PERSON = "another-person"  # another patient who has the same name (common names are common)
 
 
 @dataclass(frozen=True)
@@ -114,12 +125,11 @@ class PatientContext:
         now: dt.datetime,
         stat: bool | None = None,
         reason: str = "",
-        expected_patient_id: str = "",
+        expected_patient_id: str | None = None,
         doctor_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
-        other_id: bool = False,
-        another_person: bool = False,
+        same_name: SameName | None = None,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -127,29 +137,30 @@ class PatientContext:
         with the box unticked must not make a STAT patient routine). Another patient starts with
         only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose, as
         `clear_name` / `clear_reason` clear a wrong name or reason (unless one is given instead).
-        `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
-        nobody, is current - checked in the same transaction, so a card the acquire service reads
-        meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
-        `set_doctor`), set only if the check-in is - never on a patient the page did not show.
-        `other_id`: the doctor said `patient_id`, checked in under the current patient's name, is
-        his other ID (both kept, both named); `another_person`: another patient of the same name
-        (the first keeps his name, nothing of his session goes on); else it corrects a mistyped one
-        (`_replaced_event`)."""
+        `expected_patient_id` (the patient a page showed, or a command asked about; "": nobody;
+        None: whoever is current): PatientChanged if another patient, or nobody, is current -
+        checked in the same transaction, so a card the acquire service reads meanwhile is never
+        replaced, nor taken for the patient the doctor's answer (`same_name`) is about.
+        `doctor_id`: the doctor of the session from now (as `set_doctor`), set only if the
+        check-in is - never on a patient the page did not show.
+        `same_name`: the doctor's answer when `patient_id` is checked in under the current
+        patient's name (None: not asked; `_replaced_event`)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             before = self._current_of(row) if row is not None and row["patient_id"] else None
-            if expected_patient_id and (before is None or before.patient_id != expected_patient_id.strip()):
-                raise PatientChanged(before.patient_id if before is not None else "")
+            current_id = before.patient_id if before is not None else ""
+            if expected_patient_id is not None and current_id != expected_patient_id.strip():
+                raise PatientChanged(current_id)
             doctor = row["doctor_id"] if row else None
             doctor_since = row["doctor_since"] if row else None
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
             replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
-            event = _replaced_event(row, name, other_id, another_person) if row and replaced else ""
+            event = _replaced_event(row, name, same_name) if row and replaced else ""
             # the same patient goes on (checked in again, his mistyped ID corrected, or under his
             # other ID): his session keeps its start, its STAT and its reason - the doctor's triage
             # of the man, not of a number (a chest-pain patient's typo corrected stays STAT)
@@ -408,16 +419,16 @@ class PatientContext:
         )
 
 
-def _replaced_event(row: sqlite3.Row, name: str, other_id: bool, another_person: bool = False) -> str:
+def _replaced_event(row: sqlite3.Row, name: str, same_name: SameName | None) -> str:
     """The log event of the session's patient (`row`) replaced by another ID checked in as `name`:
     the same name while he is checked in is either his ID corrected (张三 checked in as P-12, then
     as P-21: P-12's check-in names nobody, `_checked_in_names`) or, as the doctor says
-    (`other_id`), his other ID (ID card, then clinic number: both keep his name). The console asks
-    (`same_name_replaced`); a caller that did not ask names no ID from a guess. Another name, or
-    the doctor's "another patient of the same name" (`another_person`), is the next patient."""
-    if another_person or not _same_name(row["patient_name"] or "", name):
+    (`SameName.OTHER_ID`), his other ID (ID card, then clinic number: both keep his name). The
+    console and the command ask (`same_name_replaced`); a caller that did not ask (None) names no
+    ID from a guess. Another name, or the doctor's `SameName.ANOTHER_PERSON`, is the next patient."""
+    if same_name is SameName.ANOTHER_PERSON or not _same_name(row["patient_name"] or "", name):
         return "patient-replaced"
-    return OTHER_ID if other_id else CORRECTED
+    return OTHER_ID if same_name is SameName.OTHER_ID else CORRECTED
 
 
 def _same_name(checked_in: str, name: str) -> bool:

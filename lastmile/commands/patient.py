@@ -35,21 +35,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     reason = p.add_mutually_exclusive_group()
     reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
-    # another ID under the checked-in patient's own name: only the doctor knows which it is (as Today asks)
+    # another ID under the checked-in patient's own name: only the doctor knows which (as Today asks);
+    # each flag stores its `SameName` value in `same_name`, read by `_same_name_answer`
     whose = p.add_mutually_exclusive_group()
     whose.add_argument(
         "--corrected",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="corrected",
         help="ID corrects the checked-in patient's mistyped ID (same name): the old ID loses the name",
     )
     whose.add_argument(
         "--other-id",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="other-id",
         help="ID is the checked-in patient's other ID (same name; ID card and clinic number): both keep the name",
     )
     whose.add_argument(
         "--another-person",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="another-person",
         help="ID is another patient who has the checked-in patient's name: his check-in ends, he keeps his name",
     )
     p.set_defaults(func=_set)
@@ -120,7 +127,7 @@ def _local(t: dt.datetime | None) -> str:
 
 def _set(args: argparse.Namespace) -> int:
     from lastmile.clinic.patient_ids import clinic_patient
-    from lastmile.clinic.patients import PatientContext
+    from lastmile.clinic.patients import PatientChanged, PatientContext
     from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
@@ -130,24 +137,37 @@ def _set(args: argparse.Namespace) -> int:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    expected = ""  # the patient the question was about, else whoever was checked in when asked
     try:
-        replaced = context.same_name_replaced(patient.patient_id, patient.name, _now())
-        if replaced is not None and not (args.corrected or args.other_id or args.another_person):
+        answer = _same_name_answer(args)
+        now = _now()
+        seen = context.current(now)
+        replaced = context.same_name_replaced(patient.patient_id, patient.name, now)
+        if replaced is not None and answer is None:
             print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
             return 2
-        if args.doctor:
-            context.set_doctor(args.doctor, now=_now())
+        if answer is not None and replaced is None and (seen is None or seen.patient_id != patient.patient_id):
+            print(_no_question(f"--{answer.value}", seen, patient.patient_id), file=sys.stderr)
+            return 2
+        about = replaced if replaced is not None else seen
+        expected = about.patient_id if about is not None else ""
+        # checked in the check-in's transaction: a card read since the question is refused, never
+        # taken for the patient asked about (nor, unasked, for a typo corrected)
         current = context.check_in(
             patient.patient_id,
             patient.name,
             now=_now(),
             stat=args.stat,
             reason=args.reason,
+            expected_patient_id=expected,
+            doctor_id=args.doctor,  # in its transaction: a refused check-in changes no doctor
             clear_name=args.clear_name,
             clear_reason=args.clear_reason,
-            other_id=args.other_id,
-            another_person=args.another_person,
+            same_name=answer,
         ).after
+    except PatientChanged as exc:
+        print(_changed_meanwhile(expected, exc.current_patient_id, patient.patient_id), file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +182,13 @@ def _set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_name_answer(args: argparse.Namespace):  # -> SameName | None (imported lazily)
+    """The doctor's answer the flags gave (--corrected, --other-id, --another-person), or None."""
+    from lastmile.clinic.patients import SameName
+
+    return None if args.same_name is None else SameName(args.same_name)
+
+
 def _whose_id(checked_in: str, patient_id: str) -> str:
     """The question Today asks the doctor, for a command that cannot ask."""
     return (
@@ -169,6 +196,33 @@ def _whose_id(checked_in: str, patient_id: str) -> str:
         f"corrected ({checked_in} was a typo: it loses the name), the same patient's other ID (both keep "
         "the name) or another patient of the same name? Ask the doctor, then run the command again with "
         "--corrected, --other-id or --another-person"
+    )
+
+
+def _no_question(flag: str, seen, patient_id: str) -> str:  # seen: CurrentPatient | None
+    """An answer (`flag`) given when no patient of that name is checked in: it must not apply to
+    whoever is by the time of the check-in."""
+    if seen is None:
+        zh, en = "当前没有病人签到", "nobody is checked in"
+    else:
+        zh = f"当前病人 {seen.patient_id} 的姓名不同"
+        en = f"{seen.patient_id} {seen.name or '(no name)'} is checked in under another name"
+    return (
+        f"lastmile patient set: {flag} 无需回答：{zh}；{patient_id} 未签到，请去掉 {flag} 后重新运行\n"
+        f"lastmile patient set: {flag} answers no question: {en}; {patient_id} was not checked in: "
+        f"run the command again without {flag}"
+    )
+
+
+def _changed_meanwhile(expected: str, now_current: str, patient_id: str) -> str:
+    """The current patient changed between the question and the check-in (a card read at the
+    acquire service, a check-in on Today): what was asked, or not asked, was about another."""
+    return (
+        f"lastmile patient set: 在此期间当前病人已变更（现在是 {now_current or '无人'}，"
+        f"不是 {expected or '无人'}）；{patient_id} 未签到，请重新运行此命令\n"
+        f"lastmile patient set: the current patient changed meanwhile: {now_current or 'nobody'} is checked "
+        f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: run the command again "
+        "(it asks again if it must)"
     )
 
 

@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devices.identity import Patient
 from lastmile import __version__
 from lastmile.clinic.observations import SUMMARY_SEPARATOR
+from lastmile.clinic.patients import SameName
 from lastmile.config import Config
 from lastmile.console import views
 from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefused
@@ -55,7 +56,6 @@ from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import (
-    SAME_NAME_ANSWERS,
     ClinicData,
     ConsoleInputError,
     CountyLink,
@@ -942,18 +942,22 @@ async def check_in(request: Request) -> Response:
             return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
-        if same_name_answer(f) in ("corrected", "other-id"):  # the same patient goes on: none ended
+        answer = same_name_answer(f)
+        if answer in (SameName.CORRECTED, SameName.OTHER_ID):  # the same patient goes on: none ended
             ids = {"replaced": f.get("shown_patient_id", ""), "id": session.patient_id}
-            return f"check-in-{same_name_answer(f)}", {"patient": who["patient"]} | ids
+            return f"check-in-{answer.value}", {"patient": who["patient"]} | ids
         return "check-in", who
 
     return await today_action(request, action, asking(ask_before_clearing(request), ask_whose_id(request)))
 
 
-def same_name_answer(fields: dict[str, str]) -> str:
-    """The doctor's answer on the page `ask_whose_id` shows ("" if none, or not one of them)."""
-    answer = fields.get("same_name", "")
-    return answer if answer in SAME_NAME_ANSWERS else ""
+def same_name_answer(fields: dict[str, str]) -> SameName | None:
+    """The doctor's answer on the page `ask_whose_id` shows (its buttons' values: `SameName`'s);
+    None if none, or not one of them."""
+    try:
+        return SameName(fields.get("same_name", ""))
+    except ValueError:
+        return None
 
 
 def asking(*askers: Asker) -> Asker:
@@ -976,7 +980,7 @@ def ask_whose_id(request: Request) -> Asker:
     patient the page showed (`shown_patient_id`: refused if another was checked in since)."""
 
     async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
-        if same_name_answer(fields):
+        if same_name_answer(fields) is not None:
             return None
         state = state_of(request)
         now = now_utc()

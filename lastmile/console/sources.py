@@ -46,7 +46,7 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patient_ids import clinic_patient
-from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext
+from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext, SameName
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
@@ -132,11 +132,6 @@ class SessionView:
     def patient_ids(self) -> frozenset[str]:
         """Every ID of the patient in this session: an ECG under any of them is his."""
         return self.other_ids | {self.patient_id}
-
-
-# the doctor's answers to `same_name_replaced`: a mistyped ID corrected, the patient's other ID,
-# or another patient who has the same name (common names are common: 王伟, 张伟 ...)
-SAME_NAME_ANSWERS = ("corrected", "other-id", "another-person")
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,13 +726,13 @@ class ClinicData:
         shown_patient_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
-        same_name: str = "",
+        same_name: SameName | None = None,
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
         name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
         `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
         "not urgent" and clear buttons), refused if another has been checked in since.
-        `same_name`: the doctor's answer to `same_name_replaced`, SAME_NAME_ANSWERS ("" unasked)."""
+        `same_name`: the doctor's answer to `same_name_replaced` (None: unasked)."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
@@ -749,12 +744,11 @@ class ClinicData:
                 now=now,
                 stat=stat,
                 reason=reason,
-                expected_patient_id=shown_patient_id,
+                expected_patient_id=shown_patient_id or None,  # "": a page of before it said: whoever
                 clear_name=clear_name,
                 clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
-                other_id=same_name == "other-id",
-                another_person=same_name == "another-person",
+                same_name=same_name,
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
@@ -770,7 +764,11 @@ class ClinicData:
             target=patient.patient_id,
             detail={"name": view.patient_name, "doctor": doctor, "stat": view.stat, "reason": view.reason}
             | ({"changed": list(changed)} if again else {})
-            | ({"same_name": same_name, "replaced": before.patient_id} if same_name and before is not None else {}),
+            | (
+                {"same_name": same_name.value, "replaced": before.patient_id}
+                if same_name is not None and before is not None
+                else {}
+            ),
         )
         ended = before.name or before.patient_id if before is not None and not again else ""
         return CheckIn(view, ended=ended, again=again, changed=changed)
