@@ -22,7 +22,7 @@ from tests.conftest import missing
 if importlib.util.find_spec("bumble") is None:
     missing("bumble (the emulation extra) is not installed", module=True)
 
-from devices.ble.battery import decode_battery_level
+from devices.ble.battery import LOW_BATTERY_PERCENT, decode_battery_level
 from devices.errors import ProtocolError
 from firmware_bridge.ble.emulated_peripherals import (
     BloodPressureCuff,
@@ -38,6 +38,7 @@ from lastmile.config import parse_config
 from lastmile.services.ble_devices import link_settings
 from tests.ble_gateway import Gateway
 from tests.console_harness import DOCTOR, Client, console_config, running_console
+from tests.statement_trace import traced
 
 UTC = dt.timezone.utc
 CUFF, THERMO = "C0:00:00:00:00:01", "C0:00:00:00:00:02"
@@ -154,6 +155,53 @@ def test_a_cuff_left_connected_tells_the_doctor_its_battery_went_low(tmp_path: P
     assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
 
 
+FLICKERS = 40  # notifications of a cell under load flickering 50<->51
+
+
+def battery_written(statements: list[str]) -> list[int]:
+    """The Battery Levels written to the device row, in order, from the statements run on clinic.db."""
+    return [int(m[1]) for m in map(re.compile(r"UPDATE devices SET .*battery_level = (\d+)").search, statements) if m]
+
+
+def test_a_battery_level_flickering_by_one_point_does_not_write_the_row_each_time(tmp_path: Path) -> None:
+    """A cuff left connected whose cell flickers 50<->51 under load wrote its device row in
+    clinic.db at every notification (the SD card, all day). Now a level 1 point from the one
+    written waits for `battery_refresh_s`; a bigger change and a drop to the low threshold are
+    written at once, and the page is never more than 1 point off."""
+    data = tmp_path / "data"
+    gw = Gateway(data)
+    low = LOW_BATTERY_PERCENT
+    levels = [51, 50] * (FLICKERS // 2) + [low + 3, low + 1, low]
+    try:
+        gw.allow(CUFF)
+
+        async def run() -> None:
+            cuff = BloodPressureCuff(
+                gw.new_radio(), CUFF, "cuff", battery_level=50, battery_notify=True, hang_up_after_memory=False
+            )
+            sent: list[int] = []
+
+            async def during() -> None:
+                row = gw.registry.get(CUFF)
+                if not sent and row is not None and row.battery_level == 50 and cuff.battery in cuff.subscribed:
+                    for level in levels:
+                        await cuff.drain_battery(level)
+                        sent.append(level)
+
+            def done() -> bool:
+                row = gw.registry.get(CUFF)
+                return bool(sent) and row is not None and row.battery_level == low
+
+            await gw.run([cuff], until=done, during=during, timeout=60)
+
+        with traced(gw.store.db.conn) as statements:
+            asyncio.run(run())
+    finally:
+        gw.close()
+    assert battery_written(statements) == [50, low + 3, low + 1, low]
+    assert battery_on_card(devices_card(data, CUFF))[0] == f"电量：{low}%"
+
+
 def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_changed(tmp_path: Path) -> None:
     """A device whose Battery Level cannot notify is re-read while connected (every
     `battery_poll_s`); an unchanged level does not rewrite the row at every read."""
@@ -222,6 +270,17 @@ def test_an_unchanged_battery_level_is_written_again_only_after_the_refresh_inte
     watch = BatteryWatch(refresh_s=1800)
     assert watch.is_news(50, now=0.0)
     assert not watch.is_news(50, now=1799.0)
-    assert watch.is_news(49, now=1799.5)  # a change: at once
-    assert not watch.is_news(49, now=3000.0)
-    assert watch.is_news(49, now=3599.5)
+    assert watch.is_news(48, now=1799.5)  # a change of 2 points: at once
+    assert not watch.is_news(48, now=3000.0)
+    assert watch.is_news(48, now=3599.5)
+
+
+def test_a_battery_level_dropping_to_low_is_written_at_once_even_one_point_down() -> None:
+    """A flicker of 1 point waits for the refresh interval, except a drop to the low threshold:
+    the doctor must see a cuff going flat at once. Flickering back up and down there stays quiet."""
+    watch = BatteryWatch(refresh_s=1800)
+    assert watch.is_news(LOW_BATTERY_PERCENT + 1, now=0.0)
+    assert not watch.is_news(LOW_BATTERY_PERCENT + 2, now=1.0)  # 1 point from the row: not worth a write
+    assert watch.is_news(LOW_BATTERY_PERCENT, now=2.0)  # down to low: at once
+    assert not watch.is_news(LOW_BATTERY_PERCENT + 1, now=3.0)
+    assert not watch.is_news(LOW_BATTERY_PERCENT, now=4.0)

@@ -50,7 +50,7 @@ from bleak.exc import BleakDBusError, BleakError, BleakGATTProtocolError
 from bleak_retry_connector import establish_connection
 
 from devices.ble import registry, uuids
-from devices.ble.battery import decode_battery_level
+from devices.ble.battery import LOW_BATTERY_PERCENT, decode_battery_level
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
 from devices.ble.current_time import CurrentTime, encode_current_time
 from devices.ble.device_information import STRING_CHARACTERISTICS, device_identity
@@ -140,8 +140,8 @@ class LinkSettings:
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
     clock_tolerance_s: float = 300.0  # how far ahead of its receipt an unmeasured device clock's stamp is believed
     # A device connected for days: its Battery Level is re-read this often when it cannot notify;
-    # an unchanged level is written to clinic.db at most every battery_refresh_s (the SD card),
-    # a changed one at once.
+    # a level within 1 point of the one written is written to clinic.db again at most every
+    # battery_refresh_s (the SD card), a bigger change or a drop to low at once (`BatteryWatch`).
     battery_poll_s: float = 600.0
     battery_refresh_s: float = 1800.0
     # The zone device clocks are set to: an IANA zone, so each stamp is read with the UTC offset
@@ -533,21 +533,27 @@ class DeviceSession:
 
 
 class BatteryWatch:
-    """Which Battery Levels are worth a clinic.db write: a changed level at once, an unchanged one
-    at most every `refresh_s` seconds (so the time shown stays recent without a write per
-    notification or read on the SD card)."""
+    """Which Battery Levels are worth a clinic.db write (the SD card): a cell under load flickers
+    50<->51 all day. Written: the first, a level 2 points or more from the one written, one
+    dropping to `LOW_BATTERY_PERCENT` or below (at once, even 1 point down), and any level after
+    `refresh_s` seconds (so the time shown stays recent). The row is never more than 1 point off."""
 
     def __init__(self, refresh_s: float) -> None:
         self.refresh_s = refresh_s
-        self.level: int | None = None  # the last reported
+        self.level: int | None = None  # the last reported: what the row holds
         self.at = 0.0  # when (monotonic seconds)
 
     def is_news(self, level: int, now: float) -> bool:
         """Whether to report `level`, seen at `now`; if so it becomes the last reported."""
-        if level == self.level and now - self.at < self.refresh_s:
+        if self.level is not None and now - self.at < self.refresh_s and not self._moved(level):
             return False
         self.level, self.at = level, now
         return True
+
+    def _moved(self, level: int) -> bool:
+        assert self.level is not None
+        went_low = level <= LOW_BATTERY_PERCENT < self.level
+        return went_low or abs(level - self.level) >= 2
 
 
 def _end_if_cancelled() -> None:
