@@ -102,11 +102,13 @@ def stays_connected(
     notify: bool,
     settings: LinkSettings | None = None,
     after_change: int = 0,
+    require_pairing: bool = False,
 ) -> tuple[DeviceRecord, dt.datetime, BloodPressureCuff]:
-    """A cuff at 80% connects and stays connected; once the link has set it up, a day later by the
-    gateway's clock, its charge drops to `change_to` (notified if `notify`). Runs until the row
-    says so (or 10 s pass), then `after_change` more Battery Level reads a minute later still.
-    Its row then, the time of the drop and the cuff."""
+    """A cuff at 80% (its subscriptions needing an encrypted link if `require_pairing`) connects and
+    stays connected; once the link has set it up, a day later by the gateway's clock, its charge
+    drops to `change_to` (notified if `notify`). Runs until the row says so (or 10 s pass), then
+    `after_change` more Battery Level reads a minute later still. Its row then, the time of the
+    drop and the cuff."""
     gw = Gateway(data)
     later = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(days=1)
     try:
@@ -114,7 +116,13 @@ def stays_connected(
 
         async def run() -> BloodPressureCuff:
             cuff = BloodPressureCuff(
-                gw.new_radio(), CUFF, "cuff", battery_level=80, battery_notify=notify, hang_up_after_memory=False
+                gw.new_radio(),
+                CUFF,
+                "cuff",
+                battery_level=80,
+                battery_notify=notify,
+                hang_up_after_memory=False,
+                require_pairing=require_pairing,
             )
             changed: list[float] = []  # when (monotonic) the charge dropped
             reads: list[int] = []  # reads served when the row said the new level
@@ -152,6 +160,22 @@ def test_a_cuff_left_connected_tells_the_doctor_its_battery_went_low(tmp_path: P
     data = tmp_path / "data"
     row, dropped_at, _ = stays_connected(data, 15, notify=True)
     assert (row.battery_level, row.battery_at) == (15, dropped_at)
+    assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
+
+
+def test_a_cuff_bonded_after_refusing_battery_notifications_notifies_its_battery(tmp_path: Path) -> None:
+    """A cuff whose subscriptions need an encrypted link refused the Battery Level one (asked before
+    bonding); the link bonded for its measurements but only re-read the level every
+    `battery_poll_s` for the rest of the connection (days). Now it subscribes again once bonded:
+    the level it notifies reaches the row and the page without waiting for a re-read."""
+    data = tmp_path / "data"
+    settings = LinkSettings(
+        scan_pass_s=0.5, reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC, battery_poll_s=3600
+    )
+    row, dropped_at, cuff = stays_connected(data, 15, notify=True, settings=settings, require_pairing=True)
+    assert row.pair_required  # it was bonded in this connection
+    assert (row.battery_level, row.battery_at) == (15, dropped_at)
+    assert cuff.battery_reads == 1  # the read at connect: the level came notified
     assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
 
 

@@ -181,6 +181,7 @@ class DeviceSession:
         self.unusable: Counter[str] = Counter()  # readings not stored, by the status that made them so
         self.battery = BatteryWatch(self.s.battery_refresh_s)
         self._battery_poll: asyncio.Task[None] | None = None
+        self._battery_awaits_bonding = False  # its notifications were refused for want of bonding
 
     # -- the session ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -295,7 +296,9 @@ class DeviceSession:
     async def _watch_battery(self) -> None:
         """Keep its charge current while connected (a BP monitor stays connected for days): its
         notifications when Battery Level offers them (Battery Service), else a re-read every
-        `battery_poll_s`. A device that refuses the subscription is re-read instead."""
+        `battery_poll_s`. A device that refuses the subscription is re-read instead; one that
+        refuses it for want of bonding is asked again once `_bond` has bonded (in this connection:
+        it may stay connected for days, and at the next connect it is bonded first anyway)."""
         char = self._char(uuids.BATTERY_LEVEL)
         if char is None:
             return
@@ -303,10 +306,15 @@ class DeviceSession:
         if "notify" in char.properties:
             try:
                 await self.client.start_notify(char, lambda _sender, data: self._on_battery_notified(data))
-                return
             except (BleakGATTProtocolError, BleakDBusError) as exc:
                 log.info("%s: Battery Level notifications refused (%s); re-reading it instead", self.address, exc)
-        if "read" in char.properties:
+                self._battery_awaits_bonding = not self.paired and _needs_bonding(exc)
+            else:
+                if self._battery_poll is not None:
+                    self._battery_poll.cancel()
+                    self._battery_poll = None
+                return
+        if "read" in char.properties and self._battery_poll is None:
             self._battery_poll = asyncio.get_running_loop().create_task(self._poll_battery())
 
     async def _poll_battery(self) -> None:
@@ -365,11 +373,20 @@ class DeviceSession:
             except (BleakGATTProtocolError, BleakDBusError) as exc:
                 if self.paired or not _needs_bonding(exc):
                     raise
-                log.info("%s: device requires pairing; bonding", self.address)
-                await self.client.pair()
-                self.paired = True
-                self.port.note_pair_required(self.address)
+                await self._bond()
                 await self.client.start_notify(char, callback)
+
+    async def _bond(self) -> None:
+        """Bond with a device that refused a subscription for want of it; the Battery Level
+        subscription it refused too is asked again (else only re-read, for days)."""
+        assert self.client is not None
+        log.info("%s: device requires pairing; bonding", self.address)
+        await self.client.pair()
+        self.paired = True
+        self.port.note_pair_required(self.address)
+        if self._battery_awaits_bonding:
+            self._battery_awaits_bonding = False
+            await self._watch_battery()
 
     async def _download_records(self) -> None:
         char = self._char(uuids.RECORD_ACCESS_CONTROL_POINT)
