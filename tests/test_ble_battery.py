@@ -22,7 +22,7 @@ from tests.conftest import missing
 if importlib.util.find_spec("bumble") is None:
     missing("bumble (the emulation extra) is not installed", module=True)
 
-from devices.ble.battery import decode_battery_level
+from devices.ble.battery import LOW_BATTERY_PERCENT, decode_battery_level
 from devices.errors import ProtocolError
 from firmware_bridge.ble.emulated_peripherals import (
     BloodPressureCuff,
@@ -38,6 +38,7 @@ from lastmile.config import parse_config
 from lastmile.services.ble_devices import link_settings
 from tests.ble_gateway import Gateway
 from tests.console_harness import DOCTOR, Client, console_config, running_console
+from tests.statement_trace import traced
 
 UTC = dt.timezone.utc
 CUFF, THERMO = "C0:00:00:00:00:01", "C0:00:00:00:00:02"
@@ -101,11 +102,13 @@ def stays_connected(
     notify: bool,
     settings: LinkSettings | None = None,
     after_change: int = 0,
+    require_pairing: bool = False,
 ) -> tuple[DeviceRecord, dt.datetime, BloodPressureCuff]:
-    """A cuff at 80% connects and stays connected; once the link has set it up, a day later by the
-    gateway's clock, its charge drops to `change_to` (notified if `notify`). Runs until the row
-    says so (or 10 s pass), then `after_change` more Battery Level reads a minute later still.
-    Its row then, the time of the drop and the cuff."""
+    """A cuff at 80% (its subscriptions needing an encrypted link if `require_pairing`) connects and
+    stays connected; once the link has set it up, a day later by the gateway's clock, its charge
+    drops to `change_to` (notified if `notify`). Runs until the row says so (or 10 s pass), then
+    `after_change` more Battery Level reads a minute later still. Its row then, the time of the
+    drop and the cuff."""
     gw = Gateway(data)
     later = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(days=1)
     try:
@@ -113,7 +116,13 @@ def stays_connected(
 
         async def run() -> BloodPressureCuff:
             cuff = BloodPressureCuff(
-                gw.new_radio(), CUFF, "cuff", battery_level=80, battery_notify=notify, hang_up_after_memory=False
+                gw.new_radio(),
+                CUFF,
+                "cuff",
+                battery_level=80,
+                battery_notify=notify,
+                hang_up_after_memory=False,
+                require_pairing=require_pairing,
             )
             changed: list[float] = []  # when (monotonic) the charge dropped
             reads: list[int] = []  # reads served when the row said the new level
@@ -152,6 +161,69 @@ def test_a_cuff_left_connected_tells_the_doctor_its_battery_went_low(tmp_path: P
     row, dropped_at, _ = stays_connected(data, 15, notify=True)
     assert (row.battery_level, row.battery_at) == (15, dropped_at)
     assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
+
+
+def test_a_cuff_bonded_after_refusing_battery_notifications_notifies_its_battery(tmp_path: Path) -> None:
+    """A cuff whose subscriptions need an encrypted link refused the Battery Level one (asked before
+    bonding); the link bonded for its measurements but only re-read the level every
+    `battery_poll_s` for the rest of the connection (days). Now it subscribes again once bonded:
+    the level it notifies reaches the row and the page without waiting for a re-read."""
+    data = tmp_path / "data"
+    settings = LinkSettings(
+        scan_pass_s=0.5, reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC, battery_poll_s=3600
+    )
+    row, dropped_at, cuff = stays_connected(data, 15, notify=True, settings=settings, require_pairing=True)
+    assert row.pair_required  # it was bonded in this connection
+    assert (row.battery_level, row.battery_at) == (15, dropped_at)
+    assert cuff.battery_reads == 1  # the read at connect: the level came notified
+    assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
+
+
+FLICKERS = 40  # notifications of a cell under load flickering 50<->51
+
+
+def battery_written(statements: list[str]) -> list[int]:
+    """The Battery Levels written to the device row, in order, from the statements run on clinic.db."""
+    return [int(m[1]) for m in map(re.compile(r"UPDATE devices SET .*battery_level = (\d+)").search, statements) if m]
+
+
+def test_a_battery_level_flickering_by_one_point_does_not_write_the_row_each_time(tmp_path: Path) -> None:
+    """A cuff left connected whose cell flickers 50<->51 under load wrote its device row in
+    clinic.db at every notification (the SD card, all day). Now a level 1 point from the one
+    written waits for `battery_refresh_s`; a bigger change and a drop to the low threshold are
+    written at once, and the page is never more than 1 point off."""
+    data = tmp_path / "data"
+    gw = Gateway(data)
+    low = LOW_BATTERY_PERCENT
+    levels = [51, 50] * (FLICKERS // 2) + [low + 3, low + 1, low]
+    try:
+        gw.allow(CUFF)
+
+        async def run() -> None:
+            cuff = BloodPressureCuff(
+                gw.new_radio(), CUFF, "cuff", battery_level=50, battery_notify=True, hang_up_after_memory=False
+            )
+            sent: list[int] = []
+
+            async def during() -> None:
+                row = gw.registry.get(CUFF)
+                if not sent and row is not None and row.battery_level == 50 and cuff.battery in cuff.subscribed:
+                    for level in levels:
+                        await cuff.drain_battery(level)
+                        sent.append(level)
+
+            def done() -> bool:
+                row = gw.registry.get(CUFF)
+                return bool(sent) and row is not None and row.battery_level == low
+
+            await gw.run([cuff], until=done, during=during, timeout=60)
+
+        with traced(gw.store.db.conn) as statements:
+            asyncio.run(run())
+    finally:
+        gw.close()
+    assert battery_written(statements) == [50, low + 3, low + 1, low]
+    assert battery_on_card(devices_card(data, CUFF))[0] == f"电量：{low}%"
 
 
 def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_changed(tmp_path: Path) -> None:
@@ -222,6 +294,17 @@ def test_an_unchanged_battery_level_is_written_again_only_after_the_refresh_inte
     watch = BatteryWatch(refresh_s=1800)
     assert watch.is_news(50, now=0.0)
     assert not watch.is_news(50, now=1799.0)
-    assert watch.is_news(49, now=1799.5)  # a change: at once
-    assert not watch.is_news(49, now=3000.0)
-    assert watch.is_news(49, now=3599.5)
+    assert watch.is_news(48, now=1799.5)  # a change of 2 points: at once
+    assert not watch.is_news(48, now=3000.0)
+    assert watch.is_news(48, now=3599.5)
+
+
+def test_a_battery_level_dropping_to_low_is_written_at_once_even_one_point_down() -> None:
+    """A flicker of 1 point waits for the refresh interval, except a drop to the low threshold:
+    the doctor must see a cuff going flat at once. Flickering back up and down there stays quiet."""
+    watch = BatteryWatch(refresh_s=1800)
+    assert watch.is_news(LOW_BATTERY_PERCENT + 1, now=0.0)
+    assert not watch.is_news(LOW_BATTERY_PERCENT + 2, now=1.0)  # 1 point from the row: not worth a write
+    assert watch.is_news(LOW_BATTERY_PERCENT, now=2.0)  # down to low: at once
+    assert not watch.is_news(LOW_BATTERY_PERCENT + 1, now=3.0)
+    assert not watch.is_news(LOW_BATTERY_PERCENT, now=4.0)
