@@ -52,7 +52,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, QUALITY_HOLD, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, QUALITY_HOLD, ecgs_waiting, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -790,21 +790,6 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
-    def _ecgs_waiting(self, now: dt.datetime) -> tuple[int, dt.datetime | None, int]:
-        """How many ECGs wait to be sent, and since when the oldest of them has; and how many are
-        held for the doctor instead (they wait for a decision on Today, not for the link). The
-        outbox's counts and oldest item are of every kind: the readings waiting for the health
-        platform are not studies waiting for the reading center."""
-        # held: 1 or 0, never NULL (an item with no hold has hold_until NULL)
-        held = f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({_marks(DOCTOR_HOLDS)}), 0)"
-        sql = (
-            "SELECT COUNT(*) FILTER (WHERE NOT held), MIN(created_at) FILTER (WHERE NOT held), SUM(held) "
-            f"FROM (SELECT created_at, {held} AS held FROM items WHERE kind = ? AND state IN ('queued', 'sending'))"
-        )
-        params = (now.timestamp(), *DOCTOR_HOLDS, Kind.DICOM)
-        count, oldest, held_count = self.outbox.db.conn.execute(sql, params).fetchone()
-        return int(count), None if oldest is None else _utc(oldest), int(held_count or 0)
-
     def _unpurged_item_ids(self, kind: str, *, limit: int) -> list[int]:
         # The last `limit` items of `kind` not purged, whenever they came (the Sent page has no
         # time window), newest first: the states left are named so that the items_claim index
@@ -1192,7 +1177,7 @@ class ClinicData:
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get(LAST_ERROR_AT))
         down_since = last_error_at if reading_center_down(status) else None
-        waiting, oldest, held = self._ecgs_waiting(now)
+        ecgs = ecgs_waiting(self.outbox.db.conn, now.timestamp())
         blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
@@ -1200,12 +1185,12 @@ class ClinicData:
             down_since=down_since,
             last_error=str(status.get("last_error") or ""),
             last_success=last_success,
-            waiting=waiting,
-            oldest_waiting=oldest,
+            waiting=ecgs.waiting,
+            oldest_waiting=None if ecgs.oldest is None else _utc(ecgs.oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
-            held_for_doctor=held,
+            held_for_doctor=ecgs.held_for_doctor,
         )
 
     def county_link(self, now: dt.datetime) -> CountyLink | None:
