@@ -47,7 +47,7 @@ from lastmile.clinic.observations import (
 )
 from lastmile.clinic.patient_ids import clinic_patient
 from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext
-from lastmile.config import Config
+from lastmile.config import Config, fhir_naming
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
@@ -66,6 +66,7 @@ from lastmile.services.link_status import (
 )
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
+from uploader.fhir_bundle import observation_key
 from uploader.fhir_link import LAST_ERROR_AT, Said
 from uploader.outbox import ItemState, Kind, MeterHold, OutboxItem, Priority
 from uploader.report_lines import ReportLine
@@ -277,6 +278,9 @@ class ReadingJourney:
     quarantine_reason: str
     with_visit: bool = False  # it goes in its home visit's bundle (state and time are that bundle's)
     metered_held: bool = False  # the metered county link (fhir.metered) holds the bundle carrying it now
+    # relayed into its own bundle, but clinic.db refused its sent record: the reading was put back,
+    # unmarked, and a later relay records it (lastmile.services.observation_relay._record)
+    record_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,16 +631,35 @@ def _carried(
     hold: MeterHold | None,
     at: float,
 ) -> ReadingJourney:
-    """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
-    county platform took that bundle, else waiting for it - for the metered link if `hold` (what
-    it holds at `at`) takes the bundle - or refused with the bundle's reason. The bundle (among
-    `bundles`, by key: those of the records knowing no sent time) is looked up only while the
-    record knows no sent time."""
+    """A relayed reading (its own item done) is where the bundle carrying it is (`_in_bundle`).
+    The bundle (among `bundles`, by key: those of the records knowing no sent time) is looked up
+    only while the record knows no sent time."""
     bundle = None if record.sent_at is not None else carrying_bundle(bundles.get, record)
     with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
-    sent_at = record.sent_at or taken_at(bundle)
+    return _in_bundle(journey, bundle, record.sent_at or taken_at(bundle), hold, at, with_visit=with_visit)
+
+
+def _in_bundle(
+    journey: ReadingJourney,
+    bundle: OutboxItem | None,
+    sent_at: dt.datetime | None,
+    hold: MeterHold | None,
+    at: float,
+    *,
+    with_visit: bool = False,
+    record_pending: bool = False,
+) -> ReadingJourney:
+    """A reading where `bundle` carrying it is: sent at `sent_at` when the county platform took
+    that bundle, else waiting for it - for the metered link if `hold` (what it holds at `at`)
+    takes the bundle - or refused with the bundle's reason; waiting while there is no bundle yet."""
     if sent_at is not None:
-        return replace(journey, state=ItemState.SENT.value, sent_at=sent_at, with_visit=with_visit)
+        return replace(
+            journey,
+            state=ItemState.SENT.value,
+            sent_at=sent_at,
+            with_visit=with_visit,
+            record_pending=record_pending,
+        )
     return replace(
         journey,
         state=ItemState.QUEUED.value if bundle is None else bundle.state.value,
@@ -644,8 +667,30 @@ def _carried(
         attempts=0 if bundle is None else bundle.attempts,
         last_error="" if bundle is None else bundle.last_error or "",
         quarantine_reason="" if bundle is None else bundle.quarantine_reason or "",
-        with_visit=with_visit,
         metered_held=bundle is not None and hold is not None and hold.holds(bundle, at),
+        with_visit=with_visit,
+        record_pending=record_pending,
+    )
+
+
+def _observation_in(item_id: int, payload: bytes) -> Observation | None:
+    """The reading outbox item `item_id` stores; None if it cannot be read (logged)."""
+    try:
+        return observation_from_json(json.loads(payload))
+    except Exception as exc:  # noqa: BLE001 — one unreadable item must not take the page down
+        log.warning("outbox item %d: cannot show it (%s)", item_id, type(exc).__name__)
+        return None
+
+
+def _reading_view(obs: Observation) -> ReadingView:
+    return ReadingView(
+        obs.record_key,
+        obs.kind,
+        summary(obs),
+        obs.device.label(),
+        obs.measured_at,
+        obs.time_source.value,
+        obs.flags,
     )
 
 
@@ -847,20 +892,20 @@ class ClinicData:
 
     @staticmethod
     def _reading_from(item_id: int, payload: bytes) -> ReadingView | None:
-        try:
-            obs = observation_from_json(json.loads(payload))
-        except Exception as exc:  # noqa: BLE001 — one unreadable item must not take the page down
-            log.warning("outbox item %d: cannot show it (%s)", item_id, type(exc).__name__)
-            return None
-        return ReadingView(
-            obs.record_key,
-            obs.kind,
-            summary(obs),
-            obs.device.label(),
-            obs.measured_at,
-            obs.time_source.value,
-            obs.flags,
-        )
+        obs = _observation_in(item_id, payload)
+        return None if obs is None else _reading_view(obs)
+
+    def _put_back(self, items: Mapping[int, OutboxItem], observations: Mapping[int, Observation]) -> dict[int, str]:
+        """Item id -> its own bundle's key, of each reading (`observations`, by item) still waiting:
+        one the relay put back (clinic.db refused its record) has its bundle queued, maybe taken
+        already; one never relayed has none. (One a home visit carries would be found by its
+        record's visit alone: the page cannot know it - it says waiting until its record is written.)"""
+        naming = fhir_naming(self.config)
+        return {
+            item_id: observation_key(obs, naming)
+            for item_id, obs in observations.items()
+            if (item := items.get(item_id)) is not None and item.state in (ItemState.QUEUED, ItemState.SENDING)
+        }
 
     def held_readings(self, now: dt.datetime, session: SessionView | None = None) -> list[ReadingView]:
         """The held readings, each saying whether it was measured during `session` (the current
@@ -1137,8 +1182,10 @@ class ClinicData:
         item_ids = sorted({*waiting, *records}, reverse=True)[:limit]
         payloads = self.outbox.read_payloads(item_ids)
         items = self.outbox.get_many(item_ids)  # one statement for the page, not one per reading
+        observations = {i: obs for i, p in payloads.items() if (obs := _observation_in(i, p)) is not None}
+        put_back = self._put_back(items, observations)
         untaken = [r for i, r in records.items() if i in items and r.sent_at is None]
-        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)])
+        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)] + list(put_back.values()))
         out = []
         for item_id in item_ids:
             item = items.get(item_id)
@@ -1152,12 +1199,12 @@ class ClinicData:
                     out.append(_carried(_sent_reading_journey(item, record), record, bundles, hold, at))
                 continue
             patient = item.patient or {}
-            payload = payloads.get(item_id)
+            obs = observations.get(item_id)
             journey = ReadingJourney(
                 item_id=item.id,
                 patient_id=str(patient.get("patient_id") or ""),
                 patient_name=str(patient.get("name") or ""),
-                reading=None if payload is None else self._reading_from(item_id, payload),
+                reading=None if obs is None else _reading_view(obs),
                 kind=str(item.meta.get("kind") or ""),
                 measured_at=from_iso(item.meta.get("measured_at")),
                 state=item.state.value,
@@ -1168,6 +1215,10 @@ class ClinicData:
             )
             if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
                 journey = _carried(journey, record, bundles, hold, at)
+            elif (bundle := bundles.get(put_back.get(item_id, ""))) is not None:
+                # relayed, then put back unmarked (its record refused, or a relay cut short): where
+                # its own bundle is - maybe taken by the platform already - its record still to write
+                journey = _in_bundle(journey, bundle, taken_at(bundle), hold, at, record_pending=record is None)
             out.append(journey)
         return out
 
