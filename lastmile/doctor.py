@@ -35,6 +35,7 @@ from lastmile.doctor_ble import check_bluetooth
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
+    from lastmile.ecg.holds import EcgsWaiting
     from lastmile.services.link_status import FhirPlatform
     from lastmile.services.metered import MeteredWait
     from uploader.outbox import OutboxItem
@@ -63,6 +64,7 @@ NETWORK_TIMEOUT_S = 10.0
 METRICS_TIMEOUT_S = 5.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
+DOCTOR_DECIDES = "not waiting for the link: the doctor decides on the console's Today page or `lastmile patient show`"
 REPORTS_FAILING_WARN_S = 3600.0  # no report query has worked for an hour
 # What each finding of a check that gives several is about (Finding.topic): the System page heads
 # each with its check's label and its own (console/app.py TOPIC_LABELS), `lastmile doctor` prints
@@ -177,6 +179,7 @@ class OutboxReads:
     refused: OutboxItem | None  # that item, when the server refuses it alone
     recent_ecgs: list[OutboxItem]  # DICOM items of the last ECG_CLOCK_LOOKBACK_S, newest first
     fhir_status: dict[str, Any] | None  # what the FHIR forwarder recorded of its last rounds (FHIR_STATUS)
+    ecgs: EcgsWaiting  # the ECGs waiting for the link, and those held for the doctor instead
 
 
 @dataclass
@@ -231,6 +234,7 @@ class Doctor:
 
     def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
+        from lastmile.ecg.holds import ecgs_waiting
         from lastmile.services.link_status import FHIR_STATUS
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
@@ -255,6 +259,7 @@ class Doctor:
                         oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None,
                         outbox.newest(Kind.DICOM, since=now - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS),
                         outbox.status(FHIR_STATUS),
+                        ecgs_waiting(outbox.db.conn, now),
                     )
         return reads
 
@@ -964,13 +969,16 @@ class Doctor:
             return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
         stats, held, oldest_item, refused = reads.stats, reads.held, reads.oldest_item, reads.refused
         counts = stats["counts"]
-        waiting = counts.get("queued", 0) + counts.get("sending", 0)
+        held_for_doctor = reads.ecgs.held_for_doctor  # they wait for the doctor, not for the link
+        waiting = counts.get("queued", 0) + counts.get("sending", 0) - held_for_doctor
         oldest = stats["oldest_waiting_s"]
         quarantined = stats["quarantined"]
         text = (
             f"{waiting} waiting, {counts.get('sent', 0)} awaiting commitment, "
             f"{counts.get('committed', 0)} committed, {len(quarantined)} quarantined"
         )
+        if held_for_doctor:
+            text += f"; {held_for_doctor} more ECG(s) held for the doctor ({DOCTOR_DECIDES})"
         if oldest is not None:
             text += f"; oldest waiting {_age(oldest)}"
         faults = [

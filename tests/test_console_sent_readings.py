@@ -436,3 +436,29 @@ def test_a_reading_whose_sent_record_clinic_db_refused_is_still_listed_after_the
     with ReportStore.open(config.data_dir) as store:
         [record] = store.recent_sent_readings(1)
     assert record.sent_at is not None and abs(record.sent_at.timestamp() - taken_time(config)) < 1e-3, record
+
+
+def test_a_reading_the_platform_took_while_clinic_db_refused_its_record_says_it_is_sent(tmp_path: Path) -> None:
+    """clinic.db refused the reading's sent record: the relay put the reading back, unmarked, for a
+    later relay to record, while its bundle went on and the platform took it. The page said
+    等待发送 meanwhile, and the doctor measured the BP again. It says 已发送 at the time the
+    platform took it (the outbox's), and that this gateway's own record is not saved yet."""
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        record_receipt_timed_bp(config, "bp-1")
+        refuse_sent_records(config, True)
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: platform.resources("Observation"), "the reading's bundle taken, unrecorded")
+            section = readings_section(client.get("/sent").body)
+            with open_outbox(config) as outbox:
+                [reading] = outbox.items(kind=OBSERVATION_KIND)
+        finally:
+            service.close()
+    assert reading.state == ItemState.QUEUED, reading  # put back: a later relay records it
+    assert "131/84 mmHg" in section and "等待发送" not in section, section
+    said = re.search(r'已发送 <time datetime="([^"]+)"', section)
+    assert said, section
+    assert abs(dt.datetime.fromisoformat(said[1]).timestamp() - taken_time(config)) < 1, (said[1], section)
+    assert "县级平台已收到。本机尚未保存它的发送记录" in section, section

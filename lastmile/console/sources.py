@@ -47,12 +47,12 @@ from lastmile.clinic.observations import (
 )
 from lastmile.clinic.patient_ids import clinic_patient
 from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext, SameName
-from lastmile.config import Config
+from lastmile.config import Config, fhir_naming
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, ecgs_waiting, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -66,6 +66,7 @@ from lastmile.services.link_status import (
 )
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
+from uploader.fhir_bundle import observation_key
 from uploader.fhir_link import LAST_ERROR_AT, Said
 from uploader.outbox import ItemState, Kind, MeterHold, OutboxItem, Priority
 from uploader.report_lines import ReportLine
@@ -272,6 +273,9 @@ class ReadingJourney:
     quarantine_reason: str
     with_visit: bool = False  # it goes in its home visit's bundle (state and time are that bundle's)
     metered_held: bool = False  # the metered county link (fhir.metered) holds the bundle carrying it now
+    # relayed into its own bundle, but clinic.db refused its sent record: the reading was put back,
+    # unmarked, and a later relay records it (lastmile.services.observation_relay._record)
+    record_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,16 +638,35 @@ def _carried(
     hold: MeterHold | None,
     at: float,
 ) -> ReadingJourney:
-    """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
-    county platform took that bundle, else waiting for it - for the metered link if `hold` (what
-    it holds at `at`) takes the bundle - or refused with the bundle's reason. The bundle (among
-    `bundles`, by key: those of the records knowing no sent time) is looked up only while the
-    record knows no sent time."""
+    """A relayed reading (its own item done) is where the bundle carrying it is (`_in_bundle`).
+    The bundle (among `bundles`, by key: those of the records knowing no sent time) is looked up
+    only while the record knows no sent time."""
     bundle = None if record.sent_at is not None else carrying_bundle(bundles.get, record)
     with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
-    sent_at = record.sent_at or taken_at(bundle)
+    return _in_bundle(journey, bundle, record.sent_at or taken_at(bundle), hold, at, with_visit=with_visit)
+
+
+def _in_bundle(
+    journey: ReadingJourney,
+    bundle: OutboxItem | None,
+    sent_at: dt.datetime | None,
+    hold: MeterHold | None,
+    at: float,
+    *,
+    with_visit: bool = False,
+    record_pending: bool = False,
+) -> ReadingJourney:
+    """A reading where `bundle` carrying it is: sent at `sent_at` when the county platform took
+    that bundle, else waiting for it - for the metered link if `hold` (what it holds at `at`)
+    takes the bundle - or refused with the bundle's reason; waiting while there is no bundle yet."""
     if sent_at is not None:
-        return replace(journey, state=ItemState.SENT.value, sent_at=sent_at, with_visit=with_visit)
+        return replace(
+            journey,
+            state=ItemState.SENT.value,
+            sent_at=sent_at,
+            with_visit=with_visit,
+            record_pending=record_pending,
+        )
     return replace(
         journey,
         state=ItemState.QUEUED.value if bundle is None else bundle.state.value,
@@ -651,8 +674,30 @@ def _carried(
         attempts=0 if bundle is None else bundle.attempts,
         last_error="" if bundle is None else bundle.last_error or "",
         quarantine_reason="" if bundle is None else bundle.quarantine_reason or "",
-        with_visit=with_visit,
         metered_held=bundle is not None and hold is not None and hold.holds(bundle, at),
+        with_visit=with_visit,
+        record_pending=record_pending,
+    )
+
+
+def _observation_in(item_id: int, payload: bytes) -> Observation | None:
+    """The reading outbox item `item_id` stores; None if it cannot be read (logged)."""
+    try:
+        return observation_from_json(json.loads(payload))
+    except Exception as exc:  # noqa: BLE001 — one unreadable item must not take the page down
+        log.warning("outbox item %d: cannot show it (%s)", item_id, type(exc).__name__)
+        return None
+
+
+def _reading_view(obs: Observation) -> ReadingView:
+    return ReadingView(
+        obs.record_key,
+        obs.kind,
+        summary(obs),
+        obs.device.label(),
+        obs.measured_at,
+        obs.time_source.value,
+        obs.flags,
     )
 
 
@@ -800,21 +845,6 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
-    def _ecgs_waiting(self, now: dt.datetime) -> tuple[int, dt.datetime | None, int]:
-        """How many ECGs wait to be sent, and since when the oldest of them has; and how many are
-        held for the doctor instead (they wait for a decision on Today, not for the link). The
-        outbox's counts and oldest item are of every kind: the readings waiting for the health
-        platform are not studies waiting for the reading center."""
-        # held: 1 or 0, never NULL (an item with no hold has hold_until NULL)
-        held = f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({_marks(DOCTOR_HOLDS)}), 0)"
-        sql = (
-            "SELECT COUNT(*) FILTER (WHERE NOT held), MIN(created_at) FILTER (WHERE NOT held), SUM(held) "
-            f"FROM (SELECT created_at, {held} AS held FROM items WHERE kind = ? AND state IN ('queued', 'sending'))"
-        )
-        params = (now.timestamp(), *DOCTOR_HOLDS, Kind.DICOM)
-        count, oldest, held_count = self.outbox.db.conn.execute(sql, params).fetchone()
-        return int(count), None if oldest is None else _utc(oldest), int(held_count or 0)
-
     def _unpurged_item_ids(self, kind: str, *, limit: int) -> list[int]:
         # The last `limit` items of `kind` not purged, whenever they came (the Sent page has no
         # time window), newest first: the states left are named so that the items_claim index
@@ -872,20 +902,20 @@ class ClinicData:
 
     @staticmethod
     def _reading_from(item_id: int, payload: bytes) -> ReadingView | None:
-        try:
-            obs = observation_from_json(json.loads(payload))
-        except Exception as exc:  # noqa: BLE001 — one unreadable item must not take the page down
-            log.warning("outbox item %d: cannot show it (%s)", item_id, type(exc).__name__)
-            return None
-        return ReadingView(
-            obs.record_key,
-            obs.kind,
-            summary(obs),
-            obs.device.label(),
-            obs.measured_at,
-            obs.time_source.value,
-            obs.flags,
-        )
+        obs = _observation_in(item_id, payload)
+        return None if obs is None else _reading_view(obs)
+
+    def _put_back(self, items: Mapping[int, OutboxItem], observations: Mapping[int, Observation]) -> dict[int, str]:
+        """Item id -> its own bundle's key, of each reading (`observations`, by item) still waiting:
+        one the relay put back (clinic.db refused its record) has its bundle queued, maybe taken
+        already; one never relayed has none. (One a home visit carries would be found by its
+        record's visit alone: the page cannot know it - it says waiting until its record is written.)"""
+        naming = fhir_naming(self.config)
+        return {
+            item_id: observation_key(obs, naming)
+            for item_id, obs in observations.items()
+            if (item := items.get(item_id)) is not None and item.state in (ItemState.QUEUED, ItemState.SENDING)
+        }
 
     def held_readings(self, now: dt.datetime, session: SessionView | None = None) -> list[ReadingView]:
         """The held readings, each saying whether it was measured during `session` (the current
@@ -1150,8 +1180,10 @@ class ClinicData:
         item_ids = sorted({*waiting, *records}, reverse=True)[:limit]
         payloads = self.outbox.read_payloads(item_ids)
         items = self.outbox.get_many(item_ids)  # one statement for the page, not one per reading
+        observations = {i: obs for i, p in payloads.items() if (obs := _observation_in(i, p)) is not None}
+        put_back = self._put_back(items, observations)
         untaken = [r for i, r in records.items() if i in items and r.sent_at is None]
-        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)])
+        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)] + list(put_back.values()))
         out = []
         for item_id in item_ids:
             item = items.get(item_id)
@@ -1165,12 +1197,12 @@ class ClinicData:
                     out.append(_carried(_sent_reading_journey(item, record), record, bundles, hold, at))
                 continue
             patient = item.patient or {}
-            payload = payloads.get(item_id)
+            obs = observations.get(item_id)
             journey = ReadingJourney(
                 item_id=item.id,
                 patient_id=str(patient.get("patient_id") or ""),
                 patient_name=str(patient.get("name") or ""),
-                reading=None if payload is None else self._reading_from(item_id, payload),
+                reading=None if obs is None else _reading_view(obs),
                 kind=str(item.meta.get("kind") or ""),
                 measured_at=from_iso(item.meta.get("measured_at")),
                 state=item.state.value,
@@ -1181,6 +1213,10 @@ class ClinicData:
             )
             if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
                 journey = _carried(journey, record, bundles, hold, at)
+            elif (bundle := bundles.get(put_back.get(item_id, ""))) is not None:
+                # relayed, then put back unmarked (its record refused, or a relay cut short): where
+                # its own bundle is - maybe taken by the platform already - its record still to write
+                journey = _in_bundle(journey, bundle, taken_at(bundle), hold, at, record_pending=record is None)
             out.append(journey)
         return out
 
@@ -1190,7 +1226,7 @@ class ClinicData:
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get(LAST_ERROR_AT))
         down_since = last_error_at if reading_center_down(status) else None
-        waiting, oldest, held = self._ecgs_waiting(now)
+        ecgs = ecgs_waiting(self.outbox.db.conn, now.timestamp())
         blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
@@ -1198,12 +1234,12 @@ class ClinicData:
             down_since=down_since,
             last_error=str(status.get("last_error") or ""),
             last_success=last_success,
-            waiting=waiting,
-            oldest_waiting=oldest,
+            waiting=ecgs.waiting,
+            oldest_waiting=None if ecgs.oldest is None else _utc(ecgs.oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
-            held_for_doctor=held,
+            held_for_doctor=ecgs.held_for_doctor,
         )
 
     def county_link(self, now: dt.datetime) -> CountyLink | None:

@@ -9,6 +9,8 @@ rebuilds the object: `lastmile.ecg.intake.assign_held_ecg`.
 from __future__ import annotations
 
 import logging
+import sqlite3
+from dataclasses import dataclass
 
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem
 
@@ -20,6 +22,37 @@ QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record 
 DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
 LAN_SOURCE_FORMAT = "dicom-lan"
 RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
+
+
+# An item held for the doctor at the first parameter (now), then DOCTOR_HOLDS: 1 or 0, never NULL
+# (an item with no hold has hold_until NULL). The one rule of every place that says how many ECGs
+# wait to be sent (the Sent and System pages, `lastmile doctor`): those held wait for the doctor.
+_HELD_FOR_DOCTOR = (
+    f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({','.join('?' * len(DOCTOR_HOLDS))}), 0)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EcgsWaiting:
+    """The ECGs not sent yet: those waiting for the link, and those held for the doctor."""
+
+    waiting: int  # queued or on the wire for the reading center: not those held for the doctor
+    oldest: float | None  # when the oldest of those was queued (epoch seconds); None: none waits
+    held_for_doctor: int  # waiting for the doctor's decision (Today, `lastmile patient show`)
+
+
+def ecgs_waiting(conn: sqlite3.Connection, now: float) -> EcgsWaiting:
+    """How many ECGs the outbox (`conn`: outbox.sqlite, read in one statement) holds for the
+    reading center, and since when the oldest has waited; and how many are held for the doctor
+    instead. The outbox's own counts are of every kind: readings waiting for the health platform
+    are not studies waiting for the reading center."""
+    sql = (
+        "SELECT COUNT(*) FILTER (WHERE NOT held), MIN(created_at) FILTER (WHERE NOT held), SUM(held) "
+        f"FROM (SELECT created_at, {_HELD_FOR_DOCTOR} AS held FROM items "
+        "WHERE kind = ? AND state IN ('queued', 'sending'))"
+    )
+    count, oldest, held = conn.execute(sql, (now, *DOCTOR_HOLDS, Kind.DICOM.value)).fetchone()
+    return EcgsWaiting(int(count), None if oldest is None else float(oldest), int(held or 0))
 
 
 class HeldEcgError(LookupError):

@@ -273,7 +273,7 @@ class ForwardService:
         """The relayed readings' records (clinic.db, one transaction): the Sent page lists them
         after the outbox has purged them."""
         from lastmile.reports.sent_readings import sent_reading_of
-        from uploader.fhir_forwarder import observation_key
+        from uploader.fhir_bundle import observation_key
 
         destination, naming = self.config.fhir.base_url, fhir_naming(self.config)
         records = [
