@@ -693,3 +693,39 @@ def test_a_mapped_users_reading_takes_the_name_of_the_latest_check_in_of_its_pat
     late = replace(reading(2, 0), measured_at=day_on, received_at=day_on, record_key="test:user2:day-on")
     item = store.outbox.get(store.record(late, now=day_on).item_id or 0)
     assert item is not None and item.patient == {"patient_id": "P-1", "name": "Zhang^San=张^三"}
+
+
+@pytest.mark.parametrize("still_checked_in", [True, False], ids=["checked-in", "next-patient-since"])
+def test_map_user_with_another_name_than_its_ids_check_in_is_refused_naming_both(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str], still_checked_in: bool
+) -> None:
+    """P-1 was checked in as 张三; the doctor maps user 2 of the cuff to P-1 typing 李四. The CLI
+    said "readings are P-1's" and they went to the county as 张三: the name she typed silently
+    gave way. Two names for one ID: one is wrong, she is asked which - without --name, 张三; with
+    --correct-name, 李四 for the mapping and the check-in alike."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    if not still_checked_in:  # the next patient, and his other ID
+        store.context.set_patient("P-2", "Wang^Wu=王^五", now=T0 + MIN)
+        store.context.check_in("P-2B", "Wang^Wu=王^五", now=T0 + MIN, other_id=True)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", "--name", "李四", at=T0 + 2 * MIN) == 2
+    said = capsys.readouterr()
+    assert "张^三" in said.err and "李^四" in said.err and "--correct-name" in said.err, said
+    assert "readings are" not in said.out
+    assert store.db.conn.execute("SELECT COUNT(*) FROM device_users").fetchone()[0] == 0
+
+    # 李四 is right: the mapping and what the session names P-1 say so
+    assert (
+        map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", "--name", "李四", "--correct-name", at=T0 + 3 * MIN)
+        == 0
+    )
+    item = store.outbox.get(store.record(reading(2, 4), now=T0 + 4 * MIN).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+    assert store.context.known_name("P-1", T0 + 4 * MIN) == "Li^Si=李^四"
+    current = store.context.current(T0 + 4 * MIN)
+    assert current is not None and current.name == ("Li^Si=李^四" if still_checked_in else "Wang^Wu=王^五")
+    assert store.context.patient_ids(T0 + 4 * MIN) == ({"P-1"} if still_checked_in else {"P-2B", "P-2"})
+
+    # mapped again without --name: the name the session knows now
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", at=T0 + 5 * MIN) == 0
+    item = store.outbox.get(store.record(reading(2, 6), now=T0 + 6 * MIN).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}

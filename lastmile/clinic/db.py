@@ -201,6 +201,14 @@ _ERROR_KINDS_BEFORE = (
 )
 
 
+def _old_report_lines(db: sqlite_utils.Database) -> None:
+    if db.conn.execute("SELECT 1 FROM reports WHERE lines IS NULL LIMIT 1").fetchone() is None:
+        return  # nothing to read again (every gateway set up since 0009): the console never loads pydicom for it
+    from lastmile.reports.old_lines import add_old_report_lines
+
+    add_old_report_lines(db)
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -359,6 +367,10 @@ MIGRATIONS = (
         "UPDATE devices SET held_cause = last_error "
         "WHERE COALESCE(held_readings, '') != '' AND last_error_kind = 'not-saved';",
     ),
+    # the reports stored before 0009 (no lines: shown as their English text) read again from the
+    # object each keeps as received, so they are worded in the reader's language too; a row that
+    # cannot be read again keeps its text (lastmile.reports.old_lines)
+    Migration("0032_old_report_lines", _old_report_lines),
 )
 
 

@@ -34,6 +34,8 @@ NAME_KEPT = dt.timedelta(hours=24)
 CORRECTED = "patient-id-corrected"
 # the session log's event of the checked-in patient checked in again under his other ID, same name
 OTHER_ID = "patient-other-id"
+# the session log's event of the name an ID was checked in under corrected (`correct_name`)
+NAME_CORRECTED = "patient-name-corrected"
 
 
 class SameName(enum.Enum):
@@ -94,6 +96,15 @@ class PatientChanged(Exception):
     def __init__(self, current_patient_id: str) -> None:
         super().__init__(f"the current patient is {current_patient_id or 'nobody'} now")
         self.current_patient_id = current_patient_id  # "": nobody is checked in
+
+
+class NameConflict(ValueError):
+    """A name given for an ID the session knows under another name (`PatientContext.given_name`):
+    one of the two is wrong, and only the doctor knows which."""
+
+    def __init__(self, patient_id: str, known: str, given: str) -> None:
+        super().__init__(f"{patient_id} was checked in as {known}, not {given}")
+        self.patient_id, self.known, self.given = patient_id, known, given
 
 
 class PatientContext:
@@ -289,8 +300,9 @@ class PatientContext:
         session ended - is before it), so a few rows however long the log. A check-in racing this
         read stops the walk at once: fewer links, never another patient's."""
         rows = self.db.conn.execute(
-            "SELECT event, patient_id FROM session_log WHERE at >= ? AND event != 'doctor-set' ORDER BY id DESC",
-            (iso(now - NAME_KEPT),),
+            "SELECT event, patient_id FROM session_log WHERE at >= ? AND event NOT IN ('doctor-set', ?) "
+            "ORDER BY id DESC",
+            (iso(now - NAME_KEPT), NAME_CORRECTED),
         )
         linked = {patient_id}
         try:
@@ -321,6 +333,26 @@ class PatientContext:
             return patient
         return replace(patient, name=self.known_name(patient.patient_id, now))
 
+    def given_name(self, patient: Patient, now: dt.datetime, *, correct: bool = False) -> Patient:
+        """`named`, for a patient whose name the doctor typed: NameConflict if the session knows his
+        ID under another name (one of them is wrong: neither may go to the county unsaid), unless
+        `correct` - the typed name is right, the session's is corrected (`correct_name`)."""
+        known = self.known_name(patient.patient_id, now)
+        if patient.name and known and patient.name.strip() != known.strip():
+            if not correct:
+                raise NameConflict(patient.patient_id, known, patient.name)
+            self.correct_name(patient.patient_id, patient.name, now=now)
+        return self.named(patient, now)
+
+    def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
+        """The doctor says `patient_id`'s checked-in name was wrong: it is `name` from now on, for
+        whatever the session names him (his session too, if he is the one checked in)."""
+        with transaction(self.db) as conn:
+            row = self._expire_locked(conn, now)
+            if row is not None and row["patient_id"] == patient_id:
+                conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
+            self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
+
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
         """`known_names` of one ID: its name, or "" if the session knows none."""
         return self.known_names([patient_id], now).get(patient_id, "")
@@ -349,16 +381,17 @@ class PatientContext:
 
     def _checked_in_names(self, now: dt.datetime) -> dict[str, str]:
         """Each ID checked in within NAME_KEPT before `now`, named as its latest check-in named it
-        ("": none), unless that check-in's ID was corrected since (`_replaced_event`: the
-        correction recorded when the doctor made it). One seek on the log's `at` index."""
+        ("": none), or as the doctor corrected that name since (`correct_name`), unless that
+        check-in's ID was corrected since (`_replaced_event`: the correction recorded when the
+        doctor made it). One seek on the log's `at` index."""
         rows = self.db.conn.execute(
-            "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?) "
+            "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?, ?) "
             "ORDER BY id",
-            (iso(now - NAME_KEPT), CORRECTED),
+            (iso(now - NAME_KEPT), CORRECTED, NAME_CORRECTED),
         ).fetchall()
         names: dict[str, str] = {}
         for row in rows:  # oldest first: the latest check-in, or its correction, names the ID
-            names[row["patient_id"]] = (row["detail"] or "") if row["event"] == "patient-set" else ""
+            names[row["patient_id"]] = "" if row["event"] == CORRECTED else row["detail"] or ""
         return names
 
     def current_doctor(self, now: dt.datetime) -> str | None:

@@ -89,7 +89,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--remove", action="store_true", help="forget the mapping: user 1 is the checked-in patient's, others held"
     )
     p.add_argument(
-        "--name", default="", help="the --patient's name (default: the checked-in patient's, if it is the same ID)"
+        "--name",
+        default="",
+        help="the --patient's name (default: the name his ID was checked in under in the last 24 h; another one is refused)",
+    )
+    p.add_argument(
+        "--correct-name",
+        action="store_true",
+        help="--name is right: the name the --patient was checked in under in the last 24 h was wrong (it is corrected)",
     )
     p.set_defaults(func=_map_user)
 
@@ -241,7 +248,7 @@ def _map_user(args: argparse.Namespace) -> int:
     from lastmile.clinic.device_users import DEFAULT_USER, DeviceUsers
     from lastmile.clinic.devices import is_bluetooth_address
     from lastmile.clinic.patient_ids import clinic_patient
-    from lastmile.clinic.patients import PatientContext
+    from lastmile.clinic.patients import NameConflict, PatientContext
     from lastmile.commands.common import config_from_args
 
     if not is_bluetooth_address(args.address):
@@ -259,7 +266,12 @@ def _map_user(args: argparse.Namespace) -> int:
         try:
             patient = None if args.current else clinic_patient(args.patient, args.name, config)
             context = PatientContext(db, config.patient.idle_timeout_s)
-            patient = users.map_patient(args.address, args.user, patient, context=context, now=_now())
+            patient = users.map_patient(
+                args.address, args.user, patient, context=context, now=_now(), correct_name=args.correct_name
+            )
+        except NameConflict as exc:
+            print(_which_name(exc), file=sys.stderr)
+            return 2
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -268,6 +280,19 @@ def _map_user(args: argparse.Namespace) -> int:
     whose = "the checked-in patient's" if patient is None else f"{patient.patient_id}'s"
     print(f"user {args.user} of {args.address}: readings are {whose} from now on")
     return 0
+
+
+def _which_name(conflict) -> str:  # (NameConflict) -> str
+    """Two names for one ID: one is wrong, only the doctor knows which (zh-CN first, as the CLI's
+    other bilingual refusals)."""
+    pid, known, given = conflict.patient_id, conflict.known, conflict.given
+    return (
+        f"lastmile patient map-user: {pid} 24 小时内登记的姓名是 {known}，不是 {given}：其中一个是错的。"
+        f"{known} 对：去掉 --name 再运行；{given} 对：加上 --correct-name（登记的姓名一并更正）。 / "
+        f"{pid} was checked in as {known} within 24 h, not {given}: one of them is wrong. If {known} is right, "
+        f"run the command again without --name; if {given} is right, add --correct-name (the check-in's "
+        "name is corrected too)"
+    )
 
 
 def _assign(args: argparse.Namespace) -> int:
