@@ -1207,3 +1207,21 @@ def test_line_noise_held_back_by_the_throttle_is_not_written_after_a_good_readin
     answered_up_to_here(bridge, core, clock[0])
     row = r.registry.get("serial:ecg")
     assert "COBS" in row.last_error and not failing_since_seen(row), row
+
+
+def test_an_error_the_throttle_held_back_keeps_the_time_it_happened(tmp_path: Path, running) -> None:
+    """lastmile/services/serial_devices.py SerialContext.write_pending_errors: an error held back
+    to the end of its ERROR_STATUS_EVERY_S window was stamped when it was written, up to 5 s after
+    it happened, and the row's time (the Devices page's "last problem" time, `lastmile devices`'
+    last error) said the bridge failed since then. The row keeps the time the error happened."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    bridge.write(NOISE)  # written at once
+    bridge.write(core.uart_bytes(b"PULSE 71\n", clock[0]))  # another kind: written at once too
+    answered_up_to_here(bridge, core, clock[0])
+    wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.FORWARD_NOT_READ)
+    bridge.write(NOISE)  # a repeat in the window: held back to its end
+    answered_up_to_here(bridge, core, clock[0])
+    happened_by = r.now()
+    wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.OTHER, timeout=30)
+    row = r.registry.get("serial:ecg")
+    assert row.last_error_at <= happened_by, (row.last_error_at, happened_by)

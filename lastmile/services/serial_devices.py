@@ -215,10 +215,30 @@ class RowError:
 
     since: float  # time.monotonic(): when the window began
     said: set[DeviceProblem] = field(default_factory=set)  # the kinds written in it
-    pending: tuple[LinkSpec, str, DeviceProblem] | None = None  # the latest repeat held back
+    pending: TimedError | None = None  # the latest repeat held back
+    shown: tuple[DeviceProblem, dt.datetime] | None = None  # the kind it wrote last, and since when
 
     def over(self) -> bool:
         return time.monotonic() - self.since >= ERROR_STATUS_EVERY_S
+
+    def hold(self, spec: LinkSpec, message: str, problem: DeviceProblem, now: dt.datetime) -> None:
+        """Hold back `message`, the latest, with the time the first of its kind happened: the one
+        held already, else the one the row shows (its error since then), else now."""
+        if self.pending is not None and self.pending.problem is problem:
+            now = self.pending.at
+        elif self.shown is not None and self.shown[0] is problem:
+            now = self.shown[1]
+        self.pending = TimedError(spec, message, problem, now)
+
+
+@dataclass(frozen=True)
+class TimedError:
+    """A row error `SerialContext.error` writes, and when it happened (held back: the first of its kind)."""
+
+    spec: LinkSpec
+    message: str
+    problem: DeviceProblem
+    at: dt.datetime
 
 
 @dataclass
@@ -276,22 +296,24 @@ class SerialContext:
         if row is None or row.over():
             row = self._row_errors[spec.name] = RowError(time.monotonic())
         if problem in row.said:
-            row.pending = (spec, message, problem)
+            row.hold(spec, message, problem, self.now())
         else:
-            self._write_error(row, spec, message, problem)
+            self._write_error(row, TimedError(spec, message, problem, self.now()))
 
     def write_pending_errors(self, *, now: bool = False) -> None:
         """Write the latest error each row's window held back, once it is over (`now`: at once, at
         a stop): a new window begins. Runs in the link manager's thread, as the handlers do."""
         for row in self._row_errors.values():
             if row.pending is not None and (now or row.over()):
-                spec, message, problem = row.pending
+                pending = row.pending
                 row.since, row.said, row.pending = time.monotonic(), set(), None
-                self._write_error(row, spec, message, problem)
+                self._write_error(row, pending)
 
-    def _write_error(self, row: RowError, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
-        if self._write_status(spec, error=message[:200], problem=problem):
-            row.said.add(problem)
+    def _write_error(self, row: RowError, error: TimedError) -> None:
+        """Write `error` on its row, with the time it happened (a held-back one's is seconds ago)."""
+        if self._write_status(error.spec, error=error.message[:200], problem=error.problem, error_at=error.at):
+            row.said.add(error.problem)
+            row.shown = (error.problem, error.at)
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
