@@ -358,7 +358,9 @@ class SerialContext:
         """Each device row's held readings as this start finds them: those the spill files kept
         wait again (on disk); those a previous run held in memory only are gone, and the row's
         lost counts say so (their one record: not its error too) instead of FAILing for readings
-        no longer anywhere. The row's error, another problem, is left as it is."""
+        no longer anywhere. A row nothing of which waits again loses its "cannot store" error of
+        before the stop: no state of today (its loss says that cause, with its time); the row's
+        error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
         for record in self.registry.all():
             if record.transport != "serial" or not record.waits_for_space:
@@ -374,6 +376,7 @@ class SerialContext:
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
+                self.registry.clear_error(record.address, DeviceProblem.NOT_SAVED, now=self.now())
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
 
