@@ -881,6 +881,25 @@ def test_readings_all_held_in_memory_only_and_lost_at_a_stop_are_said_once(
     assert "网关停机时丢失：3 条测量结果（当时仅在内存中）" in page, page  # not on the doctor's and CLI's word only
 
 
+def a_stop_lost_readings_a_locked_outbox_held_in_memory(tmp_path: Path) -> list[dict]:
+    """A monitor's 3 readings refused by a locked outbox (another process writing) and held in
+    memory only (its spill file too small), then the gateway stopped (they are lost with its
+    memory) and the monitor unplugged (not seen again); returns the configured devices."""
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    r.outbox.db.conn.execute("PRAGMA busy_timeout=50")  # refused at once, not after the 15 s busy wait
+    other = sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the outbox's write lock
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "database is locked", full=False)
+        assert r.registry.get("serial:monitor").held_in_memory_only
+    finally:
+        r.close()
+        monitor.unplug()
+        other.rollback()
+        other.close()
+    return r.config.serial.devices
+
+
 def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_lost_for_that_cause(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -890,7 +909,6 @@ def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_l
     for space)", so the county technician freed disk space that was not the problem. Now the loss
     says the cause its row said (DeviceRecord.held_cause), and its advice is the county IT's."""
     import logging
-    import sqlite3
 
     from lastmile.clock import local_zone
     from lastmile.console.app import advice_text
@@ -898,20 +916,9 @@ def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_l
     from lastmile.doctor import Doctor, Level
     from lastmile.services import serial_devices
 
-    r, monitor = running_with_a_spill_file_too_small(tmp_path)
-    r.outbox.db.conn.execute("PRAGMA busy_timeout=50")  # refused at once, not after the 15 s busy wait
-    other = sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")  # another process holds the outbox's write lock
-    try:
-        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "database is locked", full=False)
-        assert r.registry.get("serial:monitor").held_in_memory_only
-    finally:
-        r.close()  # the readings are lost with the gateway's memory
-        monitor.unplug()
-        other.rollback()
-        other.close()
+    devices = a_stop_lost_readings_a_locked_outbox_held_in_memory(tmp_path)
     with caplog.at_level(logging.ERROR, logger=serial_devices.__name__):
-        r = Running(tmp_path, r.config.serial.devices)
+        r = Running(tmp_path, devices)
     try:
         found = [f for f in Doctor(r.config).check_devices() if "lost when" in f.message]
     finally:
@@ -923,6 +930,36 @@ def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_l
     assert "for space" not in lost.message + lost.hint, (lost.message, lost.hint)
     zh = advice_text(lost, Localizer("zh-CN", local_zone()))  # the System page's advice
     assert "丢失" in zh and "存储空间不足" in zh and "等待存储空间" not in zh, zh
+
+
+def test_the_cause_of_readings_a_stop_lost_is_said_as_that_loss_not_as_the_monitor_s_problem_today(
+    tmp_path: Path,
+) -> None:
+    """lastmile/services/serial_devices.py settle_held_at_start: a monitor's readings, refused by a
+    locked outbox and held in memory only, were lost when the gateway stopped, and the monitor
+    was not plugged back. The restarted gateway said the loss (its cause, its times) but left the
+    row's "cannot store" error of before the stop as it was: `lastmile doctor` warned the monitor
+    was failing, and the Devices page said its last problem was a measurement not saved ("measure
+    again"), for good - a lock gone with the stop, shown as the monitor's state today. That cause
+    is now said by the stop's loss alone, with its time."""
+    from lastmile.doctor import Doctor, Level
+
+    r = Running(tmp_path, a_stop_lost_readings_a_locked_outbox_held_in_memory(tmp_path))
+    try:
+        row = r.registry.get("serial:monitor")
+        said = [(f.level, f.message) for f in Doctor(r.config).check_devices() if f.level is not Level.OK]
+        shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+        with running_console(shown) as console:  # the Devices page, in Chinese
+            client = Client(console.url)
+            client.login()
+            page = client.get("/devices").body
+    finally:
+        r.close()
+    assert [level for level, _ in said] == [Level.FAIL], said  # the loss, not a failing monitor too
+    assert "database is locked" in said[0][1] and "lost when the gateway stopped" in said[0][1], said
+    assert "网关停机时丢失：3 条测量结果（当时仅在内存中）" in page, page
+    assert "它的一次测量结果未能保存" not in page and "最近的问题" not in page, page
+    assert row.lost_cause and not row.last_error, row
 
 
 def test_readings_a_row_from_before_the_counts_held_in_memory_only_are_not_lost_silently(
@@ -1207,3 +1244,21 @@ def test_line_noise_held_back_by_the_throttle_is_not_written_after_a_good_readin
     answered_up_to_here(bridge, core, clock[0])
     row = r.registry.get("serial:ecg")
     assert "COBS" in row.last_error and not failing_since_seen(row), row
+
+
+def test_an_error_the_throttle_held_back_keeps_the_time_it_happened(tmp_path: Path, running) -> None:
+    """lastmile/services/serial_devices.py SerialContext.write_pending_errors: an error held back
+    to the end of its ERROR_STATUS_EVERY_S window was stamped when it was written, up to 5 s after
+    it happened, and the row's time (the Devices page's "last problem" time, `lastmile devices`'
+    last error) said the bridge failed since then. The row keeps the time the error happened."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    bridge.write(NOISE)  # written at once
+    bridge.write(core.uart_bytes(b"PULSE 71\n", clock[0]))  # another kind: written at once too
+    answered_up_to_here(bridge, core, clock[0])
+    wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.FORWARD_NOT_READ)
+    bridge.write(NOISE)  # a repeat in the window: held back to its end
+    answered_up_to_here(bridge, core, clock[0])
+    happened_by = r.now()
+    wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.OTHER, timeout=30)
+    row = r.registry.get("serial:ecg")
+    assert row.last_error_at <= happened_by, (row.last_error_at, happened_by)

@@ -365,6 +365,7 @@ class DeviceRegistry:
         seen: bool = False,
         error: str | None = None,
         problem: DeviceProblem = DeviceProblem.OTHER,
+        error_at: dt.datetime | None = None,
         held: HeldReadings | None = None,
         held_cause: str = "",
         held_counts: tuple[int, int] = (0, 0),
@@ -379,7 +380,8 @@ class DeviceRegistry:
         battery_level: int | None = None,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`error` with its
-        kind `problem`, what the doctor is told: "" clears both; `held`: where
+        kind `problem`, what the doctor is told: "" clears both; `error_at`: when it happened, if
+        before `now` (written late); `held`: where
         the readings waiting for space are, `held_cause` why they are not stored when not for space,
         `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
@@ -397,7 +399,7 @@ class DeviceRegistry:
             sets["last_seen_at"] = iso(now)
         if error is not None:
             sets["last_error"], sets["last_error_kind"] = error, problem.value if error else ""
-            sets["last_error_at"] = iso(now)
+            sets["last_error_at"] = iso(error_at or now)
         if held is not None:
             sets["held_readings"], sets["held_at"] = held.value, iso(now)
             sets["held_cause"] = held_cause if held is not HeldReadings.NONE else ""
