@@ -171,6 +171,7 @@ def _session_view(current: CurrentPatient) -> SessionView:
         current.doctor_id,
         current.stat,
         current.reason,
+        current.linked,
     )
 
 
@@ -700,8 +701,7 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return None
-        # his other IDs the doctor linked (the walk is anchored at him: never another patient's)
-        return replace(_session_view(current), other_ids=frozenset(self.context.linked_ids(current.patient_id, now)))
+        return _session_view(current)  # with his other IDs the doctor linked: on the session's row
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""
