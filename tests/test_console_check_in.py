@@ -225,6 +225,24 @@ def test_a_patients_other_number_checked_in_keeps_both_numbers_and_names(
     assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
 
 
+def test_his_reading_under_his_first_number_stays_on_todays_readings(browser: object, console: ConsoleServer) -> None:
+    """王五's BP is taken under his ID card number; the doctor then checks him in under his clinic
+    number, "his other number". Today's readings listed the clinic number's only: his first BP was
+    gone from the page. Now his readings under both numbers are listed, each with its number."""
+    checked_in_under_his_other_number(browser, console)
+    assert reading_goes_to(console.config, "bp-id-card")["patient_id"] == VALID_ID  # before the answer
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    assert reading_goes_to(console.config, "bp-clinic-number")["patient_id"] == CLINIC_NUMBER
+    browser.get(console.url + "/today")  # type: ignore[attr-defined]  # the page as it is drawn now
+    listed = {
+        li.get_attribute("data-key"): li.text
+        for li in browser.find_elements(by("css"), "#panel-readings li[data-key]")  # type: ignore[attr-defined]
+    }
+    assert sorted(listed) == ["bp-clinic-number", "bp-id-card"], listed
+    assert VALID_ID in listed["bp-id-card"] and CLINIC_NUMBER in listed["bp-clinic-number"], listed
+
+
 def test_a_mistyped_number_corrected_replaces_it(browser: object, console: ConsoleServer) -> None:
     """The same question answered "a mistyped number corrected": as before, the first number is
     replaced and names nobody, the next reading goes to the corrected number; going back first

@@ -230,8 +230,8 @@ def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_pat
 
 def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_session(tmp_path: Path) -> None:
     """`patient_ids`: the current patient's ID and the IDs the doctor said are his (other ID, each
-    time asked) while he was checked in - never an ID corrected, another patient's, or one of a
-    session that has ended."""
+    time asked) while he was checked in, kept when his ID is corrected - never the ID corrected,
+    another patient's, or one of a session that has ended (cleared or idle)."""
     id_card, clinic_number, insurance, name = "11010519491231002X", "MZ-0042", "YB-7", "Wang^Wu=王^五"
     context = PatientContext.open(tmp_path, idle_timeout_s=900)
     try:
@@ -241,14 +241,50 @@ def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_sessi
         context.set_patient(clinic_number, now=T0 + 2 * MIN)  # the same patient again (a card): still his
         context.check_in(insurance, name, now=T0 + 3 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 4 * MIN) == {id_card, clinic_number, insurance}
-        context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: a typo corrected, his IDs no more
-        assert context.patient_ids(T0 + 6 * MIN) == {"MZ-0043"}
+        context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: the insurance number a typo
+        assert context.patient_ids(T0 + 6 * MIN) == {id_card, clinic_number, "MZ-0043"}
         context.set_patient("P-9", "Li^Si=李^四", now=T0 + 7 * MIN)
         context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 9 * MIN) == {"P-9", clinic_number}
         assert context.clear(now=T0 + 10 * MIN)
         context.set_patient(clinic_number, "Li^Si=李^四", now=T0 + 11 * MIN)  # a new session: no links
         assert context.patient_ids(T0 + 12 * MIN) == {clinic_number}
+        context.check_in("P-10", "Li^Si=李^四", now=T0 + 13 * MIN, other_id=True)
+        assert context.patient_ids(T0 + 14 * MIN) == {clinic_number, "P-10"}
+        assert context.patient_ids(T0 + 29 * MIN) == frozenset()  # idle past its timeout: ended
+        context.set_patient("P-10", "Li^Si=李^四", now=T0 + 30 * MIN)
+        assert context.patient_ids(T0 + 31 * MIN) == {"P-10"}
+    finally:
+        context.close()
+
+
+def test_a_session_open_when_the_gateway_is_updated_keeps_the_ids_its_log_linked(tmp_path: Path) -> None:
+    """The version before 0032 read a session's links from its log: a session open across the
+    update keeps them (its row gets them once), another patient's check-in before links nothing."""
+    from lastmile.clinic.db import DB_NAME, MIGRATIONS
+    from uploader.sqlite_store import open_database
+
+    now = dt.datetime.now(dt.timezone.utc)
+    db = open_database(tmp_path / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0033_session_linked_ids"))
+    db.conn.execute(
+        "INSERT INTO session (id, patient_id, patient_name, patient_since, last_activity) VALUES (1, ?, ?, ?, ?)",
+        ("MZ-0042", "Wang^Wu=王^五", now.isoformat(), now.isoformat()),
+    )
+    for event, patient_id in (
+        ("patient-set", "P-9"),
+        ("patient-replaced", "P-9"),
+        ("patient-set", "11010519491231002X"),
+        ("doctor-set", None),
+        ("patient-other-id", "11010519491231002X"),
+        ("patient-set", "MZ-0042"),
+    ):
+        db.conn.execute(
+            "INSERT INTO session_log (at, event, patient_id) VALUES (?, ?, ?)", (now.isoformat(), event, patient_id)
+        )
+    db.conn.close()
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        assert context.patient_ids(now) == {"MZ-0042", "11010519491231002X"}
     finally:
         context.close()
 

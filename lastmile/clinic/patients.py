@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 import logging
 import os
 import sqlite3
@@ -80,6 +81,8 @@ class CurrentPatient:
     doctor_id: str = ""
     stat: bool = False  # the doctor asked for an urgent read of this patient's ECGs
     reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
+    # the IDs the doctor said are his other IDs in this session (`OTHER_ID`), never patient_id
+    linked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,14 +186,21 @@ class PatientContext:
                 stat = bool(going_on["stat"]) if stat is None else stat
             if event:
                 self._log(conn, now, event, replaced, doctor)
+            # his other IDs go on with his session, on its row (the log is pruned past NAME_KEPT): a
+            # correction keeps them (the typo itself is not one); another patient starts with none
+            linked = set(_linked_of(going_on)) if going_on is not None else set()
+            if event == OTHER_ID and replaced is not None:  # (it is, for this event)
+                linked.add(replaced)
+            linked.discard(patient_id)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
-                "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "doctor_since, last_activity, stat, reason, linked_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE "
                 "SET patient_since = excluded.patient_since, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
                 "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
-                "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
+                "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason, "
+                "linked_ids = excluded.linked_ids",
                 (
                     _ROW,
                     patient_id,
@@ -201,6 +211,7 @@ class PatientContext:
                     iso(now),
                     int(bool(stat)),
                     reason.strip() or None,
+                    _linked_text(linked),
                 ),
             )
             # the name as checked in, so a later mapping or assignment of this ID can name it
@@ -252,7 +263,7 @@ class PatientContext:
                 return False
             conn.execute(
                 "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL, stat = 0, "
-                "reason = NULL WHERE id = ?",
+                "reason = NULL, linked_ids = NULL WHERE id = ?",
                 (_ROW,),
             )
             self._log(conn, now, f"patient-{reason}", row["patient_id"], row["doctor_id"])
@@ -283,6 +294,7 @@ class PatientContext:
             doctor_id=row["doctor_id"] or "",
             stat=bool(row["stat"]),
             reason=row["reason"] or "",
+            linked=_linked_of(row),
         )
 
     def patient_ids(self, now: dt.datetime) -> frozenset[str]:
@@ -292,37 +304,15 @@ class PatientContext:
         current = self.current(now)
         if current is None:
             return frozenset()
-        return frozenset({current.patient_id, *self.linked_ids(current.patient_id, now)})
-
-    def linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
-        """The IDs `OTHER_ID` linked to `patient_id` in his session: the log read newest first, back
-        to the check-in that began it (any other event - another patient, an ID corrected, a
-        session ended - is before it), so a few rows however long the log. A check-in racing this
-        read stops the walk at once: fewer links, never another patient's."""
-        rows = self.db.conn.execute(
-            "SELECT event, patient_id FROM session_log WHERE at >= ? AND event NOT IN ('doctor-set', ?) "
-            "ORDER BY id DESC",
-            (iso(now - NAME_KEPT), NAME_CORRECTED),
-        )
-        linked = {patient_id}
-        try:
-            for row in rows:
-                if row["event"] == OTHER_ID:
-                    linked.add(row["patient_id"])
-                elif row["event"] != "patient-set" or row["patient_id"] not in linked:
-                    break
-        finally:
-            rows.close()  # not left open on the connection the acquire service's threads share
-        linked.discard(patient_id)
-        return linked
+        return current.linked | {current.patient_id}
 
     def stat_session(self, now: dt.datetime) -> StatSession | None:
         """The current patient's session if the doctor checked them in as STAT, with the IDs he
-        linked to it (one read of the log, as `patient_ids`)."""
+        linked to it (one read of the session, as `patient_ids`)."""
         current = self.current(now)
         if current is None or not current.stat:
             return None
-        return StatSession(current.patient_id, current.since, frozenset(self.linked_ids(current.patient_id, now)))
+        return StatSession(current.patient_id, current.since, current.linked)
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
         """`patient`, given without a name, with the name the gateway knows for its ID
@@ -462,6 +452,16 @@ def _replaced_event(row: sqlite3.Row, name: str, same_name: SameName | None) -> 
     if same_name is SameName.ANOTHER_PERSON or not _same_name(row["patient_name"] or "", name):
         return "patient-replaced"
     return OTHER_ID if same_name is SameName.OTHER_ID else CORRECTED
+
+
+def _linked_of(row: sqlite3.Row) -> frozenset[str]:
+    """The session row's linked IDs (`CurrentPatient.linked`; NULL: none)."""
+    return frozenset(json.loads(row["linked_ids"])) if row["linked_ids"] else frozenset()
+
+
+def _linked_text(linked: set[str]) -> str | None:
+    """`linked` as the session row keeps it: a JSON list, NULL for none."""
+    return json.dumps(sorted(linked), ensure_ascii=False) if linked else None
 
 
 def _same_name(checked_in: str, name: str) -> bool:

@@ -25,7 +25,7 @@ import json
 import logging
 import sqlite3
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -167,6 +167,7 @@ def _session_view(current: CurrentPatient) -> SessionView:
         current.doctor_id,
         current.stat,
         current.reason,
+        current.linked,
     )
 
 
@@ -200,6 +201,7 @@ class ReadingView:
     # held: measured during the current patient's check-in (its Assign box offers that patient);
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
+    patient_id: str = ""  # stored: the ID it was filed under (Today's, of a patient with other IDs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -739,9 +741,9 @@ class ClinicData:
             self.db, max_failures=c.max_login_failures, lockout_s=c.lockout_s, idle_s=c.session_idle_s
         )
         self.audit = AuditLog(self.db)
-        # the readings shown at the last patient_readings, by (item id, payload hash): a redraw
-        # reads and parses only the new ones
-        self._shown_readings: dict[tuple[int, str], ReadingView | None] = {}
+        # the readings shown at the last patient_readings, by (item id, payload hash, its patient
+        # ID): a redraw reads and parses only the new ones
+        self._shown_readings: dict[tuple[int, str, str], ReadingView | None] = {}
 
     def close(self) -> None:
         self.outbox.close()
@@ -752,8 +754,7 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return None
-        # his other IDs the doctor linked (the walk is anchored at him: never another patient's)
-        return replace(_session_view(current), other_ids=frozenset(self.context.linked_ids(current.patient_id, now)))
+        return _session_view(current)  # with his other IDs the doctor linked: on the session's row
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""
@@ -853,35 +854,41 @@ class ClinicData:
         params = (*_NOT_PURGED, kind, int(limit))
         return [int(r[0]) for r in self.outbox.db.conn.execute(sql, params).fetchall()]
 
-    def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
-        """The readings stored on `patient_id` since `since` (their session's start), newest first.
-        One statement however many there are (Today is redrawn every few seconds): which are there
-        now; only a reading not shown at the previous call has its payload read (checked by the
-        outbox) and parsed, once."""
+    def patient_readings(
+        self, patient_id: str, since: dt.datetime, limit: int = 20, *, other_ids: Iterable[str] = ()
+    ) -> list[ReadingView]:
+        """The readings stored on `patient_id`, or on his `other_ids` (`SessionView.other_ids`: a
+        BP taken under his first ID is his), since `since` (their session's start), newest first,
+        each with the ID it was filed under. One statement however many there are (Today is
+        redrawn every few seconds): which are there now; only a reading not shown at the previous
+        call has its payload read (checked by the outbox) and parsed, once."""
+        patient_ids = sorted({patient_id, *other_ids})
         # states and priorities named: the items_claim index (state, kind, priority, created_at)
         # finds the session's readings, not a scan of every row ever queued on every SSE wake
         rows = self.outbox.db.conn.execute(
-            f"SELECT id, sha256 FROM items WHERE state IN ({_marks(_SHOWN_READING_STATES)}) AND kind = ? "
+            "SELECT id, sha256, json_extract(patient, '$.patient_id') FROM items "
+            f"WHERE state IN ({_marks(_SHOWN_READING_STATES)}) AND kind = ? "
             f"AND priority IN ({_marks(_PRIORITIES)}) AND created_at >= ? "
-            "AND json_extract(patient, '$.patient_id') = ? ORDER BY id DESC LIMIT ?",
+            f"AND json_extract(patient, '$.patient_id') IN ({_marks(patient_ids)}) ORDER BY id DESC LIMIT ?",
             (
                 *_SHOWN_READING_STATES,
                 OBSERVATION_KIND,
                 *_PRIORITIES,
                 since.timestamp(),
-                patient_id,
+                *patient_ids,
                 int(limit),
             ),
         ).fetchall()
-        shown = [(int(item_id), str(digest)) for item_id, digest in rows]
-        new = [item_id for item_id, digest in shown if (item_id, digest) not in self._shown_readings]
+        shown = [(int(item_id), str(digest), str(filed_under)) for item_id, digest, filed_under in rows]
+        new = [shown_one[0] for shown_one in shown if shown_one not in self._shown_readings]
         payloads = self.outbox.read_payloads(new) if new else {}
-        views: dict[tuple[int, str], ReadingView | None] = {}
-        for item_id, digest in shown:
-            if (item_id, digest) in self._shown_readings:
-                views[item_id, digest] = self._shown_readings[item_id, digest]
+        views: dict[tuple[int, str, str], ReadingView | None] = {}
+        for item_id, digest, filed_under in shown:
+            if (item_id, digest, filed_under) in self._shown_readings:
+                views[item_id, digest, filed_under] = self._shown_readings[item_id, digest, filed_under]
             elif item_id in payloads:  # else quarantined or unreadable now: asked again next time
-                views[item_id, digest] = self._reading_from(item_id, payloads[item_id])
+                view = self._reading_from(item_id, payloads[item_id])
+                views[item_id, digest, filed_under] = None if view is None else replace(view, patient_id=filed_under)
         self._shown_readings = views
         return [view for view in views.values() if view is not None]
 

@@ -60,7 +60,9 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "session": session,
         "doctor_on_duty": data.doctor_on_duty(now),
         "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
-        "readings": data.patient_readings(session.patient_id, session.since) if session else [],
+        "readings": (
+            data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
+        ),
         "mapped_elsewhere": data.mapped_elsewhere(session, now),
         "held": data.held_readings(now, session),
         "held_ecgs": held_ecgs,
