@@ -599,3 +599,77 @@ def test_the_forwarder_stops_promptly_while_another_process_holds_the_outbox(tmp
     assert scp.c_stores() == {uids["k0"]: 1, uids["k1"]: 1}
     with open_outbox(config) as outbox:
         assert outbox.find("k1").attempts == 1  # a claim, not a send cut short: nothing charged
+
+
+STOP_BLOCKED_WITHIN_S = 5.0  # the goal is ~3 s; TimeoutStopSec=45 is systemd's own limit
+WATCHDOG_USEC = 1_000_000  # an idle service pings every 0.5 s (ServiceRuntime.watchdog_margin)
+STEP_BLOCKED_QUIET_S = 2.0  # no ping for this long: the step in hand is waiting, not idle
+
+
+def step_blocked(notify: socket.socket) -> None:
+    """Until the service's pings stop for STEP_BLOCKED_QUIET_S: idle it pings every 0.5 s, and a
+    step pings only as it makes progress, so a silence is a step waiting (here: for the lock)."""
+    deadline = time.monotonic() + 120
+    notify.settimeout(STEP_BLOCKED_QUIET_S)
+    while time.monotonic() < deadline:
+        try:
+            notify.recv(4096)
+        except TimeoutError:
+            return
+    raise AssertionError("the service never stopped pinging: no step waited for the lock")
+
+
+def test_a_step_waiting_for_the_write_lock_stops_promptly_losing_nothing(tmp_path, storescp_factory) -> None:
+    """lastmile/services/forward.py + uploader/outbox.py: with another process holding the outbox's
+    write lock (the acquire service in a long write; a sqlite3 shell left open) a step of
+    `lastmile forward` waits the 15 s busy timeout to claim, and SIGTERM meanwhile waited it out:
+    12 s to stop, a quarter of TimeoutStopSec, and the Pi's slower card adds more. Now the stop
+    ends that wait: the service exits within seconds, the item still queued and uncharged, sent
+    once by the next start."""
+    scp = storescp_factory()
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False)
+    uids = enqueue(config, 1)
+    db = Path(config.gateway.data_dir) / DB_NAME
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("UPDATE items SET hold_until = 9e18 WHERE key = 'k0'")  # nothing to send yet
+    cfg_file = write_toml(config, tmp_path / "lastmile.toml")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(120)
+    command = [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"]
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        step_ended(notify)  # the next step is 2 s away: k0 is its to claim, behind the lock
+        other.execute("UPDATE items SET hold_until = NULL WHERE key = 'k0'")
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            step_blocked(notify)
+            proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = proc.communicate(timeout=120)
+            took = time.monotonic() - began
+        finally:
+            other.rollback()
+    finally:
+        other.close()
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"\nSIGTERM to exit, the step waiting for the write lock: {took:.1f} s")
+    assert took < STOP_BLOCKED_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out, out
+    with open_outbox(config) as outbox:
+        item = outbox.find("k0")
+        assert (item.state, item.attempts) == (ItemState.QUEUED, 0)  # nothing lost, nothing charged
+    assert scp.c_stores() == {}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_counts(config, "k0 sent by the next start", sent=1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert scp.c_stores() == {uids["k0"]: 1}
+    with open_outbox(config) as outbox:
+        assert outbox.find("k0").attempts == 1
