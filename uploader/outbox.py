@@ -126,6 +126,13 @@ CHECKPOINT_WAIT_MS = 500
 # timeout: a stop must be prompt (systemd's TimeoutStopSec, a power cut coming). Claims are not
 # durable: one left behind is put back in the queue, uncharged, by the next open's recovery.
 RELEASE_AT_CLOSE_WAIT_MS = 1000
+# Once the service's stop is set (`give_up_waits_on`), a write waits at most this much more for
+# another process's write lock: a step waiting out the 15 s busy timeout held SIGTERM 12 s. A short
+# write of the acquire service is still waited for; a lock held longer is the next start's.
+STOP_WAIT_S = 1.0
+# how often a write waiting for the lock looks at the stop (SQLite's busy wait cannot be
+# interrupted: sqlite3 Connection.interrupt does not end it, no progress handler runs in it)
+LOCK_POLL_MS = 100
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 # what recovery says of a claim its owner left at a stop, the database write-locked by another process
 STOPPED_UNRELEASED = "the forwarder stopped before it could put this back in the queue; queued again"
@@ -471,6 +478,9 @@ class Outbox:
         # only an Outbox that claimed (the forwarder's) has claims to release at close: the others'
         # close then writes nothing, and does not wait out the busy timeout on a locked database
         self._has_claimed = False
+        self._wait_ms = BUSY_TIMEOUT_MS  # how long a write waits for another process's lock
+        self._stop: threading.Event | None = None  # set: a write waits at most STOP_WAIT_S more
+        self._stop_seen_at: float | None = None  # monotonic time a waiting write first saw it
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
@@ -561,6 +571,14 @@ class Outbox:
         rows = self._read("SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, owner))
         return bool(rows)
 
+    def give_up_waits_on(self, stop: threading.Event) -> None:
+        """Once `stop` is set (from any thread: a service's SIGTERM), a write waiting for another
+        process's write lock waits at most STOP_WAIT_S more, then fails as SQLite would
+        ("database is locked"): the stop is the service's within seconds, whatever holds the
+        outbox. What the failed write meant stays as it was (a claim never made, or one left to
+        the next open, uncharged: `close`)."""
+        self._stop = stop
+
     def __enter__(self) -> Outbox:
         return self
 
@@ -578,7 +596,7 @@ class Outbox:
             if not durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
+                self._begin_immediate()
                 try:
                     yield self._conn
                     self._conn.execute("COMMIT")
@@ -590,15 +608,45 @@ class Outbox:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
 
+    def _begin_immediate(self) -> None:
+        """BEGIN IMMEDIATE, waiting for another process's write lock as the busy timeout says, or
+        (`give_up_waits_on`) in LOCK_POLL_MS turns that end STOP_WAIT_S after the stop."""
+        if self._stop is None:
+            self._conn.execute("BEGIN IMMEDIATE")
+            return
+        deadline = time.monotonic() + self._wait_ms / 1000
+        self._conn.execute(f"PRAGMA busy_timeout={min(LOCK_POLL_MS, self._wait_ms)}")
+        try:
+            while True:
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() >= self._stop_deadline(deadline):
+                        raise
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout={self._wait_ms}")
+
+    def _stop_deadline(self, deadline: float) -> float:
+        """`deadline`, or STOP_WAIT_S after the stop was first seen if that is sooner."""
+        if self._stop is None or not self._stop.is_set():
+            return deadline
+        if self._stop_seen_at is None:
+            self._stop_seen_at = time.monotonic()
+            log.info("stopping: writes wait at most %g s more for another process's write lock", STOP_WAIT_S)
+        return min(deadline, self._stop_seen_at + STOP_WAIT_S)
+
     @contextlib.contextmanager
     def _busy_timeout(self, ms: int) -> Iterator[None]:
         """Meanwhile this connection waits at most `ms` for another's lock ("database is locked"
         after), not the whole busy timeout."""
         with self._lock:
             self._conn.execute(f"PRAGMA busy_timeout={ms}")
+            self._wait_ms = ms
             try:
                 yield
             finally:
+                self._wait_ms = BUSY_TIMEOUT_MS
                 self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _commit(

@@ -65,7 +65,7 @@ def _forward(args: argparse.Namespace) -> int:
     from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
-    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive))
+    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive, stop=runtime.stop_event))
 
 
 def _echo(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ Both services (`lastmile acquire`, `lastmile forward`) are a `Service` driven by
 `ServiceRuntime`:
 
     runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
-    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive))
+    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive, stop=runtime.stop_event))
 
 The runtime calls `setup(config)`, sends READY=1, then calls `service.step(stop)` until SIGTERM.
 The watchdog is pinged after a step returned (or while waiting the delay a step asked for), and
