@@ -249,7 +249,7 @@ def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_sessi
         assert context.clear(now=T0 + 10 * MIN)
         context.set_patient(clinic_number, "Li^Si=李^四", now=T0 + 11 * MIN)  # a new session: no links
         assert context.patient_ids(T0 + 12 * MIN) == {clinic_number}
-        context.check_in("P-10", "Li^Si=李^四", now=T0 + 13 * MIN, other_id=True)
+        context.check_in("P-10", "Li^Si=李^四", now=T0 + 13 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 14 * MIN) == {clinic_number, "P-10"}
         assert context.patient_ids(T0 + 29 * MIN) == frozenset()  # idle past its timeout: ended
         context.set_patient("P-10", "Li^Si=李^四", now=T0 + 30 * MIN)
@@ -742,7 +742,7 @@ def test_map_user_with_another_name_than_its_ids_check_in_is_refused_naming_both
     store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
     if not still_checked_in:  # the next patient, and his other ID
         store.context.set_patient("P-2", "Wang^Wu=王^五", now=T0 + MIN)
-        store.context.check_in("P-2B", "Wang^Wu=王^五", now=T0 + MIN, other_id=True)
+        store.context.check_in("P-2B", "Wang^Wu=王^五", now=T0 + MIN, same_name=SameName.OTHER_ID)
     assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", "--name", "李四", at=T0 + 2 * MIN) == 2
     said = capsys.readouterr()
     assert "张^三" in said.err and "李^四" in said.err and "--correct-name" in said.err, said

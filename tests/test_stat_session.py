@@ -11,7 +11,7 @@ from pathlib import Path
 from devices.ecg.npz import write_npz
 from devices.identity import Patient
 from firmware_bridge.dicom_receiver import ReceivedObject
-from lastmile.clinic.patients import PatientContext, StatSession
+from lastmile.clinic.patients import PatientContext, SameName, StatSession
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import import_files, lan_object_store
@@ -223,13 +223,39 @@ def test_his_other_id_stays_his_in_a_session_kept_past_the_session_logs_day(tmp_
     context = PatientContext.open(config.data_dir, idle_timeout_s=12 * 3600)
     try:
         context.check_in(ID_CARD, "Wang^Wu=王^五", now=began, stat=True, reason="胸痛")
-        context.check_in(CLINIC_NUMBER, "Wang^Wu=王^五", now=began + dt.timedelta(minutes=1), other_id=True)
+        context.check_in(
+            CLINIC_NUMBER, "Wang^Wu=王^五", now=began + dt.timedelta(minutes=1), same_name=SameName.OTHER_ID
+        )
         for hours in (11, 22, 25):  # a reading now and then: the session goes on, the log is pruned
             assert context.touch(now=began + hours * hour)
         got = _sent_on_the_lan(config, context, ID_CARD, STRANGER)
     finally:
         context.close()
     assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}
+
+
+def test_his_other_id_keeps_his_name_in_a_session_kept_past_the_session_logs_day(tmp_path: Path) -> None:
+    """The same long session: the names of his IDs came from the check-ins in the session log,
+    pruned to its last day - his ECG under his ID card number, its file naming no one, went out
+    with his ID and no name. Every ID of his session is his: it has his name."""
+    config = _config(tmp_path)
+    hour = dt.timedelta(hours=1)
+    began = dt.datetime.now(dt.timezone.utc) - 25 * hour
+    context = PatientContext.open(config.data_dir, idle_timeout_s=12 * 3600)
+    try:
+        context.check_in(ID_CARD, "Wang^Wu=王^五", now=began, stat=True, reason="胸痛")
+        context.check_in(
+            CLINIC_NUMBER, "Wang^Wu=王^五", now=began + dt.timedelta(minutes=1), same_name=SameName.OTHER_ID
+        )
+        for hours in (11, 22, 25):
+            assert context.touch(now=began + hours * hour)
+        now = began + 25 * hour
+        assert context.known_names([ID_CARD, CLINIC_NUMBER, STRANGER], now) == {
+            ID_CARD: "Wang^Wu=王^五",
+            CLINIC_NUMBER: "Wang^Wu=王^五",
+        }
+    finally:
+        context.close()
 
 
 def test_his_other_id_stays_his_after_his_current_id_is_corrected(tmp_path: Path) -> None:
@@ -242,7 +268,7 @@ def test_his_other_id_stays_his_after_his_current_id_is_corrected(tmp_path: Path
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
         context.check_in(ID_CARD, "Wang^Wu=王^五", now=now, stat=True, reason="胸痛")
-        context.check_in(CLINIC_NUMBER, "Wang^Wu=王^五", now=now, other_id=True)
+        context.check_in(CLINIC_NUMBER, "Wang^Wu=王^五", now=now, same_name=SameName.OTHER_ID)
         context.check_in("MZ-0043", "Wang^Wu=王^五", now=now)  # unasked: the typo corrected
         got = _sent_on_the_lan(config, context, ID_CARD, CLINIC_NUMBER)
     finally:

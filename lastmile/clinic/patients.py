@@ -360,7 +360,8 @@ class PatientContext:
         current = self.current(now)
         names = self._checked_in_names(now)
         if current is not None:
-            names[current.patient_id] = current.name
+            # his other IDs are his (the doctor said so): his name, however long ago they were checked in
+            names.update(dict.fromkeys(current.linked | {current.patient_id}, current.name))
         return {pid: names[pid] for pid in wanted if names.get(pid)}
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
