@@ -1262,3 +1262,174 @@ def test_an_error_the_throttle_held_back_keeps_the_time_it_happened(tmp_path: Pa
     wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.OTHER, timeout=30)
     row = r.registry.get("serial:ecg")
     assert row.last_error_at <= happened_by, (row.last_error_at, happened_by)
+
+
+# -- a spill file that does not give back what a stop kept in it -----------------------------------
+
+
+def a_stop_kept_readings_on_disk(tmp_path: Path) -> list[dict]:
+    """A monitor's 3 readings the full outbox refused, kept in the spill file; then the gateway
+    stopped and the monitor was unplugged. Returns the configured devices."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        assert not r.registry.get("serial:monitor").held_in_memory_only  # kept on disk
+    finally:
+        r.close()
+        monitor.unplug()
+    return r.config.serial.devices
+
+
+def damage_spill_file(path: Path, how: str) -> None:
+    """The spill file at `path` as an SD card, a crash or a technician may leave it."""
+    if how == "missing":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":  # cut in the middle of the newest copy's body, the older one with it
+        with path.open("r+b") as f:
+            f.truncate(120)
+    elif how == "garbage":
+        path.write_bytes(os.urandom(path.stat().st_size))
+    else:  # unreadable, even by root: a directory where the file was
+        path.unlink()
+        path.mkdir()
+        (path / "x").write_bytes(b"x")
+
+
+def lost_as_the_doctor_and_page_say(r: Running) -> tuple[list, str]:
+    """`lastmile doctor`'s devices findings not OK, and the Devices page in Chinese."""
+    from lastmile.doctor import Doctor, Level
+
+    said = [f for f in Doctor(r.config).check_devices() if f.level is not Level.OK]
+    shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+    with running_console(shown) as console:
+        client = Client(console.url)
+        client.login()
+        page = client.get("/devices").body
+    return said, page
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "truncated", "garbage", "unreadable"])
+def test_readings_a_stop_kept_on_disk_whose_spill_file_gives_nothing_back_are_said_lost(
+    tmp_path: Path, how: str
+) -> None:
+    """lastmile/services/serial_devices.py settle_held_at_start: a monitor's readings were kept in
+    the spill file at a stop; at the restart the file gave nothing back (missing, empty, cut short,
+    garbage, unreadable). The row's held status was cleared and no loss said: 3 readings gone
+    without a word. Now the stop's loss is said as for readings held in memory only - the
+    doctor's FAIL with the count and the stop's time, the Devices page's "lost when the gateway stopped: 3"."""
+    from lastmile.doctor import Level
+    from lastmile.services.serial_spill import SPILL_NAME
+
+    devices = a_stop_kept_readings_on_disk(tmp_path)
+    stopped_after = DeviceRegistry.open(tmp_path / "data")
+    try:
+        held_at = stopped_after.get("serial:monitor").held_at
+    finally:
+        stopped_after.close()
+    damage_spill_file(tmp_path / "data" / SPILL_NAME, how)
+    r = Running(tmp_path, devices)  # never a crash at start
+    try:
+        row = r.registry.get("serial:monitor")
+        said, page = lost_as_the_doctor_and_page_say(r)
+    finally:
+        r.close()
+    assert (row.lost_reading_count, row.held_reading_count) == (3, 0), row
+    lost = [f for f in said if "lost when the gateway stopped" in f.message]
+    assert [f.level for f in lost] == [Level.FAIL], said
+    assert "3 reading(s)" in lost[0].message and held_at.strftime("%Y-%m-%d %H:%M:%S") in lost[0].message, lost
+    assert "网关停机时丢失：3 条测量结果" in page, page
+    assert "gave them not back" in lost[0].message, lost  # the cause: the spill file, not a memory-only hold
+
+
+def test_readings_a_spill_file_gives_back_in_part_are_stored_and_the_rest_said_lost(tmp_path: Path) -> None:
+    """The spill file's newest copy (3 readings) torn, the older one (2 of them) whole: the 2 are
+    stored after the restart and the 1 the file did not give back is said lost (held - given back),
+    not left unsaid as before."""
+    from lastmile.services.serial_spill import SPILL_NAME, _newest, waiting_readings
+
+    devices = a_stop_kept_readings_on_disk(tmp_path)
+    spill = tmp_path / "data" / SPILL_NAME
+    slot, _generation, _content = _newest(spill)
+    with spill.open("r+b") as f:  # a byte of the newest copy's body flipped
+        at = slot * (spill.stat().st_size // 2) + 60
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert waiting_readings(tmp_path / "data") == 2
+    r = Running(tmp_path, devices)
+    try:
+        wait_for(lambda: not r.registry.get("serial:monitor").waits_for_space)  # stored, its row says
+        stored = len(r.outbox.items(kind="observation"))
+        row = r.registry.get("serial:monitor")
+    finally:
+        r.close()
+    assert stored == 2 and row.lost_reading_count == 1, (stored, row)
+
+
+def test_an_unreadable_spill_file_is_set_aside_said_once_and_a_new_one_keeps_the_next_readings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spill file that cannot be read is not deleted: it is set aside (`.bad`) for the county IT,
+    said once in the journal with its path, and a new one is allocated, which keeps the readings
+    the next full outbox refuses. At most SET_ASIDE_KEPT are kept (bounded by number)."""
+    import logging
+
+    from lastmile.services.serial_spill import SET_ASIDE_KEPT, SPILL_NAME, waiting_readings
+
+    devices = a_stop_kept_readings_on_disk(tmp_path)
+    data = tmp_path / "data"
+    for earlier in range(SET_ASIDE_KEPT + 1):  # set aside at earlier starts
+        (data / f"{SPILL_NAME}.2026010{earlier}T000000Z.bad").write_bytes(b"x")
+    damage_spill_file(data / SPILL_NAME, "unreadable")
+    with caplog.at_level(logging.ERROR, logger="lastmile.services.serial_spill"):
+        r = Running(tmp_path, devices)
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        assert waiting_readings(data) == 3  # in the new spill file
+    finally:
+        r.close()
+        monitor.unplug()
+    aside = sorted(data.glob(f"{SPILL_NAME}.*.bad"))
+    assert len(aside) == SET_ASIDE_KEPT and (aside[-1] / "x").read_bytes() == b"x", aside  # kept, not deleted
+    said = [m for m in caplog.messages if "set aside" in m]
+    assert len(said) == 1 and str(data / SPILL_NAME) in said[0] and str(aside[-1]) in said[0], said
+
+
+def test_a_bad_readings_spill_file_does_not_stop_a_bridge_s_ecg_kept_on_disk_from_being_stored(
+    tmp_path: Path,
+) -> None:
+    """Two devices held on disk at a stop - a monitor's readings, a bridge's streamed ECG - and the
+    readings' spill file unreadable at the restart: the start goes on, the ECG is stored from its
+    own spill file, the monitor's readings are said lost."""
+    from lastmile.services.serial_spill import SPILL_NAME
+
+    monitor, bridge = PtyDevice(tmp_path / "usb-monitor"), PtyDevice(tmp_path / "usb-ecg")
+    devices = [
+        {"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"},
+        {"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"},
+    ]
+    r = Running(tmp_path, devices)
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        sim = EcgStreamSimulator(core, recording_id=3)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+        wait_for(lambda: "1 ECG(s) waiting for space" in r.device_waiting("serial:ecg"))
+    finally:
+        r.close()
+        monitor.unplug()
+        bridge.unplug()
+    damage_spill_file(tmp_path / "data" / SPILL_NAME, "unreadable")
+    r = Running(tmp_path, devices)
+    try:
+        wait_for(lambda: [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"])
+        row = r.registry.get("serial:monitor")
+    finally:
+        r.close()
+    assert row.lost_reading_count == 3, row

@@ -442,16 +442,18 @@ class DeviceRegistry:
         row = conn.execute("SELECT services FROM devices WHERE address = ?", (address,)).fetchone()
         return parse_services(row[0] if row else None)
 
-    def record_lost(self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime) -> None:
+    def record_lost(
+        self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime, cause: str | None = None
+    ) -> None:
         """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
         the restart found) held after its last word on them, found gone at `now`: said for
         LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
         said they waited for then (`held_cause`), unless the loss said before had another than space:
         that one stays (its readings are still lost, and its advice is the county IT's), and another
-        one is said beside it."""
+        one is said beside it. `cause`: theirs when not the row's held cause (a damaged spill file)."""
         readings, ecgs = counts
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
-        cause = record.held_cause
+        cause = record.held_cause if cause is None else cause
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
             after, cause = record.lost_after, lost_causes(record.lost_cause, cause)

@@ -77,6 +77,7 @@ from lastmile.clinic.devices import (
     HeldReadings,
     forwarded_name,
     held_words,
+    lost_causes,
     lost_message,
     normalise_address,
     serial_address,
@@ -367,10 +368,10 @@ class SerialContext:
                 continue
             if record.address in loaded:  # waits again for what it waited for (until its next try)
                 loaded[record.address].cause = record.held_cause
-            if record.held_in_memory_only:
-                self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
+            # what the spill files did not give back is lost too, not only what memory held
+            self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
             # a row an older version wrote has no counts to keep the loss by: its words say it
-            uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
+            uncounted = not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
                 error = lost_message(record.held_words, record.held_cause) if uncounted else None
                 self.registry.update_status(
@@ -393,16 +394,24 @@ class SerialContext:
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
-        """What `record` said was held before the stop (some in memory only) and the spill files
-        did not give back (`loaded`) was lost at the stop (a power cut): the bridge cannot resend
-        it, so the row keeps the loss for `lastmile doctor` even once the rest is stored."""
+        """What `record` said was held before the stop and the spill files did not give back
+        (`loaded`: held - given back) was lost at the stop (a power cut, a damaged spill file):
+        the device cannot resend it, so the row keeps the loss for `lastmile doctor` even once
+        the rest is stored; more than it held in memory only is the spill files' loss, said as
+        its cause."""
         lost = (
             max(0, record.held_reading_count - len(loaded.observations)),
             max(0, record.held_ecg_count - len(loaded.recordings)),
         )
+        in_memory = record.in_memory_only if record.held_in_memory_only else (0, 0)
+        spills = (self.spill, self.ecg_spill)
+        cause = lost_causes(
+            record.held_cause,
+            "; ".join(not_given_back(spill) for spill, n, m in zip(spills, lost, in_memory, strict=True) if n > m),
+        )
         if any(lost):
-            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), record.held_cause))
-            self.registry.record_lost(record, lost, now=self.now())
+            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), cause))
+            self.registry.record_lost(record, lost, now=self.now(), cause=cause)
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
 
@@ -564,6 +573,14 @@ class SerialContext:
         )
         self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
+
+
+def not_given_back(spill: SpillFile | None) -> str:
+    """Why `spill` did not give back all a device row said it kept (a cause of their loss)."""
+    if spill is None:
+        return "kept on disk, but no spill file was opened for them"
+    aside = f"; set aside as {spill.set_aside}" if spill.set_aside is not None else ""
+    return f"kept on disk, but {spill.path} gave them not back ({spill.damage or 'not in it'}{aside})"[:200]
 
 
 def on_disk(waiting: int, spill: SpillFile | None, name: str) -> int:
