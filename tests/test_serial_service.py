@@ -1264,6 +1264,33 @@ def test_an_error_the_throttle_held_back_keeps_the_time_it_happened(tmp_path: Pa
     assert row.last_error_at <= happened_by, (row.last_error_at, happened_by)
 
 
+def test_line_noise_after_a_good_reading_in_the_same_window_says_the_bridge_fails_since(
+    tmp_path: Path, running
+) -> None:
+    """Noise (written), a reading heard well, noise again in the same ERROR_STATUS_EVERY_S window
+    (held back): the held-back error was stamped with the first noise's time, before the good
+    reading, and the doctor took the bridge for fine while it was failing again. A reading heard
+    well ends what the row showed too: the noise after it is said with its own time."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    r.patients.set_patient("P-1", now=r.now() - dt.timedelta(minutes=1))
+    bridge.write(NOISE)  # said at once
+    answered_up_to_here(bridge, core, clock[0])
+    wait_for(lambda: r.registry.get("serial:ecg").last_error)
+    bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="7"))
+    (seq,) = core.pending_seqs()
+    wait_for_answers(bridge, {seq}, core, clock[0])  # stored and ACKed: heard well
+    heard_well = r.registry.get("serial:ecg").last_seen_at
+    bridge.write(NOISE)  # a repeat in the window: held back to its end
+    answered_up_to_here(bridge, core, clock[0])
+    over = time.monotonic() + 6  # ERROR_STATUS_EVERY_S over, and a turn of the service after it
+    wait_for(lambda: time.monotonic() > over, timeout=30)
+    answered_up_to_here(bridge, core, clock[0])
+    answered_up_to_here(bridge, core, clock[0])
+    row = r.registry.get("serial:ecg")
+    # (the probes after it were heard well: the doctor's "failing since seen" is theirs to end)
+    assert "COBS" in row.last_error and row.last_error_at > heard_well, (row.last_error_at, heard_well)
+
+
 # -- a spill file that does not give back what a stop kept in it -----------------------------------
 
 

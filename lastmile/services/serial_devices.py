@@ -269,8 +269,11 @@ class SerialContext:
             return
         if isinstance(facts.get("error"), str):  # another writer's error (an unplug ...): `error`'s window ends
             self._row_errors.pop(spec.name, None)
-        elif facts.get("seen") and spec.name in self._row_errors:  # heard well since: what waited is over
-            self._row_errors[spec.name].pending = None
+        elif facts.get("seen") and spec.name in self._row_errors:
+            # heard well since: what waited is over, and what the row showed too - an error after
+            # it is a new one, said with its own time (not the first's, before the good reading)
+            row = self._row_errors[spec.name]
+            row.pending = row.shown = None
 
     def _write_status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         name = f"{spec.name} ({spec.profile}) on {port}" if port else None
