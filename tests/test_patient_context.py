@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shlex
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -321,13 +322,21 @@ def test_a_corrected_id_keeps_the_stat_check_in_and_another_patient_of_the_name_
         context.close()
 
 
+def printed_command(said: str, flag: str) -> list[str] | None:
+    """The command `lastmile patient set`'s question printed for the answer `flag`, as the doctor
+    pastes it (the words after `lastmile`); None if it printed none."""
+    lines = [line for line in said.splitlines() if line.strip().startswith("lastmile ") and "--about" in line]
+    found = [shlex.split(line)[1:] for line in lines if line.rstrip().endswith(flag)]
+    return found[0] if len(found) == 1 else None
+
+
 def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """王五 is checked in by his ID card number; a technician runs `lastmile patient set MZ-0042
     --name 王五`. The command took it, unasked, for a typo corrected: his ID card number lost his
     name. The console asks the doctor; the command cannot, so it refuses, naming both IDs and the
-    two answers (`--corrected`, `--other-id`), and changes nothing until told."""
+    answers, each a command to paste (`--about` the checked-in ID), and changes nothing until told."""
     id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
     data = tmp_path / "data"
     run = ["--data-dir", str(data)]
@@ -336,18 +345,22 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     assert main(["patient", "set", clinic_number, "--name", "王五", *run]) == 2
     said = capsys.readouterr().err
     assert all(word in said for word in (id_card, clinic_number, "--corrected", "--other-id", "--another-person")), said
+    assert main(["patient", "set", clinic_number, "--name", "王五", "--other-id", *run]) == 2  # about whom?
+    assert "must name the checked-in patient it answers about" in capsys.readouterr().err
     context = PatientContext.open(data, idle_timeout_s=900)
     try:
         now = dt.datetime.now(dt.timezone.utc)
         current = context.current(now)
         assert current is not None and (current.patient_id, current.name) == (id_card, name)
-        assert main(["patient", "set", clinic_number, "--name", "王五", "--other-id", *run]) == 0
+        assert main(printed_command(said, "--other-id") or []) == 0
         now = dt.datetime.now(dt.timezone.utc)
         assert context.known_names([id_card, clinic_number], now) == {id_card: name, clinic_number: name}
         assert context.patient_ids(now) == {id_card, clinic_number}
-        assert main(["patient", "set", "MZ-0043", "--name", "王五", "--corrected", *run]) == 0  # MZ-0042 a typo
+        assert main(["patient", "set", "MZ-0043", "--name", "王五", *run]) == 2
+        assert main(printed_command(capsys.readouterr().err, "--corrected") or []) == 0  # MZ-0042 a typo
         assert context.known_name(clinic_number, dt.datetime.now(dt.timezone.utc)) == ""
-        assert main(["patient", "set", "MZ-0077", "--name", "王五", "--another-person", *run]) == 0
+        assert main(["patient", "set", "MZ-0077", "--name", "王五", *run]) == 2
+        assert main(printed_command(capsys.readouterr().err, "--another-person") or []) == 0
         now = dt.datetime.now(dt.timezone.utc)
         assert context.known_names(["MZ-0043", "MZ-0077"], now) == {"MZ-0043": name, "MZ-0077": name}
     finally:
@@ -359,14 +372,39 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     assert "--corrected" in usage and "--other-id" in usage and "--another-person" in usage
 
 
+CARD, WANG_WU = "11010519491231002X", "Wang^Wu=王^五"  # the ID card read at the acquire service meanwhile
+
+
+def read_card(data: Path) -> None:
+    """王五's ID card read at the acquire service: its own connection on the same clinic.db."""
+    scanner = PatientContext.open(data, idle_timeout_s=900)
+    try:
+        scanner.set_patient(CARD, WANG_WU, now=dt.datetime.now(dt.timezone.utc))
+    finally:
+        scanner.close()
+
+
+def only_the_card_is_checked_in(data: Path) -> None:
+    """The card's patient is checked in, named; no ID linked to him, none named after him."""
+    context = PatientContext.open(data, idle_timeout_s=900)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        current = context.current(now)
+        assert current is not None and (current.patient_id, current.name) == (CARD, WANG_WU)
+        assert context.patient_ids(now) == {CARD}
+        assert context.known_names([CARD, "MZ-0042"], now) == {CARD: WANG_WU}
+    finally:
+        context.close()
+
+
 @pytest.mark.parametrize(
     ("checked_in", "answer", "said"),
     [
         ((), (), "changed meanwhile"),  # nobody checked in: nothing to ask
         (("P-9", "李四"), (), "changed meanwhile"),  # another name: nothing to ask
-        (("P-9", "李四"), ("--other-id",), "answers no question"),  # an answer to a question not asked
-        ((), ("--corrected",), "answers no question"),
-        (("YB-7", "王五"), ("--other-id",), "changed meanwhile"),  # asked about YB-7, a card meanwhile
+        (("P-9", "李四"), ("--other-id", "--about", "P-9"), "answers no question"),  # a question not asked
+        ((), ("--corrected", "--about", "YB-7"), "changed meanwhile"),  # about YB-7: nobody checked in
+        (("YB-7", "王五"), ("--other-id", "--about", "YB-7"), "changed meanwhile"),  # a card meanwhile
     ],
 )
 def test_a_card_checked_in_while_lastmile_patient_set_asks_is_never_taken_for_what_was_asked(
@@ -383,7 +421,6 @@ def test_a_card_checked_in_while_lastmile_patient_set_asks_is_never_taken_for_wh
     name), or applied an answer about YB-7, or about nobody, to him (MZ-0042 linked as his).
     Now the command refuses and says the current patient changed meanwhile, or that its
     answer answers no question; the card's patient stays checked in, named, linked to nothing."""
-    card, name = "11010519491231002X", "Wang^Wu=王^五"
     data = tmp_path / "data"
     run = ["--data-dir", str(data)]
     if checked_in:
@@ -395,27 +432,44 @@ def test_a_card_checked_in_while_lastmile_patient_set_asks_is_never_taken_for_wh
         self: PatientContext, patient_id: str, typed: str, now: dt.datetime
     ) -> CurrentPatient | None:
         question = asked(self, patient_id, typed, now)
-        scanner = PatientContext.open(data, idle_timeout_s=900)  # the acquire service's, on the same clinic.db
-        try:
-            scanner.set_patient(card, name, now=dt.datetime.now(dt.timezone.utc))
-        finally:
-            scanner.close()
+        read_card(data)
         return question
 
     monkeypatch.setattr(PatientContext, "same_name_replaced", card_read_meanwhile)
     code = main(["patient", "set", "MZ-0042", "--name", "王五", *answer, *run])
     monkeypatch.undo()
-    context = PatientContext.open(data, idle_timeout_s=900)
-    try:
-        now = dt.datetime.now(dt.timezone.utc)
-        current = context.current(now)
-        assert current is not None and (current.patient_id, current.name) == (card, name)
-        assert context.patient_ids(now) == {card}
-        assert context.known_names([card, "MZ-0042"], now) == {card: name}
-    finally:
-        context.close()
+    only_the_card_is_checked_in(data)
     err = capsys.readouterr().err
     assert code == 2 and said in err and "MZ-0042" in err, err
+
+
+def test_an_answer_to_lastmile_patient_set_is_never_given_to_a_card_read_since_it_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """王五 is checked in as YB-7; `lastmile patient set MZ-0042 --name 王五` asks which it is and
+    stops. Before the doctor answers, another 王五's ID card is read at the acquire service. The
+    answer (--other-id, run again) was given to the card's patient: MZ-0042 linked as his other ID,
+    named after him. Now the question prints the command to paste, naming whom it answers
+    (--about YB-7): run after the card, it is refused, in Chinese and English; the card's patient
+    stays checked in, linked to nothing. Run while YB-7 is still checked in, it is taken."""
+    data = tmp_path / "data"
+    run = ["--data-dir", str(data)]
+    assert main(["patient", "set", "YB-7", "--name", "王五", *run]) == 0
+    capsys.readouterr()
+    typed = ["patient", "set", "MZ-0042", "--name", "王五", *run]
+    assert main(typed) == 2
+    asked = capsys.readouterr().err
+    # the old question printed no command: the doctor added the answer's flag to his own
+    answer = printed_command(asked, "--other-id") or [*typed, "--other-id"]
+    read_card(data)
+    code = main(answer)
+    err = capsys.readouterr().err
+    only_the_card_is_checked_in(data)
+    assert code == 2 and "YB-7" in err and CARD in err and "当前病人" in err, err
+    assert answer == [*typed, "--about", "YB-7", "--other-id"], asked
+    # the answer run while the patient it is about is checked in is taken
+    assert main(["patient", "set", "YB-7", "--name", "王五", "--another-person", "--about", CARD, *run]) == 0
+    assert main(answer) == 0, capsys.readouterr().err
 
 
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def _checked_in_under_his_other_id(run: list[str]) -> None:
     from lastmile.cli import main as cli
 
     assert cli([*run, "patient", "set", ID_CARD, "--name", "王五", "--stat", "--reason", "胸痛"]) == 0
-    assert cli([*run, "patient", "set", CLINIC_NUMBER, "--name", "王五", "--other-id"]) == 0
+    assert cli([*run, "patient", "set", CLINIC_NUMBER, "--name", "王五", "--about", ID_CARD, "--other-id"]) == 0
 
 
 def test_the_stat_patients_ecg_under_his_other_id_goes_first(tmp_path: Path) -> None:

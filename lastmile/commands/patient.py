@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import sys
 
 from lastmile.commands.common import DATA_DIR
@@ -58,6 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_const",
         const="another-person",
         help="ID is another patient who has the checked-in patient's name: his check-in ends, he keeps his name",
+    )
+    # the answer names whom it answers about: a card read since the question gets no answer meant for another
+    p.add_argument(
+        "--about",
+        metavar="CHECKED_IN_ID",
+        help="with an answer: the checked-in patient the question was about (the command it printed has it); "
+        "refused if another is checked in now",
     )
     p.set_defaults(func=_set)
 
@@ -143,21 +151,28 @@ def _set(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
+    answer = _same_name_answer(args)
+    about = (args.about or "").strip()
+    if (answer is None) != (not about):
+        print(_answer_without_about(answer), file=sys.stderr)
+        return 2
+    given = f"--about {about} --{answer.value}" if answer is not None else ""  # to leave out when run again
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    expected = ""  # the patient the question was about, else whoever was checked in when asked
+    expected = ""  # whoever was checked in when asked ("": nobody); an answer's --about is him
     try:
-        answer = _same_name_answer(args)
         now = _now()
-        seen = context.current(now)
+        seen = context.current(now)  # before the question: a card read between is refused below
+        expected = seen.patient_id if seen is not None else ""
         replaced = context.same_name_replaced(patient.patient_id, patient.name, now)
         if replaced is not None and answer is None:
-            print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
+            print(_whose_id(replaced.patient_id, args), file=sys.stderr)
             return 2
-        if answer is not None and replaced is None and (seen is None or seen.patient_id != patient.patient_id):
-            print(_no_question(f"--{answer.value}", seen, patient.patient_id), file=sys.stderr)
+        if answer is not None and about != expected:
+            print(_changed_meanwhile(about, expected, patient.patient_id, given), file=sys.stderr)
             return 2
-        about = replaced if replaced is not None else seen
-        expected = about.patient_id if about is not None else ""
+        if seen is not None and answer is not None and replaced is None and seen.patient_id != patient.patient_id:
+            print(_no_question(given, seen, patient.patient_id), file=sys.stderr)
+            return 2
         # checked in the check-in's transaction: a card read since the question is refused, never
         # taken for the patient asked about (nor, unasked, for a typo corrected)
         current = context.check_in(
@@ -173,7 +188,7 @@ def _set(args: argparse.Namespace) -> int:
             same_name=answer,
         ).after
     except PatientChanged as exc:
-        print(_changed_meanwhile(expected, exc.current_patient_id, patient.patient_id), file=sys.stderr)
+        print(_changed_meanwhile(expected, exc.current_patient_id, patient.patient_id, given), file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
@@ -196,39 +211,82 @@ def _same_name_answer(args: argparse.Namespace):  # -> SameName | None (imported
     return None if args.same_name is None else SameName(args.same_name)
 
 
-def _whose_id(checked_in: str, patient_id: str) -> str:
-    """The question Today asks the doctor, for a command that cannot ask."""
-    return (
-        f"lastmile patient set: {checked_in} is checked in under the same name: is {patient_id} that ID "
-        f"corrected ({checked_in} was a typo: it loses the name), the same patient's other ID (both keep "
-        "the name) or another patient of the same name? Ask the doctor, then run the command again with "
-        "--corrected, --other-id or --another-person"
+def _whose_id(checked_in: str, args: argparse.Namespace) -> str:
+    """The question Today asks the doctor, for a command that cannot ask: each answer a command
+    to paste, naming whom it answers about (`--about`)."""
+    patient_id = args.patient_id.strip()
+    answers = (
+        ("corrected", f"更正输错的号码，{checked_in} 不再有此姓名", f"{checked_in} was a typo: it loses the name"),
+        ("other-id", "同一人的另一个号码，两个都保留姓名", "the same patient's other ID: both keep the name"),
+        (
+            "another-person",
+            f"另一位同名的患者，结束 {checked_in} 的检查",
+            f"another patient of the same name: {checked_in}'s check-in ends",
+        ),
+    )
+    return "\n".join(
+        [
+            f"lastmile patient set: {checked_in} 以相同姓名检查中。{patient_id} 是哪种？请问医生，然后运行对应的命令：",
+            f"lastmile patient set: {checked_in} is checked in under the same name. Which is {patient_id}? "
+            "Ask the doctor, then run the command for the answer:",
+        ]
+        + [f"  {zh} / {en}\n    {_answer_command(args, checked_in, value)}" for value, zh, en in answers]
     )
 
 
-def _no_question(flag: str, seen, patient_id: str) -> str:  # seen: CurrentPatient | None
-    """An answer (`flag`) given when no patient of that name is checked in: it must not apply to
-    whoever is by the time of the check-in."""
-    if seen is None:
-        zh, en = "当前没有病人签到", "nobody is checked in"
+def _answer_command(args: argparse.Namespace, about: str, answer: str) -> str:
+    """`lastmile patient set` as typed (every option of it), with the answer about `about`:
+    copy-paste ready."""
+    words = ["lastmile", *(["--config", args.config] if args.config else []), "patient", "set", args.patient_id]
+    words += ["--name", args.name] if args.name else ["--clear-name"] if args.clear_name else []
+    words += ["--doctor", args.doctor] if args.doctor else []
+    words += [] if args.stat is None else ["--stat" if args.stat else "--no-stat"]
+    words += ["--reason", args.reason] if args.reason else ["--clear-reason"] if args.clear_reason else []
+    words += ["--data-dir", args.data_dir] if args.data_dir else []
+    return shlex.join([*words, "--about", about, f"--{answer}"])
+
+
+def _answer_without_about(answer) -> str:  # answer: SameName | None
+    """An answer that names no patient it answers about, or --about with no answer."""
+    if answer is None:
+        zh, en = "--about 只与 --corrected、--other-id 或 --another-person 一起用", "--about goes with an answer"
     else:
-        zh = f"当前病人 {seen.patient_id} 的姓名不同"
-        en = f"{seen.patient_id} {seen.name or '(no name)'} is checked in under another name"
+        zh = f"--{answer.value} 须用 --about 指明回答的是哪位病人"
+        en = f"--{answer.value} must name the checked-in patient it answers about (--about ID)"
     return (
-        f"lastmile patient set: {flag} 无需回答：{zh}；{patient_id} 未签到，请去掉 {flag} 后重新运行\n"
-        f"lastmile patient set: {flag} answers no question: {en}; {patient_id} was not checked in: "
-        f"run the command again without {flag}"
+        f"lastmile patient set: {zh}：请运行问题中打印的命令\n"
+        f"lastmile patient set: {en}: run the command the question printed"
     )
 
 
-def _changed_meanwhile(expected: str, now_current: str, patient_id: str) -> str:
+def _no_question(flag: str, seen, patient_id: str) -> str:  # flag: the answer given; seen: CurrentPatient
+    """An answer (`flag`) given when the patient checked in has another name: it must not apply
+    to whoever is by the time of the check-in."""
+    return (
+        f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未签到，"
+        f"请去掉 {flag} 后重新运行\n"
+        f"lastmile patient set: {flag} answers no question: {seen.patient_id} {seen.name or '(no name)'} is "
+        f"checked in under another name; {patient_id} was not checked in: run the command again without {flag}"
+    )
+
+
+def _changed_meanwhile(expected: str, now_current: str, patient_id: str, given: str = "") -> str:
     """The current patient changed between the question and the check-in (a card read at the
-    acquire service, a check-in on Today): what was asked, or not asked, was about another."""
+    acquire service, a check-in on Today): what was asked, or not asked, was about another.
+    `given`: the answer given, about him (run again without it: it asks again if it must)."""
+    zh_again, en_again = (
+        (f"请去掉 {given} 后重新运行", f"run the command again without {given}")
+        if given
+        else (
+            "请重新运行此命令",
+            "run the command again",
+        )
+    )
     return (
         f"lastmile patient set: 在此期间当前病人已变更（现在是 {now_current or '无人'}，"
-        f"不是 {expected or '无人'}）；{patient_id} 未签到，请重新运行此命令\n"
+        f"不是 {expected or '无人'}）；{patient_id} 未签到，{zh_again}\n"
         f"lastmile patient set: the current patient changed meanwhile: {now_current or 'nobody'} is checked "
-        f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: run the command again "
+        f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: {en_again} "
         "(it asks again if it must)"
     )
 

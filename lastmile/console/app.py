@@ -930,7 +930,7 @@ async def check_in(request: Request) -> Response:
             STAT_FIELD.get(f.get("stat", "")),
             f.get("reason", ""),
             now=now,
-            shown_patient_id=f.get("shown_patient_id", ""),
+            shown_patient_id=f.get("shown_patient_id"),  # a page's, else whom `ask_whose_id` saw
             # the session's 清除 buttons; the check-in form has no "clear": its empty fields keep
             clear_name=f.get("clear") == "name",
             clear_reason=f.get("clear") == "reason",
@@ -977,17 +977,20 @@ def ask_whose_id(request: Request) -> Asker:
     """A check-in of another ID under the checked-in patient's own name asks the doctor whether it
     corrects a mistyped ID or is the same patient's other ID (ID card and clinic number are both
     valid): never guessed from the words. The answer comes back with the form's fields and the
-    patient the page showed (`shown_patient_id`: refused if another was checked in since)."""
+    patient the page showed (`shown_patient_id`: refused if another was checked in since).
+    Nothing to ask: the check-in expects whom the ask saw (`shown_patient_id`, unless a page's),
+    so a card read meanwhile is refused in its transaction, never taken for a number corrected."""
 
     async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
         if same_name_answer(fields) is not None:
             return None
         state = state_of(request)
         now = now_utc()
-        session = await state.run_db(
+        seen, session = await state.run_db(
             lambda: state.data.same_name_replaced(fields.get("patient_id", ""), fields.get("name", ""), now)
         )
         if session is None:
+            fields.setdefault("shown_patient_id", seen)  # "": nobody was checked in
             return None
         return render(request, ctx, "confirm_other_id.html", session=session, form=fields, alerts=[])
 

@@ -769,7 +769,7 @@ class ClinicData:
         reason: str,
         *,
         now: dt.datetime,
-        shown_patient_id: str = "",
+        shown_patient_id: str | None = None,
         clear_name: bool = False,
         clear_reason: bool = False,
         same_name: SameName | None = None,
@@ -777,7 +777,8 @@ class ClinicData:
         """Check the patient in; for the patient checked in already, what is left empty (the
         name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
         `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
-        "not urgent" and clear buttons), refused if another has been checked in since.
+        "not urgent" and clear buttons) or `same_name_replaced` saw ("": nobody; None: whoever),
+        refused if another has been checked in since.
         `same_name`: the doctor's answer to `same_name_replaced` (None: unasked)."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
@@ -790,7 +791,7 @@ class ClinicData:
                 now=now,
                 stat=stat,
                 reason=reason,
-                expected_patient_id=shown_patient_id or None,  # "": a page of before it said: whoever
+                expected_patient_id=shown_patient_id,
                 clear_name=clear_name,
                 clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
@@ -819,16 +820,22 @@ class ClinicData:
         ended = before.name or before.patient_id if before is not None and not again else ""
         return CheckIn(view, ended=ended, again=again, changed=changed)
 
-    def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> SessionView | None:
-        """The checked-in patient, if the check-in typed (`patient_text`, `name`) would replace him
-        by another ID under his own name: the doctor says whether it corrects a mistyped ID or is
-        his other ID. None for a check-in the form refuses (it says why)."""
+    def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> tuple[str, SessionView | None]:
+        """Whom the check-in typed (`patient_text`, `name`) is decided about: the patient checked
+        in now ("": nobody), whom it expects still if nothing is asked; and him again if it would
+        replace him by another ID under his own name: the doctor says whether it corrects a
+        mistyped ID, is his other ID or another patient (None: nothing to ask, or a check-in the
+        form refuses: it says why)."""
+        # read before the question: a card read between the two is refused by the check-in
+        # (another patient than expected), never taken for the one the question was about
+        current = self.context.current(now)
+        seen = "" if current is None else current.patient_id
         try:
             patient = checked_patient(patient_text, name, self.config)
         except ConsoleInputError:
-            return None
-        current = self.context.same_name_replaced(patient.patient_id, patient.name, now)
-        return None if current is None else _session_view(current)
+            return seen, None
+        replaced = self.context.same_name_replaced(patient.patient_id, patient.name, now)
+        return seen, None if replaced is None else _session_view(replaced)
 
     def end_session(self, user: str, *, now: dt.datetime, shown_patient_id: str = "") -> bool:
         """End the session of the patient the page showed (`shown_patient_id`; "" from a page of
