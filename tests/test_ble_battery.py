@@ -308,3 +308,30 @@ def test_a_battery_level_dropping_to_low_is_written_at_once_even_one_point_down(
     assert watch.is_news(LOW_BATTERY_PERCENT, now=2.0)  # down to low: at once
     assert not watch.is_news(LOW_BATTERY_PERCENT + 1, now=3.0)
     assert not watch.is_news(LOW_BATTERY_PERCENT, now=4.0)
+
+
+CONNECTS = 5
+
+
+def test_a_cuff_connecting_once_per_reading_does_not_write_an_unchanged_battery_level_each_time(tmp_path: Path) -> None:
+    """A cuff that connects for each reading and hangs up wrote its row's battery level at every
+    connect, unchanged (each connection's `BatteryWatch` started empty): an SD-card write per
+    reading for nothing. Now the watch starts from the level the row holds and when it was written:
+    over 5 connects at the same level the row is written once."""
+    data = tmp_path / "data"
+    gw = Gateway(data)
+    try:
+        gw.allow(CUFF)
+
+        async def run() -> None:
+            memory = [BpRecord(121, 81, 94, 70, local_now())]  # sent again at each connect: known, not stored
+            cuff = BloodPressureCuff(gw.new_radio(), CUFF, "cuff", battery_level=60, memory=memory, readvertise=True)
+            await gw.run([cuff], until=lambda: cuff.connections >= CONNECTS and cuff.connection is None, timeout=60)
+
+        with traced(gw.store.db.conn) as statements:
+            asyncio.run(run())
+        row = gw.registry.get(CUFF)
+    finally:
+        gw.close()
+    assert row is not None and row.battery_level == 60
+    assert battery_written(statements) == [60]
