@@ -95,6 +95,7 @@ TOPICS = (
     "not-queued",
     "open-damaged",
     "ecg-clock",
+    "battery",
     "restart-needed",
 )
 # An ECG cart's clock is judged by its newest ECG of this last week (of the newest ECGs).
@@ -806,6 +807,7 @@ class Doctor:
             *self._lost_at_stop(),
             *self._registry_findings(),
             *self._ecg_clock_findings(),
+            *self._battery_findings(),
         ]
 
     def _lost_at_stop(self) -> list[Finding]:
@@ -955,6 +957,29 @@ class Doctor:
             for cart, meta in newest.items()
             if device_clock_wrong(meta.get("flags") or ())
         ]
+
+    def _battery_findings(self) -> list[Finding]:
+        """A device whose last Battery Level is low (devices.ble.battery.LOW_BATTERY_PERCENT): a WARN
+        until it reads higher (new batteries), so they are changed before it dies mid-measurement.
+        A level not read lately (DeviceRecord.battery_current) is said as the last one read."""
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        found = []
+        for r in self.device_records() or []:
+            if r.removed or not r.battery_low or r.battery_at is None:  # battery_low: a level, with its time
+                continue
+            read = "read" if r.battery_current(now, self.config.ble.battery_refresh_s) else "last read"
+            found.append(
+                Finding(
+                    "devices",
+                    Level.WARN,
+                    f"{r.name or r.address}: battery low, {r.battery_level}% ({read} {_stamp(r.battery_at)})",
+                    "replace or charge its batteries soon, before it stops during a measurement",
+                    advice_key="battery-low",
+                    topic="battery",
+                    subject=r.name or r.address,
+                )
+            )
+        return found
 
     def check_queue(self) -> list[Finding]:
         from lastmile.data_dir import DataDirError

@@ -88,11 +88,15 @@ def test_the_devices_page_says_the_battery_a_cuff_reported_when_it_connected(tmp
 
 
 def battery_on_card(card: str) -> tuple[str, dt.datetime]:
-    """The battery line of a Devices card: what it says and the time it gives."""
-    line = card.split("data-battery>", 1)[1].split("</p>", 1)[0]
-    when = re.search(r'datetime="([^"]+)"', line)
+    """The battery line of a Devices card: what it says (its time as {time}) and the time it gives."""
+    line = card.split("data-battery=", 1)[1].split(">", 1)[1].split("</p>", 1)[0]
+    when = re.search(r'<time datetime="([^"]+)">[^<]*</time>', line)
     assert when is not None, line
-    return line.split(" <time", 1)[0], dt.datetime.fromisoformat(when[1])
+    return line.replace(when[0], "{time}"), dt.datetime.fromisoformat(when[1])
+
+
+def low_words(level: int) -> str:
+    return f"电量低（{level}%，{{time}} 读取）：请尽快更换电池或充电"
 
 
 def stays_connected(
@@ -160,7 +164,7 @@ def test_a_cuff_left_connected_tells_the_doctor_its_battery_went_low(tmp_path: P
     data = tmp_path / "data"
     row, dropped_at, _ = stays_connected(data, 15, notify=True)
     assert (row.battery_level, row.battery_at) == (15, dropped_at)
-    assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
+    assert battery_on_card(devices_card(data, CUFF)) == (low_words(15), dropped_at)
 
 
 def test_a_cuff_bonded_after_refusing_battery_notifications_notifies_its_battery(tmp_path: Path) -> None:
@@ -176,7 +180,7 @@ def test_a_cuff_bonded_after_refusing_battery_notifications_notifies_its_battery
     assert row.pair_required  # it was bonded in this connection
     assert (row.battery_level, row.battery_at) == (15, dropped_at)
     assert cuff.battery_reads == 1  # the read at connect: the level came notified
-    assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
+    assert battery_on_card(devices_card(data, CUFF)) == (low_words(15), dropped_at)
 
 
 FLICKERS = 40  # notifications of a cell under load flickering 50<->51
@@ -223,7 +227,7 @@ def test_a_battery_level_flickering_by_one_point_does_not_write_the_row_each_tim
     finally:
         gw.close()
     assert battery_written(statements) == [50, low + 3, low + 1, low]
-    assert battery_on_card(devices_card(data, CUFF))[0] == f"电量：{low}%"
+    assert battery_on_card(devices_card(data, CUFF))[0] == low_words(low)
 
 
 def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_changed(tmp_path: Path) -> None:
@@ -236,7 +240,7 @@ def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_c
     row, dropped_at, cuff = stays_connected(data, 40, notify=False, settings=settings, after_change=3)
     assert (row.battery_level, row.battery_at) == (40, dropped_at)  # not the minute after, read 3 times more
     assert cuff.measurement in cuff.subscribed and cuff.battery not in cuff.subscribed
-    assert battery_on_card(devices_card(data, CUFF)) == ("电量：40%", dropped_at)
+    assert battery_on_card(devices_card(data, CUFF)) == ("电量：40%，{time} 读取", dropped_at)
 
 
 def test_the_battery_poll_and_refresh_of_the_config_reach_the_link(tmp_path: Path) -> None:
@@ -308,3 +312,30 @@ def test_a_battery_level_dropping_to_low_is_written_at_once_even_one_point_down(
     assert watch.is_news(LOW_BATTERY_PERCENT, now=2.0)  # down to low: at once
     assert not watch.is_news(LOW_BATTERY_PERCENT + 1, now=3.0)
     assert not watch.is_news(LOW_BATTERY_PERCENT, now=4.0)
+
+
+CONNECTS = 5
+
+
+def test_a_cuff_connecting_once_per_reading_does_not_write_an_unchanged_battery_level_each_time(tmp_path: Path) -> None:
+    """A cuff that connects for each reading and hangs up wrote its row's battery level at every
+    connect, unchanged (each connection's `BatteryWatch` started empty): an SD-card write per
+    reading for nothing. Now the watch starts from the level the row holds and when it was written:
+    over 5 connects at the same level the row is written once."""
+    data = tmp_path / "data"
+    gw = Gateway(data)
+    try:
+        gw.allow(CUFF)
+
+        async def run() -> None:
+            memory = [BpRecord(121, 81, 94, 70, local_now())]  # sent again at each connect: known, not stored
+            cuff = BloodPressureCuff(gw.new_radio(), CUFF, "cuff", battery_level=60, memory=memory, readvertise=True)
+            await gw.run([cuff], until=lambda: cuff.connections >= CONNECTS and cuff.connection is None, timeout=60)
+
+        with traced(gw.store.db.conn) as statements:
+            asyncio.run(run())
+        row = gw.registry.get(CUFF)
+    finally:
+        gw.close()
+    assert row is not None and row.battery_level == 60
+    assert battery_written(statements) == [60]

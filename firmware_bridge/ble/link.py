@@ -127,6 +127,9 @@ class GatewayPort(Protocol):
 
     def note_pair_required(self, address: str) -> None: ...
 
+    def battery_written(self, address: str) -> tuple[int, float] | None:
+        """The Battery Level its row holds and how many seconds ago it was written (None: none)."""
+
 
 @dataclass(frozen=True)
 class LinkSettings:
@@ -185,6 +188,10 @@ class DeviceSession:
 
     # -- the session ------------------------------------------------------------------------
     async def run(self) -> None:
+        written = self.port.battery_written(self.address)
+        if written is not None:  # a cuff connecting once per reading: its unchanged level is no news
+            level, age_s = written
+            self.battery.seed(level, time.monotonic() - age_s)
         self.port.report(DeviceStatus(self.address, seen=True, name=self.ble_device.name, services=self.advertised))
         kwargs: dict[str, Any] = {}
         if self.m.client_backend is not None:
@@ -559,6 +566,10 @@ class BatteryWatch:
         self.refresh_s = refresh_s
         self.level: int | None = None  # the last reported: what the row holds
         self.at = 0.0  # when (monotonic seconds)
+
+    def seed(self, level: int, at: float) -> None:
+        """Start from what the row holds, written at `at` (monotonic) by an earlier connection."""
+        self.level, self.at = level, at
 
     def is_news(self, level: int, now: float) -> bool:
         """Whether to report `level`, seen at `now`; if so it becomes the last reported."""

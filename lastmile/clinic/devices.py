@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 
 import sqlite_utils
 
+from devices.ble.battery import LOW_BATTERY_PERCENT
 from devices.device_errors import DeviceProblem
 from devices.identity import DeviceIdentity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
@@ -138,6 +139,20 @@ class DeviceRecord:
     def lost_words(self) -> str:
         """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
         return held_words(self.lost_reading_count, self.lost_ecg_count)
+
+    @property
+    def battery_low(self) -> bool:
+        """Its last Battery Level is at or below LOW_BATTERY_PERCENT: the doctor is told to replace
+        or charge its batteries before it dies mid-measurement."""
+        return self.battery_level is not None and self.battery_level <= LOW_BATTERY_PERCENT
+
+    def battery_current(self, now: dt.datetime, refresh_s: float) -> bool:
+        """Its Battery Level may be said as now's: it is connected (the link keeps the level
+        current) or the level was read within 2 x `refresh_s` (`[ble] battery_refresh_s`: a device
+        that connects is written at least that often). Else it is the level it had when last read."""
+        if self.removed or self.battery_at is None:
+            return False
+        return self.connected or now - self.battery_at <= dt.timedelta(seconds=2 * refresh_s)
 
     def lost_said_until(self, now: dt.datetime) -> dt.datetime | None:
         """Until when what a stop lost from memory is said (None: nothing lost, or said its

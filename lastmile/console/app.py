@@ -347,6 +347,7 @@ TOPIC_LABELS = {
     "not-queued": N_("closed visits not yet queued"),
     "open-damaged": N_("the open visit"),
     "ecg-clock": N_("clock of ECG cart %(subject)s"),
+    "battery": N_("battery of %(subject)s"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -392,6 +393,9 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "page shows each device."
         ),
         "ecg-clock": N_("The ECG cart's clock is wrong, so its ECGs have no true time: set the cart's date and time."),
+        "battery-low": N_(
+            "Its battery is low: please replace or charge the batteries soon, before it stops during a measurement."
+        ),
         "FAIL": N_(
             "Readings are waiting for storage space: they are kept and saved once there is room. Call the county IT."
         ),

@@ -69,6 +69,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
+        "battery_refresh_s": data.config.ble.battery_refresh_s,
         "now": now,
     }
 
@@ -162,6 +163,7 @@ def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         # the devices whose users the page offers to map: cuffs, scales (a thermometer has no users)
         "with_users": {d.address for d in found if may_have_users(d, mapped)},
         "serial": list(data.config.serial.devices),
+        "battery_refresh_s": data.config.ble.battery_refresh_s,
         "now": now,
     }
 
