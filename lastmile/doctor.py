@@ -235,7 +235,7 @@ class Doctor:
 
     def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
-        from lastmile.ecg.holds import ecgs_waiting
+        from lastmile.ecg.holds import ecgs_waiting, oldest_wait_s
         from lastmile.services.link_status import FHIR_STATUS
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
@@ -246,7 +246,8 @@ class Doctor:
             outbox = open_existing_outbox(self.config)  # creates nothing
             if outbox is not None:
                 with outbox:
-                    stats = outbox.stats(now)
+                    # an ECG held for the doctor waits for him: not the age of what waits for the link
+                    stats = outbox.stats(now) | {"oldest_waiting_s": oldest_wait_s(outbox.db.conn, now)}
                     # routine items a metered link holds now are its (as configured), not the link's
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
                     oldest_item = outbox.oldest_waiting_item(

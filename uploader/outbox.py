@@ -1661,10 +1661,13 @@ class Outbox:
         return found
 
 
-def snapshot_stats(data_dir: Path, now: float) -> dict[str, Any]:
+def snapshot_stats(
+    data_dir: Path, now: float, *, read_more: Callable[[sqlite3.Connection], dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """`Outbox.stats` read without writing anything (no recovery, no reserve, no -shm created
     where SQLite can use the existing one): for `lastmile queue` when the data partition is too
-    full for the outbox to open. FileNotFoundError if there is no outbox."""
+    full for the outbox to open. `read_more`: what the caller reads of the same snapshot, added
+    (a rule of its own, e.g. what waits for the link). FileNotFoundError if there is no outbox."""
     db_path = Path(data_dir) / DB_NAME
     if not db_path.exists():
         raise FileNotFoundError(db_path)
@@ -1675,7 +1678,8 @@ def snapshot_stats(data_dir: Path, now: float) -> dict[str, Any]:
         conn = sqlite3.connect(f"{db_path.as_uri()}?immutable=1", uri=True)
     try:
         conn.row_factory = sqlite3.Row
-        return _stats(lambda sql, params=(): conn.execute(sql, params).fetchall(), Path(data_dir), os.statvfs, now)
+        stats = _stats(lambda sql, params=(): conn.execute(sql, params).fetchall(), Path(data_dir), os.statvfs, now)
+        return stats if read_more is None else stats | read_more(conn)
     finally:
         conn.close()
 
@@ -1686,9 +1690,10 @@ def _stats(
     counts = {s.value: 0 for s in ItemState}
     for state, n in read("SELECT state, COUNT(*) FROM items GROUP BY state"):
         counts[state] = n
-    oldest, last_sent, last_committed, waiting_bytes = read(
-        "SELECT MIN(CASE WHEN state IN ('queued', 'sending') THEN created_at END), "
-        "MAX(sent_at), MAX(committed_at), "
+    # how long items have waited is not said here: which holds are the doctor's (and wait for him,
+    # not the link) is the application's rule (lastmile.ecg.holds.oldest_waiting)
+    last_sent, last_committed, waiting_bytes = read(
+        "SELECT MAX(sent_at), MAX(committed_at), "
         "COALESCE(SUM(CASE WHEN state IN ('queued', 'sending', 'sent') THEN size END), 0) "
         "FROM items"
     )[0]
@@ -1715,7 +1720,6 @@ def _stats(
     return {
         "counts": counts,
         "held": held,  # of the queued: held back (e.g. for the doctor to assign a patient)
-        "oldest_waiting_s": None if oldest is None else max(0.0, now - oldest),
         "last_sent_at": last_sent,
         "last_committed_at": last_committed,
         "quarantined": quarantined,
