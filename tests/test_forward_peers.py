@@ -659,6 +659,11 @@ def test_a_step_waiting_for_the_write_lock_stops_promptly_losing_nothing(tmp_pat
     print(f"\nSIGTERM to exit, the step waiting for the write lock: {took:.1f} s")
     assert took < STOP_BLOCKED_WITHIN_S and proc.returncode == 0, (took, out)
     assert "Traceback" not in out, out
+    # a stop, said as one: not "step failed ... retrying" at ERROR (journald, the county's log shipping)
+    said = [line for line in out.splitlines() if "given up" in line or "step failed" in line]
+    assert said and all(
+        " INFO " in line and "stopping: a write waiting for the outbox lock given up" in line for line in said
+    ), out
     with open_outbox(config) as outbox:
         item = outbox.find("k0")
         assert (item.state, item.attempts) == (ItemState.QUEUED, 0)  # nothing lost, nothing charged

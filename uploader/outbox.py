@@ -267,6 +267,24 @@ class PayloadGoneError(LookupError):
     """The item was purged: its payload was deleted on purpose."""
 
 
+class WaitGivenUp(sqlite3.OperationalError):
+    """ "database is locked", from a write that gave up waiting for another process's write lock
+    because the service is stopping (`Outbox.give_up_waits_on`): a stop, not a fault. Callers
+    that catch the lock's failure catch this one too."""
+
+
+def gave_up_at_stop(exc: BaseException) -> bool:
+    """Whether `exc`, or what it was raised from, is a write the stop gave up (`WaitGivenUp`)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, WaitGivenUp):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 S = ItemState
 # Which states each operation moves items out of, and into. Items in any other state are left
 # untouched (logged): another process or an operator may have moved them meanwhile.
@@ -622,8 +640,11 @@ class Outbox:
                     self._conn.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() >= self._stop_deadline(deadline):
+                    now = time.monotonic()
+                    if "locked" not in str(exc) or now >= deadline:
                         raise
+                    if now >= self._stop_deadline(deadline):
+                        raise WaitGivenUp(str(exc)) from exc
         finally:
             self._conn.execute(f"PRAGMA busy_timeout={self._wait_ms}")
 

@@ -102,9 +102,7 @@ class ForwardService:
         GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
         self._trimmed = time.monotonic()
         self.config = config
-        self.outbox = open_outbox(config)
-        if stop is not None:
-            self.outbox.give_up_waits_on(stop)
+        self.outbox = open_outbox(config, stop=stop)
         try:
             self.reports = self._make_reports(config)
             try:
