@@ -649,11 +649,16 @@ def reading(user: int, minute: int) -> Observation:
     return replace(bp(T0 + minute * MIN, 151.0, key=f"test:user{user}:{minute}"), device_user=user)
 
 
-def map_user(tmp_path: Path, *args: str, at: dt.datetime = T0) -> int:
-    """`lastmile patient map-user ...` run at `at` (the mapping holds from then on)."""
+def patient_command(tmp_path: Path, command: str, *args: str, at: dt.datetime) -> int:
+    """`lastmile patient COMMAND ...` run at `at`."""
     with pytest.MonkeyPatch.context() as clock:
         clock.setattr("lastmile.commands.patient._now", lambda: at)
-        return main(["patient", "map-user", "--data-dir", str(tmp_path), *args])
+        return main(["patient", command, "--data-dir", str(tmp_path), *args])
+
+
+def map_user(tmp_path: Path, *args: str, at: dt.datetime = T0) -> int:
+    """`lastmile patient map-user ...` run at `at` (the mapping holds from then on)."""
+    return patient_command(tmp_path, "map-user", *args, at=at)
 
 
 def test_map_user_current_and_remove_decide_where_user_2s_readings_go(
@@ -819,3 +824,36 @@ def test_map_user_with_another_name_than_its_ids_check_in_is_refused_naming_both
     assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", at=T0 + 5 * MIN) == 0
     item = store.outbox.get(store.record(reading(2, 6), now=T0 + 6 * MIN).item_id or 0)
     assert item is not None and item.patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+
+
+def test_assigning_a_held_reading_with_another_name_than_its_ids_check_in_is_refused_naming_both(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """P-1 was checked in as 张三; the cuff's user 2 reading is held and the doctor assigns it to
+    P-1 typing 李四. The CLI said "assigned to P-1" and it went to the county as 李四 while P-1's
+    other readings go as 张三: one of the two names is wrong. She is asked which, as map-user asks -
+    without --name, 张三; with --correct-name, 李四 for this reading and the check-in alike."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    first, second = (store.record(reading(2, m), now=T0 + m * MIN).held_id for m in (1, 2))
+    assert first is not None and second is not None
+
+    assert patient_command(tmp_path, "assign", str(first), "P-1", "--name", "李四", at=T0 + 3 * MIN) == 2
+    said = capsys.readouterr()
+    assert "张^三" in said.err and "李^四" in said.err and "--correct-name" in said.err, said
+    assert "assigned to" not in said.out
+    assert store.outbox.items(kind=OBSERVATION_KIND) == [] and store.get_held(first) is not None
+
+    # without --name: the name P-1 was checked in under, not none
+    assert patient_command(tmp_path, "assign", str(first), "P-1", at=T0 + 4 * MIN) == 0
+    assert [i.patient for i in store.outbox.items(kind=OBSERVATION_KIND)] == [
+        {"patient_id": "P-1", "name": "Zhang^San=张^三"}
+    ]
+
+    # 李四 is right: this reading and what the session names P-1 say so
+    assert (
+        patient_command(tmp_path, "assign", str(second), "P-1", "--name", "李四", "--correct-name", at=T0 + 5 * MIN)
+        == 0
+    )
+    assert "assigned to P-1" in capsys.readouterr().out
+    assert store.outbox.items(kind=OBSERVATION_KIND)[-1].patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+    assert store.context.known_name("P-1", T0 + 5 * MIN) == "Li^Si=李^四"

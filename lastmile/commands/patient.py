@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("held_id", metavar="HELD", help="a held observation's number (12) or ECG's (E12)")
     p.add_argument("patient_id")
-    p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
+    _name_arguments(p, "PATIENT_ID")
     p.set_defaults(func=_assign)
 
     p = psub.add_parser(
@@ -96,16 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     who.add_argument(
         "--remove", action="store_true", help="forget the mapping: user 1 is the checked-in patient's, others held"
     )
-    p.add_argument(
-        "--name",
-        default="",
-        help="the --patient's name (default: the name his ID was checked in under in the last 24 h; another one is refused)",
-    )
-    p.add_argument(
-        "--correct-name",
-        action="store_true",
-        help="--name is right: the name the --patient was checked in under in the last 24 h was wrong (it is corrected)",
-    )
+    _name_arguments(p, "--patient")
     p.set_defaults(func=_map_user)
 
     p = psub.add_parser(
@@ -119,6 +110,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.set_defaults(func=_devices)
+
+
+def _name_arguments(p: argparse.ArgumentParser, whose: str) -> None:
+    """--name and --correct-name of a command that gives a patient ID its name (`_which_name`)."""
+    p.add_argument(
+        "--name",
+        default="",
+        help=f"the {whose}'s name (default: the name his ID was checked in under in the last 24 h; another one is refused)",
+    )
+    p.add_argument(
+        "--correct-name",
+        action="store_true",
+        help=f"--name is right: the name the {whose} was checked in under in the last 24 h was wrong (it is corrected)",
+    )
 
 
 def _now() -> dt.datetime:
@@ -328,7 +333,7 @@ def _map_user(args: argparse.Namespace) -> int:
                 args.address, args.user, patient, context=context, now=_now(), correct_name=args.correct_name
             )
         except NameConflict as exc:
-            print(_which_name(exc), file=sys.stderr)
+            print(_which_name(exc, "map-user"), file=sys.stderr)
             return 2
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -340,12 +345,12 @@ def _map_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def _which_name(conflict) -> str:  # (NameConflict) -> str
+def _which_name(conflict, command: str) -> str:  # (NameConflict, str) -> str
     """Two names for one ID: one is wrong, only the doctor knows which (zh-CN first, as the CLI's
-    other bilingual refusals)."""
+    other bilingual refusals); `command`: the `lastmile patient` command refused."""
     pid, known, given = conflict.patient_id, conflict.known, conflict.given
     return (
-        f"lastmile patient map-user: {pid} 24 小时内登记的姓名是 {known}，不是 {given}：其中一个是错的。"
+        f"lastmile patient {command}: {pid} 24 小时内登记的姓名是 {known}，不是 {given}：其中一个是错的。"
         f"{known} 对：去掉 --name 再运行；{given} 对：加上 --correct-name（登记的姓名一并更正）。 / "
         f"{pid} was checked in as {known} within 24 h, not {given}: one of them is wrong. If {known} is right, "
         f"run the command again without --name; if {given} is right, add --correct-name (the check-in's "
@@ -356,6 +361,7 @@ def _which_name(conflict) -> str:  # (NameConflict) -> str
 def _assign(args: argparse.Namespace) -> int:
     from lastmile.clinic.observations import ObservationStore, UnknownObservationError
     from lastmile.clinic.patient_ids import clinic_patient
+    from lastmile.clinic.patients import NameConflict, PatientContext
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
 
@@ -367,12 +373,22 @@ def _assign(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lastmile patient assign: {exc}", file=sys.stderr)
         return 2
+    now = _now()
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:  # named as map-user names him: the check-in's name, or the doctor says which of two is right
+        patient = context.given_name(patient, now, correct=args.correct_name)
+        doctor = context.current_doctor(now) or ""
+    except NameConflict as exc:
+        print(_which_name(exc, "assign"), file=sys.stderr)
+        return 2
+    finally:
+        context.close()
     if held[:1] in ("E", "e"):
-        return _assign_ecg(config, number, patient)
+        return _assign_ecg(config, number, patient, doctor=doctor, now=now)
     with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         try:
-            result = store.assign(number, patient.patient_id, name=patient.name, now=_now())
+            result = store.assign(number, patient.patient_id, name=patient.name, now=now)
         except UnknownObservationError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
@@ -385,19 +401,13 @@ def _assign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assign_ecg(config, item_id: int, patient) -> int:  # (Config, int, Patient)
-    from lastmile.clinic.patients import PatientContext
+def _assign_ecg(config, item_id: int, patient, *, doctor: str, now: dt.datetime) -> int:  # (Config, int, Patient)
     from lastmile.data_dir import open_outbox
     from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
 
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        doctor = context.current_doctor(_now()) or ""
-    finally:
-        context.close()
     with open_outbox(config) as outbox:
         try:
-            item = assign_held_ecg(outbox, item_id, patient, now=_now(), by=doctor)
+            item = assign_held_ecg(outbox, item_id, patient, now=now, by=doctor)
         except HeldEcgError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
