@@ -16,6 +16,14 @@ over the ECG rows) is still to come; the outbox's opening without it is the refe
 runs in a fresh process (with `--cpu-share 0.25`: a quarter core, bench/cpu_share.py, the nearest
 this machine comes to a Pi), with the database in the page cache and without (its pages dropped
 first, as after the reboot an upgrade ends with; read from this machine's disk, not an SD card).
+
+    .venv/bin/python bench/startup.py --old-reports 2000 [--cpu-share 0.25]
+
+A gateway that ran a year before clinic.db kept report lines (0009) has its reports' lines read
+again from their objects (lastmile.reports.old_lines) by the forward service after its start:
+`--old-reports N` times that on a clinic.db of N such reports (DICOM SR, every fifth a PDF), in a
+fresh process as above: its whole time, and the longest write transaction it holds (what the
+other services' 15 s busy timeout waits for; it ran in one transaction in a migration before).
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -41,6 +51,7 @@ from bench.cpu_share import CpuShare  # (after the path: run as a script)
 GOAL_READY_S = 1.0
 GOAL_RSS_MB = 64.0
 MIGRATION = "0008_ecgs_index"  # the migration timed by --migration-rows
+OLD_REPORTS_PDF_EVERY = 5
 
 
 def unit_environment(service: str) -> dict[str, str]:
@@ -188,6 +199,54 @@ def migration_figures(rows: int, runs: int, python: str, cpu_share: float | None
                 )
 
 
+def old_lines_worker(data_dir: Path) -> None:
+    """Print the seconds reading the old reports' lines again takes in this process, and its
+    longest write transaction (each `transaction` timed)."""
+    import contextlib as cl
+
+    import lastmile.reports.old_lines as old_lines
+    from lastmile.clinic.db import open_clinic_db
+
+    held: list[float] = []
+    real_transaction = old_lines.transaction
+
+    @cl.contextmanager
+    def timed_transaction(db: Any) -> Iterator[sqlite3.Connection]:
+        began = time.perf_counter()
+        with real_transaction(db) as conn:
+            yield conn
+        held.append(time.perf_counter() - began)
+
+    old_lines.transaction = timed_transaction  # each batch's write transaction timed
+    db = open_clinic_db(data_dir)
+    began = time.perf_counter()
+    old_lines.add_old_report_lines(db)
+    print(time.perf_counter() - began, max(held, default=0.0))
+    db.conn.close()
+
+
+def old_lines_figures(reports: int, runs: int, python: str, cpu_share: float | None) -> None:
+    from tests.old_reports import write_old_reports
+
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        for share_of in (None, cpu_share) if cpu_share else (None,):
+            share = CpuShare(share_of, "startup") if share_of else None
+            results = []
+            with share or contextlib.nullcontext():
+                for run in range(runs):
+                    data_dir = Path(tmp) / f"data-{share_of}-{run}"
+                    write_old_reports(data_dir, reports, pdf_every=OLD_REPORTS_PDF_EVERY)
+                    command = [python, __file__, "--old-lines-worker", str(data_dir)]
+                    out = subprocess.run(share.wrap(command) if share else command, check=True, capture_output=True)
+                    results.append(tuple(float(v) for v in out.stdout.split()))
+            where = f"{share_of:g} core" if share_of else "full speed"
+            print(
+                f"old report lines: {reports} reports ({where}): all read again in median "
+                f"{statistics.median(t for t, _ in results):.1f} s, longest write transaction "
+                f"{max(h for _, h in results) * 1000:.0f} ms  [runs: {', '.join(f'{t:.1f}' for t, _ in results)} s]"
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -195,10 +254,18 @@ def main() -> int:
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--migration-rows", type=int, default=0, help=f"time {MIGRATION} on an outbox of this many rows")
     ap.add_argument("--cpu-share", type=float, default=None, help="also with this share of one core (0.25: a Pi)")
+    ap.add_argument("--old-reports", type=int, default=0, help="time reading this many old reports' lines again")
     ap.add_argument("--open-worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--old-lines-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.open_worker:
         open_worker(args.open_worker)
+        return 0
+    if args.old_lines_worker:
+        old_lines_worker(args.old_lines_worker)
+        return 0
+    if args.old_reports:
+        old_lines_figures(args.old_reports, args.runs, args.python, args.cpu_share)
         return 0
     if args.migration_rows:
         migration_figures(args.migration_rows, args.runs, args.python, args.cpu_share)

@@ -20,10 +20,12 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import lan_object_store
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
+from lastmile.services.forward import ForwardService
 from tests.console_harness import DOCTOR, VALID_ID, Client, running_console, set_aside_outbox
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import gateway_config, poller_for, send_ecgs, to_read
+from tests.waiting import wait_for
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
 from uploader.dicom_store import StoreAssociation
@@ -214,8 +216,24 @@ def test_a_report_stored_before_report_lines_is_shown_in_the_doctors_language(
     assert "诊断医生" in received_now and "Read by" not in received_now, received_now
 
     as_written_before(config, BEFORE_REPORT_LINES)
+    # the upgraded forward service starts: it reads them again after its start, not the console
+    service = ForwardService(config)
+    try:
+        wait_for(lambda: not_read_yet(config) == 0, what="the old reports read again by the forward service")
+    finally:
+        service.close()
     assert report_text_shown(config, report.id) == received_now
     with ReportStore.open(config.data_dir) as store:
         upgraded, damaged = sorted(store.reports(), key=lambda r: r.id)
     assert upgraded.lines is not None and upgraded.text == report.text  # the English text stays as stored
     assert damaged.lines is None and damaged.text == report.text
+
+
+def not_read_yet(config: Config) -> int:
+    """Reports stored before lines that the forward service has neither read again nor marked."""
+    with ReportStore.open(config.data_dir) as store:
+        return int(
+            store.db.conn.execute(
+                "SELECT count(*) FROM reports WHERE lines IS NULL AND lines_not_read IS NULL"
+            ).fetchone()[0]
+        )

@@ -266,7 +266,7 @@ def test_a_session_open_when_the_gateway_is_updated_keeps_the_ids_its_log_linked
     from uploader.sqlite_store import open_database
 
     now = dt.datetime.now(dt.timezone.utc)
-    db = open_database(tmp_path / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0033_session_linked_ids"))
+    db = open_database(tmp_path / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0032_session_linked_ids"))
     db.conn.execute(
         "INSERT INTO session (id, patient_id, patient_name, patient_since, last_activity) VALUES (1, ?, ?, ?, ?)",
         ("MZ-0042", "Wang^Wu=王^五", now.isoformat(), now.isoformat()),

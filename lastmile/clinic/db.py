@@ -202,26 +202,18 @@ _ERROR_KINDS_BEFORE = (
 )
 
 
-def _old_report_lines(db: sqlite_utils.Database) -> None:
-    if db.conn.execute("SELECT 1 FROM reports WHERE lines IS NULL LIMIT 1").fetchone() is None:
-        return  # nothing to read again (every gateway set up since 0009): the console never loads pydicom for it
-    from lastmile.reports.old_lines import add_old_report_lines
-
-    add_old_report_lines(db)
-
-
 def _session_linked_ids(db: sqlite_utils.Database) -> None:
     db.conn.execute("ALTER TABLE session ADD COLUMN linked_ids TEXT")
     row = db.conn.execute("SELECT patient_id FROM session WHERE id = 1 AND patient_id IS NOT NULL").fetchone()
     if row is not None:
-        linked = _linked_in_log_before_0033(db, row[0])
+        linked = _linked_in_log_before_0032(db, row[0])
         db.conn.execute(
             "UPDATE session SET linked_ids = ? WHERE id = 1", (json.dumps(sorted(linked)) if linked else None,)
         )
 
 
-def _linked_in_log_before_0033(db: sqlite_utils.Database, patient_id: str) -> set[str]:
-    """The links of `patient_id`'s session as the log held them until 0033 (its events written
+def _linked_in_log_before_0032(db: sqlite_utils.Database, patient_id: str) -> set[str]:
+    """The links of `patient_id`'s session as the log held them until 0032 (its events written
     here: the migration stays what it was when lastmile.clinic.patients' constants change): the
     log newest first back to the check-in that began his session."""
     linked = {patient_id}
@@ -394,15 +386,20 @@ MIGRATIONS = (
         "UPDATE devices SET held_cause = last_error "
         "WHERE COALESCE(held_readings, '') != '' AND last_error_kind = 'not-saved';",
     ),
-    # the reports stored before 0009 (no lines: shown as their English text) read again from the
-    # object each keeps as received, so they are worded in the reader's language too; a row that
-    # cannot be read again keeps its text (lastmile.reports.old_lines)
-    Migration("0032_old_report_lines", _old_report_lines),
     # the IDs the doctor said are the checked-in patient's other IDs ("同一人的另一个号码"), JSON list,
     # on his session row (lastmile.clinic.patients): they were read back from the session log,
     # which is pruned past a day - a session kept longer lost them (his ECG under his first ID
     # held as another patient's, not STAT). A session open at the upgrade gets its links once
-    Migration("0033_session_linked_ids", _session_linked_ids),
+    Migration("0032_session_linked_ids", _session_linked_ids),
+    # why a report stored before 0009 (no lines: shown as its English text) keeps that text: its
+    # object could not be read again into lines (lastmile.reports.old_lines, run by the forward
+    # service after its start, never in a migration). NULL: not tried yet. The partial index
+    # finds the rows still to read without reading the table (each row holds its object)
+    Migration.sql(
+        "0033_report_lines_not_read",
+        "ALTER TABLE reports ADD COLUMN lines_not_read TEXT;\n"
+        "CREATE INDEX reports_without_lines ON reports (id) WHERE lines IS NULL AND lines_not_read IS NULL;",
+    ),
 )
 
 
