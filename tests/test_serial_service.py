@@ -1375,11 +1375,11 @@ def test_readings_a_spill_file_gives_back_in_part_are_stored_and_the_rest_said_l
     """The spill file's newest copy (3 readings) torn, the older one (2 of them) whole: the 2 are
     stored after the restart and the 1 the file did not give back is said lost (held - given back),
     not left unsaid as before."""
-    from lastmile.services.serial_spill import SPILL_NAME, _newest, waiting_readings
+    from lastmile.services.serial_spill import SPILL_NAME, newest_copy, waiting_readings
 
     devices = a_stop_kept_readings_on_disk(tmp_path)
     spill = tmp_path / "data" / SPILL_NAME
-    slot, _generation, _content = _newest(spill)
+    slot, _generation, _content = newest_copy(spill)
     with spill.open("r+b") as f:  # a byte of the newest copy's body flipped
         at = slot * (spill.stat().st_size // 2) + 60
         f.seek(at)

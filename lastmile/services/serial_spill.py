@@ -88,7 +88,7 @@ def _slot_header(f: BinaryIO, offset: int) -> tuple[int, int, bytes] | None:
     return int.from_bytes(raw[at : at + 8], "big"), int.from_bytes(raw[at + 8 : at + 12], "big"), raw[at + 12 :]
 
 
-def _newest(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
+def newest_copy(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
     """(slot, generation, content) of the newest whole copy in the file at `path`: the two slot
     headers, then only the body of the newest one (the other's too if that one is torn)."""
     try:
@@ -131,7 +131,7 @@ def damage(path: Path) -> str:
         return f"unreadable: {exc}"
     if not raw:
         return "empty"
-    if any(r.startswith(MAGIC) for r in raw) and _newest(path) is None:
+    if any(r.startswith(MAGIC) for r in raw) and newest_copy(path) is None:
         return "no whole copy in it (cut short or torn)"
     if any(r.strip(b"\0") and not r.startswith(MAGIC) for r in raw):
         return "not what the gateway wrote (garbage)"
@@ -163,7 +163,7 @@ def kept_in(spill: SpillFile | None) -> bool:
 def waiting_readings(data_dir: Path, name: str = SPILL_NAME) -> int:
     """How many readings (ECGs with `ECG_SPILL_NAME`) the spill file `name` in `data_dir` holds
     (0 without one); never creates it."""
-    newest = _newest(Path(data_dir) / name)
+    newest = newest_copy(Path(data_dir) / name)
     return 0 if newest is None else sum(len(v) for v in newest[2].values())
 
 
@@ -176,7 +176,7 @@ class SpillFile:
     def __init__(self, data_dir: Path, size: int = SPILL_BYTES, name: str = SPILL_NAME) -> None:
         self.path, self._size = Path(data_dir) / name, size
         self.kept = False
-        newest = _newest(self.path)
+        newest = newest_copy(self.path)
         self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
         # why it may not give back all it kept: MISSING, or its damage (then set aside)
         self.damage = damage(self.path) if self.path.exists() or self.path.is_symlink() else MISSING
