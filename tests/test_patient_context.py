@@ -857,3 +857,17 @@ def test_assigning_a_held_reading_with_another_name_than_its_ids_check_in_is_ref
     assert "assigned to P-1" in capsys.readouterr().out
     assert store.outbox.items(kind=OBSERVATION_KIND)[-1].patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}
     assert store.context.known_name("P-1", T0 + 5 * MIN) == "Li^Si=李^四"
+
+
+def test_a_name_corrected_under_his_other_id_is_his_name_under_every_id_of_his_session(context) -> None:
+    """张三 checked in under P-1, then P-2 said to be his other ID; the doctor then says P-1's name
+    is 李四 (`map-user ... --correct-name`, `assign ... --correct-name`). The correction was logged
+    for P-1 only while every ID of his session is named by his session: the command said done and
+    his readings still went to the county as 张三. His session's name is corrected."""
+    from devices.identity import Patient
+
+    context.check_in("P-1", "Zhang^San=张^三", now=T0)
+    context.check_in("P-2", "Zhang^San=张^三", now=T0 + MIN, same_name=SameName.OTHER_ID)
+    named = context.given_name(Patient("P-1", name="Li^Si=李^四"), T0 + 2 * MIN, correct=True)
+    assert named.name == "Li^Si=李^四"
+    assert context.known_names(["P-1", "P-2"], T0 + 2 * MIN) == {"P-1": "Li^Si=李^四", "P-2": "Li^Si=李^四"}

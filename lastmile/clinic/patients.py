@@ -336,10 +336,11 @@ class PatientContext:
 
     def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
         """The doctor says `patient_id`'s checked-in name was wrong: it is `name` from now on, for
-        whatever the session names him (his session too, if he is the one checked in)."""
+        whatever the session names him (his session too, if he is the one checked in or it is one
+        of his other IDs: they all carry his session's name)."""
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
-            if row is not None and row["patient_id"] == patient_id:
+            if row is not None and row["patient_id"] and patient_id in _linked_of(row) | {row["patient_id"]}:
                 conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
             self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
 
