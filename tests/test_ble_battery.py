@@ -183,6 +183,34 @@ def test_a_cuff_bonded_after_refusing_battery_notifications_notifies_its_battery
     assert battery_on_card(devices_card(data, CUFF)) == (low_words(15), dropped_at)
 
 
+def test_a_battery_subscription_failing_never_keeps_the_cuffs_measurements_from_being_subscribed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Battery Level subscription is a nicety; the measurements are not. Its descriptor write
+    failing otherwise than by a GATT error or D-Bus (a plain BleakError: a stack timing out) ended
+    the set-up before the measurements were subscribed - at connect, and again once bonded - and the
+    cuff's readings waited for a connection that never got further. It is re-read instead."""
+    from bleak import BleakClient
+    from bleak.exc import BleakError
+
+    from devices.ble import uuids
+
+    start_notify = BleakClient.start_notify
+
+    async def battery_fails(self, char, callback, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(char, "uuid", "").startswith(f"0000{uuids.BATTERY_LEVEL:04x}"):
+            raise BleakError("descriptor write timed out")
+        return await start_notify(self, char, callback, **kwargs)
+
+    monkeypatch.setattr(BleakClient, "start_notify", battery_fails)
+    data = tmp_path / "data"
+    settings = LinkSettings(
+        scan_pass_s=0.5, reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC, battery_poll_s=1
+    )
+    row, _, _ = stays_connected(data, 15, notify=True, settings=settings, require_pairing=True)
+    assert row.battery_level == 15  # the measurements subscribed (the drop comes after), the level re-read
+
+
 FLICKERS = 40  # notifications of a cell under load flickering 50<->51
 
 

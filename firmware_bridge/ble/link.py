@@ -313,7 +313,8 @@ class DeviceSession:
         if "notify" in char.properties:
             try:
                 await self.client.start_notify(char, lambda _sender, data: self._on_battery_notified(data))
-            except (BleakGATTProtocolError, BleakDBusError) as exc:
+            except (TimeoutError, BleakError) as exc:
+                # any failure: the battery is a nicety, the measurements subscribed after it are not
                 log.info("%s: Battery Level notifications refused (%s); re-reading it instead", self.address, exc)
                 self._battery_awaits_bonding = not self.paired and _needs_bonding(exc)
             else:
