@@ -267,10 +267,12 @@ def _answer_without_about(answer) -> str:  # answer: SameName | None
 def _no_question(flag: str, seen, patient_id: str) -> str:  # flag: the answer given; seen: CurrentPatient
     """An answer (`flag`) given when the patient checked in has another name: it must not apply
     to whoever is by the time of the check-in."""
+    from lastmile.reports.report_text import display_name
+
     return (
         f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未签到，"
         f"请去掉 {flag} 后重新运行\n"
-        f"lastmile patient set: {flag} answers no question: {seen.patient_id} {seen.name or '(no name)'} is "
+        f"lastmile patient set: {flag} answers no question: {seen.patient_id} {display_name(seen.name) or '(no name)'} is "
         f"checked in under another name; {patient_id} was not checked in: run the command again without {flag}"
     )
 
@@ -348,7 +350,10 @@ def _map_user(args: argparse.Namespace) -> int:
 def _which_name(conflict, command: str) -> str:  # (NameConflict, str) -> str
     """Two names for one ID: one is wrong, only the doctor knows which (zh-CN first, as the CLI's
     other bilingual refusals); `command`: the `lastmile patient` command refused."""
-    pid, known, given = conflict.patient_id, conflict.known, conflict.given
+    from lastmile.reports.report_text import display_name
+
+    # names as people write them (张三 (Zhang San)), not as stored (Zhang^San=张^三)
+    pid, known, given = conflict.patient_id, display_name(conflict.known), display_name(conflict.given)
     return (
         f"lastmile patient {command}: {pid} 24 小时内登记的姓名是 {known}，不是 {given}：其中一个是错的。"
         f"{known} 对：去掉 --name 再运行；{given} 对：加上 --correct-name（登记的姓名一并更正）。 / "
