@@ -4,8 +4,10 @@ the stick, and other patients' ECGs, keep their routine priority."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 from devices.ecg.npz import write_npz
@@ -212,32 +214,11 @@ def test_lan_objects_under_the_stat_patients_other_id_go_first(tmp_path: Path) -
     assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}
 
 
-def test_his_other_id_stays_his_in_a_session_kept_past_the_session_logs_day(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def a_session_kept_past_the_logs_day(tmp_path: Path) -> Iterator[tuple[Config, PatientContext, dt.datetime]]:
     """王五, STAT for 胸痛, checked in by his ID card number 25 h ago and linked to his clinic number
-    (the idle timeout configured long, his session touched since). The links were read back from
-    the session log, which every change of the session prunes to its last day: his ECG under his
-    ID card number was held as another patient's, and routine. The link lives with his session."""
-    config = _config(tmp_path)
-    hour = dt.timedelta(hours=1)
-    began = dt.datetime.now(dt.timezone.utc) - 25 * hour
-    context = PatientContext.open(config.data_dir, idle_timeout_s=12 * 3600)
-    try:
-        context.check_in(ID_CARD, "Wang^Wu=王^五", now=began, stat=True, reason="胸痛")
-        context.check_in(
-            CLINIC_NUMBER, "Wang^Wu=王^五", now=began + dt.timedelta(minutes=1), same_name=SameName.OTHER_ID
-        )
-        for hours in (11, 22, 25):  # a reading now and then: the session goes on, the log is pruned
-            assert context.touch(now=began + hours * hour)
-        got = _sent_on_the_lan(config, context, ID_CARD, STRANGER)
-    finally:
-        context.close()
-    assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}
-
-
-def test_his_other_id_keeps_his_name_in_a_session_kept_past_the_session_logs_day(tmp_path: Path) -> None:
-    """The same long session: the names of his IDs came from the check-ins in the session log,
-    pruned to its last day - his ECG under his ID card number, its file naming no one, went out
-    with his ID and no name. Every ID of his session is his: it has his name."""
+    (the idle timeout configured long, his session touched since: a reading now and then, each
+    change of the session pruning its log to its last day). The config, his context and now."""
     config = _config(tmp_path)
     hour = dt.timedelta(hours=1)
     began = dt.datetime.now(dt.timezone.utc) - 25 * hour
@@ -249,13 +230,28 @@ def test_his_other_id_keeps_his_name_in_a_session_kept_past_the_session_logs_day
         )
         for hours in (11, 22, 25):
             assert context.touch(now=began + hours * hour)
-        now = began + 25 * hour
+        yield config, context, began + 25 * hour
+    finally:
+        context.close()
+
+
+def test_his_other_id_stays_his_in_a_session_kept_past_the_session_logs_day(tmp_path: Path) -> None:
+    """The links were read back from the session log: his ECG under his ID card number was held as
+    another patient's, and routine. The link lives with his session."""
+    with a_session_kept_past_the_logs_day(tmp_path) as (config, context, _now):
+        got = _sent_on_the_lan(config, context, ID_CARD, STRANGER)
+    assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}
+
+
+def test_his_other_id_keeps_his_name_in_a_session_kept_past_the_session_logs_day(tmp_path: Path) -> None:
+    """The names of his IDs came from the check-ins in the session log: his ECG under his ID card
+    number, its file naming no one, went out with his ID and no name. Every ID of his session is
+    his: it has his name."""
+    with a_session_kept_past_the_logs_day(tmp_path) as (_config, context, now):
         assert context.known_names([ID_CARD, CLINIC_NUMBER, STRANGER], now) == {
             ID_CARD: "Wang^Wu=王^五",
             CLINIC_NUMBER: "Wang^Wu=王^五",
         }
-    finally:
-        context.close()
 
 
 def test_his_other_id_stays_his_after_his_current_id_is_corrected(tmp_path: Path) -> None:
