@@ -139,7 +139,7 @@ class BleSection:
     connect_attempts: int = 4  # tries per connection before waiting for the next scan
     continuous_store_interval_s: float = 10.0  # continuous SpO2 streams: one observation per interval
     battery_poll_s: float = 600.0  # a connected device whose Battery Level cannot notify: re-read this often
-    battery_refresh_s: float = 1800.0  # an unchanged battery level is written again at most this often (SD card)
+    battery_refresh_s: float = 1800.0  # a level 1 point from the row's: written at most this often (SD card)
 
 
 @dataclass

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 from lastmile.config import Config
 
 if TYPE_CHECKING:
+    import threading
+
     from uploader.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -192,14 +194,16 @@ def existing_file(config: Config, name: str) -> Path | None:
     return data / name
 
 
-def open_outbox(config: Config) -> Outbox:
-    """The outbox in the data directory (created if needed) with the configured limits."""
+def open_outbox(config: Config, *, stop: threading.Event | None = None) -> Outbox:
+    """The outbox in the data directory (created if needed) with the configured limits. `stop`: a
+    service's (its runtime's, SIGTERM): once set, a write waiting for another process's write lock
+    gives up within a second (`Outbox.give_up_waits_on`), so the service stops promptly."""
     from uploader.outbox import Outbox, is_disk_full
 
     o = config.outbox
     data_dir = ensure_data_dir(config.data_dir)
     try:
-        return Outbox.open(
+        outbox = Outbox.open(
             data_dir,
             min_free_bytes=o.min_free_mb * 2**20,
             backoff_base_s=o.backoff_base_s,
@@ -214,6 +218,9 @@ def open_outbox(config: Config) -> Outbox:
             f"the data partition is full ({'?' if free is None else free // 1024} KB free in {data_dir}): "
             "the outbox cannot be opened; nothing stored is lost. Free space on it (call the county IT)"
         ) from exc
+    if stop is not None:
+        outbox.give_up_waits_on(stop)
+    return outbox
 
 
 NO_ROOM_BYTES = 2**20  # below this, an I/O error opening SQLite is the full partition

@@ -35,6 +35,7 @@ from lastmile.doctor_ble import check_bluetooth
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
+    from lastmile.ecg.holds import EcgsWaiting
     from lastmile.services.link_status import FhirPlatform
     from lastmile.services.metered import MeteredWait
     from uploader.outbox import OutboxItem
@@ -63,6 +64,7 @@ NETWORK_TIMEOUT_S = 10.0
 METRICS_TIMEOUT_S = 5.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
+DOCTOR_DECIDES = "not waiting for the link: the doctor decides on the console's Today page or `lastmile patient show`"
 REPORTS_FAILING_WARN_S = 3600.0  # no report query has worked for an hour
 # What each finding of a check that gives several is about (Finding.topic): the System page heads
 # each with its check's label and its own (console/app.py TOPIC_LABELS), `lastmile doctor` prints
@@ -93,6 +95,7 @@ TOPICS = (
     "not-queued",
     "open-damaged",
     "ecg-clock",
+    "battery",
     "restart-needed",
 )
 # An ECG cart's clock is judged by its newest ECG of this last week (of the newest ECGs).
@@ -177,6 +180,7 @@ class OutboxReads:
     refused: OutboxItem | None  # that item, when the server refuses it alone
     recent_ecgs: list[OutboxItem]  # DICOM items of the last ECG_CLOCK_LOOKBACK_S, newest first
     fhir_status: dict[str, Any] | None  # what the FHIR forwarder recorded of its last rounds (FHIR_STATUS)
+    ecgs: EcgsWaiting  # the ECGs waiting for the link, and those held for the doctor instead
 
 
 @dataclass
@@ -231,6 +235,7 @@ class Doctor:
 
     def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
+        from lastmile.ecg.holds import ecgs_waiting, oldest_wait_s
         from lastmile.services.link_status import FHIR_STATUS
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
@@ -241,7 +246,8 @@ class Doctor:
             outbox = open_existing_outbox(self.config)  # creates nothing
             if outbox is not None:
                 with outbox:
-                    stats = outbox.stats(now)
+                    # an ECG held for the doctor waits for him: not the age of what waits for the link
+                    stats = outbox.stats(now) | {"oldest_waiting_s": oldest_wait_s(outbox.db.conn, now)}
                     # routine items a metered link holds now are its (as configured), not the link's
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
                     oldest_item = outbox.oldest_waiting_item(
@@ -255,6 +261,7 @@ class Doctor:
                         oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None,
                         outbox.newest(Kind.DICOM, since=now - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS),
                         outbox.status(FHIR_STATUS),
+                        ecgs_waiting(outbox.db.conn, now),
                     )
         return reads
 
@@ -801,6 +808,7 @@ class Doctor:
             *self._lost_at_stop(),
             *self._registry_findings(),
             *self._ecg_clock_findings(),
+            *self._battery_findings(),
         ]
 
     def _lost_at_stop(self) -> list[Finding]:
@@ -951,6 +959,29 @@ class Doctor:
             if device_clock_wrong(meta.get("flags") or ())
         ]
 
+    def _battery_findings(self) -> list[Finding]:
+        """A device whose last Battery Level is low (devices.ble.battery.LOW_BATTERY_PERCENT): a WARN
+        until it reads higher (new batteries), so they are changed before it dies mid-measurement.
+        A level not read lately (DeviceRecord.battery_current) is said as the last one read."""
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        found = []
+        for r in self.device_records() or []:
+            if r.removed or not r.battery_low or r.battery_at is None:  # battery_low: a level, with its time
+                continue
+            read = "read" if r.battery_current(now, self.config.ble.battery_refresh_s) else "last read"
+            found.append(
+                Finding(
+                    "devices",
+                    Level.WARN,
+                    f"{r.name or r.address}: battery low, {r.battery_level}% ({read} {_stamp(r.battery_at)})",
+                    "replace or charge its batteries soon, before it stops during a measurement",
+                    advice_key="battery-low",
+                    topic="battery",
+                    subject=r.name or r.address,
+                )
+            )
+        return found
+
     def check_queue(self) -> list[Finding]:
         from lastmile.data_dir import DataDirError
         from uploader.masking import mask_server_text
@@ -964,13 +995,16 @@ class Doctor:
             return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
         stats, held, oldest_item, refused = reads.stats, reads.held, reads.oldest_item, reads.refused
         counts = stats["counts"]
-        waiting = counts.get("queued", 0) + counts.get("sending", 0)
+        held_for_doctor = reads.ecgs.held_for_doctor  # they wait for the doctor, not for the link
+        waiting = counts.get("queued", 0) + counts.get("sending", 0) - held_for_doctor
         oldest = stats["oldest_waiting_s"]
         quarantined = stats["quarantined"]
         text = (
             f"{waiting} waiting, {counts.get('sent', 0)} awaiting commitment, "
             f"{counts.get('committed', 0)} committed, {len(quarantined)} quarantined"
         )
+        if held_for_doctor:
+            text += f"; {held_for_doctor} more ECG(s) held for the doctor ({DOCTOR_DECIDES})"
         if oldest is not None:
             text += f"; oldest waiting {_age(oldest)}"
         faults = [

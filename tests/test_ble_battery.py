@@ -22,7 +22,7 @@ from tests.conftest import missing
 if importlib.util.find_spec("bumble") is None:
     missing("bumble (the emulation extra) is not installed", module=True)
 
-from devices.ble.battery import decode_battery_level
+from devices.ble.battery import LOW_BATTERY_PERCENT, decode_battery_level
 from devices.errors import ProtocolError
 from firmware_bridge.ble.emulated_peripherals import (
     BloodPressureCuff,
@@ -38,6 +38,7 @@ from lastmile.config import parse_config
 from lastmile.services.ble_devices import link_settings
 from tests.ble_gateway import Gateway
 from tests.console_harness import DOCTOR, Client, console_config, running_console
+from tests.statement_trace import traced
 
 UTC = dt.timezone.utc
 CUFF, THERMO = "C0:00:00:00:00:01", "C0:00:00:00:00:02"
@@ -87,11 +88,15 @@ def test_the_devices_page_says_the_battery_a_cuff_reported_when_it_connected(tmp
 
 
 def battery_on_card(card: str) -> tuple[str, dt.datetime]:
-    """The battery line of a Devices card: what it says and the time it gives."""
-    line = card.split("data-battery>", 1)[1].split("</p>", 1)[0]
-    when = re.search(r'datetime="([^"]+)"', line)
+    """The battery line of a Devices card: what it says (its time as {time}) and the time it gives."""
+    line = card.split("data-battery=", 1)[1].split(">", 1)[1].split("</p>", 1)[0]
+    when = re.search(r'<time datetime="([^"]+)">[^<]*</time>', line)
     assert when is not None, line
-    return line.split(" <time", 1)[0], dt.datetime.fromisoformat(when[1])
+    return line.replace(when[0], "{time}"), dt.datetime.fromisoformat(when[1])
+
+
+def low_words(level: int) -> str:
+    return f"电量低（{level}%，{{time}} 读取）：请尽快更换电池或充电"
 
 
 def stays_connected(
@@ -101,11 +106,13 @@ def stays_connected(
     notify: bool,
     settings: LinkSettings | None = None,
     after_change: int = 0,
+    require_pairing: bool = False,
 ) -> tuple[DeviceRecord, dt.datetime, BloodPressureCuff]:
-    """A cuff at 80% connects and stays connected; once the link has set it up, a day later by the
-    gateway's clock, its charge drops to `change_to` (notified if `notify`). Runs until the row
-    says so (or 10 s pass), then `after_change` more Battery Level reads a minute later still.
-    Its row then, the time of the drop and the cuff."""
+    """A cuff at 80% (its subscriptions needing an encrypted link if `require_pairing`) connects and
+    stays connected; once the link has set it up, a day later by the gateway's clock, its charge
+    drops to `change_to` (notified if `notify`). Runs until the row says so (or 10 s pass), then
+    `after_change` more Battery Level reads a minute later still. Its row then, the time of the
+    drop and the cuff."""
     gw = Gateway(data)
     later = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(days=1)
     try:
@@ -113,7 +120,13 @@ def stays_connected(
 
         async def run() -> BloodPressureCuff:
             cuff = BloodPressureCuff(
-                gw.new_radio(), CUFF, "cuff", battery_level=80, battery_notify=notify, hang_up_after_memory=False
+                gw.new_radio(),
+                CUFF,
+                "cuff",
+                battery_level=80,
+                battery_notify=notify,
+                hang_up_after_memory=False,
+                require_pairing=require_pairing,
             )
             changed: list[float] = []  # when (monotonic) the charge dropped
             reads: list[int] = []  # reads served when the row said the new level
@@ -151,7 +164,98 @@ def test_a_cuff_left_connected_tells_the_doctor_its_battery_went_low(tmp_path: P
     data = tmp_path / "data"
     row, dropped_at, _ = stays_connected(data, 15, notify=True)
     assert (row.battery_level, row.battery_at) == (15, dropped_at)
-    assert battery_on_card(devices_card(data, CUFF)) == ("电量：15%", dropped_at)
+    assert battery_on_card(devices_card(data, CUFF)) == (low_words(15), dropped_at)
+
+
+def test_a_cuff_bonded_after_refusing_battery_notifications_notifies_its_battery(tmp_path: Path) -> None:
+    """A cuff whose subscriptions need an encrypted link refused the Battery Level one (asked before
+    bonding); the link bonded for its measurements but only re-read the level every
+    `battery_poll_s` for the rest of the connection (days). Now it subscribes again once bonded:
+    the level it notifies reaches the row and the page without waiting for a re-read."""
+    data = tmp_path / "data"
+    settings = LinkSettings(
+        scan_pass_s=0.5, reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC, battery_poll_s=3600
+    )
+    row, dropped_at, cuff = stays_connected(data, 15, notify=True, settings=settings, require_pairing=True)
+    assert row.pair_required  # it was bonded in this connection
+    assert (row.battery_level, row.battery_at) == (15, dropped_at)
+    assert cuff.battery_reads == 1  # the read at connect: the level came notified
+    assert battery_on_card(devices_card(data, CUFF)) == (low_words(15), dropped_at)
+
+
+def test_a_battery_subscription_failing_never_keeps_the_cuffs_measurements_from_being_subscribed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Battery Level subscription is a nicety; the measurements are not. Its descriptor write
+    failing otherwise than by a GATT error or D-Bus (a plain BleakError: a stack timing out) ended
+    the set-up before the measurements were subscribed - at connect, and again once bonded - and the
+    cuff's readings waited for a connection that never got further. It is re-read instead."""
+    from bleak import BleakClient
+    from bleak.exc import BleakError
+
+    from devices.ble import uuids
+
+    start_notify = BleakClient.start_notify
+
+    async def battery_fails(self, char, callback, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(char, "uuid", "").startswith(f"0000{uuids.BATTERY_LEVEL:04x}"):
+            raise BleakError("descriptor write timed out")
+        return await start_notify(self, char, callback, **kwargs)
+
+    monkeypatch.setattr(BleakClient, "start_notify", battery_fails)
+    data = tmp_path / "data"
+    settings = LinkSettings(
+        scan_pass_s=0.5, reconnect_delay_s=0.2, retry_backoff_s=0.2, device_tz=UTC, battery_poll_s=1
+    )
+    row, _, _ = stays_connected(data, 15, notify=True, settings=settings, require_pairing=True)
+    assert row.battery_level == 15  # the measurements subscribed (the drop comes after), the level re-read
+
+
+FLICKERS = 40  # notifications of a cell under load flickering 50<->51
+
+
+def battery_written(statements: list[str]) -> list[int]:
+    """The Battery Levels written to the device row, in order, from the statements run on clinic.db."""
+    return [int(m[1]) for m in map(re.compile(r"UPDATE devices SET .*battery_level = (\d+)").search, statements) if m]
+
+
+def test_a_battery_level_flickering_by_one_point_does_not_write_the_row_each_time(tmp_path: Path) -> None:
+    """A cuff left connected whose cell flickers 50<->51 under load wrote its device row in
+    clinic.db at every notification (the SD card, all day). Now a level 1 point from the one
+    written waits for `battery_refresh_s`; a bigger change and a drop to the low threshold are
+    written at once, and the page is never more than 1 point off."""
+    data = tmp_path / "data"
+    gw = Gateway(data)
+    low = LOW_BATTERY_PERCENT
+    levels = [51, 50] * (FLICKERS // 2) + [low + 3, low + 1, low]
+    try:
+        gw.allow(CUFF)
+
+        async def run() -> None:
+            cuff = BloodPressureCuff(
+                gw.new_radio(), CUFF, "cuff", battery_level=50, battery_notify=True, hang_up_after_memory=False
+            )
+            sent: list[int] = []
+
+            async def during() -> None:
+                row = gw.registry.get(CUFF)
+                if not sent and row is not None and row.battery_level == 50 and cuff.battery in cuff.subscribed:
+                    for level in levels:
+                        await cuff.drain_battery(level)
+                        sent.append(level)
+
+            def done() -> bool:
+                row = gw.registry.get(CUFF)
+                return bool(sent) and row is not None and row.battery_level == low
+
+            await gw.run([cuff], until=done, during=during, timeout=60)
+
+        with traced(gw.store.db.conn) as statements:
+            asyncio.run(run())
+    finally:
+        gw.close()
+    assert battery_written(statements) == [50, low + 3, low + 1, low]
+    assert battery_on_card(devices_card(data, CUFF))[0] == low_words(low)
 
 
 def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_changed(tmp_path: Path) -> None:
@@ -164,7 +268,7 @@ def test_a_battery_level_without_notify_is_read_again_and_written_only_when_it_c
     row, dropped_at, cuff = stays_connected(data, 40, notify=False, settings=settings, after_change=3)
     assert (row.battery_level, row.battery_at) == (40, dropped_at)  # not the minute after, read 3 times more
     assert cuff.measurement in cuff.subscribed and cuff.battery not in cuff.subscribed
-    assert battery_on_card(devices_card(data, CUFF)) == ("电量：40%", dropped_at)
+    assert battery_on_card(devices_card(data, CUFF)) == ("电量：40%，{time} 读取", dropped_at)
 
 
 def test_the_battery_poll_and_refresh_of_the_config_reach_the_link(tmp_path: Path) -> None:
@@ -222,6 +326,44 @@ def test_an_unchanged_battery_level_is_written_again_only_after_the_refresh_inte
     watch = BatteryWatch(refresh_s=1800)
     assert watch.is_news(50, now=0.0)
     assert not watch.is_news(50, now=1799.0)
-    assert watch.is_news(49, now=1799.5)  # a change: at once
-    assert not watch.is_news(49, now=3000.0)
-    assert watch.is_news(49, now=3599.5)
+    assert watch.is_news(48, now=1799.5)  # a change of 2 points: at once
+    assert not watch.is_news(48, now=3000.0)
+    assert watch.is_news(48, now=3599.5)
+
+
+def test_a_battery_level_dropping_to_low_is_written_at_once_even_one_point_down() -> None:
+    """A flicker of 1 point waits for the refresh interval, except a drop to the low threshold:
+    the doctor must see a cuff going flat at once. Flickering back up and down there stays quiet."""
+    watch = BatteryWatch(refresh_s=1800)
+    assert watch.is_news(LOW_BATTERY_PERCENT + 1, now=0.0)
+    assert not watch.is_news(LOW_BATTERY_PERCENT + 2, now=1.0)  # 1 point from the row: not worth a write
+    assert watch.is_news(LOW_BATTERY_PERCENT, now=2.0)  # down to low: at once
+    assert not watch.is_news(LOW_BATTERY_PERCENT + 1, now=3.0)
+    assert not watch.is_news(LOW_BATTERY_PERCENT, now=4.0)
+
+
+CONNECTS = 5
+
+
+def test_a_cuff_connecting_once_per_reading_does_not_write_an_unchanged_battery_level_each_time(tmp_path: Path) -> None:
+    """A cuff that connects for each reading and hangs up wrote its row's battery level at every
+    connect, unchanged (each connection's `BatteryWatch` started empty): an SD-card write per
+    reading for nothing. Now the watch starts from the level the row holds and when it was written:
+    over 5 connects at the same level the row is written once."""
+    data = tmp_path / "data"
+    gw = Gateway(data)
+    try:
+        gw.allow(CUFF)
+
+        async def run() -> None:
+            memory = [BpRecord(121, 81, 94, 70, local_now())]  # sent again at each connect: known, not stored
+            cuff = BloodPressureCuff(gw.new_radio(), CUFF, "cuff", battery_level=60, memory=memory, readvertise=True)
+            await gw.run([cuff], until=lambda: cuff.connections >= CONNECTS and cuff.connection is None, timeout=60)
+
+        with traced(gw.store.db.conn) as statements:
+            asyncio.run(run())
+        row = gw.registry.get(CUFF)
+    finally:
+        gw.close()
+    assert row is not None and row.battery_level == 60
+    assert battery_written(statements) == [60]

@@ -716,6 +716,19 @@ def test_switch_language_per_user(browser: object, console: ConsoleServer) -> No
 PAGES = ("today", "sent", "reports", "devices", "visits", "system")
 
 
+def low_battery_cuff(config: Config) -> None:
+    """A paired cuff whose battery is low (its longest line, on Devices and on Today)."""
+    from lastmile.clinic.devices import DeviceRegistry
+
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        registry.allow("C0:FF:EE:00:00:01", now=now, name="血压计（1号诊室）")
+        registry.update_status("C0:FF:EE:00:00:01", now=now, connected=True, battery_level=15)
+    finally:
+        registry.close()
+
+
 def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> None:
     """No sideways scrolling at 360 px, every page in Chinese; a screenshot of each (the System
     page with an update installed and waiting for a quiet moment to reboot)."""
@@ -727,6 +740,7 @@ def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> 
     (config.data_dir / UPDATES_DIR).mkdir(parents=True)
     pending = {"version": "0.3.0", "sha256": "0" * 64, "at": 1.0, "boot_id": read_boot_id()}
     UpdateState(installed=pending).save(config.data_dir / UPDATES_DIR / STATE_FILE)
+    low_battery_cuff(config)
     with running_console(config, reports=REPORTS) as server:
         enqueue_ecg(config, lead_off=False)
         log_in(browser, server, ADMIN)
@@ -745,6 +759,8 @@ def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> 
                     "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
                 )
                 assert overflow <= 0, f"{page} scrolls sideways by {overflow}px on a {name}"
+                if page in ("today", "devices"):
+                    assert "电量低（15%" in browser.find_element(by("css"), "main").text
                 if page == "today":
                     wait_for(browser, lambda d: d.find_elements(by("css"), "#panel-ecg figure.preview img"))
                 if page == "system":

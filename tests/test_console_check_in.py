@@ -225,6 +225,24 @@ def test_a_patients_other_number_checked_in_keeps_both_numbers_and_names(
     assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
 
 
+def test_his_reading_under_his_first_number_stays_on_todays_readings(browser: object, console: ConsoleServer) -> None:
+    """王五's BP is taken under his ID card number; the doctor then checks him in under his clinic
+    number, "his other number". Today's readings listed the clinic number's only: his first BP was
+    gone from the page. Now his readings under both numbers are listed, each with its number."""
+    checked_in_under_his_other_number(browser, console)
+    assert reading_goes_to(console.config, "bp-id-card")["patient_id"] == VALID_ID  # before the answer
+    submitted(browser, click("#confirm-other-id button[value=other-id]"))
+    wait_for(browser, on_page("/today"))
+    assert reading_goes_to(console.config, "bp-clinic-number")["patient_id"] == CLINIC_NUMBER
+    browser.get(console.url + "/today")  # type: ignore[attr-defined]  # the page as it is drawn now
+    listed = {
+        li.get_attribute("data-key"): li.text
+        for li in browser.find_elements(by("css"), "#panel-readings li[data-key]")  # type: ignore[attr-defined]
+    }
+    assert sorted(listed) == ["bp-clinic-number", "bp-id-card"], listed
+    assert VALID_ID in listed["bp-id-card"] and CLINIC_NUMBER in listed["bp-clinic-number"], listed
+
+
 def test_a_mistyped_number_corrected_replaces_it(browser: object, console: ConsoleServer) -> None:
     """The same question answered "a mistyped number corrected": as before, the first number is
     replaced and names nobody, the next reading goes to the corrected number; going back first
@@ -266,6 +284,47 @@ def test_another_patient_of_the_same_name_ends_the_first_ones_check_in(browser: 
     assert "王^五" in name_known_for(console.config, VALID_ID)
     patient = reading_goes_to(console.config, "bp-another-wang-wu")
     assert patient["patient_id"] == CLINIC_NUMBER and "王^五" in patient["name"], patient
+
+
+@pytest.mark.parametrize("before", [(), (OTHER_ID, "李四")], ids=["nobody", "another-name"])
+def test_a_card_read_while_today_asks_is_never_taken_for_a_number_corrected(
+    browser: object, console: ConsoleServer, monkeypatch: pytest.MonkeyPatch, before: tuple[str, ...]
+) -> None:
+    """Nobody (or 李四) is checked in; the doctor checks 王五 in by his clinic number. Today asked
+    whether that replaces the checked-in patient under his own name (no one to ask about), then
+    checked in: two steps. 王五's ID card, read at the acquire service between the two, was then
+    replaced unasked, as a mistyped number corrected: his ID card number lost his name, his
+    readings went on under the clinic number. Now the check-in expects whom the ask saw: refused,
+    Today says his card's check-in came since and goes on (named), the form keeps what was typed."""
+    log_in(browser, console)
+    if before:
+        check_in(browser, before[0], name=before[1])
+    asked = PatientContext.same_name_replaced
+    cards = [VALID_ID]
+
+    def card_read_meanwhile(
+        self: PatientContext, patient_id: str, name: str, now: dt.datetime
+    ) -> CurrentPatient | None:
+        question = asked(self, patient_id, name, now)
+        if cards:  # the acquire service's own connection on the same clinic.db
+            scanner = PatientContext.open(console.config.data_dir, console.config.patient.idle_timeout_s)
+            try:
+                scanner.set_patient(cards.pop(), "Wang^Wu=王^五", now=dt.datetime.now(dt.timezone.utc))
+            finally:
+                scanner.close()
+        return question
+
+    monkeypatch.setattr(PatientContext, "same_name_replaced", card_read_meanwhile)
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    monkeypatch.undo()
+    assert not cards, "the card was not read between the ask and the check-in"
+    current = checked_in(console.config)
+    assert current is not None and (current.patient_id, current.name) == (VALID_ID, "Wang^Wu=王^五"), current
+    assert name_known_for(console.config, VALID_ID) == "Wang^Wu=王^五"
+    said = browser.find_element(by("id"), "form-error").text  # type: ignore[attr-defined]
+    assert f"已有患者 {VALID_ID} 登记" in said, said
+    typed = browser.find_element(by("id"), "patient_id").get_attribute("value")  # type: ignore[attr-defined]
+    assert typed == CLINIC_NUMBER, typed
 
 
 @pytest.mark.parametrize("answer", ["corrected", "other-id"])

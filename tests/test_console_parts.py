@@ -18,7 +18,7 @@ from lastmile.config import Config
 from lastmile.console import accounts as accounts_module
 from lastmile.console.accounts import AccountError, Accounts, LoginRefused
 from lastmile.console.live import Broker, ChangeWatcher
-from lastmile.console.sources import ConsoleInputError, patient_identifier, person_name
+from lastmile.console.sources import ConsoleInputError, EcgAssigned, patient_identifier, person_name
 
 T0 = dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -270,9 +270,9 @@ class FakeHeldEcgs:
             for i, reason in self.items.items()
         ]
 
-    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> bool:
+    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> EcgAssigned | None:
         self.assigned.append((item_id, patient.patient_id, patient.name))
-        return self.items.pop(item_id, None) is not None
+        return EcgAssigned(patient) if self.items.pop(item_id, None) is not None else None
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
         self.released.append(item_id)

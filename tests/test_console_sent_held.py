@@ -15,6 +15,7 @@ from devices.identity import Patient
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.data_dir import open_outbox
+from lastmile.doctor import Doctor
 from lastmile.ecg.intake import enqueue_recording, with_patient_check
 from tests.console_browser import by, log_in, save_screenshot, set_viewport, text_in
 from tests.console_harness import VALID_ID, Client, console_config, enqueue_ecg, running_console
@@ -95,3 +96,25 @@ def test_the_held_ecgs_sent_cards_on_a_phone(browser: object, clinic: tuple[Conf
     for a in links:
         box = a.rect
         assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {box}, {a.text}"
+
+
+def test_the_system_page_says_the_held_ecgs_apart_and_where_to_decide(clinic: tuple[Config, ConsoleServer]) -> None:
+    """The System page said "等待发送 1 份心电图" and nothing of the three ECGs held for the doctor:
+    the doctor saw one ECG in the queue and none waiting for him. It says them apart, in the Sent
+    page's words, with a link to Today."""
+    client = Client(clinic[1].url)
+    client.login()
+    state = section(client.get("/system").body, "h-state")
+    assert "等待发送 1 份心电图" in text(state), text(state)
+    assert "另有 3 份心电图等待医生处理，不是在等网络： 请在“今天”页面处理" in text(state), text(state)
+    assert 'href="/today#h-held"' in state, state
+
+
+def test_lastmile_doctor_does_not_count_the_held_ecgs_as_waiting_for_the_link(
+    clinic: tuple[Config, ConsoleServer],
+) -> None:
+    """`lastmile doctor`'s queue line said "4 waiting": the three ECGs held for the doctor counted
+    as waiting for the link. It counts the one waiting for the link, and says the held ones apart."""
+    [link] = [f for f in Doctor(clinic[0]).check_queue() if f.topic == "link"]
+    assert link.message.startswith("1 waiting, "), link.message
+    assert "3 more ECG(s) held for the doctor" in link.message, link.message

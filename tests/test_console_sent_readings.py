@@ -7,12 +7,13 @@ longer listed it. The doctor asked "did the BP go?", saw nothing, and measured a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -408,6 +409,24 @@ def refuse_sent_records(config: Config, refuse: bool) -> None:
             db.execute("DROP TRIGGER refuse_sent")
 
 
+@contextlib.contextmanager
+def a_reading_taken_unrecorded(tmp_path: Path) -> Iterator[tuple[Config, FhirTestServer, Client, ForwardService]]:
+    """A BP checked in and measured; clinic.db refuses its sent record while the forward service
+    relays it and the county platform takes its bundle. The config, the platform, the console's
+    client and the (running) forward service, then."""
+    config = forward_config(tmp_path)
+    with FhirTestServer() as platform, running_console(config) as server:
+        client = checked_in(config, server.url, platform)
+        record_receipt_timed_bp(config, "bp-1")
+        refuse_sent_records(config, True)
+        service = ForwardService(config)
+        try:
+            step_until(service, lambda: platform.resources("Observation"), "the reading's bundle taken, unrecorded")
+            yield config, platform, client, service
+        finally:
+            service.close()
+
+
 def test_a_reading_whose_sent_record_clinic_db_refused_is_still_listed_after_the_purge(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -417,22 +436,30 @@ def test_a_reading_whose_sent_record_clinic_db_refused_is_still_listed_after_the
     from lastmile.services import observation_relay
 
     monkeypatch.setattr(observation_relay, "RELAY_RETRY_S", 0.5)  # the later round soon
-    config = forward_config(tmp_path)
-    with FhirTestServer() as platform, running_console(config) as server:
-        client = checked_in(config, server.url, platform)
-        record_receipt_timed_bp(config, "bp-1")
-        refuse_sent_records(config, True)
-        service = ForwardService(config)
-        try:
-            step_until(service, lambda: platform.resources("Observation"), "the reading's bundle taken, unrecorded")
-            refuse_sent_records(config, False)
-            step_until(service, lambda: reading_purged(config), "the reading recorded, then purged")
-            section = readings_section(client.get("/sent").body)
-        finally:
-            service.close()
+    with a_reading_taken_unrecorded(tmp_path) as (config, platform, client, service):
+        refuse_sent_records(config, False)
+        step_until(service, lambda: reading_purged(config), "the reading recorded, then purged")
+        section = readings_section(client.get("/sent").body)
     assert len(platform.resources("Observation")) == 1
     assert "131/84 mmHg" in section and "已发送" in section, section
     # written after the platform took its bundle: its sent time too (the outbox made anew, it still says 已发送)
     with ReportStore.open(config.data_dir) as store:
         [record] = store.recent_sent_readings(1)
     assert record.sent_at is not None and abs(record.sent_at.timestamp() - taken_time(config)) < 1e-3, record
+
+
+def test_a_reading_the_platform_took_while_clinic_db_refused_its_record_says_it_is_sent(tmp_path: Path) -> None:
+    """clinic.db refused the reading's sent record: the relay put the reading back, unmarked, for a
+    later relay to record, while its bundle went on and the platform took it. The page said
+    等待发送 meanwhile, and the doctor measured the BP again. It says 已发送 at the time the
+    platform took it (the outbox's), and that this gateway's own record is not saved yet."""
+    with a_reading_taken_unrecorded(tmp_path) as (config, _platform, client, _service):
+        section = readings_section(client.get("/sent").body)
+        with open_outbox(config) as outbox:
+            [reading] = outbox.items(kind=OBSERVATION_KIND)
+    assert reading.state == ItemState.QUEUED, reading  # put back: a later relay records it
+    assert "131/84 mmHg" in section and "等待发送" not in section, section
+    said = re.search(r'已发送 <time datetime="([^"]+)"', section)
+    assert said, section
+    assert abs(dt.datetime.fromisoformat(said[1]).timestamp() - taken_time(config)) < 1, (said[1], section)
+    assert "县级平台已收到。本机尚未保存它的发送记录" in section, section

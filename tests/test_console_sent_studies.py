@@ -3,6 +3,7 @@ report as `sent_studies` keeps them, also when outbox.sqlite was made anew (item
 
 from __future__ import annotations
 
+import html
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,12 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import lan_object_store
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
+from lastmile.services.forward import ForwardService
 from tests.console_harness import DOCTOR, VALID_ID, Client, running_console, set_aside_outbox
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import gateway_config, poller_for, send_ecgs, to_read
+from tests.waiting import wait_for
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
 from uploader.dicom_store import StoreAssociation
@@ -31,6 +34,7 @@ from uploader.sqlite_store import open_database
 OTHER_ID = "DEMO-0002"  # a clinic-issued ID (no resident card)
 CART = "CART1"
 BEFORE_ITEM_KEYS = "0029_sent_study_item_key"
+BEFORE_REPORT_LINES = "0009_report_lines"
 
 
 @pytest.fixture
@@ -104,19 +108,18 @@ def purge(config: Config) -> None:
         assert outbox.purge_due(time.time() + 1, 0.0) >= 1
 
 
-def as_written_before_item_keys(config: Config) -> None:
-    """clinic.db as a gateway before 0029 left it: a database made by the migrations before it,
-    holding the sent studies and reports as they were recorded but for the item key it did not
-    keep. The next open migrates it, as the upgrade does."""
+def as_written_before(config: Config, migration: str) -> None:
+    """clinic.db as a gateway before `migration` left it: a database made by the migrations before
+    it, holding the sent studies and reports as they were recorded but for what it did not keep
+    (the columns added since). The next open migrates it, as the upgrade does."""
     path = config.data_dir / DB_NAME
     recorded = path.rename(config.data_dir.parent / "recorded.db")
-    db = open_database(path, tuple(m for m in MIGRATIONS if m.name < BEFORE_ITEM_KEYS))
+    db = open_database(path, tuple(m for m in MIGRATIONS if m.name < migration))
     try:
         db.conn.execute("ATTACH DATABASE ? AS recorded", (str(recorded),))
         for table in ("sent_studies", "reports"):
             columns = ", ".join(r["name"] for r in db.conn.execute(f"PRAGMA table_info({table})"))
             db.conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM recorded.{table}")
-        assert db.conn.execute("SELECT COUNT(*) FROM sent_studies").fetchone()[0] == 4
     finally:
         db.conn.close()
 
@@ -144,10 +147,11 @@ def test_sent_ecgs_recorded_before_item_keys_were_kept_show_their_patient_where_
         center.add_report(ecg_report_sr(to_read(wang), findings=[], impression="窦性心律"))
         assert poller_for(config, store).run_round(force=True).stored == 1
         (report,) = store.reports()
-    as_written_before_item_keys(config)
+    as_written_before(config, BEFORE_ITEM_KEYS)
 
     # the upgraded forward service starts
     with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        assert len(store.studies()) == 4
         SentStudyRecorder(outbox, store).backfill()
     purge(config)  # 李伟's ECG purged after the upgrade
     with running_console(config) as server:
@@ -178,3 +182,58 @@ def test_a_purged_lan_ecg_that_two_old_records_name_gives_its_key_to_neither(
         )
         assert SentStudyRecorder(outbox, store).give_keys_to_old_records() == 0
         assert store.studies_of_items([outbox.get(1)]) == {}
+
+
+def report_text_shown(config: Config, report_id: int) -> str:
+    """The report's text as the Reports page shows it to the doctor (in Chinese)."""
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = client.get(f"/reports/{report_id}").body
+    return html.unescape(page.split('<pre class="report-text">', 1)[1].split("</pre>", 1)[0])
+
+
+def test_a_report_stored_before_report_lines_is_shown_in_the_doctors_language(
+    tmp_path: Path, center: EmbeddedReadingCenter
+) -> None:
+    """A report stored before clinic.db kept its lines (0009) had only its English text: the
+    Reports page showed a doctor reading Chinese "Read by ...", "Findings" and the county's
+    headings in English. The upgrade reads its lines again from the SR it keeps as received: it
+    reads as the same report received now."""
+    config = clinic_config(tmp_path, center)
+    send_and_purge(config, 5, Patient(VALID_ID, "Zhang^San=张^三"))
+    with ReportStore.open(config.data_dir) as store:
+        (study,) = store.studies()
+        center.add_report(ecg_report_sr(to_read(study), findings=["窦性心律"], impression="心电图正常"))
+        assert poller_for(config, store).run_round(force=True).stored == 1
+        (report,) = store.reports()
+        # an old row whose object cannot be read again (damaged on the SD card): it keeps its text
+        store.db.conn.execute(
+            "INSERT INTO reports (study_uid, source, kind, object_uid, status, text, received_at, data) "
+            "SELECT study_uid, source, kind, '1.2.3.4', 'preliminary', text, received_at, X'00' FROM reports"
+        )
+    received_now = report_text_shown(config, report.id)
+    assert "诊断医生" in received_now and "Read by" not in received_now, received_now
+
+    as_written_before(config, BEFORE_REPORT_LINES)
+    # the upgraded forward service starts: it reads them again after its start, not the console
+    service = ForwardService(config)
+    try:
+        wait_for(lambda: not_read_yet(config) == 0, what="the old reports read again by the forward service")
+    finally:
+        service.close()
+    assert report_text_shown(config, report.id) == received_now
+    with ReportStore.open(config.data_dir) as store:
+        upgraded, damaged = sorted(store.reports(), key=lambda r: r.id)
+    assert upgraded.lines is not None and upgraded.text == report.text  # the English text stays as stored
+    assert damaged.lines is None and damaged.text == report.text
+
+
+def not_read_yet(config: Config) -> int:
+    """Reports stored before lines that the forward service has neither read again nor marked."""
+    with ReportStore.open(config.data_dir) as store:
+        return int(
+            store.db.conn.execute(
+                "SELECT count(*) FROM reports WHERE lines IS NULL AND lines_not_read IS NULL"
+            ).fetchone()[0]
+        )

@@ -25,7 +25,7 @@ from lastmile.console.sources import ClinicData, ConsoleInputError, checked_pati
 from lastmile.console.stores import OutboxHeldEcgs, StoredReports
 from lastmile.data_dir import open_outbox
 from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
-from lastmile.ecg.intake import enqueue_recording
+from lastmile.ecg.intake import QUALITY_HOLD, enqueue_recording, with_patient_check
 from lastmile.reports.sent import sent_study_of
 from lastmile.reports.sent_readings import SentReading
 from lastmile.reports.store import ReportStore, SentStudy
@@ -342,6 +342,37 @@ def test_an_ecg_already_on_its_way_cannot_be_assigned(tmp_path: Path) -> None:
         assert not source.send_anyway(item.id, now=now()) and not source.discard(item.id, now=now())
         after = outbox.get(item.id)
     assert after is not None and after.patient is None and after.meta["unassigned"]
+
+
+def test_assigning_a_held_ecg_reads_no_other_held_ecg(tmp_path: Path) -> None:
+    """One held ECG assigned among 50 others held: the console read every held ECG to find the
+    name the one's file gives, then the one again (does it still wait for its quality?). The
+    worker that assigns it has the item and answers both: the console reads no item itself."""
+    config = make_config(tmp_path)
+    t = time.time()
+    unassigned = make_recording(1, patient=None)
+    on_file = with_patient_check(make_recording(2, patient=Patient(VALID_ID, "Zhang^San=张^三")), frozenset({"P-77"}))
+    with open_outbox(config) as outbox:
+        for n in range(50):
+            enqueue_recording(outbox, unassigned, config, key=f"other-{n}", now=t)
+        one = enqueue_recording(outbox, on_file, config, key="one", now=t).item
+    assert one.hold_reason == "patient-mismatch"
+    data = ClinicData(config)
+    try:
+        assert len(data.held_ecgs(now())) == 51
+        with traced(data.outbox.db.conn) as statements:
+            assigned = data.assign_ecg("王医生", one.id, VALID_ID, now=now())  # typed alone: no name
+        read = [sql for sql in statements if "items" in sql]
+        assert read == [], read
+        # the page still says whose it now is (the name its file gives that ID) and that it waits
+        assert assigned is not None and assigned.waits_for_quality
+        assert (assigned.patient.patient_id, assigned.patient.name) == (VALID_ID, "Zhang^San=张^三")
+    finally:
+        data.close()
+    with open_outbox(config) as outbox:
+        item = outbox.get(one.id)
+    assert item is not None and item.patient is not None and item.patient["name"] == "Zhang^San=张^三"
+    assert item.hold_reason == QUALITY_HOLD and item.held(time.time())
 
 
 # -- check-in --------------------------------------------------------------------------------------------

@@ -813,14 +813,14 @@ def test_an_ecg_under_the_id_the_doctor_said_is_his_other_id_is_his_on_the_lan(t
     answered "his other ID": the cart on the LAN, still programmed with the first, sends his ECG.
     It is his (the session's IDs, read once per object): not flagged, its patient the cart's; after
     a check-in of someone else, the same ID is another patient's again."""
-    from lastmile.clinic.patients import PatientContext
+    from lastmile.clinic.patients import PatientContext, SameName
 
     context = PatientContext.open(tmp_path / "clinic", idle_timeout_s=900)
     sent = _dataset(_files()[1].read_bytes()).PatientID  # the cart's patient: "642341"
     now = dt.datetime.now(dt.timezone.utc)
     try:
         context.check_in(sent, "Wang^Wu=王^五", now=now)
-        context.check_in("MZ-0042", "Wang^Wu=王^五", now=now, other_id=True)
+        context.check_in("MZ-0042", "Wang^Wu=王^五", now=now, same_name=SameName.OTHER_ID)
         store = lan_object_store(outbox, lambda: context.patient_ids(dt.datetime.now(dt.timezone.utc)))
         settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10)
         with DicomReceiver(settings, store) as r:

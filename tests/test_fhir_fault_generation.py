@@ -42,11 +42,12 @@ BOOK_BUNDLE_CODE = tuple(
 # again when _own_reading became _sendable_reading (quarantining itself) and the readings' reasons
 # one function offering a restore from backup only for a damaged record (reasons only: the same
 # readings carried), and again when the visit bundle's outbox key (visit_bundle_key,
-# visit_of_bundle_key) moved into uploader.fhir_bundle (a key, no bundle built differently)
+# visit_of_bundle_key) moved into uploader.fhir_bundle (a key, no bundle built differently), and
+# again when a reading's bundle key (observation_key) moved there too (the Sent page looks it up)
 BUNDLE_CODE_DIGESTS = {
     1: "c93859cc41a0483f1b5fe9ec6392d8ac2b76cee7eda6c7b09ea82640f7488f62",
     2: "fcb867eb2dfaf174294fe3950060638131874dec724edc39045dd89c7b808914",
-    3: "b2b0e4b96642e02eb992c2b3f4469faf37309a86983039af0d3266cc21f3dc92",
+    3: "3d2dc23b26c3e80dd0b38b2c87003a0b76ad89bfce1b9114eed1c5b17cb5e423",
 }
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -537,6 +538,52 @@ def step_ended(notify: socket.socket) -> None:
         pass
 
 
+@contextlib.contextmanager
+def notified_service(
+    command: list[str], tmp_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen, socket.socket]]:
+    """`command` run as systemd would (NOTIFY_SOCKET: the socket yielded), its output captured;
+    killed if it is still running at the end."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(path))
+        notify.settimeout(120)
+        environ = {**os.environ, "NOTIFY_SOCKET": str(path), **(env or {})}
+        proc = subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            yield proc, notify
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def sent_by_the_next_start(command: list[str], config: Config, sent: int) -> None:
+    """The service started again, until the outbox holds `sent` items sent; then stopped."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_counts(config, f"{sent} sent by the next start", sent=sent)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def stopped_holding_the_lock(
+    proc: subprocess.Popen, other: sqlite3.Connection, before_sigterm: Callable[[], None] = lambda: None
+) -> tuple[float, str]:
+    """`other` takes the outbox's write lock (BEGIN IMMEDIATE), then after `before_sigterm` the
+    service gets SIGTERM: seconds until it exited, and its output. The lock is given back after."""
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        before_sigterm()
+        proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        return time.monotonic() - began, out
+    finally:
+        other.rollback()
+
+
 def test_the_forwarder_stops_promptly_while_another_process_holds_the_outbox(tmp_path, storescp_factory) -> None:
     """lastmile/services/forward.py ForwardService.close: with the outbox write-locked by another
     process (the acquire service in a long write; a damaged database) SIGTERM to `lastmile forward`
@@ -550,19 +597,8 @@ def test_the_forwarder_stops_promptly_while_another_process_holds_the_outbox(tmp
     db = Path(config.gateway.data_dir) / DB_NAME
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("UPDATE items SET hold_until = 9e18 WHERE key = 'k1'")  # not this run's to send
-    cfg_file = write_toml(config, tmp_path / "lastmile.toml")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.settimeout(120)
-    command = [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"]
-    proc = subprocess.Popen(
-        command,
-        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    command = [sys.executable, "-m", "lastmile", "-c", str(write_toml(config, tmp_path / "lastmile.toml")), "forward"]
+    with contextlib.closing(other), notified_service(command, tmp_path) as (proc, notify):
         wait_for_counts(config, "k0 sent by the forwarder (it has claimed)", sent=1)
         # k1 claimed by the running forwarder, as a round a database fault cut short leaves it
         # (ForwardService._unsettled): its close has a claim of its own to release
@@ -571,31 +607,68 @@ def test_the_forwarder_stops_promptly_while_another_process_holds_the_outbox(tmp
             (live_owner(Path(config.gateway.data_dir)),),
         )
         step_ended(notify)  # the next step, which waits for the lock too, is 2 s away
-        other.execute("BEGIN IMMEDIATE")
-        try:
-            proc.send_signal(signal.SIGTERM)
-            began = time.monotonic()
-            out, _ = proc.communicate(timeout=120)
-            took = time.monotonic() - began
-        finally:
-            other.rollback()
-    finally:
-        other.close()
-        notify.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        took, out = stopped_holding_the_lock(proc, other)
     assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
     assert "Traceback" not in out, out
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:  # the claim is left
         assert conn.execute("SELECT state FROM items WHERE key = 'k1'").fetchone() == ("sending",)
     # the next start recovers the claim left behind (its owner is gone) and sends k1, once
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_counts(config, "k1 sent by the next start", sent=2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    sent_by_the_next_start(command, config, 2)
     assert scp.c_stores() == {uids["k0"]: 1, uids["k1"]: 1}
     with open_outbox(config) as outbox:
         assert outbox.find("k1").attempts == 1  # a claim, not a send cut short: nothing charged
+
+
+STOP_BLOCKED_WITHIN_S = 5.0  # the goal is ~3 s; TimeoutStopSec=45 is systemd's own limit
+WATCHDOG_USEC = 1_000_000  # an idle service pings every 0.5 s (ServiceRuntime.watchdog_margin)
+STEP_BLOCKED_QUIET_S = 2.0  # no ping for this long: the step in hand is waiting, not idle
+
+
+def step_blocked(notify: socket.socket) -> None:
+    """Until the service's pings stop for STEP_BLOCKED_QUIET_S: idle it pings every 0.5 s, and a
+    step pings only as it makes progress, so a silence is a step waiting (here: for the lock)."""
+    deadline = time.monotonic() + 120
+    notify.settimeout(STEP_BLOCKED_QUIET_S)
+    while time.monotonic() < deadline:
+        try:
+            notify.recv(4096)
+        except TimeoutError:
+            return
+    raise AssertionError("the service never stopped pinging: no step waited for the lock")
+
+
+def test_a_step_waiting_for_the_write_lock_stops_promptly_losing_nothing(tmp_path, storescp_factory) -> None:
+    """lastmile/services/forward.py + uploader/outbox.py: with another process holding the outbox's
+    write lock (the acquire service in a long write; a sqlite3 shell left open) a step of
+    `lastmile forward` waits the 15 s busy timeout to claim, and SIGTERM meanwhile waited it out:
+    12 s to stop, a quarter of TimeoutStopSec, and the Pi's slower card adds more. Now the stop
+    ends that wait: the service exits within seconds, the item still queued and uncharged, sent
+    once by the next start."""
+    scp = storescp_factory()
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False)
+    uids = enqueue(config, 1)
+    db = Path(config.gateway.data_dir) / DB_NAME
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("UPDATE items SET hold_until = 9e18 WHERE key = 'k0'")  # nothing to send yet
+    command = [sys.executable, "-m", "lastmile", "-c", str(write_toml(config, tmp_path / "lastmile.toml")), "forward"]
+    watchdog = {"WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    with contextlib.closing(other), notified_service(command, tmp_path, watchdog) as (proc, notify):
+        step_ended(notify)  # the next step is 2 s away: k0 is its to claim, behind the lock
+        other.execute("UPDATE items SET hold_until = NULL WHERE key = 'k0'")
+        took, out = stopped_holding_the_lock(proc, other, before_sigterm=lambda: step_blocked(notify))
+    print(f"\nSIGTERM to exit, the step waiting for the write lock: {took:.1f} s")
+    assert took < STOP_BLOCKED_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out, out
+    # a stop, said as one: not "step failed ... retrying" at ERROR (journald, the county's log shipping)
+    said = [line for line in out.splitlines() if "given up" in line or "step failed" in line]
+    assert said and all(
+        " INFO " in line and "stopping: a write waiting for the outbox lock given up" in line for line in said
+    ), out
+    with open_outbox(config) as outbox:
+        item = outbox.find("k0")
+        assert (item.state, item.attempts) == (ItemState.QUEUED, 0)  # nothing lost, nothing charged
+    assert scp.c_stores() == {}
+    sent_by_the_next_start(command, config, 1)
+    assert scp.c_stores() == {uids["k0"]: 1}
+    with open_outbox(config) as outbox:
+        assert outbox.find("k0").attempts == 1

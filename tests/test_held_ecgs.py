@@ -164,16 +164,22 @@ def test_cli_lists_and_assigns_a_held_contec_ecg(tmp_path: Path, capsys) -> None
     assert '"held_ecgs": []' in capsys.readouterr().out
 
 
-def test_cli_assigning_a_mismatch_ecg_to_its_own_patient_keeps_what_the_file_said(tmp_path: Path, capsys) -> None:
-    """`patient assign E<n> <its file's ID>`: the ECG named 王五 (clinic number, born 1950, male)
-    while 张三 was checked in. Assigned to 王五 as the file says, it keeps his name, birth date and
-    sex (the reading center reads an ECG by age and sex); assigned to another number, none of them."""
+def _clinic_number_cli(tmp_path: Path) -> tuple[Config, list[str]]:
+    """A gateway that takes clinic numbers: its config, and the CLI's arguments for its config file."""
     config_file = tmp_path / "lastmile.toml"
     config_file.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n')
     config = Config()
     config.set_data_dir(tmp_path / "data")
     config.outbox.min_free_mb = 1
     config.ecg.re_record_hold_s = 0
+    return config, ["-c", str(config_file)]
+
+
+def test_cli_assigning_a_mismatch_ecg_to_its_own_patient_keeps_what_the_file_said(tmp_path: Path, capsys) -> None:
+    """`patient assign E<n> <its file's ID>`: the ECG named 王五 (clinic number, born 1950, male)
+    while 张三 was checked in. Assigned to 王五 as the file says, it keeps his name, birth date and
+    sex (the reading center reads an ECG by age and sex); assigned to another number, none of them."""
+    config, run = _clinic_number_cli(tmp_path)
     wang = Patient("MZ-20418", "Wang^Wu=王^五", dt.date(1950, 3, 2), "M")
     with open_outbox(config) as outbox:
         held = [
@@ -186,7 +192,6 @@ def test_cli_assigning_a_mismatch_ecg_to_its_own_patient_keeps_what_the_file_sai
             ).item.id
             for n, k in ((11, "own"), (12, "other"))
         ]
-    run = ["-c", str(config_file)]
     assert cli([*run, "patient", "assign", f"E{held[0]}", "MZ-20418"]) == 0
     assert cli([*run, "patient", "assign", f"E{held[1]}", "MZ-30001"]) == 0
     with open_outbox(config) as outbox:
@@ -242,3 +247,30 @@ def test_held_ecg_assigned_in_time_reaches_orthanc_once_under_the_real_patient(t
     assert tags["StudyInstanceUID"] == uids["study_uid"] and tags["AccessionNumber"] == uids["accession_number"]
     patients = {p["MainDicomTags"]["PatientID"] for p in orthanc.rest("/patients?expand")}
     assert placeholder not in patients
+
+
+def test_cli_assigning_a_held_ecg_with_another_name_than_its_ids_check_in_is_refused_naming_both(
+    tmp_path: Path, capsys
+) -> None:
+    """MZ-1 was checked in as 张三; an ECG that names no patient is held and the doctor assigns it
+    to MZ-1 typing 李四. It went to the county PACS as 李四 while MZ-1's readings go as 张三: one
+    name is wrong. She is asked which (as map-user asks); with --correct-name, 李四 it is."""
+    config, run = _clinic_number_cli(tmp_path)
+    assert cli([*run, "patient", "set", "MZ-1", "--name", "张三"]) == 0
+    with open_outbox(config) as outbox:
+        held = enqueue_recording(outbox, make_recording(21, patient=None), config, key="e", now=time.time()).item.id
+    capsys.readouterr()
+
+    assert cli([*run, "patient", "assign", f"E{held}", "MZ-1", "--name", "李四"]) == 2
+    said = capsys.readouterr()
+    assert "张三" in said.err and "李四" in said.err and "^" not in said.err and "--correct-name" in said.err, said
+    with open_outbox(config) as outbox:
+        item = outbox.get(held)
+        assert item is not None and item.meta["unassigned"] and item.hold_reason == UNASSIGNED_HOLD
+
+    assert cli([*run, "patient", "assign", f"E{held}", "MZ-1", "--name", "李四", "--correct-name"]) == 0
+    assert "assigned to MZ-1 Li^Si=李^四" in capsys.readouterr().out
+    with open_outbox(config) as outbox:
+        item = outbox.get(held)
+        assert item is not None and item.patient is not None and item.patient["name"] == "Li^Si=李^四"
+        assert str(_dataset(outbox, item).PatientName) == "Li^Si=李^四"

@@ -91,7 +91,7 @@ def test_readings_go_on_when_their_sent_record_is_refused_and_are_recorded_later
     from lastmile.reports.sent_readings import sent_reading_of
     from lastmile.reports.store import ReportStore
     from lastmile.services.observation_relay import RELAY_RETRY_S, Relayed
-    from uploader.fhir_forwarder import observation_key
+    from uploader.fhir_bundle import observation_key
 
     def refused(relayed: list[Relayed], now: float) -> None:
         raise sqlite3.OperationalError("database is locked")

@@ -652,6 +652,27 @@ def test_with_nothing_claimed_releasing_claims_does_not_wait_for_the_write_lock(
     assert list((data_dir / "locks").iterdir()) == []
 
 
+def test_a_stop_ends_a_write_waiting_for_another_process_lock(data_dir: Path) -> None:
+    """The forward service's stop (`give_up_waits_on`): a claim waiting for another process's write
+    lock waited out the 15 s busy timeout, and SIGTERM with it. Now it gives up STOP_WAIT_S after
+    the stop; nothing was claimed, and the item is claimed once the lock is free."""
+    with open_outbox(data_dir) as ob:
+        item = add(ob, "a")
+    locker = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+    stop = threading.Event()
+    with contextlib.closing(locker), open_outbox(data_dir) as forwarder:
+        forwarder.give_up_waits_on(stop)
+        locker.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, stop.set).start()
+        began = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            forwarder.claim("dicom", 10, 2e9)
+        assert time.monotonic() - began < 5.0
+        locker.rollback()
+        assert forwarder.get(item.id).state == ItemState.QUEUED
+        assert [i.id for i in forwarder.claim("dicom", 10, 2e9)] == [item.id]  # a free lock: at once
+
+
 def test_a_process_killed_mid_send_again_and_again_still_ends_in_quarantine(data_dir: Path) -> None:
     """The other side of the stop above: a send whose process dies (an object that exhausts its
     memory) is charged and counted at every death, and the object is quarantined, not retried for ever."""
@@ -1087,7 +1108,6 @@ def test_record_status_and_stats(ob: Outbox) -> None:
     add(ob, "new", now=T0 + 50)
     stats = ob.stats(T0 + 100)
     assert stats["counts"] == {"queued": 2, "sending": 0, "sent": 0, "committed": 0, "purged": 0, "quarantined": 0}
-    assert stats["oldest_waiting_s"] == 100.0
     assert (stats["last_sent_at"], stats["last_committed_at"], stats["quarantined"]) == (None, None, [])
     assert stats["statuses"] == {
         "reading_center": {"fault": None, "last_success": T0 + 5},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shlex
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from lastmile.clinic.observations import (
     observation_to_json,
     summary,
 )
-from lastmile.clinic.patients import PatientContext
+from lastmile.clinic.patients import CurrentPatient, PatientContext, SameName
 from tests.conftest import run_python
 from uploader.outbox import Outbox
 
@@ -209,7 +210,7 @@ def test_a_corrected_id_does_not_keep_the_name_typed_with_it(tmp_path: Path) -> 
 
 def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_path: Path) -> None:
     """王五 is checked in by his ID card number and, still checked in, by his clinic number: the
-    doctor says it is his other ID (`other_id`), not a typo corrected. Both IDs keep his name; the
+    doctor says it is his other ID (`SameName.OTHER_ID`), not a typo corrected. Both IDs keep his name; the
     session goes on under the clinic number. Unasked, the same name stays a correction (no name
     on an ID from a guess)."""
     id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
@@ -219,7 +220,7 @@ def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_pat
         assert context.same_name_replaced(clinic_number, name, T0 + MIN) is not None
         assert context.same_name_replaced(clinic_number, "Li^Si=李^四", T0 + MIN) is None
         assert context.same_name_replaced(id_card, name, T0 + MIN) is None
-        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.check_in(clinic_number, name, now=T0 + MIN, same_name=SameName.OTHER_ID)
         later = T0 + 10 * MIN
         assert context.known_names([id_card, clinic_number], later) == {id_card: name, clinic_number: name}
         current = context.current(later)
@@ -230,25 +231,61 @@ def test_the_checked_in_patients_other_id_said_so_keeps_his_name_on_both(tmp_pat
 
 def test_the_ids_of_the_current_patient_are_those_the_doctor_linked_in_his_session(tmp_path: Path) -> None:
     """`patient_ids`: the current patient's ID and the IDs the doctor said are his (other ID, each
-    time asked) while he was checked in - never an ID corrected, another patient's, or one of a
-    session that has ended."""
+    time asked) while he was checked in, kept when his ID is corrected - never the ID corrected,
+    another patient's, or one of a session that has ended (cleared or idle)."""
     id_card, clinic_number, insurance, name = "11010519491231002X", "MZ-0042", "YB-7", "Wang^Wu=王^五"
     context = PatientContext.open(tmp_path, idle_timeout_s=900)
     try:
         assert context.patient_ids(T0) == frozenset()
         context.set_patient(id_card, name, now=T0)
-        context.check_in(clinic_number, name, now=T0 + MIN, other_id=True)
+        context.check_in(clinic_number, name, now=T0 + MIN, same_name=SameName.OTHER_ID)
         context.set_patient(clinic_number, now=T0 + 2 * MIN)  # the same patient again (a card): still his
-        context.check_in(insurance, name, now=T0 + 3 * MIN, other_id=True)
+        context.check_in(insurance, name, now=T0 + 3 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 4 * MIN) == {id_card, clinic_number, insurance}
-        context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: a typo corrected, his IDs no more
-        assert context.patient_ids(T0 + 6 * MIN) == {"MZ-0043"}
+        context.set_patient("MZ-0043", name, now=T0 + 5 * MIN)  # unasked: the insurance number a typo
+        assert context.patient_ids(T0 + 6 * MIN) == {id_card, clinic_number, "MZ-0043"}
         context.set_patient("P-9", "Li^Si=李^四", now=T0 + 7 * MIN)
-        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, other_id=True)
+        context.check_in(clinic_number, "Li^Si=李^四", now=T0 + 8 * MIN, same_name=SameName.OTHER_ID)
         assert context.patient_ids(T0 + 9 * MIN) == {"P-9", clinic_number}
         assert context.clear(now=T0 + 10 * MIN)
         context.set_patient(clinic_number, "Li^Si=李^四", now=T0 + 11 * MIN)  # a new session: no links
         assert context.patient_ids(T0 + 12 * MIN) == {clinic_number}
+        context.check_in("P-10", "Li^Si=李^四", now=T0 + 13 * MIN, same_name=SameName.OTHER_ID)
+        assert context.patient_ids(T0 + 14 * MIN) == {clinic_number, "P-10"}
+        assert context.patient_ids(T0 + 29 * MIN) == frozenset()  # idle past its timeout: ended
+        context.set_patient("P-10", "Li^Si=李^四", now=T0 + 30 * MIN)
+        assert context.patient_ids(T0 + 31 * MIN) == {"P-10"}
+    finally:
+        context.close()
+
+
+def test_a_session_open_when_the_gateway_is_updated_keeps_the_ids_its_log_linked(tmp_path: Path) -> None:
+    """The version before 0032 read a session's links from its log: a session open across the
+    update keeps them (its row gets them once), another patient's check-in before links nothing."""
+    from lastmile.clinic.db import DB_NAME, MIGRATIONS
+    from uploader.sqlite_store import open_database
+
+    now = dt.datetime.now(dt.timezone.utc)
+    db = open_database(tmp_path / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0032_session_linked_ids"))
+    db.conn.execute(
+        "INSERT INTO session (id, patient_id, patient_name, patient_since, last_activity) VALUES (1, ?, ?, ?, ?)",
+        ("MZ-0042", "Wang^Wu=王^五", now.isoformat(), now.isoformat()),
+    )
+    for event, patient_id in (
+        ("patient-set", "P-9"),
+        ("patient-replaced", "P-9"),
+        ("patient-set", "11010519491231002X"),
+        ("doctor-set", None),
+        ("patient-other-id", "11010519491231002X"),
+        ("patient-set", "MZ-0042"),
+    ):
+        db.conn.execute(
+            "INSERT INTO session_log (at, event, patient_id) VALUES (?, ?, ?)", (now.isoformat(), event, patient_id)
+        )
+    db.conn.close()
+    context = PatientContext.open(tmp_path, idle_timeout_s=900)
+    try:
+        assert context.patient_ids(now) == {"MZ-0042", "11010519491231002X"}
     finally:
         context.close()
 
@@ -270,7 +307,7 @@ def test_a_corrected_id_keeps_the_stat_check_in_and_another_patient_of_the_name_
         assert current is not None, current
         assert (current.patient_id, current.stat, current.reason, current.since) == (corrected, True, "胸痛", T0)
         assert context.known_name(typo, T0 + 2 * MIN) == ""  # a typo names nobody
-        context.check_in(other_man, name, now=T0 + 3 * MIN, another_person=True)
+        context.check_in(other_man, name, now=T0 + 3 * MIN, same_name=SameName.ANOTHER_PERSON)
         current = context.current(T0 + 4 * MIN)
         assert current is not None, current
         assert (current.patient_id, current.stat, current.reason, current.since) == (
@@ -285,13 +322,21 @@ def test_a_corrected_id_keeps_the_stat_check_in_and_another_patient_of_the_name_
         context.close()
 
 
+def printed_command(said: str, flag: str) -> list[str] | None:
+    """The command `lastmile patient set`'s question printed for the answer `flag`, as the doctor
+    pastes it (the words after `lastmile`); None if it printed none."""
+    lines = [line for line in said.splitlines() if line.strip().startswith("lastmile ") and "--about" in line]
+    found = [shlex.split(line)[1:] for line in lines if line.rstrip().endswith(flag)]
+    return found[0] if len(found) == 1 else None
+
+
 def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """王五 is checked in by his ID card number; a technician runs `lastmile patient set MZ-0042
     --name 王五`. The command took it, unasked, for a typo corrected: his ID card number lost his
     name. The console asks the doctor; the command cannot, so it refuses, naming both IDs and the
-    two answers (`--corrected`, `--other-id`), and changes nothing until told."""
+    answers, each a command to paste (`--about` the checked-in ID), and changes nothing until told."""
     id_card, clinic_number, name = "11010519491231002X", "MZ-0042", "Wang^Wu=王^五"
     data = tmp_path / "data"
     run = ["--data-dir", str(data)]
@@ -300,18 +345,22 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     assert main(["patient", "set", clinic_number, "--name", "王五", *run]) == 2
     said = capsys.readouterr().err
     assert all(word in said for word in (id_card, clinic_number, "--corrected", "--other-id", "--another-person")), said
+    assert main(["patient", "set", clinic_number, "--name", "王五", "--other-id", *run]) == 2  # about whom?
+    assert "must name the checked-in patient it answers about" in capsys.readouterr().err
     context = PatientContext.open(data, idle_timeout_s=900)
     try:
         now = dt.datetime.now(dt.timezone.utc)
         current = context.current(now)
         assert current is not None and (current.patient_id, current.name) == (id_card, name)
-        assert main(["patient", "set", clinic_number, "--name", "王五", "--other-id", *run]) == 0
+        assert main(printed_command(said, "--other-id") or []) == 0
         now = dt.datetime.now(dt.timezone.utc)
         assert context.known_names([id_card, clinic_number], now) == {id_card: name, clinic_number: name}
         assert context.patient_ids(now) == {id_card, clinic_number}
-        assert main(["patient", "set", "MZ-0043", "--name", "王五", "--corrected", *run]) == 0  # MZ-0042 a typo
+        assert main(["patient", "set", "MZ-0043", "--name", "王五", *run]) == 2
+        assert main(printed_command(capsys.readouterr().err, "--corrected") or []) == 0  # MZ-0042 a typo
         assert context.known_name(clinic_number, dt.datetime.now(dt.timezone.utc)) == ""
-        assert main(["patient", "set", "MZ-0077", "--name", "王五", "--another-person", *run]) == 0
+        assert main(["patient", "set", "MZ-0077", "--name", "王五", *run]) == 2
+        assert main(printed_command(capsys.readouterr().err, "--another-person") or []) == 0
         now = dt.datetime.now(dt.timezone.utc)
         assert context.known_names(["MZ-0043", "MZ-0077"], now) == {"MZ-0043": name, "MZ-0077": name}
     finally:
@@ -321,6 +370,106 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
         main(["patient", "set", "--help"])
     usage = capsys.readouterr().out
     assert "--corrected" in usage and "--other-id" in usage and "--another-person" in usage
+
+
+CARD, WANG_WU = "11010519491231002X", "Wang^Wu=王^五"  # the ID card read at the acquire service meanwhile
+
+
+def read_card(data: Path) -> None:
+    """王五's ID card read at the acquire service: its own connection on the same clinic.db."""
+    scanner = PatientContext.open(data, idle_timeout_s=900)
+    try:
+        scanner.set_patient(CARD, WANG_WU, now=dt.datetime.now(dt.timezone.utc))
+    finally:
+        scanner.close()
+
+
+def only_the_card_is_checked_in(data: Path) -> None:
+    """The card's patient is checked in, named; no ID linked to him, none named after him."""
+    context = PatientContext.open(data, idle_timeout_s=900)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        current = context.current(now)
+        assert current is not None and (current.patient_id, current.name) == (CARD, WANG_WU)
+        assert context.patient_ids(now) == {CARD}
+        assert context.known_names([CARD, "MZ-0042"], now) == {CARD: WANG_WU}
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize(
+    ("checked_in", "answer", "said"),
+    [
+        ((), (), "changed meanwhile"),  # nobody checked in: nothing to ask
+        (("P-9", "李四"), (), "changed meanwhile"),  # another name: nothing to ask
+        (("P-9", "李四"), ("--other-id", "--about", "P-9"), "answers no question"),  # a question not asked
+        ((), ("--corrected", "--about", "YB-7"), "changed meanwhile"),  # about YB-7: nobody checked in
+        (("YB-7", "王五"), ("--other-id", "--about", "YB-7"), "changed meanwhile"),  # a card meanwhile
+    ],
+)
+def test_a_card_checked_in_while_lastmile_patient_set_asks_is_never_taken_for_what_was_asked(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    checked_in: tuple[str, ...],
+    answer: tuple[str, ...],
+    said: str,
+) -> None:
+    """`lastmile patient set MZ-0042 --name 王五` asks whether it replaces the checked-in patient
+    under his own name, then checks in. 王五's ID card was read at the acquire service between
+    the two: the check-in took it, unasked, for a typo corrected (his ID card number lost his
+    name), or applied an answer about YB-7, or about nobody, to him (MZ-0042 linked as his).
+    Now the command refuses and says the current patient changed meanwhile, or that its
+    answer answers no question; the card's patient stays checked in, named, linked to nothing."""
+    data = tmp_path / "data"
+    run = ["--data-dir", str(data)]
+    if checked_in:
+        assert main(["patient", "set", checked_in[0], "--name", checked_in[1], *run]) == 0
+    capsys.readouterr()
+    asked = PatientContext.same_name_replaced
+
+    def card_read_meanwhile(
+        self: PatientContext, patient_id: str, typed: str, now: dt.datetime
+    ) -> CurrentPatient | None:
+        question = asked(self, patient_id, typed, now)
+        read_card(data)
+        return question
+
+    monkeypatch.setattr(PatientContext, "same_name_replaced", card_read_meanwhile)
+    code = main(["patient", "set", "MZ-0042", "--name", "王五", *answer, *run])
+    monkeypatch.undo()
+    only_the_card_is_checked_in(data)
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and "MZ-0042" in err, err
+
+
+def test_an_answer_to_lastmile_patient_set_is_never_given_to_a_card_read_since_it_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """王五 is checked in as YB-7; `lastmile patient set MZ-0042 --name 王五` asks which it is and
+    stops. Before the doctor answers, another 王五's ID card is read at the acquire service. The
+    answer (--other-id, run again) was given to the card's patient: MZ-0042 linked as his other ID,
+    named after him. Now the question prints the command to paste, naming whom it answers
+    (--about YB-7): run after the card, it is refused, in Chinese and English; the card's patient
+    stays checked in, linked to nothing. Run while YB-7 is still checked in, it is taken."""
+    data = tmp_path / "data"
+    run = ["--data-dir", str(data)]
+    assert main(["patient", "set", "YB-7", "--name", "王五", *run]) == 0
+    capsys.readouterr()
+    typed = ["patient", "set", "MZ-0042", "--name", "王五", *run]
+    assert main(typed) == 2
+    asked = capsys.readouterr().err
+    # the old question printed no command: the doctor added the answer's flag to his own
+    answer = printed_command(asked, "--other-id") or [*typed, "--other-id"]
+    read_card(data)
+    code = main(answer)
+    err = capsys.readouterr().err
+    only_the_card_is_checked_in(data)
+    assert code == 2 and "YB-7" in err and CARD in err and "当前病人" in err, err
+    assert answer == [*typed, "--about", "YB-7", "--other-id"], asked
+    # the answer run while the patient it is about is checked in is taken
+    assert main(["patient", "set", "YB-7", "--name", "王五", "--another-person", "--about", CARD, *run]) == 0
+    assert main(answer) == 0, capsys.readouterr().err
 
 
 def test_a_patient_checked_in_again_under_his_other_id_keeps_his_name_on_both(tmp_path: Path) -> None:
@@ -500,11 +649,16 @@ def reading(user: int, minute: int) -> Observation:
     return replace(bp(T0 + minute * MIN, 151.0, key=f"test:user{user}:{minute}"), device_user=user)
 
 
-def map_user(tmp_path: Path, *args: str, at: dt.datetime = T0) -> int:
-    """`lastmile patient map-user ...` run at `at` (the mapping holds from then on)."""
+def patient_command(tmp_path: Path, command: str, *args: str, at: dt.datetime) -> int:
+    """`lastmile patient COMMAND ...` run at `at`."""
     with pytest.MonkeyPatch.context() as clock:
         clock.setattr("lastmile.commands.patient._now", lambda: at)
-        return main(["patient", "map-user", "--data-dir", str(tmp_path), *args])
+        return main(["patient", command, "--data-dir", str(tmp_path), *args])
+
+
+def map_user(tmp_path: Path, *args: str, at: dt.datetime = T0) -> int:
+    """`lastmile patient map-user ...` run at `at` (the mapping holds from then on)."""
+    return patient_command(tmp_path, "map-user", *args, at=at)
 
 
 def test_map_user_current_and_remove_decide_where_user_2s_readings_go(
@@ -634,3 +788,86 @@ def test_a_mapped_users_reading_takes_the_name_of_the_latest_check_in_of_its_pat
     late = replace(reading(2, 0), measured_at=day_on, received_at=day_on, record_key="test:user2:day-on")
     item = store.outbox.get(store.record(late, now=day_on).item_id or 0)
     assert item is not None and item.patient == {"patient_id": "P-1", "name": "Zhang^San=张^三"}
+
+
+@pytest.mark.parametrize("still_checked_in", [True, False], ids=["checked-in", "next-patient-since"])
+def test_map_user_with_another_name_than_its_ids_check_in_is_refused_naming_both(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str], still_checked_in: bool
+) -> None:
+    """P-1 was checked in as 张三; the doctor maps user 2 of the cuff to P-1 typing 李四. The CLI
+    said "readings are P-1's" and they went to the county as 张三: the name she typed silently
+    gave way. Two names for one ID: one is wrong, she is asked which - without --name, 张三; with
+    --correct-name, 李四 for the mapping and the check-in alike."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    if not still_checked_in:  # the next patient, and his other ID
+        store.context.set_patient("P-2", "Wang^Wu=王^五", now=T0 + MIN)
+        store.context.check_in("P-2B", "Wang^Wu=王^五", now=T0 + MIN, same_name=SameName.OTHER_ID)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", "--name", "李四", at=T0 + 2 * MIN) == 2
+    said = capsys.readouterr()
+    assert "张三" in said.err and "李四" in said.err and "^" not in said.err and "--correct-name" in said.err, said
+    assert "readings are" not in said.out
+    assert store.db.conn.execute("SELECT COUNT(*) FROM device_users").fetchone()[0] == 0
+
+    # 李四 is right: the mapping and what the session names P-1 say so
+    assert (
+        map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", "--name", "李四", "--correct-name", at=T0 + 3 * MIN)
+        == 0
+    )
+    item = store.outbox.get(store.record(reading(2, 4), now=T0 + 4 * MIN).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+    assert store.context.known_name("P-1", T0 + 4 * MIN) == "Li^Si=李^四"
+    current = store.context.current(T0 + 4 * MIN)
+    assert current is not None and current.name == ("Li^Si=李^四" if still_checked_in else "Wang^Wu=王^五")
+    assert store.context.patient_ids(T0 + 4 * MIN) == ({"P-1"} if still_checked_in else {"P-2B", "P-2"})
+
+    # mapped again without --name: the name the session knows now
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", at=T0 + 5 * MIN) == 0
+    item = store.outbox.get(store.record(reading(2, 6), now=T0 + 6 * MIN).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+
+
+def test_assigning_a_held_reading_with_another_name_than_its_ids_check_in_is_refused_naming_both(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """P-1 was checked in as 张三; the cuff's user 2 reading is held and the doctor assigns it to
+    P-1 typing 李四. The CLI said "assigned to P-1" and it went to the county as 李四 while P-1's
+    other readings go as 张三: one of the two names is wrong. She is asked which, as map-user asks -
+    without --name, 张三; with --correct-name, 李四 for this reading and the check-in alike."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    first, second = (store.record(reading(2, m), now=T0 + m * MIN).held_id for m in (1, 2))
+    assert first is not None and second is not None
+
+    assert patient_command(tmp_path, "assign", str(first), "P-1", "--name", "李四", at=T0 + 3 * MIN) == 2
+    said = capsys.readouterr()
+    assert "张三" in said.err and "李四" in said.err and "^" not in said.err and "--correct-name" in said.err, said
+    assert "assigned to" not in said.out
+    assert store.outbox.items(kind=OBSERVATION_KIND) == [] and store.get_held(first) is not None
+
+    # without --name: the name P-1 was checked in under, not none
+    assert patient_command(tmp_path, "assign", str(first), "P-1", at=T0 + 4 * MIN) == 0
+    assert [i.patient for i in store.outbox.items(kind=OBSERVATION_KIND)] == [
+        {"patient_id": "P-1", "name": "Zhang^San=张^三"}
+    ]
+
+    # 李四 is right: this reading and what the session names P-1 say so
+    assert (
+        patient_command(tmp_path, "assign", str(second), "P-1", "--name", "李四", "--correct-name", at=T0 + 5 * MIN)
+        == 0
+    )
+    assert "assigned to P-1" in capsys.readouterr().out
+    assert store.outbox.items(kind=OBSERVATION_KIND)[-1].patient == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+    assert store.context.known_name("P-1", T0 + 5 * MIN) == "Li^Si=李^四"
+
+
+def test_a_name_corrected_under_his_other_id_is_his_name_under_every_id_of_his_session(context) -> None:
+    """张三 checked in under P-1, then P-2 said to be his other ID; the doctor then says P-1's name
+    is 李四 (`map-user ... --correct-name`, `assign ... --correct-name`). The correction was logged
+    for P-1 only while every ID of his session is named by his session: the command said done and
+    his readings still went to the county as 张三. His session's name is corrected."""
+    from devices.identity import Patient
+
+    context.check_in("P-1", "Zhang^San=张^三", now=T0)
+    context.check_in("P-2", "Zhang^San=张^三", now=T0 + MIN, same_name=SameName.OTHER_ID)
+    named = context.given_name(Patient("P-1", name="Li^Si=李^四"), T0 + 2 * MIN, correct=True)
+    assert named.name == "Li^Si=李^四"
+    assert context.known_names(["P-1", "P-2"], T0 + 2 * MIN) == {"P-1": "Li^Si=李^四", "P-2": "Li^Si=李^四"}

@@ -881,6 +881,25 @@ def test_readings_all_held_in_memory_only_and_lost_at_a_stop_are_said_once(
     assert "网关停机时丢失：3 条测量结果（当时仅在内存中）" in page, page  # not on the doctor's and CLI's word only
 
 
+def a_stop_lost_readings_a_locked_outbox_held_in_memory(tmp_path: Path) -> list[dict]:
+    """A monitor's 3 readings refused by a locked outbox (another process writing) and held in
+    memory only (its spill file too small), then the gateway stopped (they are lost with its
+    memory) and the monitor unplugged (not seen again); returns the configured devices."""
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    r.outbox.db.conn.execute("PRAGMA busy_timeout=50")  # refused at once, not after the 15 s busy wait
+    other = sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the outbox's write lock
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "database is locked", full=False)
+        assert r.registry.get("serial:monitor").held_in_memory_only
+    finally:
+        r.close()
+        monitor.unplug()
+        other.rollback()
+        other.close()
+    return r.config.serial.devices
+
+
 def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_lost_for_that_cause(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -890,7 +909,6 @@ def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_l
     for space)", so the county technician freed disk space that was not the problem. Now the loss
     says the cause its row said (DeviceRecord.held_cause), and its advice is the county IT's."""
     import logging
-    import sqlite3
 
     from lastmile.clock import local_zone
     from lastmile.console.app import advice_text
@@ -898,20 +916,9 @@ def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_l
     from lastmile.doctor import Doctor, Level
     from lastmile.services import serial_devices
 
-    r, monitor = running_with_a_spill_file_too_small(tmp_path)
-    r.outbox.db.conn.execute("PRAGMA busy_timeout=50")  # refused at once, not after the 15 s busy wait
-    other = sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")  # another process holds the outbox's write lock
-    try:
-        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "database is locked", full=False)
-        assert r.registry.get("serial:monitor").held_in_memory_only
-    finally:
-        r.close()  # the readings are lost with the gateway's memory
-        monitor.unplug()
-        other.rollback()
-        other.close()
+    devices = a_stop_lost_readings_a_locked_outbox_held_in_memory(tmp_path)
     with caplog.at_level(logging.ERROR, logger=serial_devices.__name__):
-        r = Running(tmp_path, r.config.serial.devices)
+        r = Running(tmp_path, devices)
     try:
         found = [f for f in Doctor(r.config).check_devices() if "lost when" in f.message]
     finally:
@@ -923,6 +930,36 @@ def test_readings_a_locked_outbox_held_in_memory_only_and_a_stop_lost_are_said_l
     assert "for space" not in lost.message + lost.hint, (lost.message, lost.hint)
     zh = advice_text(lost, Localizer("zh-CN", local_zone()))  # the System page's advice
     assert "丢失" in zh and "存储空间不足" in zh and "等待存储空间" not in zh, zh
+
+
+def test_the_cause_of_readings_a_stop_lost_is_said_as_that_loss_not_as_the_monitor_s_problem_today(
+    tmp_path: Path,
+) -> None:
+    """lastmile/services/serial_devices.py settle_held_at_start: a monitor's readings, refused by a
+    locked outbox and held in memory only, were lost when the gateway stopped, and the monitor
+    was not plugged back. The restarted gateway said the loss (its cause, its times) but left the
+    row's "cannot store" error of before the stop as it was: `lastmile doctor` warned the monitor
+    was failing, and the Devices page said its last problem was a measurement not saved ("measure
+    again"), for good - a lock gone with the stop, shown as the monitor's state today. That cause
+    is now said by the stop's loss alone, with its time."""
+    from lastmile.doctor import Doctor, Level
+
+    r = Running(tmp_path, a_stop_lost_readings_a_locked_outbox_held_in_memory(tmp_path))
+    try:
+        row = r.registry.get("serial:monitor")
+        said = [(f.level, f.message) for f in Doctor(r.config).check_devices() if f.level is not Level.OK]
+        shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+        with running_console(shown) as console:  # the Devices page, in Chinese
+            client = Client(console.url)
+            client.login()
+            page = client.get("/devices").body
+    finally:
+        r.close()
+    assert [level for level, _ in said] == [Level.FAIL], said  # the loss, not a failing monitor too
+    assert "database is locked" in said[0][1] and "lost when the gateway stopped" in said[0][1], said
+    assert "网关停机时丢失：3 条测量结果（当时仅在内存中）" in page, page
+    assert "它的一次测量结果未能保存" not in page and "最近的问题" not in page, page
+    assert row.lost_cause and not row.last_error, row
 
 
 def test_readings_a_row_from_before_the_counts_held_in_memory_only_are_not_lost_silently(
@@ -1207,3 +1244,219 @@ def test_line_noise_held_back_by_the_throttle_is_not_written_after_a_good_readin
     answered_up_to_here(bridge, core, clock[0])
     row = r.registry.get("serial:ecg")
     assert "COBS" in row.last_error and not failing_since_seen(row), row
+
+
+def test_an_error_the_throttle_held_back_keeps_the_time_it_happened(tmp_path: Path, running) -> None:
+    """lastmile/services/serial_devices.py SerialContext.write_pending_errors: an error held back
+    to the end of its ERROR_STATUS_EVERY_S window was stamped when it was written, up to 5 s after
+    it happened, and the row's time (the Devices page's "last problem" time, `lastmile devices`'
+    last error) said the bridge failed since then. The row keeps the time the error happened."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    bridge.write(NOISE)  # written at once
+    bridge.write(core.uart_bytes(b"PULSE 71\n", clock[0]))  # another kind: written at once too
+    answered_up_to_here(bridge, core, clock[0])
+    wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.FORWARD_NOT_READ)
+    bridge.write(NOISE)  # a repeat in the window: held back to its end
+    answered_up_to_here(bridge, core, clock[0])
+    happened_by = r.now()
+    wait_for(lambda: r.registry.get("serial:ecg").problem is DeviceProblem.OTHER, timeout=30)
+    row = r.registry.get("serial:ecg")
+    assert row.last_error_at <= happened_by, (row.last_error_at, happened_by)
+
+
+def test_line_noise_after_a_good_reading_in_the_same_window_says_the_bridge_fails_since(
+    tmp_path: Path, running
+) -> None:
+    """Noise (written), a reading heard well, noise again in the same ERROR_STATUS_EVERY_S window
+    (held back): the held-back error was stamped with the first noise's time, before the good
+    reading, and the doctor took the bridge for fine while it was failing again. A reading heard
+    well ends what the row showed too: the noise after it is said with its own time."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    r.patients.set_patient("P-1", now=r.now() - dt.timedelta(minutes=1))
+    bridge.write(NOISE)  # said at once
+    answered_up_to_here(bridge, core, clock[0])
+    wait_for(lambda: r.registry.get("serial:ecg").last_error)
+    bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="7"))
+    (seq,) = core.pending_seqs()
+    wait_for_answers(bridge, {seq}, core, clock[0])  # stored and ACKed: heard well
+    heard_well = r.registry.get("serial:ecg").last_seen_at
+    bridge.write(NOISE)  # a repeat in the window: held back to its end
+    answered_up_to_here(bridge, core, clock[0])
+    over = time.monotonic() + 6  # ERROR_STATUS_EVERY_S over, and a turn of the service after it
+    wait_for(lambda: time.monotonic() > over, timeout=30)
+    answered_up_to_here(bridge, core, clock[0])
+    answered_up_to_here(bridge, core, clock[0])
+    row = r.registry.get("serial:ecg")
+    # (the probes after it were heard well: the doctor's "failing since seen" is theirs to end)
+    assert "COBS" in row.last_error and row.last_error_at > heard_well, (row.last_error_at, heard_well)
+
+
+# -- a spill file that does not give back what a stop kept in it -----------------------------------
+
+
+def a_stop_kept_readings_on_disk(tmp_path: Path) -> list[dict]:
+    """A monitor's 3 readings the full outbox refused, kept in the spill file; then the gateway
+    stopped and the monitor was unplugged. Returns the configured devices."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        assert not r.registry.get("serial:monitor").held_in_memory_only  # kept on disk
+    finally:
+        r.close()
+        monitor.unplug()
+    return r.config.serial.devices
+
+
+def damage_spill_file(path: Path, how: str) -> None:
+    """The spill file at `path` as an SD card, a crash or a technician may leave it."""
+    if how == "missing":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":  # cut in the middle of the newest copy's body, the older one with it
+        with path.open("r+b") as f:
+            f.truncate(120)
+    elif how == "garbage":
+        path.write_bytes(os.urandom(path.stat().st_size))
+    else:  # unreadable, even by root: a directory where the file was
+        path.unlink()
+        path.mkdir()
+        (path / "x").write_bytes(b"x")
+
+
+def lost_as_the_doctor_and_page_say(r: Running) -> tuple[list, str]:
+    """`lastmile doctor`'s devices findings not OK, and the Devices page in Chinese."""
+    from lastmile.doctor import Doctor, Level
+
+    said = [f for f in Doctor(r.config).check_devices() if f.level is not Level.OK]
+    shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+    with running_console(shown) as console:
+        client = Client(console.url)
+        client.login()
+        page = client.get("/devices").body
+    return said, page
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "truncated", "garbage", "unreadable"])
+def test_readings_a_stop_kept_on_disk_whose_spill_file_gives_nothing_back_are_said_lost(
+    tmp_path: Path, how: str
+) -> None:
+    """lastmile/services/serial_devices.py settle_held_at_start: a monitor's readings were kept in
+    the spill file at a stop; at the restart the file gave nothing back (missing, empty, cut short,
+    garbage, unreadable). The row's held status was cleared and no loss said: 3 readings gone
+    without a word. Now the stop's loss is said as for readings held in memory only - the
+    doctor's FAIL with the count and the stop's time, the Devices page's "lost when the gateway stopped: 3"."""
+    from lastmile.doctor import Level
+    from lastmile.services.serial_spill import SPILL_NAME
+
+    devices = a_stop_kept_readings_on_disk(tmp_path)
+    stopped_after = DeviceRegistry.open(tmp_path / "data")
+    try:
+        held_at = stopped_after.get("serial:monitor").held_at
+    finally:
+        stopped_after.close()
+    damage_spill_file(tmp_path / "data" / SPILL_NAME, how)
+    r = Running(tmp_path, devices)  # never a crash at start
+    try:
+        row = r.registry.get("serial:monitor")
+        said, page = lost_as_the_doctor_and_page_say(r)
+    finally:
+        r.close()
+    assert (row.lost_reading_count, row.held_reading_count) == (3, 0), row
+    lost = [f for f in said if "lost when the gateway stopped" in f.message]
+    assert [f.level for f in lost] == [Level.FAIL], said
+    assert "3 reading(s)" in lost[0].message and held_at.strftime("%Y-%m-%d %H:%M:%S") in lost[0].message, lost
+    assert "网关停机时丢失：3 条测量结果" in page, page
+    assert "gave them not back" in lost[0].message, lost  # the cause: the spill file, not a memory-only hold
+
+
+def test_readings_a_spill_file_gives_back_in_part_are_stored_and_the_rest_said_lost(tmp_path: Path) -> None:
+    """The spill file's newest copy (3 readings) torn, the older one (2 of them) whole: the 2 are
+    stored after the restart and the 1 the file did not give back is said lost (held - given back),
+    not left unsaid as before."""
+    from lastmile.services.serial_spill import SPILL_NAME, newest_copy, waiting_readings
+
+    devices = a_stop_kept_readings_on_disk(tmp_path)
+    spill = tmp_path / "data" / SPILL_NAME
+    slot, _generation, _content = newest_copy(spill)
+    with spill.open("r+b") as f:  # a byte of the newest copy's body flipped
+        at = slot * (spill.stat().st_size // 2) + 60
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert waiting_readings(tmp_path / "data") == 2
+    r = Running(tmp_path, devices)
+    try:
+        wait_for(lambda: not r.registry.get("serial:monitor").waits_for_space)  # stored, its row says
+        stored = len(r.outbox.items(kind="observation"))
+        row = r.registry.get("serial:monitor")
+    finally:
+        r.close()
+    assert stored == 2 and row.lost_reading_count == 1, (stored, row)
+
+
+def test_an_unreadable_spill_file_is_set_aside_said_once_and_a_new_one_keeps_the_next_readings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spill file that cannot be read is not deleted: it is set aside (`.bad`) for the county IT,
+    said once in the journal with its path, and a new one is allocated, which keeps the readings
+    the next full outbox refuses. At most SET_ASIDE_KEPT are kept (bounded by number)."""
+    import logging
+
+    from lastmile.services.serial_spill import SET_ASIDE_KEPT, SPILL_NAME, waiting_readings
+
+    devices = a_stop_kept_readings_on_disk(tmp_path)
+    data = tmp_path / "data"
+    for earlier in range(SET_ASIDE_KEPT + 1):  # set aside at earlier starts
+        (data / f"{SPILL_NAME}.2026010{earlier}T000000Z.bad").write_bytes(b"x")
+    damage_spill_file(data / SPILL_NAME, "unreadable")
+    with caplog.at_level(logging.ERROR, logger="lastmile.services.serial_spill"):
+        r = Running(tmp_path, devices)
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        assert waiting_readings(data) == 3  # in the new spill file
+    finally:
+        r.close()
+        monitor.unplug()
+    aside = sorted(data.glob(f"{SPILL_NAME}.*.bad"))
+    assert len(aside) == SET_ASIDE_KEPT and (aside[-1] / "x").read_bytes() == b"x", aside  # kept, not deleted
+    said = [m for m in caplog.messages if "set aside" in m]
+    assert len(said) == 1 and str(data / SPILL_NAME) in said[0] and str(aside[-1]) in said[0], said
+
+
+def test_a_bad_readings_spill_file_does_not_stop_a_bridge_s_ecg_kept_on_disk_from_being_stored(
+    tmp_path: Path,
+) -> None:
+    """Two devices held on disk at a stop - a monitor's readings, a bridge's streamed ECG - and the
+    readings' spill file unreadable at the restart: the start goes on, the ECG is stored from its
+    own spill file, the monitor's readings are said lost."""
+    from lastmile.services.serial_spill import SPILL_NAME
+
+    monitor, bridge = PtyDevice(tmp_path / "usb-monitor"), PtyDevice(tmp_path / "usb-ecg")
+    devices = [
+        {"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"},
+        {"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"},
+    ]
+    r = Running(tmp_path, devices)
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        sim = EcgStreamSimulator(core, recording_id=3)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+        wait_for(lambda: "1 ECG(s) waiting for space" in r.device_waiting("serial:ecg"))
+    finally:
+        r.close()
+        monitor.unplug()
+        bridge.unplug()
+    damage_spill_file(tmp_path / "data" / SPILL_NAME, "unreadable")
+    r = Running(tmp_path, devices)
+    try:
+        wait_for(lambda: [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"])
+        row = r.registry.get("serial:monitor")
+    finally:
+        r.close()
+    assert row.lost_reading_count == 3, row

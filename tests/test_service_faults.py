@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -147,6 +148,12 @@ class MonitorOnPart:
         return record
 
 
+def report_printed(now: dt.datetime) -> bytes:
+    """The monitor's report of three readings, printed at `now` (its clock: UTC+1)."""
+    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+    return VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed)
+
+
 @contextlib.contextmanager
 def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
     """A vital-signs monitor on a pty, connected through the acquire service's serial part (its
@@ -165,16 +172,7 @@ def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
     patients = PatientContext.open(config.data_dir, idle_timeout_s=900)
     registry = DeviceRegistry.open(config.data_dir)
     now = dt.datetime.now(dt.timezone.utc)
-    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()  # monitor: UTC+1
-    m = MonitorOnPart(
-        monitor,
-        outbox,
-        config.data_dir / "outbox.sqlite",
-        part,
-        registry,
-        VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed),
-        config,
-    )
+    m = MonitorOnPart(monitor, outbox, config.data_dir / "outbox.sqlite", part, registry, report_printed(now), config)
     try:
         part.check(time.monotonic())
         wait_for(lambda: registry.get("serial:monitor") is not None and m.device().connected, timeout=30)
@@ -428,6 +426,76 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
             release.join()
             other.close()
         assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
+
+
+STOP_WITHIN_S = 5.0  # the goal is ~2 s; TimeoutStopSec=45 is systemd's own limit
+
+
+def waiting_in_a_sleep(pid: int) -> bool:
+    """Whether a thread of process `pid` sleeps in nanosleep: an acquire service with its devices
+    idle sleeps in select and futex waits only, so that is SQLite's busy wait for the lock."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if "nanosleep" in (task / "wchan").read_text():
+                return True
+    return False
+
+
+def acquire_toml(tmp_path: Path, monitor: PtyDevice) -> Path:
+    """`lastmile acquire`'s configuration: the monitor on its pty, nothing else."""
+    head = f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+    entry = f'name = "monitor"\nmatch = "{monitor.link_path}"\nprofile = "example-vitals-monitor"\n'
+    (config := tmp_path / "lastmile.toml").write_text(f"{head}[[serial.devices]]\n{entry}")
+    return config
+
+
+def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_keeping_it(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py + uploader/outbox.py: another process holds the outbox's write
+    lock (the forwarder in a long write; a sqlite3 shell left open) while the monitor's report is
+    stored: SIGTERM to `lastmile acquire` waited out the 15 s busy timeout, past a quarter of
+    TimeoutStopSec. Now the stop ends that wait (Outbox.give_up_waits_on, as the forwarder's):
+    the service exits within seconds, the readings kept in the spill file and said so, stored
+    once by the next start."""
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.services.serial_spill import waiting_readings
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    config, data = acquire_toml(tmp_path, monitor), tmp_path / "data"
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:
+            wait_for(lambda: (r := registry.get("serial:monitor")) is not None and r.connected, timeout=30)
+        now = dt.datetime.now(dt.timezone.utc)
+        with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+            patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+        with contextlib.closing(sqlite3.connect(data / "outbox.sqlite", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            monitor.write(report_printed(now))
+            wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # its store waits for the lock
+            proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = proc.communicate(timeout=120)
+            took = time.monotonic() - began
+            other.rollback()
+    finally:
+        stop_child(proc)
+        manager.sock.close()
+    print(f"\nSIGTERM to exit, a reading waiting for the outbox lock: {took:.1f} s")
+    assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out, out
+    assert waiting_readings(data) == 3, out  # kept on disk, and said so
+    assert "3 reading(s) (kept on disk, stored after the restart) not stored" in out, out
+    again = start_acquire(config, Manager(tmp_path / "notify-again"), watchdog_usec=20_000_000)
+    try:
+        with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
+            wait_for(lambda: len(outbox.items(kind="observation")) >= 3, timeout=60)
+            assert len(outbox.items(kind="observation")) == 3  # once each
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(30)
+    assert waiting_readings(data) == 0
 
 
 # -- lastmile doctor: a port that answers is not our listener ----------------------------------------

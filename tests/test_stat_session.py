@@ -4,14 +4,16 @@ the stick, and other patients' ECGs, keep their routine priority."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 from devices.ecg.npz import write_npz
 from devices.identity import Patient
 from firmware_bridge.dicom_receiver import ReceivedObject
-from lastmile.clinic.patients import PatientContext, StatSession
+from lastmile.clinic.patients import PatientContext, SameName, StatSession
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import import_files, lan_object_store
@@ -141,7 +143,7 @@ def _checked_in_under_his_other_id(run: list[str]) -> None:
     from lastmile.cli import main as cli
 
     assert cli([*run, "patient", "set", ID_CARD, "--name", "王五", "--stat", "--reason", "胸痛"]) == 0
-    assert cli([*run, "patient", "set", CLINIC_NUMBER, "--name", "王五", "--other-id"]) == 0
+    assert cli([*run, "patient", "set", CLINIC_NUMBER, "--name", "王五", "--about", ID_CARD, "--other-id"]) == 0
 
 
 def test_the_stat_patients_ecg_under_his_other_id_goes_first(tmp_path: Path) -> None:
@@ -180,31 +182,91 @@ def test_the_stat_patients_ecg_under_his_other_id_goes_first(tmp_path: Path) -> 
     assert first.id == his.id
 
 
-def test_lan_objects_under_the_stat_patients_other_id_go_first(tmp_path: Path) -> None:
-    """As from the stick, a cart on the LAN still sending 王五's ID card number after the doctor
-    linked his clinic number: his ECG is STAT, another patient's is routine and flagged."""
+def _sent_on_the_lan(config: Config, context: PatientContext, *patient_ids: str) -> dict[str, tuple[int, bool, bool]]:
+    """A cart on the LAN sends one ECG naming each of `patient_ids` now, as the acquire service
+    stores them with `context`'s session: each one's (priority, STAT, flagged as another patient's)
+    by its SOP instance UID (1.2.3.1, 1.2.3.2 ...)."""
     from lastmile.ecg.holds import PATIENT_MISMATCH
-
-    config = _config(tmp_path)
-    _checked_in_under_his_other_id(_cli_run(tmp_path))
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
 
     def now() -> dt.datetime:
         return dt.datetime.now(dt.timezone.utc)
 
+    with open_outbox(config) as outbox:
+        store = lan_object_store(outbox, lambda: context.patient_ids(now()), lambda: context.stat_session(now()))
+        for n, patient_id in enumerate(patient_ids, 1):
+            store(_received(patient_id, f"1.2.3.{n}"))
+        return {
+            item.meta["sop_instance_uid"]: (item.priority, item.meta["stat"], PATIENT_MISMATCH in item.meta["flags"])
+            for item in outbox.items()
+        }
+
+
+def test_lan_objects_under_the_stat_patients_other_id_go_first(tmp_path: Path) -> None:
+    """As from the stick, a cart on the LAN still sending 王五's ID card number after the doctor
+    linked his clinic number: his ECG is STAT, another patient's is routine and flagged."""
+    config = _config(tmp_path)
+    _checked_in_under_his_other_id(_cli_run(tmp_path))
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
-        with open_outbox(config) as outbox:
-            store = lan_object_store(outbox, lambda: context.patient_ids(now()), lambda: context.stat_session(now()))
-            store(_received(ID_CARD, "1.2.3.1"))
-            store(_received(STRANGER, "1.2.3.2"))
-            got = {
-                item.meta["sop_instance_uid"]: (
-                    item.priority,
-                    item.meta["stat"],
-                    PATIENT_MISMATCH in item.meta["flags"],
-                )
-                for item in outbox.items()
-            }
+        got = _sent_on_the_lan(config, context, ID_CARD, STRANGER)
+    finally:
+        context.close()
+    assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}
+
+
+@contextlib.contextmanager
+def a_session_kept_past_the_logs_day(tmp_path: Path) -> Iterator[tuple[Config, PatientContext, dt.datetime]]:
+    """王五, STAT for 胸痛, checked in by his ID card number 25 h ago and linked to his clinic number
+    (the idle timeout configured long, his session touched since: a reading now and then, each
+    change of the session pruning its log to its last day). The config, his context and now."""
+    config = _config(tmp_path)
+    hour = dt.timedelta(hours=1)
+    began = dt.datetime.now(dt.timezone.utc) - 25 * hour
+    context = PatientContext.open(config.data_dir, idle_timeout_s=12 * 3600)
+    try:
+        context.check_in(ID_CARD, "Wang^Wu=王^五", now=began, stat=True, reason="胸痛")
+        context.check_in(
+            CLINIC_NUMBER, "Wang^Wu=王^五", now=began + dt.timedelta(minutes=1), same_name=SameName.OTHER_ID
+        )
+        for hours in (11, 22, 25):
+            assert context.touch(now=began + hours * hour)
+        yield config, context, began + 25 * hour
+    finally:
+        context.close()
+
+
+def test_his_other_id_stays_his_in_a_session_kept_past_the_session_logs_day(tmp_path: Path) -> None:
+    """The links were read back from the session log: his ECG under his ID card number was held as
+    another patient's, and routine. The link lives with his session."""
+    with a_session_kept_past_the_logs_day(tmp_path) as (config, context, _now):
+        got = _sent_on_the_lan(config, context, ID_CARD, STRANGER)
+    assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}
+
+
+def test_his_other_id_keeps_his_name_in_a_session_kept_past_the_session_logs_day(tmp_path: Path) -> None:
+    """The names of his IDs came from the check-ins in the session log: his ECG under his ID card
+    number, its file naming no one, went out with his ID and no name. Every ID of his session is
+    his: it has his name."""
+    with a_session_kept_past_the_logs_day(tmp_path) as (_config, context, now):
+        assert context.known_names([ID_CARD, CLINIC_NUMBER, STRANGER], now) == {
+            ID_CARD: "Wang^Wu=王^五",
+            CLINIC_NUMBER: "Wang^Wu=王^五",
+        }
+
+
+def test_his_other_id_stays_his_after_his_current_id_is_corrected(tmp_path: Path) -> None:
+    """王五, STAT, checked in by his ID card number, linked to his clinic number, which was then
+    corrected (a typo: MZ-0042 to MZ-0043). The correction ended the log's walk: his ECG under his
+    ID card number was held as another patient's, and routine. A correction keeps his links (the
+    typo itself is none: an ECG naming it is not his)."""
+    config = _config(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        context.check_in(ID_CARD, "Wang^Wu=王^五", now=now, stat=True, reason="胸痛")
+        context.check_in(CLINIC_NUMBER, "Wang^Wu=王^五", now=now, same_name=SameName.OTHER_ID)
+        context.check_in("MZ-0043", "Wang^Wu=王^五", now=now)  # unasked: the typo corrected
+        got = _sent_on_the_lan(config, context, ID_CARD, CLINIC_NUMBER)
     finally:
         context.close()
     assert got == {"1.2.3.1": (Priority.STAT, True, False), "1.2.3.2": (Priority.ROUTINE, False, True)}

@@ -262,7 +262,7 @@ def test_an_ecg_under_the_id_the_doctor_said_is_his_other_id_is_not_another_pati
     import pydicom
     from pydicom.uid import generate_uid
 
-    from lastmile.clinic.patients import PatientContext
+    from lastmile.clinic.patients import PatientContext, SameName
     from lastmile.ecg.holds import PATIENT_MISMATCH
 
     id_card, clinic_number, stranger, name = "11010519491231002X", "MZ-0042", "MZ-0077", "Wang^Wu=王^五"
@@ -280,7 +280,7 @@ def test_an_ecg_under_the_id_the_doctor_said_is_his_other_id_is_not_another_pati
     try:
         now = dt.datetime.now(UTC)
         context.check_in(id_card, name, now=now)
-        context.check_in(clinic_number, name, now=now, other_id=True)
+        context.check_in(clinic_number, name, now=now, same_name=SameName.OTHER_ID)
     finally:
         context.close()
 

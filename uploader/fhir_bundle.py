@@ -454,6 +454,12 @@ def _transaction(entries: Iterable[dict[str, Any]], bundle_id: str, naming: Fhir
     }
 
 
+def observation_key(obs: Observation, naming: FhirNaming) -> str:
+    """The outbox key of a reading's own bundle: derived from the reading, so queued twice it is
+    one. Here with the builders (as `visit_bundle_key`): the console looks a reading's bundle up."""
+    return f"fhir:obs:{observation_identifier(obs, naming)}"
+
+
 def visit_bundle_key(visit_id: str) -> str:
     """The outbox key of a home visit's bundle (it carries the readings taken during the visit).
     Here with the builders, not in fhir_forwarder: the console reads it and must not import the

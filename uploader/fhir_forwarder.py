@@ -41,7 +41,7 @@ from uploader.fhir_bundle import (
     bundle_bytes,
     merge_transactions,
     observation_bundle,
-    observation_identifier,
+    observation_key,
 )
 from uploader.fhir_connection import NoAnswer, NotConnected, PlatformDown, Unavailable
 from uploader.fhir_link import LAST_ERROR_AT, Said, recorded_failure, recorded_judgement
@@ -74,11 +74,6 @@ def enqueue_bundle(
         now=now,
     )
     return result.created
-
-
-def observation_key(obs: Observation, naming: FhirNaming) -> str:
-    """The outbox key of a reading's own bundle: derived from the reading, so queued twice it is one."""
-    return f"fhir:obs:{observation_identifier(obs, naming)}"
 
 
 def enqueue_observation(

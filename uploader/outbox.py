@@ -126,6 +126,13 @@ CHECKPOINT_WAIT_MS = 500
 # timeout: a stop must be prompt (systemd's TimeoutStopSec, a power cut coming). Claims are not
 # durable: one left behind is put back in the queue, uncharged, by the next open's recovery.
 RELEASE_AT_CLOSE_WAIT_MS = 1000
+# Once the service's stop is set (`give_up_waits_on`), a write waits at most this much more for
+# another process's write lock: a step waiting out the 15 s busy timeout held SIGTERM 12 s. A short
+# write of the acquire service is still waited for; a lock held longer is the next start's.
+STOP_WAIT_S = 1.0
+# how often a write waiting for the lock looks at the stop (SQLite's busy wait cannot be
+# interrupted: sqlite3 Connection.interrupt does not end it, no progress handler runs in it)
+LOCK_POLL_MS = 100
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 # what recovery says of a claim its owner left at a stop, the database write-locked by another process
 STOPPED_UNRELEASED = "the forwarder stopped before it could put this back in the queue; queued again"
@@ -258,6 +265,24 @@ class AddResult:
 
 class PayloadGoneError(LookupError):
     """The item was purged: its payload was deleted on purpose."""
+
+
+class WaitGivenUp(sqlite3.OperationalError):
+    """ "database is locked", from a write that gave up waiting for another process's write lock
+    because the service is stopping (`Outbox.give_up_waits_on`): a stop, not a fault. Callers
+    that catch the lock's failure catch this one too."""
+
+
+def gave_up_at_stop(exc: BaseException) -> bool:
+    """Whether `exc`, or what it was raised from, is a write the stop gave up (`WaitGivenUp`)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, WaitGivenUp):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 S = ItemState
@@ -471,6 +496,9 @@ class Outbox:
         # only an Outbox that claimed (the forwarder's) has claims to release at close: the others'
         # close then writes nothing, and does not wait out the busy timeout on a locked database
         self._has_claimed = False
+        self._wait_ms = BUSY_TIMEOUT_MS  # how long a write waits for another process's lock
+        self._stop: threading.Event | None = None  # set: a write waits at most STOP_WAIT_S more
+        self._stop_seen_at: float | None = None  # monotonic time a waiting write first saw it
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
@@ -561,6 +589,14 @@ class Outbox:
         rows = self._read("SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, owner))
         return bool(rows)
 
+    def give_up_waits_on(self, stop: threading.Event) -> None:
+        """Once `stop` is set (from any thread: a service's SIGTERM), a write waiting for another
+        process's write lock waits at most STOP_WAIT_S more, then fails as SQLite would
+        ("database is locked"): the stop is the service's within seconds, whatever holds the
+        outbox. What the failed write meant stays as it was (a claim never made, or one left to
+        the next open, uncharged: `close`)."""
+        self._stop = stop
+
     def __enter__(self) -> Outbox:
         return self
 
@@ -578,7 +614,7 @@ class Outbox:
             if not durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
+                self._begin_immediate()
                 try:
                     yield self._conn
                     self._conn.execute("COMMIT")
@@ -590,15 +626,48 @@ class Outbox:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
 
+    def _begin_immediate(self) -> None:
+        """BEGIN IMMEDIATE, waiting for another process's write lock as the busy timeout says, or
+        (`give_up_waits_on`) in LOCK_POLL_MS turns that end STOP_WAIT_S after the stop."""
+        if self._stop is None:
+            self._conn.execute("BEGIN IMMEDIATE")
+            return
+        deadline = time.monotonic() + self._wait_ms / 1000
+        self._conn.execute(f"PRAGMA busy_timeout={min(LOCK_POLL_MS, self._wait_ms)}")
+        try:
+            while True:
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    now = time.monotonic()
+                    if "locked" not in str(exc) or now >= deadline:
+                        raise
+                    if now >= self._stop_deadline(deadline):
+                        raise WaitGivenUp(str(exc)) from exc
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout={self._wait_ms}")
+
+    def _stop_deadline(self, deadline: float) -> float:
+        """`deadline`, or STOP_WAIT_S after the stop was first seen if that is sooner."""
+        if self._stop is None or not self._stop.is_set():
+            return deadline
+        if self._stop_seen_at is None:
+            self._stop_seen_at = time.monotonic()
+            log.info("stopping: writes wait at most %g s more for another process's write lock", STOP_WAIT_S)
+        return min(deadline, self._stop_seen_at + STOP_WAIT_S)
+
     @contextlib.contextmanager
     def _busy_timeout(self, ms: int) -> Iterator[None]:
         """Meanwhile this connection waits at most `ms` for another's lock ("database is locked"
         after), not the whole busy timeout."""
         with self._lock:
             self._conn.execute(f"PRAGMA busy_timeout={ms}")
+            self._wait_ms = ms
             try:
                 yield
             finally:
+                self._wait_ms = BUSY_TIMEOUT_MS
                 self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _commit(
@@ -1613,10 +1682,13 @@ class Outbox:
         return found
 
 
-def snapshot_stats(data_dir: Path, now: float) -> dict[str, Any]:
+def snapshot_stats(
+    data_dir: Path, now: float, *, read_more: Callable[[sqlite3.Connection], dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """`Outbox.stats` read without writing anything (no recovery, no reserve, no -shm created
     where SQLite can use the existing one): for `lastmile queue` when the data partition is too
-    full for the outbox to open. FileNotFoundError if there is no outbox."""
+    full for the outbox to open. `read_more`: what the caller reads of the same snapshot, added
+    (a rule of its own, e.g. what waits for the link). FileNotFoundError if there is no outbox."""
     db_path = Path(data_dir) / DB_NAME
     if not db_path.exists():
         raise FileNotFoundError(db_path)
@@ -1627,7 +1699,8 @@ def snapshot_stats(data_dir: Path, now: float) -> dict[str, Any]:
         conn = sqlite3.connect(f"{db_path.as_uri()}?immutable=1", uri=True)
     try:
         conn.row_factory = sqlite3.Row
-        return _stats(lambda sql, params=(): conn.execute(sql, params).fetchall(), Path(data_dir), os.statvfs, now)
+        stats = _stats(lambda sql, params=(): conn.execute(sql, params).fetchall(), Path(data_dir), os.statvfs, now)
+        return stats if read_more is None else stats | read_more(conn)
     finally:
         conn.close()
 
@@ -1638,9 +1711,10 @@ def _stats(
     counts = {s.value: 0 for s in ItemState}
     for state, n in read("SELECT state, COUNT(*) FROM items GROUP BY state"):
         counts[state] = n
-    oldest, last_sent, last_committed, waiting_bytes = read(
-        "SELECT MIN(CASE WHEN state IN ('queued', 'sending') THEN created_at END), "
-        "MAX(sent_at), MAX(committed_at), "
+    # how long items have waited is not said here: which holds are the doctor's (and wait for him,
+    # not the link) is the application's rule (lastmile.ecg.holds.oldest_waiting)
+    last_sent, last_committed, waiting_bytes = read(
+        "SELECT MAX(sent_at), MAX(committed_at), "
         "COALESCE(SUM(CASE WHEN state IN ('queued', 'sending', 'sent') THEN size END), 0) "
         "FROM items"
     )[0]
@@ -1667,7 +1741,6 @@ def _stats(
     return {
         "counts": counts,
         "held": held,  # of the queued: held back (e.g. for the doctor to assign a patient)
-        "oldest_waiting_s": None if oldest is None else max(0.0, now - oldest),
         "last_sent_at": last_sent,
         "last_committed_at": last_committed,
         "quarantined": quarantined,

@@ -7,6 +7,8 @@ from devices.ble.payload import PayloadReader
 from devices.errors import ProtocolError
 
 WHAT = "Battery Level (0x2A19)"
+# A device at or below this charge is running low: a level reaching it is worth saying at once.
+LOW_BATTERY_PERCENT = 20
 
 
 def decode_battery_level(data: bytes) -> int:

@@ -50,7 +50,7 @@ from bleak.exc import BleakDBusError, BleakError, BleakGATTProtocolError
 from bleak_retry_connector import establish_connection
 
 from devices.ble import registry, uuids
-from devices.ble.battery import decode_battery_level
+from devices.ble.battery import LOW_BATTERY_PERCENT, decode_battery_level
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
 from devices.ble.current_time import CurrentTime, encode_current_time
 from devices.ble.device_information import STRING_CHARACTERISTICS, device_identity
@@ -127,6 +127,9 @@ class GatewayPort(Protocol):
 
     def note_pair_required(self, address: str) -> None: ...
 
+    def battery_written(self, address: str) -> tuple[int, float] | None:
+        """The Battery Level its row holds and how many seconds ago it was written (None: none)."""
+
 
 @dataclass(frozen=True)
 class LinkSettings:
@@ -140,8 +143,8 @@ class LinkSettings:
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
     clock_tolerance_s: float = 300.0  # how far ahead of its receipt an unmeasured device clock's stamp is believed
     # A device connected for days: its Battery Level is re-read this often when it cannot notify;
-    # an unchanged level is written to clinic.db at most every battery_refresh_s (the SD card),
-    # a changed one at once.
+    # a level within 1 point of the one written is written to clinic.db again at most every
+    # battery_refresh_s (the SD card), a bigger change or a drop to low at once (`BatteryWatch`).
     battery_poll_s: float = 600.0
     battery_refresh_s: float = 1800.0
     # The zone device clocks are set to: an IANA zone, so each stamp is read with the UTC offset
@@ -181,9 +184,14 @@ class DeviceSession:
         self.unusable: Counter[str] = Counter()  # readings not stored, by the status that made them so
         self.battery = BatteryWatch(self.s.battery_refresh_s)
         self._battery_poll: asyncio.Task[None] | None = None
+        self._battery_awaits_bonding = False  # its notifications were refused for want of bonding
 
     # -- the session ------------------------------------------------------------------------
     async def run(self) -> None:
+        written = self.port.battery_written(self.address)
+        if written is not None:  # a cuff connecting once per reading: its unchanged level is no news
+            level, age_s = written
+            self.battery.seed(level, time.monotonic() - age_s)
         self.port.report(DeviceStatus(self.address, seen=True, name=self.ble_device.name, services=self.advertised))
         kwargs: dict[str, Any] = {}
         if self.m.client_backend is not None:
@@ -295,7 +303,9 @@ class DeviceSession:
     async def _watch_battery(self) -> None:
         """Keep its charge current while connected (a BP monitor stays connected for days): its
         notifications when Battery Level offers them (Battery Service), else a re-read every
-        `battery_poll_s`. A device that refuses the subscription is re-read instead."""
+        `battery_poll_s`. A device that refuses the subscription is re-read instead; one that
+        refuses it for want of bonding is asked again once `_bond` has bonded (in this connection:
+        it may stay connected for days, and at the next connect it is bonded first anyway)."""
         char = self._char(uuids.BATTERY_LEVEL)
         if char is None:
             return
@@ -303,10 +313,16 @@ class DeviceSession:
         if "notify" in char.properties:
             try:
                 await self.client.start_notify(char, lambda _sender, data: self._on_battery_notified(data))
-                return
-            except (BleakGATTProtocolError, BleakDBusError) as exc:
+            except (TimeoutError, BleakError) as exc:
+                # any failure: the battery is a nicety, the measurements subscribed after it are not
                 log.info("%s: Battery Level notifications refused (%s); re-reading it instead", self.address, exc)
-        if "read" in char.properties:
+                self._battery_awaits_bonding = not self.paired and _needs_bonding(exc)
+            else:
+                if self._battery_poll is not None:
+                    self._battery_poll.cancel()
+                    self._battery_poll = None
+                return
+        if "read" in char.properties and self._battery_poll is None:
             self._battery_poll = asyncio.get_running_loop().create_task(self._poll_battery())
 
     async def _poll_battery(self) -> None:
@@ -365,11 +381,20 @@ class DeviceSession:
             except (BleakGATTProtocolError, BleakDBusError) as exc:
                 if self.paired or not _needs_bonding(exc):
                     raise
-                log.info("%s: device requires pairing; bonding", self.address)
-                await self.client.pair()
-                self.paired = True
-                self.port.note_pair_required(self.address)
+                await self._bond()
                 await self.client.start_notify(char, callback)
+
+    async def _bond(self) -> None:
+        """Bond with a device that refused a subscription for want of it; the Battery Level
+        subscription it refused too is asked again (else only re-read, for days)."""
+        assert self.client is not None
+        log.info("%s: device requires pairing; bonding", self.address)
+        await self.client.pair()
+        self.paired = True
+        self.port.note_pair_required(self.address)
+        if self._battery_awaits_bonding:
+            self._battery_awaits_bonding = False
+            await self._watch_battery()
 
     async def _download_records(self) -> None:
         char = self._char(uuids.RECORD_ACCESS_CONTROL_POINT)
@@ -533,21 +558,31 @@ class DeviceSession:
 
 
 class BatteryWatch:
-    """Which Battery Levels are worth a clinic.db write: a changed level at once, an unchanged one
-    at most every `refresh_s` seconds (so the time shown stays recent without a write per
-    notification or read on the SD card)."""
+    """Which Battery Levels are worth a clinic.db write (the SD card): a cell under load flickers
+    50<->51 all day. Written: the first, a level 2 points or more from the one written, one
+    dropping to `LOW_BATTERY_PERCENT` or below (at once, even 1 point down), and any level after
+    `refresh_s` seconds (so the time shown stays recent). The row is never more than 1 point off."""
 
     def __init__(self, refresh_s: float) -> None:
         self.refresh_s = refresh_s
-        self.level: int | None = None  # the last reported
+        self.level: int | None = None  # the last reported: what the row holds
         self.at = 0.0  # when (monotonic seconds)
+
+    def seed(self, level: int, at: float) -> None:
+        """Start from what the row holds, written at `at` (monotonic) by an earlier connection."""
+        self.level, self.at = level, at
 
     def is_news(self, level: int, now: float) -> bool:
         """Whether to report `level`, seen at `now`; if so it becomes the last reported."""
-        if level == self.level and now - self.at < self.refresh_s:
+        if self.level is not None and now - self.at < self.refresh_s and not self._moved(level):
             return False
         self.level, self.at = level, now
         return True
+
+    def _moved(self, level: int) -> bool:
+        assert self.level is not None
+        went_low = level <= LOW_BATTERY_PERCENT < self.level
+        return went_low or abs(level - self.level) >= 2
 
 
 def _end_if_cancelled() -> None:

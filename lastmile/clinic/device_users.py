@@ -127,17 +127,25 @@ class DeviceUsers:
         ]
 
     def map_patient(
-        self, address: str, user_id: int, patient: Patient | None, *, context: PatientContext, now: dt.datetime
+        self,
+        address: str,
+        user_id: int,
+        patient: Patient | None,
+        *,
+        context: PatientContext,
+        now: dt.datetime,
+        correct_name: bool = False,
     ) -> Patient | None:
         """`lastmile patient map-user` and the console's form: user `user_id` of the Bluetooth device
         at `address` is `patient` (checked by `clinic_patient`, the one patient-ID rule) from now
         on; None: whoever is checked in. A patient given without a name is named as check-in
-        named it (`PatientContext.named`). Returns the patient as mapped. ValueError: not a
-        Bluetooth address, or no such user."""
+        named it; one given with another name than check-in's is refused (NameConflict), unless
+        `correct_name` says the check-in's was wrong (`PatientContext.given_name`). Returns the
+        patient as mapped. ValueError: not a Bluetooth address, or no such user."""
         if not is_bluetooth_address(address):
             raise ValueError(f"{address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)")
         if patient is not None:
-            patient = context.named(patient, now)
+            patient = context.given_name(patient, now, correct=correct_name)
         if patient is None:
             self.map_user(address, user_id, None, now=now)
         else:

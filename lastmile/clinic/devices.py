@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 
 import sqlite_utils
 
+from devices.ble.battery import LOW_BATTERY_PERCENT
 from devices.device_errors import DeviceProblem
 from devices.identity import DeviceIdentity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
@@ -138,6 +139,20 @@ class DeviceRecord:
     def lost_words(self) -> str:
         """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
         return held_words(self.lost_reading_count, self.lost_ecg_count)
+
+    @property
+    def battery_low(self) -> bool:
+        """Its last Battery Level is at or below LOW_BATTERY_PERCENT: the doctor is told to replace
+        or charge its batteries before it dies mid-measurement."""
+        return self.battery_level is not None and self.battery_level <= LOW_BATTERY_PERCENT
+
+    def battery_current(self, now: dt.datetime, refresh_s: float) -> bool:
+        """Its Battery Level may be said as now's: it is connected (the link keeps the level
+        current) or the level was read within 2 x `refresh_s` (`[ble] battery_refresh_s`: a device
+        that connects is written at least that often). Else it is the level it had when last read."""
+        if self.removed or self.battery_at is None:
+            return False
+        return self.connected or now - self.battery_at <= dt.timedelta(seconds=2 * refresh_s)
 
     def lost_said_until(self, now: dt.datetime) -> dt.datetime | None:
         """Until when what a stop lost from memory is said (None: nothing lost, or said its
@@ -365,6 +380,7 @@ class DeviceRegistry:
         seen: bool = False,
         error: str | None = None,
         problem: DeviceProblem = DeviceProblem.OTHER,
+        error_at: dt.datetime | None = None,
         held: HeldReadings | None = None,
         held_cause: str = "",
         held_counts: tuple[int, int] = (0, 0),
@@ -379,7 +395,8 @@ class DeviceRegistry:
         battery_level: int | None = None,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`error` with its
-        kind `problem`, what the doctor is told: "" clears both; `held`: where
+        kind `problem`, what the doctor is told: "" clears both; `error_at`: when it happened, if
+        before `now` (written late); `held`: where
         the readings waiting for space are, `held_cause` why they are not stored when not for space,
         `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
@@ -397,7 +414,7 @@ class DeviceRegistry:
             sets["last_seen_at"] = iso(now)
         if error is not None:
             sets["last_error"], sets["last_error_kind"] = error, problem.value if error else ""
-            sets["last_error_at"] = iso(now)
+            sets["last_error_at"] = iso(error_at or now)
         if held is not None:
             sets["held_readings"], sets["held_at"] = held.value, iso(now)
             sets["held_cause"] = held_cause if held is not HeldReadings.NONE else ""
@@ -440,16 +457,18 @@ class DeviceRegistry:
         row = conn.execute("SELECT services FROM devices WHERE address = ?", (address,)).fetchone()
         return parse_services(row[0] if row else None)
 
-    def record_lost(self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime) -> None:
+    def record_lost(
+        self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime, cause: str | None = None
+    ) -> None:
         """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
         the restart found) held after its last word on them, found gone at `now`: said for
         LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
         said they waited for then (`held_cause`), unless the loss said before had another than space:
         that one stays (its readings are still lost, and its advice is the county IT's), and another
-        one is said beside it."""
+        one is said beside it. `cause`: theirs when not the row's held cause (a damaged spill file)."""
         readings, ecgs = counts
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
-        cause = record.held_cause
+        cause = record.held_cause if cause is None else cause
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
             after, cause = record.lost_after, lost_causes(record.lost_cause, cause)

@@ -13,6 +13,8 @@ Every method takes `now` (an aware datetime): the caller's clock, testable.
 from __future__ import annotations
 
 import datetime as dt
+import enum
+import json
 import logging
 import os
 import sqlite3
@@ -33,6 +35,18 @@ NAME_KEPT = dt.timedelta(hours=24)
 CORRECTED = "patient-id-corrected"
 # the session log's event of the checked-in patient checked in again under his other ID, same name
 OTHER_ID = "patient-other-id"
+# the session log's event of the name an ID was checked in under corrected (`correct_name`)
+NAME_CORRECTED = "patient-name-corrected"
+
+
+class SameName(enum.Enum):
+    """The doctor's answer when another ID is checked in under the checked-in patient's own name
+    (`same_name_replaced`): only he knows which it is. The values are the console form's and the
+    command's words for them."""
+
+    CORRECTED = "corrected"  # a mistyped ID corrected: the old ID loses the name
+    OTHER_ID = "other-id"  # the same patient's other ID (ID card and clinic number): both keep it
+    ANOTHER_PERSON = "another-person"  # another patient who has the same name (common names are common)
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,8 @@ class CurrentPatient:
     doctor_id: str = ""
     stat: bool = False  # the doctor asked for an urgent read of this patient's ECGs
     reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
+    # the IDs the doctor said are his other IDs in this session (`OTHER_ID`), never patient_id
+    linked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +99,15 @@ class PatientChanged(Exception):
     def __init__(self, current_patient_id: str) -> None:
         super().__init__(f"the current patient is {current_patient_id or 'nobody'} now")
         self.current_patient_id = current_patient_id  # "": nobody is checked in
+
+
+class NameConflict(ValueError):
+    """A name given for an ID the session knows under another name (`PatientContext.given_name`):
+    one of the two is wrong, and only the doctor knows which."""
+
+    def __init__(self, patient_id: str, known: str, given: str) -> None:
+        super().__init__(f"{patient_id} was checked in as {known}, not {given}")
+        self.patient_id, self.known, self.given = patient_id, known, given
 
 
 class PatientContext:
@@ -114,12 +139,11 @@ class PatientContext:
         now: dt.datetime,
         stat: bool | None = None,
         reason: str = "",
-        expected_patient_id: str = "",
+        expected_patient_id: str | None = None,
         doctor_id: str = "",
         clear_name: bool = False,
         clear_reason: bool = False,
-        other_id: bool = False,
-        another_person: bool = False,
+        same_name: SameName | None = None,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -127,29 +151,30 @@ class PatientContext:
         with the box unticked must not make a STAT patient routine). Another patient starts with
         only what is given (`stat` None: not STAT). `stat` False turns STAT off on purpose, as
         `clear_name` / `clear_reason` clear a wrong name or reason (unless one is given instead).
-        `expected_patient_id` (the patient a page showed): PatientChanged if another patient, or
-        nobody, is current - checked in the same transaction, so a card the acquire service reads
-        meanwhile is never replaced. `doctor_id`: the doctor of the session from now (as
-        `set_doctor`), set only if the check-in is - never on a patient the page did not show.
-        `other_id`: the doctor said `patient_id`, checked in under the current patient's name, is
-        his other ID (both kept, both named); `another_person`: another patient of the same name
-        (the first keeps his name, nothing of his session goes on); else it corrects a mistyped one
-        (`_replaced_event`)."""
+        `expected_patient_id` (the patient a page showed, or a command asked about; "": nobody;
+        None: whoever is current): PatientChanged if another patient, or nobody, is current -
+        checked in the same transaction, so a card the acquire service reads meanwhile is never
+        replaced, nor taken for the patient the doctor's answer (`same_name`) is about.
+        `doctor_id`: the doctor of the session from now (as `set_doctor`), set only if the
+        check-in is - never on a patient the page did not show.
+        `same_name`: the doctor's answer when `patient_id` is checked in under the current
+        patient's name (None: not asked; `_replaced_event`)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             before = self._current_of(row) if row is not None and row["patient_id"] else None
-            if expected_patient_id and (before is None or before.patient_id != expected_patient_id.strip()):
-                raise PatientChanged(before.patient_id if before is not None else "")
+            current_id = before.patient_id if before is not None else ""
+            if expected_patient_id is not None and current_id != expected_patient_id.strip():
+                raise PatientChanged(current_id)
             doctor = row["doctor_id"] if row else None
             doctor_since = row["doctor_since"] if row else None
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
             replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
-            event = _replaced_event(row, name, other_id, another_person) if row and replaced else ""
+            event = _replaced_event(row, name, same_name) if row and replaced else ""
             # the same patient goes on (checked in again, his mistyped ID corrected, or under his
             # other ID): his session keeps its start, its STAT and its reason - the doctor's triage
             # of the man, not of a number (a chest-pain patient's typo corrected stays STAT)
@@ -161,14 +186,21 @@ class PatientContext:
                 stat = bool(going_on["stat"]) if stat is None else stat
             if event:
                 self._log(conn, now, event, replaced, doctor)
+            # his other IDs go on with his session, on its row (the log is pruned past NAME_KEPT): a
+            # correction keeps them (the typo itself is not one); another patient starts with none
+            linked = set(_linked_of(going_on)) if going_on is not None else set()
+            if event == OTHER_ID and replaced is not None:  # (it is, for this event)
+                linked.add(replaced)
+            linked.discard(patient_id)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
-                "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "doctor_since, last_activity, stat, reason, linked_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE "
                 "SET patient_since = excluded.patient_since, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
                 "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
-                "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
+                "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason, "
+                "linked_ids = excluded.linked_ids",
                 (
                     _ROW,
                     patient_id,
@@ -179,6 +211,7 @@ class PatientContext:
                     iso(now),
                     int(bool(stat)),
                     reason.strip() or None,
+                    _linked_text(linked),
                 ),
             )
             # the name as checked in, so a later mapping or assignment of this ID can name it
@@ -230,7 +263,7 @@ class PatientContext:
                 return False
             conn.execute(
                 "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL, stat = 0, "
-                "reason = NULL WHERE id = ?",
+                "reason = NULL, linked_ids = NULL WHERE id = ?",
                 (_ROW,),
             )
             self._log(conn, now, f"patient-{reason}", row["patient_id"], row["doctor_id"])
@@ -261,6 +294,7 @@ class PatientContext:
             doctor_id=row["doctor_id"] or "",
             stat=bool(row["stat"]),
             reason=row["reason"] or "",
+            linked=_linked_of(row),
         )
 
     def patient_ids(self, now: dt.datetime) -> frozenset[str]:
@@ -270,36 +304,15 @@ class PatientContext:
         current = self.current(now)
         if current is None:
             return frozenset()
-        return frozenset({current.patient_id, *self.linked_ids(current.patient_id, now)})
-
-    def linked_ids(self, patient_id: str, now: dt.datetime) -> set[str]:
-        """The IDs `OTHER_ID` linked to `patient_id` in his session: the log read newest first, back
-        to the check-in that began it (any other event - another patient, an ID corrected, a
-        session ended - is before it), so a few rows however long the log. A check-in racing this
-        read stops the walk at once: fewer links, never another patient's."""
-        rows = self.db.conn.execute(
-            "SELECT event, patient_id FROM session_log WHERE at >= ? AND event != 'doctor-set' ORDER BY id DESC",
-            (iso(now - NAME_KEPT),),
-        )
-        linked = {patient_id}
-        try:
-            for row in rows:
-                if row["event"] == OTHER_ID:
-                    linked.add(row["patient_id"])
-                elif row["event"] != "patient-set" or row["patient_id"] not in linked:
-                    break
-        finally:
-            rows.close()  # not left open on the connection the acquire service's threads share
-        linked.discard(patient_id)
-        return linked
+        return current.linked | {current.patient_id}
 
     def stat_session(self, now: dt.datetime) -> StatSession | None:
         """The current patient's session if the doctor checked them in as STAT, with the IDs he
-        linked to it (one read of the log, as `patient_ids`)."""
+        linked to it (one read of the session, as `patient_ids`)."""
         current = self.current(now)
         if current is None or not current.stat:
             return None
-        return StatSession(current.patient_id, current.since, frozenset(self.linked_ids(current.patient_id, now)))
+        return StatSession(current.patient_id, current.since, current.linked)
 
     def named(self, patient: Patient, now: dt.datetime) -> Patient:
         """`patient`, given without a name, with the name the gateway knows for its ID
@@ -309,6 +322,27 @@ class PatientContext:
         if patient.name:
             return patient
         return replace(patient, name=self.known_name(patient.patient_id, now))
+
+    def given_name(self, patient: Patient, now: dt.datetime, *, correct: bool = False) -> Patient:
+        """`named`, for a patient whose name the doctor typed: NameConflict if the session knows his
+        ID under another name (one of them is wrong: neither may go to the county unsaid), unless
+        `correct` - the typed name is right, the session's is corrected (`correct_name`)."""
+        known = self.known_name(patient.patient_id, now)
+        if patient.name and known and patient.name.strip() != known.strip():
+            if not correct:
+                raise NameConflict(patient.patient_id, known, patient.name)
+            self.correct_name(patient.patient_id, patient.name, now=now)
+        return self.named(patient, now)
+
+    def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
+        """The doctor says `patient_id`'s checked-in name was wrong: it is `name` from now on, for
+        whatever the session names him (his session too, if he is the one checked in or it is one
+        of his other IDs: they all carry his session's name)."""
+        with transaction(self.db) as conn:
+            row = self._expire_locked(conn, now)
+            if row is not None and row["patient_id"] and patient_id in _linked_of(row) | {row["patient_id"]}:
+                conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
+            self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
 
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
         """`known_names` of one ID: its name, or "" if the session knows none."""
@@ -327,7 +361,8 @@ class PatientContext:
         current = self.current(now)
         names = self._checked_in_names(now)
         if current is not None:
-            names[current.patient_id] = current.name
+            # his other IDs are his (the doctor said so): his name, however long ago they were checked in
+            names.update(dict.fromkeys(current.linked | {current.patient_id}, current.name))
         return {pid: names[pid] for pid in wanted if names.get(pid)}
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
@@ -338,16 +373,17 @@ class PatientContext:
 
     def _checked_in_names(self, now: dt.datetime) -> dict[str, str]:
         """Each ID checked in within NAME_KEPT before `now`, named as its latest check-in named it
-        ("": none), unless that check-in's ID was corrected since (`_replaced_event`: the
-        correction recorded when the doctor made it). One seek on the log's `at` index."""
+        ("": none), or as the doctor corrected that name since (`correct_name`), unless that
+        check-in's ID was corrected since (`_replaced_event`: the correction recorded when the
+        doctor made it). One seek on the log's `at` index."""
         rows = self.db.conn.execute(
-            "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?) "
+            "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?, ?) "
             "ORDER BY id",
-            (iso(now - NAME_KEPT), CORRECTED),
+            (iso(now - NAME_KEPT), CORRECTED, NAME_CORRECTED),
         ).fetchall()
         names: dict[str, str] = {}
         for row in rows:  # oldest first: the latest check-in, or its correction, names the ID
-            names[row["patient_id"]] = (row["detail"] or "") if row["event"] == "patient-set" else ""
+            names[row["patient_id"]] = "" if row["event"] == CORRECTED else row["detail"] or ""
         return names
 
     def current_doctor(self, now: dt.datetime) -> str | None:
@@ -408,16 +444,26 @@ class PatientContext:
         )
 
 
-def _replaced_event(row: sqlite3.Row, name: str, other_id: bool, another_person: bool = False) -> str:
+def _replaced_event(row: sqlite3.Row, name: str, same_name: SameName | None) -> str:
     """The log event of the session's patient (`row`) replaced by another ID checked in as `name`:
     the same name while he is checked in is either his ID corrected (张三 checked in as P-12, then
     as P-21: P-12's check-in names nobody, `_checked_in_names`) or, as the doctor says
-    (`other_id`), his other ID (ID card, then clinic number: both keep his name). The console asks
-    (`same_name_replaced`); a caller that did not ask names no ID from a guess. Another name, or
-    the doctor's "another patient of the same name" (`another_person`), is the next patient."""
-    if another_person or not _same_name(row["patient_name"] or "", name):
+    (`SameName.OTHER_ID`), his other ID (ID card, then clinic number: both keep his name). The
+    console and the command ask (`same_name_replaced`); a caller that did not ask (None) names no
+    ID from a guess. Another name, or the doctor's `SameName.ANOTHER_PERSON`, is the next patient."""
+    if same_name is SameName.ANOTHER_PERSON or not _same_name(row["patient_name"] or "", name):
         return "patient-replaced"
-    return OTHER_ID if other_id else CORRECTED
+    return OTHER_ID if same_name is SameName.OTHER_ID else CORRECTED
+
+
+def _linked_of(row: sqlite3.Row) -> frozenset[str]:
+    """The session row's linked IDs (`CurrentPatient.linked`; NULL: none)."""
+    return frozenset(json.loads(row["linked_ids"])) if row["linked_ids"] else frozenset()
+
+
+def _linked_text(linked: set[str]) -> str | None:
+    """`linked` as the session row keeps it: a JSON list, NULL for none."""
+    return json.dumps(sorted(linked), ensure_ascii=False) if linked else None
 
 
 def _same_name(checked_in: str, name: str) -> bool:

@@ -65,7 +65,7 @@ def _forward(args: argparse.Namespace) -> int:
     from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
-    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive))
+    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive, stop=runtime.stop_event))
 
 
 def _echo(args: argparse.Namespace) -> int:
@@ -142,6 +142,13 @@ def _empty_stats() -> dict[str, Any]:
         "waiting_bytes": 0,
         "free_bytes": None,
     }
+
+
+def _link_wait(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    """The age of the oldest item waiting for the link: not an ECG held for the doctor."""
+    from lastmile.ecg.holds import oldest_wait_s
+
+    return {"oldest_waiting_s": oldest_wait_s(conn, now)}
 
 
 def _mask_stats(stats: dict[str, Any]) -> None:
@@ -246,14 +253,14 @@ def _queue(args: argparse.Namespace) -> int:
         from uploader.outbox import snapshot_stats
 
         outbox = None
-        stats = snapshot_stats(config.data_dir, now)
+        stats = snapshot_stats(config.data_dir, now, read_more=lambda conn: _link_wait(conn, now))
     else:
         if outbox is None:
             stats = _empty_stats()
             print(f"note: no outbox in {config.data_dir} yet: nothing has been queued there", file=sys.stderr)
         else:
             with outbox:
-                stats = outbox.stats(now)
+                stats = outbox.stats(now) | _link_wait(outbox.db.conn, now)
                 stats["ecgs_with_problems"] = _ecgs_with_problems(outbox, now)
                 stats["metered"] = _metered(config, outbox, now)
     free, min_free = stats.get("free_bytes"), config.outbox.min_free_mb * 2**20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import sys
 
 from lastmile.commands.common import DATA_DIR
@@ -35,22 +36,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     reason = p.add_mutually_exclusive_group()
     reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
-    # another ID under the checked-in patient's own name: only the doctor knows which it is (as Today asks)
+    # another ID under the checked-in patient's own name: only the doctor knows which (as Today asks);
+    # each flag stores its `SameName` value in `same_name`, read by `_same_name_answer`
     whose = p.add_mutually_exclusive_group()
     whose.add_argument(
         "--corrected",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="corrected",
         help="ID corrects the checked-in patient's mistyped ID (same name): the old ID loses the name",
     )
     whose.add_argument(
         "--other-id",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="other-id",
         help="ID is the checked-in patient's other ID (same name; ID card and clinic number): both keep the name",
     )
     whose.add_argument(
         "--another-person",
-        action="store_true",
+        dest="same_name",
+        action="store_const",
+        const="another-person",
         help="ID is another patient who has the checked-in patient's name: his check-in ends, he keeps his name",
+    )
+    # the answer names whom it answers about: a card read since the question gets no answer meant for another
+    p.add_argument(
+        "--about",
+        metavar="CHECKED_IN_ID",
+        help="with an answer: the checked-in patient the question was about (the command it printed has it); "
+        "refused if another is checked in now",
     )
     p.set_defaults(func=_set)
 
@@ -62,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("held_id", metavar="HELD", help="a held observation's number (12) or ECG's (E12)")
     p.add_argument("patient_id")
-    p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
+    _name_arguments(p, "PATIENT_ID")
     p.set_defaults(func=_assign)
 
     p = psub.add_parser(
@@ -81,9 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     who.add_argument(
         "--remove", action="store_true", help="forget the mapping: user 1 is the checked-in patient's, others held"
     )
-    p.add_argument(
-        "--name", default="", help="the --patient's name (default: the checked-in patient's, if it is the same ID)"
-    )
+    _name_arguments(p, "--patient")
     p.set_defaults(func=_map_user)
 
     p = psub.add_parser(
@@ -97,6 +110,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.set_defaults(func=_devices)
+
+
+def _name_arguments(p: argparse.ArgumentParser, whose: str) -> None:
+    """--name and --correct-name of a command that gives a patient ID its name (`_which_name`)."""
+    p.add_argument(
+        "--name",
+        default="",
+        help=f"the {whose}'s name (default: the name his ID was checked in under in the last 24 h; another one is refused)",
+    )
+    p.add_argument(
+        "--correct-name",
+        action="store_true",
+        help=f"--name is right: the name the {whose} was checked in under in the last 24 h was wrong (it is corrected)",
+    )
 
 
 def _now() -> dt.datetime:
@@ -120,7 +147,7 @@ def _local(t: dt.datetime | None) -> str:
 
 def _set(args: argparse.Namespace) -> int:
     from lastmile.clinic.patient_ids import clinic_patient
-    from lastmile.clinic.patients import PatientContext
+    from lastmile.clinic.patients import PatientChanged, PatientContext
     from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
@@ -129,25 +156,45 @@ def _set(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
+    answer = _same_name_answer(args)
+    about = (args.about or "").strip()
+    if (answer is None) != (not about):
+        print(_answer_without_about(answer), file=sys.stderr)
+        return 2
+    given = f"--about {about} --{answer.value}" if answer is not None else ""  # to leave out when run again
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    expected = ""  # whoever was checked in when asked ("": nobody); an answer's --about is him
     try:
-        replaced = context.same_name_replaced(patient.patient_id, patient.name, _now())
-        if replaced is not None and not (args.corrected or args.other_id or args.another_person):
-            print(_whose_id(replaced.patient_id, patient.patient_id), file=sys.stderr)
+        now = _now()
+        seen = context.current(now)  # before the question: a card read between is refused below
+        expected = seen.patient_id if seen is not None else ""
+        replaced = context.same_name_replaced(patient.patient_id, patient.name, now)
+        if replaced is not None and answer is None:
+            print(_whose_id(replaced.patient_id, args), file=sys.stderr)
             return 2
-        if args.doctor:
-            context.set_doctor(args.doctor, now=_now())
+        if answer is not None and about != expected:
+            print(_changed_meanwhile(about, expected, patient.patient_id, given), file=sys.stderr)
+            return 2
+        if seen is not None and answer is not None and replaced is None and seen.patient_id != patient.patient_id:
+            print(_no_question(given, seen, patient.patient_id), file=sys.stderr)
+            return 2
+        # checked in the check-in's transaction: a card read since the question is refused, never
+        # taken for the patient asked about (nor, unasked, for a typo corrected)
         current = context.check_in(
             patient.patient_id,
             patient.name,
             now=_now(),
             stat=args.stat,
             reason=args.reason,
+            expected_patient_id=expected,
+            doctor_id=args.doctor,  # in its transaction: a refused check-in changes no doctor
             clear_name=args.clear_name,
             clear_reason=args.clear_reason,
-            other_id=args.other_id,
-            another_person=args.another_person,
+            same_name=answer,
         ).after
+    except PatientChanged as exc:
+        print(_changed_meanwhile(expected, exc.current_patient_id, patient.patient_id, given), file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
@@ -162,13 +209,92 @@ def _set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _whose_id(checked_in: str, patient_id: str) -> str:
-    """The question Today asks the doctor, for a command that cannot ask."""
+def _same_name_answer(args: argparse.Namespace):  # -> SameName | None (imported lazily)
+    """The doctor's answer the flags gave (--corrected, --other-id, --another-person), or None."""
+    from lastmile.clinic.patients import SameName
+
+    return None if args.same_name is None else SameName(args.same_name)
+
+
+def _whose_id(checked_in: str, args: argparse.Namespace) -> str:
+    """The question Today asks the doctor, for a command that cannot ask: each answer a command
+    to paste, naming whom it answers about (`--about`)."""
+    patient_id = args.patient_id.strip()
+    answers = (
+        ("corrected", f"更正输错的号码，{checked_in} 不再有此姓名", f"{checked_in} was a typo: it loses the name"),
+        ("other-id", "同一人的另一个号码，两个都保留姓名", "the same patient's other ID: both keep the name"),
+        (
+            "another-person",
+            f"另一位同名的患者，结束 {checked_in} 的检查",
+            f"another patient of the same name: {checked_in}'s check-in ends",
+        ),
+    )
+    return "\n".join(
+        [
+            f"lastmile patient set: {checked_in} 以相同姓名检查中。{patient_id} 是哪种？请问医生，然后运行对应的命令：",
+            f"lastmile patient set: {checked_in} is checked in under the same name. Which is {patient_id}? "
+            "Ask the doctor, then run the command for the answer:",
+        ]
+        + [f"  {zh} / {en}\n    {_answer_command(args, checked_in, value)}" for value, zh, en in answers]
+    )
+
+
+def _answer_command(args: argparse.Namespace, about: str, answer: str) -> str:
+    """`lastmile patient set` as typed (every option of it), with the answer about `about`:
+    copy-paste ready."""
+    words = ["lastmile", *(["--config", args.config] if args.config else []), "patient", "set", args.patient_id]
+    words += ["--name", args.name] if args.name else ["--clear-name"] if args.clear_name else []
+    words += ["--doctor", args.doctor] if args.doctor else []
+    words += [] if args.stat is None else ["--stat" if args.stat else "--no-stat"]
+    words += ["--reason", args.reason] if args.reason else ["--clear-reason"] if args.clear_reason else []
+    words += ["--data-dir", args.data_dir] if args.data_dir else []
+    return shlex.join([*words, "--about", about, f"--{answer}"])
+
+
+def _answer_without_about(answer) -> str:  # answer: SameName | None
+    """An answer that names no patient it answers about, or --about with no answer."""
+    if answer is None:
+        zh, en = "--about 只与 --corrected、--other-id 或 --another-person 一起用", "--about goes with an answer"
+    else:
+        zh = f"--{answer.value} 须用 --about 指明回答的是哪位病人"
+        en = f"--{answer.value} must name the checked-in patient it answers about (--about ID)"
     return (
-        f"lastmile patient set: {checked_in} is checked in under the same name: is {patient_id} that ID "
-        f"corrected ({checked_in} was a typo: it loses the name), the same patient's other ID (both keep "
-        "the name) or another patient of the same name? Ask the doctor, then run the command again with "
-        "--corrected, --other-id or --another-person"
+        f"lastmile patient set: {zh}：请运行问题中打印的命令\n"
+        f"lastmile patient set: {en}: run the command the question printed"
+    )
+
+
+def _no_question(flag: str, seen, patient_id: str) -> str:  # flag: the answer given; seen: CurrentPatient
+    """An answer (`flag`) given when the patient checked in has another name: it must not apply
+    to whoever is by the time of the check-in."""
+    from lastmile.reports.report_text import display_name
+
+    return (
+        f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未签到，"
+        f"请去掉 {flag} 后重新运行\n"
+        f"lastmile patient set: {flag} answers no question: {seen.patient_id} {display_name(seen.name) or '(no name)'} is "
+        f"checked in under another name; {patient_id} was not checked in: run the command again without {flag}"
+    )
+
+
+def _changed_meanwhile(expected: str, now_current: str, patient_id: str, given: str = "") -> str:
+    """The current patient changed between the question and the check-in (a card read at the
+    acquire service, a check-in on Today): what was asked, or not asked, was about another.
+    `given`: the answer given, about him (run again without it: it asks again if it must)."""
+    zh_again, en_again = (
+        (f"请去掉 {given} 后重新运行", f"run the command again without {given}")
+        if given
+        else (
+            "请重新运行此命令",
+            "run the command again",
+        )
+    )
+    return (
+        f"lastmile patient set: 在此期间当前病人已变更（现在是 {now_current or '无人'}，"
+        f"不是 {expected or '无人'}）；{patient_id} 未签到，{zh_again}\n"
+        f"lastmile patient set: the current patient changed meanwhile: {now_current or 'nobody'} is checked "
+        f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: {en_again} "
+        "(it asks again if it must)"
     )
 
 
@@ -187,7 +313,7 @@ def _map_user(args: argparse.Namespace) -> int:
     from lastmile.clinic.device_users import DEFAULT_USER, DeviceUsers
     from lastmile.clinic.devices import is_bluetooth_address
     from lastmile.clinic.patient_ids import clinic_patient
-    from lastmile.clinic.patients import PatientContext
+    from lastmile.clinic.patients import NameConflict, PatientContext
     from lastmile.commands.common import config_from_args
 
     if not is_bluetooth_address(args.address):
@@ -205,7 +331,12 @@ def _map_user(args: argparse.Namespace) -> int:
         try:
             patient = None if args.current else clinic_patient(args.patient, args.name, config)
             context = PatientContext(db, config.patient.idle_timeout_s)
-            patient = users.map_patient(args.address, args.user, patient, context=context, now=_now())
+            patient = users.map_patient(
+                args.address, args.user, patient, context=context, now=_now(), correct_name=args.correct_name
+            )
+        except NameConflict as exc:
+            print(_which_name(exc, "map-user"), file=sys.stderr)
+            return 2
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -216,9 +347,26 @@ def _map_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _which_name(conflict, command: str) -> str:  # (NameConflict, str) -> str
+    """Two names for one ID: one is wrong, only the doctor knows which (zh-CN first, as the CLI's
+    other bilingual refusals); `command`: the `lastmile patient` command refused."""
+    from lastmile.reports.report_text import display_name
+
+    # names as people write them (张三 (Zhang San)), not as stored (Zhang^San=张^三)
+    pid, known, given = conflict.patient_id, display_name(conflict.known), display_name(conflict.given)
+    return (
+        f"lastmile patient {command}: {pid} 24 小时内登记的姓名是 {known}，不是 {given}：其中一个是错的。"
+        f"{known} 对：去掉 --name 再运行；{given} 对：加上 --correct-name（登记的姓名一并更正）。 / "
+        f"{pid} was checked in as {known} within 24 h, not {given}: one of them is wrong. If {known} is right, "
+        f"run the command again without --name; if {given} is right, add --correct-name (the check-in's "
+        "name is corrected too)"
+    )
+
+
 def _assign(args: argparse.Namespace) -> int:
     from lastmile.clinic.observations import ObservationStore, UnknownObservationError
     from lastmile.clinic.patient_ids import clinic_patient
+    from lastmile.clinic.patients import NameConflict, PatientContext
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
 
@@ -230,12 +378,22 @@ def _assign(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lastmile patient assign: {exc}", file=sys.stderr)
         return 2
+    now = _now()
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:  # named as map-user names him: the check-in's name, or the doctor says which of two is right
+        patient = context.given_name(patient, now, correct=args.correct_name)
+        doctor = context.current_doctor(now) or ""
+    except NameConflict as exc:
+        print(_which_name(exc, "assign"), file=sys.stderr)
+        return 2
+    finally:
+        context.close()
     if held[:1] in ("E", "e"):
-        return _assign_ecg(config, number, patient)
+        return _assign_ecg(config, number, patient, doctor=doctor, now=now)
     with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         try:
-            result = store.assign(number, patient.patient_id, name=patient.name, now=_now())
+            result = store.assign(number, patient.patient_id, name=patient.name, now=now)
         except UnknownObservationError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
@@ -248,19 +406,13 @@ def _assign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assign_ecg(config, item_id: int, patient) -> int:  # (Config, int, Patient)
-    from lastmile.clinic.patients import PatientContext
+def _assign_ecg(config, item_id: int, patient, *, doctor: str, now: dt.datetime) -> int:  # (Config, int, Patient)
     from lastmile.data_dir import open_outbox
     from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
 
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        doctor = context.current_doctor(_now()) or ""
-    finally:
-        context.close()
     with open_outbox(config) as outbox:
         try:
-            item = assign_held_ecg(outbox, item_id, patient, now=_now(), by=doctor)
+            item = assign_held_ecg(outbox, item_id, patient, now=now, by=doctor)
         except HeldEcgError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1

@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devices.identity import Patient
 from lastmile import __version__
 from lastmile.clinic.observations import SUMMARY_SEPARATOR
+from lastmile.clinic.patients import SameName
 from lastmile.config import Config
 from lastmile.console import views
 from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefused
@@ -55,7 +56,6 @@ from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import (
-    SAME_NAME_ANSWERS,
     ClinicData,
     ConsoleInputError,
     CountyLink,
@@ -347,6 +347,7 @@ TOPIC_LABELS = {
     "not-queued": N_("closed visits not yet queued"),
     "open-damaged": N_("the open visit"),
     "ecg-clock": N_("clock of ECG cart %(subject)s"),
+    "battery": N_("battery of %(subject)s"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -392,6 +393,9 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "page shows each device."
         ),
         "ecg-clock": N_("The ECG cart's clock is wrong, so its ECGs have no true time: set the cart's date and time."),
+        "battery-low": N_(
+            "Its battery is low: please replace or charge the batteries soon, before it stops during a measurement."
+        ),
         "FAIL": N_(
             "Readings are waiting for storage space: they are kept and saved once there is room. Call the county IT."
         ),
@@ -930,7 +934,7 @@ async def check_in(request: Request) -> Response:
             STAT_FIELD.get(f.get("stat", "")),
             f.get("reason", ""),
             now=now,
-            shown_patient_id=f.get("shown_patient_id", ""),
+            shown_patient_id=f.get("shown_patient_id"),  # a page's, else whom `ask_whose_id` saw
             # the session's 清除 buttons; the check-in form has no "clear": its empty fields keep
             clear_name=f.get("clear") == "name",
             clear_reason=f.get("clear") == "reason",
@@ -942,18 +946,22 @@ async def check_in(request: Request) -> Response:
             return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
             return "check-in-again", who | {"changed": done.changed, "session": session}
-        if same_name_answer(f) in ("corrected", "other-id"):  # the same patient goes on: none ended
+        answer = same_name_answer(f)
+        if answer in (SameName.CORRECTED, SameName.OTHER_ID):  # the same patient goes on: none ended
             ids = {"replaced": f.get("shown_patient_id", ""), "id": session.patient_id}
-            return f"check-in-{same_name_answer(f)}", {"patient": who["patient"]} | ids
+            return f"check-in-{answer.value}", {"patient": who["patient"]} | ids
         return "check-in", who
 
     return await today_action(request, action, asking(ask_before_clearing(request), ask_whose_id(request)))
 
 
-def same_name_answer(fields: dict[str, str]) -> str:
-    """The doctor's answer on the page `ask_whose_id` shows ("" if none, or not one of them)."""
-    answer = fields.get("same_name", "")
-    return answer if answer in SAME_NAME_ANSWERS else ""
+def same_name_answer(fields: dict[str, str]) -> SameName | None:
+    """The doctor's answer on the page `ask_whose_id` shows (its buttons' values: `SameName`'s);
+    None if none, or not one of them."""
+    try:
+        return SameName(fields.get("same_name", ""))
+    except ValueError:
+        return None
 
 
 def asking(*askers: Asker) -> Asker:
@@ -973,17 +981,20 @@ def ask_whose_id(request: Request) -> Asker:
     """A check-in of another ID under the checked-in patient's own name asks the doctor whether it
     corrects a mistyped ID or is the same patient's other ID (ID card and clinic number are both
     valid): never guessed from the words. The answer comes back with the form's fields and the
-    patient the page showed (`shown_patient_id`: refused if another was checked in since)."""
+    patient the page showed (`shown_patient_id`: refused if another was checked in since).
+    Nothing to ask: the check-in expects whom the ask saw (`shown_patient_id`, unless a page's),
+    so a card read meanwhile is refused in its transaction, never taken for a number corrected."""
 
     async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
-        if same_name_answer(fields):
+        if same_name_answer(fields) is not None:
             return None
         state = state_of(request)
         now = now_utc()
-        session = await state.run_db(
+        seen, session = await state.run_db(
             lambda: state.data.same_name_replaced(fields.get("patient_id", ""), fields.get("name", ""), now)
         )
         if session is None:
+            fields.setdefault("shown_patient_id", seen)  # "": nobody was checked in
             return None
         return render(request, ctx, "confirm_other_id.html", session=session, form=fields, alerts=[])
 
@@ -1059,11 +1070,10 @@ def assigned_to(patient: Patient, *, waits_for_quality: bool = False) -> Done:
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
-        item_id = _int(f.get("item_id", ""))
-        patient = data.assign_ecg(ctx.user, item_id, f.get("patient_id", ""), now=now)
-        if patient is None:
+        assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        if assigned is None:
             return "too-late"
-        return assigned_to(patient, waits_for_quality=data.ecg_waits_for_quality(item_id, now))
+        return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
 
     return await today_action(request, action)
 

@@ -25,7 +25,7 @@ import json
 import logging
 import sqlite3
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -46,13 +46,13 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patient_ids import clinic_patient
-from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext
-from lastmile.config import Config
+from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext, SameName
+from lastmile.config import Config, fhir_naming
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, QUALITY_HOLD, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, ecgs_waiting, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -66,6 +66,7 @@ from lastmile.services.link_status import (
 )
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import released_readings
+from uploader.fhir_bundle import observation_key
 from uploader.fhir_link import LAST_ERROR_AT, Said
 from uploader.outbox import ItemState, Kind, MeterHold, OutboxItem, Priority
 from uploader.report_lines import ReportLine
@@ -134,11 +135,6 @@ class SessionView:
         return self.other_ids | {self.patient_id}
 
 
-# the doctor's answers to `same_name_replaced`: a mistyped ID corrected, the patient's other ID,
-# or another patient who has the same name (common names are common: 王伟, 张伟 ...)
-SAME_NAME_ANSWERS = ("corrected", "other-id", "another-person")
-
-
 @dataclass(frozen=True, slots=True)
 class CheckIn:
     """What a check-in did, for Today to say so: the patient whose check-in it ended (their name,
@@ -171,6 +167,7 @@ def _session_view(current: CurrentPatient) -> SessionView:
         current.doctor_id,
         current.stat,
         current.reason,
+        current.linked,
     )
 
 
@@ -204,6 +201,7 @@ class ReadingView:
     # held: measured during the current patient's check-in (its Assign box offers that patient);
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
+    patient_id: str = ""  # stored: the ID it was filed under (Today's, of a patient with other IDs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +275,9 @@ class ReadingJourney:
     quarantine_reason: str
     with_visit: bool = False  # it goes in its home visit's bundle (state and time are that bundle's)
     metered_held: bool = False  # the metered county link (fhir.metered) holds the bundle carrying it now
+    # relayed into its own bundle, but clinic.db refused its sent record: the reading was put back,
+    # unmarked, and a later relay records it (lastmile.services.observation_relay._record)
+    record_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +464,16 @@ class HeldEcg:
     during_check_in: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class EcgAssigned:
+    """What assigning a held ECG did, for the page's answer: the patient the ECG now carries (the
+    one given, with what its file says of that same ID: `lastmile.ecg.intake.as_on_file`), and
+    whether it still waits for the doctor's decision on its quality (held 're-record')."""
+
+    patient: Patient
+    waits_for_quality: bool = False
+
+
 # -- sources -----------------------------------------------------------------------------------------
 
 
@@ -488,7 +499,9 @@ class HeldEcgSource(Protocol):
 
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]: ...
 
-    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> bool: ...
+    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> EcgAssigned | None:
+        """What the assign did; None when the ECG was no longer held (sent already)."""
+        ...
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool: ...
 
@@ -627,16 +640,35 @@ def _carried(
     hold: MeterHold | None,
     at: float,
 ) -> ReadingJourney:
-    """A relayed reading (its own item done) is where the bundle carrying it is: sent when the
-    county platform took that bundle, else waiting for it - for the metered link if `hold` (what
-    it holds at `at`) takes the bundle - or refused with the bundle's reason. The bundle (among
-    `bundles`, by key: those of the records knowing no sent time) is looked up only while the
-    record knows no sent time."""
+    """A relayed reading (its own item done) is where the bundle carrying it is (`_in_bundle`).
+    The bundle (among `bundles`, by key: those of the records knowing no sent time) is looked up
+    only while the record knows no sent time."""
     bundle = None if record.sent_at is not None else carrying_bundle(bundles.get, record)
     with_visit = record.visit_id is not None and (bundle is None or bundle.key != record.bundle_key)
-    sent_at = record.sent_at or taken_at(bundle)
+    return _in_bundle(journey, bundle, record.sent_at or taken_at(bundle), hold, at, with_visit=with_visit)
+
+
+def _in_bundle(
+    journey: ReadingJourney,
+    bundle: OutboxItem | None,
+    sent_at: dt.datetime | None,
+    hold: MeterHold | None,
+    at: float,
+    *,
+    with_visit: bool = False,
+    record_pending: bool = False,
+) -> ReadingJourney:
+    """A reading where `bundle` carrying it is: sent at `sent_at` when the county platform took
+    that bundle, else waiting for it - for the metered link if `hold` (what it holds at `at`)
+    takes the bundle - or refused with the bundle's reason; waiting while there is no bundle yet."""
     if sent_at is not None:
-        return replace(journey, state=ItemState.SENT.value, sent_at=sent_at, with_visit=with_visit)
+        return replace(
+            journey,
+            state=ItemState.SENT.value,
+            sent_at=sent_at,
+            with_visit=with_visit,
+            record_pending=record_pending,
+        )
     return replace(
         journey,
         state=ItemState.QUEUED.value if bundle is None else bundle.state.value,
@@ -644,8 +676,30 @@ def _carried(
         attempts=0 if bundle is None else bundle.attempts,
         last_error="" if bundle is None else bundle.last_error or "",
         quarantine_reason="" if bundle is None else bundle.quarantine_reason or "",
-        with_visit=with_visit,
         metered_held=bundle is not None and hold is not None and hold.holds(bundle, at),
+        with_visit=with_visit,
+        record_pending=record_pending,
+    )
+
+
+def _observation_in(item_id: int, payload: bytes) -> Observation | None:
+    """The reading outbox item `item_id` stores; None if it cannot be read (logged)."""
+    try:
+        return observation_from_json(json.loads(payload))
+    except Exception as exc:  # noqa: BLE001 — one unreadable item must not take the page down
+        log.warning("outbox item %d: cannot show it (%s)", item_id, type(exc).__name__)
+        return None
+
+
+def _reading_view(obs: Observation) -> ReadingView:
+    return ReadingView(
+        obs.record_key,
+        obs.kind,
+        summary(obs),
+        obs.device.label(),
+        obs.measured_at,
+        obs.time_source.value,
+        obs.flags,
     )
 
 
@@ -687,9 +741,9 @@ class ClinicData:
             self.db, max_failures=c.max_login_failures, lockout_s=c.lockout_s, idle_s=c.session_idle_s
         )
         self.audit = AuditLog(self.db)
-        # the readings shown at the last patient_readings, by (item id, payload hash): a redraw
-        # reads and parses only the new ones
-        self._shown_readings: dict[tuple[int, str], ReadingView | None] = {}
+        # the readings shown at the last patient_readings, by (item id, payload hash, its patient
+        # ID): a redraw reads and parses only the new ones
+        self._shown_readings: dict[tuple[int, str, str], ReadingView | None] = {}
 
     def close(self) -> None:
         self.outbox.close()
@@ -700,8 +754,7 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return None
-        # his other IDs the doctor linked (the walk is anchored at him: never another patient's)
-        return replace(_session_view(current), other_ids=frozenset(self.context.linked_ids(current.patient_id, now)))
+        return _session_view(current)  # with his other IDs the doctor linked: on the session's row
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""
@@ -716,16 +769,17 @@ class ClinicData:
         reason: str,
         *,
         now: dt.datetime,
-        shown_patient_id: str = "",
+        shown_patient_id: str | None = None,
         clear_name: bool = False,
         clear_reason: bool = False,
-        same_name: str = "",
+        same_name: SameName | None = None,
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
         name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
         `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
-        "not urgent" and clear buttons), refused if another has been checked in since.
-        `same_name`: the doctor's answer to `same_name_replaced`, SAME_NAME_ANSWERS ("" unasked)."""
+        "not urgent" and clear buttons) or `same_name_replaced` saw ("": nobody; None: whoever),
+        refused if another has been checked in since.
+        `same_name`: the doctor's answer to `same_name_replaced` (None: unasked)."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
@@ -741,8 +795,7 @@ class ClinicData:
                 clear_name=clear_name,
                 clear_reason=clear_reason,
                 doctor_id=doctor,  # in its transaction: a refused check-in changes no doctor
-                other_id=same_name == "other-id",
-                another_person=same_name == "another-person",
+                same_name=same_name,
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
@@ -758,21 +811,31 @@ class ClinicData:
             target=patient.patient_id,
             detail={"name": view.patient_name, "doctor": doctor, "stat": view.stat, "reason": view.reason}
             | ({"changed": list(changed)} if again else {})
-            | ({"same_name": same_name, "replaced": before.patient_id} if same_name and before is not None else {}),
+            | (
+                {"same_name": same_name.value, "replaced": before.patient_id}
+                if same_name is not None and before is not None
+                else {}
+            ),
         )
         ended = before.name or before.patient_id if before is not None and not again else ""
         return CheckIn(view, ended=ended, again=again, changed=changed)
 
-    def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> SessionView | None:
-        """The checked-in patient, if the check-in typed (`patient_text`, `name`) would replace him
-        by another ID under his own name: the doctor says whether it corrects a mistyped ID or is
-        his other ID. None for a check-in the form refuses (it says why)."""
+    def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> tuple[str, SessionView | None]:
+        """Whom the check-in typed (`patient_text`, `name`) is decided about: the patient checked
+        in now ("": nobody), whom it expects still if nothing is asked; and him again if it would
+        replace him by another ID under his own name: the doctor says whether it corrects a
+        mistyped ID, is his other ID or another patient (None: nothing to ask, or a check-in the
+        form refuses: it says why)."""
+        # read before the question: a card read between the two is refused by the check-in
+        # (another patient than expected), never taken for the one the question was about
+        current = self.context.current(now)
+        seen = "" if current is None else current.patient_id
         try:
             patient = checked_patient(patient_text, name, self.config)
         except ConsoleInputError:
-            return None
-        current = self.context.same_name_replaced(patient.patient_id, patient.name, now)
-        return None if current is None else _session_view(current)
+            return seen, None
+        replaced = self.context.same_name_replaced(patient.patient_id, patient.name, now)
+        return seen, None if replaced is None else _session_view(replaced)
 
     def end_session(self, user: str, *, now: dt.datetime, shown_patient_id: str = "") -> bool:
         """End the session of the patient the page showed (`shown_patient_id`; "" from a page of
@@ -790,21 +853,6 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
-    def _ecgs_waiting(self, now: dt.datetime) -> tuple[int, dt.datetime | None, int]:
-        """How many ECGs wait to be sent, and since when the oldest of them has; and how many are
-        held for the doctor instead (they wait for a decision on Today, not for the link). The
-        outbox's counts and oldest item are of every kind: the readings waiting for the health
-        platform are not studies waiting for the reading center."""
-        # held: 1 or 0, never NULL (an item with no hold has hold_until NULL)
-        held = f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({_marks(DOCTOR_HOLDS)}), 0)"
-        sql = (
-            "SELECT COUNT(*) FILTER (WHERE NOT held), MIN(created_at) FILTER (WHERE NOT held), SUM(held) "
-            f"FROM (SELECT created_at, {held} AS held FROM items WHERE kind = ? AND state IN ('queued', 'sending'))"
-        )
-        params = (now.timestamp(), *DOCTOR_HOLDS, Kind.DICOM)
-        count, oldest, held_count = self.outbox.db.conn.execute(sql, params).fetchone()
-        return int(count), None if oldest is None else _utc(oldest), int(held_count or 0)
-
     def _unpurged_item_ids(self, kind: str, *, limit: int) -> list[int]:
         # The last `limit` items of `kind` not purged, whenever they came (the Sent page has no
         # time window), newest first: the states left are named so that the items_claim index
@@ -813,35 +861,41 @@ class ClinicData:
         params = (*_NOT_PURGED, kind, int(limit))
         return [int(r[0]) for r in self.outbox.db.conn.execute(sql, params).fetchall()]
 
-    def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
-        """The readings stored on `patient_id` since `since` (their session's start), newest first.
-        One statement however many there are (Today is redrawn every few seconds): which are there
-        now; only a reading not shown at the previous call has its payload read (checked by the
-        outbox) and parsed, once."""
+    def patient_readings(
+        self, patient_id: str, since: dt.datetime, limit: int = 20, *, other_ids: Iterable[str] = ()
+    ) -> list[ReadingView]:
+        """The readings stored on `patient_id`, or on his `other_ids` (`SessionView.other_ids`: a
+        BP taken under his first ID is his), since `since` (their session's start), newest first,
+        each with the ID it was filed under. One statement however many there are (Today is
+        redrawn every few seconds): which are there now; only a reading not shown at the previous
+        call has its payload read (checked by the outbox) and parsed, once."""
+        patient_ids = sorted({patient_id, *other_ids})
         # states and priorities named: the items_claim index (state, kind, priority, created_at)
         # finds the session's readings, not a scan of every row ever queued on every SSE wake
         rows = self.outbox.db.conn.execute(
-            f"SELECT id, sha256 FROM items WHERE state IN ({_marks(_SHOWN_READING_STATES)}) AND kind = ? "
+            "SELECT id, sha256, json_extract(patient, '$.patient_id') FROM items "
+            f"WHERE state IN ({_marks(_SHOWN_READING_STATES)}) AND kind = ? "
             f"AND priority IN ({_marks(_PRIORITIES)}) AND created_at >= ? "
-            "AND json_extract(patient, '$.patient_id') = ? ORDER BY id DESC LIMIT ?",
+            f"AND json_extract(patient, '$.patient_id') IN ({_marks(patient_ids)}) ORDER BY id DESC LIMIT ?",
             (
                 *_SHOWN_READING_STATES,
                 OBSERVATION_KIND,
                 *_PRIORITIES,
                 since.timestamp(),
-                patient_id,
+                *patient_ids,
                 int(limit),
             ),
         ).fetchall()
-        shown = [(int(item_id), str(digest)) for item_id, digest in rows]
-        new = [item_id for item_id, digest in shown if (item_id, digest) not in self._shown_readings]
+        shown = [(int(item_id), str(digest), str(filed_under)) for item_id, digest, filed_under in rows]
+        new = [shown_one[0] for shown_one in shown if shown_one not in self._shown_readings]
         payloads = self.outbox.read_payloads(new) if new else {}
-        views: dict[tuple[int, str], ReadingView | None] = {}
-        for item_id, digest in shown:
-            if (item_id, digest) in self._shown_readings:
-                views[item_id, digest] = self._shown_readings[item_id, digest]
+        views: dict[tuple[int, str, str], ReadingView | None] = {}
+        for item_id, digest, filed_under in shown:
+            if (item_id, digest, filed_under) in self._shown_readings:
+                views[item_id, digest, filed_under] = self._shown_readings[item_id, digest, filed_under]
             elif item_id in payloads:  # else quarantined or unreadable now: asked again next time
-                views[item_id, digest] = self._reading_from(item_id, payloads[item_id])
+                view = self._reading_from(item_id, payloads[item_id])
+                views[item_id, digest, filed_under] = None if view is None else replace(view, patient_id=filed_under)
         self._shown_readings = views
         return [view for view in views.values() if view is not None]
 
@@ -862,20 +916,20 @@ class ClinicData:
 
     @staticmethod
     def _reading_from(item_id: int, payload: bytes) -> ReadingView | None:
-        try:
-            obs = observation_from_json(json.loads(payload))
-        except Exception as exc:  # noqa: BLE001 — one unreadable item must not take the page down
-            log.warning("outbox item %d: cannot show it (%s)", item_id, type(exc).__name__)
-            return None
-        return ReadingView(
-            obs.record_key,
-            obs.kind,
-            summary(obs),
-            obs.device.label(),
-            obs.measured_at,
-            obs.time_source.value,
-            obs.flags,
-        )
+        obs = _observation_in(item_id, payload)
+        return None if obs is None else _reading_view(obs)
+
+    def _put_back(self, items: Mapping[int, OutboxItem], observations: Mapping[int, Observation]) -> dict[int, str]:
+        """Item id -> its own bundle's key, of each reading (`observations`, by item) still waiting:
+        one the relay put back (clinic.db refused its record) has its bundle queued, maybe taken
+        already; one never relayed has none. (One a home visit carries would be found by its
+        record's visit alone: the page cannot know it - it says waiting until its record is written.)"""
+        naming = fhir_naming(self.config)
+        return {
+            item_id: observation_key(obs, naming)
+            for item_id, obs in observations.items()
+            if (item := items.get(item_id)) is not None and item.state in (ItemState.QUEUED, ItemState.SENDING)
+        }
 
     def held_readings(self, now: dt.datetime, session: SessionView | None = None) -> list[ReadingView]:
         """The held readings, each saying whether it was measured during `session` (the current
@@ -1011,32 +1065,20 @@ class ClinicData:
             for h in self.held_ecg_source.held_ecgs(now)
         ]
 
-    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> Patient | None:
+    def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> EcgAssigned | None:
         """Give the held ECG to the patient typed (named as check-in named them, if it is the
-        patient checked in, else as its own file names them, if it is that patient); the patient
-        it went to, for the page to say whose it now is, or None if it was no longer held (sent
-        already)."""
+        patient checked in; the assign keeps what its own file gives with that ID): what it did,
+        for the page to say whose it now is, or None if it was no longer held (sent already)."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
-        if not patient.name:
-            patient = replace(patient, name=self._name_on_file(item_id, patient.patient_id, now))
-        done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
-            user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
+            user,
+            "assign-ecg",
+            now=now,
+            target=patient.patient_id,
+            detail={"item": item_id, "done": assigned is not None},
         )
-        return patient if done else None
-
-    def _name_on_file(self, item_id: int, patient_id: str, now: dt.datetime) -> str:
-        """The name held ECG `item_id` carries for `patient_id` ("" if it names another or none):
-        a patient-mismatch ECG assigned to the patient its own file names keeps the name the file
-        gives with that ID (the held row showed them together), not sent and said without one."""
-        held = self.held_ecg_source.held_ecgs(now)
-        return next((h.patient_name for h in held if h.item_id == item_id and h.patient_id == patient_id), "")
-
-    def ecg_waits_for_quality(self, item_id: int, now: dt.datetime) -> bool:
-        """ECG `item_id` is held under a 're-record' verdict: assigned or not, it goes only when the
-        doctor sends it anyway (or the hold ends) - an answer must not say it goes now."""
-        item = self.outbox.get(item_id)
-        return item is not None and item.hold_reason == QUALITY_HOLD and item.held(now.timestamp())
+        return assigned
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
@@ -1152,8 +1194,10 @@ class ClinicData:
         item_ids = sorted({*waiting, *records}, reverse=True)[:limit]
         payloads = self.outbox.read_payloads(item_ids)
         items = self.outbox.get_many(item_ids)  # one statement for the page, not one per reading
+        observations = {i: obs for i, p in payloads.items() if (obs := _observation_in(i, p)) is not None}
+        put_back = self._put_back(items, observations)
         untaken = [r for i, r in records.items() if i in items and r.sent_at is None]
-        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)])
+        bundles = self.outbox.find_many([k for r in untaken for k in carrying_keys(r)] + list(put_back.values()))
         out = []
         for item_id in item_ids:
             item = items.get(item_id)
@@ -1167,12 +1211,12 @@ class ClinicData:
                     out.append(_carried(_sent_reading_journey(item, record), record, bundles, hold, at))
                 continue
             patient = item.patient or {}
-            payload = payloads.get(item_id)
+            obs = observations.get(item_id)
             journey = ReadingJourney(
                 item_id=item.id,
                 patient_id=str(patient.get("patient_id") or ""),
                 patient_name=str(patient.get("name") or ""),
-                reading=None if payload is None else self._reading_from(item_id, payload),
+                reading=None if obs is None else _reading_view(obs),
                 kind=str(item.meta.get("kind") or ""),
                 measured_at=from_iso(item.meta.get("measured_at")),
                 state=item.state.value,
@@ -1183,6 +1227,10 @@ class ClinicData:
             )
             if record is not None and item.state in (ItemState.SENT, ItemState.COMMITTED):  # relayed
                 journey = _carried(journey, record, bundles, hold, at)
+            elif (bundle := bundles.get(put_back.get(item_id, ""))) is not None:
+                # relayed, then put back unmarked (its record refused, or a relay cut short): where
+                # its own bundle is - maybe taken by the platform already - its record still to write
+                journey = _in_bundle(journey, bundle, taken_at(bundle), hold, at, record_pending=record is None)
             out.append(journey)
         return out
 
@@ -1192,7 +1240,7 @@ class ClinicData:
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get(LAST_ERROR_AT))
         down_since = last_error_at if reading_center_down(status) else None
-        waiting, oldest, held = self._ecgs_waiting(now)
+        ecgs = ecgs_waiting(self.outbox.db.conn, now.timestamp())
         blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
@@ -1200,12 +1248,12 @@ class ClinicData:
             down_since=down_since,
             last_error=str(status.get("last_error") or ""),
             last_success=last_success,
-            waiting=waiting,
-            oldest_waiting=oldest,
+            waiting=ecgs.waiting,
+            oldest_waiting=None if ecgs.oldest is None else _utc(ecgs.oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
-            held_for_doctor=held,
+            held_for_doctor=ecgs.held_for_doctor,
         )
 
     def county_link(self, now: dt.datetime) -> CountyLink | None:

@@ -20,7 +20,8 @@ from typing import Any
 
 from devices.identity import Patient
 from lastmile.config import Config
-from lastmile.console.sources import HeldEcg, ReportView, person_name, recorded_at, row_number
+from lastmile.console.dicom_worker import patient_from_json, patient_json
+from lastmile.console.sources import EcgAssigned, HeldEcg, ReportView, person_name, recorded_at, row_number
 from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
 from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
@@ -184,7 +185,7 @@ class OutboxHeldEcgs:
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
         return [held_view(item) for item in held_ecgs(self.outbox, now.timestamp())]
 
-    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> bool:
+    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> EcgAssigned | None:
         o = self.config.outbox
         job = {
             "job": "assign-ecg",
@@ -195,13 +196,7 @@ class OutboxHeldEcgs:
                 "backoff_max_s": o.backoff_max_s,
             },
             "item_id": item_id,
-            "patient": {
-                "patient_id": patient.patient_id,
-                "name": patient.name,
-                "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
-                "sex": patient.sex,
-                "issuer": patient.issuer,
-            },
+            "patient": patient_json(patient),
             "now": now.isoformat(),
             "by": by,
         }
@@ -210,8 +205,8 @@ class OutboxHeldEcgs:
             raise OutboxFullError(str(result["error"]))  # the console answers "storage full"
         if "error" in result:
             log.info("held ECG E%d not assigned: %s", item_id, result["error"])
-            return False
-        return True
+            return None
+        return EcgAssigned(patient_from_json(result["patient"]), waits_for_quality=bool(result["waits_for_quality"]))
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
         try:

@@ -60,13 +60,16 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "session": session,
         "doctor_on_duty": data.doctor_on_duty(now),
         "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
-        "readings": data.patient_readings(session.patient_id, session.since) if session else [],
+        "readings": (
+            data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
+        ),
         "mapped_elsewhere": data.mapped_elsewhere(session, now),
         "held": data.held_readings(now, session),
         "held_ecgs": held_ecgs,
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
+        "battery_refresh_s": data.config.ble.battery_refresh_s,
         "now": now,
     }
 
@@ -160,6 +163,7 @@ def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         # the devices whose users the page offers to map: cuffs, scales (a thermometer has no users)
         "with_users": {d.address for d in found if may_have_users(d, mapped)},
         "serial": list(data.config.serial.devices),
+        "battery_refresh_s": data.config.ble.battery_refresh_s,
         "now": now,
     }
 

@@ -9,8 +9,13 @@ rebuilds the object: `lastmile.ecg.intake.assign_held_ecg`.
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from uploader.outbox import ItemState, Kind, Outbox, OutboxItem
+if TYPE_CHECKING:  # the metrics exporter reads the rule below by SQL, without loading uploader.outbox
+    from uploader.outbox import Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,58 @@ LAN_SOURCE_FORMAT = "dicom-lan"
 RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
 
 
+# An item held for the doctor at the first parameter (now), then DOCTOR_HOLDS: 1 or 0, never NULL
+# (an item with no hold has hold_until NULL). The one rule of every place that says how many ECGs
+# wait to be sent, or for how long (the Sent and System pages, `lastmile doctor`, `lastmile queue`,
+# the metrics): those held wait for the doctor, not for the link.
+_HELD_FOR_DOCTOR = (
+    f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({','.join('?' * len(DOCTOR_HOLDS))}), 0)"
+)
+WAITING: tuple[str, Sequence[Any]] = ("state IN ('queued', 'sending')", ())  # not yet accepted by the peer
+
+
+@dataclass(frozen=True, slots=True)
+class EcgsWaiting:
+    """The ECGs not sent yet: those waiting for the link, and those held for the doctor."""
+
+    waiting: int  # queued or on the wire for the reading center: not those held for the doctor
+    oldest: float | None  # when the oldest of those was queued (epoch seconds); None: none waits
+    held_for_doctor: int  # waiting for the doctor's decision (Today, `lastmile patient show`)
+
+
+def ecgs_waiting(conn: sqlite3.Connection, now: float) -> EcgsWaiting:
+    """How many ECGs the outbox (`conn`: outbox.sqlite, read in one statement) holds for the
+    reading center, and since when the oldest has waited; and how many are held for the doctor
+    instead. The outbox's own counts are of every kind: readings waiting for the health platform
+    are not studies waiting for the reading center."""
+    sql = (
+        "SELECT COUNT(*) FILTER (WHERE NOT held), MIN(created_at) FILTER (WHERE NOT held), SUM(held) "
+        f"FROM (SELECT created_at, {_HELD_FOR_DOCTOR} AS held FROM items "
+        "WHERE kind = ? AND state IN ('queued', 'sending'))"
+    )
+    count, oldest, held = conn.execute(sql, (now, *DOCTOR_HOLDS, "dicom")).fetchone()  # Kind.DICOM
+    return EcgsWaiting(int(count), None if oldest is None else float(oldest), int(held or 0))
+
+
+def oldest_waiting(
+    conn: sqlite3.Connection, now: float, waiting: tuple[str, Sequence[Any]] = WAITING
+) -> dict[str, float]:
+    """Per outbox kind, when the oldest item waiting for its link was queued (epoch seconds): of
+    the items `waiting` takes (a condition on `items` and its parameters; by default those queued
+    or on the wire), not those held for the doctor. `conn`: outbox.sqlite, read in one statement
+    (the outbox's, or a read-only one: the metrics exporter, `lastmile queue` on a full disk)."""
+    where, params = waiting
+    sql = f"SELECT kind, MIN(created_at) FROM items WHERE ({where}) AND NOT {_HELD_FOR_DOCTOR} GROUP BY kind"
+    return {kind: float(created) for kind, created in conn.execute(sql, (*params, now, *DOCTOR_HOLDS))}
+
+
+def oldest_wait_s(conn: sqlite3.Connection, now: float) -> float | None:
+    """How long the oldest item of any kind has waited for its link (`oldest_waiting`); None: none
+    waits. Never negative (a clock set back)."""
+    oldest = oldest_waiting(conn, now)
+    return None if not oldest else max(0.0, now - min(oldest.values()))
+
+
 class HeldEcgError(LookupError):
     """The ECG cannot be assigned (unknown, not an ECG, or already sent); the message says why."""
 
@@ -29,11 +86,15 @@ class HeldEcgError(LookupError):
 def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
     """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
     oldest first."""
+    from uploader.outbox import Kind
+
     return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
 
 
 def held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
     """The ECG `item_id` if it is held now; HeldEcgError otherwise."""
+    from uploader.outbox import Kind
+
     item = outbox.get(item_id)
     if item is None or item.kind != Kind.DICOM or not item.held(now):
         raise HeldEcgError(f"no ECG E{item_id} is held at this gateway (see 'lastmile patient show')")
@@ -42,6 +103,8 @@ def held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
 
 def re_recorded(item: OutboxItem) -> bool:
     """The doctor's "recorded again" kept `item` back (`discard_held_ecg`): it is not sent."""
+    from uploader.outbox import ItemState
+
     return item.state == ItemState.QUARANTINED and (item.quarantine_reason or "").startswith(RE_RECORDED)
 
 

@@ -30,12 +30,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.policy import DAY, PollPolicy, StudyClock
-from lastmile.reports.store import POLLER_STATUS, ReportStore, SentStudy
+from lastmile.reports.store import POLLER_STATUS, ReportStore, SentStudy, filed_under
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_query import (
     FoundReport,
@@ -358,16 +358,7 @@ class ReportPoller:
                 lines=(ReportLine(LineKind.UNREADABLE), ReportLine(LineKind.PROBLEM, value=str(exc))),
                 problems=(str(exc),),
             )
-        if content.study_uid != found.study_uid:
-            # the PACS filed it under our study: keep it there, and say the object disagrees
-            problem = f"the object names study {content.study_uid or '(none)'}, the PACS filed it under ours"
-            content = replace(
-                content,
-                study_uid=found.study_uid,
-                problems=(*content.problems, problem),
-                lines=(*content.lines, ReportLine(LineKind.PROBLEM, value=problem)),
-            )
-        return content
+        return filed_under(content, found.study_uid)
 
     def _keep(self, content: ReportContent, data: bytes, source: str, result: PollRound) -> None:
         try:

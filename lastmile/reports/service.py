@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from lastmile.config import Config
 from lastmile.reports.alerts import CriticalAlerter
+from lastmile.reports.old_lines import OldReportLines, has_old_reports
 from lastmile.reports.policy import DAY, HOUR, PollPolicy
 from lastmile.reports.poller import PollerSettings, PollerThread, PollRound, ReportPoller
 from lastmile.reports.sent import SentStudyRecorder
@@ -116,6 +117,8 @@ class ReportService:
         self._retention_days = config.reports.retention_days
         self._window_days = config.reports.window_days
         self._pruned_at: float | None = None
+        self._data_dir = config.data_dir
+        self._old_lines: OldReportLines | None = None
         self.store = ReportStore.open(config.data_dir)
         # reports C-MOVEd to the gateway's own AE arrive at the storage-commitment listener (the
         # port the PACS knows for that AE): the forwarder's listener takes them (`move_storage`)
@@ -139,6 +142,9 @@ class ReportService:
 
     def start(self) -> None:
         self.recorder.backfill()
+        if has_old_reports(self.store.db):  # one index lookup: none on a gateway set up since 0009
+            self._old_lines = OldReportLines(self._data_dir)
+            self._old_lines.start()
         self.recorder.start()
         if self.thread is not None:
             self.thread.start()
@@ -166,6 +172,8 @@ class ReportService:
             log.info("%d old stud(ies) and their reports deleted (retention)", purged)
 
     def close(self) -> None:
+        if self._old_lines is not None:
+            self._old_lines.stop()
         if self.thread is not None:
             self.thread.stop()
         if self.poller is not None:

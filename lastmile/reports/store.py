@@ -27,7 +27,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
@@ -233,6 +233,30 @@ def _spaced_pn_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif line.get("kind") == "item" and line.get("code") == PERSON_NAME and line.get("value"):
             line["value"] = _spaced_pn_as_components(line["value"])
     return lines
+
+
+def checked_against_study(content: ReportContent, ours: str) -> tuple[list[str], list[ReportLine]]:
+    """The report's problems and lines as stored for a study sent for patient `ours` (""): with
+    what to check when the report names another patient."""
+    problems, lines = list(content.problems), list(content.lines)
+    if ours and content.patient_id and content.patient_id != ours:
+        problems.append(f"the report names patient {content.patient_id}, the ECG was of {ours}: check before use")
+        lines.append(ReportLine(LineKind.CHECK_PATIENT, name=content.patient_id, value=ours))
+    return problems, lines
+
+
+def filed_under(content: ReportContent, study_uid: str) -> ReportContent:
+    """A DICOM report the PACS filed under our study `study_uid`: kept there, saying so if the
+    object names another study."""
+    if content.study_uid == study_uid:
+        return content
+    problem = f"the object names study {content.study_uid or '(none)'}, the PACS filed it under ours"
+    return replace(
+        content,
+        study_uid=study_uid,
+        problems=(*content.problems, problem),
+        lines=(*content.lines, ReportLine(LineKind.PROBLEM, value=problem)),
+    )
 
 
 def _report(row: sqlite3.Row) -> StoredReport:
@@ -582,15 +606,7 @@ class ReportStore:
             ).fetchone()
             if study is None:
                 raise KeyError(f"study {content.study_uid} was not sent by this gateway")
-            problems = list(content.problems)
-            ours = study["patient_id"] or ""
-            if ours and content.patient_id and content.patient_id != ours:
-                problems.append(
-                    f"the report names patient {content.patient_id}, the ECG was of {ours}: check before use"
-                )
-            lines = list(content.lines)
-            if len(problems) > len(content.problems):
-                lines.append(ReportLine(LineKind.CHECK_PATIENT, name=content.patient_id, value=ours))
+            problems, lines = checked_against_study(content, study["patient_id"] or "")
             final = content.final and not problems
             status = content.status if final or content.withdrawn else "preliminary"
             text = report_text(lines, English())

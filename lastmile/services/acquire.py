@@ -180,10 +180,13 @@ class AcquireService:
         self.trim = HeapTrim(self.started)
 
     @classmethod
-    def start(cls, config: Config) -> AcquireService:
+    def start(cls, config: Config, *, stop: threading.Event | None = None) -> AcquireService:
+        """`stop`: the runtime's (SIGTERM): once set, a reading waiting for another process's
+        write lock on the outbox gives up within a second and is held as any the outbox refused
+        (the serial spill file, said at the stop), not waited for 15 s (`open_outbox`)."""
         from lastmile.data_dir import open_outbox  # no DICOM stack in the acquire process
 
-        outbox = open_outbox(config)
+        outbox = open_outbox(config, stop=stop)
         closers: list[Callable[[], None]] = [outbox.close]
         parts: list[Part] = []
         try:

@@ -89,6 +89,13 @@ class ClinicBlePort:
     def note_pair_required(self, address: str) -> None:
         self.registry.set_pair_required(address, now=self.clock())
 
+    def battery_written(self, address: str) -> tuple[int, float] | None:
+        record = self.registry.get(address)
+        if record is None or record.battery_level is None or record.battery_at is None:
+            return None
+        # a clock set back since: written "now", never in the future
+        return record.battery_level, max(0.0, (self.clock() - record.battery_at).total_seconds())
+
 
 def link_settings(config: Config) -> LinkSettings:
     ble = config.ble

@@ -88,9 +88,13 @@ class ForwardService:
     """One `step()` forwards DICOM, then FHIR; the runtime pings the watchdog between steps and,
     during a long round, as objects are stored (`alive`)."""
 
-    def __init__(self, config: Config, *, alive: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, alive: Callable[[], None] | None = None, stop: threading.Event | None = None
+    ) -> None:
         """`alive`: called as a step makes progress (an object stored, ...; the runtime's
-        `ServiceRuntime.alive`): a round with a long backlog on a slow link keeps the watchdog fed."""
+        `ServiceRuntime.alive`): a round with a long backlog on a slow link keeps the watchdog fed.
+        `stop`: the runtime's (SIGTERM): once set, the outbox's writes stop waiting for another
+        process's write lock (`Outbox.give_up_waits_on`), so a step waiting for it ends."""
         self._alive = alive
         # as in acquire: big buffers (a payload, its inflated and encoded copies: ~100-250 KB per
         # store) mapped and unmapped rather than left in the heap, and free heap pages given back
@@ -98,7 +102,7 @@ class ForwardService:
         GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
         self._trimmed = time.monotonic()
         self.config = config
-        self.outbox = open_outbox(config)
+        self.outbox = open_outbox(config, stop=stop)
         try:
             self.reports = self._make_reports(config)
             try:
@@ -273,7 +277,7 @@ class ForwardService:
         """The relayed readings' records (clinic.db, one transaction): the Sent page lists them
         after the outbox has purged them."""
         from lastmile.reports.sent_readings import sent_reading_of
-        from uploader.fhir_forwarder import observation_key
+        from uploader.fhir_bundle import observation_key
 
         destination, naming = self.config.fhir.base_url, fhir_naming(self.config)
         records = [

@@ -19,7 +19,8 @@ Metric names (all gauges unless marked):
   lastmile_gateway_info{gateway,station,version}            1
   lastmile_queue_items{kind,state}                          outbox items (queued, sending, sent, committed, purged, quarantined)
   lastmile_queue_held_items{kind,reason}                    queued items held for the doctor (unassigned, re-record ...)
-  lastmile_queue_oldest_waiting_seconds{kind}               age of the oldest item not yet accepted by its peer (0: none)
+  lastmile_queue_oldest_waiting_seconds{kind}               age of the oldest item not yet accepted by its peer (0: none),
+                                                            not one held for the doctor (that waits for him, not the link)
   lastmile_queue_oldest_stuck_seconds{kind}                 the same, leaving out routine items a metered link holds now
   lastmile_queue_uncommitted_bytes{kind}                    payload bytes the peer has not yet committed to
   lastmile_ecg_quality_items{verdict}                       ECGs in the outbox by the quality gate's verdict
@@ -188,7 +189,8 @@ class GatewayCollector:
         yield held
         oldest = GaugeMetricFamily(
             "lastmile_queue_oldest_waiting_seconds",
-            "Age of the oldest item its peer has not accepted yet (queued or sending; 0 when none).",
+            "Age of the oldest item its peer has not accepted yet (queued or sending; 0 when none), "
+            "not one held for the doctor: lastmile_queue_held_items counts those.",
             labels=["kind"],
         )
         pending = GaugeMetricFamily(

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
 from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, columns_of, read_only
+from lastmile.ecg.holds import oldest_waiting
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from lastmile.services.link_status import (
     FHIR_STATUS,
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT_POLLER_STATUS = "poller"  # lastmile.reports.poller.STATUS_NAME (issue 14)
-WAITING_STATES = ("queued", "sending")  # not yet accepted by the peer
 UNCOMMITTED_STATES = ("queued", "sending", "sent")
 KEPT_STATES = ("queued", "sending", "sent", "committed", "quarantined")  # all but purged (meta kept)
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by systemd-timesyncd at each sync
@@ -104,7 +104,7 @@ class LinkSnapshot:
 class OutboxSnapshot:
     counts: dict[tuple[str, str], int]  # (kind, state) -> items
     uncommitted_bytes: dict[str, int]  # kind -> payload bytes not yet committed by the peer
-    oldest_waiting_s: dict[str, float]  # kind -> age of the oldest item not yet accepted
+    oldest_waiting_s: dict[str, float]  # kind -> age of the oldest item not yet accepted (not held for the doctor)
     held: dict[tuple[str, str], int]  # (kind, hold reason) -> queued items held back now
     quality: dict[str, int]  # quality verdict -> ECGs in the outbox (not purged); "unchecked" without one
     last_committed_at: dict[str, float]  # kind -> the last commitment (DICOM storage commitment, FHIR 2xx)
@@ -128,16 +128,14 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
             (kind, state): n
             for state, kind, n in conn.execute("SELECT state, kind, COUNT(*) FROM items GROUP BY state, kind")
         }
-        uncommitted: dict[str, int] = {}
-        oldest_created: dict[str, float] = {}
-        for kind, state, size, first_created in conn.execute(
-            f"SELECT kind, state, COALESCE(SUM(size), 0), MIN(created_at) FROM items "
-            f"WHERE state IN ({', '.join('?' * len(UNCOMMITTED_STATES))}) GROUP BY kind, state",
-            UNCOMMITTED_STATES,
-        ):
-            uncommitted[kind] = uncommitted.get(kind, 0) + size
-            if state in WAITING_STATES:
-                oldest_created[kind] = min(oldest_created.get(kind, first_created), first_created)
+        uncommitted = dict(
+            conn.execute(
+                f"SELECT kind, COALESCE(SUM(size), 0) FROM items "
+                f"WHERE state IN ({', '.join('?' * len(UNCOMMITTED_STATES))}) GROUP BY kind",
+                UNCOMMITTED_STATES,
+            )
+        )
+        oldest_created = oldest_waiting(conn, now)  # an ECG held for the doctor waits for him, not the link
         last_sent: dict[str, float] = {}
         last_committed: dict[str, float] = {}
         for kind, sent, committed in conn.execute(
@@ -170,10 +168,7 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
         if meter_held:  # the routine items those meters hold (not STAT, not held for the doctor) left out
             from uploader.outbox import waiting_not_held_sql  # a metered gateway has the outbox module already
 
-            where, params = waiting_not_held_sql(now, meter_held)
-            oldest_stuck = dict(
-                conn.execute(f"SELECT kind, MIN(created_at) FROM items WHERE {where} GROUP BY kind", params)
-            )
+            oldest_stuck = oldest_waiting(conn, now, waiting_not_held_sql(now, meter_held))
     rc = statuses.get(READING_CENTER_STATUS, {})
     dicom_success = _latest(number(rc.get("last_success")), last_sent.get("dicom"))
     links = {

@@ -4,7 +4,7 @@ Both services (`lastmile acquire`, `lastmile forward`) are a `Service` driven by
 `ServiceRuntime`:
 
     runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
-    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive))
+    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive, stop=runtime.stop_event))
 
 The runtime calls `setup(config)`, sends READY=1, then calls `service.step(stop)` until SIGTERM.
 The watchdog is pinged after a step returned (or while waiting the delay a step asked for), and
@@ -270,6 +270,11 @@ class ServiceRuntime:
             except RestartRequested:
                 raise
             except Exception as exc:
+                from uploader.outbox import gave_up_at_stop
+
+                if stop.is_set() and gave_up_at_stop(exc):  # the stop's doing, not a fault
+                    log.info("%s: stopping: a write waiting for the outbox lock given up", self.name)
+                    break
                 if not is_operational(exc):
                     log.exception("%s: step failed; exiting so systemd restarts the service", self.name)
                     self.notifier.notify(f"STATUS={self.name}: failed, restarting (see the journal)")

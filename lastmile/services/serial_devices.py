@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import sqlite3
 import threading
 import time
@@ -78,6 +77,7 @@ from lastmile.clinic.devices import (
     HeldReadings,
     forwarded_name,
     held_words,
+    lost_causes,
     lost_message,
     normalise_address,
     serial_address,
@@ -212,18 +212,34 @@ class Unstored:
 
 @dataclass
 class RowError:
-    """One device row's error as this service wrote it, for `SerialContext.error`'s throttle."""
+    """What `SerialContext.error` wrote on one device row in its window of ERROR_STATUS_EVERY_S."""
 
-    kind: DeviceProblem | None = None  # the kind the row holds now (None: no error)
-    since: float = -math.inf  # time.monotonic(): when these ERROR_STATUS_EVERY_S began
-    said: set[DeviceProblem] = field(default_factory=set)  # the kinds `error` wrote in them
-    pending: tuple[LinkSpec, str, DeviceProblem] | None = None  # the latest it held back
+    since: float  # time.monotonic(): when the window began
+    said: set[DeviceProblem] = field(default_factory=set)  # the kinds written in it
+    pending: TimedError | None = None  # the latest repeat held back
+    shown: tuple[DeviceProblem, dt.datetime] | None = None  # the kind it wrote last, and since when
 
-    def written(self, problem: object, error: str) -> None:
-        """The row's error is `error` of kind `problem` now ("": none), whoever wrote it: what
-        waited is older, and any other kind is news again (an unplug between two store errors)."""
-        self.kind = (problem if isinstance(problem, DeviceProblem) else DeviceProblem.OTHER) if error else None
-        self.pending, self.said = None, set()
+    def over(self) -> bool:
+        return time.monotonic() - self.since >= ERROR_STATUS_EVERY_S
+
+    def hold(self, spec: LinkSpec, message: str, problem: DeviceProblem, now: dt.datetime) -> None:
+        """Hold back `message`, the latest, with the time the first of its kind happened: the one
+        held already, else the one the row shows (its error since then), else now."""
+        if self.pending is not None and self.pending.problem is problem:
+            now = self.pending.at
+        elif self.shown is not None and self.shown[0] is problem:
+            now = self.shown[1]
+        self.pending = TimedError(spec, message, problem, now)
+
+
+@dataclass(frozen=True)
+class TimedError:
+    """A row error `SerialContext.error` writes, and when it happened (held back: the first of its kind)."""
+
+    spec: LinkSpec
+    message: str
+    problem: DeviceProblem
+    at: dt.datetime
 
 
 @dataclass
@@ -249,6 +265,17 @@ class SerialContext:
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
+        if not self._write_status(spec, port, **facts):
+            return
+        if isinstance(facts.get("error"), str):  # another writer's error (an unplug ...): `error`'s window ends
+            self._row_errors.pop(spec.name, None)
+        elif facts.get("seen") and spec.name in self._row_errors:
+            # heard well since: what waited is over, and what the row showed too - an error after
+            # it is a new one, said with its own time (not the first's, before the good reading)
+            row = self._row_errors[spec.name]
+            row.pending = row.shown = None
+
+    def _write_status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         name = f"{spec.name} ({spec.profile}) on {port}" if port else None
         try:
             self.registry.update_status(
@@ -260,40 +287,37 @@ class SerialContext:
             )
         except Exception:  # status is best effort; readings are not
             log.exception("%s: cannot record device status", spec.name)
-            return
-        error = facts.get("error")
-        if isinstance(error, str):  # whoever wrote it (an unplug ...): what the row holds now
-            self._row_errors.setdefault(spec.name, RowError()).written(facts.get("problem"), error)
-        elif facts.get("seen") and spec.name in self._row_errors:  # heard well since: what waited is over
-            self._row_errors[spec.name].pending = None
+            return False
+        return True
 
     def error(self, spec: LinkSpec, message: str, problem: DeviceProblem) -> None:
-        """Write `spec`'s row error, at most a few times every ERROR_STATUS_EVERY_S (a port spewing
-        garbage, of one kind or of several in turn, is no database write per frame): a kind the
-        row does not hold, the first time in those seconds, at once (a store error just after a
-        rejected report is the row's cause, not dropped); any other waits, the latest, to their
-        end (`write_pending_errors`), so the row ends saying the last cause."""
-        row = self._row_errors.setdefault(spec.name, RowError())
-        if time.monotonic() - row.since >= ERROR_STATUS_EVERY_S:
-            row.since, row.said = time.monotonic(), set()
-        elif problem is row.kind or problem in row.said:
-            row.pending = (spec, message, problem)
-            return
-        self._write_error(spec, row, message, problem)
+        """Write `spec`'s row error, each kind at most once in a window of ERROR_STATUS_EVERY_S (a
+        port spewing garbage, of one kind or several in turn, is no database write per frame): a
+        kind not written in it yet at once (a store error just after a rejected report is the row's
+        cause, not dropped); a repeat waits, the latest, to the window's end (`write_pending_errors`),
+        so the row ends saying the last cause. Another writer's error (an unplug) ends the window."""
+        row = self._row_errors.get(spec.name)
+        if row is None or row.over():
+            row = self._row_errors[spec.name] = RowError(time.monotonic())
+        if problem in row.said:
+            row.hold(spec, message, problem, self.now())
+        else:
+            self._write_error(row, TimedError(spec, message, problem, self.now()))
 
     def write_pending_errors(self, *, now: bool = False) -> None:
-        """Write the latest error each row's throttle held back, once its ERROR_STATUS_EVERY_S are
-        over (`now`: at once, at a stop). Runs in the link manager's thread, as the handlers do."""
+        """Write the latest error each row's window held back, once it is over (`now`: at once, at
+        a stop): a new window begins. Runs in the link manager's thread, as the handlers do."""
         for row in self._row_errors.values():
-            if row.pending is not None and (now or time.monotonic() - row.since >= ERROR_STATUS_EVERY_S):
-                spec, message, problem = row.pending
-                row.since, row.said = time.monotonic(), set()
-                self._write_error(spec, row, message, problem)
+            if row.pending is not None and (now or row.over()):
+                pending = row.pending
+                row.since, row.said, row.pending = time.monotonic(), set(), None
+                self._write_error(row, pending)
 
-    def _write_error(self, spec: LinkSpec, row: RowError, message: str, problem: DeviceProblem) -> None:
-        said = row.said | {problem}  # the kinds `error` wrote stay said (status() forgets them)
-        self.status(spec, error=message[:200], problem=problem)
-        row.said = said
+    def _write_error(self, row: RowError, error: TimedError) -> None:
+        """Write `error` on its row, with the time it happened (a held-back one's is seconds ago)."""
+        if self._write_status(error.spec, error=error.message[:200], problem=error.problem, error_at=error.at):
+            row.said.add(error.problem)
+            row.shown = (error.problem, error.at)
 
     def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
@@ -338,22 +362,25 @@ class SerialContext:
         """Each device row's held readings as this start finds them: those the spill files kept
         wait again (on disk); those a previous run held in memory only are gone, and the row's
         lost counts say so (their one record: not its error too) instead of FAILing for readings
-        no longer anywhere. The row's error, another problem, is left as it is."""
+        no longer anywhere. A row nothing of which waits again loses its "cannot store" error of
+        before the stop: no state of today (its loss says that cause, with its time); the row's
+        error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
         for record in self.registry.all():
             if record.transport != "serial" or not record.waits_for_space:
                 continue
             if record.address in loaded:  # waits again for what it waited for (until its next try)
                 loaded[record.address].cause = record.held_cause
-            if record.held_in_memory_only:
-                self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
+            # what the spill files did not give back is lost too, not only what memory held
+            self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
             # a row an older version wrote has no counts to keep the loss by: its words say it
-            uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
+            uncounted = not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
                 error = lost_message(record.held_words, record.held_cause) if uncounted else None
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
+                self.registry.clear_error(record.address, DeviceProblem.NOT_SAVED, now=self.now())
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
 
@@ -370,16 +397,24 @@ class SerialContext:
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
-        """What `record` said was held before the stop (some in memory only) and the spill files
-        did not give back (`loaded`) was lost at the stop (a power cut): the bridge cannot resend
-        it, so the row keeps the loss for `lastmile doctor` even once the rest is stored."""
+        """What `record` said was held before the stop and the spill files did not give back
+        (`loaded`: held - given back) was lost at the stop (a power cut, a damaged spill file):
+        the device cannot resend it, so the row keeps the loss for `lastmile doctor` even once
+        the rest is stored; more than it held in memory only is the spill files' loss, said as
+        its cause."""
         lost = (
             max(0, record.held_reading_count - len(loaded.observations)),
             max(0, record.held_ecg_count - len(loaded.recordings)),
         )
+        in_memory = record.in_memory_only if record.held_in_memory_only else (0, 0)
+        spills = (self.spill, self.ecg_spill)
+        cause = lost_causes(
+            record.held_cause,
+            "; ".join(not_given_back(spill) for spill, n, m in zip(spills, lost, in_memory, strict=True) if n > m),
+        )
         if any(lost):
-            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), record.held_cause))
-            self.registry.record_lost(record, lost, now=self.now())
+            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), cause))
+            self.registry.record_lost(record, lost, now=self.now(), cause=cause)
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
 
@@ -541,6 +576,14 @@ class SerialContext:
         )
         self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
+
+
+def not_given_back(spill: SpillFile | None) -> str:
+    """Why `spill` did not give back all a device row said it kept (a cause of their loss)."""
+    if spill is None:
+        return "kept on disk, but no spill file was opened for them"
+    aside = f"; set aside as {spill.set_aside}" if spill.set_aside is not None else ""
+    return f"kept on disk, but {spill.path} gave them not back ({spill.damage or 'not in it'}{aside})"[:200]
 
 
 def on_disk(waiting: int, spill: SpillFile | None, name: str) -> int:

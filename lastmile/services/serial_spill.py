@@ -18,6 +18,12 @@ reconnect or a gateway restart), and a restarted gateway that has no such record
 NACK_UNKNOWN_RECORDING, so the bridge drops it. Streamed ECGs the outbox refuses are therefore
 kept the same way, in a second, larger file (`ECG_SPILL_NAME`), under their outbox key: after
 a power cut the resent ECG_END finds its recording held again, and it is stored and ACKed once.
+
+A file that gives back less than a whole copy (unreadable, empty, cut short, garbage, records that
+do not decode) never stops the start: what it gives back waits again, the file is set aside
+(`<name>.<time>.bad`, said once in the journal with its path, for the county IT) and a new one
+allocated; `damage` says why, for the device rows to say what it did not give back as lost.
+Bounded by number: the newest SET_ASIDE_KEPT set aside per spill file are kept, older ones removed.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from devices.ecg.npz import read_npz, write_npz
 from devices.ecg.recording import EcgRecording
@@ -46,6 +55,10 @@ ECG_SPILL_NAME = "serial-ecg-spill.dat"
 ECG_SPILL_BYTES = 4 * 1024 * 1024  # two slots of 2 MB: ~25 streamed 10 s 12-lead ECGs, compressed
 MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
+SET_ASIDE_KEPT = 2  # damaged spill files kept per name for the county IT: <= 2 x 4 MB of the SD card
+MISSING = "missing"  # `SpillFile.damage` of a file not there at start
+
+T = TypeVar("T")
 
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
 SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
@@ -75,22 +88,71 @@ def _slot_header(f: BinaryIO, offset: int) -> tuple[int, int, bytes] | None:
     return int.from_bytes(raw[at : at + 8], "big"), int.from_bytes(raw[at + 8 : at + 12], "big"), raw[at + 12 :]
 
 
-def _newest(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
+def newest_copy(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
     """(slot, generation, content) of the newest whole copy in the file at `path`: the two slot
     headers, then only the body of the newest one (the other's too if that one is torn)."""
     try:
-        f = path.open("rb")
-    except FileNotFoundError:
+        with path.open("rb") as f:
+            half = os.fstat(f.fileno()).st_size // 2
+            headers = [(slot, _slot_header(f, slot * half)) for slot in (0, 1)]
+            found = sorted(((h[0], slot, h[1], h[2]) for slot, h in headers if h is not None), reverse=True)
+            for generation, slot, length, digest in found:
+                body = os.pread(f.fileno(), length, slot * half + HEADER) if HEADER + length <= half else b""
+                content = _content(body) if len(body) == length and hashlib.sha256(body).digest() == digest else None
+                if content is not None:
+                    return slot, generation, content
+    except OSError:  # unreadable (a directory in its place, EIO): `damage` says so
         return None
-    with f:
-        half = os.fstat(f.fileno()).st_size // 2
-        headers = [(slot, _slot_header(f, slot * half)) for slot in (0, 1)]
-        found = sorted(((h[0], slot, h[1], h[2]) for slot, h in headers if h is not None), reverse=True)
-        for generation, slot, length, digest in found:
-            body = os.pread(f.fileno(), length, slot * half + HEADER) if HEADER + length <= half else b""
-            if len(body) == length and hashlib.sha256(body).digest() == digest:
-                return slot, generation, json.loads(body)
     return None
+
+
+def _content(body: bytes) -> dict[str, list[dict]] | None:
+    """A slot's body as saved (device name -> records), None if it is not that."""
+    try:
+        content = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(content, dict) or not all(isinstance(v, list) for v in content.values()):
+        return None
+    return content
+
+
+def damage(path: Path) -> str:
+    """Why the spill file at `path` does not give back a whole copy it should ("" when it is whole,
+    or never held one, or is not there): unreadable, empty, a slot header that is neither never
+    written (zeros) nor ours, or headers with no whole copy behind them (cut short)."""
+    try:
+        with path.open("rb") as f:
+            half = os.fstat(f.fileno()).st_size // 2
+            raw = [os.pread(f.fileno(), HEADER, slot * half) for slot in (0, 1)] if half else []
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    if not raw:
+        return "empty"
+    if any(r.startswith(MAGIC) for r in raw) and newest_copy(path) is None:
+        return "no whole copy in it (cut short or torn)"
+    if any(r.strip(b"\0") and not r.startswith(MAGIC) for r in raw):
+        return "not what the gateway wrote (garbage)"
+    return ""
+
+
+def set_aside(path: Path, why: str) -> Path | None:
+    """Move the damaged spill file `path` aside (`<name>.<UTC time>.bad`) for the county IT, said
+    once in the journal; older ones beyond SET_ASIDE_KEPT removed. None if it cannot be moved."""
+    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.bad")
+    try:
+        os.rename(path, aside)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        log.error("spill file %s gives nothing back (%s) and cannot be set aside: %s", path, why, exc)
+        return None
+    log.error("spill file %s gives back less than it kept (%s): set aside as %s for the county IT", path, why, aside)
+    for old in sorted(path.parent.glob(f"{path.name}.*.bad"))[:-SET_ASIDE_KEPT]:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    return aside
 
 
 def kept_in(spill: SpillFile | None) -> bool:
@@ -101,7 +163,7 @@ def kept_in(spill: SpillFile | None) -> bool:
 def waiting_readings(data_dir: Path, name: str = SPILL_NAME) -> int:
     """How many readings (ECGs with `ECG_SPILL_NAME`) the spill file `name` in `data_dir` holds
     (0 without one); never creates it."""
-    newest = _newest(Path(data_dir) / name)
+    newest = newest_copy(Path(data_dir) / name)
     return 0 if newest is None else sum(len(v) for v in newest[2].values())
 
 
@@ -112,14 +174,30 @@ class SpillFile:
     that failed left the copy before it)."""
 
     def __init__(self, data_dir: Path, size: int = SPILL_BYTES, name: str = SPILL_NAME) -> None:
-        self.path = Path(data_dir) / name
-        self.usable = self._allocate(size)
+        self.path, self._size = Path(data_dir) / name, size
         self.kept = False
-        newest = _newest(self.path) if self.usable else None
-        self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
+        newest = newest_copy(self.path)
         self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
-        self.holds = {name: len(items) for name, items in self._at_start.items() if items}
+        # why it may not give back all it kept: MISSING, or its damage (then set aside)
+        self.damage = damage(self.path) if self.path.exists() or self.path.is_symlink() else MISSING
+        self.set_aside: Path | None = None
+        self.usable = False
+        if self.damage not in ("", MISSING):
+            self._set_aside(self.damage)
+        else:
+            self._open(newest)
+
+    def _open(self, newest: tuple[int, int, dict[str, list[dict]]] | None) -> None:
+        self.usable = self._allocate(self._size)
+        self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
+        self.holds = {name: len(items) for name, items in (newest[2] if newest else {}).items() if items}
         self.slot_bytes = self.path.stat().st_size // 2 if self.usable else 0
+
+    def _set_aside(self, why: str) -> None:
+        """The file is damaged: kept aside for the county IT, a new one allocated in its place
+        (what it gave back is saved there by `load`)."""
+        self.damage, self.set_aside = why, set_aside(self.path, why)
+        self._open(None)
 
     def _allocate(self, size: int) -> bool:
         if self.path.exists():
@@ -143,9 +221,7 @@ class SpillFile:
 
     def load(self) -> Spilled:
         """What the file held when it was opened (a previous run's readings): kept there until the next save."""
-        loaded = {name: [observation_from_json(o) for o in obs] for name, obs in self._at_start.items() if obs}
-        self.kept = bool(loaded)
-        return loaded
+        return self._load(observation_from_json)
 
     def save(self, spilled: Spilled) -> None:
         """Write `spilled` (all that waits, replacing what the file held) in place and fsync it;
@@ -154,13 +230,29 @@ class SpillFile:
 
     def load_recordings(self) -> SpilledRecordings:
         """The streamed ECGs the file held when it was opened (a previous run's), as `load`."""
-        loaded = {
-            name: dict(recording_from_json(r) for r in recordings)
-            for name, recordings in self._at_start.items()
-            if recordings
-        }
-        self.kept = bool(loaded)
-        return loaded
+        return {name: dict(pairs) for name, pairs in self._load(recording_from_json).items()}
+
+    def _load(self, decode: Callable[[dict], T]) -> dict[str, list[T]]:
+        """What the file held when opened, each record `decode`d; one that does not decode is left
+        out (counted lost by its device's row) and the file set aside. What is given back is kept
+        in the file (saved again to a new one set aside)."""
+        loaded: dict[str, list[T]] = {}
+        good: dict[str, list[dict]] = {}
+        for name, records in self._at_start.items():
+            for record in records:
+                try:
+                    loaded.setdefault(name, []).append(decode(record))
+                except Exception as exc:  # noqa: BLE001 - whatever a damaged record raises: never a crash at start
+                    log.error("%s: a record kept in %s cannot be read back: %s", name, self.path, exc)
+                    if self.set_aside is None:
+                        self._set_aside(f"a record that cannot be read back: {exc}"[:150])
+                    continue
+                good.setdefault(name, []).append(record)
+        if self.set_aside is not None:
+            self._save(good)
+        else:
+            self.kept = bool(good)
+        return {name: items for name, items in loaded.items() if items}
 
     def save_recordings(self, spilled: SpilledRecordings) -> None:
         """As `save`, for streamed ECGs by device and outbox key."""

@@ -1285,7 +1285,7 @@ class VisitBook:
         that can never go (its record damaged, or not one FHIR can say) is quarantined on its own
         (as a release does), and the visit goes without it: one such reading must not keep the
         whole visit from the county."""
-        from uploader.fhir_forwarder import observation_key
+        from uploader.fhir_bundle import observation_key
 
         rows = self._unreleased_readings("visit_id = ?", [visit_id])
         keys = {
