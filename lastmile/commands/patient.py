@@ -270,7 +270,7 @@ def _no_question(flag: str, seen, patient_id: str) -> str:  # flag: the answer g
     from lastmile.reports.report_text import display_name
 
     return (
-        f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未签到，"
+        f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未登记，"
         f"请去掉 {flag} 后重新运行\n"
         f"lastmile patient set: {flag} answers no question: {seen.patient_id} {display_name(seen.name) or '(no name)'} is "
         f"checked in under another name; {patient_id} was not checked in: run the command again without {flag}"
@@ -291,7 +291,7 @@ def _changed_meanwhile(expected: str, now_current: str, patient_id: str, given: 
     )
     return (
         f"lastmile patient set: 在此期间当前病人已变更（现在是 {now_current or '无人'}，"
-        f"不是 {expected or '无人'}）；{patient_id} 未签到，{zh_again}\n"
+        f"不是 {expected or '无人'}）；{patient_id} 未登记，{zh_again}\n"
         f"lastmile patient set: the current patient changed meanwhile: {now_current or 'nobody'} is checked "
         f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: {en_again} "
         "(it asks again if it must)"
