@@ -4,6 +4,7 @@ injected, a FHIR token file, waiting for what a service does."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -140,6 +141,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def waiting_in_a_sleep(pid: int) -> bool:
+    """Whether a thread of process `pid` sleeps in nanosleep: a device service (acquire, ble)
+    otherwise sleeps in select, epoll and futex waits only, so that is SQLite's busy wait for a
+    write lock another process holds."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if "nanosleep" in (task / "wchan").read_text():
+                return True
+    return False
 
 
 def stop_child(proc: subprocess.Popen[str]) -> str:

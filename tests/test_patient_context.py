@@ -859,6 +859,33 @@ def test_assigning_a_held_reading_with_another_name_than_its_ids_check_in_is_ref
     assert store.context.known_name("P-1", T0 + 5 * MIN) == "Li^Si=李^四"
 
 
+@pytest.mark.parametrize("command", ["assign", "map-user"])
+def test_a_refused_assign_or_mapping_with_correct_name_leaves_the_check_ins_name_as_it_was(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """P-1 was checked in as 张三; the doctor types 李四 with --correct-name for an assignment of a
+    held reading that is not there (a mistyped number) or a mapping of a user no cuff has. The
+    command was refused, and P-1's check-in was 李四 all the same: his next readings went to the
+    county under a name the doctor gave for something not done. Now the name is corrected only
+    with the assignment or the mapping (one clinic.db transaction)."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    typed = ("P-1", "--name", "李四", "--correct-name")
+    if command == "assign":
+        assert patient_command(tmp_path, "assign", "99", *typed, at=T0 + MIN) == 1
+        assert "no unassigned observation #99" in capsys.readouterr().err
+    else:
+        assert map_user(tmp_path, CUFF_ADDRESS, "255", "--patient", *typed, at=T0 + MIN) == 2
+        assert "a device user is 0-254, not 255" in capsys.readouterr().err
+    assert store.context.known_name("P-1", T0 + 2 * MIN) == "Zhang^San=张^三"
+    current = store.context.current(T0 + 2 * MIN)
+    assert current is not None and current.name == "Zhang^San=张^三"
+    corrected = "SELECT COUNT(*) FROM session_log WHERE event = 'patient-name-corrected'"
+    assert store.db.conn.execute(corrected).fetchone()[0] == 0
+    assert store.record(reading(1, 3), now=T0 + 3 * MIN).patient_id == "P-1"
+    (item,) = store.outbox.items(kind=OBSERVATION_KIND)
+    assert item.patient == {"patient_id": "P-1", "name": "Zhang^San=张^三"}
+
+
 def test_a_name_corrected_under_his_other_id_is_his_name_under_every_id_of_his_session(context) -> None:
     """张三 checked in under P-1, then P-2 said to be his other ID; the doctor then says P-1's name
     is 李四 (`map-user ... --correct-name`, `assign ... --correct-name`). The correction was logged
@@ -870,4 +897,6 @@ def test_a_name_corrected_under_his_other_id_is_his_name_under_every_id_of_his_s
     context.check_in("P-2", "Zhang^San=张^三", now=T0 + MIN, same_name=SameName.OTHER_ID)
     named = context.given_name(Patient("P-1", name="Li^Si=李^四"), T0 + 2 * MIN, correct=True)
     assert named.name == "Li^Si=李^四"
+    assert context.known_name("P-1", T0 + 2 * MIN) == "Zhang^San=张^三"  # corrected with what it names, not before
+    context.correct_name("P-1", named.name, now=T0 + 2 * MIN)
     assert context.known_names(["P-1", "P-2"], T0 + 2 * MIN) == {"P-1": "Li^Si=李^四", "P-2": "Li^Si=李^四"}

@@ -30,7 +30,15 @@ from lastmile.services.parts import Part, down_status
 from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice
-from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
+from tests.service_harness import (
+    VITALS_REPORT,
+    Manager,
+    doctor,
+    start_acquire,
+    status_with,
+    stop_child,
+    waiting_in_a_sleep,
+)
 from tests.waiting import wait_for
 from uploader.outbox import Outbox
 
@@ -429,16 +437,6 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
 
 
 STOP_WITHIN_S = 5.0  # the goal is ~2 s; TimeoutStopSec=45 is systemd's own limit
-
-
-def waiting_in_a_sleep(pid: int) -> bool:
-    """Whether a thread of process `pid` sleeps in nanosleep: an acquire service with its devices
-    idle sleeps in select and futex waits only, so that is SQLite's busy wait for the lock."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            if "nanosleep" in (task / "wchan").read_text():
-                return True
-    return False
 
 
 def acquire_toml(tmp_path: Path, monitor: PtyDevice) -> Path:

@@ -326,23 +326,32 @@ class PatientContext:
     def given_name(self, patient: Patient, now: dt.datetime, *, correct: bool = False) -> Patient:
         """`named`, for a patient whose name the doctor typed: NameConflict if the session knows his
         ID under another name (one of them is wrong: neither may go to the county unsaid), unless
-        `correct` - the typed name is right, the session's is corrected (`correct_name`)."""
+        `correct` - the typed name is right. Writes nothing: the session's name is corrected by
+        `correct_name_in`, in the transaction of what the doctor named him for (an assignment, a
+        mapping): one refused must leave the name as it was."""
         known = self.known_name(patient.patient_id, now)
-        if patient.name and known and patient.name.strip() != known.strip():
-            if not correct:
-                raise NameConflict(patient.patient_id, known, patient.name)
-            self.correct_name(patient.patient_id, patient.name, now=now)
+        if patient.name and known and patient.name.strip() != known.strip() and not correct:
+            raise NameConflict(patient.patient_id, known, patient.name)
         return self.named(patient, now)
 
     def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
-        """The doctor says `patient_id`'s checked-in name was wrong: it is `name` from now on, for
-        whatever the session names him (his session too, if he is the one checked in or it is one
-        of his other IDs: they all carry his session's name)."""
+        """`correct_name_in`, in a transaction of its own."""
         with transaction(self.db) as conn:
-            row = self._expire_locked(conn, now)
-            if row is not None and row["patient_id"] and patient_id in _linked_of(row) | {row["patient_id"]}:
-                conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
-            self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
+            self.correct_name_in(conn, patient_id, name, now=now)
+
+    def correct_name_in(self, conn: sqlite3.Connection, patient_id: str, name: str, *, now: dt.datetime) -> None:
+        """Inside a write transaction on this context's clinic.db (`conn`): the doctor says
+        `patient_id`'s checked-in name was wrong, it is `name` from now on, for whatever the session
+        names him (his session too, if he is the one checked in or it is one of his other IDs: they
+        all carry his session's name). Nothing is written if the session knows him under no other."""
+        row = self._expire_locked(conn, now)
+        current = self._current_of(row) if row is not None and row["patient_id"] else None
+        known = self._known_of({patient_id}, current, now).get(patient_id, "")
+        if not name.strip() or not known or known.strip() == name.strip():
+            return
+        if current is not None and patient_id in current.linked | {current.patient_id}:
+            conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
+        self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
 
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
         """`known_names` of one ID: its name, or "" if the session knows none."""
@@ -358,7 +367,10 @@ class PatientContext:
         wanted = set(patient_ids)
         if not wanted:
             return {}
-        current = self.current(now)
+        return self._known_of(wanted, self.current(now), now)
+
+    def _known_of(self, wanted: set[str], current: CurrentPatient | None, now: dt.datetime) -> dict[str, str]:
+        """`known_names` of `wanted`, the session's patient being `current`."""
         names = self._checked_in_names(now)
         if current is not None:
             # his other IDs are his (the doctor said so): his name, however long ago they were checked in

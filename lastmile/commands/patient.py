@@ -383,17 +383,22 @@ def _assign(args: argparse.Namespace) -> int:
     try:  # named as map-user names him: the check-in's name, or the doctor says which of two is right
         patient = context.given_name(patient, now, correct=args.correct_name)
         doctor = context.current_doctor(now) or ""
+        if held[:1] in ("E", "e"):
+            code = _assign_ecg(config, number, patient, doctor=doctor, now=now)
+            if code == 0 and args.correct_name:  # only once assigned: the ECG is the outbox's, not clinic.db's
+                context.correct_name(patient.patient_id, patient.name, now=now)
+            return code
     except NameConflict as exc:
         print(_which_name(exc, "assign"), file=sys.stderr)
         return 2
     finally:
         context.close()
-    if held[:1] in ("E", "e"):
-        return _assign_ecg(config, number, patient, doctor=doctor, now=now)
     with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         try:
-            result = store.assign(number, patient.patient_id, name=patient.name, now=now)
+            result = store.assign(
+                number, patient.patient_id, name=patient.name, now=now, correct_name=args.correct_name
+            )
         except UnknownObservationError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
