@@ -1146,11 +1146,20 @@ class Outbox:
         return bool(self._read(f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1", hold.params(kind, now)))
 
     def oldest_waiting_item(
-        self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None
+        self,
+        now: float,
+        *,
+        except_routine_of: Mapping[str, MeterHold] | None = None,
+        leaving_out: tuple[str, Sequence[Any]] | None = None,
     ) -> OutboxItem | None:
         """The oldest queued or sending item: what it waits for. `except_routine_of` (kind -> what a
-        metered link holds of it now) leaves out the routine items it holds."""
+        metered link holds of it now) leaves out the routine items it holds; `leaving_out` (a
+        condition on `items` and its parameters) those it takes: the application's own holds,
+        e.g. ECGs held for the doctor, which wait for him, not for the link."""
         where, params = waiting_not_held_sql(now, except_routine_of or {})
+        if leaving_out is not None:
+            where += f" AND NOT ({leaving_out[0]})"
+            params += leaving_out[1]
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY created_at, id LIMIT 1", params)
         return _item(rows[0]) if rows else None
 
