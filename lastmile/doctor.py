@@ -176,7 +176,7 @@ class OutboxReads:
 
     stats: dict[str, Any]
     held: list[MeteredWait]  # metered links that hold routine items now
-    oldest_item: OutboxItem | None  # the oldest waiting item no metered link holds
+    oldest_item: OutboxItem | None  # the oldest waiting item no metered link holds, not held for the doctor
     refused: OutboxItem | None  # that item, when the server refuses it alone
     recent_ecgs: list[OutboxItem]  # DICOM items of the last ECG_CLOCK_LOOKBACK_S, newest first
     fhir_status: dict[str, Any] | None  # what the FHIR forwarder recorded of its last rounds (FHIR_STATUS)
@@ -235,7 +235,7 @@ class Doctor:
 
     def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
-        from lastmile.ecg.holds import ecgs_waiting, oldest_wait_s
+        from lastmile.ecg.holds import ecgs_waiting, held_for_doctor, oldest_wait_s
         from lastmile.services.link_status import FHIR_STATUS
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
@@ -248,11 +248,13 @@ class Doctor:
                 with outbox:
                     # an ECG held for the doctor waits for him: not the age of what waits for the link
                     stats = outbox.stats(now) | {"oldest_waiting_s": oldest_wait_s(outbox.db.conn, now)}
-                    # routine items a metered link holds now are its (as configured), not the link's
+                    # routine items a metered link holds now are its (as configured), not the link's;
+                    # nor is an ECG held for the doctor (the ages' rule): the level is judged on this one
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
                     oldest_item = outbox.oldest_waiting_item(
                         now,
                         except_routine_of={QUEUED_KINDS[w.destination]: w.hold for w in held if w.hold is not None},
+                        leaving_out=held_for_doctor(now),
                     )
                     reads = OutboxReads(
                         stats,

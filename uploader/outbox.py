@@ -32,7 +32,10 @@ Design (see also `outbox_migrations.py` and `payload_files.py`):
   `lastmile queue` never disturbs a running forwarder. `close()` releases its own claims; when
   another process holds the write lock it leaves a mark beside its lock instead
   (`OwnerLock.leave_claims`), and recovery gives those claims back as close would have: a stop
-  is never charged as a send killed mid-way.
+  is never charged as a send killed mid-way. An object the peer stored whose `mark_sent` failed
+  (`remember_stored`) is noted in an fsynced file beside the owner's lock until it is recorded:
+  close records it, or the next open's recovery does first (also after a kill or a power cut),
+  so a stop never sends it a second time.
 - Payload storage, chosen by measurement (bench/outbox_write.py on this machine: ext4 on virtio,
   300 adds per run, medians of 3; "process" = /proc/self/io write_bytes of the adding process
   including the final WAL checkpoint; "device" = the block device's own counter after sync,
@@ -360,6 +363,27 @@ def _move(
     return moved
 
 
+def _sent_sets(now: float) -> dict[str, Any]:
+    """What `mark_sent` sets besides the state: the peer has it, no claim, no send in flight."""
+    return {"sent_at": now, "last_error": None, "claimed_by": None, "in_flight": 0, "interrupted_sends": 0}
+
+
+def _record_stored_of(conn: sqlite3.Connection, owner: str, item_ids: Sequence[int], now: float) -> int:
+    """(In a write transaction.) Items the peer stored for `owner`, a dead owner that could not
+    record them (`Outbox.remember_stored`), recorded as sent: still claimed by it, or queued again
+    (a power cut undid its claim, which is not fsynced). Returns how many."""
+    moved = 0
+    for chunk in _chunks(list(item_ids)):
+        marks = ",".join("?" * len(chunk))
+        moved += conn.execute(
+            "UPDATE items SET state = ?, sent_at = ?, updated_at = ?, last_error = NULL, claimed_by = NULL, "
+            f"in_flight = 0, interrupted_sends = 0 WHERE id IN ({marks}) "
+            "AND (state = ? OR (state = ? AND claimed_by IS ?))",
+            (S.SENT.value, now, now, *chunk, S.QUEUED.value, S.SENDING.value, owner),
+        ).rowcount
+    return moved
+
+
 def _give_back_claims(conn: sqlite3.Connection, owner: str, now: float, error: str | None = None) -> int:
     """(In a write transaction.) `owner`'s claims back to queued, uncharged: its sends whose
     outcome it could not record are given their attempt back. Returns how many."""
@@ -496,6 +520,8 @@ class Outbox:
         # only an Outbox that claimed (the forwarder's) has claims to release at close: the others'
         # close then writes nothing, and does not wait out the busy timeout on a locked database
         self._has_claimed = False
+        # stored at the peer, not yet recorded as sent (`remember_stored`): recorded by `record_stored`
+        self._stored_unrecorded: set[int] = set()
         self._wait_ms = BUSY_TIMEOUT_MS  # how long a write waits for another process's lock
         self._stop: threading.Event | None = None  # set: a write waits at most STOP_WAIT_S more
         self._stop_seen_at: float | None = None  # monotonic time a waiting write first saw it
@@ -556,16 +582,23 @@ class Outbox:
         self.ensure_reserve()
 
     def close(self) -> None:
-        """Release this Outbox's claims (back to queued, uncharged) and close the database."""
+        """Record what the peer stored as sent (`record_stored`), release this Outbox's other
+        claims (back to queued, uncharged) and close the database."""
         with self._lock:
             if self._owner_lock is None:
                 return
             try:
                 if self._has_claimed:
                     with self._busy_timeout(RELEASE_AT_CLOSE_WAIT_MS):
+                        self.record_stored(time.time())
                         self.release_claims(time.time())
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
-                log.warning("could not release claims at close (the next open puts them back in the queue): %s", exc)
+                # (what the peer stored is in its file: the next open records it as sent)
+                log.warning(
+                    "could not release claims at close (the next open puts them back in the queue, "
+                    "and records what the peer stored as sent): %s",
+                    exc,
+                )
                 # before the flock goes: a recovery that finds this owner gone finds the mark too
                 self._owner_lock.leave_claims()
             self._conn.close()
@@ -588,6 +621,38 @@ class Outbox:
         """Whether `owner` has claims (a read: never waits for a writer)."""
         rows = self._read("SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, owner))
         return bool(rows)
+
+    def remember_stored(self, item_ids: Sequence[int]) -> None:
+        """The peer stored these items (claimed by this Outbox) but `mark_sent` could not record
+        it (a full disk, an I/O error, another process's write lock past the wait): kept until
+        `record_stored` does, in memory and in a file beside this owner's lock, fsynced. If this
+        process ends first - a stop whose writes still find the database locked, a kill, a power
+        cut - the next open records them as sent (`recover_interrupted`): not sent again, not a
+        second storage-commitment round."""
+        with self._lock:
+            self._stored_unrecorded.update(int(i) for i in item_ids)
+            if self._owner_lock is None:
+                return
+            try:
+                self._owner_lock.keep_stored(sorted(self._stored_unrecorded))
+            except OSError as exc:  # a full disk: this process still records them once it can
+                log.warning("items stored at the peer, not recorded as sent yet, kept in memory only: %s", exc)
+
+    def record_stored(self, now: float) -> int:
+        """Record as sent (durably) what `remember_stored` kept; call before releasing this
+        Outbox's claims. Returns how many."""
+        with self._lock:
+            ids = sorted(self._stored_unrecorded)
+            if not ids:
+                return 0
+            self._transition("mark_sent", ids, now, _sent_sets(now))  # durable: the file naming them goes next
+            self._stored_unrecorded.clear()
+            if self._owner_lock is not None:
+                try:
+                    self._owner_lock.keep_stored([])
+                except OSError as exc:  # harmless: the next open finds them sent already
+                    log.warning("could not remove the note of items stored at the peer: %s", exc)
+        return len(ids)
 
     def give_up_waits_on(self, stop: threading.Event) -> None:
         """Once `stop` is set (from any thread: a service's SIGTERM), a write waiting for another
@@ -1146,11 +1211,20 @@ class Outbox:
         return bool(self._read(f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1", hold.params(kind, now)))
 
     def oldest_waiting_item(
-        self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None
+        self,
+        now: float,
+        *,
+        except_routine_of: Mapping[str, MeterHold] | None = None,
+        leaving_out: tuple[str, Sequence[Any]] | None = None,
     ) -> OutboxItem | None:
         """The oldest queued or sending item: what it waits for. `except_routine_of` (kind -> what a
-        metered link holds of it now) leaves out the routine items it holds."""
+        metered link holds of it now) leaves out the routine items it holds; `leaving_out` (a
+        condition on `items` and its parameters) those it takes: the application's own holds,
+        e.g. ECGs held for the doctor, which wait for him, not for the link."""
         where, params = waiting_not_held_sql(now, except_routine_of or {})
+        if leaving_out is not None:
+            where += f" AND NOT ({leaving_out[0]})"
+            params += leaving_out[1]
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY created_at, id LIMIT 1", params)
         return _item(rows[0]) if rows else None
 
@@ -1194,13 +1268,7 @@ class Outbox:
         """The peer stored them. Committed without an fsync: a power cut may lose the mark, and
         then the item is sent again under the same UIDs (the PACS keeps one copy); everything
         after it that frees a payload (`mark_committed`, purge) is durable and makes it so."""
-        self._transition(
-            "mark_sent",
-            item_ids,
-            now,
-            {"sent_at": now, "last_error": None, "claimed_by": None, "in_flight": 0, "interrupted_sends": 0},
-            durable=False,
-        )
+        self._transition("mark_sent", item_ids, now, _sent_sets(now), durable=False)
 
     def mark_transient_failure(
         self, item_id: int, error: str, now: float, retry_after: float | None = None
@@ -1550,8 +1618,10 @@ class Outbox:
         charged and counted as interrupted, unless its owner died with an earlier boot (a power
         cut or reboot: the attempt is given back) or closed leaving a mark that it could not give
         its claims back (a stop: its sends had ended, none killed it; given back as `close`
-        would have). Claims of a live process are left alone."""
+        would have). What a gone owner's peer stored and it could not record is recorded as sent
+        first (`remember_stored`). Claims of a live process are left alone."""
         now = time.time() if now is None else now
+        self._record_stored_by_the_dead(now)
         owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?", (S.SENDING.value,))}
         dead = [o for o in owners if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
         recovered = 0
@@ -1603,6 +1673,20 @@ class Outbox:
                 recovered += self._commit(functools.partial(body, owner=owner))
         self._remove_stale_owner_locks()
         return recovered
+
+    def _record_stored_by_the_dead(self, now: float) -> None:
+        """First: what a gone owner's peer stored and it could not record (`remember_stored`) is
+        recorded as sent, not given back to the queue to be sent again."""
+        for token in OwnerLock.tokens_that_stored(self._locks_dir):
+            if token == self.owner or OwnerLock.is_alive(self._locks_dir, token):
+                continue
+            ids = OwnerLock.stored_by(self._locks_dir, token)
+            recorded = self._commit(functools.partial(_record_stored_of, owner=token, item_ids=ids, now=now))
+            OwnerLock.forget_stored(self._locks_dir, token)
+            if recorded:
+                log.warning(
+                    "%d item(s) the peer stored before the last stop recorded as sent, not sent again", recorded
+                )
 
     def _remove_stale_owner_locks(self) -> None:
         for path in self._locks_dir.glob("owner-*.lock"):

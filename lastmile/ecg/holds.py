@@ -37,6 +37,13 @@ _HELD_FOR_DOCTOR = (
 WAITING: tuple[str, Sequence[Any]] = ("state IN ('queued', 'sending')", ())  # not yet accepted by the peer
 
 
+def held_for_doctor(now: float) -> tuple[str, tuple[Any, ...]]:
+    """The rule above as a condition on `items` and its parameters, at `now`: for the outbox's
+    own queries that leave those items out (`Outbox.oldest_waiting_item(leaving_out=...)`;
+    uploader knows no hold of the doctor's)."""
+    return _HELD_FOR_DOCTOR, (now, *DOCTOR_HOLDS)
+
+
 @dataclass(frozen=True, slots=True)
 class EcgsWaiting:
     """The ECGs not sent yet: those waiting for the link, and those held for the doctor."""
@@ -68,8 +75,9 @@ def oldest_waiting(
     or on the wire), not those held for the doctor. `conn`: outbox.sqlite, read in one statement
     (the outbox's, or a read-only one: the metrics exporter, `lastmile queue` on a full disk)."""
     where, params = waiting
-    sql = f"SELECT kind, MIN(created_at) FROM items WHERE ({where}) AND NOT {_HELD_FOR_DOCTOR} GROUP BY kind"
-    return {kind: float(created) for kind, created in conn.execute(sql, (*params, now, *DOCTOR_HOLDS))}
+    held, held_params = held_for_doctor(now)
+    sql = f"SELECT kind, MIN(created_at) FROM items WHERE ({where}) AND NOT {held} GROUP BY kind"
+    return {kind: float(created) for kind, created in conn.execute(sql, (*params, *held_params))}
 
 
 def oldest_wait_s(conn: sqlite3.Connection, now: float) -> float | None:

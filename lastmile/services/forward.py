@@ -5,7 +5,7 @@ A full data partition is waited out here, not by exiting: the outbox's reserve f
 (uploader/space_reserve.py) gives the first writes room; once it is spent and SQLite still
 finds no room, a step cannot record progress: claiming fails first, so nothing is sent (a store
 that succeeded but could not be recorded is remembered and recorded when there is room, not
-sent again). The service then logs one line saying so, shows the fault in its status,
+sent again - by the next start if this one stops first: `Outbox.remember_stored`). The service then logs one line saying so, shows the fault in its status,
 and tries again soon - every FULL_DISK_RETRY_MAX_S at most - so that the moment any room
 appears (a log rotated, the county IT freeing space) it sends and purges, which frees far more.
 `lastmile queue` shows the full partition without writing to it."""
