@@ -871,3 +871,32 @@ def test_a_name_corrected_under_his_other_id_is_his_name_under_every_id_of_his_s
     named = context.given_name(Patient("P-1", name="Li^Si=李^四"), T0 + 2 * MIN, correct=True)
     assert named.name == "Li^Si=李^四"
     assert context.known_names(["P-1", "P-2"], T0 + 2 * MIN) == {"P-1": "Li^Si=李^四", "P-2": "Li^Si=李^四"}
+
+
+def users_reading_goes_as(store: ObservationStore, user: int, at: dt.datetime) -> dict | None:
+    """The patient (ID and name) a reading of the cuff's user `user` taken at `at` goes to the county as."""
+    taken = replace(reading(user, 0), measured_at=at, received_at=at, record_key=f"test:user{user}:{at.isoformat()}")
+    item = store.outbox.get(store.record(taken, now=at).item_id or 0)
+    assert item is not None, "held, not stored"
+    return item.patient
+
+
+DAY_ON = T0 + dt.timedelta(days=1, minutes=30)  # the session's log of names of T0's check-ins is gone
+
+
+def test_a_name_corrected_by_assign_stays_the_mapped_users_name_after_the_sessions_day(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """P-1 was checked in as 张三 and cuff user 2 mapped to him; the doctor then assigns a held
+    reading to P-1 saying his name is 李四 (`assign --name 李四 --correct-name`). User 2's
+    readings went as 李四 that day and, once the session's log forgot the correction (a day),
+    as 张三 again: the name the doctor said was wrong. The correction is the mapping's name now."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", at=T0 + MIN) == 0
+    held = store.record(reading(3, 2), now=T0 + 2 * MIN).held_id  # user 3: nobody said whose
+    assert held is not None
+    assert (
+        patient_command(tmp_path, "assign", str(held), "P-1", "--name", "李四", "--correct-name", at=T0 + 3 * MIN) == 0
+    )
+    assert users_reading_goes_as(store, 2, T0 + 4 * MIN) == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+    assert users_reading_goes_as(store, 2, DAY_ON) == {"patient_id": "P-1", "name": "Li^Si=李^四"}

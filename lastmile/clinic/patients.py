@@ -337,12 +337,22 @@ class PatientContext:
     def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
         """The doctor says `patient_id`'s checked-in name was wrong: it is `name` from now on, for
         whatever the session names him (his session too, if he is the one checked in or it is one
-        of his other IDs: they all carry his session's name)."""
+        of his other IDs: they all carry his session's name). A device user mapped to him keeps
+        it too: the log naming him goes after NAME_KEPT, and his cuff's readings must not go back
+        to the name the doctor said was wrong a day later."""
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
+            his_ids = {patient_id}
             if row is not None and row["patient_id"] and patient_id in _linked_of(row) | {row["patient_id"]}:
                 conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
+                his_ids |= _linked_of(row) | {row["patient_id"]}
             self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
+            # device_users (lastmile.clinic.device_users, which reads this module) in this
+            # transaction: the correction and the mappings' name are one change
+            conn.execute(
+                f"UPDATE device_users SET patient_name = ? WHERE patient_id IN ({', '.join('?' * len(his_ids))})",
+                (name, *sorted(his_ids)),
+            )
 
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
         """`known_names` of one ID: its name, or "" if the session knows none."""
