@@ -29,6 +29,7 @@ from devices.ble.uuids import BLOOD_PRESSURE, USER_DATA, WEIGHT_SCALE
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import DeviceRecord, is_bluetooth_address, normalise_address
+from lastmile.clinic.names import same_person_name
 from lastmile.clinic.patients import PatientContext
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,21 @@ class DeviceUsers:
                 r["address"], r["user_id"], UserMapping(r["patient_id"], r["patient_name"], from_iso(r["set_at"]))
             )
             for r in rows
+        ]
+
+    def mapped_otherwise(self, patient_id: str, name: str) -> list[DeviceUser]:
+        """The users mapped to `patient_id` under another person's name than `name`
+        (`same_person_name`; a mapping kept without a name names nobody): checked in as `name`,
+        their readings would go to the county under it, unasked - one of the two names is wrong,
+        and only the doctor knows which. None (empty) for a check-in typed without a name."""
+        if not name.strip():
+            return []
+        return [
+            user
+            for user in self.mappings()
+            if user.mapping.patient_id == patient_id.strip()
+            and user.mapping.patient_name
+            and not same_person_name(user.mapping.patient_name, name)
         ]
 
     def map_patient(

@@ -119,3 +119,28 @@ def dicom_person_name(name: str) -> str:
     components = [c.strip() for c in components]
     alphabetic = [_romanise(c, surname=(i == 0)) if has_ideographs(c) else c for i, c in enumerate(components)]
     return "^".join(alphabetic).rstrip("^") + "=" + "^".join(components).rstrip("^")
+
+
+def same_person_name(a: str, b: str) -> bool:
+    """Whether two names typed for one patient ID are one name: the same characters however
+    grouped (张三, 张^三, Zhang^San=张^三), or one written in pinyin only and the other's reading
+    (Zhang San, ZHANG^SAN for 张三: a keyboard without an input method). Two names in characters
+    that differ are two names, even read alike (张三, 张叁: the county would get one or the other,
+    and only the doctor knows which is his). Empty names are one name only with each other."""
+    (a_chars, a_reading), (b_chars, b_reading) = _name_forms(a), _name_forms(b)
+    if a_chars and b_chars:
+        return a_chars == b_chars
+    return a_reading == b_reading  # one (or neither) in characters: the pinyin is its reading, or not his
+
+
+def _name_forms(name: str) -> tuple[str, str]:
+    """(its characters, its letters) of a name, each without the PN's "^" and the spaces between
+    its parts: "Zhang^San=张^三" -> ("张三", "zhangsan"); "Zhang San" -> ("", "zhangsan")."""
+    groups = dicom_person_name(name).split("=")
+    chars = next((g for g in groups if has_ideographs(g)), "")
+    letters = next((g for g in groups if not has_ideographs(g)), "")
+    return _joined(chars), _joined(letters).lower().replace("ü", "yu")
+
+
+def _joined(group: str) -> str:
+    return re.sub(r"[\s^·'\-]", "", group)

@@ -343,13 +343,26 @@ class PatientContext:
         """Inside a write transaction on this context's clinic.db (`conn`): the doctor says
         `patient_id`'s checked-in name was wrong, it is `name` from now on, for whatever the session
         names him (his session too, if he is the one checked in or it is one of his other IDs: they
-        all carry his session's name). Nothing is written if the session knows him under no other."""
+        all carry his session's name). A device user mapped to him keeps it too, whatever the
+        session knows: its log goes after NAME_KEPT, and his cuff's readings must not go back to
+        the name the doctor said was wrong a day later. Nothing is written to the session if it
+        knows him under no other name."""
+        if not name.strip():
+            return
         row = self._expire_locked(conn, now)
         current = self._current_of(row) if row is not None and row["patient_id"] else None
+        his_session = current is not None and patient_id in current.linked | {current.patient_id}
+        his_ids = current.linked | {current.patient_id} if current is not None and his_session else {patient_id}
+        # device_users (lastmile.clinic.device_users, which reads this module) in this
+        # transaction: the correction and the mappings' name are one change
+        conn.execute(
+            f"UPDATE device_users SET patient_name = ? WHERE patient_id IN ({', '.join('?' * len(his_ids))})",
+            (name, *sorted(his_ids)),
+        )
         known = self._known_of({patient_id}, current, now).get(patient_id, "")
-        if not name.strip() or not known or known.strip() == name.strip():
+        if not known or known.strip() == name.strip():
             return
-        if current is not None and patient_id in current.linked | {current.patient_id}:
+        if his_session:
             conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
         self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
 

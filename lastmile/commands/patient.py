@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     reason = p.add_mutually_exclusive_group()
     reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
+    # the name a cuff's user was mapped with is one the doctor typed too: another one is asked about
+    p.add_argument(
+        "--correct-name",
+        action="store_true",
+        help="--name is right: a device user mapped to ID under another name was mapped with a wrong name "
+        "(it is corrected)",
+    )
     # another ID under the checked-in patient's own name: only the doctor knows which (as Today asks);
     # each flag stores its `SameName` value in `same_name`, read by `_same_name_answer`
     whose = p.add_mutually_exclusive_group()
@@ -146,6 +153,7 @@ def _local(t: dt.datetime | None) -> str:
 
 
 def _set(args: argparse.Namespace) -> int:
+    from lastmile.clinic.device_users import DeviceUsers
     from lastmile.clinic.patient_ids import clinic_patient
     from lastmile.clinic.patients import PatientChanged, PatientContext
     from lastmile.commands.common import config_from_args
@@ -160,6 +168,9 @@ def _set(args: argparse.Namespace) -> int:
     about = (args.about or "").strip()
     if (answer is None) != (not about):
         print(_answer_without_about(answer), file=sys.stderr)
+        return 2
+    if args.correct_name and not patient.name:
+        print(_correct_name_without_name(), file=sys.stderr)
         return 2
     given = f"--about {about} --{answer.value}" if answer is not None else ""  # to leave out when run again
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
@@ -178,6 +189,10 @@ def _set(args: argparse.Namespace) -> int:
         if seen is not None and answer is not None and replaced is None and seen.patient_id != patient.patient_id:
             print(_no_question(given, seen, patient.patient_id), file=sys.stderr)
             return 2
+        mapped = DeviceUsers(context.db).mapped_otherwise(patient.patient_id, patient.name)
+        if mapped and not args.correct_name:
+            print(_mapped_as(mapped, patient), file=sys.stderr)
+            return 2
         # checked in the check-in's transaction: a card read since the question is refused, never
         # taken for the patient asked about (nor, unasked, for a typo corrected)
         current = context.check_in(
@@ -192,6 +207,8 @@ def _set(args: argparse.Namespace) -> int:
             clear_reason=args.clear_reason,
             same_name=answer,
         ).after
+        if args.correct_name:  # his cuff's users too, for good (the session's log forgets in a day)
+            context.correct_name(patient.patient_id, patient.name, now=_now())
     except PatientChanged as exc:
         print(_changed_meanwhile(expected, exc.current_patient_id, patient.patient_id, given), file=sys.stderr)
         return 2
@@ -244,11 +261,38 @@ def _answer_command(args: argparse.Namespace, about: str, answer: str) -> str:
     copy-paste ready."""
     words = ["lastmile", *(["--config", args.config] if args.config else []), "patient", "set", args.patient_id]
     words += ["--name", args.name] if args.name else ["--clear-name"] if args.clear_name else []
+    words += ["--correct-name"] if args.correct_name else []
     words += ["--doctor", args.doctor] if args.doctor else []
     words += [] if args.stat is None else ["--stat" if args.stat else "--no-stat"]
     words += ["--reason", args.reason] if args.reason else ["--clear-reason"] if args.clear_reason else []
     words += ["--data-dir", args.data_dir] if args.data_dir else []
     return shlex.join([*words, "--about", about, f"--{answer}"])
+
+
+def _mapped_as(mapped, patient) -> str:  # (list[DeviceUser], Patient) -> str
+    """The ID checked in under another name than a device user mapped to it: his cuff's readings
+    would go to the county under the check-in's name, unasked. One of the two is wrong: the
+    doctor says which (as map-user and assign ask). Names as people write them (张三 (Zhang San))."""
+    from lastmile.reports.report_text import display_name
+
+    pid, given, known = patient.patient_id, display_name(patient.name), display_name(mapped[0].mapping.patient_name)
+    typed = shlex.quote(known.split(" (")[0])  # as --name takes it: 张三, not 张三 (Zhang San)
+    users = "、".join(f"{user.address} 用户 {user.user_id}" for user in mapped)
+    users_en = ", ".join(f"user {user.user_id} of {user.address}" for user in mapped)
+    return (
+        f"lastmile patient set: 设备用户（{users}）归属的患者 {pid} 姓名是 {known}，不是 {given}：其中一个是错的，"
+        f"{pid} 未登记。{known} 对：把 --name 改为 {typed} 再运行；{given} 对：加上 --correct-name（设备用户的姓名一并更正）。 / "
+        f"{pid} is mapped as {known} ({users_en}), not {given}: one of them is wrong; {pid} was not checked in. "
+        f"If {known} is right, run the command again with --name {typed}; if {given} is right, add --correct-name "
+        "(the device users' name is corrected too)"
+    )
+
+
+def _correct_name_without_name() -> str:
+    return (
+        "lastmile patient set: --correct-name 须与 --name 一起用：请写上正确的姓名\n"
+        "lastmile patient set: --correct-name goes with --name: give the right name"
+    )
 
 
 def _answer_without_about(answer) -> str:  # answer: SameName | None

@@ -939,9 +939,12 @@ async def check_in(request: Request) -> Response:
             clear_name=f.get("clear") == "name",
             clear_reason=f.get("clear") == "reason",
             same_name=same_name_answer(f),
+            correct_name=f.get("correct_name") == "yes",  # the answer on `ask_which_name`'s page
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
+        if f.get("correct_name") == "yes":
+            who |= {"renamed": session.patient_name}
         if done.again and f.get("clear") in CLEARABLE:
             return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
@@ -949,10 +952,11 @@ async def check_in(request: Request) -> Response:
         answer = same_name_answer(f)
         if answer in (SameName.CORRECTED, SameName.OTHER_ID):  # the same patient goes on: none ended
             ids = {"replaced": f.get("shown_patient_id", ""), "id": session.patient_id}
-            return f"check-in-{answer.value}", {"patient": who["patient"]} | ids
+            return f"check-in-{answer.value}", {"patient": who["patient"], "renamed": who.get("renamed")} | ids
         return "check-in", who
 
-    return await today_action(request, action, asking(ask_before_clearing(request), ask_whose_id(request)))
+    askers = asking(ask_before_clearing(request), ask_whose_id(request), ask_which_name(request))
+    return await today_action(request, action, askers)
 
 
 def same_name_answer(fields: dict[str, str]) -> SameName | None:
@@ -997,6 +1001,27 @@ def ask_whose_id(request: Request) -> Asker:
             fields.setdefault("shown_patient_id", seen)  # "": nobody was checked in
             return None
         return render(request, ctx, "confirm_other_id.html", session=session, form=fields, alerts=[])
+
+    return ask
+
+
+def ask_which_name(request: Request) -> Asker:
+    """A check-in under another name than a device user mapped to its ID (map-user --name 张三,
+    checked in as 张山) asks the doctor which is right: else the cuff's readings went to the
+    county under the check-in's name, unasked, and back under the mapping's a day later. One
+    answer checks in under the mapping's name, the other corrects the mapping for good. Asked
+    after `ask_whose_id` (whose answer, and the patient it saw, its page carries on)."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        if fields.get("correct_name") == "yes" or fields.get("clear"):
+            return None
+        state = state_of(request)
+        mapped = await state.run_db(
+            lambda: state.data.mapped_otherwise(fields.get("patient_id", ""), fields.get("name", ""))
+        )
+        if mapped is None:
+            return None
+        return render(request, ctx, "confirm_which_name.html", mapped=mapped, form=fields, alerts=[])
 
     return ask
 

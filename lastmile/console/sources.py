@@ -136,6 +136,19 @@ class SessionView:
 
 
 @dataclass(frozen=True, slots=True)
+class MappedName:
+    """A check-in's name for an ID a device user is mapped to under another person's name
+    (`DeviceUsers.mapped_otherwise`): the cuff's readings would go out under the check-in's name,
+    unasked. Both names as stored (PN); `users`: the device users mapped so, each as (the device
+    as the doctor knows it: its name, else its model, else its address; the user's number)."""
+
+    patient_id: str
+    typed: str
+    mapped: str
+    users: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CheckIn:
     """What a check-in did, for Today to say so: the patient whose check-in it ended (their name,
     else ID), or, for the patient checked in already (`again`), what it changed."""
@@ -773,13 +786,16 @@ class ClinicData:
         clear_name: bool = False,
         clear_reason: bool = False,
         same_name: SameName | None = None,
+        correct_name: bool = False,
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
         name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
         `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
         "not urgent" and clear buttons) or `same_name_replaced` saw ("": nobody; None: whoever),
         refused if another has been checked in since.
-        `same_name`: the doctor's answer to `same_name_replaced` (None: unasked)."""
+        `same_name`: the doctor's answer to `same_name_replaced` (None: unasked).
+        `correct_name`: the doctor's answer to `mapped_otherwise`: the typed name is right, the
+        device users mapped to the ID under another one take it for good (`correct_name`)."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
@@ -799,8 +815,11 @@ class ClinicData:
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
-                raise ConsoleInputError(N_("That check-in has ended already.")) from None
+                raise self._ended_meanwhile(shown_patient_id or "", patient.patient_id, now) from None
             raise _not_shown(exc.current_patient_id) from None
+        renamed = correct_name and bool(patient.name)
+        if renamed:  # the check-in and its name are the doctor's: his mapped users go under it for good
+            self.context.correct_name(patient.patient_id, patient.name, now=now)
         before, view = checked.before, _session_view(checked.after)
         again = before is not None and before.patient_id == view.patient_id
         changed = _changes(before, view) if before is not None and again else ()
@@ -815,10 +834,51 @@ class ClinicData:
                 {"same_name": same_name.value, "replaced": before.patient_id}
                 if same_name is not None and before is not None
                 else {}
-            ),
+            )
+            | ({"name_corrected": True} if renamed else {}),
         )
         ended = before.name or before.patient_id if before is not None and not again else ""
         return CheckIn(view, ended=ended, again=again, changed=changed)
+
+    def _ended_meanwhile(self, shown_patient_id: str, patient_id: str, now: dt.datetime) -> ConsoleInputError:
+        """The check-in of the patient the page (or its question) showed ended before this one was
+        saved - ended on another screen, or idle too long: nobody is checked in, nothing changed.
+        A button of his own session (not urgent, clear) is not pressed again for a patient gone."""
+        shown = person_name(self.context.known_name(shown_patient_id, now)) or shown_patient_id
+        if patient_id == shown_patient_id.strip():
+            return ConsoleInputError(
+                N_(
+                    "%(patient)s's check-in ended before this was saved (it was ended, or nothing happened "
+                    "for too long): nothing was changed. If the patient is still here, check them in again."
+                ),
+                patient=shown,
+            )
+        return ConsoleInputError(
+            N_(
+                "%(patient)s's check-in ended before yours was saved (it was ended, or nothing happened for "
+                "too long): nobody is checked in and nothing was changed. Press “Check in” again."
+            ),
+            patient=shown,
+        )
+
+    def mapped_otherwise(self, patient_text: str, name: str) -> MappedName | None:
+        """The check-in typed (`patient_text`, `name`) would rename device users mapped to its ID
+        under another person's name: the doctor says which name is right (None: nothing to ask,
+        or a check-in the form refuses: it says why)."""
+        try:
+            patient = checked_patient(patient_text, name, self.config)
+        except ConsoleInputError:
+            return None
+        users = self.store.device_users.mapped_otherwise(patient.patient_id, patient.name)
+        if not users:
+            return None
+        named = tuple((self._device_called(u.address), u.user_id) for u in users)
+        return MappedName(patient.patient_id, patient.name, users[0].mapping.patient_name, named)
+
+    def _device_called(self, address: str) -> str:
+        """A device as the doctor knows it: the name it was paired with, else its model, else its address."""
+        record = self.registry.get(address)
+        return (record.name or record.model if record is not None else "") or address
 
     def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> tuple[str, SessionView | None]:
         """Whom the check-in typed (`patient_text`, `name`) is decided about: the patient checked
