@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 # compound surnames first: the family name is then two characters
@@ -119,3 +120,40 @@ def dicom_person_name(name: str) -> str:
     components = [c.strip() for c in components]
     alphabetic = [_romanise(c, surname=(i == 0)) if has_ideographs(c) else c for i, c in enumerate(components)]
     return "^".join(alphabetic).rstrip("^") + "=" + "^".join(components).rstrip("^")
+
+
+def _ideographic_key(group: str) -> str:
+    return "".join(group.replace("^", "").split())
+
+
+def _alphabetic_key(group: str) -> str:
+    # "ZHANG^SAN", "Zhang San", "zhang-san": one spelling; the accents of a toned pinyin dropped
+    plain = unicodedata.normalize("NFKD", group.casefold())
+    return "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))
+
+
+def _name_keys(name: str) -> tuple[str, str]:
+    """(ideographic, alphabetic) keys of a name as any path writes it: "张三", "张^三",
+    "Zhang^San", "Zhang^San=张^三" (DICOM PN groups: alphabetic=ideographic=phonetic)."""
+    groups = dicom_person_name(name).split("=")
+    alphabetic = groups[0]
+    ideographic = groups[1] if len(groups) > 1 else ""
+    if not ideographic and has_ideographs(alphabetic):  # ideographs written in the first group
+        alphabetic, ideographic = "", alphabetic
+    if ideographic and not _alphabetic_key(alphabetic):
+        alphabetic = dicom_person_name(ideographic).split("=")[0]
+    return _ideographic_key(ideographic), _alphabetic_key(alphabetic)
+
+
+def same_person_name(a: str, b: str) -> bool:
+    """Whether two names are one person's name as the gateway compares names (the check-in's
+    and a device file's, a name typed again): the same characters, or the same pinyin - "张三",
+    "Zhang^San", "ZHANG SAN" and "Zhang^San=张^三" are one name, and so is a homophone (章三):
+    what this catches is another person's name (the previous patient's, 李四), not a character
+    the cart or the doctor typed otherwise. An empty name is nobody's: False (a caller for whom
+    a missing name passes says so)."""
+    if not a.strip() or not b.strip():
+        return False
+    a_chars, a_sound = _name_keys(a)
+    b_chars, b_sound = _name_keys(b)
+    return bool((a_chars and a_chars == b_chars) or (a_sound and a_sound == b_sound))
