@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 # compound surnames first: the family name is then two characters
@@ -122,25 +123,33 @@ def dicom_person_name(name: str) -> str:
 
 
 def same_person_name(a: str, b: str) -> bool:
-    """Whether two names typed for one patient ID are one name: the same characters however
-    grouped (张三, 张^三, Zhang^San=张^三), or one written in pinyin only and the other's reading
-    (Zhang San, ZHANG^SAN for 张三: a keyboard without an input method). Two names in characters
-    that differ are two names, even read alike (张三, 张叁: the county would get one or the other,
-    and only the doctor knows which is his). Empty names are one name only with each other."""
+    """Whether two names given for one patient ID are one name (the check-in's and a device file's,
+    a mapping's, a name typed again): the same characters however grouped (张三, 张^三,
+    Zhang^San=张^三), or one written in pinyin only and the other's reading (Zhang San, ZHANG^SAN,
+    Zhāng Sān for 张三: a cart or keyboard without an input method). Two names in characters that
+    differ are two names, even read alike (张三, 张叁: the county would get one or the other, and
+    only the doctor knows which is his). An empty name is nobody's: False (a caller for whom a
+    missing name passes says so)."""
+    if not a.strip() or not b.strip():
+        return False
     (a_chars, a_reading), (b_chars, b_reading) = _name_forms(a), _name_forms(b)
     if a_chars and b_chars:
         return a_chars == b_chars
-    return a_reading == b_reading  # one (or neither) in characters: the pinyin is its reading, or not his
+    return bool(a_reading) and a_reading == b_reading  # one in characters: the pinyin is its reading, or not his
 
 
 def _name_forms(name: str) -> tuple[str, str]:
-    """(its characters, its letters) of a name, each without the PN's "^" and the spaces between
-    its parts: "Zhang^San=张^三" -> ("张三", "zhangsan"); "Zhang San" -> ("", "zhangsan")."""
+    """(its characters, its pinyin key) of a name, without the PN's "^" and the spaces between its
+    parts: "Zhang^San=张^三" -> ("张三", "zhangsan"); "Zhang San" -> ("", "zhangsan"); "张三" -> ("张三",
+    "zhangsan") (its reading)."""
     groups = dicom_person_name(name).split("=")
     chars = next((g for g in groups if has_ideographs(g)), "")
-    letters = next((g for g in groups if not has_ideographs(g)), "")
-    return _joined(chars), _joined(letters).lower().replace("ü", "yu")
+    letters = next((g for g in groups if g and not has_ideographs(g)), "")
+    return "".join(chars.replace("^", "").split()), _pinyin_key(letters)
 
 
-def _joined(group: str) -> str:
-    return re.sub(r"[\s^·'\-]", "", group)
+def _pinyin_key(group: str) -> str:
+    """One spelling of a name in letters: "ZHANG^SAN", "Zhang San", "zhang-san", "Zhāng Sān" ->
+    "zhangsan"; ü (lü, lǚ) as yu, as typed on a keyboard without it."""
+    plain = unicodedata.normalize("NFKD", group.casefold()).replace("u\u0308", "yu")
+    return "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))

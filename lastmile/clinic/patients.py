@@ -25,6 +25,7 @@ import sqlite_utils
 
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.names import same_person_name
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ class PatientContext:
         `correct_name_in`, in the transaction of what the doctor named him for (an assignment, a
         mapping): one refused must leave the name as it was."""
         known = self.known_name(patient.patient_id, now)
-        if patient.name and known and patient.name.strip() != known.strip() and not correct:
+        # one rule for "another name" (`same_person_name`): Zhang San typed for Zhang^San=张^三 is his
+        if patient.name and known and not same_person_name(patient.name, known) and not correct:
             raise NameConflict(patient.patient_id, known, patient.name)
         return self.named(patient, now)
 
@@ -492,8 +494,9 @@ def _linked_text(linked: set[str]) -> str | None:
 
 
 def _same_name(checked_in: str, name: str) -> bool:
-    """A name typed again for the checked-in patient's name (none is nobody's)."""
-    return bool(name.strip()) and name.strip() == checked_in.strip()
+    """A name typed again for the checked-in patient's name (none is nobody's), by the one rule
+    the gateway compares names by (`same_person_name`: 张三 is Zhang^San=张^三)."""
+    return same_person_name(checked_in, name)
 
 
 def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:

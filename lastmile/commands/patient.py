@@ -558,6 +558,10 @@ def _show(args: argparse.Namespace) -> int:
             why = {
                 "unassigned": "names no patient",
                 "re-record": "quality check says record again",
+                "name-mismatch": (
+                    f"names {(item.patient or {}).get('patient_id', '?')} as {item.meta.get('file_patient_name', '?')}, "
+                    f"checked in as {item.meta.get('checked_in_name', '?')}: whose is it?"
+                ),
             }.get(item.hold_reason or "", f"names patient {item.meta.get('file_patient_id', '?')}, not the current one")
             print(
                 f"  E{item.id:<5d} {when}  ECG {item.meta.get('leads', '?')} leads "

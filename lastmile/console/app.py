@@ -1142,6 +1142,29 @@ async def send_anyway(request: Request) -> Response:
     return await today_action(request, action)
 
 
+async def ecg_is_checked_in_patients(request: Request) -> Response:
+    """An ECG held for its name: "it is the checked-in patient's" - sent under the check-in's name."""
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+        item_id = path_number(request, "item_id")  # after the login and CSRF checks
+        assigned = state_of(request).data.ecg_is_checked_in_patients(ctx.user, item_id, now=now)
+        if assigned is None:
+            return "too-late"
+        return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
+
+    return await today_action(request, action)
+
+
+async def ecg_name_right(request: Request) -> Response:
+    """An ECG held for its name: "the ECG's name is right" - the check-in's name corrected, the ECG sent."""
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        item_id = path_number(request, "item_id")  # after the login and CSRF checks
+        return "name-corrected" if state_of(request).data.ecg_name_right(ctx.user, item_id, now=now) else "too-late"
+
+    return await today_action(request, action)
+
+
 async def ecg_preview(request: Request) -> Response:
     state = state_of(request)
     ctx = await context_for(request)
@@ -1474,6 +1497,8 @@ def routes() -> list[Route | Mount]:
         *form("/today/map-user", map_device_user, "/today"),
         *form("/today/ecg/{item_id:int}/re-record", re_record, "/today"),
         *form("/today/ecg/{item_id:int}/send-anyway", send_anyway, "/today"),
+        *form("/today/ecg/{item_id:int}/checked-in-name", ecg_is_checked_in_patients, "/today"),
+        *form("/today/ecg/{item_id:int}/name-right", ecg_name_right, "/today"),
         Route("/ecg/{item_id:int}/preview.svg", ecg_preview),
         Route("/events", events),
         Route("/sent", sent_page),

@@ -52,7 +52,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, ecgs_waiting, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, NAME_MISMATCH, ecgs_waiting, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -463,8 +463,9 @@ class HeldEcg:
 
     item_id: int
     recorded_at: dt.datetime
-    # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS:
-    # "unassigned", "patient-mismatch" (its file names another patient) or "re-record" (quality)
+    # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS: "unassigned",
+    # "patient-mismatch" (its file names another patient), "re-record" (quality) or
+    # "name-mismatch" (the checked-in patient's ID under another name: `patient_name` is the file's)
     reason: str
     hold_until: dt.datetime
     device: str = ""
@@ -475,6 +476,8 @@ class HeldEcg:
     quality_verdict: str = ""
     # unassigned and recorded during the current check-in: its Assign box offers that patient
     during_check_in: bool = False
+    stat: bool = False  # urgent: Today shows it first
+    checked_in_name: str = ""  # held "name-mismatch": the name the check-in gave `patient_id`
 
 
 @dataclass(frozen=True, slots=True)
@@ -1139,6 +1142,47 @@ class ClinicData:
             detail={"item": item_id, "done": assigned is not None},
         )
         return assigned
+
+    def _held_for_name(self, item_id: int, now: dt.datetime) -> HeldEcg | None:
+        """The ECG `item_id` if it is held now for a name that is not the check-in's."""
+        found = [h for h in self.held_ecg_source.held_ecgs(now) if h.item_id == item_id]
+        return found[0] if found and found[0].reason == NAME_MISMATCH else None
+
+    def ecg_is_checked_in_patients(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
+        """The doctor's "it is his" on an ECG held for its name: it goes under the ID it carries and
+        the name the check-in gave that ID (the one Today showed), the file's birth date and sex kept.
+        None: no longer held for its name (sent already, or decided on another screen)."""
+        held = self._held_for_name(item_id, now)
+        assigned = None
+        if held is not None:
+            patient = Patient(held.patient_id, held.checked_in_name)
+            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        self.audit.record(
+            user,
+            "ecg-checked-in-name",
+            now=now,
+            target=held.patient_id if held else str(item_id),
+            detail={"item": item_id, "done": assigned is not None},
+        )
+        return assigned
+
+    def ecg_name_right(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
+        """The doctor's "the ECG's name is right" on an ECG held for its name: the check-in's name
+        of that ID was wrong and is corrected (`PatientContext.correct_name`: what the session sends
+        from now on), and the ECG goes as the cart wrote it. False: no longer held for its name."""
+        held = self._held_for_name(item_id, now)
+        done = False
+        if held is not None:
+            self.context.correct_name(held.patient_id, held.patient_name, now=now)
+            done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
+        self.audit.record(
+            user,
+            "ecg-name-right",
+            now=now,
+            target=held.patient_id if held else str(item_id),
+            detail={"item": item_id, "done": done, "name": held.patient_name if held else ""},
+        )
+        return done
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 PATIENT_MISMATCH = "patient-mismatch"
 UNASSIGNED_HOLD = "unassigned"
 QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
-DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
+# the file names the checked-in patient's ID under another person's name (`same_person_name`):
+# whose ECG it is, only the doctor knows - STAT ones too (`lastmile.ecg.intake.name_hold_s`)
+NAME_MISMATCH = "name-mismatch"
+DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD, NAME_MISMATCH)
 LAN_SOURCE_FORMAT = "dicom-lan"
 RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
 
@@ -92,11 +95,13 @@ class HeldEcgError(LookupError):
 
 
 def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
-    """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
-    oldest first."""
+    """ECGs waiting for the doctor (unassigned, naming another patient or another name, or to be
+    recorded again): STAT ones first (an urgent read waits on the doctor's answer), then oldest
+    first."""
     from uploader.outbox import Kind
 
-    return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
+    held = [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
+    return sorted(held, key=lambda item: not item.meta.get("stat"))  # stable: oldest first within each
 
 
 def held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:

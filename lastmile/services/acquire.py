@@ -70,10 +70,11 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
 class SessionLookup:
     """What the clinic session says at this moment, for ECGs that arrive on their own (LAN, stick):
     the current patient's IDs (his own and those the doctor linked to it), and that patient when
-    the doctor checked them in as STAT."""
+    the doctor checked them in as STAT; the name it knows for an ID (a file's name is compared with it)."""
 
     patient_ids: Callable[[], frozenset[str]]
     stat_session: Callable[[], StatSession | None]
+    checked_in_name: Callable[[str], str] = lambda patient_id: ""
 
 
 NO_SESSION = SessionLookup(frozenset, lambda: None)
@@ -87,7 +88,7 @@ def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) ->
     from lastmile.ecg.intake import lan_receiver
 
     try:
-        receiver = lan_receiver(config, outbox, session.patient_ids, session.stat_session)
+        receiver = lan_receiver(config, outbox, session.patient_ids, session.stat_session, session.checked_in_name)
     except LinkConfigError as exc:  # empty allow-list and the like: refused before READY
         raise ConfigError(f"{config.source}: lan_receiver: {exc}") from None
     # listening starts at the part's first check, and is retried there: a port it cannot have
@@ -100,7 +101,7 @@ def usb_import_part(config: Config, outbox: Outbox, session: SessionLookup) -> P
         return None
     from lastmile.ecg.intake import usb_import_watcher
 
-    watcher = usb_import_watcher(config, outbox, session.patient_ids, session.stat_session)
+    watcher = usb_import_watcher(config, outbox, session.patient_ids, session.stat_session, session.checked_in_name)
 
     def work(stop: threading.Event, beat: Beat) -> None:
         while not stop.is_set():
@@ -220,7 +221,11 @@ class AcquireService:
             with lock:
                 return context.stat_session(dt.datetime.now(dt.timezone.utc))
 
-        return SessionLookup(current_patient_ids, stat_session)
+        def checked_in_name(patient_id: str) -> str:
+            with lock:
+                return context.known_name(patient_id, dt.datetime.now(dt.timezone.utc))
+
+        return SessionLookup(current_patient_ids, stat_session, checked_in_name)
 
     def check_parts(self) -> None:
         now = time.monotonic()
