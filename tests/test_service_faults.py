@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from devices.device_errors import DeviceProblem
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.config import Config
 from lastmile.doctor import Level
@@ -487,6 +488,11 @@ def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_k
     assert "Traceback" not in out, out
     assert waiting_readings(data) == 3, out  # kept on disk, and said so
     assert "3 reading(s) (kept on disk, stored after the restart) not stored" in out, out
+    # a store the stop gave up is the stop's, not a fault: no "cannot store" problem on the row, no ERROR
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:
+        row = registry.get("serial:monitor")
+    assert row.problem is not DeviceProblem.NOT_SAVED and "cannot store" not in row.last_error, row
+    assert "cannot store a" not in out, out
     again = start_acquire(config, Manager(tmp_path / "notify-again"), watchdog_usec=20_000_000)
     try:
         with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:

@@ -101,7 +101,7 @@ from lastmile.services.serial_spill import (
     kept_in,
 )
 from uploader.errors import InvalidObjectError, UploadError
-from uploader.outbox import Outbox, is_storage_full
+from uploader.outbox import Outbox, gave_up_at_stop, is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +327,9 @@ class SerialContext:
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
+            if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start, or resent
+                log.info("%s: stopping: a %s observation not stored yet: %s", spec.name, obs.kind, exc)
+                return False
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             message, space = f"{CANNOT_STORE}reading: {exc}", is_storage_full(exc)
             if not held or not space:
@@ -560,6 +563,9 @@ class SerialContext:
             )  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
+            if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start
+                log.info("%s: stopping: an ECG recording not stored yet is held: %s", spec.name, exc)
+                return False
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
             if cause:
