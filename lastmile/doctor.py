@@ -158,6 +158,8 @@ LOST_NOT_STORED_HINT = "the data store could not be written, not for want of spa
 FREE_SPACE_HINT = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
 # what waits in the spill file of readings, whose advice for space is the devices check's own (no key)
 READINGS_KEPT = "readings-kept"
+# a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
+LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
@@ -814,10 +816,12 @@ class Doctor:
         ]
 
     def _lost_at_stop(self) -> list[Finding]:
-        """Readings (streamed ECGs) held in memory only that a stop - a power cut - lost: nothing
-        brings them back (a bridge streams an ECG once), so the doctor says how many and when for
-        LOST_SAID_FOR (lastmile.clinic.devices), whatever was stored since."""
-        from lastmile.clinic.devices import lost_message
+        """Readings (streamed ECGs) a stop lost: held in memory only (a power cut), or kept on disk
+        in a spill file that did not give them back at the restart (missing, damaged: the file and
+        its .bad copy named for the county IT). Nothing brings them back (a bridge streams an ECG
+        once), so the doctor says how many and when for LOST_SAID_FOR (lastmile.clinic.devices),
+        whatever was stored since."""
+        from lastmile.clinic.devices import held_words, lost_message, lost_on_disk_message
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         found = []
@@ -826,26 +830,42 @@ class Doctor:
             if r.removed or until is None or r.lost_at is None:  # lost_said_until: never without lost_at
                 continue
             after = f"after {_stamp(r.lost_after)}, " if r.lost_after is not None else ""
-            # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
-            keep = (
-                LOST_NOT_STORED_HINT
-                if r.lost_cause
-                else "keep the gateway powered while readings wait for space (see the data line)"
-            )
-            found.append(
-                Finding(
-                    "devices",
-                    Level.FAIL,
-                    f"{r.name or r.address}: {lost_message(r.lost_words, r.lost_cause)} "
-                    f"({after}found at its restart at {_stamp(r.lost_at)})",
-                    "they cannot be recovered: record them again if the patients are still here; "
-                    f"{keep}; said until {_stamp(until)}",
-                    advice_key=("lost-ecgs" if r.lost_ecg_count else "lost-readings")
-                    + (NOT_STORED if r.lost_cause else ""),
-                    until=until.timestamp(),
-                    since=r.lost_at.timestamp(),
+            when = f"({after}found at its restart at {_stamp(r.lost_at)})"
+            again = "they cannot be recovered: record them again if the patients are still here; "
+            memory, disk = held_words(*r.lost_from_memory), held_words(*r.lost_from_disk)
+            if memory:
+                # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
+                keep = (
+                    LOST_NOT_STORED_HINT
+                    if r.lost_cause
+                    else "keep the gateway powered while readings wait for space (see the data line)"
                 )
-            )
+                found.append(
+                    Finding(
+                        "devices",
+                        Level.FAIL,
+                        f"{r.name or r.address}: {lost_message(memory, r.lost_cause)} {when}",
+                        f"{again}{keep}; said until {_stamp(until)}",
+                        advice_key=("lost-ecgs" if r.lost_from_memory[1] else "lost-readings")
+                        + (NOT_STORED if r.lost_cause else ""),
+                        until=until.timestamp(),
+                        since=r.lost_at.timestamp(),
+                    )
+                )
+            if disk:
+                found.append(
+                    Finding(
+                        "devices",
+                        Level.FAIL,
+                        f"{r.name or r.address}: {lost_on_disk_message(disk, r.lost_damage or 'its spill file')} "
+                        f"{when}",
+                        f"{again}the county IT: look at the damaged file (its .bad copy) and the SD card; "
+                        f"said until {_stamp(until)}",
+                        advice_key=LOST_DAMAGED_ECGS if r.lost_from_disk[1] else LOST_DAMAGED_READINGS,
+                        until=until.timestamp(),
+                        since=r.lost_at.timestamp(),
+                    )
+                )
         return found
 
     def _readings_waiting_for_space(self) -> list[Finding]:

@@ -400,6 +400,14 @@ MIGRATIONS = (
         "ALTER TABLE reports ADD COLUMN lines_not_read TEXT;\n"
         "CREATE INDEX reports_without_lines ON reports (id) WHERE lines IS NULL AND lines_not_read IS NULL;",
     ),
+    # of what a stop lost, what was kept on disk and the spill file did not give back (missing,
+    # damaged), and which file and why: said as that, not as "held in memory only"
+    Migration.sql(
+        "0034_device_lost_on_disk",
+        "ALTER TABLE devices ADD COLUMN lost_disk_reading_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN lost_disk_ecg_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN lost_damage TEXT;",
+    ),
 )
 
 

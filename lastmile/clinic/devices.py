@@ -75,8 +75,13 @@ class DeviceRecord:
     held_ecg_count: int = 0  # ... and streamed ECGs (a bridge's)
     memory_reading_count: int = 0  # of those, held in memory only (the spill file keeps the rest) ...
     memory_ecg_count: int = 0  # ... (0, 0 with held_readings MEMORY: all of them)
-    lost_reading_count: int = 0  # what a stop lost of what was held in memory only: readings ...
+    lost_reading_count: int = 0  # what a stop lost of what was held: readings ...
     lost_ecg_count: int = 0  # ... and streamed ECGs
+    # of those, kept on disk but not given back by a missing or damaged spill file (the rest was
+    # held in memory only): readings, streamed ECGs, and the file (its damage, its .bad copy)
+    lost_disk_reading_count: int = 0
+    lost_disk_ecg_count: int = 0
+    lost_damage: str = ""
     held_at: dt.datetime | None = None  # when its held status was last written
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
@@ -137,8 +142,21 @@ class DeviceRecord:
 
     @property
     def lost_words(self) -> str:
-        """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
+        """What a stop lost, for people ("1 ECG(s)"; "" when nothing)."""
         return held_words(self.lost_reading_count, self.lost_ecg_count)
+
+    @property
+    def lost_from_memory(self) -> tuple[int, int]:
+        """Readings and streamed ECGs a stop lost that were held in memory only."""
+        return (
+            max(0, self.lost_reading_count - self.lost_disk_reading_count),
+            max(0, self.lost_ecg_count - self.lost_disk_ecg_count),
+        )
+
+    @property
+    def lost_from_disk(self) -> tuple[int, int]:
+        """Readings and streamed ECGs a stop lost that were kept on disk: the spill file did not give them back."""
+        return (self.lost_disk_reading_count, self.lost_disk_ecg_count)
 
     @property
     def battery_low(self) -> bool:
@@ -196,6 +214,12 @@ def lost_message(words: str, cause: str = "") -> str:
     `lastmile doctor`): waiting for space or, with a `cause` (`DeviceRecord.held_cause`), for that."""
     waiting = f"waiting to be stored: {cause}" if cause else "waiting for space"
     return f"{words} held in memory only ({waiting}) were lost when the gateway stopped"
+
+
+def lost_on_disk_message(words: str, damage: str) -> str:
+    """What a stop kept of `words` (`held_words`) on disk and the spill file did not give back at
+    the restart (`damage`: the file, why, its .bad copy: `DeviceRecord.lost_damage`), for people."""
+    return f"{words} kept on disk could not be read back at the restart from {damage}: lost when the gateway stopped"
 
 
 # how long the causes of losses said at once may grow (a cause is at most 200 characters: two of them)
@@ -263,6 +287,8 @@ _COUNTS = (
     "memory_ecg_count",
     "lost_reading_count",
     "lost_ecg_count",
+    "lost_disk_reading_count",
+    "lost_disk_ecg_count",
 )
 
 
@@ -295,6 +321,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         lost_at=from_iso(row["lost_at"]),
         held_cause=(row["held_cause"] or "") if row["held_readings"] else "",
         lost_cause=row["lost_cause"] or "",
+        lost_damage=row["lost_damage"] or "",
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
@@ -458,25 +485,51 @@ class DeviceRegistry:
         return parse_services(row[0] if row else None)
 
     def record_lost(
-        self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime, cause: str | None = None
+        self,
+        record: DeviceRecord,
+        counts: tuple[int, int],
+        *,
+        now: dt.datetime,
+        cause: str | None = None,
+        on_disk: tuple[int, int] = (0, 0),
+        damage: str = "",
     ) -> None:
-        """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
-        the restart found) held after its last word on them, found gone at `now`: said for
-        LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
-        said they waited for then (`held_cause`), unless the loss said before had another than space:
-        that one stays (its readings are still lost, and its advice is the county IT's), and another
-        one is said beside it. `cause`: theirs when not the row's held cause (a damaged spill file)."""
+        """Readings and streamed ECGs (`counts`) a stop lost of what `record` (the row the restart
+        found) held after its last word on them, found gone at `now`: said for LOST_SAID_FOR from
+        now, with a loss still said before added in; their cause is what the row said they waited
+        for then (`held_cause`), unless the loss said before had another than space: that one stays
+        (its readings are still lost, and its advice is the county IT's), and another one is said
+        beside it. `cause`: theirs when not the row's held cause. `on_disk`: of `counts`, those kept
+        on disk that the spill file did not give back, `damage` says which file and why."""
         readings, ecgs = counts
+        disk_readings, disk_ecgs = on_disk
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
         cause = record.held_cause if cause is None else cause
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
+            disk_readings, disk_ecgs = (
+                disk_readings + record.lost_disk_reading_count,
+                disk_ecgs + record.lost_disk_ecg_count,
+            )
             after, cause = record.lost_after, lost_causes(record.lost_cause, cause)
+            damage = lost_causes(record.lost_damage, damage)
         with transaction(self.db) as conn:
             conn.execute(
-                "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
-                "lost_cause = ?, updated_at = ? WHERE address = ?",
-                (readings, ecgs, after and iso(after), iso(now), cause, iso(now), record.address),
+                "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_disk_reading_count = ?, "
+                "lost_disk_ecg_count = ?, lost_damage = ?, lost_after = ?, lost_at = ?, lost_cause = ?, "
+                "updated_at = ? WHERE address = ?",
+                (
+                    readings,
+                    ecgs,
+                    disk_readings,
+                    disk_ecgs,
+                    damage,
+                    after and iso(after),
+                    iso(now),
+                    cause,
+                    iso(now),
+                    record.address,
+                ),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

@@ -607,7 +607,7 @@ def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[
 
 def _devices(args: argparse.Namespace) -> int:
     from lastmile.clinic.db import DB_NAME
-    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.devices import DeviceRegistry, held_words
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import existing_file
 
@@ -647,5 +647,8 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       last error   {_local(r.last_error_at)}: {r.last_error}")
         if not r.removed and r.lost_said_until(now) is not None:
             stopped = f"the gateway stopped after {_local(r.lost_after)}, found {_local(r.lost_at)}"
-            print(f"       lost         {r.lost_words} held in memory only, when {stopped}")
+            if memory := held_words(*r.lost_from_memory):
+                print(f"       lost         {memory} held in memory only, when {stopped}")
+            if disk := held_words(*r.lost_from_disk):
+                print(f"       lost         {disk} kept on disk, not read back from {r.lost_damage}, when {stopped}")
     return 0

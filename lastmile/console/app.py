@@ -446,6 +446,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
             "the patient is still here, and call the county IT. This shows until %(time)s."
         ),
+        # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
+        "lost-readings-damaged-file": N_(
+            "Some readings saved on the SD card could not be read back when the gateway started again "
+            "(%(since)s): the file holding them is damaged, so they are lost. Measure again if the patient is "
+            "still here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-ecgs-damaged-file": N_(
+            "Some ECGs saved on the SD card could not be read back when the gateway started again (%(since)s): "
+            "the file holding them is damaged, so they are lost. Record the ECG again if the patient is still "
+            "here, and call the county IT. This shows until %(time)s."
+        ),
         "lost-ecgs-not-stored": N_(
             "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
             "again, %(since)s): the gateway could not save its data then (not for want of space). Record the ECG "

@@ -77,8 +77,8 @@ from lastmile.clinic.devices import (
     HeldReadings,
     forwarded_name,
     held_words,
-    lost_causes,
     lost_message,
+    lost_on_disk_message,
     normalise_address,
     serial_address,
     waiting_message,
@@ -97,11 +97,12 @@ from lastmile.ecg.intake import enqueue_recording, session_request
 from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
+    SPILL_NAME,
     SpillFile,
     kept_in,
 )
 from uploader.errors import InvalidObjectError, UploadError
-from uploader.outbox import Outbox, is_storage_full
+from uploader.outbox import Outbox, gave_up_at_stop, is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,9 @@ class SerialContext:
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
+            if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start, or resent
+                log.info("%s: stopping: a %s observation not stored yet: %s", spec.name, obs.kind, exc)
+                return False
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             message, space = f"{CANNOT_STORE}reading: {exc}", is_storage_full(exc)
             if not held or not space:
@@ -397,24 +401,35 @@ class SerialContext:
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
-        """What `record` said was held before the stop and the spill files did not give back
-        (`loaded`: held - given back) was lost at the stop (a power cut, a damaged spill file):
-        the device cannot resend it, so the row keeps the loss for `lastmile doctor` even once
-        the rest is stored; more than it held in memory only is the spill files' loss, said as
-        its cause."""
-        lost = (
-            max(0, record.held_reading_count - len(loaded.observations)),
-            max(0, record.held_ecg_count - len(loaded.recordings)),
-        )
+        """What `record` said was held before the stop and is not back (`loaded`: what the spill
+        files gave back) was lost at the stop, the device cannot resend it: the row keeps the loss
+        for `lastmile doctor` even once the rest is stored, by where it was. A spill file that gave
+        back its newest copy whole is the truth of what was on disk (a row written before the file
+        was saved empty, or whose write failed, says more): only what the row said was held in
+        memory only is lost then. One that did not (missing, damaged) lost the rest of what the
+        row said it kept, too."""
+        held = (record.held_reading_count, record.held_ecg_count)
+        given = (len(loaded.observations), len(loaded.recordings))
         in_memory = record.in_memory_only if record.held_in_memory_only else (0, 0)
         spills = (self.spill, self.ecg_spill)
-        cause = lost_causes(
-            record.held_cause,
-            "; ".join(not_given_back(spill) for spill, n, m in zip(spills, lost, in_memory, strict=True) if n > m),
-        )
+        names = (SPILL_NAME, ECG_SPILL_NAME)
+        memory, disk, damaged = [0, 0], [0, 0], []
+        for i, spill in enumerate(spills):
+            memory[i] = min(in_memory[i], max(0, held[i] - given[i]))  # what is back was on disk
+            if spill is None or not spill.gave_back_all:
+                disk[i] = max(0, held[i] - in_memory[i] - given[i])
+            if disk[i]:
+                damaged.append(
+                    spill.not_given_back if spill is not None else f"{Path(self.config.data_dir) / names[i]} (missing)"
+                )
+        lost, on_disk = (memory[0] + disk[0], memory[1] + disk[1]), (disk[0], disk[1])
         if any(lost):
-            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), cause))
-            self.registry.record_lost(record, lost, now=self.now(), cause=cause)
+            damage = "; ".join(damaged)
+            if any(memory):
+                log.error("%s: %s", record.name or record.address, lost_message(held_words(*memory), record.held_cause))
+            if any(on_disk):
+                log.error("%s: %s", record.name or record.address, lost_on_disk_message(held_words(*on_disk), damage))
+            self.registry.record_lost(record, lost, now=self.now(), on_disk=on_disk, damage=damage)
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
 
@@ -560,6 +575,9 @@ class SerialContext:
             )  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
+            if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start
+                log.info("%s: stopping: an ECG recording not stored yet is held: %s", spec.name, exc)
+                return False
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
             if cause:
@@ -576,14 +594,6 @@ class SerialContext:
         )
         self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
-
-
-def not_given_back(spill: SpillFile | None) -> str:
-    """Why `spill` did not give back all a device row said it kept (a cause of their loss)."""
-    if spill is None:
-        return "kept on disk, but no spill file was opened for them"
-    aside = f"; set aside as {spill.set_aside}" if spill.set_aside is not None else ""
-    return f"kept on disk, but {spill.path} gave them not back ({spill.damage or 'not in it'}{aside})"[:200]
 
 
 def on_disk(waiting: int, spill: SpillFile | None, name: str) -> int:
