@@ -102,6 +102,7 @@ from lastmile.services.serial_spill import (
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
+from uploader.sqlite_store import StopWaits, gave_up_at_stop, give_up_waits_on
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,9 @@ class SerialContext:
                 name=name,
                 **facts,  # type: ignore[arg-type]
             )
-        except Exception:  # status is best effort; readings are not
-            log.exception("%s: cannot record device status", spec.name)
+        except Exception as exc:  # status is best effort; readings are not
+            if not status_given_up(spec, exc):
+                log.exception("%s: cannot record device status", spec.name)
             return False
         return True
 
@@ -485,8 +487,9 @@ class SerialContext:
             if record is not None and record.problem is DeviceProblem.NOT_SAVED:
                 self.registry.clear_error(address, DeviceProblem.NOT_SAVED, now=self.now())
                 self._row_errors.pop(spec.name, None)  # that cause back again is said at once
-        except Exception:  # status is best effort, as in status()
-            log.exception("%s: cannot record device status", spec.name)
+        except Exception as exc:  # status is best effort, as in status()
+            if not status_given_up(spec, exc):
+                log.exception("%s: cannot record device status", spec.name)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -576,6 +579,17 @@ class SerialContext:
         )
         self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
+
+
+def status_given_up(spec: LinkSpec, exc: Exception) -> bool:
+    """Whether a device row's status write (best effort: readings are not) failed because the stop
+    gave it up, another process holding clinic.db's lock: expected, said at INFO. The row is
+    written again as the next start finds the device (disconnected, what waits); only its last
+    reading's summary is not."""
+    if not gave_up_at_stop(exc):
+        return False
+    log.info("%s: stopping: device status not recorded (clinic.db locked by another process): %s", spec.name, exc)
+    return True
 
 
 def not_given_back(spill: SpillFile | None) -> str:
@@ -900,13 +914,18 @@ class SerialService:
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
     @classmethod
-    def open(cls, config: Config, *, outbox: Outbox, **kwargs: object) -> SerialService:
-        """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's."""
+    def open(cls, config: Config, *, outbox: Outbox, stop: StopWaits | None = None, **kwargs: object) -> SerialService:
+        """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's.
+        `stop`: the acquire service's (its outbox's too): at a stop, the devices' clinic.db writes
+        wait at most a second more for another process's lock (WaitGivenUp): a reading is held
+        (spill file), a row's status is redone at the next start."""
         # A bad profile file stops only the devices that name it: each says why in its status.
         profiles, bad = load_profiles_apart(config)
         specs = link_specs(config, profiles, bad)
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
+        if stop is not None:
+            give_up_waits_on(store.db, stop)
         registry = DeviceRegistry(store.db)
         ctx = SerialContext(
             config=config,
