@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
+import os
+import shutil
 import signal
 import sqlite3
 import threading
@@ -18,10 +21,17 @@ from pathlib import Path
 
 import pytest
 
+from devices.device_errors import DeviceProblem
+from firmware_bridge.bridge_simulator import EcgStreamSimulator
+from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
-from lastmile.services.serial_spill import waiting_readings
+from lastmile.config import Config
+from lastmile.services.acquire import NO_SESSION, usb_import_part
+from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
+from tests.conftest import shared_file
+from tests.serial_gateway import Running, talk_as_bridge
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
     STOP_WITHIN_S,
@@ -164,3 +174,85 @@ def test_a_stop_ends_a_clinic_db_write_waiting_for_another_process_lock(tmp_path
             pass
         registry.update_status("serial:monitor", now=now, transport="serial", connected=True)
         assert registry.get("serial:monitor") is not None
+
+
+# -- an ECG the stop gave up is kept, said at INFO: no device error ------------------------------------
+
+
+def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/serial_devices.py store_recording: a bridge's ECG whose store the stop gave
+    up (another process holding the outbox's lock) was logged at ERROR "cannot store an ECG
+    recording" and marked its row NOT_SAVED, a device fault for the doctor and the county's log
+    shipping. At a stop it is expected: said at INFO, the ECG kept in the ECG spill file and held
+    (its row says it waits), no device error; stored once the lock is free."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        wait_for(lambda: r.service.statuses()[0].connected)
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(seconds=5))
+        stop = threading.Event()
+        r.outbox.give_up_waits_on(stop)
+        stop.set()  # the acquire service is stopping
+        with (
+            contextlib.closing(sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None)) as other,
+            caplog.at_level(logging.INFO),
+        ):
+            other.execute("BEGIN IMMEDIATE")
+            sim = EcgStreamSimulator(core, recording_id=3)
+            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            wait_for(lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1, timeout=30)
+            wait_for(lambda: (row := r.registry.get("serial:ecg")) is not None and row.held_ecg_count == 1)
+            other.rollback()
+        row = r.registry.get("serial:ecg")
+        assert row is not None and row.problem is not DeviceProblem.NOT_SAVED and not row.last_error, row
+        said = [rec for rec in caplog.records if "ECG" in rec.getMessage()]
+        assert [rec.getMessage() for rec in said if rec.levelno >= logging.ERROR] == []
+        assert any(rec.levelno == logging.INFO and "stopping: an ECG recording" in rec.getMessage() for rec in said)
+    finally:
+        r.close()  # the lock free: what waits is stored at the close
+        bridge.unplug()
+    with contextlib.closing(Outbox.open(r.config.data_dir, min_free_bytes=0)) as outbox:
+        assert len(outbox.items(kind="dicom")) == 1
+    assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
+
+
+def test_a_usb_import_the_stop_gave_up_is_said_at_info_and_left_on_the_stick(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/parts.py WorkerPart: an ECG file's import the stop gave up (another process
+    holding the outbox's lock) ended the usb-import part with a WARNING and "will try again", as a
+    fault. At a stop it is expected: said at INFO; the file stays on the stick, imported once the
+    lock is free (here by the next poll; at a restart by the next start)."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    ecg = stick / "0000037.ECG"
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), ecg)
+    os.utime(ecg, (time.time() - 3600,) * 2)  # written before the stick came in: imported at once
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox:
+        outbox.give_up_waits_on(stop)
+        stop.set()  # the acquire service is stopping
+        part = usb_import_part(config, outbox, NO_SESSION)
+        assert part is not None
+        with (
+            contextlib.closing(sqlite3.connect(config.data_dir / "outbox.sqlite", isolation_level=None)) as other,
+            caplog.at_level(logging.INFO),
+        ):
+            other.execute("BEGIN IMMEDIATE")
+            part.check(time.monotonic())
+            wait_for(lambda: not part.running, timeout=30)
+            other.rollback()
+        said = [rec for rec in caplog.records if rec.name == "lastmile.services.parts"]
+        assert [rec.getMessage() for rec in said if rec.levelno >= logging.WARNING] == []
+        assert any("usb-import: stopping" in rec.getMessage() for rec in said), [r.getMessage() for r in said]
+        assert outbox.items(kind="dicom") == [] and ecg.exists()
+        part.check(time.monotonic())  # started again: the file is imported now the lock is free
+        wait_for(lambda: len(outbox.items(kind="dicom")) == 1, timeout=60)
+        part.close()

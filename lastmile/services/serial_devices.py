@@ -263,6 +263,7 @@ class SerialContext:
     # stop lost (the lost FAIL says them: their NACK is not the row's error too), until the first
     # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
+    stopping: bool = False  # the service's stop gave up a store: what waits now is said at INFO, expected
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -450,7 +451,7 @@ class SerialContext:
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
         self.status(spec, held=where, held_cause=held.cause, held_counts=counts, memory_counts=memory)
-        log.error(
+        (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
             self._row_waiting(spec) or waiting_message(held_words(*counts), where, held_words(*memory)),
@@ -563,8 +564,15 @@ class SerialContext:
             )  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
-            log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
+            if gave_up_at_stop(exc):  # expected at a stop, no fault of the device: held, stored after the restart
+                log.info(
+                    "%s: stopping: an ECG recording not stored yet is kept to be stored after the restart", spec.name
+                )
+                self.stopping = True
+                self._held_cause(spec, cause)
+                return False
+            log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             if cause:
                 self.error(spec, cause, DeviceProblem.NOT_SAVED)
             else:  # held: the row's held status says it waits for space
