@@ -256,3 +256,65 @@ def test_a_usb_import_the_stop_gave_up_is_said_at_info_and_left_on_the_stick(
         part.check(time.monotonic())  # started again: the file is imported now the lock is free
         wait_for(lambda: len(outbox.items(kind="dicom")) == 1, timeout=60)
         part.close()
+
+
+# -- visits.db: the GNSS part's track ------------------------------------------------------------------
+
+
+def test_sigterm_while_a_gnss_fix_waits_for_visits_db_lock_stops_promptly(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py gnss_part: with another process holding visits.db's write lock
+    (the console signing a visit, a sqlite3 shell left open), a fix extending the open visit's
+    track waited the 15 s busy timeout, and SIGTERM with it: 15.1 s, the part "still busy at
+    shutdown" (its thread abandoned mid-write at the part's 15 s join). Now the service's stop
+    bounds visits.db's writes too: out within seconds, the track point given up said at INFO."""
+    from lastmile.visits.book import VisitBook, VisitPolicy
+
+    device = PtyDevice(tmp_path / "gps0")
+    data, config = tmp_path / "data", tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[visits]\ndoctor_id = "DR-1"\n'
+        f'[gps]\nsource = "nmea"\nnmea_port = "{device.link_path}"\nnmea_baud = 9600\n'
+    )
+    with VisitBook.open(data, gateway_id="gw", policy=VisitPolicy()) as book:
+        book.start("P1", doctor_id="DR-1")
+    nmea = [
+        line for line in shared_file("gps", "bt-q818.log").read_bytes().splitlines(keepends=True) if line[:1] == b"$"
+    ]
+    fed = threading.Event()
+
+    def feed() -> None:  # a receiver's pace, for as long as the test runs
+        while not fed.is_set():
+            for line in nmea:
+                if fed.is_set():
+                    return
+                device.write(line)
+                time.sleep(0.01)
+
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        time.sleep(2.0)  # the part opens the port (pyserial drops what waits in it then)
+        feeder.start()
+        with VisitBook.open(data, gateway_id="gw", policy=VisitPolicy()) as book:
+            wait_for(lambda: len(book.track(book.open_visit().id)) > 0, timeout=60, what="the track extended")
+        with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # a fix's write waits for the lock
+            proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = proc.communicate(timeout=120)
+            took = time.monotonic() - began
+            other.rollback()
+    finally:
+        fed.set()
+        if feeder.ident is not None:
+            feeder.join(timeout=60)  # before its pty closes
+        stop_child(proc)
+        manager.sock.close()
+        device.unplug()
+    print(f"\nSIGTERM to exit, a GNSS fix waiting for visits.db's lock: {took:.1f} s")
+    assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out and "still busy at shutdown" not in out, out
+    assert "gnss: stopping: a write waiting for another process's lock given up" in out, out

@@ -114,20 +114,25 @@ def usb_import_part(config: Config, outbox: Outbox, session: SessionLookup) -> P
     return WorkerPart("usb-import", work, stale_after=None)
 
 
-def gnss_part(config: Config) -> Part | None:
+def gnss_part(config: Config, waits: StopWaits | None = None) -> Part | None:
     """Fixes from gpsd or an NMEA receiver: they anchor the clock (a Pi has no RTC) and extend
-    the open visit's bounded track."""
+    the open visit's bounded track. `waits`: the service's stop: at a stop, a fix's visits.db write
+    waits at most a second more for another process's lock (that track point given up, said at
+    INFO by the part), not 15 s."""
     if config.gps.source == "none":
         return None
     from firmware_bridge.errors import GnssError
     from firmware_bridge.gnss import open_source
     from lastmile.visits.book import VisitBook, VisitPolicy, follow_receiver
+    from uploader.sqlite_store import give_up_waits_on
 
     def work(stop: threading.Event, beat: Beat) -> None:
         warned = False
         with VisitBook.open(
             config.data_dir, gateway_id=config.gateway.id, policy=VisitPolicy.from_config(config.visits)
         ) as book:
+            if waits is not None:
+                give_up_waits_on(book.db, waits)
             while not stop.is_set():
                 beat()
                 try:
@@ -165,7 +170,7 @@ def build_parts(
         lambda: serial_part(config, outbox, stop),
         lambda: lan_receiver_part(config, outbox, session),
         lambda: usb_import_part(config, outbox, session),
-        lambda: gnss_part(config),
+        lambda: gnss_part(config, stop),
     ):
         part = build()
         if part is not None:
