@@ -318,3 +318,39 @@ def test_sigterm_while_a_gnss_fix_waits_for_visits_db_lock_stops_promptly(tmp_pa
     assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
     assert "Traceback" not in out and "still busy at shutdown" not in out, out
     assert "gnss: stopping: a write waiting for another process's lock given up" in out, out
+
+
+def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
+    clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
+    current after the restart and the next readings go on him. The card waits for the lock as
+    before the stop bounded anything (its own connection), and is the session's once it is free."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    stop = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        service.start()
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            now = dt.datetime.now(dt.timezone.utc)
+            patients.set_patient("P-BEFORE", now=now - dt.timedelta(minutes=1))
+            stop.set()  # the acquire service is stopping
+            with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                scanner.write(PATIENT_CARD_SCAN)
+                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the card still waits
+                other.rollback()
+            wait_for(lambda: (p := patients.current(dt.datetime.now(dt.timezone.utc))) and p.patient_id != "P-BEFORE")
+            current = patients.current(dt.datetime.now(dt.timezone.utc))
+            assert current is not None and current.patient_id == "80276001234567890123"
+        finally:
+            service.close()
+            scanner.unplug()

@@ -102,7 +102,7 @@ from lastmile.services.serial_spill import (
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
-from uploader.sqlite_store import StopWaits, gave_up_at_stop, give_up_waits_on
+from uploader.sqlite_store import StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,10 @@ class SerialContext:
     # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
     stopping: bool = False  # the service's stop gave up a store: what waits now is said at INFO, expected
+    # The card scanner's session writes: a connection of their own, which the stop does not bound
+    # (None: `patients`'). A card given up at a stop would leave the previous patient current
+    # after the restart, and the next readings on him: the card waits for the lock as before.
+    card_sessions: PatientContext | None = None
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -580,7 +584,10 @@ class SerialContext:
             self._held_cause(spec, cause)
             return False
         if patient is not None:
-            self.patients.touch(now=now)
+            try:
+                self.patients.touch(now=now)
+            except WaitGivenUp:  # the ECG is stored: a stop does not make it "not stored"
+                log.info("stopping: the session's activity not recorded (clinic.db locked by another process)")
         gaps = sum(g.missing for g in recording.gaps)
         text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (
             f", {gaps} samples missing" if gaps else ""
@@ -862,11 +869,12 @@ class ScannerHandler:
     def data_received(self, data: bytes) -> None:
         for ev in self.decoder.feed(data):
             now = self.ctx.now()
+            sessions = self.ctx.card_sessions or self.ctx.patients
             if isinstance(ev, PatientScanned):
-                self.ctx.patients.set_patient(ev.patient_id, now=now)
+                sessions.set_patient(ev.patient_id, now=now)
                 self.ctx.status(self.spec, reading="patient card", reading_at=now)
             elif isinstance(ev, DoctorScanned):
-                self.ctx.patients.set_doctor(ev.doctor_id, now=now)
+                sessions.set_doctor(ev.doctor_id, now=now)
                 self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
@@ -932,8 +940,13 @@ class SerialService:
         specs = link_specs(config, profiles, bad)
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
+        owned: list[object] = [store]
+        card_sessions = None
         if stop is not None:
             give_up_waits_on(store.db, stop)
+            if any(spec.profile == SCANNER for spec in specs):  # SerialContext.card_sessions
+                card_sessions = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+                owned.append(card_sessions)
         registry = DeviceRegistry(store.db)
         ctx = SerialContext(
             config=config,
@@ -948,10 +961,11 @@ class SerialService:
             ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME)
             if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
             else None,
+            card_sessions=card_sessions,
         )
         ctx.load_spilled()
         ctx.settle_held_at_start()
-        service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
+        service = cls(ctx, specs, owned=owned, **kwargs)  # type: ignore[arg-type]
         service.refused = refused_devices(config, bad)
         for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
