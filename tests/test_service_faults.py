@@ -32,9 +32,11 @@ from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
-    VITALS_REPORT,
+    STOP_WITHIN_S,
     Manager,
+    acquire_toml,
     doctor,
+    report_printed,
     start_acquire,
     status_with,
     stop_child,
@@ -155,12 +157,6 @@ class MonitorOnPart:
         record = self.registry.get("serial:monitor")
         assert record is not None
         return record
-
-
-def report_printed(now: dt.datetime) -> bytes:
-    """The monitor's report of three readings, printed at `now` (its clock: UTC+1)."""
-    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
-    return VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed)
 
 
 @contextlib.contextmanager
@@ -435,17 +431,6 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
             release.join()
             other.close()
         assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
-
-
-STOP_WITHIN_S = 5.0  # the goal is ~2 s; TimeoutStopSec=45 is systemd's own limit
-
-
-def acquire_toml(tmp_path: Path, monitor: PtyDevice) -> Path:
-    """`lastmile acquire`'s configuration: the monitor on its pty, nothing else."""
-    head = f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
-    entry = f'name = "monitor"\nmatch = "{monitor.link_path}"\nprofile = "example-vitals-monitor"\n'
-    (config := tmp_path / "lastmile.toml").write_text(f"{head}[[serial.devices]]\n{entry}")
-    return config
 
 
 def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_keeping_it(tmp_path: Path) -> None:

@@ -111,7 +111,12 @@ from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.kinds import Kind as Kind  # re-exported: the senders and lastmile name it from here
 from uploader.payload_files import OwnerLock, PayloadFiles
 from uploader.space_reserve import DEFAULT_RESERVE_BYTES, SpaceReserve
-from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, open_database
+from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, StopWaits, begin_immediate, open_database
+
+# re-exported: the services name the stop's give-up from here, as before it moved to sqlite_store
+from uploader.sqlite_store import STOP_WAIT_S as STOP_WAIT_S
+from uploader.sqlite_store import WaitGivenUp as WaitGivenUp
+from uploader.sqlite_store import gave_up_at_stop as gave_up_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +134,6 @@ CHECKPOINT_WAIT_MS = 500
 # timeout: a stop must be prompt (systemd's TimeoutStopSec, a power cut coming). Claims are not
 # durable: one left behind is put back in the queue, uncharged, by the next open's recovery.
 RELEASE_AT_CLOSE_WAIT_MS = 1000
-# Once the service's stop is set (`give_up_waits_on`), a write waits at most this much more for
-# another process's write lock: a step waiting out the 15 s busy timeout held SIGTERM 12 s. A short
-# write of the acquire service is still waited for; a lock held longer is the next start's.
-STOP_WAIT_S = 1.0
-# how often a write waiting for the lock looks at the stop (SQLite's busy wait cannot be
-# interrupted: sqlite3 Connection.interrupt does not end it, no progress handler runs in it)
-LOCK_POLL_MS = 100
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 # what recovery says of a claim its owner left at a stop, the database write-locked by another process
 STOPPED_UNRELEASED = "the forwarder stopped before it could put this back in the queue; queued again"
@@ -268,24 +266,6 @@ class AddResult:
 
 class PayloadGoneError(LookupError):
     """The item was purged: its payload was deleted on purpose."""
-
-
-class WaitGivenUp(sqlite3.OperationalError):
-    """ "database is locked", from a write that gave up waiting for another process's write lock
-    because the service is stopping (`Outbox.give_up_waits_on`): a stop, not a fault. Callers
-    that catch the lock's failure catch this one too."""
-
-
-def gave_up_at_stop(exc: BaseException) -> bool:
-    """Whether `exc`, or what it was raised from, is a write the stop gave up (`WaitGivenUp`)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, WaitGivenUp):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 S = ItemState
@@ -523,8 +503,7 @@ class Outbox:
         # stored at the peer, not yet recorded as sent (`remember_stored`): recorded by `record_stored`
         self._stored_unrecorded: set[int] = set()
         self._wait_ms = BUSY_TIMEOUT_MS  # how long a write waits for another process's lock
-        self._stop: threading.Event | None = None  # set: a write waits at most STOP_WAIT_S more
-        self._stop_seen_at: float | None = None  # monotonic time a waiting write first saw it
+        self._stop_waits: StopWaits | None = None  # its stop set: a write waits at most STOP_WAIT_S more
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
@@ -654,13 +633,14 @@ class Outbox:
                     log.warning("could not remove the note of items stored at the peer: %s", exc)
         return len(ids)
 
-    def give_up_waits_on(self, stop: threading.Event) -> None:
+    def give_up_waits_on(self, stop: threading.Event | StopWaits) -> None:
         """Once `stop` is set (from any thread: a service's SIGTERM), a write waiting for another
         process's write lock waits at most STOP_WAIT_S more, then fails as SQLite would
-        ("database is locked"): the stop is the service's within seconds, whatever holds the
-        outbox. What the failed write meant stays as it was (a claim never made, or one left to
-        the next open, uncharged: `close`)."""
-        self._stop = stop
+        ("database is locked": WaitGivenUp): the stop is the service's within seconds, whatever
+        holds the outbox. What the failed write meant stays as it was (a claim never made, or one
+        left to the next open, uncharged: `close`). A StopWaits the service's other databases
+        share (clinic.db) counts that second once for all (sqlite_store.StopWaits)."""
+        self._stop_waits = stop if isinstance(stop, StopWaits) else StopWaits(stop)
 
     def __enter__(self) -> Outbox:
         return self
@@ -679,7 +659,7 @@ class Outbox:
             if not durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._begin_immediate()
+                begin_immediate(self._conn, self._stop_waits, wait_ms=self._wait_ms)
                 try:
                     yield self._conn
                     self._conn.execute("COMMIT")
@@ -690,37 +670,6 @@ class Outbox:
             finally:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
-
-    def _begin_immediate(self) -> None:
-        """BEGIN IMMEDIATE, waiting for another process's write lock as the busy timeout says, or
-        (`give_up_waits_on`) in LOCK_POLL_MS turns that end STOP_WAIT_S after the stop."""
-        if self._stop is None:
-            self._conn.execute("BEGIN IMMEDIATE")
-            return
-        deadline = time.monotonic() + self._wait_ms / 1000
-        self._conn.execute(f"PRAGMA busy_timeout={min(LOCK_POLL_MS, self._wait_ms)}")
-        try:
-            while True:
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    now = time.monotonic()
-                    if "locked" not in str(exc) or now >= deadline:
-                        raise
-                    if now >= self._stop_deadline(deadline):
-                        raise WaitGivenUp(str(exc)) from exc
-        finally:
-            self._conn.execute(f"PRAGMA busy_timeout={self._wait_ms}")
-
-    def _stop_deadline(self, deadline: float) -> float:
-        """`deadline`, or STOP_WAIT_S after the stop was first seen if that is sooner."""
-        if self._stop is None or not self._stop.is_set():
-            return deadline
-        if self._stop_seen_at is None:
-            self._stop_seen_at = time.monotonic()
-            log.info("stopping: writes wait at most %g s more for another process's write lock", STOP_WAIT_S)
-        return min(deadline, self._stop_seen_at + STOP_WAIT_S)
 
     @contextlib.contextmanager
     def _busy_timeout(self, ms: int) -> Iterator[None]:

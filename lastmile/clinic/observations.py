@@ -37,6 +37,7 @@ from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.clinic.device_users import DeviceUsers, UserMapping, mapped_name
 from lastmile.clinic.patients import PatientContext
 from uploader.outbox import AddResult, Outbox, Priority
+from uploader.sqlite_store import WaitGivenUp
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,10 @@ class ObservationStore:
         result = self._enqueue(replace(obs, patient_id=patient_id), name, now, mapped_user=mapped_user)
         # A reading is activity in the session; one write per TOUCH_EVERY is enough for that.
         if current is not None and now - current.last_activity >= TOUCH_EVERY:
-            self.context.touch(now=now)
+            try:
+                self.context.touch(now=now)
+            except WaitGivenUp:  # the reading is stored: a stop does not make it "not stored"
+                log.info("stopping: the session's activity not recorded (clinic.db locked by another process)")
         return StoreResult("stored" if result.created else "duplicate", patient_id, result.item.id)
 
     def _enqueue(

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from lastmile.services.observation_relay import Relayed
     from lastmile.visits.relay_link import VisitQueue
     from uploader.fhir_sender import FhirSender
+    from uploader.sqlite_store import StopWaits
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,11 @@ class ForwardService:
     ) -> None:
         """`alive`: called as a step makes progress (an object stored, ...; the runtime's
         `ServiceRuntime.alive`): a round with a long backlog on a slow link keeps the watchdog fed.
-        `stop`: the runtime's (SIGTERM): once set, the outbox's writes stop waiting for another
-        process's write lock (`Outbox.give_up_waits_on`), so a step waiting for it ends."""
+        `stop`: the runtime's (SIGTERM): once set, the outbox's and clinic.db's writes stop waiting
+        for another process's write lock within a second (`Outbox.give_up_waits_on`,
+        sqlite_store.StopWaits, one for both), so a step or a record's writer waiting for it ends."""
+        from uploader.sqlite_store import StopWaits
+
         self._alive = alive
         # as in acquire: big buffers (a payload, its inflated and encoded copies: ~100-250 KB per
         # store) mapped and unmapped rather than left in the heap, and free heap pages given back
@@ -102,9 +106,10 @@ class ForwardService:
         GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
         self._trimmed = time.monotonic()
         self.config = config
-        self.outbox = open_outbox(config, stop=stop)
+        waits = self._stop_waits = StopWaits(stop) if stop is not None else None
+        self.outbox = open_outbox(config, stop=waits)
         try:
-            self.reports = self._make_reports(config)
+            self.reports = self._make_reports(config, waits)
             try:
                 self.ecg = self._make_ecg(config)
                 try:
@@ -148,10 +153,10 @@ class ForwardService:
             self._alive()
         self.reports.recorder.on_event(kind, info)
 
-    def _make_reports(self, config: Config) -> ReportService:
+    def _make_reports(self, config: Config, stop: StopWaits | None) -> ReportService:
         from lastmile.reports.service import ReportService
 
-        reports = ReportService(config, self.outbox, peer_settings(config.reading_center))
+        reports = ReportService(config, self.outbox, peer_settings(config.reading_center), stop=stop)
         reports.start()
         return reports
 
@@ -347,7 +352,7 @@ class ForwardService:
             self._fhir.close()
         self.config = config
         self._visits = None  # the data directory or gateway id may have changed
-        self.reports = self._make_reports(config)
+        self.reports = self._make_reports(config, self._stop_waits)
         # as at start: without the reports' storage a reload left the listener refusing every
         # report C-MOVEd to our AE (the result no longer came back to the village)
         self.ecg = self._make_ecg(config)

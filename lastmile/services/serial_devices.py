@@ -102,7 +102,8 @@ from lastmile.services.serial_spill import (
     kept_in,
 )
 from uploader.errors import InvalidObjectError, UploadError
-from uploader.outbox import Outbox, gave_up_at_stop, is_storage_full
+from uploader.outbox import Outbox, is_storage_full
+from uploader.sqlite_store import StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,11 @@ class SerialContext:
     # stop lost (the lost FAIL says them: their NACK is not the row's error too), until the first
     # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
+    stopping: bool = False  # the service's stop gave up a store: what waits now is said at INFO, expected
+    # The card scanner's session writes: a connection of their own, which the stop does not bound
+    # (None: `patients`'). A card given up at a stop would leave the previous patient current
+    # after the restart, and the next readings on him: the card waits for the lock as before.
+    card_sessions: PatientContext | None = None
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -286,8 +292,9 @@ class SerialContext:
                 name=name,
                 **facts,  # type: ignore[arg-type]
             )
-        except Exception:  # status is best effort; readings are not
-            log.exception("%s: cannot record device status", spec.name)
+        except Exception as exc:  # status is best effort; readings are not
+            if not status_given_up(spec, exc):
+                log.exception("%s: cannot record device status", spec.name)
             return False
         return True
 
@@ -330,6 +337,7 @@ class SerialContext:
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start, or resent
                 log.info("%s: stopping: a %s observation not stored yet: %s", spec.name, obs.kind, exc)
+                self.stopping = True  # what waits now is said at INFO too: expected
                 return False
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             message, space = f"{CANNOT_STORE}reading: {exc}", is_storage_full(exc)
@@ -463,7 +471,7 @@ class SerialContext:
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
         self.status(spec, held=where, held_cause=held.cause, held_counts=counts, memory_counts=memory)
-        log.error(
+        (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
             self._row_waiting(spec) or waiting_message(held_words(*counts), where, held_words(*memory)),
@@ -500,8 +508,9 @@ class SerialContext:
             if record is not None and record.problem is DeviceProblem.NOT_SAVED:
                 self.registry.clear_error(address, DeviceProblem.NOT_SAVED, now=self.now())
                 self._row_errors.pop(spec.name, None)  # that cause back again is said at once
-        except Exception:  # status is best effort, as in status()
-            log.exception("%s: cannot record device status", spec.name)
+        except Exception as exc:  # status is best effort, as in status()
+            if not status_given_up(spec, exc):
+                log.exception("%s: cannot record device status", spec.name)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -575,11 +584,15 @@ class SerialContext:
             )  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
-            if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start
-                log.info("%s: stopping: an ECG recording not stored yet is held: %s", spec.name, exc)
+            cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
+            if gave_up_at_stop(exc):  # expected at a stop, no fault of the device: held, stored after the restart
+                log.info(
+                    "%s: stopping: an ECG recording not stored yet is kept to be stored after the restart", spec.name
+                )
+                self.stopping = True
+                self._held_cause(spec, cause)
                 return False
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
-            cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
             if cause:
                 self.error(spec, cause, DeviceProblem.NOT_SAVED)
             else:  # held: the row's held status says it waits for space
@@ -587,13 +600,27 @@ class SerialContext:
             self._held_cause(spec, cause)
             return False
         if patient is not None:
-            self.patients.touch(now=now)
+            try:
+                self.patients.touch(now=now)
+            except WaitGivenUp:  # the ECG is stored: a stop does not make it "not stored"
+                log.info("stopping: the session's activity not recorded (clinic.db locked by another process)")
         gaps = sum(g.missing for g in recording.gaps)
         text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (
             f", {gaps} samples missing" if gaps else ""
         )
         self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
+
+
+def status_given_up(spec: LinkSpec, exc: Exception) -> bool:
+    """Whether a device row's status write (best effort: readings are not) failed because the stop
+    gave it up, another process holding clinic.db's lock: expected, said at INFO. The row is
+    written again as the next start finds the device (disconnected, what waits); only its last
+    reading's summary is not."""
+    if not gave_up_at_stop(exc):
+        return False
+    log.info("%s: stopping: device status not recorded (clinic.db locked by another process): %s", spec.name, exc)
+    return True
 
 
 def on_disk(waiting: int, spill: SpillFile | None, name: str) -> int:
@@ -850,11 +877,12 @@ class ScannerHandler:
     def data_received(self, data: bytes) -> None:
         for ev in self.decoder.feed(data):
             now = self.ctx.now()
+            sessions = self.ctx.card_sessions or self.ctx.patients
             if isinstance(ev, PatientScanned):
-                self.ctx.patients.set_patient(ev.patient_id, now=now)
+                sessions.set_patient(ev.patient_id, now=now)
                 self.ctx.status(self.spec, reading="patient card", reading_at=now)
             elif isinstance(ev, DoctorScanned):
-                self.ctx.patients.set_doctor(ev.doctor_id, now=now)
+                sessions.set_doctor(ev.doctor_id, now=now)
                 self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
@@ -910,13 +938,23 @@ class SerialService:
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
     @classmethod
-    def open(cls, config: Config, *, outbox: Outbox, **kwargs: object) -> SerialService:
-        """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's."""
+    def open(cls, config: Config, *, outbox: Outbox, stop: StopWaits | None = None, **kwargs: object) -> SerialService:
+        """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's.
+        `stop`: the acquire service's (its outbox's too): at a stop, the devices' clinic.db writes
+        wait at most a second more for another process's lock (WaitGivenUp): a reading is held
+        (spill file), a row's status is redone at the next start."""
         # A bad profile file stops only the devices that name it: each says why in its status.
         profiles, bad = load_profiles_apart(config)
         specs = link_specs(config, profiles, bad)
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
+        owned: list[object] = [store]
+        card_sessions = None
+        if stop is not None:
+            give_up_waits_on(store.db, stop)
+            if any(spec.profile == SCANNER for spec in specs):  # SerialContext.card_sessions
+                card_sessions = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+                owned.append(card_sessions)
         registry = DeviceRegistry(store.db)
         ctx = SerialContext(
             config=config,
@@ -931,10 +969,11 @@ class SerialService:
             ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME)
             if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
             else None,
+            card_sessions=card_sessions,
         )
         ctx.load_spilled()
         ctx.settle_held_at_start()
-        service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
+        service = cls(ctx, specs, owned=owned, **kwargs)  # type: ignore[arg-type]
         service.refused = refused_devices(config, bad)
         for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
