@@ -8,6 +8,8 @@ Real files: ecgtoolkit's SCP-ECG, HL7 aECG and DICOM ECG all name SBJ-123 "Clark
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as dt
 import io
 import os
@@ -27,9 +29,18 @@ from lastmile.cli import main as cli
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
+from lastmile.console.sources import HeldEcg
+from lastmile.console.stores import OutboxHeldEcgs
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import NAME_MISMATCH, held_ecgs
-from lastmile.ecg.intake import STAT_NAME_HOLD_S, assign_held_ecg, file_enqueuer, lan_object_store, read_ecg_file
+from lastmile.ecg.intake import (
+    STAT_NAME_HOLD_S,
+    assign_held_ecg,
+    enqueue_recording,
+    file_enqueuer,
+    lan_object_store,
+    read_ecg_file,
+)
 from tests.conftest import require_tool, shared_file
 from tests.console_harness import Client, console_config, running_console
 from uploader.outbox import Kind, Outbox
@@ -39,6 +50,7 @@ HOLD_S = 900.0
 SCP = ("ecg", "scp", "ecgtoolkit_Example.scp")
 AECG = ("ecg", "aecg", "fda_hl7_Example_aECG.xml")
 DCM = ("ecg", "dicom", "ecgtoolkit_Example.dcm")
+NOISY = ("ecg", "contec", "0000037.ECG")  # 50 Hz as big as the ECG: the quality check says "record again"
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the cart's malformed UIDs
 
 
@@ -180,9 +192,13 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
             assert decided.patient["name"] == "Zhang^San=张^三"
             _storescu(receiver.port, path)  # the cart's retry of the same object
         sent = _dataset(outbox, item.id)
-        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientBirthDate"):
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
             assert sent.get(keyword) == cart.get(keyword), keyword
         assert str(sent.PatientName) == "Zhang^San=张^三" and str(sent.OtherPatientNames) == "Clark"
+        # the cart's 1953 and M were Clark's: 张三's ECG goes without them
+        assert (cart.PatientBirthDate, cart.PatientSex) == ("19530508", "M")
+        assert (sent.PatientBirthDate, sent.PatientSex) == ("", "")
+        assert decided.patient["birth_date"] is None and not decided.patient["sex"]
         assert [i.id for i in outbox.claim(Kind.DICOM, 10, time.time())] == [item.id]
 
 
@@ -247,9 +263,12 @@ def test_today_asks_whose_ecg_it_is_and_it_is_the_checked_in_patients(
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
         assert item is not None and item.hold_until is None and item.patient is not None
-        assert item.patient["name"] == "Zhang^San=张^三" and item.patient["birth_date"] == "1953-05-08"
+        # Clark's birth date and sex (the cart's previous patient's) are not 张三's: left out
+        assert item.patient["name"] == "Zhang^San=张^三" and item.patient["birth_date"] is None
+        assert not item.patient["sex"]
         sent = _dataset(outbox, item_id)
     assert (sent.PatientID, str(sent.PatientName)) == (FILE_ID, "Zhang^San=张^三")
+    assert (sent.PatientBirthDate, sent.PatientSex, sent.get("PatientAge")) == ("", "", None)
     assert f'data-held-ecg="{item_id}"' not in doctor.get("/today").body
 
 
@@ -276,7 +295,7 @@ def test_today_the_ecgs_name_is_right_and_the_check_in_is_corrected(
     item_id = _arrives(config, SCP, "scp")
     reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(doctor.get("/today").body)})
     assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
-    assert "登记的姓名已更正" in doctor.get(reply.location).body
+    assert "登记的姓名已更正，按心电图上的姓名发送" in doctor.get(reply.location).body
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
         sent = _dataset(outbox, item_id)
@@ -328,3 +347,159 @@ def test_a_held_stat_ecg_is_first_on_today_and_counted_apart_on_system_and_by_do
     assert "另有 2 份心电图等待医生处理" in " ".join(re.sub(r"<[^>]+>", " ", state).split())
     [link] = [f for f in Doctor(config).check_queue() if f.topic == "link"]
     assert "2 more ECG(s) held for the doctor" in link.message, link.message
+
+
+# -- a cart's placeholder is no name; LV is 吕 ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("checked_in", "on_the_cart"),
+    [("张三", "^^^^"), ("张三", "UNKNOWN"), ("张三", "-"), ("张三", "ANONYMOUS"), ("吕明", "LV^MING")],
+    ids=["carets", "unknown", "dash", "anonymous", "lv-for-lyu"],
+)
+def test_a_carts_placeholder_name_or_keyboard_pinyin_is_not_another_persons(
+    tmp_path: Path, checked_in: str, on_the_cart: str
+) -> None:
+    """A cart left without a name writes "^^^^", "UNKNOWN", "-": every ECG from it was held as
+    another person's, and "its name is right" offered to rename the patient to it. Such a name is
+    no name and passes, as a file without one does. 吕 typed LV (the pinyin keyboard's ü) is his."""
+    cart = pydicom.dcmread(shared_file(*DCM))
+    cart.PatientName = on_the_cart
+    path = tmp_path / "cart.dcm"
+    cart.save_as(path)
+    run = _cli(tmp_path)
+    assert cli([*run, "patient", "set", FILE_ID, "--name", checked_in]) == 0
+    assert cli([*run, "import", "-q", str(path)]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        (item,) = outbox.items(kind=Kind.DICOM)
+    assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"], (item.hold_reason, item.meta["flags"])
+
+
+def test_cli_assign_with_the_name_typed_in_pinyin_keeps_the_check_ins_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`patient assign E1 SBJ-123 --name "Zhang San"` for 张三 checked in as SBJ-123 is his name
+    (no refusal), but the ECG went to the county under the typed pinyin alone: it goes under his
+    name as checked in, characters and all."""
+    run = _cli(tmp_path)
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "张三"]) == 0
+    assert cli([*run, "import", "-q", str(shared_file(*SCP))]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        (item,) = outbox.items(kind=Kind.DICOM)
+    capsys.readouterr()
+    assert cli([*run, "patient", "assign", f"E{item.id}", FILE_ID, "--name", "Zhang San"]) == 0, capsys.readouterr()
+    with open_outbox(_config(tmp_path)) as outbox:
+        assert str(_dataset(outbox, item.id).PatientName) == "Zhang^San=张^三"
+
+
+# -- Today: the review's cases ---------------------------------------------------------------------
+
+
+def test_today_offers_no_rename_to_a_placeholder_held_before_this_version(
+    clinic: tuple[Config, ConsoleServer, Client],
+) -> None:
+    """An ECG held for the cart's "^^^^" (as the first version held it) quoted a name of nothing
+    ("心电图上的姓名是 , 但 ...") and its third button renamed 张三 to "^^^^". The row says the name
+    differs without quoting nothing, offers no rename, and a rename posted anyway changes nothing."""
+    config, _, doctor = clinic
+    with open_outbox(config) as outbox:
+        recording = read_ecg_file(shared_file(*SCP))
+        assert recording.patient is not None
+        placeholder = dataclasses.replace(
+            recording, patient=dataclasses.replace(recording.patient, name="^^^^"), flags=(NAME_MISMATCH,)
+        )
+        added = enqueue_recording(outbox, placeholder, config, key="carets", checked_in_name="张三")
+        assert added.item.hold_reason == NAME_MISMATCH
+    item_id = added.item.id
+    page = doctor.get("/today").body
+    row = _row(page, item_id)
+    assert "心电图上的姓名与 SBJ-123 登记的姓名不同" in row and "心电图上的姓名是" not in row, row
+    assert "是对的" not in row and 'data-answer="name-right"' not in page, row
+    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(page)})
+    assert reply.status == 303 and "done=too-late" in reply.location, (reply.status, reply.location)
+    assert _known_name(config) == "Zhang^San=张^三"  # as checked in
+
+
+def _known_name(config: Config) -> str:
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        return context.known_name(FILE_ID, dt.datetime.now(dt.timezone.utc))
+    finally:
+        context.close()
+
+
+def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_record_again(
+    clinic: tuple[Config, ConsoleServer, Client],
+) -> None:
+    """An ECG held for its name and judged "record again" (contec 0000037: 50 Hz as big as the
+    ECG): Today said only the name; "Clark is right" sent it at once, the quality verdict never
+    seen. The row says both; the answer corrects the name and the ECG still waits for "record
+    again" or "send anyway"."""
+    config, _, doctor = clinic
+    noisy = read_ecg_file(shared_file(*NOISY))
+    cart = dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark"))  # the cart kept Clark's entry
+    judged = copy.deepcopy(config)
+    judged.ecg.re_record_hold_s = 600
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        with open_outbox(config) as outbox:
+            now = dt.datetime.now(dt.timezone.utc)
+            enqueue = file_enqueuer(
+                outbox,
+                judged,
+                lambda: context.patient_ids(now),
+                checked_in_name=lambda pid: context.known_name(pid, now),
+            )
+            assert enqueue(cart, "noisy")
+            held = outbox.find("noisy")
+            assert held is not None and held.hold_reason == NAME_MISMATCH
+    finally:
+        context.close()
+    page = doctor.get("/today").body
+    row = _row(page, held.id)
+    assert "心电图上的姓名是 Clark" in row and "质量检查结果也是：需要重做" in row, row
+    reply = doctor.post(f"/today/ecg/{held.id}/name-right", {"csrf": _csrf(page)})
+    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
+    assert "此心电图质量待定" in doctor.get(reply.location).body
+    with open_outbox(config) as outbox:
+        item = outbox.get(held.id)
+        assert item is not None and item.hold_reason == "re-record" and item.held(time.time()), item
+        assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # not sent: the doctor decides its quality
+        assert item.patient is not None and item.patient["birth_date"] is None  # contec gave none; none added
+    assert _known_name(config) == "Clark"
+    row = _row(doctor.get("/today").body, held.id)
+    assert "质量检查结果：需要重做" in row and "重做，不发送这份" in row and "仍然发送" in row, row
+
+
+class _ForwarderTakesItFirst(OutboxHeldEcgs):
+    """The console's own held ECGs over the outbox; armed, the forwarder claims the ECG right
+    after the doctor's answer read it as held: its STAT hold ran out meanwhile (the race of 120 s)."""
+
+    armed = False
+
+    def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
+        held = super().held_ecgs(now)
+        if self.armed:
+            later = max(h.hold_until.timestamp() for h in held) + 1
+            assert [i.id for i in self.outbox.claim(Kind.DICOM, 10, later)] == [h.item_id for h in held]
+        return held
+
+
+def test_today_the_ecgs_name_is_right_too_late_renames_nobody(tmp_path: Path) -> None:
+    """The forwarder took the ECG (its hold over) between Today's look and the doctor's "Clark is
+    right": Today said "too late: it cannot be changed", but 张三 had been renamed Clark already.
+    The check-in's name is corrected only once the ECG is."""
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0
+    with open_outbox(config) as outbox:
+        source = _ForwarderTakesItFirst(outbox, config)
+        with running_console(config, held_ecgs=source) as server:
+            doctor = Client(server.url)
+            doctor.login()
+            assert doctor.post("/today/check-in", {"patient_id": FILE_ID, "name": "张三"}).status == 303
+            item_id = _arrives(config, SCP, "scp")
+            page = doctor.get("/today").body
+            source.armed = True
+            reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(page)})
+            assert reply.status == 303 and "done=too-late" in reply.location, (reply.status, reply.location)
+            assert _known_name(config) == "Zhang^San=张^三"  # as checked in

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from devices.identity import Patient
-from lastmile.clinic.names import same_person_name
+from lastmile.clinic.names import no_name, same_person_name
 from lastmile.clinic.patients import NameConflict, PatientContext
 
 
@@ -28,6 +28,10 @@ from lastmile.clinic.patients import NameConflict, PatientContext
         ("李四", "张三", False),
         ("Clark", "张三", False),
         ("", "张三", False),  # no name is nobody's
+        ("LV^Ming", "吕明", True),  # a pinyin keyboard's v for ü: 吕 is Lyu (GB/T 28039), typed LV
+        ("Lü Ming", "吕明", True),
+        ("NVE^Hong", "虐红", True),
+        ("Lu^Ming", "吕明", False),  # 卢, 鲁, 陆 ...: u is not ü
     ],
 )
 def test_names_are_one_persons_by_their_characters_or_their_pinyin(a: str, b: str, same: bool) -> None:
@@ -42,9 +46,45 @@ def test_a_name_typed_in_pinyin_for_a_patient_checked_in_in_characters_is_his_no
     now = dt.datetime.now(dt.timezone.utc)
     try:
         context.set_patient("MZ-1", "Zhang^San=张^三", now=now)
-        assert context.given_name(Patient("MZ-1", "Zhang^San"), now).name == "Zhang^San"
+        # his name as checked in, characters and all: not the pinyin typed alone
+        assert context.given_name(Patient("MZ-1", "Zhang^San"), now).name == "Zhang^San=张^三"
         assert context.given_name(Patient("MZ-1", "ZHANG SAN"), now).patient_id == "MZ-1"
         with pytest.raises(NameConflict):
             context.given_name(Patient("MZ-1", "Li^Si=李^四"), now)
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "none"),
+    [
+        ("^^^^", True),
+        ("-", True),
+        ("UNKNOWN", True),
+        ("Unknown^^^", True),
+        ("ANONYMOUS", True),
+        ("   ", True),
+        ("N/A", True),
+        ("未知", True),
+        ("Clark", False),
+        ("张三", False),
+        ("Li^Na", False),
+    ],
+)
+def test_a_carts_empty_or_placeholder_name_is_no_name(name: str, none: bool) -> None:
+    assert no_name(name) is none
+
+
+def test_the_check_ins_name_is_not_corrected_to_a_placeholder(tmp_path: Path) -> None:
+    """ "Its name is right" on an ECG whose cart wrote "^^^^" renamed the check-in (and his cuff's
+    users) to "^^^^": a name that names nobody is refused, the check-in's kept."""
+    context = PatientContext.open(tmp_path, 900)
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        context.set_patient("MZ-1", "张三", now=now)
+        for placeholder in ("^^^^", "UNKNOWN", "-"):
+            with pytest.raises(ValueError, match="is no name"):
+                context.correct_name("MZ-1", placeholder, now=now)
+        assert context.known_name("MZ-1", now) == "张三"
     finally:
         context.close()

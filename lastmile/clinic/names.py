@@ -79,8 +79,40 @@ _SURNAME_READINGS: dict[str, str] = {
 }
 
 
+# what carts and HIS exports write in a name field when they have none (compared casefolded,
+# without "^", "=", spaces, "-", "_" and "."): "UNKNOWN^^^^", "Anonymous", "未知"
+_PLACEHOLDER_NAMES = frozenset(
+    [
+        "unknown",
+        "unknownpatient",
+        "anonymous",
+        "anonymouspatient",
+        "anon",
+        "none",
+        "null",
+        "n/a",
+        "未知",
+        "匿名",
+        "无名氏",
+    ]
+)
+_NOT_IN_A_PLACEHOLDER = re.compile(r"[\s^=\-_.]+")
+# a pinyin keyboard's ü: v after l or n (lv, nve), see `_pinyin_key`
+_KEYBOARD_U_UMLAUT = re.compile(r"(?<=[ln])v")
+
+
 def has_ideographs(text: str) -> bool:
     return bool(_CJK.search(text))
+
+
+def no_name(name: str) -> bool:
+    """A name field that names nobody: empty, a placeholder ("UNKNOWN", "ANONYMOUS", "未知"), or
+    with neither a letter nor a Chinese character ("^^^^", "-", "  ", "0"). A cart left without a
+    patient's name writes such a thing: it is no one's name, neither the check-in's nor another's,
+    and it is never shown as one."""
+    if not any(ch.isalpha() for ch in name):  # letters and Chinese characters are both alphabetic
+        return True
+    return _NOT_IN_A_PLACEHOLDER.sub("", unicodedata.normalize("NFKC", name).casefold()) in _PLACEHOLDER_NAMES
 
 
 def _pinyin(chars: str) -> str:
@@ -150,6 +182,9 @@ def _name_forms(name: str) -> tuple[str, str]:
 
 def _pinyin_key(group: str) -> str:
     """One spelling of a name in letters: "ZHANG^SAN", "Zhang San", "zhang-san", "Zhāng Sān" ->
-    "zhangsan"; ü (lü, lǚ) as yu, as typed on a keyboard without it."""
+    "zhangsan"; ü (lü, lǚ) as yu, as typed on a keyboard without it, and v after l or n (LV, NV,
+    LVE: the pinyin keyboard's ü) too: 吕 typed LV is Lyu. Only there: pinyin has no v of its own,
+    and l/n are the only initials before which ü is written as ü (ju, qu, xu, yu spell it u)."""
     plain = unicodedata.normalize("NFKD", group.casefold()).replace("u\u0308", "yu")
-    return "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))
+    letters = "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))
+    return _KEYBOARD_U_UMLAUT.sub("yu", letters)

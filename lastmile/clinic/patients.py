@@ -25,7 +25,7 @@ import sqlite_utils
 
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
-from lastmile.clinic.names import same_person_name
+from lastmile.clinic.names import has_ideographs, no_name, same_person_name
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +332,12 @@ class PatientContext:
         mapping): one refused must leave the name as it was."""
         known = self.known_name(patient.patient_id, now)
         # one rule for "another name" (`same_person_name`): Zhang San typed for Zhang^San=张^三 is his
-        if patient.name and known and not same_person_name(patient.name, known) and not correct:
+        same = bool(patient.name and known) and same_person_name(patient.name, known)
+        if patient.name and known and not same and not correct:
             raise NameConflict(patient.patient_id, known, patient.name)
+        if same and not fuller_name(patient.name, known):
+            # his name as checked in, with its characters: the county must not get the typed pinyin alone
+            return replace(patient, name=known)
         return self.named(patient, now)
 
     def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
@@ -348,9 +352,12 @@ class PatientContext:
         all carry his session's name). A device user mapped to him keeps it too, whatever the
         session knows: its log goes after NAME_KEPT, and his cuff's readings must not go back to
         the name the doctor said was wrong a day later. Nothing is written to the session if it
-        knows him under no other name."""
+        knows him under no other name. A name that is no name (`no_name`: "^^^^", "UNKNOWN"), a
+        cart's empty field, is refused (ValueError): it would rename him and his cuff's users to nothing."""
         if not name.strip():
             return
+        if no_name(name):
+            raise ValueError(f"{name!r} is no name: {patient_id}'s name is not changed to it")
         row = self._expire_locked(conn, now)
         current = self._current_of(row) if row is not None and row["patient_id"] else None
         his_session = current is not None and patient_id in current.linked | {current.patient_id}
@@ -491,6 +498,12 @@ def _linked_of(row: sqlite3.Row) -> frozenset[str]:
 def _linked_text(linked: set[str]) -> str | None:
     """`linked` as the session row keeps it: a JSON list, NULL for none."""
     return json.dumps(sorted(linked), ensure_ascii=False) if linked else None
+
+
+def fuller_name(typed: str, known: str) -> bool:
+    """Of two spellings of one person's name, `typed` says more than `known`: it has the Chinese
+    characters `known` lacks (张三 typed for a check-in as Zhang San)."""
+    return has_ideographs(typed) and not has_ideographs(known)
 
 
 def _same_name(checked_in: str, name: str) -> bool:

@@ -7,8 +7,13 @@ import datetime as dt
 import json
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from lastmile.commands.common import DATA_DIR
+
+if TYPE_CHECKING:  # the command imports its modules when it runs: `lastmile --help` stays quick
+    from devices.identity import Patient
+    from lastmile.clinic.device_users import DeviceUser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -269,7 +274,7 @@ def _answer_command(args: argparse.Namespace, about: str, answer: str) -> str:
     return shlex.join([*words, "--about", about, f"--{answer}"])
 
 
-def _mapped_as(mapped, patient) -> str:  # (list[DeviceUser], Patient) -> str
+def _mapped_as(mapped: list[DeviceUser], patient: Patient) -> str:
     """The ID checked in under another name than a device user mapped to it: his cuff's readings
     would go to the county under the check-in's name, unasked. One of the two is wrong: the
     doctor says which (as map-user and assign ask). Names as people write them (张三 (Zhang San))."""

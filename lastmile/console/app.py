@@ -1169,9 +1169,12 @@ async def ecg_is_checked_in_patients(request: Request) -> Response:
 async def ecg_name_right(request: Request) -> Response:
     """An ECG held for its name: "the ECG's name is right" - the check-in's name corrected, the ECG sent."""
 
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         item_id = path_number(request, "item_id")  # after the login and CSRF checks
-        return "name-corrected" if state_of(request).data.ecg_name_right(ctx.user, item_id, now=now) else "too-late"
+        assigned = state_of(request).data.ecg_name_right(ctx.user, item_id, now=now)
+        if assigned is None:
+            return "too-late"
+        return "name-corrected", {"re_record": assigned.waits_for_quality}  # held for its quality too: not sent yet
 
     return await today_action(request, action)
 

@@ -37,6 +37,7 @@ from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_names
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
+from lastmile.clinic.names import no_name
 from lastmile.clinic.observations import (
     MAPPED_USER,
     OBSERVATION_KIND,
@@ -478,6 +479,12 @@ class HeldEcg:
     during_check_in: bool = False
     stat: bool = False  # urgent: Today shows it first
     checked_in_name: str = ""  # held "name-mismatch": the name the check-in gave `patient_id`
+
+    @property
+    def names_someone(self) -> bool:
+        """Its patient's name is a name (not a cart's empty field or placeholder, `no_name`): Today
+        may say it and offer "this name is right" (the check-in is never renamed to "^^^^")."""
+        return not no_name(self.patient_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1150,12 +1157,17 @@ class ClinicData:
 
     def ecg_is_checked_in_patients(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
         """The doctor's "it is his" on an ECG held for its name: it goes under the ID it carries and
-        the name the check-in gave that ID (the one Today showed), the file's birth date and sex kept.
-        None: no longer held for its name (sent already, or decided on another screen)."""
+        the name the check-in gave that ID (the one Today showed). The file's birth date and sex
+        were its name's person's (`lastmile.ecg.intake.as_on_file`): only what the ID itself says
+        (a resident ID) goes with it. None: no longer held for its name (sent already, or decided
+        on another screen)."""
         held = self._held_for_name(item_id, now)
         assigned = None
         if held is not None:
-            patient = Patient(held.patient_id, held.checked_in_name)
+            try:  # a resident ID gives his birth date and sex
+                patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
+            except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
+                patient = Patient(held.patient_id, held.checked_in_name)
             assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
             user,
@@ -1166,23 +1178,30 @@ class ClinicData:
         )
         return assigned
 
-    def ecg_name_right(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
-        """The doctor's "the ECG's name is right" on an ECG held for its name: the check-in's name
-        of that ID was wrong and is corrected (`PatientContext.correct_name`: what the session sends
-        from now on), and the ECG goes as the cart wrote it. False: no longer held for its name."""
+    def ecg_name_right(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
+        """The doctor's "the ECG's name is right" on an ECG held for its name: the ECG is given its
+        own file's patient (only that hold ends: one held for its quality too still waits for his
+        "record again" or "send anyway"), and then - only once that is done - the check-in's name
+        of that ID is corrected (`PatientContext.correct_name`: what the session sends from now
+        on). The ECG is in the outbox, the name in clinic.db: no one transaction holds both, so the
+        name follows the ECG; an ECG gone meanwhile renames nobody. None: no longer held for its
+        name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
         held = self._held_for_name(item_id, now)
-        done = False
-        if held is not None:
-            self.context.correct_name(held.patient_id, held.patient_name, now=now)
-            done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
+        assigned = None
+        if held is not None and held.names_someone:
+            assigned = self.held_ecg_source.assign(
+                item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
+            )
+            if assigned is not None:
+                self.context.correct_name(held.patient_id, held.patient_name, now=now)
         self.audit.record(
             user,
             "ecg-name-right",
             now=now,
             target=held.patient_id if held else str(item_id),
-            detail={"item": item_id, "done": done, "name": held.patient_name if held else ""},
+            detail={"item": item_id, "done": assigned is not None, "name": held.patient_name if held else ""},
         )
-        return done
+        return assigned
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)

@@ -42,7 +42,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
 from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
-from lastmile.clinic.names import dicom_person_name, same_person_name
+from lastmile.clinic.names import dicom_person_name, no_name, same_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
@@ -102,7 +102,9 @@ def _no_checked_in_name(patient_id: str) -> str:
 # most. He recorded it a minute ago, with the patient in front of him, and Today shows it first:
 # two minutes are enough to answer and short next to the reading center's STAT turnaround. If he
 # does not answer, an urgent read is worth more than the wait: it goes as the cart wrote it, the
-# ID the checked-in patient's, flagged "name-mismatch" in the object for the reader.
+# ID the checked-in patient's, flagged "name-mismatch": in the object for the reader when the
+# gateway built it (a file), only in the outbox record (`patient show`, `queue`) for a cart's LAN
+# object, which is forwarded as the cart made it (`lan_object_store`).
 STAT_NAME_HOLD_S = 120.0
 
 
@@ -116,8 +118,12 @@ def name_hold_s(stat: bool, patient_hold_s: float) -> float:
 def names_differ(file_name: str, checked_in_name: str) -> bool:
     """The file names another person than the check-in did (`same_person_name`: 张三 is
     Zhang^San=张^三; 章三 is not). A file or a check-in without a name passes: many
-    carts write none, and there is then nothing that says it is someone else."""
-    return bool(file_name.strip() and checked_in_name.strip()) and not same_person_name(file_name, checked_in_name)
+    carts write none, and there is then nothing that says it is someone else. A placeholder is no
+    name (`no_name`: "^^^^", "UNKNOWN", "-"): a cart whose name field was left so would have every
+    ECG held, and "its name is right" would rename the patient "^^^^"."""
+    if no_name(file_name) or no_name(checked_in_name):
+        return False
+    return not same_person_name(file_name, checked_in_name)
 
 
 StatLookup = Callable[[], "StatSession | None"]
@@ -410,7 +416,9 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
-    if item.meta.get("unassigned"):
+    if file_name_confirmed(item, patient):  # "its name is right": the file's own patient
+        note = f"Patient name confirmed at the gateway on {when}" + (f" by {by}" if by else "")
+    elif item.meta.get("unassigned"):
         note += ": the ECG named no patient"
     elif item.meta.get("file_patient_name"):
         note += f": the ECG file named patient {item.meta.get('file_patient_id', '')} {item.meta['file_patient_name']}"
@@ -452,7 +460,8 @@ def assign_lan_object(
     `patient` - the check-in's name for the same ID, or another patient. Only the patient is
     written into the object, as the cart sent it (its transfer syntax, its UIDs: a resend is the
     same instance); the cart's name is kept in Other Patient Names, its ID, if another, in Other
-    Patient IDs (`with_patient_id`). Another ID gets none of the cart's birth date and sex."""
+    Patient IDs (`with_patient_id`). Another ID, or the same ID under another name than the
+    cart's (`given_another_name`), gets none of the cart's birth date and sex: only `patient`'s."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
@@ -460,10 +469,14 @@ def assign_lan_object(
     other_id = patient.patient_id != str(ds.get("PatientID", "") or "")
     if other_id:
         with_patient_id(ds, patient.patient_id)
-        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
-        ds.PatientSex = patient.sex or ""
         if patient.issuer:
             ds.IssuerOfPatientID = patient.issuer
+    own_details = other_id or given_another_name(item, patient)  # the cart's were another person's
+    if own_details:
+        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
+        ds.PatientSex = patient.sex or ""
+        if "PatientAge" in ds:  # the cart's age of that other person
+            del ds.PatientAge
     if patient.name and not same_person_name(patient.name, cart_name):
         name = dicom_person_name(patient.name)
         if not name.isascii() and "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
@@ -483,8 +496,10 @@ def assign_lan_object(
         "patient_id": patient.patient_id,
         "name": str(ds.PatientName),
         "issuer": str(ds.get("IssuerOfPatientID", "") or ""),
-        "sex": str(ds.get("PatientSex", "") or "") if other_id else kept.get("sex", ""),
-        "birth_date": str(ds.get("PatientBirthDate", "") or "") or None if other_id else kept.get("birth_date"),
+        "sex": (patient.sex or "") if own_details else kept.get("sex", ""),
+        "birth_date": (
+            (patient.birth_date.isoformat() if patient.birth_date else None) if own_details else kept.get("birth_date")
+        ),
     }
     if not outbox.replace_held_payload(
         item.id, out.getvalue(), now.timestamp(), meta=meta, patient=fields, replacing_sha256=item.sha256
@@ -496,14 +511,41 @@ def assign_lan_object(
     return updated
 
 
+def file_name_of(item: OutboxItem) -> str:
+    """The name the held ECG's file gave (its patient's before any assignment)."""
+    return str(item.meta.get("file_patient_name") or (item.patient or {}).get("name") or "")
+
+
+def given_another_name(item: OutboxItem, patient: Patient) -> bool:
+    """The ECG held for its name (NAME_MISMATCH) is given its ID under another name than its
+    file's: the doctor said it is the checked-in patient's, not the file's person's."""
+    return NAME_MISMATCH in item.meta.get("flags", []) and names_differ(file_name_of(item), patient.name)
+
+
+def file_name_confirmed(item: OutboxItem, patient: Patient) -> bool:
+    """The ECG held for its name is given its file's own patient ("the ECG's name is right")."""
+    kept = item.patient or {}
+    return (
+        NAME_MISMATCH in item.meta.get("flags", [])
+        and kept.get("patient_id") == patient.patient_id
+        and not given_another_name(item, patient)
+    )
+
+
 def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
     """`patient` with what the held ECG already says of that same ID (its file's patient, or an
     earlier assignment): a number typed alone must not blank the birth date and sex the reading
     center reads the ECG by. The file's birth date and sex stand, as at intake (`vetted_patient`);
-    a name or issuer given stands. Another ID gets nothing of the file's: it is another person."""
+    a name or issuer given stands. Another ID gets nothing of the file's: it is another person.
+    Nor does the same ID given another name than a file held for its name (`given_another_name`):
+    mostly the cart kept the previous patient's entry, his birth date and sex with his name, and
+    age and sex change how an ECG is read - it goes with what `patient` says (a resident ID's),
+    or none."""
     kept = item.patient or {}
     if kept.get("patient_id") != patient.patient_id:
         return patient
+    if given_another_name(item, patient):
+        return dataclasses.replace(patient, issuer=patient.issuer or str(kept.get("issuer") or ""))
     born = kept.get("birth_date")
     return dataclasses.replace(
         patient,
@@ -666,7 +708,10 @@ def lan_object_store(
     An object naming one of the checked-in patient's IDs under another name than
     `checked_in_name` gives it is held "name-mismatch" for `name_hold_s` (of `patient_hold_s`,
     `patient.unassigned_ecg_hold_s`): it is the one kind of LAN object held, as only the doctor
-    knows whose it is (`assign_held_ecg` writes his answer into the cart's object)."""
+    knows whose it is (`assign_held_ecg` writes his answer into the cart's object). Unanswered,
+    it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
+    outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
+    cart's object only what the doctor answered."""
     newest = NewestFromCart(outbox)
 
     def store(obj: ReceivedObject) -> None:
