@@ -13,6 +13,10 @@ That re-send is harmless, so it is not prevented (unlike the ECG's second storag
 round): every entry of a visit's and a reading's bundle is a conditional create on the identifier
 minted at capture (uploader/fhir_bundle.py `_entry`), the platform matches them and creates
 nothing. What it costs is one more transaction's bytes on the link.
+
+The lock taken one write later - between `mark_sent` and `mark_committed`, when the platform's
+answer was recorded in two transactions - left the bundles "sent" for ever (never purged): now one
+transaction (`Outbox.mark_taken`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -36,8 +40,9 @@ from tests.peers import free_port
 from tests.service_harness import FHIR_TOKEN, fhir_token_file, start, stop
 from tests.waiting import wait_for
 from uploader.fhir_bundle import observation_key
-from uploader.fhir_forwarder import enqueue_observation
-from uploader.outbox import DB_NAME
+from uploader.fhir_forwarder import enqueue_observation, forward_fhir_once
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
+from uploader.outbox import DB_NAME, ItemState, Kind, Outbox
 
 HOLD_AT_THE_PLATFORM_S = 60.0  # the platform waits at most this for the test's lock (never forever)
 
@@ -176,3 +181,62 @@ def test_bundles_the_platform_took_sent_again_after_a_stop_that_could_not_record
         assert platform.identifiers("Encounter") == [visit_id]
         observation_ids = platform.identifiers("Observation")
         assert len(set(observation_ids)) == len(observation_ids), observation_ids
+
+
+class LockedOnceWritten(Outbox):
+    """The outbox, and another process (acquire storing a reading, a sqlite3 shell) taking its
+    write lock right after the platform's answer was first written: between `mark_sent` and
+    `mark_committed`, when they were two transactions. Held until `unlock`."""
+
+    other: sqlite3.Connection | None = None
+    unlocked = False  # once: the next start's rounds write freely
+
+    def mark_sent(self, item_ids: Sequence[int], now: float) -> None:
+        super().mark_sent(item_ids, now)
+        self._then_locked()
+
+    def mark_taken(self, item_ids: Sequence[int], now: float) -> None:
+        super().mark_taken(item_ids, now)
+        self._then_locked()
+
+    def _then_locked(self) -> None:
+        if self.other is None and not self.unlocked:
+            self.other = sqlite3.connect(self.data_dir / DB_NAME, timeout=30, isolation_level=None)
+            self.other.execute("BEGIN IMMEDIATE")
+
+    def unlock(self) -> None:
+        if self.other is not None:
+            self.other.close()  # its transaction rolled back
+            self.other = None
+        self.unlocked = True
+
+
+def test_bundles_the_platform_took_never_stay_sent_for_ever_when_a_lock_cuts_their_recording(tmp_path: Path) -> None:
+    """The platform's 200 was recorded in two transactions: `mark_sent`, then `mark_committed`.
+    Another process's write lock taken between them, a stop: the second was given up, and the
+    bundles stayed "sent" - a state nothing moves a FHIR bundle out of (no commitment comes for
+    it, recovery and claim take only sending and queued items): never purged (the visit's patient
+    data kept on the SD card past its retention), for ever. Now one transaction (`mark_taken`)."""
+    data = tmp_path / "data"
+    outbox = LockedOnceWritten.open(data, min_free_bytes=0)
+    [visit_id] = queue_visits(outbox, range(1))
+    enqueue_observation(outbox, blood_pressure(T0, "P-0007", "bp-own"), NAMING, now=1500.0)
+    stopping = threading.Event()
+    outbox.give_up_waits_on(stopping)
+    stopping.set()  # SIGTERM came while the platform was applying the transaction
+    try:
+        with FhirTestServer() as platform, FhirSender(FhirSenderSettings(base_url=platform.base_url)) as sender:
+            with pytest.raises(sqlite3.OperationalError):  # a write after the lock was taken: given up
+                forward_fhir_once(outbox, sender, 2000.0)
+            outbox.close()  # the stop
+            outbox.unlock()
+
+            with Outbox.open(data, min_free_bytes=0) as again:  # the next start
+                for now in (3000.0, 3001.0, 3002.0):
+                    forward_fhir_once(again, sender, now)
+                again.purge_due(3003.0, 0.0)
+                states = {i.key: i.state for i in again.items(kind=Kind.FHIR_BUNDLE)}
+            assert set(states.values()) == {ItemState.PURGED}, states
+            assert platform.identifiers("Encounter") == [visit_id]
+    finally:
+        outbox.unlock()
