@@ -279,6 +279,7 @@ OPS = {
     "quarantine": lambda ob, i: ob.quarantine(i, "bad", T0 + 1),
     "set_transaction": lambda ob, i: ob.set_transaction([i], "1.2.3.4", T0 + 1),
     "mark_committed": lambda ob, i: ob.mark_committed([i], T0 + 1),
+    "mark_taken": lambda ob, i: ob.mark_taken([i], T0 + 1),
     "requeue": lambda ob, i: ob.requeue([i], "commitment failed", T0 + 1),
     "reask_commitment": lambda ob, i: ob.reask_commitment([i], "duplicate transaction UID", T0 + 1),
     "retry": lambda ob, i: ob.retry(i, T0 + 1),

@@ -174,8 +174,8 @@ class _Round:
             log.error("FHIR bundle %s quarantined: %s", item.key, exc)
             return []
         self._heard()
-        self.outbox.mark_sent(ids, self.now)
-        self.outbox.mark_committed(ids, self.now)
+        # one transaction: a write lock refusing a second one left them "sent", never purged
+        self.outbox.mark_taken(ids, self.now)
         self.counts.sent += len(batch)
         self.counts.taken.extend(item.key for item, _ in batch)
         return []

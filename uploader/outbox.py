@@ -281,6 +281,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
     "quarantine": (frozenset({S.QUEUED, S.SENDING, S.SENT}), S.QUARANTINED),
     "set_transaction": (frozenset({S.SENT}), S.SENT),
     "mark_committed": (frozenset({S.SENT}), S.COMMITTED),
+    "mark_taken": (frozenset({S.SENDING}), S.COMMITTED),
     "requeue": (frozenset({S.SENT}), S.QUEUED),
     "reask_commitment": (frozenset({S.SENT}), S.SENT),
     "retry": (frozenset({S.QUARANTINED}), S.QUEUED),
@@ -1355,6 +1356,14 @@ class Outbox:
 
     def mark_committed(self, item_ids: Sequence[int], now: float) -> None:
         self._transition("mark_committed", item_ids, now, {"committed_at": now})
+
+    def mark_taken(self, item_ids: Sequence[int], now: float) -> None:
+        """The peer took them and its answer is its commitment (the county platform's
+        transaction-response; a reading relayed into its bundle): sent and committed in ONE
+        durable transaction. As two (`mark_sent`, then `mark_committed`), another process's write
+        lock refusing the second left them "sent" for ever: never purged, never sent again."""
+        sets = {"sent_at": now, "committed_at": now, "last_error": None, "claimed_by": None, "in_flight": 0}
+        self._transition("mark_taken", item_ids, now, {**sets, "interrupted_sends": 0})
 
     def requeue(self, item_ids: Sequence[int], reason: str, now: float) -> None:
         """Sent but not kept by the peer (commitment failed): send again, after a backoff so a

@@ -9,7 +9,9 @@ connection), never in a migration: whichever process opened clinic.db first ran 
 then kept pydicom for its life), and all the rows in one write transaction held the other
 services past their busy timeout on a Pi. Here BATCH rows are read (no lock held), then written
 in one short transaction. A row that cannot be read again keeps its text and is marked
-(`lines_not_read`): it is not read again at every start, and never stops the others.
+(`lines_not_read`): it is not read again at every start, and never stops the others. A stop
+(SIGTERM) ends it between rows and never waits for another process's write lock (the console's):
+what was read and not written, and what was not read, is read at the next start, once.
 
 No configuration: the county's critical codes and keywords are not known. A report whose lines,
 read again with none, do not give the critical reasons it was stored with (critical by a
@@ -23,6 +25,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import sqlite_utils
@@ -35,6 +38,8 @@ from uploader.report_reading import ReportContent, read_dicom_report, read_fhir_
 log = logging.getLogger(__name__)
 
 BATCH = 20  # rows read, then written in one transaction: the write lock held for 20 UPDATEs
+# how often a batch's write waiting for another process's lock looks at the stop (`_write`)
+LOCK_POLL_MS = 100
 # the rows still to read, by the partial index 0033_report_lines_not_read made (no table scan)
 _STILL_TO_READ = "lines IS NULL AND lines_not_read IS NULL"
 
@@ -49,34 +54,87 @@ def add_old_report_lines(db: sqlite_utils.Database, stop: threading.Event | None
     time (a PDF report's is large). Returns the rows given lines."""
     given = marked = 0
     after = 0
-    while stop is None or not stop.is_set():
-        ids = [
-            r[0]
-            for r in db.conn.execute(
-                f"SELECT id FROM reports WHERE {_STILL_TO_READ} AND id > ? ORDER BY id LIMIT ?", (after, BATCH)
+    try:
+        while not _stopped(stop):
+            ids = [
+                r[0]
+                for r in db.conn.execute(
+                    f"SELECT id FROM reports WHERE {_STILL_TO_READ} AND id > ? ORDER BY id LIMIT ?", (after, BATCH)
+                )
+            ]
+            if not ids:
+                break
+            after = ids[-1]
+            outcomes: list[tuple[int, tuple[str | None, str]]] = []
+            for report_id in ids:
+                if _stopped(stop):  # the batch's rest is read at the next start (a PDF's read is long on a Pi)
+                    break
+                outcomes.append((report_id, _read_again(db, report_id)))
+            if not outcomes:
+                break
+            written = _write(db, outcomes, stop)
+            if written is None:
+                log.info("reports stored before lines: stopping; the rest are read again at the next start")
+                break
+            given, marked = given + written[0], marked + written[1]
+    finally:  # also when a fault ends it: what this run did is said, the rest is the next start's
+        if given or marked:
+            log.info(
+                "reports stored before lines: %d read again in the reader's language, %d keep their text",
+                given,
+                marked,
             )
-        ]
-        if not ids:
-            break
-        after = ids[-1]
-        outcomes = [(report_id, _read_again(db, report_id)) for report_id in ids]
-        with transaction(db) as conn:
-            for report_id, (lines, why) in outcomes:
-                if lines is not None:
-                    # lines as add_report stores them now: person names as sent (0014)
-                    given += conn.execute(
-                        f"UPDATE reports SET lines = ?, names_spaced = 0 WHERE id = ? AND {_STILL_TO_READ}",
-                        (lines, report_id),
-                    ).rowcount
-                else:
-                    marked += conn.execute(
-                        f"UPDATE reports SET lines_not_read = ? WHERE id = ? AND {_STILL_TO_READ}", (why, report_id)
-                    ).rowcount
-    if given or marked:
-        log.info(
-            "reports stored before lines: %d read again in the reader's language, %d keep their text", given, marked
-        )
     return given
+
+
+def _stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def _write(
+    db: sqlite_utils.Database, outcomes: list[tuple[int, tuple[str | None, str]]], stop: threading.Event | None
+) -> tuple[int, int] | None:
+    """Write a batch's outcomes in one transaction: (rows given lines, rows marked). With `stop`,
+    another process's write lock is waited for in LOCK_POLL_MS turns and, once the stop is set,
+    not at all (None: nothing written, these rows are the next start's) - SQLite's busy wait
+    cannot be cut short, and it held the forward service's stop for its whole 15 s."""
+    if stop is None:
+        with transaction(db) as conn:
+            return _write_rows(conn, outcomes)
+    (wait_ms,) = db.conn.execute("PRAGMA busy_timeout").fetchone()
+    deadline = time.monotonic() + int(wait_ms) / 1000
+    db.conn.execute(f"PRAGMA busy_timeout={min(LOCK_POLL_MS, int(wait_ms))}")
+    try:
+        while True:
+            tried = time.monotonic()
+            try:
+                with transaction(db) as conn:  # written again whole: every UPDATE is "still to read"
+                    return _write_rows(conn, outcomes)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                if stop.is_set():
+                    return None
+            # a refusal SQLite gave without waiting (a deadlock it foresaw) is not tried again at once
+            time.sleep(max(0.0, tried + LOCK_POLL_MS / 1000 - time.monotonic()))
+    finally:
+        db.conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
+
+
+def _write_rows(conn: sqlite3.Connection, outcomes: list[tuple[int, tuple[str | None, str]]]) -> tuple[int, int]:
+    given = marked = 0
+    for report_id, (lines, why) in outcomes:
+        if lines is not None:
+            # lines as add_report stores them now: person names as sent (0014)
+            given += conn.execute(
+                f"UPDATE reports SET lines = ?, names_spaced = 0 WHERE id = ? AND {_STILL_TO_READ}",
+                (lines, report_id),
+            ).rowcount
+        else:
+            marked += conn.execute(
+                f"UPDATE reports SET lines_not_read = ? WHERE id = ? AND {_STILL_TO_READ}", (why, report_id)
+            ).rowcount
+    return given, marked
 
 
 def _read_again(db: sqlite_utils.Database, report_id: int) -> tuple[str | None, str]:

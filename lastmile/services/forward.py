@@ -257,7 +257,7 @@ class ForwardService:
             )
             self._queue_visits()
 
-            now = time.time()  # the taken bundles' sent time (Outbox.mark_sent)
+            now = time.time()  # the taken bundles' sent time (Outbox.mark_taken)
             fhir = forward_fhir_once(
                 self.outbox,
                 self._fhir,

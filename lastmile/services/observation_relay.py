@@ -105,8 +105,7 @@ def relay_observations(
         if record is not None and not _record(record, done, now):
             outbox.release(ids, "relayed; its Sent page record not written yet (clinic.db)", now, RELAY_RETRY_S)
             return len(done)
-        outbox.mark_sent(ids, now)
-        outbox.mark_committed(ids, now)  # durable: the bundle carries the reading from here
+        outbox.mark_taken(ids, now)  # durable, one transaction: the bundle carries the reading from here
         log.info("%d reading(s) queued for the county platform", len(done))
     return len(done)
 
