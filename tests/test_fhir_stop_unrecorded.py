@@ -1,18 +1,19 @@
 """Bundles the county platform took whose "sent" the forward service could not record before a stop
-are sent again by the next start - and the platform still holds ONE copy of each resource.
+are NOT sent again by the next start: recorded taken (sent and committed) from the note beside the
+owner's lock (`Outbox.remember_stored`), as an ECG the PACS stored is.
 
 The FHIR twin of tests/test_forward_stop_unrecorded.py (an ECG the PACS stored). The real
 `lastmile forward` process, the suite's FHIR test server (tests/fhir_server.py: it applies a
 transaction's conditional creates as a platform does, `ifNoneExist` matched -> 200, not created
-again), and a second connection holding the outbox's write lock from the moment the platform has
-applied the transaction, through its 200, until the service has stopped: `mark_sent` waits for the
-lock, SIGTERM comes, the stop gives the wait up, the settle and the close find the lock held too.
-The claims are left to the next start, which sends the bundles again.
+again) and Medplum, and a second connection holding the outbox's write lock from the moment the
+platform has applied the transaction, through its 200, until the service has stopped: `mark_taken`
+waits for the lock, SIGTERM comes, the stop gives the wait up, the settle and the close find the
+lock held too. The claims are left to the next start.
 
-That re-send is harmless, so it is not prevented (unlike the ECG's second storage-commitment
-round): every entry of a visit's and a reading's bundle is a conditional create on the identifier
-minted at capture (uploader/fhir_bundle.py `_entry`), the platform matches them and creates
-nothing. What it costs is one more transaction's bytes on the link.
+That start sent the bundles again: harmless (every entry of a visit's and a reading's bundle is a
+conditional create on the identifier minted at capture, uploader/fhir_bundle.py `_entry`: the
+platform matched them and created nothing), but one more transaction's bytes on a metered link.
+Now it records them taken and sends nothing: the platform got one transaction.
 
 The lock taken one write later - between `mark_sent` and `mark_committed`, when the platform's
 answer was recorded in two transactions - left the bundles "sent" for ever (never purged): now one
@@ -121,7 +122,7 @@ def write_locked(data_dir: Path) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("server_class", [OursAnswersWhenLocked, MedplumAnswersWhenLocked], ids=["ours", "medplum"])
-def test_bundles_the_platform_took_sent_again_after_a_stop_that_could_not_record_them_are_stored_once(
+def test_bundles_the_platform_took_whose_taking_a_stop_could_not_record_are_not_sent_again(
     tmp_path: Path, server_class: type[OursAnswersWhenLocked | MedplumAnswersWhenLocked]
 ) -> None:
     # Medplum's in-memory search makes a transaction take seconds (~50 s at load 30: tests/medplum_fhir_server.py)
@@ -173,10 +174,10 @@ def test_bundles_the_platform_took_sent_again_after_a_stop_that_could_not_record
             stop(second)
         journal = log.read_text(errors="replace")
         assert set(bundle_states(data).values()) <= {"committed", "purged"}, (bundle_states(data), journal[-3000:])
-        # sent again: the platform applied the visit's transaction twice ...
-        assert platform.stats.transactions == 2, platform.stats
-        assert platform.applied[visit_id] == 2, platform.applied
-        # ... and holds one copy of each resource: every entry was a conditional create it matched
+        # recorded taken from the note the first process left, not sent again: one transaction
+        assert platform.stats.transactions == 1, (platform.stats, journal[-3000:])
+        assert platform.applied[visit_id] == 1, platform.applied
+        assert "2 item(s) the peer stored before the last stop recorded as sent, not sent again" in journal
         assert {kind: len(platform.resources(kind)) for kind in stored_once} == stored_once
         assert platform.identifiers("Encounter") == [visit_id]
         observation_ids = platform.identifiers("Observation")
