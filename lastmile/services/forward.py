@@ -294,9 +294,8 @@ class ForwardService:
         # after the platform took its bundle: no round's keys would name it again
         try:
             self._record_taken_of(records)
-        except Exception:  # written; the Sent page reads the bundles meanwhile
-            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
-            self._records_behind = True
+        except Exception as exc:  # noqa: BLE001 - written; the Sent page reads the bundles meanwhile
+            self._taken_not_recorded(exc)
 
     def _record_taken(self, taken: list[str], at: float) -> None:
         """The readings whose bundles the platform took this round (`taken`, at `at`) get their
@@ -311,9 +310,22 @@ class ForwardService:
                 self._records_behind = False
             else:
                 self.reports.store.record_bundles_taken(taken, dt.datetime.fromtimestamp(at, dt.timezone.utc))
-        except Exception:  # the Sent page reads the bundles meanwhile: never stop the round for this
-            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
-            self._records_behind = True
+        except Exception as exc:  # noqa: BLE001 - the Sent page reads the bundles meanwhile: never stop the round
+            self._taken_not_recorded(exc)
+
+    def _taken_not_recorded(self, exc: Exception) -> None:
+        """The readings' sent time not written (clinic.db refused it): caught up from the outbox at
+        the next round, or the next start's first (`_catch_up_taken`). A write the stop gave up
+        (another process held clinic.db's lock) is the stop, no fault: no trace at ERROR."""
+        from uploader.sqlite_store import gave_up_at_stop
+
+        self._records_behind = True
+        if gave_up_at_stop(exc):
+            log.info("stopping: readings taken by the county platform recorded as sent at the next start")
+        else:
+            log.error(
+                "readings taken by the county platform not recorded as sent yet (tried again next round)", exc_info=exc
+            )
 
     def _catch_up_taken(self) -> None:
         """Every record with no sent time whose bundle the outbox says was taken gets that time (one
