@@ -251,7 +251,7 @@ class ForwardService:
             from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
-            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices)
+            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices, self._stop_waits)
             relay_observations(
                 self.outbox, fhir_naming(self.config), time.time(), visit_link=link, record=self._record_relayed
             )
@@ -349,11 +349,18 @@ class ForwardService:
         from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
 
         if self._visits is None:
-            self._visits = VisitQueue(self.config.data_dir, self.config.gateway.id, notices=self._visit_notices)
+            self._visits = VisitQueue(
+                self.config.data_dir, self.config.gateway.id, notices=self._visit_notices, waits=self._stop_waits
+            )
         try:
             self._visits.queue(self.outbox, fhir_naming(self.config))
         except PASSING_FAULTS as exc:
-            log.warning("closed home visits not queued now (tried again in %g s): %s", UNQUEUED_RETRY_S, exc)
+            from uploader.sqlite_store import gave_up_at_stop
+
+            if gave_up_at_stop(exc):  # the stop's (another process held visits.db's lock), no fault
+                log.info("stopping: closed home visits queued for the county platform at the next start")
+            else:
+                log.warning("closed home visits not queued now (tried again in %g s): %s", UNQUEUED_RETRY_S, exc)
         except DATA_ERRORS:  # a visit record that cannot be a bundle: readings and ECGs still go
             log.exception("a closed home visit cannot be queued for the county platform")
 

@@ -88,6 +88,10 @@ def relay_observations(
             # Not the reading's fault (a full disk, visits.db busy): it and the rest of this round
             # go back to the queue, uncharged, for a later round.
             rest = [i.id for i in claimed[n:]]
+            if gave_up_at_stop(exc):  # the stop's (visits.db locked by another process): the next start's
+                log.info("stopping: %d reading(s) relayed at the next start", len(rest))
+                outbox.release(rest, "relay to the county platform cut short by a stop", now, 0.0)
+                break
             log.warning("relaying readings paused (%d put back for %g s): %s", len(rest), RELAY_RETRY_S, exc)
             outbox.release(rest, f"relay to the county platform paused: {exc}", now, RELAY_RETRY_S)
             break
