@@ -1,18 +1,19 @@
 """Bundles the county platform took whose "sent" the forward service could not record before a stop
-are sent again by the next start - and the platform still holds ONE copy of each resource.
+are NOT sent again by the next start: recorded taken (sent and committed) from the note beside the
+owner's lock (`Outbox.remember_stored`), as an ECG the PACS stored is.
 
 The FHIR twin of tests/test_forward_stop_unrecorded.py (an ECG the PACS stored). The real
 `lastmile forward` process, the suite's FHIR test server (tests/fhir_server.py: it applies a
 transaction's conditional creates as a platform does, `ifNoneExist` matched -> 200, not created
-again), and a second connection holding the outbox's write lock from the moment the platform has
-applied the transaction, through its 200, until the service has stopped: `mark_sent` waits for the
-lock, SIGTERM comes, the stop gives the wait up, the settle and the close find the lock held too.
-The claims are left to the next start, which sends the bundles again.
+again) and Medplum, and a second connection holding the outbox's write lock from the moment the
+platform has applied the transaction, through its 200, until the service has stopped: `mark_taken`
+waits for the lock, SIGTERM comes, the stop gives the wait up, the settle and the close find the
+lock held too. The claims are left to the next start.
 
-That re-send is harmless, so it is not prevented (unlike the ECG's second storage-commitment
-round): every entry of a visit's and a reading's bundle is a conditional create on the identifier
-minted at capture (uploader/fhir_bundle.py `_entry`), the platform matches them and creates
-nothing. What it costs is one more transaction's bytes on the link.
+That start sent the bundles again: harmless (every entry of a visit's and a reading's bundle is a
+conditional create on the identifier minted at capture, uploader/fhir_bundle.py `_entry`: the
+platform matched them and created nothing), but one more transaction's bytes on a metered link.
+Now it records them taken and sends nothing: the platform got one transaction.
 
 The lock taken one write later - between `mark_sent` and `mark_committed`, when the platform's
 answer was recorded in two transactions - left the bundles "sent" for ever (never purged): now one
@@ -22,6 +23,7 @@ transaction (`Outbox.mark_taken`).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import signal
 import sqlite3
 import threading
@@ -31,8 +33,11 @@ from pathlib import Path
 
 import pytest
 
+from lastmile.clinic.db import DB_NAME as CLINIC_DB
+from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore, observation_payload
 from lastmile.config import load_config
 from lastmile.data_dir import open_outbox
+from lastmile.reports.store import ReportStore, SentStudy
 from tests.fhir_samples import NAMING, T0, blood_pressure, queue_visits
 from tests.fhir_server import FhirTestServer
 from tests.medplum_fhir_server import UPSTREAM_TIMEOUT_S, MedplumFhirServer
@@ -44,6 +49,7 @@ from uploader.fhir_forwarder import enqueue_observation, forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings
 from uploader.outbox import DB_NAME, ItemState, Kind, Outbox
 
+MINUTE = dt.timedelta(minutes=1)
 HOLD_AT_THE_PLATFORM_S = 60.0  # the platform waits at most this for the test's lock (never forever)
 
 
@@ -121,7 +127,7 @@ def write_locked(data_dir: Path) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("server_class", [OursAnswersWhenLocked, MedplumAnswersWhenLocked], ids=["ours", "medplum"])
-def test_bundles_the_platform_took_sent_again_after_a_stop_that_could_not_record_them_are_stored_once(
+def test_bundles_the_platform_took_whose_taking_a_stop_could_not_record_are_not_sent_again(
     tmp_path: Path, server_class: type[OursAnswersWhenLocked | MedplumAnswersWhenLocked]
 ) -> None:
     # Medplum's in-memory search makes a transaction take seconds (~50 s at load 30: tests/medplum_fhir_server.py)
@@ -173,10 +179,10 @@ def test_bundles_the_platform_took_sent_again_after_a_stop_that_could_not_record
             stop(second)
         journal = log.read_text(errors="replace")
         assert set(bundle_states(data).values()) <= {"committed", "purged"}, (bundle_states(data), journal[-3000:])
-        # sent again: the platform applied the visit's transaction twice ...
-        assert platform.stats.transactions == 2, platform.stats
-        assert platform.applied[visit_id] == 2, platform.applied
-        # ... and holds one copy of each resource: every entry was a conditional create it matched
+        # recorded taken from the note the first process left, not sent again: one transaction
+        assert platform.stats.transactions == 1, (platform.stats, journal[-3000:])
+        assert platform.applied[visit_id] == 1, platform.applied
+        assert "2 item(s) the peer stored before the last stop recorded as sent, not sent again" in journal
         assert {kind: len(platform.resources(kind)) for kind in stored_once} == stored_once
         assert platform.identifiers("Encounter") == [visit_id]
         observation_ids = platform.identifiers("Observation")
@@ -240,3 +246,218 @@ def test_bundles_the_platform_took_never_stay_sent_for_ever_when_a_lock_cuts_the
             assert platform.identifiers("Encounter") == [visit_id]
     finally:
         outbox.unlock()
+
+
+def readings_sent_at(data_dir: Path) -> list[str | None]:
+    """The relayed readings' records (the Sent page's): when the platform took each, as clinic.db says."""
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / CLINIC_DB}?mode=ro", uri=True, timeout=30)) as conn:
+        return [r[0] for r in conn.execute("SELECT sent_at FROM sent_readings ORDER BY outbox_item_id")]
+
+
+def test_readings_taken_whose_sent_time_a_stop_gave_up_are_said_at_info_and_recorded_by_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """The platform took the readings' bundles (the outbox records it), then their records' sent
+    time waited for clinic.db's write lock (the console saving a check-in) and SIGTERM gave the
+    wait up: the forward service said it with a traceback at ERROR (journald, the county's log
+    shipping) at an ordinary stop. Now one line at INFO, and nothing is lost: the next start
+    records the sent time of each (its first round's catch-up), and sends nothing again."""
+    with OursAnswersWhenLocked() as platform:
+        cfg = config_file(tmp_path, platform, 60.0)
+        config = load_config(cfg)
+        data, log = config.data_dir, tmp_path / "forward.log"
+        with open_outbox(config) as outbox:
+            store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
+            try:
+                store.context.set_patient("P-0007", "Wang^Fang", now=T0)
+                for n in range(3):
+                    reading = blood_pressure(T0 + n * MINUTE, None, f"bp-{n}")  # on the patient checked in
+                    assert store.record(reading, now=T0 + (n + 1) * MINUTE).outcome == "stored"
+            finally:
+                store.close()
+
+        first = start(cfg, "forward", log=log)
+        try:
+            wait_for(
+                lambda: platform.applied_first.is_set() or first.poll() is not None, 60, what="the platform applying"
+            )
+            assert first.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert readings_sent_at(data) == [None] * 3  # relayed and recorded, not taken yet
+            with contextlib.closing(sqlite3.connect(data / CLINIC_DB, timeout=30, isolation_level=None)) as console:
+                console.execute("BEGIN IMMEDIATE")  # the console saving: the records' write waits for it
+                platform.may_answer.set()
+                wait_for(
+                    lambda: set(bundle_states(data).values()) == {"committed"} or first.poll() is not None,
+                    30,
+                    what="the bundles recorded taken in the outbox",
+                )
+                time.sleep(0.5)  # the readings' sent time waiting for clinic.db's lock
+                first.send_signal(signal.SIGTERM)
+                stopped_by = time.monotonic() + 30
+                while first.poll() is None and time.monotonic() < stopped_by:
+                    time.sleep(0.1)
+                console.execute("ROLLBACK")
+            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            platform.may_answer.set()
+            stop(first)
+        journal = log.read_text(errors="replace")
+        assert "stopping: readings taken by the county platform recorded as sent at the next start" in journal
+        assert [line for line in journal.splitlines() if " ERROR " in line or "Traceback" in line] == [], journal[
+            -3000:
+        ]
+        assert readings_sent_at(data) == [None] * 3  # not recorded: the stop gave the write up
+
+        second = start(cfg, "forward", log=log)
+        try:
+            wait_for(
+                lambda: None not in readings_sent_at(data) or second.poll() is not None,
+                60,
+                what="the readings' sent time recorded by the next start",
+            )
+        finally:
+            stop(second)
+        assert None not in readings_sent_at(data), log.read_text(errors="replace")[-3000:]
+        assert platform.stats.transactions == 1, platform.stats  # nothing sent again
+
+
+class SearchAnsweredWhenLocked(FhirTestServer):
+    """The platform answering the report poller's first search only once the test has clinic.db's
+    write lock (`may_answer`): the report it finds waits for the lock to be stored."""
+
+    def __init__(self) -> None:
+        super().__init__(token=FHIR_TOKEN)
+        self.searched = threading.Event()
+        self.may_answer = threading.Event()
+
+    def search(self, kind: str, query: dict[str, list[str]]) -> dict:
+        result = super().search(kind, query)
+        if not self.searched.is_set():
+            self.searched.set()
+            self.may_answer.wait(HOLD_AT_THE_PLATFORM_S)
+        return result
+
+
+def stored_report_texts(data_dir: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / CLINIC_DB}?mode=ro", uri=True, timeout=30)) as conn:
+        return [r[0] for r in conn.execute("SELECT text FROM reports")]
+
+
+def test_a_report_whose_store_a_stop_gave_up_is_said_at_info_and_stored_by_the_next_start(tmp_path: Path) -> None:
+    """The report poller found the county's report, and its store waited for clinic.db's write lock
+    (the console saving a check-in) when SIGTERM gave the wait up: the poller said "ERROR report
+    poller: cannot write its state (database is locked)" at an ordinary stop. Now one line at INFO,
+    and nothing is lost: the next start asks again and stores the report."""
+    study = "1.2.826.0.1.3680043.8.498.4242"
+    with SearchAnsweredWhenLocked() as platform:
+        cfg = config_file(tmp_path, platform, 60.0)
+        cfg.write_text(cfg.read_text().replace('source = "off"', 'source = "fhir"'))
+        data, log = load_config(cfg).data_dir, tmp_path / "forward.log"
+        with ReportStore.open(data) as store:  # an ECG sent ten minutes ago: due for its routine round
+            store.record_sent(SentStudy(study, dt.datetime.now(dt.timezone.utc) - 10 * MINUTE, patient_id="P1"))
+        platform.put_resource(
+            {
+                "resourceType": "DiagnosticReport",
+                "status": "final",
+                "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study}"}],
+                "code": {"coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}]},
+                "subject": {"identifier": {"system": "urn:lastmile:patient-id", "value": "P1"}},
+                "issued": "2026-11-02T10:00:00+08:00",
+                "conclusion": "Sinus rhythm. Normal ECG.",
+            }
+        )
+
+        first = start(cfg, "forward", log=log)
+        try:
+            wait_for(lambda: platform.searched.is_set() or first.poll() is not None, 60, what="the poller asking")
+            assert first.poll() is None, log.read_text(errors="replace")[-3000:]
+            with contextlib.closing(sqlite3.connect(data / CLINIC_DB, timeout=30, isolation_level=None)) as console:
+                console.execute("BEGIN IMMEDIATE")  # the console saving: the report's store waits for it
+                platform.may_answer.set()
+                time.sleep(1.0)  # the report found, its store waiting for clinic.db's lock
+                first.send_signal(signal.SIGTERM)
+                stopped_by = time.monotonic() + 30
+                while first.poll() is None and time.monotonic() < stopped_by:
+                    time.sleep(0.1)
+                console.execute("ROLLBACK")
+            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            platform.may_answer.set()
+            stop(first)
+        journal = log.read_text(errors="replace")
+        assert "report poller: stopping: what this round found is asked for again at the next start" in journal
+        assert [line for line in journal.splitlines() if " ERROR " in line or "Traceback" in line] == [], journal[
+            -3000:
+        ]
+        assert stored_report_texts(data) == []  # the stop gave its store up
+
+        second = start(cfg, "forward", log=log)
+        try:
+            wait_for(lambda: stored_report_texts(data) or second.poll() is not None, 60, what="the report stored")
+        finally:
+            stop(second)
+        assert [("Sinus rhythm" in text) for text in stored_report_texts(data)] == [True], log.read_text()[-3000:]
+
+
+def observation_states(data_dir: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / DB_NAME}?mode=ro", uri=True, timeout=30)) as conn:
+        return [r[0] for r in conn.execute("SELECT state FROM items WHERE kind = ? ORDER BY id", (OBSERVATION_KIND,))]
+
+
+def test_readings_relayed_whose_record_a_stop_gave_up_are_said_at_info_and_recorded_by_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """Readings stored (acquire) while the console held clinic.db's write lock: the forward service
+    relayed them, their Sent page records waited for the lock and SIGTERM gave the wait up - said
+    with a traceback at ERROR at an ordinary stop. Now at INFO, and nothing is lost: the readings
+    are put back (not marked relayed) and the next start relays them again (their bundles
+    absorbed: sent once) and records each, with the time the platform took it."""
+    with FhirTestServer(token=FHIR_TOKEN) as platform:
+        cfg = config_file(tmp_path, platform, 60.0)
+        config = load_config(cfg)
+        data, log = config.data_dir, tmp_path / "forward.log"
+        first = start(cfg, "forward", log=log)
+        try:
+            wait_for(lambda: "forward ready after" in log.read_text(errors="replace") or first.poll() is not None, 60)
+            assert first.poll() is None, log.read_text(errors="replace")[-3000:]
+            with contextlib.closing(sqlite3.connect(data / CLINIC_DB, timeout=30, isolation_level=None)) as console:
+                console.execute("BEGIN IMMEDIATE")  # the console saving a check-in
+                with open_outbox(config) as outbox:  # acquire storing three readings meanwhile
+                    for n in range(3):
+                        obs = blood_pressure(T0 + n * MINUTE, "P-0007", f"bp-{n}")
+                        outbox.add(OBSERVATION_KIND, obs.record_key, observation_payload(obs), meta={"kind": obs.kind})
+                wait_for(
+                    lambda: "sending" in observation_states(data) or first.poll() is not None,
+                    30,
+                    what="the readings taken for the relay",
+                )
+                time.sleep(0.5)  # their records waiting for clinic.db's lock
+                first.send_signal(signal.SIGTERM)
+                stopped_by = time.monotonic() + 30
+                while first.poll() is None and time.monotonic() < stopped_by:
+                    time.sleep(0.1)
+                console.execute("ROLLBACK")
+            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            stop(first)
+        journal = log.read_text(errors="replace")
+        assert "stopping: 3 reading(s) relayed, their sent record written at the next start" in journal, journal[-3000:]
+        assert [line for line in journal.splitlines() if " ERROR " in line or "Traceback" in line] == [], journal[
+            -3000:
+        ]
+        assert readings_sent_at(data) == []  # no record: the stop gave the write up
+
+        second = start(cfg, "forward", log=log)
+        try:
+            wait_for(
+                lambda: (
+                    (len(readings_sent_at(data)) == 3 and None not in readings_sent_at(data))
+                    or second.poll() is not None
+                ),
+                60,
+                what="the readings recorded, taken by the platform",
+            )
+        finally:
+            stop(second)
+        assert len(readings_sent_at(data)) == 3 and None not in readings_sent_at(data), log.read_text()[-3000:]
+        assert platform.stats.transactions == 1, platform.stats  # the bundles the first took: absorbed

@@ -1216,3 +1216,19 @@ def test_an_outbox_opened_while_a_held_ecg_is_assigned_does_not_quarantine_it(
         assert item is not None
         assert item.state == S.QUEUED, f"an assigned ECG was quarantined: {item.quarantine_reason}"
         assert ob.read_payload(item) == b"assigned" * 4000
+
+
+def test_a_fhir_bundle_the_platform_took_unrecorded_is_recorded_taken_and_purged(data_dir: Path) -> None:
+    """The county platform's 200 for a FHIR bundle is its commitment (`mark_taken`): one whose
+    recording failed (`remember_stored`) recorded only "sent" would stay so for ever - no
+    commitment comes for a bundle - never purged. Recorded taken (committed), by this process
+    (`record_stored`: the settle, the close) as by the next open; an ECG still only sent."""
+    with open_outbox(data_dir) as ob:
+        bundle, ecg = add(ob, "fhir:a", kind="fhir-bundle"), add(ob, "ecg")
+        assert len(ob.claim("fhir-bundle", 10, 2e9)) == 1 and len(ob.claim("dicom", 10, 2e9)) == 1
+        ob.remember_stored([bundle.id, ecg.id])
+        assert ob.record_stored(2e9 + 1) == 2
+        assert (ob.get(bundle.id).state, ob.get(bundle.id).committed_at) == (S.COMMITTED, 2e9 + 1)
+        assert (ob.get(ecg.id).state, ob.get(ecg.id).committed_at) == (S.SENT, None)
+        assert ob.purge_due(2e9 + 2, 0.0) == 1
+        assert ob.get(bundle.id).state == S.PURGED

@@ -31,6 +31,7 @@ from lastmile.config import Config
 from lastmile.services.acquire import NO_SESSION, usb_import_part
 from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
 from tests.conftest import shared_file
+from tests.peers import free_port
 from tests.serial_gateway import Running, talk_as_bridge
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
@@ -354,3 +355,112 @@ def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path)
         finally:
             service.close()
             scanner.unplug()
+
+
+def forward_toml(tmp_path: Path, config: Path, fhir_url: str) -> None:
+    """`lastmile forward` toward a loopback FHIR platform; no reading center listens."""
+    from tests.service_harness import fhir_token_file
+
+    data = tmp_path / "data"
+    config.write_text(
+        f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n'
+        f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {free_port()}\n'
+        'listen_host = "127.0.0.1"\nstorage_commitment = false\n'
+        f'[fhir]\nbase_url = "{fhir_url}"\ntoken_file = "{fhir_token_file(tmp_path)}"\n'
+        '[outbox]\nmin_free_mb = 0\n[reports]\nsource = "off"\n'
+    )
+
+
+def test_sigterm_while_the_forward_service_queues_a_visit_under_visits_db_lock_stops_promptly(tmp_path: Path) -> None:
+    """lastmile/visits/relay_link.py VisitQueue: the forward service queues a closed home visit for
+    the county platform (the first write: marking it queued, in visits.db) while another process
+    holds visits.db's write lock (the doctor's `lastmile visit stop` signing, a sqlite3 shell left
+    open); SIGTERM: the write waited out SQLite's 15 s busy timeout, the stop with it (measured
+    15.2 s). Now the forward service's StopWaits bounds visits.db's writes too (1.2 s), said at
+    INFO; the visit is the next start's, sent once."""
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_server import FhirTestServer
+    from tests.service_harness import FHIR_TOKEN, start, stop
+
+    data, config, journal = tmp_path / "data", tmp_path / "lastmile.toml", tmp_path / "forward.log"
+    with FhirTestServer(token=FHIR_TOKEN) as platform:
+        forward_toml(tmp_path, config, platform.base_url)
+        proc = start(config, "forward", log=journal)
+        try:
+            wait_for(lambda: "forward ready after" in journal.read_text() or proc.poll() is not None, timeout=60)
+            with VisitBook.open(data, gateway_id="gw-1") as book:  # the doctor's visit, closed and signed
+                visit = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+                book.stop()
+            with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # the visit queue's write waits
+                proc.send_signal(signal.SIGTERM)
+                began = time.monotonic()
+                proc.wait(120)
+                took = time.monotonic() - began
+                other.rollback()
+        finally:
+            stop(proc)
+        out = journal.read_text(errors="replace")
+        print(f"\nSIGTERM to exit, the forward service's visit queue waiting for visits.db's lock: {took:.1f} s")
+        assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out[-3000:])
+        assert [line for line in out.splitlines() if " ERROR " in line or "Traceback" in line] == [], out[-3000:]
+        assert "stopping: closed home visits queued for the county platform at the next start" in out, out[-3000:]
+
+        again = start(config, "forward", log=journal)  # the next start queues and sends it, once
+        try:
+            wait_for(lambda: sum(platform.applied.values()) >= 1 or again.poll() is not None, timeout=60)
+            time.sleep(1.0)
+        finally:
+            stop(again)
+        assert platform.applied == {visit.id: 1}, (platform.applied, journal.read_text()[-3000:])
+
+
+def test_sigterm_while_the_forward_service_links_a_reading_to_a_visit_under_visits_db_lock_stops_promptly(
+    tmp_path: Path,
+) -> None:
+    """lastmile/visits/relay_link.py visit_link: the relay links a reading taken during the open
+    home visit of its patient (a write in visits.db) while another process holds visits.db's
+    write lock; SIGTERM: bounded as the visit queue is (1 s more at most), said at INFO, the
+    reading put back at once: the next start links it to its visit."""
+    from lastmile.clinic.observations import OBSERVATION_KIND, observation_payload
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_samples import blood_pressure
+    from tests.fhir_server import FhirTestServer
+    from tests.service_harness import FHIR_TOKEN, start, stop
+
+    data, config, journal = tmp_path / "data", tmp_path / "lastmile.toml", tmp_path / "forward.log"
+    with FhirTestServer(token=FHIR_TOKEN) as platform:
+        forward_toml(tmp_path, config, platform.base_url)
+        with VisitBook.open(data, gateway_id="gw-1") as book:  # the doctor at P-2's home
+            visit = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        proc = start(config, "forward", log=journal)
+        try:
+            wait_for(lambda: "forward ready after" in journal.read_text() or proc.poll() is not None, timeout=60)
+            with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                reading = blood_pressure(dt.datetime.now(dt.timezone.utc), "P-2", "bp-at-home")
+                with Outbox.open(data, min_free_bytes=0) as outbox:  # acquire storing the cuff's reading
+                    outbox.add(OBSERVATION_KIND, reading.record_key, observation_payload(reading), meta={})
+                wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # the link's write waits
+                proc.send_signal(signal.SIGTERM)
+                began = time.monotonic()
+                proc.wait(120)
+                took = time.monotonic() - began
+                other.rollback()
+        finally:
+            stop(proc)
+        out = journal.read_text(errors="replace")
+        print(f"\nSIGTERM to exit, a reading's link to its visit waiting for visits.db's lock: {took:.1f} s")
+        assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out[-3000:])
+        assert [line for line in out.splitlines() if " ERROR " in line or "Traceback" in line] == [], out[-3000:]
+        assert "stopping: 1 reading(s) relayed at the next start" in out, out[-3000:]
+
+        again = start(config, "forward", log=journal)  # the next start links it to the open visit
+        try:
+            with VisitBook.open(data, gateway_id="gw-1") as book:
+                wait_for(lambda: book.visit_holding(reading.record_key) == visit.id or again.poll() is not None, 60)
+        finally:
+            stop(again)
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            assert book.visit_holding(reading.record_key) == visit.id, journal.read_text()[-3000:]

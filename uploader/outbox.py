@@ -349,18 +349,39 @@ def _sent_sets(now: float) -> dict[str, Any]:
     return {"sent_at": now, "last_error": None, "claimed_by": None, "in_flight": 0, "interrupted_sends": 0}
 
 
+# kinds whose peer's answer is its commitment (`mark_taken`: the county platform's
+# transaction-response): one the peer stored whose recording failed is recorded taken, not "sent"
+# - a state nothing moves such an item out of (no commitment comes for it): never purged
+_TAKEN_WHEN_STORED = (Kind.FHIR_BUNDLE.value,)
+
+
 def _record_stored_of(conn: sqlite3.Connection, owner: str, item_ids: Sequence[int], now: float) -> int:
-    """(In a write transaction.) Items the peer stored for `owner`, a dead owner that could not
-    record them (`Outbox.remember_stored`), recorded as sent: still claimed by it, or queued again
-    (a power cut undid its claim, which is not fsynced). Returns how many."""
+    """(In a write transaction.) Items the peer stored for `owner` that it could not record
+    (`Outbox.remember_stored`), recorded as sent (taken: sent and committed, for a kind whose
+    answer is its commitment): still claimed by it, or - a dead owner - queued again (a power cut
+    undid its claim, which is not fsynced). Returns how many."""
     moved = 0
+    taken = ",".join("?" * len(_TAKEN_WHEN_STORED))
     for chunk in _chunks(list(item_ids)):
         marks = ",".join("?" * len(chunk))
         moved += conn.execute(
-            "UPDATE items SET state = ?, sent_at = ?, updated_at = ?, last_error = NULL, claimed_by = NULL, "
-            f"in_flight = 0, interrupted_sends = 0 WHERE id IN ({marks}) "
-            "AND (state = ? OR (state = ? AND claimed_by IS ?))",
-            (S.SENT.value, now, now, *chunk, S.QUEUED.value, S.SENDING.value, owner),
+            f"UPDATE items SET state = CASE WHEN kind IN ({taken}) THEN ? ELSE ? END, sent_at = ?, "
+            f"committed_at = CASE WHEN kind IN ({taken}) THEN ? ELSE committed_at END, updated_at = ?, "
+            "last_error = NULL, claimed_by = NULL, in_flight = 0, interrupted_sends = 0 "
+            f"WHERE id IN ({marks}) AND (state = ? OR (state = ? AND claimed_by IS ?))",
+            (
+                *_TAKEN_WHEN_STORED,
+                S.COMMITTED.value,
+                S.SENT.value,
+                now,
+                *_TAKEN_WHEN_STORED,
+                now,
+                now,
+                *chunk,
+                S.QUEUED.value,
+                S.SENDING.value,
+                owner,
+            ),
         ).rowcount
     return moved
 
@@ -603,9 +624,10 @@ class Outbox:
         return bool(rows)
 
     def remember_stored(self, item_ids: Sequence[int]) -> None:
-        """The peer stored these items (claimed by this Outbox) but `mark_sent` could not record
-        it (a full disk, an I/O error, another process's write lock past the wait): kept until
-        `record_stored` does, in memory and in a file beside this owner's lock, fsynced. If this
+        """The peer stored these items (claimed by this Outbox) but `mark_sent` (`mark_taken`)
+        could not record it (a full disk, an I/O error, another process's write lock past the wait
+        or given up at a stop): kept until `record_stored` does, in memory and in a file beside
+        this owner's lock, fsynced. If this
         process ends first - a stop whose writes still find the database locked, a kill, a power
         cut - the next open records them as sent (`recover_interrupted`): not sent again, not a
         second storage-commitment round."""
@@ -619,13 +641,14 @@ class Outbox:
                 log.warning("items stored at the peer, not recorded as sent yet, kept in memory only: %s", exc)
 
     def record_stored(self, now: float) -> int:
-        """Record as sent (durably) what `remember_stored` kept; call before releasing this
-        Outbox's claims. Returns how many."""
+        """Record as sent (durably) what `remember_stored` kept - a FHIR bundle as taken (sent and
+        committed, as `mark_taken`); call before releasing this Outbox's claims. Returns how many."""
         with self._lock:
             ids = sorted(self._stored_unrecorded)
             if not ids:
                 return 0
-            self._transition("mark_sent", ids, now, _sent_sets(now))  # durable: the file naming them goes next
+            # durable: the file naming them goes next
+            self._commit(functools.partial(_record_stored_of, owner=self.owner, item_ids=ids, now=now))
             self._stored_unrecorded.clear()
             if self._owner_lock is not None:
                 try:

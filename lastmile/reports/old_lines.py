@@ -10,7 +10,8 @@ then kept pydicom for its life), and all the rows in one write transaction held 
 services past their busy timeout on a Pi. Here BATCH rows are read (no lock held), then written
 in one short transaction. A row that cannot be read again keeps its text and is marked
 (`lines_not_read`): it is not read again at every start, and never stops the others. A stop
-(SIGTERM) ends it between rows and never waits for another process's write lock (the console's):
+(SIGTERM) ends it between rows, and a batch's write waits for another process's write lock (the
+console's) at most a second more (sqlite_store.StopWaits, the one mechanism of every service):
 what was read and not written, and what was not read, is read at the next start, once.
 
 No configuration: the county's critical codes and keywords are not known. A report whose lines,
@@ -25,7 +26,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import sqlite_utils
@@ -34,12 +34,11 @@ from lastmile.clinic.db import open_clinic_db, transaction
 from lastmile.reports.store import checked_against_study, filed_under
 from uploader.report_lines import ReportLine
 from uploader.report_reading import ReportContent, read_dicom_report, read_fhir_report
+from uploader.sqlite_store import StopWaits, WaitGivenUp, give_up_waits_on
 
 log = logging.getLogger(__name__)
 
 BATCH = 20  # rows read, then written in one transaction: the write lock held for 20 UPDATEs
-# how often a batch's write waiting for another process's lock looks at the stop (`_write`)
-LOCK_POLL_MS = 100
 # the rows still to read, by the partial index 0033_report_lines_not_read made (no table scan)
 _STILL_TO_READ = "lines IS NULL AND lines_not_read IS NULL"
 
@@ -72,7 +71,7 @@ def add_old_report_lines(db: sqlite_utils.Database, stop: threading.Event | None
                 outcomes.append((report_id, _read_again(db, report_id)))
             if not outcomes:
                 break
-            written = _write(db, outcomes, stop)
+            written = _write(db, outcomes)
             if written is None:
                 log.info("reports stored before lines: stopping; the rest are read again at the next start")
                 break
@@ -91,34 +90,15 @@ def _stopped(stop: threading.Event | None) -> bool:
     return stop is not None and stop.is_set()
 
 
-def _write(
-    db: sqlite_utils.Database, outcomes: list[tuple[int, tuple[str | None, str]]], stop: threading.Event | None
-) -> tuple[int, int] | None:
-    """Write a batch's outcomes in one transaction: (rows given lines, rows marked). With `stop`,
-    another process's write lock is waited for in LOCK_POLL_MS turns and, once the stop is set,
-    not at all (None: nothing written, these rows are the next start's) - SQLite's busy wait
-    cannot be cut short, and it held the forward service's stop for its whole 15 s."""
-    if stop is None:
-        with transaction(db) as conn:
-            return _write_rows(conn, outcomes)
-    (wait_ms,) = db.conn.execute("PRAGMA busy_timeout").fetchone()
-    deadline = time.monotonic() + int(wait_ms) / 1000
-    db.conn.execute(f"PRAGMA busy_timeout={min(LOCK_POLL_MS, int(wait_ms))}")
+def _write(db: sqlite_utils.Database, outcomes: list[tuple[int, tuple[str | None, str]]]) -> tuple[int, int] | None:
+    """Write a batch's outcomes in one transaction: (rows given lines, rows marked), or None when
+    the service's stop gave up the wait for another process's write lock (`give_up_waits_on`, as
+    `OldReportLines` sets it): nothing written, these rows are the next start's."""
     try:
-        while True:
-            tried = time.monotonic()
-            try:
-                with transaction(db) as conn:  # written again whole: every UPDATE is "still to read"
-                    return _write_rows(conn, outcomes)
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise
-                if stop.is_set():
-                    return None
-            # a refusal SQLite gave without waiting (a deadlock it foresaw) is not tried again at once
-            time.sleep(max(0.0, tried + LOCK_POLL_MS / 1000 - time.monotonic()))
-    finally:
-        db.conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
+        with transaction(db) as conn:  # whole or nothing: every UPDATE is "still to read"
+            return _write_rows(conn, outcomes)
+    except WaitGivenUp:
+        return None
 
 
 def _write_rows(conn: sqlite3.Connection, outcomes: list[tuple[int, tuple[str | None, str]]]) -> tuple[int, int]:
@@ -193,6 +173,9 @@ class OldReportLines:
     def _run(self) -> None:
         try:
             db = open_clinic_db(self._data_dir)
+            # a batch's write waits for another process's lock (the console's) at most a second
+            # more once the stop is set - the service's one mechanism (sqlite_store.StopWaits)
+            give_up_waits_on(db, StopWaits(self._stop))
             try:
                 add_old_report_lines(db, self._stop)
             finally:

@@ -251,7 +251,7 @@ class ForwardService:
             from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
-            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices)
+            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices, self._stop_waits)
             relay_observations(
                 self.outbox, fhir_naming(self.config), time.time(), visit_link=link, record=self._record_relayed
             )
@@ -294,9 +294,8 @@ class ForwardService:
         # after the platform took its bundle: no round's keys would name it again
         try:
             self._record_taken_of(records)
-        except Exception:  # written; the Sent page reads the bundles meanwhile
-            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
-            self._records_behind = True
+        except Exception as exc:  # noqa: BLE001 - written; the Sent page reads the bundles meanwhile
+            self._taken_not_recorded(exc)
 
     def _record_taken(self, taken: list[str], at: float) -> None:
         """The readings whose bundles the platform took this round (`taken`, at `at`) get their
@@ -311,9 +310,22 @@ class ForwardService:
                 self._records_behind = False
             else:
                 self.reports.store.record_bundles_taken(taken, dt.datetime.fromtimestamp(at, dt.timezone.utc))
-        except Exception:  # the Sent page reads the bundles meanwhile: never stop the round for this
-            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
-            self._records_behind = True
+        except Exception as exc:  # noqa: BLE001 - the Sent page reads the bundles meanwhile: never stop the round
+            self._taken_not_recorded(exc)
+
+    def _taken_not_recorded(self, exc: Exception) -> None:
+        """The readings' sent time not written (clinic.db refused it): caught up from the outbox at
+        the next round, or the next start's first (`_catch_up_taken`). A write the stop gave up
+        (another process held clinic.db's lock) is the stop, no fault: no trace at ERROR."""
+        from uploader.sqlite_store import gave_up_at_stop
+
+        self._records_behind = True
+        if gave_up_at_stop(exc):
+            log.info("stopping: readings taken by the county platform recorded as sent at the next start")
+        else:
+            log.error(
+                "readings taken by the county platform not recorded as sent yet (tried again next round)", exc_info=exc
+            )
 
     def _catch_up_taken(self) -> None:
         """Every record with no sent time whose bundle the outbox says was taken gets that time (one
@@ -337,11 +349,18 @@ class ForwardService:
         from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
 
         if self._visits is None:
-            self._visits = VisitQueue(self.config.data_dir, self.config.gateway.id, notices=self._visit_notices)
+            self._visits = VisitQueue(
+                self.config.data_dir, self.config.gateway.id, notices=self._visit_notices, waits=self._stop_waits
+            )
         try:
             self._visits.queue(self.outbox, fhir_naming(self.config))
         except PASSING_FAULTS as exc:
-            log.warning("closed home visits not queued now (tried again in %g s): %s", UNQUEUED_RETRY_S, exc)
+            from uploader.sqlite_store import gave_up_at_stop
+
+            if gave_up_at_stop(exc):  # the stop's (another process held visits.db's lock), no fault
+                log.info("stopping: closed home visits queued for the county platform at the next start")
+            else:
+                log.warning("closed home visits not queued now (tried again in %g s): %s", UNQUEUED_RETRY_S, exc)
         except DATA_ERRORS:  # a visit record that cannot be a bundle: readings and ECGs still go
             log.exception("a closed home visit cannot be queued for the county platform")
 
