@@ -476,15 +476,28 @@ def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_k
         row = registry.get("serial:monitor")
     assert row.problem is not DeviceProblem.NOT_SAVED and "cannot store" not in row.last_error, row
     assert "cannot store a" not in out, out
+    # held for the stop's own cause, never said as waiting for space (the row, the stop's line, the doctor)
+    assert "space" not in row.waiting and "the gateway was stopping" in row.waiting, row.waiting
+    assert row.held_at_stop and row.held_reading_count == 3, row
+    assert "the outbox refused them" not in out, out
+    devices_toml = config.read_text().split("\n", 2)[2]  # its devices: the doctor's data_dir is `data`
+    waiting = doctor(data, devices_toml)._readings_waiting_for_space()  # `lastmile doctor`, the service stopped
+    assert [(f.level, f.advice_key) for f in waiting] == [(Level.WARN, "readings-kept-at-stop")], waiting
+    assert all("space" not in f.message + f.hint for f in waiting), waiting
     again = start_acquire(config, Manager(tmp_path / "notify-again"), watchdog_usec=20_000_000)
     try:
         with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
             wait_for(lambda: len(outbox.items(kind="observation")) >= 3, timeout=60)
             assert len(outbox.items(kind="observation")) == 3  # once each
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:  # the next start stored them: the row clean
+            wait_for(lambda: not (r := registry.get("serial:monitor")).waits_for_space and not r.held_cause, timeout=30)
+            row = registry.get("serial:monitor")
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(30)
     assert waiting_readings(data) == 0
+    assert not row.lost_words and not row.last_error, row
+    assert not doctor(data, devices_toml)._readings_waiting_for_space()
 
 
 # -- lastmile doctor: a port that answers is not our listener ----------------------------------------

@@ -41,6 +41,9 @@ class HeldReadings(enum.StrEnum):
 # people: readers go by the row's own status (HeldReadings), never by these words
 KEPT_ON_DISK = "kept on disk"
 MEMORY_ONLY = "held in memory only: lost if the power fails"
+# The held cause of readings whose store the gateway's stop gave up (another process held the
+# outbox's lock): no fault and not space - the next start stores them (from the spill file)
+HELD_AT_STOP = "the gateway was stopping: stored at its next start"
 
 # How long `lastmile doctor` (and the System page) FAILs for what a stop lost from memory, from the
 # restart that found it: nothing can bring it back and no one acknowledges it, so it ends by
@@ -104,6 +107,11 @@ class DeviceRecord:
     def waits_for_space(self) -> bool:
         """Readings (streamed ECGs) the full outbox refused wait, on disk or in memory only."""
         return self.held_readings is not HeldReadings.NONE
+
+    @property
+    def held_at_stop(self) -> bool:
+        """What waits is held because the gateway's stop gave its store up: stored at the next start."""
+        return self.held_cause == HELD_AT_STOP
 
     @property
     def held_in_memory_only(self) -> bool:
@@ -213,6 +221,8 @@ def lost_message(words: str, cause: str = "") -> str:
     """What a stop lost of `words` (`held_words`) held in memory only, for people (the journal,
     `lastmile doctor`): waiting for space or, with a `cause` (`DeviceRecord.held_cause`), for that."""
     waiting = f"waiting to be stored: {cause}" if cause else "waiting for space"
+    if cause == HELD_AT_STOP:  # "stored at its next start" is what did not happen
+        waiting = "not stored yet when the gateway stopped"
     return f"{words} held in memory only ({waiting}) were lost when the gateway stopped"
 
 
@@ -232,6 +242,23 @@ def lost_causes(said: str, cause: str) -> str:
     if not cause or cause in said:
         return said
     return f"{said}; {cause}"[:LOST_CAUSES_CHARS] if said else cause
+
+
+# how long the damaged spill files of losses said at once may grow: each names its path and its
+# .bad copy's, whole (the county IT goes by them), so older ones are left out, never cut
+LOST_DAMAGE_CHARS = 1200
+
+
+def lost_damages(said: str, damage: str) -> str:
+    """The damaged spill files of losses said at once: `said` (the row's) with `damage` (this
+    stop's: `DeviceRecord.lost_damage`) added unless said already; past LOST_DAMAGE_CHARS the
+    older ones are left out ("…" says so), so no path is ever cut."""
+    if not damage or damage in said:
+        return said
+    if not said:
+        return damage
+    both = f"{said}; {damage}"
+    return both if len(both) <= LOST_DAMAGE_CHARS else f"…; {damage}"
 
 
 def services_text(services: Iterable[int]) -> str:
@@ -512,7 +539,7 @@ class DeviceRegistry:
                 disk_ecgs + record.lost_disk_ecg_count,
             )
             after, cause = record.lost_after, lost_causes(record.lost_cause, cause)
-            damage = lost_causes(record.lost_damage, damage)
+            damage = lost_damages(record.lost_damage, damage)
         with transaction(self.db) as conn:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_disk_reading_count = ?, "
