@@ -94,6 +94,9 @@ class DeviceRecord:
     # why they waited, when not space: the row's `held_cause` then ("": space); of stops' losses
     # said at once, each cause other than space, once (`lost_causes`)
     lost_cause: str = ""
+    # the newest generation of the readings' and the ECGs' spill files when the held status was
+    # written (None: unknown, or no spill file): a whole copy saved after it holds all that waited
+    held_spill_generations: tuple[int | None, int | None] = (None, None)
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -349,6 +352,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         held_cause=(row["held_cause"] or "") if row["held_readings"] else "",
         lost_cause=row["lost_cause"] or "",
         lost_damage=row["lost_damage"] or "",
+        held_spill_generations=(row["held_spill_generation"], row["held_ecg_spill_generation"]),
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
@@ -439,6 +443,7 @@ class DeviceRegistry:
         held_cause: str = "",
         held_counts: tuple[int, int] = (0, 0),
         memory_counts: tuple[int, int] = (0, 0),
+        spill_generations: tuple[int | None, int | None] = (None, None),
         identity: DeviceIdentity | None = None,
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
@@ -453,7 +458,8 @@ class DeviceRegistry:
         before `now` (written late); `held`: where
         the readings waiting for space are, `held_cause` why they are not stored when not for space,
         `held_counts` how many readings and streamed ECGs,
-        `memory_counts` how many of them are held in memory only; they stay, whatever later errors
+        `memory_counts` how many of them are held in memory only, `spill_generations` the spill
+        files' newest generations then; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
         names fewer than the connection found; `sends_users`: a reading named its user, for good;
         `advertised_name`: what a BLE device calls itself, never over the name given at pairing;
@@ -474,6 +480,7 @@ class DeviceRegistry:
             sets["held_cause"] = held_cause if held is not HeldReadings.NONE else ""
             sets["held_reading_count"], sets["held_ecg_count"] = held_counts
             sets["memory_reading_count"], sets["memory_ecg_count"] = memory_counts
+            sets["held_spill_generation"], sets["held_ecg_spill_generation"] = spill_generations
         if identity is not None:
             for f in ("manufacturer", "model", "serial", "software_version"):
                 if getattr(identity, f):

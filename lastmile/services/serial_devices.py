@@ -428,6 +428,8 @@ class SerialContext:
         memory, disk, damaged = [0, 0], [0, 0], []
         for i, spill in enumerate(spills):
             memory[i] = min(in_memory[i], max(0, held[i] - given[i]))  # what is back was on disk
+            if spill is not None and spill.saved_after(record.held_spill_generations[i]):
+                memory[i] = 0  # a save after the row's word held all that waited then: its count is stale
             if spill is None or not spill.gave_back_all:
                 disk[i] = max(0, held[i] - in_memory[i] - given[i])
             if disk[i]:
@@ -474,7 +476,15 @@ class SerialContext:
                 counts[0] - on_disk(counts[0], self.spill, spec.name),
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
-        self.status(spec, held=where, held_cause=held.cause, held_counts=counts, memory_counts=memory)
+        generations = tuple(s.generation if s is not None else None for s in (self.spill, self.ecg_spill))
+        self.status(
+            spec,
+            held=where,
+            held_cause=held.cause,
+            held_counts=counts,
+            memory_counts=memory,
+            spill_generations=generations,
+        )
         (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,

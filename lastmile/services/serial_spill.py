@@ -215,6 +215,7 @@ class SpillFile:
         # the slot of its newest whole copy: written in place, a save never goes there (a power cut
         # mid-save would lose the only whole copy)
         self._whole_slot = newest[0] if newest else None
+        self._generation_at_start = newest[1] if newest else None
         # why it may not give back all it kept: MISSING, or its damage (then set aside)
         self.damage = damage(self.path) if self.path.exists() or self.path.is_symlink() else MISSING
         # its newest copy torn (a power cut mid-save, a flipped bit): the older one is given back
@@ -236,6 +237,18 @@ class SpillFile:
         """Its newest copy came back whole, every record read: the truth of what was on disk at the
         stop (a device row saying more was written before it was saved, or not written after)."""
         return self._held_a_copy and not self.damage and not self.torn
+
+    @property
+    def generation(self) -> int | None:
+        """The generation of its last copy (found at start or saved since; None: not usable), for
+        the device rows: a whole copy found above the one a row names was saved after the row."""
+        return self._generation if self.usable else None
+
+    def saved_after(self, generation: int | None) -> bool:
+        """Whether the newest copy it gave back whole at start (`gave_back_all`) was saved after
+        the copy of `generation` a device row names (None: the row names none: never)."""
+        at_start = self._generation_at_start if self.gave_back_all else None
+        return generation is not None and at_start is not None and at_start > generation
 
     @property
     def not_given_back(self) -> str:
