@@ -158,6 +158,10 @@ LOST_NOT_STORED_HINT = "the data store could not be written, not for want of spa
 FREE_SPACE_HINT = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
 # what waits in the spill file of readings, whose advice for space is the devices check's own (no key)
 READINGS_KEPT = "readings-kept"
+# Held because the gateway's stop gave their store up (devices.HELD_AT_STOP): neither space nor a
+# fault - the next start stores them (AT_STOP: the advice key's suffix)
+AT_STOP = "-at-stop"
+AT_STOP_HINT = "the gateway stopped before it stored them: the acquire service stores them when it starts again"
 # a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
 LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
 
@@ -166,7 +170,12 @@ def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
     """What readings held `where` wait for, what to do, and the System page's advice key, by their
     held rows' `cause` ("": space): another cause (locked, damaged) is the county IT's, since
     freeing space does nothing for it. `kind` names what waits there (READINGS_KEPT, "ecgs-kept",
-    "memory-only", "memory-only-ecgs"): its key for space, its NOT_STORED one for another cause."""
+    "memory-only", "memory-only-ecgs"): its key for space, its NOT_STORED one for another cause,
+    its AT_STOP one for a stop's (neither free space nor the county IT: the next start)."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    if cause.endswith(HELD_AT_STOP):
+        return f"wait to be stored ({where}): {cause}", AT_STOP_HINT, kind + AT_STOP
     if cause:
         return f"wait to be stored ({where}): {cause}", NOT_STORED_HINT, kind + NOT_STORED
     return f"wait for space on the data partition ({where})", FREE_SPACE_HINT, "" if kind == READINGS_KEPT else kind
@@ -859,7 +868,7 @@ class Doctor:
                         Level.FAIL,
                         f"{r.name or r.address}: {lost_on_disk_message(disk, r.lost_damage or 'its spill file')} "
                         f"{when}",
-                        f"{again}the county IT: look at the damaged file (its .bad copy) and the SD card; "
+                        f"{again}the county IT: look at the damaged or missing file (its .bad copy) and the SD card; "
                         f"said until {_stamp(until)}",
                         advice_key=LOST_DAMAGED_ECGS if r.lost_from_disk[1] else LOST_DAMAGED_READINGS,
                         until=until.timestamp(),
@@ -878,8 +887,10 @@ class Doctor:
 
         records = [r for r in self.device_records() or [] if not r.removed]
         held = [r for r in records if r.waits_for_space]
-        # every row that holds some says another cause than space: the spill files wait for that
-        cause = held[0].held_cause if held and all(r.held_cause for r in held) else ""
+        # every row that holds some says another cause than space: the spill files wait for that (a
+        # stop's only when no row says a fault: the fault's advice first)
+        named = next((r for r in held if not r.held_at_stop), held[0]) if held else None
+        cause = named.held_cause if named is not None and all(r.held_cause for r in held) else ""
         found = []
         # the System page's advice names what waits too: a village doctor does not take an ECG for a reading
         for what, name, kind in (
@@ -890,13 +901,15 @@ class Doctor:
             if not waiting:
                 continue
             words, hint, advice = held_advice(
-                cause and f"{held[0].name or held[0].address}: {cause}", f"kept in {name}", kind
+                f"{named.name or named.address}: {cause}" if cause and named is not None else "",
+                f"kept in {name}",
+                kind,
             )
             room = "" if cause else "; they are stored once there is room"
             found.append(
                 Finding(
                     "devices",
-                    Level.FAIL,
+                    Level.WARN if advice.endswith(AT_STOP) else Level.FAIL,  # kept on disk, stored at the next start
                     f"{waiting} {what} from serial devices {words}{room}",
                     hint,
                     advice_key=advice,

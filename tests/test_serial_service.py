@@ -301,7 +301,7 @@ def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_al
         client = Client(console.url)
         client.login()
         page = client.get("/devices").body
-    assert f"{sent} 份心电图（其中1 份心电图仅在内存中，断电即丢失；其余已保存在磁盘上）" in page, page
+    assert f"{sent} 份心电图（其中1 份心电图仅在内存中，断电即丢失；其余已保存在SD卡上）" in page, page
     r.outbox.min_free_bytes = 0  # room again: the next retry (every 30 s) stores them, then they are ACKed
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0, timeout=120)
     keys = sorted(f"bridge-ecg:BR-ECG:9:{n}" for n in range(1, sent + 1))
@@ -1376,7 +1376,7 @@ def test_readings_a_stop_kept_on_disk_whose_spill_file_gives_nothing_back_are_sa
     assert [f.level for f in lost] == [Level.FAIL], said
     assert "3 reading(s)" in lost[0].message and held_at.strftime("%Y-%m-%d %H:%M:%S") in lost[0].message, lost
     # said as what it is - kept on the SD card, not read back from a damaged file - never "held in memory only"
-    assert "保存在SD卡上的 3 条测量结果无法读回（文件损坏）：已丢失" in pages["/devices"], pages["/devices"]
+    assert "保存在SD卡上的 3 条测量结果无法读回（文件损坏或丢失）：已丢失" in pages["/devices"], pages["/devices"]
     assert row.lost_from_disk == (3, 0) and row.lost_from_memory == (0, 0), row
     assert "仅在内存中" not in pages["/devices"], pages["/devices"]
     assert "保存在SD卡上的测量数据在网关重新启动时无法读回" in pages["/system"], pages["/system"]

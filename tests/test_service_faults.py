@@ -476,15 +476,29 @@ def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_k
         row = registry.get("serial:monitor")
     assert row.problem is not DeviceProblem.NOT_SAVED and "cannot store" not in row.last_error, row
     assert "cannot store a" not in out, out
+    # held for the stop's own cause, never said as waiting for space (the row, the stop's line, the doctor)
+    assert "space" not in row.waiting and "the gateway was stopping" in row.waiting, row.waiting
+    assert row.held_at_stop and row.held_reading_count == 3, row
+    assert "the outbox refused them" not in out, out
+    devices_toml = config.read_text().split("\n", 2)[2]  # its devices: the doctor's data_dir is `data`
+    # `lastmile doctor` while the service is stopped
+    waiting = [f for f in doctor(data, devices_toml).check_devices() if "from serial devices" in f.message]
+    assert [(f.level, f.advice_key) for f in waiting] == [(Level.WARN, "readings-kept-at-stop")], waiting
+    assert all("space" not in f.message + f.hint for f in waiting), waiting
     again = start_acquire(config, Manager(tmp_path / "notify-again"), watchdog_usec=20_000_000)
     try:
         with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
             wait_for(lambda: len(outbox.items(kind="observation")) >= 3, timeout=60)
             assert len(outbox.items(kind="observation")) == 3  # once each
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:  # the next start stored them: the row clean
+            wait_for(lambda: not (r := registry.get("serial:monitor")).waits_for_space and not r.held_cause, timeout=30)
+            row = registry.get("serial:monitor")
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(30)
     assert waiting_readings(data) == 0
+    assert not row.lost_words and not row.last_error, row
+    assert not [f for f in doctor(data, devices_toml).check_devices() if "from serial devices" in f.message]
 
 
 # -- lastmile doctor: a port that answers is not our listener ----------------------------------------
@@ -545,7 +559,7 @@ def test_a_store_error_just_after_a_rejected_report_is_said_not_space(tmp_path: 
 # -- the restart and the spill file: no false loss ---------------------------------------------------
 
 
-@pytest.mark.parametrize("held", ["on disk", "1 in memory only"])
+@pytest.mark.parametrize("held", ["on disk", "1 in memory only", "1 in memory only, saved since"])
 def test_a_row_written_before_the_spill_file_was_saved_empty_is_no_loss_at_the_restart(
     tmp_path: Path, held: str
 ) -> None:
@@ -554,14 +568,18 @@ def test_a_row_written_before_the_spill_file_was_saved_empty_is_no_loss_at_the_r
     written before the file was saved empty (a power cut between the two; a best-effort row write
     that failed) said "3 readings waiting": the real `lastmile acquire` started again and FAILed
     "3 reading(s) ... lost when the gateway stopped" for readings safe in the outbox. A whole spill
-    file is the truth of what was on disk: only what the row said was held in memory only is lost."""
+    file is the truth of what was on disk: only what the row said was held in memory only is lost -
+    and not even that when the file's newest copy was saved after the row was written (its spill
+    generation, 0035_device_held_spill_generation): a save that works writes all that waits."""
     from lastmile.clinic.devices import HeldReadings
     from lastmile.services.serial_spill import SpillFile
 
     monitor = PtyDevice(tmp_path / "usb-monitor")
     config, data = acquire_toml(tmp_path, monitor), tmp_path / "data"
     data.mkdir()
-    memory = (1, 0) if held == "1 in memory only" else (0, 0)
+    memory = (1, 0) if held.startswith("1 in memory only") else (0, 0)
+    # the spill file's generation the row names: the file allocated, never saved yet (None: a row from before)
+    generation = 0 if held.endswith("saved since") else None
     with contextlib.closing(DeviceRegistry.open(data)) as registry:  # the row the last run wrote: 3 held
         registry.update_status(
             "serial:monitor",
@@ -570,6 +588,7 @@ def test_a_row_written_before_the_spill_file_was_saved_empty_is_no_loss_at_the_r
             held=HeldReadings.MEMORY if any(memory) else HeldReadings.DISK,
             held_counts=(3, 0),
             memory_counts=memory,
+            spill_generations=(generation, None),
         )
     SpillFile(data).save({})  # then all stored, the file saved empty - and the row not written after
     manager = Manager(tmp_path / "notify")
@@ -590,6 +609,8 @@ def test_a_row_written_before_the_spill_file_was_saved_empty_is_no_loss_at_the_r
         stop_child(proc)
         manager.sock.close()
     lost = [f.message for f in found if "lost" in f.message]
+    if generation is not None:  # saved after the row: all that waited was on disk, then stored
+        memory = (0, 0)
     assert row.lost_reading_count == memory[0], (row, out[-3000:])
     assert row.lost_from_disk == (0, 0), row
     if any(memory):  # what the row said memory alone held: lost, said as that

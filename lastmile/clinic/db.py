@@ -408,6 +408,14 @@ MIGRATIONS = (
         "ALTER TABLE devices ADD COLUMN lost_disk_ecg_count INTEGER NOT NULL DEFAULT 0;\n"
         "ALTER TABLE devices ADD COLUMN lost_damage TEXT;",
     ),
+    # the spill files' generations when a row's held status was written: a newer whole copy at the
+    # restart was saved after it, holding all that waited then - its memory-only count is stale
+    # (NULL: a row written before, or no spill file: its count is taken as it is)
+    Migration.sql(
+        "0035_device_held_spill_generation",
+        "ALTER TABLE devices ADD COLUMN held_spill_generation INTEGER;\n"
+        "ALTER TABLE devices ADD COLUMN held_ecg_spill_generation INTEGER;",
+    ),
 )
 
 

@@ -428,6 +428,23 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs are waiting to be saved and are not saved yet: the gateway cannot write its data just now "
             "(not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
         ),
+        # held because the gateway stopped before it stored them (doctor.AT_STOP): stored when it starts again
+        "readings-kept-at-stop": N_(
+            "Readings were not saved yet when the gateway stopped: they are kept and saved when the gateway "
+            "starts again. Nothing to measure again."
+        ),
+        "ecgs-kept-at-stop": N_(
+            "ECGs were not saved yet when the gateway stopped: they are kept and saved when the gateway starts "
+            "again. Nothing to record again."
+        ),
+        "memory-only-at-stop": N_(
+            "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "lost. Measure again if the patient is still here, and tell the county IT."
+        ),
+        "memory-only-ecgs-at-stop": N_(
+            "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "lost. Record the ECG again if the patient is still here, and tell the county IT."
+        ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
         "lost-readings": N_(
@@ -449,12 +466,12 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
         "lost-readings-damaged-file": N_(
             "Some readings saved on the SD card could not be read back when the gateway started again "
-            "(%(since)s): the file holding them is damaged, so they are lost. Measure again if the patient is "
+            "(%(since)s): the file holding them is damaged or missing, so they are lost. Measure again if the patient is "
             "still here, and call the county IT. This shows until %(time)s."
         ),
         "lost-ecgs-damaged-file": N_(
             "Some ECGs saved on the SD card could not be read back when the gateway started again (%(since)s): "
-            "the file holding them is damaged, so they are lost. Record the ECG again if the patient is still "
+            "the file holding them is damaged or missing, so they are lost. Record the ECG again if the patient is still "
             "here, and call the county IT. This shows until %(time)s."
         ),
         "lost-ecgs-not-stored": N_(

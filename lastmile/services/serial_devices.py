@@ -71,6 +71,7 @@ from firmware_bridge.serial_link import (
 )
 from lastmile import __version__
 from lastmile.clinic.devices import (
+    HELD_AT_STOP,
     DeviceProblem,
     DeviceRecord,
     DeviceRegistry,
@@ -338,6 +339,8 @@ class SerialContext:
             if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start, or resent
                 log.info("%s: stopping: a %s observation not stored yet: %s", spec.name, obs.kind, exc)
                 self.stopping = True  # what waits now is said at INFO too: expected
+                if held:  # its own cause, not space: no free-space advice for a stop
+                    self._held_cause(spec, HELD_AT_STOP)
                 return False
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             message, space = f"{CANNOT_STORE}reading: {exc}", is_storage_full(exc)
@@ -382,7 +385,8 @@ class SerialContext:
             if record.transport != "serial" or not record.waits_for_space:
                 continue
             if record.address in loaded:  # waits again for what it waited for (until its next try)
-                loaded[record.address].cause = record.held_cause
+                # a stop's is over: this start stores them now (a refusal then says its own cause)
+                loaded[record.address].cause = "" if record.held_at_stop else record.held_cause
             # what the spill files did not give back is lost too, not only what memory held
             self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
             # a row an older version wrote has no counts to keep the loss by: its words say it
@@ -424,6 +428,8 @@ class SerialContext:
         memory, disk, damaged = [0, 0], [0, 0], []
         for i, spill in enumerate(spills):
             memory[i] = min(in_memory[i], max(0, held[i] - given[i]))  # what is back was on disk
+            if spill is not None and spill.saved_after(record.held_spill_generations[i]):
+                memory[i] = 0  # a save after the row's word held all that waited then: its count is stale
             if spill is None or not spill.gave_back_all:
                 disk[i] = max(0, held[i] - in_memory[i] - given[i])
             if disk[i]:
@@ -470,7 +476,15 @@ class SerialContext:
                 counts[0] - on_disk(counts[0], self.spill, spec.name),
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
-        self.status(spec, held=where, held_cause=held.cause, held_counts=counts, memory_counts=memory)
+        generations = tuple(s.generation if s is not None else None for s in (self.spill, self.ecg_spill))
+        self.status(
+            spec,
+            held=where,
+            held_cause=held.cause,
+            held_counts=counts,
+            memory_counts=memory,
+            spill_generations=generations,
+        )
         (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
@@ -590,7 +604,7 @@ class SerialContext:
                     "%s: stopping: an ECG recording not stored yet is kept to be stored after the restart", spec.name
                 )
                 self.stopping = True
-                self._held_cause(spec, cause)
+                self._held_cause(spec, HELD_AT_STOP)  # its own cause, not space: no free-space advice for a stop
                 return False
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             if cause:
@@ -1053,7 +1067,11 @@ class SerialService:
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
                 at_stop("ECG recording(s)", len(held.recordings), self.ctx.ecg_spill, name),
             )
-            log.error("%s: %s not stored: the outbox refused them", name, ", ".join(s for s in said if s))
+            what = ", ".join(s for s in said if s)
+            if held.cause == HELD_AT_STOP and all("lost" not in s for s in said):  # the stop's, all on disk: expected
+                log.info("%s: %s not stored: the gateway was stopping", name, what)
+            else:
+                log.error("%s: %s not stored: the outbox refused them", name, what)
         for thing in self._owned:
             close = getattr(thing, "close", None)
             if close is not None:

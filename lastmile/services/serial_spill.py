@@ -61,6 +61,12 @@ MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 SET_ASIDE_KEPT = 2  # damaged spill files kept per name for the county IT: <= 2 x 4 MB of the SD card
 MISSING = "missing"  # `SpillFile.damage` of a file not there at start
+# a slot header's generation at or above this is none the gateway wrote (a torn header, 0xFF bytes):
+# trusted, the next save's generation overflowed its 8 bytes (a crash at every start)
+MAX_GENERATION = 2**63
+# one at or above this (one save a second would take 10**11 years) is not the gateway's either: the
+# file is damaged and replaced, numbered from 1 again, far below MAX_GENERATION
+PLAUSIBLE_GENERATION = 2**62
 
 T = TypeVar("T")
 
@@ -85,11 +91,19 @@ def recording_from_json(data: dict) -> tuple[str, EcgRecording]:
 
 def _slot_header(f: BinaryIO, offset: int) -> tuple[int, int, bytes] | None:
     """(generation, length, sha256) of the slot at `offset`, None if it never held a copy."""
-    raw = os.pread(f.fileno(), HEADER, offset)
+    return _parse_header(os.pread(f.fileno(), HEADER, offset))
+
+
+def _parse_header(raw: bytes) -> tuple[int, int, bytes] | None:
+    """(generation, length, sha256) of a slot header as the gateway writes it, None if it is not
+    one (never written, garbage, or a generation it never wrote: `MAX_GENERATION`)."""
     if len(raw) < HEADER or not raw.startswith(MAGIC):
         return None
     at = len(MAGIC)
-    return int.from_bytes(raw[at : at + 8], "big"), int.from_bytes(raw[at + 8 : at + 12], "big"), raw[at + 12 :]
+    generation = int.from_bytes(raw[at : at + 8], "big")
+    if generation >= MAX_GENERATION:
+        return None
+    return generation, int.from_bytes(raw[at + 8 : at + 12], "big"), raw[at + 12 : HEADER]
 
 
 def highest_header(path: Path) -> tuple[int, int] | None:
@@ -127,7 +141,7 @@ def _content(body: bytes) -> dict[str, list[dict]] | None:
     """A slot's body as saved (device name -> records), None if it is not that."""
     try:
         content = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be ours
         return None
     if not isinstance(content, dict) or not all(isinstance(v, list) for v in content.values()):
         return None
@@ -150,8 +164,10 @@ def damage(path: Path) -> str:
         return "empty"
     if any(r.startswith(MAGIC) for r in raw) and newest_copy(path) is None:
         return "no whole copy in it (cut short or torn)"
-    if any(r.strip(b"\0") and not r.startswith(MAGIC) for r in raw):
+    if any(r.strip(b"\0") and _parse_header(r) is None for r in raw):
         return "not what the gateway wrote (garbage)"
+    if any((h := _parse_header(r)) is not None and h[0] >= PLAUSIBLE_GENERATION for r in raw):
+        return "a copy numbered higher than the gateway ever writes (garbage)"
     return ""
 
 
@@ -196,6 +212,10 @@ class SpillFile:
         newest = newest_copy(self.path)
         highest = highest_header(self.path)
         self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
+        # the slot of its newest whole copy: written in place, a save never goes there (a power cut
+        # mid-save would lose the only whole copy)
+        self._whole_slot = newest[0] if newest else None
+        self._generation_at_start = newest[1] if newest else None
         # why it may not give back all it kept: MISSING, or its damage (then set aside)
         self.damage = damage(self.path) if self.path.exists() or self.path.is_symlink() else MISSING
         # its newest copy torn (a power cut mid-save, a flipped bit): the older one is given back
@@ -217,6 +237,18 @@ class SpillFile:
         """Its newest copy came back whole, every record read: the truth of what was on disk at the
         stop (a device row saying more was written before it was saved, or not written after)."""
         return self._held_a_copy and not self.damage and not self.torn
+
+    @property
+    def generation(self) -> int | None:
+        """The generation of its last copy (found at start or saved since; None: not usable), for
+        the device rows: a whole copy found above the one a row names was saved after the row."""
+        return self._generation if self.usable else None
+
+    def saved_after(self, generation: int | None) -> bool:
+        """Whether the newest copy it gave back whole at start (`gave_back_all`) was saved after
+        the copy of `generation` a device row names (None: the row names none: never)."""
+        at_start = self._generation_at_start if self.gave_back_all else None
+        return generation is not None and at_start is not None and at_start > generation
 
     @property
     def not_given_back(self) -> str:
@@ -290,6 +322,8 @@ class SpillFile:
             return False
         highest = highest_header(self.path)
         self._slot, self._generation = highest if highest is not None else (1, 0)
+        if self._whole_slot is not None:  # the next save goes into the other slot: never over the only whole copy
+            self._slot = self._whole_slot
         self.usable, self.in_place, self.slot_bytes = True, True, self._size // 2
         self._clear_other_slot = True  # once a copy of ours is in: the other slot's old one (or garbage) goes
         return True
@@ -379,8 +413,13 @@ class SpillFile:
             log.error("%d bytes of waiting readings do not fit in %s", len(body), self.path)
             return False
         generation, slot = self._generation + 1, 1 - self._slot
-        header = MAGIC + generation.to_bytes(8, "big") + len(body).to_bytes(4, "big") + hashlib.sha256(body).digest()
-        try:
+        if generation >= MAX_GENERATION:  # only a damaged file written in place: never read back as ours
+            log.error("cannot write waiting readings to %s: its copies are numbered too high", self.path)
+            return False
+        try:  # OverflowError: a generation past 8 bytes (never ours: MAX_GENERATION), a failed save, not a crash
+            header = (
+                MAGIC + generation.to_bytes(8, "big") + len(body).to_bytes(4, "big") + hashlib.sha256(body).digest()
+            )
             fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # no O_TRUNC: the blocks stay ours
             try:
                 os.pwrite(fd, header + body, slot * self.slot_bytes)
@@ -391,7 +430,7 @@ class SpillFile:
                     self._clear_other_slot = False
             finally:
                 os.close(fd)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             log.error("cannot write waiting readings to %s: %s", self.path, exc)
             return False
         self._slot, self._generation = slot, generation
