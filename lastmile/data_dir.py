@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import threading
 
     from uploader.outbox import Outbox
+    from uploader.sqlite_store import StopWaits
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,11 @@ def existing_file(config: Config, name: str) -> Path | None:
     return data / name
 
 
-def open_outbox(config: Config, *, stop: threading.Event | None = None) -> Outbox:
+def open_outbox(config: Config, *, stop: threading.Event | StopWaits | None = None) -> Outbox:
     """The outbox in the data directory (created if needed) with the configured limits. `stop`: a
-    service's (its runtime's, SIGTERM): once set, a write waiting for another process's write lock
-    gives up within a second (`Outbox.give_up_waits_on`), so the service stops promptly."""
+    service's (its runtime's, SIGTERM; or its StopWaits, shared with its clinic.db): once set, a
+    write waiting for another process's write lock gives up within a second
+    (`Outbox.give_up_waits_on`), so the service stops promptly."""
     from uploader.outbox import Outbox, is_disk_full
 
     o = config.outbox

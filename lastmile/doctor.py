@@ -158,13 +158,24 @@ LOST_NOT_STORED_HINT = "the data store could not be written, not for want of spa
 FREE_SPACE_HINT = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
 # what waits in the spill file of readings, whose advice for space is the devices check's own (no key)
 READINGS_KEPT = "readings-kept"
+# Held because the gateway's stop gave their store up (devices.HELD_AT_STOP): neither space nor a
+# fault - the next start stores them (AT_STOP: the advice key's suffix)
+AT_STOP = "-at-stop"
+AT_STOP_HINT = "the gateway stopped before it stored them: the acquire service stores them when it starts again"
+# a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
+LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
     """What readings held `where` wait for, what to do, and the System page's advice key, by their
     held rows' `cause` ("": space): another cause (locked, damaged) is the county IT's, since
     freeing space does nothing for it. `kind` names what waits there (READINGS_KEPT, "ecgs-kept",
-    "memory-only", "memory-only-ecgs"): its key for space, its NOT_STORED one for another cause."""
+    "memory-only", "memory-only-ecgs"): its key for space, its NOT_STORED one for another cause,
+    its AT_STOP one for a stop's (neither free space nor the county IT: the next start)."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    if cause.endswith(HELD_AT_STOP):
+        return f"wait to be stored ({where}): {cause}", AT_STOP_HINT, kind + AT_STOP
     if cause:
         return f"wait to be stored ({where}): {cause}", NOT_STORED_HINT, kind + NOT_STORED
     return f"wait for space on the data partition ({where})", FREE_SPACE_HINT, "" if kind == READINGS_KEPT else kind
@@ -176,7 +187,7 @@ class OutboxReads:
 
     stats: dict[str, Any]
     held: list[MeteredWait]  # metered links that hold routine items now
-    oldest_item: OutboxItem | None  # the oldest waiting item no metered link holds
+    oldest_item: OutboxItem | None  # the oldest waiting item no metered link holds, not held for the doctor
     refused: OutboxItem | None  # that item, when the server refuses it alone
     recent_ecgs: list[OutboxItem]  # DICOM items of the last ECG_CLOCK_LOOKBACK_S, newest first
     fhir_status: dict[str, Any] | None  # what the FHIR forwarder recorded of its last rounds (FHIR_STATUS)
@@ -235,7 +246,7 @@ class Doctor:
 
     def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
-        from lastmile.ecg.holds import ecgs_waiting, oldest_wait_s
+        from lastmile.ecg.holds import ecgs_waiting, held_for_doctor, oldest_wait_s
         from lastmile.services.link_status import FHIR_STATUS
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
@@ -248,11 +259,13 @@ class Doctor:
                 with outbox:
                     # an ECG held for the doctor waits for him: not the age of what waits for the link
                     stats = outbox.stats(now) | {"oldest_waiting_s": oldest_wait_s(outbox.db.conn, now)}
-                    # routine items a metered link holds now are its (as configured), not the link's
+                    # routine items a metered link holds now are its (as configured), not the link's;
+                    # nor is an ECG held for the doctor (the ages' rule): the level is judged on this one
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
                     oldest_item = outbox.oldest_waiting_item(
                         now,
                         except_routine_of={QUEUED_KINDS[w.destination]: w.hold for w in held if w.hold is not None},
+                        leaving_out=held_for_doctor(now),
                     )
                     reads = OutboxReads(
                         stats,
@@ -812,10 +825,12 @@ class Doctor:
         ]
 
     def _lost_at_stop(self) -> list[Finding]:
-        """Readings (streamed ECGs) held in memory only that a stop - a power cut - lost: nothing
-        brings them back (a bridge streams an ECG once), so the doctor says how many and when for
-        LOST_SAID_FOR (lastmile.clinic.devices), whatever was stored since."""
-        from lastmile.clinic.devices import lost_message
+        """Readings (streamed ECGs) a stop lost: held in memory only (a power cut), or kept on disk
+        in a spill file that did not give them back at the restart (missing, damaged: the file and
+        its .bad copy named for the county IT). Nothing brings them back (a bridge streams an ECG
+        once), so the doctor says how many and when for LOST_SAID_FOR (lastmile.clinic.devices),
+        whatever was stored since."""
+        from lastmile.clinic.devices import held_words, lost_message, lost_on_disk_message
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         found = []
@@ -824,26 +839,42 @@ class Doctor:
             if r.removed or until is None or r.lost_at is None:  # lost_said_until: never without lost_at
                 continue
             after = f"after {_stamp(r.lost_after)}, " if r.lost_after is not None else ""
-            # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
-            keep = (
-                LOST_NOT_STORED_HINT
-                if r.lost_cause
-                else "keep the gateway powered while readings wait for space (see the data line)"
-            )
-            found.append(
-                Finding(
-                    "devices",
-                    Level.FAIL,
-                    f"{r.name or r.address}: {lost_message(r.lost_words, r.lost_cause)} "
-                    f"({after}found at its restart at {_stamp(r.lost_at)})",
-                    "they cannot be recovered: record them again if the patients are still here; "
-                    f"{keep}; said until {_stamp(until)}",
-                    advice_key=("lost-ecgs" if r.lost_ecg_count else "lost-readings")
-                    + (NOT_STORED if r.lost_cause else ""),
-                    until=until.timestamp(),
-                    since=r.lost_at.timestamp(),
+            when = f"({after}found at its restart at {_stamp(r.lost_at)})"
+            again = "they cannot be recovered: record them again if the patients are still here; "
+            memory, disk = held_words(*r.lost_from_memory), held_words(*r.lost_from_disk)
+            if memory:
+                # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
+                keep = (
+                    LOST_NOT_STORED_HINT
+                    if r.lost_cause
+                    else "keep the gateway powered while readings wait for space (see the data line)"
                 )
-            )
+                found.append(
+                    Finding(
+                        "devices",
+                        Level.FAIL,
+                        f"{r.name or r.address}: {lost_message(memory, r.lost_cause)} {when}",
+                        f"{again}{keep}; said until {_stamp(until)}",
+                        advice_key=("lost-ecgs" if r.lost_from_memory[1] else "lost-readings")
+                        + (NOT_STORED if r.lost_cause else ""),
+                        until=until.timestamp(),
+                        since=r.lost_at.timestamp(),
+                    )
+                )
+            if disk:
+                found.append(
+                    Finding(
+                        "devices",
+                        Level.FAIL,
+                        f"{r.name or r.address}: {lost_on_disk_message(disk, r.lost_damage or 'its spill file')} "
+                        f"{when}",
+                        f"{again}the county IT: look at the damaged or missing file (its .bad copy) and the SD card; "
+                        f"said until {_stamp(until)}",
+                        advice_key=LOST_DAMAGED_ECGS if r.lost_from_disk[1] else LOST_DAMAGED_READINGS,
+                        until=until.timestamp(),
+                        since=r.lost_at.timestamp(),
+                    )
+                )
         return found
 
     def _readings_waiting_for_space(self) -> list[Finding]:
@@ -856,8 +887,10 @@ class Doctor:
 
         records = [r for r in self.device_records() or [] if not r.removed]
         held = [r for r in records if r.waits_for_space]
-        # every row that holds some says another cause than space: the spill files wait for that
-        cause = held[0].held_cause if held and all(r.held_cause for r in held) else ""
+        # every row that holds some says another cause than space: the spill files wait for that (a
+        # stop's only when no row says a fault: the fault's advice first)
+        named = next((r for r in held if not r.held_at_stop), held[0]) if held else None
+        cause = named.held_cause if named is not None and all(r.held_cause for r in held) else ""
         found = []
         # the System page's advice names what waits too: a village doctor does not take an ECG for a reading
         for what, name, kind in (
@@ -868,13 +901,15 @@ class Doctor:
             if not waiting:
                 continue
             words, hint, advice = held_advice(
-                cause and f"{held[0].name or held[0].address}: {cause}", f"kept in {name}", kind
+                f"{named.name or named.address}: {cause}" if cause and named is not None else "",
+                f"kept in {name}",
+                kind,
             )
             room = "" if cause else "; they are stored once there is room"
             found.append(
                 Finding(
                     "devices",
-                    Level.FAIL,
+                    Level.WARN if advice.endswith(AT_STOP) else Level.FAIL,  # kept on disk, stored at the next start
                     f"{waiting} {what} from serial devices {words}{room}",
                     hint,
                     advice_key=advice,

@@ -125,13 +125,18 @@ LOCK_DOWN: dict[str, Any] = {  # NOTES.md: with these an unknown calling AE is r
 # Orthanc's /instances and /changes show an instance once however often it was stored (a re-send is
 # "AlreadyStored"). Its Lua ReceivedInstanceFilter runs for every incoming instance, before the
 # store: it appends one line per C-STORE (checked with Orthanc 1.10.1: 4 stores of one object, 4
-# lines, 1 NewInstance change). Lua's io library is available in Orthanc's interpreter.
+# lines, 1 NewInstance change). Lua's io library is available in Orthanc's interpreter. A test's
+# own Lua script (extra={"LuaScripts": [...]}) may define OnCStoreReceived(dicom): called there too,
+# before Orthanc stores the object and answers the C-STORE (which waits for it).
 C_STORE_COUNTER_LUA = """
 function ReceivedInstanceFilter(dicom, origin, info)
   if origin["RequestOrigin"] == "DicomProtocol" then
     local log = io.open("{path}", "a")
     log:write(tostring(dicom.SOPInstanceUID) .. "\\n")
     log:close()
+    if OnCStoreReceived ~= nil then
+      OnCStoreReceived(dicom)
+    end
   end
   return true
 end

@@ -114,3 +114,35 @@ def ward_profile_with_bad_baudrate(profiles: Path) -> int:
     lines = good.replace("baudrate = 9600", "baudrate = 0", 1).splitlines()
     (profiles / "ward-monitor.toml").write_text("\n".join(lines) + "\n")
     return next(i + 1 for i, text in enumerate(lines) if text.startswith("baudrate = 0"))
+
+
+def write_spill_copy(path: Path, slot: int, generation: int, content: dict) -> None:
+    """One copy in slot `slot` of the spill file at `path`, as the gateway writes it (whole, fsynced)."""
+    import hashlib
+    import json
+    import os
+
+    from lastmile.services.serial_spill import MAGIC, SPILL_BYTES
+
+    body = json.dumps(content).encode()
+    header = MAGIC + generation.to_bytes(8, "big") + len(body).to_bytes(4, "big") + hashlib.sha256(body).digest()
+    with path.open("r+b") as f:
+        f.seek(slot * (SPILL_BYTES // 2))
+        f.write(header + body)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def a_spill_file_with_a_record_that_does_not_decode(data: Path) -> list[str]:
+    """The spill file in `data`: its newest copy (generation 6) 2 readings and a record that does
+    not decode, its older one (5) 3 readings stored since. Returns the 2 readings' record keys."""
+    from lastmile.clinic.observations import observation_to_json
+    from lastmile.services.serial_spill import SPILL_NAME, SpillFile
+    from tests.console_harness import bp_reading
+
+    now = dt.datetime.now(dt.timezone.utc)
+    readings = [observation_to_json(bp_reading(now - dt.timedelta(minutes=i), f"bp-{i}")) for i in range(5)]
+    SpillFile(data)  # allocated, as the acquire service's start does
+    write_spill_copy(data / SPILL_NAME, 1, 5, {"monitor": readings[:3]})
+    write_spill_copy(data / SPILL_NAME, 0, 6, {"monitor": [*readings[3:], {"not": "a reading"}]})
+    return [r["record_key"] for r in readings[3:]]

@@ -4,6 +4,8 @@ injected, a FHIR token file, waiting for what a service does."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
 import signal
 import socket
@@ -15,6 +17,7 @@ from pathlib import Path
 from lastmile.config import parse_config
 from lastmile.doctor import Doctor, Finding, Level
 from tests.conftest import REPO
+from tests.serial_pty import PtyDevice
 
 LASTMILE = [sys.executable, "-m", "lastmile"]
 FHIR_TOKEN = "s3cret-token"  # what tests.fhir_server.FhirTestServer(token=...) is given
@@ -34,6 +37,13 @@ VITALS_REPORT = (
     b"TEMP   98.6 F\r\n"
     b"===== END =====\r\n"
 )
+
+
+def report_printed(now: dt.datetime) -> bytes:
+    """The monitor's report of three readings, printed at `now` (its clock: UTC+1)."""
+    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+    return VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed)
+
 
 # What a 2D scanner in USB-CDC mode sends: the code, then CR LF (some models: CR only).
 PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)
@@ -142,6 +152,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def waiting_in_a_sleep(pid: int) -> bool:
+    """Whether a thread of process `pid` sleeps in nanosleep: a device service (acquire, ble)
+    otherwise sleeps in select, epoll and futex waits only, so that is SQLite's busy wait for a
+    write lock another process holds."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if "nanosleep" in (task / "wchan").read_text():
+                return True
+    return False
+
+
 def stop_child(proc: subprocess.Popen[str]) -> str:
     if proc.poll() is None:
         proc.kill()
@@ -176,3 +197,16 @@ def fhir_token_file(directory: Path) -> str:
     path.write_text(FHIR_TOKEN + "\n")
     path.chmod(0o600)
     return str(path)
+
+
+# -- a stop of `lastmile acquire` -------------------------------------------------------------------
+
+STOP_WITHIN_S = 5.0  # the goal is ~2 s; TimeoutStopSec=45 is systemd's own limit
+
+
+def acquire_toml(tmp_path: Path, monitor: PtyDevice) -> Path:
+    """`lastmile acquire`'s configuration: the monitor on its pty, nothing else."""
+    head = f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+    entry = f'name = "monitor"\nmatch = "{monitor.link_path}"\nprofile = "example-vitals-monitor"\n'
+    (config := tmp_path / "lastmile.toml").write_text(f"{head}[[serial.devices]]\n{entry}")
+    return config

@@ -124,7 +124,8 @@ def test_monitor_readings_not_yet_stored_survive_an_unplug(tmp_path: Path, seria
     s.outbox.min_free_bytes = 1 << 60  # storage full for a moment
     printed = (s.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()  # monitor: UTC+1
     monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-    wait_for(lambda: s.registry.get("serial:monitor").waits_for_space)
+    # its row is written just after the link says connected: under load, not yet at the first look
+    wait_for(lambda: (row := s.registry.get("serial:monitor")) is not None and row.waits_for_space)
     monitor.unplug()
     wait_for(lambda: not s.registry.get("serial:monitor").connected)  # connection_lost has run
     s.outbox.min_free_bytes = 0  # room again

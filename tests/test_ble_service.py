@@ -15,9 +15,11 @@ import datetime as dt
 import importlib.util
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from lastmile.config import Config, load_config
 from lastmile.services.runtime import EXIT_OK, ServiceRuntime
 from lastmile.services.sdnotify import SystemdNotifier
 from tests.conftest import REPO, missing
-from tests.service_harness import Manager
+from tests.service_harness import Manager, waiting_in_a_sleep
 from tests.waiting import wait_for
 
 THERMO = "C0:00:00:00:25:02"
@@ -51,12 +53,15 @@ def write_config(path: Path, data_dir: Path, *, ble: bool) -> Path:
 
 
 @contextlib.contextmanager
-def ble_running(config: Path, manager: Manager, **env: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+def ble_running(
+    config: Path, manager: Manager, *, argv: list[str] | None = None, **env: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     """`lastmile ble run` as systemd starts it (notify socket, 2 s watchdog); its output is in the
-    list once the block ends (killed if the block left it running)."""
+    list once the block ends (killed if the block left it running). `argv`: the command, if not
+    `lastmile ble run` itself (`ble_run_on_an_emulated_radio`)."""
     env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(REPO), **env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lastmile", "-c", str(config), "ble", "run"],
+        argv or [sys.executable, "-m", "lastmile", "-c", str(config), "ble", "run"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -211,3 +216,103 @@ def test_the_ble_service_records_a_paired_device_after_a_reload_enables_ble(tmp_
     finally:
         store.close()
         outbox.close()
+
+
+# `lastmile ble run` (lastmile.cli.main: its runtime, BleService, run_ble, the link, ClinicBlePort)
+# with bumble's radio in place of BlueZ, and on it a thermometer powered on once the file
+# argv[4] exists: it then indicates one reading as it connects (stamped "now" on its clock) -
+# nothing the gateway could read again from a device memory (no RACP), as a live reading.
+BLE_RUN_ON_AN_EMULATED_RADIO = """
+import asyncio, contextlib, datetime as dt, sys
+from pathlib import Path
+from firmware_bridge.ble.emulated_peripherals import TemperatureRecord, Thermometer
+from firmware_bridge.ble.emulation import EmulatedRadio
+from lastmile.cli import main
+from lastmile.services import ble_service
+
+config, address, celsius, power_on = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
+
+@contextlib.asynccontextmanager
+async def radio():
+    radio = EmulatedRadio()
+    thermometer = Thermometer(
+        radio, address, "Service Thermometer", tz=dt.timezone.utc, memory=[TemperatureRecord(celsius, None)]
+    )
+    await radio.start()
+
+    async def power_on_when_asked():
+        while not power_on.exists():
+            await asyncio.sleep(0.05)
+        await thermometer.start()
+        return True
+
+    powered = asyncio.ensure_future(power_on_when_asked())
+    try:
+        yield radio.backends()
+    finally:
+        powered.cancel()
+        if powered.done() and not powered.cancelled():
+            await thermometer.stop()
+        await radio.close()
+
+built = ble_service.ble_part  # looked up by BleService when it builds its link
+ble_service.ble_part = lambda config, outbox, **kw: built(config, outbox, **{**kw, "radio": radio})
+sys.exit(main(["-c", config, "ble", "run"]))
+"""
+LOCK_HELD_AFTER_SIGTERM_S = 3.0  # past the 1 s a stop gave a waiting write (Outbox.give_up_waits_on)
+TIMEOUT_STOP_S = 30.0  # lastmile-ble.service's TimeoutStopSec
+
+
+def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_once_the_lock_is_released(
+    tmp_path: Path, manager: Manager
+) -> None:
+    """lastmile/services/ble_service.py: another process holds the outbox's write lock (the
+    forwarder in a long write, a sqlite3 shell left open) as a thermometer's reading arrives, and
+    lastmile-ble is stopped (SIGTERM: an update, a reboot). The stop gave the waiting write up
+    within a second, as acquire's: acquire keeps such a reading in its spill file, BLE has none,
+    and a reading no device memory holds again was lost, said only in the device list's error.
+    Now the BLE service's store keeps SQLite's 15 s wait: stored, once, when the lock is released,
+    the stop within TimeoutStopSec."""
+    if importlib.util.find_spec("bumble") is None:
+        missing("bumble (the emulation extra) is not installed")
+    from lastmile.cli import main as lastmile_main
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.observations import OBSERVATION_KIND
+    from lastmile.clinic.patients import PatientContext
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "lastmile.toml", data, ble=True)
+    assert lastmile_main(["-c", str(config), "ble", "pair", THERMO]) == 0
+    with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+        patients.set_patient("P-9", now=dt.datetime.now(dt.timezone.utc))  # the reading is his: the outbox's
+    power_on = tmp_path / "thermometer-on"
+    argv = [sys.executable, "-c", BLE_RUN_ON_AN_EMULATED_RADIO, str(config), THERMO, "37.6", str(power_on)]
+
+    def connected() -> bool:
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:
+            record = registry.get(THERMO)
+            return record is not None and record.connected
+
+    with ble_running(config, manager, argv=argv) as (proc, output):
+        manager.wait_for("READY=1", timeout=60)
+        with contextlib.closing(sqlite3.connect(data / "outbox.sqlite", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            power_on.touch()
+            # its store sleeps in SQLite's busy wait for the lock
+            wait_for(lambda: connected() and waiting_in_a_sleep(proc.pid), 60, what="the reading waiting for the lock")
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(LOCK_HELD_AFTER_SIGTERM_S)
+            other.rollback()
+        code = proc.wait(timeout=TIMEOUT_STOP_S)
+        took = time.monotonic() - signalled
+    out = output[0]
+    print(f"\nSIGTERM to exit, the lock released after {LOCK_HELD_AFTER_SIGTERM_S:g} s: {took:.1f} s")
+    with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
+        items = outbox.items(kind=OBSERVATION_KIND)
+        assert len(items) == 1, out  # stored, once
+        assert items[0].patient is not None and items[0].patient["patient_id"] == "P-9"
+        assert b"37.6" in outbox.read_payload(items[0])
+    assert code == EXIT_OK and "Traceback" not in out and "database is locked" not in out, out
+    assert took < TIMEOUT_STOP_S

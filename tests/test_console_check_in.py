@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lastmile.cli import main
 from lastmile.clinic.db import open_clinic_db
+from lastmile.clinic.device_users import DeviceUsers
 from lastmile.clinic.patients import CurrentPatient, PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
@@ -562,3 +565,97 @@ def test_the_id_label_is_set_apart_from_the_session_buttons_on_a_phone(browser: 
         assert above >= nobody and above > button_gap, (above, nobody, button_gap)
     finally:
         set_viewport(browser, TABLET)
+
+
+CUFF = "AA:BB:CC:DD:EE:01"  # bp_reading's cuff: the family's, with user buttons
+
+
+def users_reading_goes_to(config: Config, user: int, key: str) -> dict[str, Any]:
+    """A BP reading of the cuff's user `user` arriving now: the outbox row's patient."""
+    taken = replace(bp_reading(dt.datetime.now(dt.timezone.utc), key), device_user=user)
+    [result] = record_readings(config, taken)
+    assert result.outcome == "stored" and result.item_id is not None, result
+    with open_outbox(config) as outbox:
+        item = outbox.get(result.item_id)
+    assert item is not None and item.patient is not None, item
+    return item.patient
+
+
+def mapped_name(config: Config) -> str:
+    """The name the cuff's one mapped user keeps (what its readings go as once the session forgets)."""
+    db = open_clinic_db(config.data_dir)
+    try:
+        [user] = DeviceUsers(db).mappings()
+    finally:
+        db.conn.close()
+    return user.mapping.patient_name
+
+
+@pytest.mark.parametrize(("answer", "right"), [("typed-name-right", "张^山"), ("mapped-name-right", "张^三")])
+def test_a_check_in_under_another_name_than_a_mapped_device_user_asks_which_is_right(
+    browser: object, console: ConsoleServer, answer: str, right: str
+) -> None:
+    """The cuff's user 2 is mapped to 张三's ID with his name; the doctor checks that ID in as 张山.
+    Today checked him in unasked: user 2's readings went to the county as 张山 (a typo taken as
+    corrected), and a day later as 张三 again. Now it asks which name is right, naming both and
+    the cuff's user, and checks in nobody before the answer. "张山 is right" corrects the user's
+    name for good; "张三 is right" checks him in as 张三."""
+    data = str(console.config.data_dir)
+    assert main(["patient", "map-user", CUFF, "2", "--patient", VALID_ID, "--name", "张三", "--data-dir", data]) == 0
+    log_in(browser, console)
+    check_in(browser, VALID_ID, name="张山")
+    asked = [e.text for e in browser.find_elements(by("id"), "confirm-which-name")]  # type: ignore[attr-defined]
+    assert asked and "张三" in asked[0] and "张山" in asked[0] and "用户 2" in asked[0], asked
+    assert checked_in(console.config) is None
+    set_viewport(browser, (360, 800))
+    save_screenshot(browser, f"confirm-which-name-{answer}-360x800")
+    set_viewport(browser, TABLET)
+    submitted(browser, click(f"#{answer}"))
+    wait_for(browser, on_page("/today"))
+    current = checked_in(console.config)
+    assert current is not None and current.patient_id == VALID_ID and right in current.name, current
+    assert right in users_reading_goes_to(console.config, 2, f"bp-user-2-{answer}")["name"]
+    assert right in mapped_name(console.config)  # still his a day on, when the session has forgotten
+    corrected = [e.text for e in browser.find_elements(by("id"), "name-corrected")]  # type: ignore[attr-defined]
+    if answer == "typed-name-right":
+        assert len(corrected) == 1 and "姓名已更正为 张山" in corrected[0], corrected
+    else:
+        assert corrected == [], corrected
+
+
+def test_a_check_in_refused_because_the_checked_in_patient_left_meanwhile_says_what_happened(
+    browser: object, console: ConsoleServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """李四 is checked in; the doctor checks in 王五. Between Today's look at who is checked in and
+    the check-in, 李四's check-in ended (on another screen, or idle too long): refused as
+    "这次检查已经结束了", naming nobody and saying nothing to do. Now it says whose check-in ended,
+    that nothing changed and to press 登记患者 again; the form keeps what was typed, and pressed
+    again, 王五 is checked in."""
+    log_in(browser, console)
+    check_in(browser, OTHER_ID, name="李四")
+    asked = PatientContext.same_name_replaced
+    config = console.config
+    left = [OTHER_ID]
+
+    def ended_meanwhile(self: PatientContext, patient_id: str, name: str, now: dt.datetime) -> CurrentPatient | None:
+        question = asked(self, patient_id, name, now)
+        if left:  # ended on another screen: its own connection on the same clinic.db
+            other = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+            try:
+                other.clear(now=dt.datetime.now(dt.timezone.utc), patient_id=left.pop())
+            finally:
+                other.close()
+        return question
+
+    monkeypatch.setattr(PatientContext, "same_name_replaced", ended_meanwhile)
+    check_in(browser, CLINIC_NUMBER, name="王五")
+    monkeypatch.undo()
+    assert not left, "李四's check-in did not end between the look and the check-in"
+    said = browser.find_element(by("id"), "form-error").text  # type: ignore[attr-defined]
+    assert "李四 的检查在您提交前已经结束" in said and "请再按一次“登记患者”" in said, said
+    assert checked_in(config) is None
+    typed = browser.find_element(by("id"), "patient_id").get_attribute("value")  # type: ignore[attr-defined]
+    assert typed == CLINIC_NUMBER, typed
+    submitted(browser, lambda d: d.find_element(by("id"), "patient_id").send_keys("\n"))  # 登记患者 again
+    current = checked_in(config)
+    assert current is not None and current.patient_id == CLINIC_NUMBER and "王^五" in current.name, current

@@ -632,6 +632,8 @@ FORM_PAGES = {
     "/today/map-user": "/today",
     "/today/ecg/{item_id}/re-record": "/today",
     "/today/ecg/{item_id}/send-anyway": "/today",
+    "/today/ecg/{item_id}/checked-in-name": "/today",
+    "/today/ecg/{item_id}/name-right": "/today",
     "/reports/{report_id}/acknowledge": "/reports/{report_id}",
     "/reports/{report_id}/print": "/reports/{report_id}",
     "/devices/pair": "/devices",

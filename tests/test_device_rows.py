@@ -489,3 +489,120 @@ def test_lastmile_devices_names_a_ble_device_by_the_name_given_at_pairing_and_sa
     (line,) = [line for line in out.splitlines() if line.startswith("ble")]
     assert "血压计 1号诊室  Acme BP-1 S1" in line, out
     assert "advertised as BP cuff" in out, out
+
+
+def test_a_loss_from_a_damaged_spill_file_is_said_as_that_on_every_page_and_in_lastmile_devices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a stop kept on the SD card and a damaged spill file did not give back was said "held in
+    memory only" - as if a power cut had taken it from memory. Now the row keeps the loss by where
+    (0034_device_lost_on_disk): the Devices page says it was saved on the SD card and could not be
+    read back, Today says a device lost readings, `lastmile devices` and the doctor name the file
+    and its .bad copy; what was held in memory only is still said as that, beside it."""
+    import dataclasses
+
+    from lastmile.clinic.devices import HeldReadings
+    from tests.serial_gateway import serial_config
+
+    data = tmp_path / "data"
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n[serial]\n\n'
+        + device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    )
+    now = dt.datetime.now(UTC)
+    damage = f"{data}/serial-spill.dat (garbage; set aside as {data}/serial-spill.dat.20261207T090000Z.bad)"
+    registry = DeviceRegistry.open(data)
+    try:  # 3 held, 1 of them in memory only; the restart found the file damaged: all 3 lost, 2 of them on disk
+        registry.update_status(
+            "serial:monitor", now=now, transport="serial", reading="SpO2 97 %", reading_at=now, seen=True
+        )
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            held=HeldReadings.MEMORY,
+            held_counts=(3, 0),
+            memory_counts=(1, 0),
+        )
+        row = registry.get("serial:monitor")
+        registry.record_lost(row, (3, 0), now=now, on_disk=(2, 0), damage=damage)
+        assert main(["-c", str(config), "devices"]) == 0
+    finally:
+        registry.close()
+    listed = capsys.readouterr().out
+    assert "1 reading(s) held in memory only" in listed, listed
+    assert f"2 reading(s) kept on disk, not read back from {damage}" in listed, listed
+    found = doctor(data, device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor"))
+    lost = [f for f in found.check_devices() if f.level is Level.FAIL and "lost when" in f.message]
+    assert len(lost) == 2 and "1 reading(s) held in memory only" in lost[0].message, lost
+    assert "2 reading(s) kept on disk could not be read back" in lost[1].message and damage in lost[1].message, lost
+    shown = dataclasses.replace(
+        console_config(data),
+        serial=serial_config(
+            tmp_path, [{"name": "monitor", "match": str(tmp_path / "usb-monitor"), "profile": "example-vitals-monitor"}]
+        ).serial,
+    )
+    with running_console(shown) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        pages = {page: client.get(page).body for page in ("/devices", "/today", "/system")}
+    assert "网关停机时丢失：1 条测量结果（当时仅在内存中）" in pages["/devices"], pages["/devices"]
+    assert "保存在SD卡上的 2 条测量结果无法读回（文件损坏或丢失）：已丢失" in pages["/devices"], pages["/devices"]
+    assert "网关停机时丢失了测量数据：请看“设备”页" in pages["/today"], pages["/today"]
+    assert "保存在SD卡上的测量数据在网关重新启动时无法读回" in pages["/system"], pages["/system"]
+
+
+def test_the_words_of_losses_name_readings_and_ecgs_one_card_and_keep_each_bad_copy_s_path_whole(
+    tmp_path: Path,
+) -> None:
+    """Words of what a stop lost or kept: Today named only the ECGs when readings were lost too;
+    the Devices page said the spill file's readings were "saved on the disk" (磁盘) and, lost from
+    the same file, "on the SD card" (SD卡); a missing file was said "damaged"; a second loss's
+    damage, added to the first's, was cut at 402 characters - through its .bad copy's path, the
+    one thing the county IT needs. Now: readings and ECGs both named, one word (SD卡), "damaged or
+    missing", and each path whole (an older loss's words left out, never cut)."""
+    import dataclasses
+
+    from lastmile.clinic.devices import HeldReadings
+    from tests.serial_gateway import serial_config
+
+    data = tmp_path / "data" / ("a-long-data-directory-name-" * 4)
+    now = dt.datetime.now(UTC)
+    first = f"{data}/serial-spill.dat (garbage; set aside as {data}/serial-spill.dat.20261207T090000Z.bad)"
+    second = (
+        f"{data}/serial-ecg-spill.dat (no copy in it; set aside as {data}/serial-ecg-spill.dat.20261207T100000Z.bad)"
+    )
+    registry = DeviceRegistry.open(data)
+    try:  # readings and ECGs lost at two stops; now 3 held, 1 of them in memory only
+        registry.update_status(
+            "serial:monitor", now=now, transport="serial", reading="SpO2 97 %", reading_at=now, seen=True
+        )
+        registry.record_lost(registry.get("serial:monitor"), (2, 0), now=now, on_disk=(2, 0), damage=first)
+        registry.record_lost(registry.get("serial:monitor"), (0, 1), now=now, on_disk=(0, 1), damage=second)
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            held=HeldReadings.MEMORY,
+            held_counts=(3, 0),
+            memory_counts=(1, 0),
+        )
+        row = registry.get("serial:monitor")
+    finally:
+        registry.close()
+    assert second in row.lost_damage, row.lost_damage  # the newest .bad path whole
+    assert (row.lost_reading_count, row.lost_ecg_count) == (2, 1), row
+    shown = dataclasses.replace(
+        console_config(data),
+        serial=serial_config(
+            tmp_path, [{"name": "monitor", "match": str(tmp_path / "usb-monitor"), "profile": "example-vitals-monitor"}]
+        ).serial,
+    )
+    with running_console(shown) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        pages = {page: client.get(page).body for page in ("/devices", "/today")}
+    assert "网关停机时丢失了测量数据和心电图：请看“设备”页" in pages["/today"], pages["/today"]
+    assert "磁盘" not in pages["/devices"] and "其余已保存在SD卡上" in pages["/devices"], pages["/devices"]
+    assert "（文件损坏或丢失）" in pages["/devices"], pages["/devices"]

@@ -662,7 +662,8 @@ def test_a_step_waiting_for_the_write_lock_stops_promptly_losing_nothing(tmp_pat
     # a stop, said as one: not "step failed ... retrying" at ERROR (journald, the county's log shipping)
     said = [line for line in out.splitlines() if "given up" in line or "step failed" in line]
     assert said and all(
-        " INFO " in line and "stopping: a write waiting for the outbox lock given up" in line for line in said
+        " INFO " in line and "stopping: a write waiting for another process's database lock given up" in line
+        for line in said
     ), out
     with open_outbox(config) as outbox:
         item = outbox.find("k0")
@@ -672,3 +673,43 @@ def test_a_step_waiting_for_the_write_lock_stops_promptly_losing_nothing(tmp_pat
     assert scp.c_stores() == {uids["k0"]: 1}
     with open_outbox(config) as outbox:
         assert outbox.find("k0").attempts == 1
+
+
+def test_a_sent_record_waiting_for_clinic_db_lock_stops_promptly(tmp_path, storescp_factory) -> None:
+    """lastmile/services/forward.py + lastmile/reports: the forward service's clinic.db writes (the
+    sent-study records, written by a thread of their own) waited SQLite's 15 s busy timeout each
+    while another process held clinic.db's write lock (the console in a long write, a sqlite3 shell
+    left open), and SIGTERM waited the writer's join and the stop's last try of it after. Now the
+    service's stop bounds clinic.db's writes as the outbox's: out within seconds; the study sent
+    once, and its record written by the next start (backfill)."""
+    from lastmile.reports.store import ReportStore
+
+    scp = storescp_factory()
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False)
+    uids = enqueue(config, 1)
+    data = Path(config.gateway.data_dir)
+    command = [sys.executable, "-m", "lastmile", "-c", str(write_toml(config, tmp_path / "lastmile.toml")), "forward"]
+    with contextlib.closing(sqlite3.connect(data / DB_NAME, isolation_level=None)) as outbox_db:
+        outbox_db.execute("UPDATE items SET hold_until = 9e18 WHERE key = 'k0'")  # sent once clinic.db is locked
+    with notified_service(command, tmp_path) as (proc, notify):
+        step_ended(notify)
+        with contextlib.closing(sqlite3.connect(data / "clinic.db", isolation_level=None)) as other:
+
+            def sent_while_locked() -> None:
+                with contextlib.closing(sqlite3.connect(data / DB_NAME, isolation_level=None)) as outbox_db:
+                    outbox_db.execute("UPDATE items SET hold_until = NULL WHERE key = 'k0'")
+                wait_for_counts(config, "k0 sent", sent=1)
+                time.sleep(1.0)  # its record's batch is written (BATCH_WINDOW_S): waiting for the lock
+
+            took, out = stopped_holding_the_lock(proc, other, before_sigterm=sent_while_locked)
+    print(f"\nSIGTERM to exit, a sent record waiting for clinic.db's lock: {took:.1f} s")
+    assert took < STOP_BLOCKED_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out, out
+    assert scp.c_stores() == {uids["k0"]: 1}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with contextlib.closing(ReportStore.open(data)) as store:
+            wait_for(lambda: len(store.studies()) == 1, 60, what="the record written by the next start")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -274,3 +274,36 @@ def test_cli_assigning_a_held_ecg_with_another_name_than_its_ids_check_in_is_ref
         item = outbox.get(held)
         assert item is not None and item.patient is not None and item.patient["name"] == "Li^Si=李^四"
         assert str(_dataset(outbox, item).PatientName) == "Li^Si=李^四"
+    assert _known_name(config, "MZ-1") == "Li^Si=李^四"  # the check-in's name corrected too, once assigned
+
+
+def _known_name(config: Config, patient_id: str) -> str:
+    """The name the gateway's session knows for `patient_id` now."""
+    from lastmile.clinic.patients import PatientContext
+
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        return context.known_name(patient_id, dt.datetime.now(dt.timezone.utc))
+    finally:
+        context.close()
+
+
+def test_cli_a_refused_ecg_assignment_with_correct_name_leaves_the_check_ins_name_as_it_was(
+    tmp_path: Path, capsys
+) -> None:
+    """MZ-1 was checked in as 张三; the doctor assigns E<n> with a mistyped number to MZ-1 typing
+    李四 with --correct-name: refused (no such ECG held), and MZ-1 was 李四 from then on all the
+    same - his readings went under a name given for an assignment never made. Now the check-in's
+    name is corrected only once the ECG is assigned."""
+    config, run = _clinic_number_cli(tmp_path)
+    assert cli([*run, "patient", "set", "MZ-1", "--name", "张三"]) == 0
+    with open_outbox(config) as outbox:
+        held = enqueue_recording(outbox, make_recording(21, patient=None), config, key="e", now=time.time()).item.id
+    capsys.readouterr()
+
+    assert cli([*run, "patient", "assign", f"E{held + 7}", "MZ-1", "--name", "李四", "--correct-name"]) == 1
+    assert f"no ECG E{held + 7} held at this gateway" in capsys.readouterr().err
+    assert _known_name(config, "MZ-1") == "Zhang^San=张^三"
+    with open_outbox(config) as outbox:
+        item = outbox.get(held)
+        assert item is not None and item.meta["unassigned"] and item.hold_reason == UNASSIGNED_HOLD

@@ -16,13 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from lastmile.config import Config
-from lastmile.ecg.holds import UNASSIGNED_HOLD
+from lastmile.doctor import Level
+from lastmile.ecg.holds import QUALITY_HOLD, UNASSIGNED_HOLD
 from lastmile.services.metrics import GatewayCollector, make_registry
 from tests.conftest import REPO, missing, run_on_private_tmpfs
 from tests.metrics_harness import parse_exposition, tool, value
+from tests.service_harness import doctor
 from uploader.outbox import Hold, Kind, Outbox
 
 HOUR = 3600.0
@@ -125,3 +128,36 @@ def test_lastmile_queue_on_a_full_disk_says_how_long_the_oldest_has_waited_for_t
     assert done.returncode == 0, done.stderr[-2000:]
     assert "queued 2 (1 held for the doctor)" in done.stdout, done.stdout
     about_ten_minutes("oldest waiting:", done.stdout)
+
+
+# -- the link's level in `lastmile doctor` (WARN: "is the link down?", FAIL: "nothing has gone out") --
+
+DAY = 24 * HOUR
+
+
+def link_levels(data_dir: Path, now: float) -> list[tuple[Level, str]]:
+    """`lastmile doctor`'s queue row about the link (topic "link"): its level and message."""
+    return [(f.level, f.message) for f in doctor(data_dir, now=lambda: now).check_queue() if f.topic == "link"]
+
+
+@pytest.mark.parametrize(("age", "level"), [(2 * DAY, Level.WARN), (8 * DAY, Level.FAIL)])
+def test_an_ecg_held_for_the_doctor_alone_does_not_say_the_link_is_down(
+    tmp_path: Path, age: float, level: Level
+) -> None:
+    """lastmile/doctor.py _read_outbox judged the link on the oldest item waiting, held for the
+    doctor or not: one ECG the quality gate holds for him (queued `age` ago, nothing else waiting)
+    made the doctor say "items wait for more than a day: is the link down?" (WARN) or "nothing
+    has gone out for a week" (FAIL) of a link that is fine. Now OK; a routine item as old waiting
+    for the link still gives that level."""
+    now = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0, now=now - age) as outbox:
+        outbox.add(Kind.DICOM, "held", b"h" * 100, now=now - age, hold=Hold(QUALITY_HOLD, now + HOUR))
+    [(found, message)] = link_levels(tmp_path, now)
+    assert found is Level.OK, message
+    assert "0 waiting" in message and "1 more ECG(s) held for the doctor" in message, message
+
+    with Outbox.open(tmp_path, min_free_bytes=0, now=now - age) as outbox:
+        outbox.add(Kind.DICOM, "routine", b"r" * 100, now=now - age)
+    [(found, message)] = link_levels(tmp_path, now)
+    assert found is level, message
+    assert "1 waiting" in message and "1 more ECG(s) held for the doctor" in message, message

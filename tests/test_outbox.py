@@ -279,6 +279,7 @@ OPS = {
     "quarantine": lambda ob, i: ob.quarantine(i, "bad", T0 + 1),
     "set_transaction": lambda ob, i: ob.set_transaction([i], "1.2.3.4", T0 + 1),
     "mark_committed": lambda ob, i: ob.mark_committed([i], T0 + 1),
+    "mark_taken": lambda ob, i: ob.mark_taken([i], T0 + 1),
     "requeue": lambda ob, i: ob.requeue([i], "commitment failed", T0 + 1),
     "reask_commitment": lambda ob, i: ob.reask_commitment([i], "duplicate transaction UID", T0 + 1),
     "retry": lambda ob, i: ob.retry(i, T0 + 1),
@@ -633,6 +634,69 @@ def test_a_left_claims_mark_whose_claims_are_gone_is_removed_at_open(data_dir: P
     (data_dir / "locks" / "left-claims-0123abcd").touch()
     with open_outbox(data_dir) as ob:
         assert [p.name for p in (data_dir / "locks").iterdir()] == [f"owner-{ob.owner}.lock"]
+
+
+STORED_UNRECORDED_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
+    first, second = ob.claim("dicom", 10, 2e9)
+    ob.begin_send(first.id, 2e9)
+    ob.remember_stored([first.id])  # the peer stored it; mark_sent failed (the forwarder's except)
+    print(first.id, flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("end", ["killed", "power cut"])
+def test_what_the_peer_stored_unrecorded_is_recorded_as_sent_by_the_next_open(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """The peer stored an object, `mark_sent` failed (another process's write lock, an I/O error)
+    and the forwarder ended before recording it: the next open put it back in the queue and it
+    was sent again (a second send and storage-commitment round). Its note beside the owner's lock
+    (fsynced) makes the next open record it as sent - after a kill, and after a power cut that
+    undid the claim and the charge (neither is fsynced): the item is queued then, the note says
+    the peer has it. The other claim goes back to the queue as before."""
+    with open_outbox(data_dir) as ob:
+        add(ob, "a"), add(ob, "b")
+    sender = python(STORED_UNRECORDED_SCRIPT, data_dir)
+    try:
+        stored = int(sender.stdout.readline())
+        sender.send_signal(signal.SIGKILL)
+        sender.communicate(timeout=30)
+    finally:
+        sender.kill()
+        sender.communicate(timeout=30)
+    if end == "power cut":
+        with contextlib.closing(sqlite3.connect(data_dir / DB_NAME)) as conn, conn:
+            conn.execute("UPDATE items SET state = 'queued', claimed_by = NULL, in_flight = 0, attempts = 0")
+        rebooted = tmp_path / "boot_id"
+        rebooted.write_text("00000000-0000-4000-8000-000000000001\n")
+        monkeypatch.setattr(outbox_module, "BOOT_ID", rebooted)
+    with open_outbox(data_dir) as ob:  # recovery at open
+        item = ob.get(stored)
+        assert (item.state, item.interrupted_sends, item.sent_at) == (S.SENT, 0, T0), item
+        assert [i.key for i in ob.items() if i.state == S.QUEUED] == ["b"]
+        assert ob.claim("dicom", 10, 2e9)[0].key == "b"
+    assert not list((data_dir / "locks").glob("stored-*"))
+
+
+def test_close_records_what_the_peer_stored_before_giving_back_its_claims(data_dir: Path) -> None:
+    """A stop once the lock that failed `mark_sent` is free: close gave the stored object back to the
+    queue with the others (uncharged), and the next start sent it again. Now close records it as
+    sent first, and its note goes."""
+    with open_outbox(data_dir) as ob:
+        a, b = add(ob, "a"), add(ob, "b")
+    with open_outbox(data_dir) as forwarder:
+        assert len(forwarder.claim("dicom", 10, 2e9)) == 2
+        assert forwarder.begin_send(a.id, 2e9)
+        forwarder.remember_stored([a.id])
+        assert [p.name for p in (data_dir / "locks").glob("stored-*")] == [f"stored-{forwarder.owner}"]
+    with open_outbox(data_dir) as ob:
+        assert (ob.get(a.id).state, ob.get(a.id).attempts, ob.get(b.id).state) == (S.SENT, 1, S.QUEUED)
+    assert not list((data_dir / "locks").glob("stored-*"))
 
 
 def test_with_nothing_claimed_releasing_claims_does_not_wait_for_the_write_lock(data_dir: Path) -> None:
@@ -1152,3 +1216,19 @@ def test_an_outbox_opened_while_a_held_ecg_is_assigned_does_not_quarantine_it(
         assert item is not None
         assert item.state == S.QUEUED, f"an assigned ECG was quarantined: {item.quarantine_reason}"
         assert ob.read_payload(item) == b"assigned" * 4000
+
+
+def test_a_fhir_bundle_the_platform_took_unrecorded_is_recorded_taken_and_purged(data_dir: Path) -> None:
+    """The county platform's 200 for a FHIR bundle is its commitment (`mark_taken`): one whose
+    recording failed (`remember_stored`) recorded only "sent" would stay so for ever - no
+    commitment comes for a bundle - never purged. Recorded taken (committed), by this process
+    (`record_stored`: the settle, the close) as by the next open; an ECG still only sent."""
+    with open_outbox(data_dir) as ob:
+        bundle, ecg = add(ob, "fhir:a", kind="fhir-bundle"), add(ob, "ecg")
+        assert len(ob.claim("fhir-bundle", 10, 2e9)) == 1 and len(ob.claim("dicom", 10, 2e9)) == 1
+        ob.remember_stored([bundle.id, ecg.id])
+        assert ob.record_stored(2e9 + 1) == 2
+        assert (ob.get(bundle.id).state, ob.get(bundle.id).committed_at) == (S.COMMITTED, 2e9 + 1)
+        assert (ob.get(ecg.id).state, ob.get(ecg.id).committed_at) == (S.SENT, None)
+        assert ob.purge_due(2e9 + 2, 0.0) == 1
+        assert ob.get(bundle.id).state == S.PURGED

@@ -859,6 +859,33 @@ def test_assigning_a_held_reading_with_another_name_than_its_ids_check_in_is_ref
     assert store.context.known_name("P-1", T0 + 5 * MIN) == "Li^Si=李^四"
 
 
+@pytest.mark.parametrize("command", ["assign", "map-user"])
+def test_a_refused_assign_or_mapping_with_correct_name_leaves_the_check_ins_name_as_it_was(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """P-1 was checked in as 张三; the doctor types 李四 with --correct-name for an assignment of a
+    held reading that is not there (a mistyped number) or a mapping of a user no cuff has. The
+    command was refused, and P-1's check-in was 李四 all the same: his next readings went to the
+    county under a name the doctor gave for something not done. Now the name is corrected only
+    with the assignment or the mapping (one clinic.db transaction)."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    typed = ("P-1", "--name", "李四", "--correct-name")
+    if command == "assign":
+        assert patient_command(tmp_path, "assign", "99", *typed, at=T0 + MIN) == 1
+        assert "no unassigned observation #99" in capsys.readouterr().err
+    else:
+        assert map_user(tmp_path, CUFF_ADDRESS, "255", "--patient", *typed, at=T0 + MIN) == 2
+        assert "a device user is 0-254, not 255" in capsys.readouterr().err
+    assert store.context.known_name("P-1", T0 + 2 * MIN) == "Zhang^San=张^三"
+    current = store.context.current(T0 + 2 * MIN)
+    assert current is not None and current.name == "Zhang^San=张^三"
+    corrected = "SELECT COUNT(*) FROM session_log WHERE event = 'patient-name-corrected'"
+    assert store.db.conn.execute(corrected).fetchone()[0] == 0
+    assert store.record(reading(1, 3), now=T0 + 3 * MIN).patient_id == "P-1"
+    (item,) = store.outbox.items(kind=OBSERVATION_KIND)
+    assert item.patient == {"patient_id": "P-1", "name": "Zhang^San=张^三"}
+
+
 def test_a_name_corrected_under_his_other_id_is_his_name_under_every_id_of_his_session(context) -> None:
     """张三 checked in under P-1, then P-2 said to be his other ID; the doctor then says P-1's name
     is 李四 (`map-user ... --correct-name`, `assign ... --correct-name`). The correction was logged
@@ -870,4 +897,87 @@ def test_a_name_corrected_under_his_other_id_is_his_name_under_every_id_of_his_s
     context.check_in("P-2", "Zhang^San=张^三", now=T0 + MIN, same_name=SameName.OTHER_ID)
     named = context.given_name(Patient("P-1", name="Li^Si=李^四"), T0 + 2 * MIN, correct=True)
     assert named.name == "Li^Si=李^四"
+    assert context.known_name("P-1", T0 + 2 * MIN) == "Zhang^San=张^三"  # corrected with what it names, not before
+    context.correct_name("P-1", named.name, now=T0 + 2 * MIN)
     assert context.known_names(["P-1", "P-2"], T0 + 2 * MIN) == {"P-1": "Li^Si=李^四", "P-2": "Li^Si=李^四"}
+
+
+def users_reading_goes_as(store: ObservationStore, user: int, at: dt.datetime) -> dict | None:
+    """The patient (ID and name) a reading of the cuff's user `user` taken at `at` goes to the county as."""
+    taken = replace(reading(user, 0), measured_at=at, received_at=at, record_key=f"test:user{user}:{at.isoformat()}")
+    item = store.outbox.get(store.record(taken, now=at).item_id or 0)
+    assert item is not None, "held, not stored"
+    return item.patient
+
+
+DAY_ON = T0 + dt.timedelta(days=1, minutes=30)  # the session's log of names of T0's check-ins is gone
+
+
+def test_a_check_in_under_another_name_than_a_mapped_user_asks_which_name_is_right(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The family's cuff user 2 is mapped to P-1 as 张三 (`map-user --name 张三`); later P-1 is
+    checked in as 张山. The check-in renamed user 2's readings to 张山 unasked (taken for a typo
+    corrected), and a day later they went back to 张三. Two names for one ID: the check-in is
+    refused naming both as people write them; 张三 checks in as asked; --correct-name 张山 makes
+    张山 the mapping's name too, still his a day later."""
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", "--name", "张三") == 0
+    capsys.readouterr()
+    assert patient_command(tmp_path, "set", "P-1", "--name", "张山", at=T0 + MIN) == 2
+    said = capsys.readouterr()
+    assert "张三 (Zhang San)" in said.err and "张山 (Zhang Shan)" in said.err, said.err
+    assert "--correct-name" in said.err and "^" not in said.err and "current patient" not in said.out, said
+    assert store.context.current(T0 + MIN) is None
+    assert users_reading_goes_as(store, 2, T0 + 2 * MIN) == {"patient_id": "P-1", "name": "Zhang^San=张^三"}
+
+    # 张三 is right: checked in as the mapping has him
+    assert patient_command(tmp_path, "set", "P-1", "--name", "张三", at=T0 + 3 * MIN) == 0
+    # 张山 is right after all: the mapping says so too, and keeps saying so after the session's day
+    assert patient_command(tmp_path, "set", "P-1", "--name", "张山", "--correct-name", at=T0 + 4 * MIN) == 0
+    assert users_reading_goes_as(store, 2, T0 + 5 * MIN) == {"patient_id": "P-1", "name": "Zhang^Shan=张^山"}
+    assert users_reading_goes_as(store, 2, DAY_ON) == {"patient_id": "P-1", "name": "Zhang^Shan=张^山"}
+    assert patient_command(tmp_path, "set", "P-1", "--correct-name", at=DAY_ON) == 2
+    assert "--correct-name goes with --name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mapped_as", "checked_in_as"),
+    [("张三", "Zhang San"), ("Zhang San", "张三"), ("张^三", "张三"), ("ZHANG^SAN", "张三"), ("张三", "张三")],
+)
+def test_the_same_name_in_pinyin_or_characters_checks_in_unasked(
+    tmp_path: Path, store: ObservationStore, mapped_as: str, checked_in_as: str
+) -> None:
+    """One name written two ways (the cuff's user mapped in pinyin from a keyboard without an input
+    method, the check-in in characters, or the other way round) is one person: no question."""
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", "--name", mapped_as) == 0
+    assert patient_command(tmp_path, "set", "P-1", "--name", checked_in_as, at=T0 + MIN) == 0
+    current = store.context.current(T0 + MIN)
+    assert current is not None and current.patient_id == "P-1"
+
+
+def test_same_person_name_is_one_name_in_characters_or_its_pinyin_never_two_sets_of_characters() -> None:
+    from lastmile.clinic.names import same_person_name
+
+    assert same_person_name("Zhang^San=张^三", "张三") and same_person_name("zhang san", "张三")
+    assert same_person_name("Ouyang^Xiu=欧阳^修", "Ouyang Xiu") and same_person_name("吕^布", "lyu bu")
+    assert not same_person_name("张三", "张山")  # Zhang San, Zhang Shan: two names
+    assert not same_person_name("张三", "张叁")  # read alike, written otherwise: the doctor says which
+    assert not same_person_name("张三", "Zhang Shan") and not same_person_name("张三", "")
+
+
+def test_a_name_corrected_by_assign_stays_the_mapped_users_name_after_the_sessions_day(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """P-1 was checked in as 张三 and cuff user 2 mapped to him; the doctor then assigns a held
+    reading to P-1 saying his name is 李四 (`assign --name 李四 --correct-name`). User 2's
+    readings went as 李四 that day and, once the session's log forgot the correction (a day),
+    as 张三 again: the name the doctor said was wrong. The correction is the mapping's name now."""
+    store.context.set_patient("P-1", "Zhang^San=张^三", now=T0)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-1", at=T0 + MIN) == 0
+    held = store.record(reading(3, 2), now=T0 + 2 * MIN).held_id  # user 3: nobody said whose
+    assert held is not None
+    assert (
+        patient_command(tmp_path, "assign", str(held), "P-1", "--name", "李四", "--correct-name", at=T0 + 3 * MIN) == 0
+    )
+    assert users_reading_goes_as(store, 2, T0 + 4 * MIN) == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+    assert users_reading_goes_as(store, 2, DAY_ON) == {"patient_id": "P-1", "name": "Li^Si=李^四"}

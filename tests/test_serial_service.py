@@ -30,6 +30,7 @@ from tests.conftest import REPO, run_on_private_tmpfs
 from tests.console_harness import Client, console_config, running_console
 from tests.serial_gateway import (
     Running,
+    a_spill_file_with_a_record_that_does_not_decode,
     monitor_prints_a_report_the_full_outbox_refuses,
     serial_config,
     talk_as_bridge,
@@ -300,7 +301,7 @@ def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_al
         client = Client(console.url)
         client.login()
         page = client.get("/devices").body
-    assert f"{sent} 份心电图（其中1 份心电图仅在内存中，断电即丢失；其余已保存在磁盘上）" in page, page
+    assert f"{sent} 份心电图（其中1 份心电图仅在内存中，断电即丢失；其余已保存在SD卡上）" in page, page
     r.outbox.min_free_bytes = 0  # room again: the next retry (every 30 s) stores them, then they are ACKed
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0, timeout=120)
     keys = sorted(f"bridge-ecg:BR-ECG:9:{n}" for n in range(1, sent + 1))
@@ -1327,6 +1328,12 @@ def damage_spill_file(path: Path, how: str) -> None:
 
 def lost_as_the_doctor_and_page_say(r: Running) -> tuple[list, str]:
     """`lastmile doctor`'s devices findings not OK, and the Devices page in Chinese."""
+    said, pages = lost_as_the_doctor_and_pages_say(r)
+    return said, pages["/devices"]
+
+
+def lost_as_the_doctor_and_pages_say(r: Running) -> tuple[list, dict[str, str]]:
+    """`lastmile doctor`'s devices findings not OK, and the Devices, Today and System pages in Chinese."""
     from lastmile.doctor import Doctor, Level
 
     said = [f for f in Doctor(r.config).check_devices() if f.level is not Level.OK]
@@ -1334,8 +1341,8 @@ def lost_as_the_doctor_and_page_say(r: Running) -> tuple[list, str]:
     with running_console(shown) as console:
         client = Client(console.url)
         client.login()
-        page = client.get("/devices").body
-    return said, page
+        pages = {page: client.get(page).body for page in ("/devices", "/today", "/system")}
+    return said, pages
 
 
 @pytest.mark.parametrize("how", ["missing", "empty", "truncated", "garbage", "unreadable"])
@@ -1356,19 +1363,27 @@ def test_readings_a_stop_kept_on_disk_whose_spill_file_gives_nothing_back_are_sa
         held_at = stopped_after.get("serial:monitor").held_at
     finally:
         stopped_after.close()
-    damage_spill_file(tmp_path / "data" / SPILL_NAME, how)
+    spill = tmp_path / "data" / SPILL_NAME
+    damage_spill_file(spill, how)
     r = Running(tmp_path, devices)  # never a crash at start
     try:
         row = r.registry.get("serial:monitor")
-        said, page = lost_as_the_doctor_and_page_say(r)
+        said, pages = lost_as_the_doctor_and_pages_say(r)
     finally:
         r.close()
     assert (row.lost_reading_count, row.held_reading_count) == (3, 0), row
     lost = [f for f in said if "lost when the gateway stopped" in f.message]
     assert [f.level for f in lost] == [Level.FAIL], said
     assert "3 reading(s)" in lost[0].message and held_at.strftime("%Y-%m-%d %H:%M:%S") in lost[0].message, lost
-    assert "网关停机时丢失：3 条测量结果" in page, page
-    assert "gave them not back" in lost[0].message, lost  # the cause: the spill file, not a memory-only hold
+    # said as what it is - kept on the SD card, not read back from a damaged file - never "held in memory only"
+    assert "保存在SD卡上的 3 条测量结果无法读回（文件损坏或丢失）：已丢失" in pages["/devices"], pages["/devices"]
+    assert row.lost_from_disk == (3, 0) and row.lost_from_memory == (0, 0), row
+    assert "仅在内存中" not in pages["/devices"], pages["/devices"]
+    assert "保存在SD卡上的测量数据在网关重新启动时无法读回" in pages["/system"], pages["/system"]
+    assert "in memory only" not in lost[0].message and "kept on disk could not be read back" in lost[0].message, lost
+    assert str(spill) in lost[0].message, lost  # the file, and its .bad copy for the county IT
+    aside = sorted(spill.parent.glob(f"{SPILL_NAME}.*.bad"))
+    assert len(aside) == (0 if how == "missing" else 1) and all(str(a) in lost[0].message for a in aside), lost
 
 
 def test_readings_a_spill_file_gives_back_in_part_are_stored_and_the_rest_said_lost(tmp_path: Path) -> None:
@@ -1423,7 +1438,8 @@ def test_an_unreadable_spill_file_is_set_aside_said_once_and_a_new_one_keeps_the
         monitor.unplug()
     aside = sorted(data.glob(f"{SPILL_NAME}.*.bad"))
     assert len(aside) == SET_ASIDE_KEPT and (aside[-1] / "x").read_bytes() == b"x", aside  # kept, not deleted
-    said = [m for m in caplog.messages if "set aside" in m]
+    # the spill file's own word (the device row's loss names the .bad copy too: its own line)
+    said = [r.getMessage() for r in caplog.records if r.name.endswith("serial_spill") and "set aside" in r.getMessage()]
     assert len(said) == 1 and str(data / SPILL_NAME) in said[0] and str(aside[-1]) in said[0], said
 
 
@@ -1460,3 +1476,71 @@ def test_a_bad_readings_spill_file_does_not_stop_a_bridge_s_ecg_kept_on_disk_fro
     finally:
         r.close()
     assert row.lost_reading_count == 3, row
+
+
+# The restart of a gateway whose spill file holds a record that does not decode, on a full disk.
+SPILL_ON_A_FULL_DISK = r"""
+import json, sys
+from pathlib import Path
+from lastmile.services.serial_spill import SPILL_NAME, SpillFile, newest_copy
+from tests.conftest import fill_to_the_last_block
+from tests.serial_gateway import a_spill_file_with_a_record_that_does_not_decode
+
+data = Path(sys.argv[1]) / "data"
+data.mkdir()
+given_back = a_spill_file_with_a_record_that_does_not_decode(data)
+fill_to_the_last_block(data.parent / "filler")  # the disk full: when the spill file is used
+spill = SpillFile(data)  # the restart
+loaded = spill.load()
+newest = newest_copy(data / SPILL_NAME)
+print(json.dumps({
+    "loaded": [o.record_key for o in loaded.get("monitor", [])],
+    "given_back": given_back,
+    "kept": spill.kept,
+    "on_disk": [r["record_key"] for r in newest[2].get("monitor", [])] if newest else [],
+    "names": sorted(p.name for p in data.iterdir() if "spill" in p.name),
+}))
+"""
+
+
+def test_what_a_damaged_spill_file_gives_back_on_a_full_disk_stays_on_disk(tmp_path: Path) -> None:
+    """lastmile/services/serial_spill.py SpillFile: a damaged spill file was set aside (renamed)
+    before its replacement was allocated. On a full disk - exactly when the spill file is used -
+    the new one could not be, so the readings the damaged file gave back were in memory only for
+    the rest of the run (a power cut lost them). Now the new file is allocated first; with no room
+    for it, the damaged file's own blocks are written in place, so what it gave back stays on disk."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = run_on_private_tmpfs(mnt, "4m", SPILL_ON_A_FULL_DISK, timeout_s=120)
+    assert script.returncode == 0, script.stderr[-3000:]
+    out = json.loads(script.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == out["given_back"], out
+    assert out["kept"] and out["on_disk"] == out["given_back"], out  # on disk, not in memory only
+    assert out["names"] == ["serial-spill.dat"], out  # no room for a .bad copy: the file itself kept
+
+
+def test_a_damaged_spill_file_that_cannot_be_set_aside_never_gives_an_old_copy_back(tmp_path: Path) -> None:
+    """lastmile/services/serial_spill.py SpillFile: a damaged spill file that could not be set aside
+    (the rename failed) was written on from generation 1, into the slot of its newest copy: its
+    other slot's older copy (generation 5: 3 readings stored since) became the newest, and the next
+    start gave those back again. Now the file is written above the highest generation in it, and
+    the old copy cleared once the new one is in."""
+    import time as clock
+
+    from lastmile.services.serial_spill import SPILL_NAME, SpillFile, newest_copy, waiting_readings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    given_back = a_spill_file_with_a_record_that_does_not_decode(data)
+    for s in range(-5, 120):  # every name it could be set aside as now is taken: the rename fails
+        stamp = clock.strftime("%Y%m%dT%H%M%SZ", clock.gmtime(clock.time() + s))
+        (data / f"{SPILL_NAME}.{stamp}.bad").mkdir(exist_ok=True)
+        (data / f"{SPILL_NAME}.{stamp}.bad" / "x").write_bytes(b"x")
+    spill = SpillFile(data)  # the restart
+    loaded = spill.load().get("monitor", [])
+    assert [o.record_key for o in loaded] == given_back and spill.set_aside is None
+    spill.save({"monitor": loaded[1:]})  # the first stored: the next save
+    assert waiting_readings(data) == 1  # the 3 stored before never come back
+    newest = newest_copy(data / SPILL_NAME)
+    assert newest is not None and [r["record_key"] for r in newest[2]["monitor"]] == given_back[1:], newest
+    assert not (data / f".{SPILL_NAME}.new").exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from devices.device_errors import DeviceProblem
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.config import Config
 from lastmile.doctor import Level
@@ -30,7 +31,17 @@ from lastmile.services.parts import Part, down_status
 from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice
-from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
+from tests.service_harness import (
+    STOP_WITHIN_S,
+    Manager,
+    acquire_toml,
+    doctor,
+    report_printed,
+    start_acquire,
+    status_with,
+    stop_child,
+    waiting_in_a_sleep,
+)
 from tests.waiting import wait_for
 from uploader.outbox import Outbox
 
@@ -146,12 +157,6 @@ class MonitorOnPart:
         record = self.registry.get("serial:monitor")
         assert record is not None
         return record
-
-
-def report_printed(now: dt.datetime) -> bytes:
-    """The monitor's report of three readings, printed at `now` (its clock: UTC+1)."""
-    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
-    return VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed)
 
 
 @contextlib.contextmanager
@@ -428,27 +433,6 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
         assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
 
 
-STOP_WITHIN_S = 5.0  # the goal is ~2 s; TimeoutStopSec=45 is systemd's own limit
-
-
-def waiting_in_a_sleep(pid: int) -> bool:
-    """Whether a thread of process `pid` sleeps in nanosleep: an acquire service with its devices
-    idle sleeps in select and futex waits only, so that is SQLite's busy wait for the lock."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            if "nanosleep" in (task / "wchan").read_text():
-                return True
-    return False
-
-
-def acquire_toml(tmp_path: Path, monitor: PtyDevice) -> Path:
-    """`lastmile acquire`'s configuration: the monitor on its pty, nothing else."""
-    head = f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
-    entry = f'name = "monitor"\nmatch = "{monitor.link_path}"\nprofile = "example-vitals-monitor"\n'
-    (config := tmp_path / "lastmile.toml").write_text(f"{head}[[serial.devices]]\n{entry}")
-    return config
-
-
 def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_keeping_it(tmp_path: Path) -> None:
     """lastmile/services/acquire.py + uploader/outbox.py: another process holds the outbox's write
     lock (the forwarder in a long write; a sqlite3 shell left open) while the monitor's report is
@@ -487,15 +471,34 @@ def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_k
     assert "Traceback" not in out, out
     assert waiting_readings(data) == 3, out  # kept on disk, and said so
     assert "3 reading(s) (kept on disk, stored after the restart) not stored" in out, out
+    # a store the stop gave up is the stop's, not a fault: no "cannot store" problem on the row, no ERROR
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:
+        row = registry.get("serial:monitor")
+    assert row.problem is not DeviceProblem.NOT_SAVED and "cannot store" not in row.last_error, row
+    assert "cannot store a" not in out, out
+    # held for the stop's own cause, never said as waiting for space (the row, the stop's line, the doctor)
+    assert "space" not in row.waiting and "the gateway was stopping" in row.waiting, row.waiting
+    assert row.held_at_stop and row.held_reading_count == 3, row
+    assert "the outbox refused them" not in out, out
+    devices_toml = config.read_text().split("\n", 2)[2]  # its devices: the doctor's data_dir is `data`
+    # `lastmile doctor` while the service is stopped
+    waiting = [f for f in doctor(data, devices_toml).check_devices() if "from serial devices" in f.message]
+    assert [(f.level, f.advice_key) for f in waiting] == [(Level.WARN, "readings-kept-at-stop")], waiting
+    assert all("space" not in f.message + f.hint for f in waiting), waiting
     again = start_acquire(config, Manager(tmp_path / "notify-again"), watchdog_usec=20_000_000)
     try:
         with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
             wait_for(lambda: len(outbox.items(kind="observation")) >= 3, timeout=60)
             assert len(outbox.items(kind="observation")) == 3  # once each
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:  # the next start stored them: the row clean
+            wait_for(lambda: not (r := registry.get("serial:monitor")).waits_for_space and not r.held_cause, timeout=30)
+            row = registry.get("serial:monitor")
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(30)
     assert waiting_readings(data) == 0
+    assert not row.lost_words and not row.last_error, row
+    assert not [f for f in doctor(data, devices_toml).check_devices() if "from serial devices" in f.message]
 
 
 # -- lastmile doctor: a port that answers is not our listener ----------------------------------------
@@ -551,3 +554,66 @@ def test_a_store_error_just_after_a_rejected_report_is_said_not_space(tmp_path: 
     assert "database is locked" in row.waiting and "space" not in row.waiting, (row.last_error, row.waiting)
     (held,) = [f for f in findings if f.level is Level.FAIL]
     assert "free space" not in held.hint, (held.message, held.hint)
+
+
+# -- the restart and the spill file: no false loss ---------------------------------------------------
+
+
+@pytest.mark.parametrize("held", ["on disk", "1 in memory only", "1 in memory only, saved since"])
+def test_a_row_written_before_the_spill_file_was_saved_empty_is_no_loss_at_the_restart(
+    tmp_path: Path, held: str
+) -> None:
+    """lastmile/services/serial_devices.py _say_lost_at_stop: the lost count at a restart was the
+    row's held count - what the spill file gave back, even when the file came back whole. A row
+    written before the file was saved empty (a power cut between the two; a best-effort row write
+    that failed) said "3 readings waiting": the real `lastmile acquire` started again and FAILed
+    "3 reading(s) ... lost when the gateway stopped" for readings safe in the outbox. A whole spill
+    file is the truth of what was on disk: only what the row said was held in memory only is lost -
+    and not even that when the file's newest copy was saved after the row was written (its spill
+    generation, 0035_device_held_spill_generation): a save that works writes all that waits."""
+    from lastmile.clinic.devices import HeldReadings
+    from lastmile.services.serial_spill import SpillFile
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    config, data = acquire_toml(tmp_path, monitor), tmp_path / "data"
+    data.mkdir()
+    memory = (1, 0) if held.startswith("1 in memory only") else (0, 0)
+    # the spill file's generation the row names: the file allocated, never saved yet (None: a row from before)
+    generation = 0 if held.endswith("saved since") else None
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:  # the row the last run wrote: 3 held
+        registry.update_status(
+            "serial:monitor",
+            now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5),
+            transport="serial",
+            held=HeldReadings.MEMORY if any(memory) else HeldReadings.DISK,
+            held_counts=(3, 0),
+            memory_counts=memory,
+            spill_generations=(generation, None),
+        )
+    SpillFile(data).save({})  # then all stored, the file saved empty - and the row not written after
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:
+            wait_for(lambda: not registry.get("serial:monitor").waits_for_space, timeout=30)
+            row = registry.get("serial:monitor")
+        found = doctor(
+            data,
+            f'[[serial.devices]]\nname = "monitor"\nmatch = "{monitor.link_path}"\n'
+            'profile = "example-vitals-monitor"\n',
+        ).check_devices()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        stop_child(proc)
+        manager.sock.close()
+    lost = [f.message for f in found if "lost" in f.message]
+    if generation is not None:  # saved after the row: all that waited was on disk, then stored
+        memory = (0, 0)
+    assert row.lost_reading_count == memory[0], (row, out[-3000:])
+    assert row.lost_from_disk == (0, 0), row
+    if any(memory):  # what the row said memory alone held: lost, said as that
+        assert len(lost) == 1 and "1 reading(s) held in memory only" in lost[0], lost
+    else:
+        assert lost == [], lost

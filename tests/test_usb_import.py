@@ -274,6 +274,7 @@ def test_an_ecg_under_the_id_the_doctor_said_is_his_other_id_is_not_another_pati
     for number, patient_id in enumerate((id_card, stranger)):
         ds = pydicom.dcmread(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"))
         ds.PatientID, ds.SOPInstanceUID = patient_id, generate_uid()
+        ds.PatientName = "Wang^Wu"  # his name as the cart writes it (another name is held: test_ecg_name_mismatch)
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.save_as(stick / f"ECG000{number}.dcm")
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)

@@ -320,10 +320,6 @@ class EcgForwarder:
         self._pending_committed = 0
         self._commitment_unsupported_until = 0.0
         self._fault_until = 0.0
-        # stored at the peer, but the disk was too full to record it: recorded when there is room
-        # (`record_unrecorded_sends`), never sent again
-        self._unrecorded_sent: set[int] = set()
-        self._lock_unrecorded = threading.Lock()  # a round's associations send from threads of their own
         self._no_route_logged = False
         self._rate = TransferRate()  # per association, what STAT preemption estimates with
         self.pacer = LinkPacer()  # routine sends just below the link's rate (uploader/link_pacing.py)
@@ -738,9 +734,9 @@ class EcgForwarder:
                             self.outbox.mark_sent([item.id], now)
                         except (sqlite3.Error, OSError):
                             # stored at the peer whatever kept us from recording it (full disk, I/O
-                            # error, locked): recorded later (`record_unrecorded_sends`), not sent again
-                            with self._lock_unrecorded:
-                                self._unrecorded_sent.add(item.id)
+                            # error, locked): recorded later, by this process (`record_unrecorded_sends`)
+                            # or by the next start if this one stops first - never sent again
+                            self.outbox.remember_stored([item.id])
                             raise
                         sent_now.append(item)
                         r.sent += 1
@@ -963,14 +959,10 @@ class EcgForwarder:
         self.outbox.record_status(STATUS_NAME, current, now)
 
     def record_unrecorded_sends(self) -> int:
-        """Mark sent what the peer stored while the disk was too full to record it (they are
-        still claimed by us); call before releasing this outbox's claims. Returns how many."""
-        with self._lock_unrecorded:
-            ids = sorted(self._unrecorded_sent)
-            if ids:
-                self.outbox.mark_sent(ids, self.clock())
-                self._unrecorded_sent.clear()
-        return len(ids)
+        """Mark sent what the peer stored while the outbox could not record it (they are still
+        claimed by us: `Outbox.remember_stored`); call before releasing this outbox's claims.
+        Returns how many."""
+        return self.outbox.record_stored(self.clock())
 
     def clear_fault(self) -> None:
         """Forget a configuration fault now (after SIGHUP reloaded a fixed configuration)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,8 +175,15 @@ class _Round:
             log.error("FHIR bundle %s quarantined: %s", item.key, exc)
             return []
         self._heard()
-        self.outbox.mark_sent(ids, self.now)
-        self.outbox.mark_committed(ids, self.now)
+        try:
+            # one transaction: a write lock refusing a second one left them "sent", never purged
+            self.outbox.mark_taken(ids, self.now)
+        except (sqlite3.Error, OSError):
+            # the platform has them whatever kept us from recording it (another process's write
+            # lock at a stop, a full disk): recorded taken later, by this process or the next
+            # start - not sent again (harmless, conditional creates, but bytes on a metered link)
+            self.outbox.remember_stored(ids)
+            raise
         self.counts.sent += len(batch)
         self.counts.taken.extend(item.key for item, _ in batch)
         return []

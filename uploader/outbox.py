@@ -32,7 +32,10 @@ Design (see also `outbox_migrations.py` and `payload_files.py`):
   `lastmile queue` never disturbs a running forwarder. `close()` releases its own claims; when
   another process holds the write lock it leaves a mark beside its lock instead
   (`OwnerLock.leave_claims`), and recovery gives those claims back as close would have: a stop
-  is never charged as a send killed mid-way.
+  is never charged as a send killed mid-way. An object the peer stored whose `mark_sent` failed
+  (`remember_stored`) is noted in an fsynced file beside the owner's lock until it is recorded:
+  close records it, or the next open's recovery does first (also after a kill or a power cut),
+  so a stop never sends it a second time.
 - Payload storage, chosen by measurement (bench/outbox_write.py on this machine: ext4 on virtio,
   300 adds per run, medians of 3; "process" = /proc/self/io write_bytes of the adding process
   including the final WAL checkpoint; "device" = the block device's own counter after sync,
@@ -108,7 +111,12 @@ from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.kinds import Kind as Kind  # re-exported: the senders and lastmile name it from here
 from uploader.payload_files import OwnerLock, PayloadFiles
 from uploader.space_reserve import DEFAULT_RESERVE_BYTES, SpaceReserve
-from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, open_database
+from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, StopWaits, begin_immediate, open_database
+
+# re-exported: the services name the stop's give-up from here, as before it moved to sqlite_store
+from uploader.sqlite_store import STOP_WAIT_S as STOP_WAIT_S
+from uploader.sqlite_store import WaitGivenUp as WaitGivenUp
+from uploader.sqlite_store import gave_up_at_stop as gave_up_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +134,6 @@ CHECKPOINT_WAIT_MS = 500
 # timeout: a stop must be prompt (systemd's TimeoutStopSec, a power cut coming). Claims are not
 # durable: one left behind is put back in the queue, uncharged, by the next open's recovery.
 RELEASE_AT_CLOSE_WAIT_MS = 1000
-# Once the service's stop is set (`give_up_waits_on`), a write waits at most this much more for
-# another process's write lock: a step waiting out the 15 s busy timeout held SIGTERM 12 s. A short
-# write of the acquire service is still waited for; a lock held longer is the next start's.
-STOP_WAIT_S = 1.0
-# how often a write waiting for the lock looks at the stop (SQLite's busy wait cannot be
-# interrupted: sqlite3 Connection.interrupt does not end it, no progress handler runs in it)
-LOCK_POLL_MS = 100
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 # what recovery says of a claim its owner left at a stop, the database write-locked by another process
 STOPPED_UNRELEASED = "the forwarder stopped before it could put this back in the queue; queued again"
@@ -267,24 +268,6 @@ class PayloadGoneError(LookupError):
     """The item was purged: its payload was deleted on purpose."""
 
 
-class WaitGivenUp(sqlite3.OperationalError):
-    """ "database is locked", from a write that gave up waiting for another process's write lock
-    because the service is stopping (`Outbox.give_up_waits_on`): a stop, not a fault. Callers
-    that catch the lock's failure catch this one too."""
-
-
-def gave_up_at_stop(exc: BaseException) -> bool:
-    """Whether `exc`, or what it was raised from, is a write the stop gave up (`WaitGivenUp`)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, WaitGivenUp):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
 S = ItemState
 # Which states each operation moves items out of, and into. Items in any other state are left
 # untouched (logged): another process or an operator may have moved them meanwhile.
@@ -298,6 +281,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
     "quarantine": (frozenset({S.QUEUED, S.SENDING, S.SENT}), S.QUARANTINED),
     "set_transaction": (frozenset({S.SENT}), S.SENT),
     "mark_committed": (frozenset({S.SENT}), S.COMMITTED),
+    "mark_taken": (frozenset({S.SENDING}), S.COMMITTED),
     "requeue": (frozenset({S.SENT}), S.QUEUED),
     "reask_commitment": (frozenset({S.SENT}), S.SENT),
     "retry": (frozenset({S.QUARANTINED}), S.QUEUED),
@@ -357,6 +341,48 @@ def _move(
             [*values, *chunk, *src],
         ).fetchall()
         moved += [r[0] for r in rows]
+    return moved
+
+
+def _sent_sets(now: float) -> dict[str, Any]:
+    """What `mark_sent` sets besides the state: the peer has it, no claim, no send in flight."""
+    return {"sent_at": now, "last_error": None, "claimed_by": None, "in_flight": 0, "interrupted_sends": 0}
+
+
+# kinds whose peer's answer is its commitment (`mark_taken`: the county platform's
+# transaction-response): one the peer stored whose recording failed is recorded taken, not "sent"
+# - a state nothing moves such an item out of (no commitment comes for it): never purged
+_TAKEN_WHEN_STORED = (Kind.FHIR_BUNDLE.value,)
+
+
+def _record_stored_of(conn: sqlite3.Connection, owner: str, item_ids: Sequence[int], now: float) -> int:
+    """(In a write transaction.) Items the peer stored for `owner` that it could not record
+    (`Outbox.remember_stored`), recorded as sent (taken: sent and committed, for a kind whose
+    answer is its commitment): still claimed by it, or - a dead owner - queued again (a power cut
+    undid its claim, which is not fsynced). Returns how many."""
+    moved = 0
+    taken = ",".join("?" * len(_TAKEN_WHEN_STORED))
+    for chunk in _chunks(list(item_ids)):
+        marks = ",".join("?" * len(chunk))
+        moved += conn.execute(
+            f"UPDATE items SET state = CASE WHEN kind IN ({taken}) THEN ? ELSE ? END, sent_at = ?, "
+            f"committed_at = CASE WHEN kind IN ({taken}) THEN ? ELSE committed_at END, updated_at = ?, "
+            "last_error = NULL, claimed_by = NULL, in_flight = 0, interrupted_sends = 0 "
+            f"WHERE id IN ({marks}) AND (state = ? OR (state = ? AND claimed_by IS ?))",
+            (
+                *_TAKEN_WHEN_STORED,
+                S.COMMITTED.value,
+                S.SENT.value,
+                now,
+                *_TAKEN_WHEN_STORED,
+                now,
+                now,
+                *chunk,
+                S.QUEUED.value,
+                S.SENDING.value,
+                owner,
+            ),
+        ).rowcount
     return moved
 
 
@@ -496,9 +522,10 @@ class Outbox:
         # only an Outbox that claimed (the forwarder's) has claims to release at close: the others'
         # close then writes nothing, and does not wait out the busy timeout on a locked database
         self._has_claimed = False
+        # stored at the peer, not yet recorded as sent (`remember_stored`): recorded by `record_stored`
+        self._stored_unrecorded: set[int] = set()
         self._wait_ms = BUSY_TIMEOUT_MS  # how long a write waits for another process's lock
-        self._stop: threading.Event | None = None  # set: a write waits at most STOP_WAIT_S more
-        self._stop_seen_at: float | None = None  # monotonic time a waiting write first saw it
+        self._stop_waits: StopWaits | None = None  # its stop set: a write waits at most STOP_WAIT_S more
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
@@ -556,16 +583,23 @@ class Outbox:
         self.ensure_reserve()
 
     def close(self) -> None:
-        """Release this Outbox's claims (back to queued, uncharged) and close the database."""
+        """Record what the peer stored as sent (`record_stored`), release this Outbox's other
+        claims (back to queued, uncharged) and close the database."""
         with self._lock:
             if self._owner_lock is None:
                 return
             try:
                 if self._has_claimed:
                     with self._busy_timeout(RELEASE_AT_CLOSE_WAIT_MS):
+                        self.record_stored(time.time())
                         self.release_claims(time.time())
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
-                log.warning("could not release claims at close (the next open puts them back in the queue): %s", exc)
+                # (what the peer stored is in its file: the next open records it as sent)
+                log.warning(
+                    "could not release claims at close (the next open puts them back in the queue, "
+                    "and records what the peer stored as sent): %s",
+                    exc,
+                )
                 # before the flock goes: a recovery that finds this owner gone finds the mark too
                 self._owner_lock.leave_claims()
             self._conn.close()
@@ -589,13 +623,48 @@ class Outbox:
         rows = self._read("SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, owner))
         return bool(rows)
 
-    def give_up_waits_on(self, stop: threading.Event) -> None:
+    def remember_stored(self, item_ids: Sequence[int]) -> None:
+        """The peer stored these items (claimed by this Outbox) but `mark_sent` (`mark_taken`)
+        could not record it (a full disk, an I/O error, another process's write lock past the wait
+        or given up at a stop): kept until `record_stored` does, in memory and in a file beside
+        this owner's lock, fsynced. If this
+        process ends first - a stop whose writes still find the database locked, a kill, a power
+        cut - the next open records them as sent (`recover_interrupted`): not sent again, not a
+        second storage-commitment round."""
+        with self._lock:
+            self._stored_unrecorded.update(int(i) for i in item_ids)
+            if self._owner_lock is None:
+                return
+            try:
+                self._owner_lock.keep_stored(sorted(self._stored_unrecorded))
+            except OSError as exc:  # a full disk: this process still records them once it can
+                log.warning("items stored at the peer, not recorded as sent yet, kept in memory only: %s", exc)
+
+    def record_stored(self, now: float) -> int:
+        """Record as sent (durably) what `remember_stored` kept - a FHIR bundle as taken (sent and
+        committed, as `mark_taken`); call before releasing this Outbox's claims. Returns how many."""
+        with self._lock:
+            ids = sorted(self._stored_unrecorded)
+            if not ids:
+                return 0
+            # durable: the file naming them goes next
+            self._commit(functools.partial(_record_stored_of, owner=self.owner, item_ids=ids, now=now))
+            self._stored_unrecorded.clear()
+            if self._owner_lock is not None:
+                try:
+                    self._owner_lock.keep_stored([])
+                except OSError as exc:  # harmless: the next open finds them sent already
+                    log.warning("could not remove the note of items stored at the peer: %s", exc)
+        return len(ids)
+
+    def give_up_waits_on(self, stop: threading.Event | StopWaits) -> None:
         """Once `stop` is set (from any thread: a service's SIGTERM), a write waiting for another
         process's write lock waits at most STOP_WAIT_S more, then fails as SQLite would
-        ("database is locked"): the stop is the service's within seconds, whatever holds the
-        outbox. What the failed write meant stays as it was (a claim never made, or one left to
-        the next open, uncharged: `close`)."""
-        self._stop = stop
+        ("database is locked": WaitGivenUp): the stop is the service's within seconds, whatever
+        holds the outbox. What the failed write meant stays as it was (a claim never made, or one
+        left to the next open, uncharged: `close`). A StopWaits the service's other databases
+        share (clinic.db) counts that second once for all (sqlite_store.StopWaits)."""
+        self._stop_waits = stop if isinstance(stop, StopWaits) else StopWaits(stop)
 
     def __enter__(self) -> Outbox:
         return self
@@ -614,7 +683,7 @@ class Outbox:
             if not durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._begin_immediate()
+                begin_immediate(self._conn, self._stop_waits, wait_ms=self._wait_ms)
                 try:
                     yield self._conn
                     self._conn.execute("COMMIT")
@@ -625,37 +694,6 @@ class Outbox:
             finally:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
-
-    def _begin_immediate(self) -> None:
-        """BEGIN IMMEDIATE, waiting for another process's write lock as the busy timeout says, or
-        (`give_up_waits_on`) in LOCK_POLL_MS turns that end STOP_WAIT_S after the stop."""
-        if self._stop is None:
-            self._conn.execute("BEGIN IMMEDIATE")
-            return
-        deadline = time.monotonic() + self._wait_ms / 1000
-        self._conn.execute(f"PRAGMA busy_timeout={min(LOCK_POLL_MS, self._wait_ms)}")
-        try:
-            while True:
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    now = time.monotonic()
-                    if "locked" not in str(exc) or now >= deadline:
-                        raise
-                    if now >= self._stop_deadline(deadline):
-                        raise WaitGivenUp(str(exc)) from exc
-        finally:
-            self._conn.execute(f"PRAGMA busy_timeout={self._wait_ms}")
-
-    def _stop_deadline(self, deadline: float) -> float:
-        """`deadline`, or STOP_WAIT_S after the stop was first seen if that is sooner."""
-        if self._stop is None or not self._stop.is_set():
-            return deadline
-        if self._stop_seen_at is None:
-            self._stop_seen_at = time.monotonic()
-            log.info("stopping: writes wait at most %g s more for another process's write lock", STOP_WAIT_S)
-        return min(deadline, self._stop_seen_at + STOP_WAIT_S)
 
     @contextlib.contextmanager
     def _busy_timeout(self, ms: int) -> Iterator[None]:
@@ -1146,11 +1184,20 @@ class Outbox:
         return bool(self._read(f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1", hold.params(kind, now)))
 
     def oldest_waiting_item(
-        self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None
+        self,
+        now: float,
+        *,
+        except_routine_of: Mapping[str, MeterHold] | None = None,
+        leaving_out: tuple[str, Sequence[Any]] | None = None,
     ) -> OutboxItem | None:
         """The oldest queued or sending item: what it waits for. `except_routine_of` (kind -> what a
-        metered link holds of it now) leaves out the routine items it holds."""
+        metered link holds of it now) leaves out the routine items it holds; `leaving_out` (a
+        condition on `items` and its parameters) those it takes: the application's own holds,
+        e.g. ECGs held for the doctor, which wait for him, not for the link."""
         where, params = waiting_not_held_sql(now, except_routine_of or {})
+        if leaving_out is not None:
+            where += f" AND NOT ({leaving_out[0]})"
+            params += leaving_out[1]
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY created_at, id LIMIT 1", params)
         return _item(rows[0]) if rows else None
 
@@ -1194,13 +1241,7 @@ class Outbox:
         """The peer stored them. Committed without an fsync: a power cut may lose the mark, and
         then the item is sent again under the same UIDs (the PACS keeps one copy); everything
         after it that frees a payload (`mark_committed`, purge) is durable and makes it so."""
-        self._transition(
-            "mark_sent",
-            item_ids,
-            now,
-            {"sent_at": now, "last_error": None, "claimed_by": None, "in_flight": 0, "interrupted_sends": 0},
-            durable=False,
-        )
+        self._transition("mark_sent", item_ids, now, _sent_sets(now), durable=False)
 
     def mark_transient_failure(
         self, item_id: int, error: str, now: float, retry_after: float | None = None
@@ -1338,6 +1379,14 @@ class Outbox:
 
     def mark_committed(self, item_ids: Sequence[int], now: float) -> None:
         self._transition("mark_committed", item_ids, now, {"committed_at": now})
+
+    def mark_taken(self, item_ids: Sequence[int], now: float) -> None:
+        """The peer took them and its answer is its commitment (the county platform's
+        transaction-response; a reading relayed into its bundle): sent and committed in ONE
+        durable transaction. As two (`mark_sent`, then `mark_committed`), another process's write
+        lock refusing the second left them "sent" for ever: never purged, never sent again."""
+        sets = {"sent_at": now, "committed_at": now, "last_error": None, "claimed_by": None, "in_flight": 0}
+        self._transition("mark_taken", item_ids, now, {**sets, "interrupted_sends": 0})
 
     def requeue(self, item_ids: Sequence[int], reason: str, now: float) -> None:
         """Sent but not kept by the peer (commitment failed): send again, after a backoff so a
@@ -1550,8 +1599,10 @@ class Outbox:
         charged and counted as interrupted, unless its owner died with an earlier boot (a power
         cut or reboot: the attempt is given back) or closed leaving a mark that it could not give
         its claims back (a stop: its sends had ended, none killed it; given back as `close`
-        would have). Claims of a live process are left alone."""
+        would have). What a gone owner's peer stored and it could not record is recorded as sent
+        first (`remember_stored`). Claims of a live process are left alone."""
         now = time.time() if now is None else now
+        self._record_stored_by_the_dead(now)
         owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?", (S.SENDING.value,))}
         dead = [o for o in owners if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
         recovered = 0
@@ -1603,6 +1654,20 @@ class Outbox:
                 recovered += self._commit(functools.partial(body, owner=owner))
         self._remove_stale_owner_locks()
         return recovered
+
+    def _record_stored_by_the_dead(self, now: float) -> None:
+        """First: what a gone owner's peer stored and it could not record (`remember_stored`) is
+        recorded as sent, not given back to the queue to be sent again."""
+        for token in OwnerLock.tokens_that_stored(self._locks_dir):
+            if token == self.owner or OwnerLock.is_alive(self._locks_dir, token):
+                continue
+            ids = OwnerLock.stored_by(self._locks_dir, token)
+            recorded = self._commit(functools.partial(_record_stored_of, owner=token, item_ids=ids, now=now))
+            OwnerLock.forget_stored(self._locks_dir, token)
+            if recorded:
+                log.warning(
+                    "%d item(s) the peer stored before the last stop recorded as sent, not sent again", recorded
+                )
 
     def _remove_stale_owner_locks(self) -> None:
         for path in self._locks_dir.glob("owner-*.lock"):

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from uploader.errors import OutboxFullError
@@ -145,6 +145,8 @@ class PayloadFiles:
 
 _LEFT_PREFIX = "left-claims-"  # + owner token: it closed leaving claims (OwnerLock.leave_claims)
 _LEFT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+# + owner token: ids of items its peer stored that it has not recorded as sent (OwnerLock.keep_stored)
+_STORED_PREFIX = "stored-"
 
 
 class OwnerLock:
@@ -184,6 +186,51 @@ class OwnerLock:
     @staticmethod
     def _left_path(locks_dir: Path, token: str) -> Path:
         return locks_dir / f"{_LEFT_PREFIX}{token}"
+
+    def keep_stored(self, item_ids: Sequence[int]) -> None:
+        """The ids of the items the peer stored that this owner has not recorded as sent yet, in a
+        file beside its lock, written whole and fsynced (temporary file, rename, directory): it
+        outlives a stop, a kill and a power cut, and the next open records them as sent rather
+        than sending them again. No ids: the file goes."""
+        locks_dir = self.path.parent
+        path = self._stored_path(locks_dir, self.token)
+        if not item_ids:
+            if path.exists():
+                path.unlink(missing_ok=True)
+                fsync_dir(locks_dir)
+            return
+        tmp = locks_dir / f"{TMP_PREFIX}{path.name}"
+        try:
+            with open(tmp, "w", opener=lambda name, flags: os.open(name, flags | os.O_CLOEXEC, 0o600)) as out:
+                out.write("".join(f"{int(i)}\n" for i in item_ids))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: the file it would have replaced stays whole
+            raise
+        fsync_dir(locks_dir)
+
+    @staticmethod
+    def stored_by(locks_dir: Path, token: str) -> list[int]:
+        """The ids `keep_stored` kept for `token` (none: no file; a line that is no id is skipped)."""
+        try:
+            text = OwnerLock._stored_path(locks_dir, token).read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [int(line) for line in text.split() if line.isdigit()]
+
+    @staticmethod
+    def tokens_that_stored(locks_dir: Path) -> list[str]:
+        return [p.name[len(_STORED_PREFIX) :] for p in locks_dir.glob(f"{_STORED_PREFIX}*")]
+
+    @staticmethod
+    def forget_stored(locks_dir: Path, token: str) -> None:
+        OwnerLock._stored_path(locks_dir, token).unlink(missing_ok=True)
+
+    @staticmethod
+    def _stored_path(locks_dir: Path, token: str) -> Path:
+        return locks_dir / f"{_STORED_PREFIX}{token}"
 
     def release(self) -> None:
         if self._fd is None:

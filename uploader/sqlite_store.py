@@ -10,6 +10,12 @@ applies only what is missing, and two processes opening the same database at onc
 apply a migration (the check and the change happen inside one `BEGIN IMMEDIATE` transaction).
 Migrations are append-only: never edit or reorder a released one, add a new one.
 `MIGRATIONS` here is the outbox's schema.
+
+A service's stop bounds its writes' wait for another process's write lock, one way for every
+database: `StopWaits(stop)` given to a database (`give_up_waits_on(db, waits)`, the outbox's
+`Outbox.give_up_waits_on`) makes its writes take the lock with `begin_immediate(conn, waits)`:
+once the stop is set they wait at most STOP_WAIT_S more, then fail `WaitGivenUp` ("database is
+locked"), a stop and not a fault (`gave_up_at_stop`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,91 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 15_000
 # Durable commits (a returned write survives a power cut), zeroed deleted content.
 BASE_PRAGMAS = (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_delete=ON", "foreign_keys=ON")
+# Once a service's stop is set (`StopWaits`), a write waits at most this much more for another
+# process's write lock: a write waiting out the 15 s busy timeout held SIGTERM 12-15 s, and several
+# in a row (a reading's row writes in clinic.db) ~60 s, past systemd's TimeoutStopSec. A short write
+# of another process is still waited for; a lock held longer is the next start's.
+STOP_WAIT_S = 1.0
+# how often a write waiting for the lock looks at the stop (SQLite's busy wait cannot be
+# interrupted: sqlite3 Connection.interrupt does not end it, no progress handler runs in it)
+LOCK_POLL_MS = 100
+
+
+class WaitGivenUp(sqlite3.OperationalError):
+    """ "database is locked", from a write that gave up waiting for another process's write lock
+    because the service is stopping (`StopWaits`): a stop, not a fault. Callers that catch the
+    lock's failure catch this one too."""
+
+
+def gave_up_at_stop(exc: BaseException) -> bool:
+    """Whether `exc`, or what it was raised from, is a write the stop gave up (`WaitGivenUp`)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, WaitGivenUp):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+class StopWaits:
+    """A service's stop as its databases' writes see it. Once `stop` is set (from any thread: the
+    runtime's SIGTERM), a write waiting for another process's write lock waits at most STOP_WAIT_S
+    more, counted from the first write that saw the stop: one StopWaits given to all of a service's
+    databases (its outbox and clinic.db) ends a stop with writes waiting on both within about a
+    second, not a second per write."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self._seen_at: float | None = None  # monotonic time a waiting write first saw the stop
+        self._lock = threading.Lock()
+
+    def deadline(self, deadline: float) -> float:
+        """`deadline`, or STOP_WAIT_S after the stop was first seen if that is sooner."""
+        if not self.stop.is_set():
+            return deadline
+        with self._lock:
+            if self._seen_at is None:
+                self._seen_at = time.monotonic()
+                log.info("stopping: writes wait at most %g s more for another process's write lock", STOP_WAIT_S)
+            return min(deadline, self._seen_at + STOP_WAIT_S)
+
+
+def begin_immediate(conn: sqlite3.Connection, waits: StopWaits | None, *, wait_ms: int = BUSY_TIMEOUT_MS) -> None:
+    """BEGIN IMMEDIATE on `conn` (whose busy timeout is `wait_ms`), waiting for another process's
+    write lock up to `wait_ms`, or with `waits` in LOCK_POLL_MS turns that end STOP_WAIT_S after
+    the stop: WaitGivenUp then."""
+    if waits is None:
+        conn.execute("BEGIN IMMEDIATE")
+        return
+    deadline = time.monotonic() + wait_ms / 1000
+    conn.execute(f"PRAGMA busy_timeout={min(LOCK_POLL_MS, wait_ms)}")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                now = time.monotonic()
+                if "locked" not in str(exc) or now >= deadline:
+                    raise
+                if now >= waits.deadline(deadline):
+                    raise WaitGivenUp(str(exc)) from exc
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={wait_ms}")
+
+
+# the StopWaits each database's `transaction` takes its write lock with (`give_up_waits_on`); a
+# database closed and forgotten leaves by itself
+_stop_waits: weakref.WeakKeyDictionary[sqlite_utils.Database, StopWaits] = weakref.WeakKeyDictionary()
+
+
+def give_up_waits_on(db: sqlite_utils.Database, waits: StopWaits) -> None:
+    """`transaction(db)` from now on waits for another process's write lock as `waits` says: at
+    most STOP_WAIT_S more once the service's stop is set (WaitGivenUp after). What the write meant
+    is the caller's to keep (the serial spill file, a row redone at the next start)."""
+    _stop_waits[db] = waits
 
 
 @dataclass(frozen=True)
@@ -274,9 +367,10 @@ def migrate(db: sqlite_utils.Database, migrations: tuple[Migration, ...] = MIGRA
 @contextlib.contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
     """One write transaction (BEGIN IMMEDIATE: the write lock is taken at once, so two processes
-    never both read-then-write); rolled back on any exception."""
+    never both read-then-write); rolled back on any exception. With `give_up_waits_on(db, ...)`,
+    the wait for another process's lock ends at a stop (`begin_immediate`: WaitGivenUp)."""
     conn: sqlite3.Connection = db.conn
-    conn.execute("BEGIN IMMEDIATE")
+    begin_immediate(conn, _stop_waits.get(db))
     try:
         yield conn
     except BaseException:

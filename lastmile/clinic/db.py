@@ -400,6 +400,22 @@ MIGRATIONS = (
         "ALTER TABLE reports ADD COLUMN lines_not_read TEXT;\n"
         "CREATE INDEX reports_without_lines ON reports (id) WHERE lines IS NULL AND lines_not_read IS NULL;",
     ),
+    # of what a stop lost, what was kept on disk and the spill file did not give back (missing,
+    # damaged), and which file and why: said as that, not as "held in memory only"
+    Migration.sql(
+        "0034_device_lost_on_disk",
+        "ALTER TABLE devices ADD COLUMN lost_disk_reading_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN lost_disk_ecg_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN lost_damage TEXT;",
+    ),
+    # the spill files' generations when a row's held status was written: a newer whole copy at the
+    # restart was saved after it, holding all that waited then - its memory-only count is stale
+    # (NULL: a row written before, or no spill file: its count is taken as it is)
+    Migration.sql(
+        "0035_device_held_spill_generation",
+        "ALTER TABLE devices ADD COLUMN held_spill_generation INTEGER;\n"
+        "ALTER TABLE devices ADD COLUMN held_ecg_spill_generation INTEGER;",
+    ),
 )
 
 

@@ -29,6 +29,7 @@ from devices.ble.uuids import BLOOD_PRESSURE, USER_DATA, WEIGHT_SCALE
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import DeviceRecord, is_bluetooth_address, normalise_address
+from lastmile.clinic.names import same_person_name
 from lastmile.clinic.patients import PatientContext
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,21 @@ class DeviceUsers:
             for r in rows
         ]
 
+    def mapped_otherwise(self, patient_id: str, name: str) -> list[DeviceUser]:
+        """The users mapped to `patient_id` under another person's name than `name`
+        (`same_person_name`; a mapping kept without a name names nobody): checked in as `name`,
+        their readings would go to the county under it, unasked - one of the two names is wrong,
+        and only the doctor knows which. None (empty) for a check-in typed without a name."""
+        if not name.strip():
+            return []
+        return [
+            user
+            for user in self.mappings()
+            if user.mapping.patient_id == patient_id.strip()
+            and user.mapping.patient_name
+            and not same_person_name(user.mapping.patient_name, name)
+        ]
+
     def map_patient(
         self,
         address: str,
@@ -140,8 +156,9 @@ class DeviceUsers:
         at `address` is `patient` (checked by `clinic_patient`, the one patient-ID rule) from now
         on; None: whoever is checked in. A patient given without a name is named as check-in
         named it; one given with another name than check-in's is refused (NameConflict), unless
-        `correct_name` says the check-in's was wrong (`PatientContext.given_name`). Returns the
-        patient as mapped. ValueError: not a Bluetooth address, or no such user."""
+        `correct_name` says the check-in's was wrong (`PatientContext.given_name`): corrected in the
+        mapping's transaction, so a mapping refused corrects nothing (`context` on this clinic.db).
+        Returns the patient as mapped. ValueError: not a Bluetooth address, or no such user."""
         if not is_bluetooth_address(address):
             raise ValueError(f"{address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)")
         if patient is not None:
@@ -149,12 +166,23 @@ class DeviceUsers:
         if patient is None:
             self.map_user(address, user_id, None, now=now)
         else:
-            self.map_user(address, user_id, patient.patient_id, now=now, name=patient.name)
+            corrects = context if correct_name else None
+            self.map_user(address, user_id, patient.patient_id, now=now, name=patient.name, correcting=corrects)
         return patient
 
-    def map_user(self, address: str, user_id: int, patient_id: str | None, *, now: dt.datetime, name: str = "") -> None:
+    def map_user(
+        self,
+        address: str,
+        user_id: int,
+        patient_id: str | None,
+        *,
+        now: dt.datetime,
+        name: str = "",
+        correcting: PatientContext | None = None,
+    ) -> None:
         """From now on, readings of user `user_id` of this device are `patient_id`'s (None: the
-        checked-in patient's, as for a single-user device)."""
+        checked-in patient's, as for a single-user device). `correcting`: `name` is right, the name
+        that session (on this clinic.db) knows for `patient_id` is corrected in the same transaction."""
         if patient_id is not None and not patient_id.strip():
             raise ValueError("a patient needs a non-empty identifier")
         if not 0 <= user_id < UNKNOWN_USER:
@@ -166,6 +194,8 @@ class DeviceUsers:
                 "patient_name = excluded.patient_name, set_at = excluded.set_at",
                 (normalise_address(address), user_id, patient_id and patient_id.strip(), name, iso(now)),
             )
+            if correcting is not None and patient_id is not None:
+                correcting.correct_name_in(conn, patient_id.strip(), name, now=now)
         log.info(
             "device %s user %d mapped to %s",
             normalise_address(address),

@@ -41,6 +41,9 @@ class HeldReadings(enum.StrEnum):
 # people: readers go by the row's own status (HeldReadings), never by these words
 KEPT_ON_DISK = "kept on disk"
 MEMORY_ONLY = "held in memory only: lost if the power fails"
+# The held cause of readings whose store the gateway's stop gave up (another process held the
+# outbox's lock): no fault and not space - the next start stores them (from the spill file)
+HELD_AT_STOP = "the gateway was stopping: stored at its next start"
 
 # How long `lastmile doctor` (and the System page) FAILs for what a stop lost from memory, from the
 # restart that found it: nothing can bring it back and no one acknowledges it, so it ends by
@@ -75,8 +78,13 @@ class DeviceRecord:
     held_ecg_count: int = 0  # ... and streamed ECGs (a bridge's)
     memory_reading_count: int = 0  # of those, held in memory only (the spill file keeps the rest) ...
     memory_ecg_count: int = 0  # ... (0, 0 with held_readings MEMORY: all of them)
-    lost_reading_count: int = 0  # what a stop lost of what was held in memory only: readings ...
+    lost_reading_count: int = 0  # what a stop lost of what was held: readings ...
     lost_ecg_count: int = 0  # ... and streamed ECGs
+    # of those, kept on disk but not given back by a missing or damaged spill file (the rest was
+    # held in memory only): readings, streamed ECGs, and the file (its damage, its .bad copy)
+    lost_disk_reading_count: int = 0
+    lost_disk_ecg_count: int = 0
+    lost_damage: str = ""
     held_at: dt.datetime | None = None  # when its held status was last written
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
@@ -86,6 +94,9 @@ class DeviceRecord:
     # why they waited, when not space: the row's `held_cause` then ("": space); of stops' losses
     # said at once, each cause other than space, once (`lost_causes`)
     lost_cause: str = ""
+    # the newest generation of the readings' and the ECGs' spill files when the held status was
+    # written (None: unknown, or no spill file): a whole copy saved after it holds all that waited
+    held_spill_generations: tuple[int | None, int | None] = (None, None)
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -99,6 +110,11 @@ class DeviceRecord:
     def waits_for_space(self) -> bool:
         """Readings (streamed ECGs) the full outbox refused wait, on disk or in memory only."""
         return self.held_readings is not HeldReadings.NONE
+
+    @property
+    def held_at_stop(self) -> bool:
+        """What waits is held because the gateway's stop gave its store up: stored at the next start."""
+        return self.held_cause == HELD_AT_STOP
 
     @property
     def held_in_memory_only(self) -> bool:
@@ -137,8 +153,21 @@ class DeviceRecord:
 
     @property
     def lost_words(self) -> str:
-        """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
+        """What a stop lost, for people ("1 ECG(s)"; "" when nothing)."""
         return held_words(self.lost_reading_count, self.lost_ecg_count)
+
+    @property
+    def lost_from_memory(self) -> tuple[int, int]:
+        """Readings and streamed ECGs a stop lost that were held in memory only."""
+        return (
+            max(0, self.lost_reading_count - self.lost_disk_reading_count),
+            max(0, self.lost_ecg_count - self.lost_disk_ecg_count),
+        )
+
+    @property
+    def lost_from_disk(self) -> tuple[int, int]:
+        """Readings and streamed ECGs a stop lost that were kept on disk: the spill file did not give them back."""
+        return (self.lost_disk_reading_count, self.lost_disk_ecg_count)
 
     @property
     def battery_low(self) -> bool:
@@ -195,7 +224,15 @@ def lost_message(words: str, cause: str = "") -> str:
     """What a stop lost of `words` (`held_words`) held in memory only, for people (the journal,
     `lastmile doctor`): waiting for space or, with a `cause` (`DeviceRecord.held_cause`), for that."""
     waiting = f"waiting to be stored: {cause}" if cause else "waiting for space"
+    if cause == HELD_AT_STOP:  # "stored at its next start" is what did not happen
+        waiting = "not stored yet when the gateway stopped"
     return f"{words} held in memory only ({waiting}) were lost when the gateway stopped"
+
+
+def lost_on_disk_message(words: str, damage: str) -> str:
+    """What a stop kept of `words` (`held_words`) on disk and the spill file did not give back at
+    the restart (`damage`: the file, why, its .bad copy: `DeviceRecord.lost_damage`), for people."""
+    return f"{words} kept on disk could not be read back at the restart from {damage}: lost when the gateway stopped"
 
 
 # how long the causes of losses said at once may grow (a cause is at most 200 characters: two of them)
@@ -208,6 +245,23 @@ def lost_causes(said: str, cause: str) -> str:
     if not cause or cause in said:
         return said
     return f"{said}; {cause}"[:LOST_CAUSES_CHARS] if said else cause
+
+
+# how long the damaged spill files of losses said at once may grow: each names its path and its
+# .bad copy's, whole (the county IT goes by them), so older ones are left out, never cut
+LOST_DAMAGE_CHARS = 1200
+
+
+def lost_damages(said: str, damage: str) -> str:
+    """The damaged spill files of losses said at once: `said` (the row's) with `damage` (this
+    stop's: `DeviceRecord.lost_damage`) added unless said already; past LOST_DAMAGE_CHARS the
+    older ones are left out ("…" says so), so no path is ever cut."""
+    if not damage or damage in said:
+        return said
+    if not said:
+        return damage
+    both = f"{said}; {damage}"
+    return both if len(both) <= LOST_DAMAGE_CHARS else f"…; {damage}"
 
 
 def services_text(services: Iterable[int]) -> str:
@@ -263,6 +317,8 @@ _COUNTS = (
     "memory_ecg_count",
     "lost_reading_count",
     "lost_ecg_count",
+    "lost_disk_reading_count",
+    "lost_disk_ecg_count",
 )
 
 
@@ -295,6 +351,8 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         lost_at=from_iso(row["lost_at"]),
         held_cause=(row["held_cause"] or "") if row["held_readings"] else "",
         lost_cause=row["lost_cause"] or "",
+        lost_damage=row["lost_damage"] or "",
+        held_spill_generations=(row["held_spill_generation"], row["held_ecg_spill_generation"]),
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
@@ -385,6 +443,7 @@ class DeviceRegistry:
         held_cause: str = "",
         held_counts: tuple[int, int] = (0, 0),
         memory_counts: tuple[int, int] = (0, 0),
+        spill_generations: tuple[int | None, int | None] = (None, None),
         identity: DeviceIdentity | None = None,
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
@@ -399,7 +458,8 @@ class DeviceRegistry:
         before `now` (written late); `held`: where
         the readings waiting for space are, `held_cause` why they are not stored when not for space,
         `held_counts` how many readings and streamed ECGs,
-        `memory_counts` how many of them are held in memory only; they stay, whatever later errors
+        `memory_counts` how many of them are held in memory only, `spill_generations` the spill
+        files' newest generations then; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
         names fewer than the connection found; `sends_users`: a reading named its user, for good;
         `advertised_name`: what a BLE device calls itself, never over the name given at pairing;
@@ -420,6 +480,7 @@ class DeviceRegistry:
             sets["held_cause"] = held_cause if held is not HeldReadings.NONE else ""
             sets["held_reading_count"], sets["held_ecg_count"] = held_counts
             sets["memory_reading_count"], sets["memory_ecg_count"] = memory_counts
+            sets["held_spill_generation"], sets["held_ecg_spill_generation"] = spill_generations
         if identity is not None:
             for f in ("manufacturer", "model", "serial", "software_version"):
                 if getattr(identity, f):
@@ -458,25 +519,51 @@ class DeviceRegistry:
         return parse_services(row[0] if row else None)
 
     def record_lost(
-        self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime, cause: str | None = None
+        self,
+        record: DeviceRecord,
+        counts: tuple[int, int],
+        *,
+        now: dt.datetime,
+        cause: str | None = None,
+        on_disk: tuple[int, int] = (0, 0),
+        damage: str = "",
     ) -> None:
-        """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
-        the restart found) held after its last word on them, found gone at `now`: said for
-        LOST_SAID_FOR from now, with a loss still said before added in; their cause is what the row
-        said they waited for then (`held_cause`), unless the loss said before had another than space:
-        that one stays (its readings are still lost, and its advice is the county IT's), and another
-        one is said beside it. `cause`: theirs when not the row's held cause (a damaged spill file)."""
+        """Readings and streamed ECGs (`counts`) a stop lost of what `record` (the row the restart
+        found) held after its last word on them, found gone at `now`: said for LOST_SAID_FOR from
+        now, with a loss still said before added in; their cause is what the row said they waited
+        for then (`held_cause`), unless the loss said before had another than space: that one stays
+        (its readings are still lost, and its advice is the county IT's), and another one is said
+        beside it. `cause`: theirs when not the row's held cause. `on_disk`: of `counts`, those kept
+        on disk that the spill file did not give back, `damage` says which file and why."""
         readings, ecgs = counts
+        disk_readings, disk_ecgs = on_disk
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
         cause = record.held_cause if cause is None else cause
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
+            disk_readings, disk_ecgs = (
+                disk_readings + record.lost_disk_reading_count,
+                disk_ecgs + record.lost_disk_ecg_count,
+            )
             after, cause = record.lost_after, lost_causes(record.lost_cause, cause)
+            damage = lost_damages(record.lost_damage, damage)
         with transaction(self.db) as conn:
             conn.execute(
-                "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
-                "lost_cause = ?, updated_at = ? WHERE address = ?",
-                (readings, ecgs, after and iso(after), iso(now), cause, iso(now), record.address),
+                "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_disk_reading_count = ?, "
+                "lost_disk_ecg_count = ?, lost_damage = ?, lost_after = ?, lost_at = ?, lost_cause = ?, "
+                "updated_at = ? WHERE address = ?",
+                (
+                    readings,
+                    ecgs,
+                    disk_readings,
+                    disk_ecgs,
+                    damage,
+                    after and iso(after),
+                    iso(now),
+                    cause,
+                    iso(now),
+                    record.address,
+                ),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 # compound surnames first: the family name is then two characters
@@ -78,8 +79,40 @@ _SURNAME_READINGS: dict[str, str] = {
 }
 
 
+# what carts and HIS exports write in a name field when they have none (compared casefolded,
+# without "^", "=", spaces, "-", "_" and "."): "UNKNOWN^^^^", "Anonymous", "未知"
+_PLACEHOLDER_NAMES = frozenset(
+    [
+        "unknown",
+        "unknownpatient",
+        "anonymous",
+        "anonymouspatient",
+        "anon",
+        "none",
+        "null",
+        "n/a",
+        "未知",
+        "匿名",
+        "无名氏",
+    ]
+)
+_NOT_IN_A_PLACEHOLDER = re.compile(r"[\s^=\-_.]+")
+# a pinyin keyboard's ü: v after l or n (lv, nve), see `_pinyin_key`
+_KEYBOARD_U_UMLAUT = re.compile(r"(?<=[ln])v")
+
+
 def has_ideographs(text: str) -> bool:
     return bool(_CJK.search(text))
+
+
+def no_name(name: str) -> bool:
+    """A name field that names nobody: empty, a placeholder ("UNKNOWN", "ANONYMOUS", "未知"), or
+    with neither a letter nor a Chinese character ("^^^^", "-", "  ", "0"). A cart left without a
+    patient's name writes such a thing: it is no one's name, neither the check-in's nor another's,
+    and it is never shown as one."""
+    if not any(ch.isalpha() for ch in name):  # letters and Chinese characters are both alphabetic
+        return True
+    return _NOT_IN_A_PLACEHOLDER.sub("", unicodedata.normalize("NFKC", name).casefold()) in _PLACEHOLDER_NAMES
 
 
 def _pinyin(chars: str) -> str:
@@ -119,3 +152,39 @@ def dicom_person_name(name: str) -> str:
     components = [c.strip() for c in components]
     alphabetic = [_romanise(c, surname=(i == 0)) if has_ideographs(c) else c for i, c in enumerate(components)]
     return "^".join(alphabetic).rstrip("^") + "=" + "^".join(components).rstrip("^")
+
+
+def same_person_name(a: str, b: str) -> bool:
+    """Whether two names given for one patient ID are one name (the check-in's and a device file's,
+    a mapping's, a name typed again): the same characters however grouped (张三, 张^三,
+    Zhang^San=张^三), or one written in pinyin only and the other's reading (Zhang San, ZHANG^SAN,
+    Zhāng Sān for 张三: a cart or keyboard without an input method). Two names in characters that
+    differ are two names, even read alike (张三, 张叁: the county would get one or the other, and
+    only the doctor knows which is his). An empty name is nobody's: False (a caller for whom a
+    missing name passes says so)."""
+    if not a.strip() or not b.strip():
+        return False
+    (a_chars, a_reading), (b_chars, b_reading) = _name_forms(a), _name_forms(b)
+    if a_chars and b_chars:
+        return a_chars == b_chars
+    return bool(a_reading) and a_reading == b_reading  # one in characters: the pinyin is its reading, or not his
+
+
+def _name_forms(name: str) -> tuple[str, str]:
+    """(its characters, its pinyin key) of a name, without the PN's "^" and the spaces between its
+    parts: "Zhang^San=张^三" -> ("张三", "zhangsan"); "Zhang San" -> ("", "zhangsan"); "张三" -> ("张三",
+    "zhangsan") (its reading)."""
+    groups = dicom_person_name(name).split("=")
+    chars = next((g for g in groups if has_ideographs(g)), "")
+    letters = next((g for g in groups if g and not has_ideographs(g)), "")
+    return "".join(chars.replace("^", "").split()), _pinyin_key(letters)
+
+
+def _pinyin_key(group: str) -> str:
+    """One spelling of a name in letters: "ZHANG^SAN", "Zhang San", "zhang-san", "Zhāng Sān" ->
+    "zhangsan"; ü (lü, lǚ) as yu, as typed on a keyboard without it, and v after l or n (LV, NV,
+    LVE: the pinyin keyboard's ü) too: 吕 typed LV is Lyu. Only there: pinyin has no v of its own,
+    and l/n are the only initials before which ü is written as ü (ju, qu, xu, yu spell it u)."""
+    plain = unicodedata.normalize("NFKD", group.casefold()).replace("u\u0308", "yu")
+    letters = "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))
+    return _KEYBOARD_U_UMLAUT.sub("yu", letters)

@@ -37,6 +37,7 @@ from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.clinic.device_users import DeviceUsers, UserMapping, mapped_name
 from lastmile.clinic.patients import PatientContext
 from uploader.outbox import AddResult, Outbox, Priority
+from uploader.sqlite_store import WaitGivenUp
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,10 @@ class ObservationStore:
         result = self._enqueue(replace(obs, patient_id=patient_id), name, now, mapped_user=mapped_user)
         # A reading is activity in the session; one write per TOUCH_EVERY is enough for that.
         if current is not None and now - current.last_activity >= TOUCH_EVERY:
-            self.context.touch(now=now)
+            try:
+                self.context.touch(now=now)
+            except WaitGivenUp:  # the reading is stored: a stop does not make it "not stored"
+                log.info("stopping: the session's activity not recorded (clinic.db locked by another process)")
         return StoreResult("stored" if result.created else "duplicate", patient_id, result.item.id)
 
     def _enqueue(
@@ -303,8 +307,13 @@ class ObservationStore:
         gone = {r["id"] for r in assigned}
         return [r for r in rows if r["id"] not in gone]
 
-    def assign(self, held_id: int, patient_id: str, *, now: dt.datetime, name: str = "") -> StoreResult:
-        """Give a held observation its patient: it moves to the outbox (the doctor's decision)."""
+    def assign(
+        self, held_id: int, patient_id: str, *, now: dt.datetime, name: str = "", correct_name: bool = False
+    ) -> StoreResult:
+        """Give a held observation its patient: it moves to the outbox (the doctor's decision).
+        `correct_name`: `name` is right, the name the session knows for `patient_id` was wrong - it
+        is corrected with the held copy's removal (one clinic.db transaction), once the
+        assignment is made: one refused corrects nothing."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -314,11 +323,15 @@ class ObservationStore:
         # Outbox first, then forget the held copy: a crash in between leaves a held row whose
         # key is in the outbox, which `_still_held` removes at the next look.
         result = self._enqueue(replace(held.observation, patient_id=patient_id), name, now)
+        given = (result.item.patient or {}).get("patient_id")
+        # another process assigned it a moment ago (to someone else): this assignment was not made
+        taken = not result.created and given != patient_id
         with transaction(self.db) as conn:
             conn.execute("DELETE FROM held_observations WHERE id = ?", (held_id,))
-        given = (result.item.patient or {}).get("patient_id")
-        if not result.created and given != patient_id:
-            # another process assigned it a moment ago: say whose it is, never "assigned to" this one
+            if correct_name and not taken:
+                self.context.correct_name_in(conn, patient_id, name, now=now)
+        if taken:
+            # say whose it is, never "assigned to" this one
             raise UnknownObservationError(f"observation #{held_id} was already assigned to {given}")
         log.info("observation #%d assigned (outbox item %d)", held_id, result.item.id)
         return StoreResult("stored", patient_id, result.item.id)

@@ -25,6 +25,7 @@ import sqlite_utils
 
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.names import has_ideographs, no_name, same_person_name
 
 log = logging.getLogger(__name__)
 
@@ -326,23 +327,53 @@ class PatientContext:
     def given_name(self, patient: Patient, now: dt.datetime, *, correct: bool = False) -> Patient:
         """`named`, for a patient whose name the doctor typed: NameConflict if the session knows his
         ID under another name (one of them is wrong: neither may go to the county unsaid), unless
-        `correct` - the typed name is right, the session's is corrected (`correct_name`)."""
+        `correct` - the typed name is right. Writes nothing: the session's name is corrected by
+        `correct_name_in`, in the transaction of what the doctor named him for (an assignment, a
+        mapping): one refused must leave the name as it was."""
         known = self.known_name(patient.patient_id, now)
-        if patient.name and known and patient.name.strip() != known.strip():
-            if not correct:
-                raise NameConflict(patient.patient_id, known, patient.name)
-            self.correct_name(patient.patient_id, patient.name, now=now)
+        # one rule for "another name" (`same_person_name`): Zhang San typed for Zhang^San=张^三 is his
+        same = bool(patient.name and known) and same_person_name(patient.name, known)
+        if patient.name and known and not same and not correct:
+            raise NameConflict(patient.patient_id, known, patient.name)
+        if same and not fuller_name(patient.name, known):
+            # his name as checked in, with its characters: the county must not get the typed pinyin alone
+            return replace(patient, name=known)
         return self.named(patient, now)
 
     def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
-        """The doctor says `patient_id`'s checked-in name was wrong: it is `name` from now on, for
-        whatever the session names him (his session too, if he is the one checked in or it is one
-        of his other IDs: they all carry his session's name)."""
+        """`correct_name_in`, in a transaction of its own."""
         with transaction(self.db) as conn:
-            row = self._expire_locked(conn, now)
-            if row is not None and row["patient_id"] and patient_id in _linked_of(row) | {row["patient_id"]}:
-                conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
-            self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
+            self.correct_name_in(conn, patient_id, name, now=now)
+
+    def correct_name_in(self, conn: sqlite3.Connection, patient_id: str, name: str, *, now: dt.datetime) -> None:
+        """Inside a write transaction on this context's clinic.db (`conn`): the doctor says
+        `patient_id`'s checked-in name was wrong, it is `name` from now on, for whatever the session
+        names him (his session too, if he is the one checked in or it is one of his other IDs: they
+        all carry his session's name). A device user mapped to him keeps it too, whatever the
+        session knows: its log goes after NAME_KEPT, and his cuff's readings must not go back to
+        the name the doctor said was wrong a day later. Nothing is written to the session if it
+        knows him under no other name. A name that is no name (`no_name`: "^^^^", "UNKNOWN"), a
+        cart's empty field, is refused (ValueError): it would rename him and his cuff's users to nothing."""
+        if not name.strip():
+            return
+        if no_name(name):
+            raise ValueError(f"{name!r} is no name: {patient_id}'s name is not changed to it")
+        row = self._expire_locked(conn, now)
+        current = self._current_of(row) if row is not None and row["patient_id"] else None
+        his_session = current is not None and patient_id in current.linked | {current.patient_id}
+        his_ids = current.linked | {current.patient_id} if current is not None and his_session else {patient_id}
+        # device_users (lastmile.clinic.device_users, which reads this module) in this
+        # transaction: the correction and the mappings' name are one change
+        conn.execute(
+            f"UPDATE device_users SET patient_name = ? WHERE patient_id IN ({', '.join('?' * len(his_ids))})",
+            (name, *sorted(his_ids)),
+        )
+        known = self._known_of({patient_id}, current, now).get(patient_id, "")
+        if not known or known.strip() == name.strip():
+            return
+        if his_session:
+            conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
+        self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
 
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
         """`known_names` of one ID: its name, or "" if the session knows none."""
@@ -358,7 +389,10 @@ class PatientContext:
         wanted = set(patient_ids)
         if not wanted:
             return {}
-        current = self.current(now)
+        return self._known_of(wanted, self.current(now), now)
+
+    def _known_of(self, wanted: set[str], current: CurrentPatient | None, now: dt.datetime) -> dict[str, str]:
+        """`known_names` of `wanted`, the session's patient being `current`."""
         names = self._checked_in_names(now)
         if current is not None:
             # his other IDs are his (the doctor said so): his name, however long ago they were checked in
@@ -466,9 +500,16 @@ def _linked_text(linked: set[str]) -> str | None:
     return json.dumps(sorted(linked), ensure_ascii=False) if linked else None
 
 
+def fuller_name(typed: str, known: str) -> bool:
+    """Of two spellings of one person's name, `typed` says more than `known`: it has the Chinese
+    characters `known` lacks (张三 typed for a check-in as Zhang San)."""
+    return has_ideographs(typed) and not has_ideographs(known)
+
+
 def _same_name(checked_in: str, name: str) -> bool:
-    """A name typed again for the checked-in patient's name (none is nobody's)."""
-    return bool(name.strip()) and name.strip() == checked_in.strip()
+    """A name typed again for the checked-in patient's name (none is nobody's), by the one rule
+    the gateway compares names by (`same_person_name`: 张三 is Zhang^San=张^三)."""
+    return same_person_name(checked_in, name)
 
 
 def _prune_log(conn: sqlite3.Connection, before: dt.datetime) -> None:

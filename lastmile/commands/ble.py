@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("ble", load_config=lambda: config_from_args(args))
-    return runtime.run(lambda config: BleService.start(config, stop=runtime.stop_event))
+    return runtime.run(BleService.start)
 
 
 def _pair(args: argparse.Namespace) -> int:

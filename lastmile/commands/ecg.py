@@ -403,6 +403,8 @@ def _import(args: argparse.Namespace) -> int:
             stat=args.stat,
             # as the watched USB folder: the STAT patient's ECGs recorded since check-in go first
             stat_session=lambda: patients.stat_session(dt.datetime.now(dt.timezone.utc)),
+            # a file naming the checked-in patient's ID under another name is held for the doctor
+            checked_in_name=lambda patient_id: patients.known_name(patient_id, dt.datetime.now(dt.timezone.utc)),
         )
     finally:
         patients.close()

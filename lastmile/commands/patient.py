@@ -7,8 +7,13 @@ import datetime as dt
 import json
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from lastmile.commands.common import DATA_DIR
+
+if TYPE_CHECKING:  # the command imports its modules when it runs: `lastmile --help` stays quick
+    from devices.identity import Patient
+    from lastmile.clinic.device_users import DeviceUser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     reason = p.add_mutually_exclusive_group()
     reason.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     reason.add_argument("--clear-reason", action="store_true", help="the checked-in patient's reason was wrong: none")
+    # the name a cuff's user was mapped with is one the doctor typed too: another one is asked about
+    p.add_argument(
+        "--correct-name",
+        action="store_true",
+        help="--name is right: a device user mapped to ID under another name was mapped with a wrong name "
+        "(it is corrected)",
+    )
     # another ID under the checked-in patient's own name: only the doctor knows which (as Today asks);
     # each flag stores its `SameName` value in `same_name`, read by `_same_name_answer`
     whose = p.add_mutually_exclusive_group()
@@ -146,6 +158,7 @@ def _local(t: dt.datetime | None) -> str:
 
 
 def _set(args: argparse.Namespace) -> int:
+    from lastmile.clinic.device_users import DeviceUsers
     from lastmile.clinic.patient_ids import clinic_patient
     from lastmile.clinic.patients import PatientChanged, PatientContext
     from lastmile.commands.common import config_from_args
@@ -160,6 +173,9 @@ def _set(args: argparse.Namespace) -> int:
     about = (args.about or "").strip()
     if (answer is None) != (not about):
         print(_answer_without_about(answer), file=sys.stderr)
+        return 2
+    if args.correct_name and not patient.name:
+        print(_correct_name_without_name(), file=sys.stderr)
         return 2
     given = f"--about {about} --{answer.value}" if answer is not None else ""  # to leave out when run again
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
@@ -178,6 +194,10 @@ def _set(args: argparse.Namespace) -> int:
         if seen is not None and answer is not None and replaced is None and seen.patient_id != patient.patient_id:
             print(_no_question(given, seen, patient.patient_id), file=sys.stderr)
             return 2
+        mapped = DeviceUsers(context.db).mapped_otherwise(patient.patient_id, patient.name)
+        if mapped and not args.correct_name:
+            print(_mapped_as(mapped, patient), file=sys.stderr)
+            return 2
         # checked in the check-in's transaction: a card read since the question is refused, never
         # taken for the patient asked about (nor, unasked, for a typo corrected)
         current = context.check_in(
@@ -192,6 +212,8 @@ def _set(args: argparse.Namespace) -> int:
             clear_reason=args.clear_reason,
             same_name=answer,
         ).after
+        if args.correct_name:  # his cuff's users too, for good (the session's log forgets in a day)
+            context.correct_name(patient.patient_id, patient.name, now=_now())
     except PatientChanged as exc:
         print(_changed_meanwhile(expected, exc.current_patient_id, patient.patient_id, given), file=sys.stderr)
         return 2
@@ -244,11 +266,38 @@ def _answer_command(args: argparse.Namespace, about: str, answer: str) -> str:
     copy-paste ready."""
     words = ["lastmile", *(["--config", args.config] if args.config else []), "patient", "set", args.patient_id]
     words += ["--name", args.name] if args.name else ["--clear-name"] if args.clear_name else []
+    words += ["--correct-name"] if args.correct_name else []
     words += ["--doctor", args.doctor] if args.doctor else []
     words += [] if args.stat is None else ["--stat" if args.stat else "--no-stat"]
     words += ["--reason", args.reason] if args.reason else ["--clear-reason"] if args.clear_reason else []
     words += ["--data-dir", args.data_dir] if args.data_dir else []
     return shlex.join([*words, "--about", about, f"--{answer}"])
+
+
+def _mapped_as(mapped: list[DeviceUser], patient: Patient) -> str:
+    """The ID checked in under another name than a device user mapped to it: his cuff's readings
+    would go to the county under the check-in's name, unasked. One of the two is wrong: the
+    doctor says which (as map-user and assign ask). Names as people write them (张三 (Zhang San))."""
+    from lastmile.reports.report_text import display_name
+
+    pid, given, known = patient.patient_id, display_name(patient.name), display_name(mapped[0].mapping.patient_name)
+    typed = shlex.quote(known.split(" (")[0])  # as --name takes it: 张三, not 张三 (Zhang San)
+    users = "、".join(f"{user.address} 用户 {user.user_id}" for user in mapped)
+    users_en = ", ".join(f"user {user.user_id} of {user.address}" for user in mapped)
+    return (
+        f"lastmile patient set: 设备用户（{users}）归属的患者 {pid} 姓名是 {known}，不是 {given}：其中一个是错的，"
+        f"{pid} 未登记。{known} 对：把 --name 改为 {typed} 再运行；{given} 对：加上 --correct-name（设备用户的姓名一并更正）。 / "
+        f"{pid} is mapped as {known} ({users_en}), not {given}: one of them is wrong; {pid} was not checked in. "
+        f"If {known} is right, run the command again with --name {typed}; if {given} is right, add --correct-name "
+        "(the device users' name is corrected too)"
+    )
+
+
+def _correct_name_without_name() -> str:
+    return (
+        "lastmile patient set: --correct-name 须与 --name 一起用：请写上正确的姓名\n"
+        "lastmile patient set: --correct-name goes with --name: give the right name"
+    )
 
 
 def _answer_without_about(answer) -> str:  # answer: SameName | None
@@ -270,7 +319,7 @@ def _no_question(flag: str, seen, patient_id: str) -> str:  # flag: the answer g
     from lastmile.reports.report_text import display_name
 
     return (
-        f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未签到，"
+        f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未登记，"
         f"请去掉 {flag} 后重新运行\n"
         f"lastmile patient set: {flag} answers no question: {seen.patient_id} {display_name(seen.name) or '(no name)'} is "
         f"checked in under another name; {patient_id} was not checked in: run the command again without {flag}"
@@ -291,7 +340,7 @@ def _changed_meanwhile(expected: str, now_current: str, patient_id: str, given: 
     )
     return (
         f"lastmile patient set: 在此期间当前病人已变更（现在是 {now_current or '无人'}，"
-        f"不是 {expected or '无人'}）；{patient_id} 未签到，{zh_again}\n"
+        f"不是 {expected or '无人'}）；{patient_id} 未登记，{zh_again}\n"
         f"lastmile patient set: the current patient changed meanwhile: {now_current or 'nobody'} is checked "
         f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: {en_again} "
         "(it asks again if it must)"
@@ -383,17 +432,22 @@ def _assign(args: argparse.Namespace) -> int:
     try:  # named as map-user names him: the check-in's name, or the doctor says which of two is right
         patient = context.given_name(patient, now, correct=args.correct_name)
         doctor = context.current_doctor(now) or ""
+        if held[:1] in ("E", "e"):
+            code = _assign_ecg(config, number, patient, doctor=doctor, now=now)
+            if code == 0 and args.correct_name:  # only once assigned: the ECG is the outbox's, not clinic.db's
+                context.correct_name(patient.patient_id, patient.name, now=now)
+            return code
     except NameConflict as exc:
         print(_which_name(exc, "assign"), file=sys.stderr)
         return 2
     finally:
         context.close()
-    if held[:1] in ("E", "e"):
-        return _assign_ecg(config, number, patient, doctor=doctor, now=now)
     with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         try:
-            result = store.assign(number, patient.patient_id, name=patient.name, now=now)
+            result = store.assign(
+                number, patient.patient_id, name=patient.name, now=now, correct_name=args.correct_name
+            )
         except UnknownObservationError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
@@ -509,6 +563,10 @@ def _show(args: argparse.Namespace) -> int:
             why = {
                 "unassigned": "names no patient",
                 "re-record": "quality check says record again",
+                "name-mismatch": (
+                    f"names {(item.patient or {}).get('patient_id', '?')} as {item.meta.get('file_patient_name', '?')}, "
+                    f"checked in as {item.meta.get('checked_in_name', '?')}: whose is it?"
+                ),
             }.get(item.hold_reason or "", f"names patient {item.meta.get('file_patient_id', '?')}, not the current one")
             print(
                 f"  E{item.id:<5d} {when}  ECG {item.meta.get('leads', '?')} leads "
@@ -554,7 +612,7 @@ def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[
 
 def _devices(args: argparse.Namespace) -> int:
     from lastmile.clinic.db import DB_NAME
-    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.devices import DeviceRegistry, held_words
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import existing_file
 
@@ -594,5 +652,8 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       last error   {_local(r.last_error_at)}: {r.last_error}")
         if not r.removed and r.lost_said_until(now) is not None:
             stopped = f"the gateway stopped after {_local(r.lost_after)}, found {_local(r.lost_at)}"
-            print(f"       lost         {r.lost_words} held in memory only, when {stopped}")
+            if memory := held_words(*r.lost_from_memory):
+                print(f"       lost         {memory} held in memory only, when {stopped}")
+            if disk := held_words(*r.lost_from_disk):
+                print(f"       lost         {disk} kept on disk, not read back from {r.lost_damage}, when {stopped}")
     return 0

@@ -428,6 +428,23 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs are waiting to be saved and are not saved yet: the gateway cannot write its data just now "
             "(not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
         ),
+        # held because the gateway stopped before it stored them (doctor.AT_STOP): stored when it starts again
+        "readings-kept-at-stop": N_(
+            "Readings were not saved yet when the gateway stopped: they are kept and saved when the gateway "
+            "starts again. Nothing to measure again."
+        ),
+        "ecgs-kept-at-stop": N_(
+            "ECGs were not saved yet when the gateway stopped: they are kept and saved when the gateway starts "
+            "again. Nothing to record again."
+        ),
+        "memory-only-at-stop": N_(
+            "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "lost. Measure again if the patient is still here, and tell the county IT."
+        ),
+        "memory-only-ecgs-at-stop": N_(
+            "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "lost. Record the ECG again if the patient is still here, and tell the county IT."
+        ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
         "lost-readings": N_(
@@ -445,6 +462,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Some readings were lost when the gateway was switched off or lost its power (found when it started "
             "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
             "the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
+        # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
+        "lost-readings-damaged-file": N_(
+            "Some readings saved on the SD card could not be read back when the gateway started again "
+            "(%(since)s): the file holding them is damaged or missing, so they are lost. Measure again if the patient is "
+            "still here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-ecgs-damaged-file": N_(
+            "Some ECGs saved on the SD card could not be read back when the gateway started again (%(since)s): "
+            "the file holding them is damaged or missing, so they are lost. Record the ECG again if the patient is still "
+            "here, and call the county IT. This shows until %(time)s."
         ),
         "lost-ecgs-not-stored": N_(
             "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
@@ -939,9 +967,12 @@ async def check_in(request: Request) -> Response:
             clear_name=f.get("clear") == "name",
             clear_reason=f.get("clear") == "reason",
             same_name=same_name_answer(f),
+            correct_name=f.get("correct_name") == "yes",  # the answer on `ask_which_name`'s page
         )
         session = done.session
         who = {"patient": session.patient_name or session.patient_id, "ended": done.ended}
+        if f.get("correct_name") == "yes":
+            who |= {"renamed": session.patient_name}
         if done.again and f.get("clear") in CLEARABLE:
             return f"{f['clear']}-cleared"  # said as what was cleared, not as a check-in again
         if done.again:
@@ -949,10 +980,11 @@ async def check_in(request: Request) -> Response:
         answer = same_name_answer(f)
         if answer in (SameName.CORRECTED, SameName.OTHER_ID):  # the same patient goes on: none ended
             ids = {"replaced": f.get("shown_patient_id", ""), "id": session.patient_id}
-            return f"check-in-{answer.value}", {"patient": who["patient"]} | ids
+            return f"check-in-{answer.value}", {"patient": who["patient"], "renamed": who.get("renamed")} | ids
         return "check-in", who
 
-    return await today_action(request, action, asking(ask_before_clearing(request), ask_whose_id(request)))
+    askers = asking(ask_before_clearing(request), ask_whose_id(request), ask_which_name(request))
+    return await today_action(request, action, askers)
 
 
 def same_name_answer(fields: dict[str, str]) -> SameName | None:
@@ -997,6 +1029,27 @@ def ask_whose_id(request: Request) -> Asker:
             fields.setdefault("shown_patient_id", seen)  # "": nobody was checked in
             return None
         return render(request, ctx, "confirm_other_id.html", session=session, form=fields, alerts=[])
+
+    return ask
+
+
+def ask_which_name(request: Request) -> Asker:
+    """A check-in under another name than a device user mapped to its ID (map-user --name 张三,
+    checked in as 张山) asks the doctor which is right: else the cuff's readings went to the
+    county under the check-in's name, unasked, and back under the mapping's a day later. One
+    answer checks in under the mapping's name, the other corrects the mapping for good. Asked
+    after `ask_whose_id` (whose answer, and the patient it saw, its page carries on)."""
+
+    async def ask(ctx: Context, fields: dict[str, str]) -> Response | None:
+        if fields.get("correct_name") == "yes" or fields.get("clear"):
+            return None
+        state = state_of(request)
+        mapped = await state.run_db(
+            lambda: state.data.mapped_otherwise(fields.get("patient_id", ""), fields.get("name", ""))
+        )
+        if mapped is None:
+            return None
+        return render(request, ctx, "confirm_which_name.html", mapped=mapped, form=fields, alerts=[])
 
     return ask
 
@@ -1113,6 +1166,32 @@ async def send_anyway(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
         item_id = path_number(request, "item_id")  # after the login and CSRF checks
         return "sending" if state_of(request).data.send_anyway(ctx.user, item_id, now=now) else "too-late"
+
+    return await today_action(request, action)
+
+
+async def ecg_is_checked_in_patients(request: Request) -> Response:
+    """An ECG held for its name: "it is the checked-in patient's" - sent under the check-in's name."""
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+        item_id = path_number(request, "item_id")  # after the login and CSRF checks
+        assigned = state_of(request).data.ecg_is_checked_in_patients(ctx.user, item_id, now=now)
+        if assigned is None:
+            return "too-late"
+        return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
+
+    return await today_action(request, action)
+
+
+async def ecg_name_right(request: Request) -> Response:
+    """An ECG held for its name: "the ECG's name is right" - the check-in's name corrected, the ECG sent."""
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+        item_id = path_number(request, "item_id")  # after the login and CSRF checks
+        assigned = state_of(request).data.ecg_name_right(ctx.user, item_id, now=now)
+        if assigned is None:
+            return "too-late"
+        return "name-corrected", {"re_record": assigned.waits_for_quality}  # held for its quality too: not sent yet
 
     return await today_action(request, action)
 
@@ -1449,6 +1528,8 @@ def routes() -> list[Route | Mount]:
         *form("/today/map-user", map_device_user, "/today"),
         *form("/today/ecg/{item_id:int}/re-record", re_record, "/today"),
         *form("/today/ecg/{item_id:int}/send-anyway", send_anyway, "/today"),
+        *form("/today/ecg/{item_id:int}/checked-in-name", ecg_is_checked_in_patients, "/today"),
+        *form("/today/ecg/{item_id:int}/name-right", ecg_name_right, "/today"),
         Route("/ecg/{item_id:int}/preview.svg", ecg_preview),
         Route("/events", events),
         Route("/sent", sent_page),

@@ -34,6 +34,8 @@ ACTIONS: dict[str, str] = {
     "assign-reading": N_("assigned a reading"),
     "assign-ecg": N_("assigned an ECG"),
     "send-anyway": N_("sent an ECG as it is"),
+    "ecg-checked-in-name": N_("sent an ECG under the check-in's name"),
+    "ecg-name-right": N_("corrected a check-in's name to the ECG's"),
     "re-record": N_("had an ECG recorded again"),
     "acknowledge-report": N_("confirmed seeing a critical result"),
     "acknowledge-report-again": N_("confirmed seeing a critical result again"),

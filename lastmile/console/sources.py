@@ -37,6 +37,7 @@ from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_names
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
+from lastmile.clinic.names import no_name
 from lastmile.clinic.observations import (
     MAPPED_USER,
     OBSERVATION_KIND,
@@ -52,7 +53,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, ecgs_waiting, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, NAME_MISMATCH, ecgs_waiting, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -133,6 +134,19 @@ class SessionView:
     def patient_ids(self) -> frozenset[str]:
         """Every ID of the patient in this session: an ECG under any of them is his."""
         return self.other_ids | {self.patient_id}
+
+
+@dataclass(frozen=True, slots=True)
+class MappedName:
+    """A check-in's name for an ID a device user is mapped to under another person's name
+    (`DeviceUsers.mapped_otherwise`): the cuff's readings would go out under the check-in's name,
+    unasked. Both names as stored (PN); `users`: the device users mapped so, each as (the device
+    as the doctor knows it: its name, else its model, else its address; the user's number)."""
+
+    patient_id: str
+    typed: str
+    mapped: str
+    users: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,8 +464,9 @@ class HeldEcg:
 
     item_id: int
     recorded_at: dt.datetime
-    # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS:
-    # "unassigned", "patient-mismatch" (its file names another patient) or "re-record" (quality)
+    # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS: "unassigned",
+    # "patient-mismatch" (its file names another patient), "re-record" (quality) or
+    # "name-mismatch" (the checked-in patient's ID under another name: `patient_name` is the file's)
     reason: str
     hold_until: dt.datetime
     device: str = ""
@@ -462,6 +477,14 @@ class HeldEcg:
     quality_verdict: str = ""
     # unassigned and recorded during the current check-in: its Assign box offers that patient
     during_check_in: bool = False
+    stat: bool = False  # urgent: Today shows it first
+    checked_in_name: str = ""  # held "name-mismatch": the name the check-in gave `patient_id`
+
+    @property
+    def names_someone(self) -> bool:
+        """Its patient's name is a name (not a cart's empty field or placeholder, `no_name`): Today
+        may say it and offer "this name is right" (the check-in is never renamed to "^^^^")."""
+        return not no_name(self.patient_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -773,13 +796,16 @@ class ClinicData:
         clear_name: bool = False,
         clear_reason: bool = False,
         same_name: SameName | None = None,
+        correct_name: bool = False,
     ) -> CheckIn:
         """Check the patient in; for the patient checked in already, what is left empty (the
         name, the reason, `stat` None) stays as it was, unless cleared on purpose (`clear_name`,
         `clear_reason`: a wrong one typed). `shown_patient_id`: the patient a page showed (its
         "not urgent" and clear buttons) or `same_name_replaced` saw ("": nobody; None: whoever),
         refused if another has been checked in since.
-        `same_name`: the doctor's answer to `same_name_replaced` (None: unasked)."""
+        `same_name`: the doctor's answer to `same_name_replaced` (None: unasked).
+        `correct_name`: the doctor's answer to `mapped_otherwise`: the typed name is right, the
+        device users mapped to the ID under another one take it for good (`correct_name`)."""
         patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
@@ -799,8 +825,11 @@ class ClinicData:
             )
         except PatientChanged as exc:
             if not exc.current_patient_id:
-                raise ConsoleInputError(N_("That check-in has ended already.")) from None
+                raise self._ended_meanwhile(shown_patient_id or "", patient.patient_id, now) from None
             raise _not_shown(exc.current_patient_id) from None
+        renamed = correct_name and bool(patient.name)
+        if renamed:  # the check-in and its name are the doctor's: his mapped users go under it for good
+            self.context.correct_name(patient.patient_id, patient.name, now=now)
         before, view = checked.before, _session_view(checked.after)
         again = before is not None and before.patient_id == view.patient_id
         changed = _changes(before, view) if before is not None and again else ()
@@ -815,10 +844,51 @@ class ClinicData:
                 {"same_name": same_name.value, "replaced": before.patient_id}
                 if same_name is not None and before is not None
                 else {}
-            ),
+            )
+            | ({"name_corrected": True} if renamed else {}),
         )
         ended = before.name or before.patient_id if before is not None and not again else ""
         return CheckIn(view, ended=ended, again=again, changed=changed)
+
+    def _ended_meanwhile(self, shown_patient_id: str, patient_id: str, now: dt.datetime) -> ConsoleInputError:
+        """The check-in of the patient the page (or its question) showed ended before this one was
+        saved - ended on another screen, or idle too long: nobody is checked in, nothing changed.
+        A button of his own session (not urgent, clear) is not pressed again for a patient gone."""
+        shown = person_name(self.context.known_name(shown_patient_id, now)) or shown_patient_id
+        if patient_id == shown_patient_id.strip():
+            return ConsoleInputError(
+                N_(
+                    "%(patient)s's check-in ended before this was saved (it was ended, or nothing happened "
+                    "for too long): nothing was changed. If the patient is still here, check them in again."
+                ),
+                patient=shown,
+            )
+        return ConsoleInputError(
+            N_(
+                "%(patient)s's check-in ended before yours was saved (it was ended, or nothing happened for "
+                "too long): nobody is checked in and nothing was changed. Press “Check in” again."
+            ),
+            patient=shown,
+        )
+
+    def mapped_otherwise(self, patient_text: str, name: str) -> MappedName | None:
+        """The check-in typed (`patient_text`, `name`) would rename device users mapped to its ID
+        under another person's name: the doctor says which name is right (None: nothing to ask,
+        or a check-in the form refuses: it says why)."""
+        try:
+            patient = checked_patient(patient_text, name, self.config)
+        except ConsoleInputError:
+            return None
+        users = self.store.device_users.mapped_otherwise(patient.patient_id, patient.name)
+        if not users:
+            return None
+        named = tuple((self._device_called(u.address), u.user_id) for u in users)
+        return MappedName(patient.patient_id, patient.name, users[0].mapping.patient_name, named)
+
+    def _device_called(self, address: str) -> str:
+        """A device as the doctor knows it: the name it was paired with, else its model, else its address."""
+        record = self.registry.get(address)
+        return (record.name or record.model if record is not None else "") or address
 
     def same_name_replaced(self, patient_text: str, name: str, now: dt.datetime) -> tuple[str, SessionView | None]:
         """Whom the check-in typed (`patient_text`, `name`) is decided about: the patient checked
@@ -1077,6 +1147,59 @@ class ClinicData:
             now=now,
             target=patient.patient_id,
             detail={"item": item_id, "done": assigned is not None},
+        )
+        return assigned
+
+    def _held_for_name(self, item_id: int, now: dt.datetime) -> HeldEcg | None:
+        """The ECG `item_id` if it is held now for a name that is not the check-in's."""
+        found = [h for h in self.held_ecg_source.held_ecgs(now) if h.item_id == item_id]
+        return found[0] if found and found[0].reason == NAME_MISMATCH else None
+
+    def ecg_is_checked_in_patients(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
+        """The doctor's "it is his" on an ECG held for its name: it goes under the ID it carries and
+        the name the check-in gave that ID (the one Today showed). The file's birth date and sex
+        were its name's person's (`lastmile.ecg.intake.as_on_file`): only what the ID itself says
+        (a resident ID) goes with it. None: no longer held for its name (sent already, or decided
+        on another screen)."""
+        held = self._held_for_name(item_id, now)
+        assigned = None
+        if held is not None:
+            try:  # a resident ID gives his birth date and sex
+                patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
+            except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
+                patient = Patient(held.patient_id, held.checked_in_name)
+            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        self.audit.record(
+            user,
+            "ecg-checked-in-name",
+            now=now,
+            target=held.patient_id if held else str(item_id),
+            detail={"item": item_id, "done": assigned is not None},
+        )
+        return assigned
+
+    def ecg_name_right(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
+        """The doctor's "the ECG's name is right" on an ECG held for its name: the ECG is given its
+        own file's patient (only that hold ends: one held for its quality too still waits for his
+        "record again" or "send anyway"), and then - only once that is done - the check-in's name
+        of that ID is corrected (`PatientContext.correct_name`: what the session sends from now
+        on). The ECG is in the outbox, the name in clinic.db: no one transaction holds both, so the
+        name follows the ECG; an ECG gone meanwhile renames nobody. None: no longer held for its
+        name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
+        held = self._held_for_name(item_id, now)
+        assigned = None
+        if held is not None and held.names_someone:
+            assigned = self.held_ecg_source.assign(
+                item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
+            )
+            if assigned is not None:
+                self.context.correct_name(held.patient_id, held.patient_name, now=now)
+        self.audit.record(
+            user,
+            "ecg-name-right",
+            now=now,
+            target=held.patient_id if held else str(item_id),
+            detail={"item": item_id, "done": assigned is not None, "name": held.patient_name if held else ""},
         )
         return assigned
 

@@ -171,6 +171,8 @@ def held_view(item: OutboxItem) -> HeldEcg:
         quality_verdict=str(quality.get("verdict") or "") if isinstance(quality, dict) else "",
         patient_id=str(patient.get("patient_id") or ""),
         patient_name=str(patient.get("name") or ""),
+        stat=bool(item.meta.get("stat")),
+        checked_in_name=str(item.meta.get("checked_in_name") or ""),
     )
 
 

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 PATIENT_MISMATCH = "patient-mismatch"
 UNASSIGNED_HOLD = "unassigned"
 QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
-DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
+# the file names the checked-in patient's ID under another person's name (`same_person_name`):
+# whose ECG it is, only the doctor knows - STAT ones too (`lastmile.ecg.intake.name_hold_s`)
+NAME_MISMATCH = "name-mismatch"
+DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD, NAME_MISMATCH)
 LAN_SOURCE_FORMAT = "dicom-lan"
 RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
 
@@ -35,6 +38,13 @@ _HELD_FOR_DOCTOR = (
     f"IFNULL(state = 'queued' AND hold_until > ? AND hold_reason IN ({','.join('?' * len(DOCTOR_HOLDS))}), 0)"
 )
 WAITING: tuple[str, Sequence[Any]] = ("state IN ('queued', 'sending')", ())  # not yet accepted by the peer
+
+
+def held_for_doctor(now: float) -> tuple[str, tuple[Any, ...]]:
+    """The rule above as a condition on `items` and its parameters, at `now`: for the outbox's
+    own queries that leave those items out (`Outbox.oldest_waiting_item(leaving_out=...)`;
+    uploader knows no hold of the doctor's)."""
+    return _HELD_FOR_DOCTOR, (now, *DOCTOR_HOLDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +78,9 @@ def oldest_waiting(
     or on the wire), not those held for the doctor. `conn`: outbox.sqlite, read in one statement
     (the outbox's, or a read-only one: the metrics exporter, `lastmile queue` on a full disk)."""
     where, params = waiting
-    sql = f"SELECT kind, MIN(created_at) FROM items WHERE ({where}) AND NOT {_HELD_FOR_DOCTOR} GROUP BY kind"
-    return {kind: float(created) for kind, created in conn.execute(sql, (*params, now, *DOCTOR_HOLDS))}
+    held, held_params = held_for_doctor(now)
+    sql = f"SELECT kind, MIN(created_at) FROM items WHERE ({where}) AND NOT {held} GROUP BY kind"
+    return {kind: float(created) for kind, created in conn.execute(sql, (*params, *held_params))}
 
 
 def oldest_wait_s(conn: sqlite3.Connection, now: float) -> float | None:
@@ -84,11 +95,13 @@ class HeldEcgError(LookupError):
 
 
 def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
-    """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
-    oldest first."""
+    """ECGs waiting for the doctor (unassigned, naming another patient or another name, or to be
+    recorded again): STAT ones first (an urgent read waits on the doctor's answer), then oldest
+    first."""
     from uploader.outbox import Kind
 
-    return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
+    held = [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
+    return sorted(held, key=lambda item: not item.meta.get("stat"))  # stable: oldest first within each
 
 
 def held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:

@@ -17,7 +17,10 @@ Holds: a routine ECG with no patient, or one naming another patient than the cur
 added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
 listed by `lastmile patient show`; `assign_held_ecg` rebuilds it for its patient under the same
 UIDs (and Accession Number) and lets it go; when the hold runs out it goes as it is (placeholder
-ID, flagged). STAT ECGs are never held. Listing, releasing and discarding held ECGs need no
+ID, flagged). STAT ECGs are not held for that. A file naming the checked-in patient's ID (or one
+of his linked IDs) under another person's name (`same_person_name`: the cart kept the previous
+patient's name, a mistyped ID that is someone else's number) is held "name-mismatch", STAT ones
+too but shorter (`name_hold_s`): the doctor says whose it is on Today. Listing, releasing and discarding held ECGs need no
 DICOM rebuild: they are in `lastmile.ecg.holds` (re-exported here), usable without pydicom.
 """
 
@@ -39,7 +42,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
 from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
-from lastmile.clinic.names import dicom_person_name
+from lastmile.clinic.names import dicom_person_name, no_name, same_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
@@ -50,6 +53,7 @@ from lastmile.ecg.holds import (  # re-exported: the holds' operations with the 
 )
 from lastmile.ecg.holds import (
     LAN_SOURCE_FORMAT,
+    NAME_MISMATCH,
     PATIENT_MISMATCH,
     QUALITY_HOLD,
     UNASSIGNED_HOLD,
@@ -84,6 +88,42 @@ CurrentPatient = Callable[[], "frozenset[str]"]
 
 def _no_current_patient() -> frozenset[str]:
     return frozenset()
+
+
+# the name the clinic session knows for a patient ID, "" for none (`PatientContext.known_name`)
+CheckedInName = Callable[[str], str]
+
+
+def _no_checked_in_name(patient_id: str) -> str:
+    return ""
+
+
+# How long a STAT ECG waits for the doctor's answer on a name that is not the check-in's, at
+# most. He recorded it a minute ago, with the patient in front of him, and Today shows it first:
+# two minutes are enough to answer and short next to the reading center's STAT turnaround. If he
+# does not answer, an urgent read is worth more than the wait: it goes as the cart wrote it, the
+# ID the checked-in patient's, flagged "name-mismatch": in the object for the reader when the
+# gateway built it (a file), only in the outbox record (`patient show`, `queue`) for a cart's LAN
+# object, which is forwarded as the cart made it (`lan_object_store`).
+STAT_NAME_HOLD_S = 120.0
+
+
+def name_hold_s(stat: bool, patient_hold_s: float) -> float:
+    """How long an ECG whose file's name is not the check-in's waits for the doctor: a routine one
+    as long as any ECG whose patient he must settle (`patient.unassigned_ecg_hold_s`, 0: never
+    held), a STAT one STAT_NAME_HOLD_S at most."""
+    return min(patient_hold_s, STAT_NAME_HOLD_S) if stat else patient_hold_s
+
+
+def names_differ(file_name: str, checked_in_name: str) -> bool:
+    """The file names another person than the check-in did (`same_person_name`: 张三 is
+    Zhang^San=张^三; 章三 is not). A file or a check-in without a name passes: many
+    carts write none, and there is then nothing that says it is someone else. A placeholder is no
+    name (`no_name`: "^^^^", "UNKNOWN", "-"): a cart whose name field was left so would have every
+    ECG held, and "its name is right" would rename the patient "^^^^"."""
+    if no_name(file_name) or no_name(checked_in_name):
+        return False
+    return not same_person_name(file_name, checked_in_name)
 
 
 StatLookup = Callable[[], "StatSession | None"]
@@ -182,23 +222,35 @@ def quality_hold_until(
 
 def hold_for(recording: EcgRecording, config: Config, now: float, quality: QualityReport | None = None) -> Hold | None:
     """Routine ECGs the doctor must look at are held: a patient to settle, or a 're-record'
-    verdict (record again while the patient is here, or send anyway). STAT ones never: an
-    urgent ECG with problems is still sent, its problems marked. With two reasons, the patient's
+    verdict (record again while the patient is here, or send anyway). STAT ones only for a name
+    that is not the check-in's, and shorter (`name_hold_s`): an urgent ECG with other problems
+    is still sent, its problems marked. With two reasons, the patient's
     comes first and the hold lasts as long as the longer one."""
-    if recording.stat:
-        return None
-    holds = []
     patient_s = config.patient.unassigned_ecg_hold_s
+    name_s = name_hold_s(recording.stat, patient_s)
+    name_hold = Hold(NAME_MISMATCH, now + name_s) if name_s > 0 and NAME_MISMATCH in recording.flags else None
+    if recording.stat:
+        return name_hold  # a name that is another person's: the wrong patient is worse than a short wait
+    holds = []
     if patient_s > 0 and recording.patient is None:
         holds.append(Hold(UNASSIGNED_HOLD, now + patient_s))
     elif patient_s > 0 and PATIENT_MISMATCH in recording.flags:
         holds.append(Hold(PATIENT_MISMATCH, now + patient_s))
+    elif name_hold is not None:
+        holds.append(name_hold)
     until = quality_hold_until(recording, config, now, quality)
     if until is not None:
         holds.append(Hold(QUALITY_HOLD, until))
     if not holds:
         return None
     return Hold(holds[0].reason, max(h.until for h in holds))
+
+
+def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
+    """What an ECG held for another name keeps in its meta: both names, for Today's question."""
+    if NAME_MISMATCH not in flags:
+        return {}
+    return {"file_patient_name": file_name, "checked_in_name": checked_in_name}
 
 
 def patient_fields(recording: EcgRecording) -> dict | None:
@@ -264,9 +316,12 @@ def enqueue_recording(
     now: float | None = None,
     created_at: dt.datetime | None = None,
     request: StudyRequest | None = None,
+    checked_in_name: str = "",
 ) -> AddResult:
     """Build the DICOM object for `recording` and make it durable in the outbox under `key`
-    (held for the doctor when its patient must be settled, see `hold_for`).
+    (held for the doctor when its patient must be settled, see `hold_for`). `checked_in_name`:
+    the name the check-in gave the file's ID, kept with an ECG held for another name (Today says
+    both, and "it is his" sends it under this one).
 
     Idempotent: a key already in the outbox returns the existing item and builds nothing.
     """
@@ -300,6 +355,7 @@ def enqueue_recording(
         quality=quality.to_json() if quality is not None else None,
         quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
+        **name_mismatch_meta(recording.flags, recording.patient.name if recording.patient else "", checked_in_name),
     )
     result = outbox.add(
         Kind.DICOM,
@@ -331,8 +387,13 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     import pydicom
 
     item = outbox.get(item_id)
-    if item is None or item.kind != Kind.DICOM or item.meta.get("source_format") == LAN_SOURCE_FORMAT:
+    if item is None or item.kind != Kind.DICOM:
         raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
+    if item.meta.get("source_format") == LAN_SOURCE_FORMAT:
+        # a cart's object is forwarded as the cart made it: only the doctor's answer to a name is written into it
+        if not (item.held(now.timestamp()) and item.hold_reason == NAME_MISMATCH):
+            raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
+        return assign_lan_object(outbox, item, patient, now=now, by=by)
     if item.attempts or item.state != ItemState.QUEUED:
         raise HeldEcgError(
             f"ECG E{item_id} was already sent (state {item.state.value}) as "
@@ -346,6 +407,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     elif not (
         item.meta.get("unassigned")
         or PATIENT_MISMATCH in item.meta.get("flags", [])
+        or NAME_MISMATCH in item.meta.get("flags", [])
         or (item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS)
     ):
         # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
@@ -354,12 +416,16 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
-    if item.meta.get("unassigned"):
+    if file_name_confirmed(item, patient):  # "its name is right": the file's own patient
+        note = f"Patient name confirmed at the gateway on {when}" + (f" by {by}" if by else "")
+    elif item.meta.get("unassigned"):
         note += ": the ECG named no patient"
+    elif item.meta.get("file_patient_name"):
+        note += f": the ECG file named patient {item.meta.get('file_patient_id', '')} {item.meta['file_patient_name']}"
     elif item.meta.get("file_patient_id"):
         note += f": the ECG file named patient {item.meta['file_patient_id']}"
     data = deflated_part10(reassign_patient(ds, patient, note))
-    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)]
     flags.append(ASSIGNED_BY_DOCTOR)
     meta = {**item.meta, "unassigned": False, "flags": flags}
     fields = {
@@ -387,14 +453,99 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     return updated
 
 
+def assign_lan_object(
+    outbox: Outbox, item: OutboxItem, patient: Patient, *, now: dt.datetime, by: str = ""
+) -> OutboxItem:
+    """The doctor's answer on a cart's object held for its name (NAME_MISMATCH): its patient is
+    `patient` - the check-in's name for the same ID, or another patient. Only the patient is
+    written into the object, as the cart sent it (its transfer syntax, its UIDs: a resend is the
+    same instance); the cart's name is kept in Other Patient Names, its ID, if another, in Other
+    Patient IDs (`with_patient_id`). Another ID, or the same ID under another name than the
+    cart's (`given_another_name`), gets none of the cart's birth date and sex: only `patient`'s."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+    cart_name = str(ds.get("PatientName", "") or "")
+    other_id = patient.patient_id != str(ds.get("PatientID", "") or "")
+    if other_id:
+        with_patient_id(ds, patient.patient_id)
+        if patient.issuer:
+            ds.IssuerOfPatientID = patient.issuer
+    own_details = other_id or given_another_name(item, patient)  # the cart's were another person's
+    if own_details:
+        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
+        ds.PatientSex = patient.sex or ""
+        if "PatientAge" in ds:  # the cart's age of that other person
+            del ds.PatientAge
+    if patient.name and not same_person_name(patient.name, cart_name):
+        name = dicom_person_name(patient.name)
+        if not name.isascii() and "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
+            # the cart's text read in its own character set, written again in UTF-8 with the name
+            ds.decode()
+            ds.SpecificCharacterSet = "ISO_IR 192"
+        if cart_name:
+            ds.OtherPatientNames = cart_name
+        ds.PatientName = name
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    received = item.meta.get("received_sha256") or item.sha256  # the cart's resend of its own bytes is this item
+    meta = {**item.meta, "flags": [*flags, ASSIGNED_BY_DOCTOR], "received_sha256": received}
+    kept = item.patient or {}
+    fields = {
+        "patient_id": patient.patient_id,
+        "name": str(ds.PatientName),
+        "issuer": str(ds.get("IssuerOfPatientID", "") or ""),
+        "sex": (patient.sex or "") if own_details else kept.get("sex", ""),
+        "birth_date": (
+            (patient.birth_date.isoformat() if patient.birth_date else None) if own_details else kept.get("birth_date")
+        ),
+    }
+    if not outbox.replace_held_payload(
+        item.id, out.getvalue(), now.timestamp(), meta=meta, patient=fields, replacing_sha256=item.sha256
+    ):
+        raise HeldEcgError(f"ECG E{item.id} was claimed for sending or assigned meanwhile: see 'lastmile patient show'")
+    log.info("held LAN ECG E%d given its patient%s and released", item.id, f" by {by}" if by else "")
+    updated = outbox.get(item.id)
+    assert updated is not None
+    return updated
+
+
+def file_name_of(item: OutboxItem) -> str:
+    """The name the held ECG's file gave (its patient's before any assignment)."""
+    return str(item.meta.get("file_patient_name") or (item.patient or {}).get("name") or "")
+
+
+def given_another_name(item: OutboxItem, patient: Patient) -> bool:
+    """The ECG held for its name (NAME_MISMATCH) is given its ID under another name than its
+    file's: the doctor said it is the checked-in patient's, not the file's person's."""
+    return NAME_MISMATCH in item.meta.get("flags", []) and names_differ(file_name_of(item), patient.name)
+
+
+def file_name_confirmed(item: OutboxItem, patient: Patient) -> bool:
+    """The ECG held for its name is given its file's own patient ("the ECG's name is right")."""
+    kept = item.patient or {}
+    return (
+        NAME_MISMATCH in item.meta.get("flags", [])
+        and kept.get("patient_id") == patient.patient_id
+        and not given_another_name(item, patient)
+    )
+
+
 def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
     """`patient` with what the held ECG already says of that same ID (its file's patient, or an
     earlier assignment): a number typed alone must not blank the birth date and sex the reading
     center reads the ECG by. The file's birth date and sex stand, as at intake (`vetted_patient`);
-    a name or issuer given stands. Another ID gets nothing of the file's: it is another person."""
+    a name or issuer given stands. Another ID gets nothing of the file's: it is another person.
+    Nor does the same ID given another name than a file held for its name (`given_another_name`):
+    mostly the cart kept the previous patient's entry, his birth date and sex with his name, and
+    age and sex change how an ECG is read - it goes with what `patient` says (a resident ID's),
+    or none."""
     kept = item.patient or {}
     if kept.get("patient_id") != patient.patient_id:
         return patient
+    if given_another_name(item, patient):
+        return dataclasses.replace(patient, issuer=patient.issuer or str(kept.get("issuer") or ""))
     born = kept.get("birth_date")
     return dataclasses.replace(
         patient,
@@ -405,18 +556,26 @@ def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
     )
 
 
-def with_patient_check(recording: EcgRecording, current_patient_ids: frozenset[str]) -> EcgRecording:
+def with_patient_check(
+    recording: EcgRecording, current_patient_ids: frozenset[str], checked_in_name: str = ""
+) -> EcgRecording:
     """The file's patient is kept; if the gateway's current patient is another one (none of his
     IDs, `PatientContext.patient_ids`), the recording is flagged for the doctor (never
-    re-assigned). A file without a patient stays unassigned: a stick may hold ECGs of many patients."""
-    if (
-        current_patient_ids
-        and recording.patient is not None
-        and recording.patient.patient_id not in current_patient_ids
-        and PATIENT_MISMATCH not in recording.flags
-    ):
-        return dataclasses.replace(recording, flags=recording.flags + (PATIENT_MISMATCH,))
-    return recording
+    re-assigned). A file without a patient stays unassigned: a stick may hold ECGs of many patients.
+    One of his IDs under another person's name than `checked_in_name` (the name the check-in gave
+    that ID; `names_differ`) is flagged NAME_MISMATCH: the ID alone does not make it his."""
+    p = recording.patient
+    if not current_patient_ids or p is None:
+        return recording
+    if p.patient_id not in current_patient_ids:
+        flag = PATIENT_MISMATCH
+    elif names_differ(p.name, checked_in_name):
+        flag = NAME_MISMATCH
+    else:
+        return recording
+    if flag in recording.flags:
+        return recording
+    return dataclasses.replace(recording, flags=recording.flags + (flag,))
 
 
 # -- files: `lastmile import` and the watched USB folders -----------------------------------------
@@ -437,11 +596,13 @@ def file_enqueuer(
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
     stat_session: StatLookup = _no_stat_session,
+    checked_in_name: CheckedInName = _no_checked_in_name,
 ) -> Callable[[EcgRecording, str], bool]:
     """(recording, key) -> created, for firmware_bridge.usb_import: builds the DICOM object (UIDs
     minted once) and stores it; a recording no DICOM ECG can hold is refused (FileRefused).
     `request`: the doctor and reason of the moment; `stat`: every file is urgent (`import --stat`);
-    `stat_session`: files of the patient the doctor checked in as STAT, recorded since, are urgent."""
+    `stat_session`: files of the patient the doctor checked in as STAT, recorded since, are urgent;
+    `checked_in_name`: the name the session knows for an ID (a file's name is compared with it)."""
     from firmware_bridge.errors import FileRefused
     from uploader.errors import InvalidObjectError
 
@@ -449,8 +610,10 @@ def file_enqueuer(
 
     def enqueue(recording: EcgRecording, key: str) -> bool:
         current, session = session_now(current_patient_ids, stat_session)
-        recording = with_patient_check(vetted_patient(recording, config), current)
+        recording = vetted_patient(recording, config)
         patient_id = recording.patient.patient_id if recording.patient else None
+        known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
+        recording = with_patient_check(recording, current, known)
         if session is not None and session.covers(patient_id, recording.acquired_at):
             stat = True
         else:
@@ -458,7 +621,9 @@ def file_enqueuer(
         if stat and not recording.stat:
             recording = dataclasses.replace(recording, stat=True)
         try:
-            return enqueue_recording(outbox, recording, config, key=key, request=request()).created
+            return enqueue_recording(
+                outbox, recording, config, key=key, request=request(), checked_in_name=known
+            ).created
         except InvalidObjectError as exc:
             raise FileRefused(f"cannot become a DICOM ECG: {exc}") from None
 
@@ -475,6 +640,7 @@ def import_files(
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
     stat_session: StatLookup = _no_stat_session,
+    checked_in_name: CheckedInName = _no_checked_in_name,
 ) -> ImportSummary:
     """Import every ECG file under `roots`, each once (by content hash)."""
     from firmware_bridge.usb_import import import_paths
@@ -482,7 +648,7 @@ def import_files(
     return import_paths(
         roots,
         is_known=lambda key: outbox.find(key) is not None,
-        enqueue=file_enqueuer(outbox, config, current_patient_ids, request, stat, stat_session),
+        enqueue=file_enqueuer(outbox, config, current_patient_ids, request, stat, stat_session, checked_in_name),
         local_tz=local_zone(),
         now=lambda: dt.datetime.now(dt.timezone.utc),
         progress=progress,
@@ -494,6 +660,7 @@ def usb_import_watcher(
     outbox: Outbox,
     current_patient_ids: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
+    checked_in_name: CheckedInName = _no_checked_in_name,
 ) -> FolderWatcher:
     """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
     udev 'add' event for a mass-storage device mounted there)."""
@@ -507,6 +674,7 @@ def usb_import_watcher(
             current_patient_ids=current_patient_ids,
             request=lambda: clinic_request(config),
             stat_session=stat_session,
+            checked_in_name=checked_in_name,
         )
 
     return FolderWatcher(config.usb_import.folders, run)
@@ -521,6 +689,8 @@ def lan_object_store(
     stat_session: StatLookup = _no_stat_session,
     id_kind: str = "",
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+    checked_in_name: CheckedInName = _no_checked_in_name,
+    patient_hold_s: float = 0.0,
 ) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, but for a loosely written patient ID; its UIDs); the SOP
@@ -534,7 +704,14 @@ def lan_object_store(
     (the gateway's clock) by the rule every path follows (`devices.ecg.formats.judged_time`): a
     reset cart clock is flagged for the doctor and marked not believed in the object. A cart on
     the LAN sends each ECG as it records it, so one dated long before the newest it sent before
-    is a reset clock too (`NewestFromCart`); files imported from a stick are not judged so."""
+    is a reset clock too (`NewestFromCart`); files imported from a stick are not judged so.
+    An object naming one of the checked-in patient's IDs under another name than
+    `checked_in_name` gives it is held "name-mismatch" for `name_hold_s` (of `patient_hold_s`,
+    `patient.unassigned_ecg_hold_s`): it is the one kind of LAN object held, as only the doctor
+    knows whose it is (`assign_held_ecg` writes his answer into the cart's object). Unanswered,
+    it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
+    outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
+    cart's object only what the doctor answered."""
     newest = NewestFromCart(outbox)
 
     def store(obj: ReceivedObject) -> None:
@@ -553,19 +730,26 @@ def lan_object_store(
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
         stat = session is not None and session.covers(patient_id, None)
         mismatch = bool(current and patient_id is not None and patient_id not in current)
+        file_name = str((obj.patient or {}).get("name") or "")
+        known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
+        other_name = names_differ(file_name, known)
+        hold_s = name_hold_s(stat, patient_hold_s) if other_name else 0.0
+        hold = Hold(NAME_MISMATCH, time.time() + hold_s) if hold_s > 0 else None
+        flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else [])
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
             study_uid=obj.study_uid,
             series_uid=obj.series_uid,
             source_format=LAN_SOURCE_FORMAT,
-            flags=([PATIENT_MISMATCH] if mismatch else []) + list(forwarded.flags),
+            flags=flags + list(forwarded.flags),
             unassigned=obj.patient is None,
             transfer_syntax=obj.transfer_syntax,
             calling_ae=obj.calling_ae,
             stat=stat,
             **forwarded.described,
             **rewritten,
+            **name_mismatch_meta(flags, file_name, known),
         )
         newest.saw(obj.calling_ae, forwarded)
         if kept is None:
@@ -576,13 +760,14 @@ def lan_object_store(
                 priority=Priority.STAT if stat else Priority.ROUTINE,
                 meta=meta,
                 patient=obj.patient,
+                hold=hold,
             )
             if added.created:
                 return
             kept = added.item  # another association stored the same instance meanwhile
         # the key is the instance: sent again as it was, the item kept answers it
         if kept.sha256 != sha256:
-            replace_lan_object(outbox, kept, obj, meta)
+            replace_lan_object(outbox, kept, obj, meta, hold)
 
     return store
 
@@ -721,14 +906,16 @@ def with_patient_id(ds: Dataset, patient_id: str) -> None:
     ds.PatientID = patient_id
 
 
-def replace_lan_object(outbox: Outbox, existing: OutboxItem, obj: ReceivedObject, meta: dict) -> None:
+def replace_lan_object(
+    outbox: Outbox, existing: OutboxItem, obj: ReceivedObject, meta: dict, hold: Hold | None = None
+) -> None:
     """The cart sent an instance again with other content (e.g. the patient corrected on the cart):
     the version it holds now is the one to forward while the first has not gone out; once it has,
     the cart is told so (ObjectRefused), never answered Success for content dropped here."""
     from firmware_bridge.dicom_receiver import CANNOT_UNDERSTAND
     from firmware_bridge.errors import ObjectRefused
 
-    if outbox.replace_held_payload(existing.id, obj.data, time.time(), meta=meta, patient=obj.patient):
+    if outbox.replace_held_payload(existing.id, obj.data, time.time(), meta=meta, patient=obj.patient, hold=hold):
         log.warning(
             "LAN object %s received again with other content: item %d replaced", obj.sop_instance_uid, existing.id
         )
@@ -746,6 +933,7 @@ def lan_receiver(
     outbox: Outbox,
     current_patient_ids: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
+    checked_in_name: CheckedInName = _no_checked_in_name,
 ) -> DicomReceiver | None:
     """The clinic-LAN storage SCP from `lan_receiver.*`, checked (LinkConfigError) but not yet
     listening; None when disabled."""
@@ -764,5 +952,12 @@ def lan_receiver(
             timeout_s=config.reading_center.timeout_s,
             max_object_bytes=max(1, section.max_object_mb) * 2**20,
         ),
-        lan_object_store(outbox, current_patient_ids, stat_session, config.patient.id_kind),
+        lan_object_store(
+            outbox,
+            current_patient_ids,
+            stat_session,
+            config.patient.id_kind,
+            checked_in_name=checked_in_name,
+            patient_hold_s=config.patient.unassigned_ecg_hold_s,
+        ),
     )

@@ -9,7 +9,10 @@ connection), never in a migration: whichever process opened clinic.db first ran 
 then kept pydicom for its life), and all the rows in one write transaction held the other
 services past their busy timeout on a Pi. Here BATCH rows are read (no lock held), then written
 in one short transaction. A row that cannot be read again keeps its text and is marked
-(`lines_not_read`): it is not read again at every start, and never stops the others.
+(`lines_not_read`): it is not read again at every start, and never stops the others. A stop
+(SIGTERM) ends it between rows, and a batch's write waits for another process's write lock (the
+console's) at most a second more (sqlite_store.StopWaits, the one mechanism of every service):
+what was read and not written, and what was not read, is read at the next start, once.
 
 No configuration: the county's critical codes and keywords are not known. A report whose lines,
 read again with none, do not give the critical reasons it was stored with (critical by a
@@ -31,6 +34,7 @@ from lastmile.clinic.db import open_clinic_db, transaction
 from lastmile.reports.store import checked_against_study, filed_under
 from uploader.report_lines import ReportLine
 from uploader.report_reading import ReportContent, read_dicom_report, read_fhir_report
+from uploader.sqlite_store import StopWaits, WaitGivenUp, give_up_waits_on
 
 log = logging.getLogger(__name__)
 
@@ -49,34 +53,68 @@ def add_old_report_lines(db: sqlite_utils.Database, stop: threading.Event | None
     time (a PDF report's is large). Returns the rows given lines."""
     given = marked = 0
     after = 0
-    while stop is None or not stop.is_set():
-        ids = [
-            r[0]
-            for r in db.conn.execute(
-                f"SELECT id FROM reports WHERE {_STILL_TO_READ} AND id > ? ORDER BY id LIMIT ?", (after, BATCH)
+    try:
+        while not _stopped(stop):
+            ids = [
+                r[0]
+                for r in db.conn.execute(
+                    f"SELECT id FROM reports WHERE {_STILL_TO_READ} AND id > ? ORDER BY id LIMIT ?", (after, BATCH)
+                )
+            ]
+            if not ids:
+                break
+            after = ids[-1]
+            outcomes: list[tuple[int, tuple[str | None, str]]] = []
+            for report_id in ids:
+                if _stopped(stop):  # the batch's rest is read at the next start (a PDF's read is long on a Pi)
+                    break
+                outcomes.append((report_id, _read_again(db, report_id)))
+            if not outcomes:
+                break
+            written = _write(db, outcomes)
+            if written is None:
+                log.info("reports stored before lines: stopping; the rest are read again at the next start")
+                break
+            given, marked = given + written[0], marked + written[1]
+    finally:  # also when a fault ends it: what this run did is said, the rest is the next start's
+        if given or marked:
+            log.info(
+                "reports stored before lines: %d read again in the reader's language, %d keep their text",
+                given,
+                marked,
             )
-        ]
-        if not ids:
-            break
-        after = ids[-1]
-        outcomes = [(report_id, _read_again(db, report_id)) for report_id in ids]
-        with transaction(db) as conn:
-            for report_id, (lines, why) in outcomes:
-                if lines is not None:
-                    # lines as add_report stores them now: person names as sent (0014)
-                    given += conn.execute(
-                        f"UPDATE reports SET lines = ?, names_spaced = 0 WHERE id = ? AND {_STILL_TO_READ}",
-                        (lines, report_id),
-                    ).rowcount
-                else:
-                    marked += conn.execute(
-                        f"UPDATE reports SET lines_not_read = ? WHERE id = ? AND {_STILL_TO_READ}", (why, report_id)
-                    ).rowcount
-    if given or marked:
-        log.info(
-            "reports stored before lines: %d read again in the reader's language, %d keep their text", given, marked
-        )
     return given
+
+
+def _stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def _write(db: sqlite_utils.Database, outcomes: list[tuple[int, tuple[str | None, str]]]) -> tuple[int, int] | None:
+    """Write a batch's outcomes in one transaction: (rows given lines, rows marked), or None when
+    the service's stop gave up the wait for another process's write lock (`give_up_waits_on`, as
+    `OldReportLines` sets it): nothing written, these rows are the next start's."""
+    try:
+        with transaction(db) as conn:  # whole or nothing: every UPDATE is "still to read"
+            return _write_rows(conn, outcomes)
+    except WaitGivenUp:
+        return None
+
+
+def _write_rows(conn: sqlite3.Connection, outcomes: list[tuple[int, tuple[str | None, str]]]) -> tuple[int, int]:
+    given = marked = 0
+    for report_id, (lines, why) in outcomes:
+        if lines is not None:
+            # lines as add_report stores them now: person names as sent (0014)
+            given += conn.execute(
+                f"UPDATE reports SET lines = ?, names_spaced = 0 WHERE id = ? AND {_STILL_TO_READ}",
+                (lines, report_id),
+            ).rowcount
+        else:
+            marked += conn.execute(
+                f"UPDATE reports SET lines_not_read = ? WHERE id = ? AND {_STILL_TO_READ}", (why, report_id)
+            ).rowcount
+    return given, marked
 
 
 def _read_again(db: sqlite_utils.Database, report_id: int) -> tuple[str | None, str]:
@@ -135,6 +173,9 @@ class OldReportLines:
     def _run(self) -> None:
         try:
             db = open_clinic_db(self._data_dir)
+            # a batch's write waits for another process's lock (the console's) at most a second
+            # more once the stop is set - the service's one mechanism (sqlite_store.StopWaits)
+            give_up_waits_on(db, StopWaits(self._stop))
             try:
                 add_old_report_lines(db, self._stop)
             finally:

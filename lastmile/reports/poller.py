@@ -48,7 +48,7 @@ from uploader.dicom_query import (
 )
 from uploader.errors import ConfigurationFault, PermanentError, TransientError, UploadError
 from uploader.metering import Meter
-from uploader.outbox import backoff_delay
+from uploader.outbox import backoff_delay, gave_up_at_stop
 from uploader.report_lines import LineKind, ReportLine
 from uploader.report_reading import (
     REPORT_SR_CLASSES,
@@ -472,10 +472,14 @@ class PollerThread:
                 log.exception("report poller: unexpected %s", type(exc).__name__)
                 delay = self.idle_s
             except (sqlite3.OperationalError, OSError) as exc:
-                # a full or read-only data partition: waited out, never the end of the thread
-                # (the forward service would exit with it and stop draining the disk)
-                log.error("report poller: cannot write its state (%s); retrying in %g s", exc, self.idle_s)
                 delay = self.idle_s
+                if gave_up_at_stop(exc):  # the service's stop (another process held clinic.db's lock): no fault
+                    # nothing stored or marked asked: the next start asks again (its stop() ends the wait below)
+                    log.info("report poller: stopping: what this round found is asked for again at the next start")
+                else:
+                    # a full or read-only data partition: waited out, never the end of the thread
+                    # (the forward service would exit with it and stop draining the disk)
+                    log.error("report poller: cannot write its state (%s); retrying in %g s", exc, self.idle_s)
             except Exception as exc:  # the thread must not die silently: the service checks `alive`
                 self.error = exc
                 log.exception("report poller crashed")

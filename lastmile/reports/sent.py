@@ -36,6 +36,7 @@ from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_r
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_reading import dicom_datetime_iso
+from uploader.sqlite_store import gave_up_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class SentStudyRecorder:
         self.dropped = 0  # records given up (beyond KEEP_MAX, or still refused at stop)
         self._drops_unreported = 0  # dropped but not yet added to the status row
         self._last_drop_at: float | None = None
+        self._given_up_at_stop = False  # the last refusal was the service's stop giving up a wait
 
     @property
     def waiting(self) -> int:
@@ -159,7 +161,12 @@ class SentStudyRecorder:
         with self._write_lock:
             if self._kept:
                 lost, self._kept = len(self._kept), []
-                self._drop(lost, "clinic.db still refused them at stop")
+                if self._given_up_at_stop:  # another process's lock: no fault of clinic.db's
+                    self._drop(
+                        lost, "the stop gave up waiting for another process's lock on clinic.db", logging.WARNING
+                    )
+                else:
+                    self._drop(lost, "clinic.db still refused them at stop")
                 self._note_status()
 
     def _run(self) -> None:
@@ -283,11 +290,12 @@ class SentStudyRecorder:
         self._drop(lost, f"clinic.db refused them for too long (at most {KEEP_MAX} are kept)")
         return studies[lost:]  # the newest are kept
 
-    def _drop(self, lost: int, why: str) -> None:
+    def _drop(self, lost: int, why: str, level: int = logging.ERROR) -> None:
         self.dropped += lost
         self._drops_unreported += lost
         self._last_drop_at = time.time()
-        log.error(
+        log.log(
+            level,
             "%d sent-study record(s) DROPPED: %s; their reports will not be asked for "
             "(backfill at the next start records those still in the outbox)",
             lost,
@@ -302,13 +310,16 @@ class SentStudyRecorder:
         self._retry_s = min(RETRY_MAX_S, max(RETRY_FIRST_S, self._retry_s * 2))
         self._retry_at = time.monotonic() + self._retry_s
         self.last_error = f"{type(exc).__name__}: {exc}"
-        log.error(
+        # a write the stop gave up (another process held clinic.db's lock) is expected: no trace
+        self._given_up_at_stop = gave_up_at_stop(exc)
+        log.log(
+            logging.INFO if self._given_up_at_stop else logging.ERROR,
             "could not record sent studies in clinic.db (%s): %d waiting, kept and tried again in %g s; "
             "their reports are not asked for until then",
             self.last_error,
             len(self._kept),
             self._retry_s,
-            exc_info=first,
+            exc_info=first and not self._given_up_at_stop,
         )
         self._note_status()
 

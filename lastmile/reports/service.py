@@ -25,6 +25,7 @@ from uploader.dicom_commitment import ExtraStorage
 from uploader.dicom_query import ReportReceiver
 from uploader.metering import Meter
 from uploader.report_reading import CriticalRules
+from uploader.sqlite_store import StopWaits, give_up_waits_on
 
 if TYPE_CHECKING:
     from uploader.fhir_reports import FhirReportClient
@@ -112,7 +113,10 @@ def make_poller(
 
 
 class ReportService:
-    def __init__(self, config: Config, outbox: Outbox, peer: PeerSettings) -> None:
+    def __init__(self, config: Config, outbox: Outbox, peer: PeerSettings, *, stop: StopWaits | None = None) -> None:
+        """`stop`: the forward service's (its outbox's too): at a stop, the writes of its clinic.db
+        connection (sent records, reports received, the relayed readings' records) wait at most a
+        second more for another process's lock (WaitGivenUp), each kept for its next try."""
         self.enabled = config.reports.source != "off"
         self._retention_days = config.reports.retention_days
         self._window_days = config.reports.window_days
@@ -120,6 +124,8 @@ class ReportService:
         self._data_dir = config.data_dir
         self._old_lines: OldReportLines | None = None
         self.store = ReportStore.open(config.data_dir)
+        if stop is not None:
+            give_up_waits_on(self.store.db, stop)
         # reports C-MOVEd to the gateway's own AE arrive at the storage-commitment listener (the
         # port the PACS knows for that AE): the forwarder's listener takes them (`move_storage`)
         self.move_storage: ExtraStorage | None = None

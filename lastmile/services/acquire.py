@@ -33,13 +33,15 @@ if TYPE_CHECKING:
     from lastmile.clinic.patients import StatSession
     from lastmile.config import Config
     from uploader.outbox import Outbox
+    from uploader.sqlite_store import StopWaits
 
 log = logging.getLogger(__name__)
 
 # -- the parts, built from the configuration ------------------------------------------------------
 
 
-def serial_part(config: Config, outbox: Outbox) -> Part | None:
+def serial_part(config: Config, outbox: Outbox, stop: StopWaits | None = None) -> Part | None:
+    """`stop`: the service's, for the devices' clinic.db writes as for the outbox's."""
     from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
 
     # readings (ECGs) kept in the spill files are stored even when no serial device is configured any more
@@ -51,7 +53,7 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
     except ImportError:
         log.warning("serial devices configured but the serial link module is not installed")
         return None
-    service = SerialService.open(config, outbox=outbox)  # ConfigError: refused before READY
+    service = SerialService.open(config, outbox=outbox, stop=stop)  # ConfigError: refused before READY
 
     def work(stop: threading.Event, beat: Beat) -> None:
         while not stop.is_set():
@@ -70,10 +72,11 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
 class SessionLookup:
     """What the clinic session says at this moment, for ECGs that arrive on their own (LAN, stick):
     the current patient's IDs (his own and those the doctor linked to it), and that patient when
-    the doctor checked them in as STAT."""
+    the doctor checked them in as STAT; the name it knows for an ID (a file's name is compared with it)."""
 
     patient_ids: Callable[[], frozenset[str]]
     stat_session: Callable[[], StatSession | None]
+    checked_in_name: Callable[[str], str] = lambda patient_id: ""
 
 
 NO_SESSION = SessionLookup(frozenset, lambda: None)
@@ -87,7 +90,7 @@ def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) ->
     from lastmile.ecg.intake import lan_receiver
 
     try:
-        receiver = lan_receiver(config, outbox, session.patient_ids, session.stat_session)
+        receiver = lan_receiver(config, outbox, session.patient_ids, session.stat_session, session.checked_in_name)
     except LinkConfigError as exc:  # empty allow-list and the like: refused before READY
         raise ConfigError(f"{config.source}: lan_receiver: {exc}") from None
     # listening starts at the part's first check, and is retried there: a port it cannot have
@@ -100,7 +103,7 @@ def usb_import_part(config: Config, outbox: Outbox, session: SessionLookup) -> P
         return None
     from lastmile.ecg.intake import usb_import_watcher
 
-    watcher = usb_import_watcher(config, outbox, session.patient_ids, session.stat_session)
+    watcher = usb_import_watcher(config, outbox, session.patient_ids, session.stat_session, session.checked_in_name)
 
     def work(stop: threading.Event, beat: Beat) -> None:
         while not stop.is_set():
@@ -112,20 +115,25 @@ def usb_import_part(config: Config, outbox: Outbox, session: SessionLookup) -> P
     return WorkerPart("usb-import", work, stale_after=None)
 
 
-def gnss_part(config: Config) -> Part | None:
+def gnss_part(config: Config, waits: StopWaits | None = None) -> Part | None:
     """Fixes from gpsd or an NMEA receiver: they anchor the clock (a Pi has no RTC) and extend
-    the open visit's bounded track."""
+    the open visit's bounded track. `waits`: the service's stop: at a stop, a fix's visits.db write
+    waits at most a second more for another process's lock (that track point given up, said at
+    INFO by the part), not 15 s."""
     if config.gps.source == "none":
         return None
     from firmware_bridge.errors import GnssError
     from firmware_bridge.gnss import open_source
     from lastmile.visits.book import VisitBook, VisitPolicy, follow_receiver
+    from uploader.sqlite_store import give_up_waits_on
 
     def work(stop: threading.Event, beat: Beat) -> None:
         warned = False
         with VisitBook.open(
             config.data_dir, gateway_id=config.gateway.id, policy=VisitPolicy.from_config(config.visits)
         ) as book:
+            if waits is not None:
+                give_up_waits_on(book.db, waits)
             while not stop.is_set():
                 beat()
                 try:
@@ -155,13 +163,15 @@ def gnss_part(config: Config) -> Part | None:
     return WorkerPart("gnss", work)
 
 
-def build_parts(config: Config, outbox: Outbox, session: SessionLookup, *, into: list[Part]) -> None:
+def build_parts(
+    config: Config, outbox: Outbox, session: SessionLookup, *, into: list[Part], stop: StopWaits | None = None
+) -> None:
     """Every enabled part, appended to `into` as it is made (so a failure can close those made)."""
     for build in (
-        lambda: serial_part(config, outbox),
+        lambda: serial_part(config, outbox, stop),
         lambda: lan_receiver_part(config, outbox, session),
         lambda: usb_import_part(config, outbox, session),
-        lambda: gnss_part(config),
+        lambda: gnss_part(config, stop),
     ):
         part = build()
         if part is not None:
@@ -171,8 +181,16 @@ def build_parts(config: Config, outbox: Outbox, session: SessionLookup, *, into:
 class AcquireService:
     """The `Service` for `lastmile acquire`: composes the enabled parts around one outbox."""
 
-    def __init__(self, config: Config, outbox: Outbox, parts: list[Part], closers: list[Callable[[], None]]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        outbox: Outbox,
+        parts: list[Part],
+        closers: list[Callable[[], None]],
+        stop: StopWaits | None = None,
+    ) -> None:
         self.config = config
+        self.stop_waits = stop
         self.outbox = outbox
         self.parts = parts
         self._closers = closers
@@ -182,16 +200,20 @@ class AcquireService:
     @classmethod
     def start(cls, config: Config, *, stop: threading.Event | None = None) -> AcquireService:
         """`stop`: the runtime's (SIGTERM): once set, a reading waiting for another process's
-        write lock on the outbox gives up within a second and is held as any the outbox refused
-        (the serial spill file, said at the stop), not waited for 15 s (`open_outbox`)."""
+        write lock on the outbox or clinic.db gives up within a second and is held as any the
+        outbox refused (the serial spill file, said at the stop), not waited for 15 s per write
+        (`open_outbox`, sqlite_store.StopWaits: one second for both databases); a device row's
+        write given up is redone at the next start."""
         from lastmile.data_dir import open_outbox  # no DICOM stack in the acquire process
+        from uploader.sqlite_store import StopWaits
 
-        outbox = open_outbox(config, stop=stop)
+        waits = StopWaits(stop) if stop is not None else None
+        outbox = open_outbox(config, stop=waits)
         closers: list[Callable[[], None]] = [outbox.close]
         parts: list[Part] = []
         try:
-            build_parts(config, outbox, cls._session_lookup(config, closers), into=parts)
-            service = cls(config, outbox, parts, closers)
+            build_parts(config, outbox, cls._session_lookup(config, closers, waits), into=parts, stop=waits)
+            service = cls(config, outbox, parts, closers, waits)
             service.check_parts()  # starts the worker threads
         except BaseException:
             for part in reversed(parts):
@@ -203,13 +225,19 @@ class AcquireService:
         return service
 
     @staticmethod
-    def _session_lookup(config: Config, closers: list[Callable[[], None]]) -> SessionLookup:
+    def _session_lookup(
+        config: Config, closers: list[Callable[[], None]], stop: StopWaits | None = None
+    ) -> SessionLookup:
         try:
             from lastmile.clinic.patients import PatientContext
         except ImportError:
             return NO_SESSION
+        from uploader.sqlite_store import give_up_waits_on
+
         context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
         closers.append(context.close)
+        if stop is not None:  # its one write, an idle session ended as it is read
+            give_up_waits_on(context.db, stop)
         lock = threading.Lock()
 
         def current_patient_ids() -> frozenset[str]:
@@ -220,7 +248,11 @@ class AcquireService:
             with lock:
                 return context.stat_session(dt.datetime.now(dt.timezone.utc))
 
-        return SessionLookup(current_patient_ids, stat_session)
+        def checked_in_name(patient_id: str) -> str:
+            with lock:
+                return context.known_name(patient_id, dt.datetime.now(dt.timezone.utc))
+
+        return SessionLookup(current_patient_ids, stat_session, checked_in_name)
 
     def check_parts(self) -> None:
         now = time.monotonic()
@@ -242,9 +274,9 @@ class AcquireService:
             close()
         self.config = config
         self._closers = self._closers[:1]
-        session = self._session_lookup(config, self._closers)
+        session = self._session_lookup(config, self._closers, self.stop_waits)
         self.parts = []
-        build_parts(config, self.outbox, session, into=self.parts)
+        build_parts(config, self.outbox, session, into=self.parts, stop=self.stop_waits)
         self.check_parts()
 
     def close(self) -> None:

@@ -104,14 +104,9 @@ def ble_part(
 class BleService:
     """The `Service` for `lastmile ble run`: the BLE part around one outbox, or idle when disabled."""
 
-    def __init__(
-        self, config: Config, *, radio: RadioFactory | None = None, stop: threading.Event | None = None
-    ) -> None:
-        """`stop`: the runtime's (SIGTERM): once set, a reading waiting for another process's write
-        lock on the outbox gives up within a second rather than holding the stop 15 s (`open_outbox`)."""
+    def __init__(self, config: Config, *, radio: RadioFactory | None = None) -> None:
         self.config = config
         self.radio = radio
-        self.stop = stop
         self.outbox: Outbox | None = None
         self.part: Part | None = None
         # Set from the link's thread, read by status_line: one reference swapped whole.
@@ -119,10 +114,8 @@ class BleService:
         self.trim = HeapTrim(time.monotonic())
 
     @classmethod
-    def start(
-        cls, config: Config, *, radio: RadioFactory | None = None, stop: threading.Event | None = None
-    ) -> BleService:
-        service = cls(config, radio=radio, stop=stop)
+    def start(cls, config: Config, *, radio: RadioFactory | None = None) -> BleService:
+        service = cls(config, radio=radio)
         service._build()
         return service
 
@@ -133,7 +126,12 @@ class BleService:
         from lastmile.data_dir import open_outbox
 
         if self.outbox is None:
-            self.outbox = open_outbox(self.config, stop=self.stop)
+            # Not given the runtime's stop (as acquire's and the forwarder's are): BLE has no spill
+            # file, and a live reading (a thermometer's, no device memory to read it again from) that
+            # gave up waiting for another process's write lock at SIGTERM was lost. Its store keeps
+            # SQLite's 15 s wait; the link's close waits for it (WorkerPart.close), within
+            # lastmile-ble.service's TimeoutStopSec=30.
+            self.outbox = open_outbox(self.config)
         self.radio_fault = None
         self.part = ble_part(self.config, self.outbox, radio=self.radio, radio_listener=self._radio_changed)
         if self.part is not None:

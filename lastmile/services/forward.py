@@ -5,7 +5,7 @@ A full data partition is waited out here, not by exiting: the outbox's reserve f
 (uploader/space_reserve.py) gives the first writes room; once it is spent and SQLite still
 finds no room, a step cannot record progress: claiming fails first, so nothing is sent (a store
 that succeeded but could not be recorded is remembered and recorded when there is room, not
-sent again). The service then logs one line saying so, shows the fault in its status,
+sent again - by the next start if this one stops first: `Outbox.remember_stored`). The service then logs one line saying so, shows the fault in its status,
 and tries again soon - every FULL_DISK_RETRY_MAX_S at most - so that the moment any room
 appears (a log rotated, the county IT freeing space) it sends and purges, which frees far more.
 `lastmile queue` shows the full partition without writing to it."""
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from lastmile.services.observation_relay import Relayed
     from lastmile.visits.relay_link import VisitQueue
     from uploader.fhir_sender import FhirSender
+    from uploader.sqlite_store import StopWaits
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,11 @@ class ForwardService:
     ) -> None:
         """`alive`: called as a step makes progress (an object stored, ...; the runtime's
         `ServiceRuntime.alive`): a round with a long backlog on a slow link keeps the watchdog fed.
-        `stop`: the runtime's (SIGTERM): once set, the outbox's writes stop waiting for another
-        process's write lock (`Outbox.give_up_waits_on`), so a step waiting for it ends."""
+        `stop`: the runtime's (SIGTERM): once set, the outbox's and clinic.db's writes stop waiting
+        for another process's write lock within a second (`Outbox.give_up_waits_on`,
+        sqlite_store.StopWaits, one for both), so a step or a record's writer waiting for it ends."""
+        from uploader.sqlite_store import StopWaits
+
         self._alive = alive
         # as in acquire: big buffers (a payload, its inflated and encoded copies: ~100-250 KB per
         # store) mapped and unmapped rather than left in the heap, and free heap pages given back
@@ -102,9 +106,10 @@ class ForwardService:
         GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
         self._trimmed = time.monotonic()
         self.config = config
-        self.outbox = open_outbox(config, stop=stop)
+        waits = self._stop_waits = StopWaits(stop) if stop is not None else None
+        self.outbox = open_outbox(config, stop=waits)
         try:
-            self.reports = self._make_reports(config)
+            self.reports = self._make_reports(config, waits)
             try:
                 self.ecg = self._make_ecg(config)
                 try:
@@ -148,10 +153,10 @@ class ForwardService:
             self._alive()
         self.reports.recorder.on_event(kind, info)
 
-    def _make_reports(self, config: Config) -> ReportService:
+    def _make_reports(self, config: Config, stop: StopWaits | None) -> ReportService:
         from lastmile.reports.service import ReportService
 
-        reports = ReportService(config, self.outbox, peer_settings(config.reading_center))
+        reports = ReportService(config, self.outbox, peer_settings(config.reading_center), stop=stop)
         reports.start()
         return reports
 
@@ -246,13 +251,13 @@ class ForwardService:
             from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
-            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices)
+            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices, self._stop_waits)
             relay_observations(
                 self.outbox, fhir_naming(self.config), time.time(), visit_link=link, record=self._record_relayed
             )
             self._queue_visits()
 
-            now = time.time()  # the taken bundles' sent time (Outbox.mark_sent)
+            now = time.time()  # the taken bundles' sent time (Outbox.mark_taken)
             fhir = forward_fhir_once(
                 self.outbox,
                 self._fhir,
@@ -289,9 +294,8 @@ class ForwardService:
         # after the platform took its bundle: no round's keys would name it again
         try:
             self._record_taken_of(records)
-        except Exception:  # written; the Sent page reads the bundles meanwhile
-            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
-            self._records_behind = True
+        except Exception as exc:  # noqa: BLE001 - written; the Sent page reads the bundles meanwhile
+            self._taken_not_recorded(exc)
 
     def _record_taken(self, taken: list[str], at: float) -> None:
         """The readings whose bundles the platform took this round (`taken`, at `at`) get their
@@ -306,9 +310,22 @@ class ForwardService:
                 self._records_behind = False
             else:
                 self.reports.store.record_bundles_taken(taken, dt.datetime.fromtimestamp(at, dt.timezone.utc))
-        except Exception:  # the Sent page reads the bundles meanwhile: never stop the round for this
-            log.exception("readings taken by the county platform not recorded as sent yet (tried again next round)")
-            self._records_behind = True
+        except Exception as exc:  # noqa: BLE001 - the Sent page reads the bundles meanwhile: never stop the round
+            self._taken_not_recorded(exc)
+
+    def _taken_not_recorded(self, exc: Exception) -> None:
+        """The readings' sent time not written (clinic.db refused it): caught up from the outbox at
+        the next round, or the next start's first (`_catch_up_taken`). A write the stop gave up
+        (another process held clinic.db's lock) is the stop, no fault: no trace at ERROR."""
+        from uploader.sqlite_store import gave_up_at_stop
+
+        self._records_behind = True
+        if gave_up_at_stop(exc):
+            log.info("stopping: readings taken by the county platform recorded as sent at the next start")
+        else:
+            log.error(
+                "readings taken by the county platform not recorded as sent yet (tried again next round)", exc_info=exc
+            )
 
     def _catch_up_taken(self) -> None:
         """Every record with no sent time whose bundle the outbox says was taken gets that time (one
@@ -332,11 +349,18 @@ class ForwardService:
         from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
 
         if self._visits is None:
-            self._visits = VisitQueue(self.config.data_dir, self.config.gateway.id, notices=self._visit_notices)
+            self._visits = VisitQueue(
+                self.config.data_dir, self.config.gateway.id, notices=self._visit_notices, waits=self._stop_waits
+            )
         try:
             self._visits.queue(self.outbox, fhir_naming(self.config))
         except PASSING_FAULTS as exc:
-            log.warning("closed home visits not queued now (tried again in %g s): %s", UNQUEUED_RETRY_S, exc)
+            from uploader.sqlite_store import gave_up_at_stop
+
+            if gave_up_at_stop(exc):  # the stop's (another process held visits.db's lock), no fault
+                log.info("stopping: closed home visits queued for the county platform at the next start")
+            else:
+                log.warning("closed home visits not queued now (tried again in %g s): %s", UNQUEUED_RETRY_S, exc)
         except DATA_ERRORS:  # a visit record that cannot be a bundle: readings and ECGs still go
             log.exception("a closed home visit cannot be queued for the county platform")
 
@@ -347,7 +371,7 @@ class ForwardService:
             self._fhir.close()
         self.config = config
         self._visits = None  # the data directory or gateway id may have changed
-        self.reports = self._make_reports(config)
+        self.reports = self._make_reports(config, self._stop_waits)
         # as at start: without the reports' storage a reload left the listener refusing every
         # report C-MOVEd to our AE (the result no longer came back to the village)
         self.ecg = self._make_ecg(config)

@@ -29,7 +29,7 @@ from lastmile.visits.relay_link import released_record
 from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.fhir_bundle import FhirNaming
 from uploader.fhir_forwarder import enqueue_observation
-from uploader.outbox import ItemState, Outbox, OutboxItem
+from uploader.outbox import ItemState, Outbox, OutboxItem, gave_up_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ def relay_observations(
             # Not the reading's fault (a full disk, visits.db busy): it and the rest of this round
             # go back to the queue, uncharged, for a later round.
             rest = [i.id for i in claimed[n:]]
+            if gave_up_at_stop(exc):  # the stop's (visits.db locked by another process): the next start's
+                log.info("stopping: %d reading(s) relayed at the next start", len(rest))
+                outbox.release(rest, "relay to the county platform cut short by a stop", now, 0.0)
+                break
             log.warning("relaying readings paused (%d put back for %g s): %s", len(rest), RELAY_RETRY_S, exc)
             outbox.release(rest, f"relay to the county platform paused: {exc}", now, RELAY_RETRY_S)
             break
@@ -102,31 +106,35 @@ def relay_observations(
         done.append((item, obs, None))
     if done:
         ids = [item.id for item, _obs, _visit in done]
-        if record is not None and not _record(record, done, now):
-            outbox.release(ids, "relayed; its Sent page record not written yet (clinic.db)", now, RELAY_RETRY_S)
+        retry_in = _record(record, done, now) if record is not None else None
+        if retry_in is not None:
+            outbox.release(ids, "relayed; its Sent page record not written yet (clinic.db)", now, retry_in)
             return len(done)
-        outbox.mark_sent(ids, now)
-        outbox.mark_committed(ids, now)  # durable: the bundle carries the reading from here
+        outbox.mark_taken(ids, now)  # durable, one transaction: the bundle carries the reading from here
         log.info("%d reading(s) queued for the county platform", len(done))
     return len(done)
 
 
-def _record(record: RecordRelayed, done: list[Relayed], now: float) -> bool:
+def _record(record: RecordRelayed, done: list[Relayed], now: float) -> float | None:
     """Written before the readings are marked sent: a relay cut short between the two records
     them again (absorbed), never marks them sent unrecorded. A record clinic.db refuses does not
     hold the readings back - their bundles are queued (or their visit's carries them) and go - but
     their items are put back, unmarked, as a relay cut short: marked sent unrecorded, the Sent page
-    said 已发送 before the platform took them, and lost them at the purge. False: not written."""
+    said 已发送 before the platform took them, and lost them at the purge. None: written; else
+    in how many seconds they are relayed again (at once after a stop: the next start's first round)."""
     try:
         record(done, now)
-        return True
-    except Exception:  # a record (clinic.db busy or full, a bug) must never stop the readings
+        return None
+    except Exception as exc:  # a record (clinic.db busy or full, a bug) must never stop the readings
+        if gave_up_at_stop(exc):  # the stop's (another process held clinic.db's lock), no fault
+            log.info("stopping: %d reading(s) relayed, their sent record written at the next start", len(done))
+            return 0.0
         log.exception(
             "%d reading(s) relayed without their sent record: written at a later round (in %g s)",
             len(done),
             RELAY_RETRY_S,
         )
-        return False
+        return RELAY_RETRY_S
 
 
 def _released_by_visit(item: OutboxItem) -> tuple[int, str] | None:

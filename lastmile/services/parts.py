@@ -111,7 +111,11 @@ class WorkerPart(RestartBackoff):
             if not self.stop.is_set():
                 self._failed("ended")
         except Exception as exc:
-            if not self.stop.is_set():
+            from uploader.sqlite_store import gave_up_at_stop
+
+            if gave_up_at_stop(exc):  # the service's stop, no fault: what was in hand is the next start's
+                log.info("%s: stopping: a write waiting for another process's lock given up: %s", self.name, exc)
+            elif not self.stop.is_set():
                 log.warning("%s: %s: %s", self.name, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 self._failed(f"{type(exc).__name__}: {exc}")
 

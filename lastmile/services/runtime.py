@@ -270,10 +270,10 @@ class ServiceRuntime:
             except RestartRequested:
                 raise
             except Exception as exc:
-                from uploader.outbox import gave_up_at_stop
+                from uploader.sqlite_store import gave_up_at_stop
 
                 if stop.is_set() and gave_up_at_stop(exc):  # the stop's doing, not a fault
-                    log.info("%s: stopping: a write waiting for the outbox lock given up", self.name)
+                    log.info("%s: stopping: a write waiting for another process's database lock given up", self.name)
                     break
                 if not is_operational(exc):
                     log.exception("%s: step failed; exiting so systemd restarts the service", self.name)

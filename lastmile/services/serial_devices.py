@@ -71,14 +71,15 @@ from firmware_bridge.serial_link import (
 )
 from lastmile import __version__
 from lastmile.clinic.devices import (
+    HELD_AT_STOP,
     DeviceProblem,
     DeviceRecord,
     DeviceRegistry,
     HeldReadings,
     forwarded_name,
     held_words,
-    lost_causes,
     lost_message,
+    lost_on_disk_message,
     normalise_address,
     serial_address,
     waiting_message,
@@ -97,11 +98,13 @@ from lastmile.ecg.intake import enqueue_recording, session_request
 from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
+    SPILL_NAME,
     SpillFile,
     kept_in,
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
+from uploader.sqlite_store import StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +265,11 @@ class SerialContext:
     # stop lost (the lost FAIL says them: their NACK is not the row's error too), until the first
     # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
+    stopping: bool = False  # the service's stop gave up a store: what waits now is said at INFO, expected
+    # The card scanner's session writes: a connection of their own, which the stop does not bound
+    # (None: `patients`'). A card given up at a stop would leave the previous patient current
+    # after the restart, and the next readings on him: the card waits for the lock as before.
+    card_sessions: PatientContext | None = None
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -285,8 +293,9 @@ class SerialContext:
                 name=name,
                 **facts,  # type: ignore[arg-type]
             )
-        except Exception:  # status is best effort; readings are not
-            log.exception("%s: cannot record device status", spec.name)
+        except Exception as exc:  # status is best effort; readings are not
+            if not status_given_up(spec, exc):
+                log.exception("%s: cannot record device status", spec.name)
             return False
         return True
 
@@ -327,6 +336,12 @@ class SerialContext:
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
+            if gave_up_at_stop(exc):  # the stop's, not a fault: held (spill file) for the next start, or resent
+                log.info("%s: stopping: a %s observation not stored yet: %s", spec.name, obs.kind, exc)
+                self.stopping = True  # what waits now is said at INFO too: expected
+                if held:  # its own cause, not space: no free-space advice for a stop
+                    self._held_cause(spec, HELD_AT_STOP)
+                return False
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
             message, space = f"{CANNOT_STORE}reading: {exc}", is_storage_full(exc)
             if not held or not space:
@@ -370,7 +385,8 @@ class SerialContext:
             if record.transport != "serial" or not record.waits_for_space:
                 continue
             if record.address in loaded:  # waits again for what it waited for (until its next try)
-                loaded[record.address].cause = record.held_cause
+                # a stop's is over: this start stores them now (a refusal then says its own cause)
+                loaded[record.address].cause = "" if record.held_at_stop else record.held_cause
             # what the spill files did not give back is lost too, not only what memory held
             self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
             # a row an older version wrote has no counts to keep the loss by: its words say it
@@ -397,24 +413,37 @@ class SerialContext:
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
-        """What `record` said was held before the stop and the spill files did not give back
-        (`loaded`: held - given back) was lost at the stop (a power cut, a damaged spill file):
-        the device cannot resend it, so the row keeps the loss for `lastmile doctor` even once
-        the rest is stored; more than it held in memory only is the spill files' loss, said as
-        its cause."""
-        lost = (
-            max(0, record.held_reading_count - len(loaded.observations)),
-            max(0, record.held_ecg_count - len(loaded.recordings)),
-        )
+        """What `record` said was held before the stop and is not back (`loaded`: what the spill
+        files gave back) was lost at the stop, the device cannot resend it: the row keeps the loss
+        for `lastmile doctor` even once the rest is stored, by where it was. A spill file that gave
+        back its newest copy whole is the truth of what was on disk (a row written before the file
+        was saved empty, or whose write failed, says more): only what the row said was held in
+        memory only is lost then. One that did not (missing, damaged) lost the rest of what the
+        row said it kept, too."""
+        held = (record.held_reading_count, record.held_ecg_count)
+        given = (len(loaded.observations), len(loaded.recordings))
         in_memory = record.in_memory_only if record.held_in_memory_only else (0, 0)
         spills = (self.spill, self.ecg_spill)
-        cause = lost_causes(
-            record.held_cause,
-            "; ".join(not_given_back(spill) for spill, n, m in zip(spills, lost, in_memory, strict=True) if n > m),
-        )
+        names = (SPILL_NAME, ECG_SPILL_NAME)
+        memory, disk, damaged = [0, 0], [0, 0], []
+        for i, spill in enumerate(spills):
+            memory[i] = min(in_memory[i], max(0, held[i] - given[i]))  # what is back was on disk
+            if spill is not None and spill.saved_after(record.held_spill_generations[i]):
+                memory[i] = 0  # a save after the row's word held all that waited then: its count is stale
+            if spill is None or not spill.gave_back_all:
+                disk[i] = max(0, held[i] - in_memory[i] - given[i])
+            if disk[i]:
+                damaged.append(
+                    spill.not_given_back if spill is not None else f"{Path(self.config.data_dir) / names[i]} (missing)"
+                )
+        lost, on_disk = (memory[0] + disk[0], memory[1] + disk[1]), (disk[0], disk[1])
         if any(lost):
-            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost), cause))
-            self.registry.record_lost(record, lost, now=self.now(), cause=cause)
+            damage = "; ".join(damaged)
+            if any(memory):
+                log.error("%s: %s", record.name or record.address, lost_message(held_words(*memory), record.held_cause))
+            if any(on_disk):
+                log.error("%s: %s", record.name or record.address, lost_on_disk_message(held_words(*on_disk), damage))
+            self.registry.record_lost(record, lost, now=self.now(), on_disk=on_disk, damage=damage)
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
 
@@ -447,8 +476,16 @@ class SerialContext:
                 counts[0] - on_disk(counts[0], self.spill, spec.name),
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
-        self.status(spec, held=where, held_cause=held.cause, held_counts=counts, memory_counts=memory)
-        log.error(
+        generations = tuple(s.generation if s is not None else None for s in (self.spill, self.ecg_spill))
+        self.status(
+            spec,
+            held=where,
+            held_cause=held.cause,
+            held_counts=counts,
+            memory_counts=memory,
+            spill_generations=generations,
+        )
+        (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
             self._row_waiting(spec) or waiting_message(held_words(*counts), where, held_words(*memory)),
@@ -485,8 +522,9 @@ class SerialContext:
             if record is not None and record.problem is DeviceProblem.NOT_SAVED:
                 self.registry.clear_error(address, DeviceProblem.NOT_SAVED, now=self.now())
                 self._row_errors.pop(spec.name, None)  # that cause back again is said at once
-        except Exception:  # status is best effort, as in status()
-            log.exception("%s: cannot record device status", spec.name)
+        except Exception as exc:  # status is best effort, as in status()
+            if not status_given_up(spec, exc):
+                log.exception("%s: cannot record device status", spec.name)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -560,8 +598,15 @@ class SerialContext:
             )  # once per recording: not rate-limited
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
-            log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             cause = "" if is_storage_full(exc) else f"{CANNOT_STORE}ECG: {exc}"
+            if gave_up_at_stop(exc):  # expected at a stop, no fault of the device: held, stored after the restart
+                log.info(
+                    "%s: stopping: an ECG recording not stored yet is kept to be stored after the restart", spec.name
+                )
+                self.stopping = True
+                self._held_cause(spec, HELD_AT_STOP)  # its own cause, not space: no free-space advice for a stop
+                return False
+            log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             if cause:
                 self.error(spec, cause, DeviceProblem.NOT_SAVED)
             else:  # held: the row's held status says it waits for space
@@ -569,7 +614,10 @@ class SerialContext:
             self._held_cause(spec, cause)
             return False
         if patient is not None:
-            self.patients.touch(now=now)
+            try:
+                self.patients.touch(now=now)
+            except WaitGivenUp:  # the ECG is stored: a stop does not make it "not stored"
+                log.info("stopping: the session's activity not recorded (clinic.db locked by another process)")
         gaps = sum(g.missing for g in recording.gaps)
         text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (
             f", {gaps} samples missing" if gaps else ""
@@ -578,12 +626,15 @@ class SerialContext:
         return True
 
 
-def not_given_back(spill: SpillFile | None) -> str:
-    """Why `spill` did not give back all a device row said it kept (a cause of their loss)."""
-    if spill is None:
-        return "kept on disk, but no spill file was opened for them"
-    aside = f"; set aside as {spill.set_aside}" if spill.set_aside is not None else ""
-    return f"kept on disk, but {spill.path} gave them not back ({spill.damage or 'not in it'}{aside})"[:200]
+def status_given_up(spec: LinkSpec, exc: Exception) -> bool:
+    """Whether a device row's status write (best effort: readings are not) failed because the stop
+    gave it up, another process holding clinic.db's lock: expected, said at INFO. The row is
+    written again as the next start finds the device (disconnected, what waits); only its last
+    reading's summary is not."""
+    if not gave_up_at_stop(exc):
+        return False
+    log.info("%s: stopping: device status not recorded (clinic.db locked by another process): %s", spec.name, exc)
+    return True
 
 
 def on_disk(waiting: int, spill: SpillFile | None, name: str) -> int:
@@ -840,11 +891,12 @@ class ScannerHandler:
     def data_received(self, data: bytes) -> None:
         for ev in self.decoder.feed(data):
             now = self.ctx.now()
+            sessions = self.ctx.card_sessions or self.ctx.patients
             if isinstance(ev, PatientScanned):
-                self.ctx.patients.set_patient(ev.patient_id, now=now)
+                sessions.set_patient(ev.patient_id, now=now)
                 self.ctx.status(self.spec, reading="patient card", reading_at=now)
             elif isinstance(ev, DoctorScanned):
-                self.ctx.patients.set_doctor(ev.doctor_id, now=now)
+                sessions.set_doctor(ev.doctor_id, now=now)
                 self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
@@ -900,13 +952,23 @@ class SerialService:
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
     @classmethod
-    def open(cls, config: Config, *, outbox: Outbox, **kwargs: object) -> SerialService:
-        """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's."""
+    def open(cls, config: Config, *, outbox: Outbox, stop: StopWaits | None = None, **kwargs: object) -> SerialService:
+        """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's.
+        `stop`: the acquire service's (its outbox's too): at a stop, the devices' clinic.db writes
+        wait at most a second more for another process's lock (WaitGivenUp): a reading is held
+        (spill file), a row's status is redone at the next start."""
         # A bad profile file stops only the devices that name it: each says why in its status.
         profiles, bad = load_profiles_apart(config)
         specs = link_specs(config, profiles, bad)
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
+        owned: list[object] = [store]
+        card_sessions = None
+        if stop is not None:
+            give_up_waits_on(store.db, stop)
+            if any(spec.profile == SCANNER for spec in specs):  # SerialContext.card_sessions
+                card_sessions = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+                owned.append(card_sessions)
         registry = DeviceRegistry(store.db)
         ctx = SerialContext(
             config=config,
@@ -921,10 +983,11 @@ class SerialService:
             ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME)
             if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
             else None,
+            card_sessions=card_sessions,
         )
         ctx.load_spilled()
         ctx.settle_held_at_start()
-        service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
+        service = cls(ctx, specs, owned=owned, **kwargs)  # type: ignore[arg-type]
         service.refused = refused_devices(config, bad)
         for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
@@ -1004,7 +1067,11 @@ class SerialService:
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
                 at_stop("ECG recording(s)", len(held.recordings), self.ctx.ecg_spill, name),
             )
-            log.error("%s: %s not stored: the outbox refused them", name, ", ".join(s for s in said if s))
+            what = ", ".join(s for s in said if s)
+            if held.cause == HELD_AT_STOP and all("lost" not in s for s in said):  # the stop's, all on disk: expected
+                log.info("%s: %s not stored: the gateway was stopping", name, what)
+            else:
+                log.error("%s: %s not stored: the outbox refused them", name, what)
         for thing in self._owned:
             close = getattr(thing, "close", None)
             if close is not None:

@@ -21,8 +21,11 @@ a power cut the resent ECG_END finds its recording held again, and it is stored 
 
 A file that gives back less than a whole copy (unreadable, empty, cut short, garbage, records that
 do not decode) never stops the start: what it gives back waits again, the file is set aside
-(`<name>.<time>.bad`, said once in the journal with its path, for the county IT) and a new one
-allocated; `damage` says why, for the device rows to say what it did not give back as lost.
+(`<name>.<time>.bad`, said once in the journal with its path, for the county IT) once a new one
+is allocated - on a full disk (when the file is used) none can be: the damaged file's own blocks
+are then written in place, so what it gave back stays on disk. `damage` says why, for the device
+rows to say what it did not give back as lost; a file that gives back its newest copy whole is
+the truth of what was on disk (`gave_back_all`), whatever a row written before (or not) says.
 Bounded by number: the newest SET_ASIDE_KEPT set aside per spill file are kept, older ones removed.
 """
 
@@ -36,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +61,12 @@ MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 SET_ASIDE_KEPT = 2  # damaged spill files kept per name for the county IT: <= 2 x 4 MB of the SD card
 MISSING = "missing"  # `SpillFile.damage` of a file not there at start
+# a slot header's generation at or above this is none the gateway wrote (a torn header, 0xFF bytes):
+# trusted, the next save's generation overflowed its 8 bytes (a crash at every start)
+MAX_GENERATION = 2**63
+# one at or above this (one save a second would take 10**11 years) is not the gateway's either: the
+# file is damaged and replaced, numbered from 1 again, far below MAX_GENERATION
+PLAUSIBLE_GENERATION = 2**62
 
 T = TypeVar("T")
 
@@ -81,11 +91,32 @@ def recording_from_json(data: dict) -> tuple[str, EcgRecording]:
 
 def _slot_header(f: BinaryIO, offset: int) -> tuple[int, int, bytes] | None:
     """(generation, length, sha256) of the slot at `offset`, None if it never held a copy."""
-    raw = os.pread(f.fileno(), HEADER, offset)
+    return _parse_header(os.pread(f.fileno(), HEADER, offset))
+
+
+def _parse_header(raw: bytes) -> tuple[int, int, bytes] | None:
+    """(generation, length, sha256) of a slot header as the gateway writes it, None if it is not
+    one (never written, garbage, or a generation it never wrote: `MAX_GENERATION`)."""
     if len(raw) < HEADER or not raw.startswith(MAGIC):
         return None
     at = len(MAGIC)
-    return int.from_bytes(raw[at : at + 8], "big"), int.from_bytes(raw[at + 8 : at + 12], "big"), raw[at + 12 :]
+    generation = int.from_bytes(raw[at : at + 8], "big")
+    if generation >= MAX_GENERATION:
+        return None
+    return generation, int.from_bytes(raw[at + 8 : at + 12], "big"), raw[at + 12 : HEADER]
+
+
+def highest_header(path: Path) -> tuple[int, int] | None:
+    """(slot, generation) of the slot header with the highest generation in the file at `path`,
+    whole copy behind it or not (None: none, or unreadable): a copy written after it must be above
+    it, or an old one comes back at the next start."""
+    try:
+        with path.open("rb") as f:
+            half = os.fstat(f.fileno()).st_size // 2
+            headers = [(h[0], slot) for slot in (0, 1) if half and (h := _slot_header(f, slot * half)) is not None]
+    except OSError:
+        return None
+    return (max(headers)[1], max(headers)[0]) if headers else None
 
 
 def newest_copy(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
@@ -110,7 +141,7 @@ def _content(body: bytes) -> dict[str, list[dict]] | None:
     """A slot's body as saved (device name -> records), None if it is not that."""
     try:
         content = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be ours
         return None
     if not isinstance(content, dict) or not all(isinstance(v, list) for v in content.values()):
         return None
@@ -133,8 +164,10 @@ def damage(path: Path) -> str:
         return "empty"
     if any(r.startswith(MAGIC) for r in raw) and newest_copy(path) is None:
         return "no whole copy in it (cut short or torn)"
-    if any(r.strip(b"\0") and not r.startswith(MAGIC) for r in raw):
+    if any(r.strip(b"\0") and _parse_header(r) is None for r in raw):
         return "not what the gateway wrote (garbage)"
+    if any((h := _parse_header(r)) is not None and h[0] >= PLAUSIBLE_GENERATION for r in raw):
+        return "a copy numbered higher than the gateway ever writes (garbage)"
     return ""
 
 
@@ -177,47 +210,156 @@ class SpillFile:
         self.path, self._size = Path(data_dir) / name, size
         self.kept = False
         newest = newest_copy(self.path)
+        highest = highest_header(self.path)
         self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
+        # the slot of its newest whole copy: written in place, a save never goes there (a power cut
+        # mid-save would lose the only whole copy)
+        self._whole_slot = newest[0] if newest else None
+        self._generation_at_start = newest[1] if newest else None
         # why it may not give back all it kept: MISSING, or its damage (then set aside)
         self.damage = damage(self.path) if self.path.exists() or self.path.is_symlink() else MISSING
+        # its newest copy torn (a power cut mid-save, a flipped bit): the older one is given back
+        self.torn = newest is not None and highest is not None and highest[1] > newest[1]
+        self._held_a_copy = newest is not None
         self.set_aside: Path | None = None
+        self.in_place = False  # damaged, and written in place: no room for a new one
+        self._replaced = False
+        self._clear_other_slot = False
         self.usable = False
+        self.holds: dict[str, int] = {}
         if self.damage not in ("", MISSING):
-            self._set_aside(self.damage)
+            self._replace(self.damage)
         else:
-            self._open(newest)
+            self._open(newest, highest)
 
-    def _open(self, newest: tuple[int, int, dict[str, list[dict]]] | None) -> None:
+    @property
+    def gave_back_all(self) -> bool:
+        """Its newest copy came back whole, every record read: the truth of what was on disk at the
+        stop (a device row saying more was written before it was saved, or not written after)."""
+        return self._held_a_copy and not self.damage and not self.torn
+
+    @property
+    def generation(self) -> int | None:
+        """The generation of its last copy (found at start or saved since; None: not usable), for
+        the device rows: a whole copy found above the one a row names was saved after the row."""
+        return self._generation if self.usable else None
+
+    def saved_after(self, generation: int | None) -> bool:
+        """Whether the newest copy it gave back whole at start (`gave_back_all`) was saved after
+        the copy of `generation` a device row names (None: the row names none: never)."""
+        at_start = self._generation_at_start if self.gave_back_all else None
+        return generation is not None and at_start is not None and at_start > generation
+
+    @property
+    def not_given_back(self) -> str:
+        """Why it did not give back all it kept, for people: the file, its damage, where the county
+        IT finds it ("" when it did)."""
+        if self.gave_back_all:
+            return ""
+        why = (self.damage or ("its newest copy is torn" if self.torn else "no copy in it"))[:100]
+        if self.set_aside is not None:  # both paths whole: where the county IT finds them
+            return f"{self.path} ({why}; set aside as {self.set_aside})"
+        kept = "; kept in place: no room to set it aside" if self.in_place else ""
+        return f"{self.path} ({why}{kept})"
+
+    def _open(self, newest: tuple[int, int, dict[str, list[dict]]] | None, highest: tuple[int, int] | None) -> None:
         self.usable = self._allocate(self._size)
         self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
+        if highest is not None and highest[1] > self._generation:  # a torn newer copy: ours go above it
+            self._generation = highest[1]
         self.holds = {name: len(items) for name, items in (newest[2] if newest else {}).items() if items}
         self.slot_bytes = self.path.stat().st_size // 2 if self.usable else 0
 
-    def _set_aside(self, why: str) -> None:
-        """The file is damaged: kept aside for the county IT, a new one allocated in its place
-        (what it gave back is saved there by `load`)."""
-        self.damage, self.set_aside = why, set_aside(self.path, why)
-        self._open(None)
+    def _replace(self, why: str) -> None:
+        """The file is damaged: a new one allocated first, then the damaged one set aside for the
+        county IT and the new one put in its place (what it gave back is saved there by `load`).
+        No room for a new one (a full disk: when the file is used), or the damaged one cannot be
+        moved: it is written in place, above every generation in it (an old copy never comes
+        back), so what it gave back stays on disk either way."""
+        self.damage, self._replaced, self.holds = why, True, {}
+        fresh = self._allocate_new()
+        if fresh is not None:
+            self.set_aside = set_aside(self.path, why)
+            if self.set_aside is not None or not (self.path.exists() or self.path.is_symlink()):
+                try:
+                    os.rename(fresh, self.path)
+                    fsync_dir(self.path.parent)
+                except OSError as exc:
+                    log.error("cannot put a new spill file in place of %s: %s", self.path, exc)
+                else:
+                    self.usable, self._slot, self._generation = True, 1, 0
+                    self.slot_bytes = self._size // 2
+                    return
+        with contextlib.suppress(OSError):
+            if fresh is not None:
+                fresh.unlink()
+        if self.set_aside is None and self._reuse_in_place():
+            log.error(
+                "spill file %s gives back less than it kept (%s) and cannot be set aside: %s",
+                self.path,
+                why,
+                "no room for a new one; written in place" if fresh is None else "written in place",
+            )
+            return
+        if fresh is None and self.set_aside is None:  # not one to write in place either: for the county IT
+            self.set_aside = set_aside(self.path, why)
+        self.usable, self.slot_bytes = False, 0
+
+    def _reuse_in_place(self) -> bool:
+        """Write the damaged file in place from now on: only a regular file of its size, whose
+        blocks are all there (fallocate takes none new then), holds the next copies."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # no O_TRUNC: its blocks stay ours
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size != self._size:
+                    return False
+                os.posix_fallocate(fd, 0, self._size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        highest = highest_header(self.path)
+        self._slot, self._generation = highest if highest is not None else (1, 0)
+        if self._whole_slot is not None:  # the next save goes into the other slot: never over the only whole copy
+            self._slot = self._whole_slot
+        self.usable, self.in_place, self.slot_bytes = True, True, self._size // 2
+        self._clear_other_slot = True  # once a copy of ours is in: the other slot's old one (or garbage) goes
+        return True
 
     def _allocate(self, size: int) -> bool:
         if self.path.exists():
             return True
+        fresh = self._allocate_new()
+        if fresh is None:
+            return False
+        try:
+            os.rename(fresh, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            log.error("cannot set aside %s for readings a full disk refuses: %s", self.path, exc)
+            return False
+        return True
+
+    def _allocate_new(self) -> Path | None:
+        """A new file of the spill file's size beside it, its blocks taken now (None: no room)."""
         tmp = self.path.with_name(f".{self.path.name}.new")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.posix_fallocate(fd, 0, size)  # the blocks, taken now while there is room
+                os.posix_fallocate(fd, 0, self._size)  # the blocks, taken now while there is room
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.path)
-            fsync_dir(self.path.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             log.error("cannot set aside %s for readings a full disk refuses: %s", self.path, exc)
-            return False
-        return True
+            return None
+        return tmp
 
     def load(self) -> Spilled:
         """What the file held when it was opened (a previous run's readings): kept there until the next save."""
@@ -244,11 +386,11 @@ class SpillFile:
                     loaded.setdefault(name, []).append(decode(record))
                 except Exception as exc:  # noqa: BLE001 - whatever a damaged record raises: never a crash at start
                     log.error("%s: a record kept in %s cannot be read back: %s", name, self.path, exc)
-                    if self.set_aside is None:
-                        self._set_aside(f"a record that cannot be read back: {exc}"[:150])
+                    if not self._replaced:
+                        self._replace(f"a record that cannot be read back: {exc}"[:150])
                     continue
                 good.setdefault(name, []).append(record)
-        if self.set_aside is not None:
+        if self._replaced:
             self._save(good)
         else:
             self.kept = bool(good)
@@ -271,15 +413,24 @@ class SpillFile:
             log.error("%d bytes of waiting readings do not fit in %s", len(body), self.path)
             return False
         generation, slot = self._generation + 1, 1 - self._slot
-        header = MAGIC + generation.to_bytes(8, "big") + len(body).to_bytes(4, "big") + hashlib.sha256(body).digest()
-        try:
+        if generation >= MAX_GENERATION:  # only a damaged file written in place: never read back as ours
+            log.error("cannot write waiting readings to %s: its copies are numbered too high", self.path)
+            return False
+        try:  # OverflowError: a generation past 8 bytes (never ours: MAX_GENERATION), a failed save, not a crash
+            header = (
+                MAGIC + generation.to_bytes(8, "big") + len(body).to_bytes(4, "big") + hashlib.sha256(body).digest()
+            )
             fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # no O_TRUNC: the blocks stay ours
             try:
                 os.pwrite(fd, header + body, slot * self.slot_bytes)
                 os.fsync(fd)
+                if self._clear_other_slot:  # the damaged file's other copy (or garbage) never comes back
+                    os.pwrite(fd, bytes(HEADER), (1 - slot) * self.slot_bytes)
+                    os.fsync(fd)
+                    self._clear_other_slot = False
             finally:
                 os.close(fd)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             log.error("cannot write waiting readings to %s: %s", self.path, exc)
             return False
         self._slot, self._generation = slot, generation

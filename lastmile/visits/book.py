@@ -472,9 +472,10 @@ class VisitBook:
             and abs(saved.offset - anchor.offset) <= ANCHOR_SAVE_S
         ):
             return False  # unchanged: not one SD-card write per fix, all day
-        self.db.table("clock_anchor").upsert(
-            {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
-        )
+        with transaction(self.db):  # as every write: a service's stop bounds its wait for the lock
+            self.db.table("clock_anchor").upsert(
+                {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
+            )
         self._saved_anchor = anchor
         return True
 
@@ -529,11 +530,13 @@ class VisitBook:
 
     def _share(self, record: FixRecord) -> None:
         """(The service.) A fix for a command waiting for one: written only while one waits (an
-        UPDATE that matches nothing writes nothing: the files stay as they were)."""
-        self.db.execute(
-            "UPDATE gnss_share SET record = ? WHERE id = 1 AND boot_id = ? AND wanted_until >= ?",
-            [record.to_json(), record.received.boot_id, record.received.monotonic],
-        )
+        UPDATE that matches nothing writes nothing: the files stay as they were). In a transaction
+        as every write: it takes the write lock all the same, and a service's stop bounds that wait."""
+        with transaction(self.db):
+            self.db.execute(
+                "UPDATE gnss_share SET record = ? WHERE id = 1 AND boot_id = ? AND wanted_until >= ?",
+                [record.to_json(), record.received.boot_id, record.received.monotonic],
+            )
 
     def _extend_track(self, record: FixRecord) -> None:
         """A fix (1 Hz, all day) joins the open visit's track: one indexed look when none is open."""

@@ -24,8 +24,10 @@ from devices.observation import Observation
 from lastmile.data_dir import OUTBOX_DB, columns_of, read_only
 
 if TYPE_CHECKING:
+    from lastmile.visits.book import VisitBook
     from uploader.fhir_bundle import FhirNaming
     from uploader.outbox import Outbox
+    from uploader.sqlite_store import StopWaits
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +133,15 @@ class VisitNotices:
         return first
 
 
-def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callable[[Observation, str], str | None]:
+def visit_link(
+    data_dir: Path, gateway_id: str, notices: VisitNotices, waits: StopWaits | None = None
+) -> Callable[[Observation, str], str | None]:
     """For one relay round: links a reading to the open visit of its patient if it was taken
     during it (the visit's bundle then carries it, with its Encounter), else None. A reading
     linked already (a relay cut short before its mark) stays its visit's: sent with it, or on its
     own once if the visit is never sent (VisitBook.release_unsent), never both.
-    `notices`: what was said already (the caller keeps it across rounds)."""
+    `notices`: what was said already (the caller keeps it across rounds). `waits`: the service's
+    stop: at a stop, the link's write waits at most a second more for another process's lock."""
     open_for: list[frozenset[str]] = []  # read once per relay round (one link per round), at first use
 
     def link(obs: Observation, outbox_key: str) -> str | None:
@@ -149,12 +154,20 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
         # visits.db opened once for the reading: the book asks whether it is linked already, then
         # checks again, in the transaction that links (the visit may have closed since)
         with VisitBook.open(data_dir, gateway_id=gateway_id, notices=notices) as book:
+            _give_up_waits_at_stop(book, waits)
             linked = book.visit_holding(outbox_key)
             if linked is not None:
                 return linked
             return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
 
     return link
+
+
+def _give_up_waits_at_stop(book: VisitBook, waits: StopWaits | None) -> None:
+    if waits is not None:
+        from uploader.sqlite_store import give_up_waits_on
+
+        give_up_waits_on(book.db, waits)
 
 
 # The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.record:
@@ -326,8 +339,13 @@ class VisitQueue:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         notices: VisitNotices | None = None,
+        waits: StopWaits | None = None,
     ) -> None:
+        """`waits`: the service's stop: at a stop, queueing's visits.db writes wait at most a
+        second more for another process's lock (WaitGivenUp; the visit is the next start's), not
+        the 15 s busy timeout that held the forward service's SIGTERM 15.2 s."""
         self.data_dir = data_dir
+        self._waits = waits
         self.gateway_id = gateway_id
         self._monotonic = monotonic
         self._seen: FileState | None = None  # the files as they were before the last look
@@ -353,6 +371,7 @@ class VisitQueue:
         # noted before trying: a visit that fails to queue is tried again in a minute, not each round
         self._waiting, self._tried_at = waiting, now
         with VisitBook.open(self.data_dir, gateway_id=self.gateway_id, notices=self._notices) as book:
+            _give_up_waits_at_stop(book, self._waits)
             queued = book.queue_closed(outbox, naming)
             # the files before what waits: a visit closed in between is seen changed next round
             before = file_state(self.data_dir)

@@ -1,0 +1,158 @@
+"""An object the PACS stored whose "sent" the forward service could not record before a stop is not
+sent again by the next start.
+
+The real `lastmile forward` process, Orthanc as the reading center (with storage commitment; its
+Lua filter waits for the test before it stores the object and answers), and a second connection
+holding the outbox's write lock from the moment Orthanc has the object, through its response,
+until the service has stopped: `mark_sent`
+waits for the lock, SIGTERM comes, the stop gives the wait up, the settle after the fault and the
+close find the lock held too. The claim was left behind and the next start gave it back to the
+queue: the ECG went to the reading center a second time (a second storage-commitment round on a
+PACS that has one). Now the stored-not-recorded fact is kept in an fsynced file beside the owner's
+lock (uploader/payload_files.py `OwnerLock.keep_stored`), and the next open records it as sent
+first (uploader/outbox.py `recover_interrupted`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lastmile.config import load_config
+from lastmile.data_dir import open_outbox
+from lastmile.ecg.intake import enqueue_recording
+from tests.ecg_factories import make_recording
+from tests.peers import OrthancServer, free_port, gateway_modality
+from tests.service_harness import start, stop
+from tests.waiting import wait_for
+from uploader.outbox import DB_NAME
+
+WAIT_AT_THE_PACS_S = 60  # Orthanc's filter waits at most this for the test's lock (never forever)
+GATEWAY_AE = "CLINIC01"
+
+# Orthanc's C-STORE filter (tests/peers.py C_STORE_COUNTER_LUA) calls this before it stores and
+# answers: it says the object came, then waits until the test holds the outbox's write lock.
+WAIT_FOR_THE_LOCK_LUA = """
+function OnCStoreReceived(dicom)
+  io.open("{received}", "w"):close()
+  for i = 1, {polls} do
+    local locked = io.open("{locked}", "r")
+    if locked ~= nil then
+      locked:close()
+      return
+    end
+    os.execute("sleep 0.05")
+  end
+end
+"""
+
+
+def config_file(tmp_path: Path, pacs: OrthancServer, listen_port: int) -> Path:
+    path = tmp_path / "lastmile.toml"
+    path.write_text(
+        f"""
+[gateway]
+data_dir = "{tmp_path / "data"}"
+[reading_center]
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+called_ae = "{pacs.aet}"
+calling_ae = "{GATEWAY_AE}"
+listen_port = {listen_port}
+listen_host = "127.0.0.1"
+timeout_s = 30.0
+commitment_timeout_s = 30.0
+[outbox]
+backoff_base_s = 0.1
+backoff_max_s = 0.5
+min_free_mb = 0
+[ecg]
+re_record_hold_s = 0
+[reports]
+source = "off"
+"""
+    )
+    return path
+
+
+def item_state(data_dir: Path, key: str) -> tuple[str, int] | None:
+    """(state, attempts) of the outbox item `key`, read as another process would."""
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / DB_NAME}?mode=ro", uri=True, timeout=30)) as conn:
+        row = conn.execute("SELECT state, attempts FROM items WHERE key = ?", (key,)).fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def committed(data_dir: Path) -> bool:
+    """The ECG committed by the PACS (then purged: no retention configured), sent once: one attempt."""
+    return item_state(data_dir, "ecg") in (("committed", 1), ("purged", 1))
+
+
+@contextlib.contextmanager
+def write_locked(data_dir: Path) -> Iterator[None]:
+    """Another process's write transaction on outbox.sqlite (acquire storing a reading, `lastmile
+    patient` ...), held for as long as the block runs."""
+    conn = sqlite3.connect(data_dir / DB_NAME, timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+@pytest.mark.orthanc
+def test_an_ecg_the_pacs_stored_is_not_sent_again_after_a_stop_that_could_not_record_it(
+    tmp_path: Path, orthanc_factory: Callable[..., OrthancServer]
+) -> None:
+    received, locked = tmp_path / "received", tmp_path / "locked"
+    hook = tmp_path / "wait-for-the-lock.lua"
+    hook.write_text(
+        WAIT_FOR_THE_LOCK_LUA.replace("{received}", str(received))
+        .replace("{locked}", str(locked))
+        .replace("{polls}", str(WAIT_AT_THE_PACS_S * 20))
+    )
+    listen_port = free_port()
+    pacs = orthanc_factory(modalities=gateway_modality(GATEWAY_AE, listen_port), extra={"LuaScripts": [str(hook)]})
+    cfg = config_file(tmp_path, pacs, listen_port)
+    config = load_config(cfg)
+    with open_outbox(config) as outbox:
+        uid = enqueue_recording(outbox, make_recording(1), config, key="ecg").item.meta["sop_instance_uid"]
+    data, log = config.data_dir, tmp_path / "forward.log"
+
+    first = start(cfg, "forward", log=log)
+    try:
+        wait_for(lambda: received.exists() or first.poll() is not None, 60, what="the PACS receiving the ECG")
+        assert first.poll() is None, log.read_text(errors="replace")[-3000:]
+        with write_locked(data):
+            locked.touch()  # the PACS stores it and answers "stored"; the service's mark_sent waits for the lock
+            time.sleep(1.5)
+            first.send_signal(signal.SIGTERM)
+            stopped_by = time.monotonic() + 30
+            while first.poll() is None and time.monotonic() < stopped_by:
+                time.sleep(0.1)
+            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        stop(first)
+    assert pacs.c_stores()[uid] == 1
+    after_stop = item_state(data, "ecg")
+    assert after_stop is not None and after_stop[0] == "sending", after_stop  # its claim left to the next start
+
+    second = start(cfg, "forward", log=log)
+    try:
+        # committed: recorded as sent at open, then its commitment asked once (the old code: after
+        # it was sent again)
+        wait_for(lambda: committed(data) or second.poll() is not None, 90, what="ECG committed")
+        time.sleep(1.0)  # rounds of the new process: nothing more goes
+    finally:
+        stop(second)
+    journal = log.read_text(errors="replace")
+    assert committed(data), (item_state(data, "ecg"), journal[-3000:])
+    assert pacs.c_stores()[uid] == 1, f"sent again at the next start: {pacs.c_stores()}\n{journal[-3000:]}"
+    assert "recorded as sent, not sent again" in journal, journal[-3000:]
+    assert not list((data / "locks").glob("stored-*")), "the note of the stored ECG outlived its use"

@@ -1,0 +1,466 @@
+"""A service's stop bounds every database write's wait for another process's write lock
+(uploader/sqlite_store.py StopWaits: the outbox and clinic.db alike): SIGTERM while another
+process holds clinic.db's lock (the console in a long write, a sqlite3 shell left open) waited
+SQLite's 15 s busy timeout per write, one after the other - the acquire service's device rows,
+held readings, the session's activity: a minute, past systemd's TimeoutStopSec. What was to be
+written is kept (the spill file) or written again by the next start."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devices.device_errors import DeviceProblem
+from firmware_bridge.bridge_simulator import EcgStreamSimulator
+from firmware_bridge.firmware.bridge_core import BridgeCore
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import ObservationStore
+from lastmile.clinic.patients import PatientContext
+from lastmile.config import Config
+from lastmile.services.acquire import NO_SESSION, usb_import_part
+from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
+from tests.conftest import shared_file
+from tests.peers import free_port
+from tests.serial_gateway import Running, talk_as_bridge
+from tests.serial_pty import PtyDevice
+from tests.service_harness import (
+    STOP_WITHIN_S,
+    Manager,
+    acquire_toml,
+    report_printed,
+    start_acquire,
+    stop_child,
+    waiting_in_a_sleep,
+)
+from tests.waiting import wait_for
+from uploader.outbox import Outbox
+from uploader.sqlite_store import STOP_WAIT_S, StopWaits, WaitGivenUp, give_up_waits_on, transaction
+
+
+def sigterm_while_clinic_db_is_locked(tmp_path: Path, *, patient: bool) -> tuple[float, str, Path, Path]:
+    """The real `lastmile acquire` with a monitor on a pty (a patient checked in, or none: its
+    readings held unassigned); another process holds clinic.db's write lock as the monitor prints
+    its report; SIGTERM once a write sleeps in SQLite's busy wait. Returns the seconds from SIGTERM
+    to exit, the service's output, its configuration and data directory."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    config, data = acquire_toml(tmp_path, monitor), tmp_path / "data"
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:
+            wait_for(lambda: (r := registry.get("serial:monitor")) is not None and r.connected, timeout=30)
+        now = dt.datetime.now(dt.timezone.utc)
+        if patient:
+            with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+                patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+        with contextlib.closing(sqlite3.connect(data / "clinic.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            monitor.write(report_printed(now))
+            wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # a clinic.db write waits for the lock
+            proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = proc.communicate(timeout=180)
+            took = time.monotonic() - began
+            other.rollback()
+    finally:
+        stop_child(proc)
+        manager.sock.close()
+        monitor.unplug()
+    return took, out, config, data
+
+
+@contextlib.contextmanager
+def restarted(tmp_path: Path, config: Path) -> Iterator[None]:
+    """`lastmile acquire` started again (on a monitor plugged in again) once it is READY (its
+    device rows as it found them written), stopped at the end."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    manager = Manager(tmp_path / "notify-again")
+    again = start_acquire(config, manager, watchdog_usec=20_000_000)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        yield
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(30)
+        manager.sock.close()
+        monitor.unplug()
+
+
+def test_sigterm_while_a_device_row_waits_for_clinic_db_lock_stops_promptly(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py, serial_devices.py: the readings went to the outbox, then the
+    session's activity and each reading's device row waited 15 s each for clinic.db, and the
+    stop's own row writes (disconnected) after them: SIGTERM to exit was ~60 s, past the test's
+    2 min only just (systemd kills at TimeoutStopSec=45). Now the service's stop bounds clinic.db's
+    writes as the outbox's: out within seconds, no traceback, the readings stored once (not
+    held: they were), and the row's status written again by the next start."""
+    took, out, config, data = sigterm_while_clinic_db_is_locked(tmp_path, patient=True)
+    print(f"\nSIGTERM to exit, device rows waiting for clinic.db's lock: {took:.1f} s")
+    assert took < STOP_WITHIN_S and "Traceback" not in out, (took, out)
+    assert "device status not recorded" in out and " ERROR " not in out, out
+    assert waiting_readings(data) == 0, out  # in the outbox: nothing held for the next start
+    with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
+        assert len(outbox.items(kind="observation")) == 3
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:
+        assert (row := registry.get("serial:monitor")) is not None and row.connected  # not written at the stop
+        with restarted(tmp_path, config):
+            wait_for(lambda: (r := registry.get("serial:monitor")) is not None and r.connected, timeout=60)
+        row = registry.get("serial:monitor")
+        assert row is not None and not row.connected and not row.last_error, row
+
+
+def test_sigterm_while_a_held_reading_waits_for_clinic_db_lock_keeps_it(tmp_path: Path) -> None:
+    """No patient checked in: the readings are held unassigned in clinic.db. Their writes waited
+    15 s each at SIGTERM; now given up within seconds, the readings kept in the spill file and held
+    by the next start, once each."""
+    took, out, config, data = sigterm_while_clinic_db_is_locked(tmp_path, patient=False)
+    print(f"\nSIGTERM to exit, held readings waiting for clinic.db's lock: {took:.1f} s")
+    assert took < STOP_WITHIN_S and "Traceback" not in out, (took, out)
+    assert waiting_readings(data) == 3, out  # kept on disk, and said so
+    assert "3 reading(s) (kept on disk, stored after the restart) not stored" in out, out
+    with restarted(tmp_path, config):
+        wait_for(lambda: waiting_readings(data) == 0, timeout=60)
+    with (
+        contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox,
+        contextlib.closing(ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)) as store,
+    ):
+        assert len(store.held()) == 3 and not outbox.items(kind="observation")
+
+
+def test_a_stop_ends_a_clinic_db_write_waiting_for_another_process_lock(tmp_path: Path) -> None:
+    """sqlite_store.transaction on a database given the stop (`give_up_waits_on`): the wait ends
+    STOP_WAIT_S after the stop (WaitGivenUp, a "database is locked"), nothing written; the next
+    write once the lock is free goes at once. One StopWaits for two databases counts that second
+    once: a second write after it gives up at its first turn."""
+    data = tmp_path / "data"
+    stop = threading.Event()
+    waits = StopWaits(stop)
+    with (
+        contextlib.closing(DeviceRegistry.open(data)) as registry,
+        contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox,
+    ):
+        give_up_waits_on(registry.db, waits)
+        outbox.give_up_waits_on(waits)
+        now = dt.datetime.now(dt.timezone.utc)
+        with contextlib.closing(sqlite3.connect(data / "clinic.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            threading.Timer(0.3, stop.set).start()
+            began = time.monotonic()
+            with pytest.raises(WaitGivenUp, match="locked"):
+                registry.update_status("serial:monitor", now=now, transport="serial", connected=True)
+            took = time.monotonic() - began
+            assert STOP_WAIT_S < took < STOP_WAIT_S + 1.5, took
+            with (
+                contextlib.closing(sqlite3.connect(data / "outbox.sqlite", isolation_level=None)) as on_outbox,
+                pytest.raises(WaitGivenUp),
+            ):
+                on_outbox.execute("BEGIN IMMEDIATE")
+                began = time.monotonic()
+                outbox.add("observation", "k", b"{}", now=0.0)
+            assert time.monotonic() - began < 0.5  # the second already spent, for both databases
+            other.rollback()
+        assert registry.get("serial:monitor") is None  # nothing written
+        with transaction(registry.db):  # a free lock: at once, whatever the stop
+            pass
+        registry.update_status("serial:monitor", now=now, transport="serial", connected=True)
+        assert registry.get("serial:monitor") is not None
+
+
+# -- an ECG the stop gave up is kept, said at INFO: no device error ------------------------------------
+
+
+def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/serial_devices.py store_recording: a bridge's ECG whose store the stop gave
+    up (another process holding the outbox's lock) was logged at ERROR "cannot store an ECG
+    recording" and marked its row NOT_SAVED, a device fault for the doctor and the county's log
+    shipping. At a stop it is expected: said at INFO, the ECG kept in the ECG spill file and held
+    (its row says it waits), no device error; stored once the lock is free."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        wait_for(lambda: r.service.statuses()[0].connected)
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(seconds=5))
+        stop = threading.Event()
+        r.outbox.give_up_waits_on(stop)
+        stop.set()  # the acquire service is stopping
+        with (
+            contextlib.closing(sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None)) as other,
+            caplog.at_level(logging.INFO),
+        ):
+            other.execute("BEGIN IMMEDIATE")
+            sim = EcgStreamSimulator(core, recording_id=3)
+            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            wait_for(lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1, timeout=30)
+            wait_for(lambda: (row := r.registry.get("serial:ecg")) is not None and row.held_ecg_count == 1)
+            other.rollback()
+        row = r.registry.get("serial:ecg")
+        assert row is not None and row.problem is not DeviceProblem.NOT_SAVED and not row.last_error, row
+        said = [rec for rec in caplog.records if "ECG" in rec.getMessage()]
+        assert [rec.getMessage() for rec in said if rec.levelno >= logging.ERROR] == []
+        assert any(rec.levelno == logging.INFO and "stopping: an ECG recording" in rec.getMessage() for rec in said)
+    finally:
+        r.close()  # the lock free: what waits is stored at the close
+        bridge.unplug()
+    with contextlib.closing(Outbox.open(r.config.data_dir, min_free_bytes=0)) as outbox:
+        assert len(outbox.items(kind="dicom")) == 1
+    assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
+
+
+def test_a_usb_import_the_stop_gave_up_is_said_at_info_and_left_on_the_stick(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/parts.py WorkerPart: an ECG file's import the stop gave up (another process
+    holding the outbox's lock) ended the usb-import part with a WARNING and "will try again", as a
+    fault. At a stop it is expected: said at INFO; the file stays on the stick, imported once the
+    lock is free (here by the next poll; at a restart by the next start)."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    ecg = stick / "0000037.ECG"
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), ecg)
+    os.utime(ecg, (time.time() - 3600,) * 2)  # written before the stick came in: imported at once
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox:
+        outbox.give_up_waits_on(stop)
+        stop.set()  # the acquire service is stopping
+        part = usb_import_part(config, outbox, NO_SESSION)
+        assert part is not None
+        with (
+            contextlib.closing(sqlite3.connect(config.data_dir / "outbox.sqlite", isolation_level=None)) as other,
+            caplog.at_level(logging.INFO),
+        ):
+            other.execute("BEGIN IMMEDIATE")
+            part.check(time.monotonic())
+            wait_for(lambda: not part.running, timeout=30)
+            other.rollback()
+        said = [rec for rec in caplog.records if rec.name == "lastmile.services.parts"]
+        assert [rec.getMessage() for rec in said if rec.levelno >= logging.WARNING] == []
+        assert any("usb-import: stopping" in rec.getMessage() for rec in said), [r.getMessage() for r in said]
+        assert outbox.items(kind="dicom") == [] and ecg.exists()
+        part.check(time.monotonic())  # started again: the file is imported now the lock is free
+        wait_for(lambda: len(outbox.items(kind="dicom")) == 1, timeout=60)
+        part.close()
+
+
+# -- visits.db: the GNSS part's track ------------------------------------------------------------------
+
+
+def test_sigterm_while_a_gnss_fix_waits_for_visits_db_lock_stops_promptly(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py gnss_part: with another process holding visits.db's write lock
+    (the console signing a visit, a sqlite3 shell left open), a fix extending the open visit's
+    track waited the 15 s busy timeout, and SIGTERM with it: 15.1 s, the part "still busy at
+    shutdown" (its thread abandoned mid-write at the part's 15 s join). Now the service's stop
+    bounds visits.db's writes too: out within seconds, the track point given up said at INFO."""
+    from lastmile.visits.book import VisitBook, VisitPolicy
+
+    device = PtyDevice(tmp_path / "gps0")
+    data, config = tmp_path / "data", tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[visits]\ndoctor_id = "DR-1"\n'
+        f'[gps]\nsource = "nmea"\nnmea_port = "{device.link_path}"\nnmea_baud = 9600\n'
+    )
+    with VisitBook.open(data, gateway_id="gw", policy=VisitPolicy()) as book:
+        book.start("P1", doctor_id="DR-1")
+    nmea = [
+        line for line in shared_file("gps", "bt-q818.log").read_bytes().splitlines(keepends=True) if line[:1] == b"$"
+    ]
+    fed = threading.Event()
+
+    def feed() -> None:  # a receiver's pace, for as long as the test runs
+        while not fed.is_set():
+            for line in nmea:
+                if fed.is_set():
+                    return
+                device.write(line)
+                time.sleep(0.01)
+
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        time.sleep(2.0)  # the part opens the port (pyserial drops what waits in it then)
+        feeder.start()
+        with VisitBook.open(data, gateway_id="gw", policy=VisitPolicy()) as book:
+            wait_for(lambda: len(book.track(book.open_visit().id)) > 0, timeout=60, what="the track extended")
+        with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # a fix's write waits for the lock
+            proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = proc.communicate(timeout=120)
+            took = time.monotonic() - began
+            other.rollback()
+    finally:
+        fed.set()
+        if feeder.ident is not None:
+            feeder.join(timeout=60)  # before its pty closes
+        stop_child(proc)
+        manager.sock.close()
+        device.unplug()
+    print(f"\nSIGTERM to exit, a GNSS fix waiting for visits.db's lock: {took:.1f} s")
+    assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
+    assert "Traceback" not in out and "still busy at shutdown" not in out, out
+    assert "gnss: stopping: a write waiting for another process's lock given up" in out, out
+
+
+def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
+    clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
+    current after the restart and the next readings go on him. The card waits for the lock as
+    before the stop bounded anything (its own connection), and is the session's once it is free."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    stop = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        service.start()
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            now = dt.datetime.now(dt.timezone.utc)
+            patients.set_patient("P-BEFORE", now=now - dt.timedelta(minutes=1))
+            stop.set()  # the acquire service is stopping
+            with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                scanner.write(PATIENT_CARD_SCAN)
+                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the card still waits
+                other.rollback()
+            wait_for(lambda: (p := patients.current(dt.datetime.now(dt.timezone.utc))) and p.patient_id != "P-BEFORE")
+            current = patients.current(dt.datetime.now(dt.timezone.utc))
+            assert current is not None and current.patient_id == "80276001234567890123"
+        finally:
+            service.close()
+            scanner.unplug()
+
+
+def forward_toml(tmp_path: Path, config: Path, fhir_url: str) -> None:
+    """`lastmile forward` toward a loopback FHIR platform; no reading center listens."""
+    from tests.service_harness import fhir_token_file
+
+    data = tmp_path / "data"
+    config.write_text(
+        f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n'
+        f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {free_port()}\n'
+        'listen_host = "127.0.0.1"\nstorage_commitment = false\n'
+        f'[fhir]\nbase_url = "{fhir_url}"\ntoken_file = "{fhir_token_file(tmp_path)}"\n'
+        '[outbox]\nmin_free_mb = 0\n[reports]\nsource = "off"\n'
+    )
+
+
+def test_sigterm_while_the_forward_service_queues_a_visit_under_visits_db_lock_stops_promptly(tmp_path: Path) -> None:
+    """lastmile/visits/relay_link.py VisitQueue: the forward service queues a closed home visit for
+    the county platform (the first write: marking it queued, in visits.db) while another process
+    holds visits.db's write lock (the doctor's `lastmile visit stop` signing, a sqlite3 shell left
+    open); SIGTERM: the write waited out SQLite's 15 s busy timeout, the stop with it (measured
+    15.2 s). Now the forward service's StopWaits bounds visits.db's writes too (1.2 s), said at
+    INFO; the visit is the next start's, sent once."""
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_server import FhirTestServer
+    from tests.service_harness import FHIR_TOKEN, start, stop
+
+    data, config, journal = tmp_path / "data", tmp_path / "lastmile.toml", tmp_path / "forward.log"
+    with FhirTestServer(token=FHIR_TOKEN) as platform:
+        forward_toml(tmp_path, config, platform.base_url)
+        proc = start(config, "forward", log=journal)
+        try:
+            wait_for(lambda: "forward ready after" in journal.read_text() or proc.poll() is not None, timeout=60)
+            with VisitBook.open(data, gateway_id="gw-1") as book:  # the doctor's visit, closed and signed
+                visit = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+                book.stop()
+            with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # the visit queue's write waits
+                proc.send_signal(signal.SIGTERM)
+                began = time.monotonic()
+                proc.wait(120)
+                took = time.monotonic() - began
+                other.rollback()
+        finally:
+            stop(proc)
+        out = journal.read_text(errors="replace")
+        print(f"\nSIGTERM to exit, the forward service's visit queue waiting for visits.db's lock: {took:.1f} s")
+        assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out[-3000:])
+        assert [line for line in out.splitlines() if " ERROR " in line or "Traceback" in line] == [], out[-3000:]
+        assert "stopping: closed home visits queued for the county platform at the next start" in out, out[-3000:]
+
+        again = start(config, "forward", log=journal)  # the next start queues and sends it, once
+        try:
+            wait_for(lambda: sum(platform.applied.values()) >= 1 or again.poll() is not None, timeout=60)
+            time.sleep(1.0)
+        finally:
+            stop(again)
+        assert platform.applied == {visit.id: 1}, (platform.applied, journal.read_text()[-3000:])
+
+
+def test_sigterm_while_the_forward_service_links_a_reading_to_a_visit_under_visits_db_lock_stops_promptly(
+    tmp_path: Path,
+) -> None:
+    """lastmile/visits/relay_link.py visit_link: the relay links a reading taken during the open
+    home visit of its patient (a write in visits.db) while another process holds visits.db's
+    write lock; SIGTERM: bounded as the visit queue is (1 s more at most), said at INFO, the
+    reading put back at once: the next start links it to its visit."""
+    from lastmile.clinic.observations import OBSERVATION_KIND, observation_payload
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_samples import blood_pressure
+    from tests.fhir_server import FhirTestServer
+    from tests.service_harness import FHIR_TOKEN, start, stop
+
+    data, config, journal = tmp_path / "data", tmp_path / "lastmile.toml", tmp_path / "forward.log"
+    with FhirTestServer(token=FHIR_TOKEN) as platform:
+        forward_toml(tmp_path, config, platform.base_url)
+        with VisitBook.open(data, gateway_id="gw-1") as book:  # the doctor at P-2's home
+            visit = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        proc = start(config, "forward", log=journal)
+        try:
+            wait_for(lambda: "forward ready after" in journal.read_text() or proc.poll() is not None, timeout=60)
+            with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                reading = blood_pressure(dt.datetime.now(dt.timezone.utc), "P-2", "bp-at-home")
+                with Outbox.open(data, min_free_bytes=0) as outbox:  # acquire storing the cuff's reading
+                    outbox.add(OBSERVATION_KIND, reading.record_key, observation_payload(reading), meta={})
+                wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # the link's write waits
+                proc.send_signal(signal.SIGTERM)
+                began = time.monotonic()
+                proc.wait(120)
+                took = time.monotonic() - began
+                other.rollback()
+        finally:
+            stop(proc)
+        out = journal.read_text(errors="replace")
+        print(f"\nSIGTERM to exit, a reading's link to its visit waiting for visits.db's lock: {took:.1f} s")
+        assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out[-3000:])
+        assert [line for line in out.splitlines() if " ERROR " in line or "Traceback" in line] == [], out[-3000:]
+        assert "stopping: 1 reading(s) relayed at the next start" in out, out[-3000:]
+
+        again = start(config, "forward", log=journal)  # the next start links it to the open visit
+        try:
+            with VisitBook.open(data, gateway_id="gw-1") as book:
+                wait_for(lambda: book.visit_holding(reading.record_key) == visit.id or again.poll() is not None, 60)
+        finally:
+            stop(again)
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            assert book.visit_holding(reading.record_key) == visit.id, journal.read_text()[-3000:]
