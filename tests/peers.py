@@ -143,6 +143,34 @@ end
 """
 
 
+# A test's OnCStoreReceived (above): it says the object came, then waits (at most `wait_s`) until
+# the test says go - the test takes another process's lock meanwhile - before Orthanc stores the
+# object and answers.
+WAIT_FOR_THE_TEST_LUA = """
+function OnCStoreReceived(dicom)
+  io.open("{received}", "w"):close()
+  for i = 1, {polls} do
+    local go = io.open("{go}", "r")
+    if go ~= nil then
+      go:close()
+      return
+    end
+    os.execute("sleep 0.05")
+  end
+end
+"""
+
+
+def c_store_held_for_the_test(hook: Path, received: Path, go: Path, wait_s: float = 60.0) -> Path:
+    """`hook` (for extra={"LuaScripts": [hook]}): each C-STORE touches `received`, then waits for `go`."""
+    hook.write_text(
+        WAIT_FOR_THE_TEST_LUA.replace("{received}", str(received))
+        .replace("{go}", str(go))
+        .replace("{polls}", str(int(wait_s * 20)))
+    )
+    return hook
+
+
 def _count_lines(path: Path) -> collections.Counter[str]:
     try:
         return collections.Counter(line for line in path.read_text().splitlines() if line)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from devices.ecg.recording import EcgRecording
 from devices.identity import Patient
 from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.cli import main as cli
@@ -354,15 +355,26 @@ def test_a_held_stat_ecg_is_first_on_today_and_counted_apart_on_system_and_by_do
 
 @pytest.mark.parametrize(
     ("checked_in", "on_the_cart"),
-    [("张三", "^^^^"), ("张三", "UNKNOWN"), ("张三", "-"), ("张三", "ANONYMOUS"), ("吕明", "LV^MING")],
-    ids=["carets", "unknown", "dash", "anonymous", "lv-for-lyu"],
+    [
+        ("张三", "^^^^"),
+        ("张三", "UNKNOWN"),
+        ("张三", "-"),
+        ("张三", "ANONYMOUS"),
+        ("吕明", "LV^MING"),
+        ("吕明", "LU^MING"),
+        ("张乐", "ZHANG^YUE"),
+        ("李长青", "LI^ZHANGQING"),
+    ],
+    ids=["carets", "unknown", "dash", "anonymous", "lv-for-lyu", "lu-for-lyu", "yue-for-le", "zhang-for-chang"],
 )
 def test_a_carts_placeholder_name_or_keyboard_pinyin_is_not_another_persons(
     tmp_path: Path, checked_in: str, on_the_cart: str
 ) -> None:
     """A cart left without a name writes "^^^^", "UNKNOWN", "-": every ECG from it was held as
     another person's, and "its name is right" offered to rename the patient to it. Such a name is
-    no name and passes, as a file without one does. 吕 typed LV (the pinyin keyboard's ü) is his."""
+    no name and passes, as a file without one does. 吕 typed LV (the pinyin keyboard's ü) or LU (ü
+    written u) is his, and so is a name in another reading of its characters (乐 le/yue, 长 chang/zhang):
+    they were held (a STAT one for two minutes) as another person's."""
     cart = pydicom.dcmread(shared_file(*DCM))
     cart.PatientName = on_the_cart
     path = tmp_path / "cart.dcm"
@@ -503,3 +515,76 @@ def test_today_the_ecgs_name_is_right_too_late_renames_nobody(tmp_path: Path) ->
             reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(page)})
             assert reply.status == 303 and "done=too-late" in reply.location, (reply.status, reply.location)
             assert _known_name(config) == "Zhang^San=张^三"  # as checked in
+
+
+def _cart_ecg(config: Config, recording: EcgRecording, key: str, *, re_record_hold_s: float = 0) -> int:
+    """`recording` arrives from the cart while SBJ-123 is checked in (its quality judged, held for
+    "record again", when `re_record_hold_s`); it is held for its name."""
+    judged = copy.deepcopy(config)
+    judged.ecg.re_record_hold_s = re_record_hold_s
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        with open_outbox(config) as outbox:
+            now = dt.datetime.now(dt.timezone.utc)
+            enqueue = file_enqueuer(
+                outbox,
+                judged,
+                lambda: context.patient_ids(now),
+                checked_in_name=lambda pid: context.known_name(pid, now),
+            )
+            assert enqueue(recording, key)
+            item = outbox.find(key)
+            assert item is not None and item.hold_reason == NAME_MISMATCH, item
+            return item.id
+    finally:
+        context.close()
+
+
+def test_today_the_ecgs_name_is_right_settles_the_ids_other_ecgs_held_for_that_name(
+    clinic: tuple[Config, ConsoleServer, Client],
+) -> None:
+    """Two ECGs from one cart held for their name while 张三 is checked in as SBJ-123, both naming
+    him Clark, the second judged "record again". "Clark is right" on the first renamed the check-in
+    Clark, but the second still asked whose it was, offering "是 张三 的": sent so, one ID under two
+    names at the county. Its name hold ends with the first's (under Clark); its quality still waits."""
+    config, _, doctor = clinic
+    e1 = _arrives(config, SCP, "scp")
+    noisy = read_ecg_file(shared_file(*NOISY))
+    e2 = _cart_ecg(config, dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark")), "noisy", re_record_hold_s=600)
+    reply = doctor.post(f"/today/ecg/{e1}/name-right", {"csrf": _csrf(doctor.get("/today").body)})
+    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        second = outbox.get(e2)
+        assert second is not None and second.patient is not None
+        assert second.hold_reason == "re-record" and second.held(time.time()), second  # its quality still waits
+        assert second.patient["name"].rstrip("^") == "Clark"
+    row = _row(doctor.get("/today").body, e2)
+    assert "请确认是谁的心电图" not in row and "张三" not in row and "重做，不发送这份" in row, row
+
+
+def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
+    clinic: tuple[Config, ConsoleServer, Client],
+) -> None:
+    """From one cart, E1 names SBJ-123 Clark, E3 Lee, while 张三 is checked in as SBJ-123. "Clark is
+    right" on E1 renamed the check-in Clark, but E3 still said "登记的是 张三" (the name stored when
+    it was held) and "是 张三 的" sent it under 张三: one ID, two names at the county. It says and
+    sends the ID's name as corrected."""
+    config, _, doctor = clinic
+    e1 = _arrives(config, SCP, "scp")
+    aecg = read_ecg_file(shared_file(*AECG))
+    assert aecg.patient is not None
+    e3 = _cart_ecg(config, dataclasses.replace(aecg, patient=dataclasses.replace(aecg.patient, name="Lee")), "lee")
+    page = doctor.get("/today").body
+    assert "SBJ-123 登记的是 张三" in _row(page, e3)
+    reply = doctor.post(f"/today/ecg/{e1}/name-right", {"csrf": _csrf(page)})
+    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
+    assert _known_name(config).rstrip("^") == "Clark"
+    page = doctor.get("/today").body
+    row = _row(page, e3)
+    assert "心电图上的姓名是 Lee，但 SBJ-123 登记的是 Clark" in row and "是 Clark 的：按这个姓名发送" in row, row
+    assert "张三" not in row, row
+    reply = doctor.post(f"/today/ecg/{e3}/checked-in-name", {"csrf": _csrf(page)})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        sent = _dataset(outbox, e3)
+    assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")

@@ -28,29 +28,12 @@ from lastmile.config import load_config
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import enqueue_recording
 from tests.ecg_factories import make_recording
-from tests.peers import OrthancServer, free_port, gateway_modality
+from tests.peers import OrthancServer, c_store_held_for_the_test, free_port, gateway_modality
 from tests.service_harness import start, stop
 from tests.waiting import wait_for
 from uploader.outbox import DB_NAME
 
-WAIT_AT_THE_PACS_S = 60  # Orthanc's filter waits at most this for the test's lock (never forever)
 GATEWAY_AE = "CLINIC01"
-
-# Orthanc's C-STORE filter (tests/peers.py C_STORE_COUNTER_LUA) calls this before it stores and
-# answers: it says the object came, then waits until the test holds the outbox's write lock.
-WAIT_FOR_THE_LOCK_LUA = """
-function OnCStoreReceived(dicom)
-  io.open("{received}", "w"):close()
-  for i = 1, {polls} do
-    local locked = io.open("{locked}", "r")
-    if locked ~= nil then
-      locked:close()
-      return
-    end
-    os.execute("sleep 0.05")
-  end
-end
-"""
 
 
 def config_file(tmp_path: Path, pacs: OrthancServer, listen_port: int) -> Path:
@@ -111,12 +94,8 @@ def test_an_ecg_the_pacs_stored_is_not_sent_again_after_a_stop_that_could_not_re
     tmp_path: Path, orthanc_factory: Callable[..., OrthancServer]
 ) -> None:
     received, locked = tmp_path / "received", tmp_path / "locked"
-    hook = tmp_path / "wait-for-the-lock.lua"
-    hook.write_text(
-        WAIT_FOR_THE_LOCK_LUA.replace("{received}", str(received))
-        .replace("{locked}", str(locked))
-        .replace("{polls}", str(WAIT_AT_THE_PACS_S * 20))
-    )
+    # Orthanc waits for the test's lock before it stores the ECG and answers
+    hook = c_store_held_for_the_test(tmp_path / "wait-for-the-lock.lua", received, locked)
     listen_port = free_port()
     pacs = orthanc_factory(modalities=gateway_modality(GATEWAY_AE, listen_port), extra={"LuaScripts": [str(hook)]})
     cfg = config_file(tmp_path, pacs, listen_port)

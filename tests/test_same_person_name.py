@@ -6,6 +6,9 @@ characters (章三) is not; the check-in's "same name" question and the two-name
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,11 +34,76 @@ from lastmile.clinic.patients import NameConflict, PatientContext
         ("LV^Ming", "吕明", True),  # a pinyin keyboard's v for ü: 吕 is Lyu (GB/T 28039), typed LV
         ("Lü Ming", "吕明", True),
         ("NVE^Hong", "虐红", True),
-        ("Lu^Ming", "吕明", False),  # 卢, 鲁, 陆 ...: u is not ü
+        ("Lu^Ming", "吕明", True),  # ü written u, as on forms and IDs before GB/T 28039
+        ("Lyu^Ming", "卢明", False),  # but a u is no ü: 卢 is Lu only
     ],
 )
 def test_names_are_one_persons_by_their_characters_or_their_pinyin(a: str, b: str, same: bool) -> None:
     assert same_person_name(a, b) is same and same_person_name(b, a) is same
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("ZHANG^YUE", "张乐", True),  # sent as Zhang^Le: 乐 is le and yue
+        ("ZHANG YUE", "Zhang^Le=张^乐", True),  # the check-in as stored, its pinyin group the one sent
+        ("Zhang^Le", "张乐", True),
+        ("LI ZHANG QING", "李长青", True),  # 长 chang/zhang
+        ("Li Chang Qing", "李长青", True),
+        ("WANG HANG", "王行", True),  # 行 xing/hang
+        ("ZHAO ZHAO YANG", "赵朝阳", True),  # 朝 chao/zhao
+        ("LU^LE", "吕乐", True),  # ü as u and another reading in one name
+        ("LYU YUE", "吕乐", True),
+        ("ZHANG^SHAN", "张乐", False),  # a reading of none of its characters: another name
+        ("Zhang^Yao", "张乐", False),  # 乐 is not yao
+        ("YUE^LE", "乐乐", True),  # a surname's reading (乐 Yue) as any other
+    ],
+)
+def test_a_name_in_pinyin_is_his_by_any_reading_of_his_names_characters(a: str, b: str, same: bool) -> None:
+    """A cart without an input method writes its own reading of a name: a character read more than
+    one way (乐, 长, 行, 朝) was compared with its common reading only, and 吕 written LU (as before
+    GB/T 28039) with Lyu only: the doctor's ECG was held for another person's name."""
+    assert same_person_name(a, b) is same and same_person_name(b, a) is same
+
+
+def test_only_a_name_of_a_usual_length_with_few_readings_is_read_every_way() -> None:
+    """Every reading accepted is one more pinyin that passes for his: a name longer than four
+    characters, or with more than 64 readings, is read only as it is sent (a file naming it
+    otherwise is held for the doctor to answer, never passed)."""
+    assert same_person_name("ZHANG YUE", "张乐")
+    assert same_person_name("Zhang^Le^Le^Le^Le", "张乐乐乐乐")  # as sent
+    assert not same_person_name("Zhang^Le^Le^Le^Yue", "张乐乐乐乐")  # five characters
+    assert same_person_name("Xing^Xing^Chao^Dan", "行行朝单")  # as sent
+    assert not same_person_name("Hang^Hang^Zhao^Shan", "行行朝单")  # 3 x 3 x 3 x 3 readings
+
+
+def test_reading_a_name_every_way_loads_no_phrase_dictionary() -> None:
+    """pypinyin's phrase dictionary costs ~45 MB of RAM on a Pi; a name needs the single-character
+    one, which holds every reading of a character."""
+    probe = (
+        "from lastmile.clinic.names import same_person_name\n"
+        "assert same_person_name('ZHANG YUE', '张乐')\n"
+        "import pypinyin.constants\n"
+        "assert not pypinyin.constants.PHRASES_DICT, len(pypinyin.constants.PHRASES_DICT)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", probe],
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYPINYIN")},
+    )
+
+
+def test_a_cart_writing_his_name_in_another_reading_names_him_and_keeps_his_characters(tmp_path: Path) -> None:
+    """MZ-1 checked in as 张乐; `map-user --name ZHANG^YUE` (the cart's reading) was refused as
+    another name: it is his, and his name stays the check-in's, in characters."""
+    context = PatientContext.open(tmp_path, 900)
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        context.set_patient("MZ-1", "张乐", now=now)
+        given = context.given_name(Patient("MZ-1", "ZHANG^YUE"), now)
+        assert given.patient_id == "MZ-1" and given.name == "张乐"
+    finally:
+        context.close()
 
 
 def test_a_name_typed_in_pinyin_for_a_patient_checked_in_in_characters_is_his_not_a_conflict(tmp_path: Path) -> None:

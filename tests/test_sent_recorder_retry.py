@@ -137,3 +137,76 @@ def test_stop_writes_what_was_refused_once(store, monkeypatch) -> None:
     assert recorder.waiting == 1 and store.study(uid) is None
     recorder.stop()
     assert store.study(uid) is not None and recorder.waiting == 0 and recorder.dropped == 0
+
+
+def test_what_the_stop_could_not_write_is_saved_and_written_by_the_next_start(store, monkeypatch, tmp_path) -> None:
+    side_file = tmp_path / "data" / sent_module.UNWRITTEN_NAME
+    refusing(store, monkeypatch, times=10**6)
+    outbox = SentItems()
+    recorder = SentStudyRecorder(outbox, store, unwritten_file=side_file)  # type: ignore[arg-type]
+    uids = [generate_uid(), generate_uid()]
+    for n, uid in enumerate(uids):
+        send(recorder, outbox, uid, item_id=n)
+    recorder.stop()  # clinic.db still refuses: saved, not dropped
+    assert recorder.dropped == 0 and len(side_file.read_text().splitlines()) == 2
+    assert not side_file.with_name(f".{side_file.name}.tmp").exists()
+
+    monkeypatch.undo()  # clinic.db takes writes again
+    # the next start: purged items (retention_days 0) give backfill nothing, the side file gives them
+    again = SentStudyRecorder(SentItems(), store, unwritten_file=side_file)  # type: ignore[arg-type]
+    assert again.write_left_by_last_stop() == 2
+    again.start()
+    try:
+        assert all(store.study(uid) is not None for uid in uids)
+        study = store.study(uids[0])
+        assert study is not None and study.patient_id == "P1" and study.item_key == f"dicom:{uids[0]}"
+        assert not side_file.exists()
+        assert again.dropped == 0 and int((store.status(RECORDER_STATUS) or {}).get("dropped") or 0) == 0
+    finally:
+        again.stop()
+    assert not side_file.exists()  # nothing left: no write at the stop
+
+
+def test_a_side_file_still_refused_at_start_stays_until_written(store, monkeypatch, tmp_path) -> None:
+    side_file = tmp_path / "data" / sent_module.UNWRITTEN_NAME
+    outbox, uid = SentItems(), generate_uid()
+    send(SentStudyRecorder(outbox, store), outbox, uid)  # type: ignore[arg-type]
+    side_file.write_text(sent_module.unwritten_line(_study(outbox, uid)) + "\n")
+    refusing(store, monkeypatch, times=1)
+    recorder = SentStudyRecorder(SentItems(), store, unwritten_file=side_file)  # type: ignore[arg-type]
+    assert recorder.write_left_by_last_stop() == 1
+    assert store.study(uid) is None and recorder.waiting == 1 and side_file.exists()
+    recorder.start()
+    try:
+        wait_for(lambda: store.study(uid) is not None and not side_file.exists())
+    finally:
+        recorder.stop()
+    assert recorder.dropped == 0
+
+
+def _study(outbox: SentItems, uid: str) -> sent_module.SentStudy:
+    item = next(i for i in outbox.items.values() if i.meta["study_uid"] == uid)
+    study = SentStudyRecorder.study_of(item, None, sent_module.utc_now())  # type: ignore[arg-type]
+    assert study is not None
+    return study
+
+
+def test_a_damaged_side_file_is_set_aside_and_said_never_a_crash(store, tmp_path, caplog) -> None:
+    side_file = tmp_path / "data" / sent_module.UNWRITTEN_NAME
+    outbox, uid = SentItems(), generate_uid()
+    send(SentStudyRecorder(outbox, store), outbox, uid)  # type: ignore[arg-type]
+    good = sent_module.unwritten_line(_study(outbox, uid))
+    side_file.write_bytes(good.encode() + b'\n{"study_uid": "1.2", "sent_at": 3}\n\xff\xfenot json\n')
+    recorder = SentStudyRecorder(SentItems(), store, unwritten_file=side_file)  # type: ignore[arg-type]
+    assert recorder.write_left_by_last_stop() == 1  # the readable line is written all the same
+    assert store.study(uid) is not None
+    assert not side_file.exists()
+    (aside,) = side_file.parent.glob(f"{side_file.name}.damaged-*")
+    assert aside.read_bytes().startswith(good.encode())
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("damaged" in m and str(aside) in m for m in errors), errors
+
+    side_file.write_bytes(b"\x00" * 64)  # nothing readable at all
+    again = SentStudyRecorder(SentItems(), store, unwritten_file=side_file)  # type: ignore[arg-type]
+    assert again.write_left_by_last_stop() == 0
+    assert not side_file.exists()

@@ -221,6 +221,74 @@ def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
     assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
 
 
+def test_a_streamed_ecg_whose_expired_session_the_stop_could_not_end_is_kept(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py store_recording: it read the session (which writes
+    clinic.db when the session just expired) before its try: at a stop, another process holding
+    clinic.db's lock, that write gave up (WaitGivenUp) past the handler, which never held the ECG:
+    a bridge cannot resend a stream, it was lost. Now it is held (ECG spill file), the stop's cause
+    on the row, and stored once the lock is free."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        wait_for(lambda: r.service.statuses()[0].connected)
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(minutes=20))  # idle past 15 min: expired
+        stop = threading.Event()
+        give_up_waits_on(r.service.ctx.store.db, StopWaits(stop))
+        stop.set()  # the acquire service is stopping
+        with contextlib.closing(sqlite3.connect(r.config.data_dir / "clinic.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            sim = EcgStreamSimulator(core, recording_id=3)
+            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            wait_for(
+                lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1,
+                timeout=30,
+                what="the ECG kept in the ECG spill file",
+            )
+            other.rollback()
+    finally:
+        r.close()  # the lock free: what waits is stored at the close
+        bridge.unplug()
+    with contextlib.closing(Outbox.open(r.config.data_dir, min_free_bytes=0)) as outbox:
+        assert len(outbox.items(kind="dicom")) == 1
+    assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
+
+
+def test_a_held_ecg_whose_expired_session_the_stop_could_not_end_does_not_cut_the_close_short(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py SerialService.close: its last try of a held ECG read the
+    session (a write: it had just expired) outside store_recording's try; at a stop, another
+    process holding clinic.db's lock, WaitGivenUp left close() half-way: what waits never said,
+    the service's databases not closed. Now the ECG stays held (its spill file) and close ends."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        wait_for(lambda: r.service.statuses()[0].connected)
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        stop = StopWaits(threading.Event())
+        r.outbox.give_up_waits_on(stop)
+        give_up_waits_on(r.service.ctx.store.db, stop)
+        stop.stop.set()  # the acquire service is stopping
+        with contextlib.closing(sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the ECG is held: the outbox's lock
+            sim = EcgStreamSimulator(core, recording_id=3)
+            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            wait_for(lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1, timeout=30)
+            other.rollback()
+        r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(minutes=20))  # idle past 15 min: expired
+        with contextlib.closing(sqlite3.connect(r.config.data_dir / "clinic.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            r.service.close()  # raised WaitGivenUp
+            other.rollback()
+        assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1  # stored at the next start
+    finally:
+        r.outbox.close()
+        r.patients.close()
+        r.registry.close()
+        bridge.unplug()
+
+
 def test_a_usb_import_the_stop_gave_up_is_said_at_info_and_left_on_the_stick(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,11 +6,15 @@ pinyin comes from pypinyin's single-character dictionary (its 2.5 MB phrase dict
 loaded: a name is not a phrase, and the dictionary costs ~45 MB of RAM on a Pi); surnames
 whose reading differs from the character's common one (单 Shan, 曾 Zeng, 解 Xie ...) come from
 the table below, compound surnames (欧阳, 司马 ...) are recognised, and ü is written "yu"
-(GB/T 28039-2011, for systems that cannot show ü).
+(GB/T 28039-2011, for systems that cannot show ü). A name in pinyin only is compared with every
+reading of the characters (that same dictionary's heteronyms: 乐 le/yue, 长 chang/zhang), not only
+with the one sent.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 import unicodedata
@@ -99,6 +103,12 @@ _PLACEHOLDER_NAMES = frozenset(
 _NOT_IN_A_PLACEHOLDER = re.compile(r"[\s^=\-_.]+")
 # a pinyin keyboard's ü: v after l or n (lv, nve), see `_pinyin_key`
 _KEYBOARD_U_UMLAUT = re.compile(r"(?<=[ln])v")
+# a name's readings are its characters' readings multiplied: every reading accepted is one more
+# pinyin that passes for his, so only a name of a usual length with few readings is read every
+# way; a longer one (a transliteration: 阿不都热合曼) is read the one way it is sent, and a
+# file naming it otherwise is held (the doctor answers), never passed
+_MOST_CHARACTERS_READ_EVERY_WAY = 4
+_MOST_READINGS = 64
 
 
 def has_ideographs(text: str) -> bool:
@@ -115,9 +125,13 @@ def no_name(name: str) -> bool:
     return _NOT_IN_A_PLACEHOLDER.sub("", unicodedata.normalize("NFKC", name).casefold()) in _PLACEHOLDER_NAMES
 
 
-def _pinyin(chars: str) -> str:
+def _load_single_character_dictionary_only() -> None:
     # read once at pypinyin's import: a name needs only the single-character dictionary
     os.environ.setdefault("PYPINYIN_NO_PHRASES", "true")
+
+
+def _pinyin(chars: str) -> str:
+    _load_single_character_dictionary_only()
     from pypinyin import lazy_pinyin
 
     syllables = lazy_pinyin(chars)  # characters without a reading (·, letters) are kept as they are
@@ -158,26 +172,54 @@ def same_person_name(a: str, b: str) -> bool:
     """Whether two names given for one patient ID are one name (the check-in's and a device file's,
     a mapping's, a name typed again): the same characters however grouped (张三, 张^三,
     Zhang^San=张^三), or one written in pinyin only and the other's reading (Zhang San, ZHANG^SAN,
-    Zhāng Sān for 张三: a cart or keyboard without an input method). Two names in characters that
+    Zhāng Sān for 张三: a cart or keyboard without an input method; any reading of each character: Zhang
+    Yue for 张乐 (Zhang^Le), Lu or Lyu for 吕, as written where ü cannot be). Two names in characters that
     differ are two names, even read alike (张三, 张叁: the county would get one or the other, and
     only the doctor knows which is his). An empty name is nobody's: False (a caller for whom a
     missing name passes says so)."""
     if not a.strip() or not b.strip():
         return False
-    (a_chars, a_reading), (b_chars, b_reading) = _name_forms(a), _name_forms(b)
+    (a_chars, a_readings), (b_chars, b_readings) = _name_forms(a), _name_forms(b)
     if a_chars and b_chars:
         return a_chars == b_chars
-    return bool(a_reading) and a_reading == b_reading  # one in characters: the pinyin is its reading, or not his
+    # one in characters: the pinyin is one of its readings, or not his
+    return not a_readings.isdisjoint(b_readings)
 
 
-def _name_forms(name: str) -> tuple[str, str]:
-    """(its characters, its pinyin key) of a name, without the PN's "^" and the spaces between its
-    parts: "Zhang^San=张^三" -> ("张三", "zhangsan"); "Zhang San" -> ("", "zhangsan"); "张三" -> ("张三",
-    "zhangsan") (its reading)."""
+def _name_forms(name: str) -> tuple[str, frozenset[str]]:
+    """(its characters, its pinyin keys) of a name, without the PN's "^" and the spaces between its
+    parts: "Zhang^San=张^三" -> ("张三", {"zhangsan"}); "Zhang San" -> ("", {"zhangsan"}); "张乐" ->
+    ("张乐", {"zhangle", "zhangyue"}) (its readings). A name's own pinyin group is one of its keys: a
+    HIS may read it otherwise than the dictionary does."""
     groups = dicom_person_name(name).split("=")
-    chars = next((g for g in groups if has_ideographs(g)), "")
+    chars = "".join(next((g for g in groups if has_ideographs(g)), "").replace("^", "").split())
     letters = next((g for g in groups if g and not has_ideographs(g)), "")
-    return "".join(chars.replace("^", "").split()), _pinyin_key(letters)
+    keys = {_pinyin_key(letters)} | (_readings(chars) if chars else set())
+    return chars, frozenset(key for key in keys if key)
+
+
+def _readings(chars: str) -> set[str]:
+    """The pinyin keys of a name in characters besides the one it is sent with (its pinyin group,
+    with its surname's reading: 单 Shan): for a name of at most `_MOST_CHARACTERS_READ_EVERY_WAY`
+    characters with at most `_MOST_READINGS` readings, any reading of each character (乐 le/yue,
+    行 xing/hang), ü as yu and as u (吕 Lyu, Lu: before GB/T 28039 ü was mostly written u); none
+    for a longer name."""
+    if len(chars) > _MOST_CHARACTERS_READ_EVERY_WAY:
+        return set()
+    each_character = [_character_readings(ch) for ch in chars]
+    if math.prod(len(r) for r in each_character) > _MOST_READINGS:
+        return set()
+    return {"".join(spelling) for spelling in itertools.product(*each_character)}
+
+
+def _character_readings(ch: str) -> set[str]:
+    if not has_ideographs(ch):
+        return {_pinyin_key(ch)}  # a letter or "·" in the characters group: itself
+    _load_single_character_dictionary_only()
+    from pypinyin import Style, pinyin
+
+    readings = pinyin(ch, style=Style.NORMAL, heteronym=True)[0]  # ü as v: lv, nve
+    return {_pinyin_key(r) for r in readings} | {_pinyin_key(r.replace("v", "u")) for r in readings}
 
 
 def _pinyin_key(group: str) -> str:

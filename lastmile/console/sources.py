@@ -37,7 +37,7 @@ from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_names
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
-from lastmile.clinic.names import no_name
+from lastmile.clinic.names import no_name, same_person_name
 from lastmile.clinic.observations import (
     MAPPED_USER,
     OBSERVATION_KIND,
@@ -1132,7 +1132,19 @@ class ClinicData:
         """The held ECGs, each saying whether it is unassigned and recorded during `session`."""
         return [
             replace(h, during_check_in=h.reason == "unassigned" and during_check_in(session, h.recorded_at))
-            for h in self.held_ecg_source.held_ecgs(now)
+            for h in self._held_now(now)
+        ]
+
+    def _held_now(self, now: dt.datetime) -> list[HeldEcg]:
+        """The held ECGs, one held for its name naming its ID as the session knows it now
+        (`PatientContext.known_names`): the doctor may have corrected that name on another ECG of
+        the same ID since this one was held. The check-in's name stored with it at intake is only
+        for an ID the session no longer knows: offered, it would send one ID under two names."""
+        held = self.held_ecg_source.held_ecgs(now)
+        known = self.context.known_names({h.patient_id for h in held if h.reason == NAME_MISMATCH}, now)
+        return [
+            replace(h, checked_in_name=known.get(h.patient_id) or h.checked_in_name) if h.reason == NAME_MISMATCH else h
+            for h in held
         ]
 
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> EcgAssigned | None:
@@ -1152,7 +1164,7 @@ class ClinicData:
 
     def _held_for_name(self, item_id: int, now: dt.datetime) -> HeldEcg | None:
         """The ECG `item_id` if it is held now for a name that is not the check-in's."""
-        found = [h for h in self.held_ecg_source.held_ecgs(now) if h.item_id == item_id]
+        found = [h for h in self._held_now(now) if h.item_id == item_id]
         return found[0] if found and found[0].reason == NAME_MISMATCH else None
 
     def ecg_is_checked_in_patients(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
@@ -1184,24 +1196,53 @@ class ClinicData:
         "record again" or "send anyway"), and then - only once that is done - the check-in's name
         of that ID is corrected (`PatientContext.correct_name`: what the session sends from now
         on). The ECG is in the outbox, the name in clinic.db: no one transaction holds both, so the
-        name follows the ECG; an ECG gone meanwhile renames nobody. None: no longer held for its
+        name follows the ECG; an ECG gone meanwhile renames nobody. That ID's other ECGs held for
+        this same name end their name hold with it (`_release_held_under`). None: no longer held for its
         name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
         held = self._held_for_name(item_id, now)
         assigned = None
+        released: list[int] = []
         if held is not None and held.names_someone:
             assigned = self.held_ecg_source.assign(
                 item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
             )
             if assigned is not None:
                 self.context.correct_name(held.patient_id, held.patient_name, now=now)
+                released = self._release_held_under(held, now=now, by=user)
         self.audit.record(
             user,
             "ecg-name-right",
             now=now,
             target=held.patient_id if held else str(item_id),
-            detail={"item": item_id, "done": assigned is not None, "name": held.patient_name if held else ""},
+            detail={
+                "item": item_id,
+                "done": assigned is not None,
+                "name": held.patient_name if held else "",
+                "released": released,
+            },
         )
         return assigned
+
+    def _release_held_under(self, corrected: HeldEcg, *, now: dt.datetime, by: str) -> list[int]:
+        """After "the ECG's name is right" on `corrected`: the other ECGs of its ID held for a name
+        that is the one just made right (one cart, the same patient's ECGs) are assigned to their
+        own file's patient, as `corrected` was - their name hold ends, one held for its quality too
+        still waits. Left held, they asked again about a name already settled. Their items."""
+        released: list[int] = []
+        for other in self.held_ecg_source.held_ecgs(now):
+            if (
+                other.item_id != corrected.item_id
+                and other.reason == NAME_MISMATCH
+                and other.patient_id == corrected.patient_id
+                and other.names_someone
+                and same_person_name(other.patient_name, corrected.patient_name)
+                and self.held_ecg_source.assign(
+                    other.item_id, Patient(other.patient_id, other.patient_name), now=now, by=by
+                )
+                is not None
+            ):
+                released.append(other.item_id)
+        return released
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)

@@ -15,26 +15,40 @@ thread with a capped backoff, merged with the batches that come meanwhile; `stop
 it once more. At most KEEP_MAX records are kept (the oldest beyond are dropped, logged). Each
 failure is logged at ERROR with the count waiting, shown in the forward service's status line
 (`waiting`) and, as far as clinic.db lets us, in the RECORDER_STATUS row `lastmile doctor` reads.
+
+What clinic.db still refuses at the stop (another process holding its lock past the stop's one
+second) is not waited for - the stop stays prompt - but saved to a small side file in the data
+directory (`UNWRITTEN_NAME`, JSON lines, written whole or not at all: temporary file, fsync,
+rename), only then: no write at all on a stop with nothing left. The next start writes it into
+clinic.db first (`write_left_by_last_stop`), then removes it: with outbox.retention_days 0 the
+committed ECG is purged by then, and `backfill` would find nothing. A damaged side file is
+logged at ERROR and set aside (its readable lines are written all the same); it never stops the start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
+import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from lastmile.atomic_write import write_atomic
 from lastmile.clinic.db import utc_now
 from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_record_of, is_surely_item_of
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.payload_files import fsync_dir
 from uploader.report_reading import dicom_datetime_iso
 from uploader.sqlite_store import gave_up_at_stop
 
@@ -46,6 +60,7 @@ COMMITMENT_NOTE_S = 30.0  # commitment times are copied at most this often
 KEEP_MAX = 5000  # records clinic.db refused, kept for the next try (a few hundred bytes each)
 RETRY_FIRST_S = 1.0  # the backoff between tries of a refused batch: doubled up to RETRY_MAX_S
 RETRY_MAX_S = 60.0
+UNWRITTEN_NAME = "sent-studies-unwritten.jsonl"  # in the data directory: what a stop could not write
 ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"]
 _STOP = object()
 
@@ -95,6 +110,35 @@ def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime)
     )
 
 
+_DATETIME_FIELDS = {"sent_at", "committed_at", "final_at", "last_polled_at"}
+
+
+def unwritten_line(study: SentStudy) -> str:
+    """One record of the side file: its fields, times in ISO form."""
+    fields = dataclasses.asdict(study)
+    for name in _DATETIME_FIELDS:
+        if fields[name] is not None:
+            fields[name] = fields[name].isoformat()
+    fields["awaiting"] = list(study.awaiting)
+    return json.dumps(fields, ensure_ascii=False, sort_keys=True)
+
+
+def unwritten_study(line: str) -> SentStudy:
+    """The record of a side file's line; ValueError/TypeError/KeyError if it is not one."""
+    fields = json.loads(line)
+    if not isinstance(fields, dict) or not isinstance(fields.get("study_uid"), str) or not fields["study_uid"]:
+        raise ValueError("not a sent-study record")
+    if not isinstance(fields.get("sent_at"), str):
+        raise ValueError("a sent-study record without its sending time")
+    known = {f.name for f in dataclasses.fields(SentStudy)}
+    fields = {name: value for name, value in fields.items() if name in known}
+    for name in _DATETIME_FIELDS & fields.keys():
+        if fields[name] is not None:
+            fields[name] = dt.datetime.fromisoformat(fields[name])
+    fields["awaiting"] = tuple(fields.get("awaiting") or ())
+    return SentStudy(**fields)
+
+
 class SentStudyRecorder:
     """Forwarder observer (`on_event`) that keeps the sent-study records, off the send path."""
 
@@ -105,7 +149,10 @@ class SentStudyRecorder:
         *,
         on_new_study: Callable[[], None] | None = None,
         clock: Callable[[], dt.datetime] = utc_now,
+        unwritten_file: Path | None = None,
     ) -> None:
+        """`unwritten_file`: where the stop saves what clinic.db still refuses, for the next start
+        (`UNWRITTEN_NAME` in the data directory); None: dropped (logged), as in the demo."""
         self.outbox = outbox
         self.store = store
         self.on_new_study = on_new_study or (lambda: None)
@@ -126,6 +173,9 @@ class SentStudyRecorder:
         self._drops_unreported = 0  # dropped but not yet added to the status row
         self._last_drop_at: float | None = None
         self._given_up_at_stop = False  # the last refusal was the service's stop giving up a wait
+        self.unwritten_file = unwritten_file
+        self._unwritten_on_disk = False  # the file holds records not yet in clinic.db: removed once they are
+        self._left_by_last_stop = 0  # records the last stop saved: waiting in its status row, not dropped
 
     @property
     def waiting(self) -> int:
@@ -159,6 +209,9 @@ class SentStudyRecorder:
             thread.join(timeout_s)
         self.drain()  # whatever came after the thread stopped, and what clinic.db refused: once more
         with self._write_lock:
+            if self._kept and self._saved_for_next_start(self._kept):
+                self._note_status()  # waiting: for the next start
+                self._kept = []
             if self._kept:
                 lost, self._kept = len(self._kept), []
                 if self._given_up_at_stop:  # another process's lock: no fault of clinic.db's
@@ -246,6 +299,8 @@ class SentStudyRecorder:
             self._refused(studies, exc)
             return 0
         self._kept = []
+        if self._unwritten_on_disk:
+            self._remove_unwritten()
         self.recorded += new
         if new:
             log.info("%d sent stud(ies) recorded", new)
@@ -349,11 +404,102 @@ class SentStudyRecorder:
         except Exception as exc:  # noqa: BLE001 — best effort, as _note_status
             log.debug("cannot read the sent-study recorder's status: %s", exc)
             return
-        if earlier.get("waiting"):
+        # what the last stop saved for this start waits still (`write_left_by_last_stop`)
+        lost = int(earlier.get("waiting") or 0) - self._left_by_last_stop
+        if lost > 0:
             with self._write_lock:
-                self._drops_unreported += int(earlier["waiting"])
+                self._drops_unreported += lost
                 self._last_drop_at = time.time()
                 self._note_status()
+
+    # -- the side file: what a stop could not write, for the next start ------------------------
+    def _saved_for_next_start(self, studies: list[SentStudy]) -> bool:
+        """Save `studies` (all that waits: it replaces what the file held) whole, fsynced; False if
+        there is no file or it cannot be written (they are dropped then, logged)."""
+        path = self.unwritten_file
+        if path is None:
+            return False
+        try:
+            write_atomic(path, "".join(unwritten_line(s) + "\n" for s in studies).encode("utf-8"))
+        except (OSError, TypeError, ValueError) as exc:
+            log.error("cannot save the sent-study records clinic.db refused at the stop to %s: %s", path, exc)
+            return False
+        self._unwritten_on_disk = True
+        log.warning(
+            "%d sent-study record(s) clinic.db could not take at the stop (%s) saved to %s: the next start writes them",
+            len(studies),
+            self.last_error or "refused",
+            path,
+        )
+        return True
+
+    def write_left_by_last_stop(self) -> int:
+        """At start, before `backfill`: the records the last stop saved (`unwritten_file`) written
+        into clinic.db, then the file removed. Refused now, they are kept and retried as any
+        (the file stays until they are written). A damaged file is set aside, logged at ERROR;
+        its readable lines are written all the same. Returns how many records it held."""
+        path = self.unwritten_file
+        if path is None:
+            return 0
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            self._set_aside(path, f"unreadable: {exc}")
+            return 0
+        studies, damaged = [], 0
+        for line in data.split(b"\n"):  # line by line: one damaged line does not take the others
+            if not line.strip():
+                continue
+            try:
+                studies.append(unwritten_study(line.decode("utf-8")))
+            except (ValueError, TypeError, KeyError) as exc:  # UnicodeDecodeError is a ValueError
+                damaged += 1
+                log.debug("a damaged line in %s: %s", path, exc)
+        if damaged:
+            self._set_aside(path, f"{damaged} damaged line(s), {len(studies)} readable")
+        self._left_by_last_stop = len(studies)
+        if not studies:
+            if not damaged:
+                self._remove_unwritten()
+            return 0
+        log.info("%d sent-study record(s) the last stop could not write: writing them into clinic.db", len(studies))
+        with self._write_lock:
+            self._unwritten_on_disk = not damaged and path.exists()
+            self._kept = self._capped(studies + self._kept)
+        self._write([], retry_now=True)
+        return len(studies)
+
+    def _remove_unwritten(self) -> None:
+        assert self.unwritten_file is not None
+        self._unwritten_on_disk = False
+        try:
+            self.unwritten_file.unlink(missing_ok=True)
+            fsync_dir(self.unwritten_file.parent)
+        except OSError as exc:  # written into clinic.db already: the next start writes them again, no harm
+            log.error("cannot remove %s (its records are in clinic.db): %s", self.unwritten_file, exc)
+
+    @staticmethod
+    def _set_aside(path: Path, why: str) -> None:
+        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            log.error(
+                "the sent-study records the last stop saved in %s are damaged (%s) and cannot be set aside: %s",
+                path,
+                why,
+                exc,
+            )
+            return
+        log.error(
+            "the sent-study records the last stop saved in %s are damaged (%s): set aside as %s; "
+            "the reports of those not readable will not be asked for",
+            path,
+            why,
+            aside,
+        )
 
     def snapshot(self, item: OutboxItem) -> tuple[OutboxItem, bytes | None]:
         """The item, and the object's bytes only for what intake did not note in its meta (the

@@ -17,7 +17,7 @@ from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.old_lines import OldReportLines, has_old_reports
 from lastmile.reports.policy import DAY, HOUR, PollPolicy
 from lastmile.reports.poller import PollerSettings, PollerThread, PollRound, ReportPoller
-from lastmile.reports.sent import SentStudyRecorder
+from lastmile.reports.sent import UNWRITTEN_NAME, SentStudyRecorder
 from lastmile.reports.store import ReportStore
 from lastmile.services.metered import meter_of
 from uploader.dicom_association import PeerSettings
@@ -144,9 +144,12 @@ class ReportService:
         self.thread = PollerThread(self.poller, on_round=self._log_round) if self.poller else None
         wake = self.thread.wake if self.thread else None
         # studies are recorded even with polling off: turning it on later finds them
-        self.recorder = SentStudyRecorder(outbox, self.store, on_new_study=wake)
+        self.recorder = SentStudyRecorder(
+            outbox, self.store, on_new_study=wake, unwritten_file=config.data_dir / UNWRITTEN_NAME
+        )
 
     def start(self) -> None:
+        self.recorder.write_left_by_last_stop()  # first: with retention_days 0 backfill finds none of them
         self.recorder.backfill()
         if has_old_reports(self.store.db):  # one index lookup: none on a gateway set up since 0009
             self._old_lines = OldReportLines(self._data_dir)

@@ -574,15 +574,16 @@ class SerialContext:
         """Make `recording` durable in the outbox; False if it could not be stored now (try again:
         the caller holds it, and the row's held status says so), RecordingRefused if it never can be."""
         now = self.now()
-        current = self.patients.current(now)
-        patient = None
-        request = session_request(self.patients.current_doctor(now))
-        # Only a patient whose session began before the recording: never the next patient's.
-        if current is not None and recording.acquired_at >= current.since:
-            patient = Patient(patient_id=current.patient_id, name=current.name)
-            request = session_request(current.doctor_id, reason=current.reason)
-            recording = replace(recording, stat=recording.stat or current.stat)
         try:
+            # inside the try: reading the session writes when it just expired, a write a stop may give up
+            current = self.patients.current(now)
+            patient = None
+            request = session_request(self.patients.current_doctor(now))
+            # Only a patient whose session began before the recording: never the next patient's.
+            if current is not None and recording.acquired_at >= current.since:
+                patient = Patient(patient_id=current.patient_id, name=current.name)
+                request = session_request(current.doctor_id, reason=current.reason)
+                recording = replace(recording, stat=recording.stat or current.stat)
             enqueue_recording(
                 self.outbox,
                 replace(recording, patient=patient),
