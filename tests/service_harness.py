@@ -1,6 +1,7 @@
 """The long-running services in tests: what the serial devices send them, systemd's notification
 socket, `lastmile acquire` as systemd starts it, `lastmile doctor` with the system-wide bits
-injected, a FHIR token file, waiting for what a service does."""
+injected, a FHIR token file, waiting for what a service does, another process's write lock and a
+stop that meets it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ import datetime as dt
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.patients import PatientContext
 from lastmile.config import parse_config
+from lastmile.demo.loopback import free_port
 from lastmile.doctor import Doctor, Finding, Level
 from tests.conftest import REPO
 from tests.serial_pty import PtyDevice
+from tests.waiting import wait_for
 
 LASTMILE = [sys.executable, "-m", "lastmile"]
 FHIR_TOKEN = "s3cret-token"  # what tests.fhir_server.FhirTestServer(token=...) is given
@@ -152,6 +160,56 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+@contextlib.contextmanager
+def service_running(
+    config: Path, *args: str, log: Path, before_the_stop: Callable[[], object] = lambda: None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`start`ed for the block, `stop`ped after it, whatever happened in it; `before_the_stop`
+    first (a test server holding its answer lets it go: the stop is not held by it)."""
+    proc = start(config, *args, log=log)
+    try:
+        yield proc
+    finally:
+        before_the_stop()
+        stop(proc)
+
+
+def run_until(
+    config: Path,
+    *args: str,
+    log: Path,
+    until: Callable[[], object],
+    what: str,
+    timeout: float = 60.0,
+    then_s: float = 0.0,
+) -> None:
+    """`lastmile -c config ARGS...` (the next start) run until `until()` holds or it exits, then
+    `then_s` more (its rounds in which nothing more may happen), then stopped."""
+    with service_running(config, *args, log=log) as proc:
+        wait_for(lambda: until() or proc.poll() is not None, timeout, what=what)
+        time.sleep(then_s)
+
+
+def sigterm_and_wait(proc: subprocess.Popen[bytes], within_s: float = 30.0) -> int | None:
+    """SIGTERM, as systemd sends it at a stop; the exit code once it exits within `within_s`
+    (None: still running - no SIGKILL here, the test says how that went)."""
+    proc.send_signal(signal.SIGTERM)
+    stopped_by = time.monotonic() + within_s
+    while proc.poll() is None and time.monotonic() < stopped_by:
+        time.sleep(0.1)
+    return proc.poll()
+
+
+def log_tail(log: Path) -> str:
+    """The end of a service's log: what a failed assertion shows."""
+    return log.read_text(errors="replace")[-3000:]
+
+
+def errors_said(journal: str) -> list[str]:
+    """The lines of a service's log at ERROR, and tracebacks: none at an ordinary stop."""
+    return [line for line in journal.splitlines() if " ERROR " in line or "Traceback" in line]
+
+
 def waiting_in_a_sleep(pid: int) -> bool:
     """Whether a thread of process `pid` sleeps in nanosleep: a device service (acquire, ble)
     otherwise sleeps in select, epoll and futex waits only, so that is SQLite's busy wait for a
@@ -199,6 +257,15 @@ def fhir_token_file(directory: Path) -> str:
     return str(path)
 
 
+def no_reading_center_toml() -> str:
+    """`[reading_center]` of a gateway whose reading center does not listen (no ECG goes there):
+    free loopback ports, no storage commitment."""
+    return (
+        f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {free_port()}\n'
+        'listen_host = "127.0.0.1"\nstorage_commitment = false\n'
+    )
+
+
 # -- a stop of `lastmile acquire` -------------------------------------------------------------------
 
 STOP_WITHIN_S = 5.0  # the goal is ~2 s; TimeoutStopSec=45 is systemd's own limit
@@ -210,3 +277,66 @@ def acquire_toml(tmp_path: Path, monitor: PtyDevice) -> Path:
     entry = f'name = "monitor"\nmatch = "{monitor.link_path}"\nprofile = "example-vitals-monitor"\n'
     (config := tmp_path / "lastmile.toml").write_text(f"{head}[[serial.devices]]\n{entry}")
     return config
+
+
+# -- another process's write lock, and a stop that meets it ----------------------------------------
+
+
+@contextlib.contextmanager
+def write_locked(database: Path) -> Iterator[None]:
+    """Another process's write transaction on `database` (the console saving a check-in, acquire
+    storing a reading, `lastmile patient`, a sqlite3 shell left open), held for as long as the
+    block runs."""
+    conn = sqlite3.connect(database, timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def sigterm_once_a_write_waits(
+    proc: subprocess.Popen[str] | subprocess.Popen[bytes], waiting: str, *, timeout: float = 120.0
+) -> tuple[float, str]:
+    """SIGTERM once a thread of `proc` sleeps in SQLite's busy wait (`waiting`: the write that waits
+    for another process's lock). The seconds from SIGTERM to its exit, and what it printed on its
+    text pipe ("": its output goes to a log)."""
+    wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30, what=f"{waiting} waiting for the lock")
+    proc.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    out, _ = proc.communicate(timeout=timeout)
+    return time.monotonic() - began, out or ""
+
+
+class AcquireStopped(NamedTuple):
+    took: float  # seconds from SIGTERM to exit
+    out: str  # what the service printed
+    config: Path
+    data: Path
+    returncode: int
+
+
+def acquire_stopped_under_a_lock(tmp_path: Path, monitor: PtyDevice, database: str, *, patient: bool) -> AcquireStopped:
+    """The real `lastmile acquire` with `monitor` on its pty (a patient checked in, or none: its
+    readings held unassigned); another process holds `database`'s write lock (clinic.db,
+    outbox.sqlite) as the monitor prints its report; SIGTERM once a write sleeps in SQLite's busy
+    wait. The monitor stays plugged in: the caller unplugs it."""
+    config, data = acquire_toml(tmp_path, monitor), tmp_path / "data"
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:
+            wait_for(lambda: (r := registry.get("serial:monitor")) is not None and r.connected, timeout=30)
+        now = dt.datetime.now(dt.timezone.utc)
+        if patient:
+            with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+                patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+        with write_locked(data / database):
+            monitor.write(report_printed(now))
+            took, out = sigterm_once_a_write_waits(proc, f"a {database} write of its report", timeout=180)
+    finally:
+        stop_child(proc)
+        manager.sock.close()
+    return AcquireStopped(took, out, config, data, proc.returncode)

@@ -6,6 +6,7 @@ monitor no longer there)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -15,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from lastmile.cli import main
-from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings
 from lastmile.console.sources import ClinicData
 from lastmile.console.views import devices as devices_page
 from lastmile.console.views import today
 from lastmile.doctor import Level
 from tests.console_harness import DOCTOR, Client, add_users, console_config, running_console
-from tests.serial_gateway import Running, ward_profile_with_bad_baudrate
+from tests.serial_gateway import Running, serial_config, ward_profile_with_bad_baudrate
 from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
 from tests.waiting import wait_for
@@ -491,6 +492,34 @@ def test_lastmile_devices_names_a_ble_device_by_the_name_given_at_pairing_and_sa
     assert "advertised as BP cuff" in out, out
 
 
+def hold_three_one_in_memory_only(registry: DeviceRegistry, now: dt.datetime) -> None:
+    """The monitor's row as the serial part writes it at a stop: 3 readings held, 1 of them in
+    memory only."""
+    registry.update_status(
+        "serial:monitor",
+        now=now,
+        transport="serial",
+        held=HeldReadings.MEMORY,
+        held_counts=(3, 0),
+        memory_counts=(1, 0),
+    )
+
+
+def pages_with_the_monitor(tmp_path: Path, data: Path, *pages: str) -> dict[str, str]:
+    """The console's `pages` (zh-CN) as the doctor sees them, its configuration naming the monitor
+    on `tmp_path`/usb-monitor; each page's body by its path."""
+    shown = dataclasses.replace(
+        console_config(data),
+        serial=serial_config(
+            tmp_path, [{"name": "monitor", "match": str(tmp_path / "usb-monitor"), "profile": "example-vitals-monitor"}]
+        ).serial,
+    )
+    with running_console(shown) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        return {page: client.get(page).body for page in pages}
+
+
 def test_a_loss_from_a_damaged_spill_file_is_said_as_that_on_every_page_and_in_lastmile_devices(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -499,11 +528,6 @@ def test_a_loss_from_a_damaged_spill_file_is_said_as_that_on_every_page_and_in_l
     (0034_device_lost_on_disk): the Devices page says it was saved on the SD card and could not be
     read back, Today says a device lost readings, `lastmile devices` and the doctor name the file
     and its .bad copy; what was held in memory only is still said as that, beside it."""
-    import dataclasses
-
-    from lastmile.clinic.devices import HeldReadings
-    from tests.serial_gateway import serial_config
-
     data = tmp_path / "data"
     config = tmp_path / "lastmile.toml"
     config.write_text(
@@ -517,14 +541,7 @@ def test_a_loss_from_a_damaged_spill_file_is_said_as_that_on_every_page_and_in_l
         registry.update_status(
             "serial:monitor", now=now, transport="serial", reading="SpO2 97 %", reading_at=now, seen=True
         )
-        registry.update_status(
-            "serial:monitor",
-            now=now,
-            transport="serial",
-            held=HeldReadings.MEMORY,
-            held_counts=(3, 0),
-            memory_counts=(1, 0),
-        )
+        hold_three_one_in_memory_only(registry, now)
         row = registry.get("serial:monitor")
         registry.record_lost(row, (3, 0), now=now, on_disk=(2, 0), damage=damage)
         assert main(["-c", str(config), "devices"]) == 0
@@ -537,16 +554,7 @@ def test_a_loss_from_a_damaged_spill_file_is_said_as_that_on_every_page_and_in_l
     lost = [f for f in found.check_devices() if f.level is Level.FAIL and "lost when" in f.message]
     assert len(lost) == 2 and "1 reading(s) held in memory only" in lost[0].message, lost
     assert "2 reading(s) kept on disk could not be read back" in lost[1].message and damage in lost[1].message, lost
-    shown = dataclasses.replace(
-        console_config(data),
-        serial=serial_config(
-            tmp_path, [{"name": "monitor", "match": str(tmp_path / "usb-monitor"), "profile": "example-vitals-monitor"}]
-        ).serial,
-    )
-    with running_console(shown) as server:
-        client = Client(server.url)
-        client.login(DOCTOR)
-        pages = {page: client.get(page).body for page in ("/devices", "/today", "/system")}
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/today", "/system")
     assert "网关停机时丢失：1 条测量结果（当时仅在内存中）" in pages["/devices"], pages["/devices"]
     assert "保存在SD卡上的 2 条测量结果无法读回（文件损坏或丢失）：已丢失" in pages["/devices"], pages["/devices"]
     assert "网关停机时丢失了测量数据：请看“设备”页" in pages["/today"], pages["/today"]
@@ -562,11 +570,6 @@ def test_the_words_of_losses_name_readings_and_ecgs_one_card_and_keep_each_bad_c
     damage, added to the first's, was cut at 402 characters - through its .bad copy's path, the
     one thing the county IT needs. Now: readings and ECGs both named, one word (SD卡), "damaged or
     missing", and each path whole (an older loss's words left out, never cut)."""
-    import dataclasses
-
-    from lastmile.clinic.devices import HeldReadings
-    from tests.serial_gateway import serial_config
-
     data = tmp_path / "data" / ("a-long-data-directory-name-" * 4)
     now = dt.datetime.now(UTC)
     first = f"{data}/serial-spill.dat (garbage; set aside as {data}/serial-spill.dat.20261207T090000Z.bad)"
@@ -580,29 +583,13 @@ def test_the_words_of_losses_name_readings_and_ecgs_one_card_and_keep_each_bad_c
         )
         registry.record_lost(registry.get("serial:monitor"), (2, 0), now=now, on_disk=(2, 0), damage=first)
         registry.record_lost(registry.get("serial:monitor"), (0, 1), now=now, on_disk=(0, 1), damage=second)
-        registry.update_status(
-            "serial:monitor",
-            now=now,
-            transport="serial",
-            held=HeldReadings.MEMORY,
-            held_counts=(3, 0),
-            memory_counts=(1, 0),
-        )
+        hold_three_one_in_memory_only(registry, now)
         row = registry.get("serial:monitor")
     finally:
         registry.close()
     assert second in row.lost_damage, row.lost_damage  # the newest .bad path whole
     assert (row.lost_reading_count, row.lost_ecg_count) == (2, 1), row
-    shown = dataclasses.replace(
-        console_config(data),
-        serial=serial_config(
-            tmp_path, [{"name": "monitor", "match": str(tmp_path / "usb-monitor"), "profile": "example-vitals-monitor"}]
-        ).serial,
-    )
-    with running_console(shown) as server:
-        client = Client(server.url)
-        client.login(DOCTOR)
-        pages = {page: client.get(page).body for page in ("/devices", "/today")}
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/today")
     assert "网关停机时丢失了测量数据和心电图：请看“设备”页" in pages["/today"], pages["/today"]
     assert "磁盘" not in pages["/devices"] and "其余已保存在SD卡上" in pages["/devices"], pages["/devices"]
     assert "（文件损坏或丢失）" in pages["/devices"], pages["/devices"]

@@ -219,17 +219,23 @@ def clinic(tmp_path: Path) -> Iterator[tuple[Config, ConsoleServer, Client]]:
 
 def _arrives(config: Config, parts: tuple[str, ...], key: str) -> int:
     """The cart's file arrives as from its USB stick, while 张三 is checked in as SBJ-123."""
+    return _held_for_its_name(config, read_ecg_file(shared_file(*parts)), key)
+
+
+def _held_for_its_name(config: Config, recording: EcgRecording, key: str, judged: Config | None = None) -> int:
+    """`recording` arrives as from the cart's USB stick, while 张三 is checked in as SBJ-123 (its
+    quality judged by `judged`'s ECG settings: `config`'s by default); held for its name. Its id."""
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
         with open_outbox(config) as outbox:
             now = dt.datetime.now(dt.timezone.utc)
             enqueue = file_enqueuer(
                 outbox,
-                config,
+                config if judged is None else judged,
                 lambda: context.patient_ids(now),
                 checked_in_name=lambda pid: context.known_name(pid, now),
             )
-            assert enqueue(read_ecg_file(shared_file(*parts)), key)
+            assert enqueue(recording, key)
             item = outbox.find(key)
             assert item is not None and item.hold_reason == NAME_MISMATCH
             return item.id
@@ -452,34 +458,20 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
     cart = dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark"))  # the cart kept Clark's entry
     judged = copy.deepcopy(config)
     judged.ecg.re_record_hold_s = 600
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        with open_outbox(config) as outbox:
-            now = dt.datetime.now(dt.timezone.utc)
-            enqueue = file_enqueuer(
-                outbox,
-                judged,
-                lambda: context.patient_ids(now),
-                checked_in_name=lambda pid: context.known_name(pid, now),
-            )
-            assert enqueue(cart, "noisy")
-            held = outbox.find("noisy")
-            assert held is not None and held.hold_reason == NAME_MISMATCH
-    finally:
-        context.close()
+    held_id = _held_for_its_name(config, cart, "noisy", judged)
     page = doctor.get("/today").body
-    row = _row(page, held.id)
+    row = _row(page, held_id)
     assert "心电图上的姓名是 Clark" in row and "质量检查结果也是：需要重做" in row, row
-    reply = doctor.post(f"/today/ecg/{held.id}/name-right", {"csrf": _csrf(page)})
+    reply = doctor.post(f"/today/ecg/{held_id}/name-right", {"csrf": _csrf(page)})
     assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
     assert "此心电图质量待定" in doctor.get(reply.location).body
     with open_outbox(config) as outbox:
-        item = outbox.get(held.id)
+        item = outbox.get(held_id)
         assert item is not None and item.hold_reason == "re-record" and item.held(time.time()), item
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # not sent: the doctor decides its quality
         assert item.patient is not None and item.patient["birth_date"] is None  # contec gave none; none added
     assert _known_name(config) == "Clark"
-    row = _row(doctor.get("/today").body, held.id)
+    row = _row(doctor.get("/today").body, held_id)
     assert "质量检查结果：需要重做" in row and "重做，不发送这份" in row and "仍然发送" in row, row
 
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import signal
 import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,8 +41,17 @@ from lastmile.reports.store import ReportStore, SentStudy
 from tests.fhir_samples import NAMING, T0, blood_pressure, queue_visits
 from tests.fhir_server import FhirTestServer
 from tests.medplum_fhir_server import UPSTREAM_TIMEOUT_S, MedplumFhirServer
-from tests.peers import free_port
-from tests.service_harness import FHIR_TOKEN, fhir_token_file, start, stop
+from tests.service_harness import (
+    FHIR_TOKEN,
+    errors_said,
+    fhir_token_file,
+    log_tail,
+    no_reading_center_toml,
+    run_until,
+    service_running,
+    sigterm_and_wait,
+    write_locked,
+)
 from tests.waiting import wait_for
 from uploader.fhir_bundle import observation_key
 from uploader.fhir_forwarder import enqueue_observation, forward_fhir_once
@@ -86,13 +95,7 @@ def config_file(tmp_path: Path, platform: FhirTestServer, timeout_s: float) -> P
 [gateway]
 id = "{NAMING.gateway_id}"
 data_dir = "{tmp_path / "data"}"
-[reading_center]
-host = "127.0.0.1"
-port = {free_port()}
-listen_port = {free_port()}
-listen_host = "127.0.0.1"
-storage_commitment = false
-[fhir]
+{no_reading_center_toml()}[fhir]
 base_url = "{platform.base_url}"
 token_file = "{fhir_token_file(tmp_path)}"
 timeout_s = {timeout_s}
@@ -107,23 +110,19 @@ source = "off"
     return path
 
 
+def stopped_saying_no_error(first: subprocess.Popen[bytes], log: Path) -> str:
+    """SIGTERM to the forward service (a write of it waiting for another process's lock): it exits
+    0 within 30 s, and says nothing at ERROR and no traceback - an ordinary stop. Its log."""
+    assert sigterm_and_wait(first) == 0, log_tail(log)
+    journal = log.read_text(errors="replace")
+    assert errors_said(journal) == [], journal[-3000:]
+    return journal
+
+
 def bundle_states(data_dir: Path) -> dict[str, str]:
     """The FHIR bundles' states by key, read as another process would."""
     with contextlib.closing(sqlite3.connect(f"file:{data_dir / DB_NAME}?mode=ro", uri=True, timeout=30)) as conn:
         return dict(conn.execute("SELECT key, state FROM items WHERE kind = 'fhir-bundle'").fetchall())
-
-
-@contextlib.contextmanager
-def write_locked(data_dir: Path) -> Iterator[None]:
-    """Another process's write transaction on outbox.sqlite (acquire storing a reading, `lastmile
-    patient` ...), held for as long as the block runs."""
-    conn = sqlite3.connect(data_dir / DB_NAME, timeout=30, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield
-        conn.execute("ROLLBACK")
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize("server_class", [OursAnswersWhenLocked, MedplumAnswersWhenLocked], ids=["ours", "medplum"])
@@ -142,41 +141,32 @@ def test_bundles_the_platform_took_whose_taking_a_stop_could_not_record_are_not_
         keys = {f"fhir:visit:{visit_id}", observation_key(reading, NAMING)}
         data, log = config.data_dir, tmp_path / "forward.log"
 
-        first = start(cfg, "forward", log=log)
-        try:
+        with service_running(cfg, "forward", log=log, before_the_stop=platform.may_answer.set) as first:
             wait_for(
                 lambda: platform.applied_first.is_set() or first.poll() is not None,
                 patience_s,
                 what="the platform applying the bundles",
             )
-            assert first.poll() is None, log.read_text(errors="replace")[-3000:]
-            with write_locked(data):
+            assert first.poll() is None, log_tail(log)
+            with write_locked(data / DB_NAME):  # another process: acquire storing a reading, `lastmile patient` ...
                 platform.may_answer.set()  # 200: the service's mark_sent waits for the lock
                 time.sleep(1.5)
-                first.send_signal(signal.SIGTERM)
-                stopped_by = time.monotonic() + 30
-                while first.poll() is None and time.monotonic() < stopped_by:
-                    time.sleep(0.1)
-                assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
-        finally:
-            platform.may_answer.set()
-            stop(first)
+                assert sigterm_and_wait(first) == 0, log_tail(log)
         assert platform.stats.transactions == 1
         # not recorded as sent: their claims left to the next start, which sends them again
         assert bundle_states(data) == dict.fromkeys(keys, "sending"), bundle_states(data)
         stored_once = {kind: len(platform.resources(kind)) for kind in ("Encounter", "Observation", "Provenance")}
         assert stored_once == {"Encounter": 1, "Observation": 8 + 2, "Provenance": 1}, stored_once
 
-        second = start(cfg, "forward", log=log)
-        try:
-            wait_for(
-                lambda: set(bundle_states(data).values()) <= {"committed", "purged"} or second.poll() is not None,
-                patience_s,
-                what="the bundles recorded as taken by the platform",
-            )
-            time.sleep(1.0)  # rounds of the new process: nothing more goes
-        finally:
-            stop(second)
+        run_until(  # then its rounds: nothing more goes
+            cfg,
+            "forward",
+            log=log,
+            until=lambda: set(bundle_states(data).values()) <= {"committed", "purged"},
+            what="the bundles recorded as taken by the platform",
+            timeout=patience_s,
+            then_s=1.0,
+        )
         journal = log.read_text(errors="replace")
         assert set(bundle_states(data).values()) <= {"committed", "purged"}, (bundle_states(data), journal[-3000:])
         # recorded taken from the note the first process left, not sent again: one transaction
@@ -276,15 +266,13 @@ def test_readings_taken_whose_sent_time_a_stop_gave_up_are_said_at_info_and_reco
             finally:
                 store.close()
 
-        first = start(cfg, "forward", log=log)
-        try:
+        with service_running(cfg, "forward", log=log, before_the_stop=platform.may_answer.set) as first:
             wait_for(
                 lambda: platform.applied_first.is_set() or first.poll() is not None, 60, what="the platform applying"
             )
-            assert first.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert first.poll() is None, log_tail(log)
             assert readings_sent_at(data) == [None] * 3  # relayed and recorded, not taken yet
-            with contextlib.closing(sqlite3.connect(data / CLINIC_DB, timeout=30, isolation_level=None)) as console:
-                console.execute("BEGIN IMMEDIATE")  # the console saving: the records' write waits for it
+            with write_locked(data / CLINIC_DB):  # the console saving: the records' write waits for it
                 platform.may_answer.set()
                 wait_for(
                     lambda: set(bundle_states(data).values()) == {"committed"} or first.poll() is not None,
@@ -292,31 +280,17 @@ def test_readings_taken_whose_sent_time_a_stop_gave_up_are_said_at_info_and_reco
                     what="the bundles recorded taken in the outbox",
                 )
                 time.sleep(0.5)  # the readings' sent time waiting for clinic.db's lock
-                first.send_signal(signal.SIGTERM)
-                stopped_by = time.monotonic() + 30
-                while first.poll() is None and time.monotonic() < stopped_by:
-                    time.sleep(0.1)
-                console.execute("ROLLBACK")
-            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
-        finally:
-            platform.may_answer.set()
-            stop(first)
-        journal = log.read_text(errors="replace")
+                journal = stopped_saying_no_error(first, log)
         assert "stopping: readings taken by the county platform recorded as sent at the next start" in journal
-        assert [line for line in journal.splitlines() if " ERROR " in line or "Traceback" in line] == [], journal[
-            -3000:
-        ]
         assert readings_sent_at(data) == [None] * 3  # not recorded: the stop gave the write up
 
-        second = start(cfg, "forward", log=log)
-        try:
-            wait_for(
-                lambda: None not in readings_sent_at(data) or second.poll() is not None,
-                60,
-                what="the readings' sent time recorded by the next start",
-            )
-        finally:
-            stop(second)
+        run_until(
+            cfg,
+            "forward",
+            log=log,
+            until=lambda: None not in readings_sent_at(data),
+            what="the readings' sent time recorded by the next start",
+        )
         assert None not in readings_sent_at(data), log.read_text(errors="replace")[-3000:]
         assert platform.stats.transactions == 1, platform.stats  # nothing sent again
 
@@ -367,35 +341,17 @@ def test_a_report_whose_store_a_stop_gave_up_is_said_at_info_and_stored_by_the_n
             }
         )
 
-        first = start(cfg, "forward", log=log)
-        try:
+        with service_running(cfg, "forward", log=log, before_the_stop=platform.may_answer.set) as first:
             wait_for(lambda: platform.searched.is_set() or first.poll() is not None, 60, what="the poller asking")
-            assert first.poll() is None, log.read_text(errors="replace")[-3000:]
-            with contextlib.closing(sqlite3.connect(data / CLINIC_DB, timeout=30, isolation_level=None)) as console:
-                console.execute("BEGIN IMMEDIATE")  # the console saving: the report's store waits for it
+            assert first.poll() is None, log_tail(log)
+            with write_locked(data / CLINIC_DB):  # the console saving: the report's store waits for it
                 platform.may_answer.set()
                 time.sleep(1.0)  # the report found, its store waiting for clinic.db's lock
-                first.send_signal(signal.SIGTERM)
-                stopped_by = time.monotonic() + 30
-                while first.poll() is None and time.monotonic() < stopped_by:
-                    time.sleep(0.1)
-                console.execute("ROLLBACK")
-            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
-        finally:
-            platform.may_answer.set()
-            stop(first)
-        journal = log.read_text(errors="replace")
+                journal = stopped_saying_no_error(first, log)
         assert "report poller: stopping: what this round found is asked for again at the next start" in journal
-        assert [line for line in journal.splitlines() if " ERROR " in line or "Traceback" in line] == [], journal[
-            -3000:
-        ]
         assert stored_report_texts(data) == []  # the stop gave its store up
 
-        second = start(cfg, "forward", log=log)
-        try:
-            wait_for(lambda: stored_report_texts(data) or second.poll() is not None, 60, what="the report stored")
-        finally:
-            stop(second)
+        run_until(cfg, "forward", log=log, until=lambda: stored_report_texts(data), what="the report stored")
         assert [("Sinus rhythm" in text) for text in stored_report_texts(data)] == [True], log.read_text()[-3000:]
 
 
@@ -416,12 +372,10 @@ def test_readings_relayed_whose_record_a_stop_gave_up_are_said_at_info_and_recor
         cfg = config_file(tmp_path, platform, 60.0)
         config = load_config(cfg)
         data, log = config.data_dir, tmp_path / "forward.log"
-        first = start(cfg, "forward", log=log)
-        try:
+        with service_running(cfg, "forward", log=log) as first:
             wait_for(lambda: "forward ready after" in log.read_text(errors="replace") or first.poll() is not None, 60)
-            assert first.poll() is None, log.read_text(errors="replace")[-3000:]
-            with contextlib.closing(sqlite3.connect(data / CLINIC_DB, timeout=30, isolation_level=None)) as console:
-                console.execute("BEGIN IMMEDIATE")  # the console saving a check-in
+            assert first.poll() is None, log_tail(log)
+            with write_locked(data / CLINIC_DB):  # the console saving a check-in
                 with open_outbox(config) as outbox:  # acquire storing three readings meanwhile
                     for n in range(3):
                         obs = blood_pressure(T0 + n * MINUTE, "P-0007", f"bp-{n}")
@@ -432,32 +386,16 @@ def test_readings_relayed_whose_record_a_stop_gave_up_are_said_at_info_and_recor
                     what="the readings taken for the relay",
                 )
                 time.sleep(0.5)  # their records waiting for clinic.db's lock
-                first.send_signal(signal.SIGTERM)
-                stopped_by = time.monotonic() + 30
-                while first.poll() is None and time.monotonic() < stopped_by:
-                    time.sleep(0.1)
-                console.execute("ROLLBACK")
-            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
-        finally:
-            stop(first)
-        journal = log.read_text(errors="replace")
+                journal = stopped_saying_no_error(first, log)
         assert "stopping: 3 reading(s) relayed, their sent record written at the next start" in journal, journal[-3000:]
-        assert [line for line in journal.splitlines() if " ERROR " in line or "Traceback" in line] == [], journal[
-            -3000:
-        ]
         assert readings_sent_at(data) == []  # no record: the stop gave the write up
 
-        second = start(cfg, "forward", log=log)
-        try:
-            wait_for(
-                lambda: (
-                    (len(readings_sent_at(data)) == 3 and None not in readings_sent_at(data))
-                    or second.poll() is not None
-                ),
-                60,
-                what="the readings recorded, taken by the platform",
-            )
-        finally:
-            stop(second)
+        run_until(
+            cfg,
+            "forward",
+            log=log,
+            until=lambda: len(readings_sent_at(data)) == 3 and None not in readings_sent_at(data),
+            what="the readings recorded, taken by the platform",
+        )
         assert len(readings_sent_at(data)) == 3 and None not in readings_sent_at(data), log.read_text()[-3000:]
         assert platform.stats.transactions == 1, platform.stats  # the bundles the first took: absorbed

@@ -16,10 +16,9 @@ first (uploader/outbox.py `recover_interrupted`).
 from __future__ import annotations
 
 import contextlib
-import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import enqueue_recording
 from tests.ecg_factories import make_recording
 from tests.peers import OrthancServer, c_store_held_for_the_test, free_port, gateway_modality
-from tests.service_harness import start, stop
+from tests.service_harness import log_tail, run_until, service_running, sigterm_and_wait, write_locked
 from tests.waiting import wait_for
 from uploader.outbox import DB_NAME
 
@@ -76,19 +75,6 @@ def committed(data_dir: Path) -> bool:
     return item_state(data_dir, "ecg") in (("committed", 1), ("purged", 1))
 
 
-@contextlib.contextmanager
-def write_locked(data_dir: Path) -> Iterator[None]:
-    """Another process's write transaction on outbox.sqlite (acquire storing a reading, `lastmile
-    patient` ...), held for as long as the block runs."""
-    conn = sqlite3.connect(data_dir / DB_NAME, timeout=30, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield
-        conn.execute("ROLLBACK")
-    finally:
-        conn.close()
-
-
 @pytest.mark.orthanc
 def test_an_ecg_the_pacs_stored_is_not_sent_again_after_a_stop_that_could_not_record_it(
     tmp_path: Path, orthanc_factory: Callable[..., OrthancServer]
@@ -104,32 +90,20 @@ def test_an_ecg_the_pacs_stored_is_not_sent_again_after_a_stop_that_could_not_re
         uid = enqueue_recording(outbox, make_recording(1), config, key="ecg").item.meta["sop_instance_uid"]
     data, log = config.data_dir, tmp_path / "forward.log"
 
-    first = start(cfg, "forward", log=log)
-    try:
+    with service_running(cfg, "forward", log=log) as first:
         wait_for(lambda: received.exists() or first.poll() is not None, 60, what="the PACS receiving the ECG")
-        assert first.poll() is None, log.read_text(errors="replace")[-3000:]
-        with write_locked(data):
+        assert first.poll() is None, log_tail(log)
+        with write_locked(data / DB_NAME):  # another process: acquire storing a reading, `lastmile patient` ...
             locked.touch()  # the PACS stores it and answers "stored"; the service's mark_sent waits for the lock
             time.sleep(1.5)
-            first.send_signal(signal.SIGTERM)
-            stopped_by = time.monotonic() + 30
-            while first.poll() is None and time.monotonic() < stopped_by:
-                time.sleep(0.1)
-            assert first.poll() == 0, log.read_text(errors="replace")[-3000:]
-    finally:
-        stop(first)
+            assert sigterm_and_wait(first) == 0, log_tail(log)
     assert pacs.c_stores()[uid] == 1
     after_stop = item_state(data, "ecg")
     assert after_stop is not None and after_stop[0] == "sending", after_stop  # its claim left to the next start
 
-    second = start(cfg, "forward", log=log)
-    try:
-        # committed: recorded as sent at open, then its commitment asked once (the old code: after
-        # it was sent again)
-        wait_for(lambda: committed(data) or second.poll() is not None, 90, what="ECG committed")
-        time.sleep(1.0)  # rounds of the new process: nothing more goes
-    finally:
-        stop(second)
+    # committed: recorded as sent at open, then its commitment asked once (the old code: after it
+    # was sent again); then rounds of the new process: nothing more goes
+    run_until(cfg, "forward", log=log, until=lambda: committed(data), what="ECG committed", timeout=90, then_s=1.0)
     journal = log.read_text(errors="replace")
     assert committed(data), (item_state(data, "ecg"), journal[-3000:])
     assert pacs.c_stores()[uid] == 1, f"sent again at the next start: {pacs.c_stores()}\n{journal[-3000:]}"

@@ -19,8 +19,7 @@ from lastmile.clinic.db import DB_NAME, open_clinic_db
 from lastmile.reports.old_lines import BATCH, add_old_report_lines
 from lastmile.reports.store import ReportStore
 from tests.old_reports import write_old_reports
-from tests.peers import free_port
-from tests.service_harness import start, stop
+from tests.service_harness import no_reading_center_toml, start, stop
 from tests.waiting import wait_for
 
 
@@ -75,13 +74,7 @@ def forward_config(tmp_path: Path) -> Path:
         f"""
 [gateway]
 data_dir = "{tmp_path / "data"}"
-[reading_center]
-host = "127.0.0.1"
-port = {free_port()}
-listen_port = {free_port()}
-listen_host = "127.0.0.1"
-storage_commitment = false
-[outbox]
+{no_reading_center_toml()}[outbox]
 min_free_mb = 0
 [reports]
 source = "off"

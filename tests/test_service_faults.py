@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -34,13 +33,13 @@ from tests.serial_pty import PtyDevice
 from tests.service_harness import (
     STOP_WITHIN_S,
     Manager,
+    acquire_stopped_under_a_lock,
     acquire_toml,
     doctor,
     report_printed,
     start_acquire,
     status_with,
     stop_child,
-    waiting_in_a_sleep,
 )
 from tests.waiting import wait_for
 from uploader.outbox import Outbox
@@ -440,34 +439,13 @@ def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_k
     TimeoutStopSec. Now the stop ends that wait (Outbox.give_up_waits_on, as the forwarder's):
     the service exits within seconds, the readings kept in the spill file and said so, stored
     once by the next start."""
-    from lastmile.clinic.patients import PatientContext
     from lastmile.services.serial_spill import waiting_readings
 
-    monitor = PtyDevice(tmp_path / "usb-monitor")
-    config, data = acquire_toml(tmp_path, monitor), tmp_path / "data"
-    manager = Manager(tmp_path / "notify")
-    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
-    try:
-        manager.wait_for("READY=1", timeout=60)
-        with contextlib.closing(DeviceRegistry.open(data)) as registry:
-            wait_for(lambda: (r := registry.get("serial:monitor")) is not None and r.connected, timeout=30)
-        now = dt.datetime.now(dt.timezone.utc)
-        with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
-            patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
-        with contextlib.closing(sqlite3.connect(data / "outbox.sqlite", isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            monitor.write(report_printed(now))
-            wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # its store waits for the lock
-            proc.send_signal(signal.SIGTERM)
-            began = time.monotonic()
-            out, _ = proc.communicate(timeout=120)
-            took = time.monotonic() - began
-            other.rollback()
-    finally:
-        stop_child(proc)
-        manager.sock.close()
+    monitor = PtyDevice(tmp_path / "usb-monitor")  # left plugged in: the next start finds it
+    # its store waits for the outbox's lock
+    took, out, config, data, returncode = acquire_stopped_under_a_lock(tmp_path, monitor, "outbox.sqlite", patient=True)
     print(f"\nSIGTERM to exit, a reading waiting for the outbox lock: {took:.1f} s")
-    assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out)
+    assert took < STOP_WITHIN_S and returncode == 0, (took, out)
     assert "Traceback" not in out, out
     assert waiting_readings(data) == 3, out  # kept on disk, and said so
     assert "3 reading(s) (kept on disk, stored after the restart) not stored" in out, out

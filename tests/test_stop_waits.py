@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -31,17 +32,22 @@ from lastmile.config import Config
 from lastmile.services.acquire import NO_SESSION, usb_import_part
 from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
 from tests.conftest import shared_file
-from tests.peers import free_port
 from tests.serial_gateway import Running, talk_as_bridge
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
+    FHIR_TOKEN,
     STOP_WITHIN_S,
     Manager,
-    acquire_toml,
-    report_printed,
+    acquire_stopped_under_a_lock,
+    errors_said,
+    fhir_token_file,
+    no_reading_center_toml,
+    run_until,
+    service_running,
+    sigterm_once_a_write_waits,
     start_acquire,
     stop_child,
-    waiting_in_a_sleep,
+    write_locked,
 )
 from tests.waiting import wait_for
 from uploader.outbox import Outbox
@@ -54,29 +60,11 @@ def sigterm_while_clinic_db_is_locked(tmp_path: Path, *, patient: bool) -> tuple
     its report; SIGTERM once a write sleeps in SQLite's busy wait. Returns the seconds from SIGTERM
     to exit, the service's output, its configuration and data directory."""
     monitor = PtyDevice(tmp_path / "usb-monitor")
-    config, data = acquire_toml(tmp_path, monitor), tmp_path / "data"
-    manager = Manager(tmp_path / "notify")
-    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
     try:
-        manager.wait_for("READY=1", timeout=60)
-        with contextlib.closing(DeviceRegistry.open(data)) as registry:
-            wait_for(lambda: (r := registry.get("serial:monitor")) is not None and r.connected, timeout=30)
-        now = dt.datetime.now(dt.timezone.utc)
-        if patient:
-            with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
-                patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
-        with contextlib.closing(sqlite3.connect(data / "clinic.db", isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            monitor.write(report_printed(now))
-            wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # a clinic.db write waits for the lock
-            proc.send_signal(signal.SIGTERM)
-            began = time.monotonic()
-            out, _ = proc.communicate(timeout=180)
-            took = time.monotonic() - began
-            other.rollback()
+        took, out, config, data, _returncode = acquire_stopped_under_a_lock(
+            tmp_path, monitor, "clinic.db", patient=patient
+        )
     finally:
-        stop_child(proc)
-        manager.sock.close()
         monitor.unplug()
     return took, out, config, data
 
@@ -368,14 +356,8 @@ def test_sigterm_while_a_gnss_fix_waits_for_visits_db_lock_stops_promptly(tmp_pa
         feeder.start()
         with VisitBook.open(data, gateway_id="gw", policy=VisitPolicy()) as book:
             wait_for(lambda: len(book.track(book.open_visit().id)) > 0, timeout=60, what="the track extended")
-        with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # a fix's write waits for the lock
-            proc.send_signal(signal.SIGTERM)
-            began = time.monotonic()
-            out, _ = proc.communicate(timeout=120)
-            took = time.monotonic() - began
-            other.rollback()
+        with write_locked(data / "visits.db"):
+            took, out = sigterm_once_a_write_waits(proc, "a fix's write")
     finally:
         fed.set()
         if feeder.ident is not None:
@@ -427,16 +409,22 @@ def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path)
 
 def forward_toml(tmp_path: Path, config: Path, fhir_url: str) -> None:
     """`lastmile forward` toward a loopback FHIR platform; no reading center listens."""
-    from tests.service_harness import fhir_token_file
-
     data = tmp_path / "data"
     config.write_text(
-        f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n'
-        f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {free_port()}\n'
-        'listen_host = "127.0.0.1"\nstorage_commitment = false\n'
+        f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n{no_reading_center_toml()}'
         f'[fhir]\nbase_url = "{fhir_url}"\ntoken_file = "{fhir_token_file(tmp_path)}"\n'
         '[outbox]\nmin_free_mb = 0\n[reports]\nsource = "off"\n'
     )
+
+
+def stopped_promptly(proc: subprocess.Popen[bytes], took: float, journal: Path, waiting: str) -> str:
+    """The forward service, SIGTERMed while `waiting` for visits.db's lock, out within seconds,
+    exit 0, nothing said at ERROR and no traceback. Its log."""
+    out = journal.read_text(errors="replace")
+    print(f"\nSIGTERM to exit, {waiting} waiting for visits.db's lock: {took:.1f} s")
+    assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out[-3000:])
+    assert errors_said(out) == [], out[-3000:]
+    return out
 
 
 def test_sigterm_while_the_forward_service_queues_a_visit_under_visits_db_lock_stops_promptly(tmp_path: Path) -> None:
@@ -448,39 +436,28 @@ def test_sigterm_while_the_forward_service_queues_a_visit_under_visits_db_lock_s
     INFO; the visit is the next start's, sent once."""
     from lastmile.visits.book import VisitBook
     from tests.fhir_server import FhirTestServer
-    from tests.service_harness import FHIR_TOKEN, start, stop
 
     data, config, journal = tmp_path / "data", tmp_path / "lastmile.toml", tmp_path / "forward.log"
     with FhirTestServer(token=FHIR_TOKEN) as platform:
         forward_toml(tmp_path, config, platform.base_url)
-        proc = start(config, "forward", log=journal)
-        try:
+        with service_running(config, "forward", log=journal) as proc:
             wait_for(lambda: "forward ready after" in journal.read_text() or proc.poll() is not None, timeout=60)
             with VisitBook.open(data, gateway_id="gw-1") as book:  # the doctor's visit, closed and signed
                 visit = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
                 book.stop()
-            with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
-                other.execute("BEGIN IMMEDIATE")
-                wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # the visit queue's write waits
-                proc.send_signal(signal.SIGTERM)
-                began = time.monotonic()
-                proc.wait(120)
-                took = time.monotonic() - began
-                other.rollback()
-        finally:
-            stop(proc)
-        out = journal.read_text(errors="replace")
-        print(f"\nSIGTERM to exit, the forward service's visit queue waiting for visits.db's lock: {took:.1f} s")
-        assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out[-3000:])
-        assert [line for line in out.splitlines() if " ERROR " in line or "Traceback" in line] == [], out[-3000:]
+            with write_locked(data / "visits.db"):
+                took, _ = sigterm_once_a_write_waits(proc, "the visit queue's write")
+        out = stopped_promptly(proc, took, journal, "the forward service's visit queue")
         assert "stopping: closed home visits queued for the county platform at the next start" in out, out[-3000:]
 
-        again = start(config, "forward", log=journal)  # the next start queues and sends it, once
-        try:
-            wait_for(lambda: sum(platform.applied.values()) >= 1 or again.poll() is not None, timeout=60)
-            time.sleep(1.0)
-        finally:
-            stop(again)
+        run_until(  # the next start queues and sends it, once
+            config,
+            "forward",
+            log=journal,
+            until=lambda: sum(platform.applied.values()) >= 1,
+            what="the visit sent",
+            then_s=1.0,
+        )
         assert platform.applied == {visit.id: 1}, (platform.applied, journal.read_text()[-3000:])
 
 
@@ -495,40 +472,29 @@ def test_sigterm_while_the_forward_service_links_a_reading_to_a_visit_under_visi
     from lastmile.visits.book import VisitBook
     from tests.fhir_samples import blood_pressure
     from tests.fhir_server import FhirTestServer
-    from tests.service_harness import FHIR_TOKEN, start, stop
 
     data, config, journal = tmp_path / "data", tmp_path / "lastmile.toml", tmp_path / "forward.log"
     with FhirTestServer(token=FHIR_TOKEN) as platform:
         forward_toml(tmp_path, config, platform.base_url)
         with VisitBook.open(data, gateway_id="gw-1") as book:  # the doctor at P-2's home
             visit = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
-        proc = start(config, "forward", log=journal)
-        try:
+        with service_running(config, "forward", log=journal) as proc:
             wait_for(lambda: "forward ready after" in journal.read_text() or proc.poll() is not None, timeout=60)
-            with contextlib.closing(sqlite3.connect(data / "visits.db", isolation_level=None)) as other:
-                other.execute("BEGIN IMMEDIATE")
+            with write_locked(data / "visits.db"):
                 reading = blood_pressure(dt.datetime.now(dt.timezone.utc), "P-2", "bp-at-home")
                 with Outbox.open(data, min_free_bytes=0) as outbox:  # acquire storing the cuff's reading
                     outbox.add(OBSERVATION_KIND, reading.record_key, observation_payload(reading), meta={})
-                wait_for(lambda: waiting_in_a_sleep(proc.pid), timeout=30)  # the link's write waits
-                proc.send_signal(signal.SIGTERM)
-                began = time.monotonic()
-                proc.wait(120)
-                took = time.monotonic() - began
-                other.rollback()
-        finally:
-            stop(proc)
-        out = journal.read_text(errors="replace")
-        print(f"\nSIGTERM to exit, a reading's link to its visit waiting for visits.db's lock: {took:.1f} s")
-        assert took < STOP_WITHIN_S and proc.returncode == 0, (took, out[-3000:])
-        assert [line for line in out.splitlines() if " ERROR " in line or "Traceback" in line] == [], out[-3000:]
+                took, _ = sigterm_once_a_write_waits(proc, "the link's write")
+        out = stopped_promptly(proc, took, journal, "a reading's link to its visit")
         assert "stopping: 1 reading(s) relayed at the next start" in out, out[-3000:]
 
-        again = start(config, "forward", log=journal)  # the next start links it to the open visit
-        try:
-            with VisitBook.open(data, gateway_id="gw-1") as book:
-                wait_for(lambda: book.visit_holding(reading.record_key) == visit.id or again.poll() is not None, 60)
-        finally:
-            stop(again)
+        with VisitBook.open(data, gateway_id="gw-1") as book:  # the next start links it to the open visit
+            run_until(
+                config,
+                "forward",
+                log=journal,
+                until=lambda: book.visit_holding(reading.record_key) == visit.id,
+                what="the reading linked to its visit",
+            )
         with VisitBook.open(data, gateway_id="gw-1") as book:
             assert book.visit_holding(reading.record_key) == visit.id, journal.read_text()[-3000:]
