@@ -178,6 +178,39 @@ def _count_lines(path: Path) -> collections.Counter[str]:
         return collections.Counter()
 
 
+def forward_to_orthanc_toml(
+    tmp_path: Path, pacs: OrthancServer, listen_port: int, *, retention_days: float | None = None
+) -> Path:
+    """`lastmile forward`'s configuration to `pacs` with storage commitment (listening on
+    `listen_port`), quick backoff, no report polling; `retention_days` 0 purges a committed ECG at once."""
+    retention = "" if retention_days is None else f"retention_days = {retention_days:g}\n"
+    path = tmp_path / "lastmile.toml"
+    path.write_text(
+        f"""
+[gateway]
+data_dir = "{tmp_path / "data"}"
+[reading_center]
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+called_ae = "{pacs.aet}"
+calling_ae = "CLINIC01"
+listen_port = {listen_port}
+listen_host = "127.0.0.1"
+timeout_s = 30.0
+commitment_timeout_s = 30.0
+[outbox]
+backoff_base_s = 0.1
+backoff_max_s = 0.5
+min_free_mb = 0
+{retention}[ecg]
+re_record_hold_s = 0
+[reports]
+source = "off"
+"""
+    )
+    return path
+
+
 def gateway_modality(ae_title: str, port: int, name: str = "gateway") -> dict[str, list]:
     """A DicomModalities entry for the gateway: where Orthanc sends commitment reports."""
     return {name: [ae_title, "127.0.0.1", port]}

@@ -19,7 +19,7 @@ import contextlib
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,57 +30,14 @@ from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.reports.sent import UNWRITTEN_NAME
 from tests.ecg_factories import make_recording
-from tests.peers import OrthancServer, c_store_held_for_the_test, free_port, gateway_modality
-from tests.service_harness import start, stop
+from tests.peers import OrthancServer, c_store_held_for_the_test, forward_to_orthanc_toml, free_port, gateway_modality
+from tests.service_harness import start, stop, write_locked
 from tests.waiting import wait_for
 from uploader.outbox import DB_NAME as OUTBOX_DB
 
 GATEWAY_AE = "CLINIC01"
 HELD_AFTER_SIGTERM_S = 4.0  # well past the stop's one second: the lock's holder is slow, not gone
 STOP_WITHIN_S = 3.0  # the stop does not wait for the lock's holder
-
-
-def config_file(tmp_path: Path, pacs: OrthancServer, listen_port: int) -> Path:
-    """Storage commitment on, the committed ECG purged at once (retention_days 0), no polling (the
-    records are kept all the same: turning it on later finds them)."""
-    path = tmp_path / "lastmile.toml"
-    path.write_text(
-        f"""
-[gateway]
-data_dir = "{tmp_path / "data"}"
-[reading_center]
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-called_ae = "{pacs.aet}"
-calling_ae = "{GATEWAY_AE}"
-listen_port = {listen_port}
-listen_host = "127.0.0.1"
-timeout_s = 30.0
-commitment_timeout_s = 30.0
-[outbox]
-backoff_base_s = 0.1
-backoff_max_s = 0.5
-min_free_mb = 0
-retention_days = 0
-[ecg]
-re_record_hold_s = 0
-[reports]
-source = "off"
-"""
-    )
-    return path
-
-
-@contextlib.contextmanager
-def clinic_write_locked(data_dir: Path) -> Iterator[None]:
-    """Another process's write transaction on clinic.db, held for as long as the block runs."""
-    conn = sqlite3.connect(data_dir / CLINIC_DB, timeout=30, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield
-        conn.execute("ROLLBACK")
-    finally:
-        conn.close()
 
 
 def recorded(data_dir: Path, study_uid: str) -> bool:
@@ -103,7 +60,7 @@ def test_a_sent_record_waiting_for_clinic_db_at_a_stop_is_written_not_dropped(
     hook = c_store_held_for_the_test(tmp_path / "wait-for-the-lock.lua", received, locked)
     listen_port = free_port()
     pacs = orthanc_factory(modalities=gateway_modality(GATEWAY_AE, listen_port), extra={"LuaScripts": [str(hook)]})
-    cfg = config_file(tmp_path, pacs, listen_port)
+    cfg = forward_to_orthanc_toml(tmp_path, pacs, listen_port, retention_days=0)
     config = load_config(cfg)
     with open_outbox(config) as outbox:
         study_uid = str(enqueue_recording(outbox, make_recording(1), config, key="ecg").item.meta["study_uid"])
@@ -113,7 +70,7 @@ def test_a_sent_record_waiting_for_clinic_db_at_a_stop_is_written_not_dropped(
     try:
         wait_for(lambda: received.exists() or forward.poll() is not None, 60, what="the PACS receiving the ECG")
         assert forward.poll() is None, log.read_text(errors="replace")[-3000:]
-        with clinic_write_locked(data):
+        with write_locked(data / CLINIC_DB):
             locked.touch()  # the PACS stores it and answers; the recorder's write waits for clinic.db
             # committed and purged (retention_days 0): nothing is left for the next start's backfill
             wait_for(lambda: purged(data) or forward.poll() is not None, 30, what="the committed ECG purged")

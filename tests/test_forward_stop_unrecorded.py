@@ -27,40 +27,12 @@ from lastmile.config import load_config
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import enqueue_recording
 from tests.ecg_factories import make_recording
-from tests.peers import OrthancServer, c_store_held_for_the_test, free_port, gateway_modality
+from tests.peers import OrthancServer, c_store_held_for_the_test, forward_to_orthanc_toml, free_port, gateway_modality
 from tests.service_harness import log_tail, run_until, service_running, sigterm_and_wait, write_locked
 from tests.waiting import wait_for
 from uploader.outbox import DB_NAME
 
 GATEWAY_AE = "CLINIC01"
-
-
-def config_file(tmp_path: Path, pacs: OrthancServer, listen_port: int) -> Path:
-    path = tmp_path / "lastmile.toml"
-    path.write_text(
-        f"""
-[gateway]
-data_dir = "{tmp_path / "data"}"
-[reading_center]
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-called_ae = "{pacs.aet}"
-calling_ae = "{GATEWAY_AE}"
-listen_port = {listen_port}
-listen_host = "127.0.0.1"
-timeout_s = 30.0
-commitment_timeout_s = 30.0
-[outbox]
-backoff_base_s = 0.1
-backoff_max_s = 0.5
-min_free_mb = 0
-[ecg]
-re_record_hold_s = 0
-[reports]
-source = "off"
-"""
-    )
-    return path
 
 
 def item_state(data_dir: Path, key: str) -> tuple[str, int] | None:
@@ -84,7 +56,7 @@ def test_an_ecg_the_pacs_stored_is_not_sent_again_after_a_stop_that_could_not_re
     hook = c_store_held_for_the_test(tmp_path / "wait-for-the-lock.lua", received, locked)
     listen_port = free_port()
     pacs = orthanc_factory(modalities=gateway_modality(GATEWAY_AE, listen_port), extra={"LuaScripts": [str(hook)]})
-    cfg = config_file(tmp_path, pacs, listen_port)
+    cfg = forward_to_orthanc_toml(tmp_path, pacs, listen_port)
     config = load_config(cfg)
     with open_outbox(config) as outbox:
         uid = enqueue_recording(outbox, make_recording(1), config, key="ecg").item.meta["sop_instance_uid"]

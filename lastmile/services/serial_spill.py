@@ -263,7 +263,7 @@ class SpillFile:
         return f"{self.path} ({why}{kept})"
 
     def _open(self, newest: tuple[int, int, dict[str, list[dict]]] | None, highest: tuple[int, int] | None) -> None:
-        self.usable = self._allocate(self._size)
+        self.usable = self._allocate()
         self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
         if highest is not None and highest[1] > self._generation:  # a torn newer copy: ours go above it
             self._generation = highest[1]
@@ -328,7 +328,7 @@ class SpillFile:
         self._clear_other_slot = True  # once a copy of ours is in: the other slot's old one (or garbage) goes
         return True
 
-    def _allocate(self, size: int) -> bool:
+    def _allocate(self) -> bool:
         if self.path.exists():
             return True
         fresh = self._allocate_new()
