@@ -44,6 +44,7 @@ from lastmile.ecg.intake import (
 )
 from tests.conftest import require_tool, shared_file
 from tests.console_harness import Client, console_config, running_console
+from tests.service_harness import known_name
 from uploader.outbox import Kind, Outbox
 
 FILE_ID = "SBJ-123"  # the ID the three ecgtoolkit files name, with the name "Clark"
@@ -222,22 +223,36 @@ def _arrives(config: Config, parts: tuple[str, ...], key: str) -> int:
     return _held_for_its_name(config, read_ecg_file(shared_file(*parts)), key)
 
 
-def _held_for_its_name(config: Config, recording: EcgRecording, key: str, judged: Config | None = None) -> int:
+def _held_on_today(config: Config, doctor: Client, parts: tuple[str, ...], key: str) -> tuple[int, str]:
+    """The cart's file arrives and is held for its name (`_arrives`); the doctor opens Today. Its
+    id, and Today's page."""
+    item_id = _arrives(config, parts, key)
+    return item_id, doctor.get("/today").body
+
+
+def _held_for_its_name(
+    config: Config, recording: EcgRecording, key: str, *, re_record_hold_s: float | None = None
+) -> int:
     """`recording` arrives as from the cart's USB stick, while 张三 is checked in as SBJ-123 (its
-    quality judged by `judged`'s ECG settings: `config`'s by default); held for its name. Its id."""
+    quality judged by `config`'s ECG settings, held `re_record_hold_s` for "record again" when
+    given); held for its name. Its id."""
+    judged = config
+    if re_record_hold_s is not None:
+        judged = copy.deepcopy(config)
+        judged.ecg.re_record_hold_s = re_record_hold_s
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
         with open_outbox(config) as outbox:
             now = dt.datetime.now(dt.timezone.utc)
             enqueue = file_enqueuer(
                 outbox,
-                config if judged is None else judged,
+                judged,
                 lambda: context.patient_ids(now),
                 checked_in_name=lambda pid: context.known_name(pid, now),
             )
             assert enqueue(recording, key)
             item = outbox.find(key)
-            assert item is not None and item.hold_reason == NAME_MISMATCH
+            assert item is not None and item.hold_reason == NAME_MISMATCH, item
             return item.id
     finally:
         context.close()
@@ -255,18 +270,24 @@ def _csrf(page: str) -> str:
     return found.group(1)
 
 
+def _answered(doctor: Client, item_id: int, answer: str, page: str, done: str) -> str:
+    """The doctor's `answer` ("name-right", "checked-in-name") to Today's question on E<item_id>,
+    posted from `page`: the console says it is `done`. Where it leads (the page that says so)."""
+    reply = doctor.post(f"/today/ecg/{item_id}/{answer}", {"csrf": _csrf(page)})
+    assert reply.status == 303 and f"done={done}" in reply.location, (reply.status, reply.location)
+    return reply.location
+
+
 def test_today_asks_whose_ecg_it_is_and_it_is_the_checked_in_patients(
     clinic: tuple[Config, ConsoleServer, Client],
 ) -> None:
     config, _, doctor = clinic
-    item_id = _arrives(config, SCP, "scp")
-    page = doctor.get("/today").body
+    item_id, page = _held_on_today(config, doctor, SCP, "scp")
     row = _row(page, item_id)
     assert "心电图上的姓名是 Clark，但 SBJ-123 登记的是 张三：请确认是谁的心电图" in row, row
     assert "是 张三 的：按这个姓名发送" in row and "Clark 是对的：更正登记的姓名" in row, row
     assert "仍然发送" not in row  # the three answers, not a "send anyway" that sends Clark unsaid
-    reply = doctor.post(f"/today/ecg/{item_id}/checked-in-name", {"csrf": _csrf(page)})
-    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    _answered(doctor, item_id, "checked-in-name", page, "assigned")
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
         assert item is not None and item.hold_until is None and item.patient is not None
@@ -283,8 +304,7 @@ def test_today_another_patients_ecg_is_assigned_by_the_assign_box(
     clinic: tuple[Config, ConsoleServer, Client],
 ) -> None:
     config, _, doctor = clinic
-    item_id = _arrives(config, AECG, "aecg")
-    page = doctor.get("/today").body
+    item_id, page = _held_on_today(config, doctor, AECG, "aecg")
     assert "是另一位患者的：请输入他的患者编号。" in _row(page, item_id)
     reply = doctor.post("/today/assign-ecg", {"csrf": _csrf(page), "item_id": str(item_id), "patient_id": "MZ-77"})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
@@ -300,18 +320,13 @@ def test_today_the_ecgs_name_is_right_and_the_check_in_is_corrected(
 ) -> None:
     config, _, doctor = clinic
     item_id = _arrives(config, SCP, "scp")
-    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(doctor.get("/today").body)})
-    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
-    assert "登记的姓名已更正，按心电图上的姓名发送" in doctor.get(reply.location).body
+    landing = _answered(doctor, item_id, "name-right", doctor.get("/today").body, "name-corrected")
+    assert "登记的姓名已更正，按心电图上的姓名发送" in doctor.get(landing).body
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
         sent = _dataset(outbox, item_id)
     assert item is not None and item.hold_until is None and str(sent.PatientName).rstrip("^") == "Clark"
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        assert context.known_name(FILE_ID, dt.datetime.now(dt.timezone.utc)) == "Clark"  # what the session sends now
-    finally:
-        context.close()
+    assert known_name(config, FILE_ID) == "Clark"  # what the session sends now
 
 
 def test_a_held_stat_ecg_is_first_on_today_and_counted_apart_on_system_and_by_doctor(
@@ -433,17 +448,14 @@ def test_today_offers_no_rename_to_a_placeholder_held_before_this_version(
     row = _row(page, item_id)
     assert "心电图上的姓名与 SBJ-123 登记的姓名不同" in row and "心电图上的姓名是" not in row, row
     assert "是对的" not in row and 'data-answer="name-right"' not in page, row
-    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(page)})
-    assert reply.status == 303 and "done=too-late" in reply.location, (reply.status, reply.location)
-    assert _known_name(config) == "Zhang^San=张^三"  # as checked in
+    _name_right_renames_nobody(config, doctor, item_id, page)
 
 
-def _known_name(config: Config) -> str:
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        return context.known_name(FILE_ID, dt.datetime.now(dt.timezone.utc))
-    finally:
-        context.close()
+def _name_right_renames_nobody(config: Config, doctor: Client, item_id: int, page: str) -> None:
+    """The doctor's "Clark is right" on E<item_id> from Today's `page`: answered "too late"; SBJ-123's
+    check-in keeps the name it was checked in under."""
+    _answered(doctor, item_id, "name-right", page, "too-late")
+    assert known_name(config, FILE_ID) == "Zhang^San=张^三"  # as checked in
 
 
 def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_record_again(
@@ -456,21 +468,18 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
     config, _, doctor = clinic
     noisy = read_ecg_file(shared_file(*NOISY))
     cart = dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark"))  # the cart kept Clark's entry
-    judged = copy.deepcopy(config)
-    judged.ecg.re_record_hold_s = 600
-    held_id = _held_for_its_name(config, cart, "noisy", judged)
+    held_id = _held_for_its_name(config, cart, "noisy", re_record_hold_s=600)
     page = doctor.get("/today").body
     row = _row(page, held_id)
     assert "心电图上的姓名是 Clark" in row and "质量检查结果也是：需要重做" in row, row
-    reply = doctor.post(f"/today/ecg/{held_id}/name-right", {"csrf": _csrf(page)})
-    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
-    assert "此心电图质量待定" in doctor.get(reply.location).body
+    landing = _answered(doctor, held_id, "name-right", page, "name-corrected")
+    assert "此心电图质量待定" in doctor.get(landing).body
     with open_outbox(config) as outbox:
         item = outbox.get(held_id)
         assert item is not None and item.hold_reason == "re-record" and item.held(time.time()), item
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # not sent: the doctor decides its quality
         assert item.patient is not None and item.patient["birth_date"] is None  # contec gave none; none added
-    assert _known_name(config) == "Clark"
+    assert known_name(config, FILE_ID) == "Clark"
     row = _row(doctor.get("/today").body, held_id)
     assert "质量检查结果：需要重做" in row and "重做，不发送这份" in row and "仍然发送" in row, row
 
@@ -501,35 +510,9 @@ def test_today_the_ecgs_name_is_right_too_late_renames_nobody(tmp_path: Path) ->
             doctor = Client(server.url)
             doctor.login()
             assert doctor.post("/today/check-in", {"patient_id": FILE_ID, "name": "张三"}).status == 303
-            item_id = _arrives(config, SCP, "scp")
-            page = doctor.get("/today").body
+            item_id, page = _held_on_today(config, doctor, SCP, "scp")
             source.armed = True
-            reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(page)})
-            assert reply.status == 303 and "done=too-late" in reply.location, (reply.status, reply.location)
-            assert _known_name(config) == "Zhang^San=张^三"  # as checked in
-
-
-def _cart_ecg(config: Config, recording: EcgRecording, key: str, *, re_record_hold_s: float = 0) -> int:
-    """`recording` arrives from the cart while SBJ-123 is checked in (its quality judged, held for
-    "record again", when `re_record_hold_s`); it is held for its name."""
-    judged = copy.deepcopy(config)
-    judged.ecg.re_record_hold_s = re_record_hold_s
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        with open_outbox(config) as outbox:
-            now = dt.datetime.now(dt.timezone.utc)
-            enqueue = file_enqueuer(
-                outbox,
-                judged,
-                lambda: context.patient_ids(now),
-                checked_in_name=lambda pid: context.known_name(pid, now),
-            )
-            assert enqueue(recording, key)
-            item = outbox.find(key)
-            assert item is not None and item.hold_reason == NAME_MISMATCH, item
-            return item.id
-    finally:
-        context.close()
+            _name_right_renames_nobody(config, doctor, item_id, page)
 
 
 def test_today_the_ecgs_name_is_right_settles_the_ids_other_ecgs_held_for_that_name(
@@ -542,9 +525,9 @@ def test_today_the_ecgs_name_is_right_settles_the_ids_other_ecgs_held_for_that_n
     config, _, doctor = clinic
     e1 = _arrives(config, SCP, "scp")
     noisy = read_ecg_file(shared_file(*NOISY))
-    e2 = _cart_ecg(config, dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark")), "noisy", re_record_hold_s=600)
-    reply = doctor.post(f"/today/ecg/{e1}/name-right", {"csrf": _csrf(doctor.get("/today").body)})
-    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
+    cart = dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark"))
+    e2 = _held_for_its_name(config, cart, "noisy", re_record_hold_s=600)
+    _answered(doctor, e1, "name-right", doctor.get("/today").body, "name-corrected")
     with open_outbox(config) as outbox:
         second = outbox.get(e2)
         assert second is not None and second.patient is not None
@@ -565,18 +548,18 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
     e1 = _arrives(config, SCP, "scp")
     aecg = read_ecg_file(shared_file(*AECG))
     assert aecg.patient is not None
-    e3 = _cart_ecg(config, dataclasses.replace(aecg, patient=dataclasses.replace(aecg.patient, name="Lee")), "lee")
+    e3 = _held_for_its_name(
+        config, dataclasses.replace(aecg, patient=dataclasses.replace(aecg.patient, name="Lee")), "lee"
+    )
     page = doctor.get("/today").body
     assert "SBJ-123 登记的是 张三" in _row(page, e3)
-    reply = doctor.post(f"/today/ecg/{e1}/name-right", {"csrf": _csrf(page)})
-    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
-    assert _known_name(config).rstrip("^") == "Clark"
+    _answered(doctor, e1, "name-right", page, "name-corrected")
+    assert known_name(config, FILE_ID).rstrip("^") == "Clark"
     page = doctor.get("/today").body
     row = _row(page, e3)
     assert "心电图上的姓名是 Lee，但 SBJ-123 登记的是 Clark" in row and "是 Clark 的：按这个姓名发送" in row, row
     assert "张三" not in row, row
-    reply = doctor.post(f"/today/ecg/{e3}/checked-in-name", {"csrf": _csrf(page)})
-    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    _answered(doctor, e3, "checked-in-name", page, "assigned")
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, e3)
     assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")

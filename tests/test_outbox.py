@@ -545,22 +545,26 @@ SENDER_SCRIPT = textwrap.dedent("""
 """)
 
 
+def killed_once_it_says(script: str, data_dir: Path) -> int:
+    """`script` run as its own process until it prints the id of the item it left mid-way, then
+    SIGKILLed (nothing closed: its claims are left to the next open). That id."""
+    sender = python(script, data_dir)
+    try:
+        return int(sender.stdout.readline())
+    finally:
+        sender.kill()  # SIGKILL
+        sender.communicate(timeout=30)
+
+
 def test_a_send_killed_mid_way_was_charged_before_it_started(data_dir: Path) -> None:
     with open_outbox(data_dir) as ob:
         add(ob, "a"), add(ob, "b")
-    sender = python(SENDER_SCRIPT, data_dir)
-    try:
-        in_flight = int(sender.stdout.readline())
-        sender.send_signal(signal.SIGKILL)
-        sender.communicate(timeout=30)
-        with open_outbox(data_dir) as ob:  # recovery at open
-            cut, waiting = (ob.get(i.id) for i in sorted(ob.items(), key=lambda i: i.id != in_flight))
-            assert (cut.state, cut.attempts, cut.interrupted_sends) == (S.QUEUED, 1, 1)
-            assert "died during the send" in cut.last_error
-            assert (waiting.state, waiting.attempts, waiting.interrupted_sends) == (S.QUEUED, 0, 0)
-    finally:
-        sender.kill()
-        sender.communicate(timeout=30)
+    in_flight = killed_once_it_says(SENDER_SCRIPT, data_dir)
+    with open_outbox(data_dir) as ob:  # recovery at open
+        cut, waiting = (ob.get(i.id) for i in sorted(ob.items(), key=lambda i: i.id != in_flight))
+        assert (cut.state, cut.attempts, cut.interrupted_sends) == (S.QUEUED, 1, 1)
+        assert "died during the send" in cut.last_error
+        assert (waiting.state, waiting.attempts, waiting.interrupted_sends) == (S.QUEUED, 0, 0)
 
 
 def test_a_send_cut_by_the_gateway_going_down_is_never_charged(
@@ -574,14 +578,7 @@ def test_a_send_cut_by_the_gateway_going_down_is_never_charged(
     rebooted = tmp_path / "boot_id"
     for cut in range(1, DEFAULT_MAX_INTERRUPTED_SENDS + 2):
         monkeypatch.setattr(outbox_module, "BOOT_ID", Path("/proc/sys/kernel/random/boot_id"))
-        sender = python(SENDER_SCRIPT, data_dir)
-        try:
-            in_flight = int(sender.stdout.readline())
-            sender.send_signal(signal.SIGKILL)  # the power goes with the bytes on the wire
-            sender.communicate(timeout=30)
-        finally:
-            sender.kill()
-            sender.communicate(timeout=30)
+        in_flight = killed_once_it_says(SENDER_SCRIPT, data_dir)  # the power goes with the bytes on the wire
         rebooted.write_text(f"00000000-0000-4000-8000-{cut:012d}\n")  # the next boot's id
         monkeypatch.setattr(outbox_module, "BOOT_ID", rebooted)
         with open_outbox(data_dir) as ob:  # recovery at open, in the next boot
@@ -661,14 +658,7 @@ def test_what_the_peer_stored_unrecorded_is_recorded_as_sent_by_the_next_open(
     the peer has it. The other claim goes back to the queue as before."""
     with open_outbox(data_dir) as ob:
         add(ob, "a"), add(ob, "b")
-    sender = python(STORED_UNRECORDED_SCRIPT, data_dir)
-    try:
-        stored = int(sender.stdout.readline())
-        sender.send_signal(signal.SIGKILL)
-        sender.communicate(timeout=30)
-    finally:
-        sender.kill()
-        sender.communicate(timeout=30)
+    stored = killed_once_it_says(STORED_UNRECORDED_SCRIPT, data_dir)
     if end == "power cut":
         with contextlib.closing(sqlite3.connect(data_dir / DB_NAME)) as conn, conn:
             conn.execute("UPDATE items SET state = 'queued', claimed_by = NULL, in_flight = 0, attempts = 0")
@@ -743,13 +733,7 @@ def test_a_process_killed_mid_send_again_and_again_still_ends_in_quarantine(data
     with open_outbox(data_dir) as ob:
         add(ob, "a"), add(ob, "b")
     for _death in range(DEFAULT_MAX_INTERRUPTED_SENDS):
-        sender = python(SENDER_SCRIPT, data_dir)
-        try:
-            in_flight = int(sender.stdout.readline())
-            sender.send_signal(signal.SIGKILL)
-        finally:
-            sender.kill()
-            sender.communicate(timeout=30)
+        in_flight = killed_once_it_says(SENDER_SCRIPT, data_dir)
     with open_outbox(data_dir) as ob:
         assert [i.key for i in ob.claim("dicom", 10, 2e9)] == ["b"]
         poison = ob.get(in_flight)
