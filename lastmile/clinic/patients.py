@@ -127,10 +127,17 @@ class PatientContext:
 
     # -- changing the session ---------------------------------------------------------------
     def set_patient(
-        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool | None = None, reason: str = ""
+        self,
+        patient_id: str,
+        name: str = "",
+        *,
+        now: dt.datetime,
+        stat: bool | None = None,
+        reason: str = "",
+        wait_past_stop: bool = False,
     ) -> CurrentPatient:
-        """`check_in` (see it for `stat` and `reason`): the patient current after it."""
-        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason).after
+        """`check_in` (see it for `stat`, `reason` and `wait_past_stop`): the patient current after it."""
+        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason, wait_past_stop=wait_past_stop).after
 
     def check_in(
         self,
@@ -145,6 +152,7 @@ class PatientContext:
         clear_name: bool = False,
         clear_reason: bool = False,
         same_name: SameName | None = None,
+        wait_past_stop: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -159,11 +167,14 @@ class PatientContext:
         `doctor_id`: the doctor of the session from now (as `set_doctor`), set only if the
         check-in is - never on a patient the page did not show.
         `same_name`: the doctor's answer when `patient_id` is checked in under the current
-        patient's name (None: not asked; `_replaced_event`)."""
+        patient's name (None: not asked; `_replaced_event`).
+        `wait_past_stop`: the write waits for another process's lock as if the service were not
+        stopping (`sqlite_store.transaction`): a scanned card given up at a stop would leave the
+        previous patient current after the restart, and the next readings on him."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
-        with transaction(self.db) as conn:
+        with transaction(self.db, wait_past_stop=wait_past_stop) as conn:
             row = self._expire_locked(conn, now)
             before = self._current_of(row) if row is not None and row["patient_id"] else None
             current_id = before.patient_id if before is not None else ""
@@ -229,11 +240,12 @@ class PatientContext:
             return None
         return current
 
-    def set_doctor(self, doctor_id: str, *, now: dt.datetime) -> None:
+    def set_doctor(self, doctor_id: str, *, now: dt.datetime, wait_past_stop: bool = False) -> None:
+        """`wait_past_stop`: as `check_in`'s (a scanned badge)."""
         doctor_id = doctor_id.strip()
         if not doctor_id:
             raise ValueError("a doctor needs a non-empty identifier")
-        with transaction(self.db) as conn:
+        with transaction(self.db, wait_past_stop=wait_past_stop) as conn:
             self._expire_locked(conn, now)
             conn.execute(
                 "INSERT INTO session (id, doctor_id, doctor_since, last_activity) VALUES (?, ?, ?, ?) "

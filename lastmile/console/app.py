@@ -59,6 +59,7 @@ from lastmile.console.sources import (
     ClinicData,
     ConsoleInputError,
     CountyLink,
+    EcgAssigned,
     county_row,
     person_name,
     row_number,
@@ -1170,30 +1171,36 @@ async def send_anyway(request: Request) -> Response:
     return await today_action(request, action)
 
 
-async def ecg_is_checked_in_patients(request: Request) -> Response:
-    """An ECG held for its name: "it is the checked-in patient's" - sent under the check-in's name."""
+def held_for_name_answer(
+    decide: Callable[[ClinicData, str, int, dt.datetime], EcgAssigned | None],
+    said: Callable[[EcgAssigned], Done],
+) -> Handler:
+    """The doctor's answer on an ECG held for its name (/today/ecg/N/...): `decide` (the user, the
+    ECG, now) does it, Today says `said` of what it did; "too-late" when the ECG is no longer held
+    for its name (sent already, or decided on another screen)."""
 
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
-        item_id = path_number(request, "item_id")  # after the login and CSRF checks
-        assigned = state_of(request).data.ecg_is_checked_in_patients(ctx.user, item_id, now=now)
-        if assigned is None:
-            return "too-late"
-        return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
+    async def answer(request: Request) -> Response:
+        def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+            item_id = path_number(request, "item_id")  # after the login and CSRF checks
+            assigned = decide(state_of(request).data, ctx.user, item_id, now)
+            return "too-late" if assigned is None else said(assigned)
 
-    return await today_action(request, action)
+        return await today_action(request, action)
+
+    return answer
 
 
-async def ecg_name_right(request: Request) -> Response:
-    """An ECG held for its name: "the ECG's name is right" - the check-in's name corrected, the ECG sent."""
-
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
-        item_id = path_number(request, "item_id")  # after the login and CSRF checks
-        assigned = state_of(request).data.ecg_name_right(ctx.user, item_id, now=now)
-        if assigned is None:
-            return "too-late"
-        return "name-corrected", {"re_record": assigned.waits_for_quality}  # held for its quality too: not sent yet
-
-    return await today_action(request, action)
+# "it is the checked-in patient's": sent under the check-in's name
+ecg_is_checked_in_patients = held_for_name_answer(
+    lambda data, user, item_id, now: data.ecg_is_checked_in_patients(user, item_id, now=now),
+    lambda assigned: assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality),
+)
+# "the ECG's name is right": the check-in's name corrected, the ECG sent (held for its quality
+# too: not sent yet)
+ecg_name_right = held_for_name_answer(
+    lambda data, user, item_id, now: data.ecg_name_right(user, item_id, now=now),
+    lambda assigned: ("name-corrected", {"re_record": assigned.waits_for_quality}),
+)
 
 
 async def ecg_preview(request: Request) -> Response:

@@ -266,10 +266,6 @@ class SerialContext:
     # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
     stopping: bool = False  # the service's stop gave up a store: what waits now is said at INFO, expected
-    # The card scanner's session writes: a connection of their own, which the stop does not bound
-    # (None: `patients`'). A card given up at a stop would leave the previous patient current
-    # after the restart, and the next readings on him: the card waits for the lock as before.
-    card_sessions: PatientContext | None = None
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -892,12 +888,13 @@ class ScannerHandler:
     def data_received(self, data: bytes) -> None:
         for ev in self.decoder.feed(data):
             now = self.ctx.now()
-            sessions = self.ctx.card_sessions or self.ctx.patients
+            # A card given up at a stop would leave the previous patient current after the restart,
+            # and the next readings on him: a card waits for the lock as if there were no stop.
             if isinstance(ev, PatientScanned):
-                sessions.set_patient(ev.patient_id, now=now)
+                self.ctx.patients.set_patient(ev.patient_id, now=now, wait_past_stop=True)
                 self.ctx.status(self.spec, reading="patient card", reading_at=now)
             elif isinstance(ev, DoctorScanned):
-                sessions.set_doctor(ev.doctor_id, now=now)
+                self.ctx.patients.set_doctor(ev.doctor_id, now=now, wait_past_stop=True)
                 self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
@@ -964,12 +961,8 @@ class SerialService:
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         owned: list[object] = [store]
-        card_sessions = None
-        if stop is not None:
+        if stop is not None:  # not a scanned card's (ScannerHandler: `wait_past_stop`)
             give_up_waits_on(store.db, stop)
-            if any(spec.profile == SCANNER for spec in specs):  # SerialContext.card_sessions
-                card_sessions = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-                owned.append(card_sessions)
         registry = DeviceRegistry(store.db)
         ctx = SerialContext(
             config=config,
@@ -984,7 +977,6 @@ class SerialService:
             ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME)
             if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
             else None,
-            card_sessions=card_sessions,
         )
         ctx.load_spilled()
         ctx.settle_held_at_start()
