@@ -123,6 +123,8 @@ class Finding:
     since: float | None = None  # when what it reports was found (epoch s), said in that advice too
     topic: str = ""  # what in its check it is about, when the check gives several (TOPICS)
     subject: str = ""  # which one of many it names (a critical report's patient), shown with its topic
+    # how many readings and ECGs it is about, for an advice that says so (a stop's losses); None: none said
+    counts: tuple[int, int] | None = None
 
     @property
     def label(self) -> str:
@@ -133,6 +135,8 @@ class Finding:
         d = asdict(self)
         d["level"] = self.level.value
         d["advice"] = d.pop("advice_key")  # the key `lastmile doctor --json` always had: scripts read it
+        if d["counts"] is None:  # only the findings that count something have it
+            del d["counts"]
         return d
 
 
@@ -162,8 +166,12 @@ READINGS_KEPT = "readings-kept"
 # fault - the next start stores them (AT_STOP: the advice key's suffix)
 AT_STOP = "-at-stop"
 AT_STOP_HINT = "the gateway stopped before it stored them: the acquire service stores them when it starts again"
+# held at a stop in memory only, and so gone with it: nothing is broken and the county IT can bring
+# nothing back; the doctor measures again
+LOST_AT_STOP_HINT = "nothing to repair: the gateway stopped before it stored them"
 # a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
 LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
+LOST_AT_STOP = "lost-at-stop"  # held at a stop in memory only, lost with it: its advice (which device, how many)
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
@@ -830,7 +838,7 @@ class Doctor:
         its .bad copy named for the county IT). Nothing brings them back (a bridge streams an ECG
         once), so the doctor says how many and when for LOST_SAID_FOR (lastmile.clinic.devices),
         whatever was stored since."""
-        from lastmile.clinic.devices import held_words, lost_message, lost_on_disk_message
+        from lastmile.clinic.devices import HELD_AT_STOP, held_words, lost_message, lost_on_disk_message
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         found = []
@@ -843,22 +851,31 @@ class Doctor:
             again = "they cannot be recovered: record them again if the patients are still here; "
             memory, disk = held_words(*r.lost_from_memory), held_words(*r.lost_from_disk)
             if memory:
-                # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
-                keep = (
-                    LOST_NOT_STORED_HINT
-                    if r.lost_cause
-                    else "keep the gateway powered while readings wait for space (see the data line)"
-                )
+                # another cause than space (locked, damaged) is the county IT's: freeing space does
+                # nothing; the stop's own (and only it) is no fault: what to do is measure again
+                at_stop = r.lost_cause == HELD_AT_STOP
+                if at_stop:
+                    keep, advice = LOST_AT_STOP_HINT, LOST_AT_STOP
+                else:
+                    keep = (
+                        LOST_NOT_STORED_HINT
+                        if r.lost_cause
+                        else "keep the gateway powered while readings wait for space (see the data line)"
+                    )
+                    advice = ("lost-ecgs" if r.lost_from_memory[1] else "lost-readings") + (
+                        NOT_STORED if r.lost_cause else ""
+                    )
                 found.append(
                     Finding(
                         "devices",
                         Level.FAIL,
                         f"{r.name or r.address}: {lost_message(memory, r.lost_cause)} {when}",
                         f"{again}{keep}; said until {_stamp(until)}",
-                        advice_key=("lost-ecgs" if r.lost_from_memory[1] else "lost-readings")
-                        + (NOT_STORED if r.lost_cause else ""),
+                        advice_key=advice,
                         until=until.timestamp(),
                         since=r.lost_at.timestamp(),
+                        subject=r.name or r.address if at_stop else "",
+                        counts=r.lost_from_memory if at_stop else None,
                     )
                 )
             if disk:

@@ -593,3 +593,45 @@ def test_the_words_of_losses_name_readings_and_ecgs_one_card_and_keep_each_bad_c
     assert "网关停机时丢失了测量数据和心电图：请看“设备”页" in pages["/today"], pages["/today"]
     assert "磁盘" not in pages["/devices"] and "其余已保存在SD卡上" in pages["/devices"], pages["/devices"]
     assert "（文件损坏或丢失）" in pages["/devices"], pages["/devices"]
+
+
+def test_readings_held_at_a_stop_and_lost_say_how_many_from_which_device_and_to_measure_again(
+    tmp_path: Path,
+) -> None:
+    """Readings held only because the gateway was stopping (HELD_AT_STOP), in memory only, were
+    lost with the stop: the System page and `lastmile doctor` said the data store could not be
+    written and to call the county IT - for a known stop, where nothing is broken and nobody can
+    bring them back. Now they say how many, from which device, when it was found, and to measure
+    again; the Devices page says so too."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    registry = DeviceRegistry.open(data)
+    try:  # 3 held at the stop, 1 of them in memory only: the restart found that one gone
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            name="monitor",
+            reading="SpO2 97 %",
+            reading_at=now,
+            seen=True,
+        )
+        hold_three_one_in_memory_only(registry, now)
+        registry.record_lost(registry.get("serial:monitor"), (1, 0), now=now, cause=HELD_AT_STOP)
+    finally:
+        registry.close()
+    (lost,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL and "lost when" in f.message]
+    assert lost.message.startswith(
+        "monitor: 1 reading(s) held in memory only (not stored yet when the gateway stopped)"
+    )
+    assert "county IT" not in lost.hint and "record them again" in lost.hint, lost
+    assert (lost.advice_key, lost.subject, lost.counts) == ("lost-at-stop", "monitor", (1, 0)), lost
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+    system = pages["/system"]
+    assert "已丢失：monitor 的 1 条测量结果。它们是网关停机前刚测的" in system, system
+    assert "如病人仍在，请重新测量。" in system and "县信息科" not in system.split("已丢失：monitor")[1][:200], system
+    assert "网关停机时丢失：停机前刚测的 1 条测量结果，尚未保存" in pages["/devices"], pages["/devices"]
+    assert "设备和网关都没有坏。如病人仍在，请重新测量。" in pages["/devices"], pages["/devices"]

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import datetime as dt
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -563,3 +564,58 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, e3)
     assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")
+
+
+@pytest.mark.parametrize("size", [(360, 640), (1280, 800)], ids=["phone", "desktop"])
+def test_todays_name_question_in_english_is_english_and_nothing_in_it_is_cut_or_overlaps(
+    clinic: tuple[Config, ConsoleServer, Client], browser: object, size: tuple[int, int]
+) -> None:
+    """The name question on Today in English, on a 360 px phone and a 1280 px screen (screenshots:
+    today-name-mismatch-en-phone, -desktop): every word of it English but the names, each answer
+    (button, field, label) within the screen and clear of the others, nothing wider than the page."""
+    from tests.console_browser import by, choose_language, log_in, save_screenshot, set_viewport, text_in
+
+    config, server, _ = clinic
+    item_id = _arrives(config, SCP, "scp")
+    set_viewport(browser, size)
+    log_in(browser, server)
+    choose_language(browser, "en")
+    text_in(browser, "#panel-held", "say whose ECG it is")
+    row = browser.find_element(by("css"), f'#panel-held li[data-held-ecg="{item_id}"]')  # type: ignore[attr-defined]
+    words = row.text.replace("张三", "")  # the checked-in name, as checked in; everything else English
+    assert not re.search(r"[\u3000-\u9fff\uff00-\uffef]", words), row.text
+    assert "Clark" in words and "SBJ-123" in words, row.text
+    width = browser.execute_script("return document.documentElement.clientWidth")  # type: ignore[attr-defined]
+    wide = browser.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
+    assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
+    boxes = [
+        (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
+        for e in row.find_elements(by("css"), "button, input:not([type=hidden]), label")
+    ]
+    assert len(boxes) >= 5, boxes  # three answers and the other patient's field with its label
+    for what, box in boxes:
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
+    for (a, ra), (b, rb) in itertools.combinations(boxes, 2):
+        apart = (
+            ra["x"] + ra["width"] <= rb["x"]
+            or rb["x"] + rb["width"] <= ra["x"]
+            or ra["y"] + ra["height"] <= rb["y"]
+            or rb["y"] + rb["height"] <= ra["y"]
+        )
+        assert apart, f"{a} {ra} overlaps {b} {rb}"
+    # each answer apart from the next (the field's label touched the button above: read as its caption)
+    answers = row.find_elements(by("css"), "form")
+    assert [f.get_attribute("action").rsplit("/", 1)[1] for f in answers] == [
+        "checked-in-name",
+        "assign-ecg",
+        "name-right",
+        "re-record",
+    ]
+    label = row.find_element(by("css"), "form.assign label").text
+    assert label == "Another patient's: type his patient ID.", label  # says what the field is for
+    for above, below in itertools.pairwise(answers):
+        controls = "button, input:not([type=hidden]), label"
+        bottom = max(c.rect["y"] + c.rect["height"] for c in above.find_elements(by("css"), controls))
+        top = min(c.rect["y"] for c in below.find_elements(by("css"), controls))
+        assert top - bottom >= 8, f"{below.get_attribute('action')} {top - bottom:.0f} px under the answer above"
+    save_screenshot(browser, f"today-name-mismatch-en-{'phone' if size[0] < 600 else 'desktop'}")

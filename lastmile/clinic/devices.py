@@ -117,6 +117,12 @@ class DeviceRecord:
         return self.held_cause == HELD_AT_STOP
 
     @property
+    def lost_at_stop(self) -> bool:
+        """What a stop lost was held only for that stop (no fault, no want of space): nothing to
+        repair, the doctor measures again."""
+        return self.lost_cause == HELD_AT_STOP
+
+    @property
     def held_in_memory_only(self) -> bool:
         """What waits for space is lost if the power fails: `lastmile doctor` FAILs."""
         return self.held_readings is HeldReadings.MEMORY

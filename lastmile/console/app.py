@@ -440,11 +440,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         ),
         "memory-only-at-stop": N_(
             "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
-            "lost. Measure again if the patient is still here, and tell the county IT."
+            "lost. Nothing is broken. Measure again if the patient is still here."
         ),
         "memory-only-ecgs-at-stop": N_(
             "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
-            "lost. Record the ECG again if the patient is still here, and tell the county IT."
+            "lost. Nothing is broken. Record the ECG again if the patient is still here."
         ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
@@ -463,6 +463,13 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Some readings were lost when the gateway was switched off or lost its power (found when it started "
             "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
             "the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
+        # held at a stop in memory only (doctor.LOST_AT_STOP), gone with it: nothing is broken, the
+        # county IT can bring nothing back; %(what)s how many, %(subject)s which device
+        "lost-at-stop": N_(
+            "Lost: %(what)s from %(subject)s. They were taken just before the gateway stopped and were not saved "
+            "yet (found when it started again, %(since)s). Nothing is broken. Measure again if the patient is "
+            "still here. This shows until %(time)s."
         ),
         # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
         "lost-readings-damaged-file": N_(
@@ -606,7 +613,18 @@ def advice_text(finding: Finding, localizer: Localizer) -> str:
     }
     if finding.subject:  # which one it is about (the devices' names), for an advice that names it
         values["subject"] = finding.subject
+    if finding.counts is not None:  # how many readings and ECGs, in words, as the Devices page says them
+        values["what"] = counted_words(*finding.counts, localizer)
     return localizer.gettext(advice, **values)
+
+
+def counted_words(readings: int, ecgs: int, localizer: Localizer) -> str:
+    """ "3 readings and 1 ECG" in the page's language (devices.html's `counted`, for an advice)."""
+    words = [localizer.ngettext("%(n)d reading", "%(n)d readings", readings, n=readings)] if readings else []
+    words += [localizer.ngettext("%(n)d ECG", "%(n)d ECGs", ecgs, n=ecgs)] if ecgs else []
+    if len(words) == 2:
+        return localizer.gettext("%(readings)s and %(ecgs)s", readings=words[0], ecgs=words[1])
+    return words[0] if words else localizer.gettext("readings")
 
 
 # What a 404 says, in the page's language (a report link from an old alert, a purged ECG).

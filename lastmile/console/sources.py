@@ -187,7 +187,7 @@ def _session_view(current: CurrentPatient) -> SessionView:
 
 def _not_shown(current_patient_id: str) -> ConsoleInputError:
     return ConsoleInputError(
-        N_("%(patient)s has been checked in since this page was shown: that session goes on."),
+        N_("%(patient)s has been checked in since this page was shown: that check-in goes on."),
         patient=current_patient_id,
     )
 
