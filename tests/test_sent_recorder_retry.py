@@ -210,3 +210,23 @@ def test_a_damaged_side_file_is_set_aside_and_said_never_a_crash(store, tmp_path
     again = SentStudyRecorder(SentItems(), store, unwritten_file=side_file)  # type: ignore[arg-type]
     assert again.write_left_by_last_stop() == 0
     assert not side_file.exists()
+
+
+def test_damaged_side_files_set_aside_over_years_are_capped_the_sd_card_never_fills(store, tmp_path) -> None:
+    """Each start that found the side file damaged set it aside as a new `.damaged-<time>` copy and
+    none was ever removed: over years of stops and starts they filled the SD card. Now only the
+    newest few stay (uploader.unwritten_records.KEEP_ASIDE), older ones - an older version's
+    too - removed."""
+    from uploader.unwritten_records import KEEP_ASIDE
+
+    side_file = tmp_path / "data" / sent_module.UNWRITTEN_NAME
+    year_ago = int(time.time()) - 365 * 86400
+    earlier = [side_file.with_name(f"{side_file.name}.damaged-{year_ago + n * 86400}") for n in range(KEEP_ASIDE + 2)]
+    for copy in earlier:
+        copy.write_bytes(b"\x00" * 64)
+    side_file.write_bytes(b"\x00" * 64)
+    assert SentStudyRecorder(SentItems(), store, unwritten_file=side_file).write_left_by_last_stop() == 0  # type: ignore[arg-type]
+    kept = sorted(side_file.parent.glob(f"{side_file.name}.damaged-*"))
+    assert len(kept) == KEEP_ASIDE, kept
+    assert kept[:-1] == earlier[-(KEEP_ASIDE - 1) :]  # the newest earlier ones, and today's
+
