@@ -230,3 +230,24 @@ def test_damaged_side_files_set_aside_over_years_are_capped_the_sd_card_never_fi
     assert len(kept) == KEEP_ASIDE, kept
     assert kept[:-1] == earlier[-(KEEP_ASIDE - 1) :]  # the newest earlier ones, and today's
 
+
+def test_doctor_says_the_records_a_stop_saved_for_the_next_start_and_a_damaged_copy(
+    store, monkeypatch, tmp_path
+) -> None:
+    side_file = tmp_path / "data" / sent_module.UNWRITTEN_NAME
+    refusing(store, monkeypatch, times=10**6)
+    outbox = SentItems()
+    recorder = SentStudyRecorder(outbox, store, unwritten_file=side_file)  # type: ignore[arg-type]
+    for n in range(2):
+        send(recorder, outbox, generate_uid(), item_id=n)
+    recorder.stop()  # clinic.db still refuses: saved for the next start
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    (kept,) = [f for f in Doctor(config, now=time.time).check_data_partition() if f.topic == "left-by-stop"]
+    assert kept.level is Level.WARN and f"2 sent-study record(s) clinic.db did not take ({side_file})" in kept.message
+
+    side_file.write_bytes(b"\x00" * 64)  # damaged on the SD card: the next start sets it aside
+    assert SentStudyRecorder(SentItems(), store, unwritten_file=side_file).write_left_by_last_stop() == 0  # type: ignore[arg-type]
+    (aside,) = side_file.parent.glob(f"{side_file.name}.damaged-*")
+    found = {f.topic: f for f in Doctor(config, now=time.time).check_data_partition()}
+    assert "left-by-stop" not in found and str(aside) in found["damaged-copy"].message, found
