@@ -795,7 +795,7 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
         forwarder.add("dicom", "b", b"y" * 10)
         assert [i.id for i in forwarder.claim("dicom", 10, time.time())] == [first.id, first.id + 1]
         assert forwarder.begin_send(first.id, time.time())
-        forwarder.remember_stored([first.id, first.id + 1])  # the county stored both; mark_sent failed
+        forwarder.remember_stored([first.id, first.id + 1], taken=False)  # the county stored both; mark_sent failed
         found = {f.topic: f for f in doctor(data).check_data_partition()}
     kept = found["left-by-stop"]
     assert kept.level is Level.WARN and kept.advice_key == "left-by-stop", kept

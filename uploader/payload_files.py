@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from uploader.errors import OutboxFullError
@@ -145,10 +145,15 @@ STORED_WHAT = "ids of items the peer stored that the last stop could not record 
 STORED_LOST = "the items of the lines not readable may be sent again (the peer keeps one copy of each)"
 
 
-def _item_id(line: str) -> int:
-    if not line.strip().isdigit():
-        raise ValueError(f"not an outbox item id: {line[:40]!r}")
-    return int(line)
+# how an item of the note is to be recorded (`keep_stored`): a bare id is an older version's line
+TAKEN, SENT = "taken", "sent"
+
+
+def _stored_item(line: str) -> tuple[int, bool | None]:
+    item_id, _, how = line.strip().partition(" ")
+    if not item_id.isdigit() or how not in ("", TAKEN, SENT):
+        raise ValueError(f"not an outbox item of the note of the stored: {line[:40]!r}")
+    return int(item_id), (how == TAKEN) if how else None
 
 
 class OwnerLock:
@@ -189,18 +194,21 @@ class OwnerLock:
     def _left_path(locks_dir: Path, token: str) -> Path:
         return locks_dir / f"{_LEFT_PREFIX}{token}"
 
-    def keep_stored(self, item_ids: Sequence[int]) -> None:
-        """The ids of the items the peer stored that this owner has not recorded as sent yet, in a
-        file beside its lock, written whole and fsynced (`UnwrittenRecords`): it outlives a stop, a
-        kill and a power cut, and the next open records them as sent rather than sending them
-        again. No ids: the file goes. OSError (a full disk): the file it would have replaced stays."""
-        self.stored_file(self.path.parent, self.token).replace([str(int(i)) for i in item_ids])
+    def keep_stored(self, items: Mapping[int, bool]) -> None:
+        """The items the peer stored that this owner has not recorded as sent yet (by id: whether
+        its caller records it taken, `Outbox.mark_taken`, rather than sent), in a file beside its
+        lock, written whole and fsynced (`UnwrittenRecords`): it outlives a stop, a kill and a
+        power cut, and the next open records them rather than sending them again. None: the file
+        goes. OSError (a full disk): the file it would have replaced stays."""
+        lines = [f"{int(i)} {TAKEN if taken else SENT}" for i, taken in sorted(items.items())]
+        self.stored_file(self.path.parent, self.token).replace(lines)
 
     @staticmethod
-    def stored_by(locks_dir: Path, token: str) -> list[int]:
-        """The ids `keep_stored` kept for `token` (none: no file). A line that is no id is skipped,
-        and the file set aside (said): the others are still recorded as sent."""
-        return OwnerLock.stored_file(locks_dir, token).take(_item_id, STORED_LOST).records
+    def stored_by(locks_dir: Path, token: str) -> dict[int, bool | None]:
+        """What `keep_stored` kept for `token`, by id: taken or not (None: an older version's
+        line, which did not say). None kept: no file. A line that is no item is skipped, and the
+        file set aside (said): the others are still recorded."""
+        return dict(OwnerLock.stored_file(locks_dir, token).take(_stored_item, STORED_LOST).records)
 
     @staticmethod
     def tokens_that_stored(locks_dir: Path) -> list[str]:
