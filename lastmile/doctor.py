@@ -97,6 +97,8 @@ TOPICS = (
     "ecg-clock",
     "battery",
     "restart-needed",
+    "left-by-stop",
+    "damaged-copy",
 )
 # An ECG cart's clock is judged by its newest ECG of this last week (of the newest ECGs).
 ECG_CLOCK_LOOKBACK_S = 7 * 86400
@@ -408,6 +410,7 @@ class Doctor:
             )
         else:
             out.append(Finding("data", Level.OK, text, topic="space"))
+        out += self._left_by_last_stop(data)
         mount = find_mount(self.mountinfo, data)
         if mount is None:
             out.append(
@@ -421,6 +424,50 @@ class Doctor:
             )
             return out
         out.append(self._wear_finding(data, mount))
+        return out
+
+    def _left_by_last_stop(self, data: Path) -> list[Finding]:
+        """The files in which a stop keeps what it could not write into its database for the next
+        start (uploader.unwritten_records): one there waits for a start, or a start could not
+        apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it)."""
+        from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
+
+        waiting, damaged = [], []
+        with as_owner_of(data):
+            for directory, family, what in left_by_stop_files(data):
+                for path in pending_in(directory, family):
+                    try:
+                        count: int | str = len(UnwrittenRecords(path, what=what).lines())
+                    except OSError as exc:
+                        count = f"unreadable ({exc.strerror or exc})"
+                    waiting.append(f"{count} {what} ({path})")
+                damaged += [str(p) for p in set_aside_in(directory, family)]
+        out = []
+        if waiting:
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    "kept by a stop for the next start: " + "; ".join(waiting),
+                    "the next start of its service writes them; still here after a start: it could not "
+                    "(journalctl -u lastmile-acquire -u lastmile-forward)",
+                    advice_key="left-by-stop",
+                    topic="left-by-stop",
+                )
+            )
+        if damaged:
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    "damaged, set aside by a start (its readable records were written): " + ", ".join(damaged),
+                    "what it could not read is said in the journal at its start; remove the copy once looked at "
+                    "(only the newest few are kept)",
+                    advice_key="damaged-copy",
+                    topic="damaged-copy",
+                    subject=", ".join(Path(p).name for p in damaged),
+                )
+            )
         return out
 
     def _wear_finding(self, data: Path, mount: Mount) -> Finding:
@@ -1509,6 +1556,21 @@ class Mount:
     fstype: str
     options: frozenset[str]
     source: str
+
+
+def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
+    """(directory, name prefix, what its records are) of each kind of file a stop leaves for the
+    next start (uploader.unwritten_records)."""
+    from lastmile.reports.sent import UNWRITTEN_NAME
+    from lastmile.services.serial_spill import ROWS_BEHIND_NAME
+    from uploader.outbox import LOCKS_DIR
+    from uploader.payload_files import STORED_PREFIX
+
+    return [
+        (data / LOCKS_DIR, STORED_PREFIX, "outbox item(s) the county stored that the sending could not record as sent"),
+        (data, UNWRITTEN_NAME, "sent-study record(s) clinic.db did not take"),
+        (data, ROWS_BEHIND_NAME, "device row(s) whose held readings' counts were not written"),
+    ]
 
 
 def _unescape(field_text: str) -> str:

@@ -773,3 +773,43 @@ def test_a_doctor_run_opens_the_outbox_once_and_finds_recent_ecgs_without_a_full
     finally:
         counting.clear()
     assert len(opens) == 1, f"one doctor run opened the outbox {len(opens)} times"
+
+
+# -- what a stop kept for the next start ---------------------------------------------------------------
+
+
+def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_warnings(tmp_path: Path) -> None:
+    """The files in which a stop keeps what it could not write (uploader.unwritten_records) were
+    said by nobody: a start that could not apply one left it for ever, and the damaged copies a
+    start set aside were never named. Now `lastmile doctor` warns with what and how many, and
+    names each damaged copy. Written here by the code that writes them at a stop (the outbox's
+    note of what the county stored, the serial device rows the stop gave up), read back by a start."""
+    from lastmile.services.serial_spill import RowBehind, load_rows_behind, save_rows_behind
+    from uploader.outbox import Outbox
+
+    data = tmp_path
+    assert [f.topic for f in doctor(data).check_data_partition()] == ["space", "sd-card"]  # none: nothing said
+    save_rows_behind(data, {"serial:a": RowBehind((2, 0), (1, 0), ""), "serial:b": RowBehind((1, 0), (1, 0), "")})
+    with Outbox.open(data, min_free_bytes=0) as forwarder:
+        first = forwarder.add("dicom", "a", b"x" * 10).item
+        forwarder.add("dicom", "b", b"y" * 10)
+        assert [i.id for i in forwarder.claim("dicom", 10, time.time())] == [first.id, first.id + 1]
+        assert forwarder.begin_send(first.id, time.time())
+        forwarder.remember_stored([first.id, first.id + 1], taken=False)  # the county stored both; mark_sent failed
+        found = {f.topic: f for f in doctor(data).check_data_partition()}
+    kept = found["left-by-stop"]
+    assert kept.level is Level.WARN and kept.advice_key == "left-by-stop", kept
+    assert "2 outbox item(s) the county stored that the sending could not record as sent" in kept.message, kept
+    assert f"locks/stored-{forwarder.owner}" in kept.message, kept
+    assert "2 device row(s) whose held readings' counts were not written" in kept.message, kept
+    assert "damaged-copy" not in found
+
+    (data / "serial-rows-behind.jsonl").write_bytes(b'{"address": "serial:a"\n')  # torn on the SD card
+    assert load_rows_behind(data) == {}  # the start: set aside, said
+    found = {f.topic: f for f in doctor(data).check_data_partition()}
+    (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
+    damaged = found["damaged-copy"]
+    assert damaged.level is Level.WARN and str(aside) in damaged.message and damaged.subject == aside.name, damaged
+    assert "left-by-stop" not in found  # the outbox recorded what it kept at its close; the rows' was taken
+    said = [f.topic for f in doctor(data, offline=True).run_all() if f.check == "data"]
+    assert said == ["space", "damaged-copy", "sd-card"], said

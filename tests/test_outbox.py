@@ -640,7 +640,7 @@ STORED_UNRECORDED_SCRIPT = textwrap.dedent("""
     ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
     first, second = ob.claim("dicom", 10, 2e9)
     ob.begin_send(first.id, 2e9)
-    ob.remember_stored([first.id])  # the peer stored it; mark_sent failed (the forwarder's except)
+    ob.remember_stored([first.id], taken=False)  # the peer stored it; mark_sent failed (the forwarder's except)
     print(first.id, flush=True)
     time.sleep(60)
 """)
@@ -682,7 +682,7 @@ def test_close_records_what_the_peer_stored_before_giving_back_its_claims(data_d
     with open_outbox(data_dir) as forwarder:
         assert len(forwarder.claim("dicom", 10, 2e9)) == 2
         assert forwarder.begin_send(a.id, 2e9)
-        forwarder.remember_stored([a.id])
+        forwarder.remember_stored([a.id], taken=False)
         assert [p.name for p in (data_dir / "locks").glob("stored-*")] == [f"stored-{forwarder.owner}"]
     with open_outbox(data_dir) as ob:
         assert (ob.get(a.id).state, ob.get(a.id).attempts, ob.get(b.id).state) == (S.SENT, 1, S.QUEUED)
@@ -1210,9 +1210,40 @@ def test_a_fhir_bundle_the_platform_took_unrecorded_is_recorded_taken_and_purged
     with open_outbox(data_dir) as ob:
         bundle, ecg = add(ob, "fhir:a", kind="fhir-bundle"), add(ob, "ecg")
         assert len(ob.claim("fhir-bundle", 10, 2e9)) == 1 and len(ob.claim("dicom", 10, 2e9)) == 1
-        ob.remember_stored([bundle.id, ecg.id])
+        ob.remember_stored([bundle.id], taken=True)  # the FHIR forwarder's mark_taken failed
+        ob.remember_stored([ecg.id], taken=False)  # the ECG forwarder's mark_sent
         assert ob.record_stored(2e9 + 1) == 2
         assert (ob.get(bundle.id).state, ob.get(bundle.id).committed_at) == (S.COMMITTED, 2e9 + 1)
         assert (ob.get(ecg.id).state, ob.get(ecg.id).committed_at) == (S.SENT, None)
         assert ob.purge_due(2e9 + 2, 0.0) == 1
         assert ob.get(bundle.id).state == S.PURGED
+
+
+def test_the_next_open_records_what_the_peer_stored_as_its_caller_would_have_not_by_its_kind(data_dir: Path) -> None:
+    """`record_stored` decided "taken" by the item's kind (`_TAKEN_WHEN_STORED`), though the caller
+    that remembered it knew which it meant (`mark_taken` or `mark_sent`): the flag is now the
+    caller's, kept in the note beside the owner's lock, and the next open after a stop that could
+    not record them records each as its caller would have. A note an older version left (bare
+    ids) is still read by kind."""
+    from uploader.payload_files import OwnerLock
+
+    with open_outbox(data_dir) as ob:
+        taken_ecg, sent_ecg, bundle = add(ob, "ecg-a"), add(ob, "ecg-b"), add(ob, "fhir:a", kind="fhir-bundle")
+    with open_outbox(data_dir) as forwarder:
+        assert len(forwarder.claim("dicom", 10, 2e9)) == 2
+        forwarder.remember_stored([taken_ecg.id], taken=True)
+        forwarder.remember_stored([sent_ecg.id], taken=False)
+        owner = forwarder.owner
+        assert OwnerLock.stored_by(data_dir / "locks", owner) == {taken_ecg.id: True, sent_ecg.id: False}
+        kept = (data_dir / "locks" / f"stored-{owner}").read_bytes()
+    older = "0000-older"  # a dead owner's note as an older version wrote it, and this one's at a kill
+    (data_dir / "locks" / f"stored-{older}").write_text(f"{bundle.id}\n")
+    (data_dir / "locks" / f"stored-{owner}").write_bytes(kept)
+    with contextlib.closing(sqlite3.connect(data_dir / DB_NAME)) as conn, conn:  # as a kill leaves them
+        conn.execute("UPDATE items SET state = 'sending', committed_at = NULL, sent_at = NULL")
+        conn.execute("UPDATE items SET claimed_by = ? WHERE key LIKE 'ecg-%'", (owner,))
+        conn.execute("UPDATE items SET claimed_by = ? WHERE key = 'fhir:a'", (older,))
+    with open_outbox(data_dir) as ob:  # recovery at open
+        states = {i.key: (i.state, i.committed_at is not None) for i in ob.items()}
+    assert states == {"ecg-a": (S.COMMITTED, True), "ecg-b": (S.SENT, False), "fhir:a": (S.COMMITTED, True)}
+    assert not list((data_dir / "locks").glob("stored-*"))

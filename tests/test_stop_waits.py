@@ -498,3 +498,53 @@ def test_sigterm_while_the_forward_service_links_a_reading_to_a_visit_under_visi
             )
         with VisitBook.open(data, gateway_id="gw-1") as book:
             assert book.visit_holding(reading.record_key) == visit.id, journal.read_text()[-3000:]
+
+
+def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_lost_at_the_restart(
+    tmp_path: Path,
+) -> None:
+    """lastmile/services/serial_devices.py _say_lost_at_stop: a row said "1 held in memory only"
+    (spill copy G); at the stop (another process holding clinic.db's lock) a save worked (G+1, both
+    readings) and a third reading's did not (in memory only), their row writes given up. The
+    restart took the whole copy G+1, saved after the row's word, as covering all that waited: the
+    third reading, lost with the gateway's memory, was never said lost. Now what a given-up row
+    write carried while readings were in memory only is kept (an uploader.unwritten_records file)
+    for the restart, which says it and forgets the file."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        slot = ctx.spill.slot_bytes
+        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
+        row = ctx.registry.get("serial:monitor")
+        assert row is not None and row.in_memory_only == (1, 0), row
+        stop.set()  # the acquire service is stopping
+        with write_locked(data / "clinic.db"):
+            ctx.spill.slot_bytes = slot
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))  # saved whole: both on disk
+            ctx.spill.slot_bytes = HEADER
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))  # not saved: in memory only
+            service.close()
+        left = sorted(p.name for p in data.iterdir())
+        again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+        try:
+            row = again.ctx.registry.get("serial:monitor")
+            waiting = len(again.ctx.unstored["monitor"].observations)
+        finally:
+            again.close()
+        after = sorted(p.name for p in data.iterdir())
+    assert waiting == 2  # the spill file's whole copy
+    assert row is not None and (row.lost_reading_count, row.lost_from_disk) == (1, (0, 0)), (row, left)
+    assert "serial-rows-behind.jsonl" in left and "serial-rows-behind.jsonl" not in after, (left, after)

@@ -349,6 +349,8 @@ TOPIC_LABELS = {
     "open-damaged": N_("the open visit"),
     "ecg-clock": N_("clock of ECG cart %(subject)s"),
     "battery": N_("battery of %(subject)s"),
+    "left-by-stop": N_("records kept when the gateway stopped"),
+    "damaged-copy": N_("damaged file set aside: %(subject)s"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -357,6 +359,14 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "data": {
         "WARN": N_("Storage is getting full: tell the county IT."),
         "sd-card": N_("The SD card's settings need a look (they may wear it out sooner): tell the county IT."),
+        # what a stop could not save, kept in a file for the next start (doctor._left_by_last_stop)
+        "left-by-stop": N_(
+            "When the gateway last stopped, some records could not be saved: they are kept and saved when it "
+            "starts again. If this is still here after a restart, tell the county IT."
+        ),
+        "damaged-copy": N_(
+            "A damaged file was put aside when the gateway started: some records in it may be lost. Tell the county IT."
+        ),
         "FAIL": N_("Storage problem: new measurements may not be saved. Call the county IT now."),
     },
     "root": {"WARN": N_("The system partition is writable: a power cut could damage it. Tell the county IT.")},

@@ -99,8 +99,12 @@ from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
     SPILL_NAME,
+    RowBehind,
     SpillFile,
+    forget_rows_behind,
     kept_in,
+    load_rows_behind,
+    save_rows_behind,
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
@@ -266,11 +270,15 @@ class SerialContext:
     # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
     stopping: bool = False  # the service's stop gave up a store: what waits now is said at INFO, expected
+    # by device row address: the held status a row write did not get while some of what waited was
+    # in memory only (`_say_waiting`), kept in a file at the close for the next start (`RowBehind`)
+    rows_behind: dict[str, RowBehind] = field(default_factory=dict)
 
-    def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
-        """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
+    def status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
+        """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows.
+        False if the row could not be written (best effort)."""
         if not self._write_status(spec, port, **facts):
-            return
+            return False
         if isinstance(facts.get("error"), str):  # another writer's error (an unplug ...): `error`'s window ends
             self._row_errors.pop(spec.name, None)
         elif facts.get("seen") and spec.name in self._row_errors:
@@ -278,6 +286,7 @@ class SerialContext:
             # it is a new one, said with its own time (not the first's, before the good reading)
             row = self._row_errors[spec.name]
             row.pending = row.shown = None
+        return True
 
     def _write_status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         name = f"{spec.name} ({spec.profile}) on {port}" if port else None
@@ -377,8 +386,22 @@ class SerialContext:
         before the stop: no state of today (its loss says that cause, with its time); the row's
         error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
+        behind = load_rows_behind(Path(self.config.data_dir))
         for record in self.registry.all():
-            if record.transport != "serial" or not record.waits_for_space:
+            if record.transport != "serial":
+                continue
+            if (word := behind.get(record.address)) is not None:  # newer than the row and every spill copy
+                record = replace(
+                    record,
+                    held_readings=HeldReadings.MEMORY,
+                    held_reading_count=word.held[0],
+                    held_ecg_count=word.held[1],
+                    memory_reading_count=word.memory[0],
+                    memory_ecg_count=word.memory[1],
+                    held_cause=word.cause,
+                    held_spill_generations=(None, None),  # no copy saved after it covers what memory held
+                )
+            if not record.waits_for_space:
                 continue
             if record.address in loaded:  # waits again for what it waited for (until its next try)
                 # a stop's is over: this start stores them now (a refusal then says its own cause)
@@ -393,6 +416,7 @@ class SerialContext:
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
                 self.registry.clear_error(record.address, DeviceProblem.NOT_SAVED, now=self.now())
+        forget_rows_behind(Path(self.config.data_dir))
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
 
@@ -460,6 +484,7 @@ class SerialContext:
         as its held status: never as its error, which a later problem (unplugged ...) writes."""
         held = self.unstored.get(spec.name) or Unstored()
         if not held:  # its error first: the row never says nothing waits beside the over "cannot store"
+            self.rows_behind.pop(normalise_address(serial_address(spec.name)), None)
             self._store_error_over(spec)
             self.status(spec, held=HeldReadings.NONE)
             return
@@ -473,7 +498,7 @@ class SerialContext:
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
         generations = tuple(s.generation if s is not None else None for s in (self.spill, self.ecg_spill))
-        self.status(
+        written = self.status(
             spec,
             held=where,
             held_cause=held.cause,
@@ -481,6 +506,11 @@ class SerialContext:
             memory_counts=memory,
             spill_generations=generations,
         )
+        address = normalise_address(serial_address(spec.name))
+        if written or not any(memory):  # the row's word, or a whole spill copy newer than it, holds all
+            self.rows_behind.pop(address, None)
+        else:  # the row keeps an older word: a newer spill copy must not seem to cover these at the restart
+            self.rows_behind[address] = RowBehind(counts, memory, held.cause)
         (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
@@ -1065,6 +1095,7 @@ class SerialService:
                 log.info("%s: %s not stored: the gateway was stopping", name, what)
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
+        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind)
         for thing in self._owned:
             close = getattr(thing, "close", None)
             if close is not None:

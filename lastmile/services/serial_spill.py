@@ -50,6 +50,7 @@ from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from uploader.payload_files import fsync_dir
+from uploader.unwritten_records import UnwrittenRecords
 
 log = logging.getLogger(__name__)
 
@@ -435,3 +436,66 @@ class SpillFile:
             return False
         self._slot, self._generation = slot, generation
         return True
+
+
+# -- device rows a stop left behind ----------------------------------------------------------------
+
+ROWS_BEHIND_NAME = "serial-rows-behind.jsonl"
+ROWS_BEHIND_WHAT = "device rows' held counts the last stop could not write"
+ROWS_BEHIND_LOST = "readings held in memory only of those rows may have been lost unsaid (see the journal)"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBehind:
+    """The held status a device row's write carried and did not get (given up at a stop) while
+    some of what waited was held in memory only: the row keeps an older word (count, spill
+    generation), by which a newer whole spill copy would seem to cover all - it did not."""
+
+    held: tuple[int, int]  # readings, streamed ECGs waiting
+    memory: tuple[int, int]  # of them, held in memory only
+    cause: str  # the row's held cause ("": space)
+
+
+def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
+    return UnwrittenRecords(Path(data_dir) / ROWS_BEHIND_NAME, what=ROWS_BEHIND_WHAT)
+
+
+def _row_behind_line(address: str, row: RowBehind) -> str:
+    return json.dumps({"address": address, **dataclasses.asdict(row)}, ensure_ascii=False, sort_keys=True)
+
+
+def _row_behind_of(line: str) -> tuple[str, RowBehind]:
+    raw = json.loads(line)
+    row = RowBehind(
+        (int(raw["held"][0]), int(raw["held"][1])),
+        (int(raw["memory"][0]), int(raw["memory"][1])),
+        str(raw["cause"]),
+    )
+    return str(raw["address"]), row
+
+
+def save_rows_behind(data_dir: Path, rows: dict[str, RowBehind]) -> None:
+    """Write `rows` (by device row address) for the next start, fsynced; none: nothing is written.
+    A few hundred bytes at a stop, only when a row write was given up with readings in memory."""
+    if not rows:
+        return
+    records = rows_behind_file(data_dir)
+    try:
+        records.replace([_row_behind_line(address, row) for address, row in rows.items()])
+    except OSError as exc:  # the journal has said the loss (at_stop); only the row will not
+        log.error("cannot keep what device rows a stop left unwritten in %s: %s", records.path, exc)
+
+
+def load_rows_behind(data_dir: Path) -> dict[str, RowBehind]:
+    """What `save_rows_behind` kept at the last stop ({} when none; a damaged file is set aside,
+    said, its readable lines taken)."""
+    return dict(rows_behind_file(data_dir).take(_row_behind_of, ROWS_BEHIND_LOST).records)
+
+
+def forget_rows_behind(data_dir: Path) -> None:
+    """The start has said what the last stop's rows did not: the file's word is spent."""
+    records = rows_behind_file(data_dir)
+    try:
+        records.forget()
+    except OSError as exc:  # said again at the next start: the same counts, no harm
+        log.error("cannot remove %s (the rows say its counts now): %s", records.path, exc)

@@ -1,0 +1,218 @@
+"""Records a service's stop could not write into its database, kept in a small file for the next start.
+
+One mechanism for each such file (the outbox's items a peer stored that the stop could not record
+as sent, the sent-study records clinic.db refused at the stop, the serial device rows a stop gave
+up): written whole or not at all - temporary file beside it, fsync, rename, directory fsync, so a
+power cut leaves the old copy or the new one and a full disk leaves the old copy -, read a record
+a line so that one damaged line does not take the others, a damaged file set aside (said, never a
+crash) as `<name>.damaged-<time>` with only the newest KEEP_ASIDE such copies kept (an SD card must
+not fill with them over years), forgotten once the next start has written its records.
+
+`lastmile doctor` reads the same files (`pending_in`, `set_aside_in`): records waiting for a start,
+and damaged copies set aside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import glob
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+KEEP_ASIDE = 3  # damaged copies kept of one family of files (the newest): the others are removed
+DAMAGED = ".damaged-"  # a set-aside copy: `<name>.damaged-<UTC time, to the microsecond>[-<n>]`
+_STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+# (older copies, lastmile.reports.sent's before: `.damaged-<unix seconds>`)
+_ASIDE_STAMP = re.compile(r"\.damaged-(\d{8}T\d{6}\.\d{6}Z|\d+)(?:-(\d+))?$")
+# what a record's parser raises for a line that is not one (UnicodeDecodeError is a ValueError)
+RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+_T = TypeVar("_T")
+
+
+def fsync_dir(path: Path) -> None:
+    """A rename or unlink in `path` survives a power cut on the SD card only once this returns."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_whole(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """`path` holds `data` afterwards, or (on an error, raised) what it held before. `mode`: the
+    file's exact permission bits whatever the umask; None: those a new file gets under the umask."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
+        with open(fd, "wb") as f:  # a buffered file writes it all, however many writes it takes
+            if mode is not None:
+                os.fchmod(fd, mode)  # a leftover temporary file keeps its old mode: never trust it
+            f.write(data)
+            f.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def is_set_aside(path: Path) -> bool:
+    return _ASIDE_STAMP.search(path.name) is not None
+
+
+def _aside_order(path: Path) -> tuple[float, int, str]:
+    """When it was set aside (seconds), then which of those in one microsecond."""
+    found = _ASIDE_STAMP.search(path.name)
+    if found is None:
+        return (0.0, 0, path.name)
+    stamp = found.group(1)
+    if stamp.isdigit():
+        when = float(stamp)
+    else:
+        when = dt.datetime.strptime(stamp, _STAMP_FORMAT).replace(tzinfo=dt.timezone.utc).timestamp()
+    return (when, int(found.group(2) or 0), path.name)
+
+
+def set_aside_in(directory: Path, family: str) -> list[Path]:
+    """The damaged copies set aside of the files whose names start with `family`, newest first."""
+    try:
+        found = [p for p in directory.glob(f"{glob.escape(family)}*{DAMAGED}*") if is_set_aside(p)]
+    except OSError:
+        return []
+    return sorted(found, key=_aside_order, reverse=True)
+
+
+def pending_in(directory: Path, family: str) -> list[Path]:
+    """The files whose names start with `family` holding records for a start (no set-aside copy)."""
+    try:
+        return sorted(p for p in directory.glob(f"{glob.escape(family)}*") if not is_set_aside(p) and p.is_file())
+    except OSError:
+        return []
+
+
+@dataclass
+class Taken(Generic[_T]):
+    """What a start read of a file: its readable records, and how many lines were damaged."""
+
+    records: list[_T] = field(default_factory=list)
+    damaged: int = 0
+    set_aside_as: Path | None = None  # where the damaged file went (None: it had no damage, or stayed)
+
+
+class UnwrittenRecords:
+    """One file of records a stop could not write (a record a line), for the next start."""
+
+    def __init__(self, path: Path, *, what: str, family: str | None = None, keep_aside: int = KEEP_ASIDE) -> None:
+        """`what`: the records as the log says them ("sent-study records the last stop saved");
+        `family`: the name prefix its set-aside copies are capped together with (the files of
+        one kind in its directory, one an owner: all of them count), by default its own name."""
+        self.path = path
+        self.what = what
+        self.family = path.name if family is None else family
+        self.keep_aside = keep_aside
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def replace(self, lines: Sequence[str]) -> None:
+        """The file holds `lines` (one record each, no newline in one) afterwards, fsynced, or
+        what it held before (raised: OSError, a full disk). None: it is forgotten."""
+        if not lines:
+            self.forget()
+            return
+        if any("\n" in line for line in lines):
+            raise ValueError("a record of an unwritten-records file is one line")
+        replace_whole(self.path, "".join(f"{line}\n" for line in lines).encode("utf-8"), mode=0o600)
+
+    def forget(self) -> None:
+        """The records are in their database now: the file goes (raised: OSError but none)."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.path.parent)
+
+    def lines(self) -> list[str]:
+        """Its non-empty lines as they are (nothing set aside: `lastmile doctor` reads this);
+        [] when there is no file. OSError if it cannot be read."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return [line.decode("utf-8", errors="replace") for line in data.split(b"\n") if line.strip()]
+
+    def take(self, parse: Callable[[str], _T], consequence: str = "") -> Taken[_T]:
+        """Its records, each line by `parse` (raising one of RECORD_ERRORS for a line that is not
+        a record): a damaged line does not take the others. A file with a damaged line, or that
+        cannot be read, is set aside (logged at ERROR with `consequence`: what its lost lines
+        mean); the caller forgets a whole one once its records are written."""
+        taken: Taken[_T] = Taken()
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return taken
+        except OSError as exc:
+            taken.damaged = 1
+            taken.set_aside_as = self.set_aside(f"unreadable: {exc}", consequence)
+            return taken
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                taken.records.append(parse(line.decode("utf-8")))
+            except RECORD_ERRORS as exc:
+                taken.damaged += 1
+                log.debug("a damaged line in %s: %s", self.path, exc)
+        if taken.damaged:
+            why = f"{taken.damaged} damaged line(s), {len(taken.records)} readable"
+            taken.set_aside_as = self.set_aside(why, consequence)
+        return taken
+
+    def set_aside(self, why: str, consequence: str = "") -> Path | None:
+        """Move the damaged file aside (`<name>.damaged-<time>`), said at ERROR; only the newest
+        `keep_aside` copies of its family stay. None if it could not be moved (said too)."""
+        stamp = dt.datetime.now(dt.timezone.utc).strftime(_STAMP_FORMAT)
+        aside = self.path.with_name(f"{self.path.name}{DAMAGED}{stamp}")
+        n = 0
+        while aside.exists():  # two in one second: both kept
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}{DAMAGED}{stamp}-{n}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            log.error("the %s in %s are damaged (%s) and cannot be set aside: %s", self.what, self.path, why, exc)
+            return None
+        with contextlib.suppress(OSError):  # moved: a power cut may put it back, to be set aside again
+            fsync_dir(self.path.parent)
+        log.error(
+            "the %s in %s are damaged (%s): set aside as %s%s",
+            self.what,
+            self.path,
+            why,
+            aside,
+            f"; {consequence}" if consequence else "",
+        )
+        self._cap_aside()
+        return aside
+
+    def _cap_aside(self) -> None:
+        for old in set_aside_in(self.path.parent, self.family)[self.keep_aside :]:
+            try:
+                old.unlink()
+            except OSError as exc:
+                log.warning("cannot remove an old damaged copy %s: %s", old, exc)
+                continue
+            log.warning(
+                "an old damaged copy of the %s removed (the newest %d are kept): %s", self.what, self.keep_aside, old
+            )
