@@ -375,7 +375,7 @@ def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path)
     """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
     clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
     current after the restart and the next readings go on him. The card waits for the lock as
-    before the stop bounded anything (its own connection), and is the session's once it is free."""
+    before the stop bounded anything (its write says `wait_past_stop`), and is the session's once it is free."""
     from lastmile.services.serial_devices import SerialService
     from tests.serial_gateway import serial_config
     from tests.service_harness import PATIENT_CARD_SCAN
