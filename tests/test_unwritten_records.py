@@ -171,3 +171,20 @@ def test_a_damaged_files_readable_records_stay_in_it_until_written_a_failed_star
     path.write_bytes(b"\x00\x00\n")  # nothing readable: no file left waiting, its copy kept
     assert records.take(int).records == [] and not path.exists()
     assert len(set_aside_in(tmp_path, "stored-")) == 2
+
+
+def test_the_copy_just_set_aside_is_kept_whatever_the_clock_said_of_the_older_ones(tmp_path: Path) -> None:
+    """The cap ordered copies by the clock time in their names: with the clock behind at boot (no
+    RTC, no NTP yet) and KEEP_ASIDE copies stamped later, the copy just made was removed at once
+    and nobody could look at what the start found damaged. Now the copy just made always stays."""
+    later = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() + 365 * 86400))
+    ahead = [tmp_path / f"a.jsonl.damaged-{later}.00000{n}Z" for n in range(KEEP_ASIDE)]
+    for copy in ahead:
+        copy.write_text("x")
+    records = UnwrittenRecords(tmp_path / "a.jsonl", what="things")
+    records.path.write_text("{\n")
+    taken = records.take(json.loads)
+    assert taken.set_aside_as is not None and taken.set_aside_as.exists(), set_aside_in(tmp_path, "a.jsonl")
+    kept = set_aside_in(tmp_path, "a.jsonl")
+    assert len(kept) == KEEP_ASIDE and taken.set_aside_as in kept, kept
+    assert ahead[0] not in kept  # the oldest of the others went instead

@@ -238,7 +238,11 @@ class UnwrittenRecords:
         self._cap_aside(aside)
 
     def _cap_aside(self, made: Path) -> None:
-        for old in set_aside_in(self.path.parent, self.family)[self.keep_aside :]:
+        """Only the newest `keep_aside` copies stay, `made` (the one just set aside) always among
+        them: the stamps in the names are clock times, and a clock behind at boot would order it
+        oldest."""
+        older = [p for p in set_aside_in(self.path.parent, self.family) if p != made]
+        for old in older[max(0, self.keep_aside - 1) :]:
             try:
                 old.unlink()
             except OSError as exc:
