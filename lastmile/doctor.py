@@ -430,12 +430,15 @@ class Doctor:
         """The files in which a stop keeps what it could not write into its database for the next
         start (uploader.unwritten_records): one there waits for a start, or a start could not
         apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it)."""
+        from uploader.payload_files import STORED_PREFIX
         from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
 
         waiting, damaged = [], []
         with as_owner_of(data):
             for directory, family, what in left_by_stop_files(data):
                 for path in pending_in(directory, family):
+                    if family == STORED_PREFIX and _owner_alive(directory, path.name[len(family) :]):
+                        continue  # a running forwarder's (a passing lock): it records them itself, no stop's
                     try:
                         count: int | str = len(UnwrittenRecords(path, what=what).lines())
                     except OSError as exc:
@@ -1556,6 +1559,16 @@ class Mount:
     fstype: str
     options: frozenset[str]
     source: str
+
+
+def _owner_alive(locks_dir: Path, token: str) -> bool:
+    """Whether the outbox owner `token` runs (its note is then no stop's); not known: said as a stop's."""
+    from uploader.payload_files import OwnerLock
+
+    try:
+        return OwnerLock.is_alive(locks_dir, token)
+    except OSError:
+        return False
 
 
 def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:

@@ -1247,3 +1247,31 @@ def test_the_next_open_records_what_the_peer_stored_as_its_caller_would_have_not
         states = {i.key: (i.state, i.committed_at is not None) for i in ob.items()}
     assert states == {"ecg-a": (S.COMMITTED, True), "ecg-b": (S.SENT, False), "fhir:a": (S.COMMITTED, True)}
     assert not list((data_dir / "locks").glob("stored-*"))
+
+
+def test_a_damaged_note_of_what_the_peer_stored_is_not_forgotten_by_a_start_that_fails(tmp_path: Path) -> None:
+    """A dead forwarder's `locks/stored-<token>` with one line damaged on the SD card was moved
+    aside by the start before its readable ids were recorded; a start that then failed (the
+    outbox database refusing the write: an I/O error, a full disk) left them in the copy no start reads: the
+    next start gave the dead owner's claims back to the queue and the ECGs were sent again. Now
+    the note keeps its readable ids until they are recorded."""
+    data = tmp_path / "data"
+    with open_outbox(data) as ob:
+        a, b = add(ob, "ecg-a"), add(ob, "ecg-b")
+    dead = "0000-dead"
+    (data / "locks" / f"stored-{dead}").write_text(f"{a.id} sent\n{b.id} sent\n\x00garbage\n")
+    with contextlib.closing(sqlite3.connect(data / outbox_module.DB_NAME)) as conn, conn:
+        conn.execute("UPDATE items SET state = 'sending', claimed_by = ?", (dead,))
+    # recording them fails in the database (as an I/O error or a full disk makes it): the start fails
+    fault = "CREATE TRIGGER no_sent BEFORE UPDATE OF state ON items WHEN NEW.state = 'sent' BEGIN "
+    with contextlib.closing(sqlite3.connect(data / outbox_module.DB_NAME)) as conn, conn:
+        conn.execute(fault + "SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(sqlite3.Error, match="disk I/O error"):
+        open_outbox(data)
+    with contextlib.closing(sqlite3.connect(data / outbox_module.DB_NAME)) as conn, conn:
+        conn.execute("DROP TRIGGER no_sent")
+    with open_outbox(data) as ob:
+        states = {i.key: i.state for i in ob.items()}
+    assert states == {"ecg-a": S.SENT, "ecg-b": S.SENT}, states
+    assert not (data / "locks" / f"stored-{dead}").exists()
+    assert len(list((data / "locks").glob(f"stored-{dead}.damaged-*"))) == 1

@@ -548,3 +548,55 @@ def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_
     assert waiting == 2  # the spill file's whole copy
     assert row is not None and (row.lost_reading_count, row.lost_from_disk) == (1, (0, 0)), (row, left)
     assert "serial-rows-behind.jsonl" in left and "serial-rows-behind.jsonl" not in after, (left, after)
+
+
+def test_a_stops_word_on_its_rows_read_by_many_starts_counts_the_loss_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serial-rows-behind.jsonl: each start that read it again (its removal failed - "no harm" -,
+    a kill or power cut between saying the loss and removing it, another device's row write
+    raising) added its loss again: the Devices page and `lastmile doctor` said "3 readings lost"
+    for 1. Now the word carries when it was made, and a row whose loss was said at or after it
+    is not counted again."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+    from uploader.unwritten_records import UnwrittenRecords
+
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        slot = ctx.spill.slot_bytes
+        ctx.spill.slot_bytes = HEADER  # in memory only
+        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
+        stop.set()
+        with write_locked(data / "clinic.db"):
+            ctx.spill.slot_bytes = slot
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))
+            ctx.spill.slot_bytes = HEADER
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))
+            service.close()
+        assert (data / "serial-rows-behind.jsonl").exists()
+
+        def cannot(self: UnwrittenRecords) -> None:  # the file cannot be removed: each start reads it
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(UnwrittenRecords, "forget", cannot)
+        counts = []
+        for _ in range(3):
+            again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+            try:
+                row = again.ctx.registry.get("serial:monitor")
+                assert row is not None
+                counts.append(row.lost_reading_count)
+            finally:
+                again.close()
+    assert counts == [1, 1, 1], counts

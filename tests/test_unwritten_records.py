@@ -43,9 +43,11 @@ def test_one_damaged_line_does_not_take_the_others_and_the_file_is_set_aside_sai
     with caplog.at_level(logging.ERROR):
         taken = records.take(json.loads, "the things of the lines not readable are lost")
     assert taken.records == [{"n": 1}, {"n": 2}] and taken.damaged == 1
-    assert taken.set_aside_as is not None and not path.exists()
+    assert taken.set_aside_as is not None
     assert set_aside_in(tmp_path, path.name) == [taken.set_aside_as]
-    assert taken.set_aside_as.read_bytes().startswith(b'{"n": 1}\n\xff')  # kept as it was, for a look
+    assert taken.set_aside_as.read_bytes() == b'{"n": 1}\n\xff\xfe{"n"\n{"n": 2}\n'  # kept as it was, for a look
+    # the file keeps its readable records until the caller has written them and forgets it
+    assert path.read_bytes() == b'{"n": 1}\n{"n": 2}\n' and pending_in(tmp_path, path.name) == [path]
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("damaged" in m and str(taken.set_aside_as) in m and "lines not readable are lost" in m for m in said), (
         said
@@ -63,7 +65,8 @@ def test_only_the_newest_damaged_copies_are_kept_an_sd_card_never_fills_with_the
     kept = set_aside_in(tmp_path, "stored-")
     assert len(kept) == KEEP_ASIDE, kept
     assert [p.name.split(".")[0] for p in kept] == [f"stored-{n}" for n in range(KEEP_ASIDE + 3, 3, -1)]
-    assert pending_in(tmp_path, "stored-") == []  # a set-aside copy is no file waiting for a start
+    # a set-aside copy is no file waiting for a start (each file keeps its readable line)
+    assert pending_in(tmp_path, "stored-") == [tmp_path / f"stored-{n}" for n in range(KEEP_ASIDE + 4)]
 
     one = UnwrittenRecords(tmp_path / "one.jsonl", what="things")  # many in one second: all distinct
     for _ in range(KEEP_ASIDE + 2):
@@ -144,3 +147,44 @@ def test_set_aside_copies_are_named_newest_first_by_their_time(tmp_path: Path) -
         f"a.jsonl.damaged-{now - 5}",
         f"a.jsonl.damaged-{now - 100}",
     ]
+
+
+def test_a_damaged_files_readable_records_stay_in_it_until_written_a_failed_start_reads_them_again(
+    tmp_path: Path,
+) -> None:
+    """take() moved a damaged file aside at once: a start that then failed to write its readable
+    records (clinic.db locked, a full disk) left them only in a set-aside copy no start reads, and
+    they were forgotten (the outbox sent the county's stored items again). Now the damaged bytes
+    are copied aside and the file keeps its readable lines until the caller forgets it."""
+    path = tmp_path / "stored-dead"
+    path.write_bytes(b"1\n\x00garbage\n2\n")
+    records = UnwrittenRecords(path, what="ids", family="stored-")
+    first = records.take(int)
+    assert first.records == [1, 2] and first.damaged == 1 and first.set_aside_as is not None
+    # the start fails here, before writing them: the next one reads them again, undamaged
+    assert pending_in(tmp_path, "stored-") == [path]
+    again = records.take(int)
+    assert again.records == [1, 2] and again.damaged == 0 and again.set_aside_as is None
+    records.forget()  # written now
+    assert pending_in(tmp_path, "stored-") == [] and set_aside_in(tmp_path, "stored-") == [first.set_aside_as]
+
+    path.write_bytes(b"\x00\x00\n")  # nothing readable: no file left waiting, its copy kept
+    assert records.take(int).records == [] and not path.exists()
+    assert len(set_aside_in(tmp_path, "stored-")) == 2
+
+
+def test_the_copy_just_set_aside_is_kept_whatever_the_clock_said_of_the_older_ones(tmp_path: Path) -> None:
+    """The cap ordered copies by the clock time in their names: with the clock behind at boot (no
+    RTC, no NTP yet) and KEEP_ASIDE copies stamped later, the copy just made was removed at once
+    and nobody could look at what the start found damaged. Now the copy just made always stays."""
+    later = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() + 365 * 86400))
+    ahead = [tmp_path / f"a.jsonl.damaged-{later}.00000{n}Z" for n in range(KEEP_ASIDE)]
+    for copy in ahead:
+        copy.write_text("x")
+    records = UnwrittenRecords(tmp_path / "a.jsonl", what="things")
+    records.path.write_text("{\n")
+    taken = records.take(json.loads)
+    assert taken.set_aside_as is not None and taken.set_aside_as.exists(), set_aside_in(tmp_path, "a.jsonl")
+    kept = set_aside_in(tmp_path, "a.jsonl")
+    assert len(kept) == KEEP_ASIDE and taken.set_aside_as in kept, kept
+    assert ahead[0] not in kept  # the oldest of the others went instead

@@ -4,9 +4,10 @@ One mechanism for each such file (the outbox's items a peer stored that the stop
 as sent, the sent-study records clinic.db refused at the stop, the serial device rows a stop gave
 up): written whole or not at all - temporary file beside it, fsync, rename, directory fsync, so a
 power cut leaves the old copy or the new one and a full disk leaves the old copy -, read a record
-a line so that one damaged line does not take the others, a damaged file set aside (said, never a
-crash) as `<name>.damaged-<time>` with only the newest KEEP_ASIDE such copies kept (an SD card must
-not fill with them over years), forgotten once the next start has written its records.
+a line so that one damaged line does not take the others, a damaged file copied aside (said, never
+a crash) as `<name>.damaged-<time>` with only the newest KEEP_ASIDE such copies kept (an SD card must
+not fill with them over years) and left with its readable lines, forgotten once the next start has
+written its records (not before: a start that fails first reads them again).
 
 `lastmile doctor` reads the same files (`pending_in`, `set_aside_in`): records waiting for a start,
 and damaged copies set aside.
@@ -107,7 +108,7 @@ class Taken(Generic[_T]):
 
     records: list[_T] = field(default_factory=list)
     damaged: int = 0
-    set_aside_as: Path | None = None  # where the damaged file went (None: it had no damage, or stayed)
+    set_aside_as: Path | None = None  # where the damaged file was copied or moved (None: no damage, or not)
 
 
 class UnwrittenRecords:
@@ -154,9 +155,11 @@ class UnwrittenRecords:
 
     def take(self, parse: Callable[[str], _T], consequence: str = "") -> Taken[_T]:
         """Its records, each line by `parse` (raising one of RECORD_ERRORS for a line that is not
-        a record): a damaged line does not take the others. A file with a damaged line, or that
-        cannot be read, is set aside (logged at ERROR with `consequence`: what its lost lines
-        mean); the caller forgets a whole one once its records are written."""
+        a record): a damaged line does not take the others. A file with a damaged line is copied
+        aside as it is (logged at ERROR with `consequence`: what its lost lines mean) and keeps
+        its readable lines only: it stays the truth of them until the caller, once they are
+        written, forgets it (a start that fails before that reads them again). One that cannot
+        be read is set aside (moved: nothing of it can be written)."""
         taken: Taken[_T] = Taken()
         try:
             data = self.path.read_bytes()
@@ -166,28 +169,53 @@ class UnwrittenRecords:
             taken.damaged = 1
             taken.set_aside_as = self.set_aside(f"unreadable: {exc}", consequence)
             return taken
+        readable: list[str] = []
         for line in data.split(b"\n"):
             if not line.strip():
                 continue
             try:
-                taken.records.append(parse(line.decode("utf-8")))
+                text = line.decode("utf-8")
+                taken.records.append(parse(text))
             except RECORD_ERRORS as exc:
                 taken.damaged += 1
                 log.debug("a damaged line in %s: %s", self.path, exc)
+                continue
+            readable.append(text)
         if taken.damaged:
             why = f"{taken.damaged} damaged line(s), {len(taken.records)} readable"
-            taken.set_aside_as = self.set_aside(why, consequence)
+            taken.set_aside_as = self._copy_aside(data, readable, why, consequence)
         return taken
 
-    def set_aside(self, why: str, consequence: str = "") -> Path | None:
-        """Move the damaged file aside (`<name>.damaged-<time>`), said at ERROR; only the newest
-        `keep_aside` copies of its family stay. None if it could not be moved (said too)."""
+    def _copy_aside(self, data: bytes, readable: list[str], why: str, consequence: str) -> Path | None:
+        """The damaged file's bytes copied aside, then the file rewritten with its `readable`
+        lines (none: forgotten, the copy says what it held). A copy that cannot be made leaves
+        the file as it is (its records are still taken): said, and tried again at the next start."""
+        aside = self._aside_path()
+        try:
+            replace_whole(aside, data, mode=0o600)
+        except OSError as exc:
+            log.error("the %s in %s are damaged (%s) and cannot be copied aside: %s", self.what, self.path, why, exc)
+            return None
+        try:
+            self.replace(readable)
+        except OSError as exc:  # it keeps its damaged lines too: set aside again at the next start
+            log.error("cannot rewrite %s with its readable lines only: %s", self.path, exc)
+        self._said_aside(why, aside, consequence)
+        return aside
+
+    def _aside_path(self) -> Path:
         stamp = dt.datetime.now(dt.timezone.utc).strftime(_STAMP_FORMAT)
         aside = self.path.with_name(f"{self.path.name}{DAMAGED}{stamp}")
         n = 0
         while aside.exists():  # two in one second: both kept
             n += 1
             aside = self.path.with_name(f"{self.path.name}{DAMAGED}{stamp}-{n}")
+        return aside
+
+    def set_aside(self, why: str, consequence: str = "") -> Path | None:
+        """Move the damaged file aside (`<name>.damaged-<time>`), said at ERROR; only the newest
+        `keep_aside` copies of its family stay. None if it could not be moved (said too)."""
+        aside = self._aside_path()
         try:
             os.replace(self.path, aside)
         except OSError as exc:
@@ -195,6 +223,10 @@ class UnwrittenRecords:
             return None
         with contextlib.suppress(OSError):  # moved: a power cut may put it back, to be set aside again
             fsync_dir(self.path.parent)
+        self._said_aside(why, aside, consequence)
+        return aside
+
+    def _said_aside(self, why: str, aside: Path, consequence: str) -> None:
         log.error(
             "the %s in %s are damaged (%s): set aside as %s%s",
             self.what,
@@ -203,11 +235,14 @@ class UnwrittenRecords:
             aside,
             f"; {consequence}" if consequence else "",
         )
-        self._cap_aside()
-        return aside
+        self._cap_aside(aside)
 
-    def _cap_aside(self) -> None:
-        for old in set_aside_in(self.path.parent, self.family)[self.keep_aside :]:
+    def _cap_aside(self, made: Path) -> None:
+        """Only the newest `keep_aside` copies stay, `made` (the one just set aside) always among
+        them: the stamps in the names are clock times, and a clock behind at boot would order it
+        oldest."""
+        older = [p for p in set_aside_in(self.path.parent, self.family) if p != made]
+        for old in older[max(0, self.keep_aside - 1) :]:
             try:
                 old.unlink()
             except OSError as exc:

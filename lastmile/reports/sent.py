@@ -439,20 +439,19 @@ class SentStudyRecorder:
     def write_left_by_last_stop(self) -> int:
         """At start, before `backfill`: the records the last stop saved (`unwritten_file`) written
         into clinic.db, then the file removed. Refused now, they are kept and retried as any
-        (the file stays until they are written). A damaged file is set aside, logged at ERROR;
-        its readable lines are written all the same. Returns how many records it held."""
+        (the file stays until they are written). A damaged file is copied aside, logged at ERROR,
+        and keeps its readable lines until they are written. Returns how many records it held."""
         if self._unwritten is None:
             return 0
         taken = self._unwritten.take(unwritten_study, UNWRITTEN_LOST)
         studies = taken.records
         self._left_by_last_stop = len(studies)
         if not studies:
-            if not taken.damaged:
-                self._remove_unwritten()
+            self._remove_unwritten()
             return 0
         log.info("%d sent-study record(s) the last stop could not write: writing them into clinic.db", len(studies))
         with self._write_lock:
-            self._unwritten_on_disk = not taken.damaged and self._unwritten.exists()
+            self._unwritten_on_disk = self._unwritten.exists()
             self._kept = self._capped(studies + self._kept)
         self._write([], retry_now=True)
         return len(studies)

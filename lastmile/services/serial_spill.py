@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -454,6 +455,14 @@ class RowBehind:
     held: tuple[int, int]  # readings, streamed ECGs waiting
     memory: tuple[int, int]  # of them, held in memory only
     cause: str  # the row's held cause ("": space)
+    # when the word was made: a row whose loss was said at or after it has had it (a start that
+    # reads the file again - its removal failed, or it died first - does not count the loss twice);
+    # None: an older version's line
+    written_at: dt.datetime | None = None
+
+    def applied_in(self, lost_at: dt.datetime | None) -> bool:
+        """Whether a row whose loss was said at `lost_at` has had this word's loss counted."""
+        return self.written_at is not None and lost_at is not None and lost_at >= self.written_at
 
 
 def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
@@ -461,7 +470,8 @@ def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
 
 
 def _row_behind_line(address: str, row: RowBehind) -> str:
-    return json.dumps({"address": address, **dataclasses.asdict(row)}, ensure_ascii=False, sort_keys=True)
+    fields = {**dataclasses.asdict(row), "written_at": row.written_at and row.written_at.isoformat()}
+    return json.dumps({"address": address, **fields}, ensure_ascii=False, sort_keys=True)
 
 
 def _row_behind_of(line: str) -> tuple[str, RowBehind]:
@@ -470,8 +480,15 @@ def _row_behind_of(line: str) -> tuple[str, RowBehind]:
         (int(raw["held"][0]), int(raw["held"][1])),
         (int(raw["memory"][0]), int(raw["memory"][1])),
         str(raw["cause"]),
+        _aware(dt.datetime.fromisoformat(raw["written_at"])) if raw.get("written_at") else None,
     )
     return str(raw["address"]), row
+
+
+def _aware(when: dt.datetime) -> dt.datetime:
+    if when.tzinfo is None:  # not one of ours: a damaged line
+        raise ValueError(f"naive time {when.isoformat()}")
+    return when
 
 
 def save_rows_behind(data_dir: Path, rows: dict[str, RowBehind]) -> None:
@@ -487,8 +504,8 @@ def save_rows_behind(data_dir: Path, rows: dict[str, RowBehind]) -> None:
 
 
 def load_rows_behind(data_dir: Path) -> dict[str, RowBehind]:
-    """What `save_rows_behind` kept at the last stop ({} when none; a damaged file is set aside,
-    said, its readable lines taken)."""
+    """What `save_rows_behind` kept at the last stop ({} when none; a damaged file is copied aside,
+    said, its readable lines taken: the file keeps them until `forget_rows_behind`)."""
     return dict(rows_behind_file(data_dir).take(_row_behind_of, ROWS_BEHIND_LOST).records)
 
 
