@@ -548,3 +548,36 @@ def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_
     assert waiting == 2  # the spill file's whole copy
     assert row is not None and (row.lost_reading_count, row.lost_from_disk) == (1, (0, 0)), (row, left)
     assert "serial-rows-behind.jsonl" in left and "serial-rows-behind.jsonl" not in after, (left, after)
+
+
+def test_a_doctor_badge_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py ScannerHandler: as a patient card's, a doctor's badge
+    scanned as the service stops waits for clinic.db's lock past the stop's bound (`set_doctor`'s
+    `wait_past_stop`): given up, the previous doctor would stay on the next readings after the restart."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+    from tests.service_harness import DOCTOR_BADGE_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    stop = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        service.start()
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            patients.set_doctor("DR-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+            stop.set()  # the acquire service is stopping
+            with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                scanner.write(DOCTOR_BADGE_SCAN)
+                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the badge still waits
+                other.rollback()
+            wait_for(lambda: patients.current_doctor(dt.datetime.now(dt.timezone.utc)) != "DR-BEFORE")
+            assert patients.current_doctor(dt.datetime.now(dt.timezone.utc)) == "004711"
+        finally:
+            service.close()
+            scanner.unplug()
