@@ -600,3 +600,101 @@ def test_a_stops_word_on_its_rows_read_by_many_starts_counts_the_loss_once(
             finally:
                 again.close()
     assert counts == [1, 1, 1], counts
+
+
+def test_a_doctor_badge_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py ScannerHandler: as a patient card's, a doctor's badge
+    scanned as the service stops waits for clinic.db's lock past the stop's bound (`set_doctor`'s
+    `wait_past_stop`): given up, the previous doctor would stay on the next readings after the restart."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+    from tests.service_harness import DOCTOR_BADGE_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    stop = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        service.start()
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            patients.set_doctor("DR-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+            stop.set()  # the acquire service is stopping
+            with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                scanner.write(DOCTOR_BADGE_SCAN)
+                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the badge still waits
+                other.rollback()
+            wait_for(lambda: patients.current_doctor(dt.datetime.now(dt.timezone.utc)) != "DR-BEFORE")
+            assert patients.current_doctor(dt.datetime.now(dt.timezone.utc)) == "004711"
+        finally:
+            service.close()
+            scanner.unplug()
+
+
+def test_the_close_keeps_off_clinic_db_while_a_card_still_waits_for_its_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/serial_devices.py SerialService.close: a card scanned at a stop waits
+    SQLite's full 15 s busy timeout for clinic.db's lock (`wait_past_stop`), longer than the close
+    waits for the links thread (10 s here; the acquire service's part: 15 s after the card's last
+    poll began). The close then went on over the same connection from another thread: the devices'
+    rows, the held readings, and clinic.db closed under the card's transaction. Now it leaves the
+    links and clinic.db to the busy turn (said at WARNING), and the card is the session's once the
+    lock is free."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    stop = threading.Event()
+    released = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
+        contextlib.closing(
+            sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None, check_same_thread=False)
+        ) as other,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        before = set(threading.enumerate())
+        service.start()
+        links = next(t for t in threading.enumerate() if t.name == "serial-links" and t not in before)
+
+        def release() -> None:  # once the close's wait for the thread is over, inside the card's
+            other.rollback()
+            released.set()
+
+        freed = threading.Timer(11.5, release)
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            patients.set_patient("P-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+            stop.set()  # the acquire service is stopping
+            other.execute("BEGIN IMMEDIATE")
+            scanner.write(PATIENT_CARD_SCAN)
+            time.sleep(1.0)  # the card's write waits for the lock
+            freed.start()
+            with caplog.at_level(logging.WARNING):
+                started = time.monotonic()
+                service.close()  # the thread's wait (10 s) is over before the card's (15 s)
+                took = time.monotonic() - started
+            closed_under_the_lock = not released.is_set()
+            wait_for(lambda: (p := patients.current(dt.datetime.now(dt.timezone.utc))) and p.patient_id != "P-BEFORE")
+            current = patients.current(dt.datetime.now(dt.timezone.utc))
+            links.join(timeout=30)
+        finally:
+            freed.cancel()
+            if not released.is_set():
+                other.rollback()
+            links.join(timeout=30)
+            service.close()  # the thread is out: the whole close, once
+            scanner.unplug()
+    print(f"\nthe close, a card waiting for clinic.db's lock: {took:.1f} s")
+    assert closed_under_the_lock, took
+    assert current is not None and current.patient_id == "80276001234567890123", current
+    assert not links.is_alive()
+    assert any("still busy at shutdown" in rec.getMessage() for rec in caplog.records), caplog.text

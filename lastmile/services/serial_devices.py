@@ -987,6 +987,9 @@ class SerialService:
         self._owned = list(owned)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held through each turn: `close` sees whether the links thread is still in one (a card
+        # waiting out clinic.db's lock), and then keeps off the connection that turn is using.
+        self._turn = threading.Lock()
         self.refused: dict[str, str] = {}  # device name -> why it is not started (`refused_devices`)
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
@@ -1051,9 +1054,10 @@ class SerialService:
         """One turn: the link manager's (bytes, hot-plug, handlers' ticks), then what unplugged
         devices left unstored. Whoever drives the links (this service's thread, a runtime step,
         the acquire service's part) goes round through here, so none of them leaves that behind."""
-        self.manager.poll(max_wait_s)
-        self.retry_unstored()
-        self.ctx.write_pending_errors()
+        with self._turn:
+            self.manager.poll(max_wait_s)
+            self.retry_unstored()
+            self.ctx.write_pending_errors()
 
     def step(self, stop: threading.Event) -> float:
         """One `ServiceRuntime` step, for running without a thread."""
@@ -1092,11 +1096,21 @@ class SerialService:
         self.manager.wakeup()
         if self._thread is not None:
             self._thread.join(10)
-        self.manager.close()
-        for spec in self.unstored_specs():
-            self.ctx.retry_unstored(spec, force=True)
-        self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
-        for name, held in self.ctx.unstored.items():
+        # A turn still under way (a card's write waits the full busy timeout, past the thread's
+        # join) has the links and clinic.db's one connection in hand: writing or closing them from
+        # here would mix into, or break, its transaction. The process is ending: leave them to it.
+        links_idle = self._turn.acquire(blocking=False)
+        if links_idle:
+            self.manager.close()
+            for spec in self.unstored_specs():
+                self.ctx.retry_unstored(spec, force=True)
+            self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
+        else:
+            log.warning(
+                "serial devices: still busy at shutdown (a write waiting for clinic.db's lock): "
+                "the links and clinic.db left to it; readings not stored are kept in the spill file"
+            )
+        for name, held in list(self.ctx.unstored.items()):  # a busy turn may still add to it
             said = (
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
                 at_stop("ECG recording(s)", len(held.recordings), self.ctx.ecg_spill, name),
@@ -1107,7 +1121,9 @@ class SerialService:
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
         save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind)
-        for thing in self._owned:
+        for thing in self._owned if links_idle else ():  # clinic.db: not under the busy turn's write
             close = getattr(thing, "close", None)
             if close is not None:
                 close()
+        if links_idle:
+            self._turn.release()
