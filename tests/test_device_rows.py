@@ -673,3 +673,35 @@ def test_a_loss_for_want_of_space_said_with_a_stop_s_loss_keeps_the_space_advice
     assert "有测量数据因在等待存储空间、尚未保存而丢失" in pages["/system"], pages["/system"]
     assert "停机前刚测" not in pages["/system"] and "停机前刚测" not in pages["/devices"], pages
     assert "网关停机时丢失：6 条测量结果（当时仅在内存中）" in pages["/devices"], pages["/devices"]
+
+
+def test_ecgs_held_at_a_stop_and_lost_say_to_record_the_ecg_again(tmp_path: Path) -> None:
+    """Streamed ECGs held at a stop in memory only and lost with it were told "Measure again"
+    (请重新测量) on the System and Devices pages, beside the catalog's words for ECGs held at a stop
+    ("Record the ECG again", 请重新做心电图). Now ECGs get those."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    registry = DeviceRegistry.open(data)
+    try:  # 3 ECGs held at the stop, 1 of them in memory only: the restart found that one gone
+        registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            held=HeldReadings.MEMORY,
+            held_counts=(0, 3),
+            memory_counts=(0, 1),
+        )
+        registry.record_lost(registry.get("serial:monitor"), (0, 1), now=now, cause=HELD_AT_STOP)
+    finally:
+        registry.close()
+    (lost,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL and "lost when" in f.message]
+    assert (lost.advice_key, lost.subject, lost.counts) == ("lost-ecgs-at-stop", "monitor", (0, 1)), lost
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+    system = pages["/system"].split("已丢失：monitor")[1][:300]
+    assert "如病人仍在，请重新做心电图。" in system and "请重新测量" not in system, pages["/system"]
+    devices = pages["/devices"].split("网关停机时丢失：")[1][:300]
+    assert "设备和网关都没有坏。如病人仍在，请重新做心电图。" in devices and "请重新测量" not in devices, devices
