@@ -174,6 +174,7 @@ LOST_AT_STOP_HINT = "nothing to repair: the gateway stopped before it stored the
 # a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
 LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
 LOST_AT_STOP = "lost-at-stop"  # held at a stop in memory only, lost with it: its advice (which device, how many)
+LOST_ECGS_AT_STOP = "lost-ecgs-at-stop"  # the same with ECGs among them: record the ECG again, not "measure"
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
@@ -905,7 +906,7 @@ class Doctor:
                 # nothing; the stop's own (and only it) is no fault: what to do is measure again
                 at_stop = r.lost_cause == HELD_AT_STOP
                 if at_stop:
-                    keep, advice = LOST_AT_STOP_HINT, LOST_AT_STOP
+                    keep, advice = LOST_AT_STOP_HINT, LOST_ECGS_AT_STOP if r.lost_from_memory[1] else LOST_AT_STOP
                 else:
                     keep = (
                         LOST_NOT_STORED_HINT

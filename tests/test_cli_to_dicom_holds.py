@@ -4,21 +4,22 @@ shared ECG files, a data directory with a real check-in (`lastmile patient set`)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pydicom
 
-from tests.conftest import REPO, shared_file
+from tests.conftest import REPO, require_tool, shared_file
 
 SAMPLE = "11010519491231002X"
 HELD_EXIT = 3  # lastmile.commands.ecg.HELD_EXIT, as a script reading the exit code sees it
 
 
-def lastmile(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def lastmile(config: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lastmile", "-c", str(config), *args],
+        [*prefix, sys.executable, "-m", "lastmile", "-c", str(config), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -109,3 +110,37 @@ def test_the_exit_codes_are_in_the_help(tmp_path: Path) -> None:
     shown = lastmile(_config(tmp_path), "ecg", "to-dicom", "--help")
     assert shown.returncode == 0
     assert "exit codes:" in shown.stdout and f"  {HELD_EXIT}  not written: the gateway would hold" in shown.stdout
+    assert "  78 not written: the settings file has a mistake" in shown.stdout, shown.stdout
+
+
+def test_an_ecg_not_compared_with_a_check_in_is_written_and_stderr_says_so(tmp_path: Path) -> None:
+    """A user who may not read clinic.db (the gateway's data directory is its service user's) got
+    "lastmile: Permission denied: .../clinic.db", exit 1, and no file - a conversion that needs none
+    of the gateway's data; with no clinic.db (a laptop, another --data-dir) nothing was compared
+    with a check-in and stderr did not say so. Now both write the file and say it was not compared."""
+    config, out = _config(tmp_path), tmp_path / "out.dcm"
+    aecg = str(shared_file("ecg", "aecg", "fda_hl7_Example_aECG.xml"))  # SBJ-123, a good ECG
+    clinic_db = tmp_path / "data" / "clinic.db"
+    laptop = lastmile(config, "ecg", "to-dicom", aecg, str(out))
+    assert laptop.returncode == 0, laptop.stderr
+    assert f"not compared with a check-in (no {clinic_db})" in laptop.stderr, laptop.stderr
+    out.unlink()
+    assert lastmile(config, "patient", "set", "P-77", "--name", "李四").returncode == 0
+    clinic_db.chmod(0)
+    # root reads any file: take away the capability that lets it, as another user is refused
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        prefix = (require_tool("setpriv"), "--bounding-set=-dac_override,-dac_read_search", "--")
+    refused = lastmile(config, "ecg", "to-dicom", aecg, str(out), prefix=prefix)
+    assert refused.returncode == 0, refused.stderr
+    assert f"not compared with a check-in (cannot read {clinic_db}: " in refused.stderr, refused.stderr
+    assert "Permission denied" in refused.stderr or "unable to open" in refused.stderr, refused.stderr
+    assert out.exists() and "Traceback" not in refused.stderr
+
+
+def test_a_patient_name_without_a_patient_id_is_wrong_arguments(tmp_path: Path) -> None:
+    config, out = _config(tmp_path), tmp_path / "out.dcm"
+    contec = str(shared_file("ecg", "contec", "0000050.ECG"))
+    wrong = lastmile(config, "ecg", "to-dicom", contec, str(out), "--patient-name", "张三")
+    assert wrong.returncode == 2, wrong  # the help: "2  wrong arguments"
+    assert "--patient-name needs --patient-id" in wrong.stderr and not out.exists()

@@ -698,3 +698,47 @@ def test_the_close_keeps_off_clinic_db_while_a_card_still_waits_for_its_lock(
     assert current is not None and current.patient_id == "80276001234567890123", current
     assert not links.is_alive()
     assert any("still busy at shutdown" in rec.getMessage() for rec in caplog.records), caplog.text
+
+
+def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_for_want_of_space(
+    tmp_path: Path,
+) -> None:
+    """lastmile/services/serial_devices.py _held_cause: a reading waited for space in memory only;
+    at the stop its last try (space freed, another process holding the outbox's lock) was given up,
+    and the stop's cause replaced the space's: at the restart it was said lost as "taken just before
+    the stop, nothing is broken" - the advice for the space (keep the gateway powered while readings
+    wait for it) gone. Now the stop's cause does not replace the space's of readings already waiting."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: held for space
+        waits = StopWaits(stop)
+        outbox.give_up_waits_on(waits)  # as the acquire service's outbox does
+        service = SerialService.open(config, outbox=outbox, stop=waits, watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+        reading = blood_pressure(at, "P-1", "bp-1")  # its patient's: to the outbox, which is full
+        assert not ctx.store_observation(spec, reading, held=True)  # as the monitor's handler does
+        ctx.hold_observation(spec, reading)
+        row = ctx.registry.get("serial:monitor")
+        assert row is not None and row.in_memory_only == (1, 0) and row.held_cause == "", row
+        outbox.min_free_bytes = 1  # space again, just as the acquire service stops
+        stop.set()
+        with write_locked(data / "outbox.sqlite"):
+            service.close()  # its last try given up: another process holds the outbox's lock
+        again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+        try:
+            row = again.ctx.registry.get("serial:monitor")
+        finally:
+            again.close()
+    assert row is not None and row.lost_from_memory == (1, 0), row
+    assert (row.lost_cause, row.lost_at_stop) == ("", False), row

@@ -247,7 +247,11 @@ LOST_CAUSES_CHARS = 402
 
 def lost_causes(said: str, cause: str) -> str:
     """The causes losses said at once waited for: `said` (the row's, "" for space) with `cause`
-    added unless it is space or said already, bounded (LOST_CAUSES_CHARS)."""
+    added unless it is space or said already, bounded (LOST_CAUSES_CHARS). Space with a stop's own
+    cause (HELD_AT_STOP), in either order, is space: the stop's is no fault and asks nothing, the
+    space's advice (keep the gateway powered while readings wait) is what the doctor must hear."""
+    if {said, cause} == {"", HELD_AT_STOP}:
+        return ""
     if not cause or cause in said:
         return said
     return f"{said}; {cause}"[:LOST_CAUSES_CHARS] if said else cause

@@ -33,7 +33,8 @@ TO_DICOM_EXIT_CODES = f"""exit codes:
   1  not written: the file cannot be read or converted, a wrong --patient-id, the output cannot be written
   2  wrong arguments
   {HELD_EXIT}  not written: the gateway would hold this ECG for the doctor (stderr says why); --force writes it,
-     flagged as the gateway would send it when the hold runs out"""
+     flagged as the gateway would send it when the hold runs out
+  78 not written: the settings file has a mistake (`lastmile config check` names it)"""
 
 FORMAT_NAMES = {
     "scp": "SCP-ECG",
@@ -241,6 +242,9 @@ def _to_dicom(args: argparse.Namespace) -> int:
     from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
     from uploader.errors import UploadError
 
+    if args.patient_name and not args.patient_id:
+        _fail("--patient-name needs --patient-id")
+        return 2  # wrong arguments, as the help says (TO_DICOM_EXIT_CODES)
     try:
         recording = read_ecg_file(args.input)
     except OSError as exc:
@@ -265,8 +269,6 @@ def _to_dicom(args: argparse.Namespace) -> int:
                 recording, flags=(*recording.flags, f"patient-overridden:file-named-{named.patient_id}")
             )
         recording = dataclasses.replace(recording, patient=patient)
-    elif args.patient_name:
-        return _fail("--patient-name needs --patient-id")
     if args.stat:
         recording = dataclasses.replace(recording, stat=True)
     recording, checked_in = _as_forwarded(recording, config, doctor_named=bool(args.patient_id))
@@ -313,27 +315,39 @@ class CheckedIn:
 
 def _as_forwarded(recording: EcgRecording, config: Config, *, doctor_named: bool) -> tuple[EcgRecording, CheckedIn]:
     """`recording` flagged and made urgent as the gateway's intake would (`file_enqueuer`) against
-    the clinic session in the data directory, when it has one (an offline laptop has none: nothing
-    to compare with). `doctor_named`: --patient-id says whose it is (as `patient assign`): only its
-    name is compared with the check-in's, not its ID with the checked-in patient's."""
+    the clinic session in the data directory, when it has one and it can be read: else (an offline
+    laptop, a user who may not read the gateway's data) stderr says it was not compared with a
+    check-in, and it is converted as it is. `doctor_named`: --patient-id says whose it is (as
+    `patient assign`): only its name is compared with the check-in's, not its ID with the
+    checked-in patient's."""
     import dataclasses
+    import sqlite3
 
     from lastmile.clinic.db import DB_NAME
     from lastmile.clinic.patients import PatientContext
+    from lastmile.data_dir import DataDirError
     from lastmile.ecg.holds import NAME_MISMATCH
     from lastmile.ecg.intake import names_differ, with_patient_check
 
-    if not (config.data_dir / DB_NAME).is_file():
-        return recording, CheckedIn(frozenset(), "")
+    nobody = CheckedIn(frozenset(), "")
+    path = config.data_dir / DB_NAME
     now = dt.datetime.now(dt.timezone.utc)
-    patients = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
-        session = patients.stat_session(now)
-        current = session.patient_ids if session is not None else patients.patient_ids(now)
-        patient_id = recording.patient.patient_id if recording.patient else None
-        known = patients.known_name(patient_id, now) if patient_id is not None and patient_id in current else ""
-    finally:
-        patients.close()
+        if not path.is_file():
+            _not_compared(f"no {path}")
+            return recording, nobody
+        patients = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+        try:
+            session = patients.stat_session(now)
+            current = session.patient_ids if session is not None else patients.patient_ids(now)
+            patient_id = recording.patient.patient_id if recording.patient else None
+            known = patients.known_name(patient_id, now) if patient_id is not None and patient_id in current else ""
+        finally:
+            patients.close()
+    # the gateway's data directory is its service user's (0700): converting needs none of it
+    except (OSError, sqlite3.Error, DataDirError) as exc:
+        _not_compared(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+        return recording, nobody
     if not doctor_named:
         recording = with_patient_check(recording, current, known)
     elif (
@@ -345,6 +359,16 @@ def _as_forwarded(recording: EcgRecording, config: Config, *, doctor_named: bool
     if session is not None and session.covers(patient_id, recording.acquired_at) and not recording.stat:
         recording = dataclasses.replace(recording, stat=True)
     return recording, CheckedIn(current, known)
+
+
+def _not_compared(why: str) -> None:
+    """Says that what is written was not compared with a check-in (`why`): whoever carries it must
+    know that no other patient's or name's hold was looked for."""
+    print(
+        f"lastmile ecg to-dicom: not compared with a check-in ({why}): no hold for another patient or name "
+        "than the check-in's was looked for",
+        file=sys.stderr,
+    )
 
 
 @dataclass(frozen=True, slots=True)

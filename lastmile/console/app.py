@@ -474,12 +474,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
             "the patient is still here, and call the county IT. This shows until %(time)s."
         ),
-        # held at a stop in memory only (doctor.LOST_AT_STOP), gone with it: nothing is broken, the
+        # held at a stop in memory only (doctor.LOST_AT_STOP, LOST_ECGS_AT_STOP), gone with it: nothing is broken, the
         # county IT can bring nothing back; %(what)s how many, %(subject)s which device
         "lost-at-stop": N_(
             "Lost: %(what)s from %(subject)s. They were taken just before the gateway stopped and were not saved "
             "yet (found when it started again, %(since)s). Nothing is broken. Measure again if the patient is "
             "still here. This shows until %(time)s."
+        ),
+        "lost-ecgs-at-stop": N_(
+            "Lost: %(what)s from %(subject)s. They were taken just before the gateway stopped and were not saved "
+            "yet (found when it started again, %(since)s). Nothing is broken. Record the ECG again if the patient "
+            "is still here. This shows until %(time)s."
         ),
         # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
         "lost-readings-damaged-file": N_(

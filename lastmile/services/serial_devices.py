@@ -212,6 +212,9 @@ class Unstored:
     recordings: dict[str, EcgRecording] = field(default_factory=dict)  # by outbox key
     next_retry: float = 0.0  # time.monotonic()
     cause: str = ""  # why its last try to store failed, when not space: the row's held cause
+    # its last try was refused for want of space ("" above is that, or not tried yet since the
+    # start): a stop giving up the next one keeps it, so its advice is not lost
+    refused_for_space: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.observations or self.recordings)
@@ -531,8 +534,12 @@ class SerialContext:
     def _held_cause(self, spec: LinkSpec, cause: str) -> None:
         """`spec`'s device is held (or about to be) because a store failed for `cause` ("": space):
         the row's held cause, written with its held status, at once if it changed on what waits
-        already (once per change, not per retry); a later error (unplugged ...) leaves it."""
+        already (once per change, not per retry); a later error (unplugged ...) leaves it, and so
+        does a stop's (HELD_AT_STOP) over readings waiting for space."""
         held, cause = self.unstored.setdefault(spec.name, Unstored()), cause[:200]
+        if cause == HELD_AT_STOP and held and held.refused_for_space:
+            return  # they waited for space: the stop's cause (no fault) would hide the space's advice
+        held.refused_for_space = not cause
         if held.cause != cause:
             held.cause = cause
             if held:
