@@ -669,7 +669,7 @@ def test_the_close_keeps_off_clinic_db_while_a_card_still_waits_for_its_lock(
             other.rollback()
             released.set()
 
-        freed = threading.Timer(11.5, release)
+        freed = threading.Timer(12.0, release)  # 2 s after the close's 10 s, 3 s before the card's 15 s
         try:
             wait_for(lambda: all(s.connected for s in service.statuses()))
             patients.set_patient("P-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
