@@ -370,8 +370,19 @@ def test_a_held_stat_ecg_is_first_on_today_and_counted_apart_on_system_and_by_do
         ("吕明", "LU^MING"),
         ("张乐", "ZHANG^YUE"),
         ("李长青", "LI^ZHANGQING"),
+        ("张三", "SAN ZHANG"),
     ],
-    ids=["carets", "unknown", "dash", "anonymous", "lv-for-lyu", "lu-for-lyu", "yue-for-le", "zhang-for-chang"],
+    ids=[
+        "carets",
+        "unknown",
+        "dash",
+        "anonymous",
+        "lv-for-lyu",
+        "lu-for-lyu",
+        "yue-for-le",
+        "zhang-for-chang",
+        "western-order",
+    ],
 )
 def test_a_carts_placeholder_name_or_keyboard_pinyin_is_not_another_persons(
     tmp_path: Path, checked_in: str, on_the_cart: str
@@ -379,8 +390,8 @@ def test_a_carts_placeholder_name_or_keyboard_pinyin_is_not_another_persons(
     """A cart left without a name writes "^^^^", "UNKNOWN", "-": every ECG from it was held as
     another person's, and "its name is right" offered to rename the patient to it. Such a name is
     no name and passes, as a file without one does. 吕 typed LV (the pinyin keyboard's ü) or LU (ü
-    written u) is his, and so is a name in another reading of its characters (乐 le/yue, 长 chang/zhang):
-    they were held (a STAT one for two minutes) as another person's."""
+    written u) is his, and so is a name in another reading of its characters (乐 le/yue, 长 chang/zhang)
+    or in Western order without "^" (SAN ZHANG): they were held (a STAT one for two minutes) as another person's."""
     cart = pydicom.dcmread(shared_file(*DCM))
     cart.PatientName = on_the_cart
     path = tmp_path / "cart.dcm"

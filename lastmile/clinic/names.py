@@ -173,7 +173,8 @@ def same_person_name(a: str, b: str) -> bool:
     a mapping's, a name typed again): the same characters however grouped (张三, 张^三,
     Zhang^San=张^三), or one written in pinyin only and the other's reading (Zhang San, ZHANG^SAN,
     Zhāng Sān for 张三: a cart or keyboard without an input method; any reading of each character: Zhang
-    Yue for 张乐 (Zhang^Le), Lu or Lyu for 吕, as written where ü cannot be). Two names in characters that
+    Yue for 张乐 (Zhang^Le), Lu or Lyu for 吕, as written where ü cannot be; "San Zhang", a two-part name
+    without "^" in Western order - never "San^Zhang", whose "^" says San is the family name). Two names in characters that
     differ are two names, even read alike (张三, 张叁: the county would get one or the other, and
     only the doctor knows which is his). An empty name is nobody's: False (a caller for whom a
     missing name passes says so)."""
@@ -194,8 +195,19 @@ def _name_forms(name: str) -> tuple[str, frozenset[str]]:
     groups = dicom_person_name(name).split("=")
     chars = "".join(next((g for g in groups if has_ideographs(g)), "").replace("^", "").split())
     letters = next((g for g in groups if g and not has_ideographs(g)), "")
-    keys = {_pinyin_key(letters)} | (_readings(chars) if chars else set())
+    keys = {_pinyin_key(letters), _pinyin_key(_other_order(letters))} | (_readings(chars) if chars else set())
     return chars, frozenset(key for key in keys if key)
+
+
+def _other_order(letters: str) -> str:
+    """A two-part name in letters written without "^" in the other order ("San Zhang" ->
+    "Zhang San"; "" for any other name): a cart or form in Western order puts the given name
+    first, and nothing in "San Zhang" says which part is the family name. A DICOM PN with "^"
+    ("San^Zhang") says it: read strictly, as are three parts or more (which two were swapped?)."""
+    if "^" in letters:
+        return ""
+    parts = letters.split()
+    return f"{parts[1]} {parts[0]}" if len(parts) == 2 else ""
 
 
 def _readings(chars: str) -> set[str]:
