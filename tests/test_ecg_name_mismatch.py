@@ -152,6 +152,33 @@ def test_a_stat_ecg_held_for_its_name_waits_two_minutes_and_comes_first(tmp_path
         context.close()
 
 
+@pytest.mark.parametrize("stat_name_hold_s", [30, 0], ids=["half-a-minute", "not-held"])
+def test_the_stat_name_hold_is_the_configured_one(tmp_path: Path, stat_name_hold_s: int) -> None:
+    """The STAT ECG's name hold was a constant (120 s): a clinic whose doctor answers at once (or a
+    county that wants STAT ECGs never held for their name) could not say so. `ecg.stat_name_hold_s`
+    in the TOML the real `lastmile import --stat` reads; the routine hold is not changed by it."""
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n'
+        f"[ecg]\nre_record_hold_s = 0\nstat_name_hold_s = {stat_name_hold_s}\n"
+    )
+    run = ["-c", str(config_file)]
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "张三"]) == 0
+    t = time.time()
+    assert cli([*run, "import", "-q", "--stat", str(shared_file(*SCP))]) == 0
+    assert cli([*run, "import", "-q", str(shared_file(*AECG))]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        stat, routine = sorted(outbox.items(kind=Kind.DICOM), key=lambda item: not item.meta["stat"])
+    assert stat.meta["stat"] and NAME_MISMATCH in stat.meta["flags"]
+    if stat_name_hold_s:
+        assert stat.hold_reason == NAME_MISMATCH and stat.hold_until is not None
+        assert t + stat_name_hold_s <= stat.hold_until <= time.time() + stat_name_hold_s
+    else:
+        assert stat.hold_until is None, stat.hold_reason
+    assert routine.hold_reason == NAME_MISMATCH and routine.hold_until is not None
+    assert routine.hold_until >= t + HOLD_S  # patient.unassigned_ecg_hold_s, the default 900 s
+
+
 # -- the clinic LAN: a cart's DICOM ECG, stored as received -----------------------------------------
 
 
