@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import datetime as dt
 import io
+import json
 import os
 import re
 import subprocess
@@ -107,6 +108,29 @@ def test_a_file_naming_the_checked_in_id_under_another_name_is_held_and_not_forw
     assert "1 held for the doctor" in capsys.readouterr().out
     assert cli([*run, "patient", "show"]) == 0
     assert "names SBJ-123 as Clark, checked in as Zhang^San=张^三" in capsys.readouterr().out
+
+
+def test_patient_show_names_a_held_ecgs_id_as_the_doctor_corrected_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ECG held for its name (file: Clark; check-in: 张三), then the doctor corrects the check-in's
+    name to 李四: `patient show` still said "checked in as 张三" (the name stored at intake), not the
+    one "it is his" now sends it under. It says 李四, and 张三 as the name it was held against."""
+    run = _cli(tmp_path)
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "张三"]) == 0
+    assert cli([*run, "import", "-q", str(shared_file(*SCP))]) == 0
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "李四", "--correct-name"]) == 0
+    capsys.readouterr()
+    assert cli([*run, "patient", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "names SBJ-123 as Clark, checked in as Li^Si=李^四 (corrected; Zhang^San=张^三 when it was held)" in out
+    assert cli([*run, "patient", "show", "--json"]) == 0
+    (held,) = json.loads(capsys.readouterr().out)["held_ecgs"]
+    assert (held["file_patient_name"], held["checked_in_name"], held["checked_in_name_at_intake"]) == (
+        "Clark",
+        "Li^Si=李^四",
+        "Zhang^San=张^三",
+    )
 
 
 @pytest.mark.parametrize("checked_in", ["Clark", "CLARK", ""], ids=["same", "capitals", "no-name"])
