@@ -8,6 +8,7 @@ Real files: ecgtoolkit's SCP-ECG, HL7 aECG and DICOM ECG all name SBJ-123 "Clark
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
@@ -28,6 +29,7 @@ from devices.ecg.recording import EcgRecording
 from devices.identity import Patient
 from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.cli import main as cli
+from lastmile.clinic.device_users import DeviceUsers
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
@@ -45,6 +47,10 @@ from lastmile.ecg.intake import (
 )
 from tests.conftest import require_tool, shared_file
 from tests.console_harness import Client, console_config, running_console
+from tests.serial_gateway import Running
+from tests.serial_pty import PtyDevice
+from tests.service_harness import PATIENT_CARD_SCAN
+from tests.waiting import wait_for
 from uploader.outbox import Kind, Outbox
 
 FILE_ID = "SBJ-123"  # the ID the three ecgtoolkit files name, with the name "Clark"
@@ -642,3 +648,90 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, e3)
     assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")
+
+
+# -- a patient card scanned at the ECG cart ------------------------------------------------------------
+
+CARD = PATIENT_CARD_SCAN.strip().decode()  # the ID a card carries, and no name (devices.scanner.PatientScanned)
+
+
+@contextlib.contextmanager
+def _card_scanner(tmp_path: Path) -> Iterator[tuple[PtyDevice, Running]]:
+    """The acquire service's serial part reading a card scanner on a pty, on the data dir of
+    `_cli(tmp_path)` and of `console_config(tmp_path / "data")`."""
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    gateway = Running(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    try:
+        wait_for(lambda: all(s.connected for s in gateway.service.statuses()), timeout=30)
+        yield scanner, gateway
+    finally:
+        gateway.close()
+
+
+def _scanned(scanner: PtyDevice, gateway: Running, card: str) -> str:
+    """`card` scanned: the name its check-in gave the current patient."""
+    scanner.write(card.encode() + b"\r\n")
+    wait_for(lambda: getattr(gateway.patients.current(gateway.now()), "patient_id", None) == card, timeout=30)
+    current = gateway.patients.current(gateway.now())
+    assert current is not None
+    return current.name
+
+
+def _card_ecg(tmp_path: Path, patient_id: str, name: str) -> int:
+    """The cart's DICOM ECG recorded under `patient_id` and `name`, imported as from its stick
+    (`lastmile import`): the outbox item's id."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cart's malformed UIDs
+        ecg = pydicom.dcmread(shared_file(*DCM))
+        ecg.PatientID, ecg.PatientName, ecg.SOPInstanceUID = patient_id, name, pydicom.uid.generate_uid()
+        path = tmp_path / f"{ecg.SOPInstanceUID}.dcm"
+        ecg.save_as(path)
+    assert cli([*_cli(tmp_path), "import", "-q", str(path)]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        return max(item.id for item in outbox.items(kind=Kind.DICOM))
+
+
+def _hold_of(tmp_path: Path, item_id: int) -> str | None:
+    with open_outbox(_config(tmp_path)) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None
+        return item.hold_reason
+
+
+@pytest.mark.parametrize("known_by", ["check-in", "cuff-mapping"])
+def test_a_card_scanned_takes_the_name_the_clinic_knows_for_its_id_and_an_ecg_under_another_is_held(
+    tmp_path: Path, known_by: str
+) -> None:
+    """张三 was checked in at the desk under his card's ID (or his cuff's user 2 was mapped to it as
+    张三), 李四 came next; then 张三's card is scanned at the ECG cart. A card carries no name, so
+    the check-in had none, and the cart's ECG naming that ID "Clark" (the previous patient's name
+    left on the cart) passed the name check: one ID under two names at the county. The check-in
+    takes 张三: Clark's is held "name-mismatch", Today asks whose it is, and 张三's passes."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
+        doctor = Client(server.url)
+        doctor.login()
+        if known_by == "check-in":
+            assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
+        else:
+            DeviceUsers(gateway.patients.db).map_user(
+                "C0:26:DA:01:02:03", 2, CARD, now=gateway.now(), name="Zhang^San=张^三"
+            )
+        assert doctor.post("/today/check-in", {"patient_id": "P-LI", "name": "李四"}).status == 303
+        checked_in_as = _scanned(scanner, gateway, CARD)
+        clark = _card_ecg(tmp_path, CARD, "Clark")
+        assert _hold_of(tmp_path, clark) == NAME_MISMATCH
+        assert checked_in_as == "Zhang^San=张^三"
+        row = _row(doctor.get("/today").body, clark)
+        assert f"心电图上的姓名是 Clark，但 {CARD} 登记的是 张三：请确认是谁的心电图" in row, row
+        assert "是 张三 的：按这个姓名发送" in row, row
+        assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Zhang^San=张^三")) is None
+
+
+def test_a_card_never_seen_is_checked_in_nameless_and_its_ecg_passes_under_any_name(tmp_path: Path) -> None:
+    """A card whose ID the clinic knows no name for (李四 checked in under another ID): its
+    check-in has none, and the cart's ECG under that ID passes whatever name it carries."""
+    with _card_scanner(tmp_path) as (scanner, gateway):
+        gateway.patients.set_patient("P-LI", "Li^Si=李^四", now=gateway.now())
+        assert _scanned(scanner, gateway, CARD) == ""
+        assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Clark")) is None

@@ -981,3 +981,24 @@ def test_a_name_corrected_by_assign_stays_the_mapped_users_name_after_the_sessio
     )
     assert users_reading_goes_as(store, 2, T0 + 4 * MIN) == {"patient_id": "P-1", "name": "Li^Si=李^四"}
     assert users_reading_goes_as(store, 2, DAY_ON) == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+
+
+def test_a_check_in_with_no_name_takes_the_name_the_clinic_knows_for_its_id(context: PatientContext) -> None:
+    """A card carries an ID and no name: its check-in takes the ID's latest check-in's name as the
+    doctor corrected it; past NAME_KEPT (the log forgotten), the name of the cuff user mapped to it;
+    an ID corrected away as a typo, or never named, none; a name cleared on purpose stays cleared."""
+    from lastmile.clinic.device_users import DeviceUsers
+    from lastmile.clinic.patients import NAME_KEPT
+
+    context.set_patient("P-1", "Zhang^San", now=T0)
+    context.correct_name("P-1", "Zhang^San=张^三", now=T0 + MIN)
+    context.set_patient("P-2", "Li^Si", now=T0 + 2 * MIN)
+    assert context.set_patient("P-1", now=T0 + 3 * MIN).name == "Zhang^San=张^三"
+    assert context.check_in("P-1", now=T0 + 4 * MIN, clear_name=True).after.name == ""
+    context.set_patient("P-21", "Wang^Wu", now=T0 + 5 * MIN)
+    context.check_in("P-12", "Wang^Wu", now=T0 + 6 * MIN, same_name=SameName.CORRECTED)  # P-21 was the typo
+    assert context.set_patient("P-21", now=T0 + 7 * MIN).name == ""
+    assert context.set_patient("P-3", now=T0 + 8 * MIN).name == ""
+    DeviceUsers(context.db).map_user("C0:26:DA:01:02:03", 2, "P-2", now=T0 + 9 * MIN, name="Li^Si=李^四")
+    assert context.set_patient("P-2", now=T0 + 10 * MIN).name == "Li^Si"  # the session's, first
+    assert context.set_patient("P-2", now=T0 + NAME_KEPT + 20 * MIN).name == "Li^Si=李^四"

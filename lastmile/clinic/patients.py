@@ -159,7 +159,10 @@ class PatientContext:
         `doctor_id`: the doctor of the session from now (as `set_doctor`), set only if the
         check-in is - never on a patient the page did not show.
         `same_name`: the doctor's answer when `patient_id` is checked in under the current
-        patient's name (None: not asked; `_replaced_event`)."""
+        patient's name (None: not asked; `_replaced_event`).
+        A check-in with no name (a scanned card, an ID typed alone), unless `clear_name`, takes the
+        name the clinic knows for the ID (`_name_known_in`): left nameless, an ECG naming that ID
+        under anyone's name would pass the name check, one ID going to the county under two names."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -185,6 +188,10 @@ class PatientContext:
                 name = name or ("" if clear_name else going_on["patient_name"] or "")
                 reason = reason.strip() or ("" if clear_reason else going_on["reason"] or "")
                 stat = bool(going_on["stat"]) if stat is None else stat
+            if not name.strip() and not clear_name:
+                # a card names nobody: the name the clinic knows for the ID, after the event (which
+                # is judged on the name given: a card's ID is never a typo corrected)
+                name = self._name_known_in(conn, patient_id, before, now)
             if event:
                 self._log(conn, now, event, replaced, doctor)
             # his other IDs go on with his session, on its row (the log is pruned past NAME_KEPT): a
@@ -398,6 +405,25 @@ class PatientContext:
             # his other IDs are his (the doctor said so): his name, however long ago they were checked in
             names.update(dict.fromkeys(current.linked | {current.patient_id}, current.name))
         return {pid: names[pid] for pid in wanted if names.get(pid)}
+
+    def _name_known_in(
+        self, conn: sqlite3.Connection, patient_id: str, current: CurrentPatient | None, now: dt.datetime
+    ) -> str:
+        """Inside a transaction, the session's patient being `current`: the name the clinic knows
+        for `patient_id` by the rule a device user's reading is named by (`device_users.mapped_names`):
+        what the session knows (`_known_of`: the latest check-in's name, as corrected), else the
+        name of the device user mapped to it last (a check-in older than NAME_KEPT; its
+        corrections reach the mapping too, `correct_name_in`); "" if none. device_users is read
+        directly (its module reads this one), as `correct_name_in` writes it."""
+        known = self._known_of({patient_id}, current, now).get(patient_id, "")
+        if known:
+            return known
+        row = conn.execute(
+            "SELECT patient_name FROM device_users WHERE patient_id = ? AND patient_name != '' "
+            "ORDER BY set_at DESC LIMIT 1",
+            (patient_id,),
+        ).fetchone()
+        return str(row["patient_name"]) if row is not None else ""
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
