@@ -698,25 +698,19 @@ def _hold_of(tmp_path: Path, item_id: int) -> str | None:
         return item.hold_reason
 
 
-@pytest.mark.parametrize("known_by", ["check-in", "cuff-mapping"])
-def test_a_card_scanned_takes_the_name_the_clinic_knows_for_its_id_and_an_ecg_under_another_is_held(
-    tmp_path: Path, known_by: str
+def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_under_another_is_held(
+    tmp_path: Path,
 ) -> None:
-    """张三 was checked in at the desk under his card's ID (or his cuff's user 2 was mapped to it as
-    张三), 李四 came next; then 张三's card is scanned at the ECG cart. A card carries no name, so
-    the check-in had none, and the cart's ECG naming that ID "Clark" (the previous patient's name
-    left on the cart) passed the name check: one ID under two names at the county. The check-in
-    takes 张三: Clark's is held "name-mismatch", Today asks whose it is, and 张三's passes."""
+    """张三 was checked in at the desk under his card's ID, 李四 came next; then 张三's card is
+    scanned at the ECG cart. A card carries no name, so the check-in had none, and the cart's ECG
+    naming that ID "Clark" (the previous patient's name left on the cart) passed the name check:
+    one ID under two names at the county. The check-in takes 张三: Clark's is held
+    "name-mismatch", Today asks whose it is, and 张三's passes."""
     config = console_config(tmp_path / "data")
     with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
         doctor = Client(server.url)
         doctor.login()
-        if known_by == "check-in":
-            assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
-        else:
-            DeviceUsers(gateway.patients.db).map_user(
-                "C0:26:DA:01:02:03", 2, CARD, now=gateway.now(), name="Zhang^San=张^三"
-            )
+        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
         assert doctor.post("/today/check-in", {"patient_id": "P-LI", "name": "李四"}).status == 303
         checked_in_as = _scanned(scanner, gateway, CARD)
         clark = _card_ecg(tmp_path, CARD, "Clark")
@@ -726,6 +720,19 @@ def test_a_card_scanned_takes_the_name_the_clinic_knows_for_its_id_and_an_ecg_un
         assert f"心电图上的姓名是 Clark，但 {CARD} 登记的是 张三：请确认是谁的心电图" in row, row
         assert "是 张三 的：按这个姓名发送" in row, row
         assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Zhang^San=张^三")) is None
+
+
+def test_a_card_whose_id_only_a_cuff_mapping_names_is_checked_in_nameless(tmp_path: Path) -> None:
+    """Review C (1, 2): a device user's mapping may be months old, made during a typo'd ID, or its
+    name cleared since: it names no check-in. A card whose ID nobody checked in with a name today
+    stays nameless, and the cart's ECG under that ID passes (as on main)."""
+    with _card_scanner(tmp_path) as (scanner, gateway):
+        DeviceUsers(gateway.patients.db).map_user(
+            "C0:26:DA:01:02:03", 2, CARD, now=gateway.now(), name="Zhang^San=张^三"
+        )
+        gateway.patients.set_patient("P-LI", "Li^Si=李^四", now=gateway.now())
+        assert _scanned(scanner, gateway, CARD) == ""
+        assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Clark")) is None
 
 
 def test_a_card_never_seen_is_checked_in_nameless_and_its_ecg_passes_under_any_name(tmp_path: Path) -> None:
