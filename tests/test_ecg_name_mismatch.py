@@ -705,7 +705,8 @@ def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_un
     scanned at the ECG cart. A card carries no name, so the check-in had none, and the cart's ECG
     naming that ID "Clark" (the previous patient's name left on the cart) passed the name check:
     one ID under two names at the county. The check-in takes 张三: Clark's is held
-    "name-mismatch", Today asks whose it is, and 张三's passes."""
+    "name-mismatch", Today asks whose it is - saying the name was checked in earlier, not typed
+    now - and 张三's passes."""
     config = console_config(tmp_path / "data")
     with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
         doctor = Client(server.url)
@@ -717,9 +718,41 @@ def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_un
         assert _hold_of(tmp_path, clark) == NAME_MISMATCH
         assert checked_in_as == "Zhang^San=张^三"
         row = _row(doctor.get("/today").body, clark)
-        assert f"心电图上的姓名是 Clark，但 {CARD} 登记的是 张三：请确认是谁的心电图" in row, row
+        assert (
+            f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三（这次登记没有输入姓名）：请确认是谁的心电图"
+            in row
+        ), row
         assert "是 张三 的：按这个姓名发送" in row, row
         assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Zhang^San=张^三")) is None
+
+
+def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: Path) -> None:
+    """Review C (3): a father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to
+    it. His daughter 王芳 comes with the same card: its check-in takes 李四, and the cart's ECG under
+    王芳 is held. "王芳 is right" corrected the check-in's name and renamed the father's cuff user
+    to 王芳 for good, unasked (a typed check-in asks which name first). Now Today says it corrects
+    this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
+        doctor = Client(server.url)
+        doctor.login()
+        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "李四"}).status == 303
+        users = DeviceUsers(gateway.patients.db)
+        users.map_user("C0:26:DA:01:02:03", 1, CARD, now=gateway.now(), name="Li^Si=李^四")
+        assert doctor.post("/today/check-in", {"patient_id": "P-WU", "name": "王五"}).status == 303
+        assert _scanned(scanner, gateway, CARD) == "Li^Si=李^四"
+        fang = _card_ecg(tmp_path, CARD, "Wang^Fang")  # the cart writes pinyin
+        assert _hold_of(tmp_path, fang) == NAME_MISMATCH
+        page = doctor.get("/today").body
+        row = _row(page, fang)
+        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)})
+        assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
+        assert _hold_of(tmp_path, fang) is None
+        current = gateway.patients.current(gateway.now())
+        assert current is not None and current.name == "Wang^Fang"
+        cuff = users.whose("C0:26:DA:01:02:03", 1)
+        assert cuff is not None and cuff.patient_name == "Li^Si=李^四"
+        assert "Wang Fang 是对的：只更正这次登记的姓名（设备用户的姓名不变）" in row, row
 
 
 def test_a_card_whose_id_only_a_cuff_mapping_names_is_checked_in_nameless(tmp_path: Path) -> None:
