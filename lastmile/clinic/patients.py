@@ -441,7 +441,8 @@ class PatientContext:
         took it (`NAME_INHERITED`: a card scanned, the ID typed alone), nothing said of it since:
         nobody typed it at that check-in, and a device user mapped to the ID may be another
         patient's (the ID mistyped), so an answer about that name must not rename them."""
-        return self._said_names(now)[1] & set(patient_ids)
+        wanted = set(patient_ids)
+        return self._said_names(now)[1] & wanted if wanted else set()  # Today with none held: no read
 
     def _said_names(self, now: dt.datetime) -> tuple[dict[str, str], set[str]]:
         """`_checked_in_names`, and the IDs whose latest news is a name taken (`NAME_INHERITED`,
