@@ -8,11 +8,13 @@ Real files: ecgtoolkit's SCP-ECG, HL7 aECG and DICOM ECG all name SBJ-123 "Clark
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
 import io
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -28,6 +30,7 @@ from devices.ecg.recording import EcgRecording
 from devices.identity import Patient
 from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.cli import main as cli
+from lastmile.clinic.device_users import DeviceUsers
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
@@ -45,7 +48,10 @@ from lastmile.ecg.intake import (
 )
 from tests.conftest import require_tool, shared_file
 from tests.console_harness import Client, console_config, running_console
-from tests.service_harness import known_name
+from tests.serial_gateway import Running
+from tests.serial_pty import PtyDevice
+from tests.service_harness import PATIENT_CARD_SCAN, known_name
+from tests.waiting import wait_for
 from uploader.outbox import Kind, Outbox
 
 FILE_ID = "SBJ-123"  # the ID the three ecgtoolkit files name, with the name "Clark"
@@ -111,6 +117,29 @@ def test_a_file_naming_the_checked_in_id_under_another_name_is_held_and_not_forw
     assert "names SBJ-123 as Clark, checked in as Zhang^San=张^三" in capsys.readouterr().out
 
 
+def test_patient_show_names_a_held_ecgs_id_as_the_doctor_corrected_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ECG held for its name (file: Clark; check-in: 张三), then the doctor corrects the check-in's
+    name to 李四: `patient show` still said "checked in as 张三" (the name stored at intake), not the
+    one "it is his" now sends it under. It says 李四, and 张三 as the name it was held against."""
+    run = _cli(tmp_path)
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "张三"]) == 0
+    assert cli([*run, "import", "-q", str(shared_file(*SCP))]) == 0
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "李四", "--correct-name"]) == 0
+    capsys.readouterr()
+    assert cli([*run, "patient", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "names SBJ-123 as Clark, checked in as Li^Si=李^四 (corrected; Zhang^San=张^三 when it was held)" in out
+    assert cli([*run, "patient", "show", "--json"]) == 0
+    (held,) = json.loads(capsys.readouterr().out)["held_ecgs"]
+    assert (held["file_patient_name"], held["checked_in_name"], held["checked_in_name_at_intake"]) == (
+        "Clark",
+        "Li^Si=李^四",
+        "Zhang^San=张^三",
+    )
+
+
 @pytest.mark.parametrize("checked_in", ["Clark", "CLARK", ""], ids=["same", "capitals", "no-name"])
 def test_a_file_under_the_check_ins_own_name_or_none_is_not_held(tmp_path: Path, checked_in: str) -> None:
     run = _cli(tmp_path)
@@ -152,6 +181,33 @@ def test_a_stat_ecg_held_for_its_name_waits_two_minutes_and_comes_first(tmp_path
             assert [i.key for i in outbox.claim(Kind.DICOM, 10, stat.hold_until + 1)] == ["stat"]
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("stat_name_hold_s", [30, 0], ids=["half-a-minute", "not-held"])
+def test_the_stat_name_hold_is_the_configured_one(tmp_path: Path, stat_name_hold_s: int) -> None:
+    """The STAT ECG's name hold was a constant (120 s): a clinic whose doctor answers at once (or a
+    county that wants STAT ECGs never held for their name) could not say so. `ecg.stat_name_hold_s`
+    in the TOML the real `lastmile import --stat` reads; the routine hold is not changed by it."""
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n'
+        f"[ecg]\nre_record_hold_s = 0\nstat_name_hold_s = {stat_name_hold_s}\n"
+    )
+    run = ["-c", str(config_file)]
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "张三"]) == 0
+    t = time.time()
+    assert cli([*run, "import", "-q", "--stat", str(shared_file(*SCP))]) == 0
+    assert cli([*run, "import", "-q", str(shared_file(*AECG))]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        stat, routine = sorted(outbox.items(kind=Kind.DICOM), key=lambda item: not item.meta["stat"])
+    assert stat.meta["stat"] and NAME_MISMATCH in stat.meta["flags"]
+    if stat_name_hold_s:
+        assert stat.hold_reason == NAME_MISMATCH and stat.hold_until is not None
+        assert t + stat_name_hold_s <= stat.hold_until <= time.time() + stat_name_hold_s
+    else:
+        assert stat.hold_until is None, stat.hold_reason
+    assert routine.hold_reason == NAME_MISMATCH and routine.hold_until is not None
+    assert routine.hold_until >= t + HOLD_S  # patient.unassigned_ecg_hold_s, the default 900 s
 
 
 # -- the clinic LAN: a cart's DICOM ECG, stored as received -----------------------------------------
@@ -386,8 +442,19 @@ def test_a_held_stat_ecg_is_first_on_today_and_counted_apart_on_system_and_by_do
         ("吕明", "LU^MING"),
         ("张乐", "ZHANG^YUE"),
         ("李长青", "LI^ZHANGQING"),
+        ("张三", "SAN ZHANG"),
     ],
-    ids=["carets", "unknown", "dash", "anonymous", "lv-for-lyu", "lu-for-lyu", "yue-for-le", "zhang-for-chang"],
+    ids=[
+        "carets",
+        "unknown",
+        "dash",
+        "anonymous",
+        "lv-for-lyu",
+        "lu-for-lyu",
+        "yue-for-le",
+        "zhang-for-chang",
+        "western-order",
+    ],
 )
 def test_a_carts_placeholder_name_or_keyboard_pinyin_is_not_another_persons(
     tmp_path: Path, checked_in: str, on_the_cart: str
@@ -395,8 +462,8 @@ def test_a_carts_placeholder_name_or_keyboard_pinyin_is_not_another_persons(
     """A cart left without a name writes "^^^^", "UNKNOWN", "-": every ECG from it was held as
     another person's, and "its name is right" offered to rename the patient to it. Such a name is
     no name and passes, as a file without one does. 吕 typed LV (the pinyin keyboard's ü) or LU (ü
-    written u) is his, and so is a name in another reading of its characters (乐 le/yue, 长 chang/zhang):
-    they were held (a STAT one for two minutes) as another person's."""
+    written u) is his, and so is a name in another reading of its characters (乐 le/yue, 长 chang/zhang)
+    or in Western order without "^" (SAN ZHANG): they were held (a STAT one for two minutes) as another person's."""
     cart = pydicom.dcmread(shared_file(*DCM))
     cart.PatientName = on_the_cart
     path = tmp_path / "cart.dcm"
@@ -619,3 +686,130 @@ def test_todays_name_question_in_english_is_english_and_nothing_in_it_is_cut_or_
         top = min(c.rect["y"] for c in below.find_elements(by("css"), controls))
         assert top - bottom >= 8, f"{below.get_attribute('action')} {top - bottom:.0f} px under the answer above"
     save_screenshot(browser, f"today-name-mismatch-en-{'phone' if size[0] < 600 else 'desktop'}")
+
+
+# -- a patient card scanned at the ECG cart ------------------------------------------------------------
+
+CARD = PATIENT_CARD_SCAN.strip().decode()  # the ID a card carries, and no name (devices.scanner.PatientScanned)
+
+
+@contextlib.contextmanager
+def _card_scanner(tmp_path: Path) -> Iterator[tuple[PtyDevice, Running]]:
+    """The acquire service's serial part reading a card scanner on a pty, on the data dir of
+    `_cli(tmp_path)` and of `console_config(tmp_path / "data")`."""
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    gateway = Running(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    try:
+        wait_for(lambda: all(s.connected for s in gateway.service.statuses()), timeout=30)
+        yield scanner, gateway
+    finally:
+        gateway.close()
+
+
+def _scanned(scanner: PtyDevice, gateway: Running, card: str) -> str:
+    """`card` scanned: the name its check-in gave the current patient."""
+    scanner.write(card.encode() + b"\r\n")
+    wait_for(lambda: getattr(gateway.patients.current(gateway.now()), "patient_id", None) == card, timeout=30)
+    current = gateway.patients.current(gateway.now())
+    assert current is not None
+    return current.name
+
+
+def _card_ecg(tmp_path: Path, patient_id: str, name: str) -> int:
+    """The cart's DICOM ECG recorded under `patient_id` and `name`, imported as from its stick
+    (`lastmile import`): the outbox item's id."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cart's malformed UIDs
+        ecg = pydicom.dcmread(shared_file(*DCM))
+        ecg.PatientID, ecg.PatientName, ecg.SOPInstanceUID = patient_id, name, pydicom.uid.generate_uid()
+        path = tmp_path / f"{ecg.SOPInstanceUID}.dcm"
+        ecg.save_as(path)
+    assert cli([*_cli(tmp_path), "import", "-q", str(path)]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        return max(item.id for item in outbox.items(kind=Kind.DICOM))
+
+
+def _hold_of(tmp_path: Path, item_id: int) -> str | None:
+    with open_outbox(_config(tmp_path)) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None
+        return item.hold_reason
+
+
+def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_under_another_is_held(
+    tmp_path: Path,
+) -> None:
+    """张三 was checked in at the desk under his card's ID, 李四 came next; then 张三's card is
+    scanned at the ECG cart. A card carries no name, so the check-in had none, and the cart's ECG
+    naming that ID "Clark" (the previous patient's name left on the cart) passed the name check:
+    one ID under two names at the county. The check-in takes 张三: Clark's is held
+    "name-mismatch", Today asks whose it is - saying the name was checked in earlier, not typed
+    now - and 张三's passes."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
+        doctor = Client(server.url)
+        doctor.login()
+        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
+        assert doctor.post("/today/check-in", {"patient_id": "P-LI", "name": "李四"}).status == 303
+        checked_in_as = _scanned(scanner, gateway, CARD)
+        clark = _card_ecg(tmp_path, CARD, "Clark")
+        assert _hold_of(tmp_path, clark) == NAME_MISMATCH
+        assert checked_in_as == "Zhang^San=张^三"
+        row = _row(doctor.get("/today").body, clark)
+        assert (
+            f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三（这次登记没有输入姓名）：请确认是谁的心电图"
+            in row
+        ), row
+        assert "是 张三 的：按这个姓名发送" in row, row
+        assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Zhang^San=张^三")) is None
+
+
+def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: Path) -> None:
+    """Review C (3): a father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to
+    it. His daughter 王芳 comes with the same card: its check-in takes 李四, and the cart's ECG under
+    王芳 is held. "王芳 is right" corrected the check-in's name and renamed the father's cuff user
+    to 王芳 for good, unasked (a typed check-in asks which name first). Now Today says it corrects
+    this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
+        doctor = Client(server.url)
+        doctor.login()
+        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "李四"}).status == 303
+        users = DeviceUsers(gateway.patients.db)
+        users.map_user("C0:26:DA:01:02:03", 1, CARD, now=gateway.now(), name="Li^Si=李^四")
+        assert doctor.post("/today/check-in", {"patient_id": "P-WU", "name": "王五"}).status == 303
+        assert _scanned(scanner, gateway, CARD) == "Li^Si=李^四"
+        fang = _card_ecg(tmp_path, CARD, "Wang^Fang")  # the cart writes pinyin
+        assert _hold_of(tmp_path, fang) == NAME_MISMATCH
+        page = doctor.get("/today").body
+        row = _row(page, fang)
+        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)})
+        assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
+        assert _hold_of(tmp_path, fang) is None
+        current = gateway.patients.current(gateway.now())
+        assert current is not None and current.name == "Wang^Fang"
+        cuff = users.whose("C0:26:DA:01:02:03", 1)
+        assert cuff is not None and cuff.patient_name == "Li^Si=李^四"
+        assert "Wang Fang 是对的：只更正这次登记的姓名（设备用户的姓名不变）" in row, row
+
+
+def test_a_card_whose_id_only_a_cuff_mapping_names_is_checked_in_nameless(tmp_path: Path) -> None:
+    """Review C (1, 2): a device user's mapping may be months old, made during a typo'd ID, or its
+    name cleared since: it names no check-in. A card whose ID nobody checked in with a name today
+    stays nameless, and the cart's ECG under that ID passes (as on main)."""
+    with _card_scanner(tmp_path) as (scanner, gateway):
+        DeviceUsers(gateway.patients.db).map_user(
+            "C0:26:DA:01:02:03", 2, CARD, now=gateway.now(), name="Zhang^San=张^三"
+        )
+        gateway.patients.set_patient("P-LI", "Li^Si=李^四", now=gateway.now())
+        assert _scanned(scanner, gateway, CARD) == ""
+        assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Clark")) is None
+
+
+def test_a_card_never_seen_is_checked_in_nameless_and_its_ecg_passes_under_any_name(tmp_path: Path) -> None:
+    """A card whose ID the clinic knows no name for (李四 checked in under another ID): its
+    check-in has none, and the cart's ECG under that ID passes whatever name it carries."""
+    with _card_scanner(tmp_path) as (scanner, gateway):
+        gateway.patients.set_patient("P-LI", "Li^Si=李^四", now=gateway.now())
+        assert _scanned(scanner, gateway, CARD) == ""
+        assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Clark")) is None

@@ -479,6 +479,9 @@ class HeldEcg:
     during_check_in: bool = False
     stat: bool = False  # urgent: Today shows it first
     checked_in_name: str = ""  # held "name-mismatch": the name the check-in gave `patient_id`
+    # that name taken by a check-in with no name (a card; `PatientContext.inherited_ids`), not typed
+    # at it: Today says where it came from, and "the ECG's name is right" renames no device user
+    checked_in_name_taken: bool = False
 
     @property
     def names_someone(self) -> bool:
@@ -1141,9 +1144,16 @@ class ClinicData:
         the same ID since this one was held. The check-in's name stored with it at intake is only
         for an ID the session no longer knows: offered, it would send one ID under two names."""
         held = self.held_ecg_source.held_ecgs(now)
-        known = self.context.known_names({h.patient_id for h in held if h.reason == NAME_MISMATCH}, now)
+        ids = {h.patient_id for h in held if h.reason == NAME_MISMATCH}
+        known, taken = self.context.known_names(ids, now), self.context.inherited_ids(ids, now)
         return [
-            replace(h, checked_in_name=known.get(h.patient_id) or h.checked_in_name) if h.reason == NAME_MISMATCH else h
+            replace(
+                h,
+                checked_in_name=known.get(h.patient_id) or h.checked_in_name,
+                checked_in_name_taken=h.patient_id in taken,
+            )
+            if h.reason == NAME_MISMATCH
+            else h
             for h in held
         ]
 
@@ -1195,7 +1205,8 @@ class ClinicData:
         own file's patient (only that hold ends: one held for its quality too still waits for his
         "record again" or "send anyway"), and then - only once that is done - the check-in's name
         of that ID is corrected (`PatientContext.correct_name`: what the session sends from now
-        on). The ECG is in the outbox, the name in clinic.db: no one transaction holds both, so the
+        on; its device users too, unless that name was taken by a check-in with no name: mapped
+        to an ID typed alone by mistake, they are another patient's, and nobody asked). The ECG is in the outbox, the name in clinic.db: no one transaction holds both, so the
         name follows the ECG; an ECG gone meanwhile renames nobody. That ID's other ECGs held for
         this same name end their name hold with it (`_release_held_under`). None: no longer held for its
         name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
@@ -1207,7 +1218,9 @@ class ClinicData:
                 item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
             )
             if assigned is not None:
-                self.context.correct_name(held.patient_id, held.patient_name, now=now)
+                self.context.correct_name(
+                    held.patient_id, held.patient_name, now=now, rename_devices=not held.checked_in_name_taken
+                )
                 released = self._release_held_under(held, now=now, by=user)
         self.audit.record(
             user,
