@@ -1575,14 +1575,14 @@ def _owner_alive(locks_dir: Path, token: str) -> bool:
 def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
     """(directory, name prefix, what its records are) of each kind of file a stop leaves for the
     next start (uploader.unwritten_records)."""
-    from lastmile.reports.sent import UNWRITTEN_NAME
+    from lastmile.data_dir import SENT_STUDIES_UNWRITTEN
     from lastmile.services.serial_spill import ROWS_BEHIND_NAME
     from uploader.outbox import LOCKS_DIR
     from uploader.payload_files import STORED_PREFIX
 
     return [
         (data / LOCKS_DIR, STORED_PREFIX, "outbox item(s) the county stored that the sending could not record as sent"),
-        (data, UNWRITTEN_NAME, "sent-study record(s) clinic.db did not take"),
+        (data, SENT_STUDIES_UNWRITTEN, "sent-study record(s) clinic.db did not take"),
         (data, ROWS_BEHIND_NAME, "device row(s) whose held readings' counts were not written"),
     ]
 

@@ -44,6 +44,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from lastmile.clinic.db import utc_now
+from lastmile.data_dir import SENT_STUDIES_UNWRITTEN
 from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_record_of, is_surely_item_of
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -59,7 +60,7 @@ COMMITMENT_NOTE_S = 30.0  # commitment times are copied at most this often
 KEEP_MAX = 5000  # records clinic.db refused, kept for the next try (a few hundred bytes each)
 RETRY_FIRST_S = 1.0  # the backoff between tries of a refused batch: doubled up to RETRY_MAX_S
 RETRY_MAX_S = 60.0
-UNWRITTEN_NAME = "sent-studies-unwritten.jsonl"  # in the data directory: what a stop could not write
+UNWRITTEN_NAME = SENT_STUDIES_UNWRITTEN  # in the data directory: what a stop could not write
 UNWRITTEN_WHAT = "sent-study records the last stop saved"
 UNWRITTEN_LOST = "the reports of those not readable will not be asked for"
 ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"]
