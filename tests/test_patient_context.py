@@ -1054,7 +1054,7 @@ def test_a_name_taken_by_a_card_corrected_renames_the_session_and_only_as_told_i
     """Review C (3): 李四 checked in under P-13 with his cuff user mapped; later P-13 typed alone
     (meant P-12) takes 李四. "The ECG's name is right" on 张三's ECG corrects only the session
     (`rename_devices=False`): 李四's cuff stays his. A name said since is no longer taken."""
-    from lastmile.clinic.device_users import DeviceUsers
+    from lastmile.clinic.device_users import DeviceUsers, mapped_name
 
     users = DeviceUsers(context.db)
     context.set_patient("P-13", "Li^Si=李^四", now=T0)
@@ -1067,4 +1067,46 @@ def test_a_name_taken_by_a_card_corrected_renames_the_session_and_only_as_told_i
     assert current is not None and current.name == "Zhang^San=张^三"
     cuff = users.whose("C0:26:DA:01:02:03", 1)
     assert cuff is not None and cuff.patient_name == "Li^Si=李^四"
+    # the correction is no name said for P-13: the name is still one nobody typed at this check-in
+    assert context.inherited_ids({"P-13"}, T0 + 6 * MIN) == {"P-13"}
+    context.set_patient("P-2", "Wang^Wu", now=T0 + 7 * MIN)
+    assert mapped_name(cuff, context, T0 + 8 * MIN) == "Li^Si=李^四"  # his readings, under his name
+    context.set_patient("P-13", "Zhao^Liu", now=T0 + 9 * MIN)
+    assert context.inherited_ids({"P-13"}, T0 + 10 * MIN) == set()  # a name said since: not taken
+
+
+def test_a_taken_name_corrected_for_the_session_only_never_names_the_id_after_it(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """Review D (1): "张三 is right: correct this check-in's name only (device users keep theirs)" logged the correction as a
+    name said for P-13: for 24 h 李四's mapped cuff user's readings went to the county as 张三
+    (the session's names win over the mapping's), and 李四's own card next morning took 张三."""
+    ctx = store.context
+    ctx.set_patient("P-13", "Li^Si=李^四", now=T0)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-13", at=T0 + MIN) == 0
+    ctx.set_patient("P-2", "Wang^Wu", now=T0 + 2 * MIN)
+    assert ctx.set_patient("P-13", now=T0 + 3 * MIN).name == "Li^Si=李^四"
+    ctx.correct_name("P-13", "Zhang^San=张^三", now=T0 + 5 * MIN, rename_devices=False)
+    ctx.set_patient("P-2", "Wang^Wu", now=T0 + 6 * MIN)  # the next patient
+    ctx.clear(now=T0 + 7 * MIN)
+    for later in (T0 + 8 * MIN, T0 + 12 * 60 * MIN):
+        goes_as = users_reading_goes_as(store, 2, later)
+        assert goes_as is not None and goes_as["name"] == "Li^Si=李^四", goes_as
+    assert ctx.set_patient("P-13", now=T0 + 20 * 60 * MIN).name == "Li^Si=李^四"  # his card, his name
+
+
+def test_a_taken_name_cleared_stays_one_nobody_typed(context: PatientContext) -> None:
+    """Review D (2): 清除姓名 on a session whose name a card took dropped the "taken" mark: Today
+    then worded the cleared name as typed at this check-in, and its answer renamed the device users
+    mapped to the ID (another patient's). Only a name said ends the mark; cleared, the ID is
+    nameless (`cleared_ids`) until one is."""
+    context.set_patient("P-13", "Li^Si=李^四", now=T0)
+    context.set_patient("P-2", "Wang^Wu", now=T0 + MIN)
+    assert context.set_patient("P-13", now=T0 + 2 * MIN).name == "Li^Si=李^四"
+    context.check_in("P-13", now=T0 + 3 * MIN, clear_name=True)
+    assert context.known_name("P-13", T0 + 4 * MIN) == ""
+    assert context.inherited_ids({"P-13"}, T0 + 4 * MIN) == {"P-13"}
+    assert context.cleared_ids({"P-13", "P-2"}, T0 + 4 * MIN) == {"P-13"}
+    context.set_patient("P-13", "Zhang^San=张^三", now=T0 + 5 * MIN)
     assert context.inherited_ids({"P-13"}, T0 + 6 * MIN) == set()
+    assert context.cleared_ids({"P-13"}, T0 + 6 * MIN) == set()

@@ -20,18 +20,6 @@ import re
 import unicodedata
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-# the readings of the most common family names (about 70 % of the population): a two-part pinyin
-# name whose first part is one of them is read as written, never swapped (`_other_order_key`)
-# fmt: off
-_COMMON_SURNAME_READINGS = frozenset({
-    "wang", "li", "zhang", "liu", "chen", "yang", "huang", "zhao", "wu", "zhou", "xu", "sun", "ma", "zhu",
-    "hu", "guo", "he", "gao", "lin", "luo", "zheng", "liang", "xie", "song", "tang", "han", "feng", "deng",
-    "cao", "peng", "zeng", "xiao", "tian", "dong", "yuan", "pan", "yu", "jiang", "cai", "du", "ye", "cheng",
-    "su", "wei", "lyu", "lu", "ding", "ren", "shen", "yao", "cui", "zhong", "tan", "fan", "jin", "shi",
-    "liao", "jia", "xia", "fu", "fang", "bai", "zou", "meng", "xiong", "qin", "qiu", "yin", "xue", "yan",
-    "duan", "lei", "hou", "long", "tao",
-})
-# fmt: on
 # compound surnames first: the family name is then two characters
 _COMPOUND_SURNAMES = frozenset(
     [
@@ -185,10 +173,10 @@ def same_person_name(a: str, b: str) -> bool:
     a mapping's, a name typed again): the same characters however grouped (张三, 张^三,
     Zhang^San=张^三), or one written in pinyin only and the other's reading (Zhang San, ZHANG^SAN,
     Zhāng Sān for 张三: a cart or keyboard without an input method; any reading of each character: Zhang
-    Yue for 张乐 (Zhang^Le), Lu or Lyu for 吕, as written where ü cannot be; against characters,
-    "San Zhang", a two-part name without "^" in Western order whose first part is no common family
-    name (`_other_order_key`: "Wang Li" is 王丽, never 李旺) - never "San^Zhang", whose "^" says San is
-    the family name). Two names in characters that
+    Yue for 张乐 (Zhang^Le), Lu or Lyu for 吕, as written where ü cannot be). A name in letters is
+    read in its written order only: "San Zhang" is not 张三 (held: the doctor answers), as a swap
+    would let "Qian Li" pass for 李倩 and "Wang Li" for 李旺, another patient's ECG left on the
+    cart going under the checked-in ID. Two names in characters that
     differ are two names, even read alike (张三, 张叁: the county would get one or the other, and
     only the doctor knows which is his). An empty name is nobody's: False (a caller for whom a
     missing name passes says so)."""
@@ -198,10 +186,7 @@ def same_person_name(a: str, b: str) -> bool:
     if a_chars and b_chars:
         return a_chars == b_chars
     # one in characters: the pinyin is one of its readings, or not his
-    if not a_readings.isdisjoint(b_readings):
-        return True
-    # Western order only against characters (pinyin against pinyin: which of the two was swapped?)
-    return bool(b_chars and _other_order_key(a) in b_readings) or bool(a_chars and _other_order_key(b) in a_readings)
+    return not a_readings.isdisjoint(b_readings)
 
 
 def _name_forms(name: str) -> tuple[str, frozenset[str]]:
@@ -214,22 +199,6 @@ def _name_forms(name: str) -> tuple[str, frozenset[str]]:
     letters = next((g for g in groups if g and not has_ideographs(g)), "")
     keys = {_pinyin_key(letters)} | (_readings(chars) if chars else set())
     return chars, frozenset(key for key in keys if key)
-
-
-def _other_order_key(name: str) -> str:
-    """The pinyin key of a name in letters only, written without "^" in two parts, read in the
-    other order ("San Zhang" -> "zhangsan"), if its first part cannot be a family name; "" for any
-    other name. A cart or form in Western order puts the given name first. But "Wang Li" reads as
-    王丽 as written: swapped, it would pass for 李旺, another patient (a previous patient's ECG left
-    on the cart), so a first part that is a common family name's reading is taken as written. A
-    DICOM PN with "^" ("San^Zhang") says which part is the family name: strict, as are three parts
-    or more (which two were swapped?)."""
-    if "^" in name or "=" in name or has_ideographs(name):
-        return ""
-    parts = name.split()
-    if len(parts) != 2 or _pinyin_key(parts[0]) in _COMMON_SURNAME_READINGS:
-        return ""
-    return _pinyin_key(f"{parts[1]} {parts[0]}")
 
 
 def _readings(chars: str) -> set[str]:

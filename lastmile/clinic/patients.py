@@ -41,6 +41,10 @@ NAME_CORRECTED = "patient-name-corrected"
 # the session log's event of a check-in with no name taking the name said for its ID (`check_in`):
 # never a name said (it renews nothing), only what tells Today the check-in did not say it
 NAME_INHERITED = "patient-name-inherited"
+# the session log's event of a taken name corrected for the session only (`correct_name_in` with
+# `rename_devices` False): no name said for the ID (`_said_names` skips it), so it names him and
+# his device users no longer than the session does
+NAME_CORRECTED_SESSION_ONLY = "patient-name-corrected-session-only"
 
 
 class SameName(enum.Enum):
@@ -387,8 +391,11 @@ class PatientContext:
         the name the doctor said was wrong a day later. Nothing is written to the session if it
         knows him under no other name. A name that is no name (`no_name`: "^^^^", "UNKNOWN"), a
         cart's empty field, is refused (ValueError): it would rename him and his cuff's users to nothing.
-        `rename_devices` False: the session and its log only (the name corrected was not said at this
-        check-in, `inherited_ids`: the device users mapped to the ID may be another patient's)."""
+        `rename_devices` False: the session's row only (the name corrected was not said at this
+        check-in, `inherited_ids`: the device users mapped to the ID may be another patient's). Its
+        log event is one `known_names` ignores: a NAME_CORRECTED would name the ID for NAME_KEPT,
+        and a cuff user mapped to it (the father's, on a family card) would send his readings under
+        the corrected name after the session moved on."""
         if not name.strip():
             return
         if no_name(name):
@@ -409,7 +416,10 @@ class PatientContext:
             return
         if his_session:
             conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
-        self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
+        elif not rename_devices:
+            return  # not his session: nothing of it to correct, and no name said for the ID
+        event = NAME_CORRECTED if rename_devices else NAME_CORRECTED_SESSION_ONLY
+        self._log(conn, now, event, patient_id, row["doctor_id"] if row else None, name)
 
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
         """`known_names` of one ID: its name, or "" if the session knows none."""
@@ -429,11 +439,26 @@ class PatientContext:
 
     def _known_of(self, wanted: set[str], current: CurrentPatient | None, now: dt.datetime) -> dict[str, str]:
         """`known_names` of `wanted`, the session's patient being `current`."""
+        names = self._said_of(current, now)
+        return {pid: names[pid] for pid in wanted if names.get(pid)}
+
+    def _said_of(self, current: CurrentPatient | None, now: dt.datetime) -> dict[str, str]:
+        """Each ID the session has news of, named as it knows him now ("": no name, cleared)."""
         names = self._checked_in_names(now)
         if current is not None:
             # his other IDs are his (the doctor said so): his name, however long ago they were checked in
             names.update(dict.fromkeys(current.linked | {current.patient_id}, current.name))
-        return {pid: names[pid] for pid in wanted if names.get(pid)}
+        return names
+
+    def cleared_ids(self, patient_ids: Iterable[str], now: dt.datetime) -> set[str]:
+        """Those of `patient_ids` the session knows under no name now: checked in with it cleared
+        (清除姓名), or corrected away as a typo, since a name was said for them. A name stored with
+        something that came in before (an ECG held for its name) is no longer his name to offer."""
+        wanted = set(patient_ids)
+        if not wanted:
+            return set()  # Today with none held: no read
+        names = self._said_of(self.current(now), now)
+        return {pid for pid in wanted if pid in names and not names[pid]}
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
@@ -458,7 +483,7 @@ class PatientContext:
 
     def _said_names(self, now: dt.datetime) -> tuple[dict[str, str], set[str]]:
         """`_checked_in_names`, and the IDs whose latest news is a name taken (`NAME_INHERITED`,
-        which names nothing itself). A check-in that said nothing of the name (logged NULL: a
+        which names nothing itself), no name said since (cleared, the mark stays). A check-in that said nothing of the name (logged NULL: a
         session going on, a card) is skipped: no news, never a renewal."""
         rows = self.db.conn.execute(
             "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?, ?, ?) "
@@ -471,7 +496,8 @@ class PatientContext:
             if row["event"] == NAME_INHERITED:
                 inherited.add(row["patient_id"])
                 continue
-            inherited.discard(row["patient_id"])
+            if row["detail"]:  # only a name said: a name cleared leaves nothing typed in its place
+                inherited.discard(row["patient_id"])
             names[row["patient_id"]] = "" if row["event"] == CORRECTED else row["detail"] or ""
         return names, inherited
 

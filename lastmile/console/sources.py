@@ -1142,14 +1142,17 @@ class ClinicData:
         """The held ECGs, one held for its name naming its ID as the session knows it now
         (`PatientContext.known_names`): the doctor may have corrected that name on another ECG of
         the same ID since this one was held. The check-in's name stored with it at intake is only
-        for an ID the session no longer knows: offered, it would send one ID under two names."""
+        for an ID the session no longer knows: offered, it would send one ID under two names. An
+        ID whose name was cleared since (`PatientContext.cleared_ids`) has none: the name stored
+        then is the one the doctor cleared, neither worded nor offered."""
         held = self.held_ecg_source.held_ecgs(now)
         ids = {h.patient_id for h in held if h.reason == NAME_MISMATCH}
         known, taken = self.context.known_names(ids, now), self.context.inherited_ids(ids, now)
+        cleared = self.context.cleared_ids(ids, now)
         return [
             replace(
                 h,
-                checked_in_name=known.get(h.patient_id) or h.checked_in_name,
+                checked_in_name="" if h.patient_id in cleared else known.get(h.patient_id) or h.checked_in_name,
                 checked_in_name_taken=h.patient_id in taken,
             )
             if h.reason == NAME_MISMATCH
@@ -1185,7 +1188,7 @@ class ClinicData:
         on another screen)."""
         held = self._held_for_name(item_id, now)
         assigned = None
-        if held is not None:
+        if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
             try:  # a resident ID gives his birth date and sex
                 patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
             except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
@@ -1218,8 +1221,14 @@ class ClinicData:
                 item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
             )
             if assigned is not None:
+                # no device user renamed for a name taken, nor for an ID the session knows no name
+                # of now (cleared: nobody said whose his cuff is)
+                named_now = bool(self.context.known_name(held.patient_id, now))
                 self.context.correct_name(
-                    held.patient_id, held.patient_name, now=now, rename_devices=not held.checked_in_name_taken
+                    held.patient_id,
+                    held.patient_name,
+                    now=now,
+                    rename_devices=named_now and not held.checked_in_name_taken,
                 )
                 released = self._release_held_under(held, now=now, by=user)
         self.audit.record(
