@@ -556,8 +556,7 @@ def test_a_stops_word_on_its_rows_read_by_many_starts_counts_the_loss_once(
     """serial-rows-behind.jsonl: each start that read it again (its removal failed - "no harm" -,
     a kill or power cut between saying the loss and removing it, another device's row write
     raising) added its loss again: the Devices page and `lastmile doctor` said "3 readings lost"
-    for 1. Now the word carries when it was made, and a row whose loss was said at or after it
-    is not counted again."""
+    for 1. Now the word carries its own id, kept on the row with its loss: read again, it is skipped."""
     from lastmile.services.serial_devices import SerialService
     from lastmile.services.serial_spill import HEADER
     from tests.fhir_samples import blood_pressure
@@ -600,6 +599,63 @@ def test_a_stops_word_on_its_rows_read_by_many_starts_counts_the_loss_once(
             finally:
                 again.close()
     assert counts == [1, 1, 1], counts
+
+
+def test_a_clock_behind_at_boot_does_not_hide_the_next_stops_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REV-E 1: a Pi without RTC, offline, boots with its clock behind the last stop's. The
+    rows-behind word was skipped when the row's loss was said at or after the word's time: start
+    2 said stop 1's loss at stop 1's (later) time, so stop 2's word, made by the clock behind, was
+    taken as applied by start 3 and its loss never said (the Devices page: 1 lost for 2). Now a
+    word is skipped only by its id."""
+    from lastmile.services.serial_devices import SerialContext, SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+
+    offset = [dt.timedelta(0)]
+    init = SerialContext.__init__
+
+    def skewed(self: SerialContext, *args: object, **kwargs: object) -> None:  # the Pi's clock
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.now = lambda: dt.datetime.now(dt.timezone.utc) + offset[0]
+
+    monkeypatch.setattr(SerialContext, "__init__", skewed)
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+
+    def run_and_lose_one(bp_id: str) -> None:  # a run whose stop loses one reading held in memory only
+        stop = threading.Event()
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        at = ctx.now() - dt.timedelta(minutes=10)
+        slot = ctx.spill.slot_bytes
+        ctx.spill.slot_bytes = HEADER  # in memory only
+        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "a"))
+        stop.set()
+        with write_locked(data / "clinic.db"):
+            ctx.spill.slot_bytes = slot
+            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "b"))
+            ctx.spill.slot_bytes = HEADER
+            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "c"))
+            service.close()
+
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
+        run_and_lose_one("bp-1")  # stop 1, the clock right
+        offset[0] = -dt.timedelta(hours=5)  # boot 2: the clock 5 h behind
+        run_and_lose_one("bp-2")  # start 2 counts stop 1's loss; stop 2 loses another
+        offset[0] = -dt.timedelta(hours=5) + dt.timedelta(minutes=5)  # boot 3
+        again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+        try:
+            row = again.ctx.registry.get("serial:monitor")
+        finally:
+            again.close()
+    assert row is not None
+    assert row.lost_reading_count == 2  # one reading lost at each stop
 
 
 def test_a_doctor_badge_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:

@@ -394,12 +394,10 @@ class SerialContext:
             if record.transport != "serial":
                 continue
             word = behind.get(record.address)
-            if word is not None and word.applied_in(record.lost_at):  # a start read it before: its loss is counted
+            if word is not None and word.applied_to(record.lost_word_id):  # a start read it before: counted
                 log.info("%s: the last stop's word on its held readings was applied before", record.address)
                 word = None
-            said_from = None
             if word is not None:  # newer than the row and every spill copy
-                said_from = word.written_at
                 record = replace(
                     record,
                     held_readings=HeldReadings.MEMORY,
@@ -416,7 +414,10 @@ class SerialContext:
                 # a stop's is over: this start stores them now (a refusal then says its own cause)
                 loaded[record.address].cause = "" if record.held_at_stop else record.held_cause
             # what the spill files did not give back is lost too, not only what memory held
-            self._say_lost_at_stop(record, loaded.get(record.address) or Unstored(), not_before=said_from)
+            word_id = word.word_id if word is not None else ""
+            counted = self._say_lost_at_stop(record, loaded.get(record.address) or Unstored(), word_id=word_id)
+            if word_id and not counted:  # nothing lost by it: read again, it must not count then either
+                self.registry.word_applied(record.address, word_id, now=self.now())
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
@@ -441,18 +442,16 @@ class SerialContext:
         """A connection `spec`'s bridge spoke on ended: what it resent of the ECGs a stop lost has come."""
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
-    def _say_lost_at_stop(
-        self, record: DeviceRecord, loaded: Unstored, *, not_before: dt.datetime | None = None
-    ) -> None:
+    def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored, *, word_id: str = "") -> bool:
         """What `record` said was held before the stop and is not back (`loaded`: what the spill
         files gave back) was lost at the stop, the device cannot resend it: the row keeps the loss
         for `lastmile doctor` even once the rest is stored, by where it was. A spill file that gave
         back its newest copy whole is the truth of what was on disk (a row written before the file
         was saved empty, or whose write failed, says more): only what the row said was held in
         memory only is lost then. One that did not (missing, damaged) lost the rest of what the
-        row said it kept, too. `not_before`: when the stop's word this loss comes from was made:
-        the loss is said from then at the earliest (a clock behind at boot), so that a start that
-        reads that word again knows it counted already."""
+        row said it kept, too. `word_id`: the stop's word this loss comes from, kept on the row with
+        it, so that a start that reads that word again knows it counted already. Whether a loss was
+        recorded."""
         held = (record.held_reading_count, record.held_ecg_count)
         given = (len(loaded.observations), len(loaded.recordings))
         in_memory = record.in_memory_only if record.held_in_memory_only else (0, 0)
@@ -476,10 +475,10 @@ class SerialContext:
                 log.error("%s: %s", record.name or record.address, lost_message(held_words(*memory), record.held_cause))
             if any(on_disk):
                 log.error("%s: %s", record.name or record.address, lost_on_disk_message(held_words(*on_disk), damage))
-            now = self.now() if not_before is None else max(self.now(), not_before)
-            self.registry.record_lost(record, lost, now=now, on_disk=on_disk, damage=damage)
+            self.registry.record_lost(record, lost, now=self.now(), on_disk=on_disk, damage=damage, word_id=word_id)
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
+        return any(lost)
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
@@ -524,7 +523,7 @@ class SerialContext:
         if written or not any(memory):  # the row's word, or a whole spill copy newer than it, holds all
             self.rows_behind.pop(address, None)
         else:  # the row keeps an older word: a newer spill copy must not seem to cover these at the restart
-            self.rows_behind[address] = RowBehind(counts, memory, held.cause, self.now())
+            self.rows_behind[address] = RowBehind(counts, memory, held.cause)
         (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
