@@ -108,9 +108,11 @@ from lastmile.services.serial_spill import (
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
-from uploader.sqlite_store import StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
+from uploader.sqlite_store import BUSY_TIMEOUT_MS, StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
 
 log = logging.getLogger(__name__)
+# past a card's wait for clinic.db's lock, what else a turn writes (under the stop: a second each)
+TURN_WRITE_MARGIN_S = 2.0
 
 BRIDGE, SCANNER = SERIAL_HANDLERS
 DEFAULT_BAUD = {BRIDGE: 115200, SCANNER: 9600}
@@ -996,6 +998,9 @@ class SerialService:
         # Held through each turn: `close` sees whether the links thread is still in one (a card
         # waiting out clinic.db's lock), and then keeps off the connection that turn is using.
         self._turn = threading.Lock()
+        # monotonic time by which the turn under way has ended (its poll, and a card's write that
+        # waits SQLite's whole busy timeout for clinic.db's lock): how long the close waits for it
+        self._turn_ends_by = 0.0
         self.refused: dict[str, str] = {}  # device name -> why it is not started (`refused_devices`)
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
@@ -1061,6 +1066,7 @@ class SerialService:
         devices left unstored. Whoever drives the links (this service's thread, a runtime step,
         the acquire service's part) goes round through here, so none of them leaves that behind."""
         with self._turn:
+            self._turn_ends_by = time.monotonic() + max_wait_s + BUSY_TIMEOUT_MS / 1000 + TURN_WRITE_MARGIN_S
             self.manager.poll(max_wait_s)
             self.retry_unstored()
             self.ctx.write_pending_errors()
@@ -1104,8 +1110,12 @@ class SerialService:
             self._thread.join(10)
         # A turn still under way (a card's write waits the full busy timeout, past the thread's
         # join) has the links and clinic.db's one connection in hand: writing or closing them from
-        # here would mix into, or break, its transaction. The process is ending: leave them to it.
-        links_idle = self._turn.acquire(blocking=False)
+        # here would mix into, or break, its transaction. It is waited for, up to the card's whole
+        # lock wait: the process ends after this close, and the links thread (a daemon) with it -
+        # the card's check-in would be lost, the previous patient current after the restart. From
+        # the turn's start that is at most 18 s; the acquire part's join (15 s) is within it, so
+        # the stop takes about 18 s at worst, inside the unit's TimeoutStopSec=30.
+        links_idle = self._turn.acquire(timeout=max(0.0, self._turn_ends_by - time.monotonic()))
         if links_idle:
             self.manager.close()
             for spec in self.unstored_specs():
@@ -1113,8 +1123,9 @@ class SerialService:
             self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
         else:
             log.warning(
-                "serial devices: still busy at shutdown (a write waiting for clinic.db's lock): "
-                "the links and clinic.db left to it; readings not stored are kept in the spill file"
+                "serial devices: still busy at shutdown past a card's whole wait for clinic.db's lock: "
+                "the links and clinic.db left to it; readings not stored are kept in the spill file; "
+                "a patient card scanned as the gateway stopped may not be checked in: scan it again"
             )
         for name, held in list(self.ctx.unstored.items()):  # a busy turn may still add to it
             said = (
@@ -1126,7 +1137,7 @@ class SerialService:
                 log.info("%s: %s not stored: the gateway was stopping", name, what)
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
-        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind)
+        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind.copy())  # a busy turn may add
         for thing in self._owned if links_idle else ():  # clinic.db: not under the busy turn's write
             close = getattr(thing, "close", None)
             if close is not None:
