@@ -1563,11 +1563,12 @@ class Mount:
 
 
 def _owner_alive(locks_dir: Path, token: str) -> bool:
-    """Whether the outbox owner `token` runs (its note is then no stop's); not known: said as a stop's."""
+    """Whether the outbox owner `token` runs (its note is then no stop's); not known: said as a stop's.
+    Only looked at: the doctor never takes an owner's lock nor removes its file (the outbox's own probe)."""
     from uploader.payload_files import OwnerLock
 
     try:
-        return OwnerLock.is_alive(locks_dir, token)
+        return OwnerLock.seen_held(locks_dir, token)
     except OSError:
         return False
 

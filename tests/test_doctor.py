@@ -821,3 +821,43 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     assert "left-by-stop" not in found  # the outbox recorded what it kept at its close; the rows' was taken
     said = [f.topic for f in doctor(data, offline=True).run_all() if f.check == "data"]
     assert said == ["space", "damaged-copy", "sd-card"], said
+
+
+def test_the_doctor_only_looks_at_an_outbox_owners_lock_never_takes_it(tmp_path: Path) -> None:
+    """REV-E 4: the doctor's live-owner check (the System page runs it) took a dead owner's lock
+    for a moment and removed its file: an outbox opening then found the owner "alive", skipped its
+    note of what the county stored, then found it dead and sent those again. Now it only reads
+    /proc/locks: a dead owner's lock file stays as it is, a live one (another process) is seen."""
+    import sys
+
+    from uploader.payload_files import OwnerLock
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    for token in ("0000-dead", "0000-live"):
+        OwnerLock.stored_file(locks, token).replace(["7 sent"])
+    dead_lock = locks / "owner-0000-dead.lock"
+    dead_lock.touch()  # its process died: the kernel dropped its flock, the file stays
+    inode = dead_lock.stat().st_ino
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from uploader.payload_files import OwnerLock;"
+            "lock = OwnerLock(Path(sys.argv[1]), '0000-live'); print('held', flush=True); sys.stdin.read()",
+            str(locks),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        kept = {f.topic: f for f in doctor(tmp_path).check_data_partition()}["left-by-stop"]
+        assert "locks/stored-0000-dead" in kept.message and "stored-0000-live" not in kept.message, kept
+        assert dead_lock.exists() and dead_lock.stat().st_ino == inode  # looked at, not taken nor removed
+        assert OwnerLock.seen_held(locks, "0000-live") and not OwnerLock.seen_held(locks, "0000-dead")
+    finally:
+        holder.communicate("", timeout=10)
+    assert not OwnerLock.seen_held(locks, "0000-live")  # its process ended

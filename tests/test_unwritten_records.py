@@ -134,6 +134,58 @@ def test_a_full_disk_leaves_the_old_copy_on_a_real_tmpfs(tmp_path: Path) -> None
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+# As TMPFS_SCRIPT: a damaged file on a full disk, whose copy cannot be written.
+FULL_DISK_DAMAGED_SCRIPT = """
+import errno, os, sys
+from pathlib import Path
+from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
+d = Path(sys.argv[1])
+damaged = b"1\\n\\x00garbage\\n2\\n"
+(d / "things.jsonl").write_bytes(damaged)
+fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"x" * 512)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, exc
+os.close(fd)
+records = UnwrittenRecords(d / "things.jsonl", what="things")
+taken = records.take(int)
+assert taken.records == [1, 2] and taken.damaged == 1, taken
+records.forget()  # the start wrote them
+aside = set_aside_in(d, "things.jsonl")
+assert taken.set_aside_as is not None and aside == [taken.set_aside_as], (taken, list(d.iterdir()))
+assert aside[0].read_bytes() == damaged
+assert pending_in(d, "things.jsonl") == []
+print("ok")
+"""
+
+
+def test_a_damaged_file_on_a_full_disk_is_moved_aside_when_it_cannot_be_copied(tmp_path: Path) -> None:
+    """REV-E 3: copying a damaged file aside needs space; on a full SD card the copy failed, the
+    file was left as it was, and the caller forgot it once its readable records were written: the
+    damaged bytes went unnamed (the doctor never told). Now it is moved aside (no space needed)."""
+    from tests.conftest import missing
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        missing("needs root and unshare to mount a private tmpfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
+    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", str(mnt)]
+    proc = subprocess.run(
+        [*cmd, sys.executable, "-c", FULL_DISK_DAMAGED_SCRIPT, str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
+        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_set_aside_copies_are_named_newest_first_by_their_time(tmp_path: Path) -> None:
     """An older version's copies (`.damaged-<unix seconds>`) count with today's (UTC time)."""
     now = int(time.time())

@@ -156,6 +156,9 @@ def _stored_item(line: str) -> tuple[int, bool | None]:
     return int(item_id), (how == TAKEN) if how else None
 
 
+PROC_LOCKS = Path("/proc/locks")
+
+
 class OwnerLock:
     """Liveness of an outbox owner: held (flock) for as long as that Outbox is open.
 
@@ -237,6 +240,24 @@ class OwnerLock:
         if name.startswith("owner-") and name.endswith(".lock"):
             return name[len("owner-") : -len(".lock")]
         return None
+
+    @staticmethod
+    def seen_held(locks_dir: Path, token: str, *, proc_locks: Path = PROC_LOCKS) -> bool:
+        """Whether someone holds the owner's lock, only looked at (`lastmile doctor`): never taken
+        nor its file removed - an outbox opening at that moment would find a dead owner's lock
+        taken (alive) and skip its note of what the county stored, then send those again. flock
+        locks are not seen by fcntl's F_GETLK; /proc/locks lists them by inode (matched by inode
+        number alone: on overlayfs its device is not the one stat gives). OSError: not known."""
+        try:
+            inode = (locks_dir / f"owner-{token}.lock").stat().st_ino
+        except FileNotFoundError:
+            return False
+        for line in proc_locks.read_text().splitlines():
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5637086 0 EOF"; a waiter's line has "->" after its id
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rpartition(":")[2] == str(inode):
+                return True
+        return False
 
     @staticmethod
     def is_alive(locks_dir: Path, token: str) -> bool:

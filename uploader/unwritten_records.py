@@ -188,19 +188,33 @@ class UnwrittenRecords:
 
     def _copy_aside(self, data: bytes, readable: list[str], why: str, consequence: str) -> Path | None:
         """The damaged file's bytes copied aside, then the file rewritten with its `readable`
-        lines (none: forgotten, the copy says what it held). A copy that cannot be made leaves
-        the file as it is (its records are still taken): said, and tried again at the next start."""
+        lines (none: forgotten, the copy says what it held). A copy that cannot be made (a full
+        SD card: it needs space) moves the file aside instead, which needs none, and then writes
+        its readable lines again if it can: the caller forgetting the file must never take the
+        damaged bytes with it unnamed."""
         aside = self._aside_path()
         try:
             replace_whole(aside, data, mode=0o600)
         except OSError as exc:
             log.error("the %s in %s are damaged (%s) and cannot be copied aside: %s", self.what, self.path, why, exc)
-            return None
+            return self._move_aside_keeping(readable, why, consequence)
         try:
             self.replace(readable)
         except OSError as exc:  # it keeps its damaged lines too: set aside again at the next start
             log.error("cannot rewrite %s with its readable lines only: %s", self.path, exc)
         self._said_aside(why, aside, consequence)
+        return aside
+
+    def _move_aside_keeping(self, readable: list[str], why: str, consequence: str) -> Path | None:
+        """The damaged file moved aside (the old way), then its `readable` lines written again:
+        on a full disk that fails, and they live on in the moved file only (this start takes them)."""
+        aside = self.set_aside(why, consequence)
+        if aside is None or not readable:
+            return aside
+        try:
+            self.replace(readable)
+        except OSError as exc:
+            log.error("cannot write the readable lines of %s again (they are in %s): %s", self.path, aside, exc)
         return aside
 
     def _aside_path(self) -> Path:

@@ -108,9 +108,11 @@ from lastmile.services.serial_spill import (
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
-from uploader.sqlite_store import StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
+from uploader.sqlite_store import BUSY_TIMEOUT_MS, StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
 
 log = logging.getLogger(__name__)
+# past a card's wait for clinic.db's lock, what else a turn writes (under the stop: a second each)
+TURN_WRITE_MARGIN_S = 2.0
 
 BRIDGE, SCANNER = SERIAL_HANDLERS
 DEFAULT_BAUD = {BRIDGE: 115200, SCANNER: 9600}
@@ -394,12 +396,10 @@ class SerialContext:
             if record.transport != "serial":
                 continue
             word = behind.get(record.address)
-            if word is not None and word.applied_in(record.lost_at):  # a start read it before: its loss is counted
+            if word is not None and word.applied_to(record.lost_word_id):  # a start read it before: counted
                 log.info("%s: the last stop's word on its held readings was applied before", record.address)
                 word = None
-            said_from = None
             if word is not None:  # newer than the row and every spill copy
-                said_from = word.written_at
                 record = replace(
                     record,
                     held_readings=HeldReadings.MEMORY,
@@ -416,7 +416,10 @@ class SerialContext:
                 # a stop's is over: this start stores them now (a refusal then says its own cause)
                 loaded[record.address].cause = "" if record.held_at_stop else record.held_cause
             # what the spill files did not give back is lost too, not only what memory held
-            self._say_lost_at_stop(record, loaded.get(record.address) or Unstored(), not_before=said_from)
+            word_id = word.word_id if word is not None else ""
+            counted = self._say_lost_at_stop(record, loaded.get(record.address) or Unstored(), word_id=word_id)
+            if word_id and not counted:  # nothing lost by it: read again, it must not count then either
+                self.registry.word_applied(record.address, word_id, now=self.now())
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
@@ -441,18 +444,16 @@ class SerialContext:
         """A connection `spec`'s bridge spoke on ended: what it resent of the ECGs a stop lost has come."""
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
-    def _say_lost_at_stop(
-        self, record: DeviceRecord, loaded: Unstored, *, not_before: dt.datetime | None = None
-    ) -> None:
+    def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored, *, word_id: str = "") -> bool:
         """What `record` said was held before the stop and is not back (`loaded`: what the spill
         files gave back) was lost at the stop, the device cannot resend it: the row keeps the loss
         for `lastmile doctor` even once the rest is stored, by where it was. A spill file that gave
         back its newest copy whole is the truth of what was on disk (a row written before the file
         was saved empty, or whose write failed, says more): only what the row said was held in
         memory only is lost then. One that did not (missing, damaged) lost the rest of what the
-        row said it kept, too. `not_before`: when the stop's word this loss comes from was made:
-        the loss is said from then at the earliest (a clock behind at boot), so that a start that
-        reads that word again knows it counted already."""
+        row said it kept, too. `word_id`: the stop's word this loss comes from, kept on the row with
+        it, so that a start that reads that word again knows it counted already. Whether a loss was
+        recorded."""
         held = (record.held_reading_count, record.held_ecg_count)
         given = (len(loaded.observations), len(loaded.recordings))
         in_memory = record.in_memory_only if record.held_in_memory_only else (0, 0)
@@ -476,10 +477,10 @@ class SerialContext:
                 log.error("%s: %s", record.name or record.address, lost_message(held_words(*memory), record.held_cause))
             if any(on_disk):
                 log.error("%s: %s", record.name or record.address, lost_on_disk_message(held_words(*on_disk), damage))
-            now = self.now() if not_before is None else max(self.now(), not_before)
-            self.registry.record_lost(record, lost, now=now, on_disk=on_disk, damage=damage)
+            self.registry.record_lost(record, lost, now=self.now(), on_disk=on_disk, damage=damage, word_id=word_id)
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
+        return any(lost)
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
@@ -524,7 +525,7 @@ class SerialContext:
         if written or not any(memory):  # the row's word, or a whole spill copy newer than it, holds all
             self.rows_behind.pop(address, None)
         else:  # the row keeps an older word: a newer spill copy must not seem to cover these at the restart
-            self.rows_behind[address] = RowBehind(counts, memory, held.cause, self.now())
+            self.rows_behind[address] = RowBehind(counts, memory, held.cause)
         (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
@@ -997,6 +998,9 @@ class SerialService:
         # Held through each turn: `close` sees whether the links thread is still in one (a card
         # waiting out clinic.db's lock), and then keeps off the connection that turn is using.
         self._turn = threading.Lock()
+        # monotonic time by which the turn under way has ended (its poll, and a card's write that
+        # waits SQLite's whole busy timeout for clinic.db's lock): how long the close waits for it
+        self._turn_ends_by = 0.0
         self.refused: dict[str, str] = {}  # device name -> why it is not started (`refused_devices`)
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
@@ -1062,6 +1066,7 @@ class SerialService:
         devices left unstored. Whoever drives the links (this service's thread, a runtime step,
         the acquire service's part) goes round through here, so none of them leaves that behind."""
         with self._turn:
+            self._turn_ends_by = time.monotonic() + max_wait_s + BUSY_TIMEOUT_MS / 1000 + TURN_WRITE_MARGIN_S
             self.manager.poll(max_wait_s)
             self.retry_unstored()
             self.ctx.write_pending_errors()
@@ -1105,8 +1110,12 @@ class SerialService:
             self._thread.join(10)
         # A turn still under way (a card's write waits the full busy timeout, past the thread's
         # join) has the links and clinic.db's one connection in hand: writing or closing them from
-        # here would mix into, or break, its transaction. The process is ending: leave them to it.
-        links_idle = self._turn.acquire(blocking=False)
+        # here would mix into, or break, its transaction. It is waited for, up to the card's whole
+        # lock wait: the process ends after this close, and the links thread (a daemon) with it -
+        # the card's check-in would be lost, the previous patient current after the restart. From
+        # the turn's start that is at most 18 s; the acquire part's join (15 s) is within it, so
+        # the stop takes about 18 s at worst, inside the unit's TimeoutStopSec=30.
+        links_idle = self._turn.acquire(timeout=max(0.0, self._turn_ends_by - time.monotonic()))
         if links_idle:
             self.manager.close()
             for spec in self.unstored_specs():
@@ -1114,8 +1123,9 @@ class SerialService:
             self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
         else:
             log.warning(
-                "serial devices: still busy at shutdown (a write waiting for clinic.db's lock): "
-                "the links and clinic.db left to it; readings not stored are kept in the spill file"
+                "serial devices: still busy at shutdown past a card's whole wait for clinic.db's lock: "
+                "the links and clinic.db left to it; readings not stored are kept in the spill file; "
+                "a patient card scanned as the gateway stopped may not be checked in: scan it again"
             )
         for name, held in list(self.ctx.unstored.items()):  # a busy turn may still add to it
             said = (
@@ -1127,7 +1137,7 @@ class SerialService:
                 log.info("%s: %s not stored: the gateway was stopping", name, what)
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
-        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind)
+        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind.copy())  # a busy turn may add
         for thing in self._owned if links_idle else ():  # clinic.db: not under the busy turn's write
             close = getattr(thing, "close", None)
             if close is not None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ import os
 import shutil
 import stat
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -455,14 +455,14 @@ class RowBehind:
     held: tuple[int, int]  # readings, streamed ECGs waiting
     memory: tuple[int, int]  # of them, held in memory only
     cause: str  # the row's held cause ("": space)
-    # when the word was made: a row whose loss was said at or after it has had it (a start that
-    # reads the file again - its removal failed, or it died first - does not count the loss twice);
-    # None: an older version's line
-    written_at: dt.datetime | None = None
+    # this word's own id (random): the row keeps the id of the last word whose loss it counted, and
+    # a start that reads the file again (its removal failed, or it died first) skips only that word -
+    # never by clocks, which a Pi without RTC sets back at boot; "": an older version's line
+    word_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
-    def applied_in(self, lost_at: dt.datetime | None) -> bool:
-        """Whether a row whose loss was said at `lost_at` has had this word's loss counted."""
-        return self.written_at is not None and lost_at is not None and lost_at >= self.written_at
+    def applied_to(self, applied_word_id: str | None) -> bool:
+        """Whether a row that says it applied `applied_word_id` last has had this word's loss counted."""
+        return bool(self.word_id) and self.word_id == applied_word_id
 
 
 def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
@@ -470,8 +470,7 @@ def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
 
 
 def _row_behind_line(address: str, row: RowBehind) -> str:
-    fields = {**dataclasses.asdict(row), "written_at": row.written_at and row.written_at.isoformat()}
-    return json.dumps({"address": address, **fields}, ensure_ascii=False, sort_keys=True)
+    return json.dumps({"address": address, **dataclasses.asdict(row)}, ensure_ascii=False, sort_keys=True)
 
 
 def _row_behind_of(line: str) -> tuple[str, RowBehind]:
@@ -480,15 +479,9 @@ def _row_behind_of(line: str) -> tuple[str, RowBehind]:
         (int(raw["held"][0]), int(raw["held"][1])),
         (int(raw["memory"][0]), int(raw["memory"][1])),
         str(raw["cause"]),
-        _aware(dt.datetime.fromisoformat(raw["written_at"])) if raw.get("written_at") else None,
+        str(raw.get("word_id") or ""),  # lead15's lines carried a time instead: never skipped
     )
     return str(raw["address"]), row
-
-
-def _aware(when: dt.datetime) -> dt.datetime:
-    if when.tzinfo is None:  # not one of ours: a damaged line
-        raise ValueError(f"naive time {when.isoformat()}")
-    return when
 
 
 def save_rows_behind(data_dir: Path, rows: dict[str, RowBehind]) -> None:
