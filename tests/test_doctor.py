@@ -861,3 +861,37 @@ def test_the_doctor_only_looks_at_an_outbox_owners_lock_never_takes_it(tmp_path:
     finally:
         holder.communicate("", timeout=10)
     assert not OwnerLock.seen_held(locks, "0000-live")  # its process ended
+
+
+def test_a_lock_with_the_same_inode_number_on_another_filesystem_is_not_the_owners(tmp_path: Path) -> None:
+    """REV-F 3: the doctor matched /proc/locks by inode number alone: a flock on another filesystem
+    (a tmpfs /run) with the same number made a dead owner look alive, and its note was never said
+    to be a stop's. Now the device must agree too, except on overlayfs (its device is a layer's)."""
+    import os
+
+    from uploader.payload_files import OwnerLock
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "owner-0000-dead.lock").touch()
+    here = (locks / "owner-0000-dead.lock").stat()
+    major, minor = os.major(here.st_dev), os.minor(here.st_dev)
+    proc_locks = tmp_path / "locks.txt"
+    proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major + 1:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
+    mounted_as = [
+        line.partition(" - ")[2].split()[0]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[2] == f"{major}:{minor}"
+    ]
+    if mounted_as and mounted_as[0] != "overlay":  # this machine's own mounts say the device is stat's
+        assert not OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"36 35 {major}:{minor} / / rw,noatime shared:1 - ext4 /dev/mmcblk0p2 rw\n")
+    assert not OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)
+
+    proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
+    assert OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)  # its own lock
+
+    proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major + 1:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
+    mountinfo.write_text(f"36 35 {major}:{minor} / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u\n")
+    assert OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)  # a layer's device

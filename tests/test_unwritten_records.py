@@ -186,6 +186,61 @@ def test_a_damaged_file_on_a_full_disk_is_moved_aside_when_it_cannot_be_copied(t
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+# As FULL_DISK_DAMAGED_SCRIPT, with a start that fails before writing the readable records.
+FULL_DISK_FAILED_START_SCRIPT = """
+import errno, os, sys
+from pathlib import Path
+from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
+d = Path(sys.argv[1])
+damaged = b"11\\n\\x00garbage\\n12\\n"
+(d / "stored-tok").write_bytes(damaged)
+fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"x" * 512)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, exc
+os.close(fd)
+first = UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").take(int)
+assert first.records == [11, 12] and first.damaged == 1, first
+# the start dies here (its commit refused on the full disk, or a power cut): the next start
+assert pending_in(d, "stored-") == [d / "stored-tok"], list(d.iterdir())
+again = UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").take(int)
+assert again.records == [11, 12], again
+UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").forget()  # written now: as the outbox does
+assert pending_in(d, "stored-") == [], list(d.iterdir())
+aside = set_aside_in(d, "stored-")
+assert aside == [again.set_aside_as] and aside[0].read_bytes() == damaged, (again, list(d.iterdir()))
+print("ok")
+"""
+
+
+def test_a_damaged_file_on_a_full_disk_is_read_again_by_a_start_after_one_that_failed(tmp_path: Path) -> None:
+    """REV-F 1: on a full SD card a damaged file was moved aside and the rewrite of its readable
+    lines failed: they lived in the set-aside copy only, which no start reads (`pending_in`), so a
+    start that failed before writing them lost them (the outbox sent the county's stored studies
+    again). Now the file is renamed back (no space needed) and set aside only by `forget()`."""
+    from tests.conftest import missing
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        missing("needs root and unshare to mount a private tmpfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
+    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", str(mnt)]
+    proc = subprocess.run(
+        [*cmd, sys.executable, "-c", FULL_DISK_FAILED_START_SCRIPT, str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
+        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_set_aside_copies_are_named_newest_first_by_their_time(tmp_path: Path) -> None:
     """An older version's copies (`.damaged-<unix seconds>`) count with today's (UTC time)."""
     now = int(time.time())

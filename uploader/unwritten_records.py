@@ -38,6 +38,10 @@ RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 _T = TypeVar("_T")
 
+# Files found damaged that keep their damaged lines (a full disk: neither copied aside nor rewritten),
+# by path: the name `forget()` sets each aside as. Per process: a start that fails finds them again.
+_DAMAGED_IN_PLACE: dict[Path, Path] = {}
+
 
 def fsync_dir(path: Path) -> None:
     """A rename or unlink in `path` survives a power cut on the SD card only once this returns."""
@@ -135,9 +139,26 @@ class UnwrittenRecords:
         if any("\n" in line for line in lines):
             raise ValueError("a record of an unwritten-records file is one line")
         replace_whole(self.path, "".join(f"{line}\n" for line in lines).encode("utf-8"), mode=0o600)
+        _DAMAGED_IN_PLACE.pop(self.path, None)  # its damaged bytes are gone: forgetting it removes it
 
     def forget(self) -> None:
-        """The records are in their database now: the file goes (raised: OSError but none)."""
+        """The records are in their database now: the file goes (raised: OSError but none). One
+        this process found damaged and could not set aside while keeping its readable lines (a
+        full disk) is set aside now - renamed, which needs no space - never deleted."""
+        aside = _DAMAGED_IN_PLACE.pop(self.path, None)
+        if aside is not None:
+            if aside.exists():  # taken by another copy since: both kept
+                aside = self._aside_path()
+            try:
+                os.replace(self.path, aside)
+            except FileNotFoundError:
+                return
+            fsync_dir(self.path.parent)
+            log.warning(
+                "the damaged %s in %s are written now: the file is set aside as %s", self.what, self.path, aside
+            )
+            self._cap_aside(aside)
+            return
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -206,15 +227,37 @@ class UnwrittenRecords:
         return aside
 
     def _move_aside_keeping(self, readable: list[str], why: str, consequence: str) -> Path | None:
-        """The damaged file moved aside (the old way), then its `readable` lines written again:
-        on a full disk that fails, and they live on in the moved file only (this start takes them)."""
+        """The damaged file moved aside (the old way), then its `readable` lines written again.
+        On a full disk that fails: the file is renamed back (no space needed), so that a start
+        that fails before writing its records reads them again (`pending_in` skips set-aside
+        files), and `forget()` sets it aside under the name returned."""
         aside = self.set_aside(why, consequence)
         if aside is None or not readable:
             return aside
         try:
             self.replace(readable)
         except OSError as exc:
-            log.error("cannot write the readable lines of %s again (they are in %s): %s", self.path, aside, exc)
+            try:
+                os.replace(aside, self.path)
+            except OSError as back_exc:
+                log.error(
+                    "cannot write the readable lines of %s again nor move it back (they are in %s only): %s; %s",
+                    self.path,
+                    aside,
+                    exc,
+                    back_exc,
+                )
+                return aside
+            with contextlib.suppress(OSError):
+                fsync_dir(self.path.parent)
+            _DAMAGED_IN_PLACE[self.path] = aside
+            log.error(
+                "cannot write the readable lines of %s again (%s): it stays as it was until they are written,"
+                " then is set aside as %s",
+                self.path,
+                exc,
+                aside,
+            )
         return aside
 
     def _aside_path(self) -> Path:
