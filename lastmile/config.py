@@ -104,7 +104,7 @@ class PatientSection:
     )
     id_issuer: str = ""  # who issues the patient IDs (DICOM Issuer of Patient ID), e.g. the county register
     unassigned_ecg_hold_s: float = (
-        900.0  # routine ECG with no patient: held this long for 'patient assign', then sent UNASSIGNED
+        900.0  # a routine ECG with no patient, or under another name than the check-in's: held this long, then sent
     )
 
 
@@ -113,6 +113,9 @@ class EcgSection:
     quality_check: bool = True  # check every ECG at intake: electrode off, hum, tremor, wander, swapped arms
     re_record_hold_s: float = (
         600.0  # a 're-record' verdict waits this long for the doctor ('ecg release' / 'ecg discard'), then goes flagged
+    )
+    stat_name_hold_s: float = (
+        120.0  # a STAT ECG under another name than the check-in's: held this long (<= the routine hold), then sent
     )
 
 
@@ -451,6 +454,8 @@ _RANGES: dict[str, _Range] = {
     "patient.idle_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
     "patient.unassigned_ecg_hold_s": _Range(0, _DAY, "a number of seconds"),  # 0: never held
     "ecg.re_record_hold_s": _Range(0, _DAY, "a number of seconds"),  # 0: never held for quality
+    # 0: a STAT ECG is never held for its name; more than an hour is no urgent read
+    "ecg.stat_name_hold_s": _Range(0, _HOUR, "a number of seconds"),
     "ble.scan_interval_s": _Range(0, _HOUR, "a number of seconds", low_open=True),
     "ble.connect_attempts": _Range(1, 100, "a count of attempts"),
     "ble.continuous_store_interval_s": _Range(0, _DAY, "a number of seconds", low_open=True),

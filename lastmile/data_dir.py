@@ -46,6 +46,9 @@ FILE_MODE = 0o600
 OUTBOX_DB = "outbox.sqlite"  # uploader.outbox.DB_NAME (not imported: that module brings sqlite-utils)
 CLINIC_DB = "clinic.db"  # lastmile.clinic.db.DB_NAME
 VISITS_DB = "visits.db"  # lastmile.visits.book.DB_NAME
+# what a stop could not write, for the next start (uploader.unwritten_records): named here so
+# that `lastmile doctor` in the console process finds them without importing their writers
+SENT_STUDIES_UNWRITTEN = "sent-studies-unwritten.jsonl"  # lastmile.reports.sent.UNWRITTEN_NAME
 OWN_ENTRIES = (OUTBOX_DB, "payloads", "locks", CLINIC_DB, VISITS_DB, "gateway_ed25519.pem")
 READ_BUSY_TIMEOUT_S = 5.0  # a WAL reader waits only while a writer recovers the WAL
 _SQLITE_SUFFIXES = ("-wal", "-shm", "-journal")

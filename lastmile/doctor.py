@@ -97,6 +97,8 @@ TOPICS = (
     "ecg-clock",
     "battery",
     "restart-needed",
+    "left-by-stop",
+    "damaged-copy",
 )
 # An ECG cart's clock is judged by its newest ECG of this last week (of the newest ECGs).
 ECG_CLOCK_LOOKBACK_S = 7 * 86400
@@ -123,6 +125,8 @@ class Finding:
     since: float | None = None  # when what it reports was found (epoch s), said in that advice too
     topic: str = ""  # what in its check it is about, when the check gives several (TOPICS)
     subject: str = ""  # which one of many it names (a critical report's patient), shown with its topic
+    # how many readings and ECGs it is about, for an advice that says so (a stop's losses); None: none said
+    counts: tuple[int, int] | None = None
 
     @property
     def label(self) -> str:
@@ -133,6 +137,8 @@ class Finding:
         d = asdict(self)
         d["level"] = self.level.value
         d["advice"] = d.pop("advice_key")  # the key `lastmile doctor --json` always had: scripts read it
+        if d["counts"] is None:  # only the findings that count something have it
+            del d["counts"]
         return d
 
 
@@ -162,8 +168,13 @@ READINGS_KEPT = "readings-kept"
 # fault - the next start stores them (AT_STOP: the advice key's suffix)
 AT_STOP = "-at-stop"
 AT_STOP_HINT = "the gateway stopped before it stored them: the acquire service stores them when it starts again"
+# held at a stop in memory only, and so gone with it: nothing is broken and the county IT can bring
+# nothing back; the doctor measures again
+LOST_AT_STOP_HINT = "nothing to repair: the gateway stopped before it stored them"
 # a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
 LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
+LOST_AT_STOP = "lost-at-stop"  # held at a stop in memory only, lost with it: its advice (which device, how many)
+LOST_ECGS_AT_STOP = "lost-ecgs-at-stop"  # the same with ECGs among them: record the ECG again, not "measure"
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
@@ -400,6 +411,7 @@ class Doctor:
             )
         else:
             out.append(Finding("data", Level.OK, text, topic="space"))
+        out += self._left_by_last_stop(data)
         mount = find_mount(self.mountinfo, data)
         if mount is None:
             out.append(
@@ -413,6 +425,53 @@ class Doctor:
             )
             return out
         out.append(self._wear_finding(data, mount))
+        return out
+
+    def _left_by_last_stop(self, data: Path) -> list[Finding]:
+        """The files in which a stop keeps what it could not write into its database for the next
+        start (uploader.unwritten_records): one there waits for a start, or a start could not
+        apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it)."""
+        from uploader.payload_files import STORED_PREFIX
+        from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
+
+        waiting, damaged = [], []
+        with as_owner_of(data):
+            for directory, family, what in left_by_stop_files(data):
+                for path in pending_in(directory, family):
+                    if family == STORED_PREFIX and _owner_alive(directory, path.name[len(family) :]):
+                        continue  # a running forwarder's (a passing lock): it records them itself, no stop's
+                    try:
+                        count: int | str = len(UnwrittenRecords(path, what=what).lines())
+                    except OSError as exc:
+                        count = f"unreadable ({exc.strerror or exc})"
+                    waiting.append(f"{count} {what} ({path})")
+                damaged += [str(p) for p in set_aside_in(directory, family)]
+        out = []
+        if waiting:
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    "kept by a stop for the next start: " + "; ".join(waiting),
+                    "the next start of its service writes them; still here after a start: it could not "
+                    "(journalctl -u lastmile-acquire -u lastmile-forward)",
+                    advice_key="left-by-stop",
+                    topic="left-by-stop",
+                )
+            )
+        if damaged:
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    "damaged, set aside by a start (its readable records were written): " + ", ".join(damaged),
+                    "what it could not read is said in the journal at its start; remove the copy once looked at "
+                    "(only the newest few are kept)",
+                    advice_key="damaged-copy",
+                    topic="damaged-copy",
+                    subject=", ".join(Path(p).name for p in damaged),
+                )
+            )
         return out
 
     def _wear_finding(self, data: Path, mount: Mount) -> Finding:
@@ -830,7 +889,7 @@ class Doctor:
         its .bad copy named for the county IT). Nothing brings them back (a bridge streams an ECG
         once), so the doctor says how many and when for LOST_SAID_FOR (lastmile.clinic.devices),
         whatever was stored since."""
-        from lastmile.clinic.devices import held_words, lost_message, lost_on_disk_message
+        from lastmile.clinic.devices import HELD_AT_STOP, held_words, lost_message, lost_on_disk_message
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         found = []
@@ -843,22 +902,31 @@ class Doctor:
             again = "they cannot be recovered: record them again if the patients are still here; "
             memory, disk = held_words(*r.lost_from_memory), held_words(*r.lost_from_disk)
             if memory:
-                # another cause than space (locked, damaged) is the county IT's: freeing space does nothing
-                keep = (
-                    LOST_NOT_STORED_HINT
-                    if r.lost_cause
-                    else "keep the gateway powered while readings wait for space (see the data line)"
-                )
+                # another cause than space (locked, damaged) is the county IT's: freeing space does
+                # nothing; the stop's own (and only it) is no fault: what to do is measure again
+                at_stop = r.lost_cause == HELD_AT_STOP
+                if at_stop:
+                    keep, advice = LOST_AT_STOP_HINT, LOST_ECGS_AT_STOP if r.lost_from_memory[1] else LOST_AT_STOP
+                else:
+                    keep = (
+                        LOST_NOT_STORED_HINT
+                        if r.lost_cause
+                        else "keep the gateway powered while readings wait for space (see the data line)"
+                    )
+                    advice = ("lost-ecgs" if r.lost_from_memory[1] else "lost-readings") + (
+                        NOT_STORED if r.lost_cause else ""
+                    )
                 found.append(
                     Finding(
                         "devices",
                         Level.FAIL,
                         f"{r.name or r.address}: {lost_message(memory, r.lost_cause)} {when}",
                         f"{again}{keep}; said until {_stamp(until)}",
-                        advice_key=("lost-ecgs" if r.lost_from_memory[1] else "lost-readings")
-                        + (NOT_STORED if r.lost_cause else ""),
+                        advice_key=advice,
                         until=until.timestamp(),
                         since=r.lost_at.timestamp(),
+                        subject=r.name or r.address if at_stop else "",
+                        counts=r.lost_from_memory if at_stop else None,
                     )
                 )
             if disk:
@@ -1492,6 +1560,32 @@ class Mount:
     fstype: str
     options: frozenset[str]
     source: str
+
+
+def _owner_alive(locks_dir: Path, token: str) -> bool:
+    """Whether the outbox owner `token` runs (its note is then no stop's); not known: said as a stop's.
+    Only looked at: the doctor never takes an owner's lock nor removes its file (the outbox's own probe)."""
+    from uploader.payload_files import OwnerLock
+
+    try:
+        return OwnerLock.seen_held(locks_dir, token)
+    except OSError:
+        return False
+
+
+def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
+    """(directory, name prefix, what its records are) of each kind of file a stop leaves for the
+    next start (uploader.unwritten_records)."""
+    from lastmile.data_dir import SENT_STUDIES_UNWRITTEN
+    from lastmile.services.serial_spill import ROWS_BEHIND_NAME
+    from uploader.outbox import LOCKS_DIR
+    from uploader.payload_files import STORED_PREFIX
+
+    return [
+        (data / LOCKS_DIR, STORED_PREFIX, "outbox item(s) the county stored that the sending could not record as sent"),
+        (data, SENT_STUDIES_UNWRITTEN, "sent-study record(s) clinic.db did not take"),
+        (data, ROWS_BEHIND_NAME, "device row(s) whose held readings' counts were not written"),
+    ]
 
 
 def _unescape(field_text: str) -> str:

@@ -1,7 +1,7 @@
 """The long-running services in tests: what the serial devices send them, systemd's notification
 socket, `lastmile acquire` as systemd starts it, `lastmile doctor` with the system-wide bits
 injected, a FHIR token file, waiting for what a service does, another process's write lock and a
-stop that meets it."""
+stop that meets it, the name the check-in knows for a patient."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
-from lastmile.config import parse_config
+from lastmile.config import Config, parse_config
 from lastmile.demo.loopback import free_port
 from lastmile.doctor import Doctor, Finding, Level
 from tests.conftest import REPO
@@ -340,3 +340,9 @@ def acquire_stopped_under_a_lock(tmp_path: Path, monitor: PtyDevice, database: s
         stop_child(proc)
         manager.sock.close()
     return AcquireStopped(took, out, config, data, proc.returncode)
+
+
+def known_name(config: Config, patient_id: str) -> str:
+    """The name the gateway's check-in knows for `patient_id` now (as a doctor's correction left it)."""
+    with contextlib.closing(PatientContext.open(config.data_dir, config.patient.idle_timeout_s)) as context:
+        return context.known_name(patient_id, dt.datetime.now(dt.timezone.utc))

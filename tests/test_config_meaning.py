@@ -163,6 +163,8 @@ MISTAKES = [
     ("[fhir]\npatient_id_system = 'county register'\n", 2, "'fhir.patient_id_system' must be a URI"),
     ("[gps]\ngpsd_host = ''\n", 2, "'gps.gpsd_host' must name gpsd's address"),
     ("[serial]\nprofiles_dir = 'profiles'\n", 2, "'serial.profiles_dir' must be an absolute path"),
+    ("[ecg]\nstat_name_hold_s = -1\n", 2, "'ecg.stat_name_hold_s' must not be negative"),
+    ("[ecg]\nstat_name_hold_s = 86400\n", 2, "stat_name_hold_s' must be a number of seconds from 0 to 3600, not 86400"),
 ]
 
 

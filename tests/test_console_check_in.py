@@ -129,13 +129,13 @@ def test_a_wrong_name_or_reason_checked_in_can_be_cleared(browser: object, conso
     the fields emptied kept both (empty means "as it was"), and they went to the county with the
     ECG. Now 清除姓名 / 清除原因 beside them clear each, once confirmed: the session (the next ECG's
     patient) has no name, then no reason, STAT stays, and the page says what was cleared - not
-    "已在检查中" (the words for checking her in again), which is not what the doctor did."""
+    "已在就诊中" (the words for checking her in again), which is not what the doctor did."""
     log_in(browser, console)
     check_in(browser, OTHER_ID, name="王五", reason="胸痛", stat=True)
     text_in(browser, "#panel-session", "王五")
     confirm_clear(browser, "name")
     assert done_text(browser).startswith("已清除姓名"), done_text(browser)
-    assert "已在检查中" not in done_text(browser), done_text(browser)
+    assert "已在就诊中" not in done_text(browser), done_text(browser)
     current = checked_in(console.config)
     assert current is not None and current.name == "" and current.reason == "胸痛" and current.stat, current
     assert "王五" not in session_text(browser) and "未填姓名" in session_text(browser), session_text(browser)
@@ -198,7 +198,7 @@ def checked_in_under_his_other_number(driver: object, console: ConsoleServer) ->
     text_in(driver, "#panel-session", VALID_ID)
     check_in(driver, CLINIC_NUMBER, name="王五")
     asked = driver.find_element(by("id"), "confirm-other-id").text  # type: ignore[attr-defined]
-    assert f"王五 已用 {VALID_ID} 检查中。{CLINIC_NUMBER} 是：" in asked, asked
+    assert f"王五 已用 {VALID_ID} 登记就诊。{CLINIC_NUMBER} 是：" in asked, asked
     assert f"更正输错的号码（替换 {VALID_ID}）" in asked and "同一人的另一个号码（两个都保留）" in asked, asked
     current = checked_in(console.config)
     assert current is not None and current.patient_id == VALID_ID, current
@@ -276,7 +276,7 @@ def test_another_patient_of_the_same_name_ends_the_first_ones_check_in(browser: 
     text_in(browser, "#panel-session", "急")
     check_in(browser, CLINIC_NUMBER, name="王五")
     asked = browser.find_element(by("id"), "confirm-other-id").text  # type: ignore[attr-defined]
-    assert f"另一位同名的患者（结束 {VALID_ID} 的检查）" in asked, asked
+    assert f"另一位同名的患者（结束 {VALID_ID} 的就诊）" in asked, asked
     submitted(browser, click("#confirm-other-id button[value=another-person]"))
     wait_for(browser, on_page("/today"))
     text_in(browser, "#panel-session", CLINIC_NUMBER)
@@ -420,7 +420,7 @@ def gaps_between(driver: object, css: str) -> list[float]:
 def test_the_checked_in_patients_buttons_are_apart_on_a_phone_and_a_tablet(
     browser: object, console: ConsoleServer
 ) -> None:
-    """On a 360 px phone the checked-in patient's 不急了 / 清除姓名 / 清除原因 / 结束检查 stacked
+    """On a 360 px phone the checked-in patient's 不急了 / 清除姓名 / 清除原因 / 结束就诊 stacked
     touching each other: a tap meant for one could land on the next. Now they are apart by the
     console's button-row rule (as the ECG's 重新记录 / 仍然发送), on a phone and on a tablet."""
     log_in(browser, console)
@@ -439,7 +439,7 @@ def test_the_checked_in_patients_buttons_are_apart_on_a_phone_and_a_tablet(
 
 def test_reloading_the_answer_to_not_urgent_says_nothing_it_did_not_do(browser: object, console: ConsoleServer) -> None:
     """After "not urgent" the page said 已取消加急; reloading it (the address still says what was
-    done) said 已在检查中 ... 没有改动 without a name, right after STAT was turned off. A reload
+    done) said 已在就诊中 ... 没有改动 without a name, right after STAT was turned off. A reload
     now says nothing about an action."""
     log_in(browser, console)
     check_in(browser, OTHER_ID, name="李四", reason="胸痛", stat=True)
@@ -455,13 +455,13 @@ def test_reloading_the_answer_to_not_urgent_says_nothing_it_did_not_do(browser: 
 
 def test_checking_in_another_patient_says_whose_check_in_ended(browser: object, console: ConsoleServer) -> None:
     """张三 is checked in; the doctor checks in 李四. 张三's check-in ended without a word on the
-    page (only the session log knew): the page now says 张三 的检查已结束."""
+    page (only the session log knew): the page now says 张三 的就诊已结束."""
     log_in(browser, console)
     check_in(browser, VALID_ID, name="张三")
-    assert "张三 的检查已结束" not in done_text(browser)
+    assert "张三 的就诊已结束" not in done_text(browser)
     check_in(browser, OTHER_ID, name="李四")
     text_in(browser, "#panel-session", OTHER_ID)
-    assert "张三 的检查已结束" in done_text(browser), done_text(browser)
+    assert "张三 的就诊已结束" in done_text(browser), done_text(browser)
 
 
 def test_logging_out_with_a_patient_checked_in_offers_to_end_the_check_in(
@@ -474,7 +474,7 @@ def test_logging_out_with_a_patient_checked_in_offers_to_end_the_check_in(
     submitted(browser, click("form[action='/logout'] button"))
     assert "/logout" in browser.current_url, "logged out at once, 张三 left checked in"  # type: ignore[attr-defined]
     said = browser.find_element(by("id"), "logout-check-in").text  # type: ignore[attr-defined]
-    assert "张三" in said and "仍在检查中" in said, said
+    assert "张三" in said and "仍在就诊中" in said, said
     assert checked_in(console.config) is not None
     submitted(browser, click("button[value=end]"))
     wait_for(browser, on_page("/login"))
@@ -548,7 +548,7 @@ def space_above_id_label(driver: object) -> float:
 
 
 def test_the_id_label_is_set_apart_from_the_session_buttons_on_a_phone(browser: object, console: ConsoleServer) -> None:
-    """At 360 px the label 身份证号或门诊号 sat 0.5 rem under 结束该患者的检查, as close as the
+    """At 360 px the label 身份证号或门诊号 sat 0.5 rem under 结束该患者的就诊, as close as the
     session's buttons are to each other: it read as one more line of the session, not the start of
     the form for the next patient. Now it keeps the space it has when nobody is checked in."""
     from tests.console_browser import save_screenshot  # the page as the doctor sees it, for a look
@@ -652,7 +652,7 @@ def test_a_check_in_refused_because_the_checked_in_patient_left_meanwhile_says_w
     monkeypatch.undo()
     assert not left, "李四's check-in did not end between the look and the check-in"
     said = browser.find_element(by("id"), "form-error").text  # type: ignore[attr-defined]
-    assert "李四 的检查在您提交前已经结束" in said and "请再按一次“登记患者”" in said, said
+    assert "李四 的就诊在您提交前已经结束" in said and "请再按一次“登记患者”" in said, said
     assert checked_in(config) is None
     typed = browser.find_element(by("id"), "patient_id").get_attribute("value")  # type: ignore[attr-defined]
     assert typed == CLINIC_NUMBER, typed

@@ -376,7 +376,7 @@ def test_a_reading_timed_by_the_gateway_on_receipt_says_its_time_is_the_time_rec
 
 
 def end_session_form(doctor: Client) -> dict[str, str]:
-    """The fields of Today's "End this patient's session" form, as the page shows them now."""
+    """The fields of Today's "End this patient's check-in" form, as the page shows them now."""
     page = doctor.get("/today")
     form = re.search(r'<form method="post" action="/today/end-session".*?</form>', page.body, flags=re.S)
     assert form, "Today shows the End session button"
@@ -387,7 +387,7 @@ def test_ending_the_session_shown_never_ends_the_patient_checked_in_since(
     clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
 ) -> None:
     """李四 is checked in; the doctor's Today page shows him. Meanwhile the nurse checks in 张三
-    on the cart's tablet. The doctor, done with 李四, presses "End this patient's session" on
+    on the cart's tablet. The doctor, done with 李四, presses "End this patient's check-in" on
     the page still showing 李四: 张三's session must go on (her readings would be held, her
     STAT lost), and the doctor must be told why nothing ended."""
     config = clinic[0]

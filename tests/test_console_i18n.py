@@ -260,3 +260,21 @@ def test_every_action_the_console_records_has_a_name_in_english_and_chinese() ->
     zh = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
     en = Localizer("en", ZoneInfo("Asia/Shanghai"))
     assert [c for c in recorded if not en.gettext(ACTIONS[c]) or zh.gettext(ACTIONS[c]) == ACTIONS[c]] == []
+
+
+def test_a_patients_check_in_is_one_word_in_each_language() -> None:
+    """The same thing, the patient's visit from check-in to its end, was 检查 (an examination, the
+    word of a study sent to the county) in most strings and 就诊 in others, and "session" beside
+    "check-in" in English; measurements were 检查 too. Now: the check-in is 就诊 (登记: checking in),
+    "check-in" in English; a measurement is 测量; 检查 is left to studies and to checking."""
+    cat = catalog()
+    pairs = [
+        ((m.id[0] if isinstance(m.id, tuple) else m.id), (m.string[0] if isinstance(m.string, tuple) else m.string))
+        for m in cat  # type: ignore[attr-defined]
+        if m.id
+    ]
+    visit = [(i, s) for i, s in pairs if "check-in" in i or "checked in" in i]
+    assert len(visit) > 10, visit  # the check-in's strings were found
+    assert [i for i, s in visit if "检查" in s.replace("检查原因", "")] == []  # the reason is the ECG's: 检查原因
+    assert [i for i in (i for i, _ in pairs) if "session" in i.lower()] == []
+    assert [i for i, s in pairs if "measurement" in i and "检查" in s] == []

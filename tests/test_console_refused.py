@@ -107,7 +107,7 @@ def test_every_path_answers_503_with_the_page_in_chinese(refused: RefusedConsole
         assert reply.headers["retry-after"] == str(CHECK_AGAIN_S) and reply.headers["cache-control"] == "no-store"
         assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
         assert "网关配置文件有错误" in reply.body and "请告知县信息科" in reply.body, reply.body
-        assert "修好之前，网关不会记录设备的检查结果，也不会发送到县里" in reply.body
+        assert "修好之前，网关不会记录设备的测量结果，也不会发送到县里" in reply.body
         assert "之前记录的测量结果和心电图都安全保存在网关中" in reply.body
         assert "修好之后，本页会自动回到网关控制台" in reply.body
         # asks again by itself: console.js (data-until-fixed), a refresh without script

@@ -410,10 +410,10 @@ def test_not_urgent_refuses_once_a_card_checked_another_patient_in(
     real_transaction = patients.transaction
     scans = ["P-LISI"]
 
-    def card_scanned_first(db):  # the card reaches clinic.db the moment the button's write starts
+    def card_scanned_first(db, **how):  # the card reaches clinic.db the moment the button's write starts
         if scans and db is data.db:
             acquire.set_patient(scans.pop(), now=now())
-        return real_transaction(db)
+        return real_transaction(db, **how)
 
     try:
         data.check_in("王医生", VALID_ID, "张三", "", True, "胸痛", now=now())

@@ -593,3 +593,115 @@ def test_the_words_of_losses_name_readings_and_ecgs_one_card_and_keep_each_bad_c
     assert "网关停机时丢失了测量数据和心电图：请看“设备”页" in pages["/today"], pages["/today"]
     assert "磁盘" not in pages["/devices"] and "其余已保存在SD卡上" in pages["/devices"], pages["/devices"]
     assert "（文件损坏或丢失）" in pages["/devices"], pages["/devices"]
+
+
+def test_readings_held_at_a_stop_and_lost_say_how_many_from_which_device_and_to_measure_again(
+    tmp_path: Path,
+) -> None:
+    """Readings held only because the gateway was stopping (HELD_AT_STOP), in memory only, were
+    lost with the stop: the System page and `lastmile doctor` said the data store could not be
+    written and to call the county IT - for a known stop, where nothing is broken and nobody can
+    bring them back. Now they say how many, from which device, when it was found, and to measure
+    again; the Devices page says so too."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    registry = DeviceRegistry.open(data)
+    try:  # 3 held at the stop, 1 of them in memory only: the restart found that one gone
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            name="monitor",
+            reading="SpO2 97 %",
+            reading_at=now,
+            seen=True,
+        )
+        hold_three_one_in_memory_only(registry, now)
+        registry.record_lost(registry.get("serial:monitor"), (1, 0), now=now, cause=HELD_AT_STOP)
+    finally:
+        registry.close()
+    (lost,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL and "lost when" in f.message]
+    assert lost.message.startswith(
+        "monitor: 1 reading(s) held in memory only (not stored yet when the gateway stopped)"
+    )
+    assert "county IT" not in lost.hint and "record them again" in lost.hint, lost
+    assert (lost.advice_key, lost.subject, lost.counts) == ("lost-at-stop", "monitor", (1, 0)), lost
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+    system = pages["/system"]
+    assert "已丢失：monitor 的 1 条测量结果。它们是网关停机前刚测的" in system, system
+    assert "如病人仍在，请重新测量。" in system and "县信息科" not in system.split("已丢失：monitor")[1][:200], system
+    assert "网关停机时丢失：停机前刚测的 1 条测量结果，尚未保存" in pages["/devices"], pages["/devices"]
+    assert "设备和网关都没有坏。如病人仍在，请重新测量。" in pages["/devices"], pages["/devices"]
+
+
+@pytest.mark.parametrize("space_first", [True, False], ids=["space-then-stop", "stop-then-space"])
+def test_a_loss_for_want_of_space_said_with_a_stop_s_loss_keeps_the_space_advice(
+    tmp_path: Path, space_first: bool
+) -> None:
+    """5 readings waiting for space in memory only, lost with a power cut, then (within the week
+    said) 1 held at a stop in memory only and lost with it - or the other way round: the merged
+    loss took the stop's cause, so the System page said all 6 were "taken just before the stop,
+    nothing is broken", the Devices page the same, and `lastmile doctor` "nothing to repair": the
+    advice for the space (keep the gateway powered while readings wait for it) was gone. Now the
+    space's cause is kept: its words and advice, with the count of both."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    losses = [((5, 0), ""), ((1, 0), HELD_AT_STOP)]  # cause "": waiting for space
+    registry = DeviceRegistry.open(data)
+    try:
+        registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
+        for when, (counts, cause) in zip((now - dt.timedelta(days=2), now), losses if space_first else losses[::-1]):
+            hold_three_one_in_memory_only(registry, when)
+            registry.record_lost(registry.get("serial:monitor"), counts, now=when, cause=cause)
+        row = registry.get("serial:monitor")
+    finally:
+        registry.close()
+    assert (row.lost_cause, row.lost_from_memory, row.lost_at_stop) == ("", (6, 0), False), row
+    (lost,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL and "lost when" in f.message]
+    assert lost.message.startswith("monitor: 6 reading(s) held in memory only (waiting for space)"), lost
+    assert "keep the gateway powered while readings wait for space" in lost.hint, lost
+    assert lost.advice_key == "lost-readings", lost
+    if not space_first:
+        return  # the pages read the same row: once is enough
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+    assert "有测量数据因在等待存储空间、尚未保存而丢失" in pages["/system"], pages["/system"]
+    assert "停机前刚测" not in pages["/system"] and "停机前刚测" not in pages["/devices"], pages
+    assert "网关停机时丢失：6 条测量结果（当时仅在内存中）" in pages["/devices"], pages["/devices"]
+
+
+def test_ecgs_held_at_a_stop_and_lost_say_to_record_the_ecg_again(tmp_path: Path) -> None:
+    """Streamed ECGs held at a stop in memory only and lost with it were told "Measure again"
+    (请重新测量) on the System and Devices pages, beside the catalog's words for ECGs held at a stop
+    ("Record the ECG again", 请重新做心电图). Now ECGs get those."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    registry = DeviceRegistry.open(data)
+    try:  # 3 ECGs held at the stop, 1 of them in memory only: the restart found that one gone
+        registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            held=HeldReadings.MEMORY,
+            held_counts=(0, 3),
+            memory_counts=(0, 1),
+        )
+        registry.record_lost(registry.get("serial:monitor"), (0, 1), now=now, cause=HELD_AT_STOP)
+    finally:
+        registry.close()
+    (lost,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL and "lost when" in f.message]
+    assert (lost.advice_key, lost.subject, lost.counts) == ("lost-ecgs-at-stop", "monitor", (0, 1)), lost
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+    system = pages["/system"].split("已丢失：monitor")[1][:300]
+    assert "如病人仍在，请重新做心电图。" in system and "请重新测量" not in system, pages["/system"]
+    devices = pages["/devices"].split("网关停机时丢失：")[1][:300]
+    assert "设备和网关都没有坏。如病人仍在，请重新做心电图。" in devices and "请重新测量" not in devices, devices

@@ -773,3 +773,125 @@ def test_a_doctor_run_opens_the_outbox_once_and_finds_recent_ecgs_without_a_full
     finally:
         counting.clear()
     assert len(opens) == 1, f"one doctor run opened the outbox {len(opens)} times"
+
+
+# -- what a stop kept for the next start ---------------------------------------------------------------
+
+
+def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_warnings(tmp_path: Path) -> None:
+    """The files in which a stop keeps what it could not write (uploader.unwritten_records) were
+    said by nobody: a start that could not apply one left it for ever, and the damaged copies a
+    start set aside were never named. Now `lastmile doctor` warns with what and how many, and
+    names each damaged copy. Written here by the code that writes them at a stop (the outbox's
+    note of what the county stored, the serial device rows the stop gave up), read back by a start."""
+    from lastmile.services.serial_spill import RowBehind, load_rows_behind, save_rows_behind
+    from uploader.outbox import Outbox
+    from uploader.payload_files import OwnerLock
+
+    data = tmp_path
+    assert [f.topic for f in doctor(data).check_data_partition()] == ["space", "sd-card"]  # none: nothing said
+    save_rows_behind(data, {"serial:a": RowBehind((2, 0), (1, 0), ""), "serial:b": RowBehind((1, 0), (1, 0), "")})
+    with Outbox.open(data, min_free_bytes=0) as forwarder:
+        first = forwarder.add("dicom", "a", b"x" * 10).item
+        forwarder.add("dicom", "b", b"y" * 10)
+        assert [i.id for i in forwarder.claim("dicom", 10, time.time())] == [first.id, first.id + 1]
+        assert forwarder.begin_send(first.id, time.time())
+        forwarder.remember_stored([first.id, first.id + 1], taken=False)  # the county stored both; mark_sent failed
+        found = {f.topic: f for f in doctor(data).check_data_partition()}
+    kept = found["left-by-stop"]
+    assert kept.level is Level.WARN and kept.advice_key == "left-by-stop", kept
+    # a running forwarder's note (a passing lock) is no stop's: it records it itself
+    assert "outbox item(s)" not in kept.message and "stored-" not in kept.message, kept
+    assert "2 device row(s) whose held readings' counts were not written" in kept.message, kept
+    assert "damaged-copy" not in found
+    # one a dead forwarder left (killed before recording what the county stored) waits for a start
+    dead = "0000-dead"
+    OwnerLock.stored_file(data / "locks", dead).replace([f"{first.id} sent", f"{first.id + 1} sent"])
+    kept = {f.topic: f for f in doctor(data).check_data_partition()}["left-by-stop"]
+    assert "2 outbox item(s) the county stored that the sending could not record as sent" in kept.message, kept
+    assert f"locks/stored-{dead}" in kept.message, kept
+    OwnerLock.forget_stored(data / "locks", dead)
+
+    (data / "serial-rows-behind.jsonl").write_bytes(b'{"address": "serial:a"\n')  # torn on the SD card
+    assert load_rows_behind(data) == {}  # the start: set aside, said
+    found = {f.topic: f for f in doctor(data).check_data_partition()}
+    (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
+    damaged = found["damaged-copy"]
+    assert damaged.level is Level.WARN and str(aside) in damaged.message and damaged.subject == aside.name, damaged
+    assert "left-by-stop" not in found  # the outbox recorded what it kept at its close; the rows' was taken
+    said = [f.topic for f in doctor(data, offline=True).run_all() if f.check == "data"]
+    assert said == ["space", "damaged-copy", "sd-card"], said
+
+
+def test_the_doctor_only_looks_at_an_outbox_owners_lock_never_takes_it(tmp_path: Path) -> None:
+    """REV-E 4: the doctor's live-owner check (the System page runs it) took a dead owner's lock
+    for a moment and removed its file: an outbox opening then found the owner "alive", skipped its
+    note of what the county stored, then found it dead and sent those again. Now it only reads
+    /proc/locks: a dead owner's lock file stays as it is, a live one (another process) is seen."""
+    import sys
+
+    from uploader.payload_files import OwnerLock
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    for token in ("0000-dead", "0000-live"):
+        OwnerLock.stored_file(locks, token).replace(["7 sent"])
+    dead_lock = locks / "owner-0000-dead.lock"
+    dead_lock.touch()  # its process died: the kernel dropped its flock, the file stays
+    inode = dead_lock.stat().st_ino
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from uploader.payload_files import OwnerLock;"
+            "lock = OwnerLock(Path(sys.argv[1]), '0000-live'); print('held', flush=True); sys.stdin.read()",
+            str(locks),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        kept = {f.topic: f for f in doctor(tmp_path).check_data_partition()}["left-by-stop"]
+        assert "locks/stored-0000-dead" in kept.message and "stored-0000-live" not in kept.message, kept
+        assert dead_lock.exists() and dead_lock.stat().st_ino == inode  # looked at, not taken nor removed
+        assert OwnerLock.seen_held(locks, "0000-live") and not OwnerLock.seen_held(locks, "0000-dead")
+    finally:
+        holder.communicate("", timeout=10)
+    assert not OwnerLock.seen_held(locks, "0000-live")  # its process ended
+
+
+def test_a_lock_with_the_same_inode_number_on_another_filesystem_is_not_the_owners(tmp_path: Path) -> None:
+    """REV-F 3: the doctor matched /proc/locks by inode number alone: a flock on another filesystem
+    (a tmpfs /run) with the same number made a dead owner look alive, and its note was never said
+    to be a stop's. Now the device must agree too, except on overlayfs (its device is a layer's)."""
+    import os
+
+    from uploader.payload_files import OwnerLock
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "owner-0000-dead.lock").touch()
+    here = (locks / "owner-0000-dead.lock").stat()
+    major, minor = os.major(here.st_dev), os.minor(here.st_dev)
+    proc_locks = tmp_path / "locks.txt"
+    proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major + 1:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
+    mounted_as = [
+        line.partition(" - ")[2].split()[0]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[2] == f"{major}:{minor}"
+    ]
+    if mounted_as and mounted_as[0] != "overlay":  # this machine's own mounts say the device is stat's
+        assert not OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"36 35 {major}:{minor} / / rw,noatime shared:1 - ext4 /dev/mmcblk0p2 rw\n")
+    assert not OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)
+
+    proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
+    assert OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)  # its own lock
+
+    proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major + 1:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
+    mountinfo.write_text(f"36 35 {major}:{minor} / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u\n")
+    assert OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)  # a layer's device

@@ -38,6 +38,7 @@ from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore, obs
 from lastmile.config import load_config
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore, SentStudy
+from tests.fhir_reports import diagnostic_report
 from tests.fhir_samples import NAMING, T0, blood_pressure, queue_visits
 from tests.fhir_server import FhirTestServer
 from tests.medplum_fhir_server import UPSTREAM_TIMEOUT_S, MedplumFhirServer
@@ -329,17 +330,7 @@ def test_a_report_whose_store_a_stop_gave_up_is_said_at_info_and_stored_by_the_n
         data, log = load_config(cfg).data_dir, tmp_path / "forward.log"
         with ReportStore.open(data) as store:  # an ECG sent ten minutes ago: due for its routine round
             store.record_sent(SentStudy(study, dt.datetime.now(dt.timezone.utc) - 10 * MINUTE, patient_id="P1"))
-        platform.put_resource(
-            {
-                "resourceType": "DiagnosticReport",
-                "status": "final",
-                "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study}"}],
-                "code": {"coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}]},
-                "subject": {"identifier": {"system": "urn:lastmile:patient-id", "value": "P1"}},
-                "issued": "2026-11-02T10:00:00+08:00",
-                "conclusion": "Sinus rhythm. Normal ECG.",
-            }
-        )
+        platform.put_resource(diagnostic_report(study))
 
         with service_running(cfg, "forward", log=log, before_the_stop=platform.may_answer.set) as first:
             wait_for(lambda: platform.searched.is_set() or first.poll() is not None, 60, what="the poller asking")

@@ -33,6 +33,7 @@ from tests.dicom_validation import dciodvfy_problems
 from tests.ecg_factories import make_recording
 from tests.forward_setup import make_config
 from tests.peers import free_port, gateway_modality
+from tests.service_harness import known_name
 from uploader.dicom_ecg import EcgStudyUids, unassigned_patient_id
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.outbox import ItemState, Kind
@@ -274,18 +275,7 @@ def test_cli_assigning_a_held_ecg_with_another_name_than_its_ids_check_in_is_ref
         item = outbox.get(held)
         assert item is not None and item.patient is not None and item.patient["name"] == "Li^Si=李^四"
         assert str(_dataset(outbox, item).PatientName) == "Li^Si=李^四"
-    assert _known_name(config, "MZ-1") == "Li^Si=李^四"  # the check-in's name corrected too, once assigned
-
-
-def _known_name(config: Config, patient_id: str) -> str:
-    """The name the gateway's session knows for `patient_id` now."""
-    from lastmile.clinic.patients import PatientContext
-
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        return context.known_name(patient_id, dt.datetime.now(dt.timezone.utc))
-    finally:
-        context.close()
+    assert known_name(config, "MZ-1") == "Li^Si=李^四"  # the check-in's name corrected too, once assigned
 
 
 def test_cli_a_refused_ecg_assignment_with_correct_name_leaves_the_check_ins_name_as_it_was(
@@ -303,7 +293,7 @@ def test_cli_a_refused_ecg_assignment_with_correct_name_leaves_the_check_ins_nam
 
     assert cli([*run, "patient", "assign", f"E{held + 7}", "MZ-1", "--name", "李四", "--correct-name"]) == 1
     assert f"no ECG E{held + 7} held at this gateway" in capsys.readouterr().err
-    assert _known_name(config, "MZ-1") == "Zhang^San=张^三"
+    assert known_name(config, "MZ-1") == "Zhang^San=张^三"
     with open_outbox(config) as outbox:
         item = outbox.get(held)
         assert item is not None and item.meta["unassigned"] and item.hold_reason == UNASSIGNED_HOLD

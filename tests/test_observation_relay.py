@@ -6,7 +6,10 @@ every BLE and serial reading stayed on the gateway, silently (found by the soak)
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
+import signal
+import textwrap
 from pathlib import Path
 
 from devices.identity import DeviceIdentity, TimeSource
@@ -151,6 +154,120 @@ def relay_observations_with(outbox: Outbox, claimed: list, now: float) -> None:
             patient_id=obs.patient_id,
             now=now,
         )
+
+
+# The relay's two writes, in separate databases: the readings' Sent page records (clinic.db), then
+# the readings marked sent (the outbox). The forward process dies before the second of them,
+# whichever comes second (a swapped order is cut there too): SIGKILL, nothing flushed or closed.
+KILLED_BETWEEN_THE_TWO_WRITES = textwrap.dedent("""
+    import os, signal, sys, threading
+    from lastmile.config import load_config
+    from lastmile.reports.store import ReportStore
+    from lastmile.services.forward import ForwardService
+    from uploader.outbox import Outbox
+
+    written = []
+
+    def killed_before_the_second(cls, name):
+        write = getattr(cls, name)
+        def cut(self, *args, **kwargs):
+            if written:  # the other write is done: the process dies before this one
+                print(f"killed after {written[0]}, before {name}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            done = write(self, *args, **kwargs)
+            written.append(name)
+            return done
+        setattr(cls, name, cut)
+
+    killed_before_the_second(ReportStore, "record_sent_readings")
+    killed_before_the_second(Outbox, "mark_taken")
+    service = ForwardService(load_config(sys.argv[1]))
+    for _round in range(100):
+        service.step(threading.Event())
+    sys.exit("the relay never made its two writes")
+""")
+
+
+def forward_toml(tmp_path: Path, platform: FhirTestServer) -> Path:
+    """The forward service of a clinic whose readings go to `platform` (no reading center listens)."""
+    from tests.service_harness import no_reading_center_toml
+
+    path = tmp_path / "lastmile.toml"
+    data_dir = tmp_path / "data"
+    path.write_text(
+        f'[gateway]\nid = "{NAMING.gateway_id}"\ndata_dir = "{data_dir}"\n{no_reading_center_toml()}'
+        f'[fhir]\nbase_url = "{platform.base_url}"\n[outbox]\nmin_free_mb = 0\n[reports]\nsource = "off"\n'
+    )
+    return path
+
+
+class ReadingsCounted(FhirTestServer):
+    """The platform counting the Observations of every transaction it is sent, by identifier: one
+    sent twice is stored once (conditional create), and counted twice here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: collections.Counter[str] = collections.Counter()
+
+    def receive(self, bundle: dict) -> None:
+        super().receive(bundle)
+        for entry in bundle["entry"]:
+            if entry["resource"]["resourceType"] == "Observation":
+                self.sent.update(i["value"] for i in entry["resource"]["identifier"])
+
+
+def test_a_forward_process_killed_between_the_relays_two_writes_loses_and_sends_nothing_twice(tmp_path: Path) -> None:
+    """The readings' Sent page records are written before the readings are marked sent: a process
+    killed between the two records them again at the next start (absorbed: one record each), and
+    their bundles, keyed by the reading, are queued and sent once. Marked first, the readings were
+    done without a record: the Sent page lost them at the purge."""
+    import subprocess
+    import sys
+    import threading
+
+    from lastmile.config import load_config
+    from lastmile.reports.store import ReportStore
+    from lastmile.services.forward import ForwardService
+    from tests.waiting import wait_for
+
+    with ReadingsCounted() as platform:
+        config_path = forward_toml(tmp_path, platform)
+        outbox, store = record_three(tmp_path / "data")
+        readings = sorted(i.id for i in outbox.items(kind=OBSERVATION_KIND))
+        store.close()
+        outbox.close()
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_BETWEEN_THE_TWO_WRITES, str(config_path)],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stdout, killed.stderr[-3000:])
+        assert "killed after" in killed.stdout, killed.stdout  # at the cut, after one of the two writes
+        assert not platform.resources("Observation")  # killed before the round that sends
+
+        def all_sent(outbox: Outbox) -> bool:
+            states = {i.state for i in outbox.items(kind=OBSERVATION_KIND)} | {
+                b.state for b in outbox.items(kind=Kind.FHIR_BUNDLE)
+            }
+            return states <= {ItemState.COMMITTED, ItemState.PURGED} and len(platform.resources("Observation")) == 3
+
+        service = ForwardService(load_config(config_path))  # the next start
+        try:
+            stop = threading.Event()
+            wait_for(lambda: (service.step(stop), all_sent(service.outbox))[1], 60.0, what="the readings sent")
+            bundles = service.outbox.items(kind=Kind.FHIR_BUNDLE)
+        finally:
+            service.close()
+        by_patient = systolic_by_patient(platform)
+    assert by_patient == {"P-1": [131.0], "P-2": [152.0, 118.0]}, by_patient
+    assert len(bundles) == 3, bundles  # queued once
+    assert len(platform.sent) == 3 and set(platform.sent.values()) == {1}, platform.sent  # sent once
+    with ReportStore.open(tmp_path / "data") as reports:
+        records = reports.recent_sent_readings(10)
+    assert sorted(r.outbox_item_id for r in records) == readings, "a reading is missing from the Sent page"
+    assert all(r.sent_at is not None for r in records), records  # each says 已发送
 
 
 def test_a_record_that_cannot_be_a_bundle_is_quarantined_alone(tmp_path: Path) -> None:

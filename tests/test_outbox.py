@@ -545,22 +545,26 @@ SENDER_SCRIPT = textwrap.dedent("""
 """)
 
 
+def killed_once_it_says(script: str, data_dir: Path) -> int:
+    """`script` run as its own process until it prints the id of the item it left mid-way, then
+    SIGKILLed (nothing closed: its claims are left to the next open). That id."""
+    sender = python(script, data_dir)
+    try:
+        return int(sender.stdout.readline())
+    finally:
+        sender.kill()  # SIGKILL
+        sender.communicate(timeout=30)
+
+
 def test_a_send_killed_mid_way_was_charged_before_it_started(data_dir: Path) -> None:
     with open_outbox(data_dir) as ob:
         add(ob, "a"), add(ob, "b")
-    sender = python(SENDER_SCRIPT, data_dir)
-    try:
-        in_flight = int(sender.stdout.readline())
-        sender.send_signal(signal.SIGKILL)
-        sender.communicate(timeout=30)
-        with open_outbox(data_dir) as ob:  # recovery at open
-            cut, waiting = (ob.get(i.id) for i in sorted(ob.items(), key=lambda i: i.id != in_flight))
-            assert (cut.state, cut.attempts, cut.interrupted_sends) == (S.QUEUED, 1, 1)
-            assert "died during the send" in cut.last_error
-            assert (waiting.state, waiting.attempts, waiting.interrupted_sends) == (S.QUEUED, 0, 0)
-    finally:
-        sender.kill()
-        sender.communicate(timeout=30)
+    in_flight = killed_once_it_says(SENDER_SCRIPT, data_dir)
+    with open_outbox(data_dir) as ob:  # recovery at open
+        cut, waiting = (ob.get(i.id) for i in sorted(ob.items(), key=lambda i: i.id != in_flight))
+        assert (cut.state, cut.attempts, cut.interrupted_sends) == (S.QUEUED, 1, 1)
+        assert "died during the send" in cut.last_error
+        assert (waiting.state, waiting.attempts, waiting.interrupted_sends) == (S.QUEUED, 0, 0)
 
 
 def test_a_send_cut_by_the_gateway_going_down_is_never_charged(
@@ -574,14 +578,7 @@ def test_a_send_cut_by_the_gateway_going_down_is_never_charged(
     rebooted = tmp_path / "boot_id"
     for cut in range(1, DEFAULT_MAX_INTERRUPTED_SENDS + 2):
         monkeypatch.setattr(outbox_module, "BOOT_ID", Path("/proc/sys/kernel/random/boot_id"))
-        sender = python(SENDER_SCRIPT, data_dir)
-        try:
-            in_flight = int(sender.stdout.readline())
-            sender.send_signal(signal.SIGKILL)  # the power goes with the bytes on the wire
-            sender.communicate(timeout=30)
-        finally:
-            sender.kill()
-            sender.communicate(timeout=30)
+        in_flight = killed_once_it_says(SENDER_SCRIPT, data_dir)  # the power goes with the bytes on the wire
         rebooted.write_text(f"00000000-0000-4000-8000-{cut:012d}\n")  # the next boot's id
         monkeypatch.setattr(outbox_module, "BOOT_ID", rebooted)
         with open_outbox(data_dir) as ob:  # recovery at open, in the next boot
@@ -643,7 +640,7 @@ STORED_UNRECORDED_SCRIPT = textwrap.dedent("""
     ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
     first, second = ob.claim("dicom", 10, 2e9)
     ob.begin_send(first.id, 2e9)
-    ob.remember_stored([first.id])  # the peer stored it; mark_sent failed (the forwarder's except)
+    ob.remember_stored([first.id], taken=False)  # the peer stored it; mark_sent failed (the forwarder's except)
     print(first.id, flush=True)
     time.sleep(60)
 """)
@@ -661,14 +658,7 @@ def test_what_the_peer_stored_unrecorded_is_recorded_as_sent_by_the_next_open(
     the peer has it. The other claim goes back to the queue as before."""
     with open_outbox(data_dir) as ob:
         add(ob, "a"), add(ob, "b")
-    sender = python(STORED_UNRECORDED_SCRIPT, data_dir)
-    try:
-        stored = int(sender.stdout.readline())
-        sender.send_signal(signal.SIGKILL)
-        sender.communicate(timeout=30)
-    finally:
-        sender.kill()
-        sender.communicate(timeout=30)
+    stored = killed_once_it_says(STORED_UNRECORDED_SCRIPT, data_dir)
     if end == "power cut":
         with contextlib.closing(sqlite3.connect(data_dir / DB_NAME)) as conn, conn:
             conn.execute("UPDATE items SET state = 'queued', claimed_by = NULL, in_flight = 0, attempts = 0")
@@ -692,7 +682,7 @@ def test_close_records_what_the_peer_stored_before_giving_back_its_claims(data_d
     with open_outbox(data_dir) as forwarder:
         assert len(forwarder.claim("dicom", 10, 2e9)) == 2
         assert forwarder.begin_send(a.id, 2e9)
-        forwarder.remember_stored([a.id])
+        forwarder.remember_stored([a.id], taken=False)
         assert [p.name for p in (data_dir / "locks").glob("stored-*")] == [f"stored-{forwarder.owner}"]
     with open_outbox(data_dir) as ob:
         assert (ob.get(a.id).state, ob.get(a.id).attempts, ob.get(b.id).state) == (S.SENT, 1, S.QUEUED)
@@ -743,13 +733,7 @@ def test_a_process_killed_mid_send_again_and_again_still_ends_in_quarantine(data
     with open_outbox(data_dir) as ob:
         add(ob, "a"), add(ob, "b")
     for _death in range(DEFAULT_MAX_INTERRUPTED_SENDS):
-        sender = python(SENDER_SCRIPT, data_dir)
-        try:
-            in_flight = int(sender.stdout.readline())
-            sender.send_signal(signal.SIGKILL)
-        finally:
-            sender.kill()
-            sender.communicate(timeout=30)
+        in_flight = killed_once_it_says(SENDER_SCRIPT, data_dir)
     with open_outbox(data_dir) as ob:
         assert [i.key for i in ob.claim("dicom", 10, 2e9)] == ["b"]
         poison = ob.get(in_flight)
@@ -1226,9 +1210,68 @@ def test_a_fhir_bundle_the_platform_took_unrecorded_is_recorded_taken_and_purged
     with open_outbox(data_dir) as ob:
         bundle, ecg = add(ob, "fhir:a", kind="fhir-bundle"), add(ob, "ecg")
         assert len(ob.claim("fhir-bundle", 10, 2e9)) == 1 and len(ob.claim("dicom", 10, 2e9)) == 1
-        ob.remember_stored([bundle.id, ecg.id])
+        ob.remember_stored([bundle.id], taken=True)  # the FHIR forwarder's mark_taken failed
+        ob.remember_stored([ecg.id], taken=False)  # the ECG forwarder's mark_sent
         assert ob.record_stored(2e9 + 1) == 2
         assert (ob.get(bundle.id).state, ob.get(bundle.id).committed_at) == (S.COMMITTED, 2e9 + 1)
         assert (ob.get(ecg.id).state, ob.get(ecg.id).committed_at) == (S.SENT, None)
         assert ob.purge_due(2e9 + 2, 0.0) == 1
         assert ob.get(bundle.id).state == S.PURGED
+
+
+def test_the_next_open_records_what_the_peer_stored_as_its_caller_would_have_not_by_its_kind(data_dir: Path) -> None:
+    """`record_stored` decided "taken" by the item's kind (`_TAKEN_WHEN_STORED`), though the caller
+    that remembered it knew which it meant (`mark_taken` or `mark_sent`): the flag is now the
+    caller's, kept in the note beside the owner's lock, and the next open after a stop that could
+    not record them records each as its caller would have. A note an older version left (bare
+    ids) is still read by kind."""
+    from uploader.payload_files import OwnerLock
+
+    with open_outbox(data_dir) as ob:
+        taken_ecg, sent_ecg, bundle = add(ob, "ecg-a"), add(ob, "ecg-b"), add(ob, "fhir:a", kind="fhir-bundle")
+    with open_outbox(data_dir) as forwarder:
+        assert len(forwarder.claim("dicom", 10, 2e9)) == 2
+        forwarder.remember_stored([taken_ecg.id], taken=True)
+        forwarder.remember_stored([sent_ecg.id], taken=False)
+        owner = forwarder.owner
+        assert OwnerLock.stored_by(data_dir / "locks", owner) == {taken_ecg.id: True, sent_ecg.id: False}
+        kept = (data_dir / "locks" / f"stored-{owner}").read_bytes()
+    older = "0000-older"  # a dead owner's note as an older version wrote it, and this one's at a kill
+    (data_dir / "locks" / f"stored-{older}").write_text(f"{bundle.id}\n")
+    (data_dir / "locks" / f"stored-{owner}").write_bytes(kept)
+    with contextlib.closing(sqlite3.connect(data_dir / DB_NAME)) as conn, conn:  # as a kill leaves them
+        conn.execute("UPDATE items SET state = 'sending', committed_at = NULL, sent_at = NULL")
+        conn.execute("UPDATE items SET claimed_by = ? WHERE key LIKE 'ecg-%'", (owner,))
+        conn.execute("UPDATE items SET claimed_by = ? WHERE key = 'fhir:a'", (older,))
+    with open_outbox(data_dir) as ob:  # recovery at open
+        states = {i.key: (i.state, i.committed_at is not None) for i in ob.items()}
+    assert states == {"ecg-a": (S.COMMITTED, True), "ecg-b": (S.SENT, False), "fhir:a": (S.COMMITTED, True)}
+    assert not list((data_dir / "locks").glob("stored-*"))
+
+
+def test_a_damaged_note_of_what_the_peer_stored_is_not_forgotten_by_a_start_that_fails(tmp_path: Path) -> None:
+    """A dead forwarder's `locks/stored-<token>` with one line damaged on the SD card was moved
+    aside by the start before its readable ids were recorded; a start that then failed (the
+    outbox database refusing the write: an I/O error, a full disk) left them in the copy no start reads: the
+    next start gave the dead owner's claims back to the queue and the ECGs were sent again. Now
+    the note keeps its readable ids until they are recorded."""
+    data = tmp_path / "data"
+    with open_outbox(data) as ob:
+        a, b = add(ob, "ecg-a"), add(ob, "ecg-b")
+    dead = "0000-dead"
+    (data / "locks" / f"stored-{dead}").write_text(f"{a.id} sent\n{b.id} sent\n\x00garbage\n")
+    with contextlib.closing(sqlite3.connect(data / outbox_module.DB_NAME)) as conn, conn:
+        conn.execute("UPDATE items SET state = 'sending', claimed_by = ?", (dead,))
+    # recording them fails in the database (as an I/O error or a full disk makes it): the start fails
+    fault = "CREATE TRIGGER no_sent BEFORE UPDATE OF state ON items WHEN NEW.state = 'sent' BEGIN "
+    with contextlib.closing(sqlite3.connect(data / outbox_module.DB_NAME)) as conn, conn:
+        conn.execute(fault + "SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(sqlite3.Error, match="disk I/O error"):
+        open_outbox(data)
+    with contextlib.closing(sqlite3.connect(data / outbox_module.DB_NAME)) as conn, conn:
+        conn.execute("DROP TRIGGER no_sent")
+    with open_outbox(data) as ob:
+        states = {i.key: i.state for i in ob.items()}
+    assert states == {"ecg-a": S.SENT, "ecg-b": S.SENT}, states
+    assert not (data / "locks" / f"stored-{dead}").exists()
+    assert len(list((data / "locks").glob(f"stored-{dead}.damaged-*"))) == 1

@@ -981,3 +981,132 @@ def test_a_name_corrected_by_assign_stays_the_mapped_users_name_after_the_sessio
     )
     assert users_reading_goes_as(store, 2, T0 + 4 * MIN) == {"patient_id": "P-1", "name": "Li^Si=李^四"}
     assert users_reading_goes_as(store, 2, DAY_ON) == {"patient_id": "P-1", "name": "Li^Si=李^四"}
+
+
+def test_a_check_in_with_no_name_takes_the_name_the_clinic_knows_for_its_id(context: PatientContext) -> None:
+    """A card carries an ID and no name: its check-in takes the ID's latest check-in's name as the
+    doctor corrected it; an ID corrected away as a typo, or never named, none; a name cleared on
+    purpose stays cleared; a cuff user's mapping names no check-in (months old, maybe a typo's)."""
+    from lastmile.clinic.device_users import DeviceUsers
+    from lastmile.clinic.patients import NAME_KEPT
+
+    context.set_patient("P-1", "Zhang^San", now=T0)
+    context.correct_name("P-1", "Zhang^San=张^三", now=T0 + MIN)
+    context.set_patient("P-2", "Li^Si", now=T0 + 2 * MIN)
+    assert context.set_patient("P-1", now=T0 + 3 * MIN).name == "Zhang^San=张^三"
+    assert context.check_in("P-1", now=T0 + 4 * MIN, clear_name=True).after.name == ""
+    context.set_patient("P-21", "Wang^Wu", now=T0 + 5 * MIN)
+    context.check_in("P-12", "Wang^Wu", now=T0 + 6 * MIN, same_name=SameName.CORRECTED)  # P-21 was the typo
+    assert context.set_patient("P-21", now=T0 + 7 * MIN).name == ""
+    assert context.set_patient("P-3", now=T0 + 8 * MIN).name == ""
+    DeviceUsers(context.db).map_user("C0:26:DA:01:02:03", 2, "P-2", now=T0 + 9 * MIN, name="Li^Si=李^四")
+    assert context.set_patient("P-2", now=T0 + 10 * MIN).name == "Li^Si"  # the session's, first
+    assert context.set_patient("P-2", now=T0 + NAME_KEPT + 20 * MIN).name == ""
+
+
+def test_a_name_the_doctor_cleared_stays_cleared_when_the_card_is_scanned_again(context: PatientContext) -> None:
+    """Review C (1): 张三 checked in under P-1, his cuff user mapped to it; the doctor clears the
+    name (清除姓名). The card scanned again, 不急了 / 清除原因 (a check-in with no name), the ID typed
+    again, or the card after another patient: the name he cleared never comes back (a mapping,
+    or the check-in before the clearing, brought 张三 back, and an ECG under the true name was held)."""
+    from lastmile.clinic.device_users import DeviceUsers
+
+    DeviceUsers(context.db).map_user("C0:26:DA:01:02:03", 1, "P-1", now=T0, name="Zhang^San")
+    context.set_patient("P-1", "Zhang^San", now=T0 + MIN)
+    assert context.check_in("P-1", now=T0 + 2 * MIN, clear_name=True).after.name == ""
+    assert context.set_patient("P-1", now=T0 + 3 * MIN).name == ""  # the card again
+    assert context.check_in("P-1", now=T0 + 4 * MIN, stat=False, clear_reason=True).after.name == ""
+    context.set_patient("P-2", "Li^Si", now=T0 + 5 * MIN)
+    assert context.set_patient("P-1", now=T0 + 6 * MIN).name == ""  # a new session: said nobody
+    assert context.known_name("P-1", T0 + 7 * MIN) == ""
+
+
+def test_an_id_corrected_away_as_a_typo_is_not_named_by_a_mapping_made_during_the_typo(
+    context: PatientContext,
+) -> None:
+    """Review C (2): 张三 checked in under P-21 (a typo), his new cuff user mapped to it, the ID
+    corrected to P-12. Later 李四 scans his own card, P-21: his session is nameless, not 张三."""
+    from lastmile.clinic.device_users import DeviceUsers
+
+    context.set_patient("P-21", "Zhang^San", now=T0)
+    DeviceUsers(context.db).map_user("C0:26:DA:01:02:03", 2, "P-21", now=T0 + MIN, name="Zhang^San")
+    context.check_in("P-12", "Zhang^San", now=T0 + 2 * MIN, same_name=SameName.CORRECTED)
+    context.clear(now=T0 + 30 * MIN)
+    assert context.set_patient("P-21", now=T0 + 60 * MIN).name == ""
+
+
+def test_a_name_taken_by_a_card_never_renews_itself_past_name_kept(context: PatientContext) -> None:
+    """Review C (4): 李四 typed at T0, his card scanned every 23 h (daily infusions). Each nameless
+    check-in re-logged the name it took, so a name typed once lived on for days. The card at
+    T0+23 h takes it (typed within NAME_KEPT), as its scan again in that session; at T0+46 h it
+    is nameless - and a mapping or assignment of the ID is named by nobody after NAME_KEPT."""
+    context.set_patient("P-4", "Li^Si", now=T0)
+    day = dt.timedelta(hours=23)
+    assert context.set_patient("P-4", now=T0 + day).name == "Li^Si"
+    assert context.set_patient("P-4", now=T0 + day + MIN).name == "Li^Si"  # the session going on
+    assert context.set_patient("P-4", now=T0 + 2 * day).name == ""
+    assert context.checked_in_name("P-4", T0 + 2 * day + MIN) == ""
+
+
+def test_a_name_taken_by_a_card_corrected_renames_the_session_and_only_as_told_its_device_users(
+    context: PatientContext,
+) -> None:
+    """Review C (3): 李四 checked in under P-13 with his cuff user mapped; later P-13 typed alone
+    (meant P-12) takes 李四. "The ECG's name is right" on 张三's ECG corrects only the session
+    (`rename_devices=False`): 李四's cuff stays his. A name said since is no longer taken."""
+    from lastmile.clinic.device_users import DeviceUsers, mapped_name
+
+    users = DeviceUsers(context.db)
+    context.set_patient("P-13", "Li^Si=李^四", now=T0)
+    users.map_user("C0:26:DA:01:02:03", 1, "P-13", now=T0 + MIN, name="Li^Si=李^四")
+    context.set_patient("P-2", "Wang^Wu", now=T0 + 2 * MIN)
+    assert context.set_patient("P-13", now=T0 + 3 * MIN).name == "Li^Si=李^四"
+    assert context.inherited_ids({"P-13", "P-2"}, T0 + 4 * MIN) == {"P-13"}
+    context.correct_name("P-13", "Zhang^San=张^三", now=T0 + 5 * MIN, rename_devices=False)
+    current = context.current(T0 + 6 * MIN)
+    assert current is not None and current.name == "Zhang^San=张^三"
+    cuff = users.whose("C0:26:DA:01:02:03", 1)
+    assert cuff is not None and cuff.patient_name == "Li^Si=李^四"
+    # the correction is no name said for P-13: the name is still one nobody typed at this check-in
+    assert context.inherited_ids({"P-13"}, T0 + 6 * MIN) == {"P-13"}
+    context.set_patient("P-2", "Wang^Wu", now=T0 + 7 * MIN)
+    assert mapped_name(cuff, context, T0 + 8 * MIN) == "Li^Si=李^四"  # his readings, under his name
+    context.set_patient("P-13", "Zhao^Liu", now=T0 + 9 * MIN)
+    assert context.inherited_ids({"P-13"}, T0 + 10 * MIN) == set()  # a name said since: not taken
+
+
+def test_a_taken_name_corrected_for_the_session_only_never_names_the_id_after_it(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """Review D (1): "张三 is right: correct this check-in's name only (device users keep theirs)" logged the correction as a
+    name said for P-13: for 24 h 李四's mapped cuff user's readings went to the county as 张三
+    (the session's names win over the mapping's), and 李四's own card next morning took 张三."""
+    ctx = store.context
+    ctx.set_patient("P-13", "Li^Si=李^四", now=T0)
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-13", at=T0 + MIN) == 0
+    ctx.set_patient("P-2", "Wang^Wu", now=T0 + 2 * MIN)
+    assert ctx.set_patient("P-13", now=T0 + 3 * MIN).name == "Li^Si=李^四"
+    ctx.correct_name("P-13", "Zhang^San=张^三", now=T0 + 5 * MIN, rename_devices=False)
+    ctx.set_patient("P-2", "Wang^Wu", now=T0 + 6 * MIN)  # the next patient
+    ctx.clear(now=T0 + 7 * MIN)
+    for later in (T0 + 8 * MIN, T0 + 12 * 60 * MIN):
+        goes_as = users_reading_goes_as(store, 2, later)
+        assert goes_as is not None and goes_as["name"] == "Li^Si=李^四", goes_as
+    assert ctx.set_patient("P-13", now=T0 + 20 * 60 * MIN).name == "Li^Si=李^四"  # his card, his name
+
+
+def test_a_taken_name_cleared_stays_one_nobody_typed(context: PatientContext) -> None:
+    """Review D (2): 清除姓名 on a session whose name a card took dropped the "taken" mark: Today
+    then worded the cleared name as typed at this check-in, and its answer renamed the device users
+    mapped to the ID (another patient's). Only a name said ends the mark; cleared, the ID is
+    nameless (`cleared_ids`) until one is."""
+    context.set_patient("P-13", "Li^Si=李^四", now=T0)
+    context.set_patient("P-2", "Wang^Wu", now=T0 + MIN)
+    assert context.set_patient("P-13", now=T0 + 2 * MIN).name == "Li^Si=李^四"
+    context.check_in("P-13", now=T0 + 3 * MIN, clear_name=True)
+    assert context.known_name("P-13", T0 + 4 * MIN) == ""
+    assert context.inherited_ids({"P-13"}, T0 + 4 * MIN) == {"P-13"}
+    assert context.cleared_ids({"P-13", "P-2"}, T0 + 4 * MIN) == {"P-13"}
+    context.set_patient("P-13", "Zhang^San=张^三", now=T0 + 5 * MIN)
+    assert context.inherited_ids({"P-13"}, T0 + 6 * MIN) == set()
+    assert context.cleared_ids({"P-13"}, T0 + 6 * MIN) == set()

@@ -23,7 +23,7 @@ from lastmile.reports.service import make_poller
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import study_lines
 from tests.ecg_factories import make_recording
-from tests.fhir_reports import TOKEN
+from tests.fhir_reports import TOKEN, diagnostic_report
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
 from tests.report_peers import NOW, add, gateway_config, poller_for, send_ecgs, sent, to_read
@@ -59,19 +59,6 @@ def token_file(tmp_path):
     return path
 
 
-def fhir_report(study_uid: str, **extra) -> dict:
-    return {
-        "resourceType": "DiagnosticReport",
-        "status": "final",
-        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}]},
-        "subject": {"identifier": {"system": "urn:lastmile:patient-id", "value": "P1"}},
-        "issued": "2026-11-02T10:00:00+08:00",
-        "conclusion": "Sinus rhythm. Normal ECG.",
-        **extra,
-    }
-
-
 @pytest.mark.parametrize(
     "malformed",
     [
@@ -89,11 +76,11 @@ def fhir_report(study_uid: str, **extra) -> dict:
 )
 def test_a_malformed_fhir_report_is_a_typed_problem_and_the_other_reports_still_come_back(platform, malformed):
     server, store, poller, ours = platform
-    bad = fhir_report(ours, **malformed)
+    bad = diagnostic_report(ours, **malformed)
     if "identifier" in malformed:
         bad["identifier"][1]["value"] = f"urn:oid:{ours}"
     server.put_resource(bad)  # the platform serves it first
-    server.put_resource(fhir_report(ours, conclusion="Atrial fibrillation"))
+    server.put_resource(diagnostic_report(ours, conclusion="Atrial fibrillation"))
     try:
         poller.run_round(force=True)
     except Exception as exc:  # noqa: BLE001 — the point of the test
@@ -290,7 +277,7 @@ def test_a_malformed_fhir_report_does_not_end_the_poller_thread(platform) -> Non
     server, store, _poller, _ours = platform
     due = generate_uid()  # sent ten minutes ago: due for its routine round now
     store.record_sent(SentStudy(due, dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10), patient_id="P1"))
-    server.put_resource(fhir_report(due, conclusionCode=[{"coding": 1}]))
+    server.put_resource(diagnostic_report(due, conclusionCode=[{"coding": 1}]))
     thread = PollerThread(_poller, idle_s=0.2)
     thread.start()
     try:

@@ -210,3 +210,44 @@ def test_a_damaged_side_file_is_set_aside_and_said_never_a_crash(store, tmp_path
     again = SentStudyRecorder(SentItems(), store, unwritten_file=side_file)  # type: ignore[arg-type]
     assert again.write_left_by_last_stop() == 0
     assert not side_file.exists()
+
+
+def test_damaged_side_files_set_aside_over_years_are_capped_the_sd_card_never_fills(store, tmp_path) -> None:
+    """Each start that found the side file damaged set it aside as a new `.damaged-<time>` copy and
+    none was ever removed: over years of stops and starts they filled the SD card. Now only the
+    newest few stay (uploader.unwritten_records.KEEP_ASIDE), older ones - an older version's
+    too - removed."""
+    from uploader.unwritten_records import KEEP_ASIDE
+
+    side_file = tmp_path / "data" / sent_module.UNWRITTEN_NAME
+    year_ago = int(time.time()) - 365 * 86400
+    earlier = [side_file.with_name(f"{side_file.name}.damaged-{year_ago + n * 86400}") for n in range(KEEP_ASIDE + 2)]
+    for copy in earlier:
+        copy.write_bytes(b"\x00" * 64)
+    side_file.write_bytes(b"\x00" * 64)
+    assert SentStudyRecorder(SentItems(), store, unwritten_file=side_file).write_left_by_last_stop() == 0  # type: ignore[arg-type]
+    kept = sorted(side_file.parent.glob(f"{side_file.name}.damaged-*"))
+    assert len(kept) == KEEP_ASIDE, kept
+    assert kept[:-1] == earlier[-(KEEP_ASIDE - 1) :]  # the newest earlier ones, and today's
+
+
+def test_doctor_says_the_records_a_stop_saved_for_the_next_start_and_a_damaged_copy(
+    store, monkeypatch, tmp_path
+) -> None:
+    side_file = tmp_path / "data" / sent_module.UNWRITTEN_NAME
+    refusing(store, monkeypatch, times=10**6)
+    outbox = SentItems()
+    recorder = SentStudyRecorder(outbox, store, unwritten_file=side_file)  # type: ignore[arg-type]
+    for n in range(2):
+        send(recorder, outbox, generate_uid(), item_id=n)
+    recorder.stop()  # clinic.db still refuses: saved for the next start
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    (kept,) = [f for f in Doctor(config, now=time.time).check_data_partition() if f.topic == "left-by-stop"]
+    assert kept.level is Level.WARN and f"2 sent-study record(s) clinic.db did not take ({side_file})" in kept.message
+
+    side_file.write_bytes(b"\x00" * 64)  # damaged on the SD card: the next start sets it aside
+    assert SentStudyRecorder(SentItems(), store, unwritten_file=side_file).write_left_by_last_stop() == 0  # type: ignore[arg-type]
+    (aside,) = side_file.parent.glob(f"{side_file.name}.damaged-*")
+    found = {f.topic: f for f in Doctor(config, now=time.time).check_data_partition()}
+    assert "left-by-stop" not in found and str(aside) in found["damaged-copy"].message, found

@@ -1544,3 +1544,25 @@ def test_a_damaged_spill_file_that_cannot_be_set_aside_never_gives_an_old_copy_b
     newest = newest_copy(data / SPILL_NAME)
     assert newest is not None and [r["record_key"] for r in newest[2]["monitor"]] == given_back[1:], newest
     assert not (data / f".{SPILL_NAME}.new").exists()
+
+
+def test_a_patient_card_names_nobody_so_a_mapped_cuff_user_keeps_the_mappings_name(tmp_path: Path, running) -> None:
+    """Cuff user 2 is mapped to the card's ID as 张三; 李四 (another ID) is checked in, typed; then the
+    card is scanned at the ACQUIRE service, where nobody can be asked. A card carries an ID and no
+    name (devices.scanner.PatientScanned): its check-in names nobody, so user 2's readings go on
+    under the mapping's 张三 - never under another name unasked - and the mapping is unchanged."""
+    from lastmile.clinic.device_users import DeviceUsers, mapped_name
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    r = running([{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    wait_for(lambda: all(s.connected for s in r.service.statuses()), timeout=30)
+    card, cuff, mapped_as = PATIENT_CARD_SCAN.strip().decode(), "C0:26:DA:01:02:03", "Zhang^San=张^三"
+    users = DeviceUsers(r.patients.db)
+    users.map_user(cuff, 2, card, now=r.now(), name=mapped_as)
+    r.patients.set_patient("P-LI", "Li^Si=李^四", now=r.now())
+    scanner.write(PATIENT_CARD_SCAN)
+    wait_for(lambda: getattr(r.patients.current(r.now()), "patient_id", None) == card, timeout=30)
+    (user,) = users.mappings()
+    assert user.mapping.patient_name == mapped_as
+    assert mapped_name(user.mapping, r.patients, r.now()) == mapped_as
+    assert users.mapped_otherwise(card, r.patients.current(r.now()).name) == []  # nothing to ask

@@ -432,6 +432,69 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
         assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
 
 
+def test_the_acquire_stop_tells_every_part_to_stop_before_waiting_for_any(tmp_path: Path) -> None:
+    """REV-F 2: AcquireService.close closed its parts one after another: a USB import (no stop
+    check inside one) was waited for 15 s while the serial part kept going round, and a card
+    scanned meanwhile then waited clinic.db's lock up to 18 s more: past the unit's
+    TimeoutStopSec=30, SIGKILL rolled the card's check-in back. Now every part is told to stop
+    first and all are closed together: the serial part is closed while the import still runs."""
+    import threading
+
+    from lastmile.services.acquire import AcquireService
+    from lastmile.services.parts import WorkerPart
+
+    importing, import_may_end = threading.Event(), threading.Event()
+
+    def usb_import(stop: threading.Event, beat: object) -> None:  # a cart's stick: hundreds of files
+        importing.set()
+        import_may_end.wait(60)
+
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        serial = m.part
+        assert isinstance(serial, WorkerPart)
+        usb = WorkerPart("usb-import", usb_import, stale_after=None)
+        usb.start()
+        assert importing.wait(10)
+        service = AcquireService(m.config, m.outbox, [serial, usb], closers=[])  # as build_parts orders them
+        stopping = threading.Thread(target=service.close)
+        stopping.start()  # SIGTERM
+        try:
+            wait_for(lambda: not serial.running, timeout=10, what="the serial part stopped during the import")
+            assert usb.running and stopping.is_alive()
+        finally:
+            import_may_end.set()
+            stopping.join(30)
+        assert not stopping.is_alive()
+
+
+def test_the_acquire_parts_stop_ends_within_the_units_stop_timeout(tmp_path: Path) -> None:
+    """A part whose close hangs is left at the parts' deadline (said), and that deadline leaves
+    the outbox's close room inside the unit's TimeoutStopSec: no SIGKILL mid-commit."""
+    import re
+    import threading
+
+    from lastmile.services.acquire import PARTS_STOP_S
+    from lastmile.services.parts import WorkerPart, close_parts
+
+    unit = (REPO / "systemd" / "lastmile-acquire.service").read_text()
+    found = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
+    assert found is not None and int(found.group(1)) >= PARTS_STOP_S + 5, (PARTS_STOP_S, unit)
+
+    never = threading.Event()
+    hung = WorkerPart("hung", lambda stop, beat: stop.wait(60), on_close=lambda: never.wait(60))
+    quick = WorkerPart("quick", lambda stop, beat: stop.wait(60))
+    hung.start()
+    quick.start()
+    started = time.monotonic()
+    try:
+        close_parts([hung, quick], within_s=1.0)
+        took = time.monotonic() - started
+    finally:
+        never.set()
+    assert took < 10, took  # not the hung close's 60 s
+    assert not quick.running and not hung.running  # both told to stop at once, both threads ended
+
+
 def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_keeping_it(tmp_path: Path) -> None:
     """lastmile/services/acquire.py + uploader/outbox.py: another process holds the outbox's write
     lock (the forwarder in a long write; a sqlite3 shell left open) while the monitor's report is

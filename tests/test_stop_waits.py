@@ -375,7 +375,7 @@ def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path)
     """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
     clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
     current after the restart and the next readings go on him. The card waits for the lock as
-    before the stop bounded anything (its own connection), and is the session's once it is free."""
+    before the stop bounded anything (its write says `wait_past_stop`), and is the session's once it is free."""
     from lastmile.services.serial_devices import SerialService
     from tests.serial_gateway import serial_config
     from tests.service_harness import PATIENT_CARD_SCAN
@@ -498,3 +498,303 @@ def test_sigterm_while_the_forward_service_links_a_reading_to_a_visit_under_visi
             )
         with VisitBook.open(data, gateway_id="gw-1") as book:
             assert book.visit_holding(reading.record_key) == visit.id, journal.read_text()[-3000:]
+
+
+def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_lost_at_the_restart(
+    tmp_path: Path,
+) -> None:
+    """lastmile/services/serial_devices.py _say_lost_at_stop: a row said "1 held in memory only"
+    (spill copy G); at the stop (another process holding clinic.db's lock) a save worked (G+1, both
+    readings) and a third reading's did not (in memory only), their row writes given up. The
+    restart took the whole copy G+1, saved after the row's word, as covering all that waited: the
+    third reading, lost with the gateway's memory, was never said lost. Now what a given-up row
+    write carried while readings were in memory only is kept (an uploader.unwritten_records file)
+    for the restart, which says it and forgets the file."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        slot = ctx.spill.slot_bytes
+        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
+        row = ctx.registry.get("serial:monitor")
+        assert row is not None and row.in_memory_only == (1, 0), row
+        stop.set()  # the acquire service is stopping
+        with write_locked(data / "clinic.db"):
+            ctx.spill.slot_bytes = slot
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))  # saved whole: both on disk
+            ctx.spill.slot_bytes = HEADER
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))  # not saved: in memory only
+            service.close()
+        left = sorted(p.name for p in data.iterdir())
+        again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+        try:
+            row = again.ctx.registry.get("serial:monitor")
+            waiting = len(again.ctx.unstored["monitor"].observations)
+        finally:
+            again.close()
+        after = sorted(p.name for p in data.iterdir())
+    assert waiting == 2  # the spill file's whole copy
+    assert row is not None and (row.lost_reading_count, row.lost_from_disk) == (1, (0, 0)), (row, left)
+    assert "serial-rows-behind.jsonl" in left and "serial-rows-behind.jsonl" not in after, (left, after)
+
+
+def test_a_stops_word_on_its_rows_read_by_many_starts_counts_the_loss_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serial-rows-behind.jsonl: each start that read it again (its removal failed - "no harm" -,
+    a kill or power cut between saying the loss and removing it, another device's row write
+    raising) added its loss again: the Devices page and `lastmile doctor` said "3 readings lost"
+    for 1. Now the word carries its own id, kept on the row with its loss: read again, it is skipped."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+    from uploader.unwritten_records import UnwrittenRecords
+
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        slot = ctx.spill.slot_bytes
+        ctx.spill.slot_bytes = HEADER  # in memory only
+        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
+        stop.set()
+        with write_locked(data / "clinic.db"):
+            ctx.spill.slot_bytes = slot
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))
+            ctx.spill.slot_bytes = HEADER
+            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))
+            service.close()
+        assert (data / "serial-rows-behind.jsonl").exists()
+
+        def cannot(self: UnwrittenRecords) -> None:  # the file cannot be removed: each start reads it
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(UnwrittenRecords, "forget", cannot)
+        counts = []
+        for _ in range(3):
+            again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+            try:
+                row = again.ctx.registry.get("serial:monitor")
+                assert row is not None
+                counts.append(row.lost_reading_count)
+            finally:
+                again.close()
+    assert counts == [1, 1, 1], counts
+
+
+def test_a_clock_behind_at_boot_does_not_hide_the_next_stops_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REV-E 1: a Pi without RTC, offline, boots with its clock behind the last stop's. The
+    rows-behind word was skipped when the row's loss was said at or after the word's time: start
+    2 said stop 1's loss at stop 1's (later) time, so stop 2's word, made by the clock behind, was
+    taken as applied by start 3 and its loss never said (the Devices page: 1 lost for 2). Now a
+    word is skipped only by its id."""
+    from lastmile.services.serial_devices import SerialContext, SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+
+    offset = [dt.timedelta(0)]
+    init = SerialContext.__init__
+
+    def skewed(self: SerialContext, *args: object, **kwargs: object) -> None:  # the Pi's clock
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.now = lambda: dt.datetime.now(dt.timezone.utc) + offset[0]
+
+    monkeypatch.setattr(SerialContext, "__init__", skewed)
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+
+    def run_and_lose_one(bp_id: str) -> None:  # a run whose stop loses one reading held in memory only
+        stop = threading.Event()
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        at = ctx.now() - dt.timedelta(minutes=10)
+        slot = ctx.spill.slot_bytes
+        ctx.spill.slot_bytes = HEADER  # in memory only
+        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "a"))
+        stop.set()
+        with write_locked(data / "clinic.db"):
+            ctx.spill.slot_bytes = slot
+            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "b"))
+            ctx.spill.slot_bytes = HEADER
+            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "c"))
+            service.close()
+
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
+        run_and_lose_one("bp-1")  # stop 1, the clock right
+        offset[0] = -dt.timedelta(hours=5)  # boot 2: the clock 5 h behind
+        run_and_lose_one("bp-2")  # start 2 counts stop 1's loss; stop 2 loses another
+        offset[0] = -dt.timedelta(hours=5) + dt.timedelta(minutes=5)  # boot 3
+        again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+        try:
+            row = again.ctx.registry.get("serial:monitor")
+        finally:
+            again.close()
+    assert row is not None
+    assert row.lost_reading_count == 2  # one reading lost at each stop
+
+
+def test_a_doctor_badge_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py ScannerHandler: as a patient card's, a doctor's badge
+    scanned as the service stops waits for clinic.db's lock past the stop's bound (`set_doctor`'s
+    `wait_past_stop`): given up, the previous doctor would stay on the next readings after the restart."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+    from tests.service_harness import DOCTOR_BADGE_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    stop = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        service.start()
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            patients.set_doctor("DR-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+            stop.set()  # the acquire service is stopping
+            with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                scanner.write(DOCTOR_BADGE_SCAN)
+                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the badge still waits
+                other.rollback()
+            wait_for(lambda: patients.current_doctor(dt.datetime.now(dt.timezone.utc)) != "DR-BEFORE")
+            assert patients.current_doctor(dt.datetime.now(dt.timezone.utc)) == "004711"
+        finally:
+            service.close()
+            scanner.unplug()
+
+
+def test_the_close_waits_for_a_card_still_waiting_for_clinic_db_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/serial_devices.py SerialService.close: a card scanned at a stop waits
+    SQLite's full 15 s busy timeout for clinic.db's lock (`wait_past_stop`), longer than the close
+    waits for the links thread (10 s here; the acquire service's part: 15 s after the card's last
+    poll began). The close then left the links and clinic.db to that busy turn and returned: the
+    acquire service closed its outbox and exited, the links thread (a daemon) went with it inside
+    the card's wait (REV-E 2), and after the restart the previous patient was still current - the
+    next readings on him. Now the close waits for the turn up to the card's whole lock wait: when it
+    returns (the process may end) the card is the session's, well within TimeoutStopSec=30."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    stop = threading.Event()
+    released = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
+        contextlib.closing(
+            sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None, check_same_thread=False)
+        ) as other,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        before = set(threading.enumerate())
+        service.start()
+        links = next(t for t in threading.enumerate() if t.name == "serial-links" and t not in before)
+
+        def release() -> None:  # once the close's wait for the thread is over, inside the card's
+            other.rollback()
+            released.set()
+
+        freed = threading.Timer(12.0, release)  # 2 s after the close's 10 s, 3 s before the card's 15 s
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            patients.set_patient("P-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+            stop.set()  # the acquire service is stopping
+            other.execute("BEGIN IMMEDIATE")
+            scanner.write(PATIENT_CARD_SCAN)
+            time.sleep(1.0)  # the card's write waits for the lock
+            freed.start()
+            with caplog.at_level(logging.WARNING):
+                started = time.monotonic()
+                service.close()  # the thread's wait (10 s) is over before the card's (15 s)
+                took = time.monotonic() - started
+            # what the process leaves when it exits now, the links thread killed
+            current = patients.current(dt.datetime.now(dt.timezone.utc))
+            thread_alive = links.is_alive()
+        finally:
+            freed.cancel()
+            if not released.is_set():
+                other.rollback()
+            links.join(timeout=30)
+            service.close()
+            scanner.unplug()
+    print(f"\nthe close, a card waiting for clinic.db's lock: {took:.1f} s")
+    assert current is not None and current.patient_id == "80276001234567890123", (current, took)
+    assert released.is_set() and 10.5 < took < 30, took  # waited past the thread's join, within the unit's stop
+    assert not thread_alive
+    assert not any("still busy at shutdown" in rec.getMessage() for rec in caplog.records), caplog.text
+
+
+def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_for_want_of_space(
+    tmp_path: Path,
+) -> None:
+    """lastmile/services/serial_devices.py _held_cause: a reading waited for space in memory only;
+    at the stop its last try (space freed, another process holding the outbox's lock) was given up,
+    and the stop's cause replaced the space's: at the restart it was said lost as "taken just before
+    the stop, nothing is broken" - the advice for the space (keep the gateway powered while readings
+    wait for it) gone. Now the stop's cause does not replace the space's of readings already waiting."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+    from tests.serial_gateway import serial_config
+
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: held for space
+        waits = StopWaits(stop)
+        outbox.give_up_waits_on(waits)  # as the acquire service's outbox does
+        service = SerialService.open(config, outbox=outbox, stop=waits, watch_dirs=None, rescan_s=0.1)
+        ctx, spec = service.ctx, service.specs[0]
+        assert ctx.spill is not None
+        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+        reading = blood_pressure(at, "P-1", "bp-1")  # its patient's: to the outbox, which is full
+        assert not ctx.store_observation(spec, reading, held=True)  # as the monitor's handler does
+        ctx.hold_observation(spec, reading)
+        row = ctx.registry.get("serial:monitor")
+        assert row is not None and row.in_memory_only == (1, 0) and row.held_cause == "", row
+        outbox.min_free_bytes = 1  # space again, just as the acquire service stops
+        stop.set()
+        with write_locked(data / "outbox.sqlite"):
+            service.close()  # its last try given up: another process holds the outbox's lock
+        again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+        try:
+            row = again.ctx.registry.get("serial:monitor")
+        finally:
+            again.close()
+    assert row is not None and row.lost_from_memory == (1, 0), row
+    assert (row.lost_cause, row.lost_at_stop) == ("", False), row

@@ -777,7 +777,7 @@ def test_the_doctors_system_page_says_in_chinese_that_an_update_waits_for_a_quie
             )
         )
         assert (
-            "新版本 0.3.0 未能正常启动，网关已自动退回原版本（检查数据不受影响）：请告知县信息科"
+            "新版本 0.3.0 未能正常启动，网关已自动退回原版本（测量数据不受影响）：请告知县信息科"
             in client.get("/system").body
         )
         # the same rollback with no failed boot noted by lastmile-mark-good: power cuts, installed once more
@@ -785,7 +785,7 @@ def test_the_doctors_system_page_says_in_chinese_that_an_update_waits_for_a_quie
         state["installed"]["rolled_back"]["failed_boots"] = 0
         Path(updates_dir(config) / STATE_FILE).write_text(json.dumps(state))
         assert (
-            "新版本 0.3.0 启动时多次断电，网关已退回原版本（检查数据不受影响），将再安装一次"
+            "新版本 0.3.0 启动时多次断电，网关已退回原版本（测量数据不受影响），将再安装一次"
             in client.get("/system").body
         )
         # ... and while it is written to the other slot (this boot's round)
@@ -793,7 +793,7 @@ def test_the_doctors_system_page_says_in_chinese_that_an_update_waits_for_a_quie
 
         state["installing"] = {"version": "0.3.0", "slot": "B", "boot_id": read_boot_id(), "at": 3.0}
         Path(updates_dir(config) / STATE_FILE).write_text(json.dumps(state))
-        assert "正在安装新版本 0.3.0（检查照常进行）" in client.get("/system").body
+        assert "正在安装新版本 0.3.0（测量照常进行）" in client.get("/system").body
 
 
 def test_one_round_at_a_time(tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial) -> None:

@@ -736,7 +736,7 @@ class EcgForwarder:
                             # stored at the peer whatever kept us from recording it (full disk, I/O
                             # error, locked): recorded later, by this process (`record_unrecorded_sends`)
                             # or by the next start if this one stops first - never sent again
-                            self.outbox.remember_stored([item.id])
+                            self.outbox.remember_stored([item.id], taken=False)
                             raise
                         sent_now.append(item)
                         r.sent += 1

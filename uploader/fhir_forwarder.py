@@ -182,7 +182,7 @@ class _Round:
             # the platform has them whatever kept us from recording it (another process's write
             # lock at a stop, a full disk): recorded taken later, by this process or the next
             # start - not sent again (harmless, conditional creates, but bytes on a metered link)
-            self.outbox.remember_stored(ids)
+            self.outbox.remember_stored(ids, taken=True)
             raise
         self.counts.sent += len(batch)
         self.counts.taken.extend(item.key for item, _ in batch)

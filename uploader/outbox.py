@@ -350,39 +350,47 @@ def _sent_sets(now: float) -> dict[str, Any]:
 
 
 # kinds whose peer's answer is its commitment (`mark_taken`: the county platform's
-# transaction-response): one the peer stored whose recording failed is recorded taken, not "sent"
-# - a state nothing moves such an item out of (no commitment comes for it): never purged
+# transaction-response): what an older version's note of the stored says of its items (it kept no
+# word of how to record them). One the peer stored whose recording failed is recorded taken, not
+# "sent" - a state nothing moves such an item out of (no commitment comes for it): never purged
 _TAKEN_WHEN_STORED = (Kind.FHIR_BUNDLE.value,)
 
 
-def _record_stored_of(conn: sqlite3.Connection, owner: str, item_ids: Sequence[int], now: float) -> int:
+def _record_stored_of(conn: sqlite3.Connection, owner: str, items: Mapping[int, bool | None], now: float) -> int:
     """(In a write transaction.) Items the peer stored for `owner` that it could not record
-    (`Outbox.remember_stored`), recorded as sent (taken: sent and committed, for a kind whose
-    answer is its commitment): still claimed by it, or - a dead owner - queued again (a power cut
-    undid its claim, which is not fsynced). Returns how many."""
+    (`Outbox.remember_stored`: by id, whether taken), recorded as sent - taken (sent and
+    committed: `mark_taken`) for those its caller said so of (None, an older version's note: by
+    kind, `_TAKEN_WHEN_STORED`): still claimed by it, or - a dead owner - queued again (a power
+    cut undid its claim, which is not fsynced). Returns how many."""
     moved = 0
-    taken = ",".join("?" * len(_TAKEN_WHEN_STORED))
-    for chunk in _chunks(list(item_ids)):
-        marks = ",".join("?" * len(chunk))
-        moved += conn.execute(
-            f"UPDATE items SET state = CASE WHEN kind IN ({taken}) THEN ? ELSE ? END, sent_at = ?, "
-            f"committed_at = CASE WHEN kind IN ({taken}) THEN ? ELSE committed_at END, updated_at = ?, "
-            "last_error = NULL, claimed_by = NULL, in_flight = 0, interrupted_sends = 0 "
-            f"WHERE id IN ({marks}) AND (state = ? OR (state = ? AND claimed_by IS ?))",
-            (
-                *_TAKEN_WHEN_STORED,
-                S.COMMITTED.value,
-                S.SENT.value,
-                now,
-                *_TAKEN_WHEN_STORED,
-                now,
-                now,
-                *chunk,
-                S.QUEUED.value,
-                S.SENDING.value,
-                owner,
-            ),
-        ).rowcount
+    for taken in (True, False, None):
+        ids = [item_id for item_id, its in items.items() if its is taken]
+        is_taken_args: tuple[str, ...] = ()
+        if taken is None:
+            is_taken, is_taken_args = f"kind IN ({','.join('?' * len(_TAKEN_WHEN_STORED))})", _TAKEN_WHEN_STORED
+        else:
+            is_taken = "1" if taken else "0"
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            moved += conn.execute(
+                f"UPDATE items SET state = CASE WHEN {is_taken} THEN ? ELSE ? END, sent_at = ?, "
+                f"committed_at = CASE WHEN {is_taken} THEN ? ELSE committed_at END, updated_at = ?, "
+                "last_error = NULL, claimed_by = NULL, in_flight = 0, interrupted_sends = 0 "
+                f"WHERE id IN ({marks}) AND (state = ? OR (state = ? AND claimed_by IS ?))",
+                (
+                    *is_taken_args,
+                    S.COMMITTED.value,
+                    S.SENT.value,
+                    now,
+                    *is_taken_args,
+                    now,
+                    now,
+                    *chunk,
+                    S.QUEUED.value,
+                    S.SENDING.value,
+                    owner,
+                ),
+            ).rowcount
     return moved
 
 
@@ -522,8 +530,9 @@ class Outbox:
         # only an Outbox that claimed (the forwarder's) has claims to release at close: the others'
         # close then writes nothing, and does not wait out the busy timeout on a locked database
         self._has_claimed = False
-        # stored at the peer, not yet recorded as sent (`remember_stored`): recorded by `record_stored`
-        self._stored_unrecorded: set[int] = set()
+        # stored at the peer, not yet recorded as sent (`remember_stored`): recorded by `record_stored`;
+        # by id, whether its caller records it taken (`mark_taken`) rather than sent
+        self._stored_unrecorded: dict[int, bool] = {}
         self._wait_ms = BUSY_TIMEOUT_MS  # how long a write waits for another process's lock
         self._stop_waits: StopWaits | None = None  # its stop set: a write waits at most STOP_WAIT_S more
 
@@ -623,39 +632,40 @@ class Outbox:
         rows = self._read("SELECT 1 FROM items WHERE state = ? AND claimed_by = ? LIMIT 1", (S.SENDING.value, owner))
         return bool(rows)
 
-    def remember_stored(self, item_ids: Sequence[int]) -> None:
-        """The peer stored these items (claimed by this Outbox) but `mark_sent` (`mark_taken`)
-        could not record it (a full disk, an I/O error, another process's write lock past the wait
-        or given up at a stop): kept until `record_stored` does, in memory and in a file beside
-        this owner's lock, fsynced. If this
-        process ends first - a stop whose writes still find the database locked, a kill, a power
-        cut - the next open records them as sent (`recover_interrupted`): not sent again, not a
-        second storage-commitment round."""
+    def remember_stored(self, item_ids: Sequence[int], *, taken: bool) -> None:
+        """The peer stored these items (claimed by this Outbox) but `mark_sent` (`mark_taken`:
+        `taken`) could not record it (a full disk, an I/O error, another process's write lock past
+        the wait or given up at a stop): kept until `record_stored` does, in memory and in a file
+        beside this owner's lock, fsynced, each with how it is to be recorded. If this process
+        ends first - a stop whose writes still find the database locked, a kill, a power cut - the
+        next open records them (`recover_interrupted`): not sent again, not a second
+        storage-commitment round."""
         with self._lock:
-            self._stored_unrecorded.update(int(i) for i in item_ids)
+            self._stored_unrecorded.update((int(i), taken) for i in item_ids)
             if self._owner_lock is None:
                 return
             try:
-                self._owner_lock.keep_stored(sorted(self._stored_unrecorded))
+                self._owner_lock.keep_stored(self._stored_unrecorded)
             except OSError as exc:  # a full disk: this process still records them once it can
                 log.warning("items stored at the peer, not recorded as sent yet, kept in memory only: %s", exc)
 
     def record_stored(self, now: float) -> int:
-        """Record as sent (durably) what `remember_stored` kept - a FHIR bundle as taken (sent and
-        committed, as `mark_taken`); call before releasing this Outbox's claims. Returns how many."""
+        """Record as sent (durably) what `remember_stored` kept - taken (sent and committed, as
+        `mark_taken`) those its caller said so of; call before releasing this Outbox's claims.
+        Returns how many."""
         with self._lock:
-            ids = sorted(self._stored_unrecorded)
-            if not ids:
+            items: dict[int, bool | None] = dict(sorted(self._stored_unrecorded.items()))
+            if not items:
                 return 0
             # durable: the file naming them goes next
-            self._commit(functools.partial(_record_stored_of, owner=self.owner, item_ids=ids, now=now))
+            self._commit(functools.partial(_record_stored_of, owner=self.owner, items=items, now=now))
             self._stored_unrecorded.clear()
             if self._owner_lock is not None:
                 try:
-                    self._owner_lock.keep_stored([])
+                    self._owner_lock.keep_stored({})
                 except OSError as exc:  # harmless: the next open finds them sent already
                     log.warning("could not remove the note of items stored at the peer: %s", exc)
-        return len(ids)
+        return len(items)
 
     def give_up_waits_on(self, stop: threading.Event | StopWaits) -> None:
         """Once `stop` is set (from any thread: a service's SIGTERM), a write waiting for another
@@ -1661,8 +1671,8 @@ class Outbox:
         for token in OwnerLock.tokens_that_stored(self._locks_dir):
             if token == self.owner or OwnerLock.is_alive(self._locks_dir, token):
                 continue
-            ids = OwnerLock.stored_by(self._locks_dir, token)
-            recorded = self._commit(functools.partial(_record_stored_of, owner=token, item_ids=ids, now=now))
+            items = OwnerLock.stored_by(self._locks_dir, token)
+            recorded = self._commit(functools.partial(_record_stored_of, owner=token, items=items, now=now))
             OwnerLock.forget_stored(self._locks_dir, token)
             if recorded:
                 log.warning(

@@ -19,10 +19,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from uploader.errors import OutboxFullError
+from uploader.unwritten_records import UnwrittenRecords, pending_in
+from uploader.unwritten_records import fsync_dir as fsync_dir  # where the payloads' other users have it
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,6 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 def is_no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _NO_SPACE
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PayloadFiles:
@@ -146,7 +140,43 @@ class PayloadFiles:
 _LEFT_PREFIX = "left-claims-"  # + owner token: it closed leaving claims (OwnerLock.leave_claims)
 _LEFT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 # + owner token: ids of items its peer stored that it has not recorded as sent (OwnerLock.keep_stored)
-_STORED_PREFIX = "stored-"
+STORED_PREFIX = "stored-"
+STORED_WHAT = "ids of items the peer stored that the last stop could not record as sent"
+STORED_LOST = "the items of the lines not readable may be sent again (the peer keeps one copy of each)"
+
+
+# how an item of the note is to be recorded (`keep_stored`): a bare id is an older version's line
+TAKEN, SENT = "taken", "sent"
+
+
+def _stored_item(line: str) -> tuple[int, bool | None]:
+    item_id, _, how = line.strip().partition(" ")
+    if not item_id.isdigit() or how not in ("", TAKEN, SENT):
+        raise ValueError(f"not an outbox item of the note of the stored: {line[:40]!r}")
+    return int(item_id), (how == TAKEN) if how else None
+
+
+PROC_LOCKS = Path("/proc/locks")
+PROC_MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def _device_is_stats(directory: Path, mountinfo: Path) -> bool:
+    """Whether /proc/locks names a lock in `directory` by the device stat gives: its mount is
+    found (by that device) and is no overlayfs (whose locks are on the layer's device)."""
+    try:
+        dev = directory.stat().st_dev
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+        fields, _, after = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 3 or parts[2] != f"{os.major(dev)}:{os.minor(dev)}":
+            continue
+        fstype = after.split()[0] if after.split() else ""
+        return fstype not in ("", "overlay")
+    return False
 
 
 class OwnerLock:
@@ -187,50 +217,34 @@ class OwnerLock:
     def _left_path(locks_dir: Path, token: str) -> Path:
         return locks_dir / f"{_LEFT_PREFIX}{token}"
 
-    def keep_stored(self, item_ids: Sequence[int]) -> None:
-        """The ids of the items the peer stored that this owner has not recorded as sent yet, in a
-        file beside its lock, written whole and fsynced (temporary file, rename, directory): it
-        outlives a stop, a kill and a power cut, and the next open records them as sent rather
-        than sending them again. No ids: the file goes."""
-        locks_dir = self.path.parent
-        path = self._stored_path(locks_dir, self.token)
-        if not item_ids:
-            if path.exists():
-                path.unlink(missing_ok=True)
-                fsync_dir(locks_dir)
-            return
-        tmp = locks_dir / f"{TMP_PREFIX}{path.name}"
-        try:
-            with open(tmp, "w", opener=lambda name, flags: os.open(name, flags | os.O_CLOEXEC, 0o600)) as out:
-                out.write("".join(f"{int(i)}\n" for i in item_ids))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk: the file it would have replaced stays whole
-            raise
-        fsync_dir(locks_dir)
+    def keep_stored(self, items: Mapping[int, bool]) -> None:
+        """The items the peer stored that this owner has not recorded as sent yet (by id: whether
+        its caller records it taken, `Outbox.mark_taken`, rather than sent), in a file beside its
+        lock, written whole and fsynced (`UnwrittenRecords`): it outlives a stop, a kill and a
+        power cut, and the next open records them rather than sending them again. None: the file
+        goes. OSError (a full disk): the file it would have replaced stays."""
+        lines = [f"{int(i)} {TAKEN if taken else SENT}" for i, taken in sorted(items.items())]
+        self.stored_file(self.path.parent, self.token).replace(lines)
 
     @staticmethod
-    def stored_by(locks_dir: Path, token: str) -> list[int]:
-        """The ids `keep_stored` kept for `token` (none: no file; a line that is no id is skipped)."""
-        try:
-            text = OwnerLock._stored_path(locks_dir, token).read_text(errors="replace")
-        except FileNotFoundError:
-            return []
-        return [int(line) for line in text.split() if line.isdigit()]
+    def stored_by(locks_dir: Path, token: str) -> dict[int, bool | None]:
+        """What `keep_stored` kept for `token`, by id: taken or not (None: an older version's
+        line, which did not say). None kept: no file. A line that is no item is skipped, and the
+        file set aside (said): the others are still recorded."""
+        return dict(OwnerLock.stored_file(locks_dir, token).take(_stored_item, STORED_LOST).records)
 
     @staticmethod
     def tokens_that_stored(locks_dir: Path) -> list[str]:
-        return [p.name[len(_STORED_PREFIX) :] for p in locks_dir.glob(f"{_STORED_PREFIX}*")]
+        return [p.name[len(STORED_PREFIX) :] for p in pending_in(locks_dir, STORED_PREFIX)]
 
     @staticmethod
     def forget_stored(locks_dir: Path, token: str) -> None:
-        OwnerLock._stored_path(locks_dir, token).unlink(missing_ok=True)
+        OwnerLock.stored_file(locks_dir, token).forget()
 
     @staticmethod
-    def _stored_path(locks_dir: Path, token: str) -> Path:
-        return locks_dir / f"{_STORED_PREFIX}{token}"
+    def stored_file(locks_dir: Path, token: str) -> UnwrittenRecords:
+        """The file of what `token`'s peer stored that it has not recorded as sent (`keep_stored`)."""
+        return UnwrittenRecords(locks_dir / f"{STORED_PREFIX}{token}", what=STORED_WHAT, family=STORED_PREFIX)
 
     def release(self) -> None:
         if self._fd is None:
@@ -246,6 +260,41 @@ class OwnerLock:
         if name.startswith("owner-") and name.endswith(".lock"):
             return name[len("owner-") : -len(".lock")]
         return None
+
+    @staticmethod
+    def seen_held(
+        locks_dir: Path, token: str, *, proc_locks: Path = PROC_LOCKS, mountinfo: Path = PROC_MOUNTINFO
+    ) -> bool:
+        """Whether someone holds the owner's lock, only looked at (`lastmile doctor`): never taken
+        nor its file removed - an outbox opening at that moment would find a dead owner's lock
+        taken (alive) and skip its note of what the county stored, then send those again. flock
+        locks are not seen by fcntl's F_GETLK; /proc/locks lists them by device and inode: both
+        must agree (an inode number alone is shared by a lock on another filesystem, a tmpfs /run),
+        but on overlayfs (or a filesystem not found) the device is not the one stat gives, and
+        the inode number alone is taken. OSError: not known."""
+        try:
+            lock = (locks_dir / f"owner-{token}.lock").stat()
+        except FileNotFoundError:
+            return False
+        device = (os.major(lock.st_dev), os.minor(lock.st_dev))
+        inode_elsewhere = False
+        for line in proc_locks.read_text().splitlines():
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5637086 0 EOF" (major:minor in hex); a waiter's
+            # line has "->" after its id
+            if len(fields) < 6 or fields[1] != "FLOCK":
+                continue
+            major, _, rest = fields[5].partition(":")
+            minor, _, inode = rest.partition(":")
+            if inode != str(lock.st_ino):
+                continue
+            try:
+                if (int(major, 16), int(minor, 16)) == device:
+                    return True
+            except ValueError:
+                pass
+            inode_elsewhere = True
+        return inode_elsewhere and not _device_is_stats(locks_dir, mountinfo)
 
     @staticmethod
     def is_alive(locks_dir: Path, token: str) -> bool:

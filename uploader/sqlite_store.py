@@ -15,7 +15,8 @@ A service's stop bounds its writes' wait for another process's write lock, one w
 database: `StopWaits(stop)` given to a database (`give_up_waits_on(db, waits)`, the outbox's
 `Outbox.give_up_waits_on`) makes its writes take the lock with `begin_immediate(conn, waits)`:
 once the stop is set they wait at most STOP_WAIT_S more, then fail `WaitGivenUp` ("database is
-locked"), a stop and not a fault (`gave_up_at_stop`).
+locked"), a stop and not a fault (`gave_up_at_stop`). A write nothing can redo after the restart
+says so (`transaction(db, wait_past_stop=True)`): it waits the full busy timeout, stop or not.
 """
 
 from __future__ import annotations
@@ -365,12 +366,14 @@ def migrate(db: sqlite_utils.Database, migrations: tuple[Migration, ...] = MIGRA
 
 
 @contextlib.contextmanager
-def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+def transaction(db: sqlite_utils.Database, *, wait_past_stop: bool = False) -> Iterator[sqlite3.Connection]:
     """One write transaction (BEGIN IMMEDIATE: the write lock is taken at once, so two processes
     never both read-then-write); rolled back on any exception. With `give_up_waits_on(db, ...)`,
-    the wait for another process's lock ends at a stop (`begin_immediate`: WaitGivenUp)."""
+    the wait for another process's lock ends at a stop (`begin_immediate`: WaitGivenUp), unless
+    `wait_past_stop`: this write waits the full busy timeout as before the stop (one the next
+    start cannot redo: a scanned patient card)."""
     conn: sqlite3.Connection = db.conn
-    begin_immediate(conn, _stop_waits.get(db))
+    begin_immediate(conn, None if wait_past_stop else _stop_waits.get(db))
     try:
         yield conn
     except BaseException:

@@ -416,6 +416,9 @@ MIGRATIONS = (
         "ALTER TABLE devices ADD COLUMN held_spill_generation INTEGER;\n"
         "ALTER TABLE devices ADD COLUMN held_ecg_spill_generation INTEGER;",
     ),
+    # the id of the last stop's word on a row (serial-rows-behind.jsonl) whose loss the row counted:
+    # a start that reads that word again skips it by id, not by clock (a Pi without RTC boots behind)
+    Migration.sql("0036_device_lost_word_id", "ALTER TABLE devices ADD COLUMN lost_word_id TEXT;"),
 )
 
 

@@ -97,6 +97,8 @@ class DeviceRecord:
     # the newest generation of the readings' and the ECGs' spill files when the held status was
     # written (None: unknown, or no spill file): a whole copy saved after it holds all that waited
     held_spill_generations: tuple[int | None, int | None] = (None, None)
+    # the id of the last stop's word (lastmile.services.serial_spill.RowBehind) whose loss this row counted
+    lost_word_id: str = ""
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -115,6 +117,12 @@ class DeviceRecord:
     def held_at_stop(self) -> bool:
         """What waits is held because the gateway's stop gave its store up: stored at the next start."""
         return self.held_cause == HELD_AT_STOP
+
+    @property
+    def lost_at_stop(self) -> bool:
+        """What a stop lost was held only for that stop (no fault, no want of space): nothing to
+        repair, the doctor measures again."""
+        return self.lost_cause == HELD_AT_STOP
 
     @property
     def held_in_memory_only(self) -> bool:
@@ -241,7 +249,11 @@ LOST_CAUSES_CHARS = 402
 
 def lost_causes(said: str, cause: str) -> str:
     """The causes losses said at once waited for: `said` (the row's, "" for space) with `cause`
-    added unless it is space or said already, bounded (LOST_CAUSES_CHARS)."""
+    added unless it is space or said already, bounded (LOST_CAUSES_CHARS). Space with a stop's own
+    cause (HELD_AT_STOP), in either order, is space: the stop's is no fault and asks nothing, the
+    space's advice (keep the gateway powered while readings wait) is what the doctor must hear."""
+    if {said, cause} == {"", HELD_AT_STOP}:
+        return ""
     if not cause or cause in said:
         return said
     return f"{said}; {cause}"[:LOST_CAUSES_CHARS] if said else cause
@@ -353,6 +365,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         lost_cause=row["lost_cause"] or "",
         lost_damage=row["lost_damage"] or "",
         held_spill_generations=(row["held_spill_generation"], row["held_ecg_spill_generation"]),
+        lost_word_id=row["lost_word_id"] or "",
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
@@ -527,6 +540,7 @@ class DeviceRegistry:
         cause: str | None = None,
         on_disk: tuple[int, int] = (0, 0),
         damage: str = "",
+        word_id: str = "",
     ) -> None:
         """Readings and streamed ECGs (`counts`) a stop lost of what `record` (the row the restart
         found) held after its last word on them, found gone at `now`: said for LOST_SAID_FOR from
@@ -534,7 +548,8 @@ class DeviceRegistry:
         for then (`held_cause`), unless the loss said before had another than space: that one stays
         (its readings are still lost, and its advice is the county IT's), and another one is said
         beside it. `cause`: theirs when not the row's held cause. `on_disk`: of `counts`, those kept
-        on disk that the spill file did not give back, `damage` says which file and why."""
+        on disk that the spill file did not give back, `damage` says which file and why. `word_id`: the
+        stop's word these come from, kept in the same write (a start reading it again skips it)."""
         readings, ecgs = counts
         disk_readings, disk_ecgs = on_disk
         after = record.held_at or record.last_error_at  # a row an older version held: its error said it
@@ -551,7 +566,7 @@ class DeviceRegistry:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_disk_reading_count = ?, "
                 "lost_disk_ecg_count = ?, lost_damage = ?, lost_after = ?, lost_at = ?, lost_cause = ?, "
-                "updated_at = ? WHERE address = ?",
+                "lost_word_id = COALESCE(?, lost_word_id), updated_at = ? WHERE address = ?",
                 (
                     readings,
                     ecgs,
@@ -561,9 +576,19 @@ class DeviceRegistry:
                     after and iso(after),
                     iso(now),
                     cause,
+                    word_id or None,
                     iso(now),
                     record.address,
                 ),
+            )
+
+    def word_applied(self, address: str, word_id: str, *, now: dt.datetime) -> None:
+        """The stop's word `word_id` on the row at `address` was applied with no loss to count: a
+        start that reads it again skips it too."""
+        with transaction(self.db) as conn:
+            conn.execute(
+                "UPDATE devices SET lost_word_id = ?, updated_at = ? WHERE address = ?",
+                (word_id, iso(now), normalise_address(address)),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

@@ -173,7 +173,10 @@ def same_person_name(a: str, b: str) -> bool:
     a mapping's, a name typed again): the same characters however grouped (张三, 张^三,
     Zhang^San=张^三), or one written in pinyin only and the other's reading (Zhang San, ZHANG^SAN,
     Zhāng Sān for 张三: a cart or keyboard without an input method; any reading of each character: Zhang
-    Yue for 张乐 (Zhang^Le), Lu or Lyu for 吕, as written where ü cannot be). Two names in characters that
+    Yue for 张乐 (Zhang^Le), Lu or Lyu for 吕, as written where ü cannot be). A name in letters is
+    read in its written order only: "San Zhang" is not 张三 (held: the doctor answers), as a swap
+    would let "Qian Li" pass for 李倩 and "Wang Li" for 李旺, another patient's ECG left on the
+    cart going under the checked-in ID. Two names in characters that
     differ are two names, even read alike (张三, 张叁: the county would get one or the other, and
     only the doctor knows which is his). An empty name is nobody's: False (a caller for whom a
     missing name passes says so)."""

@@ -38,6 +38,13 @@ CORRECTED = "patient-id-corrected"
 OTHER_ID = "patient-other-id"
 # the session log's event of the name an ID was checked in under corrected (`correct_name`)
 NAME_CORRECTED = "patient-name-corrected"
+# the session log's event of a check-in with no name taking the name said for its ID (`check_in`):
+# never a name said (it renews nothing), only what tells Today the check-in did not say it
+NAME_INHERITED = "patient-name-inherited"
+# the session log's event of a taken name corrected for the session only (`correct_name_in` with
+# `rename_devices` False): no name said for the ID (`_said_names` skips it), so it names him and
+# his device users no longer than the session does
+NAME_CORRECTED_SESSION_ONLY = "patient-name-corrected-session-only"
 
 
 class SameName(enum.Enum):
@@ -127,10 +134,17 @@ class PatientContext:
 
     # -- changing the session ---------------------------------------------------------------
     def set_patient(
-        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool | None = None, reason: str = ""
+        self,
+        patient_id: str,
+        name: str = "",
+        *,
+        now: dt.datetime,
+        stat: bool | None = None,
+        reason: str = "",
+        wait_past_stop: bool = False,
     ) -> CurrentPatient:
-        """`check_in` (see it for `stat` and `reason`): the patient current after it."""
-        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason).after
+        """`check_in` (see it for `stat`, `reason` and `wait_past_stop`): the patient current after it."""
+        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason, wait_past_stop=wait_past_stop).after
 
     def check_in(
         self,
@@ -145,6 +159,7 @@ class PatientContext:
         clear_name: bool = False,
         clear_reason: bool = False,
         same_name: SameName | None = None,
+        wait_past_stop: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -159,11 +174,22 @@ class PatientContext:
         `doctor_id`: the doctor of the session from now (as `set_doctor`), set only if the
         check-in is - never on a patient the page did not show.
         `same_name`: the doctor's answer when `patient_id` is checked in under the current
-        patient's name (None: not asked; `_replaced_event`)."""
+        patient's name (None: not asked; `_replaced_event`).
+        A new session with no name (a scanned card, an ID typed alone), unless `clear_name`, takes the
+        name the doctor last said for the ID within NAME_KEPT (`_checked_in_names`: typed at a
+        check-in or corrected, never cleared nor corrected away as a typo): left nameless, an ECG
+        naming that ID under anyone's name would pass the name check, one ID going to the county
+        under two names. Only a name said is logged as the check-in's: one taken (`NAME_INHERITED`)
+        or kept by a session going on is no news, and never renews itself past NAME_KEPT.
+        `wait_past_stop`: the write waits for another process's lock as if the service were not
+        stopping (`sqlite_store.transaction`): a scanned card given up at a stop would leave the
+        previous patient current after the restart, and the next readings on him."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
-        with transaction(self.db) as conn:
+        # what this check-in says of the ID's name: a name, "" (nobody: cleared), None (nothing)
+        said: str | None = name.strip() or ("" if clear_name else None)
+        with transaction(self.db, wait_past_stop=wait_past_stop) as conn:
             row = self._expire_locked(conn, now)
             before = self._current_of(row) if row is not None and row["patient_id"] else None
             current_id = before.patient_id if before is not None else ""
@@ -185,6 +211,12 @@ class PatientContext:
                 name = name or ("" if clear_name else going_on["patient_name"] or "")
                 reason = reason.strip() or ("" if clear_reason else going_on["reason"] or "")
                 stat = bool(going_on["stat"]) if stat is None else stat
+            inherited = ""
+            if going_on is None and said is None:
+                # a card names nobody: the name said for the ID today, after the event (which is
+                # judged on the name given: a card's ID is never a typo corrected). A session going
+                # on keeps its own, even cleared; no device mapping (months old, maybe a typo's)
+                name = inherited = self._checked_in_names(now).get(patient_id, "")
             if event:
                 self._log(conn, now, event, replaced, doctor)
             # his other IDs go on with his session, on its row (the log is pruned past NAME_KEPT): a
@@ -215,8 +247,10 @@ class PatientContext:
                     _linked_text(linked),
                 ),
             )
-            # the name as checked in, so a later mapping or assignment of this ID can name it
-            self._log(conn, now, "patient-set", patient_id, doctor, name.strip())
+            # the name as said at check-in, so a later mapping or assignment of this ID can name it
+            self._log(conn, now, "patient-set", patient_id, doctor, said)
+            if inherited:
+                self._log(conn, now, NAME_INHERITED, patient_id, doctor, inherited)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
         log.debug("current patient set")
         return CheckedIn(before, after)
@@ -229,11 +263,12 @@ class PatientContext:
             return None
         return current
 
-    def set_doctor(self, doctor_id: str, *, now: dt.datetime) -> None:
+    def set_doctor(self, doctor_id: str, *, now: dt.datetime, wait_past_stop: bool = False) -> None:
+        """`wait_past_stop`: as `check_in`'s (a scanned badge)."""
         doctor_id = doctor_id.strip()
         if not doctor_id:
             raise ValueError("a doctor needs a non-empty identifier")
-        with transaction(self.db) as conn:
+        with transaction(self.db, wait_past_stop=wait_past_stop) as conn:
             self._expire_locked(conn, now)
             conn.execute(
                 "INSERT INTO session (id, doctor_id, doctor_since, last_activity) VALUES (?, ?, ?, ?) "
@@ -340,12 +375,14 @@ class PatientContext:
             return replace(patient, name=known)
         return self.named(patient, now)
 
-    def correct_name(self, patient_id: str, name: str, *, now: dt.datetime) -> None:
+    def correct_name(self, patient_id: str, name: str, *, now: dt.datetime, rename_devices: bool = True) -> None:
         """`correct_name_in`, in a transaction of its own."""
         with transaction(self.db) as conn:
-            self.correct_name_in(conn, patient_id, name, now=now)
+            self.correct_name_in(conn, patient_id, name, now=now, rename_devices=rename_devices)
 
-    def correct_name_in(self, conn: sqlite3.Connection, patient_id: str, name: str, *, now: dt.datetime) -> None:
+    def correct_name_in(
+        self, conn: sqlite3.Connection, patient_id: str, name: str, *, now: dt.datetime, rename_devices: bool = True
+    ) -> None:
         """Inside a write transaction on this context's clinic.db (`conn`): the doctor says
         `patient_id`'s checked-in name was wrong, it is `name` from now on, for whatever the session
         names him (his session too, if he is the one checked in or it is one of his other IDs: they
@@ -353,7 +390,12 @@ class PatientContext:
         session knows: its log goes after NAME_KEPT, and his cuff's readings must not go back to
         the name the doctor said was wrong a day later. Nothing is written to the session if it
         knows him under no other name. A name that is no name (`no_name`: "^^^^", "UNKNOWN"), a
-        cart's empty field, is refused (ValueError): it would rename him and his cuff's users to nothing."""
+        cart's empty field, is refused (ValueError): it would rename him and his cuff's users to nothing.
+        `rename_devices` False: the session's row only (the name corrected was not said at this
+        check-in, `inherited_ids`: the device users mapped to the ID may be another patient's). Its
+        log event is one `known_names` ignores: a NAME_CORRECTED would name the ID for NAME_KEPT,
+        and a cuff user mapped to it (the father's, on a family card) would send his readings under
+        the corrected name after the session moved on."""
         if not name.strip():
             return
         if no_name(name):
@@ -364,16 +406,20 @@ class PatientContext:
         his_ids = current.linked | {current.patient_id} if current is not None and his_session else {patient_id}
         # device_users (lastmile.clinic.device_users, which reads this module) in this
         # transaction: the correction and the mappings' name are one change
-        conn.execute(
-            f"UPDATE device_users SET patient_name = ? WHERE patient_id IN ({', '.join('?' * len(his_ids))})",
-            (name, *sorted(his_ids)),
-        )
+        if rename_devices:
+            conn.execute(
+                f"UPDATE device_users SET patient_name = ? WHERE patient_id IN ({', '.join('?' * len(his_ids))})",
+                (name, *sorted(his_ids)),
+            )
         known = self._known_of({patient_id}, current, now).get(patient_id, "")
         if not known or known.strip() == name.strip():
             return
         if his_session:
             conn.execute("UPDATE session SET patient_name = ? WHERE id = ?", (name, _ROW))
-        self._log(conn, now, NAME_CORRECTED, patient_id, row["doctor_id"] if row else None, name)
+        elif not rename_devices:
+            return  # not his session: nothing of it to correct, and no name said for the ID
+        event = NAME_CORRECTED if rename_devices else NAME_CORRECTED_SESSION_ONLY
+        self._log(conn, now, event, patient_id, row["doctor_id"] if row else None, name)
 
     def known_name(self, patient_id: str, now: dt.datetime) -> str:
         """`known_names` of one ID: its name, or "" if the session knows none."""
@@ -393,11 +439,26 @@ class PatientContext:
 
     def _known_of(self, wanted: set[str], current: CurrentPatient | None, now: dt.datetime) -> dict[str, str]:
         """`known_names` of `wanted`, the session's patient being `current`."""
+        names = self._said_of(current, now)
+        return {pid: names[pid] for pid in wanted if names.get(pid)}
+
+    def _said_of(self, current: CurrentPatient | None, now: dt.datetime) -> dict[str, str]:
+        """Each ID the session has news of, named as it knows him now ("": no name, cleared)."""
         names = self._checked_in_names(now)
         if current is not None:
             # his other IDs are his (the doctor said so): his name, however long ago they were checked in
             names.update(dict.fromkeys(current.linked | {current.patient_id}, current.name))
-        return {pid: names[pid] for pid in wanted if names.get(pid)}
+        return names
+
+    def cleared_ids(self, patient_ids: Iterable[str], now: dt.datetime) -> set[str]:
+        """Those of `patient_ids` the session knows under no name now: checked in with it cleared
+        (清除姓名), or corrected away as a typo, since a name was said for them. A name stored with
+        something that came in before (an ECG held for its name) is no longer his name to offer."""
+        wanted = set(patient_ids)
+        if not wanted:
+            return set()  # Today with none held: no read
+        names = self._said_of(self.current(now), now)
+        return {pid for pid in wanted if pid in names and not names[pid]}
 
     def checked_in_name(self, patient_id: str, now: dt.datetime) -> str:
         """The name `patient_id` was checked in under within NAME_KEPT before `now` (张三 checked in
@@ -410,15 +471,35 @@ class PatientContext:
         ("": none), or as the doctor corrected that name since (`correct_name`), unless that
         check-in's ID was corrected since (`_replaced_event`: the correction recorded when the
         doctor made it). One seek on the log's `at` index."""
+        return self._said_names(now)[0]
+
+    def inherited_ids(self, patient_ids: Iterable[str], now: dt.datetime) -> set[str]:
+        """Those of `patient_ids` whose name the session knows only because a check-in with no name
+        took it (`NAME_INHERITED`: a card scanned, the ID typed alone), nothing said of it since:
+        nobody typed it at that check-in, and a device user mapped to the ID may be another
+        patient's (the ID mistyped), so an answer about that name must not rename them."""
+        wanted = set(patient_ids)
+        return self._said_names(now)[1] & wanted if wanted else set()  # Today with none held: no read
+
+    def _said_names(self, now: dt.datetime) -> tuple[dict[str, str], set[str]]:
+        """`_checked_in_names`, and the IDs whose latest news is a name taken (`NAME_INHERITED`,
+        which names nothing itself), no name said since (cleared, the mark stays). A check-in that said nothing of the name (logged NULL: a
+        session going on, a card) is skipped: no news, never a renewal."""
         rows = self.db.conn.execute(
-            "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?, ?) "
-            "ORDER BY id",
-            (iso(now - NAME_KEPT), CORRECTED, NAME_CORRECTED),
+            "SELECT event, patient_id, detail FROM session_log WHERE at >= ? AND event IN ('patient-set', ?, ?, ?) "
+            "AND NOT (event = 'patient-set' AND detail IS NULL) ORDER BY id",
+            (iso(now - NAME_KEPT), CORRECTED, NAME_CORRECTED, NAME_INHERITED),
         ).fetchall()
         names: dict[str, str] = {}
+        inherited: set[str] = set()
         for row in rows:  # oldest first: the latest check-in, or its correction, names the ID
+            if row["event"] == NAME_INHERITED:
+                inherited.add(row["patient_id"])
+                continue
+            if row["detail"]:  # only a name said: a name cleared leaves nothing typed in its place
+                inherited.discard(row["patient_id"])
             names[row["patient_id"]] = "" if row["event"] == CORRECTED else row["detail"] or ""
-        return names
+        return names, inherited
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
@@ -470,7 +551,7 @@ class PatientContext:
         event: str,
         patient_id: str | None,
         doctor_id: str | None,
-        detail: str = "",
+        detail: str | None = "",
     ) -> None:
         conn.execute(
             "INSERT INTO session_log (at, event, patient_id, doctor_id, detail) VALUES (?, ?, ?, ?, ?)",

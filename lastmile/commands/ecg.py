@@ -3,6 +3,11 @@
 Formats: SCP-ECG, HL7 aECG XML, DICOM ECG, Contec ECG90A .ECG and the gateway's .npz.
 Decoders never resample: `decode` writes the samples exactly as stored (µV), and `to-dicom`
 refuses rates the DICOM ECG IODs do not allow (200-1000 Hz) rather than alter the signal.
+
+`to-dicom` checks what the forward path checks before sending (`lastmile.ecg.intake.hold_for`):
+a file it writes may be carried to the county by hand, so what the gateway would hold it for (no
+patient, another patient or another name than the check-in, a 're-record' quality verdict) is
+said on stderr, and the file is not written without `--force`. Exit codes: TO_DICOM_EXIT_CODES.
 """
 
 from __future__ import annotations
@@ -11,13 +16,25 @@ import argparse
 import datetime as dt
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from lastmile.commands.common import DATA_DIR
 
 if TYPE_CHECKING:
+    from devices.ecg.quality import QualityReport
     from devices.ecg.recording import EcgRecording
+    from lastmile.config import Config
+
+HELD_EXIT = 3  # `to-dicom`: the forward path would hold this ECG for the doctor; nothing written
+TO_DICOM_EXIT_CODES = f"""exit codes:
+  0  written
+  1  not written: the file cannot be read or converted, a wrong --patient-id, the output cannot be written
+  2  wrong arguments
+  {HELD_EXIT}  not written: the gateway would hold this ECG for the doctor (stderr says why); --force writes it,
+     flagged as the gateway would send it when the hold runs out
+  78 not written: the settings file has a mistake (`lastmile config check` names it)"""
 
 FORMAT_NAMES = {
     "scp": "SCP-ECG",
@@ -43,7 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_decode)
 
     p = ecg_sub.add_parser(
-        "to-dicom", help="convert an ECG file to a DICOM 12-lead / General ECG object", parents=[DATA_DIR]
+        "to-dicom",
+        help="convert an ECG file to a DICOM 12-lead / General ECG object",
+        parents=[DATA_DIR],
+        epilog=TO_DICOM_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="ECG file")
     p.add_argument("output", metavar="OUTPUT", help="DICOM file to write")
@@ -54,6 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--override-patient",
         action="store_true",
         help="use --patient-id even though the file names another patient (the object is flagged)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write it even though the gateway would hold it for the doctor (no patient, another name, re-record)",
     )
     p.set_defaults(func=_to_dicom)
 
@@ -208,6 +234,7 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _to_dicom(args: argparse.Namespace) -> int:
     import dataclasses
+    import time
 
     from devices.errors import DeviceError
     from lastmile.commands.common import config_from_args
@@ -215,6 +242,9 @@ def _to_dicom(args: argparse.Namespace) -> int:
     from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
     from uploader.errors import UploadError
 
+    if args.patient_name and not args.patient_id:
+        _fail("--patient-name needs --patient-id")
+        return 2  # wrong arguments, as the help says (TO_DICOM_EXIT_CODES)
     try:
         recording = read_ecg_file(args.input)
     except OSError as exc:
@@ -239,13 +269,24 @@ def _to_dicom(args: argparse.Namespace) -> int:
                 recording, flags=(*recording.flags, f"patient-overridden:file-named-{named.patient_id}")
             )
         recording = dataclasses.replace(recording, patient=patient)
-    elif args.patient_name:
-        return _fail("--patient-name needs --patient-id")
     if args.stat:
         recording = dataclasses.replace(recording, stat=True)
+    recording, checked_in = _as_forwarded(recording, config, doctor_named=bool(args.patient_id))
+    held = _forward_would_hold(recording, config, checked_in, time.time())
+    for line in held.lines:
+        print(f"lastmile ecg to-dicom: {line}", file=sys.stderr)
+    if held.reasons and not args.force:
+        print(
+            f"lastmile ecg to-dicom: {args.output} not written: the gateway would hold this ECG for the doctor "
+            f"({', '.join(held.reasons)}); settle it as said above, or give --force to write it anyway",
+            file=sys.stderr,
+        )
+        return HELD_EXIT
     request = session_request(args.doctor, reason=args.reason)
     try:
-        data = recording_to_dicom_bytes(recording, mint_uids(), station_of(config), request=request)
+        data = recording_to_dicom_bytes(
+            recording, mint_uids(), station_of(config), request=request, quality=held.quality
+        )
         sop_class = choose_sop_class(recording)
     except UploadError as exc:
         return _fail(f"{args.input} cannot become a DICOM ECG: {exc}")
@@ -253,9 +294,138 @@ def _to_dicom(args: argparse.Namespace) -> int:
         Path(args.output).write_bytes(data)
     except OSError as exc:
         return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
+    if held.reasons:
+        print(
+            f"lastmile ecg to-dicom: written anyway (--force), as the gateway would send it when the hold runs out "
+            f"({', '.join(held.reasons)}): whoever carries it to the county must know",
+            file=sys.stderr,
+        )
     kind = "12-lead ECG" if sop_class.endswith(".9.1.1") else "General ECG"
     print(summary(Path(args.input).name, recording) + f" -> {args.output} (DICOM {kind}, {len(data)} bytes)")
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedIn:
+    """The clinic session as the forward path's intake sees it when it takes in this ECG."""
+
+    patient_ids: frozenset[str]  # the checked-in patient's IDs; empty: nobody checked in
+    name: str  # the name the check-in gave the ECG's patient ID, "" for none
+
+
+def _as_forwarded(recording: EcgRecording, config: Config, *, doctor_named: bool) -> tuple[EcgRecording, CheckedIn]:
+    """`recording` flagged and made urgent as the gateway's intake would (`file_enqueuer`) against
+    the clinic session in the data directory, when it has one and it can be read: else (an offline
+    laptop, a user who may not read the gateway's data) stderr says it was not compared with a
+    check-in, and it is converted as it is. `doctor_named`: --patient-id says whose it is (as
+    `patient assign`): only its name is compared with the check-in's, not its ID with the
+    checked-in patient's."""
+    import dataclasses
+    import sqlite3
+
+    from lastmile.clinic.db import DB_NAME
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.data_dir import DataDirError
+    from lastmile.ecg.holds import NAME_MISMATCH
+    from lastmile.ecg.intake import names_differ, with_patient_check
+
+    nobody = CheckedIn(frozenset(), "")
+    path = config.data_dir / DB_NAME
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        if not path.is_file():
+            _not_compared(f"no {path}")
+            return recording, nobody
+        patients = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+        try:
+            session = patients.stat_session(now)
+            current = session.patient_ids if session is not None else patients.patient_ids(now)
+            patient_id = recording.patient.patient_id if recording.patient else None
+            known = patients.known_name(patient_id, now) if patient_id is not None and patient_id in current else ""
+        finally:
+            patients.close()
+    # the gateway's data directory is its service user's (0700): converting needs none of it
+    except (OSError, sqlite3.Error, DataDirError) as exc:
+        _not_compared(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+        return recording, nobody
+    if not doctor_named:
+        recording = with_patient_check(recording, current, known)
+    elif (
+        recording.patient is not None
+        and names_differ(recording.patient.name, known)
+        and NAME_MISMATCH not in recording.flags
+    ):
+        recording = dataclasses.replace(recording, flags=(*recording.flags, NAME_MISMATCH))
+    if session is not None and session.covers(patient_id, recording.acquired_at) and not recording.stat:
+        recording = dataclasses.replace(recording, stat=True)
+    return recording, CheckedIn(current, known)
+
+
+def _not_compared(why: str) -> None:
+    """Says that what is written was not compared with a check-in (`why`): whoever carries it must
+    know that no other patient's or name's hold was looked for."""
+    print(
+        f"lastmile ecg to-dicom: not compared with a check-in ({why}): no hold for another patient or name "
+        "than the check-in's was looked for",
+        file=sys.stderr,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardHold:
+    """What the forward path would hold an ECG for (`hold_for`), and the lines that say so."""
+
+    reasons: tuple[str, ...]  # hold reasons (lastmile.ecg.holds); empty: it would be sent
+    lines: tuple[str, ...]  # for stderr: each reason and what to do, and the quality problems
+    quality: QualityReport | None  # the quality gate's report, kept in the object as at intake
+
+
+def _forward_would_hold(recording: EcgRecording, config: Config, checked_in: CheckedIn, now: float) -> ForwardHold:
+    from lastmile.commands.common import quality_lines
+    from lastmile.ecg.holds import NAME_MISMATCH, PATIENT_MISMATCH, QUALITY_HOLD, UNASSIGNED_HOLD
+    from lastmile.ecg.intake import PATIENT_ID_REFUSED, hold_for, quality_hold_until, quality_of
+    from lastmile.reports.report_text import display_name
+
+    quality = quality_of(recording, config)
+    hold = hold_for(recording, config, now, quality)
+    reasons = [hold.reason] if hold is not None else []
+    if quality_hold_until(recording, config, now, quality) is not None and QUALITY_HOLD not in reasons:
+        reasons.append(QUALITY_HOLD)
+    patient = recording.patient
+    lines: list[str] = []
+    for reason in reasons:
+        if reason == UNASSIGNED_HOLD:
+            refused = PATIENT_ID_REFUSED in recording.flags  # vetted_patient: not a valid ID of [patient] id_kind
+            lines.append(
+                (
+                    "the file's patient ID is not a valid one, so it names no patient"
+                    if refused
+                    else "the file names no patient"
+                )
+                + ": the gateway would hold it for the doctor to say whose it is (`lastmile patient assign`); "
+                "give --patient-id (and --patient-name)"
+            )
+        elif reason == PATIENT_MISMATCH and patient is not None:
+            others = ", ".join(sorted(checked_in.patient_ids))
+            lines.append(
+                f"the file names patient {patient.patient_id}, but {others} is checked in: the gateway would hold "
+                f"it for the doctor to say whose it is; give --patient-id with the doctor's answer"
+            )
+        elif reason == NAME_MISMATCH and patient is not None:
+            lines.append(
+                f"the file names patient {patient.patient_id} {display_name(patient.name)}, but "
+                f"{patient.patient_id} is checked in as {display_name(checked_in.name)}: another person's ECG, or "
+                "the cart kept the previous patient's name; the gateway would hold it for the doctor to say "
+                "whose it is; ask him, then give --patient-id and --patient-name with his answer"
+            )
+        elif reason == QUALITY_HOLD:
+            lines.append(
+                "the quality check says record it again: the gateway would hold it for the doctor to record "
+                "again or send anyway (`lastmile ecg check` says what to fix)"
+            )
+    if quality is not None:
+        lines += quality_lines(quality.to_json())
+    return ForwardHold(tuple(reasons), tuple(lines), quality)
 
 
 def _read_for_check(path: str) -> tuple[EcgRecording | None, int]:

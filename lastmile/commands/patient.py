@@ -14,6 +14,7 @@ from lastmile.commands.common import DATA_DIR
 if TYPE_CHECKING:  # the command imports its modules when it runs: `lastmile --help` stays quick
     from devices.identity import Patient
     from lastmile.clinic.device_users import DeviceUser
+    from uploader.outbox import OutboxItem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -491,7 +492,10 @@ def _show(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     current, doctor, rows = None, None, []
+    known: dict[str, str] = {}
     now = _now()
+    ecgs = _held_ecgs(config, now)
+    held_for_name = {_held_patient_id(item) for item in ecgs if item.hold_reason == "name-mismatch"}
     if existing_file(config, DB_NAME) is not None:  # a read-only command creates nothing
         db = open_clinic_db(config.data_dir)
         try:
@@ -500,6 +504,9 @@ def _show(args: argparse.Namespace) -> int:
             doctor = context.current_doctor(now)
             # Held observations live in clinic.db: no outbox needed to list them.
             rows = db.conn.execute("SELECT id, key, observation FROM held_observations ORDER BY id").fetchall()
+            # an ECG held for its name: its ID as the session names it now (the doctor may have
+            # corrected it since), as Today and its "it is his" answer do
+            known = context.known_names(held_for_name, now)
         finally:
             db.conn.close()
     from lastmile.clinic.observations import observation_from_json
@@ -508,7 +515,6 @@ def _show(args: argparse.Namespace) -> int:
     held = [
         (int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows if r["key"] not in assigned
     ]
-    ecgs = _held_ecgs(config, now)
     if args.json:
         print(
             json.dumps(
@@ -533,6 +539,7 @@ def _show(args: argparse.Namespace) -> int:
                             "acquired_at": item.meta.get("acquired_at"),
                             "device": item.meta.get("device"),
                             "file_patient_id": item.meta.get("file_patient_id"),
+                            **_names_of_held(item, known),
                             "flags": item.meta.get("flags", []),
                             "quality": item.meta.get("quality"),
                         }
@@ -564,8 +571,8 @@ def _show(args: argparse.Namespace) -> int:
                 "unassigned": "names no patient",
                 "re-record": "quality check says record again",
                 "name-mismatch": (
-                    f"names {(item.patient or {}).get('patient_id', '?')} as {item.meta.get('file_patient_name', '?')}, "
-                    f"checked in as {item.meta.get('checked_in_name', '?')}: whose is it?"
+                    f"names {_held_patient_id(item) or '?'} as {item.meta.get('file_patient_name', '?')}, "
+                    f"checked in as {_checked_in_as(_names_of_held(item, known))}: whose is it?"
                 ),
             }.get(item.hold_reason or "", f"names patient {item.meta.get('file_patient_id', '?')}, not the current one")
             print(
@@ -583,6 +590,31 @@ def _show(args: argparse.Namespace) -> int:
         user = "" if o.device_user is None else f" (user {o.device_user})"
         print(f"  #{i:<5d} {_local(o.measured_at)}  {o.kind:18s} {summary(o):36s} {o.device.label()}{user}")
     return 0
+
+
+def _held_patient_id(item: OutboxItem) -> str:
+    return str((item.patient or {}).get("patient_id") or "")
+
+
+def _names_of_held(item: OutboxItem, known: dict[str, str]) -> dict[str, str]:
+    """The names of an ECG held for its name: the file's, the check-in's stored at intake, and the
+    check-in's now - the one "it is his" sends it under (`known`: the session's names by ID; the
+    one stored when the session knows none, as on Today). {} for an ECG held for another cause."""
+    if item.hold_reason != "name-mismatch":
+        return {}
+    at_intake = str(item.meta.get("checked_in_name") or "")
+    return {
+        "file_patient_name": str(item.meta.get("file_patient_name") or ""),
+        "checked_in_name": known.get(_held_patient_id(item)) or at_intake,
+        "checked_in_name_at_intake": at_intake,
+    }
+
+
+def _checked_in_as(names: dict[str, str]) -> str:
+    """The check-in's name of an ECG held for its name (`_names_of_held`), and the one stored when it
+    was held if the doctor corrected it since ({} for an ECG held for another cause: "?")."""
+    now, at_intake = names.get("checked_in_name") or "?", names.get("checked_in_name_at_intake", "")
+    return now if not at_intake or at_intake == now else f"{now} (corrected; {at_intake} when it was held)"
 
 
 def _utc(epoch: float | None) -> dt.datetime | None:

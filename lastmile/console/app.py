@@ -59,6 +59,7 @@ from lastmile.console.sources import (
     ClinicData,
     ConsoleInputError,
     CountyLink,
+    EcgAssigned,
     county_row,
     person_name,
     row_number,
@@ -348,6 +349,8 @@ TOPIC_LABELS = {
     "open-damaged": N_("the open visit"),
     "ecg-clock": N_("clock of ECG cart %(subject)s"),
     "battery": N_("battery of %(subject)s"),
+    "left-by-stop": N_("records kept when the gateway stopped"),
+    "damaged-copy": N_("damaged file set aside: %(subject)s"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -356,6 +359,14 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "data": {
         "WARN": N_("Storage is getting full: tell the county IT."),
         "sd-card": N_("The SD card's settings need a look (they may wear it out sooner): tell the county IT."),
+        # what a stop could not save, kept in a file for the next start (doctor._left_by_last_stop)
+        "left-by-stop": N_(
+            "When the gateway last stopped, some records could not be saved: they are kept and saved when it "
+            "starts again. If this is still here after a restart, tell the county IT."
+        ),
+        "damaged-copy": N_(
+            "A damaged file was put aside when the gateway started: some records in it may be lost. Tell the county IT."
+        ),
         "FAIL": N_("Storage problem: new measurements may not be saved. Call the county IT now."),
     },
     "root": {"WARN": N_("The system partition is writable: a power cut could damage it. Tell the county IT.")},
@@ -439,11 +450,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         ),
         "memory-only-at-stop": N_(
             "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
-            "lost. Measure again if the patient is still here, and tell the county IT."
+            "lost. Nothing is broken. Measure again if the patient is still here."
         ),
         "memory-only-ecgs-at-stop": N_(
             "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
-            "lost. Record the ECG again if the patient is still here, and tell the county IT."
+            "lost. Nothing is broken. Record the ECG again if the patient is still here."
         ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
@@ -462,6 +473,18 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Some readings were lost when the gateway was switched off or lost its power (found when it started "
             "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
             "the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
+        # held at a stop in memory only (doctor.LOST_AT_STOP, LOST_ECGS_AT_STOP), gone with it: nothing is broken, the
+        # county IT can bring nothing back; %(what)s how many, %(subject)s which device
+        "lost-at-stop": N_(
+            "Lost: %(what)s from %(subject)s. They were taken just before the gateway stopped and were not saved "
+            "yet (found when it started again, %(since)s). Nothing is broken. Measure again if the patient is "
+            "still here. This shows until %(time)s."
+        ),
+        "lost-ecgs-at-stop": N_(
+            "Lost: %(what)s from %(subject)s. They were taken just before the gateway stopped and were not saved "
+            "yet (found when it started again, %(since)s). Nothing is broken. Record the ECG again if the patient "
+            "is still here. This shows until %(time)s."
         ),
         # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
         "lost-readings-damaged-file": N_(
@@ -605,7 +628,18 @@ def advice_text(finding: Finding, localizer: Localizer) -> str:
     }
     if finding.subject:  # which one it is about (the devices' names), for an advice that names it
         values["subject"] = finding.subject
+    if finding.counts is not None:  # how many readings and ECGs, in words, as the Devices page says them
+        values["what"] = counted_words(*finding.counts, localizer)
     return localizer.gettext(advice, **values)
+
+
+def counted_words(readings: int, ecgs: int, localizer: Localizer) -> str:
+    """ "3 readings and 1 ECG" in the page's language (devices.html's `counted`, for an advice)."""
+    words = [localizer.ngettext("%(n)d reading", "%(n)d readings", readings, n=readings)] if readings else []
+    words += [localizer.ngettext("%(n)d ECG", "%(n)d ECGs", ecgs, n=ecgs)] if ecgs else []
+    if len(words) == 2:
+        return localizer.gettext("%(readings)s and %(ecgs)s", readings=words[0], ecgs=words[1])
+    return words[0] if words else localizer.gettext("readings")
 
 
 # What a 404 says, in the page's language (a report link from an old alert, a purged ECG).
@@ -1170,30 +1204,36 @@ async def send_anyway(request: Request) -> Response:
     return await today_action(request, action)
 
 
-async def ecg_is_checked_in_patients(request: Request) -> Response:
-    """An ECG held for its name: "it is the checked-in patient's" - sent under the check-in's name."""
+def held_for_name_answer(
+    decide: Callable[[ClinicData, str, int, dt.datetime], EcgAssigned | None],
+    said: Callable[[EcgAssigned], Done],
+) -> Handler:
+    """The doctor's answer on an ECG held for its name (/today/ecg/N/...): `decide` (the user, the
+    ECG, now) does it, Today says `said` of what it did; "too-late" when the ECG is no longer held
+    for its name (sent already, or decided on another screen)."""
 
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
-        item_id = path_number(request, "item_id")  # after the login and CSRF checks
-        assigned = state_of(request).data.ecg_is_checked_in_patients(ctx.user, item_id, now=now)
-        if assigned is None:
-            return "too-late"
-        return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
+    async def answer(request: Request) -> Response:
+        def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
+            item_id = path_number(request, "item_id")  # after the login and CSRF checks
+            assigned = decide(state_of(request).data, ctx.user, item_id, now)
+            return "too-late" if assigned is None else said(assigned)
 
-    return await today_action(request, action)
+        return await today_action(request, action)
+
+    return answer
 
 
-async def ecg_name_right(request: Request) -> Response:
-    """An ECG held for its name: "the ECG's name is right" - the check-in's name corrected, the ECG sent."""
-
-    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
-        item_id = path_number(request, "item_id")  # after the login and CSRF checks
-        assigned = state_of(request).data.ecg_name_right(ctx.user, item_id, now=now)
-        if assigned is None:
-            return "too-late"
-        return "name-corrected", {"re_record": assigned.waits_for_quality}  # held for its quality too: not sent yet
-
-    return await today_action(request, action)
+# "it is the checked-in patient's": sent under the check-in's name
+ecg_is_checked_in_patients = held_for_name_answer(
+    lambda data, user, item_id, now: data.ecg_is_checked_in_patients(user, item_id, now=now),
+    lambda assigned: assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality),
+)
+# "the ECG's name is right": the check-in's name corrected, the ECG sent (held for its quality
+# too: not sent yet)
+ecg_name_right = held_for_name_answer(
+    lambda data, user, item_id, now: data.ecg_name_right(user, item_id, now=now),
+    lambda assigned: ("name-corrected", {"re_record": assigned.waits_for_quality}),
+)
 
 
 async def ecg_preview(request: Request) -> Response:

@@ -30,7 +30,7 @@ ACTIONS: dict[str, str] = {
     "logout": N_("logged out"),
     "language": N_("changed the language"),
     "check-in": N_("checked in a patient"),
-    "end-session": N_("ended a patient's session"),
+    "end-session": N_("ended a patient's check-in"),
     "assign-reading": N_("assigned a reading"),
     "assign-ecg": N_("assigned an ECG"),
     "send-anyway": N_("sent an ECG as it is"),

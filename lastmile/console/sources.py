@@ -187,7 +187,7 @@ def _session_view(current: CurrentPatient) -> SessionView:
 
 def _not_shown(current_patient_id: str) -> ConsoleInputError:
     return ConsoleInputError(
-        N_("%(patient)s has been checked in since this page was shown: that session goes on."),
+        N_("%(patient)s has been checked in since this page was shown: that check-in goes on."),
         patient=current_patient_id,
     )
 
@@ -479,6 +479,9 @@ class HeldEcg:
     during_check_in: bool = False
     stat: bool = False  # urgent: Today shows it first
     checked_in_name: str = ""  # held "name-mismatch": the name the check-in gave `patient_id`
+    # that name taken by a check-in with no name (a card; `PatientContext.inherited_ids`), not typed
+    # at it: Today says where it came from, and "the ECG's name is right" renames no device user
+    checked_in_name_taken: bool = False
 
     @property
     def names_someone(self) -> bool:
@@ -1139,11 +1142,21 @@ class ClinicData:
         """The held ECGs, one held for its name naming its ID as the session knows it now
         (`PatientContext.known_names`): the doctor may have corrected that name on another ECG of
         the same ID since this one was held. The check-in's name stored with it at intake is only
-        for an ID the session no longer knows: offered, it would send one ID under two names."""
+        for an ID the session no longer knows: offered, it would send one ID under two names. An
+        ID whose name was cleared since (`PatientContext.cleared_ids`) has none: the name stored
+        then is the one the doctor cleared, neither worded nor offered."""
         held = self.held_ecg_source.held_ecgs(now)
-        known = self.context.known_names({h.patient_id for h in held if h.reason == NAME_MISMATCH}, now)
+        ids = {h.patient_id for h in held if h.reason == NAME_MISMATCH}
+        known, taken = self.context.known_names(ids, now), self.context.inherited_ids(ids, now)
+        cleared = self.context.cleared_ids(ids, now)
         return [
-            replace(h, checked_in_name=known.get(h.patient_id) or h.checked_in_name) if h.reason == NAME_MISMATCH else h
+            replace(
+                h,
+                checked_in_name="" if h.patient_id in cleared else known.get(h.patient_id) or h.checked_in_name,
+                checked_in_name_taken=h.patient_id in taken,
+            )
+            if h.reason == NAME_MISMATCH
+            else h
             for h in held
         ]
 
@@ -1175,7 +1188,7 @@ class ClinicData:
         on another screen)."""
         held = self._held_for_name(item_id, now)
         assigned = None
-        if held is not None:
+        if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
             try:  # a resident ID gives his birth date and sex
                 patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
             except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
@@ -1195,7 +1208,8 @@ class ClinicData:
         own file's patient (only that hold ends: one held for its quality too still waits for his
         "record again" or "send anyway"), and then - only once that is done - the check-in's name
         of that ID is corrected (`PatientContext.correct_name`: what the session sends from now
-        on). The ECG is in the outbox, the name in clinic.db: no one transaction holds both, so the
+        on; its device users too, unless that name was taken by a check-in with no name: mapped
+        to an ID typed alone by mistake, they are another patient's, and nobody asked). The ECG is in the outbox, the name in clinic.db: no one transaction holds both, so the
         name follows the ECG; an ECG gone meanwhile renames nobody. That ID's other ECGs held for
         this same name end their name hold with it (`_release_held_under`). None: no longer held for its
         name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
@@ -1207,7 +1221,15 @@ class ClinicData:
                 item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
             )
             if assigned is not None:
-                self.context.correct_name(held.patient_id, held.patient_name, now=now)
+                # no device user renamed for a name taken, nor for an ID the session knows no name
+                # of now (cleared: nobody said whose his cuff is)
+                named_now = bool(self.context.known_name(held.patient_id, now))
+                self.context.correct_name(
+                    held.patient_id,
+                    held.patient_name,
+                    now=now,
+                    rename_devices=named_now and not held.checked_in_name_taken,
+                )
                 released = self._release_held_under(held, now=now, by=user)
         self.audit.record(
             user,

@@ -47,7 +47,7 @@ from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-e
 from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
-from lastmile.config import Config
+from lastmile.config import Config, EcgSection
 from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
     DOCTOR_HOLDS as DOCTOR_HOLDS,
 )
@@ -104,15 +104,15 @@ def _no_checked_in_name(patient_id: str) -> str:
 # does not answer, an urgent read is worth more than the wait: it goes as the cart wrote it, the
 # ID the checked-in patient's, flagged "name-mismatch": in the object for the reader when the
 # gateway built it (a file), only in the outbox record (`patient show`, `queue`) for a cart's LAN
-# object, which is forwarded as the cart made it (`lan_object_store`).
-STAT_NAME_HOLD_S = 120.0
+# object, which is forwarded as the cart made it (`lan_object_store`). `ecg.stat_name_hold_s`; its default:
+STAT_NAME_HOLD_S = EcgSection().stat_name_hold_s
 
 
-def name_hold_s(stat: bool, patient_hold_s: float) -> float:
+def name_hold_s(stat: bool, patient_hold_s: float, stat_hold_s: float = STAT_NAME_HOLD_S) -> float:
     """How long an ECG whose file's name is not the check-in's waits for the doctor: a routine one
     as long as any ECG whose patient he must settle (`patient.unassigned_ecg_hold_s`, 0: never
-    held), a STAT one STAT_NAME_HOLD_S at most."""
-    return min(patient_hold_s, STAT_NAME_HOLD_S) if stat else patient_hold_s
+    held), a STAT one `stat_hold_s` (`ecg.stat_name_hold_s`) at most, and never longer than a routine one."""
+    return min(patient_hold_s, stat_hold_s) if stat else patient_hold_s
 
 
 def names_differ(file_name: str, checked_in_name: str) -> bool:
@@ -227,7 +227,7 @@ def hold_for(recording: EcgRecording, config: Config, now: float, quality: Quali
     is still sent, its problems marked. With two reasons, the patient's
     comes first and the hold lasts as long as the longer one."""
     patient_s = config.patient.unassigned_ecg_hold_s
-    name_s = name_hold_s(recording.stat, patient_s)
+    name_s = name_hold_s(recording.stat, patient_s, config.ecg.stat_name_hold_s)
     name_hold = Hold(NAME_MISMATCH, now + name_s) if name_s > 0 and NAME_MISMATCH in recording.flags else None
     if recording.stat:
         return name_hold  # a name that is another person's: the wrong patient is worse than a short wait
@@ -691,6 +691,7 @@ def lan_object_store(
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
     checked_in_name: CheckedInName = _no_checked_in_name,
     patient_hold_s: float = 0.0,
+    stat_name_hold_s: float = STAT_NAME_HOLD_S,
 ) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, but for a loosely written patient ID; its UIDs); the SOP
@@ -707,7 +708,7 @@ def lan_object_store(
     is a reset clock too (`NewestFromCart`); files imported from a stick are not judged so.
     An object naming one of the checked-in patient's IDs under another name than
     `checked_in_name` gives it is held "name-mismatch" for `name_hold_s` (of `patient_hold_s`,
-    `patient.unassigned_ecg_hold_s`): it is the one kind of LAN object held, as only the doctor
+    `patient.unassigned_ecg_hold_s`, and `stat_name_hold_s`, `ecg.stat_name_hold_s`): it is the one kind of LAN object held, as only the doctor
     knows whose it is (`assign_held_ecg` writes his answer into the cart's object). Unanswered,
     it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
     outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
@@ -733,7 +734,7 @@ def lan_object_store(
         file_name = str((obj.patient or {}).get("name") or "")
         known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
         other_name = names_differ(file_name, known)
-        hold_s = name_hold_s(stat, patient_hold_s) if other_name else 0.0
+        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name else 0.0
         hold = Hold(NAME_MISMATCH, time.time() + hold_s) if hold_s > 0 else None
         flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else [])
         meta = ecg_item_meta(
@@ -959,5 +960,6 @@ def lan_receiver(
             config.patient.id_kind,
             checked_in_name=checked_in_name,
             patient_hold_s=config.patient.unassigned_ecg_hold_s,
+            stat_name_hold_s=config.ecg.stat_name_hold_s,
         ),
     )

@@ -22,7 +22,8 @@ directory (`UNWRITTEN_NAME`, JSON lines, written whole or not at all: temporary 
 rename), only then: no write at all on a stop with nothing left. The next start writes it into
 clinic.db first (`write_left_by_last_stop`), then removes it: with outbox.retention_days 0 the
 committed ECG is purged by then, and `backfill` would find nothing. A damaged side file is
-logged at ERROR and set aside (its readable lines are written all the same); it never stops the start.
+logged at ERROR and set aside, the newest few such copies kept (its readable lines are written
+all the same); it never stops the start. The file is an `uploader.unwritten_records` file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import datetime as dt
 import io
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -43,14 +43,14 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from lastmile.atomic_write import write_atomic
 from lastmile.clinic.db import utc_now
+from lastmile.data_dir import SENT_STUDIES_UNWRITTEN
 from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy, is_record_of, is_surely_item_of
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
-from uploader.payload_files import fsync_dir
 from uploader.report_reading import dicom_datetime_iso
 from uploader.sqlite_store import gave_up_at_stop
+from uploader.unwritten_records import UnwrittenRecords
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ COMMITMENT_NOTE_S = 30.0  # commitment times are copied at most this often
 KEEP_MAX = 5000  # records clinic.db refused, kept for the next try (a few hundred bytes each)
 RETRY_FIRST_S = 1.0  # the backoff between tries of a refused batch: doubled up to RETRY_MAX_S
 RETRY_MAX_S = 60.0
-UNWRITTEN_NAME = "sent-studies-unwritten.jsonl"  # in the data directory: what a stop could not write
+UNWRITTEN_NAME = SENT_STUDIES_UNWRITTEN  # in the data directory: what a stop could not write
+UNWRITTEN_WHAT = "sent-study records the last stop saved"
+UNWRITTEN_LOST = "the reports of those not readable will not be asked for"
 ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"]
 _STOP = object()
 
@@ -174,6 +176,7 @@ class SentStudyRecorder:
         self._last_drop_at: float | None = None
         self._given_up_at_stop = False  # the last refusal was the service's stop giving up a wait
         self.unwritten_file = unwritten_file
+        self._unwritten = None if unwritten_file is None else UnwrittenRecords(unwritten_file, what=UNWRITTEN_WHAT)
         self._unwritten_on_disk = False  # the file holds records not yet in clinic.db: removed once they are
         self._left_by_last_stop = 0  # records the last stop saved: waiting in its status row, not dropped
 
@@ -416,90 +419,51 @@ class SentStudyRecorder:
     def _saved_for_next_start(self, studies: list[SentStudy]) -> bool:
         """Save `studies` (all that waits: it replaces what the file held) whole, fsynced; False if
         there is no file or it cannot be written (they are dropped then, logged)."""
-        path = self.unwritten_file
-        if path is None:
+        if self._unwritten is None:
             return False
         try:
-            write_atomic(path, "".join(unwritten_line(s) + "\n" for s in studies).encode("utf-8"))
+            self._unwritten.replace([unwritten_line(s) for s in studies])
         except (OSError, TypeError, ValueError) as exc:
-            log.error("cannot save the sent-study records clinic.db refused at the stop to %s: %s", path, exc)
+            log.error(
+                "cannot save the sent-study records clinic.db refused at the stop to %s: %s", self._unwritten.path, exc
+            )
             return False
         self._unwritten_on_disk = True
         log.warning(
             "%d sent-study record(s) clinic.db could not take at the stop (%s) saved to %s: the next start writes them",
             len(studies),
             self.last_error or "refused",
-            path,
+            self._unwritten.path,
         )
         return True
 
     def write_left_by_last_stop(self) -> int:
         """At start, before `backfill`: the records the last stop saved (`unwritten_file`) written
         into clinic.db, then the file removed. Refused now, they are kept and retried as any
-        (the file stays until they are written). A damaged file is set aside, logged at ERROR;
-        its readable lines are written all the same. Returns how many records it held."""
-        path = self.unwritten_file
-        if path is None:
+        (the file stays until they are written). A damaged file is copied aside, logged at ERROR,
+        and keeps its readable lines until they are written. Returns how many records it held."""
+        if self._unwritten is None:
             return 0
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            self._set_aside(path, f"unreadable: {exc}")
-            return 0
-        studies, damaged = [], 0
-        for line in data.split(b"\n"):  # line by line: one damaged line does not take the others
-            if not line.strip():
-                continue
-            try:
-                studies.append(unwritten_study(line.decode("utf-8")))
-            except (ValueError, TypeError, KeyError) as exc:  # UnicodeDecodeError is a ValueError
-                damaged += 1
-                log.debug("a damaged line in %s: %s", path, exc)
-        if damaged:
-            self._set_aside(path, f"{damaged} damaged line(s), {len(studies)} readable")
+        taken = self._unwritten.take(unwritten_study, UNWRITTEN_LOST)
+        studies = taken.records
         self._left_by_last_stop = len(studies)
         if not studies:
-            if not damaged:
-                self._remove_unwritten()
+            self._remove_unwritten()
             return 0
         log.info("%d sent-study record(s) the last stop could not write: writing them into clinic.db", len(studies))
         with self._write_lock:
-            self._unwritten_on_disk = not damaged and path.exists()
+            self._unwritten_on_disk = self._unwritten.exists()
             self._kept = self._capped(studies + self._kept)
         self._write([], retry_now=True)
         return len(studies)
 
     def _remove_unwritten(self) -> None:
-        assert self.unwritten_file is not None
+        assert self._unwritten is not None
         self._unwritten_on_disk = False
         try:
-            self.unwritten_file.unlink(missing_ok=True)
-            fsync_dir(self.unwritten_file.parent)
+            self._unwritten.forget()
         except OSError as exc:  # written into clinic.db already: the next start writes them again, no harm
-            log.error("cannot remove %s (its records are in clinic.db): %s", self.unwritten_file, exc)
-
-    @staticmethod
-    def _set_aside(path: Path, why: str) -> None:
-        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-        try:
-            os.replace(path, aside)
-        except OSError as exc:
-            log.error(
-                "the sent-study records the last stop saved in %s are damaged (%s) and cannot be set aside: %s",
-                path,
-                why,
-                exc,
-            )
-            return
-        log.error(
-            "the sent-study records the last stop saved in %s are damaged (%s): set aside as %s; "
-            "the reports of those not readable will not be asked for",
-            path,
-            why,
-            aside,
-        )
+            log.error("cannot remove %s (its records are in clinic.db): %s", self._unwritten.path, exc)
 
     def snapshot(self, item: OutboxItem) -> tuple[OutboxItem, bytes | None]:
         """The item, and the object's bytes only for what intake did not note in its meta (the

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lastmile.services.parts import STEP_S, Beat, Part, ReceiverPart, WorkerPart
+from lastmile.services.parts import STEP_S, Beat, Part, ReceiverPart, WorkerPart, close_parts
 from lastmile.services.process_tuning import HeapTrim
 
 if TYPE_CHECKING:
@@ -80,6 +80,9 @@ class SessionLookup:
 
 
 NO_SESSION = SessionLookup(frozenset, lambda: None)
+# The parts' stop, all together (a card's check-in waiting clinic.db's lock: about 18 s at worst),
+# within the unit's TimeoutStopSec=30 less the outbox's close and the process's exit.
+PARTS_STOP_S = 24.0
 
 
 def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) -> Part | None:
@@ -281,8 +284,7 @@ class AcquireService:
 
     def close(self) -> None:
         # Parts first: each finishes the object in hand and makes it durable before the outbox closes.
-        for part in reversed(self.parts):
-            part.close()
+        close_parts(list(reversed(self.parts)), within_s=PARTS_STOP_S)
         for close in reversed(self._closers):
             close()
 

@@ -99,14 +99,20 @@ from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
     SPILL_NAME,
+    RowBehind,
     SpillFile,
+    forget_rows_behind,
     kept_in,
+    load_rows_behind,
+    save_rows_behind,
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
-from uploader.sqlite_store import StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
+from uploader.sqlite_store import BUSY_TIMEOUT_MS, StopWaits, WaitGivenUp, gave_up_at_stop, give_up_waits_on
 
 log = logging.getLogger(__name__)
+# past a card's wait for clinic.db's lock, what else a turn writes (under the stop: a second each)
+TURN_WRITE_MARGIN_S = 2.0
 
 BRIDGE, SCANNER = SERIAL_HANDLERS
 DEFAULT_BAUD = {BRIDGE: 115200, SCANNER: 9600}
@@ -208,6 +214,9 @@ class Unstored:
     recordings: dict[str, EcgRecording] = field(default_factory=dict)  # by outbox key
     next_retry: float = 0.0  # time.monotonic()
     cause: str = ""  # why its last try to store failed, when not space: the row's held cause
+    # its last try was refused for want of space ("" above is that, or not tried yet since the
+    # start): a stop giving up the next one keeps it, so its advice is not lost
+    refused_for_space: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.observations or self.recordings)
@@ -266,15 +275,15 @@ class SerialContext:
     # connection it spoke on ends: a later unknown ECG_END is a new loss, the row's error
     lost_ecg_ends: dict[str, int] = field(default_factory=dict)
     stopping: bool = False  # the service's stop gave up a store: what waits now is said at INFO, expected
-    # The card scanner's session writes: a connection of their own, which the stop does not bound
-    # (None: `patients`'). A card given up at a stop would leave the previous patient current
-    # after the restart, and the next readings on him: the card waits for the lock as before.
-    card_sessions: PatientContext | None = None
+    # by device row address: the held status a row write did not get while some of what waited was
+    # in memory only (`_say_waiting`), kept in a file at the close for the next start (`RowBehind`)
+    rows_behind: dict[str, RowBehind] = field(default_factory=dict)
 
-    def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
-        """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
+    def status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
+        """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows.
+        False if the row could not be written (best effort)."""
         if not self._write_status(spec, port, **facts):
-            return
+            return False
         if isinstance(facts.get("error"), str):  # another writer's error (an unplug ...): `error`'s window ends
             self._row_errors.pop(spec.name, None)
         elif facts.get("seen") and spec.name in self._row_errors:
@@ -282,6 +291,7 @@ class SerialContext:
             # it is a new one, said with its own time (not the first's, before the good reading)
             row = self._row_errors[spec.name]
             row.pending = row.shown = None
+        return True
 
     def _write_status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         name = f"{spec.name} ({spec.profile}) on {port}" if port else None
@@ -381,14 +391,35 @@ class SerialContext:
         before the stop: no state of today (its loss says that cause, with its time); the row's
         error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
+        behind = load_rows_behind(Path(self.config.data_dir))
         for record in self.registry.all():
-            if record.transport != "serial" or not record.waits_for_space:
+            if record.transport != "serial":
+                continue
+            word = behind.get(record.address)
+            if word is not None and word.applied_to(record.lost_word_id):  # a start read it before: counted
+                log.info("%s: the last stop's word on its held readings was applied before", record.address)
+                word = None
+            if word is not None:  # newer than the row and every spill copy
+                record = replace(
+                    record,
+                    held_readings=HeldReadings.MEMORY,
+                    held_reading_count=word.held[0],
+                    held_ecg_count=word.held[1],
+                    memory_reading_count=word.memory[0],
+                    memory_ecg_count=word.memory[1],
+                    held_cause=word.cause,
+                    held_spill_generations=(None, None),  # no copy saved after it covers what memory held
+                )
+            if not record.waits_for_space:
                 continue
             if record.address in loaded:  # waits again for what it waited for (until its next try)
                 # a stop's is over: this start stores them now (a refusal then says its own cause)
                 loaded[record.address].cause = "" if record.held_at_stop else record.held_cause
             # what the spill files did not give back is lost too, not only what memory held
-            self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
+            word_id = word.word_id if word is not None else ""
+            counted = self._say_lost_at_stop(record, loaded.get(record.address) or Unstored(), word_id=word_id)
+            if word_id and not counted:  # nothing lost by it: read again, it must not count then either
+                self.registry.word_applied(record.address, word_id, now=self.now())
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
@@ -397,6 +428,7 @@ class SerialContext:
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
                 self.registry.clear_error(record.address, DeviceProblem.NOT_SAVED, now=self.now())
+        forget_rows_behind(Path(self.config.data_dir))
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
 
@@ -412,14 +444,16 @@ class SerialContext:
         """A connection `spec`'s bridge spoke on ended: what it resent of the ECGs a stop lost has come."""
         self.lost_ecg_ends.pop(normalise_address(serial_address(spec.name)), None)
 
-    def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
+    def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored, *, word_id: str = "") -> bool:
         """What `record` said was held before the stop and is not back (`loaded`: what the spill
         files gave back) was lost at the stop, the device cannot resend it: the row keeps the loss
         for `lastmile doctor` even once the rest is stored, by where it was. A spill file that gave
         back its newest copy whole is the truth of what was on disk (a row written before the file
         was saved empty, or whose write failed, says more): only what the row said was held in
         memory only is lost then. One that did not (missing, damaged) lost the rest of what the
-        row said it kept, too."""
+        row said it kept, too. `word_id`: the stop's word this loss comes from, kept on the row with
+        it, so that a start that reads that word again knows it counted already. Whether a loss was
+        recorded."""
         held = (record.held_reading_count, record.held_ecg_count)
         given = (len(loaded.observations), len(loaded.recordings))
         in_memory = record.in_memory_only if record.held_in_memory_only else (0, 0)
@@ -443,9 +477,10 @@ class SerialContext:
                 log.error("%s: %s", record.name or record.address, lost_message(held_words(*memory), record.held_cause))
             if any(on_disk):
                 log.error("%s: %s", record.name or record.address, lost_on_disk_message(held_words(*on_disk), damage))
-            self.registry.record_lost(record, lost, now=self.now(), on_disk=on_disk, damage=damage)
+            self.registry.record_lost(record, lost, now=self.now(), on_disk=on_disk, damage=damage, word_id=word_id)
         if lost[1]:  # the bridge resends these ECGs' ECG_ENDs to this start
             self.lost_ecg_ends[record.address] = lost[1]
+        return any(lost)
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
@@ -464,6 +499,7 @@ class SerialContext:
         as its held status: never as its error, which a later problem (unplugged ...) writes."""
         held = self.unstored.get(spec.name) or Unstored()
         if not held:  # its error first: the row never says nothing waits beside the over "cannot store"
+            self.rows_behind.pop(normalise_address(serial_address(spec.name)), None)
             self._store_error_over(spec)
             self.status(spec, held=HeldReadings.NONE)
             return
@@ -477,7 +513,7 @@ class SerialContext:
                 counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
             )
         generations = tuple(s.generation if s is not None else None for s in (self.spill, self.ecg_spill))
-        self.status(
+        written = self.status(
             spec,
             held=where,
             held_cause=held.cause,
@@ -485,6 +521,11 @@ class SerialContext:
             memory_counts=memory,
             spill_generations=generations,
         )
+        address = normalise_address(serial_address(spec.name))
+        if written or not any(memory):  # the row's word, or a whole spill copy newer than it, holds all
+            self.rows_behind.pop(address, None)
+        else:  # the row keeps an older word: a newer spill copy must not seem to cover these at the restart
+            self.rows_behind[address] = RowBehind(counts, memory, held.cause)
         (log.info if self.stopping else log.error)(
             "%s: %s",
             spec.name,
@@ -494,8 +535,12 @@ class SerialContext:
     def _held_cause(self, spec: LinkSpec, cause: str) -> None:
         """`spec`'s device is held (or about to be) because a store failed for `cause` ("": space):
         the row's held cause, written with its held status, at once if it changed on what waits
-        already (once per change, not per retry); a later error (unplugged ...) leaves it."""
+        already (once per change, not per retry); a later error (unplugged ...) leaves it, and so
+        does a stop's (HELD_AT_STOP) over readings waiting for space."""
         held, cause = self.unstored.setdefault(spec.name, Unstored()), cause[:200]
+        if cause == HELD_AT_STOP and held and held.refused_for_space:
+            return  # they waited for space: the stop's cause (no fault) would hide the space's advice
+        held.refused_for_space = not cause
         if held.cause != cause:
             held.cause = cause
             if held:
@@ -892,12 +937,13 @@ class ScannerHandler:
     def data_received(self, data: bytes) -> None:
         for ev in self.decoder.feed(data):
             now = self.ctx.now()
-            sessions = self.ctx.card_sessions or self.ctx.patients
+            # A card given up at a stop would leave the previous patient current after the restart,
+            # and the next readings on him: a card waits for the lock as if there were no stop.
             if isinstance(ev, PatientScanned):
-                sessions.set_patient(ev.patient_id, now=now)
+                self.ctx.patients.set_patient(ev.patient_id, now=now, wait_past_stop=True)
                 self.ctx.status(self.spec, reading="patient card", reading_at=now)
             elif isinstance(ev, DoctorScanned):
-                sessions.set_doctor(ev.doctor_id, now=now)
+                self.ctx.patients.set_doctor(ev.doctor_id, now=now, wait_past_stop=True)
                 self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
@@ -949,6 +995,12 @@ class SerialService:
         self._owned = list(owned)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held through each turn: `close` sees whether the links thread is still in one (a card
+        # waiting out clinic.db's lock), and then keeps off the connection that turn is using.
+        self._turn = threading.Lock()
+        # monotonic time by which the turn under way has ended (its poll, and a card's write that
+        # waits SQLite's whole busy timeout for clinic.db's lock): how long the close waits for it
+        self._turn_ends_by = 0.0
         self.refused: dict[str, str] = {}  # device name -> why it is not started (`refused_devices`)
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
@@ -964,12 +1016,8 @@ class SerialService:
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         owned: list[object] = [store]
-        card_sessions = None
-        if stop is not None:
+        if stop is not None:  # not a scanned card's (ScannerHandler: `wait_past_stop`)
             give_up_waits_on(store.db, stop)
-            if any(spec.profile == SCANNER for spec in specs):  # SerialContext.card_sessions
-                card_sessions = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-                owned.append(card_sessions)
         registry = DeviceRegistry(store.db)
         ctx = SerialContext(
             config=config,
@@ -984,7 +1032,6 @@ class SerialService:
             ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME)
             if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
             else None,
-            card_sessions=card_sessions,
         )
         ctx.load_spilled()
         ctx.settle_held_at_start()
@@ -1018,9 +1065,11 @@ class SerialService:
         """One turn: the link manager's (bytes, hot-plug, handlers' ticks), then what unplugged
         devices left unstored. Whoever drives the links (this service's thread, a runtime step,
         the acquire service's part) goes round through here, so none of them leaves that behind."""
-        self.manager.poll(max_wait_s)
-        self.retry_unstored()
-        self.ctx.write_pending_errors()
+        with self._turn:
+            self._turn_ends_by = time.monotonic() + max_wait_s + BUSY_TIMEOUT_MS / 1000 + TURN_WRITE_MARGIN_S
+            self.manager.poll(max_wait_s)
+            self.retry_unstored()
+            self.ctx.write_pending_errors()
 
     def step(self, stop: threading.Event) -> float:
         """One `ServiceRuntime` step, for running without a thread."""
@@ -1059,11 +1108,26 @@ class SerialService:
         self.manager.wakeup()
         if self._thread is not None:
             self._thread.join(10)
-        self.manager.close()
-        for spec in self.unstored_specs():
-            self.ctx.retry_unstored(spec, force=True)
-        self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
-        for name, held in self.ctx.unstored.items():
+        # A turn still under way (a card's write waits the full busy timeout, past the thread's
+        # join) has the links and clinic.db's one connection in hand: writing or closing them from
+        # here would mix into, or break, its transaction. It is waited for, up to the card's whole
+        # lock wait: the process ends after this close, and the links thread (a daemon) with it -
+        # the card's check-in would be lost, the previous patient current after the restart. From
+        # the turn's start that is at most 18 s; the acquire part's join (15 s) is within it, so
+        # the stop takes about 18 s at worst, inside the unit's TimeoutStopSec=30.
+        links_idle = self._turn.acquire(timeout=max(0.0, self._turn_ends_by - time.monotonic()))
+        if links_idle:
+            self.manager.close()
+            for spec in self.unstored_specs():
+                self.ctx.retry_unstored(spec, force=True)
+            self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
+        else:
+            log.warning(
+                "serial devices: still busy at shutdown past a card's whole wait for clinic.db's lock: "
+                "the links and clinic.db left to it; readings not stored are kept in the spill file; "
+                "a patient card scanned as the gateway stopped may not be checked in: scan it again"
+            )
+        for name, held in list(self.ctx.unstored.items()):  # a busy turn may still add to it
             said = (
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
                 at_stop("ECG recording(s)", len(held.recordings), self.ctx.ecg_spill, name),
@@ -1073,7 +1137,10 @@ class SerialService:
                 log.info("%s: %s not stored: the gateway was stopping", name, what)
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
-        for thing in self._owned:
+        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind.copy())  # a busy turn may add
+        for thing in self._owned if links_idle else ():  # clinic.db: not under the busy turn's write
             close = getattr(thing, "close", None)
             if close is not None:
                 close()
+        if links_idle:
+            self._turn.release()

@@ -41,6 +41,7 @@ import os
 import shutil
 import stat
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -50,6 +51,7 @@ from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from uploader.payload_files import fsync_dir
+from uploader.unwritten_records import UnwrittenRecords
 
 log = logging.getLogger(__name__)
 
@@ -435,3 +437,75 @@ class SpillFile:
             return False
         self._slot, self._generation = slot, generation
         return True
+
+
+# -- device rows a stop left behind ----------------------------------------------------------------
+
+ROWS_BEHIND_NAME = "serial-rows-behind.jsonl"
+ROWS_BEHIND_WHAT = "device rows' held counts the last stop could not write"
+ROWS_BEHIND_LOST = "readings held in memory only of those rows may have been lost unsaid (see the journal)"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBehind:
+    """The held status a device row's write carried and did not get (given up at a stop) while
+    some of what waited was held in memory only: the row keeps an older word (count, spill
+    generation), by which a newer whole spill copy would seem to cover all - it did not."""
+
+    held: tuple[int, int]  # readings, streamed ECGs waiting
+    memory: tuple[int, int]  # of them, held in memory only
+    cause: str  # the row's held cause ("": space)
+    # this word's own id (random): the row keeps the id of the last word whose loss it counted, and
+    # a start that reads the file again (its removal failed, or it died first) skips only that word -
+    # never by clocks, which a Pi without RTC sets back at boot; "": an older version's line
+    word_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+    def applied_to(self, applied_word_id: str | None) -> bool:
+        """Whether a row that says it applied `applied_word_id` last has had this word's loss counted."""
+        return bool(self.word_id) and self.word_id == applied_word_id
+
+
+def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
+    return UnwrittenRecords(Path(data_dir) / ROWS_BEHIND_NAME, what=ROWS_BEHIND_WHAT)
+
+
+def _row_behind_line(address: str, row: RowBehind) -> str:
+    return json.dumps({"address": address, **dataclasses.asdict(row)}, ensure_ascii=False, sort_keys=True)
+
+
+def _row_behind_of(line: str) -> tuple[str, RowBehind]:
+    raw = json.loads(line)
+    row = RowBehind(
+        (int(raw["held"][0]), int(raw["held"][1])),
+        (int(raw["memory"][0]), int(raw["memory"][1])),
+        str(raw["cause"]),
+        str(raw.get("word_id") or ""),  # lead15's lines carried a time instead: never skipped
+    )
+    return str(raw["address"]), row
+
+
+def save_rows_behind(data_dir: Path, rows: dict[str, RowBehind]) -> None:
+    """Write `rows` (by device row address) for the next start, fsynced; none: nothing is written.
+    A few hundred bytes at a stop, only when a row write was given up with readings in memory."""
+    if not rows:
+        return
+    records = rows_behind_file(data_dir)
+    try:
+        records.replace([_row_behind_line(address, row) for address, row in rows.items()])
+    except OSError as exc:  # the journal has said the loss (at_stop); only the row will not
+        log.error("cannot keep what device rows a stop left unwritten in %s: %s", records.path, exc)
+
+
+def load_rows_behind(data_dir: Path) -> dict[str, RowBehind]:
+    """What `save_rows_behind` kept at the last stop ({} when none; a damaged file is copied aside,
+    said, its readable lines taken: the file keeps them until `forget_rows_behind`)."""
+    return dict(rows_behind_file(data_dir).take(_row_behind_of, ROWS_BEHIND_LOST).records)
+
+
+def forget_rows_behind(data_dir: Path) -> None:
+    """The start has said what the last stop's rows did not: the file's word is spent."""
+    records = rows_behind_file(data_dir)
+    try:
+        records.forget()
+    except OSError as exc:  # said again at the next start: the same counts, no harm
+        log.error("cannot remove %s (the rows say its counts now): %s", records.path, exc)
