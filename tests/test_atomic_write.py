@@ -1,4 +1,4 @@
-"""lastmile.atomic_write: the one way a small file is replaced whole (update state, the console's
+"""uploader.unwritten_records.replace_whole: the one way a small file is replaced whole (update state, the console's
 certificate and key, the settings waiting for a console restart), with each file's mode kept."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lastmile.atomic_write import write_atomic
 from lastmile.console.pending_restart import RESTART_NEEDED_FILE, restart_needed, save_restart_needed
 from lastmile.console.tls import ensure_certificate
 from lastmile.services.update import UpdateState
+from uploader.unwritten_records import replace_whole
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_a_leftover_temporary_file_does_not_lend_its_mode(tmp_path: Path) -> Non
     leftover = tmp_path / ".key.pem.tmp"
     leftover.write_bytes(b"torn")
     leftover.chmod(0o644)
-    write_atomic(path, b"secret", mode=0o600)
+    replace_whole(path, b"secret", mode=0o600)
     assert path.read_bytes() == b"secret" and mode_of(path) == 0o600
     assert not leftover.exists()
 
@@ -79,6 +79,6 @@ def test_a_write_that_fails_leaves_the_old_copy(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_bytes(b"old")
     with pytest.raises(TypeError):
-        write_atomic(path, "not bytes", mode=0o644)  # type: ignore[arg-type]
+        replace_whole(path, "not bytes", mode=0o644)  # type: ignore[arg-type]
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]

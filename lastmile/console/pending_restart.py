@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from lastmile.atomic_write import write_atomic
+from uploader.unwritten_records import replace_whole
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def save_restart_needed(data_dir: Path, names: list[str]) -> None:
     if not names:
         path.unlink(missing_ok=True)
         return
-    write_atomic(path, json.dumps(names).encode())
+    replace_whole(path, json.dumps(names).encode())
 
 
 def restart_needed(data_dir: Path) -> list[str]:

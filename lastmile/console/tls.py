@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from lastmile.atomic_write import write_atomic
+from uploader.unwritten_records import replace_whole
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ def ensure_certificate(data_dir: Path, listen_host: str = "", *, now: dt.datetim
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    write_atomic(folder / KEY_FILE, key_pem, mode=0o600)  # readable by its owner only
-    write_atomic(folder / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
+    replace_whole(folder / KEY_FILE, key_pem, mode=0o600)  # readable by its owner only
+    replace_whole(folder / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     made = Certificate(folder / CERT_FILE, folder / KEY_FILE, fingerprint_of(folder / CERT_FILE), created=True)
     log.info("console certificate made; SHA-256 fingerprint %s", made.fingerprint)
     return made

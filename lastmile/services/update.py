@@ -41,9 +41,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lastmile.atomic_write import write_atomic
 from lastmile.clock import local_zone, read_boot_id
 from lastmile.logs import describe_fault
+from uploader.unwritten_records import replace_whole
 
 if TYPE_CHECKING:
     import requests
@@ -206,7 +206,7 @@ class UpdateState:
         return cls(**{k: v for k, v in data.items() if k in known}) if isinstance(data, dict) else cls()
 
     def save(self, path: Path) -> None:
-        write_atomic(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode(), mode=0o644)
+        replace_whole(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode(), mode=0o644)
 
     def remember_refused(self, sha256: str, reason: str) -> None:
         self.refused[sha256] = reason
