@@ -24,7 +24,7 @@ from pathlib import Path
 
 from uploader.errors import OutboxFullError
 from uploader.unwritten_records import UnwrittenRecords, pending_in
-from uploader.unwritten_records import fsync_dir as fsync_dir  # where the payloads' other users have it
+from uploader.whole_file import fsync_dir
 
 log = logging.getLogger(__name__)
 

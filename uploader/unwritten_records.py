@@ -2,8 +2,8 @@
 
 One mechanism for each such file (the outbox's items a peer stored that the stop could not record
 as sent, the sent-study records clinic.db refused at the stop, the serial device rows a stop gave
-up): written whole or not at all - temporary file beside it, fsync, rename, directory fsync, so a
-power cut leaves the old copy or the new one and a full disk leaves the old copy -, read a record
+up): written whole or not at all (uploader.whole_file: a power cut leaves the old copy or the new
+one, a full disk the old copy), read a record
 a line so that one damaged line does not take the others, a damaged file copied aside (said, never
 a crash) as `<name>.damaged-<time>` with only the newest KEEP_ASIDE such copies kept (an SD card must
 not fill with them over years) and left with its readable lines, forgotten once the next start has
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from uploader.whole_file import fsync_dir, replace_whole
+
 log = logging.getLogger(__name__)
 
 KEEP_ASIDE = 3  # damaged copies kept of one family of files (the newest): the others are removed
@@ -41,35 +43,6 @@ _T = TypeVar("_T")
 # Files found damaged that keep their damaged lines (a full disk: neither copied aside nor rewritten),
 # by path: the name `forget()` sets each aside as. Per process: a start that fails finds them again.
 _DAMAGED_IN_PLACE: dict[Path, Path] = {}
-
-
-def fsync_dir(path: Path) -> None:
-    """A rename or unlink in `path` survives a power cut on the SD card only once this returns."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_whole(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """`path` holds `data` afterwards, or (on an error, raised) what it held before. `mode`: the
-    file's exact permission bits whatever the umask; None: those a new file gets under the umask."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
-        with open(fd, "wb") as f:  # a buffered file writes it all, however many writes it takes
-            if mode is not None:
-                os.fchmod(fd, mode)  # a leftover temporary file keeps its old mode: never trust it
-            f.write(data)
-            f.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
 
 
 def is_set_aside(path: Path) -> bool:

@@ -50,8 +50,8 @@ from devices.ecg.npz import read_npz, write_npz
 from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
-from uploader.payload_files import fsync_dir
 from uploader.unwritten_records import UnwrittenRecords
+from uploader.whole_file import fsync_dir
 
 log = logging.getLogger(__name__)
 
