@@ -205,9 +205,10 @@ first = UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").take(in
 assert first.records == [11, 12] and first.damaged == 1, first
 # the start dies here (its commit refused on the full disk, or a power cut): the next start
 assert pending_in(d, "stored-") == [d / "stored-tok"], list(d.iterdir())
-again = UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").take(int)
+note = UnwrittenRecords(d / "stored-tok", what="ids", family="stored-")  # the next start's: one to its forget
+again = note.take(int)
 assert again.records == [11, 12], again
-UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").forget()  # written now: as the outbox does
+note.forget()  # written now: as the outbox does
 assert pending_in(d, "stored-") == [], list(d.iterdir())
 aside = set_aside_in(d, "stored-")
 assert aside == [again.set_aside_as] and aside[0].read_bytes() == damaged, (again, list(d.iterdir()))

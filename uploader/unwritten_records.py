@@ -9,6 +9,9 @@ a crash) as `<name>.damaged-<time>` with only the newest KEEP_ASIDE such copies 
 not fill with them over years) and left with its readable lines, forgotten once the next start has
 written its records (not before: a start that fails first reads them again).
 
+Each user holds one `UnwrittenRecords` per file from `take()` to `forget()`: what `take()` found
+and could not yet set aside (a full disk) is that instance's, set aside by its `forget()`.
+
 `lastmile doctor` reads the same files (`pending_in`, `set_aside_in`): records waiting for a start,
 and damaged copies set aside.
 """
@@ -39,10 +42,6 @@ _ASIDE_STAMP = re.compile(r"\.damaged-(\d{8}T\d{6}\.\d{6}Z|\d+)(?:-(\d+))?$")
 RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 _T = TypeVar("_T")
-
-# Files found damaged that keep their damaged lines (a full disk: neither copied aside nor rewritten),
-# by path: the name `forget()` sets each aside as. Per process: a start that fails finds them again.
-_DAMAGED_IN_PLACE: dict[Path, Path] = {}
 
 
 def is_set_aside(path: Path) -> bool:
@@ -89,7 +88,8 @@ class Taken(Generic[_T]):
 
 
 class UnwrittenRecords:
-    """One file of records a stop could not write (a record a line), for the next start."""
+    """One file of records a stop could not write (a record a line), for the next start. Its user
+    holds one instance from `take()` to `forget()` (see `forget`)."""
 
     def __init__(self, path: Path, *, what: str, family: str | None = None, keep_aside: int = KEEP_ASIDE) -> None:
         """`what`: the records as the log says them ("sent-study records the last stop saved");
@@ -99,6 +99,10 @@ class UnwrittenRecords:
         self.what = what
         self.family = path.name if family is None else family
         self.keep_aside = keep_aside
+        # found damaged by `take()` and kept with its damaged lines (a full disk: neither copied
+        # aside nor rewritten): the name `forget()` sets it aside as. Lost with the process: the
+        # file on disk still holds its damaged lines, and the next start's `take()` finds them again.
+        self._damaged_in_place: Path | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -112,13 +116,13 @@ class UnwrittenRecords:
         if any("\n" in line for line in lines):
             raise ValueError("a record of an unwritten-records file is one line")
         replace_whole(self.path, "".join(f"{line}\n" for line in lines).encode("utf-8"), mode=0o600)
-        _DAMAGED_IN_PLACE.pop(self.path, None)  # its damaged bytes are gone: forgetting it removes it
+        self._damaged_in_place = None  # its damaged bytes are gone: forgetting it removes it
 
     def forget(self) -> None:
         """The records are in their database now: the file goes (raised: OSError but none). One
-        this process found damaged and could not set aside while keeping its readable lines (a
-        full disk) is set aside now - renamed, which needs no space - never deleted."""
-        aside = _DAMAGED_IN_PLACE.pop(self.path, None)
+        this instance's `take()` found damaged and could not set aside while keeping its readable
+        lines (a full disk) is set aside now - renamed, which needs no space - never deleted."""
+        aside, self._damaged_in_place = self._damaged_in_place, None
         if aside is not None:
             if aside.exists():  # taken by another copy since: both kept
                 aside = self._aside_path()
@@ -203,7 +207,7 @@ class UnwrittenRecords:
         """The damaged file moved aside (the old way), then its `readable` lines written again.
         On a full disk that fails: the file is renamed back (no space needed), so that a start
         that fails before writing its records reads them again (`pending_in` skips set-aside
-        files), and `forget()` sets it aside under the name returned."""
+        files), and this instance's `forget()` sets it aside under the name returned."""
         aside = self.set_aside(why, consequence)
         if aside is None or not readable:
             return aside
@@ -223,7 +227,7 @@ class UnwrittenRecords:
                 return aside
             with contextlib.suppress(OSError):
                 fsync_dir(self.path.parent)
-            _DAMAGED_IN_PLACE[self.path] = aside
+            self._damaged_in_place = aside
             log.error(
                 "cannot write the readable lines of %s again (%s): it stays as it was until they are written,"
                 " then is set aside as %s",
