@@ -84,22 +84,29 @@ def test_an_unreadable_file_is_set_aside_never_a_crash(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-# Runs inside `unshare -m` with a 64 KB tmpfs on argv[1]: a copy written, the disk filled, a bigger
-# copy refused: the old copy whole, no temporary file left.
-TMPFS_SCRIPT = """
+# The start of each script below, run inside `unshare -m` with a 64 KB tmpfs on argv[1] (`d`).
+ON_A_TMPFS = """
 import errno, os, sys
 from pathlib import Path
-from uploader.unwritten_records import UnwrittenRecords
+from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
 d = Path(sys.argv[1])
+
+
+def fill_the_disk():
+    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"x" * 512)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    os.close(fd)
+"""
+
+# A copy written, the disk filled, a bigger copy refused: the old copy whole, no temporary file left.
+TMPFS_SCRIPT = """
 records = UnwrittenRecords(d / "things.jsonl", what="things")
 records.replace(["old"])
-fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
-try:
-    while True:
-        os.write(fd, b"x" * 512)
-except OSError as exc:
-    assert exc.errno == errno.ENOSPC, exc
-os.close(fd)
+fill_the_disk()
 try:
     records.replace(["new" * 4096] * 8)
 except OSError as exc:
@@ -112,7 +119,9 @@ print("ok")
 """
 
 
-def test_a_full_disk_leaves_the_old_copy_on_a_real_tmpfs(tmp_path: Path) -> None:
+def run_on_a_full_tmpfs(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """`script` (after ON_A_TMPFS) run by this Python inside `unshare -m` with a private 64 KB
+    tmpfs as its argv[1] (the test is skipped, said, where one cannot be mounted)."""
     from tests.conftest import missing
 
     if os.geteuid() != 0 or not shutil.which("unshare"):
@@ -122,7 +131,7 @@ def test_a_full_disk_leaves_the_old_copy_on_a_real_tmpfs(tmp_path: Path) -> None
     mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
     cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", str(mnt)]
     proc = subprocess.run(
-        [*cmd, sys.executable, "-c", TMPFS_SCRIPT, str(mnt)],
+        [*cmd, sys.executable, "-c", ON_A_TMPFS + script, str(mnt)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -131,24 +140,19 @@ def test_a_full_disk_leaves_the_old_copy_on_a_real_tmpfs(tmp_path: Path) -> None
     )
     if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
         missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    return proc
+
+
+def test_a_full_disk_leaves_the_old_copy_on_a_real_tmpfs(tmp_path: Path) -> None:
+    proc = run_on_a_full_tmpfs(tmp_path, TMPFS_SCRIPT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-# As TMPFS_SCRIPT: a damaged file on a full disk, whose copy cannot be written.
+# A damaged file on a full disk, whose copy cannot be written.
 FULL_DISK_DAMAGED_SCRIPT = """
-import errno, os, sys
-from pathlib import Path
-from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
-d = Path(sys.argv[1])
 damaged = b"1\\n\\x00garbage\\n2\\n"
 (d / "things.jsonl").write_bytes(damaged)
-fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
-try:
-    while True:
-        os.write(fd, b"x" * 512)
-except OSError as exc:
-    assert exc.errno == errno.ENOSPC, exc
-os.close(fd)
+fill_the_disk()
 records = UnwrittenRecords(d / "things.jsonl", what="things")
 taken = records.take(int)
 assert taken.records == [1, 2] and taken.damaged == 1, taken
@@ -165,42 +169,15 @@ def test_a_damaged_file_on_a_full_disk_is_moved_aside_when_it_cannot_be_copied(t
     """REV-E 3: copying a damaged file aside needs space; on a full SD card the copy failed, the
     file was left as it was, and the caller forgot it once its readable records were written: the
     damaged bytes went unnamed (the doctor never told). Now it is moved aside (no space needed)."""
-    from tests.conftest import missing
-
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        missing("needs root and unshare to mount a private tmpfs")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
-    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", str(mnt)]
-    proc = subprocess.run(
-        [*cmd, sys.executable, "-c", FULL_DISK_DAMAGED_SCRIPT, str(mnt)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    proc = run_on_a_full_tmpfs(tmp_path, FULL_DISK_DAMAGED_SCRIPT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 # As FULL_DISK_DAMAGED_SCRIPT, with a start that fails before writing the readable records.
 FULL_DISK_FAILED_START_SCRIPT = """
-import errno, os, sys
-from pathlib import Path
-from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
-d = Path(sys.argv[1])
 damaged = b"11\\n\\x00garbage\\n12\\n"
 (d / "stored-tok").write_bytes(damaged)
-fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
-try:
-    while True:
-        os.write(fd, b"x" * 512)
-except OSError as exc:
-    assert exc.errno == errno.ENOSPC, exc
-os.close(fd)
+fill_the_disk()
 first = UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").take(int)
 assert first.records == [11, 12] and first.damaged == 1, first
 # the start dies here (its commit refused on the full disk, or a power cut): the next start
@@ -221,24 +198,7 @@ def test_a_damaged_file_on_a_full_disk_is_read_again_by_a_start_after_one_that_f
     lines failed: they lived in the set-aside copy only, which no start reads (`pending_in`), so a
     start that failed before writing them lost them (the outbox sent the county's stored studies
     again). Now the file is renamed back (no space needed) and set aside only by `forget()`."""
-    from tests.conftest import missing
-
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        missing("needs root and unshare to mount a private tmpfs")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
-    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", str(mnt)]
-    proc = subprocess.run(
-        [*cmd, sys.executable, "-c", FULL_DISK_FAILED_START_SCRIPT, str(mnt)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    proc = run_on_a_full_tmpfs(tmp_path, FULL_DISK_FAILED_START_SCRIPT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
