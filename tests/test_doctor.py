@@ -818,6 +818,9 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
     damaged = found["damaged-copy"]
     assert damaged.level is Level.WARN and str(aside) in damaged.message and damaged.subject == aside.name, damaged
+    # its readable records wait in the file itself until a start writes them, not "were written"
+    kept_in = f"its readable records are kept in {data / 'serial-rows-behind.jsonl'} until written"
+    assert kept_in in damaged.message and "were written" not in damaged.message, damaged
     assert "left-by-stop" not in found  # the outbox recorded what it kept at its close; the rows' was taken
     said = [f.topic for f in doctor(data, offline=True).run_all() if f.check == "data"]
     assert said == ["space", "damaged-copy", "sd-card"], said

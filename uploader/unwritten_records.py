@@ -48,6 +48,12 @@ def is_set_aside(path: Path) -> bool:
     return _ASIDE_STAMP.search(path.name) is not None
 
 
+def original_of(aside: Path) -> Path:
+    """The file a set-aside copy was made of (`aside` itself if it is none)."""
+    found = _ASIDE_STAMP.search(aside.name)
+    return aside if found is None else aside.with_name(aside.name[: found.start()])
+
+
 def _aside_order(path: Path) -> tuple[float, int, str]:
     """When it was set aside (seconds), then which of those in one microsecond."""
     found = _ASIDE_STAMP.search(path.name)
