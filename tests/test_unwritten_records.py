@@ -256,3 +256,38 @@ def test_the_copy_just_set_aside_is_kept_whatever_the_clock_said_of_the_older_on
     kept = set_aside_in(tmp_path, "a.jsonl")
     assert len(kept) == KEEP_ASIDE and taken.set_aside_as in kept, kept
     assert ahead[0] not in kept  # the oldest of the others went instead
+
+
+# The outbox's start, its owners' notes (locks/) on the full tmpfs, its database beside it.
+OUTBOX_FULL_DISK_SCRIPT = """
+import contextlib, sqlite3
+from uploader.outbox import DB_NAME, Outbox
+data = d.parent / "data"
+data.mkdir()
+(data / "locks").symlink_to(d)
+with Outbox.open(data, min_free_bytes=0) as ob:
+    ids = [ob.add("dicom", key, b"x" * 10).item.id for key in ("a", "b")]
+dead = "0000-dead"  # a forwarder killed before recording what the county stored
+damaged = f"{ids[0]} sent\\n\\x00garbage\\n{ids[1]} sent\\n".encode()
+(d / f"stored-{dead}").write_bytes(damaged)
+with contextlib.closing(sqlite3.connect(data / DB_NAME)) as conn, conn:
+    conn.execute("UPDATE items SET state = 'sending', claimed_by = ?", (dead,))
+fill_the_disk()
+with Outbox.open(data, min_free_bytes=0) as ob:  # the start records them, then forgets the note
+    states = sorted(item.state.value for item in ob.items())
+assert states == ["sent", "sent"], states
+assert pending_in(d, "stored-") == [], list(d.iterdir())
+aside = set_aside_in(d, "stored-")
+assert len(aside) == 1 and aside[0].read_bytes() == damaged, list(d.iterdir())
+print("ok")
+"""
+
+
+def test_the_outbox_sets_a_dead_owners_damaged_note_aside_on_a_full_disk_once_it_recorded_its_ids(
+    tmp_path: Path,
+) -> None:
+    """The outbox's start holds one note from its reading to its forgetting (uploader/outbox.py
+    _record_stored_by_the_dead): on a full SD card, where the damaged note could be neither copied
+    aside nor rewritten, its forgetting sets it aside - named for `lastmile doctor` - never deletes it."""
+    proc = run_on_a_full_tmpfs(tmp_path, OUTBOX_FULL_DISK_SCRIPT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
