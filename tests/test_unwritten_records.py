@@ -100,6 +100,12 @@ def fill_the_disk():
     except OSError as exc:
         assert exc.errno == errno.ENOSPC, exc
     os.close(fd)
+
+
+def damaged_on_a_full_disk(name, damaged):
+    (d / name).write_bytes(damaged)
+    fill_the_disk()
+    return damaged
 """
 
 # A copy written, the disk filled, a bigger copy refused: the old copy whole, no temporary file left.
@@ -119,9 +125,9 @@ print("ok")
 """
 
 
-def run_on_a_full_tmpfs(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+def passes_on_a_full_tmpfs(tmp_path: Path, script: str) -> None:
     """`script` (after ON_A_TMPFS) run by this Python inside `unshare -m` with a private 64 KB
-    tmpfs as its argv[1] (the test is skipped, said, where one cannot be mounted)."""
+    tmpfs as its argv[1] passes its checks (the test is skipped, said, where one cannot be mounted)."""
     from tests.conftest import missing
 
     if os.geteuid() != 0 or not shutil.which("unshare"):
@@ -140,19 +146,16 @@ def run_on_a_full_tmpfs(tmp_path: Path, script: str) -> subprocess.CompletedProc
     )
     if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
         missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
-    return proc
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_a_full_disk_leaves_the_old_copy_on_a_real_tmpfs(tmp_path: Path) -> None:
-    proc = run_on_a_full_tmpfs(tmp_path, TMPFS_SCRIPT)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    passes_on_a_full_tmpfs(tmp_path, TMPFS_SCRIPT)
 
 
 # A damaged file on a full disk, whose copy cannot be written.
 FULL_DISK_DAMAGED_SCRIPT = """
-damaged = b"1\\n\\x00garbage\\n2\\n"
-(d / "things.jsonl").write_bytes(damaged)
-fill_the_disk()
+damaged = damaged_on_a_full_disk("things.jsonl", b"1\\n\\x00garbage\\n2\\n")
 records = UnwrittenRecords(d / "things.jsonl", what="things")
 taken = records.take(int)
 assert taken.records == [1, 2] and taken.damaged == 1, taken
@@ -169,15 +172,12 @@ def test_a_damaged_file_on_a_full_disk_is_moved_aside_when_it_cannot_be_copied(t
     """REV-E 3: copying a damaged file aside needs space; on a full SD card the copy failed, the
     file was left as it was, and the caller forgot it once its readable records were written: the
     damaged bytes went unnamed (the doctor never told). Now it is moved aside (no space needed)."""
-    proc = run_on_a_full_tmpfs(tmp_path, FULL_DISK_DAMAGED_SCRIPT)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    passes_on_a_full_tmpfs(tmp_path, FULL_DISK_DAMAGED_SCRIPT)
 
 
 # As FULL_DISK_DAMAGED_SCRIPT, with a start that fails before writing the readable records.
 FULL_DISK_FAILED_START_SCRIPT = """
-damaged = b"11\\n\\x00garbage\\n12\\n"
-(d / "stored-tok").write_bytes(damaged)
-fill_the_disk()
+damaged = damaged_on_a_full_disk("stored-tok", b"11\\n\\x00garbage\\n12\\n")
 first = UnwrittenRecords(d / "stored-tok", what="ids", family="stored-").take(int)
 assert first.records == [11, 12] and first.damaged == 1, first
 # the start dies here (its commit refused on the full disk, or a power cut): the next start
@@ -198,8 +198,7 @@ def test_a_damaged_file_on_a_full_disk_is_read_again_by_a_start_after_one_that_f
     lines failed: they lived in the set-aside copy only, which no start reads (`pending_in`), so a
     start that failed before writing them lost them (the outbox sent the county's stored studies
     again). Now the file is renamed back (no space needed) and set aside only by `forget()`."""
-    proc = run_on_a_full_tmpfs(tmp_path, FULL_DISK_FAILED_START_SCRIPT)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    passes_on_a_full_tmpfs(tmp_path, FULL_DISK_FAILED_START_SCRIPT)
 
 
 def test_set_aside_copies_are_named_newest_first_by_their_time(tmp_path: Path) -> None:
@@ -289,5 +288,4 @@ def test_the_outbox_sets_a_dead_owners_damaged_note_aside_on_a_full_disk_once_it
     """The outbox's start holds one note from its reading to its forgetting (uploader/outbox.py
     _record_stored_by_the_dead): on a full SD card, where the damaged note could be neither copied
     aside nor rewritten, its forgetting sets it aside - named for `lastmile doctor` - never deletes it."""
-    proc = run_on_a_full_tmpfs(tmp_path, OUTBOX_FULL_DISK_SCRIPT)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    passes_on_a_full_tmpfs(tmp_path, OUTBOX_FULL_DISK_SCRIPT)
