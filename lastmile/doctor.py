@@ -430,11 +430,13 @@ class Doctor:
     def _left_by_last_stop(self, data: Path) -> list[Finding]:
         """The files in which a stop keeps what it could not write into its database for the next
         start (uploader.unwritten_records): one there waits for a start, or a start could not
-        apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it)."""
+        apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it and
+        the file its readable records stay in until a start has written them)."""
         from uploader.payload_files import STORED_PREFIX
-        from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
+        from uploader.unwritten_records import UnwrittenRecords, original_of, pending_in, set_aside_in
 
-        waiting, damaged = [], []
+        waiting: list[str] = []
+        damaged: dict[Path, list[Path]] = {}  # the copies set aside, by the file each was made of
         with as_owner_of(data):
             for directory, family, what in left_by_stop_files(data):
                 for path in pending_in(directory, family):
@@ -445,7 +447,8 @@ class Doctor:
                     except OSError as exc:
                         count = f"unreadable ({exc.strerror or exc})"
                     waiting.append(f"{count} {what} ({path})")
-                damaged += [str(p) for p in set_aside_in(directory, family)]
+                for copy in set_aside_in(directory, family):
+                    damaged.setdefault(original_of(copy), []).append(copy)
         out = []
         if waiting:
             out.append(
@@ -464,12 +467,18 @@ class Doctor:
                 Finding(
                     "data",
                     Level.WARN,
-                    "damaged, set aside by a start (its readable records were written): " + ", ".join(damaged),
+                    # the start copies a damaged file aside and keeps its readable lines in it until
+                    # they are written (uploader.unwritten_records: `take`, then `forget`)
+                    "damaged, set aside by a start: "
+                    + "; ".join(
+                        f"{', '.join(map(str, copies))} (its readable records are kept in {original} until written)"
+                        for original, copies in damaged.items()
+                    ),
                     "what it could not read is said in the journal at its start; remove the copy once looked at "
                     "(only the newest few are kept)",
                     advice_key="damaged-copy",
                     topic="damaged-copy",
-                    subject=", ".join(Path(p).name for p in damaged),
+                    subject=", ".join(copy.name for copies in damaged.values() for copy in copies),
                 )
             )
         return out

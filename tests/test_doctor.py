@@ -784,13 +784,13 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     start set aside were never named. Now `lastmile doctor` warns with what and how many, and
     names each damaged copy. Written here by the code that writes them at a stop (the outbox's
     note of what the county stored, the serial device rows the stop gave up), read back by a start."""
-    from lastmile.services.serial_spill import RowBehind, load_rows_behind, save_rows_behind
+    from lastmile.services.serial_spill import RowBehind, RowsBehindFile
     from uploader.outbox import Outbox
     from uploader.payload_files import OwnerLock
 
     data = tmp_path
     assert [f.topic for f in doctor(data).check_data_partition()] == ["space", "sd-card"]  # none: nothing said
-    save_rows_behind(data, {"serial:a": RowBehind((2, 0), (1, 0), ""), "serial:b": RowBehind((1, 0), (1, 0), "")})
+    RowsBehindFile(data).save({"serial:a": RowBehind((2, 0), (1, 0), ""), "serial:b": RowBehind((1, 0), (1, 0), "")})
     with Outbox.open(data, min_free_bytes=0) as forwarder:
         first = forwarder.add("dicom", "a", b"x" * 10).item
         forwarder.add("dicom", "b", b"y" * 10)
@@ -810,14 +810,17 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     kept = {f.topic: f for f in doctor(data).check_data_partition()}["left-by-stop"]
     assert "2 outbox item(s) the county stored that the sending could not record as sent" in kept.message, kept
     assert f"locks/stored-{dead}" in kept.message, kept
-    OwnerLock.forget_stored(data / "locks", dead)
+    OwnerLock.stored_file(data / "locks", dead).forget()
 
     (data / "serial-rows-behind.jsonl").write_bytes(b'{"address": "serial:a"\n')  # torn on the SD card
-    assert load_rows_behind(data) == {}  # the start: set aside, said
+    assert RowsBehindFile(data).load() == {}  # the start: set aside, said
     found = {f.topic: f for f in doctor(data).check_data_partition()}
     (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
     damaged = found["damaged-copy"]
     assert damaged.level is Level.WARN and str(aside) in damaged.message and damaged.subject == aside.name, damaged
+    # its readable records wait in the file itself until a start writes them, not "were written"
+    kept_in = f"its readable records are kept in {data / 'serial-rows-behind.jsonl'} until written"
+    assert kept_in in damaged.message and "were written" not in damaged.message, damaged
     assert "left-by-stop" not in found  # the outbox recorded what it kept at its close; the rows' was taken
     said = [f.topic for f in doctor(data, offline=True).run_all() if f.check == "data"]
     assert said == ["space", "damaged-copy", "sd-card"], said

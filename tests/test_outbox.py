@@ -1234,7 +1234,8 @@ def test_the_next_open_records_what_the_peer_stored_as_its_caller_would_have_not
         forwarder.remember_stored([taken_ecg.id], taken=True)
         forwarder.remember_stored([sent_ecg.id], taken=False)
         owner = forwarder.owner
-        assert OwnerLock.stored_by(data_dir / "locks", owner) == {taken_ecg.id: True, sent_ecg.id: False}
+        note = OwnerLock.stored_file(data_dir / "locks", owner)
+        assert OwnerLock.stored_by(note) == {taken_ecg.id: True, sent_ecg.id: False}
         kept = (data_dir / "locks" / f"stored-{owner}").read_bytes()
     older = "0000-older"  # a dead owner's note as an older version wrote it, and this one's at a kill
     (data_dir / "locks" / f"stored-{older}").write_text(f"{bundle.id}\n")

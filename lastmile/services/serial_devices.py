@@ -100,11 +100,9 @@ from lastmile.services.serial_spill import (
     ECG_SPILL_NAME,
     SPILL_NAME,
     RowBehind,
+    RowsBehindFile,
     SpillFile,
-    forget_rows_behind,
     kept_in,
-    load_rows_behind,
-    save_rows_behind,
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
@@ -278,6 +276,11 @@ class SerialContext:
     # by device row address: the held status a row write did not get while some of what waited was
     # in memory only (`_say_waiting`), kept in a file at the close for the next start (`RowBehind`)
     rows_behind: dict[str, RowBehind] = field(default_factory=dict)
+    # their file: one from the start's reading to its forgetting, and the stop's save
+    rows_behind_file: RowsBehindFile = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows_behind_file = RowsBehindFile(Path(self.config.data_dir))
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows.
@@ -391,7 +394,7 @@ class SerialContext:
         before the stop: no state of today (its loss says that cause, with its time); the row's
         error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
-        behind = load_rows_behind(Path(self.config.data_dir))
+        behind = self.rows_behind_file.load()
         for record in self.registry.all():
             if record.transport != "serial":
                 continue
@@ -428,7 +431,7 @@ class SerialContext:
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
                 self.registry.clear_error(record.address, DeviceProblem.NOT_SAVED, now=self.now())
-        forget_rows_behind(Path(self.config.data_dir))
+        self.rows_behind_file.forget()
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
 
@@ -1137,7 +1140,7 @@ class SerialService:
                 log.info("%s: %s not stored: the gateway was stopping", name, what)
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
-        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind.copy())  # a busy turn may add
+        self.ctx.rows_behind_file.save(self.ctx.rows_behind.copy())  # a busy turn may add
         for thing in self._owned if links_idle else ():  # clinic.db: not under the busy turn's write
             close = getattr(thing, "close", None)
             if close is not None:

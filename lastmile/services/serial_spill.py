@@ -50,8 +50,8 @@ from devices.ecg.npz import read_npz, write_npz
 from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
-from uploader.payload_files import fsync_dir
 from uploader.unwritten_records import UnwrittenRecords
+from uploader.whole_file import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -465,10 +465,6 @@ class RowBehind:
         return bool(self.word_id) and self.word_id == applied_word_id
 
 
-def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
-    return UnwrittenRecords(Path(data_dir) / ROWS_BEHIND_NAME, what=ROWS_BEHIND_WHAT)
-
-
 def _row_behind_line(address: str, row: RowBehind) -> str:
     return json.dumps({"address": address, **dataclasses.asdict(row)}, ensure_ascii=False, sort_keys=True)
 
@@ -484,28 +480,32 @@ def _row_behind_of(line: str) -> tuple[str, RowBehind]:
     return str(raw["address"]), row
 
 
-def save_rows_behind(data_dir: Path, rows: dict[str, RowBehind]) -> None:
-    """Write `rows` (by device row address) for the next start, fsynced; none: nothing is written.
-    A few hundred bytes at a stop, only when a row write was given up with readings in memory."""
-    if not rows:
-        return
-    records = rows_behind_file(data_dir)
-    try:
-        records.replace([_row_behind_line(address, row) for address, row in rows.items()])
-    except OSError as exc:  # the journal has said the loss (at_stop); only the row will not
-        log.error("cannot keep what device rows a stop left unwritten in %s: %s", records.path, exc)
+class RowsBehindFile:
+    """`serial-rows-behind.jsonl`: the device rows a stop gave up (`RowBehind`), for the next start.
+    The service holds one from its start's `load` to its `forget` (a damaged file a full disk kept
+    in place is set aside by that `forget`), and saves with it at its stop."""
 
+    def __init__(self, data_dir: Path) -> None:
+        self.records = UnwrittenRecords(Path(data_dir) / ROWS_BEHIND_NAME, what=ROWS_BEHIND_WHAT)
 
-def load_rows_behind(data_dir: Path) -> dict[str, RowBehind]:
-    """What `save_rows_behind` kept at the last stop ({} when none; a damaged file is copied aside,
-    said, its readable lines taken: the file keeps them until `forget_rows_behind`)."""
-    return dict(rows_behind_file(data_dir).take(_row_behind_of, ROWS_BEHIND_LOST).records)
+    def save(self, rows: dict[str, RowBehind]) -> None:
+        """Write `rows` (by device row address) for the next start, fsynced; none: nothing is written.
+        A few hundred bytes at a stop, only when a row write was given up with readings in memory."""
+        if not rows:
+            return
+        try:
+            self.records.replace([_row_behind_line(address, row) for address, row in rows.items()])
+        except OSError as exc:  # the journal has said the loss (at_stop); only the row will not
+            log.error("cannot keep what device rows a stop left unwritten in %s: %s", self.records.path, exc)
 
+    def load(self) -> dict[str, RowBehind]:
+        """What `save` kept at the last stop ({} when none; a damaged file is copied aside, said,
+        its readable lines taken: the file keeps them until `forget`)."""
+        return dict(self.records.take(_row_behind_of, ROWS_BEHIND_LOST).records)
 
-def forget_rows_behind(data_dir: Path) -> None:
-    """The start has said what the last stop's rows did not: the file's word is spent."""
-    records = rows_behind_file(data_dir)
-    try:
-        records.forget()
-    except OSError as exc:  # said again at the next start: the same counts, no harm
-        log.error("cannot remove %s (the rows say its counts now): %s", records.path, exc)
+    def forget(self) -> None:
+        """The start has said what the last stop's rows did not: the file's word is spent."""
+        try:
+            self.records.forget()
+        except OSError as exc:  # said again at the next start: the same counts, no harm
+            log.error("cannot remove %s (the rows say its counts now): %s", self.records.path, exc)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lastmile.clock import local_zone, read_boot_id
 from lastmile.logs import describe_fault
-from uploader.unwritten_records import replace_whole
+from uploader.whole_file import replace_whole
 
 if TYPE_CHECKING:
     import requests
