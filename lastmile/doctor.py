@@ -175,6 +175,8 @@ LOST_AT_STOP_HINT = "nothing to repair: the gateway stopped before it stored the
 LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
 LOST_AT_STOP = "lost-at-stop"  # held at a stop in memory only, lost with it: its advice (which device, how many)
 LOST_ECGS_AT_STOP = "lost-ecgs-at-stop"  # the same with ECGs among them: record the ECG again, not "measure"
+# a card (a doctor's badge) scanned as the gateway stopped, its check-in given up and not done: its advice
+CARD_NOT_CHECKED_IN, BADGE_NOT_TAKEN = "card-not-checked-in", "badge-not-taken"
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
@@ -952,6 +954,35 @@ class Doctor:
                         since=r.lost_at.timestamp(),
                     )
                 )
+        return found + self._cards_not_checked_in(now)
+
+    def _cards_not_checked_in(self, now: dt.datetime) -> list[Finding]:
+        """A card (a doctor's badge) a scanner read as the gateway stopped, whose check-in the stop
+        gave up and the restart did not find done (lastmile.services.serial_devices): said for
+        LOST_SAID_FOR as what a stop lost; Today says which ID (not here: the journal's words)."""
+        from lastmile.clinic.devices import CARD_DOCTOR
+
+        found = []
+        for r in self.device_records() or []:
+            until = r.card_said_until(now)
+            if r.removed or until is None or r.card_found_at is None or r.card_scanned_at is None:
+                continue
+            badge = r.card_kind == CARD_DOCTOR
+            what = "a doctor's badge" if badge else "a patient card"
+            found.append(
+                Finding(
+                    "devices",
+                    Level.WARN,
+                    f"{r.name or r.address}: {what} scanned as the gateway stopped, at {_stamp(r.card_scanned_at)} "
+                    f"({r.card_time_source}), was not {'taken' if badge else 'checked in'} (found at its restart "
+                    f"at {_stamp(r.card_found_at)})",
+                    f"scan it again if {'that doctor is on duty' if badge else 'the patient is still here'} "
+                    f"(Today names it); said until {_stamp(until)}",
+                    advice_key=BADGE_NOT_TAKEN if badge else CARD_NOT_CHECKED_IN,
+                    until=until.timestamp(),
+                    since=r.card_scanned_at.timestamp(),
+                )
+            )
         return found
 
     def _readings_waiting_for_space(self) -> list[Finding]:
@@ -1586,7 +1617,7 @@ def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
     """(directory, name prefix, what its records are) of each kind of file a stop leaves for the
     next start (uploader.unwritten_records)."""
     from lastmile.data_dir import SENT_STUDIES_UNWRITTEN
-    from lastmile.services.serial_spill import ROWS_BEHIND_NAME
+    from lastmile.services.serial_spill import CARDS_GIVEN_UP_NAME, ROWS_BEHIND_NAME
     from uploader.outbox import LOCKS_DIR
     from uploader.payload_files import STORED_PREFIX
 
@@ -1594,6 +1625,7 @@ def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
         (data / LOCKS_DIR, STORED_PREFIX, "outbox item(s) the county stored that the sending could not record as sent"),
         (data, SENT_STUDIES_UNWRITTEN, "sent-study record(s) clinic.db did not take"),
         (data, ROWS_BEHIND_NAME, "device row(s) whose held readings' counts were not written"),
+        (data, CARDS_GIVEN_UP_NAME, "card(s) scanned as the gateway stopped, maybe not checked in"),
     ]
 
 

@@ -826,6 +826,31 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     assert said == ["space", "damaged-copy", "sd-card"], said
 
 
+def test_a_card_a_stop_kept_for_the_next_start_is_a_warning_and_a_torn_one_is_set_aside(tmp_path: Path) -> None:
+    """serial-cards-given-up.jsonl: the card (badge) whose check-in a stop gave up, kept for the next
+    start (lastmile.services.serial_devices), is one of the files `lastmile doctor` says while it
+    waits; a torn line of it is copied aside and named, as the others' are."""
+    from lastmile.services.serial_spill import CardGivenUp, CardsGivenUpFile
+
+    data = tmp_path
+    card = CardGivenUp(
+        "patient", "80276001234567890123", "desk-scanner", "2026-12-07T18:30:00+00:00", "gateway-receipt"
+    )
+    CardsGivenUpFile(data).save(card)
+    CardsGivenUpFile(data).save(CardGivenUp("doctor", "004711", "desk-scanner", card.scanned_at, card.time_source))
+    kept = {f.topic: f for f in doctor(data).check_data_partition()}["left-by-stop"]
+    assert "2 card(s) scanned as the gateway stopped, maybe not checked in" in kept.message, kept
+    assert "80276001234567890123" not in kept.message  # the doctor's words name no patient
+    assert [c.kind for c in CardsGivenUpFile(data).load()] == ["patient", "doctor"]
+    with (data / "serial-cards-given-up.jsonl").open("ab") as f:
+        f.write(b'{"kind": "patient", "scanned_id"\n')  # torn on the SD card
+    taken = CardsGivenUpFile(data).load()  # the readable ones; the file copied aside, said
+    assert [c.kind for c in taken] == ["patient", "doctor"] and taken[0] == card, taken
+    (aside,) = data.glob("serial-cards-given-up.jsonl.damaged-*")
+    damaged = {f.topic: f for f in doctor(data).check_data_partition()}["damaged-copy"]
+    assert str(aside) in damaged.message, damaged
+
+
 def test_the_doctor_only_looks_at_an_outbox_owners_lock_never_takes_it(tmp_path: Path) -> None:
     """REV-E 4: the doctor's live-owner check (the System page runs it) took a dead owner's lock
     for a moment and removed its file: an outbox opening then found the owner "alive", skipped its

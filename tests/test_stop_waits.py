@@ -798,3 +798,167 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
             again.close()
     assert row is not None and row.lost_from_memory == (1, 0), row
     assert (row.lost_cause, row.lost_at_stop) == ("", False), row
+
+
+# -- a card whose check-in the stop gave up: said on Today at the next start ---------------------------
+
+
+def card_given_up_at_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: bytes, *, finished: bool
+) -> tuple[Config, list[dict], list[str]]:
+    """A real card scanner on a pty; the acquire service stops with the doctor's previous patient
+    (doctor) current, another process holding clinic.db's lock as the card is scanned; the close
+    gives up the card's busy turn (its wait for the turn cut to ~4 s here: the card's own lock wait
+    is 15 s). `finished`: the lock is freed once the close has returned and the card's check-in goes
+    through before the process would exit; else it is held past the card's wait, whose write fails.
+    Returns the configuration, its devices and the names the close left in the data directory."""
+    from lastmile.services import serial_devices
+    from lastmile.services.serial_devices import SerialService
+    from tests.serial_gateway import serial_config
+
+    monkeypatch.setattr(serial_devices, "TURN_WRITE_MARGIN_S", -12.0)  # the close waits 1 + 15 - 12 s
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    devices = [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}]
+    config = serial_config(tmp_path, devices)
+    data = Path(config.data_dir)
+    stop = threading.Event()
+    with (
+        contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox,
+        contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients,
+        contextlib.closing(sqlite3.connect(data / "clinic.db", isolation_level=None, check_same_thread=False)) as other,
+    ):
+        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+        before = set(threading.enumerate())
+        service.start()
+        links = next(t for t in threading.enumerate() if t.name == "serial-links" and t not in before)
+        try:
+            wait_for(lambda: all(s.connected for s in service.statuses()))
+            earlier = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)
+            patients.set_patient("P-BEFORE", now=earlier)
+            patients.set_doctor("DR-BEFORE", now=earlier)
+            stop.set()  # the acquire service is stopping
+            other.execute("BEGIN IMMEDIATE")
+            scanner.write(scan)
+            time.sleep(1.0)  # the card's write waits for the lock
+            service.close()  # gives the busy turn up
+            left = sorted(p.name for p in data.iterdir())
+            if finished:
+                other.rollback()  # the card's write goes through before the process exits
+            links.join(timeout=30)  # finished, or its write failed (database is locked) past its wait
+        finally:
+            if other.in_transaction:
+                other.rollback()
+            links.join(timeout=30)
+            scanner.unplug()
+        now = dt.datetime.now(dt.timezone.utc)
+        current = patients.current(now)
+        checked_in = (current.patient_id if current else "", patients.current_doctor(now))
+        assert (checked_in == ("P-BEFORE", "DR-BEFORE")) is not finished, checked_in  # the card's write, or none
+    return config, devices, left
+
+
+def started_again(config: Config) -> None:
+    """The acquire service's serial part started again (what it finds at start is written), and closed."""
+    from lastmile.services.serial_devices import SerialService
+
+    with contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox:
+        SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1).close()
+
+
+def today_page(config: Config, devices: list[dict]) -> str:
+    """The console's Today page (zh-CN), the scanner configured as the acquire service has it."""
+    import html
+
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    console = console_config(Path(config.data_dir))
+    console.serial.devices = devices
+    with running_console(console) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        return html.unescape(client.get("/today").body)
+
+
+def test_a_patient_card_the_stop_gave_up_and_never_checked_in_is_said_on_today_after_the_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/serial_devices.py SerialService.close: past a card's whole wait for
+    clinic.db's lock the stop gives its busy turn up; it only said "may not be checked in: scan it
+    again" in the journal, which the village doctor never reads: after the restart the previous
+    patient was still current, and the next readings went on him, unsaid. Now the card (ID, scanner,
+    time, time source) is kept for the next start (serial-cards-given-up.jsonl), which finds it not
+    checked in and says it on Today for a week - once, however many starts read the file."""
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    config, devices, left = card_given_up_at_a_stop(tmp_path, monkeypatch, PATIENT_CARD_SCAN, finished=False)
+    data = Path(config.data_dir)
+    assert "serial-cards-given-up.jsonl" in left, left
+    kept = (data / "serial-cards-given-up.jsonl").read_bytes()
+    started_again(config)
+    assert not (data / "serial-cards-given-up.jsonl").exists()
+    registry = DeviceRegistry.open(data)
+    try:
+        row = registry.get("serial:desk-scanner")
+        assert row is not None and (row.card_kind, row.card_id) == ("patient", "80276001234567890123"), row
+        assert row.card_time_source == "gateway-receipt" and row.card_said_until(dt.datetime.now(dt.timezone.utc))
+        # its removal failed (or the start died first): a start that reads it again says nothing anew
+        (data / "serial-cards-given-up.jsonl").write_bytes(kept)
+        started_again(config)
+        again = registry.get("serial:desk-scanner")
+    finally:
+        registry.close()
+    assert again is not None and again.card_found_at == row.card_found_at, (row, again)
+    page = today_page(config, devices)
+    assert "网关停机时扫描的病人卡（ID 80276001234567890123，" in page, page
+    assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
+
+
+def test_a_doctor_badge_the_stop_gave_up_and_never_taken_is_said_on_today_after_the_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a patient card's: a doctor's badge whose write the stop gave up left the previous doctor
+    on the next readings after the restart, said only in the journal. Now Today says it, in the
+    doctor's words, until the badge is scanned again."""
+    from tests.service_harness import DOCTOR_BADGE_SCAN
+
+    config, devices, left = card_given_up_at_a_stop(tmp_path, monkeypatch, DOCTOR_BADGE_SCAN, finished=False)
+    assert "serial-cards-given-up.jsonl" in left, left
+    started_again(config)
+    page = today_page(config, devices)
+    assert "网关停机时扫描的医生工牌（004711，" in page, page
+    assert "值班医生没有改。如该医生在值班，请再扫一次工牌。" in page, page
+    scanner = PtyDevice(tmp_path / "usb-scanner")  # plugged in again
+    gateway = Running(tmp_path, devices)
+    try:  # the doctor scans the badge again: said no more
+        wait_for(lambda: all(s.connected for s in gateway.service.statuses()))
+        scanner.write(DOCTOR_BADGE_SCAN)
+        wait_for(lambda: (r := gateway.registry.get("serial:desk-scanner")) is not None and not r.card_kind)
+        assert gateway.patients.current_doctor(gateway.now()) == "004711"
+    finally:
+        gateway.close()
+        scanner.unplug()
+
+
+def test_a_card_the_stop_gave_up_that_was_checked_in_before_the_exit_is_forgotten_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The close cannot know whether the card it gave up is written before the process exits: it
+    keeps it all the same. The next start finds its check-in in clinic.db (the session log's line
+    at its time) and forgets it with a word at INFO: Today says nothing."""
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    config, devices, left = card_given_up_at_a_stop(tmp_path, monkeypatch, PATIENT_CARD_SCAN, finished=True)
+    data = Path(config.data_dir)
+    assert "serial-cards-given-up.jsonl" in left, left
+    with caplog.at_level(logging.INFO, logger="lastmile.services.serial_devices"):
+        started_again(config)
+    assert not (data / "serial-cards-given-up.jsonl").exists()
+    assert any("was checked in before it exited" in r.getMessage() for r in caplog.records), caplog.text
+    registry = DeviceRegistry.open(data)
+    try:
+        row = registry.get("serial:desk-scanner")
+    finally:
+        registry.close()
+    assert row is not None and row.card_kind == "" and row.card_found_at is None, row
+    page = today_page(config, devices)
+    assert "网关停机时扫描的" not in page and "病人卡" not in page, page

@@ -507,6 +507,20 @@ class PatientContext:
             return None
         return row["doctor_id"] or None
 
+    def scan_written(self, *, patient_id: str = "", doctor_id: str = "", at: str) -> bool:
+        """Whether the check-in of `patient_id` (the doctor `doctor_id`) made at `at` (its `iso`
+        time, the caller's `now`) is in clinic.db: its session log line, written in the same
+        transaction. For a card whose write a stop gave up: the process may have finished it before
+        it exited. The log keeps NAME_KEPT: an older one is not found."""
+        if patient_id:
+            event, column, value = "patient-set", "patient_id", patient_id.strip()
+        else:
+            event, column, value = "doctor-set", "doctor_id", doctor_id.strip()
+        row = self.db.conn.execute(
+            f"SELECT 1 FROM session_log WHERE at = ? AND event = ? AND {column} = ? LIMIT 1", (at, event, value)
+        ).fetchone()
+        return row is not None
+
     def history(self, limit: int = 20) -> list[dict]:
         rows = self.db.conn.execute(
             "SELECT at, event, patient_id, doctor_id, detail FROM session_log ORDER BY id DESC LIMIT ?", (limit,)

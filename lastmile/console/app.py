@@ -486,6 +486,16 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "yet (found when it started again, %(since)s). Nothing is broken. Record the ECG again if the patient "
             "is still here. This shows until %(time)s."
         ),
+        # a card (a doctor's badge) scanned as the gateway stopped, whose check-in the stop gave up
+        # (doctor.CARD_NOT_CHECKED_IN, BADGE_NOT_TAKEN); %(since)s when it was scanned: Today names it
+        "card-not-checked-in": N_(
+            "A patient card scanned as the gateway stopped (%(since)s) was not checked in: Today says which. "
+            "If the patient is still here, scan the card again. This shows until %(time)s."
+        ),
+        "badge-not-taken": N_(
+            "A doctor's badge scanned as the gateway stopped (%(since)s) did not take effect: Today says whose. "
+            "If that doctor is on duty, scan the badge again. This shows until %(time)s."
+        ),
         # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
         "lost-readings-damaged-file": N_(
             "Some readings saved on the SD card could not be read back when the gateway started again "

@@ -59,7 +59,12 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     return {
         "session": session,
         "doctor_on_duty": data.doctor_on_duty(now),
-        "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
+        # a scanner whose card a stop did not check in says so (scan again), whatever it did before
+        "devices": [
+            d
+            for d in data.devices()
+            if not d.removed and (d.allowed or d.last_reading_at or d.connected or d.card_said_until(now))
+        ],
         "readings": (
             data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
         ),

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -49,6 +50,7 @@ from typing import BinaryIO, TypeVar
 from devices.ecg.npz import read_npz, write_npz
 from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
+from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from uploader.unwritten_records import UnwrittenRecords
 from uploader.whole_file import fsync_dir
@@ -509,3 +511,85 @@ class RowsBehindFile:
             self.records.forget()
         except OSError as exc:  # said again at the next start: the same counts, no harm
             log.error("cannot remove %s (the rows say its counts now): %s", self.records.path, exc)
+
+
+# -- a card whose check-in a stop gave up ----------------------------------------------------------
+
+CARDS_GIVEN_UP_NAME = "serial-cards-given-up.jsonl"
+CARDS_GIVEN_UP_WHAT = "cards scanned as the gateway stopped whose check-in the stop gave up"
+CARDS_GIVEN_UP_LOST = "a card in those lines is not said on Today: if its patient is still here, scan the card again"
+
+
+@dataclasses.dataclass(frozen=True)
+class CardGivenUp:
+    """A card (a doctor's badge) a scanner read whose check-in was still waiting for clinic.db's
+    lock when the stop gave up its turn: the process ends, maybe before it is written. The next
+    start looks whether it was (`PatientContext.scan_written`), and says it on Today if not."""
+
+    kind: str  # CARD_PATIENT or CARD_DOCTOR
+    scanned_id: str  # the patient's ID, the doctor's
+    device: str  # the scanner's name (`[[serial.devices]]`)
+    scanned_at: str  # the check-in's own time (lastmile.clinic.db.iso): its session log line's
+    time_source: str  # where that time came from (devices.identity.TimeSource: the gateway's clock)
+    # this record's own id (random): the row keeps the id of the one it said, and a start that
+    # reads the file again (its removal failed, or it died first) does not say it anew
+    word_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def _card_of(line: str) -> CardGivenUp:
+    raw = json.loads(line)
+    if raw["kind"] not in (CARD_PATIENT, CARD_DOCTOR) or not str(raw["scanned_id"]).strip():
+        raise ValueError(f"not a scanned card: {raw['kind']!r}")
+    if dt.datetime.fromisoformat(str(raw["scanned_at"])).tzinfo is None:  # ValueError: not a time
+        raise ValueError("a scan's time without its zone")
+    return CardGivenUp(
+        str(raw["kind"]),
+        str(raw["scanned_id"]),
+        str(raw["device"]),
+        str(raw["scanned_at"]),
+        str(raw["time_source"]),
+        str(raw["word_id"]),
+    )
+
+
+class CardsGivenUpFile:
+    """`serial-cards-given-up.jsonl`: the cards a stop gave up (`CardGivenUp`), for the next start.
+    The service holds one from its start's `load` to its `forget` (a damaged file a full disk kept
+    in place is set aside by that `forget`), and saves with it at its stop."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.records = UnwrittenRecords(Path(data_dir) / CARDS_GIVEN_UP_NAME, what=CARDS_GIVEN_UP_WHAT)
+
+    def save(self, card: CardGivenUp) -> None:
+        """Keep `card` for the next start, fsynced, after what an earlier stop kept there and no start
+        took yet (a start that failed first). A few hundred bytes at a stop, only when one is given up."""
+        records = self.records
+        line = json.dumps(dataclasses.asdict(card), ensure_ascii=False, sort_keys=True)
+        try:
+            kept = records.lines()
+        except OSError as exc:  # unreadable: the next start sets it aside and says so; this card goes on
+            log.error("cannot read %s (its cards are replaced by this stop's): %s", records.path, exc)
+            kept = []
+        try:
+            records.replace([*kept, line])
+        except OSError as exc:  # the journal says it: the next start cannot
+            log.error(
+                "%s: a %s card scanned as the gateway stopped may not be checked in, and cannot be kept for "
+                "the next start in %s: %s",
+                card.device,
+                card.kind,
+                records.path,
+                exc,
+            )
+
+    def load(self) -> list[CardGivenUp]:
+        """What `save` kept ([] when none; a damaged file is copied aside, said, its readable lines
+        taken: the file keeps them until `forget`)."""
+        return self.records.take(_card_of, CARDS_GIVEN_UP_LOST).records
+
+    def forget(self) -> None:
+        """The start has looked at each card: the rows say those not checked in."""
+        try:
+            self.records.forget()
+        except OSError as exc:  # read again at the next start: each row skips the card it said (`word_id`)
+            log.error("cannot remove %s (the scanners' rows say its cards now): %s", self.records.path, exc)
