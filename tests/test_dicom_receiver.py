@@ -427,6 +427,30 @@ def test_deflated_object_within_the_limit_is_kept_as_received(outbox: Outbox) ->
     assert item.patient is not None and item.meta["study_uid"] == ecg.study_uid
 
 
+def test_an_object_sent_on_an_association_open_across_the_stop_is_refused_not_stored(outbox: Outbox) -> None:
+    """lastmile/services/parts.py ReceiverPart.close stopped the server only: a cart's association
+    open across the acquire service's stop went on, and its next object was stored while the
+    service closed the outbox and clinic.db's session under it (a store into a closed outbox, or a
+    sqlite3 connection closed under its statement: exit 139). Now the close waits for the object
+    in hand and refuses the next ones ("send it again": the cart does), so the stores may close."""
+    from lastmile.services.parts import ReceiverPart
+    from tests.peers import ecg_payloads
+    from uploader.dicom_store import StoreAssociation
+
+    first, second = ecg_payloads(2)
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    part = ReceiverPart(DicomReceiver(settings, lan_object_store(outbox)))
+    part.check(time.monotonic())  # listening
+    assert part.listening
+    with StoreAssociation(_cart(part.receiver.port)) as cart:
+        assert cart.store(first.data).status == 0x0000
+        part.close()  # SIGTERM: the acquire service closes its parts, then its stores
+        outcome = cart.store(second.data)
+    assert outcome.status == 0xA700 and "gateway stopping" in outcome.meaning, outcome
+    assert [item.key for item in outbox.items()] == ["dicom-sop:" + first.sop_instance_uid]
+    assert part.finished()
+
+
 def _acquire_config(tmp_path: Path, port: int) -> Path:
     path = tmp_path / "lastmile.toml"
     path.write_text(

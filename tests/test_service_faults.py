@@ -26,7 +26,7 @@ from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.config import Config
 from lastmile.doctor import Level
 from lastmile.logs import describe_fault
-from lastmile.services.parts import Part, down_status
+from lastmile.services.parts import Part, WorkerPart, down_status
 from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice
@@ -468,17 +468,19 @@ def test_the_acquire_stop_tells_every_part_to_stop_before_waiting_for_any(tmp_pa
 
 
 def test_the_acquire_parts_stop_ends_within_the_units_stop_timeout(tmp_path: Path) -> None:
-    """A part whose close hangs is left at the parts' deadline (said), and that deadline leaves
-    the outbox's close room inside the unit's TimeoutStopSec: no SIGKILL mid-commit."""
+    """A part whose close hangs is left at the parts' deadline (said) and returned as still
+    closing (its stores are not closed under it), and that deadline leaves the stores' close room
+    inside the acquire and BLE units' TimeoutStopSec: no SIGKILL mid-commit."""
     import re
     import threading
 
     from lastmile.services.acquire import PARTS_STOP_S
-    from lastmile.services.parts import WorkerPart, close_parts
+    from lastmile.services.parts import close_parts
 
-    unit = (REPO / "systemd" / "lastmile-acquire.service").read_text()
-    found = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
-    assert found is not None and int(found.group(1)) >= PARTS_STOP_S + 5, (PARTS_STOP_S, unit)
+    for name in ("lastmile-acquire.service", "lastmile-ble.service"):
+        unit = (REPO / "systemd" / name).read_text()
+        found = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
+        assert found is not None and int(found.group(1)) >= PARTS_STOP_S + 5, (name, PARTS_STOP_S, unit)
 
     never = threading.Event()
     hung = WorkerPart("hung", lambda stop, beat: stop.wait(60), on_close=lambda: never.wait(60))
@@ -487,12 +489,113 @@ def test_the_acquire_parts_stop_ends_within_the_units_stop_timeout(tmp_path: Pat
     quick.start()
     started = time.monotonic()
     try:
-        close_parts([hung, quick], within_s=1.0)
+        still = close_parts([hung, quick], within_s=1.0)
         took = time.monotonic() - started
     finally:
         never.set()
     assert took < 10, took  # not the hung close's 60 s
     assert not quick.running and not hung.running  # both told to stop at once, both threads ended
+    assert still == [hung]  # its close under way: what it tears down may still be in use
+
+
+def slow_writer(outbox: Outbox, name: str, in_hand_s: float) -> WorkerPart:
+    """A part that, told to stop, still stores what it has in hand for `in_hand_s` (an import's
+    file, a report's readings): one outbox item a second before that, one after."""
+    import threading
+
+    def work(stop: threading.Event, beat: object) -> None:
+        stop.wait(60)
+        time.sleep(in_hand_s)
+        outbox.add("observation", f"{name}-in-hand", b"{}")
+
+    return WorkerPart(name, work, stale_after=None)
+
+
+def test_a_part_still_storing_past_the_stop_keeps_the_outbox_open_and_every_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/acquire.py AcquireService.close: past the parts' deadline the outbox and
+    clinic.db were closed although a part was still storing into them - the serial part's report
+    in hand, waiting for another process's lock. Its next readings met a closed outbox and were
+    not stored (and a sqlite3 connection closed under another thread's statement crashes the
+    process: exit 139). Now the stores are left open to a part still closing (said, with what it
+    means): the report is stored whole once the lock is free."""
+    import logging
+    import sqlite3
+    import threading
+
+    from lastmile.services import acquire
+    from lastmile.services.acquire import AcquireService
+
+    monkeypatch.setattr(acquire, "PARTS_STOP_S", 0.5)  # the unit's 24 s, made short
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        storing = threading.Event()
+        add = m.outbox.add
+
+        def add_noting(*args: object, **kwargs: object) -> object:
+            storing.set()
+            return add(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(m.outbox, "add", add_noting)
+        service = AcquireService(m.config, m.outbox, [m.part], closers=[m.outbox.close])
+        other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process writes: the report waits for it
+        release = threading.Timer(2.0, other.rollback)
+        try:
+            m.monitor.write(m.report)
+            assert storing.wait(30), "the report was never stored"
+            release.start()
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING):
+                service.close()  # SIGTERM
+            took = time.monotonic() - started
+        finally:
+            release.join()
+            other.close()
+        # every reading of the report in hand stored: none met a closed outbox
+        wait_for(lambda: len(m.outbox.items(kind="observation")) == 3, timeout=30, what="the report stored")
+        wait_for(m.part.finished, timeout=30, what="the serial part finishing the report in hand")
+        print(f"\nthe acquire close, a report waiting for the outbox lock: {took:.1f} s")
+        assert took < 1.9, took  # at the deadline, not when the report is stored
+    said = caplog.text
+    assert "serial: still closing" in said and "spill file" in said, said
+    assert "the outbox and clinic.db left open" in said, said
+
+
+def test_a_reload_stops_the_parts_together_within_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lastmile/services/acquire.py AcquireService.reload closed its parts one after another with
+    no deadline (a USB import's 15 s join, then a card's 18 s wait: past WatchdogSec=30). Now as
+    the stop: together, so it takes about the slowest, not the sum; one past the deadline is left
+    (its stores open) and what it had in hand is still stored."""
+    import threading
+
+    from lastmile.services import acquire
+    from lastmile.services.acquire import AcquireService
+
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.gps.source = "none"  # the reload builds no part: only the old ones' stop is timed
+    with contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox:
+        parts: list[Part] = [slow_writer(outbox, "usb-import", 1.5), slow_writer(outbox, "serial", 1.5)]
+        service = AcquireService(config, outbox, parts, closers=[outbox.close])
+        service.check_parts()
+        started = time.monotonic()
+        service.reload(config)
+        took = time.monotonic() - started
+        print(f"\nreload, two parts each 1.5 s to stop: {took:.1f} s")
+        assert took < 2.6, took  # the slowest, not the sum (3 s)
+        assert len(outbox.items(kind="observation")) == 2
+
+        monkeypatch.setattr(acquire, "PARTS_STOP_S", 0.5)
+        service.parts = [slow_writer(outbox, "usb-import-again", 2.0)]
+        service.check_parts()
+        started = time.monotonic()
+        service.reload(config)
+        took = time.monotonic() - started
+        assert took < 1.9, took  # at the deadline
+        wait_for(lambda: len(outbox.items(kind="observation")) == 3, timeout=30, what="the left part's item")
+        service.step(threading.Event())  # closes the old session's clinic.db once the left part finished
+        service.close()
 
 
 def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_keeping_it(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.services.acquire import NO_SESSION, usb_import_part
 from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
-from tests.conftest import shared_file
+from tests.conftest import REPO, shared_file
 from tests.serial_gateway import Running, talk_as_bridge
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
@@ -405,6 +406,72 @@ def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path)
         finally:
             service.close()
             scanner.unplug()
+
+
+# `lastmile acquire` (lastmile.cli.main), the parts' stop made short (the unit's 24 s): what a stop
+# that cannot wait for a part does to the process and its stores.
+ACQUIRE_WITH_A_SHORT_STOP = """
+import sys
+from lastmile.cli import main
+from lastmile.services import acquire
+acquire.PARTS_STOP_S = 2.0
+sys.exit(main(["-c", sys.argv[1], "acquire"]))
+"""
+
+
+def test_a_card_still_waiting_past_the_stop_deadline_is_left_its_database_and_the_process_exits_cleanly(
+    tmp_path: Path,
+) -> None:
+    """lastmile/services/acquire.py AcquireService.close: a part still closing at the parts'
+    deadline (a card scanned at the stop waits clinic.db's lock past it) was left with its stores
+    closed under it as the process went on. Now nothing it may use is closed (a sqlite3 connection
+    closed under another thread's statement: exit 139), the journal says what is left and what it
+    means (the card: scan it again), the process exits cleanly, the databases sound, the card's
+    check-in rolled back whole."""
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    data = tmp_path / "data"
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+        f"[serial]\npatient_card_pattern = '(?P<id>\\d{{20}})'\n"
+        f'[[serial.devices]]\nname = "desk-scanner"\nmatch = "{scanner.link_path}"\nprofile = "scanner"\n'
+    )
+    manager = Manager(tmp_path / "notify")
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "20000000", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ACQUIRE_WITH_A_SHORT_STOP, str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:
+            wait_for(lambda: (r := registry.get("serial:desk-scanner")) is not None and r.connected, timeout=30)
+        with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+            patients.set_patient("P-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+        with write_locked(data / "clinic.db"):  # held past the process's exit
+            scanner.write(PATIENT_CARD_SCAN)
+            took, out = sigterm_once_a_write_waits(proc, "the card's check-in", timeout=60)
+    finally:
+        out_left = stop_child(proc)
+        manager.sock.close()
+        scanner.unplug()
+    out = out or out_left
+    print(f"\nSIGTERM to exit, a card waiting past a 2 s parts' stop: {took:.1f} s")
+    assert proc.returncode == 0 and "Traceback" not in out and "Fatal Python error" not in out, (proc.returncode, out)
+    assert took < 10, (took, out)  # the deadline, not the card's 15 s wait
+    assert "serial: still closing" in out and "scan it again" in out, out
+    assert "the outbox and clinic.db left open to it" in out, out
+    for name in ("clinic.db", "outbox.sqlite"):
+        with contextlib.closing(sqlite3.connect(data / name)) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",), name
+    with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+        current = patients.current(dt.datetime.now(dt.timezone.utc))
+    assert current is not None and current.patient_id == "P-BEFORE"  # the card's check-in rolled back whole, as said
 
 
 def forward_toml(tmp_path: Path, config: Path, fhir_url: str) -> None:
