@@ -173,10 +173,21 @@ AT_STOP_HINT = "the gateway stopped before it stored them: the acquire service s
 LOST_AT_STOP_HINT = "nothing to repair: the gateway stopped before it stored them"
 # a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
 LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
+LOST_DAMAGED_BOTH = "lost-readings-and-ecgs-damaged-file"
 LOST_AT_STOP = "lost-at-stop"  # held at a stop in memory only, lost with it: its advice (which device, how many)
-LOST_ECGS_AT_STOP = "lost-ecgs-at-stop"  # the same with ECGs among them: record the ECG again, not "measure"
+LOST_ECGS_AT_STOP = "lost-ecgs-at-stop"  # the same, ECGs only: record the ECG again, not "measure"
 # a card (a doctor's badge) scanned as the gateway stopped, its check-in given up and not done: its advice
 CARD_NOT_CHECKED_IN, BADGE_NOT_TAKEN = "card-not-checked-in", "badge-not-taken"
+LOST_BOTH_AT_STOP = "lost-readings-and-ecgs-at-stop"  # readings and ECGs: measure again and record the ECG again
+# held in memory only by a stop (the row's word from its last try, until the next start counts them
+# lost): nothing stores them after it, the process that held them ends
+GONE_WITH_STOP_HINT = "nothing to repair: the gateway stopped before it stored them, and they were in memory only"
+
+
+def by_what(counts: tuple[int, int], readings: str, ecgs: str, both: str) -> str:
+    """The advice key for what to do again about `counts` (readings, ECGs): measure again (`readings`),
+    record the ECG again (`ecgs`), or both (`both`): a doctor told only one redoes only one."""
+    return both if all(counts) else ecgs if counts[1] else readings
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
@@ -917,14 +928,15 @@ class Doctor:
                 # nothing; the stop's own (and only it) is no fault: what to do is measure again
                 at_stop = r.lost_cause == HELD_AT_STOP
                 if at_stop:
-                    keep, advice = LOST_AT_STOP_HINT, LOST_ECGS_AT_STOP if r.lost_from_memory[1] else LOST_AT_STOP
+                    keep = LOST_AT_STOP_HINT
+                    advice = by_what(r.lost_from_memory, LOST_AT_STOP, LOST_ECGS_AT_STOP, LOST_BOTH_AT_STOP)
                 else:
                     keep = (
                         LOST_NOT_STORED_HINT
                         if r.lost_cause
                         else "keep the gateway powered while readings wait for space (see the data line)"
                     )
-                    advice = ("lost-ecgs" if r.lost_from_memory[1] else "lost-readings") + (
+                    advice = by_what(r.lost_from_memory, "lost-readings", "lost-ecgs", "lost-readings-and-ecgs") + (
                         NOT_STORED if r.lost_cause else ""
                     )
                 found.append(
@@ -949,7 +961,9 @@ class Doctor:
                         f"{when}",
                         f"{again}the county IT: look at the damaged or missing file (its .bad copy) and the SD card; "
                         f"said until {_stamp(until)}",
-                        advice_key=LOST_DAMAGED_ECGS if r.lost_from_disk[1] else LOST_DAMAGED_READINGS,
+                        advice_key=by_what(
+                            r.lost_from_disk, LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS, LOST_DAMAGED_BOTH
+                        ),
                         until=until.timestamp(),
                         since=r.lost_at.timestamp(),
                     )
@@ -990,7 +1004,7 @@ class Doctor:
         they can be stored, and a FAIL until then (the monitor cannot print them again). Its advice
         is the cause's: free space, or - the held rows' error says another cause (locked,
         damaged) - the county IT's, since freeing space does nothing for those."""
-        from lastmile.clinic.devices import MEMORY_ONLY
+        from lastmile.clinic.devices import MEMORY_ONLY, lost_message
         from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME, waiting_readings
 
         records = [r for r in self.device_records() or [] if not r.removed]
@@ -1026,14 +1040,21 @@ class Doctor:
         # no spill file could be set aside (the partition was full at start), or they do not fit in
         # it: the row's own status says so until they are stored (seen again or not since)
         for r in (r for r in held if r.held_in_memory_only):
-            kind = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
-            words, hint, advice = held_advice(r.held_cause, MEMORY_ONLY, kind)
-            hint += "; do not switch the gateway off before they are stored"
-            found.append(
-                Finding(
-                    "devices", Level.FAIL, f"{r.name or r.address}: {r.memory_words} {words}", hint, advice_key=advice
+            if r.held_at_stop:  # said from the stop's last try: gone with its process, never stored at the next start
+                message = lost_message(r.memory_words, r.held_cause)
+                hint = f"{GONE_WITH_STOP_HINT}; record them again if the patients are still here"
+                advice = by_what(
+                    r.in_memory_only,
+                    "memory-only" + AT_STOP,
+                    "memory-only-ecgs" + AT_STOP,
+                    "memory-only-readings-and-ecgs" + AT_STOP,
                 )
-            )
+            else:
+                kind = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
+                words, hint, advice = held_advice(r.held_cause, MEMORY_ONLY, kind)
+                message = f"{r.memory_words} {words}"
+                hint += "; do not switch the gateway off before they are stored"
+            found.append(Finding("devices", Level.FAIL, f"{r.name or r.address}: {message}", hint, advice_key=advice))
         return found
 
     def _registry_findings(self) -> list[Finding]:

@@ -448,13 +448,19 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs were not saved yet when the gateway stopped: they are kept and saved when the gateway starts "
             "again. Nothing to record again."
         ),
+        # in memory only at a stop: the row says so from the stop's last try, after which nothing
+        # stores them (the process ends), until the next start counts them lost - lost, not "may be"
         "memory-only-at-stop": N_(
-            "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they are "
             "lost. Nothing is broken. Measure again if the patient is still here."
         ),
         "memory-only-ecgs-at-stop": N_(
-            "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they are "
             "lost. Nothing is broken. Record the ECG again if the patient is still here."
+        ),
+        "memory-only-readings-and-ecgs-at-stop": N_(
+            "Readings and ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they "
+            "are lost. Nothing is broken. Measure again and record the ECG again if the patient is still here."
         ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
@@ -468,11 +474,22 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "again, %(since)s): they were waiting for storage space and not saved yet. Record the ECG again if "
             "the patient is still here, and tell the county IT. This shows until %(time)s."
         ),
+        "lost-readings-and-ecgs": N_(
+            "Some readings and ECGs were lost when the gateway was switched off or lost its power (found when it "
+            "started again, %(since)s): they were waiting for storage space and not saved yet. Measure again and "
+            "record the ECG again if the patient is still here, and tell the county IT. This shows until %(time)s."
+        ),
         # the same, lost while they waited for another cause than space (the data store locked, damaged)
         "lost-readings-not-stored": N_(
             "Some readings were lost when the gateway was switched off or lost its power (found when it started "
             "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
             "the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-readings-and-ecgs-not-stored": N_(
+            "Some readings and ECGs were lost when the gateway was switched off or lost its power (found when it "
+            "started again, %(since)s): the gateway could not save its data then (not for want of space). Measure "
+            "again and record the ECG again if the patient is still here, and call the county IT. This shows until "
+            "%(time)s."
         ),
         # held at a stop in memory only (doctor.LOST_AT_STOP, LOST_ECGS_AT_STOP), gone with it: nothing is broken, the
         # county IT can bring nothing back; %(what)s how many, %(subject)s which device
@@ -496,6 +513,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "A doctor's badge scanned as the gateway stopped (%(since)s) did not take effect: Today says whose. "
             "If that doctor is on duty, scan the badge again. This shows until %(time)s."
         ),
+        "lost-readings-and-ecgs-at-stop": N_(
+            "Lost: %(what)s from %(subject)s. They were taken just before the gateway stopped and were not saved "
+            "yet (found when it started again, %(since)s). Nothing is broken. Measure again and record the ECG again "
+            "if the patient is still here. This shows until %(time)s."
+        ),
         # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
         "lost-readings-damaged-file": N_(
             "Some readings saved on the SD card could not be read back when the gateway started again "
@@ -506,6 +528,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Some ECGs saved on the SD card could not be read back when the gateway started again (%(since)s): "
             "the file holding them is damaged or missing, so they are lost. Record the ECG again if the patient is still "
             "here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-readings-and-ecgs-damaged-file": N_(
+            "Some readings and ECGs saved on the SD card could not be read back when the gateway started again "
+            "(%(since)s): the file holding them is damaged or missing, so they are lost. Measure again and record "
+            "the ECG again if the patient is still here, and call the county IT. This shows until %(time)s."
         ),
         "lost-ecgs-not-stored": N_(
             "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
