@@ -444,7 +444,7 @@ class Doctor:
         """The files in which a stop keeps what it could not write into its database for the next
         start (uploader.unwritten_records): one there waits for a start, or a start could not
         apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it and
-        the file its readable records stay in until a start has written them)."""
+        where its readable records are: waiting in the file for a start, or written)."""
         from uploader.payload_files import STORED_PREFIX
         from uploader.unwritten_records import UnwrittenRecords, original_of, pending_in, set_aside_in
 
@@ -480,11 +480,9 @@ class Doctor:
                 Finding(
                     "data",
                     Level.WARN,
-                    # the start copies a damaged file aside and keeps its readable lines in it until
-                    # they are written (uploader.unwritten_records: `take`, then `forget`)
                     "damaged, set aside by a start: "
                     + "; ".join(
-                        f"{', '.join(map(str, copies))} (its readable records are kept in {original} until written)"
+                        f"{', '.join(map(str, copies))} ({_where_readable_records_are(original, copies)})"
                         for original, copies in damaged.items()
                     ),
                     "what it could not read is said in the journal at its start; remove the copy once looked at "
@@ -1621,6 +1619,21 @@ class Mount:
     fstype: str
     options: frozenset[str]
     source: str
+
+
+def _where_readable_records_are(original: Path, copies: list[Path]) -> str:
+    """Where a damaged file's readable records are, as far as looking can tell. A start keeps them
+    in the file itself until it has written them, then removes it (none readable: removed at
+    once), so the file there means they wait for a start. Gone, they were written - but for one
+    case no file shows: on a full disk a start that could neither rewrite the file nor rename it
+    back left them in the copy only (its journal says so, "... only"), lost if that start failed."""
+    if original.exists():
+        return f"its readable records, unless a start wrote them since, wait in {original} for the next start"
+    copy = copies[0] if len(copies) == 1 else "a copy"
+    return (
+        "its readable records, if any, were written - unless its start's journal says they are in "
+        f"{copy} only (a full disk) and that start then failed: check journalctl"
+    )
 
 
 def _owner_alive(locks_dir: Path, token: str) -> bool:

@@ -813,17 +813,50 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     OwnerLock.stored_file(data / "locks", dead).forget()
 
     (data / "serial-rows-behind.jsonl").write_bytes(b'{"address": "serial:a"\n')  # torn on the SD card
-    assert RowsBehindFile(data).load() == {}  # the start: set aside, said
+    assert RowsBehindFile(data).load() == {}  # the start: set aside, said; nothing readable: the file goes
     found = {f.topic: f for f in doctor(data).check_data_partition()}
     (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
     damaged = found["damaged-copy"]
     assert damaged.level is Level.WARN and str(aside) in damaged.message and damaged.subject == aside.name, damaged
-    # its readable records wait in the file itself until a start writes them, not "were written"
-    kept_in = f"its readable records are kept in {data / 'serial-rows-behind.jsonl'} until written"
-    assert kept_in in damaged.message and "were written" not in damaged.message, damaged
+    # no file waits: not a file to look for that is not there
+    assert "if any, were written" in damaged.message and "wait in" not in damaged.message, damaged
+    assert f"they are in {aside} only (a full disk)" in damaged.message, damaged  # the journal's rare case
     assert "left-by-stop" not in found  # the outbox recorded what it kept at its close; the rows' was taken
     said = [f.topic for f in doctor(data, offline=True).run_all() if f.check == "data"]
     assert said == ["space", "damaged-copy", "sd-card"], said
+    aside.unlink()
+
+
+def test_a_damaged_copys_readable_records_are_said_waiting_while_their_file_is_there_written_once_gone(
+    tmp_path: Path,
+) -> None:
+    """REV-A 1: the doctor said a damaged copy's readable records "are kept in <file> until written"
+    whether or not that file was there: it usually is not (the start wrote them and removed it), and
+    a technician looked for it in vain, unsure whether records were lost. Now it looks: while the
+    file is there they wait in it for the next start; once it is gone they were written."""
+    from lastmile.services.serial_spill import RowBehind, RowsBehindFile
+
+    data = tmp_path
+    original = data / "serial-rows-behind.jsonl"
+    RowsBehindFile(data).save({"serial:a": RowBehind((2, 0), (1, 0), "")})
+    with original.open("ab") as f:
+        f.write(b'{"address": "serial:b"\n')  # torn on the SD card
+    start = RowsBehindFile(data)
+    assert list(start.load()) == ["serial:a"]  # copied aside, the readable line kept in the file
+    # the start has not written them (it failed, or is still at it): they wait in the file
+    (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
+    found = {f.topic: f for f in doctor(data).check_data_partition()}
+    damaged = found["damaged-copy"]
+    assert f"its readable records, unless a start wrote them since, wait in {original} for the next start" in (
+        damaged.message
+    ), damaged
+    assert "were written" not in damaged.message, damaged
+    assert str(original) in found["left-by-stop"].message  # the waiting file is said there too
+    start.forget()  # the start wrote them: the file goes
+    found = {f.topic: f for f in doctor(data).check_data_partition()}
+    damaged = found["damaged-copy"]
+    assert str(aside) in damaged.message and "its readable records, if any, were written" in damaged.message, damaged
+    assert "wait in" not in damaged.message and "left-by-stop" not in found, found
 
 
 def test_a_card_a_stop_kept_for_the_next_start_is_a_warning_and_a_torn_one_is_set_aside(tmp_path: Path) -> None:

@@ -289,3 +289,55 @@ def test_the_outbox_sets_a_dead_owners_damaged_note_aside_on_a_full_disk_once_it
     _record_stored_by_the_dead): on a full SD card, where the damaged note could be neither copied
     aside nor rewritten, its forgetting sets it aside - named for `lastmile doctor` - never deletes it."""
     passes_on_a_full_tmpfs(tmp_path, OUTBOX_FULL_DISK_SCRIPT)
+
+
+# The serial service's start (SerialService.open) with its data directory on the full tmpfs: its
+# databases, made by a first start on a disk with room, linked in (SQLite writes beside the target).
+SERIAL_FULL_DISK_SCRIPT = """
+from lastmile.services.serial_devices import SerialService
+from lastmile.services.serial_spill import (
+    CARDS_GIVEN_UP_NAME, ROWS_BEHIND_NAME, CardGivenUp, CardsGivenUpFile, RowBehind, RowsBehindFile,
+)
+from tests.serial_gateway import serial_config
+from uploader.outbox import Outbox
+d.chmod(0o700)  # a data directory of its own (a tmpfs is made shared with every user)
+room = d.parent / "room"
+devices = [{"name": "desk-scanner", "match": str(room / "unplugged"), "profile": "scanner"}]
+config = serial_config(room, devices)
+with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+    SerialService.open(config, outbox=outbox, watch_dirs=None).close()
+    made = sorted(p.name for p in Path(config.data_dir).iterdir())
+    for name in made:
+        (d / name).symlink_to(Path(config.data_dir) / name)
+    # what a stop kept (by the stop's own writers), a line of each then torn on the SD card
+    RowsBehindFile(d).save({"serial:desk-scanner": RowBehind((1, 0), (1, 0), "")})
+    card = CardGivenUp("patient", "80276001234567890123", "desk-scanner", "2026-12-07T18:30:00+00:00", "gateway-receipt")
+    CardsGivenUpFile(d).save(card)
+    damaged = {}
+    for name in (ROWS_BEHIND_NAME, CARDS_GIVEN_UP_NAME):
+        with (d / name).open("ab") as f:
+            f.write(b'{"address": "serial:desk\\n')
+        damaged[name] = (d / name).read_bytes()
+    fill_the_disk()
+    config.gateway.data_dir = str(d)
+    service = SerialService.open(config, outbox=outbox, watch_dirs=None)  # loads both, then forgets them
+    try:
+        said = service.ctx.registry.get("serial:desk-scanner")
+    finally:
+        service.close()
+assert said is not None and said.card_word_id == card.word_id, said  # the readable card was read
+for name, data in damaged.items():
+    assert pending_in(d, name) == [], list(d.iterdir())
+    aside = set_aside_in(d, name)  # renamed by the forget of the one that read it: never deleted
+    assert len(aside) == 1 and aside[0].read_bytes() == data, (name, list(d.iterdir()))
+print("ok")
+"""
+
+
+def test_the_serial_start_sets_its_damaged_files_aside_on_a_full_disk_once_it_has_read_them(tmp_path: Path) -> None:
+    """REV-A 2: the serial service holds one file object each for the rows a stop gave up and the
+    cards it gave up (SerialContext.rows_behind_file, cards_given_up_file) from its start's load to
+    its forget: on a full SD card, where a damaged one could be neither copied aside nor rewritten,
+    that forget sets it aside - named for `lastmile doctor` - never deletes it. A forget through
+    another object (it does not know what the load found) deleted the damaged bytes unnamed."""
+    passes_on_a_full_tmpfs(tmp_path, SERIAL_FULL_DISK_SCRIPT)
