@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import REPO, missing, require_tool
-from tests.peers import free_port
+from tests.peers import forward_toml, free_port
 
 # Runs inside `unshare -m` with a 16 MB tmpfs on argv[1]: queue ECGs until intake refuses, fill
 # the partition to its last block, spend the reserve, then run the real forward service.
@@ -118,28 +118,16 @@ def test_forward_service_drains_a_full_disk_without_its_reserve(tmp_path: Path, 
     scp = storescp_factory(start=False)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cfg = tmp_path / "lastmile.toml"
-    cfg.write_text(
-        f"""
-[gateway]
-data_dir = "{mnt / "data"}"
-[reading_center]
-host = "127.0.0.1"
-port = {scp.port}
-called_ae = "{scp.ae_title}"
-calling_ae = "CLINIC01"
-listen_port = {free_port()}
-listen_host = "127.0.0.1"
-timeout_s = 10.0
-storage_commitment = false
-no_commitment_policy = "purge"
-[outbox]
-backoff_base_s = 0.1
-backoff_max_s = 0.5
-min_free_mb = 2
-[ecg]
-re_record_hold_s = 0
-"""
+    cfg = forward_toml(
+        tmp_path / "lastmile.toml",
+        mnt / "data",
+        port=scp.port,
+        called_ae=scp.ae_title,
+        listen_port=free_port(),
+        timeout_s=10.0,
+        commitment=False,
+        min_free_mb=2,
+        reports="dicom",  # the default: the service polls for reports as a clinic's does
     )
     log = tmp_path / "forward.log"
     cmd = [

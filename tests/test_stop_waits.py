@@ -25,7 +25,7 @@ import pytest
 from devices.device_errors import DeviceProblem
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
-from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
@@ -500,6 +500,43 @@ def test_sigterm_while_the_forward_service_links_a_reading_to_a_visit_under_visi
             assert book.visit_holding(reading.record_key) == visit.id, journal.read_text()[-3000:]
 
 
+def monitor_config(tmp_path: Path) -> Config:
+    """A gateway reading one serial vital-signs monitor, "monitor", not plugged in."""
+    from tests.serial_gateway import serial_config
+
+    return serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+
+
+def a_stop_loses_one_held_in_memory_only(config: Config, outbox: Outbox, bp_id: str) -> DeviceRecord | None:
+    """A run of the serial part on `config` whose monitor's reading `bp_id`a is held in memory only
+    (spill copy G); at its stop (another process holding clinic.db's lock, its row writes given up) a
+    save works (G+1: `bp_id`a and b) and the third reading's does not: `bp_id`c is in memory only,
+    lost with the gateway's memory. The monitor's row as it was with `bp_id`a held."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+
+    stop = threading.Event()
+    service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+    ctx, spec = service.ctx, service.specs[0]
+    assert ctx.spill is not None
+    at = ctx.now() - dt.timedelta(minutes=10)  # by the gateway's clock, right or not
+    slot = ctx.spill.slot_bytes
+    ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+    ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "a"))
+    row = ctx.registry.get("serial:monitor")
+    stop.set()  # the acquire service is stopping
+    with write_locked(Path(config.data_dir) / "clinic.db"):
+        ctx.spill.slot_bytes = slot
+        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "b"))  # saved whole: both on disk
+        ctx.spill.slot_bytes = HEADER
+        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "c"))  # not saved: in memory only
+        service.close()
+    return row
+
+
 def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_lost_at_the_restart(
     tmp_path: Path,
 ) -> None:
@@ -511,32 +548,12 @@ def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_
     write carried while readings were in memory only is kept (an uploader.unwritten_records file)
     for the restart, which says it and forgets the file."""
     from lastmile.services.serial_devices import SerialService
-    from lastmile.services.serial_spill import HEADER
-    from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
 
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
-    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
-    stop = threading.Event()
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        slot = ctx.spill.slot_bytes
-        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
-        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
-        row = ctx.registry.get("serial:monitor")
+        row = a_stop_loses_one_held_in_memory_only(config, outbox, "bp-")
         assert row is not None and row.in_memory_only == (1, 0), row
-        stop.set()  # the acquire service is stopping
-        with write_locked(data / "clinic.db"):
-            ctx.spill.slot_bytes = slot
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))  # saved whole: both on disk
-            ctx.spill.slot_bytes = HEADER
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))  # not saved: in memory only
-            service.close()
         left = sorted(p.name for p in data.iterdir())
         again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
         try:
@@ -558,31 +575,12 @@ def test_a_stops_word_on_its_rows_read_by_many_starts_counts_the_loss_once(
     raising) added its loss again: the Devices page and `lastmile doctor` said "3 readings lost"
     for 1. Now the word carries its own id, kept on the row with its loss: read again, it is skipped."""
     from lastmile.services.serial_devices import SerialService
-    from lastmile.services.serial_spill import HEADER
-    from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
     from uploader.unwritten_records import UnwrittenRecords
 
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
-    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
-    stop = threading.Event()
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        slot = ctx.spill.slot_bytes
-        ctx.spill.slot_bytes = HEADER  # in memory only
-        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
-        stop.set()
-        with write_locked(data / "clinic.db"):
-            ctx.spill.slot_bytes = slot
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))
-            ctx.spill.slot_bytes = HEADER
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))
-            service.close()
+        a_stop_loses_one_held_in_memory_only(config, outbox, "bp-")
         assert (data / "serial-rows-behind.jsonl").exists()
 
         def cannot(self: UnwrittenRecords) -> None:  # the file cannot be removed: each start reads it
@@ -610,9 +608,6 @@ def test_a_clock_behind_at_boot_does_not_hide_the_next_stops_loss(
     taken as applied by start 3 and its loss never said (the Devices page: 1 lost for 2). Now a
     word is skipped only by its id."""
     from lastmile.services.serial_devices import SerialContext, SerialService
-    from lastmile.services.serial_spill import HEADER
-    from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
 
     offset = [dt.timedelta(0)]
     init = SerialContext.__init__
@@ -622,32 +617,13 @@ def test_a_clock_behind_at_boot_does_not_hide_the_next_stops_loss(
         self.now = lambda: dt.datetime.now(dt.timezone.utc) + offset[0]
 
     monkeypatch.setattr(SerialContext, "__init__", skewed)
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
-
-    def run_and_lose_one(bp_id: str) -> None:  # a run whose stop loses one reading held in memory only
-        stop = threading.Event()
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        at = ctx.now() - dt.timedelta(minutes=10)
-        slot = ctx.spill.slot_bytes
-        ctx.spill.slot_bytes = HEADER  # in memory only
-        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "a"))
-        stop.set()
-        with write_locked(data / "clinic.db"):
-            ctx.spill.slot_bytes = slot
-            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "b"))
-            ctx.spill.slot_bytes = HEADER
-            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "c"))
-            service.close()
-
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
-        run_and_lose_one("bp-1")  # stop 1, the clock right
+        a_stop_loses_one_held_in_memory_only(config, outbox, "bp-1")  # stop 1, the clock right
         offset[0] = -dt.timedelta(hours=5)  # boot 2: the clock 5 h behind
-        run_and_lose_one("bp-2")  # start 2 counts stop 1's loss; stop 2 loses another
+        # start 2 counts stop 1's loss; stop 2 loses another
+        a_stop_loses_one_held_in_memory_only(config, outbox, "bp-2")
         offset[0] = -dt.timedelta(hours=5) + dt.timedelta(minutes=5)  # boot 3
         again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
         try:
@@ -767,11 +743,8 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
     from lastmile.services.serial_devices import SerialService
     from lastmile.services.serial_spill import HEADER
     from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
 
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
     at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
     stop = threading.Event()
