@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -371,14 +371,15 @@ def test_sigterm_while_a_gnss_fix_waits_for_visits_db_lock_stops_promptly(tmp_pa
     assert "gnss: stopping: a write waiting for another process's lock given up" in out, out
 
 
-def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
-    """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
-    clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
-    current after the restart and the next readings go on him. The card waits for the lock as
-    before the stop bounded anything (its write says `wait_past_stop`), and is the session's once it is free."""
+@contextlib.contextmanager
+def scanned_at_a_stop_under_clinic_db_lock(
+    tmp_path: Path, scan: bytes, before: Callable[[PatientContext, dt.datetime], None]
+) -> Iterator[PatientContext]:
+    """The serial part reading a desk scanner on a pty: `before` writes the session (a minute ago),
+    the acquire service starts stopping, and `scan` is scanned while another process holds
+    clinic.db's lock past the stop's bound, then frees it. The session, the service still running."""
     from lastmile.services.serial_devices import SerialService
     from tests.serial_gateway import serial_config
-    from tests.service_harness import PATIENT_CARD_SCAN
 
     scanner = PtyDevice(tmp_path / "usb-scanner")
     config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
@@ -391,20 +392,33 @@ def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path)
         service.start()
         try:
             wait_for(lambda: all(s.connected for s in service.statuses()))
-            now = dt.datetime.now(dt.timezone.utc)
-            patients.set_patient("P-BEFORE", now=now - dt.timedelta(minutes=1))
+            before(patients, dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
             stop.set()  # the acquire service is stopping
             with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
                 other.execute("BEGIN IMMEDIATE")
-                scanner.write(PATIENT_CARD_SCAN)
-                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the card still waits
+                scanner.write(scan)
+                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the scan's write still waits
                 other.rollback()
-            wait_for(lambda: (p := patients.current(dt.datetime.now(dt.timezone.utc))) and p.patient_id != "P-BEFORE")
-            current = patients.current(dt.datetime.now(dt.timezone.utc))
-            assert current is not None and current.patient_id == "80276001234567890123"
+            yield patients
         finally:
             service.close()
             scanner.unplug()
+
+
+def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
+    clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
+    current after the restart and the next readings go on him. The card waits for the lock as
+    before the stop bounded anything (its write says `wait_past_stop`), and is the session's once it is free."""
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    def before(patients: PatientContext, at: dt.datetime) -> None:
+        patients.set_patient("P-BEFORE", now=at)
+
+    with scanned_at_a_stop_under_clinic_db_lock(tmp_path, PATIENT_CARD_SCAN, before) as patients:
+        wait_for(lambda: (p := patients.current(dt.datetime.now(dt.timezone.utc))) and p.patient_id != "P-BEFORE")
+        current = patients.current(dt.datetime.now(dt.timezone.utc))
+        assert current is not None and current.patient_id == "80276001234567890123"
 
 
 def forward_toml(tmp_path: Path, config: Path, fhir_url: str) -> None:
@@ -638,33 +652,14 @@ def test_a_doctor_badge_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_pat
     """lastmile/services/serial_devices.py ScannerHandler: as a patient card's, a doctor's badge
     scanned as the service stops waits for clinic.db's lock past the stop's bound (`set_doctor`'s
     `wait_past_stop`): given up, the previous doctor would stay on the next readings after the restart."""
-    from lastmile.services.serial_devices import SerialService
-    from tests.serial_gateway import serial_config
     from tests.service_harness import DOCTOR_BADGE_SCAN
 
-    scanner = PtyDevice(tmp_path / "usb-scanner")
-    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
-    stop = threading.Event()
-    with (
-        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
-        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
-    ):
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        service.start()
-        try:
-            wait_for(lambda: all(s.connected for s in service.statuses()))
-            patients.set_doctor("DR-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
-            stop.set()  # the acquire service is stopping
-            with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
-                other.execute("BEGIN IMMEDIATE")
-                scanner.write(DOCTOR_BADGE_SCAN)
-                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the badge still waits
-                other.rollback()
-            wait_for(lambda: patients.current_doctor(dt.datetime.now(dt.timezone.utc)) != "DR-BEFORE")
-            assert patients.current_doctor(dt.datetime.now(dt.timezone.utc)) == "004711"
-        finally:
-            service.close()
-            scanner.unplug()
+    def before(patients: PatientContext, at: dt.datetime) -> None:
+        patients.set_doctor("DR-BEFORE", now=at)
+
+    with scanned_at_a_stop_under_clinic_db_lock(tmp_path, DOCTOR_BADGE_SCAN, before) as patients:
+        wait_for(lambda: patients.current_doctor(dt.datetime.now(dt.timezone.utc)) != "DR-BEFORE")
+        assert patients.current_doctor(dt.datetime.now(dt.timezone.utc)) == "004711"
 
 
 def test_the_close_waits_for_a_card_still_waiting_for_clinic_db_lock(
