@@ -168,6 +168,34 @@ def test_a_stop_ends_a_clinic_db_write_waiting_for_another_process_lock(tmp_path
 # -- an ECG the stop gave up is kept, said at INFO: no device error ------------------------------------
 
 
+def an_ecg_bridge_connected(tmp_path: Path) -> tuple[PtyDevice, Running, Callable[[], None]]:
+    """An ECG bridge on a pty, greeted by the gateway's serial part (`Running`), and what streams
+    one 10 s ECG from it (recording 3)."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        wait_for(lambda: r.service.statuses()[0].connected)
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    except BaseException:
+        r.close()
+        bridge.unplug()
+        raise
+
+    def stream_an_ecg() -> None:
+        sim = EcgStreamSimulator(core, recording_id=3)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+
+    return bridge, r, stream_an_ecg
+
+
+def assert_the_ecg_stored_once(data_dir: Path) -> None:
+    """The ECG is in the outbox, once, and no longer in the ECG spill file."""
+    with contextlib.closing(Outbox.open(data_dir, min_free_bytes=0)) as outbox:
+        assert len(outbox.items(kind="dicom")) == 1
+    assert waiting_readings(data_dir, ECG_SPILL_NAME) == 0
+
+
 def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -176,12 +204,8 @@ def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
     recording" and marked its row NOT_SAVED, a device fault for the doctor and the county's log
     shipping. At a stop it is expected: said at INFO, the ECG kept in the ECG spill file and held
     (its row says it waits), no device error; stored once the lock is free."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    bridge, r, stream_an_ecg = an_ecg_bridge_connected(tmp_path)
     try:
-        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-        wait_for(lambda: r.service.statuses()[0].connected)
-        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
         r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(seconds=5))
         stop = threading.Event()
         r.outbox.give_up_waits_on(stop)
@@ -191,8 +215,7 @@ def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
             caplog.at_level(logging.INFO),
         ):
             other.execute("BEGIN IMMEDIATE")
-            sim = EcgStreamSimulator(core, recording_id=3)
-            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            stream_an_ecg()
             wait_for(lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1, timeout=30)
             wait_for(lambda: (row := r.registry.get("serial:ecg")) is not None and row.held_ecg_count == 1)
             other.rollback()
@@ -204,9 +227,7 @@ def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
     finally:
         r.close()  # the lock free: what waits is stored at the close
         bridge.unplug()
-    with contextlib.closing(Outbox.open(r.config.data_dir, min_free_bytes=0)) as outbox:
-        assert len(outbox.items(kind="dicom")) == 1
-    assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
+    assert_the_ecg_stored_once(r.config.data_dir)
 
 
 def test_a_streamed_ecg_whose_expired_session_the_stop_could_not_end_is_kept(tmp_path: Path) -> None:
@@ -215,20 +236,15 @@ def test_a_streamed_ecg_whose_expired_session_the_stop_could_not_end_is_kept(tmp
     clinic.db's lock, that write gave up (WaitGivenUp) past the handler, which never held the ECG:
     a bridge cannot resend a stream, it was lost. Now it is held (ECG spill file), the stop's cause
     on the row, and stored once the lock is free."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    bridge, r, stream_an_ecg = an_ecg_bridge_connected(tmp_path)
     try:
-        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-        wait_for(lambda: r.service.statuses()[0].connected)
-        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
         r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(minutes=20))  # idle past 15 min: expired
         stop = threading.Event()
         give_up_waits_on(r.service.ctx.store.db, StopWaits(stop))
         stop.set()  # the acquire service is stopping
         with contextlib.closing(sqlite3.connect(r.config.data_dir / "clinic.db", isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
-            sim = EcgStreamSimulator(core, recording_id=3)
-            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            stream_an_ecg()
             wait_for(
                 lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1,
                 timeout=30,
@@ -238,9 +254,7 @@ def test_a_streamed_ecg_whose_expired_session_the_stop_could_not_end_is_kept(tmp
     finally:
         r.close()  # the lock free: what waits is stored at the close
         bridge.unplug()
-    with contextlib.closing(Outbox.open(r.config.data_dir, min_free_bytes=0)) as outbox:
-        assert len(outbox.items(kind="dicom")) == 1
-    assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
+    assert_the_ecg_stored_once(r.config.data_dir)
 
 
 def test_a_held_ecg_whose_expired_session_the_stop_could_not_end_does_not_cut_the_close_short(tmp_path: Path) -> None:
@@ -248,20 +262,15 @@ def test_a_held_ecg_whose_expired_session_the_stop_could_not_end_does_not_cut_th
     session (a write: it had just expired) outside store_recording's try; at a stop, another
     process holding clinic.db's lock, WaitGivenUp left close() half-way: what waits never said,
     the service's databases not closed. Now the ECG stays held (its spill file) and close ends."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    bridge, r, stream_an_ecg = an_ecg_bridge_connected(tmp_path)
     try:
-        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-        wait_for(lambda: r.service.statuses()[0].connected)
-        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
         stop = StopWaits(threading.Event())
         r.outbox.give_up_waits_on(stop)
         give_up_waits_on(r.service.ctx.store.db, stop)
         stop.stop.set()  # the acquire service is stopping
         with contextlib.closing(sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")  # the ECG is held: the outbox's lock
-            sim = EcgStreamSimulator(core, recording_id=3)
-            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            stream_an_ecg()
             wait_for(lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1, timeout=30)
             other.rollback()
         r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(minutes=20))  # idle past 15 min: expired
