@@ -494,16 +494,16 @@ def test_lastmile_devices_names_a_ble_device_by_the_name_given_at_pairing_and_sa
     assert "advertised as BP cuff" in out, out
 
 
-def hold_three_one_in_memory_only(registry: DeviceRegistry, now: dt.datetime) -> None:
+def hold_three_one_in_memory_only(registry: DeviceRegistry, now: dt.datetime, *, ecgs: bool = False) -> None:
     """The monitor's row as the serial part writes it at a stop: 3 readings held, 1 of them in
-    memory only."""
+    memory only (with `ecgs`, 3 streamed ECGs and 1)."""
     registry.update_status(
         "serial:monitor",
         now=now,
         transport="serial",
         held=HeldReadings.MEMORY,
-        held_counts=(3, 0),
-        memory_counts=(1, 0),
+        held_counts=(0, 3) if ecgs else (3, 0),
+        memory_counts=(0, 1) if ecgs else (1, 0),
     )
 
 
@@ -689,14 +689,7 @@ def test_ecgs_held_at_a_stop_and_lost_say_to_record_the_ecg_again(tmp_path: Path
     registry = DeviceRegistry.open(data)
     try:  # 3 ECGs held at the stop, 1 of them in memory only: the restart found that one gone
         registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
-        registry.update_status(
-            "serial:monitor",
-            now=now,
-            transport="serial",
-            held=HeldReadings.MEMORY,
-            held_counts=(0, 3),
-            memory_counts=(0, 1),
-        )
+        hold_three_one_in_memory_only(registry, now, ecgs=True)
         registry.record_lost(registry.get("serial:monitor"), (0, 1), now=now, cause=HELD_AT_STOP)
     finally:
         registry.close()

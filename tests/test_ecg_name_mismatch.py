@@ -842,12 +842,12 @@ def test_the_question_on_a_name_a_card_took_is_read_whole_on_a_phone_and_a_scree
         save_screenshot(browser, f"today-inherited-name-{language}-{'phone' if size[0] < 600 else 'desktop'}")
 
 
-def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: Path) -> None:
-    """Review C (3): a father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to
-    it. His daughter 王芳 comes with the same card: its check-in takes 李四, and the cart's ECG under
-    王芳 is held. "王芳 is right" corrected the check-in's name and renamed the father's cuff user
-    to 王芳 for good, unasked (a typed check-in asks which name first). Now Today says it corrects
-    this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
+@contextlib.contextmanager
+def _a_daughters_ecg_held_under_her_fathers_card(tmp_path: Path) -> Iterator[tuple[Client, Running, DeviceUsers, int]]:
+    """A father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to it; 王五
+    next; then the card scanned for his daughter takes 李四, and the cart's ECG under 王芳 (pinyin,
+    as the cart writes it) is held for its name. The doctor logged in to the console, the card
+    scanner's gateway, the device users and the held ECG's outbox item id."""
     config = console_config(tmp_path / "data")
     with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
         doctor = Client(server.url)
@@ -859,6 +859,16 @@ def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: 
         assert _scanned(scanner, gateway, CARD) == "Li^Si=李^四"
         fang = _card_ecg(tmp_path, CARD, "Wang^Fang")  # the cart writes pinyin
         assert _hold_of(tmp_path, fang) == NAME_MISMATCH
+        yield doctor, gateway, users, fang
+
+
+def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: Path) -> None:
+    """Review C (3): a father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to
+    it. His daughter 王芳 comes with the same card: its check-in takes 李四, and the cart's ECG under
+    王芳 is held. "王芳 is right" corrected the check-in's name and renamed the father's cuff user
+    to 王芳 for good, unasked (a typed check-in asks which name first). Now Today says it corrects
+    this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
+    with _a_daughters_ecg_held_under_her_fathers_card(tmp_path) as (doctor, gateway, users, fang):
         page = doctor.get("/today").body
         row = _row(page, fang)
         reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)})
@@ -882,17 +892,7 @@ def test_a_taken_name_cleared_is_neither_offered_nor_given_to_the_device_users(t
     presses 清除姓名. Today still said "登记的是 李四" (cleared; nobody typed it), offered "It is 李四's: send it
     under this name", and "Wang Fang is right" renamed the father's cuff user to Wang Fang for good. Cleared, the
     name is neither worded nor offered, and the answer renames no device user."""
-    config = console_config(tmp_path / "data")
-    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
-        doctor = Client(server.url)
-        doctor.login()
-        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "李四"}).status == 303
-        users = DeviceUsers(gateway.patients.db)
-        users.map_user("C0:26:DA:01:02:03", 1, CARD, now=gateway.now(), name="Li^Si=李^四")
-        assert doctor.post("/today/check-in", {"patient_id": "P-WU", "name": "王五"}).status == 303
-        assert _scanned(scanner, gateway, CARD) == "Li^Si=李^四"
-        fang = _card_ecg(tmp_path, CARD, "Wang^Fang")
-        assert _hold_of(tmp_path, fang) == NAME_MISMATCH
+    with _a_daughters_ecg_held_under_her_fathers_card(tmp_path) as (doctor, gateway, users, fang):
         page = doctor.get("/today").body
         cleared = doctor.post(
             "/today/check-in",

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -908,32 +907,11 @@ TMPFS_SCRIPT = textwrap.dedent("""
 
 
 def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
-    from tests.conftest import missing
+    from tests.conftest import run_on_private_tmpfs
 
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        missing("needs root and unshare to mount a private tmpfs")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cmd = [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        'mount -t tmpfs -o size=2m tmpfs "$1" && shift && exec "$@"',
-        "sh",
-        str(mnt),
-        sys.executable,
-        "-c",
-        TMPFS_SCRIPT,
-        str(mnt),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
-    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    proc = run_on_private_tmpfs(mnt, "2m", TMPFS_SCRIPT, timeout_s=60)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for name, r in result.items():

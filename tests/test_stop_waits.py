@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ import pytest
 from devices.device_errors import DeviceProblem
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
-from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
@@ -169,6 +169,34 @@ def test_a_stop_ends_a_clinic_db_write_waiting_for_another_process_lock(tmp_path
 # -- an ECG the stop gave up is kept, said at INFO: no device error ------------------------------------
 
 
+def an_ecg_bridge_connected(tmp_path: Path) -> tuple[PtyDevice, Running, Callable[[], None]]:
+    """An ECG bridge on a pty, greeted by the gateway's serial part (`Running`), and what streams
+    one 10 s ECG from it (recording 3)."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        wait_for(lambda: r.service.statuses()[0].connected)
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    except BaseException:
+        r.close()
+        bridge.unplug()
+        raise
+
+    def stream_an_ecg() -> None:
+        sim = EcgStreamSimulator(core, recording_id=3)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+
+    return bridge, r, stream_an_ecg
+
+
+def assert_the_ecg_stored_once(data_dir: Path) -> None:
+    """The ECG is in the outbox, once, and no longer in the ECG spill file."""
+    with contextlib.closing(Outbox.open(data_dir, min_free_bytes=0)) as outbox:
+        assert len(outbox.items(kind="dicom")) == 1
+    assert waiting_readings(data_dir, ECG_SPILL_NAME) == 0
+
+
 def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -177,12 +205,8 @@ def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
     recording" and marked its row NOT_SAVED, a device fault for the doctor and the county's log
     shipping. At a stop it is expected: said at INFO, the ECG kept in the ECG spill file and held
     (its row says it waits), no device error; stored once the lock is free."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    bridge, r, stream_an_ecg = an_ecg_bridge_connected(tmp_path)
     try:
-        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-        wait_for(lambda: r.service.statuses()[0].connected)
-        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
         r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(seconds=5))
         stop = threading.Event()
         r.outbox.give_up_waits_on(stop)
@@ -192,8 +216,7 @@ def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
             caplog.at_level(logging.INFO),
         ):
             other.execute("BEGIN IMMEDIATE")
-            sim = EcgStreamSimulator(core, recording_id=3)
-            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            stream_an_ecg()
             wait_for(lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1, timeout=30)
             wait_for(lambda: (row := r.registry.get("serial:ecg")) is not None and row.held_ecg_count == 1)
             other.rollback()
@@ -205,9 +228,7 @@ def test_a_streamed_ecg_the_stop_gave_up_is_kept_without_a_device_error(
     finally:
         r.close()  # the lock free: what waits is stored at the close
         bridge.unplug()
-    with contextlib.closing(Outbox.open(r.config.data_dir, min_free_bytes=0)) as outbox:
-        assert len(outbox.items(kind="dicom")) == 1
-    assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
+    assert_the_ecg_stored_once(r.config.data_dir)
 
 
 def test_a_streamed_ecg_whose_expired_session_the_stop_could_not_end_is_kept(tmp_path: Path) -> None:
@@ -216,20 +237,15 @@ def test_a_streamed_ecg_whose_expired_session_the_stop_could_not_end_is_kept(tmp
     clinic.db's lock, that write gave up (WaitGivenUp) past the handler, which never held the ECG:
     a bridge cannot resend a stream, it was lost. Now it is held (ECG spill file), the stop's cause
     on the row, and stored once the lock is free."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    bridge, r, stream_an_ecg = an_ecg_bridge_connected(tmp_path)
     try:
-        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-        wait_for(lambda: r.service.statuses()[0].connected)
-        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
         r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(minutes=20))  # idle past 15 min: expired
         stop = threading.Event()
         give_up_waits_on(r.service.ctx.store.db, StopWaits(stop))
         stop.set()  # the acquire service is stopping
         with contextlib.closing(sqlite3.connect(r.config.data_dir / "clinic.db", isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
-            sim = EcgStreamSimulator(core, recording_id=3)
-            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            stream_an_ecg()
             wait_for(
                 lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1,
                 timeout=30,
@@ -239,9 +255,7 @@ def test_a_streamed_ecg_whose_expired_session_the_stop_could_not_end_is_kept(tmp
     finally:
         r.close()  # the lock free: what waits is stored at the close
         bridge.unplug()
-    with contextlib.closing(Outbox.open(r.config.data_dir, min_free_bytes=0)) as outbox:
-        assert len(outbox.items(kind="dicom")) == 1
-    assert waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 0
+    assert_the_ecg_stored_once(r.config.data_dir)
 
 
 def test_a_held_ecg_whose_expired_session_the_stop_could_not_end_does_not_cut_the_close_short(tmp_path: Path) -> None:
@@ -249,20 +263,15 @@ def test_a_held_ecg_whose_expired_session_the_stop_could_not_end_does_not_cut_th
     session (a write: it had just expired) outside store_recording's try; at a stop, another
     process holding clinic.db's lock, WaitGivenUp left close() half-way: what waits never said,
     the service's databases not closed. Now the ECG stays held (its spill file) and close ends."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = Running(tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    bridge, r, stream_an_ecg = an_ecg_bridge_connected(tmp_path)
     try:
-        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-        wait_for(lambda: r.service.statuses()[0].connected)
-        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
         stop = StopWaits(threading.Event())
         r.outbox.give_up_waits_on(stop)
         give_up_waits_on(r.service.ctx.store.db, stop)
         stop.stop.set()  # the acquire service is stopping
         with contextlib.closing(sqlite3.connect(r.config.data_dir / "outbox.sqlite", isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")  # the ECG is held: the outbox's lock
-            sim = EcgStreamSimulator(core, recording_id=3)
-            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400)) + sim.end(400 * 25, clock[0]))
+            stream_an_ecg()
             wait_for(lambda: waiting_readings(r.config.data_dir, ECG_SPILL_NAME) == 1, timeout=30)
             other.rollback()
         r.patients.set_patient("P-ECG", now=r.now() - dt.timedelta(minutes=20))  # idle past 15 min: expired
@@ -372,14 +381,15 @@ def test_sigterm_while_a_gnss_fix_waits_for_visits_db_lock_stops_promptly(tmp_pa
     assert "gnss: stopping: a write waiting for another process's lock given up" in out, out
 
 
-def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
-    """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
-    clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
-    current after the restart and the next readings go on him. The card waits for the lock as
-    before the stop bounded anything (its write says `wait_past_stop`), and is the session's once it is free."""
+@contextlib.contextmanager
+def scanned_at_a_stop_under_clinic_db_lock(
+    tmp_path: Path, scan: bytes, before: Callable[[PatientContext, dt.datetime], None]
+) -> Iterator[PatientContext]:
+    """The serial part reading a desk scanner on a pty: `before` writes the session (a minute ago),
+    the acquire service starts stopping, and `scan` is scanned while another process holds
+    clinic.db's lock past the stop's bound, then frees it. The session, the service still running."""
     from lastmile.services.serial_devices import SerialService
     from tests.serial_gateway import serial_config
-    from tests.service_harness import PATIENT_CARD_SCAN
 
     scanner = PtyDevice(tmp_path / "usb-scanner")
     config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
@@ -392,17 +402,14 @@ def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path)
         service.start()
         try:
             wait_for(lambda: all(s.connected for s in service.statuses()))
-            now = dt.datetime.now(dt.timezone.utc)
-            patients.set_patient("P-BEFORE", now=now - dt.timedelta(minutes=1))
+            before(patients, dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
             stop.set()  # the acquire service is stopping
             with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
                 other.execute("BEGIN IMMEDIATE")
-                scanner.write(PATIENT_CARD_SCAN)
-                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the card still waits
+                scanner.write(scan)
+                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the scan's write still waits
                 other.rollback()
-            wait_for(lambda: (p := patients.current(dt.datetime.now(dt.timezone.utc))) and p.patient_id != "P-BEFORE")
-            current = patients.current(dt.datetime.now(dt.timezone.utc))
-            assert current is not None and current.patient_id == "80276001234567890123"
+            yield patients
         finally:
             service.close()
             scanner.unplug()
@@ -472,6 +479,22 @@ def test_a_card_still_waiting_past_the_stop_deadline_is_left_its_database_and_th
     with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
         current = patients.current(dt.datetime.now(dt.timezone.utc))
     assert current is not None and current.patient_id == "P-BEFORE"  # the card's check-in rolled back whole, as said
+
+
+def test_a_card_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_path: Path) -> None:
+    """lastmile/services/serial_devices.py ScannerHandler: the stop bounds the serial devices'
+    clinic.db writes, but not a scanned patient card's: given up, the previous patient would stay
+    current after the restart and the next readings go on him. The card waits for the lock as
+    before the stop bounded anything (its write says `wait_past_stop`), and is the session's once it is free."""
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    def before(patients: PatientContext, at: dt.datetime) -> None:
+        patients.set_patient("P-BEFORE", now=at)
+
+    with scanned_at_a_stop_under_clinic_db_lock(tmp_path, PATIENT_CARD_SCAN, before) as patients:
+        wait_for(lambda: (p := patients.current(dt.datetime.now(dt.timezone.utc))) and p.patient_id != "P-BEFORE")
+        current = patients.current(dt.datetime.now(dt.timezone.utc))
+        assert current is not None and current.patient_id == "80276001234567890123"
 
 
 def forward_toml(tmp_path: Path, config: Path, fhir_url: str) -> None:
@@ -567,6 +590,43 @@ def test_sigterm_while_the_forward_service_links_a_reading_to_a_visit_under_visi
             assert book.visit_holding(reading.record_key) == visit.id, journal.read_text()[-3000:]
 
 
+def monitor_config(tmp_path: Path) -> Config:
+    """A gateway reading one serial vital-signs monitor, "monitor", not plugged in."""
+    from tests.serial_gateway import serial_config
+
+    return serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+
+
+def a_stop_loses_one_held_in_memory_only(config: Config, outbox: Outbox, bp_id: str) -> DeviceRecord | None:
+    """A run of the serial part on `config` whose monitor's reading `bp_id`a is held in memory only
+    (spill copy G); at its stop (another process holding clinic.db's lock, its row writes given up) a
+    save works (G+1: `bp_id`a and b) and the third reading's does not: `bp_id`c is in memory only,
+    lost with the gateway's memory. The monitor's row as it was with `bp_id`a held."""
+    from lastmile.services.serial_devices import SerialService
+    from lastmile.services.serial_spill import HEADER
+    from tests.fhir_samples import blood_pressure
+
+    stop = threading.Event()
+    service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
+    ctx, spec = service.ctx, service.specs[0]
+    assert ctx.spill is not None
+    at = ctx.now() - dt.timedelta(minutes=10)  # by the gateway's clock, right or not
+    slot = ctx.spill.slot_bytes
+    ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+    ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "a"))
+    row = ctx.registry.get("serial:monitor")
+    stop.set()  # the acquire service is stopping
+    with write_locked(Path(config.data_dir) / "clinic.db"):
+        ctx.spill.slot_bytes = slot
+        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "b"))  # saved whole: both on disk
+        ctx.spill.slot_bytes = HEADER
+        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "c"))  # not saved: in memory only
+        service.close()
+    return row
+
+
 def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_lost_at_the_restart(
     tmp_path: Path,
 ) -> None:
@@ -578,32 +638,12 @@ def test_a_reading_held_in_memory_only_whose_row_write_the_stop_gave_up_is_said_
     write carried while readings were in memory only is kept (an uploader.unwritten_records file)
     for the restart, which says it and forgets the file."""
     from lastmile.services.serial_devices import SerialService
-    from lastmile.services.serial_spill import HEADER
-    from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
 
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
-    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
-    stop = threading.Event()
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        slot = ctx.spill.slot_bytes
-        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
-        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
-        row = ctx.registry.get("serial:monitor")
+        row = a_stop_loses_one_held_in_memory_only(config, outbox, "bp-")
         assert row is not None and row.in_memory_only == (1, 0), row
-        stop.set()  # the acquire service is stopping
-        with write_locked(data / "clinic.db"):
-            ctx.spill.slot_bytes = slot
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))  # saved whole: both on disk
-            ctx.spill.slot_bytes = HEADER
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))  # not saved: in memory only
-            service.close()
         left = sorted(p.name for p in data.iterdir())
         again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
         try:
@@ -625,31 +665,12 @@ def test_a_stops_word_on_its_rows_read_by_many_starts_counts_the_loss_once(
     raising) added its loss again: the Devices page and `lastmile doctor` said "3 readings lost"
     for 1. Now the word carries its own id, kept on the row with its loss: read again, it is skipped."""
     from lastmile.services.serial_devices import SerialService
-    from lastmile.services.serial_spill import HEADER
-    from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
     from uploader.unwritten_records import UnwrittenRecords
 
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
-    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
-    stop = threading.Event()
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        slot = ctx.spill.slot_bytes
-        ctx.spill.slot_bytes = HEADER  # in memory only
-        ctx.hold_observation(spec, blood_pressure(at, None, "bp-1"))
-        stop.set()
-        with write_locked(data / "clinic.db"):
-            ctx.spill.slot_bytes = slot
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-2"))
-            ctx.spill.slot_bytes = HEADER
-            ctx.hold_observation(spec, blood_pressure(at, None, "bp-3"))
-            service.close()
+        a_stop_loses_one_held_in_memory_only(config, outbox, "bp-")
         assert (data / "serial-rows-behind.jsonl").exists()
 
         def cannot(self: UnwrittenRecords) -> None:  # the file cannot be removed: each start reads it
@@ -677,9 +698,6 @@ def test_a_clock_behind_at_boot_does_not_hide_the_next_stops_loss(
     taken as applied by start 3 and its loss never said (the Devices page: 1 lost for 2). Now a
     word is skipped only by its id."""
     from lastmile.services.serial_devices import SerialContext, SerialService
-    from lastmile.services.serial_spill import HEADER
-    from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
 
     offset = [dt.timedelta(0)]
     init = SerialContext.__init__
@@ -689,32 +707,13 @@ def test_a_clock_behind_at_boot_does_not_hide_the_next_stops_loss(
         self.now = lambda: dt.datetime.now(dt.timezone.utc) + offset[0]
 
     monkeypatch.setattr(SerialContext, "__init__", skewed)
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
-
-    def run_and_lose_one(bp_id: str) -> None:  # a run whose stop loses one reading held in memory only
-        stop = threading.Event()
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        at = ctx.now() - dt.timedelta(minutes=10)
-        slot = ctx.spill.slot_bytes
-        ctx.spill.slot_bytes = HEADER  # in memory only
-        ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "a"))
-        stop.set()
-        with write_locked(data / "clinic.db"):
-            ctx.spill.slot_bytes = slot
-            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "b"))
-            ctx.spill.slot_bytes = HEADER
-            ctx.hold_observation(spec, blood_pressure(at, None, bp_id + "c"))
-            service.close()
-
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: all held
-        run_and_lose_one("bp-1")  # stop 1, the clock right
+        a_stop_loses_one_held_in_memory_only(config, outbox, "bp-1")  # stop 1, the clock right
         offset[0] = -dt.timedelta(hours=5)  # boot 2: the clock 5 h behind
-        run_and_lose_one("bp-2")  # start 2 counts stop 1's loss; stop 2 loses another
+        # start 2 counts stop 1's loss; stop 2 loses another
+        a_stop_loses_one_held_in_memory_only(config, outbox, "bp-2")
         offset[0] = -dt.timedelta(hours=5) + dt.timedelta(minutes=5)  # boot 3
         again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
         try:
@@ -729,33 +728,14 @@ def test_a_doctor_badge_scanned_at_a_stop_still_waits_for_clinic_db_lock(tmp_pat
     """lastmile/services/serial_devices.py ScannerHandler: as a patient card's, a doctor's badge
     scanned as the service stops waits for clinic.db's lock past the stop's bound (`set_doctor`'s
     `wait_past_stop`): given up, the previous doctor would stay on the next readings after the restart."""
-    from lastmile.services.serial_devices import SerialService
-    from tests.serial_gateway import serial_config
     from tests.service_harness import DOCTOR_BADGE_SCAN
 
-    scanner = PtyDevice(tmp_path / "usb-scanner")
-    config = serial_config(tmp_path, [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
-    stop = threading.Event()
-    with (
-        contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox,
-        contextlib.closing(PatientContext.open(config.data_dir, idle_timeout_s=900)) as patients,
-    ):
-        service = SerialService.open(config, outbox=outbox, stop=StopWaits(stop), watch_dirs=None, rescan_s=0.1)
-        service.start()
-        try:
-            wait_for(lambda: all(s.connected for s in service.statuses()))
-            patients.set_doctor("DR-BEFORE", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
-            stop.set()  # the acquire service is stopping
-            with contextlib.closing(sqlite3.connect(config.data_dir / "clinic.db", isolation_level=None)) as other:
-                other.execute("BEGIN IMMEDIATE")
-                scanner.write(DOCTOR_BADGE_SCAN)
-                time.sleep(STOP_WAIT_S + 1.5)  # past the stop's bound: the badge still waits
-                other.rollback()
-            wait_for(lambda: patients.current_doctor(dt.datetime.now(dt.timezone.utc)) != "DR-BEFORE")
-            assert patients.current_doctor(dt.datetime.now(dt.timezone.utc)) == "004711"
-        finally:
-            service.close()
-            scanner.unplug()
+    def before(patients: PatientContext, at: dt.datetime) -> None:
+        patients.set_doctor("DR-BEFORE", now=at)
+
+    with scanned_at_a_stop_under_clinic_db_lock(tmp_path, DOCTOR_BADGE_SCAN, before) as patients:
+        wait_for(lambda: patients.current_doctor(dt.datetime.now(dt.timezone.utc)) != "DR-BEFORE")
+        assert patients.current_doctor(dt.datetime.now(dt.timezone.utc)) == "004711"
 
 
 def test_the_close_waits_for_a_card_still_waiting_for_clinic_db_lock(
@@ -834,11 +814,8 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
     from lastmile.services.serial_devices import SerialService
     from lastmile.services.serial_spill import HEADER
     from tests.fhir_samples import blood_pressure
-    from tests.serial_gateway import serial_config
 
-    config = serial_config(
-        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
-    )
+    config = monitor_config(tmp_path)
     data = Path(config.data_dir)
     at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
     stop = threading.Event()
