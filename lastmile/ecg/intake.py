@@ -44,7 +44,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
 from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
-from lastmile.clinic.names import dicom_person_name, no_name, same_person_name
+from lastmile.clinic.names import dicom_person_name, has_ideographs, no_name, same_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
@@ -603,7 +603,9 @@ def with_patient_check(
     IDs, `PatientContext.patient_ids`), the recording is flagged for the doctor (never
     re-assigned). A file without a patient stays unassigned: a stick may hold ECGs of many patients.
     One of his IDs under another person's name than `checked_in_name` (the name the check-in gave
-    that ID; `names_differ`) is flagged NAME_MISMATCH: the ID alone does not make it his."""
+    that ID; `names_differ`) is flagged NAME_MISMATCH: the ID alone does not make it his. Under
+    the check-in's name in letters only (a cart without an input method: "Zhang Xiulan" for
+    张秀兰), it goes under the check-in's name, its characters with it (`named_as_checked_in`)."""
     p = recording.patient
     if not current_patient_ids or p is None:
         return recording
@@ -612,10 +614,23 @@ def with_patient_check(
     elif names_differ(p.name, checked_in_name):
         flag = NAME_MISMATCH
     else:
-        return recording
+        return named_as_checked_in(recording, checked_in_name)
     if flag in recording.flags:
         return recording
     return dataclasses.replace(recording, flags=recording.flags + (flag,))
+
+
+def named_as_checked_in(recording: EcgRecording, checked_in_name: str) -> EcgRecording:
+    """`recording`, whose file names its patient in letters only, under the check-in's name in
+    characters when they are one name (`same_person_name`): his readings go to the county as
+    "Zhang^Xiulan=张^秀兰", so his ECG does too, not as "Zhang Xiulan" with no Chinese name. A file
+    in characters already keeps its own (one name, the same characters: `same_person_name`)."""
+    p = recording.patient
+    if p is None or no_name(p.name) or has_ideographs(p.name) or not has_ideographs(checked_in_name):
+        return recording
+    if not same_person_name(p.name, checked_in_name):
+        return recording
+    return dataclasses.replace(recording, patient=dataclasses.replace(p, name=dicom_person_name(checked_in_name)))
 
 
 # -- files: `lastmile import` and the watched USB folders -----------------------------------------
