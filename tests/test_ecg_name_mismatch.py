@@ -150,6 +150,28 @@ def test_a_file_under_the_check_ins_own_name_or_none_is_not_held(tmp_path: Path,
     assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"]
 
 
+@pytest.mark.parametrize("cart_name", ["Zhang Xiulan", "ZHANG^XIULAN"], ids=["spaced", "capitals"])
+def test_a_file_naming_the_check_in_in_pinyin_goes_under_the_check_ins_characters(
+    tmp_path: Path, cart_name: str
+) -> None:
+    """张秀兰 is checked in; the cart (no input method) wrote "Zhang Xiulan". Her readings went as
+    Zhang^Xiulan=张^秀兰, her ECG as "Zhang Xiulan" with no Chinese name (REV-R 12): now the same."""
+    run = _cli(tmp_path)
+    assert cli([*run, "patient", "set", FILE_ID, "--name", "张秀兰"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(shared_file(*DCM))
+        ds.PatientName = cart_name
+        ds.save_as(tmp_path / "cart.dcm")
+    assert cli([*run, "import", "-q", str(tmp_path / "cart.dcm")]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        (item,) = outbox.items(kind=Kind.DICOM)
+        sent = _dataset(outbox, item.id)
+    assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"]
+    assert item.patient is not None and item.patient["name"] == "Zhang^Xiulan=张^秀兰"
+    assert (sent.PatientID, str(sent.PatientName)) == (FILE_ID, "Zhang^Xiulan=张^秀兰")
+
+
 def test_a_stat_ecg_held_for_its_name_waits_two_minutes_and_comes_first(tmp_path: Path) -> None:
     """STAT ECGs were never held: one under another name went to the county at once, on the checked-in
     patient. It is held too, for STAT_NAME_HOLD_S (not the routine 900 s), and listed first."""

@@ -570,6 +570,12 @@ def _show(args: argparse.Namespace) -> int:
             why = {
                 "unassigned": "names no patient",
                 "re-record": "quality check says record again",
+                "patient-id-conflict": (
+                    f"gives sex {(item.patient or {}).get('sex') or '-'}, born {(item.patient or {}).get('birth_date') or '-'}, "
+                    f"but ID {_held_patient_id(item) or '?'} says {item.meta.get('id_sex') or '-'}, "
+                    f"born {item.meta.get('id_birth_date') or '-'}: the previous patient's details? "
+                    f"(assign E{item.id} to that ID to send the ID's)"
+                ),
                 "name-mismatch": (
                     f"names {_held_patient_id(item) or '?'} as {item.meta.get('file_patient_name', '?')}, "
                     f"checked in as {_checked_in_as(_names_of_held(item, known))}: whose is it?"

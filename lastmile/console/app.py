@@ -1271,6 +1271,11 @@ ecg_name_right = held_for_name_answer(
     lambda data, user, item_id, now: data.ecg_name_right(user, item_id, now=now),
     lambda assigned: ("name-corrected", {"re_record": assigned.waits_for_quality}),
 )
+# "the ID number is right": its sex and birth date go instead of the ECG file's
+ecg_with_id_values = held_for_name_answer(
+    lambda data, user, item_id, now: data.ecg_with_id_values(user, item_id, now=now),
+    lambda assigned: assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality),
+)
 
 
 async def ecg_preview(request: Request) -> Response:
@@ -1607,6 +1612,7 @@ def routes() -> list[Route | Mount]:
         *form("/today/ecg/{item_id:int}/send-anyway", send_anyway, "/today"),
         *form("/today/ecg/{item_id:int}/checked-in-name", ecg_is_checked_in_patients, "/today"),
         *form("/today/ecg/{item_id:int}/name-right", ecg_name_right, "/today"),
+        *form("/today/ecg/{item_id:int}/id-values", ecg_with_id_values, "/today"),
         Route("/ecg/{item_id:int}/preview.svg", ecg_preview),
         Route("/events", events),
         Route("/sent", sent_page),

@@ -53,7 +53,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, NAME_MISMATCH, ecgs_waiting, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, ID_CONFLICT, NAME_MISMATCH, ecgs_waiting, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -467,6 +467,7 @@ class HeldEcg:
     # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS: "unassigned",
     # "patient-mismatch" (its file names another patient), "re-record" (quality) or
     # "name-mismatch" (the checked-in patient's ID under another name: `patient_name` is the file's)
+    # or "patient-id-conflict" (its file's sex or birth date are not what its resident ID says)
     reason: str
     hold_until: dt.datetime
     device: str = ""
@@ -482,6 +483,11 @@ class HeldEcg:
     # that name taken by a check-in with no name (a card; `PatientContext.inherited_ids`), not typed
     # at it: Today says where it came from, and "the ECG's name is right" renames no device user
     checked_in_name_taken: bool = False
+    # held "patient-id-conflict": the sex ("M"/"F") and birth date (ISO) its file gives, and its ID's
+    file_sex: str = ""
+    file_birth_date: str = ""
+    id_sex: str = ""
+    id_birth_date: str = ""
 
     @property
     def names_someone(self) -> bool:
@@ -1199,6 +1205,29 @@ class ClinicData:
             "ecg-checked-in-name",
             now=now,
             target=held.patient_id if held else str(item_id),
+            detail={"item": item_id, "done": assigned is not None},
+        )
+        return assigned
+
+    def ecg_with_id_values(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
+        """The doctor's "it is his: the ID is right" on an ECG whose file's sex or birth date its
+        resident ID contradicts: it goes under its ID and name with the sex and birth date the ID
+        says (`lastmile.ecg.intake.as_on_file`). None: no longer held for that (sent already, or
+        decided on another screen)."""
+        found = [h for h in self._held_now(now) if h.item_id == item_id and h.reason == ID_CONFLICT]
+        assigned = None
+        if found:
+            held = found[0]
+            try:  # the ID gives his birth date and sex
+                patient = clinic_patient(held.patient_id, held.patient_name, self.config)
+            except InvalidPatientIdError:  # no longer a valid ID under this configuration: what intake kept of it
+                patient = Patient(held.patient_id, held.patient_name)
+            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        self.audit.record(
+            user,
+            "ecg-id-values",
+            now=now,
+            target=found[0].patient_id if found else str(item_id),
             detail={"item": item_id, "done": assigned is not None},
         )
         return assigned

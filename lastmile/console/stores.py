@@ -173,6 +173,10 @@ def held_view(item: OutboxItem) -> HeldEcg:
         patient_name=str(patient.get("name") or ""),
         stat=bool(item.meta.get("stat")),
         checked_in_name=str(item.meta.get("checked_in_name") or ""),
+        file_sex=str(patient.get("sex") or ""),
+        file_birth_date=str(patient.get("birth_date") or ""),
+        id_sex=str(item.meta.get("id_sex") or ""),
+        id_birth_date=str(item.meta.get("id_birth_date") or ""),
     )
 
 

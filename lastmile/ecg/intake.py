@@ -11,7 +11,9 @@ spaces as one) and vetted against `[patient] id_kind` (`vetted_patient`; with an
 kind of ID, one that looks like a resident ID is one, as on every path): a resident ID with a
 wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
 a valid one gives birth date and sex when the file has none, and a file that says otherwise is
-flagged ("patient-id-conflict:birth-date" / ":sex"); names get their pinyin group.
+flagged ("patient-id-conflict:birth-date" / ":sex") and held for the doctor as one held for its
+name is ("patient-id-conflict", STAT ones too, as short): he sends it with the ID's sex and birth
+date, or gives it to another patient; names get their pinyin group.
 
 Holds: a routine ECG with no patient, or one naming another patient than the current one, is
 added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
@@ -42,7 +44,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
 from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
-from lastmile.clinic.names import dicom_person_name, no_name, same_person_name
+from lastmile.clinic.names import dicom_person_name, has_ideographs, no_name, same_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
@@ -52,6 +54,8 @@ from lastmile.ecg.holds import (  # re-exported: the holds' operations with the 
     DOCTOR_HOLDS as DOCTOR_HOLDS,
 )
 from lastmile.ecg.holds import (
+    ID_CONFLICT,
+    ID_CONFLICT_FLAGS,
     LAN_SOURCE_FORMAT,
     NAME_MISMATCH,
     PATIENT_MISMATCH,
@@ -165,10 +169,10 @@ def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
         log.warning("ECG file's patient ID refused: %s", exc)
         return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
     if resident is not None:
-        if birth is not None and birth != resident.birth_date:
-            flags.append("patient-id-conflict:birth-date")
         if sex and sex != resident.sex:
-            flags.append("patient-id-conflict:sex")
+            flags.append(ID_CONFLICT_FLAGS[0])
+        if birth is not None and birth != resident.birth_date:
+            flags.append(ID_CONFLICT_FLAGS[1])
         birth, sex = birth or resident.birth_date, sex or resident.sex
     patient = Patient(
         patient_id=number,
@@ -229,8 +233,12 @@ def hold_for(recording: EcgRecording, config: Config, now: float, quality: Quali
     patient_s = config.patient.unassigned_ecg_hold_s
     name_s = name_hold_s(recording.stat, patient_s, config.ecg.stat_name_hold_s)
     name_hold = Hold(NAME_MISMATCH, now + name_s) if name_s > 0 and NAME_MISMATCH in recording.flags else None
+    if name_hold is None and name_s > 0 and id_conflict(recording.flags):
+        # the file's sex or birth date is not its ID's: often the previous patient's, still typed
+        # in the cart; a wrong sex or age changes how the ECG is read, as a wrong name does
+        name_hold = Hold(ID_CONFLICT, now + name_s)
     if recording.stat:
-        return name_hold  # a name that is another person's: the wrong patient is worse than a short wait
+        return name_hold  # another person's name or details: the wrong patient is worse than a short wait
     holds = []
     if patient_s > 0 and recording.patient is None:
         holds.append(Hold(UNASSIGNED_HOLD, now + patient_s))
@@ -244,6 +252,22 @@ def hold_for(recording: EcgRecording, config: Config, now: float, quality: Quali
     if not holds:
         return None
     return Hold(holds[0].reason, max(h.until for h in holds))
+
+
+def id_conflict(flags: Iterable[str]) -> bool:
+    """The file's sex or birth date is not what its resident ID says (`vetted_patient`)."""
+    return any(flag in ID_CONFLICT_FLAGS for flag in flags)
+
+
+def id_conflict_meta(recording: EcgRecording, config: Config) -> dict[str, object]:
+    """What an ECG whose file contradicts its resident ID keeps in its meta for Today's question:
+    the sex and birth date the ID says (the item's patient keeps the file's)."""
+    if recording.patient is None or not id_conflict(recording.flags):
+        return {}
+    resident = kept_patient_id(recording.patient.patient_id, config.patient.id_kind)[1]
+    if resident is None:
+        return {}
+    return {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
 
 
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
@@ -356,6 +380,7 @@ def enqueue_recording(
         quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
         **name_mismatch_meta(recording.flags, recording.patient.name if recording.patient else "", checked_in_name),
+        **id_conflict_meta(recording, config),
     )
     result = outbox.add(
         Kind.DICOM,
@@ -408,6 +433,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         item.meta.get("unassigned")
         or PATIENT_MISMATCH in item.meta.get("flags", [])
         or NAME_MISMATCH in item.meta.get("flags", [])
+        or id_conflict(item.meta.get("flags", []))
         or (item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS)
     ):
         # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
@@ -424,8 +450,12 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         note += f": the ECG file named patient {item.meta.get('file_patient_id', '')} {item.meta['file_patient_name']}"
     elif item.meta.get("file_patient_id"):
         note += f": the ECG file named patient {item.meta['file_patient_id']}"
+    if id_conflict(item.meta.get("flags", [])):
+        kept = item.patient or {}
+        note += f" (the ECG file gave sex {kept.get('sex') or '-'}, birth date {kept.get('birth_date') or '-'})"
     data = deflated_part10(reassign_patient(ds, patient, note))
-    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    settled = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR, *ID_CONFLICT_FLAGS)  # the doctor answered them
+    flags = [f for f in item.meta.get("flags", []) if f not in settled]
     flags.append(ASSIGNED_BY_DOCTOR)
     meta = {**item.meta, "unassigned": False, "flags": flags}
     fields = {
@@ -540,12 +570,22 @@ def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
     Nor does the same ID given another name than a file held for its name (`given_another_name`):
     mostly the cart kept the previous patient's entry, his birth date and sex with his name, and
     age and sex change how an ECG is read - it goes with what `patient` says (a resident ID's),
-    or none."""
+    or none. Nor the file's birth date and sex its resident ID contradicts (`id_conflict`): the
+    doctor answered that the ID's are right (`patient`'s, from the ID)."""
     kept = item.patient or {}
     if kept.get("patient_id") != patient.patient_id:
         return patient
     if given_another_name(item, patient):
         return dataclasses.replace(patient, issuer=patient.issuer or str(kept.get("issuer") or ""))
+    if id_conflict(item.meta.get("flags", [])):  # a number typed alone: what the ID says (`id_conflict_meta`)
+        id_born = item.meta.get("id_birth_date")
+        return dataclasses.replace(
+            patient,
+            name=patient.name or str(kept.get("name") or ""),
+            issuer=patient.issuer or str(kept.get("issuer") or ""),
+            birth_date=patient.birth_date or (dt.date.fromisoformat(id_born) if id_born else None),
+            sex=patient.sex or str(item.meta.get("id_sex") or ""),
+        )
     born = kept.get("birth_date")
     return dataclasses.replace(
         patient,
@@ -563,7 +603,9 @@ def with_patient_check(
     IDs, `PatientContext.patient_ids`), the recording is flagged for the doctor (never
     re-assigned). A file without a patient stays unassigned: a stick may hold ECGs of many patients.
     One of his IDs under another person's name than `checked_in_name` (the name the check-in gave
-    that ID; `names_differ`) is flagged NAME_MISMATCH: the ID alone does not make it his."""
+    that ID; `names_differ`) is flagged NAME_MISMATCH: the ID alone does not make it his. Under
+    the check-in's name in letters only (a cart without an input method: "Zhang Xiulan" for
+    张秀兰), it goes under the check-in's name, its characters with it (`named_as_checked_in`)."""
     p = recording.patient
     if not current_patient_ids or p is None:
         return recording
@@ -572,10 +614,23 @@ def with_patient_check(
     elif names_differ(p.name, checked_in_name):
         flag = NAME_MISMATCH
     else:
-        return recording
+        return named_as_checked_in(recording, checked_in_name)
     if flag in recording.flags:
         return recording
     return dataclasses.replace(recording, flags=recording.flags + (flag,))
+
+
+def named_as_checked_in(recording: EcgRecording, checked_in_name: str) -> EcgRecording:
+    """`recording`, whose file names its patient in letters only, under the check-in's name in
+    characters when they are one name (`same_person_name`): his readings go to the county as
+    "Zhang^Xiulan=张^秀兰", so his ECG does too, not as "Zhang Xiulan" with no Chinese name. A file
+    in characters already keeps its own (one name, the same characters: `same_person_name`)."""
+    p = recording.patient
+    if p is None or no_name(p.name) or has_ideographs(p.name) or not has_ideographs(checked_in_name):
+        return recording
+    if not same_person_name(p.name, checked_in_name):
+        return recording
+    return dataclasses.replace(recording, patient=dataclasses.replace(p, name=dicom_person_name(checked_in_name)))
 
 
 # -- files: `lastmile import` and the watched USB folders -----------------------------------------
