@@ -908,9 +908,10 @@ async def today_model(request: Request, ctx: Context) -> dict[str, Any]:
     ecg = model.get("ecg")
     model["analysis"] = None
     model["analysis_pending"] = False
-    if ecg is not None and ecg.payload_available and state.analyses is not None:
+    if ecg is not None and state.analyses is not None:
+        # purged once the county confirmed it: the preview made before is still shown (in memory)
         analysis = state.analyses.result(ecg.sha256)
-        if analysis is None:
+        if analysis is None and ecg.payload_available:
             item_id = ecg.item_id
             state.analyses.request(ecg.sha256, lambda: state.run_db(state.data.ecg_payload, item_id))
             model["analysis_pending"] = True

@@ -1092,27 +1092,42 @@ class ClinicData:
         nobody checked in, the one stored last (the panel says whose, or that it has none)."""
         # the outbox's indexed newest-first query: no ECG in the window reads no old rows
         since = (now - within).timestamp()
+        items = self.outbox.newest(Kind.DICOM, since=since, limit=1 if session is None else RECENT_ECG_ITEMS)
+        sent = self._sent_studies_of_purged(items)
         if session is None:
-            newest = self.outbox.newest(Kind.DICOM, since=since, limit=1)
-            return self._ecg_of(newest[0]) if newest else None
-        for item in self.outbox.newest(Kind.DICOM, since=since, limit=RECENT_ECG_ITEMS):
-            if (item.patient or {}).get("patient_id") in session.patient_ids:
-                return self._ecg_of(item)
+            return self._ecg_of(items[0], sent.get(items[0].id)) if items else None
+        for item in items:
+            if self._ecg_patient_id(item, sent.get(item.id)) in session.patient_ids:
+                return self._ecg_of(item, sent.get(item.id))
         return None
+
+    def _sent_studies_of_purged(self, items: Sequence[OutboxItem]) -> dict[int, SentStudy]:
+        """The sent-study records of the purged ones of `items`, by item id. The purge erases an
+        item's patient with its payload once the county confirmed it (seconds on a good link, with
+        no retention): whose ECG it was is then what sent_studies recorded when it went. None read
+        when none is purged."""
+        return self.report_store.studies_of_items([i for i in items if i.state == ItemState.PURGED])
+
+    @staticmethod
+    def _ecg_patient_id(item: OutboxItem, study: SentStudy | None) -> str:
+        return str((item.patient or {}).get("patient_id") or (study.patient_id if study else ""))
 
     def ecg(self, item_id: int) -> EcgItemView | None:
         item = self.outbox.get(item_id)
-        return None if item is None or item.kind != Kind.DICOM else self._ecg_of(item)
+        if item is None or item.kind != Kind.DICOM:
+            return None
+        return self._ecg_of(item, self._sent_studies_of_purged([item]).get(item.id))
 
-    def _ecg_of(self, item: OutboxItem) -> EcgItemView:
+    def _ecg_of(self, item: OutboxItem, study: SentStudy | None = None) -> EcgItemView:
+        """`study`: its sent-study record, for a purged item (its patient and meta erased)."""
         patient = item.patient or {}
         quality = item.meta.get("quality")
         return EcgItemView(
             item_id=item.id,
             sha256=item.sha256,
-            recorded_at=recorded_at(item),
-            patient_id=str(patient.get("patient_id") or ""),
-            patient_name=str(patient.get("name") or ""),
+            recorded_at=recorded_at(item, study),
+            patient_id=self._ecg_patient_id(item, study),
+            patient_name=str(patient.get("name") or (study.patient_name if study else "")),
             state=item.state.value,
             stat=item.priority == 0,
             flags=tuple(item.meta.get("flags") or ()),
