@@ -107,6 +107,11 @@ class ConsoleInputError(ValueError):
         self.values = values
 
 
+class EcgAssignFailed(Exception):
+    """The assign of a held ECG could not be done (its worker crashed, timed out or could not
+    start) and the ECG is still held: the doctor is told to try again, not that it was sent."""
+
+
 _ID_PROBLEMS = {
     "length": N_("A resident ID has 18 characters: 17 digits and a check character (0-9 or X). Check the number."),
     "check-character": N_(
@@ -526,7 +531,8 @@ class HeldEcgSource(Protocol):
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]: ...
 
     def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> EcgAssigned | None:
-        """What the assign did; None when the ECG was no longer held (sent already)."""
+        """What the assign did; None when the ECG was no longer held (sent already);
+        EcgAssignFailed when it could not be done and the ECG is still held."""
         ...
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool: ...
@@ -1178,9 +1184,15 @@ class ClinicData:
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> EcgAssigned | None:
         """Give the held ECG to the patient typed (named as check-in named them, if it is the
         patient checked in; the assign keeps what its own file gives with that ID): what it did,
-        for the page to say whose it now is, or None if it was no longer held (sent already)."""
+        for the page to say whose it now is, or None if it was no longer held (sent already);
+        EcgAssignFailed if it could not be done and is still held."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
-        assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        try:
+            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        except EcgAssignFailed:
+            detail = {"item": item_id, "done": False, "failed": True}
+            self.audit.record(user, "assign-ecg", now=now, target=patient.patient_id, detail=detail)
+            raise
         self.audit.record(
             user,
             "assign-ecg",
@@ -1273,13 +1285,20 @@ class ClinicData:
                 and other.patient_id == corrected.patient_id
                 and other.names_someone
                 and same_person_name(other.patient_name, corrected.patient_name)
-                and self.held_ecg_source.assign(
-                    other.item_id, Patient(other.patient_id, other.patient_name), now=now, by=by
-                )
-                is not None
+                and self._assigned_if_possible(other, now=now, by=by)
             ):
                 released.append(other.item_id)
         return released
+
+    def _assigned_if_possible(self, held: HeldEcg, *, now: dt.datetime, by: str) -> bool:
+        """`held` given its own file's patient; False if no longer held, or if it could not be
+        done (it stays held, asked about again: the one the doctor answered is done)."""
+        try:
+            patient = Patient(held.patient_id, held.patient_name)
+            return self.held_ecg_source.assign(held.item_id, patient, now=now, by=by) is not None
+        except EcgAssignFailed as exc:
+            log.warning("%s: left held", exc)
+            return False
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
