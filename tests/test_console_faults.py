@@ -444,3 +444,54 @@ def test_an_ecg_from_a_cart_whose_clock_was_reset_tells_the_doctor_to_set_the_cl
             page = html.unescape(client.get("/today").body)
             assert 'data-device-clock="wrong"' in page
             assert words in page
+
+
+# -- a held ECG's assign whose worker fails: "try again", never "too late: sent already" ------------
+
+FAILING_WORKERS = {
+    # the worker cannot import what it needs (REV-R: a devices.py in the console's directory)
+    "import-error": "import lastmile_no_such_module",
+    "timeout": "import time; time.sleep(60)",  # a Pi under load, with WORKER_TIMEOUT_S cut short here
+    "no-answer": "print('Segmentation fault')",  # exits 0 with no JSON: killed mid-answer, or noise
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILING_WORKERS))
+def test_a_held_ecg_whose_assign_worker_fails_says_try_again_and_stays_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The console's DICOM worker rebuilds a held ECG under the patient assigned. Any failure of
+    it (crash, import error, timeout) was read as "no longer held": Today said "too late: sent already",
+    while the ECG was still held and went to the county as 无患者 when its hold ended. The doctor
+    is told it was not assigned and to try again, and the ECG is still held, still offered;
+    "too late" stays for an ECG really no longer held."""
+    import sys
+
+    from lastmile.console import stores
+
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", 1.0)
+    config = console_config(tmp_path / "data")
+    with open_outbox(config) as outbox:
+        held_id = enqueue_recording(
+            outbox, make_recording(7, patient=None), config, key="held", now=time.time()
+        ).item.id
+        gone_id = enqueue_recording(
+            outbox, make_recording(8, patient=None), config, key="gone", now=time.time()
+        ).item.id
+        assert outbox.release_hold(gone_id, time.time())  # "send anyway" on another tablet: no longer held
+        worker = [sys.executable, "-c", FAILING_WORKERS[failure]]
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=worker)
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = Client(server.url)
+            doctor.login()
+            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+            reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
+            page = doctor.get(reply.location).body if reply.status == 303 else reply.body
+            too_late = doctor.post("/today/assign-ecg", {"item_id": str(gone_id), "patient_id": VALID_ID})
+        item = outbox.get(held_id)
+    assert reply.status == 303 and "done=assign-failed" in reply.location, (reply.status, reply.location)
+    answer = html.unescape(page.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
+    assert "没有指定成功，心电图还在等待，请再试一次" in answer and "太晚了" not in answer, answer
+    assert item is not None and item.held(time.time()) and item.patient is None, item
+    assert f'name="item_id" value="{held_id}"' in page, "its Assign form is still on Today"
+    assert too_late.status == 303 and "done=too-late" in too_late.location, (too_late.status, too_late.location)

@@ -17,7 +17,7 @@ from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.demo.cardiologist import ecg_report_sr
 from lastmile.demo.reading_center import EmbeddedReadingCenter
-from lastmile.ecg.intake import lan_object_store
+from lastmile.ecg.intake import enqueue_recording, lan_object_store
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
 from lastmile.services.forward import ForwardService
@@ -237,3 +237,47 @@ def not_read_yet(config: Config) -> int:
                 "SELECT count(*) FROM reports WHERE lines IS NULL AND lines_not_read IS NULL"
             ).fetchone()[0]
         )
+
+
+def analysed(panel: str) -> str | None:
+    """The panel once the console's worker made the ECG's preview (and the intake's heart rate shows)."""
+    return panel if "心率" in panel and "preview.svg" in panel else None
+
+
+def ecg_panel(client: Client) -> str:
+    return client.get("/today").body.split('id="panel-ecg"', 1)[1].split("</section>", 1)[0]
+
+
+def test_todays_ecg_of_the_checked_in_patient_stays_on_today_after_the_county_confirmed_it(
+    tmp_path: Path, center: EmbeddedReadingCenter
+) -> None:
+    """Once the county confirmed an ECG (seconds on a good link) the outbox purges it, patient and
+    all: Today then said of 张三, checked in, "该患者 12 小时内没有心电图" - and the doctor
+    recorded again, a second study at the county. It shows his ECG still, with the heart rate
+    and preview made before the purge, the patient taken from what sent_studies recorded."""
+    config = clinic_config(tmp_path, center)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        with open_outbox(config) as outbox:
+            enqueue_recording(
+                outbox, make_recording(5, patient=Patient(VALID_ID, "Zhang^San=张^三")), config, key="ecg-5"
+            )
+        before = wait_for(lambda: analysed(ecg_panel(client)), what="the ECG's preview")
+        (study,) = send_ecgs(config, [])  # the real forwarder, the reading center commits it
+        assert study.patient_id == VALID_ID
+        purge(config)
+        after = ecg_panel(client)
+        preview = client.get(f"/ecg/{study.outbox_item_id}/preview.svg")
+        # his check-in ended: the ECG stored last is still said to be his, not "无患者"
+        assert client.post("/today/end-session", {"patient_id": VALID_ID}).status == 303
+        nobody_checked_in = ecg_panel(client)
+    assert "张三" in before and VALID_ID in before, before
+    assert "没有心电图" not in after and "无患者" not in after, after
+    assert "张三" in after and VALID_ID in after, after
+    heart_rate = before.split("心率", 1)[1].split("</p>", 1)[0]
+    assert heart_rate in after, (heart_rate, after)  # the verdict and rate worked out before the purge
+    assert f"/ecg/{study.outbox_item_id}/preview.svg" in after, after
+    assert preview.status == 200 and "<svg" in preview.body, preview.status
+    assert "张三" in nobody_checked_in and "无患者" not in nobody_checked_in, nobody_checked_in

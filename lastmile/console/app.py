@@ -60,6 +60,7 @@ from lastmile.console.sources import (
     ConsoleInputError,
     CountyLink,
     EcgAssigned,
+    EcgAssignFailed,
     county_row,
     person_name,
     row_number,
@@ -935,9 +936,10 @@ async def today_model(request: Request, ctx: Context) -> dict[str, Any]:
     ecg = model.get("ecg")
     model["analysis"] = None
     model["analysis_pending"] = False
-    if ecg is not None and ecg.payload_available and state.analyses is not None:
+    if ecg is not None and state.analyses is not None:
+        # purged once the county confirmed it: the preview made before is still shown (in memory)
         analysis = state.analyses.result(ecg.sha256)
-        if analysis is None:
+        if analysis is None and ecg.payload_available:
             item_id = ecg.item_id
             state.analyses.request(ecg.sha256, lambda: state.run_db(state.data.ecg_payload, item_id))
             model["analysis_pending"] = True
@@ -1194,7 +1196,10 @@ def assigned_to(patient: Patient, *, waits_for_quality: bool = False) -> Done:
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
-        assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        try:
+            assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        except EcgAssignFailed:
+            return "assign-failed"  # still held: not "too late", which would make him stop trying
         if assigned is None:
             return "too-late"
         return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
@@ -1247,12 +1252,16 @@ def held_for_name_answer(
 ) -> Handler:
     """The doctor's answer on an ECG held for its name (/today/ecg/N/...): `decide` (the user, the
     ECG, now) does it, Today says `said` of what it did; "too-late" when the ECG is no longer held
-    for its name (sent already, or decided on another screen)."""
+    for its name (sent already, or decided on another screen); "assign-failed" when it could not be
+    done and still waits."""
 
     async def answer(request: Request) -> Response:
         def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
             item_id = path_number(request, "item_id")  # after the login and CSRF checks
-            assigned = decide(state_of(request).data, ctx.user, item_id, now)
+            try:
+                assigned = decide(state_of(request).data, ctx.user, item_id, now)
+            except EcgAssignFailed:
+                return "assign-failed"
             return "too-late" if assigned is None else said(assigned)
 
         return await today_action(request, action)

@@ -107,6 +107,11 @@ class ConsoleInputError(ValueError):
         self.values = values
 
 
+class EcgAssignFailed(Exception):
+    """The assign of a held ECG could not be done (its worker crashed, timed out or could not
+    start) and the ECG is still held: the doctor is told to try again, not that it was sent."""
+
+
 _ID_PROBLEMS = {
     "length": N_("A resident ID has 18 characters: 17 digits and a check character (0-9 or X). Check the number."),
     "check-character": N_(
@@ -532,7 +537,8 @@ class HeldEcgSource(Protocol):
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]: ...
 
     def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> EcgAssigned | None:
-        """What the assign did; None when the ECG was no longer held (sent already)."""
+        """What the assign did; None when the ECG was no longer held (sent already);
+        EcgAssignFailed when it could not be done and the ECG is still held."""
         ...
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool: ...
@@ -1098,27 +1104,42 @@ class ClinicData:
         nobody checked in, the one stored last (the panel says whose, or that it has none)."""
         # the outbox's indexed newest-first query: no ECG in the window reads no old rows
         since = (now - within).timestamp()
+        items = self.outbox.newest(Kind.DICOM, since=since, limit=1 if session is None else RECENT_ECG_ITEMS)
+        sent = self._sent_studies_of_purged(items)
         if session is None:
-            newest = self.outbox.newest(Kind.DICOM, since=since, limit=1)
-            return self._ecg_of(newest[0]) if newest else None
-        for item in self.outbox.newest(Kind.DICOM, since=since, limit=RECENT_ECG_ITEMS):
-            if (item.patient or {}).get("patient_id") in session.patient_ids:
-                return self._ecg_of(item)
+            return self._ecg_of(items[0], sent.get(items[0].id)) if items else None
+        for item in items:
+            if self._ecg_patient_id(item, sent.get(item.id)) in session.patient_ids:
+                return self._ecg_of(item, sent.get(item.id))
         return None
+
+    def _sent_studies_of_purged(self, items: Sequence[OutboxItem]) -> dict[int, SentStudy]:
+        """The sent-study records of the purged ones of `items`, by item id. The purge erases an
+        item's patient with its payload once the county confirmed it (seconds on a good link, with
+        no retention): whose ECG it was is then what sent_studies recorded when it went. None read
+        when none is purged."""
+        return self.report_store.studies_of_items([i for i in items if i.state == ItemState.PURGED])
+
+    @staticmethod
+    def _ecg_patient_id(item: OutboxItem, study: SentStudy | None) -> str:
+        return str((item.patient or {}).get("patient_id") or (study.patient_id if study else ""))
 
     def ecg(self, item_id: int) -> EcgItemView | None:
         item = self.outbox.get(item_id)
-        return None if item is None or item.kind != Kind.DICOM else self._ecg_of(item)
+        if item is None or item.kind != Kind.DICOM:
+            return None
+        return self._ecg_of(item, self._sent_studies_of_purged([item]).get(item.id))
 
-    def _ecg_of(self, item: OutboxItem) -> EcgItemView:
+    def _ecg_of(self, item: OutboxItem, study: SentStudy | None = None) -> EcgItemView:
+        """`study`: its sent-study record, for a purged item (its patient and meta erased)."""
         patient = item.patient or {}
         quality = item.meta.get("quality")
         return EcgItemView(
             item_id=item.id,
             sha256=item.sha256,
-            recorded_at=recorded_at(item),
-            patient_id=str(patient.get("patient_id") or ""),
-            patient_name=str(patient.get("name") or ""),
+            recorded_at=recorded_at(item, study),
+            patient_id=self._ecg_patient_id(item, study),
+            patient_name=str(patient.get("name") or (study.patient_name if study else "")),
             state=item.state.value,
             stat=item.priority == 0,
             flags=tuple(item.meta.get("flags") or ()),
@@ -1169,9 +1190,15 @@ class ClinicData:
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> EcgAssigned | None:
         """Give the held ECG to the patient typed (named as check-in named them, if it is the
         patient checked in; the assign keeps what its own file gives with that ID): what it did,
-        for the page to say whose it now is, or None if it was no longer held (sent already)."""
+        for the page to say whose it now is, or None if it was no longer held (sent already);
+        EcgAssignFailed if it could not be done and is still held."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
-        assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        try:
+            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        except EcgAssignFailed:
+            detail = {"item": item_id, "done": False, "failed": True}
+            self.audit.record(user, "assign-ecg", now=now, target=patient.patient_id, detail=detail)
+            raise
         self.audit.record(
             user,
             "assign-ecg",
@@ -1287,13 +1314,20 @@ class ClinicData:
                 and other.patient_id == corrected.patient_id
                 and other.names_someone
                 and same_person_name(other.patient_name, corrected.patient_name)
-                and self.held_ecg_source.assign(
-                    other.item_id, Patient(other.patient_id, other.patient_name), now=now, by=by
-                )
-                is not None
+                and self._assigned_if_possible(other, now=now, by=by)
             ):
                 released.append(other.item_id)
         return released
+
+    def _assigned_if_possible(self, held: HeldEcg, *, now: dt.datetime, by: str) -> bool:
+        """`held` given its own file's patient; False if no longer held, or if it could not be
+        done (it stays held, asked about again: the one the doctor answered is done)."""
+        try:
+            patient = Patient(held.patient_id, held.patient_name)
+            return self.held_ecg_source.assign(held.item_id, patient, now=now, by=by) is not None
+        except EcgAssignFailed as exc:
+            log.warning("%s: left held", exc)
+            return False
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)

@@ -21,8 +21,16 @@ from typing import Any
 from devices.identity import Patient
 from lastmile.config import Config
 from lastmile.console.dicom_worker import patient_from_json, patient_json
-from lastmile.console.sources import EcgAssigned, HeldEcg, ReportView, person_name, recorded_at, row_number
-from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
+from lastmile.console.sources import (
+    EcgAssigned,
+    EcgAssignFailed,
+    HeldEcg,
+    ReportView,
+    person_name,
+    recorded_at,
+    row_number,
+)
+from lastmile.ecg.holds import DOCTOR_HOLDS, HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
 from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from lastmile.reports.views import ecg_time, note_for_pdf, text_printout
@@ -35,19 +43,28 @@ WORKER_TIMEOUT_S = 120.0  # a Pi 3 under load: start Python, import pydicom, reb
 PDF_TYPE = "application/pdf"
 
 
+WORKER_FAILED = "worker_failed"  # in run_worker's answer: the worker itself failed, not the job's own refusal
+
+
 def run_worker(job: dict[str, Any], worker: list[str]) -> dict[str, Any]:
-    """One job of `lastmile.console.dicom_worker`; {"error": ...} when it could not be done."""
+    """One job of `lastmile.console.dicom_worker`; {"error": ...} when it could not be done, with
+    WORKER_FAILED when the worker did not answer (crashed, timed out, could not start): the job
+    may not have been tried at all."""
     try:
         done = subprocess.run(
             worker, input=json.dumps(job).encode(), capture_output=True, timeout=WORKER_TIMEOUT_S, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("DICOM worker failed: %s", exc)
-        return {"error": type(exc).__name__}
+        return {"error": type(exc).__name__, WORKER_FAILED: True}
     if done.returncode != 0:
         log.warning("DICOM worker exited %d: %s", done.returncode, done.stderr.decode(errors="replace")[-500:])
-        return {"error": f"worker exited {done.returncode}"}
-    result: dict[str, Any] = json.loads(done.stdout)
+        return {"error": f"worker exited {done.returncode}", WORKER_FAILED: True}
+    try:
+        result: dict[str, Any] = json.loads(done.stdout)
+    except ValueError as exc:  # killed mid-answer, or something else printed on its stdout
+        log.warning("DICOM worker answered no JSON: %s", exc)
+        return {"error": "worker answered no JSON", WORKER_FAILED: True}
     return result
 
 
@@ -211,8 +228,16 @@ class OutboxHeldEcgs:
             raise OutboxFullError(str(result["error"]))  # the console answers "storage full"
         if "error" in result:
             log.info("held ECG E%d not assigned: %s", item_id, result["error"])
+            # a worker that failed says nothing of the ECG: "too late" only if it is really gone
+            # (believing it sent, the doctor stops trying, and it goes as 无患者 when its hold ends)
+            if result.get(WORKER_FAILED) and self._still_held(item_id, now):
+                raise EcgAssignFailed(f"held ECG E{item_id}: {result['error']}")
             return None
         return EcgAssigned(patient_from_json(result["patient"]), waits_for_quality=bool(result["waits_for_quality"]))
+
+    def _still_held(self, item_id: int, now: dt.datetime) -> bool:
+        item = self.outbox.get(item_id)
+        return item is not None and item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
         try:
