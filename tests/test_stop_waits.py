@@ -871,19 +871,22 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
 
 
 def card_given_up_at_a_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: bytes, *, finished: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: bytes, *, finished: bool, real_margin: bool = False
 ) -> tuple[Config, list[dict], list[str]]:
     """A real card scanner on a pty; the acquire service stops with the doctor's previous patient
     (doctor) current, another process holding clinic.db's lock as the card is scanned; the close
     gives up the card's busy turn (its wait for the turn cut to ~4 s here: the card's own lock wait
     is 15 s). `finished`: the lock is freed once the close has returned and the card's check-in goes
     through before the process would exit; else it is held past the card's wait, whose write fails.
+    `real_margin`: the production waits (the close's 1 + 15 + 2 s from the turn's start, past the
+    card's own 15 s): the card's write fails first and the close finds the links idle.
     Returns the configuration, its devices and the names the close left in the data directory."""
     from lastmile.services import serial_devices
     from lastmile.services.serial_devices import SerialService
     from tests.serial_gateway import serial_config
 
-    monkeypatch.setattr(serial_devices, "TURN_WRITE_MARGIN_S", -12.0)  # the close waits 1 + 15 - 12 s
+    if not real_margin:
+        monkeypatch.setattr(serial_devices, "TURN_WRITE_MARGIN_S", -12.0)  # the close waits 1 + 15 - 12 s
     scanner = PtyDevice(tmp_path / "usb-scanner")
     devices = [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}]
     config = serial_config(tmp_path, devices)
@@ -975,6 +978,26 @@ def test_a_patient_card_the_stop_gave_up_and_never_checked_in_is_said_on_today_a
     finally:
         registry.close()
     assert again is not None and again.card_found_at == row.card_found_at, (row, again)
+    page = today_page(config, devices)
+    assert "网关停机时扫描的病人卡（ID 80276001234567890123，" in page, page
+    assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
+
+
+def test_a_card_whose_own_lock_wait_ends_before_the_close_gives_up_is_kept_with_the_real_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the production waits the card's write (SQLite's 15 s busy timeout) fails before the
+    close's wait for the turn ends (turn start + 1 + 15 + 2 s): its `finally` cleared the card in
+    hand, the close got the turn back and kept nothing - after the restart the previous patient
+    was current, Today said nothing, the journal only "handler failed on data". Now a card whose
+    write fails once the stop is set is kept, and the close saves it with the links idle too."""
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    config, devices, left = card_given_up_at_a_stop(
+        tmp_path, monkeypatch, PATIENT_CARD_SCAN, finished=False, real_margin=True
+    )
+    assert "serial-cards-given-up.jsonl" in left, left
+    started_again(config)
     page = today_page(config, devices)
     assert "网关停机时扫描的病人卡（ID 80276001234567890123，" in page, page
     assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
