@@ -1052,3 +1052,45 @@ def test_a_card_the_stop_gave_up_that_was_checked_in_before_the_exit_is_forgotte
     assert row is not None and row.card_kind == "" and row.card_found_at is None, row
     page = today_page(config, devices)
     assert "网关停机时扫描的" not in page and "病人卡" not in page, page
+
+
+def test_a_card_notice_ends_at_the_next_check_in_of_its_kind_or_the_sessions_idle_end(tmp_path: Path) -> None:
+    """lastmile/clinic/devices.py card notice: only the same card scanned again on the same scanner
+    cleared it; for a week Today kept telling the doctor to scan the old card again - after he had
+    typed the patient in, or scanned the next patient's card - and a doctor scanning it only to clear
+    the warning made that patient current over the real one. Now any check-in of its kind (typed or
+    scanned, on any scanner) ends it, and the session's idle end ends both kinds."""
+    from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT
+
+    data = tmp_path / "data"
+    data.mkdir()
+    scanned = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    found = scanned + dt.timedelta(minutes=30)
+
+    def notices(registry: DeviceRegistry) -> dict[str, str]:
+        rows = {a: registry.get(a) for a in ("serial:desk-scanner", "serial:door-scanner")}
+        return {a: r.card_kind for a, r in rows.items() if r is not None and r.card_said_until(found)}
+
+    with (
+        contextlib.closing(DeviceRegistry.open(data)) as registry,
+        contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients,
+    ):
+
+        def said_again() -> None:  # a restart found both not checked in (as `settle_cards_at_start`)
+            for address, kind, card_id in (
+                ("serial:desk-scanner", CARD_PATIENT, "P-NOT-IN"),
+                ("serial:door-scanner", CARD_DOCTOR, "DR-NOT-IN"),
+            ):
+                registry.card_not_checked_in(
+                    address, kind, card_id, scanned_at=scanned, time_source="gateway-receipt", word_id="w", now=found
+                )
+
+        said_again()
+        assert notices(registry) == {"serial:desk-scanner": "patient", "serial:door-scanner": "doctor"}
+        patients.check_in("P-TYPED", "张三", now=found + dt.timedelta(minutes=1))  # typed on Today
+        assert notices(registry) == {"serial:door-scanner": "doctor"}
+        patients.set_doctor("DR-OTHER", now=found + dt.timedelta(minutes=2))  # another doctor's badge
+        assert notices(registry) == {}
+        said_again()
+        patients.touch(now=found + dt.timedelta(hours=1))  # the session ended, idle: nobody left current
+        assert notices(registry) == {}

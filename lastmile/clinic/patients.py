@@ -25,6 +25,7 @@ import sqlite_utils
 
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT, end_card_notices
 from lastmile.clinic.names import has_ideographs, no_name, same_person_name
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ class PatientContext:
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
+                end_card_notices(conn, CARD_DOCTOR)
             replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
             event = _replaced_event(row, name, same_name) if row and replaced else ""
             # the same patient goes on (checked in again, his mistyped ID corrected, or under his
@@ -249,6 +251,7 @@ class PatientContext:
             )
             # the name as said at check-in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, said)
+            end_card_notices(conn, CARD_PATIENT)  # whoever was current before: not now
             if inherited:
                 self._log(conn, now, NAME_INHERITED, patient_id, doctor, inherited)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
@@ -277,6 +280,7 @@ class PatientContext:
                 (_ROW, doctor_id, iso(now), iso(now)),
             )
             self._log(conn, now, "doctor-set", None, doctor_id)
+            end_card_notices(conn, CARD_DOCTOR)
 
     def touch(self, *, now: dt.datetime) -> bool:
         """Activity in the session: the idle timer starts again. False if nothing was current."""
@@ -555,6 +559,7 @@ class PatientContext:
                 )
                 log.info("clinic session expired after %.0f s idle", self.idle_timeout.total_seconds())
             conn.execute("DELETE FROM session WHERE id = ?", (_ROW,))
+            end_card_notices(conn, None)  # nobody the stop left current is current now
             return None
         return row
 
