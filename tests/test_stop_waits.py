@@ -26,6 +26,7 @@ import pytest
 from devices.device_errors import DeviceProblem
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
+from lastmile.clinic.db import iso
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
@@ -1094,3 +1095,34 @@ def test_a_card_notice_ends_at_the_next_check_in_of_its_kind_or_the_sessions_idl
         said_again()
         patients.touch(now=found + dt.timedelta(hours=1))  # the session ended, idle: nobody left current
         assert notices(registry) == {}
+
+
+def test_a_card_checked_in_before_the_exit_is_found_done_after_a_stop_longer_than_the_session_logs_day(
+    tmp_path: Path,
+) -> None:
+    """lastmile/clinic/patients.py scan_written looked only for the check-in's own session log line,
+    which a write more than NAME_KEPT (24 h) later prunes: after a weekend off, a card the stopping
+    process did check in was found not done, and Today said "not checked in" for a week. Now a later
+    line naming the ID (its session's idle end) or the session row (its patient set at or after the
+    scan, or the one scanned) says it too; a card never written is still found not done."""
+    data = tmp_path / "data"
+    data.mkdir()
+    scanned = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    at = iso(scanned)
+    weekend = scanned + dt.timedelta(hours=50)
+    with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+        patients.set_patient("P-BEFORE", now=scanned - dt.timedelta(minutes=1))
+        patients.set_patient("P-CARD", now=scanned)  # the card the stopping process finished
+        patients.set_doctor("DR-BADGE", now=scanned)
+        patients.touch(now=weekend)  # the session ended idle, the log of Friday pruned
+        assert all(h["at"] != at for h in patients.history(50))  # the check-in's own line is gone
+        assert patients.scan_written(patient_id="P-CARD", at=at)
+        assert patients.scan_written(doctor_id="DR-BADGE", at=at)
+        assert not patients.scan_written(patient_id="P-NEVER", at=at)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with contextlib.closing(PatientContext.open(fresh, idle_timeout_s=900)) as patients:
+        patients.set_patient("P-BEFORE", now=scanned - dt.timedelta(minutes=1))  # the card never written
+        patients.set_patient("P-MONDAY", now=weekend)  # typed on Monday: a later check-in, the log pruned
+        assert patients.scan_written(patient_id="P-CARD", at=at)
+        assert not patients.scan_written(doctor_id="DR-BADGE", at=at)  # no doctor since

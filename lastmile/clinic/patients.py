@@ -515,15 +515,22 @@ class PatientContext:
         """Whether the check-in of `patient_id` (the doctor `doctor_id`) made at `at` (its `iso`
         time, the caller's `now`) is in clinic.db: its session log line, written in the same
         transaction. For a card whose write a stop gave up: the process may have finished it before
-        it exited. The log keeps NAME_KEPT: an older one is not found."""
-        if patient_id:
-            event, column, value = "patient-set", "patient_id", patient_id.strip()
-        else:
-            event, column, value = "doctor-set", "doctor_id", doctor_id.strip()
+        it exited. Any log line naming the ID at or after `at` says it was current then (its check-in,
+        its session's idle end: written when found, however late). The log keeps NAME_KEPT, and a
+        write after a long stop prunes the check-in's line: the session row says it too - its patient
+        (doctor) is the one scanned, or was set at or after `at` (a later check-in made the card moot)."""
+        column, value = ("patient_id", patient_id.strip()) if patient_id else ("doctor_id", doctor_id.strip())
         row = self.db.conn.execute(
-            f"SELECT 1 FROM session_log WHERE at = ? AND event = ? AND {column} = ? LIMIT 1", (at, event, value)
+            f"SELECT 1 FROM session_log WHERE at >= ? AND {column} = ? LIMIT 1", (at, value)
         ).fetchone()
-        return row is not None
+        if row is not None:
+            return True
+        session = self._row()  # as written, idle or not: what the stop's process left
+        if session is None or not session[column]:
+            return False
+        since = from_iso(session["patient_since" if patient_id else "doctor_since"])
+        scanned_at = from_iso(at)
+        return session[column] == value or (since is not None and scanned_at is not None and since >= scanned_at)
 
     def history(self, limit: int = 20) -> list[dict]:
         rows = self.db.conn.execute(
