@@ -761,3 +761,43 @@ def test_a_row_written_before_the_spill_file_was_saved_empty_is_no_loss_at_the_r
         assert len(lost) == 1 and "1 reading(s) held in memory only" in lost[0], lost
     else:
         assert lost == [], lost
+
+
+def test_a_reload_feeds_the_watchdog_again_once_the_old_parts_have_stopped(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py AcquireService.reload: the runtime pinged the watchdog once as
+    the reload began; the old parts' stop may take 24 s of WatchdogSec=30, then the new serial part's
+    opening writes clinic.db (each write up to a 15 s lock wait): past the watchdog, SIGABRT, not a
+    clean restart. Now the reload feeds it again (`ServiceRuntime.alive`) once the parts stopped.
+    The runtime's real notifier and ping rule, its datagrams recorded (WatchdogSec made 2 s)."""
+    from lastmile.services.acquire import AcquireService
+    from lastmile.services.runtime import ServiceRuntime
+    from lastmile.services.sdnotify import SystemdNotifier
+
+    class RecordedNotifier(SystemdNotifier):
+        def __init__(self) -> None:
+            super().__init__("/run/notify-test", environ={"WATCHDOG_USEC": "2000000"})
+            self.sent: list[tuple[float, str]] = []
+
+        def notify(self, *assignments: str) -> bool:
+            self.sent.append((time.monotonic(), "\n".join(assignments)))
+            return True
+
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.gps.source = "none"  # the reload builds no part: only the old one's stop
+    notifier = RecordedNotifier()
+    runtime = ServiceRuntime(
+        "acquire", load_config=lambda: config, notifier=notifier, install_signal_handlers=False, configure_logging=False
+    )
+    with contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox:
+        service = AcquireService(
+            config, outbox, [slow_writer(outbox, "serial", 1.5)], [outbox.close], alive=runtime.alive
+        )
+        service.check_parts()
+        notifier.watchdog_ping()  # as the runtime's reload does before `service.reload`
+        began = time.monotonic()
+        service.reload(config)
+        stopped = began + 1.5
+        service.close()
+    pings = [at for at, what in notifier.sent if what == "WATCHDOG=1"]
+    assert any(at >= stopped for at in pings), (began, pings)

@@ -26,6 +26,7 @@ import pytest
 from devices.device_errors import DeviceProblem
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
+from lastmile.clinic.db import iso
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
@@ -848,19 +849,22 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
 
 
 def card_given_up_at_a_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: bytes, *, finished: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: bytes, *, finished: bool, real_margin: bool = False
 ) -> tuple[Config, list[dict], list[str]]:
     """A real card scanner on a pty; the acquire service stops with the doctor's previous patient
     (doctor) current, another process holding clinic.db's lock as the card is scanned; the close
     gives up the card's busy turn (its wait for the turn cut to ~4 s here: the card's own lock wait
     is 15 s). `finished`: the lock is freed once the close has returned and the card's check-in goes
     through before the process would exit; else it is held past the card's wait, whose write fails.
+    `real_margin`: the production waits (the close's 1 + 15 + 2 s from the turn's start, past the
+    card's own 15 s): the card's write fails first and the close finds the links idle.
     Returns the configuration, its devices and the names the close left in the data directory."""
     from lastmile.services import serial_devices
     from lastmile.services.serial_devices import SerialService
     from tests.serial_gateway import serial_config
 
-    monkeypatch.setattr(serial_devices, "TURN_WRITE_MARGIN_S", -12.0)  # the close waits 1 + 15 - 12 s
+    if not real_margin:
+        monkeypatch.setattr(serial_devices, "TURN_WRITE_MARGIN_S", -12.0)  # the close waits 1 + 15 - 12 s
     scanner = PtyDevice(tmp_path / "usb-scanner")
     devices = [{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}]
     config = serial_config(tmp_path, devices)
@@ -957,6 +961,26 @@ def test_a_patient_card_the_stop_gave_up_and_never_checked_in_is_said_on_today_a
     assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
 
 
+def test_a_card_whose_own_lock_wait_ends_before_the_close_gives_up_is_kept_with_the_real_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the production waits the card's write (SQLite's 15 s busy timeout) fails before the
+    close's wait for the turn ends (turn start + 1 + 15 + 2 s): its `finally` cleared the card in
+    hand, the close got the turn back and kept nothing - after the restart the previous patient
+    was current, Today said nothing, the journal only "handler failed on data". Now a card whose
+    write fails once the stop is set is kept, and the close saves it with the links idle too."""
+    from tests.service_harness import PATIENT_CARD_SCAN
+
+    config, devices, left = card_given_up_at_a_stop(
+        tmp_path, monkeypatch, PATIENT_CARD_SCAN, finished=False, real_margin=True
+    )
+    assert "serial-cards-given-up.jsonl" in left, left
+    started_again(config)
+    page = today_page(config, devices)
+    assert "网关停机时扫描的病人卡（ID 80276001234567890123，" in page, page
+    assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
+
+
 def test_a_doctor_badge_the_stop_gave_up_and_never_taken_is_said_on_today_after_the_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1006,3 +1030,76 @@ def test_a_card_the_stop_gave_up_that_was_checked_in_before_the_exit_is_forgotte
     assert row is not None and row.card_kind == "" and row.card_found_at is None, row
     page = today_page(config, devices)
     assert "网关停机时扫描的" not in page and "病人卡" not in page, page
+
+
+def test_a_card_notice_ends_at_the_next_check_in_of_its_kind_or_the_sessions_idle_end(tmp_path: Path) -> None:
+    """lastmile/clinic/devices.py card notice: only the same card scanned again on the same scanner
+    cleared it; for a week Today kept telling the doctor to scan the old card again - after he had
+    typed the patient in, or scanned the next patient's card - and a doctor scanning it only to clear
+    the warning made that patient current over the real one. Now any check-in of its kind (typed or
+    scanned, on any scanner) ends it, and the session's idle end ends both kinds."""
+    from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT
+
+    data = tmp_path / "data"
+    data.mkdir()
+    scanned = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    found = scanned + dt.timedelta(minutes=30)
+
+    def notices(registry: DeviceRegistry) -> dict[str, str]:
+        rows = {a: registry.get(a) for a in ("serial:desk-scanner", "serial:door-scanner")}
+        return {a: r.card_kind for a, r in rows.items() if r is not None and r.card_said_until(found)}
+
+    with (
+        contextlib.closing(DeviceRegistry.open(data)) as registry,
+        contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients,
+    ):
+
+        def said_again() -> None:  # a restart found both not checked in (as `settle_cards_at_start`)
+            for address, kind, card_id in (
+                ("serial:desk-scanner", CARD_PATIENT, "P-NOT-IN"),
+                ("serial:door-scanner", CARD_DOCTOR, "DR-NOT-IN"),
+            ):
+                registry.card_not_checked_in(
+                    address, kind, card_id, scanned_at=scanned, time_source="gateway-receipt", word_id="w", now=found
+                )
+
+        said_again()
+        assert notices(registry) == {"serial:desk-scanner": "patient", "serial:door-scanner": "doctor"}
+        patients.check_in("P-TYPED", "张三", now=found + dt.timedelta(minutes=1))  # typed on Today
+        assert notices(registry) == {"serial:door-scanner": "doctor"}
+        patients.set_doctor("DR-OTHER", now=found + dt.timedelta(minutes=2))  # another doctor's badge
+        assert notices(registry) == {}
+        said_again()
+        patients.touch(now=found + dt.timedelta(hours=1))  # the session ended, idle: nobody left current
+        assert notices(registry) == {}
+
+
+def test_a_card_checked_in_before_the_exit_is_found_done_after_a_stop_longer_than_the_session_logs_day(
+    tmp_path: Path,
+) -> None:
+    """lastmile/clinic/patients.py scan_written looked only for the check-in's own session log line,
+    which a write more than NAME_KEPT (24 h) later prunes: after a weekend off, a card the stopping
+    process did check in was found not done, and Today said "not checked in" for a week. Now a later
+    line naming the ID (its session's idle end) or the session row (its patient set at or after the
+    scan, or the one scanned) says it too; a card never written is still found not done."""
+    data = tmp_path / "data"
+    data.mkdir()
+    scanned = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    at = iso(scanned)
+    weekend = scanned + dt.timedelta(hours=50)
+    with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
+        patients.set_patient("P-BEFORE", now=scanned - dt.timedelta(minutes=1))
+        patients.set_patient("P-CARD", now=scanned)  # the card the stopping process finished
+        patients.set_doctor("DR-BADGE", now=scanned)
+        patients.touch(now=weekend)  # the session ended idle, the log of Friday pruned
+        assert all(h["at"] != at for h in patients.history(50))  # the check-in's own line is gone
+        assert patients.scan_written(patient_id="P-CARD", at=at)
+        assert patients.scan_written(doctor_id="DR-BADGE", at=at)
+        assert not patients.scan_written(patient_id="P-NEVER", at=at)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with contextlib.closing(PatientContext.open(fresh, idle_timeout_s=900)) as patients:
+        patients.set_patient("P-BEFORE", now=scanned - dt.timedelta(minutes=1))  # the card never written
+        patients.set_patient("P-MONDAY", now=weekend)  # typed on Monday: a later check-in, the log pruned
+        assert patients.scan_written(patient_id="P-CARD", at=at)
+        assert not patients.scan_written(doctor_id="DR-BADGE", at=at)  # no doctor since

@@ -55,6 +55,22 @@ CARD_PATIENT = "patient"
 CARD_DOCTOR = "doctor"
 
 
+def end_card_notices(conn: sqlite3.Connection, kind: str | None) -> None:
+    """Inside clinic.db's write transaction of a check-in of `kind` (CARD_PATIENT, CARD_DOCTOR;
+    None: both, the session's end): the cards of that kind a stop did not check in are said no more.
+    The notice warns that the previous patient (doctor) may still be current; once another check-in
+    (typed or scanned) or the session's end changed that, it would only tempt the doctor to scan
+    the old card to clear it - making that patient current over the real one. Every notice of the
+    kind, not only those scanned before `now`: the Pi's clock may be behind after the restart, and
+    the notice is written at the start, before any check-in this clears. Its record's id stays (a
+    start reading it again skips it)."""
+    conn.execute(
+        "UPDATE devices SET card_kind = NULL, card_id = NULL, card_scanned_at = NULL, card_time_source = NULL, "
+        "card_found_at = NULL WHERE card_kind IS NOT NULL AND (? IS NULL OR card_kind = ?)",
+        (kind, kind),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
     address: str

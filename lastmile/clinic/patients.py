@@ -25,6 +25,7 @@ import sqlite_utils
 
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT, end_card_notices
 from lastmile.clinic.names import has_ideographs, no_name, same_person_name
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ class PatientContext:
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
+                end_card_notices(conn, CARD_DOCTOR)
             replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
             event = _replaced_event(row, name, same_name) if row and replaced else ""
             # the same patient goes on (checked in again, his mistyped ID corrected, or under his
@@ -249,6 +251,7 @@ class PatientContext:
             )
             # the name as said at check-in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, said)
+            end_card_notices(conn, CARD_PATIENT)  # whoever was current before: not now
             if inherited:
                 self._log(conn, now, NAME_INHERITED, patient_id, doctor, inherited)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
@@ -277,6 +280,7 @@ class PatientContext:
                 (_ROW, doctor_id, iso(now), iso(now)),
             )
             self._log(conn, now, "doctor-set", None, doctor_id)
+            end_card_notices(conn, CARD_DOCTOR)
 
     def touch(self, *, now: dt.datetime) -> bool:
         """Activity in the session: the idle timer starts again. False if nothing was current."""
@@ -511,15 +515,22 @@ class PatientContext:
         """Whether the check-in of `patient_id` (the doctor `doctor_id`) made at `at` (its `iso`
         time, the caller's `now`) is in clinic.db: its session log line, written in the same
         transaction. For a card whose write a stop gave up: the process may have finished it before
-        it exited. The log keeps NAME_KEPT: an older one is not found."""
-        if patient_id:
-            event, column, value = "patient-set", "patient_id", patient_id.strip()
-        else:
-            event, column, value = "doctor-set", "doctor_id", doctor_id.strip()
+        it exited. Any log line naming the ID at or after `at` says it was current then (its check-in,
+        its session's idle end: written when found, however late). The log keeps NAME_KEPT, and a
+        write after a long stop prunes the check-in's line: the session row says it too - its patient
+        (doctor) is the one scanned, or was set at or after `at` (a later check-in made the card moot)."""
+        column, value = ("patient_id", patient_id.strip()) if patient_id else ("doctor_id", doctor_id.strip())
         row = self.db.conn.execute(
-            f"SELECT 1 FROM session_log WHERE at = ? AND event = ? AND {column} = ? LIMIT 1", (at, event, value)
+            f"SELECT 1 FROM session_log WHERE at >= ? AND {column} = ? LIMIT 1", (at, value)
         ).fetchone()
-        return row is not None
+        if row is not None:
+            return True
+        session = self._row()  # as written, idle or not: what the stop's process left
+        if session is None or not session[column]:
+            return False
+        since = from_iso(session["patient_since" if patient_id else "doctor_since"])
+        scanned_at = from_iso(at)
+        return session[column] == value or (since is not None and scanned_at is not None and since >= scanned_at)
 
     def history(self, limit: int = 20) -> list[dict]:
         rows = self.db.conn.execute(
@@ -555,6 +566,7 @@ class PatientContext:
                 )
                 log.info("clinic session expired after %.0f s idle", self.idle_timeout.total_seconds())
             conn.execute("DELETE FROM session WHERE id = ?", (_ROW,))
+            end_card_notices(conn, None)  # nobody the stop left current is current now
             return None
         return row
 

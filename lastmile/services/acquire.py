@@ -196,9 +196,12 @@ class AcquireService:
         parts: list[Part],
         closers: list[Callable[[], None]],
         stop: StopWaits | None = None,
+        alive: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.stop_waits = stop
+        # the runtime's watchdog feed (`ServiceRuntime.alive`): a reload's long stop is progress
+        self.alive = alive or (lambda: None)
         self.outbox = outbox
         self.parts = parts
         self._closers = closers
@@ -210,12 +213,14 @@ class AcquireService:
         self.trim = HeapTrim(self.started)
 
     @classmethod
-    def start(cls, config: Config, *, stop: threading.Event | None = None) -> AcquireService:
+    def start(
+        cls, config: Config, *, stop: threading.Event | None = None, alive: Callable[[], None] | None = None
+    ) -> AcquireService:
         """`stop`: the runtime's (SIGTERM): once set, a reading waiting for another process's
         write lock on the outbox or clinic.db gives up within a second and is held as any the
         outbox refused (the serial spill file, said at the stop), not waited for 15 s per write
         (`open_outbox`, sqlite_store.StopWaits: one second for both databases); a device row's
-        write given up is redone at the next start."""
+        write given up is redone at the next start. `alive`: the runtime's watchdog feed (`reload`)."""
         from lastmile.data_dir import open_outbox  # no DICOM stack in the acquire process
         from uploader.sqlite_store import StopWaits
 
@@ -225,7 +230,7 @@ class AcquireService:
         parts: list[Part] = []
         try:
             build_parts(config, outbox, cls._session_lookup(config, closers, waits), into=parts, stop=waits)
-            service = cls(config, outbox, parts, closers, waits)
+            service = cls(config, outbox, parts, closers, waits, alive)
             service.check_parts()  # starts the worker threads
         except BaseException:
             if not close_parts(list(reversed(parts)), within_s=PARTS_STOP_S):
@@ -284,6 +289,10 @@ class AcquireService:
         then a card's 18 s, past the unit's WatchdogSec=30); the old session's clinic.db is not
         closed under one still closing (`_close_what_was_left`)."""
         still = close_parts(list(reversed(self.parts)), within_s=PARTS_STOP_S)
+        # The runtime pinged the watchdog as the reload began; the parts' stop may have taken up to
+        # 24 s of WatchdogSec=30, and the new parts' opening writes clinic.db (the serial part:
+        # each write up to a 15 s lock wait, the stop not set): its period counted from here.
+        self.alive()
         old_closers, self._closers = self._closers[1:], self._closers[:1]
         if still:
             self._left_parts += still

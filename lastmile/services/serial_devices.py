@@ -290,6 +290,13 @@ class SerialContext:
     # the card (badge) whose check-in a scanner's turn is writing, set before its write and cleared
     # after: the close reads it without the turn's locks when it gives that turn up (`CardGivenUp`)
     card_in_hand: CardGivenUp | None = None
+    # a card whose write failed once the stop was set (its own lock wait ran out before the
+    # close's did): the close keeps it as it keeps the one in hand; a later card's check-in clears it
+    card_failed: CardGivenUp | None = None
+    # the acquire service's stop (`SerialService.open`), and the close's: a write failing after
+    # either is one the stop cost, not a fault the running gateway says on its own
+    stop: threading.Event | None = None
+    closing: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.rows_behind_file = RowsBehindFile(Path(self.config.data_dir))
@@ -1013,11 +1020,18 @@ class ScannerHandler:
         """The card's check-in is being written (at `now`, its session log line's time): the close
         keeps it for the next start if it gives this turn up (`SerialService.close`)."""
         # the gateway's clock is the scan's time: a scanner has none (devices.identity.TimeSource)
-        self.ctx.card_in_hand = CardGivenUp(
-            kind, scanned_id.strip(), self.spec.name, iso(now), TimeSource.GATEWAY_RECEIPT.value
-        )
+        card = CardGivenUp(kind, scanned_id.strip(), self.spec.name, iso(now), TimeSource.GATEWAY_RECEIPT.value)
+        self.ctx.card_in_hand = card
         try:
             yield
+        except sqlite3.OperationalError:
+            # Its 15 s lock wait ends before the close's (turn start + 1 + 15 + margin): the close
+            # then finds the links idle, and without this the card would be gone with the process.
+            if self.ctx.closing.is_set() or (self.ctx.stop is not None and self.ctx.stop.is_set()):
+                self.ctx.card_failed = card
+            raise
+        else:
+            self.ctx.card_failed = None  # a later check-in: the failed card's patient is no longer the one
         finally:
             self.ctx.card_in_hand = None
 
@@ -1104,6 +1118,7 @@ class SerialService:
             if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
             else None,
         )
+        ctx.stop = stop.stop if stop is not None else None
         ctx.load_spilled()
         ctx.settle_held_at_start()
         ctx.settle_cards_at_start()
@@ -1176,6 +1191,7 @@ class SerialService:
         return f"serial {up}/{len(states)} connected"
 
     def close(self) -> None:
+        self.ctx.closing.set()
         self._stop.set()
         self.manager.wakeup()
         if self._thread is not None:
@@ -1193,8 +1209,16 @@ class SerialService:
             for spec in self.unstored_specs():
                 self.ctx.retry_unstored(spec, force=True)
             self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
+            card = self.ctx.card_failed  # its own lock wait ran out first: the turn is over
+            if card is not None:
+                log.warning(
+                    "serial devices: a card scanned as the gateway stopped could not be checked in "
+                    "(clinic.db was locked): kept for the next start, which says it on Today"
+                )
+                self.ctx.cards_given_up_file.save(card)
         else:
-            card = self.ctx.card_in_hand  # read once: the busy turn clears it when its write ends
+            # read once: the busy turn clears card_in_hand when its write ends (and may set card_failed)
+            card = self.ctx.card_in_hand or self.ctx.card_failed
             log.warning(
                 "serial devices: still busy at shutdown past a card's whole wait for clinic.db's lock: "
                 "the links and clinic.db left to it; readings not stored are kept in the spill file%s",
