@@ -1029,7 +1029,9 @@ def test_a_card_the_stop_gave_up_that_was_checked_in_before_the_exit_is_forgotte
         registry.close()
     assert row is not None and row.card_kind == "" and row.card_found_at is None, row
     page = today_page(config, devices)
-    assert "网关停机时扫描的" not in page and "病人卡" not in page, page
+    # nothing of a card not checked in; the card's check-in itself ended P-BEFORE's, and says so
+    assert "网关停机时扫描的" not in page and "没有登记上" not in page, page
+    assert "P-BEFORE 的就诊已结束" in page, page
 
 
 def test_a_card_notice_ends_at_the_next_check_in_of_its_kind_or_the_sessions_idle_end(tmp_path: Path) -> None:

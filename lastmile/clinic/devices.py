@@ -50,6 +50,9 @@ HELD_AT_STOP = "the gateway was stopping: stored at its next start"
 # itself, as sent ECGs that could not be recorded do (reports.window_days); a week, so that a
 # doctor who looks on any day of it sees it.
 LOST_SAID_FOR = dt.timedelta(days=7)
+# how long a device's fresh error is said on Today, where the doctor measures: a card refused, a
+# report unreadable, while he still waits for it (the Devices page keeps saying it after)
+PROBLEM_SAID_ON_TODAY_FOR = dt.timedelta(minutes=10)
 # What a scanner read, on a row's card not checked in at a stop (DeviceRecord.card_kind)
 CARD_PATIENT = "patient"
 CARD_DOCTOR = "doctor"
@@ -234,6 +237,18 @@ class DeviceRecord:
             return None
         until = self.card_found_at + LOST_SAID_FOR
         return until if until > now else None
+
+    def problem_said_on_today(self, now: dt.datetime) -> bool:
+        """Whether its last error is news for Today (`PROBLEM_SAID_ON_TODAY_FOR`): not yet
+        followed by a reading (a card read well after a refused one), nor, for one unplugged, by
+        its coming back; a held row's error is said by the held words instead."""
+        if not self.last_error or self.last_error_at is None or self.held_cause:
+            return False
+        if now - self.last_error_at > PROBLEM_SAID_ON_TODAY_FOR:
+            return False
+        if self.last_reading_at is not None and self.last_reading_at > self.last_error_at:
+            return False
+        return not (self.problem is DeviceProblem.UNPLUGGED and self.connected)
 
     def to_json(self) -> dict:
         out = {}

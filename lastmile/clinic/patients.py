@@ -46,6 +46,10 @@ NAME_INHERITED = "patient-name-inherited"
 # `rename_devices` False): no name said for the ID (`_said_names` skips it), so it names him and
 # his device users no longer than the session does
 NAME_CORRECTED_SESSION_ONLY = "patient-name-corrected-session-only"
+# the session log's event of a patient's check-in ended by a scanned card of another patient
+# (`check_in` with `by_card`): the acquire service cannot say it on the doctor's page, so Today
+# reads it here (`ended_by_card`); detail: the ended check-in as JSON (`EndedByCard`)
+ENDED_BY_CARD = "patient-ended-by-card"
 
 
 class SameName(enum.Enum):
@@ -92,6 +96,17 @@ class CurrentPatient:
     reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
     # the IDs the doctor said are his other IDs in this session (`OTHER_ID`), never patient_id
     linked: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class EndedByCard:
+    """A check-in a scanned card ended (`ENDED_BY_CARD`): who he was, as his session had him, and when."""
+
+    patient_id: str
+    name: str
+    stat: bool
+    reason: str
+    at: dt.datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +158,12 @@ class PatientContext:
         stat: bool | None = None,
         reason: str = "",
         wait_past_stop: bool = False,
+        by_card: bool = False,
     ) -> CurrentPatient:
-        """`check_in` (see it for `stat`, `reason` and `wait_past_stop`): the patient current after it."""
-        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason, wait_past_stop=wait_past_stop).after
+        """`check_in` (see it for `stat`, `reason`, `wait_past_stop` and `by_card`): the patient current after it."""
+        return self.check_in(
+            patient_id, name, now=now, stat=stat, reason=reason, wait_past_stop=wait_past_stop, by_card=by_card
+        ).after
 
     def check_in(
         self,
@@ -161,6 +179,7 @@ class PatientContext:
         clear_reason: bool = False,
         same_name: SameName | None = None,
         wait_past_stop: bool = False,
+        by_card: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -184,7 +203,9 @@ class PatientContext:
         or kept by a session going on is no news, and never renews itself past NAME_KEPT.
         `wait_past_stop`: the write waits for another process's lock as if the service were not
         stopping (`sqlite_store.transaction`): a scanned card given up at a stop would leave the
-        previous patient current after the restart, and the next readings on him."""
+        previous patient current after the restart, and the next readings on him.
+        `by_card`: a scanned card checks the patient in (the acquire service): another patient's
+        check-in it ends is logged (`ENDED_BY_CARD`) for Today to say, as a typed one says it."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -221,6 +242,9 @@ class PatientContext:
                 name = inherited = self._checked_in_names(now).get(patient_id, "")
             if event:
                 self._log(conn, now, event, replaced, doctor)
+            if by_card and row is not None and replaced and going_on is None:
+                ended = {"name": row["patient_name"] or "", "stat": bool(row["stat"]), "reason": row["reason"] or ""}
+                self._log(conn, now, ENDED_BY_CARD, replaced, doctor, json.dumps(ended, ensure_ascii=False))
             # his other IDs go on with his session, on its row (the log is pruned past NAME_KEPT): a
             # correction keeps them (the typo itself is not one); another patient starts with none
             linked = set(_linked_of(going_on)) if going_on is not None else set()
@@ -504,6 +528,27 @@ class PatientContext:
                 inherited.discard(row["patient_id"])
             names[row["patient_id"]] = "" if row["event"] == CORRECTED else row["detail"] or ""
         return names, inherited
+
+    def ended_by_card(self, current: CurrentPatient) -> EndedByCard | None:
+        """The check-in a scanned card ended when it began `current`'s session (None: it ended
+        none, or `current` was not begun by a card): said on Today for as long as his session lasts."""
+        row = self.db.conn.execute(
+            "SELECT at, patient_id, detail FROM session_log WHERE event = ? AND at >= ? ORDER BY id DESC LIMIT 1",
+            (ENDED_BY_CARD, iso(current.since)),
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            ended = json.loads(row["detail"] or "{}")
+        except ValueError:  # a log line this version cannot read: no news rather than no page
+            return None
+        return EndedByCard(
+            row["patient_id"] or "",
+            str(ended.get("name") or ""),
+            bool(ended.get("stat")),
+            str(ended.get("reason") or ""),
+            _t(row["at"]),
+        )
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()

@@ -47,7 +47,7 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patient_ids import clinic_patient
-from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext, SameName
+from lastmile.clinic.patients import CurrentPatient, EndedByCard, PatientChanged, PatientContext, SameName
 from lastmile.config import Config, fhir_naming
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
@@ -134,6 +134,8 @@ class SessionView:
     stat: bool = False
     reason: str = ""
     other_ids: frozenset[str] = frozenset()  # those the doctor said are his other IDs (`patient_ids`)
+    # the check-in a scanned card ended to begin this one (the acquire service's: said on Today)
+    ended_by_card: EndedByCard | None = None
 
     @property
     def patient_ids(self) -> frozenset[str]:
@@ -221,6 +223,7 @@ class ReadingView:
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
     patient_id: str = ""  # stored: the ID it was filed under (Today's, of a patient with other IDs)
+    device_model: str = ""  # its maker and model, without the port or address `device` ends with
 
 
 @dataclass(frozen=True, slots=True)
@@ -738,6 +741,9 @@ def _reading_view(obs: Observation) -> ReadingView:
         obs.measured_at,
         obs.time_source.value,
         obs.flags,
+        # Today names a serial device by its port's settings name (`views.device_names_by_port`)
+        device_address=obs.device.address or "",
+        device_model=" ".join(p for p in (obs.device.manufacturer, obs.device.model) if p),
     )
 
 
@@ -792,7 +798,8 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return None
-        return _session_view(current)  # with his other IDs the doctor linked: on the session's row
+        # with his other IDs the doctor linked (on the session's row), and whom his card replaced
+        return replace(_session_view(current), ended_by_card=self.context.ended_by_card(current))
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""

@@ -1000,7 +1000,7 @@ class ScannerHandler:
             # and the next readings on him: a card waits for the lock as if there were no stop.
             if isinstance(ev, PatientScanned):
                 with self._in_hand(CARD_PATIENT, ev.patient_id, now):
-                    self.ctx.patients.set_patient(ev.patient_id, now=now, wait_past_stop=True)
+                    self.ctx.patients.set_patient(ev.patient_id, now=now, wait_past_stop=True, by_card=True)
                 self.ctx.status(
                     self.spec, reading="patient card", reading_at=now, card=(CARD_PATIENT, ev.patient_id.strip())
                 )
@@ -1013,7 +1013,13 @@ class ScannerHandler:
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
                 log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name, ev.reason, ev.length)
-                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}", DeviceProblem.CODE_NOT_RECOGNISED)
+                # a wrong check digit is read again the same: the doctor is told to type it instead
+                problem = (
+                    DeviceProblem.CARD_CHECK_DIGIT
+                    if ev.rule == "check-character"
+                    else DeviceProblem.CODE_NOT_RECOGNISED
+                )
+                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}", problem)
 
     @contextlib.contextmanager
     def _in_hand(self, kind: str, scanned_id: str, now: dt.datetime) -> Iterator[None]:
