@@ -57,7 +57,7 @@ def test_example_profile_parses_a_report(profile) -> None:
 
 
 def test_a_value_the_monitor_did_not_measure_is_no_reading_but_a_failed_required_one_is(profile) -> None:
-    """"SPO2 -- %" (no probe on) was stored as an SpO2 reading with no value: "血氧 (nres) %" on
+    """A monitor's "SPO2 -- %" (no probe on) was stored as an SpO2 reading with no value: "血氧 (nres) %" on
     Today and Sent, a FHIR Observation of nothing for the county and, with no patient checked in,
     an item of its own the doctor had to assign. A kind the report has only as not measured, in
     fields the profile does not require, is no reading now; the cuff's "---/---" (required: it
