@@ -962,6 +962,46 @@ def test_a_reading_names_its_kind_once_whatever_the_kind_and_language(tmp_path: 
     )
 
 
+def test_a_value_the_device_sent_as_none_is_said_in_words(tmp_path: Path) -> None:
+    """A device's "no value" (a cuff that had no result, a BLE oximeter's NRes) read "血氧 (nres) %"
+    on Today and Sent: now 无结果, its unit gone with the number; a value beside it is kept."""
+    from dataclasses import replace
+
+    from devices.identity import DeviceIdentity
+    from devices.observation import Observation, Quantity, TimeSource
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    failed_bp = Observation(
+        kind="blood-pressure",
+        quantities=(
+            Quantity("systolic", None, "mm[Hg]", None, "mmHg", special="nres"),
+            Quantity("diastolic", None, "mm[Hg]", None, "mmHg", special="nres"),
+            Quantity("pulse-rate", 72.0, "/min", 72.0, "bpm"),
+        ),
+        measured_at=now,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=now,
+        device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+        record_key="bp-nres",
+    )
+    no_spo2 = replace(
+        one_value_reading("spo2", "spo2", 97.0, "%", "o-nres"),  # type: ignore[type-var]
+        quantities=(Quantity("spo2", None, "%", special="nres"),),
+    )
+    hold_readings(config, failed_bp, no_spo2)
+    with running_console(config) as server:
+        pages = {}
+        for language in ("zh-CN", "en"):
+            client = Client(server.url, language=language)
+            client.login(DOCTOR)
+            pages[language] = shown_readings(client.get("/today").body)
+    assert sorted(pages["zh-CN"]) == ["血压 无结果/无结果，脉搏 72 次/分", "血氧 无结果"], pages["zh-CN"]
+    assert sorted(pages["en"]) == ["Blood oxygen no result", "Blood pressure no result/no result, pulse 72 /min"], (
+        pages["en"]
+    )
+
+
 def recorded_times(page: str) -> list[dt.datetime]:
     """The Sent page's 已记录 step of each ECG, newest first, as its <time> gives it."""
     return [dt.datetime.fromisoformat(t) for t in re.findall(r'<li class="done">已记录 <time datetime="([^"]+)"', page)]

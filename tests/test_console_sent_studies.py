@@ -4,6 +4,7 @@ report as `sent_studies` keeps them, also when outbox.sqlite was made anew (item
 from __future__ import annotations
 
 import html
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording, lan_object_store
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
-from lastmile.services.forward import ForwardService
+from lastmile.services.forward import ForwardService, forwarder_settings
+from lastmile.services.link_status import READING_CENTER_STATUS
 from tests.console_harness import DOCTOR, VALID_ID, Client, running_console, set_aside_outbox
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
@@ -29,6 +31,7 @@ from tests.waiting import wait_for
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
 from uploader.dicom_store import StoreAssociation
+from uploader.ecg_forwarder import EcgForwarder
 from uploader.sqlite_store import open_database
 
 OTHER_ID = "DEMO-0002"  # a clinic-issued ID (no resident card)
@@ -281,3 +284,35 @@ def test_todays_ecg_of_the_checked_in_patient_stays_on_today_after_the_county_co
     assert f"/ecg/{study.outbox_item_id}/preview.svg" in after, after
     assert preview.status == 200 and "<svg" in preview.body, preview.status
     assert "张三" in nobody_checked_in and "无患者" not in nobody_checked_in, nobody_checked_in
+
+
+def test_a_study_the_link_refuses_is_said_in_plain_words_and_a_patient_with_no_name_once(tmp_path: Path) -> None:
+    """The reading center does not answer: the Sent page said why in the sender's English, bold in
+    the study's card on a Chinese page ("cannot connect to READING_CENTER@...: refused or
+    unreachable"); now a sentence the doctor reads, that text folded away for the technician. And
+    a patient checked in with no name was shown by the ID twice: "(no name)" and the ID now."""
+    config = gateway_config(tmp_path, free_port(), "READING_CENTER")  # nothing listens on its port
+    config.console.listen = f"127.0.0.1:{free_port()}"
+    config.gps.source = "none"
+    stop = threading.Event()
+    with open_outbox(config) as outbox:
+        item = enqueue_recording(outbox, make_recording(7, patient=Patient(VALID_ID, "")), config, key="ecg-7").item
+        with EcgForwarder(outbox, forwarder_settings(config)) as forwarder:
+            deadline = time.monotonic() + 60
+            while not (outbox.get(item.id).attempts and outbox.status(READING_CENTER_STATUS)):
+                assert time.monotonic() < deadline, "no attempt failed"
+                time.sleep(min(forwarder.step(stop), 0.2))
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = client.get("/sent").body
+    (journey,) = journeys(page)
+    link = page.split('id="h-link"', 1)[1].split("</section>", 1)[0]
+    for card in (journey, link):
+        said, technician = card.split('<details class="problem-details">', 1)
+        assert "refused or unreachable" not in said, said
+        assert '<span lang="en">cannot connect to READING_CENTER@127.0.0.1:' in technician, technician
+        assert "技术人员查看的详细信息" in technician
+    assert "已失败 1 次，正在重试" in journey and "网络自" in link
+    assert f'<strong>（未填姓名）</strong> <span class="id">{VALID_ID}</span>' in journey, journey
+    assert journey.count(VALID_ID) == 1, journey

@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import sqlite3
 import time
@@ -708,6 +709,23 @@ UNIT_DISPLAY = {" mm[Hg]": "mmHg", " Cel": "°C", " [degF]": "°F", " [lb_av]": 
 VALUE_SEPARATOR = N_(", ")
 
 
+# a value the device sent as none (`devices.observation.Quantity.special`, as `summary` writes it:
+# "(nres)"; "--" on a monitor's report, a BLE SFLOAT's NaN or NRes), said as the doctor reads it
+NO_VALUE = re.compile(r"\((?:nres|nan|\+inf|-inf|reserved)\)")
+NO_RESULT = N_("no result")
+
+
+def _no_value_worded(part: str, localizer: Localizer) -> str:
+    """One value of a summary with the device's "no value" in words; with no number left, its unit
+    goes too (血压 无结果/无结果, not 无结果/无结果 mmHg)."""
+    if not NO_VALUE.search(part):
+        return part
+    worded = NO_VALUE.sub(localizer.gettext(NO_RESULT), part)
+    if not any(c.isdigit() for c in worded) and " " in worded:
+        worded = worded.rsplit(" ", 1)[0]
+    return worded
+
+
 def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
     """A reading's summary (`lastmile.clinic.observations.summary`) in the page's words. Shown after
     its kind's name (`kind`), the quantity named as the kind is not named again: 体温 37.2 °C, not
@@ -715,6 +733,7 @@ def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
     parts = summary.split(SUMMARY_SEPARATOR)
     if kind:
         parts = [part.removeprefix(kind + " ") for part in parts]
+    parts = [_no_value_worded(part, localizer) for part in parts]
     summary = localizer.gettext(VALUE_SEPARATOR).join(parts)
     for code in sorted(QUANTITY_LABELS, key=len, reverse=True):
         summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")

@@ -45,15 +45,18 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from devices.ecg.npz import read_npz, write_npz
-from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
 from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from uploader.unwritten_records import UnwrittenRecords
 from uploader.whole_file import fsync_dir
+
+if TYPE_CHECKING:
+    # numpy, loaded only where an ECG is (de)coded: the console process blocks numpy, and its
+    # System page's checks read this module's file names and `waiting_readings`
+    from devices.ecg.recording import EcgRecording
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,14 @@ PLAUSIBLE_GENERATION = 2**62
 T = TypeVar("T")
 
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
-SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
+SpilledRecordings = dict[str, dict[str, "EcgRecording"]]  # device name -> outbox key -> streamed ECG
 
 
 def recording_to_json(key: str, recording: EcgRecording) -> dict:
     """A streamed ECG held for space (it names no patient yet: that is decided when it is stored),
     in the .npz layout devices.ecg.npz reads back whole (deflated: the file holds ~25 ECGs)."""
+    from devices.ecg.npz import write_npz
+
     return {
         "key": key,
         "npz": base64.b64encode(write_npz(recording)).decode(),
@@ -89,6 +94,8 @@ def recording_to_json(key: str, recording: EcgRecording) -> dict:
 
 
 def recording_from_json(data: dict) -> tuple[str, EcgRecording]:
+    from devices.ecg.npz import read_npz
+
     recording = read_npz(base64.b64decode(data["npz"]))
     return data["key"], dataclasses.replace(recording, source_format=data["source_format"])
 
