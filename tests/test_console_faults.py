@@ -495,3 +495,78 @@ def test_a_held_ecg_whose_assign_worker_fails_says_try_again_and_stays_held(
     assert item is not None and item.held(time.time()) and item.patient is None, item
     assert f'name="item_id" value="{held_id}"' in page, "its Assign form is still on Today"
     assert too_late.status == 303 and "done=too-late" in too_late.location, (too_late.status, too_late.location)
+
+
+# the real worker's assign, committed, and then no answer: a Pi under load, the console's timeout
+ASSIGNS_THEN_HANGS = (
+    "import json, sys, time\n"
+    "from lastmile.console.dicom_worker import assign_ecg\n"
+    "assign_ecg(json.load(sys.stdin))\n"
+    "time.sleep(60)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("quality_held", "said"),
+    [
+        (True, f"已指定给 张三（{VALID_ID}）；此心电图质量待定，请选择“需要重做”或“仍然发送”。"),
+        (False, f"已指定给 张三（{VALID_ID}），将以该患者的名义发送到县里。"),
+    ],
+    ids=["re-record-verdict", "good-recording"],
+)
+def test_a_held_ecg_assigned_by_a_worker_that_then_times_out_says_assigned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quality_held: bool, said: str
+) -> None:
+    """The worker saved the assign to 张三, then did not answer in time (a loaded Pi). Today said
+    "not assigned, try again" (held for its quality) or "too late: sent already" (released): the
+    doctor records again - a second study - though the ECG IS 张三's. What the item carries is what
+    Today says: assigned to 张三."""
+    import sys
+
+    from lastmile.console import stores
+
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", 10.0)  # the assign is done well within it, then it hangs
+    config = console_config(tmp_path / "data")
+    good = read_ecg_file(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"))
+    recording = make_recording(10, patient=None) if quality_held else dataclasses.replace(good, patient=None)
+    with open_outbox(config) as outbox:
+        held_id = enqueue_recording(outbox, recording, config, key="held", now=time.time()).item.id
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", ASSIGNS_THEN_HANGS])
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = Client(server.url)
+            doctor.login()
+            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+            reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
+            page = doctor.get(reply.location).body if reply.status == 303 else reply.body
+        item = outbox.get(held_id)
+    assert item is not None and item.patient is not None and item.patient["patient_id"] == VALID_ID, item
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    assert done_said(page) == said
+
+
+def test_a_held_ecg_whose_hold_ends_while_its_worker_hangs_is_not_said_to_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor assigns an ECG held for its missing patient; the worker hangs (a loaded Pi) and
+    the hold ends meanwhile: the forwarder sends it as 无患者. Today said "still waiting, try
+    again" (held at the request's time); it says what is true when the worker gave up."""
+    import sys
+
+    from lastmile.console import stores
+
+    hold_s = 5.0
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", hold_s + 1.0)
+    config = console_config(tmp_path / "data")
+    config.patient.unassigned_ecg_hold_s = hold_s
+    config.ecg.re_record_hold_s = 0  # held for its patient only
+    with open_outbox(config) as outbox:
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", FAILING_WORKERS["timeout"]])
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = Client(server.url)
+            doctor.login()
+            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+            held_id = enqueue_recording(outbox, make_recording(7, patient=None), config, key="held").item.id
+            reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
+        item = outbox.get(held_id)
+    assert item is not None and item.hold_until is not None and item.patient is None
+    assert reply.status == 303 and "done=too-late" in reply.location, (reply.status, reply.location)
