@@ -544,6 +544,54 @@ def test_a_held_ecg_assigned_by_a_worker_that_then_times_out_says_assigned(
     assert done_said(page) == said
 
 
+NAME_HOLD_ANSWERS = ["checked-in-name", "name-right"]  # "是 张三 的" / "李四 是对的"
+
+
+@pytest.mark.parametrize("failure", list(FAILING_WORKERS))
+@pytest.mark.parametrize("answer", NAME_HOLD_ANSWERS)
+def test_an_ecg_held_for_its_name_whose_answer_worker_fails_says_try_again_and_is_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str, failure: str
+) -> None:
+    """张三 is checked in; the cart's ECG names his ID under 李四: held for its name. The doctor
+    answers "it is 张三's" or "李四 is right", and the worker fails. Today says "not assigned, try
+    again" (never an Internal Server Error), the ECG still waits for his answer, and the audit
+    trail has the answer that failed."""
+    import sys
+
+    from lastmile.console import stores
+    from lastmile.ecg.holds import NAME_MISMATCH
+
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", 1.0)
+    config = console_config(tmp_path / "data")
+    with open_outbox(config) as outbox:
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", FAILING_WORKERS[failure]])
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = Client(server.url)
+            doctor.login()
+            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+            rec = with_patient_check(
+                make_recording(7, patient=Patient(VALID_ID, "李四")), frozenset({VALID_ID}), "张三"
+            )
+            held_id = enqueue_recording(
+                outbox, rec, config, key="name-held", now=time.time(), checked_in_name="张三"
+            ).item.id
+            assert f'data-answer="{answer}"' in doctor.get("/today").body, "Today asks whose ECG it is"
+            reply = doctor.post(f"/today/ecg/{held_id}/{answer}")
+            page = doctor.get(reply.location).body if reply.status == 303 else reply.body
+        item = outbox.get(held_id)
+    no_server_error(reply, f"POST /today/ecg/E/{answer} with a failing worker")
+    assert reply.status == 303 and "done=assign-failed" in reply.location, (reply.status, reply.location)
+    said = html.unescape(page.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
+    assert "没有指定成功，心电图还在等待，请再试一次" in said, said
+    assert item is not None and item.held(time.time()) and item.hold_reason == NAME_MISMATCH, item
+    db = open_clinic_db(config.data_dir)
+    try:
+        audited = AuditLog(db).recent(5, action=f"ecg-{answer}")
+    finally:
+        db.conn.close()
+    assert [e.detail.get("failed") for e in audited] == [True], audited
+
+
 def test_a_held_ecg_whose_hold_ends_while_its_worker_hangs_is_not_said_to_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
