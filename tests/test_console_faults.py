@@ -488,6 +488,9 @@ def test_a_held_ecg_whose_assign_worker_fails_says_try_again_and_stays_held(
             reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
             page = doctor.get(reply.location).body if reply.status == 303 else reply.body
             too_late = doctor.post("/today/assign-ecg", {"item_id": str(gone_id), "patient_id": VALID_ID})
+            # he tries again, and it fails again (it would every time): whom to call
+            again = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
+            page_again = doctor.get(again.location).body if again.status == 303 else again.body
         item = outbox.get(held_id)
     assert reply.status == 303 and "done=assign-failed" in reply.location, (reply.status, reply.location)
     answer = html.unescape(page.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
@@ -495,6 +498,9 @@ def test_a_held_ecg_whose_assign_worker_fails_says_try_again_and_stays_held(
     assert item is not None and item.held(time.time()) and item.patient is None, item
     assert f'name="item_id" value="{held_id}"' in page, "its Assign form is still on Today"
     assert too_late.status == 303 and "done=too-late" in too_late.location, (too_late.status, too_late.location)
+    assert "县信息科" not in answer, answer  # the first failure: only "try again"
+    answer_again = html.unescape(page_again.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
+    assert "请再试一次" in answer_again and "如仍失败，请联系县信息科" in answer_again, answer_again
 
 
 # the real worker's assign, committed, and then no answer: a Pi under load, the console's timeout

@@ -109,7 +109,12 @@ class ConsoleInputError(ValueError):
 
 class EcgAssignFailed(Exception):
     """The assign of a held ECG could not be done (its worker crashed, timed out or could not
-    start) and the ECG is still held: the doctor is told to try again, not that it was sent."""
+    start) and the ECG is still held: the doctor is told to try again, not that it was sent.
+    `again`: it failed on this ECG before (a worker that fails every time: he is told whom to call)."""
+
+    def __init__(self, message: str, *, again: bool = False) -> None:
+        super().__init__(message)
+        self.again = again
 
 
 _ID_PROBLEMS = {

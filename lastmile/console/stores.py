@@ -213,6 +213,7 @@ class OutboxHeldEcgs:
         self.outbox = outbox
         self.config = config
         self.worker = worker or default_worker()
+        self._failed_items: set[int] = set()  # held ECGs whose assign worker failed, till one is done
 
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
         return [held_view(item) for item in held_ecgs(self.outbox, now.timestamp())]
@@ -244,11 +245,16 @@ class OutboxHeldEcgs:
                 # "try again" then makes him record again, a second study
                 done = self._assigned_already(item_id, patient)
                 if done is not None:
+                    self._failed_items.discard(item_id)
                     return done
                 # the hold may have ended while the worker hung: now, not the request's time
                 if self._still_held(item_id, dt.datetime.now(dt.timezone.utc)):
-                    raise EcgAssignFailed(f"held ECG E{item_id}: {result['error']}")
+                    again = item_id in self._failed_items
+                    self._failed_items.add(item_id)
+                    raise EcgAssignFailed(f"held ECG E{item_id}: {result['error']}", again=again)
+            self._failed_items.discard(item_id)
             return None
+        self._failed_items.discard(item_id)
         return EcgAssigned(patient_from_json(result["patient"]), waits_for_quality=bool(result["waits_for_quality"]))
 
     def _assigned_already(self, item_id: int, patient: Patient) -> EcgAssigned | None:
