@@ -316,3 +316,41 @@ def test_a_study_the_link_refuses_is_said_in_plain_words_and_a_patient_with_no_n
     assert "已失败 1 次，正在重试" in journey and "网络自" in link
     assert f'<strong>（未填姓名）</strong> <span class="id">{VALID_ID}</span>' in journey, journey
     assert journey.count(VALID_ID) == 1, journey
+
+
+def test_todays_sent_studies_of_its_ecgs_are_found_by_index_after_the_upgrade(tmp_path: Path) -> None:
+    """Today looks up the sent studies of its ECGs (`studies_of_items`) on every live-panel push.
+    A gateway after three years holds ~30,000 of them: the lookup scanned them all (REV-G 5), under
+    clinic.db's lock. The upgrade's migration indexes them by item, quickly, and the lookup
+    searches the index."""
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.outbox.min_free_mb = 1
+    config.data_dir.mkdir(parents=True)
+    db = open_database(
+        config.data_dir / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0038_sent_studies_item_index")
+    )
+    try:
+        with db.conn:
+            db.conn.executemany(
+                "INSERT INTO sent_studies (study_uid, outbox_item_id, item_key, sent_at) VALUES (?, ?, ?, ?)",
+                ((f"1.2.3.{n}", n, f"key-{n}", "2026-01-01T00:00:00+00:00") for n in range(1, 30_001)),
+            )
+    finally:
+        db.conn.close()
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, make_recording(5, patient=Patient(VALID_ID, "张三")), config, key="today")
+        (item,) = outbox.items()
+        started = time.monotonic()
+        with ReportStore.open(config.data_dir) as store:
+            migrated_s = time.monotonic() - started
+            traced: list[str] = []
+            store.db.conn.set_trace_callback(traced.append)
+            try:
+                store.studies_of_items([item])
+            finally:
+                store.db.conn.set_trace_callback(None)
+            (query,) = [sql for sql in traced if sql.lstrip().upper().startswith("SELECT")]
+            plan = [row[3] for row in store.db.conn.execute("EXPLAIN QUERY PLAN " + query)]
+    assert not any(step.startswith("SCAN sent_studies") for step in plan), plan
+    assert migrated_s < 5.0, f"the upgrade took {migrated_s:.1f} s"  # ~0.1 s here: no table rewrite

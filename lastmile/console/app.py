@@ -1212,13 +1212,19 @@ def assigned_to(patient: Patient, *, waits_for_quality: bool = False) -> Done:
     return "assigned", {"patient_id": patient.patient_id, "name": patient.name, "re_record": waits_for_quality}
 
 
+def assign_failed(exc: EcgAssignFailed) -> Done:
+    """What Today says when a held ECG's assign could not be done: try again; failed on it before
+    (a worker that fails every time), whom to call too."""
+    return ("assign-failed", {"again": True}) if exc.again else "assign-failed"
+
+
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
         try:
             assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
-        except EcgAssignFailed:
-            return "assign-failed"  # still held: not "too late", which would make him stop trying
+        except EcgAssignFailed as exc:
+            return assign_failed(exc)  # still held: not "too late", which would make him stop trying
         if assigned is None:
             return "too-late"
         return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
@@ -1279,8 +1285,8 @@ def held_for_name_answer(
             item_id = path_number(request, "item_id")  # after the login and CSRF checks
             try:
                 assigned = decide(state_of(request).data, ctx.user, item_id, now)
-            except EcgAssignFailed:
-                return "assign-failed"
+            except EcgAssignFailed as exc:
+                return assign_failed(exc)
             return "too-late" if assigned is None else said(assigned)
 
         return await today_action(request, action)

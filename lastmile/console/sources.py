@@ -109,7 +109,12 @@ class ConsoleInputError(ValueError):
 
 class EcgAssignFailed(Exception):
     """The assign of a held ECG could not be done (its worker crashed, timed out or could not
-    start) and the ECG is still held: the doctor is told to try again, not that it was sent."""
+    start) and the ECG is still held: the doctor is told to try again, not that it was sent.
+    `again`: it failed on this ECG before (a worker that fails every time: he is told whom to call)."""
+
+    def __init__(self, message: str, *, again: bool = False) -> None:
+        super().__init__(message)
+        self.again = again
 
 
 _ID_PROBLEMS = {
@@ -1228,19 +1233,26 @@ class ClinicData:
         on another screen)."""
         held = self._held_for_name(item_id, now)
         assigned = None
-        if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
-            try:  # a resident ID gives his birth date and sex
-                patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
-            except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
-                patient = Patient(held.patient_id, held.checked_in_name)
-            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
-        self.audit.record(
-            user,
-            "ecg-checked-in-name",
-            now=now,
-            target=held.patient_id if held else str(item_id),
-            detail={"item": item_id, "done": assigned is not None},
-        )
+        failed = False
+        try:
+            if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
+                try:  # a resident ID gives his birth date and sex
+                    patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
+                except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
+                    patient = Patient(held.patient_id, held.checked_in_name)
+                try:
+                    assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+                except EcgAssignFailed:
+                    failed = True
+                    raise
+        finally:  # the answer that failed is audited too
+            self.audit.record(
+                user,
+                "ecg-checked-in-name",
+                now=now,
+                target=held.patient_id if held else str(item_id),
+                detail={"item": item_id, "done": assigned is not None} | ({"failed": True} if failed else {}),
+            )
         return assigned
 
     def ecg_with_id_values(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
@@ -1278,34 +1290,42 @@ class ClinicData:
         name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
         held = self._held_for_name(item_id, now)
         assigned = None
+        failed = False
         released: list[int] = []
-        if held is not None and held.names_someone:
-            assigned = self.held_ecg_source.assign(
-                item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
+        try:
+            if held is not None and held.names_someone:
+                try:
+                    assigned = self.held_ecg_source.assign(
+                        item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
+                    )
+                except EcgAssignFailed:
+                    failed = True
+                    raise
+                if assigned is not None:
+                    # no device user renamed for a name taken, nor for an ID the session knows no name
+                    # of now (cleared: nobody said whose his cuff is)
+                    named_now = bool(self.context.known_name(held.patient_id, now))
+                    self.context.correct_name(
+                        held.patient_id,
+                        held.patient_name,
+                        now=now,
+                        rename_devices=named_now and not held.checked_in_name_taken,
+                    )
+                    released = self._release_held_under(held, now=now, by=user)
+        finally:  # the answer that failed is audited too
+            self.audit.record(
+                user,
+                "ecg-name-right",
+                now=now,
+                target=held.patient_id if held else str(item_id),
+                detail={
+                    "item": item_id,
+                    "done": assigned is not None,
+                    "name": held.patient_name if held else "",
+                    "released": released,
+                }
+                | ({"failed": True} if failed else {}),
             )
-            if assigned is not None:
-                # no device user renamed for a name taken, nor for an ID the session knows no name
-                # of now (cleared: nobody said whose his cuff is)
-                named_now = bool(self.context.known_name(held.patient_id, now))
-                self.context.correct_name(
-                    held.patient_id,
-                    held.patient_name,
-                    now=now,
-                    rename_devices=named_now and not held.checked_in_name_taken,
-                )
-                released = self._release_held_under(held, now=now, by=user)
-        self.audit.record(
-            user,
-            "ecg-name-right",
-            now=now,
-            target=held.patient_id if held else str(item_id),
-            detail={
-                "item": item_id,
-                "done": assigned is not None,
-                "name": held.patient_name if held else "",
-                "released": released,
-            },
-        )
         return assigned
 
     def _release_held_under(self, corrected: HeldEcg, *, now: dt.datetime, by: str) -> list[int]:

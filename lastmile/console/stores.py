@@ -16,6 +16,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from typing import Any
 
 from devices.identity import Patient
@@ -30,7 +31,15 @@ from lastmile.console.sources import (
     recorded_at,
     row_number,
 )
-from lastmile.ecg.holds import DOCTOR_HOLDS, HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
+from lastmile.ecg.holds import (
+    ASSIGNED_BY_DOCTOR,
+    DOCTOR_HOLDS,
+    QUALITY_HOLD,
+    HeldEcgError,
+    discard_held_ecg,
+    held_ecgs,
+    release_held_ecg,
+)
 from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from lastmile.reports.views import ecg_time, note_for_pdf, text_printout
@@ -204,6 +213,7 @@ class OutboxHeldEcgs:
         self.outbox = outbox
         self.config = config
         self.worker = worker or default_worker()
+        self._failed_items: set[int] = set()  # held ECGs whose assign worker failed, till one is done
 
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
         return [held_view(item) for item in held_ecgs(self.outbox, now.timestamp())]
@@ -230,10 +240,33 @@ class OutboxHeldEcgs:
             log.info("held ECG E%d not assigned: %s", item_id, result["error"])
             # a worker that failed says nothing of the ECG: "too late" only if it is really gone
             # (believing it sent, the doctor stops trying, and it goes as 无患者 when its hold ends)
-            if result.get(WORKER_FAILED) and self._still_held(item_id, now):
-                raise EcgAssignFailed(f"held ECG E{item_id}: {result['error']}")
+            if result.get(WORKER_FAILED):
+                # it may have committed the assign and then failed (timed out on a loaded Pi):
+                # "try again" then makes him record again, a second study
+                done = self._assigned_already(item_id, patient)
+                if done is not None:
+                    self._failed_items.discard(item_id)
+                    return done
+                # the hold may have ended while the worker hung: now, not the request's time
+                if self._still_held(item_id, dt.datetime.now(dt.timezone.utc)):
+                    again = item_id in self._failed_items
+                    self._failed_items.add(item_id)
+                    raise EcgAssignFailed(f"held ECG E{item_id}: {result['error']}", again=again)
+            self._failed_items.discard(item_id)
             return None
+        self._failed_items.discard(item_id)
         return EcgAssigned(patient_from_json(result["patient"]), waits_for_quality=bool(result["waits_for_quality"]))
+
+    def _assigned_already(self, item_id: int, patient: Patient) -> EcgAssigned | None:
+        """What the item shows if the doctor's assign to `patient`'s ID is on it; None if not."""
+        item = self.outbox.get(item_id)
+        if item is None or item.patient is None or ASSIGNED_BY_DOCTOR not in item.meta.get("flags", []):
+            return None
+        if item.patient.get("patient_id") != patient.patient_id:
+            return None
+        waits = item.hold_reason == QUALITY_HOLD and item.held(time.time())
+        log.info("held ECG E%d: its worker failed, but the assign is on it", item_id)
+        return EcgAssigned(patient_from_json(item.patient), waits_for_quality=waits)
 
     def _still_held(self, item_id: int, now: dt.datetime) -> bool:
         item = self.outbox.get(item_id)

@@ -31,6 +31,7 @@ ID_CONFLICT = "patient-id-conflict"
 ID_CONFLICT_FLAGS = (f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date")  # `vetted_patient`'s, in the object too
 DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD, NAME_MISMATCH, ID_CONFLICT)
 LAN_SOURCE_FORMAT = "dicom-lan"
+ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"  # an item's flag: the doctor gave it its patient
 RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
 
 

@@ -50,6 +50,7 @@ from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
 from lastmile.config import Config, EcgSection
+from lastmile.ecg.holds import ASSIGNED_BY_DOCTOR as ASSIGNED_BY_DOCTOR  # re-exported: its users' import
 from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
     DOCTOR_HOLDS as DOCTOR_HOLDS,
 )
@@ -84,7 +85,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATIENT_ID_REFUSED = "patient-id-refused"
-ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"
 
 # the IDs that are the clinic session's current patient (`PatientContext.patient_ids`): empty, nobody
 CurrentPatient = Callable[[], "frozenset[str]"]
