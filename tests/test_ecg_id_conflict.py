@@ -187,3 +187,40 @@ def test_a_file_agreeing_with_its_id_or_giving_no_sex_is_not_held(tmp_path: Path
             assert item is not None and item.hold_until is None, item
         sent = _dataset(outbox, unsaid)
     assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505")  # the ID's, as before
+
+
+def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_id_next(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    """A file with both another name and a sex/birth date its ID contradicts: Today asks the name
+    first. "The ECG's name is right" answered the name only: it sent the ID's sex and birth date
+    (never shown to him) and dropped the conflict. Now the file's stand, flagged, and the ECG
+    waits for the ID's question; "the ID is right" then sends the ID's."""
+    config, _, doctor = clinic
+    item_id = _arrives(config, _cart_file(tmp_path, name="Wang^Fang"), "both")
+    page = doctor.get("/today").body
+    assert "身份证号是对的" not in _row(page, item_id)  # the name's question comes first
+    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(page)})
+    assert reply.status == 303, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.patient is not None
+        assert (item.patient["name"], item.patient["sex"], item.patient["birth_date"]) == (
+            "Wang^Fang",
+            "F",
+            "1971-01-01",
+        )
+        assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"]), item.meta["flags"]
+        assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.hold_until)
+        sent = _dataset(outbox, item_id)
+    assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
+    page = doctor.get("/today").body
+    assert "身份证号是对的：按身份证号的性别和出生日期发送" in _row(page, item_id)
+    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": _csrf(page)})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.hold_until is None
+        assert not any(f.startswith(ID_CONFLICT) for f in item.meta["flags"])
+        sent = _dataset(outbox, item_id)
+    assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")

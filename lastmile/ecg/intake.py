@@ -439,6 +439,9 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
         raise HeldEcgError(f"ECG E{item_id} is not held for a patient: it is patient {settled_on}'s")
     patient = as_on_file(item, patient)
+    # "its name is right" on a file whose sex or birth date its ID also contradicts: Today asked
+    # the name only, so the file's values go on, flagged, and it waits for the ID's question
+    id_still_open = file_name_confirmed(item, patient) and id_conflict(item.meta.get("flags", []))
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
@@ -454,7 +457,9 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         kept = item.patient or {}
         note += f" (the ECG file gave sex {kept.get('sex') or '-'}, birth date {kept.get('birth_date') or '-'})"
     data = deflated_part10(reassign_patient(ds, patient, note))
-    settled = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR, *ID_CONFLICT_FLAGS)  # the doctor answered them
+    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)  # the doctor answered them
+    if not id_still_open:
+        settled += ID_CONFLICT_FLAGS
     flags = [f for f in item.meta.get("flags", []) if f not in settled]
     flags.append(ASSIGNED_BY_DOCTOR)
     meta = {**item.meta, "unassigned": False, "flags": flags}
@@ -470,6 +475,9 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     quality_until = item.meta.get("quality_hold_until")
     if quality_until is not None and quality_until > now.timestamp():
         keep = Hold(QUALITY_HOLD, float(quality_until))
+    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
+        # the ID's question first (Today shows it next), as long as both holds last
+        keep = Hold(ID_CONFLICT, max(item.hold_until, keep.until if keep else 0.0))
     if not outbox.replace_held_payload(
         item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
     ):
@@ -577,7 +585,9 @@ def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
         return patient
     if given_another_name(item, patient):
         return dataclasses.replace(patient, issuer=patient.issuer or str(kept.get("issuer") or ""))
-    if id_conflict(item.meta.get("flags", [])):  # a number typed alone: what the ID says (`id_conflict_meta`)
+    if id_conflict(item.meta.get("flags", [])) and NAME_MISMATCH not in item.meta.get("flags", []):
+        # a number typed alone: what the ID says (`id_conflict_meta`). Not on an ECG held for its
+        # name too: "its name is right" answers the name only, the file's values stand (`assign_held_ecg`)
         id_born = item.meta.get("id_birth_date")
         return dataclasses.replace(
             patient,
