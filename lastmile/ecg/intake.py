@@ -633,14 +633,21 @@ def with_patient_check(
 def named_as_checked_in(recording: EcgRecording, checked_in_name: str) -> EcgRecording:
     """`recording`, whose file names its patient in letters only, under the check-in's name in
     characters when they are one name (`same_person_name`): his readings go to the county as
-    "Zhang^Xiulan=张^秀兰", so his ECG does too, not as "Zhang Xiulan" with no Chinese name. A file
+    "Zhang^Xiulan=张^秀兰", so his ECG goes as "Zhang Xiulan=张^秀兰" (the cart's
+    letters, the check-in's characters), not as "Zhang Xiulan" with no Chinese name. A file
     in characters already keeps its own (one name, the same characters: `same_person_name`)."""
     p = recording.patient
     if p is None or no_name(p.name) or has_ideographs(p.name) or not has_ideographs(checked_in_name):
         return recording
     if not same_person_name(p.name, checked_in_name):
         return recording
-    return dataclasses.replace(recording, patient=dataclasses.replace(p, name=dicom_person_name(checked_in_name)))
+    # the cart's own letters stay (her reading: 张乐 written "Zhang Yue", not the dictionary's
+    # Zhang^Le); only the check-in's characters are added, as the ideographic group
+    alphabetic, _, other_groups = p.name.partition("=")
+    phonetic = other_groups.partition("=")[2]
+    ideographic = dicom_person_name(checked_in_name).partition("=")[2]
+    name = f"{alphabetic}={ideographic}" + (f"={phonetic}" if phonetic else "")
+    return dataclasses.replace(recording, patient=dataclasses.replace(p, name=name))
 
 
 # -- files: `lastmile import` and the watched USB folders -----------------------------------------
