@@ -120,7 +120,7 @@ def test_an_ecg_whose_sex_and_birth_date_contradict_its_id_is_held_and_said_on_t
         assert outbox.claim(item.kind, 10, time.time()) == []  # the forwarder does not take it
     row = _row(doctor.get("/today").body, item_id)
     assert "心电图上的性别/出生日期与身份证号不符。" in row, row
-    assert f"心电图上是 女, 1971-01-01；身份证号 {RESIDENT_ID} 是 男, 1965-05-05。" in row, row
+    assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
     assert "身份证号是对的：按身份证号的性别和出生日期发送" in row and "是另一位患者的：请输入他的患者编号。" in row
     assert "仍然发送" not in row and "是对的：更正登记的姓名" not in row  # no answer that sends the file's unsaid
 
