@@ -19,15 +19,25 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from devices.identity import Patient
+from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import ID_CONFLICT, held_ecgs
-from lastmile.ecg.intake import STAT_NAME_HOLD_S, file_enqueuer, read_ecg_file
+from lastmile.ecg.holds import ID_CONFLICT, NAME_MISMATCH, held_ecgs
+from lastmile.ecg.intake import (
+    STAT_NAME_HOLD_S,
+    assign_held_ecg,
+    clinic_patient,
+    file_enqueuer,
+    lan_object_store,
+    read_ecg_file,
+)
 from tests.conftest import shared_file
 from tests.console_harness import Client, console_config, running_console
-from uploader.outbox import Outbox
+from tests.test_ecg_name_mismatch import _storescu
+from uploader.outbox import Kind, Outbox
 
 RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
 OTHER_ID = "110101198001010010"  # a man born 1980-01-01
@@ -223,4 +233,65 @@ def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_
         assert item is not None and item.hold_until is None
         assert not any(f.startswith(ID_CONFLICT) for f in item.meta["flags"])
         sent = _dataset(outbox, item_id)
+    assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
+
+
+def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_the_ids(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    """The same cart sending over the LAN (DICOM C-STORE, REV-H 1): it went at once as a woman
+    born 1971 under his ID, unflagged. Now held and asked as a file is; "the ID is right" writes
+    the ID's sex and birth date into the cart's object, its UIDs the cart's."""
+    config, _, doctor = clinic
+    path = _cart_file(tmp_path)
+    with open_outbox(config) as outbox:
+        store = lan_object_store(
+            outbox,
+            lambda: frozenset({RESIDENT_ID}),
+            checked_in_name=lambda pid: "李建国" if pid == RESIDENT_ID else "",
+            patient_hold_s=config.patient.unassigned_ecg_hold_s,
+        )
+        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
+            _storescu(receiver.port, path)
+        (item,) = outbox.items(kind=Kind.DICOM)
+        assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.meta["flags"])
+        assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"])
+        assert outbox.claim(Kind.DICOM, 10, time.time()) == []
+    page = doctor.get("/today").body
+    assert f"身份证号 {RESIDENT_ID} 是 男，1965-05-05" in _row(page, item.id)
+    reply = doctor.post(f"/today/ecg/{item.id}/id-values", {"csrf": _csrf(page)})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        decided = outbox.get(item.id)
+        assert decided is not None and decided.hold_until is None
+        assert not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
+        sent = _dataset(outbox, item.id)
+    cart = pydicom.dcmread(path)
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+        assert sent.get(keyword) == cart.get(keyword), keyword
+    assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505")
+
+
+def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is_right(tmp_path: Path) -> None:
+    """Over the LAN, another name and a contradicted sex/birth date: held for its name first;
+    "Wang Fang is right" keeps the cart's F/1971, flagged, held for the ID; then the ID's answer."""
+    config = console_config(tmp_path / "data")
+    path = _cart_file(tmp_path, name="Wang^Fang")
+    with open_outbox(config) as outbox:
+        store = lan_object_store(
+            outbox, lambda: frozenset({RESIDENT_ID}), checked_in_name=lambda pid: "李建国", patient_hold_s=900.0
+        )
+        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
+            _storescu(receiver.port, path)
+        (item,) = outbox.items(kind=Kind.DICOM)
+        assert item.hold_reason == NAME_MISMATCH, (item.hold_reason, item.meta["flags"])
+        now = dt.datetime.now(dt.timezone.utc)
+        named = assign_held_ecg(outbox, item.id, Patient(RESIDENT_ID, "Wang^Fang"), now=now)
+        assert named.hold_reason == ID_CONFLICT and named.held(time.time()), (named.hold_reason, named.hold_until)
+        assert f"{ID_CONFLICT}:sex" in named.meta["flags"]
+        sent = _dataset(outbox, item.id)
+        assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
+        decided = assign_held_ecg(outbox, item.id, clinic_patient(RESIDENT_ID, "Wang^Fang", config), now=now)
+        assert decided.hold_until is None and not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
+        sent = _dataset(outbox, item.id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")

@@ -416,7 +416,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
     if item.meta.get("source_format") == LAN_SOURCE_FORMAT:
         # a cart's object is forwarded as the cart made it: only the doctor's answer to a name is written into it
-        if not (item.held(now.timestamp()) and item.hold_reason == NAME_MISMATCH):
+        if not (item.held(now.timestamp()) and item.hold_reason in (NAME_MISMATCH, ID_CONFLICT)):
             raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
         return assign_lan_object(outbox, item, patient, now=now, by=by)
     if item.attempts or item.state != ItemState.QUEUED:
@@ -509,7 +509,15 @@ def assign_lan_object(
         with_patient_id(ds, patient.patient_id)
         if patient.issuer:
             ds.IssuerOfPatientID = patient.issuer
-    own_details = other_id or given_another_name(item, patient)  # the cart's were another person's
+    flags = item.meta.get("flags", [])
+    # "the ID is right" (held for the ID only): the ID's sex and birth date, a number alone too (`as_on_file`)
+    id_answer = not other_id and id_conflict(flags) and NAME_MISMATCH not in flags
+    if id_answer:
+        patient = as_on_file(item, patient)
+    # "its name is right" on an object its ID also contradicts: the cart's values stay, flagged,
+    # and it waits for the ID's question (as a file does, `assign_held_ecg`)
+    id_still_open = not other_id and id_conflict(flags) and file_name_confirmed(item, patient)
+    own_details = other_id or given_another_name(item, patient) or id_answer  # the cart's were another person's
     if own_details:
         ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
         ds.PatientSex = patient.sex or ""
@@ -526,7 +534,13 @@ def assign_lan_object(
         ds.PatientName = name
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
-    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)
+    if not id_still_open:
+        settled += ID_CONFLICT_FLAGS
+    flags = [f for f in flags if f not in settled]
+    keep = None
+    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
+        keep = Hold(ID_CONFLICT, item.hold_until)
     received = item.meta.get("received_sha256") or item.sha256  # the cart's resend of its own bytes is this item
     meta = {**item.meta, "flags": [*flags, ASSIGNED_BY_DOCTOR], "received_sha256": received}
     kept = item.patient or {}
@@ -540,7 +554,7 @@ def assign_lan_object(
         ),
     }
     if not outbox.replace_held_payload(
-        item.id, out.getvalue(), now.timestamp(), meta=meta, patient=fields, replacing_sha256=item.sha256
+        item.id, out.getvalue(), now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
     ):
         raise HeldEcgError(f"ECG E{item.id} was claimed for sending or assigned meanwhile: see 'lastmile patient show'")
     log.info("held LAN ECG E%d given its patient%s and released", item.id, f" by {by}" if by else "")
@@ -780,8 +794,10 @@ def lan_object_store(
     is a reset clock too (`NewestFromCart`); files imported from a stick are not judged so.
     An object naming one of the checked-in patient's IDs under another name than
     `checked_in_name` gives it is held "name-mismatch" for `name_hold_s` (of `patient_hold_s`,
-    `patient.unassigned_ecg_hold_s`, and `stat_name_hold_s`, `ecg.stat_name_hold_s`): it is the one kind of LAN object held, as only the doctor
-    knows whose it is (`assign_held_ecg` writes his answer into the cart's object). Unanswered,
+    `patient.unassigned_ecg_hold_s`, and `stat_name_hold_s`, `ecg.stat_name_hold_s`), and so is one
+    whose sex or birth date its resident ID contradicts ("patient-id-conflict", `lan_id_conflict`):
+    the kinds of LAN object held, as only the doctor knows whose it is and which is right
+    (`assign_held_ecg` writes his answer into the cart's object). Unanswered,
     it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
     outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
     cart's object only what the doctor answered."""
@@ -806,9 +822,11 @@ def lan_object_store(
         file_name = str((obj.patient or {}).get("name") or "")
         known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
         other_name = names_differ(file_name, known)
-        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name else 0.0
-        hold = Hold(NAME_MISMATCH, time.time() + hold_s) if hold_s > 0 else None
-        flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else [])
+        id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
+        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
+        # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
+        hold = Hold(NAME_MISMATCH if other_name else ID_CONFLICT, time.time() + hold_s) if hold_s > 0 else None
+        flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else []) + id_flags
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
@@ -823,6 +841,7 @@ def lan_object_store(
             **forwarded.described,
             **rewritten,
             **name_mismatch_meta(flags, file_name, known),
+            **id_values,
         )
         newest.saw(obj.calling_ae, forwarded)
         if kept is None:
@@ -843,6 +862,29 @@ def lan_object_store(
             replace_lan_object(outbox, kept, obj, meta, hold)
 
     return store
+
+
+def lan_id_conflict(patient: dict | None, id_kind: str) -> tuple[list[str], dict[str, str]]:
+    """A cart's object whose sex or birth date its resident ID contradicts, as `vetted_patient`
+    judges a file's: the conflict flags, and the ID's values for Today's question
+    (`id_conflict_meta`). None for an object without them or without a valid resident ID."""
+    if not patient:
+        return [], {}
+    try:
+        resident = kept_patient_id(str(patient.get("patient_id") or ""), id_kind)[1]
+    except InvalidPatientIdError:
+        return [], {}
+    if resident is None:
+        return [], {}
+    sex, born = str(patient.get("sex") or ""), str(patient.get("birth_date") or "")
+    flags = []
+    if sex and sex != resident.sex:
+        flags.append(ID_CONFLICT_FLAGS[0])
+    if born and born.replace("-", "") != resident.birth_date.strftime("%Y%m%d"):
+        flags.append(ID_CONFLICT_FLAGS[1])
+    if not flags:
+        return [], {}
+    return flags, {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
 
 
 def comparable_patient_id(patient_id: str, id_kind: str) -> str:
