@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import os
 import re
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -34,9 +36,8 @@ from lastmile.ecg.intake import (
     lan_object_store,
     read_ecg_file,
 )
-from tests.conftest import shared_file
+from tests.conftest import require_tool, shared_file
 from tests.console_harness import Client, console_config, running_console
-from tests.test_ecg_name_mismatch import _storescu
 from uploader.outbox import Kind, Outbox
 
 RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
@@ -80,6 +81,18 @@ def _arrives(config: Config, path: Path, key: str, *, stat: bool = False) -> int
             return item.id
     finally:
         context.close()
+
+
+def _storescu(port: int, path: Path) -> None:
+    """The cart sends `path` over the LAN as a DICOM C-STORE (DCMTK's storescu, calling AE CART1)."""
+    done = subprocess.run(
+        [require_tool("storescu"), "-aet", "CART1", "-aec", "LASTMILE", "127.0.0.1", str(port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def _dataset(outbox: Outbox, item_id: int) -> pydicom.Dataset:
@@ -270,6 +283,9 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
         assert sent.get(keyword) == cart.get(keyword), keyword
     assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505")
+    # the cart wrote his name in letters: his characters go with it, as a file's do (REV-H 1)
+    assert str(sent.PatientName) == "Li^Jianguo=李^建国" and decided.patient is not None
+    assert decided.patient["name"] == "Li^Jianguo=李^建国"
 
 
 def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is_right(tmp_path: Path) -> None:
@@ -295,3 +311,23 @@ def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is
         assert decided.hold_until is None and not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
         sent = _dataset(outbox, item.id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
+
+
+def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_same_item(tmp_path: Path) -> None:
+    """His ECG over the LAN, "Li^Jianguo" on the cart, 李建国 checked in: it went in letters only
+    (a file got his characters): now as "Li^Jianguo=李^建国", and the cart's resend is no new content."""
+    config = console_config(tmp_path / "data")
+    path = _cart_file(tmp_path, sex="M", birth="19650505")
+    with open_outbox(config) as outbox:
+        store = lan_object_store(
+            outbox, lambda: frozenset({RESIDENT_ID}), checked_in_name=lambda pid: "李建国", patient_hold_s=900.0
+        )
+        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
+            _storescu(receiver.port, path)
+            (item,) = outbox.items(kind=Kind.DICOM)
+            _storescu(receiver.port, path)  # the cart's retry
+        (again,) = outbox.items(kind=Kind.DICOM)
+        assert item.hold_until is None and again.sha256 == item.sha256
+        sent = _dataset(outbox, item.id)
+    assert str(sent.PatientName) == "Li^Jianguo=李^建国" and sent.SpecificCharacterSet == "ISO_IR 192"
+    assert item.patient is not None and item.patient["name"] == "Li^Jianguo=李^建国"

@@ -651,17 +651,27 @@ def named_as_checked_in(recording: EcgRecording, checked_in_name: str) -> EcgRec
     letters, the check-in's characters), not as "Zhang Xiulan" with no Chinese name. A file
     in characters already keeps its own (one name, the same characters: `same_person_name`)."""
     p = recording.patient
-    if p is None or no_name(p.name) or has_ideographs(p.name) or not has_ideographs(checked_in_name):
+    if p is None:
         return recording
-    if not same_person_name(p.name, checked_in_name):
+    name = with_checked_in_characters(p.name, checked_in_name)
+    if name is None:
         return recording
-    # the cart's own letters stay (her reading: 张乐 written "Zhang Yue", not the dictionary's
-    # Zhang^Le); only the check-in's characters are added, as the ideographic group
-    alphabetic, _, other_groups = p.name.partition("=")
+    return dataclasses.replace(recording, patient=dataclasses.replace(p, name=name))
+
+
+def with_checked_in_characters(file_name: str, checked_in_name: str) -> str | None:
+    """A DICOM PN written in letters only (`file_name`) with the check-in's characters as its
+    ideographic group, when they are one name (`same_person_name`); None otherwise (a name in
+    characters already, another name, no name). The cart's own letters stay (her reading: 张乐
+    written "Zhang Yue", not the dictionary's Zhang^Le)."""
+    if no_name(file_name) or has_ideographs(file_name) or not has_ideographs(checked_in_name):
+        return None
+    if not same_person_name(file_name, checked_in_name):
+        return None
+    alphabetic, _, other_groups = file_name.partition("=")
     phonetic = other_groups.partition("=")[2]
     ideographic = dicom_person_name(checked_in_name).partition("=")[2]
-    name = f"{alphabetic}={ideographic}" + (f"={phonetic}" if phonetic else "")
-    return dataclasses.replace(recording, patient=dataclasses.replace(p, name=name))
+    return f"{alphabetic}={ideographic}" + (f"={phonetic}" if phonetic else "")
 
 
 # -- files: `lastmile import` and the watched USB folders -----------------------------------------
@@ -797,7 +807,8 @@ def lan_object_store(
     `patient.unassigned_ecg_hold_s`, and `stat_name_hold_s`, `ecg.stat_name_hold_s`), and so is one
     whose sex or birth date its resident ID contradicts ("patient-id-conflict", `lan_id_conflict`):
     the kinds of LAN object held, as only the doctor knows whose it is and which is right
-    (`assign_held_ecg` writes his answer into the cart's object). Unanswered,
+    (`assign_held_ecg` writes his answer into the cart's object). One naming him in letters
+    only, the check-in's name, gets the check-in's characters added, as a file does (`lan_object_named`). Unanswered,
     it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
     outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
     cart's object only what the doctor answered."""
@@ -822,6 +833,11 @@ def lan_object_store(
         file_name = str((obj.patient or {}).get("name") or "")
         known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
         other_name = names_differ(file_name, known)
+        if not other_name:  # his pinyin on the cart: his characters with it, as for a file
+            named = lan_object_named(obj, known)
+            if named is not obj:
+                obj, rewritten = named, {"received_sha256": received_sha256}
+                sha256 = hashlib.sha256(obj.data).hexdigest()
         id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
         hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
         # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
@@ -1006,6 +1022,27 @@ def as_forwarded(
         return ForwardedObject(obj, flags, described)
     patient = {**obj.patient, "patient_id": new_id} if obj.patient is not None and new_id is not None else obj.patient
     return ForwardedObject(dataclasses.replace(obj, data=out.getvalue(), patient=patient), flags, described)
+
+
+def lan_object_named(obj: ReceivedObject, checked_in_name: str) -> ReceivedObject:
+    """A cart's object naming its patient in letters only, the check-in's name for its ID: with
+    the check-in's characters added (`with_checked_in_characters`), the rest as received; `obj`
+    itself otherwise."""
+    import pydicom
+
+    patient = obj.patient or {}
+    name = with_checked_in_characters(str(patient.get("name") or ""), checked_in_name)
+    if name is None:
+        return obj
+    ds = pydicom.dcmread(io.BytesIO(obj.data))
+    if "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
+        # the cart's text read in its own character set, written again in UTF-8 with the name
+        ds.decode()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = name
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return dataclasses.replace(obj, data=out.getvalue(), patient={**patient, "name": name})
 
 
 def with_patient_id(ds: Dataset, patient_id: str) -> None:
