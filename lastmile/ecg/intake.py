@@ -485,7 +485,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
             f"ECG E{item_id} was claimed for sending or assigned meanwhile: see 'lastmile patient show' "
             "(if it was sent, ask the reading center to correct it)"
         )
-    log.info("held ECG E%d assigned%s", item_id, " (still held: re-record)" if keep else " and released")
+    log.info("held ECG E%d assigned%s", item_id, f" (still held: {keep.reason})" if keep else " and released")
     updated = outbox.get(item_id)
     assert updated is not None
     return updated
