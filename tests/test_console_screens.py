@@ -634,6 +634,7 @@ FORM_PAGES = {
     "/today/ecg/{item_id}/send-anyway": "/today",
     "/today/ecg/{item_id}/checked-in-name": "/today",
     "/today/ecg/{item_id}/name-right": "/today",
+    "/today/ecg/{item_id}/id-values": "/today",
     "/reports/{report_id}/acknowledge": "/reports/{report_id}",
     "/reports/{report_id}/print": "/reports/{report_id}",
     "/devices/pair": "/devices",

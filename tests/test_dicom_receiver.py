@@ -599,6 +599,7 @@ def test_resident_id_written_loosely_on_the_cart_is_the_checked_in_stat_patient(
     checked_in = "11010519491231002X"
     ecg = _dataset(Path(get_testdata_file("waveform_ecg.dcm")).read_bytes())
     ecg.PatientID = "110105 19491231 002x"
+    ecg.PatientSex, ecg.PatientBirthDate = "F", "19491231"  # what the ID says: only the ID's writing is loose
     sent = io.BytesIO()
     ecg.save_as(sent)
     session = StatSession(checked_in, dt.datetime.now(dt.timezone.utc))
@@ -626,6 +627,7 @@ def test_a_loosely_written_resident_id_goes_to_the_pacs_as_the_one_resident_id(o
     built = recording_to_dicom_bytes(make_recording(0), uids, StationInfo(station_name="cart-1", institution="Clinic"))
     ecg = _dataset(built)
     ecg.PatientID = "110105 19491231 002x"
+    ecg.PatientSex, ecg.PatientBirthDate = "F", "19491231"  # what the ID says: only the ID's writing is loose
     sent = io.BytesIO()
     ecg.save_as(sent)
     assert dciodvfy_problems(sent.getvalue()) == []  # the cart's object is valid as it is
@@ -659,6 +661,7 @@ def test_a_cart_sending_a_stored_object_again_costs_no_parse(outbox: Outbox, mon
     uids = EcgStudyUids(study_uid="2.25.3001", series_uid="2.25.3002", sop_instance_uid="2.25.3003")
     ecg = _dataset(recording_to_dicom_bytes(make_recording(0), uids, StationInfo(station_name="cart-1")))
     ecg.PatientID = "110105 19491231 002x"
+    ecg.PatientSex, ecg.PatientBirthDate = "F", "19491231"  # what the ID says: only the ID's writing is loose
     sent = io.BytesIO()
     ecg.save_as(sent)
     reads: list[object] = []

@@ -150,14 +150,25 @@ def test_a_file_under_the_check_ins_own_name_or_none_is_not_held(tmp_path: Path,
     assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"]
 
 
-@pytest.mark.parametrize("cart_name", ["Zhang Xiulan", "ZHANG^XIULAN"], ids=["spaced", "capitals"])
+@pytest.mark.parametrize(
+    ("checked_in", "cart_name", "sent_as"),
+    [
+        ("张秀兰", "Zhang Xiulan", "Zhang Xiulan=张^秀兰"),
+        ("张秀兰", "ZHANG^XIULAN", "ZHANG^XIULAN=张^秀兰"),
+        ("张乐", "Zhang Yue", "Zhang Yue=张^乐"),  # her reading, not the dictionary's Zhang^Le
+        ("曾凡", "Ceng^Fan", "Ceng^Fan=曾^凡"),  # not Zeng^Fan
+    ],
+    ids=["spaced", "capitals", "heteronym-yue", "heteronym-ceng"],
+)
 def test_a_file_naming_the_check_in_in_pinyin_goes_under_the_check_ins_characters(
-    tmp_path: Path, cart_name: str
+    tmp_path: Path, checked_in: str, cart_name: str, sent_as: str
 ) -> None:
     """张秀兰 is checked in; the cart (no input method) wrote "Zhang Xiulan". Her readings went as
-    Zhang^Xiulan=张^秀兰, her ECG as "Zhang Xiulan" with no Chinese name (REV-R 12): now the same."""
+    Zhang^Xiulan=张^秀兰, her ECG as "Zhang Xiulan" with no Chinese name (REV-R 12): now with her
+    characters. The cart's letters stay as it wrote them (REV-H 3): 张乐 written "Zhang Yue" went
+    as the dictionary's Zhang^Le=张^乐, a pinyin the cart and the HIS do not have."""
     run = _cli(tmp_path)
-    assert cli([*run, "patient", "set", FILE_ID, "--name", "张秀兰"]) == 0
+    assert cli([*run, "patient", "set", FILE_ID, "--name", checked_in]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(shared_file(*DCM))
@@ -168,8 +179,8 @@ def test_a_file_naming_the_check_in_in_pinyin_goes_under_the_check_ins_character
         (item,) = outbox.items(kind=Kind.DICOM)
         sent = _dataset(outbox, item.id)
     assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"]
-    assert item.patient is not None and item.patient["name"] == "Zhang^Xiulan=张^秀兰"
-    assert (sent.PatientID, str(sent.PatientName)) == (FILE_ID, "Zhang^Xiulan=张^秀兰")
+    assert item.patient is not None and item.patient["name"] == sent_as
+    assert (sent.PatientID, str(sent.PatientName)) == (FILE_ID, sent_as)
 
 
 def test_a_stat_ecg_held_for_its_name_waits_two_minutes_and_comes_first(tmp_path: Path) -> None:
