@@ -432,6 +432,9 @@ MIGRATIONS = (
         "ALTER TABLE devices ADD COLUMN card_found_at TEXT;\n"
         "ALTER TABLE devices ADD COLUMN card_word_id TEXT;",
     ),
+    # when the gateway stored its last reading (last_reading_at is the device's clock, and a cuff's
+    # memory is hours old): what a later error is judged by (last_seen_at is set on connecting too)
+    Migration.sql("0038_device_reading_received_at", "ALTER TABLE devices ADD COLUMN reading_received_at TEXT;"),
 )
 
 
