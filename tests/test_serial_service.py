@@ -613,6 +613,43 @@ def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp
     assert "forward_profile" in (r.registry.get("serial:ecg").last_error or "")
 
 
+# The serial service's process, started; then its code tree replaced in place (an update that
+# kept it running), so no module of ours can be imported any more; then an ECG is held at a stop.
+ECG_HELD_AFTER_THE_CODE_TREE_WAS_REPLACED = r"""
+import importlib.abc, sys
+import lastmile.services.serial_devices
+from lastmile.services.serial_spill import recording_to_json
+from tests.ecg_factories import make_recording
+
+recording = make_recording(seconds=1.0)
+
+
+class CodeTreeReplaced(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("devices", "lastmile", "firmware_bridge", "uploader"):
+            raise ImportError(f"{name}: its file was replaced since the start")
+        return None
+
+
+sys.meta_path.insert(0, CodeTreeReplaced())
+print(len(recording_to_json("bridge-ecg:BR-ECG:9:1", recording)["npz"]) > 0)
+"""
+
+
+def test_an_ecg_held_at_a_stop_needs_no_import_after_the_start(tmp_path: Path) -> None:
+    """REV-FI 5: the serial service first imported devices.ecg.npz when it first held an ECG,
+    typically as it stopped; had the code tree been replaced in place since the start, the ECG
+    was lost to an ImportError. It is loaded at the start now, with the rest of the ECG code."""
+    done = subprocess.run(
+        [sys.executable, "-c", ECG_HELD_AFTER_THE_CODE_TREE_WAS_REPLACED],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+
+
 def test_device_configuration_is_checked(tmp_path: Path) -> None:
     config = serial_config(tmp_path, [])
     profiles, bad = load_profiles_apart(config)
