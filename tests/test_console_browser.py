@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -250,6 +251,35 @@ def test_an_open_today_page_says_when_the_gateway_stopped_and_clears_when_it_is_
     finally:
         _stopped(proc)
         set_viewport(browser, TABLET)
+
+
+def test_an_open_today_page_whose_login_ended_while_the_stream_was_down_goes_to_the_login_page(
+    browser: object, tmp_path: Path
+) -> None:
+    """REV-FI 3: the stream dropped (the tablet slept, the gateway restarted) and the login ended
+    meanwhile: the reconnect got "401 login required", the browser gave the stream up for good and
+    the page said "网关暂时没有响应" for ever while the gateway was fine. Now the page is loaded
+    afresh, and the login page follows."""
+    config = console_config(tmp_path / "data")
+    add_users(config)
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{config.data_dir}"\n[gps]\nsource = "none"\n[outbox]\nmin_free_mb = 1\n'
+        f'[console]\nlisten = "{config.console.listen}"\nhttps = false\n'
+    )
+    url = f"http://{config.console.listen}"
+    server = cast(ConsoleServer, type("Running", (), {"url": url}))
+    proc = _console_process(config_file, url)
+    try:
+        log_in(browser, server)
+        live_stream_open(browser)
+        _stopped(proc)
+        with sqlite3.connect(Path(config.data_dir) / "clinic.db") as db:  # the login timed out meanwhile
+            db.execute("DELETE FROM console_logins")
+        proc = _console_process(config_file, url)
+        wait_for(browser, on_page("/login"))
+    finally:
+        _stopped(proc)
 
 
 def _emulated_ble_clinic(config: Config, patient_id: str) -> threading.Thread:

@@ -191,3 +191,66 @@ def test_today_names_devices_and_readings_by_their_settings_names_never_their_po
     lines = page.split('<ul class="readings">', 1)[1].split("</ul>", 1)[0].split("<li ")[1:]
     assert len(lines) >= 2, readings  # blood pressure and pulse at least
     assert all(f"· {MONITOR}" in re.sub(r"\s+", " ", line) for line in lines), lines
+
+
+def test_a_good_report_after_an_unreadable_one_ends_measure_again_though_the_monitor_s_clock_is_slow(
+    tmp_path: Path, gateway: tuple[Gateway, PtyDevice, PtyDevice]
+) -> None:
+    """REV-FI 2 (a): a report cut short said "请重新测量" on Today; the doctor measured again and the
+    good report was stored, but the monitor's clock is 2 minutes slow: its measured time is before
+    the error's, so Today kept saying "measure again" for 10 minutes and he measured a third time.
+    A reading now ends the error by when the gateway got it."""
+    g, monitor, _scanner = gateway
+    g.patients.set_patient(VALID_ID, "张秀兰", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))
+    printed = report_printed(dt.datetime.now(dt.timezone.utc))
+    monitor.write(printed[: printed.index(b"PULSE")])  # switched off mid-print: rejected when it goes quiet
+    wait_for(
+        lambda: (d := g.registry.get(f"serial:{MONITOR}")) is not None and "report rejected" in d.last_error,
+        timeout=60,
+        what="the cut report rejected",
+    )
+    assert "请重新测量" in device_line(today_of(console_of(g)), MONITOR)
+    slow = report_printed(dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=2))
+    monitor.write(slow.replace(b"RECORD 0172", b"RECORD 0173"))
+    wait_for(
+        lambda: (d := g.registry.get(f"serial:{MONITOR}")) is not None and d.last_reading != "",
+        timeout=60,
+        what="the good report stored",
+    )
+    row = g.registry.get(f"serial:{MONITOR}")
+    assert row is not None and row.last_reading_at is not None and row.last_error_at is not None
+    assert row.last_reading_at < row.last_error_at, row  # measured, by its clock, before the error
+    line = device_line(today_of(console_of(g)), MONITOR)
+    assert "请重新测量" not in line, line
+
+
+def test_a_cuff_s_reading_sent_after_a_failed_connection_ends_its_problem_on_today(tmp_path: Path) -> None:
+    """REV-FI 2 (b): a cuff's connection failed (BleakError); its next connection sent the reading
+    kept in its memory, measured before the failure. Today said "它报告了一个问题" for 10 minutes
+    after the reading was stored. Now the reading ends it; a connection that sends none does not."""
+    from firmware_bridge.ble.link import DeviceStatus
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.services.ble_devices import ClinicBlePort
+    from tests.console_harness import bp_reading
+
+    cuff, now = "AA:BB:CC:DD:EE:01", dt.datetime.now(dt.timezone.utc)
+    clock = [now]
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
+        try:
+            port = ClinicBlePort(store, DeviceRegistry(store.db), clock=lambda: clock[0])
+            port.registry.allow(cuff, now=now - dt.timedelta(minutes=5), name="cuff")
+            port.report(DeviceStatus(cuff, seen=True))  # found: its session starts
+            clock[0] = now + dt.timedelta(seconds=5)
+            port.report(DeviceStatus(cuff, connected=False, error="BleakError: failed to discover services"))
+            clock[0] = now + dt.timedelta(seconds=40)
+            port.report(DeviceStatus(cuff, seen=True))  # found again: a session that sends nothing yet
+            row = port.registry.get(cuff)
+            assert row is not None and row.problem_said_on_today(clock[0]), row
+            assert port.store(bp_reading(now - dt.timedelta(seconds=20), "cuff-record-8"))  # measured before
+            row = port.registry.get(cuff)
+            assert row is not None and row.last_reading_at is not None and row.last_error_at is not None
+            assert row.last_reading_at < row.last_error_at, row
+            assert not row.problem_said_on_today(clock[0] + dt.timedelta(seconds=1)), row
+        finally:
+            store.close()

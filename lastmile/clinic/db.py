@@ -440,6 +440,9 @@ MIGRATIONS = (
         "0038_sent_studies_item_index",
         "CREATE INDEX IF NOT EXISTS sent_studies_item ON sent_studies (outbox_item_id);",
     ),
+    # when the gateway stored its last reading (last_reading_at is the device's clock, and a cuff's
+    # memory is hours old): what a later error is judged by (last_seen_at is set on connecting too)
+    Migration.sql("0039_device_reading_received_at", "ALTER TABLE devices ADD COLUMN reading_received_at TEXT;"),
 )
 
 

@@ -130,6 +130,8 @@ class DeviceRecord:
     card_time_source: str = ""
     card_found_at: dt.datetime | None = None
     card_word_id: str = ""  # the id of the stop's record said (a start reading it again skips it)
+    # when the gateway stored its last reading (its own clock; last_reading_at is the device's)
+    reading_received_at: dt.datetime | None = None
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -246,7 +248,10 @@ class DeviceRecord:
             return False
         if now - self.last_error_at > PROBLEM_SAID_ON_TODAY_FOR:
             return False
-        if self.last_reading_at is not None and self.last_reading_at > self.last_error_at:
+        # by when the gateway got it, not when it was measured: a monitor's clock may be slow, and
+        # a cuff sends a reading from its memory after the failed connection that kept it there
+        received = self.reading_received_at or self.last_reading_at  # a row stored before 0038: as it was
+        if received is not None and received > self.last_error_at:
             return False
         return not (self.problem is DeviceProblem.UNPLUGGED and self.connected)
 
@@ -423,6 +428,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         card_time_source=row["card_time_source"] or "",
         card_found_at=from_iso(row["card_found_at"]),
         card_word_id=row["card_word_id"] or "",
+        reading_received_at=from_iso(row["reading_received_at"]),
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
@@ -560,6 +566,7 @@ class DeviceRegistry:
         if reading is not None:
             sets["last_reading"] = reading
             sets["last_reading_at"] = iso(reading_at or now)
+            sets["reading_received_at"] = iso(now)
         if name:
             sets["name"] = name
         if advertised_name:

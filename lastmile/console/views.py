@@ -73,7 +73,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         ],
         # device and reading lines name a serial device as Devices does, never by its port
         "serial_names": names,
-        "reading_devices": device_names_by_port(found, names),
+        "reading_devices": device_names_by_port(found, names, bridge_names(data.config)),
         "problem_advice": DEVICE_PROBLEM_ADVICE,
         "readings": (
             data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
@@ -171,14 +171,22 @@ def serial_names(config: Config) -> dict[str, tuple[str, bool]]:
     return names
 
 
-def device_names_by_port(found: list[DeviceRecord], names: dict[str, tuple[str, bool]]) -> dict[str, str]:
+def bridge_names(config: Config) -> frozenset[str]:
+    """The settings names of the serial devices that are bridges (`profile = "bridge"`)."""
+    return frozenset(str(e.get("name", "")) for e in config.serial.devices if e.get("profile") == "bridge")
+
+
+def device_names_by_port(
+    found: list[DeviceRecord], names: dict[str, tuple[str, bool]], bridges: frozenset[str]
+) -> dict[str, str]:
     """Each connected serial device's port (as a reading from it names its device's address) ->
     its name in the settings: a row's name is "<name> (<profile>) on <port>" (the serial service's,
-    for the technician), its address the settings name's."""
+    for the technician), its address the settings name's. A bridge's port is left out: the readings
+    it forwards name its port too, and a blood pressure is no ECG cart's (they say their maker and model)."""
     by_port: dict[str, str] = {}
     for d in found:
         own = names.get(d.address)
-        if d.transport == "serial" and own is not None and not own[1] and " on " in d.name:
+        if d.transport == "serial" and own is not None and not own[1] and own[0] not in bridges and " on " in d.name:
             by_port[d.name.rsplit(" on ", 1)[1]] = own[0]
     return by_port
 

@@ -34,6 +34,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+# loaded at the start (serial_spill imports it lazily, for the console): an ECG held at a stop
+# then needs no first import from a code tree replaced since
+import devices.ecg.npz  # noqa: F401
 from devices.ascii_report import ReportParsed, ReportParser, ReportProfile, ReportRejected
 from devices.bridge import codec
 from devices.bridge.session import (

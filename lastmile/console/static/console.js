@@ -68,6 +68,13 @@
   var downTimer = null;
   source.addEventListener("error", function () {
     document.documentElement.setAttribute("data-live", "off");
+    // Refused (a 401 once the login timed out while the tablet slept, a 503): the browser never
+    // tries again, so the banner would stay for good. Load the page afresh (the login page, for a
+    // 401); after 3 s, so a console that refuses the stream is not asked again without a pause.
+    if (source.readyState === EventSource.CLOSED) {
+      setTimeout(function () { window.location.reload(); }, 3000);
+      return;
+    }
     if (down && downTimer === null) {
       downTimer = setTimeout(function () {
         downTimer = null;
