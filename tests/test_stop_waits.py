@@ -961,6 +961,19 @@ def test_a_patient_card_the_stop_gave_up_and_never_checked_in_is_said_on_today_a
     assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
 
 
+def today_after_a_stop_gave_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: bytes, *, real_margin: bool = False
+) -> tuple[list[dict], str]:
+    """`scan` given up at a stop (card_given_up_at_a_stop, its write never through), kept by the
+    close; the acquire service started again. Its devices and the Today page then."""
+    config, devices, left = card_given_up_at_a_stop(
+        tmp_path, monkeypatch, scan, finished=False, real_margin=real_margin
+    )
+    assert "serial-cards-given-up.jsonl" in left, left
+    started_again(config)
+    return devices, today_page(config, devices)
+
+
 def test_a_card_whose_own_lock_wait_ends_before_the_close_gives_up_is_kept_with_the_real_waits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -971,12 +984,7 @@ def test_a_card_whose_own_lock_wait_ends_before_the_close_gives_up_is_kept_with_
     write fails once the stop is set is kept, and the close saves it with the links idle too."""
     from tests.service_harness import PATIENT_CARD_SCAN
 
-    config, devices, left = card_given_up_at_a_stop(
-        tmp_path, monkeypatch, PATIENT_CARD_SCAN, finished=False, real_margin=True
-    )
-    assert "serial-cards-given-up.jsonl" in left, left
-    started_again(config)
-    page = today_page(config, devices)
+    _devices, page = today_after_a_stop_gave_up(tmp_path, monkeypatch, PATIENT_CARD_SCAN, real_margin=True)
     assert "网关停机时扫描的病人卡（ID 80276001234567890123，" in page, page
     assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
 
@@ -989,10 +997,7 @@ def test_a_doctor_badge_the_stop_gave_up_and_never_taken_is_said_on_today_after_
     doctor's words, until the badge is scanned again."""
     from tests.service_harness import DOCTOR_BADGE_SCAN
 
-    config, devices, left = card_given_up_at_a_stop(tmp_path, monkeypatch, DOCTOR_BADGE_SCAN, finished=False)
-    assert "serial-cards-given-up.jsonl" in left, left
-    started_again(config)
-    page = today_page(config, devices)
+    devices, page = today_after_a_stop_gave_up(tmp_path, monkeypatch, DOCTOR_BADGE_SCAN)
     assert "网关停机时扫描的医生工牌（004711，" in page, page
     assert "值班医生没有改。如该医生在值班，请再扫一次工牌。" in page, page
     scanner = PtyDevice(tmp_path / "usb-scanner")  # plugged in again
