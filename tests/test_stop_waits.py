@@ -34,7 +34,7 @@ from lastmile.config import Config
 from lastmile.services.acquire import NO_SESSION, usb_import_part
 from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
 from tests.conftest import REPO, shared_file
-from tests.serial_gateway import Running, talk_as_bridge
+from tests.serial_gateway import Running, serial_part_whose_stop_gives_up_waits, talk_as_bridge
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
     FHIR_TOKEN,
@@ -813,7 +813,6 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
     the stop, nothing is broken" - the advice for the space (keep the gateway powered while readings
     wait for it) gone. Now the stop's cause does not replace the space's of readings already waiting."""
     from lastmile.services.serial_devices import SerialService
-    from lastmile.services.serial_spill import HEADER
     from tests.fhir_samples import blood_pressure
 
     config = monitor_config(tmp_path)
@@ -821,12 +820,7 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
     at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
     stop = threading.Event()
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: held for space
-        waits = StopWaits(stop)
-        outbox.give_up_waits_on(waits)  # as the acquire service's outbox does
-        service = SerialService.open(config, outbox=outbox, stop=waits, watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+        service, ctx, spec = serial_part_whose_stop_gives_up_waits(config, outbox, stop)
         reading = blood_pressure(at, "P-1", "bp-1")  # its patient's: to the outbox, which is full
         assert not ctx.store_observation(spec, reading, held=True)  # as the monitor's handler does
         ctx.hold_observation(spec, reading)
