@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import os
 import re
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,7 +20,6 @@ import pydicom
 import pytest
 
 from devices.identity import Patient
-from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
@@ -33,11 +30,11 @@ from lastmile.ecg.intake import (
     assign_held_ecg,
     clinic_patient,
     file_enqueuer,
-    lan_object_store,
     read_ecg_file,
 )
-from tests.conftest import require_tool, shared_file
+from tests.conftest import shared_file
 from tests.console_harness import Client, console_config, running_console
+from tests.lan_cart import lan_receiver, storescu_as_the_cart
 from uploader.outbox import Kind, Outbox
 
 RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
@@ -81,18 +78,6 @@ def _arrives(config: Config, path: Path, key: str, *, stat: bool = False) -> int
             return item.id
     finally:
         context.close()
-
-
-def _storescu(port: int, path: Path) -> None:
-    """The cart sends `path` over the LAN as a DICOM C-STORE (DCMTK's storescu, calling AE CART1)."""
-    done = subprocess.run(
-        [require_tool("storescu"), "-aet", "CART1", "-aec", "LASTMILE", "127.0.0.1", str(port), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    assert done.returncode == 0, done.stderr
 
 
 def _dataset(outbox: Outbox, item_id: int) -> pydicom.Dataset:
@@ -258,14 +243,13 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
     config, _, doctor = clinic
     path = _cart_file(tmp_path)
     with open_outbox(config) as outbox:
-        store = lan_object_store(
+        with lan_receiver(
             outbox,
-            lambda: frozenset({RESIDENT_ID}),
-            checked_in_name=lambda pid: "李建国" if pid == RESIDENT_ID else "",
+            RESIDENT_ID,
+            lambda pid: "李建国" if pid == RESIDENT_ID else "",
             patient_hold_s=config.patient.unassigned_ecg_hold_s,
-        )
-        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
-            _storescu(receiver.port, path)
+        ) as receiver:
+            storescu_as_the_cart(receiver.port, path)
         (item,) = outbox.items(kind=Kind.DICOM)
         assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.meta["flags"])
         assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"])
@@ -294,11 +278,8 @@ def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is
     config = console_config(tmp_path / "data")
     path = _cart_file(tmp_path, name="Wang^Fang")
     with open_outbox(config) as outbox:
-        store = lan_object_store(
-            outbox, lambda: frozenset({RESIDENT_ID}), checked_in_name=lambda pid: "李建国", patient_hold_s=900.0
-        )
-        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
-            _storescu(receiver.port, path)
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            storescu_as_the_cart(receiver.port, path)
         (item,) = outbox.items(kind=Kind.DICOM)
         assert item.hold_reason == NAME_MISMATCH, (item.hold_reason, item.meta["flags"])
         now = dt.datetime.now(dt.timezone.utc)
@@ -319,13 +300,10 @@ def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_s
     config = console_config(tmp_path / "data")
     path = _cart_file(tmp_path, sex="M", birth="19650505")
     with open_outbox(config) as outbox:
-        store = lan_object_store(
-            outbox, lambda: frozenset({RESIDENT_ID}), checked_in_name=lambda pid: "李建国", patient_hold_s=900.0
-        )
-        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
-            _storescu(receiver.port, path)
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            storescu_as_the_cart(receiver.port, path)
             (item,) = outbox.items(kind=Kind.DICOM)
-            _storescu(receiver.port, path)  # the cart's retry
+            storescu_as_the_cart(receiver.port, path)  # the cart's retry
         (again,) = outbox.items(kind=Kind.DICOM)
         assert item.hold_until is None and again.sha256 == item.sha256
         sent = _dataset(outbox, item.id)

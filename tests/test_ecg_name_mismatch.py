@@ -15,20 +15,18 @@ import datetime as dt
 import io
 import itertools
 import json
-import os
 import re
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 
 from devices.ecg.recording import EcgRecording
 from devices.identity import Patient
-from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.cli import main as cli
 from lastmile.clinic.device_users import DeviceUsers, mapped_name
 from lastmile.clinic.patients import PatientContext
@@ -43,11 +41,11 @@ from lastmile.ecg.intake import (
     assign_held_ecg,
     enqueue_recording,
     file_enqueuer,
-    lan_object_store,
     read_ecg_file,
 )
-from tests.conftest import require_tool, shared_file
+from tests.conftest import shared_file
 from tests.console_harness import Client, console_config, running_console
+from tests.lan_cart import lan_receiver, storescu_as_the_cart
 from tests.serial_gateway import Running
 from tests.serial_pty import PtyDevice
 from tests.service_harness import PATIENT_CARD_SCAN, known_name
@@ -246,17 +244,6 @@ def test_the_stat_name_hold_is_the_configured_one(tmp_path: Path, stat_name_hold
 # -- the clinic LAN: a cart's DICOM ECG, stored as received -----------------------------------------
 
 
-def _storescu(port: int, path: Path) -> None:
-    done = subprocess.run(
-        [require_tool("storescu"), "-aet", "CART1", "-aec", "LASTMILE", "127.0.0.1", str(port), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-
-
 def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_uids(tmp_path: Path) -> None:
     """The cart sends its DICOM ECG (SBJ-123 "Clark") over the LAN while 张三 is checked in as
     SBJ-123: it was forwarded at once. It is held; the doctor says it is 张三's: the cart's object
@@ -266,15 +253,10 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
     path = shared_file(*DCM)
     cart = pydicom.dcmread(path)
     with open_outbox(config) as outbox:
-        store = lan_object_store(
-            outbox,
-            lambda: frozenset({FILE_ID}),
-            checked_in_name=lambda pid: "Zhang^San=张^三" if pid == FILE_ID else "",
-            patient_hold_s=HOLD_S,
-        )
-        settings = ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10)
-        with DicomReceiver(settings, store) as receiver:
-            _storescu(receiver.port, path)
+        with lan_receiver(
+            outbox, FILE_ID, lambda pid: "Zhang^San=张^三" if pid == FILE_ID else "", patient_hold_s=HOLD_S
+        ) as receiver:
+            storescu_as_the_cart(receiver.port, path)
             (item,) = outbox.items(kind=Kind.DICOM)
             assert item.hold_reason == NAME_MISMATCH and item.held(time.time())
             assert outbox.claim(Kind.DICOM, 10, time.time()) == []
@@ -282,7 +264,7 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
             decided = assign_held_ecg(outbox, item.id, Patient(FILE_ID, "Zhang^San=张^三"), now=now, by="王医生")
             assert decided.hold_until is None and decided.patient is not None
             assert decided.patient["name"] == "Zhang^San=张^三"
-            _storescu(receiver.port, path)  # the cart's retry of the same object
+            storescu_as_the_cart(receiver.port, path)  # the cart's retry of the same object
         sent = _dataset(outbox, item.id)
         for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
             assert sent.get(keyword) == cart.get(keyword), keyword
@@ -680,6 +662,32 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
     assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")
 
 
+def on_the_screen_and_apart(browser: Any, row: Any, css: str, *, apart_but: str = "") -> list[tuple[str, dict]]:
+    """The page no wider than the screen; each of the `row`'s elements matching `css` within it,
+    and none overlapping another (those of tag `apart_but` left out of that). Their names and boxes."""
+    from tests.console_browser import by
+
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    wide = browser.execute_script("return document.documentElement.scrollWidth")
+    assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
+    boxes = [
+        (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
+        for e in row.find_elements(by("css"), css)
+    ]
+    for what, box in boxes:
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
+    controls = [(w, b) for w, b in boxes if not (apart_but and w.startswith(apart_but))]
+    for (a, ra), (b, rb) in itertools.combinations(controls, 2):
+        apart = (
+            ra["x"] + ra["width"] <= rb["x"]
+            or rb["x"] + rb["width"] <= ra["x"]
+            or ra["y"] + ra["height"] <= rb["y"]
+            or rb["y"] + rb["height"] <= ra["y"]
+        )
+        assert apart, f"{a} {ra} overlaps {b} {rb}"
+    return boxes
+
+
 @pytest.mark.parametrize("size", [(360, 640), (1280, 800)], ids=["phone", "desktop"])
 def test_todays_name_question_in_english_is_english_and_nothing_in_it_is_cut_or_overlaps(
     clinic: tuple[Config, ConsoleServer, Client], browser: object, size: tuple[int, int]
@@ -699,24 +707,8 @@ def test_todays_name_question_in_english_is_english_and_nothing_in_it_is_cut_or_
     words = row.text.replace("张三", "")  # the checked-in name, as checked in; everything else English
     assert not re.search(r"[\u3000-\u9fff\uff00-\uffef]", words), row.text
     assert "Clark" in words and "SBJ-123" in words, row.text
-    width = browser.execute_script("return document.documentElement.clientWidth")  # type: ignore[attr-defined]
-    wide = browser.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
-    assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
-    boxes = [
-        (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
-        for e in row.find_elements(by("css"), "button, input:not([type=hidden]), label")
-    ]
+    boxes = on_the_screen_and_apart(browser, row, "button, input:not([type=hidden]), label")
     assert len(boxes) >= 5, boxes  # three answers and the other patient's field with its label
-    for what, box in boxes:
-        assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
-    for (a, ra), (b, rb) in itertools.combinations(boxes, 2):
-        apart = (
-            ra["x"] + ra["width"] <= rb["x"]
-            or rb["x"] + rb["width"] <= ra["x"]
-            or ra["y"] + ra["height"] <= rb["y"]
-            or rb["y"] + rb["height"] <= ra["y"]
-        )
-        assert apart, f"{a} {ra} overlaps {b} {rb}"
     # each answer apart from the next (the field's label touched the button above: read as its caption)
     answers = row.find_elements(by("css"), "form")
     assert [f.get_attribute("action").rsplit("/", 1)[1] for f in answers] == [
@@ -854,24 +846,8 @@ def test_the_question_on_a_name_a_card_took_is_read_whole_on_a_phone_and_a_scree
             assert not re.search(r"[\u3000-\u9fff\uff00-\uffef]", row.text.replace("张三", "")), row.text
         else:
             assert f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三" in question, question
-        width = browser.execute_script("return document.documentElement.clientWidth")  # type: ignore[attr-defined]
-        wide = browser.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
-        assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
-        boxes = [
-            (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
-            for e in row.find_elements(by("css"), "button, input:not([type=hidden]), label, strong")
-        ]
-        for what, box in boxes:
-            assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
-        controls = [(w, b) for w, b in boxes if not w.startswith("strong")]
-        for (a, ra), (b, rb) in itertools.combinations(controls, 2):
-            apart = (
-                ra["x"] + ra["width"] <= rb["x"]
-                or rb["x"] + rb["width"] <= ra["x"]
-                or ra["y"] + ra["height"] <= rb["y"]
-                or rb["y"] + rb["height"] <= ra["y"]
-            )
-            assert apart, f"{a} {ra} overlaps {b} {rb}"
+        # the names (strong) on the screen too; only the controls must be apart
+        on_the_screen_and_apart(browser, row, "button, input:not([type=hidden]), label, strong", apart_but="strong")
         save_screenshot(browser, f"today-inherited-name-{language}-{'phone' if size[0] < 600 else 'desktop'}")
 
 
