@@ -44,7 +44,7 @@ from lastmile.ecg.intake import (
     read_ecg_file,
 )
 from tests.conftest import shared_file
-from tests.console_harness import Client, console_config, running_console
+from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
 from tests.lan_cart import lan_receiver, storescu_as_the_cart
 from tests.serial_gateway import Running
 from tests.serial_pty import PtyDevice
@@ -330,22 +330,10 @@ def _held_for_its_name(
         context.close()
 
 
-def _row(page: str, item_id: int) -> str:
-    found = re.search(rf'<li data-held-ecg="{item_id}">(.*?)</li>', page, re.S)
-    assert found, f"E{item_id} is on Today"
-    return " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())
-
-
-def _csrf(page: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert found
-    return found.group(1)
-
-
 def _answered(doctor: Client, item_id: int, answer: str, page: str, done: str) -> str:
     """The doctor's `answer` ("name-right", "checked-in-name") to Today's question on E<item_id>,
     posted from `page`: the console says it is `done`. Where it leads (the page that says so)."""
-    reply = doctor.post(f"/today/ecg/{item_id}/{answer}", {"csrf": _csrf(page)})
+    reply = doctor.post(f"/today/ecg/{item_id}/{answer}", {"csrf": csrf_of(page)})
     assert reply.status == 303 and f"done={done}" in reply.location, (reply.status, reply.location)
     return reply.location
 
@@ -355,7 +343,7 @@ def test_today_asks_whose_ecg_it_is_and_it_is_the_checked_in_patients(
 ) -> None:
     config, _, doctor = clinic
     item_id, page = _held_on_today(config, doctor, SCP, "scp")
-    row = _row(page, item_id)
+    row = held_ecg_row(page, item_id)
     assert "心电图上的姓名是 Clark，但 SBJ-123 登记的是 张三：请确认是谁的心电图" in row, row
     assert "是 张三 的：按这个姓名发送" in row and "Clark 是对的：更正登记的姓名" in row, row
     assert "仍然发送" not in row  # the three answers, not a "send anyway" that sends Clark unsaid
@@ -377,8 +365,8 @@ def test_today_another_patients_ecg_is_assigned_by_the_assign_box(
 ) -> None:
     config, _, doctor = clinic
     item_id, page = _held_on_today(config, doctor, AECG, "aecg")
-    assert "是另一位患者的：请输入他的患者编号。" in _row(page, item_id)
-    reply = doctor.post("/today/assign-ecg", {"csrf": _csrf(page), "item_id": str(item_id), "patient_id": "MZ-77"})
+    assert "是另一位患者的：请输入他的患者编号。" in held_ecg_row(page, item_id)
+    reply = doctor.post("/today/assign-ecg", {"csrf": csrf_of(page), "item_id": str(item_id), "patient_id": "MZ-77"})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, item_id)
@@ -542,7 +530,7 @@ def test_today_offers_no_rename_to_a_placeholder_held_before_this_version(
         assert added.item.hold_reason == NAME_MISMATCH
     item_id = added.item.id
     page = doctor.get("/today").body
-    row = _row(page, item_id)
+    row = held_ecg_row(page, item_id)
     assert "心电图上的姓名与 SBJ-123 登记的姓名不同" in row and "心电图上的姓名是" not in row, row
     assert "是对的" not in row and 'data-answer="name-right"' not in page, row
     _name_right_renames_nobody(config, doctor, item_id, page)
@@ -567,7 +555,7 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
     cart = dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark"))  # the cart kept Clark's entry
     held_id = _held_for_its_name(config, cart, "noisy", re_record_hold_s=600)
     page = doctor.get("/today").body
-    row = _row(page, held_id)
+    row = held_ecg_row(page, held_id)
     assert "心电图上的姓名是 Clark" in row and "质量检查结果也是：需要重做" in row, row
     landing = _answered(doctor, held_id, "name-right", page, "name-corrected")
     assert "此心电图质量待定" in doctor.get(landing).body
@@ -577,7 +565,7 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # not sent: the doctor decides its quality
         assert item.patient is not None and item.patient["birth_date"] is None  # contec gave none; none added
     assert known_name(config, FILE_ID) == "Clark"
-    row = _row(doctor.get("/today").body, held_id)
+    row = held_ecg_row(doctor.get("/today").body, held_id)
     assert "质量检查结果：需要重做" in row and "重做，不发送这份" in row and "仍然发送" in row, row
 
 
@@ -630,7 +618,7 @@ def test_today_the_ecgs_name_is_right_settles_the_ids_other_ecgs_held_for_that_n
         assert second is not None and second.patient is not None
         assert second.hold_reason == "re-record" and second.held(time.time()), second  # its quality still waits
         assert second.patient["name"].rstrip("^") == "Clark"
-    row = _row(doctor.get("/today").body, e2)
+    row = held_ecg_row(doctor.get("/today").body, e2)
     assert "请确认是谁的心电图" not in row and "张三" not in row and "重做，不发送这份" in row, row
 
 
@@ -649,11 +637,11 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
         config, dataclasses.replace(aecg, patient=dataclasses.replace(aecg.patient, name="Lee")), "lee"
     )
     page = doctor.get("/today").body
-    assert "SBJ-123 登记的是 张三" in _row(page, e3)
+    assert "SBJ-123 登记的是 张三" in held_ecg_row(page, e3)
     _answered(doctor, e1, "name-right", page, "name-corrected")
     assert known_name(config, FILE_ID).rstrip("^") == "Clark"
     page = doctor.get("/today").body
-    row = _row(page, e3)
+    row = held_ecg_row(page, e3)
     assert "心电图上的姓名是 Lee，但 SBJ-123 登记的是 Clark" in row and "是 Clark 的：按这个姓名发送" in row, row
     assert "张三" not in row, row
     _answered(doctor, e3, "checked-in-name", page, "assigned")
@@ -794,7 +782,7 @@ def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_un
         clark = _card_ecg(tmp_path, CARD, "Clark")
         assert _hold_of(tmp_path, clark) == NAME_MISMATCH
         assert checked_in_as == "Zhang^San=张^三"
-        row = _row(doctor.get("/today").body, clark)
+        row = held_ecg_row(doctor.get("/today").body, clark)
         assert (
             f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三（这次登记没有输入姓名）：请确认是谁的心电图"
             in row
@@ -879,8 +867,8 @@ def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: 
     this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
     with _a_daughters_ecg_held_under_her_fathers_card(tmp_path) as (doctor, gateway, users, fang):
         page = doctor.get("/today").body
-        row = _row(page, fang)
-        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)})
+        row = held_ecg_row(page, fang)
+        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": csrf_of(page)})
         assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
         assert _hold_of(tmp_path, fang) is None
         current = gateway.patients.current(gateway.now())
@@ -905,18 +893,18 @@ def test_a_taken_name_cleared_is_neither_offered_nor_given_to_the_device_users(t
         page = doctor.get("/today").body
         cleared = doctor.post(
             "/today/check-in",
-            {"csrf": _csrf(page), "patient_id": CARD, "clear": "name", "shown_patient_id": CARD, "confirmed": "yes"},
+            {"csrf": csrf_of(page), "patient_id": CARD, "clear": "name", "shown_patient_id": CARD, "confirmed": "yes"},
         )
         assert cleared.status == 303, cleared.status
         current = gateway.patients.current(gateway.now())
         assert current is not None and current.patient_id == CARD and current.name == ""
         page = doctor.get("/today").body
-        row = _row(page, fang)
+        row = held_ecg_row(page, fang)
         assert "李四" not in row and 'data-answer="checked-in-name"' not in row, row
         assert "Wang Fang 是对的：只更正这次登记的姓名（设备用户的姓名不变）" in row, row
-        assert doctor.post(f"/today/ecg/{fang}/checked-in-name", {"csrf": _csrf(page)}).status == 303
+        assert doctor.post(f"/today/ecg/{fang}/checked-in-name", {"csrf": csrf_of(page)}).status == 303
         assert _hold_of(tmp_path, fang) == NAME_MISMATCH  # a stale form: no name to send it under
-        assert doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)}).status == 303
+        assert doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": csrf_of(page)}).status == 303
         assert _hold_of(tmp_path, fang) is None
         cuff = users.whose("C0:26:DA:01:02:03", 1)
         assert cuff is not None and cuff.patient_name == "Li^Si=李^四"
