@@ -263,31 +263,27 @@ LOCK_HELD_AFTER_SIGTERM_S = 3.0  # past the 1 s a stop gave a waiting write (Out
 TIMEOUT_STOP_S = 30.0  # lastmile-ble.service's TimeoutStopSec
 
 
-def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_once_the_lock_is_released(
-    tmp_path: Path, manager: Manager
-) -> None:
-    """lastmile/services/ble_service.py: another process holds the outbox's write lock (the
-    forwarder in a long write, a sqlite3 shell left open) as a thermometer's reading arrives, and
-    lastmile-ble is stopped (SIGTERM: an update, a reboot). The stop gave the waiting write up
-    within a second, as acquire's: acquire keeps such a reading in its spill file, BLE has none,
-    and a reading no device memory holds again was lost, said only in the device list's error.
-    Now the BLE service's store keeps SQLite's 15 s wait: stored, once, when the lock is released,
-    the stop within TimeoutStopSec."""
+@contextlib.contextmanager
+def a_reading_waiting_for_the_outbox_lock(
+    tmp_path: Path, manager: Manager, script: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str], sqlite3.Connection]]:
+    """A thermometer paired (THERMO), P-9 checked in (the reading is his: the outbox's), the BLE
+    service run by `script` on an emulated radio; another process holds the outbox's write lock
+    (`other`) as the thermometer, powered on, sends 37.6: its store sleeps in SQLite's busy wait
+    for the lock. The process, its output (once the block ends) and the lock's connection."""
     if importlib.util.find_spec("bumble") is None:
         missing("bumble (the emulation extra) is not installed")
     from lastmile.cli import main as lastmile_main
     from lastmile.clinic.devices import DeviceRegistry
-    from lastmile.clinic.observations import OBSERVATION_KIND
     from lastmile.clinic.patients import PatientContext
-    from uploader.outbox import Outbox
 
     data = tmp_path / "data"
     config = write_config(tmp_path / "lastmile.toml", data, ble=True)
     assert lastmile_main(["-c", str(config), "ble", "pair", THERMO]) == 0
     with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
-        patients.set_patient("P-9", now=dt.datetime.now(dt.timezone.utc))  # the reading is his: the outbox's
+        patients.set_patient("P-9", now=dt.datetime.now(dt.timezone.utc))
     power_on = tmp_path / "thermometer-on"
-    argv = [sys.executable, "-c", BLE_RUN_ON_AN_EMULATED_RADIO, str(config), THERMO, "37.6", str(power_on)]
+    argv = [sys.executable, "-c", script, str(config), THERMO, "37.6", str(power_on)]
 
     def connected() -> bool:
         with contextlib.closing(DeviceRegistry.open(data)) as registry:
@@ -299,12 +295,33 @@ def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_on
         with contextlib.closing(sqlite3.connect(data / "outbox.sqlite", isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
             power_on.touch()
-            # its store sleeps in SQLite's busy wait for the lock
             wait_for(lambda: connected() and waiting_in_a_sleep(proc.pid), 60, what="the reading waiting for the lock")
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            time.sleep(LOCK_HELD_AFTER_SIGTERM_S)
-            other.rollback()
+            yield proc, output, other
+
+
+def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_once_the_lock_is_released(
+    tmp_path: Path, manager: Manager
+) -> None:
+    """lastmile/services/ble_service.py: another process holds the outbox's write lock (the
+    forwarder in a long write, a sqlite3 shell left open) as a thermometer's reading arrives, and
+    lastmile-ble is stopped (SIGTERM: an update, a reboot). The stop gave the waiting write up
+    within a second, as acquire's: acquire keeps such a reading in its spill file, BLE has none,
+    and a reading no device memory holds again was lost, said only in the device list's error.
+    Now the BLE service's store keeps SQLite's 15 s wait: stored, once, when the lock is released,
+    the stop within TimeoutStopSec."""
+    from lastmile.clinic.observations import OBSERVATION_KIND
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    with a_reading_waiting_for_the_outbox_lock(tmp_path, manager, BLE_RUN_ON_AN_EMULATED_RADIO) as (
+        proc,
+        output,
+        other,
+    ):
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(LOCK_HELD_AFTER_SIGTERM_S)
+        other.rollback()
         code = proc.wait(timeout=TIMEOUT_STOP_S)
         took = time.monotonic() - signalled
     out = output[0]
@@ -335,38 +352,16 @@ def test_a_link_still_storing_past_the_stop_deadline_leaves_the_outbox_and_exits
     (closing a sqlite3 connection under another thread's statement crashes the process), the
     process exits cleanly, the reading in hand rolled back whole and said (take it again), the
     outbox sound."""
-    if importlib.util.find_spec("bumble") is None:
-        missing("bumble (the emulation extra) is not installed")
-    from lastmile.cli import main as lastmile_main
-    from lastmile.clinic.devices import DeviceRegistry
     from lastmile.clinic.observations import OBSERVATION_KIND
-    from lastmile.clinic.patients import PatientContext
     from uploader.outbox import Outbox
 
     data = tmp_path / "data"
-    config = write_config(tmp_path / "lastmile.toml", data, ble=True)
-    assert lastmile_main(["-c", str(config), "ble", "pair", THERMO]) == 0
-    with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
-        patients.set_patient("P-9", now=dt.datetime.now(dt.timezone.utc))  # the reading is his: the outbox's
-    power_on = tmp_path / "thermometer-on"
-    argv = [sys.executable, "-c", BLE_RUN_WITH_A_SHORT_STOP, str(config), THERMO, "37.6", str(power_on)]
-
-    def connected() -> bool:
-        with contextlib.closing(DeviceRegistry.open(data)) as registry:
-            record = registry.get(THERMO)
-            return record is not None and record.connected
-
-    with ble_running(config, manager, argv=argv) as (proc, output):
-        manager.wait_for("READY=1", timeout=60)
-        with contextlib.closing(sqlite3.connect(data / "outbox.sqlite", isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            power_on.touch()
-            wait_for(lambda: connected() and waiting_in_a_sleep(proc.pid), 60, what="the reading waiting for the lock")
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            code = proc.wait(timeout=TIMEOUT_STOP_S)  # the lock still held: past the stop's deadline
-            took = time.monotonic() - signalled
-            other.rollback()
+    with a_reading_waiting_for_the_outbox_lock(tmp_path, manager, BLE_RUN_WITH_A_SHORT_STOP) as (proc, output, other):
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = proc.wait(timeout=TIMEOUT_STOP_S)  # the lock still held: past the stop's deadline
+        took = time.monotonic() - signalled
+        other.rollback()
     out = output[0]
     print(f"\nSIGTERM to exit, the link storing past a 1 s deadline: {took:.1f} s")
     assert code == EXIT_OK and "Traceback" not in out and "Fatal Python error" not in out, (code, out)

@@ -205,6 +205,20 @@ def _console_process(config_file: Path, url: str) -> subprocess.Popen[bytes]:
     raise AssertionError(f"the console did not answer at {url}")
 
 
+def _console_process_configured(tmp_path: Path) -> tuple[Config, Path, ConsoleServer]:
+    """A console's data directory with its users and its lastmile.toml (plain http), for
+    _console_process: the configuration, its file, and where it answers (for log_in)."""
+    config = console_config(tmp_path / "data")
+    add_users(config)
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{config.data_dir}"\n[gps]\nsource = "none"\n[outbox]\nmin_free_mb = 1\n'
+        f'[console]\nlisten = "{config.console.listen}"\nhttps = false\n'
+    )
+    url = f"http://{config.console.listen}"
+    return config, config_file, cast(ConsoleServer, type("Running", (), {"url": url}))
+
+
 def _stopped(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -221,16 +235,8 @@ def test_an_open_today_page_says_when_the_gateway_stopped_and_clears_when_it_is_
     """The console process stops under an open Today page: its panels stay as they were, so a
     banner says the page is not current (once the gateway stopped, it still showed green
     "已连接" and live panels); it goes when the restarted console's stream opens again."""
-    config = console_config(tmp_path / "data")
-    add_users(config)
-    config_file = tmp_path / "lastmile.toml"
-    config_file.write_text(
-        f'[gateway]\ndata_dir = "{config.data_dir}"\n[gps]\nsource = "none"\n[outbox]\nmin_free_mb = 1\n'
-        f'[console]\nlisten = "{config.console.listen}"\nhttps = false\n'
-    )
-    url = f"http://{config.console.listen}"
-    server = cast(ConsoleServer, type("Running", (), {"url": url}))
-    proc = _console_process(config_file, url)
+    _config, config_file, server = _console_process_configured(tmp_path)
+    proc = _console_process(config_file, server.url)
     try:
         set_viewport(browser, PHONE)
         log_in(browser, server)
@@ -245,7 +251,7 @@ def test_an_open_today_page_says_when_the_gateway_stopped_and_clears_when_it_is_
         )
         assert overflow <= 0, f"the banner makes the page scroll sideways by {overflow}px on a phone"
         save_screenshot(browser, "today-gateway-stopped-phone", full_page=False)
-        proc = _console_process(config_file, url)
+        proc = _console_process(config_file, server.url)
         wait_for(browser, lambda d: not d.find_element(by("id"), "stream-down").is_displayed())
         live_stream_open(browser)
     finally:
@@ -260,23 +266,15 @@ def test_an_open_today_page_whose_login_ended_while_the_stream_was_down_goes_to_
     meanwhile: the reconnect got "401 login required", the browser gave the stream up for good and
     the page said "网关暂时没有响应" for ever while the gateway was fine. Now the page is loaded
     afresh, and the login page follows."""
-    config = console_config(tmp_path / "data")
-    add_users(config)
-    config_file = tmp_path / "lastmile.toml"
-    config_file.write_text(
-        f'[gateway]\ndata_dir = "{config.data_dir}"\n[gps]\nsource = "none"\n[outbox]\nmin_free_mb = 1\n'
-        f'[console]\nlisten = "{config.console.listen}"\nhttps = false\n'
-    )
-    url = f"http://{config.console.listen}"
-    server = cast(ConsoleServer, type("Running", (), {"url": url}))
-    proc = _console_process(config_file, url)
+    config, config_file, server = _console_process_configured(tmp_path)
+    proc = _console_process(config_file, server.url)
     try:
         log_in(browser, server)
         live_stream_open(browser)
         _stopped(proc)
         with sqlite3.connect(Path(config.data_dir) / "clinic.db") as db:  # the login timed out meanwhile
             db.execute("DELETE FROM console_logins")
-        proc = _console_process(config_file, url)
+        proc = _console_process(config_file, server.url)
         wait_for(browser, on_page("/login"))
     finally:
         _stopped(proc)

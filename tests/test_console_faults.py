@@ -456,6 +456,20 @@ FAILING_WORKERS = {
 }
 
 
+def zhang_san_checked_in(url: str) -> Client:
+    """A doctor logged in to the console at `url`, 张三 checked in on Today."""
+    doctor = Client(url)
+    doctor.login()
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    return doctor
+
+
+def assign_to_zhang_san(doctor: Client, item_id: int) -> tuple[Reply, str]:
+    """The doctor presses Assign for the held ECG `item_id`, typed 张三's number: the reply, the page it shows."""
+    reply = doctor.post("/today/assign-ecg", {"item_id": str(item_id), "patient_id": VALID_ID})
+    return reply, doctor.get(reply.location).body if reply.status == 303 else reply.body
+
+
 @pytest.mark.parametrize("failure", list(FAILING_WORKERS))
 def test_a_held_ecg_whose_assign_worker_fails_says_try_again_and_stays_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
@@ -482,15 +496,11 @@ def test_a_held_ecg_whose_assign_worker_fails_says_try_again_and_stays_held(
         worker = [sys.executable, "-c", FAILING_WORKERS[failure]]
         held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=worker)
         with running_console(config, held_ecgs=held_ecgs) as server:
-            doctor = Client(server.url)
-            doctor.login()
-            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
-            reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
-            page = doctor.get(reply.location).body if reply.status == 303 else reply.body
+            doctor = zhang_san_checked_in(server.url)
+            reply, page = assign_to_zhang_san(doctor, held_id)
             too_late = doctor.post("/today/assign-ecg", {"item_id": str(gone_id), "patient_id": VALID_ID})
             # he tries again, and it fails again (it would every time): whom to call
-            again = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
-            page_again = doctor.get(again.location).body if again.status == 303 else again.body
+            _again, page_again = assign_to_zhang_san(doctor, held_id)
         item = outbox.get(held_id)
     assert reply.status == 303 and "done=assign-failed" in reply.location, (reply.status, reply.location)
     answer = html.unescape(page.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
@@ -539,11 +549,8 @@ def test_a_held_ecg_assigned_by_a_worker_that_then_times_out_says_assigned(
         held_id = enqueue_recording(outbox, recording, config, key="held", now=time.time()).item.id
         held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", ASSIGNS_THEN_HANGS])
         with running_console(config, held_ecgs=held_ecgs) as server:
-            doctor = Client(server.url)
-            doctor.login()
-            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
-            reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
-            page = doctor.get(reply.location).body if reply.status == 303 else reply.body
+            doctor = zhang_san_checked_in(server.url)
+            reply, page = assign_to_zhang_san(doctor, held_id)
         item = outbox.get(held_id)
     assert item is not None and item.patient is not None and item.patient["patient_id"] == VALID_ID, item
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
@@ -572,9 +579,7 @@ def test_an_ecg_held_for_its_name_whose_answer_worker_fails_says_try_again_and_i
     with open_outbox(config) as outbox:
         held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", FAILING_WORKERS[failure]])
         with running_console(config, held_ecgs=held_ecgs) as server:
-            doctor = Client(server.url)
-            doctor.login()
-            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+            doctor = zhang_san_checked_in(server.url)
             rec = with_patient_check(
                 make_recording(7, patient=Patient(VALID_ID, "李四")), frozenset({VALID_ID}), "张三"
             )
@@ -616,9 +621,7 @@ def test_a_held_ecg_whose_hold_ends_while_its_worker_hangs_is_not_said_to_wait(
     with open_outbox(config) as outbox:
         held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", FAILING_WORKERS["timeout"]])
         with running_console(config, held_ecgs=held_ecgs) as server:
-            doctor = Client(server.url)
-            doctor.login()
-            assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+            doctor = zhang_san_checked_in(server.url)
             held_id = enqueue_recording(outbox, make_recording(7, patient=None), config, key="held").item.id
             reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
         item = outbox.get(held_id)

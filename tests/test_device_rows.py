@@ -24,7 +24,12 @@ from lastmile.console.views import devices as devices_page
 from lastmile.console.views import today
 from lastmile.doctor import Level
 from tests.console_harness import DOCTOR, Client, add_users, console_config, running_console
-from tests.serial_gateway import Running, serial_config, ward_profile_with_bad_baudrate
+from tests.serial_gateway import (
+    Running,
+    serial_config,
+    serial_part_whose_stop_gives_up_waits,
+    ward_profile_with_bad_baudrate,
+)
 from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
 from tests.waiting import wait_for
@@ -712,11 +717,9 @@ def test_readings_a_stop_held_in_memory_only_are_said_lost_from_its_last_try_to_
     the Devices page "saved when it starts again" (下次启动时保存): they never are. Now both say
     lost (已丢失) and what to do: measure again - before and after the start alike."""
     from lastmile.services.serial_devices import SerialService
-    from lastmile.services.serial_spill import HEADER
     from tests.fhir_samples import blood_pressure
     from tests.service_harness import write_locked
     from uploader.outbox import Outbox
-    from uploader.sqlite_store import StopWaits
 
     config = serial_config(
         tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
@@ -725,12 +728,7 @@ def test_readings_a_stop_held_in_memory_only_are_said_lost_from_its_last_try_to_
     at = dt.datetime.now(UTC) - dt.timedelta(minutes=10)
     stop = threading.Event()
     with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:  # room: only the lock refuses
-        waits = StopWaits(stop)
-        outbox.give_up_waits_on(waits)  # as the acquire service's outbox does
-        service = SerialService.open(config, outbox=outbox, stop=waits, watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+        service, ctx, spec = serial_part_whose_stop_gives_up_waits(config, outbox, stop)
         reading = blood_pressure(at, "P-1", "bp-1")
         stop.set()  # the acquire service is stopping as the monitor's report comes
         with write_locked(data / "outbox.sqlite"):

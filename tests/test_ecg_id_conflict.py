@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import os
-import re
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,7 +19,6 @@ import pydicom
 import pytest
 
 from devices.identity import Patient
-from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
@@ -33,11 +29,11 @@ from lastmile.ecg.intake import (
     assign_held_ecg,
     clinic_patient,
     file_enqueuer,
-    lan_object_store,
     read_ecg_file,
 )
-from tests.conftest import require_tool, shared_file
-from tests.console_harness import Client, console_config, running_console
+from tests.conftest import shared_file
+from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
+from tests.lan_cart import lan_receiver, storescu_as_the_cart
 from uploader.outbox import Kind, Outbox
 
 RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
@@ -83,18 +79,6 @@ def _arrives(config: Config, path: Path, key: str, *, stat: bool = False) -> int
         context.close()
 
 
-def _storescu(port: int, path: Path) -> None:
-    """The cart sends `path` over the LAN as a DICOM C-STORE (DCMTK's storescu, calling AE CART1)."""
-    done = subprocess.run(
-        [require_tool("storescu"), "-aet", "CART1", "-aec", "LASTMILE", "127.0.0.1", str(port), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-
-
 def _dataset(outbox: Outbox, item_id: int) -> pydicom.Dataset:
     item = outbox.get(item_id)
     assert item is not None
@@ -114,18 +98,6 @@ def clinic(tmp_path: Path) -> Iterator[tuple[Config, ConsoleServer, Client]]:
         yield config, server, doctor
 
 
-def _row(page: str, item_id: int) -> str:
-    found = re.search(rf'<li data-held-ecg="{item_id}">(.*?)</li>', page, re.S)
-    assert found, f"E{item_id} is on Today"
-    return " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())
-
-
-def _csrf(page: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert found
-    return found.group(1)
-
-
 def test_an_ecg_whose_sex_and_birth_date_contradict_its_id_is_held_and_said_on_today(
     clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
 ) -> None:
@@ -141,7 +113,7 @@ def test_an_ecg_whose_sex_and_birth_date_contradict_its_id_is_held_and_said_on_t
         assert item.hold_until is not None and before + hold_s <= item.hold_until <= time.time() + hold_s
         assert [i.id for i in held_ecgs(outbox, time.time())] == [item_id]
         assert outbox.claim(item.kind, 10, time.time()) == []  # the forwarder does not take it
-    row = _row(doctor.get("/today").body, item_id)
+    row = held_ecg_row(doctor.get("/today").body, item_id)
     assert "心电图上的性别/出生日期与身份证号不符。" in row, row
     assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
     assert "身份证号是对的：按身份证号的性别和出生日期发送" in row and "是另一位患者的：请输入他的患者编号。" in row
@@ -154,7 +126,7 @@ def test_the_doctors_id_is_right_sends_the_ids_sex_and_birth_date(
     config, _, doctor = clinic
     item_id = _arrives(config, _cart_file(tmp_path), "cart")
     page = doctor.get("/today").body
-    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": _csrf(page)})
+    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": csrf_of(page)})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
@@ -173,7 +145,7 @@ def test_another_patients_ecg_goes_with_that_patients_details(
     config, _, doctor = clinic
     item_id = _arrives(config, _cart_file(tmp_path), "cart")
     page = doctor.get("/today").body
-    reply = doctor.post("/today/assign-ecg", {"csrf": _csrf(page), "item_id": str(item_id), "patient_id": OTHER_ID})
+    reply = doctor.post("/today/assign-ecg", {"csrf": csrf_of(page), "item_id": str(item_id), "patient_id": OTHER_ID})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, item_id)
@@ -222,8 +194,8 @@ def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_
     config, _, doctor = clinic
     item_id = _arrives(config, _cart_file(tmp_path, name="Wang^Fang"), "both")
     page = doctor.get("/today").body
-    assert "身份证号是对的" not in _row(page, item_id)  # the name's question comes first
-    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": _csrf(page)})
+    assert "身份证号是对的" not in held_ecg_row(page, item_id)  # the name's question comes first
+    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": csrf_of(page)})
     assert reply.status == 303, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
@@ -238,8 +210,8 @@ def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_
         sent = _dataset(outbox, item_id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
     page = doctor.get("/today").body
-    assert "身份证号是对的：按身份证号的性别和出生日期发送" in _row(page, item_id)
-    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": _csrf(page)})
+    assert "身份证号是对的：按身份证号的性别和出生日期发送" in held_ecg_row(page, item_id)
+    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": csrf_of(page)})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
@@ -258,21 +230,20 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
     config, _, doctor = clinic
     path = _cart_file(tmp_path)
     with open_outbox(config) as outbox:
-        store = lan_object_store(
+        with lan_receiver(
             outbox,
-            lambda: frozenset({RESIDENT_ID}),
-            checked_in_name=lambda pid: "李建国" if pid == RESIDENT_ID else "",
+            RESIDENT_ID,
+            lambda pid: "李建国" if pid == RESIDENT_ID else "",
             patient_hold_s=config.patient.unassigned_ecg_hold_s,
-        )
-        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
-            _storescu(receiver.port, path)
+        ) as receiver:
+            storescu_as_the_cart(receiver.port, path)
         (item,) = outbox.items(kind=Kind.DICOM)
         assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.meta["flags"])
         assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"])
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []
     page = doctor.get("/today").body
-    assert f"身份证号 {RESIDENT_ID} 是 男，1965-05-05" in _row(page, item.id)
-    reply = doctor.post(f"/today/ecg/{item.id}/id-values", {"csrf": _csrf(page)})
+    assert f"身份证号 {RESIDENT_ID} 是 男，1965-05-05" in held_ecg_row(page, item.id)
+    reply = doctor.post(f"/today/ecg/{item.id}/id-values", {"csrf": csrf_of(page)})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         decided = outbox.get(item.id)
@@ -294,11 +265,8 @@ def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is
     config = console_config(tmp_path / "data")
     path = _cart_file(tmp_path, name="Wang^Fang")
     with open_outbox(config) as outbox:
-        store = lan_object_store(
-            outbox, lambda: frozenset({RESIDENT_ID}), checked_in_name=lambda pid: "李建国", patient_hold_s=900.0
-        )
-        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
-            _storescu(receiver.port, path)
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            storescu_as_the_cart(receiver.port, path)
         (item,) = outbox.items(kind=Kind.DICOM)
         assert item.hold_reason == NAME_MISMATCH, (item.hold_reason, item.meta["flags"])
         now = dt.datetime.now(dt.timezone.utc)
@@ -319,13 +287,10 @@ def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_s
     config = console_config(tmp_path / "data")
     path = _cart_file(tmp_path, sex="M", birth="19650505")
     with open_outbox(config) as outbox:
-        store = lan_object_store(
-            outbox, lambda: frozenset({RESIDENT_ID}), checked_in_name=lambda pid: "李建国", patient_hold_s=900.0
-        )
-        with DicomReceiver(ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10), store) as receiver:
-            _storescu(receiver.port, path)
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            storescu_as_the_cart(receiver.port, path)
             (item,) = outbox.items(kind=Kind.DICOM)
-            _storescu(receiver.port, path)  # the cart's retry
+            storescu_as_the_cart(receiver.port, path)  # the cart's retry
         (again,) = outbox.items(kind=Kind.DICOM)
         assert item.hold_until is None and again.sha256 == item.sha256
         sent = _dataset(outbox, item.id)

@@ -15,20 +15,18 @@ import datetime as dt
 import io
 import itertools
 import json
-import os
 import re
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 
 from devices.ecg.recording import EcgRecording
 from devices.identity import Patient
-from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.cli import main as cli
 from lastmile.clinic.device_users import DeviceUsers, mapped_name
 from lastmile.clinic.patients import PatientContext
@@ -43,11 +41,11 @@ from lastmile.ecg.intake import (
     assign_held_ecg,
     enqueue_recording,
     file_enqueuer,
-    lan_object_store,
     read_ecg_file,
 )
-from tests.conftest import require_tool, shared_file
-from tests.console_harness import Client, console_config, running_console
+from tests.conftest import shared_file
+from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
+from tests.lan_cart import lan_receiver, storescu_as_the_cart
 from tests.serial_gateway import Running
 from tests.serial_pty import PtyDevice
 from tests.service_harness import PATIENT_CARD_SCAN, known_name
@@ -246,17 +244,6 @@ def test_the_stat_name_hold_is_the_configured_one(tmp_path: Path, stat_name_hold
 # -- the clinic LAN: a cart's DICOM ECG, stored as received -----------------------------------------
 
 
-def _storescu(port: int, path: Path) -> None:
-    done = subprocess.run(
-        [require_tool("storescu"), "-aet", "CART1", "-aec", "LASTMILE", "127.0.0.1", str(port), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-
-
 def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_uids(tmp_path: Path) -> None:
     """The cart sends its DICOM ECG (SBJ-123 "Clark") over the LAN while 张三 is checked in as
     SBJ-123: it was forwarded at once. It is held; the doctor says it is 张三's: the cart's object
@@ -266,15 +253,10 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
     path = shared_file(*DCM)
     cart = pydicom.dcmread(path)
     with open_outbox(config) as outbox:
-        store = lan_object_store(
-            outbox,
-            lambda: frozenset({FILE_ID}),
-            checked_in_name=lambda pid: "Zhang^San=张^三" if pid == FILE_ID else "",
-            patient_hold_s=HOLD_S,
-        )
-        settings = ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10)
-        with DicomReceiver(settings, store) as receiver:
-            _storescu(receiver.port, path)
+        with lan_receiver(
+            outbox, FILE_ID, lambda pid: "Zhang^San=张^三" if pid == FILE_ID else "", patient_hold_s=HOLD_S
+        ) as receiver:
+            storescu_as_the_cart(receiver.port, path)
             (item,) = outbox.items(kind=Kind.DICOM)
             assert item.hold_reason == NAME_MISMATCH and item.held(time.time())
             assert outbox.claim(Kind.DICOM, 10, time.time()) == []
@@ -282,7 +264,7 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
             decided = assign_held_ecg(outbox, item.id, Patient(FILE_ID, "Zhang^San=张^三"), now=now, by="王医生")
             assert decided.hold_until is None and decided.patient is not None
             assert decided.patient["name"] == "Zhang^San=张^三"
-            _storescu(receiver.port, path)  # the cart's retry of the same object
+            storescu_as_the_cart(receiver.port, path)  # the cart's retry of the same object
         sent = _dataset(outbox, item.id)
         for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
             assert sent.get(keyword) == cart.get(keyword), keyword
@@ -348,22 +330,10 @@ def _held_for_its_name(
         context.close()
 
 
-def _row(page: str, item_id: int) -> str:
-    found = re.search(rf'<li data-held-ecg="{item_id}">(.*?)</li>', page, re.S)
-    assert found, f"E{item_id} is on Today"
-    return " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())
-
-
-def _csrf(page: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert found
-    return found.group(1)
-
-
 def _answered(doctor: Client, item_id: int, answer: str, page: str, done: str) -> str:
     """The doctor's `answer` ("name-right", "checked-in-name") to Today's question on E<item_id>,
     posted from `page`: the console says it is `done`. Where it leads (the page that says so)."""
-    reply = doctor.post(f"/today/ecg/{item_id}/{answer}", {"csrf": _csrf(page)})
+    reply = doctor.post(f"/today/ecg/{item_id}/{answer}", {"csrf": csrf_of(page)})
     assert reply.status == 303 and f"done={done}" in reply.location, (reply.status, reply.location)
     return reply.location
 
@@ -373,7 +343,7 @@ def test_today_asks_whose_ecg_it_is_and_it_is_the_checked_in_patients(
 ) -> None:
     config, _, doctor = clinic
     item_id, page = _held_on_today(config, doctor, SCP, "scp")
-    row = _row(page, item_id)
+    row = held_ecg_row(page, item_id)
     assert "心电图上的姓名是 Clark，但 SBJ-123 登记的是 张三：请确认是谁的心电图" in row, row
     assert "是 张三 的：按这个姓名发送" in row and "Clark 是对的：更正登记的姓名" in row, row
     assert "仍然发送" not in row  # the three answers, not a "send anyway" that sends Clark unsaid
@@ -395,8 +365,8 @@ def test_today_another_patients_ecg_is_assigned_by_the_assign_box(
 ) -> None:
     config, _, doctor = clinic
     item_id, page = _held_on_today(config, doctor, AECG, "aecg")
-    assert "是另一位患者的：请输入他的患者编号。" in _row(page, item_id)
-    reply = doctor.post("/today/assign-ecg", {"csrf": _csrf(page), "item_id": str(item_id), "patient_id": "MZ-77"})
+    assert "是另一位患者的：请输入他的患者编号。" in held_ecg_row(page, item_id)
+    reply = doctor.post("/today/assign-ecg", {"csrf": csrf_of(page), "item_id": str(item_id), "patient_id": "MZ-77"})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, item_id)
@@ -560,7 +530,7 @@ def test_today_offers_no_rename_to_a_placeholder_held_before_this_version(
         assert added.item.hold_reason == NAME_MISMATCH
     item_id = added.item.id
     page = doctor.get("/today").body
-    row = _row(page, item_id)
+    row = held_ecg_row(page, item_id)
     assert "心电图上的姓名与 SBJ-123 登记的姓名不同" in row and "心电图上的姓名是" not in row, row
     assert "是对的" not in row and 'data-answer="name-right"' not in page, row
     _name_right_renames_nobody(config, doctor, item_id, page)
@@ -585,7 +555,7 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
     cart = dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark"))  # the cart kept Clark's entry
     held_id = _held_for_its_name(config, cart, "noisy", re_record_hold_s=600)
     page = doctor.get("/today").body
-    row = _row(page, held_id)
+    row = held_ecg_row(page, held_id)
     assert "心电图上的姓名是 Clark" in row and "质量检查结果也是：需要重做" in row, row
     landing = _answered(doctor, held_id, "name-right", page, "name-corrected")
     assert "此心电图质量待定" in doctor.get(landing).body
@@ -595,7 +565,7 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # not sent: the doctor decides its quality
         assert item.patient is not None and item.patient["birth_date"] is None  # contec gave none; none added
     assert known_name(config, FILE_ID) == "Clark"
-    row = _row(doctor.get("/today").body, held_id)
+    row = held_ecg_row(doctor.get("/today").body, held_id)
     assert "质量检查结果：需要重做" in row and "重做，不发送这份" in row and "仍然发送" in row, row
 
 
@@ -648,7 +618,7 @@ def test_today_the_ecgs_name_is_right_settles_the_ids_other_ecgs_held_for_that_n
         assert second is not None and second.patient is not None
         assert second.hold_reason == "re-record" and second.held(time.time()), second  # its quality still waits
         assert second.patient["name"].rstrip("^") == "Clark"
-    row = _row(doctor.get("/today").body, e2)
+    row = held_ecg_row(doctor.get("/today").body, e2)
     assert "请确认是谁的心电图" not in row and "张三" not in row and "重做，不发送这份" in row, row
 
 
@@ -667,17 +637,43 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
         config, dataclasses.replace(aecg, patient=dataclasses.replace(aecg.patient, name="Lee")), "lee"
     )
     page = doctor.get("/today").body
-    assert "SBJ-123 登记的是 张三" in _row(page, e3)
+    assert "SBJ-123 登记的是 张三" in held_ecg_row(page, e3)
     _answered(doctor, e1, "name-right", page, "name-corrected")
     assert known_name(config, FILE_ID).rstrip("^") == "Clark"
     page = doctor.get("/today").body
-    row = _row(page, e3)
+    row = held_ecg_row(page, e3)
     assert "心电图上的姓名是 Lee，但 SBJ-123 登记的是 Clark" in row and "是 Clark 的：按这个姓名发送" in row, row
     assert "张三" not in row, row
     _answered(doctor, e3, "checked-in-name", page, "assigned")
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, e3)
     assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")
+
+
+def on_the_screen_and_apart(browser: Any, row: Any, css: str, *, apart_but: str = "") -> list[tuple[str, dict]]:
+    """The page no wider than the screen; each of the `row`'s elements matching `css` within it,
+    and none overlapping another (those of tag `apart_but` left out of that). Their names and boxes."""
+    from tests.console_browser import by
+
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    wide = browser.execute_script("return document.documentElement.scrollWidth")
+    assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
+    boxes = [
+        (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
+        for e in row.find_elements(by("css"), css)
+    ]
+    for what, box in boxes:
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
+    controls = [(w, b) for w, b in boxes if not (apart_but and w.startswith(apart_but))]
+    for (a, ra), (b, rb) in itertools.combinations(controls, 2):
+        apart = (
+            ra["x"] + ra["width"] <= rb["x"]
+            or rb["x"] + rb["width"] <= ra["x"]
+            or ra["y"] + ra["height"] <= rb["y"]
+            or rb["y"] + rb["height"] <= ra["y"]
+        )
+        assert apart, f"{a} {ra} overlaps {b} {rb}"
+    return boxes
 
 
 @pytest.mark.parametrize("size", [(360, 640), (1280, 800)], ids=["phone", "desktop"])
@@ -699,24 +695,8 @@ def test_todays_name_question_in_english_is_english_and_nothing_in_it_is_cut_or_
     words = row.text.replace("张三", "")  # the checked-in name, as checked in; everything else English
     assert not re.search(r"[\u3000-\u9fff\uff00-\uffef]", words), row.text
     assert "Clark" in words and "SBJ-123" in words, row.text
-    width = browser.execute_script("return document.documentElement.clientWidth")  # type: ignore[attr-defined]
-    wide = browser.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
-    assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
-    boxes = [
-        (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
-        for e in row.find_elements(by("css"), "button, input:not([type=hidden]), label")
-    ]
+    boxes = on_the_screen_and_apart(browser, row, "button, input:not([type=hidden]), label")
     assert len(boxes) >= 5, boxes  # three answers and the other patient's field with its label
-    for what, box in boxes:
-        assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
-    for (a, ra), (b, rb) in itertools.combinations(boxes, 2):
-        apart = (
-            ra["x"] + ra["width"] <= rb["x"]
-            or rb["x"] + rb["width"] <= ra["x"]
-            or ra["y"] + ra["height"] <= rb["y"]
-            or rb["y"] + rb["height"] <= ra["y"]
-        )
-        assert apart, f"{a} {ra} overlaps {b} {rb}"
     # each answer apart from the next (the field's label touched the button above: read as its caption)
     answers = row.find_elements(by("css"), "form")
     assert [f.get_attribute("action").rsplit("/", 1)[1] for f in answers] == [
@@ -802,7 +782,7 @@ def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_un
         clark = _card_ecg(tmp_path, CARD, "Clark")
         assert _hold_of(tmp_path, clark) == NAME_MISMATCH
         assert checked_in_as == "Zhang^San=张^三"
-        row = _row(doctor.get("/today").body, clark)
+        row = held_ecg_row(doctor.get("/today").body, clark)
         assert (
             f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三（这次登记没有输入姓名）：请确认是谁的心电图"
             in row
@@ -854,24 +834,8 @@ def test_the_question_on_a_name_a_card_took_is_read_whole_on_a_phone_and_a_scree
             assert not re.search(r"[\u3000-\u9fff\uff00-\uffef]", row.text.replace("张三", "")), row.text
         else:
             assert f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三" in question, question
-        width = browser.execute_script("return document.documentElement.clientWidth")  # type: ignore[attr-defined]
-        wide = browser.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
-        assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
-        boxes = [
-            (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
-            for e in row.find_elements(by("css"), "button, input:not([type=hidden]), label, strong")
-        ]
-        for what, box in boxes:
-            assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
-        controls = [(w, b) for w, b in boxes if not w.startswith("strong")]
-        for (a, ra), (b, rb) in itertools.combinations(controls, 2):
-            apart = (
-                ra["x"] + ra["width"] <= rb["x"]
-                or rb["x"] + rb["width"] <= ra["x"]
-                or ra["y"] + ra["height"] <= rb["y"]
-                or rb["y"] + rb["height"] <= ra["y"]
-            )
-            assert apart, f"{a} {ra} overlaps {b} {rb}"
+        # the names (strong) on the screen too; only the controls must be apart
+        on_the_screen_and_apart(browser, row, "button, input:not([type=hidden]), label, strong", apart_but="strong")
         save_screenshot(browser, f"today-inherited-name-{language}-{'phone' if size[0] < 600 else 'desktop'}")
 
 
@@ -903,8 +867,8 @@ def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: 
     this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
     with _a_daughters_ecg_held_under_her_fathers_card(tmp_path) as (doctor, gateway, users, fang):
         page = doctor.get("/today").body
-        row = _row(page, fang)
-        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)})
+        row = held_ecg_row(page, fang)
+        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": csrf_of(page)})
         assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
         assert _hold_of(tmp_path, fang) is None
         current = gateway.patients.current(gateway.now())
@@ -929,18 +893,18 @@ def test_a_taken_name_cleared_is_neither_offered_nor_given_to_the_device_users(t
         page = doctor.get("/today").body
         cleared = doctor.post(
             "/today/check-in",
-            {"csrf": _csrf(page), "patient_id": CARD, "clear": "name", "shown_patient_id": CARD, "confirmed": "yes"},
+            {"csrf": csrf_of(page), "patient_id": CARD, "clear": "name", "shown_patient_id": CARD, "confirmed": "yes"},
         )
         assert cleared.status == 303, cleared.status
         current = gateway.patients.current(gateway.now())
         assert current is not None and current.patient_id == CARD and current.name == ""
         page = doctor.get("/today").body
-        row = _row(page, fang)
+        row = held_ecg_row(page, fang)
         assert "李四" not in row and 'data-answer="checked-in-name"' not in row, row
         assert "Wang Fang 是对的：只更正这次登记的姓名（设备用户的姓名不变）" in row, row
-        assert doctor.post(f"/today/ecg/{fang}/checked-in-name", {"csrf": _csrf(page)}).status == 303
+        assert doctor.post(f"/today/ecg/{fang}/checked-in-name", {"csrf": csrf_of(page)}).status == 303
         assert _hold_of(tmp_path, fang) == NAME_MISMATCH  # a stale form: no name to send it under
-        assert doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)}).status == 303
+        assert doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": csrf_of(page)}).status == 303
         assert _hold_of(tmp_path, fang) is None
         cuff = users.whose("C0:26:DA:01:02:03", 1)
         assert cuff is not None and cuff.patient_name == "Li^Si=李^四"

@@ -13,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -396,6 +398,33 @@ def test_a_store_error_worded_otherwise_keeps_its_advice_and_is_cleared_by_its_k
         assert m.device().last_error == "", m.device().last_error  # cleared by its kind, whatever its words
 
 
+@contextlib.contextmanager
+def a_report_stored_while_another_process_writes(
+    m: MonitorOnPart, monkeypatch: pytest.MonkeyPatch, *, lock_held_s: float
+) -> Iterator[None]:
+    """The monitor's report being stored (its first reading's add begun) while another process
+    holds the outbox's write lock, released `lock_held_s` after; that process gone on exit."""
+    storing = threading.Event()
+    add = m.outbox.add
+
+    def add_noting(*args: object, **kwargs: object) -> object:
+        storing.set()
+        return add(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(m.outbox, "add", add_noting)
+    other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process writes: the report waits for it
+    release = threading.Timer(lock_held_s, other.rollback)
+    try:
+        m.monitor.write(m.report)
+        assert storing.wait(30), "the report was never stored"
+        release.start()
+        yield
+    finally:
+        release.join()
+        other.close()
+
+
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,29 +435,9 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
     reboot, a shutdown): the first reading is stored, the next ones meet a closed database,
     "cannot store ... closed database", are held in memory and are gone with the process -
     although the runtime promises that the work in hand is finished before close."""
-    import sqlite3
-    import threading
-
     with monitor_on_the_acquire_part(tmp_path) as m:
-        storing = threading.Event()
-        add = m.outbox.add
-
-        def add_noting(*args: object, **kwargs: object) -> object:
-            storing.set()
-            return add(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(m.outbox, "add", add_noting)
-        other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")  # another process writes: the outbox is busy a moment
-        release = threading.Timer(1.0, other.rollback)
-        try:
-            m.monitor.write(m.report)
-            assert storing.wait(30), "the report was never stored"
-            release.start()
+        with a_report_stored_while_another_process_writes(m, monkeypatch, lock_held_s=1.0):
             m.part.close()  # SIGTERM: the acquire service closes its parts
-        finally:
-            release.join()
-            other.close()
         assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
 
 
@@ -501,7 +510,6 @@ def test_the_acquire_parts_stop_ends_within_the_units_stop_timeout(tmp_path: Pat
 def slow_writer(outbox: Outbox, name: str, in_hand_s: float) -> WorkerPart:
     """A part that, told to stop, still stores what it has in hand for `in_hand_s` (an import's
     file, a report's readings): one outbox item a second before that, one after."""
-    import threading
 
     def work(stop: threading.Event, beat: object) -> None:
         stop.wait(60)
@@ -521,37 +529,18 @@ def test_a_part_still_storing_past_the_stop_keeps_the_outbox_open_and_every_read
     process: exit 139). Now the stores are left open to a part still closing (said, with what it
     means): the report is stored whole once the lock is free."""
     import logging
-    import sqlite3
-    import threading
 
     from lastmile.services import acquire
     from lastmile.services.acquire import AcquireService
 
     monkeypatch.setattr(acquire, "PARTS_STOP_S", 0.5)  # the unit's 24 s, made short
     with monitor_on_the_acquire_part(tmp_path) as m:
-        storing = threading.Event()
-        add = m.outbox.add
-
-        def add_noting(*args: object, **kwargs: object) -> object:
-            storing.set()
-            return add(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(m.outbox, "add", add_noting)
         service = AcquireService(m.config, m.outbox, [m.part], closers=[m.outbox.close])
-        other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")  # another process writes: the report waits for it
-        release = threading.Timer(2.0, other.rollback)
-        try:
-            m.monitor.write(m.report)
-            assert storing.wait(30), "the report was never stored"
-            release.start()
+        with a_report_stored_while_another_process_writes(m, monkeypatch, lock_held_s=2.0):
             started = time.monotonic()
             with caplog.at_level(logging.WARNING):
                 service.close()  # SIGTERM
             took = time.monotonic() - started
-        finally:
-            release.join()
-            other.close()
         # every reading of the report in hand stored: none met a closed outbox
         wait_for(lambda: len(m.outbox.items(kind="observation")) == 3, timeout=30, what="the report stored")
         wait_for(m.part.finished, timeout=30, what="the serial part finishing the report in hand")

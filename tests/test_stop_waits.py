@@ -34,7 +34,7 @@ from lastmile.config import Config
 from lastmile.services.acquire import NO_SESSION, usb_import_part
 from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
 from tests.conftest import REPO, shared_file
-from tests.serial_gateway import Running, talk_as_bridge
+from tests.serial_gateway import Running, serial_part_whose_stop_gives_up_waits, talk_as_bridge
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
     FHIR_TOKEN,
@@ -813,7 +813,6 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
     the stop, nothing is broken" - the advice for the space (keep the gateway powered while readings
     wait for it) gone. Now the stop's cause does not replace the space's of readings already waiting."""
     from lastmile.services.serial_devices import SerialService
-    from lastmile.services.serial_spill import HEADER
     from tests.fhir_samples import blood_pressure
 
     config = monitor_config(tmp_path)
@@ -821,12 +820,7 @@ def test_readings_waiting_for_space_whose_retry_the_stop_gave_up_are_said_lost_f
     at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
     stop = threading.Event()
     with contextlib.closing(Outbox.open(data, min_free_bytes=1 << 60)) as outbox:  # full: held for space
-        waits = StopWaits(stop)
-        outbox.give_up_waits_on(waits)  # as the acquire service's outbox does
-        service = SerialService.open(config, outbox=outbox, stop=waits, watch_dirs=None, rescan_s=0.1)
-        ctx, spec = service.ctx, service.specs[0]
-        assert ctx.spill is not None
-        ctx.spill.slot_bytes = HEADER  # the slot full (as many waiting readings make it): in memory only
+        service, ctx, spec = serial_part_whose_stop_gives_up_waits(config, outbox, stop)
         reading = blood_pressure(at, "P-1", "bp-1")  # its patient's: to the outbox, which is full
         assert not ctx.store_observation(spec, reading, held=True)  # as the monitor's handler does
         ctx.hold_observation(spec, reading)
@@ -961,6 +955,19 @@ def test_a_patient_card_the_stop_gave_up_and_never_checked_in_is_said_on_today_a
     assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
 
 
+def today_after_a_stop_gave_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: bytes, *, real_margin: bool = False
+) -> tuple[list[dict], str]:
+    """`scan` given up at a stop (card_given_up_at_a_stop, its write never through), kept by the
+    close; the acquire service started again. Its devices and the Today page then."""
+    config, devices, left = card_given_up_at_a_stop(
+        tmp_path, monkeypatch, scan, finished=False, real_margin=real_margin
+    )
+    assert "serial-cards-given-up.jsonl" in left, left
+    started_again(config)
+    return devices, today_page(config, devices)
+
+
 def test_a_card_whose_own_lock_wait_ends_before_the_close_gives_up_is_kept_with_the_real_waits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -971,12 +978,7 @@ def test_a_card_whose_own_lock_wait_ends_before_the_close_gives_up_is_kept_with_
     write fails once the stop is set is kept, and the close saves it with the links idle too."""
     from tests.service_harness import PATIENT_CARD_SCAN
 
-    config, devices, left = card_given_up_at_a_stop(
-        tmp_path, monkeypatch, PATIENT_CARD_SCAN, finished=False, real_margin=True
-    )
-    assert "serial-cards-given-up.jsonl" in left, left
-    started_again(config)
-    page = today_page(config, devices)
+    _devices, page = today_after_a_stop_gave_up(tmp_path, monkeypatch, PATIENT_CARD_SCAN, real_margin=True)
     assert "网关停机时扫描的病人卡（ID 80276001234567890123，" in page, page
     assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
 
@@ -989,10 +991,7 @@ def test_a_doctor_badge_the_stop_gave_up_and_never_taken_is_said_on_today_after_
     doctor's words, until the badge is scanned again."""
     from tests.service_harness import DOCTOR_BADGE_SCAN
 
-    config, devices, left = card_given_up_at_a_stop(tmp_path, monkeypatch, DOCTOR_BADGE_SCAN, finished=False)
-    assert "serial-cards-given-up.jsonl" in left, left
-    started_again(config)
-    page = today_page(config, devices)
+    devices, page = today_after_a_stop_gave_up(tmp_path, monkeypatch, DOCTOR_BADGE_SCAN)
     assert "网关停机时扫描的医生工牌（004711，" in page, page
     assert "值班医生没有改。如该医生在值班，请再扫一次工牌。" in page, page
     scanner = PtyDevice(tmp_path / "usb-scanner")  # plugged in again

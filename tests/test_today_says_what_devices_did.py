@@ -118,6 +118,17 @@ class Gateway:
         self.registry.close()
 
 
+def a_report_cut_short(g: Gateway, monitor: PtyDevice) -> None:
+    """The monitor switched off mid-print: its half report is rejected when it goes quiet."""
+    printed = report_printed(dt.datetime.now(dt.timezone.utc))
+    monitor.write(printed[: printed.index(b"PULSE")])
+    wait_for(
+        lambda: (d := g.registry.get(f"serial:{MONITOR}")) is not None and "report rejected" in d.last_error,
+        timeout=60,
+        what="the cut report rejected",
+    )
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[Gateway, PtyDevice, PtyDevice]]:
     monitor, scanner = PtyDevice(tmp_path / "usb-monitor"), PtyDevice(tmp_path / "usb-scanner")
@@ -146,13 +157,7 @@ def test_a_refused_card_and_an_unreadable_report_are_said_on_today_with_the_reas
     g.patients.set_patient(VALID_ID, "张秀兰", now=dt.datetime.now(dt.timezone.utc))
     scanner.write(WRONG_CHECK_DIGIT_CARD)
     wait_for(lambda: (d := g.registry.get(f"serial:{SCANNER}")) is not None and bool(d.last_error), what="refused")
-    printed = report_printed(dt.datetime.now(dt.timezone.utc))
-    monitor.write(printed[: printed.index(b"PULSE")])  # switched off mid-print: rejected when it goes quiet
-    wait_for(
-        lambda: (d := g.registry.get(f"serial:{MONITOR}")) is not None and "report rejected" in d.last_error,
-        timeout=60,
-        what="the cut report rejected",
-    )
+    a_report_cut_short(g, monitor)
     current = g.patients.current(dt.datetime.now(dt.timezone.utc))
     assert current is not None and current.patient_id == VALID_ID  # the refused card changed nothing
 
@@ -202,13 +207,7 @@ def test_a_good_report_after_an_unreadable_one_ends_measure_again_though_the_mon
     A reading now ends the error by when the gateway got it."""
     g, monitor, _scanner = gateway
     g.patients.set_patient(VALID_ID, "张秀兰", now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))
-    printed = report_printed(dt.datetime.now(dt.timezone.utc))
-    monitor.write(printed[: printed.index(b"PULSE")])  # switched off mid-print: rejected when it goes quiet
-    wait_for(
-        lambda: (d := g.registry.get(f"serial:{MONITOR}")) is not None and "report rejected" in d.last_error,
-        timeout=60,
-        what="the cut report rejected",
-    )
+    a_report_cut_short(g, monitor)
     assert "请重新测量" in device_line(today_of(console_of(g)), MONITOR)
     slow = report_printed(dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=2))
     monitor.write(slow.replace(b"RECORD 0172", b"RECORD 0173"))
