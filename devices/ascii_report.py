@@ -391,6 +391,12 @@ def parse_report(
     by_kind: dict[str, list[Quantity]] = {}
     for i in sorted(found):
         by_kind.setdefault(profile.fields[i].kind, []).append(found[i])
+    # A kind the report prints only as "no value" in fields none of which is required ("SPO2 -- %":
+    # no probe on) was not measured: no reading. Stored, it went to the county as an Observation
+    # with no value and, with no patient checked in, waited as an item of its own for the doctor
+    # to assign. A required field's "no value" (the cuff's "---/---": it tried and failed) stays.
+    required_kinds = {profile.fields[i].kind for i in found if profile.fields[i].required}
+    measured = {k: qs for k, qs in by_kind.items() if k in required_kinds or any(q.value is not None for q in qs)}
     return tuple(
         Observation(
             kind=kind,
@@ -401,7 +407,7 @@ def parse_report(
             device=device,
             record_key=f"ascii:{profile.name}:{who}:{ident}:{kind}",
         )
-        for kind, qs in by_kind.items()
+        for kind, qs in measured.items()
     )
 
 

@@ -20,6 +20,9 @@ class DeviceProblem(enum.StrEnum):
     UNREADABLE = "unreadable"  # it sent a measurement that cannot be read: measure again
     NOT_A_RESULT = "not-a-result"  # it marks its readings demo/test/calibration: not stored
     CODE_NOT_RECOGNISED = "code-not-recognised"  # a scanned card or code matched no pattern
+    # a patient card's resident ID whose check digit is wrong: a rescan reads the same digits (a
+    # misprinted or misread card), so the doctor types the ID from the card instead
+    CARD_CHECK_DIGIT = "card-check-digit"
     NOT_SAVED = "not-saved"  # the gateway could not store what it sent
     ECG_REFUSED = "ecg-refused"  # a recording that cannot become a DICOM ECG
     SETTINGS = "settings"  # its settings keep it from working: the county IT's to fix

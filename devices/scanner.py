@@ -41,6 +41,7 @@ class CodeUnrecognised:
 
     reason: str
     length: int
+    rule: str = ""  # the resident-ID rule the card's number broke (InvalidPatientIdError.reason), "" for none
 
 
 ScanEvent = PatientScanned | DoctorScanned | CodeUnrecognised
@@ -75,7 +76,7 @@ class ScanRules:
         try:
             return PatientScanned(parse_resident_id(ident).number)
         except InvalidPatientIdError as exc:
-            return CodeUnrecognised(str(exc), length)
+            return CodeUnrecognised(str(exc), length, exc.reason)
 
     @staticmethod
     def _identifier(m: re.Match[str]) -> str:

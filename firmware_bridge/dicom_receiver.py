@@ -243,6 +243,7 @@ class DicomReceiver:
         self._store = store
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
+        self._stopping = False  # `stop_storing`: every object refused from then on
 
     @property
     def port(self) -> int:
@@ -281,6 +282,20 @@ class DicomReceiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def stop_storing(self, timeout_s: float) -> bool:
+        """Refuse every object from now on (the cart sends it again), once the one being stored
+        is, waited for up to `timeout_s`: True when none is - what it stores into may be closed.
+        Associations accepted before `stop` go on until then: `stop` does not end them."""
+        self._stopping = True
+        if not self._lock.acquire(timeout=timeout_s):
+            return False
+        self._lock.release()
+        return True
+
+    def storing(self) -> bool:
+        """An object is being checked and stored (its handler holds the one-at-a-time lock)."""
+        return self._lock.locked()
 
     def __enter__(self) -> DicomReceiver:
         self.start()
@@ -326,6 +341,8 @@ class DicomReceiver:
             )
             return _refusal(OUT_OF_RESOURCES, "gateway busy receiving other objects: try again")
         with self._lock:  # one object at a time: checking and storing hold copies of it
+            if self._stopping:  # its store may be closed: not acknowledged, the cart sends it again
+                return _refusal(OUT_OF_RESOURCES, "gateway stopping: send it again")
             try:
                 obj = self._read(event, received, calling)
             except InflateLimitError:

@@ -173,8 +173,21 @@ AT_STOP_HINT = "the gateway stopped before it stored them: the acquire service s
 LOST_AT_STOP_HINT = "nothing to repair: the gateway stopped before it stored them"
 # a stop kept them on disk and the spill file did not give them back (missing, damaged): its advice
 LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS = "lost-readings-damaged-file", "lost-ecgs-damaged-file"
+LOST_DAMAGED_BOTH = "lost-readings-and-ecgs-damaged-file"
 LOST_AT_STOP = "lost-at-stop"  # held at a stop in memory only, lost with it: its advice (which device, how many)
-LOST_ECGS_AT_STOP = "lost-ecgs-at-stop"  # the same with ECGs among them: record the ECG again, not "measure"
+LOST_ECGS_AT_STOP = "lost-ecgs-at-stop"  # the same, ECGs only: record the ECG again, not "measure"
+# a card (a doctor's badge) scanned as the gateway stopped, its check-in given up and not done: its advice
+CARD_NOT_CHECKED_IN, BADGE_NOT_TAKEN = "card-not-checked-in", "badge-not-taken"
+LOST_BOTH_AT_STOP = "lost-readings-and-ecgs-at-stop"  # readings and ECGs: measure again and record the ECG again
+# held in memory only by a stop (the row's word from its last try, until the next start counts them
+# lost): nothing stores them after it, the process that held them ends
+GONE_WITH_STOP_HINT = "nothing to repair: the gateway stopped before it stored them, and they were in memory only"
+
+
+def by_what(counts: tuple[int, int], readings: str, ecgs: str, both: str) -> str:
+    """The advice key for what to do again about `counts` (readings, ECGs): measure again (`readings`),
+    record the ECG again (`ecgs`), or both (`both`): a doctor told only one redoes only one."""
+    return both if all(counts) else ecgs if counts[1] else readings
 
 
 def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
@@ -430,11 +443,13 @@ class Doctor:
     def _left_by_last_stop(self, data: Path) -> list[Finding]:
         """The files in which a stop keeps what it could not write into its database for the next
         start (uploader.unwritten_records): one there waits for a start, or a start could not
-        apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it)."""
+        apply it (WARN, what and how many); a damaged one a start set aside (WARN, naming it and
+        where its readable records are: waiting in the file for a start, or written)."""
         from uploader.payload_files import STORED_PREFIX
-        from uploader.unwritten_records import UnwrittenRecords, pending_in, set_aside_in
+        from uploader.unwritten_records import UnwrittenRecords, original_of, pending_in, set_aside_in
 
-        waiting, damaged = [], []
+        waiting: list[str] = []
+        damaged: dict[Path, list[Path]] = {}  # the copies set aside, by the file each was made of
         with as_owner_of(data):
             for directory, family, what in left_by_stop_files(data):
                 for path in pending_in(directory, family):
@@ -445,7 +460,8 @@ class Doctor:
                     except OSError as exc:
                         count = f"unreadable ({exc.strerror or exc})"
                     waiting.append(f"{count} {what} ({path})")
-                damaged += [str(p) for p in set_aside_in(directory, family)]
+                for copy in set_aside_in(directory, family):
+                    damaged.setdefault(original_of(copy), []).append(copy)
         out = []
         if waiting:
             out.append(
@@ -464,12 +480,16 @@ class Doctor:
                 Finding(
                     "data",
                     Level.WARN,
-                    "damaged, set aside by a start (its readable records were written): " + ", ".join(damaged),
+                    "damaged, set aside by a start: "
+                    + "; ".join(
+                        f"{', '.join(map(str, copies))} ({_where_readable_records_are(original, copies)})"
+                        for original, copies in damaged.items()
+                    ),
                     "what it could not read is said in the journal at its start; remove the copy once looked at "
                     "(only the newest few are kept)",
                     advice_key="damaged-copy",
                     topic="damaged-copy",
-                    subject=", ".join(Path(p).name for p in damaged),
+                    subject=", ".join(copy.name for copies in damaged.values() for copy in copies),
                 )
             )
         return out
@@ -906,14 +926,15 @@ class Doctor:
                 # nothing; the stop's own (and only it) is no fault: what to do is measure again
                 at_stop = r.lost_cause == HELD_AT_STOP
                 if at_stop:
-                    keep, advice = LOST_AT_STOP_HINT, LOST_ECGS_AT_STOP if r.lost_from_memory[1] else LOST_AT_STOP
+                    keep = LOST_AT_STOP_HINT
+                    advice = by_what(r.lost_from_memory, LOST_AT_STOP, LOST_ECGS_AT_STOP, LOST_BOTH_AT_STOP)
                 else:
                     keep = (
                         LOST_NOT_STORED_HINT
                         if r.lost_cause
                         else "keep the gateway powered while readings wait for space (see the data line)"
                     )
-                    advice = ("lost-ecgs" if r.lost_from_memory[1] else "lost-readings") + (
+                    advice = by_what(r.lost_from_memory, "lost-readings", "lost-ecgs", "lost-readings-and-ecgs") + (
                         NOT_STORED if r.lost_cause else ""
                     )
                 found.append(
@@ -938,11 +959,42 @@ class Doctor:
                         f"{when}",
                         f"{again}the county IT: look at the damaged or missing file (its .bad copy) and the SD card; "
                         f"said until {_stamp(until)}",
-                        advice_key=LOST_DAMAGED_ECGS if r.lost_from_disk[1] else LOST_DAMAGED_READINGS,
+                        advice_key=by_what(
+                            r.lost_from_disk, LOST_DAMAGED_READINGS, LOST_DAMAGED_ECGS, LOST_DAMAGED_BOTH
+                        ),
                         until=until.timestamp(),
                         since=r.lost_at.timestamp(),
                     )
                 )
+        return found + self._cards_not_checked_in(now)
+
+    def _cards_not_checked_in(self, now: dt.datetime) -> list[Finding]:
+        """A card (a doctor's badge) a scanner read as the gateway stopped, whose check-in the stop
+        gave up and the restart did not find done (lastmile.services.serial_devices): said for
+        LOST_SAID_FOR as what a stop lost; Today says which ID (not here: the journal's words)."""
+        from lastmile.clinic.devices import CARD_DOCTOR
+
+        found = []
+        for r in self.device_records() or []:
+            until = r.card_said_until(now)
+            if r.removed or until is None or r.card_found_at is None or r.card_scanned_at is None:
+                continue
+            badge = r.card_kind == CARD_DOCTOR
+            what = "a doctor's badge" if badge else "a patient card"
+            found.append(
+                Finding(
+                    "devices",
+                    Level.WARN,
+                    f"{r.name or r.address}: {what} scanned as the gateway stopped, at {_stamp(r.card_scanned_at)} "
+                    f"({r.card_time_source}), was not {'taken' if badge else 'checked in'} (found at its restart "
+                    f"at {_stamp(r.card_found_at)})",
+                    f"scan it again if {'that doctor is on duty' if badge else 'the patient is still here'} "
+                    f"(Today names it); said until {_stamp(until)}",
+                    advice_key=BADGE_NOT_TAKEN if badge else CARD_NOT_CHECKED_IN,
+                    until=until.timestamp(),
+                    since=r.card_scanned_at.timestamp(),
+                )
+            )
         return found
 
     def _readings_waiting_for_space(self) -> list[Finding]:
@@ -950,7 +1002,7 @@ class Doctor:
         they can be stored, and a FAIL until then (the monitor cannot print them again). Its advice
         is the cause's: free space, or - the held rows' error says another cause (locked,
         damaged) - the county IT's, since freeing space does nothing for those."""
-        from lastmile.clinic.devices import MEMORY_ONLY
+        from lastmile.clinic.devices import MEMORY_ONLY, lost_message
         from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME, waiting_readings
 
         records = [r for r in self.device_records() or [] if not r.removed]
@@ -986,14 +1038,21 @@ class Doctor:
         # no spill file could be set aside (the partition was full at start), or they do not fit in
         # it: the row's own status says so until they are stored (seen again or not since)
         for r in (r for r in held if r.held_in_memory_only):
-            kind = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
-            words, hint, advice = held_advice(r.held_cause, MEMORY_ONLY, kind)
-            hint += "; do not switch the gateway off before they are stored"
-            found.append(
-                Finding(
-                    "devices", Level.FAIL, f"{r.name or r.address}: {r.memory_words} {words}", hint, advice_key=advice
+            if r.held_at_stop:  # said from the stop's last try: gone with its process, never stored at the next start
+                message = lost_message(r.memory_words, r.held_cause)
+                hint = f"{GONE_WITH_STOP_HINT}; record them again if the patients are still here"
+                advice = by_what(
+                    r.in_memory_only,
+                    "memory-only" + AT_STOP,
+                    "memory-only-ecgs" + AT_STOP,
+                    "memory-only-readings-and-ecgs" + AT_STOP,
                 )
-            )
+            else:
+                kind = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
+                words, hint, advice = held_advice(r.held_cause, MEMORY_ONLY, kind)
+                message = f"{r.memory_words} {words}"
+                hint += "; do not switch the gateway off before they are stored"
+            found.append(Finding("devices", Level.FAIL, f"{r.name or r.address}: {message}", hint, advice_key=advice))
         return found
 
     def _registry_findings(self) -> list[Finding]:
@@ -1562,6 +1621,21 @@ class Mount:
     source: str
 
 
+def _where_readable_records_are(original: Path, copies: list[Path]) -> str:
+    """Where a damaged file's readable records are, as far as looking can tell. A start keeps them
+    in the file itself until it has written them, then removes it (none readable: removed at
+    once), so the file there means they wait for a start. Gone, they were written - but for one
+    case no file shows: on a full disk a start that could neither rewrite the file nor rename it
+    back left them in the copy only (its journal says so, "... only"), lost if that start failed."""
+    if original.exists():
+        return f"its readable records, unless a start wrote them since, wait in {original} for the next start"
+    copy = copies[0] if len(copies) == 1 else "a copy"
+    return (
+        "its readable records, if any, were written - unless its start's journal says they are in "
+        f"{copy} only (a full disk) and that start then failed: check journalctl"
+    )
+
+
 def _owner_alive(locks_dir: Path, token: str) -> bool:
     """Whether the outbox owner `token` runs (its note is then no stop's); not known: said as a stop's.
     Only looked at: the doctor never takes an owner's lock nor removes its file (the outbox's own probe)."""
@@ -1577,7 +1651,7 @@ def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
     """(directory, name prefix, what its records are) of each kind of file a stop leaves for the
     next start (uploader.unwritten_records)."""
     from lastmile.data_dir import SENT_STUDIES_UNWRITTEN
-    from lastmile.services.serial_spill import ROWS_BEHIND_NAME
+    from lastmile.services.serial_spill import CARDS_GIVEN_UP_NAME, ROWS_BEHIND_NAME
     from uploader.outbox import LOCKS_DIR
     from uploader.payload_files import STORED_PREFIX
 
@@ -1585,6 +1659,7 @@ def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
         (data / LOCKS_DIR, STORED_PREFIX, "outbox item(s) the county stored that the sending could not record as sent"),
         (data, SENT_STUDIES_UNWRITTEN, "sent-study record(s) clinic.db did not take"),
         (data, ROWS_BEHIND_NAME, "device row(s) whose held readings' counts were not written"),
+        (data, CARDS_GIVEN_UP_NAME, "card(s) scanned as the gateway stopped, maybe not checked in"),
     ]
 
 

@@ -37,6 +37,20 @@ ADMIN = ("admin", "battery staple 2")
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 
 
+def held_ecg_row(page: str, item_id: int) -> str:
+    """The words of held ECG E`item_id`'s row on Today, its tags gone and its spaces single."""
+    found = re.search(rf'<li data-held-ecg="{item_id}">(.*?)</li>', page, re.S)
+    assert found, f"E{item_id} is on Today"
+    return " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())
+
+
+def csrf_of(page: str) -> str:
+    """The page's form token."""
+    found = CSRF_FIELD.search(page)
+    assert found
+    return found.group(1)
+
+
 def console_config(data_dir: Path, *, https: bool = False, port: int | None = None) -> Config:
     config = Config()
     config.set_data_dir(data_dir)

@@ -178,37 +178,67 @@ def _count_lines(path: Path) -> collections.Counter[str]:
         return collections.Counter()
 
 
+def forward_toml(
+    path: Path,
+    data_dir: Path,
+    *,
+    port: int,
+    called_ae: str,
+    listen_port: int,
+    timeout_s: float = 30.0,
+    commitment: bool = True,
+    min_free_mb: int = 0,
+    retention_days: float | None = None,
+    reports: str = "off",
+) -> Path:
+    """`lastmile forward`'s configuration at `path`: the outbox in `data_dir`, ECGs to the reading center
+    `called_ae` on 127.0.0.1:`port`, quick backoff. With `commitment`, storage commitment (listening on
+    `listen_port`); without, what is sent is purged. `retention_days` 0 purges a committed ECG at once;
+    `reports` is where reports come back from ("off": no report polling)."""
+    retention = "" if retention_days is None else f"retention_days = {retention_days:g}\n"
+    committed = (
+        "commitment_timeout_s = 30.0\n"
+        if commitment
+        else 'storage_commitment = false\nno_commitment_policy = "purge"\n'
+    )
+    path.write_text(
+        f"""
+[gateway]
+data_dir = "{data_dir}"
+[reading_center]
+host = "127.0.0.1"
+port = {port}
+called_ae = "{called_ae}"
+calling_ae = "CLINIC01"
+listen_port = {listen_port}
+listen_host = "127.0.0.1"
+timeout_s = {timeout_s:.1f}
+{committed}[outbox]
+backoff_base_s = 0.1
+backoff_max_s = 0.5
+min_free_mb = {min_free_mb}
+{retention}[ecg]
+re_record_hold_s = 0
+[reports]
+source = "{reports}"
+"""
+    )
+    return path
+
+
 def forward_to_orthanc_toml(
     tmp_path: Path, pacs: OrthancServer, listen_port: int, *, retention_days: float | None = None
 ) -> Path:
     """`lastmile forward`'s configuration to `pacs` with storage commitment (listening on
     `listen_port`), quick backoff, no report polling; `retention_days` 0 purges a committed ECG at once."""
-    retention = "" if retention_days is None else f"retention_days = {retention_days:g}\n"
-    path = tmp_path / "lastmile.toml"
-    path.write_text(
-        f"""
-[gateway]
-data_dir = "{tmp_path / "data"}"
-[reading_center]
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-called_ae = "{pacs.aet}"
-calling_ae = "CLINIC01"
-listen_port = {listen_port}
-listen_host = "127.0.0.1"
-timeout_s = 30.0
-commitment_timeout_s = 30.0
-[outbox]
-backoff_base_s = 0.1
-backoff_max_s = 0.5
-min_free_mb = 0
-{retention}[ecg]
-re_record_hold_s = 0
-[reports]
-source = "off"
-"""
+    return forward_toml(
+        tmp_path / "lastmile.toml",
+        tmp_path / "data",
+        port=pacs.dicom_port,
+        called_ae=pacs.aet,
+        listen_port=listen_port,
+        retention_days=retention_days,
     )
-    return path
 
 
 def gateway_modality(ae_title: str, port: int, name: str = "gateway") -> dict[str, list]:

@@ -4,18 +4,22 @@ running on its own thread, the bridge's side of the conversation, and a monitor 
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 from devices.bridge import codec
 from firmware_bridge.firmware.bridge_core import BridgeCore
+from firmware_bridge.serial_link import LinkSpec
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
-from lastmile.services.serial_devices import SerialService
+from lastmile.services.serial_devices import SerialContext, SerialService
+from lastmile.services.serial_spill import HEADER
 from tests.serial_pty import PtyDevice
 from tests.service_harness import EXAMPLE_PROFILE, VITALS_REPORT
 from tests.waiting import wait_for
 from uploader.outbox import Outbox
+from uploader.sqlite_store import StopWaits
 
 
 def serial_config(tmp_path: Path, devices: list[dict]) -> Config:
@@ -57,6 +61,21 @@ class Running:
         self.outbox.close()
         self.patients.close()
         self.registry.close()
+
+
+def serial_part_whose_stop_gives_up_waits(
+    config: Config, outbox: Outbox, stop: threading.Event
+) -> tuple[SerialService, SerialContext, LinkSpec]:
+    """The serial part on `config` whose waits (the outbox's too, as the acquire service's) end at
+    `stop`, its spill slot full (as many waiting readings make it): a reading held is in memory only.
+    The service, its context and its first device."""
+    waits = StopWaits(stop)
+    outbox.give_up_waits_on(waits)
+    service = SerialService.open(config, outbox=outbox, stop=waits, watch_dirs=None, rescan_s=0.1)
+    ctx = service.ctx
+    assert ctx.spill is not None
+    ctx.spill.slot_bytes = HEADER
+    return service, ctx, service.specs[0]
 
 
 def monitor_prints_a_report_the_full_outbox_refuses(

@@ -41,7 +41,7 @@ VITALS_REPORT = (
     b"RECORD 0172\r\n"
     b"NIBP   121/79 (93) mmHg\r\n"
     b"PULSE  72 bpm\r\n"
-    b"SPO2   -- %\r\n"
+    b"SPO2   97 %\r\n"
     b"TEMP   98.6 F\r\n"
     b"===== END =====\r\n"
 )

@@ -48,13 +48,33 @@ def test_example_profile_parses_a_report(profile) -> None:
     # Device local time UTC+1 -> 08:41:07Z, from the device clock.
     assert bp.measured_at == dt.datetime(2025, 3, 4, 8, 41, 7, tzinfo=dt.timezone.utc)
     assert bp.time_source is TimeSource.DEVICE_CLOCK
-    spo2 = by_kind["spo2"].quantity("spo2")
-    assert spo2.value is None and spo2.special == "nres"  # "--" is no value, never 0
+    assert by_kind["spo2"].quantity("spo2").value == 97.0
     temp = by_kind["body-temperature"].quantity("body-temperature")
     assert temp.value == pytest.approx(37.0, abs=1e-6) and temp.unit == "Cel"
     assert (temp.sent_value, temp.sent_unit) == (98.6, "F")
     assert bp.record_key == "ascii:example-vitals-monitor:/dev/serial/by-id/usb-x:record:0172:blood-pressure"
     assert parser.idle
+
+
+def test_a_value_the_monitor_did_not_measure_is_no_reading_but_a_failed_required_one_is(profile) -> None:
+    """A monitor's "SPO2 -- %" (no probe on) was stored as an SpO2 reading with no value: "血氧 (nres) %" on
+    Today and Sent, a FHIR Observation of nothing for the county and, with no patient checked in,
+    an item of its own the doctor had to assign. A kind the report has only as not measured, in
+    fields the profile does not require, is no reading now; the cuff's "---/---" (required: it
+    tried and failed) is still stored, as no value - never 0."""
+    not_measured = VITALS_REPORT.replace(b"SPO2   97 %", b"SPO2   -- %").replace(b"TEMP   98.6 F", b"TEMP   --.- C")
+    (parsed,) = ReportParser(profile, DEVICE).feed(not_measured, NOW)
+    assert isinstance(parsed, ReportParsed)
+    assert [o.kind for o in parsed.observations] == ["blood-pressure"]
+    failed = not_measured.replace(b"NIBP   121/79 (93) mmHg", b"NIBP   ---/--- mmHg")
+    (parsed,) = ReportParser(profile, DEVICE).feed(failed, NOW)
+    assert isinstance(parsed, ReportParsed)
+    (bp,) = parsed.observations
+    assert [(q.code, q.value, q.special) for q in bp.quantities] == [
+        ("systolic", None, "nres"),
+        ("diastolic", None, "nres"),
+        ("pulse-rate", 72.0, None),
+    ]
 
 
 def test_split_chunks_give_the_same_result(profile) -> None:

@@ -1,4 +1,4 @@
-"""uploader.unwritten_records.replace_whole: the one way a small file is replaced whole (update state, the console's
+"""uploader.whole_file.replace_whole: the one way a small file is replaced whole (update state, the console's
 certificate and key, the settings waiting for a console restart), with each file's mode kept."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from lastmile.console.pending_restart import RESTART_NEEDED_FILE, restart_needed, save_restart_needed
 from lastmile.console.tls import ensure_certificate
 from lastmile.services.update import UpdateState
-from uploader.unwritten_records import replace_whole
+from uploader.whole_file import replace_whole
 
 
 @pytest.fixture

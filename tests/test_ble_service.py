@@ -263,31 +263,27 @@ LOCK_HELD_AFTER_SIGTERM_S = 3.0  # past the 1 s a stop gave a waiting write (Out
 TIMEOUT_STOP_S = 30.0  # lastmile-ble.service's TimeoutStopSec
 
 
-def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_once_the_lock_is_released(
-    tmp_path: Path, manager: Manager
-) -> None:
-    """lastmile/services/ble_service.py: another process holds the outbox's write lock (the
-    forwarder in a long write, a sqlite3 shell left open) as a thermometer's reading arrives, and
-    lastmile-ble is stopped (SIGTERM: an update, a reboot). The stop gave the waiting write up
-    within a second, as acquire's: acquire keeps such a reading in its spill file, BLE has none,
-    and a reading no device memory holds again was lost, said only in the device list's error.
-    Now the BLE service's store keeps SQLite's 15 s wait: stored, once, when the lock is released,
-    the stop within TimeoutStopSec."""
+@contextlib.contextmanager
+def a_reading_waiting_for_the_outbox_lock(
+    tmp_path: Path, manager: Manager, script: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str], sqlite3.Connection]]:
+    """A thermometer paired (THERMO), P-9 checked in (the reading is his: the outbox's), the BLE
+    service run by `script` on an emulated radio; another process holds the outbox's write lock
+    (`other`) as the thermometer, powered on, sends 37.6: its store sleeps in SQLite's busy wait
+    for the lock. The process, its output (once the block ends) and the lock's connection."""
     if importlib.util.find_spec("bumble") is None:
         missing("bumble (the emulation extra) is not installed")
     from lastmile.cli import main as lastmile_main
     from lastmile.clinic.devices import DeviceRegistry
-    from lastmile.clinic.observations import OBSERVATION_KIND
     from lastmile.clinic.patients import PatientContext
-    from uploader.outbox import Outbox
 
     data = tmp_path / "data"
     config = write_config(tmp_path / "lastmile.toml", data, ble=True)
     assert lastmile_main(["-c", str(config), "ble", "pair", THERMO]) == 0
     with contextlib.closing(PatientContext.open(data, idle_timeout_s=900)) as patients:
-        patients.set_patient("P-9", now=dt.datetime.now(dt.timezone.utc))  # the reading is his: the outbox's
+        patients.set_patient("P-9", now=dt.datetime.now(dt.timezone.utc))
     power_on = tmp_path / "thermometer-on"
-    argv = [sys.executable, "-c", BLE_RUN_ON_AN_EMULATED_RADIO, str(config), THERMO, "37.6", str(power_on)]
+    argv = [sys.executable, "-c", script, str(config), THERMO, "37.6", str(power_on)]
 
     def connected() -> bool:
         with contextlib.closing(DeviceRegistry.open(data)) as registry:
@@ -299,12 +295,33 @@ def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_on
         with contextlib.closing(sqlite3.connect(data / "outbox.sqlite", isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
             power_on.touch()
-            # its store sleeps in SQLite's busy wait for the lock
             wait_for(lambda: connected() and waiting_in_a_sleep(proc.pid), 60, what="the reading waiting for the lock")
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            time.sleep(LOCK_HELD_AFTER_SIGTERM_S)
-            other.rollback()
+            yield proc, output, other
+
+
+def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_once_the_lock_is_released(
+    tmp_path: Path, manager: Manager
+) -> None:
+    """lastmile/services/ble_service.py: another process holds the outbox's write lock (the
+    forwarder in a long write, a sqlite3 shell left open) as a thermometer's reading arrives, and
+    lastmile-ble is stopped (SIGTERM: an update, a reboot). The stop gave the waiting write up
+    within a second, as acquire's: acquire keeps such a reading in its spill file, BLE has none,
+    and a reading no device memory holds again was lost, said only in the device list's error.
+    Now the BLE service's store keeps SQLite's 15 s wait: stored, once, when the lock is released,
+    the stop within TimeoutStopSec."""
+    from lastmile.clinic.observations import OBSERVATION_KIND
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    with a_reading_waiting_for_the_outbox_lock(tmp_path, manager, BLE_RUN_ON_AN_EMULATED_RADIO) as (
+        proc,
+        output,
+        other,
+    ):
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(LOCK_HELD_AFTER_SIGTERM_S)
+        other.rollback()
         code = proc.wait(timeout=TIMEOUT_STOP_S)
         took = time.monotonic() - signalled
     out = output[0]
@@ -316,3 +333,42 @@ def test_a_live_reading_waiting_for_another_process_lock_at_sigterm_is_stored_on
         assert b"37.6" in outbox.read_payload(items[0])
     assert code == EXIT_OK and "Traceback" not in out and "database is locked" not in out, out
     assert took < TIMEOUT_STOP_S
+
+
+# The same, the link's stop made short (the service's 24 s): what a stop past it does.
+BLE_RUN_WITH_A_SHORT_STOP = BLE_RUN_ON_AN_EMULATED_RADIO.replace(
+    "sys.exit(main(", "ble_service.PARTS_STOP_S = 1.0\nsys.exit(main("
+)
+
+
+def test_a_link_still_storing_past_the_stop_deadline_leaves_the_outbox_and_exits_cleanly(
+    tmp_path: Path, manager: Manager
+) -> None:
+    """lastmile/services/ble_service.py BleService.close waited for the link with no deadline of its
+    own (its join's 15 s, then the outbox's close waiting the link's store: a reading waiting 15 s
+    for clinic.db's lock and 15 s for the outbox's went past TimeoutStopSec=30: SIGKILL), then
+    closed the outbox whatever the link was doing. Now the link's stop is bounded (PARTS_STOP_S,
+    short here) and a link still storing at the end keeps the outbox: it is not closed under it
+    (closing a sqlite3 connection under another thread's statement crashes the process), the
+    process exits cleanly, the reading in hand rolled back whole and said (take it again), the
+    outbox sound."""
+    from lastmile.clinic.observations import OBSERVATION_KIND
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    with a_reading_waiting_for_the_outbox_lock(tmp_path, manager, BLE_RUN_WITH_A_SHORT_STOP) as (proc, output, other):
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = proc.wait(timeout=TIMEOUT_STOP_S)  # the lock still held: past the stop's deadline
+        took = time.monotonic() - signalled
+        other.rollback()
+    out = output[0]
+    print(f"\nSIGTERM to exit, the link storing past a 1 s deadline: {took:.1f} s")
+    assert code == EXIT_OK and "Traceback" not in out and "Fatal Python error" not in out, (code, out)
+    assert took < 5, (took, out)  # the deadline, not the link's store (15 s)
+    assert "ble: still closing" in out and "take it again" in out, out
+    assert "the outbox left open to it" in out, out
+    with contextlib.closing(sqlite3.connect(data / "outbox.sqlite")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
+        assert outbox.items(kind=OBSERVATION_KIND) == []  # rolled back whole, as said: nothing half-written

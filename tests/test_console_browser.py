@@ -11,10 +11,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -41,6 +48,7 @@ from tests.console_harness import (
     DOCTOR,
     VALID_ID,
     StaticReports,
+    add_users,
     bp_reading,
     console_config,
     enqueue_ecg,
@@ -176,6 +184,100 @@ def test_check_in_by_scanned_resident_id(browser: object, console: ConsoleServer
     session = text_of(browser, "#panel-session")
     assert "急" in session and "胸痛" in session
     assert "患者已登记" in browser.find_element(by("css"), "p.done").text
+
+
+def _console_process(config_file: Path, url: str) -> subprocess.Popen[bytes]:
+    """`lastmile console` as systemd starts it, answering at `url`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config_file), "console"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/login", timeout=5):
+                return proc
+        except (urllib.error.URLError, OSError):
+            assert proc.poll() is None, f"the console ended ({proc.returncode})"
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"the console did not answer at {url}")
+
+
+def _console_process_configured(tmp_path: Path) -> tuple[Config, Path, ConsoleServer]:
+    """A console's data directory with its users and its lastmile.toml (plain http), for
+    _console_process: the configuration, its file, and where it answers (for log_in)."""
+    config = console_config(tmp_path / "data")
+    add_users(config)
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{config.data_dir}"\n[gps]\nsource = "none"\n[outbox]\nmin_free_mb = 1\n'
+        f'[console]\nlisten = "{config.console.listen}"\nhttps = false\n'
+    )
+    url = f"http://{config.console.listen}"
+    return config, config_file, cast(ConsoleServer, type("Running", (), {"url": url}))
+
+
+def _stopped(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_open_today_page_says_when_the_gateway_stopped_and_clears_when_it_is_back(
+    browser: object, tmp_path: Path
+) -> None:
+    """The console process stops under an open Today page: its panels stay as they were, so a
+    banner says the page is not current (once the gateway stopped, it still showed green
+    "已连接" and live panels); it goes when the restarted console's stream opens again."""
+    _config, config_file, server = _console_process_configured(tmp_path)
+    proc = _console_process(config_file, server.url)
+    try:
+        set_viewport(browser, PHONE)
+        log_in(browser, server)
+        live_stream_open(browser)
+        banner = browser.find_element(by("id"), "stream-down")
+        assert not banner.is_displayed()
+        _stopped(proc)
+        wait_for(browser, lambda d: d.find_element(by("id"), "stream-down").is_displayed())
+        assert browser.find_element(by("id"), "stream-down").text == "网关暂时没有响应，本页不是最新的。"
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"the banner makes the page scroll sideways by {overflow}px on a phone"
+        save_screenshot(browser, "today-gateway-stopped-phone", full_page=False)
+        proc = _console_process(config_file, server.url)
+        wait_for(browser, lambda d: not d.find_element(by("id"), "stream-down").is_displayed())
+        live_stream_open(browser)
+    finally:
+        _stopped(proc)
+        set_viewport(browser, TABLET)
+
+
+def test_an_open_today_page_whose_login_ended_while_the_stream_was_down_goes_to_the_login_page(
+    browser: object, tmp_path: Path
+) -> None:
+    """REV-FI 3: the stream dropped (the tablet slept, the gateway restarted) and the login ended
+    meanwhile: the reconnect got "401 login required", the browser gave the stream up for good and
+    the page said "网关暂时没有响应" for ever while the gateway was fine. Now the page is loaded
+    afresh, and the login page follows."""
+    config, config_file, server = _console_process_configured(tmp_path)
+    proc = _console_process(config_file, server.url)
+    try:
+        log_in(browser, server)
+        live_stream_open(browser)
+        _stopped(proc)
+        with sqlite3.connect(Path(config.data_dir) / "clinic.db") as db:  # the login timed out meanwhile
+            db.execute("DELETE FROM console_logins")
+        proc = _console_process(config_file, server.url)
+        wait_for(browser, on_page("/login"))
+    finally:
+        _stopped(proc)
 
 
 def _emulated_ble_clinic(config: Config, patient_id: str) -> threading.Thread:

@@ -444,3 +444,186 @@ def test_an_ecg_from_a_cart_whose_clock_was_reset_tells_the_doctor_to_set_the_cl
             page = html.unescape(client.get("/today").body)
             assert 'data-device-clock="wrong"' in page
             assert words in page
+
+
+# -- a held ECG's assign whose worker fails: "try again", never "too late: sent already" ------------
+
+FAILING_WORKERS = {
+    # the worker cannot import what it needs (REV-R: a devices.py in the console's directory)
+    "import-error": "import lastmile_no_such_module",
+    "timeout": "import time; time.sleep(60)",  # a Pi under load, with WORKER_TIMEOUT_S cut short here
+    "no-answer": "print('Segmentation fault')",  # exits 0 with no JSON: killed mid-answer, or noise
+}
+
+
+def zhang_san_checked_in(url: str) -> Client:
+    """A doctor logged in to the console at `url`, 张三 checked in on Today."""
+    doctor = Client(url)
+    doctor.login()
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    return doctor
+
+
+def assign_to_zhang_san(doctor: Client, item_id: int) -> tuple[Reply, str]:
+    """The doctor presses Assign for the held ECG `item_id`, typed 张三's number: the reply, the page it shows."""
+    reply = doctor.post("/today/assign-ecg", {"item_id": str(item_id), "patient_id": VALID_ID})
+    return reply, doctor.get(reply.location).body if reply.status == 303 else reply.body
+
+
+@pytest.mark.parametrize("failure", list(FAILING_WORKERS))
+def test_a_held_ecg_whose_assign_worker_fails_says_try_again_and_stays_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The console's DICOM worker rebuilds a held ECG under the patient assigned. Any failure of
+    it (crash, import error, timeout) was read as "no longer held": Today said "too late: sent already",
+    while the ECG was still held and went to the county as 无患者 when its hold ended. The doctor
+    is told it was not assigned and to try again, and the ECG is still held, still offered;
+    "too late" stays for an ECG really no longer held."""
+    import sys
+
+    from lastmile.console import stores
+
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", 1.0)
+    config = console_config(tmp_path / "data")
+    with open_outbox(config) as outbox:
+        held_id = enqueue_recording(
+            outbox, make_recording(7, patient=None), config, key="held", now=time.time()
+        ).item.id
+        gone_id = enqueue_recording(
+            outbox, make_recording(8, patient=None), config, key="gone", now=time.time()
+        ).item.id
+        assert outbox.release_hold(gone_id, time.time())  # "send anyway" on another tablet: no longer held
+        worker = [sys.executable, "-c", FAILING_WORKERS[failure]]
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=worker)
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = zhang_san_checked_in(server.url)
+            reply, page = assign_to_zhang_san(doctor, held_id)
+            too_late = doctor.post("/today/assign-ecg", {"item_id": str(gone_id), "patient_id": VALID_ID})
+            # he tries again, and it fails again (it would every time): whom to call
+            _again, page_again = assign_to_zhang_san(doctor, held_id)
+        item = outbox.get(held_id)
+    assert reply.status == 303 and "done=assign-failed" in reply.location, (reply.status, reply.location)
+    answer = html.unescape(page.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
+    assert "没有指定成功，心电图还在等待，请再试一次" in answer and "太晚了" not in answer, answer
+    assert item is not None and item.held(time.time()) and item.patient is None, item
+    assert f'name="item_id" value="{held_id}"' in page, "its Assign form is still on Today"
+    assert too_late.status == 303 and "done=too-late" in too_late.location, (too_late.status, too_late.location)
+    assert "县信息科" not in answer, answer  # the first failure: only "try again"
+    answer_again = html.unescape(page_again.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
+    assert "请再试一次" in answer_again and "如仍失败，请联系县信息科" in answer_again, answer_again
+
+
+# the real worker's assign, committed, and then no answer: a Pi under load, the console's timeout
+ASSIGNS_THEN_HANGS = (
+    "import json, sys, time\n"
+    "from lastmile.console.dicom_worker import assign_ecg\n"
+    "assign_ecg(json.load(sys.stdin))\n"
+    "time.sleep(60)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("quality_held", "said"),
+    [
+        (True, f"已指定给 张三（{VALID_ID}）；此心电图质量待定，请选择“需要重做”或“仍然发送”。"),
+        (False, f"已指定给 张三（{VALID_ID}），将以该患者的名义发送到县里。"),
+    ],
+    ids=["re-record-verdict", "good-recording"],
+)
+def test_a_held_ecg_assigned_by_a_worker_that_then_times_out_says_assigned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quality_held: bool, said: str
+) -> None:
+    """The worker saved the assign to 张三, then did not answer in time (a loaded Pi). Today said
+    "not assigned, try again" (held for its quality) or "too late: sent already" (released): the
+    doctor records again - a second study - though the ECG IS 张三's. What the item carries is what
+    Today says: assigned to 张三."""
+    import sys
+
+    from lastmile.console import stores
+
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", 10.0)  # the assign is done well within it, then it hangs
+    config = console_config(tmp_path / "data")
+    good = read_ecg_file(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"))
+    recording = make_recording(10, patient=None) if quality_held else dataclasses.replace(good, patient=None)
+    with open_outbox(config) as outbox:
+        held_id = enqueue_recording(outbox, recording, config, key="held", now=time.time()).item.id
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", ASSIGNS_THEN_HANGS])
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = zhang_san_checked_in(server.url)
+            reply, page = assign_to_zhang_san(doctor, held_id)
+        item = outbox.get(held_id)
+    assert item is not None and item.patient is not None and item.patient["patient_id"] == VALID_ID, item
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    assert done_said(page) == said
+
+
+NAME_HOLD_ANSWERS = ["checked-in-name", "name-right"]  # "是 张三 的" / "李四 是对的"
+
+
+@pytest.mark.parametrize("failure", list(FAILING_WORKERS))
+@pytest.mark.parametrize("answer", NAME_HOLD_ANSWERS)
+def test_an_ecg_held_for_its_name_whose_answer_worker_fails_says_try_again_and_is_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str, failure: str
+) -> None:
+    """张三 is checked in; the cart's ECG names his ID under 李四: held for its name. The doctor
+    answers "it is 张三's" or "李四 is right", and the worker fails. Today says "not assigned, try
+    again" (never an Internal Server Error), the ECG still waits for his answer, and the audit
+    trail has the answer that failed."""
+    import sys
+
+    from lastmile.console import stores
+    from lastmile.ecg.holds import NAME_MISMATCH
+
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", 1.0)
+    config = console_config(tmp_path / "data")
+    with open_outbox(config) as outbox:
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", FAILING_WORKERS[failure]])
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = zhang_san_checked_in(server.url)
+            rec = with_patient_check(
+                make_recording(7, patient=Patient(VALID_ID, "李四")), frozenset({VALID_ID}), "张三"
+            )
+            held_id = enqueue_recording(
+                outbox, rec, config, key="name-held", now=time.time(), checked_in_name="张三"
+            ).item.id
+            assert f'data-answer="{answer}"' in doctor.get("/today").body, "Today asks whose ECG it is"
+            reply = doctor.post(f"/today/ecg/{held_id}/{answer}")
+            page = doctor.get(reply.location).body if reply.status == 303 else reply.body
+        item = outbox.get(held_id)
+    no_server_error(reply, f"POST /today/ecg/E/{answer} with a failing worker")
+    assert reply.status == 303 and "done=assign-failed" in reply.location, (reply.status, reply.location)
+    said = html.unescape(page.split('id="done-notice">', 1)[1].split("</p>", 1)[0])
+    assert "没有指定成功，心电图还在等待，请再试一次" in said, said
+    assert item is not None and item.held(time.time()) and item.hold_reason == NAME_MISMATCH, item
+    db = open_clinic_db(config.data_dir)
+    try:
+        audited = AuditLog(db).recent(5, action=f"ecg-{answer}")
+    finally:
+        db.conn.close()
+    assert [e.detail.get("failed") for e in audited] == [True], audited
+
+
+def test_a_held_ecg_whose_hold_ends_while_its_worker_hangs_is_not_said_to_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor assigns an ECG held for its missing patient; the worker hangs (a loaded Pi) and
+    the hold ends meanwhile: the forwarder sends it as 无患者. Today said "still waiting, try
+    again" (held at the request's time); it says what is true when the worker gave up."""
+    import sys
+
+    from lastmile.console import stores
+
+    hold_s = 5.0
+    monkeypatch.setattr(stores, "WORKER_TIMEOUT_S", hold_s + 1.0)
+    config = console_config(tmp_path / "data")
+    config.patient.unassigned_ecg_hold_s = hold_s
+    config.ecg.re_record_hold_s = 0  # held for its patient only
+    with open_outbox(config) as outbox:
+        held_ecgs = stores.OutboxHeldEcgs(outbox, config, worker=[sys.executable, "-c", FAILING_WORKERS["timeout"]])
+        with running_console(config, held_ecgs=held_ecgs) as server:
+            doctor = zhang_san_checked_in(server.url)
+            held_id = enqueue_recording(outbox, make_recording(7, patient=None), config, key="held").item.id
+            reply = doctor.post("/today/assign-ecg", {"item_id": str(held_id), "patient_id": VALID_ID})
+        item = outbox.get(held_id)
+    assert item is not None and item.hold_until is not None and item.patient is None
+    assert reply.status == 303 and "done=too-late" in reply.location, (reply.status, reply.location)

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 from pydicom.uid import generate_uid
 
+from devices.identity import DeviceIdentity
+from devices.observation import Observation, Quantity, TimeSource
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import Config
 from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
@@ -634,6 +636,7 @@ FORM_PAGES = {
     "/today/ecg/{item_id}/send-anyway": "/today",
     "/today/ecg/{item_id}/checked-in-name": "/today",
     "/today/ecg/{item_id}/name-right": "/today",
+    "/today/ecg/{item_id}/id-values": "/today",
     "/reports/{report_id}/acknowledge": "/reports/{report_id}",
     "/reports/{report_id}/print": "/reports/{report_id}",
     "/devices/pair": "/devices",
@@ -780,35 +783,44 @@ def test_a_pdf_report_tells_the_doctor_how_to_print_it_without_a_command(tmp_pat
         assert "lastmile" not in main and "`" not in main, (path, main)
 
 
-def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Path) -> None:
-    """A cuff's reading waiting to be assigned said 脉搏 71 /min, while the ECG beside it says
-    心率 61 次/分: the same beats per minute in two units, one of them English. And it read
-    "128/84 mmHg, 脉搏 71": an ASCII comma on a Chinese page."""
-    from devices.identity import DeviceIdentity
-    from devices.observation import Observation, Quantity, TimeSource
-
-    config = console_config(tmp_path / "data")
+def cuff_reading(key: str, *quantities: Quantity) -> Observation:
+    """A blood-pressure cuff's reading of `quantities`, measured now by its own clock."""
     now = dt.datetime.now(dt.timezone.utc)
-    reading = Observation(
+    return Observation(
         kind="blood-pressure",
-        quantities=(
-            Quantity("systolic", 128.0, "mm[Hg]", 128.0, "mm[Hg]"),
-            Quantity("diastolic", 84.0, "mm[Hg]", 84.0, "mm[Hg]"),
-            Quantity("pulse-rate", 71.0, "/min", 71.0, "/min"),
-        ),
+        quantities=quantities,
         measured_at=now,
         time_source=TimeSource.DEVICE_CLOCK,
         received_at=now,
         device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
-        record_key="pulse-1",
+        record_key=key,
     )
-    hold_readings(config, reading)
+
+
+def pages_in_both_languages(config: Config, path: str) -> dict[str, str]:
+    """The console's page at `path` as the doctor reads it in zh-CN and in English."""
     with running_console(config) as server:
         pages = {}
         for language in ("zh-CN", "en"):
             client = Client(server.url, language=language)
             client.login(DOCTOR)
-            pages[language] = client.get("/today").body
+            pages[language] = client.get(path).body
+    return pages
+
+
+def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Path) -> None:
+    """A cuff's reading waiting to be assigned said 脉搏 71 /min, while the ECG beside it says
+    心率 61 次/分: the same beats per minute in two units, one of them English. And it read
+    "128/84 mmHg, 脉搏 71": an ASCII comma on a Chinese page."""
+    config = console_config(tmp_path / "data")
+    reading = cuff_reading(
+        "pulse-1",
+        Quantity("systolic", 128.0, "mm[Hg]", 128.0, "mm[Hg]"),
+        Quantity("diastolic", 84.0, "mm[Hg]", 84.0, "mm[Hg]"),
+        Quantity("pulse-rate", 71.0, "/min", 71.0, "/min"),
+    )
+    hold_readings(config, reading)
+    pages = pages_in_both_languages(config, "/today")
     assert "脉搏 71 次/分" in pages["zh-CN"] and "/min" not in pages["zh-CN"], pages["zh-CN"]
     assert "pulse 71 /min" in pages["en"], pages["en"]
     # and its values apart as each language writes it: no ASCII comma between Chinese words
@@ -950,14 +962,33 @@ def test_a_reading_names_its_kind_once_whatever_the_kind_and_language(tmp_path: 
         one_value_reading("body-weight", "body-weight", 61.5, "kg", "w-1"),
         one_value_reading("glucose", "glucose", 5.6, "mmol/L", "g-1"),
     )
-    with running_console(config) as server:
-        pages = {}
-        for language in ("zh-CN", "en"):
-            client = Client(server.url, language=language)
-            client.login(DOCTOR)
-            pages[language] = shown_readings(client.get("/today").body)
+    pages = {language: shown_readings(page) for language, page in pages_in_both_languages(config, "/today").items()}
     assert pages["zh-CN"] == ["体温 37.2 °C", "血氧 97 %", "体重 61.5 kg", "血糖 5.6 mmol/L"], pages["zh-CN"]
     assert pages["en"] == ["Temperature 37.2 °C", "Blood oxygen 97 %", "Weight 61.5 kg", "Blood glucose 5.6 mmol/L"], (
+        pages["en"]
+    )
+
+
+def test_a_value_the_device_sent_as_none_is_said_in_words(tmp_path: Path) -> None:
+    """A device's "no value" (a cuff that had no result, a BLE oximeter's NRes) read "血氧 (nres) %"
+    on Today and Sent: now 无结果, its unit gone with the number; a value beside it is kept."""
+    from dataclasses import replace
+
+    config = console_config(tmp_path / "data")
+    failed_bp = cuff_reading(
+        "bp-nres",
+        Quantity("systolic", None, "mm[Hg]", None, "mmHg", special="nres"),
+        Quantity("diastolic", None, "mm[Hg]", None, "mmHg", special="nres"),
+        Quantity("pulse-rate", 72.0, "/min", 72.0, "bpm"),
+    )
+    no_spo2 = replace(
+        one_value_reading("spo2", "spo2", 97.0, "%", "o-nres"),  # type: ignore[type-var]
+        quantities=(Quantity("spo2", None, "%", special="nres"),),
+    )
+    hold_readings(config, failed_bp, no_spo2)
+    pages = {language: shown_readings(page) for language, page in pages_in_both_languages(config, "/today").items()}
+    assert sorted(pages["zh-CN"]) == ["血压 无结果/无结果，脉搏 72 次/分", "血氧 无结果"], pages["zh-CN"]
+    assert sorted(pages["en"]) == ["Blood oxygen no result", "Blood pressure no result/no result, pulse 72 /min"], (
         pages["en"]
     )
 
@@ -992,15 +1023,10 @@ def test_the_sent_page_says_an_ecg_was_recorded_when_its_report_says(tmp_path: P
 
 def test_the_versions_on_the_system_page_are_named_in_the_pages_language(tmp_path: Path) -> None:
     """System -> Versions named two of them "kernel" and "OS" on the Chinese page."""
-    with running_console(console_config(tmp_path / "data")) as server:
-        pages = {}
-        for language in ("zh-CN", "en"):
-            client = Client(server.url, language=language)
-            client.login(DOCTOR)
-            page = client.get("/system").body
-            pages[language] = re.findall(
-                r"<dt>([^<]*)</dt>", page.split('id="h-versions"', 1)[1].split("</section>")[0]
-            )
+    pages = {
+        language: re.findall(r"<dt>([^<]*)</dt>", page.split('id="h-versions"', 1)[1].split("</section>")[0])
+        for language, page in pages_in_both_languages(console_config(tmp_path / "data"), "/system").items()
+    }
     assert "kernel" not in pages["zh-CN"] and "OS" not in pages["zh-CN"], pages["zh-CN"]
     assert "Linux 内核" in pages["zh-CN"] and "Linux kernel" in pages["en"], pages
     if Path("/etc/os-release").exists():

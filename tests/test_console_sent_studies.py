@@ -4,6 +4,7 @@ report as `sent_studies` keeps them, also when outbox.sqlite was made anew (item
 from __future__ import annotations
 
 import html
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,11 @@ from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.demo.cardiologist import ecg_report_sr
 from lastmile.demo.reading_center import EmbeddedReadingCenter
-from lastmile.ecg.intake import lan_object_store
+from lastmile.ecg.intake import enqueue_recording, lan_object_store
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
-from lastmile.services.forward import ForwardService
+from lastmile.services.forward import ForwardService, forwarder_settings
+from lastmile.services.link_status import READING_CENTER_STATUS
 from tests.console_harness import DOCTOR, VALID_ID, Client, running_console, set_aside_outbox
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
@@ -29,6 +31,7 @@ from tests.waiting import wait_for
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
 from uploader.dicom_store import StoreAssociation
+from uploader.ecg_forwarder import EcgForwarder
 from uploader.sqlite_store import open_database
 
 OTHER_ID = "DEMO-0002"  # a clinic-issued ID (no resident card)
@@ -237,3 +240,117 @@ def not_read_yet(config: Config) -> int:
                 "SELECT count(*) FROM reports WHERE lines IS NULL AND lines_not_read IS NULL"
             ).fetchone()[0]
         )
+
+
+def analysed(panel: str) -> str | None:
+    """The panel once the console's worker made the ECG's preview (and the intake's heart rate shows)."""
+    return panel if "心率" in panel and "preview.svg" in panel else None
+
+
+def ecg_panel(client: Client) -> str:
+    return client.get("/today").body.split('id="panel-ecg"', 1)[1].split("</section>", 1)[0]
+
+
+def test_todays_ecg_of_the_checked_in_patient_stays_on_today_after_the_county_confirmed_it(
+    tmp_path: Path, center: EmbeddedReadingCenter
+) -> None:
+    """Once the county confirmed an ECG (seconds on a good link) the outbox purges it, patient and
+    all: Today then said of 张三, checked in, "该患者 12 小时内没有心电图" - and the doctor
+    recorded again, a second study at the county. It shows his ECG still, with the heart rate
+    and preview made before the purge, the patient taken from what sent_studies recorded."""
+    config = clinic_config(tmp_path, center)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        with open_outbox(config) as outbox:
+            enqueue_recording(
+                outbox, make_recording(5, patient=Patient(VALID_ID, "Zhang^San=张^三")), config, key="ecg-5"
+            )
+        before = wait_for(lambda: analysed(ecg_panel(client)), what="the ECG's preview")
+        (study,) = send_ecgs(config, [])  # the real forwarder, the reading center commits it
+        assert study.patient_id == VALID_ID
+        purge(config)
+        after = ecg_panel(client)
+        preview = client.get(f"/ecg/{study.outbox_item_id}/preview.svg")
+        # his check-in ended: the ECG stored last is still said to be his, not "无患者"
+        assert client.post("/today/end-session", {"patient_id": VALID_ID}).status == 303
+        nobody_checked_in = ecg_panel(client)
+    assert "张三" in before and VALID_ID in before, before
+    assert "没有心电图" not in after and "无患者" not in after, after
+    assert "张三" in after and VALID_ID in after, after
+    heart_rate = before.split("心率", 1)[1].split("</p>", 1)[0]
+    assert heart_rate in after, (heart_rate, after)  # the verdict and rate worked out before the purge
+    assert f"/ecg/{study.outbox_item_id}/preview.svg" in after, after
+    assert preview.status == 200 and "<svg" in preview.body, preview.status
+    assert "张三" in nobody_checked_in and "无患者" not in nobody_checked_in, nobody_checked_in
+
+
+def test_a_study_the_link_refuses_is_said_in_plain_words_and_a_patient_with_no_name_once(tmp_path: Path) -> None:
+    """The reading center does not answer: the Sent page said why in the sender's English, bold in
+    the study's card on a Chinese page ("cannot connect to READING_CENTER@...: refused or
+    unreachable"); now a sentence the doctor reads, that text folded away for the technician. And
+    a patient checked in with no name was shown by the ID twice: "(no name)" and the ID now."""
+    config = gateway_config(tmp_path, free_port(), "READING_CENTER")  # nothing listens on its port
+    config.console.listen = f"127.0.0.1:{free_port()}"
+    config.gps.source = "none"
+    stop = threading.Event()
+    with open_outbox(config) as outbox:
+        item = enqueue_recording(outbox, make_recording(7, patient=Patient(VALID_ID, "")), config, key="ecg-7").item
+        with EcgForwarder(outbox, forwarder_settings(config)) as forwarder:
+            deadline = time.monotonic() + 60
+            while not (outbox.get(item.id).attempts and outbox.status(READING_CENTER_STATUS)):
+                assert time.monotonic() < deadline, "no attempt failed"
+                time.sleep(min(forwarder.step(stop), 0.2))
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = client.get("/sent").body
+    (journey,) = journeys(page)
+    link = page.split('id="h-link"', 1)[1].split("</section>", 1)[0]
+    for card in (journey, link):
+        said, technician = card.split('<details class="problem-details">', 1)
+        assert "refused or unreachable" not in said, said
+        assert '<span lang="en">cannot connect to READING_CENTER@127.0.0.1:' in technician, technician
+        assert "技术人员查看的详细信息" in technician
+    assert "已失败 1 次，正在重试" in journey and "网络自" in link
+    assert f'<strong>（未填姓名）</strong> <span class="id">{VALID_ID}</span>' in journey, journey
+    assert journey.count(VALID_ID) == 1, journey
+
+
+def test_todays_sent_studies_of_its_ecgs_are_found_by_index_after_the_upgrade(tmp_path: Path) -> None:
+    """Today looks up the sent studies of its ECGs (`studies_of_items`) on every live-panel push.
+    A gateway after three years holds ~30,000 of them: the lookup scanned them all (REV-G 5), under
+    clinic.db's lock. The upgrade's migration indexes them by item, quickly, and the lookup
+    searches the index."""
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.outbox.min_free_mb = 1
+    config.data_dir.mkdir(parents=True)
+    db = open_database(
+        config.data_dir / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0038_sent_studies_item_index")
+    )
+    try:
+        with db.conn:
+            db.conn.executemany(
+                "INSERT INTO sent_studies (study_uid, outbox_item_id, item_key, sent_at) VALUES (?, ?, ?, ?)",
+                ((f"1.2.3.{n}", n, f"key-{n}", "2026-01-01T00:00:00+00:00") for n in range(1, 30_001)),
+            )
+    finally:
+        db.conn.close()
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, make_recording(5, patient=Patient(VALID_ID, "张三")), config, key="today")
+        (item,) = outbox.items()
+        started = time.monotonic()
+        with ReportStore.open(config.data_dir) as store:
+            migrated_s = time.monotonic() - started
+            traced: list[str] = []
+            store.db.conn.set_trace_callback(traced.append)
+            try:
+                store.studies_of_items([item])
+            finally:
+                store.db.conn.set_trace_callback(None)
+            (query,) = [sql for sql in traced if sql.lstrip().upper().startswith("SELECT")]
+            plan = [row[3] for row in store.db.conn.execute("EXPLAIN QUERY PLAN " + query)]
+    assert not any(step.startswith("SCAN sent_studies") for step in plan), plan
+    assert migrated_s < 5.0, f"the upgrade took {migrated_s:.1f} s"  # ~0.1 s here: no table rewrite

@@ -571,6 +571,29 @@ def test_the_console_process_loads_neither_pydicom_nor_the_senders(tmp_path: Pat
     assert out.strip().splitlines()[-1] == "[]"
 
 
+def test_the_system_pages_checks_run_whole_with_numpy_blocked(tmp_path: Path) -> None:
+    """Every check the System page runs (views.DoctorRuns, in a process that blocks numpy as
+    `lastmile console` does) on a gateway's data directory: none breaks. The data and devices
+    checks once imported the serial spill module, which loaded the ECG .npz code and numpy: two
+    false "问题" (check failed: ModuleNotFoundError) on every gateway."""
+    config = make_config(tmp_path)
+    with open_outbox(config):
+        pass
+    ClinicData(config)  # clinic.db, as the console's first start leaves it
+    code = (
+        "import asyncio, json, sys; from pathlib import Path; "
+        "from lastmile.console.service import prepare_console_process; prepare_console_process(); "
+        "from lastmile.config import Config; from lastmile.console.views import DoctorRuns; "
+        f"config = Config(); config.set_data_dir(Path({str(config.data_dir)!r})); "
+        "found = asyncio.run(DoctorRuns().findings(config)); "
+        "print(json.dumps([[f.check, f.level.name, f.message] for f in found]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    assert {check for check, _, _ in found} >= {"data", "devices", "queue", "reports", "visits"}
+    assert [f for f in found if f[2].startswith("check failed")] == []
+
+
 def test_the_pages_redrawn_on_every_wake_find_their_outbox_rows_by_index_not_a_scan(tmp_path: Path) -> None:
     """Today (its readings and mapped ones, on every SSE wake and heartbeat, for every tablet),
     Visits and Sent each read the

@@ -6,11 +6,13 @@ monitor no longer there)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
 import json
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,12 @@ from lastmile.console.views import devices as devices_page
 from lastmile.console.views import today
 from lastmile.doctor import Level
 from tests.console_harness import DOCTOR, Client, add_users, console_config, running_console
-from tests.serial_gateway import Running, serial_config, ward_profile_with_bad_baudrate
+from tests.serial_gateway import (
+    Running,
+    serial_config,
+    serial_part_whose_stop_gives_up_waits,
+    ward_profile_with_bad_baudrate,
+)
 from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
 from tests.waiting import wait_for
@@ -492,16 +499,16 @@ def test_lastmile_devices_names_a_ble_device_by_the_name_given_at_pairing_and_sa
     assert "advertised as BP cuff" in out, out
 
 
-def hold_three_one_in_memory_only(registry: DeviceRegistry, now: dt.datetime) -> None:
+def hold_three_one_in_memory_only(registry: DeviceRegistry, now: dt.datetime, *, ecgs: bool = False) -> None:
     """The monitor's row as the serial part writes it at a stop: 3 readings held, 1 of them in
-    memory only."""
+    memory only (with `ecgs`, 3 streamed ECGs and 1)."""
     registry.update_status(
         "serial:monitor",
         now=now,
         transport="serial",
         held=HeldReadings.MEMORY,
-        held_counts=(3, 0),
-        memory_counts=(1, 0),
+        held_counts=(0, 3) if ecgs else (3, 0),
+        memory_counts=(0, 1) if ecgs else (1, 0),
     )
 
 
@@ -687,14 +694,7 @@ def test_ecgs_held_at_a_stop_and_lost_say_to_record_the_ecg_again(tmp_path: Path
     registry = DeviceRegistry.open(data)
     try:  # 3 ECGs held at the stop, 1 of them in memory only: the restart found that one gone
         registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
-        registry.update_status(
-            "serial:monitor",
-            now=now,
-            transport="serial",
-            held=HeldReadings.MEMORY,
-            held_counts=(0, 3),
-            memory_counts=(0, 1),
-        )
+        hold_three_one_in_memory_only(registry, now, ecgs=True)
         registry.record_lost(registry.get("serial:monitor"), (0, 1), now=now, cause=HELD_AT_STOP)
     finally:
         registry.close()
@@ -705,3 +705,134 @@ def test_ecgs_held_at_a_stop_and_lost_say_to_record_the_ecg_again(tmp_path: Path
     assert "如病人仍在，请重新做心电图。" in system and "请重新测量" not in system, pages["/system"]
     devices = pages["/devices"].split("网关停机时丢失：")[1][:300]
     assert "设备和网关都没有坏。如病人仍在，请重新做心电图。" in devices and "请重新测量" not in devices, devices
+
+
+def test_readings_a_stop_held_in_memory_only_are_said_lost_from_its_last_try_to_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """The row says "held in memory only at the stop" from the stop's last try to store them (the
+    outbox locked by another process): nothing stores them after it, the process that held them
+    ends; the next start counts them lost. Between the two (the acquire service stopped, or the
+    console up before it after a reboot) the System page said they "may be lost" (可能已丢失) and
+    the Devices page "saved when it starts again" (下次启动时保存): they never are. Now both say
+    lost (已丢失) and what to do: measure again - before and after the start alike."""
+    from lastmile.services.serial_devices import SerialService
+    from tests.fhir_samples import blood_pressure
+    from tests.service_harness import write_locked
+    from uploader.outbox import Outbox
+
+    config = serial_config(
+        tmp_path, [{"name": "monitor", "match": str(tmp_path / "unplugged"), "profile": "example-vitals-monitor"}]
+    )
+    data = Path(config.data_dir)
+    at = dt.datetime.now(UTC) - dt.timedelta(minutes=10)
+    stop = threading.Event()
+    with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:  # room: only the lock refuses
+        service, ctx, spec = serial_part_whose_stop_gives_up_waits(config, outbox, stop)
+        reading = blood_pressure(at, "P-1", "bp-1")
+        stop.set()  # the acquire service is stopping as the monitor's report comes
+        with write_locked(data / "outbox.sqlite"):
+            assert not ctx.store_observation(spec, reading, held=True)  # as the monitor's handler does
+            ctx.hold_observation(spec, reading)
+            service.close()  # its last try given up too: the process would end here
+        with contextlib.closing(DeviceRegistry.open(data)) as registry:
+            row = registry.get("serial:monitor")
+        assert row is not None and row.held_at_stop and row.in_memory_only == (1, 0), row
+        stopped = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+        again = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+        again.close()
+        assert not outbox.items(kind="observation")  # never stored: lost, as said
+    system = stopped["/system"]
+    assert "网关停机时测量结果尚未保存，也没有保存在SD卡上：已丢失。" in system, system
+    assert "可能已丢失" not in system and "如病人仍在，请重新测量。" in system, system
+    devices = stopped["/devices"]
+    assert "网关停机时丢失：停机前刚测的 1 条测量结果，尚未保存" in devices, devices
+    assert "下次启动时保存" not in devices and "设备和网关都没有坏。如病人仍在，请重新测量。" in devices, devices
+    started = pages_with_the_monitor(tmp_path, data, "/system")["/system"]
+    assert "已丢失：" in started and "的 1 条测量结果。它们是网关停机前刚测的" in started, started
+
+
+def test_readings_and_ecgs_lost_together_are_told_to_measure_again_and_record_the_ecg_again(tmp_path: Path) -> None:
+    """A monitor that lost readings and ECGs at one stop was told only "record the ECG again"
+    (请重新做心电图): the System page's advice and the Devices page chose the ECGs' words whenever
+    an ECG was among them, so the readings were not measured again. The same for a loss for want
+    of space, for another cause, from a damaged file, and for what a stop holds in memory only.
+    Now the words name both."""
+    from lastmile.clinic.devices import HELD_AT_STOP
+
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    both = "请重新测量，并重新做心电图"
+    registry = DeviceRegistry.open(data)
+    try:  # a readings-and-ECG monitor's row: held at a stop in memory only, 1 reading and 1 ECG
+        registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            held=HeldReadings.MEMORY,
+            held_counts=(1, 1),
+            memory_counts=(1, 1),
+            held_cause=HELD_AT_STOP,
+        )
+    finally:
+        registry.close()
+    (held,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL]
+    assert held.advice_key == "memory-only-readings-and-ecgs-at-stop", held
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+    assert (
+        f"网关停机时测量结果和心电图尚未保存，也没有保存在SD卡上：已丢失。设备和网关都没有坏。如病人仍在，{both}。"
+        in (pages["/system"])
+    ), pages["/system"]
+    assert f"设备和网关都没有坏。如病人仍在，{both}。" in pages["/devices"], pages["/devices"]
+    registry = DeviceRegistry.open(data)
+    try:  # the next start: both lost at the stop
+        registry.update_status("serial:monitor", now=now, transport="serial", held=HeldReadings.NONE)
+        registry.record_lost(registry.get("serial:monitor"), (1, 1), now=now, cause=HELD_AT_STOP)
+    finally:
+        registry.close()
+    (lost,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL and "lost when" in f.message]
+    assert (lost.advice_key, lost.counts) == ("lost-readings-and-ecgs-at-stop", (1, 1)), lost
+    pages = pages_with_the_monitor(tmp_path, data, "/devices", "/system")
+    system = pages["/system"].split("已丢失：monitor")[1][:300]
+    assert f"如病人仍在，{both}。" in system and "1 条测量结果、1 份心电图" in system, pages["/system"]
+    devices = pages["/devices"].split("网关停机时丢失：")[1][:300]
+    assert f"设备和网关都没有坏。如病人仍在，{both}。" in devices, devices
+
+
+@pytest.mark.parametrize(
+    ("cause", "on_disk", "key"),
+    [
+        ("", (0, 0), "lost-readings-and-ecgs"),
+        ("cannot store reading: database disk image is malformed", (0, 0), "lost-readings-and-ecgs-not-stored"),
+        ("", (1, 1), "lost-readings-and-ecgs-damaged-file"),
+    ],
+    ids=["space", "not-stored", "damaged-file"],
+)
+def test_every_loss_of_readings_and_ecgs_says_to_measure_again_and_record_the_ecg_again(
+    tmp_path: Path, cause: str, on_disk: tuple[int, int], key: str
+) -> None:
+    """Losses not the stop's own (waiting for space, for another cause, a damaged spill file) of a
+    reading and an ECG: the System page said only "record the ECG again". Now both."""
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    damage = f"{data}/serial-spill.dat (garbage; set aside as {data}/serial-spill.dat.20261207T090000Z.bad)"
+    registry = DeviceRegistry.open(data)
+    try:
+        registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
+        registry.record_lost(
+            registry.get("serial:monitor"),
+            (1, 1),
+            now=now,
+            cause=cause,
+            on_disk=on_disk,
+            damage=damage if any(on_disk) else "",
+        )
+    finally:
+        registry.close()
+    lost = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL]
+    assert [f.advice_key for f in lost] == [key], lost
+    system = pages_with_the_monitor(tmp_path, data, "/system")["/system"]
+    assert "如病人仍在，请重新测量、重新做心电图，并" in system, system

@@ -427,6 +427,30 @@ def test_deflated_object_within_the_limit_is_kept_as_received(outbox: Outbox) ->
     assert item.patient is not None and item.meta["study_uid"] == ecg.study_uid
 
 
+def test_an_object_sent_on_an_association_open_across_the_stop_is_refused_not_stored(outbox: Outbox) -> None:
+    """lastmile/services/parts.py ReceiverPart.close stopped the server only: a cart's association
+    open across the acquire service's stop went on, and its next object was stored while the
+    service closed the outbox and clinic.db's session under it (a store into a closed outbox, or a
+    sqlite3 connection closed under its statement: exit 139). Now the close waits for the object
+    in hand and refuses the next ones ("send it again": the cart does), so the stores may close."""
+    from lastmile.services.parts import ReceiverPart
+    from tests.peers import ecg_payloads
+    from uploader.dicom_store import StoreAssociation
+
+    first, second = ecg_payloads(2)
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    part = ReceiverPart(DicomReceiver(settings, lan_object_store(outbox)))
+    part.check(time.monotonic())  # listening
+    assert part.listening
+    with StoreAssociation(_cart(part.receiver.port)) as cart:
+        assert cart.store(first.data).status == 0x0000
+        part.close()  # SIGTERM: the acquire service closes its parts, then its stores
+        outcome = cart.store(second.data)
+    assert outcome.status == 0xA700 and "gateway stopping" in outcome.meaning, outcome
+    assert [item.key for item in outbox.items()] == ["dicom-sop:" + first.sop_instance_uid]
+    assert part.finished()
+
+
 def _acquire_config(tmp_path: Path, port: int) -> Path:
     path = tmp_path / "lastmile.toml"
     path.write_text(
@@ -575,6 +599,7 @@ def test_resident_id_written_loosely_on_the_cart_is_the_checked_in_stat_patient(
     checked_in = "11010519491231002X"
     ecg = _dataset(Path(get_testdata_file("waveform_ecg.dcm")).read_bytes())
     ecg.PatientID = "110105 19491231 002x"
+    ecg.PatientSex, ecg.PatientBirthDate = "F", "19491231"  # what the ID says: only the ID's writing is loose
     sent = io.BytesIO()
     ecg.save_as(sent)
     session = StatSession(checked_in, dt.datetime.now(dt.timezone.utc))
@@ -602,6 +627,7 @@ def test_a_loosely_written_resident_id_goes_to_the_pacs_as_the_one_resident_id(o
     built = recording_to_dicom_bytes(make_recording(0), uids, StationInfo(station_name="cart-1", institution="Clinic"))
     ecg = _dataset(built)
     ecg.PatientID = "110105 19491231 002x"
+    ecg.PatientSex, ecg.PatientBirthDate = "F", "19491231"  # what the ID says: only the ID's writing is loose
     sent = io.BytesIO()
     ecg.save_as(sent)
     assert dciodvfy_problems(sent.getvalue()) == []  # the cart's object is valid as it is
@@ -635,6 +661,7 @@ def test_a_cart_sending_a_stored_object_again_costs_no_parse(outbox: Outbox, mon
     uids = EcgStudyUids(study_uid="2.25.3001", series_uid="2.25.3002", sop_instance_uid="2.25.3003")
     ecg = _dataset(recording_to_dicom_bytes(make_recording(0), uids, StationInfo(station_name="cart-1")))
     ecg.PatientID = "110105 19491231 002x"
+    ecg.PatientSex, ecg.PatientBirthDate = "F", "19491231"  # what the ID says: only the ID's writing is loose
     sent = io.BytesIO()
     ecg.save_as(sent)
     reads: list[object] = []

@@ -326,41 +326,16 @@ def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
     real reading center (storage commitment included), purges it, and intake takes ECGs again.
     A control shows the forwarder could not have claimed an item without the reserve."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO, missing, require_tool
+    from tests.conftest import run_on_private_tmpfs
 
-    require_tool("unshare")
-    if os.geteuid() != 0:
-        missing("mounting a private tmpfs needs root")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     port, listen = free_port(), free_port()
     center = EmbeddedReadingCenter(port=port, gateway_port=listen, report_delay_s=0.05)
     center.start()
     try:
-        cmd = [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            'mount -t tmpfs -o size=16m tmpfs "$1" && shift && exec "$@"',
-            "sh",
-            str(mnt),
-            sys.executable,
-            "-c",
-            FULL_DISK_SCRIPT,
-            str(mnt),
-            str(port),
-            str(listen),
-        ]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
-        )
+        proc = run_on_private_tmpfs(mnt, "16m", FULL_DISK_SCRIPT, str(port), str(listen))
     finally:
         center.stop()
     assert proc.returncode == 0, proc.stderr[-3000:]

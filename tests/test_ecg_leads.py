@@ -19,6 +19,7 @@ from devices.ecg.leads import (
     require_unique,
     standard_order,
 )
+from devices.ecg.recording import STANDARD_12_LEADS
 from devices.errors import ProtocolError
 
 
@@ -112,22 +113,7 @@ def test_more_lead_spellings(raw: str, name: str) -> None:
 
 def test_standard_order_puts_the_twelve_first() -> None:
     names = ["V6", "X", "aVF", "I", "V1", "III", "Y", "aVR", "II", "aVL", "V2", "V3", "V4", "V5"]
-    assert [names[i] for i in standard_order(names)] == [
-        "I",
-        "II",
-        "III",
-        "aVR",
-        "aVL",
-        "aVF",
-        "V1",
-        "V2",
-        "V3",
-        "V4",
-        "V5",
-        "V6",
-        "X",
-        "Y",
-    ]
+    assert [names[i] for i in standard_order(names)] == [*STANDARD_12_LEADS, "X", "Y"]  # its order: test_ecg_recording
 
 
 def _derived(names: tuple[str, ...], rows: list[list[int]], dtype=np.int16, rounding: str = "toward-zero"):

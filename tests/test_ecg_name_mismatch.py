@@ -15,20 +15,18 @@ import datetime as dt
 import io
 import itertools
 import json
-import os
 import re
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 
 from devices.ecg.recording import EcgRecording
 from devices.identity import Patient
-from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.cli import main as cli
 from lastmile.clinic.device_users import DeviceUsers, mapped_name
 from lastmile.clinic.patients import PatientContext
@@ -43,11 +41,11 @@ from lastmile.ecg.intake import (
     assign_held_ecg,
     enqueue_recording,
     file_enqueuer,
-    lan_object_store,
     read_ecg_file,
 )
-from tests.conftest import require_tool, shared_file
-from tests.console_harness import Client, console_config, running_console
+from tests.conftest import shared_file
+from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
+from tests.lan_cart import lan_receiver, storescu_as_the_cart
 from tests.serial_gateway import Running
 from tests.serial_pty import PtyDevice
 from tests.service_harness import PATIENT_CARD_SCAN, known_name
@@ -150,6 +148,39 @@ def test_a_file_under_the_check_ins_own_name_or_none_is_not_held(tmp_path: Path,
     assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"]
 
 
+@pytest.mark.parametrize(
+    ("checked_in", "cart_name", "sent_as"),
+    [
+        ("张秀兰", "Zhang Xiulan", "Zhang Xiulan=张^秀兰"),
+        ("张秀兰", "ZHANG^XIULAN", "ZHANG^XIULAN=张^秀兰"),
+        ("张乐", "Zhang Yue", "Zhang Yue=张^乐"),  # her reading, not the dictionary's Zhang^Le
+        ("曾凡", "Ceng^Fan", "Ceng^Fan=曾^凡"),  # not Zeng^Fan
+    ],
+    ids=["spaced", "capitals", "heteronym-yue", "heteronym-ceng"],
+)
+def test_a_file_naming_the_check_in_in_pinyin_goes_under_the_check_ins_characters(
+    tmp_path: Path, checked_in: str, cart_name: str, sent_as: str
+) -> None:
+    """张秀兰 is checked in; the cart (no input method) wrote "Zhang Xiulan". Her readings went as
+    Zhang^Xiulan=张^秀兰, her ECG as "Zhang Xiulan" with no Chinese name (REV-R 12): now with her
+    characters. The cart's letters stay as it wrote them (REV-H 3): 张乐 written "Zhang Yue" went
+    as the dictionary's Zhang^Le=张^乐, a pinyin the cart and the HIS do not have."""
+    run = _cli(tmp_path)
+    assert cli([*run, "patient", "set", FILE_ID, "--name", checked_in]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(shared_file(*DCM))
+        ds.PatientName = cart_name
+        ds.save_as(tmp_path / "cart.dcm")
+    assert cli([*run, "import", "-q", str(tmp_path / "cart.dcm")]) == 0
+    with open_outbox(_config(tmp_path)) as outbox:
+        (item,) = outbox.items(kind=Kind.DICOM)
+        sent = _dataset(outbox, item.id)
+    assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"]
+    assert item.patient is not None and item.patient["name"] == sent_as
+    assert (sent.PatientID, str(sent.PatientName)) == (FILE_ID, sent_as)
+
+
 def test_a_stat_ecg_held_for_its_name_waits_two_minutes_and_comes_first(tmp_path: Path) -> None:
     """STAT ECGs were never held: one under another name went to the county at once, on the checked-in
     patient. It is held too, for STAT_NAME_HOLD_S (not the routine 900 s), and listed first."""
@@ -213,17 +244,6 @@ def test_the_stat_name_hold_is_the_configured_one(tmp_path: Path, stat_name_hold
 # -- the clinic LAN: a cart's DICOM ECG, stored as received -----------------------------------------
 
 
-def _storescu(port: int, path: Path) -> None:
-    done = subprocess.run(
-        [require_tool("storescu"), "-aet", "CART1", "-aec", "LASTMILE", "127.0.0.1", str(port), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-
-
 def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_uids(tmp_path: Path) -> None:
     """The cart sends its DICOM ECG (SBJ-123 "Clark") over the LAN while 张三 is checked in as
     SBJ-123: it was forwarded at once. It is held; the doctor says it is 张三's: the cart's object
@@ -233,15 +253,10 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
     path = shared_file(*DCM)
     cart = pydicom.dcmread(path)
     with open_outbox(config) as outbox:
-        store = lan_object_store(
-            outbox,
-            lambda: frozenset({FILE_ID}),
-            checked_in_name=lambda pid: "Zhang^San=张^三" if pid == FILE_ID else "",
-            patient_hold_s=HOLD_S,
-        )
-        settings = ReceiverSettings(port=0, allowed_callers=("CART1",), timeout_s=10)
-        with DicomReceiver(settings, store) as receiver:
-            _storescu(receiver.port, path)
+        with lan_receiver(
+            outbox, FILE_ID, lambda pid: "Zhang^San=张^三" if pid == FILE_ID else "", patient_hold_s=HOLD_S
+        ) as receiver:
+            storescu_as_the_cart(receiver.port, path)
             (item,) = outbox.items(kind=Kind.DICOM)
             assert item.hold_reason == NAME_MISMATCH and item.held(time.time())
             assert outbox.claim(Kind.DICOM, 10, time.time()) == []
@@ -249,7 +264,7 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
             decided = assign_held_ecg(outbox, item.id, Patient(FILE_ID, "Zhang^San=张^三"), now=now, by="王医生")
             assert decided.hold_until is None and decided.patient is not None
             assert decided.patient["name"] == "Zhang^San=张^三"
-            _storescu(receiver.port, path)  # the cart's retry of the same object
+            storescu_as_the_cart(receiver.port, path)  # the cart's retry of the same object
         sent = _dataset(outbox, item.id)
         for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
             assert sent.get(keyword) == cart.get(keyword), keyword
@@ -315,22 +330,10 @@ def _held_for_its_name(
         context.close()
 
 
-def _row(page: str, item_id: int) -> str:
-    found = re.search(rf'<li data-held-ecg="{item_id}">(.*?)</li>', page, re.S)
-    assert found, f"E{item_id} is on Today"
-    return " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())
-
-
-def _csrf(page: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert found
-    return found.group(1)
-
-
 def _answered(doctor: Client, item_id: int, answer: str, page: str, done: str) -> str:
     """The doctor's `answer` ("name-right", "checked-in-name") to Today's question on E<item_id>,
     posted from `page`: the console says it is `done`. Where it leads (the page that says so)."""
-    reply = doctor.post(f"/today/ecg/{item_id}/{answer}", {"csrf": _csrf(page)})
+    reply = doctor.post(f"/today/ecg/{item_id}/{answer}", {"csrf": csrf_of(page)})
     assert reply.status == 303 and f"done={done}" in reply.location, (reply.status, reply.location)
     return reply.location
 
@@ -340,7 +343,7 @@ def test_today_asks_whose_ecg_it_is_and_it_is_the_checked_in_patients(
 ) -> None:
     config, _, doctor = clinic
     item_id, page = _held_on_today(config, doctor, SCP, "scp")
-    row = _row(page, item_id)
+    row = held_ecg_row(page, item_id)
     assert "心电图上的姓名是 Clark，但 SBJ-123 登记的是 张三：请确认是谁的心电图" in row, row
     assert "是 张三 的：按这个姓名发送" in row and "Clark 是对的：更正登记的姓名" in row, row
     assert "仍然发送" not in row  # the three answers, not a "send anyway" that sends Clark unsaid
@@ -362,8 +365,8 @@ def test_today_another_patients_ecg_is_assigned_by_the_assign_box(
 ) -> None:
     config, _, doctor = clinic
     item_id, page = _held_on_today(config, doctor, AECG, "aecg")
-    assert "是另一位患者的：请输入他的患者编号。" in _row(page, item_id)
-    reply = doctor.post("/today/assign-ecg", {"csrf": _csrf(page), "item_id": str(item_id), "patient_id": "MZ-77"})
+    assert "是另一位患者的：请输入他的患者编号。" in held_ecg_row(page, item_id)
+    reply = doctor.post("/today/assign-ecg", {"csrf": csrf_of(page), "item_id": str(item_id), "patient_id": "MZ-77"})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, item_id)
@@ -527,7 +530,7 @@ def test_today_offers_no_rename_to_a_placeholder_held_before_this_version(
         assert added.item.hold_reason == NAME_MISMATCH
     item_id = added.item.id
     page = doctor.get("/today").body
-    row = _row(page, item_id)
+    row = held_ecg_row(page, item_id)
     assert "心电图上的姓名与 SBJ-123 登记的姓名不同" in row and "心电图上的姓名是" not in row, row
     assert "是对的" not in row and 'data-answer="name-right"' not in page, row
     _name_right_renames_nobody(config, doctor, item_id, page)
@@ -552,7 +555,7 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
     cart = dataclasses.replace(noisy, patient=Patient(FILE_ID, "Clark"))  # the cart kept Clark's entry
     held_id = _held_for_its_name(config, cart, "noisy", re_record_hold_s=600)
     page = doctor.get("/today").body
-    row = _row(page, held_id)
+    row = held_ecg_row(page, held_id)
     assert "心电图上的姓名是 Clark" in row and "质量检查结果也是：需要重做" in row, row
     landing = _answered(doctor, held_id, "name-right", page, "name-corrected")
     assert "此心电图质量待定" in doctor.get(landing).body
@@ -562,7 +565,7 @@ def test_today_the_ecgs_name_is_right_ends_only_the_name_hold_of_an_ecg_to_recor
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # not sent: the doctor decides its quality
         assert item.patient is not None and item.patient["birth_date"] is None  # contec gave none; none added
     assert known_name(config, FILE_ID) == "Clark"
-    row = _row(doctor.get("/today").body, held_id)
+    row = held_ecg_row(doctor.get("/today").body, held_id)
     assert "质量检查结果：需要重做" in row and "重做，不发送这份" in row and "仍然发送" in row, row
 
 
@@ -615,7 +618,7 @@ def test_today_the_ecgs_name_is_right_settles_the_ids_other_ecgs_held_for_that_n
         assert second is not None and second.patient is not None
         assert second.hold_reason == "re-record" and second.held(time.time()), second  # its quality still waits
         assert second.patient["name"].rstrip("^") == "Clark"
-    row = _row(doctor.get("/today").body, e2)
+    row = held_ecg_row(doctor.get("/today").body, e2)
     assert "请确认是谁的心电图" not in row and "张三" not in row and "重做，不发送这份" in row, row
 
 
@@ -634,17 +637,43 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
         config, dataclasses.replace(aecg, patient=dataclasses.replace(aecg.patient, name="Lee")), "lee"
     )
     page = doctor.get("/today").body
-    assert "SBJ-123 登记的是 张三" in _row(page, e3)
+    assert "SBJ-123 登记的是 张三" in held_ecg_row(page, e3)
     _answered(doctor, e1, "name-right", page, "name-corrected")
     assert known_name(config, FILE_ID).rstrip("^") == "Clark"
     page = doctor.get("/today").body
-    row = _row(page, e3)
+    row = held_ecg_row(page, e3)
     assert "心电图上的姓名是 Lee，但 SBJ-123 登记的是 Clark" in row and "是 Clark 的：按这个姓名发送" in row, row
     assert "张三" not in row, row
     _answered(doctor, e3, "checked-in-name", page, "assigned")
     with open_outbox(config) as outbox:
         sent = _dataset(outbox, e3)
     assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")
+
+
+def on_the_screen_and_apart(browser: Any, row: Any, css: str, *, apart_but: str = "") -> list[tuple[str, dict]]:
+    """The page no wider than the screen; each of the `row`'s elements matching `css` within it,
+    and none overlapping another (those of tag `apart_but` left out of that). Their names and boxes."""
+    from tests.console_browser import by
+
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    wide = browser.execute_script("return document.documentElement.scrollWidth")
+    assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
+    boxes = [
+        (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
+        for e in row.find_elements(by("css"), css)
+    ]
+    for what, box in boxes:
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
+    controls = [(w, b) for w, b in boxes if not (apart_but and w.startswith(apart_but))]
+    for (a, ra), (b, rb) in itertools.combinations(controls, 2):
+        apart = (
+            ra["x"] + ra["width"] <= rb["x"]
+            or rb["x"] + rb["width"] <= ra["x"]
+            or ra["y"] + ra["height"] <= rb["y"]
+            or rb["y"] + rb["height"] <= ra["y"]
+        )
+        assert apart, f"{a} {ra} overlaps {b} {rb}"
+    return boxes
 
 
 @pytest.mark.parametrize("size", [(360, 640), (1280, 800)], ids=["phone", "desktop"])
@@ -666,24 +695,8 @@ def test_todays_name_question_in_english_is_english_and_nothing_in_it_is_cut_or_
     words = row.text.replace("张三", "")  # the checked-in name, as checked in; everything else English
     assert not re.search(r"[\u3000-\u9fff\uff00-\uffef]", words), row.text
     assert "Clark" in words and "SBJ-123" in words, row.text
-    width = browser.execute_script("return document.documentElement.clientWidth")  # type: ignore[attr-defined]
-    wide = browser.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
-    assert wide <= width, f"the page is {wide} px wide on a {width} px screen"
-    boxes = [
-        (e.tag_name + " " + (e.text or e.get_attribute("name") or ""), e.rect)
-        for e in row.find_elements(by("css"), "button, input:not([type=hidden]), label")
-    ]
+    boxes = on_the_screen_and_apart(browser, row, "button, input:not([type=hidden]), label")
     assert len(boxes) >= 5, boxes  # three answers and the other patient's field with its label
-    for what, box in boxes:
-        assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {what} {box}"
-    for (a, ra), (b, rb) in itertools.combinations(boxes, 2):
-        apart = (
-            ra["x"] + ra["width"] <= rb["x"]
-            or rb["x"] + rb["width"] <= ra["x"]
-            or ra["y"] + ra["height"] <= rb["y"]
-            or rb["y"] + rb["height"] <= ra["y"]
-        )
-        assert apart, f"{a} {ra} overlaps {b} {rb}"
     # each answer apart from the next (the field's label touched the button above: read as its caption)
     answers = row.find_elements(by("css"), "form")
     assert [f.get_attribute("action").rsplit("/", 1)[1] for f in answers] == [
@@ -769,7 +782,7 @@ def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_un
         clark = _card_ecg(tmp_path, CARD, "Clark")
         assert _hold_of(tmp_path, clark) == NAME_MISMATCH
         assert checked_in_as == "Zhang^San=张^三"
-        row = _row(doctor.get("/today").body, clark)
+        row = held_ecg_row(doctor.get("/today").body, clark)
         assert (
             f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三（这次登记没有输入姓名）：请确认是谁的心电图"
             in row
@@ -778,12 +791,60 @@ def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_un
         assert _hold_of(tmp_path, _card_ecg(tmp_path, CARD, "Zhang^San=张^三")) is None
 
 
-def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: Path) -> None:
-    """Review C (3): a father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to
-    it. His daughter 王芳 comes with the same card: its check-in takes 李四, and the cart's ECG under
-    王芳 is held. "王芳 is right" corrected the check-in's name and renamed the father's cuff user
-    to 王芳 for good, unasked (a typed check-in asks which name first). Now Today says it corrects
-    this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
+@pytest.mark.parametrize("language", ["zh", "en"])
+@pytest.mark.parametrize("size", [(360, 640), (1280, 800)], ids=["phone", "desktop"])
+def test_the_question_on_a_name_a_card_took_is_read_whole_on_a_phone_and_a_screen(
+    tmp_path: Path, browser: object, size: tuple[int, int], language: str
+) -> None:
+    """Today's question on the name a card took from an earlier check-in (张三, checked in at the
+    desk; the cart's ECG says Clark), in zh-CN and English, on a 360 px phone and a 1280 px screen
+    (screenshots: today-inherited-name-<language>-<phone|desktop>): its words in the page's
+    language but the names, which name is the ECG's and which the check-in's, each answer within the
+    screen and clear of the others, nothing wider than the page. The row's headline said "E1 Clark
+    <ID>" above the question: the name in doubt, in bold beside the ID, as if it were the patient's."""
+    from tests.console_browser import by, choose_language, log_in, save_screenshot, set_viewport, text_in
+
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
+        doctor = Client(server.url)
+        doctor.login()
+        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
+        assert doctor.post("/today/check-in", {"patient_id": "P-LI", "name": "李四"}).status == 303
+        assert _scanned(scanner, gateway, CARD) == "Zhang^San=张^三"
+        clark = _card_ecg(tmp_path, CARD, "Clark")
+        set_viewport(browser, size)
+        log_in(browser, server)
+        if language == "en":
+            choose_language(browser, "en")
+        asked = "say whose ECG it is" if language == "en" else "请确认是谁的心电图"
+        text_in(browser, "#panel-held", asked)
+        row = browser.find_element(by("css"), f'#panel-held li[data-held-ecg="{clark}"]')  # type: ignore[attr-defined]
+        question = row.find_element(by("css"), "[data-name-mismatch]").text
+        # the ECG's name only in the question that says it is the ECG's: in bold beside the ID
+        # above it, it read as the patient's
+        headline = row.find_element(by("css"), "p").text.split(question)[0]
+        assert "Clark" not in headline and CARD in headline, headline
+        # the question begins its own line (it ran on after the device's name, breaking 心电|图 on a phone)
+        starts = browser.execute_script(  # type: ignore[attr-defined]
+            "return arguments[0].getClientRects()[0].left", row.find_element(by("css"), "[data-name-mismatch]")
+        )
+        assert starts == row.find_element(by("css"), "p").rect["x"], (starts, headline)
+        if language == "en":
+            assert "Clark" in question and "checked in earlier as 张三" in question, question
+            assert not re.search(r"[\u3000-\u9fff\uff00-\uffef]", row.text.replace("张三", "")), row.text
+        else:
+            assert f"心电图上的姓名是 Clark，但 {CARD} 之前登记时的姓名是 张三" in question, question
+        # the names (strong) on the screen too; only the controls must be apart
+        on_the_screen_and_apart(browser, row, "button, input:not([type=hidden]), label, strong", apart_but="strong")
+        save_screenshot(browser, f"today-inherited-name-{language}-{'phone' if size[0] < 600 else 'desktop'}")
+
+
+@contextlib.contextmanager
+def _a_daughters_ecg_held_under_her_fathers_card(tmp_path: Path) -> Iterator[tuple[Client, Running, DeviceUsers, int]]:
+    """A father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to it; 王五
+    next; then the card scanned for his daughter takes 李四, and the cart's ECG under 王芳 (pinyin,
+    as the cart writes it) is held for its name. The doctor logged in to the console, the card
+    scanner's gateway, the device users and the held ECG's outbox item id."""
     config = console_config(tmp_path / "data")
     with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
         doctor = Client(server.url)
@@ -795,9 +856,19 @@ def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: 
         assert _scanned(scanner, gateway, CARD) == "Li^Si=李^四"
         fang = _card_ecg(tmp_path, CARD, "Wang^Fang")  # the cart writes pinyin
         assert _hold_of(tmp_path, fang) == NAME_MISMATCH
+        yield doctor, gateway, users, fang
+
+
+def test_an_answer_on_a_name_a_card_took_renames_nobodys_device_users(tmp_path: Path) -> None:
+    """Review C (3): a father, 李四, checked in under the family's card ID, his cuff's user 1 mapped to
+    it. His daughter 王芳 comes with the same card: its check-in takes 李四, and the cart's ECG under
+    王芳 is held. "王芳 is right" corrected the check-in's name and renamed the father's cuff user
+    to 王芳 for good, unasked (a typed check-in asks which name first). Now Today says it corrects
+    this check-in only: the ECG goes as 王芳, the session is 王芳's, the cuff stays 李四's."""
+    with _a_daughters_ecg_held_under_her_fathers_card(tmp_path) as (doctor, gateway, users, fang):
         page = doctor.get("/today").body
-        row = _row(page, fang)
-        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)})
+        row = held_ecg_row(page, fang)
+        reply = doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": csrf_of(page)})
         assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
         assert _hold_of(tmp_path, fang) is None
         current = gateway.patients.current(gateway.now())
@@ -818,32 +889,22 @@ def test_a_taken_name_cleared_is_neither_offered_nor_given_to_the_device_users(t
     presses 清除姓名. Today still said "登记的是 李四" (cleared; nobody typed it), offered "It is 李四's: send it
     under this name", and "Wang Fang is right" renamed the father's cuff user to Wang Fang for good. Cleared, the
     name is neither worded nor offered, and the answer renames no device user."""
-    config = console_config(tmp_path / "data")
-    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
-        doctor = Client(server.url)
-        doctor.login()
-        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "李四"}).status == 303
-        users = DeviceUsers(gateway.patients.db)
-        users.map_user("C0:26:DA:01:02:03", 1, CARD, now=gateway.now(), name="Li^Si=李^四")
-        assert doctor.post("/today/check-in", {"patient_id": "P-WU", "name": "王五"}).status == 303
-        assert _scanned(scanner, gateway, CARD) == "Li^Si=李^四"
-        fang = _card_ecg(tmp_path, CARD, "Wang^Fang")
-        assert _hold_of(tmp_path, fang) == NAME_MISMATCH
+    with _a_daughters_ecg_held_under_her_fathers_card(tmp_path) as (doctor, gateway, users, fang):
         page = doctor.get("/today").body
         cleared = doctor.post(
             "/today/check-in",
-            {"csrf": _csrf(page), "patient_id": CARD, "clear": "name", "shown_patient_id": CARD, "confirmed": "yes"},
+            {"csrf": csrf_of(page), "patient_id": CARD, "clear": "name", "shown_patient_id": CARD, "confirmed": "yes"},
         )
         assert cleared.status == 303, cleared.status
         current = gateway.patients.current(gateway.now())
         assert current is not None and current.patient_id == CARD and current.name == ""
         page = doctor.get("/today").body
-        row = _row(page, fang)
+        row = held_ecg_row(page, fang)
         assert "李四" not in row and 'data-answer="checked-in-name"' not in row, row
         assert "Wang Fang 是对的：只更正这次登记的姓名（设备用户的姓名不变）" in row, row
-        assert doctor.post(f"/today/ecg/{fang}/checked-in-name", {"csrf": _csrf(page)}).status == 303
+        assert doctor.post(f"/today/ecg/{fang}/checked-in-name", {"csrf": csrf_of(page)}).status == 303
         assert _hold_of(tmp_path, fang) == NAME_MISMATCH  # a stale form: no name to send it under
-        assert doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": _csrf(page)}).status == 303
+        assert doctor.post(f"/today/ecg/{fang}/name-right", {"csrf": csrf_of(page)}).status == 303
         assert _hold_of(tmp_path, fang) is None
         cuff = users.whose("C0:26:DA:01:02:03", 1)
         assert cuff is not None and cuff.patient_name == "Li^Si=李^四"

@@ -14,12 +14,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, missing, require_tool
-from tests.peers import free_port
+from tests.conftest import REPO, on_private_tmpfs, run_on_private_tmpfs
+from tests.peers import forward_toml, free_port
 
 # Runs inside `unshare -m` with a 16 MB tmpfs on argv[1]: queue ECGs until intake refuses, fill
 # the partition to its last block, spend the reserve, then run the real forward service.
@@ -112,56 +111,24 @@ def test_forward_service_drains_a_full_disk_without_its_reserve(tmp_path: Path, 
     exit, no "step failed"), `lastmile queue` shows the full partition; when the link returns
     and half a reserve's worth of room with it, everything is sent and purged and intake takes
     ECGs again."""
-    require_tool("unshare")
-    if os.geteuid() != 0:
-        missing("mounting a private tmpfs needs root")
     scp = storescp_factory(start=False)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cfg = tmp_path / "lastmile.toml"
-    cfg.write_text(
-        f"""
-[gateway]
-data_dir = "{mnt / "data"}"
-[reading_center]
-host = "127.0.0.1"
-port = {scp.port}
-called_ae = "{scp.ae_title}"
-calling_ae = "CLINIC01"
-listen_port = {free_port()}
-listen_host = "127.0.0.1"
-timeout_s = 10.0
-storage_commitment = false
-no_commitment_policy = "purge"
-[outbox]
-backoff_base_s = 0.1
-backoff_max_s = 0.5
-min_free_mb = 2
-[ecg]
-re_record_hold_s = 0
-"""
+    cfg = forward_toml(
+        tmp_path / "lastmile.toml",
+        mnt / "data",
+        port=scp.port,
+        called_ae=scp.ae_title,
+        listen_port=free_port(),
+        timeout_s=10.0,
+        commitment=False,
+        min_free_mb=2,
+        reports="dicom",  # the default: the service polls for reports as a clinic's does
     )
     log = tmp_path / "forward.log"
-    cmd = [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        'mount -t tmpfs -o size=16m tmpfs "$1" && shift && exec "$@"',
-        "sh",
-        str(mnt),
-        sys.executable,
-        "-c",
-        FULL_NO_RESERVE_SCRIPT,
-        str(mnt),
-        str(cfg),
-        str(log),
-    ]
     marker = tmp_path / "link-up"
     script = subprocess.Popen(
-        [*cmd, str(marker)],
+        on_private_tmpfs(mnt, "16m", FULL_NO_RESERVE_SCRIPT, str(cfg), str(log), str(marker)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -345,38 +312,12 @@ def test_a_closed_outbox_on_a_full_disk_says_so(tmp_path: Path) -> None:
     """No room even for SQLite's -shm: opening the outbox says the partition is full (not "disk
     I/O error"), `lastmile queue` still shows what is waiting and the fault, and the forward
     service waits with that line instead of exiting."""
-    require_tool("unshare")
-    if os.geteuid() != 0:
-        missing("mounting a private tmpfs needs root")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cfg = tmp_path / "lastmile.toml"
     cfg.write_text(f'[gateway]\ndata_dir = "{mnt / "data"}"\n[outbox]\nmin_free_mb = 0\n[reports]\nsource = "off"\n')
     log = tmp_path / "forward.log"
-    proc = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            'mount -t tmpfs -o size=1m tmpfs "$1" && shift && exec "$@"',
-            "sh",
-            str(mnt),
-            sys.executable,
-            "-c",
-            CLOSED_ON_A_FULL_DISK_SCRIPT,
-            str(mnt),
-            str(cfg),
-            str(log),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    proc = run_on_private_tmpfs(mnt, "1m", CLOSED_ON_A_FULL_DISK_SCRIPT, str(cfg), str(log))
     journal = log.read_text(errors="replace") if log.exists() else ""
     assert proc.returncode == 0, proc.stderr[-3000:] + journal[-2000:]
     out = json.loads(proc.stdout)

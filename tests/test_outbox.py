@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -908,32 +907,11 @@ TMPFS_SCRIPT = textwrap.dedent("""
 
 
 def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
-    from tests.conftest import missing
+    from tests.conftest import run_on_private_tmpfs
 
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        missing("needs root and unshare to mount a private tmpfs")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cmd = [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        'mount -t tmpfs -o size=2m tmpfs "$1" && shift && exec "$@"',
-        "sh",
-        str(mnt),
-        sys.executable,
-        "-c",
-        TMPFS_SCRIPT,
-        str(mnt),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
-    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    proc = run_on_private_tmpfs(mnt, "2m", TMPFS_SCRIPT, timeout_s=60)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for name, r in result.items():
@@ -1234,7 +1212,8 @@ def test_the_next_open_records_what_the_peer_stored_as_its_caller_would_have_not
         forwarder.remember_stored([taken_ecg.id], taken=True)
         forwarder.remember_stored([sent_ecg.id], taken=False)
         owner = forwarder.owner
-        assert OwnerLock.stored_by(data_dir / "locks", owner) == {taken_ecg.id: True, sent_ecg.id: False}
+        note = OwnerLock.stored_file(data_dir / "locks", owner)
+        assert OwnerLock.stored_by(note) == {taken_ecg.id: True, sent_ecg.id: False}
         kept = (data_dir / "locks" / f"stored-{owner}").read_bytes()
     older = "0000-older"  # a dead owner's note as an older version wrote it, and this one's at a kill
     (data_dir / "locks" / f"stored-{older}").write_text(f"{bundle.id}\n")

@@ -345,6 +345,8 @@ def test_lastmile_patient_set_under_the_checked_in_patients_name_asks_whose_id(
     assert main(["patient", "set", clinic_number, "--name", "王五", *run]) == 2
     said = capsys.readouterr().err
     assert all(word in said for word in (id_card, clinic_number, "--corrected", "--other-id", "--another-person")), said
+    # the console's words (就诊 a visit, 登记 to check in), never 检查 (an examination) for a check-in
+    assert f"同名患者已用 {id_card} 登记就诊" in said and f"结束 {id_card} 的就诊" in said and "检查" not in said, said
     assert main(["patient", "set", clinic_number, "--name", "王五", "--other-id", *run]) == 2  # about whom?
     assert "must name the checked-in patient it answers about" in capsys.readouterr().err
     context = PatientContext.open(data, idle_timeout_s=900)
@@ -465,7 +467,7 @@ def test_an_answer_to_lastmile_patient_set_is_never_given_to_a_card_read_since_i
     code = main(answer)
     err = capsys.readouterr().err
     only_the_card_is_checked_in(data)
-    assert code == 2 and "YB-7" in err and CARD in err and "当前病人" in err, err
+    assert code == 2 and "YB-7" in err and CARD in err and "当前患者" in err, err
     assert answer == [*typed, "--about", "YB-7", "--other-id"], asked
     # the answer run while the patient it is about is checked in is taken
     assert main(["patient", "set", "YB-7", "--name", "王五", "--another-person", "--about", CARD, *run]) == 0

@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -567,6 +568,33 @@ def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     assert len(r.outbox.items(kind="observation")) == 6
 
 
+def test_a_monitor_forwarded_through_a_bridge_is_not_named_on_today_as_the_bridge(tmp_path: Path, running) -> None:
+    """REV-FI 1: a monitor's report forwarded by the ECG cart's bridge names the bridge's port as
+    its device's, and Today named every reading from that port by the bridge's settings name:
+    "血压 121/79 · cart", the ECG cart's name on a blood pressure. Now it says the monitor's maker
+    and model, as before Today named devices by their settings names."""
+    bridge = PtyDevice(tmp_path / "usb-bridge")
+    cart = {"name": "cart", "match": str(bridge.link_path), "profile": "bridge"}
+    r = running([{**cart, "forward_profile": "example-vitals-monitor"}])
+    wait_for(lambda: all(s.connected for s in r.service.statuses()))
+    r.patients.set_patient("P-9", now=r.now() - dt.timedelta(minutes=1))
+    core, clock = BridgeCore("BR-CART", boot_id=3, capabilities=("ecg",)), [0]
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    printed = (r.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+    bridge.write(core.uart_bytes(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed), clock[0]))
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
+    assert len(r.outbox.items(kind="observation")) == 3
+    shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+    with running_console(shown) as console:
+        client = Client(console.url)
+        client.login()
+        page = client.get("/today").body
+    readings = page.split('<ul class="readings">', 1)[1].split("</ul>", 1)[0]
+    lines = [" ".join(re.sub(r"<[^>]+>", " ", li).split()) for li in readings.split("<li ")[1:]]
+    assert len(lines) == 3, lines
+    assert all(line.endswith("· Example Medical VM-100") for line in lines), lines
+
+
 def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp_path: Path, running) -> None:
     """A bridge forwarding a monitor's report lines, configured without `forward_profile`: the
     gateway ACKed every line and dropped it - the readings gone for good, the bridge told they
@@ -583,6 +611,43 @@ def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp
     }
     assert core.pending_count == len(lines)  # every line still held by the bridge, to be resent
     assert "forward_profile" in (r.registry.get("serial:ecg").last_error or "")
+
+
+# The serial service's process, started; then its code tree replaced in place (an update that
+# kept it running), so no module of ours can be imported any more; then an ECG is held at a stop.
+ECG_HELD_AFTER_THE_CODE_TREE_WAS_REPLACED = r"""
+import importlib.abc, sys
+import lastmile.services.serial_devices
+from lastmile.services.serial_spill import recording_to_json
+from tests.ecg_factories import make_recording
+
+recording = make_recording(seconds=1.0)
+
+
+class CodeTreeReplaced(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("devices", "lastmile", "firmware_bridge", "uploader"):
+            raise ImportError(f"{name}: its file was replaced since the start")
+        return None
+
+
+sys.meta_path.insert(0, CodeTreeReplaced())
+print(len(recording_to_json("bridge-ecg:BR-ECG:9:1", recording)["npz"]) > 0)
+"""
+
+
+def test_an_ecg_held_at_a_stop_needs_no_import_after_the_start(tmp_path: Path) -> None:
+    """REV-FI 5: the serial service first imported devices.ecg.npz when it first held an ECG,
+    typically as it stopped; had the code tree been replaced in place since the start, the ECG
+    was lost to an ImportError. It is loaded at the start now, with the rest of the ECG code."""
+    done = subprocess.run(
+        [sys.executable, "-c", ECG_HELD_AFTER_THE_CODE_TREE_WAS_REPLACED],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
 
 
 def test_device_configuration_is_checked(tmp_path: Path) -> None:

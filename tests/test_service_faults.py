@@ -13,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.config import Config
 from lastmile.doctor import Level
 from lastmile.logs import describe_fault
-from lastmile.services.parts import Part, down_status
+from lastmile.services.parts import Part, WorkerPart, down_status
 from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice
@@ -396,6 +398,33 @@ def test_a_store_error_worded_otherwise_keeps_its_advice_and_is_cleared_by_its_k
         assert m.device().last_error == "", m.device().last_error  # cleared by its kind, whatever its words
 
 
+@contextlib.contextmanager
+def a_report_stored_while_another_process_writes(
+    m: MonitorOnPart, monkeypatch: pytest.MonkeyPatch, *, lock_held_s: float
+) -> Iterator[None]:
+    """The monitor's report being stored (its first reading's add begun) while another process
+    holds the outbox's write lock, released `lock_held_s` after; that process gone on exit."""
+    storing = threading.Event()
+    add = m.outbox.add
+
+    def add_noting(*args: object, **kwargs: object) -> object:
+        storing.set()
+        return add(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(m.outbox, "add", add_noting)
+    other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process writes: the report waits for it
+    release = threading.Timer(lock_held_s, other.rollback)
+    try:
+        m.monitor.write(m.report)
+        assert storing.wait(30), "the report was never stored"
+        release.start()
+        yield
+    finally:
+        release.join()
+        other.close()
+
+
 def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,29 +435,9 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
     reboot, a shutdown): the first reading is stored, the next ones meet a closed database,
     "cannot store ... closed database", are held in memory and are gone with the process -
     although the runtime promises that the work in hand is finished before close."""
-    import sqlite3
-    import threading
-
     with monitor_on_the_acquire_part(tmp_path) as m:
-        storing = threading.Event()
-        add = m.outbox.add
-
-        def add_noting(*args: object, **kwargs: object) -> object:
-            storing.set()
-            return add(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(m.outbox, "add", add_noting)
-        other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")  # another process writes: the outbox is busy a moment
-        release = threading.Timer(1.0, other.rollback)
-        try:
-            m.monitor.write(m.report)
-            assert storing.wait(30), "the report was never stored"
-            release.start()
+        with a_report_stored_while_another_process_writes(m, monkeypatch, lock_held_s=1.0):
             m.part.close()  # SIGTERM: the acquire service closes its parts
-        finally:
-            release.join()
-            other.close()
         assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
 
 
@@ -468,17 +477,19 @@ def test_the_acquire_stop_tells_every_part_to_stop_before_waiting_for_any(tmp_pa
 
 
 def test_the_acquire_parts_stop_ends_within_the_units_stop_timeout(tmp_path: Path) -> None:
-    """A part whose close hangs is left at the parts' deadline (said), and that deadline leaves
-    the outbox's close room inside the unit's TimeoutStopSec: no SIGKILL mid-commit."""
+    """A part whose close hangs is left at the parts' deadline (said) and returned as still
+    closing (its stores are not closed under it), and that deadline leaves the stores' close room
+    inside the acquire and BLE units' TimeoutStopSec: no SIGKILL mid-commit."""
     import re
     import threading
 
     from lastmile.services.acquire import PARTS_STOP_S
-    from lastmile.services.parts import WorkerPart, close_parts
+    from lastmile.services.parts import close_parts
 
-    unit = (REPO / "systemd" / "lastmile-acquire.service").read_text()
-    found = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
-    assert found is not None and int(found.group(1)) >= PARTS_STOP_S + 5, (PARTS_STOP_S, unit)
+    for name in ("lastmile-acquire.service", "lastmile-ble.service"):
+        unit = (REPO / "systemd" / name).read_text()
+        found = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
+        assert found is not None and int(found.group(1)) >= PARTS_STOP_S + 5, (name, PARTS_STOP_S, unit)
 
     never = threading.Event()
     hung = WorkerPart("hung", lambda stop, beat: stop.wait(60), on_close=lambda: never.wait(60))
@@ -487,12 +498,93 @@ def test_the_acquire_parts_stop_ends_within_the_units_stop_timeout(tmp_path: Pat
     quick.start()
     started = time.monotonic()
     try:
-        close_parts([hung, quick], within_s=1.0)
+        still = close_parts([hung, quick], within_s=1.0)
         took = time.monotonic() - started
     finally:
         never.set()
     assert took < 10, took  # not the hung close's 60 s
     assert not quick.running and not hung.running  # both told to stop at once, both threads ended
+    assert still == [hung]  # its close under way: what it tears down may still be in use
+
+
+def slow_writer(outbox: Outbox, name: str, in_hand_s: float) -> WorkerPart:
+    """A part that, told to stop, still stores what it has in hand for `in_hand_s` (an import's
+    file, a report's readings): one outbox item a second before that, one after."""
+
+    def work(stop: threading.Event, beat: object) -> None:
+        stop.wait(60)
+        time.sleep(in_hand_s)
+        outbox.add("observation", f"{name}-in-hand", b"{}")
+
+    return WorkerPart(name, work, stale_after=None)
+
+
+def test_a_part_still_storing_past_the_stop_keeps_the_outbox_open_and_every_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/acquire.py AcquireService.close: past the parts' deadline the outbox and
+    clinic.db were closed although a part was still storing into them - the serial part's report
+    in hand, waiting for another process's lock. Its next readings met a closed outbox and were
+    not stored (and a sqlite3 connection closed under another thread's statement crashes the
+    process: exit 139). Now the stores are left open to a part still closing (said, with what it
+    means): the report is stored whole once the lock is free."""
+    import logging
+
+    from lastmile.services import acquire
+    from lastmile.services.acquire import AcquireService
+
+    monkeypatch.setattr(acquire, "PARTS_STOP_S", 0.5)  # the unit's 24 s, made short
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        service = AcquireService(m.config, m.outbox, [m.part], closers=[m.outbox.close])
+        with a_report_stored_while_another_process_writes(m, monkeypatch, lock_held_s=2.0):
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING):
+                service.close()  # SIGTERM
+            took = time.monotonic() - started
+        # every reading of the report in hand stored: none met a closed outbox
+        wait_for(lambda: len(m.outbox.items(kind="observation")) == 3, timeout=30, what="the report stored")
+        wait_for(m.part.finished, timeout=30, what="the serial part finishing the report in hand")
+        print(f"\nthe acquire close, a report waiting for the outbox lock: {took:.1f} s")
+        assert took < 1.9, took  # at the deadline, not when the report is stored
+    said = caplog.text
+    assert "serial: still closing" in said and "spill file" in said, said
+    assert "the outbox and clinic.db left open" in said, said
+
+
+def test_a_reload_stops_the_parts_together_within_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lastmile/services/acquire.py AcquireService.reload closed its parts one after another with
+    no deadline (a USB import's 15 s join, then a card's 18 s wait: past WatchdogSec=30). Now as
+    the stop: together, so it takes about the slowest, not the sum; one past the deadline is left
+    (its stores open) and what it had in hand is still stored."""
+    import threading
+
+    from lastmile.services import acquire
+    from lastmile.services.acquire import AcquireService
+
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.gps.source = "none"  # the reload builds no part: only the old ones' stop is timed
+    with contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox:
+        parts: list[Part] = [slow_writer(outbox, "usb-import", 1.5), slow_writer(outbox, "serial", 1.5)]
+        service = AcquireService(config, outbox, parts, closers=[outbox.close])
+        service.check_parts()
+        started = time.monotonic()
+        service.reload(config)
+        took = time.monotonic() - started
+        print(f"\nreload, two parts each 1.5 s to stop: {took:.1f} s")
+        assert took < 2.6, took  # the slowest, not the sum (3 s)
+        assert len(outbox.items(kind="observation")) == 2
+
+        monkeypatch.setattr(acquire, "PARTS_STOP_S", 0.5)
+        service.parts = [slow_writer(outbox, "usb-import-again", 2.0)]
+        service.check_parts()
+        started = time.monotonic()
+        service.reload(config)
+        took = time.monotonic() - started
+        assert took < 1.9, took  # at the deadline
+        wait_for(lambda: len(outbox.items(kind="observation")) == 3, timeout=30, what="the left part's item")
+        service.step(threading.Event())  # closes the old session's clinic.db once the left part finished
+        service.close()
 
 
 def test_sigterm_while_a_reading_waits_for_another_process_lock_stops_promptly_keeping_it(tmp_path: Path) -> None:
@@ -658,3 +750,43 @@ def test_a_row_written_before_the_spill_file_was_saved_empty_is_no_loss_at_the_r
         assert len(lost) == 1 and "1 reading(s) held in memory only" in lost[0], lost
     else:
         assert lost == [], lost
+
+
+def test_a_reload_feeds_the_watchdog_again_once_the_old_parts_have_stopped(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py AcquireService.reload: the runtime pinged the watchdog once as
+    the reload began; the old parts' stop may take 24 s of WatchdogSec=30, then the new serial part's
+    opening writes clinic.db (each write up to a 15 s lock wait): past the watchdog, SIGABRT, not a
+    clean restart. Now the reload feeds it again (`ServiceRuntime.alive`) once the parts stopped.
+    The runtime's real notifier and ping rule, its datagrams recorded (WatchdogSec made 2 s)."""
+    from lastmile.services.acquire import AcquireService
+    from lastmile.services.runtime import ServiceRuntime
+    from lastmile.services.sdnotify import SystemdNotifier
+
+    class RecordedNotifier(SystemdNotifier):
+        def __init__(self) -> None:
+            super().__init__("/run/notify-test", environ={"WATCHDOG_USEC": "2000000"})
+            self.sent: list[tuple[float, str]] = []
+
+        def notify(self, *assignments: str) -> bool:
+            self.sent.append((time.monotonic(), "\n".join(assignments)))
+            return True
+
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.gps.source = "none"  # the reload builds no part: only the old one's stop
+    notifier = RecordedNotifier()
+    runtime = ServiceRuntime(
+        "acquire", load_config=lambda: config, notifier=notifier, install_signal_handlers=False, configure_logging=False
+    )
+    with contextlib.closing(Outbox.open(config.data_dir, min_free_bytes=0)) as outbox:
+        service = AcquireService(
+            config, outbox, [slow_writer(outbox, "serial", 1.5)], [outbox.close], alive=runtime.alive
+        )
+        service.check_parts()
+        notifier.watchdog_ping()  # as the runtime's reload does before `service.reload`
+        began = time.monotonic()
+        service.reload(config)
+        stopped = began + 1.5
+        service.close()
+    pings = [at for at, what in notifier.sent if what == "WATCHDOG=1"]
+    assert any(at >= stopped for at in pings), (began, pings)

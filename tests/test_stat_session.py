@@ -163,7 +163,8 @@ def test_the_stat_patients_ecg_under_his_other_id_goes_first(tmp_path: Path) -> 
         stick = tmp_path / name
         stick.mkdir()
         for seed, (file, patient_id) in enumerate(ecgs.items()):
-            recording = make_recording(seed, patient=Patient(patient_id, "", dt.date(1960, 1, 1), "M"))
+            # the cart's sex and birth date are what his ID card says (11010519491231002X: F, 1949-12-31)
+            recording = make_recording(seed, patient=Patient(patient_id, "", dt.date(1949, 12, 31), "F"))
             recorded = dt.datetime.now(dt.timezone.utc)  # after the check-ins, for the cart's stick
             (stick / file).write_bytes(write_npz(dataclasses.replace(recording, acquired_at=recorded)))
         return stick

@@ -239,6 +239,7 @@ def test_a_loosely_typed_id_on_the_cart_is_the_checked_in_patient_and_one_id_at_
     assert checked_in == comparable_patient_id(typed, config.patient.id_kind)  # the LAN path's ID
     ds = pydicom.dcmread(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"))
     ds.PatientID = typed
+    ds.PatientSex = ds.PatientBirthDate = ""  # left to the ID: Clark's contradict it (held: test_ecg_id_conflict)
     stick = tmp_path / "cart-stick"
     stick.mkdir()
     ds.save_as(stick / "ECG0001.dcm")
@@ -275,6 +276,7 @@ def test_an_ecg_under_the_id_the_doctor_said_is_his_other_id_is_not_another_pati
         ds = pydicom.dcmread(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"))
         ds.PatientID, ds.SOPInstanceUID = patient_id, generate_uid()
         ds.PatientName = "Wang^Wu"  # his name as the cart writes it (another name is held: test_ecg_name_mismatch)
+        ds.PatientSex = ds.PatientBirthDate = ""  # left to the ID: Clark's contradict it (test_ecg_id_conflict)
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.save_as(stick / f"ECG000{number}.dcm")
     context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)

@@ -1671,9 +1671,10 @@ class Outbox:
         for token in OwnerLock.tokens_that_stored(self._locks_dir):
             if token == self.owner or OwnerLock.is_alive(self._locks_dir, token):
                 continue
-            items = OwnerLock.stored_by(self._locks_dir, token)
+            note = OwnerLock.stored_file(self._locks_dir, token)  # one from its reading to its forgetting
+            items = OwnerLock.stored_by(note)
             recorded = self._commit(functools.partial(_record_stored_of, owner=token, items=items, now=now))
-            OwnerLock.forget_stored(self._locks_dir, token)
+            note.forget()
             if recorded:
                 log.warning(
                     "%d item(s) the peer stored before the last stop recorded as sent, not sent again", recorded

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from uploader.errors import OutboxFullError
 from uploader.unwritten_records import UnwrittenRecords, pending_in
-from uploader.unwritten_records import fsync_dir as fsync_dir  # where the payloads' other users have it
+from uploader.whole_file import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class OwnerLock:
         self.path = locks_dir / f"owner-{token}.lock"
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._stored = self.stored_file(locks_dir, token)  # its own note (`keep_stored`)
 
     def leave_claims(self) -> None:
         """Closing with claims the owner could not give back (another process held the database's
@@ -224,22 +225,19 @@ class OwnerLock:
         power cut, and the next open records them rather than sending them again. None: the file
         goes. OSError (a full disk): the file it would have replaced stays."""
         lines = [f"{int(i)} {TAKEN if taken else SENT}" for i, taken in sorted(items.items())]
-        self.stored_file(self.path.parent, self.token).replace(lines)
+        self._stored.replace(lines)
 
     @staticmethod
-    def stored_by(locks_dir: Path, token: str) -> dict[int, bool | None]:
-        """What `keep_stored` kept for `token`, by id: taken or not (None: an older version's
-        line, which did not say). None kept: no file. A line that is no item is skipped, and the
-        file set aside (said): the others are still recorded."""
-        return dict(OwnerLock.stored_file(locks_dir, token).take(_stored_item, STORED_LOST).records)
+    def stored_by(note: UnwrittenRecords) -> dict[int, bool | None]:
+        """What `keep_stored` kept in `note` (`stored_file`), by id: taken or not (None: an older
+        version's line, which did not say). None kept: no file. A line that is no item is skipped,
+        and the file set aside (said): the others are still recorded. The caller forgets the same
+        `note` once it has recorded them (on a full disk that is when the damaged file is set aside)."""
+        return dict(note.take(_stored_item, STORED_LOST).records)
 
     @staticmethod
     def tokens_that_stored(locks_dir: Path) -> list[str]:
         return [p.name[len(STORED_PREFIX) :] for p in pending_in(locks_dir, STORED_PREFIX)]
-
-    @staticmethod
-    def forget_stored(locks_dir: Path, token: str) -> None:
-        OwnerLock.stored_file(locks_dir, token).forget()
 
     @staticmethod
     def stored_file(locks_dir: Path, token: str) -> UnwrittenRecords:

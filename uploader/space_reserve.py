@@ -20,7 +20,8 @@ import os
 import uuid
 from pathlib import Path
 
-from uploader.payload_files import fsync_dir, is_no_space
+from uploader.payload_files import is_no_space
+from uploader.whole_file import fsync_dir
 
 log = logging.getLogger(__name__)
 

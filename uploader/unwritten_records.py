@@ -2,12 +2,15 @@
 
 One mechanism for each such file (the outbox's items a peer stored that the stop could not record
 as sent, the sent-study records clinic.db refused at the stop, the serial device rows a stop gave
-up): written whole or not at all - temporary file beside it, fsync, rename, directory fsync, so a
-power cut leaves the old copy or the new one and a full disk leaves the old copy -, read a record
+up): written whole or not at all (uploader.whole_file: a power cut leaves the old copy or the new
+one, a full disk the old copy), read a record
 a line so that one damaged line does not take the others, a damaged file copied aside (said, never
 a crash) as `<name>.damaged-<time>` with only the newest KEEP_ASIDE such copies kept (an SD card must
 not fill with them over years) and left with its readable lines, forgotten once the next start has
 written its records (not before: a start that fails first reads them again).
+
+Each user holds one `UnwrittenRecords` per file from `take()` to `forget()`: what `take()` found
+and could not yet set aside (a full disk) is that instance's, set aside by its `forget()`.
 
 `lastmile doctor` reads the same files (`pending_in`, `set_aside_in`): records waiting for a start,
 and damaged copies set aside.
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from uploader.whole_file import fsync_dir, replace_whole
+
 log = logging.getLogger(__name__)
 
 KEEP_ASIDE = 3  # damaged copies kept of one family of files (the newest): the others are removed
@@ -38,42 +43,15 @@ RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 _T = TypeVar("_T")
 
-# Files found damaged that keep their damaged lines (a full disk: neither copied aside nor rewritten),
-# by path: the name `forget()` sets each aside as. Per process: a start that fails finds them again.
-_DAMAGED_IN_PLACE: dict[Path, Path] = {}
-
-
-def fsync_dir(path: Path) -> None:
-    """A rename or unlink in `path` survives a power cut on the SD card only once this returns."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_whole(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """`path` holds `data` afterwards, or (on an error, raised) what it held before. `mode`: the
-    file's exact permission bits whatever the umask; None: those a new file gets under the umask."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
-        with open(fd, "wb") as f:  # a buffered file writes it all, however many writes it takes
-            if mode is not None:
-                os.fchmod(fd, mode)  # a leftover temporary file keeps its old mode: never trust it
-            f.write(data)
-            f.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
 
 def is_set_aside(path: Path) -> bool:
     return _ASIDE_STAMP.search(path.name) is not None
+
+
+def original_of(aside: Path) -> Path:
+    """The file a set-aside copy was made of (`aside` itself if it is none)."""
+    found = _ASIDE_STAMP.search(aside.name)
+    return aside if found is None else aside.with_name(aside.name[: found.start()])
 
 
 def _aside_order(path: Path) -> tuple[float, int, str]:
@@ -116,7 +94,8 @@ class Taken(Generic[_T]):
 
 
 class UnwrittenRecords:
-    """One file of records a stop could not write (a record a line), for the next start."""
+    """One file of records a stop could not write (a record a line), for the next start. Its user
+    holds one instance from `take()` to `forget()` (see `forget`)."""
 
     def __init__(self, path: Path, *, what: str, family: str | None = None, keep_aside: int = KEEP_ASIDE) -> None:
         """`what`: the records as the log says them ("sent-study records the last stop saved");
@@ -126,6 +105,10 @@ class UnwrittenRecords:
         self.what = what
         self.family = path.name if family is None else family
         self.keep_aside = keep_aside
+        # found damaged by `take()` and kept with its damaged lines (a full disk: neither copied
+        # aside nor rewritten): the name `forget()` sets it aside as. Lost with the process: the
+        # file on disk still holds its damaged lines, and the next start's `take()` finds them again.
+        self._damaged_in_place: Path | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -139,13 +122,13 @@ class UnwrittenRecords:
         if any("\n" in line for line in lines):
             raise ValueError("a record of an unwritten-records file is one line")
         replace_whole(self.path, "".join(f"{line}\n" for line in lines).encode("utf-8"), mode=0o600)
-        _DAMAGED_IN_PLACE.pop(self.path, None)  # its damaged bytes are gone: forgetting it removes it
+        self._damaged_in_place = None  # its damaged bytes are gone: forgetting it removes it
 
     def forget(self) -> None:
         """The records are in their database now: the file goes (raised: OSError but none). One
-        this process found damaged and could not set aside while keeping its readable lines (a
-        full disk) is set aside now - renamed, which needs no space - never deleted."""
-        aside = _DAMAGED_IN_PLACE.pop(self.path, None)
+        this instance's `take()` found damaged and could not set aside while keeping its readable
+        lines (a full disk) is set aside now - renamed, which needs no space - never deleted."""
+        aside, self._damaged_in_place = self._damaged_in_place, None
         if aside is not None:
             if aside.exists():  # taken by another copy since: both kept
                 aside = self._aside_path()
@@ -230,7 +213,7 @@ class UnwrittenRecords:
         """The damaged file moved aside (the old way), then its `readable` lines written again.
         On a full disk that fails: the file is renamed back (no space needed), so that a start
         that fails before writing its records reads them again (`pending_in` skips set-aside
-        files), and `forget()` sets it aside under the name returned."""
+        files), and this instance's `forget()` sets it aside under the name returned."""
         aside = self.set_aside(why, consequence)
         if aside is None or not readable:
             return aside
@@ -250,7 +233,7 @@ class UnwrittenRecords:
                 return aside
             with contextlib.suppress(OSError):
                 fsync_dir(self.path.parent)
-            _DAMAGED_IN_PLACE[self.path] = aside
+            self._damaged_in_place = aside
             log.error(
                 "cannot write the readable lines of %s again (%s): it stays as it was until they are written,"
                 " then is set aside as %s",

@@ -419,6 +419,30 @@ MIGRATIONS = (
     # the id of the last stop's word on a row (serial-rows-behind.jsonl) whose loss the row counted:
     # a start that reads that word again skips it by id, not by clock (a Pi without RTC boots behind)
     Migration.sql("0036_device_lost_word_id", "ALTER TABLE devices ADD COLUMN lost_word_id TEXT;"),
+    # a card (badge) a scanner read as the gateway stopped, whose check-in the stop gave up and the
+    # restart did not find done (lastmile.services.serial_spill.CardGivenUp): which, when, and the
+    # restart that found it (said from then for LOST_SAID_FOR); the id of the stop's record, so a
+    # start that reads it again does not say it anew
+    Migration.sql(
+        "0037_device_card_not_checked_in",
+        "ALTER TABLE devices ADD COLUMN card_kind TEXT;\n"
+        "ALTER TABLE devices ADD COLUMN card_id TEXT;\n"
+        "ALTER TABLE devices ADD COLUMN card_scanned_at TEXT;\n"
+        "ALTER TABLE devices ADD COLUMN card_time_source TEXT;\n"
+        "ALTER TABLE devices ADD COLUMN card_found_at TEXT;\n"
+        "ALTER TABLE devices ADD COLUMN card_word_id TEXT;",
+    ),
+    # Today finds the sent studies of its ECGs by item (ReportStore.studies_of_items) on every
+    # live-panel push: without it a scan of every study ever sent (~10 ms at 30,000 rows on x86,
+    # several times that on a Pi, under clinic.db's lock). One more page written per sent study.
+    # IF NOT EXISTS: a database a lead renumbered this migration on is not refused
+    Migration.sql(
+        "0038_sent_studies_item_index",
+        "CREATE INDEX IF NOT EXISTS sent_studies_item ON sent_studies (outbox_item_id);",
+    ),
+    # when the gateway stored its last reading (last_reading_at is the device's clock, and a cuff's
+    # memory is hours old): what a later error is judged by (last_seen_at is set on connecting too)
+    Migration.sql("0039_device_reading_received_at", "ALTER TABLE devices ADD COLUMN reading_received_at TEXT;"),
 )
 
 

@@ -50,6 +50,28 @@ HELD_AT_STOP = "the gateway was stopping: stored at its next start"
 # itself, as sent ECGs that could not be recorded do (reports.window_days); a week, so that a
 # doctor who looks on any day of it sees it.
 LOST_SAID_FOR = dt.timedelta(days=7)
+# how long a device's fresh error is said on Today, where the doctor measures: a card refused, a
+# report unreadable, while he still waits for it (the Devices page keeps saying it after)
+PROBLEM_SAID_ON_TODAY_FOR = dt.timedelta(minutes=10)
+# What a scanner read, on a row's card not checked in at a stop (DeviceRecord.card_kind)
+CARD_PATIENT = "patient"
+CARD_DOCTOR = "doctor"
+
+
+def end_card_notices(conn: sqlite3.Connection, kind: str | None) -> None:
+    """Inside clinic.db's write transaction of a check-in of `kind` (CARD_PATIENT, CARD_DOCTOR;
+    None: both, the session's end): the cards of that kind a stop did not check in are said no more.
+    The notice warns that the previous patient (doctor) may still be current; once another check-in
+    (typed or scanned) or the session's end changed that, it would only tempt the doctor to scan
+    the old card to clear it - making that patient current over the real one. Every notice of the
+    kind, not only those scanned before `now`: the Pi's clock may be behind after the restart, and
+    the notice is written at the start, before any check-in this clears. Its record's id stays (a
+    start reading it again skips it)."""
+    conn.execute(
+        "UPDATE devices SET card_kind = NULL, card_id = NULL, card_scanned_at = NULL, card_time_source = NULL, "
+        "card_found_at = NULL WHERE card_kind IS NOT NULL AND (? IS NULL OR card_kind = ?)",
+        (kind, kind),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +121,17 @@ class DeviceRecord:
     held_spill_generations: tuple[int | None, int | None] = (None, None)
     # the id of the last stop's word (lastmile.services.serial_spill.RowBehind) whose loss this row counted
     lost_word_id: str = ""
+    # a card (badge) this scanner read as the gateway stopped, whose check-in the stop gave up and the
+    # restart did not find done (`card_not_checked_in`): CARD_PATIENT or CARD_DOCTOR ("": none), the
+    # ID scanned, when (the gateway's clock: `card_time_source`), and the restart that found it
+    card_kind: str = ""
+    card_id: str = ""
+    card_scanned_at: dt.datetime | None = None
+    card_time_source: str = ""
+    card_found_at: dt.datetime | None = None
+    card_word_id: str = ""  # the id of the stop's record said (a start reading it again skips it)
+    # when the gateway stored its last reading (its own clock; last_reading_at is the device's)
+    reading_received_at: dt.datetime | None = None
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
     sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
     advertised_name: str = ""  # what a BLE device calls itself (`name`: the one given at pairing, else this)
@@ -198,6 +231,29 @@ class DeviceRecord:
             return None
         until = self.lost_at + LOST_SAID_FOR
         return until if until > now else None
+
+    def card_said_until(self, now: dt.datetime) -> dt.datetime | None:
+        """Until when the card a stop did not check in is said, as what a stop lost
+        (LOST_SAID_FOR from the restart that found it; None: none, or said long enough)."""
+        if not self.card_kind or self.card_found_at is None:
+            return None
+        until = self.card_found_at + LOST_SAID_FOR
+        return until if until > now else None
+
+    def problem_said_on_today(self, now: dt.datetime) -> bool:
+        """Whether its last error is news for Today (`PROBLEM_SAID_ON_TODAY_FOR`): not yet
+        followed by a reading (a card read well after a refused one), nor, for one unplugged, by
+        its coming back; a held row's error is said by the held words instead."""
+        if not self.last_error or self.last_error_at is None or self.held_cause:
+            return False
+        if now - self.last_error_at > PROBLEM_SAID_ON_TODAY_FOR:
+            return False
+        # by when the gateway got it, not when it was measured: a monitor's clock may be slow, and
+        # a cuff sends a reading from its memory after the failed connection that kept it there
+        received = self.reading_received_at or self.last_reading_at  # a row stored before 0038: as it was
+        if received is not None and received > self.last_error_at:
+            return False
+        return not (self.problem is DeviceProblem.UNPLUGGED and self.connected)
 
     def to_json(self) -> dict:
         out = {}
@@ -366,6 +422,13 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         lost_damage=row["lost_damage"] or "",
         held_spill_generations=(row["held_spill_generation"], row["held_ecg_spill_generation"]),
         lost_word_id=row["lost_word_id"] or "",
+        card_kind=row["card_kind"] or "",
+        card_id=row["card_id"] or "",
+        card_scanned_at=from_iso(row["card_scanned_at"]),
+        card_time_source=row["card_time_source"] or "",
+        card_found_at=from_iso(row["card_found_at"]),
+        card_word_id=row["card_word_id"] or "",
+        reading_received_at=from_iso(row["reading_received_at"]),
         services=parse_services(row["services"]),
         sends_users=bool(row["sends_users"]),
         advertised_name=row["advertised_name"] or "",
@@ -465,6 +528,7 @@ class DeviceRegistry:
         services: Iterable[int] = (),
         sends_users: bool = False,
         battery_level: int | None = None,
+        card: tuple[str, str] | None = None,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`error` with its
         kind `problem`, what the doctor is told: "" clears both; `error_at`: when it happened, if
@@ -476,7 +540,8 @@ class DeviceRegistry:
         say, until given again; `services` are added to those seen before: a later advertisement
         names fewer than the connection found; `sends_users`: a reading named its user, for good;
         `advertised_name`: what a BLE device calls itself, never over the name given at pairing;
-        `battery_level`: the percentage it reported now)."""
+        `battery_level`: the percentage it reported now; `card`: the card (kind, ID) a scanner has
+        just checked in - the one a stop did not check in is no longer said if it is that one)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -501,6 +566,7 @@ class DeviceRegistry:
         if reading is not None:
             sets["last_reading"] = reading
             sets["last_reading_at"] = iso(reading_at or now)
+            sets["reading_received_at"] = iso(now)
         if name:
             sets["name"] = name
         if advertised_name:
@@ -515,6 +581,12 @@ class DeviceRegistry:
                 sets["services"] = services_text({*services, *self._services(conn, address)})
             assignments = ", ".join(f"{k} = ?" for k in sets)
             conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
+            if card is not None:  # scanned again: done (its record's id stays, so a start reading it skips it)
+                conn.execute(
+                    "UPDATE devices SET card_kind = NULL, card_id = NULL, card_scanned_at = NULL, "
+                    "card_time_source = NULL, card_found_at = NULL WHERE address = ? AND card_kind = ? AND card_id = ?",
+                    (address, *card),
+                )
 
     def clear_error(self, address: str, problem: DeviceProblem, *, now: dt.datetime) -> None:
         """Clear the row's error if it is still one of kind `problem` (a later one, unplugged ...,
@@ -589,6 +661,30 @@ class DeviceRegistry:
             conn.execute(
                 "UPDATE devices SET lost_word_id = ?, updated_at = ? WHERE address = ?",
                 (word_id, iso(now), normalise_address(address)),
+            )
+
+    def card_not_checked_in(
+        self,
+        address: str,
+        kind: str,
+        card_id: str,
+        *,
+        scanned_at: dt.datetime,
+        time_source: str,
+        word_id: str,
+        now: dt.datetime,
+    ) -> None:
+        """A card (`kind`: CARD_PATIENT, CARD_DOCTOR) the scanner at `address` read at `scanned_at`
+        as the gateway stopped was not checked in, found at the restart `now`: said from now for
+        LOST_SAID_FOR (over one said before: the newest is the one to scan again). `word_id`: the
+        stop's record it comes from, in the same write (a start reading it again skips it)."""
+        address = normalise_address(address)
+        with transaction(self.db) as conn:
+            self._ensure(conn, address, "serial", now)
+            conn.execute(
+                "UPDATE devices SET card_kind = ?, card_id = ?, card_scanned_at = ?, card_time_source = ?, "
+                "card_found_at = ?, card_word_id = ?, updated_at = ? WHERE address = ?",
+                (kind, card_id, iso(scanned_at), time_source, iso(now), word_id, iso(now), address),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

@@ -25,6 +25,7 @@ import sqlite_utils
 
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT, end_card_notices
 from lastmile.clinic.names import has_ideographs, no_name, same_person_name
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ NAME_INHERITED = "patient-name-inherited"
 # `rename_devices` False): no name said for the ID (`_said_names` skips it), so it names him and
 # his device users no longer than the session does
 NAME_CORRECTED_SESSION_ONLY = "patient-name-corrected-session-only"
+# the session log's event of a patient's check-in ended by a scanned card of another patient
+# (`check_in` with `by_card`): the acquire service cannot say it on the doctor's page, so Today
+# reads it here (`ended_by_card`); detail: the ended check-in as JSON (`EndedByCard`)
+ENDED_BY_CARD = "patient-ended-by-card"
 
 
 class SameName(enum.Enum):
@@ -91,6 +96,17 @@ class CurrentPatient:
     reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
     # the IDs the doctor said are his other IDs in this session (`OTHER_ID`), never patient_id
     linked: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class EndedByCard:
+    """A check-in a scanned card ended (`ENDED_BY_CARD`): who he was, as his session had him, and when."""
+
+    patient_id: str
+    name: str
+    stat: bool
+    reason: str
+    at: dt.datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +158,12 @@ class PatientContext:
         stat: bool | None = None,
         reason: str = "",
         wait_past_stop: bool = False,
+        by_card: bool = False,
     ) -> CurrentPatient:
-        """`check_in` (see it for `stat`, `reason` and `wait_past_stop`): the patient current after it."""
-        return self.check_in(patient_id, name, now=now, stat=stat, reason=reason, wait_past_stop=wait_past_stop).after
+        """`check_in` (see it for `stat`, `reason`, `wait_past_stop` and `by_card`): the patient current after it."""
+        return self.check_in(
+            patient_id, name, now=now, stat=stat, reason=reason, wait_past_stop=wait_past_stop, by_card=by_card
+        ).after
 
     def check_in(
         self,
@@ -160,6 +179,7 @@ class PatientContext:
         clear_reason: bool = False,
         same_name: SameName | None = None,
         wait_past_stop: bool = False,
+        by_card: bool = False,
     ) -> CheckedIn:
         """Make `patient_id` current (setting the same patient again keeps their session's start).
         For the patient already current, what is not given stays as the session has it: an empty
@@ -183,7 +203,9 @@ class PatientContext:
         or kept by a session going on is no news, and never renews itself past NAME_KEPT.
         `wait_past_stop`: the write waits for another process's lock as if the service were not
         stopping (`sqlite_store.transaction`): a scanned card given up at a stop would leave the
-        previous patient current after the restart, and the next readings on him."""
+        previous patient current after the restart, and the next readings on him.
+        `by_card`: a scanned card checks the patient in (the acquire service): another patient's
+        check-in it ends is logged (`ENDED_BY_CARD`) for Today to say, as a typed one says it."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -200,6 +222,7 @@ class PatientContext:
             if doctor_id.strip():
                 doctor, doctor_since = doctor_id.strip(), iso(now)
                 self._log(conn, now, "doctor-set", None, doctor)
+                end_card_notices(conn, CARD_DOCTOR)
             replaced = row["patient_id"] if row and row["patient_id"] != patient_id else None
             event = _replaced_event(row, name, same_name) if row and replaced else ""
             # the same patient goes on (checked in again, his mistyped ID corrected, or under his
@@ -219,6 +242,9 @@ class PatientContext:
                 name = inherited = self._checked_in_names(now).get(patient_id, "")
             if event:
                 self._log(conn, now, event, replaced, doctor)
+            if by_card and row is not None and replaced and going_on is None:
+                ended = {"name": row["patient_name"] or "", "stat": bool(row["stat"]), "reason": row["reason"] or ""}
+                self._log(conn, now, ENDED_BY_CARD, replaced, doctor, json.dumps(ended, ensure_ascii=False))
             # his other IDs go on with his session, on its row (the log is pruned past NAME_KEPT): a
             # correction keeps them (the typo itself is not one); another patient starts with none
             linked = set(_linked_of(going_on)) if going_on is not None else set()
@@ -249,6 +275,7 @@ class PatientContext:
             )
             # the name as said at check-in, so a later mapping or assignment of this ID can name it
             self._log(conn, now, "patient-set", patient_id, doctor, said)
+            end_card_notices(conn, CARD_PATIENT)  # whoever was current before: not now
             if inherited:
                 self._log(conn, now, NAME_INHERITED, patient_id, doctor, inherited)
             after = self._current_of(conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone())
@@ -277,6 +304,7 @@ class PatientContext:
                 (_ROW, doctor_id, iso(now), iso(now)),
             )
             self._log(conn, now, "doctor-set", None, doctor_id)
+            end_card_notices(conn, CARD_DOCTOR)
 
     def touch(self, *, now: dt.datetime) -> bool:
         """Activity in the session: the idle timer starts again. False if nothing was current."""
@@ -501,11 +529,53 @@ class PatientContext:
             names[row["patient_id"]] = "" if row["event"] == CORRECTED else row["detail"] or ""
         return names, inherited
 
+    def ended_by_card(self, current: CurrentPatient) -> EndedByCard | None:
+        """The check-in a scanned card ended when it began `current`'s session (None: it ended
+        none, or `current` was not begun by a card): said on Today for as long as his session lasts."""
+        row = self.db.conn.execute(
+            "SELECT at, patient_id, detail FROM session_log WHERE event = ? AND at >= ? ORDER BY id DESC LIMIT 1",
+            (ENDED_BY_CARD, iso(current.since)),
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            ended = json.loads(row["detail"] or "{}")
+        except ValueError:  # a log line this version cannot read: no news rather than no page
+            return None
+        return EndedByCard(
+            row["patient_id"] or "",
+            str(ended.get("name") or ""),
+            bool(ended.get("stat")),
+            str(ended.get("reason") or ""),
+            _t(row["at"]),
+        )
+
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
         if row is None or self._expired(row, now):
             return None
         return row["doctor_id"] or None
+
+    def scan_written(self, *, patient_id: str = "", doctor_id: str = "", at: str) -> bool:
+        """Whether the check-in of `patient_id` (the doctor `doctor_id`) made at `at` (its `iso`
+        time, the caller's `now`) is in clinic.db: its session log line, written in the same
+        transaction. For a card whose write a stop gave up: the process may have finished it before
+        it exited. Any log line naming the ID at or after `at` says it was current then (its check-in,
+        its session's idle end: written when found, however late). The log keeps NAME_KEPT, and a
+        write after a long stop prunes the check-in's line: the session row says it too - its patient
+        (doctor) is the one scanned, or was set at or after `at` (a later check-in made the card moot)."""
+        column, value = ("patient_id", patient_id.strip()) if patient_id else ("doctor_id", doctor_id.strip())
+        row = self.db.conn.execute(
+            f"SELECT 1 FROM session_log WHERE at >= ? AND {column} = ? LIMIT 1", (at, value)
+        ).fetchone()
+        if row is not None:
+            return True
+        session = self._row()  # as written, idle or not: what the stop's process left
+        if session is None or not session[column]:
+            return False
+        since = from_iso(session["patient_since" if patient_id else "doctor_since"])
+        scanned_at = from_iso(at)
+        return session[column] == value or (since is not None and scanned_at is not None and since >= scanned_at)
 
     def history(self, limit: int = 20) -> list[dict]:
         rows = self.db.conn.execute(
@@ -541,6 +611,7 @@ class PatientContext:
                 )
                 log.info("clinic session expired after %.0f s idle", self.idle_timeout.total_seconds())
             conn.execute("DELETE FROM session WHERE id = ?", (_ROW,))
+            end_card_notices(conn, None)  # nobody the stop left current is current now
             return None
         return row
 

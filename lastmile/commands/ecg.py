@@ -382,7 +382,7 @@ class ForwardHold:
 
 def _forward_would_hold(recording: EcgRecording, config: Config, checked_in: CheckedIn, now: float) -> ForwardHold:
     from lastmile.commands.common import quality_lines
-    from lastmile.ecg.holds import NAME_MISMATCH, PATIENT_MISMATCH, QUALITY_HOLD, UNASSIGNED_HOLD
+    from lastmile.ecg.holds import ID_CONFLICT, NAME_MISMATCH, PATIENT_MISMATCH, QUALITY_HOLD, UNASSIGNED_HOLD
     from lastmile.ecg.intake import PATIENT_ID_REFUSED, hold_for, quality_hold_until, quality_of
     from lastmile.reports.report_text import display_name
 
@@ -417,6 +417,12 @@ def _forward_would_hold(recording: EcgRecording, config: Config, checked_in: Che
                 f"{patient.patient_id} is checked in as {display_name(checked_in.name)}: another person's ECG, or "
                 "the cart kept the previous patient's name; the gateway would hold it for the doctor to say "
                 "whose it is; ask him, then give --patient-id and --patient-name with his answer"
+            )
+        elif reason == ID_CONFLICT and patient is not None:
+            lines.append(
+                f"the file gives sex {patient.sex or '-'}, born {patient.birth_date or '-'}, which its resident ID "
+                f"{patient.patient_id} contradicts (often the previous patient's details left in the cart): the "
+                "gateway would hold it for the doctor to say which is right; ask him before sending it"
             )
         elif reason == QUALITY_HOLD:
             lines.append(

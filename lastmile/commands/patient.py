@@ -248,13 +248,13 @@ def _whose_id(checked_in: str, args: argparse.Namespace) -> str:
         ("other-id", "同一人的另一个号码，两个都保留姓名", "the same patient's other ID: both keep the name"),
         (
             "another-person",
-            f"另一位同名的患者，结束 {checked_in} 的检查",
+            f"另一位同名的患者，结束 {checked_in} 的就诊",
             f"another patient of the same name: {checked_in}'s check-in ends",
         ),
     )
     return "\n".join(
         [
-            f"lastmile patient set: {checked_in} 以相同姓名检查中。{patient_id} 是哪种？请问医生，然后运行对应的命令：",
+            f"lastmile patient set: 同名患者已用 {checked_in} 登记就诊。{patient_id} 是哪种？请问医生，然后运行对应的命令：",
             f"lastmile patient set: {checked_in} is checked in under the same name. Which is {patient_id}? "
             "Ask the doctor, then run the command for the answer:",
         ]
@@ -306,7 +306,7 @@ def _answer_without_about(answer) -> str:  # answer: SameName | None
     if answer is None:
         zh, en = "--about 只与 --corrected、--other-id 或 --another-person 一起用", "--about goes with an answer"
     else:
-        zh = f"--{answer.value} 须用 --about 指明回答的是哪位病人"
+        zh = f"--{answer.value} 须用 --about 指明回答的是哪位患者"
         en = f"--{answer.value} must name the checked-in patient it answers about (--about ID)"
     return (
         f"lastmile patient set: {zh}：请运行问题中打印的命令\n"
@@ -320,7 +320,7 @@ def _no_question(flag: str, seen, patient_id: str) -> str:  # flag: the answer g
     from lastmile.reports.report_text import display_name
 
     return (
-        f"lastmile patient set: {flag} 无需回答：当前病人 {seen.patient_id} 的姓名不同；{patient_id} 未登记，"
+        f"lastmile patient set: {flag} 无需回答：当前患者 {seen.patient_id} 的姓名不同；{patient_id} 未登记，"
         f"请去掉 {flag} 后重新运行\n"
         f"lastmile patient set: {flag} answers no question: {seen.patient_id} {display_name(seen.name) or '(no name)'} is "
         f"checked in under another name; {patient_id} was not checked in: run the command again without {flag}"
@@ -340,7 +340,7 @@ def _changed_meanwhile(expected: str, now_current: str, patient_id: str, given: 
         )
     )
     return (
-        f"lastmile patient set: 在此期间当前病人已变更（现在是 {now_current or '无人'}，"
+        f"lastmile patient set: 在此期间当前患者已变更（现在是 {now_current or '无人'}，"
         f"不是 {expected or '无人'}）；{patient_id} 未登记，{zh_again}\n"
         f"lastmile patient set: the current patient changed meanwhile: {now_current or 'nobody'} is checked "
         f"in now, not {expected or 'nobody'}; {patient_id} was not checked in: {en_again} "
@@ -570,6 +570,12 @@ def _show(args: argparse.Namespace) -> int:
             why = {
                 "unassigned": "names no patient",
                 "re-record": "quality check says record again",
+                "patient-id-conflict": (
+                    f"gives sex {(item.patient or {}).get('sex') or '-'}, born {(item.patient or {}).get('birth_date') or '-'}, "
+                    f"but ID {_held_patient_id(item) or '?'} says {item.meta.get('id_sex') or '-'}, "
+                    f"born {item.meta.get('id_birth_date') or '-'}: the previous patient's details? "
+                    f"(assign E{item.id} to that ID to send the ID's)"
+                ),
                 "name-mismatch": (
                     f"names {_held_patient_id(item) or '?'} as {item.meta.get('file_patient_name', '?')}, "
                     f"checked in as {_checked_in_as(_names_of_held(item, known))}: whose is it?"

@@ -48,7 +48,7 @@ def _acquire(args: argparse.Namespace) -> int:
     from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("acquire", load_config=lambda: config_from_args(args))
-    return runtime.run(lambda config: AcquireService.start(config, stop=runtime.stop_event))
+    return runtime.run(lambda config: AcquireService.start(config, stop=runtime.stop_event, alive=runtime.alive))
 
 
 def _metrics(args: argparse.Namespace) -> int:

@@ -100,7 +100,7 @@ def _status(args: argparse.Namespace) -> int:
     if state.installing:  # a round is writing the other slot (or was, when the power went)
         started = clinic_time(dt.datetime.fromtimestamp(float(state.installing.get("at", 0)), dt.timezone.utc))
         print(f"installing: version {state.installing.get('version')} into slot {state.installing.get('slot') or '?'}")
-        print(f"  正在安装新版本（检查照常进行）; started {started}")
+        print(f"  正在安装新版本 {state.installing.get('version')}（测量照常进行）; started {started}")
     if state.installed:
         waiting = " (waiting to reboot into it)" if reboot_pending(state) else ""
         print(f"installed: version {state.installed.get('version')}{waiting}")

@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import sqlite3
 import time
@@ -60,6 +61,7 @@ from lastmile.console.sources import (
     ConsoleInputError,
     CountyLink,
     EcgAssigned,
+    EcgAssignFailed,
     county_row,
     person_name,
     row_number,
@@ -448,13 +450,19 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs were not saved yet when the gateway stopped: they are kept and saved when the gateway starts "
             "again. Nothing to record again."
         ),
+        # in memory only at a stop: the row says so from the stop's last try, after which nothing
+        # stores them (the process ends), until the next start counts them lost - lost, not "may be"
         "memory-only-at-stop": N_(
-            "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "Readings were not saved yet when the gateway stopped, and were not kept on the SD card: they are "
             "lost. Nothing is broken. Measure again if the patient is still here."
         ),
         "memory-only-ecgs-at-stop": N_(
-            "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they may be "
+            "ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they are "
             "lost. Nothing is broken. Record the ECG again if the patient is still here."
+        ),
+        "memory-only-readings-and-ecgs-at-stop": N_(
+            "Readings and ECGs were not saved yet when the gateway stopped, and were not kept on the SD card: they "
+            "are lost. Nothing is broken. Measure again and record the ECG again if the patient is still here."
         ),
         # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
         # again and found them gone, %(time)s when this stops showing
@@ -468,11 +476,22 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "again, %(since)s): they were waiting for storage space and not saved yet. Record the ECG again if "
             "the patient is still here, and tell the county IT. This shows until %(time)s."
         ),
+        "lost-readings-and-ecgs": N_(
+            "Some readings and ECGs were lost when the gateway was switched off or lost its power (found when it "
+            "started again, %(since)s): they were waiting for storage space and not saved yet. Measure again and "
+            "record the ECG again if the patient is still here, and tell the county IT. This shows until %(time)s."
+        ),
         # the same, lost while they waited for another cause than space (the data store locked, damaged)
         "lost-readings-not-stored": N_(
             "Some readings were lost when the gateway was switched off or lost its power (found when it started "
             "again, %(since)s): the gateway could not save its data then (not for want of space). Measure again if "
             "the patient is still here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-readings-and-ecgs-not-stored": N_(
+            "Some readings and ECGs were lost when the gateway was switched off or lost its power (found when it "
+            "started again, %(since)s): the gateway could not save its data then (not for want of space). Measure "
+            "again and record the ECG again if the patient is still here, and call the county IT. This shows until "
+            "%(time)s."
         ),
         # held at a stop in memory only (doctor.LOST_AT_STOP, LOST_ECGS_AT_STOP), gone with it: nothing is broken, the
         # county IT can bring nothing back; %(what)s how many, %(subject)s which device
@@ -486,6 +505,21 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "yet (found when it started again, %(since)s). Nothing is broken. Record the ECG again if the patient "
             "is still here. This shows until %(time)s."
         ),
+        # a card (a doctor's badge) scanned as the gateway stopped, whose check-in the stop gave up
+        # (doctor.CARD_NOT_CHECKED_IN, BADGE_NOT_TAKEN); %(since)s when it was scanned: Today names it
+        "card-not-checked-in": N_(
+            "A patient card scanned as the gateway stopped (%(since)s) was not checked in: Today says which. "
+            "If the patient is still here, scan the card again. This shows until %(time)s."
+        ),
+        "badge-not-taken": N_(
+            "A doctor's badge scanned as the gateway stopped (%(since)s) did not take effect: Today says whose. "
+            "If that doctor is on duty, scan the badge again. This shows until %(time)s."
+        ),
+        "lost-readings-and-ecgs-at-stop": N_(
+            "Lost: %(what)s from %(subject)s. They were taken just before the gateway stopped and were not saved "
+            "yet (found when it started again, %(since)s). Nothing is broken. Measure again and record the ECG again "
+            "if the patient is still here. This shows until %(time)s."
+        ),
         # kept on the SD card, and the file holding them did not give them back at the restart (damaged)
         "lost-readings-damaged-file": N_(
             "Some readings saved on the SD card could not be read back when the gateway started again "
@@ -496,6 +530,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Some ECGs saved on the SD card could not be read back when the gateway started again (%(since)s): "
             "the file holding them is damaged or missing, so they are lost. Record the ECG again if the patient is still "
             "here, and call the county IT. This shows until %(time)s."
+        ),
+        "lost-readings-and-ecgs-damaged-file": N_(
+            "Some readings and ECGs saved on the SD card could not be read back when the gateway started again "
+            "(%(since)s): the file holding them is damaged or missing, so they are lost. Measure again and record "
+            "the ECG again if the patient is still here, and call the county IT. This shows until %(time)s."
         ),
         "lost-ecgs-not-stored": N_(
             "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
@@ -670,6 +709,23 @@ UNIT_DISPLAY = {" mm[Hg]": "mmHg", " Cel": "°C", " [degF]": "°F", " [lb_av]": 
 VALUE_SEPARATOR = N_(", ")
 
 
+# a value the device sent as none (`devices.observation.Quantity.special`, as `summary` writes it:
+# "(nres)"; "--" on a monitor's report, a BLE SFLOAT's NaN or NRes), said as the doctor reads it
+NO_VALUE = re.compile(r"\((?:nres|nan|\+inf|-inf|reserved)\)")
+NO_RESULT = N_("no result")
+
+
+def _no_value_worded(part: str, localizer: Localizer) -> str:
+    """One value of a summary with the device's "no value" in words; with no number left, its unit
+    goes too (血压 无结果/无结果, not 无结果/无结果 mmHg)."""
+    if not NO_VALUE.search(part):
+        return part
+    worded = NO_VALUE.sub(localizer.gettext(NO_RESULT), part)
+    if not any(c.isdigit() for c in worded) and " " in worded:
+        worded = worded.rsplit(" ", 1)[0]
+    return worded
+
+
 def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
     """A reading's summary (`lastmile.clinic.observations.summary`) in the page's words. Shown after
     its kind's name (`kind`), the quantity named as the kind is not named again: 体温 37.2 °C, not
@@ -677,6 +733,7 @@ def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
     parts = summary.split(SUMMARY_SEPARATOR)
     if kind:
         parts = [part.removeprefix(kind + " ") for part in parts]
+    parts = [_no_value_worded(part, localizer) for part in parts]
     summary = localizer.gettext(VALUE_SEPARATOR).join(parts)
     for code in sorted(QUANTITY_LABELS, key=len, reverse=True):
         summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")
@@ -898,9 +955,10 @@ async def today_model(request: Request, ctx: Context) -> dict[str, Any]:
     ecg = model.get("ecg")
     model["analysis"] = None
     model["analysis_pending"] = False
-    if ecg is not None and ecg.payload_available and state.analyses is not None:
+    if ecg is not None and state.analyses is not None:
+        # purged once the county confirmed it: the preview made before is still shown (in memory)
         analysis = state.analyses.result(ecg.sha256)
-        if analysis is None:
+        if analysis is None and ecg.payload_available:
             item_id = ecg.item_id
             state.analyses.request(ecg.sha256, lambda: state.run_db(state.data.ecg_payload, item_id))
             model["analysis_pending"] = True
@@ -1154,10 +1212,19 @@ def assigned_to(patient: Patient, *, waits_for_quality: bool = False) -> Done:
     return "assigned", {"patient_id": patient.patient_id, "name": patient.name, "re_record": waits_for_quality}
 
 
+def assign_failed(exc: EcgAssignFailed) -> Done:
+    """What Today says when a held ECG's assign could not be done: try again; failed on it before
+    (a worker that fails every time), whom to call too."""
+    return ("assign-failed", {"again": True}) if exc.again else "assign-failed"
+
+
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
         data = state_of(request).data
-        assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        try:
+            assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
+        except EcgAssignFailed as exc:
+            return assign_failed(exc)  # still held: not "too late", which would make him stop trying
         if assigned is None:
             return "too-late"
         return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
@@ -1210,12 +1277,16 @@ def held_for_name_answer(
 ) -> Handler:
     """The doctor's answer on an ECG held for its name (/today/ecg/N/...): `decide` (the user, the
     ECG, now) does it, Today says `said` of what it did; "too-late" when the ECG is no longer held
-    for its name (sent already, or decided on another screen)."""
+    for its name (sent already, or decided on another screen); "assign-failed" when it could not be
+    done and still waits."""
 
     async def answer(request: Request) -> Response:
         def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
             item_id = path_number(request, "item_id")  # after the login and CSRF checks
-            assigned = decide(state_of(request).data, ctx.user, item_id, now)
+            try:
+                assigned = decide(state_of(request).data, ctx.user, item_id, now)
+            except EcgAssignFailed as exc:
+                return assign_failed(exc)
             return "too-late" if assigned is None else said(assigned)
 
         return await today_action(request, action)
@@ -1233,6 +1304,11 @@ ecg_is_checked_in_patients = held_for_name_answer(
 ecg_name_right = held_for_name_answer(
     lambda data, user, item_id, now: data.ecg_name_right(user, item_id, now=now),
     lambda assigned: ("name-corrected", {"re_record": assigned.waits_for_quality}),
+)
+# "the ID number is right": its sex and birth date go instead of the ECG file's
+ecg_with_id_values = held_for_name_answer(
+    lambda data, user, item_id, now: data.ecg_with_id_values(user, item_id, now=now),
+    lambda assigned: assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality),
 )
 
 
@@ -1570,6 +1646,7 @@ def routes() -> list[Route | Mount]:
         *form("/today/ecg/{item_id:int}/send-anyway", send_anyway, "/today"),
         *form("/today/ecg/{item_id:int}/checked-in-name", ecg_is_checked_in_patients, "/today"),
         *form("/today/ecg/{item_id:int}/name-right", ecg_name_right, "/today"),
+        *form("/today/ecg/{item_id:int}/id-values", ecg_with_id_values, "/today"),
         Route("/ecg/{item_id:int}/preview.svg", ecg_preview),
         Route("/events", events),
         Route("/sent", sent_page),

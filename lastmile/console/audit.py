@@ -36,6 +36,7 @@ ACTIONS: dict[str, str] = {
     "send-anyway": N_("sent an ECG as it is"),
     "ecg-checked-in-name": N_("sent an ECG under the check-in's name"),
     "ecg-name-right": N_("corrected a check-in's name to the ECG's"),
+    "ecg-id-values": N_("sent an ECG with the sex and birth date of its ID number"),
     "re-record": N_("had an ECG recorded again"),
     "acknowledge-report": N_("confirmed seeing a critical result"),
     "acknowledge-report-again": N_("confirmed seeing a critical result again"),

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from uploader.unwritten_records import replace_whole
+from uploader.whole_file import replace_whole
 
 log = logging.getLogger(__name__)
 

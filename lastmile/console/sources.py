@@ -47,13 +47,13 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patient_ids import clinic_patient
-from lastmile.clinic.patients import CurrentPatient, PatientChanged, PatientContext, SameName
+from lastmile.clinic.patients import CurrentPatient, EndedByCard, PatientChanged, PatientContext, SameName
 from lastmile.config import Config, fhir_naming
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, NAME_MISMATCH, ecgs_waiting, re_recorded
+from lastmile.ecg.holds import DOCTOR_HOLDS, ID_CONFLICT, NAME_MISMATCH, ecgs_waiting, re_recorded
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -107,6 +107,16 @@ class ConsoleInputError(ValueError):
         self.values = values
 
 
+class EcgAssignFailed(Exception):
+    """The assign of a held ECG could not be done (its worker crashed, timed out or could not
+    start) and the ECG is still held: the doctor is told to try again, not that it was sent.
+    `again`: it failed on this ECG before (a worker that fails every time: he is told whom to call)."""
+
+    def __init__(self, message: str, *, again: bool = False) -> None:
+        super().__init__(message)
+        self.again = again
+
+
 _ID_PROBLEMS = {
     "length": N_("A resident ID has 18 characters: 17 digits and a check character (0-9 or X). Check the number."),
     "check-character": N_(
@@ -129,6 +139,8 @@ class SessionView:
     stat: bool = False
     reason: str = ""
     other_ids: frozenset[str] = frozenset()  # those the doctor said are his other IDs (`patient_ids`)
+    # the check-in a scanned card ended to begin this one (the acquire service's: said on Today)
+    ended_by_card: EndedByCard | None = None
 
     @property
     def patient_ids(self) -> frozenset[str]:
@@ -216,6 +228,7 @@ class ReadingView:
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
     patient_id: str = ""  # stored: the ID it was filed under (Today's, of a patient with other IDs)
+    device_model: str = ""  # its maker and model, without the port or address `device` ends with
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +480,7 @@ class HeldEcg:
     # the outbox item's hold reason, one of lastmile.ecg.holds.DOCTOR_HOLDS: "unassigned",
     # "patient-mismatch" (its file names another patient), "re-record" (quality) or
     # "name-mismatch" (the checked-in patient's ID under another name: `patient_name` is the file's)
+    # or "patient-id-conflict" (its file's sex or birth date are not what its resident ID says)
     reason: str
     hold_until: dt.datetime
     device: str = ""
@@ -482,6 +496,11 @@ class HeldEcg:
     # that name taken by a check-in with no name (a card; `PatientContext.inherited_ids`), not typed
     # at it: Today says where it came from, and "the ECG's name is right" renames no device user
     checked_in_name_taken: bool = False
+    # held "patient-id-conflict": the sex ("M"/"F") and birth date (ISO) its file gives, and its ID's
+    file_sex: str = ""
+    file_birth_date: str = ""
+    id_sex: str = ""
+    id_birth_date: str = ""
 
     @property
     def names_someone(self) -> bool:
@@ -526,7 +545,8 @@ class HeldEcgSource(Protocol):
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]: ...
 
     def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> EcgAssigned | None:
-        """What the assign did; None when the ECG was no longer held (sent already)."""
+        """What the assign did; None when the ECG was no longer held (sent already);
+        EcgAssignFailed when it could not be done and the ECG is still held."""
         ...
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool: ...
@@ -726,6 +746,9 @@ def _reading_view(obs: Observation) -> ReadingView:
         obs.measured_at,
         obs.time_source.value,
         obs.flags,
+        # Today names a serial device by its port's settings name (`views.device_names_by_port`)
+        device_address=obs.device.address or "",
+        device_model=" ".join(p for p in (obs.device.manufacturer, obs.device.model) if p),
     )
 
 
@@ -780,7 +803,8 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return None
-        return _session_view(current)  # with his other IDs the doctor linked: on the session's row
+        # with his other IDs the doctor linked (on the session's row), and whom his card replaced
+        return replace(_session_view(current), ended_by_card=self.context.ended_by_card(current))
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""
@@ -1092,27 +1116,42 @@ class ClinicData:
         nobody checked in, the one stored last (the panel says whose, or that it has none)."""
         # the outbox's indexed newest-first query: no ECG in the window reads no old rows
         since = (now - within).timestamp()
+        items = self.outbox.newest(Kind.DICOM, since=since, limit=1 if session is None else RECENT_ECG_ITEMS)
+        sent = self._sent_studies_of_purged(items)
         if session is None:
-            newest = self.outbox.newest(Kind.DICOM, since=since, limit=1)
-            return self._ecg_of(newest[0]) if newest else None
-        for item in self.outbox.newest(Kind.DICOM, since=since, limit=RECENT_ECG_ITEMS):
-            if (item.patient or {}).get("patient_id") in session.patient_ids:
-                return self._ecg_of(item)
+            return self._ecg_of(items[0], sent.get(items[0].id)) if items else None
+        for item in items:
+            if self._ecg_patient_id(item, sent.get(item.id)) in session.patient_ids:
+                return self._ecg_of(item, sent.get(item.id))
         return None
+
+    def _sent_studies_of_purged(self, items: Sequence[OutboxItem]) -> dict[int, SentStudy]:
+        """The sent-study records of the purged ones of `items`, by item id. The purge erases an
+        item's patient with its payload once the county confirmed it (seconds on a good link, with
+        no retention): whose ECG it was is then what sent_studies recorded when it went. None read
+        when none is purged."""
+        return self.report_store.studies_of_items([i for i in items if i.state == ItemState.PURGED])
+
+    @staticmethod
+    def _ecg_patient_id(item: OutboxItem, study: SentStudy | None) -> str:
+        return str((item.patient or {}).get("patient_id") or (study.patient_id if study else ""))
 
     def ecg(self, item_id: int) -> EcgItemView | None:
         item = self.outbox.get(item_id)
-        return None if item is None or item.kind != Kind.DICOM else self._ecg_of(item)
+        if item is None or item.kind != Kind.DICOM:
+            return None
+        return self._ecg_of(item, self._sent_studies_of_purged([item]).get(item.id))
 
-    def _ecg_of(self, item: OutboxItem) -> EcgItemView:
+    def _ecg_of(self, item: OutboxItem, study: SentStudy | None = None) -> EcgItemView:
+        """`study`: its sent-study record, for a purged item (its patient and meta erased)."""
         patient = item.patient or {}
         quality = item.meta.get("quality")
         return EcgItemView(
             item_id=item.id,
             sha256=item.sha256,
-            recorded_at=recorded_at(item),
-            patient_id=str(patient.get("patient_id") or ""),
-            patient_name=str(patient.get("name") or ""),
+            recorded_at=recorded_at(item, study),
+            patient_id=self._ecg_patient_id(item, study),
+            patient_name=str(patient.get("name") or (study.patient_name if study else "")),
             state=item.state.value,
             stat=item.priority == 0,
             flags=tuple(item.meta.get("flags") or ()),
@@ -1163,9 +1202,15 @@ class ClinicData:
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> EcgAssigned | None:
         """Give the held ECG to the patient typed (named as check-in named them, if it is the
         patient checked in; the assign keeps what its own file gives with that ID): what it did,
-        for the page to say whose it now is, or None if it was no longer held (sent already)."""
+        for the page to say whose it now is, or None if it was no longer held (sent already);
+        EcgAssignFailed if it could not be done and is still held."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
-        assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        try:
+            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        except EcgAssignFailed:
+            detail = {"item": item_id, "done": False, "failed": True}
+            self.audit.record(user, "assign-ecg", now=now, target=patient.patient_id, detail=detail)
+            raise
         self.audit.record(
             user,
             "assign-ecg",
@@ -1188,17 +1233,47 @@ class ClinicData:
         on another screen)."""
         held = self._held_for_name(item_id, now)
         assigned = None
-        if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
-            try:  # a resident ID gives his birth date and sex
-                patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
-            except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
-                patient = Patient(held.patient_id, held.checked_in_name)
+        failed = False
+        try:
+            if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
+                try:  # a resident ID gives his birth date and sex
+                    patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
+                except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
+                    patient = Patient(held.patient_id, held.checked_in_name)
+                try:
+                    assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+                except EcgAssignFailed:
+                    failed = True
+                    raise
+        finally:  # the answer that failed is audited too
+            self.audit.record(
+                user,
+                "ecg-checked-in-name",
+                now=now,
+                target=held.patient_id if held else str(item_id),
+                detail={"item": item_id, "done": assigned is not None} | ({"failed": True} if failed else {}),
+            )
+        return assigned
+
+    def ecg_with_id_values(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
+        """The doctor's "it is his: the ID is right" on an ECG whose file's sex or birth date its
+        resident ID contradicts: it goes under its ID and name with the sex and birth date the ID
+        says (`lastmile.ecg.intake.as_on_file`). None: no longer held for that (sent already, or
+        decided on another screen)."""
+        found = [h for h in self._held_now(now) if h.item_id == item_id and h.reason == ID_CONFLICT]
+        assigned = None
+        if found:
+            held = found[0]
+            try:  # the ID gives his birth date and sex
+                patient = clinic_patient(held.patient_id, held.patient_name, self.config)
+            except InvalidPatientIdError:  # no longer a valid ID under this configuration: what intake kept of it
+                patient = Patient(held.patient_id, held.patient_name)
             assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
             user,
-            "ecg-checked-in-name",
+            "ecg-id-values",
             now=now,
-            target=held.patient_id if held else str(item_id),
+            target=found[0].patient_id if found else str(item_id),
             detail={"item": item_id, "done": assigned is not None},
         )
         return assigned
@@ -1215,34 +1290,42 @@ class ClinicData:
         name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
         held = self._held_for_name(item_id, now)
         assigned = None
+        failed = False
         released: list[int] = []
-        if held is not None and held.names_someone:
-            assigned = self.held_ecg_source.assign(
-                item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
+        try:
+            if held is not None and held.names_someone:
+                try:
+                    assigned = self.held_ecg_source.assign(
+                        item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
+                    )
+                except EcgAssignFailed:
+                    failed = True
+                    raise
+                if assigned is not None:
+                    # no device user renamed for a name taken, nor for an ID the session knows no name
+                    # of now (cleared: nobody said whose his cuff is)
+                    named_now = bool(self.context.known_name(held.patient_id, now))
+                    self.context.correct_name(
+                        held.patient_id,
+                        held.patient_name,
+                        now=now,
+                        rename_devices=named_now and not held.checked_in_name_taken,
+                    )
+                    released = self._release_held_under(held, now=now, by=user)
+        finally:  # the answer that failed is audited too
+            self.audit.record(
+                user,
+                "ecg-name-right",
+                now=now,
+                target=held.patient_id if held else str(item_id),
+                detail={
+                    "item": item_id,
+                    "done": assigned is not None,
+                    "name": held.patient_name if held else "",
+                    "released": released,
+                }
+                | ({"failed": True} if failed else {}),
             )
-            if assigned is not None:
-                # no device user renamed for a name taken, nor for an ID the session knows no name
-                # of now (cleared: nobody said whose his cuff is)
-                named_now = bool(self.context.known_name(held.patient_id, now))
-                self.context.correct_name(
-                    held.patient_id,
-                    held.patient_name,
-                    now=now,
-                    rename_devices=named_now and not held.checked_in_name_taken,
-                )
-                released = self._release_held_under(held, now=now, by=user)
-        self.audit.record(
-            user,
-            "ecg-name-right",
-            now=now,
-            target=held.patient_id if held else str(item_id),
-            detail={
-                "item": item_id,
-                "done": assigned is not None,
-                "name": held.patient_name if held else "",
-                "released": released,
-            },
-        )
         return assigned
 
     def _release_held_under(self, corrected: HeldEcg, *, now: dt.datetime, by: str) -> list[int]:
@@ -1258,13 +1341,20 @@ class ClinicData:
                 and other.patient_id == corrected.patient_id
                 and other.names_someone
                 and same_person_name(other.patient_name, corrected.patient_name)
-                and self.held_ecg_source.assign(
-                    other.item_id, Patient(other.patient_id, other.patient_name), now=now, by=by
-                )
-                is not None
+                and self._assigned_if_possible(other, now=now, by=by)
             ):
                 released.append(other.item_id)
         return released
+
+    def _assigned_if_possible(self, held: HeldEcg, *, now: dt.datetime, by: str) -> bool:
+        """`held` given its own file's patient; False if no longer held, or if it could not be
+        done (it stays held, asked about again: the one the doctor answered is done)."""
+        try:
+            patient = Patient(held.patient_id, held.patient_name)
+            return self.held_ecg_source.assign(held.item_id, patient, now=now, by=by) is not None
+        except EcgAssignFailed as exc:
+            log.warning("%s: left held", exc)
+            return False
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)

@@ -16,13 +16,30 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from typing import Any
 
 from devices.identity import Patient
 from lastmile.config import Config
 from lastmile.console.dicom_worker import patient_from_json, patient_json
-from lastmile.console.sources import EcgAssigned, HeldEcg, ReportView, person_name, recorded_at, row_number
-from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
+from lastmile.console.sources import (
+    EcgAssigned,
+    EcgAssignFailed,
+    HeldEcg,
+    ReportView,
+    person_name,
+    recorded_at,
+    row_number,
+)
+from lastmile.ecg.holds import (
+    ASSIGNED_BY_DOCTOR,
+    DOCTOR_HOLDS,
+    QUALITY_HOLD,
+    HeldEcgError,
+    discard_held_ecg,
+    held_ecgs,
+    release_held_ecg,
+)
 from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from lastmile.reports.views import ecg_time, note_for_pdf, text_printout
@@ -35,19 +52,28 @@ WORKER_TIMEOUT_S = 120.0  # a Pi 3 under load: start Python, import pydicom, reb
 PDF_TYPE = "application/pdf"
 
 
+WORKER_FAILED = "worker_failed"  # in run_worker's answer: the worker itself failed, not the job's own refusal
+
+
 def run_worker(job: dict[str, Any], worker: list[str]) -> dict[str, Any]:
-    """One job of `lastmile.console.dicom_worker`; {"error": ...} when it could not be done."""
+    """One job of `lastmile.console.dicom_worker`; {"error": ...} when it could not be done, with
+    WORKER_FAILED when the worker did not answer (crashed, timed out, could not start): the job
+    may not have been tried at all."""
     try:
         done = subprocess.run(
             worker, input=json.dumps(job).encode(), capture_output=True, timeout=WORKER_TIMEOUT_S, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("DICOM worker failed: %s", exc)
-        return {"error": type(exc).__name__}
+        return {"error": type(exc).__name__, WORKER_FAILED: True}
     if done.returncode != 0:
         log.warning("DICOM worker exited %d: %s", done.returncode, done.stderr.decode(errors="replace")[-500:])
-        return {"error": f"worker exited {done.returncode}"}
-    result: dict[str, Any] = json.loads(done.stdout)
+        return {"error": f"worker exited {done.returncode}", WORKER_FAILED: True}
+    try:
+        result: dict[str, Any] = json.loads(done.stdout)
+    except ValueError as exc:  # killed mid-answer, or something else printed on its stdout
+        log.warning("DICOM worker answered no JSON: %s", exc)
+        return {"error": "worker answered no JSON", WORKER_FAILED: True}
     return result
 
 
@@ -173,6 +199,10 @@ def held_view(item: OutboxItem) -> HeldEcg:
         patient_name=str(patient.get("name") or ""),
         stat=bool(item.meta.get("stat")),
         checked_in_name=str(item.meta.get("checked_in_name") or ""),
+        file_sex=str(patient.get("sex") or ""),
+        file_birth_date=str(patient.get("birth_date") or ""),
+        id_sex=str(item.meta.get("id_sex") or ""),
+        id_birth_date=str(item.meta.get("id_birth_date") or ""),
     )
 
 
@@ -183,6 +213,7 @@ class OutboxHeldEcgs:
         self.outbox = outbox
         self.config = config
         self.worker = worker or default_worker()
+        self._failed_items: set[int] = set()  # held ECGs whose assign worker failed, till one is done
 
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
         return [held_view(item) for item in held_ecgs(self.outbox, now.timestamp())]
@@ -207,8 +238,39 @@ class OutboxHeldEcgs:
             raise OutboxFullError(str(result["error"]))  # the console answers "storage full"
         if "error" in result:
             log.info("held ECG E%d not assigned: %s", item_id, result["error"])
+            # a worker that failed says nothing of the ECG: "too late" only if it is really gone
+            # (believing it sent, the doctor stops trying, and it goes as 无患者 when its hold ends)
+            if result.get(WORKER_FAILED):
+                # it may have committed the assign and then failed (timed out on a loaded Pi):
+                # "try again" then makes him record again, a second study
+                done = self._assigned_already(item_id, patient)
+                if done is not None:
+                    self._failed_items.discard(item_id)
+                    return done
+                # the hold may have ended while the worker hung: now, not the request's time
+                if self._still_held(item_id, dt.datetime.now(dt.timezone.utc)):
+                    again = item_id in self._failed_items
+                    self._failed_items.add(item_id)
+                    raise EcgAssignFailed(f"held ECG E{item_id}: {result['error']}", again=again)
+            self._failed_items.discard(item_id)
             return None
+        self._failed_items.discard(item_id)
         return EcgAssigned(patient_from_json(result["patient"]), waits_for_quality=bool(result["waits_for_quality"]))
+
+    def _assigned_already(self, item_id: int, patient: Patient) -> EcgAssigned | None:
+        """What the item shows if the doctor's assign to `patient`'s ID is on it; None if not."""
+        item = self.outbox.get(item_id)
+        if item is None or item.patient is None or ASSIGNED_BY_DOCTOR not in item.meta.get("flags", []):
+            return None
+        if item.patient.get("patient_id") != patient.patient_id:
+            return None
+        waits = item.hold_reason == QUALITY_HOLD and item.held(time.time())
+        log.info("held ECG E%d: its worker failed, but the assign is on it", item_id)
+        return EcgAssigned(patient_from_json(item.patient), waits_for_quality=waits)
+
+    def _still_held(self, item_id: int, now: dt.datetime) -> bool:
+        item = self.outbox.get(item_id)
+        return item is not None and item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
         try:

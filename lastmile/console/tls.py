@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from uploader.unwritten_records import replace_whole
+from uploader.whole_file import replace_whole
 
 log = logging.getLogger(__name__)
 

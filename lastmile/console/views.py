@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lastmile import __version__
 from lastmile.clinic.device_users import may_have_users
-from lastmile.clinic.devices import DeviceProblem, forwarded_name, normalise_address, serial_address
+from lastmile.clinic.devices import DeviceProblem, DeviceRecord, forwarded_name, normalise_address, serial_address
 from lastmile.config import Config
 from lastmile.console.audit import ACTIONS
 from lastmile.console.i18n import N_
@@ -56,10 +56,25 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     session = data.session(now)
     latest = data.latest_ecg(session, now=now)
     held_ecgs = data.held_ecgs(now, session)
+    found = data.devices()
+    names = serial_names(data.config)
     return {
         "session": session,
         "doctor_on_duty": data.doctor_on_duty(now),
-        "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
+        # a scanner whose card a stop did not check in says so (scan again), whatever it did before;
+        # one whose card was just refused too (`problem_said_on_today`)
+        "devices": [
+            d
+            for d in found
+            if not d.removed
+            and (
+                d.allowed or d.last_reading_at or d.connected or d.card_said_until(now) or d.problem_said_on_today(now)
+            )
+        ],
+        # device and reading lines name a serial device as Devices does, never by its port
+        "serial_names": names,
+        "reading_devices": device_names_by_port(found, names, bridge_names(data.config)),
+        "problem_advice": DEVICE_PROBLEM_ADVICE,
         "readings": (
             data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
         ),
@@ -126,6 +141,10 @@ DEVICE_PROBLEM_ADVICE: dict[DeviceProblem, str] = {
     DeviceProblem.CODE_NOT_RECOGNISED: N_(
         "A card or code it scanned was not recognised: scan it again, or type the patient ID."
     ),
+    DeviceProblem.CARD_CHECK_DIGIT: N_(
+        "The card's number failed its check (its last digit does not match): scan it again, or type the patient ID "
+        "from the card."
+    ),
     DeviceProblem.NOT_SAVED: N_(
         "A measurement from it could not be saved: please measure again. If this keeps happening, tell the county IT."
     ),
@@ -150,6 +169,26 @@ def serial_names(config: Config) -> dict[str, tuple[str, bool]]:
         names[normalise_address(serial_address(name))] = (name, False)
         names[normalise_address(serial_address(forwarded_name(name)))] = (name, True)
     return names
+
+
+def bridge_names(config: Config) -> frozenset[str]:
+    """The settings names of the serial devices that are bridges (`profile = "bridge"`)."""
+    return frozenset(str(e.get("name", "")) for e in config.serial.devices if e.get("profile") == "bridge")
+
+
+def device_names_by_port(
+    found: list[DeviceRecord], names: dict[str, tuple[str, bool]], bridges: frozenset[str]
+) -> dict[str, str]:
+    """Each connected serial device's port (as a reading from it names its device's address) ->
+    its name in the settings: a row's name is "<name> (<profile>) on <port>" (the serial service's,
+    for the technician), its address the settings name's. A bridge's port is left out: the readings
+    it forwards name its port too, and a blood pressure is no ECG cart's (they say their maker and model)."""
+    by_port: dict[str, str] = {}
+    for d in found:
+        own = names.get(d.address)
+        if d.transport == "serial" and own is not None and not own[1] and own[0] not in bridges and " on " in d.name:
+            by_port[d.name.rsplit(" on ", 1)[1]] = own[0]
+    return by_port
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:

@@ -25,8 +25,13 @@ QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record 
 # the file names the checked-in patient's ID under another person's name (`same_person_name`):
 # whose ECG it is, only the doctor knows - STAT ones too (`lastmile.ecg.intake.name_hold_s`)
 NAME_MISMATCH = "name-mismatch"
-DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD, NAME_MISMATCH)
+# the file's sex or birth date is not what its resident ID says (the cart kept the previous
+# patient's, or the ID was mistyped): held as one held for its name, the doctor says which is right
+ID_CONFLICT = "patient-id-conflict"
+ID_CONFLICT_FLAGS = (f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date")  # `vetted_patient`'s, in the object too
+DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD, NAME_MISMATCH, ID_CONFLICT)
 LAN_SOURCE_FORMAT = "dicom-lan"
+ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"  # an item's flag: the doctor gave it its patient
 RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
 
 

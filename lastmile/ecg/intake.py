@@ -11,7 +11,9 @@ spaces as one) and vetted against `[patient] id_kind` (`vetted_patient`; with an
 kind of ID, one that looks like a resident ID is one, as on every path): a resident ID with a
 wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
 a valid one gives birth date and sex when the file has none, and a file that says otherwise is
-flagged ("patient-id-conflict:birth-date" / ":sex"); names get their pinyin group.
+flagged ("patient-id-conflict:birth-date" / ":sex") and held for the doctor as one held for its
+name is ("patient-id-conflict", STAT ones too, as short): he sends it with the ID's sex and birth
+date, or gives it to another patient; names get their pinyin group.
 
 Holds: a routine ECG with no patient, or one naming another patient than the current one, is
 added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
@@ -42,16 +44,19 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
 from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
-from lastmile.clinic.names import dicom_person_name, no_name, same_person_name
+from lastmile.clinic.names import dicom_person_name, has_ideographs, no_name, same_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
 from lastmile.config import Config, EcgSection
+from lastmile.ecg.holds import ASSIGNED_BY_DOCTOR as ASSIGNED_BY_DOCTOR  # re-exported: its users' import
 from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
     DOCTOR_HOLDS as DOCTOR_HOLDS,
 )
 from lastmile.ecg.holds import (
+    ID_CONFLICT,
+    ID_CONFLICT_FLAGS,
     LAN_SOURCE_FORMAT,
     NAME_MISMATCH,
     PATIENT_MISMATCH,
@@ -80,7 +85,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATIENT_ID_REFUSED = "patient-id-refused"
-ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"
 
 # the IDs that are the clinic session's current patient (`PatientContext.patient_ids`): empty, nobody
 CurrentPatient = Callable[[], "frozenset[str]"]
@@ -165,10 +169,10 @@ def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
         log.warning("ECG file's patient ID refused: %s", exc)
         return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
     if resident is not None:
-        if birth is not None and birth != resident.birth_date:
-            flags.append("patient-id-conflict:birth-date")
         if sex and sex != resident.sex:
-            flags.append("patient-id-conflict:sex")
+            flags.append(ID_CONFLICT_FLAGS[0])
+        if birth is not None and birth != resident.birth_date:
+            flags.append(ID_CONFLICT_FLAGS[1])
         birth, sex = birth or resident.birth_date, sex or resident.sex
     patient = Patient(
         patient_id=number,
@@ -229,8 +233,12 @@ def hold_for(recording: EcgRecording, config: Config, now: float, quality: Quali
     patient_s = config.patient.unassigned_ecg_hold_s
     name_s = name_hold_s(recording.stat, patient_s, config.ecg.stat_name_hold_s)
     name_hold = Hold(NAME_MISMATCH, now + name_s) if name_s > 0 and NAME_MISMATCH in recording.flags else None
+    if name_hold is None and name_s > 0 and id_conflict(recording.flags):
+        # the file's sex or birth date is not its ID's: often the previous patient's, still typed
+        # in the cart; a wrong sex or age changes how the ECG is read, as a wrong name does
+        name_hold = Hold(ID_CONFLICT, now + name_s)
     if recording.stat:
-        return name_hold  # a name that is another person's: the wrong patient is worse than a short wait
+        return name_hold  # another person's name or details: the wrong patient is worse than a short wait
     holds = []
     if patient_s > 0 and recording.patient is None:
         holds.append(Hold(UNASSIGNED_HOLD, now + patient_s))
@@ -244,6 +252,22 @@ def hold_for(recording: EcgRecording, config: Config, now: float, quality: Quali
     if not holds:
         return None
     return Hold(holds[0].reason, max(h.until for h in holds))
+
+
+def id_conflict(flags: Iterable[str]) -> bool:
+    """The file's sex or birth date is not what its resident ID says (`vetted_patient`)."""
+    return any(flag in ID_CONFLICT_FLAGS for flag in flags)
+
+
+def id_conflict_meta(recording: EcgRecording, config: Config) -> dict[str, object]:
+    """What an ECG whose file contradicts its resident ID keeps in its meta for Today's question:
+    the sex and birth date the ID says (the item's patient keeps the file's)."""
+    if recording.patient is None or not id_conflict(recording.flags):
+        return {}
+    resident = kept_patient_id(recording.patient.patient_id, config.patient.id_kind)[1]
+    if resident is None:
+        return {}
+    return {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
 
 
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
@@ -356,6 +380,7 @@ def enqueue_recording(
         quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
         **name_mismatch_meta(recording.flags, recording.patient.name if recording.patient else "", checked_in_name),
+        **id_conflict_meta(recording, config),
     )
     result = outbox.add(
         Kind.DICOM,
@@ -391,7 +416,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
     if item.meta.get("source_format") == LAN_SOURCE_FORMAT:
         # a cart's object is forwarded as the cart made it: only the doctor's answer to a name is written into it
-        if not (item.held(now.timestamp()) and item.hold_reason == NAME_MISMATCH):
+        if not (item.held(now.timestamp()) and item.hold_reason in (NAME_MISMATCH, ID_CONFLICT)):
             raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
         return assign_lan_object(outbox, item, patient, now=now, by=by)
     if item.attempts or item.state != ItemState.QUEUED:
@@ -408,11 +433,15 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         item.meta.get("unassigned")
         or PATIENT_MISMATCH in item.meta.get("flags", [])
         or NAME_MISMATCH in item.meta.get("flags", [])
+        or id_conflict(item.meta.get("flags", []))
         or (item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS)
     ):
         # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
         raise HeldEcgError(f"ECG E{item_id} is not held for a patient: it is patient {settled_on}'s")
     patient = as_on_file(item, patient)
+    # "its name is right" on a file whose sex or birth date its ID also contradicts: Today asked
+    # the name only, so the file's values go on, flagged, and it waits for the ID's question
+    id_still_open = file_name_confirmed(item, patient) and id_conflict(item.meta.get("flags", []))
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
@@ -424,8 +453,14 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         note += f": the ECG file named patient {item.meta.get('file_patient_id', '')} {item.meta['file_patient_name']}"
     elif item.meta.get("file_patient_id"):
         note += f": the ECG file named patient {item.meta['file_patient_id']}"
+    if id_conflict(item.meta.get("flags", [])):
+        kept = item.patient or {}
+        note += f" (the ECG file gave sex {kept.get('sex') or '-'}, birth date {kept.get('birth_date') or '-'})"
     data = deflated_part10(reassign_patient(ds, patient, note))
-    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)  # the doctor answered them
+    if not id_still_open:
+        settled += ID_CONFLICT_FLAGS
+    flags = [f for f in item.meta.get("flags", []) if f not in settled]
     flags.append(ASSIGNED_BY_DOCTOR)
     meta = {**item.meta, "unassigned": False, "flags": flags}
     fields = {
@@ -440,6 +475,9 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     quality_until = item.meta.get("quality_hold_until")
     if quality_until is not None and quality_until > now.timestamp():
         keep = Hold(QUALITY_HOLD, float(quality_until))
+    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
+        # the ID's question first (Today shows it next), as long as both holds last
+        keep = Hold(ID_CONFLICT, max(item.hold_until, keep.until if keep else 0.0))
     if not outbox.replace_held_payload(
         item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
     ):
@@ -447,7 +485,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
             f"ECG E{item_id} was claimed for sending or assigned meanwhile: see 'lastmile patient show' "
             "(if it was sent, ask the reading center to correct it)"
         )
-    log.info("held ECG E%d assigned%s", item_id, " (still held: re-record)" if keep else " and released")
+    log.info("held ECG E%d assigned%s", item_id, f" (still held: {keep.reason})" if keep else " and released")
     updated = outbox.get(item_id)
     assert updated is not None
     return updated
@@ -471,7 +509,15 @@ def assign_lan_object(
         with_patient_id(ds, patient.patient_id)
         if patient.issuer:
             ds.IssuerOfPatientID = patient.issuer
-    own_details = other_id or given_another_name(item, patient)  # the cart's were another person's
+    flags = item.meta.get("flags", [])
+    # "the ID is right" (held for the ID only): the ID's sex and birth date, a number alone too (`as_on_file`)
+    id_answer = not other_id and id_conflict(flags) and NAME_MISMATCH not in flags
+    if id_answer:
+        patient = as_on_file(item, patient)
+    # "its name is right" on an object its ID also contradicts: the cart's values stay, flagged,
+    # and it waits for the ID's question (as a file does, `assign_held_ecg`)
+    id_still_open = not other_id and id_conflict(flags) and file_name_confirmed(item, patient)
+    own_details = other_id or given_another_name(item, patient) or id_answer  # the cart's were another person's
     if own_details:
         ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
         ds.PatientSex = patient.sex or ""
@@ -488,7 +534,13 @@ def assign_lan_object(
         ds.PatientName = name
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
-    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)
+    if not id_still_open:
+        settled += ID_CONFLICT_FLAGS
+    flags = [f for f in flags if f not in settled]
+    keep = None
+    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
+        keep = Hold(ID_CONFLICT, item.hold_until)
     received = item.meta.get("received_sha256") or item.sha256  # the cart's resend of its own bytes is this item
     meta = {**item.meta, "flags": [*flags, ASSIGNED_BY_DOCTOR], "received_sha256": received}
     kept = item.patient or {}
@@ -502,7 +554,7 @@ def assign_lan_object(
         ),
     }
     if not outbox.replace_held_payload(
-        item.id, out.getvalue(), now.timestamp(), meta=meta, patient=fields, replacing_sha256=item.sha256
+        item.id, out.getvalue(), now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
     ):
         raise HeldEcgError(f"ECG E{item.id} was claimed for sending or assigned meanwhile: see 'lastmile patient show'")
     log.info("held LAN ECG E%d given its patient%s and released", item.id, f" by {by}" if by else "")
@@ -540,12 +592,24 @@ def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
     Nor does the same ID given another name than a file held for its name (`given_another_name`):
     mostly the cart kept the previous patient's entry, his birth date and sex with his name, and
     age and sex change how an ECG is read - it goes with what `patient` says (a resident ID's),
-    or none."""
+    or none. Nor the file's birth date and sex its resident ID contradicts (`id_conflict`): the
+    doctor answered that the ID's are right (`patient`'s, from the ID)."""
     kept = item.patient or {}
     if kept.get("patient_id") != patient.patient_id:
         return patient
     if given_another_name(item, patient):
         return dataclasses.replace(patient, issuer=patient.issuer or str(kept.get("issuer") or ""))
+    if id_conflict(item.meta.get("flags", [])) and NAME_MISMATCH not in item.meta.get("flags", []):
+        # a number typed alone: what the ID says (`id_conflict_meta`). Not on an ECG held for its
+        # name too: "its name is right" answers the name only, the file's values stand (`assign_held_ecg`)
+        id_born = item.meta.get("id_birth_date")
+        return dataclasses.replace(
+            patient,
+            name=patient.name or str(kept.get("name") or ""),
+            issuer=patient.issuer or str(kept.get("issuer") or ""),
+            birth_date=patient.birth_date or (dt.date.fromisoformat(id_born) if id_born else None),
+            sex=patient.sex or str(item.meta.get("id_sex") or ""),
+        )
     born = kept.get("birth_date")
     return dataclasses.replace(
         patient,
@@ -563,7 +627,9 @@ def with_patient_check(
     IDs, `PatientContext.patient_ids`), the recording is flagged for the doctor (never
     re-assigned). A file without a patient stays unassigned: a stick may hold ECGs of many patients.
     One of his IDs under another person's name than `checked_in_name` (the name the check-in gave
-    that ID; `names_differ`) is flagged NAME_MISMATCH: the ID alone does not make it his."""
+    that ID; `names_differ`) is flagged NAME_MISMATCH: the ID alone does not make it his. Under
+    the check-in's name in letters only (a cart without an input method: "Zhang Xiulan" for
+    张秀兰), it goes under the check-in's name, its characters with it (`named_as_checked_in`)."""
     p = recording.patient
     if not current_patient_ids or p is None:
         return recording
@@ -572,10 +638,40 @@ def with_patient_check(
     elif names_differ(p.name, checked_in_name):
         flag = NAME_MISMATCH
     else:
-        return recording
+        return named_as_checked_in(recording, checked_in_name)
     if flag in recording.flags:
         return recording
     return dataclasses.replace(recording, flags=recording.flags + (flag,))
+
+
+def named_as_checked_in(recording: EcgRecording, checked_in_name: str) -> EcgRecording:
+    """`recording`, whose file names its patient in letters only, under the check-in's name in
+    characters when they are one name (`same_person_name`): his readings go to the county as
+    "Zhang^Xiulan=张^秀兰", so his ECG goes as "Zhang Xiulan=张^秀兰" (the cart's
+    letters, the check-in's characters), not as "Zhang Xiulan" with no Chinese name. A file
+    in characters already keeps its own (one name, the same characters: `same_person_name`)."""
+    p = recording.patient
+    if p is None:
+        return recording
+    name = with_checked_in_characters(p.name, checked_in_name)
+    if name is None:
+        return recording
+    return dataclasses.replace(recording, patient=dataclasses.replace(p, name=name))
+
+
+def with_checked_in_characters(file_name: str, checked_in_name: str) -> str | None:
+    """A DICOM PN written in letters only (`file_name`) with the check-in's characters as its
+    ideographic group, when they are one name (`same_person_name`); None otherwise (a name in
+    characters already, another name, no name). The cart's own letters stay (her reading: 张乐
+    written "Zhang Yue", not the dictionary's Zhang^Le)."""
+    if no_name(file_name) or has_ideographs(file_name) or not has_ideographs(checked_in_name):
+        return None
+    if not same_person_name(file_name, checked_in_name):
+        return None
+    alphabetic, _, other_groups = file_name.partition("=")
+    phonetic = other_groups.partition("=")[2]
+    ideographic = dicom_person_name(checked_in_name).partition("=")[2]
+    return f"{alphabetic}={ideographic}" + (f"={phonetic}" if phonetic else "")
 
 
 # -- files: `lastmile import` and the watched USB folders -----------------------------------------
@@ -708,8 +804,11 @@ def lan_object_store(
     is a reset clock too (`NewestFromCart`); files imported from a stick are not judged so.
     An object naming one of the checked-in patient's IDs under another name than
     `checked_in_name` gives it is held "name-mismatch" for `name_hold_s` (of `patient_hold_s`,
-    `patient.unassigned_ecg_hold_s`, and `stat_name_hold_s`, `ecg.stat_name_hold_s`): it is the one kind of LAN object held, as only the doctor
-    knows whose it is (`assign_held_ecg` writes his answer into the cart's object). Unanswered,
+    `patient.unassigned_ecg_hold_s`, and `stat_name_hold_s`, `ecg.stat_name_hold_s`), and so is one
+    whose sex or birth date its resident ID contradicts ("patient-id-conflict", `lan_id_conflict`):
+    the kinds of LAN object held, as only the doctor knows whose it is and which is right
+    (`assign_held_ecg` writes his answer into the cart's object). One naming him in letters
+    only, the check-in's name, gets the check-in's characters added, as a file does (`lan_object_named`). Unanswered,
     it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
     outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
     cart's object only what the doctor answered."""
@@ -734,9 +833,16 @@ def lan_object_store(
         file_name = str((obj.patient or {}).get("name") or "")
         known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
         other_name = names_differ(file_name, known)
-        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name else 0.0
-        hold = Hold(NAME_MISMATCH, time.time() + hold_s) if hold_s > 0 else None
-        flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else [])
+        if not other_name:  # his pinyin on the cart: his characters with it, as for a file
+            named = lan_object_named(obj, known)
+            if named is not obj:
+                obj, rewritten = named, {"received_sha256": received_sha256}
+                sha256 = hashlib.sha256(obj.data).hexdigest()
+        id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
+        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
+        # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
+        hold = Hold(NAME_MISMATCH if other_name else ID_CONFLICT, time.time() + hold_s) if hold_s > 0 else None
+        flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else []) + id_flags
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
@@ -751,6 +857,7 @@ def lan_object_store(
             **forwarded.described,
             **rewritten,
             **name_mismatch_meta(flags, file_name, known),
+            **id_values,
         )
         newest.saw(obj.calling_ae, forwarded)
         if kept is None:
@@ -771,6 +878,29 @@ def lan_object_store(
             replace_lan_object(outbox, kept, obj, meta, hold)
 
     return store
+
+
+def lan_id_conflict(patient: dict | None, id_kind: str) -> tuple[list[str], dict[str, str]]:
+    """A cart's object whose sex or birth date its resident ID contradicts, as `vetted_patient`
+    judges a file's: the conflict flags, and the ID's values for Today's question
+    (`id_conflict_meta`). None for an object without them or without a valid resident ID."""
+    if not patient:
+        return [], {}
+    try:
+        resident = kept_patient_id(str(patient.get("patient_id") or ""), id_kind)[1]
+    except InvalidPatientIdError:
+        return [], {}
+    if resident is None:
+        return [], {}
+    sex, born = str(patient.get("sex") or ""), str(patient.get("birth_date") or "")
+    flags = []
+    if sex and sex != resident.sex:
+        flags.append(ID_CONFLICT_FLAGS[0])
+    if born and born.replace("-", "") != resident.birth_date.strftime("%Y%m%d"):
+        flags.append(ID_CONFLICT_FLAGS[1])
+    if not flags:
+        return [], {}
+    return flags, {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
 
 
 def comparable_patient_id(patient_id: str, id_kind: str) -> str:
@@ -892,6 +1022,27 @@ def as_forwarded(
         return ForwardedObject(obj, flags, described)
     patient = {**obj.patient, "patient_id": new_id} if obj.patient is not None and new_id is not None else obj.patient
     return ForwardedObject(dataclasses.replace(obj, data=out.getvalue(), patient=patient), flags, described)
+
+
+def lan_object_named(obj: ReceivedObject, checked_in_name: str) -> ReceivedObject:
+    """A cart's object naming its patient in letters only, the check-in's name for its ID: with
+    the check-in's characters added (`with_checked_in_characters`), the rest as received; `obj`
+    itself otherwise."""
+    import pydicom
+
+    patient = obj.patient or {}
+    name = with_checked_in_characters(str(patient.get("name") or ""), checked_in_name)
+    if name is None:
+        return obj
+    ds = pydicom.dcmread(io.BytesIO(obj.data))
+    if "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
+        # the cart's text read in its own character set, written again in UTF-8 with the name
+        ds.decode()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = name
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return dataclasses.replace(obj, data=out.getvalue(), patient={**patient, "name": name})
 
 
 def with_patient_id(ds: Dataset, patient_id: str) -> None:

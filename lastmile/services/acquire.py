@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lastmile.services.parts import STEP_S, Beat, Part, ReceiverPart, WorkerPart, close_parts
+from lastmile.services.parts import PARTS_STOP_S, STEP_S, Beat, Part, ReceiverPart, WorkerPart, close_parts
 from lastmile.services.process_tuning import HeapTrim
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def serial_part(config: Config, outbox: Outbox, stop: StopWaits | None = None) -
     # monitor is not being read.
     refused = len(service.refused)
     note = f"{refused} device{'s' if refused > 1 else ''} refused (bad profile file)" if refused else ""
-    return WorkerPart("serial", work, on_close=service.close, note=note)
+    return WorkerPart("serial", work, on_close=service.close, note=note, left_at_stop=SERIAL_LEFT_AT_STOP)
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,14 @@ class SessionLookup:
 
 
 NO_SESSION = SessionLookup(frozenset, lambda: None)
-# The parts' stop, all together (a card's check-in waiting clinic.db's lock: about 18 s at worst),
-# within the unit's TimeoutStopSec=30 less the outbox's close and the process's exit.
-PARTS_STOP_S = 24.0
+# What a stop that could not wait for a part means for what it was writing (close_parts says it):
+# SQLite rolls an unfinished write back whole when the process ends; what keeps it is the part's own.
+SERIAL_LEFT_AT_STOP = (
+    "a reading being stored is kept if it was held in the spill file (stored after the restart), "
+    "else lost with the process; a patient card scanned as the gateway stopped may not be checked in: scan it again"
+)
+USB_LEFT_AT_STOP = "the ECG file being imported stays on the stick: imported at the next start, once"
+GNSS_LEFT_AT_STOP = "the track point being written is dropped: the visit's track goes on from the next fix"
 
 
 def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) -> Part | None:
@@ -115,7 +120,7 @@ def usb_import_part(config: Config, outbox: Outbox, session: SessionLookup) -> P
             stop.wait(5.0)
 
     # A big import (hundreds of files from a cart) may take minutes: never call it wedged.
-    return WorkerPart("usb-import", work, stale_after=None)
+    return WorkerPart("usb-import", work, stale_after=None, left_at_stop=USB_LEFT_AT_STOP)
 
 
 def gnss_part(config: Config, waits: StopWaits | None = None) -> Part | None:
@@ -163,7 +168,7 @@ def gnss_part(config: Config, waits: StopWaits | None = None) -> Part | None:
                     warned = True
                 stop.wait(10.0)
 
-    return WorkerPart("gnss", work)
+    return WorkerPart("gnss", work, left_at_stop=GNSS_LEFT_AT_STOP)
 
 
 def build_parts(
@@ -191,22 +196,31 @@ class AcquireService:
         parts: list[Part],
         closers: list[Callable[[], None]],
         stop: StopWaits | None = None,
+        alive: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.stop_waits = stop
+        # the runtime's watchdog feed (`ServiceRuntime.alive`): a reload's long stop is progress
+        self.alive = alive or (lambda: None)
         self.outbox = outbox
         self.parts = parts
         self._closers = closers
+        # Parts a reload could not wait for, and the stores only they may still use (an old
+        # session's clinic.db connection): closed once those parts have finished (`step`).
+        self._left_parts: list[Part] = []
+        self._left_closers: list[Callable[[], None]] = []
         self.started = time.monotonic()
         self.trim = HeapTrim(self.started)
 
     @classmethod
-    def start(cls, config: Config, *, stop: threading.Event | None = None) -> AcquireService:
+    def start(
+        cls, config: Config, *, stop: threading.Event | None = None, alive: Callable[[], None] | None = None
+    ) -> AcquireService:
         """`stop`: the runtime's (SIGTERM): once set, a reading waiting for another process's
         write lock on the outbox or clinic.db gives up within a second and is held as any the
         outbox refused (the serial spill file, said at the stop), not waited for 15 s per write
         (`open_outbox`, sqlite_store.StopWaits: one second for both databases); a device row's
-        write given up is redone at the next start."""
+        write given up is redone at the next start. `alive`: the runtime's watchdog feed (`reload`)."""
         from lastmile.data_dir import open_outbox  # no DICOM stack in the acquire process
         from uploader.sqlite_store import StopWaits
 
@@ -216,13 +230,12 @@ class AcquireService:
         parts: list[Part] = []
         try:
             build_parts(config, outbox, cls._session_lookup(config, closers, waits), into=parts, stop=waits)
-            service = cls(config, outbox, parts, closers, waits)
+            service = cls(config, outbox, parts, closers, waits, alive)
             service.check_parts()  # starts the worker threads
         except BaseException:
-            for part in reversed(parts):
-                part.close()
-            for close in reversed(closers):
-                close()
+            if not close_parts(list(reversed(parts)), within_s=PARTS_STOP_S):
+                for close in reversed(closers):
+                    close()
             raise
         log.info("acquire: %s", ", ".join(p.name for p in parts) or "no device links enabled")
         return service
@@ -266,26 +279,57 @@ class AcquireService:
 
     def step(self, stop: threading.Event) -> float:
         self.check_parts()  # raises Wedged: the runtime exits and systemd restarts us
+        self._close_what_was_left()
         self.trim.maybe(time.monotonic())  # what an ECG's decoding freed goes back
         return STEP_S
 
     def reload(self, config: Config) -> None:
-        """Device links are rebuilt from the new configuration; the outbox stays open."""
-        for part in reversed(self.parts):
-            part.close()
-        for close in self._closers[1:]:
-            close()
+        """Device links are rebuilt from the new configuration; the outbox stays open. The old
+        parts are stopped together within PARTS_STOP_S (one after another: a USB import's 15 s
+        then a card's 18 s, past the unit's WatchdogSec=30); the old session's clinic.db is not
+        closed under one still closing (`_close_what_was_left`)."""
+        still = close_parts(list(reversed(self.parts)), within_s=PARTS_STOP_S)
+        # The runtime pinged the watchdog as the reload began; the parts' stop may have taken up to
+        # 24 s of WatchdogSec=30, and the new parts' opening writes clinic.db (the serial part:
+        # each write up to a 15 s lock wait, the stop not set): its period counted from here.
+        self.alive()
+        old_closers, self._closers = self._closers[1:], self._closers[:1]
+        if still:
+            self._left_parts += still
+            self._left_closers += old_closers
+        else:
+            for close in reversed(old_closers):
+                close()
         self.config = config
-        self._closers = self._closers[:1]
         session = self._session_lookup(config, self._closers, self.stop_waits)
         self.parts = []
         build_parts(config, self.outbox, session, into=self.parts, stop=self.stop_waits)
         self.check_parts()
 
+    def _close_what_was_left(self) -> None:
+        """The stores a reload left to parts still closing, once those have finished."""
+        if self._left_parts and all(part.finished() for part in self._left_parts):
+            closers, self._left_parts, self._left_closers = self._left_closers, [], []
+            for close in reversed(closers):
+                close()
+            log.info("acquire: the device links a reload left have finished; their session's database closed")
+
     def close(self) -> None:
         # Parts first: each finishes the object in hand and makes it durable before the outbox closes.
-        close_parts(list(reversed(self.parts)), within_s=PARTS_STOP_S)
-        for close in reversed(self._closers):
+        still = close_parts(list(reversed(self.parts)), within_s=PARTS_STOP_S)
+        still += [part for part in self._left_parts if not part.finished()]
+        if still:
+            # Not closed under a part still writing to them (a sqlite3 connection closed under
+            # another thread's statement crashed the process); they go with the process: SQLite
+            # rolls its unfinished write back whole, every committed one is kept (WAL).
+            log.warning(
+                "acquire: %s still closing: the outbox and clinic.db left open to %s until the process ends; "
+                "everything already stored is kept",
+                ", ".join(part.name for part in still),
+                "it" if len(still) == 1 else "them",
+            )
+            return
+        for close in reversed(self._left_closers + self._closers):
             close()
 
     def status_line(self) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
-from lastmile.services.parts import STEP_S, Beat, Part, WorkerPart
+from lastmile.services.parts import PARTS_STOP_S, STEP_S, Beat, Part, WorkerPart, close_parts
 from lastmile.services.process_tuning import HeapTrim
 
 if TYPE_CHECKING:
@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IDLE_STEP_S = 60.0  # BLE not enabled: nothing to check (the runtime still feeds the watchdog)
+# No spill file (as acquire's serial part has): a stop that could not wait for the link loses the
+# reading in hand (SQLite rolls its write back whole), unless the device keeps it in its memory.
+BLE_LEFT_AT_STOP = (
+    "a reading being stored is lost unless the device keeps it in its memory (read again at its next "
+    "connection): take it again"
+)
 
 # The radio's bleak backends, entered on the link's own event loop: (scanner, client) classes, or
 # (None, None) for bleak's default (BlueZ on Linux). Tests and the bench put bumble's emulated
@@ -98,7 +104,7 @@ def ble_part(
 
         asyncio.run(main())
 
-    return WorkerPart("ble", work)
+    return WorkerPart("ble", work, left_at_stop=BLE_LEFT_AT_STOP)
 
 
 class BleService:
@@ -109,6 +115,7 @@ class BleService:
         self.radio = radio
         self.outbox: Outbox | None = None
         self.part: Part | None = None
+        self._left_parts: list[Part] = []  # links a reload could not wait for: on the outbox still
         # Set from the link's thread, read by status_line: one reference swapped whole.
         self.radio_fault: str | None = None
         self.trim = HeapTrim(time.monotonic())
@@ -130,7 +137,7 @@ class BleService:
             # file, and a live reading (a thermometer's, no device memory to read it again from) that
             # gave up waiting for another process's write lock at SIGTERM was lost. Its store keeps
             # SQLite's 15 s wait; the link's close waits for it (WorkerPart.close), within
-            # lastmile-ble.service's TimeoutStopSec=30.
+            # PARTS_STOP_S, inside lastmile-ble.service's TimeoutStopSec=30.
             self.outbox = open_outbox(self.config)
         self.radio_fault = None
         self.part = ble_part(self.config, self.outbox, radio=self.radio, radio_listener=self._radio_changed)
@@ -148,17 +155,24 @@ class BleService:
         return STEP_S
 
     def reload(self, config: Config) -> None:
-        """The link is rebuilt from the new configuration (started, stopped); the outbox stays open."""
+        """The link is rebuilt from the new configuration (started, stopped); the outbox stays
+        open. The old link's stop is bounded as the service's (PARTS_STOP_S, within WatchdogSec)."""
         if self.part is not None:
-            self.part.close()
+            self._left_parts += close_parts([self.part], within_s=PARTS_STOP_S)
             self.part = None
         self.config = config
         self._build()
 
     def close(self) -> None:
-        # The link first: it finishes the reading in hand and makes it durable before the outbox closes.
-        if self.part is not None:
-            self.part.close()
+        # The link first: it finishes the reading in hand and makes it durable before the outbox
+        # closes - within PARTS_STOP_S (its store waits up to 15 s for the outbox's lock, and as
+        # long for clinic.db's). One still storing then keeps the outbox: closing a sqlite3
+        # connection under another thread's statement crashes the process.
+        still = close_parts([self.part] if self.part is not None else [], within_s=PARTS_STOP_S)
+        still += [part for part in self._left_parts if not part.finished()]
+        if still:
+            log.warning("ble: the link still storing: the outbox left open to it until the process ends")
+            return
         if self.outbox is not None:
             self.outbox.close()
 

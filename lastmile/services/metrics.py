@@ -181,7 +181,7 @@ class GatewayCollector:
         yield items
         held = GaugeMetricFamily(
             "lastmile_queue_held_items",
-            "Queued items held back now, by why: unassigned, patient-mismatch, name-mismatch, re-record (the doctor decides).",
+            "Queued items held back now, by why: unassigned, patient-mismatch, name-mismatch, patient-id-conflict, re-record (the doctor decides).",
             labels=["kind", "reason"],
         )
         for (kind, reason), n in sorted(outbox.held.items()):

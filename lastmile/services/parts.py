@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 STEP_S = 1.0  # how often the parts are checked
 STALE_S = 20.0  # a link that has not gone round for this long is wedged (the units' WatchdogSec=30)
 RESTART_BACKOFF_S = (5.0, 300.0)  # first and longest wait before restarting a failed part
+# The parts' stop, all together (a card's check-in waiting clinic.db's lock: about 18 s at worst),
+# within the units' TimeoutStopSec=30 less the stores' close and the process's exit; at a reload,
+# within their WatchdogSec=30.
+PARTS_STOP_S = 24.0
 
 Beat = Callable[[], None]
 
@@ -42,6 +46,8 @@ class Wedged(RuntimeError):
 
 class Part(Protocol):
     name: str
+    # What a stop that could not wait for it means for what it was writing (said in the journal).
+    left_at_stop: str
 
     def check(self, now: float) -> None:
         """Restart what ended; raise Wedged if something hangs."""
@@ -55,12 +61,19 @@ class Part(Protocol):
 
     def close(self) -> None: ...
 
+    def finished(self) -> bool:
+        """After `close`: none of its threads runs any more, so what it used (the outbox,
+        clinic.db) may be closed. A close that gave up waiting for a thread leaves it running."""
+        ...
 
-def close_parts(parts: Sequence[Part], *, within_s: float) -> None:
+
+def close_parts(parts: Sequence[Part], *, within_s: float) -> list[Part]:
     """Every part told to stop first, then all closed together, the whole within `within_s`: one
     after another, each kept going while the one before was waited for (a USB import's 15 s,
     then a card scanned meanwhile waiting clinic.db's lock: past the unit's TimeoutStopSec, and
-    SIGKILL rolled back the card's check-in). A part still closing at the end is left (said)."""
+    SIGKILL rolled back the card's check-in). Returns the parts still closing at the end, or
+    whose thread outlived their close (said): the caller must not close a store under them - a
+    sqlite3 connection closed under another thread's statement crashes the process (exit 139)."""
     for part in parts:
         part.stop_soon()
     ends_by = time.monotonic() + within_s
@@ -68,14 +81,22 @@ def close_parts(parts: Sequence[Part], *, within_s: float) -> None:
     for thread in closing:
         thread.daemon = True  # one still busy at the end goes with the process
         thread.start()
-    for part, thread in zip(parts, closing):
-        thread.join(max(0.0, ends_by - time.monotonic()))
-        if thread.is_alive():
-            log.warning(
-                "%s: still closing %.0f s into the stop: left to finish, if it can, as the process ends",
-                part.name,
-                within_s,
-            )
+    while True:
+        still = [part for part, thread in zip(parts, closing) if thread.is_alive() or not part.finished()]
+        if not still or time.monotonic() >= ends_by:
+            break
+        time.sleep(CLOSE_POLL_S)
+    for part in still:
+        log.warning(
+            "%s: still closing %g s into the stop: left to finish on its own, nothing it uses closed under it; %s",
+            part.name,
+            within_s,
+            part.left_at_stop or "what it was writing is rolled back whole if the process ends first",
+        )
+    return still
+
+
+CLOSE_POLL_S = 0.05  # how often close_parts looks whether every part has finished
 
 
 def _close_said(part: Part) -> None:
@@ -107,6 +128,7 @@ class WorkerPart(RestartBackoff):
 
     `stale_after`: seconds without a `beat()` after which the part counts as wedged (None: never).
     `note`: what its status says after "up"/"down" (the serial devices refused at start).
+    `left_at_stop`: what a stop that could not wait for its thread means for what it was writing.
     """
 
     def __init__(
@@ -118,10 +140,12 @@ class WorkerPart(RestartBackoff):
         on_close: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         note: str = "",
+        left_at_stop: str = "",
     ) -> None:
         super().__init__()
         self.name = name
         self.note = note
+        self.left_at_stop = left_at_stop
         self.work = work
         self.stale_after = stale_after
         self.on_close = on_close
@@ -129,6 +153,7 @@ class WorkerPart(RestartBackoff):
         self.stop = threading.Event()
         self.last_beat = clock()
         self.thread: threading.Thread | None = None
+        self.closed = threading.Event()  # its close has returned, `on_close` done
 
     def beat(self) -> None:
         self.last_beat = self.clock()
@@ -194,6 +219,11 @@ class WorkerPart(RestartBackoff):
                 self.on_close()
             except Exception:
                 log.exception("%s: close failed", self.name)
+        self.closed.set()
+
+    def finished(self) -> bool:
+        # The serial part's close leaves the links and clinic.db to a turn still under way: its thread.
+        return self.closed.is_set() and not self.running
 
 
 class Listener(Protocol):
@@ -206,6 +236,12 @@ class Listener(Protocol):
 
     def stop(self) -> None: ...
 
+    def stop_storing(self, timeout_s: float) -> bool:
+        """Refuse objects from now on, once the one being stored is (waited up to `timeout_s`)."""
+        ...
+
+    def storing(self) -> bool: ...
+
 
 class ReceiverPart(RestartBackoff):
     """The LAN storage SCP, started by `check`, and started again with backoff while it cannot
@@ -213,11 +249,14 @@ class ReceiverPart(RestartBackoff):
     LAN switch off). Meanwhile the other parts - serial devices, USB sticks, GPS - go on."""
 
     name = "lan-receiver"
+    left_at_stop = "an ECG being received is not acknowledged: the cart sends it again"
+    STORING_WAIT_S = 15.0  # for the object being stored at the stop, as a worker's thread is waited for
 
     def __init__(self, receiver: Listener) -> None:
         super().__init__()
         self.receiver = receiver
         self.listening = False
+        self.closed = threading.Event()
 
     def check(self, now: float) -> None:
         if self.listening or now < self.next_start:
@@ -246,6 +285,15 @@ class ReceiverPart(RestartBackoff):
         """Its server's threads are stopped by `close`."""
 
     def close(self) -> None:
+        """No new association, and no new object from those under way (a cart's association
+        outlives the server's stop): the object in hand is stored first (its C-STORE handler
+        writes to the outbox and reads clinic.db's session), waited for as a worker's thread is."""
         if self.listening:
             self.listening = False
             self.receiver.stop()
+        if not self.receiver.stop_storing(self.STORING_WAIT_S):
+            log.warning("%s: still storing an object at shutdown", self.name)
+        self.closed.set()
+
+    def finished(self) -> bool:
+        return self.closed.is_set() and not self.receiver.storing()

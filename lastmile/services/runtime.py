@@ -351,6 +351,9 @@ class ServiceRuntime:
 
         self._reload_requested = False
         self.notifier.reloading()
+        # A device service's reload stops its parts first, up to their whole deadline (24 s of
+        # WatchdogSec=30): the watchdog's period counted from here, not from the last step.
+        self.notifier.watchdog_ping()
         try:
             config = self.load_config()
         except ConfigError as exc:

@@ -24,15 +24,19 @@ the address `serial:<name>`, which `lastmile devices` lists next to the BLE devi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+# loaded at the start (serial_spill imports it lazily, for the console): an ECG held at a stop
+# then needs no first import from a code tree replaced since
+import devices.ecg.npz  # noqa: F401
 from devices.ascii_report import ReportParsed, ReportParser, ReportProfile, ReportRejected
 from devices.bridge import codec
 from devices.bridge.session import (
@@ -56,7 +60,7 @@ from devices.device_errors import (
 )
 from devices.ecg.recording import EcgRecording
 from devices.errors import DeviceError
-from devices.identity import Patient
+from devices.identity import Patient, TimeSource
 from devices.observation import Observation
 from devices.scanner import CodeUnrecognised, DoctorScanned, PatientScanned, ScannerDecoder, ScanRules
 from firmware_bridge.serial_link import (
@@ -70,7 +74,10 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
+from lastmile.clinic.db import from_iso, iso
 from lastmile.clinic.devices import (
+    CARD_DOCTOR,
+    CARD_PATIENT,
     HELD_AT_STOP,
     DeviceProblem,
     DeviceRecord,
@@ -99,12 +106,12 @@ from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
     SPILL_NAME,
+    CardGivenUp,
+    CardsGivenUpFile,
     RowBehind,
+    RowsBehindFile,
     SpillFile,
-    forget_rows_behind,
     kept_in,
-    load_rows_behind,
-    save_rows_behind,
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
@@ -278,6 +285,25 @@ class SerialContext:
     # by device row address: the held status a row write did not get while some of what waited was
     # in memory only (`_say_waiting`), kept in a file at the close for the next start (`RowBehind`)
     rows_behind: dict[str, RowBehind] = field(default_factory=dict)
+    # their file: one from the start's reading to its forgetting, and the stop's save
+    rows_behind_file: RowsBehindFile = field(init=False)
+    # the cards a stop gave up: one from the start's reading to its forgetting, and the stop's save
+    cards_given_up_file: CardsGivenUpFile = field(init=False)
+
+    # the card (badge) whose check-in a scanner's turn is writing, set before its write and cleared
+    # after: the close reads it without the turn's locks when it gives that turn up (`CardGivenUp`)
+    card_in_hand: CardGivenUp | None = None
+    # a card whose write failed once the stop was set (its own lock wait ran out before the
+    # close's did): the close keeps it as it keeps the one in hand; a later card's check-in clears it
+    card_failed: CardGivenUp | None = None
+    # the acquire service's stop (`SerialService.open`), and the close's: a write failing after
+    # either is one the stop cost, not a fault the running gateway says on its own
+    stop: threading.Event | None = None
+    closing: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.rows_behind_file = RowsBehindFile(Path(self.config.data_dir))
+        self.cards_given_up_file = CardsGivenUpFile(Path(self.config.data_dir))
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows.
@@ -391,7 +417,7 @@ class SerialContext:
         before the stop: no state of today (its loss says that cause, with its time); the row's
         error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
-        behind = load_rows_behind(Path(self.config.data_dir))
+        behind = self.rows_behind_file.load()
         for record in self.registry.all():
             if record.transport != "serial":
                 continue
@@ -428,9 +454,45 @@ class SerialContext:
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
                 self.registry.clear_error(record.address, DeviceProblem.NOT_SAVED, now=self.now())
-        forget_rows_behind(Path(self.config.data_dir))
+        self.rows_behind_file.forget()
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
+
+    def settle_cards_at_start(self) -> None:
+        """The cards (badges) whose check-in a stop gave up: one the process finished before it
+        exited is in clinic.db, and forgotten (INFO); one that is not is said on its scanner's row
+        (Today: scan it again), once - a start that reads the file again skips the one its row
+        said (`card_word_id`). The journal never has the ID (personal data)."""
+        for card in self.cards_given_up_file.load():
+            address = normalise_address(serial_address(card.device))
+            what = "doctor's badge" if card.kind == CARD_DOCTOR else "patient card"
+            by_id = {"doctor_id" if card.kind == CARD_DOCTOR else "patient_id": card.scanned_id}
+            if self.patients.scan_written(at=card.scanned_at, **by_id):
+                log.info("%s: the %s scanned as the gateway stopped was checked in before it exited", card.device, what)
+                continue
+            record = self.registry.get(address)
+            if record is not None and record.card_word_id == card.word_id:  # a start read it before: said
+                log.info("%s: the %s not checked in at the last stop was said before", card.device, what)
+                continue
+            scanned_at = from_iso(card.scanned_at)
+            assert scanned_at is not None  # (`CardsGivenUpFile.load` takes only a line with a time)
+            log.warning(
+                "%s: a %s scanned as the gateway stopped (at %s, %s) was not checked in: said on Today, to scan again",
+                card.device,
+                what,
+                card.scanned_at,
+                card.time_source,
+            )
+            self.registry.card_not_checked_in(
+                address,
+                card.kind,
+                card.scanned_id,
+                scanned_at=scanned_at,
+                time_source=card.time_source,
+                word_id=card.word_id,
+                now=self.now(),
+            )
+        self.cards_given_up_file.forget()
 
     def counted_lost(self, spec: LinkSpec) -> bool:
         """An unknown ECG_END from `spec`'s bridge is (taken as) one of an ECG its row says a stop lost."""
@@ -940,15 +1002,47 @@ class ScannerHandler:
             # A card given up at a stop would leave the previous patient current after the restart,
             # and the next readings on him: a card waits for the lock as if there were no stop.
             if isinstance(ev, PatientScanned):
-                self.ctx.patients.set_patient(ev.patient_id, now=now, wait_past_stop=True)
-                self.ctx.status(self.spec, reading="patient card", reading_at=now)
+                with self._in_hand(CARD_PATIENT, ev.patient_id, now):
+                    self.ctx.patients.set_patient(ev.patient_id, now=now, wait_past_stop=True, by_card=True)
+                self.ctx.status(
+                    self.spec, reading="patient card", reading_at=now, card=(CARD_PATIENT, ev.patient_id.strip())
+                )
             elif isinstance(ev, DoctorScanned):
-                self.ctx.patients.set_doctor(ev.doctor_id, now=now, wait_past_stop=True)
-                self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
+                with self._in_hand(CARD_DOCTOR, ev.doctor_id, now):
+                    self.ctx.patients.set_doctor(ev.doctor_id, now=now, wait_past_stop=True)
+                self.ctx.status(
+                    self.spec, reading="doctor badge", reading_at=now, card=(CARD_DOCTOR, ev.doctor_id.strip())
+                )
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
                 log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name, ev.reason, ev.length)
-                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}", DeviceProblem.CODE_NOT_RECOGNISED)
+                # a wrong check digit is read again the same: the doctor is told to type it instead
+                problem = (
+                    DeviceProblem.CARD_CHECK_DIGIT
+                    if ev.rule == "check-character"
+                    else DeviceProblem.CODE_NOT_RECOGNISED
+                )
+                self.ctx.error(self.spec, f"{CODE_NOT_RECOGNISED} {ev.reason}", problem)
+
+    @contextlib.contextmanager
+    def _in_hand(self, kind: str, scanned_id: str, now: dt.datetime) -> Iterator[None]:
+        """The card's check-in is being written (at `now`, its session log line's time): the close
+        keeps it for the next start if it gives this turn up (`SerialService.close`)."""
+        # the gateway's clock is the scan's time: a scanner has none (devices.identity.TimeSource)
+        card = CardGivenUp(kind, scanned_id.strip(), self.spec.name, iso(now), TimeSource.GATEWAY_RECEIPT.value)
+        self.ctx.card_in_hand = card
+        try:
+            yield
+        except sqlite3.OperationalError:
+            # Its 15 s lock wait ends before the close's (turn start + 1 + 15 + margin): the close
+            # then finds the links idle, and without this the card would be gone with the process.
+            if self.ctx.closing.is_set() or (self.ctx.stop is not None and self.ctx.stop.is_set()):
+                self.ctx.card_failed = card
+            raise
+        else:
+            self.ctx.card_failed = None  # a later check-in: the failed card's patient is no longer the one
+        finally:
+            self.ctx.card_in_hand = None
 
     def connection_lost(self, reason: str | None, problem: DeviceProblem = DeviceProblem.OTHER) -> None:
         self.ctx.status(self.spec, connected=False, error=reason, problem=problem)
@@ -1033,8 +1127,10 @@ class SerialService:
             if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
             else None,
         )
+        ctx.stop = stop.stop if stop is not None else None
         ctx.load_spilled()
         ctx.settle_held_at_start()
+        ctx.settle_cards_at_start()
         service = cls(ctx, specs, owned=owned, **kwargs)  # type: ignore[arg-type]
         service.refused = refused_devices(config, bad)
         for name, reason in service.refused.items():
@@ -1104,6 +1200,7 @@ class SerialService:
         return f"serial {up}/{len(states)} connected"
 
     def close(self) -> None:
+        self.ctx.closing.set()
         self._stop.set()
         self.manager.wakeup()
         if self._thread is not None:
@@ -1121,12 +1218,25 @@ class SerialService:
             for spec in self.unstored_specs():
                 self.ctx.retry_unstored(spec, force=True)
             self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
+            card = self.ctx.card_failed  # its own lock wait ran out first: the turn is over
+            if card is not None:
+                log.warning(
+                    "serial devices: a card scanned as the gateway stopped could not be checked in "
+                    "(clinic.db was locked): kept for the next start, which says it on Today"
+                )
+                self.ctx.cards_given_up_file.save(card)
         else:
+            # read once: the busy turn clears card_in_hand when its write ends (and may set card_failed)
+            card = self.ctx.card_in_hand or self.ctx.card_failed
             log.warning(
                 "serial devices: still busy at shutdown past a card's whole wait for clinic.db's lock: "
-                "the links and clinic.db left to it; readings not stored are kept in the spill file; "
-                "a patient card scanned as the gateway stopped may not be checked in: scan it again"
+                "the links and clinic.db left to it; readings not stored are kept in the spill file%s",
+                "; the card scanned is kept for the next start, which says it on Today if it is not checked in"
+                if card is not None
+                else "",
             )
+            if card is not None:
+                self.ctx.cards_given_up_file.save(card)
         for name, held in list(self.ctx.unstored.items()):  # a busy turn may still add to it
             said = (
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
@@ -1137,7 +1247,7 @@ class SerialService:
                 log.info("%s: %s not stored: the gateway was stopping", name, what)
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
-        save_rows_behind(Path(self.ctx.config.data_dir), self.ctx.rows_behind.copy())  # a busy turn may add
+        self.ctx.rows_behind_file.save(self.ctx.rows_behind.copy())  # a busy turn may add
         for thing in self._owned if links_idle else ():  # clinic.db: not under the busy turn's write
             close = getattr(thing, "close", None)
             if close is not None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -44,14 +45,18 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from devices.ecg.npz import read_npz, write_npz
-from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
+from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT
 from lastmile.clinic.observations import observation_from_json, observation_to_json
-from uploader.payload_files import fsync_dir
 from uploader.unwritten_records import UnwrittenRecords
+from uploader.whole_file import fsync_dir
+
+if TYPE_CHECKING:
+    # numpy, loaded only where an ECG is (de)coded: the console process blocks numpy, and its
+    # System page's checks read this module's file names and `waiting_readings`
+    from devices.ecg.recording import EcgRecording
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +78,14 @@ PLAUSIBLE_GENERATION = 2**62
 T = TypeVar("T")
 
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
-SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
+SpilledRecordings = dict[str, dict[str, "EcgRecording"]]  # device name -> outbox key -> streamed ECG
 
 
 def recording_to_json(key: str, recording: EcgRecording) -> dict:
     """A streamed ECG held for space (it names no patient yet: that is decided when it is stored),
     in the .npz layout devices.ecg.npz reads back whole (deflated: the file holds ~25 ECGs)."""
+    from devices.ecg.npz import write_npz
+
     return {
         "key": key,
         "npz": base64.b64encode(write_npz(recording)).decode(),
@@ -87,6 +94,8 @@ def recording_to_json(key: str, recording: EcgRecording) -> dict:
 
 
 def recording_from_json(data: dict) -> tuple[str, EcgRecording]:
+    from devices.ecg.npz import read_npz
+
     recording = read_npz(base64.b64decode(data["npz"]))
     return data["key"], dataclasses.replace(recording, source_format=data["source_format"])
 
@@ -465,10 +474,6 @@ class RowBehind:
         return bool(self.word_id) and self.word_id == applied_word_id
 
 
-def rows_behind_file(data_dir: Path) -> UnwrittenRecords:
-    return UnwrittenRecords(Path(data_dir) / ROWS_BEHIND_NAME, what=ROWS_BEHIND_WHAT)
-
-
 def _row_behind_line(address: str, row: RowBehind) -> str:
     return json.dumps({"address": address, **dataclasses.asdict(row)}, ensure_ascii=False, sort_keys=True)
 
@@ -484,28 +489,114 @@ def _row_behind_of(line: str) -> tuple[str, RowBehind]:
     return str(raw["address"]), row
 
 
-def save_rows_behind(data_dir: Path, rows: dict[str, RowBehind]) -> None:
-    """Write `rows` (by device row address) for the next start, fsynced; none: nothing is written.
-    A few hundred bytes at a stop, only when a row write was given up with readings in memory."""
-    if not rows:
-        return
-    records = rows_behind_file(data_dir)
-    try:
-        records.replace([_row_behind_line(address, row) for address, row in rows.items()])
-    except OSError as exc:  # the journal has said the loss (at_stop); only the row will not
-        log.error("cannot keep what device rows a stop left unwritten in %s: %s", records.path, exc)
+class RowsBehindFile:
+    """`serial-rows-behind.jsonl`: the device rows a stop gave up (`RowBehind`), for the next start.
+    The service holds one from its start's `load` to its `forget` (a damaged file a full disk kept
+    in place is set aside by that `forget`), and saves with it at its stop."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.records = UnwrittenRecords(Path(data_dir) / ROWS_BEHIND_NAME, what=ROWS_BEHIND_WHAT)
+
+    def save(self, rows: dict[str, RowBehind]) -> None:
+        """Write `rows` (by device row address) for the next start, fsynced; none: nothing is written.
+        A few hundred bytes at a stop, only when a row write was given up with readings in memory."""
+        if not rows:
+            return
+        try:
+            self.records.replace([_row_behind_line(address, row) for address, row in rows.items()])
+        except OSError as exc:  # the journal has said the loss (at_stop); only the row will not
+            log.error("cannot keep what device rows a stop left unwritten in %s: %s", self.records.path, exc)
+
+    def load(self) -> dict[str, RowBehind]:
+        """What `save` kept at the last stop ({} when none; a damaged file is copied aside, said,
+        its readable lines taken: the file keeps them until `forget`)."""
+        return dict(self.records.take(_row_behind_of, ROWS_BEHIND_LOST).records)
+
+    def forget(self) -> None:
+        """The start has said what the last stop's rows did not: the file's word is spent."""
+        try:
+            self.records.forget()
+        except OSError as exc:  # said again at the next start: the same counts, no harm
+            log.error("cannot remove %s (the rows say its counts now): %s", self.records.path, exc)
 
 
-def load_rows_behind(data_dir: Path) -> dict[str, RowBehind]:
-    """What `save_rows_behind` kept at the last stop ({} when none; a damaged file is copied aside,
-    said, its readable lines taken: the file keeps them until `forget_rows_behind`)."""
-    return dict(rows_behind_file(data_dir).take(_row_behind_of, ROWS_BEHIND_LOST).records)
+# -- a card whose check-in a stop gave up ----------------------------------------------------------
+
+CARDS_GIVEN_UP_NAME = "serial-cards-given-up.jsonl"
+CARDS_GIVEN_UP_WHAT = "cards scanned as the gateway stopped whose check-in the stop gave up"
+CARDS_GIVEN_UP_LOST = "a card in those lines is not said on Today: if its patient is still here, scan the card again"
 
 
-def forget_rows_behind(data_dir: Path) -> None:
-    """The start has said what the last stop's rows did not: the file's word is spent."""
-    records = rows_behind_file(data_dir)
-    try:
-        records.forget()
-    except OSError as exc:  # said again at the next start: the same counts, no harm
-        log.error("cannot remove %s (the rows say its counts now): %s", records.path, exc)
+@dataclasses.dataclass(frozen=True)
+class CardGivenUp:
+    """A card (a doctor's badge) a scanner read whose check-in was still waiting for clinic.db's
+    lock when the stop gave up its turn: the process ends, maybe before it is written. The next
+    start looks whether it was (`PatientContext.scan_written`), and says it on Today if not."""
+
+    kind: str  # CARD_PATIENT or CARD_DOCTOR
+    scanned_id: str  # the patient's ID, the doctor's
+    device: str  # the scanner's name (`[[serial.devices]]`)
+    scanned_at: str  # the check-in's own time (lastmile.clinic.db.iso): its session log line's
+    time_source: str  # where that time came from (devices.identity.TimeSource: the gateway's clock)
+    # this record's own id (random): the row keeps the id of the one it said, and a start that
+    # reads the file again (its removal failed, or it died first) does not say it anew
+    word_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def _card_of(line: str) -> CardGivenUp:
+    raw = json.loads(line)
+    if raw["kind"] not in (CARD_PATIENT, CARD_DOCTOR) or not str(raw["scanned_id"]).strip():
+        raise ValueError(f"not a scanned card: {raw['kind']!r}")
+    if dt.datetime.fromisoformat(str(raw["scanned_at"])).tzinfo is None:  # ValueError: not a time
+        raise ValueError("a scan's time without its zone")
+    return CardGivenUp(
+        str(raw["kind"]),
+        str(raw["scanned_id"]),
+        str(raw["device"]),
+        str(raw["scanned_at"]),
+        str(raw["time_source"]),
+        str(raw["word_id"]),
+    )
+
+
+class CardsGivenUpFile:
+    """`serial-cards-given-up.jsonl`: the cards a stop gave up (`CardGivenUp`), for the next start.
+    The service holds one from its start's `load` to its `forget` (a damaged file a full disk kept
+    in place is set aside by that `forget`), and saves with it at its stop."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.records = UnwrittenRecords(Path(data_dir) / CARDS_GIVEN_UP_NAME, what=CARDS_GIVEN_UP_WHAT)
+
+    def save(self, card: CardGivenUp) -> None:
+        """Keep `card` for the next start, fsynced, after what an earlier stop kept there and no start
+        took yet (a start that failed first). A few hundred bytes at a stop, only when one is given up."""
+        records = self.records
+        line = json.dumps(dataclasses.asdict(card), ensure_ascii=False, sort_keys=True)
+        try:
+            kept = records.lines()
+        except OSError as exc:  # unreadable: the next start sets it aside and says so; this card goes on
+            log.error("cannot read %s (its cards are replaced by this stop's): %s", records.path, exc)
+            kept = []
+        try:
+            records.replace([*kept, line])
+        except OSError as exc:  # the journal says it: the next start cannot
+            log.error(
+                "%s: a %s card scanned as the gateway stopped may not be checked in, and cannot be kept for "
+                "the next start in %s: %s",
+                card.device,
+                card.kind,
+                records.path,
+                exc,
+            )
+
+    def load(self) -> list[CardGivenUp]:
+        """What `save` kept ([] when none; a damaged file is copied aside, said, its readable lines
+        taken: the file keeps them until `forget`)."""
+        return self.records.take(_card_of, CARDS_GIVEN_UP_LOST).records
+
+    def forget(self) -> None:
+        """The start has looked at each card: the rows say those not checked in."""
+        try:
+            self.records.forget()
+        except OSError as exc:  # read again at the next start: each row skips the card it said (`word_id`)
+            log.error("cannot remove %s (the scanners' rows say its cards now): %s", self.records.path, exc)

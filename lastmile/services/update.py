@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lastmile.clock import local_zone, read_boot_id
 from lastmile.logs import describe_fault
-from uploader.unwritten_records import replace_whole
+from uploader.whole_file import replace_whole
 
 if TYPE_CHECKING:
     import requests
@@ -97,7 +97,7 @@ OUTCOME_ZH: dict[Outcome, str] = {
     Outcome.UP_TO_DATE: "已是最新版本",
     Outcome.SOURCE_FAILED: "无法连接县里的更新服务器，稍后重试",
     Outcome.INDEX_INVALID: "更新服务器给出的更新说明无效，请联系县信息科",
-    Outcome.NO_SPACE: "存储空间不足，无法下载更新（检查数据不受影响）",
+    Outcome.NO_SPACE: "存储空间不足，无法下载更新（测量数据不受影响）",
     Outcome.DOWNLOAD_FAILED: "更新下载中断，稍后自动续传",
     Outcome.REFUSED: "更新包未通过验证，已拒绝（不会安装）",
     Outcome.INSTALL_FAILED: "更新安装失败，稍后重试",

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from uploader.payload_files import fsync_dir
+from uploader.whole_file import fsync_dir
 
 log = logging.getLogger(__name__)
 

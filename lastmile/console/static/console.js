@@ -60,5 +60,31 @@
     swap(data.id, data.html, data.version);
   });
   source.addEventListener("logout", function () { source.close(); window.location.reload(); });
-  source.addEventListener("open", function () { document.documentElement.setAttribute("data-live", "on"); });
+  // The gateway stopped (or the link to it): the panels stay as they were, so say that this page
+  // is no longer current while the stream is down; the browser reconnects by itself (retry: 3 s).
+  // Shown after one reconnect's wait, not at once: leaving the page also ends the stream, and a
+  // stream cut once (a Wi-Fi blip) is back within the 3 s.
+  var down = document.getElementById("stream-down");
+  var downTimer = null;
+  source.addEventListener("error", function () {
+    document.documentElement.setAttribute("data-live", "off");
+    // Refused (a 401 once the login timed out while the tablet slept, a 503): the browser never
+    // tries again, so the banner would stay for good. Load the page afresh (the login page, for a
+    // 401); after 3 s, so a console that refuses the stream is not asked again without a pause.
+    if (source.readyState === EventSource.CLOSED) {
+      setTimeout(function () { window.location.reload(); }, 3000);
+      return;
+    }
+    if (down && downTimer === null) {
+      downTimer = setTimeout(function () {
+        downTimer = null;
+        if (source.readyState !== EventSource.OPEN) { down.hidden = false; }
+      }, 4000);
+    }
+  });
+  source.addEventListener("open", function () {
+    document.documentElement.setAttribute("data-live", "on");
+    if (downTimer !== null) { clearTimeout(downTimer); downTimer = null; }
+    if (down) { down.hidden = true; }
+  });
 })();

@@ -1,0 +1,298 @@
+"""An ECG whose file gives a sex or birth date its resident ID contradicts (the cart still had the
+previous patient's details typed in) is held for the doctor as one held for its name is
+("patient-id-conflict", STAT ones too, as short), Today says so, and his answer decides what the
+county gets: the ID's sex and birth date, or another patient.
+
+A real file: ecgtoolkit's DICOM ECG, its patient made the one of the walkthrough (REV-R 4): 李建国,
+resident ID 110101196505050017 (a man born 1965-05-05), the cart's fields saying F, born 1971."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from devices.identity import Patient
+from lastmile.clinic.patients import PatientContext
+from lastmile.config import Config
+from lastmile.console.service import ConsoleServer
+from lastmile.data_dir import open_outbox
+from lastmile.ecg.holds import ID_CONFLICT, NAME_MISMATCH, held_ecgs
+from lastmile.ecg.intake import (
+    STAT_NAME_HOLD_S,
+    assign_held_ecg,
+    clinic_patient,
+    file_enqueuer,
+    read_ecg_file,
+)
+from tests.conftest import shared_file
+from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
+from tests.lan_cart import lan_receiver, storescu_as_the_cart
+from uploader.outbox import Kind, Outbox
+
+RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
+OTHER_ID = "110101198001010010"  # a man born 1980-01-01
+DCM = ("ecg", "dicom", "ecgtoolkit_Example.dcm")
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the cart's malformed UIDs
+
+
+def _cart_file(tmp_path: Path, *, sex: str = "F", birth: str = "19710101", name: str = "Li^Jianguo") -> Path:
+    """The real DICOM ECG with the patient as the cart wrote it: his ID, the previous patient's sex and birth date."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(shared_file(*DCM))
+        ds.PatientID = RESIDENT_ID
+        ds.PatientName = name
+        ds.PatientSex = sex
+        ds.PatientBirthDate = birth
+        if "PatientAge" in ds:
+            del ds.PatientAge
+        path = tmp_path / f"cart-{sex}-{birth}.dcm"
+        ds.save_as(path)
+    return path
+
+
+def _arrives(config: Config, path: Path, key: str, *, stat: bool = False) -> int:
+    """The cart's file arrives as from its USB stick while 李建国 is checked in. Its item."""
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        with open_outbox(config) as outbox:
+            now = dt.datetime.now(dt.timezone.utc)
+            enqueue = file_enqueuer(
+                outbox,
+                config,
+                lambda: context.patient_ids(now),
+                stat=stat,
+                checked_in_name=lambda pid: context.known_name(pid, now),
+            )
+            assert enqueue(read_ecg_file(path), key)
+            item = outbox.find(key)
+            assert item is not None
+            return item.id
+    finally:
+        context.close()
+
+
+def _dataset(outbox: Outbox, item_id: int) -> pydicom.Dataset:
+    item = outbox.get(item_id)
+    assert item is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+
+
+@pytest.fixture
+def clinic(tmp_path: Path) -> Iterator[tuple[Config, ConsoleServer, Client]]:
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0  # his details are the subject, not the file's quality
+    with running_console(config) as server:
+        doctor = Client(server.url)
+        doctor.login()
+        assert doctor.post("/today/check-in", {"patient_id": RESIDENT_ID, "name": "李建国"}).status == 303
+        yield config, server, doctor
+
+
+def test_an_ecg_whose_sex_and_birth_date_contradict_its_id_is_held_and_said_on_today(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    """It went at once as a woman born 1971 under a man's ID, and nothing said so: now it waits,
+    the forwarder does not take it, and Today says what the ECG and the ID each say."""
+    config, _, doctor = clinic
+    before = time.time()
+    item_id = _arrives(config, _cart_file(tmp_path), "cart")
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.hold_reason == ID_CONFLICT, (item.hold_reason, item.meta["flags"])
+        hold_s = config.patient.unassigned_ecg_hold_s
+        assert item.hold_until is not None and before + hold_s <= item.hold_until <= time.time() + hold_s
+        assert [i.id for i in held_ecgs(outbox, time.time())] == [item_id]
+        assert outbox.claim(item.kind, 10, time.time()) == []  # the forwarder does not take it
+    row = held_ecg_row(doctor.get("/today").body, item_id)
+    assert "心电图上的性别/出生日期与身份证号不符。" in row, row
+    assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
+    assert "身份证号是对的：按身份证号的性别和出生日期发送" in row and "是另一位患者的：请输入他的患者编号。" in row
+    assert "仍然发送" not in row and "是对的：更正登记的姓名" not in row  # no answer that sends the file's unsaid
+
+
+def test_the_doctors_id_is_right_sends_the_ids_sex_and_birth_date(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    config, _, doctor = clinic
+    item_id = _arrives(config, _cart_file(tmp_path), "cart")
+    page = doctor.get("/today").body
+    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": csrf_of(page)})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.hold_until is None and item.patient is not None
+        assert (item.patient["sex"], item.patient["birth_date"]) == ("M", "1965-05-05")
+        assert not any(f.startswith(ID_CONFLICT) for f in item.meta["flags"])
+        sent = _dataset(outbox, item_id)
+    assert (sent.PatientID, sent.PatientSex, sent.PatientBirthDate) == (RESIDENT_ID, "M", "19650505")
+    assert sent.PatientAge.endswith("Y") and sent.PatientAge != "055Y"  # his age, not the previous patient's
+    assert f'data-held-ecg="{item_id}"' not in doctor.get("/today").body
+
+
+def test_another_patients_ecg_goes_with_that_patients_details(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    config, _, doctor = clinic
+    item_id = _arrives(config, _cart_file(tmp_path), "cart")
+    page = doctor.get("/today").body
+    reply = doctor.post("/today/assign-ecg", {"csrf": csrf_of(page), "item_id": str(item_id), "patient_id": OTHER_ID})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        sent = _dataset(outbox, item_id)
+    assert (sent.PatientID, sent.PatientSex, sent.PatientBirthDate) == (OTHER_ID, "M", "19800101")
+
+
+def test_a_stat_ecg_with_a_contradicted_sex_is_held_as_short_as_for_its_name(tmp_path: Path) -> None:
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        context.set_patient(RESIDENT_ID, name="李建国", now=dt.datetime.now(dt.timezone.utc))
+    finally:
+        context.close()
+    before = time.time()
+    item_id = _arrives(config, _cart_file(tmp_path, birth="19650505"), "stat", stat=True)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.priority == 0 and item.hold_reason == ID_CONFLICT, item
+        assert item.meta["flags"].count(f"{ID_CONFLICT}:sex") == 1
+        assert f"{ID_CONFLICT}:birth-date" not in item.meta["flags"]
+        assert item.hold_until is not None
+        assert before + STAT_NAME_HOLD_S <= item.hold_until <= time.time() + STAT_NAME_HOLD_S
+
+
+def test_a_file_agreeing_with_its_id_or_giving_no_sex_is_not_held(tmp_path: Path) -> None:
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0
+    agreeing = _arrives(config, _cart_file(tmp_path, sex="M", birth="19650505"), "agreeing")
+    unsaid = _arrives(config, _cart_file(tmp_path, sex="", birth=""), "unsaid")
+    with open_outbox(config) as outbox:
+        for item_id in (agreeing, unsaid):
+            item = outbox.get(item_id)
+            assert item is not None and item.hold_until is None, item
+        sent = _dataset(outbox, unsaid)
+    assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505")  # the ID's, as before
+
+
+def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_id_next(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    """A file with both another name and a sex/birth date its ID contradicts: Today asks the name
+    first. "The ECG's name is right" answered the name only: it sent the ID's sex and birth date
+    (never shown to him) and dropped the conflict. Now the file's stand, flagged, and the ECG
+    waits for the ID's question; "the ID is right" then sends the ID's."""
+    config, _, doctor = clinic
+    item_id = _arrives(config, _cart_file(tmp_path, name="Wang^Fang"), "both")
+    page = doctor.get("/today").body
+    assert "身份证号是对的" not in held_ecg_row(page, item_id)  # the name's question comes first
+    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": csrf_of(page)})
+    assert reply.status == 303, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.patient is not None
+        assert (item.patient["name"], item.patient["sex"], item.patient["birth_date"]) == (
+            "Wang^Fang",
+            "F",
+            "1971-01-01",
+        )
+        assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"]), item.meta["flags"]
+        assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.hold_until)
+        sent = _dataset(outbox, item_id)
+    assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
+    page = doctor.get("/today").body
+    assert "身份证号是对的：按身份证号的性别和出生日期发送" in held_ecg_row(page, item_id)
+    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": csrf_of(page)})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.hold_until is None
+        assert not any(f.startswith(ID_CONFLICT) for f in item.meta["flags"])
+        sent = _dataset(outbox, item_id)
+    assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
+
+
+def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_the_ids(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    """The same cart sending over the LAN (DICOM C-STORE, REV-H 1): it went at once as a woman
+    born 1971 under his ID, unflagged. Now held and asked as a file is; "the ID is right" writes
+    the ID's sex and birth date into the cart's object, its UIDs the cart's."""
+    config, _, doctor = clinic
+    path = _cart_file(tmp_path)
+    with open_outbox(config) as outbox:
+        with lan_receiver(
+            outbox,
+            RESIDENT_ID,
+            lambda pid: "李建国" if pid == RESIDENT_ID else "",
+            patient_hold_s=config.patient.unassigned_ecg_hold_s,
+        ) as receiver:
+            storescu_as_the_cart(receiver.port, path)
+        (item,) = outbox.items(kind=Kind.DICOM)
+        assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.meta["flags"])
+        assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"])
+        assert outbox.claim(Kind.DICOM, 10, time.time()) == []
+    page = doctor.get("/today").body
+    assert f"身份证号 {RESIDENT_ID} 是 男，1965-05-05" in held_ecg_row(page, item.id)
+    reply = doctor.post(f"/today/ecg/{item.id}/id-values", {"csrf": csrf_of(page)})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        decided = outbox.get(item.id)
+        assert decided is not None and decided.hold_until is None
+        assert not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
+        sent = _dataset(outbox, item.id)
+    cart = pydicom.dcmread(path)
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+        assert sent.get(keyword) == cart.get(keyword), keyword
+    assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505")
+    # the cart wrote his name in letters: his characters go with it, as a file's do (REV-H 1)
+    assert str(sent.PatientName) == "Li^Jianguo=李^建国" and decided.patient is not None
+    assert decided.patient["name"] == "Li^Jianguo=李^建国"
+
+
+def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is_right(tmp_path: Path) -> None:
+    """Over the LAN, another name and a contradicted sex/birth date: held for its name first;
+    "Wang Fang is right" keeps the cart's F/1971, flagged, held for the ID; then the ID's answer."""
+    config = console_config(tmp_path / "data")
+    path = _cart_file(tmp_path, name="Wang^Fang")
+    with open_outbox(config) as outbox:
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            storescu_as_the_cart(receiver.port, path)
+        (item,) = outbox.items(kind=Kind.DICOM)
+        assert item.hold_reason == NAME_MISMATCH, (item.hold_reason, item.meta["flags"])
+        now = dt.datetime.now(dt.timezone.utc)
+        named = assign_held_ecg(outbox, item.id, Patient(RESIDENT_ID, "Wang^Fang"), now=now)
+        assert named.hold_reason == ID_CONFLICT and named.held(time.time()), (named.hold_reason, named.hold_until)
+        assert f"{ID_CONFLICT}:sex" in named.meta["flags"]
+        sent = _dataset(outbox, item.id)
+        assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
+        decided = assign_held_ecg(outbox, item.id, clinic_patient(RESIDENT_ID, "Wang^Fang", config), now=now)
+        assert decided.hold_until is None and not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
+        sent = _dataset(outbox, item.id)
+    assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
+
+
+def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_same_item(tmp_path: Path) -> None:
+    """His ECG over the LAN, "Li^Jianguo" on the cart, 李建国 checked in: it went in letters only
+    (a file got his characters): now as "Li^Jianguo=李^建国", and the cart's resend is no new content."""
+    config = console_config(tmp_path / "data")
+    path = _cart_file(tmp_path, sex="M", birth="19650505")
+    with open_outbox(config) as outbox:
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            storescu_as_the_cart(receiver.port, path)
+            (item,) = outbox.items(kind=Kind.DICOM)
+            storescu_as_the_cart(receiver.port, path)  # the cart's retry
+        (again,) = outbox.items(kind=Kind.DICOM)
+        assert item.hold_until is None and again.sha256 == item.sha256
+        sent = _dataset(outbox, item.id)
+    assert str(sent.PatientName) == "Li^Jianguo=李^建国" and sent.SpecificCharacterSet == "ISO_IR 192"
+    assert item.patient is not None and item.patient["name"] == "Li^Jianguo=李^建国"
