@@ -20,12 +20,13 @@ check it, STAT and reason on the session, so the ECG recorded next is STAT.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import sqlite3
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -1205,20 +1206,26 @@ class ClinicData:
         for the page to say whose it now is, or None if it was no longer held (sent already);
         EcgAssignFailed if it could not be done and is still held."""
         patient = self.context.named(checked_patient(patient_text, "", self.config), now)
-        try:
+        with self._answer_audited(user, "assign-ecg", item_id, target=patient.patient_id, now=now) as detail:
             assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
-        except EcgAssignFailed:
-            detail = {"item": item_id, "done": False, "failed": True}
-            self.audit.record(user, "assign-ecg", now=now, target=patient.patient_id, detail=detail)
-            raise
-        self.audit.record(
-            user,
-            "assign-ecg",
-            now=now,
-            target=patient.patient_id,
-            detail={"item": item_id, "done": assigned is not None},
-        )
+            detail["done"] = assigned is not None
         return assigned
+
+    @contextlib.contextmanager
+    def _answer_audited(
+        self, user: str, action: str, item_id: int, *, target: str, now: dt.datetime
+    ) -> Iterator[dict[str, object]]:
+        """Audit the doctor's answer on held ECG `item_id` once it is done, into the detail the
+        body fills ("done" ...): an answer the assign worker failed (EcgAssignFailed) is audited
+        too, marked "failed"."""
+        detail: dict[str, object] = {"item": item_id, "done": False}
+        try:
+            yield detail
+        except EcgAssignFailed:
+            detail["failed"] = True
+            raise
+        finally:
+            self.audit.record(user, action, now=now, target=target, detail=detail)
 
     def _held_for_name(self, item_id: int, now: dt.datetime) -> HeldEcg | None:
         """The ECG `item_id` if it is held now for a name that is not the check-in's."""
@@ -1233,26 +1240,15 @@ class ClinicData:
         on another screen)."""
         held = self._held_for_name(item_id, now)
         assigned = None
-        failed = False
-        try:
+        target = held.patient_id if held else str(item_id)
+        with self._answer_audited(user, "ecg-checked-in-name", item_id, target=target, now=now) as detail:
             if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
                 try:  # a resident ID gives his birth date and sex
                     patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
                 except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
                     patient = Patient(held.patient_id, held.checked_in_name)
-                try:
-                    assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
-                except EcgAssignFailed:
-                    failed = True
-                    raise
-        finally:  # the answer that failed is audited too
-            self.audit.record(
-                user,
-                "ecg-checked-in-name",
-                now=now,
-                target=held.patient_id if held else str(item_id),
-                detail={"item": item_id, "done": assigned is not None} | ({"failed": True} if failed else {}),
-            )
+                assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+                detail["done"] = assigned is not None
         return assigned
 
     def ecg_with_id_values(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
@@ -1262,20 +1258,16 @@ class ClinicData:
         decided on another screen)."""
         found = [h for h in self._held_now(now) if h.item_id == item_id and h.reason == ID_CONFLICT]
         assigned = None
-        if found:
-            held = found[0]
-            try:  # the ID gives his birth date and sex
-                patient = clinic_patient(held.patient_id, held.patient_name, self.config)
-            except InvalidPatientIdError:  # no longer a valid ID under this configuration: what intake kept of it
-                patient = Patient(held.patient_id, held.patient_name)
-            assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
-        self.audit.record(
-            user,
-            "ecg-id-values",
-            now=now,
-            target=found[0].patient_id if found else str(item_id),
-            detail={"item": item_id, "done": assigned is not None},
-        )
+        target = found[0].patient_id if found else str(item_id)
+        with self._answer_audited(user, "ecg-id-values", item_id, target=target, now=now) as detail:
+            if found:
+                held = found[0]
+                try:  # the ID gives his birth date and sex
+                    patient = clinic_patient(held.patient_id, held.patient_name, self.config)
+                except InvalidPatientIdError:  # no longer a valid ID under this configuration: what intake kept of it
+                    patient = Patient(held.patient_id, held.patient_name)
+                assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+                detail["done"] = assigned is not None
         return assigned
 
     def ecg_name_right(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
@@ -1290,17 +1282,14 @@ class ClinicData:
         name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
         held = self._held_for_name(item_id, now)
         assigned = None
-        failed = False
-        released: list[int] = []
-        try:
+        target = held.patient_id if held else str(item_id)
+        with self._answer_audited(user, "ecg-name-right", item_id, target=target, now=now) as detail:
+            detail |= {"name": held.patient_name if held else "", "released": []}
             if held is not None and held.names_someone:
-                try:
-                    assigned = self.held_ecg_source.assign(
-                        item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
-                    )
-                except EcgAssignFailed:
-                    failed = True
-                    raise
+                assigned = self.held_ecg_source.assign(
+                    item_id, Patient(held.patient_id, held.patient_name), now=now, by=user
+                )
+                detail["done"] = assigned is not None
                 if assigned is not None:
                     # no device user renamed for a name taken, nor for an ID the session knows no name
                     # of now (cleared: nobody said whose his cuff is)
@@ -1311,21 +1300,7 @@ class ClinicData:
                         now=now,
                         rename_devices=named_now and not held.checked_in_name_taken,
                     )
-                    released = self._release_held_under(held, now=now, by=user)
-        finally:  # the answer that failed is audited too
-            self.audit.record(
-                user,
-                "ecg-name-right",
-                now=now,
-                target=held.patient_id if held else str(item_id),
-                detail={
-                    "item": item_id,
-                    "done": assigned is not None,
-                    "name": held.patient_name if held else "",
-                    "released": released,
-                }
-                | ({"failed": True} if failed else {}),
-            )
+                    detail["released"] = self._release_held_under(held, now=now, by=user)
         return assigned
 
     def _release_held_under(self, corrected: HeldEcg, *, now: dt.datetime, by: str) -> list[int]:
