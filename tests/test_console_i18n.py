@@ -207,6 +207,24 @@ def test_every_audited_action_has_a_chinese_name_on_the_system_page(
     assert [r for r in caplog.records if r.levelno == logging.ERROR and "no-such-action" in r.getMessage()]
 
 
+def _called_name(call: ast.Call) -> str | None:
+    """The name a call calls (`f(...)`, `obj.f(...)`)."""
+    if isinstance(call.func, ast.Name):
+        return call.func.id
+    return call.func.attr if isinstance(call.func, ast.Attribute) else None
+
+
+def _is_audit_record(node: ast.AST) -> bool:
+    """Whether `node` is a call `self.audit.record(user, code, ...)` or `AuditLog(...).record(...)`."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "record"):
+        return False
+    receiver = node.func.value
+    is_audit = (isinstance(receiver, ast.Attribute) and receiver.attr == "audit") or (
+        isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "AuditLog"
+    )
+    return is_audit and len(node.args) >= 2
+
+
 def _audited_codes(tree: ast.Module) -> list[tuple[int, str | None]]:
     """The action codes `AuditLog.record` is called with in one module, by line: a literal, or a
     name the module assigns literals to (`done, code = ..., "user-unlock"`); None: a code no
@@ -223,15 +241,26 @@ def _audited_codes(tree: ast.Module) -> list[tuple[int, str | None]]:
                 for name, value in pairs:
                     if isinstance(name, ast.Name) and isinstance(value, ast.Constant) and isinstance(value.value, str):
                         assigned.setdefault(name.id, set()).add(value.value)
+    # A wrapper that records the code its caller gives (`_answer_audited(user, "assign-ecg", ...)`):
+    # its callers' literals are the codes, at the position of its parameter.
+    wrappers: dict[str, int] = {}
+    passed_on: set[int] = set()
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef):
+            continue
+        params = [a.arg for a in func.args.args if a.arg not in ("self", "cls")]
+        for call in ast.walk(func):
+            if _is_audit_record(call) and isinstance(call.args[1], ast.Name) and call.args[1].id in params:
+                wrappers[func.name] = params.index(call.args[1].id)
+                passed_on.add(id(call))
     codes: list[tuple[int, str | None]] = []
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "record"):
+        if isinstance(node, ast.Call) and _called_name(node) in wrappers:
+            code = node.args[wrappers[_called_name(node)]]
+            value = code.value if isinstance(code, ast.Constant) and isinstance(code.value, str) else None
+            codes.append((node.lineno, value))
             continue
-        receiver = node.func.value
-        is_audit = (isinstance(receiver, ast.Attribute) and receiver.attr == "audit") or (
-            isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "AuditLog"
-        )
-        if not is_audit or len(node.args) < 2:
+        if not _is_audit_record(node) or id(node) in passed_on:
             continue
         code = node.args[1]
         if isinstance(code, ast.Constant) and isinstance(code.value, str):
