@@ -65,14 +65,20 @@
   // Shown after one reconnect's wait, not at once: leaving the page also ends the stream, and a
   // stream cut once (a Wi-Fi blip) is back within the 3 s.
   var down = document.getElementById("stream-down");
+  var REFUSED_KEY = "lastmile-stream-refused-at";  // when this tab's stream was last refused
   var downTimer = null;
   source.addEventListener("error", function () {
     document.documentElement.setAttribute("data-live", "off");
     // Refused (a 401 once the login timed out while the tablet slept, a 503): the browser never
     // tries again, so the banner would stay for good. Load the page afresh (the login page, for a
-    // 401); after 3 s, so a console that refuses the stream is not asked again without a pause.
+    // 401) after 3 s. Refused again right after such a reload: say the page is not current and
+    // wait a minute, not reload every 3 s (a doctor typing a patient's ID would lose it each time).
     if (source.readyState === EventSource.CLOSED) {
-      setTimeout(function () { window.location.reload(); }, 3000);
+      var refusedAt = parseInt(sessionStorage.getItem(REFUSED_KEY) || "0", 10);
+      var again = Date.now() - refusedAt < 120000;
+      if (again && down) { down.hidden = false; }
+      sessionStorage.setItem(REFUSED_KEY, String(Date.now()));
+      setTimeout(function () { window.location.reload(); }, again ? 60000 : 3000);
       return;
     }
     if (down && downTimer === null) {
@@ -83,6 +89,7 @@
     }
   });
   source.addEventListener("open", function () {
+    sessionStorage.removeItem(REFUSED_KEY);
     document.documentElement.setAttribute("data-live", "on");
     if (downTimer !== null) { clearTimeout(downTimer); downTimer = null; }
     if (down) { down.hidden = true; }
