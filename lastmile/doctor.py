@@ -194,8 +194,9 @@ def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
     """What readings held `where` wait for, what to do, and the System page's advice key, by their
     held rows' `cause` ("": space): another cause (locked, damaged) is the county IT's, since
     freeing space does nothing for it. `kind` names what waits there (READINGS_KEPT, "ecgs-kept",
-    "memory-only", "memory-only-ecgs"): its key for space, its NOT_STORED one for another cause,
-    its AT_STOP one for a stop's (neither free space nor the county IT: the next start)."""
+    "memory-only", "memory-only-ecgs", "memory-only-readings-and-ecgs"): its key for space, its
+    NOT_STORED one for another cause, its AT_STOP one for a stop's (neither free space nor the
+    county IT: the next start)."""
     from lastmile.clinic.devices import HELD_AT_STOP
 
     if cause.endswith(HELD_AT_STOP):
@@ -1048,7 +1049,7 @@ class Doctor:
                     "memory-only-readings-and-ecgs" + AT_STOP,
                 )
             else:
-                kind = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
+                kind = by_what(r.in_memory_only, "memory-only", "memory-only-ecgs", "memory-only-readings-and-ecgs")
                 words, hint, advice = held_advice(r.held_cause, MEMORY_ONLY, kind)
                 message = f"{r.memory_words} {words}"
                 hint += "; do not switch the gateway off before they are stored"
