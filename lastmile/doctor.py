@@ -978,6 +978,7 @@ class Doctor:
         found = []
         for r in self.device_records() or []:
             until = r.card_said_until(now)
+            # card_said_until: never without card_found_at; its check stays for the type checker (_stamp below)
             if r.removed or until is None or r.card_found_at is None or r.card_scanned_at is None:
                 continue
             badge = r.card_kind == CARD_DOCTOR
