@@ -454,7 +454,7 @@ class Doctor:
         with as_owner_of(data):
             for directory, family, what in left_by_stop_files(data):
                 for path in pending_in(directory, family):
-                    if family == STORED_PREFIX and _owner_alive(directory, path.name[len(family) :]):
+                    if family == STORED_PREFIX and _owner_alive(directory, path.name[len(family) :], self.mountinfo):
                         continue  # a running forwarder's (a passing lock): it records them itself, no stop's
                     try:
                         count: int | str = len(UnwrittenRecords(path, what=what).lines())
@@ -1621,6 +1621,7 @@ class Mount:
     fstype: str
     options: frozenset[str]
     source: str
+    device: str  # its filesystem's "major:minor" (mountinfo's third field)
 
 
 def _where_readable_records_are(original: Path, copies: list[Path]) -> str:
@@ -1638,15 +1639,30 @@ def _where_readable_records_are(original: Path, copies: list[Path]) -> str:
     )
 
 
-def _owner_alive(locks_dir: Path, token: str) -> bool:
+def _owner_alive(locks_dir: Path, token: str, mountinfo: Path) -> bool:
     """Whether the outbox owner `token` runs (its note is then no stop's); not known: said as a stop's.
     Only looked at: the doctor never takes an owner's lock nor removes its file (the outbox's own probe)."""
     from uploader.payload_files import OwnerLock
 
+    device_is_stats = locks_named_by_stats_device(locks_dir, mountinfo)
     try:
-        return OwnerLock.seen_held(locks_dir, token)
+        return OwnerLock.seen_held(locks_dir, token, device_is_stats=device_is_stats)
     except OSError:
         return False
+
+
+def locks_named_by_stats_device(directory: Path, mountinfo: Path) -> bool:
+    """Whether /proc/locks names a lock in `directory` by the device stat gives: a mount of that
+    device is found and is no overlayfs (whose locks are on a layer's device). Found by device,
+    not by path: where the two differ (a btrfs subvolume) the device is not to be trusted."""
+    try:
+        dev = directory.stat().st_dev
+        mounts = parse_mountinfo(mountinfo.read_text())
+    except OSError:
+        return False
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    mount = next((m for m in mounts if m.device == device), None)
+    return mount is not None and mount.fstype != "overlay"
 
 
 def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
@@ -1679,7 +1695,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         sep = parts.index("-")
         mount_point = _unescape(parts[4])
         options = set(parts[5].split(",")) | set(parts[sep + 3].split(","))
-        mounts.append(Mount(mount_point, parts[sep + 1], frozenset(options), parts[sep + 2]))
+        mounts.append(Mount(mount_point, parts[sep + 1], frozenset(options), parts[sep + 2], parts[2]))
     return mounts
 
 
