@@ -194,8 +194,9 @@ def held_advice(cause: str, where: str, kind: str) -> tuple[str, str, str]:
     """What readings held `where` wait for, what to do, and the System page's advice key, by their
     held rows' `cause` ("": space): another cause (locked, damaged) is the county IT's, since
     freeing space does nothing for it. `kind` names what waits there (READINGS_KEPT, "ecgs-kept",
-    "memory-only", "memory-only-ecgs"): its key for space, its NOT_STORED one for another cause,
-    its AT_STOP one for a stop's (neither free space nor the county IT: the next start)."""
+    "memory-only", "memory-only-ecgs", "memory-only-readings-and-ecgs"): its key for space, its
+    NOT_STORED one for another cause, its AT_STOP one for a stop's (neither free space nor the
+    county IT: the next start)."""
     from lastmile.clinic.devices import HELD_AT_STOP
 
     if cause.endswith(HELD_AT_STOP):
@@ -453,7 +454,7 @@ class Doctor:
         with as_owner_of(data):
             for directory, family, what in left_by_stop_files(data):
                 for path in pending_in(directory, family):
-                    if family == STORED_PREFIX and _owner_alive(directory, path.name[len(family) :]):
+                    if family == STORED_PREFIX and _owner_alive(directory, path.name[len(family) :], self.mountinfo):
                         continue  # a running forwarder's (a passing lock): it records them itself, no stop's
                     try:
                         count: int | str = len(UnwrittenRecords(path, what=what).lines())
@@ -977,6 +978,7 @@ class Doctor:
         found = []
         for r in self.device_records() or []:
             until = r.card_said_until(now)
+            # card_said_until: never without card_found_at; its check stays for the type checker (_stamp below)
             if r.removed or until is None or r.card_found_at is None or r.card_scanned_at is None:
                 continue
             badge = r.card_kind == CARD_DOCTOR
@@ -1048,7 +1050,7 @@ class Doctor:
                     "memory-only-readings-and-ecgs" + AT_STOP,
                 )
             else:
-                kind = "memory-only-ecgs" if r.in_memory_only[1] else "memory-only"
+                kind = by_what(r.in_memory_only, "memory-only", "memory-only-ecgs", "memory-only-readings-and-ecgs")
                 words, hint, advice = held_advice(r.held_cause, MEMORY_ONLY, kind)
                 message = f"{r.memory_words} {words}"
                 hint += "; do not switch the gateway off before they are stored"
@@ -1619,6 +1621,7 @@ class Mount:
     fstype: str
     options: frozenset[str]
     source: str
+    device: str  # its filesystem's "major:minor" (mountinfo's third field)
 
 
 def _where_readable_records_are(original: Path, copies: list[Path]) -> str:
@@ -1636,15 +1639,30 @@ def _where_readable_records_are(original: Path, copies: list[Path]) -> str:
     )
 
 
-def _owner_alive(locks_dir: Path, token: str) -> bool:
+def _owner_alive(locks_dir: Path, token: str, mountinfo: Path) -> bool:
     """Whether the outbox owner `token` runs (its note is then no stop's); not known: said as a stop's.
     Only looked at: the doctor never takes an owner's lock nor removes its file (the outbox's own probe)."""
     from uploader.payload_files import OwnerLock
 
+    device_is_stats = locks_named_by_stats_device(locks_dir, mountinfo)
     try:
-        return OwnerLock.seen_held(locks_dir, token)
+        return OwnerLock.seen_held(locks_dir, token, device_is_stats=device_is_stats)
     except OSError:
         return False
+
+
+def locks_named_by_stats_device(directory: Path, mountinfo: Path) -> bool:
+    """Whether /proc/locks names a lock in `directory` by the device stat gives: a mount of that
+    device is found and is no overlayfs (whose locks are on a layer's device). Found by device,
+    not by path: where the two differ (a btrfs subvolume) the device is not to be trusted."""
+    try:
+        dev = directory.stat().st_dev
+        mounts = parse_mountinfo(mountinfo.read_text())
+    except OSError:
+        return False
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    mount = next((m for m in mounts if m.device == device), None)
+    return mount is not None and mount.fstype != "overlay"
 
 
 def left_by_stop_files(data: Path) -> list[tuple[Path, str, str]]:
@@ -1677,7 +1695,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         sep = parts.index("-")
         mount_point = _unescape(parts[4])
         options = set(parts[5].split(",")) | set(parts[sep + 3].split(","))
-        mounts.append(Mount(mount_point, parts[sep + 1], frozenset(options), parts[sep + 2]))
+        mounts.append(Mount(mount_point, parts[sep + 1], frozenset(options), parts[sep + 2], parts[2]))
     return mounts
 
 

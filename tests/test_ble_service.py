@@ -372,3 +372,50 @@ def test_a_link_still_storing_past_the_stop_deadline_leaves_the_outbox_and_exits
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     with contextlib.closing(Outbox.open(data, min_free_bytes=0)) as outbox:
         assert outbox.items(kind=OBSERVATION_KIND) == []  # rolled back whole, as said: nothing half-written
+
+
+def test_a_link_a_reload_left_still_storing_is_let_go_once_it_has_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lastmile/services/ble_service.py: a reload whose old link is still storing past the stop's
+    deadline (a reading waiting for another process's lock) keeps it, so the outbox is not closed
+    under it; but the service then held on to it for as long as the process ran, long after it had
+    finished: one more link after each such reload (acquire lets its go). Now its step lets a
+    finished one go, said in the journal, and keeps one still storing."""
+    import gc
+    import logging
+    import weakref
+
+    from lastmile.services import ble_service
+    from lastmile.services.parts import WorkerPart
+
+    monkeypatch.setattr(ble_service, "PARTS_STOP_S", 0.3)  # the service's 24 s, made short
+    config = load_config(write_config(tmp_path / "lastmile.toml", tmp_path / "data", ble=False))
+    service = ble_service.BleService(config)
+    released = threading.Event()
+
+    def storing(stop: threading.Event, beat: object) -> None:
+        released.wait(30)  # a store waiting for another process's write lock: it does not hear the stop
+
+    link = WorkerPart("ble", storing, stale_after=None)
+    link.check(time.monotonic())  # its thread started
+    service.part = link
+    left = weakref.ref(link)
+    del link
+    stop = threading.Event()
+    try:
+        service.reload(config)  # the link still storing past the deadline: left to finish on its own
+        service.step(stop)
+        gc.collect()
+        assert left() is not None and not left().finished()  # type: ignore[union-attr]
+        released.set()
+        wait_for(lambda: (part := left()) is not None and part.finished())
+        wait_for(lambda: not [t for t in threading.enumerate() if t.name in ("close-ble", "part-ble")])
+        with caplog.at_level(logging.INFO, logger="lastmile.services.parts"):
+            service.step(stop)
+        gc.collect()
+        assert left() is None, "a link a reload left is kept after it finished"
+        assert "ble: the link a reload left has finished" in caplog.text, caplog.text
+    finally:
+        released.set()
+        service.close()

@@ -802,6 +802,50 @@ def test_readings_and_ecgs_lost_together_are_told_to_measure_again_and_record_th
 
 
 @pytest.mark.parametrize(
+    ("cause", "key", "said"),
+    [
+        ("", "memory-only-readings-and-ecgs", "有测量结果和心电图在等待存储空间，尚未保存"),
+        (
+            "cannot store reading: database disk image is malformed",
+            "memory-only-readings-and-ecgs-not-stored",
+            "有测量结果和心电图在等待保存，尚未保存",
+        ),
+    ],
+    ids=["space", "not-stored"],
+)
+def test_readings_and_ecgs_held_in_memory_only_are_both_named_on_the_system_page(
+    tmp_path: Path, cause: str, key: str, said: str
+) -> None:
+    """A monitor's row holding a reading and an ECG in memory only (no spill file took them: the
+    partition full, or the outbox refusing for another cause): the System page's advice said "ECGs
+    are waiting" (有心电图在等待), as the doctor picked the ECGs' key whenever an ECG was among
+    them, so his readings went unnamed. Now it names both, for want of space and for another cause."""
+    data = tmp_path / "data"
+    monitor = device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    now = dt.datetime.now(UTC)
+    registry = DeviceRegistry.open(data)
+    try:
+        registry.update_status("serial:monitor", now=now, transport="serial", name="monitor", seen=True)
+        registry.update_status(
+            "serial:monitor",
+            now=now,
+            transport="serial",
+            held=HeldReadings.MEMORY,
+            held_counts=(1, 1),
+            memory_counts=(1, 1),
+            held_cause=cause,
+        )
+    finally:
+        registry.close()
+    (held,) = [f for f in doctor(data, monitor).check_devices() if f.level is Level.FAIL]
+    assert held.advice_key == key, held
+    assert "1 reading(s), 1 ECG(s)" in held.message and "do not switch the gateway off" in held.hint, held
+    system = pages_with_the_monitor(tmp_path, data, "/system")["/system"]
+    assert f"{said}：" in system and "请不要关闭网关，否则这些测量结果和心电图会丢失" in system, system
+    assert "有心电图在等待" not in system, system
+
+
+@pytest.mark.parametrize(
     ("cause", "on_disk", "key"),
     [
         ("", (0, 0), "lost-readings-and-ecgs"),

@@ -891,6 +891,7 @@ def test_the_doctor_only_looks_at_an_outbox_owners_lock_never_takes_it(tmp_path:
     /proc/locks: a dead owner's lock file stays as it is, a live one (another process) is seen."""
     import sys
 
+    from lastmile.doctor import locks_named_by_stats_device
     from uploader.payload_files import OwnerLock
 
     locks = tmp_path / "locks"
@@ -899,6 +900,7 @@ def test_the_doctor_only_looks_at_an_outbox_owners_lock_never_takes_it(tmp_path:
         OwnerLock.stored_file(locks, token).replace(["7 sent"])
     dead_lock = locks / "owner-0000-dead.lock"
     dead_lock.touch()  # its process died: the kernel dropped its flock, the file stays
+    trusted = locks_named_by_stats_device(locks, Path("/proc/self/mountinfo"))  # as the doctor decides it
     inode = dead_lock.stat().st_ino
     holder = subprocess.Popen(
         [
@@ -918,10 +920,11 @@ def test_the_doctor_only_looks_at_an_outbox_owners_lock_never_takes_it(tmp_path:
         kept = {f.topic: f for f in doctor(tmp_path).check_data_partition()}["left-by-stop"]
         assert "locks/stored-0000-dead" in kept.message and "stored-0000-live" not in kept.message, kept
         assert dead_lock.exists() and dead_lock.stat().st_ino == inode  # looked at, not taken nor removed
-        assert OwnerLock.seen_held(locks, "0000-live") and not OwnerLock.seen_held(locks, "0000-dead")
+        assert OwnerLock.seen_held(locks, "0000-live", device_is_stats=trusted)
+        assert not OwnerLock.seen_held(locks, "0000-dead", device_is_stats=trusted)
     finally:
         holder.communicate("", timeout=10)
-    assert not OwnerLock.seen_held(locks, "0000-live")  # its process ended
+    assert not OwnerLock.seen_held(locks, "0000-live", device_is_stats=trusted)  # its process ended
 
 
 def test_a_lock_with_the_same_inode_number_on_another_filesystem_is_not_the_owners(tmp_path: Path) -> None:
@@ -930,7 +933,13 @@ def test_a_lock_with_the_same_inode_number_on_another_filesystem_is_not_the_owne
     to be a stop's. Now the device must agree too, except on overlayfs (its device is a layer's)."""
     import os
 
+    from lastmile.doctor import locks_named_by_stats_device
     from uploader.payload_files import OwnerLock
+
+    def seen_held(mountinfo: Path) -> bool:
+        """The owner's lock seen held, the device trusted as the doctor decides it from `mountinfo`."""
+        trusted = locks_named_by_stats_device(locks, mountinfo)
+        return OwnerLock.seen_held(locks, "0000-dead", device_is_stats=trusted, proc_locks=proc_locks)
 
     locks = tmp_path / "locks"
     locks.mkdir()
@@ -945,14 +954,16 @@ def test_a_lock_with_the_same_inode_number_on_another_filesystem_is_not_the_owne
         if line.split()[2] == f"{major}:{minor}"
     ]
     if mounted_as and mounted_as[0] != "overlay":  # this machine's own mounts say the device is stat's
-        assert not OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks)
+        assert not seen_held(Path("/proc/self/mountinfo"))
     mountinfo = tmp_path / "mountinfo"
     mountinfo.write_text(f"36 35 {major}:{minor} / / rw,noatime shared:1 - ext4 /dev/mmcblk0p2 rw\n")
-    assert not OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)
+    assert not seen_held(mountinfo)
 
     proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
-    assert OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)  # its own lock
+    assert seen_held(mountinfo)  # its own lock
 
     proc_locks.write_text(f"1: FLOCK  ADVISORY  WRITE 1234 {major + 1:02x}:{minor:02x}:{here.st_ino} 0 EOF\n")
     mountinfo.write_text(f"36 35 {major}:{minor} / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u\n")
-    assert OwnerLock.seen_held(locks, "0000-dead", proc_locks=proc_locks, mountinfo=mountinfo)  # a layer's device
+    assert seen_held(mountinfo)  # a layer's device
+    mountinfo.write_text(f"36 35 {major + 1}:{minor} / / rw,noatime shared:1 - ext4 /dev/mmcblk0p2 rw\n")
+    assert seen_held(mountinfo)  # no mount of stat's device (a btrfs subvolume's): the inode alone

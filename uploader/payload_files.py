@@ -157,26 +157,6 @@ def _stored_item(line: str) -> tuple[int, bool | None]:
 
 
 PROC_LOCKS = Path("/proc/locks")
-PROC_MOUNTINFO = Path("/proc/self/mountinfo")
-
-
-def _device_is_stats(directory: Path, mountinfo: Path) -> bool:
-    """Whether /proc/locks names a lock in `directory` by the device stat gives: its mount is
-    found (by that device) and is no overlayfs (whose locks are on the layer's device)."""
-    try:
-        dev = directory.stat().st_dev
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
-        fields, _, after = line.partition(" - ")
-        parts = fields.split()
-        if len(parts) < 3 or parts[2] != f"{os.major(dev)}:{os.minor(dev)}":
-            continue
-        fstype = after.split()[0] if after.split() else ""
-        return fstype not in ("", "overlay")
-    return False
 
 
 class OwnerLock:
@@ -260,16 +240,16 @@ class OwnerLock:
         return None
 
     @staticmethod
-    def seen_held(
-        locks_dir: Path, token: str, *, proc_locks: Path = PROC_LOCKS, mountinfo: Path = PROC_MOUNTINFO
-    ) -> bool:
+    def seen_held(locks_dir: Path, token: str, *, device_is_stats: bool, proc_locks: Path = PROC_LOCKS) -> bool:
         """Whether someone holds the owner's lock, only looked at (`lastmile doctor`): never taken
         nor its file removed - an outbox opening at that moment would find a dead owner's lock
         taken (alive) and skip its note of what the county stored, then send those again. flock
         locks are not seen by fcntl's F_GETLK; /proc/locks lists them by device and inode: both
         must agree (an inode number alone is shared by a lock on another filesystem, a tmpfs /run),
-        but on overlayfs (or a filesystem not found) the device is not the one stat gives, and
-        the inode number alone is taken. OSError: not known."""
+        but where /proc/locks does not name `locks_dir`'s locks by the device stat gives
+        (`device_is_stats` False: overlayfs, or a filesystem not found - the caller reads the
+        mounts, lastmile.doctor.locks_named_by_stats_device) the inode number alone is taken.
+        OSError: not known."""
         try:
             lock = (locks_dir / f"owner-{token}.lock").stat()
         except FileNotFoundError:
@@ -292,7 +272,7 @@ class OwnerLock:
             except ValueError:
                 pass
             inode_elsewhere = True
-        return inode_elsewhere and not _device_is_stats(locks_dir, mountinfo)
+        return inode_elsewhere and not device_is_stats
 
     @staticmethod
     def is_alive(locks_dir: Path, token: str) -> bool:

@@ -424,6 +424,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs are waiting for storage space and are not saved yet: do not switch the gateway off, they "
             "would be lost. Call the county IT now to free space."
         ),
+        # both held in memory (doctor.by_what): a doctor told of ECGs only would not know his readings wait too
+        "memory-only-readings-and-ecgs": N_(
+            "Readings and ECGs are waiting for storage space and are not saved yet: do not switch the gateway off, "
+            "they would be lost. Call the county IT now to free space."
+        ),
         # held for another cause than space (doctor.NOT_STORED): freeing space would not help
         "readings-kept-not-stored": N_(
             "Readings are waiting to be saved: the gateway cannot write its data just now (not for want of "
@@ -440,6 +445,10 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "memory-only-ecgs-not-stored": N_(
             "ECGs are waiting to be saved and are not saved yet: the gateway cannot write its data just now "
             "(not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
+        ),
+        "memory-only-readings-and-ecgs-not-stored": N_(
+            "Readings and ECGs are waiting to be saved and are not saved yet: the gateway cannot write its data just "
+            "now (not for want of space). Do not switch the gateway off, they would be lost. Call the county IT now."
         ),
         # held because the gateway stopped before it stored them (doctor.AT_STOP): stored when it starts again
         "readings-kept-at-stop": N_(

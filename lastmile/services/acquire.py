@@ -26,7 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lastmile.services.parts import PARTS_STOP_S, STEP_S, Beat, Part, ReceiverPart, WorkerPart, close_parts
+from lastmile.services.parts import (
+    PARTS_STOP_S,
+    STEP_S,
+    Beat,
+    LeftParts,
+    Part,
+    ReceiverPart,
+    WorkerPart,
+    close_parts,
+)
 from lastmile.services.process_tuning import HeapTrim
 
 if TYPE_CHECKING:
@@ -207,7 +216,7 @@ class AcquireService:
         self._closers = closers
         # Parts a reload could not wait for, and the stores only they may still use (an old
         # session's clinic.db connection): closed once those parts have finished (`step`).
-        self._left_parts: list[Part] = []
+        self._left_parts = LeftParts()
         self._left_closers: list[Callable[[], None]] = []
         self.started = time.monotonic()
         self.trim = HeapTrim(self.started)
@@ -295,7 +304,7 @@ class AcquireService:
         self.alive()
         old_closers, self._closers = self._closers[1:], self._closers[:1]
         if still:
-            self._left_parts += still
+            self._left_parts.add(still)
             self._left_closers += old_closers
         else:
             for close in reversed(old_closers):
@@ -308,8 +317,8 @@ class AcquireService:
 
     def _close_what_was_left(self) -> None:
         """The stores a reload left to parts still closing, once those have finished."""
-        if self._left_parts and all(part.finished() for part in self._left_parts):
-            closers, self._left_parts, self._left_closers = self._left_closers, [], []
+        if self._left_parts and not self._left_parts.forget_finished():
+            closers, self._left_closers = self._left_closers, []
             for close in reversed(closers):
                 close()
             log.info("acquire: the device links a reload left have finished; their session's database closed")
@@ -317,7 +326,7 @@ class AcquireService:
     def close(self) -> None:
         # Parts first: each finishes the object in hand and makes it durable before the outbox closes.
         still = close_parts(list(reversed(self.parts)), within_s=PARTS_STOP_S)
-        still += [part for part in self._left_parts if not part.finished()]
+        still += self._left_parts.forget_finished()
         if still:
             # Not closed under a part still writing to them (a sqlite3 connection closed under
             # another thread's statement crashed the process); they go with the process: SQLite

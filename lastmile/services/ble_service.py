@@ -28,7 +28,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
-from lastmile.services.parts import PARTS_STOP_S, STEP_S, Beat, Part, WorkerPart, close_parts
+from lastmile.services.parts import PARTS_STOP_S, STEP_S, Beat, LeftParts, Part, WorkerPart, close_parts
 from lastmile.services.process_tuning import HeapTrim
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class BleService:
         self.radio = radio
         self.outbox: Outbox | None = None
         self.part: Part | None = None
-        self._left_parts: list[Part] = []  # links a reload could not wait for: on the outbox still
+        self._left_parts = LeftParts()  # links a reload could not wait for: on the outbox still
         # Set from the link's thread, read by status_line: one reference swapped whole.
         self.radio_fault: str | None = None
         self.trim = HeapTrim(time.monotonic())
@@ -148,6 +148,7 @@ class BleService:
     # -- Service ----------------------------------------------------------------------------------
 
     def step(self, stop: threading.Event) -> float:
+        self._left_parts.forget_finished()  # a link a reload left, once finished, is not kept for ever
         if self.part is None:
             return IDLE_STEP_S
         self.part.check(time.monotonic())  # raises Wedged: the runtime exits and systemd restarts us
@@ -158,7 +159,7 @@ class BleService:
         """The link is rebuilt from the new configuration (started, stopped); the outbox stays
         open. The old link's stop is bounded as the service's (PARTS_STOP_S, within WatchdogSec)."""
         if self.part is not None:
-            self._left_parts += close_parts([self.part], within_s=PARTS_STOP_S)
+            self._left_parts.add(close_parts([self.part], within_s=PARTS_STOP_S))
             self.part = None
         self.config = config
         self._build()
@@ -169,7 +170,7 @@ class BleService:
         # long for clinic.db's). One still storing then keeps the outbox: closing a sqlite3
         # connection under another thread's statement crashes the process.
         still = close_parts([self.part] if self.part is not None else [], within_s=PARTS_STOP_S)
-        still += [part for part in self._left_parts if not part.finished()]
+        still += self._left_parts.forget_finished()
         if still:
             log.warning("ble: the link still storing: the outbox left open to it until the process ends")
             return

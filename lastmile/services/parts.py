@@ -99,6 +99,33 @@ def close_parts(parts: Sequence[Part], *, within_s: float) -> list[Part]:
 CLOSE_POLL_S = 0.05  # how often close_parts looks whether every part has finished
 
 
+class LeftParts:
+    """The parts a reload could not wait for (`close_parts` returned them still closing): they may
+    still use the stores, which the service must not close under them. Each is forgotten once it
+    has finished (said), so a service reloaded again and again holds none that ended."""
+
+    def __init__(self) -> None:
+        self._parts: list[Part] = []
+
+    def __bool__(self) -> bool:
+        """Whether any is remembered: left by a reload, not yet seen finished."""
+        return bool(self._parts)
+
+    def add(self, parts: Sequence[Part]) -> None:
+        self._parts += parts
+
+    def forget_finished(self) -> list[Part]:
+        """The parts still closing; those finished since are forgotten."""
+        still: list[Part] = []
+        for part in self._parts:
+            if part.finished():
+                log.info("%s: the link a reload left has finished", part.name)
+            else:
+                still.append(part)
+        self._parts = still
+        return list(still)
+
+
 def _close_said(part: Part) -> None:
     try:
         part.close()
