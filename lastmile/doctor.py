@@ -1628,8 +1628,10 @@ def _where_readable_records_are(original: Path, copies: list[Path]) -> str:
     """Where a damaged file's readable records are, as far as looking can tell. A start keeps them
     in the file itself until it has written them, then removes it (none readable: removed at
     once), so the file there means they wait for a start. Gone, they were written - but for one
-    case no file shows: on a full disk a start that could neither rewrite the file nor rename it
-    back left them in the copy only (its journal says so, "... only"), lost if that start failed."""
+    case no file shows, a copy an earlier version left (this one sets a file with readable records
+    aside only once they are written): on a full disk its start that could neither rewrite the
+    file nor rename it back left them in the copy only (its journal says so, "... only"), lost if
+    that start failed."""
     if original.exists():
         return f"its readable records, unless a start wrote them since, wait in {original} for the next start"
     copy = copies[0] if len(copies) == 1 else "a copy"

@@ -9,7 +9,6 @@ resident ID 110101196505050017 (a man born 1965-05-05), the cart's fields saying
 from __future__ import annotations
 
 import datetime as dt
-import io
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,13 +27,13 @@ from lastmile.ecg.intake import (
     STAT_NAME_HOLD_S,
     assign_held_ecg,
     clinic_patient,
-    file_enqueuer,
     read_ecg_file,
 )
+from tests.cart_files import arrives_from_the_usb_stick, stored_dataset
 from tests.conftest import shared_file
 from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
 from tests.lan_cart import lan_receiver, storescu_as_the_cart
-from uploader.outbox import Kind, Outbox
+from uploader.outbox import Kind
 
 RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
 OTHER_ID = "110101198001010010"  # a man born 1980-01-01
@@ -60,31 +59,14 @@ def _cart_file(tmp_path: Path, *, sex: str = "F", birth: str = "19710101", name:
 
 def _arrives(config: Config, path: Path, key: str, *, stat: bool = False) -> int:
     """The cart's file arrives as from its USB stick while 李建国 is checked in. Its item."""
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        with open_outbox(config) as outbox:
-            now = dt.datetime.now(dt.timezone.utc)
-            enqueue = file_enqueuer(
-                outbox,
-                config,
-                lambda: context.patient_ids(now),
-                stat=stat,
-                checked_in_name=lambda pid: context.known_name(pid, now),
-            )
-            assert enqueue(read_ecg_file(path), key)
-            item = outbox.find(key)
-            assert item is not None
-            return item.id
-    finally:
-        context.close()
+    return arrives_from_the_usb_stick(config, read_ecg_file(path), key, stat=stat).id
 
 
-def _dataset(outbox: Outbox, item_id: int) -> pydicom.Dataset:
-    item = outbox.get(item_id)
-    assert item is not None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+def _the_doctor_answers(doctor: Client, page: str, path: str, fields: dict[str, str] | None = None) -> None:
+    """The doctor answers the held ECG's question on Today's `page` (`path`, the form's `fields`):
+    the answer is taken, the ECG assigned."""
+    reply = doctor.post(path, {"csrf": csrf_of(page), **(fields or {})})
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
 
 
 @pytest.fixture
@@ -125,15 +107,13 @@ def test_the_doctors_id_is_right_sends_the_ids_sex_and_birth_date(
 ) -> None:
     config, _, doctor = clinic
     item_id = _arrives(config, _cart_file(tmp_path), "cart")
-    page = doctor.get("/today").body
-    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": csrf_of(page)})
-    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    _the_doctor_answers(doctor, doctor.get("/today").body, f"/today/ecg/{item_id}/id-values")
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
         assert item is not None and item.hold_until is None and item.patient is not None
         assert (item.patient["sex"], item.patient["birth_date"]) == ("M", "1965-05-05")
         assert not any(f.startswith(ID_CONFLICT) for f in item.meta["flags"])
-        sent = _dataset(outbox, item_id)
+        sent = stored_dataset(outbox, item_id)
     assert (sent.PatientID, sent.PatientSex, sent.PatientBirthDate) == (RESIDENT_ID, "M", "19650505")
     assert sent.PatientAge.endswith("Y") and sent.PatientAge != "055Y"  # his age, not the previous patient's
     assert f'data-held-ecg="{item_id}"' not in doctor.get("/today").body
@@ -144,11 +124,10 @@ def test_another_patients_ecg_goes_with_that_patients_details(
 ) -> None:
     config, _, doctor = clinic
     item_id = _arrives(config, _cart_file(tmp_path), "cart")
-    page = doctor.get("/today").body
-    reply = doctor.post("/today/assign-ecg", {"csrf": csrf_of(page), "item_id": str(item_id), "patient_id": OTHER_ID})
-    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    assign = {"item_id": str(item_id), "patient_id": OTHER_ID}
+    _the_doctor_answers(doctor, doctor.get("/today").body, "/today/assign-ecg", assign)
     with open_outbox(config) as outbox:
-        sent = _dataset(outbox, item_id)
+        sent = stored_dataset(outbox, item_id)
     assert (sent.PatientID, sent.PatientSex, sent.PatientBirthDate) == (OTHER_ID, "M", "19800101")
 
 
@@ -180,7 +159,7 @@ def test_a_file_agreeing_with_its_id_or_giving_no_sex_is_not_held(tmp_path: Path
         for item_id in (agreeing, unsaid):
             item = outbox.get(item_id)
             assert item is not None and item.hold_until is None, item
-        sent = _dataset(outbox, unsaid)
+        sent = stored_dataset(outbox, unsaid)
     assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505")  # the ID's, as before
 
 
@@ -207,17 +186,16 @@ def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_
         )
         assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"]), item.meta["flags"]
         assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.hold_until)
-        sent = _dataset(outbox, item_id)
+        sent = stored_dataset(outbox, item_id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
     page = doctor.get("/today").body
     assert "身份证号是对的：按身份证号的性别和出生日期发送" in held_ecg_row(page, item_id)
-    reply = doctor.post(f"/today/ecg/{item_id}/id-values", {"csrf": csrf_of(page)})
-    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    _the_doctor_answers(doctor, page, f"/today/ecg/{item_id}/id-values")
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
         assert item is not None and item.hold_until is None
         assert not any(f.startswith(ID_CONFLICT) for f in item.meta["flags"])
-        sent = _dataset(outbox, item_id)
+        sent = stored_dataset(outbox, item_id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
 
 
@@ -243,13 +221,12 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []
     page = doctor.get("/today").body
     assert f"身份证号 {RESIDENT_ID} 是 男，1965-05-05" in held_ecg_row(page, item.id)
-    reply = doctor.post(f"/today/ecg/{item.id}/id-values", {"csrf": csrf_of(page)})
-    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    _the_doctor_answers(doctor, page, f"/today/ecg/{item.id}/id-values")
     with open_outbox(config) as outbox:
         decided = outbox.get(item.id)
         assert decided is not None and decided.hold_until is None
         assert not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
-        sent = _dataset(outbox, item.id)
+        sent = stored_dataset(outbox, item.id)
     cart = pydicom.dcmread(path)
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
         assert sent.get(keyword) == cart.get(keyword), keyword
@@ -273,11 +250,11 @@ def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is
         named = assign_held_ecg(outbox, item.id, Patient(RESIDENT_ID, "Wang^Fang"), now=now)
         assert named.hold_reason == ID_CONFLICT and named.held(time.time()), (named.hold_reason, named.hold_until)
         assert f"{ID_CONFLICT}:sex" in named.meta["flags"]
-        sent = _dataset(outbox, item.id)
+        sent = stored_dataset(outbox, item.id)
         assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
         decided = assign_held_ecg(outbox, item.id, clinic_patient(RESIDENT_ID, "Wang^Fang", config), now=now)
         assert decided.hold_until is None and not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
-        sent = _dataset(outbox, item.id)
+        sent = stored_dataset(outbox, item.id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
 
 
@@ -293,6 +270,6 @@ def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_s
             storescu_as_the_cart(receiver.port, path)  # the cart's retry
         (again,) = outbox.items(kind=Kind.DICOM)
         assert item.hold_until is None and again.sha256 == item.sha256
-        sent = _dataset(outbox, item.id)
+        sent = stored_dataset(outbox, item.id)
     assert str(sent.PatientName) == "Li^Jianguo=李^建国" and sent.SpecificCharacterSet == "ISO_IR 192"
     assert item.patient is not None and item.patient["name"] == "Li^Jianguo=李^建国"

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
-import io
 import itertools
 import json
 import re
@@ -43,6 +42,7 @@ from lastmile.ecg.intake import (
     file_enqueuer,
     read_ecg_file,
 )
+from tests.cart_files import arrives_from_the_usb_stick, stored_dataset
 from tests.conftest import shared_file
 from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
 from tests.lan_cart import lan_receiver, storescu_as_the_cart
@@ -50,7 +50,7 @@ from tests.serial_gateway import Running
 from tests.serial_pty import PtyDevice
 from tests.service_harness import PATIENT_CARD_SCAN, known_name
 from tests.waiting import wait_for
-from uploader.outbox import Kind, Outbox
+from uploader.outbox import Kind
 
 FILE_ID = "SBJ-123"  # the ID the three ecgtoolkit files name, with the name "Clark"
 HOLD_S = 900.0
@@ -76,14 +76,6 @@ def _cli(tmp_path: Path) -> list[str]:
         f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n[ecg]\nre_record_hold_s = 0\n'
     )
     return ["-c", str(config_file)]
-
-
-def _dataset(outbox: Outbox, item_id: int) -> pydicom.Dataset:
-    item = outbox.get(item_id)
-    assert item is not None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
 
 
 # -- files: `lastmile import` ------------------------------------------------------------------------
@@ -175,7 +167,7 @@ def test_a_file_naming_the_check_in_in_pinyin_goes_under_the_check_ins_character
     assert cli([*run, "import", "-q", str(tmp_path / "cart.dcm")]) == 0
     with open_outbox(_config(tmp_path)) as outbox:
         (item,) = outbox.items(kind=Kind.DICOM)
-        sent = _dataset(outbox, item.id)
+        sent = stored_dataset(outbox, item.id)
     assert item.hold_until is None and NAME_MISMATCH not in item.meta["flags"]
     assert item.patient is not None and item.patient["name"] == sent_as
     assert (sent.PatientID, str(sent.PatientName)) == (FILE_ID, sent_as)
@@ -265,7 +257,7 @@ def test_a_lan_ecg_held_for_its_name_goes_under_the_decided_name_with_the_carts_
             assert decided.hold_until is None and decided.patient is not None
             assert decided.patient["name"] == "Zhang^San=张^三"
             storescu_as_the_cart(receiver.port, path)  # the cart's retry of the same object
-        sent = _dataset(outbox, item.id)
+        sent = stored_dataset(outbox, item.id)
         for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
             assert sent.get(keyword) == cart.get(keyword), keyword
         assert str(sent.PatientName) == "Zhang^San=张^三" and str(sent.OtherPatientNames) == "Clark"
@@ -312,22 +304,9 @@ def _held_for_its_name(
     if re_record_hold_s is not None:
         judged = copy.deepcopy(config)
         judged.ecg.re_record_hold_s = re_record_hold_s
-    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
-    try:
-        with open_outbox(config) as outbox:
-            now = dt.datetime.now(dt.timezone.utc)
-            enqueue = file_enqueuer(
-                outbox,
-                judged,
-                lambda: context.patient_ids(now),
-                checked_in_name=lambda pid: context.known_name(pid, now),
-            )
-            assert enqueue(recording, key)
-            item = outbox.find(key)
-            assert item is not None and item.hold_reason == NAME_MISMATCH, item
-            return item.id
-    finally:
-        context.close()
+    item = arrives_from_the_usb_stick(config, recording, key, judged=judged)
+    assert item.hold_reason == NAME_MISMATCH, item
+    return item.id
 
 
 def _answered(doctor: Client, item_id: int, answer: str, page: str, done: str) -> str:
@@ -354,7 +333,7 @@ def test_today_asks_whose_ecg_it_is_and_it_is_the_checked_in_patients(
         # Clark's birth date and sex (the cart's previous patient's) are not 张三's: left out
         assert item.patient["name"] == "Zhang^San=张^三" and item.patient["birth_date"] is None
         assert not item.patient["sex"]
-        sent = _dataset(outbox, item_id)
+        sent = stored_dataset(outbox, item_id)
     assert (sent.PatientID, str(sent.PatientName)) == (FILE_ID, "Zhang^San=张^三")
     assert (sent.PatientBirthDate, sent.PatientSex, sent.get("PatientAge")) == ("", "", None)
     assert f'data-held-ecg="{item_id}"' not in doctor.get("/today").body
@@ -369,7 +348,7 @@ def test_today_another_patients_ecg_is_assigned_by_the_assign_box(
     reply = doctor.post("/today/assign-ecg", {"csrf": csrf_of(page), "item_id": str(item_id), "patient_id": "MZ-77"})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
-        sent = _dataset(outbox, item_id)
+        sent = stored_dataset(outbox, item_id)
         item = outbox.get(item_id)
     assert item is not None and item.hold_until is None
     assert sent.PatientID == "MZ-77" and "Clark" not in str(sent.PatientName) and "Zhang" not in str(sent.PatientName)
@@ -384,7 +363,7 @@ def test_today_the_ecgs_name_is_right_and_the_check_in_is_corrected(
     assert "登记的姓名已更正，按心电图上的姓名发送" in doctor.get(landing).body
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)
-        sent = _dataset(outbox, item_id)
+        sent = stored_dataset(outbox, item_id)
     assert item is not None and item.hold_until is None and str(sent.PatientName).rstrip("^") == "Clark"
     assert known_name(config, FILE_ID) == "Clark"  # what the session sends now
 
@@ -507,7 +486,7 @@ def test_cli_assign_with_the_name_typed_in_pinyin_keeps_the_check_ins_characters
     capsys.readouterr()
     assert cli([*run, "patient", "assign", f"E{item.id}", FILE_ID, "--name", "Zhang San"]) == 0, capsys.readouterr()
     with open_outbox(_config(tmp_path)) as outbox:
-        assert str(_dataset(outbox, item.id).PatientName) == "Zhang^San=张^三"
+        assert str(stored_dataset(outbox, item.id).PatientName) == "Zhang^San=张^三"
 
 
 # -- Today: the review's cases ---------------------------------------------------------------------
@@ -646,7 +625,7 @@ def test_today_another_ecg_held_for_its_name_names_the_id_as_corrected(
     assert "张三" not in row, row
     _answered(doctor, e3, "checked-in-name", page, "assigned")
     with open_outbox(config) as outbox:
-        sent = _dataset(outbox, e3)
+        sent = stored_dataset(outbox, e3)
     assert (sent.PatientID, str(sent.PatientName).rstrip("^")) == (FILE_ID, "Clark")
 
 
@@ -763,6 +742,22 @@ def _hold_of(tmp_path: Path, item_id: int) -> str | None:
         return item.hold_reason
 
 
+@contextlib.contextmanager
+def _clarks_ecg_under_zhangs_card(tmp_path: Path) -> Iterator[tuple[ConsoleServer, Client, str, int]]:
+    """张三 checked in at the desk under his card's ID, 李四 next; then 张三's card scanned at the
+    ECG cart, and the cart's ECG under that ID naming Clark (the previous patient's name left on
+    the cart) imported. The console, the doctor logged in to it, the name the scan's check-in
+    took, and the ECG's outbox item id."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
+        doctor = Client(server.url)
+        doctor.login()
+        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
+        assert doctor.post("/today/check-in", {"patient_id": "P-LI", "name": "李四"}).status == 303
+        checked_in_as = _scanned(scanner, gateway, CARD)
+        yield server, doctor, checked_in_as, _card_ecg(tmp_path, CARD, "Clark")
+
+
 def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_under_another_is_held(
     tmp_path: Path,
 ) -> None:
@@ -772,14 +767,7 @@ def test_a_card_scanned_takes_the_name_checked_in_for_its_id_today_and_an_ecg_un
     one ID under two names at the county. The check-in takes 张三: Clark's is held
     "name-mismatch", Today asks whose it is - saying the name was checked in earlier, not typed
     now - and 张三's passes."""
-    config = console_config(tmp_path / "data")
-    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
-        doctor = Client(server.url)
-        doctor.login()
-        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
-        assert doctor.post("/today/check-in", {"patient_id": "P-LI", "name": "李四"}).status == 303
-        checked_in_as = _scanned(scanner, gateway, CARD)
-        clark = _card_ecg(tmp_path, CARD, "Clark")
+    with _clarks_ecg_under_zhangs_card(tmp_path) as (_, doctor, checked_in_as, clark):
         assert _hold_of(tmp_path, clark) == NAME_MISMATCH
         assert checked_in_as == "Zhang^San=张^三"
         row = held_ecg_row(doctor.get("/today").body, clark)
@@ -804,14 +792,8 @@ def test_the_question_on_a_name_a_card_took_is_read_whole_on_a_phone_and_a_scree
     <ID>" above the question: the name in doubt, in bold beside the ID, as if it were the patient's."""
     from tests.console_browser import by, choose_language, log_in, save_screenshot, set_viewport, text_in
 
-    config = console_config(tmp_path / "data")
-    with running_console(config) as server, _card_scanner(tmp_path) as (scanner, gateway):
-        doctor = Client(server.url)
-        doctor.login()
-        assert doctor.post("/today/check-in", {"patient_id": CARD, "name": "张三"}).status == 303
-        assert doctor.post("/today/check-in", {"patient_id": "P-LI", "name": "李四"}).status == 303
-        assert _scanned(scanner, gateway, CARD) == "Zhang^San=张^三"
-        clark = _card_ecg(tmp_path, CARD, "Clark")
+    with _clarks_ecg_under_zhangs_card(tmp_path) as (server, _, checked_in_as, clark):
+        assert checked_in_as == "Zhang^San=张^三"
         set_viewport(browser, size)
         log_in(browser, server)
         if language == "en":

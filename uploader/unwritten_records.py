@@ -7,7 +7,8 @@ one, a full disk the old copy), read a record
 a line so that one damaged line does not take the others, a damaged file copied aside (said, never
 a crash) as `<name>.damaged-<time>` with only the newest KEEP_ASIDE such copies kept (an SD card must
 not fill with them over years) and left with its readable lines, forgotten once the next start has
-written its records (not before: a start that fails first reads them again).
+written its records (not before: a start that fails first reads them again). On a full disk, where
+no copy can be made, the damaged file stays as it is until then and is renamed aside instead.
 
 Each user holds one `UnwrittenRecords` per file from `take()` to `forget()`: what `take()` found
 and could not yet set aside (a full disk) is that instance's, set aside by its `forget()`.
@@ -84,6 +85,17 @@ def pending_in(directory: Path, family: str) -> list[Path]:
         return []
 
 
+@dataclass(frozen=True)
+class _DamagedInPlace:
+    """A damaged file `take()` could not copy aside (a full disk) and left in place for its
+    readable records: why, what its lost lines mean, and the name it is set aside as once they
+    are written."""
+
+    why: str
+    consequence: str
+    aside: Path
+
+
 @dataclass
 class Taken(Generic[_T]):
     """What a start read of a file: its readable records, and how many lines were damaged."""
@@ -106,9 +118,9 @@ class UnwrittenRecords:
         self.family = path.name if family is None else family
         self.keep_aside = keep_aside
         # found damaged by `take()` and kept with its damaged lines (a full disk: neither copied
-        # aside nor rewritten): the name `forget()` sets it aside as. Lost with the process: the
-        # file on disk still holds its damaged lines, and the next start's `take()` finds them again.
-        self._damaged_in_place: Path | None = None
+        # aside nor rewritten): `forget()` sets it aside. Lost with the process: the file on disk
+        # still holds its damaged lines, and the next start's `take()` finds them again.
+        self._damaged_in_place: _DamagedInPlace | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -126,21 +138,14 @@ class UnwrittenRecords:
 
     def forget(self) -> None:
         """The records are in their database now: the file goes (raised: OSError but none). One
-        this instance's `take()` found damaged and could not set aside while keeping its readable
-        lines (a full disk) is set aside now - renamed, which needs no space - never deleted."""
-        aside, self._damaged_in_place = self._damaged_in_place, None
-        if aside is not None:
-            if aside.exists():  # taken by another copy since: both kept
-                aside = self._aside_path()
-            try:
-                os.replace(self.path, aside)
-            except FileNotFoundError:
-                return
-            fsync_dir(self.path.parent)
-            log.warning(
-                "the damaged %s in %s are written now: the file is set aside as %s", self.what, self.path, aside
-            )
-            self._cap_aside(aside)
+        this instance's `take()` found damaged and could not copy aside (a full disk) is set aside
+        now - renamed, which needs no space - never deleted."""
+        damaged, self._damaged_in_place = self._damaged_in_place, None
+        if damaged is not None:
+            if self.path.exists():
+                self.set_aside(
+                    f"{damaged.why}; its readable records are written now", damaged.consequence, damaged.aside
+                )
             return
         try:
             self.path.unlink()
@@ -200,47 +205,29 @@ class UnwrittenRecords:
         try:
             replace_whole(aside, data, mode=0o600)
         except OSError as exc:
-            log.error("the %s in %s are damaged (%s) and cannot be copied aside: %s", self.what, self.path, why, exc)
-            return self._move_aside_keeping(readable, why, consequence)
+            if not readable:  # nothing to keep it for
+                log.error(
+                    "the %s in %s are damaged (%s) and cannot be copied aside: %s", self.what, self.path, why, exc
+                )
+                return self.set_aside(why, consequence)
+            # left as it is, the truth of its readable records for a start that fails before
+            # writing them (`pending_in` skips set-aside files); `forget()` sets it aside
+            self._damaged_in_place = _DamagedInPlace(why, consequence, aside)
+            log.error(
+                "the %s in %s are damaged (%s) and cannot be copied aside (%s): it stays as it is until its"
+                " readable records are written, then is set aside as %s",
+                self.what,
+                self.path,
+                why,
+                exc,
+                aside,
+            )
+            return aside
         try:
             self.replace(readable)
         except OSError as exc:  # it keeps its damaged lines too: set aside again at the next start
             log.error("cannot rewrite %s with its readable lines only: %s", self.path, exc)
         self._said_aside(why, aside, consequence)
-        return aside
-
-    def _move_aside_keeping(self, readable: list[str], why: str, consequence: str) -> Path | None:
-        """The damaged file moved aside (the old way), then its `readable` lines written again.
-        On a full disk that fails: the file is renamed back (no space needed), so that a start
-        that fails before writing its records reads them again (`pending_in` skips set-aside
-        files), and this instance's `forget()` sets it aside under the name returned."""
-        aside = self.set_aside(why, consequence)
-        if aside is None or not readable:
-            return aside
-        try:
-            self.replace(readable)
-        except OSError as exc:
-            try:
-                os.replace(aside, self.path)
-            except OSError as back_exc:
-                log.error(
-                    "cannot write the readable lines of %s again nor move it back (they are in %s only): %s; %s",
-                    self.path,
-                    aside,
-                    exc,
-                    back_exc,
-                )
-                return aside
-            with contextlib.suppress(OSError):
-                fsync_dir(self.path.parent)
-            self._damaged_in_place = aside
-            log.error(
-                "cannot write the readable lines of %s again (%s): it stays as it was until they are written,"
-                " then is set aside as %s",
-                self.path,
-                exc,
-                aside,
-            )
         return aside
 
     def _aside_path(self) -> Path:
@@ -252,10 +239,12 @@ class UnwrittenRecords:
             aside = self.path.with_name(f"{self.path.name}{DAMAGED}{stamp}-{n}")
         return aside
 
-    def set_aside(self, why: str, consequence: str = "") -> Path | None:
-        """Move the damaged file aside (`<name>.damaged-<time>`), said at ERROR; only the newest
-        `keep_aside` copies of its family stay. None if it could not be moved (said too)."""
-        aside = self._aside_path()
+    def set_aside(self, why: str, consequence: str = "", aside: Path | None = None) -> Path | None:
+        """Move the damaged file aside (`<name>.damaged-<time>`; as `aside`, a name `take()` said,
+        unless a copy took it since: both kept), said at ERROR; only the newest `keep_aside`
+        copies of its family stay. None if it could not be moved (said too)."""
+        if aside is None or aside.exists():
+            aside = self._aside_path()
         try:
             os.replace(self.path, aside)
         except OSError as exc:
