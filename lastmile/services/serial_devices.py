@@ -306,6 +306,11 @@ class SerialContext:
         self.rows_behind_file = rows_behind_file(Path(self.config.data_dir))
         self.cards_given_up_file = cards_given_up_file(Path(self.config.data_dir))
 
+    def stop_set(self) -> bool:
+        """The acquire service's stop or the close's is set (`stop`, `closing`): a write failing now
+        is one the stop cost."""
+        return self.closing.is_set() or (self.stop is not None and self.stop.is_set())
+
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows.
         False if the row could not be written (best effort)."""
@@ -1035,7 +1040,7 @@ class ScannerHandler:
         except sqlite3.OperationalError:
             # Its 15 s lock wait ends before the close's (turn start + 1 + 15 + margin): the close
             # then finds the links idle, and without this the card would be gone with the process.
-            if self.ctx.closing.is_set() or (self.ctx.stop is not None and self.ctx.stop.is_set()):
+            if self.ctx.stop_set():
                 self.ctx.card_failed = card
             raise
         else:
@@ -1212,21 +1217,20 @@ class SerialService:
         # the turn's start that is at most 18 s; the acquire part's join (15 s) is within it, so
         # the stop takes about 18 s at worst, inside the unit's TimeoutStopSec=30.
         links_idle = self._turn.acquire(timeout=max(0.0, self._turn_ends_by - time.monotonic()))
+        # the card the stop leaves unwritten, read once: a busy turn clears card_in_hand when its
+        # write ends (and may set card_failed); an idle one's is over, only a failed card is left
+        card = self.ctx.card_in_hand or self.ctx.card_failed
         if links_idle:
             self.manager.close()
             for spec in self.unstored_specs():
                 self.ctx.retry_unstored(spec, force=True)
             self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
-            card = self.ctx.card_failed  # its own lock wait ran out first: the turn is over
-            if card is not None:
+            if card is not None:  # its own lock wait ran out first
                 log.warning(
                     "serial devices: a card scanned as the gateway stopped could not be checked in "
                     "(clinic.db was locked): kept for the next start, which says it on Today"
                 )
-                self.ctx.cards_given_up_file.save([card], unsaved=card.unkept)
         else:
-            # read once: the busy turn clears card_in_hand when its write ends (and may set card_failed)
-            card = self.ctx.card_in_hand or self.ctx.card_failed
             log.warning(
                 "serial devices: still busy at shutdown past a card's whole wait for clinic.db's lock: "
                 "the links and clinic.db left to it; readings not stored are kept in the spill file%s",
@@ -1234,8 +1238,8 @@ class SerialService:
                 if card is not None
                 else "",
             )
-            if card is not None:
-                self.ctx.cards_given_up_file.save([card], unsaved=card.unkept)
+        if card is not None:
+            self.ctx.cards_given_up_file.save([card], unsaved=card.unkept)
         for name, held in list(self.ctx.unstored.items()):  # a busy turn may still add to it
             said = (
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
