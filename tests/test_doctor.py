@@ -784,13 +784,15 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     start set aside were never named. Now `lastmile doctor` warns with what and how many, and
     names each damaged copy. Written here by the code that writes them at a stop (the outbox's
     note of what the county stored, the serial device rows the stop gave up), read back by a start."""
-    from lastmile.services.serial_spill import RowBehind, RowsBehindFile
+    from lastmile.services.serial_spill import RowBehind, rows_behind_file
     from uploader.outbox import Outbox
     from uploader.payload_files import OwnerLock
 
     data = tmp_path
     assert [f.topic for f in doctor(data).check_data_partition()] == ["space", "sd-card"]  # none: nothing said
-    RowsBehindFile(data).save({"serial:a": RowBehind((2, 0), (1, 0), ""), "serial:b": RowBehind((1, 0), (1, 0), "")})
+    rows_behind_file(data).save(
+        [("serial:a", RowBehind((2, 0), (1, 0), "")), ("serial:b", RowBehind((1, 0), (1, 0), ""))]
+    )
     with Outbox.open(data, min_free_bytes=0) as forwarder:
         first = forwarder.add("dicom", "a", b"x" * 10).item
         forwarder.add("dicom", "b", b"y" * 10)
@@ -813,7 +815,7 @@ def test_what_a_stop_kept_for_the_next_start_and_damaged_copies_set_aside_are_wa
     OwnerLock.stored_file(data / "locks", dead).forget()
 
     (data / "serial-rows-behind.jsonl").write_bytes(b'{"address": "serial:a"\n')  # torn on the SD card
-    assert RowsBehindFile(data).load() == {}  # the start: set aside, said; nothing readable: the file goes
+    assert rows_behind_file(data).load() == []  # the start: set aside, said; nothing readable: the file goes
     found = {f.topic: f for f in doctor(data).check_data_partition()}
     (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
     damaged = found["damaged-copy"]
@@ -834,15 +836,15 @@ def test_a_damaged_copys_readable_records_are_said_waiting_while_their_file_is_t
     whether or not that file was there: it usually is not (the start wrote them and removed it), and
     a technician looked for it in vain, unsure whether records were lost. Now it looks: while the
     file is there they wait in it for the next start; once it is gone they were written."""
-    from lastmile.services.serial_spill import RowBehind, RowsBehindFile
+    from lastmile.services.serial_spill import RowBehind, rows_behind_file
 
     data = tmp_path
     original = data / "serial-rows-behind.jsonl"
-    RowsBehindFile(data).save({"serial:a": RowBehind((2, 0), (1, 0), "")})
+    rows_behind_file(data).save([("serial:a", RowBehind((2, 0), (1, 0), ""))])
     with original.open("ab") as f:
         f.write(b'{"address": "serial:b"\n')  # torn on the SD card
-    start = RowsBehindFile(data)
-    assert list(start.load()) == ["serial:a"]  # copied aside, the readable line kept in the file
+    start = rows_behind_file(data)
+    assert [address for address, _ in start.load()] == ["serial:a"]  # copied aside, the readable line kept in the file
     # the start has not written them (it failed, or is still at it): they wait in the file
     (aside,) = data.glob("serial-rows-behind.jsonl.damaged-*")
     found = {f.topic: f for f in doctor(data).check_data_partition()}
@@ -863,21 +865,20 @@ def test_a_card_a_stop_kept_for_the_next_start_is_a_warning_and_a_torn_one_is_se
     """serial-cards-given-up.jsonl: the card (badge) whose check-in a stop gave up, kept for the next
     start (lastmile.services.serial_devices), is one of the files `lastmile doctor` says while it
     waits; a torn line of it is copied aside and named, as the others' are."""
-    from lastmile.services.serial_spill import CardGivenUp, CardsGivenUpFile
+    from lastmile.services.serial_spill import CardGivenUp, cards_given_up_file
 
     data = tmp_path
-    card = CardGivenUp(
-        "patient", "80276001234567890123", "desk-scanner", "2026-12-07T18:30:00+00:00", "gateway-receipt"
-    )
-    CardsGivenUpFile(data).save(card)
-    CardsGivenUpFile(data).save(CardGivenUp("doctor", "004711", "desk-scanner", card.scanned_at, card.time_source))
+    scanned_at = dt.datetime(2026, 12, 7, 18, 30, tzinfo=dt.timezone.utc)
+    card = CardGivenUp("patient", "80276001234567890123", "desk-scanner", scanned_at, "gateway-receipt")
+    cards_given_up_file(data).save([card])  # two stops, no start between that took the first
+    cards_given_up_file(data).save([CardGivenUp("doctor", "004711", "desk-scanner", scanned_at, card.time_source)])
     kept = {f.topic: f for f in doctor(data).check_data_partition()}["left-by-stop"]
     assert "2 card(s) scanned as the gateway stopped, maybe not checked in" in kept.message, kept
     assert "80276001234567890123" not in kept.message  # the doctor's words name no patient
-    assert [c.kind for c in CardsGivenUpFile(data).load()] == ["patient", "doctor"]
+    assert [c.kind for c in cards_given_up_file(data).load()] == ["patient", "doctor"]
     with (data / "serial-cards-given-up.jsonl").open("ab") as f:
         f.write(b'{"kind": "patient", "scanned_id"\n')  # torn on the SD card
-    taken = CardsGivenUpFile(data).load()  # the readable ones; the file copied aside, said
+    taken = cards_given_up_file(data).load()  # the readable ones; the file copied aside, said
     assert [c.kind for c in taken] == ["patient", "doctor"] and taken[0] == card, taken
     (aside,) = data.glob("serial-cards-given-up.jsonl.damaged-*")
     damaged = {f.topic: f for f in doctor(data).check_data_partition()}["damaged-copy"]

@@ -14,6 +14,7 @@ import pytest
 
 import lastmile.data_dir
 from lastmile.cli import main
+from lastmile.clinic.patients import EndedByCard
 from lastmile.config import Config
 from lastmile.console import views
 from lastmile.console.sources import ClinicData
@@ -51,6 +52,25 @@ def test_today_page_costs_the_same_statements_with_2_or_60_held_readings(tmp_pat
 
     few, many = with_few_then_many_held(data, statements_of_a_render)
     assert many == few, f"Today with {MANY} held readings ran {many} SQL statements, with {FEW}: {few}"
+
+
+def test_today_says_whose_check_in_a_card_ended_without_reading_the_session_log(tmp_path: Path) -> None:
+    """Today (each render, each live push) read the session log for the check-in a card ended,
+    a seek into a day of check-ins on the Pi's SD card every few seconds: it is on the session's
+    row, read for the patient anyway. Said as before: whom, STAT, reason, when."""
+    data = ClinicData(console_config(tmp_path / "data"))
+    minute = dt.timedelta(minutes=1)
+    try:
+        data.context.set_patient("P-STAT-1", "李建国", now=T0, stat=True, reason="胸痛")
+        data.context.set_patient("110101198001010010", now=T0 + minute, by_card=True)
+        with traced(data.db.conn) as statements:
+            session = data.session(T0 + 2 * minute)
+        assert session is not None and session.patient_id == "110101198001010010"
+        assert session.ended_by_card == EndedByCard("P-STAT-1", "李建国", True, "胸痛", T0 + minute)
+        log_reads = [s for s in statements if "session_log" in s]
+        assert log_reads == [], f"the session panel read the session log: {log_reads}"
+    finally:
+        data.close()
 
 
 def test_patient_show_asks_the_outbox_once_however_many_readings_are_held(

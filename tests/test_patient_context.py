@@ -23,7 +23,7 @@ from lastmile.clinic.observations import (
     observation_to_json,
     summary,
 )
-from lastmile.clinic.patients import CurrentPatient, PatientContext, SameName
+from lastmile.clinic.patients import CurrentPatient, EndedByCard, PatientContext, SameName
 from tests.conftest import run_python
 from uploader.outbox import Outbox
 
@@ -286,6 +286,65 @@ def test_a_session_open_when_the_gateway_is_updated_keeps_the_ids_its_log_linked
     context = PatientContext.open(tmp_path, idle_timeout_s=900)
     try:
         assert context.patient_ids(now) == {"MZ-0042", "11010519491231002X"}
+    finally:
+        context.close()
+
+
+def test_whom_a_card_ended_is_said_for_as_long_as_the_session_the_card_began(context: PatientContext) -> None:
+    """On the session's row: kept while the card's patient is checked in again or his ID corrected,
+    gone with his session (ended, or another patient typed in), never begun by a typed check-in."""
+    context.set_patient("P-STAT-1", "李建国", now=T0, stat=True, reason="胸痛")
+    context.set_patient("CARD-1", now=T0 + MIN, by_card=True)
+    ended = EndedByCard("P-STAT-1", "李建国", True, "胸痛", T0 + MIN)
+    assert getattr(context.current(T0 + 2 * MIN), "ended_by_card", None) == ended
+    context.set_patient("CARD-1", "王五", now=T0 + 3 * MIN)  # the same patient, his name typed
+    context.set_patient("CARD-1", now=T0 + 4 * MIN, by_card=True)  # his card read again
+    assert getattr(context.current(T0 + 5 * MIN), "ended_by_card", None) == ended
+    assert context.clear(now=T0 + 6 * MIN)
+    context.set_patient("CARD-1", now=T0 + 7 * MIN, by_card=True)  # nobody's check-in ended
+    assert getattr(context.current(T0 + 8 * MIN), "ended_by_card", "read") is None
+    context.set_patient("CARD-2", now=T0 + 9 * MIN, by_card=True)
+    context.set_patient("P-3", "张三", now=T0 + 10 * MIN)  # typed: its own news on Today
+    assert getattr(context.current(T0 + 11 * MIN), "ended_by_card", "read") is None
+
+
+def test_whom_a_card_ended_is_still_said_for_a_session_open_when_the_gateway_is_updated(tmp_path: Path) -> None:
+    """Until 0040 Today read it from the session log: a session a card began before the update
+    keeps its notice (its row gets it once); one begun by a typed check-in since gets none."""
+    from lastmile.clinic.db import DB_NAME, MIGRATIONS
+    from uploader.sqlite_store import open_database
+
+    def with_log(lines: list[tuple[dt.datetime, str, str, str | None]], since: dt.datetime) -> PatientContext:
+        data = tmp_path / since.isoformat()
+        data.mkdir()
+        db = open_database(data / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0040_session_ended_by_card"))
+        db.conn.execute(
+            "INSERT INTO session (id, patient_id, patient_since, last_activity) VALUES (1, 'CARD-1', ?, ?)",
+            (since.isoformat(), since.isoformat()),
+        )
+        for at, event, patient_id, detail in lines:
+            db.conn.execute(
+                "INSERT INTO session_log (at, event, patient_id, detail) VALUES (?, ?, ?, ?)",
+                (at.isoformat(), event, patient_id, detail),
+            )
+        db.conn.close()
+        return PatientContext.open(data, idle_timeout_s=900)
+
+    now = dt.datetime.now(dt.timezone.utc)
+    lines = [
+        (now - 5 * MIN, "patient-set", "P-STAT-1", "李建国"),
+        (now - MIN, "patient-ended-by-card", "P-STAT-1", '{"name": "李建国", "stat": true, "reason": "胸痛"}'),
+        (now - MIN, "patient-set", "CARD-1", None),
+    ]
+    context = with_log(lines, now - MIN)
+    try:
+        ended = EndedByCard("P-STAT-1", "李建国", True, "胸痛", now - MIN)
+        assert getattr(context.current(now), "ended_by_card", None) == ended
+    finally:
+        context.close()
+    context = with_log(lines, now)  # a session begun after the card's line: another check-in's
+    try:
+        assert getattr(context.current(now), "ended_by_card", "read") is None
     finally:
         context.close()
 

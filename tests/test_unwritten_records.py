@@ -294,9 +294,10 @@ def test_the_outbox_sets_a_dead_owners_damaged_note_aside_on_a_full_disk_once_it
 # The serial service's start (SerialService.open) with its data directory on the full tmpfs: its
 # databases, made by a first start on a disk with room, linked in (SQLite writes beside the target).
 SERIAL_FULL_DISK_SCRIPT = """
+import datetime as dt
 from lastmile.services.serial_devices import SerialService
 from lastmile.services.serial_spill import (
-    CARDS_GIVEN_UP_NAME, ROWS_BEHIND_NAME, CardGivenUp, CardsGivenUpFile, RowBehind, RowsBehindFile,
+    CARDS_GIVEN_UP_NAME, ROWS_BEHIND_NAME, CardGivenUp, RowBehind, cards_given_up_file, rows_behind_file,
 )
 from tests.serial_gateway import serial_config
 from uploader.outbox import Outbox
@@ -310,9 +311,10 @@ with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
     for name in made:
         (d / name).symlink_to(Path(config.data_dir) / name)
     # what a stop kept (by the stop's own writers), a line of each then torn on the SD card
-    RowsBehindFile(d).save({"serial:desk-scanner": RowBehind((1, 0), (1, 0), "")})
-    card = CardGivenUp("patient", "80276001234567890123", "desk-scanner", "2026-12-07T18:30:00+00:00", "gateway-receipt")
-    CardsGivenUpFile(d).save(card)
+    rows_behind_file(d).save([("serial:desk-scanner", RowBehind((1, 0), (1, 0), ""))])
+    scanned_at = dt.datetime(2026, 12, 7, 18, 30, tzinfo=dt.timezone.utc)
+    card = CardGivenUp("patient", "80276001234567890123", "desk-scanner", scanned_at, "gateway-receipt")
+    cards_given_up_file(d).save([card])
     damaged = {}
     for name in (ROWS_BEHIND_NAME, CARDS_GIVEN_UP_NAME):
         with (d / name).open("ab") as f:

@@ -228,6 +228,30 @@ def _linked_in_log_before_0032(db: sqlite_utils.Database, patient_id: str) -> se
     return linked - {patient_id}
 
 
+def _session_ended_by_card(db: sqlite_utils.Database) -> None:
+    db.conn.execute("ALTER TABLE session ADD COLUMN ended_by_card TEXT")
+    row = db.conn.execute("SELECT patient_since FROM session WHERE id = 1 AND patient_id IS NOT NULL").fetchone()
+    if row is None:
+        return
+    # the check-in a card ended when it began the open session, as Today read it from the log until
+    # 0040 (its event written here: the migration stays what it was); one seek on the log's `at` index
+    logged = db.conn.execute(
+        "SELECT at, patient_id, detail FROM session_log WHERE event = 'patient-ended-by-card' AND at >= ? "
+        "ORDER BY id DESC LIMIT 1",
+        (row[0],),
+    ).fetchone()
+    if logged is None:
+        return
+    try:
+        ended = json.loads(logged[2] or "{}")
+    except ValueError:  # a log line Today could not read either: no notice, as before
+        return
+    if not isinstance(ended, dict):
+        return
+    ended.update(at=logged[0], patient_id=logged[1] or "")
+    db.conn.execute("UPDATE session SET ended_by_card = ? WHERE id = 1", (json.dumps(ended, ensure_ascii=False),))
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -443,6 +467,10 @@ MIGRATIONS = (
     # when the gateway stored its last reading (last_reading_at is the device's clock, and a cuff's
     # memory is hours old): what a later error is judged by (last_seen_at is set on connecting too)
     Migration.sql("0039_device_reading_received_at", "ALTER TABLE devices ADD COLUMN reading_received_at TEXT;"),
+    # the check-in a scanned card ended when it began the session's patient (JSON: whom, his name,
+    # STAT, reason, when; NULL: none), on the session's row: Today said it from the session log,
+    # a query on every render and live push. A session open at the upgrade gets it from its log once
+    Migration("0040_session_ended_by_card", _session_ended_by_card),
 )
 
 

@@ -58,19 +58,27 @@ CARD_PATIENT = "patient"
 CARD_DOCTOR = "doctor"
 
 
-def end_card_notices(conn: sqlite3.Connection, kind: str | None) -> None:
+def end_card_notices(conn: sqlite3.Connection, kind: str | None, *, card_on: tuple[str, str] | None = None) -> None:
     """Inside clinic.db's write transaction of a check-in of `kind` (CARD_PATIENT, CARD_DOCTOR;
-    None: both, the session's end): the cards of that kind a stop did not check in are said no more.
+    None: both, the session's end): the cards of that kind a stop did not check in are said no more;
+    `card_on` (address, card ID): only that card on that scanner's row (scanned again: done).
     The notice warns that the previous patient (doctor) may still be current; once another check-in
     (typed or scanned) or the session's end changed that, it would only tempt the doctor to scan
     the old card to clear it - making that patient current over the real one. Every notice of the
     kind, not only those scanned before `now`: the Pi's clock may be behind after the restart, and
     the notice is written at the start, before any check-in this clears. Its record's id stays (a
     start reading it again skips it)."""
+    which, args = ["card_kind IS NOT NULL"], []
+    if kind is not None:
+        which.append("card_kind = ?")
+        args.append(kind)
+    if card_on is not None:
+        which.append("address = ? AND card_id = ?")
+        args.extend(card_on)
     conn.execute(
         "UPDATE devices SET card_kind = NULL, card_id = NULL, card_scanned_at = NULL, card_time_source = NULL, "
-        "card_found_at = NULL WHERE card_kind IS NOT NULL AND (? IS NULL OR card_kind = ?)",
-        (kind, kind),
+        f"card_found_at = NULL WHERE {' AND '.join(which)}",
+        args,
     )
 
 
@@ -227,18 +235,12 @@ class DeviceRecord:
     def lost_said_until(self, now: dt.datetime) -> dt.datetime | None:
         """Until when what a stop lost from memory is said (None: nothing lost, or said its
         LOST_SAID_FOR by `now`)."""
-        if not self.lost_words or self.lost_at is None:
-            return None
-        until = self.lost_at + LOST_SAID_FOR
-        return until if until > now else None
+        return _said_until(bool(self.lost_words), self.lost_at, now)
 
     def card_said_until(self, now: dt.datetime) -> dt.datetime | None:
         """Until when the card a stop did not check in is said, as what a stop lost
         (LOST_SAID_FOR from the restart that found it; None: none, or said long enough)."""
-        if not self.card_kind or self.card_found_at is None:
-            return None
-        until = self.card_found_at + LOST_SAID_FOR
-        return until if until > now else None
+        return _said_until(bool(self.card_kind), self.card_found_at, now)
 
     def problem_said_on_today(self, now: dt.datetime) -> bool:
         """Whether its last error is news for Today (`PROBLEM_SAID_ON_TODAY_FOR`): not yet
@@ -250,7 +252,7 @@ class DeviceRecord:
             return False
         # by when the gateway got it, not when it was measured: a monitor's clock may be slow, and
         # a cuff sends a reading from its memory after the failed connection that kept it there
-        received = self.reading_received_at or self.last_reading_at  # a row stored before 0038: as it was
+        received = self.reading_received_at or self.last_reading_at  # a row stored before 0039: as it was
         if received is not None and received > self.last_error_at:
             return False
         return not (self.problem is DeviceProblem.UNPLUGGED and self.connected)
@@ -261,6 +263,15 @@ class DeviceRecord:
             v = getattr(self, f.name)
             out[f.name] = v.isoformat() if isinstance(v, dt.datetime) else v.value if isinstance(v, enum.Enum) else v
         return out
+
+
+def _said_until(said: bool, found_at: dt.datetime | None, now: dt.datetime) -> dt.datetime | None:
+    """Until when what a stop left (`said`: there is some), found by the restart at `found_at`, is
+    said: LOST_SAID_FOR from then (None: nothing, or said long enough by `now`)."""
+    if not said or found_at is None:
+        return None
+    until = found_at + LOST_SAID_FOR
+    return until if until > now else None
 
 
 def held_words(readings: int, ecgs: int) -> str:
@@ -581,12 +592,8 @@ class DeviceRegistry:
                 sets["services"] = services_text({*services, *self._services(conn, address)})
             assignments = ", ".join(f"{k} = ?" for k in sets)
             conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
-            if card is not None:  # scanned again: done (its record's id stays, so a start reading it skips it)
-                conn.execute(
-                    "UPDATE devices SET card_kind = NULL, card_id = NULL, card_scanned_at = NULL, "
-                    "card_time_source = NULL, card_found_at = NULL WHERE address = ? AND card_kind = ? AND card_id = ?",
-                    (address, *card),
-                )
+            if card is not None:  # scanned again: done
+                end_card_notices(conn, card[0], card_on=(address, card[1]))
 
     def clear_error(self, address: str, problem: DeviceProblem, *, now: dt.datetime) -> None:
         """Clear the row's error if it is still one of kind `problem` (a later one, unplugged ...,

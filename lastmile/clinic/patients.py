@@ -47,8 +47,8 @@ NAME_INHERITED = "patient-name-inherited"
 # his device users no longer than the session does
 NAME_CORRECTED_SESSION_ONLY = "patient-name-corrected-session-only"
 # the session log's event of a patient's check-in ended by a scanned card of another patient
-# (`check_in` with `by_card`): the acquire service cannot say it on the doctor's page, so Today
-# reads it here (`ended_by_card`); detail: the ended check-in as JSON (`EndedByCard`)
+# (`check_in` with `by_card`), for the history; detail: the ended check-in as JSON. Today says it
+# from the session's row (`CurrentPatient.ended_by_card`), kept there for as long as his session
 ENDED_BY_CARD = "patient-ended-by-card"
 
 
@@ -85,6 +85,17 @@ class StatSession:
 
 
 @dataclass(frozen=True, slots=True)
+class EndedByCard:
+    """A check-in a scanned card ended (`ENDED_BY_CARD`): who he was, as his session had him, and when."""
+
+    patient_id: str
+    name: str
+    stat: bool
+    reason: str
+    at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
 class CurrentPatient:
     patient_id: str
     name: str
@@ -96,17 +107,9 @@ class CurrentPatient:
     reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
     # the IDs the doctor said are his other IDs in this session (`OTHER_ID`), never patient_id
     linked: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class EndedByCard:
-    """A check-in a scanned card ended (`ENDED_BY_CARD`): who he was, as his session had him, and when."""
-
-    patient_id: str
-    name: str
-    stat: bool
-    reason: str
-    at: dt.datetime
+    # the check-in a scanned card ended when it began this session (None: none, or not begun by a
+    # card): the acquire service cannot say it on the doctor's page, so Today says it while he is current
+    ended_by_card: EndedByCard | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +208,8 @@ class PatientContext:
         stopping (`sqlite_store.transaction`): a scanned card given up at a stop would leave the
         previous patient current after the restart, and the next readings on him.
         `by_card`: a scanned card checks the patient in (the acquire service): another patient's
-        check-in it ends is logged (`ENDED_BY_CARD`) for Today to say, as a typed one says it."""
+        check-in it ends is kept on the session's row for Today to say, as a typed one says it
+        (`CurrentPatient.ended_by_card`), and logged (`ENDED_BY_CARD`)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -242,9 +246,12 @@ class PatientContext:
                 name = inherited = self._checked_in_names(now).get(patient_id, "")
             if event:
                 self._log(conn, now, event, replaced, doctor)
+            # whom a card ended goes on with the session it began (its row), a new one starts with none
+            ended_by_card = going_on["ended_by_card"] if going_on is not None else None
             if by_card and row is not None and replaced and going_on is None:
                 ended = {"name": row["patient_name"] or "", "stat": bool(row["stat"]), "reason": row["reason"] or ""}
                 self._log(conn, now, ENDED_BY_CARD, replaced, doctor, json.dumps(ended, ensure_ascii=False))
+                ended_by_card = json.dumps({**ended, "patient_id": replaced, "at": iso(now)}, ensure_ascii=False)
             # his other IDs go on with his session, on its row (the log is pruned past NAME_KEPT): a
             # correction keeps them (the typo itself is not one); another patient starts with none
             linked = set(_linked_of(going_on)) if going_on is not None else set()
@@ -253,13 +260,14 @@ class PatientContext:
             linked.discard(patient_id)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
-                "doctor_since, last_activity, stat, reason, linked_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "doctor_since, last_activity, stat, reason, linked_ids, ended_by_card) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE "
                 "SET patient_since = excluded.patient_since, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
                 "doctor_id = excluded.doctor_id, doctor_since = excluded.doctor_since, "
                 "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason, "
-                "linked_ids = excluded.linked_ids",
+                "linked_ids = excluded.linked_ids, ended_by_card = excluded.ended_by_card",
                 (
                     _ROW,
                     patient_id,
@@ -271,6 +279,7 @@ class PatientContext:
                     int(bool(stat)),
                     reason.strip() or None,
                     _linked_text(linked),
+                    ended_by_card,
                 ),
             )
             # the name as said at check-in, so a later mapping or assignment of this ID can name it
@@ -327,7 +336,7 @@ class PatientContext:
                 return False
             conn.execute(
                 "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL, stat = 0, "
-                "reason = NULL, linked_ids = NULL WHERE id = ?",
+                "reason = NULL, linked_ids = NULL, ended_by_card = NULL WHERE id = ?",
                 (_ROW,),
             )
             self._log(conn, now, f"patient-{reason}", row["patient_id"], row["doctor_id"])
@@ -359,6 +368,7 @@ class PatientContext:
             stat=bool(row["stat"]),
             reason=row["reason"] or "",
             linked=_linked_of(row),
+            ended_by_card=_ended_by_card_of(row),
         )
 
     def patient_ids(self, now: dt.datetime) -> frozenset[str]:
@@ -529,27 +539,6 @@ class PatientContext:
             names[row["patient_id"]] = "" if row["event"] == CORRECTED else row["detail"] or ""
         return names, inherited
 
-    def ended_by_card(self, current: CurrentPatient) -> EndedByCard | None:
-        """The check-in a scanned card ended when it began `current`'s session (None: it ended
-        none, or `current` was not begun by a card): said on Today for as long as his session lasts."""
-        row = self.db.conn.execute(
-            "SELECT at, patient_id, detail FROM session_log WHERE event = ? AND at >= ? ORDER BY id DESC LIMIT 1",
-            (ENDED_BY_CARD, iso(current.since)),
-        ).fetchone()
-        if row is None:
-            return None
-        try:
-            ended = json.loads(row["detail"] or "{}")
-        except ValueError:  # a log line this version cannot read: no news rather than no page
-            return None
-        return EndedByCard(
-            row["patient_id"] or "",
-            str(ended.get("name") or ""),
-            bool(ended.get("stat")),
-            str(ended.get("reason") or ""),
-            _t(row["at"]),
-        )
-
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
         if row is None or self._expired(row, now):
@@ -645,6 +634,26 @@ def _replaced_event(row: sqlite3.Row, name: str, same_name: SameName | None) -> 
 def _linked_of(row: sqlite3.Row) -> frozenset[str]:
     """The session row's linked IDs (`CurrentPatient.linked`; NULL: none)."""
     return frozenset(json.loads(row["linked_ids"])) if row["linked_ids"] else frozenset()
+
+
+def _ended_by_card_of(row: sqlite3.Row) -> EndedByCard | None:
+    """The session row's check-in a card ended (`CurrentPatient.ended_by_card`; NULL: none)."""
+    if not row["ended_by_card"]:
+        return None
+    try:
+        ended = json.loads(row["ended_by_card"])
+    except ValueError:
+        ended = None
+    at = from_iso(str(ended.get("at") or "")) if isinstance(ended, dict) else None
+    if not isinstance(ended, dict) or at is None:
+        return None  # a row this version cannot read: no news rather than no page
+    return EndedByCard(
+        str(ended.get("patient_id") or ""),
+        str(ended.get("name") or ""),
+        bool(ended.get("stat")),
+        str(ended.get("reason") or ""),
+        at,
+    )
 
 
 def _linked_text(linked: set[str]) -> str | None:

@@ -195,6 +195,7 @@ def _session_view(current: CurrentPatient) -> SessionView:
         current.stat,
         current.reason,
         current.linked,
+        current.ended_by_card,
     )
 
 
@@ -804,8 +805,8 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return None
-        # with his other IDs the doctor linked (on the session's row), and whom his card replaced
-        return replace(_session_view(current), ended_by_card=self.context.ended_by_card(current))
+        # with his other IDs the doctor linked and whom his card replaced: both on the session's row
+        return _session_view(current)
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
         return self.context.current_doctor(now) or ""

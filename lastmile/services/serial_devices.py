@@ -74,7 +74,7 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
-from lastmile.clinic.db import from_iso, iso
+from lastmile.clinic.db import iso
 from lastmile.clinic.devices import (
     CARD_DOCTOR,
     CARD_PATIENT,
@@ -107,11 +107,12 @@ from lastmile.services.serial_spill import (
     ECG_SPILL_NAME,
     SPILL_NAME,
     CardGivenUp,
-    CardsGivenUpFile,
+    LeftAtStopFile,
     RowBehind,
-    RowsBehindFile,
     SpillFile,
+    cards_given_up_file,
     kept_in,
+    rows_behind_file,
 )
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox, is_storage_full
@@ -286,9 +287,9 @@ class SerialContext:
     # in memory only (`_say_waiting`), kept in a file at the close for the next start (`RowBehind`)
     rows_behind: dict[str, RowBehind] = field(default_factory=dict)
     # their file: one from the start's reading to its forgetting, and the stop's save
-    rows_behind_file: RowsBehindFile = field(init=False)
+    rows_behind_file: LeftAtStopFile[tuple[str, RowBehind]] = field(init=False)
     # the cards a stop gave up: one from the start's reading to its forgetting, and the stop's save
-    cards_given_up_file: CardsGivenUpFile = field(init=False)
+    cards_given_up_file: LeftAtStopFile[CardGivenUp] = field(init=False)
 
     # the card (badge) whose check-in a scanner's turn is writing, set before its write and cleared
     # after: the close reads it without the turn's locks when it gives that turn up (`CardGivenUp`)
@@ -302,8 +303,13 @@ class SerialContext:
     closing: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.rows_behind_file = RowsBehindFile(Path(self.config.data_dir))
-        self.cards_given_up_file = CardsGivenUpFile(Path(self.config.data_dir))
+        self.rows_behind_file = rows_behind_file(Path(self.config.data_dir))
+        self.cards_given_up_file = cards_given_up_file(Path(self.config.data_dir))
+
+    def stop_set(self) -> bool:
+        """The acquire service's stop or the close's is set (`stop`, `closing`): a write failing now
+        is one the stop cost."""
+        return self.closing.is_set() or (self.stop is not None and self.stop.is_set())
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> bool:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows.
@@ -417,7 +423,7 @@ class SerialContext:
         before the stop: no state of today (its loss says that cause, with its time); the row's
         error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
-        behind = self.rows_behind_file.load()
+        behind = dict(self.rows_behind_file.load())
         for record in self.registry.all():
             if record.transport != "serial":
                 continue
@@ -467,27 +473,25 @@ class SerialContext:
             address = normalise_address(serial_address(card.device))
             what = "doctor's badge" if card.kind == CARD_DOCTOR else "patient card"
             by_id = {"doctor_id" if card.kind == CARD_DOCTOR else "patient_id": card.scanned_id}
-            if self.patients.scan_written(at=card.scanned_at, **by_id):
+            if self.patients.scan_written(at=iso(card.scanned_at), **by_id):
                 log.info("%s: the %s scanned as the gateway stopped was checked in before it exited", card.device, what)
                 continue
             record = self.registry.get(address)
             if record is not None and record.card_word_id == card.word_id:  # a start read it before: said
                 log.info("%s: the %s not checked in at the last stop was said before", card.device, what)
                 continue
-            scanned_at = from_iso(card.scanned_at)
-            assert scanned_at is not None  # (`CardsGivenUpFile.load` takes only a line with a time)
             log.warning(
                 "%s: a %s scanned as the gateway stopped (at %s, %s) was not checked in: said on Today, to scan again",
                 card.device,
                 what,
-                card.scanned_at,
+                iso(card.scanned_at),
                 card.time_source,
             )
             self.registry.card_not_checked_in(
                 address,
                 card.kind,
                 card.scanned_id,
-                scanned_at=scanned_at,
+                scanned_at=card.scanned_at,
                 time_source=card.time_source,
                 word_id=card.word_id,
                 now=self.now(),
@@ -1029,14 +1033,14 @@ class ScannerHandler:
         """The card's check-in is being written (at `now`, its session log line's time): the close
         keeps it for the next start if it gives this turn up (`SerialService.close`)."""
         # the gateway's clock is the scan's time: a scanner has none (devices.identity.TimeSource)
-        card = CardGivenUp(kind, scanned_id.strip(), self.spec.name, iso(now), TimeSource.GATEWAY_RECEIPT.value)
+        card = CardGivenUp(kind, scanned_id.strip(), self.spec.name, now, TimeSource.GATEWAY_RECEIPT.value)
         self.ctx.card_in_hand = card
         try:
             yield
         except sqlite3.OperationalError:
             # Its 15 s lock wait ends before the close's (turn start + 1 + 15 + margin): the close
             # then finds the links idle, and without this the card would be gone with the process.
-            if self.ctx.closing.is_set() or (self.ctx.stop is not None and self.ctx.stop.is_set()):
+            if self.ctx.stop_set():
                 self.ctx.card_failed = card
             raise
         else:
@@ -1213,21 +1217,20 @@ class SerialService:
         # the turn's start that is at most 18 s; the acquire part's join (15 s) is within it, so
         # the stop takes about 18 s at worst, inside the unit's TimeoutStopSec=30.
         links_idle = self._turn.acquire(timeout=max(0.0, self._turn_ends_by - time.monotonic()))
+        # the card the stop leaves unwritten, read once: a busy turn clears card_in_hand when its
+        # write ends (and may set card_failed); an idle one's is over, only a failed card is left
+        card = self.ctx.card_in_hand or self.ctx.card_failed
         if links_idle:
             self.manager.close()
             for spec in self.unstored_specs():
                 self.ctx.retry_unstored(spec, force=True)
             self.ctx.write_pending_errors(now=True)  # the row's last cause, not one before it
-            card = self.ctx.card_failed  # its own lock wait ran out first: the turn is over
-            if card is not None:
+            if card is not None:  # its own lock wait ran out first
                 log.warning(
                     "serial devices: a card scanned as the gateway stopped could not be checked in "
                     "(clinic.db was locked): kept for the next start, which says it on Today"
                 )
-                self.ctx.cards_given_up_file.save(card)
         else:
-            # read once: the busy turn clears card_in_hand when its write ends (and may set card_failed)
-            card = self.ctx.card_in_hand or self.ctx.card_failed
             log.warning(
                 "serial devices: still busy at shutdown past a card's whole wait for clinic.db's lock: "
                 "the links and clinic.db left to it; readings not stored are kept in the spill file%s",
@@ -1235,8 +1238,8 @@ class SerialService:
                 if card is not None
                 else "",
             )
-            if card is not None:
-                self.ctx.cards_given_up_file.save(card)
+        if card is not None:
+            self.ctx.cards_given_up_file.save([card], unsaved=card.unkept)
         for name, held in list(self.ctx.unstored.items()):  # a busy turn may still add to it
             said = (
                 at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
@@ -1247,7 +1250,7 @@ class SerialService:
                 log.info("%s: %s not stored: the gateway was stopping", name, what)
             else:
                 log.error("%s: %s not stored: the outbox refused them", name, what)
-        self.ctx.rows_behind_file.save(self.ctx.rows_behind.copy())  # a busy turn may add
+        self.ctx.rows_behind_file.save(list(self.ctx.rows_behind.copy().items()))  # a busy turn may add
         for thing in self._owned if links_idle else ():  # clinic.db: not under the busy turn's write
             close = getattr(thing, "close", None)
             if close is not None:

@@ -43,11 +43,12 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Generic, TypeVar
 
 from devices.observation import Observation
+from lastmile.clinic.db import iso
 from lastmile.clinic.devices import CARD_DOCTOR, CARD_PATIENT
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from uploader.unwritten_records import UnwrittenRecords
@@ -448,6 +449,75 @@ class SpillFile:
         return True
 
 
+# -- what a stop could not write, for the next start ----------------------------------------------
+
+
+class LeftAtStopFile(Generic[T]):
+    """A file of what the serial service's stop could not write (`UnwrittenRecords`, one record a
+    line by `line_of`, read back by `record_of`), for its next start. The service holds one from its
+    start's `load` to its `forget` (a damaged file a full disk kept in place is set aside by that
+    `forget`), and saves with it at its stop. `what`: its records as the journal says them; `lost`:
+    what a damaged line of it means; `appends`: a stop's save adds to what an earlier stop kept there
+    and no start took yet (a start that failed first), else replaces it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        what: str,
+        lost: str,
+        line_of: Callable[[T], str],
+        record_of: Callable[[str], T],
+        appends: bool = False,
+    ) -> None:
+        self.records = UnwrittenRecords(path, what=what)
+        self.lost = lost
+        self.line_of, self.record_of = line_of, record_of
+        self.appends = appends
+
+    def save(self, records: Sequence[T], *, unsaved: str = "") -> None:
+        """Keep `records` for the next start, fsynced (none: nothing is written), after what the file
+        holds if it `appends`. A few hundred bytes at a stop, only when one is given up. `unsaved`:
+        what a failure to keep them means, for the journal (the next start cannot say it)."""
+        if not records:
+            return
+        kept: list[str] = []
+        if self.appends:
+            try:
+                kept = self.records.lines()
+            except OSError as exc:  # unreadable: the next start sets it aside and says so; these go on
+                log.error(
+                    "cannot read %s (its %s are replaced by this stop's): %s", self.records.path, self.records.what, exc
+                )
+        try:
+            self.records.replace([*kept, *(self.line_of(record) for record in records)])
+        except OSError as exc:
+            log.error(
+                "%scannot keep the %s in %s: %s",
+                f"{unsaved}: " if unsaved else "",
+                self.records.what,
+                self.records.path,
+                exc,
+            )
+
+    def load(self) -> list[T]:
+        """What `save` kept ([] when none; a damaged file is copied aside, said, its readable lines
+        taken: the file keeps them until `forget`)."""
+        return self.records.take(self.record_of, self.lost).records
+
+    def forget(self) -> None:
+        """The start has said what the last stop left: the file's records are spent. One it cannot
+        remove is read again at the next start, whose rows skip what they said (their word ids)."""
+        try:
+            self.records.forget()
+        except OSError as exc:  # no harm: a row skips the word it said
+            log.error(
+                "cannot remove %s (the rows say what it held now; read again at the next start): %s",
+                self.records.path,
+                exc,
+            )
+
+
 # -- device rows a stop left behind ----------------------------------------------------------------
 
 ROWS_BEHIND_NAME = "serial-rows-behind.jsonl"
@@ -474,7 +544,8 @@ class RowBehind:
         return bool(self.word_id) and self.word_id == applied_word_id
 
 
-def _row_behind_line(address: str, row: RowBehind) -> str:
+def _row_behind_line(behind: tuple[str, RowBehind]) -> str:
+    address, row = behind
     return json.dumps({"address": address, **dataclasses.asdict(row)}, ensure_ascii=False, sort_keys=True)
 
 
@@ -489,35 +560,15 @@ def _row_behind_of(line: str) -> tuple[str, RowBehind]:
     return str(raw["address"]), row
 
 
-class RowsBehindFile:
-    """`serial-rows-behind.jsonl`: the device rows a stop gave up (`RowBehind`), for the next start.
-    The service holds one from its start's `load` to its `forget` (a damaged file a full disk kept
-    in place is set aside by that `forget`), and saves with it at its stop."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.records = UnwrittenRecords(Path(data_dir) / ROWS_BEHIND_NAME, what=ROWS_BEHIND_WHAT)
-
-    def save(self, rows: dict[str, RowBehind]) -> None:
-        """Write `rows` (by device row address) for the next start, fsynced; none: nothing is written.
-        A few hundred bytes at a stop, only when a row write was given up with readings in memory."""
-        if not rows:
-            return
-        try:
-            self.records.replace([_row_behind_line(address, row) for address, row in rows.items()])
-        except OSError as exc:  # the journal has said the loss (at_stop); only the row will not
-            log.error("cannot keep what device rows a stop left unwritten in %s: %s", self.records.path, exc)
-
-    def load(self) -> dict[str, RowBehind]:
-        """What `save` kept at the last stop ({} when none; a damaged file is copied aside, said,
-        its readable lines taken: the file keeps them until `forget`)."""
-        return dict(self.records.take(_row_behind_of, ROWS_BEHIND_LOST).records)
-
-    def forget(self) -> None:
-        """The start has said what the last stop's rows did not: the file's word is spent."""
-        try:
-            self.records.forget()
-        except OSError as exc:  # said again at the next start: the same counts, no harm
-            log.error("cannot remove %s (the rows say its counts now): %s", self.records.path, exc)
+def rows_behind_file(data_dir: Path) -> LeftAtStopFile[tuple[str, RowBehind]]:
+    """`serial-rows-behind.jsonl`: the device rows a stop gave up (`RowBehind`, by row address)."""
+    return LeftAtStopFile(
+        Path(data_dir) / ROWS_BEHIND_NAME,
+        what=ROWS_BEHIND_WHAT,
+        lost=ROWS_BEHIND_LOST,
+        line_of=_row_behind_line,
+        record_of=_row_behind_of,
+    )
 
 
 # -- a card whose check-in a stop gave up ----------------------------------------------------------
@@ -536,67 +587,47 @@ class CardGivenUp:
     kind: str  # CARD_PATIENT or CARD_DOCTOR
     scanned_id: str  # the patient's ID, the doctor's
     device: str  # the scanner's name (`[[serial.devices]]`)
-    scanned_at: str  # the check-in's own time (lastmile.clinic.db.iso): its session log line's
+    scanned_at: dt.datetime  # the check-in's own time: its session log line's (as lastmile.clinic.db.iso writes it)
     time_source: str  # where that time came from (devices.identity.TimeSource: the gateway's clock)
     # this record's own id (random): the row keeps the id of the one it said, and a start that
     # reads the file again (its removal failed, or it died first) does not say it anew
     word_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def unkept(self) -> str:
+        """What its record lost at a stop means, for the journal (never its ID: personal data)."""
+        return f"{self.device}: a {self.kind} card scanned as the gateway stopped may not be checked in, and the next start cannot say it"
+
+
+def _card_line(card: CardGivenUp) -> str:
+    line = dataclasses.asdict(card) | {"scanned_at": iso(card.scanned_at)}
+    return json.dumps(line, ensure_ascii=False, sort_keys=True)
 
 
 def _card_of(line: str) -> CardGivenUp:
     raw = json.loads(line)
     if raw["kind"] not in (CARD_PATIENT, CARD_DOCTOR) or not str(raw["scanned_id"]).strip():
         raise ValueError(f"not a scanned card: {raw['kind']!r}")
-    if dt.datetime.fromisoformat(str(raw["scanned_at"])).tzinfo is None:  # ValueError: not a time
+    scanned_at = dt.datetime.fromisoformat(str(raw["scanned_at"]))  # ValueError: not a time
+    if scanned_at.tzinfo is None:
         raise ValueError("a scan's time without its zone")
     return CardGivenUp(
         str(raw["kind"]),
         str(raw["scanned_id"]),
         str(raw["device"]),
-        str(raw["scanned_at"]),
+        scanned_at,
         str(raw["time_source"]),
         str(raw["word_id"]),
     )
 
 
-class CardsGivenUpFile:
-    """`serial-cards-given-up.jsonl`: the cards a stop gave up (`CardGivenUp`), for the next start.
-    The service holds one from its start's `load` to its `forget` (a damaged file a full disk kept
-    in place is set aside by that `forget`), and saves with it at its stop."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.records = UnwrittenRecords(Path(data_dir) / CARDS_GIVEN_UP_NAME, what=CARDS_GIVEN_UP_WHAT)
-
-    def save(self, card: CardGivenUp) -> None:
-        """Keep `card` for the next start, fsynced, after what an earlier stop kept there and no start
-        took yet (a start that failed first). A few hundred bytes at a stop, only when one is given up."""
-        records = self.records
-        line = json.dumps(dataclasses.asdict(card), ensure_ascii=False, sort_keys=True)
-        try:
-            kept = records.lines()
-        except OSError as exc:  # unreadable: the next start sets it aside and says so; this card goes on
-            log.error("cannot read %s (its cards are replaced by this stop's): %s", records.path, exc)
-            kept = []
-        try:
-            records.replace([*kept, line])
-        except OSError as exc:  # the journal says it: the next start cannot
-            log.error(
-                "%s: a %s card scanned as the gateway stopped may not be checked in, and cannot be kept for "
-                "the next start in %s: %s",
-                card.device,
-                card.kind,
-                records.path,
-                exc,
-            )
-
-    def load(self) -> list[CardGivenUp]:
-        """What `save` kept ([] when none; a damaged file is copied aside, said, its readable lines
-        taken: the file keeps them until `forget`)."""
-        return self.records.take(_card_of, CARDS_GIVEN_UP_LOST).records
-
-    def forget(self) -> None:
-        """The start has looked at each card: the rows say those not checked in."""
-        try:
-            self.records.forget()
-        except OSError as exc:  # read again at the next start: each row skips the card it said (`word_id`)
-            log.error("cannot remove %s (the scanners' rows say its cards now): %s", self.records.path, exc)
+def cards_given_up_file(data_dir: Path) -> LeftAtStopFile[CardGivenUp]:
+    """`serial-cards-given-up.jsonl`: the cards a stop gave up (`CardGivenUp`)."""
+    return LeftAtStopFile(
+        Path(data_dir) / CARDS_GIVEN_UP_NAME,
+        what=CARDS_GIVEN_UP_WHAT,
+        lost=CARDS_GIVEN_UP_LOST,
+        line_of=_card_line,
+        record_of=_card_of,
+        appends=True,  # two stops, the start between them failed: both cards are said
+    )
