@@ -242,7 +242,9 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
         assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"])
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []
     page = doctor.get("/today").body
-    assert f"身份证号 {RESIDENT_ID} 是 男，1965-05-05" in held_ecg_row(page, item.id)
+    row = held_ecg_row(page, item.id)
+    # the cart's own birth date as a file's reads: it said 19710101, as the cart's object spells it
+    assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
     reply = doctor.post(f"/today/ecg/{item.id}/id-values", {"csrf": csrf_of(page)})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:

@@ -750,6 +750,17 @@ def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
     return summary
 
 
+def birth_date_shown(value: str) -> str:
+    """A birth date as the pages show one, 1971-01-01: a cart's object over the LAN keeps its
+    DICOM form (19710101), a file's and an ID's are ISO already; anything else as it came."""
+    if len(value) == 8 and value.isdigit():
+        try:
+            return dt.date(int(value[:4]), int(value[4:6]), int(value[6:])).isoformat()
+        except ValueError:
+            return value
+    return value
+
+
 def make_templates() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -759,6 +770,7 @@ def make_templates() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["pn"] = person_name
+    env.filters["shown_birth_date"] = birth_date_shown
     return env
 
 
