@@ -116,8 +116,11 @@ def test_an_ecg_whose_sex_and_birth_date_contradict_its_id_is_held_and_said_on_t
     row = held_ecg_row(doctor.get("/today").body, item_id)
     assert "心电图上的性别/出生日期与身份证号不符。" in row, row
     assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
+    # the cart's Manufacturer "Unknown" is not a maker: the doctor reads its model alone
+    assert " · ELI250 " in row and "Unknown" not in row, row
     assert "身份证号是对的：按身份证号的性别和出生日期发送" in row and "是另一位患者的：请输入他的患者编号。" in row
     assert "仍然发送" not in row and "是对的：更正登记的姓名" not in row  # no answer that sends the file's unsaid
+    assert " · ELI250 " in row and "Unknown" not in row, row  # the cart's "Unknown" maker is none
 
 
 def test_the_doctors_id_is_right_sends_the_ids_sex_and_birth_date(
@@ -245,6 +248,8 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
     row = held_ecg_row(page, item.id)
     # the cart's own birth date as a file's reads: it said 19710101, as the cart's object spells it
     assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
+    # the cart's Manufacturer "Unknown" is not a maker: the doctor reads its model alone
+    assert " · ELI250 " in row and "Unknown" not in row, row
     reply = doctor.post(f"/today/ecg/{item.id}/id-values", {"csrf": csrf_of(page)})
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
