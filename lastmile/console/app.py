@@ -46,6 +46,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from devices.ble.sfloat import NAN, NEGATIVE_INFINITY, NRES, POSITIVE_INFINITY, RESERVED
 from devices.identity import Patient
 from devices.plausibility import IMPLAUSIBLE
 from lastmile import __version__
@@ -711,8 +712,11 @@ VALUE_SEPARATOR = N_(", ")
 
 
 # a value the device sent as none (`devices.observation.Quantity.special`, as `summary` writes it:
-# "(nres)"; "--" on a monitor's report, a BLE SFLOAT's NaN or NRes), said as the doctor reads it
-NO_VALUE = re.compile(r"\((?:nres|nan|\+inf|-inf|reserved)\)")
+# "(nres)"; "--" on a monitor's report, a BLE SFLOAT's NaN or NRes), said as the doctor reads it;
+# the reasons are sfloat's own names, which every decoder writes (a new one is said here too)
+NO_VALUE = re.compile(
+    r"\((?:" + "|".join(re.escape(s) for s in (NAN, NRES, POSITIVE_INFINITY, NEGATIVE_INFINITY, RESERVED)) + r")\)"
+)
 NO_RESULT = N_("no result")
 # a value outside what a body can measure, kept as the device sent it (`summary` writes
 # "(implausible: 26251 Cel)", or "(implausible)" when the device sent none): said as impossible
