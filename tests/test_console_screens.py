@@ -993,6 +993,34 @@ def test_a_value_the_device_sent_as_none_is_said_in_words(tmp_path: Path) -> Non
     )
 
 
+def test_an_impossible_value_the_device_sent_is_said_in_the_pages_words(tmp_path: Path) -> None:
+    """A thermometer's 26251 °C and a cuff's systolic with no number, kept flagged as the device
+    sent them, read "体温 (implausible: 26251 °C) °C" and "血压 (implausible)/80 mmHg" on a Chinese
+    Today: English, and the unit said twice. Now 不可能的数值 with what the device said."""
+    from dataclasses import replace
+
+    from devices.plausibility import IMPLAUSIBLE
+
+    config = console_config(tmp_path / "data")
+    blank_systolic = cuff_reading(
+        "bp-implausible",
+        Quantity("systolic", None, "mm[Hg]", special=IMPLAUSIBLE),
+        Quantity("diastolic", 80.0, "mm[Hg]", 80.0, "mm[Hg]"),
+    )
+    hot = replace(
+        one_value_reading("body-temperature", "body-temperature", 37.0, "Cel", "t-implausible"),  # type: ignore[type-var]
+        quantities=(Quantity("body-temperature", None, "Cel", 26251.0, "Cel", special=IMPLAUSIBLE),),
+    )
+    hold_readings(config, blank_systolic, hot)
+    pages = {language: shown_readings(page) for language, page in pages_in_both_languages(config, "/today").items()}
+    zh = pages["zh-CN"]
+    assert sorted(zh) == ["体温 不可能的数值（设备显示 26251 °C）", "血压 不可能的数值/80 mmHg"], zh
+    assert sorted(pages["en"]) == [
+        "Blood pressure impossible value/80 mmHg",
+        "Temperature impossible value (the device said 26251 °C)",
+    ], pages["en"]
+
+
 def recorded_times(page: str) -> list[dt.datetime]:
     """The Sent page's 已记录 step of each ECG, newest first, as its <time> gives it."""
     return [dt.datetime.fromisoformat(t) for t in re.findall(r'<li class="done">已记录 <time datetime="([^"]+)"', page)]

@@ -8,6 +8,8 @@ resident ID 110101196505050017 (a man born 1965-05-05), the cart's fields saying
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as dt
 import time
 import warnings
@@ -98,8 +100,36 @@ def test_an_ecg_whose_sex_and_birth_date_contradict_its_id_is_held_and_said_on_t
     row = held_ecg_row(doctor.get("/today").body, item_id)
     assert "心电图上的性别/出生日期与身份证号不符。" in row, row
     assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
+    # the cart's Manufacturer "Unknown" is not a maker: the doctor reads its model alone
+    assert " · ELI250 " in row and "Unknown" not in row, row
     assert "身份证号是对的：按身份证号的性别和出生日期发送" in row and "是另一位患者的：请输入他的患者编号。" in row
     assert "仍然发送" not in row and "是对的：更正登记的姓名" not in row  # no answer that sends the file's unsaid
+    assert " · ELI250 " in row and "Unknown" not in row, row  # the cart's "Unknown" maker is none
+
+
+def test_an_ecg_held_for_its_id_and_judged_record_again_says_both(
+    clinic: tuple[Config, ConsoleServer, Client],
+) -> None:
+    """Its sex and birth date against the ID, and the quality check's "record again" (contec
+    0000037: 50 Hz as big as the ECG): the row says both, as one held for its name does."""
+    config, _, doctor = clinic
+    noisy = read_ecg_file(shared_file("ecg", "contec", "0000037.ECG"))
+    cart = dataclasses.replace(noisy, patient=Patient(RESIDENT_ID, "Li^Jianguo", dt.date(1971, 1, 1), "F"))
+    judged = copy.deepcopy(config)
+    judged.ecg.re_record_hold_s = 600
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        with open_outbox(config) as outbox:
+            now = dt.datetime.now(dt.timezone.utc)
+            enqueue = file_enqueuer(outbox, judged, lambda: context.patient_ids(now))
+            assert enqueue(cart, "noisy")
+            item = outbox.find("noisy")
+            assert item is not None and item.hold_reason == ID_CONFLICT, item
+            assert item.meta["quality"]["verdict"] == "re-record", item.meta["quality"]
+    finally:
+        context.close()
+    row = held_ecg_row(doctor.get("/today").body, item.id)
+    assert "心电图上的性别/出生日期与身份证号不符。" in row and "质量检查结果也是：需要重做。" in row, row
 
 
 def test_the_doctors_id_is_right_sends_the_ids_sex_and_birth_date(
@@ -220,7 +250,11 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
         assert {f"{ID_CONFLICT}:sex", f"{ID_CONFLICT}:birth-date"} <= set(item.meta["flags"])
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []
     page = doctor.get("/today").body
-    assert f"身份证号 {RESIDENT_ID} 是 男，1965-05-05" in held_ecg_row(page, item.id)
+    row = held_ecg_row(page, item.id)
+    # the cart's own birth date as a file's reads: it said 19710101, as the cart's object spells it
+    assert f"心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。" in row, row
+    # the cart's Manufacturer "Unknown" is not a maker: the doctor reads its model alone
+    assert " · ELI250 " in row and "Unknown" not in row, row
     _the_doctor_answers(doctor, page, f"/today/ecg/{item.id}/id-values")
     with open_outbox(config) as outbox:
         decided = outbox.get(item.id)

@@ -907,8 +907,8 @@ def started_again(config: Config) -> None:
         SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1).close()
 
 
-def today_page(config: Config, devices: list[dict]) -> str:
-    """The console's Today page (zh-CN), the scanner configured as the acquire service has it."""
+def console_page(config: Config, devices: list[dict], path: str = "/today") -> str:
+    """A console page (zh-CN; Today unless `path` says), the scanner configured as the acquire service has it."""
     import html
 
     from tests.console_harness import DOCTOR, Client, console_config, running_console
@@ -918,7 +918,7 @@ def today_page(config: Config, devices: list[dict]) -> str:
     with running_console(console) as server:
         client = Client(server.url)
         client.login(DOCTOR)
-        return html.unescape(client.get("/today").body)
+        return html.unescape(client.get(path).body)
 
 
 def test_a_patient_card_the_stop_gave_up_and_never_checked_in_is_said_on_today_after_the_restart(
@@ -950,9 +950,15 @@ def test_a_patient_card_the_stop_gave_up_and_never_checked_in_is_said_on_today_a
     finally:
         registry.close()
     assert again is not None and again.card_found_at == row.card_found_at, (row, again)
-    page = today_page(config, devices)
+    page = console_page(config, devices)
     assert "网关停机时扫描的病人卡（ID 80276001234567890123，" in page, page
     assert "没有登记上。如病人仍在，请再扫一次卡。" in page, page
+    # and on Devices, in a paragraph of its own under the scanner
+    page = console_page(config, devices, "/devices")
+    assert (
+        '<p><span class="warn lost card-not-checked-in" data-card="patient">网关停机时扫描的病人卡（ID 80276001234567890123，'
+        in page
+    ), page
 
 
 def today_after_a_stop_gave_up(
@@ -965,7 +971,7 @@ def today_after_a_stop_gave_up(
     )
     assert "serial-cards-given-up.jsonl" in left, left
     started_again(config)
-    return devices, today_page(config, devices)
+    return devices, console_page(config, devices)
 
 
 def test_a_card_whose_own_lock_wait_ends_before_the_close_gives_up_is_kept_with_the_real_waits(
@@ -1027,7 +1033,7 @@ def test_a_card_the_stop_gave_up_that_was_checked_in_before_the_exit_is_forgotte
     finally:
         registry.close()
     assert row is not None and row.card_kind == "" and row.card_found_at is None, row
-    page = today_page(config, devices)
+    page = console_page(config, devices)
     # nothing of a card not checked in; the card's check-in itself ended P-BEFORE's, and says so
     assert "网关停机时扫描的" not in page and "没有登记上" not in page, page
     assert "P-BEFORE 的就诊已结束" in page, page

@@ -190,15 +190,22 @@ def _patient(ds: Dataset) -> Patient | None:
     )
 
 
+def _named(ds: Dataset, keyword: str) -> str:
+    """One of the equipment's names as the object gives it; "" for one that says it is not known
+    (a cart writes Manufacturer "Unknown": read beside its model it named a maker, "Unknown ELI250")."""
+    value = str(ds.get(keyword, "") or "").strip()
+    return "" if value.lower() == "unknown" else value
+
+
 def device_of(ds: Dataset) -> DeviceIdentity:
     """The equipment that made a DICOM object, as it names itself."""
     software = ds.get("SoftwareVersions", "")
     if software and not isinstance(software, str):
         software = "\\".join(str(s) for s in software)
     return DeviceIdentity(
-        manufacturer=str(ds.get("Manufacturer", "") or "").strip(),
-        model=str(ds.get("ManufacturerModelName", "") or "").strip(),
-        serial=str(ds.get("DeviceSerialNumber", "") or "").strip(),
+        manufacturer=_named(ds, "Manufacturer"),
+        model=_named(ds, "ManufacturerModelName"),
+        serial=_named(ds, "DeviceSerialNumber"),
         software_version=str(software or "").strip(),
     )
 

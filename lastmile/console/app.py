@@ -46,7 +46,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from devices.ble.sfloat import NAN, NEGATIVE_INFINITY, NRES, POSITIVE_INFINITY, RESERVED
 from devices.identity import Patient
+from devices.plausibility import IMPLAUSIBLE
 from lastmile import __version__
 from lastmile.clinic.observations import SUMMARY_SEPARATOR
 from lastmile.clinic.patients import SameName
@@ -719,20 +721,30 @@ VALUE_SEPARATOR = N_(", ")
 
 
 # a value the device sent as none (`devices.observation.Quantity.special`, as `summary` writes it:
-# "(nres)"; "--" on a monitor's report, a BLE SFLOAT's NaN or NRes), said as the doctor reads it
-NO_VALUE = re.compile(r"\((?:nres|nan|\+inf|-inf|reserved)\)")
+# "(nres)"; "--" on a monitor's report, a BLE SFLOAT's NaN or NRes), said as the doctor reads it;
+# the reasons are sfloat's own names, which every decoder writes (a new one is said here too)
+NO_VALUE = re.compile(
+    r"\((?:" + "|".join(re.escape(s) for s in (NAN, NRES, POSITIVE_INFINITY, NEGATIVE_INFINITY, RESERVED)) + r")\)"
+)
 NO_RESULT = N_("no result")
+# a value outside what a body can measure, kept as the device sent it (`summary` writes
+# "(implausible: 26251 Cel)", or "(implausible)" when the device sent none): said as impossible
+IMPLAUSIBLE_VALUE = re.compile(r"\(" + re.escape(IMPLAUSIBLE) + r"(?:: ([^)]*))?\)")
+IMPOSSIBLE_SENT = N_("impossible value (the device said %(value)s)")
+IMPOSSIBLE = N_("impossible value")
 
 
 def _no_value_worded(part: str, localizer: Localizer) -> str:
-    """One value of a summary with the device's "no value" in words; with no number left, its unit
-    goes too (血压 无结果/无结果, not 无结果/无结果 mmHg)."""
-    if not NO_VALUE.search(part):
+    """One value of a summary with the device's "no value" or impossible value in words; with no
+    number left outside them, its unit goes too (血压 无结果/无结果, not 无结果/无结果 mmHg)."""
+    if not NO_VALUE.search(part) and not IMPLAUSIBLE_VALUE.search(part):
         return part
-    worded = NO_VALUE.sub(localizer.gettext(NO_RESULT), part)
-    if not any(c.isdigit() for c in worded) and " " in worded:
-        worded = worded.rsplit(" ", 1)[0]
-    return worded
+    if not any(c.isdigit() for c in IMPLAUSIBLE_VALUE.sub("", NO_VALUE.sub("", part))) and " " in part:
+        part = part.rsplit(" ", 1)[0]
+    part = NO_VALUE.sub(localizer.gettext(NO_RESULT), part)
+    return IMPLAUSIBLE_VALUE.sub(
+        lambda m: localizer.gettext(IMPOSSIBLE_SENT, value=m[1]) if m[1] else localizer.gettext(IMPOSSIBLE), part
+    )
 
 
 def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
@@ -751,6 +763,17 @@ def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
     return summary
 
 
+def birth_date_shown(value: str) -> str:
+    """A birth date as the pages show one, 1971-01-01: a cart's object over the LAN keeps its
+    DICOM form (19710101), a file's and an ID's are ISO already; anything else as it came."""
+    if len(value) == 8 and value.isdigit():
+        try:
+            return dt.date(int(value[:4]), int(value[4:6]), int(value[6:])).isoformat()
+        except ValueError:
+            return value
+    return value
+
+
 def make_templates() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -760,6 +783,7 @@ def make_templates() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["pn"] = person_name
+    env.filters["shown_birth_date"] = birth_date_shown
     return env
 
 
