@@ -37,7 +37,13 @@ from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_names
-from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
+from lastmile.clinic.devices import (
+    DeviceRecord,
+    DeviceRegistry,
+    SerialNames,
+    is_bluetooth_address,
+    normalise_address,
+)
 from lastmile.clinic.names import no_name, same_person_name
 from lastmile.clinic.observations import (
     MAPPED_USER,
@@ -230,6 +236,7 @@ class ReadingView:
     during_check_in: bool = False
     patient_id: str = ""  # stored: the ID it was filed under (Today's, of a patient with other IDs)
     device_model: str = ""  # its maker and model, without the port or address `device` ends with
+    registry_address: str = ""  # the device registry's address of the device that sent it, if stamped
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,9 +754,10 @@ def _reading_view(obs: Observation) -> ReadingView:
         obs.measured_at,
         obs.time_source.value,
         obs.flags,
-        # Today names a serial device by its port's settings name (`views.device_names_by_port`)
+        # Today names a serial device's by its settings name (`views.reading_device_names`)
         device_address=obs.device.address or "",
         device_model=" ".join(p for p in (obs.device.manufacturer, obs.device.model) if p),
+        registry_address=obs.registry_address,
     )
 
 
@@ -785,6 +793,7 @@ class ClinicData:
         self.held_ecg_source: HeldEcgSource = held_ecgs or OutboxHeldEcgs(self.outbox, config)
         self.context = PatientContext(self.db, config.patient.idle_timeout_s)
         self.registry = DeviceRegistry(self.db)
+        self.serial_names = SerialNames.of(config)  # once: the pages' names of its serial devices
         self.store = ObservationStore(self.outbox, self.db, self.context)
         c = config.console
         self.accounts = Accounts(
