@@ -74,6 +74,11 @@ class Observation:
     patient_id: str | None = None
     flags: tuple[str, ...] = ()  # device status bits worth showing: "irregular-pulse", "body-movement" ...
     device_user: int | None = None  # the device's user index (0-254); None: not sent, or "unknown user"
+    # the address the gateway's device registry knows the device that sent it by (a serial
+    # device's settings name, "serial:<name>"), stamped by the service that records it: unlike
+    # `device.address` (a port, which another device may have had or take) it names one device;
+    # "": not stamped (a reading recorded before it was, or by a service that needs no stamp)
+    registry_address: str = ""
 
     def __post_init__(self) -> None:
         if not self.quantities:

@@ -29,6 +29,7 @@ from lastmile.ecg.intake import (
     STAT_NAME_HOLD_S,
     assign_held_ecg,
     clinic_patient,
+    file_enqueuer,
     read_ecg_file,
 )
 from tests.cart_files import arrives_from_the_usb_stick, stored_dataset

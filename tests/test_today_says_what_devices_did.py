@@ -14,11 +14,20 @@ from pathlib import Path
 
 import pytest
 
+from devices.identity import DeviceIdentity
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.services.serial_devices import SerialService
-from tests.console_harness import DOCTOR, VALID_ID, Client, console_config, running_console
+from tests.console_harness import (
+    DOCTOR,
+    VALID_ID,
+    Client,
+    bp_reading,
+    console_config,
+    record_readings,
+    running_console,
+)
 from tests.serial_gateway import Running, serial_config
 from tests.serial_pty import PtyDevice
 from tests.service_harness import PATIENT_CARD_SCAN, report_printed
@@ -253,3 +262,56 @@ def test_a_cuff_s_reading_sent_after_a_failed_connection_ends_its_problem_on_tod
             assert not row.problem_said_on_today(clock[0] + dt.timedelta(seconds=1)), row
         finally:
             store.close()
+
+
+def reading_lines(page: str) -> list[str]:
+    """The lines of Today's "this patient's readings", tags left out."""
+    readings = page.split('<ul class="readings">', 1)[1].split("</ul>", 1)[0]
+    return [" ".join(re.sub(r"<[^>]+>", " ", li).split()) for li in readings.split("<li ")[1:]]
+
+
+def test_a_reading_is_named_by_the_device_that_sent_it_not_by_a_row_that_had_its_port_before(tmp_path: Path) -> None:
+    """The desk's monitor, set up as "monitor", was renamed "BP on desk" when a second monitor came and
+    was given the name "monitor" on another port (not plugged in yet). The old row of "monitor" still
+    said the desk's port, and Today, which found a reading's device by the port in the rows' words
+    ("<name> (<profile>) on <port>"), said every reading of the desk's monitor came from "monitor".
+    The serial service now stamps each reading with the settings address of the device that sent
+    it, and Today names the reading by that; a reading stored before it was stamped by its maker
+    and model, never by another device's name."""
+    desk = PtyDevice(tmp_path / "usb-desk")
+    monitor = {"match": str(desk.link_path), "profile": "example-vitals-monitor"}
+    first = Running(tmp_path, [{"name": "monitor", **monitor}])
+    try:
+        wait_for(lambda: bool(getattr(first.registry.get("serial:monitor"), "name", "")), what="on its port")
+    finally:
+        first.close()
+    renamed = "BP on desk"
+    r = Running(
+        tmp_path,
+        [
+            {"name": renamed, **monitor},
+            {"name": "monitor", "match": str(tmp_path / "usb-new-monitor"), "profile": "example-vitals-monitor"},
+        ],
+    )
+    try:
+        wait_for(lambda: bool(getattr(r.registry.get(f"serial:{renamed}"), "name", "")), what="renamed, on its port")
+        row = r.registry.get("serial:monitor")
+        assert row is not None and str(desk.link_path) in row.name, row  # the old row: the desk's port
+        now = r.now()
+        r.patients.set_patient(VALID_ID, "张秀兰", now=now - dt.timedelta(seconds=5))
+        desk.write(report_printed(now))
+        wait_for(lambda: len(r.outbox.items(kind="observation")) == 3, timeout=60, what="the report stored")
+        shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+        # as a gateway before the stamp stored it: the reading of a device on the desk's port
+        stored_before = dataclasses.replace(
+            bp_reading(now, "stored-before-the-stamp"),
+            device=DeviceIdentity("Example Medical", "VM-100", "", str(desk.link_path)),
+        )
+        (result,) = record_readings(shown, stored_before, now=now + dt.timedelta(seconds=1))
+        assert result.outcome == "stored", result
+        lines = reading_lines(today_of(shown))
+        assert len(lines) == 4, lines
+        assert [line.endswith(f"· {renamed}") for line in lines] == [False, True, True, True], lines
+        assert lines[0].endswith("· Example Medical VM-100"), lines  # the newest: the one stored before
+    finally:
+        r.close()

@@ -388,6 +388,39 @@ def configured_serial(config: Config) -> frozenset[str]:
     return frozenset(normalise_address(a) for a in found)
 
 
+@dataclass(frozen=True)
+class SerialNames:
+    """What the pages call the serial devices a config sets up, by their registry address
+    (normalised): their settings names, never their ports. Read from the config once (`of`): the
+    console's Today is redrawn every few seconds, its config only changes with a restart."""
+
+    # each device's and, of each, the device it would forward: (its settings name, whether it is
+    # the forwarded one), so a header says "cart" and the device a bridge forwards "the device on cart"
+    devices: dict[str, tuple[str, bool]]
+    # the name a reading stamped with the address (`Observation.registry_address`) is shown by: its
+    # device's own; none for a bridge's (a blood pressure is no ECG cart's) nor for the device a
+    # bridge forwards (its maker and model say it)
+    readings: dict[str, str]
+
+    @classmethod
+    def of(cls, config: Config) -> SerialNames:
+        devices: dict[str, tuple[str, bool]] = {}
+        readings: dict[str, str] = {}
+        for entry in config.serial.devices:
+            name = str(entry.get("name", ""))
+            own = normalise_address(serial_address(name))
+            devices[own] = (name, False)
+            devices[normalise_address(serial_address(forwarded_name(name)))] = (name, True)
+            if entry.get("profile") != "bridge":
+                readings[own] = name
+        return cls(devices, readings)
+
+    def of_reading(self, registry_address: str) -> str:
+        """The settings name of the device a reading stamped with `registry_address` came from;
+        "" for a bridge's, one it forwarded, one no longer set up, or one not stamped."""
+        return self.readings.get(normalise_address(registry_address), "") if registry_address else ""
+
+
 # the row's counts of what waits for space (all, in memory only) and what a stop lost, read as they are
 _COUNTS = (
     "held_reading_count",

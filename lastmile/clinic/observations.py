@@ -78,6 +78,8 @@ def observation_to_json(obs: Observation) -> dict[str, Any]:
         "flags": list(obs.flags),
         # only when sent: a single-user device's payload stays as it always was
         **({} if obs.device_user is None else {"device_user": obs.device_user}),
+        # only when stamped (a serial device's): other payloads stay as they always were
+        **({"registry_address": obs.registry_address} if obs.registry_address else {}),
     }
 
 
@@ -100,6 +102,7 @@ def observation_from_json(data: dict[str, Any]) -> Observation:
         patient_id=data.get("patient_id"),
         flags=tuple(data.get("flags", ())),
         device_user=data.get("device_user"),
+        registry_address=data.get("registry_address", ""),
     )
 
 

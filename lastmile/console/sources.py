@@ -37,7 +37,13 @@ from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.device_users import DeviceUser, UserMapping, mapped_names
-from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
+from lastmile.clinic.devices import (
+    DeviceRecord,
+    DeviceRegistry,
+    SerialNames,
+    is_bluetooth_address,
+    normalise_address,
+)
 from lastmile.clinic.names import no_name, same_person_name
 from lastmile.clinic.observations import (
     MAPPED_USER,
@@ -231,6 +237,7 @@ class ReadingView:
     during_check_in: bool = False
     patient_id: str = ""  # stored: the ID it was filed under (Today's, of a patient with other IDs)
     device_model: str = ""  # its maker and model, without the port or address `device` ends with
+    registry_address: str = ""  # the device registry's address of the device that sent it, if stamped
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,9 +755,10 @@ def _reading_view(obs: Observation) -> ReadingView:
         obs.measured_at,
         obs.time_source.value,
         obs.flags,
-        # Today names a serial device by its port's settings name (`views.device_names_by_port`)
+        # Today names a serial device's by its settings name (`views.reading_device_names`)
         device_address=obs.device.address or "",
         device_model=" ".join(p for p in (obs.device.manufacturer, obs.device.model) if p),
+        registry_address=obs.registry_address,
     )
 
 
@@ -786,6 +794,7 @@ class ClinicData:
         self.held_ecg_source: HeldEcgSource = held_ecgs or OutboxHeldEcgs(self.outbox, config)
         self.context = PatientContext(self.db, config.patient.idle_timeout_s)
         self.registry = DeviceRegistry(self.db)
+        self.serial_names = SerialNames.of(config)  # once: the pages' names of its serial devices
         self.store = ObservationStore(self.outbox, self.db, self.context)
         c = config.console
         self.accounts = Accounts(
@@ -1228,10 +1237,20 @@ class ClinicData:
         finally:
             self.audit.record(user, action, now=now, target=target, detail=detail)
 
-    def _held_for_name(self, item_id: int, now: dt.datetime) -> HeldEcg | None:
-        """The ECG `item_id` if it is held now for a name that is not the check-in's."""
+    def _held_for(self, item_id: int, reason: str, now: dt.datetime) -> HeldEcg | None:
+        """The ECG `item_id` if it is held now for `reason` (NAME_MISMATCH: a name that is not the
+        check-in's; ID_CONFLICT: a sex or birth date its resident ID contradicts)."""
         found = [h for h in self._held_now(now) if h.item_id == item_id]
-        return found[0] if found and found[0].reason == NAME_MISMATCH else None
+        return found[0] if found and found[0].reason == reason else None
+
+    def _id_patient(self, patient_id: str, name: str) -> Patient:
+        """`patient_id` under `name`, with the birth date and sex a resident ID gives; one that is
+        no valid ID under this configuration (the number as the cart wrote it, what intake kept of
+        it) with nothing more."""
+        try:
+            return clinic_patient(patient_id, name, self.config)
+        except InvalidPatientIdError:
+            return Patient(patient_id, name)
 
     def ecg_is_checked_in_patients(self, user: str, item_id: int, *, now: dt.datetime) -> EcgAssigned | None:
         """The doctor's "it is his" on an ECG held for its name: it goes under the ID it carries and
@@ -1239,15 +1258,12 @@ class ClinicData:
         were its name's person's (`lastmile.ecg.intake.as_on_file`): only what the ID itself says
         (a resident ID) goes with it. None: no longer held for its name (sent already, or decided
         on another screen)."""
-        held = self._held_for_name(item_id, now)
+        held = self._held_for(item_id, NAME_MISMATCH, now)
         assigned = None
         target = held.patient_id if held else str(item_id)
         with self._answer_audited(user, "ecg-checked-in-name", item_id, target=target, now=now) as detail:
             if held is not None and held.checked_in_name:  # none (cleared since): no name to send it under
-                try:  # a resident ID gives his birth date and sex
-                    patient = clinic_patient(held.patient_id, held.checked_in_name, self.config)
-                except InvalidPatientIdError:  # taken as the cart wrote it: the number is his, as checked in
-                    patient = Patient(held.patient_id, held.checked_in_name)
+                patient = self._id_patient(held.patient_id, held.checked_in_name)  # the number is his, as checked in
                 assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
                 detail["done"] = assigned is not None
         return assigned
@@ -1257,16 +1273,12 @@ class ClinicData:
         resident ID contradicts: it goes under its ID and name with the sex and birth date the ID
         says (`lastmile.ecg.intake.as_on_file`). None: no longer held for that (sent already, or
         decided on another screen)."""
-        found = [h for h in self._held_now(now) if h.item_id == item_id and h.reason == ID_CONFLICT]
+        held = self._held_for(item_id, ID_CONFLICT, now)
         assigned = None
-        target = found[0].patient_id if found else str(item_id)
+        target = held.patient_id if held else str(item_id)
         with self._answer_audited(user, "ecg-id-values", item_id, target=target, now=now) as detail:
-            if found:
-                held = found[0]
-                try:  # the ID gives his birth date and sex
-                    patient = clinic_patient(held.patient_id, held.patient_name, self.config)
-                except InvalidPatientIdError:  # no longer a valid ID under this configuration: what intake kept of it
-                    patient = Patient(held.patient_id, held.patient_name)
+            if held is not None:
+                patient = self._id_patient(held.patient_id, held.patient_name)  # the ID's birth date and sex
                 assigned = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
                 detail["done"] = assigned is not None
         return assigned
@@ -1281,7 +1293,7 @@ class ClinicData:
         name follows the ECG; an ECG gone meanwhile renames nobody. That ID's other ECGs held for
         this same name end their name hold with it (`_release_held_under`). None: no longer held for its
         name, or its name is no name (a cart's placeholder: nobody to rename him to)."""
-        held = self._held_for_name(item_id, now)
+        held = self._held_for(item_id, NAME_MISMATCH, now)
         assigned = None
         target = held.patient_id if held else str(item_id)
         with self._answer_audited(user, "ecg-name-right", item_id, target=target, now=now) as detail:

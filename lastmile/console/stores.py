@@ -206,6 +206,22 @@ def held_view(item: OutboxItem) -> HeldEcg:
     )
 
 
+def _assigned_already(item: OutboxItem | None, patient: Patient, now_s: float) -> EcgAssigned | None:
+    """What held ECG `item` shows at `now_s` if the doctor's assign to `patient`'s ID is on it; None if not."""
+    if item is None or item.patient is None or ASSIGNED_BY_DOCTOR not in item.meta.get("flags", []):
+        return None
+    if item.patient.get("patient_id") != patient.patient_id:
+        return None
+    waits = item.hold_reason == QUALITY_HOLD and item.held(now_s)
+    log.info("held ECG E%d: its worker failed, but the assign is on it", item.id)
+    return EcgAssigned(patient_from_json(item.patient), waits_for_quality=waits)
+
+
+def _still_held(item: OutboxItem | None, now_s: float) -> bool:
+    """Whether `item` is still held at `now_s` for the doctor to decide."""
+    return item is not None and item.held(now_s) and item.hold_reason in DOCTOR_HOLDS
+
+
 class OutboxHeldEcgs:
     """`HeldEcgSource` over the outbox: the same holds and decisions as the commands."""
 
@@ -241,14 +257,16 @@ class OutboxHeldEcgs:
             # a worker that failed says nothing of the ECG: "too late" only if it is really gone
             # (believing it sent, the doctor stops trying, and it goes as 无患者 when its hold ends)
             if result.get(WORKER_FAILED):
+                # the item as it is once the worker is over, read once, at one time: now, not the
+                # request's (the hold may have ended while the worker hung)
+                item, now_s = self.outbox.get(item_id), time.time()
                 # it may have committed the assign and then failed (timed out on a loaded Pi):
                 # "try again" then makes him record again, a second study
-                done = self._assigned_already(item_id, patient)
+                done = _assigned_already(item, patient, now_s)
                 if done is not None:
                     self._failed_items.discard(item_id)
                     return done
-                # the hold may have ended while the worker hung: now, not the request's time
-                if self._still_held(item_id, dt.datetime.now(dt.timezone.utc)):
+                if _still_held(item, now_s):
                     again = item_id in self._failed_items
                     self._failed_items.add(item_id)
                     raise EcgAssignFailed(f"held ECG E{item_id}: {result['error']}", again=again)
@@ -256,21 +274,6 @@ class OutboxHeldEcgs:
             return None
         self._failed_items.discard(item_id)
         return EcgAssigned(patient_from_json(result["patient"]), waits_for_quality=bool(result["waits_for_quality"]))
-
-    def _assigned_already(self, item_id: int, patient: Patient) -> EcgAssigned | None:
-        """What the item shows if the doctor's assign to `patient`'s ID is on it; None if not."""
-        item = self.outbox.get(item_id)
-        if item is None or item.patient is None or ASSIGNED_BY_DOCTOR not in item.meta.get("flags", []):
-            return None
-        if item.patient.get("patient_id") != patient.patient_id:
-            return None
-        waits = item.hold_reason == QUALITY_HOLD and item.held(time.time())
-        log.info("held ECG E%d: its worker failed, but the assign is on it", item_id)
-        return EcgAssigned(patient_from_json(item.patient), waits_for_quality=waits)
-
-    def _still_held(self, item_id: int, now: dt.datetime) -> bool:
-        item = self.outbox.get(item_id)
-        return item is not None and item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS
 
     def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
         try:

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from lastmile import __version__
 from lastmile.clinic.device_users import may_have_users
-from lastmile.clinic.devices import DeviceProblem, DeviceRecord, forwarded_name, normalise_address, serial_address
+from lastmile.clinic.devices import DeviceProblem, SerialNames
 from lastmile.config import Config
 from lastmile.console.audit import ACTIONS
 from lastmile.console.i18n import N_
-from lastmile.console.sources import ClinicData, ReportView, metered_note
+from lastmile.console.sources import ClinicData, ReadingView, ReportView, metered_note
 
 if TYPE_CHECKING:
     from lastmile.doctor import VisitsReadCache
@@ -57,7 +57,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     latest = data.latest_ecg(session, now=now)
     held_ecgs = data.held_ecgs(now, session)
     found = data.devices()
-    names = serial_names(data.config)
+    readings = data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
     return {
         "session": session,
         "doctor_on_duty": data.doctor_on_duty(now),
@@ -72,12 +72,10 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
             )
         ],
         # device and reading lines name a serial device as Devices does, never by its port
-        "serial_names": names,
-        "reading_devices": device_names_by_port(found, names, bridge_names(data.config)),
+        "serial_names": data.serial_names.devices,
+        "reading_devices": reading_device_names(readings, data.serial_names),
         "problem_advice": DEVICE_PROBLEM_ADVICE,
-        "readings": (
-            data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
-        ),
+        "readings": readings,
         "mapped_elsewhere": data.mapped_elsewhere(session, now),
         "held": data.held_readings(now, session),
         "held_ecgs": held_ecgs,
@@ -160,35 +158,19 @@ DEVICE_PROBLEM_ADVICE: dict[DeviceProblem, str] = {
 }
 
 
-def serial_names(config: Config) -> dict[str, tuple[str, bool]]:
-    """The configured name of each serial device's registry address, and whether the address is
-    the device a bridge forwards (named after the bridge): a header says "cart", not "SERIAL:CART"."""
-    names: dict[str, tuple[str, bool]] = {}
-    for entry in config.serial.devices:
-        name = str(entry.get("name", ""))
-        names[normalise_address(serial_address(name))] = (name, False)
-        names[normalise_address(serial_address(forwarded_name(name)))] = (name, True)
-    return names
-
-
-def bridge_names(config: Config) -> frozenset[str]:
-    """The settings names of the serial devices that are bridges (`profile = "bridge"`)."""
-    return frozenset(str(e.get("name", "")) for e in config.serial.devices if e.get("profile") == "bridge")
-
-
-def device_names_by_port(
-    found: list[DeviceRecord], names: dict[str, tuple[str, bool]], bridges: frozenset[str]
-) -> dict[str, str]:
-    """Each connected serial device's port (as a reading from it names its device's address) ->
-    its name in the settings: a row's name is "<name> (<profile>) on <port>" (the serial service's,
-    for the technician), its address the settings name's. A bridge's port is left out: the readings
-    it forwards name its port too, and a blood pressure is no ECG cart's (they say their maker and model)."""
-    by_port: dict[str, str] = {}
-    for d in found:
-        own = names.get(d.address)
-        if d.transport == "serial" and own is not None and not own[1] and own[0] not in bridges and " on " in d.name:
-            by_port[d.name.rsplit(" on ", 1)[1]] = own[0]
-    return by_port
+def reading_device_names(readings: list[ReadingView], names: SerialNames) -> dict[str, str]:
+    """What Today calls the device each reading (by its key) came from: a serial device by its
+    settings name, the one the serial service stamped it with (`registry_address`); a bridge's,
+    one a bridge forwarded or one no longer set up by its maker and model, never its port; a
+    Bluetooth one as it calls itself. One stored before the stamp keeps its old words: its maker and
+    model if its address is a port (a path), else as its device calls itself."""
+    shown: dict[str, str] = {}
+    for r in readings:
+        if r.registry_address:
+            shown[r.key] = names.of_reading(r.registry_address) or r.device_model or r.device
+        else:
+            shown[r.key] = (r.device_model if r.device_address.startswith("/") else "") or r.device
+    return shown
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
@@ -197,7 +179,7 @@ def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     return {
         "devices": found,
         "problem_advice": DEVICE_PROBLEM_ADVICE,
-        "serial_names": serial_names(data.config),
+        "serial_names": data.serial_names.devices,
         "device_users": device_users,
         # the devices whose users the page offers to map: cuffs, scales (a thermometer has no users)
         "with_users": {d.address for d in found if may_have_users(d, mapped)},

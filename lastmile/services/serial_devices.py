@@ -370,11 +370,18 @@ class SerialContext:
             row.said.add(error.problem)
             row.shown = (error.problem, error.at)
 
-    def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
+    def store_observation(
+        self, spec: LinkSpec, obs: Observation, *, held: bool = False, forwarded: bool = False
+    ) -> bool:
         """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
         caller holds it then, and the row's held status says it waits for space (not its error
-        too, unless another cause than space refused it)."""
+        too, unless another cause than space refused it). `forwarded`: `spec` is the bridge that
+        forwarded it from the device on its RS-232 port."""
         now = self.now()
+        # stamped with its device's registry address: the console names a reading by the device
+        # that sent it, not by its port (which a renamed or moved device's old row may still name)
+        device = serial_address(forwarded_name(spec.name) if forwarded else spec.name)
+        obs = replace(obs, registry_address=device)
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
@@ -907,7 +914,7 @@ class BridgeHandler:
         for ev in events:
             if isinstance(ev, ReportParsed):
                 for obs in ev.observations:
-                    stored_all &= self.ctx.store_observation(self.spec, obs)
+                    stored_all &= self.ctx.store_observation(self.spec, obs, forwarded=True)
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
                 self.ctx.error(self.spec, f"{REPORT_REJECTED} {ev.reason}", DeviceProblem.UNREADABLE)
