@@ -296,3 +296,56 @@ def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_s
         sent = _dataset(outbox, item.id)
     assert str(sent.PatientName) == "Li^Jianguo=李^建国" and sent.SpecificCharacterSet == "ISO_IR 192"
     assert item.patient is not None and item.patient["name"] == "Li^Jianguo=李^建国"
+
+
+def _cut_inside_its_annotations(path: Path) -> bytes:
+    """The cart's file (Explicit VR Little Endian, sent as it is) cut short inside its Waveform
+    Annotation Sequence, in the middle of an item's Referenced Waveform Channels (a write
+    interrupted on the cart): a valid header, the patient whole, a sequence that ends mid-value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        written = io.BytesIO()
+        ds.save_as(written, implicit_vr=False, little_endian=True)
+    data = written.getvalue()
+    annotations = data.find(b"\x40\x00\x20\xb0SQ")  # (0040,B020)
+    channels = data.find(b"\x40\x00\xb0\xa0US", annotations)  # (0040,A0B0) in its first item
+    assert 0 < annotations < channels
+    return data[: channels + 8 + 3]  # 3 of its 4 bytes
+
+
+def test_a_cut_short_lan_ecg_in_pinyin_is_kept_as_the_cart_sent_it_and_nothing_after_it_is_lost(
+    tmp_path: Path,
+) -> None:
+    """His ECG in pinyin, cut short inside a sequence: the gateway read it a second time to add his
+    characters, outside the guard that forwards an unreadable object as written, and the error
+    came out of the store: the cart was told "out of resources", sent it again, the same again,
+    never kept. Now it is kept as the cart wrote it (Success: one item, its name the cart's), its
+    resend is that item, and the cart's next ECG goes on with his characters."""
+    from uploader.dicom_association import PeerSettings
+    from uploader.dicom_part10 import parse_part10
+    from uploader.dicom_store import StoreAssociation
+
+    config = console_config(tmp_path / "data")
+    path = _cart_file(tmp_path, sex="M", birth="19650505")
+    cut = _cut_inside_its_annotations(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = pydicom.dcmread(path)
+        whole.SOPInstanceUID = "2.25.1" + RESIDENT_ID  # the cart's next ECG
+        buffer = io.BytesIO()
+        whole.save_as(buffer)
+    with open_outbox(config) as outbox:
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            peer = PeerSettings("127.0.0.1", receiver.port, "LASTMILE", "CART1", timeout_s=30.0, deflate=False)
+            with StoreAssociation(peer) as cart:
+                first = cart.store(cut)
+                again = cart.store(cut)  # the cart's retry
+                after = cart.store(buffer.getvalue())
+        assert (first.status, again.status, after.status) == (0, 0, 0), (first, again, after)
+        kept, following = outbox.items(kind=Kind.DICOM)
+        assert kept.hold_until is None and kept.patient is not None and kept.patient["name"] == "Li^Jianguo"
+        # as the cart sent it (the receiver writes its own file meta): not lost, not half rewritten
+        assert parse_part10(outbox.read_payload(kept)).dataset_bytes() == parse_part10(cut).dataset_bytes()
+        assert following.patient is not None and following.patient["name"] == "Li^Jianguo=李^建国"

@@ -524,14 +524,9 @@ def assign_lan_object(
         if "PatientAge" in ds:  # the cart's age of that other person
             del ds.PatientAge
     if patient.name and not same_person_name(patient.name, cart_name):
-        name = dicom_person_name(patient.name)
-        if not name.isascii() and "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
-            # the cart's text read in its own character set, written again in UTF-8 with the name
-            ds.decode()
-            ds.SpecificCharacterSet = "ISO_IR 192"
         if cart_name:
             ds.OtherPatientNames = cart_name
-        ds.PatientName = name
+        with_patient_name(ds, dicom_person_name(patient.name))
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)
@@ -808,7 +803,7 @@ def lan_object_store(
     whose sex or birth date its resident ID contradicts ("patient-id-conflict", `lan_id_conflict`):
     the kinds of LAN object held, as only the doctor knows whose it is and which is right
     (`assign_held_ecg` writes his answer into the cart's object). One naming him in letters
-    only, the check-in's name, gets the check-in's characters added, as a file does (`lan_object_named`). Unanswered,
+    only, the check-in's name, gets the check-in's characters added, as a file does (`as_forwarded`). Unanswered,
     it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
     outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
     cart's object only what the doctor answered."""
@@ -822,7 +817,17 @@ def lan_object_store(
             return  # sent again as it was (a cart's retry): the item kept answers it, nothing parsed
         current, session = session_now(current_patient_ids, stat_session)
         patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
-        forwarded = as_forwarded(obj, patient_id, now(), newest_from=lambda device: newest.time(obj.calling_ae, device))
+        file_name = str((obj.patient or {}).get("name") or "")
+        known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
+        other_name = names_differ(file_name, known)
+        forwarded = as_forwarded(
+            obj,
+            patient_id,
+            now(),
+            # his pinyin on the cart: his characters with it, as for a file
+            name=with_checked_in_characters(file_name, known),
+            newest_from=lambda device: newest.time(obj.calling_ae, device),
+        )
         rewritten = (
             {"received_sha256": received_sha256} if forwarded.obj.data != obj.data else {}
         )  # what the cart sends again
@@ -830,14 +835,6 @@ def lan_object_store(
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
         stat = session is not None and session.covers(patient_id, None)
         mismatch = bool(current and patient_id is not None and patient_id not in current)
-        file_name = str((obj.patient or {}).get("name") or "")
-        known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
-        other_name = names_differ(file_name, known)
-        if not other_name:  # his pinyin on the cart: his characters with it, as for a file
-            named = lan_object_named(obj, known)
-            if named is not obj:
-                obj, rewritten = named, {"received_sha256": received_sha256}
-                sha256 = hashlib.sha256(obj.data).hexdigest()
         id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
         hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
         # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
@@ -976,17 +973,21 @@ def as_forwarded(
     patient_id: str | None,
     received_at: dt.datetime,
     *,
+    name: str | None = None,
     newest_from: Callable[[str], dt.datetime | None] = lambda device: None,
 ) -> ForwardedObject:
     """`obj` as forwarded: the cart's object as it sent it, read once, written again only for what
-    the gateway must correct - a loosely written patient ID (`with_patient_id`) and a time the
+    the gateway must correct - a loosely written patient ID (`with_patient_id`), a time the
     gateway does not believe (Time Source "DEVICE UNTRUSTED", Acquisition Time Synchronized N;
-    the time itself as the cart wrote it, `uploader.dicom_ecg.mark_time_untrusted`). Two values
-    changed in the data set, not a new object: its UIDs stay the cart's, so a cart's resend is
-    the same instance and the PACS holds one study; an annotation or new elements would be more
-    of the cart's object rewritten for what the Time Source already says. `newest_from`: the
-    time of the newest ECG the device (by its label) sent before, for `judged_time`.
-    An object pydicom cannot read or write back is forwarded as written, not lost."""
+    the time itself as the cart wrote it, `uploader.dicom_ecg.mark_time_untrusted`) and `name`,
+    the cart's letters-only name with the check-in's characters (`with_checked_in_characters`;
+    None: the name as the cart wrote it). Values changed in the data set, not a new object: its
+    UIDs stay the cart's, so a cart's resend is the same instance and the PACS holds one study;
+    an annotation or new elements would be more of the cart's object rewritten for what the Time
+    Source already says. `newest_from`: the time of the newest ECG the device (by its label)
+    sent before, for `judged_time`. An object pydicom cannot read or write back is forwarded as
+    written, not lost: a store that raised would leave the cart answered "out of resources" for
+    every resend of it."""
     import pydicom
 
     from devices.ecg.dicom_input import acquired_at_of, device_of
@@ -1008,9 +1009,11 @@ def as_forwarded(
         described["acquired_at"] = judged.acquired_at.isoformat()
         flags = judged.flags
     new_id = patient_id if obj.patient is not None and patient_id not in (None, obj.patient["patient_id"]) else None
-    if new_id is None and not flags:
+    if new_id is None and not flags and name is None:
         return ForwardedObject(obj, flags, described)
     try:
+        if name is not None:
+            with_patient_name(ds, name)
         if new_id is not None:
             with_patient_id(ds, new_id)
         if flags:
@@ -1020,29 +1023,19 @@ def as_forwarded(
     except Exception as exc:  # noqa: BLE001 - the cart's own malformed elements: its object goes
         log.warning("LAN object %s not rewritten (%s): forwarded as written", obj.sop_instance_uid, exc)
         return ForwardedObject(obj, flags, described)
-    patient = {**obj.patient, "patient_id": new_id} if obj.patient is not None and new_id is not None else obj.patient
+    patient = obj.patient
+    if patient is not None and (new_id is not None or name is not None):
+        patient = {**patient, **({"patient_id": new_id} if new_id else {}), **({"name": name} if name else {})}
     return ForwardedObject(dataclasses.replace(obj, data=out.getvalue(), patient=patient), flags, described)
 
 
-def lan_object_named(obj: ReceivedObject, checked_in_name: str) -> ReceivedObject:
-    """A cart's object naming its patient in letters only, the check-in's name for its ID: with
-    the check-in's characters added (`with_checked_in_characters`), the rest as received; `obj`
-    itself otherwise."""
-    import pydicom
-
-    patient = obj.patient or {}
-    name = with_checked_in_characters(str(patient.get("name") or ""), checked_in_name)
-    if name is None:
-        return obj
-    ds = pydicom.dcmread(io.BytesIO(obj.data))
-    if "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
-        # the cart's text read in its own character set, written again in UTF-8 with the name
+def with_patient_name(ds: Dataset, name: str) -> None:
+    """`ds` under the Patient's Name `name`; one not in ASCII in UTF-8: the rest of the cart's text
+    read in its own character set and written again in UTF-8 with the name."""
+    if not name.isascii() and "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
         ds.decode()
         ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientName = name
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return dataclasses.replace(obj, data=out.getvalue(), patient={**patient, "name": name})
 
 
 def with_patient_id(ds: Dataset, patient_id: str) -> None:
