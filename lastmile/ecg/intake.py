@@ -43,7 +43,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
-from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
+from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient, ResidentId
 from lastmile.clinic.names import dicom_person_name, has_ideographs, no_name, same_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
@@ -169,10 +169,7 @@ def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
         log.warning("ECG file's patient ID refused: %s", exc)
         return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
     if resident is not None:
-        if sex and sex != resident.sex:
-            flags.append(ID_CONFLICT_FLAGS[0])
-        if birth is not None and birth != resident.birth_date:
-            flags.append(ID_CONFLICT_FLAGS[1])
+        flags += against_resident_id(sex, birth.isoformat() if birth else "", resident)[0]
         birth, sex = birth or resident.birth_date, sex or resident.sex
     patient = Patient(
         patient_id=number,
@@ -259,15 +256,31 @@ def id_conflict(flags: Iterable[str]) -> bool:
     return any(flag in ID_CONFLICT_FLAGS for flag in flags)
 
 
-def id_conflict_meta(recording: EcgRecording, config: Config) -> dict[str, object]:
-    """What an ECG whose file contradicts its resident ID keeps in its meta for Today's question:
-    the sex and birth date the ID says (the item's patient keeps the file's)."""
-    if recording.patient is None or not id_conflict(recording.flags):
-        return {}
-    resident = kept_patient_id(recording.patient.patient_id, config.patient.id_kind)[1]
+def against_resident_id(sex: str, born: str, resident: ResidentId | None) -> tuple[list[str], dict[str, str]]:
+    """A file's or a cart's sex and birth date (`born`: YYYYMMDD or ISO, "" for none) against
+    what its resident ID says: the conflict flags (`ID_CONFLICT_FLAGS`) and, with any, the ID's
+    sex and birth date for Today's question (`id_sex`, `id_birth_date`); none without a resident ID.
+    The one judgement of a file (`vetted_patient`, `id_conflict_meta`) and a cart's object (`lan_id_conflict`)."""
     if resident is None:
+        return [], {}
+    flags = []
+    if sex and sex != resident.sex:
+        flags.append(ID_CONFLICT_FLAGS[0])
+    if born and born.replace("-", "") != resident.birth_date.strftime("%Y%m%d"):
+        flags.append(ID_CONFLICT_FLAGS[1])
+    if not flags:
+        return [], {}
+    return flags, {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
+
+
+def id_conflict_meta(recording: EcgRecording, config: Config) -> dict[str, str]:
+    """What an ECG whose file contradicts its resident ID keeps in its meta for Today's question:
+    the sex and birth date the ID says (the item's patient keeps the file's, `vetted_patient`)."""
+    p = recording.patient
+    if p is None or not id_conflict(recording.flags):
         return {}
-    return {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
+    resident = kept_patient_id(p.patient_id, config.patient.id_kind)[1]
+    return against_resident_id(p.sex, p.birth_date.isoformat() if p.birth_date else "", resident)[1]
 
 
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
@@ -878,26 +891,16 @@ def lan_object_store(
 
 
 def lan_id_conflict(patient: dict | None, id_kind: str) -> tuple[list[str], dict[str, str]]:
-    """A cart's object whose sex or birth date its resident ID contradicts, as `vetted_patient`
-    judges a file's: the conflict flags, and the ID's values for Today's question
-    (`id_conflict_meta`). None for an object without them or without a valid resident ID."""
+    """A cart's object whose sex or birth date its resident ID contradicts, judged as a file is
+    (`against_resident_id`): the conflict flags, and the ID's values for Today's question. None for
+    an object without them or without a valid resident ID."""
     if not patient:
         return [], {}
     try:
         resident = kept_patient_id(str(patient.get("patient_id") or ""), id_kind)[1]
     except InvalidPatientIdError:
         return [], {}
-    if resident is None:
-        return [], {}
-    sex, born = str(patient.get("sex") or ""), str(patient.get("birth_date") or "")
-    flags = []
-    if sex and sex != resident.sex:
-        flags.append(ID_CONFLICT_FLAGS[0])
-    if born and born.replace("-", "") != resident.birth_date.strftime("%Y%m%d"):
-        flags.append(ID_CONFLICT_FLAGS[1])
-    if not flags:
-        return [], {}
-    return flags, {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
+    return against_resident_id(str(patient.get("sex") or ""), str(patient.get("birth_date") or ""), resident)
 
 
 def comparable_patient_id(patient_id: str, id_kind: str) -> str:
