@@ -470,12 +470,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         kept = item.patient or {}
         note += f" (the ECG file gave sex {kept.get('sex') or '-'}, birth date {kept.get('birth_date') or '-'})"
     data = deflated_part10(reassign_patient(ds, patient, note))
-    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)  # the doctor answered them
-    if not id_still_open:
-        settled += ID_CONFLICT_FLAGS
-    flags = [f for f in item.meta.get("flags", []) if f not in settled]
-    flags.append(ASSIGNED_BY_DOCTOR)
-    meta = {**item.meta, "unassigned": False, "flags": flags}
+    meta = {**item.meta, "unassigned": False, "flags": answered_flags(item, id_still_open)}
     fields = {
         "patient_id": patient.patient_id,
         "name": patient.name,
@@ -484,13 +479,11 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
     }
     # a 're-record' verdict still waits for the doctor's decision on the recording itself
-    keep = None
     quality_until = item.meta.get("quality_hold_until")
+    quality_hold = None
     if quality_until is not None and quality_until > now.timestamp():
-        keep = Hold(QUALITY_HOLD, float(quality_until))
-    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
-        # the ID's question first (Today shows it next), as long as both holds last
-        keep = Hold(ID_CONFLICT, max(item.hold_until, keep.until if keep else 0.0))
+        quality_hold = Hold(QUALITY_HOLD, float(quality_until))
+    keep = hold_after_answer(item, id_still_open, now, quality_hold)
     if not outbox.replace_held_payload(
         item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
     ):
@@ -522,14 +515,13 @@ def assign_lan_object(
         with_patient_id(ds, patient.patient_id)
         if patient.issuer:
             ds.IssuerOfPatientID = patient.issuer
-    flags = item.meta.get("flags", [])
     # "the ID is right" (held for the ID only): the ID's sex and birth date, a number alone too (`as_on_file`)
-    id_answer = not other_id and id_conflict(flags) and NAME_MISMATCH not in flags
+    id_answer = not other_id and held_for_its_id_only(item)
     if id_answer:
         patient = as_on_file(item, patient)
     # "its name is right" on an object its ID also contradicts: the cart's values stay, flagged,
     # and it waits for the ID's question (as a file does, `assign_held_ecg`)
-    id_still_open = not other_id and id_conflict(flags) and file_name_confirmed(item, patient)
+    id_still_open = not other_id and id_conflict(item.meta.get("flags", [])) and file_name_confirmed(item, patient)
     own_details = other_id or given_another_name(item, patient) or id_answer  # the cart's were another person's
     if own_details:
         ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
@@ -542,15 +534,9 @@ def assign_lan_object(
         with_patient_name(ds, dicom_person_name(patient.name))
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
-    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)
-    if not id_still_open:
-        settled += ID_CONFLICT_FLAGS
-    flags = [f for f in flags if f not in settled]
-    keep = None
-    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
-        keep = Hold(ID_CONFLICT, item.hold_until)
+    keep = hold_after_answer(item, id_still_open, now)
     received = item.meta.get("received_sha256") or item.sha256  # the cart's resend of its own bytes is this item
-    meta = {**item.meta, "flags": [*flags, ASSIGNED_BY_DOCTOR], "received_sha256": received}
+    meta = {**item.meta, "flags": answered_flags(item, id_still_open), "received_sha256": received}
     kept = item.patient or {}
     fields = {
         "patient_id": patient.patient_id,
@@ -569,6 +555,35 @@ def assign_lan_object(
     updated = outbox.get(item.id)
     assert updated is not None
     return updated
+
+
+def answered_flags(item: OutboxItem, id_still_open: bool) -> list[str]:
+    """The held ECG's flags once the doctor gave it its patient: without those his answer settled
+    (another patient, another name; the ID's sex and birth date unless that question is still
+    open), marked ASSIGNED_BY_DOCTOR once."""
+    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)
+    if not id_still_open:
+        settled += ID_CONFLICT_FLAGS
+    return [*(f for f in item.meta.get("flags", []) if f not in settled), ASSIGNED_BY_DOCTOR]
+
+
+def hold_after_answer(
+    item: OutboxItem, id_still_open: bool, now: dt.datetime, other: Hold | None = None
+) -> Hold | None:
+    """What still holds the ECG after the doctor's answer: the ID's question when it is still open
+    and its hold has not run out (Today shows it next), as long as `other` (a 're-record' verdict's)
+    lasts too; else `other`."""
+    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
+        return Hold(ID_CONFLICT, max(item.hold_until, other.until if other else 0.0))
+    return other
+
+
+def held_for_its_id_only(item: OutboxItem) -> bool:
+    """Held for its sex and birth date against its resident ID, not for its name: the doctor's
+    answer for its own ID is "the ID is right" (`as_on_file`). With its name also in question,
+    "its name is right" answers the name only."""
+    flags = item.meta.get("flags", [])
+    return id_conflict(flags) and NAME_MISMATCH not in flags
 
 
 def file_name_of(item: OutboxItem) -> str:
@@ -607,7 +622,7 @@ def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
         return patient
     if given_another_name(item, patient):
         return dataclasses.replace(patient, issuer=patient.issuer or str(kept.get("issuer") or ""))
-    if id_conflict(item.meta.get("flags", [])) and NAME_MISMATCH not in item.meta.get("flags", []):
+    if held_for_its_id_only(item):
         # a number typed alone: what the ID says (`id_conflict_meta`). Not on an ECG held for its
         # name too: "its name is right" answers the name only, the file's values stand (`assign_held_ecg`)
         id_born = item.meta.get("id_birth_date")
