@@ -13,7 +13,8 @@ wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refu
 a valid one gives birth date and sex when the file has none, and a file that says otherwise is
 flagged ("patient-id-conflict:birth-date" / ":sex") and held for the doctor as one held for its
 name is ("patient-id-conflict", STAT ones too, as short): he sends it with the ID's sex and birth
-date, or gives it to another patient; names get their pinyin group.
+date, or gives it to another patient; unanswered, it goes with both said in its Patient Comments
+(`id_conflict_comment`), for the county reader; names get their pinyin group.
 
 Holds: a routine ECG with no patient, or one naming another patient than the current one, is
 added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
@@ -283,6 +284,34 @@ def id_conflict_meta(recording: EcgRecording, config: Config) -> dict[str, str]:
     return against_resident_id(p.sex, p.birth_date.isoformat() if p.birth_date else "", resident)[1]
 
 
+SEX_WORDS = {"M": ("男", "M"), "F": ("女", "F"), "O": ("其他", "O")}  # Patient's Sex as the reader reads it
+
+
+def id_conflict_comment(flags: Iterable[str], patient_id: str, sex: str, born: str, id_values: dict[str, str]) -> str:
+    """The Patient Comments (0010,4000) of an ECG whose sex or birth date (`born`: YYYYMMDD or
+    ISO) its resident ID contradicts (`id_values`, `against_resident_id`), as it goes when the
+    doctor has not said which is right: the county reader sees both with the study, not only our
+    outbox record. "" without a conflict. Chinese first, English after."""
+    flags = list(flags)
+    if not id_values or not id_conflict(flags):
+        return ""
+    which = [i for i, flag in enumerate(ID_CONFLICT_FLAGS) if flag in flags]
+    what_zh = "/".join(("性别", "出生日期")[i] for i in which)
+    what_en = "/".join(("sex", "birth date")[i] for i in which)
+    born = f"{born[:4]}-{born[4:6]}-{born[6:]}" if len(born) == 8 and born.isdigit() else born
+
+    def said(sex: str, born: str, language: int) -> str:
+        return f"{SEX_WORDS.get(sex, (sex, sex))[language] or '-'}{'，' if language == 0 else ', '}{born or '-'}"
+
+    ecg_zh, ecg_en = said(sex, born, 0), said(sex, born, 1)
+    id_zh, id_en = (said(id_values["id_sex"], id_values["id_birth_date"], i) for i in (0, 1))
+    return (
+        f"心电图上的{what_zh}与身份证号不符，医生未确认：心电图上是 {ecg_zh}；身份证号 {patient_id} 是 {id_zh}。"
+        f" / The ECG's {what_en} contradicts the resident ID, not confirmed by the doctor: the ECG says "
+        f"{ecg_en}; ID {patient_id} says {id_en}."
+    )
+
+
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
     """What an ECG held for another name keeps in its meta: both names, for Today's question."""
     if NAME_MISMATCH not in flags:
@@ -370,9 +399,17 @@ def enqueue_recording(
     recording = vetted_patient(recording, config)
     quality = quality_of(recording, config)
     uids = mint_uids()
-    data = deflated_part10(
-        build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
-    )
+    ds = build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
+    id_values = id_conflict_meta(recording, config)
+    comment = ""
+    if recording.patient is not None:
+        p = recording.patient
+        comment = id_conflict_comment(
+            recording.flags, p.patient_id, p.sex, p.birth_date.isoformat() if p.birth_date else "", id_values
+        )
+    if comment:  # the doctor's answer takes it away (`assign_held_ecg`); unanswered, it goes with the study
+        ds.PatientComments = comment
+    data = deflated_part10(ds)
     hold = hold_for(recording, config, now, quality)
     meta = ecg_item_meta(
         sop_class_uid=choose_sop_class(recording),
@@ -393,7 +430,8 @@ def enqueue_recording(
         quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
         **name_mismatch_meta(recording.flags, recording.patient.name if recording.patient else "", checked_in_name),
-        **id_conflict_meta(recording, config),
+        **id_values,
+        **({"id_conflict_comment": comment} if comment else {}),
     )
     result = outbox.add(
         Kind.DICOM,
@@ -469,7 +507,10 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     if id_conflict(item.meta.get("flags", [])):
         kept = item.patient or {}
         note += f" (the ECG file gave sex {kept.get('sex') or '-'}, birth date {kept.get('birth_date') or '-'})"
-    data = deflated_part10(reassign_patient(ds, patient, note))
+    rebuilt = reassign_patient(ds, patient, note)  # without the file's Patient Comments
+    if id_still_open and item.meta.get("id_conflict_comment"):  # the ID's question still open: the reader is told
+        rebuilt.PatientComments = item.meta["id_conflict_comment"]
+    data = deflated_part10(rebuilt)
     meta = {**item.meta, "unassigned": False, "flags": answered_flags(item, id_still_open)}
     fields = {
         "patient_id": patient.patient_id,
@@ -532,6 +573,8 @@ def assign_lan_object(
         if cart_name:
             ds.OtherPatientNames = cart_name
         with_patient_name(ds, dicom_person_name(patient.name))
+    if not id_still_open:  # the doctor answered the ID's question: our comment on it goes
+        without_comment(ds, str(item.meta.get("id_conflict_comment") or ""))
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     keep = hold_after_answer(item, id_still_open, now)
@@ -831,10 +874,11 @@ def lan_object_store(
     whose sex or birth date its resident ID contradicts ("patient-id-conflict", `lan_id_conflict`):
     the kinds of LAN object held, as only the doctor knows whose it is and which is right
     (`assign_held_ecg` writes his answer into the cart's object). One naming him in letters
-    only, the check-in's name, gets the check-in's characters added, as a file does (`as_forwarded`). Unanswered,
-    it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
+    only, the check-in's name, gets the check-in's characters added, as a file does
+    (`as_forwarded`). Unanswered, it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
     outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
-    cart's object only what the doctor answered."""
+    cart's object only what the doctor answered, and, for the reader, a sex or birth date its
+    resident ID contradicts, in its Patient Comments until the doctor answers (`id_conflict_comment`)."""
     newest = NewestFromCart(outbox)
 
     def store(obj: ReceivedObject) -> None:
@@ -848,12 +892,18 @@ def lan_object_store(
         file_name = str((obj.patient or {}).get("name") or "")
         known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
         other_name = names_differ(file_name, known)
+        id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
+        cart = obj.patient or {}
+        comment = id_conflict_comment(
+            id_flags, patient_id or "", str(cart.get("sex") or ""), str(cart.get("birth_date") or ""), id_values
+        )
         forwarded = as_forwarded(
             obj,
             patient_id,
             now(),
             # his pinyin on the cart: his characters with it, as for a file
             name=with_checked_in_characters(file_name, known),
+            comment=comment,
             newest_from=lambda device: newest.time(obj.calling_ae, device),
         )
         rewritten = (
@@ -863,7 +913,6 @@ def lan_object_store(
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
         stat = session is not None and session.covers(patient_id, None)
         mismatch = bool(current and patient_id is not None and patient_id not in current)
-        id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
         hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
         # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
         hold = Hold(NAME_MISMATCH if other_name else ID_CONFLICT, time.time() + hold_s) if hold_s > 0 else None
@@ -883,6 +932,7 @@ def lan_object_store(
             **rewritten,
             **name_mismatch_meta(flags, file_name, known),
             **id_values,
+            **({"id_conflict_comment": comment} if forwarded.commented else {}),
         )
         newest.saw(obj.calling_ae, forwarded)
         if kept is None:
@@ -935,6 +985,7 @@ class ForwardedObject:
     obj: ReceivedObject
     flags: tuple[str, ...] = ()  # the time judgement's, for the doctor
     described: dict = dataclasses.field(default_factory=dict)  # acquired_at, device: item meta
+    commented: bool = False  # the comment asked for is in the object (`id_conflict_comment`)
 
 
 # how far back the outbox is read for a cart's newest ECG at start: as far as an older one counts as a clock gone back
@@ -992,6 +1043,7 @@ def as_forwarded(
     received_at: dt.datetime,
     *,
     name: str | None = None,
+    comment: str = "",
     newest_from: Callable[[str], dt.datetime | None] = lambda device: None,
 ) -> ForwardedObject:
     """`obj` as forwarded: the cart's object as it sent it, read once, written again only for what
@@ -999,10 +1051,11 @@ def as_forwarded(
     gateway does not believe (Time Source "DEVICE UNTRUSTED", Acquisition Time Synchronized N;
     the time itself as the cart wrote it, `uploader.dicom_ecg.mark_time_untrusted`) and `name`,
     the cart's letters-only name with the check-in's characters (`with_checked_in_characters`;
-    None: the name as the cart wrote it). Values changed in the data set, not a new object: its
-    UIDs stay the cart's, so a cart's resend is the same instance and the PACS holds one study;
-    an annotation or new elements would be more of the cart's object rewritten for what the Time
-    Source already says. `newest_from`: the time of the newest ECG the device (by its label)
+    None: the name as the cart wrote it), and `comment`, what the reader must know of its patient
+    (`id_conflict_comment`), after the cart's own Patient Comments. Values changed in the data
+    set, not a new object: its UIDs stay the cart's, so a cart's resend is the same instance and
+    the PACS holds one study; an annotation or new elements would be more of the cart's object
+    rewritten for what the Time Source already says. `newest_from`: the time of the newest ECG the device (by its label)
     sent before, for `judged_time`. An object pydicom cannot read or write back is forwarded as
     written, not lost: a store that raised would leave the cart answered "out of resources" for
     every resend of it."""
@@ -1027,11 +1080,13 @@ def as_forwarded(
         described["acquired_at"] = judged.acquired_at.isoformat()
         flags = judged.flags
     new_id = patient_id if obj.patient is not None and patient_id not in (None, obj.patient["patient_id"]) else None
-    if new_id is None and not flags and name is None:
+    if new_id is None and not flags and name is None and not comment:
         return ForwardedObject(obj, flags, described)
     try:
         if name is not None:
             with_patient_name(ds, name)
+        if comment:
+            with_comment(ds, comment)
         if new_id is not None:
             with_patient_id(ds, new_id)
         if flags:
@@ -1044,16 +1099,42 @@ def as_forwarded(
     patient = obj.patient
     if patient is not None and (new_id is not None or name is not None):
         patient = {**patient, **({"patient_id": new_id} if new_id else {}), **({"name": name} if name else {})}
-    return ForwardedObject(dataclasses.replace(obj, data=out.getvalue(), patient=patient), flags, described)
+    forwarded = dataclasses.replace(obj, data=out.getvalue(), patient=patient)
+    return ForwardedObject(forwarded, flags, described, commented=bool(comment))
 
 
 def with_patient_name(ds: Dataset, name: str) -> None:
-    """`ds` under the Patient's Name `name`; one not in ASCII in UTF-8: the rest of the cart's text
-    read in its own character set and written again in UTF-8 with the name."""
-    if not name.isascii() and "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
+    """`ds` under the Patient's Name `name`, in UTF-8 if it is not ASCII (`in_utf8`)."""
+    if not name.isascii():
+        in_utf8(ds)
+    ds.PatientName = name
+
+
+def with_comment(ds: Dataset, comment: str) -> None:
+    """`comment` added to `ds`'s Patient Comments, after the cart's own, in UTF-8 (`in_utf8`)."""
+    in_utf8(ds)
+    own = str(ds.get("PatientComments", "") or "").rstrip()
+    ds.PatientComments = f"{own}\n{comment}" if own else comment
+
+
+def without_comment(ds: Dataset, comment: str) -> None:
+    """`ds`'s Patient Comments without `comment` (`with_comment`'s): the cart's own stay."""
+    own = str(ds.get("PatientComments", "") or "")
+    if not comment or comment not in own:
+        return
+    rest = own.replace(comment, "").rstrip()
+    if rest:
+        ds.PatientComments = rest
+    else:
+        del ds.PatientComments
+
+
+def in_utf8(ds: Dataset) -> None:
+    """`ds` to be written in UTF-8: the cart's text read in its own character set, to be written
+    again in UTF-8 with the gateway's."""
+    if "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
         ds.decode()
         ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.PatientName = name
 
 
 def with_patient_id(ds: Dataset, patient_id: str) -> None:
