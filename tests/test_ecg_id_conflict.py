@@ -41,6 +41,12 @@ from uploader.outbox import Kind
 RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
 OTHER_ID = "110101198001010010"  # a man born 1980-01-01
 DCM = ("ecg", "dicom", "ecgtoolkit_Example.dcm")
+# what the county reader reads with the study when nobody answered (Patient Comments)
+UNANSWERED = (
+    f"心电图上的性别/出生日期与身份证号不符，医生未确认：心电图上是 女，1971-01-01；身份证号 {RESIDENT_ID} 是 男，1965-05-05。"
+    " / The ECG's sex/birth date contradicts the resident ID, not confirmed by the doctor: the ECG says F, 1971-01-01;"
+    f" ID {RESIDENT_ID} says M, 1965-05-05."
+)
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the cart's malformed UIDs
 
 
@@ -147,6 +153,7 @@ def test_the_doctors_id_is_right_sends_the_ids_sex_and_birth_date(
         sent = stored_dataset(outbox, item_id)
     assert (sent.PatientID, sent.PatientSex, sent.PatientBirthDate) == (RESIDENT_ID, "M", "19650505")
     assert sent.PatientAge.endswith("Y") and sent.PatientAge != "055Y"  # his age, not the previous patient's
+    assert "PatientComments" not in sent  # answered: nothing left to tell the reader
     assert f'data-held-ecg="{item_id}"' not in doctor.get("/today").body
 
 
@@ -160,6 +167,7 @@ def test_another_patients_ecg_goes_with_that_patients_details(
     with open_outbox(config) as outbox:
         sent = stored_dataset(outbox, item_id)
     assert (sent.PatientID, sent.PatientSex, sent.PatientBirthDate) == (OTHER_ID, "M", "19800101")
+    assert "PatientComments" not in sent
 
 
 def test_a_stat_ecg_with_a_contradicted_sex_is_held_as_short_as_for_its_name(tmp_path: Path) -> None:
@@ -219,6 +227,7 @@ def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_
         assert item.hold_reason == ID_CONFLICT and item.held(time.time()), (item.hold_reason, item.hold_until)
         sent = stored_dataset(outbox, item_id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
+    assert sent.PatientComments == UNANSWERED  # the ID's question still open: it would go so
     page = doctor.get("/today").body
     assert "身份证号是对的：按身份证号的性别和出生日期发送" in held_ecg_row(page, item_id)
     _the_doctor_answers(doctor, page, f"/today/ecg/{item_id}/id-values")
@@ -228,6 +237,7 @@ def test_the_ecgs_name_is_right_keeps_the_files_sex_and_birth_date_and_asks_the_
         assert not any(f.startswith(ID_CONFLICT) for f in item.meta["flags"])
         sent = stored_dataset(outbox, item_id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
+    assert "PatientComments" not in sent
 
 
 def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_the_ids(
@@ -265,7 +275,7 @@ def test_a_carts_lan_ecg_contradicting_its_id_is_held_and_the_id_is_right_sends_
     cart = pydicom.dcmread(path)
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
         assert sent.get(keyword) == cart.get(keyword), keyword
-    assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505")
+    assert (sent.PatientSex, sent.PatientBirthDate) == ("M", "19650505") and "PatientComments" not in sent
     # the cart wrote his name in letters: his characters go with it, as a file's do (REV-H 1)
     assert str(sent.PatientName) == "Li^Jianguo=李^建国" and decided.patient is not None
     assert decided.patient["name"] == "Li^Jianguo=李^建国"
@@ -287,10 +297,12 @@ def test_a_lan_ecg_with_another_name_too_keeps_the_carts_values_when_its_name_is
         assert f"{ID_CONFLICT}:sex" in named.meta["flags"]
         sent = stored_dataset(outbox, item.id)
         assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "F", "19710101")
+        assert sent.PatientComments == UNANSWERED
         decided = assign_held_ecg(outbox, item.id, clinic_patient(RESIDENT_ID, "Wang^Fang", config), now=now)
         assert decided.hold_until is None and not any(f.startswith(ID_CONFLICT) for f in decided.meta["flags"])
         sent = stored_dataset(outbox, item.id)
     assert (str(sent.PatientName), sent.PatientSex, sent.PatientBirthDate) == ("Wang^Fang", "M", "19650505")
+    assert "PatientComments" not in sent
 
 
 def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_same_item(tmp_path: Path) -> None:
@@ -308,3 +320,106 @@ def test_a_lan_ecg_in_pinyin_gets_the_check_ins_characters_and_a_resend_is_the_s
         sent = stored_dataset(outbox, item.id)
     assert str(sent.PatientName) == "Li^Jianguo=李^建国" and sent.SpecificCharacterSet == "ISO_IR 192"
     assert item.patient is not None and item.patient["name"] == "Li^Jianguo=李^建国"
+
+
+def _cut_inside_its_annotations(path: Path) -> bytes:
+    """The cart's file (Explicit VR Little Endian, sent as it is) cut short inside its Waveform
+    Annotation Sequence, in the middle of an item's Referenced Waveform Channels (a write
+    interrupted on the cart): a valid header, the patient whole, a sequence that ends mid-value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        written = io.BytesIO()
+        ds.save_as(written, implicit_vr=False, little_endian=True)
+    data = written.getvalue()
+    annotations = data.find(b"\x40\x00\x20\xb0SQ")  # (0040,B020)
+    channels = data.find(b"\x40\x00\xb0\xa0US", annotations)  # (0040,A0B0) in its first item
+    assert 0 < annotations < channels
+    return data[: channels + 8 + 3]  # 3 of its 4 bytes
+
+
+def test_a_cut_short_lan_ecg_in_pinyin_is_kept_as_the_cart_sent_it_and_nothing_after_it_is_lost(
+    tmp_path: Path,
+) -> None:
+    """His ECG in pinyin, cut short inside a sequence: the gateway read it a second time to add his
+    characters, outside the guard that forwards an unreadable object as written, and the error
+    came out of the store: the cart was told "out of resources", sent it again, the same again,
+    never kept. Now it is kept as the cart wrote it (Success: one item, its name the cart's), its
+    resend is that item, and the cart's next ECG goes on with his characters."""
+    from uploader.dicom_association import PeerSettings
+    from uploader.dicom_part10 import parse_part10
+    from uploader.dicom_store import StoreAssociation
+
+    config = console_config(tmp_path / "data")
+    path = _cart_file(tmp_path, sex="M", birth="19650505")
+    cut = _cut_inside_its_annotations(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = pydicom.dcmread(path)
+        whole.SOPInstanceUID = "2.25.1" + RESIDENT_ID  # the cart's next ECG
+        buffer = io.BytesIO()
+        whole.save_as(buffer)
+    with open_outbox(config) as outbox:
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            peer = PeerSettings("127.0.0.1", receiver.port, "LASTMILE", "CART1", timeout_s=30.0, deflate=False)
+            with StoreAssociation(peer) as cart:
+                first = cart.store(cut)
+                again = cart.store(cut)  # the cart's retry
+                after = cart.store(buffer.getvalue())
+        assert (first.status, again.status, after.status) == (0, 0, 0), (first, again, after)
+        kept, following = outbox.items(kind=Kind.DICOM)
+        assert kept.hold_until is None and kept.patient is not None and kept.patient["name"] == "Li^Jianguo"
+        # as the cart sent it (the receiver writes its own file meta): not lost, not half rewritten
+        assert parse_part10(outbox.read_payload(kept)).dataset_bytes() == parse_part10(cut).dataset_bytes()
+        assert following.patient is not None and following.patient["name"] == "Li^Jianguo=李^建国"
+
+
+def _explicit(ds: pydicom.Dataset) -> bytes:
+    """dciodvfy cannot read deflated objects: the same data set, written Explicit VR Little Endian."""
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    written = io.BytesIO()
+    ds.save_as(written, enforce_file_format=True)
+    return written.getvalue()
+
+
+def test_an_ecg_nobody_answers_for_its_id_goes_with_the_contradiction_in_its_patient_comments(tmp_path: Path) -> None:
+    """Held for the sex and birth date its ID contradicts, unanswered, it went when its hold ran
+    out with the cart's values, the conflict only in our outbox record: the county reader read a
+    woman born 1971 and never knew. Now its Patient Comments say both, in Chinese and English -
+    in the object the gateway builds from a file and in the cart's own object over the LAN (after
+    anything the cart wrote there), both still valid (dciodvfy: nothing new)."""
+    from tests.dicom_validation import dciodvfy_problems
+
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        context.set_patient(RESIDENT_ID, name="李建国", now=dt.datetime.now(dt.timezone.utc))
+    finally:
+        context.close()
+    file_item = _arrives(config, _cart_file(tmp_path), "file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cart = pydicom.dcmread(_cart_file(tmp_path))
+        cart.SOPInstanceUID = "2.25.2" + RESIDENT_ID  # another of the cart's ECGs, with a comment of its own
+        cart.PatientComments = "Pacemaker"
+        cart_path = tmp_path / "cart-commented.dcm"
+        cart.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        cart.save_as(cart_path, enforce_file_format=True)
+    with open_outbox(config) as outbox:
+        with lan_receiver(outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=900.0) as receiver:
+            storescu_as_the_cart(receiver.port, cart_path)
+        (lan_item,) = [i for i in outbox.items(kind=Kind.DICOM) if i.id != file_item]
+        for item_id in (file_item, lan_item.id):
+            item = outbox.get(item_id)
+            assert item is not None and item.hold_reason == ID_CONFLICT, item  # what goes when the hold runs out
+        built, forwarded = _dataset(outbox, file_item), _dataset(outbox, lan_item.id)
+    assert built.PatientComments == UNANSWERED and (built.PatientSex, built.PatientBirthDate) == ("F", "19710101")
+    assert forwarded.PatientComments == "Pacemaker\n" + UNANSWERED
+    assert (forwarded.PatientSex, forwarded.PatientBirthDate) == ("F", "19710101")  # the cart's values, as before
+    assert forwarded.SOPInstanceUID == cart.SOPInstanceUID
+    assert dciodvfy_problems(_explicit(built)) == []
+    problems = dciodvfy_problems(_explicit(forwarded))
+    del forwarded.PatientComments
+    assert problems == dciodvfy_problems(_explicit(forwarded))  # the comment adds none to the cart's object

@@ -13,7 +13,8 @@ wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refu
 a valid one gives birth date and sex when the file has none, and a file that says otherwise is
 flagged ("patient-id-conflict:birth-date" / ":sex") and held for the doctor as one held for its
 name is ("patient-id-conflict", STAT ones too, as short): he sends it with the ID's sex and birth
-date, or gives it to another patient; names get their pinyin group.
+date, or gives it to another patient; unanswered, it goes with both said in its Patient Comments
+(`id_conflict_comment`), for the county reader; names get their pinyin group.
 
 Holds: a routine ECG with no patient, or one naming another patient than the current one, is
 added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
@@ -43,7 +44,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
-from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
+from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient, ResidentId
 from lastmile.clinic.names import dicom_person_name, has_ideographs, no_name, same_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
@@ -169,10 +170,7 @@ def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
         log.warning("ECG file's patient ID refused: %s", exc)
         return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
     if resident is not None:
-        if sex and sex != resident.sex:
-            flags.append(ID_CONFLICT_FLAGS[0])
-        if birth is not None and birth != resident.birth_date:
-            flags.append(ID_CONFLICT_FLAGS[1])
+        flags += against_resident_id(sex, birth.isoformat() if birth else "", resident)[0]
         birth, sex = birth or resident.birth_date, sex or resident.sex
     patient = Patient(
         patient_id=number,
@@ -259,15 +257,59 @@ def id_conflict(flags: Iterable[str]) -> bool:
     return any(flag in ID_CONFLICT_FLAGS for flag in flags)
 
 
-def id_conflict_meta(recording: EcgRecording, config: Config) -> dict[str, object]:
-    """What an ECG whose file contradicts its resident ID keeps in its meta for Today's question:
-    the sex and birth date the ID says (the item's patient keeps the file's)."""
-    if recording.patient is None or not id_conflict(recording.flags):
-        return {}
-    resident = kept_patient_id(recording.patient.patient_id, config.patient.id_kind)[1]
+def against_resident_id(sex: str, born: str, resident: ResidentId | None) -> tuple[list[str], dict[str, str]]:
+    """A file's or a cart's sex and birth date (`born`: YYYYMMDD or ISO, "" for none) against
+    what its resident ID says: the conflict flags (`ID_CONFLICT_FLAGS`) and, with any, the ID's
+    sex and birth date for Today's question (`id_sex`, `id_birth_date`); none without a resident ID.
+    The one judgement of a file (`vetted_patient`, `id_conflict_meta`) and a cart's object (`lan_id_conflict`)."""
     if resident is None:
+        return [], {}
+    flags = []
+    if sex and sex != resident.sex:
+        flags.append(ID_CONFLICT_FLAGS[0])
+    if born and born.replace("-", "") != resident.birth_date.strftime("%Y%m%d"):
+        flags.append(ID_CONFLICT_FLAGS[1])
+    if not flags:
+        return [], {}
+    return flags, {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
+
+
+def id_conflict_meta(recording: EcgRecording, config: Config) -> dict[str, str]:
+    """What an ECG whose file contradicts its resident ID keeps in its meta for Today's question:
+    the sex and birth date the ID says (the item's patient keeps the file's, `vetted_patient`)."""
+    p = recording.patient
+    if p is None or not id_conflict(recording.flags):
         return {}
-    return {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
+    resident = kept_patient_id(p.patient_id, config.patient.id_kind)[1]
+    return against_resident_id(p.sex, p.birth_date.isoformat() if p.birth_date else "", resident)[1]
+
+
+SEX_WORDS = {"M": ("男", "M"), "F": ("女", "F"), "O": ("其他", "O")}  # Patient's Sex as the reader reads it
+
+
+def id_conflict_comment(flags: Iterable[str], patient_id: str, sex: str, born: str, id_values: dict[str, str]) -> str:
+    """The Patient Comments (0010,4000) of an ECG whose sex or birth date (`born`: YYYYMMDD or
+    ISO) its resident ID contradicts (`id_values`, `against_resident_id`), as it goes when the
+    doctor has not said which is right: the county reader sees both with the study, not only our
+    outbox record. "" without a conflict. Chinese first, English after."""
+    flags = list(flags)
+    if not id_values or not id_conflict(flags):
+        return ""
+    which = [i for i, flag in enumerate(ID_CONFLICT_FLAGS) if flag in flags]
+    what_zh = "/".join(("性别", "出生日期")[i] for i in which)
+    what_en = "/".join(("sex", "birth date")[i] for i in which)
+    born = f"{born[:4]}-{born[4:6]}-{born[6:]}" if len(born) == 8 and born.isdigit() else born
+
+    def said(sex: str, born: str, language: int) -> str:
+        return f"{SEX_WORDS.get(sex, (sex, sex))[language] or '-'}{'，' if language == 0 else ', '}{born or '-'}"
+
+    ecg_zh, ecg_en = said(sex, born, 0), said(sex, born, 1)
+    id_zh, id_en = (said(id_values["id_sex"], id_values["id_birth_date"], i) for i in (0, 1))
+    return (
+        f"心电图上的{what_zh}与身份证号不符，医生未确认：心电图上是 {ecg_zh}；身份证号 {patient_id} 是 {id_zh}。"
+        f" / The ECG's {what_en} contradicts the resident ID, not confirmed by the doctor: the ECG says "
+        f"{ecg_en}; ID {patient_id} says {id_en}."
+    )
 
 
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
@@ -357,9 +399,17 @@ def enqueue_recording(
     recording = vetted_patient(recording, config)
     quality = quality_of(recording, config)
     uids = mint_uids()
-    data = deflated_part10(
-        build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
-    )
+    ds = build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
+    id_values = id_conflict_meta(recording, config)
+    comment = ""
+    if recording.patient is not None:
+        p = recording.patient
+        comment = id_conflict_comment(
+            recording.flags, p.patient_id, p.sex, p.birth_date.isoformat() if p.birth_date else "", id_values
+        )
+    if comment:  # the doctor's answer takes it away (`assign_held_ecg`); unanswered, it goes with the study
+        ds.PatientComments = comment
+    data = deflated_part10(ds)
     hold = hold_for(recording, config, now, quality)
     meta = ecg_item_meta(
         sop_class_uid=choose_sop_class(recording),
@@ -380,7 +430,8 @@ def enqueue_recording(
         quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
         **name_mismatch_meta(recording.flags, recording.patient.name if recording.patient else "", checked_in_name),
-        **id_conflict_meta(recording, config),
+        **id_values,
+        **({"id_conflict_comment": comment} if comment else {}),
     )
     result = outbox.add(
         Kind.DICOM,
@@ -456,13 +507,11 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     if id_conflict(item.meta.get("flags", [])):
         kept = item.patient or {}
         note += f" (the ECG file gave sex {kept.get('sex') or '-'}, birth date {kept.get('birth_date') or '-'})"
-    data = deflated_part10(reassign_patient(ds, patient, note))
-    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)  # the doctor answered them
-    if not id_still_open:
-        settled += ID_CONFLICT_FLAGS
-    flags = [f for f in item.meta.get("flags", []) if f not in settled]
-    flags.append(ASSIGNED_BY_DOCTOR)
-    meta = {**item.meta, "unassigned": False, "flags": flags}
+    rebuilt = reassign_patient(ds, patient, note)  # without the file's Patient Comments
+    if id_still_open and item.meta.get("id_conflict_comment"):  # the ID's question still open: the reader is told
+        rebuilt.PatientComments = item.meta["id_conflict_comment"]
+    data = deflated_part10(rebuilt)
+    meta = {**item.meta, "unassigned": False, "flags": answered_flags(item, id_still_open)}
     fields = {
         "patient_id": patient.patient_id,
         "name": patient.name,
@@ -471,13 +520,11 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
     }
     # a 're-record' verdict still waits for the doctor's decision on the recording itself
-    keep = None
     quality_until = item.meta.get("quality_hold_until")
+    quality_hold = None
     if quality_until is not None and quality_until > now.timestamp():
-        keep = Hold(QUALITY_HOLD, float(quality_until))
-    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
-        # the ID's question first (Today shows it next), as long as both holds last
-        keep = Hold(ID_CONFLICT, max(item.hold_until, keep.until if keep else 0.0))
+        quality_hold = Hold(QUALITY_HOLD, float(quality_until))
+    keep = hold_after_answer(item, id_still_open, now, quality_hold)
     if not outbox.replace_held_payload(
         item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
     ):
@@ -509,14 +556,13 @@ def assign_lan_object(
         with_patient_id(ds, patient.patient_id)
         if patient.issuer:
             ds.IssuerOfPatientID = patient.issuer
-    flags = item.meta.get("flags", [])
     # "the ID is right" (held for the ID only): the ID's sex and birth date, a number alone too (`as_on_file`)
-    id_answer = not other_id and id_conflict(flags) and NAME_MISMATCH not in flags
+    id_answer = not other_id and held_for_its_id_only(item)
     if id_answer:
         patient = as_on_file(item, patient)
     # "its name is right" on an object its ID also contradicts: the cart's values stay, flagged,
     # and it waits for the ID's question (as a file does, `assign_held_ecg`)
-    id_still_open = not other_id and id_conflict(flags) and file_name_confirmed(item, patient)
+    id_still_open = not other_id and id_conflict(item.meta.get("flags", [])) and file_name_confirmed(item, patient)
     own_details = other_id or given_another_name(item, patient) or id_answer  # the cart's were another person's
     if own_details:
         ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
@@ -524,25 +570,16 @@ def assign_lan_object(
         if "PatientAge" in ds:  # the cart's age of that other person
             del ds.PatientAge
     if patient.name and not same_person_name(patient.name, cart_name):
-        name = dicom_person_name(patient.name)
-        if not name.isascii() and "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
-            # the cart's text read in its own character set, written again in UTF-8 with the name
-            ds.decode()
-            ds.SpecificCharacterSet = "ISO_IR 192"
         if cart_name:
             ds.OtherPatientNames = cart_name
-        ds.PatientName = name
+        with_patient_name(ds, dicom_person_name(patient.name))
+    if not id_still_open:  # the doctor answered the ID's question: our comment on it goes
+        without_comment(ds, str(item.meta.get("id_conflict_comment") or ""))
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
-    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)
-    if not id_still_open:
-        settled += ID_CONFLICT_FLAGS
-    flags = [f for f in flags if f not in settled]
-    keep = None
-    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
-        keep = Hold(ID_CONFLICT, item.hold_until)
+    keep = hold_after_answer(item, id_still_open, now)
     received = item.meta.get("received_sha256") or item.sha256  # the cart's resend of its own bytes is this item
-    meta = {**item.meta, "flags": [*flags, ASSIGNED_BY_DOCTOR], "received_sha256": received}
+    meta = {**item.meta, "flags": answered_flags(item, id_still_open), "received_sha256": received}
     kept = item.patient or {}
     fields = {
         "patient_id": patient.patient_id,
@@ -561,6 +598,35 @@ def assign_lan_object(
     updated = outbox.get(item.id)
     assert updated is not None
     return updated
+
+
+def answered_flags(item: OutboxItem, id_still_open: bool) -> list[str]:
+    """The held ECG's flags once the doctor gave it its patient: without those his answer settled
+    (another patient, another name; the ID's sex and birth date unless that question is still
+    open), marked ASSIGNED_BY_DOCTOR once."""
+    settled: tuple[str, ...] = (PATIENT_MISMATCH, NAME_MISMATCH, ASSIGNED_BY_DOCTOR)
+    if not id_still_open:
+        settled += ID_CONFLICT_FLAGS
+    return [*(f for f in item.meta.get("flags", []) if f not in settled), ASSIGNED_BY_DOCTOR]
+
+
+def hold_after_answer(
+    item: OutboxItem, id_still_open: bool, now: dt.datetime, other: Hold | None = None
+) -> Hold | None:
+    """What still holds the ECG after the doctor's answer: the ID's question when it is still open
+    and its hold has not run out (Today shows it next), as long as `other` (a 're-record' verdict's)
+    lasts too; else `other`."""
+    if id_still_open and item.hold_until is not None and item.hold_until > now.timestamp():
+        return Hold(ID_CONFLICT, max(item.hold_until, other.until if other else 0.0))
+    return other
+
+
+def held_for_its_id_only(item: OutboxItem) -> bool:
+    """Held for its sex and birth date against its resident ID, not for its name: the doctor's
+    answer for its own ID is "the ID is right" (`as_on_file`). With its name also in question,
+    "its name is right" answers the name only."""
+    flags = item.meta.get("flags", [])
+    return id_conflict(flags) and NAME_MISMATCH not in flags
 
 
 def file_name_of(item: OutboxItem) -> str:
@@ -599,7 +665,7 @@ def as_on_file(item: OutboxItem, patient: Patient) -> Patient:
         return patient
     if given_another_name(item, patient):
         return dataclasses.replace(patient, issuer=patient.issuer or str(kept.get("issuer") or ""))
-    if id_conflict(item.meta.get("flags", [])) and NAME_MISMATCH not in item.meta.get("flags", []):
+    if held_for_its_id_only(item):
         # a number typed alone: what the ID says (`id_conflict_meta`). Not on an ECG held for its
         # name too: "its name is right" answers the name only, the file's values stand (`assign_held_ecg`)
         id_born = item.meta.get("id_birth_date")
@@ -808,10 +874,11 @@ def lan_object_store(
     whose sex or birth date its resident ID contradicts ("patient-id-conflict", `lan_id_conflict`):
     the kinds of LAN object held, as only the doctor knows whose it is and which is right
     (`assign_held_ecg` writes his answer into the cart's object). One naming him in letters
-    only, the check-in's name, gets the check-in's characters added, as a file does (`lan_object_named`). Unanswered,
-    it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
+    only, the check-in's name, gets the check-in's characters added, as a file does
+    (`as_forwarded`). Unanswered, it goes as the cart made it when the hold runs out: "name-mismatch" is then flagged in its
     outbox record (`lastmile patient show`, `queue`), not in the object - the gateway writes into a
-    cart's object only what the doctor answered."""
+    cart's object only what the doctor answered, and, for the reader, a sex or birth date its
+    resident ID contradicts, in its Patient Comments until the doctor answers (`id_conflict_comment`)."""
     newest = NewestFromCart(outbox)
 
     def store(obj: ReceivedObject) -> None:
@@ -822,7 +889,23 @@ def lan_object_store(
             return  # sent again as it was (a cart's retry): the item kept answers it, nothing parsed
         current, session = session_now(current_patient_ids, stat_session)
         patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
-        forwarded = as_forwarded(obj, patient_id, now(), newest_from=lambda device: newest.time(obj.calling_ae, device))
+        file_name = str((obj.patient or {}).get("name") or "")
+        known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
+        other_name = names_differ(file_name, known)
+        id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
+        cart = obj.patient or {}
+        comment = id_conflict_comment(
+            id_flags, patient_id or "", str(cart.get("sex") or ""), str(cart.get("birth_date") or ""), id_values
+        )
+        forwarded = as_forwarded(
+            obj,
+            patient_id,
+            now(),
+            # his pinyin on the cart: his characters with it, as for a file
+            name=with_checked_in_characters(file_name, known),
+            comment=comment,
+            newest_from=lambda device: newest.time(obj.calling_ae, device),
+        )
         rewritten = (
             {"received_sha256": received_sha256} if forwarded.obj.data != obj.data else {}
         )  # what the cart sends again
@@ -830,15 +913,6 @@ def lan_object_store(
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
         stat = session is not None and session.covers(patient_id, None)
         mismatch = bool(current and patient_id is not None and patient_id not in current)
-        file_name = str((obj.patient or {}).get("name") or "")
-        known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
-        other_name = names_differ(file_name, known)
-        if not other_name:  # his pinyin on the cart: his characters with it, as for a file
-            named = lan_object_named(obj, known)
-            if named is not obj:
-                obj, rewritten = named, {"received_sha256": received_sha256}
-                sha256 = hashlib.sha256(obj.data).hexdigest()
-        id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
         hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
         # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
         hold = Hold(NAME_MISMATCH if other_name else ID_CONFLICT, time.time() + hold_s) if hold_s > 0 else None
@@ -858,6 +932,7 @@ def lan_object_store(
             **rewritten,
             **name_mismatch_meta(flags, file_name, known),
             **id_values,
+            **({"id_conflict_comment": comment} if forwarded.commented else {}),
         )
         newest.saw(obj.calling_ae, forwarded)
         if kept is None:
@@ -881,26 +956,16 @@ def lan_object_store(
 
 
 def lan_id_conflict(patient: dict | None, id_kind: str) -> tuple[list[str], dict[str, str]]:
-    """A cart's object whose sex or birth date its resident ID contradicts, as `vetted_patient`
-    judges a file's: the conflict flags, and the ID's values for Today's question
-    (`id_conflict_meta`). None for an object without them or without a valid resident ID."""
+    """A cart's object whose sex or birth date its resident ID contradicts, judged as a file is
+    (`against_resident_id`): the conflict flags, and the ID's values for Today's question. None for
+    an object without them or without a valid resident ID."""
     if not patient:
         return [], {}
     try:
         resident = kept_patient_id(str(patient.get("patient_id") or ""), id_kind)[1]
     except InvalidPatientIdError:
         return [], {}
-    if resident is None:
-        return [], {}
-    sex, born = str(patient.get("sex") or ""), str(patient.get("birth_date") or "")
-    flags = []
-    if sex and sex != resident.sex:
-        flags.append(ID_CONFLICT_FLAGS[0])
-    if born and born.replace("-", "") != resident.birth_date.strftime("%Y%m%d"):
-        flags.append(ID_CONFLICT_FLAGS[1])
-    if not flags:
-        return [], {}
-    return flags, {"id_sex": resident.sex, "id_birth_date": resident.birth_date.isoformat()}
+    return against_resident_id(str(patient.get("sex") or ""), str(patient.get("birth_date") or ""), resident)
 
 
 def comparable_patient_id(patient_id: str, id_kind: str) -> str:
@@ -920,6 +985,7 @@ class ForwardedObject:
     obj: ReceivedObject
     flags: tuple[str, ...] = ()  # the time judgement's, for the doctor
     described: dict = dataclasses.field(default_factory=dict)  # acquired_at, device: item meta
+    commented: bool = False  # the comment asked for is in the object (`id_conflict_comment`)
 
 
 # how far back the outbox is read for a cart's newest ECG at start: as far as an older one counts as a clock gone back
@@ -976,17 +1042,23 @@ def as_forwarded(
     patient_id: str | None,
     received_at: dt.datetime,
     *,
+    name: str | None = None,
+    comment: str = "",
     newest_from: Callable[[str], dt.datetime | None] = lambda device: None,
 ) -> ForwardedObject:
     """`obj` as forwarded: the cart's object as it sent it, read once, written again only for what
-    the gateway must correct - a loosely written patient ID (`with_patient_id`) and a time the
+    the gateway must correct - a loosely written patient ID (`with_patient_id`), a time the
     gateway does not believe (Time Source "DEVICE UNTRUSTED", Acquisition Time Synchronized N;
-    the time itself as the cart wrote it, `uploader.dicom_ecg.mark_time_untrusted`). Two values
-    changed in the data set, not a new object: its UIDs stay the cart's, so a cart's resend is
-    the same instance and the PACS holds one study; an annotation or new elements would be more
-    of the cart's object rewritten for what the Time Source already says. `newest_from`: the
-    time of the newest ECG the device (by its label) sent before, for `judged_time`.
-    An object pydicom cannot read or write back is forwarded as written, not lost."""
+    the time itself as the cart wrote it, `uploader.dicom_ecg.mark_time_untrusted`) and `name`,
+    the cart's letters-only name with the check-in's characters (`with_checked_in_characters`;
+    None: the name as the cart wrote it), and `comment`, what the reader must know of its patient
+    (`id_conflict_comment`), after the cart's own Patient Comments. Values changed in the data
+    set, not a new object: its UIDs stay the cart's, so a cart's resend is the same instance and
+    the PACS holds one study; an annotation or new elements would be more of the cart's object
+    rewritten for what the Time Source already says. `newest_from`: the time of the newest ECG the device (by its label)
+    sent before, for `judged_time`. An object pydicom cannot read or write back is forwarded as
+    written, not lost: a store that raised would leave the cart answered "out of resources" for
+    every resend of it."""
     import pydicom
 
     from devices.ecg.dicom_input import acquired_at_of, device_of
@@ -1008,9 +1080,13 @@ def as_forwarded(
         described["acquired_at"] = judged.acquired_at.isoformat()
         flags = judged.flags
     new_id = patient_id if obj.patient is not None and patient_id not in (None, obj.patient["patient_id"]) else None
-    if new_id is None and not flags:
+    if new_id is None and not flags and name is None and not comment:
         return ForwardedObject(obj, flags, described)
     try:
+        if name is not None:
+            with_patient_name(ds, name)
+        if comment:
+            with_comment(ds, comment)
         if new_id is not None:
             with_patient_id(ds, new_id)
         if flags:
@@ -1020,29 +1096,45 @@ def as_forwarded(
     except Exception as exc:  # noqa: BLE001 - the cart's own malformed elements: its object goes
         log.warning("LAN object %s not rewritten (%s): forwarded as written", obj.sop_instance_uid, exc)
         return ForwardedObject(obj, flags, described)
-    patient = {**obj.patient, "patient_id": new_id} if obj.patient is not None and new_id is not None else obj.patient
-    return ForwardedObject(dataclasses.replace(obj, data=out.getvalue(), patient=patient), flags, described)
+    patient = obj.patient
+    if patient is not None and (new_id is not None or name is not None):
+        patient = {**patient, **({"patient_id": new_id} if new_id else {}), **({"name": name} if name else {})}
+    forwarded = dataclasses.replace(obj, data=out.getvalue(), patient=patient)
+    return ForwardedObject(forwarded, flags, described, commented=bool(comment))
 
 
-def lan_object_named(obj: ReceivedObject, checked_in_name: str) -> ReceivedObject:
-    """A cart's object naming its patient in letters only, the check-in's name for its ID: with
-    the check-in's characters added (`with_checked_in_characters`), the rest as received; `obj`
-    itself otherwise."""
-    import pydicom
+def with_patient_name(ds: Dataset, name: str) -> None:
+    """`ds` under the Patient's Name `name`, in UTF-8 if it is not ASCII (`in_utf8`)."""
+    if not name.isascii():
+        in_utf8(ds)
+    ds.PatientName = name
 
-    patient = obj.patient or {}
-    name = with_checked_in_characters(str(patient.get("name") or ""), checked_in_name)
-    if name is None:
-        return obj
-    ds = pydicom.dcmread(io.BytesIO(obj.data))
+
+def with_comment(ds: Dataset, comment: str) -> None:
+    """`comment` added to `ds`'s Patient Comments, after the cart's own, in UTF-8 (`in_utf8`)."""
+    in_utf8(ds)
+    own = str(ds.get("PatientComments", "") or "").rstrip()
+    ds.PatientComments = f"{own}\n{comment}" if own else comment
+
+
+def without_comment(ds: Dataset, comment: str) -> None:
+    """`ds`'s Patient Comments without `comment` (`with_comment`'s): the cart's own stay."""
+    own = str(ds.get("PatientComments", "") or "")
+    if not comment or comment not in own:
+        return
+    rest = own.replace(comment, "").rstrip()
+    if rest:
+        ds.PatientComments = rest
+    else:
+        del ds.PatientComments
+
+
+def in_utf8(ds: Dataset) -> None:
+    """`ds` to be written in UTF-8: the cart's text read in its own character set, to be written
+    again in UTF-8 with the gateway's."""
     if "ISO_IR 192" not in (ds.get("SpecificCharacterSet") or ""):
-        # the cart's text read in its own character set, written again in UTF-8 with the name
         ds.decode()
         ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.PatientName = name
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return dataclasses.replace(obj, data=out.getvalue(), patient={**patient, "name": name})
 
 
 def with_patient_id(ds: Dataset, patient_id: str) -> None:
