@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import io
 import time
 import warnings
 from collections.abc import Iterator
@@ -414,7 +415,7 @@ def test_an_ecg_nobody_answers_for_its_id_goes_with_the_contradiction_in_its_pat
         for item_id in (file_item, lan_item.id):
             item = outbox.get(item_id)
             assert item is not None and item.hold_reason == ID_CONFLICT, item  # what goes when the hold runs out
-        built, forwarded = _dataset(outbox, file_item), _dataset(outbox, lan_item.id)
+        built, forwarded = stored_dataset(outbox, file_item), stored_dataset(outbox, lan_item.id)
     assert built.PatientComments == UNANSWERED and (built.PatientSex, built.PatientBirthDate) == ("F", "19710101")
     assert forwarded.PatientComments == "Pacemaker\n" + UNANSWERED
     assert (forwarded.PatientSex, forwarded.PatientBirthDate) == ("F", "19710101")  # the cart's values, as before
