@@ -744,6 +744,39 @@ def test_a_cart_on_the_lan_with_a_reset_clock_is_not_believed_and_its_object_is_
     assert dciodvfy_problems(out.getvalue()) == []
 
 
+def test_a_cart_without_a_synchronization_module_whose_clock_is_not_believed_is_forwarded_valid(
+    outbox: Outbox,
+) -> None:
+    """A cart that writes no Synchronization module (most do not) and whose clock reset: marking its
+    time not believed added Acquisition Time Synchronized and Time Source alone, and the county got
+    an object dciodvfy calls invalid (the module's Type 1 Synchronization Frame of Reference UID and
+    Synchronization Trigger missing). Now the mark brings the module's other Type 1 elements too."""
+    from tests.dicom_validation import dciodvfy_problems
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
+    from uploader.dicom_store import StoreAssociation
+
+    reset = dt.datetime(2000, 1, 1, 0, 0, 5, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+    rec = dataclasses.replace(make_recording(0), acquired_at=reset)
+    uids = EcgStudyUids(study_uid="2.25.4101", series_uid="2.25.4102", sop_instance_uid="2.25.4103")
+    cart_ds = _dataset(recording_to_dicom_bytes(rec, uids, StationInfo(station_name="cart-1", institution="Clinic")))
+    for keyword in ("SynchronizationFrameOfReferenceUID", "SynchronizationTrigger", "AcquisitionTimeSynchronized"):
+        delattr(cart_ds, keyword)
+    del cart_ds.TimeSource
+    buffer = io.BytesIO()
+    cart_ds.save_as(buffer)
+    assert dciodvfy_problems(buffer.getvalue()) == []  # valid as the cart sent it
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port, deflate=False)) as cart:
+        assert cart.store(buffer.getvalue()).status == 0x0000
+    (item,) = outbox.items()
+    forwarded = _dataset(outbox.read_payload(item))
+    assert (forwarded.TimeSource, forwarded.AcquisitionTimeSynchronized) == ("DEVICE UNTRUSTED", "N")
+    out = io.BytesIO()
+    forwarded.save_as(out)
+    assert dciodvfy_problems(out.getvalue()) == []
+
+
 def test_a_cart_on_the_lan_with_a_believable_clock_is_forwarded_byte_for_byte(outbox: Outbox) -> None:
     from tests.ecg_factories import make_recording
     from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes

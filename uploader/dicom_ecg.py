@@ -261,9 +261,15 @@ _MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
 def mark_time_untrusted(ds: Dataset) -> None:
     """Say in a cart's own object (forwarded as it sent it) that its acquisition time is the cart's
     clock and not believed: Time Source and Acquisition Time Synchronized, as the objects we build
-    say it; the time itself is left as the cart wrote it."""
+    say it; the time itself is left as the cart wrote it. They belong to the Synchronization
+    module: a cart that wrote none gets its other Type 1 elements too, as ours have them (without
+    them dciodvfy calls the object invalid)."""
     ds.TimeSource = _TIME_SOURCE_SH[TimeSource.DEVICE_CLOCK_UNTRUSTED]
     ds.AcquisitionTimeSynchronized = "N"
+    if "SynchronizationFrameOfReferenceUID" not in ds:
+        ds.SynchronizationFrameOfReferenceUID = UTC_SYNCHRONIZATION_FRAME
+    if "SynchronizationTrigger" not in ds:
+        ds.SynchronizationTrigger = "NO TRIGGER"
 
 
 def mint_uids() -> EcgStudyUids:
