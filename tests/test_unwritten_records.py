@@ -343,3 +343,36 @@ def test_the_serial_start_sets_its_damaged_files_aside_on_a_full_disk_once_it_ha
     that forget sets it aside - named for `lastmile doctor` - never deletes it. A forget through
     another object (it does not know what the load found) deleted the damaged bytes unnamed."""
     passes_on_a_full_tmpfs(tmp_path, SERIAL_FULL_DISK_SCRIPT)
+
+
+def test_a_damaged_file_that_cannot_be_copied_says_what_its_lost_lines_mean_at_once_and_forget_raises_if_stuck(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REV-DE 4: on a full disk the file stays in place; what its lost lines mean ("scan the card
+    again") was said only at forget(), which a start on a full disk may never reach. And a rename
+    that fails at forget() was swallowed: the caller believed the file gone while the next start
+    would read its records again."""
+    import errno
+
+    import uploader.unwritten_records as module
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "things.jsonl"
+    path.write_bytes(b'{"n": 1}\n\xff\xfe{"n"\n')
+    records = UnwrittenRecords(path, what="things the last stop saved")
+    monkeypatch.setattr(module, "replace_whole", full)
+    with caplog.at_level(logging.ERROR):
+        taken = records.take(json.loads, "scan the card again")
+    assert taken.records == [{"n": 1}] and path.exists()
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("cannot be copied aside" in m and "scan the card again" in m for m in said), said
+
+    def stuck(*_args: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(module.os, "replace", stuck)
+    with pytest.raises(OSError, match="could not be set aside"):
+        records.forget()
+    assert path.exists()

@@ -142,10 +142,10 @@ class UnwrittenRecords:
         now - renamed, which needs no space - never deleted."""
         damaged, self._damaged_in_place = self._damaged_in_place, None
         if damaged is not None:
-            if self.path.exists():
-                self.set_aside(
-                    f"{damaged.why}; its readable records are written now", damaged.consequence, damaged.aside
-                )
+            why = f"{damaged.why}; its readable records are written now"
+            if self.path.exists() and self.set_aside(why, damaged.consequence, damaged.aside) is None:
+                # kept for the next start, which reads its records again: the caller must know
+                raise OSError(f"the damaged {self.path} could not be set aside")
             return
         try:
             self.path.unlink()
@@ -215,12 +215,13 @@ class UnwrittenRecords:
             self._damaged_in_place = _DamagedInPlace(why, consequence, aside)
             log.error(
                 "the %s in %s are damaged (%s) and cannot be copied aside (%s): it stays as it is until its"
-                " readable records are written, then is set aside as %s",
+                " readable records are written, then is set aside as %s%s",
                 self.what,
                 self.path,
                 why,
                 exc,
                 aside,
+                f"; {consequence}" if consequence else "",  # said now: a start on a full disk may never forget it
             )
             return aside
         try:
