@@ -24,6 +24,9 @@ class DeviceProblem(enum.StrEnum):
     # misprinted or misread card), so the doctor types the ID from the card instead
     CARD_CHECK_DIGIT = "card-check-digit"
     NOT_SAVED = "not-saved"  # the gateway could not store what it sent
+    # it sent a report in which nothing was measured (every value "--": no probe on), none of it
+    # required: no reading is stored, and the doctor, who pressed measure, is told so
+    NOTHING_MEASURED = "nothing-measured"
     ECG_REFUSED = "ecg-refused"  # a recording that cannot become a DICOM ECG
     SETTINGS = "settings"  # its settings keep it from working: the county IT's to fix
     # a bridge forwards a device's lines and none of its settings reads them (no forward_profile):

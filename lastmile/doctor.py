@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from devices.device_errors import DeviceProblem
 from lastmile.doctor_ble import check_bluetooth
 
 if TYPE_CHECKING:
@@ -148,8 +149,11 @@ def last_seen(r: DeviceRecord) -> dt.datetime | None:
 
 
 def failing_since_seen(r: DeviceRecord) -> bool:
-    """`r`'s last error is its current state (not one it was seen past since)."""
+    """`r`'s last error is its current state (not one it was seen past since). A report with
+    nothing measured is no fault of the device's (the doctor is told on Today, no one else)."""
     seen = last_seen(r)
+    if r.problem is DeviceProblem.NOTHING_MEASURED:
+        return False
     return bool(r.last_error and r.last_error_at and (seen is None or r.last_error_at >= seen))
 
 

@@ -127,6 +127,27 @@ def wait_for_answers(
     return answers
 
 
+# a monitor's report in which nothing was measured: the cuff not used ("---/---"), no probe on
+# ("SPO2 -- %", "TEMP --.- C"), its pulse line left out as such monitors do
+NOTHING_MEASURED_REPORT = (
+    b"===== VITALS REPORT =====\r\n"
+    b"DEVICE VM-100  SN 004211\r\n"
+    b"RECORD 0300\r\n"
+    b"NIBP   ---/--- mmHg\r\n"
+    b"SPO2   -- %\r\n"
+    b"TEMP   --.- C\r\n"
+    b"===== END =====\r\n"
+)
+
+
+def monitor_requiring_nothing(profiles: Path) -> str:
+    """A spot-check monitor's profile (`profiles`/spot-check.toml) in which no field is required,
+    as an SpO2 and temperature monitor's: a report may measure any of them, or none."""
+    text = EXAMPLE_PROFILE.read_text().replace('name = "example-vitals-monitor"', 'name = "spot-check"', 1)
+    (profiles / "spot-check.toml").write_text(text.replace("required = true", "required = false"))
+    return "spot-check"
+
+
 def ward_profile_with_bad_baudrate(profiles: Path) -> int:
     """`ward-monitor.toml` with its port speed mistyped; returns the line of the mistake."""
     good = EXAMPLE_PROFILE.read_text().replace('name = "example-vitals-monitor"', 'name = "ward-monitor"', 1)

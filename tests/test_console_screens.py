@@ -1021,6 +1021,59 @@ def test_an_impossible_value_the_device_sent_is_said_in_the_pages_words(tmp_path
     ], pages["en"]
 
 
+def test_an_impossible_value_is_shown_as_a_plain_number_a_doctor_can_read(tmp_path: Path) -> None:
+    """A cuff that sent 11360000 mmHg read 不可能的数值 (设备显示 1.136e+07 mmHg) on Today: a
+    number in scientific notation no village doctor reads, and six significant digits at most
+    (a thermometer's 1234567.89 °C as 1.23457e+06). Now plain numbers, with the unit's decimals."""
+    from dataclasses import replace
+
+    from devices.plausibility import IMPLAUSIBLE
+
+    config = console_config(tmp_path / "data")
+    huge_systolic = cuff_reading(
+        "bp-huge",
+        Quantity("systolic", None, "mm[Hg]", 11360000.0, "mm[Hg]", special=IMPLAUSIBLE),
+        Quantity("diastolic", 80.0, "mm[Hg]", 80.0, "mm[Hg]"),
+    )
+    huge_temperature = replace(
+        one_value_reading("body-temperature", "body-temperature", 37.0, "Cel", "t-huge"),  # type: ignore[type-var]
+        quantities=(Quantity("body-temperature", None, "Cel", 1234567.891, "Cel", special=IMPLAUSIBLE),),
+    )
+    hold_readings(config, huge_systolic, huge_temperature)
+    pages = {language: shown_readings(page) for language, page in pages_in_both_languages(config, "/today").items()}
+    assert sorted(pages["zh-CN"]) == [
+        "体温 不可能的数值（设备显示 1234567.89 °C）",
+        "血压 不可能的数值（设备显示 11360000 mmHg）/80 mmHg",
+    ], pages["zh-CN"]
+    assert sorted(pages["en"]) == [
+        "Blood pressure impossible value (the device said 11360000 mmHg)/80 mmHg",
+        "Temperature impossible value (the device said 1234567.89 °C)",
+    ], pages["en"]
+
+
+def test_a_last_reading_written_before_the_plain_numbers_reads_plain_too(tmp_path: Path) -> None:
+    """A device row (and a Sent record) keeps the summary written when the reading came: one
+    written before the numbers were plain still said "1.136e+07" on the Devices page. The page
+    now says the device's number plain, whenever the summary was written."""
+    from lastmile.clinic.devices import DeviceRegistry
+
+    config = console_config(tmp_path / "data")
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        registry.update_status(
+            "serial:cuff",
+            now=dt.datetime.now(dt.timezone.utc),
+            transport="serial",
+            reading="(implausible: 1.136e+07 mm[Hg])/80 mm[Hg], pulse-rate 72 /min",
+        )
+    finally:
+        registry.close()
+    pages = pages_in_both_languages(config, "/devices")
+    shown = {language: re.findall(r'<span class="reading">([^<]*)</span>', page) for language, page in pages.items()}
+    assert shown["zh-CN"] == ["不可能的数值（设备显示 11360000 mmHg）/80 mmHg，脉搏 72 次/分"], shown
+    assert shown["en"] == ["impossible value (the device said 11360000 mmHg)/80 mmHg, pulse 72 /min"], shown
+
+
 def recorded_times(page: str) -> list[dt.datetime]:
     """The Sent page's 已记录 step of each ECG, newest first, as its <time> gives it."""
     return [dt.datetime.fromisoformat(t) for t in re.findall(r'<li class="done">已记录 <time datetime="([^"]+)"', page)]

@@ -133,7 +133,7 @@ def test_stored_flagged_shown_to_the_doctor_and_not_sent_as_a_value(tmp_path: Pa
         assert item is not None and item.meta["flags"] == ["implausible-systolic"]
         stored = observation_from_json(json.loads(outbox.read_payload(item)))
         assert stored == obs  # the flag and the device's number survive the round trip
-        assert "(implausible: 1.136e+07 mm[Hg])/80 mm[Hg]" in summary(stored)
+        assert "(implausible: 11360000 mm[Hg])/80 mm[Hg]" in summary(stored)
     finally:
         store.close()
         outbox.close()

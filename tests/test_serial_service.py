@@ -30,9 +30,11 @@ from lastmile.services.serial_devices import link_specs
 from tests.conftest import REPO, run_on_private_tmpfs
 from tests.console_harness import Client, console_config, running_console
 from tests.serial_gateway import (
+    NOTHING_MEASURED_REPORT,
     Running,
     a_spill_file_with_a_record_that_does_not_decode,
     monitor_prints_a_report_the_full_outbox_refuses,
+    monitor_requiring_nothing,
     serial_config,
     talk_as_bridge,
     wait_for_answers,
@@ -593,6 +595,29 @@ def test_a_monitor_forwarded_through_a_bridge_is_not_named_on_today_as_the_bridg
     lines = [" ".join(re.sub(r"<[^>]+>", " ", li).split()) for li in readings.split("<li ")[1:]]
     assert len(lines) == 3, lines
     assert all(line.endswith("· Example Medical VM-100") for line in lines), lines
+
+
+def test_a_forwarded_report_with_nothing_measured_is_acknowledged_and_said_on_the_bridge(
+    tmp_path: Path, running
+) -> None:
+    """A monitor on a bridge's RS-232 port printed a report whose every value was "--" (no probe
+    on): the lines were ACKed and nothing said it. Now the bridge's row says a report with nothing
+    measured came (its kind: Today's words for it), nothing is stored, and the lines are ACKed
+    (nothing is lost by them: a resend would say the same)."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    bridge = PtyDevice(tmp_path / "usb-bridge")
+    cart = {"name": "cart", "match": str(bridge.link_path), "profile": "bridge"}
+    r = running([{**cart, "forward_profile": monitor_requiring_nothing(profiles)}], profiles_dir=str(profiles))
+    wait_for(lambda: all(s.connected for s in r.service.statuses()))
+    core, clock = BridgeCore("BR-CART", boot_id=3, capabilities=("ecg",)), [0]
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge.write(core.uart_bytes(NOTHING_MEASURED_REPORT, clock[0]))
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
+    wait_for(lambda: getattr(r.registry.get("serial:cart"), "last_error", ""), what="the bridge's row says it")
+    row = r.registry.get("serial:cart")
+    assert row is not None and row.problem is DeviceProblem.NOTHING_MEASURED, row
+    assert r.outbox.items(kind="observation") == []
 
 
 def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp_path: Path, running) -> None:

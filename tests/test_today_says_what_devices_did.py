@@ -18,6 +18,7 @@ from devices.identity import DeviceIdentity
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
+from lastmile.doctor import failing_since_seen
 from lastmile.services.serial_devices import SerialService
 from tests.console_harness import (
     DOCTOR,
@@ -28,7 +29,7 @@ from tests.console_harness import (
     record_readings,
     running_console,
 )
-from tests.serial_gateway import Running, serial_config
+from tests.serial_gateway import NOTHING_MEASURED_REPORT, Running, monitor_requiring_nothing, serial_config
 from tests.serial_pty import PtyDevice
 from tests.service_harness import PATIENT_CARD_SCAN, report_printed
 from tests.waiting import wait_for
@@ -313,5 +314,39 @@ def test_a_reading_is_named_by_the_device_that_sent_it_not_by_a_row_that_had_its
         assert len(lines) == 4, lines
         assert [line.endswith(f"· {renamed}") for line in lines] == [False, True, True, True], lines
         assert lines[0].endswith("· Example Medical VM-100"), lines  # the newest: the one stored before
+    finally:
+        r.close()
+
+
+def test_a_report_with_nothing_measured_is_said_on_today_until_the_next_reading(tmp_path: Path) -> None:
+    """A monitor's report whose every value was "--" (no probe on, the cuff not used) stored
+    nothing, rightly, and left no trace: the doctor pressed measure, nothing showed on Today, and
+    nobody knew whether the device had answered. Now the monitor's line on Today says it sent a
+    result with nothing measured, until its next reading; nothing is stored for it."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    device = {"name": MONITOR, "match": str(monitor.link_path), "profile": monitor_requiring_nothing(profiles)}
+    r = Running(tmp_path, [device], profiles_dir=str(profiles))
+    try:
+        shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+        wait_for(lambda: all(s.connected for s in r.service.statuses()), what="the monitor connected")
+        r.patients.set_patient(VALID_ID, "张秀兰", now=r.now() - dt.timedelta(seconds=5))
+        monitor.write(NOTHING_MEASURED_REPORT)
+        wait_for(
+            lambda: (d := r.registry.get(f"serial:{MONITOR}")) is not None and bool(d.last_error),
+            what="the report with nothing measured said on the monitor's row",
+        )
+        assert r.outbox.items(kind="observation") == []  # nothing measured: nothing stored
+        line = device_line(today_of(shown), MONITOR)
+        assert "它发来了结果，但什么也没有测到：请检查探头是否接好、放好，然后重新测量" in line, line
+        assert "nothing measured" not in line, line  # the technician's words stay on Devices
+        row = r.registry.get(f"serial:{MONITOR}")
+        assert row is not None and not failing_since_seen(row), row  # not a fault `lastmile doctor` warns of
+
+        monitor.write(report_printed(r.now()).replace(b"RECORD 0172", b"RECORD 0301"))
+        wait_for(lambda: len(r.outbox.items(kind="observation")) == 3, timeout=60, what="the next report stored")
+        line = device_line(today_of(shown), MONITOR)
+        assert "什么也没有测到" not in line, line
     finally:
         r.close()

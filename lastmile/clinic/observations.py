@@ -113,14 +113,42 @@ def observation_payload(obs: Observation) -> bytes:
 SUMMARY_SEPARATOR = ", "  # between the values of a `summary` (a page splits them to say them its way)
 
 
+# the most decimals a value in its unit is shown with (UCUM, and the units devices send): a
+# cuff's mmHg are whole, a thermometer's °C has two at most; a unit not listed keeps three
+UNIT_DECIMALS = {
+    "mm[Hg]": 0,
+    "mmHg": 0,
+    "/min": 0,
+    "bpm": 0,
+    "mg/dL": 1,
+    "%": 1,
+    "Cel": 2,
+    "[degF]": 2,
+    "kg": 2,
+    "[lb_av]": 2,
+    "mmol/L": 2,
+    "kPa": 2,
+    "m": 2,
+}
+
+
+def plain_number(value: float, unit: str) -> str:
+    """`value` as a doctor reads it: never in scientific notation ("{:g}" wrote 11360000 mmHg as
+    1.136e+07), rounded to its unit's decimals, no trailing zeros (36.5, 120, not 36.50, 120.0)."""
+    text = f"{value:.{UNIT_DECIMALS.get(unit, 3)}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
 def summary(obs: Observation) -> str:
     """One line for `lastmile devices` and logs, e.g. "120/80 mm[Hg], pulse-rate 72 /min"."""
 
     def fmt(q: Quantity) -> str:
         if q.value is not None:
-            return f"{q.value:g}"
+            return plain_number(q.value, q.unit)
         if q.special == "implausible" and q.sent_value is not None:  # what the device said, marked
-            return f"({q.special}: {q.sent_value:g} {q.sent_unit})"
+            return f"({q.special}: {plain_number(q.sent_value, q.sent_unit)} {q.sent_unit})"
         return f"({q.special})"
 
     sys_, dia = obs.quantity("systolic"), obs.quantity("diastolic")

@@ -50,7 +50,7 @@ from devices.ble.sfloat import NAN, NEGATIVE_INFINITY, NRES, POSITIVE_INFINITY, 
 from devices.identity import Patient
 from devices.plausibility import IMPLAUSIBLE
 from lastmile import __version__
-from lastmile.clinic.observations import SUMMARY_SEPARATOR
+from lastmile.clinic.observations import SUMMARY_SEPARATOR, plain_number
 from lastmile.clinic.patients import SameName
 from lastmile.config import Config
 from lastmile.console import views
@@ -743,8 +743,21 @@ def _no_value_worded(part: str, localizer: Localizer) -> str:
         part = part.rsplit(" ", 1)[0]
     part = NO_VALUE.sub(localizer.gettext(NO_RESULT), part)
     return IMPLAUSIBLE_VALUE.sub(
-        lambda m: localizer.gettext(IMPOSSIBLE_SENT, value=m[1]) if m[1] else localizer.gettext(IMPOSSIBLE), part
+        lambda m: (
+            localizer.gettext(IMPOSSIBLE_SENT, value=_plain_sent(m[1])) if m[1] else localizer.gettext(IMPOSSIBLE)
+        ),
+        part,
     )
+
+
+def _plain_sent(sent: str) -> str:
+    """What the device sent ("1.136e+07 mm[Hg]") with its number plain: a summary kept from
+    before `summary` wrote plain numbers (a device row's last reading, a Sent record) has "{:g}"'s."""
+    number, _, unit = sent.partition(" ")
+    try:
+        return f"{plain_number(float(number), unit)} {unit}".rstrip()
+    except ValueError:
+        return sent
 
 
 def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:

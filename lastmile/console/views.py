@@ -146,6 +146,10 @@ DEVICE_PROBLEM_ADVICE: dict[DeviceProblem, str] = {
     DeviceProblem.NOT_SAVED: N_(
         "A measurement from it could not be saved: please measure again. If this keeps happening, tell the county IT."
     ),
+    DeviceProblem.NOTHING_MEASURED: N_(
+        "It sent a result, but nothing was measured: check that its probe is connected and placed well, then "
+        "measure again."
+    ),
     DeviceProblem.ECG_REFUSED: N_(
         "An ECG from it could not be used: please record it again. If this keeps happening, tell the county IT."
     ),

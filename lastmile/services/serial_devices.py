@@ -126,6 +126,9 @@ BRIDGE, SCANNER = SERIAL_HANDLERS
 DEFAULT_BAUD = {BRIDGE: 115200, SCANNER: 9600}
 ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the report in hand
 TIME_SYNC_EVERY_S = 600.0
+# the row error of a report in which nothing was measured (a newer kind than migration 0026's
+# words, so not among devices.device_errors' words)
+NOTHING_MEASURED = "report with nothing measured:"
 ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
 RETRY_STORE_S = 30.0
 
@@ -369,6 +372,14 @@ class SerialContext:
         if self._write_status(error.spec, error=error.message[:200], problem=error.problem, error_at=error.at):
             row.said.add(error.problem)
             row.shown = (error.problem, error.at)
+
+    def nothing_measured(self, spec: LinkSpec, report: ReportParsed) -> None:
+        """`report` had nothing measured in it (every value "not measured", none required): no
+        reading, but the device answered, and its row says so until its next reading."""
+        log.warning("%s: a report with nothing measured (%d lines): no reading stored", spec.name, report.lines)
+        self.error(
+            spec, f"{NOTHING_MEASURED} {report.lines} line(s), every value not measured", DeviceProblem.NOTHING_MEASURED
+        )
 
     def store_observation(
         self, spec: LinkSpec, obs: Observation, *, held: bool = False, forwarded: bool = False
@@ -913,6 +924,8 @@ class BridgeHandler:
         stored_all = True
         for ev in events:
             if isinstance(ev, ReportParsed):
+                if not ev.observations:
+                    self.ctx.nothing_measured(self.spec, ev)
                 for obs in ev.observations:
                     stored_all &= self.ctx.store_observation(self.spec, obs, forwarded=True)
             elif isinstance(ev, ReportRejected):
@@ -976,6 +989,8 @@ class AsciiReportHandler:
     def _events(self, events: list) -> None:
         for ev in events:
             if isinstance(ev, ReportParsed):
+                if not ev.observations:
+                    self.ctx.nothing_measured(self.spec, ev)
                 for obs in ev.observations:
                     if not self.ctx.store_observation(self.spec, obs, held=True):
                         self.ctx.hold_observation(self.spec, obs)  # the device cannot resend
