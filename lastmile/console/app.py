@@ -56,6 +56,7 @@ from lastmile.config import Config
 from lastmile.console import views
 from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefused
 from lastmile.console.ecg_analysis import EcgAnalyses
+from lastmile.console.flag_words import flag_badge, flag_badges
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import (
@@ -810,6 +811,8 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "_": loc.gettext,
         "ngettext": loc.ngettext,
         "reading_text": lambda text, kind="": reading_text(text, loc, kind),
+        "flag_badges": lambda flags: flag_badges(flags, loc),
+        "flag_badge": lambda flag: flag_badge(flag, loc),
         "report_text": lambda report: shown_text(report.lines, report.text, loc),
         "critical_reasons": lambda report: shown_critical(report.lines, report.critical_reasons, loc),
         # a report's conclusion and findings lists are its words without their codes: a known
