@@ -1296,6 +1296,15 @@ async def re_record(request: Request) -> Response:
     return await today_action(request, action)
 
 
+async def stick_file_seen(request: Request) -> Response:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        file_id = path_number(request, "file_id")  # after the login and CSRF checks
+        state_of(request).data.stick_file_seen(ctx.user, file_id, now=now)
+        return "stick-file-seen"  # seen here or already (another tablet): it is off the list either way
+
+    return await today_action(request, action)
+
+
 async def send_anyway(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
         item_id = path_number(request, "item_id")  # after the login and CSRF checks
@@ -1677,6 +1686,7 @@ def routes() -> list[Route | Mount]:
         *form("/today/map-user", map_device_user, "/today"),
         *form("/today/ecg/{item_id:int}/re-record", re_record, "/today"),
         *form("/today/ecg/{item_id:int}/send-anyway", send_anyway, "/today"),
+        *form("/today/stick-file/{file_id:int}/seen", stick_file_seen, "/today"),
         *form("/today/ecg/{item_id:int}/checked-in-name", ecg_is_checked_in_patients, "/today"),
         *form("/today/ecg/{item_id:int}/name-right", ecg_name_right, "/today"),
         *form("/today/ecg/{item_id:int}/id-values", ecg_with_id_values, "/today"),
