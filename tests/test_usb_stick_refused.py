@@ -18,6 +18,7 @@ from firmware_bridge.usb_import import ImportSummary, import_file
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
+from lastmile.doctor import Doctor
 from lastmile.ecg.intake import record_stick_outcomes, usb_import_watcher
 from tests.conftest import shared_file
 from tests.console_harness import Client, console_config, running_console
@@ -65,15 +66,22 @@ def test_a_damaged_stick_file_is_said_on_today_once_until_seen_or_imported(tmp_p
 
         page = client.get("/today").body
         assert DAMAGED_WORDS in held_panel(page), "Today says nothing of the stick's damaged ECG file"
+        # System (and `lastmile doctor`) says it too, not "正常"
+        system = html.unescape(re.sub(r"<[^>]+>", " ", client.get("/system").body))
+        assert "U盘上的心电图文件：ECG_BAD.dcm" in system and DAMAGED_WORDS in system
+        assert [f.subject for f in Doctor(config).check_devices() if f.topic == "stick-file"] == ["ECG_BAD.dcm"]
 
         # the watcher looks at the whole stick again whenever anything on it changes: the same file,
         # refused again, is neither said twice nor written again
         first = refused_rows(config)
+        wal = config.data_dir / "clinic.db-wal"
+        written = wal.stat().st_size, wal.stat().st_mtime_ns
         for n in range(3):
             shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), stick / f"more{n}.scp")
             brought_in(stick / f"more{n}.scp")
             (again,) = watcher.poll()
             assert [Path(o.path).name for o in again.refused] == ["ECG_BAD.dcm"]
+        assert (wal.stat().st_size, wal.stat().st_mtime_ns) == written, "the same refusal was written again"
         assert refused_rows(config) == first and len(first) == 1
         assert held_panel(client.get("/today").body).count("ECG_BAD.dcm") == 1
 
@@ -84,6 +92,7 @@ def test_a_damaged_stick_file_is_said_on_today_once_until_seen_or_imported(tmp_p
         done = client.get(reply.location).body
         assert "已记录。请在心电图机上重新导出这份心电图" in done
         assert "ECG_BAD.dcm" not in held_panel(done)
+        assert not [f for f in Doctor(config).check_devices() if f.topic == "stick-file"]
         shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), stick / "more9.scp")
         brought_in(stick / "more9.scp")
         watcher.poll()

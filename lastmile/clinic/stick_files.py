@@ -72,37 +72,33 @@ class RefusedStickFiles:
         outcomes = list(outcomes)
         refused = [o for o in outcomes if o.refused]
         # a name refused in this very look (another folder's copy) is not "come in fine"
-        fine_names = sorted(
-            {PurePath(o.path).name for o in outcomes if not o.refused} - {PurePath(o.path).name for o in refused}
-        )
-        if not fine_names and not refused:
+        fine_names = {PurePath(o.path).name for o in outcomes if not o.refused}
+        fine_names -= {PurePath(o.path).name for o in refused}
+        # read first (the table is as small as the sticks' trouble): a look at a stick with nothing
+        # new to keep or forget takes no write lock and writes nothing
+        kept = dict(self.db.conn.execute("SELECT path, key FROM stick_files_refused").fetchall())
+        kept_names = {PurePath(path).name for path in kept}
+        forget = sorted(fine_names & kept_names)
+        changed = [o for o in refused if kept.get(o.path) != o.key]
+        if not forget and not changed:
             return 0
-        new = 0
         with transaction(self.db) as conn:
-            if fine_names:
-                marks = ",".join("?" * len(fine_names))
-                conn.execute(f"DELETE FROM stick_files_refused WHERE name IN ({marks})", fine_names)
-            for o in refused:
-                row = conn.execute("SELECT key FROM stick_files_refused WHERE path = ?", (o.path,)).fetchone()
-                if row is not None and row[0] == o.key:
-                    continue  # said already (or seen): the watcher's look at the stick again
+            for name in forget:
+                conn.execute("DELETE FROM stick_files_refused WHERE name = ?", (name,))
+            for o in changed:
                 values = (PurePath(o.path).name, o.trouble.value, o.reason, o.key, iso(now), o.path)
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO stick_files_refused (name, trouble, reason, key, refused_at, path) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        values,
-                    )
-                else:  # other bytes under the same name: said anew, even if the old ones were seen
-                    conn.execute(
-                        "UPDATE stick_files_refused SET name = ?, trouble = ?, reason = ?, key = ?, "
-                        "refused_at = ?, seen_at = NULL, seen_by = NULL WHERE path = ?",
-                        values,
-                    )
-                new += 1
-            if new:
+                # other bytes under a path said before (exported again, damaged again): said anew,
+                # even if the old ones were seen
+                conn.execute(
+                    "INSERT INTO stick_files_refused (name, trouble, reason, key, refused_at, path) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET name = excluded.name, "
+                    "trouble = excluded.trouble, reason = excluded.reason, key = excluded.key, "
+                    "refused_at = excluded.refused_at, seen_at = NULL, seen_by = NULL",
+                    values,
+                )
+            if changed:
                 conn.execute("DELETE FROM stick_files_refused WHERE seen_at < ?", (iso(now - SEEN_KEPT),))
-        return new
+        return len(changed)
 
     def unseen(self, limit: int = MAX_SHOWN) -> list[RefusedStickFile]:
         """The refused files the doctor has not said he has seen, newest first."""

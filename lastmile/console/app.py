@@ -352,6 +352,7 @@ TOPIC_LABELS = {
     "not-queued": N_("closed visits not yet queued"),
     "open-damaged": N_("the open visit"),
     "ecg-clock": N_("clock of ECG cart %(subject)s"),
+    "stick-file": N_("ECG file on the USB stick: %(subject)s"),
     "battery": N_("battery of %(subject)s"),
     "left-by-stop": N_("records kept when the gateway stopped"),
     "damaged-copy": N_("damaged file set aside: %(subject)s"),
@@ -408,6 +409,14 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "page shows each device."
         ),
         "ecg-clock": N_("The ECG cart's clock is wrong, so its ECGs have no true time: set the cart's date and time."),
+        "stick-file-damaged": N_(
+            "The ECG file %(subject)s on the USB stick is damaged and was not imported: export it again on the ECG "
+            "machine."
+        ),
+        "stick-file-unreadable": N_(
+            "The ECG file %(subject)s on the USB stick could not be read and was not imported: plug the stick in "
+            "again; if it still fails, export it again on the ECG machine."
+        ),
         "battery-low": N_(
             "Its battery is low: please replace or charge the batteries soon, before it stops during a measurement."
         ),
