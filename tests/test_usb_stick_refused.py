@@ -21,6 +21,7 @@ from lastmile.data_dir import open_outbox
 from lastmile.doctor import Doctor
 from lastmile.ecg.intake import record_stick_outcomes, usb_import_watcher
 from tests.conftest import shared_file
+from tests.console_browser import by, log_in, save_screenshot, set_viewport, text_in
 from tests.console_harness import Client, console_config, running_console
 
 pytestmark = pytest.mark.timeout(300)
@@ -138,3 +139,25 @@ def test_a_stick_pulled_out_during_the_import_is_said_as_that(tmp_path: Path) ->
         (summary,) = usb_import_watcher(config, outbox).poll()
         assert summary.imported == 1
         assert "ECG_0003.ECG" not in held_panel(client.get("/today").body)
+
+
+def test_the_open_today_page_says_it_live_on_a_phone(tmp_path: Path, browser: object) -> None:
+    """The doctor has Today open on his phone when the cart's stick goes in: the damaged file is
+    said in the 待处理 panel without a reload (clinic.db written by the watcher, the live panel
+    pushed), and his "我已看到" takes it off."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    config = console_config(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    with running_console(config) as server, open_outbox(config) as outbox:
+        set_viewport(browser, (360, 800))
+        log_in(browser, server)
+        text_in(browser, "#panel-held", "没有待指定的")  # nothing waiting yet
+        (stick / "ECG_BAD.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x07" * 40)
+        brought_in(stick / "ECG_BAD.dcm")
+        usb_import_watcher(config, outbox).poll()
+        text_in(browser, "#panel-held", DAMAGED_WORDS)
+        save_screenshot(browser, "today-stick-file-refused-360")
+        browser.find_element(by("css"), "[data-stick-file] button").click()  # type: ignore[attr-defined]
+        text_in(browser, "#done-notice", "已记录。请在心电图机上重新导出这份心电图")
+        assert "ECG_BAD.dcm" not in browser.find_element(by("id"), "panel-held").text  # type: ignore[attr-defined]
