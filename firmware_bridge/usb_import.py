@@ -62,6 +62,8 @@ class ImportOutcome:
     status: ImportStatus
     reason: str = ""  # why it was refused
     key: str = ""
+    # refused because the stick could not be read (pulled out, worn), not for the file's bytes
+    unreadable: bool = False
     recording: EcgRecording | None = None
 
 
@@ -180,7 +182,7 @@ def import_file(
         data = read_file(path, max_bytes)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return ImportOutcome(shown, REFUSED, f"cannot read: {reason}")
+        return ImportOutcome(shown, REFUSED, f"cannot read: {reason}", unreadable=isinstance(exc, OSError))
     key = content_key(data)
     if is_known(key):
         return ImportOutcome(shown, KNOWN, key=key)

@@ -96,6 +96,7 @@ TOPICS = (
     "not-queued",
     "open-damaged",
     "ecg-clock",
+    "stick-file",
     "battery",
     "restart-needed",
     "left-by-stop",
@@ -905,7 +906,38 @@ class Doctor:
             *self._lost_at_stop(),
             *self._registry_findings(),
             *self._ecg_clock_findings(),
+            *self._stick_files_refused(),
             *self._battery_findings(),
+        ]
+
+    def _stick_files_refused(self) -> list[Finding]:
+        """ECG files on a USB stick the import refused, that the doctor has not said (on Today) he
+        has seen (lastmile.clinic.stick_files): one patient's ECG that never reaches the county."""
+        from lastmile.clinic.db import DB_NAME, open_clinic_db
+        from lastmile.clinic.stick_files import RefusedStickFiles, StickTrouble
+
+        if not (self.config.data_dir / DB_NAME).exists():
+            return []
+        with as_owner_of(self.config.data_dir):
+            db = open_clinic_db(self.config.data_dir)
+            try:
+                refused = RefusedStickFiles(db).unseen()
+            finally:
+                db.conn.close()
+        return [
+            Finding(
+                "devices",
+                Level.WARN,
+                f"ECG file on the USB stick not imported: {f.path}: {f.reason} (at {_stamp(f.refused_at)})",
+                "export it again on the ECG cart"
+                if f.trouble == StickTrouble.DAMAGED
+                else "plug the stick in again; if it still fails, export it again on the ECG cart",
+                advice_key=f"stick-file-{f.trouble.value}",
+                topic="stick-file",
+                subject=f.name,
+                since=f.refused_at.timestamp(),
+            )
+            for f in refused
         ]
 
     def _lost_at_stop(self) -> list[Finding]:

@@ -471,6 +471,16 @@ MIGRATIONS = (
     # STAT, reason, when; NULL: none), on the session's row: Today said it from the session log,
     # a query on every render and live push. A session open at the upgrade gets it from its log once
     Migration("0040_session_ended_by_card", _session_ended_by_card),
+    # ECG files on a USB stick the import refused (damaged, unreadable), said on Today until the
+    # doctor has seen them or the same name came in fine (lastmile.clinic.stick_files): one row a
+    # file on the stick, however often the watcher looks at it again. A new, empty table: quick
+    Migration.sql(
+        "0041_stick_files_refused",
+        "CREATE TABLE stick_files_refused (id INTEGER PRIMARY KEY, path TEXT NOT NULL, name TEXT NOT NULL, "
+        "trouble TEXT NOT NULL, reason TEXT, key TEXT NOT NULL, refused_at TEXT NOT NULL, seen_at TEXT, seen_by TEXT);\n"
+        "CREATE UNIQUE INDEX stick_files_refused_path ON stick_files_refused (path);\n"
+        "CREATE INDEX stick_files_refused_name ON stick_files_refused (name);",
+    ),
 )
 
 

@@ -353,6 +353,7 @@ TOPIC_LABELS = {
     "not-queued": N_("closed visits not yet queued"),
     "open-damaged": N_("the open visit"),
     "ecg-clock": N_("clock of ECG cart %(subject)s"),
+    "stick-file": N_("ECG file on the USB stick: %(subject)s"),
     "battery": N_("battery of %(subject)s"),
     "left-by-stop": N_("records kept when the gateway stopped"),
     "damaged-copy": N_("damaged file set aside: %(subject)s"),
@@ -409,6 +410,14 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "page shows each device."
         ),
         "ecg-clock": N_("The ECG cart's clock is wrong, so its ECGs have no true time: set the cart's date and time."),
+        "stick-file-damaged": N_(
+            "The ECG file %(subject)s on the USB stick is damaged and was not imported: export it again on the ECG "
+            "machine."
+        ),
+        "stick-file-unreadable": N_(
+            "The ECG file %(subject)s on the USB stick could not be read and was not imported: plug the stick in "
+            "again; if it still fails, export it again on the ECG machine."
+        ),
         "battery-low": N_(
             "Its battery is low: please replace or charge the batteries soon, before it stops during a measurement."
         ),
@@ -1312,6 +1321,15 @@ async def re_record(request: Request) -> Response:
     return await today_action(request, action)
 
 
+async def stick_file_seen(request: Request) -> Response:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        file_id = path_number(request, "file_id")  # after the login and CSRF checks
+        state_of(request).data.stick_file_seen(ctx.user, file_id, now=now)
+        return "stick-file-seen"  # seen here or already (another tablet): it is off the list either way
+
+    return await today_action(request, action)
+
+
 async def send_anyway(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
         item_id = path_number(request, "item_id")  # after the login and CSRF checks
@@ -1693,6 +1711,7 @@ def routes() -> list[Route | Mount]:
         *form("/today/map-user", map_device_user, "/today"),
         *form("/today/ecg/{item_id:int}/re-record", re_record, "/today"),
         *form("/today/ecg/{item_id:int}/send-anyway", send_anyway, "/today"),
+        *form("/today/stick-file/{file_id:int}/seen", stick_file_seen, "/today"),
         *form("/today/ecg/{item_id:int}/checked-in-name", ecg_is_checked_in_patients, "/today"),
         *form("/today/ecg/{item_id:int}/name-right", ecg_name_right, "/today"),
         *form("/today/ecg/{item_id:int}/id-values", ecg_with_id_values, "/today"),

@@ -38,6 +38,7 @@ ACTIONS: dict[str, str] = {
     "ecg-name-right": N_("corrected a check-in's name to the ECG's"),
     "ecg-id-values": N_("sent an ECG with the sex and birth date of its ID number"),
     "re-record": N_("had an ECG recorded again"),
+    "stick-file-seen": N_("saw that an ECG file on the USB stick was not imported"),
     "acknowledge-report": N_("confirmed seeing a critical result"),
     "acknowledge-report-again": N_("confirmed seeing a critical result again"),
     "pair-device": N_("added a device"),

@@ -55,6 +55,7 @@ from lastmile.clinic.observations import (
 )
 from lastmile.clinic.patient_ids import clinic_patient
 from lastmile.clinic.patients import CurrentPatient, EndedByCard, PatientChanged, PatientContext, SameName
+from lastmile.clinic.stick_files import RefusedStickFile, RefusedStickFiles
 from lastmile.config import Config, fhir_naming
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
@@ -801,6 +802,7 @@ class ClinicData:
             self.db, max_failures=c.max_login_failures, lockout_s=c.lockout_s, idle_s=c.session_idle_s
         )
         self.audit = AuditLog(self.db)
+        self.stick_files = RefusedStickFiles(self.db)
         # the readings shown at the last patient_readings, by (item id, payload hash, its patient
         # ID): a redraw reads and parses only the new ones
         self._shown_readings: dict[tuple[int, str, str], ReadingView | None] = {}
@@ -1343,6 +1345,17 @@ class ClinicData:
         except EcgAssignFailed as exc:
             log.warning("%s: left held", exc)
             return False
+
+    # -- ECG files on the USB stick that were not imported ------------------------------------------
+    def refused_stick_files(self) -> list[RefusedStickFile]:
+        """The stick's refused files the doctor has not yet said he has seen (Today's 待处理)."""
+        return self.stick_files.unseen()
+
+    def stick_file_seen(self, user: str, file_id: int, *, now: dt.datetime) -> bool:
+        """He has seen that this file did not come in: no longer on Today (False: gone already)."""
+        done = self.stick_files.seen(file_id, by=user, now=now)
+        self.audit.record(user, "stick-file-seen", now=now, target=str(file_id), detail={"done": done})
+        return done
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
         done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)

@@ -79,6 +79,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "mapped_elsewhere": data.mapped_elsewhere(session, now),
         "held": data.held_readings(now, session),
         "held_ecgs": held_ecgs,
+        "stick_files": data.refused_stick_files(),
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),

@@ -829,7 +829,7 @@ def usb_import_watcher(
     from firmware_bridge.usb_import import FolderWatcher
 
     def run(roots: Iterable[str | Path]) -> ImportSummary:
-        return import_files(
+        summary = import_files(
             outbox,
             config,
             roots,
@@ -838,8 +838,45 @@ def usb_import_watcher(
             stat_session=stat_session,
             checked_in_name=checked_in_name,
         )
+        record_stick_outcomes(config, summary)
+        return summary
 
     return FolderWatcher(config.usb_import.folders, run)
+
+
+def record_stick_outcomes(config: Config, summary: ImportSummary) -> None:
+    """The stick's refused files, kept in clinic.db for Today (`lastmile.clinic.stick_files`): a
+    journal line alone is a silent failure for the doctor, who pulls the stick believing every ECG
+    came in. The import itself is done: clinic.db unusable is said here, and never undoes it."""
+    import sqlite3
+
+    from firmware_bridge.usb_import import REFUSED
+    from lastmile.clinic.db import open_clinic_db
+    from lastmile.clinic.stick_files import RefusedStickFiles, StickFileOutcome, StickTrouble
+
+    outcomes = [
+        StickFileOutcome(
+            o.path,
+            refused=o.status == REFUSED,
+            trouble=StickTrouble.UNREADABLE if o.unreadable else StickTrouble.DAMAGED,
+            reason=o.reason,
+            key=o.key,
+        )
+        for o in summary.outcomes
+    ]
+    if not outcomes:
+        return
+    try:
+        db = open_clinic_db(config.data_dir)  # only when the stick changed: not worth a kept connection
+        try:
+            new = RefusedStickFiles(db).record(outcomes, now=dt.datetime.now(dt.timezone.utc))
+        finally:
+            db.conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        log.error("USB import: the refused files could not be kept for the console (Today): %s", exc)
+        return
+    if new:
+        log.info("USB import: %d refused file(s) said on Today", new)
 
 
 # -- the clinic-LAN receiver: objects stored as received ------------------------------------------

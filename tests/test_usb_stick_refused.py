@@ -1,0 +1,163 @@
+"""A damaged ECG file on the cart's USB stick is said to the doctor on Today (REV-R, session 45,
+finding 3): it was refused with a journal line only, and Today, Devices and System said nothing;
+the doctor pulled the stick believing every ECG came in, and one patient's ECG never reached the
+county. A real stick folder under the real watcher (the acquire service's), a real console."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from firmware_bridge.usb_import import ImportSummary, import_file
+from lastmile.clinic.db import open_clinic_db
+from lastmile.config import Config
+from lastmile.data_dir import open_outbox
+from lastmile.doctor import Doctor
+from lastmile.ecg.intake import record_stick_outcomes, usb_import_watcher
+from tests.conftest import shared_file
+from tests.console_browser import by, log_in, save_screenshot, set_viewport, text_in
+from tests.console_harness import Client, console_config, running_console
+
+pytestmark = pytest.mark.timeout(300)
+
+DAMAGED_WORDS = "U盘上的 ECG_BAD.dcm 已损坏，没有导入：请在心电图机上重新导出"
+
+
+def held_panel(page: str) -> str:
+    """The words of Today's 待处理 panel, tags gone, spaces single."""
+    panel = page.split('id="panel-held"', 1)[1].split(">", 1)[1].split("</section>", 1)[0]
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", panel)).split())
+
+
+def brought_in(path: Path) -> None:
+    """A file written to the stick long ago (the cart's morning): imported at the watcher's first look."""
+    os.utime(path, (dt.datetime.now().timestamp() - 3600,) * 2)
+
+
+def refused_rows(config: Config) -> list[tuple]:
+    db = open_clinic_db(config.data_dir)
+    try:
+        return db.conn.execute("SELECT id, name, key, refused_at, seen_at FROM stick_files_refused").fetchall()
+    finally:
+        db.conn.close()
+
+
+def test_a_damaged_stick_file_is_said_on_today_once_until_seen_or_imported(tmp_path: Path) -> None:
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    config = console_config(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    # the cart's stick: one good ECG, one whose DICOM is broken (the preamble, then nothing readable)
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), stick / "0000037.ECG")
+    (stick / "ECG_BAD.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"\x07" * 40)
+    for f in stick.iterdir():
+        brought_in(f)
+    with running_console(config) as server, open_outbox(config) as outbox:
+        client = Client(server.url)
+        client.login()
+        watcher = usb_import_watcher(config, outbox)
+        (summary,) = watcher.poll()
+        assert (summary.imported, [Path(o.path).name for o in summary.refused]) == (1, ["ECG_BAD.dcm"])
+
+        page = client.get("/today").body
+        assert DAMAGED_WORDS in held_panel(page), "Today says nothing of the stick's damaged ECG file"
+        # System (and `lastmile doctor`) says it too, not "正常"
+        system = html.unescape(re.sub(r"<[^>]+>", " ", client.get("/system").body))
+        assert "U盘上的心电图文件：ECG_BAD.dcm" in system and DAMAGED_WORDS in system
+        assert [f.subject for f in Doctor(config).check_devices() if f.topic == "stick-file"] == ["ECG_BAD.dcm"]
+
+        # the watcher looks at the whole stick again whenever anything on it changes: the same file,
+        # refused again, is neither said twice nor written again
+        first = refused_rows(config)
+        wal = config.data_dir / "clinic.db-wal"
+        written = wal.stat().st_size, wal.stat().st_mtime_ns
+        for n in range(3):
+            shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), stick / f"more{n}.scp")
+            brought_in(stick / f"more{n}.scp")
+            (again,) = watcher.poll()
+            assert [Path(o.path).name for o in again.refused] == ["ECG_BAD.dcm"]
+        assert (wal.stat().st_size, wal.stat().st_mtime_ns) == written, "the same refusal was written again"
+        assert refused_rows(config) == first and len(first) == 1
+        assert held_panel(client.get("/today").body).count("ECG_BAD.dcm") == 1
+
+        # he has seen it: off Today, and the stick's next look does not bring it back
+        (file_id, *_) = first[0]
+        reply = client.post(f"/today/stick-file/{file_id}/seen")
+        assert reply.status == 303, reply.body[:300]
+        done = client.get(reply.location).body
+        assert "已记录。请在心电图机上重新导出这份心电图" in done
+        assert "ECG_BAD.dcm" not in held_panel(done)
+        assert not [f for f in Doctor(config).check_devices() if f.topic == "stick-file"]
+        shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), stick / "more9.scp")
+        brought_in(stick / "more9.scp")
+        watcher.poll()
+        assert "ECG_BAD.dcm" not in held_panel(client.get("/today").body)
+
+        # another damaged one is said; exported again on the cart under its name, it comes in and goes
+        bad2 = stick / "ECG_0002.dcm"
+        bad2.write_bytes((stick / "ECG_BAD.dcm").read_bytes() + b"\x01")
+        brought_in(bad2)
+        watcher.poll()
+        assert "U盘上的 ECG_0002.dcm 已损坏" in held_panel(client.get("/today").body)
+        shutil.copyfile(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"), bad2)
+        brought_in(bad2)
+        (fine,) = watcher.poll()
+        assert [Path(o.path).name for o in fine.refused] == ["ECG_BAD.dcm"]
+        assert "ECG_0002.dcm" not in held_panel(client.get("/today").body)
+        assert [row[1] for row in refused_rows(config)] == ["ECG_BAD.dcm"]  # the seen one, kept quiet
+
+
+def test_a_stick_pulled_out_during_the_import_is_said_as_that(tmp_path: Path) -> None:
+    """A file the stick could not give (pulled out after the watcher listed it) is not "damaged":
+    plug the stick in again first; plugged in again, it comes in and is no longer said."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    config = console_config(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    listed = stick / "ECG_0003.ECG"
+    with running_console(config) as server, open_outbox(config) as outbox:
+        client = Client(server.url)
+        client.login()
+        gone = import_file(
+            listed,
+            is_known=lambda key: False,
+            enqueue=lambda r, k: True,
+            local_tz=dt.timezone.utc,
+            now=lambda: dt.datetime.now(dt.timezone.utc),
+        )
+        record_stick_outcomes(config, ImportSummary([gone]))
+        words = held_panel(client.get("/today").body)
+        assert "U盘上的 ECG_0003.ECG 读不出来，没有导入：请把U盘重新插好" in words
+        shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), listed)
+        brought_in(listed)
+        (summary,) = usb_import_watcher(config, outbox).poll()
+        assert summary.imported == 1
+        assert "ECG_0003.ECG" not in held_panel(client.get("/today").body)
+
+
+def test_the_open_today_page_says_it_live_on_a_phone(tmp_path: Path, browser: object) -> None:
+    """The doctor has Today open on his phone when the cart's stick goes in: the damaged file is
+    said in the 待处理 panel without a reload (clinic.db written by the watcher, the live panel
+    pushed), and his "我已看到" takes it off."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    config = console_config(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    with running_console(config) as server, open_outbox(config) as outbox:
+        set_viewport(browser, (360, 800))
+        log_in(browser, server)
+        text_in(browser, "#panel-held", "没有待指定的")  # nothing waiting yet
+        (stick / "ECG_BAD.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x07" * 40)
+        brought_in(stick / "ECG_BAD.dcm")
+        usb_import_watcher(config, outbox).poll()
+        text_in(browser, "#panel-held", DAMAGED_WORDS)
+        save_screenshot(browser, "today-stick-file-refused-360")
+        browser.find_element(by("css"), "[data-stick-file] button").click()  # type: ignore[attr-defined]
+        text_in(browser, "#done-notice", "已记录。请在心电图机上重新导出这份心电图")
+        assert "ECG_BAD.dcm" not in browser.find_element(by("id"), "panel-held").text  # type: ignore[attr-defined]
