@@ -120,7 +120,7 @@ def test_todays_ecg_says_when_it_reached_the_county_and_its_critical_report_live
     assert re.fullmatch(
         r'<p class="error" data-county="report-critical">危急值：县里的报告已于 '
         + CLOCK
-        + rf' 返回。 · <a href="/reports/{report.id}">查看报告</a></p>',
+        + rf' 返回。 <span class="then-link">· <a href="/reports/{report.id}">查看报告</a></span></p>',
         critical,
     ), critical
 
@@ -154,6 +154,6 @@ def test_a_routine_report_back_is_said_with_its_time_and_a_link_not_in_red(
     assert re.fullmatch(
         r'<p class="ok" data-county="report">县里的报告已于 '
         + CLOCK
-        + rf' 返回。 · <a href="/reports/{report.id}">查看报告</a></p>',
+        + rf' 返回。 <span class="then-link">· <a href="/reports/{report.id}">查看报告</a></span></p>',
         line,
     ), line
