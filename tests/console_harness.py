@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.cookiejar
+import json
 import os
 import re
 import ssl
@@ -368,3 +369,18 @@ def printed_jobs(spool: Path) -> list[bytes]:
     """What the stand-in `lp` was given, job by job, in order."""
     jobs = sorted(spool.parent.glob(f"{spool.name}.[0-9]*"), key=lambda p: int(p.suffix[1:]))
     return [job.read_bytes() for job in jobs]
+
+
+def panel_events(client: Client) -> Iterator[dict[str, str]]:
+    """The stream's panel events, as the browser's EventSource gets them."""
+    request = urllib.request.Request(client.base + "/events", headers={"Accept": "text/event-stream"})
+    with client.opener.open(request, timeout=120) as stream:
+        event = ""
+        for raw in stream:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: ") and event == "panel":
+                yield json.loads(line[len("data: ") :])
+            elif not line:
+                event = ""

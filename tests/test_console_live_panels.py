@@ -9,16 +9,13 @@ eyes and the browser tests read stale elements under load.)
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lastmile.console.app import LIVE_PANELS
-from tests.console_harness import Client, console_config, enqueue_ecg, running_console
+from tests.console_harness import Client, console_config, enqueue_ecg, panel_events, running_console
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,21 +26,6 @@ def page_versions(client: Client) -> dict[str, str]:
     reply = client.get("/today")
     assert reply.status == 200, reply.body[:300]
     return dict(PANEL_VERSION.findall(reply.body))
-
-
-def panel_events(client: Client) -> Iterator[dict[str, str]]:
-    """The stream's panel events, as the browser's EventSource gets them."""
-    request = urllib.request.Request(client.base + "/events", headers={"Accept": "text/event-stream"})
-    with client.opener.open(request, timeout=120) as stream:
-        event = ""
-        for raw in stream:
-            line = raw.decode("utf-8").rstrip("\n")
-            if line.startswith("event: "):
-                event = line[len("event: ") :]
-            elif line.startswith("data: ") and event == "panel":
-                yield json.loads(line[len("data: ") :])
-            elif not line:
-                event = ""
 
 
 def test_the_stream_sends_the_versions_the_page_has_until_something_changes(tmp_path: Path) -> None:

@@ -270,6 +270,26 @@ class EcgItemView:
     quality: dict[str, Any] | None  # the stored quality report (issue 13), when the item carries one
     payload_available: bool
     device_clock_wrong: bool = False  # the cart dated it impossibly (clock reset or ahead): set its clock
+    study_uid: str = ""  # the county files its report under it (a purged item's: its sent-study record's)
+    committed_at: dt.datetime | None = None  # the county confirmed it keeps it
+    quarantine_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EcgAtCounty:
+    """Where Today's ECG is on its way to the county, for the one line under it: the doctor with
+    the patient in front of him asks "has the county got it / read it?" (REV-R 4). `where`:
+    "waiting" (not at the county yet: queued, sending or held for the doctor), "refused"
+    (quarantined), "sent" (sent, the county's confirmation to come), "at-county" (confirmed)."""
+
+    where: str
+    link_down_since: dt.datetime | None = None  # "waiting": the reading center's link is down
+    link_refused: bool = False  # "waiting": the reading center refuses this gateway (call the county IT)
+    link_fault_since: dt.datetime | None = None
+    committed_at: dt.datetime | None = None
+    report_id: str = ""  # "at-county" (or "sent"): the county's report on it, when back
+    report_at: dt.datetime | None = None
+    report_critical: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1171,6 +1191,35 @@ class ClinicData:
             quality=quality if isinstance(quality, dict) else None,
             payload_available=item.state not in (ItemState.PURGED, ItemState.QUARANTINED),
             device_clock_wrong=device_clock_wrong(item.meta.get("flags") or ()),
+            study_uid=str(item.meta.get("study_uid") or (study.study_uid if study else "")),
+            committed_at=_t(item.committed_at),
+            quarantine_reason=item.quarantine_reason or "",
+        )
+
+    def ecg_at_county(self, ecg: EcgItemView) -> EcgAtCounty:
+        """Where `ecg` is on its way to the county. Today's live panels are rendered again on
+        every change: one indexed statement at most (the link's status row while it waits; its
+        reports by study, by index, once sent), never the Sent page's list of every report."""
+        if ecg.state == ItemState.QUARANTINED.value:
+            return EcgAtCounty("refused")
+        if ecg.state not in (ItemState.SENT.value, ItemState.COMMITTED.value, ItemState.PURGED.value):
+            status = self.outbox.status(READING_CENTER_STATUS) or {}
+            if status.get("fault"):
+                return EcgAtCounty("waiting", link_refused=True, link_fault_since=_t(status.get("fault_since")))
+            down = reading_center_down(status)
+            return EcgAtCounty("waiting", link_down_since=_t(status.get(LAST_ERROR_AT)) if down else None)
+        where = "sent" if ecg.state == ItemState.SENT.value else "at-county"
+        found = self.report_store.reports(study_uid=ecg.study_uid, current_only=True) if ecg.study_uid else []
+        if not found:
+            return EcgAtCounty(where, committed_at=ecg.committed_at)
+        # an SR and a PDF of one reading are one report back: a critical one speaks for it, else the first
+        report = next((r for r in found if r.critical), min(found, key=lambda r: (r.received_at, r.id)))
+        return EcgAtCounty(
+            where,
+            committed_at=ecg.committed_at,
+            report_id=str(report.id),
+            report_at=report.received_at,
+            report_critical=bool(report.critical),
         )
 
     def ecg_payload(self, item_id: int) -> bytes | None:

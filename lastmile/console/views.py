@@ -81,6 +81,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "held_ecgs": held_ecgs,
         "stick_files": data.refused_stick_files(),
         "ecg": latest,
+        "ecg_at_county": None if latest is None else data.ecg_at_county(latest),
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
         "battery_refresh_s": data.config.ble.battery_refresh_s,
