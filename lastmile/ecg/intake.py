@@ -314,6 +314,17 @@ def id_conflict_comment(flags: Iterable[str], patient_id: str, sex: str, born: s
     )
 
 
+def recording_id_conflict_comment(recording: EcgRecording, config: Config) -> str:
+    """The Patient Comments (`id_conflict_comment`) of a vetted recording (`vetted_patient`) whose
+    file's sex or birth date its resident ID contradicts, as the object built from it goes when
+    nobody answered (the outbox's, `lastmile ecg to-dicom`'s); "" for none."""
+    p = recording.patient
+    if p is None:
+        return ""
+    born = p.birth_date.isoformat() if p.birth_date else ""
+    return id_conflict_comment(recording.flags, p.patient_id, p.sex, born, id_conflict_meta(recording, config))
+
+
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
     """What an ECG held for another name keeps in its meta: both names, for Today's question."""
     if NAME_MISMATCH not in flags:
@@ -403,12 +414,7 @@ def enqueue_recording(
     uids = mint_uids()
     ds = build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
     id_values = id_conflict_meta(recording, config)
-    comment = ""
-    if recording.patient is not None:
-        p = recording.patient
-        comment = id_conflict_comment(
-            recording.flags, p.patient_id, p.sex, p.birth_date.isoformat() if p.birth_date else "", id_values
-        )
+    comment = recording_id_conflict_comment(recording, config)
     if comment:  # the doctor's answer takes it away (`assign_held_ecg`); unanswered, it goes with the study
         ds.PatientComments = comment
     data = deflated_part10(ds)
