@@ -144,3 +144,36 @@ def test_a_patient_name_without_a_patient_id_is_wrong_arguments(tmp_path: Path) 
     wrong = lastmile(config, "ecg", "to-dicom", contec, str(out), "--patient-name", "张三")
     assert wrong.returncode == 2, wrong  # the help: "2  wrong arguments"
     assert "--patient-name needs --patient-id" in wrong.stderr and not out.exists()
+
+
+def test_an_ecg_whose_sex_and_birth_date_its_id_contradicts_written_with_force_says_both(tmp_path: Path) -> None:
+    """A woman born 1971 on a man's resident ID (the previous patient's details left in the cart):
+    held for the doctor; written with --force it went without a word of it, where the gateway,
+    unanswered, sends both in its Patient Comments: now the file carried by hand says the same."""
+    config, out = _config(tmp_path, "cn-resident-id"), tmp_path / "out.dcm"
+    resident_id = "110101196505050017"  # a man born 1965-05-05
+    cart = pydicom.dcmread(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"))
+    cart.PatientID, cart.PatientName, cart.PatientSex, cart.PatientBirthDate = (
+        resident_id,
+        "Li^Jianguo",
+        "F",
+        "19710101",
+    )
+    if "PatientAge" in cart:
+        del cart.PatientAge
+    cart.save_as(tmp_path / "cart.dcm")
+    held = lastmile(config, "ecg", "to-dicom", str(tmp_path / "cart.dcm"), str(out))
+    assert held.returncode == HELD_EXIT and "(patient-id-conflict)" in held.stderr, held.stderr
+    forced = lastmile(config, "ecg", "to-dicom", str(tmp_path / "cart.dcm"), str(out), "--force")
+    assert forced.returncode == 0 and "written anyway (--force)" in forced.stderr, forced.stderr
+    written = pydicom.dcmread(out)
+    assert (written.PatientSex, written.PatientBirthDate) == ("F", "19710101")  # the cart's, as the gateway's
+    assert written.PatientComments == (
+        f"心电图上的性别/出生日期与身份证号不符，医生未确认：心电图上是 女，1971-01-01；身份证号 {resident_id} 是 男，"
+        "1965-05-05。 / The ECG's sex/birth date contradicts the resident ID, not confirmed by the doctor: the ECG "
+        f"says F, 1971-01-01; ID {resident_id} says M, 1965-05-05."
+    )
+    # the doctor's answer (his ID, his details): nothing contradicted, nothing said
+    answered = lastmile(config, "ecg", "to-dicom", str(tmp_path / "cart.dcm"), str(out), "--patient-id", resident_id)
+    assert answered.returncode == 0, answered.stderr
+    assert "PatientComments" not in pydicom.dcmread(out)

@@ -25,7 +25,7 @@ from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import ID_CONFLICT, NAME_MISMATCH, held_ecgs
+from lastmile.ecg.holds import DAMAGED, ID_CONFLICT, NAME_MISMATCH, held_ecgs
 from lastmile.ecg.intake import (
     STAT_NAME_HOLD_S,
     assign_held_ecg,
@@ -37,7 +37,7 @@ from tests.cart_files import arrives_from_the_usb_stick, stored_dataset
 from tests.conftest import shared_file
 from tests.console_harness import Client, console_config, csrf_of, held_ecg_row, running_console
 from tests.lan_cart import lan_receiver, storescu_as_the_cart
-from uploader.outbox import Kind
+from uploader.outbox import Hold, ItemState, Kind
 
 RESIDENT_ID = "110101196505050017"  # a man born 1965-05-05
 OTHER_ID = "110101198001010010"  # a man born 1980-01-01
@@ -424,3 +424,93 @@ def test_an_ecg_nobody_answers_for_its_id_goes_with_the_contradiction_in_its_pat
     problems = dciodvfy_problems(_explicit(forwarded))
     del forwarded.PatientComments
     assert problems == dciodvfy_problems(_explicit(forwarded))  # the comment adds none to the cart's object
+
+
+def _cut_lan_ecg_held(config: Config, tmp_path: Path, **cart: str) -> int:
+    """The cart's file (`_cart_file`'s `cart` values) cut short inside its annotations
+    (`_cut_inside_its_annotations`), sent over the LAN as it is while 李建国 is checked in: kept
+    as the cart wrote it, held. Its item."""
+    from uploader.dicom_association import PeerSettings
+    from uploader.dicom_store import StoreAssociation
+
+    cut = _cut_inside_its_annotations(_cart_file(tmp_path, **cart))
+    with open_outbox(config) as outbox:
+        with lan_receiver(
+            outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=config.patient.unassigned_ecg_hold_s
+        ) as receiver:
+            peer = PeerSettings("127.0.0.1", receiver.port, "LASTMILE", "CART1", timeout_s=30.0, deflate=False)
+            with StoreAssociation(peer) as sending:
+                assert sending.store(cut).status == 0
+        (item,) = outbox.items(kind=Kind.DICOM)
+        assert item.held(time.time()) and outbox.read_payload(item).endswith(cut[-64:])
+    return item.id
+
+
+@pytest.mark.parametrize(
+    ("cart", "answer", "fields"),
+    [
+        # "it is his": under 李建国, in characters: the cart's text read again to be written in UTF-8
+        ({"sex": "M", "birth": "19650505"}, "/today/ecg/{item}/checked-in-name", {}),
+        # his number typed in the assign form, on one whose F/1971 his ID contradicts too
+        ({}, "/today/assign-ecg", {"patient_id": RESIDENT_ID}),
+    ],
+)
+def test_a_held_lan_ecg_cut_short_is_set_aside_and_the_doctor_told_to_record_it_again(
+    clinic: tuple[Config, ConsoleServer, Client],
+    tmp_path: Path,
+    cart: dict[str, str],
+    answer: str,
+    fields: dict[str, str],
+) -> None:
+    """A cart's ECG cut short (kept as the cart wrote it) held for another name, Wang Fang, on
+    李建国's ID: the doctor's answer could not be written into it, the assign worker crashed on
+    pydicom's error, and Today said "try again", then "contact the county IT", every time, and at
+    the hold's end it went as the cart made it: under the name he had said is not its patient's.
+    Now Today says the file is damaged and to record the ECG again; it is set aside (kept, never
+    sent), and a second answer is no "try again"."""
+    config, _, doctor = clinic
+    item_id = _cut_lan_ecg_held(config, tmp_path, name="Wang^Fang", **cart)
+    path = answer.format(item=item_id)
+    fields = {"item_id": str(item_id), **fields} if "{item}" not in answer else fields
+    page = doctor.get("/today").body
+    assert held_ecg_row(page, item_id)
+    with open_outbox(config) as outbox:
+        assert (outbox.get(item_id) or pytest.fail("kept")).hold_reason == NAME_MISMATCH
+    reply = doctor.post(path, {"csrf": csrf_of(page), **fields})
+    assert reply.status == 303 and "done=assign-damaged" in reply.location, (reply.status, reply.location)
+    said = doctor.get(reply.location).body
+    assert "心电图机发来的这份心电图文件已损坏（不完整），网关无法更改它是谁的。它已被搁置，不会发送。" in said
+    assert "请为正确的患者重新做心电图" in said and "请再试一次" not in said
+    assert f'data-held-ecg="{item_id}"' not in said  # no longer asked
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.state == ItemState.QUARANTINED and item.quarantine_reason
+        assert item.quarantine_reason.startswith(DAMAGED), item.quarantine_reason
+        assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # never sent under the cart's patient
+    again = doctor.post(path, {"csrf": csrf_of(said), **fields})  # a second tab's answer
+    assert again.status == 303 and "done=too-late" in again.location, again.location
+
+
+def test_a_held_lan_ecg_pydicom_cannot_read_whose_name_is_right_goes_as_the_cart_wrote_it(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path
+) -> None:
+    """ "Wang Fang is right" on a held cart object pydicom cannot read at all (cut in its Waveform
+    Annotation Sequence's own length, as stored; the receiver refuses such a one today, an older
+    gateway's item may be one): the object says so already, nothing is to be written into it. It
+    was "try again" every time; now it goes as the cart wrote it, not set aside, the check-in's
+    name corrected."""
+    config, _, doctor = clinic
+    item_id = _cut_lan_ecg_held(config, tmp_path, name="Wang^Fang", sex="M", birth="19650505")
+    with open_outbox(config) as outbox:
+        held = outbox.get(item_id) or pytest.fail("kept")
+        stored = outbox.read_payload(held)
+        annotations = stored.find(b"\x40\x00\x20\xb0SQ")  # (0040,B020)
+        unreadable = stored[: annotations + 8 + 1]  # 1 of its length's 4 bytes
+        assert outbox.replace_held_payload(item_id, unreadable, time.time(), hold=Hold(NAME_MISMATCH, held.hold_until))
+    page = doctor.get("/today").body
+    reply = doctor.post(f"/today/ecg/{item_id}/name-right", {"csrf": csrf_of(page)})
+    assert reply.status == 303 and "done=name-corrected" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+        assert item is not None and item.hold_until is None and item.state == ItemState.QUEUED
+        assert outbox.read_payload(item) == unreadable and NAME_MISMATCH not in item.meta["flags"]

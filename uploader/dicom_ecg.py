@@ -1033,8 +1033,12 @@ def recording_to_dicom_bytes(
     created_at: dt.datetime | None = None,
     request: StudyRequest | None = None,
     quality: QualityReport | None = None,
+    patient_comments: str = "",
 ) -> bytes:
-    """Build, check and encode: the bytes to store, or InvalidObjectError."""
+    """Build, check and encode: the bytes to store, or InvalidObjectError. `patient_comments`:
+    what the reader must know of the patient (0010,4000), "" for none."""
     ds = build_ecg_dataset(recording, uids, station, created_at=created_at, request=request, quality=quality)
+    if patient_comments:  # in UTF-8, as every object built here
+        ds.PatientComments = patient_comments
     check_ecg_iod(ds)
     return encode_dataset(ds)

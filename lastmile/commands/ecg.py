@@ -238,7 +238,15 @@ def _to_dicom(args: argparse.Namespace) -> int:
 
     from devices.errors import DeviceError
     from lastmile.commands.common import config_from_args
-    from lastmile.ecg.intake import clinic_patient, read_ecg_file, session_request, station_of, vetted_patient
+    from lastmile.ecg.holds import ID_CONFLICT_FLAGS
+    from lastmile.ecg.intake import (
+        clinic_patient,
+        read_ecg_file,
+        recording_id_conflict_comment,
+        session_request,
+        station_of,
+        vetted_patient,
+    )
     from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
     from uploader.errors import UploadError
 
@@ -268,7 +276,10 @@ def _to_dicom(args: argparse.Namespace) -> int:
             recording = dataclasses.replace(
                 recording, flags=(*recording.flags, f"patient-overridden:file-named-{named.patient_id}")
             )
-        recording = dataclasses.replace(recording, patient=patient)
+        # the doctor's patient (the sex and birth date its resident ID gives): the file's
+        # contradiction is answered, as `patient assign` answers it (`answered_flags`)
+        answered = tuple(f for f in recording.flags if f not in ID_CONFLICT_FLAGS)
+        recording = dataclasses.replace(recording, patient=patient, flags=answered)
     if args.stat:
         recording = dataclasses.replace(recording, stat=True)
     recording, checked_in = _as_forwarded(recording, config, doctor_named=bool(args.patient_id))
@@ -285,7 +296,13 @@ def _to_dicom(args: argparse.Namespace) -> int:
     request = session_request(args.doctor, reason=args.reason)
     try:
         data = recording_to_dicom_bytes(
-            recording, mint_uids(), station_of(config), request=request, quality=held.quality
+            recording,
+            mint_uids(),
+            station_of(config),
+            request=request,
+            quality=held.quality,
+            # a sex or birth date its resident ID contradicts: said to the reader, as the gateway sends it unanswered
+            patient_comments=recording_id_conflict_comment(recording, config),
         )
         sop_class = choose_sop_class(recording)
     except UploadError as exc:

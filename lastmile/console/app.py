@@ -65,6 +65,7 @@ from lastmile.console.sources import (
     CountyLink,
     EcgAssigned,
     EcgAssignFailed,
+    EcgDamaged,
     county_row,
     person_name,
     row_number,
@@ -1283,6 +1284,8 @@ async def assign_ecg(request: Request) -> Response:
             assigned = data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
         except EcgAssignFailed as exc:
             return assign_failed(exc)  # still held: not "too late", which would make him stop trying
+        except EcgDamaged:
+            return "assign-damaged"  # set aside: record it again, not "try again"
         if assigned is None:
             return "too-late"
         return assigned_to(assigned.patient, waits_for_quality=assigned.waits_for_quality)
@@ -1345,7 +1348,7 @@ def held_for_name_answer(
     """The doctor's answer on an ECG held for its name (/today/ecg/N/...): `decide` (the user, the
     ECG, now) does it, Today says `said` of what it did; "too-late" when the ECG is no longer held
     for its name (sent already, or decided on another screen); "assign-failed" when it could not be
-    done and still waits."""
+    done and still waits; "assign-damaged" when the cart's file could not carry it (set aside)."""
 
     async def answer(request: Request) -> Response:
         def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> Done:
@@ -1354,6 +1357,8 @@ def held_for_name_answer(
                 assigned = decide(state_of(request).data, ctx.user, item_id, now)
             except EcgAssignFailed as exc:
                 return assign_failed(exc)
+            except EcgDamaged:
+                return "assign-damaged"
             return "too-late" if assigned is None else said(assigned)
 
         return await today_action(request, action)

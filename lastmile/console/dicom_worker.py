@@ -8,7 +8,7 @@ short-lived child, through the very functions the commands use:
 - {"job": "assign-ecg", ...}: `lastmile patient assign E<n>` (`lastmile.ecg.intake.assign_held_ecg`);
   answers what it did - {"item": ..., "patient": the patient the ECG now carries, "waits_for_quality":
   still held for its 're-record' verdict} - or {"error": ...} (with "storage_full": true when there
-  was no room for it).
+  was no room for it, "damaged": true when the cart's file could not carry the answer: set aside).
 - {"job": "report-document", "source": ..., "data": base64}: the document (PDF) a stored report
   carries, as `lastmile report print` finds it; answers {"document": base64 | null, "type": ...}.
 The exit code is 0 either way (1 only for a crash).
@@ -51,7 +51,7 @@ def patient_from_json(p: Mapping[str, Any]) -> Patient:
 
 def assign_ecg(job: dict[str, Any]) -> dict[str, Any]:
     from lastmile.ecg.holds import QUALITY_HOLD
-    from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
+    from lastmile.ecg.intake import DamagedEcgError, HeldEcgError, assign_held_ecg
     from uploader.errors import OutboxFullError
     from uploader.outbox import Outbox, is_storage_full
 
@@ -64,6 +64,8 @@ def assign_ecg(job: dict[str, Any]) -> dict[str, Any]:
             )
         finally:
             outbox.close()
+    except DamagedEcgError as exc:  # set aside: the doctor records it again (not "try again", not "too late")
+        return {"error": str(exc), "damaged": True}
     except HeldEcgError as exc:
         return {"error": str(exc)}
     except (OutboxFullError, sqlite3.OperationalError) as exc:

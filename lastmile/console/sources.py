@@ -125,6 +125,12 @@ class EcgAssignFailed(Exception):
         self.again = again
 
 
+class EcgDamaged(Exception):
+    """The held ECG's file from the cart is damaged: the doctor's answer could not be written into
+    it, and it was set aside, never sent (`lastmile.ecg.holds.DamagedEcgError`). He records it
+    again for the right patient; trying the answer again would change nothing."""
+
+
 _ID_PROBLEMS = {
     "length": N_("A resident ID has 18 characters: 17 digits and a check character (0-9 or X). Check the number."),
     "check-character": N_(
@@ -1278,12 +1284,15 @@ class ClinicData:
     ) -> Iterator[dict[str, object]]:
         """Audit the doctor's answer on held ECG `item_id` once it is done, into the detail the
         body fills ("done" ...): an answer the assign worker failed (EcgAssignFailed) is audited
-        too, marked "failed"."""
+        too, marked "failed", and one the ECG's damaged file could not carry (EcgDamaged), "damaged"."""
         detail: dict[str, object] = {"item": item_id, "done": False}
         try:
             yield detail
         except EcgAssignFailed:
             detail["failed"] = True
+            raise
+        except EcgDamaged:
+            detail["damaged"] = True  # set aside, not sent
             raise
         finally:
             self.audit.record(user, action, now=now, target=target, detail=detail)

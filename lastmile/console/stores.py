@@ -25,6 +25,7 @@ from lastmile.console.dicom_worker import patient_from_json, patient_json
 from lastmile.console.sources import (
     EcgAssigned,
     EcgAssignFailed,
+    EcgDamaged,
     HeldEcg,
     ReportView,
     person_name,
@@ -252,6 +253,9 @@ class OutboxHeldEcgs:
         result = run_worker(job, self.worker)
         if result.get("storage_full"):
             raise OutboxFullError(str(result["error"]))  # the console answers "storage full"
+        if result.get("damaged"):
+            self._failed_items.discard(item_id)
+            raise EcgDamaged(str(result["error"]))  # set aside: the doctor records it again
         if "error" in result:
             log.info("held ECG E%d not assigned: %s", item_id, result["error"])
             # a worker that failed says nothing of the ECG: "too late" only if it is really gone

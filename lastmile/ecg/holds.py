@@ -33,6 +33,8 @@ DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD, NAME_MISMATCH, 
 LAN_SOURCE_FORMAT = "dicom-lan"
 ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"  # an item's flag: the doctor gave it its patient
 RE_RECORDED = "recorded again at the gateway: the doctor kept this ECG from being sent"  # its quarantine reason
+# a cart's object the doctor's answer could not be written into (`DamagedEcgError`): its quarantine reason
+DAMAGED = "damaged: the cart's file could not be changed to the patient the doctor gave; set aside, not sent"
 
 
 # An item held for the doctor at the first parameter (now), then DOCTOR_HOLDS: 1 or 0, never NULL
@@ -99,6 +101,13 @@ class HeldEcgError(LookupError):
     """The ECG cannot be assigned (unknown, not an ECG, or already sent); the message says why."""
 
 
+class DamagedEcgError(HeldEcgError):
+    """A cart's ECG the doctor's answer cannot be written into: its file is damaged (cut short, an
+    element pydicom cannot read or write back). It was set aside (quarantined, DAMAGED), not sent:
+    under the patient the cart wrote, it would go as the one the doctor just said it is not; he
+    records it again for the right patient."""
+
+
 def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
     """ECGs waiting for the doctor (unassigned, naming another patient or another name, or to be
     recorded again): STAT ones first (an urgent read waits on the doctor's answer), then oldest
@@ -139,13 +148,14 @@ def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") 
     return released
 
 
-def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
-    """The doctor recorded again: this one is never sent. It is kept, quarantined with the reason
-    (`lastmile retry E<n>` would still send it), never deleted: it is patient data."""
+def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "", why: str = RE_RECORDED) -> OutboxItem:
+    """The doctor recorded again (`why`: another reason it is set aside): this one is never sent.
+    It is kept, quarantined with the reason (`lastmile retry E<n>` would still send it), never
+    deleted: it is patient data."""
     item = held_ecg(outbox, item_id, now)
-    reason = RE_RECORDED + (f" ({by})" if by else "")
+    reason = why + (f" ({by})" if by else "")
     outbox.quarantine(item_id, reason, now)
-    log.info("held ECG E%d (%s) discarded: recorded again", item_id, item.hold_reason)
+    log.info("held ECG E%d (%s) discarded: %s", item_id, item.hold_reason, why)
     discarded = outbox.get(item_id)
     assert discarded is not None
     return discarded

@@ -52,10 +52,8 @@ from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
 from lastmile.config import Config, EcgSection
 from lastmile.ecg.holds import ASSIGNED_BY_DOCTOR as ASSIGNED_BY_DOCTOR  # re-exported: its users' import
-from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
-    DOCTOR_HOLDS as DOCTOR_HOLDS,
-)
 from lastmile.ecg.holds import (
+    DAMAGED,
     ID_CONFLICT,
     ID_CONFLICT_FLAGS,
     LAN_SOURCE_FORMAT,
@@ -63,7 +61,11 @@ from lastmile.ecg.holds import (
     PATIENT_MISMATCH,
     QUALITY_HOLD,
     UNASSIGNED_HOLD,
+    DamagedEcgError,
     HeldEcgError,
+)
+from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
+    DOCTOR_HOLDS as DOCTOR_HOLDS,
 )
 from lastmile.ecg.holds import discard_held_ecg as discard_held_ecg
 from lastmile.ecg.holds import held_ecgs as held_ecgs
@@ -312,6 +314,17 @@ def id_conflict_comment(flags: Iterable[str], patient_id: str, sex: str, born: s
     )
 
 
+def recording_id_conflict_comment(recording: EcgRecording, config: Config) -> str:
+    """The Patient Comments (`id_conflict_comment`) of a vetted recording (`vetted_patient`) whose
+    file's sex or birth date its resident ID contradicts, as the object built from it goes when
+    nobody answered (the outbox's, `lastmile ecg to-dicom`'s); "" for none."""
+    p = recording.patient
+    if p is None:
+        return ""
+    born = p.birth_date.isoformat() if p.birth_date else ""
+    return id_conflict_comment(recording.flags, p.patient_id, p.sex, born, id_conflict_meta(recording, config))
+
+
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
     """What an ECG held for another name keeps in its meta: both names, for Today's question."""
     if NAME_MISMATCH not in flags:
@@ -401,12 +414,7 @@ def enqueue_recording(
     uids = mint_uids()
     ds = build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
     id_values = id_conflict_meta(recording, config)
-    comment = ""
-    if recording.patient is not None:
-        p = recording.patient
-        comment = id_conflict_comment(
-            recording.flags, p.patient_id, p.sex, p.birth_date.isoformat() if p.birth_date else "", id_values
-        )
+    comment = recording_id_conflict_comment(recording, config)
     if comment:  # the doctor's answer takes it away (`assign_held_ecg`); unanswered, it goes with the study
         ds.PatientComments = comment
     data = deflated_part10(ds)
@@ -546,10 +554,58 @@ def assign_lan_object(
     written into the object, as the cart sent it (its transfer syntax, its UIDs: a resend is the
     same instance); the cart's name is kept in Other Patient Names, its ID, if another, in Other
     Patient IDs (`with_patient_id`). Another ID, or the same ID under another name than the
-    cart's (`given_another_name`), gets none of the cart's birth date and sex: only `patient`'s."""
+    cart's (`given_another_name`), gets none of the cart's birth date and sex: only `patient`'s.
+    An object pydicom cannot read or write back (the cart's file cut short, kept as written at
+    intake, `as_forwarded`) cannot carry the answer: it is set aside, never sent (DamagedEcgError:
+    sent as the cart wrote it, it would go as the patient the doctor just said it is not, next to
+    the one he records again) - unless his answer is "its name is right", which it says already."""
+    received = outbox.read_payload(item)
+    ds: Dataset | None = None
+    try:
+        ds, id_still_open, own_details, written = answer_written(item, patient, received)
+    except Exception as exc:  # the cart's own malformed elements: its object cannot carry the answer
+        if file_name_confirmed(item, patient) and not item.meta.get("id_conflict_comment"):
+            # "its name is right": the cart's object says it already, nothing of ours in it to take out
+            log.warning("held LAN ECG E%d not readable (%s): its name confirmed, it goes as written", item.id, exc)
+            id_still_open, own_details, written = id_conflict(item.meta.get("flags", [])), False, received
+        else:
+            log.warning("held LAN ECG E%d not rewritten (%s): set aside, not sent", item.id, exc)
+            discard_held_ecg(outbox, item.id, now.timestamp(), by=by, why=DAMAGED)
+            raise DamagedEcgError(
+                f"ECG E{item.id}: the cart's file is damaged ({type(exc).__name__}), it cannot be given patient "
+                f"{patient.patient_id}: it was set aside, not sent (see 'lastmile queue'); record the ECG again"
+            ) from exc
+    keep = hold_after_answer(item, id_still_open, now)
+    received_sha256 = item.meta.get("received_sha256") or item.sha256  # the cart's resend of its own bytes is this item
+    meta = {**item.meta, "flags": answered_flags(item, id_still_open), "received_sha256": received_sha256}
+    kept = item.patient or {}
+    fields = {
+        "patient_id": patient.patient_id,
+        "name": str(ds.PatientName) if ds is not None else kept.get("name", ""),
+        "issuer": str(ds.get("IssuerOfPatientID", "") or "") if ds is not None else kept.get("issuer", ""),
+        "sex": (patient.sex or "") if own_details else kept.get("sex", ""),
+        "birth_date": (
+            (patient.birth_date.isoformat() if patient.birth_date else None) if own_details else kept.get("birth_date")
+        ),
+    }
+    if not outbox.replace_held_payload(
+        item.id, written, now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
+    ):
+        raise HeldEcgError(f"ECG E{item.id} was claimed for sending or assigned meanwhile: see 'lastmile patient show'")
+    log.info("held LAN ECG E%d given its patient%s and released", item.id, f" by {by}" if by else "")
+    updated = outbox.get(item.id)
+    assert updated is not None
+    return updated
+
+
+def answer_written(item: OutboxItem, patient: Patient, received: bytes) -> tuple[Dataset, bool, bool, bytes]:
+    """The cart's object `received` (held item `item`) with the doctor's answer `patient` written
+    in (`assign_lan_object`): its data set, whether the ID's question is still open, whether it
+    carries `patient`'s own birth date and sex, and its bytes. Raises what pydicom raises for an
+    object it cannot read or write back."""
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+    ds = pydicom.dcmread(io.BytesIO(received))
     cart_name = str(ds.get("PatientName", "") or "")
     other_id = patient.patient_id != str(ds.get("PatientID", "") or "")
     if other_id:
@@ -577,27 +633,7 @@ def assign_lan_object(
         without_comment(ds, str(item.meta.get("id_conflict_comment") or ""))
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
-    keep = hold_after_answer(item, id_still_open, now)
-    received = item.meta.get("received_sha256") or item.sha256  # the cart's resend of its own bytes is this item
-    meta = {**item.meta, "flags": answered_flags(item, id_still_open), "received_sha256": received}
-    kept = item.patient or {}
-    fields = {
-        "patient_id": patient.patient_id,
-        "name": str(ds.PatientName),
-        "issuer": str(ds.get("IssuerOfPatientID", "") or ""),
-        "sex": (patient.sex or "") if own_details else kept.get("sex", ""),
-        "birth_date": (
-            (patient.birth_date.isoformat() if patient.birth_date else None) if own_details else kept.get("birth_date")
-        ),
-    }
-    if not outbox.replace_held_payload(
-        item.id, out.getvalue(), now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
-    ):
-        raise HeldEcgError(f"ECG E{item.id} was claimed for sending or assigned meanwhile: see 'lastmile patient show'")
-    log.info("held LAN ECG E%d given its patient%s and released", item.id, f" by {by}" if by else "")
-    updated = outbox.get(item.id)
-    assert updated is not None
-    return updated
+    return ds, id_still_open, own_details, out.getvalue()
 
 
 def answered_flags(item: OutboxItem, id_still_open: bool) -> list[str]:
