@@ -134,3 +134,22 @@ def test_patient_show_says_what_the_refused_file_named(clinic: Clinic, capsys: p
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  E")}
     assert "its file names 110101196505050016 李建国, but that patient ID is refused" in lines[f"E{clinic.mistyped}"]
     assert "names no patient" in lines[f"E{clinic.nameless}"], lines
+
+
+def test_the_refused_files_words_are_read_whole_on_a_phone(clinic: Clinic, browser: object) -> None:
+    """The row on a 360x800 phone (screenshot: today-held-refused-id-phone): what the cart wrote,
+    its ID unbroken, within the screen; the Assign box empty."""
+    from tests.console_browser import by, log_in, save_screenshot, set_viewport, text_in
+
+    set_viewport(browser, (360, 800))
+    log_in(browser, clinic.server)
+    text_in(browser, "#panel-held", "心电图机上写的是")
+    row = browser.find_element(by("css"), f'#panel-held li[data-held-ecg="{clinic.mistyped}"]')  # type: ignore[attr-defined]
+    said = row.find_element(by("css"), "[data-file-id-refused]")
+    browser.execute_script("arguments[0].scrollIntoView()", row)  # type: ignore[attr-defined]
+    save_screenshot(browser, "today-held-refused-id-phone")
+    width = browser.execute_script("return document.documentElement.clientWidth")  # type: ignore[attr-defined]
+    box = said.rect
+    assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"off the screen: {box}"
+    assert "110101196505050016" in said.text.replace("\n", "")
+    assert row.find_element(by("css"), f"#assign-ecg-{clinic.mistyped}").get_attribute("value") == ""
