@@ -568,7 +568,7 @@ def _show(args: argparse.Namespace) -> int:
             acquired = item.meta.get("acquired_at")
             when = _local(dt.datetime.fromisoformat(acquired)) if acquired else "-"
             why = {
-                "unassigned": "names no patient",
+                "unassigned": _unassigned_why(item),
                 "re-record": "quality check says record again",
                 "patient-id-conflict": (
                     f"gives sex {(item.patient or {}).get('sex') or '-'}, born {(item.patient or {}).get('birth_date') or '-'}, "
@@ -596,6 +596,16 @@ def _show(args: argparse.Namespace) -> int:
         user = "" if o.device_user is None else f" (user {o.device_user})"
         print(f"  #{i:<5d} {_local(o.measured_at)}  {o.kind:18s} {summary(o):36s} {o.device.label()}{user}")
     return 0
+
+
+def _unassigned_why(item: OutboxItem) -> str:
+    """Why an ECG held with no patient has none: its file named none, or named one under a patient ID
+    refused (`lastmile.ecg.intake.refused_patient_meta`: what the cart wrote, never lost)."""
+    if "file_patient_id_problem" not in item.meta:
+        return "names no patient"
+    named = " ".join(str(item.meta.get(key) or "") for key in ("file_patient_id", "file_patient_name")).strip()
+    problem = item.meta.get("file_patient_id_problem") or "not valid"
+    return f"its file names {named or '?'}, but that patient ID is refused ({problem}): check it, whose is it?"
 
 
 def _held_patient_id(item: OutboxItem) -> str:

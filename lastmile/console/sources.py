@@ -525,7 +525,8 @@ class HeldEcg:
     patient_id: str = ""
     patient_name: str = ""
     quality_verdict: str = ""
-    # unassigned and recorded during the current check-in: its Assign box offers that patient
+    # recorded during the current check-in, whatever it is held for: Today says when it was
+    # recorded truthfully; only an unassigned one that names nobody offers that patient (`offers_checked_in`)
     during_check_in: bool = False
     stat: bool = False  # urgent: Today shows it first
     checked_in_name: str = ""  # held "name-mismatch": the name the check-in gave `patient_id`
@@ -537,6 +538,26 @@ class HeldEcg:
     file_birth_date: str = ""
     id_sex: str = ""
     id_birth_date: str = ""
+    # held "unassigned" because its file's patient ID was refused (`lastmile.ecg.intake.refused_patient_meta`):
+    # the ID and name as the cart wrote them, and the rule the ID broke ("check-character", "length", ...)
+    id_refused: bool = False
+    refused_id: str = ""
+    refused_name: str = ""
+    refused_id_problem: str = ""
+
+    @property
+    def offers_checked_in(self) -> bool:
+        """Its Assign box comes with the checked-in patient's ID typed in: an ECG that names nobody,
+        recorded during his check-in. Never one whose file named someone (another patient, or an ID
+        refused): one tap would put that person's ECG under the patient checked in."""
+        return self.during_check_in and self.reason == "unassigned" and not self.id_refused
+
+    @property
+    def refused_who(self) -> str:
+        """Whom its refused file named, as the cart wrote it: "李建国 110101196505050016" (the name
+        when it is one, `no_name`), for Today's "the ECG machine says ..."."""
+        name = person_name(self.refused_name) if not no_name(self.refused_name) else ""
+        return " ".join(part for part in (name, self.refused_id) if part)
 
     @property
     def names_someone(self) -> bool:
@@ -1239,11 +1260,9 @@ class ClinicData:
             return None
 
     def held_ecgs(self, now: dt.datetime, session: SessionView | None = None) -> list[HeldEcg]:
-        """The held ECGs, each saying whether it is unassigned and recorded during `session`."""
-        return [
-            replace(h, during_check_in=h.reason == "unassigned" and during_check_in(session, h.recorded_at))
-            for h in self._held_now(now)
-        ]
+        """The held ECGs, each saying whether it was recorded during `session` (for every reason:
+        one of another patient recorded during the visit is not "from before it")."""
+        return [replace(h, during_check_in=during_check_in(session, h.recorded_at)) for h in self._held_now(now)]
 
     def _held_now(self, now: dt.datetime) -> list[HeldEcg]:
         """The held ECGs, one held for its name naming its ID as the session knows it now

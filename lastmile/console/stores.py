@@ -36,6 +36,7 @@ from lastmile.ecg.holds import (
     ASSIGNED_BY_DOCTOR,
     DOCTOR_HOLDS,
     QUALITY_HOLD,
+    UNASSIGNED_HOLD,
     HeldEcgError,
     discard_held_ecg,
     held_ecgs,
@@ -204,7 +205,21 @@ def held_view(item: OutboxItem) -> HeldEcg:
         file_birth_date=str(patient.get("birth_date") or ""),
         id_sex=str(item.meta.get("id_sex") or ""),
         id_birth_date=str(item.meta.get("id_birth_date") or ""),
+        **(_refused_patient(item) if item.hold_reason == UNASSIGNED_HOLD else {}),
     )
+
+
+def _refused_patient(item: OutboxItem) -> dict[str, Any]:
+    """What the file of an ECG held with no patient said, when its patient ID was refused
+    (`lastmile.ecg.intake.refused_patient_meta`); {} for a file that named nobody."""
+    if "file_patient_id_problem" not in item.meta:
+        return {}
+    return {
+        "id_refused": True,
+        "refused_id": str(item.meta.get("file_patient_id") or ""),
+        "refused_name": str(item.meta.get("file_patient_name") or ""),
+        "refused_id_problem": str(item.meta.get("file_patient_id_problem") or ""),
+    }
 
 
 def _assigned_already(item: OutboxItem | None, patient: Patient, now_s: float) -> EcgAssigned | None:

@@ -332,6 +332,26 @@ def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: st
     return {"file_patient_name": file_name, "checked_in_name": checked_in_name}
 
 
+def refused_patient_meta(flags: Iterable[str], written: Patient | None, config: Config) -> dict[str, str]:
+    """What an ECG whose file's patient ID was refused (`vetted_patient`: no patient, so held
+    "unassigned") keeps of its file: the name and ID as the cart wrote them, and the rule the ID
+    broke (InvalidPatientIdError.reason). Today says them ("the ECG machine says 李建国 ...: its check
+    digit is wrong") and offers nobody: without them the row read "no patient", the checked-in
+    patient's ID typed in its Assign box, and one tap put another person's ECG under him."""
+    if written is None or PATIENT_ID_REFUSED not in flags:
+        return {}
+    try:
+        kept_patient_id(written.patient_id, config.patient.id_kind)
+        problem = ""
+    except InvalidPatientIdError as exc:
+        problem = exc.reason
+    return {
+        "file_patient_id": " ".join(written.patient_id.split()),
+        "file_patient_name": written.name.strip(),
+        "file_patient_id_problem": problem,
+    }
+
+
 def patient_fields(recording: EcgRecording) -> dict | None:
     p = recording.patient
     if p is None:
@@ -396,11 +416,14 @@ def enqueue_recording(
     created_at: dt.datetime | None = None,
     request: StudyRequest | None = None,
     checked_in_name: str = "",
+    file_patient: Patient | None = None,
 ) -> AddResult:
     """Build the DICOM object for `recording` and make it durable in the outbox under `key`
     (held for the doctor when its patient must be settled, see `hold_for`). `checked_in_name`:
     the name the check-in gave the file's ID, kept with an ECG held for another name (Today says
-    both, and "it is his" sends it under this one).
+    both, and "it is his" sends it under this one). `file_patient`: the patient as the file wrote
+    it, for a `recording` its caller vetted already (`file_enqueuer`): one refused is kept in the
+    meta (`refused_patient_meta`).
 
     Idempotent: a key already in the outbox returns the existing item and builds nothing.
     """
@@ -409,6 +432,7 @@ def enqueue_recording(
         return AddResult(item=existing, created=False)
     now = time.time() if now is None else now
     request = request or StudyRequest()
+    written = file_patient or recording.patient
     recording = vetted_patient(recording, config)
     quality = quality_of(recording, config)
     uids = mint_uids()
@@ -437,6 +461,7 @@ def enqueue_recording(
         quality=quality.to_json() if quality is not None else None,
         quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
+        **refused_patient_meta(recording.flags, written, config),
         **name_mismatch_meta(recording.flags, recording.patient.name if recording.patient else "", checked_in_name),
         **id_values,
         **({"id_conflict_comment": comment} if comment else {}),
@@ -808,6 +833,7 @@ def file_enqueuer(
 
     def enqueue(recording: EcgRecording, key: str) -> bool:
         current, session = session_now(current_patient_ids, stat_session)
+        written = recording.patient
         recording = vetted_patient(recording, config)
         patient_id = recording.patient.patient_id if recording.patient else None
         known = checked_in_name(patient_id) if patient_id is not None and patient_id in current else ""
@@ -820,7 +846,7 @@ def file_enqueuer(
             recording = dataclasses.replace(recording, stat=True)
         try:
             return enqueue_recording(
-                outbox, recording, config, key=key, request=request(), checked_in_name=known
+                outbox, recording, config, key=key, request=request(), checked_in_name=known, file_patient=written
             ).created
         except InvalidObjectError as exc:
             raise FileRefused(f"cannot become a DICOM ECG: {exc}") from None
