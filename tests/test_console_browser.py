@@ -828,7 +828,8 @@ def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> No
         assert [c.get_attribute("data-report") for c in cards] == [str(critical_id), str(routine_id)]
         assert ["critical" in c.get_attribute("class") for c in cards] == [True, False]
         assert all("unread" in c.get_attribute("class") for c in cards)
-        assert "Acute ST segment elevation" in cards[0].text  # why it is critical, on the card
+        # why it is critical, on the card, in Chinese (the code and the county's English: the report page's details)
+        assert "所见：急性ST段抬高型心肌梗死" in cards[0].text and "Acute" not in cards[0].text, cards[0].text
         assert "发送时心电图质量：合格" in cards[0].text  # the ECG's quality when it was sent (issue 14)
         set_viewport(browser, TABLET)
         save_screenshot(browser, "reports-real-store-tablet")
