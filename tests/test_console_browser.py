@@ -667,7 +667,6 @@ def test_the_whole_report_in_chinese_on_a_phone(browser: object, tmp_path: Path)
             text = text_of(browser, "pre.report-text")
             for chinese in (
                 "已更正：替代之前的 1 份报告",
-                "危急值：",
                 "心率：（无数值）",
                 "诊断医生：李明",
                 "无法读取：",
@@ -679,14 +678,58 @@ def test_the_whole_report_in_chinese_on_a_phone(browser: object, tmp_path: Path)
                 "诊断意见：急性前壁心肌梗死，危急值，请立即转诊" in text
             )  # DCM 121073 in Chinese, the words as written
             reason = text_of(browser, ".report-full > p strong")
-            assert "关键词“危急值”" in reason  # why critical, in Chinese
-            # the coded reason in Chinese; its code (for a county technician) apart, muted
+            assert "县里报告写明“危急值”" in reason  # why critical, in Chinese
+            # the coded reason in Chinese; its code (for a county technician) folded away apart
             assert "所见：急性ST段抬高型心肌梗死" in reason and "SCT" not in reason, reason
-            assert "SCT 401303003" in text_of(browser, ".report-full > p .reason-code")
-            assert "观察者类型：" in text and "Observer Type" not in text, text  # DICOM's headings in Chinese
+            code = browser.find_element(by("css"), ".report-full > details.reason-code span")
+            assert "SCT 401303003" in (code.get_attribute("textContent") or "")
+            assert "所见" in text and "Findings" not in text, text  # DICOM's headings in Chinese
             save_screenshot(browser, "report-whole-text-zh-phone")
         finally:
             set_viewport(browser, TABLET)
+
+
+def test_a_critical_report_prints_as_a_patient_may_read_it_its_codes_for_the_technician(
+    browser: object, tmp_path: Path
+) -> None:
+    """REV-R finding 6: the zh-CN report page and its printout said "SCT 401303003 · Acute ST segment
+    elevation myocardial infarction" and the keyword "in: Impression: ...", and the paper repeated
+    the whole report under 报告全文 with "==========" and "Observer Type: Person" (in Chinese). The code and the
+    county's English are now the technician's, folded away and never printed."""
+    from lastmile.demo.cardiologist import STEMI, ecg_report_sr, part10
+    from lastmile.reports.store import ReportStore, SentStudy
+    from tests.report_samples import RULES, STUDY
+    from uploader.report_reading import read_dicom_report
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    sr = ecg_report_sr(
+        STUDY, findings=["窦性心律"], impression="急性前壁心肌梗死（危急值），请立即转诊", coded_findings=[STEMI]
+    )
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(SentStudy(STUDY.study_uid, now, patient_id=STUDY.patient_id, patient_name=STUDY.patient_name))
+        report = store.add_report(read_dicom_report(part10(sr), RULES), part10(sr), "dicom", now).report
+    assert report.critical
+    with running_console(config) as server:
+        log_in(browser, server)
+        browser.get(f"{server.url}/reports/{report.id}")
+        reason = text_of(browser, ".report-full > p strong")
+        assert "县里报告写明“危急值”：急性前壁心肌梗死（危急值），请立即转诊" in reason, reason
+        technician = browser.find_element(by("css"), ".report-full > details.reason-code")
+        assert technician.get_attribute("open") is None  # folded: the doctor opens it only if asked
+        assert "SCT 401303003" in (technician.get_attribute("textContent") or "")
+        on_screen = text_of(browser, "main")
+        assert "SCT" not in on_screen and "Acute" not in on_screen and "关键词" not in on_screen, on_screen
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})  # type: ignore[attr-defined]
+        try:
+            paper = cast(str, browser.execute_script("return document.body.innerText"))  # type: ignore[attr-defined]
+            save_screenshot(browser, "report-critical-print")
+        finally:
+            browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})  # type: ignore[attr-defined]
+    for said in ("县里报告写明“危急值”", "急性ST段抬高型心肌梗死", "请立即转诊", "诊断医生"):
+        assert said in paper, paper
+    for unsaid in ("SCT", "401303003", "Acute", "==", "观察者", "关键词", "技术人员"):
+        assert unsaid not in paper, (unsaid, paper)
 
 
 def test_a_report_stored_before_the_codes_were_kept_reads_in_chinese(browser: object, tmp_path: Path) -> None:
@@ -715,7 +758,7 @@ def test_a_report_stored_before_the_codes_were_kept_reads_in_chinese(browser: ob
         browser.get(f"{server.url}/reports/{report.id}")
         text = text_of(browser, "pre.report-text")
         assert text.startswith("心电图报告") and "  所见：窦性心律" in text, text
-        assert "观察者类型：人员" in text and "  所见：急性ST段抬高型心肌梗死" in text and "诊断意见" in text, text
+        assert "  所见：急性ST段抬高型心肌梗死" in text and "诊断意见" in text, text
         for english in ("ECG Report", "Findings", "Observer Type", "Person", "Impression", "Acute ST"):
             assert english not in text, text
         # the page's list of findings above it (kept as words, never with codes): the same rule
@@ -785,7 +828,8 @@ def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> No
         assert [c.get_attribute("data-report") for c in cards] == [str(critical_id), str(routine_id)]
         assert ["critical" in c.get_attribute("class") for c in cards] == [True, False]
         assert all("unread" in c.get_attribute("class") for c in cards)
-        assert "Acute ST segment elevation" in cards[0].text  # why it is critical, on the card
+        # why it is critical, on the card, in Chinese (the code and the county's English: the report page's details)
+        assert "所见：急性ST段抬高型心肌梗死" in cards[0].text and "Acute" not in cards[0].text, cards[0].text
         assert "发送时心电图质量：合格" in cards[0].text  # the ECG's quality when it was sent (issue 14)
         set_viewport(browser, TABLET)
         save_screenshot(browser, "reports-real-store-tablet")

@@ -146,6 +146,10 @@ def test_visit_flags_read_as_plain_chinese_and_fit_a_phone_and_a_tablet(browser:
             assert "时间未知" in pending.text, pending.text  # type: ignore[attr-defined]
             body = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
             assert "time" not in body and "radius" not in body, body
+            # under the count, who checks them and what is left to the doctor (REV-R finding 9)
+            next_step = body.split("次随访需要核查。", 1)[1].strip().splitlines()[0]
+            assert next_step.startswith("县里会核查这些随访") and "无需处理" in next_step, body
+            assert "请告诉县里" in next_step, body
 
 
 def test_a_visit_names_its_patient_as_the_gateway_knows_them_and_says_no_doctor_name_is_stored(

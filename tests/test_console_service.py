@@ -136,6 +136,10 @@ def test_demo_with_the_console(tmp_path: Path) -> None:
         assert "DEMO-0001" in today  # the patient still with the doctor
         assert "Demo BP Cuff" in today  # the emulated cuff's reading
         assert client.get("/sent").body.count('class="card journey') >= 4
+        # the demo's field day signs 3 visits: the console on the demo's data lists them (it said none)
+        visits = client.get("/visits").body
+        assert ("本网关没有入户随访记录" in visits, visits.count('<li class="card')) == (False, 3)
+        assert all(f"P-000{n}" in visits for n in (1, 2, 3))
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=WAIT_S)
     finally:

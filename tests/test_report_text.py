@@ -25,6 +25,7 @@ from lastmile.reports.report_text import (
     Speaker,
     concept_name,
     display_name,
+    page_text,
     readable_time,
     report_text,
     shown_critical,
@@ -128,7 +129,7 @@ def test_the_chinese_sr_reads_as_a_village_doctor_expects() -> None:
     zh = report_text(lines, ZH).splitlines()
     assert zh[0] == "心电图报告" and zh[1] == "=" * len("心电图报告") * 2  # the county's title, coded LN 28010-7
     assert zh[2] == "已更正：替代之前的 1 份报告"
-    assert zh[3].startswith("危急值：所见：急性ST段抬高型心肌梗死;") and "关键词“危急值”出现在：" in zh[3]
+    assert zh[3].startswith("危急值：所见：急性ST段抬高型心肌梗死;") and "县里报告写明“危急值”：急性前壁" in zh[3]
     assert "SCT" not in zh[3]  # the code: apart, on the page (shown_critical's detail)
     assert "  诊断意见：急性前壁心肌梗死，危急值，请立即转诊" in zh  # DCM 121073 in Chinese, the value as written
     assert "  所见：ST 段抬高 V1-V4" in zh and "  所见：Sinus rhythm, 88/min" in zh
@@ -140,6 +141,12 @@ def test_the_chinese_sr_reads_as_a_village_doctor_expects() -> None:
     en = report_text(lines, EN).splitlines()
     assert en[2] == "AMENDED: replaces 1 earlier report" and en[3].startswith("CRITICAL RESULT: ")
     assert "心率: (no value)" in en and any(line.startswith("Read by 李明, ") for line in en)
+    # the page and the paper, as a patient may read it: no rule, no critical line (said above it),
+    # no observer context (the footer names the reading doctor); the county's words all there
+    page = page_text(lines, ZH).splitlines()
+    assert page[:2] == ["心电图报告", "已更正：替代之前的 1 份报告"]
+    assert not any(line.startswith(("危急值", "观察者", "=")) for line in page), page
+    assert set(zh) - set(page) == {zh[1], zh[3], "观察者类型：人员", "观察者姓名：李明"}
 
 
 def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
@@ -187,7 +194,8 @@ def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: 
         f"已收到报告：{ZH.full(now)}",
         "诊断医生：李明",
     ]
-    assert head[4].startswith("危急值：所见：急性ST段抬高型心肌梗死") and "关键词“危急值”" in head[4]
+    assert head[4].startswith("危急值：所见：急性ST段抬高型心肌梗死") and "县里报告写明“危急值”" in head[4]
+    assert not any(line.startswith(("危急值", "观察者", "=")) for line in head[5:]), head  # said once, above
     assert "  诊断意见：急性前壁心肌梗死，危急值，请立即转诊" in head
     assert (
         en.decode().startswith("ECG report: 张三 (Zhang San)  P0077\nECG recorded: ")
@@ -302,7 +310,7 @@ def test_a_three_part_chinese_name_is_written_whole_as_the_county_sent_its_parts
         report = store.add_report(read_dicom_report(part10(sr)), part10(sr), "dicom", now).report
         zh = printable(store, report, ZH)[0].decode()
         listed = render_list(study_lines(store))
-    assert "诊断医生：欧阳娜娜，" in zh and "观察者姓名：欧阳娜娜" in zh, zh
+    assert "诊断医生：欧阳娜娜，" in zh and "观察者姓名：欧阳娜娜" in report_text(report.lines or (), ZH), zh
     assert "县里的报告写的是 欧阳娜娜 (Ouyang Na Na)" in zh, zh
     assert "欧阳娜娜" in listed and "欧阳 娜 娜" not in listed, listed
 
@@ -363,7 +371,7 @@ def test_reports_stored_with_spaced_names_show_as_they_did(tmp_path: Path) -> No
         assert old is not None and old.lines is not None
         zh = printable(store, old, ZH)[0].decode()
         listed = render_list(study_lines(store))
-    assert "观察者姓名：陈静 (Chen Jing)" in zh and "诊断医生：陈静 (Chen Jing)，" in zh, zh
+    assert "观察者姓名：陈静 (Chen Jing)" in report_text(old.lines, ZH) and "诊断医生：陈静 (Chen Jing)，" in zh, zh
     assert "县里的报告写的是 欧阳 娜 娜 (Ouyang Na Na)" in zh, zh  # three runs: not joined then, nor now
     assert "陈静 (Chen Jing)" in listed, listed
 
@@ -384,7 +392,7 @@ def test_person_names_stored_with_the_older_codes_still_read_as_names(tmp_path: 
         assert old is not None and old.lines is not None
         zh = printable(store, old, ZH)[0].decode()
     assert [line.code for line in old.lines[1:]] == [PERSON_NAME, PERSON_NAME], old.lines
-    assert "观察者姓名：陈静 (Chen Jing)" in zh and "诊断医生：陈静 (Chen Jing)，" in zh, zh
+    assert "观察者姓名：陈静 (Chen Jing)" in report_text(old.lines, ZH) and "诊断医生：陈静 (Chen Jing)，" in zh, zh
 
 
 def stemi_report(meaning: str = STEMI[2], impression: str = "急性前壁心肌梗死，请立即转诊") -> tuple[ReportLine, ...]:
@@ -401,11 +409,9 @@ def test_why_a_report_is_critical_reads_in_chinese_its_code_kept_apart() -> None
     lines = stemi_report()
     zh = report_text(lines, ZH).splitlines()
     assert "危急值：所见：急性ST段抬高型心肌梗死" in zh
-    # a keyword in an item's value: the item's heading in Chinese too, not "Impression: ..."
+    # a keyword in an item's value: the county's sentence, said as the county's (not "the words ... in: Impression: ...")
     critical = stemi_report(impression="急性前壁心肌梗死（危急值），请立即转诊")
-    assert (
-        shown_reasons(critical, (), ZH)[1] == "关键词“危急值”出现在：诊断意见：急性前壁心肌梗死（危急值），请立即转诊"
-    )
+    assert shown_reasons(critical, (), ZH)[1] == "县里报告写明“危急值”：急性前壁心肌梗死（危急值），请立即转诊"
     (reason,) = shown_critical(lines, (), ZH)
     assert (reason.text, reason.detail) == (
         "所见：急性ST段抬高型心肌梗死",
@@ -531,7 +537,7 @@ def test_the_printed_critical_line_keeps_the_countys_words_for_a_coded_finding(
         store.record_sent(SentStudy(STUDY.study_uid, now, patient_id="P0077", patient_name=STUDY.patient_name))
         report = store.add_report(read_dicom_report(part10(sr), RULES), part10(sr), "dicom", now).report
         paper = printable(store, report, ZH)[0].decode().splitlines()
-    assert paper.count(printed) == 2, paper  # the page's facts and the report's own critical line
+    assert paper.count(printed) == 1, paper  # the page's facts (the report's text below does not repeat it)
 
 
 def test_a_known_code_does_not_replace_the_countys_own_fhir_words() -> None:

@@ -71,7 +71,7 @@ from lastmile.console.sources import (
     row_number,
 )
 from lastmile.reports.printing import lp_command, print_behind_note
-from lastmile.reports.report_text import concept_name, shown_critical, shown_text, unassigned_note
+from lastmile.reports.report_text import concept_name, shown_critical, shown_page_text, unassigned_note
 from uploader.errors import OutboxFullError
 from uploader.outbox import ItemState, is_storage_full
 
@@ -823,7 +823,8 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "reading_text": lambda text, kind="": reading_text(text, loc, kind),
         "flag_badges": lambda flags: flag_badges(flags, loc),
         "flag_badge": lambda flag: flag_badge(flag, loc),
-        "report_text": lambda report: shown_text(report.lines, report.text, loc),
+        # as a patient may read it (the page and its printout): the page says the critical reason above it
+        "report_text": lambda report: shown_page_text(report.lines, report.text, loc),
         "critical_reasons": lambda report: shown_critical(report.lines, report.critical_reasons, loc),
         # a report's conclusion and findings lists are its words without their codes: a known
         # concept's standard name ("Acute ST segment elevation ...") in the reader's language

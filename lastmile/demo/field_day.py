@@ -117,12 +117,15 @@ def run_field_day(
     doctor_id: str = "DR-DEMO",
     receiver_factory: Callable[[], FhirReceiver] = FhirReceiver,
     gps_day: dt.date | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict:
     """Run the day; returns counts (visits, visits_synced, visits_flagged, observations_synced,
     chain_verified, link_down_attempts ...) and per-visit flags. `far_visit` (1-based; default
-    the last) is recorded 2 km from its household."""
+    the last) is recorded 2 km from its household. `data_dir`: the gateway's (the demo's own, so
+    its console lists the visits); default `work_dir`/field-gateway. Its sync claims FHIR bundles
+    only: ECGs and readings already in that outbox are left as they are."""
     work = Path(work_dir)
-    data_dir = work / "field-gateway"
+    data_dir = Path(data_dir) if data_dir is not None else work / "field-gateway"
     far = visits if far_visit is None else far_visit
     houses = household_positions(visits)
     register = work / "households.csv"

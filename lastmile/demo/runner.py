@@ -172,9 +172,9 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0, data_di
             center.stop()
             reports.close()
 
+        counts = outbox.stats(time.time())["counts"]  # the ECGs' (the parts below queue no DICOM)
         _ble_part(config, say, summary)
-        _field_part(Path(tmp), say, summary)
-        counts = outbox.stats(time.time())["counts"]
+        _field_part(config, Path(tmp), say, summary)
         outbox.close()
         uids = set(center.received)
         summary.received = len(uids)
@@ -252,13 +252,14 @@ def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
     )
 
 
-def _field_part(work_dir: Path, say: Say, summary: DemoSummary) -> None:
+def _field_part(config: Config, work_dir: Path, say: Say, summary: DemoSummary) -> None:
     """A family doctor's field day: GPS-tagged visits along a replayed NMEA track with the link
-    down, then FHIR R4 sync to an embedded county platform when it returns."""
+    down, then FHIR R4 sync to an embedded county platform when it returns. Recorded in the demo's
+    own data dir, so the console's Visits page lists them (its sync sends FHIR bundles only)."""
     from lastmile.demo.field_day import run_field_day
 
     say("field visits: the doctor visits 3 households along a replayed GPS track, no signal ...")
-    day = run_field_day(work_dir, visits=3)
+    day = run_field_day(work_dir, visits=3, gateway_id=config.gateway.id, data_dir=config.data_dir)
     say(
         f"  {day['visits']} visits ({day['readings']} readings) signed into the gateway's chain "
         f"(verified: {day['chain_verified']}); {day['link_down_attempts']} sync attempt(s) "

@@ -138,10 +138,8 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
     code, unless the county wrote it in Chinese already (then the county's words)."""
     _ = speaker.gettext
     if line.kind == LineKind.CRITICAL_KEYWORD:  # code: the item's concept name, when in its value
-        where = (
-            labelled(concept_name(line.code, line.concept, speaker), line.value, speaker) if line.code else line.value
-        )
-        return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=where))
+        # the county's sentence, not which item of its report held it ("Impression: ...": a heading too many)
+        return CriticalReason(_("the county's report says “%(keyword)s”: %(text)s", keyword=line.name, text=line.value))
     if line.kind == LineKind.CRITICAL_INTERPRETED:
         result = concept_name(line.name, line.concept, speaker) or _("a result")
         flag, code = interpretation(line, speaker)
@@ -279,14 +277,36 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
             return ""
 
 
+# The SR's observer context (TID 1002) a patient's paper leaves out: what kind of observer read it,
+# and the reading doctor's name where the footer says "Read by" already (a device observer's UID).
+OBSERVER_KIND = {"DCM 121005", "DCM 121012"}
+OBSERVER_NAME = "DCM 121008"
+
+
 def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
     """The whole report: its title, what the gateway found about it (amended, critical), the
     county's content as written, then who read it and what could not be read."""
+    return "\n".join(_whole_report(lines, speaker, for_page=False))
+
+
+def page_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
+    """The whole report as the console's page and the paper show it under their own heading and
+    critical reason, as a patient may read it: no rule under the title, no critical line (said
+    above it), no observer context (the footer names the reading doctor)."""
+    return "\n".join(_whole_report(lines, speaker, for_page=True))
+
+
+def _observer_context(line: ReportLine, read_by: bool) -> bool:
+    concept = line.concept or named_concept(line.name)
+    return concept in OBSERVER_KIND or (read_by and concept == OBSERVER_NAME)
+
+
+def _whole_report(lines: Sequence[ReportLine], speaker: Speaker, *, for_page: bool) -> list[str]:
     _ = speaker.gettext
     unreadable = any(line.kind == LineKind.UNREADABLE for line in lines)
     title = next((concept_name(line.value, line.concept, speaker) for line in lines if line.kind == LineKind.TITLE), "")
     title = title or (_("Unreadable report") if unreadable else _("Report"))
-    out = [title, underline(title)]
+    out = [title] if for_page else [title, underline(title)]
     for line in lines:
         if line.kind == LineKind.UNREADABLE:
             out.append(_("The reading center sent a report this gateway cannot read; it is kept as received."))
@@ -301,23 +321,34 @@ def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
                 out.append(_("AMENDED: this is a corrected version of the report"))
         elif line.kind == LineKind.WITHDRAWN:
             out.append(_("WITHDRAWN by the reading center (%(status)s): do not act on this report", status=line.value))
-    reasons = shown_reasons(lines, (), speaker)
+    reasons = [] if for_page else shown_reasons(lines, (), speaker)
     if reasons:
         out.append(_("CRITICAL RESULT: %(reasons)s", reasons="; ".join(reasons)))
-    out += [body_line(line, speaker) for line in lines if line.kind not in HEADER | CRITICAL | FOOTER]
+    read_by = any(line.kind == LineKind.READ_BY and line.name for line in lines)
+    out += [
+        body_line(line, speaker)
+        for line in lines
+        if line.kind not in HEADER | CRITICAL | FOOTER and not (for_page and _observer_context(line, read_by))
+    ]
     out.append("")
     out += [footer_line(line, speaker) for line in lines if line.kind in (LineKind.DOCUMENT, LineKind.READ_BY)]
     problems = [line.value for line in lines if line.kind == LineKind.PROBLEM]
     if problems:
         out.append(_("Could not read: %(problems)s", problems="; ".join(problems)))
     out += [footer_line(line, speaker) for line in lines if line.kind == LineKind.CHECK_PATIENT]
-    return "\n".join(out)
+    return out
 
 
 def shown_text(lines: Sequence[ReportLine] | None, stored_text: str, speaker: Speaker) -> str:
     """The report's text in `speaker`'s language; a report stored before lines were kept has
     only its English text, shown as it is."""
     return stored_text if lines is None else report_text(lines, speaker)
+
+
+def shown_page_text(lines: Sequence[ReportLine] | None, stored_text: str, speaker: Speaker) -> str:
+    """The report's text as the page and the paper show it (`page_text`); an old report's English
+    text as it is."""
+    return stored_text if lines is None else page_text(lines, speaker)
 
 
 def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[str]:

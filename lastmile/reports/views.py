@@ -15,6 +15,7 @@ from lastmile.reports.report_text import (
     display_name,
     pdf_note,
     printout,
+    shown_page_text,
     shown_reasons,
     shown_text,
     unassigned_note,
@@ -213,7 +214,7 @@ def text_printout(store: ReportStore, report: StoredReport, reader: Reader) -> s
         received_at=report.received_at,
         reading_doctor=report.reading_doctor,
         reasons=shown_reasons(report.lines, report.critical, reader),
-        text=shown_text(report.lines, report.text, reader),
+        text=shown_page_text(report.lines, report.text, reader),  # its head says the critical reason
         replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
         unassigned=not ours,
         county_patient=county_patient(study, report),
