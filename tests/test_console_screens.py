@@ -20,7 +20,7 @@ from devices.identity import DeviceIdentity
 from devices.observation import Observation, Quantity, TimeSource
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import Config
-from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
+from lastmile.demo.cardiologist import PDF_TITLE, StudyToRead, ecg_report_sr, part10, report_pdf
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
@@ -785,6 +785,75 @@ def test_a_pdf_report_tells_the_doctor_how_to_print_it_without_a_command(tmp_pat
         main = body.split("<main", 1)[1]
         assert "PDF 文件" in main, (path, main)
         assert "lastmile" not in main and "`" not in main, (path, main)
+
+
+def report_cards(page: str) -> list[str]:
+    """The Reports page's cards, each as its HTML."""
+    return [card.split("</li>", 1)[0] for card in page.split('<li class="card report')[1:]]
+
+
+def test_one_ecg_read_as_an_sr_and_a_pdf_is_one_report_card_read_once(tmp_path: Path) -> None:
+    """REV-R 8: the county sent an SR and a PDF for one ECG; the Reports page showed two
+    "new: not read yet" cards (one per report object, the PDF's saying "诊断医生 —" and "PDF 文件"),
+    as if the county had read the ECG twice, and the new-report count doubled. One card per ECG
+    (the SR's words, the PDF under it), read once; a later correction still says so."""
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    both = StudyToRead(generate_uid(), VALID_ID, "Zhang^San=张^三")
+    alone = StudyToRead(generate_uid(), "DEMO-0002", "Li^Wei=李^伟")
+    sr = ecg_report_sr(both, findings=["窦性心律，心率 72 次/分"], impression="正常心电图")
+    with ReportStore.open(config.data_dir) as store:
+        for study in (both, alone):
+            store.record_sent(
+                SentStudy(study.study_uid, now, patient_id=study.patient_id, patient_name=study.patient_name)
+            )
+        sr_id, pdf_id, alone_id = (
+            store.add_report(read_dicom_report(part10(ds)), part10(ds), "dicom", now).report.id
+            for ds in (
+                sr,
+                report_pdf(both, ["Sinus rhythm, 72 bpm", "Normal ECG"], title=PDF_TITLE),
+                ecg_report_sr(alone, findings=[], impression="窦性心律"),
+            )
+        )
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        cards = report_cards(client.get("/reports").body)
+        assert len(cards) == 2, cards
+        (card,) = [c for c in cards if VALID_ID in c]
+        assert card.count("新报告，尚未阅读") == 1 and "正常心电图" in card, card
+        assert f'<a href="/reports/{pdf_id}">打印县里的 PDF 报告</a>' in card, card
+        assert "PDF 文件" not in card and "诊断医生 —" not in card, card
+        assert sum("新报告，尚未阅读" in c for c in cards) == 2, cards
+
+        client.get(f"/reports/{sr_id}")  # the doctor reads the SR: the ECG's card is read
+        cards = report_cards(client.get("/reports").body)
+        (card,) = [c for c in cards if VALID_ID in c]
+        assert "新报告，尚未阅读" not in card, card
+        assert sum("新报告，尚未阅读" in c for c in cards) == 1, cards
+
+        # the county corrects its reading: the card is new again and says it was corrected
+        amended = ecg_report_sr(both, findings=[], impression="一度房室传导阻滞，请复查", amends=sr)
+        with ReportStore.open(config.data_dir) as store:
+            store.add_report(read_dicom_report(part10(amended)), part10(amended), "dicom", now)
+        cards = report_cards(client.get("/reports").body)
+        assert len(cards) == 2, cards
+        (card,) = [c for c in cards if VALID_ID in c]
+        assert "已更正" in card and "新报告，尚未阅读" in card and "一度房室传导阻滞" in card, card
+        assert "正常心电图" not in card and f'href="/reports/{pdf_id}"' in card, card
+
+        # a PDF that comes after its ECG's SR was read: the card is new, and opening it reads it
+        client.get(f"/reports/{alone_id}")
+        late_pdf = report_pdf(alone, ["Sinus rhythm"], title=PDF_TITLE)
+        with ReportStore.open(config.data_dir) as store:
+            late_id = store.add_report(read_dicom_report(part10(late_pdf)), part10(late_pdf), "dicom", now).report.id
+        (card,) = [c for c in report_cards(client.get("/reports").body) if "DEMO-0002" in c]
+        assert "新报告，尚未阅读" in card and "窦性心律" in card, card
+        opened = re.search(r'<h2 class="h3"><a href="([^"]+)"', card)
+        assert opened is not None and opened[1] == f"/reports/{late_id}", card
+        client.get(opened[1])
+        (card,) = [c for c in report_cards(client.get("/reports").body) if "DEMO-0002" in c]
+        assert "新报告，尚未阅读" not in card, card
 
 
 def cuff_reading(key: str, *quantities: Quantity) -> Observation:

@@ -146,10 +146,17 @@ class StoredReports:
         return report_view(report, self.store.study(report.study_uid), current)
 
     def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
+        """The doctor read this report, and so the ECG's other current routine reports: the
+        county's PDF of the same reading is one card with it (a critical one still needs its own
+        "I have seen it")."""
         found = self._stored(report_id)
         if found is None:
             return None
-        return self._view(self.store.acknowledge(found.id, by, now))
+        done = self.store.acknowledge(found.id, by, now)
+        for sibling in self.store.reports(study_uid=found.study_uid, current_only=True):
+            if sibling.id != found.id and sibling.acknowledged_at is None and not sibling.critical:
+                self.store.acknowledge(sibling.id, by, now)
+        return self._view(done)
 
     def print_job(self, report_id: str, reader: Reader) -> tuple[str, bytes] | None:
         """What the clinic printer gets, from one reading of the report: (note, document), the

@@ -101,7 +101,7 @@ def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     }
 
 
-def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
+def report_order(report: ReportView | ReportCard) -> tuple[bool, bool, bool, float]:
     """Unread critical results first, then the other critical ones, then unread reports; newest first."""
     return (
         not (report.critical and report.unread),
@@ -111,8 +111,73 @@ def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReportCard:
+    """One ECG's card on the Reports page: the county often sends its reading twice (an SR with
+    the text and a PDF of the same reading); one card per report object read as two readings and
+    doubled the new-report count. `report` is the one whose words the card shows (text before a
+    PDF; an unread critical one first; then the newest); `others` are the rest of the ECG's
+    current reports (an amendment has replaced the version it corrects: it is `report` or here)."""
+
+    report: ReportView
+    others: tuple[ReportView, ...] = ()
+
+    @property
+    def all(self) -> tuple[ReportView, ...]:
+        return (self.report, *self.others)
+
+    @property
+    def critical(self) -> bool:
+        return any(r.critical for r in self.all)
+
+    @property
+    def unread(self) -> bool:
+        """New for the doctor: any of the ECG's reports not read yet (a PDF that came later too)."""
+        return any(r.unread for r in self.all)
+
+    @property
+    def received_at(self) -> dt.datetime:
+        return max(r.received_at for r in self.all)
+
+    @property
+    def opens(self) -> ReportView:
+        """What the card's link opens (opening reads it): its words, or what came new since they
+        were read (the county's PDF sent later), so that opening the card clears its "new"."""
+        return next((r for r in self.all if r.unread), self.report)
+
+    @property
+    def critical_unseen(self) -> ReportView | None:
+        """The critical result on this ECG the doctor has not said he saw (its button), if any."""
+        return next((r for r in self.all if r.critical and r.unread), None)
+
+    @property
+    def pdfs(self) -> tuple[ReportView, ...]:
+        return tuple(r for r in self.others if r.has_pdf)
+
+    @property
+    def other_texts(self) -> tuple[ReportView, ...]:
+        return tuple(r for r in self.others if not r.has_pdf)
+
+
+def _shown_first(report: ReportView) -> tuple[bool, bool, float]:
+    return (report.has_pdf, not (report.critical and report.unread), -report.received_at.timestamp())
+
+
+def report_cards(found: list[ReportView]) -> list[ReportCard]:
+    """`found` grouped by ECG (study), in `report_order`: in memory, no query per card (a Pi)."""
+    by_study: dict[str, list[ReportView]] = {}
+    for report in found:
+        by_study.setdefault(report.study_uid or report.report_id, []).append(report)
+    cards = []
+    for reports_of_study in by_study.values():
+        first, *others = sorted(reports_of_study, key=_shown_first)
+        cards.append(ReportCard(first, tuple(others)))
+    return sorted(cards, key=report_order)
+
+
 def reports(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    return {"reports": sorted(data.reports.reports(), key=report_order), "now": now}
+    found = sorted(data.reports.reports(), key=report_order)
+    return {"reports": found, "cards": report_cards(found), "now": now}
 
 
 def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -> dict[str, Any]:
