@@ -544,6 +544,8 @@ class HeldEcg:
     refused_id: str = ""
     refused_name: str = ""
     refused_id_problem: str = ""
+    # a cart's LAN object: unanswered, it goes as the cart made it (its ID as written), not "without a patient"
+    sent_as_written: bool = False
 
     @property
     def offers_checked_in(self) -> bool:

@@ -340,14 +340,35 @@ def refused_patient_meta(flags: Iterable[str], written: Patient | None, config: 
     patient's ID typed in its Assign box, and one tap put another person's ECG under him."""
     if written is None or PATIENT_ID_REFUSED not in flags:
         return {}
-    try:
-        kept_patient_id(written.patient_id, config.patient.id_kind)
-        problem = ""
-    except InvalidPatientIdError as exc:
-        problem = exc.reason
     return {
         "file_patient_id": " ".join(written.patient_id.split()),
         "file_patient_name": written.name.strip(),
+        "file_patient_id_problem": id_problem(written.patient_id, config.patient.id_kind) or "",
+    }
+
+
+def id_problem(patient_id: str, id_kind: str) -> str | None:
+    """The rule `patient_id` breaks under `id_kind` (InvalidPatientIdError.reason: "check-character",
+    "length", ...); None for an ID the gateway keeps (a loosely written valid one too)."""
+    try:
+        kept_patient_id(patient_id, id_kind)
+    except InvalidPatientIdError as exc:
+        return exc.reason
+    return None
+
+
+def lan_refused_meta(patient: dict | None, id_kind: str) -> dict[str, str]:
+    """A cart's object whose patient ID is refused (a resident ID with a wrong check digit, length
+    or birth date), kept in its meta as a file's is (`refused_patient_meta`): the ID and name as the
+    cart wrote them and the rule the ID broke. {} for an object naming nobody or a kept ID."""
+    if not patient:
+        return {}
+    problem = id_problem(str(patient.get("patient_id") or ""), id_kind)
+    if problem is None:
+        return {}
+    return {
+        "file_patient_id": " ".join(str(patient.get("patient_id") or "").split()),
+        "file_patient_name": str(patient.get("name") or "").strip(),
         "file_patient_id_problem": problem,
     }
 
@@ -500,7 +521,13 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
     if item.meta.get("source_format") == LAN_SOURCE_FORMAT:
         # a cart's object is forwarded as the cart made it: only the doctor's answer to a name is written into it
-        if not (item.held(now.timestamp()) and item.hold_reason in (NAME_MISMATCH, ID_CONFLICT)):
+        # or held with its ID refused (`lan_refused_meta`): the doctor's ID written in, the cart's kept as another
+        lan_holds = (
+            NAME_MISMATCH,
+            ID_CONFLICT,
+            *((UNASSIGNED_HOLD,) if "file_patient_id_problem" in item.meta else ()),
+        )
+        if not (item.held(now.timestamp()) and item.hold_reason in lan_holds):
             raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
         return assign_lan_object(outbox, item, patient, now=now, by=by)
     if item.attempts or item.state != ItemState.QUEUED:
@@ -1010,12 +1037,22 @@ def lan_object_store(
         )  # what the cart sends again
         obj = forwarded.obj
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
-        stat = session is not None and session.covers(patient_id, None)
-        mismatch = bool(current and patient_id is not None and patient_id not in current)
-        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
+        # an ID refused names nobody the gateway can match: the doctor says whose it is, as for a
+        # file (`refused_patient_meta`); during a STAT check-in most likely that patient's, so urgent
+        refused = lan_refused_meta(obj.patient, id_kind)
+        stat = session is not None and (session.covers(patient_id, None) or bool(refused))
+        mismatch = bool(current and patient_id is not None and patient_id not in current) and not refused
+        asked = other_name or id_flags or refused
+        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if asked else 0.0
         # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
-        hold = Hold(NAME_MISMATCH if other_name else ID_CONFLICT, time.time() + hold_s) if hold_s > 0 else None
-        flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else []) + id_flags
+        reason = UNASSIGNED_HOLD if refused else NAME_MISMATCH if other_name else ID_CONFLICT
+        hold = Hold(reason, time.time() + hold_s) if hold_s > 0 else None
+        flags = (
+            ([PATIENT_MISMATCH] if mismatch else [])
+            + ([NAME_MISMATCH] if other_name else [])
+            + id_flags
+            + ([PATIENT_ID_REFUSED] if refused else [])
+        )
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
@@ -1032,6 +1069,7 @@ def lan_object_store(
             **name_mismatch_meta(flags, file_name, known),
             **id_values,
             **({"id_conflict_comment": comment} if forwarded.commented else {}),
+            **refused,
         )
         newest.saw(obj.calling_ae, forwarded)
         if kept is None:
