@@ -17,14 +17,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from devices.identity import Patient
 from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
 from lastmile.clinic.patients import StatSession
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.holds import PATIENT_MISMATCH, UNASSIGNED_HOLD
-from lastmile.ecg.intake import PATIENT_ID_REFUSED, lan_object_store
+from lastmile.ecg.intake import PATIENT_ID_REFUSED, assign_held_ecg, lan_object_store
+from tests.cart_files import arrives_from_the_usb_stick
 from tests.console_harness import VALID_ID, Client, console_config, held_ecg_row, running_console
+from tests.dicom_validation import dciodvfy_problems
 from tests.ecg_factories import make_recording
 from tests.lan_cart import storescu_as_the_cart
 from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
@@ -34,6 +37,18 @@ pytestmark = pytest.mark.timeout(600)
 
 MISTYPED = "110101196505050016"  # its check digit should be 9, not 6
 HOLD_S, STAT_HOLD_S = 900.0, 120.0
+# what the county reader reads with the study when nobody says whose it is
+CART_NAMED = "心电图机上写的患者是 李建国 110101196505050016，身份证号校验位不对，医生未确认是谁的心电图。"
+
+
+def as_dciodvfy_reads(data: bytes) -> pydicom.Dataset:
+    """`data` (a deflated object too), with dciodvfy's verdict on it asserted clean."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # what dciodvfy reads
+    out = io.BytesIO()
+    ds.save_as(out)
+    assert dciodvfy_problems(out.getvalue()) == []
+    return ds
 
 
 def cart_object(tmp: Path, n: int, patient_id: str, sex: str = "", born: str = "") -> Path:
@@ -95,7 +110,31 @@ def test_a_lan_ecg_whose_resident_id_is_mistyped_is_held_for_the_doctor(
     assert (item.meta["file_patient_id"], item.meta["file_patient_name"]) == (MISTYPED, "李^建国")
     assert item.meta["file_patient_id_problem"] == "check-character"
     assert (item.priority == Priority.STAT) is stat and bool(item.meta.get("stat")) is stat
-    assert pydicom.dcmread(io.BytesIO(outbox.read_payload(item))).PatientID == MISTYPED  # the cart's object as sent
+    ds = as_dciodvfy_reads(outbox.read_payload(item))
+    assert ds.PatientID == MISTYPED  # the cart's object as it sent it, the reader told whom it named
+    assert (
+        ds.PatientComments
+        == CART_NAMED
+        + " / The ECG machine named 李建国 110101196505050016, but its check digit is wrong: the doctor has not confirmed whose ECG it is."
+    )
+
+
+def test_a_files_ecg_sent_without_a_patient_says_whom_the_cart_named(tmp_path: Path) -> None:
+    """From the stick it went as UNASSIGNED with nothing of 李建国: the county could match it to no
+    one. Its Patient Comments say whom the cart named; the doctor's answer takes them away."""
+    config = console_config(tmp_path / "data")
+    config.patient.id_kind = "cn-resident-id"
+    config.patient.unassigned_ecg_hold_s = HOLD_S
+    recording = make_recording(4, patient=Patient(MISTYPED, "李建国"))
+    recording = dataclasses.replace(recording, acquired_at=dt.datetime.now(dt.timezone.utc))
+    item = arrives_from_the_usb_stick(config, recording, "stick:4")
+    with open_outbox(config) as outbox:
+        held = as_dciodvfy_reads(outbox.read_payload(item))
+        said = str(held.PatientComments)
+        assert said.startswith("UNASSIGNED: no patient was identified") and f"\n{CART_NAMED}" in said, said
+        answered = assign_held_ecg(outbox, item.id, Patient(VALID_ID, "张秀兰"), now=dt.datetime.now(dt.timezone.utc))
+        ds = as_dciodvfy_reads(outbox.read_payload(answered))
+    assert ds.PatientID == VALID_ID and "PatientComments" not in ds
 
 
 def test_a_loosely_written_valid_resident_id_is_not_held(tmp_path: Path, outbox: Outbox) -> None:
@@ -162,4 +201,5 @@ def test_the_doctors_answer_is_written_into_the_carts_object(clinic: Clinic) -> 
         assert item is not None and item.hold_reason is None, item
         ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     assert ds.PatientID == VALID_ID and [o.PatientID for o in ds.OtherPatientIDsSequence] == [MISTYPED]
+    assert "PatientComments" not in ds  # he said whose it is: our words on it go
     assert (item.patient or {}).get("patient_id") == VALID_ID
