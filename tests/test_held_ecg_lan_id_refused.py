@@ -190,6 +190,16 @@ def test_today_says_what_the_cart_wrote_and_offers_nobody(clinic: Clinic) -> Non
     assert "按原样发送" in row and "无患者”发送" not in row, row
 
 
+def test_the_sent_page_says_it_goes_as_the_cart_made_it(clinic: Clinic) -> None:
+    """Its card on Sent said the held panel's "以“无患者”发送": a cart's object goes under the ID it wrote."""
+    doctor = Client(clinic.server.url)
+    doctor.login()
+    page = doctor.get("/sent").body
+    held = [card for card in page.split('<li class="card journey')[1:] if "data-held-for-doctor" in card]
+    (card,) = [" ".join(re.sub(r"<[^>]+>", " ", c).split()) for c in held]
+    assert "如不处理，将于" in card and "按原样发送" in card and "无患者”发送" not in card, card
+
+
 def test_the_doctors_answer_is_written_into_the_carts_object(clinic: Clinic) -> None:
     """He types whose it is: the cart's object goes under that ID, the mistyped one kept as another ID."""
     doctor = Client(clinic.server.url)
