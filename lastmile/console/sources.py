@@ -61,7 +61,14 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.ecg.holds import DOCTOR_HOLDS, ID_CONFLICT, NAME_MISMATCH, ecgs_waiting, re_recorded
+from lastmile.ecg.holds import (
+    DOCTOR_HOLDS,
+    ID_CONFLICT,
+    LAN_SOURCE_FORMAT,
+    NAME_MISMATCH,
+    ecgs_waiting,
+    re_recorded,
+)
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
 from lastmile.reports.store import ReportStore, SentStudy, is_record_of
@@ -318,6 +325,7 @@ class StudyJourney:
     # re-record verdict), and when it goes as it is unless they decide: not the link's wait
     hold_reason: str = ""
     hold_until: dt.datetime | None = None
+    held_as_written: bool = False  # a cart's LAN object: unanswered, it goes as the cart made it (`HeldEcg`'s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,6 +552,8 @@ class HeldEcg:
     refused_id: str = ""
     refused_name: str = ""
     refused_id_problem: str = ""
+    # a cart's LAN object: unanswered, it goes as the cart made it (its ID as written), not "without a patient"
+    sent_as_written: bool = False
 
     @property
     def offers_checked_in(self) -> bool:
@@ -691,7 +701,11 @@ def _doctor_hold(item: OutboxItem, at: float) -> dict[str, Any]:
     is not held, or held for another reason than the doctor's."""
     if not item.held(at) or item.hold_reason not in DOCTOR_HOLDS:
         return {}
-    return {"hold_reason": item.hold_reason, "hold_until": _t(item.hold_until)}
+    return {
+        "hold_reason": item.hold_reason,
+        "hold_until": _t(item.hold_until),
+        "held_as_written": item.meta.get("source_format") == LAN_SOURCE_FORMAT,
+    }
 
 
 def _marks(values: Sequence[object]) -> str:

@@ -35,6 +35,7 @@ from lastmile.console.sources import (
 from lastmile.ecg.holds import (
     ASSIGNED_BY_DOCTOR,
     DOCTOR_HOLDS,
+    LAN_SOURCE_FORMAT,
     QUALITY_HOLD,
     UNASSIGNED_HOLD,
     HeldEcgError,
@@ -196,7 +197,9 @@ class StoredReports:
 
 def held_view(item: OutboxItem) -> HeldEcg:
     quality = item.meta.get("quality")
-    patient = item.patient or {}
+    refused = _refused_patient(item) if item.hold_reason == UNASSIGNED_HOLD else {}
+    # a cart's object keeps the ID it refused as its patient: Today shows it as a file's, no patient
+    patient = {} if refused else item.patient or {}
     return HeldEcg(
         item_id=item.id,
         recorded_at=recorded_at(item),
@@ -212,7 +215,8 @@ def held_view(item: OutboxItem) -> HeldEcg:
         file_birth_date=str(patient.get("birth_date") or ""),
         id_sex=str(item.meta.get("id_sex") or ""),
         id_birth_date=str(item.meta.get("id_birth_date") or ""),
-        **(_refused_patient(item) if item.hold_reason == UNASSIGNED_HOLD else {}),
+        **refused,
+        sent_as_written=item.meta.get("source_format") == LAN_SOURCE_FORMAT,
     )
 
 

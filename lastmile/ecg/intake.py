@@ -340,14 +340,63 @@ def refused_patient_meta(flags: Iterable[str], written: Patient | None, config: 
     patient's ID typed in its Assign box, and one tap put another person's ECG under him."""
     if written is None or PATIENT_ID_REFUSED not in flags:
         return {}
-    try:
-        kept_patient_id(written.patient_id, config.patient.id_kind)
-        problem = ""
-    except InvalidPatientIdError as exc:
-        problem = exc.reason
     return {
         "file_patient_id": " ".join(written.patient_id.split()),
         "file_patient_name": written.name.strip(),
+        "file_patient_id_problem": id_problem(written.patient_id, config.patient.id_kind) or "",
+    }
+
+
+def id_problem(patient_id: str, id_kind: str) -> str | None:
+    """The rule `patient_id` breaks under `id_kind` (InvalidPatientIdError.reason: "check-character",
+    "length", ...); None for an ID the gateway keeps (a loosely written valid one too)."""
+    try:
+        kept_patient_id(patient_id, id_kind)
+    except InvalidPatientIdError as exc:
+        return exc.reason
+    return None
+
+
+# the rule a refused ID broke (`id_problem`), as the county reader reads it: Chinese, English
+ID_PROBLEM_WORDS = {
+    "check-character": ("身份证号校验位不对", "its check digit is wrong"),
+    "length": ("身份证号位数不对", "it has the wrong number of digits"),
+    "birth-date": ("身份证号里的出生日期不对", "its birth date is not a date"),
+}
+
+
+def refused_id_comment(meta: dict) -> str:
+    """The Patient Comments (0010,4000) of an ECG whose cart wrote a patient ID the gateway refused
+    (`refused_patient_meta`, `lan_refused_meta`), as it goes when the doctor has not said whose it
+    is: the county reader sees whom the cart named, not only "no patient" (a file's) or an ID no
+    one has (a cart's LAN object). "" for none. Chinese first, English after."""
+    from lastmile.reports.report_text import display_name
+
+    if "file_patient_id_problem" not in meta:
+        return ""
+    name = str(meta.get("file_patient_name") or "")
+    who = " ".join(part for part in (display_name(name) or name, str(meta.get("file_patient_id") or "")) if part)
+    zh, en = ID_PROBLEM_WORDS.get(
+        str(meta["file_patient_id_problem"]), ("患者编号无效", "it is not a valid patient ID")
+    )
+    return (
+        f"心电图机上写的患者是 {who or '-'}，{zh}，医生未确认是谁的心电图。"
+        f" / The ECG machine named {who or '-'}, but {en}: the doctor has not confirmed whose ECG it is."
+    )
+
+
+def lan_refused_meta(patient: dict | None, id_kind: str) -> dict[str, str]:
+    """A cart's object whose patient ID is refused (a resident ID with a wrong check digit, length
+    or birth date), kept in its meta as a file's is (`refused_patient_meta`): the ID and name as the
+    cart wrote them and the rule the ID broke. {} for an object naming nobody or a kept ID."""
+    if not patient:
+        return {}
+    problem = id_problem(str(patient.get("patient_id") or ""), id_kind)
+    if problem is None:
+        return {}
+    return {
+        "file_patient_id": " ".join(str(patient.get("patient_id") or "").split()),
+        "file_patient_name": str(patient.get("name") or "").strip(),
         "file_patient_id_problem": problem,
     }
 
@@ -438,9 +487,11 @@ def enqueue_recording(
     uids = mint_uids()
     ds = build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
     id_values = id_conflict_meta(recording, config)
-    comment = recording_id_conflict_comment(recording, config)
+    conflict_comment = recording_id_conflict_comment(recording, config)
+    refused = refused_patient_meta(recording.flags, written, config)
+    comment = conflict_comment or refused_id_comment(refused)  # a refused ID's file names nobody: never both
     if comment:  # the doctor's answer takes it away (`assign_held_ecg`); unanswered, it goes with the study
-        ds.PatientComments = comment
+        with_comment(ds, comment)  # after the builder's UNASSIGNED words of a file naming nobody
     data = deflated_part10(ds)
     hold = hold_for(recording, config, now, quality)
     meta = ecg_item_meta(
@@ -461,10 +512,10 @@ def enqueue_recording(
         quality=quality.to_json() if quality is not None else None,
         quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
-        **refused_patient_meta(recording.flags, written, config),
+        **refused,
         **name_mismatch_meta(recording.flags, recording.patient.name if recording.patient else "", checked_in_name),
         **id_values,
-        **({"id_conflict_comment": comment} if comment else {}),
+        **({"id_conflict_comment": conflict_comment} if conflict_comment else {}),
     )
     result = outbox.add(
         Kind.DICOM,
@@ -500,7 +551,13 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
     if item.meta.get("source_format") == LAN_SOURCE_FORMAT:
         # a cart's object is forwarded as the cart made it: only the doctor's answer to a name is written into it
-        if not (item.held(now.timestamp()) and item.hold_reason in (NAME_MISMATCH, ID_CONFLICT)):
+        # or held with its ID refused (`lan_refused_meta`): the doctor's ID written in, the cart's kept as another
+        lan_holds = (
+            NAME_MISMATCH,
+            ID_CONFLICT,
+            *((UNASSIGNED_HOLD,) if "file_patient_id_problem" in item.meta else ()),
+        )
+        if not (item.held(now.timestamp()) and item.hold_reason in lan_holds):
             raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
         return assign_lan_object(outbox, item, patient, now=now, by=by)
     if item.attempts or item.state != ItemState.QUEUED:
@@ -656,6 +713,7 @@ def answer_written(item: OutboxItem, patient: Patient, received: bytes) -> tuple
         with_patient_name(ds, dicom_person_name(patient.name))
     if not id_still_open:  # the doctor answered the ID's question: our comment on it goes
         without_comment(ds, str(item.meta.get("id_conflict_comment") or ""))
+    without_comment(ds, str(item.meta.get("refused_id_comment") or ""))  # he said whose it is
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return ds, id_still_open, own_details, out.getvalue()
@@ -993,9 +1051,13 @@ def lan_object_store(
         other_name = names_differ(file_name, known)
         id_flags, id_values = lan_id_conflict(obj.patient, id_kind)
         cart = obj.patient or {}
-        comment = id_conflict_comment(
+        conflict_comment = id_conflict_comment(
             id_flags, patient_id or "", str(cart.get("sex") or ""), str(cart.get("birth_date") or ""), id_values
         )
+        # an ID refused names nobody the gateway can match: the doctor says whose it is, as for a
+        # file (`refused_patient_meta`); unanswered, the reader is told whom the cart named
+        refused = lan_refused_meta(obj.patient, id_kind)
+        comment = conflict_comment or refused_id_comment(refused)  # a refused ID has no conflict: never both
         forwarded = as_forwarded(
             obj,
             patient_id,
@@ -1010,12 +1072,20 @@ def lan_object_store(
         )  # what the cart sends again
         obj = forwarded.obj
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
-        stat = session is not None and session.covers(patient_id, None)
-        mismatch = bool(current and patient_id is not None and patient_id not in current)
-        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if other_name or id_flags else 0.0
+        # during a STAT check-in, an ECG whose ID is refused is most likely that patient's: urgent
+        stat = session is not None and (session.covers(patient_id, None) or bool(refused))
+        mismatch = bool(current and patient_id is not None and patient_id not in current) and not refused
+        asked = other_name or id_flags or refused
+        hold_s = name_hold_s(stat, patient_hold_s, stat_name_hold_s) if asked else 0.0
         # the name's question first, as for a file (`hold_for`); the ID's after it (`assign_lan_object`)
-        hold = Hold(NAME_MISMATCH if other_name else ID_CONFLICT, time.time() + hold_s) if hold_s > 0 else None
-        flags = ([PATIENT_MISMATCH] if mismatch else []) + ([NAME_MISMATCH] if other_name else []) + id_flags
+        reason = UNASSIGNED_HOLD if refused else NAME_MISMATCH if other_name else ID_CONFLICT
+        hold = Hold(reason, time.time() + hold_s) if hold_s > 0 else None
+        flags = (
+            ([PATIENT_MISMATCH] if mismatch else [])
+            + ([NAME_MISMATCH] if other_name else [])
+            + id_flags
+            + ([PATIENT_ID_REFUSED] if refused else [])
+        )
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
@@ -1031,7 +1101,9 @@ def lan_object_store(
             **rewritten,
             **name_mismatch_meta(flags, file_name, known),
             **id_values,
-            **({"id_conflict_comment": comment} if forwarded.commented else {}),
+            **({"id_conflict_comment": conflict_comment} if forwarded.commented and conflict_comment else {}),
+            **({"refused_id_comment": comment} if forwarded.commented and refused else {}),
+            **refused,
         )
         newest.saw(obj.calling_ae, forwarded)
         if kept is None:
