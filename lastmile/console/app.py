@@ -1365,7 +1365,9 @@ async def ecg_preview(request: Request) -> Response:
     return Response(gzip.decompress(analysis.svg_gzip), media_type="image/svg+xml", headers=headers)
 
 
-LIVE_PANELS = ("session", "readings", "ecg", "held")
+# "alerts": the critical-result banner (base.html), so a result that comes back while Today is open
+# shows within seconds, not at the next reload; its data is in every page's model already (page_model)
+LIVE_PANELS = ("session", "readings", "ecg", "held", "alerts")
 
 
 @dataclass(frozen=True)
