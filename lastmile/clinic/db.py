@@ -471,6 +471,14 @@ MIGRATIONS = (
     # STAT, reason, when; NULL: none), on the session's row: Today said it from the session log,
     # a query on every render and live push. A session open at the upgrade gets it from its log once
     Migration("0040_session_ended_by_card", _session_ended_by_card),
+    # the critical-result banner (every page, every live push) finds the unacknowledged critical
+    # reports without reading the table (each row holds its object): the same condition as
+    # lastmile.reports.unread_critical's. IF NOT EXISTS: a database a lead renumbered it on is not refused
+    Migration.sql(
+        "0041_reports_unacknowledged_critical_index",
+        "CREATE INDEX IF NOT EXISTS reports_unacknowledged_critical ON reports (id) "
+        "WHERE critical IS NOT NULL AND acknowledged_at IS NULL AND superseded_by IS NULL;",
+    ),
 )
 
 
