@@ -664,6 +664,31 @@ def test_a_critical_result_shows_on_the_open_today_page_without_a_reload(browser
         assert browser.execute_script("return window.__sameDocument") is True
 
 
+def test_a_critical_result_shows_on_an_open_sent_page_too(browser: object, tmp_path: Path) -> None:
+    """The doctor waits on the Sent page for the STAT ECG to go out: the result comes back while
+    he looks there, and the banner comes to that page too (its stream sends the banner alone)."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        log_in(browser, server)
+        browser.get(server.url + "/sent")
+        live_stream_open(browser)
+        wait_for(browser, lambda d: live_events(d) >= 1)  # the first round: the banner, as drawn
+        assert browser.find_element(by("id"), "panel-alerts").get_attribute("data-updated") is None
+        assert not browser.find_elements(by("css"), "[role=alert].critical")
+        browser.execute_script("window.__sameDocument = true")
+        store_returned_reports(config)
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            text_in(browser, "[role=alert].critical", "张三", timeout=30)
+        except TimeoutException:
+            shown = [e.text for e in browser.find_elements(by("css"), "[role=alert]") if e.is_displayed()]
+            raise AssertionError(
+                f"30 s after the critical report came back, the open Sent page shows {shown}"
+            ) from None
+        assert browser.execute_script("return window.__sameDocument") is True  # live, no reload
+
+
 def test_a_report_printed_on_the_clinic_printer_from_a_phone(
     browser: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
