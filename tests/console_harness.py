@@ -112,6 +112,9 @@ class StaticReports:
     def report(self, report_id: str) -> ReportView | None:
         return next((r for r in self.items if r.report_id == report_id), None)
 
+    def unacknowledged_critical(self) -> list[ReportView]:
+        return [r for r in self.reports(len(self.items)) if r.critical and r.acknowledged_at is None]
+
     def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
         found = self.report(report_id)
         if found is None or found.acknowledged_at is not None:

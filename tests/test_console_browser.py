@@ -76,6 +76,11 @@ def live_stream_open(driver: object) -> None:
     wait_for(driver, lambda d: d.execute_script("return document.documentElement.dataset.live") == "on")
 
 
+def live_events(driver: Any) -> int:
+    """How many panel events the page has had from its stream (console.js counts them)."""
+    return int(driver.execute_script("return document.documentElement.dataset.liveEvents || 0"))
+
+
 # The Today page's live panels are swapped in by server-sent events whenever what they show
 # changes; an element found a moment ago may be gone (stale) by the time it is read or clicked.
 # Every read or click inside a live panel goes through these, which find the element afresh.
@@ -609,6 +614,79 @@ def test_a_returned_report_and_a_critical_alert(browser: object, tmp_path: Path)
         browser.get(server.url + "/reports/r-critical")
         assert "急性下壁心肌梗死" in browser.find_element(by("css"), "pre.report-text").text
         save_screenshot(browser, "report-print-view-tablet")
+
+
+def test_a_critical_result_shows_on_the_open_today_page_without_a_reload(browser: object, tmp_path: Path) -> None:
+    """The county's critical report comes back while the doctor has Today open (the STAT patient in
+    front of him): the banner was drawn only when a page loaded, so he learned of a STEMI only if he
+    reloaded. It comes live now, without pulling away what he is typing, and goes once acknowledged."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        log_in(browser, server)
+        live_stream_open(browser)
+        wait_for(browser, lambda d: live_events(d) >= 4)  # the first round (the old code sent 4 panels)
+        assert not browser.find_elements(by("css"), "[role=alert].critical")
+        browser.execute_script("window.__sameDocument = true")
+        typing = browser.find_element(by("id"), "patient_name")
+        typing.click()
+        typing.send_keys("李")
+        critical_id, _routine = store_returned_reports(config)  # as the poller stores them
+        from selenium.common.exceptions import TimeoutException
+
+        try:  # within seconds (the stream is woken by clinic.db's change; 30 s: two busy cores)
+            text_in(browser, "[role=alert].critical", "张三", timeout=30)
+        except TimeoutException:
+            shown = [e.text for e in browser.find_elements(by("css"), "[role=alert]") if e.is_displayed()]
+            raise AssertionError(
+                f"30 s after the critical report came back, the open Today page shows {shown}"
+            ) from None
+        banner = text_of(browser, "#panel-alerts")
+        assert "危急值" in banner and VALID_ID in banner, banner
+        assert browser.execute_script("return window.__sameDocument") is True  # live, no reload
+        # the doctor typing a name lost neither his letter nor his place
+        assert browser.find_element(by("id"), "patient_name").get_attribute("value") == "李"
+        assert browser.execute_script("return document.activeElement.id") == "patient_name"
+        save_screenshot(browser, "today-live-critical-banner-tablet")
+
+        # loaded with the banner: the stream's first round leaves it as drawn (not announced twice)
+        browser.refresh()
+        live_stream_open(browser)
+        wait_for(browser, lambda d: live_events(d) >= 5)  # the first round, the banner's event in it
+        assert browser.find_element(by("id"), "panel-alerts").get_attribute("data-updated") is None
+
+        # acknowledged elsewhere (`lastmile report ack`): the banner goes from the open page
+        browser.execute_script("window.__sameDocument = true")
+        from lastmile.reports.store import ReportStore
+
+        with ReportStore.open(config.data_dir) as store:
+            store.acknowledge(critical_id, "Dr Chen", dt.datetime.now(dt.timezone.utc))
+        wait_for(browser, lambda d: not d.find_elements(by("css"), "[role=alert].critical"))
+        assert browser.execute_script("return window.__sameDocument") is True
+
+
+def test_a_critical_result_shows_on_an_open_sent_page_too(browser: object, tmp_path: Path) -> None:
+    """The doctor waits on the Sent page for the STAT ECG to go out: the result comes back while
+    he looks there, and the banner comes to that page too (its stream sends the banner alone)."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        log_in(browser, server)
+        browser.get(server.url + "/sent")
+        live_stream_open(browser)
+        wait_for(browser, lambda d: live_events(d) >= 1)  # the first round: the banner, as drawn
+        assert browser.find_element(by("id"), "panel-alerts").get_attribute("data-updated") is None
+        assert not browser.find_elements(by("css"), "[role=alert].critical")
+        browser.execute_script("window.__sameDocument = true")
+        store_returned_reports(config)
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            text_in(browser, "[role=alert].critical", "张三", timeout=30)
+        except TimeoutException:
+            shown = [e.text for e in browser.find_elements(by("css"), "[role=alert]") if e.is_displayed()]
+            raise AssertionError(
+                f"30 s after the critical report came back, the open Sent page shows {shown}"
+            ) from None
+        assert browser.execute_script("return window.__sameDocument") is True  # live, no reload
 
 
 def test_a_report_printed_on_the_clinic_printer_from_a_phone(

@@ -481,6 +481,14 @@ MIGRATIONS = (
         "CREATE UNIQUE INDEX stick_files_refused_path ON stick_files_refused (path);\n"
         "CREATE INDEX stick_files_refused_name ON stick_files_refused (name);",
     ),
+    # the critical-result banner (every page, every live push) finds the unacknowledged critical
+    # reports without reading the table (each row holds its object): the same condition as
+    # lastmile.reports.unread_critical's. IF NOT EXISTS: a database a lead renumbered it on is not refused
+    Migration.sql(
+        "0042_reports_unacknowledged_critical_index",
+        "CREATE INDEX IF NOT EXISTS reports_unacknowledged_critical ON reports (id) "
+        "WHERE critical IS NOT NULL AND acknowledged_at IS NULL AND superseded_by IS NULL;",
+    ),
 )
 
 

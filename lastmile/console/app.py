@@ -839,6 +839,7 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "path": request.url.path,
         "version": __version__,
         "https": state.https,
+        "alerts_stream": ALERTS_STREAM,
         **values,
     }
 
@@ -860,6 +861,8 @@ async def page_model(
     now = now_utc()
     model = await state.run_db(build, state.data, now, *args)
     model["alerts"] = await state.run_db(views.critical_alerts, state.data)
+    # live on every such page: its stream sends the banner alone (ALERTS_STREAM), Today's with its panels
+    model["alerts_panel"] = alerts_panel(request, ctx, model["alerts"])
     return model
 
 
@@ -1405,7 +1408,9 @@ async def ecg_preview(request: Request) -> Response:
     return Response(gzip.decompress(analysis.svg_gzip), media_type="image/svg+xml", headers=headers)
 
 
-LIVE_PANELS = ("session", "readings", "ecg", "held")
+# "alerts": the critical-result banner (base.html), so a result that comes back while Today is open
+# shows within seconds, not at the next reload; its data is in every page's model already (page_model)
+LIVE_PANELS = ("session", "readings", "ecg", "held", "alerts")
 
 
 @dataclass(frozen=True)
@@ -1422,14 +1427,24 @@ class LivePanel:
         return cls(Markup(html), hashlib.sha256(html.encode()).hexdigest()[:16])
 
 
+def alerts_panel(request: Request, ctx: Context, alerts: list[views.Alert]) -> LivePanel:
+    return LivePanel.of(render_fragment("panel_alerts.html", ctx, request, alerts=alerts))
+
+
+# the stream of a page other than Today: the critical-result banner alone, at the cost of its one query
+ALERTS_STREAM = "/events?panels=alerts"
+
+
 def live_panels(request: Request, ctx: Context, model: dict[str, Any]) -> dict[str, LivePanel]:
     return {name: LivePanel.of(render_fragment(f"panel_{name}.html", ctx, request, **model)) for name in LIVE_PANELS}
 
 
 async def events(request: Request) -> Response:
-    """Server-sent events: the Today page's live panels, each sent again when it changed."""
+    """Server-sent events: the Today page's live panels, each sent again when it changed; with
+    ?panels=alerts (the other pages: ALERTS_STREAM) the critical-result banner alone."""
     state = state_of(request)
     ctx = await context_for(request)
+    alerts_only = request.query_params.get("panels") == "alerts"
     wake = state.broker.subscribe()
     token = request.cookies.get(SESSION_COOKIE)
 
@@ -1442,8 +1457,12 @@ async def events(request: Request) -> Response:
                 if login is None:
                     yield "event: logout\ndata: {}\n\n"
                     return
-                model = await today_model(request, ctx)
-                for name, panel in live_panels(request, ctx, model).items():
+                if alerts_only:
+                    alerts = await state.run_db(views.critical_alerts, state.data)
+                    panels = {"alerts": alerts_panel(request, ctx, alerts)}
+                else:
+                    panels = live_panels(request, ctx, await today_model(request, ctx))
+                for name, panel in panels.items():
                     if sent.get(name) != panel.version:
                         sent[name] = panel.version
                         data = {"id": f"panel-{name}", "html": str(panel.html), "version": panel.version}

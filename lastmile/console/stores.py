@@ -133,6 +133,11 @@ class StoredReports:
         found.sort(key=lambda r: (r.received_at, r.id), reverse=True)
         return [report_view(r, studies.get(r.study_uid)) for r in found[:limit]]
 
+    def unacknowledged_critical(self) -> list[ReportView]:
+        found = self.store.unacknowledged_critical()  # newest first, as `reports`
+        found.sort(key=lambda r: (r.received_at, r.id), reverse=True)
+        return [report_view(r, self.store.study(r.study_uid)) for r in found]
+
     def _stored(self, report_id: str) -> StoredReport | None:
         number = row_number(report_id)
         return None if number is None else self.store.get(number)

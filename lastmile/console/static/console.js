@@ -51,7 +51,9 @@
       Object.keys(pending).forEach(function (id) { swap(id, pending[id][0], pending[id][1]); });
     }, 0);
   });
-  var source = new EventSource("/events");
+  // Today's stream sends its panels; another page's, the critical-result banner alone (data-stream)
+  var streamed = document.querySelector("[data-stream]");
+  var source = new EventSource(streamed ? streamed.getAttribute("data-stream") : "/events");
   var received = 0;
   source.addEventListener("panel", function (event) {
     var data = JSON.parse(event.data);
@@ -59,7 +61,13 @@
     document.documentElement.setAttribute("data-live-events", String(++received));
     swap(data.id, data.html, data.version);
   });
-  source.addEventListener("logout", function () { source.close(); window.location.reload(); });
+  // The login ended (or another took its place in another tab): Today goes to the login page; another
+  // page keeps what it shows (a form there says so when sent), its banner no longer live.
+  source.addEventListener("logout", function () {
+    source.close();
+    document.documentElement.setAttribute("data-live", "off");
+    if (!streamed) { window.location.reload(); }
+  });
   // The gateway stopped (or the link to it): the panels stay as they were, so say that this page
   // is no longer current while the stream is down; the browser reconnects by itself (retry: 3 s).
   // Shown after one reconnect's wait, not at once: leaving the page also ends the stream, and a
