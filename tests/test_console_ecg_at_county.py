@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from lastmile.console.sources import ClinicData, now_utc
 from lastmile.data_dir import open_outbox
 from lastmile.demo.cardiologist import STEMI, ecg_report_sr
 from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.demo.runner import source_ecg
+from lastmile.ecg.holds import NAME_MISMATCH, discard_held_ecg
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.reports.store import ReportStore
 from lastmile.services.forward import forwarder_settings
@@ -213,3 +216,25 @@ def test_after_re_record_the_ecg_is_not_said_refused_by_the_county_nor_to_go_as_
     wrong_sent = [w for w in ("信息科", "recorded again at the gateway") if w in studies]
     assert (wrong_today, wrong_sent) == ([], []), (text, studies)
     assert "未发送：已选择重做这份心电图。" in studies, studies
+
+
+def test_an_ecg_kept_back_by_lastmile_ecg_discard_says_record_again_not_call_the_county(tmp_path: Path) -> None:
+    """`lastmile ecg discard` keeps back a held ECG of good enough quality (held for its name) as 重做
+    does: no "record again" note under a verdict then, so the county line itself says it, not the
+    red "call the county IT" with the English quarantine reason."""
+    config = console_for(gateway_config(tmp_path, free_port(), "READING_CENTER"))
+    config.ecg.re_record_hold_s = 0  # its name is the hold here
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        # a good 10 s ECG the cart filed under the ID with another name: held for its name only
+        rec = replace(source_ecg(), patient=Patient(VALID_ID, "Zhang^San"), flags=(NAME_MISMATCH,))
+        with open_outbox(config) as outbox:
+            item = enqueue_recording(outbox, replace(rec, acquired_at=now_utc()), config, key="ecg-name").item
+            assert item.hold_reason == NAME_MISMATCH and item.meta["quality"]["verdict"] != "re-record", item
+            discard_held_ecg(outbox, item.id, time.time())  # what `lastmile ecg discard E<n>` does
+        panel = ecg_panel(client)
+    line = county_line(panel)
+    assert line == '<p class="done" data-county="re-recorded">已记录：请重做。新的记录会显示在这里。</p>', line
+    assert "按原样发送到县里" not in panel, panel
