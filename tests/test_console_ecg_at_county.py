@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,13 @@ from lastmile.console.sources import ClinicData, now_utc
 from lastmile.data_dir import open_outbox
 from lastmile.demo.cardiologist import STEMI, ecg_report_sr
 from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.demo.runner import source_ecg
+from lastmile.ecg.holds import NAME_MISMATCH, discard_held_ecg
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.reports.store import ReportStore
 from lastmile.services.forward import forwarder_settings
-from lastmile.services.link_status import READING_CENTER_STATUS
-from tests.console_harness import DOCTOR, VALID_ID, Client, panel_events, running_console
+from lastmile.services.link_status import LAST_ERROR_AT, READING_CENTER_STATUS
+from tests.console_harness import DOCTOR, VALID_ID, Client, enqueue_ecg, panel_events, running_console
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import gateway_config, poller_for, send_ecgs, to_read
@@ -157,3 +160,81 @@ def test_a_routine_report_back_is_said_with_its_time_and_a_link_not_in_red(
         + rf' 返回。 <span class="then-link">· <a href="/reports/{report.id}">查看报告</a></span></p>',
         line,
     ), line
+
+
+def held_for_re_record_with_the_link_down(config: Config, url: str) -> tuple[Client, str]:
+    """张三 checked in; an ECG with V3 off arrives and is held for the doctor's re-record decision;
+    the reading center's link is down meanwhile. The doctor's client and the panel, once it offers 重做."""
+    client = Client(url)
+    client.login(DOCTOR)
+    assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    enqueue_ecg(config, lead_off=True)
+    now = time.time()
+    with open_outbox(config) as outbox:
+        outbox.record_status(READING_CENTER_STATUS, {"last_success": now - 600, LAST_ERROR_AT: now - 60}, now)
+    deadline = time.monotonic() + 40
+    while "/re-record" not in (panel := ecg_panel(client)):
+        assert time.monotonic() < deadline, panel
+        time.sleep(0.5)
+    return client, panel
+
+
+def test_an_ecg_held_for_the_doctor_is_not_said_to_go_when_the_link_is_back(tmp_path: Path) -> None:
+    """Held for his 重做 / 仍然发送 with the link down, the panel said "网络恢复后立即发送": it waits for
+    him, not for the link (the Sent page says so too). It says it waits for his decision."""
+    config = console_for(gateway_config(tmp_path, free_port(), "READING_CENTER"))
+    config.ecg.re_record_hold_s = 900
+    with running_console(config) as server:
+        client, panel = held_for_re_record_with_the_link_down(config, server.url)
+        sent_page = client.get("/sent").body
+    line = county_line(panel)
+    assert line == '<p class="warn" data-county="held">还没送到县里。 等待医生处理。</p>', line
+    assert "网络恢复后立即发送" not in panel
+    assert "data-held-for-doctor" in sent_page  # the Sent page: the hold before the link
+
+
+def test_after_re_record_the_ecg_is_not_said_refused_by_the_county_nor_to_go_as_it_is(tmp_path: Path) -> None:
+    """重做 quarantines the ECG by the doctor's own decision: the panel said in red to call the
+    county IT, with the English quarantine reason, and that the ECG goes to the county as it is,
+    under its own "Noted: record again"; the Sent page said to call the county IT too. Now only
+    that note on Today, and the Sent page says it was not sent because he records it again."""
+    config = console_for(gateway_config(tmp_path, free_port(), "READING_CENTER"))
+    config.ecg.re_record_hold_s = 900
+    with running_console(config) as server:
+        client, panel = held_for_re_record_with_the_link_down(config, server.url)
+        (action,) = re.findall(r'action="(/today/ecg/\d+/re-record)"', panel)
+        assert client.post(action).status == 303
+        panel = ecg_panel(client)
+        sent_page = client.get("/sent").body
+    text = re.sub(r"\s+", " ", panel)
+    assert "已记录：请重做。新的记录会显示在这里。" in text, text
+    studies = sent_page.split('id="h-studies"', 1)[1].split("</section>", 1)[0]
+    # no county line on Today (its own note says where it is), no call to the county IT, no English
+    wrong_today = [
+        w for w in ("data-county", "信息科", "recorded again at the gateway", "按原样发送到县里") if w in text
+    ]
+    wrong_sent = [w for w in ("信息科", "recorded again at the gateway") if w in studies]
+    assert (wrong_today, wrong_sent) == ([], []), (text, studies)
+    assert "未发送：已选择重做这份心电图。" in studies, studies
+
+
+def test_an_ecg_kept_back_by_lastmile_ecg_discard_says_record_again_not_call_the_county(tmp_path: Path) -> None:
+    """`lastmile ecg discard` keeps back a held ECG of good enough quality (held for its name) as 重做
+    does: no "record again" note under a verdict then, so the county line itself says it, not the
+    red "call the county IT" with the English quarantine reason."""
+    config = console_for(gateway_config(tmp_path, free_port(), "READING_CENTER"))
+    config.ecg.re_record_hold_s = 0  # its name is the hold here
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        # a good 10 s ECG the cart filed under the ID with another name: held for its name only
+        rec = replace(source_ecg(), patient=Patient(VALID_ID, "Zhang^San"), flags=(NAME_MISMATCH,))
+        with open_outbox(config) as outbox:
+            item = enqueue_recording(outbox, replace(rec, acquired_at=now_utc()), config, key="ecg-name").item
+            assert item.hold_reason == NAME_MISMATCH and item.meta["quality"]["verdict"] != "re-record", item
+            discard_held_ecg(outbox, item.id, time.time())  # what `lastmile ecg discard E<n>` does
+        panel = ecg_panel(client)
+    line = county_line(panel)
+    assert line == '<p class="done" data-county="re-recorded">已记录：请重做。新的记录会显示在这里。</p>', line
+    assert "按原样发送到县里" not in panel, panel

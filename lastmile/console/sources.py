@@ -286,6 +286,7 @@ class EcgItemView:
     study_uid: str = ""  # the county files its report under it (a purged item's: its sent-study record's)
     committed_at: dt.datetime | None = None  # the county confirmed it keeps it
     quarantine_reason: str = ""
+    re_recorded: bool = False  # the doctor's 重做 kept it back (quarantined by him, not refused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,9 +294,11 @@ class EcgAtCounty:
     """Where Today's ECG is on its way to the county, for the one line under it: the doctor with
     the patient in front of him asks "has the county got it / read it?" (REV-R 4). `where`:
     "waiting" (not at the county yet: queued, sending or held for the doctor), "refused"
-    (quarantined), "sent" (sent, the county's confirmation to come), "at-county" (confirmed)."""
+    (quarantined), "re-recorded" (kept back by the doctor's 重做: never sent, his own note says
+    so), "sent" (sent, the county's confirmation to come), "at-county" (confirmed)."""
 
     where: str
+    held_for_doctor: bool = False  # "waiting": for his decision on Today, not for the link
     link_down_since: dt.datetime | None = None  # "waiting": the reading center's link is down
     link_refused: bool = False  # "waiting": the reading center refuses this gateway (call the county IT)
     link_fault_since: dt.datetime | None = None
@@ -321,6 +324,7 @@ class StudyJourney:
     last_error: str
     quarantine_reason: str
     metered_held: bool = False  # a routine study the metered link holds now (window shut, budget spent)
+    re_recorded: bool = False  # quarantined by the doctor's 重做, not refused: nothing for the county IT
     # held for the doctor now, one of lastmile.ecg.holds.DOCTOR_HOLDS (a patient to settle, a
     # re-record verdict), and when it goes as it is unless they decide: not the link's wait
     hold_reason: str = ""
@@ -1240,14 +1244,20 @@ class ClinicData:
             study_uid=str(item.meta.get("study_uid") or (study.study_uid if study else "")),
             committed_at=_t(item.committed_at),
             quarantine_reason=item.quarantine_reason or "",
+            re_recorded=re_recorded(item),
         )
 
-    def ecg_at_county(self, ecg: EcgItemView) -> EcgAtCounty:
-        """Where `ecg` is on its way to the county. Today's live panels are rendered again on
-        every change: one indexed statement at most (the link's status row while it waits; its
-        reports by study, by index, once sent), never the Sent page's list of every report."""
+    def ecg_at_county(self, ecg: EcgItemView, *, held_for_doctor: bool = False) -> EcgAtCounty:
+        """Where `ecg` is on its way to the county; `held_for_doctor`: held now for his decision
+        (Today's held ECGs). Today's live panels are rendered again on every change: one indexed
+        statement at most (the link's status row while it waits; its reports by study, by index,
+        once sent), never the Sent page's list of every report."""
+        if ecg.re_recorded:
+            return EcgAtCounty("re-recorded")
         if ecg.state == ItemState.QUARANTINED.value:
             return EcgAtCounty("refused")
+        if held_for_doctor:  # it goes when he decides (or its hold runs out), whatever the link (sent.html)
+            return EcgAtCounty("waiting", held_for_doctor=True)
         if ecg.state not in (ItemState.SENT.value, ItemState.COMMITTED.value, ItemState.PURGED.value):
             status = self.outbox.status(READING_CENTER_STATUS) or {}
             if status.get("fault"):
@@ -1545,6 +1555,7 @@ class ClinicData:
                     last_error=item.last_error or "",
                     quarantine_reason=item.quarantine_reason or "",
                     metered_held=hold is not None and hold.holds(item, at),
+                    re_recorded=re_recorded(item),
                     **_doctor_hold(item, at),
                 )
             )

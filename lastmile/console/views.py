@@ -56,6 +56,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     session = data.session(now)
     latest = data.latest_ecg(session, now=now)
     held_ecgs = data.held_ecgs(now, session)
+    ecg_held = latest is not None and any(h.item_id == latest.item_id for h in held_ecgs)
     found = data.devices()
     readings = data.patient_readings(session.patient_id, session.since, other_ids=session.other_ids) if session else []
     return {
@@ -81,8 +82,8 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "held_ecgs": held_ecgs,
         "stick_files": data.refused_stick_files(),
         "ecg": latest,
-        "ecg_at_county": None if latest is None else data.ecg_at_county(latest),
-        "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
+        "ecg_at_county": None if latest is None else data.ecg_at_county(latest, held_for_doctor=ecg_held),
+        "ecg_held": ecg_held,
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
         "battery_refresh_s": data.config.ble.battery_refresh_s,
         "now": now,
