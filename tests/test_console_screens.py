@@ -641,6 +641,7 @@ FORM_PAGES = {
     "/today/ecg/{item_id}/checked-in-name": "/today",
     "/today/ecg/{item_id}/name-right": "/today",
     "/today/ecg/{item_id}/id-values": "/today",
+    "/today/stick-file/{file_id}/seen": "/today",
     "/reports/{report_id}/acknowledge": "/reports/{report_id}",
     "/reports/{report_id}/print": "/reports/{report_id}",
     "/devices/pair": "/devices",
@@ -667,7 +668,7 @@ def test_every_form_address_opened_as_a_page_leads_to_the_page_of_its_form(tmp_p
         client = Client(server.url)
         client.login(DOCTOR)
         for form, page in FORM_PAGES.items():
-            address, back_to = (p.format(item_id=7, report_id=critical) for p in (form, page))
+            address, back_to = (p.format(item_id=7, file_id=7, report_id=critical) for p in (form, page))
             reply = client.get(address)
             assert (reply.status, reply.location) == (303, back_to), (address, reply.status, reply.location)
             shown = client.get(back_to)
