@@ -301,6 +301,9 @@ def load_profile(text: str) -> ReportProfile:
 class ReportParsed:
     observations: tuple[Observation, ...]
     lines: int
+    # it began with the profile's start line: a report the device printed for a measurement, not
+    # one line of a start-less monitor's steady stream ("SPO2 -- %" every second while idle)
+    framed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,4 +559,4 @@ class ReportParser:
             observations = parse_report(self.profile, lines, received_at=received_at, device=self.device)
         except ProtocolError as exc:
             return [ReportRejected(str(exc), len(lines))]
-        return [ReportParsed(observations, len(lines))]
+        return [ReportParsed(observations, len(lines), framed=self.profile.start is not None)]

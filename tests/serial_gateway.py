@@ -56,6 +56,11 @@ class Running:
         record = self.registry.get(address)
         return record.waiting if record is not None else ""
 
+    def device_reading(self, address: str) -> str:
+        """The last reading its device row shows; "" before the service wrote one."""
+        record = self.registry.get(address)
+        return (record.last_reading or "") if record is not None else ""
+
     def close(self) -> None:
         self.service.close()
         self.outbox.close()

@@ -5,6 +5,7 @@ $LASTMILE_SCREENSHOTS (default tmp/console-screenshots)."""
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 import os
 import re
@@ -1123,6 +1124,55 @@ def test_an_impossible_value_is_shown_as_a_plain_number_a_doctor_can_read(tmp_pa
         "Blood pressure impossible value (the device said 11360000 mmHg)/80 mmHg",
         "Temperature impossible value (the device said 1234567.89 °C)",
     ], pages["en"]
+
+
+def test_a_damaged_huge_or_tiny_value_is_said_in_few_digits_a_doctor_can_read(tmp_path: Path) -> None:
+    """A damaged BLE FLOAT thermometer value (exponent 127) read 设备显示 83886059999...(134 digits)
+    °C: every digit past the 17th float's noise the device never sent; and an impossible 0.004 kg
+    read "0 kg", a value the scale did not send. Now the huge one is "> 1000000000000" and the tiny
+    one keeps its significant digits."""
+    from dataclasses import replace
+
+    from devices.plausibility import IMPLAUSIBLE
+
+    config = console_config(tmp_path / "data")
+    damaged = 8388605 * 10.0**127  # the FLOAT's largest mantissa and exponent
+    huge_temperature = replace(
+        one_value_reading("body-temperature", "body-temperature", 37.0, "Cel", "t-damaged"),  # type: ignore[type-var]
+        quantities=(Quantity("body-temperature", None, "Cel", damaged, "Cel", special=IMPLAUSIBLE),),
+    )
+    tiny_weight = replace(
+        one_value_reading("body-weight", "body-weight", 60.0, "kg", "w-tiny"),  # type: ignore[type-var]
+        quantities=(Quantity("body-weight", None, "kg", 0.004, "kg", special=IMPLAUSIBLE),),
+    )
+    hold_readings(config, huge_temperature, tiny_weight)
+    pages = {
+        language: [html.unescape(shown) for shown in shown_readings(page)]  # the page's "&gt;" as read
+        for language, page in pages_in_both_languages(config, "/today").items()
+    }
+    assert sorted(pages["zh-CN"]) == [
+        "体温 不可能的数值（设备显示 > 1000000000000 °C）",
+        "体重 不可能的数值（设备显示 0.004 kg）",
+    ], pages["zh-CN"]
+    assert sorted(pages["en"]) == [
+        "Temperature impossible value (the device said > 1000000000000 °C)",
+        "Weight impossible value (the device said 0.004 kg)",
+    ], pages["en"]
+
+
+def test_plain_numbers_at_their_edges() -> None:
+    """The edges of `plain_number`: at most 7 significant digits for a value its decimals would
+    round to 0, "less than" words nearer 0 than 0.000001, "more than" words from 10^12 on."""
+    from lastmile.clinic.observations import plain_number
+
+    assert plain_number(0.00412345678, "kg") == "0.004123457"
+    assert plain_number(-0.004, "kg") == "-0.004"
+    assert plain_number(0.4, "mm[Hg]") == "0.4"  # not "0" mmHg
+    assert plain_number(1e-9, "kg") == "< 0.000001"
+    assert plain_number(-5e13, "kg") == "< -1000000000000"
+    assert plain_number(999999999999.4, "mm[Hg]") == "999999999999"  # below 10^12 every digit the device's
+    assert plain_number(0.0, "kg") == "0"
+    assert plain_number(36.8149, "Cel") == "36.81"
 
 
 def test_a_last_reading_written_before_the_plain_numbers_reads_plain_too(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from tests.serial_gateway import (
     wait_for_answers,
 )
 from tests.serial_pty import PtyDevice
-from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
+from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT, report_printed
 from tests.waiting import wait_for
 
 BP = (codec.MeasuredValue("systolic", 118.0, "mm[Hg]"), codec.MeasuredValue("diastolic", 76.0, "mm[Hg]"))
@@ -618,6 +618,114 @@ def test_a_forwarded_report_with_nothing_measured_is_acknowledged_and_said_on_th
     row = r.registry.get("serial:cart")
     assert row is not None and row.problem is DeviceProblem.NOTHING_MEASURED, row
     assert r.outbox.items(kind="observation") == []
+
+
+# an SpO2 monitor printing its value on a line of its own every second, no report framing
+STREAMING_OXIMETER = """
+[profile]
+name = "streaming-oximeter"
+manufacturer = "Example Medical"
+model = "OX-1"
+kind = "spo2"
+
+[framing]
+line_end = "any"
+
+[[field]]
+code = "spo2"
+pattern = '^SPO2\\s+(?P<value>\\d+|--)\\s*%'
+unit = "%"
+no_value = ["--"]
+"""
+
+
+def row_writes(r: Running) -> list[dict]:
+    """Every write of the service's own registry on a device row from now on (its facts)."""
+    registry = r.service.ctx.registry
+    writes: list[dict] = []
+    update = registry.update_status
+
+    def counted(address: str, **facts: object) -> object:
+        writes.append(facts)
+        return update(address, **facts)
+
+    registry.update_status = counted  # type: ignore[method-assign]
+    return writes
+
+
+def test_a_streaming_monitor_idle_between_readings_says_nothing_and_writes_no_row(
+    tmp_path: Path, running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A monitor without report framing prints "SPO2 -- %" every second while no finger is in
+    it. Each such line was taken for a report with nothing measured: a WARNING log line per line,
+    the row rewritten every 5 s all day (SD wear) and "请检查探头" on Today, also just after a
+    good reading when the finger came out. Now nothing is said or written for them: the row is
+    written for the readings only."""
+    import logging
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "streaming-oximeter.toml").write_text(STREAMING_OXIMETER)
+    monitor = PtyDevice(tmp_path / "usb-oximeter")
+    r = running(
+        [{"name": "oximeter", "match": str(monitor.link_path), "profile": "streaming-oximeter"}],
+        profiles_dir=str(profiles),
+    )
+    wait_for(lambda: all(s.connected for s in r.service.statuses()), what="the oximeter connected")
+    r.patients.set_patient("P-9", now=r.now() - dt.timedelta(minutes=1))
+    monitor.write(b"SPO2 97 %\r\n")
+    wait_for(lambda: "97" in r.device_reading("serial:oximeter"), what="the first reading on its row")
+    writes = row_writes(r)
+    with caplog.at_level(logging.DEBUG, logger="lastmile.services.serial_devices"):
+        for _ in range(10):  # the finger out: ten seconds of "no value"
+            monitor.write(b"SPO2 -- %\r\n")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        monitor.write(b"SPO2 96 %\r\n")  # the finger back: the lines before it were read
+        wait_for(lambda: "96" in r.device_reading("serial:oximeter"), what="the second reading on its row")
+    assert [w.get("seen") for w in writes] == [True], writes  # the second reading's, no other
+    assert not [m for m in caplog.messages if "nothing measured" in m], caplog.messages
+    row = r.registry.get("serial:oximeter")
+    assert row is not None and not row.last_error and row.problem is not DeviceProblem.NOTHING_MEASURED, row
+
+
+def test_repeated_reports_with_nothing_measured_are_said_once_until_the_next_reading(
+    tmp_path: Path, running, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A framed report with nothing measured (the doctor pressed measure, no probe on) is still
+    said on the row; three in a row were three WARNING lines and row writes (the last held back
+    and written after the next good reading, whose row then said "nothing measured" again). Now
+    one line and one write until the next reading; after it, the next empty report is said again."""
+    import logging
+
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "ERROR_STATUS_EVERY_S", 0.3)  # a held-back repeat shows soon
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    device = {"name": "monitor", "match": str(monitor.link_path), "profile": monitor_requiring_nothing(profiles)}
+    r = running([device], profiles_dir=str(profiles))
+    wait_for(lambda: all(s.connected for s in r.service.statuses()), what="the monitor connected")
+    r.patients.set_patient("P-9", now=r.now() - dt.timedelta(minutes=1))
+    writes = row_writes(r)
+
+    def said() -> list[dict]:
+        return [w for w in writes if w.get("problem") is DeviceProblem.NOTHING_MEASURED]
+
+    with caplog.at_level(logging.WARNING, logger="lastmile.services.serial_devices"):
+        for _ in range(3):
+            monitor.write(NOTHING_MEASURED_REPORT)
+            time.sleep(0.4)  # each in a window of its own
+        monitor.write(report_printed(r.now()))
+        wait_for(lambda: len(r.outbox.items(kind="observation")) == 3, what="the good report stored")
+        time.sleep(1.0)  # what a window held back would be written by now
+        assert len(said()) == 1, writes  # none after the reading either
+
+        monitor.write(NOTHING_MEASURED_REPORT)  # after the reading: said again
+        wait_for(lambda: len(said()) == 2, what="the next report with nothing measured said")
+    warned = [m for m in caplog.messages if "nothing measured" in m]
+    assert len(warned) == 2, warned
 
 
 def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp_path: Path, running) -> None:

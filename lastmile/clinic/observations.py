@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import sqlite3
 from dataclasses import dataclass, replace
@@ -132,10 +133,31 @@ UNIT_DECIMALS = {
 }
 
 
+# beyond this a number is no reading but a damaged one (a BLE FLOAT's exponent up to 127): its
+# digits past float's ~16 are noise the device never sent, so it is said as more than this
+PLAIN_NUMBER_MAX = 10**12
+# a value nearer 0 than its unit's decimals show ("0 kg" for 0.004 kg) keeps this many
+# significant digits; one nearer 0 than PLAIN_NUMBER_MIN is said as less than it
+TINY_SIGNIFICANT_DIGITS = 7
+PLAIN_NUMBER_MIN = 1e-6
+
+
 def plain_number(value: float, unit: str) -> str:
     """`value` as a doctor reads it: never in scientific notation ("{:g}" wrote 11360000 mmHg as
-    1.136e+07), rounded to its unit's decimals, no trailing zeros (36.5, 120, not 36.50, 120.0)."""
-    text = f"{value:.{UNIT_DECIMALS.get(unit, 3)}f}"
+    1.136e+07), rounded to its unit's decimals, no trailing zeros (36.5, 120, not 36.50, 120.0).
+    A huge one is "> 1000000000000" (not 134 digits of float noise); a non-zero one its decimals
+    would round to 0 keeps its significant digits (0.004 kg, not 0 kg)."""
+    if not math.isfinite(value):
+        return str(value)
+    if abs(value) >= PLAIN_NUMBER_MAX:
+        return f"{'>' if value > 0 else '<'} {'' if value > 0 else '-'}{PLAIN_NUMBER_MAX}"
+    decimals = UNIT_DECIMALS.get(unit, 3)
+    if value != 0 and round(value, decimals) == 0:
+        if abs(value) < PLAIN_NUMBER_MIN:
+            return f"{'<' if value > 0 else '>'} {'' if value > 0 else '-'}{PLAIN_NUMBER_MIN:.6f}"
+        # the first significant digit's place, and the digits after it
+        decimals = -math.floor(math.log10(abs(value))) + TINY_SIGNIFICANT_DIGITS - 1
+    text = f"{value:.{decimals}f}"
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text == "-0" else text

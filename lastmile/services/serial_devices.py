@@ -375,7 +375,16 @@ class SerialContext:
 
     def nothing_measured(self, spec: LinkSpec, report: ReportParsed) -> None:
         """`report` had nothing measured in it (every value "not measured", none required): no
-        reading, but the device answered, and its row says so until its next reading."""
+        reading, but the device answered, and its row says so until its next reading. Only for a
+        framed report (the device printed it for a measurement): a start-less monitor prints
+        "SPO2 -- %" every second while no finger is in it, which is no measurement. Said once
+        while the row says it: a repeat before the next reading is no log line and no row write."""
+        if not report.framed:
+            return
+        row = self._row_errors.get(spec.name)
+        if row is not None and row.shown is not None and row.shown[0] is DeviceProblem.NOTHING_MEASURED:
+            log.debug("%s: another report with nothing measured: the row says it already", spec.name)
+            return
         log.warning("%s: a report with nothing measured (%d lines): no reading stored", spec.name, report.lines)
         self.error(
             spec, f"{NOTHING_MEASURED} {report.lines} line(s), every value not measured", DeviceProblem.NOTHING_MEASURED
