@@ -487,6 +487,10 @@ def test_a_held_lan_ecg_cut_short_is_set_aside_and_the_doctor_told_to_record_it_
         assert item is not None and item.state == ItemState.QUARANTINED and item.quarantine_reason
         assert item.quarantine_reason.startswith(DAMAGED), item.quarantine_reason
         assert outbox.claim(Kind.DICOM, 10, time.time()) == []  # never sent under the cart's patient
+    # REV-BW 1: set aside here, not refused by the county: no "call the county IT" on Today or Sent
+    sent = doctor.get("/sent").body
+    assert "data-damaged" in sent and "诊断中心无法接收" not in sent and "could not be changed" not in sent
+    assert "诊断中心无法接收" not in said and "could not be changed" not in said
     again = doctor.post(path, {"csrf": csrf_of(said), **fields})  # a second tab's answer
     assert again.status == 303 and "done=too-late" in again.location, again.location
 

@@ -68,6 +68,7 @@ from lastmile.ecg.holds import (
     NAME_MISMATCH,
     ecgs_waiting,
     re_recorded,
+    set_aside_damaged,
 )
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.sent_readings import SentReading, carrying_bundle, carrying_keys, taken_at
@@ -287,6 +288,7 @@ class EcgItemView:
     committed_at: dt.datetime | None = None  # the county confirmed it keeps it
     quarantine_reason: str = ""
     re_recorded: bool = False  # the doctor's 重做 kept it back (quarantined by him, not refused)
+    damaged: bool = False  # set aside here: the cart's file could not take the doctor's answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +296,8 @@ class EcgAtCounty:
     """Where Today's ECG is on its way to the county, for the one line under it: the doctor with
     the patient in front of him asks "has the county got it / read it?" (REV-R 4). `where`:
     "waiting" (not at the county yet: queued, sending or held for the doctor), "refused"
-    (quarantined), "re-recorded" (kept back by the doctor's 重做: never sent, his own note says
+    (quarantined), "damaged" (set aside here: the cart's file could not take his answer),
+    "re-recorded" (kept back by the doctor's 重做: never sent, his own note says
     so), "sent" (sent, the county's confirmation to come), "at-county" (confirmed)."""
 
     where: str
@@ -325,6 +328,7 @@ class StudyJourney:
     quarantine_reason: str
     metered_held: bool = False  # a routine study the metered link holds now (window shut, budget spent)
     re_recorded: bool = False  # quarantined by the doctor's 重做, not refused: nothing for the county IT
+    damaged: bool = False  # set aside here (the cart's file could not take his answer): not the county's refusal
     # held for the doctor now, one of lastmile.ecg.holds.DOCTOR_HOLDS (a patient to settle, a
     # re-record verdict), and when it goes as it is unless they decide: not the link's wait
     hold_reason: str = ""
@@ -1245,6 +1249,7 @@ class ClinicData:
             committed_at=_t(item.committed_at),
             quarantine_reason=item.quarantine_reason or "",
             re_recorded=re_recorded(item),
+            damaged=set_aside_damaged(item),
         )
 
     def ecg_at_county(self, ecg: EcgItemView, *, held_for_doctor: bool = False) -> EcgAtCounty:
@@ -1254,6 +1259,8 @@ class ClinicData:
         once sent), never the Sent page's list of every report."""
         if ecg.re_recorded:
             return EcgAtCounty("re-recorded")
+        if ecg.damaged:
+            return EcgAtCounty("damaged")
         if ecg.state == ItemState.QUARANTINED.value:
             return EcgAtCounty("refused")
         if held_for_doctor:  # it goes when he decides (or its hold runs out), whatever the link (sent.html)
@@ -1556,6 +1563,7 @@ class ClinicData:
                     quarantine_reason=item.quarantine_reason or "",
                     metered_held=hold is not None and hold.holds(item, at),
                     re_recorded=re_recorded(item),
+                    damaged=set_aside_damaged(item),
                     **_doctor_hold(item, at),
                 )
             )

@@ -135,6 +135,14 @@ def re_recorded(item: OutboxItem) -> bool:
     return item.state == ItemState.QUARANTINED and (item.quarantine_reason or "").startswith(RE_RECORDED)
 
 
+def set_aside_damaged(item: OutboxItem) -> bool:
+    """`item` is a cart's ECG set aside because the doctor's answer could not be written into its
+    damaged file (`DamagedEcgError`): kept here, not sent, not refused by the county."""
+    from uploader.outbox import ItemState
+
+    return item.state == ItemState.QUARANTINED and (item.quarantine_reason or "").startswith(DAMAGED)
+
+
 def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
     """The doctor's "send anyway": a held ECG goes now, as it is (its problems marked in it).
     A patient still to settle stays: an ECG with no patient goes under a placeholder only when
