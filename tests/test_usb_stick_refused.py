@@ -10,11 +10,13 @@ import html
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from firmware_bridge.usb_import import ImportSummary, import_file
+from firmware_bridge import usb_import
+from firmware_bridge.usb_import import FolderWatcher, ImportSummary, import_file
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
@@ -161,3 +163,63 @@ def test_the_open_today_page_says_it_live_on_a_phone(tmp_path: Path, browser: ob
         browser.find_element(by("css"), "[data-stick-file] button").click()  # type: ignore[attr-defined]
         text_in(browser, "#done-notice", "已记录。请在心电图机上重新导出这份心电图")
         assert "ECG_BAD.dcm" not in browser.find_element(by("id"), "panel-held").text  # type: ignore[attr-defined]
+
+
+def pull_out_during_its_import(
+    watcher: FolderWatcher, stick: Path, monkeypatch: pytest.MonkeyPatch, *, plugged_back: bool
+) -> None:
+    """The watcher's next import finds the stick's files and then the stick is pulled out (its
+    mount point gone: renamed away, its files' times kept) before they are read; if
+    `plugged_back`, it is plugged in again, as it was, before the poll after."""
+    run, find = watcher._run_import, usb_import.find_ecg_files
+
+    def listed_then_pulled(roots: Iterable[str | os.PathLike[str]]) -> list[Path]:
+        found = find(roots)
+        monkeypatch.setattr(usb_import, "find_ecg_files", find)
+        stick.rename(stick.with_name("stick-pulled"))
+        return found
+
+    def pulled(paths: list[Path]) -> ImportSummary:
+        watcher._run_import = run  # type: ignore[method-assign]
+        monkeypatch.setattr(usb_import, "find_ecg_files", listed_then_pulled)
+        try:
+            return run(paths)
+        finally:
+            if plugged_back:
+                stick.with_name("stick-pulled").rename(stick)
+
+    watcher._run_import = pulled  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("plugged_back", ["at a later poll", "within one poll"])
+def test_a_stick_plugged_in_again_after_a_file_it_could_not_give_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plugged_back: str
+) -> None:
+    """Today says "请把U盘重新插好" for a file the stick could not give (REV-BW finding 2): he does,
+    and the stick (the same device, the same files) was never read again: its signature was
+    remembered by the import that could not read it. Now the file comes in and is no longer said."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    config = console_config(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), stick / "ECG_0003.ECG")
+    brought_in(stick / "ECG_0003.ECG")
+    within_one_poll = plugged_back == "within one poll"
+    with running_console(config) as server, open_outbox(config) as outbox:
+        client = Client(server.url)
+        client.login()
+        watcher = usb_import_watcher(config, outbox)
+        pull_out_during_its_import(watcher, stick, monkeypatch, plugged_back=within_one_poll)
+        (first,) = watcher.poll()
+        assert [(Path(o.path).name, o.unreadable) for o in first.refused] == [("ECG_0003.ECG", True)]
+        assert "U盘上的 ECG_0003.ECG 读不出来，没有导入：请把U盘重新插好" in held_panel(client.get("/today").body)
+        if within_one_poll:
+            assert watcher.poll() == []  # a worn stick is not read again at every poll
+            watcher.read_again_after_s = 0.0  # a minute later
+        else:
+            assert watcher.poll() == []  # pulled out: nothing there
+            stick.with_name("stick-pulled").rename(stick)  # plugged in again, as it was
+        (again,) = watcher.poll() or pytest.fail("the stick plugged in again was not read again")
+        assert (again.imported, again.refused) == (1, [])
+        assert "ECG_0003.ECG" not in held_panel(client.get("/today").body)
+        assert watcher.poll() == []  # read, remembered
