@@ -29,7 +29,7 @@ from pathlib import Path
 from devices.ecg.dicom_input import looks_like_dicom
 from devices.ecg.formats import EXTENSIONS, decode_ecg
 from devices.ecg.recording import EcgRecording
-from devices.errors import DeviceError
+from devices.errors import DeviceError, NotAnEcgError
 from firmware_bridge.errors import FileRefused
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class ImportOutcome:
     key: str = ""
     # refused because the stick could not be read (pulled out, worn), not for the file's bytes
     unreadable: bool = False
+    # refused because it is a readable file of another kind (the cart's PDF report): nothing is wrong
+    not_ecg: bool = False
     recording: EcgRecording | None = None
 
 
@@ -193,7 +195,7 @@ def import_file(
     try:
         recording = decode_ecg(data, path.name, local_tz=local_tz, received_at=now())
     except DeviceError as exc:
-        return ImportOutcome(shown, REFUSED, str(exc), key=key)
+        return ImportOutcome(shown, REFUSED, str(exc), key=key, not_ecg=isinstance(exc, NotAnEcgError))
     try:
         created = enqueue(recording, key)
     except (DeviceError, FileRefused) as exc:
@@ -218,7 +220,9 @@ def import_paths(
     for done, path in enumerate(files, 1):
         outcome = import_file(path, is_known=is_known, enqueue=enqueue, local_tz=local_tz, now=now, max_bytes=max_bytes)
         summary.outcomes.append(outcome)
-        if outcome.status == REFUSED:
+        if outcome.not_ecg:
+            log.info("not an ECG, left on the stick: %s: %s", path.name, outcome.reason)
+        elif outcome.status == REFUSED:
             log.warning("ECG file refused: %s: %s", path.name, outcome.reason)
         if progress is not None:
             progress(done, len(files), outcome)

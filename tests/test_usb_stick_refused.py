@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from firmware_bridge import usb_import
-from firmware_bridge.usb_import import FolderWatcher, ImportSummary, import_file
+from firmware_bridge.usb_import import REFUSED, FolderWatcher, ImportOutcome, ImportSummary, import_file
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
@@ -223,3 +223,69 @@ def test_a_stick_plugged_in_again_after_a_file_it_could_not_give_is_read_again(
         assert (again.imported, again.refused) == (1, [])
         assert "ECG_0003.ECG" not in held_panel(client.get("/today").body)
         assert watcher.poll() == []  # read, remembered
+
+
+def cart_pdf_report(path: Path) -> None:
+    """The cart's PDF report of an ECG, as a DICOM Encapsulated PDF object (written next to the
+    ECG on its stick by carts that print to the stick)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = "Li^Jianguo", "P-0001", "DOC"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.DocumentTitle = "ECG report"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_the_carts_pdf_report_on_the_stick_is_not_called_a_damaged_ecg(tmp_path: Path) -> None:
+    """The cart writes its PDF report (a DICOM Encapsulated PDF) next to each ECG on its stick
+    (REV-BW finding 3): Today said "U盘上的 ECG_0001_PDF.dcm 已损坏…请在心电图机上重新导出" on
+    every stick, though the ECG came in. Now a readable file of another kind is not said (and a
+    row an older gateway kept for it goes); an ECG cut short before its waveform still is."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    config = console_config(tmp_path / "data")
+    config.usb_import.folders = [str(stick)]
+    ecg = shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm").read_bytes()
+    (stick / "ECG_0001.dcm").write_bytes(ecg)
+    cart_pdf_report(stick / "ECG_0001_PDF.dcm")
+    for f in stick.iterdir():
+        brought_in(f)
+    with running_console(config) as server, open_outbox(config) as outbox:
+        client = Client(server.url)
+        client.login()
+        # what an older gateway kept for the PDF: said "damaged" until seen
+        record_stick_outcomes(
+            config,
+            ImportSummary([ImportOutcome(str(stick / "ECG_0001_PDF.dcm"), REFUSED, "not an ECG", key="k")]),
+        )
+        assert "ECG_0001_PDF.dcm 已损坏" in held_panel(client.get("/today").body)
+        watcher = usb_import_watcher(config, outbox)
+        (summary,) = watcher.poll()
+        assert summary.imported == 1
+        panel = held_panel(client.get("/today").body)
+        assert "ECG_0001_PDF.dcm" not in panel, panel
+        assert [(Path(o.path).name, o.not_ecg) for o in summary.refused] == [("ECG_0001_PDF.dcm", True)]
+        assert refused_rows(config) == []
+        assert not [f for f in Doctor(config).check_devices() if f.topic == "stick-file"]
+
+        # an ECG cut short before its waveform is damaged, not "another kind of file"
+        waveform = ecg.index(b"\x00\x54\x00\x01")  # (5400,0100) Waveform Sequence
+        (stick / "ECG_0002.dcm").write_bytes(ecg[:waveform])
+        brought_in(stick / "ECG_0002.dcm")
+        (again,) = watcher.poll()
+        assert [(Path(o.path).name, o.not_ecg) for o in again.refused] == [
+            ("ECG_0001_PDF.dcm", True),
+            ("ECG_0002.dcm", False),
+        ]
+        panel = held_panel(client.get("/today").body)
+        assert "U盘上的 ECG_0002.dcm 已损坏" in panel and "ECG_0001_PDF.dcm" not in panel

@@ -920,7 +920,9 @@ def record_stick_outcomes(config: Config, summary: ImportSummary) -> None:
         StickFileOutcome(
             o.path,
             refused=o.status == REFUSED,
-            trouble=StickTrouble.UNREADABLE if o.unreadable else StickTrouble.DAMAGED,
+            trouble=(
+                StickTrouble.UNREADABLE if o.unreadable else StickTrouble.NOT_ECG if o.not_ecg else StickTrouble.DAMAGED
+            ),
             reason=o.reason,
             key=o.key,
         )
