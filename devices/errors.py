@@ -19,5 +19,10 @@ class UnsupportedFeatureError(ProtocolError):
     """The bytes are well-formed, but use a feature we refuse rather than decode wrongly."""
 
 
+class NotAnEcgError(ProtocolError):
+    """The bytes are a readable file of another kind (a cart's PDF report, a settings file): not an
+    ECG, and not a damaged one - nothing to export again."""
+
+
 class InvalidRecordingError(DeviceError, ValueError):
     """A recording or observation object was built with inconsistent values."""

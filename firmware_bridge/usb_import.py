@@ -29,7 +29,7 @@ from pathlib import Path
 from devices.ecg.dicom_input import looks_like_dicom
 from devices.ecg.formats import EXTENSIONS, decode_ecg
 from devices.ecg.recording import EcgRecording
-from devices.errors import DeviceError
+from devices.errors import DeviceError, NotAnEcgError
 from firmware_bridge.errors import FileRefused
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ SKIPPED_DIRS = frozenset(
 SKIPPED_NAMES = frozenset({"DICOMDIR"})
 # A file last written this long ago is complete (longer than the watcher's 5 s poll interval).
 SETTLED_AFTER_S = 10.0
+# A watched folder whose files the stick could not all give (worn, pulled and put back between two
+# polls) is read again this long after: it comes in without a new change, and a worn stick's refusals
+# are not logged at every poll.
+READ_AGAIN_AFTER_S = 60.0
 
 
 class ImportStatus(StrEnum):
@@ -64,6 +68,8 @@ class ImportOutcome:
     key: str = ""
     # refused because the stick could not be read (pulled out, worn), not for the file's bytes
     unreadable: bool = False
+    # refused because it is a readable file of another kind (the cart's PDF report): nothing is wrong
+    not_ecg: bool = False
     recording: EcgRecording | None = None
 
 
@@ -189,7 +195,7 @@ def import_file(
     try:
         recording = decode_ecg(data, path.name, local_tz=local_tz, received_at=now())
     except DeviceError as exc:
-        return ImportOutcome(shown, REFUSED, str(exc), key=key)
+        return ImportOutcome(shown, REFUSED, str(exc), key=key, not_ecg=isinstance(exc, NotAnEcgError))
     try:
         created = enqueue(recording, key)
     except (DeviceError, FileRefused) as exc:
@@ -214,7 +220,9 @@ def import_paths(
     for done, path in enumerate(files, 1):
         outcome = import_file(path, is_known=is_known, enqueue=enqueue, local_tz=local_tz, now=now, max_bytes=max_bytes)
         summary.outcomes.append(outcome)
-        if outcome.status == REFUSED:
+        if outcome.not_ecg:
+            log.info("not an ECG, left on the stick: %s: %s", path.name, outcome.reason)
+        elif outcome.status == REFUSED:
             log.warning("ECG file refused: %s: %s", path.name, outcome.reason)
         if progress is not None:
             progress(done, len(files), outcome)
@@ -235,16 +243,27 @@ class FolderWatcher:
 
     The signature is remembered only once the import has returned: an import that raised
     (outbox full: try again later) is tried again at the next poll. Re-imports are cheap: known
-    files are skipped by their hash.
+    files are skipped by their hash. A stick plugged in again is read again ("请把U盘重新插好"
+    after a file it could not give): it holds the same files on the same device, so its signature
+    is forgotten when its folder goes away, and one with a file it could not give is never
+    remembered: read again `read_again_after_s` later (a stick plugged back within one poll; a worn
+    one read once a minute, not at every poll).
     """
 
     def __init__(
-        self, folders: Iterable[str | os.PathLike[str]], run_import: Callable[[list[Path]], ImportSummary]
+        self,
+        folders: Iterable[str | os.PathLike[str]],
+        run_import: Callable[[list[Path]], ImportSummary],
+        *,
+        read_again_after_s: float = READ_AGAIN_AFTER_S,
     ) -> None:
         self.folders = [Path(f) for f in folders]
         self._run_import = run_import
+        self.read_again_after_s = read_again_after_s
         self._seen: dict[Path, tuple] = {}  # the signature each folder was last imported at
         self._looked: dict[Path, tuple | None] = {}  # its signature at the previous poll
+        # a folder whose import found files it could not give: its signature then, and when (monotonic)
+        self._unreadable: dict[Path, tuple[tuple, float]] = {}
 
     @staticmethod
     def signature(folder: Path) -> tuple | None:
@@ -267,13 +286,32 @@ class FolderWatcher:
         for folder in self.folders:
             signature = self.signature(folder)
             previous, self._looked[folder] = self._looked.get(folder), signature
-            if signature is None or signature == self._seen.get(folder):
+            if signature is None:  # pulled out (or not mounted): plugged in again, it is read again
+                self._seen.pop(folder, None)
+                self._unreadable.pop(folder, None)
                 continue
+            if signature == self._seen.get(folder):
+                continue
+            unreadable = self._unreadable.get(folder)
+            if (
+                unreadable is not None
+                and unreadable[0] == signature
+                and time.monotonic() < unreadable[1] + self.read_again_after_s
+            ):
+                continue  # the same stick that could not give a file: not read again at every poll
             if signature != previous and not self._written_long_ago(signature):
                 continue  # something is being written there: look again at the next poll
+            summary = None
             if signature[1]:
                 # The files that were looked at, not the folder: one a copy has begun to write
                 # since is left for the next poll.
-                summaries.append(self._run_import([Path(name) for name, _, _ in signature[1]]))
-            self._seen[folder] = signature  # not before: after a failed import the next poll retries
+                summary = self._run_import([Path(name) for name, _, _ in signature[1]])
+                summaries.append(summary)
+            # not before: after a failed import the next poll retries
+            if summary is not None and any(o.unreadable for o in summary.outcomes):
+                self._unreadable[folder] = (signature, time.monotonic())
+                self._seen.pop(folder, None)
+            else:
+                self._unreadable.pop(folder, None)
+                self._seen[folder] = signature
         return summaries

@@ -518,3 +518,32 @@ def test_a_held_lan_ecg_pydicom_cannot_read_whose_name_is_right_goes_as_the_cart
         item = outbox.get(item_id)
         assert item is not None and item.hold_until is None and item.state == ItemState.QUEUED
         assert outbox.read_payload(item) == unreadable and NAME_MISMATCH not in item.meta["flags"]
+
+
+def test_a_bug_of_ours_writing_the_answer_is_not_told_as_the_carts_damaged_file(
+    clinic: tuple[Config, ConsoleServer, Client], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor's answer on a whole cart object held for another name, Wang Fang (REV-BW finding
+    4): any error writing it in was taken as "the cart's file is damaged", so a bug of the gateway's
+    (here in writing his name) set a good ECG aside and told him to record it again, hiding the
+    bug. Now only pydicom's errors on a damaged object are: the bug is raised, the ECG still held."""
+    from lastmile.ecg import intake
+
+    config, _, _ = clinic
+    with open_outbox(config) as outbox:
+        with lan_receiver(
+            outbox, RESIDENT_ID, lambda pid: "李建国", patient_hold_s=config.patient.unassigned_ecg_hold_s
+        ) as receiver:
+            storescu_as_the_cart(receiver.port, _cart_file(tmp_path, name="Wang^Fang", sex="M", birth="19650505"))
+        (item,) = outbox.items(kind=Kind.DICOM)
+        assert item.hold_reason == NAME_MISMATCH
+
+        def a_bug_of_ours(ds: pydicom.Dataset, name: str) -> None:
+            raise ValueError("a bug of the gateway's")
+
+        monkeypatch.setattr(intake, "with_patient_name", a_bug_of_ours)
+        with pytest.raises(Exception) as raised:
+            intake.assign_lan_object(outbox, item, Patient(RESIDENT_ID, "李建国"), now=dt.datetime.now(dt.UTC))
+        assert raised.type is ValueError, f"told as the cart's damaged file: {raised.value!r}"
+        kept = outbox.get(item.id) or pytest.fail("kept")
+        assert kept.state != ItemState.QUARANTINED and kept.hold_reason == NAME_MISMATCH

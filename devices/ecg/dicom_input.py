@@ -52,7 +52,7 @@ from devices.ecg.leads import (
 )
 from devices.ecg.recording import EcgRecording, SampleGap
 from devices.ecg.scaling import Channel, to_common_unit
-from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
+from devices.errors import InvalidRecordingError, NotAnEcgError, ProtocolError, UnsupportedFeatureError
 from devices.identity import POSSIBLE_YEARS, UNASSIGNED_ISSUER, DeviceIdentity, Patient, TimeSource
 from devices.inflate import inflate
 
@@ -533,9 +533,24 @@ def _annotations(ds: Dataset, groups: list[Dataset]) -> tuple[tuple[EcgMeasureme
     return tuple(measurements.values()), tuple(statements)
 
 
+_WAVEFORM_CLASSES = "1.2.840.10008.5.1.4.1.1.9."  # every Waveform Storage SOP Class (ECGs among them)
+
+
+def _sop_class(ds: Dataset) -> str:
+    """The object's SOP Class UID (its own, else its file meta's), "" when it says none."""
+    meta = getattr(ds, "file_meta", None)
+    found = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return str(found or "").rstrip("\x00 ")
+
+
 def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgRecording:
     groups = ds.get("WaveformSequence")
     if not groups:
+        sop_class = _sop_class(ds)
+        if sop_class and not sop_class.startswith(_WAVEFORM_CLASSES):
+            # read whole, and of another kind (the cart's PDF report): not a damaged ECG
+            raise NotAnEcgError(f"DICOM file holds no waveform (SOP Class {sop_class}): not an ECG")
+        # a waveform object (or one that does not say) without its waveform: cut short, damaged
         raise ProtocolError("DICOM file holds no waveform (no Waveform Sequence): not an ECG")
     best = None
     for group in groups:

@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Callable
 
 from devices.ecg.recording import EcgRecording
-from devices.errors import ProtocolError
+from devices.errors import NotAnEcgError
 from devices.identity import (
     DEVICE_CLOCK_BACKWARDS,
     DEVICE_CLOCK_RESET,
@@ -80,7 +80,7 @@ def detect_format(data: bytes, filename: str = "") -> str:
     if by_name in ("scp", "contec", "dicom"):
         return by_name
     shown = filename or "the file"
-    raise ProtocolError(
+    raise NotAnEcgError(
         f"{shown} is not an ECG file this gateway reads (SCP-ECG, HL7 aECG XML, "
         "DICOM ECG, Contec ECG90A .ECG, or gateway .npz)"
     )

@@ -6,6 +6,7 @@ reaches the county. Each refused file is kept here (clinic.db `stick_files_refus
 kind of trouble, the technician's reason, when) and Today's 待处理 panel says it in his words until
 he presses "I have seen it", or the same file name is imported fine later (exported again).
 
+A file that is readable but not an ECG (the cart's PDF report) is not kept: nothing is wrong.
 One row per file on the stick (its path): the watcher looks at the whole stick again whenever
 anything on it changes, and the same damaged file refused again writes nothing (no duplicate, no
 growth, no SD wear); the same path with other bytes (exported again, damaged again) is said anew.
@@ -36,6 +37,8 @@ class StickTrouble(StrEnum):
 
     DAMAGED = "damaged"  # read, but not an ECG we can take (broken file, unknown format): export it again
     UNREADABLE = "unreadable"  # the stick could not be read (pulled out, worn): plug it in again
+    # a readable file of another kind (the cart's PDF report): nothing wrong, never said on Today
+    NOT_ECG = "not-ecg"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +73,11 @@ class RefusedStickFiles:
         """Keep each refused file once (by path and content), and forget those whose name came in
         fine (imported, or known already). Returns how many refusals are new."""
         outcomes = list(outcomes)
-        refused = [o for o in outcomes if o.refused]
+        # not an ECG (the cart's PDF report, on every stick): nothing the doctor can act on, so it
+        # is not kept, and is "fine" (a row an older gateway kept for it as damaged goes)
+        refused = [o for o in outcomes if o.refused and o.trouble != StickTrouble.NOT_ECG]
         # a name refused in this very look (another folder's copy) is not "come in fine"
-        fine_names = {PurePath(o.path).name for o in outcomes if not o.refused}
+        fine_names = {PurePath(o.path).name for o in outcomes if not o.refused or o.trouble == StickTrouble.NOT_ECG}
         fine_names -= {PurePath(o.path).name for o in refused}
         # read first (the table is as small as the sticks' trouble): a look at a stick with nothing
         # new to keep or forget takes no write lock and writes nothing
