@@ -316,15 +316,19 @@ def id_conflict_comment(flags: Iterable[str], patient_id: str, sex: str, born: s
     )
 
 
-def recording_id_conflict_comment(recording: EcgRecording, config: Config) -> str:
+def recording_id_conflict_comment(
+    recording: EcgRecording, config: Config, id_values: dict[str, str] | None = None
+) -> str:
     """The Patient Comments (`id_conflict_comment`) of a vetted recording (`vetted_patient`) whose
     file's sex or birth date its resident ID contradicts, as the object built from it goes when
-    nobody answered (the outbox's, `lastmile ecg to-dicom`'s); "" for none."""
+    nobody answered (the outbox's, `lastmile ecg to-dicom`'s); "" for none. `id_values`: its
+    `id_conflict_meta` when the caller has it already (the ID is not parsed again)."""
     p = recording.patient
     if p is None:
         return ""
     born = p.birth_date.isoformat() if p.birth_date else ""
-    return id_conflict_comment(recording.flags, p.patient_id, p.sex, born, id_conflict_meta(recording, config))
+    values = id_conflict_meta(recording, config) if id_values is None else id_values
+    return id_conflict_comment(recording.flags, p.patient_id, p.sex, born, values)
 
 
 def name_mismatch_meta(flags: Iterable[str], file_name: str, checked_in_name: str) -> dict[str, str]:
@@ -342,10 +346,18 @@ def refused_patient_meta(flags: Iterable[str], written: Patient | None, config: 
     patient's ID typed in its Assign box, and one tap put another person's ECG under him."""
     if written is None or PATIENT_ID_REFUSED not in flags:
         return {}
+    return _refused_id_meta(
+        written.patient_id, written.name, id_problem(written.patient_id, config.patient.id_kind) or ""
+    )
+
+
+def _refused_id_meta(patient_id: str, name: str, problem: str) -> dict[str, str]:
+    """The meta keys of an ECG whose cart's patient ID was refused, a file's or a LAN object's:
+    the ID and name as the cart wrote them, the rule the ID broke."""
     return {
-        "file_patient_id": " ".join(written.patient_id.split()),
-        "file_patient_name": written.name.strip(),
-        "file_patient_id_problem": id_problem(written.patient_id, config.patient.id_kind) or "",
+        "file_patient_id": " ".join(patient_id.split()),
+        "file_patient_name": name.strip(),
+        "file_patient_id_problem": problem,
     }
 
 
@@ -396,11 +408,7 @@ def lan_refused_meta(patient: dict | None, id_kind: str) -> dict[str, str]:
     problem = id_problem(str(patient.get("patient_id") or ""), id_kind)
     if problem is None:
         return {}
-    return {
-        "file_patient_id": " ".join(str(patient.get("patient_id") or "").split()),
-        "file_patient_name": str(patient.get("name") or "").strip(),
-        "file_patient_id_problem": problem,
-    }
+    return _refused_id_meta(str(patient.get("patient_id") or ""), str(patient.get("name") or ""), problem)
 
 
 def patient_fields(recording: EcgRecording) -> dict | None:
@@ -489,7 +497,7 @@ def enqueue_recording(
     uids = mint_uids()
     ds = build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
     id_values = id_conflict_meta(recording, config)
-    conflict_comment = recording_id_conflict_comment(recording, config)
+    conflict_comment = recording_id_conflict_comment(recording, config, id_values)
     refused = refused_patient_meta(recording.flags, written, config)
     comment = conflict_comment or refused_id_comment(refused)  # a refused ID's file names nobody: never both
     if comment:  # the doctor's answer takes it away (`assign_held_ecg`); unanswered, it goes with the study
