@@ -1436,7 +1436,13 @@ ALERTS_STREAM = "/events?panels=alerts"
 
 
 def live_panels(request: Request, ctx: Context, model: dict[str, Any]) -> dict[str, LivePanel]:
-    return {name: LivePanel.of(render_fragment(f"panel_{name}.html", ctx, request, **model)) for name in LIVE_PANELS}
+    """Today's live panels from its model; the banner is the one `page_model` rendered already."""
+    return {
+        name: model["alerts_panel"]
+        if name == "alerts"
+        else LivePanel.of(render_fragment(f"panel_{name}.html", ctx, request, **model))
+        for name in LIVE_PANELS
+    }
 
 
 async def events(request: Request) -> Response:
