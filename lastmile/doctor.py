@@ -35,6 +35,7 @@ from lastmile.doctor_ble import check_bluetooth
 
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
+    from lastmile.clinic.stick_files import RefusedStickFile
     from lastmile.config import Config
     from lastmile.ecg.holds import EcgsWaiting
     from lastmile.services.link_status import FhirPlatform
@@ -252,21 +253,23 @@ class Doctor:
         """Every device clinic.db knows; None before clinic.db exists (never created here). Read
         once per `run_all`: the devices and bluetooth checks both look (the console runs the
         doctor every minute)."""
-        return self._read_once("devices", self._read_device_records)
+        return self._read_once("clinic", self._read_clinic)[0]
 
-    def _read_device_records(self) -> list[DeviceRecord] | None:
+    def _read_clinic(self) -> tuple[list[DeviceRecord] | None, list[RefusedStickFile]]:
+        """What the checks read from clinic.db, in one open (each open checks its migrations): the
+        devices (None before clinic.db exists) and the stick files refused and not yet seen."""
         from lastmile.clinic.db import DB_NAME
         from lastmile.clinic.devices import DeviceRegistry
+        from lastmile.clinic.stick_files import RefusedStickFiles
 
-        records = None
-        if (self.config.data_dir / DB_NAME).exists():
-            with as_owner_of(self.config.data_dir):
-                registry = DeviceRegistry.open(self.config.data_dir)
-                try:
-                    records = registry.all(self.config)
-                finally:
-                    registry.close()
-        return records
+        if not (self.config.data_dir / DB_NAME).exists():
+            return None, []
+        with as_owner_of(self.config.data_dir):
+            registry = DeviceRegistry.open(self.config.data_dir)
+            try:
+                return registry.all(self.config), RefusedStickFiles(registry.db).unseen()
+            finally:
+                registry.close()
 
     def outbox_reads(self) -> OutboxReads | None:
         """What the queue and devices checks read from the outbox; None before it exists (never
@@ -913,17 +916,9 @@ class Doctor:
     def _stick_files_refused(self) -> list[Finding]:
         """ECG files on a USB stick the import refused, that the doctor has not said (on Today) he
         has seen (lastmile.clinic.stick_files): one patient's ECG that never reaches the county."""
-        from lastmile.clinic.db import DB_NAME, open_clinic_db
-        from lastmile.clinic.stick_files import RefusedStickFiles, StickTrouble
+        from lastmile.clinic.stick_files import StickTrouble
 
-        if not (self.config.data_dir / DB_NAME).exists():
-            return []
-        with as_owner_of(self.config.data_dir):
-            db = open_clinic_db(self.config.data_dir)
-            try:
-                refused = RefusedStickFiles(db).unseen()
-            finally:
-                db.conn.close()
+        refused = self._read_once("clinic", self._read_clinic)[1]
         return [
             Finding(
                 "devices",
